@@ -1,0 +1,1 @@
+"""The agent: fetch a channel, verify it, install it atomically, report freshness."""

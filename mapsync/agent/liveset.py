@@ -1,0 +1,102 @@
+"""The live set of maps in a channel's ``target`` directory, and its atomic swap.
+
+::
+
+    TARGET/recipients.cdb -> .mapsync/current/recipients.cdb     (one link per file)
+    TARGET/.mapsync/current -> 42                                (swapped by rename)
+    TARGET/.mapsync/42/    MANIFEST.json, MANIFEST.json.sig, text maps, cdb files
+
+A reader opening ``TARGET/recipients.cdb`` resolves ``current`` at that instant, so it gets
+a file of the old set or of the new set, never a partial file. After the swap the old set
+directory is deleted, so its inodes die: a running Postfix sees ``st_nlink == 0`` on its
+open table and restarts the process on the next client (MAIL-FACTS.md).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from mapsync.atomic import atomic_symlink, fsync_dir
+from mapsync.release import MANIFEST, SIGNATURE
+
+SETS = ".mapsync"
+CURRENT = "current"
+
+
+class LiveSet:
+    def __init__(self, target: Path) -> None:
+        self.target = target
+        self.sets = target / SETS
+
+    def current(self) -> Path | None:
+        """The directory of the installed set, or None."""
+        link = self.sets / CURRENT
+        try:
+            name = os.readlink(link)
+        except (FileNotFoundError, OSError):
+            return None
+        path = self.sets / name
+        return path if path.is_dir() else None
+
+    def installed_manifest(self) -> tuple[bytes, bytes] | None:
+        """(manifest bytes, signature bytes) of the installed set."""
+        cur = self.current()
+        if cur is None:
+            return None
+        try:
+            return (cur / MANIFEST).read_bytes(), (cur / SIGNATURE).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def new_set_dir(self, serial: int) -> Path:
+        """An empty directory to build the set of ``serial`` in, invisible to readers."""
+        self.target.mkdir(parents=True, exist_ok=True)
+        self.sets.mkdir(mode=0o755, exist_ok=True)
+        path = self.sets / f"{serial}.new"
+        if path.exists():
+            shutil.rmtree(path)  # a killed run's half-built set
+        path.mkdir(mode=0o755)
+        return path
+
+    def swap(self, built: Path, serial: int) -> None:
+        """Make ``built`` the live set in one rename, then drop every older set."""
+        final = self.sets / str(serial)
+        cur = self.current()
+        if final.exists() and final != cur:
+            shutil.rmtree(final)
+        if final == cur:
+            # Re-installing the same serial (a renewal rebuilt in place): keep names unique.
+            final = self.sets / f"{serial}.{os.getpid()}"
+        os.rename(built, final)
+        fsync_dir(self.sets)
+        atomic_symlink(final.name, self.sets / CURRENT)
+        self._link_files(final)
+        for entry in os.listdir(self.sets):
+            if entry in (CURRENT, final.name):
+                continue
+            path = self.sets / entry
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+        fsync_dir(self.sets)
+
+    def _link_files(self, live: Path) -> None:
+        wanted = {f for f in os.listdir(live) if f not in (MANIFEST, SIGNATURE)}
+        prefix = f"{SETS}/{CURRENT}/"
+        for name in sorted(wanted):
+            link = self.target / name
+            want = prefix + name
+            try:
+                if os.readlink(link) == want:
+                    continue
+            except OSError:
+                pass
+            atomic_symlink(want, link)
+        for name in os.listdir(self.target):
+            link = self.target / name
+            if name in wanted or not link.is_symlink():
+                continue
+            if os.readlink(link).startswith(prefix):
+                link.unlink()  # a map the new release no longer carries
+        fsync_dir(self.target)

@@ -1,0 +1,289 @@
+"""One agent run for one channel: fetch, verify, build, swap, reload, record.
+
+Nothing unverified is ever installed. The order is: LATEST (refuse a lower serial), the
+release into a private staging area, exactly the expected files, the manifest's sha256
+against LATEST, its signature against the trusted keys, channel/serial/expiry, every text
+file's sha256, then each cdb built locally and proved equal to the publisher's by sha256.
+Only then is the set swapped in, in one rename.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from mapsync import log
+from mapsync.agent.hooks import run_reload
+from mapsync.agent.liveset import LiveSet
+from mapsync.agent.state import ChannelState, channel_lock
+from mapsync.config import AgentChannel, AgentConfig
+from mapsync.errors import InstallError, MapsyncError, VerificationError
+from mapsync.formats import cdb, text
+from mapsync.release import (
+    LATEST,
+    MANIFEST,
+    SIGNATURE,
+    Latest,
+    Manifest,
+    iso,
+    manifest_sha256,
+    parse_latest,
+    parse_manifest,
+    utcnow,
+)
+from mapsync.signing import load_public, verify
+from mapsync.transport import Remote
+
+_log = log.get("agent")
+
+
+@dataclass
+class PullResult:
+    channel: str
+    action: str  # installed | renewed | current
+    serial: int
+    previous: int | None
+    bytes: int = 0
+
+
+class ChannelPaths:
+    def __init__(self, cfg: AgentConfig, ch: AgentChannel) -> None:
+        self.root = cfg.state / ch.name
+        self.state = self.root / "state.json"
+        self.lock = self.root / "lock"
+        self.incoming = self.root / "incoming"
+        self.basis = self.root / "basis"  # verified text of the installed release: rsync's delta basis
+
+
+def trusted_keys(cfg: AgentConfig) -> dict[str, object]:
+    from mapsync.signing import key_id
+
+    keys = {}
+    for path in cfg.trusted_keys:
+        key = load_public(path)
+        keys[key_id(key)] = key
+    return keys
+
+
+def installed(live: LiveSet, where: str) -> Manifest | None:
+    """The manifest of the installed set (its signature was verified when it was installed)."""
+    pair = live.installed_manifest()
+    if pair is None:
+        return None
+    return parse_manifest(pair[0], f"{where}/{MANIFEST}")
+
+
+def pull(cfg: AgentConfig, ch: AgentChannel) -> PullResult:
+    """Bring ``ch`` up to date; record the outcome in its state file whatever happens."""
+    paths = ChannelPaths(cfg, ch)
+    paths.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with channel_lock(paths.lock):
+        state = ChannelState.load(paths.state)
+        state.last_attempt = iso(utcnow())
+        try:
+            result = _pull(cfg, ch, paths, state)
+        except MapsyncError as exc:
+            state.last_error = str(exc)
+            state.last_error_at = iso(utcnow())
+            raise
+        finally:
+            shutil.rmtree(paths.incoming, ignore_errors=True)
+            state.save(paths.state)
+        state.last_success = iso(utcnow())
+        state.last_error = None
+        state.last_error_at = None
+        if result.action == "installed":
+            state.last_install = state.last_success
+            state.last_bytes = result.bytes
+            state.reload_pending = bool(ch.reload)
+        if state.reload_pending:
+            state.reload_pending = not run_reload(ch)
+        state.save(paths.state)
+        if state.reload_pending:
+            raise InstallError(
+                f"channel {ch.name}: serial {result.serial} is installed but the reload hook failed; it is retried on the next run"
+            )
+        return result
+
+
+def _pull(cfg: AgentConfig, ch: AgentChannel, paths: ChannelPaths, state: ChannelState) -> PullResult:
+    remote = Remote(ch.source, ch.timeout)
+    live = LiveSet(ch.target)
+    current = installed(live, str(ch.target))
+    shutil.rmtree(paths.incoming, ignore_errors=True)
+    paths.incoming.mkdir(mode=0o700)
+
+    received = remote.fetch_file(LATEST, paths.incoming / LATEST)
+    where = f"{ch.source}/{LATEST}"
+    latest = parse_latest((paths.incoming / LATEST).read_bytes(), where)
+    if current is not None:
+        if latest.serial < current.serial:
+            raise VerificationError(
+                f"{where}: serial {latest.serial} is lower than the installed {current.serial} "
+                "(rollback attack or a restored publisher); nothing changed"
+            )
+        if latest.serial == current.serial:
+            pair = live.installed_manifest()
+            assert pair is not None
+            if manifest_sha256(pair[0]) != latest.manifest_sha256:
+                raise VerificationError(
+                    f"{where}: serial {latest.serial} is installed with a different manifest; refusing"
+                )
+            if current.expires_at() <= datetime.now(UTC):
+                raise VerificationError(
+                    f"channel {ch.name}: installed serial {current.serial} expired at {current.expires} "
+                    "and the publisher has not renewed it (maps keep serving)"
+                )
+            _log.info("up to date", channel=ch.name, serial=current.serial)
+            return PullResult(ch.name, "current", current.serial, current.serial, received)
+
+    staging = paths.incoming / "release"
+    staging.mkdir(mode=0o700)
+    received += remote.fetch_tree(f"releases/{latest.serial}", staging, basis=paths.basis)
+    manifest = verify_release(staging, latest, ch, trusted_keys(cfg), current, f"{ch.source}/releases/{latest.serial}")
+
+    same = current is not None and set(current.maps) == set(manifest.maps) and all(
+        current.maps[n].sha256 == m.sha256 for n, m in manifest.maps.items()
+    )
+    built = live.new_set_dir(manifest.serial)
+    try:
+        if same:
+            cur = live.current()
+            assert cur is not None
+            # A renewal: identical maps. Hard links keep the live inodes, so no daemon reloads.
+            for m in manifest.maps.values():
+                for f in (m.file, m.cdb.file if m.cdb else None):
+                    if f:
+                        os.link(cur / f, built / f)
+        else:
+            build_set(staging, manifest, built, live.current())
+        for f in (MANIFEST, SIGNATURE):
+            shutil.copyfile(staging / f, built / f)
+            os.chmod(built / f, 0o644)
+        _fsync_tree(built)
+        live.swap(built, manifest.serial)
+    except OSError as exc:
+        shutil.rmtree(built, ignore_errors=True)
+        raise InstallError(f"channel {ch.name}: installing serial {manifest.serial} failed: {exc}; the old set keeps serving") from None
+    except BaseException:
+        shutil.rmtree(built, ignore_errors=True)
+        raise
+    # Promote the verified text to be the next run's rsync basis.
+    old_basis = paths.root / "basis.old"
+    shutil.rmtree(old_basis, ignore_errors=True)
+    if paths.basis.exists():
+        os.rename(paths.basis, old_basis)
+    os.rename(staging, paths.basis)
+    shutil.rmtree(old_basis, ignore_errors=True)
+    action = "renewed" if same else "installed"
+    _log.info(
+        f"{action} release",
+        channel=ch.name,
+        serial=manifest.serial,
+        previous=current.serial if current else None,
+        bytes_received=received,
+    )
+    return PullResult(ch.name, action, manifest.serial, current.serial if current else None, received)
+
+
+def verify_release(
+    staging: Path,
+    latest: Latest,
+    ch: AgentChannel,
+    keys: dict[str, object],
+    current: Manifest | None,
+    where: str,
+) -> Manifest:
+    """Check everything about a fetched release; return its manifest or raise VerificationError."""
+    try:
+        data = (staging / MANIFEST).read_bytes()
+        sig = (staging / SIGNATURE).read_bytes()
+    except FileNotFoundError as exc:
+        raise VerificationError(f"{where}: {Path(exc.filename).name} is missing") from None
+    if manifest_sha256(data) != latest.manifest_sha256:
+        raise VerificationError(f"{where}/{MANIFEST}: sha256 differs from the one LATEST names")
+    kid = verify(keys, data, sig, f"{where}/{SIGNATURE}")  # type: ignore[arg-type]
+    manifest = parse_manifest(data, f"{where}/{MANIFEST}")
+    if manifest.channel != ch.name:
+        raise VerificationError(f"{where}/{MANIFEST}: is for channel {manifest.channel!r}, not {ch.name!r}")
+    if manifest.serial != latest.serial:
+        raise VerificationError(f"{where}/{MANIFEST}: serial {manifest.serial}, but LATEST says {latest.serial}")
+    if current is not None and manifest.serial <= current.serial:
+        raise VerificationError(
+            f"{where}/{MANIFEST}: serial {manifest.serial} is not newer than the installed {current.serial}"
+        )
+    if manifest.expires_at() <= datetime.now(UTC):
+        raise VerificationError(f"{where}/{MANIFEST}: expired at {manifest.expires}; not installing")
+    expected = manifest.files() | {MANIFEST, SIGNATURE}
+    present = set(os.listdir(staging))
+    extra = sorted(present - expected)
+    if extra:
+        raise VerificationError(f"{where}: unexpected file(s) not named by the manifest: {', '.join(extra)}")
+    for name, m in sorted(manifest.maps.items()):
+        path = staging / m.file
+        if not path.is_file() or path.is_symlink():
+            raise VerificationError(f"{where}/{m.file}: missing or not a regular file (map {name})")
+        digest, size = text.sha256_file(path)
+        if size != m.size or digest != m.sha256:
+            raise VerificationError(
+                f"{where}/{m.file}: sha256 {digest[:16]}… size {size} does not match the manifest "
+                f"({m.sha256[:16]}… size {m.size}); the file was altered"
+            )
+    _log.debug("release verified", channel=ch.name, serial=manifest.serial, key=kid)
+    return manifest
+
+
+def build_set(staging: Path, manifest: Manifest, built: Path, previous: Path | None) -> None:
+    """Copy the verified text into ``built`` and build each cdb; prove cdb hashes equal."""
+    now = time.time()
+    for name, m in sorted(manifest.maps.items()):
+        src = staging / m.file
+        dst = built / m.file
+        shutil.copyfile(src, dst)  # a new inode; fresh mtime, never the publisher's
+        os.chmod(dst, 0o644)
+        files = [dst]
+        if m.cdb is not None:
+            cdb_path = built / m.cdb.file
+            digest, size = cdb.build(cdb_path, text.pairs(dst))
+            if digest != m.cdb.sha256 or size != m.cdb.size:
+                raise VerificationError(
+                    f"map {name}: the cdb built here (sha256 {digest[:16]}…, {size} bytes) differs from "
+                    f"the publisher's ({m.cdb.sha256[:16]}…, {m.cdb.size} bytes); not installing"
+                )
+            os.chmod(cdb_path, 0o644)
+            files.append(cdb_path)
+        for f in files:
+            _fresh_mtime(f, previous / f.name if previous else None, now)
+
+
+def _fresh_mtime(path: Path, old: Path | None, now: float) -> None:
+    """Give ``path`` an mtime later than the file it replaces, in whole seconds.
+
+    Dovecot re-reads a passwd-file only when mtime (seconds) or size changes; two installs in
+    the same second with equal sizes would otherwise go unnoticed.
+    """
+    stamp = int(now)
+    if old is not None:
+        try:
+            stamp = max(stamp, int(old.stat().st_mtime) + 1)
+        except FileNotFoundError:
+            pass
+    os.utime(path, (stamp, stamp))
+
+
+def _fsync_tree(path: Path) -> None:
+    for name in os.listdir(path):
+        fd = os.open(path / name, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,61 @@
+"""What an agent remembers per channel between runs: ``STATE/<channel>/state.json``.
+
+What is *installed* is never taken from here: it is read from the live set itself
+(``TARGET/.mapsync/current/MANIFEST.json``), so status cannot claim more than is true.
+This file only records when the source was last checked and what went wrong.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from mapsync.atomic import atomic_write
+from mapsync.errors import LockBusy
+
+
+@dataclass
+class ChannelState:
+    last_attempt: str | None = None
+    last_success: str | None = None  # last good check: source reached, release verified
+    last_error: str | None = None
+    last_error_at: str | None = None
+    last_install: str | None = None
+    last_bytes: int | None = None
+    reload_pending: bool = False
+
+    @classmethod
+    def load(cls, path: Path) -> ChannelState:
+        try:
+            data = json.loads(path.read_bytes())
+        except FileNotFoundError:
+            return cls()
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+    def save(self, path: Path) -> None:
+        atomic_write(path, (json.dumps(asdict(self), indent=2, sort_keys=True) + "\n").encode())
+
+
+@contextmanager
+def channel_lock(path: Path) -> Iterator[None]:
+    """One agent run per channel. The kernel drops a flock when its holder dies, so a
+    killed run never leaves a lock behind that blocks the next one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise LockBusy(f"{path}: another agent run (pid {holder}) holds this channel") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)

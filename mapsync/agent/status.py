@@ -1,0 +1,111 @@
+"""Freshness of every channel on this node, for people, Nagios and Prometheus.
+
+Kept free of heavy imports (no SQLAlchemy, no cryptography): monitoring runs it every minute.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from mapsync.agent.liveset import LiveSet
+from mapsync.agent.state import ChannelState
+from mapsync.config import AgentChannel, AgentConfig
+from mapsync.errors import EXIT_ERROR, EXIT_OK, EXIT_UNKNOWN, EXIT_WARNING, MapsyncError
+from mapsync.release import parse_iso, parse_manifest
+
+LEVELS = {EXIT_OK: "OK", EXIT_WARNING: "WARNING", EXIT_ERROR: "CRITICAL", EXIT_UNKNOWN: "UNKNOWN"}
+
+
+@dataclass
+class ChannelStatus:
+    channel: str
+    code: int
+    message: str
+    serial: int | None = None
+    installed_age: int | None = None  # seconds since the installed release was created
+    last_success_age: int | None = None
+    last_success: str | None = None
+    expires: str | None = None
+    last_error: str | None = None
+    entries: dict[str, int] | None = None
+
+    @property
+    def level(self) -> str:
+        return LEVELS[self.code]
+
+
+def human(seconds: int | None) -> str:
+    if seconds is None:
+        return "never"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if abs(seconds) >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def _age(stamp: str | None, now: datetime) -> int | None:
+    return int((now - parse_iso(stamp)).total_seconds()) if stamp else None
+
+
+def channel_status(cfg: AgentConfig, ch: AgentChannel, now: datetime | None = None) -> ChannelStatus:
+    now = now or datetime.now(UTC)
+    try:
+        state = ChannelState.load(cfg.state / ch.name / "state.json")
+        pair = LiveSet(ch.target).installed_manifest()
+        manifest = parse_manifest(pair[0], str(ch.target)) if pair else None
+    except (OSError, ValueError, MapsyncError) as exc:
+        return ChannelStatus(ch.name, EXIT_UNKNOWN, f"cannot read state: {exc}")
+    st = ChannelStatus(ch.name, EXIT_OK, "", last_error=state.last_error)
+    st.last_success = state.last_success
+    st.last_success_age = _age(state.last_success, now)
+    problems: list[tuple[int, str]] = []
+    if manifest is None:
+        problems.append((EXIT_ERROR, "nothing installed"))
+    else:
+        st.serial = manifest.serial
+        st.installed_age = _age(manifest.created, now)
+        st.expires = manifest.expires
+        st.entries = {n: m.entries for n, m in manifest.maps.items()}
+        if manifest.expires_at() <= now:
+            problems.append((EXIT_ERROR, f"expired {human(-int((manifest.expires_at() - now).total_seconds()))} ago"))
+    age = st.last_success_age
+    if age is None:
+        problems.append((EXIT_ERROR, "never checked successfully"))
+    elif age > ch.critical_after:
+        problems.append((EXIT_ERROR, f"last good check {human(age)} ago (critical after {human(ch.critical_after)})"))
+    elif age > ch.warn_after:
+        problems.append((EXIT_WARNING, f"last good check {human(age)} ago (warning after {human(ch.warn_after)})"))
+    if state.last_error:
+        problems.append((EXIT_WARNING, f"last run failed: {state.last_error.splitlines()[0]}"))
+    if state.reload_pending:
+        problems.append((EXIT_WARNING, "reload hook failed; retried on the next run"))
+    if problems:
+        st.code = max(code for code, _ in problems)
+    parts = []
+    if st.serial is not None:
+        parts.append(f"serial {st.serial} (released {human(st.installed_age)} ago)")
+    parts.append(f"last good check {human(age)}" + (" ago" if age is not None else ""))
+    if st.expires:
+        parts.append(f"expires {st.expires}")
+    st.message = ", ".join(parts) + "".join(f"; {msg}" for _, msg in problems)
+    return st
+
+
+def overall(statuses: list[ChannelStatus]) -> int:
+    """Nagios semantics: CRITICAL beats WARNING beats UNKNOWN beats OK."""
+    codes = {s.code for s in statuses}
+    for code in (EXIT_ERROR, EXIT_WARNING, EXIT_UNKNOWN):
+        if code in codes:
+            return code
+    return EXIT_OK
+
+
+def perfdata(statuses: list[ChannelStatus]) -> str:
+    parts = []
+    for s in statuses:
+        if s.serial is not None:
+            parts.append(f"{s.channel}_serial={s.serial}")
+        if s.last_success_age is not None:
+            parts.append(f"{s.channel}_check_age={s.last_success_age}s")
+    return " ".join(parts)

@@ -1,0 +1,179 @@
+"""The commands: each parses nothing, calls the core, prints, and returns an exit code."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from mapsync import config
+from mapsync.errors import EXIT_ERROR, EXIT_OK, EXIT_WARNING, MapsyncError
+
+
+def _config(args: argparse.Namespace) -> config.Config:
+    return config.load(config.resolve_path(args.config))
+
+
+def cmd_init_db(args: argparse.Namespace) -> int:
+    from mapsync.sources.seed import init_db
+
+    pub = _config(args).need_publisher()
+    init_db(pub.database)
+    print(f"schema ready in {_safe(pub.database)}")
+    return EXIT_OK
+
+
+def _safe(url: str) -> str:
+    from mapsync.sources.builtin import safe_url
+
+    return safe_url(url)
+
+
+def _progress() -> Any:
+    if not sys.stderr.isatty():
+        return None
+
+    def show(table: str, done: int, total: int) -> None:
+        end = "\n" if done >= total else ""
+        print(f"\r  {table}: {done:,}/{total:,}", end=end, file=sys.stderr, flush=True)
+
+    return show
+
+
+def cmd_seed(args: argparse.Namespace) -> int:
+    from mapsync.sources.seed import SeedCounts, seed
+
+    pub = _config(args).need_publisher()
+    made = seed(
+        pub.database,
+        SeedCounts(args.accounts, args.domains, args.aliases, args.mailstores),
+        seed=args.seed,
+        password=args.password,
+        progress=_progress(),
+    )
+    print("seeded " + ", ".join(f"{n} {table}" for table, n in made.items()))
+    return EXIT_OK
+
+
+def print_plan(result: Any) -> None:
+    for plan in result.plans:
+        if plan.action == "none":
+            print(f"channel {plan.channel}: unchanged (serial {plan.previous})")
+            continue
+        verb = "would publish" if result.dry_run else "published"
+        if plan.action == "renew":
+            verb = "would renew" if result.dry_run else "renewed"
+        prev = f" (previous {plan.previous})" if plan.previous else " (first release)"
+        print(f"channel {plan.channel}: {verb} serial {plan.serial}{prev}")
+        print(f"  {'map':<16}{'before':>10}{'after':>10}{'added':>9}{'removed':>9}{'changed':>9}")
+        for m in plan.maps:
+            mark = "  forced" if m.name in plan.forced else ""
+            print(f"  {m.name:<16}{m.before:>10}{m.after:>10}{m.added:>9}{m.removed:>9}{m.changed:>9}{mark}")
+    if result.skipped:
+        print(f"skipped {len(result.skipped)} invalid row(s):")
+        for p in result.skipped:
+            print(f"  {p}")
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    from mapsync.publish.publisher import Publisher
+    from mapsync.sources import open_source
+
+    pub = _config(args).need_publisher()
+    result = Publisher(pub, lambda: open_source(pub.database, pub.schema)).run(
+        args.channel, dry_run=args.dry_run, force=args.force, skip_invalid=args.skip_invalid
+    )
+    if args.json:
+        print(json.dumps({
+            "dry_run": result.dry_run,
+            "pending": result.pending,
+            "channels": [asdict(p) for p in result.plans],
+            "skipped": [str(p) for p in result.skipped],
+        }, indent=2))
+    else:
+        print_plan(result)
+    return EXIT_WARNING if args.dry_run and result.pending else EXIT_OK
+
+
+def _agent_channels(agent: config.AgentConfig, names: list[str] | None) -> list[config.AgentChannel]:
+    if not names:
+        return list(agent.channels.values())
+    unknown = [n for n in names if n not in agent.channels]
+    if unknown:
+        raise config.ConfigError(
+            f"unknown channel(s) {', '.join(unknown)} (configured: {', '.join(agent.channels)})"
+        )
+    return [agent.channels[n] for n in names]
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from mapsync.agent.pull import pull
+
+    agent = _config(args).need_agent()
+    worst = EXIT_OK
+    for ch in _agent_channels(agent, args.channel):
+        try:
+            r = pull(agent, ch)
+        except MapsyncError as exc:
+            # One broken channel must not keep the others stale: report, go on, fail at the end.
+            print(f"mapsync: channel {ch.name}: {exc}", file=sys.stderr)
+            worst = max(worst, exc.exit_code)
+            continue
+        if r.action == "current":
+            print(f"{ch.name}: serial {r.serial} is current")
+        elif r.action == "renewed":
+            print(f"{ch.name}: serial {r.serial} renews {r.previous} (same maps, no swap)")
+        else:
+            was = f" (was {r.previous})" if r.previous else ""
+            print(f"{ch.name}: installed serial {r.serial}{was}, {r.bytes:,} bytes received")
+    return worst
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from mapsync.agent.status import LEVELS, channel_status, overall, perfdata
+
+    agent = _config(args).need_agent()
+    statuses = [channel_status(agent, ch) for ch in agent.channels.values()]
+    code = overall(statuses)
+    if args.json:
+        print(json.dumps({
+            "status": LEVELS[code],
+            "exit": code,
+            "channels": [{**asdict(s), "status": s.level} for s in statuses],
+        }, indent=2))
+        return code
+    summary = ", ".join(f"{s.channel} {s.level}" for s in statuses)
+    print(f"MAPSYNC {LEVELS[code]} - {summary} | {perfdata(statuses)}")
+    for s in statuses:
+        print(f"{s.channel}: {s.level} {s.message}")
+    return code
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from mapsync.agent.verify import verify_installed
+
+    agent = _config(args).need_agent()
+    for ch in agent.channels.values():
+        serial = verify_installed(agent, ch)
+        print(f"{ch.name}: serial {serial} verified (signature and every file)")
+    return EXIT_OK
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from mapsync.signing import keygen
+
+    public = keygen(Path(args.path))
+    print(f"private key {args.path} (mode 0600), public key {public}")
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from mapsync.cli.demo import run_demo
+
+    return run_demo(Path(args.dir) if args.dir else None)
+
+
+__all__ = ["EXIT_ERROR"]

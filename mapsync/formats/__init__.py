@@ -1,0 +1,1 @@
+"""Output formats: sorted Postfix-style text (the wire format) and cdb (built from it)."""

@@ -1,0 +1,11 @@
+"""The map catalogue: every map a channel may list, by name."""
+
+from __future__ import annotations
+
+from mapsync.maps.base import Map
+from mapsync.maps.directory import Directory
+from mapsync.maps.postfix import DomainsMap, RecipientsMap, TransportMap, VirtualMap
+
+CATALOGUE: dict[str, Map] = {m.name: m for m in (DomainsMap(), RecipientsMap(), VirtualMap(), TransportMap())}
+
+__all__ = ["CATALOGUE", "Directory", "Map"]

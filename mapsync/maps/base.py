@@ -1,0 +1,34 @@
+"""Base class of the maps.
+
+A map must provide:
+
+- ``name``: the catalogue name, which is also its text file name (``transport``) and, with
+  ``.cdb``, its cdb file name (``transport.cdb``);
+- ``cdb``: whether a cdb is built beside the text (Postfix/Exim maps) or it is text only
+  (Dovecot passwd-files);
+- ``secrets``: whether it carries password hashes (only channels that list it get them);
+- ``entries(directory, channel)``: the (key, value) pairs, in any order; keys lowercase.
+
+The publisher sorts the entries bytewise, refuses duplicate keys, and writes text and cdb.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+
+from mapsync.config import PublisherChannel
+from mapsync.maps.directory import Directory
+
+
+class Map(ABC):
+    """One lookup table the daemons read; see the module docstring."""
+
+    name: str
+    cdb: bool = True
+    secrets: bool = False
+    description: str = ""
+
+    @abstractmethod
+    def entries(self, directory: Directory, channel: PublisherChannel) -> Iterable[tuple[str, str]]:
+        """Yield (key, value) pairs for ``channel``."""

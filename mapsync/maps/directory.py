@@ -1,0 +1,61 @@
+"""A resolved view of a validated snapshot: what is live, where each mailbox lives.
+
+Built once per publish and shared by every map, so alias-domain expansion and mailstore
+resolution are computed once and agree across maps.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from mapsync.snapshot import Account, Alias, Domain, Mailstore, Snapshot
+
+
+class Directory:
+    """Live domains, addresses and routes of one snapshot (disabled rows already dropped)."""
+
+    def __init__(self, snap: Snapshot) -> None:
+        self.snapshot = snap
+        self.stores: dict[int, Mailstore] = {m.id: m for m in snap.mailstores}
+        self.domains: dict[int, Domain] = {
+            d.id: d for d in snap.domains if d.status != "disabled"
+        }
+        self.accounts: dict[int, list[Account]] = defaultdict(list)
+        for a in snap.accounts:
+            d = self.domains.get(a.domain_id)
+            if d is not None and d.kind == "hosted" and a.status != "disabled":
+                self.accounts[a.domain_id].append(a)
+        self.aliases: dict[int, list[Alias]] = defaultdict(list)
+        self.catchall: dict[int, Alias] = {}
+        for al in snap.aliases:
+            d = self.domains.get(al.domain_id)
+            if d is None or d.kind != "hosted":
+                continue
+            if al.local_part:
+                self.aliases[al.domain_id].append(al)
+            else:
+                self.catchall[al.domain_id] = al
+        self.alias_domains: dict[int, list[Domain]] = defaultdict(list)
+        for d in self.domains.values():
+            if d.kind == "alias" and d.target_domain_id in self.domains:
+                self.alias_domains[d.target_domain_id].append(d)
+
+    def of_kind(self, kind: str) -> list[Domain]:
+        return [d for d in self.domains.values() if d.kind == kind]
+
+    @staticmethod
+    def names(d: Domain) -> tuple[str, ...]:
+        """The A-label, and the U-label too where it differs."""
+        if d.name_unicode and d.name_unicode != d.name:
+            return (d.name, d.name_unicode)
+        return (d.name,)
+
+    def store_of(self, account: Account) -> Mailstore:
+        d = self.domains[account.domain_id]
+        store_id = account.mailstore_id or d.default_mailstore_id
+        assert store_id is not None  # guaranteed by validate.check
+        return self.stores[store_id]
+
+    def default_store(self, d: Domain) -> Mailstore:
+        assert d.default_mailstore_id is not None
+        return self.stores[d.default_mailstore_id]

@@ -1,0 +1,1 @@
+"""The publisher: snapshot → validate → render per channel → plan and guards → signed release."""

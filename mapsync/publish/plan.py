@@ -1,0 +1,108 @@
+"""What a publish would change, per channel and map, and the guards that may refuse it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mapsync.config import Guards
+from mapsync.formats import text
+
+
+@dataclass(frozen=True)
+class MapPlan:
+    """Entries before → after, and how many keys were added, removed or changed."""
+
+    name: str
+    before: int
+    after: int
+    added: int
+    removed: int
+    changed: int
+
+    @property
+    def unchanged(self) -> bool:
+        return not (self.added or self.removed or self.changed)
+
+
+@dataclass
+class ChannelPlan:
+    """The plan of one channel; ``action`` is ``publish``, ``renew`` or ``none``."""
+
+    channel: str
+    previous: int | None
+    serial: int | None
+    action: str
+    maps: list[MapPlan] = field(default_factory=list)
+    forced: list[str] = field(default_factory=list)
+
+    @property
+    def pending(self) -> bool:
+        return self.action != "none"
+
+
+@dataclass(frozen=True)
+class Violation:
+    channel: str
+    map: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"channel {self.channel}, map {self.map}: {self.message}"
+
+
+def merge_diff(old: Iterator[tuple[str, str]], new: Iterator[tuple[str, str]]) -> Iterator[tuple[str, str, str | None, str | None]]:
+    """Walk two key-sorted streams; yield (kind, key, old value, new value) for differences.
+
+    ``kind`` is ``added``, ``removed`` or ``changed``. Linear time, constant memory.
+    """
+    sentinel = ("\U0010ffff" * 2, "")
+    o = next(old, None)
+    n = next(new, None)
+    while o is not None or n is not None:
+        ok, ov = o if o is not None else sentinel
+        nk, nv = n if n is not None else sentinel
+        if o is not None and (n is None or ok < nk):
+            yield "removed", ok, ov, None
+            o = next(old, None)
+        elif n is not None and (o is None or nk < ok):
+            yield "added", nk, None, nv
+            n = next(new, None)
+        else:
+            if ov != nv:
+                yield "changed", ok, ov, nv
+            o = next(old, None)
+            n = next(new, None)
+
+
+def diff_files(name: str, old: Path | None, new: Path, before: int, after: int) -> MapPlan:
+    """Count the differences between two text maps (``old`` None: everything is added)."""
+    if old is None:
+        return MapPlan(name, 0, after, after, 0, 0)
+    counts = {"added": 0, "removed": 0, "changed": 0}
+    for kind, *_ in merge_diff(text.keyed(old), text.keyed(new)):
+        counts[kind] += 1
+    return MapPlan(name, before, after, **counts)
+
+
+def check(plan: MapPlan, guards: Guards, channel: str) -> Violation | None:
+    """The guard ``plan`` violates, if any. Shrink and growth apply from 10 entries up."""
+    if plan.after < guards.min_entries:
+        return Violation(channel, plan.name, f"{plan.after} entries, fewer than min_entries = {guards.min_entries}")
+    if plan.before >= 10:
+        if plan.after < plan.before:
+            shrink = (plan.before - plan.after) / plan.before
+            if shrink > guards.max_shrink:
+                return Violation(
+                    channel, plan.name,
+                    f"shrinks by {shrink:.1%} ({plan.before} → {plan.after} entries), more than max_shrink = {guards.max_shrink:.0%}",
+                )
+        else:
+            growth = (plan.after - plan.before) / plan.before
+            if growth > guards.max_growth:
+                return Violation(
+                    channel, plan.name,
+                    f"grows by {growth:.1%} ({plan.before} → {plan.after} entries), more than max_growth = {guards.max_growth:.0%}",
+                )
+    return None

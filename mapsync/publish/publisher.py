@@ -1,0 +1,301 @@
+"""Publishing: one snapshot, every channel rendered, planned and guarded, then written.
+
+Order matters for safety. Every channel is rendered into ``REPO/<channel>/.staging/`` and
+every plan checked against the guards *before* any release is made visible; a release
+becomes visible only by the rename of its finished directory and then the atomic replace of
+``LATEST``. A crash at any instant leaves either the old LATEST or the new one, each pointing
+at a complete, signed release.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from datetime import timedelta
+from pathlib import Path
+
+from mapsync import GENERATOR, log
+from mapsync.atomic import atomic_write, fsync_dir
+from mapsync.config import PublisherChannel, PublisherConfig
+from mapsync.errors import InvalidData, UnsafePlan
+from mapsync.formats import cdb, text
+from mapsync.maps import CATALOGUE, Directory
+from mapsync.publish.plan import ChannelPlan, Violation, check, diff_files
+from mapsync.publish.repository import Repository
+from mapsync.release import (
+    MANIFEST,
+    SIGNATURE,
+    CdbInfo,
+    Latest,
+    Manifest,
+    MapEntry,
+    iso,
+    manifest_sha256,
+    utcnow,
+)
+from mapsync.signing import load_private, sign
+from mapsync.snapshot import Snapshot
+from mapsync.sources import Source
+from mapsync.validate import Problem
+from mapsync.validate import check as validate
+
+_log = log.get("publisher")
+
+
+@dataclass
+class _Staged:
+    """A channel rendered into its staging directory, not yet visible."""
+
+    plan: ChannelPlan
+    staging: Path
+    manifest: Manifest | None = None
+
+
+@dataclass
+class PublishResult:
+    plans: list[ChannelPlan]
+    skipped: list[Problem] = field(default_factory=list)
+    dry_run: bool = False
+
+    @property
+    def pending(self) -> bool:
+        return any(p.pending for p in self.plans)
+
+
+def _lines(entries: list[tuple[str, str]], map_name: str) -> Iterator[str]:
+    previous = None
+    for key, value in entries:
+        if key == previous:
+            raise InvalidData([f"map {map_name}: duplicate key {key!r}"])
+        # Belt and braces behind validate.check: no line may parse as another key.
+        if not key or any(c in key for c in " \t\r\n\0,") or key.startswith("#"):
+            raise InvalidData([f"map {map_name}: key {key!r} would not parse back as one key"])
+        if any(c in value for c in "\r\n\0"):
+            raise InvalidData([f"map {map_name}: value of {key!r} contains a line break or NUL"])
+        previous = key
+        yield f"{key} {value}\n"
+
+
+def drop_invalid(snap: Snapshot, problems: list[Problem]) -> Snapshot:
+    """``snap`` without the rows named in ``problems`` (for ``publish --skip-invalid``)."""
+    bad = {(p.table, p.row) for p in problems}
+    return replace(
+        snap,
+        mailstores=[m for m in snap.mailstores if ("mailstore", m.id) not in bad],
+        domains=[d for d in snap.domains if ("domain", d.id) not in bad],
+        accounts=[a for a in snap.accounts if ("account", a.id) not in bad],
+        aliases=[a for a in snap.aliases if ("alias", a.id) not in bad],
+        cache={},
+    )
+
+
+class Publisher:
+    """Publishes the channels of one publisher configuration."""
+
+    def __init__(self, cfg: PublisherConfig, source: Callable[[], Source]) -> None:
+        self.cfg = cfg
+        self.repo = Repository(cfg.repository)
+        self._source = source
+
+    def run(
+        self,
+        channels: list[str] | None = None,
+        *,
+        dry_run: bool = False,
+        force: bool = False,
+        skip_invalid: bool = False,
+    ) -> PublishResult:
+        selected = self._select(channels)
+        key = None if dry_run else load_private(self.cfg.signing_key)
+        with self.repo.lock():
+            source = self._source()
+            try:
+                _log.info("reading snapshot", database=source.safe_url)
+                snap = source.snapshot()
+            finally:
+                source.close()
+            snap, skipped = self._validated(snap, skip_invalid)
+            directory = Directory(snap)
+            staged: list[_Staged] = []
+            try:
+                for ch in selected:
+                    staged.append(self._stage(ch, directory, snap, source, skipped))
+                violations = [v for s in staged for v in self._guard(s, force)]
+                if violations and not dry_run:
+                    raise UnsafePlan(
+                        "publish refused by guards; nothing was written (use --force if the change is intended):\n  "
+                        + "\n  ".join(str(v) for v in violations)
+                    )
+                if not dry_run:
+                    assert key is not None
+                    for s in staged:
+                        self._commit(s, key)
+            finally:
+                for s in staged:
+                    shutil.rmtree(s.staging.parent, ignore_errors=True)
+            return PublishResult([s.plan for s in staged], skipped, dry_run)
+
+    def _select(self, names: list[str] | None) -> list[PublisherChannel]:
+        if not names:
+            return list(self.cfg.channels.values())
+        unknown = [n for n in names if n not in self.cfg.channels]
+        if unknown:
+            from mapsync.errors import ConfigError
+
+            raise ConfigError(
+                f"unknown channel(s) {', '.join(unknown)} (configured: {', '.join(self.cfg.channels)})"
+            )
+        return [self.cfg.channels[n] for n in names]
+
+    def _validated(self, snap: Snapshot, skip_invalid: bool) -> tuple[Snapshot, list[Problem]]:
+        problems = validate(snap)
+        if problems and not skip_invalid:
+            raise InvalidData([str(p) for p in problems])
+        skipped: list[Problem] = []
+        # Dropping a row can orphan others (an alias domain whose target went): repeat.
+        while problems:
+            for p in problems:
+                _log.warning("skipping invalid row", table=p.table, row=p.row, key=p.key, reason=p.reason)
+            skipped += problems
+            snap = drop_invalid(snap, problems)
+            problems = validate(snap)
+        return snap, skipped
+
+    def _stage(
+        self,
+        ch: PublisherChannel,
+        directory: Directory,
+        snap: Snapshot,
+        source: Source,
+        skipped: list[Problem],
+    ) -> _Staged:
+        last = self.repo.latest_manifest(ch.name)
+        existing = self.repo.serials(ch.name)
+        serial = max([*existing, last.serial if last else 0]) + 1
+        staging_root = self.repo.channel(ch.name) / ".staging"
+        shutil.rmtree(staging_root, ignore_errors=True)  # a crashed run's leftovers
+        staging = staging_root / str(serial)
+        staging.mkdir(parents=True)
+        last_dir = self.repo.release(ch.name, last.serial) if last else None
+
+        entries: dict[str, MapEntry] = {}
+        plan = ChannelPlan(ch.name, last.serial if last else None, serial, "none")
+        for name in ch.maps:
+            entries[name], map_plan = self._render(name, ch, directory, staging, serial, last, last_dir)
+            plan.maps.append(map_plan)
+
+        now = utcnow()
+        same_set = last is not None and set(last.maps) == set(entries) and all(
+            entries[n].same_content(last.maps[n]) for n in entries
+        )
+        if same_set:
+            assert last is not None
+            renew_after = last.expires_at() - timedelta(seconds=self.cfg.expires / 2)
+            if now < renew_after:
+                plan.serial = None
+                return _Staged(plan, staging)
+            plan.action = "renew"
+        else:
+            plan.action = "publish"
+        manifest = Manifest(
+            channel=ch.name,
+            serial=serial,
+            previous=last.serial if last else None,
+            created=iso(now),
+            expires=iso(now + timedelta(seconds=self.cfg.expires)),
+            generator=GENERATOR,
+            source={
+                "url": source.safe_url,
+                "schema": source.schema,
+                "fingerprint": snap.fingerprint.digest(),
+            },
+            maps=entries,
+            skipped=[str(p) for p in skipped],
+        )
+        return _Staged(plan, staging, manifest)
+
+    def _render(
+        self,
+        name: str,
+        ch: PublisherChannel,
+        directory: Directory,
+        staging: Path,
+        serial: int,
+        last: Manifest | None,
+        last_dir: Path | None,
+    ) -> tuple[MapEntry, object]:
+        spec = CATALOGUE[name]
+        rows = sorted(spec.entries(directory, ch))
+        path = staging / name
+        info = text.write(path, text.header(name, ch.name, serial), _lines(rows, name))
+        cdb_info = None
+        if spec.cdb:
+            cdb_path = staging / f"{name}.cdb"
+            digest, size = cdb.build(cdb_path, ((k.encode(), v.encode()) for k, v in rows))
+            cdb_path.unlink()  # agents build their own and prove it equal by this hash
+            cdb_info = CdbInfo(f"{name}.cdb", digest, size)
+        entry = MapEntry(name, info.entries, info.sha256, info.size, info.content_sha256, cdb_info)
+        old = last.maps.get(name) if last else None
+        old_path = last_dir / old.file if last_dir and old else None
+        if old is not None and entry.same_content(old) and old_path is not None:
+            # Same content: ship the previous file byte for byte, so agents see equal hashes.
+            shutil.copyfile(old_path, path)
+            entry = replace(old, forced=False)
+        map_plan = diff_files(name, old_path, path, old.entries if old else 0, entry.entries)
+        _log.debug("rendered map", channel=ch.name, map=name, entries=entry.entries)
+        return entry, map_plan
+
+    def _guard(self, staged: _Staged, force: bool) -> list[Violation]:
+        if staged.plan.action != "publish":
+            return []
+        violations = []
+        for map_plan in staged.plan.maps:  # type: ignore[attr-defined]
+            guards = self.cfg.map_guards.get(map_plan.name, self.cfg.guards)
+            v = check(map_plan, guards, staged.plan.channel)
+            if v is None:
+                continue
+            if force:
+                _log.warning("guard overridden by --force", channel=v.channel, map=v.map, detail=v.message)
+                staged.plan.forced.append(map_plan.name)
+            else:
+                violations.append(v)
+        if staged.plan.forced and staged.manifest is not None:
+            maps = dict(staged.manifest.maps)
+            for name in staged.plan.forced:
+                maps[name] = replace(maps[name], forced=True)
+            staged.manifest = replace(staged.manifest, maps=maps)
+        return violations
+
+    def _commit(self, staged: _Staged, key: object) -> None:
+        manifest = staged.manifest
+        if manifest is None:
+            return
+        data = manifest.to_bytes()
+        (staged.staging / MANIFEST).write_bytes(data)
+        (staged.staging / SIGNATURE).write_bytes(sign(key, data))  # type: ignore[arg-type]
+        for f in os.listdir(staged.staging):
+            fd = os.open(staged.staging / f, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(staged.staging)
+        releases = self.repo.releases(manifest.channel)
+        releases.mkdir(parents=True, exist_ok=True)
+        final = releases / str(manifest.serial)
+        os.rename(staged.staging, final)
+        fsync_dir(releases)
+        atomic_write(
+            self.repo.channel(manifest.channel) / "LATEST",
+            Latest(manifest.serial, manifest_sha256(data)).to_bytes(),
+        )
+        removed = self.repo.collect_garbage(manifest.channel, self.cfg.keep)
+        _log.info(
+            "published release" if staged.plan.action == "publish" else "renewed release",
+            channel=manifest.channel,
+            serial=manifest.serial,
+            expires=manifest.expires,
+            removed=removed or None,
+        )

@@ -1,0 +1,98 @@
+"""The publisher's repository on disk: what agents pull from.
+
+::
+
+    REPO/<channel>/LATEST                       {"serial": N, "manifest_sha256": "..."}
+    REPO/<channel>/releases/<serial>/           MANIFEST.json, MANIFEST.json.sig, text maps
+    REPO/<channel>/.staging/                    a release being written; never served
+    REPO/.lock                                  one publisher at a time
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from mapsync.errors import LockBusy, MapsyncError
+from mapsync.release import LATEST, MANIFEST, Latest, Manifest, parse_latest, parse_manifest
+
+
+class Repository:
+    """Paths and read access to the release tree under ``root``."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def channel(self, name: str) -> Path:
+        return self.root / name
+
+    def releases(self, channel: str) -> Path:
+        return self.channel(channel) / "releases"
+
+    def release(self, channel: str, serial: int) -> Path:
+        return self.releases(channel) / str(serial)
+
+    def serials(self, channel: str) -> list[int]:
+        """Serials of the complete releases of ``channel``, oldest first."""
+        try:
+            names = os.listdir(self.releases(channel))
+        except FileNotFoundError:
+            return []
+        return sorted(int(n) for n in names if n.isdigit())
+
+    def latest(self, channel: str) -> Latest | None:
+        path = self.channel(channel) / LATEST
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        return parse_latest(data, str(path))
+
+    def manifest(self, channel: str, serial: int) -> Manifest:
+        path = self.release(channel, serial) / MANIFEST
+        try:
+            return parse_manifest(path.read_bytes(), str(path))
+        except FileNotFoundError:
+            raise MapsyncError(f"{path}: release {serial} of channel {channel} not found") from None
+
+    def latest_manifest(self, channel: str) -> Manifest | None:
+        latest = self.latest(channel)
+        return self.manifest(channel, latest.serial) if latest else None
+
+    @contextmanager
+    def lock(self, wait: float = 30.0) -> Iterator[None]:
+        """Hold the repository lock; wait up to ``wait`` seconds for another publisher."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            deadline = time.monotonic() + wait
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise LockBusy(
+                            f"{self.root}: another publisher is running (waited {wait:.0f}s for {self.root / '.lock'})"
+                        ) from None
+                    time.sleep(0.2)
+            yield
+        finally:
+            os.close(fd)  # closing drops the lock; a killed publisher's lock dies with it
+
+    def collect_garbage(self, channel: str, keep: int) -> list[int]:
+        """Remove all but the newest ``keep`` releases; never the one LATEST names."""
+        latest = self.latest(channel)
+        serials = self.serials(channel)
+        removed = []
+        for serial in serials[:-keep] if keep < len(serials) else []:
+            if latest and serial >= latest.serial:
+                continue
+            shutil.rmtree(self.release(channel, serial))
+            removed.append(serial)
+        return removed

@@ -1,0 +1,195 @@
+"""The release format, shared by publisher and agent (specified in docs/release-format.md).
+
+``REPO/<channel>/LATEST`` is a tiny JSON pointer (serial, manifest sha256);
+``REPO/<channel>/releases/<serial>/`` holds ``MANIFEST.json``, ``MANIFEST.json.sig`` and the
+text maps. The manifest is the unit of trust: the agent believes nothing it does not list.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from mapsync.errors import VerificationError
+
+FORMAT = 1
+MANIFEST = "MANIFEST.json"
+SIGNATURE = "MANIFEST.json.sig"
+LATEST = "LATEST"
+MAX_MANIFEST_BYTES = 1 << 20
+# A map file name inside a release: no '/', no '..', no leading dot.
+FILE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC).replace(microsecond=0)
+
+
+def iso(t: datetime) -> str:
+    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_iso(text: str) -> datetime:
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class CdbInfo:
+    file: str
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class MapEntry:
+    """One map of a release: its text file and, for key/value maps, its canonical cdb."""
+
+    file: str
+    entries: int
+    sha256: str
+    size: int
+    content_sha256: str
+    cdb: CdbInfo | None = None
+    forced: bool = False
+
+    def same_content(self, other: MapEntry | None) -> bool:
+        return other is not None and other.content_sha256 == self.content_sha256
+
+
+@dataclass(frozen=True)
+class Manifest:
+    channel: str
+    serial: int
+    previous: int | None
+    created: str
+    expires: str
+    generator: str
+    source: dict[str, str]
+    maps: dict[str, MapEntry]
+    format: int = FORMAT
+    skipped: list[str] = field(default_factory=list)
+
+    def to_bytes(self) -> bytes:
+        data = asdict(self)
+        return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
+
+    def files(self) -> set[str]:
+        """Every file the release directory holds besides the manifest and its signature."""
+        return {m.file for m in self.maps.values()}
+
+    def expires_at(self) -> datetime:
+        return parse_iso(self.expires)
+
+    def created_at(self) -> datetime:
+        return parse_iso(self.created)
+
+
+@dataclass(frozen=True)
+class Latest:
+    serial: int
+    manifest_sha256: str
+
+    def to_bytes(self) -> bytes:
+        return (json.dumps(asdict(self), sort_keys=True) + "\n").encode()
+
+
+def manifest_sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _req(data: dict[str, Any], key: str, typ: type | tuple[type, ...], where: str) -> Any:
+    if key not in data:
+        raise VerificationError(f"{where}: missing field {key!r}")
+    value = data[key]
+    if not isinstance(value, typ) or (isinstance(value, bool) and typ is int):
+        raise VerificationError(f"{where}: field {key!r} has the wrong type")
+    return value
+
+
+def _hexdigest(value: str, where: str) -> str:
+    if not re.fullmatch(r"[0-9a-f]{64}", value):
+        raise VerificationError(f"{where}: not a sha256 hex digest")
+    return value
+
+
+def parse_latest(data: bytes, where: str) -> Latest:
+    """Parse a LATEST pointer, refusing anything odd."""
+    if len(data) > 4096:
+        raise VerificationError(f"{where}: {len(data)} bytes, a LATEST pointer is tiny")
+    try:
+        obj = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise VerificationError(f"{where}: not JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise VerificationError(f"{where}: not a JSON object")
+    serial = _req(obj, "serial", int, where)
+    if serial < 1:
+        raise VerificationError(f"{where}: serial must be positive")
+    return Latest(serial, _hexdigest(_req(obj, "manifest_sha256", str, where), f"{where}: manifest_sha256"))
+
+
+def parse_manifest(data: bytes, where: str) -> Manifest:
+    """Parse manifest bytes whose signature has already been verified; check every field."""
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise VerificationError(f"{where}: {len(data)} bytes is too large for a manifest")
+    try:
+        obj = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise VerificationError(f"{where}: not JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise VerificationError(f"{where}: not a JSON object")
+    fmt = _req(obj, "format", int, where)
+    if fmt != FORMAT:
+        raise VerificationError(f"{where}: format {fmt} is not supported (this mapsync reads {FORMAT})")
+    maps: dict[str, MapEntry] = {}
+    for name, m in _req(obj, "maps", dict, where).items():
+        mw = f"{where}: map {name!r}"
+        if not isinstance(m, dict) or not FILE_NAME.match(name):
+            raise VerificationError(f"{mw}: bad map entry")
+        file = _req(m, "file", str, mw)
+        if not FILE_NAME.match(file):
+            raise VerificationError(f"{mw}: file name {file!r} is not allowed")
+        cdb = None
+        if m.get("cdb") is not None:
+            c = _req(m, "cdb", dict, mw)
+            cfile = _req(c, "file", str, mw)
+            if cfile != f"{file}.cdb":
+                raise VerificationError(f"{mw}: cdb file name {cfile!r} is not {file}.cdb")
+            cdb = CdbInfo(cfile, _hexdigest(_req(c, "sha256", str, mw), mw), _req(c, "size", int, mw))
+        maps[name] = MapEntry(
+            file=file,
+            entries=_req(m, "entries", int, mw),
+            sha256=_hexdigest(_req(m, "sha256", str, mw), mw),
+            size=_req(m, "size", int, mw),
+            content_sha256=_hexdigest(_req(m, "content_sha256", str, mw), mw),
+            cdb=cdb,
+            forced=bool(m.get("forced", False)),
+        )
+    files = [m.file for m in maps.values()]
+    if len(set(files)) != len(files):
+        raise VerificationError(f"{where}: two maps name the same file")
+    previous = obj.get("previous")
+    if previous is not None and (not isinstance(previous, int) or isinstance(previous, bool)):
+        raise VerificationError(f"{where}: field 'previous' has the wrong type")
+    manifest = Manifest(
+        channel=_req(obj, "channel", str, where),
+        serial=_req(obj, "serial", int, where),
+        previous=previous,
+        created=_req(obj, "created", str, where),
+        expires=_req(obj, "expires", str, where),
+        generator=_req(obj, "generator", str, where),
+        source={str(k): str(v) for k, v in _req(obj, "source", dict, where).items()},
+        maps=maps,
+        format=fmt,
+        skipped=[str(s) for s in obj.get("skipped", [])],
+    )
+    try:
+        manifest.expires_at()
+        manifest.created_at()
+    except ValueError:
+        raise VerificationError(f"{where}: created/expires are not UTC timestamps") from None
+    return manifest

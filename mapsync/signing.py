@@ -1,0 +1,98 @@
+"""ed25519 signing of manifests (``cryptography``).
+
+Keys are PEM files: the private half PKCS#8 with mode 0600, the public half
+SubjectPublicKeyInfo beside it (``signing.key`` → ``signing.pub``, ``k`` → ``k.pub``).
+A signature file holds the base64 of the 64-byte signature over the exact manifest bytes.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from mapsync.atomic import atomic_write
+from mapsync.errors import ConfigError, MapsyncError, VerificationError
+
+
+def public_path(private: Path) -> Path:
+    """Where the public half of ``private`` lives."""
+    return private.with_suffix(".pub") if private.suffix == ".key" else private.with_name(private.name + ".pub")
+
+
+def keygen(private: Path) -> Path:
+    """Create a key pair at ``private`` (0600) and its public half; refuse to overwrite."""
+    public = public_path(private)
+    for p in (private, public):
+        if p.exists():
+            raise MapsyncError(f"{p}: already exists; refusing to overwrite a key")
+    key = Ed25519PrivateKey.generate()
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    pub = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    private.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(private, pem, mode=0o600)
+    atomic_write(public, pub, mode=0o644)
+    return public
+
+
+def load_private(path: Path) -> Ed25519PrivateKey:
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: signing key not found (create one with `mapsync keygen {path}`)") from None
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{path}: not a PEM private key: {exc}") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ConfigError(f"{path}: not an ed25519 key")
+    return key
+
+
+def load_public(path: Path) -> Ed25519PublicKey:
+    try:
+        key = serialization.load_pem_public_key(path.read_bytes())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: trusted key not found") from None
+    except ValueError as exc:
+        raise ConfigError(f"{path}: not a PEM public key: {exc}") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise ConfigError(f"{path}: not an ed25519 public key")
+    return key
+
+
+def key_id(key: Ed25519PublicKey) -> str:
+    """Short, stable name of a public key for logs and status (first 16 hex of its sha256)."""
+    raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def sign(key: Ed25519PrivateKey, data: bytes) -> bytes:
+    """The signature file's content for ``data``."""
+    return base64.b64encode(key.sign(data)) + b"\n"
+
+
+def verify(keys: dict[str, Ed25519PublicKey], data: bytes, signature: bytes, where: str) -> str:
+    """Return the id of the trusted key that signed ``data``; raise VerificationError otherwise."""
+    try:
+        raw = base64.b64decode(signature.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise VerificationError(f"{where}: signature file is not base64") from None
+    if len(raw) != 64:
+        raise VerificationError(f"{where}: signature has {len(raw)} bytes, not 64")
+    for kid, key in keys.items():
+        try:
+            key.verify(raw, data)
+            return kid
+        except InvalidSignature:
+            continue
+    raise VerificationError(
+        f"{where}: signature does not verify with any trusted key ({', '.join(keys) or 'none'})"
+    )

@@ -1,0 +1,75 @@
+"""One consistent read of the central database, as plain rows.
+
+Sources (``mapsync.sources``) produce a :class:`Snapshot`; maps (``mapsync.maps``) consume it.
+Rows are NamedTuples rather than dataclasses: a snapshot of a large cluster holds millions of
+them, and tuples are what the database driver hands out anyway.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import NamedTuple
+
+
+class Mailstore(NamedTuple):
+    id: int
+    name: str
+    lmtp_host: str
+    lmtp_port: int
+    imap_host: str
+    imap_port: int
+    active: bool
+
+
+class Domain(NamedTuple):
+    id: int
+    name: str  # lowercase A-label
+    name_unicode: str | None
+    kind: str  # hosted | alias | relay
+    target_domain_id: int | None
+    default_mailstore_id: int | None
+    relay_nexthop: str | None
+    status: str  # active | suspended | disabled (customer status already folded in)
+
+
+class Account(NamedTuple):
+    id: int
+    domain_id: int
+    local_part: str
+    mailstore_id: int | None
+    status: str  # active | login_disabled | disabled | moving
+
+
+class Alias(NamedTuple):
+    id: int
+    domain_id: int
+    local_part: str  # '' = catch-all
+    targets: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """Cheap change detector: row count and newest ``updated_at`` per table."""
+
+    tables: dict[str, tuple[int, str | None]]
+
+    def digest(self) -> str:
+        blob = json.dumps(self.tables, sort_keys=True).encode()
+        return "sha256:" + hashlib.sha256(blob).hexdigest()
+
+
+@dataclass
+class Snapshot:
+    """Everything the maps need, read in one read-only transaction."""
+
+    mailstores: list[Mailstore]
+    domains: list[Domain]
+    accounts: list[Account]
+    aliases: list[Alias]
+    fingerprint: Fingerprint
+    taken_at: datetime
+    # Derived lookups, filled lazily by the maps that need them.
+    cache: dict[str, object] = field(default_factory=dict, repr=False)

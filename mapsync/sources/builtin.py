@@ -1,0 +1,186 @@
+"""Reads mapsync's own schema (``schema = "mapsync"``)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Connection, Engine, create_engine, func, select
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+
+from mapsync.errors import SourceError
+from mapsync.snapshot import Account, Alias, Domain, Fingerprint, Mailstore, Snapshot
+from mapsync.sources import schema as t
+from mapsync.sources.base import Source
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for ``url``, with a clear error for a malformed URL or a missing driver."""
+    try:
+        return create_engine(url, pool_pre_ping=False)
+    except (ArgumentError, ImportError, ValueError) as exc:
+        raise SourceError(f"database {safe_url(url)}: {exc}") from None
+
+
+def safe_url(url: str) -> str:
+    """``url`` without its password, for logs and manifests."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except (ArgumentError, ValueError):
+        return "<unparseable database URL>"
+
+
+def _read_only(conn: Connection) -> Connection:
+    """Put ``conn`` into one read-only, repeatable-read transaction (one consistent instant)."""
+    dialect = conn.dialect.name
+    if dialect == "postgresql":
+        return conn.execution_options(isolation_level="REPEATABLE READ", postgresql_readonly=True)
+    if dialect in ("mysql", "mariadb"):
+        conn = conn.execution_options(isolation_level="REPEATABLE READ")
+        conn.exec_driver_sql("SET TRANSACTION READ ONLY")
+        return conn
+    # SQLite: a deferred transaction sees one consistent database state from its first read.
+    return conn
+
+
+class BuiltinSource(Source):
+    """The tables of :mod:`mapsync.sources.schema`."""
+
+    schema = "mapsync"
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.safe_url = safe_url(url)
+        self.engine = make_engine(url)
+
+    def _fail(self, what: str, exc: SQLAlchemyError) -> SourceError:
+        detail = str(exc.orig) if getattr(exc, "orig", None) is not None else str(exc)
+        detail = detail.strip().splitlines()[0] if detail.strip() else type(exc).__name__
+        return SourceError(f"database {self.safe_url}: {what} failed: {detail}")
+
+    def fingerprint(self) -> Fingerprint:
+        try:
+            with self.engine.connect() as conn:
+                tables: dict[str, tuple[int, str | None]] = {}
+                for table in t.TABLES:
+                    count, newest = conn.execute(
+                        select(func.count(), func.max(table.c.updated_at)).select_from(table)
+                    ).one()
+                    tables[table.name] = (int(count), str(newest) if newest is not None else None)
+                return Fingerprint(tables)
+        except SQLAlchemyError as exc:
+            raise self._fail("reading the change fingerprint", exc) from None
+
+    def snapshot(self) -> Snapshot:
+        try:
+            with self.engine.connect() as raw:
+                conn = _read_only(raw)
+                with conn.begin():
+                    return self._read(conn)
+        except SQLAlchemyError as exc:
+            raise self._fail("reading the snapshot", exc) from None
+
+    def _read(self, conn: Connection) -> Snapshot:
+        # The fingerprint is read inside the same transaction, so it describes these rows.
+        fp: dict[str, tuple[int, str | None]] = {}
+        for table in t.TABLES:
+            count, newest = conn.execute(
+                select(func.count(), func.max(table.c.updated_at)).select_from(table)
+            ).one()
+            fp[table.name] = (int(count), str(newest) if newest is not None else None)
+
+        mailstores = [
+            Mailstore(*row)
+            for row in conn.execute(
+                select(
+                    t.mailstore.c.id,
+                    t.mailstore.c.name,
+                    t.mailstore.c.lmtp_host,
+                    t.mailstore.c.lmtp_port,
+                    t.mailstore.c.imap_host,
+                    t.mailstore.c.imap_port,
+                    t.mailstore.c.active,
+                ).order_by(t.mailstore.c.id)
+            )
+        ]
+        customer_status = {
+            cid: status
+            for cid, status in conn.execute(select(t.customer.c.id, t.customer.c.status))
+        }
+        domains = []
+        for row in conn.execute(
+            select(
+                t.domain.c.id,
+                t.domain.c.name,
+                t.domain.c.name_unicode,
+                t.domain.c.kind,
+                t.domain.c.target_domain_id,
+                t.domain.c.default_mailstore_id,
+                t.domain.c.relay_nexthop,
+                t.domain.c.status,
+                t.domain.c.customer_id,
+            ).order_by(t.domain.c.id)
+        ):
+            status = _cascade(row.status, customer_status.get(row.customer_id))
+            domains.append(Domain(*row[:7], status=status))
+        accounts = [
+            Account(*row)
+            for row in conn.execute(
+                select(
+                    t.account.c.id,
+                    t.account.c.domain_id,
+                    t.account.c.local_part,
+                    t.account.c.mailstore_id,
+                    t.account.c.status,
+                ).order_by(t.account.c.id)
+            )
+        ]
+        now = datetime.now(UTC).replace(tzinfo=None)
+        targets: dict[int, list[str]] = {}
+        for alias_id, target in conn.execute(
+            select(t.alias_target.c.alias_id, t.alias_target.c.target).order_by(
+                t.alias_target.c.alias_id, t.alias_target.c.target
+            )
+        ):
+            targets.setdefault(alias_id, []).append(target)
+        aliases = [
+            Alias(row.id, row.domain_id, row.local_part, tuple(targets.get(row.id, ())))
+            for row in conn.execute(
+                select(
+                    t.alias.c.id,
+                    t.alias.c.domain_id,
+                    t.alias.c.local_part,
+                    t.alias.c.expires_at,
+                )
+                .where(t.alias.c.active.is_(True))
+                .order_by(t.alias.c.id)
+            )
+            if row.expires_at is None or _naive(row.expires_at) > now
+        ]
+        return Snapshot(
+            mailstores=mailstores,
+            domains=domains,
+            accounts=accounts,
+            aliases=aliases,
+            fingerprint=Fingerprint(fp),
+            taken_at=datetime.now(UTC),
+        )
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def _naive(value: Any) -> datetime:
+    if isinstance(value, datetime) and value.tzinfo is not None:
+        return value.astimezone(UTC).replace(tzinfo=None)
+    return value  # type: ignore[no-any-return]
+
+
+def _cascade(domain_status: str, customer_status: str | None) -> str:
+    """A suspended or closed customer suspends or disables all its domains."""
+    if customer_status == "closed" or domain_status == "disabled":
+        return "disabled"
+    if customer_status == "suspended" or domain_status == "suspended":
+        return "suspended"
+    return domain_status
