@@ -133,17 +133,17 @@ class _Section:
                 raise ConfigError(f"{self.where(key)}: missing (required)")
             return default
         value = self.data[key]
-        if not isinstance(value, typ) or isinstance(value, bool) and typ is not bool:
+        if not isinstance(value, typ) or (isinstance(value, bool) and typ is not bool):
             raise ConfigError(f"{self.where(key)}: must be {what}, not {value!r}")
         return value
 
-    def str(self, key: str, default: Any = None) -> Any:
+    def text(self, key: str, default: Any = None) -> Any:
         value = self._get(key, str, default, "a string")
         if isinstance(value, str) and not value:
             raise ConfigError(f"{self.where(key)}: must not be empty")
         return value
 
-    def int(self, key: str, default: Any, minimum: int = 0) -> Any:
+    def integer(self, key: str, default: Any, minimum: int = 0) -> Any:
         value = self._get(key, int, default, "an integer")
         if value is not None and value < minimum:
             raise ConfigError(f"{self.where(key)}: must be at least {minimum}, not {value}")
@@ -185,7 +185,7 @@ _Missing = object()
 
 
 def _path(section: _Section, key: str, default: Any = _REQUIRED) -> Path:
-    value = section.str(key, default)
+    value = section.text(key, default)
     p = Path(value)
     if not p.is_absolute():
         # Relative paths are relative to the config file, so a demo directory can move.
@@ -196,7 +196,7 @@ def _path(section: _Section, key: str, default: Any = _REQUIRED) -> Path:
 def _guards(section: _Section, base: Guards) -> Guards:
     section.allow("min_entries", "max_shrink", "max_growth")
     return Guards(
-        min_entries=section.int("min_entries", base.min_entries),
+        min_entries=section.integer("min_entries", base.min_entries),
         max_shrink=section.percent("max_shrink", base.max_shrink),
         max_growth=section.percent("max_growth", base.max_growth),
     )
@@ -216,13 +216,15 @@ def _publisher(path: Path, data: Any) -> PublisherConfig:
         "guards",
         "channels",
     )
-    schema = s.str("schema", "mapsync")
+    schema = s.text("schema", "mapsync")
     if schema != "mapsync":
         raise ConfigError(f"{s.where('schema')}: unknown schema {schema!r} (known: 'mapsync')")
     guards_data = s.table("guards")
     per_map = {k: v for k, v in guards_data.items() if isinstance(v, dict)}
     base = _guards(
-        _Section(path, "publisher.guards", {k: v for k, v in guards_data.items() if k not in per_map}),
+        _Section(
+            path, "publisher.guards", {k: v for k, v in guards_data.items() if k not in per_map}
+        ),
         Guards(),
     )
     map_guards = {}
@@ -235,7 +237,9 @@ def _publisher(path: Path, data: Any) -> PublisherConfig:
     for name, sub in s.table("channels").items():
         where = f"publisher.channels.{name}"
         if not CHANNEL_NAME.match(name):
-            raise ConfigError(f"{path}: [{where}]: channel names are lowercase letters, digits, - and _")
+            raise ConfigError(
+                f"{path}: [{where}]: channel names are lowercase letters, digits, - and _"
+            )
         cs = _Section(path, where, sub)
         cs.allow("maps", "mailstore", "push")
         maps = cs.strlist("maps", _REQUIRED)
@@ -251,17 +255,17 @@ def _publisher(path: Path, data: Any) -> PublisherConfig:
         channels[name] = PublisherChannel(
             name=name,
             maps=maps,
-            mailstore=cs.str("mailstore"),
+            mailstore=cs.text("mailstore"),
             push=cs.strlist("push"),
         )
     if not channels:
         raise ConfigError(f"{path}: [publisher.channels]: define at least one channel")
     return PublisherConfig(
-        database=s.str("database", _REQUIRED),
+        database=s.text("database", _REQUIRED),
         schema=schema,
         repository=_path(s, "repository"),
         signing_key=_path(s, "signing_key"),
-        keep=s.int("keep", 20, minimum=2),
+        keep=s.integer("keep", 20, minimum=2),
         expires=s.duration("expires", 7 * 86400),
         guards=base,
         map_guards=map_guards,
@@ -279,14 +283,16 @@ def _agent(path: Path, data: Any) -> AgentConfig:
     for name, sub in s.table("channels").items():
         where = f"agent.channels.{name}"
         if not CHANNEL_NAME.match(name):
-            raise ConfigError(f"{path}: [{where}]: channel names are lowercase letters, digits, - and _")
+            raise ConfigError(
+                f"{path}: [{where}]: channel names are lowercase letters, digits, - and _"
+            )
         cs = _Section(path, where, sub)
         cs.allow("source", "target", "reload", "inbox", "warn_after", "critical_after", "timeout")
         warn = cs.duration("warn_after", 15 * 60)
         crit = cs.duration("critical_after", 2 * 3600)
         if crit < warn:
             raise ConfigError(f"{cs.where('critical_after')}: must not be shorter than warn_after")
-        source = cs.str("source", _REQUIRED)
+        source = cs.text("source", _REQUIRED)
         if not source.startswith(("rsync://", "ssh://", "file://", "/")):
             source = str(_path(cs, "source"))
         channels[name] = AgentChannel(
@@ -303,9 +309,7 @@ def _agent(path: Path, data: Any) -> AgentConfig:
         raise ConfigError(f"{path}: [agent.channels]: define at least one channel")
     return AgentConfig(
         state=_path(s, "state"),
-        trusted_keys=tuple(
-            (Path(k) if Path(k).is_absolute() else path.parent / k) for k in keys
-        ),
+        trusted_keys=tuple((Path(k) if Path(k).is_absolute() else path.parent / k) for k in keys),
         channels=channels,
     )
 

@@ -129,7 +129,9 @@ def parse_latest(data: bytes, where: str) -> Latest:
     serial = _req(obj, "serial", int, where)
     if serial < 1:
         raise VerificationError(f"{where}: serial must be positive")
-    return Latest(serial, _hexdigest(_req(obj, "manifest_sha256", str, where), f"{where}: manifest_sha256"))
+    return Latest(
+        serial, _hexdigest(_req(obj, "manifest_sha256", str, where), f"{where}: manifest_sha256")
+    )
 
 
 def parse_manifest(data: bytes, where: str) -> Manifest:
@@ -144,7 +146,9 @@ def parse_manifest(data: bytes, where: str) -> Manifest:
         raise VerificationError(f"{where}: not a JSON object")
     fmt = _req(obj, "format", int, where)
     if fmt != FORMAT:
-        raise VerificationError(f"{where}: format {fmt} is not supported (this mapsync reads {FORMAT})")
+        raise VerificationError(
+            f"{where}: format {fmt} is not supported (this mapsync reads {FORMAT})"
+        )
     maps: dict[str, MapEntry] = {}
     for name, m in _req(obj, "maps", dict, where).items():
         mw = f"{where}: map {name!r}"
@@ -159,7 +163,9 @@ def parse_manifest(data: bytes, where: str) -> Manifest:
             cfile = _req(c, "file", str, mw)
             if cfile != f"{file}.cdb":
                 raise VerificationError(f"{mw}: cdb file name {cfile!r} is not {file}.cdb")
-            cdb = CdbInfo(cfile, _hexdigest(_req(c, "sha256", str, mw), mw), _req(c, "size", int, mw))
+            cdb = CdbInfo(
+                cfile, _hexdigest(_req(c, "sha256", str, mw), mw), _req(c, "size", int, mw)
+            )
         maps[name] = MapEntry(
             file=file,
             entries=_req(m, "entries", int, mw),

@@ -22,7 +22,11 @@ from mapsync.errors import ConfigError, MapsyncError, VerificationError
 
 def public_path(private: Path) -> Path:
     """Where the public half of ``private`` lives."""
-    return private.with_suffix(".pub") if private.suffix == ".key" else private.with_name(private.name + ".pub")
+    return (
+        private.with_suffix(".pub")
+        if private.suffix == ".key"
+        else private.with_name(private.name + ".pub")
+    )
 
 
 def keygen(private: Path) -> Path:
@@ -48,7 +52,9 @@ def load_private(path: Path) -> Ed25519PrivateKey:
     try:
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)
     except FileNotFoundError:
-        raise ConfigError(f"{path}: signing key not found (create one with `mapsync keygen {path}`)") from None
+        raise ConfigError(
+            f"{path}: signing key not found (create one with `mapsync keygen {path}`)"
+        ) from None
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"{path}: not a PEM private key: {exc}") from None
     if not isinstance(key, Ed25519PrivateKey):

@@ -109,7 +109,10 @@ def _check(snap: Snapshot) -> Iterator[Problem]:
     domains = {d.id: d for d in snap.domains}
 
     for m in snap.mailstores:
-        for field, host, port in (("lmtp", m.lmtp_host, m.lmtp_port), ("imap", m.imap_host, m.imap_port)):
+        for field, host, port in (
+            ("lmtp", m.lmtp_host, m.lmtp_port),
+            ("imap", m.imap_host, m.imap_port),
+        ):
             problem = host_problem(host)
             if problem:
                 yield Problem("mailstore", m.id, m.name, f"{field}_host: {problem}")
@@ -131,14 +134,18 @@ def _check(snap: Snapshot) -> Iterator[Problem]:
             if store is None:
                 yield Problem("domain", d.id, d.name, "hosted domain has no default mailstore")
             elif not store.active:
-                yield Problem("domain", d.id, d.name, f"default mailstore {store.name!r} is not active")
+                yield Problem(
+                    "domain", d.id, d.name, f"default mailstore {store.name!r} is not active"
+                )
         elif d.kind == "alias":
             target = domains.get(d.target_domain_id) if d.target_domain_id else None
             if target is None:
                 yield Problem("domain", d.id, d.name, "alias domain has no target domain")
             elif target.kind != "hosted":
                 yield Problem(
-                    "domain", d.id, d.name,
+                    "domain",
+                    d.id,
+                    d.name,
                     f"alias domain points at {target.name!r}, which is {target.kind}, not hosted (alias domains never chain)",
                 )
             elif target.status == "disabled":
@@ -158,24 +165,31 @@ def _check(snap: Snapshot) -> Iterator[Problem]:
         if folded in seen:
             other_table, other_row = seen[folded]
             yield Problem(
-                table, row, address,
+                table,
+                row,
+                address,
                 f"address also defined by {other_table} id={other_row} (addresses are unique case-insensitively)",
             )
         else:
             seen[folded] = (table, row)
 
     for a in snap.accounts:
-        d = domains.get(a.domain_id)
-        if d is None or d.status == "disabled" or a.status == "disabled":
+        dom = domains.get(a.domain_id)
+        if dom is None or dom.status == "disabled" or a.status == "disabled":
             continue
-        address = f"{a.local_part}@{d.name}"
+        address = f"{a.local_part}@{dom.name}"
         problem = local_part_problem(a.local_part)
         if problem:
             yield Problem("account", a.id, address, problem)
-        if d.kind != "hosted":
-            yield Problem("account", a.id, address, f"account in a {d.kind} domain (only hosted domains have mailboxes)")
+        if dom.kind != "hosted":
+            yield Problem(
+                "account",
+                a.id,
+                address,
+                f"account in a {dom.kind} domain (only hosted domains have mailboxes)",
+            )
             continue
-        store_id = a.mailstore_id or d.default_mailstore_id
+        store_id = a.mailstore_id or dom.default_mailstore_id
         store = stores.get(store_id) if store_id else None
         if store is None:
             yield Problem("account", a.id, address, "resolves to no mailstore")
@@ -184,21 +198,26 @@ def _check(snap: Snapshot) -> Iterator[Problem]:
         yield from claim(address, "account", a.id)
 
     for al in snap.aliases:
-        d = domains.get(al.domain_id)
-        if d is None or d.status == "disabled":
+        dom = domains.get(al.domain_id)
+        if dom is None or dom.status == "disabled":
             continue
-        address = f"{al.local_part}@{d.name}" if al.local_part else f"@{d.name}"
+        address = f"{al.local_part}@{dom.name}" if al.local_part else f"@{dom.name}"
         if al.local_part:
             problem = local_part_problem(al.local_part)
             if problem:
                 yield Problem("alias", al.id, address, problem)
-        if d.kind != "hosted":
-            yield Problem("alias", al.id, address, f"alias in a {d.kind} domain (define it in the target domain)")
+        if dom.kind != "hosted":
+            yield Problem(
+                "alias",
+                al.id,
+                address,
+                f"alias in a {dom.kind} domain (define it in the target domain)",
+            )
             continue
         if not al.targets:
             yield Problem("alias", al.id, address, "alias has no targets")
-        for target in al.targets:
-            problem = address_problem(target)
+        for target_address in al.targets:
+            problem = address_problem(target_address)
             if problem:
                 yield Problem("alias", al.id, address, problem)
         yield from claim(address, "alias", al.id)

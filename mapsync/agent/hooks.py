@@ -23,7 +23,9 @@ def run_reload(ch: AgentChannel) -> bool:
         _log.error("reload hook not found", channel=ch.name, command=list(ch.reload))
         return False
     except subprocess.TimeoutExpired:
-        _log.error("reload hook timed out", channel=ch.name, command=list(ch.reload), timeout=HOOK_TIMEOUT)
+        _log.error(
+            "reload hook timed out", channel=ch.name, command=list(ch.reload), timeout=HOOK_TIMEOUT
+        )
         return False
     if proc.returncode != 0:
         _log.error(

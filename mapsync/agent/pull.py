@@ -9,12 +9,15 @@ Only then is the set swapped in, in one rename.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from mapsync import log
 from mapsync.agent.hooks import run_reload
@@ -56,13 +59,15 @@ class ChannelPaths:
         self.state = self.root / "state.json"
         self.lock = self.root / "lock"
         self.incoming = self.root / "incoming"
-        self.basis = self.root / "basis"  # verified text of the installed release: rsync's delta basis
+        self.basis = (
+            self.root / "basis"
+        )  # verified text of the installed release: rsync's delta basis
 
 
-def trusted_keys(cfg: AgentConfig) -> dict[str, object]:
+def trusted_keys(cfg: AgentConfig) -> dict[str, Ed25519PublicKey]:
     from mapsync.signing import key_id
 
-    keys = {}
+    keys: dict[str, Ed25519PublicKey] = {}
     for path in cfg.trusted_keys:
         key = load_public(path)
         keys[key_id(key)] = key
@@ -110,7 +115,9 @@ def pull(cfg: AgentConfig, ch: AgentChannel) -> PullResult:
         return result
 
 
-def _pull(cfg: AgentConfig, ch: AgentChannel, paths: ChannelPaths, state: ChannelState) -> PullResult:
+def _pull(
+    cfg: AgentConfig, ch: AgentChannel, paths: ChannelPaths, state: ChannelState
+) -> PullResult:
     remote = Remote(ch.source, ch.timeout)
     live = LiveSet(ch.target)
     current = installed(live, str(ch.target))
@@ -144,10 +151,14 @@ def _pull(cfg: AgentConfig, ch: AgentChannel, paths: ChannelPaths, state: Channe
     staging = paths.incoming / "release"
     staging.mkdir(mode=0o700)
     received += remote.fetch_tree(f"releases/{latest.serial}", staging, basis=paths.basis)
-    manifest = verify_release(staging, latest, ch, trusted_keys(cfg), current, f"{ch.source}/releases/{latest.serial}")
+    manifest = verify_release(
+        staging, latest, ch, trusted_keys(cfg), current, f"{ch.source}/releases/{latest.serial}"
+    )
 
-    same = current is not None and set(current.maps) == set(manifest.maps) and all(
-        current.maps[n].sha256 == m.sha256 for n, m in manifest.maps.items()
+    same = (
+        current is not None
+        and set(current.maps) == set(manifest.maps)
+        and all(current.maps[n].sha256 == m.sha256 for n, m in manifest.maps.items())
     )
     built = live.new_set_dir(manifest.serial)
     try:
@@ -168,7 +179,9 @@ def _pull(cfg: AgentConfig, ch: AgentChannel, paths: ChannelPaths, state: Channe
         live.swap(built, manifest.serial)
     except OSError as exc:
         shutil.rmtree(built, ignore_errors=True)
-        raise InstallError(f"channel {ch.name}: installing serial {manifest.serial} failed: {exc}; the old set keeps serving") from None
+        raise InstallError(
+            f"channel {ch.name}: installing serial {manifest.serial} failed: {exc}; the old set keeps serving"
+        ) from None
     except BaseException:
         shutil.rmtree(built, ignore_errors=True)
         raise
@@ -187,14 +200,16 @@ def _pull(cfg: AgentConfig, ch: AgentChannel, paths: ChannelPaths, state: Channe
         previous=current.serial if current else None,
         bytes_received=received,
     )
-    return PullResult(ch.name, action, manifest.serial, current.serial if current else None, received)
+    return PullResult(
+        ch.name, action, manifest.serial, current.serial if current else None, received
+    )
 
 
 def verify_release(
     staging: Path,
     latest: Latest,
     ch: AgentChannel,
-    keys: dict[str, object],
+    keys: dict[str, Ed25519PublicKey],
     current: Manifest | None,
     where: str,
 ) -> Manifest:
@@ -206,23 +221,31 @@ def verify_release(
         raise VerificationError(f"{where}: {Path(exc.filename).name} is missing") from None
     if manifest_sha256(data) != latest.manifest_sha256:
         raise VerificationError(f"{where}/{MANIFEST}: sha256 differs from the one LATEST names")
-    kid = verify(keys, data, sig, f"{where}/{SIGNATURE}")  # type: ignore[arg-type]
+    kid = verify(keys, data, sig, f"{where}/{SIGNATURE}")
     manifest = parse_manifest(data, f"{where}/{MANIFEST}")
     if manifest.channel != ch.name:
-        raise VerificationError(f"{where}/{MANIFEST}: is for channel {manifest.channel!r}, not {ch.name!r}")
+        raise VerificationError(
+            f"{where}/{MANIFEST}: is for channel {manifest.channel!r}, not {ch.name!r}"
+        )
     if manifest.serial != latest.serial:
-        raise VerificationError(f"{where}/{MANIFEST}: serial {manifest.serial}, but LATEST says {latest.serial}")
+        raise VerificationError(
+            f"{where}/{MANIFEST}: serial {manifest.serial}, but LATEST says {latest.serial}"
+        )
     if current is not None and manifest.serial <= current.serial:
         raise VerificationError(
             f"{where}/{MANIFEST}: serial {manifest.serial} is not newer than the installed {current.serial}"
         )
     if manifest.expires_at() <= datetime.now(UTC):
-        raise VerificationError(f"{where}/{MANIFEST}: expired at {manifest.expires}; not installing")
+        raise VerificationError(
+            f"{where}/{MANIFEST}: expired at {manifest.expires}; not installing"
+        )
     expected = manifest.files() | {MANIFEST, SIGNATURE}
     present = set(os.listdir(staging))
     extra = sorted(present - expected)
     if extra:
-        raise VerificationError(f"{where}: unexpected file(s) not named by the manifest: {', '.join(extra)}")
+        raise VerificationError(
+            f"{where}: unexpected file(s) not named by the manifest: {', '.join(extra)}"
+        )
     for name, m in sorted(manifest.maps.items()):
         path = staging / m.file
         if not path.is_file() or path.is_symlink():
@@ -268,10 +291,8 @@ def _fresh_mtime(path: Path, old: Path | None, now: float) -> None:
     """
     stamp = int(now)
     if old is not None:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             stamp = max(stamp, int(old.stat().st_mtime) + 1)
-        except FileNotFoundError:
-            pass
     os.utime(path, (stamp, stamp))
 
 

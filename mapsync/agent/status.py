@@ -48,7 +48,9 @@ def _age(stamp: str | None, now: datetime) -> int | None:
     return int((now - parse_iso(stamp)).total_seconds()) if stamp else None
 
 
-def channel_status(cfg: AgentConfig, ch: AgentChannel, now: datetime | None = None) -> ChannelStatus:
+def channel_status(
+    cfg: AgentConfig, ch: AgentChannel, now: datetime | None = None
+) -> ChannelStatus:
     now = now or datetime.now(UTC)
     try:
         state = ChannelState.load(cfg.state / ch.name / "state.json")
@@ -68,14 +70,29 @@ def channel_status(cfg: AgentConfig, ch: AgentChannel, now: datetime | None = No
         st.expires = manifest.expires
         st.entries = {n: m.entries for n, m in manifest.maps.items()}
         if manifest.expires_at() <= now:
-            problems.append((EXIT_ERROR, f"expired {human(-int((manifest.expires_at() - now).total_seconds()))} ago"))
+            problems.append(
+                (
+                    EXIT_ERROR,
+                    f"expired {human(-int((manifest.expires_at() - now).total_seconds()))} ago",
+                )
+            )
     age = st.last_success_age
     if age is None:
         problems.append((EXIT_ERROR, "never checked successfully"))
     elif age > ch.critical_after:
-        problems.append((EXIT_ERROR, f"last good check {human(age)} ago (critical after {human(ch.critical_after)})"))
+        problems.append(
+            (
+                EXIT_ERROR,
+                f"last good check {human(age)} ago (critical after {human(ch.critical_after)})",
+            )
+        )
     elif age > ch.warn_after:
-        problems.append((EXIT_WARNING, f"last good check {human(age)} ago (warning after {human(ch.warn_after)})"))
+        problems.append(
+            (
+                EXIT_WARNING,
+                f"last good check {human(age)} ago (warning after {human(ch.warn_after)})",
+            )
+        )
     if state.last_error:
         problems.append((EXIT_WARNING, f"last run failed: {state.last_error.splitlines()[0]}"))
     if state.reload_pending:

@@ -19,7 +19,7 @@ def verify_installed(cfg: AgentConfig, ch: AgentChannel) -> int:
     if cur is None or pair is None:
         raise VerificationError(f"channel {ch.name}: nothing installed in {ch.target}")
     data, sig = pair
-    verify(trusted_keys(cfg), data, sig, f"{cur}/{SIGNATURE}")  # type: ignore[arg-type]
+    verify(trusted_keys(cfg), data, sig, f"{cur}/{SIGNATURE}")
     manifest = parse_manifest(data, f"{cur}/{MANIFEST}")
     for name, m in sorted(manifest.maps.items()):
         checks = [(m.file, m.sha256, m.size)]
@@ -30,7 +30,9 @@ def verify_installed(cfg: AgentConfig, ch: AgentChannel) -> int:
             try:
                 digest, size = text.sha256_file(path)
             except FileNotFoundError:
-                raise VerificationError(f"{path}: missing (map {name}, serial {manifest.serial})") from None
+                raise VerificationError(
+                    f"{path}: missing (map {name}, serial {manifest.serial})"
+                ) from None
             if digest != want or size != want_size:
                 raise VerificationError(
                     f"{path}: sha256/size do not match the installed manifest (map {name}, serial {manifest.serial})"

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from mapsync import config
-from mapsync.errors import EXIT_ERROR, EXIT_OK, EXIT_WARNING, MapsyncError
+from mapsync.errors import EXIT_OK, EXIT_WARNING, ConfigError, MapsyncError
 
 
 def _config(args: argparse.Namespace) -> config.Config:
@@ -71,7 +71,9 @@ def print_plan(result: Any) -> None:
         print(f"  {'map':<16}{'before':>10}{'after':>10}{'added':>9}{'removed':>9}{'changed':>9}")
         for m in plan.maps:
             mark = "  forced" if m.name in plan.forced else ""
-            print(f"  {m.name:<16}{m.before:>10}{m.after:>10}{m.added:>9}{m.removed:>9}{m.changed:>9}{mark}")
+            print(
+                f"  {m.name:<16}{m.before:>10}{m.after:>10}{m.added:>9}{m.removed:>9}{m.changed:>9}{mark}"
+            )
     if result.skipped:
         print(f"skipped {len(result.skipped)} invalid row(s):")
         for p in result.skipped:
@@ -87,23 +89,30 @@ def cmd_publish(args: argparse.Namespace) -> int:
         args.channel, dry_run=args.dry_run, force=args.force, skip_invalid=args.skip_invalid
     )
     if args.json:
-        print(json.dumps({
-            "dry_run": result.dry_run,
-            "pending": result.pending,
-            "channels": [asdict(p) for p in result.plans],
-            "skipped": [str(p) for p in result.skipped],
-        }, indent=2))
+        print(
+            json.dumps(
+                {
+                    "dry_run": result.dry_run,
+                    "pending": result.pending,
+                    "channels": [asdict(p) for p in result.plans],
+                    "skipped": [str(p) for p in result.skipped],
+                },
+                indent=2,
+            )
+        )
     else:
         print_plan(result)
     return EXIT_WARNING if args.dry_run and result.pending else EXIT_OK
 
 
-def _agent_channels(agent: config.AgentConfig, names: list[str] | None) -> list[config.AgentChannel]:
+def _agent_channels(
+    agent: config.AgentConfig, names: list[str] | None
+) -> list[config.AgentChannel]:
     if not names:
         return list(agent.channels.values())
     unknown = [n for n in names if n not in agent.channels]
     if unknown:
-        raise config.ConfigError(
+        raise ConfigError(
             f"unknown channel(s) {', '.join(unknown)} (configured: {', '.join(agent.channels)})"
         )
     return [agent.channels[n] for n in names]
@@ -139,11 +148,16 @@ def cmd_status(args: argparse.Namespace) -> int:
     statuses = [channel_status(agent, ch) for ch in agent.channels.values()]
     code = overall(statuses)
     if args.json:
-        print(json.dumps({
-            "status": LEVELS[code],
-            "exit": code,
-            "channels": [{**asdict(s), "status": s.level} for s in statuses],
-        }, indent=2))
+        print(
+            json.dumps(
+                {
+                    "status": LEVELS[code],
+                    "exit": code,
+                    "channels": [{**asdict(s), "status": s.level} for s in statuses],
+                },
+                indent=2,
+            )
+        )
         return code
     summary = ", ".join(f"{s.channel} {s.level}" for s in statuses)
     print(f"MAPSYNC {LEVELS[code]} - {summary} | {perfdata(statuses)}")
@@ -174,6 +188,3 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from mapsync.cli.demo import run_demo
 
     return run_demo(Path(args.dir) if args.dir else None)
-
-
-__all__ = ["EXIT_ERROR"]

@@ -61,8 +61,12 @@ def run_demo(directory: Path | None) -> int:
     pub = cfg.need_publisher()
     agent = cfg.need_agent()
     if fresh:
-        made = seed(pub.database, SeedCounts(accounts=200, domains=10, aliases=60, mailstores=2), seed=1)
-        print("== central database (SQLite): seeded " + ", ".join(f"{n} {t}" for t, n in made.items()))
+        made = seed(
+            pub.database, SeedCounts(accounts=200, domains=10, aliases=60, mailstores=2), seed=1
+        )
+        print(
+            "== central database (SQLite): seeded " + ", ".join(f"{n} {t}" for t, n in made.items())
+        )
 
     print("== publisher: mapsync publish")
     result = Publisher(pub, lambda: open_source(pub.database, pub.schema)).run()
@@ -86,5 +90,7 @@ def run_demo(directory: Path | None) -> int:
         if shutil.which("postmap"):
             out = subprocess.run(cmd, capture_output=True, text=True, check=False)
             print("   " + (out.stdout.strip() or f"(not found, exit {out.returncode})"))
-    print(f"   (rerun with: mapsync demo --dir {d}; config for other commands: --config {cfg_path})")
+    print(
+        f"   (rerun with: mapsync demo --dir {d}; config for other commands: --config {cfg_path})"
+    )
     return EXIT_OK

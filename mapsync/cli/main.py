@@ -14,8 +14,10 @@ from types import FrameType
 from mapsync import __version__, log
 from mapsync.errors import EXIT_CODES, MapsyncError
 
-_EPILOG = "exit codes:\n" + "\n".join(f"  {code}  {text}" for code, text in EXIT_CODES) + (
-    "\n\nconfig: --config FILE, else $MAPSYNC_CONFIG, else /etc/mapsync/mapsync.toml"
+_EPILOG = (
+    "exit codes:\n"
+    + "\n".join(f"  {code}  {text}" for code, text in EXIT_CODES)
+    + ("\n\nconfig: --config FILE, else $MAPSYNC_CONFIG, else /etc/mapsync/mapsync.toml")
 )
 
 
@@ -30,7 +32,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="FILE", help="configuration file (TOML)")
     verbosity = p.add_mutually_exclusive_group()
     verbosity.add_argument("-v", "--verbose", action="store_true", help="log debug details")
-    verbosity.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
+    verbosity.add_argument(
+        "-q", "--quiet", action="store_true", help="log warnings and errors only"
+    )
     p.add_argument(
         "--log-format",
         choices=("console", "json"),
@@ -40,48 +44,85 @@ def _parser() -> argparse.ArgumentParser:
 
     def add(name: str, help: str, description: str | None = None) -> argparse.ArgumentParser:
         return sub.add_parser(
-            name, help=help, description=description or help, epilog=_EPILOG,
+            name,
+            help=help,
+            description=description or help,
+            epilog=_EPILOG,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
 
     add("init-db", "create mapsync's own schema in [publisher].database")
 
-    s = add("seed", "fill the database with realistic synthetic data (demo, tests, benchmarks)",
-            "Fill an empty database with deterministic synthetic domains, accounts and aliases.")
+    s = add(
+        "seed",
+        "fill the database with realistic synthetic data (demo, tests, benchmarks)",
+        "Fill an empty database with deterministic synthetic domains, accounts and aliases.",
+    )
     s.add_argument("--accounts", type=int, default=200, metavar="N", help="accounts (default 200)")
-    s.add_argument("--domains", type=int, default=10, metavar="N", help="hosted domains (default 10)")
+    s.add_argument(
+        "--domains", type=int, default=10, metavar="N", help="hosted domains (default 10)"
+    )
     s.add_argument("--aliases", type=int, default=50, metavar="N", help="aliases (default 50)")
-    s.add_argument("--mailstores", type=int, default=2, metavar="N", help="mailstores store-1..N (default 2)")
-    s.add_argument("--seed", type=int, default=1, metavar="S", help="random seed; same seed, same data")
-    s.add_argument("--password", metavar="PW", help="give every account this password (SHA512-CRYPT)")
+    s.add_argument(
+        "--mailstores", type=int, default=2, metavar="N", help="mailstores store-1..N (default 2)"
+    )
+    s.add_argument(
+        "--seed", type=int, default=1, metavar="S", help="random seed; same seed, same data"
+    )
+    s.add_argument(
+        "--password", metavar="PW", help="give every account this password (SHA512-CRYPT)"
+    )
 
-    s = add("publish", "render, plan, guard, write and sign new releases; prints the plan",
-            "Read one snapshot of the database, render every channel's maps, compare with the last "
-            "release, check the guards and publish a new signed release where anything changed.")
-    s.add_argument("--dry-run", action="store_true", help="print the plan only; exit 1 if changes are pending")
-    s.add_argument("--force", action="store_true", help="publish even if a guard refuses (recorded in the manifest)")
-    s.add_argument("--skip-invalid", action="store_true", help="publish without invalid rows (recorded in the manifest)")
+    s = add(
+        "publish",
+        "render, plan, guard, write and sign new releases; prints the plan",
+        "Read one snapshot of the database, render every channel's maps, compare with the last "
+        "release, check the guards and publish a new signed release where anything changed.",
+    )
+    s.add_argument(
+        "--dry-run", action="store_true", help="print the plan only; exit 1 if changes are pending"
+    )
+    s.add_argument(
+        "--force",
+        action="store_true",
+        help="publish even if a guard refuses (recorded in the manifest)",
+    )
+    s.add_argument(
+        "--skip-invalid",
+        action="store_true",
+        help="publish without invalid rows (recorded in the manifest)",
+    )
     s.add_argument("--channel", action="append", metavar="C", help="only this channel (repeatable)")
     s.add_argument("--json", action="store_true", help="print the plan as JSON")
 
     s = add("pull", "agent, once: fetch, verify, install (what a systemd timer runs)")
     s.add_argument("--channel", action="append", metavar="C", help="only this channel (repeatable)")
 
-    s = add("status", "freshness of every channel on this node (Nagios exit codes)",
-            "Installed serial, its age and the last good check of every channel. "
-            "Exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN.")
+    s = add(
+        "status",
+        "freshness of every channel on this node (Nagios exit codes)",
+        "Installed serial, its age and the last good check of every channel. "
+        "Exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN.",
+    )
     s.add_argument("--json", action="store_true", help="machine-readable output")
 
     add("verify", "re-check what is installed against its signed manifest")
 
-    s = add("keygen", "create an ed25519 signing key pair: PATH (0600) and its public half beside it")
+    s = add(
+        "keygen", "create an ed25519 signing key pair: PATH (0600) and its public half beside it"
+    )
     s.add_argument("path", metavar="PATH", help="private key file (signing.key → signing.pub)")
 
-    s = add("demo", "the whole system on one machine: SQLite, sample data, publisher, agents",
-            "Build a publisher and an MX node in DIR: SQLite database with sample data, a signed "
-            "release, an agent that pulls it with rsync and installs it; print each node's status "
-            "and a postmap command to try a lookup. Run again to re-publish and re-pull.")
-    s.add_argument("--dir", metavar="DIR", help="where to build it (default: a new directory under /tmp)")
+    s = add(
+        "demo",
+        "the whole system on one machine: SQLite, sample data, publisher, agents",
+        "Build a publisher and an MX node in DIR: SQLite database with sample data, a signed "
+        "release, an agent that pulls it with rsync and installs it; print each node's status "
+        "and a postmap command to try a lookup. Run again to re-publish and re-pull.",
+    )
+    s.add_argument(
+        "--dir", metavar="DIR", help="where to build it (default: a new directory under /tmp)"
+    )
     return p
 
 
@@ -109,4 +150,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return 128 + signal.SIGINT
-

@@ -6,6 +6,8 @@ from mapsync.maps.base import Map
 from mapsync.maps.directory import Directory
 from mapsync.maps.postfix import DomainsMap, RecipientsMap, TransportMap, VirtualMap
 
-CATALOGUE: dict[str, Map] = {m.name: m for m in (DomainsMap(), RecipientsMap(), VirtualMap(), TransportMap())}
+CATALOGUE: dict[str, Map] = {
+    m.name: m for m in (DomainsMap(), RecipientsMap(), VirtualMap(), TransportMap())
+}
 
 __all__ = ["CATALOGUE", "Directory", "Map"]

@@ -17,9 +17,7 @@ class Directory:
     def __init__(self, snap: Snapshot) -> None:
         self.snapshot = snap
         self.stores: dict[int, Mailstore] = {m.id: m for m in snap.mailstores}
-        self.domains: dict[int, Domain] = {
-            d.id: d for d in snap.domains if d.status != "disabled"
-        }
+        self.domains: dict[int, Domain] = {d.id: d for d in snap.domains if d.status != "disabled"}
         self.accounts: dict[int, list[Account]] = defaultdict(list)
         for a in snap.accounts:
             d = self.domains.get(a.domain_id)

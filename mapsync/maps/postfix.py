@@ -66,7 +66,9 @@ class RecipientsMap(Map):
 
 class VirtualMap(Map):
     name = "virtual"
-    description = "alias and alias-domain address → comma-separated targets; catch-alls with identity lines"
+    description = (
+        "alias and alias-domain address → comma-separated targets; catch-alls with identity lines"
+    )
 
     def entries(self, directory: Directory, channel: PublisherChannel) -> Iterator[tuple[str, str]]:
         for d in directory.of_kind("hosted"):
@@ -96,7 +98,9 @@ class VirtualMap(Map):
 
 class TransportMap(Map):
     name = "transport"
-    description = "domain or user@domain → lmtp:[mailstore]:24, relay:[nexthop], retry: while moving"
+    description = (
+        "domain or user@domain → lmtp:[mailstore]:24, relay:[nexthop], retry: while moving"
+    )
 
     def entries(self, directory: Directory, channel: PublisherChannel) -> Iterator[tuple[str, str]]:
         for d in directory.of_kind("hosted"):

@@ -52,7 +52,9 @@ class Violation:
         return f"channel {self.channel}, map {self.map}: {self.message}"
 
 
-def merge_diff(old: Iterator[tuple[str, str]], new: Iterator[tuple[str, str]]) -> Iterator[tuple[str, str, str | None, str | None]]:
+def merge_diff(
+    old: Iterator[tuple[str, str]], new: Iterator[tuple[str, str]]
+) -> Iterator[tuple[str, str, str | None, str | None]]:
     """Walk two key-sorted streams; yield (kind, key, old value, new value) for differences.
 
     ``kind`` is ``added``, ``removed`` or ``changed``. Linear time, constant memory.
@@ -89,20 +91,26 @@ def diff_files(name: str, old: Path | None, new: Path, before: int, after: int) 
 def check(plan: MapPlan, guards: Guards, channel: str) -> Violation | None:
     """The guard ``plan`` violates, if any. Shrink and growth apply from 10 entries up."""
     if plan.after < guards.min_entries:
-        return Violation(channel, plan.name, f"{plan.after} entries, fewer than min_entries = {guards.min_entries}")
+        return Violation(
+            channel,
+            plan.name,
+            f"{plan.after} entries, fewer than min_entries = {guards.min_entries}",
+        )
     if plan.before >= 10:
         if plan.after < plan.before:
             shrink = (plan.before - plan.after) / plan.before
             if shrink > guards.max_shrink:
                 return Violation(
-                    channel, plan.name,
+                    channel,
+                    plan.name,
                     f"shrinks by {shrink:.1%} ({plan.before} → {plan.after} entries), more than max_shrink = {guards.max_shrink:.0%}",
                 )
         else:
             growth = (plan.after - plan.before) / plan.before
             if growth > guards.max_growth:
                 return Violation(
-                    channel, plan.name,
+                    channel,
+                    plan.name,
                     f"grows by {growth:.1%} ({plan.before} → {plan.after} entries), more than max_growth = {guards.max_growth:.0%}",
                 )
     return None

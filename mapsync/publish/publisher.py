@@ -16,13 +16,15 @@ from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from mapsync import GENERATOR, log
 from mapsync.atomic import atomic_write, fsync_dir
 from mapsync.config import PublisherChannel, PublisherConfig
 from mapsync.errors import InvalidData, UnsafePlan
 from mapsync.formats import cdb, text
 from mapsync.maps import CATALOGUE, Directory
-from mapsync.publish.plan import ChannelPlan, Violation, check, diff_files
+from mapsync.publish.plan import ChannelPlan, MapPlan, Violation, check, diff_files
 from mapsync.publish.repository import Repository
 from mapsync.release import (
     MANIFEST,
@@ -157,7 +159,9 @@ class Publisher:
         # Dropping a row can orphan others (an alias domain whose target went): repeat.
         while problems:
             for p in problems:
-                _log.warning("skipping invalid row", table=p.table, row=p.row, key=p.key, reason=p.reason)
+                _log.warning(
+                    "skipping invalid row", table=p.table, row=p.row, key=p.key, reason=p.reason
+                )
             skipped += problems
             snap = drop_invalid(snap, problems)
             problems = validate(snap)
@@ -183,12 +187,16 @@ class Publisher:
         entries: dict[str, MapEntry] = {}
         plan = ChannelPlan(ch.name, last.serial if last else None, serial, "none")
         for name in ch.maps:
-            entries[name], map_plan = self._render(name, ch, directory, staging, serial, last, last_dir)
+            entries[name], map_plan = self._render(
+                name, ch, directory, staging, serial, last, last_dir
+            )
             plan.maps.append(map_plan)
 
         now = utcnow()
-        same_set = last is not None and set(last.maps) == set(entries) and all(
-            entries[n].same_content(last.maps[n]) for n in entries
+        same_set = (
+            last is not None
+            and set(last.maps) == set(entries)
+            and all(entries[n].same_content(last.maps[n]) for n in entries)
         )
         if same_set:
             assert last is not None
@@ -225,7 +233,7 @@ class Publisher:
         serial: int,
         last: Manifest | None,
         last_dir: Path | None,
-    ) -> tuple[MapEntry, object]:
+    ) -> tuple[MapEntry, MapPlan]:
         spec = CATALOGUE[name]
         rows = sorted(spec.entries(directory, ch))
         path = staging / name
@@ -251,13 +259,15 @@ class Publisher:
         if staged.plan.action != "publish":
             return []
         violations = []
-        for map_plan in staged.plan.maps:  # type: ignore[attr-defined]
+        for map_plan in staged.plan.maps:
             guards = self.cfg.map_guards.get(map_plan.name, self.cfg.guards)
             v = check(map_plan, guards, staged.plan.channel)
             if v is None:
                 continue
             if force:
-                _log.warning("guard overridden by --force", channel=v.channel, map=v.map, detail=v.message)
+                _log.warning(
+                    "guard overridden by --force", channel=v.channel, map=v.map, detail=v.message
+                )
                 staged.plan.forced.append(map_plan.name)
             else:
                 violations.append(v)
@@ -268,13 +278,13 @@ class Publisher:
             staged.manifest = replace(staged.manifest, maps=maps)
         return violations
 
-    def _commit(self, staged: _Staged, key: object) -> None:
+    def _commit(self, staged: _Staged, key: Ed25519PrivateKey) -> None:
         manifest = staged.manifest
         if manifest is None:
             return
         data = manifest.to_bytes()
         (staged.staging / MANIFEST).write_bytes(data)
-        (staged.staging / SIGNATURE).write_bytes(sign(key, data))  # type: ignore[arg-type]
+        (staged.staging / SIGNATURE).write_bytes(sign(key, data))
         for f in os.listdir(staged.staging):
             fd = os.open(staged.staging / f, os.O_RDONLY)
             try:

@@ -55,7 +55,8 @@ class BuiltinSource(Source):
         self.engine = make_engine(url)
 
     def _fail(self, what: str, exc: SQLAlchemyError) -> SourceError:
-        detail = str(exc.orig) if getattr(exc, "orig", None) is not None else str(exc)
+        orig = getattr(exc, "orig", None)
+        detail = str(orig) if orig is not None else str(exc)
         detail = detail.strip().splitlines()[0] if detail.strip() else type(exc).__name__
         return SourceError(f"database {self.safe_url}: {what} failed: {detail}")
 

@@ -18,22 +18,83 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Engine, func, insert, select, text
+from sqlalchemy import func, insert, select, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from mapsync.errors import MapsyncError, SourceError
 from mapsync.sources import schema as t
 from mapsync.sources.builtin import make_engine, safe_url
 
-_FIRST = (
-    "anna bernd clara david emma felix greta hugo ida jonas karl lena marie nils olga paul "
-    "quinn rosa sven tara ulf vera wim xenia yusuf zoe ali bea chen dana eli fatima".split()
-)
-_LAST = (
-    "meyer schmidt novak rossi garcia smith nguyen kowalski jensen dubois silva tanaka "
-    "okafor larsen moreau fischer weber wagner becker hoffmann".split()
-)
-_ROLES = "info sales support billing jobs press team office events hello abuse noc".split()
+_FIRST = [
+    "anna",
+    "bernd",
+    "clara",
+    "david",
+    "emma",
+    "felix",
+    "greta",
+    "hugo",
+    "ida",
+    "jonas",
+    "karl",
+    "lena",
+    "marie",
+    "nils",
+    "olga",
+    "paul",
+    "quinn",
+    "rosa",
+    "sven",
+    "tara",
+    "ulf",
+    "vera",
+    "wim",
+    "xenia",
+    "yusuf",
+    "zoe",
+    "ali",
+    "bea",
+    "chen",
+    "dana",
+    "eli",
+    "fatima",
+]
+_LAST = [
+    "meyer",
+    "schmidt",
+    "novak",
+    "rossi",
+    "garcia",
+    "smith",
+    "nguyen",
+    "kowalski",
+    "jensen",
+    "dubois",
+    "silva",
+    "tanaka",
+    "okafor",
+    "larsen",
+    "moreau",
+    "fischer",
+    "weber",
+    "wagner",
+    "becker",
+    "hoffmann",
+]
+_ROLES = [
+    "info",
+    "sales",
+    "support",
+    "billing",
+    "jobs",
+    "press",
+    "team",
+    "office",
+    "events",
+    "hello",
+    "abuse",
+    "noc",
+]
 BATCH = 20_000
 
 
@@ -138,12 +199,15 @@ def _fill(
     n_customers = max(1, counts.domains // 5)
     conn.execute(
         insert(t.customer),
-        [{"id": i, "ext_id": f"C{i:06d}", "name": f"Customer {i}"} for i in range(1, n_customers + 1)],
+        [
+            {"id": i, "ext_id": f"C{i:06d}", "name": f"Customer {i}"}
+            for i in range(1, n_customers + 1)
+        ],
     )
     domains: list[dict[str, Any]] = []
     hosted: list[dict[str, Any]] = []
     for i in range(1, counts.domains + 1):
-        d = {
+        d: dict[str, Any] = {
             "id": i,
             "name": f"example-{i}.org",
             "name_unicode": None,
@@ -158,21 +222,41 @@ def _fill(
     next_id = counts.domains + 1
     idn = "bücher-1.example"
     domains.append(
-        {**domains[0], "id": next_id, "name": idn.encode("idna").decode(), "name_unicode": idn,
-         "kind": "alias", "target_domain_id": 1, "default_mailstore_id": None}
+        {
+            **domains[0],
+            "id": next_id,
+            "name": idn.encode("idna").decode(),
+            "name_unicode": idn,
+            "kind": "alias",
+            "target_domain_id": 1,
+            "default_mailstore_id": None,
+        }
     )
     next_id += 1
     for k in range(10, counts.domains + 1, 10):
         domains.append(
-            {**domains[k - 1], "id": next_id, "name": f"example-{k}.net", "kind": "alias",
-             "target_domain_id": k, "default_mailstore_id": None}
+            {
+                **domains[k - 1],
+                "id": next_id,
+                "name": f"example-{k}.net",
+                "kind": "alias",
+                "target_domain_id": k,
+                "default_mailstore_id": None,
+            }
         )
         next_id += 1
     for k in range(1, max(1, counts.domains // 20) + 1):
         domains.append(
-            {"id": next_id, "name": f"relay-{k}.example.com", "name_unicode": None, "kind": "relay",
-             "customer_id": 1, "default_mailstore_id": None, "target_domain_id": None,
-             "relay_nexthop": f"[mx.relay-{k}.example.com]:25"}
+            {
+                "id": next_id,
+                "name": f"relay-{k}.example.com",
+                "name_unicode": None,
+                "kind": "relay",
+                "customer_id": 1,
+                "default_mailstore_id": None,
+                "target_domain_id": None,
+                "relay_nexthop": f"[mx.relay-{k}.example.com]:25",
+            }
         )
         next_id += 1
     conn.execute(insert(t.domain), domains)
@@ -198,8 +282,13 @@ def _fill(
             aid += 1
             roll = rng.random()
             status = (
-                "active" if roll < 0.97 else "login_disabled" if roll < 0.98
-                else "disabled" if roll < 0.995 else "moving"
+                "active"
+                if roll < 0.97
+                else "login_disabled"
+                if roll < 0.98
+                else "disabled"
+                if roll < 0.995
+                else "moving"
             )
             store = None
             if counts.mailstores > 1 and rng.random() < 0.05:
@@ -231,23 +320,36 @@ def _fill(
         taken[d["id"]].add(local)
         alias_id += 1
         alias_rows.append({"id": alias_id, "domain_id": d["id"], "local_part": local})
-        for target in sorted({
-            addresses[rng.randrange(len(addresses))] if rng.random() < 0.9
-            else f"{rng.choice(_FIRST)}@mail-{rng.randrange(1, 50)}.example.net"
-            for _ in range(rng.randint(1, 3))
-        }):
+        for target in sorted(
+            {
+                addresses[rng.randrange(len(addresses))]
+                if rng.random() < 0.9
+                else f"{rng.choice(_FIRST)}@mail-{rng.randrange(1, 50)}.example.net"
+                for _ in range(rng.randint(1, 3))
+            }
+        ):
             target_rows.append({"alias_id": alias_id, "target": target})
     made["alias"] = _insert(conn, t.alias, iter(alias_rows), len(alias_rows), progress)
-    made["alias_target"] = _insert(conn, t.alias_target, iter(target_rows), len(target_rows), progress)
+    made["alias_target"] = _insert(
+        conn, t.alias_target, iter(target_rows), len(target_rows), progress
+    )
     return made
 
 
 def _account(
-    aid: int, d: dict[str, Any], local: str, status: str, store: int | None,
-    shared_hash: str | None, rng: random.Random,
+    aid: int,
+    d: dict[str, Any],
+    local: str,
+    status: str,
+    store: int | None,
+    shared_hash: str | None,
+    rng: random.Random,
 ) -> dict[str, Any]:
     # Without --password every account gets a well-formed hash nobody knows the password of.
-    pw = shared_hash or "{SHA512-CRYPT}$6$" + f"{rng.getrandbits(64):016x}$" + f"{rng.getrandbits(256):064x}"
+    pw = (
+        shared_hash
+        or "{SHA512-CRYPT}$6$" + f"{rng.getrandbits(64):016x}$" + f"{rng.getrandbits(256):064x}"
+    )
     return {
         "id": aid,
         "domain_id": d["id"],

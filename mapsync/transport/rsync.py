@@ -63,7 +63,9 @@ def run(argv: list[str], timeout: int) -> str:
         raise TransportError(f"rsync timed out after {timeout}s: rsync {' '.join(argv)}") from None
     except sh.ErrorReturnCode as exc:
         err = exc.stderr.decode("utf-8", "replace").strip()
-        raise TransportError(f"rsync failed (exit {exc.exit_code}): {err or 'no message'}") from None
+        raise TransportError(
+            f"rsync failed (exit {exc.exit_code}): {err or 'no message'}"
+        ) from None
     except sh.CommandNotFound:
         raise TransportError("rsync is not installed (apt-get install rsync)") from None
     return str(out)

@@ -1,0 +1,169 @@
+"""Shared fixtures: a real SQLite database, a real key pair, a real repository and node.
+
+``cluster`` gives one publisher and one MX agent in a temporary directory, configured
+exactly as an operator would (a TOML file), with helpers to run the CLI in a subprocess
+(``cluster.cli(...)``) the way cron or systemd would.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from mapsync import config
+from mapsync.signing import keygen
+from mapsync.sources.seed import SeedCounts, seed
+
+PG_URL = os.environ.get("MAPSYNC_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/{db}")
+MARIADB_URL = os.environ.get("MAPSYNC_TEST_MARIADB", "mysql+pymysql://root@127.0.0.1:3306/{db}")
+
+
+@dataclass
+class Cluster:
+    """A publisher and an MX node, sharing one config file (as the demo does)."""
+
+    root: Path
+    db_url: str
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "mapsync.toml"
+
+    @property
+    def repo(self) -> Path:
+        return self.root / "repo"
+
+    @property
+    def target(self) -> Path:
+        return self.root / "node" / "postfix"
+
+    @property
+    def state(self) -> Path:
+        return self.root / "node" / "state"
+
+    def write_config(
+        self, source: str | None = None, extra_agent: str = "", extra_publisher: str = ""
+    ) -> None:
+        src = source or str(self.repo / "mx")
+        self.config_path.write_text(
+            textwrap.dedent(
+                f"""\
+                [publisher]
+                database = "{self.db_url}"
+                repository = "{self.repo}"
+                signing_key = "{self.root / "keys" / "signing.key"}"
+                {extra_publisher}
+                [publisher.channels.mx]
+                maps = ["domains", "recipients", "virtual", "transport"]
+
+                [agent]
+                state = "{self.state}"
+                trusted_keys = ["{self.root / "keys" / "signing.pub"}"]
+
+                [agent.channels.mx]
+                source = "{src}"
+                target = "{self.target}"
+                timeout = "30s"
+                {extra_agent}
+                """
+            )
+        )
+
+    def config(self) -> config.Config:
+        return config.load(self.config_path)
+
+    def cli(self, *args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            [sys.executable, "-m", "mapsync", "--config", str(self.config_path), *args],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(
+                f"mapsync {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
+            )
+        return proc
+
+    def publish(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return self.cli("publish", *args, check=True)
+
+    def pull(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return self.cli("pull", *args, check=True)
+
+
+def make_cluster(
+    root: Path, db_url: str, accounts: int = 120, domains: int = 8, aliases: int = 40
+) -> Cluster:
+    root.mkdir(parents=True, exist_ok=True)
+    keygen(root / "keys" / "signing.key")
+    c = Cluster(root, db_url)
+    c.write_config()
+    seed(
+        db_url,
+        SeedCounts(accounts=accounts, domains=domains, aliases=aliases, mailstores=2),
+        seed=7,
+    )
+    return c
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'central.db'}"
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, sqlite_url: str) -> Cluster:
+    """A seeded SQLite publisher and an MX agent; nothing published yet."""
+    return make_cluster(tmp_path / "c", sqlite_url)
+
+
+def _server_database(kind: str) -> Iterator[str]:
+    """A fresh, empty database on the running server; dropped afterwards."""
+    from sqlalchemy import create_engine, text
+
+    name = f"mapsync_t_{uuid.uuid4().hex[:10]}"
+    if kind == "postgresql":
+        admin_url, url = PG_URL.format(db="postgres"), PG_URL.format(db=name)
+        admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    else:
+        admin_url, url = MARIADB_URL.format(db=""), MARIADB_URL.format(db=name)
+        admin = create_engine(admin_url)
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f"CREATE DATABASE {name}"))
+            conn.commit()
+    except Exception as exc:
+        admin.dispose()
+        pytest.fail(f"{kind} server at {admin_url} is not usable: {exc}")
+    try:
+        yield url
+    finally:
+        from sqlalchemy import create_engine as _ce
+
+        _ce(url).dispose()
+        with admin.connect() as conn:
+            if kind == "postgresql":
+                conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            else:
+                conn.execute(text(f"DROP DATABASE IF EXISTS {name}"))
+            conn.commit()
+        admin.dispose()
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    yield from _server_database("postgresql")
+
+
+@pytest.fixture
+def mariadb_url() -> Iterator[str]:
+    yield from _server_database("mariadb")
