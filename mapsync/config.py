@@ -189,7 +189,7 @@ def _path(section: _Section, key: str, default: Any = _REQUIRED) -> Path:
     p = Path(value)
     if not p.is_absolute():
         # Relative paths are relative to the config file, so a demo directory can move.
-        p = section.path.parent / p
+        p = section.path.resolve().parent / p
     return p
 
 
@@ -309,7 +309,9 @@ def _agent(path: Path, data: Any) -> AgentConfig:
         raise ConfigError(f"{path}: [agent.channels]: define at least one channel")
     return AgentConfig(
         state=_path(s, "state"),
-        trusted_keys=tuple((Path(k) if Path(k).is_absolute() else path.parent / k) for k in keys),
+        trusted_keys=tuple(
+            (Path(k) if Path(k).is_absolute() else path.resolve().parent / k) for k in keys
+        ),
         channels=channels,
     )
 

@@ -198,7 +198,7 @@ def _pull(
         channel=ch.name,
         serial=manifest.serial,
         previous=current.serial if current else None,
-        bytes_received=received,
+        bytes_on_wire=received,
     )
     return PullResult(
         ch.name, action, manifest.serial, current.serial if current else None, received

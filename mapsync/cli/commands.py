@@ -137,7 +137,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
             print(f"{ch.name}: serial {r.serial} renews {r.previous} (same maps, no swap)")
         else:
             was = f" (was {r.previous})" if r.previous else ""
-            print(f"{ch.name}: installed serial {r.serial}{was}, {r.bytes:,} bytes received")
+            print(f"{ch.name}: installed serial {r.serial}{was}, {r.bytes:,} bytes on the wire")
     return worst
 
 

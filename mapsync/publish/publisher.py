@@ -248,8 +248,9 @@ class Publisher:
         old = last.maps.get(name) if last else None
         old_path = last_dir / old.file if last_dir and old else None
         if old is not None and entry.same_content(old) and old_path is not None:
-            # Same content: ship the previous file byte for byte, so agents see equal hashes.
-            shutil.copyfile(old_path, path)
+            # Same content: ship the previous file byte for byte (and mtime, so rsync's quick
+            # check skips it against the agent's basis), so agents see equal hashes.
+            shutil.copy2(old_path, path)
             entry = replace(old, forced=False)
         map_plan = diff_files(name, old_path, path, old.entries if old else 0, entry.entries)
         _log.debug("rendered map", channel=ch.name, map=name, entries=entry.entries)

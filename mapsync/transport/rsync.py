@@ -71,7 +71,7 @@ def run(argv: list[str], timeout: int) -> str:
     return str(out)
 
 
-_RECEIVED = re.compile(r"Total bytes received: ([\d,.]+)")
+_BYTES = re.compile(r"Total bytes (?:sent|received): ([\d,.]+)")
 
 
 class Remote:
@@ -100,9 +100,9 @@ class Remote:
         return argv + list(extra)
 
     def fetch_file(self, name: str, dest: Path) -> int:
-        """Copy the remote file ``name`` (e.g. ``LATEST``) to ``dest``; return bytes received."""
+        """Copy the remote file ``name`` (e.g. ``LATEST``) to ``dest``; return bytes on the wire."""
         out = run(self._argv(f"{self.endpoint.base}/{name}", str(dest)), self.timeout)
-        return _received(out)
+        return wire_bytes(out)
 
     def fetch_tree(self, name: str, dest: Path, basis: Path | None = None) -> int:
         """Mirror the remote directory ``name`` into ``dest``, delta-encoded against ``basis``."""
@@ -110,9 +110,13 @@ class Remote:
         if basis is not None and basis.is_dir():
             extra.append(f"--link-dest={basis.resolve()}")
         out = run(self._argv(*extra, f"{self.endpoint.base}/{name}/", f"{dest}/"), self.timeout)
-        return _received(out)
+        return wire_bytes(out)
 
 
-def _received(stats: str) -> int:
-    m = _RECEIVED.search(stats)
-    return int(re.sub(r"[,.]", "", m.group(1))) if m else 0
+def wire_bytes(stats: str) -> int:
+    """Bytes rsync moved in both directions, from its ``--stats`` output.
+
+    Both count: the receiver sends block checksums of its basis, the sender literal data.
+    (For a local path the client is the sender, so "received" alone would show almost nothing.)
+    """
+    return sum(int(re.sub(r"[,.]", "", m)) for m in _BYTES.findall(stats))

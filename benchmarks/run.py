@@ -1,0 +1,142 @@
+"""Benchmarks: mapsync against the reference tools, as ratios measured in the same run.
+
+    python benchmarks/run.py --accounts 1000000      # the reference dataset (takes minutes)
+    python benchmarks/run.py --accounts 100000       # quicker
+
+Builds (and caches under --dir) a seeded SQLite database, then measures each step as a
+subprocess — the way cron runs it, process start included — and prints a table:
+full publish vs `postmap cdb:` building the same maps from the same text; nothing-changed
+publish and pull; a one-account change: rsync bytes on the wire and agent apply time; agent
+peak RSS. Not part of the test suite (too heavy for CI).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CONFIG = """\
+[publisher]
+database = "sqlite:///{d}/central.db"
+repository = "{d}/repo"
+signing_key = "{d}/keys/signing.key"
+[publisher.guards]
+max_growth = "1000%"
+[publisher.channels.mx]
+maps = ["domains", "recipients", "virtual", "transport"]
+[agent]
+state = "{d}/state"
+trusted_keys = ["{d}/keys/signing.pub"]
+[agent.channels.mx]
+source = "{d}/repo/mx"
+target = "{d}/postfix"
+"""
+
+
+def timed(argv: list[str]) -> tuple[float, int, str]:
+    """Wall seconds, peak RSS (KiB) of the child, stdout."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    t0 = time.perf_counter()
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+    elapsed = time.perf_counter() - t0
+    if proc.returncode not in (0, 1):
+        sys.exit(f"{' '.join(argv)} failed ({proc.returncode}):\n{proc.stderr}")
+    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return elapsed, max(rss, before), proc.stdout
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--accounts", type=int, default=100_000)
+    ap.add_argument("--dir", type=Path, default=Path("/tmp/mapsync-bench"))
+    args = ap.parse_args()
+    n = args.accounts
+    d = args.dir / str(n)
+    ms = [sys.executable, "-m", "mapsync", "-q", "--config", str(d / "mapsync.toml")]
+    rows: list[tuple[str, str, str]] = []
+    if not (d / "central.db").exists():
+        shutil.rmtree(d, ignore_errors=True)
+        d.mkdir(parents=True)
+        (d / "mapsync.toml").write_text(CONFIG.format(d=d))
+        subprocess.run(
+            [*ms, "keygen", str(d / "keys/signing.key")], check=True, capture_output=True
+        )
+        secs, _, _ = timed(
+            [
+                *ms,
+                "seed",
+                "--accounts",
+                str(n),
+                "--domains",
+                str(max(10, n // 100)),
+                "--aliases",
+                str(n // 2),
+                "--mailstores",
+                "20",
+            ]
+        )
+        rows.append(("seed", f"{secs:.1f} s", f"{n / secs:,.0f} accounts/s"))
+    for p in ("repo", "state", "postfix"):
+        shutil.rmtree(d / p, ignore_errors=True)
+
+    secs, rss, _ = timed([*ms, "publish"])
+    release = d / "repo/mx/releases/1"
+    manifest = json.loads((release / "MANIFEST.json").read_text())
+    ref = 0.0
+    scratch = d / "postmap"
+    scratch.mkdir(exist_ok=True)
+    for name in manifest["maps"]:
+        shutil.copyfile(release / name, scratch / name)
+        t, _, _ = timed(["postmap", f"cdb:{scratch / name}"])
+        ref += t
+    entries = sum(m["entries"] for m in manifest["maps"].values())
+    rows.append(
+        (
+            "full publish, 4 MX maps",
+            f"{secs:.2f} s, {rss / 1024:.0f} MB",
+            f"{secs / ref:.2f}x postmap cdb: ({ref:.2f} s for {entries:,} entries)",
+        )
+    )
+    secs, _, _ = timed([*ms, "publish"])
+    rows.append(("publish, nothing changed", f"{secs:.2f} s", "target ≤ 0.5 s"))
+    secs, rss, _ = timed([*ms, "pull"])
+    rows.append(
+        ("first pull (rsync, verify, build cdb, swap)", f"{secs:.2f} s, {rss / 1024:.0f} MB", "")
+    )
+    secs, _, _ = timed([*ms, "pull"])
+    rows.append(("pull, nothing changed", f"{secs:.2f} s", "target ≤ 0.2 s"))
+
+    script = (
+        "from sqlalchemy import create_engine, insert\n"
+        "from mapsync.sources import schema as t\n"
+        f"e = create_engine('sqlite:///{d}/central.db')\n"
+        "with e.begin() as c:\n"
+        "    c.execute(insert(t.account).values(domain_id=1, local_part='bench.%d' % __import__('time').time_ns(), status='active'))\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True)
+    secs, _, _ = timed([*ms, "publish"])
+    rows.append(("publish, one account added", f"{secs:.2f} s", "target: only affected maps"))
+    secs, rss, _ = timed([*ms, "pull"])
+    state = json.loads((d / "state/mx/state.json").read_text())
+    rows.append(
+        (
+            "pull, one account added",
+            f"{secs:.2f} s, {rss / 1024:.0f} MB RSS",
+            f"{state['last_bytes']:,} bytes received (target ≤ 4 KB per changed map, ≤ 2 s, ≤ 64 MB)",
+        )
+    )
+
+    width = max(len(r[0]) for r in rows)
+    print(f"mapsync benchmarks, {n:,} accounts")
+    for what, value, note in rows:
+        print(f"  {what:<{width}}  {value:<22}  {note}")
+
+
+if __name__ == "__main__":
+    main()
