@@ -22,7 +22,7 @@ SIGNATURE = "MANIFEST.json.sig"
 LATEST = "LATEST"
 MAX_MANIFEST_BYTES = 1 << 20
 # A map file name inside a release: no '/', no '..', no leading dot.
-FILE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+FILE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}\Z")
 
 
 def utcnow() -> datetime:

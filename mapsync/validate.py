@@ -15,10 +15,10 @@ from typing import NamedTuple
 
 from mapsync.snapshot import Snapshot
 
-_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)\Z")
 # RFC 5322 atext plus dots; no quoting, no whitespace, no comma, no colon, no '@'.
-_LOCAL = re.compile(r"^[a-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[a-z0-9!#$%&'*+/=?^_`{|}~-]+)*$")
-_NEXTHOP = re.compile(r"^(?:\[([^\[\]\s]+)\]|([^\[\]\s:]+))(?::(\d{1,5}))?$")
+_LOCAL = re.compile(r"^[a-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[a-z0-9!#$%&'*+/=?^_`{|}~-]+)*\Z")
+_NEXTHOP = re.compile(r"^(?:\[([^\[\]\s]+)\]|([^\[\]\s:]+))(?::(\d{1,5}))?\Z")
 
 
 class Problem(NamedTuple):
@@ -54,6 +54,8 @@ def local_part_problem(local: str) -> str | None:
         return f"local part longer than 64 characters ({len(local)})"
     if local != local.lower():
         return "local part not lowercase"
+    if local.startswith("#"):
+        return "local part starts with '#' (a text map would read the line as a comment)"
     if not _LOCAL.match(local):
         return "local part has characters that are not allowed (whitespace, ',', ':', '@', quotes, control characters)"
     return None
@@ -90,6 +92,8 @@ def nexthop_problem(nexthop: str) -> str | None:
 
 
 def _unicode_problem(name: str, unicode: str) -> str | None:
+    if unicode != unicode.lower():
+        return f"name_unicode {unicode!r} is not lowercase (its map keys would never be found)"
     try:
         encoded = unicode.encode("idna").decode("ascii").lower()
     except UnicodeError as exc:

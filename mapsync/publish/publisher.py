@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -68,15 +69,20 @@ class PublishResult:
         return any(p.pending for p in self.plans)
 
 
+_BAD_KEY = re.compile(r"[\s,\0]|^#|^$")
+_BAD_VALUE = re.compile(r"[\r\n\0]")
+
+
 def _lines(entries: list[tuple[str, str]], map_name: str) -> Iterator[str]:
     previous = None
+    bad_key, bad_value = _BAD_KEY.search, _BAD_VALUE.search
     for key, value in entries:
         if key == previous:
             raise InvalidData([f"map {map_name}: duplicate key {key!r}"])
         # Belt and braces behind validate.check: no line may parse as another key.
-        if not key or any(c in key for c in " \t\r\n\0,") or key.startswith("#"):
+        if bad_key(key):
             raise InvalidData([f"map {map_name}: key {key!r} would not parse back as one key"])
-        if any(c in value for c in "\r\n\0"):
+        if bad_value(value):
             raise InvalidData([f"map {map_name}: value of {key!r} contains a line break or NUL"])
         previous = key
         yield f"{key} {value}\n"
@@ -285,7 +291,10 @@ class Publisher:
             # check skips it against the agent's basis), so agents see equal hashes.
             shutil.copy2(old_path, path)
             entry = replace(old, forced=False)
-        map_plan = diff_files(name, old_path, path, old.entries if old else 0, entry.entries)
+        if old is not None and entry.same_content(old):
+            map_plan = MapPlan(name, old.entries, entry.entries, 0, 0, 0)
+        else:
+            map_plan = diff_files(name, old_path, path, old.entries if old else 0, entry.entries)
         _log.debug("rendered map", channel=ch.name, map=name, entries=entry.entries)
         return entry, map_plan
 

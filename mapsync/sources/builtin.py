@@ -37,11 +37,21 @@ def _read_only(conn: Connection) -> Connection:
     if dialect == "postgresql":
         return conn.execution_options(isolation_level="REPEATABLE READ", postgresql_readonly=True)
     if dialect in ("mysql", "mariadb"):
-        conn = conn.execution_options(isolation_level="REPEATABLE READ")
-        conn.exec_driver_sql("SET TRANSACTION READ ONLY")
-        return conn
+        # READ ONLY comes with the START TRANSACTION in _begin (a SET TRANSACTION here would
+        # autobegin the SQLAlchemy transaction, and conn.begin() then refuses).
+        return conn.execution_options(isolation_level="REPEATABLE READ")
     # SQLite: a deferred transaction sees one consistent database state from its first read.
     return conn
+
+
+def _begin(conn: Connection) -> None:
+    """First statement inside ``conn.begin()``: PyMySQL and pysqlite begin no transaction
+    before a read (pysqlite not before a write), so each SELECT would see a newer state."""
+    dialect = conn.dialect.name
+    if dialect in ("mysql", "mariadb"):
+        conn.exec_driver_sql("START TRANSACTION READ ONLY")
+    elif dialect == "sqlite":
+        conn.exec_driver_sql("BEGIN")
 
 
 class BuiltinSource(Source):
@@ -72,6 +82,7 @@ class BuiltinSource(Source):
             with self.engine.connect() as raw:
                 conn = _read_only(raw)
                 with conn.begin():
+                    _begin(conn)
                     return self._read(conn)
         except SQLAlchemyError as exc:
             raise self._fail("reading the snapshot", exc) from None
