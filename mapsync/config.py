@@ -67,6 +67,7 @@ class AgentChannel:
     warn_after: int = 15 * 60
     critical_after: int = 2 * 3600
     timeout: int = 300
+    ssh: tuple[str, ...] = ("ssh", "-o", "BatchMode=yes")
 
 
 @dataclass(frozen=True)
@@ -287,7 +288,9 @@ def _agent(path: Path, data: Any) -> AgentConfig:
                 f"{path}: [{where}]: channel names are lowercase letters, digits, - and _"
             )
         cs = _Section(path, where, sub)
-        cs.allow("source", "target", "reload", "inbox", "warn_after", "critical_after", "timeout")
+        cs.allow(
+            "source", "target", "reload", "inbox", "warn_after", "critical_after", "timeout", "ssh"
+        )
         warn = cs.duration("warn_after", 15 * 60)
         crit = cs.duration("critical_after", 2 * 3600)
         if crit < warn:
@@ -304,6 +307,7 @@ def _agent(path: Path, data: Any) -> AgentConfig:
             warn_after=warn,
             critical_after=crit,
             timeout=cs.duration("timeout", 300),
+            ssh=cs.strlist("ssh", AgentChannel.ssh),
         )
     if not channels:
         raise ConfigError(f"{path}: [agent.channels]: define at least one channel")

@@ -118,7 +118,7 @@ def pull(cfg: AgentConfig, ch: AgentChannel) -> PullResult:
 def _pull(
     cfg: AgentConfig, ch: AgentChannel, paths: ChannelPaths, state: ChannelState
 ) -> PullResult:
-    remote = Remote(ch.source, ch.timeout)
+    remote = Remote(ch.source, ch.timeout, ch.ssh)
     live = LiveSet(ch.target)
     current = installed(live, str(ch.target))
     shutil.rmtree(paths.incoming, ignore_errors=True)

@@ -32,7 +32,10 @@ class Endpoint:
     daemon: bool = False
 
 
-def parse_source(source: str) -> Endpoint:
+DEFAULT_SSH = ("ssh", "-o", "BatchMode=yes")
+
+
+def parse_source(source: str, ssh: tuple[str, ...] = DEFAULT_SSH) -> Endpoint:
     """Turn a channel ``source`` (path, ``file://``, ``rsync://``, ``ssh://``) into an Endpoint."""
     if source.startswith("/"):
         return Endpoint(source.rstrip("/"))
@@ -46,7 +49,7 @@ def parse_source(source: str) -> Endpoint:
     if parts.scheme == "ssh":
         if not parts.hostname or not parts.path:
             raise ConfigError(f"source {source!r}: ssh:// URL needs a host and a path")
-        shell = ["ssh", "-o", "BatchMode=yes"]
+        shell = list(ssh)
         if parts.port:
             shell += ["-p", str(parts.port)]
         user = f"{parts.username}@" if parts.username else ""
@@ -77,9 +80,9 @@ _BYTES = re.compile(r"Total bytes (?:sent|received): ([\d,.]+)")
 class Remote:
     """One channel's source, fetched with rsync."""
 
-    def __init__(self, source: str, timeout: int = 300) -> None:
+    def __init__(self, source: str, timeout: int = 300, ssh: tuple[str, ...] = DEFAULT_SSH) -> None:
         self.source = source
-        self.endpoint = parse_source(source)
+        self.endpoint = parse_source(source, ssh)
         self.timeout = timeout
 
     def _argv(self, *extra: str) -> list[str]:

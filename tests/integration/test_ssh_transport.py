@@ -1,0 +1,123 @@
+"""Pulling over ssh:// for real: a throwaway sshd on a loopback port, key authentication."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Cluster
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def sshd(tmp_path: Path) -> Iterator[tuple[int, Path]]:
+    """An sshd on 127.0.0.1 accepting one client key for root; yields (port, client key)."""
+    sshd_bin = shutil.which("sshd") or "/usr/sbin/sshd"
+    d = tmp_path / "sshd"
+    d.mkdir()
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / "host")], check=True
+    )
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / "client")], check=True
+    )
+    shutil.copy(d / "client.pub", d / "authorized_keys")
+    port = _free_port()
+    (d / "sshd_config").write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {d / 'host'}\n"
+        f"AuthorizedKeysFile {d / 'authorized_keys'}\nPidFile {d / 'pid'}\n"
+        "PermitRootLogin prohibit-password\nPasswordAuthentication no\nUsePAM no\nStrictModes no\n"
+    )
+    Path("/run/sshd").mkdir(exist_ok=True)  # privilege separation directory
+    proc = subprocess.Popen(
+        [sshd_bin, "-D", "-e", "-f", str(d / "sshd_config")], stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    else:
+        proc.kill()
+        proc.wait()
+        log.close()
+        pytest.fail(f"sshd did not start: {(d / 'log').read_text()}")
+    try:
+        yield port, d / "client"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        log.close()
+
+
+def test_an_agent_pulls_over_ssh_and_postfix_reads_the_result(
+    cluster: Cluster, sshd: tuple[int, Path]
+) -> None:
+    port, key = sshd
+    ssh = [
+        "ssh",
+        "-i",
+        str(key),
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "StrictHostKeyChecking=no",
+        "-o",
+        "UserKnownHostsFile=/dev/null",
+        "-o",
+        "LogLevel=ERROR",
+    ]
+    cluster.write_config(
+        source=f"ssh://root@127.0.0.1:{port}{cluster.repo}/mx",
+        extra_agent="ssh = [" + ", ".join(f'"{a}"' for a in ssh) + "]",
+    )
+    cluster.publish()
+    out = cluster.pull().stdout
+    assert "installed serial 1" in out
+    lookup = subprocess.run(
+        ["postmap", "-q", "postmaster@example-2.org", f"cdb:{cluster.target / 'recipients'}"],
+        capture_output=True,
+        text=True,
+    )
+    assert lookup.stdout.strip() == "OK"
+
+
+def test_an_ssh_key_the_server_refuses_fails_cleanly_and_installs_nothing(
+    cluster: Cluster, sshd: tuple[int, Path], tmp_path: Path
+) -> None:
+    port, _ = sshd
+    stranger = tmp_path / "stranger"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(stranger)], check=True)
+    ssh = [
+        "ssh",
+        "-i",
+        str(stranger),
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "StrictHostKeyChecking=no",
+        "-o",
+        "UserKnownHostsFile=/dev/null",
+    ]
+    cluster.write_config(
+        source=f"ssh://root@127.0.0.1:{port}{cluster.repo}/mx",
+        extra_agent="ssh = [" + ", ".join(f'"{a}"' for a in ssh) + "]",
+    )
+    cluster.publish()
+    proc = cluster.cli("pull")
+    assert proc.returncode == 2
+    assert "rsync failed" in proc.stderr and "Permission denied" in proc.stderr
+    assert not cluster.target.exists() or not any(cluster.target.iterdir())
