@@ -40,9 +40,8 @@ def sshd(tmp_path: Path) -> Iterator[tuple[int, Path]]:
         "PermitRootLogin prohibit-password\nPasswordAuthentication no\nUsePAM no\nStrictModes no\n"
     )
     Path("/run/sshd").mkdir(exist_ok=True)  # privilege separation directory
-    proc = subprocess.Popen(
-        [sshd_bin, "-D", "-e", "-f", str(d / "sshd_config")], stderr=subprocess.PIPE
-    )
+    log = open(d / "log", "wb")  # noqa: SIM115 - closed in finally
+    proc = subprocess.Popen([sshd_bin, "-D", "-e", "-f", str(d / "sshd_config")], stderr=log)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         try:
