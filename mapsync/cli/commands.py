@@ -176,6 +176,56 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_history(args: argparse.Namespace) -> int:
+    from mapsync.publish.history import history
+    from mapsync.publish.repository import Repository
+
+    pub = _config(args).need_publisher()
+    repo = Repository(pub.repository)
+    names = args.channel or list(pub.channels)
+    result = {name: history(repo, name) for name in names}
+    if args.json:
+        print(json.dumps({n: [asdict(h) for h in hs] for n, hs in result.items()}, indent=2))
+        return EXIT_OK
+    for name, entries in result.items():
+        print(f"channel {name}:")
+        if not entries:
+            print("  no releases")
+        for h in entries:
+            counts = " ".join(f"{m}={n}" for m, n in h.entries.items())
+            what = "changed: " + ",".join(h.changed) if h.changed else "renewal (same maps)"
+            flags = (" forced: " + ",".join(h.forced)) if h.forced else ""
+            mark = " <- LATEST" if h.latest else ""
+            print(f"  {h.serial:>6}  {h.created}  {counts}  {what}{flags}{mark}")
+    return EXIT_OK
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    from mapsync.publish.history import diff
+    from mapsync.publish.repository import Repository
+
+    pub = _config(args).need_publisher()
+    if args.channel:
+        if args.channel not in pub.channels:
+            raise ConfigError(
+                f"unknown channel {args.channel} (configured: {', '.join(pub.channels)})"
+            )
+        name = args.channel
+    elif len(pub.channels) == 1:
+        name = next(iter(pub.channels))
+    else:
+        raise ConfigError(
+            f"several channels are configured ({', '.join(pub.channels)}): name one with --channel"
+        )
+    for d in diff(Repository(pub.repository), name, args.a, args.b):
+        print(f"{d.name}: +{len(d.added)} -{len(d.removed)} ~{len(d.changed)}")
+        if args.keys:
+            for sign, keys in (("+", d.added), ("-", d.removed), ("~", d.changed)):
+                for key in keys:
+                    print(f"  {sign} {key}")
+    return EXIT_OK
+
+
 def cmd_keygen(args: argparse.Namespace) -> int:
     from mapsync.signing import keygen
 

@@ -108,6 +108,22 @@ def _parser() -> argparse.ArgumentParser:
 
     add("verify", "re-check what is installed against its signed manifest")
 
+    s = add("history", "releases with serial, time, entry counts, change summary")
+    s.add_argument("--channel", action="append", metavar="C", help="only this channel (repeatable)")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+
+    s = add(
+        "diff",
+        "what changed between two releases, per map",
+        "Keys added, removed and changed per map between releases A and B of a channel.",
+    )
+    s.add_argument(
+        "--channel", metavar="C", help="the channel (needed when several are configured)"
+    )
+    s.add_argument("--keys", action="store_true", help="list the keys, not only the counts")
+    s.add_argument("a", type=int, metavar="A", help="older serial")
+    s.add_argument("b", type=int, metavar="B", help="newer serial")
+
     s = add(
         "keygen", "create an ed25519 signing key pair: PATH (0600) and its public half beside it"
     )

@@ -1,0 +1,40 @@
+"""`mapsync history` and `mapsync diff` on the publisher's repository."""
+
+from __future__ import annotations
+
+import json
+
+from sqlalchemy import create_engine, delete, insert
+
+from mapsync.sources import schema as t
+from tests.conftest import Cluster
+
+
+def test_history_and_diff_name_the_release_and_the_keys_that_changed(cluster: Cluster) -> None:
+    cluster.publish()
+    engine = create_engine(cluster.db_url)
+    with engine.begin() as conn:
+        conn.execute(
+            insert(t.account).values(domain_id=2, local_part="new.person", status="active")
+        )
+        conn.execute(delete(t.alias_target).where(t.alias_target.c.alias_id == 1))
+        conn.execute(delete(t.alias).where(t.alias.c.id == 1))
+    engine.dispose()
+    cluster.publish("--force")  # removing a catch-all may trip a guard on a small map
+
+    hist = json.loads(cluster.cli("history", "--json", check=True).stdout)["mx"]
+    assert [h["serial"] for h in hist] == [1, 2]
+    assert hist[1]["latest"] and not hist[0]["latest"]
+    assert "recipients" in hist[1]["changed"]
+    assert hist[1]["changed"] == ["recipients", "virtual"]
+
+    out = cluster.cli("diff", "1", "2", "--keys", check=True).stdout
+    assert "  + new.person@example-2.org" in out
+    assert "domains: +0 -0 ~0" in out
+    # one account added, one alias removed: the alias's address leaves recipients and virtual
+    assert out.count("\n  - ") >= 2
+    assert "recipients: +1 -1 ~0" in out or "recipients: +2 -2 ~0" in out  # + alias-domain copy
+
+    missing = cluster.cli("diff", "1", "9")
+    assert missing.returncode == 2
+    assert "release 9 is not kept" in missing.stderr
