@@ -38,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--log-format",
         choices=("console", "json"),
-        help="console for people (default on a terminal), json for machines (default under systemd)",
+        help="console for people (the default), json for machines (the default under systemd)",
     )
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
