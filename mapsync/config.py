@@ -296,6 +296,13 @@ def _agent(path: Path, data: Any) -> AgentConfig:
         if crit < warn:
             raise ConfigError(f"{cs.where('critical_after')}: must not be shorter than warn_after")
         source = cs.text("source", _REQUIRED)
+        if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", source) and not source.startswith(
+            ("rsync://", "ssh://", "file://")
+        ):
+            # Not a relative path named "http:": an unsupported URL.
+            raise ConfigError(
+                f"{cs.where('source')}: unsupported URL {source!r} (use a path, file://, rsync:// or ssh://)"
+            )
         if not source.startswith(("rsync://", "ssh://", "file://", "/")):
             source = str(_path(cs, "source"))
         channels[name] = AgentChannel(

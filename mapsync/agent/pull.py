@@ -176,6 +176,10 @@ def _pull(
             shutil.copyfile(staging / f, built / f)
             os.chmod(built / f, 0o644)
         _fsync_tree(built)
+        if ch.reload and not same:
+            # The hook is owed from the swap on: a run killed before it ran must not lose it.
+            state.reload_pending = True
+            state.save(paths.state)
         live.swap(built, manifest.serial)
     except OSError as exc:
         shutil.rmtree(built, ignore_errors=True)

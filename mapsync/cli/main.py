@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from types import FrameType
 
 from mapsync import __version__, log
-from mapsync.errors import EXIT_CODES, MapsyncError
+from mapsync.errors import EXIT_CODES, EXIT_ERROR, MapsyncError
 
 _EPILOG = (
     "exit codes:\n"
@@ -164,5 +164,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             print(f"mapsync: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:
+        # Disk full, a repository path that is not a directory, ...: exit 2 (error) with one
+        # line, not a traceback and exit 1, which would read as WARNING to a monitoring check.
+        if fmt == "json":
+            log.get("cli").error(str(exc), error=type(exc).__name__, exit=EXIT_ERROR)
+        else:
+            print(f"mapsync: {exc}", file=sys.stderr)
+        return EXIT_ERROR
     except KeyboardInterrupt:
         return 128 + signal.SIGINT

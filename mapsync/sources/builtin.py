@@ -146,7 +146,9 @@ class BuiltinSource(Source):
         ):
             targets.setdefault(alias_id, []).append(target)
         aliases = [
-            Alias(row.id, row.domain_id, row.local_part, tuple(targets.get(row.id, ())))
+            # Sorted here, not by ORDER BY: the database's collation (ICU, glibc) may put '@'
+            # before digits, and the maps must be byte-identical whatever the database.
+            Alias(row.id, row.domain_id, row.local_part, tuple(sorted(targets.get(row.id, ()))))
             for row in conn.execute(
                 select(
                     t.alias.c.id,

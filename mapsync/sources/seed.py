@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import func, insert, select, text
+from sqlalchemy import Engine, func, insert, select, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from mapsync.errors import MapsyncError, SourceError
@@ -106,11 +106,20 @@ class SeedCounts:
     mailstores: int = 2
 
 
+def _create(engine: Engine) -> None:
+    """Create the tables; a SQLite file is switched to WAL, so that the publisher's
+    snapshot (one long read transaction) never blocks the writers that change accounts."""
+    if engine.dialect.name == "sqlite":
+        with engine.connect() as conn:
+            conn.exec_driver_sql("PRAGMA journal_mode=WAL")
+    t.metadata.create_all(engine)
+
+
 def init_db(url: str) -> None:
     """Create mapsync's tables (idempotent)."""
     engine = make_engine(url)
     try:
-        t.metadata.create_all(engine)
+        _create(engine)
     except SQLAlchemyError as exc:
         raise SourceError(f"database {safe_url(url)}: creating the schema failed: {exc}") from None
     finally:
@@ -154,7 +163,7 @@ def seed(
     rng = random.Random(seed)
     engine = make_engine(url)
     try:
-        t.metadata.create_all(engine)
+        _create(engine)
         with engine.begin() as conn:
             existing = conn.execute(select(func.count()).select_from(t.domain)).scalar_one()
             if existing:

@@ -1,0 +1,431 @@
+"""The publisher against a real SQLite database and a real repository on disk.
+
+Invalid rows, crashes at the commit step, leftovers, serials, garbage collection, renewal,
+signatures and keys. "Nothing written" is checked by comparing every file of the repository.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+import subprocess
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, insert, update
+
+import mapsync.publish.publisher as publisher_mod
+from mapsync.errors import LockBusy, MapsyncError
+from mapsync.formats import cdb, text
+from mapsync.publish.publisher import Publisher, PublishResult
+from mapsync.publish.repository import Repository
+from mapsync.release import MANIFEST, SIGNATURE, Manifest, manifest_sha256, parse_manifest, utcnow
+from mapsync.signing import key_id, keygen, load_public, verify
+from mapsync.sources import open_source
+from mapsync.sources import schema as t
+from tests.conftest import Cluster
+
+
+def tree(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def run(cluster: Cluster, **kw: bool) -> PublishResult:
+    pub = cluster.config().need_publisher()
+    return Publisher(pub, lambda: open_source(pub.database, pub.schema)).run(**kw)
+
+
+def latest(cluster: Cluster) -> int:
+    return int(json.loads((cluster.repo / "mx" / "LATEST").read_text())["serial"])
+
+
+def releases(cluster: Cluster) -> list[int]:
+    return sorted(int(p.name) for p in (cluster.repo / "mx" / "releases").iterdir())
+
+
+def manifest(cluster: Cluster, serial: int) -> Manifest:
+    path = cluster.repo / "mx" / "releases" / str(serial) / MANIFEST
+    return parse_manifest(path.read_bytes(), str(path))
+
+
+def execute(cluster: Cluster, *statements: object) -> None:
+    engine = create_engine(cluster.db_url)
+    try:
+        with engine.begin() as conn:
+            for s in statements:
+                conn.execute(s)  # type: ignore[call-overload]
+    finally:
+        engine.dispose()
+
+
+def add_account(cluster: Cluster, local: str) -> None:
+    execute(
+        cluster,
+        insert(t.account).values(domain_id=2, local_part=local, status="active"),
+    )
+
+
+def assert_complete(cluster: Cluster, serial: int) -> Manifest:
+    """Release ``serial`` is whole: signed manifest, exactly its files, every hash right,
+    and the cdb an agent would build from the text is the one the manifest names."""
+    d = cluster.repo / "mx" / "releases" / str(serial)
+    data = (d / MANIFEST).read_bytes()
+    pub = load_public(cluster.root / "keys" / "signing.pub")
+    assert verify({key_id(pub): pub}, data, (d / SIGNATURE).read_bytes(), str(d)) == key_id(pub)
+    m = parse_manifest(data, str(d))
+    assert m.serial == serial and m.channel == "mx"
+    assert set(os.listdir(d)) == {MANIFEST, SIGNATURE} | m.files()
+    for name, entry in m.maps.items():
+        assert text.sha256_file(d / entry.file) == (entry.sha256, entry.size), name
+        assert sum(1 for _ in text.pairs(d / entry.file)) == entry.entries
+        assert entry.cdb is not None
+        built = d.parent.parent / f".check-{serial}-{name}.cdb"
+        try:
+            assert cdb.build(built, text.pairs(d / entry.file)) == (
+                entry.cdb.sha256,
+                entry.cdb.size,
+            )
+        finally:
+            built.unlink(missing_ok=True)
+    return m
+
+
+# --- invalid rows ------------------------------------------------------------------------------
+
+
+def insert_bad_rows(cluster: Cluster) -> list[str]:
+    execute(
+        cluster,
+        insert(t.account).values(id=9001, domain_id=2, local_part="bad user", status="active"),
+        insert(t.account).values(id=9002, domain_id=2, local_part="good.newcomer", status="active"),
+        insert(t.alias).values(id=9003, domain_id=3, local_part="#hidden"),
+        insert(t.alias_target).values(alias_id=9003, target="postmaster@example-3.org"),
+        insert(t.alias).values(id=9004, domain_id=3, local_part="sales-x"),
+        insert(t.alias_target).values(alias_id=9004, target="a,b@example-3.org"),
+        insert(t.domain).values(id=9005, name="Bad.Example", kind="hosted", default_mailstore_id=1),
+        insert(t.domain).values(id=9006, name="norelay.example", kind="relay"),
+    )
+    return [
+        "account id=9001 'bad user@example-2.org': local part has characters that are not allowed",
+        "alias id=9003 '#hidden@example-3.org': local part starts with '#'",
+        "alias id=9004 'sales-x@example-3.org': target 'a,b@example-3.org': local part has characters",
+        "domain id=9005 'Bad.Example': not lowercase",
+        "domain id=9006 'norelay.example': relay domain has no relay_nexthop",
+    ]
+
+
+def test_invalid_rows_fail_the_publish_and_are_all_listed(cluster: Cluster) -> None:
+    cluster.publish()
+    before = tree(cluster.repo)
+    expected = insert_bad_rows(cluster)
+
+    proc = cluster.cli("publish")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert (
+        f"mapsync: {len(expected)} invalid row(s) in the database; nothing was published"
+        in proc.stderr
+    )
+    for row in expected:
+        assert row in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert tree(cluster.repo) == before
+    assert latest(cluster) == 1
+
+    # The dry run says the same and also exits 2.
+    assert cluster.cli("publish", "--dry-run").returncode == 2
+
+
+def test_skip_invalid_publishes_the_rest_and_records_the_skipped(cluster: Cluster) -> None:
+    cluster.publish()
+    expected = insert_bad_rows(cluster)
+
+    out = cluster.publish("--skip-invalid").stdout
+    assert f"skipped {len(expected)} invalid row(s):" in out
+    m = assert_complete(cluster, 2)
+    assert len(m.skipped) == len(expected)
+    for row, recorded in zip(sorted(expected), sorted(m.skipped), strict=True):
+        assert recorded.startswith(row)
+    release = cluster.repo / "mx" / "releases" / "2"
+    recipients = dict(text.pairs(release / "recipients"))
+    assert b"good.newcomer@example-2.org" in recipients
+    assert not [k for k in recipients if b"bad" in k or b"hidden" in k or b"sales-x" in k]
+    domains = dict(text.pairs(release / "domains"))
+    assert b"Bad.Example" not in domains and b"bad.example" not in domains
+    assert b"norelay.example" not in domains
+    assert b"example-2.org" in domains
+
+
+# --- crash safety ------------------------------------------------------------------------------
+
+
+def test_crash_before_latest_is_replaced_keeps_the_old_release_live(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cluster.publish()
+    add_account(cluster, "first.change")
+
+    def disk_full(*args: object, **kw: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(publisher_mod, "atomic_write", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        run(cluster)
+    monkeypatch.undo()
+
+    assert latest(cluster) == 1
+    # Release 2 was moved into place before LATEST: whole and signed, just never named.
+    assert releases(cluster) == [1, 2]
+    for serial in releases(cluster):
+        assert_complete(cluster, serial)
+    assert not (cluster.repo / "mx" / ".staging").exists()
+
+    (plan,) = run(cluster).plans
+    assert (plan.action, plan.serial, plan.previous) == ("publish", 3, 1)
+    assert latest(cluster) == 3
+    assert_complete(cluster, 3)
+    assert b"first.change@example-2.org" in dict(
+        text.pairs(cluster.repo / "mx" / "releases" / str(plan.serial) / "recipients")
+    )
+
+
+def test_crash_when_moving_the_release_into_place(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cluster.publish()
+    before = tree(cluster.repo)
+    add_account(cluster, "second.change")
+    real_rename = os.rename
+
+    def failing_rename(src: object, dst: object, *a: object, **kw: object) -> None:
+        if ".staging" in str(src):
+            raise OSError(5, "Input/output error")
+        real_rename(src, dst, *a, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(publisher_mod.os, "rename", failing_rename)
+    with pytest.raises(OSError, match="Input/output error"):
+        run(cluster)
+    monkeypatch.undo()
+
+    assert tree(cluster.repo) == before  # not even a staging leftover
+    assert run(cluster).plans[0].serial == 2
+    assert latest(cluster) == 2
+    assert_complete(cluster, 2)
+
+
+def test_unwritable_repository_exits_2_with_one_line(cluster: Cluster) -> None:
+    (cluster.root / "afile").write_text("")
+    cluster.write_config(extra_publisher="")
+    cfg = cluster.config_path.read_text().replace(
+        f'repository = "{cluster.repo}"', f'repository = "{cluster.root / "afile" / "repo"}"'
+    )
+    cluster.config_path.write_text(cfg)
+    proc = cluster.cli("publish")
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [
+        f"mapsync: [Errno 20] Not a directory: '{cluster.root / 'afile' / 'repo'}'"
+    ]
+
+
+def test_leftover_staging_of_a_killed_run_is_cleaned(cluster: Cluster) -> None:
+    cluster.publish()
+    junk = cluster.repo / "mx" / ".staging" / "2"
+    junk.mkdir(parents=True)
+    (junk / "recipients").write_text("half a file")
+    add_account(cluster, "after.crash")
+    cluster.publish()
+    assert not (cluster.repo / "mx" / ".staging").exists()
+    assert releases(cluster) == [1, 2]
+    assert_complete(cluster, 2)
+
+
+# --- serials, unchanged content, garbage collection ---------------------------------------------
+
+
+def test_serials_strictly_increase_and_chain(cluster: Cluster) -> None:
+    serials = []
+    for i in range(4):
+        if i:
+            add_account(cluster, f"user{i}")
+        (plan,) = run(cluster).plans
+        assert plan.action == "publish"
+        serials.append(plan.serial)
+    assert serials == [1, 2, 3, 4]
+    assert [manifest(cluster, s).previous for s in serials] == [None, 1, 2, 3]
+    created = [manifest(cluster, s).created_at() for s in serials]
+    assert created == sorted(created)
+
+
+def test_database_change_without_map_change_makes_no_release(cluster: Cluster) -> None:
+    cluster.publish()
+    # Touches updated_at and counts (the fingerprint) but nothing any MX map shows.
+    execute(
+        cluster,
+        update(t.customer).where(t.customer.c.id == 1).values(name="Renamed Customer"),
+        update(t.account).where(t.account.c.id == 1).values(quota_bytes=1),
+    )
+    out = cluster.publish().stdout
+    assert "unchanged (serial 1)" in out
+    assert releases(cluster) == [1] and latest(cluster) == 1
+
+
+def test_keep_two_collects_old_releases(cluster: Cluster) -> None:
+    cluster.write_config(extra_publisher="keep = 2")
+    for i in range(4):
+        if i:
+            add_account(cluster, f"k{i}")
+        run(cluster)
+        assert latest(cluster) == i + 1
+        assert releases(cluster) == list(range(max(1, i), i + 2))
+    assert releases(cluster) == [3, 4]
+    assert_complete(cluster, 4)
+
+
+def test_garbage_collection_never_removes_the_release_latest_names(cluster: Cluster) -> None:
+    for i in range(4):
+        if i:
+            add_account(cluster, f"g{i}")
+        run(cluster)
+    repo = Repository(cluster.repo)
+    # LATEST pointing at an older release (e.g. a publisher rollback): it must survive.
+    data = (cluster.repo / "mx" / "releases" / "2" / MANIFEST).read_bytes()
+    (cluster.repo / "mx" / "LATEST").write_bytes(
+        json.dumps({"serial": 2, "manifest_sha256": manifest_sha256(data)}).encode()
+    )
+    assert repo.collect_garbage("mx", 2) == [1]
+    assert releases(cluster) == [2, 3, 4]
+    assert repo.collect_garbage("mx", 10) == []
+
+
+def test_one_publisher_at_a_time(cluster: Cluster) -> None:
+    repo = Repository(cluster.repo)
+    with (
+        repo.lock(),
+        pytest.raises(LockBusy, match="another publisher is running"),
+        repo.lock(wait=0.3),
+    ):
+        pass
+    with repo.lock(wait=0):  # released on exit
+        pass
+
+
+# --- renewal -------------------------------------------------------------------------------------
+
+
+def test_renewal_past_half_expiry_makes_a_new_serial_with_the_same_maps(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cluster.publish()
+    first = manifest(cluster, 1)
+    rel1 = cluster.repo / "mx" / "releases" / "1"
+
+    # Before half of the 7 days: nothing to do.
+    monkeypatch.setattr(publisher_mod, "utcnow", lambda: utcnow() + timedelta(days=3))
+    assert run(cluster).plans[0].action == "none"
+    assert releases(cluster) == [1]
+
+    later = utcnow() + timedelta(days=4)
+    monkeypatch.setattr(publisher_mod, "utcnow", lambda: later)
+    (plan,) = run(cluster).plans
+    assert (plan.action, plan.serial, plan.previous) == ("renew", 2, 1)
+    second = assert_complete(cluster, 2)
+    assert latest(cluster) == 2
+    assert second.maps == first.maps  # identical sha256s, sizes, entries, cdb hashes
+    for entry in first.maps.values():
+        assert (rel1 / entry.file).read_bytes() == (
+            cluster.repo / "mx" / "releases" / "2" / entry.file
+        ).read_bytes()
+    assert second.previous == 1
+    assert second.created_at() == later
+    assert second.expires_at() == later + timedelta(days=7)
+    assert second.expires_at() > first.expires_at()
+
+    # Renewed: quiet again until half of the new expiry.
+    assert run(cluster).plans[0].action == "none"
+    assert releases(cluster) == [1, 2]
+
+
+# --- signatures and keys -------------------------------------------------------------------------
+
+
+def test_published_release_verifies_and_latest_names_its_manifest(cluster: Cluster) -> None:
+    cluster.publish()
+    m = assert_complete(cluster, 1)
+    data = (cluster.repo / "mx" / "releases" / "1" / MANIFEST).read_bytes()
+    pointer = json.loads((cluster.repo / "mx" / "LATEST").read_text())
+    assert pointer == {"serial": 1, "manifest_sha256": manifest_sha256(data)}
+    assert m.source["url"] == cluster.db_url and m.source["schema"] == "mapsync"
+    assert m.generator.startswith("mapsync ")
+    assert m.skipped == [] and not any(e.forced for e in m.maps.values())
+    assert set(m.maps) == {"domains", "recipients", "virtual", "transport"}
+    # No cdb travels: agents build it and prove it by the manifest's hash.
+    assert not list((cluster.repo / "mx" / "releases" / "1").glob("*.cdb"))
+    # A tampered manifest no longer verifies.
+    pub = load_public(cluster.root / "keys" / "signing.pub")
+    sig = (cluster.repo / "mx" / "releases" / "1" / SIGNATURE).read_bytes()
+    with pytest.raises(MapsyncError, match="does not verify"):
+        verify({key_id(pub): pub}, data.replace(b'"entries": ', b'"entries": 1', 1), sig, "x")
+
+
+def test_text_maps_are_sorted_unique_with_a_header(cluster: Cluster) -> None:
+    cluster.publish()
+    for name in ("domains", "recipients", "virtual", "transport"):
+        path = cluster.repo / "mx" / "releases" / "1" / name
+        lines = path.read_bytes().split(b"\n")
+        assert lines[0].startswith(f"# {name}: generated by mapsync".encode())
+        assert b"channel mx, serial 1" in lines[0]
+        keys = [k for k, _ in text.pairs(path)]
+        assert keys == sorted(keys) and len(keys) == len(set(keys))
+        assert all(k == k.lower() for k in keys)
+
+
+def test_keygen_makes_a_private_0600_key_and_refuses_to_overwrite(tmp_path: Path) -> None:
+    private = tmp_path / "keys" / "signing.key"
+    public = keygen(private)
+    assert public == tmp_path / "keys" / "signing.pub"
+    assert stat.S_IMODE(private.stat().st_mode) == 0o600
+    assert stat.S_IMODE(public.stat().st_mode) == 0o644
+    assert b"PRIVATE KEY" in private.read_bytes() and b"PUBLIC KEY" in public.read_bytes()
+    load_public(public)
+    old = private.read_bytes(), public.read_bytes()
+
+    with pytest.raises(MapsyncError, match="already exists; refusing to overwrite"):
+        keygen(private)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mapsync", "keygen", str(private)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"mapsync: {private}: already exists; refusing to overwrite a key"
+    assert (private.read_bytes(), public.read_bytes()) == old
+
+    # Only the public half left over from an earlier key: still refused, nothing written.
+    lone = tmp_path / "k"
+    (tmp_path / "k.pub").write_text("old public")
+    with pytest.raises(MapsyncError, match=r"k\.pub: already exists"):
+        keygen(lone)
+    assert not lone.exists()
+
+
+def test_keygen_cli_names_both_files(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "mapsync", "keygen", str(tmp_path / "k")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert (
+        proc.stdout.strip()
+        == f"private key {tmp_path / 'k'} (mode 0600), public key {tmp_path / 'k.pub'}"
+    )
+    assert stat.S_IMODE((tmp_path / "k").stat().st_mode) == 0o600

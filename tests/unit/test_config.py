@@ -1,0 +1,270 @@
+"""Configuration: every failure mode names the file and the key; good files parse fully.
+
+The fixtures in tests/fixtures/config/ are one file per failure mode (``bad-*.toml``) and one
+complete, valid file (``good.toml``) that uses relative paths.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mapsync import config
+from mapsync.config import Guards, load, parse_duration, parse_percent
+from mapsync.errors import ConfigError
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "config"
+
+# fixture name → what the one-line message must contain after "<file>: "
+BAD = {
+    "unknown-section": "[publishr]: unknown section",
+    "unknown-key-publisher": "[publisher] colour: unknown key",
+    "unknown-key-guards": "[publisher.guards] max_shrnk: unknown key",
+    "unknown-key-map-guards": "[publisher.guards.recipients] minimum: unknown key",
+    "unknown-key-publisher-channel": "[publisher.channels.mx] mailstores: unknown key",
+    "unknown-key-agent": "[agent] statedir: unknown key",
+    "unknown-key-agent-channel": "[agent.channels.mx] warn: unknown key",
+    "missing-database": "[publisher] database: missing (required)",
+    "missing-repository": "[publisher] repository: missing (required)",
+    "missing-maps": "[publisher.channels.mx] maps: missing (required)",
+    "missing-trusted-keys": "[agent] trusted_keys: missing (required)",
+    "missing-source": "[agent.channels.mx] source: missing (required)",
+    "missing-target": "[agent.channels.mx] target: missing (required)",
+    "wrong-type-keep": "[publisher] keep: must be an integer, not '20'",
+    "wrong-type-keep-bool": "[publisher] keep: must be an integer, not True",
+    "wrong-type-database": "[publisher] database: must be a string, not 5",
+    "wrong-type-maps": "[publisher.channels.mx] maps: must be a list",
+    "wrong-type-reload": "[agent.channels.mx] reload: must be a list",
+    "wrong-type-warn-after": "[agent.channels.mx] warn_after: must be a duration string",
+    "wrong-type-section": "[publisher] must be a table",
+    "duration-warn-after": "[agent.channels.mx] warn_after: not a duration: '15 minutes'",
+    "duration-expires": "[publisher] expires: not a duration: '7 days'",
+    "percent-max-shrink": "[publisher.guards] max_shrink: not a percentage: '10'",
+    "percent-map-max-growth": "[publisher.guards.recipients] max_growth: not a percentage: 'lots%'",
+    "unknown-map": "[publisher.channels.mx] maps: unknown map 'aliases'",
+    "unknown-map-guards": "[publisher.guards.aliases]: unknown map 'aliases'",
+    "duplicate-map": "[publisher.channels.mx] maps: a map is listed twice",
+    "empty-maps": "[publisher.channels.mx] maps: must name at least one map",
+    "critical-before-warn": "[agent.channels.mx] critical_after: must not be shorter than warn_after",
+    "keep-too-small": "[publisher] keep: must be at least 2, not 1",
+    "negative-min-entries": "[publisher.guards] min_entries: must be at least 0, not -1",
+    "channel-name": "[publisher.channels.MX]: channel names are lowercase",
+    "channel-name-newline": "channel names are lowercase",
+    "no-channels": "[publisher.channels]: define at least one channel",
+    "no-agent-channels": "[agent.channels]: define at least one channel",
+    "empty-trusted-keys": "[agent] trusted_keys: name at least one public key",
+    "empty-string": "[publisher] database: must not be empty",
+    "schema": "[publisher] schema: unknown schema 'postfixadmin'",
+    "invalid-toml": "not valid TOML: Invalid value (at line 5",
+    "not-utf8": "not valid TOML",
+    "empty": "empty config: needs a [publisher] or an [agent] section",
+}
+
+
+def test_every_bad_fixture_is_covered() -> None:
+    on_disk = {p.name[len("bad-") : -len(".toml")] for p in FIXTURES.glob("bad-*.toml")}
+    assert on_disk == set(BAD)
+
+
+@pytest.mark.parametrize("name", sorted(BAD))
+def test_bad_config_names_file_and_key(name: str) -> None:
+    path = FIXTURES / f"bad-{name}.toml"
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: "), message
+    assert BAD[name] in message, message
+
+
+def test_missing_file_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "nope.toml"
+    with pytest.raises(ConfigError, match="config file not found") as info:
+        load(path)
+    assert str(info.value).startswith(f"{path}: ")
+
+
+def test_unreadable_path_is_a_config_error(tmp_path: Path) -> None:
+    # A directory where the file should be: read fails with an OSError other than "not found".
+    with pytest.raises(ConfigError, match="cannot read config file") as info:
+        load(tmp_path)
+    assert str(info.value).startswith(f"{tmp_path}: ")
+
+
+def test_comment_only_file_counts_as_empty(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("# nothing here yet\n\n")
+    with pytest.raises(ConfigError, match="empty config"):
+        load(path)
+
+
+def test_good_config_parses_every_field() -> None:
+    path = FIXTURES / "good.toml"
+    cfg = load(path)
+    base = path.parent
+    pub = cfg.need_publisher()
+    assert pub.database == "sqlite:///central.db"
+    assert pub.schema == "mapsync"
+    assert pub.keep == 5
+    assert pub.expires == 2 * 86400
+    assert pub.guards == Guards(min_entries=2, max_shrink=0.05, max_growth=0.50)
+    # A per-map section overrides only what it names and inherits the rest from [publisher.guards].
+    assert pub.map_guards == {"recipients": Guards(min_entries=2, max_shrink=0.20, max_growth=0.5)}
+    assert list(pub.channels) == ["mx", "store-1"]
+    mx = pub.channels["mx"]
+    assert mx.maps == ("domains", "recipients", "virtual", "transport")
+    assert mx.push == ("rsync://mx1.example.net/inbox/mx",)
+    assert mx.mailstore is None
+    assert pub.channels["store-1"].mailstore == "store-1"
+
+    agent = cfg.need_agent()
+    amx = agent.channels["mx"]
+    assert amx.reload == ("postfix", "reload")
+    assert (amx.warn_after, amx.critical_after, amx.timeout) == (90, 7200, 60)
+    store = agent.channels["store-1"]
+    assert store.source == "rsync://publisher.example.net/mapsync/store-1"
+    assert store.target == Path("/etc/dovecot/mapsync")
+    # Defaults where the file says nothing.
+    assert (store.warn_after, store.critical_after, store.timeout) == (900, 7200, 300)
+    assert store.inbox is None and store.reload == ()
+    assert agent.trusted_keys == (base / "keys" / "signing.pub", Path("/etc/mapsync/old.pub"))
+    assert agent.state == base / "state"
+
+
+def test_relative_paths_resolve_against_the_config_directory(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Working directory one level above the config file, config named relatively: paths in
+    # the file must resolve against the file's directory, not against the working directory.
+    monkeypatch.chdir(FIXTURES.parent)
+    cfg = load(Path("config") / "good.toml")
+    base = FIXTURES.resolve()
+    pub = cfg.need_publisher()
+    agent = cfg.need_agent()
+    assert pub.repository == base / "repo"
+    assert pub.signing_key == base / "keys" / "signing.key"
+    assert agent.state == base / "state"
+    assert agent.trusted_keys[0] == base / "keys" / "signing.pub"
+    mx = agent.channels["mx"]
+    assert mx.source == str(base / "repo" / "mx")
+    assert mx.target == base / "live" / "mx"
+    assert mx.inbox == base / "inbox" / "mx"
+    # Absolute paths and URLs are left alone.
+    assert agent.trusted_keys[1] == Path("/etc/mapsync/old.pub")
+    assert agent.channels["store-1"].source.startswith("rsync://")
+
+
+def test_publisher_only_and_agent_only_files(tmp_path: Path) -> None:
+    pub_only = tmp_path / "p.toml"
+    pub_only.write_text(
+        '[publisher]\ndatabase = "sqlite:///x.db"\nrepository = "/srv/r"\n'
+        'signing_key = "/k/s.key"\n[publisher.channels.mx]\nmaps = ["domains"]\n'
+    )
+    cfg = load(pub_only)
+    assert cfg.agent is None
+    assert cfg.need_publisher().repository == Path("/srv/r")
+    with pytest.raises(ConfigError, match=r"needs an \[agent\] section") as info:
+        cfg.need_agent()
+    assert str(pub_only) in str(info.value)
+
+    agent_only = tmp_path / "a.toml"
+    agent_only.write_text(
+        '[agent]\nstate = "/s"\ntrusted_keys = ["/k.pub"]\n'
+        '[agent.channels.mx]\nsource = "ssh://u@h/srv/r/mx"\ntarget = "/t"\n'
+    )
+    cfg = load(agent_only)
+    assert cfg.publisher is None
+    assert cfg.need_agent().channels["mx"].source == "ssh://u@h/srv/r/mx"
+    with pytest.raises(ConfigError, match=r"needs a \[publisher\] section"):
+        cfg.need_publisher()
+
+
+def test_resolve_path_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MAPSYNC_CONFIG", "/from/env.toml")
+    assert config.resolve_path("/explicit.toml") == Path("/explicit.toml")
+    assert config.resolve_path(None) == Path("/from/env.toml")
+    monkeypatch.delenv("MAPSYNC_CONFIG")
+    assert config.resolve_path(None) == Path("/etc/mapsync/mapsync.toml")
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("90s", 90), ("15m", 900), ("2h", 7200), ("7d", 604800), ("0s", 0), (" 15m ", 900)],
+)
+def test_parse_duration(text: str, seconds: int) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize(
+    "text", ["15 minutes", "15", "m", "-5m", "1.5h", "15mm", "", "15m\n5s", "2w", "h2"]
+)
+def test_parse_duration_rejects(text: str) -> None:
+    with pytest.raises(ValueError, match="not a duration"):
+        parse_duration(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "value"), [("10%", 0.10), ("0%", 0.0), ("2.5%", 0.025), ("150%", 1.5), (" 5% ", 0.05)]
+)
+def test_parse_percent(text: str, value: float) -> None:
+    assert parse_percent(text) == pytest.approx(value)
+
+
+@pytest.mark.parametrize("text", ["10", "%", "ten%", "-5%", "10 %", "0.1", "5%%", "1e2%"])
+def test_parse_percent_rejects(text: str) -> None:
+    with pytest.raises(ValueError, match="not a percentage"):
+        parse_percent(text)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "mapsync", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+@pytest.mark.parametrize(
+    ("fixture", "expect"),
+    [
+        ("bad-duration-warn-after.toml", "[agent.channels.mx] warn_after: not a duration"),
+        ("bad-invalid-toml.toml", "not valid TOML"),
+        ("bad-unknown-key-publisher.toml", "[publisher] colour: unknown key"),
+    ],
+)
+def test_cli_with_bad_config_exits_2_with_one_line(fixture: str, expect: str) -> None:
+    path = FIXTURES / fixture
+    proc = _cli("--config", str(path), "status")
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"mapsync: {path}: ")
+    assert expect in lines[0]
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_with_missing_config_exits_2(tmp_path: Path) -> None:
+    path = tmp_path / "missing.toml"
+    proc = _cli("--config", str(path), "publish")
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [
+        f"mapsync: {path}: config file not found (use --config FILE or set MAPSYNC_CONFIG)"
+    ]
+
+
+def test_cli_reads_config_from_environment() -> None:
+    path = FIXTURES / "bad-empty.toml"
+    proc = subprocess.run(
+        [sys.executable, "-m", "mapsync", "status"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "MAPSYNC_CONFIG": str(path)},
+    )
+    assert proc.returncode == 2
+    assert (
+        proc.stderr.strip()
+        == f"mapsync: {path}: empty config: needs a [publisher] or an [agent] section"
+    )

@@ -1,0 +1,447 @@
+"""The data-correctness rules (mapsync.validate.check) on hand-built snapshots.
+
+Each rule must yield a Problem naming table, row id, key and a reason; and no value that
+passes the rules may render into a text-map line that parses back as a different key.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+import warnings
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mapsync.config import PublisherChannel
+from mapsync.formats import text
+from mapsync.maps import CATALOGUE, Directory
+from mapsync.publish.publisher import _lines
+from mapsync.snapshot import Account, Alias, Domain, Fingerprint, Mailstore, Snapshot
+from mapsync.validate import Problem, check
+
+# Hypothesis imports libcst to report a failing example; libcst warns on import, and with
+# warnings as errors a real failure would be reported as a pytest INTERNALERROR instead.
+with warnings.catch_warnings(), contextlib.suppress(ImportError):
+    warnings.simplefilter("ignore", DeprecationWarning)
+    import hypothesis.extra._patching  # noqa: F401
+
+STORE = Mailstore(1, "store-1", "10.0.1.11", 24, "10.0.1.11", 143, True)
+HOSTED = Domain(1, "example.org", None, "hosted", None, 1, None, "active")
+POSTMASTER = Account(1, 1, "postmaster", None, "active")
+MX = PublisherChannel("mx", ("domains", "recipients", "virtual", "transport"))
+
+
+def hosted(id: int, name: str, **kw: object) -> Domain:
+    return HOSTED._replace(id=id, name=name, **kw)
+
+
+def snapshot(
+    mailstores: list[Mailstore] | None = None,
+    domains: list[Domain] | None = None,
+    accounts: list[Account] | None = None,
+    aliases: list[Alias] | None = None,
+) -> Snapshot:
+    return Snapshot(
+        mailstores=[STORE] if mailstores is None else mailstores,
+        domains=[HOSTED] if domains is None else domains,
+        accounts=[POSTMASTER] if accounts is None else accounts,
+        aliases=aliases or [],
+        fingerprint=Fingerprint({}),
+        taken_at=datetime.now(UTC),
+    )
+
+
+def only(problems: list[Problem]) -> Problem:
+    assert len(problems) == 1, problems
+    return problems[0]
+
+
+def test_a_sound_snapshot_has_no_problems() -> None:
+    snap = snapshot(
+        mailstores=[STORE, STORE._replace(id=2, name="store-2", lmtp_host="mail2.example.net")],
+        domains=[
+            HOSTED,
+            Domain(2, "example.net", None, "alias", 1, None, None, "active"),
+            Domain(3, "relay.example.com", None, "relay", None, None, "[10.9.9.9]:25", "active"),
+            hosted(
+                4, "xn--bcher-kva.example", name_unicode="bücher.example", default_mailstore_id=2
+            ),
+        ],
+        accounts=[
+            POSTMASTER,
+            Account(2, 1, "a.b+c", 2, "moving"),
+            Account(3, 4, "anna", None, "active"),
+        ],
+        aliases=[
+            Alias(1, 1, "info", ("postmaster@example.org", "x@elsewhere.example")),
+            Alias(2, 4, "", ("anna@xn--bcher-kva.example",)),
+        ],
+    )
+    assert check(snap) == []
+
+
+# --- domains -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("Example.org", "not lowercase"),
+        ("EXAMPLE.ORG", "not lowercase"),
+        ("a" * 64 + ".org", "is not a valid A-label"),
+        (".".join(["a" * 63] * 4), "longer than 253 characters (255)"),
+        ("localhost", "needs at least two labels"),
+        ("-bad.org", "label '-bad'"),
+        ("bad-.org", "label 'bad-'"),
+        ("a..b.org", "label ''"),
+        ("example.org.", "label ''"),
+        ("ex ample.org", "label 'ex ample'"),
+        ("exa_mple.org", "label 'exa_mple'"),
+        ("example.org\n", "label 'org\\n'"),
+        ("bücher.example", "label 'bücher'"),
+    ],
+)
+def test_bad_domain_names(name: str, reason: str) -> None:
+    snap = snapshot(domains=[hosted(7, name)], accounts=[])
+    p = only(check(snap))
+    assert (p.table, p.row, p.key) == ("domain", 7, name)
+    assert reason in p.reason
+
+
+def test_label_of_63_and_name_of_253_are_fine() -> None:
+    name = ".".join(["a" * 63, "b" * 63, "c" * 63, "d" * 61])
+    assert len(name) == 253
+    assert check(snapshot(domains=[hosted(1, name)], accounts=[])) == []
+
+
+@pytest.mark.parametrize(
+    ("unicode", "reason"),
+    [
+        ("buecher.example", "encodes to 'buecher.example', not to the name"),
+        ("Bücher.example", "is not lowercase"),
+        ("bücher.example.", "not to the name"),
+    ],
+)
+def test_name_unicode_must_encode_to_the_name(unicode: str, reason: str) -> None:
+    d = hosted(3, "xn--bcher-kva.example", name_unicode=unicode)
+    p = only(check(snapshot(domains=[d], accounts=[])))
+    assert (p.table, p.row, p.key) == ("domain", 3, "xn--bcher-kva.example")
+    assert reason in p.reason
+
+
+def test_hosted_domain_needs_an_active_default_mailstore() -> None:
+    inactive = STORE._replace(id=2, name="store-2", active=False)
+    snap = snapshot(
+        mailstores=[STORE, inactive],
+        domains=[
+            hosted(1, "none.example", default_mailstore_id=None),
+            hosted(2, "ghost.example", default_mailstore_id=99),
+            hosted(3, "sleepy.example", default_mailstore_id=2),
+        ],
+        accounts=[],
+    )
+    got = {(p.table, p.row, p.key, p.reason) for p in check(snap)}
+    assert got == {
+        ("domain", 1, "none.example", "hosted domain has no default mailstore"),
+        ("domain", 2, "ghost.example", "hosted domain has no default mailstore"),
+        ("domain", 3, "sleepy.example", "default mailstore 'store-2' is not active"),
+    }
+
+
+def test_alias_domains_never_chain() -> None:
+    snap = snapshot(
+        domains=[
+            HOSTED,
+            Domain(2, "alias1.example", None, "alias", 1, None, None, "active"),
+            Domain(3, "alias2.example", None, "alias", 2, None, None, "active"),
+            Domain(4, "relay.example", None, "relay", None, None, "mx.relay.example", "active"),
+            Domain(5, "to-relay.example", None, "alias", 4, None, None, "active"),
+            Domain(6, "orphan.example", None, "alias", None, None, None, "active"),
+            Domain(7, "dangling.example", None, "alias", 99, None, None, "active"),
+            hosted(8, "off.example", status="disabled"),
+            Domain(9, "to-off.example", None, "alias", 8, None, None, "active"),
+        ],
+    )
+    problems = {p.row: p for p in check(snap)}
+    assert set(problems) == {3, 5, 6, 7, 9}
+    assert all(p.table == "domain" for p in problems.values())
+    assert "'alias1.example', which is alias" in problems[3].reason
+    assert "never chain" in problems[3].reason
+    assert "'relay.example', which is relay" in problems[5].reason
+    assert problems[6].reason == "alias domain has no target domain"
+    assert problems[7].reason == "alias domain has no target domain"
+    assert problems[9].reason == "target domain 'off.example' is disabled"
+
+
+@pytest.mark.parametrize(
+    ("nexthop", "reason"),
+    [
+        (None, "relay domain has no relay_nexthop"),
+        ("", "relay domain has no relay_nexthop"),
+        ("mx example.com", "is not 'host', '[host]' or '[host]:port'"),
+        ("[mx.example.com", "is not 'host', '[host]' or '[host]:port'"),
+        ("mx.example.com:25:25", "is not 'host', '[host]' or '[host]:port'"),
+        ("[mx.example.com]:99999", "port out of range"),
+        ("[mx.example.com]:0", "port out of range"),
+        ("[bad_host.example]:25", "host 'bad_host.example'"),
+        ("[mx.example.com]:25\n", "is not 'host', '[host]' or '[host]:port'"),
+        ("[mx.example.com],[evil.example]", "is not 'host', '[host]' or '[host]:port'"),
+        ("MX.example.com", "not lowercase"),
+    ],
+)
+def test_relay_nexthop_must_be_a_host(nexthop: str | None, reason: str) -> None:
+    d = Domain(4, "relay.example", None, "relay", None, None, nexthop, "active")
+    p = only(check(snapshot(domains=[d], accounts=[])))
+    assert (p.table, p.row, p.key) == ("domain", 4, "relay.example")
+    assert reason in p.reason
+
+
+@pytest.mark.parametrize(
+    "nexthop",
+    ["mx.example.com", "mx.example.com:2525", "[10.0.0.1]:25", "[2001:db8::1]:25", "[mx.ex.org]"],
+)
+def test_good_relay_nexthops(nexthop: str) -> None:
+    d = Domain(4, "relay.example", None, "relay", None, None, nexthop, "active")
+    assert check(snapshot(domains=[d], accounts=[])) == []
+
+
+# --- local parts and addresses ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("local", "reason"),
+    [
+        ("a b", "characters that are not allowed"),
+        ("a\tb", "characters that are not allowed"),
+        ("a,b", "characters that are not allowed"),
+        ("a:b", "characters that are not allowed"),
+        ("a\nb", "characters that are not allowed"),
+        ("ab\n", "characters that are not allowed"),
+        ("a\rb", "characters that are not allowed"),
+        ("a\0b", "characters that are not allowed"),
+        ("a@b", "characters that are not allowed"),
+        ('"quoted"', "characters that are not allowed"),
+        (".lead", "characters that are not allowed"),
+        ("trail.", "characters that are not allowed"),
+        ("dou..ble", "characters that are not allowed"),
+        ("", "characters that are not allowed"),
+        ("jürgen", "characters that are not allowed"),
+        ("Alice", "not lowercase"),
+        ("#hash", "starts with '#'"),
+        ("x" * 65, "longer than 64 characters (65)"),
+    ],
+)
+def test_bad_account_local_parts(local: str, reason: str) -> None:
+    snap = snapshot(accounts=[POSTMASTER, Account(5, 1, local, None, "active")])
+    p = only(check(snap))
+    assert (p.table, p.row, p.key) == ("account", 5, f"{local}@example.org")
+    assert reason in p.reason
+    assert f"account id=5 {local + '@example.org'!r}: " in str(p)
+
+
+@pytest.mark.parametrize("local", ["x" * 64, "a#b", "o'brien", "a+tag", "a.b.c", "{x}", "_"])
+def test_unusual_but_valid_local_parts(local: str) -> None:
+    assert check(snapshot(accounts=[POSTMASTER, Account(5, 1, local, None, "active")])) == []
+
+
+def test_leading_hash_would_be_a_comment_in_the_text_map(tmp_path: Path) -> None:
+    """Why '#x' is refused although RFC 5322 allows it: the line would vanish as a comment."""
+    path = tmp_path / "recipients"
+    path.write_text("# header\n#x@example.org OK\na#b@example.org OK\n")
+    assert list(text.pairs(path)) == [(b"a#b@example.org", b"OK")]
+    snap = snapshot(accounts=[POSTMASTER, Account(5, 1, "#x", None, "active")])
+    assert only(check(snap)).row == 5
+
+
+def test_bad_alias_local_part_and_alias_without_targets() -> None:
+    snap = snapshot(
+        aliases=[
+            Alias(1, 1, "in fo", ("postmaster@example.org",)),
+            Alias(2, 1, "empty", ()),
+        ]
+    )
+    got = {(p.table, p.row, p.key): p.reason for p in check(snap)}
+    assert set(got) == {("alias", 1, "in fo@example.org"), ("alias", 2, "empty@example.org")}
+    assert "not allowed" in got["alias", 1, "in fo@example.org"]
+    assert got["alias", 2, "empty@example.org"] == "alias has no targets"
+
+
+@pytest.mark.parametrize(
+    ("target", "reason"),
+    [
+        ("no-at-sign", "is not an address"),
+        ("a b@example.org", "not allowed"),
+        ("x,y@example.org", "not allowed"),
+        ("x@Example.org", "not lowercase"),
+        ("x@example.org\n", "not a valid A-label"),
+        ("x@example.org,evil@example.org", "not allowed"),
+        ("x@localhost", "two labels"),
+        ("@example.org", "not allowed"),
+        ("#x@example.org", "starts with '#'"),
+    ],
+)
+def test_bad_alias_targets(target: str, reason: str) -> None:
+    snap = snapshot(aliases=[Alias(3, 1, "team", ("postmaster@example.org", target))])
+    p = only(check(snap))
+    assert (p.table, p.row, p.key) == ("alias", 3, "team@example.org")
+    assert repr(target) in p.reason
+    assert reason in p.reason
+
+
+def test_duplicate_addresses_across_accounts_and_aliases() -> None:
+    snap = snapshot(
+        accounts=[
+            POSTMASTER,
+            Account(2, 1, "info", None, "active"),
+            Account(3, 1, "Sales", None, "active"),
+        ],
+        aliases=[
+            Alias(7, 1, "info", ("postmaster@example.org",)),
+            Alias(8, 1, "sales", ("postmaster@example.org",)),
+        ],
+    )
+    got = {(p.table, p.row): p.reason for p in check(snap)}
+    assert "also defined by account id=2" in got["alias", 7]
+    # Case-insensitively: 'Sales' (itself not lowercase) and 'sales' are one address.
+    assert got["account", 3] == "local part not lowercase"
+    assert "also defined by account id=3" in got["alias", 8]
+    assert "case-insensitively" in got["alias", 8]
+    assert len(got) == 3
+
+
+def test_accounts_and_aliases_only_in_hosted_domains() -> None:
+    snap = snapshot(
+        domains=[
+            HOSTED,
+            Domain(2, "alias.example", None, "alias", 1, None, None, "active"),
+            Domain(3, "relay.example", None, "relay", None, None, "mx.relay.example", "active"),
+        ],
+        accounts=[
+            POSTMASTER,
+            Account(4, 3, "bob", None, "active"),
+            Account(5, 2, "eve", None, "active"),
+        ],
+        aliases=[Alias(6, 2, "info", ("postmaster@example.org",))],
+    )
+    got = {(p.table, p.row, p.key): p.reason for p in check(snap)}
+    assert got == {
+        (
+            "account",
+            4,
+            "bob@relay.example",
+        ): "account in a relay domain (only hosted domains have mailboxes)",
+        (
+            "account",
+            5,
+            "eve@alias.example",
+        ): "account in a alias domain (only hosted domains have mailboxes)",
+        (
+            "alias",
+            6,
+            "info@alias.example",
+        ): "alias in a alias domain (define it in the target domain)",
+    }
+
+
+def test_account_must_resolve_to_an_active_mailstore() -> None:
+    snap = snapshot(
+        mailstores=[STORE, STORE._replace(id=2, name="store-2", active=False)],
+        accounts=[POSTMASTER, Account(2, 1, "a", 2, "active"), Account(3, 1, "b", 42, "active")],
+    )
+    got = {(p.table, p.row): p.reason for p in check(snap)}
+    assert got == {
+        ("account", 2): "mailstore 'store-2' is not active",
+        ("account", 3): "resolves to no mailstore",
+    }
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"lmtp_host": "not a host"}, "lmtp_host: host 'not a host'"),
+        ({"imap_host": ""}, "imap_host: host ''"),
+        ({"lmtp_host": "10.0.1.11\n"}, "lmtp_host: host '10.0.1.11\\n'"),
+        ({"lmtp_port": 0}, "lmtp_port 0 out of range"),
+        ({"imap_port": 70000}, "imap_port 70000 out of range"),
+    ],
+)
+def test_mailstore_bad_host_or_port(change: dict[str, object], reason: str) -> None:
+    snap = snapshot(mailstores=[STORE._replace(**change)])
+    p = only(check(snap))
+    assert (p.table, p.row, p.key) == ("mailstore", 1, "store-1")
+    assert reason in p.reason
+
+
+@pytest.mark.parametrize("host", ["10.0.1.11", "2001:db8::11", "mail1.example.net"])
+def test_mailstore_good_hosts(host: str) -> None:
+    assert check(snapshot(mailstores=[STORE._replace(lmtp_host=host, imap_host=host)])) == []
+
+
+def test_disabled_rows_are_not_checked_for_what_they_would_publish() -> None:
+    # A disabled account or domain is in no map, so its contents cannot break one.
+    snap = snapshot(
+        domains=[HOSTED, hosted(2, "off.example", status="disabled", default_mailstore_id=None)],
+        accounts=[
+            POSTMASTER,
+            Account(2, 1, "bad one", None, "disabled"),
+            Account(3, 2, "x y", None, "active"),
+        ],
+        aliases=[Alias(4, 2, "", ())],
+    )
+    assert check(snap) == []
+
+
+# --- property: nothing that passes the rules can inject a key --------------------------------
+
+ATEXT = "abcxyz0189!#$%&'*+/=?^_`{|}~-."
+BREAKERS = ' \t\r\n\0\x0b\x0c\x1c\x85\u2028,:;@"\\AZé'
+HOSTILE = st.one_of(
+    st.text(alphabet=ATEXT, max_size=70),  # mostly valid: '#', dots, 64/65 chars
+    st.text(alphabet=ATEXT + BREAKERS, max_size=70),
+    st.builds(
+        lambda head, tail: head + tail,
+        st.text(alphabet=ATEXT, min_size=1, max_size=20),
+        st.sampled_from(BREAKERS),  # a valid-looking value with one trailing breaker
+    ),
+    st.text(max_size=70),
+)
+
+
+def _render(snap: Snapshot, directory: Path) -> dict[str, list[tuple[str, str]]]:
+    """Every MX map of ``snap`` written as the publisher writes it, and the intended pairs."""
+    d = Directory(snap)
+    intended = {}
+    for name in MX.maps:
+        rows = sorted(CATALOGUE[name].entries(d, MX))
+        text.write(directory / name, text.header(name, "mx", 1), _lines(rows, name))
+        intended[name] = rows
+    return intended
+
+
+@pytest.mark.parametrize("where", ["account", "alias", "target"])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(value=HOSTILE)
+def test_hostile_values_are_refused_or_parse_back_exactly(where: str, value: str) -> None:
+    local = value if where == "account" else "alice"
+    alias_local = value if where == "alias" else "team"
+    target = value if where == "target" else "alice@example.org"
+    snap = snapshot(
+        accounts=[POSTMASTER, Account(2, 1, local, None, "active")],
+        aliases=[Alias(3, 1, alias_local, (target, "postmaster@example.org"))],
+    )
+    if check(snap):
+        return  # refused: the publish fails (or --skip-invalid drops the row), nothing injected
+    with tempfile.TemporaryDirectory() as tmp:
+        # Raising here (the publisher's last line of defence) would mean validate let it through.
+        intended = _render(snap, Path(tmp))
+        for name, rows in intended.items():
+            parsed = list(text.pairs(Path(tmp) / name))
+            assert parsed == [(k.encode(), v.encode()) for k, v in rows], name
+    recipients = {k for k, _ in intended["recipients"]}
+    assert {f"{local}@example.org", f"{alias_local}@example.org"} <= recipients
+    virtual = dict(intended["virtual"])
+    assert virtual[f"{alias_local}@example.org"] == f"{target},postmaster@example.org"
