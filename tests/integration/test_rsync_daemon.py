@@ -1,0 +1,186 @@
+"""Pulling from a real ``rsync --daemon`` on a loopback port: the ``rsync://`` source an
+operator normally configures, the delta transfer that makes a one-entry change cheap,
+and what happens when the daemon is not there or does not answer."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Cluster, make_cluster
+from tests.integration.test_agent_pull import add_account, lookup, read_state, tree_snapshot
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class RsyncDaemon:
+    def __init__(self, root: Path, path: Path) -> None:
+        self.root = root
+        self.port = _free_port()
+        root.mkdir(parents=True, exist_ok=True)
+        self.conf = root / "rsyncd.conf"
+        self.log = root / "rsyncd.log"
+        # uid/gid root: pytest's tmp directories are 0700, so "nobody" could not read them.
+        self.conf.write_text(
+            f"pid file = {root / 'rsyncd.pid'}\n"
+            f"log file = {self.log}\n"
+            "use chroot = no\n"
+            "uid = root\n"
+            "gid = root\n"
+            "[mapsync]\n"
+            f"    path = {path}\n"
+            "    read only = yes\n"
+            "    use chroot = no\n"
+        )
+        self.proc = subprocess.Popen(
+            [
+                "rsync",
+                "--daemon",
+                "--no-detach",
+                f"--config={self.conf}",
+                f"--port={self.port}",
+                "--address=127.0.0.1",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                break
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    log = self.log.read_text() if self.log.exists() else ""
+                    pytest.fail(f"rsync daemon did not start: {log}")
+                time.sleep(0.05)
+
+    def url(self, channel: str = "mx") -> str:
+        return f"rsync://127.0.0.1:{self.port}/mapsync/{channel}"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+
+
+@pytest.fixture
+def daemon_cluster(cluster: Cluster, tmp_path: Path) -> Iterator[tuple[Cluster, RsyncDaemon]]:
+    d = RsyncDaemon(tmp_path / "rsyncd", cluster.repo)
+    cluster.write_config(source=d.url())
+    try:
+        yield cluster, d
+    finally:
+        d.stop()
+
+
+_WIRE = re.compile(r"installed serial (\d+)(?: \(was \d+\))?, ([\d,]+) bytes on the wire")
+
+
+def wire(out: str) -> int:
+    m = _WIRE.search(out)
+    assert m, out
+    return int(m.group(2).replace(",", ""))
+
+
+def test_pull_from_an_rsync_daemon_module(daemon_cluster: tuple[Cluster, RsyncDaemon]) -> None:
+    cluster, d = daemon_cluster
+    cluster.publish()
+    p = cluster.pull()
+    assert "mx: installed serial 1" in p.stdout
+    assert lookup(cluster, "postmaster@example-1.org") == "OK"
+    assert lookup(cluster, "example-1.org", "transport") == "lmtp:[10.0.1.11]:24"
+    assert lookup(cluster, "nobody@example-1.org") is None
+    # The daemon really served it: its log names the module and the release directory.
+    assert "rsync on mapsync/mx/releases/1/" in d.log.read_text()
+    assert cluster.cli("verify").returncode == 0
+    assert "is current" in cluster.pull().stdout
+
+
+def test_one_new_account_costs_little_on_the_wire(tmp_path: Path, sqlite_url: str) -> None:
+    big = make_cluster(tmp_path / "big", sqlite_url, accounts=20000, domains=50, aliases=2000)
+    d = RsyncDaemon(tmp_path / "rsyncd", big.repo)
+    try:
+        big.write_config(source=d.url())
+        big.publish()
+        first = big.pull().stdout
+        full = wire(first)
+
+        new = add_account(big, "zz-delta-probe", "example-7.org")
+        out = big.publish().stdout
+        assert "published serial 2" in out
+        p = big.pull()
+        assert "installed serial 2 (was 1)" in p.stdout
+        delta = wire(p.stdout)
+        state = read_state(big)
+        assert state["last_bytes"] == delta
+        assert lookup(big, new) == "OK"
+    finally:
+        d.stop()
+
+    release = big.repo / "mx" / "releases" / "2"
+    sizes = {f.name: f.stat().st_size for f in release.iterdir()}
+    text_total = sum(v for k, v in sizes.items() if not k.startswith("MANIFEST"))
+    print(
+        f"\n[delta] first pull {full:,} B on the wire; one new account: {delta:,} B on the wire "
+        f"(sent+received, LATEST + release); recipients text {sizes['recipients']:,} B, "
+        f"all text maps {text_total:,} B, release files {sizes}"
+    )
+    assert sizes["recipients"] > 500_000
+    assert delta < 10_000, f"{delta} bytes for one new account"
+    assert delta * 50 < sizes["recipients"]
+    assert full > sizes["recipients"] / 10  # the first pull really moved the data (compressed)
+
+
+def test_unreachable_daemon_fails_cleanly_and_the_old_set_keeps_serving(cluster: Cluster) -> None:
+    cluster.publish()
+    cluster.pull()
+    before = tree_snapshot(cluster.target)
+    port = _free_port()  # nothing listens here
+    cluster.write_config(source=f"rsync://127.0.0.1:{port}/mapsync/mx")
+    p = cluster.cli("pull")
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "mapsync: channel mx: rsync failed (exit" in p.stderr
+    assert "failed to connect to 127.0.0.1" in p.stderr and "Connection refused" in p.stderr
+    assert tree_snapshot(cluster.target) == before
+    assert lookup(cluster, "postmaster@example-1.org") == "OK"
+    state = read_state(cluster)
+    assert "rsync failed" in str(state["last_error"])
+    st = cluster.cli("status")
+    assert st.returncode == 1, st.stdout  # WARNING: still fresh, but the last run failed
+    assert "last run failed: rsync failed" in st.stdout
+
+
+def test_a_daemon_that_never_answers_times_out(cluster: Cluster) -> None:
+    cluster.publish()
+    cluster.pull()
+    before = tree_snapshot(cluster.target)
+    with socket.socket() as silent:  # accepts connections (backlog), never speaks
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        port = silent.getsockname()[1]
+        cluster.write_config(source=f"rsync://127.0.0.1:{port}/mapsync/mx")
+        text = cluster.config_path.read_text()
+        cluster.config_path.write_text(text.replace('timeout = "30s"', 'timeout = "1s"'))
+        started = time.monotonic()
+        p = cluster.cli("pull")
+        took = time.monotonic() - started
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert re.search(r"rsync (timed out after 1s|failed \(exit 30\))", p.stderr), p.stderr
+    assert took < 15
+    print(f"\n[timeout] {took:.1f}s: {p.stderr.strip()}")
+    assert tree_snapshot(cluster.target) == before
+    assert lookup(cluster, "postmaster@example-1.org") == "OK"
+    assert json.loads((cluster.state / "mx" / "state.json").read_text())["last_error"]
