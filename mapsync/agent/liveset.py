@@ -73,13 +73,23 @@ class LiveSet:
         fsync_dir(self.sets)
         atomic_symlink(final.name, self.sets / CURRENT)
         self._link_files(final)
+        self.prune()
+
+    def prune(self) -> None:
+        """Delete every set but the live one: a swapped-out set (its inodes must die so running
+        daemons notice) or a half-built one left by a killed run."""
+        cur = self.current()
+        if cur is None:
+            return
+        removed = False
         for entry in os.listdir(self.sets):
-            if entry in (CURRENT, final.name):
-                continue
             path = self.sets / entry
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-        fsync_dir(self.sets)
+            if entry == CURRENT or path == cur or path.is_symlink() or not path.is_dir():
+                continue
+            shutil.rmtree(path)
+            removed = True
+        if removed:
+            fsync_dir(self.sets)
 
     def _link_files(self, live: Path) -> None:
         wanted = {f for f in os.listdir(live) if f not in (MANIFEST, SIGNATURE)}

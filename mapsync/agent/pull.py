@@ -120,6 +120,8 @@ def _pull(
 ) -> PullResult:
     remote = Remote(ch.source, ch.timeout, ch.ssh)
     live = LiveSet(ch.target)
+    if live.sets.is_dir():
+        live.prune()  # finish what a run killed right after its swap left behind
     current = installed(live, str(ch.target))
     shutil.rmtree(paths.incoming, ignore_errors=True)
     paths.incoming.mkdir(mode=0o700)

@@ -128,7 +128,9 @@ def cmd_pull(args: argparse.Namespace) -> int:
             r = pull(agent, ch)
         except MapsyncError as exc:
             # One broken channel must not keep the others stale: report, go on, fail at the end.
-            print(f"mapsync: channel {ch.name}: {exc}", file=sys.stderr)
+            msg = str(exc)
+            prefix = "" if msg.startswith(f"channel {ch.name}:") else f"channel {ch.name}: "
+            print(f"mapsync: {prefix}{msg}", file=sys.stderr)
             worst = max(worst, exc.exit_code)
             continue
         if r.action == "current":

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -362,3 +363,21 @@ def test_a_full_disk_keeps_the_old_set_serving(
     assert "installed serial 2 (was 1)" in p.stdout
     assert lookup(c, "zz-full@example-1.org") == "OK"
     assert set_dirs(c) == ["2", "current"]
+
+
+def test_a_set_left_behind_by_a_kill_after_the_swap_is_deleted_by_the_next_pull(
+    cluster: Cluster,
+) -> None:
+    """If the agent dies between switching `current` and deleting the old set, the old inodes
+    would live on and a running Postfix would never notice; the next run, even one with
+    nothing new to install, must finish the job."""
+    cluster.publish()
+    cluster.pull()
+    sets = cluster.target / ".mapsync"
+    live = sets / os.readlink(sets / "current")
+    stale = sets / "0"
+    shutil.copytree(live, stale)  # what the killed run would have left: a full old set
+    (sets / "7.new").mkdir()  # and a half-built one
+    out = cluster.pull().stdout
+    assert "is current" in out
+    assert sorted(os.listdir(sets)) == sorted([live.name, "current"])
