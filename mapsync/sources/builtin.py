@@ -51,6 +51,8 @@ def _begin(conn: Connection) -> None:
     if dialect in ("mysql", "mariadb"):
         conn.exec_driver_sql("START TRANSACTION READ ONLY")
     elif dialect == "sqlite":
+        # The publisher never writes; make SQLite refuse to, as PostgreSQL and MariaDB do.
+        conn.exec_driver_sql("PRAGMA query_only = ON")
         conn.exec_driver_sql("BEGIN")
 
 

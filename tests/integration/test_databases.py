@@ -381,6 +381,21 @@ def test_mariadb_snapshot_is_read_only_repeatable_read(tmp_path: Path, mariadb_u
     assert len(snap.accounts) == 30
 
 
+def test_sqlite_snapshot_is_read_only(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'ro.db'}"
+    seed(url, SeedCounts(accounts=30, domains=3, aliases=3, mailstores=1), seed=2)
+    probe = Probe(url, {"query_only": "PRAGMA query_only"})
+    try:
+        snap = probe.snapshot()
+    finally:
+        probe.close()
+    assert probe.seen == {"query_only": 1}
+    assert probe.write_error is not None
+    assert "readonly" in probe.write_error
+    assert _account_status(url) == "active"
+    assert len(snap.accounts) == 30
+
+
 def _concurrent_commit_is_not_seen(url: str, writer_args: dict[str, Any]) -> list[str]:
     """Commit from a second connection between the snapshot's domain and account reads."""
     seed(url, SeedCounts(accounts=30, domains=3, aliases=3, mailstores=1), seed=2)
