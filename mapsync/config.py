@@ -50,6 +50,7 @@ class PublisherConfig:
     schema: str = "mapsync"
     keep: int = 20
     expires: int = 7 * 86400
+    full_check: int = 15 * 60
     guards: Guards = Guards()
     map_guards: dict[str, Guards] = field(default_factory=dict)
     channels: dict[str, PublisherChannel] = field(default_factory=dict)
@@ -214,6 +215,7 @@ def _publisher(path: Path, data: Any) -> PublisherConfig:
         "signing_key",
         "keep",
         "expires",
+        "full_check",
         "guards",
         "channels",
     )
@@ -268,6 +270,7 @@ def _publisher(path: Path, data: Any) -> PublisherConfig:
         signing_key=_path(s, "signing_key"),
         keep=s.integer("keep", 20, minimum=2),
         expires=s.duration("expires", 7 * 86400),
+        full_check=s.duration("full_check", 15 * 60),
         guards=base,
         map_guards=map_guards,
         channels=channels,
@@ -318,6 +321,20 @@ def _agent(path: Path, data: Any) -> AgentConfig:
         )
     if not channels:
         raise ConfigError(f"{path}: [agent.channels]: define at least one channel")
+    seen: dict[Path, str] = {}
+    for ch in channels.values():
+        target = ch.target.resolve()
+        for other_target, other in seen.items():
+            if (
+                target == other_target
+                or other_target in target.parents
+                or target in other_target.parents
+            ):
+                raise ConfigError(
+                    f"{path}: [agent.channels.{ch.name}] target: {ch.target} overlaps the target of "
+                    f"channel {other} (each channel needs a directory of its own)"
+                )
+        seen[target] = ch.name
     return AgentConfig(
         state=_path(s, "state"),
         trusted_keys=tuple(

@@ -22,6 +22,12 @@ from mapsync.atomic import atomic_symlink, fsync_dir
 from mapsync.release import MANIFEST, SIGNATURE
 
 SETS = ".mapsync"
+
+
+class SwapUnfinished(OSError):
+    """The new set is live, but linking its files or deleting the old set failed."""
+
+
 CURRENT = "current"
 
 
@@ -72,7 +78,21 @@ class LiveSet:
         os.rename(built, final)
         fsync_dir(self.sets)
         atomic_symlink(final.name, self.sets / CURRENT)
-        self._link_files(final)
+        try:
+            self.settle()
+        except OSError as exc:
+            raise SwapUnfinished(str(exc)) from exc
+
+    def settle(self) -> None:
+        """Bring the target in line with the live set: one link per file, older sets deleted.
+
+        Idempotent; run after every swap and at the start of every run, so a run that died
+        (or hit a full disk) right after switching ``current`` is finished by the next one.
+        """
+        cur = self.current()
+        if cur is None:
+            return
+        self._link_files(cur)
         self.prune()
 
     def prune(self) -> None:

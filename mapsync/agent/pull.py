@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from mapsync import log
 from mapsync.agent.hooks import run_reload
-from mapsync.agent.liveset import LiveSet
+from mapsync.agent.liveset import LiveSet, SwapUnfinished
 from mapsync.agent.state import ChannelState, channel_lock
 from mapsync.config import AgentChannel, AgentConfig
 from mapsync.errors import InstallError, MapsyncError, VerificationError
@@ -90,7 +90,10 @@ def pull(cfg: AgentConfig, ch: AgentChannel) -> PullResult:
         state = ChannelState.load(paths.state)
         state.last_attempt = iso(utcnow())
         try:
-            result = _pull(cfg, ch, paths, state)
+            try:
+                result = _pull(cfg, ch, paths, state)
+            except OSError as exc:
+                raise InstallError(f"channel {ch.name} (source {ch.source}): {exc}") from None
         except MapsyncError as exc:
             state.last_error = str(exc)
             state.last_error_at = iso(utcnow())
@@ -121,7 +124,12 @@ def _pull(
     remote = Remote(ch.source, ch.timeout, ch.ssh)
     live = LiveSet(ch.target)
     if live.sets.is_dir():
-        live.prune()  # finish what a run killed right after its swap left behind
+        try:
+            live.settle()  # finish what a run killed right after its swap left behind
+        except OSError as exc:
+            raise InstallError(
+                f"channel {ch.name}: finishing the last swap in {ch.target} failed: {exc}"
+            ) from None
     current = installed(live, str(ch.target))
     shutil.rmtree(paths.incoming, ignore_errors=True)
     paths.incoming.mkdir(mode=0o700)
@@ -183,6 +191,11 @@ def _pull(
             state.reload_pending = True
             state.save(paths.state)
         live.swap(built, manifest.serial)
+    except SwapUnfinished as exc:
+        raise InstallError(
+            f"channel {ch.name}: serial {manifest.serial} is live, but finishing the swap failed: "
+            f"{exc}; the next run finishes it"
+        ) from None
     except OSError as exc:
         shutil.rmtree(built, ignore_errors=True)
         raise InstallError(

@@ -38,6 +38,7 @@ from mapsync.release import (
     MapEntry,
     iso,
     manifest_sha256,
+    parse_iso,
     utcnow,
 )
 from mapsync.signing import load_private, sign
@@ -158,6 +159,8 @@ class Publisher:
                     assert key is not None
                     for s in staged:
                         self._commit(s, key)
+                        serial = s.manifest.serial if s.manifest else s.plan.previous
+                        self.repo.record_check(s.plan.channel, snap.fingerprint.digest(), serial)
             finally:
                 for s in staged:
                     shutil.rmtree(s.staging.parent, ignore_errors=True)
@@ -166,12 +169,19 @@ class Publisher:
     def _quiet(self, ch: PublisherChannel, fingerprint: str) -> ChannelPlan | None:
         """A no-change plan for ``ch`` if the database and the channel are as last published."""
         last = self.repo.latest_manifest(ch.name)
+        checked = self.repo.checked(ch.name)
+        now = utcnow()
         if (
             last is None
+            or checked is None
             or last.skipped  # rows were left out: validate them again, they must not go quiet
-            or last.source.get("fingerprint") != fingerprint
+            or checked.get("fingerprint") != fingerprint
+            or checked.get("serial") != last.serial
             or last.source.get("channel") != channel_digest(ch)
-            or utcnow() >= self._renew_after(last)
+            # A write whose updated_at is not newer than the table's newest (clock skew, a
+            # late commit, a bulk import) is invisible to the fingerprint: trust it only so long.
+            or now >= parse_iso(str(checked.get("at"))) + timedelta(seconds=self.cfg.full_check)
+            or now >= self._renew_after(last)
         ):
             return None
         return ChannelPlan(ch.name, last.serial, None, "none")

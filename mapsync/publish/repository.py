@@ -5,12 +5,14 @@
     REPO/<channel>/LATEST                       {"serial": N, "manifest_sha256": "..."}
     REPO/<channel>/releases/<serial>/           MANIFEST.json, MANIFEST.json.sig, text maps
     REPO/<channel>/.staging/                    a release being written; never served
+    REPO/<channel>/.checked                     the publisher's last full check (not served)
     REPO/.lock                                  one publisher at a time
 """
 
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import shutil
 import time
@@ -18,8 +20,20 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from mapsync.atomic import atomic_write
 from mapsync.errors import LockBusy, MapsyncError
-from mapsync.release import LATEST, MANIFEST, Latest, Manifest, parse_latest, parse_manifest
+from mapsync.release import (
+    LATEST,
+    MANIFEST,
+    Latest,
+    Manifest,
+    iso,
+    parse_latest,
+    parse_manifest,
+    utcnow,
+)
+
+CHECKED = ".checked"
 
 
 class Repository:
@@ -59,6 +73,23 @@ class Repository:
             return parse_manifest(path.read_bytes(), str(path))
         except FileNotFoundError:
             raise MapsyncError(f"{path}: release {serial} of channel {channel} not found") from None
+
+    def checked(self, channel: str) -> dict[str, object] | None:
+        """The publisher's note of its last full check: fingerprint, serial, time (or None)."""
+        try:
+            data = json.loads((self.channel(channel) / CHECKED).read_bytes())
+        except (FileNotFoundError, ValueError):
+            return None
+        return data if isinstance(data, dict) and "at" in data else None
+
+    def record_check(self, channel: str, fingerprint: str, serial: int | None) -> None:
+        """Remember that the database with ``fingerprint`` renders as release ``serial``."""
+        if serial is None:
+            return
+        path = self.channel(channel) / CHECKED
+        path.parent.mkdir(parents=True, exist_ok=True)
+        note = {"fingerprint": fingerprint, "serial": serial, "at": iso(utcnow())}
+        atomic_write(path, (json.dumps(note, sort_keys=True) + "\n").encode())
 
     def latest_manifest(self, channel: str) -> Manifest | None:
         latest = self.latest(channel)

@@ -378,6 +378,9 @@ def test_a_set_left_behind_by_a_kill_after_the_swap_is_deleted_by_the_next_pull(
     stale = sets / "0"
     shutil.copytree(live, stale)  # what the killed run would have left: a full old set
     (sets / "7.new").mkdir()  # and a half-built one
+    (cluster.target / "transport.cdb").unlink()  # and a link it never made
     out = cluster.pull().stdout
     assert "is current" in out
     assert sorted(os.listdir(sets)) == sorted([live.name, "current"])
+    assert os.readlink(cluster.target / "transport.cdb") == ".mapsync/current/transport.cdb"
+    assert cluster.cli("verify").returncode == 0

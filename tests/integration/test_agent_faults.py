@@ -1,0 +1,43 @@
+"""Faults the agent must report with the channel named, recorded for status, old set kept."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from mapsync import config
+from mapsync.errors import ConfigError
+from tests.conftest import Cluster
+
+
+def test_a_latest_that_is_not_a_file_is_reported_for_the_channel_and_recorded(
+    cluster: Cluster,
+) -> None:
+    cluster.publish()
+    cluster.pull()
+    latest = cluster.repo / "mx" / "LATEST"
+    latest.unlink()
+    latest.mkdir()  # a broken repository: rsync copies a directory where a file belongs
+    proc = cluster.cli("pull")
+    assert proc.returncode == 2
+    assert "channel mx" in proc.stderr and str(cluster.repo / "mx") in proc.stderr
+    state = json.loads((cluster.state / "mx" / "state.json").read_text())
+    assert state["last_error"] and "LATEST" in state["last_error"]
+    status = cluster.cli("status")
+    assert status.returncode == 1
+    assert "last run failed" in status.stdout
+    shutil.rmtree(latest)
+
+
+def test_two_channels_may_not_share_a_target(cluster: Cluster) -> None:
+    text = cluster.config_path.read_text()
+    cluster.config_path.write_text(
+        text
+        + f'\n[agent.channels.mx2]\nsource = "{cluster.repo}/mx"\ntarget = "{cluster.target}/sub"\n'
+    )
+    with pytest.raises(
+        ConfigError, match=r"\[agent.channels.mx2\] target: .* overlaps the target of channel mx"
+    ):
+        config.load(cluster.config_path)

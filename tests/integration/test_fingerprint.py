@@ -1,0 +1,50 @@
+"""The publisher's cheap "nothing changed" path: fast, but never trusted for long."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime
+
+from sqlalchemy import create_engine, insert, update
+
+from mapsync.sources import schema as t
+from tests.conftest import Cluster
+
+
+def _stale_write(url: str) -> None:
+    """Disable an account but stamp it with an old updated_at (clock skew, a late commit)."""
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(
+            update(t.account)
+            .where(t.account.c.local_part == "postmaster", t.account.c.domain_id == 3)
+            .values(status="disabled", updated_at=datetime(2001, 1, 1))
+        )
+    engine.dispose()
+
+
+def test_a_write_the_fingerprint_cannot_see_is_published_after_full_check(cluster: Cluster) -> None:
+    cluster.write_config(extra_publisher='full_check = "2s"')
+    cluster.publish()
+    _stale_write(cluster.db_url)
+    assert "unchanged (serial 1)" in cluster.publish().stdout  # inside the trust window
+    time.sleep(2.1)
+    out = cluster.publish().stdout
+    assert "published serial 2" in out
+    recipients = (cluster.repo / "mx" / "releases" / "2" / "recipients").read_text()
+    assert "postmaster@example-3.org OK" not in recipients
+
+
+def test_a_write_that_changes_no_map_does_not_disable_the_fast_path(cluster: Cluster) -> None:
+    cluster.publish()
+    engine = create_engine(cluster.db_url)
+    with engine.begin() as conn:
+        conn.execute(insert(t.customer).values(ext_id="X1", name="renamed later"))
+    engine.dispose()
+    assert "unchanged (serial 1)" in cluster.publish().stdout  # full check: maps equal
+    checked = json.loads((cluster.repo / "mx" / ".checked").read_text())
+    assert checked["serial"] == 1
+    proc = cluster.cli("-v", "publish", check=True)
+    assert "database unchanged since the last releases" in proc.stderr
+    assert "reading snapshot" not in proc.stderr
