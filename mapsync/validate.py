@@ -66,7 +66,8 @@ def address_problem(address: str) -> str | None:
     local, at, domain = address.rpartition("@")
     if not at:
         return f"target {address!r} is not an address (local@domain)"
-    problem = local_part_problem(local) or domain_name_problem(domain)
+    # A target is a value, not a key: an external mailbox may keep its case.
+    problem = local_part_problem(local.lower()) or domain_name_problem(domain.lower())
     return f"target {address!r}: {problem}" if problem else None
 
 
@@ -94,12 +95,17 @@ def nexthop_problem(nexthop: str) -> str | None:
 def _unicode_problem(name: str, unicode: str) -> str | None:
     if unicode != unicode.lower():
         return f"name_unicode {unicode!r} is not lowercase (its map keys would never be found)"
+    # Decode the A-label rather than encode the U-label: Python's codec encodes with IDNA 2003
+    # mappings ('faß' → 'fass'), which would accept a different domain than IDNA 2008 means.
     try:
-        encoded = unicode.encode("idna").decode("ascii").lower()
+        decoded = ".".join(
+            label[4:].encode("ascii").decode("punycode") if label.startswith("xn--") else label
+            for label in name.split(".")
+        )
     except UnicodeError as exc:
-        return f"name_unicode {unicode!r} cannot be encoded as IDNA: {exc}"
-    if encoded != name:
-        return f"name_unicode {unicode!r} encodes to {encoded!r}, not to the name"
+        return f"A-label {name!r} does not decode: {exc}"
+    if decoded != unicode:
+        return f"name_unicode {unicode!r} is not what the name decodes to ({decoded!r})"
     return None
 
 

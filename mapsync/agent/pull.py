@@ -13,7 +13,7 @@ import contextlib
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -51,6 +51,10 @@ class PullResult:
     serial: int
     previous: int | None
     bytes: int = 0
+
+
+class FileAltered(VerificationError):
+    """A fetched map file does not have the manifest's sha256 and size."""
 
 
 class ChannelPaths:
@@ -161,14 +165,31 @@ def _pull(
     staging = paths.incoming / "release"
     staging.mkdir(mode=0o700)
     received += remote.fetch_tree(f"releases/{latest.serial}", staging, basis=paths.basis)
-    manifest = verify_release(
-        staging, latest, ch, trusted_keys(cfg), current, f"{ch.source}/releases/{latest.serial}"
-    )
+    where = f"{ch.source}/releases/{latest.serial}"
+    keys = trusted_keys(cfg)
+    try:
+        manifest = verify_release(staging, latest, ch, keys, current, where)
+    except FileAltered as exc:
+        if not paths.basis.exists():
+            raise
+        # rsync's quick check (size, mtime) trusts the local basis; if that copy was damaged
+        # on this node, the damage would come back on every run. Fetch once more without it.
+        _log.warning(
+            "discarding the local rsync basis and fetching again", channel=ch.name, reason=str(exc)
+        )
+        shutil.rmtree(paths.basis)
+        shutil.rmtree(staging)
+        staging.mkdir(mode=0o700)
+        received += remote.fetch_tree(f"releases/{latest.serial}", staging, basis=None)
+        manifest = verify_release(staging, latest, ch, keys, current, where)
 
     same = (
         current is not None
         and set(current.maps) == set(manifest.maps)
-        and all(current.maps[n].sha256 == m.sha256 for n, m in manifest.maps.items())
+        and all(
+            current.maps[n] == replace(m, forced=current.maps[n].forced)
+            for n, m in manifest.maps.items()
+        )
     )
     built = live.new_set_dir(manifest.serial)
     try:
@@ -176,10 +197,16 @@ def _pull(
             cur = live.current()
             assert cur is not None
             # A renewal: identical maps. Hard links keep the live inodes, so no daemon reloads.
-            for m in manifest.maps.values():
-                for f in (m.file, m.cdb.file if m.cdb else None):
-                    if f:
-                        os.link(cur / f, built / f)
+            try:
+                for m in manifest.maps.values():
+                    for f in (m.file, m.cdb.file if m.cdb else None):
+                        if f:
+                            os.link(cur / f, built / f)
+            except FileNotFoundError:  # the live set lost a file: rebuild it from the text
+                shutil.rmtree(built)
+                built = live.new_set_dir(manifest.serial)
+                build_set(staging, manifest, built, cur)
+                same = False
         else:
             build_set(staging, manifest, built, live.current())
         for f in (MANIFEST, SIGNATURE):
@@ -271,7 +298,7 @@ def verify_release(
             raise VerificationError(f"{where}/{m.file}: missing or not a regular file (map {name})")
         digest, size = text.sha256_file(path)
         if size != m.size or digest != m.sha256:
-            raise VerificationError(
+            raise FileAltered(
                 f"{where}/{m.file}: sha256 {digest[:16]}… size {size} does not match the manifest "
                 f"({m.sha256[:16]}… size {m.size}); the file was altered"
             )

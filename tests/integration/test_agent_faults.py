@@ -41,3 +41,34 @@ def test_two_channels_may_not_share_a_target(cluster: Cluster) -> None:
         ConfigError, match=r"\[agent.channels.mx2\] target: .* overlaps the target of channel mx"
     ):
         config.load(cluster.config_path)
+
+
+def test_a_damaged_local_rsync_basis_is_discarded_not_blamed_on_the_publisher(
+    cluster: Cluster,
+) -> None:
+    """rsync trusts size and mtime of its basis; a basis damaged on the node (same size, same
+    mtime) would be linked into every later fetch and fail verification forever."""
+    import os
+
+    from sqlalchemy import create_engine, insert
+
+    from mapsync.sources import schema as t
+
+    cluster.publish()
+    cluster.pull()
+    basis = cluster.state / "mx" / "basis" / "domains"
+    st = basis.stat()
+    data = bytearray(basis.read_bytes())
+    data[-2] = ord("X") if data[-2] != ord("X") else ord("Y")  # same size, different bytes
+    basis.write_bytes(bytes(data))
+    os.utime(basis, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+    engine = create_engine(cluster.db_url)
+    with engine.begin() as conn:  # a change elsewhere: `domains` ships unchanged in serial 2
+        conn.execute(insert(t.account).values(domain_id=2, local_part="fresh", status="active"))
+    engine.dispose()
+    cluster.publish()
+    proc = cluster.pull()
+    assert "installed serial 2" in proc.stdout
+    assert "discarding the local rsync basis" in proc.stderr
+    assert cluster.cli("verify").returncode == 0
