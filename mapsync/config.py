@@ -30,6 +30,7 @@ class Guards:
     min_entries: int = 1
     max_shrink: float = 0.10
     max_growth: float = 1.00
+    max_change: float = 0.30
 
 
 @dataclass(frozen=True)
@@ -196,11 +197,12 @@ def _path(section: _Section, key: str, default: Any = _REQUIRED) -> Path:
 
 
 def _guards(section: _Section, base: Guards) -> Guards:
-    section.allow("min_entries", "max_shrink", "max_growth")
+    section.allow("min_entries", "max_shrink", "max_growth", "max_change")
     return Guards(
         min_entries=section.integer("min_entries", base.min_entries),
         max_shrink=section.percent("max_shrink", base.max_shrink),
         max_growth=section.percent("max_growth", base.max_growth),
+        max_change=section.percent("max_change", base.max_change),
     )
 
 

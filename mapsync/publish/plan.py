@@ -98,7 +98,11 @@ def diff_files(name: str, old: Path | None, new: Path, before: int, after: int) 
 
 
 def check(plan: MapPlan, guards: Guards, channel: str) -> Violation | None:
-    """The guard ``plan`` violates, if any. Shrink and growth apply from 10 entries up."""
+    """The guard ``plan`` violates, if any. Shrink, growth and change apply from 10 entries up.
+
+    ``max_change`` counts keys whose value changed (added and removed keys are what
+    shrink and growth measure): a transport map where every domain suddenly routes elsewhere.
+    """
     if plan.after < guards.min_entries:
         return Violation(
             channel,
@@ -122,4 +126,11 @@ def check(plan: MapPlan, guards: Guards, channel: str) -> Violation | None:
                     plan.name,
                     f"grows by {growth:.1%} ({plan.before} → {plan.after} entries), more than max_growth = {guards.max_growth:.0%}",
                 )
+        change = plan.changed / plan.before
+        if change > guards.max_change:
+            return Violation(
+                channel,
+                plan.name,
+                f"changes the value of {change:.1%} of its entries ({plan.changed} of {plan.before}), more than max_change = {guards.max_change:.0%}",
+            )
     return None
