@@ -52,6 +52,7 @@ class PublisherConfig:
     keep: int = 20
     expires: int = 7 * 86400
     full_check: int = 15 * 60
+    lock_wait: int = 30
     guards: Guards = Guards()
     map_guards: dict[str, Guards] = field(default_factory=dict)
     channels: dict[str, PublisherChannel] = field(default_factory=dict)
@@ -218,6 +219,7 @@ def _publisher(path: Path, data: Any) -> PublisherConfig:
         "keep",
         "expires",
         "full_check",
+        "lock_wait",
         "guards",
         "channels",
     )
@@ -273,6 +275,7 @@ def _publisher(path: Path, data: Any) -> PublisherConfig:
         keep=s.integer("keep", 20, minimum=2),
         expires=s.duration("expires", 7 * 86400),
         full_check=s.duration("full_check", 15 * 60),
+        lock_wait=s.duration("lock_wait", 30),
         guards=base,
         map_guards=map_guards,
         channels=channels,

@@ -126,45 +126,57 @@ class Publisher:
     ) -> PublishResult:
         selected = self._select(channels)
         key = None if dry_run else load_private(self.cfg.signing_key)
-        with self.repo.lock():
+        with self.repo.lock(self.cfg.lock_wait):
             source = self._source()
             try:
-                if not force and not skip_invalid:
-                    # Cheap path: counts and newest updated_at equal to what the last release
-                    # recorded, same channel definition, not due for renewal → nothing to do.
-                    fingerprint = source.fingerprint().digest()
-                    quiet = [self._quiet(ch, fingerprint) for ch in selected]
-                    if all(plan is not None for plan in quiet):
-                        _log.info(
-                            "database unchanged since the last releases", fingerprint=fingerprint
-                        )
-                        return PublishResult([p for p in quiet if p is not None], [], dry_run)
-                _log.info("reading snapshot", database=source.safe_url)
-                snap = source.snapshot()
+                # The repository lock covers publishers sharing a disk; the source's lock (a
+                # PostgreSQL advisory lock) covers a standby publisher host on its own disk.
+                with source.lock(self.cfg.lock_wait):
+                    return self._locked_run(source, selected, key, dry_run, force, skip_invalid)
             finally:
                 source.close()
-            snap, skipped = self._validated(snap, skip_invalid)
-            directory = Directory(snap)
-            staged: list[_Staged] = []
-            try:
-                for ch in selected:
-                    staged.append(self._stage(ch, directory, snap, source, skipped))
-                violations = [v for s in staged for v in self._guard(s, force)]
-                if violations and not dry_run:
-                    raise UnsafePlan(
-                        "publish refused by guards; nothing was written (use --force if the change is intended):\n  "
-                        + "\n  ".join(str(v) for v in violations)
-                    )
-                if not dry_run:
-                    assert key is not None
-                    for s in staged:
-                        self._commit(s, key)
-                        serial = s.manifest.serial if s.manifest else s.plan.previous
-                        self.repo.record_check(s.plan.channel, snap.fingerprint.digest(), serial)
-            finally:
+
+    def _locked_run(
+        self,
+        source: Source,
+        selected: list[PublisherChannel],
+        key: Ed25519PrivateKey | None,
+        dry_run: bool,
+        force: bool,
+        skip_invalid: bool,
+    ) -> PublishResult:
+        if not force and not skip_invalid:
+            # Cheap path: counts and newest updated_at equal to what the last full check
+            # recorded, same channel definition, not due for renewal → nothing to do.
+            fingerprint = source.fingerprint().digest()
+            quiet = [self._quiet(ch, fingerprint) for ch in selected]
+            if all(plan is not None for plan in quiet):
+                _log.info("database unchanged since the last releases", fingerprint=fingerprint)
+                return PublishResult([p for p in quiet if p is not None], [], dry_run)
+        _log.info("reading snapshot", database=source.safe_url)
+        snap = source.snapshot()
+        snap, skipped = self._validated(snap, skip_invalid)
+        directory = Directory(snap)
+        staged: list[_Staged] = []
+        try:
+            for ch in selected:
+                staged.append(self._stage(ch, directory, snap, source, skipped))
+            violations = [v for s in staged for v in self._guard(s, force)]
+            if violations and not dry_run:
+                raise UnsafePlan(
+                    "publish refused by guards; nothing was written (use --force if the change is intended):\n  "
+                    + "\n  ".join(str(v) for v in violations)
+                )
+            if not dry_run:
+                assert key is not None
                 for s in staged:
-                    shutil.rmtree(s.staging.parent, ignore_errors=True)
-            return PublishResult([s.plan for s in staged], skipped, dry_run)
+                    self._commit(s, key)
+                    serial = s.manifest.serial if s.manifest else s.plan.previous
+                    self.repo.record_check(s.plan.channel, snap.fingerprint.digest(), serial)
+        finally:
+            for s in staged:
+                shutil.rmtree(s.staging.parent, ignore_errors=True)
+        return PublishResult([s.plan for s in staged], skipped, dry_run)
 
     def _quiet(self, ch: PublisherChannel, fingerprint: str) -> ChannelPlan | None:
         """A no-change plan for ``ch`` if the database and the channel are as last published."""

@@ -18,6 +18,8 @@ Config example::
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from mapsync.snapshot import Fingerprint, Snapshot
 
@@ -33,6 +35,11 @@ class Source(ABC):
 
     @abstractmethod
     def snapshot(self) -> Snapshot: ...
+
+    @contextmanager
+    def lock(self, wait: float = 30.0) -> Iterator[None]:
+        """Hold the database-side publisher lock, where the database has one (default: none)."""
+        yield
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -9,10 +12,13 @@ from sqlalchemy import Connection, Engine, create_engine, func, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
-from mapsync.errors import SourceError
+from mapsync.errors import LockBusy, SourceError
 from mapsync.snapshot import Account, Alias, Domain, Fingerprint, Mailstore, Snapshot
 from mapsync.sources import schema as t
 from mapsync.sources.base import Source
+
+# pg_advisory_lock key of the publisher: "mapsync" as a number, the same on every host.
+ADVISORY_LOCK = int.from_bytes(b"mapsync", "big")
 
 
 def make_engine(url: str) -> Engine:
@@ -171,6 +177,35 @@ class BuiltinSource(Source):
             fingerprint=fingerprint,
             taken_at=datetime.now(UTC),
         )
+
+    @contextmanager
+    def lock(self, wait: float = 30.0) -> Iterator[None]:
+        """On PostgreSQL, a session advisory lock: publishers on different hosts (a standby)
+        never publish at the same time. Waits up to ``wait`` seconds, then LockBusy."""
+        if self.engine.dialect.name != "postgresql":
+            yield
+            return
+        try:
+            conn = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+        except SQLAlchemyError as exc:
+            raise self._fail("taking the publisher lock", exc) from None
+        try:
+            deadline = time.monotonic() + wait
+            while not conn.execute(select(func.pg_try_advisory_lock(ADVISORY_LOCK))).scalar():
+                if time.monotonic() >= deadline:
+                    raise LockBusy(
+                        f"database {self.safe_url}: another publisher holds advisory lock "
+                        f"{ADVISORY_LOCK} (waited {wait:.0f}s)"
+                    )
+                time.sleep(0.5)
+            try:
+                yield
+            finally:
+                conn.execute(select(func.pg_advisory_unlock(ADVISORY_LOCK)))
+        except SQLAlchemyError as exc:
+            raise self._fail("holding the publisher lock", exc) from None
+        finally:
+            conn.close()
 
     def close(self) -> None:
         self.engine.dispose()
