@@ -60,8 +60,8 @@ def test_publishers_started_together_make_distinct_serials(cluster: Cluster) -> 
 
 @pytest.mark.postgresql
 def test_a_standby_publisher_on_postgresql_respects_the_advisory_lock(
-    tmp_path, pg_url: str
-) -> None:  # type: ignore[no-untyped-def]
+    tmp_path: Path, pg_url: str
+) -> None:
     """Two publisher hosts have separate repositories (no shared flock); the database lock
     is what keeps them apart."""
     c = make_cluster(tmp_path / "pg", pg_url, accounts=30, domains=3, aliases=5)
