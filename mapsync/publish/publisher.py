@@ -19,12 +19,12 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from mapsync import GENERATOR, log
 from mapsync.atomic import atomic_write, fsync_dir
 from mapsync.config import PublisherChannel, PublisherConfig
-from mapsync.errors import InvalidData, UnsafePlan
+from mapsync.errors import InvalidData, MapsyncError, UnsafePlan, VerificationError
 from mapsync.formats import cdb, text
 from mapsync.maps import CATALOGUE, Directory
 from mapsync.publish.plan import ChannelPlan, MapPlan, Violation, check, diff_files
@@ -41,7 +41,7 @@ from mapsync.release import (
     parse_iso,
     utcnow,
 )
-from mapsync.signing import load_private, sign
+from mapsync.signing import key_id, load_private, load_public, public_path, sign, verify
 from mapsync.snapshot import Snapshot
 from mapsync.sources import Source
 from mapsync.validate import Problem
@@ -113,6 +113,7 @@ class Publisher:
 
     def __init__(self, cfg: PublisherConfig, source: Callable[[], Source]) -> None:
         self.cfg = cfg
+        self._public: Ed25519PublicKey | None = None
         self.repo = Repository(cfg.repository)
         self._source = source
 
@@ -126,6 +127,7 @@ class Publisher:
     ) -> PublishResult:
         selected = self._select(channels)
         key = None if dry_run else load_private(self.cfg.signing_key)
+        self._public = key.public_key() if key else self._public_half()
         with self.repo.lock(self.cfg.lock_wait):
             source = self._source()
             try:
@@ -178,6 +180,30 @@ class Publisher:
                 shutil.rmtree(s.staging.parent, ignore_errors=True)
         return PublishResult([s.plan for s in staged], skipped, dry_run)
 
+    def _public_half(self) -> Ed25519PublicKey | None:
+        """For a dry run, which needs no private key: the public half beside it, if readable."""
+        try:
+            return load_public(public_path(self.cfg.signing_key))
+        except MapsyncError:
+            return None
+
+    def _signed_by_us(self, channel: str, serial: int) -> bool:
+        """Whether release ``serial`` carries our key's signature. After a key rotation it does
+        not, and the release is renewed (same maps, new signature) so agents can drop the old key."""
+        if self._public is None:
+            return True
+        release = self.repo.release(channel, serial)
+        try:
+            verify(
+                {key_id(self._public): self._public},
+                (release / MANIFEST).read_bytes(),
+                (release / SIGNATURE).read_bytes(),
+                str(release / SIGNATURE),
+            )
+        except (VerificationError, FileNotFoundError):
+            return False
+        return True
+
     def _quiet(self, ch: PublisherChannel, fingerprint: str) -> ChannelPlan | None:
         """A no-change plan for ``ch`` if the database and the channel are as last published."""
         last = self.repo.latest_manifest(ch.name)
@@ -194,6 +220,7 @@ class Publisher:
             # late commit, a bulk import) is invisible to the fingerprint: trust it only so long.
             or now >= parse_iso(str(checked.get("at"))) + timedelta(seconds=self.cfg.full_check)
             or now >= self._renew_after(last)
+            or not self._signed_by_us(ch.name, last.serial)
         ):
             return None
         return ChannelPlan(ch.name, last.serial, None, "none")
@@ -262,7 +289,7 @@ class Publisher:
         )
         if same_set:
             assert last is not None
-            if now < self._renew_after(last):
+            if now < self._renew_after(last) and self._signed_by_us(ch.name, last.serial):
                 plan.serial = None
                 return _Staged(plan, staging)
             plan.action = "renew"
