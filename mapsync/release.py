@@ -116,16 +116,21 @@ def _hexdigest(value: str, where: str) -> str:
     return value
 
 
-def parse_latest(data: bytes, where: str) -> Latest:
-    """Parse a LATEST pointer, refusing anything odd."""
-    if len(data) > 4096:
-        raise VerificationError(f"{where}: {len(data)} bytes, a LATEST pointer is tiny")
+def _json_object(data: bytes, where: str) -> dict[str, Any]:
     try:
         obj = json.loads(data)
     except (ValueError, UnicodeDecodeError) as exc:
         raise VerificationError(f"{where}: not JSON: {exc}") from None
     if not isinstance(obj, dict):
         raise VerificationError(f"{where}: not a JSON object")
+    return obj
+
+
+def parse_latest(data: bytes, where: str) -> Latest:
+    """Parse a LATEST pointer, refusing anything odd."""
+    if len(data) > 4096:
+        raise VerificationError(f"{where}: {len(data)} bytes, a LATEST pointer is tiny")
+    obj = _json_object(data, where)
     serial = _req(obj, "serial", int, where)
     if serial < 1:
         raise VerificationError(f"{where}: serial must be positive")
@@ -138,12 +143,7 @@ def parse_manifest(data: bytes, where: str) -> Manifest:
     """Parse manifest bytes whose signature has already been verified; check every field."""
     if len(data) > MAX_MANIFEST_BYTES:
         raise VerificationError(f"{where}: {len(data)} bytes is too large for a manifest")
-    try:
-        obj = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise VerificationError(f"{where}: not JSON: {exc}") from None
-    if not isinstance(obj, dict):
-        raise VerificationError(f"{where}: not a JSON object")
+    obj = _json_object(data, where)
     fmt = _req(obj, "format", int, where)
     if fmt != FORMAT:
         raise VerificationError(

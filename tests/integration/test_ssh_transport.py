@@ -62,27 +62,21 @@ def sshd(tmp_path: Path) -> Iterator[tuple[int, Path]]:
         log.close()
 
 
-def test_an_agent_pulls_over_ssh_and_postfix_reads_the_result(
-    cluster: Cluster, sshd: tuple[int, Path]
-) -> None:
-    port, key = sshd
-    ssh = [
-        "ssh",
-        "-i",
-        str(key),
-        "-o",
-        "BatchMode=yes",
-        "-o",
-        "StrictHostKeyChecking=no",
-        "-o",
-        "UserKnownHostsFile=/dev/null",
-        "-o",
-        "LogLevel=ERROR",
-    ]
+def use_ssh(cluster: Cluster, port: int, key: Path) -> None:
+    """Point the cluster's agent at its repository through the test sshd, with ``key``."""
+    ssh = ["ssh", "-i", str(key), "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no"]
+    ssh += ["-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR"]
     cluster.write_config(
         source=f"ssh://root@127.0.0.1:{port}{cluster.repo}/mx",
         extra_agent="ssh = [" + ", ".join(f'"{a}"' for a in ssh) + "]",
     )
+
+
+def test_an_agent_pulls_over_ssh_and_postfix_reads_the_result(
+    cluster: Cluster, sshd: tuple[int, Path]
+) -> None:
+    port, key = sshd
+    use_ssh(cluster, port, key)
     cluster.publish()
     out = cluster.pull().stdout
     assert "installed serial 1" in out
@@ -100,21 +94,7 @@ def test_an_ssh_key_the_server_refuses_fails_cleanly_and_installs_nothing(
     port, _ = sshd
     stranger = tmp_path / "stranger"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(stranger)], check=True)
-    ssh = [
-        "ssh",
-        "-i",
-        str(stranger),
-        "-o",
-        "BatchMode=yes",
-        "-o",
-        "StrictHostKeyChecking=no",
-        "-o",
-        "UserKnownHostsFile=/dev/null",
-    ]
-    cluster.write_config(
-        source=f"ssh://root@127.0.0.1:{port}{cluster.repo}/mx",
-        extra_agent="ssh = [" + ", ".join(f'"{a}"' for a in ssh) + "]",
-    )
+    use_ssh(cluster, port, stranger)
     cluster.publish()
     proc = cluster.cli("pull")
     assert proc.returncode == 2
