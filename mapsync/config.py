@@ -71,6 +71,7 @@ class AgentChannel:
     critical_after: int = 2 * 3600
     timeout: int = 300
     ssh: tuple[str, ...] = ("ssh", "-o", "BatchMode=yes")
+    password_file: Path | None = None  # rsync daemon password (``auth users`` of the module)
 
 
 @dataclass(frozen=True)
@@ -297,7 +298,15 @@ def _agent(path: Path, data: Any) -> AgentConfig:
             )
         cs = _Section(path, where, sub)
         cs.allow(
-            "source", "target", "reload", "inbox", "warn_after", "critical_after", "timeout", "ssh"
+            "source",
+            "target",
+            "reload",
+            "inbox",
+            "warn_after",
+            "critical_after",
+            "timeout",
+            "ssh",
+            "password_file",
         )
         warn = cs.duration("warn_after", 15 * 60)
         crit = cs.duration("critical_after", 2 * 3600)
@@ -313,6 +322,11 @@ def _agent(path: Path, data: Any) -> AgentConfig:
             )
         if not source.startswith(("rsync://", "ssh://", "file://", "/")):
             source = str(_path(cs, "source"))
+        if "password_file" in cs.data and not source.startswith("rsync://"):
+            raise ConfigError(
+                f"{cs.where('password_file')}: only an rsync:// source takes a password "
+                "(ssh:// authenticates with the ssh key)"
+            )
         channels[name] = AgentChannel(
             name=name,
             source=source,
@@ -323,6 +337,7 @@ def _agent(path: Path, data: Any) -> AgentConfig:
             critical_after=crit,
             timeout=cs.duration("timeout", 300),
             ssh=cs.strlist("ssh", AgentChannel.ssh),
+            password_file=_path(cs, "password_file") if "password_file" in cs.data else None,
         )
     if not channels:
         raise ConfigError(f"{path}: [agent.channels]: define at least one channel")

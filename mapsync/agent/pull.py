@@ -125,7 +125,7 @@ def pull(cfg: AgentConfig, ch: AgentChannel) -> PullResult:
 def _pull(
     cfg: AgentConfig, ch: AgentChannel, paths: ChannelPaths, state: ChannelState
 ) -> PullResult:
-    remote = Remote(ch.source, ch.timeout, ch.ssh)
+    remote = Remote(ch.source, ch.timeout, ch.ssh, ch.password_file)
     live = LiveSet(ch.target)
     if live.sets.is_dir():
         try:

@@ -1,5 +1,9 @@
 """rsync, wrapped with ``sh``: local paths, ``rsync://`` daemon modules and ``ssh://``.
 
+Access per channel is the server's job (see docs/security.md): an rsync daemon module per
+channel with ``auth users`` (the agent sends ``--password-file``), or an ssh key restricted
+with ``rrsync -ro`` to one channel's directory. A refusal is an ordinary rsync failure here.
+
 Only regular files and directories are ever transferred: rsync runs without ``-l``/``-D``,
 so a symlink or device file in a hostile repository is skipped here and then missed by
 verification, never created on the node. Files land private (0600, dirs 0700) in the
@@ -9,7 +13,9 @@ agent's staging area. Text is delta-transferred against the previously installed
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -66,6 +72,19 @@ def run(argv: list[str], timeout: int) -> str:
         raise TransportError(f"rsync timed out after {timeout}s: rsync {' '.join(argv)}") from None
     except sh.ErrorReturnCode as exc:
         err = exc.stderr.decode("utf-8", "replace").strip()
+        if "failed to read a password from -" in err:
+            err = (
+                "the rsync daemon module asks for a password and this channel has no "
+                "password_file (nor RSYNC_PASSWORD in the environment)\n" + err
+            )
+        elif "@ERROR: auth failed on module" in err:
+            # The daemon does not say why (wrong password, user not in `auth users` of this
+            # module, no password sent); its log does. Point at what the operator can check.
+            err += (
+                "\n(the rsync daemon refused the credentials for this module: check the user in "
+                "the source URL, the channel's password_file, and the module's `auth users` and "
+                "`secrets file`)"
+            )
         raise TransportError(
             f"rsync failed (exit {exc.exit_code}): {err or 'no message'}"
         ) from None
@@ -74,16 +93,61 @@ def run(argv: list[str], timeout: int) -> str:
     return str(out)
 
 
+def check_password_file(path: Path, source: str) -> None:
+    """Refuse a ``password_file`` rsync would refuse, with a message that names it and the fix.
+
+    rsync itself rejects a file others may read, and one not owned by root when run as root;
+    a secret is also refused when its group may read it (mode 0600 or 0400 is what works).
+    """
+    where = f"password_file {path}"
+    if not urlsplit(source).username:
+        raise ConfigError(
+            f"{where}: the source {source!r} names no user; write rsync://USER@host/module/... "
+            "(the user of the module's `auth users`)"
+        )
+    try:
+        st = path.stat()
+    except OSError as exc:
+        raise TransportError(f"{where}: cannot be read: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise TransportError(f"{where}: not a regular file")
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o077:
+        raise TransportError(
+            f"{where}: mode {mode:04o} lets others read the rsync password; "
+            f"rsync requires 0600 (chmod 600 {path})"
+        )
+    if os.geteuid() == 0 and st.st_uid != 0:
+        raise TransportError(
+            f"{where}: owned by uid {st.st_uid}, but rsync running as root requires it to be "
+            f"owned by root (chown root {path})"
+        )
+
+
 _BYTES = re.compile(r"Total bytes (?:sent|received): ([\d,.]+)")
 
 
 class Remote:
     """One channel's source, fetched with rsync."""
 
-    def __init__(self, source: str, timeout: int = 300, ssh: tuple[str, ...] = DEFAULT_SSH) -> None:
+    def __init__(
+        self,
+        source: str,
+        timeout: int = 300,
+        ssh: tuple[str, ...] = DEFAULT_SSH,
+        password_file: Path | None = None,
+    ) -> None:
         self.source = source
         self.endpoint = parse_source(source, ssh)
         self.timeout = timeout
+        if password_file is not None:
+            if not self.endpoint.daemon:
+                raise ConfigError(
+                    f"password_file {password_file}: only an rsync:// source takes a password "
+                    f"(this source is {source!r}; ssh:// authenticates with the ssh key)"
+                )
+            check_password_file(password_file, source)
+        self.password_file = password_file
 
     def _argv(self, *extra: str) -> list[str]:
         argv = [
@@ -101,6 +165,12 @@ class Remote:
         ]
         if self.endpoint.daemon:
             argv += [f"--contimeout={max(min(self.timeout, 60), 1)}", "--no-motd"]
+            if self.password_file is not None:
+                argv.append(f"--password-file={self.password_file}")
+            elif "RSYNC_PASSWORD" not in os.environ:
+                # Never prompt: rsync would ask on the terminal and hang until the timeout.
+                # "-" reads stdin, which is empty; a module without `auth users` never asks.
+                argv.append("--password-file=-")
         if self.endpoint.ssh:
             argv += ["-e", " ".join(self.endpoint.ssh)]
         return argv + list(extra)
