@@ -72,6 +72,7 @@ class AgentChannel:
     timeout: int = 300
     ssh: tuple[str, ...] = ("ssh", "-o", "BatchMode=yes")
     password_file: Path | None = None  # rsync daemon password (``auth users`` of the module)
+    keep: int = 5  # verified releases kept on the node for ``rollback``
 
 
 @dataclass(frozen=True)
@@ -307,6 +308,7 @@ def _agent(path: Path, data: Any) -> AgentConfig:
             "timeout",
             "ssh",
             "password_file",
+            "keep",
         )
         warn = cs.duration("warn_after", 15 * 60)
         crit = cs.duration("critical_after", 2 * 3600)
@@ -338,6 +340,7 @@ def _agent(path: Path, data: Any) -> AgentConfig:
             timeout=cs.duration("timeout", 300),
             ssh=cs.strlist("ssh", AgentChannel.ssh),
             password_file=_path(cs, "password_file") if "password_file" in cs.data else None,
+            keep=cs.integer("keep", AgentChannel.keep, minimum=2),
         )
     if not channels:
         raise ConfigError(f"{path}: [agent.channels]: define at least one channel")

@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from mapsync import log
 from mapsync.agent.hooks import run_reload
+from mapsync.agent.kept import KEPT, KeptReleases
 from mapsync.agent.liveset import LiveSet, SwapUnfinished
 from mapsync.agent.state import ChannelState, channel_lock
 from mapsync.config import AgentChannel, AgentConfig
@@ -47,10 +48,11 @@ _log = log.get("agent")
 @dataclass
 class PullResult:
     channel: str
-    action: str  # installed | renewed | current
+    action: str  # installed | renewed | current | pinned
     serial: int
     previous: int | None
     bytes: int = 0
+    latest: int | None = None  # LATEST's serial, when pinned to an older one
 
 
 class FileAltered(VerificationError):
@@ -66,6 +68,7 @@ class ChannelPaths:
         self.basis = (
             self.root / "basis"
         )  # verified text of the installed release: rsync's delta basis
+        self.kept = KeptReleases(self.root / KEPT)  # verified releases kept for rollback
 
 
 def trusted_keys(cfg: AgentConfig) -> dict[str, Ed25519PublicKey]:
@@ -86,13 +89,33 @@ def installed(live: LiveSet, where: str) -> Manifest | None:
     return parse_manifest(pair[0], f"{where}/{MANIFEST}")
 
 
-def pull(cfg: AgentConfig, ch: AgentChannel) -> PullResult:
-    """Bring ``ch`` up to date; record the outcome in its state file whatever happens."""
+def settled(ch: AgentChannel) -> LiveSet:
+    """The live set of ``ch``, after finishing what a run killed right after its swap left."""
+    live = LiveSet(ch.target)
+    if live.sets.is_dir():
+        try:
+            live.settle()
+        except OSError as exc:
+            raise InstallError(
+                f"channel {ch.name}: finishing the last swap in {ch.target} failed: {exc}"
+            ) from None
+    return live
+
+
+def pull(cfg: AgentConfig, ch: AgentChannel, *, unpin: bool = False) -> PullResult:
+    """Bring ``ch`` up to date; record the outcome in its state file whatever happens.
+
+    While the channel is pinned by ``rollback`` the source is checked but nothing newer is
+    installed; ``unpin`` clears the pin first, so the pull installs what LATEST names.
+    """
     paths = ChannelPaths(cfg, ch)
     paths.root.mkdir(parents=True, exist_ok=True, mode=0o700)
     with channel_lock(paths.lock):
         state = ChannelState.load(paths.state)
         state.last_attempt = iso(utcnow())
+        if unpin and state.pinned is not None:
+            _log.info("unpinned", channel=ch.name, serial=state.pinned)
+            state.pinned = None
         try:
             try:
                 result = _pull(cfg, ch, paths, state)
@@ -126,14 +149,7 @@ def _pull(
     cfg: AgentConfig, ch: AgentChannel, paths: ChannelPaths, state: ChannelState
 ) -> PullResult:
     remote = Remote(ch.source, ch.timeout, ch.ssh, ch.password_file)
-    live = LiveSet(ch.target)
-    if live.sets.is_dir():
-        try:
-            live.settle()  # finish what a run killed right after its swap left behind
-        except OSError as exc:
-            raise InstallError(
-                f"channel {ch.name}: finishing the last swap in {ch.target} failed: {exc}"
-            ) from None
+    live = settled(ch)
     current = installed(live, str(ch.target))
     shutil.rmtree(paths.incoming, ignore_errors=True)
     paths.incoming.mkdir(mode=0o700)
@@ -142,6 +158,8 @@ def _pull(
     where = f"{ch.source}/{LATEST}"
     latest = parse_latest((paths.incoming / LATEST).read_bytes(), where)
     if current is not None:
+        if state.pinned is not None and latest.serial >= current.serial:
+            return _pinned(ch, current, latest, received)
         if latest.serial < current.serial:
             raise VerificationError(
                 f"{where}: serial {latest.serial} is lower than the installed {current.serial} "
@@ -160,6 +178,10 @@ def _pull(
                     "and the publisher has not renewed it (maps keep serving)"
                 )
             _log.info("up to date", channel=ch.name, serial=current.serial)
+            cur = live.current()
+            if cur is not None and not paths.kept.has(current.serial):
+                # Installed by a mapsync that kept nothing: keep it now, so it can be rolled back to.
+                _keep(ch, paths, cur, current)
             return PullResult(ch.name, "current", current.serial, current.serial, received)
 
     staging = paths.incoming / "release"
@@ -191,46 +213,8 @@ def _pull(
             for n, m in manifest.maps.items()
         )
     )
-    built = live.new_set_dir(manifest.serial)
-    try:
-        if same:
-            cur = live.current()
-            assert cur is not None
-            # A renewal: identical maps. Hard links keep the live inodes, so no daemon reloads.
-            try:
-                for m in manifest.maps.values():
-                    for f in (m.file, m.cdb.file if m.cdb else None):
-                        if f:
-                            os.link(cur / f, built / f)
-            except FileNotFoundError:  # the live set lost a file: rebuild it from the text
-                shutil.rmtree(built)
-                built = live.new_set_dir(manifest.serial)
-                build_set(staging, manifest, built, cur)
-                same = False
-        else:
-            build_set(staging, manifest, built, live.current())
-        for f in (MANIFEST, SIGNATURE):
-            shutil.copyfile(staging / f, built / f)
-            os.chmod(built / f, 0o644)
-        _fsync_tree(built)
-        if ch.reload and not same:
-            # The hook is owed from the swap on: a run killed before it ran must not lose it.
-            state.reload_pending = True
-            state.save(paths.state)
-        live.swap(built, manifest.serial)
-    except SwapUnfinished as exc:
-        raise InstallError(
-            f"channel {ch.name}: serial {manifest.serial} is live, but finishing the swap failed: "
-            f"{exc}; the next run finishes it"
-        ) from None
-    except OSError as exc:
-        shutil.rmtree(built, ignore_errors=True)
-        raise InstallError(
-            f"channel {ch.name}: installing serial {manifest.serial} failed: {exc}; the old set keeps serving"
-        ) from None
-    except BaseException:
-        shutil.rmtree(built, ignore_errors=True)
-        raise
+    same = install(live, staging, manifest, ch, paths, state, renewal=same)
+    _keep(ch, paths, staging, manifest)
     # Promote the verified text to be the next run's rsync basis.
     old_basis = paths.root / "basis.old"
     shutil.rmtree(old_basis, ignore_errors=True)
@@ -251,6 +235,155 @@ def _pull(
     )
 
 
+def install(
+    live: LiveSet,
+    src: Path,
+    manifest: Manifest,
+    ch: AgentChannel,
+    paths: ChannelPaths,
+    state: ChannelState,
+    *,
+    renewal: bool = False,
+    pin: int | None = None,
+) -> bool:
+    """Build the set of a verified ``manifest`` from the text in ``src`` and swap it in.
+
+    ``renewal`` (same maps as the live set): hard links keep the live inodes, so no daemon
+    reloads; returns whether it stayed a renewal. ``pin`` records a rollback's pin in the
+    state before the swap, so a run killed after the swap cannot forget it.
+    """
+    same = renewal
+    was_pinned = state.pinned
+    built = live.new_set_dir(manifest.serial)
+    try:
+        if same:
+            cur = live.current()
+            assert cur is not None
+            # A renewal: identical maps. Hard links keep the live inodes, so no daemon reloads.
+            try:
+                for m in manifest.maps.values():
+                    for f in (m.file, m.cdb.file if m.cdb else None):
+                        if f:
+                            os.link(cur / f, built / f)
+            except FileNotFoundError:  # the live set lost a file: rebuild it from the text
+                shutil.rmtree(built)
+                built = live.new_set_dir(manifest.serial)
+                build_set(src, manifest, built, cur)
+                same = False
+        else:
+            build_set(src, manifest, built, live.current())
+        for f in (MANIFEST, SIGNATURE):
+            shutil.copyfile(src / f, built / f)
+            os.chmod(built / f, 0o644)
+        _fsync_tree(built)
+        if (ch.reload and not same) or pin is not None:
+            # The hook (and the pin) are owed from the swap on: a run killed before it ran
+            # must not lose them.
+            state.reload_pending = state.reload_pending or bool(ch.reload and not same)
+            state.pinned = pin if pin is not None else state.pinned
+            state.save(paths.state)
+        live.swap(built, manifest.serial)
+    except SwapUnfinished as exc:
+        raise InstallError(
+            f"channel {ch.name}: serial {manifest.serial} is live, but finishing the swap failed: "
+            f"{exc}; the next run finishes it"
+        ) from None
+    except OSError as exc:
+        shutil.rmtree(built, ignore_errors=True)
+        state.pinned = was_pinned
+        raise InstallError(
+            f"channel {ch.name}: installing serial {manifest.serial} failed: {exc}; the old set keeps serving"
+        ) from None
+    except BaseException:
+        shutil.rmtree(built, ignore_errors=True)
+        state.pinned = was_pinned
+        raise
+    return same
+
+
+def _pinned(ch: AgentChannel, current: Manifest, latest: Latest, received: int) -> PullResult:
+    """The source was reached and LATEST is sane, but ``rollback`` pinned the installed serial."""
+    if current.expires_at() <= datetime.now(UTC):
+        raise VerificationError(
+            f"channel {ch.name}: pinned serial {current.serial} expired at {current.expires} "
+            "(maps keep serving); `mapsync pull --unpin` installs LATEST, "
+            "`mapsync rollback --publisher SERIAL` re-publishes old content with a fresh expiry"
+        )
+    _log.info("pinned by rollback", channel=ch.name, serial=current.serial, latest=latest.serial)
+    return PullResult(
+        ch.name, "pinned", current.serial, current.serial, received, latest=latest.serial
+    )
+
+
+def _keep(ch: AgentChannel, paths: ChannelPaths, src: Path, manifest: Manifest) -> None:
+    """Keep a verified release for rollback. It is installed already: failing to keep a copy
+    (a full disk) is logged, never turned into a failed install."""
+    try:
+        dropped = paths.kept.keep(src, manifest, ch.keep, manifest.serial)
+    except OSError as exc:
+        _log.warning(
+            "could not keep a copy for rollback",
+            channel=ch.name,
+            serial=manifest.serial,
+            error=str(exc),
+        )
+        return
+    if dropped:
+        _log.debug("dropped kept releases", channel=ch.name, serials=dropped)
+
+
+def read_signed(
+    directory: Path,
+    ch: AgentChannel,
+    keys: dict[str, Ed25519PublicKey],
+    where: str,
+    latest: Latest | None = None,
+) -> tuple[Manifest, str]:
+    """(manifest, key id) of the release in ``directory``, after checking the manifest's
+    sha256 against ``latest`` (when given), its signature against the trusted keys, and that
+    it is for channel ``ch``."""
+    try:
+        data = (directory / MANIFEST).read_bytes()
+        sig = (directory / SIGNATURE).read_bytes()
+    except FileNotFoundError as exc:
+        raise VerificationError(f"{where}: {Path(exc.filename).name} is missing") from None
+    if latest is not None and manifest_sha256(data) != latest.manifest_sha256:
+        raise VerificationError(f"{where}/{MANIFEST}: sha256 differs from the one LATEST names")
+    kid = verify(keys, data, sig, f"{where}/{SIGNATURE}")
+    manifest = parse_manifest(data, f"{where}/{MANIFEST}")
+    if manifest.channel != ch.name:
+        raise VerificationError(
+            f"{where}/{MANIFEST}: is for channel {manifest.channel!r}, not {ch.name!r}"
+        )
+    return manifest, kid
+
+
+def verify_files(directory: Path, manifest: Manifest, where: str) -> None:
+    """Refuse an expired manifest, any file it does not name, and any text map whose sha256
+    or size differ from the manifest's."""
+    if manifest.expires_at() <= datetime.now(UTC):
+        raise VerificationError(
+            f"{where}/{MANIFEST}: expired at {manifest.expires}; not installing"
+        )
+    expected = manifest.files() | {MANIFEST, SIGNATURE}
+    present = set(os.listdir(directory))
+    extra = sorted(present - expected)
+    if extra:
+        raise VerificationError(
+            f"{where}: unexpected file(s) not named by the manifest: {', '.join(extra)}"
+        )
+    for name, m in sorted(manifest.maps.items()):
+        path = directory / m.file
+        if not path.is_file() or path.is_symlink():
+            raise VerificationError(f"{where}/{m.file}: missing or not a regular file (map {name})")
+        digest, size = text.sha256_file(path)
+        if size != m.size or digest != m.sha256:
+            raise FileAltered(
+                f"{where}/{m.file}: sha256 {digest[:16]}… size {size} does not match the manifest "
+                f"({m.sha256[:16]}… size {m.size}); the file was altered"
+            )
+
+
 def verify_release(
     staging: Path,
     latest: Latest,
@@ -260,19 +393,7 @@ def verify_release(
     where: str,
 ) -> Manifest:
     """Check everything about a fetched release; return its manifest or raise VerificationError."""
-    try:
-        data = (staging / MANIFEST).read_bytes()
-        sig = (staging / SIGNATURE).read_bytes()
-    except FileNotFoundError as exc:
-        raise VerificationError(f"{where}: {Path(exc.filename).name} is missing") from None
-    if manifest_sha256(data) != latest.manifest_sha256:
-        raise VerificationError(f"{where}/{MANIFEST}: sha256 differs from the one LATEST names")
-    kid = verify(keys, data, sig, f"{where}/{SIGNATURE}")
-    manifest = parse_manifest(data, f"{where}/{MANIFEST}")
-    if manifest.channel != ch.name:
-        raise VerificationError(
-            f"{where}/{MANIFEST}: is for channel {manifest.channel!r}, not {ch.name!r}"
-        )
+    manifest, kid = read_signed(staging, ch, keys, where, latest)
     if manifest.serial != latest.serial:
         raise VerificationError(
             f"{where}/{MANIFEST}: serial {manifest.serial}, but LATEST says {latest.serial}"
@@ -281,27 +402,7 @@ def verify_release(
         raise VerificationError(
             f"{where}/{MANIFEST}: serial {manifest.serial} is not newer than the installed {current.serial}"
         )
-    if manifest.expires_at() <= datetime.now(UTC):
-        raise VerificationError(
-            f"{where}/{MANIFEST}: expired at {manifest.expires}; not installing"
-        )
-    expected = manifest.files() | {MANIFEST, SIGNATURE}
-    present = set(os.listdir(staging))
-    extra = sorted(present - expected)
-    if extra:
-        raise VerificationError(
-            f"{where}: unexpected file(s) not named by the manifest: {', '.join(extra)}"
-        )
-    for name, m in sorted(manifest.maps.items()):
-        path = staging / m.file
-        if not path.is_file() or path.is_symlink():
-            raise VerificationError(f"{where}/{m.file}: missing or not a regular file (map {name})")
-        digest, size = text.sha256_file(path)
-        if size != m.size or digest != m.sha256:
-            raise FileAltered(
-                f"{where}/{m.file}: sha256 {digest[:16]}… size {size} does not match the manifest "
-                f"({m.sha256[:16]}… size {m.size}); the file was altered"
-            )
+    verify_files(staging, manifest, where)
     _log.debug("release verified", channel=ch.name, serial=manifest.serial, key=kid)
     return manifest
 

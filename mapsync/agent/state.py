@@ -28,6 +28,7 @@ class ChannelState:
     last_install: str | None = None
     last_bytes: int | None = None
     reload_pending: bool = False
+    pinned: int | None = None  # serial installed by ``rollback``; ``pull`` leaves it until --unpin
 
     @classmethod
     def load(cls, path: Path) -> ChannelState:

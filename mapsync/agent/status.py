@@ -29,6 +29,7 @@ class ChannelStatus:
     expires: str | None = None
     last_error: str | None = None
     entries: dict[str, int] | None = None
+    pinned: int | None = None  # serial pinned by ``rollback`` until ``pull --unpin``
 
     @property
     def level(self) -> str:
@@ -58,7 +59,7 @@ def channel_status(
         manifest = parse_manifest(pair[0], str(ch.target)) if pair else None
     except (OSError, ValueError, MapsyncError) as exc:
         return ChannelStatus(ch.name, EXIT_UNKNOWN, f"cannot read state: {exc}")
-    st = ChannelStatus(ch.name, EXIT_OK, "", last_error=state.last_error)
+    st = ChannelStatus(ch.name, EXIT_OK, "", last_error=state.last_error, pinned=state.pinned)
     st.last_success = state.last_success
     st.last_success_age = _age(state.last_success, now)
     problems: list[tuple[int, str]] = []
@@ -69,13 +70,13 @@ def channel_status(
         st.installed_age = _age(manifest.created, now)
         st.expires = manifest.expires
         st.entries = {n: m.entries for n, m in manifest.maps.items()}
-        if manifest.expires_at() <= now:
-            problems.append(
-                (
-                    EXIT_ERROR,
-                    f"expired {human(-int((manifest.expires_at() - now).total_seconds()))} ago",
-                )
-            )
+        left = int((manifest.expires_at() - now).total_seconds())
+        lifetime = int((manifest.expires_at() - manifest.created_at()).total_seconds())
+        if left <= 0:
+            problems.append((EXIT_ERROR, f"expired {human(-left)} ago"))
+        elif left * 4 <= lifetime:
+            # The publisher renews at half the lifetime; a quarter left means it has not.
+            problems.append((EXIT_WARNING, f"expires in {human(left)}"))
     age = st.last_success_age
     if age is None:
         problems.append((EXIT_ERROR, "never checked successfully"))
@@ -97,6 +98,13 @@ def channel_status(
         problems.append((EXIT_WARNING, f"last run failed: {state.last_error.splitlines()[0]}"))
     if state.reload_pending:
         problems.append((EXIT_WARNING, "reload hook failed; retried on the next run"))
+    if state.pinned is not None:
+        problems.append(
+            (
+                EXIT_WARNING,
+                f"pinned to serial {state.pinned} by rollback (`mapsync pull --unpin` follows the publisher again)",
+            )
+        )
     if problems:
         st.code = max(code for code, _ in problems)
     parts = []

@@ -125,7 +125,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
     worst = EXIT_OK
     for ch in _agent_channels(agent, args.channel):
         try:
-            r = pull(agent, ch)
+            r = pull(agent, ch, unpin=args.unpin)
         except MapsyncError as exc:
             # One broken channel must not keep the others stale: report, go on, fail at the end.
             msg = str(exc)
@@ -135,6 +135,11 @@ def cmd_pull(args: argparse.Namespace) -> int:
             continue
         if r.action == "current":
             print(f"{ch.name}: serial {r.serial} is current")
+        elif r.action == "pinned":
+            print(
+                f"{ch.name}: pinned to serial {r.serial} by rollback; LATEST is {r.latest}, "
+                "not installed (`mapsync pull --unpin` follows the publisher again)"
+            )
         elif r.action == "renewed":
             print(f"{ch.name}: serial {r.serial} renews {r.previous} (same maps, no swap)")
         else:
@@ -178,53 +183,118 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_history(args: argparse.Namespace) -> int:
-    from mapsync.publish.history import history
+def _one_channel(names: list[str], name: str | None) -> str:
+    """The channel a single-channel command acts on: ``--channel``, or the only one configured."""
+    if name:
+        if name not in names:
+            raise ConfigError(f"unknown channel {name} (configured: {', '.join(names)})")
+        return name
+    if len(names) == 1:
+        return names[0]
+    raise ConfigError(
+        f"several channels are configured ({', '.join(names)}): name one with --channel"
+    )
+
+
+def _releases(args: argparse.Namespace, name: str) -> tuple[Path, int | None, int | None]:
+    """(directory of releases, LATEST serial, installed serial) for ``history``/``diff``:
+    the publisher's repository, or with ``--agent`` this node's kept releases."""
+    cfg = _config(args)
+    if args.agent:
+        from mapsync.agent.kept import KEPT
+        from mapsync.agent.liveset import LiveSet
+        from mapsync.release import parse_manifest
+
+        agent = cfg.need_agent()
+        ch = agent.channels[name]
+        pair = LiveSet(ch.target).installed_manifest()
+        current = parse_manifest(pair[0], str(ch.target)).serial if pair else None
+        return agent.state / ch.name / KEPT, None, current
     from mapsync.publish.repository import Repository
 
-    pub = _config(args).need_publisher()
-    repo = Repository(pub.repository)
-    names = args.channel or list(pub.channels)
-    result = {name: history(repo, name) for name in names}
+    repo = Repository(cfg.need_publisher().repository)
+    latest = repo.latest(name)
+    return repo.releases(name), latest.serial if latest else None, None
+
+
+def _channel_names(args: argparse.Namespace) -> list[str]:
+    cfg = _config(args)
+    if args.agent:
+        return list(cfg.need_agent().channels)
+    return list(cfg.need_publisher().channels)
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    from mapsync.publish.history import history_of
+
+    configured = _channel_names(args)
+    names = args.channel or configured
+    unknown = [n for n in names if n not in configured]
+    if unknown:
+        raise ConfigError(
+            f"unknown channel(s) {', '.join(unknown)} (configured: {', '.join(configured)})"
+        )
+    result = {}
+    for name in names:
+        releases, latest, current = _releases(args, name)
+        result[name] = history_of(releases, latest, current)
     if args.json:
         print(json.dumps({n: [asdict(h) for h in hs] for n, hs in result.items()}, indent=2))
         return EXIT_OK
     for name, entries in result.items():
-        print(f"channel {name}:")
+        print(f"channel {name}:" + (" (kept on this node)" if args.agent else ""))
         if not entries:
             print("  no releases")
         for h in entries:
             counts = " ".join(f"{m}={n}" for m, n in h.entries.items())
             what = "changed: " + ",".join(h.changed) if h.changed else "renewal (same maps)"
             flags = (" forced: " + ",".join(h.forced)) if h.forced else ""
-            mark = " <- LATEST" if h.latest else ""
+            mark = " <- LATEST" if h.latest else " <- installed" if h.installed else ""
             print(f"  {h.serial:>6}  {h.created}  {counts}  {what}{flags}{mark}")
     return EXIT_OK
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    from mapsync.publish.history import diff
-    from mapsync.publish.repository import Repository
+    from mapsync.publish.history import diff_releases
 
-    pub = _config(args).need_publisher()
-    if args.channel:
-        if args.channel not in pub.channels:
-            raise ConfigError(
-                f"unknown channel {args.channel} (configured: {', '.join(pub.channels)})"
-            )
-        name = args.channel
-    elif len(pub.channels) == 1:
-        name = next(iter(pub.channels))
-    else:
-        raise ConfigError(
-            f"several channels are configured ({', '.join(pub.channels)}): name one with --channel"
-        )
-    for d in diff(Repository(pub.repository), name, args.a, args.b):
+    name = _one_channel(_channel_names(args), args.channel)
+    releases, _, _ = _releases(args, name)
+    for d in diff_releases(releases, name, args.a, args.b):
         print(f"{d.name}: +{len(d.added)} -{len(d.removed)} ~{len(d.changed)}")
         if args.keys:
             for sign, keys in (("+", d.added), ("-", d.removed), ("~", d.changed)):
                 for key in keys:
                     print(f"  {sign} {key}")
+    return EXIT_OK
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    if args.publisher:
+        from mapsync.publish.publisher import PublishResult
+        from mapsync.publish.rollback import republish
+
+        pub = cfg.need_publisher()
+        if args.serial is None:
+            raise ConfigError("rollback --publisher needs the SERIAL whose content to re-publish")
+        name = _one_channel(list(pub.channels), args.channel)
+        plan = republish(pub, name, args.serial)
+        print_plan(PublishResult([plan]))
+        print(
+            f"channel {name}: serial {plan.serial} carries the maps of serial {args.serial}; "
+            "agents install it on their next pull. The next publish renders the database "
+            "again: fix it (or stop the publish timer) first."
+        )
+        return EXIT_OK
+    from mapsync.agent.rollback import rollback
+
+    agent = cfg.need_agent()
+    name = _one_channel(list(agent.channels), args.channel)
+    r = rollback(agent, agent.channels[name], args.serial)
+    print(
+        f"{name}: rolled back to serial {r.serial} (was {r.previous}), re-verified; pinned until "
+        "`mapsync pull --unpin`"
+    )
     return EXIT_OK
 
 

@@ -97,6 +97,11 @@ def _parser() -> argparse.ArgumentParser:
 
     s = add("pull", "agent, once: fetch, verify, install (what a systemd timer runs)")
     s.add_argument("--channel", action="append", metavar="C", help="only this channel (repeatable)")
+    s.add_argument(
+        "--unpin",
+        action="store_true",
+        help="end a rollback's pin first, then install what LATEST names",
+    )
 
     s = add(
         "status",
@@ -111,6 +116,9 @@ def _parser() -> argparse.ArgumentParser:
     s = add("history", "releases with serial, time, entry counts, change summary")
     s.add_argument("--channel", action="append", metavar="C", help="only this channel (repeatable)")
     s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.add_argument(
+        "--agent", action="store_true", help="the releases kept on this node, not the repository's"
+    )
 
     s = add(
         "diff",
@@ -121,8 +129,31 @@ def _parser() -> argparse.ArgumentParser:
         "--channel", metavar="C", help="the channel (needed when several are configured)"
     )
     s.add_argument("--keys", action="store_true", help="list the keys, not only the counts")
+    s.add_argument(
+        "--agent", action="store_true", help="the releases kept on this node, not the repository's"
+    )
     s.add_argument("a", type=int, metavar="A", help="older serial")
     s.add_argument("b", type=int, metavar="B", help="newer serial")
+
+    s = add(
+        "rollback",
+        "agent: reinstall an earlier verified release; publisher: re-publish it as a new serial",
+        "On a node: reinstall a release this node kept (default: the newest older one whose maps "
+        "differ), after verifying its signature and every hash and rebuilding the cdb files; the "
+        "channel then stays pinned to it until `mapsync pull --unpin`. With --publisher: publish "
+        "the maps of release SERIAL again as a new serial, so every node follows.",
+    )
+    s.add_argument(
+        "--channel", metavar="C", help="the channel (needed when several are configured)"
+    )
+    s.add_argument(
+        "--publisher",
+        action="store_true",
+        help="re-publish SERIAL's maps as a new serial instead of acting on this node",
+    )
+    s.add_argument(
+        "serial", type=int, nargs="?", metavar="SERIAL", help="the release to go back to"
+    )
 
     s = add(
         "keygen", "create an ed25519 signing key pair: PATH (0600) and its public half beside it"

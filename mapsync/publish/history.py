@@ -1,13 +1,21 @@
-"""``mapsync history`` and ``mapsync diff`` over the releases kept in the repository."""
+"""``mapsync history`` and ``mapsync diff`` over a directory of releases.
+
+The same functions read the publisher's repository (``REPO/<channel>/releases``) and an
+agent's kept releases (``STATE/<channel>/releases``, for ``--agent``): both hold one
+``<serial>/`` directory per release with its manifest and text maps. Read-only.
+"""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from mapsync.errors import MapsyncError
 from mapsync.formats import text
 from mapsync.publish.plan import merge_diff
 from mapsync.publish.repository import Repository
+from mapsync.release import MANIFEST, Manifest, parse_manifest
 
 
 @dataclass(frozen=True)
@@ -19,15 +27,34 @@ class HistoryEntry:
     changed: list[str]  # maps whose content differs from the previous kept release
     forced: list[str]
     latest: bool
+    installed: bool = False  # the release installed on this node (``history --agent``)
 
 
-def history(repo: Repository, channel: str) -> list[HistoryEntry]:
-    """Every kept release of ``channel``, oldest first."""
-    latest = repo.latest(channel)
+def serials_in(releases: Path) -> list[int]:
+    """Serials of the release directories under ``releases``, oldest first."""
+    try:
+        names = os.listdir(releases)
+    except FileNotFoundError:
+        return []
+    return sorted(int(n) for n in names if n.isdigit())
+
+
+def manifest_in(releases: Path, serial: int) -> Manifest:
+    path = releases / str(serial) / MANIFEST
+    try:
+        return parse_manifest(path.read_bytes(), str(path))
+    except FileNotFoundError:
+        raise MapsyncError(f"{path}: release {serial} not found") from None
+
+
+def history_of(
+    releases: Path, latest: int | None = None, installed: int | None = None
+) -> list[HistoryEntry]:
+    """Every release under ``releases``, oldest first; ``latest`` and ``installed`` mark one."""
     out = []
     previous = None
-    for serial in repo.serials(channel):
-        m = repo.manifest(channel, serial)
+    for serial in serials_in(releases):
+        m = manifest_in(releases, serial)
         changed = [
             name
             for name, entry in sorted(m.maps.items())
@@ -41,11 +68,18 @@ def history(repo: Repository, channel: str) -> list[HistoryEntry]:
                 entries={n: e.entries for n, e in sorted(m.maps.items())},
                 changed=changed,
                 forced=[n for n, e in sorted(m.maps.items()) if e.forced],
-                latest=latest is not None and latest.serial == serial,
+                latest=latest == serial,
+                installed=installed == serial,
             )
         )
         previous = m
     return out
+
+
+def history(repo: Repository, channel: str) -> list[HistoryEntry]:
+    """Every kept release of ``channel`` in the publisher's repository, oldest first."""
+    latest = repo.latest(channel)
+    return history_of(repo.releases(channel), latest.serial if latest else None)
 
 
 @dataclass
@@ -56,15 +90,15 @@ class MapDiff:
     changed: list[str] = field(default_factory=list)
 
 
-def diff(repo: Repository, channel: str, a: int, b: int) -> list[MapDiff]:
+def diff_releases(releases: Path, channel: str, a: int, b: int) -> list[MapDiff]:
     """Per map, the keys added, removed and changed from release ``a`` to release ``b``."""
-    kept = repo.serials(channel)
+    kept = serials_in(releases)
     for serial in (a, b):
         if serial not in kept:
             raise MapsyncError(
                 f"channel {channel}: release {serial} is not kept (kept: {', '.join(map(str, kept)) or 'none'})"
             )
-    ma, mb = repo.manifest(channel, a), repo.manifest(channel, b)
+    ma, mb = manifest_in(releases, a), manifest_in(releases, b)
     out = []
     for name in sorted(set(ma.maps) | set(mb.maps)):
         d = MapDiff(name)
@@ -72,9 +106,14 @@ def diff(repo: Repository, channel: str, a: int, b: int) -> list[MapDiff]:
         if ea is not None and eb is not None and ea.same_content(eb):
             out.append(d)
             continue
-        old = text.keyed(repo.release(channel, a) / ea.file) if ea else iter(())
-        new = text.keyed(repo.release(channel, b) / eb.file) if eb else iter(())
+        old = text.keyed(releases / str(a) / ea.file) if ea else iter(())
+        new = text.keyed(releases / str(b) / eb.file) if eb else iter(())
         for kind, key, _, _ in merge_diff(old, new):
             getattr(d, kind).append(key)
         out.append(d)
     return out
+
+
+def diff(repo: Repository, channel: str, a: int, b: int) -> list[MapDiff]:
+    """:func:`diff_releases` over the publisher's repository."""
+    return diff_releases(repo.releases(channel), channel, a, b)

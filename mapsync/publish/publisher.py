@@ -371,6 +371,13 @@ class Publisher:
             staged.manifest = replace(staged.manifest, maps=maps)
         return violations
 
+    def commit(
+        self, plan: ChannelPlan, staging: Path, manifest: Manifest, key: Ed25519PrivateKey
+    ) -> None:
+        """Sign ``manifest``, make ``staging`` release ``manifest.serial`` and point LATEST at it
+        (the one commit path; ``rollback --publisher`` uses it too). Hold the repository lock."""
+        self._commit(_Staged(plan, staging, manifest), key)
+
     def _commit(self, staged: _Staged, key: Ed25519PrivateKey) -> None:
         manifest = staged.manifest
         if manifest is None:

@@ -1,0 +1,83 @@
+"""The releases an agent keeps for rollback: ``STATE/<channel>/releases/<serial>/``.
+
+::
+
+    STATE/mx/releases/41/    MANIFEST.json, MANIFEST.json.sig, text maps (as verified at install)
+    STATE/mx/releases/42/    ...
+
+Each kept release is a copy in files of its own, never hard links to the live set: a
+swapped-out live inode must die at the swap so a running Postfix notices (MAIL-FACTS.md).
+Only text is kept; ``rollback`` builds the cdb files again and proves them equal by sha256,
+and verifies signature and every hash first, so a copy damaged here is refused, not installed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from mapsync.atomic import fsync_dir
+from mapsync.release import MANIFEST, SIGNATURE, Manifest
+
+KEPT = "releases"
+
+
+class KeptReleases:
+    """The kept releases of one channel under ``root`` (``STATE/<channel>/releases``)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def path(self, serial: int) -> Path:
+        return self.root / str(serial)
+
+    def serials(self) -> list[int]:
+        """Serials kept, oldest first."""
+        try:
+            names = os.listdir(self.root)
+        except FileNotFoundError:
+            return []
+        return sorted(int(n) for n in names if n.isdigit() and (self.root / n).is_dir())
+
+    def has(self, serial: int) -> bool:
+        return self.path(serial).is_dir()
+
+    def keep(self, src: Path, manifest: Manifest, keep: int, installed: int) -> list[int]:
+        """Copy release ``manifest.serial`` from ``src`` (verified text, manifest, signature),
+        then drop all but the newest ``keep`` releases (never ``installed``); return those dropped.
+        """
+        final = self.path(manifest.serial)
+        if not final.is_dir():
+            self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+            tmp = self.root / f".{manifest.serial}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)  # a killed run's half copy
+            tmp.mkdir(mode=0o700)
+            try:
+                for name in (MANIFEST, SIGNATURE, *sorted(manifest.files())):
+                    shutil.copyfile(src / name, tmp / name)  # a new inode, never a link
+                    fd = os.open(tmp / name, os.O_RDONLY)
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+                fsync_dir(tmp)
+                os.rename(tmp, final)
+                fsync_dir(self.root)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+        return self.prune(keep, installed)
+
+    def prune(self, keep: int, installed: int) -> list[int]:
+        serials = self.serials()
+        dropped = []
+        for serial in serials[:-keep] if len(serials) > keep else []:
+            if serial == installed:
+                continue
+            shutil.rmtree(self.path(serial))
+            dropped.append(serial)
+        for name in os.listdir(self.root):
+            if name.startswith(".") and name.endswith(".tmp"):
+                shutil.rmtree(self.root / name, ignore_errors=True)
+        return dropped

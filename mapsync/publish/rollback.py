@@ -1,0 +1,131 @@
+"""``mapsync rollback --publisher SERIAL``: publish an old release's maps again, as a new serial.
+
+Agents refuse a lower serial (rollback attack), so the publisher does not move LATEST back:
+it copies release SERIAL's text maps into a new release with the next serial, ``previous`` =
+the current LATEST, a fresh ``created``/``expires``, signed with the publisher's key, and
+commits it through :meth:`Publisher.commit` (staging → rename → LATEST), so every agent
+follows on its next pull. The old release is checked first — its signature with the
+publisher's own key and every file's sha256 — so content altered in the repository is never
+signed again.
+
+The database still holds whatever made the bad release: the next ``publish`` renders it
+again. Stop the publisher's timer until the database is fixed (docs/operator-guide.md).
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import replace
+from datetime import timedelta
+
+from mapsync import GENERATOR, log
+from mapsync.config import PublisherConfig
+from mapsync.errors import ConfigError, MapsyncError, VerificationError
+from mapsync.formats import text
+from mapsync.publish.plan import ChannelPlan, diff_files
+from mapsync.publish.publisher import Publisher
+from mapsync.release import MANIFEST, SIGNATURE, Manifest, iso, parse_manifest, utcnow
+from mapsync.signing import key_id, load_private, verify
+from mapsync.sources import Source
+
+_log = log.get("publisher")
+
+
+def _no_source() -> Source:
+    raise AssertionError("rollback --publisher reads no database")
+
+
+def republish(cfg: PublisherConfig, channel: str, serial: int) -> ChannelPlan:
+    """Publish the maps of release ``serial`` of ``channel`` as a new release; return its plan."""
+    if channel not in cfg.channels:
+        raise ConfigError(f"unknown channel {channel} (configured: {', '.join(cfg.channels)})")
+    key = load_private(cfg.signing_key)
+    public = key.public_key()
+    publisher = Publisher(cfg, _no_source)
+    repo = publisher.repo
+    with repo.lock(cfg.lock_wait):
+        kept = repo.serials(channel)
+        last = repo.latest_manifest(channel)
+        listed = ", ".join(map(str, kept)) or "none"
+        if last is None:
+            raise MapsyncError(f"channel {channel}: nothing is published yet; nothing changed")
+        if serial == last.serial:
+            raise MapsyncError(
+                f"channel {channel}: release {serial} is LATEST already; nothing changed"
+            )
+        if serial not in kept:
+            raise MapsyncError(
+                f"channel {channel}: release {serial} is not kept (kept: {listed}); nothing changed"
+            )
+        old_dir = repo.release(channel, serial)
+        where = str(old_dir)
+        try:
+            data = (old_dir / MANIFEST).read_bytes()
+            sig = (old_dir / SIGNATURE).read_bytes()
+        except FileNotFoundError as exc:
+            raise VerificationError(
+                f"{where}: {exc.filename} is missing; nothing changed"
+            ) from None
+        verify({key_id(public): public}, data, sig, f"{where}/{SIGNATURE}")
+        old = parse_manifest(data, f"{where}/{MANIFEST}")
+        if old.channel != channel or old.serial != serial:
+            raise VerificationError(
+                f"{where}/{MANIFEST}: is serial {old.serial} of channel {old.channel}; nothing changed"
+            )
+        for name, m in sorted(old.maps.items()):
+            try:
+                digest, size = text.sha256_file(old_dir / m.file)
+            except FileNotFoundError:
+                raise VerificationError(
+                    f"{where}/{m.file}: missing (map {name}); nothing changed"
+                ) from None
+            if digest != m.sha256 or size != m.size:
+                raise VerificationError(
+                    f"{where}/{m.file}: sha256/size do not match its manifest (map {name}); "
+                    "the file was altered; nothing changed"
+                )
+
+        new_serial = max([*kept, last.serial]) + 1
+        staging_root = repo.channel(channel) / ".staging"
+        shutil.rmtree(staging_root, ignore_errors=True)  # a crashed run's leftovers
+        staging = staging_root / str(new_serial)
+        staging.mkdir(parents=True)
+        try:
+            last_dir = repo.release(channel, last.serial)
+            plan = ChannelPlan(channel, last.serial, new_serial, "publish")
+            for name, m in sorted(old.maps.items()):
+                # Byte for byte (and mtime, for rsync's quick check): agents prove equal hashes.
+                shutil.copy2(old_dir / m.file, staging / m.file)
+                before = last.maps.get(name)
+                plan.maps.append(
+                    diff_files(
+                        name,
+                        last_dir / before.file if before else None,
+                        staging / m.file,
+                        before.entries if before else 0,
+                        m.entries,
+                    )
+                )
+            now = utcnow()
+            manifest = Manifest(
+                channel=channel,
+                serial=new_serial,
+                previous=last.serial,
+                created=iso(now),
+                expires=iso(now + timedelta(seconds=cfg.expires)),
+                generator=GENERATOR,
+                source={**old.source, "rollback_of": str(serial)},
+                maps={n: replace(e, forced=False) for n, e in old.maps.items()},
+                skipped=list(old.skipped),
+            )
+            publisher.commit(plan, staging, manifest, key)
+        finally:
+            shutil.rmtree(staging_root, ignore_errors=True)
+        _log.warning(
+            "re-published an old release as a new serial",
+            channel=channel,
+            serial=new_serial,
+            content_of=serial,
+            previous=last.serial,
+        )
+        return plan

@@ -1,0 +1,364 @@
+"""A bad release reached the nodes: roll back, on one node or for every node.
+
+The story: serials 1, 2 and 3 were published and installed one after the other, each adding
+one account. On a node, ``mapsync rollback`` reinstalls a kept release after verifying it
+again (signature, every hash, cdb rebuilt) and pins the channel until ``pull --unpin``. On
+the publisher, ``mapsync rollback --publisher 1`` publishes serial 1's maps as serial 4 and
+every agent follows. Every refusal leaves the live maps as they were, byte, inode and mtime.
+
+Everything runs the real CLI, real rsync and real ``postmap -q``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from mapsync.release import MANIFEST, SIGNATURE, parse_latest, parse_manifest
+from tests.conftest import Cluster, make_cluster
+from tests.integration.test_agent_pull import (
+    MAPS,
+    add_account,
+    clone,
+    lookup,
+    read_state,
+    tree_snapshot,
+)
+
+SECOND = "zz-second@example-1.org"  # from serial 2 on
+THIRD = "zz-third@example-1.org"  # from serial 3 on
+OLD = "postmaster@example-1.org"  # in every release
+
+
+def kept(cluster: Cluster) -> Path:
+    return cluster.state / "mx" / "releases"
+
+
+def reload_hook(cluster: Cluster) -> Path:
+    """Configure a reload hook that appends a line to a log; return the log."""
+    log = cluster.root / "reloads"
+    cluster.write_config(extra_agent=f'reload = ["sh", "-c", "echo reload >> {log}"]')
+    return log
+
+
+def reloads(log: Path) -> int:
+    return len(log.read_text().splitlines()) if log.exists() else 0
+
+
+@pytest.fixture(scope="module")
+def _three(tmp_path_factory: pytest.TempPathFactory) -> Cluster:
+    root = tmp_path_factory.mktemp("three")
+    c = make_cluster(root / "c", f"sqlite:///{root / 'central.db'}")
+    c.publish()
+    c.pull()
+    add_account(c, "zz-second")
+    c.publish()
+    c.pull()
+    add_account(c, "zz-third")
+    c.publish()
+    c.pull()
+    return c
+
+
+@pytest.fixture
+def three(_three: Cluster, tmp_path: Path) -> Cluster:
+    """Serials 1, 2, 3 published; each was installed in turn, 3 is live."""
+    return clone(_three, tmp_path)
+
+
+# -- kept releases ------------------------------------------------------------------------------
+
+
+def test_the_agent_keeps_every_verified_release_as_separate_files(three: Cluster) -> None:
+    assert sorted(os.listdir(kept(three))) == ["1", "2", "3"]
+    three_dir = kept(three) / "3"
+    assert sorted(os.listdir(three_dir)) == sorted([MANIFEST, SIGNATURE, *MAPS])  # text only
+    assert (three_dir / MANIFEST).read_bytes() == (
+        three.repo / "mx" / "releases" / "3" / MANIFEST
+    ).read_bytes()
+    # Separate inodes: a kept copy never keeps a swapped-out live inode alive.
+    for name in MAPS:
+        live = (three.target / name).stat()
+        copy = (three_dir / name).stat()
+        assert live.st_ino != copy.st_ino
+        assert live.st_nlink == 1 and copy.st_nlink == 1
+
+
+def test_the_agent_keeps_only_the_newest_releases(three: Cluster) -> None:
+    three.write_config(extra_agent="keep = 2")
+    add_account(three, "zz-fourth")
+    three.publish()
+    three.pull()
+    assert sorted(os.listdir(kept(three))) == ["3", "4"]
+
+
+def test_keep_below_two_is_a_config_error(three: Cluster) -> None:
+    three.write_config(extra_agent="keep = 1")
+    p = three.cli("status")
+    assert p.returncode == 2
+    assert "[agent.channels.mx] keep: must be at least 2, not 1" in p.stderr
+
+
+def test_a_node_installed_before_keeping_existed_keeps_its_release_on_the_next_pull(
+    three: Cluster,
+) -> None:
+    for serial in ("1", "2", "3"):
+        (kept(three) / serial / SIGNATURE).unlink()
+        for f in os.listdir(kept(three) / serial):
+            (kept(three) / serial / f).unlink()
+        (kept(three) / serial).rmdir()
+    assert "serial 3 is current" in three.pull().stdout
+    assert os.listdir(kept(three)) == ["3"]
+    assert sorted(os.listdir(kept(three) / "3")) == sorted([MANIFEST, SIGNATURE, *MAPS])
+
+
+# -- rollback on a node -------------------------------------------------------------------------
+
+
+def test_rollback_reinstalls_the_previous_release_pins_it_and_reloads_once(
+    three: Cluster,
+) -> None:
+    log = reload_hook(three)
+    assert lookup(three, THIRD) == "OK"
+
+    p = three.cli("rollback")
+    assert p.returncode == 0, p.stderr
+    assert "mx: rolled back to serial 2 (was 3), re-verified; pinned until" in p.stdout
+    assert lookup(three, THIRD) is None
+    assert lookup(three, SECOND) == "OK"
+    assert lookup(three, OLD) == "OK"
+    assert os.readlink(three.target / ".mapsync" / "current") == "2"
+    assert sorted(os.listdir(three.target / ".mapsync")) == ["2", "current"]
+    assert reloads(log) == 1
+    assert read_state(three)["pinned"] == 2
+    assert three.cli("verify").returncode == 0
+
+    st = three.cli("status")
+    assert st.returncode == 1
+    assert "mx: WARNING serial 2" in st.stdout
+    assert "pinned to serial 2 by rollback" in st.stdout
+    data = json.loads(three.cli("status", "--json").stdout)
+    assert data["status"] == "WARNING"
+    assert data["channels"][0]["pinned"] == 2
+
+
+def test_a_pinned_channel_checks_the_source_but_installs_nothing_newer(three: Cluster) -> None:
+    log = reload_hook(three)
+    three.cli("rollback", check=True)
+    before = tree_snapshot(three.target)
+    checked = read_state(three)["last_success"]
+    add_account(three, "zz-fourth")
+    three.publish()
+    time.sleep(1.1)  # state timestamps have whole seconds
+
+    p = three.pull()
+    assert "mx: pinned to serial 2 by rollback; LATEST is 4, not installed" in p.stdout
+    assert tree_snapshot(three.target) == before
+    assert reloads(log) == 1
+    state = read_state(three)
+    assert state["pinned"] == 2
+    assert state["last_success"] != checked and state["last_error"] is None
+    assert lookup(three, "zz-fourth@example-1.org") is None
+
+    p = three.pull("--unpin")
+    assert "mx: installed serial 4 (was 2)" in p.stdout
+    assert lookup(three, "zz-fourth@example-1.org") == "OK"
+    assert lookup(three, THIRD) == "OK"
+    assert read_state(three)["pinned"] is None
+    assert reloads(log) == 2
+    assert three.cli("status").returncode == 0
+
+
+def test_rollback_to_a_named_serial(three: Cluster) -> None:
+    p = three.cli("rollback", "--channel", "mx", "1")
+    assert p.returncode == 0, p.stderr
+    assert "rolled back to serial 1 (was 3)" in p.stdout
+    assert lookup(three, SECOND) is None and lookup(three, THIRD) is None
+    assert lookup(three, OLD) == "OK"
+    # Forward again to a kept release, still pinned.
+    three.cli("rollback", "2", check=True)
+    assert lookup(three, SECOND) == "OK" and lookup(three, THIRD) is None
+    assert read_state(three)["pinned"] == 2
+
+
+def _refused(cluster: Cluster, args: list[str], code: int, message: str) -> None:
+    before = tree_snapshot(cluster.target)
+    state = read_state(cluster)
+    p = cluster.cli("rollback", *args)
+    assert p.returncode == code, (p.stdout, p.stderr)
+    assert message in p.stderr
+    assert tree_snapshot(cluster.target) == before
+    assert read_state(cluster) == state
+    assert lookup(cluster, THIRD) == "OK"
+
+
+def test_rollback_to_a_serial_that_is_not_kept_is_refused(three: Cluster) -> None:
+    _refused(
+        three,
+        ["9"],
+        2,
+        "mapsync: channel mx: release 9 is not kept on this node (kept: 1, 2, 3); nothing changed",
+    )
+
+
+def test_rollback_to_the_installed_serial_is_refused(three: Cluster) -> None:
+    _refused(three, ["3"], 2, "channel mx: serial 3 is already installed; nothing changed")
+
+
+def test_rollback_to_an_unknown_channel_is_refused(three: Cluster) -> None:
+    _refused(three, ["--channel", "store-1", "2"], 2, "unknown channel store-1")
+
+
+def test_rollback_of_a_tampered_kept_map_is_refused(three: Cluster) -> None:
+    with open(kept(three) / "2" / "recipients", "a") as fh:
+        fh.write("evil@example-1.org OK\n")
+    _refused(three, [], 5, "/releases/2/recipients: sha256")
+    p = three.cli("rollback", "2")
+    assert "the file was altered" in p.stderr
+    assert p.returncode == 5
+
+
+def test_rollback_of_a_tampered_kept_manifest_is_refused(three: Cluster) -> None:
+    path = kept(three) / "2" / MANIFEST
+    path.write_bytes(path.read_bytes().replace(b'"entries": ', b'"entries": 1', 1))
+    _refused(three, ["2"], 5, "signature does not verify with any trusted key")
+
+
+def test_rollback_of_a_kept_release_with_an_extra_file_is_refused(three: Cluster) -> None:
+    (kept(three) / "2" / "senders").write_text("x@example-1.org x\n")
+    _refused(three, ["2"], 5, "unexpected file(s) not named by the manifest: senders")
+
+
+def test_rollback_with_nothing_installed_is_refused(tmp_path: Path) -> None:
+    c = make_cluster(tmp_path / "c", f"sqlite:///{tmp_path / 'central.db'}")
+    p = c.cli("rollback")
+    assert p.returncode == 2
+    assert "channel mx: nothing is installed in" in p.stderr
+    assert not c.target.exists()
+
+
+def test_an_expired_kept_release_is_never_installed(tmp_path: Path) -> None:
+    c = make_cluster(tmp_path / "c", f"sqlite:///{tmp_path / 'central.db'}")
+    c.write_config(extra_publisher='expires = "3s"')
+    c.publish()
+    c.pull()
+    c.write_config()  # 7 days again
+    add_account(c, "zz-second")
+    c.publish()
+    c.pull()
+    first = parse_manifest((kept(c) / "1" / MANIFEST).read_bytes(), "1")
+    time.sleep(max(0.0, first.expires_at().timestamp() - time.time() + 0.2))
+    before = tree_snapshot(c.target)
+    p = c.cli("rollback")
+    assert p.returncode == 5
+    assert f"expired at {first.expires}; not installing" in p.stderr
+    assert tree_snapshot(c.target) == before
+    assert lookup(c, SECOND) == "OK"
+
+
+def test_rollback_skips_renewals_of_the_installed_maps(tmp_path: Path) -> None:
+    c = make_cluster(tmp_path / "c", f"sqlite:///{tmp_path / 'central.db'}")
+    c.write_config(extra_publisher='expires = "10s"')
+    c.publish()
+    c.pull()
+    add_account(c, "zz-second")
+    c.publish()
+    c.pull()
+    second = parse_manifest((kept(c) / "2" / MANIFEST).read_bytes(), "2")
+    # Renewed once half the lifetime has passed: serial 3, the same maps as serial 2.
+    time.sleep(max(0.0, second.created_at().timestamp() + 5.2 - time.time()))
+    assert "renewed serial 3" in c.publish().stdout
+    assert "serial 3 renews 2" in c.pull().stdout
+    p = c.cli("rollback")
+    assert p.returncode == 0, p.stderr
+    assert "rolled back to serial 1 (was 3)" in p.stdout
+    assert lookup(c, SECOND) is None
+
+
+# -- history and diff of the kept releases ------------------------------------------------------
+
+
+def test_history_and_diff_read_the_kept_releases_with_agent(three: Cluster) -> None:
+    three.cli("rollback", check=True)
+    # The repository moves on; the node's own view does not.
+    (three.repo / "mx" / "releases" / "1" / "recipients").unlink()
+    hist = json.loads(three.cli("history", "--agent", "--json", check=True).stdout)["mx"]
+    assert [h["serial"] for h in hist] == [1, 2, 3]
+    assert [h["installed"] for h in hist] == [False, True, False]
+    assert hist[2]["changed"] == ["recipients", "virtual"] or hist[2]["changed"] == ["recipients"]
+    text = three.cli("history", "--agent", check=True).stdout
+    assert "channel mx: (kept on this node)" in text
+    assert "<- installed" in text
+
+    out = three.cli("diff", "--agent", "1", "3", "--keys", check=True).stdout
+    assert f"  + {SECOND}" in out and f"  + {THIRD}" in out
+    assert "domains: +0 -0 ~0" in out
+
+    missing = three.cli("diff", "--agent", "1", "9")
+    assert missing.returncode == 2
+    assert "channel mx: release 9 is not kept (kept: 1, 2, 3)" in missing.stderr
+
+
+# -- rollback on the publisher ------------------------------------------------------------------
+
+
+def test_rollback_publisher_republishes_old_content_as_a_new_serial_and_agents_follow(
+    three: Cluster,
+) -> None:
+    p = three.cli("rollback", "--publisher", "1")
+    assert p.returncode == 0, p.stderr
+    assert "channel mx: published serial 4 (previous 3)" in p.stdout
+    assert "serial 4 carries the maps of serial 1" in p.stdout
+    repo = three.repo / "mx"
+    latest = parse_latest((repo / "LATEST").read_bytes(), "LATEST")
+    assert latest.serial == 4
+    old = parse_manifest((repo / "releases" / "1" / MANIFEST).read_bytes(), "1")
+    new = parse_manifest((repo / "releases" / "4" / MANIFEST).read_bytes(), "4")
+    assert new.previous == 3 and new.source["rollback_of"] == "1"
+    assert {n: m.sha256 for n, m in new.maps.items()} == {n: m.sha256 for n, m in old.maps.items()}
+    assert new.created >= old.created and new.expires > old.expires
+
+    assert "mx: installed serial 4 (was 3)" in three.pull().stdout
+    assert lookup(three, SECOND) is None and lookup(three, THIRD) is None
+    assert lookup(three, OLD) == "OK"
+    assert three.cli("status").returncode == 0
+    hist = json.loads(three.cli("history", "--json", check=True).stdout)["mx"]
+    assert [h["serial"] for h in hist] == [1, 2, 3, 4] and hist[3]["latest"]
+
+
+def _publisher_refused(cluster: Cluster, args: list[str], code: int, message: str) -> None:
+    before = tree_snapshot(cluster.repo)
+    p = cluster.cli("rollback", "--publisher", *args)
+    assert p.returncode == code, (p.stdout, p.stderr)
+    assert message in p.stderr
+    assert tree_snapshot(cluster.repo) == before
+
+
+def test_rollback_publisher_refuses_a_serial_that_is_not_kept(three: Cluster) -> None:
+    _publisher_refused(
+        three, ["9"], 2, "channel mx: release 9 is not kept (kept: 1, 2, 3); nothing changed"
+    )
+
+
+def test_rollback_publisher_refuses_the_latest_serial(three: Cluster) -> None:
+    _publisher_refused(three, ["3"], 2, "channel mx: release 3 is LATEST already")
+
+
+def test_rollback_publisher_needs_a_serial(three: Cluster) -> None:
+    _publisher_refused(three, [], 2, "rollback --publisher needs the SERIAL")
+
+
+def test_rollback_publisher_never_signs_altered_content_again(three: Cluster) -> None:
+    with open(three.repo / "mx" / "releases" / "1" / "recipients", "a") as fh:
+        fh.write("evil@example-1.org OK\n")
+    _publisher_refused(three, ["1"], 5, "the file was altered; nothing changed")
+
+
+def test_rollback_publisher_refuses_a_release_not_signed_by_its_key(three: Cluster) -> None:
+    path = three.repo / "mx" / "releases" / "1" / MANIFEST
+    path.write_bytes(path.read_bytes().replace(b'"entries": ', b'"entries": 1', 1))
+    _publisher_refused(three, ["1"], 5, "signature does not verify")
