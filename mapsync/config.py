@@ -41,6 +41,8 @@ class PublisherChannel:
     maps: tuple[str, ...]
     mailstore: str | None = None
     push: tuple[str, ...] = ()
+    uid: int = 5000  # dovecot_users: the owner of the mail files on the mailstore
+    gid: int = 5000
 
 
 @dataclass(frozen=True)
@@ -250,7 +252,7 @@ def _publisher(path: Path, data: Any) -> PublisherConfig:
                 f"{path}: [{where}]: channel names are lowercase letters, digits, - and _"
             )
         cs = _Section(path, where, sub)
-        cs.allow("maps", "mailstore", "push")
+        cs.allow("maps", "mailstore", "push", "uid", "gid")
         maps = cs.strlist("maps", _REQUIRED)
         if not maps:
             raise ConfigError(f"{cs.where('maps')}: must name at least one map")
@@ -266,6 +268,8 @@ def _publisher(path: Path, data: Any) -> PublisherConfig:
             maps=maps,
             mailstore=cs.text("mailstore"),
             push=cs.strlist("push"),
+            uid=cs.integer("uid", 5000, minimum=1),
+            gid=cs.integer("gid", 5000, minimum=1),
         )
     if not channels:
         raise ConfigError(f"{path}: [publisher.channels]: define at least one channel")
@@ -307,8 +311,8 @@ def _agent(path: Path, data: Any) -> AgentConfig:
             "critical_after",
             "timeout",
             "ssh",
-            "password_file",
             "keep",
+            "password_file",
         )
         warn = cs.duration("warn_after", 15 * 60)
         crit = cs.duration("critical_after", 2 * 3600)

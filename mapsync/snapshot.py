@@ -41,6 +41,18 @@ class Account(NamedTuple):
     local_part: str
     mailstore_id: int | None
     status: str  # active | login_disabled | disabled | moving
+    # Read only when a channel carries dovecot_users (least privilege: an MX publish never
+    # even loads password hashes).
+    password_hash: str | None = None
+    home: str | None = None
+    quota_bytes: int | None = None
+
+
+class SenderGrant(NamedTuple):
+    """``account_id`` may send as ``address`` (``@domain`` for a whole domain)."""
+
+    account_id: int
+    address: str
 
 
 class Alias(NamedTuple):
@@ -71,5 +83,7 @@ class Snapshot:
     aliases: list[Alias]
     fingerprint: Fingerprint
     taken_at: datetime
+    sender_grants: list[SenderGrant] = field(default_factory=list)
+    secrets: bool = False  # password hashes, homes and quotas were read
     # Derived lookups, filled lazily by the maps that need them.
     cache: dict[str, object] = field(default_factory=dict, repr=False)

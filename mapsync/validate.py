@@ -13,8 +13,10 @@ import re
 from collections.abc import Iterator
 from typing import NamedTuple
 
-from mapsync.snapshot import Snapshot
+from mapsync import log
+from mapsync.snapshot import Domain, Snapshot
 
+_log = log.get("validate")
 _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)\Z")
 # RFC 5322 atext plus dots; no quoting, no whitespace, no comma, no colon, no '@'.
 _LOCAL = re.compile(r"^[a-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[a-z0-9!#$%&'*+/=?^_`{|}~-]+)*\Z")
@@ -82,6 +84,13 @@ def host_problem(host: str) -> str | None:
     return f"host {host!r}: {problem}" if problem else None
 
 
+def split_nexthop(nexthop: str) -> tuple[str, int | None]:
+    """``[mx.example.net]:25`` → ("mx.example.net", 25); call only on a valid next hop."""
+    m = _NEXTHOP.match(nexthop)
+    assert m is not None
+    return m.group(1) or m.group(2), int(m.group(3)) if m.group(3) else None
+
+
 def nexthop_problem(nexthop: str) -> str | None:
     """Why ``nexthop`` is not ``host``, ``[host]``, ``host:port`` or ``[host]:port``, or None."""
     m = _NEXTHOP.match(nexthop)
@@ -109,16 +118,30 @@ def _unicode_problem(name: str, unicode: str) -> str | None:
     return None
 
 
-def check(snap: Snapshot) -> list[Problem]:
-    """Every rule violation in ``snap``; an empty list means it may be published."""
-    return list(_check(snap))
+def check(snap: Snapshot, proxy: bool = False) -> list[Problem]:
+    """Every rule violation in ``snap``; an empty list means it may be published.
+
+    ``proxy``: a channel carries ``dovecot_proxy``, so every mailstore's imap_host must be an IP.
+    """
+    return list(_check(snap, proxy))
 
 
-def _check(snap: Snapshot) -> Iterator[Problem]:
+def _check(snap: Snapshot, proxy: bool = False) -> Iterator[Problem]:
     stores = {m.id: m for m in snap.mailstores}
     domains = {d.id: d for d in snap.domains}
 
     for m in snap.mailstores:
+        if proxy and not host_problem(m.imap_host):
+            try:
+                ipaddress.ip_address(m.imap_host)
+            except ValueError:
+                # Dovecot's proxy host= should be an IP: a name is resolved at every login.
+                yield Problem(
+                    "mailstore",
+                    m.id,
+                    m.name,
+                    f"imap_host {m.imap_host!r} is not an IP address (dovecot_proxy host=)",
+                )
         for field, host, port in (
             ("lmtp", m.lmtp_host, m.lmtp_port),
             ("imap", m.imap_host, m.imap_port),
@@ -205,6 +228,9 @@ def _check(snap: Snapshot) -> Iterator[Problem]:
             yield Problem("account", a.id, address, "resolves to no mailstore")
         elif not store.active:
             yield Problem("account", a.id, address, f"mailstore {store.name!r} is not active")
+        if snap.secrets:
+            for problem in _secret_problems(a.password_hash, a.home):
+                yield Problem("account", a.id, address, problem)
         yield from claim(address, "account", a.id)
 
     for al in snap.aliases:
@@ -231,3 +257,137 @@ def _check(snap: Snapshot) -> Iterator[Problem]:
             if problem:
                 yield Problem("alias", al.id, address, problem)
         yield from claim(address, "alias", al.id)
+
+    yield from _alias_graph(snap, domains, seen)
+
+    accounts = {a.id for a in snap.accounts}
+    for g in snap.sender_grants:
+        if g.account_id not in accounts:
+            continue
+        local, at, domain = g.address.rpartition("@")
+        problem = (
+            f"{g.address!r} is not an address or @domain"
+            if not at
+            else (local_part_problem(local.lower()) if local else None)
+            or domain_name_problem(domain.lower())
+        )
+        if problem:
+            yield Problem("sender_grant", g.account_id, g.address, problem)
+
+    postmasters = {key for key in seen if key.startswith("postmaster@")}
+    for d in snap.domains:
+        if (
+            d.kind == "hosted"
+            and d.status != "disabled"
+            and f"postmaster@{d.name}" not in postmasters
+        ):
+            # A warning, not a refusal: refusing would stop the domain's mail (or every
+            # publish) over a missing role address, a worse outage than the missing address.
+            _log.warning(
+                "hosted domain has no postmaster@ (RFC 5321 requires it)", domain=d.name, row=d.id
+            )
+
+
+MAX_FANOUT = 1000
+
+
+def _alias_graph(
+    snap: Snapshot, domains: dict[int, Domain], seen: dict[str, tuple[str, int]]
+) -> Iterator[Problem]:
+    """Fan-out, targets inside our own domains that lead nowhere, and alias cycles."""
+    live = {d.id: d for d in domains.values() if d.status != "disabled"}
+    alias_of = {
+        d.name: live[d.target_domain_id].name
+        for d in live.values()
+        if d.kind == "alias" and d.target_domain_id in live
+    }
+    hosted = {d.name for d in live.values() if d.kind == "hosted"}
+    catchall = {key[1:] for key in seen if key.startswith("@")}
+    edges: dict[str, list[str]] = {}
+    where: dict[str, int] = {}
+    for al in snap.aliases:
+        dom = live.get(al.domain_id)
+        if dom is None or dom.kind != "hosted" or not al.local_part:
+            continue
+        address = f"{al.local_part}@{dom.name}"
+        if len(al.targets) > MAX_FANOUT:
+            yield Problem(
+                "alias", al.id, address, f"{len(al.targets)} targets, more than {MAX_FANOUT}"
+            )
+        internal = []
+        for target in al.targets:
+            if address_problem(target):
+                continue  # reported as a syntax problem already
+            local, _, tdomain = target.lower().rpartition("@")
+            tdomain = alias_of.get(tdomain, tdomain)
+            if tdomain not in hosted:
+                continue  # mail leaves the cluster: not ours to check
+            resolved = f"{local}@{tdomain}"
+            if resolved not in seen and tdomain not in catchall:
+                yield Problem(
+                    "alias",
+                    al.id,
+                    address,
+                    f"target {target!r} is in a hosted domain but is no account or alias there",
+                )
+            internal.append(resolved)
+        edges[address] = internal
+        where[address] = al.id
+    # Postfix gives up at recursion depth 1000 with a deferral (4.6.0): refuse cycles here.
+    state: dict[str, int] = {}
+    for start in edges:
+        if state.get(start):
+            continue
+        stack = [(start, iter(edges[start]))]
+        state[start] = 1
+        path = [start]
+        while stack:
+            node, it = stack[-1]
+            nxt = next(it, None)
+            if nxt is None:
+                state[node] = 2
+                stack.pop()
+                path.pop()
+                continue
+            if nxt not in edges:
+                continue
+            if state.get(nxt) == 1:
+                cycle = [*path[path.index(nxt) :], nxt]
+                yield Problem("alias", where[nxt], nxt, "alias cycle: " + " → ".join(cycle))
+                continue
+            if not state.get(nxt):
+                state[nxt] = 1
+                stack.append((nxt, iter(edges[nxt])))
+                path.append(nxt)
+
+
+STRONG_SCHEMES = {
+    "SHA512-CRYPT", "SHA256-CRYPT", "BLF-CRYPT", "ARGON2I", "ARGON2ID",
+    "PBKDF2", "SSHA512", "SSHA256",
+}  # fmt: skip
+WEAK_SCHEMES = {"MD5-CRYPT", "SSHA", "SHA", "SMD5", "CRYPT", "SHA256", "SHA512"}
+_CRYPT_PREFIXES = ("$6$", "$5$", "$2y$", "$2b$", "$2a$")
+_SCHEME = re.compile(r"^\{([A-Z0-9.-]+)\}")
+
+
+def _secret_problems(password_hash: str | None, home: str | None) -> Iterator[str]:
+    """Rules for the passwd-file fields: a known, strong scheme; nothing that splits a field."""
+    if not password_hash:
+        yield "no password hash"
+    elif any(c in password_hash for c in ": \t\r\n\0"):
+        yield "password hash contains ':', whitespace or a control character"
+    else:
+        m = _SCHEME.match(password_hash)
+        if m is None and not password_hash.startswith(_CRYPT_PREFIXES):
+            yield "password hash has no {SCHEME} prefix"
+        elif m is not None and m.group(1) not in STRONG_SCHEMES:
+            scheme = m.group(1)
+            if scheme in WEAK_SCHEMES:
+                _log.warning("weak password scheme", scheme=scheme)
+            else:
+                yield f"password scheme {scheme} is not allowed (cleartext or unknown)"
+    if home is not None:
+        if not home.startswith("/") or any(c in home for c in ": \t\r\n\0"):
+            yield f"home {home!r} must be an absolute path without ':' or whitespace"
+        elif ".." in home.split("/"):
+            yield f"home {home!r} contains '..'"

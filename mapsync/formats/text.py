@@ -1,5 +1,7 @@
 """The text map: a ``#`` header, then ``key value`` lines, keys bytewise sorted and unique.
 
+(Dovecot passwd-files are the same with ``key:value`` lines: their separator is ``:``.)
+
 This is Postfix's source-file format (``postmap`` reads it) and what crosses the wire: sorted
 text makes a one-entry change cost rsync about a kilobyte. Keys never contain whitespace;
 the value is everything after the first space.
@@ -65,19 +67,19 @@ def write(path: Path, head: str, lines: Iterable[str]) -> TextInfo:
     return TextInfo(count, whole.hexdigest(), size, body.hexdigest())
 
 
-def pairs(path: Path) -> Iterator[tuple[bytes, bytes]]:
+def pairs(path: Path, sep: bytes = b" ") -> Iterator[tuple[bytes, bytes]]:
     """(key, value) bytes of a key/value text map, skipping the ``#`` header and blank lines."""
     with open(path, "rb") as fh:
         for line in fh:
             if not line.strip() or line.startswith(b"#"):
                 continue
-            key, _, value = line.rstrip(b"\n").partition(b" ")
+            key, _, value = line.rstrip(b"\n").partition(sep)
             yield key, value
 
 
-def keyed(path: Path) -> Iterator[tuple[str, str]]:
+def keyed(path: Path, sep: str = " ") -> Iterator[tuple[str, str]]:
     """(key, value) text of a map file, for diffs."""
-    for key, value in pairs(path):
+    for key, value in pairs(path, sep.encode()):
         yield key.decode("utf-8", "replace"), value.decode("utf-8", "replace")
 
 

@@ -4,10 +4,22 @@ from __future__ import annotations
 
 from mapsync.maps.base import Map
 from mapsync.maps.directory import Directory
-from mapsync.maps.postfix import DomainsMap, RecipientsMap, TransportMap, VirtualMap
+from mapsync.maps.dovecot import DovecotProxyMap, DovecotUsersMap
+from mapsync.maps.exim import EximRoutesMap
+from mapsync.maps.postfix import DomainsMap, RecipientsMap, SendersMap, TransportMap, VirtualMap
 
 CATALOGUE: dict[str, Map] = {
-    m.name: m for m in (DomainsMap(), RecipientsMap(), VirtualMap(), TransportMap())
+    m.name: m
+    for m in (
+        DomainsMap(),
+        RecipientsMap(),
+        VirtualMap(),
+        TransportMap(),
+        SendersMap(),
+        EximRoutesMap(),
+        DovecotUsersMap(),
+        DovecotProxyMap(),
+    )
 }
 
 __all__ = ["CATALOGUE", "Directory", "Map"]

@@ -7,6 +7,8 @@ A map must provide:
 - ``cdb``: whether a cdb is built beside the text (Postfix/Exim maps) or it is text only
   (Dovecot passwd-files);
 - ``secrets``: whether it carries password hashes (only channels that list it get them);
+- ``separator``: between key and value on a text line: ``" "`` (Postfix source format) or
+  ``":"`` (Dovecot passwd-file, whose value is the remaining six fields);
 - ``entries(directory, channel)``: the (key, value) pairs, in any order; keys lowercase.
 
 The publisher sorts the entries bytewise, refuses duplicate keys, and writes text and cdb.
@@ -27,6 +29,7 @@ class Map(ABC):
     name: str
     cdb: bool = True
     secrets: bool = False
+    separator: str = " "
     description: str = ""
 
     @abstractmethod

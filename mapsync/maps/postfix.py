@@ -117,3 +117,30 @@ class TransportMap(Map):
             assert d.relay_nexthop is not None
             for name in directory.names(d):
                 yield name, f"relay:{d.relay_nexthop}"
+
+
+class SendersMap(Map):
+    name = "senders"
+    description = "address → the login(s) that may send as it (smtpd_sender_login_maps)"
+
+    def entries(self, directory: Directory, channel: PublisherChannel) -> Iterator[tuple[str, str]]:
+        owners: dict[str, set[str]] = {}
+        by_id: dict[int, str] = {}
+        for d in directory.of_kind("hosted"):
+            if d.status == "suspended":
+                continue  # a suspended customer sends nothing
+            aliases = directory.alias_domains.get(d.id, ())
+            for a in directory.accounts.get(d.id, ()):
+                if a.status == "login_disabled":
+                    continue  # receives mail, may not log in, so may not send
+                login = f"{a.local_part}@{d.name}"
+                by_id[a.id] = login
+                for domain in (d, *aliases):
+                    for name in directory.names(domain):
+                        owners.setdefault(f"{a.local_part}@{name}", set()).add(login)
+        for grant in directory.snapshot.sender_grants:
+            owner = by_id.get(grant.account_id)
+            if owner is not None:
+                owners.setdefault(grant.address.lower(), set()).add(owner)
+        for address, logins in owners.items():
+            yield address, ",".join(sorted(logins))

@@ -82,7 +82,9 @@ def _body_lines(path: Path) -> set[bytes]:
         return {line for line in fh.read().split(b"\n") if line and not line.startswith(b"#")}
 
 
-def diff_files(name: str, old: Path | None, new: Path, before: int, after: int) -> MapPlan:
+def diff_files(
+    name: str, old: Path | None, new: Path, before: int, after: int, sep: str = " "
+) -> MapPlan:
     """Count the differences between two text maps (``old`` None: everything is added).
 
     Whole lines are compared as sets (C speed, the publisher has the memory); only the few
@@ -91,8 +93,9 @@ def diff_files(name: str, old: Path | None, new: Path, before: int, after: int) 
     if old is None:
         return MapPlan(name, 0, after, after, 0, 0)
     old_lines, new_lines = _body_lines(old), _body_lines(new)
-    gone = {line.partition(b" ")[0] for line in old_lines - new_lines}
-    came = {line.partition(b" ")[0] for line in new_lines - old_lines}
+    bsep = sep.encode()
+    gone = {line.partition(bsep)[0] for line in old_lines - new_lines}
+    came = {line.partition(bsep)[0] for line in new_lines - old_lines}
     changed = len(gone & came)
     return MapPlan(name, before, after, len(came) - changed, len(gone) - changed, changed)
 

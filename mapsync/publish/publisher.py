@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from mapsync import GENERATOR, log
 from mapsync.atomic import atomic_write, fsync_dir
 from mapsync.config import PublisherChannel, PublisherConfig
-from mapsync.errors import InvalidData, MapsyncError, UnsafePlan, VerificationError
+from mapsync.errors import ConfigError, InvalidData, MapsyncError, UnsafePlan, VerificationError
 from mapsync.formats import cdb, text
 from mapsync.maps import CATALOGUE, Directory
 from mapsync.publish.plan import ChannelPlan, MapPlan, Violation, check, diff_files
@@ -74,9 +74,11 @@ _BAD_KEY = re.compile(r"[\s,\0]|^#|^$")
 _BAD_VALUE = re.compile(r"[\r\n\0]")
 
 
-def _lines(entries: list[tuple[str, str]], map_name: str) -> Iterator[str]:
+def _lines(entries: list[tuple[str, str]], map_name: str, sep: str = " ") -> Iterator[str]:
     previous = None
     bad_key, bad_value = _BAD_KEY.search, _BAD_VALUE.search
+    if sep == ":":  # a passwd-file: the user name is the first field
+        bad_key = re.compile(r"[\s,\0:]|^#|^$").search
     for key, value in entries:
         if key == previous:
             raise InvalidData([f"map {map_name}: duplicate key {key!r}"])
@@ -86,12 +88,20 @@ def _lines(entries: list[tuple[str, str]], map_name: str) -> Iterator[str]:
         if bad_value(value):
             raise InvalidData([f"map {map_name}: value of {key!r} contains a line break or NUL"])
         previous = key
-        yield f"{key} {value}\n"
+        yield f"{key}{sep}{value}\n"
 
 
 def channel_digest(ch: PublisherChannel) -> str:
     """What, besides the database, decides a channel's content: its definition and generator."""
-    blob = json.dumps({"maps": ch.maps, "mailstore": ch.mailstore, "generator": GENERATOR})
+    blob = json.dumps(
+        {
+            "maps": ch.maps,
+            "mailstore": ch.mailstore,
+            "uid": ch.uid,
+            "gid": ch.gid,
+            "generator": GENERATOR,
+        }
+    )
     return "sha256:" + hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -114,6 +124,7 @@ class Publisher:
     def __init__(self, cfg: PublisherConfig, source: Callable[[], Source]) -> None:
         self.cfg = cfg
         self._public: Ed25519PublicKey | None = None
+        self._proxy = False
         self.repo = Repository(cfg.repository)
         self._source = source
 
@@ -156,7 +167,18 @@ class Publisher:
                 _log.info("database unchanged since the last releases", fingerprint=fingerprint)
                 return PublishResult([p for p in quiet if p is not None], [], dry_run)
         _log.info("reading snapshot", database=source.safe_url)
-        snap = source.snapshot()
+        # Least privilege starts here: password hashes are not even read unless a channel
+        # being published carries a map that needs them.
+        secrets = any(CATALOGUE[m].secrets for ch in selected for m in ch.maps)
+        self._proxy = any("dovecot_proxy" in ch.maps for ch in selected)
+        snap = source.snapshot(secrets=secrets)
+        stores = {m.name for m in snap.mailstores}
+        for ch in selected:
+            if ch.mailstore is not None and ch.mailstore not in stores:
+                raise ConfigError(
+                    f"[publisher.channels.{ch.name}] mailstore: no mailstore named {ch.mailstore!r} "
+                    f"in the database (known: {', '.join(sorted(stores)) or 'none'})"
+                )
         snap, skipped = self._validated(snap, skip_invalid)
         directory = Directory(snap)
         staged: list[_Staged] = []
@@ -241,7 +263,7 @@ class Publisher:
         return [self.cfg.channels[n] for n in names]
 
     def _validated(self, snap: Snapshot, skip_invalid: bool) -> tuple[Snapshot, list[Problem]]:
-        problems = validate(snap)
+        problems = validate(snap, self._proxy)
         if problems and not skip_invalid:
             raise InvalidData([str(p) for p in problems])
         skipped: list[Problem] = []
@@ -253,7 +275,7 @@ class Publisher:
                 )
             skipped += problems
             snap = drop_invalid(snap, problems)
-            problems = validate(snap)
+            problems = validate(snap, self._proxy)
         return snap, skipped
 
     def _stage(
@@ -326,7 +348,9 @@ class Publisher:
         spec = CATALOGUE[name]
         rows = sorted(spec.entries(directory, ch))
         path = staging / name
-        info = text.write(path, text.header(name, ch.name, serial), _lines(rows, name))
+        info = text.write(
+            path, text.header(name, ch.name, serial), _lines(rows, name, spec.separator)
+        )
         cdb_info = None
         if spec.cdb:
             cdb_path = staging / f"{name}.cdb"
@@ -344,7 +368,9 @@ class Publisher:
         if old is not None and entry.same_content(old):
             map_plan = MapPlan(name, old.entries, entry.entries, 0, 0, 0)
         else:
-            map_plan = diff_files(name, old_path, path, old.entries if old else 0, entry.entries)
+            map_plan = diff_files(
+                name, old_path, path, old.entries if old else 0, entry.entries, spec.separator
+            )
         _log.debug("rendered map", channel=ch.name, map=name, entries=entry.entries)
         return entry, map_plan
 

@@ -34,7 +34,8 @@ class Source(ABC):
     def fingerprint(self) -> Fingerprint: ...
 
     @abstractmethod
-    def snapshot(self) -> Snapshot: ...
+    def snapshot(self, secrets: bool = False) -> Snapshot:
+        """Every row the maps need; password hashes, homes and quotas only with ``secrets``."""
 
     @contextmanager
     def lock(self, wait: float = 30.0) -> Iterator[None]:

@@ -13,7 +13,15 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from mapsync.errors import LockBusy, SourceError
-from mapsync.snapshot import Account, Alias, Domain, Fingerprint, Mailstore, Snapshot
+from mapsync.snapshot import (
+    Account,
+    Alias,
+    Domain,
+    Fingerprint,
+    Mailstore,
+    SenderGrant,
+    Snapshot,
+)
 from mapsync.sources import schema as t
 from mapsync.sources.base import Source
 
@@ -85,7 +93,8 @@ class BuiltinSource(Source):
         except SQLAlchemyError as exc:
             raise self._fail("reading the change fingerprint", exc) from None
 
-    def snapshot(self) -> Snapshot:
+    def snapshot(self, secrets: bool = False) -> Snapshot:
+        self._secrets = secrets
         try:
             with self.engine.connect() as raw:
                 conn = _read_only(raw)
@@ -133,16 +142,24 @@ class BuiltinSource(Source):
         ):
             status = _cascade(row.status, customer_status.get(row.customer_id))
             domains.append(Domain(*row[:7], status=status))
+        columns = [
+            t.account.c.id,
+            t.account.c.domain_id,
+            t.account.c.local_part,
+            t.account.c.mailstore_id,
+            t.account.c.status,
+        ]
+        if getattr(self, "_secrets", False):
+            columns += [t.account.c.password_hash, t.account.c.home, t.account.c.quota_bytes]
         accounts = [
-            Account(*row)
+            Account(*row) for row in conn.execute(select(*columns).order_by(t.account.c.id))
+        ]
+        grants = [
+            SenderGrant(*row)
             for row in conn.execute(
-                select(
-                    t.account.c.id,
-                    t.account.c.domain_id,
-                    t.account.c.local_part,
-                    t.account.c.mailstore_id,
-                    t.account.c.status,
-                ).order_by(t.account.c.id)
+                select(t.sender_grant.c.account_id, t.sender_grant.c.address).order_by(
+                    t.sender_grant.c.account_id, t.sender_grant.c.address
+                )
             )
         ]
         now = datetime.now(UTC).replace(tzinfo=None)
@@ -175,6 +192,8 @@ class BuiltinSource(Source):
             accounts=accounts,
             aliases=aliases,
             fingerprint=fingerprint,
+            sender_grants=grants,
+            secrets=getattr(self, "_secrets", False),
             taken_at=datetime.now(UTC),
         )
 

@@ -76,10 +76,15 @@ def maps() -> dict[str, dict[str, str]]:
     return out
 
 
-def test_catalogue_names_the_mx_maps() -> None:
-    assert set(CATALOGUE) == {"domains", "recipients", "virtual", "transport"}
+def test_catalogue_names_every_map_and_only_dovecot_users_carries_secrets() -> None:
+    assert set(CATALOGUE) == {
+        "domains", "recipients", "virtual", "transport",
+        "senders", "exim_routes", "dovecot_users", "dovecot_proxy",
+    }  # fmt: skip
     for name, m in CATALOGUE.items():
-        assert m.name == name and m.cdb and not m.secrets
+        assert m.name == name
+        assert m.secrets == (name == "dovecot_users")
+        assert m.cdb == (not name.startswith("dovecot_"))
 
 
 def test_every_key_is_lowercase(maps: dict[str, dict[str, str]]) -> None:

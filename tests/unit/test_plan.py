@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, delete, insert
+from sqlalchemy import create_engine, delete, insert, select
 
 from mapsync.config import Guards
 from mapsync.publish.plan import MapPlan, check, diff_files, merge_diff
@@ -140,6 +140,16 @@ def delete_most_accounts(cluster: Cluster) -> None:
     try:
         with engine.begin() as conn:
             conn.execute(delete(t.account).where(t.account.c.local_part != "postmaster"))
+            # as an admin tool would: aliases lose the targets that were deleted with them,
+            # and aliases left with no target go too (dangling targets are invalid rows)
+            conn.execute(
+                delete(t.alias_target).where(
+                    t.alias_target.c.target.like("%@example-%.org"),
+                    t.alias_target.c.target.not_like("postmaster@%"),
+                )
+            )
+            remaining = select(t.alias_target.c.alias_id)
+            conn.execute(delete(t.alias).where(t.alias.c.id.not_in(remaining)))
     finally:
         engine.dispose()
 
