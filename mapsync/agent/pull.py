@@ -10,6 +10,7 @@ Only then is the set swapped in, in one rename.
 from __future__ import annotations
 
 import contextlib
+import grp
 import os
 import shutil
 import time
@@ -407,6 +408,24 @@ def verify_release(
     return manifest
 
 
+SECRET_MAPS = {"dovecot_users"}  # carry password hashes (mapsync.maps: Map.secrets)
+SECRET_GROUP = "dovecot"
+
+
+def _protect(path: Path, map_name: str) -> None:
+    """Maps with password hashes: 0640, group ``dovecot`` where it exists (Dovecot must read
+    them, nobody else may); every other map 0644. Set before the swap makes the file visible."""
+    if map_name not in SECRET_MAPS:
+        os.chmod(path, 0o644)
+        return
+    os.chmod(path, 0o640)
+    try:
+        gid = grp.getgrnam(SECRET_GROUP).gr_gid
+    except KeyError:
+        return  # no Dovecot on this node: root-only is the safe default
+    os.chown(path, -1, gid)
+
+
 def build_set(staging: Path, manifest: Manifest, built: Path, previous: Path | None) -> None:
     """Copy the verified text into ``built`` and build each cdb; prove cdb hashes equal."""
     now = time.time()
@@ -414,7 +433,7 @@ def build_set(staging: Path, manifest: Manifest, built: Path, previous: Path | N
         src = staging / m.file
         dst = built / m.file
         shutil.copyfile(src, dst)  # a new inode; fresh mtime, never the publisher's
-        os.chmod(dst, 0o644)
+        _protect(dst, name)
         files = [dst]
         if m.cdb is not None:
             cdb_path = built / m.cdb.file

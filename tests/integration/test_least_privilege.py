@@ -76,3 +76,31 @@ def test_an_unknown_mailstore_in_a_channel_is_a_clear_error(cluster: Cluster) ->
     proc = cluster.cli("publish")
     assert proc.returncode == 2
     assert "[publisher.channels.store-9] mailstore: no mailstore named 'store-9'" in proc.stderr
+
+
+def test_a_mailstore_node_installs_password_hashes_readable_by_root_and_dovecot_only(
+    cluster: Cluster,
+) -> None:
+    import grp
+    import stat
+
+    from mapsync.agent.pull import SECRET_MAPS
+    from mapsync.maps import CATALOGUE
+
+    assert {n for n, m in CATALOGUE.items() if m.secrets} == SECRET_MAPS
+    _publish_all(cluster)
+    cluster.write_config(source=str(cluster.repo / "store-1"))
+    text = cluster.config_path.read_text().replace(
+        "[agent.channels.mx]", "[agent.channels.store-1]"
+    )
+    head, agent = text.split("[agent]", 1)
+    cluster.config_path.write_text(head + CHANNELS + "\n[agent]" + agent)
+    cluster.pull()
+    live = cluster.target / "dovecot_users"
+    st = live.stat()
+    assert stat.S_IMODE(st.st_mode) == 0o640
+    try:
+        assert st.st_gid == grp.getgrnam("dovecot").gr_gid
+    except KeyError:
+        assert st.st_gid == 0  # no dovecot group on this machine: root only
+    assert "{SHA512-CRYPT}" in live.read_text()
