@@ -1,8 +1,9 @@
-"""``mapsync demo``: a publisher and an MX node on one machine, built in one directory.
+"""``mapsync demo``: a whole mail cluster on one machine, built in one directory.
 
-Everything is real: a SQLite file seeded with sample data, an ed25519 key, a signed release
-in a repository, an agent that pulls it with rsync, verifies it and swaps it in, and the
-status a node's monitoring would see. Running it again on the same directory re-publishes
+Everything is real: a SQLite file seeded with sample data, an ed25519 key, signed releases
+in a repository, and one agent per node role (Postfix MX, Exim MX, scanner, IMAP proxy, two
+mailstores) that pulls its channel with rsync, verifies it and swaps it in, and the status
+each node's monitoring would see. Running it again on the same directory re-publishes
 (nothing changed → no release) and re-pulls.
 """
 
@@ -16,8 +17,10 @@ from pathlib import Path
 from mapsync import config
 from mapsync.errors import EXIT_OK
 
-CONFIG = """\
-# Written by `mapsync demo`: a publisher and one MX node in one file.
+PASSWORD = "demo-password"
+
+PUBLISHER = """\
+# Written by `mapsync demo`: the publisher, and the Postfix MX node's agent.
 [publisher]
 database = "sqlite:///{dir}/central.db"
 repository = "repo"
@@ -25,18 +28,53 @@ signing_key = "keys/signing.key"
 expires = "7d"
 
 [publisher.channels.mx]
-maps = ["domains", "recipients", "virtual", "transport"]
+maps = ["domains", "recipients", "virtual", "transport", "senders"]
 
+[publisher.channels.exim]
+maps = ["domains", "recipients", "virtual", "exim_routes"]
+
+[publisher.channels.scanner]
+maps = ["domains", "transport"]
+
+[publisher.channels.imap]
+maps = ["dovecot_proxy"]
+
+[publisher.channels.store-1]
+maps = ["dovecot_users"]
+mailstore = "store-1"
+
+[publisher.channels.store-2]
+maps = ["dovecot_users"]
+mailstore = "store-2"
+
+{agent}"""
+
+AGENT = """\
 [agent]
-state = "nodes/mx/state"
-trusted_keys = ["keys/signing.pub"]
+state = "{node}/state"
+trusted_keys = ["{dir}/keys/signing.pub"]
 
-[agent.channels.mx]
-source = "repo/mx"
-target = "nodes/mx/postfix"
+[agent.channels.{channel}]
+source = "{dir}/repo/{channel}"
+target = "{node}/{daemon}"
 warn_after = "15m"
 critical_after = "2h"
 """
+
+# node name → (channel, directory its daemon reads)
+NODES = {
+    "mx": ("mx", "postfix"),
+    "exim-mx": ("exim", "exim4"),
+    "scanner": ("scanner", "postfix"),
+    "imap-proxy": ("imap", "dovecot"),
+    "store-1": ("store-1", "dovecot"),
+    "store-2": ("store-2", "dovecot"),
+}
+
+
+def _agent_block(d: Path, node: str) -> str:
+    channel, daemon = NODES[node]
+    return AGENT.format(dir=d, node=d / "nodes" / node, channel=channel, daemon=daemon)
 
 
 def run_demo(directory: Path | None) -> int:
@@ -51,18 +89,25 @@ def run_demo(directory: Path | None) -> int:
     d = (directory or Path(tempfile.mkdtemp(prefix="mapsync-demo-"))).resolve()
     d.mkdir(parents=True, exist_ok=True)
     cfg_path = d / "mapsync.toml"
-    fresh = not cfg_path.exists()
+    fresh = not (d / "central.db").exists()
     print(f"== mapsync demo in {d}")
     if fresh:
-        cfg_path.write_text(CONFIG.format(dir=d))
-        keygen(d / "keys" / "signing.key")
-        print("   wrote mapsync.toml and an ed25519 key pair in keys/")
+        cfg_path.write_text(PUBLISHER.format(dir=d, agent=_agent_block(d, "mx")))
+        for node in NODES:
+            if node != "mx":
+                (d / "nodes" / node).mkdir(parents=True, exist_ok=True)
+                (d / "nodes" / node / "mapsync.toml").write_text(_agent_block(d, node))
+        if not (d / "keys" / "signing.key").exists():
+            keygen(d / "keys" / "signing.key")
+        print("   wrote mapsync.toml (publisher + MX node), nodes/*/mapsync.toml, keys/")
     cfg = config.load(cfg_path)
     pub = cfg.need_publisher()
-    agent = cfg.need_agent()
     if fresh:
         made = seed(
-            pub.database, SeedCounts(accounts=200, domains=10, aliases=60, mailstores=2), seed=1
+            pub.database,
+            SeedCounts(accounts=200, domains=10, aliases=60, mailstores=2),
+            seed=1,
+            password=PASSWORD,
         )
         print(
             "== central database (SQLite): seeded " + ", ".join(f"{n} {t}" for t, n in made.items())
@@ -72,25 +117,34 @@ def run_demo(directory: Path | None) -> int:
     result = Publisher(pub, lambda: open_source(pub.database, pub.schema)).run()
     print_plan(result)
 
-    for ch in agent.channels.values():
-        print(f"== node {ch.name}: mapsync pull (rsync from {ch.source})")
-        r = pull(agent, ch)
-        print(f"   {r.action} serial {r.serial}; live maps in {ch.target}")
+    node_cfgs = {"mx": cfg.need_agent()}
+    for node in NODES:
+        if node != "mx":
+            node_cfgs[node] = config.load(d / "nodes" / node / "mapsync.toml").need_agent()
+    for node, agent in node_cfgs.items():
+        for ch in agent.channels.values():
+            r = pull(agent, ch)
+            print(
+                f"== node {node:<10} pull {ch.name:<8} {r.action} serial {r.serial} → {ch.target}"
+            )
 
-    print("== mapsync status")
-    for ch in agent.channels.values():
-        s = channel_status(agent, ch)
-        print(f"   node {ch.name}: {s.level} {s.message}")
+    print("== mapsync status, per node")
+    for node, agent in node_cfgs.items():
+        for ch in agent.channels.values():
+            s = channel_status(agent, ch)
+            print(f"   {node:<10} {ch.name:<8} {s.level} {s.message}")
 
-    mx = agent.channels["mx"].target
-    print("== try a lookup the way Postfix does it:")
+    mx = node_cfgs["mx"].channels["mx"].target
+    print("== try lookups the way the daemons do them:")
     for key, table in (("postmaster@example-1.org", "recipients"), ("example-1.org", "transport")):
         cmd = ["postmap", "-q", key, f"cdb:{mx / table}"]
         print("   $ " + " ".join(cmd))
         if shutil.which("postmap"):
             out = subprocess.run(cmd, capture_output=True, text=True, check=False)
             print("   " + (out.stdout.strip() or f"(not found, exit {out.returncode})"))
-    print(
-        f"   (rerun with: mapsync demo --dir {d}; config for other commands: --config {cfg_path})"
-    )
+    store = node_cfgs["store-1"].channels["store-1"].target / "dovecot_users"
+    proxy = node_cfgs["imap-proxy"].channels["imap"].target / "dovecot_proxy"
+    print(f"   Dovecot on store-1 reads passwd-file {store} (every account's password: {PASSWORD})")
+    print(f"   the IMAP proxy reads {proxy}: no password hashes there")
+    print(f"   (rerun with: mapsync demo --dir {d}; publisher and MX config: --config {cfg_path})")
     return EXIT_OK
