@@ -31,6 +31,7 @@ from mapsync.formats import cdb, text
 from mapsync.release import (
     LATEST,
     MANIFEST,
+    MAX_MANIFEST_BYTES,
     SIGNATURE,
     Latest,
     Manifest,
@@ -155,7 +156,7 @@ def _pull(
     shutil.rmtree(paths.incoming, ignore_errors=True)
     paths.incoming.mkdir(mode=0o700)
 
-    received = remote.fetch_file(LATEST, paths.incoming / LATEST)
+    received = remote.fetch_file(LATEST, paths.incoming / LATEST, max_size=MAX_LATEST_BYTES)
     where = f"{ch.source}/{LATEST}"
     latest = parse_latest((paths.incoming / LATEST).read_bytes(), where)
     if current is not None:
@@ -187,9 +188,9 @@ def _pull(
 
     staging = paths.incoming / "release"
     staging.mkdir(mode=0o700)
-    received += remote.fetch_tree(f"releases/{latest.serial}", staging, basis=paths.basis)
     where = f"{ch.source}/releases/{latest.serial}"
     keys = trusted_keys(cfg)
+    received += fetch_release(remote, latest, ch, keys, staging, paths.basis, where)
     try:
         manifest = verify_release(staging, latest, ch, keys, current, where)
     except FileAltered as exc:
@@ -203,7 +204,7 @@ def _pull(
         shutil.rmtree(paths.basis)
         shutil.rmtree(staging)
         staging.mkdir(mode=0o700)
-        received += remote.fetch_tree(f"releases/{latest.serial}", staging, basis=None)
+        received += fetch_release(remote, latest, ch, keys, staging, None, where)
         manifest = verify_release(staging, latest, ch, keys, current, where)
 
     same = (
@@ -331,6 +332,48 @@ def _keep(ch: AgentChannel, paths: ChannelPaths, src: Path, manifest: Manifest) 
         return
     if dropped:
         _log.debug("dropped kept releases", channel=ch.name, serials=dropped)
+
+
+MAX_LATEST_BYTES = 4096
+
+
+def fetch_release(
+    remote: Remote,
+    latest: Latest,
+    ch: AgentChannel,
+    keys: dict[str, Ed25519PublicKey],
+    staging: Path,
+    basis: Path | None,
+    where: str,
+) -> int:
+    """Fetch release ``latest.serial`` in three steps, so a hostile or broken repository
+    cannot fill this node's disk before anything is checked: the manifest and its signature
+    (at most 1 MiB, verified at once), then a listing that must name exactly the manifest's
+    files as regular files of the manifest's sizes, then exactly those files, none larger
+    than the manifest says. Returns the bytes rsync moved."""
+    directory = f"releases/{latest.serial}"
+    moved = remote.fetch_files(directory, [MANIFEST, SIGNATURE], staging, None, MAX_MANIFEST_BYTES)
+    manifest, _ = read_signed(staging, ch, keys, where, latest)
+    listing = remote.list_dir(directory)
+    expected = manifest.files() | {MANIFEST, SIGNATURE}
+    extra = sorted(set(listing) - expected)
+    if extra:
+        raise VerificationError(
+            f"{where}: unexpected file(s) not named by the manifest: {', '.join(extra)}"
+        )
+    for name, m in sorted(manifest.maps.items()):
+        kind, size = listing.get(m.file, ("?", -1))
+        if kind != "-":
+            raise VerificationError(f"{where}/{m.file}: missing or not a regular file (map {name})")
+        if size != m.size:
+            raise VerificationError(
+                f"{where}/{m.file}: size {size} does not match the manifest (size {m.size}); "
+                "the file was altered"
+            )
+    files = sorted(manifest.files())
+    largest = max((m.size for m in manifest.maps.values()), default=0)
+    moved += remote.fetch_files(directory, files, staging, basis, largest + 1)
+    return moved
 
 
 def read_signed(

@@ -149,7 +149,7 @@ class Remote:
             check_password_file(password_file, source)
         self.password_file = password_file
 
-    def _argv(self, *extra: str) -> list[str]:
+    def _argv(self, *extra: str, max_size: str = MAX_FILE_SIZE) -> list[str]:
         argv = [
             "--recursive",
             "--times",
@@ -160,7 +160,7 @@ class Remote:
             "--chmod=D700,F600",
             "--compress",
             "--stats",
-            f"--max-size={MAX_FILE_SIZE}",
+            f"--max-size={max_size}",
             f"--timeout={max(self.timeout, 1)}",
         ]
         if self.endpoint.daemon:
@@ -175,18 +175,44 @@ class Remote:
             argv += ["-e", " ".join(self.endpoint.ssh)]
         return argv + list(extra)
 
-    def fetch_file(self, name: str, dest: Path) -> int:
-        """Copy the remote file ``name`` (e.g. ``LATEST``) to ``dest``; return bytes on the wire."""
-        out = run(self._argv(f"{self.endpoint.base}/{name}", str(dest)), self.timeout)
+    def fetch_file(self, name: str, dest: Path, max_size: int | None = None) -> int:
+        """Copy the remote file ``name`` (e.g. ``LATEST``) to ``dest``; return bytes on the wire.
+        A file larger than ``max_size`` is not copied (the caller then finds it missing)."""
+        size = str(max_size) if max_size is not None else MAX_FILE_SIZE
+        out = run(
+            self._argv(f"{self.endpoint.base}/{name}", str(dest), max_size=size), self.timeout
+        )
         return wire_bytes(out)
 
-    def fetch_tree(self, name: str, dest: Path, basis: Path | None = None) -> int:
-        """Mirror the remote directory ``name`` into ``dest``, delta-encoded against ``basis``."""
-        extra = ["--delete"]
+    def list_dir(self, name: str) -> dict[str, tuple[str, int]]:
+        """Entries of the remote directory ``name``: file name → (type letter, size).
+        Nothing is downloaded; type is ``-`` for a regular file, ``d``, ``l``, ... otherwise."""
+        out = run(["--list-only", *self._argv(f"{self.endpoint.base}/{name}/")[1:]], self.timeout)
+        entries: dict[str, tuple[str, int]] = {}
+        for line in out.splitlines():
+            m = _LISTING.match(line)
+            if m and m.group(3) != ".":
+                entries[m.group(3)] = (m.group(1)[0], int(re.sub(r"[,.]", "", m.group(2))))
+        return entries
+
+    def fetch_files(
+        self, name: str, files: list[str], dest: Path, basis: Path | None, max_size: int
+    ) -> int:
+        """Copy exactly ``files`` of the remote directory ``name`` into ``dest`` (nothing else a
+        hostile repository might hold), delta-encoded against ``basis``; none above ``max_size``."""
+        # Explicit source arguments, not --files-from: through an rsync daemon, rsync 3.5.0
+        # reports --files-from entries as "vanished". A missing file is for verification to
+        # name, not an rsync error (--ignore-missing-args).
+        extra = ["--ignore-missing-args"]
         if basis is not None and basis.is_dir():
             extra.append(f"--link-dest={basis.resolve()}")
-        out = run(self._argv(*extra, f"{self.endpoint.base}/{name}/", f"{dest}/"), self.timeout)
+        sources = [f"{self.endpoint.base}/{name}/{f}" for f in files]
+        out = run(self._argv(*extra, *sources, f"{dest}/", max_size=str(max_size)), self.timeout)
         return wire_bytes(out)
+
+
+# `rsync --list-only`: "-rw-r--r--          2,209 2026/11/22 06:53:38 MANIFEST.json"
+_LISTING = re.compile(r"^(\S{10})\s+([\d,.]+)\s+\S+\s+\S+\s+(.+)$")
 
 
 def wire_bytes(stats: str) -> int:

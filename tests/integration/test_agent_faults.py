@@ -72,3 +72,27 @@ def test_a_damaged_local_rsync_basis_is_discarded_not_blamed_on_the_publisher(
     assert "installed serial 2" in proc.stdout
     assert "discarding the local rsync basis" in proc.stderr
     assert cluster.cli("verify").returncode == 0
+
+
+def test_a_hostile_repository_cannot_fill_the_node_before_verification(cluster: Cluster) -> None:
+    """Junk beside a release, or a map bigger than its manifest says, is refused from the
+    listing: the agent never asks rsync for it."""
+    cluster.publish()
+    release = cluster.repo / "mx" / "releases" / "1"
+    (release / "junk").write_bytes(b"\0" * (8 << 20))
+    proc = cluster.cli("-v", "pull")
+    assert proc.returncode == 5
+    assert "unexpected file(s) not named by the manifest: junk" in proc.stderr
+    argv_lines = [line for line in proc.stderr.splitlines() if "argv=" in line]
+    assert argv_lines and not any("junk" in line for line in argv_lines)
+    (release / "junk").unlink()
+
+    with open(release / "recipients", "ab") as fh:
+        fh.write(b"x" * (8 << 20))  # a map grown far past its manifest's size
+    proc = cluster.cli("-v", "pull")
+    assert proc.returncode == 5
+    assert "recipients: size" in proc.stderr and "does not match the manifest" in proc.stderr
+    assert not any(
+        "releases/1/recipients" in line for line in proc.stderr.splitlines() if "argv=" in line
+    )
+    assert not cluster.target.exists() or not any(cluster.target.iterdir())

@@ -479,7 +479,7 @@ def test_rsync_argv_for_ssh(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
     assert "--modify-window=-1" in argv  # quick check in nanoseconds, see the one-second test
 
 
-def test_rsync_argv_for_a_daemon_tree_with_basis(
+def test_rsync_argv_for_daemon_files_with_basis(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     fake = _FakeRun()
@@ -487,13 +487,14 @@ def test_rsync_argv_for_a_daemon_tree_with_basis(
     basis = tmp_path / "basis"
     basis.mkdir()
     remote = Remote("rsync://127.0.0.1:8873/mapsync/mx", timeout=300)
-    remote.fetch_tree("releases/7", tmp_path / "staging", basis=basis)
+    remote.fetch_files("releases/7", ["domains", "recipients"], tmp_path / "staging", basis, 5000)
     argv, _ = fake.calls[0]
     assert "--contimeout=60" in argv and "--no-motd" in argv and "-e" not in argv
-    assert "--delete" in argv
     assert f"--link-dest={basis.resolve()}" in argv
-    assert argv[-2:] == [
-        "rsync://127.0.0.1:8873/mapsync/mx/releases/7/",
+    assert "--max-size=5000" in argv and "--ignore-missing-args" in argv
+    assert argv[-3:] == [
+        "rsync://127.0.0.1:8873/mapsync/mx/releases/7/domains",
+        "rsync://127.0.0.1:8873/mapsync/mx/releases/7/recipients",
         f"{tmp_path / 'staging'}/",
     ]
 
@@ -503,10 +504,12 @@ def test_rsync_argv_without_basis_has_no_link_dest(
 ) -> None:
     fake = _FakeRun()
     monkeypatch.setattr(rsync_mod, "run", fake)
-    Remote(str(tmp_path / "repo")).fetch_tree("releases/1", tmp_path / "s", basis=tmp_path / "no")
+    Remote(str(tmp_path / "repo")).fetch_files(
+        "releases/1", ["domains"], tmp_path / "s", tmp_path / "no", 10
+    )
     argv, _ = fake.calls[0]
     assert not any(a.startswith("--link-dest") for a in argv)
-    assert argv[-2] == f"{tmp_path / 'repo'}/releases/1/"
+    assert argv[-2] == f"{tmp_path / 'repo'}/releases/1/domains"
 
 
 def test_wire_bytes_sums_both_directions_of_rsync_stats() -> None:
