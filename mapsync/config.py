@@ -75,6 +75,7 @@ class AgentChannel:
     ssh: tuple[str, ...] = ("ssh", "-o", "BatchMode=yes")
     password_file: Path | None = None  # rsync daemon password (``auth users`` of the module)
     keep: int = 5  # verified releases kept on the node for ``rollback``
+    maps: tuple[str, ...] = ()  # if set: the only maps a release of this channel may carry
 
 
 @dataclass(frozen=True)
@@ -288,6 +289,17 @@ def _publisher(path: Path, data: Any) -> PublisherConfig:
     )
 
 
+def _known_maps(section: _Section, maps: tuple[str, ...]) -> tuple[str, ...]:
+    from mapsync.maps import CATALOGUE
+
+    for m in maps:
+        if m not in CATALOGUE:
+            raise ConfigError(
+                f"{section.where('maps')}: unknown map {m!r} (known: {', '.join(sorted(CATALOGUE))})"
+            )
+    return maps
+
+
 def _agent(path: Path, data: Any) -> AgentConfig:
     s = _Section(path, "agent", data)
     s.allow("state", "trusted_keys", "channels")
@@ -312,6 +324,7 @@ def _agent(path: Path, data: Any) -> AgentConfig:
             "timeout",
             "ssh",
             "keep",
+            "maps",
             "password_file",
         )
         warn = cs.duration("warn_after", 15 * 60)
@@ -345,6 +358,7 @@ def _agent(path: Path, data: Any) -> AgentConfig:
             ssh=cs.strlist("ssh", AgentChannel.ssh),
             password_file=_path(cs, "password_file") if "password_file" in cs.data else None,
             keep=cs.integer("keep", AgentChannel.keep, minimum=2),
+            maps=_known_maps(cs, cs.strlist("maps")),
         )
     if not channels:
         raise ConfigError(f"{path}: [agent.channels]: define at least one channel")

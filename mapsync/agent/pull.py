@@ -28,6 +28,7 @@ from mapsync.agent.state import ChannelState, channel_lock
 from mapsync.config import AgentChannel, AgentConfig
 from mapsync.errors import InstallError, MapsyncError, VerificationError
 from mapsync.formats import cdb, text
+from mapsync.maps import CATALOGUE
 from mapsync.release import (
     LATEST,
     MANIFEST,
@@ -399,6 +400,16 @@ def read_signed(
         raise VerificationError(
             f"{where}/{MANIFEST}: is for channel {manifest.channel!r}, not {ch.name!r}"
         )
+    for name in sorted(manifest.maps):
+        if name not in CATALOGUE:
+            raise VerificationError(
+                f"{where}/{MANIFEST}: names map {name!r}, which mapsync does not know"
+            )
+        if ch.maps and name not in ch.maps:
+            raise VerificationError(
+                f"{where}/{MANIFEST}: carries map {name!r}, which channel {ch.name} does not "
+                f"(its maps: {', '.join(ch.maps)})"
+            )
     return manifest, kid
 
 

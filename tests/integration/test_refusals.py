@@ -272,6 +272,16 @@ def test_manifest_for_another_channel(offered: Cluster) -> None:
     assert_serial_1_serving(offered)
 
 
+def test_manifest_naming_a_map_mapsync_does_not_know(offered: Cluster) -> None:
+    rel = release(offered)
+    m = parse_manifest((rel / MANIFEST).read_bytes(), "test")
+    bad = replace(m, maps={**m.maps, "shadow": replace(m.maps["domains"], file="shadow")})
+    (rel / "shadow").write_bytes((rel / "domains").read_bytes())
+    publish_manifest(offered, bad.to_bytes(), real_key(offered))
+    pull_refused(offered, "names map 'shadow', which mapsync does not know")
+    assert_serial_1_serving(offered)
+
+
 # -- configuration ------------------------------------------------------------------------------
 
 
@@ -368,3 +378,23 @@ def test_refusal_message_goes_to_the_state_and_a_good_release_clears_it(offered:
     assert offered.cli("status").returncode == 0
     data = json.loads(offered.cli("status", "--json").stdout)
     assert data["channels"][0]["serial"] == 2
+
+
+def test_a_release_carrying_a_map_the_node_does_not_expect_is_refused(cluster: Cluster) -> None:
+    """An MX declares its maps; a publisher mistake that adds dovecot_users to its channel
+    (password hashes) is refused by the node, not installed."""
+    cluster.write_config(extra_agent='maps = ["domains", "recipients", "virtual"]')
+    cluster.publish()
+    proc = cluster.cli("pull")
+    assert proc.returncode == 5
+    assert "carries map 'transport', which channel mx does not" in proc.stderr
+    assert not cluster.target.exists() or not any(cluster.target.iterdir())
+    cluster.write_config(extra_agent='maps = ["domains", "recipients", "virtual", "transport"]')
+    assert "installed serial 1" in cluster.pull().stdout
+
+
+def test_an_unknown_map_in_the_agent_config_is_a_config_error(cluster: Cluster) -> None:
+    cluster.write_config(extra_agent='maps = ["recipeints"]')
+    proc = cluster.cli("pull")
+    assert proc.returncode == 2
+    assert "[agent.channels.mx] maps: unknown map 'recipeints'" in proc.stderr
