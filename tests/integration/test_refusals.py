@@ -275,7 +275,10 @@ def test_manifest_for_another_channel(offered: Cluster) -> None:
 def test_manifest_naming_a_map_mapsync_does_not_know(offered: Cluster) -> None:
     rel = release(offered)
     m = parse_manifest((rel / MANIFEST).read_bytes(), "test")
-    bad = replace(m, maps={**m.maps, "shadow": replace(m.maps["domains"], file="shadow")})
+    d = m.maps["domains"]
+    assert d.cdb is not None
+    shadow = replace(d, file="shadow", cdb=replace(d.cdb, file="shadow.cdb"))
+    bad = replace(m, maps={**m.maps, "shadow": shadow})
     (rel / "shadow").write_bytes((rel / "domains").read_bytes())
     publish_manifest(offered, bad.to_bytes(), real_key(offered))
     pull_refused(offered, "names map 'shadow', which mapsync does not know")
