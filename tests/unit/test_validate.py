@@ -424,36 +424,54 @@ HOSTILE = st.one_of(
 
 
 def _render(snap: Snapshot, directory: Path) -> dict[str, list[tuple[str, str]]]:
-    """Every MX map of ``snap`` written as the publisher writes it, and the intended pairs."""
+    """Every map of ``snap`` written as the publisher writes it, and the intended pairs."""
     d = Directory(snap)
     intended = {}
-    for name in MX.maps:
-        rows = sorted(CATALOGUE[name].entries(d, MX))
-        text.write(directory / name, text.header(name, "mx", 1), _lines(rows, name))
+    for name in ALL.maps:
+        spec = CATALOGUE[name]
+        rows = sorted(spec.entries(d, ALL))
+        text.write(
+            directory / name, text.header(name, "all", 1), _lines(rows, name, spec.separator)
+        )
         intended[name] = rows
     return intended
 
 
-@pytest.mark.parametrize("where", ["account", "alias", "target"])
+ALL = PublisherChannel("all", tuple(CATALOGUE))
+HASH = "{SHA512-CRYPT}$6$salt$hash"
+
+
+@pytest.mark.parametrize("where", ["account", "alias", "target", "hash", "home"])
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(value=HOSTILE)
 def test_hostile_values_are_refused_or_parse_back_exactly(where: str, value: str) -> None:
     local = value if where == "account" else "alice"
     alias_local = value if where == "alias" else "team"
     target = value if where == "target" else "alice@example.org"
+    pw = ("{SHA512-CRYPT}" + value) if where == "hash" else HASH
+    home = ("/var/vmail/" + value) if where == "home" else "/var/vmail/alice"
     snap = snapshot(
-        accounts=[POSTMASTER, Account(2, 1, local, None, "active")],
+        accounts=[
+            POSTMASTER._replace(password_hash=HASH, home="/var/vmail/pm"),
+            Account(2, 1, local, None, "active", pw, home, 1024),
+        ],
         aliases=[Alias(3, 1, alias_local, (target, "postmaster@example.org"))],
     )
+    snap.secrets = True
     if check(snap):
         return  # refused: the publish fails (or --skip-invalid drops the row), nothing injected
     with tempfile.TemporaryDirectory() as tmp:
         # Raising here (the publisher's last line of defence) would mean validate let it through.
         intended = _render(snap, Path(tmp))
         for name, rows in intended.items():
-            parsed = list(text.pairs(Path(tmp) / name))
+            sep = CATALOGUE[name].separator.encode()
+            parsed = list(text.pairs(Path(tmp) / name, sep))
             assert parsed == [(k.encode(), v.encode()) for k, v in rows], name
     recipients = {k for k, _ in intended["recipients"]}
     assert {f"{local}@example.org", f"{alias_local}@example.org"} <= recipients
     virtual = dict(intended["virtual"])
     assert virtual[f"{alias_local}@example.org"] == f"{target},postmaster@example.org"
+    # passwd-file: the value splits into exactly the six remaining fields, each as intended
+    fields = dict(intended["dovecot_users"])[f"{local}@example.org"].split(":", 5)
+    assert len(fields) == 6 and fields[0] == pw and fields[4] == home
+    assert fields[5].startswith(":")  # the empty shell field, then the extra fields
