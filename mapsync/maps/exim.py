@@ -1,9 +1,13 @@
 """``exim_routes``: Exim manualroute host lists, looked up with ``${lookup{...}cdb{...}}``.
 
 Keys as in ``transport`` (``user@domain`` where it differs from its domain, ``domain``); the
-value is an Exim host list with ``+`` as separator, so a port can follow the host:
-``<+ [10.0.1.11]:24`` for an IP, ``<+ mx.customer.tld:25`` for a name. Exim's cdb lookups are
-case-sensitive: configurations look keys up with ``${lc:...}``.
+value is what a manualroute router's ``route_data`` takes: a host list with ``+`` as separator,
+so a port can follow the host, then the transport, as Postfix's transport map names one:
+``<+[10.0.1.11]:24 mapsync_lmtp`` to a mailstore, ``<+mx.customer.tld:25 mapsync_relay`` to a
+relay domain's next hop (transports defined in agents/exim-mx/transports.conf). No space after
+``<+``: Exim ends the host list at the first space and reads the rest as options (measured with
+Exim 4.96: ``<+ [10.0.1.11]:24`` fails with 'unknown routing option or transport name').
+Exim's cdb lookups are case-sensitive: configurations look keys up with ``${lc:...}``.
 """
 
 from __future__ import annotations
@@ -16,30 +20,34 @@ from mapsync.maps.base import Map
 from mapsync.maps.directory import Directory
 from mapsync.validate import split_nexthop
 
+LMTP = "mapsync_lmtp"
+RELAY = "mapsync_relay"
 
-def host_list(host: str, port: int | None) -> str:
+
+def route(host: str, port: int | None, transport: str) -> str:
+    """``route_data`` for one host: ``<+[IP]:port transport`` or ``<+name:port transport``."""
     try:
         ipaddress.ip_address(host)
         item = f"[{host}]"
     except ValueError:
         item = host
-    return f"<+ {item}:{port}" if port else f"<+ {item}"
+    return f"<+{item}:{port} {transport}" if port else f"<+{item} {transport}"
 
 
 class EximRoutesMap(Map):
     name = "exim_routes"
-    description = "user@domain or domain → Exim host list, e.g. <+ [10.0.1.11]:24"
+    description = "user@domain or domain → Exim route_data, e.g. <+[10.0.1.11]:24 mapsync_lmtp"
 
     def entries(self, directory: Directory, channel: PublisherChannel) -> Iterator[tuple[str, str]]:
         for d in directory.of_kind("hosted"):
             default = directory.default_store(d)
-            yield d.name, host_list(default.lmtp_host, default.lmtp_port)
+            yield d.name, route(default.lmtp_host, default.lmtp_port, LMTP)
             for a in directory.accounts.get(d.id, ()):
                 store = directory.store_of(a)
                 if store.id != default.id and a.status != "moving":
-                    yield f"{a.local_part}@{d.name}", host_list(store.lmtp_host, store.lmtp_port)
+                    yield f"{a.local_part}@{d.name}", route(store.lmtp_host, store.lmtp_port, LMTP)
         for d in directory.of_kind("relay"):
             assert d.relay_nexthop is not None
             host, port = split_nexthop(d.relay_nexthop)
             for name in directory.names(d):
-                yield name, host_list(host, port)
+                yield name, route(host, port, RELAY)

@@ -83,11 +83,11 @@ def test_senders_gives_each_login_its_addresses_and_its_grants() -> None:
     assert "s@suspended.org" not in senders
 
 
-def test_exim_routes_are_host_lists_with_ports() -> None:
+def test_exim_routes_are_host_lists_with_ports_and_a_transport() -> None:
     routes = render("exim_routes", MX)
-    assert routes["example.org"] == "<+ [10.0.1.11]:24"
-    assert routes["erin@example.org"] == "<+ [10.0.1.12]:2424"
-    assert routes["relay.example.com"] == "<+ mx.relay.example.com:25"
+    assert routes["example.org"] == "<+[10.0.1.11]:24 mapsync_lmtp"
+    assert routes["erin@example.org"] == "<+[10.0.1.12]:2424 mapsync_lmtp"
+    assert routes["relay.example.com"] == "<+mx.relay.example.com:25 mapsync_relay"
     assert "dave@example.org" not in routes  # moving: no route of its own
 
 

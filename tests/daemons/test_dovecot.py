@@ -1,0 +1,212 @@
+"""Throwaway Dovecot instances started from the ``dovecot-store`` and ``dovecot-proxy``
+snippets read what the agent installed: a seeded account logs in on its mailstore, userdb
+gives home, uid, gid and quota, a login-disabled account is refused by a real IMAP login, a
+password changed in the database works after publish and pull without restarting Dovecot,
+and the proxy sends each user to its mailstore without ever seeing a hash."""
+
+from __future__ import annotations
+
+import imaplib
+import random
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, update
+
+from mapsync.sources import schema as t
+from mapsync.sources.seed import sha512_crypt
+from tests.daemons.roles import PASSWORD, Nodes, entries, make_nodes
+
+pytestmark = pytest.mark.daemons
+
+
+@pytest.fixture(scope="module")
+def nodes() -> Iterator[Nodes]:
+    # Dovecot's auth process runs as user dovecot: pytest's tmp_path (0700 root) is out of its
+    # reach, so the nodes live in a directory it may traverse. The agent installs
+    # dovecot_users 0640 root:dovecot, which is what makes it readable here.
+    root = Path(tempfile.mkdtemp(prefix="mapsync-dovecot-"))
+    root.chmod(0o755)
+    try:
+        yield make_nodes(root / "c", ("dovecot-store", "dovecot-proxy"))
+    finally:
+        shutil.rmtree(root)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class Dovecot:
+    """``dovecot -F -c CONF`` with its own base_dir, listening on 127.0.0.1 only."""
+
+    def __init__(self, work: Path, name: str, snippet: str) -> None:
+        work.mkdir()
+        self.conf = work / "dovecot.conf"
+        self.log = work / "dovecot.log"
+        self.port = free_port()
+        self.conf.write_text(
+            f"base_dir = {work / 'run'}\n"
+            f"instance_name = mapsync-test-{name}-{self.port}\n"
+            "listen = 127.0.0.1\n"
+            "protocols = imap\n"
+            "ssl = no\n"
+            f"log_path = {self.log}\n"
+            f"service imap-login {{\n  inet_listener imap {{\n    port = {self.port}\n  }}\n}}\n"
+            + snippet
+        )
+        self.proc = subprocess.Popen(["dovecot", "-F", "-c", str(self.conf)])
+        deadline = time.monotonic() + 10
+        while not (work / "run" / "auth-client").exists():
+            assert self.proc.poll() is None, self.log.read_text() if self.log.exists() else ""
+            assert time.monotonic() < deadline, "dovecot did not start"
+            time.sleep(0.05)
+
+    def doveadm(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["doveadm", "-c", str(self.conf), *args], capture_output=True, text=True, timeout=30
+        )
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def store(nodes: Nodes, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dovecot]:
+    role = nodes.roles["dovecot-store"]
+    d = Dovecot(
+        tmp_path_factory.mktemp("store") / "d",
+        "store",
+        role.snippet("dovecot.conf", nodes.target("dovecot-store")),
+    )
+    yield d
+    d.stop()
+
+
+@pytest.fixture(scope="module")
+def proxy(nodes: Nodes, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dovecot]:
+    role = nodes.roles["dovecot-proxy"]
+    d = Dovecot(
+        tmp_path_factory.mktemp("proxy") / "d",
+        "proxy",
+        role.snippet("dovecot.conf", nodes.target("dovecot-proxy")),
+    )
+    yield d
+    d.stop()
+
+
+def users(nodes: Nodes) -> dict[str, list[str]]:
+    """dovecot_users as installed: user → [password, uid, gid, gecos, home, shell, extra]."""
+    return {
+        k: v.split(":", 6)
+        for k, v in entries(nodes.target("dovecot-store") / "dovecot_users", ":").items()
+    }
+
+
+def fields(out: str) -> dict[str, str]:
+    """``doveadm user`` output: a ``field<TAB>value`` table."""
+    return dict(line.split("\t", 1) for line in out.splitlines()[1:] if "\t" in line)
+
+
+def test_a_seeded_account_of_this_mailstore_logs_in(nodes: Nodes, store: Dovecot) -> None:
+    assert "postmaster@example-1.org" in users(nodes)  # example-1.org lives on store-1
+    p = store.doveadm("auth", "test", "postmaster@example-1.org", PASSWORD)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "auth succeeded" in p.stdout
+    p = store.doveadm("auth", "test", "PostMaster@Example-1.ORG", PASSWORD)  # %Lu
+    assert p.returncode == 0, p.stdout + p.stderr
+
+
+def test_an_account_of_another_mailstore_is_unknown_here(nodes: Nodes, store: Dovecot) -> None:
+    assert "postmaster@example-2.org" not in users(nodes)  # housed on store-2
+    p = store.doveadm("user", "postmaster@example-2.org")
+    assert p.returncode == 67, p.stdout + p.stderr  # unknown user, no password tried
+
+
+def test_userdb_gives_home_uid_gid_and_quota(nodes: Nodes, store: Dovecot) -> None:
+    p = store.doveadm("user", "postmaster@example-1.org")
+    assert p.returncode == 0, p.stdout + p.stderr
+    f = fields(p.stdout)
+    assert f["uid"] == "5000" and f["gid"] == "5000"
+    assert f["home"] == "/var/vmail/example-1.org/postmaster"
+    assert f["quota_rule"] == "*:bytes=2147483648"
+
+
+def test_a_login_disabled_account_is_refused_at_imap_login(nodes: Nodes, store: Dovecot) -> None:
+    disabled = next(u for u, f in users(nodes).items() if "nologin=y" in f[6])
+    # The passdb answers (mail is still delivered to it) but marks the login refused ...
+    p = store.doveadm("auth", "test", disabled, PASSWORD)
+    assert "nologin" in p.stdout, p.stdout + p.stderr
+    # ... and a real IMAP login is refused by imap-login.
+    imap = imaplib.IMAP4("127.0.0.1", store.port)
+    try:
+        with pytest.raises(imaplib.IMAP4.error, match="Login disabled"):
+            imap.login(disabled, PASSWORD)
+    finally:
+        imap.shutdown()
+
+
+def test_a_changed_password_works_after_pull_without_restarting_dovecot(
+    nodes: Nodes, store: Dovecot
+) -> None:
+    user = "postmaster@example-1.org"
+    assert store.doveadm("auth", "test", user, PASSWORD).returncode == 0
+    new = "a new password, set in the database"
+    engine = create_engine(nodes.cluster.db_url)
+    with engine.begin() as conn:
+        conn.execute(
+            update(t.account)
+            .where(t.account.c.local_part == "postmaster", t.account.c.domain_id == 1)
+            .values(password_hash=sha512_crypt(new, random.Random(1)))
+        )
+    engine.dispose()
+    old_hash = users(nodes)[user][0]
+    nodes.publish_and_pull()
+    assert users(nodes)[user][0] != old_hash
+    assert len(users(nodes)[user][0]) == len(old_hash)  # same size: only the mtime tells
+    # Dovecot stats the passwd-file at most once a second: allow it a few seconds.
+    deadline = time.monotonic() + 5
+    while (p := store.doveadm("auth", "test", user, new)).returncode != 0:
+        assert time.monotonic() < deadline, p.stdout + p.stderr
+        time.sleep(0.25)
+    assert store.proc.poll() is None  # the same Dovecot, never restarted
+    # Wrong passwords last: a failed login delays later logins by 2-4 s.
+    assert store.doveadm("auth", "test", user, PASSWORD).returncode == 77
+
+
+def test_a_wrong_password_fails(store: Dovecot) -> None:
+    p = store.doveadm("auth", "test", "postmaster@example-1.org", "not the password")
+    assert p.returncode == 77, p.stdout + p.stderr
+
+
+def test_the_proxy_sends_each_user_to_its_mailstore(nodes: Nodes, proxy: Dovecot) -> None:
+    p = proxy.doveadm("auth", "lookup", "postmaster@example-1.org")
+    assert p.returncode == 0, p.stdout + p.stderr
+    got = {
+        k.strip(): v.strip() for k, _, v in (line.partition(":") for line in p.stdout.splitlines())
+    }
+    assert got["proxy"] == "y" and got["host"] == "10.0.1.11" and got["port"] == "143"
+    # nopassword=y: any password is passed on, the mailstore checks it.
+    p = proxy.doveadm("auth", "test", "postmaster@example-1.org", "whatever the user typed")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "proxy" in p.stdout and "host=10.0.1.11" in p.stdout and "port=143" in p.stdout
+    p = proxy.doveadm("auth", "test", "postmaster@example-2.org", "x")
+    assert p.returncode == 0 and "host=10.0.1.12" in p.stdout, p.stdout + p.stderr
+
+
+def test_the_proxy_refuses_users_that_may_not_log_in(nodes: Nodes, proxy: Dovecot) -> None:
+    text = entries(nodes.target("dovecot-proxy") / "dovecot_proxy", ":")
+    assert not any("$6$" in v or "{" in v for v in text.values())  # no hash on a proxy
+    refused = next(u for u, v in text.items() if v.endswith("nologin=y"))
+    p = proxy.doveadm("auth", "test", refused, PASSWORD)
+    assert p.returncode == 77, p.stdout + p.stderr
