@@ -4,7 +4,10 @@ Keys as in ``transport`` (``user@domain`` where it differs from its domain, ``do
 value is what a manualroute router's ``route_data`` takes: a host list with ``+`` as separator,
 so a port can follow the host, then the transport, as Postfix's transport map names one:
 ``<+[10.0.1.11]:24 mapsync_lmtp`` to a mailstore, ``<+mx.customer.tld:25 mapsync_relay`` to a
-relay domain's next hop (transports defined in agents/exim-mx/transports.conf). No space after
+relay domain's next hop (transports defined in agents/exim-mx/transports.conf). A moving
+account's value is the literal ``:defer:`` (as ``transport`` gives it ``retry:``): the
+``mapsync_moving`` redirect router, before the manualroute router, defers its mail until it
+lands (``:defer: mailbox is being moved``). No space after
 ``<+``: Exim ends the host list at the first space and reads the rest as options (measured with
 Exim 4.96: ``<+ [10.0.1.11]:24`` fails with 'unknown routing option or transport name').
 Exim's cdb lookups are case-sensitive: configurations look keys up with ``${lc:...}``.
@@ -22,6 +25,7 @@ from mapsync.validate import split_nexthop
 
 LMTP = "mapsync_lmtp"
 RELAY = "mapsync_relay"
+MOVING = ":defer:"  # agents/exim-mx/routers.conf: mapsync_moving defers these addresses
 
 
 def route(host: str, port: int | None, transport: str) -> str:
@@ -36,15 +40,21 @@ def route(host: str, port: int | None, transport: str) -> str:
 
 class EximRoutesMap(Map):
     name = "exim_routes"
-    description = "user@domain or domain → Exim route_data, e.g. <+[10.0.1.11]:24 mapsync_lmtp"
+    description = (
+        "user@domain or domain → Exim route_data, e.g. <+[10.0.1.11]:24 mapsync_lmtp;"
+        " :defer: while moving"
+    )
 
     def entries(self, directory: Directory, channel: PublisherChannel) -> Iterator[tuple[str, str]]:
         for d in directory.of_kind("hosted"):
             default = directory.default_store(d)
             yield d.name, route(default.lmtp_host, default.lmtp_port, LMTP)
             for a in directory.accounts.get(d.id, ()):
+                if a.status == "moving":
+                    yield f"{a.local_part}@{d.name}", MOVING
+                    continue
                 store = directory.store_of(a)
-                if store.id != default.id and a.status != "moving":
+                if store.id != default.id:
                     yield f"{a.local_part}@{d.name}", route(store.lmtp_host, store.lmtp_port, LMTP)
         for d in directory.of_kind("relay"):
             assert d.relay_nexthop is not None

@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, update
+from sqlalchemy import create_engine, select, update
 
 from mapsync.sources import schema as t
 from tests.daemons.roles import Nodes, entries, make_nodes
@@ -33,6 +33,17 @@ def nodes(tmp_path_factory: pytest.TempPathFactory) -> Nodes:
             .where(t.domain.c.name == "relay-1.example.com")
             .values(relay_nexthop="[192.0.2.25]:25")
         )
+        # A moving account in a domain with an alias domain (example-10.net → example-10.org).
+        dom = select(t.domain.c.id).where(t.domain.c.name == "example-10.org").scalar_subquery()
+        first = (
+            select(t.account.c.id)
+            .where(t.account.c.domain_id == dom, t.account.c.status == "active")
+            .where(t.account.c.local_part != "postmaster")
+            .order_by(t.account.c.id)
+            .limit(1)
+            .scalar_subquery()
+        )
+        conn.execute(update(t.account).where(t.account.c.id == first).values(status="moving"))
     engine.dispose()
     n.publish_and_pull()
     return n
@@ -92,7 +103,7 @@ def lookup(conf: Path, target: Path, name: str, key: str) -> str:
 def test_routes_for_a_domain_and_an_off_store_account(nodes: Nodes, conf: Path) -> None:
     target = nodes.target("exim-mx")
     routes = entries(target / "exim_routes")
-    user = next(k for k in routes if "@" in k)
+    user = next(k for k, v in routes.items() if "@" in k and v != ":defer:")
     domain = user.split("@")[1]
     assert routes[user] != routes[domain]
     assert lookup(conf, target, "exim_routes", "Example-1.ORG") == "<+[10.0.1.11]:24 mapsync_lmtp"
@@ -132,7 +143,7 @@ def test_routers_send_accounts_to_their_mailstore_over_lmtp(nodes: Nodes, conf: 
     assert "host 10.0.1.11 [10.0.1.11] port=24" in out, out
     # An account housed off its domain's mailstore, as user+tag: its own route wins.
     routes = entries(nodes.target("exim-mx") / "exim_routes")
-    user = next(k for k in routes if "@" in k)
+    user = next(k for k, v in routes.items() if "@" in k and v != ":defer:")
     own = routes[user].split("]")[0].removeprefix("<+[")
     assert own not in routes[user.split("@")[1]]
     out = bt(conf, user.replace("@", "+tag@").upper())
@@ -160,3 +171,21 @@ def test_routers_send_relay_domains_over_smtp_and_refuse_unknown_users(conf: Pat
     assert "host 192.0.2.25 [192.0.2.25] port=25" in out, out
     out = bt(conf, "nobody@example-1.org")
     assert "nobody@example-1.org is undeliverable: Unknown user" in out, out
+
+
+def test_routers_defer_a_moving_account_until_it_lands(nodes: Nodes, conf: Path) -> None:
+    # Postfix's transport gives it "retry:"; Exim's route is ":defer:", which mapsync_moving
+    # (a redirect router before mapsync_route) turns into a temporary failure.
+    routes = entries(nodes.target("exim-mx") / "exim_routes")
+    moving = next(k for k, v in routes.items() if v == ":defer:" and k.endswith("@example-10.org"))
+    deferred = "cannot be resolved at this time: mailbox is being moved"
+    for address in (moving, moving.replace("@", "+tag@").upper()):
+        out = bt(conf, address)
+        assert out == f"{address} {deferred}\n", out
+    # Its alias-domain address is rewritten by mapsync_virtual, then deferred the same way.
+    alias = moving.replace("@example-10.org", "@example-10.net")
+    out = bt(conf, alias)
+    assert out == f"{moving} {deferred}\n    <-- {alias}\n", out
+    # Its domain's other accounts still route to their mailstore.
+    out = bt(conf, "postmaster@example-10.org")
+    assert "router = mapsync_route, transport = mapsync_lmtp" in out, out

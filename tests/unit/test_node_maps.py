@@ -88,7 +88,7 @@ def test_exim_routes_are_host_lists_with_ports_and_a_transport() -> None:
     assert routes["example.org"] == "<+[10.0.1.11]:24 mapsync_lmtp"
     assert routes["erin@example.org"] == "<+[10.0.1.12]:2424 mapsync_lmtp"
     assert routes["relay.example.com"] == "<+mx.relay.example.com:25 mapsync_relay"
-    assert "dave@example.org" not in routes  # moving: no route of its own
+    assert routes["dave@example.org"] == ":defer:"  # moving: routers.conf mapsync_moving defers
 
 
 def _reasons(s: Snapshot, proxy: bool = False) -> list[str]:
