@@ -134,3 +134,43 @@ def perfdata(statuses: list[ChannelStatus]) -> str:
         if s.last_success_age is not None:
             parts.append(f"{s.channel}_check_age={s.last_success_age}s")
     return " ".join(parts)
+
+
+_METRICS = (
+    ("mapsync_status", "Channel status: 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN."),
+    ("mapsync_release_serial", "Serial of the installed release."),
+    (
+        "mapsync_release_age_seconds",
+        "Seconds since the installed release was created by the publisher.",
+    ),
+    ("mapsync_last_success_timestamp_seconds", "Unix time of the last good check of the source."),
+    ("mapsync_expiry_timestamp_seconds", "Unix time at which the installed release expires."),
+    ("mapsync_pinned", "1 while a rollback pins the channel to an older release."),
+    ("mapsync_map_entries", "Entries of each installed map."),
+)
+
+
+def prometheus(statuses: list[ChannelStatus]) -> str:
+    """node_exporter textfile-collector metrics for ``statuses`` (gauges, one per channel)."""
+    samples: dict[str, list[str]] = {name: [] for name, _ in _METRICS}
+    for s in statuses:
+        label = f'channel="{s.channel}"'
+        samples["mapsync_status"].append(f"{{{label}}} {s.code}")
+        samples["mapsync_pinned"].append(f"{{{label}}} {1 if s.pinned is not None else 0}")
+        if s.serial is not None:
+            samples["mapsync_release_serial"].append(f"{{{label}}} {s.serial}")
+        if s.installed_age is not None:
+            samples["mapsync_release_age_seconds"].append(f"{{{label}}} {s.installed_age}")
+        if s.last_success:
+            stamp = int(parse_iso(s.last_success).timestamp())
+            samples["mapsync_last_success_timestamp_seconds"].append(f"{{{label}}} {stamp}")
+        if s.expires:
+            stamp = int(parse_iso(s.expires).timestamp())
+            samples["mapsync_expiry_timestamp_seconds"].append(f"{{{label}}} {stamp}")
+        for name, n in sorted((s.entries or {}).items()):
+            samples["mapsync_map_entries"].append(f'{{{label},map="{name}"}} {n}')
+    lines = []
+    for name, help_text in _METRICS:
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge"]
+        lines += [f"{name}{sample}" for sample in samples[name]]
+    return "\n".join(lines) + "\n"

@@ -149,11 +149,15 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from mapsync.agent.status import LEVELS, channel_status, overall, perfdata
+    from mapsync.agent.status import LEVELS, channel_status, overall, perfdata, prometheus
 
     agent = _config(args).need_agent()
     statuses = [channel_status(agent, ch) for ch in agent.channels.values()]
     code = overall(statuses)
+    if args.prometheus:
+        from mapsync.atomic import atomic_write
+
+        atomic_write(Path(args.prometheus), prometheus(statuses).encode())
     if args.json:
         print(
             json.dumps(

@@ -110,6 +110,11 @@ def _parser() -> argparse.ArgumentParser:
         "Exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN.",
     )
     s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.add_argument(
+        "--prometheus",
+        metavar="FILE",
+        help="also write node_exporter textfile-collector metrics to FILE (atomically)",
+    )
 
     add("verify", "re-check what is installed against its signed manifest")
 

@@ -1,0 +1,51 @@
+"""`mapsync status --prometheus FILE`: node_exporter textfile-collector metrics."""
+
+from __future__ import annotations
+
+import json
+import re
+import stat
+from pathlib import Path
+
+from tests.conftest import Cluster
+
+SAMPLE = re.compile(r'^(mapsync_[a-z_]+)\{channel="([a-z0-9_-]+)"(?:,map="([a-z_]+)")?\} (-?\d+)$')
+
+
+def _metrics(path: Path) -> dict[tuple[str, str, str | None], int]:
+    out = {}
+    for line in path.read_text().splitlines():
+        if line.startswith("# HELP ") or line.startswith("# TYPE "):
+            assert line.split()[2].startswith("mapsync_")
+            continue
+        m = SAMPLE.match(line)
+        assert m, f"not an exposition-format sample: {line!r}"
+        out[(m.group(1), m.group(2), m.group(3))] = int(m.group(4))
+    return out
+
+
+def test_metrics_describe_what_is_installed(cluster: Cluster) -> None:
+    prom = cluster.root / "textfile" / "mapsync.prom"
+    prom.parent.mkdir()
+    proc = cluster.cli("status", "--prometheus", str(prom))
+    assert proc.returncode == 2  # nothing installed yet: CRITICAL, and the metrics say so
+    assert _metrics(prom)[("mapsync_status", "mx", None)] == 2
+
+    cluster.publish()
+    cluster.pull()
+    proc = cluster.cli("status", "--json", "--prometheus", str(prom))
+    assert proc.returncode == 0
+    status = json.loads(proc.stdout)["channels"][0]
+    metrics = _metrics(prom)
+    assert metrics[("mapsync_status", "mx", None)] == 0
+    assert metrics[("mapsync_release_serial", "mx", None)] == 1
+    assert metrics[("mapsync_pinned", "mx", None)] == 0
+    assert 0 <= metrics[("mapsync_release_age_seconds", "mx", None)] < 120
+    for name, entries in status["entries"].items():
+        assert metrics[("mapsync_map_entries", "mx", name)] == entries
+    assert (
+        metrics[("mapsync_expiry_timestamp_seconds", "mx", None)]
+        > metrics[("mapsync_last_success_timestamp_seconds", "mx", None)]
+    )
+    assert stat.S_IMODE(prom.stat().st_mode) == 0o644  # node_exporter runs as another user
+    assert not [p for p in prom.parent.iterdir() if p != prom]  # no temp file left behind
