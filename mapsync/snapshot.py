@@ -85,5 +85,3 @@ class Snapshot:
     taken_at: datetime
     sender_grants: list[SenderGrant] = field(default_factory=list)
     secrets: bool = False  # password hashes, homes and quotas were read
-    # Derived lookups, filled lazily by the maps that need them.
-    cache: dict[str, object] = field(default_factory=dict, repr=False)

@@ -147,9 +147,6 @@ def _server_database(kind: str) -> Iterator[str]:
     try:
         yield url
     finally:
-        from sqlalchemy import create_engine as _ce
-
-        _ce(url).dispose()
         with admin.connect() as conn:
             if kind == "postgresql":
                 conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))

@@ -462,7 +462,8 @@ def verify_release(
     return manifest
 
 
-SECRET_MAPS = {"dovecot_users"}  # carry password hashes (mapsync.maps: Map.secrets)
+# The maps that carry password hashes, as the catalogue declares them (Map.secrets).
+SECRET_MAPS = frozenset(name for name, spec in CATALOGUE.items() if spec.secrets)
 SECRET_GROUP = "dovecot"
 
 

@@ -72,13 +72,14 @@ class PublishResult:
 
 _BAD_KEY = re.compile(r"[\s,\0]|^#|^$")
 _BAD_VALUE = re.compile(r"[\r\n\0]")
+_BAD_PASSWD_KEY = re.compile(r"[\s,\0:]|^#|^$")  # a passwd-file user name also ends at ':'
 
 
 def _lines(entries: list[tuple[str, str]], map_name: str, sep: str = " ") -> Iterator[str]:
     previous = None
     bad_key, bad_value = _BAD_KEY.search, _BAD_VALUE.search
     if sep == ":":  # a passwd-file: the user name is the first field
-        bad_key = re.compile(r"[\s,\0:]|^#|^$").search
+        bad_key = _BAD_PASSWD_KEY.search
     for key, value in entries:
         if key == previous:
             raise InvalidData([f"map {map_name}: duplicate key {key!r}"])
@@ -114,7 +115,6 @@ def drop_invalid(snap: Snapshot, problems: list[Problem]) -> Snapshot:
         domains=[d for d in snap.domains if ("domain", d.id) not in bad],
         accounts=[a for a in snap.accounts if ("account", a.id) not in bad],
         aliases=[a for a in snap.aliases if ("alias", a.id) not in bad],
-        cache={},
     )
 
 
@@ -255,8 +255,6 @@ class Publisher:
             return list(self.cfg.channels.values())
         unknown = [n for n in names if n not in self.cfg.channels]
         if unknown:
-            from mapsync.errors import ConfigError
-
             raise ConfigError(
                 f"unknown channel(s) {', '.join(unknown)} (configured: {', '.join(self.cfg.channels)})"
             )
