@@ -40,7 +40,7 @@ class PublisherChannel:
     name: str
     maps: tuple[str, ...]
     mailstore: str | None = None
-    push: tuple[str, ...] = ()
+    push: tuple[str, ...] = ()  # node inboxes: a path, rsync://host/module/path, ssh://host/path
     uid: int = 5000  # dovecot_users: the owner of the mail files on the mailstore
     gid: int = 5000
 
@@ -58,6 +58,18 @@ class PublisherConfig:
     guards: Guards = Guards()
     map_guards: dict[str, Guards] = field(default_factory=dict)
     channels: dict[str, PublisherChannel] = field(default_factory=dict)
+    ssh: tuple[str, ...] = ("ssh", "-o", "BatchMode=yes")  # remote shell for ssh:// push
+    push_timeout: int = 60
+
+
+@dataclass(frozen=True)
+class FileMode:
+    """Who owns an installed map file and who may read it (``[agent.channels.C.files.MAP]``).
+    None keeps mapsync's default: 0644 root, or 0640 group ``dovecot`` for maps with hashes."""
+
+    mode: int | None = None
+    owner: str | None = None
+    group: str | None = None
 
 
 @dataclass(frozen=True)
@@ -68,6 +80,11 @@ class AgentChannel:
     source: str
     target: Path
     reload: tuple[str, ...] = ()
+    mirrors: tuple[str, ...] = ()  # further sources, tried in order when the ones before fail
+    check: tuple[str, ...] = ()  # run against the staged set before the swap; "{dir}" → its path
+    check_timeout: int = 60
+    reload_timeout: int = 60
+    files: dict[str, FileMode] = field(default_factory=dict)
     inbox: Path | None = None
     warn_after: int = 15 * 60
     critical_after: int = 2 * 3600
@@ -77,12 +94,19 @@ class AgentChannel:
     keep: int = 5  # verified releases kept on the node for ``rollback``
     maps: tuple[str, ...] = ()  # if set: the only maps a release of this channel may carry
 
+    @property
+    def sources(self) -> tuple[str, ...]:
+        """``source`` then its mirrors: the order in which a pull tries them."""
+        return (self.source, *self.mirrors)
+
 
 @dataclass(frozen=True)
 class AgentConfig:
     state: Path
     trusted_keys: tuple[Path, ...]
     channels: dict[str, AgentChannel] = field(default_factory=dict)
+    interval: int = 5 * 60  # `mapsync agent`: seconds between polls of every channel
+    jitter: int = 30  # ... plus a random 0..jitter seconds, so fifty nodes do not poll at once
 
 
 @dataclass(frozen=True)
@@ -227,6 +251,8 @@ def _publisher(path: Path, data: Any) -> PublisherConfig:
         "lock_wait",
         "guards",
         "channels",
+        "ssh",
+        "push_timeout",
     )
     schema = s.text("schema", "mapsync")
     if schema != "mapsync":
@@ -268,7 +294,7 @@ def _publisher(path: Path, data: Any) -> PublisherConfig:
             name=name,
             maps=maps,
             mailstore=cs.text("mailstore"),
-            push=cs.strlist("push"),
+            push=tuple(_location(cs, "push", d) for d in cs.strlist("push")),
             uid=cs.integer("uid", 5000, minimum=1),
             gid=cs.integer("gid", 5000, minimum=1),
         )
@@ -286,6 +312,8 @@ def _publisher(path: Path, data: Any) -> PublisherConfig:
         guards=base,
         map_guards=map_guards,
         channels=channels,
+        ssh=s.strlist("ssh", PublisherConfig.ssh),
+        push_timeout=s.duration("push_timeout", 60),
     )
 
 
@@ -300,9 +328,62 @@ def _known_maps(section: _Section, maps: tuple[str, ...]) -> tuple[str, ...]:
     return maps
 
 
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def _location(section: _Section, key: str, value: str) -> str:
+    """A channel source or push destination: a path (relative to the config file),
+    ``file://``, ``rsync://`` or ``ssh://``; any other URL is refused, naming the key."""
+    if _URL.match(value):
+        if not value.startswith(("rsync://", "ssh://", "file://")):
+            # Not a relative path named "http:": an unsupported URL.
+            raise ConfigError(
+                f"{section.where(key)}: unsupported URL {value!r} (use a path, file://, rsync:// or ssh://)"
+            )
+        return value
+    p = Path(value)
+    return str(p if p.is_absolute() else section.path.resolve().parent / p)
+
+
+_MODE = re.compile(r"^0?[0-7]{3}\Z")
+
+
+def _files(path: Path, where: str, data: dict[str, Any]) -> dict[str, FileMode]:
+    """``[agent.channels.C.files.MAP]``: mode (an octal string, "0640"), owner, group."""
+    from mapsync.maps import CATALOGUE
+
+    files = {}
+    for name, sub in data.items():
+        fs = _Section(path, f"{where}.files.{name}", sub)
+        if name not in CATALOGUE:
+            raise ConfigError(
+                f"{path}: [{where}.files.{name}]: unknown map {name!r} (known: {', '.join(sorted(CATALOGUE))})"
+            )
+        fs.allow("mode", "owner", "group")
+        mode = fs.text("mode")
+        if mode is not None and not _MODE.match(mode):
+            raise ConfigError(
+                f'{fs.where("mode")}: must be an octal mode string like "0640", not {mode!r}'
+            )
+        if mode is not None and int(mode, 8) & 0o7133:
+            raise ConfigError(
+                f"{fs.where('mode')}: {mode} makes a map executable or writable by others; "
+                'maps are read-only data (e.g. "0644" or "0640")'
+            )
+        files[name] = FileMode(
+            mode=int(mode, 8) if mode is not None else None,
+            owner=fs.text("owner"),
+            group=fs.text("group"),
+        )
+    return files
+
+
 def _agent(path: Path, data: Any) -> AgentConfig:
     s = _Section(path, "agent", data)
-    s.allow("state", "trusted_keys", "channels")
+    s.allow("state", "trusted_keys", "channels", "interval", "jitter")
+    interval = s.duration("interval", AgentConfig.interval)
+    if interval < 1:
+        raise ConfigError(f"{s.where('interval')}: must be at least 1s")
     keys = s.strlist("trusted_keys", _REQUIRED)
     if not keys:
         raise ConfigError(f"{s.where('trusted_keys')}: name at least one public key")
@@ -326,26 +407,31 @@ def _agent(path: Path, data: Any) -> AgentConfig:
             "keep",
             "maps",
             "password_file",
+            "check",
+            "check_timeout",
+            "reload_timeout",
+            "files",
         )
         warn = cs.duration("warn_after", 15 * 60)
         crit = cs.duration("critical_after", 2 * 3600)
         if crit < warn:
             raise ConfigError(f"{cs.where('critical_after')}: must not be shorter than warn_after")
-        source = cs.text("source", _REQUIRED)
-        if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", source) and not source.startswith(
-            ("rsync://", "ssh://", "file://")
-        ):
-            # Not a relative path named "http:": an unsupported URL.
-            raise ConfigError(
-                f"{cs.where('source')}: unsupported URL {source!r} (use a path, file://, rsync:// or ssh://)"
-            )
-        if not source.startswith(("rsync://", "ssh://", "file://", "/")):
-            source = str(_path(cs, "source"))
-        if "password_file" in cs.data and not source.startswith("rsync://"):
+        raw_source = cs.data.get("source")
+        if isinstance(raw_source, list):
+            if not raw_source:
+                raise ConfigError(f"{cs.where('source')}: an empty list names no source")
+            sources = tuple(_location(cs, "source", v) for v in cs.strlist("source"))
+        else:
+            sources = (_location(cs, "source", cs.text("source", _REQUIRED)),)
+        if len(set(sources)) != len(sources):
+            raise ConfigError(f"{cs.where('source')}: a source is listed twice")
+        source = sources[0]
+        if "password_file" in cs.data and not any(x.startswith("rsync://") for x in sources):
             raise ConfigError(
                 f"{cs.where('password_file')}: only an rsync:// source takes a password "
                 "(ssh:// authenticates with the ssh key)"
             )
+        check = cs.strlist("check")
         channels[name] = AgentChannel(
             name=name,
             source=source,
@@ -359,6 +445,11 @@ def _agent(path: Path, data: Any) -> AgentConfig:
             password_file=_path(cs, "password_file") if "password_file" in cs.data else None,
             keep=cs.integer("keep", AgentChannel.keep, minimum=2),
             maps=_known_maps(cs, cs.strlist("maps")),
+            mirrors=sources[1:],
+            check=check,
+            check_timeout=cs.duration("check_timeout", AgentChannel.check_timeout),
+            reload_timeout=cs.duration("reload_timeout", AgentChannel.reload_timeout),
+            files=_files(path, where, cs.table("files")),
         )
     if not channels:
         raise ConfigError(f"{path}: [agent.channels]: define at least one channel")
@@ -382,6 +473,8 @@ def _agent(path: Path, data: Any) -> AgentConfig:
             (Path(k) if Path(k).is_absolute() else path.resolve().parent / k) for k in keys
         ),
         channels=channels,
+        interval=interval,
+        jitter=s.duration("jitter", AgentConfig.jitter),
     )
 
 

@@ -268,3 +268,101 @@ def test_cli_reads_config_from_environment() -> None:
         proc.stderr.strip()
         == f"mapsync: {path}: empty config: needs a [publisher] or an [agent] section"
     )
+
+
+_AGENT = """
+[agent]
+state = "/var/lib/mapsync/agent"
+trusted_keys = ["/etc/mapsync/signing.pub"]
+{agent_extra}
+[agent.channels.mx]
+target = "/etc/postfix/mapsync"
+{channel}
+"""
+
+
+def _agent_cfg(tmp_path: Path, channel: str, agent_extra: str = "") -> config.AgentConfig:
+    f = tmp_path / "mapsync.toml"
+    f.write_text(_AGENT.format(channel=channel, agent_extra=agent_extra))
+    return load(f).need_agent()
+
+
+def test_source_list_gives_mirrors_in_order(tmp_path: Path) -> None:
+    ag = _agent_cfg(
+        tmp_path,
+        'source = ["rsync://a.example.net/mapsync/mx", "ssh://b.example.net/srv/mx", "mirror"]',
+    )
+    ch = ag.channels["mx"]
+    assert ch.source == "rsync://a.example.net/mapsync/mx"
+    assert ch.sources == (
+        "rsync://a.example.net/mapsync/mx",
+        "ssh://b.example.net/srv/mx",
+        str(tmp_path / "mirror"),
+    )
+
+
+@pytest.mark.parametrize(
+    ("channel", "expect"),
+    [
+        ("source = []", "[agent.channels.mx] source: an empty list names no source"),
+        ('source = ["/a", "/a"]', "[agent.channels.mx] source: a source is listed twice"),
+        ('source = ["/a", "http://x/y"]', "[agent.channels.mx] source: unsupported URL"),
+        (
+            'source = "/a"\n[agent.channels.mx.files.aliases]\nmode = "0644"',
+            "[agent.channels.mx.files.aliases]: unknown map 'aliases'",
+        ),
+        (
+            'source = "/a"\n[agent.channels.mx.files.recipients]\nmode = "644x"',
+            "[agent.channels.mx.files.recipients] mode: must be an octal mode string",
+        ),
+        (
+            'source = "/a"\n[agent.channels.mx.files.recipients]\nmode = "0666"',
+            "makes a map executable or writable by others",
+        ),
+        (
+            'source = "/a"\n[agent.channels.mx.files.recipients]\nuser = "root"',
+            "[agent.channels.mx.files.recipients] user: unknown key",
+        ),
+        ('source = "/a"\ncheck_timeout = "soon"', "check_timeout: not a duration"),
+    ],
+)
+def test_agent_channel_refusals_name_the_key(tmp_path: Path, channel: str, expect: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        _agent_cfg(tmp_path, channel)
+    assert expect in str(err.value)
+    assert str(tmp_path / "mapsync.toml") in str(err.value)
+
+
+def test_check_files_timeouts_and_schedule_parse(tmp_path: Path) -> None:
+    ag = _agent_cfg(
+        tmp_path,
+        'source = "/srv/mapsync/mx"\n'
+        'check = ["postmap", "-q", "postmaster@example.org", "cdb:{dir}/recipients"]\n'
+        'check_timeout = "10s"\nreload_timeout = "2m"\n'
+        '[agent.channels.mx.files.dovecot_users]\nmode = "0640"\nowner = "root"\ngroup = "dovecot"',
+        agent_extra='interval = "1m"\njitter = "5s"',
+    )
+    ch = ag.channels["mx"]
+    assert ch.check == ("postmap", "-q", "postmaster@example.org", "cdb:{dir}/recipients")
+    assert (ch.check_timeout, ch.reload_timeout) == (10, 120)
+    assert ch.files == {"dovecot_users": config.FileMode(0o640, "root", "dovecot")}
+    assert (ag.interval, ag.jitter) == (60, 5)
+    assert ch.mirrors == ()
+
+
+def test_push_destinations_resolve_relative_paths(tmp_path: Path) -> None:
+    f = tmp_path / "mapsync.toml"
+    f.write_text(
+        '[publisher]\ndatabase = "sqlite:///x.db"\nrepository = "repo"\nsigning_key = "k"\n'
+        'push_timeout = "20s"\nssh = ["ssh", "-i", "/etc/mapsync/push_key"]\n'
+        '[publisher.channels.mx]\nmaps = ["domains"]\n'
+        'push = ["inbox", "ssh://mx1.example.net/var/lib/mapsync/inbox/mx", "rsync://mx2/inbox/mx"]\n'
+    )
+    pub = load(f).need_publisher()
+    assert pub.channels["mx"].push == (
+        str(tmp_path / "inbox"),
+        "ssh://mx1.example.net/var/lib/mapsync/inbox/mx",
+        "rsync://mx2/inbox/mx",
+    )
+    assert pub.push_timeout == 20
+    assert pub.ssh == ("ssh", "-i", "/etc/mapsync/push_key")
