@@ -13,6 +13,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from mapsync.errors import LockBusy, SourceError
+from mapsync.progress import track
 from mapsync.snapshot import (
     Account,
     Alias,
@@ -151,8 +152,14 @@ class BuiltinSource(Source):
         ]
         if getattr(self, "_secrets", False):
             columns += [t.account.c.password_hash, t.account.c.home, t.account.c.quota_bytes]
+        rows = fingerprint.tables
         accounts = [
-            Account(*row) for row in conn.execute(select(*columns).order_by(t.account.c.id))
+            Account(*row)
+            for row in track(
+                conn.execute(select(*columns).order_by(t.account.c.id)),
+                "read accounts",
+                rows["account"][0],
+            )
         ]
         grants = [
             SenderGrant(*row)
@@ -164,25 +171,32 @@ class BuiltinSource(Source):
         ]
         now = datetime.now(UTC).replace(tzinfo=None)
         targets: dict[int, list[str]] = {}
-        for alias_id, target in conn.execute(
-            select(t.alias_target.c.alias_id, t.alias_target.c.target).order_by(
-                t.alias_target.c.alias_id, t.alias_target.c.target
-            )
+        for alias_id, target in track(
+            conn.execute(
+                select(t.alias_target.c.alias_id, t.alias_target.c.target).order_by(
+                    t.alias_target.c.alias_id, t.alias_target.c.target
+                )
+            ),
+            "read alias targets",
+            rows["alias_target"][0],
         ):
             targets.setdefault(alias_id, []).append(target)
         aliases = [
             # Sorted here, not by ORDER BY: the database's collation (ICU, glibc) may put '@'
             # before digits, and the maps must be byte-identical whatever the database.
             Alias(row.id, row.domain_id, row.local_part, tuple(sorted(targets.get(row.id, ()))))
-            for row in conn.execute(
-                select(
-                    t.alias.c.id,
-                    t.alias.c.domain_id,
-                    t.alias.c.local_part,
-                    t.alias.c.expires_at,
-                )
-                .where(t.alias.c.active.is_(True))
-                .order_by(t.alias.c.id)
+            for row in track(
+                conn.execute(
+                    select(
+                        t.alias.c.id,
+                        t.alias.c.domain_id,
+                        t.alias.c.local_part,
+                        t.alias.c.expires_at,
+                    )
+                    .where(t.alias.c.active.is_(True))
+                    .order_by(t.alias.c.id)
+                ),
+                "read aliases",
             )
             if row.expires_at is None or _naive(row.expires_at) > now
         ]
