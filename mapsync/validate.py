@@ -8,6 +8,7 @@ no database value can inject a different key or field into a text map.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Iterator
@@ -35,6 +36,7 @@ class Problem(NamedTuple):
         return f"{self.table} id={self.row} {self.key!r}: {self.reason}"
 
 
+@functools.lru_cache(maxsize=65536)  # alias targets and grants repeat a few thousand domains
 def domain_name_problem(name: str) -> str | None:
     """Why ``name`` is not a lowercase A-label domain name, or None."""
     if name != name.lower():
@@ -233,6 +235,7 @@ def _check(snap: Snapshot, proxy: bool = False) -> Iterator[Problem]:
                 yield Problem("account", a.id, address, problem)
         yield from claim(address, "account", a.id)
 
+    bad_targets: set[str] = set()
     for al in snap.aliases:
         dom = domains.get(al.domain_id)
         if dom is None or dom.status == "disabled":
@@ -255,10 +258,11 @@ def _check(snap: Snapshot, proxy: bool = False) -> Iterator[Problem]:
         for target_address in al.targets:
             problem = address_problem(target_address)
             if problem:
+                bad_targets.add(target_address)
                 yield Problem("alias", al.id, address, problem)
         yield from claim(address, "alias", al.id)
 
-    yield from _alias_graph(snap, domains, seen)
+    yield from _alias_graph(snap, domains, seen, bad_targets)
 
     accounts = {a.id for a in snap.accounts}
     for g in snap.sender_grants:
@@ -292,7 +296,10 @@ MAX_FANOUT = 1000
 
 
 def _alias_graph(
-    snap: Snapshot, domains: dict[int, Domain], seen: dict[str, tuple[str, int]]
+    snap: Snapshot,
+    domains: dict[int, Domain],
+    seen: dict[str, tuple[str, int]],
+    bad_targets: set[str],
 ) -> Iterator[Problem]:
     """Fan-out, targets inside our own domains that lead nowhere, and alias cycles."""
     live = {d.id: d for d in domains.values() if d.status != "disabled"}
@@ -316,7 +323,7 @@ def _alias_graph(
             )
         internal = []
         for target in al.targets:
-            if address_problem(target):
+            if target in bad_targets:
                 continue  # reported as a syntax problem already
             local, _, tdomain = target.lower().rpartition("@")
             tdomain = alias_of.get(tdomain, tdomain)
