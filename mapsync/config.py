@@ -217,6 +217,14 @@ _REQUIRED = object()
 _Missing = object()
 
 
+def _argv(section: _Section, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    """A command that must name a program (``ssh``): an empty list would run nothing."""
+    argv = section.strlist(key, default)
+    if not argv:
+        raise ConfigError(f"{section.where(key)}: must name a program (e.g. {list(default)})")
+    return argv
+
+
 def _path(section: _Section, key: str, default: Any = _REQUIRED) -> Path:
     value = section.text(key, default)
     p = Path(value)
@@ -312,7 +320,7 @@ def _publisher(path: Path, data: Any) -> PublisherConfig:
         guards=base,
         map_guards=map_guards,
         channels=channels,
-        ssh=s.strlist("ssh", PublisherConfig.ssh),
+        ssh=_argv(s, "ssh", PublisherConfig.ssh),
         push_timeout=s.duration("push_timeout", 60),
     )
 
@@ -441,7 +449,7 @@ def _agent(path: Path, data: Any) -> AgentConfig:
             warn_after=warn,
             critical_after=crit,
             timeout=cs.duration("timeout", 300),
-            ssh=cs.strlist("ssh", AgentChannel.ssh),
+            ssh=_argv(cs, "ssh", AgentChannel.ssh),
             password_file=_path(cs, "password_file") if "password_file" in cs.data else None,
             keep=cs.integer("keep", AgentChannel.keep, minimum=2),
             maps=_known_maps(cs, cs.strlist("maps")),

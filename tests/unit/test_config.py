@@ -366,3 +366,8 @@ def test_push_destinations_resolve_relative_paths(tmp_path: Path) -> None:
     )
     assert pub.push_timeout == 20
     assert pub.ssh == ("ssh", "-i", "/etc/mapsync/push_key")
+
+
+def test_an_empty_ssh_command_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"\[agent.channels.mx\] ssh: must name a program"):
+        _agent_cfg(tmp_path, 'source = "ssh://h/srv/mx"\nssh = []')
