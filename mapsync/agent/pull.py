@@ -12,21 +12,23 @@ from __future__ import annotations
 import contextlib
 import grp
 import os
+import pwd
 import shutil
+import stat
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from mapsync import log
-from mapsync.agent.hooks import run_reload
+from mapsync.agent.hooks import reload_failure, run_check
 from mapsync.agent.kept import KEPT, KeptReleases
 from mapsync.agent.liveset import LiveSet, SwapUnfinished
 from mapsync.agent.state import ChannelState, channel_lock
-from mapsync.config import AgentChannel, AgentConfig
-from mapsync.errors import InstallError, MapsyncError, VerificationError
+from mapsync.config import AgentChannel, AgentConfig, FileMode
+from mapsync.errors import InstallError, MapsyncError, TransportError, VerificationError
 from mapsync.formats import cdb, text
 from mapsync.maps import CATALOGUE
 from mapsync.release import (
@@ -43,7 +45,7 @@ from mapsync.release import (
     utcnow,
 )
 from mapsync.signing import load_public, verify
-from mapsync.transport import Remote
+from mapsync.transport import Remote, parse_source
 
 _log = log.get("agent")
 
@@ -56,6 +58,8 @@ class PullResult:
     previous: int | None
     bytes: int = 0
     latest: int | None = None  # LATEST's serial, when pinned to an older one
+    source: str | None = None  # the source (or mirror) that answered
+    failed_sources: dict[str, str] = field(default_factory=dict)  # tried before it: source → error
 
 
 class FileAltered(VerificationError):
@@ -108,8 +112,12 @@ def settled(ch: AgentChannel) -> LiveSet:
 def pull(cfg: AgentConfig, ch: AgentChannel, *, unpin: bool = False) -> PullResult:
     """Bring ``ch`` up to date; record the outcome in its state file whatever happens.
 
-    While the channel is pinned by ``rollback`` the source is checked but nothing newer is
-    installed; ``unpin`` clears the pin first, so the pull installs what LATEST names.
+    The channel's sources are tried in order (``source``, then its mirrors): a source that
+    cannot be reached or serves something that fails verification is logged and the next one
+    is tried. A local failure (the lock, a full disk, the ``check`` command) is not the
+    source's fault and ends the run at once. While the channel is pinned by ``rollback`` the
+    source is checked but nothing newer is installed; ``unpin`` clears the pin first, so the
+    pull installs what LATEST names.
     """
     paths = ChannelPaths(cfg, ch)
     paths.root.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -123,7 +131,7 @@ def pull(cfg: AgentConfig, ch: AgentChannel, *, unpin: bool = False) -> PullResu
             try:
                 result = _pull(cfg, ch, paths, state)
             except OSError as exc:
-                raise InstallError(f"channel {ch.name} (source {ch.source}): {exc}") from None
+                raise InstallError(f"channel {ch.name}: {exc}") from None
         except MapsyncError as exc:
             state.last_error = str(exc)
             state.last_error_at = iso(utcnow())
@@ -134,31 +142,121 @@ def pull(cfg: AgentConfig, ch: AgentChannel, *, unpin: bool = False) -> PullResu
         state.last_success = iso(utcnow())
         state.last_error = None
         state.last_error_at = None
+        state.last_source = result.source
+        state.failed_sources = dict(result.failed_sources)
         if result.action == "installed":
             state.last_install = state.last_success
             state.last_bytes = result.bytes
             state.reload_pending = bool(ch.reload)
-        if state.reload_pending:
-            state.reload_pending = not run_reload(ch)
+        failure = reload_failure(ch) if state.reload_pending else None
+        state.reload_pending = failure is not None
         state.save(paths.state)
-        if state.reload_pending:
+        if failure is not None:
             raise InstallError(
-                f"channel {ch.name}: serial {result.serial} is installed but the reload hook failed; it is retried on the next run"
+                f"channel {ch.name}: serial {result.serial} is installed but the reload hook "
+                f"failed ({failure.splitlines()[0]}); it is retried on the next run"
             )
         return result
+
+
+@dataclass
+class _Fetched:
+    """A release fetched from ``remote`` and verified in ``staging``, not yet installed."""
+
+    remote: Remote
+    manifest: Manifest
+    staging: Path
+    received: int
 
 
 def _pull(
     cfg: AgentConfig, ch: AgentChannel, paths: ChannelPaths, state: ChannelState
 ) -> PullResult:
-    remote = Remote(ch.source, ch.timeout, ch.ssh, ch.password_file)
+    for source in ch.sources:
+        parse_source(source, ch.ssh)  # a malformed mirror is a config error, whatever the others do
     live = settled(ch)
     current = installed(live, str(ch.target))
+    failed: dict[str, str] = {}
+    errors: list[MapsyncError] = []
+    for i, source in enumerate(ch.sources):
+        try:
+            got = _fetch(cfg, ch, paths, state, live, current, source)
+        except (TransportError, VerificationError) as exc:
+            if len(ch.sources) == 1:
+                raise
+            failed[source] = str(exc)
+            errors.append(exc)
+            _log.warning(
+                "source failed" + ("; trying the next" if i + 1 < len(ch.sources) else ""),
+                channel=ch.name,
+                source=source,
+                error=str(exc),
+            )
+            continue
+        if failed:
+            _log.warning("served by a mirror", channel=ch.name, source=source, failed=list(failed))
+        if isinstance(got, PullResult):
+            got.source, got.failed_sources = source, failed
+            return got
+        return _install_fetched(ch, paths, state, live, current, got, failed)
+    raise _every_source_failed(ch, failed, errors)
+
+
+def _every_source_failed(
+    ch: AgentChannel, failed: dict[str, str], errors: list[MapsyncError]
+) -> MapsyncError:
+    """One error naming every source and why it failed. Exit 5 (verification) when any
+    source served something that was refused, else exit 2 (transport)."""
+    lines = [
+        f"channel {ch.name}: all {len(failed)} sources failed ({', '.join(failed)}); "
+        "the installed set keeps serving"
+    ]
+    lines += [f"  {source}: {' '.join(error.split())}" for source, error in failed.items()]
+    kind = (
+        VerificationError
+        if any(isinstance(e, VerificationError) for e in errors)
+        else TransportError
+    )
+    return kind("\n".join(lines))
+
+
+def _remote(ch: AgentChannel, source: str) -> Remote:
+    # One password_file serves the rsync:// sources; an ssh:// or local mirror takes none.
+    password = ch.password_file if parse_source(source, ch.ssh).daemon else None
+    return Remote(source, ch.timeout, ch.ssh, password)
+
+
+def _fetch(
+    cfg: AgentConfig,
+    ch: AgentChannel,
+    paths: ChannelPaths,
+    state: ChannelState,
+    live: LiveSet,
+    current: Manifest | None,
+    source: str,
+) -> PullResult | _Fetched:
+    """Ask ``source`` for LATEST; return the outcome when nothing is to be installed (current,
+    pinned), else the release fetched and verified in ``paths.incoming``."""
+    try:
+        return _fetch_from(cfg, ch, paths, state, live, current, _remote(ch, source))
+    except OSError as exc:
+        raise InstallError(f"channel {ch.name} (source {source}): {exc}") from None
+
+
+def _fetch_from(
+    cfg: AgentConfig,
+    ch: AgentChannel,
+    paths: ChannelPaths,
+    state: ChannelState,
+    live: LiveSet,
+    current: Manifest | None,
+    remote: Remote,
+) -> PullResult | _Fetched:
     shutil.rmtree(paths.incoming, ignore_errors=True)
     paths.incoming.mkdir(mode=0o700)
 
     received = remote.fetch_file(LATEST, paths.incoming / LATEST, max_size=MAX_LATEST_BYTES)
-    where = f"{ch.source}/{LATEST}"
+    where = f"{remote.source}/{LATEST}"
     latest = parse_latest((paths.incoming / LATEST).read_bytes(), where)
     if current is not None:
         if state.pinned is not None and latest.serial >= current.serial:
@@ -166,7 +264,7 @@ def _pull(
         if latest.serial < current.serial:
             raise VerificationError(
                 f"{where}: serial {latest.serial} is lower than the installed {current.serial} "
-                "(rollback attack or a restored publisher); nothing changed"
+                "(a stale mirror, a rollback attack or a restored publisher); nothing changed"
             )
         if latest.serial == current.serial:
             pair = live.installed_manifest()
@@ -189,7 +287,7 @@ def _pull(
 
     staging = paths.incoming / "release"
     staging.mkdir(mode=0o700)
-    where = f"{ch.source}/releases/{latest.serial}"
+    where = f"{remote.source}/releases/{latest.serial}"
     keys = trusted_keys(cfg)
     received += fetch_release(remote, latest, ch, keys, staging, paths.basis, where)
     try:
@@ -197,17 +295,37 @@ def _pull(
     except FileAltered as exc:
         if not paths.basis.exists():
             raise
-        # rsync's quick check (size, mtime) trusts the local basis; if that copy was damaged
-        # on this node, the damage would come back on every run. Fetch once more without it.
+        # rsync's quick check (size, mtime) trusts the local basis; if that copy was damaged on
+        # this node, the damage would come back on every run. Fetch once more without it. The
+        # basis is dropped only if that works: if the source itself is altered, a mirror may
+        # still use the basis.
         _log.warning(
-            "discarding the local rsync basis and fetching again", channel=ch.name, reason=str(exc)
+            "fetching again without the local rsync basis",
+            channel=ch.name,
+            source=remote.source,
+            reason=str(exc),
         )
-        shutil.rmtree(paths.basis)
         shutil.rmtree(staging)
         staging.mkdir(mode=0o700)
         received += fetch_release(remote, latest, ch, keys, staging, None, where)
         manifest = verify_release(staging, latest, ch, keys, current, where)
+        _log.warning(
+            "discarding the local rsync basis: it was damaged on this node", channel=ch.name
+        )
+        shutil.rmtree(paths.basis)
+    return _Fetched(remote, manifest, staging, received)
 
+
+def _install_fetched(
+    ch: AgentChannel,
+    paths: ChannelPaths,
+    state: ChannelState,
+    live: LiveSet,
+    current: Manifest | None,
+    got: _Fetched,
+    failed: dict[str, str],
+) -> PullResult:
+    manifest, staging = got.manifest, got.staging
     same = (
         current is not None
         and set(current.maps) == set(manifest.maps)
@@ -231,10 +349,17 @@ def _pull(
         channel=ch.name,
         serial=manifest.serial,
         previous=current.serial if current else None,
-        bytes_on_wire=received,
+        bytes_on_wire=got.received,
+        source=got.remote.source,
     )
     return PullResult(
-        ch.name, action, manifest.serial, current.serial if current else None, received
+        ch.name,
+        action,
+        manifest.serial,
+        current.serial if current else None,
+        got.received,
+        source=got.remote.source,
+        failed_sources=failed,
     )
 
 
@@ -257,6 +382,7 @@ def install(
     """
     same = renewal
     was_pinned = state.pinned
+    owners = ownership(ch, manifest)  # an unknown user or group stops here, before anything
     built = live.new_set_dir(manifest.serial)
     try:
         if same:
@@ -264,21 +390,26 @@ def install(
             assert cur is not None
             # A renewal: identical maps. Hard links keep the live inodes, so no daemon reloads.
             try:
-                for m in manifest.maps.values():
+                for name, m in manifest.maps.items():
                     for f in (m.file, m.cdb.file if m.cdb else None):
                         if f:
                             os.link(cur / f, built / f)
+                            # Only if the files settings changed: metadata, never the content.
+                            _protect(built / f, name, owners[name], ch, only_if_different=True)
             except FileNotFoundError:  # the live set lost a file: rebuild it from the text
                 shutil.rmtree(built)
                 built = live.new_set_dir(manifest.serial)
-                build_set(src, manifest, built, cur)
+                build_set(src, manifest, built, cur, owners, ch)
                 same = False
         else:
-            build_set(src, manifest, built, live.current())
+            build_set(src, manifest, built, live.current(), owners, ch)
         for f in (MANIFEST, SIGNATURE):
             shutil.copyfile(src / f, built / f)
             os.chmod(built / f, 0o644)
         _fsync_tree(built)
+        if not same:
+            # The maps exactly as they will go live; a renewal's are the live ones already.
+            run_check(ch, built, manifest.serial)
         if (ch.reload and not same) or pin is not None:
             # The hook (and the pin) are owed from the swap on: a run killed before it ran
             # must not lose them.
@@ -465,30 +596,104 @@ def verify_release(
 # The maps that carry password hashes, as the catalogue declares them (Map.secrets).
 SECRET_MAPS = frozenset(name for name, spec in CATALOGUE.items() if spec.secrets)
 SECRET_GROUP = "dovecot"
+_KEEP = -1  # os.chown: leave the owner or group as it is
 
 
-def _protect(path: Path, map_name: str) -> None:
-    """Maps with password hashes: 0640, group ``dovecot`` where it exists (Dovecot must read
-    them, nobody else may); every other map 0644. Set before the swap makes the file visible."""
-    if map_name not in SECRET_MAPS:
-        os.chmod(path, 0o644)
-        return
-    os.chmod(path, 0o640)
+@dataclass(frozen=True)
+class Ownership:
+    """Mode, uid and gid an installed map file gets (uid/gid -1: as the agent created it)."""
+
+    mode: int
+    uid: int = _KEEP
+    gid: int = _KEEP
+
+
+def ownership(ch: AgentChannel, manifest: Manifest) -> dict[str, Ownership]:
+    """Per map of ``manifest``: ``[agent.channels.C.files.MAP]`` where set, else mapsync's
+    default — maps with password hashes 0640, group ``dovecot`` where it exists (Dovecot must
+    read them, nobody else may); every other map 0644. Users and groups are looked up now, on
+    this node: an unknown one is an InstallError, raised before anything is built."""
+    owners: dict[str, Ownership] = {}
+    for name in sorted(manifest.maps):
+        conf = ch.files.get(name, FileMode())
+        secret = name in SECRET_MAPS
+        mode = conf.mode if conf.mode is not None else (0o640 if secret else 0o644)
+        uid = gid = _KEEP
+        if conf.owner is not None:
+            uid = _lookup(ch, manifest, name, "owner", conf.owner)
+        if conf.group is not None:
+            gid = _lookup(ch, manifest, name, "group", conf.group)
+        elif secret:
+            with contextlib.suppress(KeyError):  # no Dovecot on this node: root-only is safe
+                gid = grp.getgrnam(SECRET_GROUP).gr_gid
+        if secret and mode & 0o004:
+            _log.warning(
+                "a map with password hashes is configured readable by every user",
+                channel=ch.name,
+                map=name,
+                mode=f"{mode:04o}",
+            )
+        owners[name] = Ownership(mode, uid, gid)
+    return owners
+
+
+def _lookup(ch: AgentChannel, manifest: Manifest, name: str, key: str, who: str) -> int:
+    """uid of user ``who`` (key "owner") or gid of group ``who`` (key "group"); a number is
+    taken as an id when no user or group has that name."""
     try:
-        gid = grp.getgrnam(SECRET_GROUP).gr_gid
+        if key == "owner":
+            return pwd.getpwnam(who).pw_uid
+        return grp.getgrnam(who).gr_gid
     except KeyError:
-        return  # no Dovecot on this node: root-only is the safe default
-    os.chown(path, -1, gid)
+        if who.isdigit():
+            return int(who)
+    kind = "user" if key == "owner" else "group"
+    raise InstallError(
+        f"channel {ch.name}: [agent.channels.{ch.name}.files.{name}] {key}: no {kind} {who!r} "
+        f"on this node (map {name}); serial {manifest.serial} not installed, the old set keeps serving"
+    )
 
 
-def build_set(staging: Path, manifest: Manifest, built: Path, previous: Path | None) -> None:
-    """Copy the verified text into ``built`` and build each cdb; prove cdb hashes equal."""
+def _protect(
+    path: Path, name: str, own: Ownership, ch: AgentChannel, *, only_if_different: bool = False
+) -> None:
+    """Give ``path`` (map ``name``, or its cdb) its owner, group and mode — before the swap
+    makes it visible, so no reader ever sees it more open than configured."""
+    if only_if_different:
+        st = path.stat()
+        if (
+            stat.S_IMODE(st.st_mode) == own.mode
+            and own.uid in (_KEEP, st.st_uid)
+            and own.gid in (_KEEP, st.st_gid)
+        ):
+            return
+    try:
+        if own.uid != _KEEP or own.gid != _KEEP:
+            os.chown(path, own.uid, own.gid)
+        os.chmod(path, own.mode)
+    except PermissionError as exc:
+        raise InstallError(
+            f"channel {ch.name}: map {name}: cannot give {path.name} owner/group/mode "
+            f"{own.uid}:{own.gid} {own.mode:04o} ({exc.strerror}; the agent runs as uid "
+            f"{os.geteuid()}); the old set keeps serving"
+        ) from None
+
+
+def build_set(
+    staging: Path,
+    manifest: Manifest,
+    built: Path,
+    previous: Path | None,
+    owners: dict[str, Ownership],
+    ch: AgentChannel,
+) -> None:
+    """Copy the verified text into ``built`` and build each cdb; prove cdb hashes equal.
+    A map's cdb gets the same owner, group and mode as its text."""
     now = time.time()
     for name, m in sorted(manifest.maps.items()):
         src = staging / m.file
         dst = built / m.file
         shutil.copyfile(src, dst)  # a new inode; fresh mtime, never the publisher's
-        _protect(dst, name)
         files = [dst]
         if m.cdb is not None:
             cdb_path = built / m.cdb.file
@@ -498,9 +703,9 @@ def build_set(staging: Path, manifest: Manifest, built: Path, previous: Path | N
                     f"map {name}: the cdb built here (sha256 {digest[:16]}…, {size} bytes) differs from "
                     f"the publisher's ({m.cdb.sha256[:16]}…, {m.cdb.size} bytes); not installing"
                 )
-            os.chmod(cdb_path, 0o644)
             files.append(cdb_path)
         for f in files:
+            _protect(f, name, owners[name], ch)
             _fresh_mtime(f, previous / f.name if previous else None, now)
 
 

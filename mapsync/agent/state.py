@@ -12,7 +12,7 @@ import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from mapsync.atomic import atomic_write
@@ -29,6 +29,9 @@ class ChannelState:
     last_bytes: int | None = None
     reload_pending: bool = False
     pinned: int | None = None  # serial installed by ``rollback``; ``pull`` leaves it until --unpin
+    last_source: str | None = None  # the source (or mirror) that answered the last good check
+    # Sources tried before ``last_source`` on that run, and why each failed (source → error).
+    failed_sources: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def load(cls, path: Path) -> ChannelState:

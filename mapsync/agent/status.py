@@ -30,6 +30,8 @@ class ChannelStatus:
     last_error: str | None = None
     entries: dict[str, int] | None = None
     pinned: int | None = None  # serial pinned by ``rollback`` until ``pull --unpin``
+    source: str | None = None  # the source (or mirror) that answered the last good check
+    failed_sources: dict[str, str] | None = None  # tried before it on that run: source → error
 
     @property
     def level(self) -> str:
@@ -43,6 +45,11 @@ def human(seconds: int | None) -> str:
         if abs(seconds) >= size:
             return f"{seconds // size}{unit}"
     return f"{seconds}s"
+
+
+def _first_line(text: str, limit: int = 200) -> str:
+    line = text.splitlines()[0] if text else ""
+    return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
 def _age(stamp: str | None, now: datetime) -> int | None:
@@ -61,6 +68,8 @@ def channel_status(
         return ChannelStatus(ch.name, EXIT_UNKNOWN, f"cannot read state: {exc}")
     st = ChannelStatus(ch.name, EXIT_OK, "", last_error=state.last_error, pinned=state.pinned)
     st.last_success = state.last_success
+    st.source = state.last_source
+    st.failed_sources = dict(state.failed_sources) or None
     st.last_success_age = _age(state.last_success, now)
     problems: list[tuple[int, str]] = []
     if manifest is None:
@@ -98,6 +107,18 @@ def channel_status(
         problems.append((EXIT_WARNING, f"last run failed: {state.last_error.splitlines()[0]}"))
     if state.reload_pending:
         problems.append((EXIT_WARNING, "reload hook failed; retried on the next run"))
+    if state.failed_sources and not state.last_error:
+        # Served by a mirror: the maps are fresh, but a source before it is broken, and a
+        # mirror that stops following the publisher would otherwise go unnoticed until expiry.
+        problems.append(
+            (
+                EXIT_WARNING,
+                f"served by mirror {state.last_source}; "
+                + "; ".join(
+                    f"{src} failed: {_first_line(err)}" for src, err in state.failed_sources.items()
+                ),
+            )
+        )
     if state.pinned is not None:
         problems.append(
             (
@@ -111,6 +132,8 @@ def channel_status(
     if st.serial is not None:
         parts.append(f"serial {st.serial} (released {human(st.installed_age)} ago)")
     parts.append(f"last good check {human(age)}" + (" ago" if age is not None else ""))
+    if ch.mirrors and state.last_source:
+        parts[-1] += f" from {state.last_source}"
     if st.expires:
         parts.append(f"expires {st.expires}")
     st.message = ", ".join(parts) + "".join(f"; {msg}" for _, msg in problems)
