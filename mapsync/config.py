@@ -217,6 +217,13 @@ _REQUIRED = object()
 _Missing = object()
 
 
+def _timeout(section: _Section, key: str, default: int) -> int:
+    seconds = section.duration(key, default)
+    if seconds < 1:
+        raise ConfigError(f"{section.where(key)}: must be at least 1s")
+    return seconds
+
+
 def _argv(section: _Section, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
     """A command that must name a program (``ssh``): an empty list would run nothing."""
     argv = section.strlist(key, default)
@@ -455,8 +462,8 @@ def _agent(path: Path, data: Any) -> AgentConfig:
             maps=_known_maps(cs, cs.strlist("maps")),
             mirrors=sources[1:],
             check=check,
-            check_timeout=cs.duration("check_timeout", AgentChannel.check_timeout),
-            reload_timeout=cs.duration("reload_timeout", AgentChannel.reload_timeout),
+            check_timeout=_timeout(cs, "check_timeout", AgentChannel.check_timeout),
+            reload_timeout=_timeout(cs, "reload_timeout", AgentChannel.reload_timeout),
             files=_files(path, where, cs.table("files")),
         )
     if not channels:

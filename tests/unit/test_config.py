@@ -371,3 +371,9 @@ def test_push_destinations_resolve_relative_paths(tmp_path: Path) -> None:
 def test_an_empty_ssh_command_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"\[agent.channels.mx\] ssh: must name a program"):
         _agent_cfg(tmp_path, 'source = "ssh://h/srv/mx"\nssh = []')
+
+
+@pytest.mark.parametrize("key", ["check_timeout", "reload_timeout"])
+def test_a_zero_hook_timeout_is_refused(tmp_path: Path, key: str) -> None:
+    with pytest.raises(ConfigError, match=rf"\[agent.channels.mx\] {key}: must be at least 1s"):
+        _agent_cfg(tmp_path, f'source = "/a"\n{key} = "0s"')
