@@ -8,8 +8,11 @@
 
 A reader opening ``TARGET/recipients.cdb`` resolves ``current`` at that instant, so it gets
 a file of the old set or of the new set, never a partial file. After the swap the old set
-directory is deleted, so its inodes die: a running Postfix sees ``st_nlink == 0`` on its
-open table and restarts the process on the next client (MAIL-FACTS.md).
+directory is deleted, so its inodes die: a running Postfix smtpd or cleanup sees
+``st_nlink == 0`` on its open table and restarts before the next client
+(tests/daemons/test_running_postfix.py). Postfix's trivial-rewrite, which answers "is this
+domain ours" and routing (relay_domains, transport_maps), checks only every 10 s and smtpd
+caches its answers, so domain and routing changes need the channel's ``reload`` hook.
 """
 
 from __future__ import annotations
