@@ -31,6 +31,7 @@ from mapsync.config import AgentChannel, AgentConfig, FileMode
 from mapsync.errors import InstallError, MapsyncError, TransportError, VerificationError
 from mapsync.formats import cdb, text
 from mapsync.maps import CATALOGUE
+from mapsync.progress import track
 from mapsync.release import (
     LATEST,
     MANIFEST,
@@ -697,7 +698,9 @@ def build_set(
         files = [dst]
         if m.cdb is not None:
             cdb_path = built / m.cdb.file
-            digest, size = cdb.build(cdb_path, text.pairs(dst))
+            digest, size = cdb.build(
+                cdb_path, track(text.pairs(dst), f"build {m.cdb.file}", m.entries)
+            )
             if digest != m.cdb.sha256 or size != m.cdb.size:
                 raise VerificationError(
                     f"map {name}: the cdb built here (sha256 {digest[:16]}…, {size} bytes) differs from "
