@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 from mapsync import config
-from mapsync.errors import EXIT_OK, EXIT_WARNING, ConfigError, MapsyncError
+from mapsync.errors import EXIT_ERROR, EXIT_OK, EXIT_WARNING, ConfigError, MapsyncError
 
 
 def _config(args: argparse.Namespace) -> config.Config:
@@ -80,29 +80,136 @@ def print_plan(result: Any) -> None:
             print(f"  {p}")
 
 
+def print_push(pushes: list[Any]) -> None:
+    for p in pushes:
+        if p.action == "pushed":
+            print(
+                f"channel {p.channel}: pushed serial {p.serial} to {p.destination}, "
+                f"{p.bytes:,} bytes on the wire"
+            )
+        elif p.action == "would push":
+            print(f"channel {p.channel}: would push serial {p.serial} to {p.destination}")
+        elif p.action == "current":
+            print(f"channel {p.channel}: {p.destination} has serial {p.serial}")
+        else:
+            first = (p.error or "").splitlines()[0] if p.error else "no message"
+            serial = f" serial {p.serial}" if p.serial else ""
+            print(
+                f"channel {p.channel}: push{serial} to {p.destination} FAILED "
+                f"(retried on the next run): {first}"
+            )
+
+
 def cmd_publish(args: argparse.Namespace) -> int:
-    from mapsync.publish.publisher import Publisher
+    if args.interval is not None:
+        return _publish_every(args)
+    return _publish_once(args)
+
+
+def _publish_once(args: argparse.Namespace, *, loop: bool = False) -> int:
+    """One publish run, then the pushes; ``loop``: print only what changed."""
+    from mapsync.publish.publisher import Publisher, PublishResult
+    from mapsync.publish.push import PushFailed, push_channels
     from mapsync.sources import open_source
 
     pub = _config(args).need_publisher()
-    result = Publisher(pub, lambda: open_source(pub.database, pub.schema)).run(
-        args.channel, dry_run=args.dry_run, force=args.force, skip_invalid=args.skip_invalid
-    )
-    if args.json:
-        print(
-            json.dumps(
-                {
-                    "dry_run": result.dry_run,
-                    "pending": result.pending,
-                    "channels": [asdict(p) for p in result.plans],
-                    "skipped": [str(p) for p in result.skipped],
-                },
-                indent=2,
-            )
+    result: PublishResult | None = None
+    failure: MapsyncError | None = None
+    try:
+        result = Publisher(pub, lambda: open_source(pub.database, pub.schema)).run(
+            args.channel, dry_run=args.dry_run, force=args.force, skip_invalid=args.skip_invalid
         )
-    else:
-        print_plan(result)
-    return EXIT_WARNING if args.dry_run and result.pending else EXIT_OK
+    except ConfigError:
+        raise
+    except MapsyncError as exc:
+        # Database down, a guard refused, ...: what is already published still goes to the
+        # nodes that lack it; then the error is reported as ever.
+        failure = exc
+    pushes = push_channels(
+        pub, args.channel, dry_run=args.dry_run, plans=result.plans if result else None
+    )
+    if loop:  # every few seconds: only news, nothing about what stayed the same
+        pushes = [p for p in pushes if p.action != "current"]
+        if result is not None:
+            result = replace(result, plans=[p for p in result.plans if p.pending])
+    if args.json and (result is not None or pushes):
+        out: dict[str, Any] = {"push": [asdict(p) for p in pushes]}
+        if result is not None:
+            out = {
+                "dry_run": result.dry_run,
+                "pending": result.pending,
+                "channels": [asdict(p) for p in result.plans],
+                "skipped": [str(p) for p in result.skipped],
+                **out,
+            }
+        if not loop or out["push"] or out.get("channels") or out.get("skipped"):
+            print(json.dumps(out, indent=None if loop else 2), flush=True)
+    elif not args.json:
+        if result is not None:
+            print_plan(result)
+        print_push(pushes)
+        sys.stdout.flush()
+    if failure is not None:
+        raise failure
+    failed = [p for p in pushes if p.action == "failed"]
+    if failed:
+        raise PushFailed(failed)
+    return EXIT_WARNING if args.dry_run and result is not None and result.pending else EXIT_OK
+
+
+def _publish_every(args: argparse.Namespace) -> int:
+    """``publish --interval``: run, log any error, sleep, again, until SIGTERM/SIGHUP ends it
+    with exit 128+n: at once between runs; inside a run by SystemExit, whose staging and temp
+    files are removed on the way out (a release appears whole or not at all)."""
+    import signal
+    import time
+    from types import FrameType
+
+    from mapsync import log
+
+    if args.interval < 1:
+        raise ConfigError("publish --interval: must be at least 1 (seconds)")
+    if args.dry_run or args.force:
+        raise ConfigError(
+            "publish --interval publishes for real and cannot override guards: "
+            "not with --dry-run or --force (run those by hand, once)"
+        )
+    _config(args).need_publisher()  # a broken config at start: exit 2, systemd shows it
+    _log = log.get("publisher")
+    caught: list[int] = []
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        # As main()'s handler, but remembered: a SystemExit raised inside a gc or weakref
+        # callback is swallowed ("Exception ignored"), and one raised while a C extension
+        # runs can come back as SystemError. The loop must stop all the same.
+        caught.append(signum)
+        raise SystemExit(128 + signum)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, on_signal)
+    _log.info("publishing on an interval", seconds=args.interval)
+    while True:
+        started = time.monotonic()
+        try:
+            _publish_once(args, loop=True)
+        except (MapsyncError, OSError) as exc:
+            if caught:
+                raise SystemExit(128 + caught[0]) from None
+            _log.error(
+                str(exc),
+                error=type(exc).__name__,
+                exit=getattr(exc, "exit_code", EXIT_ERROR),
+                next_run_in=args.interval,
+            )
+        except Exception:
+            if caught:
+                raise SystemExit(128 + caught[0]) from None
+            raise
+        if caught:
+            raise SystemExit(128 + caught[0])
+        took = time.monotonic() - started
+        _log.debug("publish run done", seconds=round(took, 3))
+        time.sleep(max(0.0, args.interval - took))
 
 
 def _agent_channels(

@@ -77,7 +77,9 @@ def _parser() -> argparse.ArgumentParser:
         "publish",
         "render, plan, guard, write and sign new releases; prints the plan",
         "Read one snapshot of the database, render every channel's maps, compare with the last "
-        "release, check the guards and publish a new signed release where anything changed.",
+        "release, check the guards and publish a new signed release where anything changed. "
+        "Then push each channel's current release to its `push` destinations (node inboxes) "
+        "that do not have it yet; a failed push is retried on every later run.",
     )
     s.add_argument(
         "--dry-run", action="store_true", help="print the plan only; exit 1 if changes are pending"
@@ -94,6 +96,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--channel", action="append", metavar="C", help="only this channel (repeatable)")
     s.add_argument("--json", action="store_true", help="print the plan as JSON")
+    s.add_argument(
+        "--interval",
+        type=int,
+        metavar="SECONDS",
+        help="keep running: publish (and push) every SECONDS; errors are logged and the next "
+        "run goes on; SIGTERM ends it (exit 143). An unchanged database costs a fingerprint query",
+    )
 
     s = add("pull", "agent, once: fetch, verify, install (what a systemd timer runs)")
     s.add_argument("--channel", action="append", metavar="C", help="only this channel (repeatable)")

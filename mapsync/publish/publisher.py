@@ -198,8 +198,10 @@ class Publisher:
                     serial = s.manifest.serial if s.manifest else s.plan.previous
                     self.repo.record_check(s.plan.channel, snap.fingerprint.digest(), serial)
         finally:
-            for s in staged:
-                shutil.rmtree(s.staging.parent, ignore_errors=True)
+            # Every selected channel, not only the staged ones: a signal (SystemExit) while a
+            # channel was being rendered leaves its staging directory before it is in `staged`.
+            for ch in selected:
+                shutil.rmtree(self.repo.channel(ch.name) / ".staging", ignore_errors=True)
         return PublishResult([s.plan for s in staged], skipped, dry_run)
 
     def _public_half(self) -> Ed25519PublicKey | None:

@@ -31,6 +31,7 @@ def test_systemd_analyze_verify_accepts_every_unit(tmp_path: Path) -> None:
     assert {u.name for u in units} >= {
         "mapsync-publish.service",
         "mapsync-publish.timer",
+        "mapsync-publisher.service",
         "mapsync-pull.service",
         "mapsync-pull.timer",
     }
@@ -54,3 +55,21 @@ def test_units_are_hardened() -> None:
             "ReadWritePaths=",
         ):
             assert setting in text, f"{name} lacks {setting}"
+
+
+def test_the_long_running_publisher_replaces_the_publish_timer_hardened_exactly_like_it() -> None:
+    def hardening(name: str) -> str:
+        text = (UNITS / name).read_text()
+        block = text[text.index("# Hardening") :]
+        return block.split("\n[", 1)[0].strip()
+
+    assert hardening("mapsync-publisher.service") == hardening("mapsync-publish.service")
+    text = (UNITS / "mapsync-publisher.service").read_text()
+    lines = text.splitlines()
+    # One or the other: starting the long-running publisher stops the timer, and vice versa.
+    assert "Conflicts=mapsync-publish.timer mapsync-publish.service" in lines
+    assert any(line.startswith("#") and "mapsync-publish.timer" in line for line in lines)
+    exec_start = [line for line in lines if line.startswith("ExecStart=")]
+    assert len(exec_start) == 1 and exec_start[0].endswith(" publish --interval 10")
+    for setting in ("Restart=on-failure", "SuccessExitStatus=143", "WantedBy=multi-user.target"):
+        assert setting in lines, setting

@@ -1,0 +1,223 @@
+"""``mapsync publish --interval``: the long-running publisher, as systemd runs it.
+
+A real subprocess against a real SQLite database: a change in the database becomes a new
+serial within seconds and reaches the push inbox; errors (database gone, a guard refusing)
+are logged and the loop goes on; SIGTERM/SIGHUP end it promptly, between runs or in the
+middle of one, and never leave a half-written release or a staging directory behind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import structlog
+
+from mapsync import log
+from mapsync.cli import commands
+from mapsync.cli.main import _parser
+from tests.conftest import Cluster, make_cluster
+from tests.integration.test_agent_pull import add_account
+from tests.integration.test_publisher import assert_complete
+from tests.integration.test_push import push_to, record, serial_of
+
+
+class Loop:
+    """``mapsync publish --interval N`` running in the background; output to files."""
+
+    def __init__(self, cluster: Cluster, *args: str, log_format: str = "console") -> None:
+        self.out = cluster.root / "loop.out"
+        self.err = cluster.root / "loop.err"
+        with open(self.out, "wb") as out, open(self.err, "wb") as err:
+            argv = [sys.executable, "-m", "mapsync", "--config", str(cluster.config_path)]
+            self.proc = subprocess.Popen(
+                [*argv, "--log-format", log_format, "publish", *args],
+                stdout=out,
+                stderr=err,
+            )
+
+    def stdout(self) -> str:
+        return self.out.read_text()
+
+    def stderr(self) -> str:
+        return self.err.read_text()
+
+    def wait_for(self, what: str, cond: Callable[[], bool], timeout: float = 10) -> float:
+        """Seconds until ``cond()`` holds; fail (with the loop's output) after ``timeout``."""
+        started = time.monotonic()
+        while not cond():
+            if self.proc.poll() is not None:
+                pytest.fail(f"the loop exited {self.proc.returncode}:\n{self.stderr()}")
+            if time.monotonic() - started > timeout:
+                pytest.fail(f"no {what} after {timeout}s:\n{self.stdout()}\n{self.stderr()}")
+            time.sleep(0.02)
+        return time.monotonic() - started
+
+    def stop(self, sig: int = signal.SIGTERM) -> tuple[int, float]:
+        """Send ``sig``; return the exit code and how long the loop took to exit."""
+        started = time.monotonic()
+        self.proc.send_signal(sig)
+        code = self.proc.wait(timeout=10)
+        return code, time.monotonic() - started
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def loops() -> Iterator[list[Loop]]:
+    """Loops a test starts; killed afterwards if the test did not stop them."""
+    started: list[Loop] = []
+    yield started
+    for loop in started:
+        loop.kill()
+
+
+def latest_serial(cluster: Cluster) -> int:
+    path = cluster.repo / "mx" / "LATEST"
+    return serial_of(path) if path.exists() else 0
+
+
+def assert_repository_clean(cluster: Cluster) -> None:
+    """No staging directory, no temp file; every release complete and LATEST names one."""
+    channel = cluster.repo / "mx"
+    leftovers = [p.name for p in channel.iterdir() if p.name.startswith(".")]
+    assert set(leftovers) <= {".checked", ".pushed.json", ".push.lock"}, leftovers
+    for release in (channel / "releases").iterdir():
+        assert_complete(cluster, int(release.name))
+    assert (channel / "releases" / str(latest_serial(cluster))).is_dir()
+
+
+def test_a_new_account_is_published_and_pushed_within_seconds_and_sigterm_ends_the_loop(
+    cluster: Cluster, loops: list[Loop]
+) -> None:
+    inbox = cluster.root / "node" / "inbox" / "mx"
+    inbox.parent.mkdir(parents=True)
+    push_to(cluster, str(inbox))
+    loop = Loop(cluster, "--interval", "1")
+    loops.append(loop)
+    loop.wait_for("first release in the inbox", lambda: (inbox / "LATEST").exists())
+    assert latest_serial(cluster) == 1
+
+    add_account(cluster, "looped")
+    took = loop.wait_for("serial 2 in the inbox", lambda: serial_of(inbox / "LATEST") == 2, 5)
+    print(f"\n[loop] commit → serial 2 in the inbox: {took:.2f}s")
+    assert latest_serial(cluster) == 2
+    # The record follows the delivery (the inbox's LATEST is the delivery's last step).
+    loop.wait_for("the record", lambda: record(cluster)[str(inbox)]["serial"] == 2, 2)
+
+    time.sleep(1.5)  # a run or two with nothing to do: nothing is printed for them
+    code, exit_took = loop.stop(signal.SIGTERM)
+    assert code == 143, loop.stderr()
+    assert exit_took < 3
+    out = loop.stdout()
+    assert "published serial 1" in out and "published serial 2" in out
+    assert f"pushed serial 2 to {inbox}" in out
+    assert "unchanged" not in out and "has serial" not in out
+    assert "Traceback" not in loop.stderr()
+    assert latest_serial(cluster) == 2
+    assert_repository_clean(cluster)
+
+
+def test_errors_are_logged_and_the_loop_goes_on_until_sighup(
+    cluster: Cluster, loops: list[Loop]
+) -> None:
+    db = Path(cluster.db_url.removeprefix("sqlite:///"))
+    with open(cluster.config_path, "a") as fh:
+        fh.write('\n[publisher.guards]\nmax_growth = "5%"\n')
+    loop = Loop(cluster, "--interval", "1", log_format="json")
+    loops.append(loop)
+    loop.wait_for("first release", lambda: latest_serial(cluster) == 1)
+
+    # The database goes away: each run logs the error, and the loop keeps running.
+    hidden = db.with_name("central.db.away")
+    db.rename(hidden)
+    loop.wait_for("a database error", lambda: '"error": "SourceError"' in loop.stderr())
+    db.unlink(missing_ok=True)  # SQLite may have created an empty file in its place
+    hidden.rename(db)
+    add_account(cluster, "after-the-outage")
+    loop.wait_for("serial 2", lambda: latest_serial(cluster) == 2, 5)
+
+    # A guard refuses: logged with the guard's message, nothing published, still running.
+    for i in range(20):  # recipients grows by more than 5 %
+        add_account(cluster, f"bulk-{i}")
+    loop.wait_for("a guard refusal", lambda: "publish refused by guards" in loop.stderr())
+    errors = [json.loads(line) for line in loop.stderr().splitlines() if '"level": "error"' in line]
+    refusal = next(e for e in errors if "refused by guards" in e["event"])
+    assert refusal["exit"] == 4 and "grows by" in refusal["event"]
+    assert loop.proc.poll() is None
+    assert latest_serial(cluster) == 2
+
+    code, took = loop.stop(signal.SIGHUP)
+    assert code == 129 and took < 3, loop.stderr()
+    assert_repository_clean(cluster)
+
+
+def test_sigterm_in_the_middle_of_a_publish_leaves_no_half_written_release(
+    tmp_path: Path, sqlite_url: str, loops: list[Loop]
+) -> None:
+    big = make_cluster(tmp_path / "big", sqlite_url, accounts=30000, domains=50, aliases=3000)
+    staging = big.repo / "mx" / ".staging"
+    loop = Loop(big, "--interval", "1")
+    loops.append(loop)
+    loop.wait_for("the first run's staging directory", staging.exists, 20)
+    code, took = loop.stop(signal.SIGTERM)
+    assert code == 143 and took < 3, loop.stderr()
+    assert not staging.exists()
+    # Killed before LATEST was written (no release), or just after (a complete one).
+    if (big.repo / "mx" / "LATEST").exists():
+        assert_repository_clean(big)
+    else:
+        assert not any((big.repo / "mx" / "releases").glob("*"))
+    # The next run publishes normally.
+    assert "published serial" in big.publish().stdout
+    assert_repository_clean(big)
+
+
+def test_the_loop_refuses_dry_run_and_force(cluster: Cluster) -> None:
+    for flag in ("--dry-run", "--force"):
+        p = cluster.cli("publish", "--interval", "5", flag)
+        assert p.returncode == 2
+        assert "not with --dry-run or --force" in p.stderr
+    assert not (cluster.repo / "mx" / "LATEST").exists()
+
+
+def test_an_unchanged_database_costs_little_per_run(
+    cluster: Cluster, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What each quiet iteration of the loop costs, in-process (no interpreter start)."""
+    inbox = cluster.root / "node" / "inbox" / "mx"
+    inbox.parent.mkdir(parents=True)
+    push_to(cluster, str(inbox))
+    args = _parser().parse_args(["--config", str(cluster.config_path), "publish"])
+    log.configure(logging.WARNING)  # as `-q`; the info lines would count against the run
+    try:
+        assert commands._publish_once(args, loop=True) == 0
+        capsys.readouterr()
+        times = []
+        for _ in range(20):
+            started = time.perf_counter()
+            assert commands._publish_once(args, loop=True) == 0
+            times.append(time.perf_counter() - started)
+    finally:
+        structlog.reset_defaults()
+    assert capsys.readouterr().out == ""  # nothing to report, nothing printed
+    median = statistics.median(times)
+    with capsys.disabled():
+        print(
+            f"\n[loop] unchanged database, in-process: median {median * 1000:.1f} ms, "
+            f"max {max(times) * 1000:.1f} ms per run"
+        )
+    assert median < 0.25, times
+    assert os.listdir(inbox / "releases") == ["1"]

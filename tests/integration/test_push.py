@@ -1,0 +1,346 @@
+"""The publisher pushes each new release into node inboxes, for real: a local path, a
+write-enabled ``rsync --daemon`` module on a loopback port and ssh through a throwaway sshd.
+
+The inbox is a contract with the agent's watcher: ``INBOX/releases/<serial>/`` complete
+first, ``INBOX/LATEST`` last; and an agent pointed at the inbox installs from it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Cluster, make_cluster
+from tests.integration.test_agent_pull import add_account, lookup
+from tests.integration.test_rsync_daemon import _free_port
+from tests.integration.test_ssh_transport import sshd  # noqa: F401 - the fixture
+
+MX_MAPS = 'maps = ["domains", "recipients", "virtual", "transport"]\n'
+
+
+def push_to(
+    cluster: Cluster, *destinations: str, source: str | None = None, publisher: str = ""
+) -> None:
+    """Configure channel mx to push to ``destinations``; the agent pulls from ``source``."""
+    cluster.write_config(source=source, extra_publisher=publisher)
+    text = cluster.config_path.read_text()
+    push = "push = [" + ", ".join(json.dumps(d) for d in destinations) + "]\n"
+    cluster.config_path.write_text(text.replace(MX_MAPS, MX_MAPS + push, 1))
+
+
+def files(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def serial_of(latest: Path) -> int:
+    return int(json.loads(latest.read_text())["serial"])
+
+
+def record(cluster: Cluster) -> dict[str, dict[str, object]]:
+    data = json.loads((cluster.repo / "mx" / ".pushed.json").read_text())
+    return dict(data["destinations"])
+
+
+_PUSHED = re.compile(r"pushed serial (\d+) to (\S+), ([\d,]+) bytes on the wire")
+
+
+def pushed(out: str) -> dict[str, tuple[int, int]]:
+    """``publish`` output → destination: (serial, bytes on the wire)."""
+    return {
+        m.group(2): (int(m.group(1)), int(m.group(3).replace(",", "")))
+        for m in _PUSHED.finditer(out)
+    }
+
+
+def assert_inbox_holds(cluster: Cluster, inbox: Path, serial: int, kept: set[int]) -> None:
+    """The inbox holds release ``serial`` exactly as the repository does, LATEST naming it,
+    written after every file of the release; and only the releases ``kept``."""
+    repo = cluster.repo / "mx"
+    assert sorted(os.listdir(inbox)) == ["LATEST", "releases"]
+    assert {int(n) for n in os.listdir(inbox / "releases")} == kept
+    release = inbox / "releases" / str(serial)
+    assert files(release) == files(repo / "releases" / str(serial))
+    assert (inbox / "LATEST").read_bytes() == (repo / "LATEST").read_bytes()
+    # LATEST last: its inode changed (rename into place) no earlier than anything of the release.
+    latest_ctime = (inbox / "LATEST").stat().st_ctime_ns
+    newest = max(p.stat().st_ctime_ns for p in [release, *release.iterdir()])
+    assert latest_ctime >= newest
+    # No temporary file of rsync's is left behind.
+    assert not [p for p in inbox.rglob(".*")], list(inbox.rglob(".*"))
+
+
+# -- a local inbox -------------------------------------------------------------------------------
+
+
+def test_a_local_inbox_gets_each_release_then_latest_and_the_agent_installs_from_it(
+    cluster: Cluster,
+) -> None:
+    inbox = cluster.root / "node" / "inbox" / "mx"
+    inbox.parent.mkdir(parents=True)
+    push_to(cluster, str(inbox), source=str(inbox))  # the agent reads only its inbox
+
+    out = cluster.publish().stdout
+    assert "published serial 1" in out
+    assert pushed(out) == {str(inbox): (1, pushed(out)[str(inbox)][1])}
+    assert_inbox_holds(cluster, inbox, 1, {1})
+    assert record(cluster)[str(inbox)]["serial"] == 1
+    assert "installed serial 1" in cluster.pull().stdout
+    assert lookup(cluster, "postmaster@example-1.org") == "OK"
+
+    new = add_account(cluster, "pushed-one")
+    out = cluster.publish().stdout
+    assert "published serial 2" in out and pushed(out)[str(inbox)][0] == 2
+    assert_inbox_holds(cluster, inbox, 2, {1, 2})  # the previous one stays for a mid-fetch agent
+    # Unchanged maps are hard links to the previous release's copies, not second copies.
+    assert (inbox / "releases/2/domains").stat().st_ino == (
+        inbox / "releases/1/domains"
+    ).stat().st_ino
+    assert "installed serial 2 (was 1)" in cluster.pull().stdout
+    assert lookup(cluster, new) == "OK"
+
+    newer = add_account(cluster, "pushed-two")
+    cluster.publish()
+    assert_inbox_holds(cluster, inbox, 3, {2, 3})  # serial 1 pruned by the push
+    assert "installed serial 3 (was 2)" in cluster.pull().stdout
+    assert lookup(cluster, newer) == "OK"
+
+    # Nothing new: no push, the destination is reported as having serial 3.
+    before = files(inbox)
+    again = cluster.publish().stdout
+    assert pushed(again) == {}
+    assert f"channel mx: {inbox} has serial 3" in again
+    assert files(inbox) == before
+
+
+# -- an rsync daemon module with write access ----------------------------------------------------
+
+
+class InboxDaemon:
+    """``rsync --daemon`` on 127.0.0.1 with one writable module ``inbox`` at ``path``."""
+
+    def __init__(self, root: Path, path: Path, port: int | None = None) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        path.mkdir(parents=True, exist_ok=True)
+        self.port = port or _free_port()
+        self.log = root / "rsyncd.log"
+        conf = root / "rsyncd.conf"
+        # uid/gid root: pytest's tmp directories are 0700, so "nobody" could not write there.
+        conf.write_text(
+            f"pid file = {root / 'rsyncd.pid'}\nlog file = {self.log}\nuse chroot = no\n"
+            "uid = root\ngid = root\n"
+            f"[inbox]\n    path = {path}\n    read only = no\n    use chroot = no\n"
+        )
+        argv = ["rsync", "--daemon", "--no-detach", f"--config={conf}", f"--port={self.port}"]
+        self.proc = subprocess.Popen(
+            [*argv, "--address=127.0.0.1"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    pytest.fail(f"rsync daemon did not start: {self.log.read_text()}")
+                time.sleep(0.05)
+
+    def url(self, path: str = "mx") -> str:
+        return f"rsync://127.0.0.1:{self.port}/inbox/{path}"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+
+
+@pytest.fixture
+def node_daemon(tmp_path: Path) -> Iterator[tuple[InboxDaemon, Path]]:
+    """A node's rsync daemon; yields it and the directory its module writes to."""
+    module = tmp_path / "node-inbox"
+    d = InboxDaemon(tmp_path / "rsyncd", module)
+    try:
+        yield d, module
+    finally:
+        d.stop()
+
+
+def test_one_new_account_pushed_through_an_rsync_daemon_costs_a_few_kilobytes(
+    tmp_path: Path, sqlite_url: str, node_daemon: tuple[InboxDaemon, Path]
+) -> None:
+    d, module = node_daemon
+    big = make_cluster(tmp_path / "big", sqlite_url, accounts=20000, domains=50, aliases=2000)
+    inbox = module / "mx"
+    push_to(big, d.url(), source=str(inbox))
+
+    first = pushed(big.publish().stdout)[d.url()]
+    assert first[0] == 1
+    assert_inbox_holds(big, inbox, 1, {1})
+    assert "installed serial 1" in big.pull().stdout
+
+    new = add_account(big, "zz-push-probe", "example-7.org")
+    p = big.publish("--json")
+    doc = json.loads(p.stdout)
+    assert [c["serial"] for c in doc["channels"]] == [2]
+    [push] = doc["push"]
+    assert (push["destination"], push["serial"], push["action"]) == (d.url(), 2, "pushed")
+    delta = int(push["bytes"])
+    assert_inbox_holds(big, inbox, 2, {1, 2})
+    assert record(big)[d.url()]["serial"] == 2
+    assert record(big)[d.url()]["bytes"] == delta
+    # The daemon really wrote it, release first, LATEST (into the inbox itself) last.
+    writes = re.findall(r"rsync to (\S+) from", d.log.read_text())
+    assert writes == [
+        "inbox/mx/",  # first delivery: make the inbox
+        "inbox/mx/releases/1/",
+        "inbox/mx/",  # LATEST
+        "inbox/mx/releases/2/",
+        "inbox/mx/",  # LATEST
+    ]
+    assert "installed serial 2 (was 1)" in big.pull().stdout
+    assert lookup(big, new) == "OK"
+
+    recipients = (big.repo / "mx/releases/2/recipients").stat().st_size
+    print(
+        f"\n[push] first push {first[1]:,} B on the wire; one new account: {delta:,} B "
+        f"(both directions, release + LATEST); recipients text {recipients:,} B"
+    )
+    assert recipients > 500_000
+    assert first[1] > recipients / 10  # the first push really moved the data (compressed)
+    # Measured: 4,652 B (rsync's default block size gave 7,547 B).
+    assert delta < 6_500, f"{delta} bytes for one new account"
+
+
+def test_an_unreachable_destination_fails_the_run_not_the_release_and_is_retried(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    local = cluster.root / "node" / "inbox"
+    local.mkdir(parents=True)
+    port = _free_port()  # nothing listens here yet
+    remote = f"rsync://127.0.0.1:{port}/inbox/mx"
+    push_to(cluster, str(local / "mx"), remote)
+
+    p = cluster.cli("publish")
+    assert p.returncode == 2, p.stdout + p.stderr
+    # The release is published, and the reachable node has it.
+    assert "published serial 1" in p.stdout
+    assert serial_of(cluster.repo / "mx" / "LATEST") == 1
+    assert serial_of(local / "mx" / "LATEST") == 1
+    assert f"channel mx: push serial 1 to {remote} FAILED (retried on the next run)" in p.stdout
+    # The error log names channel, destination and rsync's message; the last line says what
+    # happened and what happens next.
+    assert "push failed" in p.stderr and "channel=mx" in p.stderr and remote in p.stderr
+    assert "Connection refused" in p.stderr
+    last = p.stderr.strip().splitlines()[-1]
+    assert last == (
+        f"mapsync: published, but the push failed for 1 destination(s) (channel mx serial 1 → "
+        f"{remote}); agents still poll the repository, and the push is retried on the next "
+        "publish run"
+    )
+    rec = record(cluster)
+    assert rec[remote]["serial"] is None and rec[remote]["failed_serial"] == 1
+    assert "Connection refused" in str(rec[remote]["error"])
+    assert rec[str(local / "mx")]["serial"] == 1
+
+    # Still down: the next run (database unchanged) tries again and fails again.
+    assert cluster.cli("publish").returncode == 2
+
+    # The node comes back: the next run delivers, and only to the node that lacked it.
+    module = tmp_path / "late-node"
+    d = InboxDaemon(tmp_path / "late-rsyncd", module, port=port)
+    try:
+        out = cluster.publish().stdout
+    finally:
+        d.stop()
+    assert "unchanged (serial 1)" in out
+    assert pushed(out).keys() == {remote}
+    assert f"{local / 'mx'} has serial 1" in out
+    assert_inbox_holds(cluster, module / "mx", 1, {1})
+    assert "error" not in record(cluster)[remote]
+
+
+def test_a_dry_run_pushes_nothing_and_says_what_it_would_push(cluster: Cluster) -> None:
+    inbox = cluster.root / "node" / "inbox" / "mx"
+    inbox.parent.mkdir(parents=True)
+    push_to(cluster, str(inbox))
+    p = cluster.cli("publish", "--dry-run")
+    assert p.returncode == 1, p.stderr
+    assert f"channel mx: would push serial 1 to {inbox}" in p.stdout
+    assert not inbox.exists()
+    assert not (cluster.repo / "mx" / ".pushed.json").exists()
+
+    cluster.publish()
+    before = files(inbox)
+    add_account(cluster, "dry-run-probe")
+    p = cluster.cli("publish", "--dry-run", "--json")
+    assert p.returncode == 1, p.stderr
+    doc = json.loads(p.stdout)
+    assert doc["push"] == [
+        {
+            "channel": "mx",
+            "destination": str(inbox),
+            "serial": 2,
+            "action": "would push",
+            "bytes": 0,
+            "error": None,
+        }
+    ]
+    assert files(inbox) == before
+    assert record(cluster)[str(inbox)]["serial"] == 1
+
+
+def test_a_database_outage_does_not_stop_a_pending_push(cluster: Cluster) -> None:
+    """The push only needs the repository: a node that missed a release gets it even while
+    the database is down; the run still exits 2 for the database."""
+    inbox = cluster.root / "node" / "inbox" / "mx"
+    push_to(cluster, str(inbox))  # its parent is missing: this push fails
+    assert cluster.cli("publish").returncode == 2
+    inbox.parent.mkdir(parents=True)
+    good_url = cluster.db_url
+    cluster.db_url = f"sqlite:///{cluster.root / 'gone' / 'central.db'}"
+    push_to(cluster, str(inbox))
+    p = cluster.cli("publish")
+    cluster.db_url = good_url
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "database" in p.stderr.strip().splitlines()[-1]
+    assert pushed(p.stdout).keys() == {str(inbox)}
+    assert serial_of(inbox / "LATEST") == 1
+
+
+# -- over ssh ----------------------------------------------------------------------------------
+
+
+def test_push_over_ssh_with_the_publishers_ssh_command(
+    cluster: Cluster,
+    sshd: tuple[int, Path],  # noqa: F811 - the fixture imported above
+) -> None:
+    port, key = sshd
+    inbox = cluster.root / "node" / "inbox" / "mx"
+    inbox.parent.mkdir(parents=True)
+    ssh = ["ssh", "-i", str(key), "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no"]
+    ssh += ["-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR"]
+    url = f"ssh://root@127.0.0.1:{port}{inbox}"
+    push_to(cluster, url, source=str(inbox), publisher=f"ssh = {json.dumps(ssh)}")
+    out = cluster.publish().stdout
+    assert pushed(out)[url][0] == 1
+    assert_inbox_holds(cluster, inbox, 1, {1})
+    new = add_account(cluster, "over-ssh")
+    assert pushed(cluster.publish().stdout)[url][0] == 2
+    assert_inbox_holds(cluster, inbox, 2, {1, 2})
+    assert "installed serial 2" in cluster.pull().stdout
+    assert lookup(cluster, new) == "OK"
