@@ -13,11 +13,14 @@ agent's staging area. Text is delta-transferred against the previously installed
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import stat
+import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import sh
@@ -66,11 +69,24 @@ def parse_source(source: str, ssh: tuple[str, ...] = DEFAULT_SSH) -> Endpoint:
 def run(argv: list[str], timeout: int) -> str:
     """Run rsync ``argv`` (without the program name); the one subprocess call of mapsync's transport."""
     _log.debug("rsync", argv=argv)
+    expired = threading.Event()
     try:
-        out = sh.Command("rsync")(*argv, _tty_out=False, _timeout=timeout)
-    except sh.TimeoutException:
-        raise TransportError(f"rsync timed out after {timeout}s: rsync {' '.join(argv)}") from None
+        # Backgrounded, with a timer that kills it, not sh's _timeout= or wait(timeout=):
+        # those poll every 100 ms, half the budget of a pull that finds nothing new.
+        proc = sh.Command("rsync")(*argv, _tty_out=False, _bg=True, _bg_exc=False)
+        timer = threading.Timer(timeout, _expire, (proc, expired))
+        timer.daemon = True
+        timer.start()
+        try:
+            proc.wait()
+        finally:
+            timer.cancel()
+        out = str(proc)
     except sh.ErrorReturnCode as exc:
+        if expired.is_set():
+            raise TransportError(
+                f"rsync timed out after {timeout}s: rsync {' '.join(argv)}"
+            ) from None
         err = exc.stderr.decode("utf-8", "replace").strip()
         if "failed to read a password from -" in err:
             err = (
@@ -90,7 +106,13 @@ def run(argv: list[str], timeout: int) -> str:
         ) from None
     except sh.CommandNotFound:
         raise TransportError("rsync is not installed (apt-get install rsync)") from None
-    return str(out)
+    return out
+
+
+def _expire(proc: Any, expired: threading.Event) -> None:
+    expired.set()
+    with contextlib.suppress(ProcessLookupError):
+        proc.kill()
 
 
 def check_password_file(path: Path, source: str) -> None:

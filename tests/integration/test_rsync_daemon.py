@@ -184,3 +184,19 @@ def test_a_daemon_that_never_answers_times_out(cluster: Cluster) -> None:
     assert tree_snapshot(cluster.target) == before
     assert lookup(cluster, "postmaster@example-1.org") == "OK"
     assert json.loads((cluster.state / "mx" / "state.json").read_text())["last_error"]
+
+
+def test_the_overall_timeout_kills_an_rsync_that_hangs(tmp_path: Path) -> None:
+    from mapsync.errors import TransportError
+    from mapsync.transport.rsync import run
+
+    with socket.socket() as silent:  # no --contimeout/--timeout here: only run()'s own limit
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        port = silent.getsockname()[1]
+        started = time.monotonic()
+        with pytest.raises(TransportError, match="rsync timed out after 1s"):
+            run([f"rsync://127.0.0.1:{port}/mapsync/mx/LATEST", str(tmp_path)], 1)
+        took = time.monotonic() - started
+    assert 1 <= took < 3
+    assert not list(tmp_path.iterdir())
