@@ -255,6 +255,17 @@ def cmd_pull(args: argparse.Namespace) -> int:
     return worst
 
 
+def cmd_agent(args: argparse.Namespace) -> int:
+    from mapsync.agent.loop import run
+
+    cfg = _config(args)
+    agent = cfg.need_agent()
+    if args.interval is not None and args.interval < 1:
+        raise ConfigError(f"agent --interval: must be at least 1 second, not {args.interval}")
+    # Runs until SIGTERM or SIGHUP ends the process with exit 128+n.
+    run(agent, cfg.path, interval=args.interval, watch=args.watch)
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from mapsync.agent.status import LEVELS, channel_status, overall, perfdata, prometheus
 

@@ -113,6 +113,33 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     s = add(
+        "agent",
+        "agent, long-running: schedule-driven polling and/or watchdog on a push inbox",
+        "Run until stopped. Every channel is pulled at start, then polled every --interval\n"
+        "seconds (default: [agent] interval) plus a random 0..[agent] jitter seconds per run,\n"
+        "so the nodes of a cluster do not poll the publisher in step.\n\n"
+        "With --watch, each channel's push inbox ([agent.channels.C] inbox) is watched too:\n"
+        "a release the publisher pushes there is installed as soon as its LATEST arrives\n"
+        "(and on each poll, if it came while the agent was down). Whichever way a release\n"
+        "comes, it is verified exactly as by `pull`.\n\n"
+        "A failed pull is logged and recorded for `mapsync status`; the agent keeps running.\n"
+        "SIGTERM or SIGHUP end it (exit 143 or 129). Run this (mapsync-agent.service) or the\n"
+        "mapsync-pull timer, not both.",
+    )
+    s.add_argument(
+        "--interval",
+        type=int,
+        metavar="SECONDS",
+        help="seconds between polls of every channel's source (default: [agent] interval, 5 min)",
+    )
+    s.add_argument(
+        "--watch",
+        action="store_true",
+        help="also watch each channel's inbox and install a pushed release at once "
+        "(channels without an inbox are only polled; exit 2 if none has one)",
+    )
+
+    s = add(
         "status",
         "freshness of every channel on this node (Nagios exit codes)",
         "Installed serial, its age and the last good check of every channel. "

@@ -29,6 +29,7 @@ def test_systemd_analyze_verify_accepts_every_unit(tmp_path: Path) -> None:
         pytest.fail("systemd-analyze is missing (Debian package systemd)")
     units = _installed(tmp_path)
     assert {u.name for u in units} >= {
+        "mapsync-agent.service",
         "mapsync-publish.service",
         "mapsync-publish.timer",
         "mapsync-publisher.service",
@@ -46,7 +47,7 @@ def test_systemd_analyze_verify_accepts_every_unit(tmp_path: Path) -> None:
 
 
 def test_units_are_hardened() -> None:
-    for name in ("mapsync-publish.service", "mapsync-pull.service"):
+    for name in ("mapsync-agent.service", "mapsync-publish.service", "mapsync-pull.service"):
         text = (UNITS / name).read_text()
         for setting in (
             "NoNewPrivileges=yes",
@@ -55,6 +56,39 @@ def test_units_are_hardened() -> None:
             "ReadWritePaths=",
         ):
             assert setting in text, f"{name} lacks {setting}"
+
+
+def _settings(text: str, section: str) -> dict[str, str]:
+    """``Key=value`` lines of one ``[section]`` (comments dropped)."""
+    out: dict[str, str] = {}
+    current = None
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("["):
+            current = line.strip("[]")
+        elif current == section and "=" in line and not line.startswith("#"):
+            key, value = line.split("=", 1)
+            out[key] = value
+    return out
+
+
+def test_the_long_running_agent_replaces_the_pull_timer_and_is_hardened_like_it() -> None:
+    agent_text = (UNITS / "mapsync-agent.service").read_text()
+    unit = _settings(agent_text, "Unit")
+    service = _settings(agent_text, "Service")
+    # An operator runs one or the other: starting the agent stops the timer (and vice versa).
+    assert "mapsync-pull.timer" in unit["Conflicts"].split()
+    assert any(
+        line.startswith("#") and "mapsync-pull.timer" in line for line in agent_text.splitlines()
+    ), "the agent unit should say why it conflicts with the pull timer"
+    assert service["ExecStart"].endswith(" agent --watch")
+    assert service["Type"] == "exec"  # long-running; start fails if mapsync cannot be run
+    assert service["Restart"] == "on-failure"
+    assert "143" in service["SuccessExitStatus"].split()  # SIGTERM (128+15) is a clean stop
+    assert _settings(agent_text, "Install")["WantedBy"] == "multi-user.target"
+    pull = _settings((UNITS / "mapsync-pull.service").read_text(), "Service")
+    hardening = {k: v for k, v in pull.items() if k not in ("Type", "ExecStart", "TimeoutStartSec")}
+    assert {k: service.get(k) for k in hardening} == hardening
 
 
 def test_the_long_running_publisher_replaces_the_publish_timer_hardened_exactly_like_it() -> None:

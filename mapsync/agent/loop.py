@@ -1,0 +1,394 @@
+"""``mapsync agent``: the long-running agent, polling every channel and watching push inboxes.
+
+Polling is driven by :mod:`schedule`: every channel is pulled at start, then every
+``interval`` seconds plus a random 0..``jitter`` seconds per run, so fifty nodes do not hit
+the publisher in step. With ``watch``, :mod:`watchdog` observes each channel's ``inbox``,
+where the publisher pushes (``mapsync.transport.inbox``)::
+
+    INBOX/releases/<serial>/    the release, written first
+    INBOX/LATEST                written last (rsync: a temporary file, then a rename)
+
+A LATEST created, moved into place or modified there makes the channel due for a pull from
+the inbox. The watchdog thread only signals; every pull runs on the main thread, one at a
+time, so one channel is never pulled twice at once by this process (and ``pull``'s lock
+keeps a ``mapsync pull`` from a timer out). The inbox is untrusted: ``pull`` verifies what it
+offers exactly as it verifies the repository (signature, serial, expiry, every hash).
+
+A failed pull is logged and recorded in the channel's state (``mapsync status`` shows it);
+it never ends the loop. SIGTERM and SIGHUP end it with exit 128+n, at once while idle, from
+inside a pull too (SystemExit; the signal is also remembered and checked after every pull,
+in case the exception got lost). The observer is stopped on the way out, and a pull cut off
+mid-way leaves the old set serving (``pull``'s own guarantees).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import queue
+import re
+import shutil
+import signal
+import stat
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING, NoReturn
+
+import schedule
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+
+from mapsync import log
+from mapsync.agent.liveset import LiveSet
+from mapsync.agent.pull import MAX_LATEST_BYTES, PullResult, installed, pull
+from mapsync.config import AgentChannel, AgentConfig
+from mapsync.errors import ConfigError, LockBusy, MapsyncError
+from mapsync.release import LATEST, Latest, parse_latest
+
+if TYPE_CHECKING:
+    from watchdog.observers.api import BaseObserver
+
+_log = log.get("agent")
+
+# A push ends with one rename of LATEST; a writer that rewrites LATEST in place sends a burst
+# (created, modified, closed). Pull once the inbox has been quiet this long ...
+DEBOUNCE = 0.1
+# ... but never hold a pull back longer than this while events keep coming.
+MAX_DEFER = 0.5
+# A `mapsync pull` holds the channel's lock: try the inbox again this much later, rather than
+# leave a pushed release waiting for the next poll.
+LOCK_RETRY = 1.0
+# Wake at least this often, so a wall-clock jump cannot stall the schedule for long.
+MAX_SLEEP = 60.0
+# The events that mean "a LATEST is now in place". (Deleted is not one; opened/attrib are noise.)
+ARRIVALS = frozenset({"created", "moved", "modified", "closed"})
+RELEASES = "releases"
+_SERIAL = re.compile(r"^[0-9]{1,18}\Z")
+
+
+class Agent:
+    """The loop of ``mapsync agent``: scheduled polls of every channel's ``source``, and,
+    for the channels in ``watched``, pulls from the push inbox as soon as a LATEST lands."""
+
+    def __init__(self, cfg: AgentConfig, interval: int, watched: dict[str, AgentChannel]) -> None:
+        self.cfg = cfg
+        self.interval = interval
+        self.watched = watched
+        self.scheduler = schedule.Scheduler()
+        self._wake = threading.Event()
+        self._arrived: queue.SimpleQueue[str] = queue.SimpleQueue()
+        # channel → (monotonic time of the first event of a burst, time its inbox pull is due)
+        self._due: dict[str, tuple[float, float]] = {}
+        self._signalled: int | None = None
+
+    def run(self) -> NoReturn:
+        """Pull everything once, then poll and react to pushes until a signal ends the process."""
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, self._on_signal)
+        observer = self._observe() if self.watched else None
+        try:
+            for ch in self.cfg.channels.values():
+                self.poll(ch)
+                self._stop_if_signalled()
+            for ch in self.cfg.channels.values():
+                every = self.scheduler.every(self.interval)
+                every.to(self.interval + self.cfg.jitter).seconds.do(self.poll, ch)
+            _log.info(
+                "agent started",
+                channels=sorted(self.cfg.channels),
+                interval=self.interval,
+                jitter=self.cfg.jitter,
+                watching={name: str(ch.inbox) for name, ch in sorted(self.watched.items())},
+            )
+            while True:
+                self._wait()
+                self._stop_if_signalled()
+                if observer is not None and not observer.is_alive():
+                    # Pushes would only be seen on polls from now on; exit (2) instead, so
+                    # systemd restarts the agent (Restart=on-failure) and the journal shows why.
+                    raise MapsyncError("watching the push inboxes stopped unexpectedly")
+                self._pull_pushed()
+                self.scheduler.run_pending()
+                self._stop_if_signalled()
+        except (SystemExit, KeyboardInterrupt) as exc:
+            code = exc.code if isinstance(exc, SystemExit) else 128 + signal.SIGINT
+            _log.info("agent stopping", exit=code)
+            raise
+        finally:
+            if observer is not None:
+                observer.stop()
+                observer.join()
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        # As the CLI's handler (exit 128+n), but remembered: a SystemExit raised inside a gc or
+        # weakref callback is swallowed ("Exception ignored"), and one raised while a C
+        # extension runs can come back as SystemError, which a failed pull's handler would
+        # log and carry on from. The loop must stop all the same.
+        self._signalled = signum
+        raise SystemExit(128 + signum)
+
+    def _stop_if_signalled(self) -> None:
+        if self._signalled is not None:
+            raise SystemExit(128 + self._signalled)
+
+    # -- polling -----------------------------------------------------------------------------
+
+    def poll(self, ch: AgentChannel) -> None:
+        """One scheduled run for ``ch``: its source (and mirrors), then its inbox if watched —
+        a release pushed while the agent was down, or whose event was missed, goes in now."""
+        try:
+            self._pull(ch, "poll")
+        except LockBusy as exc:
+            # A `mapsync pull` (a timer, an operator) is doing this very job right now.
+            _log.info("poll skipped: the channel is busy", channel=ch.name, reason=str(exc))
+        if ch.name in self.watched:
+            self.from_inbox(self.watched[ch.name])
+
+    def _pull(self, ch: AgentChannel, origin: str) -> PullResult | None:
+        """``pull(ch)``; a failure is logged (``pull`` has recorded it in the state) and None
+        returned, so the loop goes on. LockBusy is the caller's to handle."""
+        try:
+            try:
+                return pull(self.cfg, ch)
+            finally:
+                self._stop_if_signalled()  # whatever became of the SystemExit inside
+        except LockBusy:
+            raise
+        except MapsyncError as exc:
+            _log.error(
+                "pull failed",
+                channel=ch.name,
+                origin=origin,
+                source=ch.source,
+                error=str(exc),
+                exit=exc.exit_code,
+            )
+        except Exception:
+            # A bug must not stop the other channels (or this one's next run) for good.
+            _log.exception("pull crashed", channel=ch.name, origin=origin, source=ch.source)
+        return None
+
+    # -- the push inbox ----------------------------------------------------------------------
+
+    def from_inbox(self, ch: AgentChannel) -> None:
+        """Install what ``ch``'s inbox offers, if its LATEST is newer than the installed serial.
+
+        A LATEST that is not newer is ignored quietly: the poll may have installed that
+        release from the source already, and a pull would call it a rollback attack.
+        """
+        assert ch.inbox is not None
+        offered = offered_serial(ch.inbox)
+        if offered is None:
+            _log.debug("inbox has no LATEST", channel=ch.name, inbox=str(ch.inbox))
+            return
+        current = installed_serial(ch)
+        if isinstance(offered, Latest) and current is not None and offered.serial <= current:
+            _log.debug(
+                "inbox holds nothing newer",
+                channel=ch.name,
+                inbox=str(ch.inbox),
+                offered=offered.serial,
+                installed=current,
+            )
+            return
+        if isinstance(offered, str):
+            # Pulled all the same: pull refuses it and records the refusal in the state, so
+            # `mapsync status` shows that the inbox holds something wrong.
+            _log.warning("the inbox LATEST is unusable", channel=ch.name, reason=offered)
+        inbox = replace(ch, source=str(ch.inbox), mirrors=(), password_file=None)
+        try:
+            result = self._pull(inbox, "push")
+        except LockBusy as exc:
+            _log.info(
+                "inbox pull deferred: the channel is busy",
+                channel=ch.name,
+                retry_in=LOCK_RETRY,
+                reason=str(exc),
+            )
+            now = time.monotonic()
+            self._due[ch.name] = (now, now + LOCK_RETRY)
+            return
+        if result is None:
+            return
+        if result.action == "installed":
+            _log.info(
+                "pushed release installed",
+                channel=ch.name,
+                serial=result.serial,
+                inbox=inbox.source,
+            )
+        if isinstance(offered, Latest) and result.serial == offered.serial:
+            # What the inbox named is installed; releases below it can never be installed
+            # again (a lower serial is refused). The push keeps the newest one as its basis.
+            prune_inbox(ch.inbox, result.serial, ch.name)
+
+    def _observe(self) -> BaseObserver:
+        from watchdog.observers import Observer
+
+        observer = Observer()
+        try:
+            for ch in self.watched.values():
+                assert ch.inbox is not None
+                where = f"[agent.channels.{ch.name}] inbox {ch.inbox}"
+                try:
+                    if not ch.inbox.is_dir():
+                        # Owned by this user: a push arriving as another one (ssh, an rsync
+                        # daemon's uid) needs the operator to chown it.
+                        ch.inbox.mkdir(parents=True)
+                        _log.info("created the push inbox", channel=ch.name, inbox=str(ch.inbox))
+                    observer.schedule(
+                        _InboxHandler(ch.name, self._arrival), str(ch.inbox), recursive=False
+                    )
+                except OSError as exc:
+                    raise ConfigError(f"{where}: cannot be watched: {exc}") from None
+            try:
+                observer.start()
+            except OSError as exc:  # e.g. the inotify watch limit
+                raise ConfigError(f"watching the push inboxes failed: {exc}") from None
+        except BaseException:
+            observer.stop()
+            raise
+        return observer
+
+    def _arrival(self, channel: str) -> None:
+        """Called on the watchdog thread: note it, wake the main thread, do nothing else."""
+        self._arrived.put(channel)
+        self._wake.set()
+
+    def _wait(self) -> None:
+        """Sleep until the next poll, the next due inbox pull or a new arrival; a signal
+        interrupts the wait (SystemExit)."""
+        timeout = self.scheduler.idle_seconds
+        timeout = MAX_SLEEP if timeout is None else min(timeout, MAX_SLEEP)
+        if self._due:
+            timeout = min(timeout, min(due for _, due in self._due.values()) - time.monotonic())
+        if timeout > 0:
+            self._wake.wait(timeout)
+        self._wake.clear()  # before draining: an arrival after this sets it again
+        while True:
+            try:
+                name = self._arrived.get_nowait()
+            except queue.Empty:
+                break
+            now = time.monotonic()
+            first = self._due[name][0] if name in self._due else now
+            # Debounce: due once quiet for DEBOUNCE, at most MAX_DEFER after the first event.
+            self._due[name] = (first, min(now + DEBOUNCE, first + MAX_DEFER))
+
+    def _pull_pushed(self) -> None:
+        now = time.monotonic()
+        for name, (_, due) in sorted(self._due.items()):
+            if due <= now:
+                del self._due[name]
+                self.from_inbox(self.watched[name])
+
+
+class _InboxHandler(FileSystemEventHandler):
+    """Signals ``notify(channel)`` when a LATEST lands in the (non-recursively) watched inbox."""
+
+    def __init__(self, channel: str, notify: Callable[[str], None]) -> None:
+        super().__init__()
+        self.channel = channel
+        self.notify = notify
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.is_directory or event.event_type not in ARRIVALS:
+            return
+        path = event.dest_path if event.event_type == "moved" else event.src_path
+        if os.path.basename(os.fsdecode(path)) == LATEST:
+            self.notify(self.channel)
+            _log.debug("LATEST arrived in the inbox", channel=self.channel, kind=event.event_type)
+
+
+def offered_serial(inbox: Path) -> Latest | str | None:
+    """The LATEST in ``inbox``: parsed, an error message when it is not a sane LATEST, or
+    None when there is none. Read without following a symlink and never more than a LATEST's
+    size, so a hostile inbox cannot point the agent at a FIFO or a huge file."""
+    path = inbox / LATEST
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return f"{path}: a symlink, not followed (a LATEST must be a regular file)"
+        return f"{path}: {exc.strerror or exc}"
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return f"{path}: not a regular file"
+        data = os.read(fd, MAX_LATEST_BYTES + 1)
+    except OSError as exc:
+        return f"{path}: {exc.strerror or exc}"
+    finally:
+        os.close(fd)
+    try:
+        return parse_latest(data, str(path))
+    except MapsyncError as exc:
+        return str(exc)
+
+
+def installed_serial(ch: AgentChannel) -> int | None:
+    """The serial live in ``ch.target``, read without the channel lock and without changing
+    anything (finishing a swap is for a pull, under the lock); None if none or unreadable."""
+    try:
+        manifest = installed(LiveSet(ch.target), str(ch.target))
+    except (MapsyncError, OSError):
+        return None
+    return manifest.serial if manifest is not None else None
+
+
+def prune_inbox(inbox: Path, below: int, channel: str) -> list[int]:
+    """Delete ``INBOX/releases/<s>`` for every ``s < below``; return the serials removed.
+
+    Best effort: a failure is logged, never raised. Nothing outside the inbox is touched: a
+    symlinked ``releases`` is left alone, a symlink (or stray file) named like a release is
+    unlinked itself, and :func:`shutil.rmtree` does not follow symlinks inside a release.
+    """
+    releases = inbox / RELEASES
+    try:
+        if not stat.S_ISDIR(releases.lstat().st_mode):
+            return []
+        entries = list(os.scandir(releases))
+    except OSError:
+        return []
+    removed = []
+    for entry in entries:
+        if not _SERIAL.match(entry.name) or int(entry.name) >= below:
+            continue
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+        except OSError as exc:
+            _log.warning(
+                "could not prune an old release from the inbox",
+                channel=channel,
+                path=entry.path,
+                error=str(exc),
+            )
+            continue
+        removed.append(int(entry.name))
+    if removed:
+        _log.debug("pruned the inbox", channel=channel, serials=sorted(removed))
+    return sorted(removed)
+
+
+def run(
+    cfg: AgentConfig, config_path: Path, *, interval: int | None = None, watch: bool = False
+) -> NoReturn:
+    """Run the agent until a signal ends the process (SystemExit 128+n).
+
+    ``interval`` overrides ``[agent] interval``. With ``watch``, every channel that has an
+    ``inbox`` is watched; if none has, that is a ConfigError naming ``config_path``.
+    """
+    watched = {n: ch for n, ch in cfg.channels.items() if ch.inbox is not None} if watch else {}
+    if watch and not watched:
+        raise ConfigError(
+            f"{config_path}: agent --watch needs a push inbox, but no [agent.channels.*] sets "
+            "`inbox`; set one where the publisher pushes, or run without --watch"
+        )
+    Agent(cfg, interval or cfg.interval, watched).run()
