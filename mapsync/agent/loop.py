@@ -35,13 +35,12 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from types import FrameType
 from typing import TYPE_CHECKING, NoReturn
 
 import schedule
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 
-from mapsync import log
+from mapsync import log, signals
 from mapsync.agent.liveset import LiveSet
 from mapsync.agent.pull import MAX_LATEST_BYTES, PullResult, installed, pull
 from mapsync.config import AgentChannel, AgentConfig
@@ -82,17 +81,15 @@ class Agent:
         self._arrived: queue.SimpleQueue[str] = queue.SimpleQueue()
         # channel → (monotonic time of the first event of a burst, time its inbox pull is due)
         self._due: dict[str, tuple[float, float]] = {}
-        self._signalled: int | None = None
 
     def run(self) -> NoReturn:
         """Pull everything once, then poll and react to pushes until a signal ends the process."""
-        for sig in (signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, self._on_signal)
+        signals.install()  # as main() does: exit 128+n, and remembered (mapsync.signals)
         observer = self._observe() if self.watched else None
         try:
             for ch in self.cfg.channels.values():
                 self.poll(ch)
-                self._stop_if_signalled()
+                signals.stop_if_received()
             for ch in self.cfg.channels.values():
                 every = self.scheduler.every(self.interval)
                 every.to(self.interval + self.cfg.jitter).seconds.do(self.poll, ch)
@@ -105,14 +102,14 @@ class Agent:
             )
             while True:
                 self._wait()
-                self._stop_if_signalled()
+                signals.stop_if_received()
                 if observer is not None and not observer.is_alive():
                     # Pushes would only be seen on polls from now on; exit (2) instead, so
                     # systemd restarts the agent (Restart=on-failure) and the journal shows why.
                     raise MapsyncError("watching the push inboxes stopped unexpectedly")
                 self._pull_pushed()
                 self.scheduler.run_pending()
-                self._stop_if_signalled()
+                signals.stop_if_received()
         except (SystemExit, KeyboardInterrupt) as exc:
             code = exc.code if isinstance(exc, SystemExit) else 128 + signal.SIGINT
             _log.info("agent stopping", exit=code)
@@ -121,18 +118,6 @@ class Agent:
             if observer is not None:
                 observer.stop()
                 observer.join()
-
-    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        # As the CLI's handler (exit 128+n), but remembered: a SystemExit raised inside a gc or
-        # weakref callback is swallowed ("Exception ignored"), and one raised while a C
-        # extension runs can come back as SystemError, which a failed pull's handler would
-        # log and carry on from. The loop must stop all the same.
-        self._signalled = signum
-        raise SystemExit(128 + signum)
-
-    def _stop_if_signalled(self) -> None:
-        if self._signalled is not None:
-            raise SystemExit(128 + self._signalled)
 
     # -- polling -----------------------------------------------------------------------------
 
@@ -154,7 +139,7 @@ class Agent:
             try:
                 return pull(self.cfg, ch)
             finally:
-                self._stop_if_signalled()  # whatever became of the SystemExit inside
+                signals.stop_if_received()  # whatever became of the SystemExit inside
         except LockBusy:
             raise
         except MapsyncError as exc:

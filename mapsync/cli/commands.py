@@ -32,18 +32,8 @@ def _safe(url: str) -> str:
     return safe_url(url)
 
 
-def _progress() -> Any:
-    if not sys.stderr.isatty():
-        return None
-
-    def show(table: str, done: int, total: int) -> None:
-        end = "\n" if done >= total else ""
-        print(f"\r  {table}: {done:,}/{total:,}", end=end, file=sys.stderr, flush=True)
-
-    return show
-
-
 def cmd_seed(args: argparse.Namespace) -> int:
+    from mapsync import progress
     from mapsync.sources.seed import SeedCounts, seed
 
     pub = _config(args).need_publisher()
@@ -52,7 +42,7 @@ def cmd_seed(args: argparse.Namespace) -> int:
         SeedCounts(args.accounts, args.domains, args.aliases, args.mailstores),
         seed=args.seed,
         password=args.password,
-        progress=_progress(),
+        progress=progress.report,
     )
     print("seeded " + ", ".join(f"{n} {table}" for table, n in made.items()))
     return EXIT_OK
@@ -161,11 +151,9 @@ def _publish_every(args: argparse.Namespace) -> int:
     """``publish --interval``: run, log any error, sleep, again, until SIGTERM/SIGHUP ends it
     with exit 128+n: at once between runs; inside a run by SystemExit, whose staging and temp
     files are removed on the way out (a release appears whole or not at all)."""
-    import signal
     import time
-    from types import FrameType
 
-    from mapsync import log
+    from mapsync import log, signals
 
     if args.interval < 1:
         raise ConfigError("publish --interval: must be at least 1 (seconds)")
@@ -176,25 +164,13 @@ def _publish_every(args: argparse.Namespace) -> int:
         )
     _config(args).need_publisher()  # a broken config at start: exit 2, systemd shows it
     _log = log.get("publisher")
-    caught: list[int] = []
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        # As main()'s handler, but remembered: a SystemExit raised inside a gc or weakref
-        # callback is swallowed ("Exception ignored"), and one raised while a C extension
-        # runs can come back as SystemError. The loop must stop all the same.
-        caught.append(signum)
-        raise SystemExit(128 + signum)
-
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, on_signal)
     _log.info("publishing on an interval", seconds=args.interval)
     while True:
         started = time.monotonic()
         try:
             _publish_once(args, loop=True)
         except (MapsyncError, OSError) as exc:
-            if caught:
-                raise SystemExit(128 + caught[0]) from None
+            signals.stop_if_received()  # the run was ended by a signal; the error is a symptom
             _log.error(
                 str(exc),
                 error=type(exc).__name__,
@@ -202,11 +178,9 @@ def _publish_every(args: argparse.Namespace) -> int:
                 next_run_in=args.interval,
             )
         except Exception:
-            if caught:
-                raise SystemExit(128 + caught[0]) from None
+            signals.stop_if_received()  # SystemExit turned into another error by a C extension
             raise
-        if caught:
-            raise SystemExit(128 + caught[0])
+        signals.stop_if_received()  # a SystemExit swallowed in a gc callback
         took = time.monotonic() - started
         _log.debug("publish run done", seconds=round(took, 3))
         time.sleep(max(0.0, args.interval - took))

@@ -9,9 +9,8 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
-from types import FrameType
 
-from mapsync import __version__, log
+from mapsync import __version__, log, signals
 from mapsync.errors import EXIT_CODES, EXIT_ERROR, MapsyncError
 
 _EPILOG = (
@@ -214,35 +213,38 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _on_signal(signum: int, frame: FrameType | None) -> None:
-    # systemd sees the truth: killed by SIGTERM → exit 143, finally-blocks clean up.
-    raise SystemExit(128 + signum)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     fmt = args.log_format or ("json" if os.environ.get("JOURNAL_STREAM") else "console")
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     log.configure(level, fmt)
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _on_signal)
+    signals.install()
+    if fmt == "console" and not args.quiet:
+        from mapsync.cli.progress import on_terminal
+
+        on_terminal()  # progress of long operations, when standard error is a terminal
     from mapsync.cli import commands
 
     try:
-        return int(getattr(commands, "cmd_" + args.command.replace("-", "_"))(args))
-    except MapsyncError as exc:
+        code = int(getattr(commands, "cmd_" + args.command.replace("-", "_"))(args))
+    except (MapsyncError, OSError) as exc:
+        if (got := signals.received()) is not None:
+            return 128 + got  # the run was ended; its error is a symptom
+        # OSError: disk full, a repository path that is not a directory, ...: exit 2 (error)
+        # with one line, not a traceback and exit 1, which would read as WARNING to monitoring.
+        code = exc.exit_code if isinstance(exc, MapsyncError) else EXIT_ERROR
         if fmt == "json":
-            log.get("cli").error(str(exc), error=type(exc).__name__, exit=exc.exit_code)
+            log.get("cli").error(str(exc), error=type(exc).__name__, exit=code)
         else:
             print(f"mapsync: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except OSError as exc:
-        # Disk full, a repository path that is not a directory, ...: exit 2 (error) with one
-        # line, not a traceback and exit 1, which would read as WARNING to a monitoring check.
-        if fmt == "json":
-            log.get("cli").error(str(exc), error=type(exc).__name__, exit=EXIT_ERROR)
-        else:
-            print(f"mapsync: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        return code
     except KeyboardInterrupt:
         return 128 + signal.SIGINT
+    except Exception:
+        if (got := signals.received()) is not None:
+            # The handler's SystemExit, turned into another error by a C extension.
+            return 128 + got
+        raise
+    # A signal whose SystemExit was swallowed (in a gc callback) still ends the run as signalled.
+    got = signals.received()
+    return code if got is None else 128 + got

@@ -27,6 +27,7 @@ from mapsync.config import PublisherChannel, PublisherConfig
 from mapsync.errors import ConfigError, InvalidData, MapsyncError, UnsafePlan, VerificationError
 from mapsync.formats import cdb, text
 from mapsync.maps import CATALOGUE, Directory
+from mapsync.progress import track
 from mapsync.publish.plan import ChannelPlan, MapPlan, Violation, check, diff_files
 from mapsync.publish.repository import Repository
 from mapsync.release import (
@@ -346,7 +347,7 @@ class Publisher:
         last_dir: Path | None,
     ) -> tuple[MapEntry, MapPlan]:
         spec = CATALOGUE[name]
-        rows = sorted(spec.entries(directory, ch))
+        rows = sorted(track(spec.entries(directory, ch), f"render {ch.name}/{name}"))
         path = staging / name
         info = text.write(
             path, text.header(name, ch.name, serial), _lines(rows, name, spec.separator)
@@ -354,7 +355,8 @@ class Publisher:
         cdb_info = None
         if spec.cdb:
             cdb_path = staging / f"{name}.cdb"
-            digest, size = cdb.build(cdb_path, ((k.encode(), v.encode()) for k, v in rows))
+            pairs = ((k.encode(), v.encode()) for k, v in rows)
+            digest, size = cdb.build(cdb_path, track(pairs, f"cdb {ch.name}/{name}", len(rows)))
             cdb_path.unlink()  # agents build their own and prove it equal by this hash
             cdb_info = CdbInfo(f"{name}.cdb", digest, size)
         entry = MapEntry(name, info.entries, info.sha256, info.size, info.content_sha256, cdb_info)

@@ -384,5 +384,5 @@ def _insert(
         conn.execute(insert(table), batch)
         done += len(batch)
         if progress:
-            progress(table.name, done, total)
+            progress(f"insert {table.name}", done, total)
     return done

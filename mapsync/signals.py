@@ -1,0 +1,38 @@
+"""SIGTERM and SIGHUP: end the process with exit 128+n, and remember that they came.
+
+The handler raises SystemExit, so ``finally`` blocks clean up (staging, temp files, locks) and
+systemd sees the truth (SIGTERM → 143). Raising is not always enough: a SystemExit raised
+inside a gc or weakref callback is swallowed ("Exception ignored"), and one raised while a C
+extension runs (cdbx) can come back as SystemError. So the signal is also remembered:
+long-running loops call :func:`stop_if_received` after each unit of work, and ``main()``
+turns any outcome of a signalled run into exit 128+n.
+"""
+
+from __future__ import annotations
+
+import signal
+from types import FrameType
+
+_received: int | None = None
+
+
+def install() -> None:
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _on_signal)
+
+
+def _on_signal(signum: int, frame: FrameType | None) -> None:
+    global _received
+    _received = signum
+    raise SystemExit(128 + signum)
+
+
+def received() -> int | None:
+    """The signal that asked this process to end, if one did."""
+    return _received
+
+
+def stop_if_received() -> None:
+    """Raise SystemExit(128+n) if a signal came, whatever became of its first SystemExit."""
+    if _received is not None:
+        raise SystemExit(128 + _received)
