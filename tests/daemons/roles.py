@@ -34,6 +34,7 @@ class Role:
     target: Path  # where the operator's agent.toml installs the maps
     maps: tuple[str, ...]
     mailstore: str | None
+    files: dict[str, config.FileMode]  # the agent.toml's [files] tables, carried into the tests
 
     def file(self, filename: str) -> str:
         return (AGENTS / self.name / filename).read_text()
@@ -57,6 +58,7 @@ def role(name: str) -> Role:
         target=ch.target,
         maps=tuple(json.loads(m.group(1))),
         mailstore=json.loads(m.group(2)) if m.group(2) else None,
+        files=ch.files,
     )
 
 
@@ -101,6 +103,14 @@ def make_nodes(
             f'target = "{root / "nodes" / r.name}"\n'
             'timeout = "30s"\n'
         )
+        for map_name, fm in r.files.items():
+            agent += f"[agent.channels.{r.channel}.files.{map_name}]\n"
+            if fm.mode is not None:
+                agent += f'mode = "{fm.mode:04o}"\n'
+            for key in ("owner", "group"):
+                if getattr(fm, key) is not None:
+                    agent += f'{key} = "{getattr(fm, key)}"\n'
+
     cluster = Cluster(root, db_url)
     cluster.config_path.write_text(
         f'[publisher]\ndatabase = "{db_url}"\nrepository = "{root / "repo"}"\n'

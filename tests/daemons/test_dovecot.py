@@ -6,10 +6,13 @@ and the proxy sends each user to its mailstore without ever seeing a hash."""
 
 from __future__ import annotations
 
+import grp
 import imaplib
+import pwd
 import random
 import shutil
 import socket
+import stat
 import subprocess
 import tempfile
 import time
@@ -19,6 +22,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, update
 
+from mapsync.config import FileMode
 from mapsync.sources import schema as t
 from mapsync.sources.seed import sha512_crypt
 from tests.daemons.roles import PASSWORD, Nodes, entries, make_nodes
@@ -116,6 +120,17 @@ def users(nodes: Nodes) -> dict[str, list[str]]:
 def fields(out: str) -> dict[str, str]:
     """``doveadm user`` output: a ``field<TAB>value`` table."""
     return dict(line.split("\t", 1) for line in out.splitlines()[1:] if "\t" in line)
+
+
+def test_the_password_file_is_installed_as_the_roles_agent_toml_says(nodes: Nodes) -> None:
+    files = nodes.roles["dovecot-store"].files
+    assert files["dovecot_users"] == FileMode(0o640, "root", "dovecot")  # from agents/
+    st = (nodes.target("dovecot-store") / "dovecot_users").stat()  # through the symlink
+    assert stat.S_IMODE(st.st_mode) == 0o640
+    assert (pwd.getpwuid(st.st_uid).pw_name, grp.getgrgid(st.st_gid).gr_name) == (
+        "root",
+        "dovecot",
+    )
 
 
 def test_a_seeded_account_of_this_mailstore_logs_in(nodes: Nodes, store: Dovecot) -> None:
