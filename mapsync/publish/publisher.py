@@ -165,7 +165,7 @@ class Publisher:
             fingerprint = source.fingerprint().digest()
             quiet = [self._quiet(ch, fingerprint) for ch in selected]
             if all(plan is not None for plan in quiet):
-                _log.info("database unchanged since the last releases", fingerprint=fingerprint)
+                _log.debug("database unchanged since the last releases", fingerprint=fingerprint)
                 return PublishResult([p for p in quiet if p is not None], [], dry_run)
         _log.info("reading snapshot", database=source.safe_url)
         # Least privilege starts here: password hashes are not even read unless a channel
