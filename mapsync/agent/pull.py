@@ -47,6 +47,7 @@ from mapsync.release import (
 )
 from mapsync.signing import load_public, verify
 from mapsync.transport import Remote, parse_source
+from mapsync.transport.rsync import block_size
 
 _log = log.get("agent")
 
@@ -505,7 +506,7 @@ def fetch_release(
             )
     files = sorted(manifest.files())
     largest = max((m.size for m in manifest.maps.values()), default=0)
-    moved += remote.fetch_files(directory, files, staging, basis, largest + 1)
+    moved += remote.fetch_files(directory, files, staging, basis, largest + 1, block_size(largest))
     return moved
 
 

