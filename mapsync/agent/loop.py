@@ -221,8 +221,9 @@ class Agent:
                 try:
                     if not ch.inbox.is_dir():
                         # Owned by this user: a push arriving as another one (ssh, an rsync
-                        # daemon's uid) needs the operator to chown it.
-                        ch.inbox.mkdir(parents=True)
+                        # daemon's uid) needs the operator to chown it. Private: a mailstore
+                        # channel's releases carry password hashes.
+                        ch.inbox.mkdir(parents=True, mode=0o700)
                         _log.info("created the push inbox", channel=ch.name, inbox=str(ch.inbox))
                     observer.schedule(
                         _InboxHandler(ch.name, self._arrival), str(ch.inbox), recursive=False

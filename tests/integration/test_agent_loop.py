@@ -483,3 +483,13 @@ def test_pruning_the_inbox_never_follows_a_symlink_out_of_it(tmp_path: Path) -> 
     releases.symlink_to(outside)
     assert prune_inbox(box, 100, "mx") == []
     assert sorted(os.listdir(outside)) == ["9", "keep"]
+
+
+def test_a_missing_inbox_is_created_private(
+    node: Cluster, start_agent: Callable[..., AgentProcess]
+) -> None:
+    assert not inbox(node).exists()
+    agent = start_agent(node, "--watch")
+    agent.wait_for("created the push inbox", channel="mx")
+    assert inbox(node).is_dir()
+    assert inbox(node).stat().st_mode & 0o777 == 0o700  # a mailstore's releases carry hashes
