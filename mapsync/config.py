@@ -13,6 +13,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from mapsync.errors import ConfigError
 
@@ -328,7 +329,7 @@ def _publisher(path: Path, data: Any) -> PublisherConfig:
         map_guards=map_guards,
         channels=channels,
         ssh=_argv(s, "ssh", PublisherConfig.ssh),
-        push_timeout=s.duration("push_timeout", 60),
+        push_timeout=_timeout(s, "push_timeout", 60),
     )
 
 
@@ -446,6 +447,15 @@ def _agent(path: Path, data: Any) -> AgentConfig:
                 f"{cs.where('password_file')}: only an rsync:// source takes a password "
                 "(ssh:// authenticates with the ssh key)"
             )
+        if "password_file" in cs.data:
+            for url in sources:
+                if url.startswith("rsync://") and not urlsplit(url).username:
+                    # Found now, not when a failover first reaches this mirror in an outage.
+                    raise ConfigError(
+                        f"{cs.where('source')}: {url!r} names no user, but the channel has a "
+                        "password_file; write rsync://USER@host/module/... (the user of the "
+                        "module's `auth users`)"
+                    )
         check = cs.strlist("check")
         channels[name] = AgentChannel(
             name=name,

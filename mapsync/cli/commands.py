@@ -210,7 +210,11 @@ def cmd_pull(args: argparse.Namespace) -> int:
         except MapsyncError as exc:
             # One broken channel must not keep the others stale: report, go on, fail at the end.
             msg = str(exc)
-            prefix = "" if msg.startswith(f"channel {ch.name}:") else f"channel {ch.name}: "
+            prefix = (
+                ""
+                if msg.startswith((f"channel {ch.name}:", f"channel {ch.name} ("))
+                else f"channel {ch.name}: "
+            )
             print(f"mapsync: {prefix}{msg}", file=sys.stderr)
             worst = max(worst, exc.exit_code)
             continue

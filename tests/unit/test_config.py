@@ -377,3 +377,22 @@ def test_an_empty_ssh_command_is_refused(tmp_path: Path) -> None:
 def test_a_zero_hook_timeout_is_refused(tmp_path: Path, key: str) -> None:
     with pytest.raises(ConfigError, match=rf"\[agent.channels.mx\] {key}: must be at least 1s"):
         _agent_cfg(tmp_path, f'source = "/a"\n{key} = "0s"')
+
+
+def test_every_rsync_mirror_must_name_its_user_when_a_password_file_is_set(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"source: 'rsync://mirror/m/mx' names no user"):
+        _agent_cfg(
+            tmp_path,
+            'source = ["rsync://mx@primary/m/mx", "rsync://mirror/m/mx"]\n'
+            'password_file = "/etc/mapsync/rsync.secret"',
+        )
+
+
+def test_a_zero_push_timeout_is_refused(tmp_path: Path) -> None:
+    f = tmp_path / "mapsync.toml"
+    f.write_text(
+        '[publisher]\ndatabase = "sqlite:///x.db"\nrepository = "repo"\nsigning_key = "k"\n'
+        'push_timeout = "0s"\n[publisher.channels.mx]\nmaps = ["domains"]\n'
+    )
+    with pytest.raises(ConfigError, match=r"\[publisher\] push_timeout: must be at least 1s"):
+        load(f)
