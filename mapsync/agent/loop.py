@@ -12,7 +12,9 @@ A LATEST created, moved into place or modified there makes the channel due for a
 the inbox. The watchdog thread only signals; every pull runs on the main thread, one at a
 time, so one channel is never pulled twice at once by this process (and ``pull``'s lock
 keeps a ``mapsync pull`` from a timer out). The inbox is untrusted: ``pull`` verifies what it
-offers exactly as it verifies the repository (signature, serial, expiry, every hash).
+offers exactly as it verifies the repository (signature, serial, expiry, every hash). A pull
+from the inbox is no check of the source: it records ``last_push``, and ``mapsync status``
+keeps reporting a source that fails until a poll reaches one again.
 
 A failed pull is logged and recorded in the channel's state (``mapsync status`` shows it);
 it never ends the loop. SIGTERM and SIGHUP end it with exit 128+n, at once while idle, from
@@ -134,10 +136,11 @@ class Agent:
 
     def _pull(self, ch: AgentChannel, origin: str) -> PullResult | None:
         """``pull(ch)``; a failure is logged (``pull`` has recorded it in the state) and None
-        returned, so the loop goes on. LockBusy is the caller's to handle."""
+        returned, so the loop goes on. LockBusy is the caller's to handle. A "push" pull
+        leaves the source's health in the state as the last poll found it."""
         try:
             try:
-                return pull(self.cfg, ch)
+                return pull(self.cfg, ch, pushed=origin == "push")
             finally:
                 signals.stop_if_received()  # whatever became of the SystemExit inside
         except LockBusy:
@@ -329,38 +332,74 @@ def installed_serial(ch: AgentChannel) -> int | None:
 def prune_inbox(inbox: Path, below: int, channel: str) -> list[int]:
     """Delete ``INBOX/releases/<s>`` for every ``s < below``; return the serials removed.
 
-    Best effort: a failure is logged, never raised. Nothing outside the inbox is touched: a
-    symlinked ``releases`` is left alone, a symlink (or stray file) named like a release is
-    unlinked itself, and :func:`shutil.rmtree` does not follow symlinks inside a release.
+    Best effort: a failure is logged, never raised. Nothing outside the inbox is touched,
+    even while the push account (which owns the inbox) swaps things around: the inbox and
+    then ``releases`` are opened without following a symlink, and every listing and delete
+    is relative to that one directory descriptor — a path is never resolved twice. A
+    symlinked inbox or ``releases`` is left alone (and logged), a symlink (or stray file)
+    named like a release is unlinked itself, and :func:`shutil.rmtree` (given ``dir_fd``,
+    resistant to symlink attacks) does not follow symlinks inside a release.
     """
     releases = inbox / RELEASES
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
-        if not stat.S_ISDIR(releases.lstat().st_mode):
-            return []
-        entries = list(os.scandir(releases))
-    except OSError:
+        top = os.open(inbox, flags)
+    except OSError as exc:
+        _not_pruned(channel, inbox, exc)
         return []
-    removed = []
-    for entry in entries:
-        if not _SERIAL.match(entry.name) or int(entry.name) >= below:
-            continue
+    try:
         try:
-            if entry.is_dir(follow_symlinks=False):
-                shutil.rmtree(entry.path)
-            else:
-                os.unlink(entry.path)
+            fd = os.open(RELEASES, flags, dir_fd=top)
         except OSError as exc:
-            _log.warning(
-                "could not prune an old release from the inbox",
-                channel=channel,
-                path=entry.path,
-                error=str(exc),
-            )
-            continue
-        removed.append(int(entry.name))
+            _not_pruned(channel, releases, exc)
+            return []
+    finally:
+        os.close(top)
+    removed = []
+    try:
+        with os.scandir(fd) as listing:
+            entries = list(listing)
+        for entry in entries:
+            if not _SERIAL.match(entry.name) or int(entry.name) >= below:
+                continue
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.name, dir_fd=fd)
+                else:
+                    os.unlink(entry.name, dir_fd=fd)
+            except OSError as exc:
+                _log.warning(
+                    "could not prune an old release from the inbox",
+                    channel=channel,
+                    path=str(releases / entry.name),
+                    error=str(exc),
+                )
+                continue
+            removed.append(int(entry.name))
+    except OSError as exc:
+        _log.warning(
+            "could not prune the inbox", channel=channel, path=str(releases), error=str(exc)
+        )
+    finally:
+        os.close(fd)
     if removed:
         _log.debug("pruned the inbox", channel=channel, serials=sorted(removed))
     return sorted(removed)
+
+
+def _not_pruned(channel: str, path: Path, exc: OSError) -> None:
+    """Why ``path`` (the inbox or its ``releases``) could not be opened for pruning."""
+    if exc.errno == errno.ENOENT:
+        return  # nothing pushed yet, nothing to prune
+    # With O_DIRECTORY, Linux reports a symlink as ENOTDIR; look, for the message only.
+    if exc.errno == errno.ELOOP or (exc.errno == errno.ENOTDIR and path.is_symlink()):
+        _log.warning(
+            "not pruning the inbox: a symlink, not followed", channel=channel, path=str(path)
+        )
+    else:
+        _log.warning(
+            "not pruning the inbox", channel=channel, path=str(path), error=exc.strerror or str(exc)
+        )
 
 
 def run(

@@ -39,6 +39,7 @@ from mapsync.release import (
     SIGNATURE,
     Latest,
     Manifest,
+    MapEntry,
     iso,
     manifest_sha256,
     parse_latest,
@@ -111,7 +112,9 @@ def settled(ch: AgentChannel) -> LiveSet:
     return live
 
 
-def pull(cfg: AgentConfig, ch: AgentChannel, *, unpin: bool = False) -> PullResult:
+def pull(
+    cfg: AgentConfig, ch: AgentChannel, *, unpin: bool = False, pushed: bool = False
+) -> PullResult:
     """Bring ``ch`` up to date; record the outcome in its state file whatever happens.
 
     The channel's sources are tried in order (``source``, then its mirrors): a source that
@@ -120,6 +123,11 @@ def pull(cfg: AgentConfig, ch: AgentChannel, *, unpin: bool = False) -> PullResu
     source's fault and ends the run at once. While the channel is pinned by ``rollback`` the
     source is checked but nothing newer is installed; ``unpin`` clears the pin first, so the
     pull installs what LATEST names.
+
+    ``pushed``: ``ch`` is the push inbox standing in for the source (``mapsync agent
+    --watch``). Success then records ``last_push`` and the install but is no check of the
+    source: ``last_success``, ``last_source`` and ``failed_sources`` stay as the last poll
+    left them, and ``last_error`` is cleared only if a pushed pull made it.
     """
     paths = ChannelPaths(cfg, ch)
     paths.root.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -137,17 +145,22 @@ def pull(cfg: AgentConfig, ch: AgentChannel, *, unpin: bool = False) -> PullResu
         except MapsyncError as exc:
             state.last_error = str(exc)
             state.last_error_at = iso(utcnow())
+            state.last_error_origin = "inbox" if pushed else "source"
             raise
         finally:
             shutil.rmtree(paths.incoming, ignore_errors=True)
             state.save(paths.state)
-        state.last_success = iso(utcnow())
-        state.last_error = None
-        state.last_error_at = None
-        state.last_source = result.source
-        state.failed_sources = dict(result.failed_sources)
+        now = iso(utcnow())
+        if pushed:
+            state.last_push = now
+        else:
+            state.last_success = now
+            state.last_source = result.source
+            state.failed_sources = dict(result.failed_sources)
+        if not pushed or state.last_error_origin == "inbox":
+            state.last_error = state.last_error_at = state.last_error_origin = None
         if result.action == "installed":
-            state.last_install = state.last_success
+            state.last_install = now
             state.last_bytes = result.bytes
             state.reload_pending = bool(ch.reload)
         failure = reload_failure(ch) if state.reload_pending else None
@@ -259,7 +272,15 @@ def _fetch_from(
 
     received = remote.fetch_file(LATEST, paths.incoming / LATEST, max_size=MAX_LATEST_BYTES)
     where = f"{remote.source}/{LATEST}"
-    latest = parse_latest((paths.incoming / LATEST).read_bytes(), where)
+    try:
+        data = (paths.incoming / LATEST).read_bytes()
+    except FileNotFoundError:
+        # rsync skips a symlink, a FIFO or a file over --max-size, says so and exits 0: the
+        # source served no usable LATEST. Its fault, not this node's, so the next one is asked.
+        raise VerificationError(
+            f"{where}: missing, not a regular file, or larger than {MAX_LATEST_BYTES} bytes"
+        ) from None
+    latest = parse_latest(data, where)
     if current is not None:
         if state.pinned is not None and latest.serial >= current.serial:
             return _pinned(ch, current, latest, received)
@@ -379,8 +400,11 @@ def install(
     """Build the set of a verified ``manifest`` from the text in ``src`` and swap it in.
 
     ``renewal`` (same maps as the live set): hard links keep the live inodes, so no daemon
-    reloads; returns whether it stayed a renewal. ``pin`` records a rollback's pin in the
-    state before the swap, so a run killed after the swap cannot forget it.
+    reloads; returns whether it stayed a renewal. A map whose live files no longer have the
+    owner, group or mode the ``files`` settings give is built again from ``src`` instead, as
+    a new file: a hard link *is* the live inode, and changing it would change the live map
+    before the swap (and for good, if the swap then failed). ``pin`` records a rollback's pin
+    in the state before the swap, so a run killed after the swap cannot forget it.
     """
     same = renewal
     was_pinned = state.pinned
@@ -392,12 +416,16 @@ def install(
             assert cur is not None
             # A renewal: identical maps. Hard links keep the live inodes, so no daemon reloads.
             try:
-                for name, m in manifest.maps.items():
-                    for f in (m.file, m.cdb.file if m.cdb else None):
-                        if f:
+                now = time.time()
+                for name, m in sorted(manifest.maps.items()):
+                    files = [m.file] + ([m.cdb.file] if m.cdb else [])
+                    if all(_has_ownership(cur / f, owners[name], built) for f in files):
+                        for f in files:
                             os.link(cur / f, built / f)
-                            # Only if the files settings changed: metadata, never the content.
-                            _protect(built / f, name, owners[name], ch, only_if_different=True)
+                    else:
+                        # New files settings (or the live file's owner changed its mode): a
+                        # new inode from the verified text, never the live file or its copy.
+                        build_map(src, name, m, built, cur, owners[name], ch, now)
             except FileNotFoundError:  # the live set lost a file: rebuild it from the text
                 shutil.rmtree(built)
                 built = live.new_set_dir(manifest.serial)
@@ -614,7 +642,12 @@ def ownership(ch: AgentChannel, manifest: Manifest) -> dict[str, Ownership]:
     """Per map of ``manifest``: ``[agent.channels.C.files.MAP]`` where set, else mapsync's
     default — maps with password hashes 0640, group ``dovecot`` where it exists (Dovecot must
     read them, nobody else may); every other map 0644. Users and groups are looked up now, on
-    this node: an unknown one is an InstallError, raised before anything is built."""
+    this node: an unknown one is an InstallError, raised before anything is built.
+
+    An ``owner`` other than root never gets write permission (``0640`` becomes ``0440``): a
+    daemon that owns a map must not rewrite what it serves (Dovecot its own passdb). That is
+    not a guarantee — a file's owner may chmod it — so such an owner is warned about, once per
+    map and process; ``group`` is the way to let a daemon read a map."""
     owners: dict[str, Ownership] = {}
     for name in sorted(manifest.maps):
         conf = ch.files.get(name, FileMode())
@@ -623,6 +656,9 @@ def ownership(ch: AgentChannel, manifest: Manifest) -> dict[str, Ownership]:
         uid = gid = _KEEP
         if conf.owner is not None:
             uid = _lookup(ch, manifest, name, "owner", conf.owner)
+            if uid != 0:
+                mode &= ~0o200
+                _warn_owner(ch, name, conf.owner, mode)
         if conf.group is not None:
             gid = _lookup(ch, manifest, name, "group", conf.group)
         elif secret:
@@ -637,6 +673,23 @@ def ownership(ch: AgentChannel, manifest: Manifest) -> dict[str, Ownership]:
             )
         owners[name] = Ownership(mode, uid, gid)
     return owners
+
+
+_WARNED_OWNERS: set[tuple[str, str, str]] = set()  # (channel, map, owner) warned about
+
+
+def _warn_owner(ch: AgentChannel, name: str, owner: str, mode: int) -> None:
+    if (ch.name, name, owner) in _WARNED_OWNERS:
+        return
+    _WARNED_OWNERS.add((ch.name, name, owner))
+    _log.warning(
+        "the map's owner is not root: installed without owner write permission, but an owner "
+        "can chmod its file and rewrite the live map; prefer owner root and a group",
+        channel=ch.name,
+        map=name,
+        owner=owner,
+        mode=f"{mode:04o}",
+    )
 
 
 def _lookup(ch: AgentChannel, manifest: Manifest, name: str, key: str, who: str) -> int:
@@ -656,19 +709,23 @@ def _lookup(ch: AgentChannel, manifest: Manifest, name: str, key: str, who: str)
     )
 
 
-def _protect(
-    path: Path, name: str, own: Ownership, ch: AgentChannel, *, only_if_different: bool = False
-) -> None:
-    """Give ``path`` (map ``name``, or its cdb) its owner, group and mode — before the swap
-    makes it visible, so no reader ever sees it more open than configured."""
-    if only_if_different:
-        st = path.stat()
-        if (
-            stat.S_IMODE(st.st_mode) == own.mode
-            and own.uid in (_KEEP, st.st_uid)
-            and own.gid in (_KEEP, st.st_gid)
-        ):
-            return
+def _has_ownership(path: Path, own: Ownership, directory: Path) -> bool:
+    """Whether ``path`` has the mode, owner and group a file built in ``directory`` gets
+    (uid/gid -1: what a file the agent creates there gets)."""
+    st = path.stat()
+    uid = own.uid if own.uid != _KEEP else os.geteuid()
+    gid = own.gid
+    if gid == _KEEP:
+        # A new file takes the directory's group where it is set-group-ID, else the agent's.
+        parent = directory.stat()
+        gid = parent.st_gid if parent.st_mode & stat.S_ISGID else os.getegid()
+    return stat.S_IMODE(st.st_mode) == own.mode and (st.st_uid, st.st_gid) == (uid, gid)
+
+
+def _protect(path: Path, name: str, own: Ownership, ch: AgentChannel) -> None:
+    """Give ``path`` (map ``name``, or its cdb), a new file not yet live, its owner, group and
+    mode — before the swap makes it visible, so no reader ever sees it more open than
+    configured. Never called on a live inode."""
     try:
         if own.uid != _KEEP or own.gid != _KEEP:
             os.chown(path, own.uid, own.gid)
@@ -693,24 +750,37 @@ def build_set(
     A map's cdb gets the same owner, group and mode as its text."""
     now = time.time()
     for name, m in sorted(manifest.maps.items()):
-        src = staging / m.file
-        dst = built / m.file
-        shutil.copyfile(src, dst)  # a new inode; fresh mtime, never the publisher's
-        files = [dst]
-        if m.cdb is not None:
-            cdb_path = built / m.cdb.file
-            digest, size = cdb.build(
-                cdb_path, track(text.pairs(dst), f"build {m.cdb.file}", m.entries)
+        build_map(staging, name, m, built, previous, owners[name], ch, now)
+
+
+def build_map(
+    staging: Path,
+    name: str,
+    m: MapEntry,
+    built: Path,
+    previous: Path | None,
+    own: Ownership,
+    ch: AgentChannel,
+    now: float,
+) -> None:
+    """Map ``name`` of :func:`build_set`: its text copied from ``staging`` into ``built``,
+    its cdb built and proved equal to the publisher's, both given ``own`` and an mtime later
+    than the files they replace in ``previous``."""
+    dst = built / m.file
+    shutil.copyfile(staging / m.file, dst)  # a new inode; fresh mtime, never the publisher's
+    files = [dst]
+    if m.cdb is not None:
+        cdb_path = built / m.cdb.file
+        digest, size = cdb.build(cdb_path, track(text.pairs(dst), f"build {m.cdb.file}", m.entries))
+        if digest != m.cdb.sha256 or size != m.cdb.size:
+            raise VerificationError(
+                f"map {name}: the cdb built here (sha256 {digest[:16]}…, {size} bytes) differs from "
+                f"the publisher's ({m.cdb.sha256[:16]}…, {m.cdb.size} bytes); not installing"
             )
-            if digest != m.cdb.sha256 or size != m.cdb.size:
-                raise VerificationError(
-                    f"map {name}: the cdb built here (sha256 {digest[:16]}…, {size} bytes) differs from "
-                    f"the publisher's ({m.cdb.sha256[:16]}…, {m.cdb.size} bytes); not installing"
-                )
-            files.append(cdb_path)
-        for f in files:
-            _protect(f, name, owners[name], ch)
-            _fresh_mtime(f, previous / f.name if previous else None, now)
+        files.append(cdb_path)
+    for f in files:
+        _protect(f, name, own, ch)
+        _fresh_mtime(f, previous / f.name if previous else None, now)
 
 
 def _fresh_mtime(path: Path, old: Path | None, now: float) -> None:

@@ -3,6 +3,11 @@
 What is *installed* is never taken from here: it is read from the live set itself
 (``TARGET/.mapsync/current/MANIFEST.json``), so status cannot claim more than is true.
 This file only records when the source was last checked and what went wrong.
+
+A pull from the push inbox is not a check of the source: it records ``last_push`` (and the
+install), never ``last_success``, ``last_source`` or ``failed_sources``, and it clears only
+an error of its own (``last_error_origin`` "inbox"), so a working push does not hide a dead
+publisher or mirror from ``status``.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from mapsync.atomic import atomic_write
 from mapsync.errors import LockBusy
@@ -25,6 +31,9 @@ class ChannelState:
     last_success: str | None = None  # last good check: source reached, release verified
     last_error: str | None = None
     last_error_at: str | None = None
+    # Which kind of run failed last: "source" (a poll of the source and its mirrors) or
+    # "inbox" (a pull of what was pushed); None in a state file older than the field.
+    last_error_origin: Literal["source", "inbox"] | None = None
     last_install: str | None = None
     last_bytes: int | None = None
     reload_pending: bool = False
@@ -32,6 +41,7 @@ class ChannelState:
     last_source: str | None = None  # the source (or mirror) that answered the last good check
     # Sources tried before ``last_source`` on that run, and why each failed (source → error).
     failed_sources: dict[str, str] = field(default_factory=dict)
+    last_push: str | None = None  # the last good pull from the push inbox
 
     @classmethod
     def load(cls, path: Path) -> ChannelState:

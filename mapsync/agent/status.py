@@ -32,6 +32,7 @@ class ChannelStatus:
     pinned: int | None = None  # serial pinned by ``rollback`` until ``pull --unpin``
     source: str | None = None  # the source (or mirror) that answered the last good check
     failed_sources: dict[str, str] | None = None  # tried before it on that run: source → error
+    last_push: str | None = None  # the last good pull from the push inbox (not a source check)
 
     @property
     def level(self) -> str:
@@ -70,6 +71,7 @@ def channel_status(
     st.last_success = state.last_success
     st.source = state.last_source
     st.failed_sources = dict(state.failed_sources) or None
+    st.last_push = state.last_push
     st.last_success_age = _age(state.last_success, now)
     problems: list[tuple[int, str]] = []
     if manifest is None:
@@ -134,6 +136,8 @@ def channel_status(
     parts.append(f"last good check {human(age)}" + (" ago" if age is not None else ""))
     if ch.mirrors and state.last_source:
         parts[-1] += f" from {state.last_source}"
+    if state.last_push:
+        parts.append(f"last push {human(_age(state.last_push, now))} ago")
     if st.expires:
         parts.append(f"expires {st.expires}")
     st.message = ", ".join(parts) + "".join(f"; {msg}" for _, msg in problems)

@@ -227,41 +227,90 @@ def _running(pid: int) -> bool:
         return False
 
 
-def test_a_renewal_runs_no_check_and_keeps_the_inodes_but_applies_new_files_settings(
-    installed: Cluster,
-) -> None:
-    """A renewal (re-signed, same maps) keeps the live inodes: there is nothing new to check,
-    and nothing for a daemon to reload. A changed ``files`` setting still reaches them."""
-    keys = installed.root / "keys"
-    keygen(keys / "signing-2.key")
-    ran = installed.root / "check-ran"
-    configure(
-        installed,
-        check=["sh", "-c", f"echo x >> {ran}; exit 1"],
-        files={"recipients": {"mode": "0600"}},
-    )
-    # Key rotation: the publisher signs with a new key the node also trusts, and re-signs
-    # (renews) the last release at once.
-    installed.config_path.write_text(
-        installed.config_path.read_text()
+def _renew_by_key_rotation(cluster: Cluster, serial: int = 2) -> None:
+    """Key rotation: the publisher signs with a new key the node also trusts, and re-signs
+    (renews) the last release at once: ``serial``, the same maps as the one before."""
+    keys = cluster.root / "keys"
+    if not (keys / "signing-2.key").exists():
+        keygen(keys / "signing-2.key")
+    cluster.config_path.write_text(
+        cluster.config_path.read_text()
         .replace(f'"{keys / "signing.key"}"', f'"{keys / "signing-2.key"}"')
         .replace(
             f'trusted_keys = ["{keys / "signing.pub"}"]',
             f'trusted_keys = ["{keys / "signing.pub"}", "{keys / "signing-2.pub"}"]',
         )
     )
-    assert "renewed serial 2" in installed.publish().stdout
-    live = installed.target / "recipients.cdb"
-    before = live.stat()
+    assert f"renewed serial {serial}" in cluster.publish().stdout
+
+
+def test_a_renewal_runs_no_check_and_keeps_the_inodes_of_maps_whose_settings_are_unchanged(
+    installed: Cluster,
+) -> None:
+    """A renewal (re-signed, same maps) keeps the live inodes: there is nothing new to check,
+    and nothing for a daemon to reload. A changed ``files`` setting reaches the new set in a
+    new file built from the verified text; the live inode is never touched, so nothing
+    changes for a reader before the swap, nor at all if the swap does not happen."""
+    ran = installed.root / "check-ran"
+    configure(
+        installed,
+        check=["sh", "-c", f"echo x >> {ran}; exit 1"],
+        files={"recipients": {"mode": "0600"}},
+    )
+    _renew_by_key_rotation(installed)
+    live, kept = installed.target / "recipients.cdb", installed.target / "virtual.cdb"
+    content = live.read_bytes()
+    before, kept_before = live.stat(), kept.stat()
     assert _owner(live)[0] == 0o644
-    p = installed.cli("pull")
-    assert p.returncode == 0, p.stderr
-    assert "serial 2 renews 1 (same maps, no swap)" in p.stdout
+    held = os.open(live, os.O_RDONLY)  # the live inode, as a running Postfix holds it
+    try:
+        p = installed.cli("pull")
+        assert p.returncode == 0, p.stderr
+        assert "serial 2 renews 1 (same maps, no swap)" in p.stdout
+        old = os.fstat(held)
+        assert stat.S_IMODE(old.st_mode) == 0o644  # the live inode was never chmod-ed
+        assert old.st_nlink == 0  # ... and is gone with the old set: Postfix reopens
+    finally:
+        os.close(held)
     assert not ran.exists()
     after = live.stat()
-    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert after.st_ino != before.st_ino and after.st_mtime_ns > before.st_mtime_ns
+    assert live.read_bytes() == content
     assert _owner(live) == (0o600, 0, 0) and _owner(installed.target / "recipients")[0] == 0o600
-    assert _owner(installed.target / "virtual.cdb")[0] == 0o644
+    # Maps whose settings did not change keep their inodes and mtimes: no daemon notices.
+    kept_after = kept.stat()
+    assert (kept_after.st_ino, kept_after.st_mtime_ns) == (
+        kept_before.st_ino,
+        kept_before.st_mtime_ns,
+    )
+    assert _owner(kept)[0] == 0o644
+    assert installed.cli("verify").returncode == 0
+
+
+def test_a_renewal_rebuilds_a_map_its_owner_made_writable_from_the_verified_text(
+    installed: Cluster,
+) -> None:
+    """A non-root owner can chmod its file and rewrite it. A renewal finds the mode changed
+    and builds the file again from the verified release, not from the live copy."""
+    configure(installed, files={"recipients": {"mode": "0640", "owner": "nobody"}})
+    add_account(installed, "zz-owned")
+    installed.publish()
+    assert installed.cli("pull").returncode == 0
+    live = installed.target / "recipients"
+    assert _owner(live) == (0o440, 65534, 0)
+    # What the owner (nobody) may do to its own file: make it writable and rewrite it.
+    os.chmod(live, 0o640)
+    data = bytearray(live.read_bytes())
+    data[-2] ^= 0x01
+    live.write_bytes(bytes(data))
+    assert installed.cli("verify").returncode == 5
+
+    _renew_by_key_rotation(installed, serial=3)
+    p = installed.cli("pull")
+    assert p.returncode == 0, p.stderr
+    assert "serial 3 renews 2" in p.stdout
+    assert _owner(live) == (0o440, 65534, 0)
+    assert installed.cli("verify").returncode == 0  # the verified text, not the owner's
 
 
 def test_rollback_runs_the_check_too(installed: Cluster) -> None:
@@ -358,7 +407,8 @@ def test_files_settings_give_text_and_cdb_their_owner_group_and_mode(
     for f in ("recipients", "recipients.cdb"):
         assert _owner(installed.target / f) == (0o600, 0, gid), f
     for f in ("virtual", "virtual.cdb"):
-        assert _owner(installed.target / f) == (0o640, nobody, 0), f
+        # Owned by a user other than root: never writable by it (0640 → 0440).
+        assert _owner(installed.target / f) == (0o440, nobody, 0), f
     for f in ("transport", "transport.cdb"):
         assert _owner(installed.target / f) == (0o644, 0, grp.getgrnam("mail").gr_gid), f
     for f in ("domains", "domains.cdb"):  # not configured: mapsync's default
@@ -367,6 +417,39 @@ def test_files_settings_give_text_and_cdb_their_owner_group_and_mode(
     for f in (m for name in MAPS for m in (name, f"{name}.cdb")):
         assert int((installed.target / f).stat().st_mtime) > first[f], f
     assert lookup(installed, "zz-files@example-1.org") == "OK"
+    assert installed.cli("verify").returncode == 0
+
+
+def test_a_map_owned_by_another_user_than_root_is_never_writable_by_it(
+    installed: Cluster,
+) -> None:
+    """``owner = "dovecot"`` must not let Dovecot rewrite the users it authenticates: the
+    owner-write bit is cleared, and the operator is warned once per map that the owner can
+    still chmod its file (a group is the safe way to grant read access)."""
+    configure(
+        installed,
+        files={
+            "recipients": {"mode": "0644", "owner": "nobody"},
+            "virtual": {"mode": "0600", "owner": "nobody"},
+            "transport": {"mode": "0644", "owner": "root"},
+        },
+    )
+    add_account(installed, "zz-owner")
+    installed.publish()
+    p = installed.cli("pull")
+    assert p.returncode == 0, p.stderr
+    for f in ("recipients", "recipients.cdb"):
+        assert _owner(installed.target / f) == (0o444, 65534, 0), f
+    for f in ("virtual", "virtual.cdb"):
+        assert _owner(installed.target / f) == (0o400, 65534, 0), f
+    for f in ("transport", "transport.cdb", "domains", "domains.cdb"):  # root: as configured
+        assert _owner(installed.target / f) == (0o644, 0, 0), f
+    warnings = [line for line in p.stderr.splitlines() if "owner is not root" in line]
+    assert len(warnings) == 2, p.stderr  # once per map, not per file
+    assert any("map=recipients" in w for w in warnings)
+    assert any("map=virtual" in w for w in warnings)
+    assert all("owner=nobody" in w for w in warnings)
+    assert lookup(installed, "zz-owner@example-1.org") == "OK"
     assert installed.cli("verify").returncode == 0
 
 

@@ -10,6 +10,7 @@ from the node: the live manifest's serial, ``postmap -q`` on the live cdb, state
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from mapsync.agent.loop import prune_inbox
 from mapsync.agent.state import channel_lock
@@ -348,11 +350,40 @@ def test_a_latest_that_is_not_a_file_is_refused_without_reading_it(
     os.mkfifo(inbox(node) / LATEST)
     failed = agent.wait_for("pull failed", origin="push")
     assert LATEST in failed["error"], failed
+    assert failed["exit"] == 5, failed  # a refusal, not an error of the node
     assert live_serial(node) == 1
     assert "last run failed" in status(node).stdout
     # Still listening: a real LATEST replaces it and goes in.
     push_latest(node, 2)
     wait_live(node, 2, timeout=3)
+
+
+def test_a_symlinked_latest_in_the_inbox_is_refused_not_followed(
+    node: Cluster, start_agent: Callable[..., AgentProcess]
+) -> None:
+    """The push account owns the inbox: a LATEST pointing elsewhere (here at a genuine one)
+    is a refusal (exit 5) naming the inbox's LATEST, not a failure of the node (exit 2)."""
+    agent = start_agent(node, "--watch", "--interval", "300")
+    add_account(node, "zz-after-symlink")
+    node.publish()
+    push_release(node, 2)
+    elsewhere = node.root / "elsewhere-LATEST"
+    elsewhere.write_bytes(latest_bytes(node, 2))
+    (inbox(node) / LATEST).symlink_to(elsewhere)
+    failed = agent.wait_for("pull failed", origin="push")
+    assert failed["exit"] == 5, failed
+    assert failed["error"] == (
+        f"{inbox(node)}/{LATEST}: missing, not a regular file, or larger than 4096 bytes"
+    ), failed
+    assert live_serial(node) == 1
+    st = status(node)
+    assert st.returncode == 1 and f"last run failed: {inbox(node)}/{LATEST}: " in st.stdout
+    # A real LATEST replaces the symlink and goes in; the refusal is cleared.
+    (inbox(node) / LATEST).unlink()
+    push_latest(node, 2)
+    wait_live(node, 2, timeout=3)
+    agent.wait_for("pushed release installed", serial=2)
+    assert read_state(node)["last_error"] is None
 
 
 def test_the_poll_installs_from_the_source_without_any_push_and_survives_a_failure(
@@ -377,6 +408,57 @@ def test_the_poll_installs_from_the_source_without_any_push_and_survives_a_failu
     # The state is saved just after the swap: the failure is cleared by that good run.
     eventually(lambda: read_state(node)["last_error"] is None, timeout=2)
     assert agent.logged("pushed release installed") == []
+
+
+@pytest.mark.parametrize("outage", ["primary down, mirror serves", "every source down"])
+def test_a_push_does_not_hide_a_broken_source_from_status(
+    node: Cluster, start_agent: Callable[..., AgentProcess], outage: str
+) -> None:
+    """Pushes keep the maps fresh while the primary (or the whole repository) is down; status
+    must keep saying so until a poll of the sources succeeds again, not flip to OK."""
+    primary, repo = node.root / "primary" / "mx", node.repo / "mx"
+    sources = [primary, repo] if outage.startswith("primary") else [primary]
+    text = node.config_path.read_text()
+    line = f'source = "{repo}"'
+    assert line in text
+    node.config_path.write_text(
+        text.replace(line, f"source = {json.dumps(list(map(str, sources)))}")
+    )
+    agent = start_agent(node, "--watch", "--interval", "300")  # polls once, at start
+    why = f"{primary}" if outage.startswith("primary") else "last run failed"
+    before = status(node)
+    assert before.returncode == 1 and why in before.stdout, before.stdout
+    state = read_state(node)
+    checked = state["last_success"]
+
+    new = add_account(node, "zz-pushed-while-down")
+    node.publish()
+    push_release(node, 2)
+    push_latest(node, 2)
+    agent.wait_for("pushed release installed", serial=2)
+    assert lookup(node, new) == "OK"
+    after = status(node)
+    assert after.returncode == 1, after.stdout  # still WARNING: the source is still broken
+    assert why in after.stdout and str(primary) in after.stdout, after.stdout
+    assert "last push 0s ago" in after.stdout or "last push 1s ago" in after.stdout
+    pushed = read_state(node)
+    assert pushed["last_success"] == checked  # a push is not a check of the source
+    assert pushed["last_source"] == state["last_source"]
+    assert pushed["failed_sources"] == state["failed_sources"]
+    assert pushed["last_error"] == state["last_error"]
+    assert pushed["last_push"] is not None and pushed["last_install"] == pushed["last_push"]
+    channel = json.loads(node.cli("status", "--json").stdout)["channels"][0]
+    assert channel["serial"] == 2 and channel["last_push"] == pushed["last_push"]
+
+    # The primary is back: the next poll of the sources clears it all.
+    primary.parent.mkdir()
+    primary.symlink_to(repo)
+    assert "serial 2 is current" in node.pull().stdout
+    ok = status(node)
+    assert ok.returncode == 0, ok.stdout
+    final = read_state(node)
+    assert final["last_source"] == str(primary) and final["failed_sources"] == {}
+    assert final["last_error"] is None and final["last_push"] == pushed["last_push"]
 
 
 def test_a_busy_channel_defers_the_inbox_pull_until_the_lock_is_free(
@@ -483,6 +565,73 @@ def test_pruning_the_inbox_never_follows_a_symlink_out_of_it(tmp_path: Path) -> 
     releases.symlink_to(outside)
     assert prune_inbox(box, 100, "mx") == []
     assert sorted(os.listdir(outside)) == ["9", "keep"]
+
+
+@pytest.mark.parametrize("linked", ["releases", "inbox"])
+def test_pruning_refuses_a_symlinked_releases_or_inbox_and_says_so(
+    tmp_path: Path, linked: str
+) -> None:
+    """``releases`` (or the inbox itself) is opened without following a symlink: whatever
+    it points at is never listed, let alone deleted, and the operator is told why the inbox
+    is not pruned."""
+    outside = tmp_path / "spool"
+    for serial in ("1", "2"):
+        (outside / serial).mkdir(parents=True)
+        (outside / serial / "queued").write_text("mail")
+    real = tmp_path / "real-inbox"
+    (real / "releases" / "1").mkdir(parents=True)
+    box = tmp_path / "inbox"
+    if linked == "releases":
+        box.mkdir()
+        (box / "releases").symlink_to(outside)
+    else:
+        box.symlink_to(real)
+    with capture_logs() as logs:
+        assert prune_inbox(box, 100, "mx") == []
+    assert sorted(os.listdir(outside)) == ["1", "2"]
+    assert (outside / "1" / "queued").read_text() == "mail"
+    assert os.listdir(real / "releases") == ["1"]
+    (warning,) = [r for r in logs if r["log_level"] == "warning"]
+    assert warning["event"] == "not pruning the inbox: a symlink, not followed"
+    assert warning["channel"] == "mx"
+    assert warning["path"] == str(box / "releases" if linked == "releases" else box)
+
+
+def test_pruning_survives_releases_being_swapped_for_a_symlink_meanwhile(tmp_path: Path) -> None:
+    """The push account owns the inbox and can swap ``releases`` for a symlink (to the mail
+    queue, say) between any check the root agent makes and its delete. Everything is done
+    relative to one directory descriptor opened without following symlinks, so whichever
+    directory ``releases`` named when it was opened is the only one ever touched."""
+    outside = tmp_path / "spool"
+    box = tmp_path / "inbox"
+    releases, held, link = box / "releases", box / "releases.held", box / "releases.link"
+    box.mkdir()
+    releases.mkdir()
+    link.symlink_to(outside)
+    stop = threading.Event()
+
+    def swap() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(releases, held)
+                os.rename(link, releases)  # `releases` is the symlink now
+                os.rename(releases, link)
+                os.rename(held, releases)
+
+    attacker = threading.Thread(target=swap, daemon=True)
+    attacker.start()
+    try:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            for serial in ("1", "2", "3"):
+                (outside / serial).mkdir(parents=True, exist_ok=True)
+                (outside / serial / "queued").write_text("mail")
+            prune_inbox(box, 3, "mx")
+            assert sorted(os.listdir(outside)) == ["1", "2", "3"]
+            assert all((outside / s / "queued").exists() for s in ("1", "2", "3"))
+    finally:
+        stop.set()
+        attacker.join(5)
 
 
 def test_a_missing_inbox_is_created_private(

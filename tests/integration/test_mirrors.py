@@ -13,6 +13,7 @@ sources are local paths and real ``rsync --daemon`` modules on loopback ports.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -295,3 +296,57 @@ def test_when_every_source_fails_the_error_names_each_and_the_old_set_serves(
     p = published.cli("pull")
     assert p.returncode == 2, p.stdout + p.stderr
     assert "all 2 sources failed" in p.stderr
+
+
+# -- a broken or hostile LATEST -----------------------------------------------------------------
+
+
+def _break_latest(channel: Path, how: str) -> None:
+    """Make ``channel``'s LATEST something rsync (without -l/-D, with --max-size) skips."""
+    latest = channel / "LATEST"
+    good = latest.read_bytes()
+    latest.unlink()
+    if how == "oversized":
+        latest.write_bytes(b"x" * 5000)  # over MAX_LATEST_BYTES (4096)
+    elif how == "symlink":
+        (channel / "LATEST.real").write_bytes(good)  # even one pointing at a good LATEST
+        latest.symlink_to("LATEST.real")
+    else:
+        os.mkfifo(latest)
+
+
+LATEST_REFUSED = "LATEST: missing, not a regular file, or larger than 4096 bytes"
+
+
+@pytest.mark.parametrize("how", ["oversized", "symlink", "fifo"])
+def test_a_first_source_with_an_unusable_latest_fails_over_to_the_mirror(
+    published: Cluster, how: str
+) -> None:
+    hostile = mirror(published, "hostile")
+    _break_latest(hostile, how)
+    repo = published.repo / "mx"
+    use_sources(published, hostile, repo)
+    p = published.cli("pull")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "mx: installed serial 1" in p.stdout
+    assert lookup(published, "postmaster@example-1.org") == "OK"
+    state = read_state(published)
+    assert state["last_source"] == str(repo)
+    assert state["failed_sources"] == {str(hostile): f"{hostile}/{LATEST_REFUSED}"}
+    code, text, _ = status(published)
+    assert code == 1, text
+    assert f"served by mirror {repo}; {hostile} failed: {hostile}/{LATEST_REFUSED}" in text
+    assert "incoming" not in text  # the message names the source, not the node's staging
+
+
+@pytest.mark.parametrize("how", ["oversized", "symlink"])
+def test_a_single_source_with_an_unusable_latest_is_a_verification_failure(
+    published: Cluster, how: str
+) -> None:
+    _break_latest(published.repo / "mx", how)
+    p = published.cli("pull")
+    assert p.returncode == 5, p.stdout + p.stderr
+    assert f"mapsync: channel mx: {published.repo / 'mx'}/{LATEST_REFUSED}\n" in p.stderr
+    assert "incoming" not in p.stderr and "Errno" not in p.stderr
+    assert not (published.target / ".mapsync" / "current").exists()
+    assert f"{published.repo / 'mx'}/{LATEST_REFUSED}" == read_state(published)["last_error"]
