@@ -334,7 +334,10 @@ def test_a_password_file_needs_a_user_in_the_url(cluster: Cluster, modules: Chan
     )
     p = cluster.cli("pull")
     assert p.returncode == 2
-    assert "names no user; write rsync://USER@host/module/..." in p.stderr
+    # Refused when the config is read, naming the file, the key and the URL
+    assert f"{cluster.config_path}: [agent.channels.mx] source: " in p.stderr
+    assert "names no user, but the channel has a password_file" in p.stderr
+    assert "write rsync://USER@host/module/..." in p.stderr
 
 
 def test_password_file_only_goes_with_an_rsync_source(cluster: Cluster, tmp_path: Path) -> None:
