@@ -7,8 +7,11 @@ them, and tuples are what the database driver hands out anyway.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import NamedTuple
@@ -85,3 +88,20 @@ class Snapshot:
     taken_at: datetime
     sender_grants: list[SenderGrant] = field(default_factory=list)
     secrets: bool = False  # password hashes, homes and quotas were read
+
+
+@contextmanager
+def paused_gc() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector for snapshot-sized work (reading, validating,
+    rendering): the rows are acyclic tuples and strings, freed by reference counting, but every
+    700 new ones trigger a collection that walks the young ones again, and the older generations
+    ever more of them (measured at 100k accounts: 0.24 s of a 1.85 s publish). Restores the
+    collector as it was, so nesting is harmless."""
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
