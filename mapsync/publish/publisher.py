@@ -14,9 +14,12 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
+from itertools import islice
+from operator import eq, itemgetter
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -91,6 +94,52 @@ def _lines(entries: list[tuple[str, str]], map_name: str, sep: str = " ") -> Ite
             raise InvalidData([f"map {map_name}: value of {key!r} contains a line break or NUL"])
         previous = key
         yield f"{key}{sep}{value}\n"
+
+
+_BLOCK = 8192  # rows joined, checked and encoded at a time: C-speed loops, bounded memory
+_key = itemgetter(0)
+# What [\s,\0] of _BAD_KEY matches but "\n" (counted apart): re's \s is str.isspace, these
+# 29 characters (tests/unit/test_render_blocks.py checks the list against re).
+_KEY_BREAKERS = (
+    " \t\x0b\x0c\r\x1c\x1d\x1e\x1f\x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006"
+    "\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000,\0"
+)
+
+
+def _blocks(
+    rows: Iterable[tuple[str, str]], map_name: str, sep: str = " "
+) -> Iterator[tuple[list[tuple[str, str]], str]]:
+    """``rows`` (sorted) in blocks, each with its text: the :func:`_lines` of the block, joined.
+
+    The same refusals as :func:`_lines`, checked a block at a time at C speed: the keys joined
+    by newlines and searched for each character ``_BAD_KEY`` refuses, adjacent keys compared
+    by ``map``, the block's text counted for line breaks. Only a block where a check fires goes through :func:`_lines` row by row,
+    which raises with its message naming the first offending key (per-line checks cost as much
+    as everything else of rendering a map).
+    """
+    breakers = _KEY_BREAKERS + (":" if sep == ":" else "")
+    join = sep.join
+    it = iter(rows)
+    last: tuple[str, str] | None = None
+    while block := list(islice(it, _BLOCK)):
+        keys = list(map(_key, block))
+        joined = "\n".join(keys)
+        body = "\n".join(map(join, block)) + "\n"
+        if (
+            body.count("\n") != len(block)  # a line break in a key or a value
+            or "\r" in body
+            or "\0" in body
+            or not all(keys)  # an empty key
+            or joined.startswith("#")
+            or "\n#" in joined
+            or any(c in joined for c in breakers)
+            or (last is not None and last[0] == keys[0])
+            or any(map(eq, keys, keys[1:]))  # sorted: a duplicate is its neighbour
+        ):
+            for _ in _lines([last, *block] if last else block, map_name, sep):
+                pass  # raises InvalidData for the first offending row
+        last = block[-1]
+        yield block, body
 
 
 def channel_digest(ch: PublisherChannel) -> str:
@@ -349,16 +398,24 @@ class Publisher:
         spec = CATALOGUE[name]
         rows = sorted(track(spec.entries(directory, ch), f"render {ch.name}/{name}"))
         path = staging / name
-        info = text.write(
-            path, text.header(name, ch.name, serial), _lines(rows, name, spec.separator)
-        )
         cdb_info = None
-        if spec.cdb:
-            cdb_path = staging / f"{name}.cdb"
-            pairs = ((k.encode(), v.encode()) for k, v in rows)
-            digest, size = cdb.build(cdb_path, track(pairs, f"cdb {ch.name}/{name}", len(rows)))
-            cdb_path.unlink()  # agents build their own and prove it equal by this hash
-            cdb_info = CdbInfo(f"{name}.cdb", digest, size)
+        # One pass over the sorted rows, a block at a time, writes the text and feeds the cdb
+        # the same bytes (each block joined and encoded once, for both files).
+        sep = spec.separator.encode()
+        with open(path, "wb") as fh, ExitStack() as stack:
+            writer = text.Writer(fh, text.header(name, ch.name, serial))
+            maker = stack.enter_context(cdb.Maker(staging / f"{name}.cdb")) if spec.cdb else None
+            feed = track(rows, f"cdb {ch.name}/{name}", len(rows)) if maker else rows
+            for block, body in _blocks(feed, name, spec.separator):
+                data = body.encode()
+                writer.add(data, len(block))
+                if maker is not None:
+                    maker.add_lines(data, sep)
+            if maker is not None:
+                digest, size = maker.commit()
+                maker.path.unlink()  # agents build their own and prove it equal by this hash
+                cdb_info = CdbInfo(maker.path.name, digest, size)
+        info = writer.info()
         entry = MapEntry(name, info.entries, info.sha256, info.size, info.content_sha256, cdb_info)
         old = last.maps.get(name) if last else None
         old_path = last_dir / old.file if last_dir and old else None
