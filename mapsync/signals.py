@@ -11,7 +11,11 @@ turns any outcome of a signalled run into exit 128+n.
 from __future__ import annotations
 
 import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from types import FrameType
+from typing import Any
 
 _received: int | None = None
 
@@ -36,3 +40,35 @@ def stop_if_received() -> None:
     """Raise SystemExit(128+n) if a signal came, whatever became of its first SystemExit."""
     if _received is not None:
         raise SystemExit(128 + _received)
+
+
+@contextmanager
+def held() -> Iterator[None]:
+    """Hold SIGINT, SIGTERM and SIGHUP while a child process starts; handle them after.
+
+    Their handlers raise, and an exception raised after the fork but before the caller has
+    the process object would leave the child running with no one to end it. A signal that
+    comes meanwhile is handled (raises) as the block ends, when the caller can end the child.
+    Only in the main thread, the one Python runs handlers in; elsewhere this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    came: list[int] = []
+
+    def hold(signum: int, frame: FrameType | None) -> None:
+        came.append(signum)
+
+    handlers: dict[int, Callable[[int, FrameType | None], Any]] = {}
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        handler = signal.getsignal(sig)
+        if callable(handler):  # a Python handler (one that raises); the defaults stay as they are
+            handlers[sig] = handler
+            signal.signal(sig, hold)
+    try:
+        yield
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+        for signum in came:
+            handlers[signum](signum, None)

@@ -2,9 +2,10 @@
 and the ``reload`` hook once after (``postfix reload``).
 
 Both are argv lists run without a shell, stdin empty, with a timeout from the channel's
-config. A command that outlives its timeout is killed with everything it started (it runs in
-its own process group), so a ``sh -c`` does not leave its children running. One that exits in
-time is left alone, with whatever it started in the background (a reload may start a daemon).
+config. A command that outlives its timeout, or is still running when a signal (or ^C) ends
+the agent, is killed with everything it started (it runs in its own process group), so a
+``sh -c`` does not leave its children running. One that exits in time is left alone, with
+whatever it started in the background (a reload may start a daemon).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from mapsync import log
+from mapsync import log, signals
 from mapsync.config import AgentChannel
 from mapsync.errors import InstallError
 
@@ -43,29 +44,44 @@ def run_command(argv: list[str], timeout: int) -> Ran:
     Output goes to unlinked temporary files, not pipes: a chatty command cannot grow the
     agent's memory, and only the tail is read back."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc: subprocess.Popen[bytes] | None = None
         try:
-            proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=err,
-                start_new_session=True,  # its own process group: killed whole on a timeout
-            )
+            with signals.held():  # a signal now would leave the command running without a handle
+                proc = subprocess.Popen(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=err,
+                    start_new_session=True,  # its own process group: killed whole on a timeout
+                )
         except FileNotFoundError:
             return Ran("not found")
         except OSError as exc:  # not executable, not a program
             return Ran(f"could not be started ({exc.strerror or exc})")
+        except BaseException:
+            if proc is not None:  # started, and a signal that came meanwhile ends the run
+                _kill_group(proc)
+            raise
         try:
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            _kill_group(proc)
             return Ran(f"timed out after {timeout}s", None, _tail(err) or _tail(out))
+        except BaseException:
+            # SIGTERM/SIGHUP (the SystemExit of mapsync.signals) or ^C: the command and what
+            # it started must not outlive the run (a check would judge a set no longer there).
+            _kill_group(proc)
+            raise
         tail = _tail(err) or _tail(out)
     if proc.returncode != 0:
         return Ran(f"exit {proc.returncode}", proc.returncode, tail)
     return Ran(None, 0, tail)
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def _tail(f: IO[bytes]) -> str:
@@ -93,11 +109,6 @@ def reload_failure(ch: AgentChannel) -> str | None:
         stderr=ran.output,
     )
     return f"{ran.failure}: {ran.output}" if ran.output else ran.failure
-
-
-def run_reload(ch: AgentChannel) -> bool:
-    """Run ``ch.reload`` (argv, no shell); True when it succeeded or there is none."""
-    return reload_failure(ch) is None
 
 
 def run_check(ch: AgentChannel, directory: Path, serial: int) -> None:

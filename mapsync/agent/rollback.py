@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mapsync import log
-from mapsync.agent.hooks import run_reload
+from mapsync.agent.hooks import reload_failure
 from mapsync.agent.kept import KeptReleases
 from mapsync.agent.pull import (
     ChannelPaths,
@@ -105,12 +105,12 @@ def rollback(cfg: AgentConfig, ch: AgentChannel, serial: int | None = None) -> R
             serial=manifest.serial,
             previous=current.serial,
         )
-        if state.reload_pending:
-            state.reload_pending = not run_reload(ch)
+        failure = reload_failure(ch) if state.reload_pending else None
+        state.reload_pending = failure is not None
         state.save(paths.state)
-        if state.reload_pending:
+        if failure is not None:
             raise InstallError(
                 f"channel {ch.name}: rolled back to serial {manifest.serial}, but the reload hook "
-                "failed; it is retried on the next run"
+                f"failed ({failure.splitlines()[0]}); it is retried on the next run"
             )
         return RollbackResult(ch.name, manifest.serial, current.serial)

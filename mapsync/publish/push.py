@@ -3,17 +3,25 @@
 A push is a shortcut, not the delivery guarantee: agents poll the repository anyway. So a
 failed push never undoes or fails the publish; it is logged (channel, destination, rsync's
 message), makes ``mapsync publish`` exit 2 once everything else is done, and is retried by
-every later ``publish`` run, changed database or not, until the destination has the serial
-LATEST names. What each destination last received is recorded in ``REPO/<channel>/.pushed.json``
-(written atomically; agents never fetch it)::
+later ``publish`` runs, changed database or not, until the destination has the serial LATEST
+names. A destination that keeps failing is retried with a growing delay (30 s after the first
+failure, doubling up to 15 min), so one dead node does not cost every run of ``publish
+--interval`` its ``push_timeout``: until then a run skips it at no cost, reports it as failed
+(exit 2, "not tried", with the last error and when it is tried again) and leaves its record
+alone. A successful delivery clears the count. What each destination last received is
+recorded in ``REPO/<channel>/.pushed.json`` (written atomically; agents never fetch it)::
 
     {"destinations": {"rsync://mx1.example.net/inbox/mx": {
         "serial": 41, "delivered": "2026-05-01T10:00:00Z", "bytes": 2113,
-        "error": "rsync failed (exit 10): ...", "failed_serial": 42, "failed_at": "..."}}}
+        "error": "rsync failed (exit 10): ...", "failed_serial": 42, "failed_at": "...",
+        "failures": 3}}}
 
 The inbox keeps the delivered release and the one before it (an agent may be fetching that
 one at the moment of the push); the push removes older ones, so agents need not prune.
-Deleting ``.pushed.json`` (or one destination's entry) makes the next run push again.
+Deleting ``.pushed.json`` (or one destination's entry) makes the next run push again, at once.
+
+The destinations of a channel are pushed in parallel, so a slow one delays none of the others;
+SIGTERM/SIGHUP (or ^C) starts no further delivery and ends the rsyncs that are running.
 """
 
 from __future__ import annotations
@@ -25,7 +33,8 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -35,14 +44,19 @@ from mapsync.config import PublisherChannel, PublisherConfig
 from mapsync.errors import LockBusy, MapsyncError, TransportError
 from mapsync.publish.plan import ChannelPlan
 from mapsync.publish.repository import Repository
-from mapsync.release import LATEST, iso, parse_latest, utcnow
+from mapsync.release import LATEST, iso, parse_iso, parse_latest, utcnow
 from mapsync.transport.inbox import Inbox
+from mapsync.transport.rsync import Transfers
 
 _log = log.get("publisher")
 
 PUSHED = ".pushed.json"
 PUSH_LOCK = ".push.lock"
 MAX_PARALLEL = 16  # destinations of one channel pushed at once (each an rsync process)
+# A failed destination is tried again BACKOFF seconds after its first failure in a row, twice
+# that after the second, ..., at most BACKOFF_MAX after the last one.
+BACKOFF = 30.0
+BACKOFF_MAX = 15 * 60.0
 
 
 @dataclass(frozen=True)
@@ -50,7 +64,9 @@ class Push:
     """What one publish run did for one destination of one channel.
 
     ``action``: ``pushed``, ``current`` (it already had ``serial``), ``failed``, or
-    ``would push`` (dry run)."""
+    ``would push`` (dry run). A failed destination this run did not try, because it is
+    backing off, is ``failed`` too (``publish`` exits 2 while a node lacks the release) with
+    ``deferred`` set; ``retry_at`` says when a failed destination is tried again."""
 
     channel: str
     destination: str
@@ -58,6 +74,8 @@ class Push:
     action: str
     bytes: int = 0
     error: str | None = None
+    deferred: bool = False
+    retry_at: str | None = None
 
 
 class PushFailed(TransportError):
@@ -73,7 +91,7 @@ class PushFailed(TransportError):
         )
         super().__init__(
             f"published, but the push failed for {len(failed)} destination(s) ({where}); "
-            "agents still poll the repository, and the push is retried on the next publish run"
+            "agents still poll the repository, and the push is retried by a later publish run"
         )
 
 
@@ -92,6 +110,31 @@ def read_record(repo: Repository, channel: str) -> dict[str, dict[str, Any]]:
 def delivered(record: dict[str, dict[str, Any]], destination: str) -> int | None:
     serial = record.get(destination, {}).get("serial")
     return serial if isinstance(serial, int) else None
+
+
+def backoff(failures: int) -> timedelta:
+    """How long a destination that failed ``failures`` times in a row is left alone."""
+    n = min(max(failures, 1), 32)  # beyond 2^31 x 30 s the cap holds anyway
+    return timedelta(seconds=min(BACKOFF * 2 ** (n - 1), BACKOFF_MAX))
+
+
+def failures(entry: dict[str, Any]) -> int:
+    """Failures in a row of one destination's record (0: its last push went through)."""
+    if "error" not in entry:
+        return 0
+    n = entry.get("failures")
+    return n if isinstance(n, int) and n >= 1 else 1  # a record written before the count
+
+
+def retry_at(entry: dict[str, Any]) -> datetime | None:
+    """When a destination whose last push failed is tried again; None: at the next run."""
+    failed_at = entry.get("failed_at")
+    if not failures(entry) or not isinstance(failed_at, str):
+        return None
+    try:
+        return parse_iso(failed_at) + backoff(failures(entry))
+    except ValueError:
+        return None
 
 
 def push_channels(
@@ -148,20 +191,35 @@ def _push_channel(cfg: PublisherConfig, repo: Repository, ch: PublisherChannel) 
         record = read_record(repo, ch.name)
         todo = [d for d in ch.push if delivered(record, d) != serial]
         done = [Push(ch.name, d, serial, "current") for d in ch.push if d not in todo]
+        now = utcnow()
+        for dest in list(todo):
+            entry = record.get(dest, {})
+            when = retry_at(entry)
+            if when is not None and when > now:
+                todo.remove(dest)
+                done.append(_deferred(ch, dest, serial, entry, when))
         if not todo:
             return done
+        transfers = Transfers()
 
         def deliver(dest: str) -> Push:
             started = time.monotonic()
             try:
                 basis = delivered(record, dest)
                 fresh = basis is None or "error" in record.get(dest, {})
-                moved = Inbox(dest, cfg.push_timeout, cfg.ssh).deliver(
+                moved = Inbox(dest, cfg.push_timeout, cfg.ssh, transfers).deliver(
                     release, serial, latest_bytes, basis, prepare=fresh
                 )
             except (MapsyncError, OSError) as exc:
+                n = failures(record.get(dest, {})) + 1
                 _log.error(
-                    "push failed", channel=ch.name, destination=dest, serial=serial, error=str(exc)
+                    "push failed",
+                    channel=ch.name,
+                    destination=dest,
+                    serial=serial,
+                    error=str(exc),
+                    failures=n,
+                    retry_in=f"{backoff(n).total_seconds():.0f}s",
                 )
                 return Push(ch.name, dest, serial, "failed", error=str(exc))
             _log.info(
@@ -175,17 +233,43 @@ def _push_channel(cfg: PublisherConfig, repo: Repository, ch: PublisherChannel) 
             return Push(ch.name, dest, serial, "pushed", moved)
 
         if len(todo) == 1:
-            pushed = [deliver(todo[0])]
+            pushed = [deliver(todo[0])]  # in this thread: rsync.run ends its rsync on a signal
         else:
-            with ThreadPoolExecutor(min(MAX_PARALLEL, len(todo))) as pool:
+            pool = ThreadPoolExecutor(min(MAX_PARALLEL, len(todo)))
+            try:
                 pushed = list(pool.map(deliver, todo))
-        _write_record(repo, ch, record, pushed)
+            except BaseException:
+                # SIGTERM/SIGHUP (SystemExit) or ^C: start no queued delivery, end the running
+                # ones, and let go of the lock only once their rsyncs are gone.
+                pool.shutdown(wait=False, cancel_futures=True)
+                transfers.stop()
+                pool.shutdown(wait=True)
+                raise
+            pool.shutdown()
+        new = _write_record(repo, ch, record, pushed)
+        for i, p in enumerate(pushed):
+            if p.action == "failed" and (when := retry_at(new[p.destination])) is not None:
+                pushed[i] = replace(p, retry_at=iso(when))
         return done + pushed
+
+
+def _deferred(
+    ch: PublisherChannel, dest: str, serial: int, entry: dict[str, Any], when: datetime
+) -> Push:
+    n = failures(entry)
+    error = (
+        f"not tried: {n} failure(s) in a row, next try at {iso(when)}; "
+        f"last error ({entry.get('failed_at')}): {entry.get('error') or 'no message'}"
+    )
+    _log.debug(
+        "push deferred", channel=ch.name, destination=dest, serial=serial, retry_at=iso(when)
+    )
+    return Push(ch.name, dest, serial, "failed", error=error, deferred=True, retry_at=iso(when))
 
 
 def _write_record(
     repo: Repository, ch: PublisherChannel, record: dict[str, dict[str, Any]], pushed: list[Push]
-) -> None:
+) -> dict[str, dict[str, Any]]:
     now = iso(utcnow())
     # Only configured destinations: one removed from the config is forgotten.
     new = {d: dict(record[d]) for d in ch.push if d in record}
@@ -193,12 +277,14 @@ def _write_record(
         entry = new.setdefault(p.destination, {"serial": None})
         if p.action == "pushed":
             entry.update(serial=p.serial, delivered=now, bytes=p.bytes)
-            for key in ("error", "failed_serial", "failed_at"):
+            for key in ("error", "failed_serial", "failed_at", "failures"):
                 entry.pop(key, None)
         else:
-            entry.update(error=p.error, failed_serial=p.serial, failed_at=now)
+            count = failures(entry) + 1
+            entry.update(error=p.error, failed_serial=p.serial, failed_at=now, failures=count)
     data = json.dumps({"destinations": new}, indent=2, sort_keys=True) + "\n"
     atomic_write(repo.channel(ch.name) / PUSHED, data.encode())
+    return new
 
 
 @contextmanager

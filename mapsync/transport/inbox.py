@@ -21,14 +21,19 @@ A delivery runs rsync two or three times, in this order:
 
 from __future__ import annotations
 
-import os
-import shlex
 import tempfile
 from pathlib import Path
 
 from mapsync import log
 from mapsync.release import LATEST
-from mapsync.transport.rsync import DEFAULT_SSH, parse_source, run, wire_bytes
+from mapsync.transport.rsync import (
+    DEFAULT_SSH,
+    Transfers,
+    connection_options,
+    parse_source,
+    run,
+    wire_bytes,
+)
 from mapsync.transport.rsync import block_size as rsync_block_size
 
 _log = log.get("transport")
@@ -45,14 +50,19 @@ class Inbox:
     """One push destination (a node's inbox for one channel)."""
 
     def __init__(
-        self, destination: str, timeout: int = 60, ssh: tuple[str, ...] = DEFAULT_SSH
+        self,
+        destination: str,
+        timeout: int = 60,
+        ssh: tuple[str, ...] = DEFAULT_SSH,
+        transfers: Transfers | None = None,
     ) -> None:
         self.destination = destination
         self.endpoint = parse_source(destination, ssh)
         self.timeout = max(timeout, 1)
+        self.transfers = transfers  # the push this delivery is part of, which may stop it
 
     def _argv(self, *extra: str) -> list[str]:
-        argv = [
+        return [
             "--recursive",
             "--times",
             "--modify-window=-1",  # as the agent's fetch: same-second releases differ in ns
@@ -62,17 +72,9 @@ class Inbox:
             "--chmod=D700,F600",
             "--compress",
             "--stats",
-            f"--timeout={self.timeout}",
+            *connection_options(self.endpoint, self.timeout),
+            *extra,
         ]
-        if self.endpoint.daemon:
-            argv += [f"--contimeout={min(self.timeout, 60)}", "--no-motd"]
-            if "RSYNC_PASSWORD" not in os.environ:
-                # Never prompt: a module with `auth users` takes RSYNC_PASSWORD from the
-                # environment (systemd: EnvironmentFile=); without it, fail, do not hang.
-                argv.append("--password-file=-")
-        if self.endpoint.ssh:
-            argv += ["-e", shlex.join(self.endpoint.ssh)]
-        return argv + list(extra)
 
     def deliver(
         self, release: Path, serial: int, latest: bytes, basis: int | None, prepare: bool = True
@@ -108,4 +110,4 @@ class Inbox:
         return moved
 
     def _rsync(self, *args: str) -> int:
-        return wire_bytes(run(self._argv(*args), self.timeout))
+        return wire_bytes(run(self._argv(*args), self.timeout, self.transfers))

@@ -9,6 +9,11 @@ so a symlink or device file in a hostile repository is skipped here and then mis
 verification, never created on the node. Files land private (0600, dirs 0700) in the
 agent's staging area. Text is delta-transferred against the previously installed copy
 (``--link-dest``), which is what makes a one-entry change cost about a kilobyte.
+
+An rsync never outlives the run that started it: one that passes its timeout is killed, and
+one still running when SIGTERM/SIGHUP (or ^C) ends the run is ended first (see :func:`run`
+and :class:`Transfers`), so it cannot write into a staging area or inbox after the run has
+let go of its lock.
 """
 
 from __future__ import annotations
@@ -17,8 +22,11 @@ import contextlib
 import math
 import os
 import re
+import shlex
+import signal
 import stat
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +34,7 @@ from urllib.parse import urlsplit
 
 import sh
 
-from mapsync import log
+from mapsync import log, signals
 from mapsync.errors import ConfigError, TransportError
 
 _log = log.get("transport")
@@ -43,6 +51,31 @@ class Endpoint:
 
 
 DEFAULT_SSH = ("ssh", "-o", "BatchMode=yes")
+
+
+def connection_options(
+    endpoint: Endpoint, timeout: int, password_file: Path | None = None
+) -> list[str]:
+    """The rsync options that reach ``endpoint`` and give up after ``timeout`` seconds without
+    ever prompting, for a fetch and a push alike: ``--timeout``; for a daemon ``--contimeout``,
+    ``--no-motd`` and where the password comes from; for ssh the remote shell (``-e``)."""
+    timeout = max(timeout, 1)
+    argv = [f"--timeout={timeout}"]
+    if endpoint.daemon:
+        argv += [f"--contimeout={min(timeout, 60)}", "--no-motd"]
+        if password_file is not None:
+            argv.append(f"--password-file={password_file}")
+        elif "RSYNC_PASSWORD" not in os.environ:
+            # Never prompt: rsync would ask on the terminal and hang until the timeout.
+            # "-" reads stdin, which is empty; a module without `auth users` never asks.
+            # (A module with `auth users` takes RSYNC_PASSWORD from the environment, e.g. a
+            # systemd EnvironmentFile=.)
+            argv.append("--password-file=-")
+    if endpoint.ssh:
+        # rsync splits -e itself, honouring quotes: shlex.join keeps an argument with a space
+        # (a key or known-hosts path) one argument of ssh's.
+        argv += ["-e", shlex.join(endpoint.ssh)]
+    return argv
 
 
 def parse_source(source: str, ssh: tuple[str, ...] = DEFAULT_SSH) -> Endpoint:
@@ -67,14 +100,55 @@ def parse_source(source: str, ssh: tuple[str, ...] = DEFAULT_SSH) -> Endpoint:
     raise ConfigError(f"source {source!r}: use a path, file://, rsync:// or ssh://")
 
 
-def run(argv: list[str], timeout: int) -> str:
-    """Run rsync ``argv`` (without the program name); the one subprocess call of mapsync's transport."""
+class Transfers:
+    """The rsync processes of one job that runs several at once (a channel's push to its
+    nodes, one thread each), so that an interrupted job can end them all: :meth:`stop` ends
+    the running ones, and any started after it is ended at once."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running: dict[int, Any] = {}  # id → sh's RunningCommand (not hashable)
+        self.stopped = False
+
+    def _add(self, proc: Any) -> bool:
+        with self._lock:
+            if not self.stopped:
+                self._running[id(proc)] = proc
+            return not self.stopped
+
+    def _discard(self, proc: Any) -> None:
+        with self._lock:
+            self._running.pop(id(proc), None)
+
+    def stop(self, grace: float = 2.0) -> None:
+        """End every running rsync: SIGTERM (rsync removes its temporary file and ends the
+        process it forked), then SIGKILL for any still running after ``grace`` seconds."""
+        with self._lock:
+            self.stopped = True
+            procs = list(self._running.values())
+        for proc in procs:
+            _signal(proc, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and any(p.process.exit_code is None for p in procs):
+            time.sleep(0.02)
+        for proc in procs:
+            if proc.process.exit_code is None:
+                _signal(proc, signal.SIGKILL)
+
+
+def run(argv: list[str], timeout: int, transfers: Transfers | None = None) -> str:
+    """Run rsync ``argv`` (without the program name); the one subprocess call of mapsync's
+    transport. ``transfers``: the job this rsync belongs to, which may stop it."""
     _log.debug("rsync", argv=argv)
     expired = threading.Event()
+    proc: Any = None
     try:
         # Backgrounded, with a timer that kills it, not sh's _timeout= or wait(timeout=):
         # those poll every 100 ms, half the budget of a pull that finds nothing new.
-        proc = sh.Command("rsync")(*argv, _tty_out=False, _bg=True, _bg_exc=False)
+        with signals.held():  # a signal now would leave rsync running without a handle
+            proc = sh.Command("rsync")(*argv, _tty_out=False, _bg=True, _bg_exc=False)
+        if transfers is not None and not transfers._add(proc):
+            _signal(proc, signal.SIGTERM)  # the job was stopped while this one started
         timer = threading.Timer(timeout, _expire, (proc, expired))
         timer.daemon = True
         timer.start()
@@ -82,12 +156,16 @@ def run(argv: list[str], timeout: int) -> str:
             proc.wait()
         finally:
             timer.cancel()
+            if transfers is not None:
+                transfers._discard(proc)
         out = str(proc)
     except sh.ErrorReturnCode as exc:
         if expired.is_set():
             raise TransportError(
                 f"rsync timed out after {timeout}s: rsync {' '.join(argv)}"
             ) from None
+        if transfers is not None and transfers.stopped:
+            raise TransportError("rsync stopped: the run was interrupted") from None
         err = exc.stderr.decode("utf-8", "replace").strip()
         if "failed to read a password from -" in err:
             err = (
@@ -107,7 +185,31 @@ def run(argv: list[str], timeout: int) -> str:
         ) from None
     except sh.CommandNotFound:
         raise TransportError("rsync is not installed (apt-get install rsync)") from None
+    except BaseException:
+        # SIGTERM/SIGHUP (the SystemExit of mapsync.signals) or ^C while rsync runs: rsync
+        # must not go on writing after this run has let go of its lock and staging area.
+        if proc is not None:
+            _end(proc)
+        raise
     return out
+
+
+def _signal(proc: Any, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        proc.signal(sig)
+
+
+def _end(proc: Any, grace: float = 2.0) -> None:
+    """SIGTERM ``proc``, SIGKILL it if it is still running after ``grace`` seconds; reap it."""
+    _signal(proc, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace)
+    except sh.TimeoutException:
+        _signal(proc, signal.SIGKILL)
+        with contextlib.suppress(sh.ErrorReturnCode, sh.TimeoutException):
+            proc.wait(timeout=grace)
+    except sh.ErrorReturnCode:
+        pass  # ended, as asked
 
 
 def _expire(proc: Any, expired: threading.Event) -> None:
@@ -187,7 +289,7 @@ class Remote:
         self.password_file = password_file
 
     def _argv(self, *extra: str, max_size: str = MAX_FILE_SIZE) -> list[str]:
-        argv = [
+        return [
             "--recursive",
             "--times",
             # Quick check in nanoseconds: two releases written in the same second give files of
@@ -198,19 +300,9 @@ class Remote:
             "--compress",
             "--stats",
             f"--max-size={max_size}",
-            f"--timeout={max(self.timeout, 1)}",
+            *connection_options(self.endpoint, self.timeout, self.password_file),
+            *extra,
         ]
-        if self.endpoint.daemon:
-            argv += [f"--contimeout={max(min(self.timeout, 60), 1)}", "--no-motd"]
-            if self.password_file is not None:
-                argv.append(f"--password-file={self.password_file}")
-            elif "RSYNC_PASSWORD" not in os.environ:
-                # Never prompt: rsync would ask on the terminal and hang until the timeout.
-                # "-" reads stdin, which is empty; a module without `auth users` never asks.
-                argv.append("--password-file=-")
-        if self.endpoint.ssh:
-            argv += ["-e", " ".join(self.endpoint.ssh)]
-        return argv + list(extra)
 
     def fetch_file(self, name: str, dest: Path, max_size: int | None = None) -> int:
         """Copy the remote file ``name`` (e.g. ``LATEST``) to ``dest``; return bytes on the wire.

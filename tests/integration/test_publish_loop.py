@@ -29,6 +29,7 @@ from tests.conftest import Cluster, make_cluster
 from tests.integration.test_agent_pull import add_account
 from tests.integration.test_publisher import assert_complete
 from tests.integration.test_push import push_to, record, serial_of
+from tests.integration.test_rsync_daemon import SilentServer
 
 
 class Loop:
@@ -128,6 +129,44 @@ def test_a_new_account_is_published_and_pushed_within_seconds_and_sigterm_ends_t
     assert "Traceback" not in loop.stderr()
     assert latest_serial(cluster) == 2
     assert_repository_clean(cluster)
+
+
+def test_a_dead_node_does_not_slow_the_loop_down(cluster: Cluster, loops: list[Loop]) -> None:
+    """A node that accepts the connection and never answers costs the first run its
+    push_timeout; the runs after it skip the node (backing off) and stay quick, so a change
+    still reaches the live nodes within a second or two."""
+    inbox = cluster.root / "node" / "inbox" / "mx"
+    inbox.parent.mkdir(parents=True)
+    with SilentServer() as dead:
+        remote = f"rsync://127.0.0.1:{dead.port}/inbox/mx"
+        push_to(cluster, str(inbox), remote, publisher='push_timeout = "5s"')
+        loop = Loop(cluster, "--interval", "1")
+        loops.append(loop)
+        loop.wait_for("the first release in the live inbox", lambda: (inbox / "LATEST").exists())
+        loop.wait_for(
+            "the dead node's failure on record",
+            lambda: (
+                (cluster.repo / "mx" / ".pushed.json").exists()
+                and record(cluster).get(remote, {}).get("failures") == 1
+            ),
+            15,
+        )
+        time.sleep(2)  # runs that skip the dead node
+
+        add_account(cluster, "despite-a-dead-node")
+        took = loop.wait_for("serial 2 in the live inbox", lambda: serial_of(inbox / "LATEST") == 2)
+        loop.wait_for("the run's report", lambda: f"push serial 2 to {remote}" in loop.stdout(), 2)
+        connections = dead.connections
+        code, _ = loop.stop(signal.SIGTERM)
+    print(
+        f"\n[loop] with a dead node (push_timeout 5s): commit → serial 2 in the inbox {took:.2f}s"
+    )
+    assert code == 143, loop.stderr()
+    assert connections == 1  # tried once; the 30 s until the next try are not over
+    assert took < 3
+    assert f"push serial 2 to {remote} FAILED (retried on the next run): not tried: " in (
+        loop.stdout()
+    )
 
 
 def test_errors_are_logged_and_the_loop_goes_on_until_sighup(

@@ -11,18 +11,31 @@ import hashlib
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
+from mapsync.publish import push
+from mapsync.release import iso, parse_iso
 from tests.conftest import Cluster, make_cluster
 from tests.integration.test_agent_pull import add_account, lookup
-from tests.integration.test_rsync_daemon import _free_port
-from tests.integration.test_ssh_transport import sshd  # noqa: F401 - the fixture
+from tests.integration.test_rsync_daemon import (
+    SilentServer,
+    _free_port,
+    processes,
+    started,
+    wait_for_children,
+)
+from tests.integration.test_ssh_transport import (
+    spaced_ssh,
+    sshd,  # noqa: F401 - the fixture
+)
 
 MX_MAPS = 'maps = ["domains", "recipients", "virtual", "transport"]\n'
 
@@ -52,6 +65,16 @@ def serial_of(latest: Path) -> int:
 def record(cluster: Cluster) -> dict[str, dict[str, object]]:
     data = json.loads((cluster.repo / "mx" / ".pushed.json").read_text())
     return dict(data["destinations"])
+
+
+def age_failure(cluster: Cluster, destination: str, seconds: float) -> None:
+    """Move the recorded failure of ``destination`` ``seconds`` into the past (as if that much
+    time had gone by since)."""
+    path = cluster.repo / "mx" / ".pushed.json"
+    data = json.loads(path.read_text())
+    entry = data["destinations"][destination]
+    entry["failed_at"] = iso(parse_iso(entry["failed_at"]) - timedelta(seconds=seconds))
+    path.write_text(json.dumps(data))
 
 
 _PUSHED = re.compile(r"pushed serial (\d+) to (\S+), ([\d,]+) bytes on the wire")
@@ -249,20 +272,26 @@ def test_an_unreachable_destination_fails_the_run_not_the_release_and_is_retried
     last = p.stderr.strip().splitlines()[-1]
     assert last == (
         f"mapsync: published, but the push failed for 1 destination(s) (channel mx serial 1 → "
-        f"{remote}); agents still poll the repository, and the push is retried on the next "
+        f"{remote}); agents still poll the repository, and the push is retried by a later "
         "publish run"
     )
     rec = record(cluster)
     assert rec[remote]["serial"] is None and rec[remote]["failed_serial"] == 1
+    assert rec[remote]["failures"] == 1
     assert "Connection refused" in str(rec[remote]["error"])
     assert rec[str(local / "mx")]["serial"] == 1
 
-    # Still down: the next run (database unchanged) tries again and fails again.
-    assert cluster.cli("publish").returncode == 2
+    # Still down, and the next run comes at once: it does not try (the node gets 30 s), yet it
+    # still exits 2, naming the last error.
+    p = cluster.cli("publish")
+    assert p.returncode == 2
+    assert f"push serial 1 to {remote} FAILED" in p.stdout and "not tried" in p.stdout
+    assert record(cluster) == rec
 
-    # The node comes back: the next run delivers, and only to the node that lacked it.
+    # The node comes back; once its 30 s have passed, a run delivers, and only to that node.
     module = tmp_path / "late-node"
     d = InboxDaemon(tmp_path / "late-rsyncd", module, port=port)
+    age_failure(cluster, remote, 30)
     try:
         out = cluster.publish().stdout
     finally:
@@ -271,7 +300,126 @@ def test_an_unreachable_destination_fails_the_run_not_the_release_and_is_retried
     assert pushed(out).keys() == {remote}
     assert f"{local / 'mx'} has serial 1" in out
     assert_inbox_holds(cluster, module / "mx", 1, {1})
-    assert "error" not in record(cluster)[remote]
+    assert "error" not in record(cluster)[remote] and "failures" not in record(cluster)[remote]
+
+
+def test_a_dead_node_is_retried_with_a_growing_delay_and_costs_the_runs_between_nothing(
+    cluster: Cluster,
+) -> None:
+    """A node that accepts the connection and never answers costs a run its push_timeout;
+    the runs until its next try skip it, so `publish --interval` does not pay that every time."""
+    inbox = cluster.root / "node" / "inbox" / "mx"
+    inbox.parent.mkdir(parents=True)
+    with SilentServer() as dead:
+        remote = f"rsync://127.0.0.1:{dead.port}/inbox/mx"
+        push_to(cluster, str(inbox), remote, publisher='push_timeout = "2s"')
+
+        def run() -> tuple[subprocess.CompletedProcess[str], float]:
+            started = time.monotonic()
+            p = cluster.cli("publish", "--json")
+            assert p.returncode == 2, p.stdout + p.stderr  # a node lacks the release: exit 2
+            return p, time.monotonic() - started
+
+        def outcome(p: subprocess.CompletedProcess[str]) -> dict[str, object]:
+            return next(x for x in json.loads(p.stdout)["push"] if x["destination"] == remote)
+
+        first, tried = run()
+        assert dead.connections == 1
+        assert outcome(first)["deferred"] is False
+        rec = record(cluster)[remote]
+        assert rec["failures"] == 1
+        assert outcome(first)["retry_at"] == iso(parse_iso(str(rec["failed_at"])) + push.backoff(1))
+
+        second, skipped = run()
+        assert dead.connections == 1  # not tried
+        doc = outcome(second)
+        assert (doc["action"], doc["deferred"], doc["serial"]) == ("failed", True, 1)
+        assert doc["retry_at"] == outcome(first)["retry_at"]
+        assert "not tried: 1 failure(s) in a row, next try at" in str(doc["error"])
+        assert "rsync" in str(doc["error"])  # the last error, as recorded
+        assert record(cluster)[remote] == rec  # the record is left alone
+        assert serial_of(inbox / "LATEST") == 1  # the live node is current anyway
+
+        age_failure(cluster, remote, 30)  # the first 30 s are over: tried again, and fails
+        _, retried = run()
+        assert dead.connections == 2
+        rec = record(cluster)[remote]
+        assert rec["failures"] == 2  # next try 60 s after this failure
+        when = push.retry_at(rec)
+        assert when is not None and when - parse_iso(str(rec["failed_at"])) == timedelta(seconds=60)
+        age_failure(cluster, remote, 50)
+        run()
+        assert dead.connections == 2  # 50 s (and this run's few) are not 60
+    print(
+        f"\n[push backoff] a run that tries the dead node: {tried:.2f}s (push_timeout 2s), "
+        f"one that defers it: {skipped:.2f}s, the retry after the backoff: {retried:.2f}s"
+    )
+    assert tried >= 2 and retried >= 2
+    assert skipped < tried - 1.5
+    assert [push.backoff(n).total_seconds() for n in (1, 2, 3, 5, 6, 40)] == [
+        30,
+        60,
+        120,
+        480,
+        900,
+        900,
+    ]
+
+
+def test_a_slow_node_delays_none_of_the_other_nodes_of_its_channel(cluster: Cluster) -> None:
+    fast = cluster.root / "node" / "inbox" / "mx"
+    fast.parent.mkdir(parents=True)
+    with SilentServer() as slow:
+        remote = f"rsync://127.0.0.1:{slow.port}/inbox/mx"
+        push_to(cluster, remote, str(fast), publisher='push_timeout = "4s"')
+        begun = time.monotonic()
+        with started(cluster, "publish") as proc:
+            while not (fast / "LATEST").exists():
+                assert proc.poll() is None and time.monotonic() - begun < 30, proc.communicate()
+                time.sleep(0.01)
+            fast_at = time.monotonic() - begun
+            still_running = proc.poll() is None
+            out, err = proc.communicate(timeout=60)
+            took = time.monotonic() - begun
+    print(
+        f"\n[push] the reachable node had the release {fast_at:.2f}s after the start; "
+        f"the run ended after {took:.2f}s (the silent one's push_timeout: 4s)"
+    )
+    assert proc.returncode == 2, out + err
+    assert still_running  # the slow node was still being waited for
+    assert took - fast_at > 2.5
+    assert_inbox_holds(cluster, fast, 1, {1})
+    assert record(cluster)[str(fast)]["serial"] == 1
+
+
+def test_sigterm_during_a_push_starts_no_more_rsyncs_and_ends_the_running_ones(
+    cluster: Cluster,
+) -> None:
+    """50 nodes that hang, 16 pushed at a time: SIGTERM ends the run with 143 at once; none of
+    the 34 waiting deliveries starts, and none of the 16 rsyncs outlives the run."""
+    with SilentServer() as dead:
+        urls = [f"rsync://127.0.0.1:{dead.port}/inbox/n{i}" for i in range(50)]
+        push_to(cluster, *urls, publisher='push_timeout = "60s"')
+        with started(cluster, "publish") as proc:
+            rsyncs = wait_for_children(proc, "rsync", push.MAX_PARALLEL)
+            time.sleep(0.3)  # no 17th
+            assert len([p for p in processes(parent=proc.pid) if p.name == "rsync"]) == 16
+            signalled = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            out, err = proc.communicate(timeout=30)
+            took = time.monotonic() - signalled
+            left = [p for p in rsyncs if p.running()]
+            time.sleep(0.5)  # a delivery started late would have connected by now
+            connections = dead.connections
+    print(
+        f"\n[signal] publish pushing to 50 hung nodes: exit {proc.returncode} {took:.2f}s after SIGTERM"
+    )
+    assert proc.returncode == 143, out + err
+    assert "Traceback" not in err
+    assert not left, f"rsync still running after mapsync exited: {left}"
+    assert connections == 16
+    assert took < 5
+    assert serial_of(cluster.repo / "mx" / "LATEST") == 1  # the release itself is whole
 
 
 def test_a_dry_run_pushes_nothing_and_says_what_it_would_push(cluster: Cluster) -> None:
@@ -298,6 +446,8 @@ def test_a_dry_run_pushes_nothing_and_says_what_it_would_push(cluster: Cluster) 
             "action": "would push",
             "bytes": 0,
             "error": None,
+            "deferred": False,
+            "retry_at": None,
         }
     ]
     assert files(inbox) == before
@@ -311,6 +461,7 @@ def test_a_database_outage_does_not_stop_a_pending_push(cluster: Cluster) -> Non
     push_to(cluster, str(inbox))  # its parent is missing: this push fails
     assert cluster.cli("publish").returncode == 2
     inbox.parent.mkdir(parents=True)
+    age_failure(cluster, str(inbox), 30)  # its first retry is due
     good_url = cluster.db_url
     cluster.db_url = f"sqlite:///{cluster.root / 'gone' / 'central.db'}"
     push_to(cluster, str(inbox))
@@ -332,13 +483,14 @@ def test_push_over_ssh_with_the_publishers_ssh_command(
     port, key = sshd
     inbox = cluster.root / "node" / "inbox" / "mx"
     inbox.parent.mkdir(parents=True)
-    ssh = ["ssh", "-i", str(key), "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no"]
-    ssh += ["-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR"]
+    # Key and known-hosts file in a directory with a space: each stays one argument of ssh's.
+    ssh, known_hosts = spaced_ssh(key, cluster.root / "publisher keys")
     url = f"ssh://root@127.0.0.1:{port}{inbox}"
     push_to(cluster, url, source=str(inbox), publisher=f"ssh = {json.dumps(ssh)}")
     out = cluster.publish().stdout
     assert pushed(out)[url][0] == 1
     assert_inbox_holds(cluster, inbox, 1, {1})
+    assert "ssh-ed25519" in known_hosts.read_text()  # the quoted option reached ssh whole
     new = add_account(cluster, "over-ssh")
     assert pushed(cluster.publish().stdout)[url][0] == 2
     assert_inbox_holds(cluster, inbox, 2, {1, 2})

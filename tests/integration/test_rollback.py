@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from tests.integration.test_agent_pull import (
     read_state,
     tree_snapshot,
 )
+from tests.integration.test_rsync_daemon import processes, started, wait_for_children
 
 SECOND = "zz-second@example-1.org"  # from serial 2 on
 THIRD = "zz-third@example-1.org"  # from serial 3 on
@@ -183,6 +185,67 @@ def test_rollback_to_a_named_serial(three: Cluster) -> None:
     three.cli("rollback", "2", check=True)
     assert lookup(three, SECOND) == "OK" and lookup(three, THIRD) is None
     assert read_state(three)["pinned"] == 2
+
+
+def test_a_reload_that_fails_after_a_rollback_is_reported_with_what_it_said(
+    three: Cluster,
+) -> None:
+    """The same report as after a pull: the hook's own words, not only "it failed"."""
+    log = three.root / "reloads"
+    said = "postfix/postfix-script: fatal: the Postfix mail system is not running"
+    three.write_config(
+        extra_agent=f'reload = ["sh", "-c", "echo reload >> {log}; echo {said} >&2; exit 1"]'
+    )
+    p = three.cli("rollback")
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert (
+        f"mapsync: channel mx: rolled back to serial 2, but the reload hook failed (exit 1: "
+        f"{said}); it is retried on the next run"
+    ) in p.stderr
+    assert lookup(three, THIRD) is None  # rolled back all the same
+    state = read_state(three)
+    assert state["pinned"] == 2 and state["reload_pending"] is True
+    assert reloads(log) == 1
+
+    reload_hook(three)  # the daemon is fixed: the next run owes it a reload, and runs it
+    assert "pinned to serial 2 by rollback" in three.pull().stdout
+    assert reloads(log) == 2 and read_state(three)["reload_pending"] is False
+
+
+def test_sigterm_during_the_reload_of_a_rollback_ends_the_hook_and_all_it_started(
+    three: Cluster,
+) -> None:
+    """The hook runs in a process group of its own; a signal that ends the agent ends the
+    group, so no `sleep` (or half-done reload) outlives the run. The reload stays owed."""
+    log = three.root / "reloads"
+    three.write_config(extra_agent=f'reload = ["sh", "-c", "sleep 30; echo late >> {log}"]')
+    with started(three, "rollback") as proc:
+        [hook] = wait_for_children(proc, "sh", 1)
+        deadline = time.monotonic() + 10
+        while not any(p.name == "sleep" for p in processes(group=hook.pid)):
+            assert time.monotonic() < deadline, processes(group=hook.pid)
+            time.sleep(0.02)
+        group = processes(group=hook.pid)  # sh and its sleep
+        signalled = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=20)
+        took = time.monotonic() - signalled
+        left = [p for p in group if p.running()]
+    print(
+        f"\n[signal] rollback in its reload hook: exit {proc.returncode} {took:.2f}s after SIGTERM"
+    )
+    assert proc.returncode == 143, out + err
+    assert "Traceback" not in err
+    assert sorted(p.name for p in group) == ["sh", "sleep"]
+    assert not left, f"still running after mapsync exited: {left}"
+    assert took < 5
+    assert lookup(three, THIRD) is None  # the rollback itself happened
+    state = read_state(three)
+    assert state["pinned"] == 2 and state["reload_pending"] is True
+
+    reload_hook(three)
+    three.pull()
+    assert reloads(log) == 1 and read_state(three)["reload_pending"] is False
 
 
 def _refused(cluster: Cluster, args: list[str], code: int, message: str) -> None:

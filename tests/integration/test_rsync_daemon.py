@@ -1,16 +1,24 @@
 """Pulling from a real ``rsync --daemon`` on a loopback port: the ``rsync://`` source an
 operator normally configures, the delta transfer that makes a one-entry change cheap,
-and what happens when the daemon is not there or does not answer."""
+and what happens when the daemon is not there, does not answer, or the pull is ended by a
+signal while rsync waits for it."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import socket
 import subprocess
+import sys
+import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
 
 import pytest
 
@@ -22,6 +30,112 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+class SilentServer:
+    """A loopback port that accepts every connection and never says a word (a node or a
+    publisher that hangs); ``connections`` counts them."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(128)
+        self.sock.settimeout(0.05)
+        self.port = int(self.sock.getsockname()[1])
+        self._accepted: list[socket.socket] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            self._accepted.append(conn)
+
+    @property
+    def connections(self) -> int:
+        return len(self._accepted)
+
+    def __enter__(self) -> SilentServer:
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._stop.set()
+        self._thread.join()
+        for conn in self._accepted:
+            conn.close()
+        self.sock.close()
+
+
+@dataclass(frozen=True)
+class Process:
+    """A process seen in /proc; ``started`` (clock ticks after boot) tells a reused pid apart."""
+
+    pid: int
+    name: str
+    started: str
+
+    def running(self) -> bool:
+        st = _proc_stat(self.pid)
+        return st is not None and st[20] == self.started and st[1] != "Z"
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """/proc/PID/stat from field 2 on: [comm, state, ppid, pgrp, ...]; None if it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    close = text.rindex(")")
+    return [text[text.index("(") + 1 : close], *text[close + 2 :].split()]
+
+
+def processes(*, parent: int | None = None, group: int | None = None) -> list[Process]:
+    """The live processes whose parent is ``parent`` and/or whose process group is ``group``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        st = _proc_stat(int(entry)) if entry.isdigit() else None
+        if st is None or st[1] == "Z":
+            continue
+        if (parent is None or int(st[2]) == parent) and (group is None or int(st[3]) == group):
+            found.append(Process(int(entry), st[0], st[20]))
+    return found
+
+
+@contextmanager
+def started(cluster: Cluster, *args: str) -> Iterator[subprocess.Popen[str]]:
+    """``mapsync ARGS`` running in the background, in a process group of its own: what is left
+    of it when the test ends (a test that failed) is killed, the rsyncs it started with it."""
+    argv = [sys.executable, "-m", "mapsync", "--config", str(cluster.config_path), *args]
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        yield proc
+    finally:
+        with suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=10)
+
+
+def wait_for_children(
+    proc: subprocess.Popen[str], name: str, count: int, timeout: float = 30
+) -> list[Process]:
+    """The children named ``name`` of ``proc``, once there are ``count`` of them."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = [p for p in processes(parent=proc.pid) if p.name == name]
+        if len(found) >= count:
+            return found
+        if proc.poll() is not None or time.monotonic() > deadline:
+            out, err = proc.communicate()
+            pytest.fail(f"{len(found)} {name} processes, not {count}:\n{out}\n{err}")
+        time.sleep(0.02)
 
 
 class RsyncDaemon:
@@ -200,3 +314,28 @@ def test_the_overall_timeout_kills_an_rsync_that_hangs(tmp_path: Path) -> None:
         took = time.monotonic() - started
     assert 1 <= took < 3
     assert not list(tmp_path.iterdir())
+
+
+def test_sigterm_during_a_pull_ends_the_rsync_it_waits_for(cluster: Cluster) -> None:
+    """The signal ends mapsync with 143, and its rsync with it: an rsync left running would go
+    on writing into the staging area after the run has removed it and let go of the lock."""
+    cluster.publish()
+    cluster.pull()
+    before = tree_snapshot(cluster.target)
+    with SilentServer() as silent:
+        cluster.write_config(source=f"rsync://127.0.0.1:{silent.port}/mapsync/mx")
+        with started(cluster, "pull") as proc:
+            rsyncs = wait_for_children(proc, "rsync", 1)
+            signalled = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            out, err = proc.communicate(timeout=20)
+            took = time.monotonic() - signalled
+            left = [p for p in rsyncs if p.running()]
+    print(f"\n[signal] pull waiting on rsync: exit {proc.returncode} {took:.2f}s after SIGTERM")
+    assert proc.returncode == 143, out + err
+    assert "Traceback" not in err
+    assert not left, f"rsync still running after mapsync exited: {left}"
+    assert took < 5
+    assert not (cluster.state / "mx" / "incoming").exists()
+    assert tree_snapshot(cluster.target) == before
+    assert lookup(cluster, "postmaster@example-1.org") == "OK"

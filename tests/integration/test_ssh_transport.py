@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import socket
 import subprocess
@@ -62,13 +64,30 @@ def sshd(tmp_path: Path) -> Iterator[tuple[int, Path]]:
         log.close()
 
 
-def use_ssh(cluster: Cluster, port: int, key: Path) -> None:
-    """Point the cluster's agent at its repository through the test sshd, with ``key``."""
-    ssh = ["ssh", "-i", str(key), "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no"]
-    ssh += ["-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR"]
+def spaced_ssh(key: Path, where: Path) -> tuple[list[str], Path]:
+    """An ssh command with a copy of ``key`` and a known-hosts file in ``where``, a directory
+    whose name has a space (as ``/etc/mapsync/ssh keys/``); returns it and the known-hosts file,
+    which ssh fills on its first connection."""
+    where.mkdir(parents=True, exist_ok=True)
+    copy = where / "client key"
+    shutil.copyfile(key, copy)
+    os.chmod(copy, 0o600)
+    known = where / "known hosts"
+    # ssh itself splits a UserKnownHostsFile value at spaces unless it is quoted.
+    ssh = ["ssh", "-i", str(copy), "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=accept-new"]
+    ssh += ["-o", f'UserKnownHostsFile="{known}"', "-o", "LogLevel=ERROR"]
+    return ssh, known
+
+
+def use_ssh(cluster: Cluster, port: int, key: Path, ssh: list[str] | None = None) -> None:
+    """Point the cluster's agent at its repository through the test sshd, with ``key`` (or
+    the whole ``ssh`` command)."""
+    if ssh is None:
+        ssh = ["ssh", "-i", str(key), "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no"]
+        ssh += ["-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR"]
     cluster.write_config(
         source=f"ssh://root@127.0.0.1:{port}{cluster.repo}/mx",
-        extra_agent="ssh = [" + ", ".join(f'"{a}"' for a in ssh) + "]",
+        extra_agent=f"ssh = {json.dumps(ssh)}",
     )
 
 
@@ -100,3 +119,18 @@ def test_an_ssh_key_the_server_refuses_fails_cleanly_and_installs_nothing(
     assert proc.returncode == 2
     assert "rsync failed" in proc.stderr and "Permission denied" in proc.stderr
     assert not cluster.target.exists() or not any(cluster.target.iterdir())
+
+
+def test_ssh_arguments_with_a_space_reach_ssh_whole(
+    cluster: Cluster, sshd: tuple[int, Path], tmp_path: Path
+) -> None:
+    """rsync splits its -e command itself, honouring quotes: a key path with a space must
+    arrive as one argument, not as three that make ssh take a word of it for the host."""
+    port, key = sshd
+    ssh, known_hosts = spaced_ssh(key, tmp_path / "ssh keys")
+    use_ssh(cluster, port, key, ssh)
+    cluster.publish()
+    p = cluster.cli("pull")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "installed serial 1" in p.stdout
+    assert "ssh-ed25519" in known_hosts.read_text()  # the quoted option reached ssh whole
