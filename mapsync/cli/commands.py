@@ -84,10 +84,9 @@ def print_push(pushes: list[Any]) -> None:
         else:
             first = (p.error or "").splitlines()[0] if p.error else "no message"
             serial = f" serial {p.serial}" if p.serial else ""
-            print(
-                f"channel {p.channel}: push{serial} to {p.destination} FAILED "
-                f"(retried on the next run): {first}"
-            )
+            when = f"next try at {p.retry_at}" if p.retry_at else "retried by a later run"
+            verb = "NOT TRIED (backing off)" if p.deferred else "FAILED"
+            print(f"channel {p.channel}: push{serial} to {p.destination} {verb} ({when}): {first}")
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
