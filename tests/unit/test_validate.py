@@ -21,7 +21,7 @@ from mapsync.formats import text
 from mapsync.maps import CATALOGUE, Directory
 from mapsync.publish.publisher import _lines
 from mapsync.snapshot import Account, Alias, Domain, Fingerprint, Mailstore, Snapshot
-from mapsync.validate import Problem, address_problem, check
+from mapsync.validate import _GOOD_LOCAL, Problem, address_problem, check, local_part_problem
 
 # Hypothesis imports libcst to report a failing example; libcst warns on import, and with
 # warnings as errors a real failure would be reported as a pytest INTERNALERROR instead.
@@ -475,3 +475,9 @@ def test_hostile_values_are_refused_or_parse_back_exactly(where: str, value: str
     fields = dict(intended["dovecot_users"])[f"{local}@example.org"].split(":", 5)
     assert len(fields) == 6 and fields[0] == pw and fields[4] == home
     assert fields[5].startswith(":")  # the empty shell field, then the extra fields
+
+
+@settings(max_examples=2000, deadline=None)
+@given(local=HOSTILE)
+def test_the_fast_local_part_check_accepts_exactly_what_the_rules_accept(local: str) -> None:
+    assert (local_part_problem(local) is None) == bool(_GOOD_LOCAL.match(local))
