@@ -171,6 +171,10 @@ _METRICS = (
         "Seconds since the installed release was created by the publisher.",
     ),
     ("mapsync_last_success_timestamp_seconds", "Unix time of the last good check of the source."),
+    (
+        "mapsync_last_push_timestamp_seconds",
+        "Unix time of the last release installed from the push inbox.",
+    ),
     ("mapsync_expiry_timestamp_seconds", "Unix time at which the installed release expires."),
     ("mapsync_pinned", "1 while a rollback pins the channel to an older release."),
     ("mapsync_map_entries", "Entries of each installed map."),
@@ -191,6 +195,9 @@ def prometheus(statuses: list[ChannelStatus]) -> str:
         if s.last_success:
             stamp = int(parse_iso(s.last_success).timestamp())
             samples["mapsync_last_success_timestamp_seconds"].append(f"{{{label}}} {stamp}")
+        if s.last_push:
+            stamp = int(parse_iso(s.last_push).timestamp())
+            samples["mapsync_last_push_timestamp_seconds"].append(f"{{{label}}} {stamp}")
         if s.expires:
             stamp = int(parse_iso(s.expires).timestamp())
             samples["mapsync_expiry_timestamp_seconds"].append(f"{{{label}}} {stamp}")

@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -449,6 +450,10 @@ def test_a_push_does_not_hide_a_broken_source_from_status(
     assert pushed["last_push"] is not None and pushed["last_install"] == pushed["last_push"]
     channel = json.loads(node.cli("status", "--json").stdout)["channels"][0]
     assert channel["serial"] == 2 and channel["last_push"] == pushed["last_push"]
+    prom = node.root / "mapsync.prom"
+    node.cli("status", "--prometheus", str(prom))
+    stamp = int(datetime.fromisoformat(pushed["last_push"].replace("Z", "+00:00")).timestamp())
+    assert f'mapsync_last_push_timestamp_seconds{{channel="mx"}} {stamp}' in prom.read_text()
 
     # The primary is back: the next poll of the sources clears it all.
     primary.parent.mkdir()
