@@ -7,14 +7,28 @@ resolution are computed once and agree across maps.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterator
+from itertools import repeat
+from operator import add, itemgetter
 
-from mapsync.snapshot import Account, Alias, Domain, Mailstore, Snapshot
+from mapsync.snapshot import Account, Alias, Domain, Mailstore, Snapshot, paused_gc
+
+_local_part = itemgetter(2)  # Account.local_part and Alias.local_part
+
+
+def at(locals_: list[str], domain: str) -> Iterator[str]:
+    """``local@domain`` for each of ``locals_``, concatenated in C (maps build millions)."""
+    return map(add, locals_, repeat("@" + domain))
 
 
 class Directory:
     """Live domains, addresses and routes of one snapshot (disabled rows already dropped)."""
 
     def __init__(self, snap: Snapshot) -> None:
+        with paused_gc():
+            self._build(snap)
+
+    def _build(self, snap: Snapshot) -> None:
         self.snapshot = snap
         self.stores: dict[int, Mailstore] = {m.id: m for m in snap.mailstores}
         self.domains: dict[int, Domain] = {d.id: d for d in snap.domains if d.status != "disabled"}
@@ -37,6 +51,24 @@ class Directory:
         for d in self.domains.values():
             if d.kind == "alias" and d.target_domain_id in self.domains:
                 self.alias_domains[d.target_domain_id].append(d)
+        self._account_locals: dict[int, list[str]] = {}
+        self._alias_locals: dict[int, list[str]] = {}
+
+    def account_locals(self, domain_id: int) -> list[str]:
+        """The local parts of the live accounts of a domain (computed once, shared by maps)."""
+        locals_ = self._account_locals.get(domain_id)
+        if locals_ is None:
+            locals_ = list(map(_local_part, self.accounts.get(domain_id, ())))
+            self._account_locals[domain_id] = locals_
+        return locals_
+
+    def alias_locals(self, domain_id: int) -> list[str]:
+        """The local parts of the aliases of a domain, catch-all aside (computed once)."""
+        locals_ = self._alias_locals.get(domain_id)
+        if locals_ is None:
+            locals_ = list(map(_local_part, self.aliases.get(domain_id, ())))
+            self._alias_locals[domain_id] = locals_
+        return locals_
 
     def of_kind(self, kind: str) -> list[Domain]:
         return [d for d in self.domains.values() if d.kind == kind]

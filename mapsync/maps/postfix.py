@@ -13,11 +13,12 @@ What each one means to Postfix (see docs/maps.md):
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from itertools import chain, repeat
 
 from mapsync.config import PublisherChannel
 from mapsync.maps.base import Map
-from mapsync.maps.directory import Directory
+from mapsync.maps.directory import Directory, at
 from mapsync.snapshot import Mailstore
 
 MOVING = "retry:4.2.0 mailbox is being moved"
@@ -37,31 +38,28 @@ class DomainsMap(Map):
                 yield name, "OK"
 
 
-def _local_parts(directory: Directory, domain_id: int) -> Iterator[str]:
-    for a in directory.accounts.get(domain_id, ()):
-        yield a.local_part
-    for al in directory.aliases.get(domain_id, ()):
-        yield al.local_part
-
-
 class RecipientsMap(Map):
     name = "recipients"
     description = "every deliverable address → OK (accounts, aliases, alias-domain expansions)"
 
-    def entries(self, directory: Directory, channel: PublisherChannel) -> Iterator[tuple[str, str]]:
+    def entries(self, directory: Directory, channel: PublisherChannel) -> Iterable[tuple[str, str]]:
+        # A domain's lines at a time, built in C (see Directory.at); the publisher sorts them.
+        return chain.from_iterable(self._by_domain(directory))
+
+    def _by_domain(self, directory: Directory) -> Iterator[Iterable[tuple[str, str]]]:
+        ok = repeat("OK")
         for d in directory.of_kind("hosted"):
-            locals_ = list(_local_parts(directory, d.id))
+            locals_ = directory.account_locals(d.id) + directory.alias_locals(d.id)
             has_catchall = d.id in directory.catchall
             for domain in (d, *directory.alias_domains.get(d.id, ())):
                 for name in directory.names(domain):
-                    for local in locals_:
-                        yield f"{local}@{name}", "OK"
+                    yield zip(at(locals_, name), ok, strict=False)  # ok: endless
                     if has_catchall:
-                        yield f"@{name}", "OK"
+                        yield ((f"@{name}", "OK"),)
         for d in directory.of_kind("relay"):
             # mapsync does not know a relay customer's mailboxes: their server decides.
             for name in directory.names(d):
-                yield f"@{name}", "OK"
+                yield ((f"@{name}", "OK"),)
 
 
 class VirtualMap(Map):
@@ -70,30 +68,30 @@ class VirtualMap(Map):
         "alias and alias-domain address → comma-separated targets; catch-alls with identity lines"
     )
 
-    def entries(self, directory: Directory, channel: PublisherChannel) -> Iterator[tuple[str, str]]:
+    def entries(self, directory: Directory, channel: PublisherChannel) -> Iterable[tuple[str, str]]:
+        # A domain's lines at a time, built in C (see Directory.at); the publisher sorts them.
+        return chain.from_iterable(self._by_domain(directory))
+
+    def _by_domain(self, directory: Directory) -> Iterator[Iterable[tuple[str, str]]]:
         for d in directory.of_kind("hosted"):
-            aliases = directory.aliases.get(d.id, ())
-            accounts = directory.accounts.get(d.id, ())
+            alias_locals = directory.alias_locals(d.id)
+            alias_targets = [",".join(al.targets) for al in directory.aliases.get(d.id, ())]
+            account_locals = directory.account_locals(d.id)
             catchall = directory.catchall.get(d.id)
             for name in directory.names(d):
-                for al in aliases:
-                    yield f"{al.local_part}@{name}", ",".join(al.targets)
+                yield zip(at(alias_locals, name), alias_targets, strict=True)
                 if catchall is not None:
-                    yield f"@{name}", ",".join(catchall.targets)
-                    # Without identity lines the catch-all would swallow real mailboxes.
-                    for a in accounts:
-                        address = f"{a.local_part}@{name}"
-                        yield address, f"{a.local_part}@{d.name}"
-                elif name != d.name:
-                    # The U-label form of an account rewrites to its canonical A-label address.
-                    for a in accounts:
-                        yield f"{a.local_part}@{name}", f"{a.local_part}@{d.name}"
+                    yield ((f"@{name}", ",".join(catchall.targets)),)
+                if catchall is not None or name != d.name:
+                    # Without identity lines the catch-all would swallow real mailboxes; the
+                    # U-label form of an account rewrites to its canonical A-label address.
+                    yield zip(at(account_locals, name), at(account_locals, d.name), strict=True)
             for alias_domain in directory.alias_domains.get(d.id, ()):
                 for name in directory.names(alias_domain):
-                    for local in _local_parts(directory, d.id):
-                        yield f"{local}@{name}", f"{local}@{d.name}"
+                    locals_ = account_locals + alias_locals
+                    yield zip(at(locals_, name), at(locals_, d.name), strict=True)
                     if catchall is not None:
-                        yield f"@{name}", ",".join(catchall.targets)
+                        yield ((f"@{name}", ",".join(catchall.targets)),)
 
 
 class TransportMap(Map):
@@ -103,16 +101,23 @@ class TransportMap(Map):
     )
 
     def entries(self, directory: Directory, channel: PublisherChannel) -> Iterator[tuple[str, str]]:
+        route = {store_id: lmtp(store) for store_id, store in directory.stores.items()}
         for d in directory.of_kind("hosted"):
-            default = directory.default_store(d)
-            yield d.name, lmtp(default)
-            for a in directory.accounts.get(d.id, ()):
+            default = directory.default_store(d).id
+            yield d.name, route[default]
+            # Only moving accounts and those housed off the domain's default mailstore have
+            # lines: pick them out in one comprehension, then resolve their stores.
+            for a in [
+                a
+                for a in directory.accounts.get(d.id, ())
+                if a.status == "moving" or (a.mailstore_id and a.mailstore_id != default)
+            ]:
                 if a.status == "moving":
                     yield f"{a.local_part}@{d.name}", MOVING
                     continue
                 store = directory.store_of(a)
-                if store.id != default.id:
-                    yield f"{a.local_part}@{d.name}", lmtp(store)
+                if store.id != default:
+                    yield f"{a.local_part}@{d.name}", route[store.id]
         for d in directory.of_kind("relay"):
             assert d.relay_nexthop is not None
             for name in directory.names(d):

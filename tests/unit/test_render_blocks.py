@@ -4,6 +4,8 @@ row-by-row check refuses, with the same message, and writes the same bytes."""
 from __future__ import annotations
 
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 from hypothesis import event, given, settings
@@ -46,3 +48,32 @@ def test_block_checks_refuse_what_line_checks_refuse(
 def test_the_key_breakers_are_what_the_line_check_refuses() -> None:
     refused = {c for c in map(chr, range(sys.maxunicode + 1)) if publisher._BAD_KEY.search(c)}
     assert refused == set(publisher._KEY_BREAKERS) | {"\n", "#"}
+
+
+@pytest.mark.parametrize("sep", [" ", ":"])
+@settings(max_examples=200, deadline=None)
+@given(rows=ROWS)
+def test_a_written_map_is_the_sorted_lines_or_the_same_refusal(
+    sep: str, rows: list[tuple[str, str]]
+) -> None:
+    expected = _outcome(lambda: publisher._lines(sorted(rows), "m", sep))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "m"
+        try:
+            info, cdb_info = publisher._write_map(iter(rows), path, "# m\n", sep, "cdb m")
+        except InvalidData as exc:
+            assert expected == ("refused", str(exc))
+            return
+        assert expected == ("ok", path.read_text()[len("# m\n") :])
+        assert info.entries == len(rows)
+        assert cdb_info is not None and not path.with_name("m.cdb").exists()
+
+
+def test_pairs_of_a_duplicated_key_are_refused_naming_the_first_offender(
+    tmp_path: Path,
+) -> None:
+    # Sorted whole, ("k", "a\n") comes first and is refused for its value, not as a duplicate.
+    rows = [("k", "b"), ("k", "a\n")]
+    with pytest.raises(InvalidData) as info:
+        publisher._write_map(rows, tmp_path / "m", "# m\n", " ", None)
+    assert info.value.problems == ["map m: value of 'k' contains a line break or NUL"]
