@@ -26,22 +26,18 @@ SIGTERM/SIGHUP (or ^C) starts no further delivery and ends the rsyncs that are r
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 from mapsync import log
 from mapsync.atomic import atomic_write
 from mapsync.config import PublisherChannel, PublisherConfig
-from mapsync.errors import LockBusy, MapsyncError, TransportError
+from mapsync.errors import MapsyncError, TransportError
+from mapsync.locks import waiting_lock
 from mapsync.publish.plan import ChannelPlan
 from mapsync.publish.repository import Repository
 from mapsync.release import LATEST, iso, parse_iso, parse_latest, utcnow
@@ -180,7 +176,12 @@ def _would_push(repo: Repository, ch: PublisherChannel, planned: int | None) -> 
 def _push_channel(cfg: PublisherConfig, repo: Repository, ch: PublisherChannel) -> list[Push]:
     if not repo.channel(ch.name).is_dir():
         return []  # nothing published yet
-    with _push_lock(repo.channel(ch.name) / PUSH_LOCK, cfg.lock_wait):
+    # One push per channel at a time, so two runs never write an inbox's LATEST out of order
+    # (each reads LATEST only once it holds the lock, and LATEST only moves forward).
+    lock = repo.channel(ch.name) / PUSH_LOCK
+    with waiting_lock(
+        lock, cfg.lock_wait, f"{lock}: another mapsync publish is pushing this channel"
+    ):
         path = repo.channel(ch.name) / LATEST
         try:
             latest_bytes = path.read_bytes()
@@ -285,25 +286,3 @@ def _write_record(
     data = json.dumps({"destinations": new}, indent=2, sort_keys=True) + "\n"
     atomic_write(repo.channel(ch.name) / PUSHED, data.encode())
     return new
-
-
-@contextmanager
-def _push_lock(path: Path, wait: float) -> Iterator[None]:
-    """One push per channel at a time, so two runs never write an inbox's LATEST out of order
-    (each reads LATEST only once it holds the lock, and LATEST only moves forward)."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        deadline = time.monotonic() + wait
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise LockBusy(
-                        f"{path}: another mapsync publish is pushing this channel (waited {wait:.0f}s)"
-                    ) from None
-                time.sleep(0.2)
-        yield
-    finally:
-        os.close(fd)  # closing drops the lock; a killed run's lock dies with it

@@ -11,17 +11,16 @@
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from mapsync.atomic import atomic_write
-from mapsync.errors import LockBusy, MapsyncError
+from mapsync.errors import MapsyncError
+from mapsync.locks import waiting_lock
 from mapsync.release import (
     LATEST,
     MANIFEST,
@@ -99,22 +98,9 @@ class Repository:
     def lock(self, wait: float = 30.0) -> Iterator[None]:
         """Hold the repository lock; wait up to ``wait`` seconds for another publisher."""
         self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            deadline = time.monotonic() + wait
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        raise LockBusy(
-                            f"{self.root}: another publisher is running (waited {wait:.0f}s for {self.root / '.lock'})"
-                        ) from None
-                    time.sleep(0.2)
+        lock = self.root / ".lock"
+        with waiting_lock(lock, wait, f"{self.root}: another publisher is running (on {lock})"):
             yield
-        finally:
-            os.close(fd)  # closing drops the lock; a killed publisher's lock dies with it
 
     def collect_garbage(self, channel: str, keep: int) -> list[int]:
         """Remove all but the newest ``keep`` releases; never the one LATEST names."""
