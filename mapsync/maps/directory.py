@@ -33,10 +33,16 @@ class Directory:
         self.stores: dict[int, Mailstore] = {m.id: m for m in snap.mailstores}
         self.domains: dict[int, Domain] = {d.id: d for d in snap.domains if d.status != "disabled"}
         self.accounts: dict[int, list[Account]] = defaultdict(list)
+        # The accounts that may route off their domain's default: moving, or housed on a
+        # mailstore of their own. The route maps look at these few, not at every account.
+        self.routed: dict[int, list[Account]] = defaultdict(list)
+        hosted = {i for i, d in self.domains.items() if d.kind == "hosted"}
+        accounts, routed = self.accounts, self.routed
         for a in snap.accounts:
-            d = self.domains.get(a.domain_id)
-            if d is not None and d.kind == "hosted" and a.status != "disabled":
-                self.accounts[a.domain_id].append(a)
+            if a.domain_id in hosted and a.status != "disabled":
+                accounts[a.domain_id].append(a)
+                if a.mailstore_id or a.status == "moving":
+                    routed[a.domain_id].append(a)
         self.aliases: dict[int, list[Alias]] = defaultdict(list)
         self.catchall: dict[int, Alias] = {}
         for al in snap.aliases:

@@ -49,7 +49,7 @@ class EximRoutesMap(Map):
         for d in directory.of_kind("hosted"):
             default = directory.default_store(d)
             yield d.name, route(default.lmtp_host, default.lmtp_port, LMTP)
-            for a in directory.accounts.get(d.id, ()):
+            for a in directory.routed.get(d.id, ()):  # the others go to the default
                 if a.status == "moving":
                     yield f"{a.local_part}@{d.name}", MOVING
                     continue

@@ -105,13 +105,7 @@ class TransportMap(Map):
         for d in directory.of_kind("hosted"):
             default = directory.default_store(d).id
             yield d.name, route[default]
-            # Only moving accounts and those housed off the domain's default mailstore have
-            # lines: pick them out in one comprehension, then resolve their stores.
-            for a in [
-                a
-                for a in directory.accounts.get(d.id, ())
-                if a.status == "moving" or (a.mailstore_id and a.mailstore_id != default)
-            ]:
+            for a in directory.routed.get(d.id, ()):  # the others go to the default
                 if a.status == "moving":
                     yield f"{a.local_part}@{d.name}", MOVING
                     continue
