@@ -328,18 +328,24 @@ def _alias_graph(
     }
     hosted = {d.name for d in live.values() if d.kind == "hosted"}
     catchall = {key[1:] for key in seen if key.startswith("@")}
-    edges: dict[str, list[str]] = {}
+    # The aliases that can be nodes of the graph, and their addresses, first: a target then
+    # joins its alias's edges only if it is one of them (a cycle runs through aliases only).
+    nodes = [
+        (al, f"{al.local_part}@{dom.name}")
+        for al in snap.aliases
+        if (dom := live.get(al.domain_id)) is not None and dom.kind == "hosted" and al.local_part
+    ]
+    addresses = {address for _, address in nodes}
+    # address → its alias targets (None: none); the last alias of an address wins, in the
+    # place of its first, as the duplicate itself is refused above.
+    edges: dict[str, list[str] | None] = {}
     where: dict[str, int] = {}
-    for al in snap.aliases:
-        dom = live.get(al.domain_id)
-        if dom is None or dom.kind != "hosted" or not al.local_part:
-            continue
-        address = f"{al.local_part}@{dom.name}"
+    for al, address in nodes:
         if len(al.targets) > MAX_FANOUT:
             yield Problem(
                 "alias", al.id, address, f"{len(al.targets)} targets, more than {MAX_FANOUT}"
             )
-        internal = []
+        found: list[str] | None = None
         for target in al.targets:
             if target in bad_targets:
                 continue  # reported as a syntax problem already
@@ -357,18 +363,17 @@ def _alias_graph(
                     address,
                     f"target {target!r} is in a hosted domain but is no account or alias there",
                 )
-            internal.append(resolved)
-        edges[address] = internal
-        where[address] = al.id
+            if resolved in addresses:
+                if found is None:
+                    found = []
+                found.append(resolved)
+        edges[address] = found
+        if found:
+            where[address] = al.id
     # Postfix gives up at recursion depth 1000 with a deferral (4.6.0): refuse cycles here.
-    # A cycle runs through aliases only: each alias keeps just its targets that are aliases,
-    # and one without any can start no cycle (the search below, on the whole graph, would
-    # skip the others and finish those at once: the same cycles, in the same order).
-    graph = {
-        node: alias_targets
-        for node, targets in edges.items()
-        if (alias_targets := [n for n in targets if n in edges])
-    }
+    # An alias without alias targets can start no cycle (the search below, on the whole graph,
+    # would finish it at once and skip it after: the same cycles, in the same order).
+    graph = {node: targets for node, targets in edges.items() if targets}
     state: dict[str, int] = {}
     for start in graph:
         if state.get(start):
