@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -116,7 +117,8 @@ def test_a_missing_first_source_fails_over_and_status_names_the_serving_mirror(
 
     code, text, channel = status(published)
     assert code == 1, text  # fresh maps, but the first source is broken: someone should look
-    assert f"last good check 0s ago from {repo}" in text
+    # 0s, or 1s on a busy machine: the status process starts after the pull's second ended
+    assert re.search(rf"last good check [01]s ago from {re.escape(str(repo))}\b", text), text
     assert f"served by mirror {repo}; {gone} failed: rsync failed" in text
     assert channel["source"] == str(repo)
     assert channel["failed_sources"] == failed

@@ -10,6 +10,7 @@ short ``expires``, real waiting — no mocked clock.
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -64,7 +65,7 @@ def test_status_warns_with_a_quarter_of_the_lifetime_left_and_is_critical_once_e
     _sleep_until(expires + 0.2)
     code, out, ch = _status(c)
     assert code == 2, out
-    assert "mx: CRITICAL" in out and "; expired 0s ago" in out
+    assert "mx: CRITICAL" in out and re.search(r"; expired [01]s ago", out), out
     assert ch["status"] == "CRITICAL"
     assert lookup(c, OLD) == "OK"
 
