@@ -12,7 +12,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -26,6 +25,7 @@ from mapsync.release import iso, parse_iso
 from tests.conftest import Cluster, make_cluster
 from tests.integration.test_agent_pull import add_account, lookup
 from tests.integration.test_rsync_daemon import (
+    RsyncDaemon,
     SilentServer,
     _free_port,
     processes,
@@ -151,45 +151,12 @@ def test_a_local_inbox_gets_each_release_then_latest_and_the_agent_installs_from
 # -- an rsync daemon module with write access ----------------------------------------------------
 
 
-class InboxDaemon:
+class InboxDaemon(RsyncDaemon):
     """``rsync --daemon`` on 127.0.0.1 with one writable module ``inbox`` at ``path``."""
 
     def __init__(self, root: Path, path: Path, port: int | None = None) -> None:
-        root.mkdir(parents=True, exist_ok=True)
         path.mkdir(parents=True, exist_ok=True)
-        self.port = port or _free_port()
-        self.log = root / "rsyncd.log"
-        conf = root / "rsyncd.conf"
-        # uid/gid root: pytest's tmp directories are 0700, so "nobody" could not write there.
-        conf.write_text(
-            f"pid file = {root / 'rsyncd.pid'}\nlog file = {self.log}\nuse chroot = no\n"
-            "uid = root\ngid = root\n"
-            f"[inbox]\n    path = {path}\n    read only = no\n    use chroot = no\n"
-        )
-        argv = ["rsync", "--daemon", "--no-detach", f"--config={conf}", f"--port={self.port}"]
-        self.proc = subprocess.Popen(
-            [*argv, "--address=127.0.0.1"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
-                    pytest.fail(f"rsync daemon did not start: {self.log.read_text()}")
-                time.sleep(0.05)
-
-    def url(self, path: str = "mx") -> str:
-        return f"rsync://127.0.0.1:{self.port}/inbox/{path}"
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
+        super().__init__(root, path, module="inbox", writable=True, port=port)
 
 
 @pytest.fixture

@@ -139,22 +139,34 @@ def wait_for_children(
 
 
 class RsyncDaemon:
-    def __init__(self, root: Path, path: Path) -> None:
+    """``rsync --daemon`` on 127.0.0.1 with one module ``module`` at ``path`` (read-only, or
+    writable as a node's push inbox)."""
+
+    def __init__(
+        self,
+        root: Path,
+        path: Path,
+        *,
+        module: str = "mapsync",
+        writable: bool = False,
+        port: int | None = None,
+    ) -> None:
         self.root = root
-        self.port = _free_port()
+        self.module = module
+        self.port = port or _free_port()
         root.mkdir(parents=True, exist_ok=True)
         self.conf = root / "rsyncd.conf"
         self.log = root / "rsyncd.log"
-        # uid/gid root: pytest's tmp directories are 0700, so "nobody" could not read them.
+        # uid/gid root: pytest's tmp directories are 0700, so "nobody" could not use them.
         self.conf.write_text(
             f"pid file = {root / 'rsyncd.pid'}\n"
             f"log file = {self.log}\n"
             "use chroot = no\n"
             "uid = root\n"
             "gid = root\n"
-            "[mapsync]\n"
+            f"[{module}]\n"
             f"    path = {path}\n"
-            "    read only = yes\n"
+            f"    read only = {'no' if writable else 'yes'}\n"
             "    use chroot = no\n"
         )
         self.proc = subprocess.Popen(
@@ -182,7 +194,7 @@ class RsyncDaemon:
                 time.sleep(0.05)
 
     def url(self, channel: str = "mx") -> str:
-        return f"rsync://127.0.0.1:{self.port}/mapsync/{channel}"
+        return f"rsync://127.0.0.1:{self.port}/{self.module}/{channel}"
 
     def stop(self) -> None:
         if self.proc.poll() is None:
