@@ -37,6 +37,7 @@ from mapsync import config
 from mapsync.sources import schema as t
 from tests.daemons.postfix_instance import PostfixInstance, Reply
 from tests.daemons.roles import AGENTS, Nodes, entries, make_nodes
+from tests.integration.test_agent_pull import add_account
 
 pytestmark = pytest.mark.daemons
 
@@ -89,25 +90,6 @@ def mx() -> Iterator[Mx]:
 
 def _domain_id(conn: Connection, name: str) -> int:
     return int(conn.execute(select(t.domain.c.id).where(t.domain.c.name == name)).scalar_one())
-
-
-def add_account(db_url: str, address: str) -> None:
-    local, _, domain = address.partition("@")
-    engine = create_engine(db_url)
-    with engine.begin() as conn:
-        row = conn.execute(
-            select(t.domain.c.id, t.domain.c.customer_id).where(t.domain.c.name == domain)
-        ).one()
-        conn.execute(
-            insert(t.account).values(
-                domain_id=row.id,
-                local_part=local,
-                customer_id=row.customer_id,
-                home=f"/var/vmail/{domain}/{local}",
-                status="active",
-            )
-        )
-    engine.dispose()
 
 
 def set_status(db_url: str, address: str, status: str) -> None:
@@ -231,7 +213,7 @@ def test_recipients_follow_each_pull_on_the_next_connection_without_a_reload(mx:
     # after publish and pull.
     new = "new.hire@example-1.org"
     assert pf.rcpt(new) == {new: unknown_user(new)}
-    add_account(mx.nodes.cluster.db_url, new)
+    add_account(mx.nodes.cluster, "new.hire", "example-1.org")
     master, mark = pf.master_pid(), pf.log_size()
     mx.nodes.publish_and_pull()
     assert new in entries(mx.target / "recipients")
