@@ -50,17 +50,14 @@ class KeptReleases:
         final = self.path(manifest.serial)
         if not final.is_dir():
             self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+            if self.root.stat().st_mode & 0o077:  # made by an older mapsync, or by hand
+                os.chmod(self.root, 0o700)
             tmp = self.root / f".{manifest.serial}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)  # a killed run's half copy
             tmp.mkdir(mode=0o700)
             try:
                 for name in (MANIFEST, SIGNATURE, *sorted(manifest.files())):
-                    shutil.copyfile(src / name, tmp / name)  # a new inode, never a link
-                    fd = os.open(tmp / name, os.O_RDONLY)
-                    try:
-                        os.fsync(fd)
-                    finally:
-                        os.close(fd)
+                    _copy_private(src / name, tmp / name)  # a new inode, never a link
                 fsync_dir(tmp)
                 os.rename(tmp, final)
                 fsync_dir(self.root)
@@ -80,4 +77,28 @@ class KeptReleases:
         for name in os.listdir(self.root):
             if name.startswith(".") and name.endswith(".tmp"):
                 shutil.rmtree(self.root / name, ignore_errors=True)
+        for serial in self.serials():
+            _make_private(self.path(serial))
         return dropped
+
+
+def _copy_private(src: Path, dst: Path) -> None:
+    """Copy ``src`` to a new file ``dst`` that only the agent can read from the moment it
+    exists (kept ``dovecot_users`` holds password hashes), and fsync it."""
+    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    with open(fd, "wb") as out, open(src, "rb") as fin:
+        shutil.copyfileobj(fin, out, 1 << 20)
+        out.flush()
+        os.fsync(out.fileno())
+
+
+def _make_private(directory: Path) -> None:
+    """Close a kept release that an older mapsync left readable by others (0644 files)."""
+    for entry in os.scandir(directory):
+        if (
+            entry.is_file(follow_symlinks=False)
+            and entry.stat(follow_symlinks=False).st_mode & 0o077
+        ):
+            os.chmod(entry.path, 0o600)
+    if os.stat(directory).st_mode & 0o077:
+        os.chmod(directory, 0o700)

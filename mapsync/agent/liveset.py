@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 from mapsync.atomic import atomic_symlink, fsync_dir
@@ -29,6 +30,10 @@ SETS = ".mapsync"
 
 class SwapUnfinished(OSError):
     """The new set is live, but linking its files or deleting the old set failed."""
+
+
+class NotOurs(OSError):
+    """A path in the target that a map's link would replace is not mapsync's own link."""
 
 
 CURRENT = "current"
@@ -60,13 +65,15 @@ class LiveSet:
             return None
 
     def new_set_dir(self, serial: int) -> Path:
-        """An empty directory to build the set of ``serial`` in, invisible to readers."""
+        """An empty directory, only the agent may enter, to build the set of ``serial`` in."""
         self.target.mkdir(parents=True, exist_ok=True)
         self.sets.mkdir(mode=0o755, exist_ok=True)
         path = self.sets / f"{serial}.new"
         if path.exists():
             shutil.rmtree(path)  # a killed run's half-built set
-        path.mkdir(mode=0o755)
+        # Private while it is built (maps with password hashes are written here); the
+        # installer opens it (0755) once every file has its final mode.
+        path.mkdir(mode=0o700)
         return path
 
     def swap(self, built: Path, serial: int) -> None:
@@ -114,22 +121,36 @@ class LiveSet:
         if removed:
             fsync_dir(self.sets)
 
+    def is_ours(self, name: str) -> bool:
+        """Whether ``TARGET/name`` is the link mapsync makes for a live file of that name."""
+        try:
+            return os.readlink(self.target / name) == f"{SETS}/{CURRENT}/{name}"
+        except OSError:  # missing, or not a symlink
+            return False
+
+    def foreign(self, names: Iterable[str]) -> list[Path]:
+        """The paths ``TARGET/name`` that exist and are not mapsync's own link: the operator's
+        files (``target = "/etc/postfix"`` holds a hand-written ``transport``). mapsync never
+        replaces or deletes them."""
+        return [
+            self.target / n
+            for n in sorted(names)
+            if os.path.lexists(self.target / n) and not self.is_ours(n)
+        ]
+
     def _link_files(self, live: Path) -> None:
         wanted = {f for f in os.listdir(live) if f not in (MANIFEST, SIGNATURE)}
-        prefix = f"{SETS}/{CURRENT}/"
+        # Checked before any link changes, so a refusal leaves the target as it was.
+        theirs = self.foreign(wanted)
+        if theirs:
+            raise NotOurs(
+                f"{', '.join(map(str, theirs))}: not a link mapsync made; it is never replaced "
+                "(move it away, or give the channel a target of its own)"
+            )
         for name in sorted(wanted):
-            link = self.target / name
-            want = prefix + name
-            try:
-                if os.readlink(link) == want:
-                    continue
-            except OSError:
-                pass
-            atomic_symlink(want, link)
+            if not self.is_ours(name):
+                atomic_symlink(f"{SETS}/{CURRENT}/{name}", self.target / name)
         for name in os.listdir(self.target):
-            link = self.target / name
-            if name in wanted or not link.is_symlink():
-                continue
-            if os.readlink(link).startswith(prefix):
-                link.unlink()  # a map the new release no longer carries
+            if name not in wanted and self.is_ours(name):
+                (self.target / name).unlink()  # a map the new release no longer carries
         fsync_dir(self.target)

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from mapsync import log
 from mapsync.agent.hooks import reload_failure, run_check
 from mapsync.agent.kept import KEPT, KeptReleases
-from mapsync.agent.liveset import LiveSet, SwapUnfinished
+from mapsync.agent.liveset import LiveSet, NotOurs, SwapUnfinished
 from mapsync.agent.state import ChannelState, channel_lock
 from mapsync.config import AgentChannel, AgentConfig, FileMode
 from mapsync.errors import InstallError, MapsyncError, TransportError, VerificationError
@@ -105,6 +105,10 @@ def settled(ch: AgentChannel) -> LiveSet:
     if live.sets.is_dir():
         try:
             live.settle()
+        except NotOurs as exc:
+            raise InstallError(
+                f"channel {ch.name}: {exc}; nothing changed, the installed set keeps serving"
+            ) from None
         except OSError as exc:
             raise InstallError(
                 f"channel {ch.name}: finishing the last swap in {ch.target} failed: {exc}"
@@ -409,6 +413,13 @@ def install(
     same = renewal
     was_pinned = state.pinned
     owners = ownership(ch, manifest)  # an unknown user or group stops here, before anything
+    theirs = live.foreign(live_names(manifest))
+    if theirs:
+        raise InstallError(
+            f"channel {ch.name}: {', '.join(map(str, theirs))}: not a link mapsync made (the "
+            f"operator's own file?); mapsync never replaces it. Move it away or give the channel "
+            f"a target of its own; serial {manifest.serial} not installed, the old set keeps serving"
+        )
     built = live.new_set_dir(manifest.serial)
     try:
         if same:
@@ -437,9 +448,15 @@ def install(
             shutil.copyfile(src / f, built / f)
             os.chmod(built / f, 0o644)
         _fsync_tree(built)
+        # Built in a directory only the agent may enter; opened to readers (and to a check
+        # running as another user) once every file has its final mode.
+        os.chmod(built, 0o755)
         if not same:
             # The maps exactly as they will go live; a renewal's are the live ones already.
             run_check(ch, built, manifest.serial)
+            if ch.check:
+                # A check runs with the agent's rights: what it changed must not go live.
+                verify_built(built, src, manifest, owners, ch)
         if (ch.reload and not same) or pin is not None:
             # The hook (and the pin) are owed from the swap on: a run killed before it ran
             # must not lose them.
@@ -618,9 +635,37 @@ def verify_release(
         raise VerificationError(
             f"{where}/{MANIFEST}: serial {manifest.serial} is not newer than the installed {current.serial}"
         )
+    check_keeps_maps(manifest, ch, current, where)
     verify_files(staging, manifest, where)
     _log.debug("release verified", channel=ch.name, serial=manifest.serial, key=kid)
     return manifest
+
+
+def check_keeps_maps(
+    manifest: Manifest, ch: AgentChannel, current: Manifest | None, where: str
+) -> None:
+    """Refuse a release that lacks a map this node must keep serving: one its config
+    ``maps`` lists or, without that setting, one it serves now. A map dropped from the
+    publisher's channel would otherwise vanish from every node while Postfix still reads it.
+    The node's own config decides: once its ``maps`` no longer lists the map, the drop goes in.
+    A release with no maps at all is never installed."""
+    if not manifest.maps:
+        raise VerificationError(
+            f"{where}/{MANIFEST}: serial {manifest.serial} carries no maps; not installing, "
+            "the old set keeps serving"
+        )
+    if ch.maps:
+        required, why = set(ch.maps), f"[agent.channels.{ch.name}] maps lists"
+    else:
+        required = set(current.maps) if current is not None else set()
+        why = "this node serves"
+    missing = sorted(required - set(manifest.maps))
+    if missing:
+        raise VerificationError(
+            f"{where}/{MANIFEST}: serial {manifest.serial} lacks map(s) {', '.join(missing)}, "
+            f"which {why}; not installing, the old set keeps serving (if the channel dropped "
+            f"them on purpose, set [agent.channels.{ch.name}] maps to the maps it still carries)"
+        )
 
 
 # The maps that carry password hashes, as the catalogue declares them (Map.secrets).
@@ -767,10 +812,14 @@ def build_map(
     its cdb built and proved equal to the publisher's, both given ``own`` and an mtime later
     than the files they replace in ``previous``."""
     dst = built / m.file
-    shutil.copyfile(staging / m.file, dst)  # a new inode; fresh mtime, never the publisher's
+    _create(dst, name, own, ch)
+    # A new inode; fresh mtime, never the publisher's.
+    with open(staging / m.file, "rb") as fin, open(dst, "r+b") as fout:
+        shutil.copyfileobj(fin, fout, 1 << 20)
     files = [dst]
     if m.cdb is not None:
         cdb_path = built / m.cdb.file
+        _create(cdb_path, name, own, ch)  # cdbx truncates and fills this inode, mode kept
         digest, size = cdb.build(cdb_path, track(text.pairs(dst), f"build {m.cdb.file}", m.entries))
         if digest != m.cdb.sha256 or size != m.cdb.size:
             raise VerificationError(
@@ -779,8 +828,64 @@ def build_map(
             )
         files.append(cdb_path)
     for f in files:
-        _protect(f, name, own, ch)
         _fresh_mtime(f, previous / f.name if previous else None, now)
+
+
+def _create(path: Path, name: str, own: Ownership, ch: AgentChannel) -> None:
+    """Create ``path`` empty, owner-only, then give it its final owner, group and mode —
+    before a byte is written, so a map with password hashes is never readable by anyone it
+    is not meant for, not even for an instant (a reader's open handle would outlive a chmod)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    os.close(fd)
+    _protect(path, name, own, ch)
+
+
+def live_names(manifest: Manifest) -> set[str]:
+    """The names the live set of ``manifest`` links into the target: text maps and cdbs."""
+    names = manifest.files()
+    names |= {m.cdb.file for m in manifest.maps.values() if m.cdb is not None}
+    return names
+
+
+def verify_built(
+    built: Path, src: Path, manifest: Manifest, owners: dict[str, Ownership], ch: AgentChannel
+) -> None:
+    """Check the built set once more after the ``check`` command, before the swap: exactly
+    the manifest's files, each a regular file with its owner, group and mode, and the sha256
+    and size of the text and of the cdb the manifest names; manifest and signature as
+    verified. Raise VerificationError naming the first file that differs."""
+    where = (
+        f"channel {ch.name}: the check command changed the built set of serial {manifest.serial}"
+    )
+    tail = "; not installed, the old set keeps serving"
+    expected = live_names(manifest) | {MANIFEST, SIGNATURE}
+    present = set(os.listdir(built))
+    if present != expected:
+        changed = sorted(present ^ expected)
+        raise VerificationError(
+            f"{where}: {', '.join(str(built / f) for f in changed)} added or removed{tail}"
+        )
+    for f in (MANIFEST, SIGNATURE):
+        if (built / f).is_symlink() or (built / f).read_bytes() != (src / f).read_bytes():
+            raise VerificationError(f"{where}: {built / f} altered{tail}")
+    for name, m in sorted(manifest.maps.items()):
+        checks = [(m.file, m.sha256, m.size)]
+        if m.cdb is not None:
+            checks.append((m.cdb.file, m.cdb.sha256, m.cdb.size))
+        for file, want, want_size in checks:
+            path = built / file
+            if not stat.S_ISREG(path.lstat().st_mode):
+                raise VerificationError(f"{where}: {path} is no longer a regular file{tail}")
+            if not _has_ownership(path, owners[name], built):
+                raise VerificationError(
+                    f"{where}: {path} has another owner or mode (map {name}){tail}"
+                )
+            digest, size = text.sha256_file(path)
+            if digest != want or size != want_size:
+                raise VerificationError(
+                    f"{where}: {path} (map {name}) has sha256 {digest[:16]}… size {size}, the "
+                    f"manifest {want[:16]}… size {want_size}{tail}"
+                )
 
 
 def _fresh_mtime(path: Path, old: Path | None, now: float) -> None:

@@ -20,6 +20,7 @@ from mapsync.agent.hooks import reload_failure
 from mapsync.agent.kept import KeptReleases
 from mapsync.agent.pull import (
     ChannelPaths,
+    check_keeps_maps,
     install,
     installed,
     read_signed,
@@ -92,6 +93,8 @@ def rollback(cfg: AgentConfig, ch: AgentChannel, serial: int | None = None) -> R
             raise VerificationError(
                 f"{where}/{MANIFEST}: is serial {manifest.serial}, not {chosen}; not installing"
             )
+        # Same rule as a pull: a kept release lacking a map the node serves is not installed.
+        check_keeps_maps(manifest, ch, current, where)
         verify_files(src, manifest, where)
         try:
             install(live, src, manifest, ch, paths, state, pin=manifest.serial)
