@@ -453,10 +453,11 @@ def install(
         os.chmod(built, 0o755)
         if not same:
             # The maps exactly as they will go live; a renewal's are the live ones already.
+            before = os.lstat(built)
             run_check(ch, built, manifest.serial)
             if ch.check:
                 # A check runs with the agent's rights: what it changed must not go live.
-                verify_built(built, src, manifest, owners, ch)
+                verify_built(built, before, src, manifest, owners, ch)
         if (ch.reload and not same) or pin is not None:
             # The hook (and the pin) are owed from the swap on: a run killed before it ran
             # must not lose them.
@@ -848,16 +849,29 @@ def live_names(manifest: Manifest) -> set[str]:
 
 
 def verify_built(
-    built: Path, src: Path, manifest: Manifest, owners: dict[str, Ownership], ch: AgentChannel
+    built: Path,
+    before: os.stat_result,
+    src: Path,
+    manifest: Manifest,
+    owners: dict[str, Ownership],
+    ch: AgentChannel,
 ) -> None:
-    """Check the built set once more after the ``check`` command, before the swap: exactly
-    the manifest's files, each a regular file with its owner, group and mode, and the sha256
-    and size of the text and of the cdb the manifest names; manifest and signature as
-    verified. Raise VerificationError naming the first file that differs."""
+    """Check the built set once more after the ``check`` command, before the swap: the same
+    directory (``before``: its lstat then) with the same owner and mode, exactly the
+    manifest's files, each a regular file with its owner, group and mode, and the sha256 and
+    size of the text and of the cdb the manifest names; manifest and signature as verified.
+    Raise VerificationError naming the first path that differs."""
     where = (
         f"channel {ch.name}: the check command changed the built set of serial {manifest.serial}"
     )
     tail = "; not installed, the old set keeps serving"
+    try:
+        now = os.lstat(built)
+    except FileNotFoundError:
+        raise VerificationError(f"{where}: {built} removed{tail}") from None
+    same = (now.st_dev, now.st_ino, now.st_mode, now.st_uid, now.st_gid)
+    if same != (before.st_dev, before.st_ino, before.st_mode, before.st_uid, before.st_gid):
+        raise VerificationError(f"{where}: {built} replaced or its owner or mode changed{tail}")
     expected = live_names(manifest) | {MANIFEST, SIGNATURE}
     present = set(os.listdir(built))
     if present != expected:
