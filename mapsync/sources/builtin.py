@@ -431,7 +431,7 @@ class BuiltinSource(Source):
         except SQLAlchemyError as exc:
             # The session is gone, and its lock with it: what was published stays published.
             _log.warning(
-                "could not release the publisher lock; the database already has",
+                "publisher lock not released: its session is gone, and the lock with it",
                 database=self.safe_url,
                 error=str(getattr(exc, "orig", None) or exc).strip().splitlines()[0],
             )
