@@ -6,6 +6,7 @@ killed) publishes nothing; ``status --publisher`` shows the failing runs."""
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -251,3 +252,37 @@ def test_a_standby_publisher_on_mariadb_respects_the_named_lock(
         conn.execute(text("SELECT RELEASE_LOCK(:n)"), {"n": name})
     engine.dispose()
     assert "published serial 1" in c.publish().stdout
+
+
+# -- a database server that accepts and never answers -------------------------------------------
+
+
+def test_a_database_server_that_never_answers_fails_the_publish_within_lock_wait(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    """A PostgreSQL host behind a dead proxy or a hung server: the TCP connect succeeds, the
+    server never says a word. libpq alone would wait forever."""
+    c = make_cluster(tmp_path / "c", sqlite_url, accounts=30, domains=3, aliases=5)
+    c.publish()
+    before = repo_tree(c.repo)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)  # never accept()ed: the kernel completes the handshake, then nothing
+        port = silent.getsockname()[1]
+        url = f"postgresql+psycopg://mapsync:db-secret@127.0.0.1:{port}/mail"
+        c.config_path.write_text(
+            c.config_path.read_text()
+            .replace(sqlite_url, url)
+            .replace("[publisher]\n", '[publisher]\nlock_wait = "2s"\n', 1)
+        )
+        started = time.monotonic()
+        proc = c.cli("publish")
+        took = time.monotonic() - started
+    _no_traceback(proc)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert took < 30, took
+    assert proc.stderr.startswith(
+        f"mapsync: database postgresql+psycopg://mapsync:***@127.0.0.1:{port}/mail: "
+    ), proc.stderr
+    assert "db-secret" not in proc.stderr
+    assert repo_tree(c.repo) == before
