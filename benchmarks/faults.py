@@ -429,9 +429,12 @@ def f_garbage_latest(h: Harness) -> str | None:
         latest.write_bytes(saved)
         if bad:
             return bad
-        if publish.code == 2 and str(latest) in publish.err:
-            return None  # refused, naming the file: fine
-        return f"garbage LATEST neither repaired nor refused: publish exit {publish.code}"
+        if publish.code in (2, 5) and str(latest) in publish.err:
+            return None  # refused with a clear error naming the file: fine
+        return (
+            f"garbage LATEST neither repaired nor refused naming it: publish exit "
+            f"{publish.code}: {_last(publish.err)}"
+        )
     return bad
 
 
