@@ -247,7 +247,7 @@ class Harness:
         runs = [self.cli("publish"), self.cli("pull"), self.cli("verify"), self.cli("status")]
         for r in runs:
             if r.traceback:
-                problems.append(f"{r.argv[4]}: traceback")
+                problems.append(f"{r.argv[5]}: traceback")
         publish, pull, verify, status = runs
         if publish.code not in (0,):
             problems.append(f"settle publish exit {publish.code}: {_last(publish.err)}")
@@ -289,9 +289,9 @@ def _clean(*runs: Run) -> str | None:
     """None if every run ended cleanly (no traceback; exit code one of the documented)."""
     for r in runs:
         if r.traceback:
-            return f"{' '.join(r.argv[4:])}: traceback: {_last(r.err)}"
+            return f"{' '.join(r.argv[5:])}: traceback: {_last(r.err)}"
         if not r.killed and r.code not in (0, 1, 2, 3, 4, 5):
-            return f"{' '.join(r.argv[4:])}: exit {r.code}"
+            return f"{' '.join(r.argv[5:])}: exit {r.code}"
     return None
 
 
@@ -360,7 +360,7 @@ def f_stray_temp_files(h: Harness) -> str | None:
         return bad
     failed = [r for r in runs[:2] if r.code != 0]
     if failed:
-        return f"{failed[0].argv[4]} exit {failed[0].code}: {_last(failed[0].err)}"
+        return f"{failed[0].argv[5]} exit {failed[0].code}: {_last(failed[0].err)}"
     return None
 
 
