@@ -56,6 +56,7 @@ class PublisherConfig:
     expires: int = 7 * 86400
     full_check: int = 15 * 60
     lock_wait: int = 30
+    statement_timeout: int = 10 * 60  # one database statement, at most
     guards: Guards = Guards()
     map_guards: dict[str, Guards] = field(default_factory=dict)
     channels: dict[str, PublisherChannel] = field(default_factory=dict)
@@ -265,6 +266,7 @@ def _publisher(path: Path, data: Any) -> PublisherConfig:
         "expires",
         "full_check",
         "lock_wait",
+        "statement_timeout",
         "guards",
         "channels",
         "ssh",
@@ -325,6 +327,7 @@ def _publisher(path: Path, data: Any) -> PublisherConfig:
         expires=s.duration("expires", 7 * 86400),
         full_check=s.duration("full_check", 15 * 60),
         lock_wait=s.duration("lock_wait", 30),
+        statement_timeout=_timeout(s, "statement_timeout", 10 * 60),
         guards=base,
         map_guards=map_guards,
         channels=channels,

@@ -246,7 +246,10 @@ def cmd_agent(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from mapsync.agent.status import LEVELS, channel_status, overall, perfdata, prometheus
 
-    agent = _config(args).need_agent()
+    cfg = _config(args)
+    if args.publisher or (cfg.agent is None and cfg.publisher is not None):
+        return _publisher_status(args, cfg.need_publisher())
+    agent = cfg.need_agent()
     statuses = [channel_status(agent, ch) for ch in agent.channels.values()]
     code = overall(statuses)
     if args.prometheus:
@@ -270,6 +273,18 @@ def cmd_status(args: argparse.Namespace) -> int:
     for s in statuses:
         print(f"{s.channel}: {s.level} {s.message}")
     return code
+
+
+def _publisher_status(args: argparse.Namespace, pub: config.PublisherConfig) -> int:
+    from mapsync.agent.status import LEVELS
+    from mapsync.publish.runlog import publisher_status
+
+    st = publisher_status(pub)
+    if args.json:
+        print(json.dumps({"status": LEVELS[st.code], "exit": st.code, **asdict(st)}, indent=2))
+    else:
+        print(f"MAPSYNC PUBLISHER {LEVELS[st.code]} - {st.message}")
+    return st.code
 
 
 def cmd_verify(args: argparse.Namespace) -> int:

@@ -141,10 +141,16 @@ def _parser() -> argparse.ArgumentParser:
     s = add(
         "status",
         "freshness of every channel on this node (Nagios exit codes)",
-        "Installed serial, its age and the last good check of every channel. "
-        "Exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN.",
+        "Installed serial, its age and the last good check of every channel. With "
+        "--publisher (or a config without [agent]): the publisher's last run and last "
+        "successful run. Exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN.",
     )
     s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.add_argument(
+        "--publisher",
+        action="store_true",
+        help="the publisher's health (last run, last success, last error), not the node's",
+    )
     s.add_argument(
         "--prometheus",
         metavar="FILE",

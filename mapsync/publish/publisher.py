@@ -33,6 +33,7 @@ from mapsync.maps import CATALOGUE, Directory
 from mapsync.progress import track
 from mapsync.publish.plan import ChannelPlan, MapPlan, Violation, check, diff_files
 from mapsync.publish.repository import Repository
+from mapsync.publish.runlog import record_run
 from mapsync.release import (
     MANIFEST,
     SIGNATURE,
@@ -232,14 +233,33 @@ class Publisher:
         key = None if dry_run else load_private(self.cfg.signing_key)
         self._public = key.public_key() if key else self._public_half()
         with self.repo.lock(self.cfg.lock_wait):
-            source = self._source()
             try:
-                # The repository lock covers publishers sharing a disk; the source's lock (a
-                # PostgreSQL advisory lock) covers a standby publisher host on its own disk.
-                with source.lock(self.cfg.lock_wait):
-                    return self._locked_run(source, selected, key, dry_run, force, skip_invalid)
-            finally:
-                source.close()
+                result = self._sourced_run(selected, key, dry_run, force, skip_invalid)
+            except MapsyncError as exc:
+                if not dry_run:  # for `mapsync status --publisher`
+                    record_run(self.cfg.repository, str(exc))
+                raise
+            if not dry_run:
+                record_run(self.cfg.repository, None)
+            return result
+
+    def _sourced_run(
+        self,
+        selected: list[PublisherChannel],
+        key: Ed25519PrivateKey | None,
+        dry_run: bool,
+        force: bool,
+        skip_invalid: bool,
+    ) -> PublishResult:
+        source = self._source()
+        try:
+            source.bound(self.cfg.lock_wait, self.cfg.statement_timeout)
+            # The repository lock covers publishers sharing a disk; the source's lock (a
+            # database session lock) covers a standby publisher host on its own disk.
+            with source.lock(self.cfg.lock_wait):
+                return self._locked_run(source, selected, key, dry_run, force, skip_invalid)
+        finally:
+            source.close()
 
     def _locked_run(
         self,
@@ -286,6 +306,9 @@ class Publisher:
             if not dry_run:
                 assert key is not None
                 for s in staged:
+                    # The lock's session may have died under us (killed, a pooler, the
+                    # network): then another publisher may be in, and nothing is committed.
+                    source.check_lock()
                     self._commit(s, key)
                     serial = s.manifest.serial if s.manifest else s.plan.previous
                     self.repo.record_check(s.plan.channel, snap.fingerprint.digest(), serial)

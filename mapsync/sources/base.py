@@ -8,6 +8,9 @@ A source must provide:
   transaction so the maps of one release describe one instant of the database;
 - ``safe_url``: the database URL without its password, recorded in manifests.
 
+Optional: ``lock()``/``check_lock()``, a database-side publisher lock and whether it is still
+held; ``bound()`` sets how long any database wait may last.
+
 Config example::
 
     [publisher]
@@ -29,6 +32,15 @@ class Source(ABC):
 
     safe_url: str
     schema: str
+    # Bounds on waiting for the database (seconds): set by the publisher with bound().
+    lock_wait: float = 30.0
+    statement_timeout: float = 600.0
+
+    def bound(self, lock_wait: float, statement_timeout: float) -> None:
+        """Wait at most ``lock_wait`` for a lock another session holds (and for a connect),
+        and at most ``statement_timeout`` for one statement."""
+        self.lock_wait = lock_wait
+        self.statement_timeout = statement_timeout
 
     @abstractmethod
     def fingerprint(self) -> Fingerprint: ...
@@ -41,6 +53,9 @@ class Source(ABC):
     def lock(self, wait: float = 30.0) -> Iterator[None]:
         """Hold the database-side publisher lock, where the database has one (default: none)."""
         yield
+
+    def check_lock(self) -> None:  # noqa: B027 - optional hook
+        """Raise SourceError if the lock taken by :meth:`lock` is no longer held."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -11,11 +12,22 @@ from itertools import chain, groupby
 from operator import itemgetter
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, CursorResult, Engine, create_engine, func, null, select
+from sqlalchemy import (
+    Connection,
+    CursorResult,
+    Engine,
+    create_engine,
+    event,
+    func,
+    null,
+    select,
+    text,
+)
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.sql import ColumnElement
 
+from mapsync import log
 from mapsync.errors import LockBusy, SourceError
 from mapsync.progress import track
 from mapsync.snapshot import (
@@ -33,6 +45,16 @@ from mapsync.sources.base import Source
 
 # pg_advisory_lock key of the publisher: "mapsync" as a number, the same on every host.
 ADVISORY_LOCK = int.from_bytes(b"mapsync", "big")
+# Whether this session still holds it (a bigint key is classid = high half, objid = low half).
+_PG_HELD = text(
+    "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted"
+    " AND pid = pg_backend_pid() AND objsubid = 1"
+    " AND classid::bigint = :hi AND objid::bigint = :lo)"
+)
+# After this long in one database call, say so in the log (and again every as long).
+SLOW = 5.0
+
+_log = log.get("source")
 
 
 def make_engine(url: str) -> Engine:
@@ -76,6 +98,86 @@ def _begin(conn: Connection) -> None:
         conn.exec_driver_sql("BEGIN")
 
 
+def _bound(conn: Connection, lock_wait: float, statement_timeout: float) -> None:
+    """Bound every wait of the transaction ``conn`` is in (or about to start): for a lock
+    another session holds, ``lock_wait``; for one statement, ``statement_timeout``. Without
+    this a table lock on the central database stalls the publisher silently (a day on
+    MariaDB's defaults) while every node still reports OK."""
+    dialect = conn.dialect.name
+    if dialect == "postgresql":
+        # SET LOCAL: ends with the transaction, so a pooler (pgbouncer) never hands the
+        # setting to another client.
+        conn.exec_driver_sql(f"SET LOCAL lock_timeout = {max(1, int(lock_wait * 1000))}")
+        conn.exec_driver_sql(
+            f"SET LOCAL statement_timeout = {max(1, int(statement_timeout * 1000))}"
+        )
+    elif dialect in ("mysql", "mariadb"):
+        # Metadata locks (LOCK TABLES, DDL) and InnoDB row locks have separate bounds.
+        wait = max(1, int(lock_wait))
+        conn.exec_driver_sql(f"SET SESSION lock_wait_timeout = {wait}")
+        conn.exec_driver_sql(f"SET SESSION innodb_lock_wait_timeout = {wait}")
+        if getattr(conn.dialect, "is_mariadb", False):
+            conn.exec_driver_sql(f"SET SESSION max_statement_time = {float(statement_timeout)}")
+        else:  # MySQL's equivalent, for SELECTs only (all the publisher runs)
+            conn.exec_driver_sql(
+                f"SET SESSION max_execution_time = {max(1, int(statement_timeout * 1000))}"
+            )
+    # SQLite: the busy timeout is a connect argument (see BuiltinSource._connect_args).
+
+
+# What each database says when a bound set by _bound was hit.
+_LOCK_TIMEOUT_SQLSTATE = "55P03"  # PostgreSQL lock_not_available
+_CANCELED_SQLSTATE = "57014"  # PostgreSQL query_canceled (statement_timeout)
+_MYSQL_LOCK_TIMEOUT = 1205  # MariaDB/MySQL: lock wait timeout (metadata or row lock)
+_MYSQL_STATEMENT_TIMEOUT = (1969, 3024)  # MariaDB max_statement_time, MySQL max_execution_time
+
+
+def _bound_hit(orig: object) -> str | None:
+    """``"lock"`` or ``"statement"`` if ``orig`` (a driver error) says a bound was hit."""
+    sqlstate = getattr(orig, "sqlstate", None)
+    if sqlstate == _LOCK_TIMEOUT_SQLSTATE:
+        return "lock"
+    if sqlstate == _CANCELED_SQLSTATE:
+        return "statement"
+    args = getattr(orig, "args", ())
+    code = args[0] if args and isinstance(args[0], int) else None
+    if code == _MYSQL_LOCK_TIMEOUT:
+        return "lock"
+    if code in _MYSQL_STATEMENT_TIMEOUT:
+        return "statement"
+    if type(orig).__module__.startswith("sqlite3") and "database is locked" in str(orig):
+        return "lock"
+    return None
+
+
+@contextmanager
+def _slow(what: str, url: str, bound: float) -> Iterator[None]:
+    """Log a warning after ``SLOW`` seconds in the block, and now and then after that: a
+    publish waiting on the database shows in the log before the bound ends it."""
+    done = threading.Event()
+    started = time.monotonic()
+
+    def warn() -> None:
+        pause = SLOW
+        while not done.wait(pause):
+            pause = 6 * SLOW  # then now and then: a big snapshot may rightly take minutes
+            _log.warning(
+                "still waiting for the database",
+                database=url,
+                doing=what,
+                waited=f"{time.monotonic() - started:.0f}s",
+                gives_up_after=f"{bound:.0f}s",
+            )
+
+    watcher = threading.Thread(target=warn, name="slow-database", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+        watcher.join()
+
+
 class BuiltinSource(Source):
     """The tables of :mod:`mapsync.sources.schema`."""
 
@@ -85,30 +187,64 @@ class BuiltinSource(Source):
         self.url = url
         self.safe_url = safe_url(url)
         self.engine = make_engine(url)
+        self._lock_conn: Connection | None = None
+        event.listen(self.engine, "do_connect", self._connect_args)
+
+    def _connect_args(self, dialect: Any, conn_rec: Any, cargs: Any, cparams: Any) -> None:
+        """Bound the connect itself (an unreachable host) and SQLite's busy wait; a value
+        given in the URL's query wins."""
+        name = self.engine.dialect.name
+        if name in ("postgresql", "mysql", "mariadb"):
+            cparams.setdefault("connect_timeout", max(1, int(self.lock_wait)))
+        elif name == "sqlite":
+            cparams.setdefault("timeout", float(self.lock_wait))
 
     def _fail(self, what: str, exc: SQLAlchemyError) -> SourceError:
         orig = getattr(exc, "orig", None)
         detail = str(orig) if orig is not None else str(exc)
         detail = detail.strip().splitlines()[0] if detail.strip() else type(exc).__name__
+        hit = _bound_hit(orig)
+        if hit == "lock":
+            detail = (
+                f"another session holds a lock longer than [publisher] lock_wait "
+                f"({self.lock_wait:.0f}s) allows ({detail})"
+            )
+        elif hit == "statement":
+            detail = (
+                f"a statement ran longer than [publisher] statement_timeout "
+                f"({self.statement_timeout:.0f}s) allows ({detail})"
+            )
         return SourceError(f"database {self.safe_url}: {what} failed: {detail}")
 
     def fingerprint(self) -> Fingerprint:
+        what = "reading the change fingerprint"
         try:
-            with self.engine.connect() as conn:
+            with (
+                _slow(what, self.safe_url, self.lock_wait),
+                self.engine.connect() as conn,
+                conn.begin(),
+            ):
+                _bound(conn, self.lock_wait, self.statement_timeout)
                 return _fingerprint(conn)
         except SQLAlchemyError as exc:
-            raise self._fail("reading the change fingerprint", exc) from None
+            raise self._fail(what, exc) from None
 
     def snapshot(self, secrets: bool = False) -> Snapshot:
         self._secrets = secrets
+        what = "reading the snapshot"
         try:
-            with paused_gc(), self.engine.connect() as raw:
+            with (
+                _slow(what, self.safe_url, self.statement_timeout),
+                paused_gc(),
+                self.engine.connect() as raw,
+            ):
                 conn = _read_only(raw)
                 with conn.begin():
+                    _bound(conn, self.lock_wait, self.statement_timeout)
                     _begin(conn)
                     return self._read(conn)
         except SQLAlchemyError as exc:
-            raise self._fail("reading the snapshot", exc) from None
+            raise self._fail(what, exc) from None
 
     def _read(self, conn: Connection) -> Snapshot:
         # The fingerprint is read inside the same transaction, so it describes these rows.
@@ -233,9 +369,11 @@ class BuiltinSource(Source):
 
     @contextmanager
     def lock(self, wait: float = 30.0) -> Iterator[None]:
-        """On PostgreSQL, a session advisory lock: publishers on different hosts (a standby)
-        never publish at the same time. Waits up to ``wait`` seconds, then LockBusy."""
-        if self.engine.dialect.name != "postgresql":
+        """A session lock in the database, so publishers on different hosts (a standby)
+        never publish at the same time: on PostgreSQL an advisory lock, on MariaDB/MySQL
+        ``GET_LOCK``. Waits up to ``wait`` seconds, then LockBusy. SQLite: none (one host)."""
+        dialect = self.engine.dialect.name
+        if dialect not in ("postgresql", "mysql", "mariadb"):
             yield
             return
         try:
@@ -243,22 +381,86 @@ class BuiltinSource(Source):
         except SQLAlchemyError as exc:
             raise self._fail("taking the publisher lock", exc) from None
         try:
-            deadline = time.monotonic() + wait
-            while not conn.execute(select(func.pg_try_advisory_lock(ADVISORY_LOCK))).scalar():
-                if time.monotonic() >= deadline:
-                    raise LockBusy(
-                        f"database {self.safe_url}: another publisher holds advisory lock "
-                        f"{ADVISORY_LOCK} (waited {wait:.0f}s)"
-                    )
-                time.sleep(0.5)
+            if dialect == "postgresql":
+                self._pg_lock(conn, wait)
+            else:
+                self._named_lock(conn, wait)
+            self._lock_conn = conn
             try:
                 yield
             finally:
-                conn.execute(select(func.pg_advisory_unlock(ADVISORY_LOCK)))
+                self._lock_conn = None
+                self._unlock(conn, dialect)
         except SQLAlchemyError as exc:
             raise self._fail("holding the publisher lock", exc) from None
         finally:
             conn.close()
+
+    def _pg_lock(self, conn: Connection, wait: float) -> None:
+        deadline = time.monotonic() + wait
+        while not conn.execute(select(func.pg_try_advisory_lock(ADVISORY_LOCK))).scalar():
+            if time.monotonic() >= deadline:
+                raise LockBusy(
+                    f"database {self.safe_url}: another publisher holds advisory lock "
+                    f"{ADVISORY_LOCK} (waited {wait:.0f}s)"
+                )
+            time.sleep(0.5)
+
+    def _lock_name(self) -> str:
+        # GET_LOCK names are server-wide: name the database, so two mapsync databases on one
+        # server do not exclude each other (at most 64 characters).
+        return f"mapsync:{self.engine.url.database or ''}"[:64]
+
+    def _named_lock(self, conn: Connection, wait: float) -> None:
+        got = conn.execute(
+            text("SELECT GET_LOCK(:name, :wait)"),
+            {"name": self._lock_name(), "wait": max(0, int(wait))},
+        ).scalar()
+        if got != 1:
+            raise LockBusy(
+                f"database {self.safe_url}: another publisher holds lock {self._lock_name()!r} "
+                f"(waited {wait:.0f}s)"
+            )
+
+    def _unlock(self, conn: Connection, dialect: str) -> None:
+        try:
+            if dialect == "postgresql":
+                conn.execute(select(func.pg_advisory_unlock(ADVISORY_LOCK)))
+            else:
+                conn.execute(text("SELECT RELEASE_LOCK(:name)"), {"name": self._lock_name()})
+        except SQLAlchemyError as exc:
+            # The session is gone, and its lock with it: what was published stays published.
+            _log.warning(
+                "publisher lock not released: its session is gone, and the lock with it",
+                database=self.safe_url,
+                error=str(getattr(exc, "orig", None) or exc).strip().splitlines()[0],
+            )
+
+    def check_lock(self) -> None:
+        """Raise SourceError unless the lock taken by :meth:`lock` is still held by this
+        session. Its session can die under a running publish (``pg_terminate_backend``, a
+        pooler, the network), and the database then lets another publisher in."""
+        conn = self._lock_conn
+        if conn is None:
+            return
+        lost = f"database {self.safe_url}: the publisher lock was lost while publishing"
+        try:
+            if conn.dialect.name == "postgresql":
+                held = conn.execute(
+                    _PG_HELD, {"hi": ADVISORY_LOCK >> 32, "lo": ADVISORY_LOCK & 0xFFFFFFFF}
+                ).scalar()
+            else:
+                held = conn.execute(
+                    text("SELECT IS_USED_LOCK(:name) = CONNECTION_ID()"),
+                    {"name": self._lock_name()},
+                ).scalar()
+        except SQLAlchemyError as exc:
+            detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+            raise SourceError(
+                f"{lost} ({detail[0] if detail else type(exc).__name__}); nothing was published"
+            ) from None
+        if not held:
+            raise SourceError(f"{lost} (another session may hold it now); nothing was published")
 
     def close(self) -> None:
         self.engine.dispose()

@@ -1,0 +1,115 @@
+"""The publisher's own health: ``REPO/.publisher.json`` records its last run and its last
+successful run, so ``mapsync status --publisher`` can tell a publisher that keeps failing
+(the database locked, down or unreachable) while every node still reports OK.
+
+Kept free of heavy imports (no SQLAlchemy, no cryptography): monitoring runs it every minute.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from mapsync import log
+from mapsync.atomic import atomic_write
+from mapsync.config import PublisherConfig
+from mapsync.errors import EXIT_ERROR, EXIT_OK, EXIT_UNKNOWN, EXIT_WARNING
+from mapsync.release import iso, parse_iso, utcnow
+
+RUNLOG = ".publisher.json"
+
+_log = log.get("publisher")
+
+
+def _first_line(text: str, limit: int = 300) -> str:
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def _read(repository: Path) -> dict[str, object]:
+    try:
+        data = json.loads((repository / RUNLOG).read_bytes())
+    except (FileNotFoundError, NotADirectoryError, ValueError, UnicodeDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def record_run(repository: Path, error: str | None) -> None:
+    """Note a finished publish run (``error`` None: it succeeded). Never fails the run: a
+    note that cannot be written is logged."""
+    note = _read(repository)
+    now = iso(utcnow())
+    note["last_run"] = now
+    note["last_error"] = _first_line(error) if error is not None else None
+    if error is None:
+        note["last_success"] = now
+    try:
+        atomic_write(repository / RUNLOG, (json.dumps(note, sort_keys=True) + "\n").encode())
+    except OSError as exc:
+        _log.warning("could not record the publish run", path=str(repository / RUNLOG), error=exc)
+
+
+@dataclass
+class PublisherStatus:
+    code: int
+    message: str
+    last_run: str | None = None
+    last_success: str | None = None
+    last_error: str | None = None
+
+
+def _stamp(note: dict[str, object], key: str) -> datetime | None:
+    value = note.get(key)
+    if not isinstance(value, str):
+        return None
+    try:
+        return parse_iso(value)
+    except ValueError:
+        return None
+
+
+def _ago(then: datetime | None, now: datetime) -> str:
+    if then is None:
+        return "never"
+    seconds = max(0, int((now - then).total_seconds()))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit} ago"
+    return f"{seconds}s ago"
+
+
+def publisher_status(cfg: PublisherConfig) -> PublisherStatus:
+    """OK while publish runs succeed; WARNING when the last run failed or no run finished
+    within ``full_check``; CRITICAL when none succeeded for half of ``expires`` (releases
+    then go unrenewed and start to expire on the nodes); UNKNOWN before the first run."""
+    note = _read(cfg.repository)
+    now = utcnow()
+    last_run, last_success = _stamp(note, "last_run"), _stamp(note, "last_success")
+    error = note.get("last_error")
+    error = error if isinstance(error, str) else None
+    fields = {
+        "last_run": iso(last_run) if last_run else None,
+        "last_success": iso(last_success) if last_success else None,
+        "last_error": error,
+    }
+    if last_run is None:
+        return PublisherStatus(
+            EXIT_UNKNOWN, f"no publish run recorded in {cfg.repository / RUNLOG}", **fields
+        )
+    success = f"last successful run {_ago(last_success, now)}"
+    if last_success is None or (now - last_success).total_seconds() > cfg.expires / 2:
+        why = f"; last run failed: {error}" if error else ""
+        return PublisherStatus(
+            EXIT_ERROR, f"{success}, releases are not being renewed{why}", **fields
+        )
+    if error:
+        return PublisherStatus(
+            EXIT_WARNING, f"last run failed {_ago(last_run, now)}: {error}; {success}", **fields
+        )
+    if (now - last_run).total_seconds() > cfg.full_check:
+        return PublisherStatus(
+            EXIT_WARNING, f"no publish run for {_ago(last_run, now)[:-4]}; {success}", **fields
+        )
+    return PublisherStatus(EXIT_OK, success, **fields)

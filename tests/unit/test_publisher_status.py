@@ -1,0 +1,78 @@
+"""`mapsync status --publisher`: the publisher's own health from ``REPO/.publisher.json``."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from mapsync.config import PublisherConfig
+from mapsync.errors import EXIT_ERROR, EXIT_OK, EXIT_UNKNOWN, EXIT_WARNING
+from mapsync.publish.runlog import RUNLOG, publisher_status, record_run
+from mapsync.release import iso, utcnow
+
+
+def _cfg(repo: Path) -> PublisherConfig:
+    return PublisherConfig(database="sqlite://", repository=repo, signing_key=repo / "k")
+
+
+def _note(repo: Path, run_ago: int, success_ago: int | None, error: str | None) -> None:
+    now = utcnow()
+    note = {
+        "last_run": iso(now - timedelta(seconds=run_ago)),
+        "last_success": iso(now - timedelta(seconds=success_ago)) if success_ago else None,
+        "last_error": error,
+    }
+    (repo / RUNLOG).write_text(json.dumps(note))
+
+
+def test_runs_are_recorded_and_a_success_clears_the_error(tmp_path: Path) -> None:
+    assert publisher_status(_cfg(tmp_path)).code == EXIT_UNKNOWN
+    record_run(tmp_path, "database sqlite:///x: reading the snapshot failed: boom\nmore")
+    st = publisher_status(_cfg(tmp_path))
+    assert st.code == EXIT_ERROR  # never succeeded
+    assert st.last_error == "database sqlite:///x: reading the snapshot failed: boom"
+    record_run(tmp_path, None)
+    st = publisher_status(_cfg(tmp_path))
+    assert (st.code, st.last_error) == (EXIT_OK, None)
+    assert st.message.startswith("last successful run ")
+    record_run(tmp_path, "locked")
+    st = publisher_status(_cfg(tmp_path))
+    assert st.code == EXIT_WARNING
+    assert (
+        st.message.startswith("last run failed ") and ": locked; last successful run " in st.message
+    )
+
+
+@pytest.mark.parametrize(
+    ("run_ago", "success_ago", "error", "code", "says"),
+    [
+        (60, 60, None, EXIT_OK, "last successful run 1m ago"),
+        (20 * 60, 20 * 60, None, EXIT_WARNING, "no publish run for 20m"),  # > full_check
+        (60, 2 * 3600, "locked", EXIT_WARNING, "last run failed 1m ago: locked"),
+        (
+            60,
+            4 * 86400,
+            "down",
+            EXIT_ERROR,
+            "releases are not being renewed; last run failed: down",
+        ),
+    ],
+)
+def test_levels(
+    tmp_path: Path, run_ago: int, success_ago: int, error: str | None, code: int, says: str
+) -> None:
+    _note(tmp_path, run_ago, success_ago, error)
+    st = publisher_status(_cfg(tmp_path))
+    assert st.code == code, st
+    assert says in st.message
+
+
+@pytest.mark.parametrize("content", [b"", b"[]", b"{", b'{"last_run": 5}', b"\xff"])
+def test_a_damaged_note_is_unknown_not_a_crash(tmp_path: Path, content: bytes) -> None:
+    (tmp_path / RUNLOG).write_bytes(content)
+    assert publisher_status(_cfg(tmp_path)).code == EXIT_UNKNOWN
+    record_run(tmp_path, None)  # and the next run writes a good one
+    assert publisher_status(_cfg(tmp_path)).code == EXIT_OK
