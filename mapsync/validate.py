@@ -139,6 +139,19 @@ def nexthop_problem(nexthop: str) -> str | None:
     return host_problem(m.group(1) or m.group(2))
 
 
+# Every scheme's alphabet (crypt's [./0-9A-Za-z$], base64, argon2's ',' and '=') is printable
+# ASCII; a passwd-file field ends at ':'.
+_HASH = re.compile(r"^[!-9;-~]+\Z")
+
+
+def _unprintable(c: str) -> bool:
+    """Whitespace (any of Unicode's), control, format, unassigned or private-use characters."""
+    return c.isspace() or unicodedata.category(c)[0] in "CZ"
+
+
+_IDNA_DOTS = "\u3002\uff0e\uff61"  # IDNA label separators besides '.' (RFC 3490 3.1)
+
+
 def _unicode_problem(name: str, unicode: str) -> str | None:
     if unicode != unicode.lower():
         return f"name_unicode {unicode!r} is not lowercase (its map keys would never be found)"
@@ -153,6 +166,16 @@ def _unicode_problem(name: str, unicode: str) -> str | None:
         return f"A-label {name!r} does not decode: {exc}"
     if decoded != unicode:
         return f"name_unicode {unicode!r} is not what the name decodes to ({decoded!r})"
+    # The U-label becomes a map key as it is: nothing a key may not hold (whitespace of any
+    # script ends a Postfix key; the renderer refuses those for every channel), no control,
+    # format or unassigned code point, no dot that IDNA reads as a label separator.
+    bad = next((c for c in unicode if _unprintable(c) or c in _IDNA_DOTS), None)
+    if bad is not None:
+        what = " ".join(filter(None, (f"U+{ord(bad):04X}", unicodedata.name(bad, ""))))
+        return (
+            f"name_unicode {unicode!r} contains {what} "
+            "(whitespace, control, format and label-separator characters are not allowed)"
+        )
     return None
 
 
@@ -443,16 +466,6 @@ STRONG_SCHEMES = {
 WEAK_SCHEMES = {"MD5-CRYPT", "SSHA", "SHA", "SMD5", "CRYPT", "SHA256", "SHA512"}
 _CRYPT_PREFIXES = ("$6$", "$5$", "$2y$", "$2b$", "$2a$")
 _SCHEME = re.compile(r"^\{([A-Z0-9.-]+)\}")
-
-
-# Every scheme's alphabet (crypt's [./0-9A-Za-z$], base64, argon2's ',' and '=') is printable
-# ASCII; a passwd-file field ends at ':'.
-_HASH = re.compile(r"^[!-9;-~]+\Z")
-
-
-def _unprintable(c: str) -> bool:
-    """Whitespace (any of Unicode's), control, format, unassigned or private-use characters."""
-    return c.isspace() or unicodedata.category(c)[0] in "CZ"
 
 
 def _secret_problems(

@@ -163,6 +163,32 @@ def test_skip_invalid_publishes_the_rest_and_records_the_skipped(cluster: Cluste
     assert b"example-2.org" in domains
 
 
+@pytest.mark.parametrize("space", ["\u00a0", "\u3000", "\u2028", "\x85"])
+def test_a_u_label_holding_a_space_is_a_skippable_row(cluster: Cluster, space: str) -> None:
+    # Such a U-label used to pass validation and then be refused by the renderer, for every
+    # channel and even with --skip-invalid, naming no row.
+    cluster.publish()
+    label = f"b{space}cher"
+    name = "xn--" + label.encode("punycode").decode() + ".example"
+    execute(
+        cluster,
+        insert(t.domain).values(
+            id=9010, name=name, name_unicode=f"{label}.example", kind="relay",
+            relay_nexthop="[mx.example.net]:25",
+        ),
+    )  # fmt: skip
+    row = (
+        f"domain id=9010 {name!r}: name_unicode {label + '.example'!r} contains U+{ord(space):04X}"
+    )
+    proc = cluster.cli("publish")
+    assert proc.returncode == 2 and row in proc.stderr, proc.stdout + proc.stderr
+    out = cluster.publish("--skip-invalid").stdout
+    assert "skipped 1 invalid row(s):" in out and row in out, out
+    release = cluster.repo / "mx" / "releases" / str(latest(cluster))
+    domains = dict(text.pairs(release / "domains"))
+    assert name.encode() not in domains and b"example-2.org" in domains
+
+
 # --- crash safety ------------------------------------------------------------------------------
 
 
