@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -10,6 +11,7 @@ from functools import partial
 from itertools import chain, groupby
 from operator import itemgetter
 from typing import Any, TypeVar
+from urllib.parse import quote, quote_plus
 
 from sqlalchemy import Connection, CursorResult, Engine, create_engine, func, null, select
 from sqlalchemy.engine import make_url
@@ -40,15 +42,77 @@ def make_engine(url: str) -> Engine:
     try:
         return create_engine(url, pool_pre_ping=False)
     except (ArgumentError, ImportError, ValueError) as exc:
-        raise SourceError(f"database {safe_url(url)}: {exc}") from None
+        raise SourceError(f"database {safe_url(url)}: {redact(str(exc), url)}") from None
+
+
+# Query parameters that carry a password: libpq's and psycopg's ``password``, MySQL drivers'
+# ``passwd``, ODBC's ``pwd``; drivers take them in any case.
+_SECRET_PARAMS = frozenset({"password", "passwd", "pwd"})
+# ``password=...`` inside a libpq conninfo string or anything else that looks like one
+# (a query value such as ``dsn=host=db password=x``, an unparseable URL, a driver's message).
+_KEYWORD_SECRET = re.compile(
+    r"""(?i)\b(password|passwd|pwd)(\s*=\s*|%3D)('(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*"|[^\s&;,)+]*)"""
+)
+# ``scheme://user:password@`` in a string that make_url cannot parse.
+_USERINFO_SECRET = re.compile(r"(://[^/?#@:]*:)[^/?#]*@")
+HIDDEN = "***"
+
+
+def _mask_keywords(text: str) -> str:
+    return _KEYWORD_SECRET.sub(lambda m: m.group(1) + m.group(2) + HIDDEN, text)
 
 
 def safe_url(url: str) -> str:
-    """``url`` without its password, for logs and manifests."""
+    """``url`` without any password, for output, logs and manifests: the userinfo password,
+    password query parameters of any case, and ``password=`` inside any query value."""
     try:
-        return make_url(url).render_as_string(hide_password=True)
-    except (ArgumentError, ValueError):
-        return "<unparseable database URL>"
+        parsed = make_url(url)
+        query = {
+            key: (
+                HIDDEN
+                if key.lower() in _SECRET_PARAMS
+                else tuple(map(_mask_keywords, value))
+                if isinstance(value, tuple)
+                else _mask_keywords(value)
+            )
+            for key, value in parsed.query.items()
+        }
+        rendered = parsed.set(query=query).render_as_string(hide_password=True)
+        # The rendering quotes '***'; a password in a part make_url does not know (the
+        # database name, say) is masked as a conninfo keyword.
+        return _mask_keywords(rendered.replace(quote(HIDDEN, safe=""), HIDDEN))
+    except (ArgumentError, ValueError, TypeError):
+        return _mask_keywords(_USERINFO_SECRET.sub(r"\1" + HIDDEN + "@", url))
+
+
+def _secrets_of(url: str) -> set[str]:
+    """Every password ``url`` holds, as written and as decoded."""
+    found = {m.group(3) for m in _KEYWORD_SECRET.finditer(url)}
+    found |= {m.group(0)[len(m.group(1)) : -1] for m in _USERINFO_SECRET.finditer(url)}
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError, TypeError):
+        pass
+    else:
+        if parsed.password:
+            found.add(str(parsed.password))
+        for key, value in parsed.query.items():
+            values = value if isinstance(value, tuple) else (value,)
+            for v in values:
+                if key.lower() in _SECRET_PARAMS:
+                    found.add(v)
+                found |= {m.group(3) for m in _KEYWORD_SECRET.finditer(v)}
+    quoted = {q for s in found for q in (quote(s, safe=""), quote_plus(s, safe=""), s.strip("'\""))}
+    return {s for s in found | quoted if s}
+
+
+def redact(text: str, url: str) -> str:
+    """``text`` (a driver's or SQLAlchemy's message) with every password of ``url`` hidden."""
+    text = text.replace(url, safe_url(url))
+    # Longest first: a password that contains another one is hidden whole.
+    for secret in sorted(_secrets_of(url), key=len, reverse=True):
+        text = text.replace(secret, HIDDEN)
+    return _mask_keywords(text)
 
 
 def _read_only(conn: Connection) -> Connection:
@@ -90,7 +154,7 @@ class BuiltinSource(Source):
         orig = getattr(exc, "orig", None)
         detail = str(orig) if orig is not None else str(exc)
         detail = detail.strip().splitlines()[0] if detail.strip() else type(exc).__name__
-        return SourceError(f"database {self.safe_url}: {what} failed: {detail}")
+        return SourceError(f"database {self.safe_url}: {what} failed: {redact(detail, self.url)}")
 
     def fingerprint(self) -> Fingerprint:
         try:
