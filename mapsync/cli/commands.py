@@ -358,7 +358,8 @@ def cmd_diff(args: argparse.Namespace) -> int:
         if args.keys:
             for sign, keys in (("+", d.added), ("-", d.removed), ("~", d.changed)):
                 for key in keys:
-                    print(f"  {sign} {key}")
+                    what = d.fields.get(key) if sign == "~" else None
+                    print(f"  {sign} {key}" + (f" ({', '.join(what)} changed)" if what else ""))
     return EXIT_OK
 
 
