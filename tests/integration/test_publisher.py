@@ -455,3 +455,22 @@ def test_keygen_cli_names_both_files(tmp_path: Path) -> None:
         == f"private key {tmp_path / 'k'} (mode 0600), public key {tmp_path / 'k.pub'}"
     )
     assert stat.S_IMODE((tmp_path / "k").stat().st_mode) == 0o600
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604])
+def test_a_signing_key_others_may_read_is_refused(cluster: Cluster, mode: int) -> None:
+    # As rsync refuses a password_file others may read: whoever reads the key signs releases.
+    cluster.publish()
+    add_account(cluster, "after.the.chmod")
+    key = cluster.root / "keys" / "signing.key"
+    key.chmod(mode)
+    before = tree(cluster.repo)
+    for args in (["publish"], ["rollback", "--publisher", "1"]):
+        p = cluster.cli(*args)
+        assert p.returncode == 2, p.stdout + p.stderr
+        assert f"{key}: signing key has mode {mode:04o}" in p.stderr, p.stderr
+        assert f"chmod 600 {key}" in p.stderr and "Traceback" not in p.stderr
+    assert tree(cluster.repo) == before
+    key.chmod(0o600)
+    cluster.publish()
+    assert latest(cluster) == 2
