@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from functools import partial
 from itertools import chain, groupby
 from operator import itemgetter
+from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote, quote_plus
 
@@ -56,6 +57,8 @@ _KEYWORD_SECRET = re.compile(
 # ``scheme://user:password@`` in a string that make_url cannot parse.
 _USERINFO_SECRET = re.compile(r"(://[^/?#@:]*:)[^/?#]*@")
 HIDDEN = "***"
+# A table of the schema is missing: SQLite, PostgreSQL, MariaDB/MySQL spell it so.
+_NO_TABLE = re.compile(r"no such table|relation \S+ does not exist|Table \S+ doesn't exist")
 
 
 def _mask_keywords(text: str) -> str:
@@ -115,6 +118,22 @@ def redact(text: str, url: str) -> str:
     return _mask_keywords(text)
 
 
+def _refuse_missing_sqlite_file(engine: Engine, shown: str) -> None:
+    """SQLite creates a missing database file on connect: the publisher would then fail with
+    'no such table' on an empty file it made itself. Only init-db and seed create one."""
+    if engine.dialect.name != "sqlite":
+        return
+    database = engine.url.database
+    if not database or database == ":memory:" or engine.url.query.get("uri") == "true":
+        return  # in memory, or a file: URI whose mode= decides
+    path = Path(database)
+    if not path.exists():
+        raise SourceError(
+            f"database {shown}: SQLite file {path} does not exist "
+            "(create it with `mapsync init-db`, or fix [publisher].database)"
+        )
+
+
 def _read_only(conn: Connection) -> Connection:
     """Put ``conn`` into one read-only, repeatable-read transaction (one consistent instant)."""
     dialect = conn.dialect.name
@@ -149,11 +168,14 @@ class BuiltinSource(Source):
         self.url = url
         self.safe_url = safe_url(url)
         self.engine = make_engine(url)
+        _refuse_missing_sqlite_file(self.engine, self.safe_url)
 
     def _fail(self, what: str, exc: SQLAlchemyError) -> SourceError:
         orig = getattr(exc, "orig", None)
         detail = str(orig) if orig is not None else str(exc)
         detail = detail.strip().splitlines()[0] if detail.strip() else type(exc).__name__
+        if _NO_TABLE.search(detail):
+            detail += " (is this mapsync's database? `mapsync init-db` creates the schema)"
         return SourceError(f"database {self.safe_url}: {what} failed: {redact(detail, self.url)}")
 
     def fingerprint(self) -> Fingerprint:
