@@ -208,7 +208,10 @@ def _check(snap: Snapshot, proxy: bool = False) -> Iterator[Problem]:
             problem = host_problem(host)
             if problem:
                 yield Problem("mailstore", m.id, m.name, f"{field}_host: {problem}")
-            if not 0 < port < 65536:
+            if type(port) is not int:
+                # SQLite keeps whatever text an INTEGER column is given: '24 host=x' too.
+                yield Problem("mailstore", m.id, m.name, f"{field}_port {port!r} is not a number")
+            elif not 0 < port < 65536:
                 yield Problem("mailstore", m.id, m.name, f"{field}_port {port} out of range")
 
     for d in snap.domains:
@@ -486,7 +489,9 @@ def _secret_problems(
                 _log.warning("weak password scheme", scheme=scheme)
             else:
                 yield f"password scheme {scheme} is not allowed (cleartext or unknown)"
-    if quota_bytes is not None and quota_bytes < 0:
+    if quota_bytes is not None and type(quota_bytes) is not int:
+        yield f"quota_bytes {quota_bytes!r} is not a number"  # SQLite: text in an INTEGER column
+    elif quota_bytes is not None and quota_bytes < 0:
         yield f"quota_bytes {quota_bytes} is negative"
     if home is not None:
         if not home.startswith("/") or ":" in home or any(map(_unprintable, home)):

@@ -30,6 +30,7 @@ def with_database(c: Cluster, url: str) -> Cluster:
     return c
 
 
+@pytest.mark.postgresql
 @pytest.mark.parametrize(
     "form",
     ["postgresql+psycopg://postgres:{pw}@127.0.0.1:5432/{db}",
@@ -57,6 +58,8 @@ def test_a_publish_with_the_password_in_the_url_shows_it_nowhere(
     assert "schema ready in " in runs[0].stdout and "***" in runs[0].stdout
 
 
+@pytest.mark.mariadb
+@pytest.mark.postgresql
 @pytest.mark.parametrize(
     ("form", "needle"),
     [

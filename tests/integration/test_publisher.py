@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -474,3 +475,19 @@ def test_a_signing_key_others_may_read_is_refused(cluster: Cluster, mode: int) -
     key.chmod(0o600)
     cluster.publish()
     assert latest(cluster) == 2
+
+
+def test_text_in_an_sqlite_integer_column_is_an_invalid_row(cluster: Cluster) -> None:
+    # SQLite stores whatever an INTEGER column is given; a port rendered into a proxy or
+    # transport line must be a number, or it could carry fields of its own.
+    cluster.publish()
+    db = cluster.db_url.removeprefix("sqlite:///")
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE mailstore SET lmtp_port = '24 host=10.9.9.9' WHERE id = 1")
+    conn.close()
+    add_account(cluster, "changes.the.fingerprint")  # a raw UPDATE leaves updated_at alone
+    p = cluster.cli("publish")
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "mailstore id=1 'store-1': lmtp_port '24 host=10.9.9.9' is not a number" in p.stderr
+    assert "Traceback" not in p.stderr
+    assert latest(cluster) == 1

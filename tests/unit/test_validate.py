@@ -462,6 +462,8 @@ def test_account_must_resolve_to_an_active_mailstore() -> None:
         ({"lmtp_host": "10.0.1.256"}, "last label is never all digits"),
         ({"lmtp_host": "010.0.1.11"}, "last label is never all digits"),
         ({"imap_host": "::ffff:10.0.1.11 port=1"}, "imap_host: host '::ffff:10.0.1.11 port=1'"),
+        ({"imap_port": "143 host=10.9.9.9"}, "imap_port '143 host=10.9.9.9' is not a number"),
+        ({"lmtp_port": True}, "lmtp_port True is not a number"),
         ({"lmtp_port": 0}, "lmtp_port 0 out of range"),
         ({"imap_port": 70000}, "imap_port 70000 out of range"),
     ],
@@ -579,6 +581,7 @@ def test_the_fast_local_part_check_accepts_exactly_what_the_rules_accept(local: 
         ({"home": "/var/vmail/a\x85b"}, "must be an absolute path"),
         ({"home": "/var/vmail/a\u200bb"}, "must be an absolute path"),  # format character
         ({"quota_bytes": -1}, "quota_bytes -1 is negative"),
+        ({"quota_bytes": "1 nologin=n"}, "quota_bytes '1 nologin=n' is not a number"),
     ],
 )
 def test_passwd_file_fields_are_printable(change: dict[str, object], reason: str) -> None:
