@@ -10,6 +10,8 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import os
+import stat
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
@@ -49,17 +51,44 @@ def keygen(private: Path) -> Path:
 
 
 def load_private(path: Path) -> Ed25519PrivateKey:
+    """The signing key at ``path``, refused unless only its owner (or root) may read it."""
     try:
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        with open(path, "rb") as fh:
+            _check_private_mode(path, os.fstat(fh.fileno()))  # the file read, not a name
+            pem = fh.read()
     except FileNotFoundError:
         raise ConfigError(
             f"{path}: signing key not found (create one with `mapsync keygen {path}`)"
         ) from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: signing key is a directory, not a PEM file") from None
+    except PermissionError as exc:
+        raise ConfigError(f"{path}: signing key cannot be read: {exc.strerror}") from None
+    try:
+        key = serialization.load_pem_private_key(pem, password=None)
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"{path}: not a PEM private key: {exc}") from None
     if not isinstance(key, Ed25519PrivateKey):
         raise ConfigError(f"{path}: not an ed25519 key")
     return key
+
+
+def _check_private_mode(path: Path, st: os.stat_result) -> None:
+    """Refuse, as rsync refuses a readable ``password_file``: whoever can read the key can
+    sign a release every node installs. A warning would scroll past in a timer's journal."""
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(f"{path}: signing key is not a regular file")
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o077:
+        raise ConfigError(
+            f"{path}: signing key has mode {mode:04o}, so others may read it and sign releases "
+            f"every node trusts; it must be 0600 or 0400 (chmod 600 {path})"
+        )
+    if st.st_uid not in (os.geteuid(), 0):
+        raise ConfigError(
+            f"{path}: signing key is owned by uid {st.st_uid}, not by the publisher's user "
+            f"(uid {os.geteuid()}) or root (chown {os.geteuid()} {path})"
+        )
 
 
 def load_public(path: Path) -> Ed25519PublicKey:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import re
+import unicodedata
 from collections.abc import Iterator
 from typing import NamedTuple
 
@@ -26,7 +27,15 @@ _LOCAL = re.compile(r"^[a-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[a-z0-9!#$%&'*+/=?^_`{|}
 _GOOD_LOCAL = re.compile(
     r"(?!#)(?=.{1,64}\Z)[a-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[a-z0-9!#$%&'*+/=?^_`{|}~-]+)*\Z", re.S
 )
-_NEXTHOP = re.compile(r"^(?:\[([^\[\]\s]+)\]|([^\[\]\s:]+))(?::(\d{1,5}))?\Z")
+# [0-9], not \d: Python's \d and int() accept other scripts' digits, which no daemon reads.
+_NEXTHOP = re.compile(r"^(?:\[([^\[\]\s]+)\]|([^\[\]\s:]+))(?::([0-9]{1,5}))?\Z")
+# The grammar of a host a daemon is given (Postfix nexthop, Exim host list, Dovecot host=):
+# dotted-quad IPv4 without leading zeros, or IPv6 hex digits, colons (and an embedded IPv4);
+# never a scope id ('%eth0'): ipaddress accepts any text after '%', spaces and '=' included,
+# which would become extra fields of a Dovecot proxy line.
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_IPV4 = re.compile(rf"^{_OCTET}(?:\.{_OCTET}){{3}}\Z")
+_IPV6_CHARS = re.compile(r"^[0-9a-fA-F:.]{2,45}\Z")
 
 
 class Problem(NamedTuple):
@@ -75,19 +84,38 @@ def address_problem(address: str) -> str | None:
     local, at, domain = address.rpartition("@")
     if not at:
         return f"target {address!r} is not an address (local@domain)"
+    if not address.isascii():
+        # str.lower() maps some non-ASCII letters to ASCII ('\u212a' KELVIN SIGN → 'k'), so
+        # the checks below, on the lowercased parts, would pass what the map then carries.
+        return f"target {address!r} has non-ASCII characters (use the A-label domain)"
     # A target is a value, not a key: an external mailbox may keep its case.
     problem = local_part_problem(local.lower()) or domain_name_problem(domain.lower())
     return f"target {address!r}: {problem}" if problem else None
 
 
-def host_problem(host: str) -> str | None:
-    """Why ``host`` is neither an IP address nor a hostname, or None."""
+def is_ip(host: str) -> bool:
+    """``host`` is a dotted-quad IPv4 address or an IPv6 address without a scope id."""
+    if _IPV4.match(host):
+        return True
+    if not _IPV6_CHARS.match(host):
+        return False
     try:
-        ipaddress.ip_address(host)
-        return None
+        ipaddress.IPv6Address(host)
     except ValueError:
-        pass
+        return False
+    return True
+
+
+def host_problem(host: str) -> str | None:
+    """Why ``host`` is neither an IP address (:func:`is_ip`) nor a hostname, or None."""
+    if is_ip(host):
+        return None
+    if "%" in host:
+        return f"host {host!r}: an IPv6 scope id ('%...') is not allowed"
     problem = domain_name_problem(host)
+    if problem is None and host.rsplit(".", 1)[-1].isdigit():
+        # RFC 1123 2.1: a name's last label is never all digits; this one is a bad address.
+        problem = "not an IP address, and a hostname's last label is never all digits"
     return f"host {host!r}: {problem}" if problem else None
 
 
@@ -105,7 +133,23 @@ def nexthop_problem(nexthop: str) -> str | None:
         return f"relay_nexthop {nexthop!r} is not 'host', '[host]' or '[host]:port'"
     if m.group(3) and not 0 < int(m.group(3)) < 65536:
         return f"relay_nexthop {nexthop!r}: port out of range"
+    if m.group(2) and is_ip(m.group(2)):
+        # Postfix would look up MX records of a bare address; an address needs brackets.
+        return f"relay_nexthop {nexthop!r}: an IP address must be in brackets ([{m.group(2)}])"
     return host_problem(m.group(1) or m.group(2))
+
+
+# Every scheme's alphabet (crypt's [./0-9A-Za-z$], base64, argon2's ',' and '=') is printable
+# ASCII; a passwd-file field ends at ':'.
+_HASH = re.compile(r"^[!-9;-~]+\Z")
+
+
+def _unprintable(c: str) -> bool:
+    """Whitespace (any of Unicode's), control, format, unassigned or private-use characters."""
+    return c.isspace() or unicodedata.category(c)[0] in "CZ"
+
+
+_IDNA_DOTS = "\u3002\uff0e\uff61"  # IDNA label separators besides '.' (RFC 3490 3.1)
 
 
 def _unicode_problem(name: str, unicode: str) -> str | None:
@@ -122,6 +166,16 @@ def _unicode_problem(name: str, unicode: str) -> str | None:
         return f"A-label {name!r} does not decode: {exc}"
     if decoded != unicode:
         return f"name_unicode {unicode!r} is not what the name decodes to ({decoded!r})"
+    # The U-label becomes a map key as it is: nothing a key may not hold (whitespace of any
+    # script ends a Postfix key; the renderer refuses those for every channel), no control,
+    # format or unassigned code point, no dot that IDNA reads as a label separator.
+    bad = next((c for c in unicode if _unprintable(c) or c in _IDNA_DOTS), None)
+    if bad is not None:
+        what = " ".join(filter(None, (f"U+{ord(bad):04X}", unicodedata.name(bad, ""))))
+        return (
+            f"name_unicode {unicode!r} contains {what} "
+            "(whitespace, control, format and label-separator characters are not allowed)"
+        )
     return None
 
 
@@ -139,17 +193,14 @@ def _check(snap: Snapshot, proxy: bool = False) -> Iterator[Problem]:
     domains = {d.id: d for d in snap.domains}
 
     for m in snap.mailstores:
-        if proxy and not host_problem(m.imap_host):
-            try:
-                ipaddress.ip_address(m.imap_host)
-            except ValueError:
-                # Dovecot's proxy host= should be an IP: a name is resolved at every login.
-                yield Problem(
-                    "mailstore",
-                    m.id,
-                    m.name,
-                    f"imap_host {m.imap_host!r} is not an IP address (dovecot_proxy host=)",
-                )
+        if proxy and not host_problem(m.imap_host) and not is_ip(m.imap_host):
+            # Dovecot's proxy host= should be an IP: a name is resolved at every login.
+            yield Problem(
+                "mailstore",
+                m.id,
+                m.name,
+                f"imap_host {m.imap_host!r} is not an IP address (dovecot_proxy host=)",
+            )
         for field, host, port in (
             ("lmtp", m.lmtp_host, m.lmtp_port),
             ("imap", m.imap_host, m.imap_port),
@@ -157,7 +208,10 @@ def _check(snap: Snapshot, proxy: bool = False) -> Iterator[Problem]:
             problem = host_problem(host)
             if problem:
                 yield Problem("mailstore", m.id, m.name, f"{field}_host: {problem}")
-            if not 0 < port < 65536:
+            if type(port) is not int:
+                # SQLite keeps whatever text an INTEGER column is given: '24 host=x' too.
+                yield Problem("mailstore", m.id, m.name, f"{field}_port {port!r} is not a number")
+            elif not 0 < port < 65536:
                 yield Problem("mailstore", m.id, m.name, f"{field}_port {port} out of range")
 
     for d in snap.domains:
@@ -229,7 +283,7 @@ def _check(snap: Snapshot, proxy: bool = False) -> Iterator[Problem]:
         elif not store.active:
             yield Problem("account", a.id, address, f"mailstore {store.name!r} is not active")
         if secrets:
-            for problem in _secret_problems(a.password_hash, a.home):
+            for problem in _secret_problems(a.password_hash, a.home, a.quota_bytes):
                 yield Problem("account", a.id, address, problem)
         claim = ("account", a.id)
         first = seen.setdefault(address.lower(), claim)
@@ -259,7 +313,12 @@ def _check(snap: Snapshot, proxy: bool = False) -> Iterator[Problem]:
         for target_address in al.targets:
             # address_problem's own test, inline: local@domain, both parts valid once lowercased
             local, at, domain = target_address.rpartition("@")
-            if at and good_local(local.lower()) and not domain_name_problem(domain.lower()):
+            if (
+                at
+                and target_address.isascii()
+                and good_local(local.lower())
+                and not domain_name_problem(domain.lower())
+            ):
                 continue
             problem = address_problem(target_address)
             if problem:
@@ -280,6 +339,8 @@ def _check(snap: Snapshot, proxy: bool = False) -> Iterator[Problem]:
         problem = (
             f"{g.address!r} is not an address or @domain"
             if not at
+            else "has non-ASCII characters"
+            if not g.address.isascii()
             else (local_part_problem(local.lower()) if local else None)
             or domain_name_problem(domain.lower())
         )
@@ -410,12 +471,14 @@ _CRYPT_PREFIXES = ("$6$", "$5$", "$2y$", "$2b$", "$2a$")
 _SCHEME = re.compile(r"^\{([A-Z0-9.-]+)\}")
 
 
-def _secret_problems(password_hash: str | None, home: str | None) -> Iterator[str]:
+def _secret_problems(
+    password_hash: str | None, home: str | None, quota_bytes: int | None = None
+) -> Iterator[str]:
     """Rules for the passwd-file fields: a known, strong scheme; nothing that splits a field."""
     if not password_hash:
         yield "no password hash"
-    elif any(c in password_hash for c in ": \t\r\n\0"):
-        yield "password hash contains ':', whitespace or a control character"
+    elif not _HASH.match(password_hash):
+        yield "password hash contains ':', whitespace, a control or a non-ASCII character"
     else:
         m = _SCHEME.match(password_hash)
         if m is None and not password_hash.startswith(_CRYPT_PREFIXES):
@@ -426,8 +489,12 @@ def _secret_problems(password_hash: str | None, home: str | None) -> Iterator[st
                 _log.warning("weak password scheme", scheme=scheme)
             else:
                 yield f"password scheme {scheme} is not allowed (cleartext or unknown)"
+    if quota_bytes is not None and type(quota_bytes) is not int:
+        yield f"quota_bytes {quota_bytes!r} is not a number"  # SQLite: text in an INTEGER column
+    elif quota_bytes is not None and quota_bytes < 0:
+        yield f"quota_bytes {quota_bytes} is negative"
     if home is not None:
-        if not home.startswith("/") or any(c in home for c in ": \t\r\n\0"):
+        if not home.startswith("/") or ":" in home or any(map(_unprintable, home)):
             yield f"home {home!r} must be an absolute path without ':' or whitespace"
         elif ".." in home.split("/"):
             yield f"home {home!r} contains '..'"

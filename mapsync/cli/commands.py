@@ -18,18 +18,13 @@ def _config(args: argparse.Namespace) -> config.Config:
 
 
 def cmd_init_db(args: argparse.Namespace) -> int:
+    from mapsync.sources.builtin import safe_url
     from mapsync.sources.seed import init_db
 
     pub = _config(args).need_publisher()
     init_db(pub.database)
-    print(f"schema ready in {_safe(pub.database)}")
+    print(f"schema ready in {safe_url(pub.database)}")
     return EXIT_OK
-
-
-def _safe(url: str) -> str:
-    from mapsync.sources.builtin import safe_url
-
-    return safe_url(url)
 
 
 def cmd_seed(args: argparse.Namespace) -> int:
@@ -378,7 +373,8 @@ def cmd_diff(args: argparse.Namespace) -> int:
         if args.keys:
             for sign, keys in (("+", d.added), ("-", d.removed), ("~", d.changed)):
                 for key in keys:
-                    print(f"  {sign} {key}")
+                    what = d.fields.get(key) if sign == "~" else None
+                    print(f"  {sign} {key}" + (f" ({', '.join(what)} changed)" if what else ""))
     return EXIT_OK
 
 

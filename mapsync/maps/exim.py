@@ -15,13 +15,12 @@ Exim's cdb lookups are case-sensitive: configurations look keys up with ``${lc:.
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Iterator
 
 from mapsync.config import PublisherChannel
 from mapsync.maps.base import Map
 from mapsync.maps.directory import Directory
-from mapsync.validate import split_nexthop
+from mapsync.validate import is_ip, split_nexthop
 
 LMTP = "mapsync_lmtp"
 RELAY = "mapsync_relay"
@@ -30,11 +29,7 @@ MOVING = ":defer:"  # agents/exim-mx/routers.conf: mapsync_moving defers these a
 
 def route(host: str, port: int | None, transport: str) -> str:
     """``route_data`` for one host: ``<+[IP]:port transport`` or ``<+name:port transport``."""
-    try:
-        ipaddress.ip_address(host)
-        item = f"[{host}]"
-    except ValueError:
-        item = host
+    item = f"[{host}]" if is_ip(host) else host
     return f"<+{item}:{port} {transport}" if port else f"<+{item} {transport}"
 
 

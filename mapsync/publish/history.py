@@ -13,6 +13,7 @@ from pathlib import Path
 
 from mapsync.errors import MapsyncError
 from mapsync.formats import text
+from mapsync.maps import CATALOGUE
 from mapsync.publish.plan import merge_diff
 from mapsync.publish.repository import Repository
 from mapsync.release import MANIFEST, Manifest, parse_manifest
@@ -82,12 +83,35 @@ def history(repo: Repository, channel: str) -> list[HistoryEntry]:
     return history_of(repo.releases(channel), latest.serial if latest else None)
 
 
+# The fields after the user name of a passwd-file line (``dovecot_users``, ``dovecot_proxy``).
+PASSWD_FIELDS = ("password", "uid", "gid", "gecos", "home", "shell", "extra fields")
+
+
 @dataclass
 class MapDiff:
+    """The keys of one map that differ between two releases; never a value.
+
+    ``fields``: for a passwd-file map, which fields of each changed key differ (``password``
+    says a hash changed without showing either hash)."""
+
     name: str
     added: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
     changed: list[str] = field(default_factory=list)
+    fields: dict[str, list[str]] = field(default_factory=dict)
+
+
+def changed_fields(old: str, new: str) -> list[str]:
+    """The names of the passwd-file fields that differ between two values of one user."""
+    a, b = old.split(":", 6), new.split(":", 6)
+    width = max(len(a), len(b))
+    a += [""] * (width - len(a))
+    b += [""] * (width - len(b))
+    return [
+        PASSWD_FIELDS[i] if i < len(PASSWD_FIELDS) else f"field {i + 2}"
+        for i in range(width)
+        if a[i] != b[i]
+    ]
 
 
 def diff_releases(releases: Path, channel: str, a: int, b: int) -> list[MapDiff]:
@@ -106,10 +130,16 @@ def diff_releases(releases: Path, channel: str, a: int, b: int) -> list[MapDiff]
         if ea is not None and eb is not None and ea.same_content(eb):
             out.append(d)
             continue
-        old = text.keyed(releases / str(a) / ea.file) if ea else iter(())
-        new = text.keyed(releases / str(b) / eb.file) if eb else iter(())
-        for kind, key, _, _ in merge_diff(old, new):
+        # Split lines as the map's daemon does: a passwd-file's user name ends at ':' (split at
+        # the first space, a whole line with its hash would be the "key").
+        spec = CATALOGUE.get(name)
+        sep = spec.separator if spec is not None else " "
+        old = text.keyed(releases / str(a) / ea.file, sep) if ea else iter(())
+        new = text.keyed(releases / str(b) / eb.file, sep) if eb else iter(())
+        for kind, key, old_value, new_value in merge_diff(old, new):
             getattr(d, kind).append(key)
+            if kind == "changed" and sep == ":":
+                d.fields[key] = changed_fields(old_value or "", new_value or "")
         out.append(d)
     return out
 

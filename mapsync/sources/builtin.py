@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -10,7 +11,9 @@ from datetime import UTC, datetime
 from functools import partial
 from itertools import chain, groupby
 from operator import itemgetter
+from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import quote, quote_plus
 
 from sqlalchemy import (
     Connection,
@@ -62,15 +65,95 @@ def make_engine(url: str) -> Engine:
     try:
         return create_engine(url, pool_pre_ping=False)
     except (ArgumentError, ImportError, ValueError) as exc:
-        raise SourceError(f"database {safe_url(url)}: {exc}") from None
+        raise SourceError(f"database {safe_url(url)}: {redact(str(exc), url)}") from None
+
+
+# Query parameters that carry a password: libpq's and psycopg's ``password``, MySQL drivers'
+# ``passwd``, ODBC's ``pwd``; drivers take them in any case.
+_SECRET_PARAMS = frozenset({"password", "passwd", "pwd"})
+# ``password=...`` inside a libpq conninfo string or anything else that looks like one
+# (a query value such as ``dsn=host=db password=x``, an unparseable URL, a driver's message).
+_KEYWORD_SECRET = re.compile(
+    r"""(?i)\b(password|passwd|pwd)(\s*=\s*|%3D)('(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*"|[^\s&;,)+]*)"""
+)
+# ``scheme://user:password@`` in a string that make_url cannot parse.
+_USERINFO_SECRET = re.compile(r"(://[^/?#@:]*:)[^/?#]*@")
+HIDDEN = "***"
+# A table of the schema is missing: SQLite, PostgreSQL, MariaDB/MySQL spell it so.
+_NO_TABLE = re.compile(r"no such table|relation \S+ does not exist|Table \S+ doesn't exist")
+
+
+def _mask_keywords(text: str) -> str:
+    return _KEYWORD_SECRET.sub(lambda m: m.group(1) + m.group(2) + HIDDEN, text)
 
 
 def safe_url(url: str) -> str:
-    """``url`` without its password, for logs and manifests."""
+    """``url`` without any password, for output, logs and manifests: the userinfo password,
+    password query parameters of any case, and ``password=`` inside any query value."""
     try:
-        return make_url(url).render_as_string(hide_password=True)
-    except (ArgumentError, ValueError):
-        return "<unparseable database URL>"
+        parsed = make_url(url)
+        query = {
+            key: (
+                HIDDEN
+                if key.lower() in _SECRET_PARAMS
+                else tuple(map(_mask_keywords, value))
+                if isinstance(value, tuple)
+                else _mask_keywords(value)
+            )
+            for key, value in parsed.query.items()
+        }
+        rendered = parsed.set(query=query).render_as_string(hide_password=True)
+        # The rendering quotes '***'; a password in a part make_url does not know (the
+        # database name, say) is masked as a conninfo keyword.
+        return _mask_keywords(rendered.replace(quote(HIDDEN, safe=""), HIDDEN))
+    except (ArgumentError, ValueError, TypeError):
+        return _mask_keywords(_USERINFO_SECRET.sub(r"\1" + HIDDEN + "@", url))
+
+
+def _secrets_of(url: str) -> set[str]:
+    """Every password ``url`` holds, as written and as decoded."""
+    found = {m.group(3) for m in _KEYWORD_SECRET.finditer(url)}
+    found |= {m.group(0)[len(m.group(1)) : -1] for m in _USERINFO_SECRET.finditer(url)}
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError, TypeError):
+        pass
+    else:
+        if parsed.password:
+            found.add(str(parsed.password))
+        for key, value in parsed.query.items():
+            values = value if isinstance(value, tuple) else (value,)
+            for v in values:
+                if key.lower() in _SECRET_PARAMS:
+                    found.add(v)
+                found |= {m.group(3) for m in _KEYWORD_SECRET.finditer(v)}
+    quoted = {q for s in found for q in (quote(s, safe=""), quote_plus(s, safe=""), s.strip("'\""))}
+    return {s for s in found | quoted if s}
+
+
+def redact(text: str, url: str) -> str:
+    """``text`` (a driver's or SQLAlchemy's message) with every password of ``url`` hidden."""
+    text = text.replace(url, safe_url(url))
+    # Longest first: a password that contains another one is hidden whole.
+    for secret in sorted(_secrets_of(url), key=len, reverse=True):
+        text = text.replace(secret, HIDDEN)
+    return _mask_keywords(text)
+
+
+def _refuse_missing_sqlite_file(engine: Engine, shown: str) -> None:
+    """SQLite creates a missing database file on connect: the publisher would then fail with
+    'no such table' on an empty file it made itself. Only init-db and seed create one."""
+    if engine.dialect.name != "sqlite":
+        return
+    database = engine.url.database
+    if not database or database == ":memory:" or engine.url.query.get("uri") == "true":
+        return  # in memory, or a file: URI whose mode= decides
+    path = Path(database)
+    if not path.exists():
+        raise SourceError(
+            f"database {shown}: SQLite file {path} does not exist "
+            "(create it with `mapsync init-db`, or fix [publisher].database)"
+        )
 
 
 def _read_only(conn: Connection) -> Connection:
@@ -187,6 +270,7 @@ class BuiltinSource(Source):
         self.url = url
         self.safe_url = safe_url(url)
         self.engine = make_engine(url)
+        _refuse_missing_sqlite_file(self.engine, self.safe_url)
         self._lock_conn: Connection | None = None
         event.listen(self.engine, "do_connect", self._connect_args)
 
@@ -203,6 +287,8 @@ class BuiltinSource(Source):
         orig = getattr(exc, "orig", None)
         detail = str(orig) if orig is not None else str(exc)
         detail = detail.strip().splitlines()[0] if detail.strip() else type(exc).__name__
+        if _NO_TABLE.search(detail):
+            detail += " (is this mapsync's database? `mapsync init-db` creates the schema)"
         hit = _bound_hit(orig)
         if hit == "lock":
             detail = (
@@ -214,7 +300,7 @@ class BuiltinSource(Source):
                 f"a statement ran longer than [publisher] statement_timeout "
                 f"({self.statement_timeout:.0f}s) allows ({detail})"
             )
-        return SourceError(f"database {self.safe_url}: {what} failed: {detail}")
+        return SourceError(f"database {self.safe_url}: {what} failed: {redact(detail, self.url)}")
 
     def fingerprint(self) -> Fingerprint:
         what = "reading the change fingerprint"
@@ -433,7 +519,9 @@ class BuiltinSource(Source):
             _log.warning(
                 "publisher lock not released: its session is gone, and the lock with it",
                 database=self.safe_url,
-                error=str(getattr(exc, "orig", None) or exc).strip().splitlines()[0],
+                error=redact(
+                    str(getattr(exc, "orig", None) or exc).strip().splitlines()[0], self.url
+                ),
             )
 
     def check_lock(self) -> None:
@@ -457,7 +545,8 @@ class BuiltinSource(Source):
         except SQLAlchemyError as exc:
             detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()
             raise SourceError(
-                f"{lost} ({detail[0] if detail else type(exc).__name__}); nothing was published"
+                f"{lost} ({redact(detail[0], self.url) if detail else type(exc).__name__}); "
+                "nothing was published"
             ) from None
         if not held:
             raise SourceError(f"{lost} (another session may hold it now); nothing was published")

@@ -23,7 +23,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from mapsync.errors import MapsyncError, SourceError
 from mapsync.sources import schema as t
-from mapsync.sources.builtin import make_engine, safe_url
+from mapsync.sources.builtin import make_engine, redact, safe_url
 
 _FIRST = [
     "anna",
@@ -121,7 +121,9 @@ def init_db(url: str) -> None:
     try:
         _create(engine)
     except SQLAlchemyError as exc:
-        raise SourceError(f"database {safe_url(url)}: creating the schema failed: {exc}") from None
+        raise SourceError(
+            f"database {safe_url(url)}: creating the schema failed: {redact(str(exc), url)}"
+        ) from None
     finally:
         engine.dispose()
 
@@ -181,7 +183,9 @@ def seed(
                     )
             return made
     except SQLAlchemyError as exc:
-        raise SourceError(f"database {safe_url(url)}: seeding failed: {exc}") from None
+        raise SourceError(
+            f"database {safe_url(url)}: seeding failed: {redact(str(exc), url)}"
+        ) from None
     finally:
         engine.dispose()
 

@@ -225,3 +225,38 @@ def test_the_proxy_refuses_users_that_may_not_log_in(nodes: Nodes, proxy: Doveco
     refused = next(u for u, v in text.items() if v.endswith("nologin=y"))
     p = proxy.doveadm("auth", "test", refused, PASSWORD)
     assert p.returncode == 77, p.stdout + p.stderr
+
+
+HOSTILE_HOST = "fe80::1%d host=10.9.9.9 destuser=victim@example-1.org pass=secret"
+
+
+@pytest.mark.parametrize("column", ["imap_host", "lmtp_host"])
+def test_a_host_with_injected_fields_never_reaches_the_proxy(
+    nodes: Nodes, proxy: Dovecot, column: str
+) -> None:
+    # An IPv6 "scope id" may hold any text for Python's ipaddress; in a proxy line each
+    # space-separated word after it would be a field Dovecot obeys.
+    engine = create_engine(nodes.cluster.db_url)
+    with engine.begin() as conn:
+        conn.execute(
+            update(t.mailstore).where(t.mailstore.c.id == 1).values({column: HOSTILE_HOST})
+        )
+    try:
+        p = nodes.cluster.cli("publish")
+        assert p.returncode == 2, p.stdout + p.stderr
+        assert f"mailstore id=1 'store-1': {column}: host {HOSTILE_HOST!r}" in p.stderr, p.stderr
+        assert "Traceback" not in p.stderr
+        nodes.cluster.pull()
+        look = proxy.doveadm("auth", "lookup", "postmaster@example-1.org")
+        assert look.returncode == 0, look.stdout + look.stderr
+        got = {
+            k.strip(): v.strip()
+            for k, _, v in (line.partition(":") for line in look.stdout.splitlines())
+        }
+        assert got["host"] == "10.0.1.11" and "destuser" not in got and "pass" not in got
+    finally:
+        with engine.begin() as conn:
+            conn.execute(
+                update(t.mailstore).where(t.mailstore.c.id == 1).values({column: "10.0.1.11"})
+            )
+        engine.dispose()

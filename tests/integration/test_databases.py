@@ -194,25 +194,40 @@ def test_unreachable_server_exits_2_without_the_password(
     assert not (c.repo / "mx").exists()
 
 
-def test_sqlite_in_a_missing_directory_exits_2(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'no-such-dir' / 'central.db'}"
+@pytest.mark.parametrize("where", ["central.db", "no-such-dir/central.db"])
+def test_a_missing_sqlite_file_is_refused_naming_it_and_init_db(tmp_path: Path, where: str) -> None:
+    # SQLite creates a missing file on connect: the publish used to make an empty database
+    # and then fail with "no such table".
+    path = tmp_path / where
+    url = f"sqlite:///{path}"
     c = prepare(tmp_path / "c", url, do_seed=False)
-    proc = c.cli("publish")
-    assert proc.returncode == 2
-    assert (
-        f"mapsync: database {url}: reading the change fingerprint failed: unable to open database file"
-        in proc.stderr
-    )
+    for command in ("publish", "publish --dry-run"):
+        proc = c.cli(*command.split())
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        assert (
+            f"mapsync: database {url}: SQLite file {path} does not exist "
+            "(create it with `mapsync init-db`, or fix [publisher].database)"
+        ) in proc.stderr
+        assert "Traceback" not in proc.stderr
+    assert not path.exists()  # nothing created, not even a missing directory
+    assert path.parent == tmp_path or not path.parent.exists()
     assert not (c.repo / "mx").exists()
-    assert not (tmp_path / "no-such-dir").exists()
+    if where == "central.db":  # the documented commands still create it
+        c.cli("init-db", check=True)
+        c.cli("seed", check=True)
+        c.publish()
+        assert (c.repo / "mx" / "LATEST").exists()
 
 
-def test_sqlite_without_the_schema_exits_2(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'empty.db'}"
+def test_sqlite_without_the_schema_exits_2_and_names_init_db(tmp_path: Path) -> None:
+    path = tmp_path / "empty.db"
+    sqlite3.connect(path).close()  # an empty file, as an earlier mapsync left behind
+    url = f"sqlite:///{path}"
     c = prepare(tmp_path / "c", url, do_seed=False)
     proc = c.cli("publish")
     assert proc.returncode == 2
     assert f"mapsync: database {url}: " in proc.stderr and "no such table" in proc.stderr
+    assert "`mapsync init-db` creates the schema" in proc.stderr
     assert not (c.repo / "mx").exists()
 
 

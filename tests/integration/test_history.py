@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from sqlalchemy import create_engine, delete, insert
+from sqlalchemy import create_engine, delete, insert, select, update
 
 from mapsync.sources import schema as t
 from tests.conftest import Cluster
@@ -38,3 +38,43 @@ def test_history_and_diff_name_the_release_and_the_keys_that_changed(cluster: Cl
     missing = cluster.cli("diff", "1", "9")
     assert missing.returncode == 2
     assert "release 9 is not kept" in missing.stderr
+
+
+HASH_1 = "{SHA512-CRYPT}$6$saltsaltsalt$" + "a" * 86
+HASH_2 = "{SHA512-CRYPT}$6$saltsaltsalt$" + "b" * 86
+
+
+def test_diff_names_a_changed_password_and_never_prints_a_hash(cluster: Cluster) -> None:
+    # A mailstore channel carries dovecot_users (user:hash:uid:gid::home::extra): a changed
+    # password is one changed user, shown without either hash, by the publisher and the node.
+    cluster.write_config(
+        source=str(cluster.repo / "store"),
+        extra_publisher='[publisher.channels.store]\nmaps = ["dovecot_users"]\n',
+    )
+    text = cluster.config_path.read_text().replace("[agent.channels.mx]", "[agent.channels.store]")
+    cluster.config_path.write_text(text)
+    engine = create_engine(cluster.db_url)
+    with engine.begin() as conn:
+        conn.execute(update(t.account).values(password_hash=HASH_1, home=None))
+    cluster.publish("--channel", "store")
+    cluster.pull()
+    with engine.begin() as conn:
+        conn.execute(update(t.account).where(t.account.c.id == 1).values(password_hash=HASH_2))
+        user = "{}@{}".format(
+            *conn.execute(
+                select(t.account.c.local_part, t.domain.c.name)
+                .join(t.domain, t.domain.c.id == t.account.c.domain_id)
+                .where(t.account.c.id == 1)
+            ).one()
+        )
+    engine.dispose()
+    cluster.publish("--channel", "store")
+    cluster.pull()
+
+    for where in ([], ["--agent"]):
+        store = [*where, "--channel", "store"]
+        out = cluster.cli("diff", *store, "1", "2", "--keys", check=True).stdout
+        assert out == f"dovecot_users: +0 -0 ~1\n  ~ {user} (password changed)\n", out
+        out += cluster.cli("history", *store, check=True).stdout
+        out += cluster.cli("history", *store, "--json", check=True).stdout
+        assert "$6$" not in out and "aaaa" not in out and "bbbb" not in out, out

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -161,6 +162,32 @@ def test_skip_invalid_publishes_the_rest_and_records_the_skipped(cluster: Cluste
     assert b"Bad.Example" not in domains and b"bad.example" not in domains
     assert b"norelay.example" not in domains
     assert b"example-2.org" in domains
+
+
+@pytest.mark.parametrize("space", ["\u00a0", "\u3000", "\u2028", "\x85"])
+def test_a_u_label_holding_a_space_is_a_skippable_row(cluster: Cluster, space: str) -> None:
+    # Such a U-label used to pass validation and then be refused by the renderer, for every
+    # channel and even with --skip-invalid, naming no row.
+    cluster.publish()
+    label = f"b{space}cher"
+    name = "xn--" + label.encode("punycode").decode() + ".example"
+    execute(
+        cluster,
+        insert(t.domain).values(
+            id=9010, name=name, name_unicode=f"{label}.example", kind="relay",
+            relay_nexthop="[mx.example.net]:25",
+        ),
+    )  # fmt: skip
+    row = (
+        f"domain id=9010 {name!r}: name_unicode {label + '.example'!r} contains U+{ord(space):04X}"
+    )
+    proc = cluster.cli("publish")
+    assert proc.returncode == 2 and row in proc.stderr, proc.stdout + proc.stderr
+    out = cluster.publish("--skip-invalid").stdout
+    assert "skipped 1 invalid row(s):" in out and row in out, out
+    release = cluster.repo / "mx" / "releases" / str(latest(cluster))
+    domains = dict(text.pairs(release / "domains"))
+    assert name.encode() not in domains and b"example-2.org" in domains
 
 
 # --- crash safety ------------------------------------------------------------------------------
@@ -429,3 +456,38 @@ def test_keygen_cli_names_both_files(tmp_path: Path) -> None:
         == f"private key {tmp_path / 'k'} (mode 0600), public key {tmp_path / 'k.pub'}"
     )
     assert stat.S_IMODE((tmp_path / "k").stat().st_mode) == 0o600
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604])
+def test_a_signing_key_others_may_read_is_refused(cluster: Cluster, mode: int) -> None:
+    # As rsync refuses a password_file others may read: whoever reads the key signs releases.
+    cluster.publish()
+    add_account(cluster, "after.the.chmod")
+    key = cluster.root / "keys" / "signing.key"
+    key.chmod(mode)
+    before = tree(cluster.repo)
+    for args in (["publish"], ["rollback", "--publisher", "1"]):
+        p = cluster.cli(*args)
+        assert p.returncode == 2, p.stdout + p.stderr
+        assert f"{key}: signing key has mode {mode:04o}" in p.stderr, p.stderr
+        assert f"chmod 600 {key}" in p.stderr and "Traceback" not in p.stderr
+    assert tree(cluster.repo) == before
+    key.chmod(0o600)
+    cluster.publish()
+    assert latest(cluster) == 2
+
+
+def test_text_in_an_sqlite_integer_column_is_an_invalid_row(cluster: Cluster) -> None:
+    # SQLite stores whatever an INTEGER column is given; a port rendered into a proxy or
+    # transport line must be a number, or it could carry fields of its own.
+    cluster.publish()
+    db = cluster.db_url.removeprefix("sqlite:///")
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE mailstore SET lmtp_port = '24 host=10.9.9.9' WHERE id = 1")
+    conn.close()
+    add_account(cluster, "changes.the.fingerprint")  # a raw UPDATE leaves updated_at alone
+    p = cluster.cli("publish")
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "mailstore id=1 'store-1': lmtp_port '24 host=10.9.9.9' is not a number" in p.stderr
+    assert "Traceback" not in p.stderr
+    assert latest(cluster) == 1

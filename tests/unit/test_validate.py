@@ -21,7 +21,14 @@ from mapsync.formats import text
 from mapsync.maps import CATALOGUE, Directory
 from mapsync.publish.publisher import _lines
 from mapsync.snapshot import Account, Alias, Domain, Fingerprint, Mailstore, Snapshot
-from mapsync.validate import _GOOD_LOCAL, Problem, address_problem, check, local_part_problem
+from mapsync.validate import (
+    _GOOD_LOCAL,
+    Problem,
+    address_problem,
+    check,
+    is_ip,
+    local_part_problem,
+)
 
 # Hypothesis imports libcst to report a failing example; libcst warns on import, and with
 # warnings as errors a real failure would be reported as a pytest INTERNALERROR instead.
@@ -133,6 +140,71 @@ def test_name_unicode_must_encode_to_the_name(unicode: str, reason: str) -> None
     assert reason in p.reason
 
 
+def a_label(unicode_label: str) -> str:
+    return "xn--" + unicode_label.encode("punycode").decode("ascii")
+
+
+@pytest.mark.parametrize(
+    ("label", "reason"),
+    [
+        ("b\u00a0cher", "contains U+00A0 NO-BREAK SPACE"),
+        ("b\u3000cher", "contains U+3000 IDEOGRAPHIC SPACE"),
+        ("b\u2028cher", "contains U+2028 LINE SEPARATOR"),
+        ("b\x85cher", "contains U+0085"),
+        ("b\u200bcher", "contains U+200B ZERO WIDTH SPACE"),
+        ("b\u3002cher", "contains U+3002 IDEOGRAPHIC FULL STOP"),
+    ],
+)
+def test_name_unicode_holds_nothing_a_map_key_may_not(label: str, reason: str) -> None:
+    d = hosted(3, a_label(label) + ".example", name_unicode=label + ".example")
+    p = only(check(snapshot(domains=[HOSTED, d], accounts=[POSTMASTER])))
+    assert (p.table, p.row, p.key) == ("domain", 3, d.name)
+    assert reason in p.reason
+
+
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    label=st.text(
+        alphabet=st.one_of(
+            st.sampled_from("abcü\u00a0\u3000\u2028\x85\u200b\u3002, #:\t\n\0-"),
+            st.characters(),
+        ),
+        min_size=1,
+        max_size=12,
+    ),
+    kind=st.sampled_from(["hosted", "alias", "relay"]),
+)
+def test_what_validation_passes_in_name_unicode_the_renderer_accepts(label: str, kind: str) -> None:
+    # The renderer (publisher._lines, the publisher's last line of defence) refuses a key for
+    # every channel, naming no row: anything it would refuse must be refused here first.
+    try:
+        name = a_label(label) + ".example"
+    except UnicodeError:
+        return  # no A-label encodes it: no database row can hold this pair
+    d = Domain(3, name, label + ".example", kind, None, None, None, "active")
+    if kind == "hosted":
+        d = d._replace(default_mailstore_id=1)
+    elif kind == "alias":
+        d = d._replace(target_domain_id=1)
+    else:
+        d = d._replace(relay_nexthop="[mx.example.net]:25")
+    snap = snapshot(
+        domains=[HOSTED, d],
+        accounts=[POSTMASTER._replace(password_hash=HASH, home="/var/vmail/pm")]
+        + (
+            [Account(2, 3, "postmaster", None, "active", HASH, "/var/vmail/x")]
+            if kind == "hosted"
+            else []
+        ),
+        aliases=[Alias(4, 1, "", ("postmaster@example.org",))],  # a catch-all: identity lines
+    )
+    snap.secrets = True
+    if check(snap):
+        return  # refused, naming the row: --skip-invalid can drop it
+    with tempfile.TemporaryDirectory() as tmp:
+        _render(snap, Path(tmp))  # raises InvalidData if the renderer refuses a key
+
+
 def test_idna_2008_names_are_judged_by_decoding_the_a_label() -> None:
     """'faß.de' is xn--fa-hia.de under IDNA 2008; IDNA 2003 would map it to 'fass.de'."""
     right = hosted(4, "xn--fa-hia.de", name_unicode="faß.de")
@@ -204,6 +276,10 @@ def test_alias_domains_never_chain() -> None:
         ("[mx.example.com]:25\n", "is not 'host', '[host]' or '[host]:port'"),
         ("[mx.example.com],[evil.example]", "is not 'host', '[host]' or '[host]:port'"),
         ("MX.example.com", "not lowercase"),
+        ("[fe80::1%eth0]:25", "an IPv6 scope id"),
+        ("[mx.example.com]:\u0662\u0665", "is not 'host', '[host]' or '[host]:port'"),
+        ("10.0.0.1:25", "an IP address must be in brackets"),
+        ("[10.0.0.300]", "last label is never all digits"),
     ],
 )
 def test_relay_nexthop_must_be_a_host(nexthop: str | None, reason: str) -> None:
@@ -294,6 +370,7 @@ def test_bad_alias_local_part_and_alias_without_targets() -> None:
         ("x@localhost", "two labels"),
         ("@example.org", "not allowed"),
         ("#x@example.org", "starts with '#'"),
+        ("\u212aelvin@example.org", "non-ASCII"),  # KELVIN SIGN lowercases to 'k'
     ],
 )
 def test_bad_alias_targets(target: str, reason: str) -> None:
@@ -377,6 +454,16 @@ def test_account_must_resolve_to_an_active_mailstore() -> None:
         ({"lmtp_host": "not a host"}, "lmtp_host: host 'not a host'"),
         ({"imap_host": ""}, "imap_host: host ''"),
         ({"lmtp_host": "10.0.1.11\n"}, "lmtp_host: host '10.0.1.11\\n'"),
+        (
+            {"imap_host": "fe80::1%d host=10.9.9.9 destuser=x pass=y"},
+            "imap_host: host 'fe80::1%d host=10.9.9.9 destuser=x pass=y': an IPv6 scope id",
+        ),
+        ({"lmtp_host": "fe80::1%eth0"}, "lmtp_host: host 'fe80::1%eth0': an IPv6 scope id"),
+        ({"lmtp_host": "10.0.1.256"}, "last label is never all digits"),
+        ({"lmtp_host": "010.0.1.11"}, "last label is never all digits"),
+        ({"imap_host": "::ffff:10.0.1.11 port=1"}, "imap_host: host '::ffff:10.0.1.11 port=1'"),
+        ({"imap_port": "143 host=10.9.9.9"}, "imap_port '143 host=10.9.9.9' is not a number"),
+        ({"lmtp_port": True}, "lmtp_port True is not a number"),
         ({"lmtp_port": 0}, "lmtp_port 0 out of range"),
         ({"imap_port": 70000}, "imap_port 70000 out of range"),
     ],
@@ -388,7 +475,9 @@ def test_mailstore_bad_host_or_port(change: dict[str, object], reason: str) -> N
     assert reason in p.reason
 
 
-@pytest.mark.parametrize("host", ["10.0.1.11", "2001:db8::11", "mail1.example.net"])
+@pytest.mark.parametrize(
+    "host", ["10.0.1.11", "2001:db8::11", "::ffff:10.0.1.11", "mail1.example.net", "mx.1e100.net"]
+)
 def test_mailstore_good_hosts(host: str) -> None:
     assert check(snapshot(mailstores=[STORE._replace(lmtp_host=host, imap_host=host)])) == []
 
@@ -481,3 +570,66 @@ def test_hostile_values_are_refused_or_parse_back_exactly(where: str, value: str
 @given(local=HOSTILE)
 def test_the_fast_local_part_check_accepts_exactly_what_the_rules_accept(local: str) -> None:
     assert (local_part_problem(local) is None) == bool(_GOOD_LOCAL.match(local))
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"password_hash": "{SHA512-CRYPT}$6$a\x0bb"}, "password hash contains"),
+        ({"password_hash": "{SHA512-CRYPT}$6$a\u2028b"}, "password hash contains"),
+        ({"home": "/var/vmail/a\u2028b"}, "must be an absolute path"),
+        ({"home": "/var/vmail/a\x85b"}, "must be an absolute path"),
+        ({"home": "/var/vmail/a\u200bb"}, "must be an absolute path"),  # format character
+        ({"quota_bytes": -1}, "quota_bytes -1 is negative"),
+        ({"quota_bytes": "1 nologin=n"}, "quota_bytes '1 nologin=n' is not a number"),
+    ],
+)
+def test_passwd_file_fields_are_printable(change: dict[str, object], reason: str) -> None:
+    account = Account(2, 1, "alice", None, "active", HASH, "/var/vmail/alice", 1024)
+    snap = snapshot(
+        accounts=[
+            POSTMASTER._replace(password_hash=HASH, home="/var/vmail/pm"),
+            account._replace(**change),
+        ]
+    )
+    snap.secrets = True
+    p = only(check(snap))
+    assert (p.table, p.row, p.key) == ("account", 2, "alice@example.org")
+    assert reason in p.reason
+
+
+# --- property: a host or port that passes the rules fills exactly its own field ----------------
+
+HOST_CHARS = "0123456789abcdef:.%[]- =xn"
+HOSTS = st.one_of(
+    st.ip_addresses().map(str),
+    st.builds(lambda ip, tail: f"{ip}{tail}", st.ip_addresses(v=6).map(str), st.text(max_size=30)),
+    st.text(alphabet=HOST_CHARS, max_size=45),
+    st.text(max_size=45),
+)
+
+
+@pytest.mark.parametrize("column", ["lmtp_host", "imap_host", "relay_nexthop"])
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(host=HOSTS)
+def test_hosts_that_pass_fill_exactly_their_field(column: str, host: str) -> None:
+    store = STORE._replace(**{column: host}) if column != "relay_nexthop" else STORE
+    relay = Domain(2, "relay.example", None, "relay", None, None, "[mx.example.com]", "active")
+    if column == "relay_nexthop":
+        relay = relay._replace(relay_nexthop=f"[{host}]:25")
+    snap = snapshot(mailstores=[store], domains=[HOSTED, relay])
+    if check(snap, proxy=True):
+        return  # refused: nothing rendered
+    with tempfile.TemporaryDirectory() as tmp:
+        maps = {name: dict(rows) for name, rows in _render(snap, Path(tmp)).items()}
+    # Each daemon splits its value at whitespace: the host must be one word, and the only
+    # fields are the ones mapsync writes.
+    proxy = maps["dovecot_proxy"]["postmaster@example.org"].split(":", 6)[6].split()
+    assert proxy == ["proxy=y", "nopassword=y", f"host={store.imap_host}", "port=143"]
+    assert maps["transport"]["example.org"] == f"lmtp:[{store.lmtp_host}]:24"
+    assert len(maps["transport"]["relay.example"].split()) == 1
+    item = f"[{store.lmtp_host}]" if is_ip(store.lmtp_host) else store.lmtp_host
+    assert maps["exim_routes"]["example.org"].split() == [f"<+{item}:24", "mapsync_lmtp"]
+    assert len(maps["exim_routes"]["relay.example"].split()) == 2
+    for value in (store.lmtp_host, store.imap_host, maps["transport"]["relay.example"]):
+        assert value.isascii() and value.isprintable() and "%" not in value and "=" not in value
