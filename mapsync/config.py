@@ -266,6 +266,15 @@ def _check_kind(where: str, p: Path, kind: str) -> None:
     one that exists as the other kind, or lies under a regular file. Found now, not as
     ``[Errno 20]``/``[Errno 21]`` from the first command that uses it. A path that does not
     exist yet is fine (mapsync creates directories; keys may be made after the config)."""
+    try:
+        str(p).encode("utf-8")
+    except UnicodeEncodeError:
+        # A legal POSIX name, but rsync's argv, state.json, manifests and logs are UTF-8.
+        shown = os.fsencode(p).decode("utf-8", "backslashreplace")
+        raise ConfigError(
+            f"{where}: {shown} is not valid UTF-8; mapsync needs paths it can pass to rsync "
+            "and record (rename the directory)"
+        ) from None
     for q in (p, *p.parents):
         try:
             st = q.stat()

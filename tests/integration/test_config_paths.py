@@ -4,6 +4,10 @@ installed or pruned — not an ``[Errno 20]``/``[Errno 21]`` halfway through a p
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 from tests.conftest import Cluster
 
 
@@ -68,3 +72,32 @@ def test_a_source_spelled_twice_is_one_source(cluster: Cluster) -> None:
     )
     line = _one_line_error(cluster, "pull")
     assert f"[agent.channels.mx] source: a source is listed twice ({mx})" in line
+
+
+def test_a_config_in_a_directory_whose_name_is_not_utf8_is_refused_in_one_line(
+    cluster: Cluster,
+) -> None:
+    """rsync's argv, state.json and the logs are UTF-8: such a path used to end a pull in a
+    traceback with exit 1, which monitoring reads as WARNING."""
+    cluster.publish()
+    d = os.fsdecode(bytes(cluster.root) + b"/node\xff")
+    os.mkdir(d)
+    cfg = os.path.join(d, "mapsync.toml")
+    with open(cfg, "w") as f:
+        f.write(
+            f'[agent]\nstate = "state"\ntrusted_keys = ["{cluster.root}/keys/signing.pub"]\n'
+            f'[agent.channels.mx]\nsource = "{cluster.repo}/mx"\ntarget = "postfix"\n'
+        )
+    for command in ("pull", "status", "verify"):
+        p = subprocess.run(
+            [sys.executable, "-m", "mapsync", "--config", cfg, command],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert p.returncode == 2, (command, p.stdout, p.stderr)
+        shown = f"{cluster.root}/node\\xff"
+        assert p.stderr.splitlines() == [
+            f"mapsync: {shown}/mapsync.toml: [agent.channels.mx] target: {shown}/postfix is not "
+            "valid UTF-8; "
+            "mapsync needs paths it can pass to rsync and record (rename the directory)"
+        ], p.stderr
+    assert not os.path.exists(os.path.join(d, "postfix"))
