@@ -6,6 +6,7 @@ complete, valid file (``good.toml``) that uses relative paths.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -508,3 +509,69 @@ def test_an_overlap_through_a_symlink_is_found(tmp_path: Path) -> None:
     (tmp_path / "alias").symlink_to(tmp_path / "repo" / "mx")
     with pytest.raises(ConfigError, match=r"\[agent.channels.mx\] inbox: .*/alias overlaps"):
         _agent_cfg(tmp_path, f'source = "{tmp_path}/repo/mx"\ninbox = "alias"')
+
+
+_STORE = """\
+{publisher}[agent]
+state = "state"
+trusted_keys = ["signing.pub"]
+[agent.channels.store-1]
+source = "{source}"
+target = "live"
+{extra}
+"""
+_WARNING = "channel carries password hashes but is pulled without authentication"
+
+
+@pytest.mark.parametrize(
+    ("publisher", "source", "extra", "warned"),
+    [
+        # dovecot_users from a module anyone may read: warned, naming channel and source
+        ("", "rsync://publisher.example.net/store-1", 'maps = ["dovecot_users"]', True),
+        # a user but no password (and no RSYNC_PASSWORD): still warned
+        (
+            "",
+            "rsync://store1-agent@publisher.example.net/store-1",
+            'maps = ["dovecot_users"]',
+            True,
+        ),
+        # as agents/dovecot-store ships it: no warning
+        (
+            "",
+            "rsync://store1-agent@publisher.example.net/store-1",
+            'maps = ["dovecot_users"]\npassword_file = "store.password"',
+            False,
+        ),
+        # what the channel carries, from the publisher part of the same file
+        (
+            '[publisher]\ndatabase = "sqlite:///x.db"\nrepository = "/srv/r"\n'
+            'signing_key = "/k/s.key"\n[publisher.channels.store-1]\nmaps = ["dovecot_users"]\n',
+            "rsync://publisher.example.net/store-1",
+            "",
+            True,
+        ),
+        # no hashes in the channel, or not an rsync daemon: nothing to warn about
+        ("", "rsync://publisher.example.net/store-1", 'maps = ["recipients"]', False),
+        ("", "ssh://mapsync@publisher.example.net/", 'maps = ["dovecot_users"]', False),
+    ],
+)
+def test_hashes_pulled_without_authentication_are_warned_about(
+    tmp_path: Path, publisher: str, source: str, extra: str, warned: bool
+) -> None:
+    f = tmp_path / "mapsync.toml"
+    f.write_text(_STORE.format(publisher=publisher, source=source, extra=extra))
+    env = {k: v for k, v in os.environ.items() if k != "RSYNC_PASSWORD"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "mapsync", "--config", str(f), "--log-format", "json", "status"],
+        capture_output=True, text=True, timeout=60, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr  # nothing installed: CRITICAL, as without the warning
+    events = [json.loads(line) for line in proc.stderr.splitlines()]
+    warnings = [e for e in events if e["event"] == _WARNING]
+    if not warned:
+        assert warnings == [], proc.stderr
+        return
+    (w,) = warnings
+    assert (w["level"], w["channel"], w["source"]) == ("warning", "store-1", source)
+    assert w["maps"] == "dovecot_users" and w["config"] == str(f)
+    assert "docs/security.md" in w["fix"]
