@@ -12,7 +12,7 @@ import re
 import stat
 import tomllib
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -368,6 +368,7 @@ def _publisher(path: Path, data: Any) -> PublisherConfig:
         )
     if not channels:
         raise ConfigError(f"{path}: [publisher.channels]: define at least one channel")
+    _refuse_shared_remote_inboxes(path, channels)
     repository, signing_key = _path(s, "repository"), _path(s, "signing_key", kind="file")
     if repository.resolve() in signing_key.resolve().parents:
         raise ConfigError(
@@ -422,6 +423,28 @@ def _location(section: _Section, key: str, value: str) -> str:
     p = p if p.is_absolute() else section.path.resolve().parent / p
     _check_kind(section.where(key), p, "dir")
     return str(p)
+
+
+def _refuse_shared_remote_inboxes(path: Path, channels: dict[str, PublisherChannel]) -> None:
+    """Two push destinations on one host whose paths overlap would mix two channels' releases
+    in one inbox (local paths are checked with the other directories, in :func:`_areas`)."""
+    seen: list[tuple[str, str, PurePosixPath, str]] = []  # channel, host part, path, url
+    for ch in channels.values():
+        for url in ch.push:
+            if _local(url) is not None:
+                continue
+            host, _, rest = url.partition("://")[2].partition("/")
+            here = PurePosixPath("/" + rest)
+            for other, other_host, there, other_url in seen:
+                if host == other_host and (
+                    here == there or there in here.parents or here in there.parents
+                ):
+                    raise ConfigError(
+                        f"{path}: [publisher.channels.{ch.name}] push: {url} overlaps "
+                        f"[publisher.channels.{other}] push {other_url} (an inbox takes the "
+                        "releases of one channel)"
+                    )
+            seen.append((ch.name, host, here, url))
 
 
 def _normal_url(url: str) -> str:

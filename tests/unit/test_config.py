@@ -102,6 +102,9 @@ BAD = {
     "[publisher] repository",
     "push-shared": f"[publisher.channels.scanner] push: {FIXTURES}/inbox/node overlaps "
     f"[publisher.channels.mx] push {FIXTURES}/inbox/node",
+    "push-shared-remote": "[publisher.channels.scanner] push: "
+    "ssh://mapsync@mx1.example.net/var/lib/mapsync/inbox/mx overlaps [publisher.channels.mx] "
+    "push ssh://mapsync@mx1.example.net/var/lib/mapsync/inbox/mx (an inbox takes the releases",
     # One location, several spellings (issue 15.18).
     "duplicate-source-spelling": "[agent.channels.mx] source: a source is listed twice "
     f"({FIXTURES}/repo/mx)",
