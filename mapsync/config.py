@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import tomllib
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlsplit
 
+from mapsync import log
 from mapsync.errors import ConfigError
 
 DEFAULT_PATH = Path("/etc/mapsync/mapsync.toml")
@@ -22,6 +24,12 @@ CHANNEL_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}\Z")
 MX_MAPS = ("domains", "recipients", "virtual", "transport")
 _DURATION = re.compile(r"^(\d+)([smhd])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+# The publisher renews a release once half its lifetime is gone: below an hour every
+# publish run would sign a renewal, and a node that missed one run would go CRITICAL.
+MIN_EXPIRES = 3600
+# status WARNING after warn_after without a good check: below a minute it would flap
+# between two runs of a pull timer.
+MIN_WARN_AFTER = 60
 
 
 @dataclass(frozen=True)
@@ -192,14 +200,19 @@ class _Section:
             raise ConfigError(f"{self.where(key)}: must be a list of non-empty strings")
         return tuple(value)
 
-    def duration(self, key: str, default: int) -> int:
+    def duration(self, key: str, default: int, minimum: int = 0) -> int:
         value = self._get(key, str, None, "a duration string like '15m'")
         if value is None:
             return default
         try:
-            return parse_duration(value)
+            seconds = parse_duration(value)
         except ValueError as exc:
             raise ConfigError(f"{self.where(key)}: {exc}") from None
+        if seconds < minimum:
+            raise ConfigError(
+                f"{self.where(key)}: must be at least {_spell(minimum)}, not {value!r}"
+            )
+        return seconds
 
     def percent(self, key: str, default: float) -> float:
         value = self._get(key, str, None, "a percentage string like '10%'")
@@ -219,11 +232,16 @@ _REQUIRED = object()
 _Missing = object()
 
 
+def _spell(seconds: int) -> str:
+    """Seconds as the largest whole duration unit: 3600 → ``"1h"``."""
+    for unit in ("d", "h", "m"):
+        if seconds and seconds % _UNITS[unit] == 0:
+            return f"{seconds // _UNITS[unit]}{unit}"
+    return f"{seconds}s"
+
+
 def _timeout(section: _Section, key: str, default: int) -> int:
-    seconds = section.duration(key, default)
-    if seconds < 1:
-        raise ConfigError(f"{section.where(key)}: must be at least 1s")
-    return seconds
+    return section.duration(key, default, minimum=1)
 
 
 def _argv(section: _Section, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
@@ -234,13 +252,45 @@ def _argv(section: _Section, key: str, default: tuple[str, ...]) -> tuple[str, .
     return argv
 
 
-def _path(section: _Section, key: str, default: Any = _REQUIRED) -> Path:
+def _path(section: _Section, key: str, default: Any = _REQUIRED, *, kind: str = "dir") -> Path:
     value = section.text(key, default)
     p = Path(value)
     if not p.is_absolute():
         # Relative paths are relative to the config file, so a demo directory can move.
         p = section.path.resolve().parent / p
+    _check_kind(section.where(key), p, kind)
     return p
+
+
+def _check_kind(where: str, p: Path, kind: str) -> None:
+    """Refuse, naming ``where``, a path that cannot become a ``kind`` ("dir" or "file"):
+    one that exists as the other kind, or lies under a regular file. Found now, not as
+    ``[Errno 20]``/``[Errno 21]`` from the first command that uses it. A path that does not
+    exist yet is fine (mapsync creates directories; keys may be made after the config)."""
+    try:
+        str(p).encode("utf-8")
+    except UnicodeEncodeError:
+        # A legal POSIX name, but rsync's argv, state.json, manifests and logs are UTF-8.
+        shown = os.fsencode(p).decode("utf-8", "backslashreplace")
+        raise ConfigError(
+            f"{where}: {shown} is not valid UTF-8; mapsync needs paths it can pass to rsync "
+            "and record (rename the directory)"
+        ) from None
+    for q in (p, *p.parents):
+        try:
+            st = q.stat()
+        except (FileNotFoundError, NotADirectoryError):
+            continue  # not there yet, or under a file: the loop finds which
+        except OSError:
+            return  # cannot tell (no permission): the command that uses it will say
+        if q == p:
+            if kind == "dir" and not stat.S_ISDIR(st.st_mode):
+                raise ConfigError(f"{where}: {p} is not a directory")
+            if kind == "file" and stat.S_ISDIR(st.st_mode):
+                raise ConfigError(f"{where}: {p} is a directory, not a file")
+        elif not stat.S_ISDIR(st.st_mode):
+            raise ConfigError(f"{where}: {p} lies under {q}, which is not a directory")
+        return
 
 
 def _guards(section: _Section, base: Guards) -> Guards:
@@ -308,23 +358,32 @@ def _publisher(path: Path, data: Any) -> PublisherConfig:
                 )
         if len(set(maps)) != len(maps):
             raise ConfigError(f"{cs.where('maps')}: a map is listed twice")
+        push = tuple(_location(cs, "push", d) for d in cs.strlist("push"))
+        _distinct(cs, "push", push, "a push destination")
         channels[name] = PublisherChannel(
             name=name,
             maps=maps,
             mailstore=cs.text("mailstore"),
-            push=tuple(_location(cs, "push", d) for d in cs.strlist("push")),
+            push=push,
             uid=cs.integer("uid", 5000, minimum=1),
             gid=cs.integer("gid", 5000, minimum=1),
         )
     if not channels:
         raise ConfigError(f"{path}: [publisher.channels]: define at least one channel")
+    _refuse_shared_remote_inboxes(path, channels)
+    repository, signing_key = _path(s, "repository"), _path(s, "signing_key", kind="file")
+    if repository.resolve() in signing_key.resolve().parents:
+        raise ConfigError(
+            f"{s.where('signing_key')}: {signing_key} lies inside the repository {repository}, "
+            "which every node can download; keep the private key elsewhere"
+        )
     return PublisherConfig(
         database=s.text("database", _REQUIRED),
         schema=schema,
-        repository=_path(s, "repository"),
-        signing_key=_path(s, "signing_key"),
+        repository=repository,
+        signing_key=signing_key,
         keep=s.integer("keep", 20, minimum=2),
-        expires=s.duration("expires", 7 * 86400),
+        expires=s.duration("expires", 7 * 86400, minimum=MIN_EXPIRES),
         full_check=s.duration("full_check", 15 * 60),
         lock_wait=s.duration("lock_wait", 30),
         statement_timeout=_timeout(s, "statement_timeout", 10 * 60),
@@ -359,9 +418,63 @@ def _location(section: _Section, key: str, value: str) -> str:
             raise ConfigError(
                 f"{section.where(key)}: unsupported URL {value!r} (use a path, file://, rsync:// or ssh://)"
             )
-        return value
-    p = Path(value)
-    return str(p if p.is_absolute() else section.path.resolve().parent / p)
+        url = _normal_url(value)
+        if url.startswith("file://"):
+            _check_kind(section.where(key), Path(url[len("file://") :]), "dir")
+        return url
+    p = Path(value)  # drops a trailing "/" and "." components: one spelling per directory
+    p = p if p.is_absolute() else section.path.resolve().parent / p
+    _check_kind(section.where(key), p, "dir")
+    return str(p)
+
+
+def _refuse_shared_remote_inboxes(path: Path, channels: dict[str, PublisherChannel]) -> None:
+    """Two push destinations on one host whose paths overlap would mix two channels' releases
+    in one inbox (local paths are checked with the other directories, in :func:`_areas`)."""
+    seen: list[tuple[str, str, PurePosixPath, str]] = []  # channel, host part, path, url
+    for ch in channels.values():
+        for url in ch.push:
+            if _local(url) is not None:
+                continue
+            host, _, rest = url.partition("://")[2].partition("/")
+            here = PurePosixPath("/" + rest)
+            for other, other_host, there, other_url in seen:
+                if host == other_host and (
+                    here == there or there in here.parents or here in there.parents
+                ):
+                    raise ConfigError(
+                        f"{path}: [publisher.channels.{ch.name}] push: {url} overlaps "
+                        f"[publisher.channels.{other}] push {other_url} (an inbox takes the "
+                        "releases of one channel)"
+                    )
+            seen.append((ch.name, host, here, url))
+
+
+def _normal_url(url: str) -> str:
+    """One spelling per location: ``rsync://h/m/mx/./`` → ``rsync://h/m/mx``. Only the path
+    is touched (empty and ``.`` segments); the host part, with any ``[IPv6]``, is kept as written."""
+    scheme, rest = url.split("://", 1)
+    host, slash, path = rest.partition("/")
+    if not slash:
+        return url
+    segments = [s for s in path.split("/") if s not in ("", ".")]
+    return f"{scheme}://{host}/" + "/".join(segments)
+
+
+def _local(location: str) -> Path | None:
+    """The directory a normalised location names on this machine, if it is local."""
+    if location.startswith("file://"):
+        return Path(location[len("file://") :])
+    return None if _URL.match(location) else Path(location)
+
+
+def _distinct(section: _Section, key: str, values: tuple[str, ...], what: str) -> None:
+    """Refuse a location listed twice, however it is spelled (the values are normalised)."""
+    seen: set[str] = set()
+    for v in values:
+        if v in seen:
+            raise ConfigError(f"{section.where(key)}: {what} is listed twice ({v})")
+        seen.add(v)
 
 
 _MODE = re.compile(r"^0?[0-7]{3}\Z")
@@ -431,7 +544,7 @@ def _agent(path: Path, data: Any) -> AgentConfig:
             "reload_timeout",
             "files",
         )
-        warn = cs.duration("warn_after", 15 * 60)
+        warn = cs.duration("warn_after", 15 * 60, minimum=MIN_WARN_AFTER)
         crit = cs.duration("critical_after", 2 * 3600)
         if crit < warn:
             raise ConfigError(f"{cs.where('critical_after')}: must not be shorter than warn_after")
@@ -442,8 +555,7 @@ def _agent(path: Path, data: Any) -> AgentConfig:
             sources = tuple(_location(cs, "source", v) for v in cs.strlist("source"))
         else:
             sources = (_location(cs, "source", cs.text("source", _REQUIRED)),)
-        if len(set(sources)) != len(sources):
-            raise ConfigError(f"{cs.where('source')}: a source is listed twice")
+        _distinct(cs, "source", sources, "a source")
         source = sources[0]
         if "password_file" in cs.data and not any(x.startswith("rsync://") for x in sources):
             raise ConfigError(
@@ -468,9 +580,11 @@ def _agent(path: Path, data: Any) -> AgentConfig:
             inbox=_path(cs, "inbox") if "inbox" in cs.data else None,
             warn_after=warn,
             critical_after=crit,
-            timeout=cs.duration("timeout", 300),
+            timeout=_timeout(cs, "timeout", 300),
             ssh=_argv(cs, "ssh", AgentChannel.ssh),
-            password_file=_path(cs, "password_file") if "password_file" in cs.data else None,
+            password_file=(
+                _path(cs, "password_file", kind="file") if "password_file" in cs.data else None
+            ),
             keep=cs.integer("keep", AgentChannel.keep, minimum=2),
             maps=_known_maps(cs, cs.strlist("maps")),
             mirrors=sources[1:],
@@ -481,29 +595,145 @@ def _agent(path: Path, data: Any) -> AgentConfig:
         )
     if not channels:
         raise ConfigError(f"{path}: [agent.channels]: define at least one channel")
-    seen: dict[Path, str] = {}
-    for ch in channels.values():
-        target = ch.target.resolve()
-        for other_target, other in seen.items():
-            if (
-                target == other_target
-                or other_target in target.parents
-                or target in other_target.parents
-            ):
-                raise ConfigError(
-                    f"{path}: [agent.channels.{ch.name}] target: {ch.target} overlaps the target of "
-                    f"channel {other} (each channel needs a directory of its own)"
-                )
-        seen[target] = ch.name
     return AgentConfig(
         state=_path(s, "state"),
-        trusted_keys=tuple(
-            (Path(k) if Path(k).is_absolute() else path.resolve().parent / k) for k in keys
-        ),
+        trusted_keys=tuple(_key_file(s, k) for k in keys),
         channels=channels,
         interval=interval,
         jitter=s.duration("jitter", AgentConfig.jitter),
     )
+
+
+def _key_file(section: _Section, value: str) -> Path:
+    p = Path(value) if Path(value).is_absolute() else section.path.resolve().parent / value
+    _check_kind(section.where("trusted_keys"), p, "file")
+    return p
+
+
+@dataclass(frozen=True)
+class _Area:
+    """A directory mapsync writes or reads, for the overlap check."""
+
+    where: str  # "[agent.channels.mx] inbox"
+    kind: str  # repository | push | state | target | inbox | source
+    path: Path
+    channel: str = ""
+
+    @property
+    def real(self) -> Path:
+        return self.path.resolve()
+
+
+# Pairs of kinds that must not share a directory, nor lie one inside the other. Sources
+# may (two channels can read one repository), and a source lies inside the repository.
+_CLASHES = {
+    frozenset(pair)
+    for pair in (
+        ("target", "target"),
+        ("target", "inbox"),
+        ("target", "source"),
+        ("target", "state"),
+        ("inbox", "inbox"),
+        ("inbox", "source"),
+        ("inbox", "state"),
+        ("source", "state"),
+        ("repository", "target"),
+        ("repository", "inbox"),
+        ("repository", "state"),
+        ("repository", "push"),
+        ("push", "push"),
+        ("push", "target"),
+        ("push", "state"),
+    )
+}
+
+
+def _areas(publisher: PublisherConfig | None, agent: AgentConfig | None) -> list[_Area]:
+    """In the order a clash is reported: on the later of two areas, so the message names the
+    key to change (an inbox, not the repository it lies in)."""
+    areas = []
+    if publisher is not None:
+        areas.append(_Area("[publisher] repository", "repository", publisher.repository))
+        for pc in publisher.channels.values():
+            for dest in pc.push:
+                if (local := _local(dest)) is not None:
+                    areas.append(
+                        _Area(f"[publisher.channels.{pc.name}] push", "push", local, pc.name)
+                    )
+    if agent is not None:
+        areas.append(_Area("[agent] state", "state", agent.state))
+        for ch in agent.channels.values():
+            where = f"[agent.channels.{ch.name}]"
+            for src in ch.sources:
+                if (local := _local(src)) is not None:
+                    areas.append(_Area(f"{where} source", "source", local, ch.name))
+            areas.append(_Area(f"{where} target", "target", ch.target, ch.name))
+            if ch.inbox is not None:
+                areas.append(_Area(f"{where} inbox", "inbox", ch.inbox, ch.name))
+    return areas
+
+
+def _refuse_overlaps(path: Path, areas: list[_Area]) -> None:
+    """Each directory mapsync writes has one owner: an inbox that is also a source would
+    have its releases pruned after the next pushed install; a target inside the state or
+    the repository would be overwritten by either."""
+    # The inbox/source clash first: its message says what would be lost.
+    pairs = [(a, b) for i, a in enumerate(areas) for b in areas[:i]]
+    pairs.sort(key=lambda ab: {ab[0].kind, ab[1].kind} != {"inbox", "source"})
+    for a, b in pairs:
+        if frozenset((a.kind, b.kind)) not in _CLASHES:
+            continue
+        ra, rb = a.real, b.real
+        if not (ra == rb or ra in rb.parents or rb in ra.parents):
+            continue
+        if a.kind == b.kind == "target":
+            raise ConfigError(
+                f"{path}: {a.where}: {a.path} overlaps the target of channel {b.channel} "
+                "(each channel needs a directory of its own)"
+            )
+        if {a.kind, b.kind} == {"inbox", "source"}:
+            why = "pruning the inbox after a pushed install would delete the source's releases"
+        elif {a.kind, b.kind} == {"inbox"}:
+            why = "one channel's pushed release would be pruned or installed by the other"
+        elif {a.kind, b.kind} == {"push"}:
+            why = "an inbox takes the releases of one channel"
+        else:
+            why = "each needs a directory of its own"
+        raise ConfigError(f"{path}: {a.where}: {a.path} overlaps {b.where} {b.path} ({why})")
+
+
+def _warn_unauthenticated(
+    path: Path, publisher: PublisherConfig | None, agent: AgentConfig | None
+) -> None:
+    """A channel with password hashes pulled from an rsync daemon without a user and a
+    password: whoever reaches port 873 can copy the same module."""
+    from mapsync.maps import CATALOGUE
+
+    if agent is None:
+        return
+    for ch in agent.channels.values():
+        maps = ch.maps
+        if not maps and publisher is not None and ch.name in publisher.channels:
+            maps = publisher.channels[ch.name].maps
+        secret = sorted(m for m in maps if CATALOGUE[m].secrets)
+        if not secret:
+            continue
+        for src in ch.sources:
+            if not src.startswith("rsync://"):
+                continue
+            if urlsplit(src).username and (
+                ch.password_file is not None or "RSYNC_PASSWORD" in os.environ
+            ):
+                continue
+            log.get("config").warning(
+                "channel carries password hashes but is pulled without authentication",
+                config=str(path),
+                channel=ch.name,
+                source=src,
+                maps=",".join(secret),
+                fix="serve it from a module with `auth users` and set "
+                "rsync://USER@host/... and password_file (docs/security.md)",
+            )
 
 
 def resolve_path(explicit: str | None) -> Path:
@@ -533,8 +763,8 @@ def load(path: Path) -> Config:
             raise ConfigError(f"{path}: [{key}]: unknown section (known: agent, publisher)")
     if not data:
         raise ConfigError(f"{path}: empty config: needs a [publisher] or an [agent] section")
-    return Config(
-        path=path,
-        publisher=_publisher(path, data["publisher"]) if "publisher" in data else None,
-        agent=_agent(path, data["agent"]) if "agent" in data else None,
-    )
+    publisher = _publisher(path, data["publisher"]) if "publisher" in data else None
+    agent = _agent(path, data["agent"]) if "agent" in data else None
+    _refuse_overlaps(path, _areas(publisher, agent))
+    _warn_unauthenticated(path, publisher, agent)
+    return Config(path=path, publisher=publisher, agent=agent)

@@ -5,24 +5,33 @@ in a repository, and one agent per node role (Postfix MX, Exim MX, scanner, IMAP
 mailstores) that pulls its channel with rsync, verifies it and swaps it in, and the status
 each node's monitoring would see. Running it again on the same directory re-publishes
 (nothing changed → no release) and re-pulls.
+
+Layout: ``DIR/mapsync.toml`` holds the publisher and the ``mx`` node's agent (one file with
+both parts, as DESIGN.md describes); every other node's agent config is
+``DIR/nodes/<node>/mapsync.toml``; each node's state and live maps are under ``DIR/nodes/<node>/``.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 import shutil
 import subprocess
 import tempfile
 from pathlib import Path
 
+import structlog
+
 from mapsync import config
-from mapsync.errors import EXIT_OK
+from mapsync.errors import EXIT_OK, ConfigError
 
 PASSWORD = "demo-password"
 
 PUBLISHER = """\
 # Written by `mapsync demo`: the publisher, and the Postfix MX node's agent.
 [publisher]
-database = "sqlite:///{dir}/central.db"
+database = {database}
 repository = "repo"
 signing_key = "keys/signing.key"
 expires = "7d"
@@ -51,12 +60,12 @@ mailstore = "store-2"
 
 AGENT = """\
 [agent]
-state = "{node}/state"
-trusted_keys = ["{dir}/keys/signing.pub"]
+state = {state}
+trusted_keys = [{key}]
 
 [agent.channels.{channel}]
-source = "{dir}/repo/{channel}"
-target = "{node}/{daemon}"
+source = {source}
+target = {target}
 warn_after = "15m"
 critical_after = "2h"
 """
@@ -72,9 +81,35 @@ NODES = {
 }
 
 
+def _q(value: object) -> str:
+    """A TOML string: JSON's escapes are TOML's, so a directory named ``a"b`` stays one value."""
+    return json.dumps(str(value))
+
+
 def _agent_block(d: Path, node: str) -> str:
     channel, daemon = NODES[node]
-    return AGENT.format(dir=d, node=d / "nodes" / node, channel=channel, daemon=daemon)
+    home = d / "nodes" / node
+    return AGENT.format(
+        channel=channel,
+        state=_q(home / "state"),
+        key=_q(d / "keys" / "signing.pub"),
+        source=_q(d / "repo" / channel),
+        target=_q(home / daemon),
+    )
+
+
+def node_config(d: Path, node: str) -> Path:
+    """Where the demo writes ``node``'s config: the ``mx`` node shares the publisher's file."""
+    return d / "mapsync.toml" if node == "mx" else d / "nodes" / node / "mapsync.toml"
+
+
+def _quiet_info_logs() -> None:
+    """The demo prints its own report of each step; the same steps' INFO log lines on stderr
+    would interleave with it. Warnings and errors still show, and ``-v`` shows everything."""
+    if structlog.get_config()["wrapper_class"] is structlog.make_filtering_bound_logger(
+        logging.INFO
+    ):
+        structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
 
 
 def run_demo(directory: Path | None) -> int:
@@ -87,19 +122,32 @@ def run_demo(directory: Path | None) -> int:
     from mapsync.sources.seed import SeedCounts, seed
 
     d = (directory or Path(tempfile.mkdtemp(prefix="mapsync-demo-"))).resolve()
+    try:
+        str(d).encode("utf-8")
+    except UnicodeEncodeError:
+        shown = os.fsencode(d).decode("utf-8", "backslashreplace")
+        raise ConfigError(
+            f"demo --dir {shown}: not valid UTF-8; the demo writes this path into its configs "
+            "and hands it to rsync (choose a directory whose name is UTF-8)"
+        ) from None
+    _quiet_info_logs()
     d.mkdir(parents=True, exist_ok=True)
-    cfg_path = d / "mapsync.toml"
+    cfg_path = node_config(d, "mx")
     fresh = not (d / "central.db").exists()
     print(f"== mapsync demo in {d}")
     if fresh:
-        cfg_path.write_text(PUBLISHER.format(dir=d, agent=_agent_block(d, "mx")))
+        database = _q(f"sqlite:///{d / 'central.db'}")
+        cfg_path.write_text(PUBLISHER.format(database=database, agent=_agent_block(d, "mx")))
         for node in NODES:
             if node != "mx":
-                (d / "nodes" / node).mkdir(parents=True, exist_ok=True)
-                (d / "nodes" / node / "mapsync.toml").write_text(_agent_block(d, node))
+                node_config(d, node).parent.mkdir(parents=True, exist_ok=True)
+                node_config(d, node).write_text(_agent_block(d, node))
         if not (d / "keys" / "signing.key").exists():
             keygen(d / "keys" / "signing.key")
-        print("   wrote mapsync.toml (publisher + MX node), nodes/*/mapsync.toml, keys/")
+        print(
+            "   wrote mapsync.toml (the publisher and node mx's agent), "
+            "nodes/<node>/mapsync.toml (the other nodes' agents), keys/"
+        )
     cfg = config.load(cfg_path)
     pub = cfg.need_publisher()
     if fresh:
@@ -120,7 +168,7 @@ def run_demo(directory: Path | None) -> int:
     node_cfgs = {"mx": cfg.need_agent()}
     for node in NODES:
         if node != "mx":
-            node_cfgs[node] = config.load(d / "nodes" / node / "mapsync.toml").need_agent()
+            node_cfgs[node] = config.load(node_config(d, node)).need_agent()
     for node, agent in node_cfgs.items():
         for ch in agent.channels.values():
             r = pull(agent, ch)
@@ -146,5 +194,10 @@ def run_demo(directory: Path | None) -> int:
     proxy = node_cfgs["imap-proxy"].channels["imap"].target / "dovecot_proxy"
     print(f"   Dovecot on store-1 reads passwd-file {store} (every account's password: {PASSWORD})")
     print(f"   the IMAP proxy reads {proxy}: no password hashes there")
-    print(f"   (rerun with: mapsync demo --dir {d}; publisher and MX config: --config {cfg_path})")
+    print("== configs (try e.g. mapsync --config FILE status):")
+    print(f"   publisher and node mx: {cfg_path}")
+    for node in NODES:
+        if node != "mx":
+            print(f"   node {node}: {node_config(d, node)}")
+    print(f"   (rerun with: mapsync demo --dir {d})")
     return EXIT_OK

@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import sys
+import traceback
 from collections.abc import Sequence
 
 from mapsync import __version__, log, signals
@@ -208,15 +209,43 @@ def _parser() -> argparse.ArgumentParser:
 
     s = add(
         "demo",
-        "the whole system on one machine: SQLite, sample data, publisher, agents",
-        "Build a publisher and an MX node in DIR: SQLite database with sample data, a signed "
-        "release, an agent that pulls it with rsync and installs it; print each node's status "
-        "and a postmap command to try a lookup. Run again to re-publish and re-pull.",
+        "the whole system on one machine: SQLite, sample data, publisher, six nodes",
+        "Build a whole mail cluster in DIR: a SQLite database with sample data, a publisher\n"
+        "with signed releases of six channels, and six nodes - mx (Postfix MX), exim-mx,\n"
+        "scanner, imap-proxy, store-1 and store-2 - whose agents pull their channel with\n"
+        "rsync, verify it and install it. Prints each node's status and postmap commands\n"
+        "to try a lookup. Run again with the same DIR to re-publish (an unchanged database\n"
+        "makes no release) and re-pull.\n\n"
+        "Configs: DIR/mapsync.toml holds the publisher and node mx's agent; every other\n"
+        "node's agent is DIR/nodes/<node>/mapsync.toml. Each node's state and live maps are\n"
+        "under DIR/nodes/<node>/.",
     )
     s.add_argument(
         "--dir", metavar="DIR", help="where to build it (default: a new directory under /tmp)"
     )
     return p
+
+
+def _printable(text: str) -> str:
+    """A path's undecodable bytes (a directory name that is not UTF-8) as ``\\xff``."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that no byte decoded to
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _unexpected(exc: Exception, fmt: str, verbose: bool) -> None:
+    lines = [line.strip() for line in _printable(str(exc)).splitlines() if line.strip()]
+    what = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    hint = "" if verbose else " (run with -v for the traceback)"
+    if fmt == "json":
+        log.get("cli").error(
+            f"unexpected error: {what}", error=type(exc).__name__, exit=EXIT_ERROR, exc_info=verbose
+        )
+        return
+    if verbose:
+        traceback.print_exception(exc, file=sys.stderr)
+    print(f"mapsync: unexpected error: {what}{hint}", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -240,17 +269,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         # with one line, not a traceback and exit 1, which would read as WARNING to monitoring.
         code = exc.exit_code if isinstance(exc, MapsyncError) else EXIT_ERROR
         if fmt == "json":
-            log.get("cli").error(str(exc), error=type(exc).__name__, exit=code)
+            log.get("cli").error(_printable(str(exc)), error=type(exc).__name__, exit=code)
         else:
-            print(f"mapsync: {exc}", file=sys.stderr)
+            print(f"mapsync: {_printable(str(exc))}", file=sys.stderr)
         return code
     except KeyboardInterrupt:
         return 128 + signal.SIGINT
-    except Exception:
+    except Exception as exc:
         if (got := signals.received()) is not None:
             # The handler's SystemExit, turned into another error by a C extension.
             return 128 + got
-        raise
+        # A bug, or a case no check foresaw: still an error (exit 2), never the exit 1 of an
+        # uncaught traceback, which monitoring would read as WARNING. The traceback is for -v.
+        _unexpected(exc, fmt, args.verbose)
+        return EXIT_ERROR
     # A signal whose SystemExit was swallowed (in a gc callback) still ends the run as signalled.
     got = signals.received()
     return code if got is None else 128 + got

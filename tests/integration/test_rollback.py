@@ -21,6 +21,7 @@ import pytest
 
 from mapsync.release import MANIFEST, SIGNATURE, parse_latest, parse_manifest
 from tests.conftest import Cluster, make_cluster
+from tests.helpers.config import publish_expiring
 from tests.integration.test_agent_pull import (
     MAPS,
     add_account,
@@ -306,10 +307,8 @@ def test_rollback_with_nothing_installed_is_refused(tmp_path: Path) -> None:
 
 def test_an_expired_kept_release_is_never_installed(tmp_path: Path) -> None:
     c = make_cluster(tmp_path / "c", f"sqlite:///{tmp_path / 'central.db'}")
-    c.write_config(extra_publisher='expires = "3s"')
-    c.publish()
+    publish_expiring(c, "3s")
     c.pull()
-    c.write_config()  # 7 days again
     add_account(c, "zz-second")
     c.publish()
     c.pull()
@@ -325,16 +324,15 @@ def test_an_expired_kept_release_is_never_installed(tmp_path: Path) -> None:
 
 def test_rollback_skips_renewals_of_the_installed_maps(tmp_path: Path) -> None:
     c = make_cluster(tmp_path / "c", f"sqlite:///{tmp_path / 'central.db'}")
-    c.write_config(extra_publisher='expires = "10s"')
-    c.publish()
+    publish_expiring(c, "10s")
     c.pull()
     add_account(c, "zz-second")
-    c.publish()
+    publish_expiring(c, "10s")
     c.pull()
     second = parse_manifest((kept(c) / "2" / MANIFEST).read_bytes(), "2")
     # Renewed once half the lifetime has passed: serial 3, the same maps as serial 2.
     time.sleep(max(0.0, second.created_at().timestamp() + 5.2 - time.time()))
-    assert "renewed serial 3" in c.publish().stdout
+    assert "renewed serial 3" in publish_expiring(c, "10s").stdout
     assert "serial 3 renews 2" in c.pull().stdout
     p = c.cli("rollback")
     assert p.returncode == 0, p.stderr

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from mapsync.release import MANIFEST, parse_manifest
 from tests.conftest import Cluster, make_cluster
+from tests.helpers.config import publish_expiring
 from tests.integration.test_agent_pull import lookup
 
 OLD = "postmaster@example-1.org"
@@ -37,8 +38,7 @@ def test_status_warns_with_a_quarter_of_the_lifetime_left_and_is_critical_once_e
     tmp_path: Path,
 ) -> None:
     c = make_cluster(tmp_path / "c", f"sqlite:///{tmp_path / 'central.db'}")
-    c.write_config(extra_publisher='expires = "8s"')
-    c.publish()
+    publish_expiring(c, "8s")
     c.pull()
     m = parse_manifest((c.target / ".mapsync" / "current" / MANIFEST).read_bytes(), "current")
     created, expires = m.created_at().timestamp(), m.expires_at().timestamp()
@@ -72,13 +72,12 @@ def test_status_warns_with_a_quarter_of_the_lifetime_left_and_is_critical_once_e
 
 def test_a_renewal_before_the_last_quarter_keeps_status_ok(tmp_path: Path) -> None:
     c = make_cluster(tmp_path / "c", f"sqlite:///{tmp_path / 'central.db'}")
-    c.write_config(extra_publisher='expires = "8s"')
-    c.publish()
+    publish_expiring(c, "8s")
     c.pull()
     m = parse_manifest((c.target / ".mapsync" / "current" / MANIFEST).read_bytes(), "current")
     # Half the lifetime gone: the publisher renews, the node records the new expiry.
     _sleep_until(m.created_at().timestamp() + 4.2)
-    assert "renewed serial 2" in c.publish().stdout
+    assert "renewed serial 2" in publish_expiring(c, "8s").stdout
     assert "serial 2 renews 1" in c.pull().stdout
     _sleep_until(m.created_at().timestamp() + 6.2)  # serial 1 would warn now
     code, out, ch = _status(c)

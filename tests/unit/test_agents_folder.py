@@ -11,6 +11,7 @@ import pytest
 from mapsync import config
 from mapsync.maps import CATALOGUE
 from tests.daemons.roles import AGENTS, ROLES, role
+from tests.helpers.rsyncd import documented_rsyncd_conf, documented_secrets, modules
 
 SNIPPETS = {
     "postfix-mx": ("main.cf",),
@@ -34,9 +35,29 @@ def test_each_agent_toml_is_a_valid_agent_config_with_one_channel(name: str) -> 
     assert cfg.publisher is None  # a node holds only its agent side
     agent = cfg.need_agent()
     assert agent.trusted_keys == (Path("/etc/mapsync/signing.pub"),)
-    ((channel, ch),) = agent.channels.items()
-    assert ch.source == f"rsync://publisher.example.net/mapsync/{channel}"
+    ((_channel, ch),) = agent.channels.items()
     assert ch.target.is_absolute()
+
+
+@pytest.mark.parametrize("name", ROLES)
+def test_each_agent_pulls_its_own_module_with_its_own_credential(name: str) -> None:
+    """The shipped config and docs/security.md's rsyncd.conf agree exactly: the channel's own
+    module, the user of its `auth users`, a password file, and the maps it expects."""
+    ((channel, ch),) = config.load(AGENTS / name / "agent.toml").need_agent().channels.items()
+    served = modules(documented_rsyncd_conf())
+    assert channel in served, f"docs/security.md has no module [{channel}]"
+    module = served[channel]
+    user = module["auth users"]
+    assert ch.source == f"rsync://{user}@publisher.example.net/{channel}"
+    assert ch.mirrors == ()
+    assert ch.password_file == Path(f"/etc/mapsync/{channel}.password")
+    assert user in documented_secrets()
+    assert module["path"] == f"/srv/mapsync/{channel}"
+    assert (module["read only"], module["list"]) == ("yes", "no")
+    assert served[""]["exclude"] == ".*"  # no module serves the publisher's dot-files
+    assert ch.maps == role(name).maps  # the maps key says what the publisher line says
+    users = [m["auth users"] for n, m in served.items() if n]
+    assert len(set(users)) == len(users), "one credential per channel"
 
 
 @pytest.mark.parametrize("name", ROLES)

@@ -6,6 +6,7 @@ complete, valid file (``good.toml``) that uses relative paths.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -62,6 +63,55 @@ BAD = {
     "invalid-toml": "not valid TOML: Invalid value (at line 5",
     "not-utf8": "not valid TOML",
     "empty": "empty config: needs a [publisher] or an [agent] section",
+    # Values that parse but cannot work (issue 9): refused at load, not as [Errno 21] later.
+    "expires-zero": "[publisher] expires: must be at least 1h, not '0s'",
+    "expires-too-short": "[publisher] expires: must be at least 1h, not '30m'",
+    "timeout-zero": "[agent.channels.mx] timeout: must be at least 1s, not '0s'",
+    "warn-after-zero": "[agent.channels.mx] warn_after: must be at least 1m, not '0s'",
+    "trusted-keys-directory": f"[agent] trusted_keys: {FIXTURES} is a directory, not a file",
+    "signing-key-directory": f"[publisher] signing_key: {FIXTURES} is a directory, not a file",
+    "signing-key-in-repository": "[publisher] signing_key: "
+    f"{FIXTURES}/repo/signing.key lies inside the repository {FIXTURES}/repo",
+    "password-file-directory": "[agent.channels.mx] password_file: "
+    f"{FIXTURES} is a directory, not a file",
+    "state-under-file": f"[agent] state: {FIXTURES}/good.toml/state lies under "
+    f"{FIXTURES}/good.toml, which is not a directory",
+    "target-under-file": f"[agent.channels.mx] target: {FIXTURES}/good.toml/live/mx lies under "
+    f"{FIXTURES}/good.toml, which is not a directory",
+    "inbox-under-file": f"[agent.channels.mx] inbox: {FIXTURES}/good.toml/inbox lies under",
+    "repository-under-file": f"[publisher] repository: {FIXTURES}/good.toml/repo lies under",
+    "repository-is-file": f"[publisher] repository: {FIXTURES}/good.toml is not a directory",
+    # Directories with two owners (issue 15.5).
+    "inbox-is-source": f"[agent.channels.mx] inbox: {FIXTURES}/repo/mx overlaps "
+    f"[agent.channels.mx] source {FIXTURES}/repo/mx (pruning the inbox",
+    "inbox-inside-source": f"[agent.channels.mx] inbox: {FIXTURES}/repo/mx/inbox overlaps "
+    f"[agent.channels.mx] source {FIXTURES}/repo/mx (pruning the inbox",
+    "inbox-contains-source": f"[agent.channels.mx] inbox: {FIXTURES}/inbox overlaps "
+    f"[agent.channels.mx] source {FIXTURES}/inbox/mirror/mx (pruning the inbox",
+    "inbox-is-other-channels-source": f"[agent.channels.scanner] inbox: {FIXTURES}/repo/mx "
+    "overlaps [agent.channels.mx] source",
+    "shared-inbox": f"[agent.channels.scanner] inbox: {FIXTURES}/inbox/shared overlaps "
+    f"[agent.channels.mx] inbox {FIXTURES}/inbox/shared",
+    "inbox-in-state": f"[agent.channels.mx] inbox: {FIXTURES}/state/mx overlaps [agent] state",
+    "target-in-source": f"[agent.channels.mx] target: {FIXTURES}/repo/mx/live overlaps "
+    "[agent.channels.mx] source",
+    "inbox-in-repository": f"[agent.channels.mx] inbox: {FIXTURES}/repo/inbox/mx overlaps "
+    "[publisher] repository",
+    "state-in-repository": f"[agent] state: {FIXTURES}/repo/state overlaps [publisher] repository",
+    "push-into-repository": f"[publisher.channels.mx] push: {FIXTURES}/repo/mx overlaps "
+    "[publisher] repository",
+    "push-shared": f"[publisher.channels.scanner] push: {FIXTURES}/inbox/node overlaps "
+    f"[publisher.channels.mx] push {FIXTURES}/inbox/node",
+    "push-shared-remote": "[publisher.channels.scanner] push: "
+    "ssh://mapsync@mx1.example.net/var/lib/mapsync/inbox/mx overlaps [publisher.channels.mx] "
+    "push ssh://mapsync@mx1.example.net/var/lib/mapsync/inbox/mx (an inbox takes the releases",
+    # One location, several spellings (issue 15.18).
+    "duplicate-source-spelling": "[agent.channels.mx] source: a source is listed twice "
+    f"({FIXTURES}/repo/mx)",
+    "duplicate-source-url": "[agent.channels.mx] source: a source is listed twice "
+    "(rsync://publisher.example.net/mapsync/mx)",
+    "duplicate-push": "[publisher.channels.mx] push: a push destination is listed twice "
+    "(ssh://mx1.example.net/var/lib/mapsync/inbox/mx)",
 }
 
 
@@ -231,6 +281,11 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
         ("bad-duration-warn-after.toml", "[agent.channels.mx] warn_after: not a duration"),
         ("bad-invalid-toml.toml", "not valid TOML"),
         ("bad-unknown-key-publisher.toml", "[publisher] colour: unknown key"),
+        ("bad-expires-zero.toml", "[publisher] expires: must be at least 1h"),
+        ("bad-trusted-keys-directory.toml", "[agent] trusted_keys: "),
+        ("bad-state-under-file.toml", "[agent] state: "),
+        ("bad-inbox-is-source.toml", "[agent.channels.mx] inbox: "),
+        ("bad-duplicate-source-spelling.toml", "source: a source is listed twice"),
     ],
 )
 def test_cli_with_bad_config_exits_2_with_one_line(fixture: str, expect: str) -> None:
@@ -396,3 +451,130 @@ def test_a_zero_push_timeout_is_refused(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match=r"\[publisher\] push_timeout: must be at least 1s"):
         load(f)
+
+
+def test_locations_are_kept_in_one_spelling(tmp_path: Path) -> None:
+    ag = _agent_cfg(
+        tmp_path,
+        'source = ["mirror/./mx/", "rsync://a.example.net//mapsync/./mx/", '
+        '"file:///srv/m//mx/.", "ssh://u@[2001:db8::10]:2222/srv/mx/"]',
+    )
+    assert ag.channels["mx"].sources == (
+        str(tmp_path / "mirror" / "mx"),
+        "rsync://a.example.net/mapsync/mx",
+        "file:///srv/m/mx",
+        "ssh://u@[2001:db8::10]:2222/srv/mx",
+    )
+
+
+@pytest.mark.parametrize(
+    ("spellings", "twice"),
+    [
+        (("/srv/mapsync/mx", "/srv/mapsync/mx/", "/srv/mapsync/mx/./"), "/srv/mapsync/mx"),
+        (("file:///srv/mx", "file:///srv/mx/"), "file:///srv/mx"),
+        (("ssh://h/srv/mx", "ssh://h//srv/mx"), "ssh://h/srv/mx"),
+    ],
+)
+def test_a_push_destination_spelled_twice_is_refused(
+    tmp_path: Path, spellings: tuple[str, ...], twice: str
+) -> None:
+    f = tmp_path / "mapsync.toml"
+    push = ", ".join(f'"{s}"' for s in spellings)
+    f.write_text(
+        '[publisher]\ndatabase = "sqlite:///x.db"\nrepository = "repo"\nsigning_key = "k"\n'
+        f'[publisher.channels.mx]\nmaps = ["domains"]\npush = [{push}]\n'
+    )
+    with pytest.raises(ConfigError) as err:
+        load(f)
+    assert str(err.value) == (
+        f"{f}: [publisher.channels.mx] push: a push destination is listed twice ({twice})"
+    )
+
+
+def test_siblings_and_a_shared_source_are_not_overlaps(tmp_path: Path) -> None:
+    """The documented layout: inboxes beside the state, two channels reading one repository."""
+    f = tmp_path / "mapsync.toml"
+    f.write_text(
+        '[publisher]\ndatabase = "sqlite:///x.db"\nrepository = "repo"\nsigning_key = "keys/k"\n'
+        '[publisher.channels.mx]\nmaps = ["domains"]\npush = ["node/inbox/mx"]\n'
+        '[agent]\nstate = "node/state"\ntrusted_keys = ["keys/k.pub"]\n'
+        '[agent.channels.mx]\nsource = "repo/mx"\ntarget = "node/postfix"\n'
+        'inbox = "node/inbox/mx"\n'
+        '[agent.channels.exim]\nsource = "repo/mx"\ntarget = "node/exim4"\n'
+        'inbox = "node/inbox/exim"\n'
+    )
+    cfg = load(f)
+    assert cfg.need_agent().channels["exim"].inbox == tmp_path / "node" / "inbox" / "exim"
+
+
+def test_an_overlap_through_a_symlink_is_found(tmp_path: Path) -> None:
+    (tmp_path / "repo" / "mx").mkdir(parents=True)
+    (tmp_path / "alias").symlink_to(tmp_path / "repo" / "mx")
+    with pytest.raises(ConfigError, match=r"\[agent.channels.mx\] inbox: .*/alias overlaps"):
+        _agent_cfg(tmp_path, f'source = "{tmp_path}/repo/mx"\ninbox = "alias"')
+
+
+_STORE = """\
+{publisher}[agent]
+state = "state"
+trusted_keys = ["signing.pub"]
+[agent.channels.store-1]
+source = "{source}"
+target = "live"
+{extra}
+"""
+_WARNING = "channel carries password hashes but is pulled without authentication"
+
+
+@pytest.mark.parametrize(
+    ("publisher", "source", "extra", "warned"),
+    [
+        # dovecot_users from a module anyone may read: warned, naming channel and source
+        ("", "rsync://publisher.example.net/store-1", 'maps = ["dovecot_users"]', True),
+        # a user but no password (and no RSYNC_PASSWORD): still warned
+        (
+            "",
+            "rsync://store1-agent@publisher.example.net/store-1",
+            'maps = ["dovecot_users"]',
+            True,
+        ),
+        # as agents/dovecot-store ships it: no warning
+        (
+            "",
+            "rsync://store1-agent@publisher.example.net/store-1",
+            'maps = ["dovecot_users"]\npassword_file = "store.password"',
+            False,
+        ),
+        # what the channel carries, from the publisher part of the same file
+        (
+            '[publisher]\ndatabase = "sqlite:///x.db"\nrepository = "/srv/r"\n'
+            'signing_key = "/k/s.key"\n[publisher.channels.store-1]\nmaps = ["dovecot_users"]\n',
+            "rsync://publisher.example.net/store-1",
+            "",
+            True,
+        ),
+        # no hashes in the channel, or not an rsync daemon: nothing to warn about
+        ("", "rsync://publisher.example.net/store-1", 'maps = ["recipients"]', False),
+        ("", "ssh://mapsync@publisher.example.net/", 'maps = ["dovecot_users"]', False),
+    ],
+)
+def test_hashes_pulled_without_authentication_are_warned_about(
+    tmp_path: Path, publisher: str, source: str, extra: str, warned: bool
+) -> None:
+    f = tmp_path / "mapsync.toml"
+    f.write_text(_STORE.format(publisher=publisher, source=source, extra=extra))
+    env = {k: v for k, v in os.environ.items() if k != "RSYNC_PASSWORD"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "mapsync", "--config", str(f), "--log-format", "json", "status"],
+        capture_output=True, text=True, timeout=60, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr  # nothing installed: CRITICAL, as without the warning
+    events = [json.loads(line) for line in proc.stderr.splitlines()]
+    warnings = [e for e in events if e["event"] == _WARNING]
+    if not warned:
+        assert warnings == [], proc.stderr
+        return
+    (w,) = warnings
+    assert (w["level"], w["channel"], w["source"]) == ("warning", "store-1", source)
+    assert w["maps"] == "dovecot_users" and w["config"] == str(f)
+    assert "docs/security.md" in w["fix"]
