@@ -181,7 +181,7 @@ def run(argv: list[str], timeout: int, transfers: Transfers | None = None) -> st
                 "`secrets file`)"
             )
         raise TransportError(
-            f"rsync failed (exit {exc.exit_code}): {err or 'no message'}"
+            f"rsync failed ({signals.describe_exit(exc.exit_code)}): {err or 'no message'}"
         ) from None
     except sh.CommandNotFound:
         raise TransportError("rsync is not installed (apt-get install rsync)") from None
