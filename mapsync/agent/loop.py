@@ -2,7 +2,8 @@
 
 Polling is driven by :mod:`schedule`: every channel is pulled at start, then every
 ``interval`` seconds plus a random 0..``jitter`` seconds per run, so fifty nodes do not hit
-the publisher in step. With ``watch``, :mod:`watchdog` observes each channel's ``inbox``,
+the publisher in step. schedule reads the wall clock; :class:`PollSchedule` keeps it on the
+monotonic one, so a clock stepped back does not stop polling. With ``watch``, :mod:`watchdog` observes each channel's ``inbox``,
 where the publisher pushes (``mapsync.transport.inbox``)::
 
     INBOX/releases/<serial>/    the release, written first
@@ -25,7 +26,9 @@ mid-way leaves the old set serving (``pull``'s own guarantees).
 
 from __future__ import annotations
 
+import datetime
 import errno
+import functools
 import os
 import queue
 import re
@@ -62,12 +65,76 @@ MAX_DEFER = 0.5
 # A `mapsync pull` holds the channel's lock: try the inbox again this much later, rather than
 # leave a pushed release waiting for the next poll.
 LOCK_RETRY = 1.0
-# Wake at least this often, so a wall-clock jump cannot stall the schedule for long.
+# Wake at least this often (a wall-clock step is noticed then, see PollSchedule).
 MAX_SLEEP = 60.0
 # The events that mean "a LATEST is now in place". (Deleted is not one; opened/attrib are noise.)
 ARRIVALS = frozenset({"created", "moved", "modified", "closed"})
 RELEASES = "releases"
 _SERIAL = re.compile(r"^[0-9]{1,18}\Z")
+
+
+# A wall clock that disagrees with the monotonic clock by more than this since the last look
+# was stepped (NTP, an operator, a VM resumed): slewing moves it by milliseconds a minute.
+CLOCK_STEP = 1.0
+
+
+class PollSchedule:
+    """The polls' :class:`schedule.Scheduler`, kept on the monotonic clock.
+
+    schedule reads the wall clock (``datetime.now()``): stepped back an hour, it would run
+    no poll for an hour; stepped forward, every poll at once. So before every look at the
+    schedule, and after every job (before schedule computes that job's next run from the
+    stepped clock), the wall clock is compared with the monotonic one, and a step moves
+    every job's next run by the same amount: polls keep their interval, whatever the wall
+    clock does.
+    """
+
+    def __init__(self, monotonic: Callable[[], float] = time.monotonic) -> None:
+        self.scheduler = schedule.Scheduler()
+        self._monotonic = monotonic
+        self._anchor = (self._wall(), monotonic())
+
+    @staticmethod
+    def _wall() -> datetime.datetime:
+        return datetime.datetime.now()  # the clock schedule reads: naive local time
+
+    def every(self, interval: int, jitter: int, job: Callable[[], object]) -> None:
+        """Run ``job`` every ``interval`` to ``interval + jitter`` seconds (random each time)."""
+
+        def run() -> None:
+            try:
+                job()
+            finally:
+                self._realign()
+
+        self.scheduler.every(interval).to(interval + jitter).seconds.do(run)
+
+    def run_pending(self) -> None:
+        """Run the jobs that are due."""
+        self._realign()
+        self.scheduler.run_pending()
+
+    @property
+    def idle_seconds(self) -> float | None:
+        """Seconds until the next job is due (None without any)."""
+        self._realign()
+        return self.scheduler.idle_seconds
+
+    def _realign(self) -> None:
+        wall, mono = self._wall(), self._monotonic()
+        then_wall, then_mono = self._anchor
+        self._anchor = (wall, mono)
+        step = (wall - then_wall).total_seconds() - (mono - then_mono)
+        if abs(step) <= CLOCK_STEP:
+            return
+        shift = datetime.timedelta(seconds=step)
+        for job in self.scheduler.jobs:
+            if job.next_run is not None:
+                job.next_run += shift
+        _log.warning(
+            "the wall clock was stepped; polls keep their interval",
+            step_seconds=round(step, 1),
+        )
 
 
 class Agent:
@@ -78,7 +145,7 @@ class Agent:
         self.cfg = cfg
         self.interval = interval
         self.watched = watched
-        self.scheduler = schedule.Scheduler()
+        self.polls = PollSchedule()
         self._wake = threading.Event()
         self._arrived: queue.SimpleQueue[str] = queue.SimpleQueue()
         # channel → (monotonic time of the first event of a burst, time its inbox pull is due)
@@ -93,8 +160,7 @@ class Agent:
                 self.poll(ch)
                 signals.stop_if_received()
             for ch in self.cfg.channels.values():
-                every = self.scheduler.every(self.interval)
-                every.to(self.interval + self.cfg.jitter).seconds.do(self.poll, ch)
+                self.polls.every(self.interval, self.cfg.jitter, functools.partial(self.poll, ch))
             _log.info(
                 "agent started",
                 channels=sorted(self.cfg.channels),
@@ -110,7 +176,7 @@ class Agent:
                     # systemd restarts the agent (Restart=on-failure) and the journal shows why.
                     raise MapsyncError("watching the push inboxes stopped unexpectedly")
                 self._pull_pushed()
-                self.scheduler.run_pending()
+                self.polls.run_pending()
                 signals.stop_if_received()
         except (SystemExit, KeyboardInterrupt) as exc:
             code = exc.code if isinstance(exc, SystemExit) else 128 + signal.SIGINT
@@ -250,7 +316,7 @@ class Agent:
     def _wait(self) -> None:
         """Sleep until the next poll, the next due inbox pull or a new arrival; a signal
         interrupts the wait (SystemExit)."""
-        timeout = self.scheduler.idle_seconds
+        timeout = self.polls.idle_seconds
         timeout = MAX_SLEEP if timeout is None else min(timeout, MAX_SLEEP)
         if self._due:
             timeout = min(timeout, min(due for _, due in self._due.values()) - time.monotonic())
