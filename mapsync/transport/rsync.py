@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import sh
 
@@ -48,6 +48,7 @@ class Endpoint:
     base: str
     ssh: tuple[str, ...] | None = None
     daemon: bool = False
+    path: str = ""  # the directory as the rsync at the far end sees it (for a daemon: unused)
 
 
 DEFAULT_SSH = ("ssh", "-o", "BatchMode=yes")
@@ -79,24 +80,36 @@ def connection_options(
 
 
 def parse_source(source: str, ssh: tuple[str, ...] = DEFAULT_SSH) -> Endpoint:
-    """Turn a channel ``source`` (path, ``file://``, ``rsync://``, ``ssh://``) into an Endpoint."""
+    """Turn a channel ``source`` (path, ``file://``, ``rsync://``, ``ssh://``) into an Endpoint.
+
+    An IPv6 literal keeps its brackets (``ssh://u@[2001:db8::10]/path`` → ``u@[2001:db8::10]:/path``,
+    which rsync unwraps before calling ssh): without them rsync would take the host for
+    everything up to the first colon."""
     if source.startswith("/"):
-        return Endpoint(source.rstrip("/"))
-    parts = urlsplit(source)
+        return Endpoint(source.rstrip("/"), path=source.rstrip("/"))
+    try:
+        parts = urlsplit(source)
+        host, port = parts.hostname, parts.port
+    except ValueError as exc:  # "Invalid IPv6 URL", "Port out of range 0-65535", ...
+        raise ConfigError(f"source {source!r}: not a valid URL ({exc})") from None
     if parts.scheme == "file":
-        return Endpoint(parts.path.rstrip("/"))
+        return Endpoint(parts.path.rstrip("/"), path=parts.path.rstrip("/"))
     if parts.scheme == "rsync":
-        if not parts.hostname:
+        if not host:
             raise ConfigError(f"source {source!r}: rsync:// URL needs a host")
         return Endpoint(source.rstrip("/"), daemon=True)
     if parts.scheme == "ssh":
-        if not parts.hostname or not parts.path:
+        if not host or not parts.path:
             raise ConfigError(f"source {source!r}: ssh:// URL needs a host and a path")
         shell = list(ssh)
-        if parts.port:
-            shell += ["-p", str(parts.port)]
-        user = f"{parts.username}@" if parts.username else ""
-        return Endpoint(f"{user}{parts.hostname}:{parts.path.rstrip('/')}", ssh=tuple(shell))
+        if port:
+            shell += ["-p", str(port)]
+        user = f"{unquote(parts.username)}@" if parts.username else ""
+        host = unquote(host)  # a zone id's "%" is "%25" in a URL
+        if ":" in host:
+            host = f"[{host}]"
+        path = parts.path.rstrip("/")
+        return Endpoint(f"{user}{host}:{path}", ssh=tuple(shell), path=path)
     raise ConfigError(f"source {source!r}: use a path, file://, rsync:// or ssh://")
 
 
