@@ -26,6 +26,7 @@ mid-way leaves the old set serving (``pull``'s own guarantees).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import errno
 import functools
@@ -53,7 +54,7 @@ from mapsync.errors import ConfigError, LockBusy, MapsyncError
 from mapsync.release import LATEST, Latest, parse_latest
 
 if TYPE_CHECKING:
-    from watchdog.observers.api import BaseObserver
+    from watchdog.observers.api import BaseObserver, ObservedWatch
 
 _log = log.get("agent")
 
@@ -67,6 +68,10 @@ MAX_DEFER = 0.5
 LOCK_RETRY = 1.0
 # Wake at least this often (a wall-clock step is noticed then, see PollSchedule).
 MAX_SLEEP = 60.0
+# While watching, look this often whether an inbox was replaced (rm -rf and mkdir, a move, a
+# symlink swap) and the watch must move to the new directory; the watch on the inbox's parent
+# usually says so at once.
+REWATCH_CHECK = 5.0
 # The events that mean "a LATEST is now in place". (Deleted is not one; opened/attrib are noise.)
 ARRIVALS = frozenset({"created", "moved", "modified", "closed"})
 RELEASES = "releases"
@@ -150,6 +155,11 @@ class Agent:
         self._arrived: queue.SimpleQueue[str] = queue.SimpleQueue()
         # channel → (monotonic time of the first event of a burst, time its inbox pull is due)
         self._due: dict[str, tuple[float, float]] = {}
+        self._observer: BaseObserver | None = None
+        # channel → the inbox directory watched now ((st_dev, st_ino), its watch), or None
+        # while the inbox is missing or not a directory
+        self._watching: dict[str, tuple[tuple[int, int], ObservedWatch] | None] = {}
+        self._dead: set[str] = set()  # channels whose inbox was deleted (the watchdog thread says)
 
     def run(self) -> NoReturn:
         """Pull everything once, then poll and react to pushes until a signal ends the process."""
@@ -175,6 +185,7 @@ class Agent:
                     # Pushes would only be seen on polls from now on; exit (2) instead, so
                     # systemd restarts the agent (Restart=on-failure) and the journal shows why.
                     raise MapsyncError("watching the push inboxes stopped unexpectedly")
+                self._rewatch()
                 self._pull_pushed()
                 self.polls.run_pending()
                 signals.stop_if_received()
@@ -283,6 +294,7 @@ class Agent:
         from watchdog.observers import Observer
 
         observer = Observer()
+        self._observer = observer
         try:
             for ch in self.watched.values():
                 assert ch.inbox is not None
@@ -294,9 +306,15 @@ class Agent:
                         # channel's releases carry password hashes.
                         ch.inbox.mkdir(parents=True, mode=0o700)
                         _log.info("created the push inbox", channel=ch.name, inbox=str(ch.inbox))
+                    # The parent tells when the inbox itself is replaced (see _rewatch).
                     observer.schedule(
-                        _InboxHandler(ch.name, self._arrival), str(ch.inbox), recursive=False
+                        _ParentHandler(ch.inbox.name, self._wake.set),
+                        str(ch.inbox.parent),
+                        recursive=False,
                     )
+                    self._watching[ch.name] = self._watch_inbox(observer, ch)
+                    if self._watching[ch.name] is None:
+                        raise OSError(f"{ch.inbox} is not a directory")
                 except OSError as exc:
                     raise ConfigError(f"{where}: cannot be watched: {exc}") from None
             try:
@@ -308,6 +326,73 @@ class Agent:
             raise
         return observer
 
+    def _watch_inbox(
+        self, observer: BaseObserver, ch: AgentChannel
+    ) -> tuple[tuple[int, int], ObservedWatch] | None:
+        """Watch the directory that is ``ch.inbox`` now (through a symlink: its target);
+        None if there is none. OSError if it cannot be watched."""
+        assert ch.inbox is not None
+        identity = _directory(ch.inbox)
+        if identity is None:
+            return None
+        handler = _InboxHandler(ch.name, str(ch.inbox), self._arrival, self._gone)
+        watch = observer.schedule(handler, str(ch.inbox), recursive=False, follow_symlink=True)
+        return identity, watch
+
+    def _rewatch(self) -> None:
+        """Move the watch of every inbox that was replaced since it was set up (rm -rf and
+        mkdir, a move, a symlink swap) to the directory there now, and say so; look at once
+        for a LATEST that came meanwhile. A watch left on the old directory would see nothing
+        again, and pushes would wait for the next poll."""
+        observer = self._observer
+        if observer is None:
+            return
+        for name, ch in self.watched.items():
+            assert ch.inbox is not None
+            watching = self._watching.get(name)
+            now = _directory(ch.inbox)
+            dead = name in self._dead
+            self._dead.discard(name)
+            if watching is not None and now == watching[0] and not dead:
+                continue
+            if watching is None and now is None:
+                continue
+            if watching is not None:
+                with contextlib.suppress(KeyError, OSError):
+                    observer.unschedule(watching[1])  # its emitter may have stopped already
+            try:
+                self._watching[name] = self._watch_inbox(observer, ch)
+            except OSError as exc:
+                self._watching[name] = None
+                _log.error(
+                    "the push inbox was replaced and cannot be watched; pushes wait for polls",
+                    channel=name,
+                    inbox=str(ch.inbox),
+                    error=exc.strerror or str(exc),
+                )
+                continue
+            if self._watching[name] is None:
+                _log.warning(
+                    "the push inbox is gone; watching for it to come back",
+                    channel=name,
+                    inbox=str(ch.inbox),
+                )
+                continue
+            _log.warning(
+                "the push inbox was replaced; watching the new directory",
+                channel=name,
+                inbox=str(ch.inbox),
+            )
+            t = time.monotonic()
+            self._due[name] = (t, t)  # a push may have landed before the new watch
+
+    def _gone(self, channel: str, deleted: bool) -> None:
+        """Called on the watchdog thread when a directory in (or the) inbox went away."""
+        if deleted:
+            # Its watch is dead even if a new directory got the same inode number.
+            self._dead.add(channel)
+        self._wake.set()
+
     def _arrival(self, channel: str) -> None:
         """Called on the watchdog thread: note it, wake the main thread, do nothing else."""
         self._arrived.put(channel)
@@ -318,6 +403,8 @@ class Agent:
         interrupts the wait (SystemExit)."""
         timeout = self.polls.idle_seconds
         timeout = MAX_SLEEP if timeout is None else min(timeout, MAX_SLEEP)
+        if self.watched:
+            timeout = min(timeout, REWATCH_CHECK)
         if self._due:
             timeout = min(timeout, min(due for _, due in self._due.values()) - time.monotonic())
         if timeout > 0:
@@ -342,20 +429,60 @@ class Agent:
 
 
 class _InboxHandler(FileSystemEventHandler):
-    """Signals ``notify(channel)`` when a LATEST lands in the (non-recursively) watched inbox."""
+    """Signals ``notify(channel)`` when a LATEST lands in the (non-recursively) watched inbox,
+    and ``gone()`` when the inbox itself is deleted or moved away."""
 
-    def __init__(self, channel: str, notify: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        channel: str,
+        inbox: str,
+        notify: Callable[[str], None],
+        gone: Callable[[str, bool], None],
+    ) -> None:
         super().__init__()
         self.channel = channel
+        self.inbox = inbox
         self.notify = notify
+        self.gone = gone
 
     def on_any_event(self, event: FileSystemEvent) -> None:
-        if event.is_directory or event.event_type not in ARRIVALS:
+        if event.is_directory:
+            if event.event_type in ("deleted", "moved"):
+                # The inbox itself (its watch is dead), or only releases/<n> (_rewatch looks).
+                self.gone(self.channel, os.fsdecode(event.src_path) == self.inbox)
+            return
+        if event.event_type not in ARRIVALS:
             return
         path = event.dest_path if event.event_type == "moved" else event.src_path
         if os.path.basename(os.fsdecode(path)) == LATEST:
             self.notify(self.channel)
             _log.debug("LATEST arrived in the inbox", channel=self.channel, kind=event.event_type)
+
+
+class _ParentHandler(FileSystemEventHandler):
+    """Calls ``changed()`` on any event about the entry ``name`` of the watched directory
+    (the inbox created, deleted, moved, or a symlink there swapped)."""
+
+    def __init__(self, name: str, changed: Callable[[], None]) -> None:
+        super().__init__()
+        self.name = name
+        self.changed = changed
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        paths = (
+            [event.src_path, event.dest_path] if event.event_type == "moved" else [event.src_path]
+        )
+        if any(os.path.basename(os.fsdecode(p)) == self.name for p in paths):
+            self.changed()
+
+
+def _directory(path: Path) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of the directory at ``path`` (a symlink followed), None if none."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) else None
 
 
 def offered_serial(inbox: Path) -> Latest | str | None:

@@ -27,6 +27,7 @@ import tempfile
 from pathlib import Path
 
 from mapsync import log
+from mapsync.errors import TransportError
 from mapsync.release import LATEST
 from mapsync.transport.rsync import (
     DEFAULT_SSH,
@@ -103,7 +104,15 @@ class Inbox:
             if basis is not None:
                 # A basis the agent removed costs a warning and a full copy, not a failure.
                 extra.append(f"--link-dest={self._basis_path(basis)}")
-            moved += self._rsync(*extra, f"{release}/", f"{base}/releases/{serial}/")
+            try:
+                moved += self._rsync(*extra, f"{release}/", f"{base}/releases/{serial}/")
+            except TransportError as exc:
+                if prepare or not _no_such_directory(exc):
+                    raise
+                # The inbox was emptied or made anew since the delivery before (config
+                # management, an operator): make its directories and deliver once more.
+                _log.info("the inbox lost its directories; making them", destination=base)
+                return moved + self.deliver(release, serial, latest, basis, prepare=True)
             # LATEST, last: the bytes read with the release, not the repository's file, which
             # a concurrent publish may already have moved on.
             (skeleton / LATEST).write_bytes(latest)
@@ -128,3 +137,9 @@ class Inbox:
 
     def _rsync(self, *args: str) -> int:
         return wire_bytes(run(self._argv(*args), self.timeout, self.transfers))
+
+
+def _no_such_directory(exc: TransportError) -> bool:
+    """rsync could not make ``releases/<serial>`` because ``releases`` (or the inbox) is
+    missing: ``mkdir "…/releases/42" failed: No such file or directory (2)``."""
+    return "mkdir" in str(exc) and "No such file or directory" in str(exc)
