@@ -10,9 +10,13 @@ where the publisher pushes (``mapsync.transport.inbox``)::
     INBOX/LATEST                written last (rsync: a temporary file, then a rename)
 
 A LATEST created, moved into place or modified there makes the channel due for a pull from
-the inbox. The watchdog thread only signals; every pull runs on the main thread, one at a
-time, so one channel is never pulled twice at once by this process (and ``pull``'s lock
-keeps a ``mapsync pull`` from a timer out). The inbox is untrusted: ``pull`` verifies what it
+the inbox. The watchdog thread only signals; pulls from the inbox run on the main thread.
+Polls run on a worker thread each (one per channel at a time), so a source that accepts and
+never answers cannot hold up a pushed release for its whole ``timeout``: when a push finds
+the channel held by this agent's own poll, it stops that poll's rsync, installs, and polls
+again. Every pull, from either thread, holds the channel's lock (``pull``), so one channel
+is still installed by one run at a time, in this process or with a ``mapsync pull`` from a
+timer. The inbox is untrusted: ``pull`` verifies what it
 offers exactly as it verifies the repository (signature, serial, expiry, every hash). A pull
 from the inbox is no check of the source: it records ``last_push``, and ``mapsync status``
 keeps reporting a source that fails until a poll reaches one again.
@@ -20,8 +24,9 @@ keeps reporting a source that fails until a poll reaches one again.
 A failed pull is logged and recorded in the channel's state (``mapsync status`` shows it);
 it never ends the loop. SIGTERM and SIGHUP end it with exit 128+n, at once while idle, from
 inside a pull too (SystemExit; the signal is also remembered and checked after every pull,
-in case the exception got lost). The observer is stopped on the way out, and a pull cut off
-mid-way leaves the old set serving (``pull``'s own guarantees).
+in case the exception got lost). The observer is stopped on the way out, the rsyncs of
+polls in flight are ended, and a pull cut off mid-way leaves the old set serving (``pull``'s
+own guarantees).
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ from mapsync.agent.pull import MAX_LATEST_BYTES, PullResult, installed, pull
 from mapsync.config import AgentChannel, AgentConfig
 from mapsync.errors import ConfigError, LockBusy, MapsyncError
 from mapsync.release import LATEST, Latest, parse_latest
+from mapsync.transport.rsync import Transfers, stoppable
 
 if TYPE_CHECKING:
     from watchdog.observers.api import BaseObserver, ObservedWatch
@@ -66,6 +72,11 @@ MAX_DEFER = 0.5
 # A `mapsync pull` holds the channel's lock: try the inbox again this much later, rather than
 # leave a pushed release waiting for the next poll.
 LOCK_RETRY = 1.0
+# This agent's own poll holds it: the poll is stopped (see Agent.from_inbox); try this often
+# until it has let go.
+PREEMPT_RETRY = 0.05
+# On the way out, wait this long for a poll that was told to stop.
+POLL_JOIN = 5.0
 # Wake at least this often (a wall-clock step is noticed then, see PollSchedule).
 MAX_SLEEP = 60.0
 # While watching, look this often whether an inbox was replaced (rm -rf and mkdir, a move, a
@@ -160,24 +171,27 @@ class Agent:
         # while the inbox is missing or not a directory
         self._watching: dict[str, tuple[tuple[int, int], ObservedWatch] | None] = {}
         self._dead: set[str] = set()  # channels whose inbox was deleted (the watchdog thread says)
+        # Polls run on worker threads (a hung source must not hold up pushed releases).
+        self._polling: dict[str, _Poll] = {}  # channel → its poll in flight
+        self._polled: queue.SimpleQueue[str] = queue.SimpleQueue()  # polls that ended
+        self._starting: set[str] = set()  # channels whose first poll has not ended yet
 
     def run(self) -> NoReturn:
         """Pull everything once, then poll and react to pushes until a signal ends the process."""
         signals.install()  # as main() does: exit 128+n, and remembered (mapsync.signals)
         observer = self._observe() if self.watched else None
         try:
+            if observer is not None:
+                _log.info(
+                    "watching the push inboxes",
+                    watching={name: str(ch.inbox) for name, ch in sorted(self.watched.items())},
+                )
+            self._starting = set(self.cfg.channels)
             for ch in self.cfg.channels.values():
-                self.poll(ch)
-                signals.stop_if_received()
-            for ch in self.cfg.channels.values():
-                self.polls.every(self.interval, self.cfg.jitter, functools.partial(self.poll, ch))
-            _log.info(
-                "agent started",
-                channels=sorted(self.cfg.channels),
-                interval=self.interval,
-                jitter=self.cfg.jitter,
-                watching={name: str(ch.inbox) for name, ch in sorted(self.watched.items())},
-            )
+                self.start_poll(ch)
+                self.polls.every(
+                    self.interval, self.cfg.jitter, functools.partial(self.start_poll, ch)
+                )
             while True:
                 self._wait()
                 signals.stop_if_received()
@@ -186,6 +200,7 @@ class Agent:
                     # systemd restarts the agent (Restart=on-failure) and the journal shows why.
                     raise MapsyncError("watching the push inboxes stopped unexpectedly")
                 self._rewatch()
+                self._polls_ended()
                 self._pull_pushed()
                 self.polls.run_pending()
                 signals.stop_if_received()
@@ -194,22 +209,79 @@ class Agent:
             _log.info("agent stopping", exit=code)
             raise
         finally:
+            self._stop_polls()
             if observer is not None:
                 observer.stop()
                 observer.join()
 
     # -- polling -----------------------------------------------------------------------------
 
-    def poll(self, ch: AgentChannel) -> None:
-        """One scheduled run for ``ch``: its source (and mirrors), then its inbox if watched —
-        a release pushed while the agent was down, or whose event was missed, goes in now."""
+    def start_poll(self, ch: AgentChannel) -> None:
+        """Start a poll of ``ch``'s source (and mirrors) on a worker thread, unless one is
+        still running. When it ends, the main thread looks at the inbox (if watched): a
+        release pushed while the agent was down, or whose event was missed, goes in then."""
+        if ch.name in self._polling:
+            _log.info("poll skipped: the last one is still running", channel=ch.name)
+            return
+        poll = _Poll(ch, Transfers())
+        self._polling[ch.name] = poll
+        poll.thread = threading.Thread(
+            target=self._poll, args=(poll,), name=f"poll-{ch.name}", daemon=True
+        )
+        poll.thread.start()
+
+    def _poll(self, poll: _Poll) -> None:
+        """The worker thread of one poll. Every rsync it starts belongs to ``poll.transfers``,
+        so the main thread can end them (a pushed release to install, a signal)."""
         try:
-            self._pull(ch, "poll")
+            with stoppable(poll.transfers):
+                self._pull(poll.channel, "poll")
         except LockBusy as exc:
             # A `mapsync pull` (a timer, an operator) is doing this very job right now.
-            _log.info("poll skipped: the channel is busy", channel=ch.name, reason=str(exc))
-        if ch.name in self.watched:
-            self.from_inbox(self.watched[ch.name])
+            _log.info(
+                "poll skipped: the channel is busy", channel=poll.channel.name, reason=str(exc)
+            )
+        except SystemExit:
+            pass  # a signal came: the main thread handles it (and ends this poll's rsync)
+        finally:
+            self._polled.put(poll.channel.name)
+            self._wake.set()
+
+    def _polls_ended(self) -> None:
+        """On the main thread: the polls that ended since the last look; then their inboxes."""
+        while True:
+            try:
+                name = self._polled.get_nowait()
+            except queue.Empty:
+                break
+            poll = self._polling.pop(name)
+            if poll.thread is not None:
+                poll.thread.join()
+            if name in self.watched:
+                self.from_inbox(self.watched[name])
+            if poll.preempted:
+                # Stopped for a pushed release, so the source went unchecked: again, now.
+                self.start_poll(poll.channel)
+            if name in self._starting:
+                self._starting.discard(name)
+                if not self._starting:
+                    _log.info(
+                        "agent started",
+                        channels=sorted(self.cfg.channels),
+                        interval=self.interval,
+                        jitter=self.cfg.jitter,
+                        watching={n: str(c.inbox) for n, c in sorted(self.watched.items())},
+                    )
+
+    def _stop_polls(self) -> None:
+        """End the rsyncs of every poll in flight and wait (a little) for the polls to end,
+        so no rsync outlives the agent; a poll that is installing finishes its swap."""
+        for poll in self._polling.values():
+            poll.transfers.stop(reason="the agent is stopping")
+        deadline = time.monotonic() + POLL_JOIN
+        for poll in self._polling.values():
+            if poll.thread is not None:
+                poll.thread.join(max(0.0, deadline - time.monotonic()))
 
     def _pull(self, ch: AgentChannel, origin: str) -> PullResult | None:
         """``pull(ch)``; a failure is logged (``pull`` has recorded it in the state) and None
@@ -267,14 +339,33 @@ class Agent:
         try:
             result = self._pull(inbox, "push")
         except LockBusy as exc:
-            _log.info(
-                "inbox pull deferred: the channel is busy",
-                channel=ch.name,
-                retry_in=LOCK_RETRY,
-                reason=str(exc),
-            )
             now = time.monotonic()
-            self._due[ch.name] = (now, now + LOCK_RETRY)
+            poll = self._polling.get(ch.name)
+            if poll is None:
+                _log.info(
+                    "inbox pull deferred: the channel is busy",
+                    channel=ch.name,
+                    retry_in=LOCK_RETRY,
+                    reason=str(exc),
+                )
+                self._due[ch.name] = (now, now + LOCK_RETRY)
+                return
+            # This agent's own poll holds the channel, perhaps waiting on a source that
+            # never answers (up to `timeout`, per mirror). A verified release is waiting
+            # here: stop the poll's rsync (a poll already installing finishes first), install
+            # this, then poll again. One install at a time per channel still holds: the
+            # channel lock is never shared, only given up sooner.
+            if not poll.preempted:
+                poll.preempted = True
+                _log.info(
+                    "stopping the poll to install a pushed release",
+                    channel=ch.name,
+                    source=ch.source,
+                )
+                poll.transfers.stop(
+                    reason="stopped to install a pushed release; the source is polled again"
+                )
+            self._due[ch.name] = (now, now + PREEMPT_RETRY)
             return
         if result is None:
             return
@@ -426,6 +517,16 @@ class Agent:
             if due <= now:
                 del self._due[name]
                 self.from_inbox(self.watched[name])
+
+
+class _Poll:
+    """One poll in flight: its channel, the rsyncs it runs, its worker thread."""
+
+    def __init__(self, channel: AgentChannel, transfers: Transfers) -> None:
+        self.channel = channel
+        self.transfers = transfers
+        self.thread: threading.Thread | None = None
+        self.preempted = False  # stopped for a pushed release (the main thread sets it)
 
 
 class _InboxHandler(FileSystemEventHandler):

@@ -19,6 +19,7 @@ let go of its lock.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 import os
 import re
@@ -27,6 +28,7 @@ import signal
 import stat
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -122,6 +124,7 @@ class Transfers:
         self._lock = threading.Lock()
         self._running: dict[int, Any] = {}  # id → sh's RunningCommand (not hashable)
         self.stopped = False
+        self.reason = "the run was interrupted"  # what a stopped rsync's error says
 
     def _add(self, proc: Any) -> bool:
         with self._lock:
@@ -133,11 +136,14 @@ class Transfers:
         with self._lock:
             self._running.pop(id(proc), None)
 
-    def stop(self, grace: float = 2.0) -> None:
+    def stop(self, grace: float = 2.0, reason: str | None = None) -> None:
         """End every running rsync: SIGTERM (rsync removes its temporary file and ends the
-        process it forked), then SIGKILL for any still running after ``grace`` seconds."""
+        process it forked), then SIGKILL for any still running after ``grace`` seconds.
+        ``reason``: why, for the error of each rsync it ends."""
         with self._lock:
             self.stopped = True
+            if reason is not None:
+                self.reason = reason
             procs = list(self._running.values())
         for proc in procs:
             _signal(proc, signal.SIGTERM)
@@ -149,9 +155,28 @@ class Transfers:
                 _signal(proc, signal.SIGKILL)
 
 
+# The job an rsync started in this thread (or context) belongs to when the caller names none:
+# set with stoppable(), e.g. by the agent around a poll it may have to stop.
+_job: contextvars.ContextVar[Transfers | None] = contextvars.ContextVar("rsync_job", default=None)
+
+
+@contextlib.contextmanager
+def stoppable(transfers: Transfers) -> Iterator[None]:
+    """Every rsync that code run inside this block starts (in this thread) belongs to
+    ``transfers``, so that another thread can end them with :meth:`Transfers.stop`."""
+    token = _job.set(transfers)
+    try:
+        yield
+    finally:
+        _job.reset(token)
+
+
 def run(argv: list[str], timeout: int, transfers: Transfers | None = None) -> str:
     """Run rsync ``argv`` (without the program name); the one subprocess call of mapsync's
-    transport. ``transfers``: the job this rsync belongs to, which may stop it."""
+    transport. ``transfers``: the job this rsync belongs to, which may stop it (by default
+    the one :func:`stoppable` set, if any)."""
+    if transfers is None:
+        transfers = _job.get()
     _log.debug("rsync", argv=argv)
     expired = threading.Event()
     proc: Any = None
@@ -178,7 +203,7 @@ def run(argv: list[str], timeout: int, transfers: Transfers | None = None) -> st
                 f"rsync timed out after {timeout}s: rsync {' '.join(argv)}"
             ) from None
         if transfers is not None and transfers.stopped:
-            raise TransportError("rsync stopped: the run was interrupted") from None
+            raise TransportError(f"rsync stopped: {transfers.reason}") from None
         err = exc.stderr.decode("utf-8", "replace").strip()
         if "failed to read a password from -" in err:
             err = (

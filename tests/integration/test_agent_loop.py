@@ -31,6 +31,7 @@ from mapsync.agent.loop import prune_inbox
 from mapsync.agent.state import channel_lock
 from mapsync.release import LATEST, MANIFEST, Latest, manifest_sha256
 from tests.conftest import Cluster, make_cluster
+from tests.helpers.transport import SilentListener
 from tests.integration.test_agent_pull import add_account, clone, lookup, read_state, set_dirs
 
 Record = dict[str, Any]
@@ -713,3 +714,43 @@ def test_an_inbox_removed_and_made_again_later_is_watched_once_it_is_back(
     push_release(node, 2)
     push_latest(node, 2)
     wait_live(node, 2, timeout=5)
+
+
+# -- a hung source -------------------------------------------------------------------------------
+
+
+def test_a_pushed_release_installs_while_the_poll_waits_on_a_source_that_never_answers(
+    node: Cluster, start_agent: Callable[..., AgentProcess]
+) -> None:
+    """The source accepts the connection and says nothing; the poll would wait for the whole
+    rsync timeout (two minutes here). The push goes in within seconds all the same, the
+    poll is stopped and tried again, and SIGTERM still ends everything at once."""
+    with SilentListener() as silent:
+        node.write_config(
+            source=f"rsync://127.0.0.1:{silent.port}/mapsync/mx",
+            extra_agent=f'inbox = "{inbox(node)}"',
+        )
+        text = node.config_path.read_text().replace('timeout = "30s"', 'timeout = "120s"')
+        node.config_path.write_text(text.replace("[agent]\n", '[agent]\njitter = "0s"\n', 1))
+        agent = start_agent(node, "--watch", "--interval", "3600", ready=False)
+        agent.wait_for("watching the push inboxes", timeout=20)
+        eventually(lambda: silent.connections >= 1, timeout=20)  # the first poll hangs
+
+        new = add_account(node, "zz-hung-source")
+        node.publish()
+        push_release(node, 2)
+        pushed_at = time.monotonic()
+        push_latest(node, 2)
+        wait_live(node, 2, timeout=20)
+        took = time.monotonic() - pushed_at
+        assert took < 20, took  # not the 120 s the poll would have waited
+        assert lookup(node, new) == "OK"
+        agent.wait_for("stopping the poll to install a pushed release", channel="mx")
+        agent.wait_for("pushed release installed", serial=2)
+        eventually(lambda: silent.connections >= 2, timeout=20)  # and the source polled again
+        assert agent.logged("pull crashed") == []
+        assert read_state(node)["last_push"] is not None
+
+        code, took = agent.stop()
+        assert code == 128 + signal.SIGTERM
+        assert took < 5.0  # the second poll's rsync was ended, not waited for
