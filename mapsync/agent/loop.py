@@ -3,8 +3,9 @@
 Polling is driven by :mod:`schedule`: every channel is pulled at start, then every
 ``interval`` seconds plus a random 0..``jitter`` seconds per run, so fifty nodes do not hit
 the publisher in step. schedule reads the wall clock; :class:`PollSchedule` keeps it on the
-monotonic one, so a clock stepped back does not stop polling. With ``watch``, :mod:`watchdog` observes each channel's ``inbox``,
-where the publisher pushes (``mapsync.transport.inbox``)::
+monotonic one, so a clock stepped back does not stop polling. With ``watch``,
+:mod:`watchdog` observes each channel's ``inbox``, where the publisher pushes
+(``mapsync.transport.inbox``)::
 
     INBOX/releases/<serial>/    the release, written first
     INBOX/LATEST                written last (rsync: a temporary file, then a rename)
@@ -16,10 +17,13 @@ never answers cannot hold up a pushed release for its whole ``timeout``: when a 
 the channel held by this agent's own poll, it stops that poll's rsync, installs, and polls
 again. Every pull, from either thread, holds the channel's lock (``pull``), so one channel
 is still installed by one run at a time, in this process or with a ``mapsync pull`` from a
-timer. The inbox is untrusted: ``pull`` verifies what it
-offers exactly as it verifies the repository (signature, serial, expiry, every hash). A pull
-from the inbox is no check of the source: it records ``last_push``, and ``mapsync status``
-keeps reporting a source that fails until a poll reaches one again.
+timer. An inbox replaced while watched (rm -rf and mkdir, a move, a symlink swap) is
+watched again (:meth:`Agent._rewatch`).
+
+The inbox is untrusted: ``pull`` verifies what it offers exactly as it verifies the
+repository (signature, serial, expiry, every hash). A pull from the inbox is no check of
+the source: it records ``last_push``, and ``mapsync status`` keeps reporting a source that
+fails until a poll reaches one again.
 
 A failed pull is logged and recorded in the channel's state (``mapsync status`` shows it);
 it never ends the loop. SIGTERM and SIGHUP end it with exit 128+n, at once while idle, from
