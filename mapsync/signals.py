@@ -72,3 +72,15 @@ def held() -> Iterator[None]:
             signal.signal(signum, handler)
         for signum in came:
             handlers[signum](signum, None)
+
+
+def describe_exit(code: int) -> str:
+    """How a child process ended, in words: ``exit 1``, or ``killed by signal 9 (SIGKILL)``
+    for the negative return code Python (and ``sh``) report for a child a signal ended."""
+    if code >= 0:
+        return f"exit {code}"
+    try:
+        name = f" ({signal.Signals(-code).name})"
+    except ValueError:
+        name = ""
+    return f"killed by signal {-code}{name}"

@@ -74,7 +74,7 @@ def run_command(argv: list[str], timeout: int) -> Ran:
             raise
         tail = _tail(err) or _tail(out)
     if proc.returncode != 0:
-        return Ran(f"exit {proc.returncode}", proc.returncode, tail)
+        return Ran(signals.describe_exit(proc.returncode), proc.returncode, tail)
     return Ran(None, 0, tail)
 
 
@@ -92,7 +92,8 @@ def _tail(f: IO[bytes]) -> str:
 
 def reload_failure(ch: AgentChannel) -> str | None:
     """Run ``ch.reload``; None when it succeeded or there is none, else what went wrong
-    (``"exit 1: ..."``, ``"timed out after 60s"``, ``"not found"``)."""
+    (``"exit 1: ..."``, ``"killed by signal 9 (SIGKILL)"``, ``"timed out after 60s"``,
+    ``"not found"``)."""
     if not ch.reload:
         return None
     command = list(ch.reload)

@@ -2,30 +2,43 @@
 
 Polling is driven by :mod:`schedule`: every channel is pulled at start, then every
 ``interval`` seconds plus a random 0..``jitter`` seconds per run, so fifty nodes do not hit
-the publisher in step. With ``watch``, :mod:`watchdog` observes each channel's ``inbox``,
-where the publisher pushes (``mapsync.transport.inbox``)::
+the publisher in step. schedule reads the wall clock; :class:`PollSchedule` keeps it on the
+monotonic one, so a clock stepped back does not stop polling. With ``watch``,
+:mod:`watchdog` observes each channel's ``inbox``, where the publisher pushes
+(``mapsync.transport.inbox``)::
 
     INBOX/releases/<serial>/    the release, written first
     INBOX/LATEST                written last (rsync: a temporary file, then a rename)
 
 A LATEST created, moved into place or modified there makes the channel due for a pull from
-the inbox. The watchdog thread only signals; every pull runs on the main thread, one at a
-time, so one channel is never pulled twice at once by this process (and ``pull``'s lock
-keeps a ``mapsync pull`` from a timer out). The inbox is untrusted: ``pull`` verifies what it
-offers exactly as it verifies the repository (signature, serial, expiry, every hash). A pull
-from the inbox is no check of the source: it records ``last_push``, and ``mapsync status``
-keeps reporting a source that fails until a poll reaches one again.
+the inbox. The watchdog thread only signals; pulls from the inbox run on the main thread.
+Polls run on a worker thread each (one per channel at a time), so a source that accepts and
+never answers cannot hold up a pushed release for its whole ``timeout``: when a push finds
+the channel held by this agent's own poll, it stops that poll's rsync, installs, and polls
+again. Every pull, from either thread, holds the channel's lock (``pull``), so one channel
+is still installed by one run at a time, in this process or with a ``mapsync pull`` from a
+timer. An inbox replaced while watched (rm -rf and mkdir, a move, a symlink swap) is
+watched again (:meth:`Agent._rewatch`).
+
+The inbox is untrusted: ``pull`` verifies what it offers exactly as it verifies the
+repository (signature, serial, expiry, every hash). A pull from the inbox is no check of
+the source: it records ``last_push``, and ``mapsync status`` keeps reporting a source that
+fails until a poll reaches one again.
 
 A failed pull is logged and recorded in the channel's state (``mapsync status`` shows it);
 it never ends the loop. SIGTERM and SIGHUP end it with exit 128+n, at once while idle, from
 inside a pull too (SystemExit; the signal is also remembered and checked after every pull,
-in case the exception got lost). The observer is stopped on the way out, and a pull cut off
-mid-way leaves the old set serving (``pull``'s own guarantees).
+in case the exception got lost). The observer is stopped on the way out, the rsyncs of
+polls in flight are ended, and a pull cut off mid-way leaves the old set serving (``pull``'s
+own guarantees).
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import errno
+import functools
 import os
 import queue
 import re
@@ -48,9 +61,10 @@ from mapsync.agent.pull import MAX_LATEST_BYTES, PullResult, installed, pull
 from mapsync.config import AgentChannel, AgentConfig
 from mapsync.errors import ConfigError, LockBusy, MapsyncError
 from mapsync.release import LATEST, Latest, parse_latest
+from mapsync.transport.rsync import Transfers, stoppable
 
 if TYPE_CHECKING:
-    from watchdog.observers.api import BaseObserver
+    from watchdog.observers.api import BaseObserver, ObservedWatch
 
 _log = log.get("agent")
 
@@ -62,12 +76,85 @@ MAX_DEFER = 0.5
 # A `mapsync pull` holds the channel's lock: try the inbox again this much later, rather than
 # leave a pushed release waiting for the next poll.
 LOCK_RETRY = 1.0
-# Wake at least this often, so a wall-clock jump cannot stall the schedule for long.
+# This agent's own poll holds it: the poll is stopped (see Agent.from_inbox); try this often
+# until it has let go.
+PREEMPT_RETRY = 0.05
+# On the way out, wait this long for a poll that was told to stop.
+POLL_JOIN = 5.0
+# Wake at least this often (a wall-clock step is noticed then, see PollSchedule).
 MAX_SLEEP = 60.0
+# While watching, look this often whether an inbox was replaced (rm -rf and mkdir, a move, a
+# symlink swap) and the watch must move to the new directory; the watch on the inbox's parent
+# usually says so at once.
+REWATCH_CHECK = 5.0
 # The events that mean "a LATEST is now in place". (Deleted is not one; opened/attrib are noise.)
 ARRIVALS = frozenset({"created", "moved", "modified", "closed"})
 RELEASES = "releases"
 _SERIAL = re.compile(r"^[0-9]{1,18}\Z")
+
+
+# A wall clock that disagrees with the monotonic clock by more than this since the last look
+# was stepped (NTP, an operator, a VM resumed): slewing moves it by milliseconds a minute.
+CLOCK_STEP = 1.0
+
+
+class PollSchedule:
+    """The polls' :class:`schedule.Scheduler`, kept on the monotonic clock.
+
+    schedule reads the wall clock (``datetime.now()``): stepped back an hour, it would run
+    no poll for an hour; stepped forward, every poll at once. So before every look at the
+    schedule, and after every job (before schedule computes that job's next run from the
+    stepped clock), the wall clock is compared with the monotonic one, and a step moves
+    every job's next run by the same amount: polls keep their interval, whatever the wall
+    clock does.
+    """
+
+    def __init__(self, monotonic: Callable[[], float] = time.monotonic) -> None:
+        self.scheduler = schedule.Scheduler()
+        self._monotonic = monotonic
+        self._anchor = (self._wall(), monotonic())
+
+    @staticmethod
+    def _wall() -> datetime.datetime:
+        return datetime.datetime.now()  # the clock schedule reads: naive local time
+
+    def every(self, interval: int, jitter: int, job: Callable[[], object]) -> None:
+        """Run ``job`` every ``interval`` to ``interval + jitter`` seconds (random each time)."""
+
+        def run() -> None:
+            try:
+                job()
+            finally:
+                self._realign()
+
+        self.scheduler.every(interval).to(interval + jitter).seconds.do(run)
+
+    def run_pending(self) -> None:
+        """Run the jobs that are due."""
+        self._realign()
+        self.scheduler.run_pending()
+
+    @property
+    def idle_seconds(self) -> float | None:
+        """Seconds until the next job is due (None without any)."""
+        self._realign()
+        return self.scheduler.idle_seconds
+
+    def _realign(self) -> None:
+        wall, mono = self._wall(), self._monotonic()
+        then_wall, then_mono = self._anchor
+        self._anchor = (wall, mono)
+        step = (wall - then_wall).total_seconds() - (mono - then_mono)
+        if abs(step) <= CLOCK_STEP:
+            return
+        shift = datetime.timedelta(seconds=step)
+        for job in self.scheduler.jobs:
+            if job.next_run is not None:
+                job.next_run += shift
+        _log.warning(
+            "the wall clock was stepped; polls keep their interval",
+            step_seconds=round(step, 1),
+        )
 
 
 class Agent:
@@ -78,30 +165,37 @@ class Agent:
         self.cfg = cfg
         self.interval = interval
         self.watched = watched
-        self.scheduler = schedule.Scheduler()
+        self.polls = PollSchedule()
         self._wake = threading.Event()
         self._arrived: queue.SimpleQueue[str] = queue.SimpleQueue()
         # channel → (monotonic time of the first event of a burst, time its inbox pull is due)
         self._due: dict[str, tuple[float, float]] = {}
+        self._observer: BaseObserver | None = None
+        # channel → the inbox directory watched now ((st_dev, st_ino), its watch), or None
+        # while the inbox is missing or not a directory
+        self._watching: dict[str, tuple[tuple[int, int], ObservedWatch] | None] = {}
+        self._dead: set[str] = set()  # channels whose inbox was deleted (the watchdog thread says)
+        # Polls run on worker threads (a hung source must not hold up pushed releases).
+        self._polling: dict[str, _Poll] = {}  # channel → its poll in flight
+        self._polled: queue.SimpleQueue[str] = queue.SimpleQueue()  # polls that ended
+        self._starting: set[str] = set()  # channels whose first poll has not ended yet
 
     def run(self) -> NoReturn:
         """Pull everything once, then poll and react to pushes until a signal ends the process."""
         signals.install()  # as main() does: exit 128+n, and remembered (mapsync.signals)
         observer = self._observe() if self.watched else None
         try:
+            if observer is not None:
+                _log.info(
+                    "watching the push inboxes",
+                    watching={name: str(ch.inbox) for name, ch in sorted(self.watched.items())},
+                )
+            self._starting = set(self.cfg.channels)
             for ch in self.cfg.channels.values():
-                self.poll(ch)
-                signals.stop_if_received()
-            for ch in self.cfg.channels.values():
-                every = self.scheduler.every(self.interval)
-                every.to(self.interval + self.cfg.jitter).seconds.do(self.poll, ch)
-            _log.info(
-                "agent started",
-                channels=sorted(self.cfg.channels),
-                interval=self.interval,
-                jitter=self.cfg.jitter,
-                watching={name: str(ch.inbox) for name, ch in sorted(self.watched.items())},
-            )
+                self.start_poll(ch)
+                self.polls.every(
+                    self.interval, self.cfg.jitter, functools.partial(self.start_poll, ch)
+                )
             while True:
                 self._wait()
                 signals.stop_if_received()
@@ -109,30 +203,89 @@ class Agent:
                     # Pushes would only be seen on polls from now on; exit (2) instead, so
                     # systemd restarts the agent (Restart=on-failure) and the journal shows why.
                     raise MapsyncError("watching the push inboxes stopped unexpectedly")
+                self._rewatch()
+                self._polls_ended()
                 self._pull_pushed()
-                self.scheduler.run_pending()
+                self.polls.run_pending()
                 signals.stop_if_received()
         except (SystemExit, KeyboardInterrupt) as exc:
             code = exc.code if isinstance(exc, SystemExit) else 128 + signal.SIGINT
             _log.info("agent stopping", exit=code)
             raise
         finally:
+            self._stop_polls()
             if observer is not None:
                 observer.stop()
                 observer.join()
 
     # -- polling -----------------------------------------------------------------------------
 
-    def poll(self, ch: AgentChannel) -> None:
-        """One scheduled run for ``ch``: its source (and mirrors), then its inbox if watched —
-        a release pushed while the agent was down, or whose event was missed, goes in now."""
+    def start_poll(self, ch: AgentChannel) -> None:
+        """Start a poll of ``ch``'s source (and mirrors) on a worker thread, unless one is
+        still running. When it ends, the main thread looks at the inbox (if watched): a
+        release pushed while the agent was down, or whose event was missed, goes in then."""
+        if ch.name in self._polling:
+            _log.info("poll skipped: the last one is still running", channel=ch.name)
+            return
+        poll = _Poll(ch, Transfers())
+        self._polling[ch.name] = poll
+        poll.thread = threading.Thread(
+            target=self._poll, args=(poll,), name=f"poll-{ch.name}", daemon=True
+        )
+        poll.thread.start()
+
+    def _poll(self, poll: _Poll) -> None:
+        """The worker thread of one poll. Every rsync it starts belongs to ``poll.transfers``,
+        so the main thread can end them (a pushed release to install, a signal)."""
         try:
-            self._pull(ch, "poll")
+            with stoppable(poll.transfers):
+                self._pull(poll.channel, "poll")
         except LockBusy as exc:
             # A `mapsync pull` (a timer, an operator) is doing this very job right now.
-            _log.info("poll skipped: the channel is busy", channel=ch.name, reason=str(exc))
-        if ch.name in self.watched:
-            self.from_inbox(self.watched[ch.name])
+            _log.info(
+                "poll skipped: the channel is busy", channel=poll.channel.name, reason=str(exc)
+            )
+        except SystemExit:
+            pass  # a signal came: the main thread handles it (and ends this poll's rsync)
+        finally:
+            self._polled.put(poll.channel.name)
+            self._wake.set()
+
+    def _polls_ended(self) -> None:
+        """On the main thread: the polls that ended since the last look; then their inboxes."""
+        while True:
+            try:
+                name = self._polled.get_nowait()
+            except queue.Empty:
+                break
+            poll = self._polling.pop(name)
+            if poll.thread is not None:
+                poll.thread.join()
+            if name in self.watched:
+                self.from_inbox(self.watched[name])
+            if poll.preempted:
+                # Stopped for a pushed release, so the source went unchecked: again, now.
+                self.start_poll(poll.channel)
+            if name in self._starting:
+                self._starting.discard(name)
+                if not self._starting:
+                    _log.info(
+                        "agent started",
+                        channels=sorted(self.cfg.channels),
+                        interval=self.interval,
+                        jitter=self.cfg.jitter,
+                        watching={n: str(c.inbox) for n, c in sorted(self.watched.items())},
+                    )
+
+    def _stop_polls(self) -> None:
+        """End the rsyncs of every poll in flight and wait (a little) for the polls to end,
+        so no rsync outlives the agent; a poll that is installing finishes its swap."""
+        for poll in self._polling.values():
+            poll.transfers.stop(reason="the agent is stopping")
+        deadline = time.monotonic() + POLL_JOIN
+        for poll in self._polling.values():
+            if poll.thread is not None:
+                poll.thread.join(max(0.0, deadline - time.monotonic()))
 
     def _pull(self, ch: AgentChannel, origin: str) -> PullResult | None:
         """``pull(ch)``; a failure is logged (``pull`` has recorded it in the state) and None
@@ -190,14 +343,33 @@ class Agent:
         try:
             result = self._pull(inbox, "push")
         except LockBusy as exc:
-            _log.info(
-                "inbox pull deferred: the channel is busy",
-                channel=ch.name,
-                retry_in=LOCK_RETRY,
-                reason=str(exc),
-            )
             now = time.monotonic()
-            self._due[ch.name] = (now, now + LOCK_RETRY)
+            poll = self._polling.get(ch.name)
+            if poll is None:
+                _log.info(
+                    "inbox pull deferred: the channel is busy",
+                    channel=ch.name,
+                    retry_in=LOCK_RETRY,
+                    reason=str(exc),
+                )
+                self._due[ch.name] = (now, now + LOCK_RETRY)
+                return
+            # This agent's own poll holds the channel, perhaps waiting on a source that
+            # never answers (up to `timeout`, per mirror). A verified release is waiting
+            # here: stop the poll's rsync (a poll already installing finishes first), install
+            # this, then poll again. One install at a time per channel still holds: the
+            # channel lock is never shared, only given up sooner.
+            if not poll.preempted:
+                poll.preempted = True
+                _log.info(
+                    "stopping the poll to install a pushed release",
+                    channel=ch.name,
+                    source=ch.source,
+                )
+                poll.transfers.stop(
+                    reason="stopped to install a pushed release; the source is polled again"
+                )
+            self._due[ch.name] = (now, now + PREEMPT_RETRY)
             return
         if result is None:
             return
@@ -217,6 +389,7 @@ class Agent:
         from watchdog.observers import Observer
 
         observer = Observer()
+        self._observer = observer
         try:
             for ch in self.watched.values():
                 assert ch.inbox is not None
@@ -228,9 +401,15 @@ class Agent:
                         # channel's releases carry password hashes.
                         ch.inbox.mkdir(parents=True, mode=0o700)
                         _log.info("created the push inbox", channel=ch.name, inbox=str(ch.inbox))
+                    # The parent tells when the inbox itself is replaced (see _rewatch).
                     observer.schedule(
-                        _InboxHandler(ch.name, self._arrival), str(ch.inbox), recursive=False
+                        _ParentHandler(ch.inbox.name, self._wake.set),
+                        str(ch.inbox.parent),
+                        recursive=False,
                     )
+                    self._watching[ch.name] = self._watch_inbox(observer, ch)
+                    if self._watching[ch.name] is None:
+                        raise OSError(f"{ch.inbox} is not a directory")
                 except OSError as exc:
                     raise ConfigError(f"{where}: cannot be watched: {exc}") from None
             try:
@@ -242,6 +421,73 @@ class Agent:
             raise
         return observer
 
+    def _watch_inbox(
+        self, observer: BaseObserver, ch: AgentChannel
+    ) -> tuple[tuple[int, int], ObservedWatch] | None:
+        """Watch the directory that is ``ch.inbox`` now (through a symlink: its target);
+        None if there is none. OSError if it cannot be watched."""
+        assert ch.inbox is not None
+        identity = _directory(ch.inbox)
+        if identity is None:
+            return None
+        handler = _InboxHandler(ch.name, str(ch.inbox), self._arrival, self._gone)
+        watch = observer.schedule(handler, str(ch.inbox), recursive=False, follow_symlink=True)
+        return identity, watch
+
+    def _rewatch(self) -> None:
+        """Move the watch of every inbox that was replaced since it was set up (rm -rf and
+        mkdir, a move, a symlink swap) to the directory there now, and say so; look at once
+        for a LATEST that came meanwhile. A watch left on the old directory would see nothing
+        again, and pushes would wait for the next poll."""
+        observer = self._observer
+        if observer is None:
+            return
+        for name, ch in self.watched.items():
+            assert ch.inbox is not None
+            watching = self._watching.get(name)
+            now = _directory(ch.inbox)
+            dead = name in self._dead
+            self._dead.discard(name)
+            if watching is not None and now == watching[0] and not dead:
+                continue
+            if watching is None and now is None:
+                continue
+            if watching is not None:
+                with contextlib.suppress(KeyError, OSError):
+                    observer.unschedule(watching[1])  # its emitter may have stopped already
+            try:
+                self._watching[name] = self._watch_inbox(observer, ch)
+            except OSError as exc:
+                self._watching[name] = None
+                _log.error(
+                    "the push inbox was replaced and cannot be watched; pushes wait for polls",
+                    channel=name,
+                    inbox=str(ch.inbox),
+                    error=exc.strerror or str(exc),
+                )
+                continue
+            if self._watching[name] is None:
+                _log.warning(
+                    "the push inbox is gone; watching for it to come back",
+                    channel=name,
+                    inbox=str(ch.inbox),
+                )
+                continue
+            _log.warning(
+                "the push inbox was replaced; watching the new directory",
+                channel=name,
+                inbox=str(ch.inbox),
+            )
+            t = time.monotonic()
+            self._due[name] = (t, t)  # a push may have landed before the new watch
+
+    def _gone(self, channel: str, deleted: bool) -> None:
+        """Called on the watchdog thread when a directory in (or the) inbox went away."""
+        if deleted:
+            # Its watch is dead even if a new directory got the same inode number.
+            self._dead.add(channel)
+        self._wake.set()
+
     def _arrival(self, channel: str) -> None:
         """Called on the watchdog thread: note it, wake the main thread, do nothing else."""
         self._arrived.put(channel)
@@ -250,8 +496,10 @@ class Agent:
     def _wait(self) -> None:
         """Sleep until the next poll, the next due inbox pull or a new arrival; a signal
         interrupts the wait (SystemExit)."""
-        timeout = self.scheduler.idle_seconds
+        timeout = self.polls.idle_seconds
         timeout = MAX_SLEEP if timeout is None else min(timeout, MAX_SLEEP)
+        if self.watched:
+            timeout = min(timeout, REWATCH_CHECK)
         if self._due:
             timeout = min(timeout, min(due for _, due in self._due.values()) - time.monotonic())
         if timeout > 0:
@@ -275,21 +523,71 @@ class Agent:
                 self.from_inbox(self.watched[name])
 
 
-class _InboxHandler(FileSystemEventHandler):
-    """Signals ``notify(channel)`` when a LATEST lands in the (non-recursively) watched inbox."""
+class _Poll:
+    """One poll in flight: its channel, the rsyncs it runs, its worker thread."""
 
-    def __init__(self, channel: str, notify: Callable[[str], None]) -> None:
+    def __init__(self, channel: AgentChannel, transfers: Transfers) -> None:
+        self.channel = channel
+        self.transfers = transfers
+        self.thread: threading.Thread | None = None
+        self.preempted = False  # stopped for a pushed release (the main thread sets it)
+
+
+class _InboxHandler(FileSystemEventHandler):
+    """Signals ``notify(channel)`` when a LATEST lands in the (non-recursively) watched inbox,
+    and ``gone()`` when the inbox itself is deleted or moved away."""
+
+    def __init__(
+        self,
+        channel: str,
+        inbox: str,
+        notify: Callable[[str], None],
+        gone: Callable[[str, bool], None],
+    ) -> None:
         super().__init__()
         self.channel = channel
+        self.inbox = inbox
         self.notify = notify
+        self.gone = gone
 
     def on_any_event(self, event: FileSystemEvent) -> None:
-        if event.is_directory or event.event_type not in ARRIVALS:
+        if event.is_directory:
+            if event.event_type in ("deleted", "moved"):
+                # The inbox itself (its watch is dead), or only releases/<n> (_rewatch looks).
+                self.gone(self.channel, os.fsdecode(event.src_path) == self.inbox)
+            return
+        if event.event_type not in ARRIVALS:
             return
         path = event.dest_path if event.event_type == "moved" else event.src_path
         if os.path.basename(os.fsdecode(path)) == LATEST:
             self.notify(self.channel)
             _log.debug("LATEST arrived in the inbox", channel=self.channel, kind=event.event_type)
+
+
+class _ParentHandler(FileSystemEventHandler):
+    """Calls ``changed()`` on any event about the entry ``name`` of the watched directory
+    (the inbox created, deleted, moved, or a symlink there swapped)."""
+
+    def __init__(self, name: str, changed: Callable[[], None]) -> None:
+        super().__init__()
+        self.name = name
+        self.changed = changed
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        paths = (
+            [event.src_path, event.dest_path] if event.event_type == "moved" else [event.src_path]
+        )
+        if any(os.path.basename(os.fsdecode(p)) == self.name for p in paths):
+            self.changed()
+
+
+def _directory(path: Path) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of the directory at ``path`` (a symlink followed), None if none."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) else None
 
 
 def offered_serial(inbox: Path) -> Latest | str | None:

@@ -120,8 +120,9 @@ def _parser() -> argparse.ArgumentParser:
         "so the nodes of a cluster do not poll the publisher in step.\n\n"
         "With --watch, each channel's push inbox ([agent.channels.C] inbox) is watched too:\n"
         "a release the publisher pushes there is installed as soon as its LATEST arrives\n"
-        "(and on each poll, if it came while the agent was down). Whichever way a release\n"
-        "comes, it is verified exactly as by `pull`.\n\n"
+        "(and on each poll, if it came while the agent was down), even while a poll waits on\n"
+        "a source that does not answer; an inbox that is replaced is watched again.\n"
+        "Whichever way a release comes, it is verified exactly as by `pull`.\n\n"
         "A failed pull is logged and recorded for `mapsync status`; the agent keeps running.\n"
         "SIGTERM or SIGHUP end it (exit 143 or 129). Run this (mapsync-agent.service) or the\n"
         "mapsync-pull timer, not both.",

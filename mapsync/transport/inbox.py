@@ -12,7 +12,9 @@ A delivery runs rsync two or three times, in this order:
    (rsync creates one missing level at a time, and ``--mkpath`` needs rsync 3.2.3 on the node);
 2. copy the release into ``INBOX/releases/<serial>/``, delta-encoded against
    ``INBOX/releases/<basis>/``, the release delivered before (``--link-dest``: unchanged maps
-   become hard links, a changed one moves only the blocks that differ; see :func:`block_size`);
+   become hard links, a changed one moves only the blocks that differ; see :func:`block_size`).
+   The options are ones ``rrsync`` (without ``-ro``) lets through, so a push key confined to
+   the inbox with ``command="rrsync INBOX",restrict`` works (docs/security.md);
 3. copy ``LATEST`` and remove the releases other than the new one and the basis, which an
    agent may be fetching right now. rsync writes LATEST to a temporary file beside it and
    renames it, so a watcher sees the old LATEST or the new one, and the new one only once
@@ -25,6 +27,7 @@ import tempfile
 from pathlib import Path
 
 from mapsync import log
+from mapsync.errors import TransportError
 from mapsync.release import LATEST
 from mapsync.transport.rsync import (
     DEFAULT_SSH,
@@ -65,7 +68,11 @@ class Inbox:
         return [
             "--recursive",
             "--times",
-            "--modify-window=-1",  # as the agent's fetch: same-second releases differ in ns
+            # Whole-file checksums decide what is unchanged against the basis, not size and
+            # mtime: two releases written in the same second have files of equal size (the
+            # signature always) that whole seconds cannot tell apart, and rrsync refuses the
+            # nanosecond window (--modify-window=-1, sent as "-@-1") the agent's fetch uses.
+            "--checksum",
             # No --perms: directories the node's operator made (the inbox itself) keep their
             # mode; what the push creates is private to the receiving user (maps may carry
             # password hashes), which is the agent's (root's) to read.
@@ -95,10 +102,17 @@ class Inbox:
                 moved += self._rsync("--omit-dir-times", f"{skeleton}/", f"{base}/")
             extra = ["--delete", f"--block-size={block_size(release)}"]
             if basis is not None:
-                # Relative to the destination directory. A basis the agent removed costs a
-                # warning and a full copy, not a failure.
-                extra.append(f"--link-dest=../{basis}")
-            moved += self._rsync(*extra, f"{release}/", f"{base}/releases/{serial}/")
+                # A basis the agent removed costs a warning and a full copy, not a failure.
+                extra.append(f"--link-dest={self._basis_path(basis)}")
+            try:
+                moved += self._rsync(*extra, f"{release}/", f"{base}/releases/{serial}/")
+            except TransportError as exc:
+                if prepare or not _no_such_directory(exc):
+                    raise
+                # The inbox was emptied or made anew since the delivery before (config
+                # management, an operator): make its directories and deliver once more.
+                _log.info("the inbox lost its directories; making them", destination=base)
+                return moved + self.deliver(release, serial, latest, basis, prepare=True)
             # LATEST, last: the bytes read with the release, not the repository's file, which
             # a concurrent publish may already have moved on.
             (skeleton / LATEST).write_bytes(latest)
@@ -109,5 +123,23 @@ class Inbox:
         _log.debug("pushed", destination=self.destination, serial=serial, bytes=moved)
         return moved
 
+    def _basis_path(self, basis: int) -> str:
+        """``--link-dest`` for release ``basis``, as the receiving rsync must be told it.
+
+        Over ssh, the inbox path of the URL, absolute: rrsync refuses ".." in any path and
+        maps a leading "/" to its restricted directory exactly as it maps the destination, so
+        ``ssh://node/`` through ``rrsync INBOX`` and ``ssh://node/INBOX`` without it both
+        name INBOX/releases/<basis>. An rsync daemon resolves an absolute path against the
+        module, not the inbox: there it stays relative to the destination directory."""
+        if self.endpoint.daemon:
+            return f"../{basis}"
+        return f"{self.endpoint.path}/releases/{basis}"
+
     def _rsync(self, *args: str) -> int:
         return wire_bytes(run(self._argv(*args), self.timeout, self.transfers))
+
+
+def _no_such_directory(exc: TransportError) -> bool:
+    """rsync could not make ``releases/<serial>`` because ``releases`` (or the inbox) is
+    missing: ``mkdir "…/releases/42" failed: No such file or directory (2)``."""
+    return "mkdir" in str(exc) and "No such file or directory" in str(exc)

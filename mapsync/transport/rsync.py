@@ -19,6 +19,7 @@ let go of its lock.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 import os
 import re
@@ -27,10 +28,11 @@ import signal
 import stat
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import sh
 
@@ -48,6 +50,7 @@ class Endpoint:
     base: str
     ssh: tuple[str, ...] | None = None
     daemon: bool = False
+    path: str = ""  # the directory as the rsync at the far end sees it (for a daemon: unused)
 
 
 DEFAULT_SSH = ("ssh", "-o", "BatchMode=yes")
@@ -79,24 +82,36 @@ def connection_options(
 
 
 def parse_source(source: str, ssh: tuple[str, ...] = DEFAULT_SSH) -> Endpoint:
-    """Turn a channel ``source`` (path, ``file://``, ``rsync://``, ``ssh://``) into an Endpoint."""
+    """Turn a channel ``source`` (path, ``file://``, ``rsync://``, ``ssh://``) into an Endpoint.
+
+    An IPv6 literal keeps its brackets (``ssh://u@[2001:db8::10]/path`` → ``u@[2001:db8::10]:/path``,
+    which rsync unwraps before calling ssh): without them rsync would take the host for
+    everything up to the first colon."""
     if source.startswith("/"):
-        return Endpoint(source.rstrip("/"))
-    parts = urlsplit(source)
+        return Endpoint(source.rstrip("/"), path=source.rstrip("/"))
+    try:
+        parts = urlsplit(source)
+        host, port = parts.hostname, parts.port
+    except ValueError as exc:  # "Invalid IPv6 URL", "Port out of range 0-65535", ...
+        raise ConfigError(f"source {source!r}: not a valid URL ({exc})") from None
     if parts.scheme == "file":
-        return Endpoint(parts.path.rstrip("/"))
+        return Endpoint(parts.path.rstrip("/"), path=parts.path.rstrip("/"))
     if parts.scheme == "rsync":
-        if not parts.hostname:
+        if not host:
             raise ConfigError(f"source {source!r}: rsync:// URL needs a host")
         return Endpoint(source.rstrip("/"), daemon=True)
     if parts.scheme == "ssh":
-        if not parts.hostname or not parts.path:
+        if not host or not parts.path:
             raise ConfigError(f"source {source!r}: ssh:// URL needs a host and a path")
         shell = list(ssh)
-        if parts.port:
-            shell += ["-p", str(parts.port)]
-        user = f"{parts.username}@" if parts.username else ""
-        return Endpoint(f"{user}{parts.hostname}:{parts.path.rstrip('/')}", ssh=tuple(shell))
+        if port:
+            shell += ["-p", str(port)]
+        user = f"{unquote(parts.username)}@" if parts.username else ""
+        host = unquote(host)  # a zone id's "%" is "%25" in a URL
+        if ":" in host:
+            host = f"[{host}]"
+        path = parts.path.rstrip("/")
+        return Endpoint(f"{user}{host}:{path}", ssh=tuple(shell), path=path)
     raise ConfigError(f"source {source!r}: use a path, file://, rsync:// or ssh://")
 
 
@@ -109,6 +124,7 @@ class Transfers:
         self._lock = threading.Lock()
         self._running: dict[int, Any] = {}  # id → sh's RunningCommand (not hashable)
         self.stopped = False
+        self.reason = "the run was interrupted"  # what a stopped rsync's error says
 
     def _add(self, proc: Any) -> bool:
         with self._lock:
@@ -120,11 +136,14 @@ class Transfers:
         with self._lock:
             self._running.pop(id(proc), None)
 
-    def stop(self, grace: float = 2.0) -> None:
+    def stop(self, grace: float = 2.0, reason: str | None = None) -> None:
         """End every running rsync: SIGTERM (rsync removes its temporary file and ends the
-        process it forked), then SIGKILL for any still running after ``grace`` seconds."""
+        process it forked), then SIGKILL for any still running after ``grace`` seconds.
+        ``reason``: why, for the error of each rsync it ends."""
         with self._lock:
             self.stopped = True
+            if reason is not None:
+                self.reason = reason
             procs = list(self._running.values())
         for proc in procs:
             _signal(proc, signal.SIGTERM)
@@ -136,9 +155,28 @@ class Transfers:
                 _signal(proc, signal.SIGKILL)
 
 
+# The job an rsync started in this thread (or context) belongs to when the caller names none:
+# set with stoppable(), e.g. by the agent around a poll it may have to stop.
+_job: contextvars.ContextVar[Transfers | None] = contextvars.ContextVar("rsync_job", default=None)
+
+
+@contextlib.contextmanager
+def stoppable(transfers: Transfers) -> Iterator[None]:
+    """Every rsync that code run inside this block starts (in this thread) belongs to
+    ``transfers``, so that another thread can end them with :meth:`Transfers.stop`."""
+    token = _job.set(transfers)
+    try:
+        yield
+    finally:
+        _job.reset(token)
+
+
 def run(argv: list[str], timeout: int, transfers: Transfers | None = None) -> str:
     """Run rsync ``argv`` (without the program name); the one subprocess call of mapsync's
-    transport. ``transfers``: the job this rsync belongs to, which may stop it."""
+    transport. ``transfers``: the job this rsync belongs to, which may stop it (by default
+    the one :func:`stoppable` set, if any)."""
+    if transfers is None:
+        transfers = _job.get()
     _log.debug("rsync", argv=argv)
     expired = threading.Event()
     proc: Any = None
@@ -165,7 +203,7 @@ def run(argv: list[str], timeout: int, transfers: Transfers | None = None) -> st
                 f"rsync timed out after {timeout}s: rsync {' '.join(argv)}"
             ) from None
         if transfers is not None and transfers.stopped:
-            raise TransportError("rsync stopped: the run was interrupted") from None
+            raise TransportError(f"rsync stopped: {transfers.reason}") from None
         err = exc.stderr.decode("utf-8", "replace").strip()
         if "failed to read a password from -" in err:
             err = (
@@ -181,7 +219,7 @@ def run(argv: list[str], timeout: int, transfers: Transfers | None = None) -> st
                 "`secrets file`)"
             )
         raise TransportError(
-            f"rsync failed (exit {exc.exit_code}): {err or 'no message'}"
+            f"rsync failed ({signals.describe_exit(exc.exit_code)}): {err or 'no message'}"
         ) from None
     except sh.CommandNotFound:
         raise TransportError("rsync is not installed (apt-get install rsync)") from None

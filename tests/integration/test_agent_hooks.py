@@ -194,6 +194,15 @@ def test_a_failing_check_reports_the_tail_of_its_stderr(installed: Cluster) -> N
     assert "`sh -c 'echo starting; " in err  # the command, as configured
 
 
+def test_a_check_killed_by_a_signal_is_reported_by_the_signal_not_a_negative_exit(
+    installed: Cluster,
+) -> None:
+    """The OOM killer or an operator's ``kill -9`` ends a check: say so, not "exit -9"."""
+    err = _refused_serial_2(installed, ["sh", "-c", "kill -KILL $$"])
+    assert "killed by signal 9 (SIGKILL)" in err
+    assert "exit -9" not in err
+
+
 def test_a_check_that_is_not_installed_refuses_the_release(installed: Cluster) -> None:
     err = _refused_serial_2(installed, ["/usr/local/bin/no-such-check", "{dir}"])
     assert "`/usr/local/bin/no-such-check '{dir}'`: not found;" in err
@@ -365,6 +374,16 @@ def test_a_hung_reload_hook_times_out_is_reported_and_retried(installed: Cluster
     assert installed.cli("pull").returncode == 0
     assert log.read_text() == "try\ntry\nok\n"
     assert installed.cli("status").returncode == 0
+
+
+def test_a_reload_hook_killed_by_a_signal_is_reported_by_the_signal(installed: Cluster) -> None:
+    add_account(installed, "zz-killed")
+    installed.publish()
+    configure(installed, reload=["sh", "-c", "kill -TERM $$"])
+    p = installed.cli("pull")
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "the reload hook failed (killed by signal 15 (SIGTERM))" in p.stderr
+    assert "exit -15" not in p.stderr
 
 
 # -- files: owner, group, mode ------------------------------------------------------------------

@@ -31,6 +31,7 @@ from mapsync.agent.loop import prune_inbox
 from mapsync.agent.state import channel_lock
 from mapsync.release import LATEST, MANIFEST, Latest, manifest_sha256
 from tests.conftest import Cluster, make_cluster
+from tests.helpers.transport import SilentListener
 from tests.integration.test_agent_pull import add_account, clone, lookup, read_state, set_dirs
 
 Record = dict[str, Any]
@@ -647,3 +648,109 @@ def test_a_missing_inbox_is_created_private(
     agent.wait_for("created the push inbox", channel="mx")
     assert inbox(node).is_dir()
     assert inbox(node).stat().st_mode & 0o777 == 0o700  # a mailstore's releases carry hashes
+
+
+# -- the inbox replaced under a running agent ----------------------------------------------------
+
+
+def _recreate(box: Path, how: str) -> None:
+    """Replace the inbox directory the way config management or an operator does."""
+    if how == "rm -rf; mkdir":
+        shutil.rmtree(box)
+        box.mkdir(mode=0o700)
+    elif how == "moved away; mkdir":
+        box.rename(box.with_name("mx.old"))
+        box.mkdir(mode=0o700)
+    else:  # a symlink swapped to a new directory (ln -sfn new inbox, atomically)
+        new = box.parent / f"mx.{time.monotonic_ns()}"
+        new.mkdir(mode=0o700)
+        tmp = box.parent / "mx.swap"
+        tmp.symlink_to(new.name)
+        tmp.replace(box)
+
+
+@pytest.mark.parametrize("how", ["rm -rf; mkdir", "moved away; mkdir", "symlink swapped"])
+def test_an_inbox_recreated_under_the_agent_is_watched_again_and_says_so(
+    node: Cluster, start_agent: Callable[..., AgentProcess], how: str
+) -> None:
+    box = inbox(node)
+    if how == "symlink swapped":
+        first = box.parent / "mx.first"
+        first.mkdir(parents=True, mode=0o700)
+        box.symlink_to(first.name)
+    # A poll every hour: within this test only the watch can bring a release in.
+    agent = start_agent(node, "--watch", "--interval", "3600")
+    _recreate(box, how)
+    agent.wait_for("the push inbox was replaced; watching the new directory", channel="mx")
+
+    for serial in (2, 3):
+        add_account(node, f"zz-recreated-{serial}")
+        node.publish()
+        push_release(node, serial)
+        push_latest(node, serial)
+        wait_live(node, serial, timeout=5)
+        agent.wait_for("pushed release installed", serial=serial)
+    said = {r["event"] for r in agent.problems()}
+    # Between rm -rf and mkdir the agent may look, and say that the inbox is gone, first.
+    said.discard("the push inbox is gone; watching for it to come back")
+    # A symlinked inbox is never pruned (prune_inbox follows no symlink), and says so.
+    said.discard("not pruning the inbox: a symlink, not followed")
+    assert said == {"the push inbox was replaced; watching the new directory"}
+    assert agent.proc.poll() is None
+
+
+def test_an_inbox_removed_and_made_again_later_is_watched_once_it_is_back(
+    node: Cluster, start_agent: Callable[..., AgentProcess]
+) -> None:
+    agent = start_agent(node, "--watch", "--interval", "3600")
+    shutil.rmtree(inbox(node))
+    agent.wait_for("the push inbox is gone; watching for it to come back", channel="mx")
+    time.sleep(0.5)
+    assert not inbox(node).exists()  # not made behind the operator's back, as another owner
+    inbox(node).mkdir(mode=0o700)
+    agent.wait_for("the push inbox was replaced; watching the new directory", channel="mx")
+    add_account(node, "zz-back")
+    node.publish()
+    push_release(node, 2)
+    push_latest(node, 2)
+    wait_live(node, 2, timeout=5)
+
+
+# -- a hung source -------------------------------------------------------------------------------
+
+
+def test_a_pushed_release_installs_while_the_poll_waits_on_a_source_that_never_answers(
+    node: Cluster, start_agent: Callable[..., AgentProcess]
+) -> None:
+    """The source accepts the connection and says nothing; the poll would wait for the whole
+    rsync timeout (two minutes here). The push goes in within seconds all the same, the
+    poll is stopped and tried again, and SIGTERM still ends everything at once."""
+    with SilentListener() as silent:
+        node.write_config(
+            source=f"rsync://127.0.0.1:{silent.port}/mapsync/mx",
+            extra_agent=f'inbox = "{inbox(node)}"',
+        )
+        text = node.config_path.read_text().replace('timeout = "30s"', 'timeout = "120s"')
+        node.config_path.write_text(text.replace("[agent]\n", '[agent]\njitter = "0s"\n', 1))
+        agent = start_agent(node, "--watch", "--interval", "3600", ready=False)
+        agent.wait_for("watching the push inboxes", timeout=20)
+        eventually(lambda: silent.connections >= 1, timeout=20)  # the first poll hangs
+
+        new = add_account(node, "zz-hung-source")
+        node.publish()
+        push_release(node, 2)
+        pushed_at = time.monotonic()
+        push_latest(node, 2)
+        wait_live(node, 2, timeout=20)
+        took = time.monotonic() - pushed_at
+        assert took < 20, took  # not the 120 s the poll would have waited
+        assert lookup(node, new) == "OK"
+        agent.wait_for("stopping the poll to install a pushed release", channel="mx")
+        agent.wait_for("pushed release installed", serial=2)
+        eventually(lambda: silent.connections >= 2, timeout=20)  # and the source polled again
+        assert agent.logged("pull crashed") == []
+        assert read_state(node)["last_push"] is not None
+
+        code, took = agent.stop()
+        assert code == 128 + signal.SIGTERM
+        assert took < 5.0  # the second poll's rsync was ended, not waited for

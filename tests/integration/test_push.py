@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -146,6 +147,27 @@ def test_a_local_inbox_gets_each_release_then_latest_and_the_agent_installs_from
     assert pushed(again) == {}
     assert f"channel mx: {inbox} has serial 3" in again
     assert files(inbox) == before
+
+
+def test_the_first_push_into_an_inbox_made_anew_goes_through(cluster: Cluster) -> None:
+    """Config management replaced the inbox (rm -rf; mkdir) after serial 1 was delivered:
+    serial 2 still arrives on the first try, not after a failure and a back-off."""
+    inbox = cluster.root / "node" / "inbox" / "mx"
+    inbox.parent.mkdir(parents=True)
+    push_to(cluster, str(inbox), source=str(inbox))
+    cluster.publish()
+    assert_inbox_holds(cluster, inbox, 1, {1})
+    shutil.rmtree(inbox)
+    inbox.mkdir(mode=0o700)
+
+    new = add_account(cluster, "after-mkdir")
+    p = cluster.cli("publish")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert pushed(p.stdout)[str(inbox)][0] == 2
+    assert_inbox_holds(cluster, inbox, 2, {2})
+    assert "error" not in record(cluster)[str(inbox)]
+    assert "installed serial 2" in cluster.pull().stdout
+    assert lookup(cluster, new) == "OK"
 
 
 # -- an rsync daemon module with write access ----------------------------------------------------

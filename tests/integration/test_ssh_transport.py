@@ -134,3 +134,13 @@ def test_ssh_arguments_with_a_space_reach_ssh_whole(
     assert p.returncode == 0, p.stdout + p.stderr
     assert "installed serial 1" in p.stdout
     assert "ssh-ed25519" in known_hosts.read_text()  # the quoted option reached ssh whole
+
+
+def test_an_rsync_killed_by_a_signal_is_reported_by_the_signal(cluster: Cluster) -> None:
+    """The remote shell kills the rsync that started it (as the OOM killer would)."""
+    cluster.publish()
+    use_ssh(cluster, 22, Path("/nonexistent"), ["sh", "-c", "kill -KILL $PPID", "ssh"])
+    p = cluster.cli("pull")
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "rsync failed (killed by signal 9 (SIGKILL))" in p.stderr
+    assert "exit -9" not in p.stderr
