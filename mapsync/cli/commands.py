@@ -105,9 +105,9 @@ def _publish_once(args: argparse.Namespace, *, loop: bool = False) -> int:
     result: PublishResult | None = None
     failure: MapsyncError | None = None
     try:
-        result = Publisher(pub, lambda: open_source(pub.database, pub.schema)).run(
-            args.channel, dry_run=args.dry_run, force=args.force, skip_invalid=args.skip_invalid
-        )
+        result = Publisher(
+            pub, lambda: open_source(pub.database, pub.schema, postfixadmin=pub.postfixadmin)
+        ).run(args.channel, dry_run=args.dry_run, force=args.force, skip_invalid=args.skip_invalid)
     except ConfigError:
         raise
     except MapsyncError as exc:

@@ -114,7 +114,9 @@ def run_demo(directory: Path | None) -> int:
         )
 
     print("== publisher: mapsync publish")
-    result = Publisher(pub, lambda: open_source(pub.database, pub.schema)).run()
+    result = Publisher(
+        pub, lambda: open_source(pub.database, pub.schema, postfixadmin=pub.postfixadmin)
+    ).run()
     print_plan(result)
 
     node_cfgs = {"mx": cfg.need_agent()}
