@@ -461,12 +461,14 @@ _SCHEME = re.compile(r"^\{([A-Z0-9.-]+)\}")
 
 def _password_problems(password_hash: str | None) -> Iterator[str]:
     """The passwd-file's password field: a known, strong scheme; nothing that splits a field."""
+    m = _SCHEME.match(password_hash or "")
     if not password_hash:
         yield "no password hash"
+    elif m is not None and m.group(1) in ("PLAIN", "CLEARTEXT"):
+        yield f"password scheme {m.group(1)} is not allowed (a cleartext password is never published)"
     elif any(c in password_hash for c in ": \t\r\n\0"):
         yield "password hash contains ':', whitespace or a control character"
     else:
-        m = _SCHEME.match(password_hash)
         if m is None and not password_hash.startswith(_CRYPT_PREFIXES):
             yield "password hash has no {SCHEME} prefix"
         elif m is not None and m.group(1) not in STRONG_SCHEMES:

@@ -39,8 +39,8 @@ from datetime import UTC, datetime
 from fnmatch import fnmatchcase
 from typing import Any
 
-from sqlalchemy import Connection, column, func, inspect, select, table
-from sqlalchemy.exc import NoSuchTableError, SQLAlchemyError
+from sqlalchemy import Connection, column, false, func, select, table, text
+from sqlalchemy.exc import SQLAlchemyError
 
 from mapsync import log
 from mapsync.config import PostfixAdminConfig
@@ -154,15 +154,19 @@ class PostfixAdminSource(BuiltinSource):
     def _need(self, conn: Connection, name: str) -> set[str]:
         """The columns of PostfixAdmin table ``name``; SourceError if it or a needed one is missing."""
         real = self.tables[name]
+        # An empty SELECT names the columns on every engine (reflection warns on SQLite's
+        # tinyint(1) and costs more); a missing table fails it inside a savepoint, so the
+        # transaction (PostgreSQL aborts it on any error) stays usable for the message.
         try:
-            have = {c["name"].lower() for c in inspect(conn).get_columns(real)}
-        except NoSuchTableError:
-            have = set()
-        if not have:
+            with conn.begin_nested():
+                result = conn.execute(select(text("*")).select_from(table(real)).where(false()))
+                have = set(map(str.lower, map(str, result.keys())))
+                result.close()
+        except SQLAlchemyError:
             raise SourceError(
-                f"database {self.safe_url}: PostfixAdmin table {real!r} not found "
-                f"(check [publisher.postfixadmin] prefix and {name}_table)"
-            )
+                f"database {self.safe_url}: PostfixAdmin table {real!r} not found or not "
+                f"readable (check [publisher.postfixadmin] prefix and {name}_table)"
+            ) from None
         missing = [c for c in COLUMNS[name] if c not in have]
         if missing:
             raise SourceError(
@@ -338,12 +342,13 @@ class _Reader:
                 forward_to[domain] = targets[0][1:].lower()
                 continue
             owner = mailbox_of.get(address)
-            if owner is not None:
-                if owner.status == "active":
-                    if targets != [address]:
-                        forwards.append(Alias(i, owner.domain_id, local, tuple(targets)))
-                    continue
-                # A disabled mailbox's own address leads nowhere: keep only the other targets.
+            if owner is not None and owner.status == "active":
+                if targets != [address]:
+                    forwards.append(Alias(i, owner.domain_id, local, tuple(targets)))
+                continue
+            if address in map(str.lower, targets):
+                # The own address of a disabled or deleted mailbox leads nowhere (Postfix would
+                # accept and bounce it): keep only the other targets.
                 targets = [t for t in targets if t.lower() != address]
                 if not targets:
                     continue
