@@ -26,7 +26,7 @@ database = "sqlite:///{dir}/central.db"
 repository = "repo"
 signing_key = "keys/signing.key"
 expires = "7d"
-
+{schema}
 [publisher.channels.mx]
 maps = ["domains", "recipients", "virtual", "transport", "senders"]
 
@@ -48,6 +48,23 @@ maps = ["dovecot_users"]
 mailstore = "store-2"
 
 {agent}"""
+
+# With --schema postfixadmin: PostfixAdmin's tables, and what PostfixAdmin does not know.
+POSTFIXADMIN = """\
+schema = "postfixadmin"
+
+[publisher.postfixadmin]
+mail_base = "/var/vmail"
+vacation_domain = "{vacation}"
+vacation_nexthop = "[10.0.1.20]:25"
+
+[publisher.postfixadmin.mailstores.store-1]
+lmtp_host = "10.0.1.11"
+
+[publisher.postfixadmin.mailstores.store-2]
+lmtp_host = "10.0.1.12"
+domains = ["example-2.org", "example-4.org"]
+"""
 
 AGENT = """\
 [agent]
@@ -77,13 +94,16 @@ def _agent_block(d: Path, node: str) -> str:
     return AGENT.format(dir=d, node=d / "nodes" / node, channel=channel, daemon=daemon)
 
 
-def run_demo(directory: Path | None) -> int:
+def run_demo(directory: Path | None, schema: str = "mapsync") -> int:
+    """Build (or, on an existing ``directory``, re-run) the demo; ``schema`` "postfixadmin"
+    starts from a PostfixAdmin-shaped database instead of mapsync's own."""
     from mapsync.agent.pull import pull
     from mapsync.agent.status import channel_status
     from mapsync.cli.commands import print_plan
     from mapsync.publish.publisher import Publisher
     from mapsync.signing import keygen
     from mapsync.sources import open_source
+    from mapsync.sources.postfixadmin_seed import VACATION_DOMAIN, seed_postfixadmin
     from mapsync.sources.seed import SeedCounts, seed
 
     d = (directory or Path(tempfile.mkdtemp(prefix="mapsync-demo-"))).resolve()
@@ -92,7 +112,8 @@ def run_demo(directory: Path | None) -> int:
     fresh = not (d / "central.db").exists()
     print(f"== mapsync demo in {d}")
     if fresh:
-        cfg_path.write_text(PUBLISHER.format(dir=d, agent=_agent_block(d, "mx")))
+        extra = POSTFIXADMIN.format(vacation=VACATION_DOMAIN) if schema == "postfixadmin" else ""
+        cfg_path.write_text(PUBLISHER.format(dir=d, schema=extra, agent=_agent_block(d, "mx")))
         for node in NODES:
             if node != "mx":
                 (d / "nodes" / node).mkdir(parents=True, exist_ok=True)
@@ -102,7 +123,13 @@ def run_demo(directory: Path | None) -> int:
         print("   wrote mapsync.toml (publisher + MX node), nodes/*/mapsync.toml, keys/")
     cfg = config.load(cfg_path)
     pub = cfg.need_publisher()
-    if fresh:
+    if fresh and pub.schema == "postfixadmin":
+        made = seed_postfixadmin(pub.database, PASSWORD)
+        print(
+            "== PostfixAdmin database (SQLite), as PostfixAdmin fills it: "
+            + ", ".join(f"{n} {t}" for t, n in made.items())
+        )
+    elif fresh:
         made = seed(
             pub.database,
             SeedCounts(accounts=200, domains=10, aliases=60, mailstores=2),

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -379,3 +381,41 @@ def test_a_missing_table_is_a_clear_error(tmp_path: Path) -> None:
     assert p.returncode == 2, p.stdout + p.stderr
     assert "PostfixAdmin table 'domain' not found" in p.stderr, p.stderr
     assert "Traceback" not in p.stderr
+
+
+def test_the_postfixadmin_demo_runs_the_cluster_on_a_postfixadmin_database() -> None:
+    """`mapsync demo --schema postfixadmin`, as a newcomer with a PostfixAdmin runs it."""
+    root = Path(tempfile.mkdtemp(prefix="mapsync-pfa-demo-"))
+    root.chmod(0o755)  # the Dovecot below reads the store's passwd-file as user dovecot
+    d = root / "demo"
+    try:
+        first = subprocess.run(
+            [sys.executable, "-m", "mapsync", "demo", "--schema", "postfixadmin", "--dir", str(d)],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert first.returncode == 0, first.stdout + first.stderr
+        assert "PostfixAdmin database (SQLite), as PostfixAdmin fills it" in first.stdout
+        assert first.stdout.count("installed serial 1") == 6
+        assert 'schema = "postfixadmin"' in (d / "mapsync.toml").read_text()
+        mx = d / "nodes" / "mx" / "postfix"
+        virtual, transport = pfa.postmap(mx / "virtual"), pfa.postmap(mx / "transport")
+        assert virtual("user003@alias-1.org") == "user003@example-1.org"  # alias domain
+        assert virtual("user003@example-1.org") == (
+            "someone@elsewhere.example,user003@example-1.org"  # forward, keeping a copy
+        )
+        assert transport("example-2.org") == "lmtp:[10.0.1.12]:24"  # per-domain mailstore
+        assert transport("backup-1.org") == "relay:backup-1.org"  # backup MX
+        assert pfa.postmap(mx / "domains")("all") is None
+        store = pfa.Dovecot(root / "dovecot", d / "nodes" / "store-1" / "dovecot" / "dovecot_users")
+        try:
+            assert store.login("user001@example-1.org", "demo-password")
+        finally:
+            store.stop()
+        again = subprocess.run(
+            [sys.executable, "-m", "mapsync", "demo", "--dir", str(d)],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert again.stdout.count("unchanged (serial 1)") == 6
+    finally:
+        shutil.rmtree(root)

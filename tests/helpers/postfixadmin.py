@@ -2,8 +2,9 @@
 PostgreSQL, holding every case of shared/POSTFIXADMIN.md; and PostfixAdmin's documented
 Postfix and Dovecot SQL lookups run against it (the oracle the published maps must match).
 
-The DDL is written from the column facts (types, defaults, nullability per engine), not
-copied from PostfixAdmin. ``build(url)`` creates and fills the tables; ``Lookups(url)`` answers
+The tables are :func:`mapsync.sources.postfixadmin_seed.ddl`'s (written from the column facts:
+types, defaults, nullability per engine; not copied from PostfixAdmin, shared with
+``mapsync demo --schema postfixadmin``). ``build(url)`` creates and fills them; ``Lookups(url)`` answers
 as Postfix and Dovecot configured by PostfixAdmin's DOCUMENTS would.
 """
 
@@ -18,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, text
+
+from mapsync.sources.postfixadmin_seed import ddl
 
 PASSWORD = "pfa secret 1"  # every mailbox's password, in each hash family below
 MAIL_BASE = "/var/vmail"
@@ -177,67 +180,6 @@ def addresses() -> list[str]:
     return sorted(keys | set(PROBES))
 
 
-def _ddl(dialect: str, prefix: str, version: int) -> list[str]:
-    """CREATE TABLEs with each engine's own types, as PostfixAdmin's installer builds them."""
-    mysql, pg = dialect in ("mysql", "mariadb"), dialect == "postgresql"
-    boolean = "boolean" if pg else "tinyint(1)"
-    yes, no = ("true", "false") if pg else ("1", "0")
-    stamp = (
-        "timestamp with time zone DEFAULT now()" if pg else "datetime DEFAULT '2000-01-01 00:00:00'"
-    )
-    tail = " DEFAULT CHARSET=latin1" if mysql else ""  # latin1, case-insensitive collation
-    late = ""
-    if version >= 1849:
-        late += ", totp_secret varchar(255) NULL"
-    if version >= 1850:
-        late += f", smtp_active {boolean} NOT NULL DEFAULT {yes}"
-    description = ", description varchar(255) DEFAULT ''" if version >= 1854 else ""
-    p = prefix
-    fk = f" REFERENCES {p}domain(domain)" if pg else ""  # only PostgreSQL has foreign keys
-    # PostgreSQL: mailbox.domain is nullable and comes after `active`.
-    mailbox_domain = "" if pg else "domain varchar(255) NOT NULL,"
-    pg_domain = f"domain varchar(255){fk}," if pg else ""
-    return [
-        f"""CREATE TABLE {p}config (id integer PRIMARY KEY, name varchar(20) NOT NULL,
-            value varchar(20) NOT NULL){tail}""",
-        f"""CREATE TABLE {p}domain (
-            domain varchar(255) NOT NULL PRIMARY KEY,
-            description varchar(255) {"DEFAULT ''" if pg else ""},
-            aliases integer NOT NULL DEFAULT 0, mailboxes integer NOT NULL DEFAULT 0,
-            maxquota bigint NOT NULL DEFAULT 0, quota bigint NOT NULL DEFAULT 0,
-            transport varchar(255) {"" if pg else "NOT NULL"},
-            backupmx {boolean} NOT NULL DEFAULT {no},
-            created {stamp}, modified {stamp},
-            active {boolean} NOT NULL DEFAULT {yes},
-            password_expiry integer DEFAULT 0){tail}""",
-        f"""CREATE TABLE {p}mailbox (
-            username varchar(255) NOT NULL PRIMARY KEY,
-            password varchar(255) NOT NULL {"DEFAULT ''" if pg else ""},
-            name varchar(255) NOT NULL {"DEFAULT ''" if pg else ""},
-            maildir varchar(255) NOT NULL {"DEFAULT ''" if pg else ""},
-            quota bigint NOT NULL DEFAULT 0,
-            local_part varchar(255) NOT NULL,
-            {mailbox_domain}
-            created {stamp}, modified {stamp},
-            active {boolean} NOT NULL DEFAULT {yes},
-            {pg_domain}
-            phone varchar(30) DEFAULT '', email_other varchar(255) DEFAULT '',
-            token varchar(255) DEFAULT '', token_validity {stamp},
-            password_expiry {stamp}{late}){tail}""",
-        f"""CREATE TABLE {p}alias (
-            address varchar(255) NOT NULL PRIMARY KEY,
-            goto text NOT NULL,
-            domain varchar(255) NOT NULL{fk},
-            created {stamp}, modified {stamp},
-            active {boolean} NOT NULL DEFAULT {yes}{description}){tail}""",
-        f"""CREATE TABLE {p}alias_domain (
-            alias_domain varchar(255) NOT NULL PRIMARY KEY{fk},
-            target_domain varchar(255) NOT NULL{fk},
-            created {stamp}, modified {stamp},
-            active {boolean} NOT NULL DEFAULT {yes}{description}){tail}""",
-    ]
-
-
 def build(url: str, prefix: str = "", version: int = 1856) -> None:
     """Create PostfixAdmin's tables (schema ``version``, names starting with ``prefix``) at
     ``url`` and fill them with the data set, booleans spelt as the engine spells them."""
@@ -251,7 +193,7 @@ def build(url: str, prefix: str = "", version: int = 1856) -> None:
     p = prefix
     try:
         with engine.begin() as conn:
-            for statement in _ddl(dialect, prefix, version):
+            for statement in ddl(dialect, prefix, version):
                 conn.execute(text(statement))
             conn.execute(
                 text(f"INSERT INTO {p}config (id, name, value) VALUES (1, 'version', :v)"),
