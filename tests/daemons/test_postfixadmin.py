@@ -419,3 +419,35 @@ def test_the_postfixadmin_demo_runs_the_cluster_on_a_postfixadmin_database() -> 
         assert again.stdout.count("unchanged (serial 1)") == 6
     finally:
         shutil.rmtree(root)
+
+
+def test_the_fingerprint_on_every_engine(installation: tuple[str, str, str]) -> None:
+    """Counts and newest `modified` per table, read the same way on SQLite, MariaDB and
+    PostgreSQL: equal while nothing changes, different after an edit or a deletion."""
+    from mapsync.config import PostfixAdminConfig
+    from mapsync.sources.postfixadmin import PostfixAdminSource
+
+    engine_name, url, prefix = installation
+    source = PostfixAdminSource(url, PostfixAdminConfig(prefix=prefix))
+    try:
+        first = source.fingerprint()
+        assert source.fingerprint() == first
+        assert source.snapshot().fingerprint == first  # read inside the snapshot's transaction
+        assert first.tables["mailbox"][0] == len(pfa.MAILBOXES)
+        engine = create_engine(url)
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    f"UPDATE {prefix}alias SET goto = 'alice@example.com',"
+                    " modified = '2026-11-30 12:00:00' WHERE address = 'sales@example.com'"
+                )
+            )
+        edited = source.fingerprint()
+        assert edited != first and edited.tables["alias"][0] == first.tables["alias"][0]
+        with engine.begin() as conn:
+            conn.execute(text(f"DELETE FROM {prefix}alias WHERE address = 'sales@example.com'"))
+        engine.dispose()
+        assert source.fingerprint().tables["alias"][0] == first.tables["alias"][0] - 1
+    finally:
+        source.close()
+    assert engine_name in ENGINES
