@@ -451,3 +451,17 @@ def test_the_fingerprint_on_every_engine(installation: tuple[str, str, str]) -> 
     finally:
         source.close()
     assert engine_name in ENGINES
+
+
+def test_a_missing_column_is_a_clear_error(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'postfixadmin.db'}"
+    pfa.build(url)
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("ALTER TABLE domain DROP COLUMN backupmx"))
+    engine.dispose()
+    cluster = write_config(tmp_path / "c", url, "", minimal=True)
+    p = cluster.cli("publish")
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "PostfixAdmin table 'domain' has no column 'backupmx'" in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr
