@@ -55,6 +55,51 @@ class PublisherChannel:
 
 
 @dataclass(frozen=True)
+class PostfixAdminMailstore:
+    """A mailstore PostfixAdmin does not know of (``[publisher.postfixadmin.mailstores.NAME]``):
+    where its LMTP and IMAP listen, and the domains it houses (glob patterns)."""
+
+    name: str
+    lmtp_host: str
+    lmtp_port: int = 24
+    imap_host: str | None = None  # None: the LMTP host
+    imap_port: int = 143
+    domains: tuple[str, ...] = ()
+
+
+# With no mailstore configured, every PostfixAdmin domain is delivered on this host.
+LOCAL_MAILSTORE = PostfixAdminMailstore("local", "127.0.0.1")
+
+
+@dataclass(frozen=True)
+class PostfixAdminConfig:
+    """How to read an existing PostfixAdmin database (``[publisher.postfixadmin]``)."""
+
+    prefix: str = ""  # PostfixAdmin's $CONF['database_prefix']
+    domain_table: str | None = None  # None: prefix + "domain"
+    mailbox_table: str | None = None
+    alias_table: str | None = None
+    alias_domain_table: str | None = None
+    mail_base: str = "/var/vmail"  # home = mail_base + "/" + mailbox.maildir
+    mailstore: str | None = None  # houses the domains no `domains` pattern matches; None: the first
+    mailstores: dict[str, PostfixAdminMailstore] = field(
+        default_factory=lambda: {"local": LOCAL_MAILSTORE}
+    )
+    vacation_domain: str | None = None  # PostfixAdmin's $CONF['vacation_domain']
+    vacation_nexthop: str | None = None  # None: the vacation domain (its MX)
+
+    @property
+    def default_mailstore(self) -> str:
+        """The mailstore of every domain that no mailstore's ``domains`` pattern matches."""
+        return self.mailstore or next(iter(self.mailstores))
+
+    def table(self, name: str) -> str:
+        """The real name of PostfixAdmin table ``name`` in this installation."""
+        own: str | None = getattr(self, f"{name}_table")
+        return own or self.prefix + name
+
+
+@dataclass(frozen=True)
 class PublisherConfig:
     database: str
     repository: Path
@@ -70,6 +115,7 @@ class PublisherConfig:
     channels: dict[str, PublisherChannel] = field(default_factory=dict)
     ssh: tuple[str, ...] = ("ssh", "-o", "BatchMode=yes")  # remote shell for ssh:// push
     push_timeout: int = 60
+    postfixadmin: PostfixAdminConfig = PostfixAdminConfig()
 
 
 @dataclass(frozen=True)
@@ -321,10 +367,14 @@ def _publisher(path: Path, data: Any) -> PublisherConfig:
         "channels",
         "ssh",
         "push_timeout",
+        "postfixadmin",
     )
     schema = s.text("schema", "mapsync")
-    if schema != "mapsync":
-        raise ConfigError(f"{s.where('schema')}: unknown schema {schema!r} (known: 'mapsync')")
+    if schema not in SCHEMAS:
+        raise ConfigError(
+            f"{s.where('schema')}: unknown schema {schema!r} (known: {', '.join(map(repr, SCHEMAS))})"
+        )
+    postfixadmin = _postfixadmin(path, s.table("postfixadmin"))
     guards_data = s.table("guards")
     per_map = {k: v for k, v in guards_data.items() if isinstance(v, dict)}
     base = _guards(
@@ -392,6 +442,80 @@ def _publisher(path: Path, data: Any) -> PublisherConfig:
         channels=channels,
         ssh=_argv(s, "ssh", PublisherConfig.ssh),
         push_timeout=_timeout(s, "push_timeout", 60),
+        postfixadmin=postfixadmin,
+    )
+
+
+SCHEMAS = ("mapsync", "postfixadmin")
+_TABLE_NAME = re.compile(r"^[A-Za-z0-9_]{1,64}\Z")
+
+
+def _postfixadmin(path: Path, data: dict[str, Any]) -> PostfixAdminConfig:
+    """``[publisher.postfixadmin]``; read whatever the schema, so a typo is found before a switch."""
+    s = _Section(path, "publisher.postfixadmin", data)
+    s.allow(
+        "prefix",
+        "domain_table",
+        "mailbox_table",
+        "alias_table",
+        "alias_domain_table",
+        "mail_base",
+        "mailstore",
+        "mailstores",
+        "vacation_domain",
+        "vacation_nexthop",
+    )
+    prefix = s._get("prefix", str, "", "a string")
+    names = {}
+    for key in ("prefix", "domain_table", "mailbox_table", "alias_table", "alias_domain_table"):
+        value = prefix if key == "prefix" else s.text(key)
+        # Table names go into SQL as identifiers: letters, digits and '_' only.
+        if value and not _TABLE_NAME.match(value):
+            raise ConfigError(
+                f"{s.where(key)}: {value!r} is not a table name (letters, digits, '_')"
+            )
+        names[key] = value
+    mail_base = s.text("mail_base", PostfixAdminConfig.mail_base)
+    if not mail_base.startswith("/") or any(c in mail_base for c in ": \t\r\n\0"):
+        raise ConfigError(
+            f"{s.where('mail_base')}: must be an absolute path without ':' or whitespace"
+        )
+    stores = {}
+    for name, sub in s.table("mailstores").items():
+        where = f"publisher.postfixadmin.mailstores.{name}"
+        if not CHANNEL_NAME.match(name):
+            raise ConfigError(
+                f"{path}: [{where}]: mailstore names are lowercase letters, digits, - and _"
+            )
+        ms = _Section(path, where, sub)
+        ms.allow("lmtp_host", "lmtp_port", "imap_host", "imap_port", "domains")
+        stores[name] = PostfixAdminMailstore(
+            name=name,
+            lmtp_host=ms.text("lmtp_host", _REQUIRED),
+            lmtp_port=ms.integer("lmtp_port", 24, minimum=1),
+            imap_host=ms.text("imap_host"),
+            imap_port=ms.integer("imap_port", 143, minimum=1),
+            domains=tuple(d.lower() for d in ms.strlist("domains")),
+        )
+    default = s.text("mailstore", None)
+    if not stores:
+        stores = {LOCAL_MAILSTORE.name: LOCAL_MAILSTORE}
+    if default is not None and default not in stores:
+        raise ConfigError(
+            f"{s.where('mailstore')}: no mailstore {default!r} in [publisher.postfixadmin.mailstores] "
+            f"(known: {', '.join(stores)})"
+        )
+    return PostfixAdminConfig(
+        prefix=prefix,
+        domain_table=names["domain_table"],
+        mailbox_table=names["mailbox_table"],
+        alias_table=names["alias_table"],
+        alias_domain_table=names["alias_domain_table"],
+        mail_base=mail_base,
+        mailstore=default,
+        mailstores=stores,
+        vacation_domain=(s.text("vacation_domain") or "").lower() or None,
+        vacation_nexthop=s.text("vacation_nexthop"),
     )
 
 

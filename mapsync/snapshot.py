@@ -10,7 +10,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -88,6 +88,13 @@ class Snapshot:
     taken_at: datetime
     sender_grants: list[SenderGrant] = field(default_factory=list)
     secrets: bool = False  # password hashes, homes and quotas were read
+    # Where an account's own mail goes instead of its mailbox (a PostfixAdmin "forward"): keyed
+    # like an alias, on a live account's address; the account's own address among the targets
+    # keeps a copy in the mailbox. The account keeps its login either way.
+    forwards: list[Alias] = field(default_factory=list)
+    # How the source names a row in problems: (table, id, key) → "alias 'sales@example.com'".
+    # None: mapsync's own "table id=N 'key'".
+    describe: Callable[[str, int, str], str] | None = None
 
 
 @contextmanager

@@ -39,14 +39,24 @@ _IPV6_CHARS = re.compile(r"^[0-9a-fA-F:.]{2,45}\Z")
 
 
 class Problem(NamedTuple):
-    """One invalid row: ``table`` and ``row`` (primary key) locate it, ``key`` names it."""
+    """One invalid row: ``table`` and ``row`` (primary key) locate it, ``key`` names it.
+
+    ``login``: the problem is the account's login only (its password hash): ``--skip-invalid``
+    then keeps the account's mail and drops just its login. ``where``: how the source names
+    the row in its own tables (``alias 'sales@example.com'``), set by :func:`check` from
+    :attr:`Snapshot.describe`; None prints mapsync's own ``table id=N 'key'``.
+    """
 
     table: str
     row: int
     key: str
     reason: str
+    login: bool = False
+    where: str | None = None
 
     def __str__(self) -> str:
+        if self.where is not None:
+            return f"{self.where}: {self.reason}"
         return f"{self.table} id={self.row} {self.key!r}: {self.reason}"
 
 
@@ -185,7 +195,11 @@ def check(snap: Snapshot, proxy: bool = False) -> list[Problem]:
     ``proxy``: a channel carries ``dovecot_proxy``, so every mailstore's imap_host must be an IP.
     """
     with paused_gc():
-        return list(_check(snap, proxy))
+        problems = list(_check(snap, proxy))
+    describe = snap.describe
+    if describe is not None:
+        problems = [p._replace(where=describe(p.table, p.row, p.key)) for p in problems]
+    return problems
 
 
 def _check(snap: Snapshot, proxy: bool = False) -> Iterator[Problem]:
@@ -282,8 +296,12 @@ def _check(snap: Snapshot, proxy: bool = False) -> Iterator[Problem]:
             yield Problem("account", a.id, address, "resolves to no mailstore")
         elif not store.active:
             yield Problem("account", a.id, address, f"mailstore {store.name!r} is not active")
+        # An account already without its login (no hash, nologin) has no password to check.
         if secrets:
-            for problem in _secret_problems(a.password_hash, a.home, a.quota_bytes):
+            if a.password_hash or a.status != "login_disabled":
+                for problem in _password_problems(a.password_hash):
+                    yield Problem("account", a.id, address, problem, login=True)
+            for problem in _home_problems(a.home, a.quota_bytes):
                 yield Problem("account", a.id, address, problem)
         claim = ("account", a.id)
         first = seen.setdefault(address.lower(), claim)
@@ -329,6 +347,7 @@ def _check(snap: Snapshot, proxy: bool = False) -> Iterator[Problem]:
         if first is not claim:
             yield _duplicate("alias", al.id, address, first)
 
+    yield from _forwards(snap, domains, seen, bad_targets)
     yield from _alias_graph(snap, domains, seen, bad_targets)
 
     accounts = {a.id for a in snap.accounts}
@@ -359,6 +378,31 @@ def _check(snap: Snapshot, proxy: bool = False) -> Iterator[Problem]:
             _log.warning(
                 "hosted domain has no postmaster@ (RFC 5321 requires it)", domain=d.name, row=d.id
             )
+
+
+def _forwards(
+    snap: Snapshot, domains: dict[int, Domain], seen: dict[str, tuple[str, int]], bad: set[str]
+) -> Iterator[Problem]:
+    """A forward belongs to a live account's own address and lists plain addresses."""
+    forwarded: set[str] = set()
+    for fw in snap.forwards:
+        dom = domains.get(fw.domain_id)
+        if dom is None or dom.status == "disabled":
+            continue
+        address = f"{fw.local_part}@{dom.name}"
+        if seen.get(address.lower(), ("",))[0] != "account":
+            yield Problem("forward", fw.id, address, "forward of an address that is no account")
+            continue
+        if address.lower() in forwarded:
+            yield Problem("forward", fw.id, address, "account forwarded twice")
+        forwarded.add(address.lower())
+        if not fw.targets:
+            yield Problem("forward", fw.id, address, "forward has no targets")
+        for target in fw.targets:
+            problem = address_problem(target)
+            if problem:
+                bad.add(target)
+                yield Problem("forward", fw.id, address, problem)
 
 
 def _duplicate(table: str, row: int, address: str, first: tuple[str, int]) -> Problem:
@@ -392,19 +436,20 @@ def _alias_graph(
     # The aliases that can be nodes of the graph, and their addresses, first: a target then
     # joins its alias's edges only if it is one of them (a cycle runs through aliases only).
     nodes = [
-        (al, f"{al.local_part}@{dom.name}")
-        for al in snap.aliases
+        (table, al, f"{al.local_part}@{dom.name}")
+        for table, rows in (("alias", snap.aliases), ("forward", snap.forwards))
+        for al in rows
         if (dom := live.get(al.domain_id)) is not None and dom.kind == "hosted" and al.local_part
     ]
-    addresses = {address for _, address in nodes}
+    addresses = {address for _, _, address in nodes}
     # address → its alias targets (None: none); the last alias of an address wins, in the
     # place of its first, as the duplicate itself is refused above.
     edges: dict[str, list[str] | None] = {}
-    where: dict[str, int] = {}
-    for al, address in nodes:
+    where: dict[str, tuple[str, int]] = {}
+    for table, al, address in nodes:
         if len(al.targets) > MAX_FANOUT:
             yield Problem(
-                "alias", al.id, address, f"{len(al.targets)} targets, more than {MAX_FANOUT}"
+                table, al.id, address, f"{len(al.targets)} targets, more than {MAX_FANOUT}"
             )
         found: list[str] | None = None
         for target in al.targets:
@@ -417,9 +462,11 @@ def _alias_graph(
                 resolved = f"{local}@{tdomain}"
             if tdomain not in hosted:
                 continue  # mail leaves the cluster: not ours to check
+            if resolved == address and table == "forward":
+                continue  # a forward keeping a copy: Postfix delivers an address to itself
             if resolved not in seen and tdomain not in catchall:
                 yield Problem(
-                    "alias",
+                    table,
                     al.id,
                     address,
                     f"target {target!r} is in a hosted domain but is no account or alias there",
@@ -430,7 +477,7 @@ def _alias_graph(
                 found.append(resolved)
         edges[address] = found
         if found:
-            where[address] = al.id
+            where[address] = (table, al.id)
     # Postfix gives up at recursion depth 1000 with a deferral (4.6.0): refuse cycles here.
     # An alias without alias targets can start no cycle (the search below, on the whole graph,
     # would finish it at once and skip it after: the same cycles, in the same order).
@@ -454,7 +501,9 @@ def _alias_graph(
                 continue
             if state.get(nxt) == 1:
                 cycle = [*path[path.index(nxt) :], nxt]
-                yield Problem("alias", where[nxt], nxt, "alias cycle: " + " → ".join(cycle))
+                yield Problem(
+                    where[nxt][0], where[nxt][1], nxt, "alias cycle: " + " → ".join(cycle)
+                )
                 continue
             if not state.get(nxt):
                 state[nxt] = 1
@@ -466,29 +515,36 @@ STRONG_SCHEMES = {
     "SHA512-CRYPT", "SHA256-CRYPT", "BLF-CRYPT", "ARGON2I", "ARGON2ID",
     "PBKDF2", "SSHA512", "SSHA256",
 }  # fmt: skip
-WEAK_SCHEMES = {"MD5-CRYPT", "SSHA", "SHA", "SMD5", "CRYPT", "SHA256", "SHA512"}
+WEAK_SCHEMES = {"MD5-CRYPT", "SSHA", "SHA", "SMD5", "CRYPT", "SHA256", "SHA512", "PLAIN-MD5"}
 _CRYPT_PREFIXES = ("$6$", "$5$", "$2y$", "$2b$", "$2a$")
 _SCHEME = re.compile(r"^\{([A-Z0-9.-]+)\}")
 
 
-def _secret_problems(
-    password_hash: str | None, home: str | None, quota_bytes: int | None = None
-) -> Iterator[str]:
-    """Rules for the passwd-file fields: a known, strong scheme; nothing that splits a field."""
+def _password_problems(password_hash: str | None) -> Iterator[str]:
+    """The passwd-file's password field: a known, strong scheme; nothing that splits a field."""
+    m = _SCHEME.match(password_hash or "")
     if not password_hash:
         yield "no password hash"
+    elif m is not None and m.group(1) in ("PLAIN", "CLEARTEXT"):
+        yield f"password scheme {m.group(1)} is not allowed (a cleartext password is never published)"
     elif not _HASH.match(password_hash):
         yield "password hash contains ':', whitespace, a control or a non-ASCII character"
     else:
-        m = _SCHEME.match(password_hash)
         if m is None and not password_hash.startswith(_CRYPT_PREFIXES):
             yield "password hash has no {SCHEME} prefix"
         elif m is not None and m.group(1) not in STRONG_SCHEMES:
             scheme = m.group(1)
-            if scheme in WEAK_SCHEMES:
+            # Dovecot's encoding suffix (SHA512-CRYPT.B64) changes how it is written, not the hash.
+            base = scheme.removesuffix(".B64").removesuffix(".HEX").removesuffix(".BASE64")
+            if base in WEAK_SCHEMES:
                 _log.warning("weak password scheme", scheme=scheme)
-            else:
+            elif base not in STRONG_SCHEMES:
                 yield f"password scheme {scheme} is not allowed (cleartext or unknown)"
+
+
+def _home_problems(home: str | None, quota_bytes: int | None = None) -> Iterator[str]:
+    """The passwd-file's home and quota fields: an absolute home inside no '..', nothing
+    that splits a field; a quota that is a non-negative integer."""
     if quota_bytes is not None and type(quota_bytes) is not int:
         yield f"quota_bytes {quota_bytes!r} is not a number"  # SQLite: text in an INTEGER column
     elif quota_bytes is not None and quota_bytes < 0:

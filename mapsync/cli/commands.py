@@ -100,9 +100,9 @@ def _publish_once(args: argparse.Namespace, *, loop: bool = False) -> int:
     result: PublishResult | None = None
     failure: MapsyncError | None = None
     try:
-        result = Publisher(pub, lambda: open_source(pub.database, pub.schema)).run(
-            args.channel, dry_run=args.dry_run, force=args.force, skip_invalid=args.skip_invalid
-        )
+        result = Publisher(
+            pub, lambda: open_source(pub.database, pub.schema, postfixadmin=pub.postfixadmin)
+        ).run(args.channel, dry_run=args.dry_run, force=args.force, skip_invalid=args.skip_invalid)
     except ConfigError:
         raise
     except MapsyncError as exc:
@@ -419,4 +419,4 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from mapsync.cli.demo import run_demo
 
-    return run_demo(Path(args.dir) if args.dir else None)
+    return run_demo(Path(args.dir) if args.dir else None, args.schema)

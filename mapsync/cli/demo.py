@@ -35,7 +35,7 @@ database = {database}
 repository = "repo"
 signing_key = "keys/signing.key"
 expires = "7d"
-
+{schema}
 [publisher.channels.mx]
 maps = ["domains", "recipients", "virtual", "transport", "senders"]
 
@@ -57,6 +57,23 @@ maps = ["dovecot_users"]
 mailstore = "store-2"
 
 {agent}"""
+
+# With --schema postfixadmin: PostfixAdmin's tables, and what PostfixAdmin does not know.
+POSTFIXADMIN = """\
+schema = "postfixadmin"
+
+[publisher.postfixadmin]
+mail_base = "/var/vmail"
+vacation_domain = "{vacation}"
+vacation_nexthop = "[10.0.1.20]:25"
+
+[publisher.postfixadmin.mailstores.store-1]
+lmtp_host = "10.0.1.11"
+
+[publisher.postfixadmin.mailstores.store-2]
+lmtp_host = "10.0.1.12"
+domains = ["example-2.org", "example-4.org"]
+"""
 
 AGENT = """\
 [agent]
@@ -112,13 +129,16 @@ def _quiet_info_logs() -> None:
         structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
 
 
-def run_demo(directory: Path | None) -> int:
+def run_demo(directory: Path | None, schema: str = "mapsync") -> int:
+    """Build (or, on an existing ``directory``, re-run) the demo; ``schema`` "postfixadmin"
+    starts from a PostfixAdmin-shaped database instead of mapsync's own."""
     from mapsync.agent.pull import pull
     from mapsync.agent.status import channel_status
     from mapsync.cli.commands import print_plan
     from mapsync.publish.publisher import Publisher
     from mapsync.signing import keygen
     from mapsync.sources import open_source
+    from mapsync.sources.postfixadmin_seed import VACATION_DOMAIN, seed_postfixadmin
     from mapsync.sources.seed import SeedCounts, seed
 
     d = (directory or Path(tempfile.mkdtemp(prefix="mapsync-demo-"))).resolve()
@@ -137,7 +157,10 @@ def run_demo(directory: Path | None) -> int:
     print(f"== mapsync demo in {d}")
     if fresh:
         database = _q(f"sqlite:///{d / 'central.db'}")
-        cfg_path.write_text(PUBLISHER.format(database=database, agent=_agent_block(d, "mx")))
+        extra = POSTFIXADMIN.format(vacation=VACATION_DOMAIN) if schema == "postfixadmin" else ""
+        cfg_path.write_text(
+            PUBLISHER.format(database=database, schema=extra, agent=_agent_block(d, "mx"))
+        )
         for node in NODES:
             if node != "mx":
                 node_config(d, node).parent.mkdir(parents=True, exist_ok=True)
@@ -150,7 +173,13 @@ def run_demo(directory: Path | None) -> int:
         )
     cfg = config.load(cfg_path)
     pub = cfg.need_publisher()
-    if fresh:
+    if fresh and pub.schema == "postfixadmin":
+        made = seed_postfixadmin(pub.database, PASSWORD)
+        print(
+            "== PostfixAdmin database (SQLite), as PostfixAdmin fills it: "
+            + ", ".join(f"{n} {t}" for t, n in made.items())
+        )
+    elif fresh:
         made = seed(
             pub.database,
             SeedCounts(accounts=200, domains=10, aliases=60, mailstores=2),
@@ -162,7 +191,9 @@ def run_demo(directory: Path | None) -> int:
         )
 
     print("== publisher: mapsync publish")
-    result = Publisher(pub, lambda: open_source(pub.database, pub.schema)).run()
+    result = Publisher(
+        pub, lambda: open_source(pub.database, pub.schema, postfixadmin=pub.postfixadmin)
+    ).run()
     print_plan(result)
 
     node_cfgs = {"mx": cfg.need_agent()}

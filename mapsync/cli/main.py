@@ -224,6 +224,13 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--dir", metavar="DIR", help="where to build it (default: a new directory under /tmp)"
     )
+    s.add_argument(
+        "--schema",
+        choices=("mapsync", "postfixadmin"),
+        default="mapsync",
+        help="the database to start from: mapsync's own schema (default) or a PostfixAdmin "
+        "database as PostfixAdmin fills it, read as it is",
+    )
     return p
 
 

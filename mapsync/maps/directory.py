@@ -53,6 +53,11 @@ class Directory:
                 self.aliases[al.domain_id].append(al)
             else:
                 self.catchall[al.domain_id] = al
+        # Forwards of accounts (see Snapshot.forwards), by domain; few, so a plain scan.
+        self.forwards: dict[int, list[Alias]] = defaultdict(list)
+        for fw in snap.forwards:
+            if fw.domain_id in hosted:
+                self.forwards[fw.domain_id].append(fw)
         self.alias_domains: dict[int, list[Domain]] = defaultdict(list)
         for d in self.domains.values():
             if d.kind == "alias" and d.target_domain_id in self.domains:

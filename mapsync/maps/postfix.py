@@ -78,6 +78,11 @@ class VirtualMap(Map):
             alias_targets = [",".join(al.targets) for al in directory.aliases.get(d.id, ())]
             account_locals = directory.account_locals(d.id)
             catchall = directory.catchall.get(d.id)
+            forwards = directory.forwards.get(d.id, ())
+            identity = account_locals
+            if forwards:  # a forwarded account's line is its forward, not an identity line
+                forwarded = {fw.local_part for fw in forwards}
+                identity = [local for local in account_locals if local not in forwarded]
             for name in directory.names(d):
                 yield zip(at(alias_locals, name), alias_targets, strict=True)
                 if catchall is not None:
@@ -85,7 +90,9 @@ class VirtualMap(Map):
                 if catchall is not None or name != d.name:
                     # Without identity lines the catch-all would swallow real mailboxes; the
                     # U-label form of an account rewrites to its canonical A-label address.
-                    yield zip(at(account_locals, name), at(account_locals, d.name), strict=True)
+                    yield zip(at(identity, name), at(identity, d.name), strict=True)
+                for fw in forwards:
+                    yield ((f"{fw.local_part}@{name}", ",".join(fw.targets)),)
             for alias_domain in directory.alias_domains.get(d.id, ()):
                 for name in directory.names(alias_domain):
                     locals_ = account_locals + alias_locals

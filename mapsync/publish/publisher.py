@@ -201,13 +201,20 @@ def channel_digest(ch: PublisherChannel) -> str:
 
 def drop_invalid(snap: Snapshot, problems: list[Problem]) -> Snapshot:
     """``snap`` without the rows named in ``problems`` (for ``publish --skip-invalid``)."""
-    bad = {(p.table, p.row) for p in problems}
+    bad = {(p.table, p.row) for p in problems if not p.login}
+    # A bad password hash costs the account its login, not its mail.
+    logins = {p.row for p in problems if p.login and p.table == "account"}
     return replace(
         snap,
         mailstores=[m for m in snap.mailstores if ("mailstore", m.id) not in bad],
         domains=[d for d in snap.domains if ("domain", d.id) not in bad],
-        accounts=[a for a in snap.accounts if ("account", a.id) not in bad],
+        accounts=[
+            a._replace(status="login_disabled", password_hash=None) if a.id in logins else a
+            for a in snap.accounts
+            if ("account", a.id) not in bad
+        ],
         aliases=[a for a in snap.aliases if ("alias", a.id) not in bad],
+        forwards=[f for f in snap.forwards if ("forward", f.id) not in bad],
     )
 
 

@@ -5,15 +5,32 @@ SQLAlchemy lives only here (and in ``schema``); nothing downstream imports it.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from mapsync.sources.base import Source
 
+if TYPE_CHECKING:
+    from mapsync.config import PostfixAdminConfig
 
-def open_source(url: str, schema: str = "mapsync", *, hide_password: bool = True) -> Source:
-    """The source for ``schema`` ("mapsync" = mapsync's own tables) at SQLAlchemy ``url``."""
+
+def open_source(
+    url: str,
+    schema: str = "mapsync",
+    *,
+    hide_password: bool = True,
+    postfixadmin: PostfixAdminConfig | None = None,
+) -> Source:
+    """The source for ``schema`` at SQLAlchemy ``url``: "mapsync" (mapsync's own tables) or
+    "postfixadmin" (an existing PostfixAdmin database, read as it is, with ``postfixadmin``'s
+    settings)."""
     if schema == "mapsync":
         from mapsync.sources.builtin import BuiltinSource
 
         return BuiltinSource(url)
+    if schema == "postfixadmin":
+        from mapsync.sources.postfixadmin import PostfixAdminSource
+
+        return PostfixAdminSource(url, postfixadmin)
     raise ValueError(f"unknown schema {schema!r}")
 
 

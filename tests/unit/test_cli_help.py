@@ -23,7 +23,7 @@ PUBLIC = {
     "rollback": {"--channel", "serial"},
     "verify": set(),
     "keygen": {"path"},
-    "demo": {"--dir"},
+    "demo": {"--dir", "--schema"},
 }
 
 

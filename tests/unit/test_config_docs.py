@@ -39,6 +39,9 @@ signing_key = "signing.key"
 [publisher.channels.mx]
 maps = ["recipients"]
 
+[publisher.postfixadmin.mailstores.store]
+lmtp_host = "10.0.1.11"
+
 [agent]
 state = "state"
 trusted_keys = ["signing.pub"]
@@ -54,6 +57,10 @@ target = "live/mx"
 _PLACEHOLDERS = [
     (re.compile(r"^(publisher|agent)\.channels\.[^.]+"), r"\1.channels.NAME"),
     (re.compile(r"^publisher\.guards\.[^.]+$"), "publisher.guards.MAP"),
+    (
+        re.compile(r"^publisher\.postfixadmin\.mailstores\.[^.]+$"),
+        "publisher.postfixadmin.mailstores.NAME",
+    ),
     (re.compile(r"\.files\.[^.]+$"), ".files.MAP"),
 ]
 
@@ -185,6 +192,8 @@ def test_the_docs_document_exactly_the_accepted_keys(
         "publisher.guards",
         "publisher.guards.MAP",
         "publisher.channels.NAME",
+        "publisher.postfixadmin",
+        "publisher.postfixadmin.mailstores.NAME",
         "agent",
         "agent.channels.NAME",
         "agent.channels.NAME.files.MAP",
@@ -216,6 +225,8 @@ def _objects(cfg: config.Config) -> dict[str, Any]:
         "publisher.guards": p.guards,
         "publisher.guards.MAP": p.map_guards["recipients"],
         "publisher.channels.NAME": p.channels["mx"],
+        "publisher.postfixadmin": p.postfixadmin,
+        "publisher.postfixadmin.mailstores.NAME": p.postfixadmin.mailstores["store"],
         "agent": a,
         "agent.channels.NAME": a.channels["mx"],
         "agent.channels.NAME.files.MAP": a.channels["mx"].files["recipients"],

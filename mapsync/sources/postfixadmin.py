@@ -1,0 +1,409 @@
+"""Reads an existing PostfixAdmin database as it is (``schema = "postfixadmin"``), read-only.
+
+PostfixAdmin's rows mean what its own documented Postfix and Dovecot lookups make of them
+(docs/postfixadmin.md lists each rule and the few places mapsync deliberately differs):
+
+- ``domain``: the pseudo-domain ``ALL`` is skipped; ``backupmx`` or a ``relay``/``smtp``
+  transport makes a relay domain (next hop from ``smtp:[host]:port``, else the domain's MX);
+  every other transport (``virtual``, ``lmtp:...``, ``local``) a hosted domain housed on the
+  mailstore the configuration gives it. ``active = 0`` disables the domain *with* its
+  mailboxes and aliases (PostfixAdmin's own alias and mailbox lookups would still deliver).
+- ``mailbox``: an account; home = ``mail_base`` + ``maildir``; ``quota`` is bytes; the stored
+  hash gets the ``{SCHEME}`` Dovecot needs (cleartext is refused by validation).
+- ``alias``: ``goto`` split on commas. The alias row of a mailbox's own address is its
+  delivery: ``goto`` = the address itself is a plain mailbox, anything else a forward
+  (:attr:`Snapshot.forwards`). ``@domain`` is a catch-all; ``@old → @new`` a domain-wide
+  forward, read like an alias domain.
+- ``alias_domain``: every ``user@alias`` resolves as PostfixAdmin's lookups do, in their order:
+  the literal alias row, then ``user@target``, then the target's catch-all, then the alias
+  domain's own catch-all. Written out as plain aliases of the alias domain.
+
+Config example::
+
+    [publisher]
+    database = "mysql+pymysql://mapsync@db.example.net/postfixadmin"
+    schema = "postfixadmin"
+
+    [publisher.postfixadmin]
+    mail_base = "/var/vmail"
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections import defaultdict
+from dataclasses import asdict
+from datetime import UTC, datetime
+from fnmatch import fnmatchcase
+from typing import Any
+
+from sqlalchemy import Connection, column, false, func, select, table, text
+from sqlalchemy.exc import SQLAlchemyError
+
+from mapsync import log
+from mapsync.config import PostfixAdminConfig
+from mapsync.errors import SourceError
+from mapsync.snapshot import Account, Alias, Domain, Fingerprint, Mailstore, Snapshot, paused_gc
+from mapsync.sources.builtin import BuiltinSource
+
+_log = log.get("postfixadmin")
+
+# The columns read from each table; anything else (late columns among them) is optional.
+COLUMNS = {
+    "domain": ("domain", "transport", "backupmx", "active", "modified"),
+    "mailbox": ("username", "password", "maildir", "quota", "active", "modified"),
+    "alias": ("address", "goto", "active", "modified"),
+    "alias_domain": ("alias_domain", "target_domain", "active", "modified"),
+}
+PSEUDO_DOMAIN = "all"  # PostfixAdmin's 'ALL' row: no mail domain
+
+_TRUE = {"1", "t", "true", "y", "yes", "on"}
+_DES = re.compile(r"^[./0-9A-Za-z]{13}\Z")
+_HEX32 = re.compile(r"^[0-9a-fA-F]{32}\Z")
+_PREFIXED = re.compile(r"^\{[A-Z0-9.-]+\}")
+# Bare crypt(3) hashes as PostfixAdmin's php_crypt/md5crypt write them → Dovecot's scheme.
+_CRYPT_SCHEMES = (
+    ("$2y$", "BLF-CRYPT"),
+    ("$2b$", "BLF-CRYPT"),
+    ("$2a$", "BLF-CRYPT"),
+    ("$1$", "MD5-CRYPT"),
+    ("$5$", "SHA256-CRYPT"),
+    ("$6$", "SHA512-CRYPT"),
+    ("$argon2id$", "ARGON2ID"),
+    ("$argon2i$", "ARGON2I"),
+)
+
+
+def dovecot_password(stored: str | None) -> str | None:
+    """PostfixAdmin's stored password with the ``{SCHEME}`` prefix Dovecot needs.
+
+    Prefixed values are kept; bare crypt hashes, 13-character DES and 32-hex MD5 get their
+    scheme; anything else is cleartext and comes back as ``{CLEARTEXT}...`` for validation
+    to refuse (it is never published)."""
+    if not stored:
+        return None
+    if _PREFIXED.match(stored):
+        return stored
+    for prefix, scheme in _CRYPT_SCHEMES:
+        if stored.startswith(prefix):
+            return f"{{{scheme}}}{stored}"
+    if _DES.match(stored):
+        return "{CRYPT}" + stored
+    if _HEX32.match(stored):
+        return "{PLAIN-MD5}" + stored.lower()
+    return "{CLEARTEXT}" + stored
+
+
+def relay_nexthop(domain: str, transport: str) -> str:
+    """Where a relay domain's mail goes: the next hop of ``smtp:[host]:port`` or
+    ``relay:host``, else the domain itself (Postfix then looks up its MX)."""
+    _, _, nexthop = transport.partition(":")
+    return nexthop.strip() or domain
+
+
+def _yes(value: Any) -> bool:
+    """A boolean as PostgreSQL (t/f), MariaDB and SQLite (1/0, '1'/'0') store it."""
+    if isinstance(value, bool):
+        return value
+    if value is None:
+        return False
+    return str(value).strip().lower() in _TRUE
+
+
+def _targets(goto: str | None) -> list[str]:
+    # PostfixAdmin joins with ',' and no spaces; a hand edit may add some, Postfix allows it.
+    return [t for t in re.split(r"[,\s]+", goto or "") if t]
+
+
+class PostfixAdminSource(BuiltinSource):
+    """PostfixAdmin's ``domain``, ``mailbox``, ``alias`` and ``alias_domain`` tables.
+
+    Shares the engine, the read-only repeatable-read transaction and the publisher lock of
+    :class:`~mapsync.sources.builtin.BuiltinSource`; reads other tables into the same model.
+    """
+
+    schema = "postfixadmin"
+
+    def __init__(self, url: str, settings: PostfixAdminConfig | None = None) -> None:
+        super().__init__(url)
+        self.settings = settings or PostfixAdminConfig()
+        self.tables = {name: self.settings.table(name) for name in COLUMNS}
+
+    def fingerprint(self) -> Fingerprint:
+        try:
+            with self.engine.connect() as conn:
+                return self._fingerprint(conn)
+        except SQLAlchemyError as exc:
+            raise self._fail("reading the change fingerprint", exc) from None
+
+    def _fingerprint(self, conn: Connection) -> Fingerprint:
+        """Row count and newest ``modified`` per table (PostfixAdmin sets it on every edit),
+        plus the settings that shape the maps, so a changed mailstore rule is a change too."""
+        tables: dict[str, tuple[int, str | None]] = {}
+        for name, real in self.tables.items():
+            self._need(conn, name)
+            t = table(real, column("modified"))
+            count, newest = conn.execute(select(func.count(), func.max(t.c.modified))).one()
+            tables[name] = (int(count), str(newest) if newest is not None else None)
+        blob = json.dumps(asdict(self.settings), sort_keys=True, default=str).encode()
+        tables["settings"] = (0, hashlib.sha256(blob).hexdigest())
+        return Fingerprint(tables)
+
+    def _need(self, conn: Connection, name: str) -> set[str]:
+        """The columns of PostfixAdmin table ``name``; SourceError if it or a needed one is missing."""
+        real = self.tables[name]
+        # An empty SELECT names the columns on every engine (reflection warns on SQLite's
+        # tinyint(1) and costs more); a missing table fails it inside a savepoint, so the
+        # transaction (PostgreSQL aborts it on any error) stays usable for the message.
+        try:
+            with conn.begin_nested():
+                result = conn.execute(select(text("*")).select_from(table(real)).where(false()))
+                have = set(map(str.lower, map(str, result.keys())))
+                result.close()
+        except SQLAlchemyError:
+            raise SourceError(
+                f"database {self.safe_url}: PostfixAdmin table {real!r} not found or not "
+                f"readable (check [publisher.postfixadmin] prefix and {name}_table)"
+            ) from None
+        missing = [c for c in COLUMNS[name] if c not in have]
+        if missing:
+            raise SourceError(
+                f"database {self.safe_url}: PostfixAdmin table {real!r} has no column "
+                f"{', '.join(map(repr, missing))}"
+            )
+        return have
+
+    def _rows(self, conn: Connection, name: str, *names: str) -> list[Any]:
+        t = table(self.tables[name], *(column(n) for n in names))
+        return list(conn.execute(select(*t.c)))
+
+    def _read(self, conn: Connection) -> Snapshot:
+        fingerprint = self._fingerprint(conn)
+        secrets = getattr(self, "_secrets", False)
+        mailbox_columns = ["username", "maildir", "quota", "active"]
+        if secrets:
+            mailbox_columns.append("password")
+        with paused_gc():
+            return _Reader(self.settings, secrets).build(
+                domains=self._rows(conn, "domain", *COLUMNS["domain"][:4]),
+                alias_domains=self._rows(conn, "alias_domain", *COLUMNS["alias_domain"][:3]),
+                mailboxes=self._rows(conn, "mailbox", *mailbox_columns),
+                aliases=self._rows(conn, "alias", *COLUMNS["alias"][:3]),
+                fingerprint=fingerprint,
+            )
+
+
+class _Reader:
+    """Turns PostfixAdmin's rows into the neutral model (see the module docstring)."""
+
+    def __init__(self, settings: PostfixAdminConfig, secrets: bool) -> None:
+        self.settings = settings
+        self.secrets = secrets
+        self.labels: dict[tuple[str, int], str] = {}
+
+    def describe(self, table_: str, row: int, key: str) -> str:
+        """A problem's row in PostfixAdmin's words: ``alias 'sales@example.com'``."""
+        label = self.labels.get((table_, row))
+        if label is not None:
+            return label
+        names = {"account": "mailbox", "forward": "alias"}
+        if table_ == "mailstore":
+            return f"[publisher.postfixadmin.mailstores.{key}]"
+        return f"{names.get(table_, table_)} {key!r}"
+
+    def _mailstores(self) -> tuple[list[Mailstore], dict[str, int]]:
+        stores = []
+        ids = {}
+        for i, ms in enumerate(self.settings.mailstores.values(), start=1):
+            stores.append(
+                Mailstore(
+                    i,
+                    ms.name,
+                    ms.lmtp_host,
+                    ms.lmtp_port,
+                    ms.imap_host or ms.lmtp_host,
+                    ms.imap_port,
+                    True,
+                )
+            )
+            ids[ms.name] = i
+        return stores, ids
+
+    def _store_of(self, domain: str, ids: dict[str, int]) -> int:
+        """Per-domain rules: the first mailstore with a matching pattern, else the default."""
+        for ms in self.settings.mailstores.values():
+            if any(fnmatchcase(domain, pattern) for pattern in ms.domains):
+                return ids[ms.name]
+        return ids[self.settings.default_mailstore]
+
+    def build(
+        self,
+        domains: list[Any],
+        alias_domains: list[Any],
+        mailboxes: list[Any],
+        aliases: list[Any],
+        fingerprint: Fingerprint,
+    ) -> Snapshot:
+        stores, store_ids = self._mailstores()
+
+        # Domains: one model row per `domain` row, ids in name order (stable across reads).
+        rows = {}
+        for name, transport, backupmx, active in domains:
+            name = (name or "").strip().lower()
+            if name and name != PSEUDO_DOMAIN:
+                rows[name] = ((transport or "").strip(), _yes(backupmx), _yes(active))
+        vacation = self.settings.vacation_domain
+        if vacation and vacation not in rows:
+            nexthop = self.settings.vacation_nexthop or vacation
+            rows[vacation] = (f"relay:{nexthop}", False, True)
+        domain_ids = {name: i for i, name in enumerate(sorted(rows), start=1)}
+        model_domains: dict[str, Domain] = {}
+        for name, (transport, backupmx, active) in sorted(rows.items()):
+            relay = backupmx or transport.lower().startswith(("relay", "smtp"))
+            i = domain_ids[name]
+            model_domains[name] = Domain(
+                i,
+                name,
+                None,
+                "relay" if relay else "hosted",
+                None,
+                None if relay else self._store_of(name, store_ids),
+                relay_nexthop(name, transport) if relay else None,
+                "active" if active else "disabled",
+            )
+            if name == vacation and name not in {(r[0] or "").lower() for r in domains}:
+                self.labels[("domain", i)] = f"[publisher.postfixadmin] vacation_domain {name!r}"
+        hosted = {
+            n for n, d in model_domains.items() if d.kind == "hosted" and d.status == "active"
+        }
+        relay_names = {n for n, d in model_domains.items() if d.kind == "relay"}
+
+        # Mailboxes.
+        accounts: list[Account] = []
+        mailbox_of: dict[str, Account] = {}
+        skipped_in: dict[str, int] = defaultdict(int)
+        base = self.settings.mail_base.rstrip("/")
+        for i, row in enumerate(sorted(mailboxes, key=lambda r: (r[0] or "").lower()), start=1):
+            username = (row[0] or "").strip().lower()
+            local, _, domain = username.rpartition("@")
+            d = model_domains.get(domain)
+            if d is None or d.kind != "hosted":
+                # PostfixAdmin's domains lookup would not accept mail for it either.
+                why = "a relay (backup MX) domain" if domain in relay_names else "no domain row"
+                _log.warning("mailbox skipped", mailbox=username, reason=why)
+                continue
+            active = _yes(row[3])
+            if active and d.status != "active":
+                skipped_in[domain] += 1
+            quota = int(row[2] or 0)
+            account = Account(
+                i,
+                d.id,
+                local,
+                None,
+                "active" if active else "disabled",
+                dovecot_password(row[4]) if self.secrets else None,
+                f"{base}/{row[1] or ''}" if self.secrets else None,
+                (quota if quota > 0 else None) if self.secrets else None,
+            )
+            accounts.append(account)
+            mailbox_of[username] = account
+        for domain, count in sorted(skipped_in.items()):
+            _log.warning(
+                "inactive domain: its active mailboxes get no mail and no login "
+                "(PostfixAdmin's own mailbox lookups would still deliver to them)",
+                domain=domain,
+                mailboxes=count,
+            )
+
+        # Aliases: catch-alls, literal aliases, mailbox self-rows (plain or forward).
+        literal: dict[str, dict[str, tuple[int, list[str]]]] = defaultdict(dict)
+        forwards: list[Alias] = []
+        forward_to: dict[str, str] = {}  # '@old' → 'new': domain-wide forwards
+        for i, (address, goto, active) in enumerate(
+            sorted(aliases, key=lambda r: (r[0] or "").lower()), start=1
+        ):
+            if not _yes(active):
+                continue
+            address = (address or "").strip().lower()
+            local, _, domain = address.rpartition("@")
+            if domain not in model_domains:
+                continue  # PostfixAdmin's domains lookup refuses the address: no mail
+            if domain in relay_names:
+                _log.warning("alias skipped", alias=address, reason="a relay (backup MX) domain")
+                continue
+            targets = _targets(goto)
+            if local and any(t.startswith("@") for t in targets):
+                # Postfix rewrites user@a → '@b' to user@b.
+                targets = [f"{local}{t}" if t.startswith("@") else t for t in targets]
+            if not local and len(targets) == 1 and targets[0].startswith("@"):
+                forward_to[domain] = targets[0][1:].lower()
+                continue
+            owner = mailbox_of.get(address)
+            if owner is not None and owner.status == "active":
+                if targets != [address]:
+                    forwards.append(Alias(i, owner.domain_id, local, tuple(targets)))
+                continue
+            if address in map(str.lower, targets):
+                # The own address of a disabled or deleted mailbox leads nowhere (Postfix would
+                # accept and bounce it): keep only the other targets.
+                targets = [t for t in targets if t.lower() != address]
+                if not targets:
+                    continue
+            literal[domain][local] = (i, targets)
+
+        # Alias domains and domain-wide forwards: u@A as PostfixAdmin's lookups resolve it.
+        translated: dict[str, str] = dict(forward_to)
+        for alias_domain, target, active in alias_domains:
+            a = (alias_domain or "").strip().lower()
+            if _yes(active) and a in model_domains:
+                translated[a] = (target or "").strip().lower()
+        model_aliases: list[Alias] = []
+        next_id = len(aliases) + 1
+        locals_of: dict[int, set[str]] = defaultdict(set)
+        for account in accounts:
+            if account.status == "active":
+                locals_of[account.domain_id].add(account.local_part)
+        for domain in sorted(literal.keys() | translated.keys()):
+            own = literal.get(domain, {})
+            d = model_domains[domain]
+            target = translated.get(domain)
+            if target is not None and domain in hosted and target in hosted:
+                names = locals_of[model_domains[target].id] | {
+                    n for n in literal.get(target, {}) if n
+                }
+                mine = locals_of[d.id]
+                label = f"alias_domain {domain!r} → {target!r}"
+                for local in sorted(names - own.keys() - mine):
+                    self.labels[("alias", next_id)] = f"{label} (alias '{local}@{domain}')"
+                    model_aliases.append(Alias(next_id, d.id, local, (f"{local}@{target}",)))
+                    next_id += 1
+                target_catchall = literal.get(target, {}).get("")
+                if target_catchall is not None:
+                    # The target's catch-all wins over the alias domain's own (lookup order).
+                    own = {**own, "": (next_id, target_catchall[1])}
+                    self.labels[("alias", next_id)] = f"{label} (catch-all '@{target}')"
+                    next_id += 1
+            elif target is not None and domain in hosted:
+                _log.warning(
+                    "alias domain target is not a live hosted domain: no mail for it",
+                    alias_domain=domain,
+                    target=target,
+                )
+            for local, (i, targets) in own.items():
+                model_aliases.append(Alias(i, d.id, local, tuple(targets)))
+
+        model_aliases.sort(key=lambda al: al.id)
+        return Snapshot(
+            mailstores=stores,
+            domains=list(model_domains.values()),
+            accounts=accounts,
+            aliases=model_aliases,
+            fingerprint=fingerprint,
+            forwards=forwards,
+            secrets=self.secrets,
+            taken_at=datetime.now(UTC),
+            describe=self.describe,
+        )

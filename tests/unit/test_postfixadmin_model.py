@@ -1,0 +1,169 @@
+"""What the PostfixAdmin source needed from the neutral model, on hand-built snapshots:
+forwards of accounts (PostfixAdmin's "forward" and "forward and keep a copy"), problems named
+in the source's own tables, a bad password hash that costs only the login under
+``--skip-invalid``, and PostfixAdmin's stored password formats with their Dovecot schemes."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+
+from mapsync.config import PublisherChannel
+from mapsync.maps import CATALOGUE, Directory
+from mapsync.publish.publisher import drop_invalid
+from mapsync.snapshot import Account, Alias, Domain, Fingerprint, Mailstore, Snapshot
+from mapsync.sources.postfixadmin import dovecot_password, relay_nexthop
+from mapsync.validate import check
+
+STORE = Mailstore(1, "local", "127.0.0.1", 24, "127.0.0.1", 143, True)
+DOMAIN = Domain(1, "example.com", None, "hosted", None, 1, None, "active")
+HASH = "{SHA512-CRYPT}$6$salt$hash"
+ACCOUNTS = [
+    Account(1, 1, "postmaster", None, "active", HASH, "/var/vmail/example.com/postmaster/"),
+    Account(2, 1, "dave", None, "active", HASH, "/var/vmail/example.com/dave/"),
+    Account(3, 1, "fay", None, "active", HASH, "/var/vmail/example.com/fay/"),
+]
+FORWARDS = [
+    Alias(10, 1, "dave", ("dave@elsewhere.example", "dave@example.com")),  # keeps a copy
+    Alias(11, 1, "fay", ("fay@elsewhere.example",)),  # forward only
+]
+MX = PublisherChannel("mx", ("recipients", "virtual"))
+STORE_CHANNEL = PublisherChannel("store", ("dovecot_users",))
+
+
+def snap(
+    accounts: list[Account] = ACCOUNTS,
+    aliases: list[Alias] | None = None,
+    forwards: list[Alias] = FORWARDS,
+) -> Snapshot:
+    return Snapshot(
+        mailstores=[STORE],
+        domains=[DOMAIN],
+        accounts=list(accounts),
+        aliases=aliases or [],
+        fingerprint=Fingerprint({}),
+        taken_at=datetime.now(UTC),
+        forwards=list(forwards),
+        secrets=True,
+    )
+
+
+def render(name: str, s: Snapshot, channel: PublisherChannel = MX) -> dict[str, str]:
+    entries = list(CATALOGUE[name].entries(Directory(s), channel))
+    assert len(entries) == len({k for k, _ in entries}), f"duplicate keys in {name}"
+    return dict(entries)
+
+
+def test_a_forward_decides_where_the_accounts_mail_goes_and_keeps_its_login() -> None:
+    s = snap(aliases=[Alias(20, 1, "", ("postmaster@example.com",))])  # with a catch-all
+    assert check(s) == []
+    virtual = render("virtual", s)
+    assert virtual["dave@example.com"] == "dave@elsewhere.example,dave@example.com"
+    assert virtual["fay@example.com"] == "fay@elsewhere.example"
+    assert virtual["postmaster@example.com"] == "postmaster@example.com"  # identity line
+    recipients = render("recipients", s)
+    assert {"dave@example.com", "fay@example.com"} <= recipients.keys()
+    users = render("dovecot_users", s, STORE_CHANNEL)
+    assert {"dave@example.com", "fay@example.com"} <= users.keys()
+
+
+def test_a_forward_of_no_account_or_twice_is_refused() -> None:
+    stray = Alias(12, 1, "nobody", ("x@elsewhere.example",))
+    again = Alias(13, 1, "fay", ("y@elsewhere.example",))
+    got = {(p.table, p.row): p.reason for p in check(snap(forwards=[*FORWARDS, stray, again]))}
+    assert got == {
+        ("forward", 12): "forward of an address that is no account",
+        ("forward", 13): "account forwarded twice",
+    }
+
+
+def test_an_alias_at_an_accounts_address_is_still_a_duplicate() -> None:
+    # Only a forward may share an account's address; a plain alias there stays refused.
+    s = snap(aliases=[Alias(20, 1, "dave", ("x@elsewhere.example",))], forwards=[])
+    (p,) = check(s)
+    assert (p.table, p.row) == ("alias", 20) and "also defined by account" in p.reason
+
+
+def test_a_forward_into_a_loop_is_a_cycle_but_its_own_address_is_not() -> None:
+    loop = [Alias(20, 1, "team", ("dave@example.com",))]
+    forwards = [Alias(10, 1, "dave", ("team@example.com", "dave@example.com"))]
+    (p,) = check(snap(aliases=loop, forwards=forwards))
+    assert "alias cycle" in p.reason and p.table in ("alias", "forward")
+
+
+def test_problems_carry_the_sources_own_names() -> None:
+    s = snap(forwards=[Alias(12, 1, "nobody", ("x@elsewhere.example",))])
+    s.describe = lambda table, row, key: f"alias {key!r}"
+    (p,) = check(s)
+    assert str(p) == "alias 'nobody@example.com': forward of an address that is no account"
+    s.describe = None
+    assert str(check(s)[0]).startswith("forward id=12 'nobody@example.com': ")
+
+
+def test_skip_invalid_drops_only_the_login_of_a_bad_password() -> None:
+    bad = ACCOUNTS[2]._replace(password_hash="{CLEARTEXT}secret")
+    s = snap(accounts=[*ACCOUNTS[:2], bad])
+    (p,) = check(s)
+    assert p.login and "CLEARTEXT is not allowed" in p.reason
+    kept = drop_invalid(s, [p])
+    assert check(kept) == []  # and no second round: the login is gone, the account is not
+    fay = next(a for a in kept.accounts if a.local_part == "fay")
+    assert (fay.status, fay.password_hash) == ("login_disabled", None)
+    assert "fay@example.com" in render("recipients", kept)
+    line = render("dovecot_users", kept, STORE_CHANNEL)["fay@example.com"]
+    assert line.startswith(":5000:5000::") and line.endswith("nologin=y")
+    assert "secret" not in line
+
+
+def test_a_bad_home_still_drops_the_whole_account() -> None:
+    bad = ACCOUNTS[2]._replace(home="/var/vmail/../etc/")
+    (p,) = check(snap(accounts=[*ACCOUNTS[:2], bad], forwards=[]))
+    assert not p.login
+
+
+@pytest.mark.parametrize(
+    ("stored", "published"),
+    [
+        ("$2y$10$abc", "{BLF-CRYPT}$2y$10$abc"),
+        ("$1$salt$hash", "{MD5-CRYPT}$1$salt$hash"),
+        ("$5$salt$hash", "{SHA256-CRYPT}$5$salt$hash"),
+        ("$6$salt$hash", "{SHA512-CRYPT}$6$salt$hash"),
+        ("abNUttvdAqVOw", "{CRYPT}abNUttvdAqVOw"),
+        ("93E8621C72995DBA43C2CFF6D64F3E93", "{PLAIN-MD5}93e8621c72995dba43c2cff6d64f3e93"),
+        ("{SHA512-CRYPT.B64}JDYk", "{SHA512-CRYPT.B64}JDYk"),
+        ("{ARGON2ID}$argon2id$v=19$x", "{ARGON2ID}$argon2id$v=19$x"),
+        ("{CLEARTEXT}secret", "{CLEARTEXT}secret"),
+        ("secret", "{CLEARTEXT}secret"),
+        ("", None),
+    ],
+)
+def test_postfixadmins_stored_passwords_get_dovecots_scheme(
+    stored: str, published: str | None
+) -> None:
+    assert dovecot_password(stored) == published
+
+
+@pytest.mark.parametrize(
+    ("hash_", "refused"),
+    [
+        ("{SHA512-CRYPT.B64}JDYk", False),
+        ("{PLAIN-MD5}93e8621c72995dba43c2cff6d64f3e93", False),  # weak: a warning
+        ("{CLEARTEXT}a secret with spaces", True),
+        ("{PLAIN}secret", True),
+    ],
+)
+def test_encoded_and_weak_schemes_pass_cleartext_never(hash_: str, refused: bool) -> None:
+    s = snap(accounts=[ACCOUNTS[0]._replace(password_hash=hash_)], forwards=[])
+    problems = check(s)
+    assert bool(problems) == refused
+    if refused:
+        assert "cleartext password is never published" in problems[0].reason
+
+
+def test_relay_next_hops() -> None:
+    assert relay_nexthop("relay.example", "smtp:[mx.customer.example]:25") == (
+        "[mx.customer.example]:25"
+    )
+    assert relay_nexthop("backup.example", "relay") == "backup.example"
+    assert relay_nexthop("backup.example", "relay:") == "backup.example"
