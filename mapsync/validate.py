@@ -30,12 +30,19 @@ _NEXTHOP = re.compile(r"^(?:\[([^\[\]\s]+)\]|([^\[\]\s:]+))(?::(\d{1,5}))?\Z")
 
 
 class Problem(NamedTuple):
-    """One invalid row: ``table`` and ``row`` (primary key) locate it, ``key`` names it."""
+    """One invalid row: ``table`` and ``row`` (primary key) locate it, ``key`` names it.
+
+    ``field``: the one column at fault when only some maps carry it (``password_hash``,
+    ``home``, ``imap_host``, ...), so ``--skip-invalid`` leaves the row out of those maps'
+    channels only (maps declare what they read: :attr:`mapsync.maps.base.Map.reads`); None
+    when the row as a whole is wrong (its address, its domain, where it routes).
+    """
 
     table: str
     row: int
     key: str
     reason: str
+    field: str | None = None
 
     def __str__(self) -> str:
         return f"{self.table} id={self.row} {self.key!r}: {self.reason}"
@@ -149,6 +156,7 @@ def _check(snap: Snapshot, proxy: bool = False) -> Iterator[Problem]:
                     m.id,
                     m.name,
                     f"imap_host {m.imap_host!r} is not an IP address (dovecot_proxy host=)",
+                    "imap_host",
                 )
         for field, host, port in (
             ("lmtp", m.lmtp_host, m.lmtp_port),
@@ -156,9 +164,13 @@ def _check(snap: Snapshot, proxy: bool = False) -> Iterator[Problem]:
         ):
             problem = host_problem(host)
             if problem:
-                yield Problem("mailstore", m.id, m.name, f"{field}_host: {problem}")
+                yield Problem(
+                    "mailstore", m.id, m.name, f"{field}_host: {problem}", f"{field}_host"
+                )
             if not 0 < port < 65536:
-                yield Problem("mailstore", m.id, m.name, f"{field}_port {port} out of range")
+                yield Problem(
+                    "mailstore", m.id, m.name, f"{field}_port {port} out of range", f"{field}_port"
+                )
 
     for d in snap.domains:
         problem = domain_name_problem(d.name)
@@ -229,8 +241,8 @@ def _check(snap: Snapshot, proxy: bool = False) -> Iterator[Problem]:
         elif not store.active:
             yield Problem("account", a.id, address, f"mailstore {store.name!r} is not active")
         if secrets:
-            for problem in _secret_problems(a.password_hash, a.home):
-                yield Problem("account", a.id, address, problem)
+            for column, problem in _secret_problems(a.password_hash, a.home):
+                yield Problem("account", a.id, address, problem, column)
         claim = ("account", a.id)
         first = seen.setdefault(address.lower(), claim)
         if first is not claim:
@@ -410,24 +422,28 @@ _CRYPT_PREFIXES = ("$6$", "$5$", "$2y$", "$2b$", "$2a$")
 _SCHEME = re.compile(r"^\{([A-Z0-9.-]+)\}")
 
 
-def _secret_problems(password_hash: str | None, home: str | None) -> Iterator[str]:
-    """Rules for the passwd-file fields: a known, strong scheme; nothing that splits a field."""
+def _secret_problems(password_hash: str | None, home: str | None) -> Iterator[tuple[str, str]]:
+    """Rules for the passwd-file fields: a known, strong scheme; nothing that splits a field.
+    Yields (column, reason)."""
     if not password_hash:
-        yield "no password hash"
+        yield "password_hash", "no password hash"
     elif any(c in password_hash for c in ": \t\r\n\0"):
-        yield "password hash contains ':', whitespace or a control character"
+        yield "password_hash", "password hash contains ':', whitespace or a control character"
     else:
         m = _SCHEME.match(password_hash)
         if m is None and not password_hash.startswith(_CRYPT_PREFIXES):
-            yield "password hash has no {SCHEME} prefix"
+            yield "password_hash", "password hash has no {SCHEME} prefix"
         elif m is not None and m.group(1) not in STRONG_SCHEMES:
             scheme = m.group(1)
             if scheme in WEAK_SCHEMES:
                 _log.warning("weak password scheme", scheme=scheme)
             else:
-                yield f"password scheme {scheme} is not allowed (cleartext or unknown)"
+                yield (
+                    "password_hash",
+                    f"password scheme {scheme} is not allowed (cleartext or unknown)",
+                )
     if home is not None:
         if not home.startswith("/") or any(c in home for c in ": \t\r\n\0"):
-            yield f"home {home!r} must be an absolute path without ':' or whitespace"
+            yield "home", f"home {home!r} must be an absolute path without ':' or whitespace"
         elif ".." in home.split("/"):
-            yield f"home {home!r} contains '..'"
+            yield "home", f"home {home!r} contains '..'"

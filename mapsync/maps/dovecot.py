@@ -24,6 +24,7 @@ from mapsync.maps.directory import Directory
 
 class DovecotUsersMap(Map):
     name = "dovecot_users"
+    reads = frozenset({"domain", "account", "mailstore", "account.password_hash", "account.home"})
     cdb = False
     secrets = True
     separator = ":"
@@ -56,6 +57,9 @@ class DovecotUsersMap(Map):
 
 class DovecotProxyMap(Map):
     name = "dovecot_proxy"
+    reads = frozenset(
+        {"domain", "account", "mailstore", "mailstore.imap_host", "mailstore.imap_port"}
+    )
     cdb = False
     separator = ":"
     description = (
