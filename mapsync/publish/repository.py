@@ -192,9 +192,13 @@ class Repository:
         if serial is None:
             return
         path = self.channel(channel) / CHECKED
-        path.parent.mkdir(parents=True, exist_ok=True)
         note = {"fingerprint": fingerprint, "serial": serial, "at": iso(utcnow())}
-        atomic_write(path, (json.dumps(note, sort_keys=True) + "\n").encode())
+        try:
+            atomic_write(path, (json.dumps(note, sort_keys=True) + "\n").encode())
+        except OSError as exc:
+            # Only a shortcut for the next run (which then reads the whole database): the
+            # release is published, so this is no reason to fail the run.
+            _log.warning("note of the full check not written", path=str(path), error=exc.strerror)
 
     def latest_manifest(self, channel: str) -> Manifest | None:
         latest = self.latest(channel)
