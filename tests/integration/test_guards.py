@@ -152,3 +152,25 @@ def test_dropping_a_map_from_a_channel_is_a_change_a_guard_refuses_until_forced(
 
     # Dropped once: the next run judges the new map set, no further refusal.
     assert cluster.cli("publish").returncode == 0
+
+
+def test_a_refused_run_says_nothing_untrue_about_its_pushes(cluster: Cluster) -> None:
+    """Neither 'would push serial 2' for a serial the guards refuse, nor 'has serial 1' as if
+    the node were up to date, on a run that failed."""
+    inbox = cluster.root / "node" / "inbox" / "mx"
+    inbox.parent.mkdir(parents=True)
+    text = cluster.config_path.read_text()
+    maps = 'maps = ["domains", "recipients", "virtual", "transport"]\n'
+    cluster.config_path.write_text(text.replace(maps, maps + f'push = ["{inbox}"]\n', 1))
+    first = cluster.publish().stdout
+    assert f"pushed serial 1 to {inbox}" in first
+    _rename_every_local_part(cluster)
+
+    dry = cluster.cli("publish", "--dry-run")
+    assert dry.returncode == 4, dry.stdout + dry.stderr
+    assert "would push" not in dry.stdout and "has serial" not in dry.stdout
+
+    refused = cluster.cli("publish")
+    assert refused.returncode == 4, refused.stdout + refused.stderr
+    assert "has serial" not in refused.stdout and "pushed" not in refused.stdout
+    assert json.loads((inbox / "LATEST").read_text())["serial"] == 1
