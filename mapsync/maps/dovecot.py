@@ -24,7 +24,17 @@ from mapsync.maps.directory import Directory
 
 class DovecotUsersMap(Map):
     name = "dovecot_users"
-    reads = frozenset({"domain", "account", "mailstore", "account.password_hash", "account.home"})
+    # quota_bytes becomes its userdb_quota_rule.
+    reads = frozenset(
+        {
+            "domain",
+            "account",
+            "mailstore",
+            "account.password_hash",
+            "account.home",
+            "account.quota_bytes",
+        }
+    )
     cdb = False
     secrets = True
     separator = ":"
