@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from mapsync.errors import VerificationError
+from mapsync.errors import MapsyncError, VerificationError
 
 FORMAT = 1
 MANIFEST = "MANIFEST.json"
@@ -72,6 +72,8 @@ class Manifest:
     maps: dict[str, MapEntry]
     format: int = FORMAT
     skipped: list[str] = field(default_factory=list)
+    # Maps the previous release had and this one lacks (dropped from the channel with --force).
+    dropped: list[str] = field(default_factory=list)
 
     def to_bytes(self) -> bytes:
         data = asdict(self)
@@ -124,6 +126,15 @@ def _json_object(data: bytes, where: str) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise VerificationError(f"{where}: not a JSON object")
     return obj
+
+
+def check_manifest_size(data: bytes, where: str) -> None:
+    """Refuse manifest bytes agents would refuse for their size (before they are signed)."""
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise MapsyncError(
+            f"{where}: the manifest would be {len(data)} bytes, more than the "
+            f"{MAX_MANIFEST_BYTES} bytes agents accept; nothing was published"
+        )
 
 
 def parse_latest(data: bytes, where: str) -> Latest:
@@ -192,6 +203,7 @@ def parse_manifest(data: bytes, where: str) -> Manifest:
         maps=maps,
         format=fmt,
         skipped=[str(s) for s in obj.get("skipped", [])],
+        dropped=[str(s) for s in obj.get("dropped", [])],
     )
     try:
         manifest.expires_at()

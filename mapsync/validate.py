@@ -41,18 +41,28 @@ _IPV6_CHARS = re.compile(r"^[0-9a-fA-F:.]{2,45}\Z")
 class Problem(NamedTuple):
     """One invalid row: ``table`` and ``row`` (primary key) locate it, ``key`` names it.
 
-    ``login``: the problem is the account's login only (its password hash): ``--skip-invalid``
-    then keeps the account's mail and drops just its login. ``where``: how the source names
-    the row in its own tables (``alias 'sales@example.com'``), set by :func:`check` from
-    :attr:`Snapshot.describe`; None prints mapsync's own ``table id=N 'key'``.
+    ``field``: the one column at fault when only some maps carry it (``password_hash``,
+    ``home``, ``imap_host``, ...), so ``--skip-invalid`` leaves the row out of those maps'
+    channels only (maps declare what they read: :attr:`mapsync.maps.base.Map.reads`); None
+    when the row as a whole is wrong (its address, its domain, where it routes). A problem in
+    ``password_hash`` costs the account its login only, never its mail (:attr:`login`).
+    ``where``: how the source names the row in its own tables (``alias 'sales@example.com'``),
+    set by :func:`check` from :attr:`Snapshot.describe`; None prints mapsync's own
+    ``table id=N 'key'``.
     """
 
     table: str
     row: int
     key: str
     reason: str
-    login: bool = False
+    field: str | None = None
     where: str | None = None
+
+    @property
+    def login(self) -> bool:
+        """The problem is the account's login only (its password hash): ``--skip-invalid``
+        keeps the account's mail and drops just its login."""
+        return self.table == "account" and self.field == "password_hash"
 
     def __str__(self) -> str:
         if self.where is not None:
@@ -214,6 +224,7 @@ def _check(snap: Snapshot, proxy: bool = False) -> Iterator[Problem]:
                 m.id,
                 m.name,
                 f"imap_host {m.imap_host!r} is not an IP address (dovecot_proxy host=)",
+                "imap_host",
             )
         for field, host, port in (
             ("lmtp", m.lmtp_host, m.lmtp_port),
@@ -221,12 +232,22 @@ def _check(snap: Snapshot, proxy: bool = False) -> Iterator[Problem]:
         ):
             problem = host_problem(host)
             if problem:
-                yield Problem("mailstore", m.id, m.name, f"{field}_host: {problem}")
+                yield Problem(
+                    "mailstore", m.id, m.name, f"{field}_host: {problem}", f"{field}_host"
+                )
             if type(port) is not int:
                 # SQLite keeps whatever text an INTEGER column is given: '24 host=x' too.
-                yield Problem("mailstore", m.id, m.name, f"{field}_port {port!r} is not a number")
+                yield Problem(
+                    "mailstore",
+                    m.id,
+                    m.name,
+                    f"{field}_port {port!r} is not a number",
+                    f"{field}_port",
+                )
             elif not 0 < port < 65536:
-                yield Problem("mailstore", m.id, m.name, f"{field}_port {port} out of range")
+                yield Problem(
+                    "mailstore", m.id, m.name, f"{field}_port {port} out of range", f"{field}_port"
+                )
 
     for d in snap.domains:
         problem = domain_name_problem(d.name)
@@ -300,9 +321,9 @@ def _check(snap: Snapshot, proxy: bool = False) -> Iterator[Problem]:
         if secrets:
             if a.password_hash or a.status != "login_disabled":
                 for problem in _password_problems(a.password_hash):
-                    yield Problem("account", a.id, address, problem, login=True)
-            for problem in _home_problems(a.home, a.quota_bytes):
-                yield Problem("account", a.id, address, problem)
+                    yield Problem("account", a.id, address, problem, "password_hash")
+            for column, problem in _home_problems(a.home, a.quota_bytes):
+                yield Problem("account", a.id, address, problem, column)
         claim = ("account", a.id)
         first = seen.setdefault(address.lower(), claim)
         if first is not claim:
@@ -542,15 +563,16 @@ def _password_problems(password_hash: str | None) -> Iterator[str]:
                 yield f"password scheme {scheme} is not allowed (cleartext or unknown)"
 
 
-def _home_problems(home: str | None, quota_bytes: int | None = None) -> Iterator[str]:
+def _home_problems(home: str | None, quota_bytes: int | None = None) -> Iterator[tuple[str, str]]:
     """The passwd-file's home and quota fields: an absolute home inside no '..', nothing
-    that splits a field; a quota that is a non-negative integer."""
+    that splits a field; a quota that is a non-negative integer. Yields (column, reason)."""
     if quota_bytes is not None and type(quota_bytes) is not int:
-        yield f"quota_bytes {quota_bytes!r} is not a number"  # SQLite: text in an INTEGER column
+        # SQLite: text in an INTEGER column
+        yield "quota_bytes", f"quota_bytes {quota_bytes!r} is not a number"
     elif quota_bytes is not None and quota_bytes < 0:
-        yield f"quota_bytes {quota_bytes} is negative"
+        yield "quota_bytes", f"quota_bytes {quota_bytes} is negative"
     if home is not None:
         if not home.startswith("/") or ":" in home or any(map(_unprintable, home)):
-            yield f"home {home!r} must be an absolute path without ':' or whitespace"
+            yield "home", f"home {home!r} must be an absolute path without ':' or whitespace"
         elif ".." in home.split("/"):
-            yield f"home {home!r} contains '..'"
+            yield "home", f"home {home!r} contains '..'"

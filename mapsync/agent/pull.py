@@ -533,6 +533,17 @@ def fetch_release(
     than the manifest says. Returns the bytes rsync moved."""
     directory = f"releases/{latest.serial}"
     moved = remote.fetch_files(directory, [MANIFEST, SIGNATURE], staging, None, MAX_MANIFEST_BYTES)
+    if not (staging / MANIFEST).exists():
+        # rsync leaves out a file over --max-size and exits 0: tell "too large" from missing.
+        try:
+            kind, size = remote.list_dir(directory).get(MANIFEST, ("?", -1))
+        except MapsyncError:
+            kind, size = "?", -1
+        if kind == "-" and size > MAX_MANIFEST_BYTES:
+            raise VerificationError(
+                f"{where}/{MANIFEST}: {size} bytes, too large (agents accept at most "
+                f"{MAX_MANIFEST_BYTES}); not fetched"
+            )
     manifest, _ = read_signed(staging, ch, keys, where, latest)
     listing = remote.list_dir(directory)
     expected = manifest.files() | {MANIFEST, SIGNATURE}

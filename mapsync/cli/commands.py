@@ -10,7 +10,14 @@ from pathlib import Path
 from typing import Any
 
 from mapsync import config
-from mapsync.errors import EXIT_ERROR, EXIT_OK, EXIT_WARNING, ConfigError, MapsyncError
+from mapsync.errors import (
+    EXIT_ERROR,
+    EXIT_OK,
+    EXIT_WARNING,
+    ConfigError,
+    MapsyncError,
+    UnsafePlan,
+)
 
 
 def _config(args: argparse.Namespace) -> config.Config:
@@ -51,11 +58,15 @@ def print_plan(result: Any) -> None:
         verb = "would publish" if result.dry_run else "published"
         if plan.action == "renew":
             verb = "would renew" if result.dry_run else "renewed"
+        if plan.violations:  # a dry run: the real publish would be refused
+            verb = "would REFUSE (guards) to publish"
         prev = f" (previous {plan.previous})" if plan.previous else " (first release)"
         print(f"channel {plan.channel}: {verb} serial {plan.serial}{prev}")
         print(f"  {'map':<16}{'before':>10}{'after':>10}{'added':>9}{'removed':>9}{'changed':>9}")
         for m in plan.maps:
-            mark = "  forced" if m.name in plan.forced else ""
+            marks = ["dropped from the channel"] if m.dropped else []
+            marks += ["forced"] if m.name in plan.forced else []
+            mark = "".join(f"  {x}" for x in marks)
             print(
                 f"  {m.name:<16}{m.before:>10}{m.after:>10}{m.added:>9}{m.removed:>9}{m.changed:>9}{mark}"
             )
@@ -116,12 +127,19 @@ def _publish_once(args: argparse.Namespace, *, loop: bool = False) -> int:
         pushes = [p for p in pushes if p.action != "current"]
         if result is not None:
             result = replace(result, plans=[p for p in result.plans if p.pending])
+    if result is not None and result.violations:
+        # A dry run the real publish would refuse: say so, and exit as that run would (4).
+        failure = UnsafePlan(
+            "the real publish would be refused by guards (use --force if the change is "
+            "intended):\n  " + "\n  ".join(str(v) for v in result.violations)
+        )
     if args.json and (result is not None or pushes):
         out: dict[str, Any] = {"push": [asdict(p) for p in pushes]}
         if result is not None:
             out = {
                 "dry_run": result.dry_run,
                 "pending": result.pending,
+                "violations": [str(v) for v in result.violations],
                 "channels": [asdict(p) for p in result.plans],
                 "skipped": [str(p) for p in result.skipped],
                 **out,
@@ -131,7 +149,8 @@ def _publish_once(args: argparse.Namespace, *, loop: bool = False) -> int:
     elif not args.json:
         if result is not None:
             print_plan(result)
-        print_push(pushes)
+        # A failed run ("has serial 3" would read as "up to date"): only what was done.
+        print_push([p for p in pushes if failure is None or p.action != "current"])
         sys.stdout.flush()
     if failure is not None:
         raise failure
@@ -173,7 +192,9 @@ def _publish_every(args: argparse.Namespace) -> int:
             )
         except Exception:
             signals.stop_if_received()  # SystemExit turned into another error by a C extension
-            raise
+            # A bug or an unforeseen damaged file: this run failed (exit 2), the next may not;
+            # a long-running publisher that died here would leave every node to expire.
+            _log.exception("publish run crashed", exit=EXIT_ERROR, next_run_in=args.interval)
         signals.stop_if_received()  # a SystemExit swallowed in a gc callback
         took = time.monotonic() - started
         _log.debug("publish run done", seconds=round(took, 3))
@@ -319,11 +340,11 @@ def _releases(args: argparse.Namespace, name: str) -> tuple[Path, int | None, in
         pair = LiveSet(ch.target).installed_manifest()
         current = parse_manifest(pair[0], str(ch.target)).serial if pair else None
         return agent.state / ch.name / KEPT, None, current
+    from mapsync.publish.history import latest_or_none
     from mapsync.publish.repository import Repository
 
     repo = Repository(cfg.need_publisher().repository)
-    latest = repo.latest(name)
-    return repo.releases(name), latest.serial if latest else None, None
+    return repo.releases(name), latest_or_none(repo, name), None
 
 
 def _channel_names(args: argparse.Namespace) -> list[str]:
@@ -357,7 +378,10 @@ def cmd_history(args: argparse.Namespace) -> int:
         for h in entries:
             counts = " ".join(f"{m}={n}" for m, n in h.entries.items())
             what = "changed: " + ",".join(h.changed) if h.changed else "renewal (same maps)"
+            if h.dropped and not h.changed:
+                what = ""  # not a renewal: a map left the channel
             flags = (" forced: " + ",".join(h.forced)) if h.forced else ""
+            flags += (" dropped: " + ",".join(h.dropped)) if h.dropped else ""
             mark = " <- LATEST" if h.latest else " <- installed" if h.installed else ""
             print(f"  {h.serial:>6}  {h.created}  {counts}  {what}{flags}{mark}")
     return EXIT_OK

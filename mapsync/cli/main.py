@@ -82,7 +82,9 @@ def _parser() -> argparse.ArgumentParser:
         "that do not have it yet; a failed push is retried on every later run.",
     )
     s.add_argument(
-        "--dry-run", action="store_true", help="print the plan only; exit 1 if changes are pending"
+        "--dry-run",
+        action="store_true",
+        help="print the plan only; exit 1 if changes are pending, 4 if a guard would refuse them",
     )
     s.add_argument(
         "--force",
@@ -92,7 +94,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--skip-invalid",
         action="store_true",
-        help="publish without invalid rows (recorded in the manifest)",
+        help="publish without invalid rows, each left out only of the channels whose maps use "
+        "it (recorded in their manifests)",
     )
     s.add_argument("--channel", action="append", metavar="C", help="only this channel (repeatable)")
     s.add_argument("--json", action="store_true", help="print the plan as JSON")

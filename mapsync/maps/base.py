@@ -7,6 +7,10 @@ A map must provide:
 - ``cdb``: whether a cdb is built beside the text (Postfix/Exim maps) or it is text only
   (Dovecot passwd-files);
 - ``secrets``: whether it carries password hashes (only channels that list it get them);
+- ``reads``: what its entries are made of, for ``publish --skip-invalid`` to skip an invalid
+  row only in the channels whose maps use it: table names (``account``: the rows, their
+  addresses and state) and ``table.column`` for a column only some maps carry
+  (``account.password_hash``); see :class:`mapsync.validate.Problem` ``field``;
 - ``separator``: between key and value on a text line: ``" "`` (Postfix source format) or
   ``":"`` (Dovecot passwd-file, whose value is the remaining six fields);
 - ``entries(directory, channel)``: the (key, value) pairs, in any order; keys lowercase.
@@ -29,6 +33,10 @@ class Map(ABC):
     name: str
     cdb: bool = True
     secrets: bool = False
+    # Every table, until a map says less: an undeclared map is skipped around as before.
+    reads: frozenset[str] = frozenset(
+        {"domain", "account", "alias", "forward", "mailstore", "sender_grant"}
+    )
     separator: str = " "
     description: str = ""
 

@@ -24,6 +24,17 @@ from mapsync.maps.directory import Directory
 
 class DovecotUsersMap(Map):
     name = "dovecot_users"
+    # quota_bytes becomes its userdb_quota_rule.
+    reads = frozenset(
+        {
+            "domain",
+            "account",
+            "mailstore",
+            "account.password_hash",
+            "account.home",
+            "account.quota_bytes",
+        }
+    )
     cdb = False
     secrets = True
     separator = ":"
@@ -56,6 +67,9 @@ class DovecotUsersMap(Map):
 
 class DovecotProxyMap(Map):
     name = "dovecot_proxy"
+    reads = frozenset(
+        {"domain", "account", "mailstore", "mailstore.imap_host", "mailstore.imap_port"}
+    )
     cdb = False
     separator = ":"
     description = (

@@ -35,6 +35,9 @@ def route(host: str, port: int | None, transport: str) -> str:
 
 class EximRoutesMap(Map):
     name = "exim_routes"
+    reads = frozenset(
+        {"domain", "account", "mailstore", "mailstore.lmtp_host", "mailstore.lmtp_port"}
+    )
     description = (
         "user@domain or domain → Exim route_data, e.g. <+[10.0.1.11]:24 mapsync_lmtp;"
         " :defer: while moving"

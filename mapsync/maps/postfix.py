@@ -30,6 +30,7 @@ def lmtp(store: Mailstore) -> str:
 
 class DomainsMap(Map):
     name = "domains"
+    reads = frozenset({"domain"})
     description = "every live domain (A-label, and U-label where different) → OK"
 
     def entries(self, directory: Directory, channel: PublisherChannel) -> Iterator[tuple[str, str]]:
@@ -40,6 +41,7 @@ class DomainsMap(Map):
 
 class RecipientsMap(Map):
     name = "recipients"
+    reads = frozenset({"domain", "account", "alias"})
     description = "every deliverable address → OK (accounts, aliases, alias-domain expansions)"
 
     def entries(self, directory: Directory, channel: PublisherChannel) -> Iterable[tuple[str, str]]:
@@ -64,6 +66,7 @@ class RecipientsMap(Map):
 
 class VirtualMap(Map):
     name = "virtual"
+    reads = frozenset({"domain", "account", "alias", "forward"})
     description = (
         "alias and alias-domain address → comma-separated targets; catch-alls with identity lines"
     )
@@ -103,6 +106,9 @@ class VirtualMap(Map):
 
 class TransportMap(Map):
     name = "transport"
+    reads = frozenset(
+        {"domain", "account", "mailstore", "mailstore.lmtp_host", "mailstore.lmtp_port"}
+    )
     description = (
         "domain or user@domain → lmtp:[mailstore]:24, relay:[nexthop], retry: while moving"
     )
@@ -127,6 +133,7 @@ class TransportMap(Map):
 
 class SendersMap(Map):
     name = "senders"
+    reads = frozenset({"domain", "account", "sender_grant"})
     description = "address → the login(s) that may send as it (smtpd_sender_login_maps)"
 
     def entries(self, directory: Directory, channel: PublisherChannel) -> Iterator[tuple[str, str]]:

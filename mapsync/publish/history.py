@@ -7,16 +7,18 @@ agent's kept releases (``STATE/<channel>/releases``, for ``--agent``): both hold
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mapsync import log
 from mapsync.errors import MapsyncError
 from mapsync.formats import text
 from mapsync.maps import CATALOGUE
 from mapsync.publish.plan import merge_diff
-from mapsync.publish.repository import Repository
+from mapsync.publish.repository import Repository, release_serials
 from mapsync.release import MANIFEST, Manifest, parse_manifest
+
+_log = log.get("history")
 
 
 @dataclass(frozen=True)
@@ -28,23 +30,21 @@ class HistoryEntry:
     changed: list[str]  # maps whose content differs from the previous kept release
     forced: list[str]
     latest: bool
+    dropped: list[str] = field(default_factory=list)  # maps the previous release had, not this
     installed: bool = False  # the release installed on this node (``history --agent``)
 
 
 def serials_in(releases: Path) -> list[int]:
-    """Serials of the release directories under ``releases``, oldest first."""
-    try:
-        names = os.listdir(releases)
-    except FileNotFoundError:
-        return []
-    return sorted(int(n) for n in names if n.isdigit())
+    """Serials of the release directories under ``releases``, oldest first (anything else
+    there is named in a warning and ignored)."""
+    return release_serials(releases)
 
 
 def manifest_in(releases: Path, serial: int) -> Manifest:
     path = releases / str(serial) / MANIFEST
     try:
         return parse_manifest(path.read_bytes(), str(path))
-    except FileNotFoundError:
+    except OSError:
         raise MapsyncError(f"{path}: release {serial} not found") from None
 
 
@@ -71,6 +71,7 @@ def history_of(
                 forced=[n for n, e in sorted(m.maps.items()) if e.forced],
                 latest=latest == serial,
                 installed=installed == serial,
+                dropped=list(m.dropped),
             )
         )
         previous = m
@@ -79,8 +80,18 @@ def history_of(
 
 def history(repo: Repository, channel: str) -> list[HistoryEntry]:
     """Every kept release of ``channel`` in the publisher's repository, oldest first."""
-    latest = repo.latest(channel)
-    return history_of(repo.releases(channel), latest.serial if latest else None)
+    return history_of(repo.releases(channel), latest_or_none(repo, channel))
+
+
+def latest_or_none(repo: Repository, channel: str) -> int | None:
+    """The serial LATEST names, for marking it; a damaged LATEST marks none, with a warning
+    (the next publish repairs it)."""
+    try:
+        latest = repo.latest(channel)
+    except MapsyncError as exc:
+        _log.warning("LATEST is damaged; no release marked as LATEST", problem=str(exc))
+        return None
+    return latest.serial if latest else None
 
 
 # The fields after the user name of a passwd-file line (``dovecot_users``, ``dovecot_proxy``).

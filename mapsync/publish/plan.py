@@ -19,10 +19,11 @@ class MapPlan:
     added: int
     removed: int
     changed: int
+    dropped: bool = False  # the map itself left the channel (it is in the previous release only)
 
     @property
     def unchanged(self) -> bool:
-        return not (self.added or self.removed or self.changed)
+        return not (self.added or self.removed or self.changed or self.dropped)
 
 
 @dataclass
@@ -35,6 +36,8 @@ class ChannelPlan:
     action: str
     maps: list[MapPlan] = field(default_factory=list)
     forced: list[str] = field(default_factory=list)
+    skipped: int = 0  # invalid rows left out of this channel (``--skip-invalid``)
+    violations: list[str] = field(default_factory=list)  # guards that refuse the plan
 
     @property
     def pending(self) -> bool:
@@ -103,9 +106,18 @@ def diff_files(
 def check(plan: MapPlan, guards: Guards, channel: str) -> Violation | None:
     """The guard ``plan`` violates, if any. Shrink, growth and change apply from 10 entries up.
 
-    ``max_change`` counts keys whose value changed (added and removed keys are what
-    shrink and growth measure): a transport map where every domain suddenly routes elsewhere.
+    Each guard counts keys, never the net entry count: ``max_shrink`` the keys removed,
+    ``max_growth`` the keys added, ``max_change`` the keys whose value changed, each as a share
+    of the entries before. A release that replaces every key (a botched migration, ``database``
+    pointed at another database of the same size) keeps its size but removes every key.
     """
+    if plan.dropped:
+        return Violation(
+            channel,
+            plan.name,
+            f"the map is dropped from the channel ({plan.before} entries in the previous release, "
+            f"not in [publisher.channels.{channel}] maps); every node would lose it",
+        )
     if plan.after < guards.min_entries:
         return Violation(
             channel,
@@ -113,22 +125,23 @@ def check(plan: MapPlan, guards: Guards, channel: str) -> Violation | None:
             f"{plan.after} entries, fewer than min_entries = {guards.min_entries}",
         )
     if plan.before >= 10:
-        if plan.after < plan.before:
-            shrink = (plan.before - plan.after) / plan.before
-            if shrink > guards.max_shrink:
-                return Violation(
-                    channel,
-                    plan.name,
-                    f"shrinks by {shrink:.1%} ({plan.before} → {plan.after} entries), more than max_shrink = {guards.max_shrink:.0%}",
-                )
-        else:
-            growth = (plan.after - plan.before) / plan.before
-            if growth > guards.max_growth:
-                return Violation(
-                    channel,
-                    plan.name,
-                    f"grows by {growth:.1%} ({plan.before} → {plan.after} entries), more than max_growth = {guards.max_growth:.0%}",
-                )
+        counts = f"{plan.before} → {plan.after} entries"
+        shrink = plan.removed / plan.before
+        if shrink > guards.max_shrink:
+            return Violation(
+                channel,
+                plan.name,
+                f"removes {shrink:.1%} of its keys ({plan.removed} of {plan.before}; {counts}), "
+                f"more than max_shrink = {guards.max_shrink:.0%}",
+            )
+        growth = plan.added / plan.before
+        if growth > guards.max_growth:
+            return Violation(
+                channel,
+                plan.name,
+                f"adds {growth:.1%} new keys ({plan.added} to {plan.before}; {counts}), "
+                f"more than max_growth = {guards.max_growth:.0%}",
+            )
         change = plan.changed / plan.before
         if change > guards.max_change:
             return Violation(

@@ -41,6 +41,7 @@ from mapsync.release import (
     Latest,
     Manifest,
     MapEntry,
+    check_manifest_size,
     iso,
     manifest_sha256,
     parse_iso,
@@ -62,6 +63,7 @@ class _Staged:
     plan: ChannelPlan
     staging: Path
     manifest: Manifest | None = None
+    dropped: list[str] = field(default_factory=list)  # maps of the previous release not kept
 
 
 @dataclass
@@ -69,6 +71,8 @@ class PublishResult:
     plans: list[ChannelPlan]
     skipped: list[Problem] = field(default_factory=list)
     dry_run: bool = False
+    # A dry run's guard refusals (a real run raises UnsafePlan with them instead).
+    violations: list[Violation] = field(default_factory=list)
 
     @property
     def pending(self) -> bool:
@@ -202,8 +206,11 @@ def channel_digest(ch: PublisherChannel) -> str:
 def drop_invalid(snap: Snapshot, problems: list[Problem]) -> Snapshot:
     """``snap`` without the rows named in ``problems`` (for ``publish --skip-invalid``)."""
     bad = {(p.table, p.row) for p in problems if not p.login}
-    # A bad password hash costs the account its login, not its mail.
-    logins = {p.row for p in problems if p.login and p.table == "account"}
+    # A bad password hash costs the account its login, not its mail: on a mailstore its
+    # userdb line stays (nologin), so LMTP still delivers to it.
+    logins = {p.row for p in problems if p.login}
+    # A sender grant's row is its account's id: the grant is the (account, address) pair.
+    bad_grants = {(p.row, p.key) for p in problems if p.table == "sender_grant"}
     return replace(
         snap,
         mailstores=[m for m in snap.mailstores if ("mailstore", m.id) not in bad],
@@ -215,7 +222,50 @@ def drop_invalid(snap: Snapshot, problems: list[Problem]) -> Snapshot:
         ],
         aliases=[a for a in snap.aliases if ("alias", a.id) not in bad],
         forwards=[f for f in snap.forwards if ("forward", f.id) not in bad],
+        sender_grants=[
+            g for g in snap.sender_grants if (g.account_id, g.address) not in bad_grants
+        ],
     )
+
+
+def reads(ch: PublisherChannel) -> frozenset[str]:
+    """What the maps of ``ch`` read (see :attr:`mapsync.maps.base.Map.reads`)."""
+    return frozenset().union(*(CATALOGUE[m].reads for m in ch.maps))
+
+
+def affects(problem: Problem, read: frozenset[str]) -> bool:
+    """Whether ``problem`` is in something a channel reading ``read`` carries: a problem in
+    one field (a password hash, an IMAP host) only where that field is read; any other
+    problem of a row wherever its table is read."""
+    return (f"{problem.table}.{problem.field}" if problem.field else problem.table) in read
+
+
+MAX_SKIPPED_LISTED = 100  # rows a manifest names; the rest are counted (the log names each)
+MAX_SKIPPED_CHARS = 300  # per row: a key or an alias cycle can be long
+
+
+def skipped_note(problems: list[Problem]) -> list[str]:
+    """The ``skipped`` list of a manifest: the first rows, each cut short, then a count, so
+    no number of invalid rows makes a manifest larger than agents accept."""
+    out = []
+    for p in problems[:MAX_SKIPPED_LISTED]:
+        line = str(p)
+        out.append(line if len(line) <= MAX_SKIPPED_CHARS else line[: MAX_SKIPPED_CHARS - 1] + "…")
+    if len(problems) > MAX_SKIPPED_LISTED:
+        out.append(
+            f"... and {len(problems) - MAX_SKIPPED_LISTED} more: {len(problems)} invalid row(s) "
+            "skipped in all (the publisher's log names each)"
+        )
+    return out
+
+
+@dataclass
+class _View:
+    """What the channels reading the same things are rendered from: the snapshot without the
+    invalid rows that concern them, and those rows."""
+
+    directory: Directory
+    skipped: list[Problem]
 
 
 class Publisher:
@@ -298,18 +348,22 @@ class Publisher:
                     f"[publisher.channels.{ch.name}] mailstore: no mailstore named {ch.mailstore!r} "
                     f"in the database (known: {', '.join(sorted(stores)) or 'none'})"
                 )
-        snap, skipped = self._validated(snap, skip_invalid)
-        directory = Directory(snap)
+        views = self._views(snap, selected, skip_invalid)
+        skipped = list(dict.fromkeys(p for v in views.values() for p in v.skipped))
         staged: list[_Staged] = []
         try:
             for ch in selected:
-                staged.append(self._stage(ch, directory, snap, source, skipped))
+                view = views[(reads(ch), "dovecot_proxy" in ch.maps)]
+                staged.append(self._stage(ch, view, snap, source))
             violations = [v for s in staged for v in self._guard(s, force)]
             if violations and not dry_run:
                 raise UnsafePlan(
                     "publish refused by guards; nothing was written (use --force if the change is intended):\n  "
                     + "\n  ".join(str(v) for v in violations)
                 )
+            for s in staged:
+                if s.manifest is not None:
+                    check_manifest_size(s.manifest.to_bytes(), f"channel {s.plan.channel}")
             if not dry_run:
                 assert key is not None
                 for s in staged:
@@ -324,7 +378,7 @@ class Publisher:
             # channel was being rendered leaves its staging directory before it is in `staged`.
             for ch in selected:
                 shutil.rmtree(self.repo.channel(ch.name) / ".staging", ignore_errors=True)
-        return PublishResult([s.plan for s in staged], skipped, dry_run)
+        return PublishResult([s.plan for s in staged], skipped, dry_run, violations)
 
     def _public_half(self) -> Ed25519PublicKey | None:
         """For a dry run, which needs no private key: the public half beside it, if readable."""
@@ -352,11 +406,12 @@ class Publisher:
 
     def _quiet(self, ch: PublisherChannel, fingerprint: str) -> ChannelPlan | None:
         """A no-change plan for ``ch`` if the database and the channel are as last published."""
-        last = self.repo.latest_manifest(ch.name)
+        last, damaged = self.repo.current(ch.name)
         checked = self.repo.checked(ch.name)
         now = utcnow()
         if (
             last is None
+            or damaged is not None  # LATEST must be rewritten
             or checked is None
             or last.skipped  # rows were left out: validate them again, they must not go quiet
             or checked.get("fingerprint") != fingerprint
@@ -384,33 +439,79 @@ class Publisher:
             )
         return [self.cfg.channels[n] for n in names]
 
-    def _validated(self, snap: Snapshot, skip_invalid: bool) -> tuple[Snapshot, list[Problem]]:
+    def _views(
+        self, snap: Snapshot, selected: list[PublisherChannel], skip_invalid: bool
+    ) -> dict[tuple[frozenset[str], bool], _View]:
+        """One :class:`_View` per kind of channel (what its maps read, whether it proxies).
+
+        With ``skip_invalid``, each kind drops only the invalid rows its maps would use: a
+        refused password hash leaves a mailstore's ``dovecot_users`` without that login but
+        the MX's ``recipients`` unchanged, whichever channels the run publishes.
+        """
         problems = validate(snap, self._proxy)
         if problems and not skip_invalid:
             raise InvalidData([str(p) for p in problems])
-        skipped: list[Problem] = []
-        # Dropping a row can orphan others (an alias domain whose target went): repeat.
-        while problems:
-            for p in problems:
+        kinds: dict[tuple[frozenset[str], bool], list[str]] = {}
+        for ch in selected:
+            kinds.setdefault((reads(ch), "dovecot_proxy" in ch.maps), []).append(ch.name)
+        if not problems:
+            shared = _View(Directory(snap), [])
+            return dict.fromkeys(kinds, shared)
+        used = set()
+        views = {}
+        for (read, proxy), names in kinds.items():
+            views[(read, proxy)] = self._view(snap, problems, read, proxy, names)
+            used.update(views[(read, proxy)].skipped)
+        for p in problems:
+            if p not in used:
                 _log.warning(
-                    "skipping invalid row", table=p.table, row=p.row, key=p.key, reason=p.reason
+                    "invalid row not used by any channel published",
+                    table=p.table,
+                    row=p.row,
+                    key=p.key,
+                    reason=p.reason,
                 )
-            skipped += problems
-            snap = drop_invalid(snap, problems)
-            problems = validate(snap, self._proxy)
-        return snap, skipped
+        return views
+
+    def _view(
+        self,
+        snap: Snapshot,
+        problems: list[Problem],
+        read: frozenset[str],
+        proxy: bool,
+        channels: list[str],
+    ) -> _View:
+        skipped: list[Problem] = []
+        relevant = [p for p in problems if affects(p, read)]
+        # Dropping a row can orphan others (an alias domain whose target went): repeat.
+        while relevant:
+            again = [p for p in relevant if p in skipped]
+            if again:  # dropping the row did not remove the problem: never loop on it
+                raise InvalidData([f"{p} (cannot be skipped)" for p in again])
+            for p in relevant:
+                _log.warning(
+                    "skipping invalid row",
+                    table=p.table,
+                    row=p.row,
+                    key=p.key,
+                    reason=p.reason,
+                    channels=",".join(channels),
+                )
+            skipped += relevant
+            snap = drop_invalid(snap, relevant)
+            relevant = [p for p in validate(snap, proxy) if affects(p, read)]
+        return _View(Directory(snap), skipped)
 
     def _stage(
         self,
         ch: PublisherChannel,
-        directory: Directory,
+        view: _View,
         snap: Snapshot,
         source: Source,
-        skipped: list[Problem],
     ) -> _Staged:
-        last = self.repo.latest_manifest(ch.name)
-        existing = self.repo.serials(ch.name)
-        serial = max([*existing, last.serial if last else 0]) + 1
+        directory = view.directory
+        last, damaged = self.repo.current(ch.name)
+        serial = self.repo.next_serial(ch.name, last)
         staging_root = self.repo.channel(ch.name) / ".staging"
         shutil.rmtree(staging_root, ignore_errors=True)  # a crashed run's leftovers
         staging = staging_root / str(serial)
@@ -418,12 +519,21 @@ class Publisher:
         last_dir = self.repo.release(ch.name, last.serial) if last else None
 
         entries: dict[str, MapEntry] = {}
-        plan = ChannelPlan(ch.name, last.serial if last else None, serial, "none")
+        plan = ChannelPlan(
+            ch.name, last.serial if last else None, serial, "none", skipped=len(view.skipped)
+        )
         for name in ch.maps:
             entries[name], map_plan = self._render(
                 name, ch, directory, staging, serial, last, last_dir
             )
             plan.maps.append(map_plan)
+        # A map the previous release carried and this one does not: every node would lose
+        # it (Postfix then fails each lookup). A change like any other, refused by a guard.
+        dropped = sorted(set(last.maps) - set(entries)) if last else []
+        for name in dropped:
+            assert last is not None
+            gone = last.maps[name].entries
+            plan.maps.append(MapPlan(name, gone, 0, 0, gone, 0, dropped=True))
 
         now = utcnow()
         same_set = (
@@ -433,10 +543,14 @@ class Publisher:
         )
         if same_set:
             assert last is not None
-            if now < self._renew_after(last) and self._signed_by_us(ch.name, last.serial):
+            if (
+                damaged is None
+                and now < self._renew_after(last)
+                and self._signed_by_us(ch.name, last.serial)
+            ):
                 plan.serial = None
                 return _Staged(plan, staging)
-            plan.action = "renew"
+            plan.action = "renew"  # also rewrites a damaged LATEST
         else:
             plan.action = "publish"
         manifest = Manifest(
@@ -453,9 +567,9 @@ class Publisher:
                 "channel": channel_digest(ch),
             },
             maps=entries,
-            skipped=[str(p) for p in skipped],
+            skipped=skipped_note(view.skipped),
         )
-        return _Staged(plan, staging, manifest)
+        return _Staged(plan, staging, manifest, dropped)
 
     def _render(
         self,
@@ -513,8 +627,12 @@ class Publisher:
         if staged.plan.forced and staged.manifest is not None:
             maps = dict(staged.manifest.maps)
             for name in staged.plan.forced:
-                maps[name] = replace(maps[name], forced=True)
+                if name in maps:  # a dropped map is recorded in ``dropped`` below
+                    maps[name] = replace(maps[name], forced=True)
             staged.manifest = replace(staged.manifest, maps=maps)
+        if staged.manifest is not None:
+            staged.manifest = replace(staged.manifest, dropped=staged.dropped)
+        staged.plan.violations = [str(v) for v in violations]
         return violations
 
     def commit(
@@ -529,6 +647,8 @@ class Publisher:
         if manifest is None:
             return
         data = manifest.to_bytes()
+        # Agents refuse a manifest over MAX_MANIFEST_BYTES: never sign one.
+        check_manifest_size(data, f"channel {manifest.channel}")
         (staged.staging / MANIFEST).write_bytes(data)
         (staged.staging / SIGNATURE).write_bytes(sign(key, data))
         for f in os.listdir(staged.staging):

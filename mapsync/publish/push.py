@@ -145,7 +145,10 @@ def push_channels(
     serial ``plans`` would publish."""
     repo = Repository(cfg.repository)
     channels = [ch for ch in cfg.channels.values() if ch.push and (not names or ch.name in names)]
-    planned = {p.channel: p.serial for p in plans or [] if p.pending and p.serial}
+    # A plan the guards refuse publishes nothing: its serial is never pushed.
+    planned = {
+        p.channel: p.serial for p in plans or [] if p.pending and p.serial and not p.violations
+    }
     outcomes: list[Push] = []
     for ch in channels:
         if dry_run:

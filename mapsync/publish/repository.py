@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from mapsync import log
 from mapsync.atomic import atomic_write
 from mapsync.errors import MapsyncError
 from mapsync.locks import waiting_lock
@@ -27,12 +29,49 @@ from mapsync.release import (
     Latest,
     Manifest,
     iso,
+    manifest_sha256,
+    parse_iso,
     parse_latest,
     parse_manifest,
     utcnow,
 )
 
 CHECKED = ".checked"
+_log = log.get("publisher")
+# A release directory's name: the serial in ASCII digits, as str(serial) writes it. Not
+# str.isdigit, which takes '٣' and '²' (int() refuses the second, and the first is not the
+# directory str(3) names), nor '007', which is not where release 7 lives.
+_SERIAL = re.compile(r"[1-9][0-9]{0,17}\Z")
+
+
+def serial_names(releases: Path) -> tuple[list[int], list[int], list[Path]]:
+    """The entries of a ``releases`` directory: (serials of release directories, oldest first;
+    serials taken by a non-directory; paths that are no release). Missing: all empty."""
+    try:
+        entries = list(os.scandir(releases))
+    except FileNotFoundError:
+        return [], [], []
+    except NotADirectoryError:
+        raise MapsyncError(f"{releases}: not a directory (it should hold the releases)") from None
+    good, taken, stray = [], [], []
+    for e in entries:
+        if _SERIAL.match(e.name):
+            if e.is_dir(follow_symlinks=False):
+                good.append(int(e.name))
+                continue
+            taken.append(int(e.name))
+        stray.append(releases / e.name)
+    return sorted(good), sorted(taken), sorted(stray)
+
+
+def release_serials(releases: Path) -> list[int]:
+    """Serials of the release directories under ``releases``, oldest first. Anything else
+    there (a stray file, a name that is no serial, a half-written ``.tmp``) is not a release:
+    it is named in a warning and left alone (mapsync never deletes what it did not make)."""
+    good, _, stray = serial_names(releases)
+    for path in stray:
+        _log.warning("not a release, ignored (remove it by hand)", path=str(path))
+    return good
 
 
 class Repository:
@@ -52,43 +91,114 @@ class Repository:
 
     def serials(self, channel: str) -> list[int]:
         """Serials of the complete releases of ``channel``, oldest first."""
-        try:
-            names = os.listdir(self.releases(channel))
-        except FileNotFoundError:
-            return []
-        return sorted(int(n) for n in names if n.isdigit())
+        return release_serials(self.releases(channel))
+
+    def next_serial(self, channel: str, last: Manifest | None) -> int:
+        """The serial of the next release: above every kept one, LATEST's, and any name a
+        stray file already takes in ``releases/`` (the new directory is renamed to it)."""
+        good, taken, _ = serial_names(self.releases(channel))
+        return max([*good, *taken, last.serial if last else 0]) + 1
 
     def latest(self, channel: str) -> Latest | None:
+        """The LATEST pointer of ``channel`` (None: nothing published); a damaged one raises
+        a :class:`MapsyncError` naming the file."""
         path = self.channel(channel) / LATEST
         try:
             data = path.read_bytes()
         except FileNotFoundError:
             return None
+        except OSError as exc:
+            raise MapsyncError(f"{path}: cannot be read: {exc.strerror}") from None
         return parse_latest(data, str(path))
+
+    def current(self, channel: str) -> tuple[Manifest | None, str | None]:
+        """(manifest of the release LATEST names, None), for the publisher to build on.
+
+        LATEST is the publisher's own pointer, so a damaged one (garbage, unreadable, naming a
+        release that is gone or whose manifest is not the one it names) is repaired, not fatal:
+        (manifest of the newest kept release whose manifest reads, reason LATEST is damaged);
+        the caller then writes a new release and a new LATEST. No release at all: (None, reason).
+        """
+        path = self.channel(channel) / LATEST
+        try:
+            latest = self.latest(channel)
+            if latest is None:
+                return None, None
+            release = self.release(channel, latest.serial) / MANIFEST
+            try:
+                data = release.read_bytes()
+            except OSError:
+                raise MapsyncError(
+                    f"{path}: names release {latest.serial}, which is not kept"
+                ) from None
+            if manifest_sha256(data) != latest.manifest_sha256:
+                raise MapsyncError(f"{path}: the sha256 it names is not that of {release}")
+            return parse_manifest(data, str(release)), None
+        except MapsyncError as exc:
+            damage = str(exc)
+        for serial in reversed(self.serials(channel)):
+            try:
+                newest = self.manifest(channel, serial)
+            except MapsyncError:
+                continue
+            _log.warning(
+                "LATEST is damaged; building on the newest kept release, and the next "
+                "release rewrites LATEST",
+                channel=channel,
+                problem=damage,
+                serial=serial,
+            )
+            return newest, damage
+        _log.warning("LATEST is damaged and no release is kept", channel=channel, problem=damage)
+        return None, damage
 
     def manifest(self, channel: str, serial: int) -> Manifest:
         path = self.release(channel, serial) / MANIFEST
         try:
             return parse_manifest(path.read_bytes(), str(path))
-        except FileNotFoundError:
+        except OSError:
             raise MapsyncError(f"{path}: release {serial} of channel {channel} not found") from None
 
     def checked(self, channel: str) -> dict[str, object] | None:
-        """The publisher's note of its last full check: fingerprint, serial, time (or None)."""
+        """The publisher's note of its last full check: fingerprint, serial, time (or None).
+
+        A damaged note (not JSON, wrong fields, a time that does not parse, a directory) is
+        "no full check recorded": the next run reads the whole database again, with a warning.
+        """
+        path = self.channel(channel) / CHECKED
         try:
-            data = json.loads((self.channel(channel) / CHECKED).read_bytes())
-        except (FileNotFoundError, ValueError):
+            data = json.loads(path.read_bytes())
+            if (
+                not isinstance(data, dict)
+                or not isinstance(data.get("fingerprint"), str)
+                or not isinstance(data.get("serial"), int)
+                or isinstance(data.get("serial"), bool)
+            ):
+                raise ValueError("not a note with fingerprint, serial and at")
+            parse_iso(str(data.get("at")))
+        except FileNotFoundError:
             return None
-        return data if isinstance(data, dict) and "at" in data else None
+        except (OSError, ValueError) as exc:
+            _log.warning(
+                "damaged note of the last full check ignored; reading the whole database",
+                path=str(path),
+                problem=getattr(exc, "strerror", None) or str(exc),
+            )
+            return None
+        return data
 
     def record_check(self, channel: str, fingerprint: str, serial: int | None) -> None:
         """Remember that the database with ``fingerprint`` renders as release ``serial``."""
         if serial is None:
             return
         path = self.channel(channel) / CHECKED
-        path.parent.mkdir(parents=True, exist_ok=True)
         note = {"fingerprint": fingerprint, "serial": serial, "at": iso(utcnow())}
-        atomic_write(path, (json.dumps(note, sort_keys=True) + "\n").encode())
+        try:
+            atomic_write(path, (json.dumps(note, sort_keys=True) + "\n").encode())
+        except OSError as exc:
+            # Only a shortcut for the next run (which then reads the whole database): the
+            # release is published, so this is no reason to fail the run.
+            _log.warning("note of the full check not written", path=str(path), error=exc.strerror)
 
     def latest_manifest(self, channel: str) -> Manifest | None:
         latest = self.latest(channel)
@@ -104,7 +214,11 @@ class Repository:
 
     def collect_garbage(self, channel: str, keep: int) -> list[int]:
         """Remove all but the newest ``keep`` releases; never the one LATEST names."""
-        latest = self.latest(channel)
+        try:
+            latest = self.latest(channel)
+        except MapsyncError as exc:
+            _log.warning("LATEST unreadable: no release removed", channel=channel, problem=str(exc))
+            return []
         serials = self.serials(channel)
         removed = []
         for serial in serials[:-keep] if keep < len(serials) else []:

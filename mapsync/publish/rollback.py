@@ -22,7 +22,7 @@ from mapsync import GENERATOR, log
 from mapsync.config import PublisherConfig
 from mapsync.errors import ConfigError, MapsyncError, VerificationError
 from mapsync.formats import text
-from mapsync.publish.plan import ChannelPlan, diff_files
+from mapsync.publish.plan import ChannelPlan, MapPlan, diff_files
 from mapsync.publish.publisher import Publisher
 from mapsync.release import MANIFEST, SIGNATURE, Manifest, iso, parse_manifest, utcnow
 from mapsync.signing import key_id, load_private, verify
@@ -45,7 +45,7 @@ def republish(cfg: PublisherConfig, channel: str, serial: int) -> ChannelPlan:
     repo = publisher.repo
     with repo.lock(cfg.lock_wait):
         kept = repo.serials(channel)
-        last = repo.latest_manifest(channel)
+        last, _ = repo.current(channel)  # a damaged LATEST: the newest kept release; rewritten
         listed = ", ".join(map(str, kept)) or "none"
         if last is None:
             raise MapsyncError(f"channel {channel}: nothing is published yet; nothing changed")
@@ -85,7 +85,7 @@ def republish(cfg: PublisherConfig, channel: str, serial: int) -> ChannelPlan:
                     "the file was altered; nothing changed"
                 )
 
-        new_serial = max([*kept, last.serial]) + 1
+        new_serial = repo.next_serial(channel, last)
         staging_root = repo.channel(channel) / ".staging"
         shutil.rmtree(staging_root, ignore_errors=True)  # a crashed run's leftovers
         staging = staging_root / str(new_serial)
@@ -106,6 +106,9 @@ def republish(cfg: PublisherConfig, channel: str, serial: int) -> ChannelPlan:
                         m.entries,
                     )
                 )
+            for name in sorted(set(last.maps) - set(old.maps)):
+                gone = last.maps[name].entries
+                plan.maps.append(MapPlan(name, gone, 0, 0, gone, 0, dropped=True))
             now = utcnow()
             manifest = Manifest(
                 channel=channel,
@@ -117,6 +120,7 @@ def republish(cfg: PublisherConfig, channel: str, serial: int) -> ChannelPlan:
                 source={**old.source, "rollback_of": str(serial)},
                 maps={n: replace(e, forced=False) for n, e in old.maps.items()},
                 skipped=list(old.skipped),
+                dropped=sorted(set(last.maps) - set(old.maps)),
             )
             publisher.commit(plan, staging, manifest, key)
         finally:

@@ -192,7 +192,11 @@ def test_errors_are_logged_and_the_loop_goes_on_until_sighup(
     loop.wait_for("a guard refusal", lambda: "publish refused by guards" in loop.stderr())
     errors = [json.loads(line) for line in loop.stderr().splitlines() if '"level": "error"' in line]
     refusal = next(e for e in errors if "refused by guards" in e["event"])
-    assert refusal["exit"] == 4 and "grows by" in refusal["event"]
+    assert (
+        refusal["exit"] == 4
+        and "adds" in refusal["event"]
+        and "max_growth = 5%" in refusal["event"]
+    )
     assert loop.proc.poll() is None
     assert latest_serial(cluster) == 2
 

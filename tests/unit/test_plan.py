@@ -99,13 +99,44 @@ def test_shrink_and_growth_limits(before: int, after: int, violated: bool) -> No
 def test_violation_messages_name_figure_and_limit() -> None:
     shrink = check(plan(200, 100), G, "mx")
     assert shrink is not None
-    assert shrink.message == "shrinks by 50.0% (200 → 100 entries), more than max_shrink = 10%"
+    assert shrink.message == (
+        "removes 50.0% of its keys (100 of 200; 200 → 100 entries), more than max_shrink = 10%"
+    )
     grow = check(plan(10, 35), G, "mx")
     assert grow is not None
-    assert grow.message == "grows by 250.0% (10 → 35 entries), more than max_growth = 100%"
+    assert grow.message == (
+        "adds 250.0% new keys (25 to 10; 10 → 35 entries), more than max_growth = 100%"
+    )
     few = check(plan(0, 3), Guards(min_entries=5), "mx")
     assert few is not None
     assert few.message == "3 entries, fewer than min_entries = 5"
+
+
+def test_a_same_size_replacement_of_every_key_is_refused() -> None:
+    """329 keys renamed (a botched migration, ``database`` pointed at another database):
+    the count stays, every key is removed. Guards count keys, not the net change."""
+    v = check(MapPlan("recipients", 329, 329, 329, 329, 0), G, "mx")
+    assert v is not None
+    assert v.message == (
+        "removes 100.0% of its keys (329 of 329; 329 → 329 entries), more than max_shrink = 10%"
+    )
+    # Half the keys replaced while the map grows: within max_growth by count, not by keys.
+    grow = check(MapPlan("recipients", 100, 150, 150, 100, 0), Guards(max_shrink=1.0), "mx")
+    assert grow is not None and grow.message.startswith("adds 150.0% new keys (150 to 100;")
+    # A few renamed keys stay within both limits.
+    assert check(MapPlan("recipients", 100, 100, 10, 10, 0), G, "mx") is None
+
+
+def test_a_map_dropped_from_the_channel_is_refused_whatever_the_limits() -> None:
+    loose = Guards(min_entries=0, max_shrink=1.0, max_growth=10.0, max_change=1.0)
+    for before in (3, 300):
+        v = check(MapPlan("virtual", before, 0, 0, before, 0, dropped=True), loose, "mx")
+        assert v is not None
+        assert str(v) == (
+            f"channel mx, map virtual: the map is dropped from the channel ({before} entries "
+            "in the previous release, not in [publisher.channels.mx] maps); every node would "
+            "lose it"
+        )
 
 
 def test_custom_limits() -> None:
@@ -172,9 +203,11 @@ def test_guard_refuses_mass_deletion_and_writes_nothing(cluster: Cluster) -> Non
     first = manifest(cluster, 1)
     delete_most_accounts(cluster)
 
+    # The dry run the operator guide says to read first: the refusal, and the real run's exit.
     dry = cluster.cli("publish", "--dry-run", "--json")
-    assert dry.returncode == 1, dry.stderr
-    planned = {m["name"]: m for m in json.loads(dry.stdout)["channels"][0]["maps"]}
+    assert dry.returncode == 4, dry.stderr
+    doc = json.loads(dry.stdout)
+    planned = {m["name"]: m for m in doc["channels"][0]["maps"]}
     assert tree(cluster.repo) == before
 
     proc = cluster.cli("publish")
@@ -182,11 +215,21 @@ def test_guard_refuses_mass_deletion_and_writes_nothing(cluster: Cluster) -> Non
     assert "nothing was written" in proc.stderr
     r = planned["recipients"]
     assert r["before"] == first["maps"]["recipients"]["entries"] and r["after"] < r["before"] / 2
-    shrink = (r["before"] - r["after"]) / r["before"]
-    assert (
-        f"channel mx, map recipients: shrinks by {shrink:.1%} "
-        f"({r['before']} → {r['after']} entries), more than max_shrink = 10%"
-    ) in proc.stderr
+    shrink = r["removed"] / r["before"]
+    refusal = (
+        f"channel mx, map recipients: removes {shrink:.1%} of its keys ({r['removed']} of "
+        f"{r['before']}; {r['before']} → {r['after']} entries), more than max_shrink = 10%"
+    )
+    assert refusal in proc.stderr
+    assert refusal in doc["violations"] and refusal in doc["channels"][0]["violations"]
+    assert [line for line in proc.stderr.splitlines() if "channel mx, map" in line] == [
+        f"  {v}" for v in doc["violations"]
+    ]
+    human = cluster.cli("publish", "--dry-run")
+    assert human.returncode == 4
+    assert "channel mx: would REFUSE (guards) to publish serial 2 (previous 1)" in human.stdout
+    assert "would publish" not in human.stdout
+    assert refusal in human.stderr and "the real publish would be refused" in human.stderr
     assert tree(cluster.repo) == before
     assert json.loads((cluster.repo / "mx" / "LATEST").read_text())["serial"] == 1
     assert not (cluster.repo / "mx" / ".staging").exists()

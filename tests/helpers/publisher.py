@@ -1,0 +1,78 @@
+"""Helpers for the publisher's tests: channels added to a cluster's config, rows changed,
+releases read back."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import create_engine, select, update
+
+from mapsync.sources import schema as t
+from tests.conftest import Cluster
+
+
+def add_channels(cluster: Cluster, block: str) -> None:
+    """Add publisher channels (TOML ``block``) to ``cluster``'s config, beside ``mx``."""
+    text = cluster.config_path.read_text()
+    assert "\n[agent]\n" in text
+    cluster.config_path.write_text(text.replace("\n[agent]\n", f"\n{block}\n[agent]\n", 1))
+
+
+def manifest(cluster: Cluster, channel: str, serial: int | None = None) -> dict[str, Any]:
+    """The manifest of release ``serial`` of ``channel`` (LATEST's when None)."""
+    root = cluster.repo / channel
+    if serial is None:
+        serial = int(json.loads((root / "LATEST").read_text())["serial"])
+    data: dict[str, Any] = json.loads(
+        (root / "releases" / str(serial) / "MANIFEST.json").read_text()
+    )
+    return data
+
+
+def keys(cluster: Cluster, channel: str, name: str, serial: int | None = None) -> set[str]:
+    """The keys of map ``name`` in release ``serial`` of ``channel`` (LATEST's when None)."""
+    m = manifest(cluster, channel, serial)
+    path: Path = cluster.repo / channel / "releases" / str(m["serial"]) / m["maps"][name]["file"]
+    sep = ":" if name.startswith("dovecot") else " "
+    return {
+        line.split(sep, 1)[0]
+        for line in path.read_text().splitlines()
+        if line and not line.startswith("#")
+    }
+
+
+def account_on(cluster: Cluster, store: str) -> tuple[int, str]:
+    """(id, address) of an active account housed on mailstore ``store`` by its domain's default."""
+    engine = create_engine(cluster.db_url)
+    try:
+        with engine.connect() as conn:
+            row = conn.execute(
+                select(t.account.c.id, t.account.c.local_part, t.domain.c.name)
+                .join(t.domain, t.account.c.domain_id == t.domain.c.id)
+                .join(t.mailstore, t.domain.c.default_mailstore_id == t.mailstore.c.id)
+                .where(
+                    t.mailstore.c.name == store,
+                    t.account.c.mailstore_id.is_(None),
+                    t.account.c.status == "active",
+                    t.domain.c.kind == "hosted",
+                    t.domain.c.status == "active",
+                    t.account.c.local_part != "postmaster",
+                )
+                .order_by(t.account.c.id)
+            ).first()
+    finally:
+        engine.dispose()
+    assert row is not None, f"no active account on {store}"
+    return row[0], f"{row[1]}@{row[2]}"
+
+
+def set_row(cluster: Cluster, table: Any, row_id: int, **values: Any) -> None:
+    """UPDATE one row of ``table`` (a mapsync schema table) by id."""
+    engine = create_engine(cluster.db_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(update(table).where(table.c.id == row_id).values(**values))
+    finally:
+        engine.dispose()
