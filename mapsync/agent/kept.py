@@ -56,6 +56,7 @@ class KeptReleases:
             try:
                 for name in (MANIFEST, SIGNATURE, *sorted(manifest.files())):
                     shutil.copyfile(src / name, tmp / name)  # a new inode, never a link
+                    os.chmod(tmp / name, 0o600)  # private to the agent, like all of STATE
                     fd = os.open(tmp / name, os.O_RDONLY)
                     try:
                         os.fsync(fd)

@@ -58,6 +58,7 @@ def human(seconds: int | None) -> str:
 # How far in the future a time may lie before status calls it a problem: the publisher's
 # clock and this node's are never exactly in step.
 CLOCK_SKEW = 60
+REPAIR_SHOWN = 86400  # a repair is mentioned (not a problem: it worked) for a day
 
 
 def ago(seconds: int | None) -> str:
@@ -197,7 +198,8 @@ def channel_status(
         parts.append(f"last push {ago(_age(state.last_push, now))}")
     if st.expires:
         parts.append(f"expires {st.expires}")
-    if state.last_repair and not live.damaged:
+    repaired_age = _age(state.last_repair, now)
+    if repaired_age is not None and repaired_age < REPAIR_SHOWN and not live.damaged:
         parts.append(f"repaired {ago(_age(state.last_repair, now))} ({state.last_damage})")
     st.message = ", ".join(parts) + "".join(f"; {msg}" for _, msg in problems)
     return st

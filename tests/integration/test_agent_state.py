@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import stat
 import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -55,6 +58,40 @@ def test_a_damaged_state_file_is_named_and_rebuilt(node: Cluster, content: bytes
     assert (path.parent / "state.json.damaged").read_bytes() == content
     assert read_state(node)["highest_serial"] == 1
     assert node.cli("status").returncode == 0
+
+
+def test_the_long_running_agent_rebuilds_a_damaged_state_file_without_a_traceback(
+    node: Cluster,
+) -> None:
+    state_file(node).write_text("[]")
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "mapsync", "--config", str(node.config_path), "agent"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if (state_file(node).parent / "state.json.damaged").exists() and isinstance(
+                _json_or_none(state_file(node)), dict
+            ):
+                break
+            time.sleep(0.5)
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        _, err = agent.communicate(timeout=60)
+    assert "Traceback" not in err, err
+    assert "the state file is damaged; rebuilt" in err
+    assert read_state(node)["highest_serial"] == 1
+    assert node.cli("status").returncode == 0
+
+
+def _json_or_none(path: Path) -> object:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def test_a_rollback_pin_survives_a_damaged_state_file(node: Cluster) -> None:
@@ -111,6 +148,8 @@ def test_state_modes_match_the_security_model_and_are_repaired(node: Cluster) ->
         0o700,
         0o600,
     )
+    kept = node.state / "mx" / "releases" / "1"
+    assert {_mode(f) for f in kept.iterdir()} == {0o600}  # private, like all of STATE
     os.chmod(node.state, 0o755)
     os.chmod(node.state / "mx", 0o755)
     os.chmod(state_file(node), 0o644)
