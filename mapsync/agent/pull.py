@@ -357,7 +357,8 @@ def _fetch_from(
         ) from None
     latest = parse_latest(data, where)
     floor = serial_floor(state, paths, current)
-    if floor is not None and latest.serial < floor:
+    below_live = current is not None and latest.serial < current.serial  # refused below
+    if floor is not None and latest.serial < floor and not below_live:
         raise VerificationError(
             f"{where}: serial {latest.serial} is lower than {floor}, the highest this node has "
             "installed (a stale mirror, a rollback attack or a restored publisher); nothing changed"
