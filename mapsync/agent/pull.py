@@ -577,7 +577,8 @@ def _note_live(live: LiveSet, manifest: Manifest, state: ChannelState) -> None:
     """Record the size and mtime of the set just swapped in (if it is live): what the cheap
     check of every later run compares against. Its files were all verified moments ago."""
     cur = live.current()
-    if cur is None or not cur.name.startswith(str(manifest.serial)):
+    serial = str(manifest.serial)
+    if cur is None or not (cur.name == serial or cur.name.startswith(serial + ".")):
         return  # the swap did not happen
     try:
         files = stat_files(cur, manifest)
