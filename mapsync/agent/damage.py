@@ -39,6 +39,9 @@ class LiveCheck:
     directory: Path | None = None  # the live set's directory (``current`` resolved)
     problems: list[str] = field(default_factory=list)  # empty: the set is intact
     files: dict[str, LiveFile] = field(default_factory=dict)  # size/mtime of each live file
+    # Whether a size/mtime record of this very set was compared (False: none, or of another
+    # set — a run that swapped but had not yet saved its state, or was killed in between).
+    record_used: bool = False
 
     @property
     def damaged(self) -> bool:
@@ -76,15 +79,15 @@ def stat_files(directory: Path, manifest: Manifest) -> dict[str, LiveFile]:
 
 def check_live(
     target: Path,
-    recorded: dict[str, LiveFile],
+    recorded: tuple[str | None, dict[str, LiveFile]],
     expect_installed: bool,
     *,
     full: bool = False,
 ) -> LiveCheck:
-    """Check the live set in ``target`` against its manifest and against ``recorded`` (size
-    and mtime of each file as installed; empty when unknown). ``expect_installed``: the state
-    says a set was installed, so a missing one is damage, not a fresh node. ``full``: also
-    compare every file's sha256 with the manifest."""
+    """Check the live set in ``target`` against its manifest and against ``recorded`` (the set
+    directory and the size and mtime of each of its files as installed; compared only if that
+    directory is the live one). ``expect_installed``: the state says a set was installed, so a
+    missing one is damage, not a fresh node. ``full``: also compare every sha256."""
     out = LiveCheck()
     link = target / SETS / CURRENT
     try:
@@ -104,6 +107,8 @@ def check_live(
         out.problems.append(f"{link}: points at {os.readlink(link)!r}, which is not a set")
         return out
     out.directory = cur
+    record = recorded[1] if recorded[0] == cur.name else {}
+    out.record_used = bool(record)
     try:
         out.manifest_bytes = (cur / MANIFEST).read_bytes()
         out.signature = (cur / SIGNATURE).read_bytes()
@@ -140,7 +145,7 @@ def check_live(
                 f"{target / file}: {fst.st_size} bytes, the manifest says {expected[file][1]}{what}"
             )
             continue
-        rec = recorded.get(file)
+        rec = record.get(file)
         if rec is not None and rec != out.files[file]:
             out.problems.append(
                 f"{target / file}: changed since it was installed (size or mtime){what}"

@@ -584,7 +584,7 @@ def _note_live(live: LiveSet, manifest: Manifest, state: ChannelState) -> None:
         files = stat_files(cur, manifest)
     except OSError:
         return  # the next run finds no record for this serial and hashes every file
-    state.note_installed(manifest.serial, files, iso(utcnow()))
+    state.note_installed(manifest.serial, cur.name, files, iso(utcnow()))
 
 
 def _intact(live: Path, m: MapEntry) -> bool:

@@ -70,17 +70,19 @@ def check_and_repair(
     now = datetime.now(UTC)
     full = full or full_check_due(cfg, state, now)
     check = check_live(ch.target, state.recorded_live(), state.live_serial is not None, full=full)
-    if check.manifest is not None and check.manifest.serial != state.live_serial and not full:
-        # The record is of another serial (a run killed between its swap and saving the
-        # state): size and mtime say nothing, the hashes do.
+    if check.manifest is not None and not check.record_used and not full:
+        # No record of this very set (a run killed between its swap and saving the state):
+        # size and mtime say nothing, the hashes do.
         full = True
-        check = check_live(ch.target, {}, True, full=True)
+        check = check_live(ch.target, (None, {}), True, full=True)
     if not check.damaged and check.manifest is not None and full:
         _verify_signature(cfg, check)
     if not check.damaged:
-        if check.manifest is not None:
+        if check.manifest is not None and check.directory is not None:
             if full:
-                state.note_installed(check.manifest.serial, check.files, iso(utcnow()))
+                state.note_installed(
+                    check.manifest.serial, check.directory.name, check.files, iso(utcnow())
+                )
             else:
                 state.highest_serial = max(check.manifest.serial, state.highest_serial or 0)
         return LiveOutcome(check.manifest, [], checked_fully=full)

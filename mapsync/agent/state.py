@@ -77,6 +77,7 @@ class ChannelState:
     # set is gone (``rm -rf target``). A rollback's pin is the one way to an older serial.
     highest_serial: int | None = None
     live_serial: int | None = None  # the serial the live set had when installed or repaired
+    live_set: str | None = None  # its directory in TARGET/.mapsync, which live_files describe
     # File name in the live set → [size, mtime_ns] as installed: compared on every pull.
     live_files: dict[str, list[int]] = field(default_factory=dict)
     last_full_check: str | None = None  # the last sha256 check of every live file
@@ -144,13 +145,18 @@ class ChannelState:
         finally:
             os.close(fd)
 
-    def recorded_live(self) -> dict[str, LiveFile]:
-        return {name: LiveFile(v[0], v[1]) for name, v in self.live_files.items()}
+    def recorded_live(self) -> tuple[str | None, dict[str, LiveFile]]:
+        """(set directory, size/mtime per file) as recorded when the live set was installed."""
+        files = {name: LiveFile(v[0], v[1]) for name, v in self.live_files.items()}
+        return self.live_set, files
 
-    def note_installed(self, serial: int, files: dict[str, LiveFile], full_check: str) -> None:
-        """Record a set just made live (install, renewal, repair): its serial, the floor, and
-        the size/mtime of its files, all verified by sha256 at ``full_check``."""
+    def note_installed(
+        self, serial: int, set_name: str, files: dict[str, LiveFile], full_check: str
+    ) -> None:
+        """Record a set just made live (install, renewal, repair): its serial and directory,
+        the floor, and the size/mtime of its files, all verified by sha256 at ``full_check``."""
         self.live_serial = serial
+        self.live_set = set_name
         self.highest_serial = max(serial, self.highest_serial or serial)
         self.live_files = {n: [f.size, f.mtime_ns] for n, f in sorted(files.items())}
         self.last_full_check = full_check

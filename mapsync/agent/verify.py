@@ -28,7 +28,7 @@ def verify_installed(cfg: AgentConfig, ch: AgentChannel) -> int:
     cur = live.current()
     pair = live.installed_manifest()
     if cur is None or pair is None:
-        found = check_live(ch.target, {}, expect_installed=False).problems
+        found = check_live(ch.target, (None, {}), expect_installed=False).problems
         raise VerificationError(
             f"channel {ch.name}: "
             + ("; ".join(found) if found else f"nothing installed in {ch.target}")
