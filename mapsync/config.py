@@ -163,6 +163,8 @@ class AgentConfig:
     channels: dict[str, AgentChannel] = field(default_factory=dict)
     interval: int = 5 * 60  # `mapsync agent`: seconds between polls of every channel
     jitter: int = 30  # ... plus a random 0..jitter seconds, so fifty nodes do not poll at once
+    # sha256 of every live file at least this often (size/mtime on every pull; see agent/damage.py)
+    full_check: int = 3600
 
 
 @dataclass(frozen=True)
@@ -636,7 +638,7 @@ def _files(path: Path, where: str, data: dict[str, Any]) -> dict[str, FileMode]:
 
 def _agent(path: Path, data: Any) -> AgentConfig:
     s = _Section(path, "agent", data)
-    s.allow("state", "trusted_keys", "channels", "interval", "jitter")
+    s.allow("state", "trusted_keys", "channels", "interval", "jitter", "full_check")
     interval = s.duration("interval", AgentConfig.interval)
     if interval < 1:
         raise ConfigError(f"{s.where('interval')}: must be at least 1s")
@@ -725,6 +727,7 @@ def _agent(path: Path, data: Any) -> AgentConfig:
         channels=channels,
         interval=interval,
         jitter=s.duration("jitter", AgentConfig.jitter),
+        full_check=s.duration("full_check", AgentConfig.full_check),
     )
 
 

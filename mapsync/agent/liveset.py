@@ -18,6 +18,7 @@ caches its answers, so domain and routing changes need the channel's ``reload`` 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
@@ -26,6 +27,7 @@ from mapsync.atomic import atomic_symlink, fsync_dir
 from mapsync.release import MANIFEST, SIGNATURE
 
 SETS = ".mapsync"
+_STRAY_LINK = re.compile(r"^\..+\.[0-9]+\.tmp\Z")
 
 
 class SwapUnfinished(OSError):
@@ -87,11 +89,40 @@ class LiveSet:
             final = self.sets / f"{serial}.{os.getpid()}"
         os.rename(built, final)
         fsync_dir(self.sets)
+        self._drop_current_directory()
         atomic_symlink(final.name, self.sets / CURRENT)
         try:
             self.settle()
         except OSError as exc:
             raise SwapUnfinished(str(exc)) from exc
+
+    def _drop_current_directory(self) -> None:
+        """A directory where the ``current`` link belongs (copied back by hand, a restore)
+        cannot be replaced by a rename: move it aside (``prune`` deletes it) just before the
+        link is made. Its files are not mapsync's verified set; the new set replaces them."""
+        link = self.sets / CURRENT
+        if link.is_dir() and not link.is_symlink():
+            os.rename(link, self.sets / f".{CURRENT}.damaged.{os.getpid()}")
+
+    def remove_stray_links(self) -> list[str]:
+        """Delete the temporary links ``atomic_symlink`` leaves when killed between creating
+        and renaming them (``.NAME.PID.tmp``): in ``.mapsync`` any, in ``target`` only those
+        that point into the live set (anything else there is not mapsync's)."""
+        removed = []
+        for directory, must_point_into in ((self.sets, ""), (self.target, f"{SETS}/{CURRENT}/")):
+            try:
+                names = os.listdir(directory)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            for name in names:
+                path = directory / name
+                if not _STRAY_LINK.match(name) or not path.is_symlink():
+                    continue
+                if not os.readlink(path).startswith(must_point_into):
+                    continue
+                path.unlink()
+                removed.append(str(path))
+        return removed
 
     def settle(self) -> None:
         """Bring the target in line with the live set: one link per file, older sets deleted.
@@ -99,6 +130,7 @@ class LiveSet:
         Idempotent; run after every swap and at the start of every run, so a run that died
         (or hit a full disk) right after switching ``current`` is finished by the next one.
         """
+        self.remove_stray_links()
         cur = self.current()
         if cur is None:
             return

@@ -23,10 +23,18 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from mapsync import log
+from mapsync.agent.damage import stat_files
 from mapsync.agent.hooks import reload_failure, run_check
 from mapsync.agent.kept import KEPT, KeptReleases
 from mapsync.agent.liveset import LiveSet, NotOurs, SwapUnfinished
-from mapsync.agent.state import ChannelState, channel_lock
+from mapsync.agent.state import (
+    ChannelState,
+    StateDamaged,
+    channel_lock,
+    remove_stray_temp_files,
+    secure_dir,
+    secure_file,
+)
 from mapsync.config import AgentChannel, AgentConfig, FileMode
 from mapsync.errors import InstallError, MapsyncError, TransportError, VerificationError
 from mapsync.formats import cdb, text
@@ -63,6 +71,7 @@ class PullResult:
     latest: int | None = None  # LATEST's serial, when pinned to an older one
     source: str | None = None  # the source (or mirror) that answered
     failed_sources: dict[str, str] = field(default_factory=dict)  # tried before it: source → error
+    repaired: list[str] | None = None  # damage found in the live set and repaired from STATE
 
 
 class FileAltered(VerificationError):
@@ -134,9 +143,11 @@ def pull(
     left them, and ``last_error`` is cleared only if a pushed pull made it.
     """
     paths = ChannelPaths(cfg, ch)
-    paths.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    open_state_dir(cfg, paths)
     with channel_lock(paths.lock):
-        state = ChannelState.load(paths.state)
+        remove_stray_temp_files(paths.root)
+        remove_stray_temp_files(paths.kept.root)  # a killed copy for rollback
+        state = load_state(ch, paths)
         state.last_attempt = iso(utcnow())
         if unpin and state.pinned is not None:
             _log.info("unpinned", channel=ch.name, serial=state.pinned)
@@ -153,7 +164,7 @@ def pull(
             raise
         finally:
             shutil.rmtree(paths.incoming, ignore_errors=True)
-            state.save(paths.state)
+            save_state(ch, paths, state)
         now = iso(utcnow())
         if pushed:
             state.last_push = now
@@ -169,13 +180,70 @@ def pull(
             state.reload_pending = bool(ch.reload)
         failure = reload_failure(ch) if state.reload_pending else None
         state.reload_pending = failure is not None
-        state.save(paths.state)
+        save_state(ch, paths, state)
         if failure is not None:
             raise InstallError(
                 f"channel {ch.name}: serial {result.serial} is installed but the reload hook "
                 f"failed ({failure.splitlines()[0]}); it is retried on the next run"
             )
         return result
+
+
+def open_state_dir(cfg: AgentConfig, paths: ChannelPaths) -> None:
+    """Create STATE and STATE/<channel> 0700 (and bring older ones back to it), state.json 0600."""
+    try:
+        secure_dir(cfg.state)
+        secure_dir(paths.root)
+        secure_file(paths.state)
+    except OSError as exc:
+        raise InstallError(f"state directory {paths.root}: {exc}") from None
+
+
+def load_state(ch: AgentChannel, paths: ChannelPaths) -> ChannelState:
+    """The channel's state; a damaged file is reported (naming it), moved aside and rebuilt
+    from the live set and the kept releases, so one bad file never stops the agent."""
+    try:
+        return ChannelState.load(paths.state)
+    except StateDamaged as exc:
+        from mapsync.agent.repair import discard_state, rebuilt_state
+
+        state = rebuilt_state(paths, LiveSet(ch.target))
+        aside = discard_state(paths.state)
+        _log.error(
+            "the state file is damaged; rebuilt from the live set and the kept releases",
+            channel=ch.name,
+            error=str(exc),
+            moved_to=str(aside),
+            highest_serial=state.highest_serial,
+            pinned=state.pinned,
+        )
+        state.last_damage = str(exc)
+        state.last_repair = iso(utcnow())
+        return state
+
+
+def save_state(ch: AgentChannel, paths: ChannelPaths, state: ChannelState) -> None:
+    """Save the state. On a full disk the atomic write (a new file) fails; the outcome is then
+    written over the old file's own blocks, so ``status`` still learns what happened (a kill
+    in that instant leaves a damaged file, which the next run rebuilds)."""
+    try:
+        state.save(paths.state)
+        return
+    except OSError as exc:
+        first = exc
+    try:
+        state.save_in_place(paths.state)
+    except OSError as exc:
+        raise InstallError(
+            f"channel {ch.name}: cannot record the outcome in {paths.state}: {first.strerror}"
+            f" (in place: {exc.strerror})"
+        ) from None
+    _log.warning(
+        "state written in place: the atomic write failed",
+        channel=ch.name,
+        path=str(paths.state),
+        error=first.strerror,
+    )
 
 
 @dataclass
@@ -194,7 +262,11 @@ def _pull(
     for source in ch.sources:
         parse_source(source, ch.ssh)  # a malformed mirror is a config error, whatever the others do
     live = settled(ch)
-    current = installed(live, str(ch.target))
+    # A local import: repair installs through this module.
+    from mapsync.agent.repair import check_and_repair
+
+    outcome = check_and_repair(cfg, ch, paths, state, live)
+    current = outcome.manifest
     failed: dict[str, str] = {}
     errors: list[MapsyncError] = []
     for i, source in enumerate(ch.sources):
@@ -216,8 +288,11 @@ def _pull(
             _log.warning("served by a mirror", channel=ch.name, source=source, failed=list(failed))
         if isinstance(got, PullResult):
             got.source, got.failed_sources = source, failed
-            return got
-        return _install_fetched(ch, paths, state, live, current, got, failed)
+        else:
+            got = _install_fetched(ch, paths, state, live, current, got, failed)
+        if outcome.problems:
+            got.repaired = outcome.problems
+        return got
     raise _every_source_failed(ch, failed, errors)
 
 
@@ -285,6 +360,13 @@ def _fetch_from(
             f"{where}: missing, not a regular file, or larger than {MAX_LATEST_BYTES} bytes"
         ) from None
     latest = parse_latest(data, where)
+    floor = serial_floor(state, paths, current)
+    below_live = current is not None and latest.serial < current.serial  # refused below
+    if floor is not None and latest.serial < floor and not below_live:
+        raise VerificationError(
+            f"{where}: serial {latest.serial} is lower than {floor}, the highest this node has "
+            "installed (a stale mirror, a rollback attack or a restored publisher); nothing changed"
+        )
     if current is not None:
         if state.pinned is not None and latest.serial >= current.serial:
             return _pinned(ch, current, latest, received)
@@ -341,6 +423,16 @@ def _fetch_from(
         )
         shutil.rmtree(paths.basis)
     return _Fetched(remote, manifest, staging, received)
+
+
+def serial_floor(state: ChannelState, paths: ChannelPaths, current: Manifest | None) -> int | None:
+    """The lowest serial a source may offer: the highest this node ever installed, from its
+    own state and kept releases as well as the live set, so wiping ``target`` (or losing the
+    state file) does not open the door to an old release. A rollback pins instead."""
+    serials = [*paths.kept.serials(), *([current.serial] if current else [])]
+    if state.highest_serial is not None:
+        serials.append(state.highest_serial)
+    return max(serials, default=None)
 
 
 def _install_fetched(
@@ -430,7 +522,18 @@ def install(
                 now = time.time()
                 for name, m in sorted(manifest.maps.items()):
                     files = [m.file] + ([m.cdb.file] if m.cdb else [])
-                    if all(_has_ownership(cur / f, owners[name], built) for f in files):
+                    intact = _intact(cur, m)
+                    if not intact:
+                        # Never carry a damaged inode forward: this map is built anew, and
+                        # the install is a real swap (reload) so every daemon notices.
+                        _log.warning(
+                            "a live file differs from its manifest; rebuilt, not reused",
+                            channel=ch.name,
+                            map=name,
+                            serial=manifest.serial,
+                        )
+                        same = False
+                    if intact and all(_has_ownership(cur / f, owners[name], built) for f in files):
                         for f in files:
                             os.link(cur / f, built / f)
                     else:
@@ -464,7 +567,10 @@ def install(
             state.reload_pending = state.reload_pending or bool(ch.reload and not same)
             state.pinned = pin if pin is not None else state.pinned
             state.save(paths.state)
-        live.swap(built, manifest.serial)
+        try:
+            live.swap(built, manifest.serial)
+        finally:
+            _note_live(live, manifest, state)
     except SwapUnfinished as exc:
         raise InstallError(
             f"channel {ch.name}: serial {manifest.serial} is live, but finishing the swap failed: "
@@ -474,13 +580,38 @@ def install(
         shutil.rmtree(built, ignore_errors=True)
         state.pinned = was_pinned
         raise InstallError(
-            f"channel {ch.name}: installing serial {manifest.serial} failed: {exc}; the old set keeps serving"
+            f"channel {ch.name}: installing serial {manifest.serial} failed: {exc}"
+            + ("" if getattr(exc, "filename", None) else f" (in {live.sets})")
+            + "; the old set keeps serving"
         ) from None
     except BaseException:
         shutil.rmtree(built, ignore_errors=True)
         state.pinned = was_pinned
         raise
     return same
+
+
+def _note_live(live: LiveSet, manifest: Manifest, state: ChannelState) -> None:
+    """Record the size and mtime of the set just swapped in (if it is live): what the cheap
+    check of every later run compares against. Its files were all verified moments ago."""
+    cur = live.current()
+    serial = str(manifest.serial)
+    if cur is None or not (cur.name == serial or cur.name.startswith(serial + ".")):
+        return  # the swap did not happen
+    try:
+        files = stat_files(cur, manifest)
+    except OSError:
+        return  # the next run finds no record for this serial and hashes every file
+    state.note_installed(manifest.serial, cur.name, files, iso(utcnow()))
+
+
+def _intact(live: Path, m: MapEntry) -> bool:
+    """Whether map ``m``'s live files still have the manifest's sha256 and size: checked
+    before a renewal reuses their inodes. A missing file raises FileNotFoundError."""
+    checks = [(m.file, m.sha256, m.size)]
+    if m.cdb is not None:
+        checks.append((m.cdb.file, m.cdb.sha256, m.cdb.size))
+    return all(text.sha256_file(live / f) == (want, size) for f, want, size in checks)
 
 
 def _pinned(ch: AgentChannel, current: Manifest, latest: Latest, received: int) -> PullResult:
@@ -603,10 +734,13 @@ def read_signed(
     return manifest, kid
 
 
-def verify_files(directory: Path, manifest: Manifest, where: str) -> None:
-    """Refuse an expired manifest, any file it does not name, and any text map whose sha256
-    or size differ from the manifest's."""
-    if manifest.expires_at() <= datetime.now(UTC):
+def verify_files(
+    directory: Path, manifest: Manifest, where: str, *, check_expiry: bool = True
+) -> None:
+    """Refuse an expired manifest (unless ``check_expiry`` is false: a repair restores the
+    release that was live), any file it does not name, and any text map whose sha256 or size
+    differ from the manifest's."""
+    if check_expiry and manifest.expires_at() <= datetime.now(UTC):
         raise VerificationError(
             f"{where}/{MANIFEST}: expired at {manifest.expires}; not installing"
         )

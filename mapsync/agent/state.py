@@ -2,7 +2,14 @@
 
 What is *installed* is never taken from here: it is read from the live set itself
 (``TARGET/.mapsync/current/MANIFEST.json``), so status cannot claim more than is true.
-This file only records when the source was last checked and what went wrong.
+This file only records when the source was last checked and what went wrong, plus what
+protects the node when the live set is lost: the highest serial ever installed (the floor a
+source must not go below, even after ``target`` was wiped) and the size and mtime of every
+live file as installed (the cheap check each pull and ``status`` make).
+
+A damaged file (empty, truncated, wrong types) is never fatal: :meth:`ChannelState.load`
+raises :class:`StateDamaged` naming it, ``pull`` then rebuilds the state from the live set
+and the kept releases. It is written 0600 in a 0700 directory (docs/security.md).
 
 A pull from the push inbox is not a check of the source: it records ``last_push`` (and the
 install), never ``last_success``, ``last_source`` or ``failed_sources``, and it clears only
@@ -15,14 +22,38 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
+import shutil
+import stat
+import types
+import typing
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
+from mapsync import log
 from mapsync.atomic import atomic_write
-from mapsync.errors import LockBusy
+from mapsync.errors import LockBusy, MapsyncError
+from mapsync.release import parse_iso
+
+_log = log.get("agent")
+
+STATE_MODE = 0o600
+DIR_MODE = 0o700
+
+
+class StateDamaged(MapsyncError):
+    """``state.json`` cannot be read as a channel state; names the file and what is wrong."""
+
+
+@dataclass(frozen=True)
+class LiveFile:
+    """Size and mtime (ns) of one file of the live set as installed: the cheap check."""
+
+    size: int
+    mtime_ns: int
 
 
 @dataclass
@@ -42,18 +73,184 @@ class ChannelState:
     # Sources tried before ``last_source`` on that run, and why each failed (source → error).
     failed_sources: dict[str, str] = field(default_factory=dict)
     last_push: str | None = None  # the last good pull from the push inbox
+    # The highest serial ever installed here: no source may go below it, even when the live
+    # set is gone (``rm -rf target``). A rollback's pin is the one way to an older serial.
+    highest_serial: int | None = None
+    live_serial: int | None = None  # the serial the live set had when installed or repaired
+    live_set: str | None = None  # its directory in TARGET/.mapsync, which live_files describe
+    # File name in the live set → [size, mtime_ns] as installed: compared on every pull.
+    live_files: dict[str, list[int]] = field(default_factory=dict)
+    last_full_check: str | None = None  # the last sha256 check of every live file
+    last_repair: str | None = None  # when a damaged live set was last rebuilt
+    last_damage: str | None = None  # what was found damaged then
 
     @classmethod
     def load(cls, path: Path) -> ChannelState:
+        """The state in ``path`` (a fresh one if there is none); StateDamaged if unreadable."""
         try:
-            data = json.loads(path.read_bytes())
+            raw = path.read_bytes()
         except FileNotFoundError:
             return cls()
-        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        except IsADirectoryError:
+            raise StateDamaged(f"{path}: is a directory, not a state file") from None
+        try:
+            data = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise StateDamaged(f"{path}: not valid JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise StateDamaged(f"{path}: holds a JSON {type(data).__name__}, not an object")
+        hints = typing.get_type_hints(cls)
+        known: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name not in data:
+                continue
+            value = data[f.name]
+            if not _fits(value, hints[f.name]):
+                raise StateDamaged(
+                    f"{path}: key {f.name!r} holds {json.dumps(value)[:60]}, not a valid value"
+                )
+            if f.name in _TIMES and value is not None:
+                try:
+                    parse_iso(value)
+                except ValueError:
+                    raise StateDamaged(
+                        f"{path}: key {f.name!r} holds {value[:40]!r}, not a time"
+                    ) from None
+            known[f.name] = value
+        if not all(
+            isinstance(v, list) and len(v) == 2 and all(_is_int(x) for x in v)
+            for v in known.get("live_files", {}).values()
+        ):
+            raise StateDamaged(f"{path}: key 'live_files' is not a map of [size, mtime_ns]")
         return cls(**known)
 
     def save(self, path: Path) -> None:
-        atomic_write(path, (json.dumps(asdict(self), indent=2, sort_keys=True) + "\n").encode())
+        """Write the state atomically, 0600 (it names sources and errors; docs/security.md)."""
+        data = (json.dumps(asdict(self), indent=2, sort_keys=True) + "\n").encode()
+        atomic_write(path, data, mode=STATE_MODE)
+
+    def save_in_place(self, path: Path) -> None:
+        """Overwrite ``path`` in place: on a full disk its own blocks still take the outcome
+        of the run, where a new file (the atomic write) cannot be created. Not atomic: a kill
+        mid-write leaves a damaged file, which :meth:`load` reports and ``pull`` rebuilds."""
+        data = (json.dumps(asdict(self), indent=2, sort_keys=True) + "\n").encode()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, STATE_MODE)
+        try:
+            view = memoryview(data)
+            done = 0
+            while done < len(data):
+                done += os.pwrite(fd, view[done:], done)
+            os.ftruncate(fd, len(data))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def recorded_live(self) -> tuple[str | None, dict[str, LiveFile]]:
+        """(set directory, size/mtime per file) as recorded when the live set was installed."""
+        files = {name: LiveFile(v[0], v[1]) for name, v in self.live_files.items()}
+        return self.live_set, files
+
+    def note_installed(
+        self, serial: int, set_name: str, files: dict[str, LiveFile], full_check: str
+    ) -> None:
+        """Record a set just made live (install, renewal, repair): its serial and directory,
+        the floor, and the size/mtime of its files, all verified by sha256 at ``full_check``."""
+        self.live_serial = serial
+        self.live_set = set_name
+        self.highest_serial = max(serial, self.highest_serial or serial)
+        self.live_files = {n: [f.size, f.mtime_ns] for n, f in sorted(files.items())}
+        self.last_full_check = full_check
+
+
+_TIMES = frozenset(
+    {
+        "last_attempt",
+        "last_success",
+        "last_error_at",
+        "last_install",
+        "last_push",
+        "last_full_check",
+        "last_repair",
+    }
+)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _fits(value: object, hint: Any) -> bool:
+    """Whether a JSON ``value`` fits the field type ``hint`` (str, int, bool, None, Literal,
+    dict[str, ...], unions of these)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, h) for h in typing.get_args(hint))
+    if origin is Literal:
+        return value in typing.get_args(hint)
+    if origin is dict:
+        _, val_hint = typing.get_args(hint)
+        return isinstance(value, dict) and all(
+            isinstance(k, str) and _fits(v, val_hint) for k, v in value.items()
+        )
+    if origin is list:
+        return isinstance(value, list)
+    if hint is type(None):
+        return value is None
+    if hint is int:
+        return _is_int(value)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    return False
+
+
+def secure_dir(path: Path) -> None:
+    """Create ``path`` 0700, or bring an existing one (made by an older mapsync, or by hand)
+    back to 0700: the state names sources and errors, kept releases may hold password hashes."""
+    path.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
+    st = path.lstat()
+    if stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) != DIR_MODE:
+        _log.info(
+            "tightening mode", path=str(path), mode=f"{stat.S_IMODE(st.st_mode):04o}", now="0700"
+        )
+        os.chmod(path, DIR_MODE)
+
+
+def secure_file(path: Path) -> None:
+    """Give an existing state file mode 0600 (an older mapsync wrote it 0644)."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return
+    if stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) != STATE_MODE:
+        os.chmod(path, STATE_MODE)
+
+
+# What atomic_write (``.NAME.<random>.tmp``) leaves in STATE/<channel> when killed.
+_STRAY_TMP = re.compile(r"^\..+\.tmp$")
+
+
+def remove_stray_temp_files(root: Path) -> list[str]:
+    """Delete the temporary files a killed run left in the channel's state directory (only
+    ever called under the channel lock, so no run of ours is writing them); return their names."""
+    removed = []
+    try:
+        names = os.listdir(root)
+    except FileNotFoundError:
+        return []
+    for name in sorted(names):
+        if not _STRAY_TMP.match(name):
+            continue
+        path = root / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(name)
+    if removed:
+        _log.info("removed temporary files a killed run left", path=str(root), files=removed)
+    return removed
 
 
 @contextmanager
@@ -61,7 +258,15 @@ def channel_lock(path: Path) -> Iterator[None]:
     """One agent run per channel. The kernel drops a flock when its holder dies, so a
     killed run never leaves a lock behind that blocks the next one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    if path.is_dir() and not path.is_symlink():
+        # Nothing of ours makes a directory here (a restore, a mistaken mkdir): it only
+        # stops every run, so it goes, and the lock is a file again.
+        _log.warning("the lock path was a directory; replaced by a lock file", path=str(path))
+        shutil.rmtree(path)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise MapsyncError(f"{path}: cannot open the channel lock: {exc.strerror}") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -5,14 +5,18 @@ Kept free of heavy imports (no SQLAlchemy, no cryptography): monitoring runs it 
 
 from __future__ import annotations
 
+import os
+import stat
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 
-from mapsync.agent.liveset import LiveSet
-from mapsync.agent.state import ChannelState
+from mapsync.agent.damage import check_live
+from mapsync.agent.state import ChannelState, StateDamaged
+from mapsync.atomic import atomic_write
 from mapsync.config import AgentChannel, AgentConfig
 from mapsync.errors import EXIT_ERROR, EXIT_OK, EXIT_UNKNOWN, EXIT_WARNING, MapsyncError
-from mapsync.release import parse_iso, parse_manifest
+from mapsync.release import parse_iso
 
 LEVELS = {EXIT_OK: "OK", EXIT_WARNING: "WARNING", EXIT_ERROR: "CRITICAL", EXIT_UNKNOWN: "UNKNOWN"}
 
@@ -33,6 +37,9 @@ class ChannelStatus:
     source: str | None = None  # the source (or mirror) that answered the last good check
     failed_sources: dict[str, str] | None = None  # tried before it on that run: source → error
     last_push: str | None = None  # the last good pull from the push inbox (not a source check)
+    damage: list[str] | None = None  # what no longer matches the manifest in the live set
+    last_repair: str | None = None  # when a damaged live set (or state file) was last rebuilt
+    last_damage: str | None = None  # what was damaged then
 
     @property
     def level(self) -> str:
@@ -48,6 +55,21 @@ def human(seconds: int | None) -> str:
     return f"{seconds}s"
 
 
+# How far in the future a time may lie before status calls it a problem: the publisher's
+# clock and this node's are never exactly in step.
+CLOCK_SKEW = 60
+REPAIR_SHOWN = 86400  # a repair is mentioned (not a problem: it worked) for a day
+
+
+def ago(seconds: int | None) -> str:
+    """``"5m ago"``, ``"never"``, or ``"5m in the future"`` — never a negative age."""
+    if seconds is None:
+        return "never"
+    if seconds < 0:
+        return f"{human(-seconds)} in the future"
+    return f"{human(seconds)} ago"
+
+
 def _first_line(text: str, limit: int = 200) -> str:
     line = text.splitlines()[0] if text else ""
     return line if len(line) <= limit else line[: limit - 1] + "…"
@@ -61,21 +83,42 @@ def channel_status(
     cfg: AgentConfig, ch: AgentChannel, now: datetime | None = None
 ) -> ChannelStatus:
     now = now or datetime.now(UTC)
+    problems: list[tuple[int, str]] = []
     try:
         state = ChannelState.load(cfg.state / ch.name / "state.json")
-        pair = LiveSet(ch.target).installed_manifest()
-        manifest = parse_manifest(pair[0], str(ch.target)) if pair else None
-    except (OSError, ValueError, MapsyncError) as exc:
+    except StateDamaged as exc:
+        # The installed set is still checked below; the next pull rebuilds the state.
+        state = ChannelState()
+        problems.append((EXIT_ERROR, f"state file damaged, the next pull rebuilds it: {exc}"))
+    except OSError as exc:
         return ChannelStatus(ch.name, EXIT_UNKNOWN, f"cannot read state: {exc}")
+    try:
+        live = check_live(ch.target, state.recorded_live(), state.live_serial is not None)
+    except OSError as exc:
+        return ChannelStatus(ch.name, EXIT_UNKNOWN, f"cannot read the live set: {exc}")
+    manifest = live.manifest
     st = ChannelStatus(ch.name, EXIT_OK, "", last_error=state.last_error, pinned=state.pinned)
+    st.last_repair, st.last_damage = state.last_repair, state.last_damage
+    if live.damaged:
+        # What Postfix reads no longer matches what was verified: the maps may fail lookups.
+        st.damage = live.problems
+        problems.append(
+            (
+                EXIT_ERROR,
+                "live set damaged ("
+                + "; ".join(live.problems[:3])
+                + (f"; and {len(live.problems) - 3} more" if len(live.problems) > 3 else "")
+                + "); `mapsync verify --repair` or the next pull restores it",
+            )
+        )
     st.last_success = state.last_success
     st.source = state.last_source
     st.failed_sources = dict(state.failed_sources) or None
     st.last_push = state.last_push
     st.last_success_age = _age(state.last_success, now)
-    problems: list[tuple[int, str]] = []
     if manifest is None:
-        problems.append((EXIT_ERROR, "nothing installed"))
+        if not live.damaged:
+            problems.append((EXIT_ERROR, "nothing installed"))
     else:
         st.serial = manifest.serial
         st.installed_age = _age(manifest.created, now)
@@ -88,6 +131,21 @@ def channel_status(
         elif left * 4 <= lifetime:
             # The publisher renews at half the lifetime; a quarter left means it has not.
             problems.append((EXIT_WARNING, f"expires in {human(left)}"))
+    for what, seconds in (
+        ("the installed release was created", st.installed_age),
+        ("the last good check is", st.last_success_age),
+        ("the last push is", _age(state.last_push, now)),
+    ):
+        if seconds is not None and seconds < -CLOCK_SKEW:
+            # A backward clock step (or a publisher clock far ahead): ages and expiry cannot
+            # be trusted until the clocks agree again.
+            problems.append(
+                (
+                    EXIT_WARNING,
+                    f"{what} {human(-seconds)} in the future: this node's clock was stepped back "
+                    "or differs from the publisher's",
+                )
+            )
     age = st.last_success_age
     if age is None:
         problems.append((EXIT_ERROR, "never checked successfully"))
@@ -132,14 +190,17 @@ def channel_status(
         st.code = max(code for code, _ in problems)
     parts = []
     if st.serial is not None:
-        parts.append(f"serial {st.serial} (released {human(st.installed_age)} ago)")
-    parts.append(f"last good check {human(age)}" + (" ago" if age is not None else ""))
+        parts.append(f"serial {st.serial} (released {ago(st.installed_age)})")
+    parts.append(f"last good check {ago(age)}")
     if ch.mirrors and state.last_source:
         parts[-1] += f" from {state.last_source}"
     if state.last_push:
-        parts.append(f"last push {human(_age(state.last_push, now))} ago")
+        parts.append(f"last push {ago(_age(state.last_push, now))}")
     if st.expires:
         parts.append(f"expires {st.expires}")
+    repaired_age = _age(state.last_repair, now)
+    if repaired_age is not None and repaired_age < REPAIR_SHOWN and not live.damaged:
+        parts.append(f"repaired {ago(_age(state.last_repair, now))} ({state.last_damage})")
     st.message = ", ".join(parts) + "".join(f"; {msg}" for _, msg in problems)
     return st
 
@@ -178,7 +239,48 @@ _METRICS = (
     ("mapsync_expiry_timestamp_seconds", "Unix time at which the installed release expires."),
     ("mapsync_pinned", "1 while a rollback pins the channel to an older release."),
     ("mapsync_map_entries", "Entries of each installed map."),
+    ("mapsync_live_damaged", "1 while the live set no longer matches its manifest."),
+    (
+        "mapsync_last_repair_timestamp_seconds",
+        "Unix time at which a damaged live set (or state file) was last rebuilt.",
+    ),
 )
+
+
+class MetricsNotWritten(MapsyncError):
+    """``status --prometheus PATH`` could not (or would not) write PATH."""
+
+
+def write_prometheus(path: Path, statuses: list[ChannelStatus]) -> None:
+    """Write the metrics to ``path`` atomically, 0644. Only ever replaces a regular file (or
+    creates one): a device node, a symlink, a directory or a FIFO there is refused, not
+    replaced — the path may be mistyped, or point at something that is not ours."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        if not path.parent.is_dir():
+            raise MetricsNotWritten(
+                f"--prometheus {path}: directory {path.parent} does not exist"
+            ) from None
+    except OSError as exc:
+        raise MetricsNotWritten(f"--prometheus {path}: {exc.strerror}") from None
+    else:
+        if not stat.S_ISREG(st.st_mode):
+            kind = (
+                "a symlink"
+                if stat.S_ISLNK(st.st_mode)
+                else "a directory"
+                if stat.S_ISDIR(st.st_mode)
+                else "a device, FIFO or socket"
+            )
+            raise MetricsNotWritten(
+                f"--prometheus {path}: is {kind}, not a regular file; only a regular file is "
+                "replaced (name the textfile collector's .prom file)"
+            )
+    try:
+        atomic_write(path, prometheus(statuses).encode(), mode=0o644)
+    except OSError as exc:
+        raise MetricsNotWritten(f"--prometheus {path}: {exc.strerror or exc}") from None
 
 
 def prometheus(statuses: list[ChannelStatus]) -> str:
@@ -188,6 +290,10 @@ def prometheus(statuses: list[ChannelStatus]) -> str:
         label = f'channel="{s.channel}"'
         samples["mapsync_status"].append(f"{{{label}}} {s.code}")
         samples["mapsync_pinned"].append(f"{{{label}}} {1 if s.pinned is not None else 0}")
+        samples["mapsync_live_damaged"].append(f"{{{label}}} {1 if s.damage else 0}")
+        if s.last_repair:
+            stamp = int(parse_iso(s.last_repair).timestamp())
+            samples["mapsync_last_repair_timestamp_seconds"].append(f"{{{label}}} {stamp}")
         if s.serial is not None:
             samples["mapsync_release_serial"].append(f"{{{label}}} {s.serial}")
         if s.installed_age is not None:

@@ -1,11 +1,22 @@
-"""``mapsync verify``: re-check the installed set against its signed manifest."""
+"""``mapsync verify [--repair]``: re-check the installed set against its signed manifest,
+and rebuild it from the verified copy kept in STATE when it is damaged."""
 
 from __future__ import annotations
 
+from mapsync.agent.damage import check_live
 from mapsync.agent.liveset import LiveSet
-from mapsync.agent.pull import trusted_keys
+from mapsync.agent.pull import (
+    ChannelPaths,
+    load_state,
+    open_state_dir,
+    save_state,
+    settled,
+    trusted_keys,
+)
+from mapsync.agent.repair import check_and_repair
+from mapsync.agent.state import channel_lock, remove_stray_temp_files
 from mapsync.config import AgentChannel, AgentConfig
-from mapsync.errors import VerificationError
+from mapsync.errors import InstallError, VerificationError
 from mapsync.formats import text
 from mapsync.release import MANIFEST, SIGNATURE, parse_manifest
 from mapsync.signing import verify
@@ -17,7 +28,11 @@ def verify_installed(cfg: AgentConfig, ch: AgentChannel) -> int:
     cur = live.current()
     pair = live.installed_manifest()
     if cur is None or pair is None:
-        raise VerificationError(f"channel {ch.name}: nothing installed in {ch.target}")
+        found = check_live(ch.target, (None, {}), expect_installed=False).problems
+        raise VerificationError(
+            f"channel {ch.name}: "
+            + ("; ".join(found) if found else f"nothing installed in {ch.target}")
+        )
     data, sig = pair
     verify(trusted_keys(cfg), data, sig, f"{cur}/{SIGNATURE}")
     manifest = parse_manifest(data, f"{cur}/{MANIFEST}")
@@ -38,3 +53,38 @@ def verify_installed(cfg: AgentConfig, ch: AgentChannel) -> int:
                     f"{path}: sha256/size do not match the installed manifest (map {name}, serial {manifest.serial})"
                 )
     return manifest.serial
+
+
+def repair_installed(cfg: AgentConfig, ch: AgentChannel) -> tuple[int, list[str]] | None:
+    """Fully check ``ch``'s live set and rebuild it from STATE if damaged (a new swap, reload
+    hook included): (serial, damage found) if repaired, None if nothing was damaged.
+    VerificationError if it is damaged and no verified copy is kept here."""
+    from mapsync.agent.hooks import reload_failure
+
+    paths = ChannelPaths(cfg, ch)
+    open_state_dir(cfg, paths)
+    with channel_lock(paths.lock):
+        remove_stray_temp_files(paths.root)
+        remove_stray_temp_files(paths.kept.root)  # a killed copy for rollback
+        state = load_state(ch, paths)
+        try:
+            live = settled(ch)
+            outcome = check_and_repair(cfg, ch, paths, state, live, full=True)
+            if outcome.problems and not outcome.repaired:
+                raise VerificationError(
+                    f"channel {ch.name}: the live set is damaged ({'; '.join(outcome.problems)}) "
+                    f"and no verified copy of it is kept in {paths.root}; `mapsync pull` "
+                    "installs the source's release instead"
+                )
+            failure = reload_failure(ch) if state.reload_pending else None
+            state.reload_pending = failure is not None
+        finally:
+            save_state(ch, paths, state)
+        if failure is not None:
+            raise InstallError(
+                f"channel {ch.name}: repaired, but the reload hook failed "
+                f"({failure.splitlines()[0]}); it is retried on the next run"
+            )
+        if outcome.repaired and outcome.manifest is not None:
+            return outcome.manifest.serial, outcome.problems
+        return None

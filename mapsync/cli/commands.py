@@ -233,6 +233,8 @@ def cmd_pull(args: argparse.Namespace) -> int:
             print(f"mapsync: {prefix}{msg}", file=sys.stderr)
             worst = max(worst, exc.exit_code)
             continue
+        if r.repaired:
+            print(f"{ch.name}: the live set was damaged and is repaired: " + "; ".join(r.repaired))
         if r.action == "current":
             print(f"{ch.name}: serial {r.serial} is current")
         elif r.action == "pinned":
@@ -260,7 +262,14 @@ def cmd_agent(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from mapsync.agent.status import LEVELS, channel_status, overall, perfdata, prometheus
+    from mapsync.agent.status import (
+        LEVELS,
+        MetricsNotWritten,
+        channel_status,
+        overall,
+        perfdata,
+        write_prometheus,
+    )
 
     cfg = _config(args)
     if args.publisher or (cfg.agent is None and cfg.publisher is not None):
@@ -269,9 +278,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     statuses = [channel_status(agent, ch) for ch in agent.channels.values()]
     code = overall(statuses)
     if args.prometheus:
-        from mapsync.atomic import atomic_write
-
-        atomic_write(Path(args.prometheus), prometheus(statuses).encode())
+        try:
+            write_prometheus(Path(args.prometheus), statuses)
+        except MetricsNotWritten as exc:
+            # The metrics are a side output: the channels' own result stays what Nagios sees.
+            print(f"mapsync: {exc}; the metrics were not written", file=sys.stderr)
     if args.json:
         print(
             json.dumps(
@@ -304,13 +315,25 @@ def _publisher_status(args: argparse.Namespace, pub: config.PublisherConfig) -> 
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from mapsync.agent.verify import verify_installed
+    from mapsync.agent.verify import repair_installed, verify_installed
 
     agent = _config(args).need_agent()
+    worst = EXIT_OK
     for ch in agent.channels.values():
-        serial = verify_installed(agent, ch)
+        try:
+            if args.repair:
+                repaired = repair_installed(agent, ch)
+                if repaired is not None:
+                    serial, problems = repaired
+                    print(f"{ch.name}: repaired serial {serial}: " + "; ".join(problems))
+            serial = verify_installed(agent, ch)
+        except MapsyncError as exc:
+            # Each channel is checked (and repaired) whatever became of the others.
+            print(f"mapsync: {exc}", file=sys.stderr)
+            worst = max(worst, exc.exit_code)
+            continue
         print(f"{ch.name}: serial {serial} verified (signature and every file)")
-    return EXIT_OK
+    return worst
 
 
 def _one_channel(names: list[str], name: str | None) -> str:

@@ -162,7 +162,20 @@ def _parser() -> argparse.ArgumentParser:
         help="also write node_exporter textfile-collector metrics to FILE (atomically)",
     )
 
-    add("verify", "re-check what is installed against its signed manifest")
+    s = add(
+        "verify",
+        "re-check what is installed against its signed manifest",
+        "Check the signature of every channel's live manifest and the sha256 of every live file "
+        "(also: `current` is mapsync's link, the manifest parses). Exit 5 if anything differs. "
+        "With --repair, a damaged live set is first rebuilt from the verified copy kept in the "
+        "state directory (signature and hashes checked, cdb files rebuilt and proved) by a new "
+        "swap, and the reload hook runs; `mapsync pull` does the same when it finds damage.",
+    )
+    s.add_argument(
+        "--repair",
+        action="store_true",
+        help="rebuild a damaged live set from the verified copy kept in the state, then verify",
+    )
 
     s = add("history", "releases with serial, time, entry counts, change summary")
     s.add_argument("--channel", action="append", metavar="C", help="only this channel (repeatable)")

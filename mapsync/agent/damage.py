@@ -1,0 +1,162 @@
+"""Is the live set still what was installed? The checks ``pull``, ``status`` and ``verify``
+make before trusting it.
+
+A live file can be deleted, truncated or edited by hand, ``TARGET/.mapsync/current`` replaced
+by a directory, the live ``MANIFEST.json`` overwritten with garbage. Nothing of that is seen by
+a pull that only asks the source for something newer, and a renewal would hard-link the
+damaged inode into the next set. Two levels of checking:
+
+- cheap (every pull, every ``status``): ``current`` is mapsync's link, the live manifest
+  parses, every file it names exists as a regular file of the manifest's size, and has the
+  size and mtime recorded in the state when it was installed;
+- full (every ``[agent] full_check``, before a renewal reuses an inode, and ``verify``): the
+  sha256 of every file against the manifest.
+
+Kept free of heavy imports (no cryptography): ``status`` runs it every minute.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mapsync.agent.liveset import CURRENT, SETS, LiveSet
+from mapsync.agent.state import LiveFile
+from mapsync.errors import VerificationError
+from mapsync.formats import text
+from mapsync.release import MANIFEST, SIGNATURE, Manifest, parse_manifest
+
+
+@dataclass
+class LiveCheck:
+    """What a check of a channel's live set found."""
+
+    manifest: Manifest | None = None  # the live manifest, when it could be read
+    manifest_bytes: bytes | None = None
+    signature: bytes | None = None
+    directory: Path | None = None  # the live set's directory (``current`` resolved)
+    problems: list[str] = field(default_factory=list)  # empty: the set is intact
+    files: dict[str, LiveFile] = field(default_factory=dict)  # size/mtime of each live file
+    # Whether a size/mtime record of this very set was compared (False: none, or of another
+    # set — a run that swapped but had not yet saved its state, or was killed in between).
+    record_used: bool = False
+
+    @property
+    def damaged(self) -> bool:
+        return bool(self.problems)
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISREG(mode):
+        return "a regular file"
+    if stat.S_ISLNK(mode):
+        return "a symlink"
+    return "a special file"
+
+
+def set_files(manifest: Manifest) -> set[str]:
+    """Every file of a live set: manifest, signature, text maps and their cdb files."""
+    names = {MANIFEST, SIGNATURE}
+    for m in manifest.maps.values():
+        names.add(m.file)
+        if m.cdb is not None:
+            names.add(m.cdb.file)
+    return names
+
+
+def stat_files(directory: Path, manifest: Manifest) -> dict[str, LiveFile]:
+    """Size and mtime of every file of ``manifest``'s set in ``directory`` (just made live)."""
+    out = {}
+    for name in sorted(set_files(manifest)):
+        st = os.lstat(directory / name)
+        out[name] = LiveFile(st.st_size, st.st_mtime_ns)
+    return out
+
+
+def check_live(
+    target: Path,
+    recorded: tuple[str | None, dict[str, LiveFile]],
+    expect_installed: bool,
+    *,
+    full: bool = False,
+) -> LiveCheck:
+    """Check the live set in ``target`` against its manifest and against ``recorded`` (the set
+    directory and the size and mtime of each of its files as installed; compared only if that
+    directory is the live one). ``expect_installed``: the state says a set was installed, so a
+    missing one is damage, not a fresh node. ``full``: also compare every sha256."""
+    out = LiveCheck()
+    link = target / SETS / CURRENT
+    try:
+        st = os.lstat(link)
+    except FileNotFoundError:
+        if expect_installed:
+            out.problems.append(f"{link}: missing (a set was installed; the target was removed?)")
+        return out
+    except NotADirectoryError:
+        out.problems.append(f"{target / SETS}: not a directory")
+        return out
+    if not stat.S_ISLNK(st.st_mode):
+        out.problems.append(f"{link}: is {_kind(st.st_mode)}, not mapsync's link to the live set")
+        return out
+    cur = LiveSet(target).current()
+    if cur is None:
+        out.problems.append(f"{link}: points at {os.readlink(link)!r}, which is not a set")
+        return out
+    out.directory = cur
+    record = recorded[1] if recorded[0] == cur.name else {}
+    out.record_used = bool(record)
+    try:
+        out.manifest_bytes = (cur / MANIFEST).read_bytes()
+        out.signature = (cur / SIGNATURE).read_bytes()
+    except OSError as exc:
+        out.problems.append(
+            f"{cur / Path(str(exc.filename)).name}: cannot be read ({exc.strerror})"
+        )
+        return out
+    try:
+        out.manifest = parse_manifest(out.manifest_bytes, f"{cur}/{MANIFEST}")
+    except VerificationError as exc:
+        out.problems.append(f"live manifest unreadable: {exc}")
+        return out
+    expected: dict[str, tuple[str, int, str | None]] = {}  # file → (map, size, sha256)
+    for name, m in out.manifest.maps.items():
+        expected[m.file] = (name, m.size, m.sha256)
+        if m.cdb is not None:
+            expected[m.cdb.file] = (name, m.cdb.size, m.cdb.sha256)
+    serial = out.manifest.serial
+    for file in sorted([*expected, MANIFEST, SIGNATURE]):
+        path = cur / file
+        what = f" (map {expected[file][0]}, serial {serial})" if file in expected else ""
+        try:
+            fst = os.lstat(path)
+        except FileNotFoundError:
+            out.problems.append(f"{target / file}: missing{what}")
+            continue
+        if not stat.S_ISREG(fst.st_mode):
+            out.problems.append(f"{target / file}: is {_kind(fst.st_mode)}{what}")
+            continue
+        out.files[file] = LiveFile(fst.st_size, fst.st_mtime_ns)
+        if file in expected and fst.st_size != expected[file][1]:
+            out.problems.append(
+                f"{target / file}: {fst.st_size} bytes, the manifest says {expected[file][1]}{what}"
+            )
+            continue
+        rec = record.get(file)
+        if rec is not None and rec != out.files[file]:
+            out.problems.append(
+                f"{target / file}: changed since it was installed (size or mtime){what}"
+            )
+            continue
+        if full and file in expected:
+            digest, _ = text.sha256_file(path)
+            if digest != expected[file][2]:
+                out.problems.append(f"{target / file}: sha256 differs from the manifest{what}")
+    for file in sorted(expected):
+        # What the daemons open: the link in TARGET (pull re-creates a lost one at once).
+        if file in out.files and not os.path.exists(target / file):
+            out.problems.append(f"{target / file}: the link to the live set is missing")
+    return out
