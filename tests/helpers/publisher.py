@@ -31,16 +31,18 @@ def manifest(cluster: Cluster, channel: str, serial: int | None = None) -> dict[
     return data
 
 
-def keys(cluster: Cluster, channel: str, name: str, serial: int | None = None) -> set[str]:
-    """The keys of map ``name`` in release ``serial`` of ``channel`` (LATEST's when None)."""
+def lines(cluster: Cluster, channel: str, name: str, serial: int | None = None) -> list[str]:
+    """The entry lines of map ``name`` in release ``serial`` of ``channel`` (LATEST's when
+    None), without the header."""
     m = manifest(cluster, channel, serial)
     path: Path = cluster.repo / channel / "releases" / str(m["serial"]) / m["maps"][name]["file"]
+    return [line for line in path.read_text().splitlines() if line and not line.startswith("#")]
+
+
+def keys(cluster: Cluster, channel: str, name: str, serial: int | None = None) -> set[str]:
+    """The keys of map ``name`` in release ``serial`` of ``channel`` (LATEST's when None)."""
     sep = ":" if name.startswith("dovecot") else " "
-    return {
-        line.split(sep, 1)[0]
-        for line in path.read_text().splitlines()
-        if line and not line.startswith("#")
-    }
+    return {line.split(sep, 1)[0] for line in lines(cluster, channel, name, serial)}
 
 
 def account_on(cluster: Cluster, store: str) -> tuple[int, str]:

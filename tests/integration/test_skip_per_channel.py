@@ -13,7 +13,7 @@ from sqlalchemy import create_engine, insert
 
 from mapsync.sources import schema as t
 from tests.conftest import Cluster
-from tests.helpers.publisher import account_on, add_channels, keys, manifest, set_row
+from tests.helpers.publisher import account_on, add_channels, keys, lines, manifest, set_row
 
 STORE_1 = """\
 [publisher.channels.store-1]
@@ -37,12 +37,15 @@ def test_a_refused_password_hash_leaves_the_mx_maps_alone(cluster: Cluster) -> N
         f"account id={account} '{address}': password scheme PLAIN is not allowed" in refused.stderr
     )
 
-    # A run over every channel: the login goes from the mailstore, the mail still arrives.
+    # A run over every channel: the login goes from the mailstore, the mail still arrives
+    # (the userdb line stays, without a hash and with nologin, so LMTP still delivers).
     out = cluster.publish("--skip-invalid").stdout
     assert "channel mx: unchanged (serial 1)" in out
     assert "channel store-1: published serial 2" in out
     assert address in keys(cluster, "mx", "recipients")
-    assert address not in keys(cluster, "store-1", "dovecot_users")
+    (line,) = [x for x in lines(cluster, "store-1", "dovecot_users") if x.startswith(address + ":")]
+    fields = line.split(":", 7)  # extra fields may hold ":" (userdb_quota_rule=*:bytes=N)
+    assert fields[1] == "" and "nologin=y" in fields[7] and "secret" not in line
     assert manifest(cluster, "mx")["skipped"] == []
     (skip,) = manifest(cluster, "store-1")["skipped"]
     assert skip.startswith(f"account id={account} '{address}': password scheme PLAIN")
