@@ -8,7 +8,8 @@ damaged inode into the next set. Two levels of checking:
 
 - cheap (every pull, every ``status``): ``current`` is mapsync's link, the live manifest
   parses, every file it names exists as a regular file of the manifest's size, and has the
-  size and mtime recorded in the state when it was installed;
+  size, mtime, inode and ctime recorded in the state when it was installed (a rewrite that
+  puts size and mtime back still changes the ctime);
 - full (every ``[agent] full_check``, before a renewal reuses an inode, and ``verify``): the
   sha256 of every file against the manifest.
 
@@ -68,12 +69,16 @@ def set_files(manifest: Manifest) -> set[str]:
     return names
 
 
+def _live_file(st: os.stat_result) -> LiveFile:
+    return LiveFile(st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
+
+
 def stat_files(directory: Path, manifest: Manifest) -> dict[str, LiveFile]:
-    """Size and mtime of every file of ``manifest``'s set in ``directory`` (just made live)."""
+    """Size, mtime, inode and ctime of every file of ``manifest``'s set in ``directory`` (just made live)."""
     out = {}
     for name in sorted(set_files(manifest)):
         st = os.lstat(directory / name)
-        out[name] = LiveFile(st.st_size, st.st_mtime_ns)
+        out[name] = _live_file(st)
     return out
 
 
@@ -139,16 +144,17 @@ def check_live(
         if not stat.S_ISREG(fst.st_mode):
             out.problems.append(f"{target / file}: is {_kind(fst.st_mode)}{what}")
             continue
-        out.files[file] = LiveFile(fst.st_size, fst.st_mtime_ns)
+        out.files[file] = _live_file(fst)
         if file in expected and fst.st_size != expected[file][1]:
             out.problems.append(
                 f"{target / file}: {fst.st_size} bytes, the manifest says {expected[file][1]}{what}"
             )
             continue
         rec = record.get(file)
-        if rec is not None and rec != out.files[file]:
+        if rec is not None and rec.differs(out.files[file]):
             out.problems.append(
-                f"{target / file}: changed since it was installed (size or mtime){what}"
+                f"{target / file}: changed since it was installed (size, mtime, inode or "
+                f"ctime){what}"
             )
             continue
         if full and file in expected:

@@ -50,10 +50,24 @@ class StateDamaged(MapsyncError):
 
 @dataclass(frozen=True)
 class LiveFile:
-    """Size and mtime (ns) of one file of the live set as installed: the cheap check."""
+    """Size, mtime, inode and ctime (ns) of one file of the live set as installed: the cheap
+    check. ``ctime`` cannot be set back by anyone: a file rewritten in place with its old size
+    and mtime restored (``touch -r``, ``os.utime``) still shows a new ctime. 0 = not recorded
+    (a state file written before these were kept)."""
 
     size: int
     mtime_ns: int
+    ino: int = 0
+    ctime_ns: int = 0
+
+    def differs(self, now: LiveFile) -> bool:
+        """Whether ``now`` (the file as it is) is not the file this records."""
+        if (self.size, self.mtime_ns) != (now.size, now.mtime_ns):
+            return True
+        return bool(self.ino and self.ctime_ns) and (self.ino, self.ctime_ns) != (
+            now.ino,
+            now.ctime_ns,
+        )
 
 
 @dataclass
@@ -78,7 +92,8 @@ class ChannelState:
     highest_serial: int | None = None
     live_serial: int | None = None  # the serial the live set had when installed or repaired
     live_set: str | None = None  # its directory in TARGET/.mapsync, which live_files describe
-    # File name in the live set → [size, mtime_ns] as installed: compared on every pull.
+    # File name in the live set → [size, mtime_ns, ino, ctime_ns] as installed: compared on
+    # every pull (a record of only [size, mtime_ns], from an older mapsync, still reads).
     live_files: dict[str, list[int]] = field(default_factory=dict)
     last_full_check: str | None = None  # the last sha256 check of every live file
     last_repair: str | None = None  # when a damaged live set was last rebuilt
@@ -118,10 +133,12 @@ class ChannelState:
                     ) from None
             known[f.name] = value
         if not all(
-            isinstance(v, list) and len(v) == 2 and all(_is_int(x) for x in v)
+            isinstance(v, list) and len(v) in (2, 4) and all(_is_int(x) for x in v)
             for v in known.get("live_files", {}).values()
         ):
-            raise StateDamaged(f"{path}: key 'live_files' is not a map of [size, mtime_ns]")
+            raise StateDamaged(
+                f"{path}: key 'live_files' is not a map of [size, mtime_ns, ino, ctime_ns]"
+            )
         return cls(**known)
 
     def save(self, path: Path) -> None:
@@ -147,7 +164,7 @@ class ChannelState:
 
     def recorded_live(self) -> tuple[str | None, dict[str, LiveFile]]:
         """(set directory, size/mtime per file) as recorded when the live set was installed."""
-        files = {name: LiveFile(v[0], v[1]) for name, v in self.live_files.items()}
+        files = {name: LiveFile(*v) for name, v in self.live_files.items()}
         return self.live_set, files
 
     def note_installed(
@@ -158,7 +175,9 @@ class ChannelState:
         self.live_serial = serial
         self.live_set = set_name
         self.highest_serial = max(serial, self.highest_serial or serial)
-        self.live_files = {n: [f.size, f.mtime_ns] for n, f in sorted(files.items())}
+        self.live_files = {
+            n: [f.size, f.mtime_ns, f.ino, f.ctime_ns] for n, f in sorted(files.items())
+        }
         self.last_full_check = full_check
 
 

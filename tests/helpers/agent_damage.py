@@ -80,9 +80,17 @@ def live_file(cluster: Cluster, name: str) -> Path:
     return cluster.target / ".mapsync" / os.readlink(cluster.target / ".mapsync" / "current") / name
 
 
+def forget_live_record(cluster: Cluster) -> None:
+    """Drop the record of the live files from the state, as a mapsync that kept none left it:
+    only a full check can then find damage that keeps size and mtime."""
+    data = read_state(cluster)
+    data["live_files"] = {}
+    state_file(cluster).write_text(json.dumps(data))
+
+
 def flip_byte_keep_stat(path: Path) -> None:
     """Change one byte of ``path`` in place and put its mtime back: damage a size and mtime
-    check cannot see (bit rot, or an edit that restored the mtime)."""
+    check cannot see (bit rot, or an edit that restored the mtime); its ctime changes."""
     st = path.stat()
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x01

@@ -15,6 +15,7 @@ from tests.conftest import Cluster
 from tests.helpers.agent_damage import (
     add_account,
     flip_byte_keep_stat,
+    forget_live_record,
     live_file,
     lookup,
     read_state,
@@ -99,11 +100,24 @@ def test_a_changed_byte_in_a_live_cdb_is_found_and_verify_repair_restores_it(
     assert_healthy(node)
 
 
-def test_damage_that_keeps_size_and_mtime_is_found_by_the_full_check(node: Cluster) -> None:
+def test_damage_that_keeps_size_and_mtime_is_found_by_the_cheap_check(node: Cluster) -> None:
+    # A rewrite in place that puts size and mtime back still changes the inode's ctime,
+    # which nobody can set: status and the next pull see it without hashing anything.
+    flip_byte_keep_stat(live_file(node, "recipients"))
+    st = node.cli("status")
+    assert st.returncode == 2, st.stdout
+    assert "changed since it was installed (size, mtime, inode or ctime)" in st.stdout
+    p = node.cli("pull")
+    assert p.returncode == 0, p.stderr
+    assert_healthy(node)
+
+
+def test_damage_no_cheap_check_sees_is_found_by_the_full_check(node: Cluster) -> None:
     node.write_config(extra_agent=f'reload = ["sh", "-c", "echo reload >> {node.root}/reloads"]')
     text = node.config_path.read_text().replace("[agent]\n", '[agent]\nfull_check = "0s"\n', 1)
     node.config_path.write_text(text)
     flip_byte_keep_stat(live_file(node, "recipients"))
+    forget_live_record(node)  # as if installed by a mapsync that kept no record
     assert node.cli("status").returncode == 0  # status only makes the cheap check
     p = node.cli("pull")
     assert p.returncode == 0, p.stderr
@@ -112,9 +126,11 @@ def test_damage_that_keeps_size_and_mtime_is_found_by_the_full_check(node: Clust
 
 
 def test_a_renewal_never_hard_links_a_corrupted_inode_into_the_new_set(node: Cluster) -> None:
-    # Damage no size/mtime check sees, and no full check is due (full_check 1h by default).
+    # Damage no cheap check sees (no record of the live files), and no full check is due
+    # (full_check 1h by default).
     bad = live_file(node, "transport.cdb")
     flip_byte_keep_stat(bad)
+    forget_live_record(node)
     bad_inode = bad.stat().st_ino
     assert node.cli("status").returncode == 0
     renew(node)
