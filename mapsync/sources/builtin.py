@@ -68,13 +68,20 @@ def make_engine(url: str) -> Engine:
         raise SourceError(f"database {safe_url(url)}: {redact(str(exc), url)}") from None
 
 
-# Query parameters that carry a password: libpq's and psycopg's ``password``, MySQL drivers'
-# ``passwd``, ODBC's ``pwd``; drivers take them in any case.
-_SECRET_PARAMS = frozenset({"password", "passwd", "pwd"})
+# Query parameters that carry a password: libpq's and psycopg's ``password`` and
+# ``sslpassword``, MySQL drivers' ``passwd``, ODBC's ``pwd``; drivers take them in any case.
+# Any parameter whose name ends so is taken for one.
+_SECRET_SUFFIXES = ("password", "passwd", "pwd")
+
+
+def _secret_param(key: str) -> bool:
+    return key.lower().endswith(_SECRET_SUFFIXES)
+
+
 # ``password=...`` inside a libpq conninfo string or anything else that looks like one
 # (a query value such as ``dsn=host=db password=x``, an unparseable URL, a driver's message).
 _KEYWORD_SECRET = re.compile(
-    r"""(?i)\b(password|passwd|pwd)(\s*=\s*|%3D)('(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*"|[^\s&;,)+]*)"""
+    r"""(?i)(\w*(?:password|passwd|pwd))(\s*=\s*|%3D)('(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*"|[^\s&;,)+]*)"""
 )
 # ``scheme://user:password@`` in a string that make_url cannot parse.
 _USERINFO_SECRET = re.compile(r"(://[^/?#@:]*:)[^/?#]*@")
@@ -95,7 +102,7 @@ def safe_url(url: str) -> str:
         query = {
             key: (
                 HIDDEN
-                if key.lower() in _SECRET_PARAMS
+                if _secret_param(key)
                 else tuple(map(_mask_keywords, value))
                 if isinstance(value, tuple)
                 else _mask_keywords(value)
@@ -124,7 +131,7 @@ def _secrets_of(url: str) -> set[str]:
         for key, value in parsed.query.items():
             values = value if isinstance(value, tuple) else (value,)
             for v in values:
-                if key.lower() in _SECRET_PARAMS:
+                if _secret_param(key):
                     found.add(v)
                 found |= {m.group(3) for m in _KEYWORD_SECRET.finditer(v)}
     quoted = {q for s in found for q in (quote(s, safe=""), quote_plus(s, safe=""), s.strip("'\""))}

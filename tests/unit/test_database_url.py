@@ -28,6 +28,14 @@ PW = "Zq7-secret-Pw"
             "postgresql+psycopg://m@db/mail?PASSWORD=***",
         ),
         (f"mysql+pymysql://m@db/mail?Passwd={PW}", "mysql+pymysql://m@db/mail?Passwd=***"),
+        (
+            f"postgresql+psycopg://m@db/mail?sslpassword={PW}&sslmode=verify-full",
+            "postgresql+psycopg://m@db/mail?sslmode=verify-full&sslpassword=***",
+        ),
+        (
+            f"mysql+pymysql://m@db/mail?ssl_password={PW}",
+            "mysql+pymysql://m@db/mail?ssl_password=***",
+        ),
         (f"mssql+pyodbc://m@dsn?PWD={PW}", "mssql+pyodbc://m@dsn?PWD=***"),
         (
             f"postgresql+psycopg:///mail?host=db&user=m&password={PW}",
@@ -60,6 +68,8 @@ def test_every_form_of_password_is_hidden(url: str, shown: str) -> None:
         (f"postgresql+psycopg://m:{PW}@db/mail", PW),
         (f"postgresql+psycopg://m@db/mail?password={PW}", PW),
         (f"mysql+pymysql://m@db/mail?PASSWD={PW}", PW),
+        (f"postgresql+psycopg://m@db/mail?SSLPassword={PW}", PW),
+        (f"postgresql+psycopg:///mail?dsn=host%3Ddb%20sslpassword%3D{PW}", PW),
         ("postgresql+psycopg://m:Zq7%40secret@db/mail", "Zq7@secret"),
         (f"postgresql+psycopg:///mail?dsn=host%3Ddb%20password%3D%27{PW}%27", PW),
     ],
