@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mapsync.config import Guards
+from mapsync.maps import CATALOGUE
 
 
 @dataclass(frozen=True)
@@ -85,14 +86,15 @@ def _body_lines(path: Path) -> set[bytes]:
         return {line for line in fh.read().split(b"\n") if line and not line.startswith(b"#")}
 
 
-def diff_files(
-    name: str, old: Path | None, new: Path, before: int, after: int, sep: str = " "
-) -> MapPlan:
+def diff_files(name: str, old: Path | None, new: Path, before: int, after: int) -> MapPlan:
     """Count the differences between two text maps (``old`` None: everything is added).
+    Keys are split off at map ``name``'s own separator (``:`` in a passwd-file), so a
+    changed password is one changed key, not one removed and one added.
 
     Whole lines are compared as sets (C speed, the publisher has the memory); only the few
     differing lines are split into keys to tell a changed value from an add or remove.
     """
+    sep = CATALOGUE[name].separator
     if old is None:
         return MapPlan(name, 0, after, after, 0, 0)
     old_lines, new_lines = _body_lines(old), _body_lines(new)

@@ -602,9 +602,7 @@ class Publisher:
         if old is not None and entry.same_content(old):
             map_plan = MapPlan(name, old.entries, entry.entries, 0, 0, 0)
         else:
-            map_plan = diff_files(
-                name, old_path, path, old.entries if old else 0, entry.entries, spec.separator
-            )
+            map_plan = diff_files(name, old_path, path, old.entries if old else 0, entry.entries)
         _log.debug("rendered map", channel=ch.name, map=name, entries=entry.entries)
         return entry, map_plan
 

@@ -37,7 +37,7 @@ from collections import defaultdict
 from dataclasses import asdict
 from datetime import UTC, datetime
 from fnmatch import fnmatchcase
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import Connection, column, false, func, select, table, text
 from sqlalchemy.exc import SQLAlchemyError
@@ -297,7 +297,7 @@ class _Reader:
             active = _yes(row[3])
             if active and d.status != "active":
                 skipped_in[domain] += 1
-            quota = int(row[2] or 0)
+            quota = _quota(row[2])
             account = Account(
                 i,
                 d.id,
@@ -306,7 +306,7 @@ class _Reader:
                 "active" if active else "disabled",
                 dovecot_password(row[4]) if self.secrets else None,
                 f"{base}/{row[1] or ''}" if self.secrets else None,
-                (quota if quota > 0 else None) if self.secrets else None,
+                quota if self.secrets else None,
             )
             accounts.append(account)
             mailbox_of[username] = account
@@ -407,3 +407,14 @@ class _Reader:
             taken_at=datetime.now(UTC),
             describe=self.describe,
         )
+
+
+def _quota(raw: Any) -> int | None:
+    """``mailbox.quota`` in bytes; 0 and -1 (PostfixAdmin's "unlimited", "disabled") are no
+    quota. Anything that is not an integer (SQLite keeps '10M' in an INTEGER column) is passed
+    on as it is, for validation to name the row, instead of failing the whole read."""
+    if raw is None or isinstance(raw, bool):
+        return None
+    if isinstance(raw, int):
+        return raw if raw > 0 else None
+    return cast(int, raw)

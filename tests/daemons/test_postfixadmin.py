@@ -373,6 +373,24 @@ def test_a_problem_names_the_postfixadmin_table_and_key(tmp_path: Path) -> None:
     assert "alias 'sales@example.com': target 'broken@'" in p.stderr, p.stderr
 
 
+def test_a_quota_that_is_not_a_number_is_one_invalid_row(tmp_path: Path) -> None:
+    # SQLite keeps '10M' in an INTEGER column: one mailbox's problem, named, never a crash of
+    # every run (and --channel mx, which carries no quota, is not touched by it).
+    url = f"sqlite:///{tmp_path / 'postfixadmin.db'}"
+    pfa.build(url)
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE mailbox SET quota = '10M' WHERE username = 'kim@example.com'"))
+    engine.dispose()
+    cluster = write_config(tmp_path / "c", url, "", minimal=True)
+    p = cluster.cli("publish", "--channel", "store")
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "mailbox 'kim@example.com': quota_bytes '10M' is not a number" in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr and "unexpected error" not in p.stderr
+    mx = cluster.cli("publish", "--skip-invalid", "--channel", "mx")
+    assert mx.returncode == 0, mx.stdout + mx.stderr
+
+
 def test_a_missing_table_is_a_clear_error(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'postfixadmin.db'}"
     pfa.build(url, prefix="pfa_")

@@ -78,3 +78,11 @@ def test_diff_names_a_changed_password_and_never_prints_a_hash(cluster: Cluster)
         out += cluster.cli("history", *store, check=True).stdout
         out += cluster.cli("history", *store, "--json", check=True).stdout
         assert "$6$" not in out and "aaaa" not in out and "bbbb" not in out, out
+
+    # Re-publishing serial 1 is the same change backwards: one changed user, never +1 -1.
+    back = cluster.cli("rollback", "--publisher", "--channel", "store", "1", check=True).stdout
+    (row,) = [
+        line.split() for line in back.splitlines() if line.strip().startswith("dovecot_users")
+    ]
+    assert row[-3:] == ["0", "0", "1"], back
+    assert "$6$" not in back and "aaaa" not in back and "bbbb" not in back, back
