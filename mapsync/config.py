@@ -829,6 +829,17 @@ def _refuse_overlaps(path: Path, areas: list[_Area]) -> None:
         raise ConfigError(f"{path}: {a.where}: {a.path} overlaps {b.where} {b.path} ({why})")
 
 
+def unauthenticated_rsync(ch: AgentChannel, source: str) -> bool:
+    """Whether ``source`` of ``ch`` is an rsync daemon module pulled without a user and a
+    password: anyone who reaches its port can copy what it serves."""
+    if not source.startswith("rsync://"):
+        return False
+    return not (
+        urlsplit(source).username
+        and (ch.password_file is not None or "RSYNC_PASSWORD" in os.environ)
+    )
+
+
 def _warn_unauthenticated(
     path: Path, publisher: PublisherConfig | None, agent: AgentConfig | None
 ) -> None:
@@ -846,11 +857,7 @@ def _warn_unauthenticated(
         if not secret:
             continue
         for src in ch.sources:
-            if not src.startswith("rsync://"):
-                continue
-            if urlsplit(src).username and (
-                ch.password_file is not None or "RSYNC_PASSWORD" in os.environ
-            ):
+            if not unauthenticated_rsync(ch, src):
                 continue
             log.get("config").warning(
                 "channel carries password hashes but is pulled without authentication",

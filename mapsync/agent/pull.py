@@ -35,7 +35,7 @@ from mapsync.agent.state import (
     secure_dir,
     secure_file,
 )
-from mapsync.config import AgentChannel, AgentConfig, FileMode
+from mapsync.config import AgentChannel, AgentConfig, FileMode, unauthenticated_rsync
 from mapsync.errors import InstallError, MapsyncError, TransportError, VerificationError
 from mapsync.formats import cdb, text
 from mapsync.maps import CATALOGUE
@@ -445,6 +445,7 @@ def _install_fetched(
     failed: dict[str, str],
 ) -> PullResult:
     manifest, staging = got.manifest, got.staging
+    _warn_if_exposed(ch, manifest, got.remote.source)
     same = (
         current is not None
         and set(current.maps) == set(manifest.maps)
@@ -480,6 +481,22 @@ def _install_fetched(
         source=got.remote.source,
         failed_sources=failed,
     )
+
+
+def _warn_if_exposed(ch: AgentChannel, manifest: Manifest, source: str) -> None:
+    """Password hashes just came from an rsync module anyone may read. Config load warns
+    when the node's ``maps`` name such a map; a node that does not list its maps learns it
+    only here, from the release itself."""
+    secret = sorted(n for n in manifest.maps if n in SECRET_MAPS)
+    if secret and not set(secret) & set(ch.maps) and unauthenticated_rsync(ch, source):
+        _log.warning(
+            "channel carries password hashes but is pulled without authentication",
+            channel=ch.name,
+            source=source,
+            maps=",".join(secret),
+            fix="serve it from a module with `auth users` and set "
+            "rsync://USER@host/... and password_file (docs/security.md)",
+        )
 
 
 def install(
