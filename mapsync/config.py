@@ -562,7 +562,7 @@ def _refuse_shared_remote_inboxes(path: Path, channels: dict[str, PublisherChann
         for url in ch.push:
             if _local(url) is not None:
                 continue
-            host, _, rest = url.partition("://")[2].partition("/")
+            host, rest = _place(url)
             here = PurePosixPath("/" + rest)
             for other, other_host, there, other_url in seen:
                 if host == other_host and (
@@ -574,6 +574,21 @@ def _refuse_shared_remote_inboxes(path: Path, channels: dict[str, PublisherChann
                         "releases of one channel)"
                     )
             seen.append((ch.name, host, here, url))
+
+
+_DEFAULT_PORTS = {"rsync": 873, "ssh": 22}
+
+
+def _place(url: str) -> tuple[str, str]:
+    """(host, path) of a remote location, the host as the network sees it: case folded,
+    with its default port, without the user (``ssh://a@H.example:22/x`` and ``ssh://h.example/x``
+    are one place)."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port or _DEFAULT_PORTS.get(parts.scheme)
+    except ValueError:
+        port = None
+    return f"{parts.scheme}://{(parts.hostname or '').lower()}:{port}", parts.path.lstrip("/")
 
 
 def _normal_url(url: str) -> str:
@@ -596,11 +611,12 @@ def _local(location: str) -> Path | None:
 
 def _distinct(section: _Section, key: str, values: tuple[str, ...], what: str) -> None:
     """Refuse a location listed twice, however it is spelled (the values are normalised)."""
-    seen: set[str] = set()
+    seen: set[tuple[str, str]] = set()
     for v in values:
-        if v in seen:
+        place = _place(v) if _local(v) is None else ("", v)
+        if place in seen:
             raise ConfigError(f"{section.where(key)}: {what} is listed twice ({v})")
-        seen.add(v)
+        seen.add(place)
 
 
 _MODE = re.compile(r"^0?[0-7]{3}\Z")

@@ -107,15 +107,15 @@ BAD = {
     "push-shared": f"[publisher.channels.scanner] push: {FIXTURES}/inbox/node overlaps "
     f"[publisher.channels.mx] push {FIXTURES}/inbox/node",
     "push-shared-remote": "[publisher.channels.scanner] push: "
-    "ssh://mapsync@mx1.example.net/var/lib/mapsync/inbox/mx overlaps [publisher.channels.mx] "
+    "ssh://MX1.example.net:22/var/lib/mapsync/inbox/mx overlaps [publisher.channels.mx] "
     "push ssh://mapsync@mx1.example.net/var/lib/mapsync/inbox/mx (an inbox takes the releases",
     # One location, several spellings (issue 15.18).
     "duplicate-source-spelling": "[agent.channels.mx] source: a source is listed twice "
     f"({FIXTURES}/repo/mx)",
     "duplicate-source-url": "[agent.channels.mx] source: a source is listed twice "
-    "(rsync://publisher.example.net/mapsync/mx)",
+    "(rsync://Publisher.Example.NET:873/mapsync/mx)",
     "duplicate-push": "[publisher.channels.mx] push: a push destination is listed twice "
-    "(ssh://mx1.example.net/var/lib/mapsync/inbox/mx)",
+    "(ssh://mapsync@MX1.Example.net:22/var/lib/mapsync/inbox/mx)",
 }
 
 
