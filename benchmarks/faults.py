@@ -10,7 +10,8 @@ would run, and judges the outcome. Then it settles: a clean publish, pull and ve
 must leave the node on the repository's LATEST with every file matching its manifest
 (otherwise: data lost). Meanwhile a reader thread runs ``postmap -q`` against the live cdb
 maps for keys that never change; every lookup must answer. Faults that damage the live set
-itself (a deleted or corrupted cdb) break lookups by their very nature, so the reader pauses
+itself (a deleted or corrupted cdb, `current` replaced by a directory, the target removed)
+break lookups by their very nature, so the reader pauses
 for them and the outcome is whether mapsync repairs the damage on its own.
 
 Prints per fault kind: iterations, outcomes (ok / broken with the first reason), lookups made
@@ -236,9 +237,11 @@ class Harness:
             return None
 
     def installed_serial(self) -> int | None:
+        """The live manifest's serial (a repaired set's directory may be named ``N.PID``)."""
         try:
-            return int(os.readlink(self.target / ".mapsync" / "current"))
-        except (OSError, ValueError):
+            live = self.target / ".mapsync" / "current" / "MANIFEST.json"
+            return int(json.loads(live.read_text())["serial"])
+        except (OSError, ValueError, KeyError, TypeError):
             return None
 
     def settle(self) -> tuple[list[str], bool]:
@@ -402,6 +405,35 @@ def _repaired(h: Harness) -> str | None:
     return None
 
 
+def f_current_is_directory(h: Harness) -> str | None:
+    # Config management "restoring" the target: the ``current`` link becomes a directory.
+    current = h.target / ".mapsync" / "current"
+    current.unlink(missing_ok=True)
+    current.mkdir(exist_ok=True)
+    return _repaired(h)
+
+
+def f_live_manifest_garbage(h: Harness) -> str | None:
+    manifest = (h.target / ".mapsync" / "current" / "MANIFEST.json").resolve()
+    manifest.write_bytes(h.rng.choice([b"", b"{", b"garbage\n", b'{"serial": "x"}']))
+    return _repaired(h)
+
+
+def f_target_removed(h: Harness) -> str | None:
+    # ``rm -rf target`` (config management recreating it): the next pull restores the set
+    # from the copy kept in STATE, never a lower serial than the node had.
+    serial = h.installed_serial()
+    shutil.rmtree(h.target)
+    h.target.mkdir()
+    bad = _repaired(h)
+    if bad:
+        return bad
+    after = h.installed_serial()
+    if serial is not None and (after is None or after < serial):
+        return f"serial went down from {serial} to {after} after the target was removed"
+    return None
+
+
 def f_foreign_file_in_target(h: Harness) -> str | None:
     link = h.target / "transport"
     link.unlink(missing_ok=True)
@@ -488,6 +520,9 @@ FAULTS: dict[str, tuple[Callable[[Harness], str | None], bool]] = {
     "stray_temp_files": (f_stray_temp_files, False),
     "live_cdb_deleted": (f_live_cdb_deleted, True),
     "live_cdb_corrupted": (f_live_cdb_corrupted, True),
+    "current_is_directory": (f_current_is_directory, True),
+    "live_manifest_garbage": (f_live_manifest_garbage, False),
+    "target_removed": (f_target_removed, True),
     "foreign_file_in_target": (f_foreign_file_in_target, False),
     "garbage_latest": (f_garbage_latest, False),
     "lock_is_directory": (f_lock_is_directory, False),
