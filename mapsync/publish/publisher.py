@@ -27,7 +27,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from mapsync import GENERATOR, log
 from mapsync.atomic import atomic_write, fsync_dir
 from mapsync.config import PublisherChannel, PublisherConfig
-from mapsync.errors import ConfigError, InvalidData, MapsyncError, UnsafePlan, VerificationError
+from mapsync.errors import (
+    ConfigError,
+    InvalidData,
+    MapsyncError,
+    SourceError,
+    UnsafePlan,
+    VerificationError,
+)
 from mapsync.formats import cdb, text
 from mapsync.maps import CATALOGUE, Directory
 from mapsync.progress import track
@@ -366,11 +373,23 @@ class Publisher:
                     check_manifest_size(s.manifest.to_bytes(), f"channel {s.plan.channel}")
             if not dry_run:
                 assert key is not None
+                committed: list[str] = []
                 for s in staged:
                     # The lock's session may have died under us (killed, a pooler, the
-                    # network): then another publisher may be in, and nothing is committed.
-                    source.check_lock()
+                    # network): then another publisher may be in, and nothing more is
+                    # committed.
+                    try:
+                        source.check_lock()
+                    except SourceError as exc:
+                        done = (
+                            f"channel(s) {', '.join(committed)} were published before; "
+                            f"{s.plan.channel} and the rest were not"
+                            if committed
+                            else "nothing was published"
+                        )
+                        raise SourceError(f"{exc}: {done}") from None
                     self._commit(s, key)
+                    committed.append(s.plan.channel)
                     serial = s.manifest.serial if s.manifest else s.plan.previous
                     self.repo.record_check(s.plan.channel, snap.fingerprint.digest(), serial)
         finally:
@@ -671,5 +690,5 @@ class Publisher:
             channel=manifest.channel,
             serial=manifest.serial,
             expires=manifest.expires,
-            removed=removed or None,
+            **({"removed": removed} if removed else {}),
         )

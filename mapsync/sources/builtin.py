@@ -553,10 +553,10 @@ class BuiltinSource(Source):
             detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()
             raise SourceError(
                 f"{lost} ({redact(detail[0], self.url) if detail else type(exc).__name__}); "
-                "nothing was published"
+                "not committing"
             ) from None
         if not held:
-            raise SourceError(f"{lost} (another session may hold it now); nothing was published")
+            raise SourceError(f"{lost} (another session may hold it now); not committing")
 
     def close(self) -> None:
         self.engine.dispose()
