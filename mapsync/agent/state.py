@@ -53,7 +53,9 @@ class ChannelState:
         return cls(**known)
 
     def save(self, path: Path) -> None:
-        atomic_write(path, (json.dumps(asdict(self), indent=2, sort_keys=True) + "\n").encode())
+        # 0600, as docs/security.md promises for everything in the state directory.
+        data = (json.dumps(asdict(self), indent=2, sort_keys=True) + "\n").encode()
+        atomic_write(path, data, mode=0o600)
 
 
 @contextmanager
