@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pytest
 
+from mapsync import __version__
+
 pytestmark = [pytest.mark.package, pytest.mark.slow]
 
 SRC = Path(__file__).parents[2]
@@ -199,8 +201,8 @@ def test_lintian_finds_no_errors(debs: dict[int, Path]) -> None:
 
 def test_installed_mapsync_runs_and_has_its_man_page(installed: Path) -> None:
     version = _run(["/usr/bin/mapsync", "--version"], cwd="/").stdout.strip()
-    assert version.startswith("mapsync ") and _status().endswith("-1"), (version, _status())
-    assert _status().startswith("ii ")
+    assert version == f"mapsync {__version__}"
+    assert _status() == f"ii {__version__}-1", _status()
     # The package's own interpreter and libraries, not this checkout's virtualenv.
     where = _run(["/usr/bin/mapsync", "--help"], cwd="/", env={"PATH": "/usr/bin:/bin"}).stdout
     assert "publish" in where
@@ -332,7 +334,7 @@ def test_upgrade_keeps_state_and_the_edited_config(installed: Path, debs: dict[i
     state = _tree(Path("/var/lib/mapsync"))
     uid = pwd.getpwnam("mapsync").pw_uid
     _dpkg("-i", str(debs[2]))
-    assert _status().startswith("ii ") and _status().endswith("-2"), _status()
+    assert _status() == f"ii {__version__}-2", _status()
     assert CONFFILE.read_text() == edited
     assert not Path(f"{CONFFILE}.dpkg-dist").exists()
     assert _tree(Path("/var/lib/mapsync")) == state
