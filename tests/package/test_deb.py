@@ -322,6 +322,26 @@ def test_publish_and_pull_as_the_installed_units_run_them(installed: Path) -> No
     assert set(modes.values()) == {"0o600"}, modes
     status = _run(["/usr/bin/mapsync", "--config", str(CONFFILE), "status"], cwd="/")
     assert "OK" in status.stdout
+    # The installed program needs no root to pull: the `mapsync` user, with a state and a
+    # target of its own.
+    own = scratch / "as-mapsync.toml"
+    own.write_text(
+        f"""\
+[agent]
+state = "{scratch}/state"
+trusted_keys = ["{scratch}/keys/signing.pub"]
+
+[agent.channels.mx]
+source = "{scratch}/repo/mx"
+target = "{scratch}/postfix-as-mapsync"
+"""
+    )
+    _run(["runuser", "-u", "mapsync", "--", "/usr/bin/mapsync", "--config", str(own), "pull"])
+    live = (scratch / "postfix-as-mapsync" / "recipients.cdb").resolve()
+    assert _mode(live) == ("mapsync", "mapsync", 0o644)
+    # The channel's state directory is the agent's own, 0700 (the packaged state root,
+    # /var/lib/mapsync/agent, is made 0700 by postinst).
+    assert _mode(scratch / "state" / "mx") == ("mapsync", "mapsync", 0o700)
 
 
 def _tree(root: Path) -> dict[str, bytes]:
