@@ -13,13 +13,13 @@ UNITS = Path(__file__).parents[2] / "systemd"
 
 
 def _installed(tmp_path: Path) -> list[Path]:
-    """The units as an operator installs them, ExecStart pointed at this mapsync."""
+    """The units as the package installs them, ExecStart pointed at this checkout's mapsync."""
     mapsync = Path(sys.executable).parent / "mapsync"
     assert mapsync.exists(), f"{mapsync}: the mapsync console script is not installed"
     out = []
     for unit in sorted(UNITS.iterdir()):
         target = tmp_path / unit.name
-        target.write_text(unit.read_text().replace("/usr/local/bin/mapsync", str(mapsync)))
+        target.write_text(unit.read_text().replace("/usr/bin/mapsync", str(mapsync)))
         out.append(target)
     return out
 
@@ -44,6 +44,23 @@ def test_systemd_analyze_verify_accepts_every_unit(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.strip() == "", proc.stderr
+
+
+def test_units_run_the_packaged_mapsync_as_the_user_the_package_creates() -> None:
+    # The .deb installs /usr/bin/mapsync and creates the system user `mapsync` (postinst);
+    # the publisher runs as it, the agent as root (it writes the mail daemons' maps and runs
+    # `postfix reload`: docs/security.md). tests/package/test_deb.py runs them installed.
+    for unit in sorted(UNITS.glob("*.service")):
+        service = _settings(unit.read_text(), "Service")
+        assert service["ExecStart"].startswith("/usr/bin/mapsync --config /etc/mapsync/"), unit
+        assert "Documentation=file:///usr/share/doc/mapsync/operator-guide.md" in (
+            unit.read_text().splitlines()
+        ), unit
+        publisher = "publish" in service["ExecStart"].split()
+        expected = {"User": "mapsync", "Group": "mapsync"} if publisher else {}
+        assert {k: service[k] for k in ("User", "Group") if k in service} == expected, unit
+    postinst = (UNITS.parent / "packaging" / "deb" / "postinst").read_text()
+    assert "adduser --system" in postinst and " mapsync\n" in postinst
 
 
 def test_units_are_hardened() -> None:
