@@ -8,8 +8,9 @@ damaged inode into the next set. Two levels of checking:
 
 - cheap (every pull, every ``status``): ``current`` is mapsync's link, the live manifest
   parses, every file it names exists as a regular file of the manifest's size, and has the
-  size, mtime, inode and ctime recorded in the state when it was installed (a rewrite that
-  puts size and mtime back still changes the ctime);
+  size and mtime recorded in the state when it was installed; a file with a new inode or
+  ctime but its old size and mtime (rewritten in place with the mtime put back, or the set
+  copied with ``cp -a``) is hashed at once;
 - full (every ``[agent] full_check``, before a renewal reuses an inode, and ``verify``): the
   sha256 of every file against the manifest.
 
@@ -43,6 +44,9 @@ class LiveCheck:
     # Whether a size/mtime record of this very set was compared (False: none, or of another
     # set — a run that swapped but had not yet saved its state, or was killed in between).
     record_used: bool = False
+    # Files found as new inodes with their recorded size and mtime (the set copied or restored
+    # with ``cp -a``) whose sha256 still matched: the record should be taken again.
+    rerecord: bool = False
 
     @property
     def damaged(self) -> bool:
@@ -151,12 +155,24 @@ def check_live(
             )
             continue
         rec = record.get(file)
-        if rec is not None and rec.differs(out.files[file]):
-            out.problems.append(
-                f"{target / file}: changed since it was installed (size, mtime, inode or "
-                f"ctime){what}"
-            )
-            continue
+        now = out.files[file]
+        if rec is not None and rec.differs(now):
+            if (rec.size, rec.mtime_ns) != (now.size, now.mtime_ns):
+                out.problems.append(
+                    f"{target / file}: changed since it was installed (size or mtime){what}"
+                )
+                continue
+            # Same size and mtime, but another inode or a new ctime: rewritten in place with
+            # its mtime put back, or the whole set copied with ``cp -a``. The hash tells.
+            if file in expected and not full:
+                digest, _ = text.sha256_file(path)
+                if digest != expected[file][2]:
+                    out.problems.append(
+                        f"{target / file}: rewritten since it was installed (same size and "
+                        f"mtime, new ctime) and its sha256 differs from the manifest{what}"
+                    )
+                    continue
+            out.rerecord = True
         if full and file in expected:
             digest, _ = text.sha256_file(path)
             if digest != expected[file][2]:

@@ -79,9 +79,11 @@ def check_and_repair(
         _verify_signature(cfg, check)
     if not check.damaged:
         if check.manifest is not None and check.directory is not None:
-            if full:
+            if full or check.rerecord:
+                # A re-record after hashing only the rewritten files is no full check.
+                stamp = iso(utcnow()) if full else state.last_full_check or iso(utcnow())
                 state.note_installed(
-                    check.manifest.serial, check.directory.name, check.files, iso(utcnow())
+                    check.manifest.serial, check.directory.name, check.files, stamp
                 )
             else:
                 state.highest_serial = max(check.manifest.serial, state.highest_serial or 0)
