@@ -87,7 +87,7 @@ class Snapshot:
     fingerprint: Fingerprint
     taken_at: datetime
     sender_grants: list[SenderGrant] = field(default_factory=list)
-    secrets: bool = False  # password hashes, homes and quotas were read
+    secrets: bool = False  # password hashes and quotas were read (homes always are)
     # Where an account's own mail goes instead of its mailbox (a PostfixAdmin "forward"): keyed
     # like an alias, on a live account's address; the account's own address among the targets
     # keeps a copy in the mailbox. The account keeps its login either way.

@@ -78,3 +78,15 @@ def set_row(cluster: Cluster, table: Any, row_id: int, **values: Any) -> None:
             conn.execute(update(table).where(table.c.id == row_id).values(**values))
     finally:
         engine.dispose()
+
+
+def mailstore_id(cluster: Cluster, name: str) -> int:
+    """The id of mailstore ``name``."""
+    engine = create_engine(cluster.db_url)
+    try:
+        with engine.connect() as conn:
+            found = conn.execute(select(t.mailstore.c.id).where(t.mailstore.c.name == name)).first()
+    finally:
+        engine.dispose()
+    assert found is not None, f"no mailstore {name}"
+    return int(found[0])
