@@ -44,8 +44,8 @@ class Account(NamedTuple):
     local_part: str
     mailstore_id: int | None
     status: str  # active | login_disabled | disabled | moving
-    # Read only when a channel carries dovecot_users (least privilege: an MX publish never
-    # even loads password hashes).
+    # Hash and quota read only when a channel carries dovecot_users (least privilege: an MX
+    # publish never even loads password hashes); the home always (validated in every run).
     password_hash: str | None = None
     home: str | None = None
     quota_bytes: int | None = None
