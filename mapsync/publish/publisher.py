@@ -408,11 +408,9 @@ class Publisher:
         force: bool,
         skip_invalid: bool,
     ) -> PublishResult:
-        if not force:
+        if not force and not skip_invalid:
             # Cheap path: counts and newest updated_at equal to what the last full check
-            # recorded, same channel definition, not due for renewal → nothing to do. Also
-            # with --skip-invalid: a channel whose last release skipped rows of its own is
-            # never quiet (_quiet), another channel's skips are not its business.
+            # recorded, same channel definition, not due for renewal → nothing to do.
             fingerprint = source.fingerprint().digest()
             quiet = [self._quiet(ch, fingerprint) for ch in selected]
             if all(plan is not None for plan in quiet):
