@@ -44,8 +44,8 @@ class Account(NamedTuple):
     local_part: str
     mailstore_id: int | None
     status: str  # active | login_disabled | disabled | moving
-    # Read only when a channel carries dovecot_users (least privilege: an MX publish never
-    # even loads password hashes).
+    # Hash and quota read only when a channel carries dovecot_users (least privilege: an MX
+    # publish never even loads password hashes); the home always (validated in every run).
     password_hash: str | None = None
     home: str | None = None
     quota_bytes: int | None = None
@@ -87,7 +87,7 @@ class Snapshot:
     fingerprint: Fingerprint
     taken_at: datetime
     sender_grants: list[SenderGrant] = field(default_factory=list)
-    secrets: bool = False  # password hashes, homes and quotas were read
+    secrets: bool = False  # password hashes and quotas were read (homes always are)
     # Where an account's own mail goes instead of its mailbox (a PostfixAdmin "forward"): keyed
     # like an alias, on a live account's address; the account's own address among the targets
     # keeps a copy in the mailbox. The account keeps its login either way.

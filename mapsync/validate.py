@@ -42,10 +42,11 @@ class Problem(NamedTuple):
     """One invalid row: ``table`` and ``row`` (primary key) locate it, ``key`` names it.
 
     ``field``: the one column at fault when only some maps carry it (``password_hash``,
-    ``home``, ``imap_host``, ...), so ``--skip-invalid`` leaves the row out of those maps'
-    channels only (maps declare what they read: :attr:`mapsync.maps.base.Map.reads`); None
-    when the row as a whole is wrong (its address, its domain, where it routes). A problem in
-    ``password_hash`` costs the account its login only, never its mail (:attr:`login`).
+    ``quota_bytes``, ``imap_host``, ...), so ``--skip-invalid`` leaves the row out of those
+    maps' channels only (maps declare what they read: :attr:`mapsync.maps.base.Map.reads`);
+    None when the row as a whole is wrong (its address, its domain, where it routes, its home).
+    A problem in ``password_hash`` costs the account its login only, never its mail
+    (:attr:`login`); one in ``quota_bytes`` its quota rule only (:attr:`quota`).
     ``where``: how the source names the row in its own tables (``alias 'sales@example.com'``),
     set by :func:`check` from :attr:`Snapshot.describe`; None prints mapsync's own
     ``table id=N 'key'``.
@@ -63,6 +64,12 @@ class Problem(NamedTuple):
         """The problem is the account's login only (its password hash): ``--skip-invalid``
         keeps the account's mail and drops just its login."""
         return self.table == "account" and self.field == "password_hash"
+
+    @property
+    def quota(self) -> bool:
+        """The problem is the account's quota only: ``--skip-invalid`` keeps the account and
+        its userdb line, without a quota rule."""
+        return self.table == "account" and self.field == "quota_bytes"
 
     def __str__(self) -> str:
         if self.where is not None:
@@ -318,12 +325,13 @@ def _check(snap: Snapshot, proxy: bool = False) -> Iterator[Problem]:
         elif not store.active:
             yield Problem("account", a.id, address, f"mailstore {store.name!r} is not active")
         # An account already without its login (no hash, nologin) has no password to check.
-        if secrets:
-            if a.password_hash or a.status != "login_disabled":
-                for problem in _password_problems(a.password_hash):
-                    yield Problem("account", a.id, address, problem, "password_hash")
-            for column, problem in _home_problems(a.home, a.quota_bytes):
-                yield Problem("account", a.id, address, problem, column)
+        if secrets and (a.password_hash or a.status != "login_disabled"):
+            for problem in _password_problems(a.password_hash):
+                yield Problem("account", a.id, address, problem, "password_hash")
+        # Read for every run, not only with the secrets: a bad home fails the row in every
+        # channel, so a run of the MX alone must see it too (else its recipients flip-flop).
+        for column, problem in _home_problems(a.home, a.quota_bytes):
+            yield Problem("account", a.id, address, problem, column)
         claim = ("account", a.id)
         first = seen.setdefault(address.lower(), claim)
         if first is not claim:
@@ -563,9 +571,18 @@ def _password_problems(password_hash: str | None) -> Iterator[str]:
                 yield f"password scheme {scheme} is not allowed (cleartext or unknown)"
 
 
-def _home_problems(home: str | None, quota_bytes: int | None = None) -> Iterator[tuple[str, str]]:
+def _home_problems(
+    home: str | None, quota_bytes: int | None = None
+) -> Iterator[tuple[str | None, str]]:
     """The passwd-file's home and quota fields: an absolute home inside no '..', nothing
-    that splits a field; a quota that is a non-negative integer. Yields (column, reason)."""
+    that splits a field; a quota that is a non-negative integer. Yields (field, reason).
+
+    A bad quota is the quota rule's problem alone (field ``quota_bytes``: ``--skip-invalid``
+    keeps the userdb line without ``userdb_quota_rule``). A bad home is the row's (field
+    None): without its userdb line the mailstore's LMTP answers "user unknown" after the MX
+    accepted the mail (a bounce to a forged sender), so the account leaves every channel and
+    the MX refuses at RCPT instead.
+    """
     if quota_bytes is not None and type(quota_bytes) is not int:
         # SQLite: text in an INTEGER column
         yield "quota_bytes", f"quota_bytes {quota_bytes!r} is not a number"
@@ -573,6 +590,6 @@ def _home_problems(home: str | None, quota_bytes: int | None = None) -> Iterator
         yield "quota_bytes", f"quota_bytes {quota_bytes} is negative"
     if home is not None:
         if not home.startswith("/") or ":" in home or any(map(_unprintable, home)):
-            yield "home", f"home {home!r} must be an absolute path without ':' or whitespace"
+            yield None, f"home {home!r} must be an absolute path without ':' or whitespace"
         elif ".." in home.split("/"):
-            yield "home", f"home {home!r} contains '..'"
+            yield None, f"home {home!r} contains '..'"

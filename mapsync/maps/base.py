@@ -11,6 +11,8 @@ A map must provide:
   row only in the channels whose maps use it: table names (``account``: the rows, their
   addresses and state) and ``table.column`` for a column only some maps carry
   (``account.password_hash``); see :class:`mapsync.validate.Problem` ``field``;
+- ``per_mailstore``: whether it holds only the rows of the channel's ``mailstore`` (when the
+  channel names one), so a skipped row of another mailstore is not this channel's;
 - ``separator``: between key and value on a text line: ``" "`` (Postfix source format) or
   ``":"`` (Dovecot passwd-file, whose value is the remaining six fields);
 - ``entries(directory, channel)``: the (key, value) pairs, in any order; keys lowercase.
@@ -37,6 +39,7 @@ class Map(ABC):
     reads: frozenset[str] = frozenset(
         {"domain", "account", "alias", "forward", "mailstore", "sender_grant"}
     )
+    per_mailstore: bool = False
     separator: str = " "
     description: str = ""
 

@@ -37,6 +37,7 @@ class DovecotUsersMap(Map):
     )
     cdb = False
     secrets = True
+    per_mailstore = True
     separator = ":"
     description = (
         "passwd-file for one mailstore: user:{SCHEME}hash:uid:gid::home::userdb_quota_rule=..."

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
+from functools import cached_property
 from itertools import islice
 from operator import eq, itemgetter
 from pathlib import Path
@@ -55,7 +56,7 @@ from mapsync.release import (
     utcnow,
 )
 from mapsync.signing import key_id, load_private, load_public, public_path, sign, verify
-from mapsync.snapshot import Snapshot, paused_gc
+from mapsync.snapshot import Account, Domain, Snapshot, paused_gc
 from mapsync.sources import Source
 from mapsync.validate import Problem
 from mapsync.validate import check as validate
@@ -212,10 +213,12 @@ def channel_digest(ch: PublisherChannel) -> str:
 
 def drop_invalid(snap: Snapshot, problems: list[Problem]) -> Snapshot:
     """``snap`` without the rows named in ``problems`` (for ``publish --skip-invalid``)."""
-    bad = {(p.table, p.row) for p in problems if not p.login}
+    bad = {(p.table, p.row) for p in problems if not p.login and not p.quota}
     # A bad password hash costs the account its login, not its mail: on a mailstore its
-    # userdb line stays (nologin), so LMTP still delivers to it.
+    # userdb line stays (nologin), so LMTP still delivers to it. A bad quota costs it only
+    # its quota rule, for the same reason.
     logins = {p.row for p in problems if p.login}
+    quotas = {p.row for p in problems if p.quota}
     # A sender grant's row is its account's id: the grant is the (account, address) pair.
     bad_grants = {(p.row, p.key) for p in problems if p.table == "sender_grant"}
     return replace(
@@ -223,7 +226,7 @@ def drop_invalid(snap: Snapshot, problems: list[Problem]) -> Snapshot:
         mailstores=[m for m in snap.mailstores if ("mailstore", m.id) not in bad],
         domains=[d for d in snap.domains if ("domain", d.id) not in bad],
         accounts=[
-            a._replace(status="login_disabled", password_hash=None) if a.id in logins else a
+            _without(a, a.id in logins, a.id in quotas)
             for a in snap.accounts
             if ("account", a.id) not in bad
         ],
@@ -233,6 +236,14 @@ def drop_invalid(snap: Snapshot, problems: list[Problem]) -> Snapshot:
             g for g in snap.sender_grants if (g.account_id, g.address) not in bad_grants
         ],
     )
+
+
+def _without(account: Account, login: bool, quota: bool) -> Account:
+    if login:
+        account = account._replace(status="login_disabled", password_hash=None)
+    if quota:
+        account = account._replace(quota_bytes=None)
+    return account
 
 
 def reads(ch: PublisherChannel) -> frozenset[str]:
@@ -245,6 +256,75 @@ def affects(problem: Problem, read: frozenset[str]) -> bool:
     one field (a password hash, an IMAP host) only where that field is read; any other
     problem of a row wherever its table is read."""
     return (f"{problem.table}.{problem.field}" if problem.field else problem.table) in read
+
+
+class Scope:
+    """Which mailstores the rows of a snapshot are housed on, to tell a mailstore's channel
+    the invalid rows that are its own from another mailstore's (built on first use: only a
+    run that skips rows needs it)."""
+
+    def __init__(self, snap: Snapshot) -> None:
+        self._snap = snap
+
+    @cached_property
+    def _names(self) -> dict[int, str]:
+        return {m.id: m.name for m in self._snap.mailstores}
+
+    @cached_property
+    def _domains(self) -> dict[int, Domain]:
+        return {d.id: d for d in self._snap.domains}
+
+    @cached_property
+    def _accounts(self) -> dict[int, Account]:
+        return {a.id: a for a in self._snap.accounts}
+
+    @cached_property
+    def _own_stores(self) -> dict[int, set[str]]:
+        """Domain id → the mailstores its accounts with a mailstore of their own are on."""
+        out: dict[int, set[str]] = {}
+        for a in self._snap.accounts:
+            if a.mailstore_id is not None and a.mailstore_id in self._names:
+                out.setdefault(a.domain_id, set()).add(self._names[a.mailstore_id])
+        return out
+
+    def _default(self, domain_id: int) -> set[str]:
+        d = self._domains.get(domain_id)
+        store = d.default_mailstore_id if d else None
+        return {self._names[store]} if store in self._names else set()
+
+    def mailstores(self, problem: Problem) -> frozenset[str] | None:
+        """The mailstores whose rows ``problem`` concerns: an account's own mailstore, else
+        its domain's default; a domain's default and its accounts' own; a mailstore itself.
+        None for a row no mailstore houses (an alias, a forward, a sender grant)."""
+        if problem.table == "mailstore":
+            name = self._names.get(problem.row)
+            return frozenset({name} if name else ())
+        if problem.table == "domain":
+            return frozenset(self._default(problem.row) | self._own_stores.get(problem.row, set()))
+        if problem.table == "account":
+            a = self._accounts.get(problem.row)
+            if a is None:
+                return frozenset()
+            if a.mailstore_id is not None:
+                name = self._names.get(a.mailstore_id)
+                return frozenset({name} if name else ())
+            return frozenset(self._default(a.domain_id))
+        return None
+
+    def concerns(self, problem: Problem, ch: PublisherChannel) -> bool:
+        """Whether skipping ``problem``'s row is ``ch``'s business: a map of ``ch`` reads what
+        is wrong (:func:`affects`) and, for a map holding only the channel's mailstore, the
+        row is housed there."""
+        for name in ch.maps:
+            spec = CATALOGUE[name]
+            if not affects(problem, spec.reads):
+                continue
+            if ch.mailstore is None or not spec.per_mailstore:
+                return True
+            stores = self.mailstores(problem)
+            if stores is None or ch.mailstore in stores:
+                return True
+        return False
 
 
 MAX_SKIPPED_LISTED = 100  # rows a manifest names; the rest are counted (the log names each)
@@ -268,8 +348,9 @@ def skipped_note(problems: list[Problem]) -> list[str]:
 
 @dataclass
 class _View:
-    """What the channels reading the same things are rendered from: the snapshot without the
-    invalid rows that concern them, and those rows."""
+    """What a channel is rendered from: the snapshot without the invalid rows its kind of
+    channel reads (shared by the channels of that kind), and the skipped rows that are this
+    channel's own (:meth:`Scope.concerns`), which its manifest records."""
 
     directory: Directory
     skipped: list[Problem]
@@ -360,8 +441,7 @@ class Publisher:
         staged: list[_Staged] = []
         try:
             for ch in selected:
-                view = views[(reads(ch), "dovecot_proxy" in ch.maps)]
-                staged.append(self._stage(ch, view, snap, source))
+                staged.append(self._stage(ch, views[ch.name], snap, source))
             violations = [v for s in staged for v in self._guard(s, force)]
             if violations and not dry_run:
                 raise UnsafePlan(
@@ -460,46 +540,61 @@ class Publisher:
 
     def _views(
         self, snap: Snapshot, selected: list[PublisherChannel], skip_invalid: bool
-    ) -> dict[tuple[frozenset[str], bool], _View]:
-        """One :class:`_View` per kind of channel (what its maps read, whether it proxies).
+    ) -> dict[str, _View]:
+        """Each selected channel's :class:`_View`, by channel name.
 
-        With ``skip_invalid``, each kind drops only the invalid rows its maps would use: a
-        refused password hash leaves a mailstore's ``dovecot_users`` without that login but
-        the MX's ``recipients`` unchanged, whichever channels the run publishes.
+        With ``skip_invalid``, each kind of channel (what its maps read, whether it proxies)
+        drops only the invalid rows its maps would use: a refused password hash leaves a
+        mailstore's ``dovecot_users`` without that login but the MX's ``recipients``
+        unchanged, whichever channels the run publishes. Each channel records only the rows
+        that are its own: a mailstore's channel not another mailstore's accounts.
         """
         problems = validate(snap, self._proxy)
         if problems and not skip_invalid:
             raise InvalidData([str(p) for p in problems])
-        kinds: dict[tuple[frozenset[str], bool], list[str]] = {}
-        for ch in selected:
-            kinds.setdefault((reads(ch), "dovecot_proxy" in ch.maps), []).append(ch.name)
         if not problems:
-            shared = _View(Directory(snap), [])
-            return dict.fromkeys(kinds, shared)
-        used = set()
+            shared = Directory(snap)
+            return {ch.name: _View(shared, []) for ch in selected}
+        kinds: dict[tuple[frozenset[str], bool], tuple[Directory, list[Problem]]] = {}
+        for ch in selected:
+            kind = (reads(ch), "dovecot_proxy" in ch.maps)
+            if kind not in kinds:
+                kinds[kind] = self._view(snap, problems, *kind)
+        scope = Scope(snap)
         views = {}
-        for (read, proxy), names in kinds.items():
-            views[(read, proxy)] = self._view(snap, problems, read, proxy, names)
-            used.update(views[(read, proxy)].skipped)
+        for ch in selected:
+            directory, dropped = kinds[(reads(ch), "dovecot_proxy" in ch.maps)]
+            views[ch.name] = _View(directory, [p for p in dropped if scope.concerns(p, ch)])
+        for p in dict.fromkeys(p for _, dropped in kinds.values() for p in dropped):
+            channels = [ch.name for ch in selected if p in views[ch.name].skipped]
+            _log.warning(
+                "skipping invalid row"
+                if channels
+                else "invalid row not used by any channel published",
+                table=p.table,
+                row=p.row,
+                key=p.key,
+                where=p.where,
+                reason=p.reason,
+                channels=",".join(channels) or None,
+            )
         for p in problems:
-            if p not in used:
+            if not any(p in dropped for _, dropped in kinds.values()):
                 _log.warning(
                     "invalid row not used by any channel published",
                     table=p.table,
                     row=p.row,
                     key=p.key,
+                    where=p.where,
                     reason=p.reason,
                 )
         return views
 
     def _view(
-        self,
-        snap: Snapshot,
-        problems: list[Problem],
-        read: frozenset[str],
-        proxy: bool,
-        channels: list[str],
-    ) -> _View:
+        self, snap: Snapshot, problems: list[Problem], read: frozenset[str], proxy: bool
+    ) -> tuple[Directory, list[Problem]]:
+        """The snapshot of the channels reading ``read`` without the invalid rows they use,
+        and those rows."""
         skipped: list[Problem] = []
         relevant = [p for p in problems if affects(p, read)]
         # Dropping a row can orphan others (an alias domain whose target went): repeat.
@@ -507,19 +602,10 @@ class Publisher:
             again = [p for p in relevant if p in skipped]
             if again:  # dropping the row did not remove the problem: never loop on it
                 raise InvalidData([f"{p} (cannot be skipped)" for p in again])
-            for p in relevant:
-                _log.warning(
-                    "skipping invalid row",
-                    table=p.table,
-                    row=p.row,
-                    key=p.key,
-                    reason=p.reason,
-                    channels=",".join(channels),
-                )
             skipped += relevant
             snap = drop_invalid(snap, relevant)
             relevant = [p for p in validate(snap, proxy) if affects(p, read)]
-        return _View(Directory(snap), skipped)
+        return Directory(snap), skipped
 
     def _stage(
         self,

@@ -47,7 +47,7 @@ class Source(ABC):
 
     @abstractmethod
     def snapshot(self, secrets: bool = False) -> Snapshot:
-        """Every row the maps need; password hashes, homes and quotas only with ``secrets``."""
+        """Every row the maps need; password hashes and quotas only with ``secrets``."""
 
     @contextmanager
     def lock(self, wait: float = 30.0) -> Iterator[None]:

@@ -384,10 +384,12 @@ class BuiltinSource(Source):
             t.account.c.mailstore_id,
             t.account.c.status,
         ]
+        # The home is read for every run (validation fails a bad one in every channel);
+        # hashes and quotas only for a channel that carries them.
         if getattr(self, "_secrets", False):
             columns += [t.account.c.password_hash, t.account.c.home, t.account.c.quota_bytes]
         else:  # NULL from the database: every row has all of Account's fields
-            columns += [null(), null(), null()]
+            columns += [null(), t.account.c.home, null()]
         assert len(columns) == len(Account._fields)
         rows = fingerprint.tables
         accounts = list(

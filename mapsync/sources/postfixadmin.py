@@ -305,7 +305,7 @@ class _Reader:
                 None,
                 "active" if active else "disabled",
                 dovecot_password(row[4]) if self.secrets else None,
-                f"{base}/{row[1] or ''}" if self.secrets else None,
+                f"{base}/{row[1] or ''}",  # validated in every run, as a bad home fails the row
                 quota if self.secrets else None,
             )
             accounts.append(account)

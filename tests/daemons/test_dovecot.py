@@ -26,6 +26,7 @@ from mapsync.config import FileMode
 from mapsync.sources import schema as t
 from mapsync.sources.seed import sha512_crypt
 from tests.daemons.roles import PASSWORD, Nodes, entries, make_nodes
+from tests.helpers.publisher import account_on, set_row
 
 pytestmark = pytest.mark.daemons
 
@@ -260,3 +261,36 @@ def test_a_host_with_injected_fields_never_reaches_the_proxy(
                 update(t.mailstore).where(t.mailstore.c.id == 1).values({column: "10.0.1.11"})
             )
         engine.dispose()
+
+
+def test_skip_invalid_a_bad_quota_keeps_the_user_a_bad_home_makes_it_unknown(
+    nodes: Nodes, store: Dovecot
+) -> None:
+    """``publish --skip-invalid`` as the real userdb sees it (LMTP looks the recipient up the
+    same way at RCPT): a bad quota leaves the user known, logging in, without the quota rule;
+    a bad home leaves it unknown on the mailstore, as it is on the MX (refused at RCPT)."""
+    quota_id, quota_user = account_on(nodes.cluster, "store-1")
+    home_id, home_user = account_on(nodes.cluster, "store-1", skip=1)
+    before = {u: fields(store.doveadm("user", u).stdout) for u in (quota_user, home_user)}
+    assert before[quota_user]["quota_rule"].startswith("*:bytes=")
+    assert store.doveadm("auth", "test", quota_user, PASSWORD).returncode == 0
+    set_row(nodes.cluster, t.account, quota_id, quota_bytes=-1)
+    set_row(nodes.cluster, t.account, home_id, home="var/vmail/relative")
+    try:
+        nodes.cluster.publish("--skip-invalid")
+        nodes.cluster.pull()
+        deadline = time.monotonic() + 5  # Dovecot stats the passwd-file at most once a second
+        while (gone := store.doveadm("user", home_user)).returncode != 67:
+            assert time.monotonic() < deadline, gone.stdout + gone.stderr
+            time.sleep(0.25)
+        kept = store.doveadm("user", quota_user)
+        assert kept.returncode == 0, kept.stdout + kept.stderr
+        f = fields(kept.stdout)
+        assert f["home"] == before[quota_user]["home"]
+        assert f.get("quota_rule") != before[quota_user]["quota_rule"]
+        assert store.doveadm("auth", "test", quota_user, PASSWORD).returncode == 0
+    finally:
+        quota = int(before[quota_user]["quota_rule"].removeprefix("*:bytes="))
+        set_row(nodes.cluster, t.account, quota_id, quota_bytes=quota)
+        set_row(nodes.cluster, t.account, home_id, home=before[home_user]["home"])
+        nodes.publish_and_pull()

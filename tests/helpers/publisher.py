@@ -45,8 +45,9 @@ def keys(cluster: Cluster, channel: str, name: str, serial: int | None = None) -
     return {line.split(sep, 1)[0] for line in lines(cluster, channel, name, serial)}
 
 
-def account_on(cluster: Cluster, store: str) -> tuple[int, str]:
-    """(id, address) of an active account housed on mailstore ``store`` by its domain's default."""
+def account_on(cluster: Cluster, store: str, skip: int = 0) -> tuple[int, str]:
+    """(id, address) of an active account housed on mailstore ``store`` by its domain's default
+    (the first by id, after ``skip`` others)."""
     engine = create_engine(cluster.db_url)
     try:
         with engine.connect() as conn:
@@ -63,6 +64,7 @@ def account_on(cluster: Cluster, store: str) -> tuple[int, str]:
                     t.account.c.local_part != "postmaster",
                 )
                 .order_by(t.account.c.id)
+                .offset(skip)
             ).first()
     finally:
         engine.dispose()
@@ -78,3 +80,15 @@ def set_row(cluster: Cluster, table: Any, row_id: int, **values: Any) -> None:
             conn.execute(update(table).where(table.c.id == row_id).values(**values))
     finally:
         engine.dispose()
+
+
+def mailstore_id(cluster: Cluster, name: str) -> int:
+    """The id of mailstore ``name``."""
+    engine = create_engine(cluster.db_url)
+    try:
+        with engine.connect() as conn:
+            found = conn.execute(select(t.mailstore.c.id).where(t.mailstore.c.name == name)).first()
+    finally:
+        engine.dispose()
+    assert found is not None, f"no mailstore {name}"
+    return int(found[0])

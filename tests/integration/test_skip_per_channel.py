@@ -13,7 +13,15 @@ from sqlalchemy import create_engine, insert
 
 from mapsync.sources import schema as t
 from tests.conftest import Cluster
-from tests.helpers.publisher import account_on, add_channels, keys, lines, manifest, set_row
+from tests.helpers.publisher import (
+    account_on,
+    add_channels,
+    keys,
+    lines,
+    mailstore_id,
+    manifest,
+    set_row,
+)
 
 STORE_1 = """\
 [publisher.channels.store-1]
@@ -56,16 +64,108 @@ def test_a_refused_password_hash_leaves_the_mx_maps_alone(cluster: Cluster) -> N
     assert cluster.publish("--skip-invalid").stdout.count("unchanged") == 2
 
 
-def test_a_bad_home_is_the_mailstores_problem_too(cluster: Cluster) -> None:
+def test_a_bad_home_is_refused_at_the_mx_too(cluster: Cluster) -> None:
+    """Without its userdb line the mailstore's LMTP answers "user unknown" after the MX took
+    the mail (a bounce to a possibly forged sender): the MX must refuse at RCPT instead, so a
+    bad home leaves every channel, and a run of the MX alone agrees."""
     add_channels(cluster, STORE_1)
     cluster.publish()
     account, address = account_on(cluster, "store-1")
     set_row(cluster, t.account, account, home="relative/home")
     out = cluster.publish("--skip-invalid").stdout
-    assert "channel mx: unchanged (serial 1)" in out
+    assert "channel mx: published serial 2" in out
+    assert "channel store-1: published serial 2" in out
+    assert address not in keys(cluster, "mx", "recipients")
     assert address not in keys(cluster, "store-1", "dovecot_users")
+    for channel in ("mx", "store-1"):
+        (skip,) = manifest(cluster, channel)["skipped"]
+        assert skip.startswith(f"account id={account} '{address}': home 'relative/home'")
+    alone = cluster.publish("--skip-invalid", "--channel", "mx").stdout
+    assert "channel mx: unchanged (serial 2)" in alone
+
+
+def test_a_bad_quota_costs_only_the_quota_rule(cluster: Cluster) -> None:
+    """The account keeps its mail and its login; Dovecot just gets no quota rule for it."""
+    add_channels(cluster, STORE_1)
+    account, address = account_on(cluster, "store-1")
+    set_row(cluster, t.account, account, quota_bytes=1024)
+    cluster.publish()
+    (before,) = [
+        x for x in lines(cluster, "store-1", "dovecot_users") if x.startswith(address + ":")
+    ]
+    assert "userdb_quota_rule=*:bytes=1024" in before
+    set_row(cluster, t.account, account, quota_bytes=-5)
+    out = cluster.publish("--skip-invalid").stdout
+    assert "channel mx: unchanged (serial 1)" in out
+    assert "channel store-1: published serial 2" in out
+    (line,) = [x for x in lines(cluster, "store-1", "dovecot_users") if x.startswith(address + ":")]
+    assert line == before.replace("userdb_quota_rule=*:bytes=1024", "").rstrip()
+    assert "nologin" not in line and line.split(":")[1].startswith("{")  # still logs in
     assert manifest(cluster, "mx")["skipped"] == []
-    assert [s for s in manifest(cluster, "store-1")["skipped"] if "home 'relative/home'" in s]
+    (skip,) = manifest(cluster, "store-1")["skipped"]
+    assert skip == f"account id={account} '{address}': quota_bytes -5 is negative"
+
+
+STORES = """[publisher.channels.store-1]
+maps = ["dovecot_users"]
+mailstore = "store-1"
+
+[publisher.channels.store-2]
+maps = ["dovecot_users"]
+mailstore = "store-2"
+"""
+
+
+def test_a_skip_is_recorded_only_by_the_mailstore_that_houses_the_account(
+    cluster: Cluster,
+) -> None:
+    """Both mailstores' channels read the same columns; store-1 must still not record (nor
+    be kept from its no-change fast path by) a store-2 account's refused password."""
+    add_channels(cluster, STORES)
+    by_default, default_address = account_on(cluster, "store-2")
+    # Housed on store-2 directly, in a domain whose default is store-1.
+    direct, direct_address = account_on(cluster, "store-1")
+    set_row(cluster, t.account, direct, mailstore_id=mailstore_id(cluster, "store-2"))
+    cluster.publish()
+    assert direct_address in keys(cluster, "store-2", "dovecot_users")
+    assert direct_address not in keys(cluster, "store-1", "dovecot_users")
+    for account in (by_default, direct):
+        set_row(cluster, t.account, account, password_hash="{PLAIN}secret")
+    # And a valid change on store-1 in the same run, so store-1 writes a new manifest.
+    changed, _ = account_on(cluster, "store-1")
+    set_row(cluster, t.account, changed, quota_bytes=2048)
+
+    run = cluster.cli("-v", "publish", "--skip-invalid")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "channel mx: unchanged (serial 1)" in run.stdout
+    assert "channel store-1: published serial 2" in run.stdout
+    assert "channel store-2: published serial 2" in run.stdout
+    assert manifest(cluster, "mx")["skipped"] == []
+    assert manifest(cluster, "store-1")["skipped"] == []
+    skipped = manifest(cluster, "store-2")["skipped"]
+    assert sorted(s.split(":", 1)[0] for s in skipped) == sorted(
+        [f"account id={by_default} '{default_address}'", f"account id={direct} '{direct_address}'"]
+    )
+    # The log names the channels each row is skipped in.
+    skip_logs = [x for x in run.stderr.splitlines() if "skipping invalid row" in x]
+    assert len(skip_logs) == 2
+    assert all("channels=store-2" in x for x in skip_logs), skip_logs
+
+    # Another mailstore's skips do not keep store-1 (nor the MX) from the cheap path.
+    subset = cluster.cli("-v", "publish", "--channel", "store-1", "--channel", "mx", check=True)
+    assert "database unchanged since the last releases" in subset.stderr
+    assert "reading snapshot" not in subset.stderr
+    # Once the rows are fixed, every channel takes the cheap path again (before, store-1's
+    # manifest kept listing store-2's rows, and a channel with skips is always read again).
+    for account in (by_default, direct):
+        set_row(cluster, t.account, account, password_hash="{SHA512-CRYPT}$6$salt$hash")
+    fixed = cluster.publish().stdout
+    assert "channel store-1: unchanged (serial 2)" in fixed
+    assert "channel store-2: published serial 3" in fixed
+    assert manifest(cluster, "store-2")["skipped"] == []
+    quiet = cluster.cli("-v", "publish", check=True)
+    assert "database unchanged since the last releases" in quiet.stderr
+    assert "reading snapshot" not in quiet.stderr
 
 
 def test_an_imap_host_the_proxy_refuses_changes_only_the_proxy(cluster: Cluster) -> None:
