@@ -256,8 +256,10 @@ def test_unwritable_repository_exits_2_with_one_line(cluster: Cluster) -> None:
     cluster.config_path.write_text(cfg)
     proc = cluster.cli("publish")
     assert proc.returncode == 2
+    # Refused when the config is loaded, naming file, key and the path in the way.
     assert proc.stderr.splitlines() == [
-        f"mapsync: [Errno 20] Not a directory: '{cluster.root / 'afile' / 'repo'}'"
+        f"mapsync: {cluster.config_path}: [publisher] repository: {cluster.root / 'afile' / 'repo'} "
+        f"lies under {cluster.root / 'afile'}, which is not a directory"
     ]
 
 
