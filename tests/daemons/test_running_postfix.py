@@ -37,7 +37,7 @@ from mapsync import config
 from mapsync.sources import schema as t
 from tests.daemons.postfix_instance import PostfixInstance, Reply
 from tests.daemons.roles import AGENTS, Nodes, entries, make_nodes
-from tests.integration.test_agent_pull import add_account
+from tests.helpers.agent import add_account
 
 pytestmark = pytest.mark.daemons
 

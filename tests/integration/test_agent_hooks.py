@@ -23,7 +23,7 @@ import pytest
 
 from mapsync.signing import keygen
 from tests.conftest import Cluster, make_cluster
-from tests.integration.test_agent_pull import (
+from tests.helpers.agent import (
     MAPS,
     add_account,
     clone,

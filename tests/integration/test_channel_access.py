@@ -26,7 +26,7 @@ import pytest
 from mapsync.transport import rsync as rsync_mod
 from mapsync.transport.rsync import Remote
 from tests.conftest import Cluster
-from tests.integration.test_agent_pull import lookup, tree_snapshot
+from tests.helpers.agent import lookup, tree_snapshot
 from tests.integration.test_rsync_daemon import _free_port
 
 RRSYNC = "/usr/bin/rrsync"  # Debian's rsync package ships it here (Python, uncompressed)

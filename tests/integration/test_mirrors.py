@@ -25,7 +25,7 @@ import pytest
 from mapsync.release import MANIFEST, SIGNATURE
 from mapsync.signing import keygen, load_private, sign
 from tests.conftest import Cluster, make_cluster
-from tests.integration.test_agent_pull import (
+from tests.helpers.agent import (
     add_account,
     clone,
     lookup,

@@ -26,7 +26,7 @@ from mapsync import log
 from mapsync.cli import commands
 from mapsync.cli.main import _parser
 from tests.conftest import Cluster, make_cluster
-from tests.integration.test_agent_pull import add_account
+from tests.helpers.agent import add_account
 from tests.integration.test_publisher import assert_complete
 from tests.integration.test_push import push_to, record, serial_of
 from tests.integration.test_rsync_daemon import SilentServer

@@ -24,7 +24,7 @@ import pytest
 from mapsync.publish import push
 from mapsync.release import iso, parse_iso
 from tests.conftest import Cluster, make_cluster
-from tests.integration.test_agent_pull import add_account, lookup
+from tests.helpers.agent import add_account, lookup
 from tests.integration.test_rsync_daemon import (
     RsyncDaemon,
     SilentServer,

@@ -23,7 +23,7 @@ from types import TracebackType
 import pytest
 
 from tests.conftest import Cluster, make_cluster
-from tests.integration.test_agent_pull import add_account, lookup, read_state, tree_snapshot
+from tests.helpers.agent import add_account, lookup, read_state, tree_snapshot
 
 
 def _free_port() -> int:
