@@ -30,7 +30,7 @@ from tests.helpers.agent import (
     tree_snapshot,
 )
 from tests.helpers.config import publish_expiring
-from tests.integration.test_rsync_daemon import processes, started, wait_for_children
+from tests.helpers.processes import processes, started, wait_for_children
 
 SECOND = "zz-second@example-1.org"  # from serial 2 on
 THIRD = "zz-third@example-1.org"  # from serial 3 on
