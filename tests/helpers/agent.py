@@ -1,5 +1,6 @@
 """Helpers for the tests of an agent's node: a changed central database, what Postfix finds
-in the live maps (real ``postmap -q``), the node's files and state, a copy of a cluster."""
+in the live maps (real ``postmap -q``), the node's files and state, a copy of a cluster, a
+renewal by key rotation."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 
 from sqlalchemy import create_engine, delete, insert, select
 
+from mapsync.signing import keygen
 from mapsync.sources import schema as t
 from tests.conftest import Cluster
 
@@ -141,3 +143,21 @@ def clone(src: Cluster, root: Path) -> Cluster:
     c = Cluster(root / "c", f"sqlite:///{root / db.name}")
     c.write_config()
     return c
+
+
+def renew(cluster: Cluster, serial: int | None = None) -> None:
+    """Key rotation: the publisher signs with a second key the node also trusts, and renews
+    the last release at once (the same maps, a new serial: ``serial`` when given)."""
+    keys = cluster.root / "keys"
+    if not (keys / "signing-2.key").exists():
+        keygen(keys / "signing-2.key")
+    cluster.config_path.write_text(
+        cluster.config_path.read_text()
+        .replace(f'"{keys / "signing.key"}"', f'"{keys / "signing-2.key"}"')
+        .replace(
+            f'trusted_keys = ["{keys / "signing.pub"}"]',
+            f'trusted_keys = ["{keys / "signing.pub"}", "{keys / "signing-2.pub"}"]',
+        )
+    )
+    renewed = "renewed serial" if serial is None else f"renewed serial {serial}"
+    assert renewed in cluster.publish().stdout

@@ -1,5 +1,5 @@
 """Helpers for the tests of a damaged node: lookups through real postmap that show what
-Postfix says, a renewal, damage to a live file, a full disk (the node's state and a changed
+Postfix says, damage to a live file, a full disk (the node's state and a changed
 database: :mod:`tests.helpers.agent`)."""
 
 from __future__ import annotations
@@ -8,7 +8,6 @@ import os
 import subprocess
 from pathlib import Path
 
-from mapsync.signing import keygen
 from tests.conftest import Cluster
 
 
@@ -20,22 +19,6 @@ def lookup(cluster: Cluster, key: str, map_name: str = "recipients") -> tuple[in
         text=True,
     )
     return p.returncode, (p.stdout + p.stderr).strip()
-
-
-def renew(cluster: Cluster) -> None:
-    """Make the publisher renew the last release now (same maps, a new serial): it signs with
-    a second key the node also trusts, as in a key rotation."""
-    keys = cluster.root / "keys"
-    keygen(keys / "signing-2.key")
-    cluster.config_path.write_text(
-        cluster.config_path.read_text()
-        .replace(f'"{keys / "signing.key"}"', f'"{keys / "signing-2.key"}"')
-        .replace(
-            f'trusted_keys = ["{keys / "signing.pub"}"]',
-            f'trusted_keys = ["{keys / "signing.pub"}", "{keys / "signing-2.pub"}"]',
-        )
-    )
-    assert "renewed serial" in cluster.publish().stdout
 
 
 def live_file(cluster: Cluster, name: str) -> Path:
