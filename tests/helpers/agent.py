@@ -11,7 +11,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from sqlalchemy import create_engine, delete, insert, select
+from sqlalchemy import Connection, create_engine, delete, insert, select
 
 from mapsync.signing import keygen
 from mapsync.sources import schema as t
@@ -73,23 +73,29 @@ def add_account(
     return f"{local}@{domain}"
 
 
+def unreferenced_account(conn: Connection) -> tuple[int, str]:
+    """The first active, non-postmaster account that no alias points at: (id, address)."""
+    targets = {r[0] for r in conn.execute(select(t.alias_target.c.target))}
+    rows = conn.execute(
+        select(t.account.c.id, t.account.c.local_part, t.domain.c.name)
+        .join(t.domain, t.domain.c.id == t.account.c.domain_id)
+        .where(t.account.c.status == "active", t.account.c.local_part != "postmaster")
+        .order_by(t.account.c.id)
+    ).all()
+    row = next(r for r in rows if f"{r.local_part}@{r.name}" not in targets)
+    return row.id, f"{row.local_part}@{row.name}"
+
+
 def delete_unreferenced_account(cluster: Cluster) -> str:
     """Delete one active, non-postmaster account that no alias points at; return its address."""
     engine = create_engine(cluster.db_url)
     try:
         with engine.begin() as conn:
-            targets = {r[0] for r in conn.execute(select(t.alias_target.c.target))}
-            rows = conn.execute(
-                select(t.account.c.id, t.account.c.local_part, t.domain.c.name)
-                .join(t.domain, t.domain.c.id == t.account.c.domain_id)
-                .where(t.account.c.status == "active", t.account.c.local_part != "postmaster")
-                .order_by(t.account.c.id)
-            ).all()
-            victim = next(r for r in rows if f"{r.local_part}@{r.name}" not in targets)
-            conn.execute(delete(t.account).where(t.account.c.id == victim.id))
+            victim, address = unreferenced_account(conn)
+            conn.execute(delete(t.account).where(t.account.c.id == victim))
     finally:
         engine.dispose()
-    return f"{victim.local_part}@{victim.name}"
+    return address
 
 
 def tree_snapshot(root: Path) -> dict[str, tuple[object, ...]]:
