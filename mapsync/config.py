@@ -310,20 +310,34 @@ def _path(section: _Section, key: str, default: Any = _REQUIRED, *, kind: str = 
     return p
 
 
+def _check_name(path: Path, where: str, name: str, what: str) -> None:
+    """Refuse a channel or mailstore name (``what``) that cannot be a directory and an rsync
+    module name everywhere."""
+    if not CHANNEL_NAME.match(name):
+        raise ConfigError(f"{path}: [{where}]: {what} names are lowercase letters, digits, - and _")
+
+
+def non_utf8(p: Path) -> str | None:
+    """``p`` shown with its undecodable bytes as ``\\xff`` when it is not valid UTF-8 (a legal
+    POSIX name that rsync's argv, state.json, manifests and logs cannot carry); else None."""
+    try:
+        str(p).encode("utf-8")
+    except UnicodeEncodeError:
+        return os.fsencode(p).decode("utf-8", "backslashreplace")
+    return None
+
+
 def _check_kind(where: str, p: Path, kind: str) -> None:
     """Refuse, naming ``where``, a path that cannot become a ``kind`` ("dir" or "file"):
     one that exists as the other kind, or lies under a regular file. Found now, not as
     ``[Errno 20]``/``[Errno 21]`` from the first command that uses it. A path that does not
     exist yet is fine (mapsync creates directories; keys may be made after the config)."""
-    try:
-        str(p).encode("utf-8")
-    except UnicodeEncodeError:
-        # A legal POSIX name, but rsync's argv, state.json, manifests and logs are UTF-8.
-        shown = os.fsencode(p).decode("utf-8", "backslashreplace")
+    shown = non_utf8(p)
+    if shown is not None:
         raise ConfigError(
             f"{where}: {shown} is not valid UTF-8; mapsync needs paths it can pass to rsync "
             "and record (rename the directory)"
-        ) from None
+        )
     for q in (p, *p.parents):
         try:
             st = q.stat()
@@ -394,10 +408,7 @@ def _publisher(path: Path, data: Any) -> PublisherConfig:
     channels = {}
     for name, sub in s.table("channels").items():
         where = f"publisher.channels.{name}"
-        if not CHANNEL_NAME.match(name):
-            raise ConfigError(
-                f"{path}: [{where}]: channel names are lowercase letters, digits, - and _"
-            )
+        _check_name(path, where, name, "channel")
         cs = _Section(path, where, sub)
         cs.allow("maps", "mailstore", "push", "uid", "gid")
         maps = cs.strlist("maps", _REQUIRED)
@@ -485,10 +496,7 @@ def _postfixadmin(path: Path, data: dict[str, Any]) -> PostfixAdminConfig:
     stores = {}
     for name, sub in s.table("mailstores").items():
         where = f"publisher.postfixadmin.mailstores.{name}"
-        if not CHANNEL_NAME.match(name):
-            raise ConfigError(
-                f"{path}: [{where}]: mailstore names are lowercase letters, digits, - and _"
-            )
+        _check_name(path, where, name, "mailstore")
         ms = _Section(path, where, sub)
         ms.allow("lmtp_host", "lmtp_port", "imap_host", "imap_port", "domains")
         stores[name] = PostfixAdminMailstore(
@@ -664,10 +672,7 @@ def _agent(path: Path, data: Any) -> AgentConfig:
     channels = {}
     for name, sub in s.table("channels").items():
         where = f"agent.channels.{name}"
-        if not CHANNEL_NAME.match(name):
-            raise ConfigError(
-                f"{path}: [{where}]: channel names are lowercase letters, digits, - and _"
-            )
+        _check_name(path, where, name, "channel")
         cs = _Section(path, where, sub)
         cs.allow(
             "source",

@@ -16,6 +16,7 @@ import pwd
 import shutil
 import stat
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -142,12 +143,7 @@ def pull(
     source: ``last_success``, ``last_source`` and ``failed_sources`` stay as the last poll
     left them, and ``last_error`` is cleared only if a pushed pull made it.
     """
-    paths = ChannelPaths(cfg, ch)
-    open_state_dir(cfg, paths)
-    with channel_lock(paths.lock):
-        remove_stray_temp_files(paths.root)
-        remove_stray_temp_files(paths.kept.root)  # a killed copy for rollback
-        state = load_state(ch, paths)
+    with taken_channel(cfg, ch) as (paths, state):
         state.last_attempt = iso(utcnow())
         if unpin and state.pinned is not None:
             _log.info("unpinned", channel=ch.name, serial=state.pinned)
@@ -187,6 +183,21 @@ def pull(
                 f"failed ({failure.splitlines()[0]}); it is retried on the next run"
             )
         return result
+
+
+@contextlib.contextmanager
+def taken_channel(
+    cfg: AgentConfig, ch: AgentChannel
+) -> Iterator[tuple[ChannelPaths, ChannelState]]:
+    """Channel ``ch`` taken for a change: its state directory secured, its lock held, what a
+    killed run left (temp files in STATE and the kept copies) removed, and its state loaded
+    (rebuilt when damaged). The lock is released when the block ends."""
+    paths = ChannelPaths(cfg, ch)
+    open_state_dir(cfg, paths)
+    with channel_lock(paths.lock):
+        remove_stray_temp_files(paths.root)
+        remove_stray_temp_files(paths.kept.root)  # a killed copy for rollback
+        yield paths, load_state(ch, paths)
 
 
 def open_state_dir(cfg: AgentConfig, paths: ChannelPaths) -> None:

@@ -6,15 +6,12 @@ from __future__ import annotations
 from mapsync.agent.damage import check_live
 from mapsync.agent.liveset import LiveSet
 from mapsync.agent.pull import (
-    ChannelPaths,
-    load_state,
-    open_state_dir,
     save_state,
     settled,
+    taken_channel,
     trusted_keys,
 )
 from mapsync.agent.repair import check_and_repair
-from mapsync.agent.state import channel_lock, remove_stray_temp_files
 from mapsync.config import AgentChannel, AgentConfig
 from mapsync.errors import InstallError, VerificationError
 from mapsync.formats import text
@@ -61,12 +58,7 @@ def repair_installed(cfg: AgentConfig, ch: AgentChannel) -> tuple[int, list[str]
     VerificationError if it is damaged and no verified copy is kept here."""
     from mapsync.agent.hooks import reload_failure
 
-    paths = ChannelPaths(cfg, ch)
-    open_state_dir(cfg, paths)
-    with channel_lock(paths.lock):
-        remove_stray_temp_files(paths.root)
-        remove_stray_temp_files(paths.kept.root)  # a killed copy for rollback
-        state = load_state(ch, paths)
+    with taken_channel(cfg, ch) as (paths, state):
         try:
             live = settled(ch)
             outcome = check_and_repair(cfg, ch, paths, state, live, full=True)

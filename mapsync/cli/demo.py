@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import subprocess
 import tempfile
@@ -142,14 +141,12 @@ def run_demo(directory: Path | None, schema: str = "mapsync") -> int:
     from mapsync.sources.seed import SeedCounts, seed
 
     d = (directory or Path(tempfile.mkdtemp(prefix="mapsync-demo-"))).resolve()
-    try:
-        str(d).encode("utf-8")
-    except UnicodeEncodeError:
-        shown = os.fsencode(d).decode("utf-8", "backslashreplace")
+    shown = config.non_utf8(d)
+    if shown is not None:
         raise ConfigError(
             f"demo --dir {shown}: not valid UTF-8; the demo writes this path into its configs "
             "and hands it to rsync (choose a directory whose name is UTF-8)"
-        ) from None
+        )
     _quiet_info_logs()
     d.mkdir(parents=True, exist_ok=True)
     cfg_path = node_config(d, "mx")

@@ -19,10 +19,11 @@ import pwd
 import re
 import signal
 import smtplib
-import socket
 import subprocess
 import time
 from pathlib import Path
+
+from tests.helpers.transport import free_port
 
 # (code, text) of one SMTP reply, as smtplib gives it, the text decoded.
 Reply = tuple[int, str]
@@ -84,13 +85,6 @@ lmtp       unix  -       -       n       -       -       lmtp
 
 class PostfixFailed(AssertionError):
     """Postfix could not be configured, started or stopped; the message quotes the maillog."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _running(pid: int) -> bool:

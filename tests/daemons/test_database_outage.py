@@ -5,17 +5,15 @@ status stays OK, and ``status --publisher`` says the publisher is failing."""
 
 from __future__ import annotations
 
-import shutil
-import socket
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from tests.daemons.postfix_instance import PostfixInstance, Reply
-from tests.daemons.roles import Nodes, entries, make_nodes
+from tests.daemons.roles import Nodes, entries
 from tests.helpers.dbtrouble import repo_tree
+from tests.helpers.postfix import running_mx
+from tests.helpers.transport import free_port
 
 pytestmark = pytest.mark.daemons
 
@@ -25,29 +23,14 @@ ACCEPTED: Reply = (250, "2.1.5 Ok")
 
 def closed_port() -> int:
     """A local TCP port nothing listens on (bound, then released)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_port()
 
 
 @pytest.fixture
 def mx() -> Iterator[tuple[Nodes, PostfixInstance]]:
-    """A seeded publisher, the ``postfix-mx`` node pulled once, and a Postfix started on it
-    (one short, world-readable directory: Postfix's socket paths and its daemons need it)."""
-    root = Path(tempfile.mkdtemp(prefix="mapsync-out-"))
-    root.chmod(0o755)
-    try:
-        nodes = make_nodes(root / "c", (ROLE,), accounts=60, domains=5, aliases=10)
-        postfix = PostfixInstance(
-            root / "pf", nodes.roles[ROLE].snippet("main.cf", nodes.target(ROLE))
-        )
-        try:
-            postfix.start()
-            yield nodes, postfix
-        finally:
-            postfix.stop()
-    finally:
-        shutil.rmtree(root)
+    """A seeded publisher, the ``postfix-mx`` node pulled once, and a Postfix started on it."""
+    with running_mx("mapsync-out-", accounts=60, domains=5, aliases=10) as mx:
+        yield mx
 
 
 def test_a_database_outage_is_invisible_to_mail_flow(mx: tuple[Nodes, PostfixInstance]) -> None:

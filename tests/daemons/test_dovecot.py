@@ -11,9 +11,7 @@ import imaplib
 import pwd
 import random
 import shutil
-import socket
 import stat
-import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
@@ -26,6 +24,7 @@ from mapsync.config import FileMode
 from mapsync.sources import schema as t
 from mapsync.sources.seed import sha512_crypt
 from tests.daemons.roles import PASSWORD, Nodes, entries, make_nodes
+from tests.helpers.dovecot import Dovecot
 from tests.helpers.publisher import account_on, set_row
 
 pytestmark = pytest.mark.daemons
@@ -42,48 +41,6 @@ def nodes() -> Iterator[Nodes]:
         yield make_nodes(root / "c", ("dovecot-store", "dovecot-proxy"))
     finally:
         shutil.rmtree(root)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-class Dovecot:
-    """``dovecot -F -c CONF`` with its own base_dir, listening on 127.0.0.1 only."""
-
-    def __init__(self, work: Path, name: str, snippet: str) -> None:
-        work.mkdir()
-        self.conf = work / "dovecot.conf"
-        self.log = work / "dovecot.log"
-        self.port = free_port()
-        self.conf.write_text(
-            f"base_dir = {work / 'run'}\n"
-            f"instance_name = mapsync-test-{name}-{self.port}\n"
-            "listen = 127.0.0.1\n"
-            "protocols = imap\n"
-            "ssl = no\n"
-            f"log_path = {self.log}\n"
-            f"service imap-login {{\n  inet_listener imap {{\n    port = {self.port}\n  }}\n}}\n"
-            + snippet
-        )
-        self.proc = subprocess.Popen(["dovecot", "-F", "-c", str(self.conf)])
-        deadline = time.monotonic() + 10
-        while not (work / "run" / "auth-client").exists():
-            assert self.proc.poll() is None, self.log.read_text() if self.log.exists() else ""
-            assert time.monotonic() < deadline, "dovecot did not start"
-            time.sleep(0.05)
-
-    def doveadm(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            ["doveadm", "-c", str(self.conf), *args], capture_output=True, text=True, timeout=30
-        )
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ from mapsync.formats import text as text_map
 from mapsync.signing import keygen
 from tests.conftest import Cluster
 from tests.helpers import postfixadmin as pfa
+from tests.helpers.dovecot import passwd_file_dovecot
 
 pytestmark = pytest.mark.daemons
 
@@ -176,7 +177,7 @@ def test_the_published_maps_answer_as_postfixadmins_own_lookups(
         pfa.postmap(mx / m) for m in ("domains", "recipients", "virtual")
     )
     senders = pfa.postmap(mx / "senders")
-    store = pfa.Dovecot(cluster.root / "dovecot", store_dir / "dovecot_users")
+    store = passwd_file_dovecot(cluster.root / "dovecot", store_dir / "dovecot_users")
     try:
         mismatches = []
         checked = 0
@@ -429,7 +430,9 @@ def test_the_postfixadmin_demo_runs_the_cluster_on_a_postfixadmin_database() -> 
         assert transport("example-2.org") == "lmtp:[10.0.1.12]:24"  # per-domain mailstore
         assert transport("backup-1.org") == "relay:backup-1.org"  # backup MX
         assert pfa.postmap(mx / "domains")("all") is None
-        store = pfa.Dovecot(root / "dovecot", d / "nodes" / "store-1" / "dovecot" / "dovecot_users")
+        store = passwd_file_dovecot(
+            root / "dovecot", d / "nodes" / "store-1" / "dovecot" / "dovecot_users"
+        )
         try:
             assert store.login("user001@example-1.org", "demo-password")
         finally:

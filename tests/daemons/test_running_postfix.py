@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -36,8 +34,9 @@ from sqlalchemy import Connection, create_engine, delete, insert, select, update
 from mapsync import config
 from mapsync.sources import schema as t
 from tests.daemons.postfix_instance import PostfixInstance, Reply
-from tests.daemons.roles import AGENTS, Nodes, entries, make_nodes
-from tests.integration.test_agent_pull import add_account
+from tests.daemons.roles import AGENTS, Nodes, entries
+from tests.helpers.agent import add_account
+from tests.helpers.postfix import running_mx
 
 pytestmark = pytest.mark.daemons
 
@@ -64,25 +63,9 @@ class Mx:
 
 @pytest.fixture
 def mx() -> Iterator[Mx]:
-    """A seeded publisher, the ``postfix-mx`` node pulled once, and a Postfix started on it.
-
-    One short directory for all of it: Postfix's socket paths must stay short, and its
-    daemons (user postfix) must reach the maps, which pytest's 0700 tmp_path would forbid.
-    """
-    root = Path(tempfile.mkdtemp(prefix="mapsync-pfx-"))
-    root.chmod(0o755)
-    try:
-        nodes = make_nodes(root / "c", (ROLE,), accounts=120, domains=8, aliases=20)
-        postfix = PostfixInstance(
-            root / "pf", nodes.roles[ROLE].snippet("main.cf", nodes.target(ROLE))
-        )
-        try:
-            postfix.start()
-            yield Mx(nodes, postfix)
-        finally:
-            postfix.stop()
-    finally:
-        shutil.rmtree(root)
+    """A seeded publisher, the ``postfix-mx`` node pulled once, and a Postfix started on it."""
+    with running_mx("mapsync-pfx-", accounts=120, domains=8, aliases=20) as (nodes, postfix):
+        yield Mx(nodes, postfix)
 
 
 # -- the central database -------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""Helpers for the tests of a damaged node: lookups through real postmap, a changed database,
-a renewal, and the channel's state file."""
+"""Helpers for the tests of a damaged node: lookups through real postmap that show what
+Postfix says, damage to a live file, a full disk (the node's state and a changed
+database: :mod:`tests.helpers.agent`)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,8 @@ import os
 import subprocess
 from pathlib import Path
 
-from sqlalchemy import create_engine, insert, select
-
-from mapsync.signing import keygen
-from mapsync.sources import schema as t
 from tests.conftest import Cluster
+from tests.helpers.agent import read_state, state_file
 
 
 def lookup(cluster: Cluster, key: str, map_name: str = "recipients") -> tuple[int, str]:
@@ -23,56 +21,6 @@ def lookup(cluster: Cluster, key: str, map_name: str = "recipients") -> tuple[in
         text=True,
     )
     return p.returncode, (p.stdout + p.stderr).strip()
-
-
-def add_account(cluster: Cluster, local: str, domain: str = "example-1.org") -> str:
-    """Insert an active account into the central database; return its address."""
-    engine = create_engine(cluster.db_url)
-    try:
-        with engine.begin() as conn:
-            d = conn.execute(
-                select(t.domain.c.id, t.domain.c.customer_id).where(t.domain.c.name == domain)
-            ).one()
-            conn.execute(
-                insert(t.account).values(
-                    domain_id=d.id,
-                    local_part=local,
-                    customer_id=d.customer_id,
-                    password_hash="{SHA512-CRYPT}$6$0123456789abcdef$" + "b" * 64,
-                    home=f"/var/vmail/{domain}/{local}",
-                    quota_bytes=1 << 30,
-                    status="active",
-                )
-            )
-    finally:
-        engine.dispose()
-    return f"{local}@{domain}"
-
-
-def renew(cluster: Cluster) -> None:
-    """Make the publisher renew the last release now (same maps, a new serial): it signs with
-    a second key the node also trusts, as in a key rotation."""
-    keys = cluster.root / "keys"
-    keygen(keys / "signing-2.key")
-    cluster.config_path.write_text(
-        cluster.config_path.read_text()
-        .replace(f'"{keys / "signing.key"}"', f'"{keys / "signing-2.key"}"')
-        .replace(
-            f'trusted_keys = ["{keys / "signing.pub"}"]',
-            f'trusted_keys = ["{keys / "signing.pub"}", "{keys / "signing-2.pub"}"]',
-        )
-    )
-    assert "renewed serial" in cluster.publish().stdout
-
-
-def state_file(cluster: Cluster) -> Path:
-    return cluster.state / "mx" / "state.json"
-
-
-def read_state(cluster: Cluster) -> dict[str, object]:
-    data = json.loads(state_file(cluster).read_text())
-    assert isinstance(data, dict)
-    return data
 
 
 def live_file(cluster: Cluster, name: str) -> Path:

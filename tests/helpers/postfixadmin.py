@@ -10,9 +10,7 @@ as Postfix and Dovecot configured by PostfixAdmin's DOCUMENTS would.
 
 from __future__ import annotations
 
-import socket
 import subprocess
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -375,58 +373,3 @@ def postmap(path: Path) -> Callable[[str], str | None]:
         return cache[key]
 
     return lookup
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-class Dovecot:
-    """A throwaway ``dovecot -F`` whose passdb and userdb are one passwd-file (the
-    ``agents/dovecot-store`` way); ``doveadm`` talks to it."""
-
-    def __init__(self, work: Path, users: Path) -> None:
-        work.mkdir(parents=True)
-        self.conf = work / "dovecot.conf"
-        self.log = work / "dovecot.log"
-        port = free_port()
-        args = f"args = username_format=%Lu {users}"
-        self.conf.write_text(
-            f"base_dir = {work / 'run'}\ninstance_name = mapsync-pfa-{port}\n"
-            f"listen = 127.0.0.1\nprotocols = imap\nssl = no\nlog_path = {self.log}\n"
-            f"service imap-login {{\n  inet_listener imap {{\n    port = {port}\n  }}\n}}\n"
-            "auth_username_format = %Lu\n"
-            f"passdb {{\n  driver = passwd-file\n  {args}\n}}\n"
-            f"userdb {{\n  driver = passwd-file\n  {args}\n}}\n"
-        )
-        self.proc = subprocess.Popen(["dovecot", "-F", "-c", str(self.conf)])
-        deadline = time.monotonic() + 20
-        while not (work / "run" / "auth-client").exists():
-            assert self.proc.poll() is None, self.log.read_text() if self.log.exists() else ""
-            assert time.monotonic() < deadline, "dovecot did not start"
-            time.sleep(0.05)
-
-    def doveadm(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            ["doveadm", "-c", str(self.conf), *args], capture_output=True, text=True, timeout=60
-        )
-
-    def user(self, name: str) -> dict[str, str] | None:
-        """``doveadm user``: the userdb fields, or None for an unknown user."""
-        p = self.doveadm("user", name)
-        if p.returncode == 67:
-            return None
-        assert p.returncode == 0, p.stdout + p.stderr
-        return dict(line.split("\t", 1) for line in p.stdout.splitlines()[1:] if "\t" in line)
-
-    def login(self, name: str, password: str) -> bool:
-        """``doveadm auth test``: whether the password is accepted and the login allowed."""
-        p = self.doveadm("auth", "test", name, password)
-        return p.returncode == 0 and "nologin" not in p.stdout
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=10)

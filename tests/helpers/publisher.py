@@ -1,14 +1,18 @@
-"""Helpers for the publisher's tests: channels added to a cluster's config, rows changed,
-releases read back."""
+"""Helpers for the publisher's tests: channels and push destinations added to a cluster's
+config, rows changed, releases read back and checked whole, the push record."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import create_engine, select, update
 
+from mapsync.formats import cdb, text
+from mapsync.release import MANIFEST, SIGNATURE, Manifest, parse_manifest
+from mapsync.signing import key_id, load_public, verify
 from mapsync.sources import schema as t
 from tests.conftest import Cluster
 
@@ -92,3 +96,50 @@ def mailstore_id(cluster: Cluster, name: str) -> int:
         engine.dispose()
     assert found is not None, f"no mailstore {name}"
     return int(found[0])
+
+
+def assert_complete(cluster: Cluster, serial: int) -> Manifest:
+    """Release ``serial`` is whole: signed manifest, exactly its files, every hash right,
+    and the cdb an agent would build from the text is the one the manifest names."""
+    d = cluster.repo / "mx" / "releases" / str(serial)
+    data = (d / MANIFEST).read_bytes()
+    pub = load_public(cluster.root / "keys" / "signing.pub")
+    assert verify({key_id(pub): pub}, data, (d / SIGNATURE).read_bytes(), str(d)) == key_id(pub)
+    m = parse_manifest(data, str(d))
+    assert m.serial == serial and m.channel == "mx"
+    assert set(os.listdir(d)) == {MANIFEST, SIGNATURE} | m.files()
+    for name, entry in m.maps.items():
+        assert text.sha256_file(d / entry.file) == (entry.sha256, entry.size), name
+        assert sum(1 for _ in text.pairs(d / entry.file)) == entry.entries
+        assert entry.cdb is not None
+        built = d.parent.parent / f".check-{serial}-{name}.cdb"
+        try:
+            assert cdb.build(built, text.pairs(d / entry.file)) == (
+                entry.cdb.sha256,
+                entry.cdb.size,
+            )
+        finally:
+            built.unlink(missing_ok=True)
+    return m
+
+
+MX_MAPS = 'maps = ["domains", "recipients", "virtual", "transport"]\n'
+
+
+def push_to(
+    cluster: Cluster, *destinations: str, source: str | None = None, publisher: str = ""
+) -> None:
+    """Configure channel mx to push to ``destinations``; the agent pulls from ``source``."""
+    cluster.write_config(source=source, extra_publisher=publisher)
+    text = cluster.config_path.read_text()
+    push = "push = [" + ", ".join(json.dumps(d) for d in destinations) + "]\n"
+    cluster.config_path.write_text(text.replace(MX_MAPS, MX_MAPS + push, 1))
+
+
+def serial_of(latest: Path) -> int:
+    return int(json.loads(latest.read_text())["serial"])
+
+
+def record(cluster: Cluster) -> dict[str, dict[str, object]]:
+    data = json.loads((cluster.repo / "mx" / ".pushed.json").read_text())
+    return dict(data["destinations"])

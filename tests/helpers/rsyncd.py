@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from tests.helpers.transport import free_port
+
 SECURITY_MD = Path(__file__).resolve().parents[2] / "docs" / "security.md"
 
 
@@ -44,13 +46,6 @@ def modules(conf: str) -> dict[str, dict[str, str]]:
             key, _, value = line.partition("=")
             current[key.strip()] = value.strip()
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @contextmanager

@@ -1,9 +1,12 @@
 """Real servers for transport tests: a throwaway sshd (optionally on ::1, optionally with a
-forced command such as rrsync in ``authorized_keys``), an rsync daemon and a listener that
-accepts connections and never answers."""
+forced command such as rrsync in ``authorized_keys``) and an ssh command for it, rsync
+daemons (read-only modules, or a node's writable push inbox) and a listener that accepts
+connections and never answers."""
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
 import socket
 import subprocess
@@ -13,6 +16,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+import pytest
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -31,7 +36,27 @@ def has_ipv6_loopback() -> bool:
     return True
 
 
-def _wait_for_port(host: str, port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
+def ssh_command(key: Path) -> list[str]:
+    """An ssh command that authenticates with ``key`` and trusts any host key (a test sshd's
+    host key is new every time)."""
+    return [
+        "ssh",
+        "-i",
+        str(key),
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "StrictHostKeyChecking=no",
+        "-o",
+        "UserKnownHostsFile=/dev/null",
+        "-o",
+        "LogLevel=ERROR",
+    ]
+
+
+def wait_for_port(host: str, port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
+    """Return once ``proc`` accepts connections on ``host``:``port``; fail the test (with its
+    ``log``) if it exits or is not there within 10 seconds."""
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -43,7 +68,7 @@ def _wait_for_port(host: str, port: int, proc: subprocess.Popen[bytes], log: Pat
             time.sleep(0.05)
     proc.kill()
     proc.wait()
-    raise AssertionError(f"{proc.args[0]} did not start: {log.read_text()}")
+    raise AssertionError(f"{proc.args[0]} did not start: {log.read_text() if log.exists() else ''}")
 
 
 @dataclass(frozen=True)
@@ -58,19 +83,7 @@ class Sshd:
 
     @property
     def ssh(self) -> list[str]:
-        return [
-            "ssh",
-            "-i",
-            str(self.key),
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "StrictHostKeyChecking=no",
-            "-o",
-            "UserKnownHostsFile=/dev/null",
-            "-o",
-            "LogLevel=ERROR",
-        ]
+        return ssh_command(self.key)
 
     def url(self, path: str, user: str = "root") -> str:
         """``ssh://user@host:port/path``, the host in brackets when it is an IPv6 literal."""
@@ -107,7 +120,7 @@ def sshd(where: Path, host: str = "127.0.0.1") -> Iterator[Sshd]:
             [sshd_bin, "-D", "-e", "-f", str(where / "sshd_config")], stderr=log
         )
         try:
-            _wait_for_port(host, port, proc, where / "log")
+            wait_for_port(host, port, proc, where / "log")
             yield server
         finally:
             proc.terminate()
@@ -129,7 +142,7 @@ def rsync_daemon(where: Path, modules: dict[str, Path], host: str = "127.0.0.1")
     with open(where / "log", "wb") as log:
         proc = subprocess.Popen([*argv, f"--config={conf}"], stderr=log)
         try:
-            _wait_for_port(host, port, proc, where / "log")
+            wait_for_port(host, port, proc, where / "log")
             bracketed = f"[{host}]" if ":" in host else host
             yield f"rsync://{bracketed}:{port}"
         finally:
@@ -173,3 +186,91 @@ class SilentListener:
         for conn in self._accepted:
             conn.close()
         self.sock.close()
+
+
+class RsyncDaemon:
+    """``rsync --daemon`` on 127.0.0.1 with one module ``module`` at ``path`` (read-only, or
+    writable as a node's push inbox)."""
+
+    def __init__(
+        self,
+        root: Path,
+        path: Path,
+        *,
+        module: str = "mapsync",
+        writable: bool = False,
+        port: int | None = None,
+    ) -> None:
+        self.root = root
+        self.module = module
+        self.port = port or free_port()
+        root.mkdir(parents=True, exist_ok=True)
+        self.conf = root / "rsyncd.conf"
+        self.log = root / "rsyncd.log"
+        # uid/gid root: pytest's tmp directories are 0700, so "nobody" could not use them.
+        self.conf.write_text(
+            f"pid file = {root / 'rsyncd.pid'}\n"
+            f"log file = {self.log}\n"
+            "use chroot = no\n"
+            "uid = root\n"
+            "gid = root\n"
+            f"[{module}]\n"
+            f"    path = {path}\n"
+            f"    read only = {'no' if writable else 'yes'}\n"
+            "    use chroot = no\n"
+        )
+        self.proc = subprocess.Popen(
+            [
+                "rsync",
+                "--daemon",
+                "--no-detach",
+                f"--config={self.conf}",
+                f"--port={self.port}",
+                "--address=127.0.0.1",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                break
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    log = self.log.read_text() if self.log.exists() else ""
+                    pytest.fail(f"rsync daemon did not start: {log}")
+                time.sleep(0.05)
+
+    def url(self, channel: str = "mx") -> str:
+        return f"rsync://127.0.0.1:{self.port}/{self.module}/{channel}"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+
+
+_WIRE = re.compile(r"installed serial (\d+)(?: \(was \d+\))?, ([\d,]+) bytes on the wire")
+
+
+def wire(out: str) -> int:
+    m = _WIRE.search(out)
+    assert m, out
+    return int(m.group(2).replace(",", ""))
+
+
+def spaced_ssh(key: Path, where: Path) -> tuple[list[str], Path]:
+    """An ssh command with a copy of ``key`` and a known-hosts file in ``where``, a directory
+    whose name has a space (as ``/etc/mapsync/ssh keys/``); returns it and the known-hosts file,
+    which ssh fills on its first connection."""
+    where.mkdir(parents=True, exist_ok=True)
+    copy = where / "client key"
+    shutil.copyfile(key, copy)
+    os.chmod(copy, 0o600)
+    known = where / "known hosts"
+    # ssh itself splits a UserKnownHostsFile value at spaces unless it is quoted.
+    ssh = ["ssh", "-i", str(copy), "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=accept-new"]
+    ssh += ["-o", f'UserKnownHostsFile="{known}"', "-o", "LogLevel=ERROR"]
+    return ssh, known

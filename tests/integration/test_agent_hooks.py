@@ -21,15 +21,15 @@ from pathlib import Path
 
 import pytest
 
-from mapsync.signing import keygen
 from tests.conftest import Cluster, make_cluster
-from tests.integration.test_agent_pull import (
+from tests.helpers.agent import (
     MAPS,
     add_account,
     clone,
     delete_unreferenced_account,
     lookup,
     read_state,
+    renew,
     set_dirs,
     tree_snapshot,
 )
@@ -236,23 +236,6 @@ def _running(pid: int) -> bool:
         return False
 
 
-def _renew_by_key_rotation(cluster: Cluster, serial: int = 2) -> None:
-    """Key rotation: the publisher signs with a new key the node also trusts, and re-signs
-    (renews) the last release at once: ``serial``, the same maps as the one before."""
-    keys = cluster.root / "keys"
-    if not (keys / "signing-2.key").exists():
-        keygen(keys / "signing-2.key")
-    cluster.config_path.write_text(
-        cluster.config_path.read_text()
-        .replace(f'"{keys / "signing.key"}"', f'"{keys / "signing-2.key"}"')
-        .replace(
-            f'trusted_keys = ["{keys / "signing.pub"}"]',
-            f'trusted_keys = ["{keys / "signing.pub"}", "{keys / "signing-2.pub"}"]',
-        )
-    )
-    assert f"renewed serial {serial}" in cluster.publish().stdout
-
-
 def test_a_renewal_runs_no_check_and_keeps_the_inodes_of_maps_whose_settings_are_unchanged(
     installed: Cluster,
 ) -> None:
@@ -266,7 +249,7 @@ def test_a_renewal_runs_no_check_and_keeps_the_inodes_of_maps_whose_settings_are
         check=["sh", "-c", f"echo x >> {ran}; exit 1"],
         files={"recipients": {"mode": "0600"}},
     )
-    _renew_by_key_rotation(installed)
+    renew(installed, serial=2)
     live, kept = installed.target / "recipients.cdb", installed.target / "virtual.cdb"
     content = live.read_bytes()
     before, kept_before = live.stat(), kept.stat()
@@ -314,7 +297,7 @@ def test_a_renewal_rebuilds_a_map_its_owner_made_writable_from_the_verified_text
     live.write_bytes(bytes(data))
     assert installed.cli("verify").returncode == 5
 
-    _renew_by_key_rotation(installed, serial=3)
+    renew(installed, serial=3)
     p = installed.cli("pull")
     assert p.returncode == 0, p.stderr
     assert "serial 3 renews 2" in p.stdout

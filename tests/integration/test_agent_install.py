@@ -20,7 +20,7 @@ import pytest
 from mapsync.release import LATEST, MANIFEST, SIGNATURE, Latest, parse_manifest
 from mapsync.signing import load_private, sign
 from tests.conftest import Cluster
-from tests.helpers.agent_install import add_account, postmap_q, snapshot
+from tests.helpers.agent import add_account, postmap_q, tree_snapshot
 
 MX = ["domains", "recipients", "virtual", "transport"]
 NO_VIRTUAL = ["domains", "recipients", "transport"]
@@ -59,11 +59,11 @@ def test_a_map_dropped_from_the_channel_keeps_serving_until_the_node_drops_it(
     assert postmap_q(alias, cluster.target / "virtual")
     configure(cluster, NO_VIRTUAL)
     publish(cluster)
-    before = snapshot(cluster.target)
+    before = tree_snapshot(cluster.target)
     p = cluster.cli("pull")
     assert p.returncode == 5, p.stderr
     assert "serial 2 lacks map(s) virtual, which this node serves" in p.stderr
-    assert snapshot(cluster.target) == before
+    assert tree_snapshot(cluster.target) == before
     assert postmap_q(alias, cluster.target / "virtual")
     st = cluster.cli("status")
     assert st.returncode == 1, st.stdout
@@ -99,11 +99,11 @@ def test_a_signed_release_with_no_maps_is_refused(cluster: Cluster) -> None:
     (second / SIGNATURE).write_bytes(sign(key, data))
     latest = Latest(2, hashlib.sha256(data).hexdigest()).to_bytes()
     (cluster.repo / "mx" / LATEST).write_bytes(latest)
-    before = snapshot(cluster.target)
+    before = tree_snapshot(cluster.target)
     p = cluster.cli("pull")
     assert p.returncode == 5, p.stderr
     assert "serial 2 carries no maps" in p.stderr
-    assert snapshot(cluster.target) == before
+    assert tree_snapshot(cluster.target) == before
     assert postmap_q(an_alias(cluster), cluster.target / "virtual")
 
 
@@ -116,11 +116,11 @@ def test_rollback_to_a_kept_release_lacking_a_map_follows_the_same_rule(
     configure(cluster, MX)
     publish(cluster)
     assert "installed serial 2" in cluster.pull().stdout
-    before = snapshot(cluster.target)
+    before = tree_snapshot(cluster.target)
     p = cluster.cli("rollback")
     assert p.returncode == 5, p.stderr
     assert "serial 1 lacks map(s) virtual, which this node serves" in p.stderr
-    assert snapshot(cluster.target) == before
+    assert tree_snapshot(cluster.target) == before
     configure(cluster, MX, agent=f"maps = {json.dumps(NO_VIRTUAL)}")
     p = cluster.cli("rollback")
     assert p.returncode == 0, p.stderr
@@ -138,12 +138,12 @@ def test_hand_written_files_in_the_target_are_never_replaced(cluster: Cluster) -
     theirs.write_text("info@example.net someone@example.net\n")
     (cluster.target / "virtual").symlink_to(theirs)
     cluster.publish()
-    before = snapshot(cluster.target)
+    before = tree_snapshot(cluster.target)
     p = cluster.cli("pull")
     assert p.returncode == 2, p.stderr
     assert f"{transport}, {cluster.target / 'virtual'}: not a link mapsync made" in p.stderr
     assert "Traceback" not in p.stderr
-    assert snapshot(cluster.target) == before  # not even a .mapsync directory
+    assert tree_snapshot(cluster.target) == before  # not even a .mapsync directory
     # Moved away: the next pull installs.
     transport.unlink()
     (cluster.target / "virtual").unlink()
@@ -156,13 +156,13 @@ def test_a_live_link_the_operator_replaced_is_left_alone_and_named(cluster: Clus
     mine = cluster.target / "virtual"
     mine.unlink()
     mine.write_text("postmaster@example-1.org root@example.net\n")
-    add_account(cluster.db_url, "zz-new")
+    add_account(cluster, "zz-new")
     cluster.publish()
-    before = snapshot(cluster.target)
+    before = tree_snapshot(cluster.target)
     p = cluster.cli("pull")
     assert p.returncode == 2, p.stderr
     assert f"{mine}: not a link mapsync made" in p.stderr
-    assert snapshot(cluster.target) == before  # serial 1 keeps serving
+    assert tree_snapshot(cluster.target) == before  # serial 1 keeps serving
     assert postmap_q("zz-new@example-1.org", cluster.target / "recipients") is None
     st = cluster.cli("status")
     assert st.returncode == 1 and f"{mine}: not a link mapsync made" in st.stdout, st.stdout
@@ -173,7 +173,7 @@ def test_a_link_of_the_operator_into_the_live_set_survives_a_swap(cluster: Clust
     cluster.pull()
     mine = cluster.target / "aliases-for-exim"
     mine.symlink_to(".mapsync/current/virtual")
-    add_account(cluster.db_url, "zz-new")
+    add_account(cluster, "zz-new")
     cluster.publish()
     assert "installed serial 2" in cluster.pull().stdout
     assert os.readlink(mine) == ".mapsync/current/virtual"
@@ -220,7 +220,7 @@ def test_password_hashes_are_never_readable_by_others_after_install_and_rollback
     cluster.publish()
     cluster.pull()
     assert exposed(cluster) == []
-    new = add_account(cluster.db_url, "zz-new", mailstore="store-1")
+    new = add_account(cluster, "zz-new", mailstore="store-1")
     cluster.publish()
     assert "installed serial 2" in cluster.pull().stdout
     assert new in (cluster.target / "dovecot_users").read_text()
@@ -241,7 +241,7 @@ def test_kept_copies_an_older_mapsync_left_open_are_closed(cluster: Cluster) -> 
     cluster.pull()
     old = cluster.state / "store-1" / "releases" / "1" / "dovecot_users"
     os.chmod(old, 0o644)  # as kept before this fix
-    add_account(cluster.db_url, "zz-new", mailstore="store-1")
+    add_account(cluster, "zz-new", mailstore="store-1")
     cluster.publish()
     cluster.pull()
     assert stat.S_IMODE(old.stat().st_mode) == 0o600
@@ -267,17 +267,17 @@ def test_a_check_that_changes_the_built_set_gets_nothing_installed(
 ) -> None:
     cluster.publish()
     cluster.pull()
-    new = add_account(cluster.db_url, "zz-new")
+    new = add_account(cluster, "zz-new")
     cluster.publish()
     check = ["sh", "-c", script, "sh", "{dir}"]
     cluster.write_config(extra_agent=f"check = {json.dumps(check)}")
-    before = snapshot(cluster.target)
+    before = tree_snapshot(cluster.target)
     p = cluster.cli("pull")
     assert p.returncode == 5, p.stderr
     assert "the check command changed the built set of serial 2" in p.stderr
     built = cluster.target / ".mapsync" / "2.new"
     assert f"{built / victim if victim else built}" in p.stderr
-    assert snapshot(cluster.target) == before
+    assert tree_snapshot(cluster.target) == before
     assert postmap_q(new, cluster.target / "recipients") is None
     assert cluster.cli("status").returncode == 1
     # Without that check the release goes in, intact.

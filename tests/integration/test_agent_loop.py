@@ -31,8 +31,8 @@ from mapsync.agent.loop import prune_inbox
 from mapsync.agent.state import channel_lock
 from mapsync.release import LATEST, MANIFEST, Latest, manifest_sha256
 from tests.conftest import Cluster, make_cluster
+from tests.helpers.agent import add_account, clone, lookup, read_state, set_dirs
 from tests.helpers.transport import SilentListener
-from tests.integration.test_agent_pull import add_account, clone, lookup, read_state, set_dirs
 
 Record = dict[str, Any]
 

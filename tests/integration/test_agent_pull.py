@@ -7,10 +7,8 @@ only the rsync argv tests at the bottom replace :func:`mapsync.transport.rsync.r
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,121 +16,22 @@ import time
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, delete, insert, select
 
 from mapsync.errors import ConfigError
-from mapsync.sources import schema as t
 from mapsync.transport import rsync as rsync_mod
 from mapsync.transport.rsync import Remote, parse_source, wire_bytes
 from tests.conftest import Cluster, make_cluster
-
-MAPS = ("domains", "recipients", "virtual", "transport")
-
-
-# -- helpers shared with the other agent test files -------------------------------------------
-
-
-def postmap(key: str, table: str) -> tuple[int, str, str]:
-    """``postmap -q KEY TABLE`` → (exit code, value, stderr)."""
-    p = subprocess.run(["postmap", "-q", key, table], capture_output=True, text=True)
-    return p.returncode, p.stdout.strip(), p.stderr.strip()
-
-
-def lookup(cluster: Cluster, key: str, map_name: str = "recipients") -> str | None:
-    """The value Postfix finds for ``key`` in the live cdb map, None when not found."""
-    code, value, err = postmap(key, f"cdb:{cluster.target / map_name}")
-    assert err == "", f"postmap -q {key}: {err}"
-    assert code in (0, 1)
-    return value if code == 0 else None
-
-
-def add_account(cluster: Cluster, local: str, domain: str = "example-1.org") -> str:
-    """Insert an active account with SQLAlchemy Core (``updated_at`` set by the default)."""
-    engine = create_engine(cluster.db_url)
-    try:
-        with engine.begin() as conn:
-            d = conn.execute(
-                select(t.domain.c.id, t.domain.c.customer_id).where(t.domain.c.name == domain)
-            ).one()
-            conn.execute(
-                insert(t.account).values(
-                    domain_id=d.id,
-                    local_part=local,
-                    customer_id=d.customer_id,
-                    password_hash="{SHA512-CRYPT}$6$0123456789abcdef$" + "a" * 64,
-                    home=f"/var/vmail/{domain}/{local}",
-                    quota_bytes=1 << 30,
-                    status="active",
-                )
-            )
-    finally:
-        engine.dispose()
-    return f"{local}@{domain}"
-
-
-def delete_unreferenced_account(cluster: Cluster) -> str:
-    """Delete one active, non-postmaster account that no alias points at; return its address."""
-    engine = create_engine(cluster.db_url)
-    try:
-        with engine.begin() as conn:
-            targets = {r[0] for r in conn.execute(select(t.alias_target.c.target))}
-            rows = conn.execute(
-                select(t.account.c.id, t.account.c.local_part, t.domain.c.name)
-                .join(t.domain, t.domain.c.id == t.account.c.domain_id)
-                .where(t.account.c.status == "active", t.account.c.local_part != "postmaster")
-                .order_by(t.account.c.id)
-            ).all()
-            victim = next(r for r in rows if f"{r.local_part}@{r.name}" not in targets)
-            conn.execute(delete(t.account).where(t.account.c.id == victim.id))
-    finally:
-        engine.dispose()
-    return f"{victim.local_part}@{victim.name}"
-
-
-def tree_snapshot(root: Path) -> dict[str, tuple[object, ...]]:
-    """Every entry under ``root``: symlink targets, file hash + inode + mtime, directories."""
-    snap: dict[str, tuple[object, ...]] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            p = Path(dirpath) / name
-            rel = str(p.relative_to(root))
-            st = p.lstat()
-            if p.is_symlink():
-                snap[rel] = ("link", os.readlink(p))
-            elif p.is_dir():
-                snap[rel] = ("dir", st.st_mode)
-            else:
-                digest = hashlib.sha256(p.read_bytes()).hexdigest()
-                snap[rel] = ("file", digest, st.st_ino, st.st_mtime_ns, st.st_mode)
-    return snap
-
-
-def header_serial(path: Path) -> int:
-    """The serial named in the ``#`` header of a text map."""
-    first = path.read_text().splitlines()[0]
-    return int(first.rsplit("serial ", 1)[1].rstrip("."))
-
-
-def read_state(cluster: Cluster) -> dict[str, object]:
-    data = json.loads((cluster.state / "mx" / "state.json").read_text())
-    assert isinstance(data, dict)
-    return data
-
-
-def set_dirs(cluster: Cluster) -> list[str]:
-    return sorted(os.listdir(cluster.target / ".mapsync"))
-
-
-def clone(src: Cluster, root: Path) -> Cluster:
-    """A copy of ``src`` (database, keys, repository, node) under ``root``, reconfigured."""
-    shutil.copytree(src.root, root / "c", symlinks=True)
-    db = Path(src.db_url.removeprefix("sqlite:///"))
-    for part in (db, *(db.with_name(db.name + x) for x in ("-wal", "-shm"))):
-        if part.exists():  # SQLite in WAL mode: copy the log too
-            shutil.copyfile(part, root / part.name)
-    c = Cluster(root / "c", f"sqlite:///{root / db.name}")
-    c.write_config()
-    return c
+from tests.helpers.agent import (
+    MAPS,
+    add_account,
+    clone,
+    delete_unreferenced_account,
+    header_serial,
+    lookup,
+    read_state,
+    set_dirs,
+    tree_snapshot,
+)
 
 
 @pytest.fixture(scope="module")

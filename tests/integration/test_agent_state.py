@@ -19,7 +19,8 @@ import pytest
 
 from mapsync.agent.status import channel_status
 from tests.conftest import Cluster
-from tests.helpers.agent_damage import add_account, fill, lookup, read_state, state_file
+from tests.helpers.agent import add_account, read_state, state_file
+from tests.helpers.agent_damage import fill, lookup
 
 KNOWN = "postmaster@example-1.org"
 

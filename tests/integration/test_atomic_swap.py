@@ -21,7 +21,7 @@ from mapsync.agent.verify import verify_installed
 from mapsync.publish.publisher import Publisher
 from mapsync.sources import open_source
 from tests.conftest import Cluster, make_cluster
-from tests.integration.test_agent_pull import (
+from tests.helpers.agent import (
     add_account,
     lookup,
     read_state,

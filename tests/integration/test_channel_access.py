@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -26,8 +25,8 @@ import pytest
 from mapsync.transport import rsync as rsync_mod
 from mapsync.transport.rsync import Remote
 from tests.conftest import Cluster
-from tests.integration.test_agent_pull import lookup, tree_snapshot
-from tests.integration.test_rsync_daemon import _free_port
+from tests.helpers.agent import lookup, tree_snapshot
+from tests.helpers.transport import free_port, ssh_command, wait_for_port
 
 RRSYNC = "/usr/bin/rrsync"  # Debian's rsync package ships it here (Python, uncompressed)
 MX_MAPS = '["domains", "recipients", "virtual", "transport"]'
@@ -131,7 +130,7 @@ def modules(cluster: Cluster, tmp_path: Path) -> Iterator[ChannelModules]:
     root.mkdir()
     secret(root / "rsyncd.secrets", "mx-agent:mx-Secret-1\nstore1-agent:store-Secret-2")
     (root / "rsyncd.conf").write_text(RSYNCD_CONF.format(root=root, repo=cluster.repo))
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [
             "rsync",
@@ -146,7 +145,7 @@ def modules(cluster: Cluster, tmp_path: Path) -> Iterator[ChannelModules]:
     )
     d = ChannelModules(root, port, root / "rsyncd.log", proc)
     try:
-        _wait_for_port(port, proc, d.log)
+        wait_for_port("127.0.0.1", port, proc, d.log)
         # The MX node's and the mailstore's password files, beside the config (relative paths).
         secret(cluster.root / "mx.password", "mx-Secret-1")
         secret(cluster.root / "store-1.password", "store-Secret-2")
@@ -156,18 +155,6 @@ def modules(cluster: Cluster, tmp_path: Path) -> Iterator[ChannelModules]:
         if proc.poll() is None:
             proc.terminate()
             proc.wait(timeout=10)
-
-
-def _wait_for_port(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"server did not start: {log.read_text() if log.exists() else ''}")
-            time.sleep(0.05)
 
 
 def test_the_mx_credentials_fetch_the_mx_channel(cluster: Cluster, modules: ChannelModules) -> None:
@@ -390,19 +377,7 @@ class RestrictedSsh:
     authorized_keys: Path
 
     def options(self, key: Path) -> list[str]:
-        return [
-            "ssh",
-            "-i",
-            str(key),
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "StrictHostKeyChecking=no",
-            "-o",
-            "UserKnownHostsFile=/dev/null",
-            "-o",
-            "LogLevel=ERROR",
-        ]
+        return ssh_command(key)
 
     def ssh_key(self, channel_name: str) -> str:
         argv = self.options(self.keys[channel_name])
@@ -434,7 +409,7 @@ def rrsync_sshd(cluster: Cluster, tmp_path: Path) -> Iterator[RestrictedSsh]:
         )
         keys[name] = d / name
     del keys["host"]
-    port = _free_port()
+    port = free_port()
     (d / "sshd_config").write_text(
         f"Port {port}\nListenAddress 127.0.0.1\nHostKey {d / 'host'}\n"
         f"AuthorizedKeysFile {d / 'authorized_keys'}\nPidFile {d / 'pid'}\n"
@@ -446,7 +421,7 @@ def rrsync_sshd(cluster: Cluster, tmp_path: Path) -> Iterator[RestrictedSsh]:
     with open(d / "log", "wb") as log:
         proc = subprocess.Popen([sshd_bin, "-D", "-e", "-f", str(d / "sshd_config")], stderr=log)
         try:
-            _wait_for_port(port, proc, d / "log")
+            wait_for_port("127.0.0.1", port, proc, d / "log")
             publish_both(cluster)
             yield s
         finally:

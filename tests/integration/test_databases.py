@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import socket
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from mapsync.sources import schema as t
 from mapsync.sources.builtin import BuiltinSource
 from mapsync.sources.seed import SeedCounts, init_db, seed
 from tests.conftest import Cluster
+from tests.helpers.transport import free_port
 
 # Enough to have catch-alls (domain 25), alias domains (10, 20, 30), a relay and the IDN domain.
 COUNTS = SeedCounts(accounts=400, domains=30, aliases=120, mailstores=3)
@@ -159,9 +159,8 @@ def test_target_order_does_not_depend_on_the_database_collation(
 
 
 def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A local TCP port nothing listens on (bound, then released)."""
+    return free_port()
 
 
 @pytest.mark.parametrize(

@@ -3,14 +3,9 @@
 from __future__ import annotations
 
 import json
-import subprocess
 
 from tests.conftest import Cluster
-
-
-def postmap(key: str, table: str) -> tuple[int, str, str]:
-    p = subprocess.run(["postmap", "-q", key, table], capture_output=True, text=True)
-    return p.returncode, p.stdout.strip(), p.stderr.strip()
+from tests.helpers.agent import postmap
 
 
 def test_postfix_finds_seeded_addresses_in_the_maps_an_agent_installed(cluster: Cluster) -> None:

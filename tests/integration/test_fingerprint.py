@@ -6,10 +6,11 @@ import json
 import time
 from datetime import datetime
 
-from sqlalchemy import create_engine, insert, select, update
+from sqlalchemy import create_engine, insert, update
 
 from mapsync.sources import schema as t
 from tests.conftest import Cluster
+from tests.helpers.agent import unreferenced_account
 
 
 def _stale_write(url: str) -> str:
@@ -17,21 +18,14 @@ def _stale_write(url: str) -> str:
     a late commit); return its address."""
     engine = create_engine(url)
     with engine.begin() as conn:
-        targets = set(conn.execute(select(t.alias_target.c.target)).scalars())
-        rows = conn.execute(
-            select(t.account.c.id, t.account.c.local_part, t.domain.c.name)
-            .join(t.domain, t.domain.c.id == t.account.c.domain_id)
-            .where(t.account.c.status == "active", t.account.c.local_part != "postmaster")
-            .order_by(t.account.c.id)
-        ).all()
-        aid, local, domain = next(r for r in rows if f"{r.local_part}@{r.name}" not in targets)
+        aid, address = unreferenced_account(conn)
         conn.execute(
             update(t.account)
             .where(t.account.c.id == aid)
             .values(status="disabled", updated_at=datetime(2001, 1, 1))
         )
     engine.dispose()
-    return f"{local}@{domain}"
+    return address
 
 
 def test_a_write_the_fingerprint_cannot_see_is_published_after_full_check(cluster: Cluster) -> None:

@@ -12,15 +12,8 @@ import shutil
 import pytest
 
 from tests.conftest import Cluster
-from tests.helpers.agent_damage import (
-    add_account,
-    flip_byte_keep_stat,
-    forget_live_record,
-    live_file,
-    lookup,
-    read_state,
-    renew,
-)
+from tests.helpers.agent import add_account, read_state, renew
+from tests.helpers.agent_damage import flip_byte_keep_stat, forget_live_record, live_file, lookup
 
 KNOWN = "postmaster@example-1.org"
 

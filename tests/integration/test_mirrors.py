@@ -25,14 +25,14 @@ import pytest
 from mapsync.release import MANIFEST, SIGNATURE
 from mapsync.signing import keygen, load_private, sign
 from tests.conftest import Cluster, make_cluster
-from tests.integration.test_agent_pull import (
+from tests.helpers.agent import (
     add_account,
     clone,
     lookup,
     read_state,
     tree_snapshot,
 )
-from tests.integration.test_rsync_daemon import RsyncDaemon, _free_port, wire
+from tests.helpers.transport import RsyncDaemon, free_port, wire
 
 
 def mirror(cluster: Cluster, name: str) -> Path:
@@ -78,7 +78,7 @@ def published(_published: Cluster, tmp_path: Path) -> Cluster:
 @pytest.fixture
 def refused(tmp_path: Path) -> str:
     """An rsync:// source on a loopback port where nothing listens: connection refused."""
-    return f"rsync://127.0.0.1:{_free_port()}/mapsync/mx"
+    return f"rsync://127.0.0.1:{free_port()}/mapsync/mx"
 
 
 @pytest.fixture

@@ -26,10 +26,9 @@ from mapsync import log
 from mapsync.cli import commands
 from mapsync.cli.main import _parser
 from tests.conftest import Cluster, make_cluster
-from tests.integration.test_agent_pull import add_account
-from tests.integration.test_publisher import assert_complete
-from tests.integration.test_push import push_to, record, serial_of
-from tests.integration.test_rsync_daemon import SilentServer
+from tests.helpers.agent import add_account
+from tests.helpers.publisher import assert_complete, push_to, record, serial_of
+from tests.helpers.transport import SilentListener
 
 
 class Loop:
@@ -137,7 +136,7 @@ def test_a_dead_node_does_not_slow_the_loop_down(cluster: Cluster, loops: list[L
     still reaches the live nodes within a second or two."""
     inbox = cluster.root / "node" / "inbox" / "mx"
     inbox.parent.mkdir(parents=True)
-    with SilentServer() as dead:
+    with SilentListener() as dead:
         remote = f"rsync://127.0.0.1:{dead.port}/inbox/mx"
         push_to(cluster, str(inbox), remote, publisher='push_timeout = "5s"')
         loop = Loop(cluster, "--interval", "1")

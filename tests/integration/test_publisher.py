@@ -21,7 +21,7 @@ from sqlalchemy import create_engine, insert, update
 
 import mapsync.publish.publisher as publisher_mod
 from mapsync.errors import LockBusy, MapsyncError
-from mapsync.formats import cdb, text
+from mapsync.formats import text
 from mapsync.publish.publisher import Publisher, PublishResult
 from mapsync.publish.repository import Repository
 from mapsync.release import MANIFEST, SIGNATURE, Manifest, manifest_sha256, parse_manifest, utcnow
@@ -29,6 +29,7 @@ from mapsync.signing import key_id, keygen, load_public, verify
 from mapsync.sources import open_source
 from mapsync.sources import schema as t
 from tests.conftest import Cluster
+from tests.helpers.publisher import assert_complete
 
 
 def tree(root: Path) -> dict[str, str]:
@@ -72,31 +73,6 @@ def add_account(cluster: Cluster, local: str) -> None:
         cluster,
         insert(t.account).values(domain_id=2, local_part=local, status="active"),
     )
-
-
-def assert_complete(cluster: Cluster, serial: int) -> Manifest:
-    """Release ``serial`` is whole: signed manifest, exactly its files, every hash right,
-    and the cdb an agent would build from the text is the one the manifest names."""
-    d = cluster.repo / "mx" / "releases" / str(serial)
-    data = (d / MANIFEST).read_bytes()
-    pub = load_public(cluster.root / "keys" / "signing.pub")
-    assert verify({key_id(pub): pub}, data, (d / SIGNATURE).read_bytes(), str(d)) == key_id(pub)
-    m = parse_manifest(data, str(d))
-    assert m.serial == serial and m.channel == "mx"
-    assert set(os.listdir(d)) == {MANIFEST, SIGNATURE} | m.files()
-    for name, entry in m.maps.items():
-        assert text.sha256_file(d / entry.file) == (entry.sha256, entry.size), name
-        assert sum(1 for _ in text.pairs(d / entry.file)) == entry.entries
-        assert entry.cdb is not None
-        built = d.parent.parent / f".check-{serial}-{name}.cdb"
-        try:
-            assert cdb.build(built, text.pairs(d / entry.file)) == (
-                entry.cdb.sha256,
-                entry.cdb.size,
-            )
-        finally:
-            built.unlink(missing_ok=True)
-    return m
 
 
 # --- invalid rows ------------------------------------------------------------------------------

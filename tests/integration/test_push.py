@@ -24,31 +24,10 @@ import pytest
 from mapsync.publish import push
 from mapsync.release import iso, parse_iso
 from tests.conftest import Cluster, make_cluster
-from tests.integration.test_agent_pull import add_account, lookup
-from tests.integration.test_rsync_daemon import (
-    RsyncDaemon,
-    SilentServer,
-    _free_port,
-    processes,
-    started,
-    wait_for_children,
-)
-from tests.integration.test_ssh_transport import (
-    spaced_ssh,
-    sshd,  # noqa: F401 - the fixture
-)
-
-MX_MAPS = 'maps = ["domains", "recipients", "virtual", "transport"]\n'
-
-
-def push_to(
-    cluster: Cluster, *destinations: str, source: str | None = None, publisher: str = ""
-) -> None:
-    """Configure channel mx to push to ``destinations``; the agent pulls from ``source``."""
-    cluster.write_config(source=source, extra_publisher=publisher)
-    text = cluster.config_path.read_text()
-    push = "push = [" + ", ".join(json.dumps(d) for d in destinations) + "]\n"
-    cluster.config_path.write_text(text.replace(MX_MAPS, MX_MAPS + push, 1))
+from tests.helpers.agent import add_account, lookup
+from tests.helpers.processes import processes, started, wait_for_children
+from tests.helpers.publisher import push_to, record, serial_of
+from tests.helpers.transport import RsyncDaemon, SilentListener, Sshd, free_port, spaced_ssh, sshd
 
 
 def files(root: Path) -> dict[str, str]:
@@ -57,15 +36,6 @@ def files(root: Path) -> dict[str, str]:
         for p in sorted(root.rglob("*"))
         if p.is_file()
     }
-
-
-def serial_of(latest: Path) -> int:
-    return int(json.loads(latest.read_text())["serial"])
-
-
-def record(cluster: Cluster) -> dict[str, dict[str, object]]:
-    data = json.loads((cluster.repo / "mx" / ".pushed.json").read_text())
-    return dict(data["destinations"])
 
 
 def age_failure(cluster: Cluster, destination: str, seconds: float) -> None:
@@ -243,7 +213,7 @@ def test_an_unreachable_destination_fails_the_run_not_the_release_and_is_retried
 ) -> None:
     local = cluster.root / "node" / "inbox"
     local.mkdir(parents=True)
-    port = _free_port()  # nothing listens here yet
+    port = free_port()  # nothing listens here yet
     remote = f"rsync://127.0.0.1:{port}/inbox/mx"
     push_to(cluster, str(local / "mx"), remote)
 
@@ -301,7 +271,7 @@ def test_a_dead_node_is_retried_with_a_growing_delay_and_costs_the_runs_between_
     the runs until its next try skip it, so `publish --interval` does not pay that every time."""
     inbox = cluster.root / "node" / "inbox" / "mx"
     inbox.parent.mkdir(parents=True)
-    with SilentServer() as dead:
+    with SilentListener() as dead:
         remote = f"rsync://127.0.0.1:{dead.port}/inbox/mx"
         push_to(cluster, str(inbox), remote, publisher='push_timeout = "2s"')
 
@@ -360,7 +330,7 @@ def test_a_dead_node_is_retried_with_a_growing_delay_and_costs_the_runs_between_
 def test_a_slow_node_delays_none_of_the_other_nodes_of_its_channel(cluster: Cluster) -> None:
     fast = cluster.root / "node" / "inbox" / "mx"
     fast.parent.mkdir(parents=True)
-    with SilentServer() as slow:
+    with SilentListener() as slow:
         remote = f"rsync://127.0.0.1:{slow.port}/inbox/mx"
         push_to(cluster, remote, str(fast), publisher='push_timeout = "4s"')
         begun = time.monotonic()
@@ -388,7 +358,7 @@ def test_sigterm_during_a_push_starts_no_more_rsyncs_and_ends_the_running_ones(
 ) -> None:
     """50 nodes that hang, 16 pushed at a time: SIGTERM ends the run with 143 at once; none of
     the 34 waiting deliveries starts, and none of the 16 rsyncs outlives the run."""
-    with SilentServer() as dead:
+    with SilentListener() as dead:
         urls = [f"rsync://127.0.0.1:{dead.port}/inbox/n{i}" for i in range(50)]
         push_to(cluster, *urls, publisher='push_timeout = "60s"')
         with started(cluster, "publish") as proc:
@@ -467,11 +437,14 @@ def test_a_database_outage_does_not_stop_a_pending_push(cluster: Cluster) -> Non
 # -- over ssh ----------------------------------------------------------------------------------
 
 
-def test_push_over_ssh_with_the_publishers_ssh_command(
-    cluster: Cluster,
-    sshd: tuple[int, Path],  # noqa: F811 - the fixture imported above
-) -> None:
-    port, key = sshd
+@pytest.fixture
+def node_sshd(tmp_path: Path) -> Iterator[Sshd]:
+    with sshd(tmp_path / "sshd") as server:
+        yield server
+
+
+def test_push_over_ssh_with_the_publishers_ssh_command(cluster: Cluster, node_sshd: Sshd) -> None:
+    port, key = node_sshd.port, node_sshd.key
     inbox = cluster.root / "node" / "inbox" / "mx"
     inbox.parent.mkdir(parents=True)
     # Key and known-hosts file in a directory with a space: each stays one argument of ssh's.

@@ -7,19 +7,17 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, insert, select
 
-from mapsync.sources import schema as t
 from tests.conftest import Cluster
+from tests.helpers.agent import add_account, lookup
+from tests.helpers.publisher import push_to
 from tests.helpers.transport import Sshd, sshd
 
 RRSYNC = "/usr/bin/rrsync"
-MX_MAPS = 'maps = ["domains", "recipients", "virtual", "transport"]\n'
 
 
 @pytest.fixture
@@ -33,44 +31,7 @@ def node(tmp_path: Path) -> Iterator[Sshd]:
 def push_through(cluster: Cluster, server: Sshd, destination: str, inbox: Path) -> None:
     """The publisher pushes channel mx to ``destination`` with the sshd's key; the agent
     reads only ``inbox``."""
-    cluster.write_config(source=str(inbox), extra_publisher=f"ssh = {json.dumps(server.ssh)}")
-    text = cluster.config_path.read_text()
-    push = f"push = [{json.dumps(destination)}]\n"
-    cluster.config_path.write_text(text.replace(MX_MAPS, MX_MAPS + push, 1))
-
-
-def add_account(cluster: Cluster, local: str, domain: str = "example-1.org") -> str:
-    """Insert an active account into the central database; return its address."""
-    engine = create_engine(cluster.db_url)
-    try:
-        with engine.begin() as conn:
-            d = conn.execute(
-                select(t.domain.c.id, t.domain.c.customer_id).where(t.domain.c.name == domain)
-            ).one()
-            conn.execute(
-                insert(t.account).values(
-                    domain_id=d.id,
-                    local_part=local,
-                    customer_id=d.customer_id,
-                    password_hash="{SHA512-CRYPT}$6$0123456789abcdef$" + "a" * 64,
-                    home=f"/var/vmail/{domain}/{local}",
-                    quota_bytes=1 << 30,
-                    status="active",
-                )
-            )
-    finally:
-        engine.dispose()
-    return f"{local}@{domain}"
-
-
-def lookup(cluster: Cluster, key: str) -> str:
-    """What Postfix finds for ``key`` in the live recipients map ("" when nothing)."""
-    proc = subprocess.run(
-        ["postmap", "-q", key, f"cdb:{cluster.target / 'recipients'}"],
-        capture_output=True,
-        text=True,
-    )
-    return proc.stdout.strip()
+    push_to(cluster, destination, source=str(inbox), publisher=f"ssh = {json.dumps(server.ssh)}")
 
 
 def test_pushes_through_the_documented_rrsync_line_arrive_as_deltas_and_install(

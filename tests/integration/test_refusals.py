@@ -23,7 +23,7 @@ import pytest
 from mapsync.release import LATEST, MANIFEST, SIGNATURE, Latest, parse_manifest
 from mapsync.signing import keygen, load_private, sign
 from tests.conftest import Cluster, make_cluster
-from tests.integration.test_agent_pull import (
+from tests.helpers.agent import (
     add_account,
     clone,
     header_serial,

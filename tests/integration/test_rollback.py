@@ -21,8 +21,7 @@ import pytest
 
 from mapsync.release import MANIFEST, SIGNATURE, parse_latest, parse_manifest
 from tests.conftest import Cluster, make_cluster
-from tests.helpers.config import publish_expiring
-from tests.integration.test_agent_pull import (
+from tests.helpers.agent import (
     MAPS,
     add_account,
     clone,
@@ -30,7 +29,8 @@ from tests.integration.test_agent_pull import (
     read_state,
     tree_snapshot,
 )
-from tests.integration.test_rsync_daemon import processes, started, wait_for_children
+from tests.helpers.config import publish_expiring
+from tests.helpers.processes import processes, started, wait_for_children
 
 SECOND = "zz-second@example-1.org"  # from serial 2 on
 THIRD = "zz-third@example-1.org"  # from serial 3 on

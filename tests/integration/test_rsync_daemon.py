@@ -6,200 +6,19 @@ signal while rsync waits for it."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import socket
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
-from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 
 import pytest
 
 from tests.conftest import Cluster, make_cluster
-from tests.integration.test_agent_pull import add_account, lookup, read_state, tree_snapshot
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class SilentServer:
-    """A loopback port that accepts every connection and never says a word (a node or a
-    publisher that hangs); ``connections`` counts them."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(128)
-        self.sock.settimeout(0.05)
-        self.port = int(self.sock.getsockname()[1])
-        self._accepted: list[socket.socket] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            self._accepted.append(conn)
-
-    @property
-    def connections(self) -> int:
-        return len(self._accepted)
-
-    def __enter__(self) -> SilentServer:
-        return self
-
-    def __exit__(
-        self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self._stop.set()
-        self._thread.join()
-        for conn in self._accepted:
-            conn.close()
-        self.sock.close()
-
-
-@dataclass(frozen=True)
-class Process:
-    """A process seen in /proc; ``started`` (clock ticks after boot) tells a reused pid apart."""
-
-    pid: int
-    name: str
-    started: str
-
-    def running(self) -> bool:
-        st = _proc_stat(self.pid)
-        return st is not None and st[20] == self.started and st[1] != "Z"
-
-
-def _proc_stat(pid: int) -> list[str] | None:
-    """/proc/PID/stat from field 2 on: [comm, state, ppid, pgrp, ...]; None if it is gone."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    close = text.rindex(")")
-    return [text[text.index("(") + 1 : close], *text[close + 2 :].split()]
-
-
-def processes(*, parent: int | None = None, group: int | None = None) -> list[Process]:
-    """The live processes whose parent is ``parent`` and/or whose process group is ``group``."""
-    found = []
-    for entry in os.listdir("/proc"):
-        st = _proc_stat(int(entry)) if entry.isdigit() else None
-        if st is None or st[1] == "Z":
-            continue
-        if (parent is None or int(st[2]) == parent) and (group is None or int(st[3]) == group):
-            found.append(Process(int(entry), st[0], st[20]))
-    return found
-
-
-@contextmanager
-def started(cluster: Cluster, *args: str) -> Iterator[subprocess.Popen[str]]:
-    """``mapsync ARGS`` running in the background, in a process group of its own: what is left
-    of it when the test ends (a test that failed) is killed, the rsyncs it started with it."""
-    argv = [sys.executable, "-m", "mapsync", "--config", str(cluster.config_path), *args]
-    proc = subprocess.Popen(
-        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
-    try:
-        yield proc
-    finally:
-        with suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate(timeout=10)
-
-
-def wait_for_children(
-    proc: subprocess.Popen[str], name: str, count: int, timeout: float = 30
-) -> list[Process]:
-    """The children named ``name`` of ``proc``, once there are ``count`` of them."""
-    deadline = time.monotonic() + timeout
-    while True:
-        found = [p for p in processes(parent=proc.pid) if p.name == name]
-        if len(found) >= count:
-            return found
-        if proc.poll() is not None or time.monotonic() > deadline:
-            out, err = proc.communicate()
-            pytest.fail(f"{len(found)} {name} processes, not {count}:\n{out}\n{err}")
-        time.sleep(0.02)
-
-
-class RsyncDaemon:
-    """``rsync --daemon`` on 127.0.0.1 with one module ``module`` at ``path`` (read-only, or
-    writable as a node's push inbox)."""
-
-    def __init__(
-        self,
-        root: Path,
-        path: Path,
-        *,
-        module: str = "mapsync",
-        writable: bool = False,
-        port: int | None = None,
-    ) -> None:
-        self.root = root
-        self.module = module
-        self.port = port or _free_port()
-        root.mkdir(parents=True, exist_ok=True)
-        self.conf = root / "rsyncd.conf"
-        self.log = root / "rsyncd.log"
-        # uid/gid root: pytest's tmp directories are 0700, so "nobody" could not use them.
-        self.conf.write_text(
-            f"pid file = {root / 'rsyncd.pid'}\n"
-            f"log file = {self.log}\n"
-            "use chroot = no\n"
-            "uid = root\n"
-            "gid = root\n"
-            f"[{module}]\n"
-            f"    path = {path}\n"
-            f"    read only = {'no' if writable else 'yes'}\n"
-            "    use chroot = no\n"
-        )
-        self.proc = subprocess.Popen(
-            [
-                "rsync",
-                "--daemon",
-                "--no-detach",
-                f"--config={self.conf}",
-                f"--port={self.port}",
-                "--address=127.0.0.1",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                break
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
-                    log = self.log.read_text() if self.log.exists() else ""
-                    pytest.fail(f"rsync daemon did not start: {log}")
-                time.sleep(0.05)
-
-    def url(self, channel: str = "mx") -> str:
-        return f"rsync://127.0.0.1:{self.port}/{self.module}/{channel}"
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
+from tests.helpers.agent import add_account, lookup, read_state, tree_snapshot
+from tests.helpers.processes import started, wait_for_children
+from tests.helpers.transport import RsyncDaemon, SilentListener, free_port, wire
 
 
 @pytest.fixture
@@ -210,15 +29,6 @@ def daemon_cluster(cluster: Cluster, tmp_path: Path) -> Iterator[tuple[Cluster, 
         yield cluster, d
     finally:
         d.stop()
-
-
-_WIRE = re.compile(r"installed serial (\d+)(?: \(was \d+\))?, ([\d,]+) bytes on the wire")
-
-
-def wire(out: str) -> int:
-    m = _WIRE.search(out)
-    assert m, out
-    return int(m.group(2).replace(",", ""))
 
 
 def test_pull_from_an_rsync_daemon_module(daemon_cluster: tuple[Cluster, RsyncDaemon]) -> None:
@@ -274,7 +84,7 @@ def test_unreachable_daemon_fails_cleanly_and_the_old_set_keeps_serving(cluster:
     cluster.publish()
     cluster.pull()
     before = tree_snapshot(cluster.target)
-    port = _free_port()  # nothing listens here
+    port = free_port()  # nothing listens here
     cluster.write_config(source=f"rsync://127.0.0.1:{port}/mapsync/mx")
     p = cluster.cli("pull")
     assert p.returncode == 2, p.stdout + p.stderr
@@ -334,7 +144,7 @@ def test_sigterm_during_a_pull_ends_the_rsync_it_waits_for(cluster: Cluster) -> 
     cluster.publish()
     cluster.pull()
     before = tree_snapshot(cluster.target)
-    with SilentServer() as silent:
+    with SilentListener() as silent:
         cluster.write_config(source=f"rsync://127.0.0.1:{silent.port}/mapsync/mx")
         with started(cluster, "pull") as proc:
             rsyncs = wait_for_children(proc, "rsync", 1)

@@ -14,7 +14,7 @@ import pytest
 
 from mapsync.release import parse_latest
 from tests.conftest import Cluster, make_cluster
-from tests.integration.test_agent_pull import add_account
+from tests.helpers.agent import add_account
 
 
 @pytest.fixture(scope="module")

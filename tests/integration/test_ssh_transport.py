@@ -3,80 +3,22 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import Cluster
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.helpers.transport import spaced_ssh
+from tests.helpers.transport import sshd as ssh_server
 
 
 @pytest.fixture
 def sshd(tmp_path: Path) -> Iterator[tuple[int, Path]]:
     """An sshd on 127.0.0.1 accepting one client key for root; yields (port, client key)."""
-    sshd_bin = shutil.which("sshd") or "/usr/sbin/sshd"
-    d = tmp_path / "sshd"
-    d.mkdir()
-    subprocess.run(
-        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / "host")], check=True
-    )
-    subprocess.run(
-        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / "client")], check=True
-    )
-    shutil.copy(d / "client.pub", d / "authorized_keys")
-    port = _free_port()
-    (d / "sshd_config").write_text(
-        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {d / 'host'}\n"
-        f"AuthorizedKeysFile {d / 'authorized_keys'}\nPidFile {d / 'pid'}\n"
-        "PermitRootLogin prohibit-password\nPasswordAuthentication no\nUsePAM no\nStrictModes no\n"
-    )
-    Path("/run/sshd").mkdir(exist_ok=True)  # privilege separation directory
-    log = open(d / "log", "wb")  # noqa: SIM115 - closed in finally
-    proc = subprocess.Popen([sshd_bin, "-D", "-e", "-f", str(d / "sshd_config")], stderr=log)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            time.sleep(0.1)
-    else:
-        proc.kill()
-        proc.wait()
-        log.close()
-        pytest.fail(f"sshd did not start: {(d / 'log').read_text()}")
-    try:
-        yield port, d / "client"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        log.close()
-
-
-def spaced_ssh(key: Path, where: Path) -> tuple[list[str], Path]:
-    """An ssh command with a copy of ``key`` and a known-hosts file in ``where``, a directory
-    whose name has a space (as ``/etc/mapsync/ssh keys/``); returns it and the known-hosts file,
-    which ssh fills on its first connection."""
-    where.mkdir(parents=True, exist_ok=True)
-    copy = where / "client key"
-    shutil.copyfile(key, copy)
-    os.chmod(copy, 0o600)
-    known = where / "known hosts"
-    # ssh itself splits a UserKnownHostsFile value at spaces unless it is quoted.
-    ssh = ["ssh", "-i", str(copy), "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=accept-new"]
-    ssh += ["-o", f'UserKnownHostsFile="{known}"', "-o", "LogLevel=ERROR"]
-    return ssh, known
+    with ssh_server(tmp_path / "sshd") as server:
+        yield server.port, server.key
 
 
 def use_ssh(cluster: Cluster, port: int, key: Path, ssh: list[str] | None = None) -> None:

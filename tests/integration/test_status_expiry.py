@@ -16,8 +16,8 @@ from pathlib import Path
 
 from mapsync.release import MANIFEST, parse_manifest
 from tests.conftest import Cluster, make_cluster
+from tests.helpers.agent import lookup
 from tests.helpers.config import publish_expiring
-from tests.integration.test_agent_pull import lookup
 
 OLD = "postmaster@example-1.org"
 

@@ -12,7 +12,7 @@ from mapsync.config import PublisherChannel
 from mapsync.maps import CATALOGUE, Directory
 from mapsync.snapshot import Account, Alias, Fingerprint, SenderGrant, Snapshot
 from mapsync.validate import check
-from tests.unit.test_maps import ACCOUNTS, ALIASES, DOMAINS, STORES
+from tests.helpers.maps import ACCOUNTS, ALIASES, DOMAINS, STORES
 
 HASH = "{SHA512-CRYPT}$6$saltsalt$" + "h" * 86
 SECRET_ACCOUNTS = [

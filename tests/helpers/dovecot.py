@@ -1,0 +1,75 @@
+"""A throwaway Dovecot for the tests: ``dovecot -F`` with its own base_dir on a loopback port,
+configured by a snippet (a role's ``dovecot.conf``, or a passwd-file passdb and userdb), and
+``doveadm`` talking to it."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+from tests.helpers.transport import free_port
+
+
+class Dovecot:
+    """``dovecot -F -c CONF`` with its own base_dir, listening on 127.0.0.1 only; ``snippet``
+    is the rest of its configuration."""
+
+    def __init__(self, work: Path, name: str, snippet: str) -> None:
+        work.mkdir(parents=True)
+        self.conf = work / "dovecot.conf"
+        self.log = work / "dovecot.log"
+        self.port = free_port()
+        self.conf.write_text(
+            f"base_dir = {work / 'run'}\n"
+            f"instance_name = mapsync-test-{name}-{self.port}\n"
+            "listen = 127.0.0.1\n"
+            "protocols = imap\n"
+            "ssl = no\n"
+            f"log_path = {self.log}\n"
+            f"service imap-login {{\n  inet_listener imap {{\n    port = {self.port}\n  }}\n}}\n"
+            + snippet
+        )
+        self.proc = subprocess.Popen(["dovecot", "-F", "-c", str(self.conf)])
+        deadline = time.monotonic() + 20  # generous: the machine may be busy
+        while not (work / "run" / "auth-client").exists():
+            assert self.proc.poll() is None, self.log.read_text() if self.log.exists() else ""
+            assert time.monotonic() < deadline, "dovecot did not start"
+            time.sleep(0.05)
+
+    def doveadm(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """``doveadm -c CONF ARGS``, output captured."""
+        return subprocess.run(
+            ["doveadm", "-c", str(self.conf), *args], capture_output=True, text=True, timeout=60
+        )
+
+    def user(self, name: str) -> dict[str, str] | None:
+        """``doveadm user``: the userdb fields, or None for an unknown user."""
+        p = self.doveadm("user", name)
+        if p.returncode == 67:
+            return None
+        assert p.returncode == 0, p.stdout + p.stderr
+        return dict(line.split("\t", 1) for line in p.stdout.splitlines()[1:] if "\t" in line)
+
+    def login(self, name: str, password: str) -> bool:
+        """``doveadm auth test``: whether the password is accepted and the login allowed."""
+        p = self.doveadm("auth", "test", name, password)
+        return p.returncode == 0 and "nologin" not in p.stdout
+
+    def stop(self) -> None:
+        """Stop Dovecot and wait for it."""
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+
+def passwd_file_dovecot(work: Path, users: Path) -> Dovecot:
+    """A Dovecot whose passdb and userdb are one passwd-file, ``users`` (the
+    ``agents/dovecot-store`` way)."""
+    args = f"args = username_format=%Lu {users}"
+    return Dovecot(
+        work,
+        "pfa",
+        "auth_username_format = %Lu\n"
+        f"passdb {{\n  driver = passwd-file\n  {args}\n}}\n"
+        f"userdb {{\n  driver = passwd-file\n  {args}\n}}\n",
+    )
