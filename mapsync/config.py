@@ -591,7 +591,10 @@ def _place(url: str) -> tuple[str, str]:
     """(host, path) of a remote location, the host as the network sees it: case folded,
     with its default port, without the user (``ssh://a@H.example:22/x`` and ``ssh://h.example/x``
     are one place)."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # a malformed URL (``[::1`` unclosed): refused, naming it, by the transport
+        return url, ""
     try:
         port = parts.port or _DEFAULT_PORTS.get(parts.scheme)
     except ValueError:
@@ -855,10 +858,11 @@ def unauthenticated_rsync(ch: AgentChannel, source: str) -> bool:
     password: anyone who reaches its port can copy what it serves."""
     if not source.startswith("rsync://"):
         return False
-    return not (
-        urlsplit(source).username
-        and (ch.password_file is not None or "RSYNC_PASSWORD" in os.environ)
-    )
+    try:
+        user = urlsplit(source).username
+    except ValueError:  # malformed: the transport refuses it, naming it
+        return False
+    return not (user and (ch.password_file is not None or "RSYNC_PASSWORD" in os.environ))
 
 
 def _warn_unauthenticated(
