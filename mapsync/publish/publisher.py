@@ -246,6 +246,14 @@ def _without(account: Account, login: bool, quota: bool) -> Account:
     return account
 
 
+def _row(p: Problem) -> dict[str, object]:
+    """A problem's fields for a log line; the source's own row name only where it has one."""
+    fields: dict[str, object] = {"table": p.table, "row": p.row, "key": p.key, "reason": p.reason}
+    if p.where is not None:
+        fields["where"] = p.where
+    return fields
+
+
 def reads(ch: PublisherChannel) -> frozenset[str]:
     """What the maps of ``ch`` read (see :attr:`mapsync.maps.base.Map.reads`)."""
     return frozenset().union(*(CATALOGUE[m].reads for m in ch.maps))
@@ -567,27 +575,13 @@ class Publisher:
             views[ch.name] = _View(directory, [p for p in dropped if scope.concerns(p, ch)])
         for p in dict.fromkeys(p for _, dropped in kinds.values() for p in dropped):
             channels = [ch.name for ch in selected if p in views[ch.name].skipped]
-            _log.warning(
-                "skipping invalid row"
-                if channels
-                else "invalid row not used by any channel published",
-                table=p.table,
-                row=p.row,
-                key=p.key,
-                where=p.where,
-                reason=p.reason,
-                channels=",".join(channels) or None,
-            )
+            if channels:
+                _log.warning("skipping invalid row", **_row(p), channels=",".join(channels))
+            else:
+                _log.warning("invalid row not used by any channel published", **_row(p))
         for p in problems:
             if not any(p in dropped for _, dropped in kinds.values()):
-                _log.warning(
-                    "invalid row not used by any channel published",
-                    table=p.table,
-                    row=p.row,
-                    key=p.key,
-                    where=p.where,
-                    reason=p.reason,
-                )
+                _log.warning("invalid row not used by any channel published", **_row(p))
         return views
 
     def _view(
