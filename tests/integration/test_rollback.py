@@ -324,15 +324,17 @@ def test_an_expired_kept_release_is_never_installed(tmp_path: Path) -> None:
 
 def test_rollback_skips_renewals_of_the_installed_maps(tmp_path: Path) -> None:
     c = make_cluster(tmp_path / "c", f"sqlite:///{tmp_path / 'central.db'}")
-    publish_expiring(c, "10s")
+    publish_expiring(c, "30s")
     c.pull()
     add_account(c, "zz-second")
-    publish_expiring(c, "10s")
+    publish_expiring(c, "30s")
     c.pull()
     second = parse_manifest((kept(c) / "2" / MANIFEST).read_bytes(), "2")
-    # Renewed once half the lifetime has passed: serial 3, the same maps as serial 2.
-    time.sleep(max(0.0, second.created_at().timestamp() + 5.2 - time.time()))
-    assert "renewed serial 3" in publish_expiring(c, "10s").stdout
+    # Renewed once half the lifetime has passed: serial 3, the same maps as serial 2. (A
+    # lifetime long enough that serial 1, published a few seconds earlier on a slow machine,
+    # has not expired by the rollback.)
+    time.sleep(max(0.0, second.created_at().timestamp() + 15.2 - time.time()))
+    assert "renewed serial 3" in publish_expiring(c, "30s").stdout
     assert "serial 3 renews 2" in c.pull().stdout
     p = c.cli("rollback")
     assert p.returncode == 0, p.stderr
