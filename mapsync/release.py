@@ -74,6 +74,8 @@ class Manifest:
     skipped: list[str] = field(default_factory=list)
     # Maps the previous release had and this one lacks (dropped from the channel with --force).
     dropped: list[str] = field(default_factory=list)
+    # The id of the key that signed it (set when signing; unverified until the signature is).
+    signer: str | None = None
 
     def to_bytes(self) -> bytes:
         data = asdict(self)
@@ -150,6 +152,14 @@ def parse_latest(data: bytes, where: str) -> Latest:
     )
 
 
+def _signer(value: Any, where: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not re.fullmatch(r"[0-9a-f]{16}", value):
+        raise VerificationError(f"{where}: field 'signer' is not a key id")
+    return value
+
+
 def parse_manifest(data: bytes, where: str) -> Manifest:
     """Parse manifest bytes whose signature has already been verified; check every field."""
     if len(data) > MAX_MANIFEST_BYTES:
@@ -204,6 +214,7 @@ def parse_manifest(data: bytes, where: str) -> Manifest:
         format=fmt,
         skipped=[str(s) for s in obj.get("skipped", [])],
         dropped=[str(s) for s in obj.get("dropped", [])],
+        signer=_signer(obj.get("signer"), where),
     )
     try:
         manifest.expires_at()

@@ -55,7 +55,7 @@ from mapsync.release import (
     parse_manifest,
     utcnow,
 )
-from mapsync.signing import load_public, verify
+from mapsync.signing import Keyring, load_public, verify
 from mapsync.transport import Remote, parse_source
 from mapsync.transport.rsync import block_size
 
@@ -91,13 +91,11 @@ class ChannelPaths:
         self.kept = KeptReleases(self.root / KEPT)  # verified releases kept for rollback
 
 
-def trusted_keys(cfg: AgentConfig) -> dict[str, Ed25519PublicKey]:
-    from mapsync.signing import key_id
-
-    keys: dict[str, Ed25519PublicKey] = {}
+def trusted_keys(cfg: AgentConfig) -> Keyring:
+    """The node's trusted public keys, by key id (messages name each key's file)."""
+    keys = Keyring()
     for path in cfg.trusted_keys:
-        key = load_public(path)
-        keys[key_id(key)] = key
+        keys.add(load_public(path), path)
     return keys
 
 

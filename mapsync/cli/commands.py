@@ -458,8 +458,8 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 def cmd_keygen(args: argparse.Namespace) -> int:
     from mapsync.signing import keygen
 
-    public = keygen(Path(args.path))
-    print(f"private key {args.path} (mode 0600), public key {public}")
+    public, kid = keygen(Path(args.path))
+    print(f"private key {args.path} (mode 0600), public key {public}, key id {kid}")
     return EXIT_OK
 
 

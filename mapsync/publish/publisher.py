@@ -740,9 +740,10 @@ class Publisher:
         self._commit(_Staged(plan, staging, manifest), key)
 
     def _commit(self, staged: _Staged, key: Ed25519PrivateKey) -> None:
-        manifest = staged.manifest
-        if manifest is None:
+        if staged.manifest is None:
             return
+        # The manifest names its signing key, so a node that does not trust it can say which.
+        manifest = replace(staged.manifest, signer=key_id(key.public_key()))
         data = manifest.to_bytes()
         # Agents refuse a manifest over MAX_MANIFEST_BYTES: never sign one.
         check_manifest_size(data, f"channel {manifest.channel}")
