@@ -40,6 +40,7 @@ class ChannelStatus:
     damage: list[str] | None = None  # what no longer matches the manifest in the live set
     last_repair: str | None = None  # when a damaged live set (or state file) was last rebuilt
     last_damage: str | None = None  # what was damaged then
+    reason: str | None = None  # the first of the worst problems, for the one-line summary
 
     @property
     def level(self) -> str:
@@ -188,6 +189,7 @@ def channel_status(
         )
     if problems:
         st.code = max(code for code, _ in problems)
+        st.reason = next(msg for code, msg in problems if code == st.code)
     parts = []
     if st.serial is not None:
         parts.append(f"serial {st.serial} (released {ago(st.installed_age)})")
@@ -203,6 +205,15 @@ def channel_status(
         parts.append(f"repaired {ago(_age(state.last_repair, now))} ({state.last_damage})")
     st.message = ", ".join(parts) + "".join(f"; {msg}" for _, msg in problems)
     return st
+
+
+def summary(statuses: list[ChannelStatus]) -> str:
+    """The first line's channel list: each channel's level, with the reason when not OK
+    (Nagios shows only the first line in notifications)."""
+    return ", ".join(
+        f"{s.channel} {s.level}" + (f" ({_first_line(s.reason, 120)})" if s.reason else "")
+        for s in statuses
+    )
 
 
 def overall(statuses: list[ChannelStatus]) -> int:

@@ -268,6 +268,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         channel_status,
         overall,
         perfdata,
+        summary,
         write_prometheus,
     )
 
@@ -295,8 +296,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             )
         )
         return code
-    summary = ", ".join(f"{s.channel} {s.level}" for s in statuses)
-    print(f"MAPSYNC {LEVELS[code]} - {summary} | {perfdata(statuses)}")
+    print(f"MAPSYNC {LEVELS[code]} - {summary(statuses)} | {perfdata(statuses)}")
     for s in statuses:
         print(f"{s.channel}: {s.level} {s.message}")
     return code
