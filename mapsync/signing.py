@@ -21,6 +21,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from mapsync.access import denied
 from mapsync.atomic import atomic_write
 from mapsync.errors import ConfigError, MapsyncError, VerificationError
 
@@ -66,8 +67,8 @@ def load_private(path: Path) -> Ed25519PrivateKey:
         ) from None
     except IsADirectoryError:
         raise ConfigError(f"{path}: signing key is a directory, not a PEM file") from None
-    except PermissionError as exc:
-        raise ConfigError(f"{path}: signing key cannot be read: {exc.strerror}") from None
+    except PermissionError:
+        raise ConfigError(denied(path, "reading the signing key")) from None
     try:
         key = serialization.load_pem_private_key(pem, password=None)
     except (ValueError, TypeError) as exc:

@@ -12,6 +12,7 @@ import traceback
 from collections.abc import Sequence
 
 from mapsync import __version__, log, signals
+from mapsync.access import denied, is_denied
 from mapsync.errors import EXIT_CODES, EXIT_ERROR, MapsyncError
 
 _EPILOG = (
@@ -292,6 +293,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # OSError: disk full, a repository path that is not a directory, ...: exit 2 (error)
         # with one line, not a traceback and exit 1, which would read as WARNING to monitoring.
         code = exc.exit_code if isinstance(exc, MapsyncError) else EXIT_ERROR
+        if isinstance(exc, OSError) and is_denied(exc) and exc.filename:
+            exc = MapsyncError(denied(os.fsdecode(exc.filename)))
         if fmt == "json":
             log.get("cli").error(_printable(str(exc)), error=type(exc).__name__, exit=code)
         else:

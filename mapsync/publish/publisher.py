@@ -26,6 +26,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from mapsync import GENERATOR, log
+from mapsync.access import check_owner
 from mapsync.atomic import atomic_write, fsync_dir
 from mapsync.config import PublisherChannel, PublisherConfig
 from mapsync.errors import (
@@ -383,6 +384,8 @@ class Publisher:
         skip_invalid: bool = False,
     ) -> PublishResult:
         selected = self._select(channels)
+        if not dry_run:
+            check_owner(self.cfg.repository, "the repository")
         key = None if dry_run else load_private(self.cfg.signing_key)
         self._public = key.public_key() if key else self._public_half()
         with self.repo.lock(self.cfg.lock_wait):

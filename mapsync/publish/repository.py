@@ -28,6 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from mapsync import log
+from mapsync.access import denied, is_denied
 from mapsync.atomic import atomic_write, fsync_dir
 from mapsync.errors import MapsyncError
 from mapsync.locks import waiting_lock
@@ -263,6 +264,19 @@ class Repository:
         for serial in serials[:-keep] if keep < len(serials) else []:
             if latest and serial >= latest.serial:
                 continue
-            shutil.rmtree(self.release(channel, serial))
+            try:
+                shutil.rmtree(self.release(channel, serial))
+            except OSError as exc:
+                # LATEST has moved: the release is published; an old one left behind costs
+                # only disk, so this is a warning for the operator, never a failed publish.
+                _log.warning(
+                    "old release not removed",
+                    channel=channel,
+                    serial=serial,
+                    problem=denied(Path(exc.filename or self.release(channel, serial)))
+                    if is_denied(exc)
+                    else f"{exc.filename}: {exc.strerror}",
+                )
+                continue
             removed.append(serial)
         return removed

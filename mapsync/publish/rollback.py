@@ -19,6 +19,7 @@ from dataclasses import replace
 from datetime import timedelta
 
 from mapsync import GENERATOR, log
+from mapsync.access import check_owner
 from mapsync.config import PublisherConfig
 from mapsync.errors import ConfigError, MapsyncError, VerificationError
 from mapsync.formats import text
@@ -43,6 +44,7 @@ def republish(cfg: PublisherConfig, channel: str, serial: int) -> ChannelPlan:
     public = key.public_key()
     publisher = Publisher(cfg, _no_source)
     repo = publisher.repo
+    check_owner(cfg.repository, "the repository")
     with repo.lock(cfg.lock_wait):
         kept = repo.serials(channel)
         last, _ = repo.current(channel)  # a damaged LATEST: the newest kept release; rewritten
