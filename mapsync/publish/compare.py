@@ -28,7 +28,7 @@ differs"), the difference is reported too, labelled ``expected`` with the reason
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -123,9 +123,11 @@ _CRYPT_ID = re.compile(r"^\$(1|2[aby]|5|6|argon2i|argon2id)\$")
 _SCHEME = re.compile(r"^\{([A-Za-z0-9.-]+)\}")
 
 
-def password_key(value: str | None, default_scheme: str = "") -> str | None:
+def password_key(value: str | None) -> str | None:
     """A password as something to compare: ``{SCHEME}body``, with a crypt(3) hash's many
-    scheme names (CRYPT, MD5-CRYPT, SHA512-CRYPT, BLF-CRYPT) reduced to its body."""
+    scheme names (CRYPT, MD5-CRYPT, SHA512-CRYPT, BLF-CRYPT) reduced to its body. A bare
+    value gets its scheme by its shape, as the PostfixAdmin source publishes it (Dovecot's
+    ``default_pass_scheme`` is not consulted)."""
     from mapsync.sources.postfixadmin import dovecot_password
 
     if not value:
@@ -333,7 +335,7 @@ class LiveSide(Side):
         if passdb is not None or userdb is not None:
             p = passdb or {}
             u = userdb or {}
-            key = password_key(p.get("password"), self.dovecot.default_pass_scheme)
+            key = password_key(p.get("password"))
             quota = _quota(u.get("quota_rule", u.get("userdb_quota_rule")))
             found = User(
                 login=passdb is not None
@@ -700,7 +702,6 @@ def compare(
     database: str | None = None,
     channels: list[str] | None = None,
     addresses: Iterable[str] = (),
-    progress: Callable[[int, int], None] | None = None,
 ) -> Comparison:
     """Compare the live lookups (``main_cf``/``tables``, ``dovecot``; ``database`` overrides
     every table's connection) with the latest releases of ``channels`` for every address
@@ -739,16 +740,10 @@ def compare(
         )
         homes = after.has_users and (dove is not None or base is not None)
         check = _Compare(before, after, pub.postfixadmin.vacation_domain, homes)
-        total = len(domains) + len(names)
-        done = 0
         for d in sorted(domains):
             check.domain(d)
-            done += 1
         for a in sorted(names):
             check.address(a)
-            done += 1
-            if progress and done % 100 == 0:
-                progress(done, total)
         if dove is not None and after.has_users:
             every = sorted(users | {n for n in names if before.first("virtual_mailbox_maps", n)})
             for user in every:
