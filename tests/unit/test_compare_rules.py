@@ -4,11 +4,14 @@ compared by what they are, not how the scheme is spelt."""
 
 from __future__ import annotations
 
+import sqlite3
+from pathlib import Path
+
 import pytest
 
 from mapsync.errors import ConfigError
 from mapsync.publish.compare import password_key
-from mapsync.sources.live import postfix_expand
+from mapsync.sources.live import Connections, postfix_expand, sql_table
 
 Q = "SELECT x FROM t WHERE a='%s' AND u='%u' AND d='%d'"
 
@@ -57,3 +60,38 @@ def test_passwords_compare_by_what_they_are() -> None:
     )
     assert password_key("secret") == "{CLEARTEXT}secret"
     assert password_key("") is None
+
+
+def test_a_sqlite_table_answers_as_postfix_with_domain_result_format_and_legacy_keys(
+    tmp_path: Path,
+) -> None:
+    db = tmp_path / "t.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE alias (address TEXT, goto TEXT, active INT)")
+        conn.executemany(
+            "INSERT INTO alias VALUES (?, ?, ?)",
+            [
+                ("a@ex.org", "b@ex.org", 1),
+                ("a@ex.org", "c@ex.org", 1),  # several rows: joined by commas
+                ("x@other.org", "y@ex.org", 1),
+                ("@ex.org", "catch@ex.org", 1),
+                ("n@ex.org", "", 1),  # an empty value is no answer
+            ],
+        )
+    cf = tmp_path / "alias.cf"
+    cf.write_text(
+        f"dbpath = {db}\ndomain = ex.org\nresult_format = smtp:%s\n"
+        "# the old form: Postfix builds the query\ntable = alias\nselect_field = goto\n"
+        "where_field = address\n"
+        "additional_conditions = AND active = 1\n   ORDER BY goto\n"
+    )
+    table = sql_table("sqlite", cf)
+    db_ = Connections()
+    try:
+        assert table.lookup("A@ex.org", db_) == "smtp:b@ex.org,smtp:c@ex.org"
+        assert table.lookup("x@other.org", db_) is None  # not in `domain`
+        assert table.lookup("@ex.org", db_) is None  # `domain` allows user@domain keys only
+        assert table.lookup("n@ex.org", db_) is None
+        assert table.lookup("o'hare@ex.org", db_) is None  # quoted, not an SQL error
+    finally:
+        db_.close()
