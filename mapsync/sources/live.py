@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import URL, Engine
+from sqlalchemy import URL, Engine, event
 from sqlalchemy.exc import SQLAlchemyError
 
 from mapsync.errors import ConfigError, SourceError
@@ -186,6 +186,23 @@ def _connection_url(kind: str, settings: dict[str, str], where: Path) -> URL:
     )
 
 
+def _read_only_session(dbapi_connection: Any, _record: Any) -> None:
+    """Every session compare opens refuses writes, whatever a query tries."""
+    statement = {
+        "sqlite3": "PRAGMA query_only = ON",
+        "psycopg": "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY",
+        "pymysql": "SET SESSION TRANSACTION READ ONLY",
+    }.get(type(dbapi_connection).__module__.split(".")[0])
+    if statement is None:
+        return
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute(statement)
+    finally:
+        cursor.close()
+    dbapi_connection.commit()
+
+
 class Connections:
     """One engine per database (many tables name the same one)."""
 
@@ -197,6 +214,7 @@ class Connections:
         engine = self.engines.get(url)
         if engine is None:
             engine = self.engines[url] = make_engine(url)
+            event.listen(engine, "connect", _read_only_session)
         try:
             with engine.connect() as conn:
                 # The daemon's query text as is: the DB-API cursor with no parameters, so a
@@ -275,6 +293,15 @@ class SqlTable:
         return ",".join(values) if values else None
 
 
+def _only_select(query: str, where: str) -> None:
+    """compare reads: a query that is not a SELECT (or WITH ... SELECT) is not run."""
+    first = query.lstrip("( \t").split(None, 1)[0].upper() if query.strip() else ""
+    if first not in ("SELECT", "WITH"):
+        raise ConfigError(
+            f"{where}: only SELECT queries are run by mapsync compare, not {first or 'nothing'}"
+        )
+
+
 def sql_table(kind: str, path: Path, url_override: str | None = None) -> SqlTable:
     """Parse a mysql_table(5) / pgsql_table(5) / sqlite_table(5) file."""
     if kind not in TABLE_TYPES:
@@ -296,6 +323,7 @@ def sql_table(kind: str, path: Path, url_override: str | None = None) -> SqlTabl
             ).strip()
         else:
             raise ConfigError(f"{path}: no 'query' (nor table, select_field and where_field)")
+    _only_select(query, f"{path}: query")
     domains = tuple(d.lower() for d in settings.get("domain", "").replace(",", " ").split())
     for d in domains:
         if "/" in d or ":" in d:
@@ -482,8 +510,9 @@ def dovecot_sql(path: Path, url_override: str | None = None) -> DovecotSql:
         iterate_query=settings.get("iterate_query"),
         default_pass_scheme=settings.get("default_pass_scheme", "MD5").upper(),
     )
-    for which in ("password_query", "user_query"):
+    for which in ("password_query", "user_query", "iterate_query"):
         template = settings.get(which)
         if template is not None:
+            _only_select(template, f"{path}: {which}")
             out._expand(template, "probe@example.com", f"{path}: {which}")  # refuse early
     return out

@@ -11,7 +11,7 @@ import pytest
 
 from mapsync.errors import ConfigError
 from mapsync.publish.compare import password_key
-from mapsync.sources.live import Connections, postfix_expand, sql_table
+from mapsync.sources.live import Connections, LiveLookupError, postfix_expand, sql_table
 
 Q = "SELECT x FROM t WHERE a='%s' AND u='%u' AND d='%d'"
 
@@ -95,3 +95,27 @@ def test_a_sqlite_table_answers_as_postfix_with_domain_result_format_and_legacy_
         assert table.lookup("o'hare@ex.org", db_) is None  # quoted, not an SQL error
     finally:
         db_.close()
+
+
+def test_compare_only_reads_the_database_whatever_a_query_says(tmp_path: Path) -> None:
+    db = tmp_path / "t.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE alias (address TEXT, goto TEXT)")
+    cf = tmp_path / "bad.cf"
+    cf.write_text(f"dbpath = {db}\nquery = DELETE FROM alias WHERE address = '%s'\n")
+    with pytest.raises(ConfigError, match=rf"{cf}: query: only SELECT queries .* not DELETE"):
+        sql_table("sqlite", cf)
+    # A write disguised as a WITH query is refused by the read-only session itself.
+    cf.write_text(
+        f"dbpath = {db}\n"
+        "query = WITH x AS (SELECT 1) INSERT INTO alias SELECT '%s', 'evil@x.org' FROM x\n"
+    )
+    table = sql_table("sqlite", cf)
+    connections = Connections()
+    try:
+        with pytest.raises(LiveLookupError, match=rf"{cf}: query for 'a@ex.org'.*readonly"):
+            table.lookup("a@ex.org", connections)
+    finally:
+        connections.close()
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM alias").fetchone() == (0,)
