@@ -226,7 +226,56 @@ def _nexthop(transport: str, domain: str) -> str:
     return nexthop or domain
 
 
-Lookup = SqlTable | frozenset[str]  # a SQL table, or the literal domains of a *_domains list
+# Postfix's indexed file tables: postmap builds them from a text file of the same name.
+FILE_TYPES = ("hash", "btree", "cdb", "lmdb", "dbm", "texthash")
+_COMPILED = {"hash": ".db", "btree": ".db", "cdb": ".cdb", "lmdb": ".lmdb", "dbm": ".dir"}
+
+
+class TextTable:
+    """A ``hash:``/``cdb:``/... table, read from the text file postmap(1) builds it from:
+    ``key value`` lines, ``#`` comments, a line starting with whitespace continues the one
+    before; keys folded to lower case; the first of duplicate keys wins (as postmap keeps it)."""
+
+    def __init__(self, kind: str, path: Path, where: str) -> None:
+        self.path = path
+        self.entries: dict[str, str] = {}
+        try:
+            raw = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(
+                f"{where}: {kind}:{path}: cannot read: {exc.strerror or exc}"
+            ) from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{where}: {kind}:{path}: not UTF-8 text") from None
+        logical: list[str] = []
+        for line in raw.splitlines():
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            if line[0].isspace() and logical:
+                logical[-1] += line.rstrip()  # as postmap joins it: the indent is kept
+            else:
+                logical.append(line.strip())
+        for line in logical:
+            key, *value = re.split(r"\s+", line, maxsplit=1)
+            self.entries.setdefault(key.lower(), value[0] if value else "")
+        compiled = path.with_name(path.name + _COMPILED.get(kind, ""))
+        if (
+            kind in _COMPILED
+            and compiled.exists()
+            and compiled.stat().st_mtime < path.stat().st_mtime
+        ):
+            _log.warning(
+                "the text file is newer than the table Postfix reads (run postmap); compare "
+                "reads the text",
+                table=f"{kind}:{path}",
+            )
+
+    def lookup(self, key: str, db: Connections) -> str | None:
+        return self.entries.get(key.lower())
+
+
+# A SQL table, a file table, or the literal domains of a *_domains list.
+Lookup = SqlTable | TextTable | frozenset[str]
 
 
 class LiveSide(Side):
@@ -453,16 +502,19 @@ def _table_list(parameter: str, value: str, where: str, url: str | None) -> list
                 literal.add(item.lower())
                 continue
             raise ConfigError(f"{where}: {item!r} is not a TYPE:NAME lookup table")
-        if kind not in TABLE_TYPES:
+        if kind not in TABLE_TYPES + FILE_TYPES:
             raise ConfigError(
                 f"{where}: {item}: table type {kind!r} is not supported by mapsync compare "
-                f"(supported: {', '.join(TABLE_TYPES)}); name the SQL tables with --table "
-                f"{parameter}=TYPE:FILE"
+                f"(supported: {', '.join(TABLE_TYPES + FILE_TYPES)}); name the tables it "
+                f"should read with --table {parameter}=TYPE:FILE"
             )
         if literal:
             out.append(frozenset(literal))
             literal = set()
-        out.append(sql_table(kind, Path(path), url))
+        if kind in FILE_TYPES:
+            out.append(TextTable(kind, Path(path), where))
+        else:
+            out.append(sql_table(kind, Path(path), url))
     if literal:
         out.append(frozenset(literal))
     return out
@@ -495,7 +547,7 @@ def read_postfix(
             replaced.add(parameter)
         out[parameter] += _table_list(parameter, spec, f"--table {option}", url)
     for lookups in out.values():
-        read += [str(t.path) for t in lookups if isinstance(t, SqlTable)]
+        read += [str(t.path) for t in lookups if not isinstance(t, frozenset)]
     if not out.get("virtual_mailbox_domains") and not out.get("relay_domains"):
         raise ConfigError(
             f"{main_cf or '--table'}: neither virtual_mailbox_domains nor relay_domains names a "

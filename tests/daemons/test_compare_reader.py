@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from mapsync import config
-from mapsync.publish.compare import PublishedSide, read_published
+from mapsync.publish.compare import PublishedSide, TextTable, read_published
+from mapsync.sources.live import Connections
 from tests.helpers import migrating
 from tests.helpers import postfixadmin as pfa
 
@@ -49,3 +50,37 @@ def test_compare_reads_the_published_maps_as_postmap_does(tmp_path: Path) -> Non
         "sales@example.com"
     )
     assert side.get("virtual", "sales@example.com") is not None
+
+
+def test_a_file_table_of_main_cf_is_read_as_postmap_reads_it(tmp_path: Path) -> None:
+    # PostfixAdmin's vacation setup: transport_maps = hash:/etc/postfix/transport, proxy:mysql:...
+    source = tmp_path / "transport"
+    source.write_text(
+        "# the vacation transport\n"
+        "autoreply.example.org  vacation:\n"
+        "Mixed.Example\tsmtp:[mx.mixed.example]:25\n"
+        "long.example smtp:[a.example]:25,\n"
+        "   [b.example]:25\n"
+        "\n"
+        "dup.example first:\n"
+        "dup.example second:\n"
+    )
+    made = subprocess.run(["postmap", f"hash:{source}"], capture_output=True, text=True, timeout=30)
+    assert made.returncode == 0, made.stderr
+    table = TextTable("hash", source, "main.cf: transport_maps")
+    keys = [
+        "autoreply.example.org",
+        "mixed.example",
+        "MIXED.example",
+        "long.example",
+        "dup.example",
+        "nothing.example",
+        "vacation:",
+    ]
+    for key in keys:
+        p = subprocess.run(
+            ["postmap", "-q", key, f"hash:{source}"], capture_output=True, text=True, timeout=30
+        )
+        expected = p.stdout.rstrip("\n") if p.returncode == 0 else None
+        assert table.lookup(key, Connections()) == expected, (key, p.stderr)
+    assert table.lookup("autoreply.example.org", Connections()) == "vacation:"

@@ -95,17 +95,17 @@ def test_an_unknown_expansion_in_a_query_is_named(
     refused(run(config, "--table", f"relay_domains=sqlite:{cf}"), f"{cf}: query", "%x")
 
 
-def test_a_table_type_other_than_sql_is_refused_naming_main_cf_and_the_parameter(
+def test_a_table_type_compare_cannot_read_is_refused_naming_main_cf_and_the_parameter(
     setup: tuple[Path, Path, Path], tmp_path: Path
 ) -> None:
     config, main_cf, _ = setup
     edited = tmp_path / "main.cf"
-    edited.write_text(main_cf.read_text() + "transport_maps = hash:/etc/postfix/transport\n")
+    edited.write_text(main_cf.read_text() + "transport_maps = regexp:/etc/postfix/transport.re\n")
     refused(
         run(config, "--postfix", str(edited)),
         f"{edited}: transport_maps",
-        "hash:/etc/postfix/transport",
-        "'hash' is not supported",
+        "regexp:/etc/postfix/transport.re",
+        "'regexp' is not supported",
     )
 
 
