@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import re
 import signal
 from pathlib import Path
@@ -104,7 +105,7 @@ class Publisher:
         out = {}
         for name in CHANNELS:
             latest = self.root / "repo" / name / "LATEST"
-            out[name] = int(re.search(r'"serial": *(\d+)', latest.read_text()).group(1))  # type: ignore[union-attr]
+            out[name] = int(json.loads(latest.read_text())["serial"])
         return out
 
     def publish_and_diff(self) -> str:
