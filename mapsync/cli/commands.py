@@ -455,6 +455,60 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _files(paths: list[str]) -> str:
+    """main.cf, its N table files and the Dovecot file, briefly."""
+    tables = [p for p in paths if p.endswith(".cf") and not p.endswith("main.cf")]
+    rest = [p for p in paths if p not in tables]
+    return ", ".join(rest + ([f"{len(tables)} table file(s)"] if tables else []))
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from mapsync.publish.compare import compare
+
+    pub = _config(args).need_publisher()
+    if not args.postfix and not args.table:
+        raise ConfigError("compare needs --postfix MAIN_CF or --table PARAM=TYPE:FILE")
+    result = compare(
+        pub,
+        main_cf=Path(args.postfix) if args.postfix else None,
+        tables=args.table,
+        dovecot=Path(args.dovecot) if args.dovecot else None,
+        database=args.database,
+        channels=args.channel,
+        addresses=args.address,
+    )
+    code = EXIT_WARNING if result.unexpected else EXIT_OK
+    if args.json:
+        out = {
+            "addresses": result.addresses,
+            "domains": result.domains,
+            "users": result.users,
+            "before": result.before,
+            "after": result.after,
+            "unexpected": len(result.unexpected),
+            "expected": len(result.expected),
+            "differences": [asdict(d) for d in result.differences],
+            "exit": code,
+        }
+        print(json.dumps(out, indent=2, ensure_ascii=False))
+        return code
+    after = ", ".join(f"{c} serial {s}" for c, s in result.after.items())
+    print(
+        f"compared {result.addresses} addresses in {result.domains} domains"
+        + (f" and {result.users} Dovecot users" if result.users else "")
+        + f": live lookups ({_files(result.before)}) against the published maps ({after})"
+    )
+    for d in result.differences:
+        mark = "expected " if d.expected else "DIFFERENT"
+        why = f"  [{d.expected}]" if d.expected else ""
+        print(f"{mark} {d.address}  {d.check}: before {d.before} | after {d.after}{why}")
+    print(
+        f"{len(result.unexpected)} difference(s), {len(result.expected)} expected "
+        "(mapsync differs on purpose: docs/postfixadmin.md)"
+    )
+    return code
+
+
 def cmd_keygen(args: argparse.Namespace) -> int:
     from mapsync.signing import keygen
 

@@ -221,6 +221,49 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     s = add(
+        "compare",
+        "before switching over: the live SQL lookups against the published maps, per address",
+        "Ask the operator's current live SQL lookups (Postfix's mysql/pgsql/sqlite tables as\n"
+        "main.cf names them, Dovecot's dovecot-sql.conf.ext) and the latest published release of\n"
+        "each channel the same questions for every address either side names (and, for\n"
+        'schema = "postfixadmin", every row\'s address), plus a probe in every domain: is the\n'
+        "domain ours, is the recipient accepted, where does its mail end up after alias\n"
+        "expansion, who may send as it, and for Dovecot: login, password (compared, never\n"
+        "printed), home, uid, gid, quota. Prints each difference; those mapsync makes on purpose\n"
+        "(docs/postfixadmin.md) are labelled 'expected' with the reason.\n"
+        "Exit 0: no other differences; 1: differences; 2: an error. Read-only on both sides.",
+    )
+    s.add_argument(
+        "--postfix", metavar="MAIN_CF", help="Postfix's main.cf (e.g. /etc/postfix/main.cf)"
+    )
+    s.add_argument(
+        "--table",
+        action="append",
+        default=[],
+        metavar="PARAM=TYPE:FILE",
+        help="a Postfix parameter's table list, instead of main.cf's "
+        "(e.g. virtual_alias_maps=mysql:/etc/postfix/sql/alias.cf; repeatable, in order)",
+    )
+    s.add_argument(
+        "--dovecot", metavar="FILE", help="Dovecot's SQL passdb/userdb (dovecot-sql.conf.ext)"
+    )
+    s.add_argument(
+        "--database",
+        metavar="URL",
+        help="connect every live lookup to this SQLAlchemy URL instead of the files' settings",
+    )
+    s.add_argument(
+        "--channel",
+        action="append",
+        metavar="C",
+        help="compare this channel (repeatable; default all)",
+    )
+    s.add_argument(
+        "--address", action="append", default=[], metavar="A", help="also compare this address"
+    )
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+
+    s = add(
         "keygen", "create an ed25519 signing key pair: PATH (0600) and its public half beside it"
     )
     s.add_argument("path", metavar="PATH", help="private key file (signing.key → signing.pub)")
