@@ -165,6 +165,14 @@ class AgentConfig:
     jitter: int = 30  # ... plus a random 0..jitter seconds, so fifty nodes do not poll at once
     # sha256 of every live file at least this often (size/mtime on every pull; see agent/damage.py)
     full_check: int = 3600
+    # A world-readable copy of each channel's state (no secret in it), for `mapsync status`
+    # run by an unprivileged monitoring user who may not read ``state`` (0700).
+    status_dir: Path | None = None
+
+    @property
+    def public_status(self) -> Path:
+        """``status_dir``, by default ``<state>-status`` beside ``state``."""
+        return self.status_dir or self.state.with_name(self.state.name + "-status")
 
 
 @dataclass(frozen=True)
@@ -665,7 +673,7 @@ def _files(path: Path, where: str, data: dict[str, Any]) -> dict[str, FileMode]:
 
 def _agent(path: Path, data: Any) -> AgentConfig:
     s = _Section(path, "agent", data)
-    s.allow("state", "trusted_keys", "channels", "interval", "jitter", "full_check")
+    s.allow("state", "trusted_keys", "channels", "interval", "jitter", "full_check", "status_dir")
     interval = s.duration("interval", AgentConfig.interval)
     if interval < 1:
         raise ConfigError(f"{s.where('interval')}: must be at least 1s")
@@ -747,6 +755,7 @@ def _agent(path: Path, data: Any) -> AgentConfig:
         raise ConfigError(f"{path}: [agent.channels]: define at least one channel")
     return AgentConfig(
         state=_path(s, "state"),
+        status_dir=_path(s, "status_dir") if "status_dir" in s.data else None,
         trusted_keys=tuple(_key_file(s, k) for k in keys),
         channels=channels,
         interval=interval,
@@ -766,7 +775,7 @@ class _Area:
     """A directory mapsync writes or reads, for the overlap check."""
 
     where: str  # "[agent.channels.mx] inbox"
-    kind: str  # repository | push | state | target | inbox | source
+    kind: str  # repository | push | state | status_dir | target | inbox | source
     path: Path
     channel: str = ""
 
@@ -795,6 +804,12 @@ _CLASHES = {
         ("push", "push"),
         ("push", "target"),
         ("push", "state"),
+        ("status_dir", "target"),
+        ("status_dir", "inbox"),
+        ("status_dir", "source"),
+        ("status_dir", "state"),
+        ("status_dir", "repository"),
+        ("status_dir", "push"),
     )
 }
 
@@ -813,6 +828,7 @@ def _areas(publisher: PublisherConfig | None, agent: AgentConfig | None) -> list
                     )
     if agent is not None:
         areas.append(_Area("[agent] state", "state", agent.state))
+        areas.append(_Area("[agent] status_dir", "status_dir", agent.public_status))
         for ch in agent.channels.values():
             where = f"[agent.channels.{ch.name}]"
             for src in ch.sources:

@@ -83,6 +83,7 @@ class ChannelPaths:
     def __init__(self, cfg: AgentConfig, ch: AgentChannel) -> None:
         self.root = cfg.state / ch.name
         self.state = self.root / "state.json"
+        self.public = cfg.public_status / f"{ch.name}.json"  # world-readable copy of it
         self.lock = self.root / "lock"
         self.incoming = self.root / "incoming"
         self.basis = (
@@ -236,12 +237,13 @@ def save_state(ch: AgentChannel, paths: ChannelPaths, state: ChannelState) -> No
     written over the old file's own blocks, so ``status`` still learns what happened (a kill
     in that instant leaves a damaged file, which the next run rebuilds)."""
     try:
-        state.save(paths.state)
+        state.save(paths.state, paths.public)
         return
     except OSError as exc:
         first = exc
     try:
         state.save_in_place(paths.state)
+        state.publish_copy(paths.public)
     except OSError as exc:
         raise InstallError(
             f"channel {ch.name}: cannot record the outcome in {paths.state}: {first.strerror}"
@@ -592,7 +594,7 @@ def install(
             # must not lose them.
             state.reload_pending = state.reload_pending or bool(ch.reload and not same)
             state.pinned = pin if pin is not None else state.pinned
-            state.save(paths.state)
+            state.save(paths.state, paths.public)
         try:
             live.swap(built, manifest.serial)
         finally:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from mapsync.access import denied
 from mapsync.agent.damage import check_live
 from mapsync.agent.state import ChannelState, StateDamaged
 from mapsync.atomic import atomic_write
@@ -85,12 +86,28 @@ def channel_status(
 ) -> ChannelStatus:
     now = now or datetime.now(UTC)
     problems: list[tuple[int, str]] = []
+    path = cfg.state / ch.name / "state.json"
     try:
-        state = ChannelState.load(cfg.state / ch.name / "state.json")
+        try:
+            state = ChannelState.load(path)
+        except PermissionError:
+            # An unprivileged monitoring user (nagios, node_exporter's textfile job): the
+            # world-readable copy every run writes holds the same fields.
+            path = cfg.public_status / f"{ch.name}.json"
+            if not path.is_file():
+                raise
+            state = ChannelState.load(path)
     except StateDamaged as exc:
         # The installed set is still checked below; the next pull rebuilds the state.
         state = ChannelState()
         problems.append((EXIT_ERROR, f"state file damaged, the next pull rebuilds it: {exc}"))
+    except PermissionError:
+        return ChannelStatus(
+            ch.name,
+            EXIT_UNKNOWN,
+            f"cannot read state: {denied(cfg.state / ch.name / 'state.json')}, nor its public "
+            f"copy {path} (written by every pull of this version; readable by all)",
+        )
     except OSError as exc:
         return ChannelStatus(ch.name, EXIT_UNKNOWN, f"cannot read state: {exc}")
     try:
@@ -249,6 +266,7 @@ _METRICS = (
     ),
     ("mapsync_expiry_timestamp_seconds", "Unix time at which the installed release expires."),
     ("mapsync_pinned", "1 while a rollback pins the channel to an older release."),
+    ("mapsync_last_run_failed", "1 while the last run of the channel failed (see status)."),
     ("mapsync_map_entries", "Entries of each installed map."),
     ("mapsync_live_damaged", "1 while the live set no longer matches its manifest."),
     (
@@ -302,6 +320,7 @@ def prometheus(statuses: list[ChannelStatus]) -> str:
         samples["mapsync_status"].append(f"{{{label}}} {s.code}")
         samples["mapsync_pinned"].append(f"{{{label}}} {1 if s.pinned is not None else 0}")
         samples["mapsync_live_damaged"].append(f"{{{label}}} {1 if s.damage else 0}")
+        samples["mapsync_last_run_failed"].append(f"{{{label}}} {1 if s.last_error else 0}")
         if s.last_repair:
             stamp = int(parse_iso(s.last_repair).timestamp())
             samples["mapsync_last_repair_timestamp_seconds"].append(f"{{{label}}} {stamp}")

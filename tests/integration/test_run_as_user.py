@@ -1,7 +1,9 @@
-"""The publisher run as an unprivileged user, and by the wrong one (docs/operator-guide.md,
-"Running as the mapsync user"): each permission problem names the path, the running user,
-the owner and the fix; a publish by another user than the repository's owner writes
-nothing; an old release the publisher may not remove is a warning, not a failed publish."""
+"""mapsync run as an unprivileged user, as deployed (docs/install.md): the publisher as the
+repository's owner, and by the wrong user: each permission problem names the path, the
+running user, the owner and the fix; a publish by another user than the repository's owner
+writes nothing; an old release the publisher may not remove is a warning, not a failed
+publish. And ``mapsync status`` run by a monitoring user (NRPE's ``nagios``) who may not read
+the agent's 0700 state: it reads the world-readable copy each run writes."""
 
 from __future__ import annotations
 
@@ -102,3 +104,31 @@ def test_an_old_release_it_may_not_remove_is_a_warning_after_latest_moved(
     assert "old release not removed" in p.stderr
     assert f"mapsync runs as {NOBODY}" in p.stderr and "belongs to root (uid 0)" in p.stderr
     assert old.is_dir()
+
+
+def test_status_as_a_monitoring_user_reads_the_public_copy_of_the_state(shared: Cluster) -> None:
+    assert run_as(USER, shared.config_path, "publish").returncode == 0  # the repository's owner
+    shared.pull()  # the agent runs as root
+    public = shared.state.with_name("state-status") / "mx.json"
+    assert public.stat().st_mode & 0o777 == 0o644
+    assert public.parent.stat().st_mode & 0o777 == 0o755
+    assert json.loads(public.read_text()) == json.loads(
+        (shared.state / "mx" / "state.json").read_text()
+    )
+    assert shared.state.stat().st_mode & 0o777 == 0o700  # the state itself stays private
+
+    p = run_as(USER, shared.config_path, "status")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.stdout.startswith("MAPSYNC OK - mx OK | mx_serial=1 "), p.stdout
+    j = run_as(USER, shared.config_path, "status", "--json")
+    assert json.loads(j.stdout)["channels"][0]["last_success"] is not None
+
+    # Without the copy: UNKNOWN, naming the state, the user and the copy it looked for.
+    public.unlink()
+    p = run_as(USER, shared.config_path, "status")
+    assert p.returncode == 3, p.stdout + p.stderr
+    assert (
+        f"mx: UNKNOWN cannot read state: {shared.state / 'mx' / 'state.json'}: permission "
+        f"denied (mapsync runs as {NOBODY}"
+    ) in p.stdout
+    assert f"nor its public copy {public}" in p.stdout

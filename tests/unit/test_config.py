@@ -97,6 +97,9 @@ BAD = {
     "shared-inbox": f"[agent.channels.scanner] inbox: {FIXTURES}/inbox/shared overlaps "
     f"[agent.channels.mx] inbox {FIXTURES}/inbox/shared",
     "inbox-in-state": f"[agent.channels.mx] inbox: {FIXTURES}/state/mx overlaps [agent] state",
+    "status-dir-in-state": f"[agent] status_dir: {FIXTURES}/state/public overlaps [agent] state",
+    "target-in-status-dir": f"[agent.channels.mx] target: {FIXTURES}/live/mx overlaps "
+    f"[agent] status_dir {FIXTURES}/live",
     "target-in-source": f"[agent.channels.mx] target: {FIXTURES}/repo/mx/live overlaps "
     "[agent.channels.mx] source",
     "inbox-in-repository": f"[agent.channels.mx] inbox: {FIXTURES}/repo/inbox/mx overlaps "
