@@ -281,7 +281,12 @@ class MetricsNotWritten(MapsyncError):
 
 
 def write_prometheus(path: Path, statuses: list[ChannelStatus]) -> None:
-    """Write the metrics to ``path`` atomically, 0644. Only ever replaces a regular file (or
+    """Write the metrics of ``statuses`` to ``path``; see :func:`write_textfile`."""
+    write_textfile(path, prometheus(statuses))
+
+
+def write_textfile(path: Path, metrics: str) -> None:
+    """Write ``metrics`` to ``path`` atomically, 0644. Only ever replaces a regular file (or
     creates one): a device node, a symlink, a directory or a FIFO there is refused, not
     replaced — the path may be mistyped, or point at something that is not ours."""
     try:
@@ -307,7 +312,7 @@ def write_prometheus(path: Path, statuses: list[ChannelStatus]) -> None:
                 "replaced (name the textfile collector's .prom file)"
             )
     try:
-        atomic_write(path, prometheus(statuses).encode(), mode=0o644)
+        atomic_write(path, metrics.encode(), mode=0o644)
     except OSError as exc:
         raise MetricsNotWritten(f"--prometheus {path}: {exc.strerror or exc}") from None
 
@@ -339,8 +344,15 @@ def prometheus(statuses: list[ChannelStatus]) -> str:
             samples["mapsync_expiry_timestamp_seconds"].append(f"{{{label}}} {stamp}")
         for name, n in sorted((s.entries or {}).items()):
             samples["mapsync_map_entries"].append(f'{{{label},map="{name}"}} {n}')
+    return exposition(_METRICS, samples)
+
+
+def exposition(
+    metrics: tuple[tuple[str, str], ...] | list[tuple[str, str]], samples: dict[str, list[str]]
+) -> str:
+    """The text format: HELP and TYPE (gauge) of each metric, then its samples."""
     lines = []
-    for name, help_text in _METRICS:
+    for name, help_text in metrics:
         lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge"]
-        lines += [f"{name}{sample}" for sample in samples[name]]
+        lines += [f"{name}{sample}" for sample in samples.get(name, [])]
     return "\n".join(lines) + "\n"

@@ -303,10 +303,15 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def _publisher_status(args: argparse.Namespace, pub: config.PublisherConfig) -> int:
-    from mapsync.agent.status import LEVELS
-    from mapsync.publish.runlog import publisher_status
+    from mapsync.agent.status import LEVELS, MetricsNotWritten, write_textfile
+    from mapsync.publish.runlog import publisher_metrics, publisher_status
 
     st = publisher_status(pub)
+    if args.prometheus:
+        try:
+            write_textfile(Path(args.prometheus), publisher_metrics(pub, st))
+        except MetricsNotWritten as exc:
+            print(f"mapsync: {exc}; the metrics were not written", file=sys.stderr)
     if args.json:
         print(json.dumps({"status": LEVELS[st.code], "exit": st.code, **asdict(st)}, indent=2))
     else:

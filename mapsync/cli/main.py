@@ -160,7 +160,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--prometheus",
         metavar="FILE",
-        help="also write node_exporter textfile-collector metrics to FILE (atomically)",
+        help="also write node_exporter textfile-collector metrics to FILE (atomically); with "
+        "--publisher, the publisher's status and each channel's current serial",
     )
 
     s = add(
