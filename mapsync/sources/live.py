@@ -62,14 +62,19 @@ def _logical_lines(path: Path, text: str) -> list[tuple[int, str]]:
     return out
 
 
-def read_settings(path: Path) -> dict[str, str]:
-    """``name = value`` pairs of a Postfix-syntax file (main.cf or a *_table(5) file)."""
+def _read_text(path: Path) -> str:
+    """A config file of the operator's, as UTF-8 text; ConfigError naming it otherwise."""
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text") from None
+
+
+def read_settings(path: Path) -> dict[str, str]:
+    """``name = value`` pairs of a Postfix-syntax file (main.cf or a *_table(5) file)."""
+    text = _read_text(path)
     settings: dict[str, str] = {}
     for number, line in _logical_lines(path, text):
         name, eq, value = line.partition("=")
@@ -375,12 +380,7 @@ SERVICE = "imap"  # the service a compared login is for (%s): an IMAP login
 
 
 def _dovecot_settings(path: Path) -> dict[str, str]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not UTF-8 text") from None
+    text = _read_text(path)
     settings: dict[str, str] = {}
     pending = ""
     start = 0
