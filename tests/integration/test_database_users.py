@@ -14,9 +14,10 @@ import pytest
 from mapsync.errors import LockBusy
 from mapsync.signing import keygen
 from mapsync.sources.builtin import BuiltinSource
-from tests.conftest import Cluster
+from tests.conftest import Cluster, make_cluster
 from tests.helpers import postfixadmin as pfa
 from tests.helpers.dbusers import DatabaseUsers, owner_and_reader, postfixadmin_reader
+from tests.helpers.users import USER, chown, run_as, shared_dir
 
 KINDS = [
     pytest.param("postgresql", marks=pytest.mark.postgresql),
@@ -138,3 +139,27 @@ def test_postfixadmin_is_published_by_a_reader_of_its_four_tables(
         assert "channel mx: unchanged (serial 1)" in c.publish().stdout
         assert "denied" in (users.refused(users.reader_url, "SELECT * FROM config") or "")
         assert "denied" in (users.refused(users.reader_url, "DELETE FROM mailbox") or "")
+
+
+def test_sqlite_is_read_by_a_user_who_may_not_write_the_file_given_its_directory() -> None:
+    """SQLite has no users: docs/database.md says what the publisher's user needs (read the
+    file, write its directory for the WAL's -shm and -wal), and the error says it too."""
+    with shared_dir() as d:
+        (d / "db").mkdir()
+        c = make_cluster(d / "c", f"sqlite:///{d / 'db' / 'central.db'}")  # root's file
+        c.repo.mkdir()
+        chown(c.repo)
+        chown(c.root / "keys")
+        database = (d / "db" / "central.db").read_bytes()
+
+        p = run_as(USER, c.config_path, "publish")
+        assert p.returncode == 2, p.stdout + p.stderr
+        assert "attempt to write a readonly database" in p.stderr
+        assert "needs write access to that directory" in p.stderr, p.stderr
+        assert not (c.repo / "mx" / "LATEST").exists()
+
+        chown(d / "db", recursive=False)  # the directory, not the file: still root's, 0644
+        p = run_as(USER, c.config_path, "publish")
+        assert p.returncode == 0, p.stdout + p.stderr
+        assert "channel mx: published serial 1" in p.stdout
+        assert (d / "db" / "central.db").read_bytes() == database
