@@ -29,8 +29,9 @@ def cmd_init_db(args: argparse.Namespace) -> int:
     from mapsync.sources.seed import init_db
 
     pub = _config(args).need_publisher()
-    init_db(pub.database)
-    print(f"schema ready in {safe_url(pub.database)}")
+    url = args.database or pub.database  # the owner's URL: the publisher's user only reads
+    init_db(url)
+    print(f"schema ready in {safe_url(url)}")
     return EXIT_OK
 
 
@@ -40,7 +41,7 @@ def cmd_seed(args: argparse.Namespace) -> int:
 
     pub = _config(args).need_publisher()
     made = seed(
-        pub.database,
+        args.database or pub.database,
         SeedCounts(args.accounts, args.domains, args.aliases, args.mailstores),
         seed=args.seed,
         password=args.password,

@@ -52,7 +52,18 @@ def _parser() -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
 
-    add("init-db", "create mapsync's own schema in [publisher].database")
+    s = add(
+        "init-db",
+        "create mapsync's own schema in [publisher].database (or --database)",
+        "Create mapsync's tables and indexes (idempotent). The publisher reads with a\n"
+        "read-only user; create the schema as its owner with --database OWNER_URL and grant\n"
+        "the reader SELECT (docs/database.md has the SQL for PostgreSQL and MariaDB).",
+    )
+    s.add_argument(
+        "--database",
+        metavar="URL",
+        help="connect as this URL (the schema's owner) instead of [publisher].database",
+    )
 
     s = add(
         "seed",
@@ -72,6 +83,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--password", metavar="PW", help="give every account this password (SHA512-CRYPT)"
+    )
+    s.add_argument(
+        "--database",
+        metavar="URL",
+        help="write as this URL (a user who may write) instead of [publisher].database",
     )
 
     s = add(

@@ -90,6 +90,23 @@ HIDDEN = "***"
 _NO_TABLE = re.compile(r"no such table|relation \S+ does not exist|Table \S+ doesn't exist")
 
 
+# The database refused an action to this user: PostgreSQL's insufficient_privilege; MariaDB's
+# and MySQL's database, table, column and command access denied; SQLite's read-only file.
+_PG_NO_PRIVILEGE = "42501"
+_MYSQL_NO_PRIVILEGE = (1044, 1142, 1143, 1227)
+
+
+def no_privilege(orig: object) -> bool:
+    """Whether ``orig`` (a driver error) says the database user lacks a privilege, not that
+    the server is down or the SQL is wrong."""
+    if getattr(orig, "sqlstate", None) == _PG_NO_PRIVILEGE:
+        return True
+    args = getattr(orig, "args", ())
+    if args and isinstance(args[0], int):
+        return args[0] in _MYSQL_NO_PRIVILEGE
+    return type(orig).__module__.startswith("sqlite3") and "readonly database" in str(orig)
+
+
 def _mask_keywords(text: str) -> str:
     return _KEYWORD_SECRET.sub(lambda m: m.group(1) + m.group(2) + HIDDEN, text)
 
@@ -296,6 +313,17 @@ class BuiltinSource(Source):
         detail = detail.strip().splitlines()[0] if detail.strip() else type(exc).__name__
         if _NO_TABLE.search(detail):
             detail += " (is this mapsync's database? `mapsync init-db` creates the schema)"
+        elif no_privilege(orig) and self.engine.dialect.name == "sqlite":
+            detail += (
+                " (a reader of a SQLite database in WAL mode creates its -wal and -shm files "
+                "beside it: the publisher's user needs write access to that directory, "
+                "docs/database.md)"
+            )
+        elif no_privilege(orig):
+            detail += (
+                " (the publisher's database user needs SELECT on every table it reads, and "
+                "nothing more: docs/database.md has the GRANTs)"
+            )
         hit = _bound_hit(orig)
         if hit == "lock":
             detail = (

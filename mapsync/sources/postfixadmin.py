@@ -165,7 +165,8 @@ class PostfixAdminSource(BuiltinSource):
         except SQLAlchemyError:
             raise SourceError(
                 f"database {self.safe_url}: PostfixAdmin table {real!r} not found or not "
-                f"readable (check [publisher.postfixadmin] prefix and {name}_table)"
+                f"readable (check [publisher.postfixadmin] prefix and {name}_table, and "
+                "that the database user may SELECT from it: docs/database.md)"
             ) from None
         missing = [c for c in COLUMNS[name] if c not in have]
         if missing:
