@@ -8,6 +8,8 @@ import json
 import os
 import stat
 
+import pytest
+
 from mapsync.formats import text
 from tests.conftest import Cluster
 from tests.helpers.agent import postmap, postmap_q
@@ -274,3 +276,56 @@ maps = ["vault"]
     assert "[publisher.maps.vault] query failed" in proc.stderr
     assert "no such table: no_such_table" in proc.stderr
     assert "init-db" not in proc.stderr
+
+
+SECOND = """
+[publisher.maps.ticket_routes]
+query = "SELECT address, 'smtp:[tickets.example.net]:25' FROM otrs_address WHERE address LIKE '%@%'"
+database = "{url}"
+"""
+
+
+@pytest.mark.parametrize("kind", ["postgresql", "mariadb"])
+def test_an_own_map_read_from_a_second_database(
+    cluster: Cluster, kind: str, request: pytest.FixtureRequest
+) -> None:
+    """Exim at Wikimedia queried the OTRS database for the addresses routed to the ticket
+    system: here a transport map of those addresses, read from that database (a second URL,
+    its password never shown), with ':' and '%' in the query's own SQL."""
+    server = request.getfixturevalue("pg_url" if kind == "postgresql" else "mariadb_url")
+    run_sql(
+        server,
+        "CREATE TABLE otrs_address (address VARCHAR(200))",
+        "INSERT INTO otrs_address VALUES ('Support@Example-1.org'), ('sales@example-2.org')",
+    )
+    # PostgreSQL here trusts local connections: the password is sent, and ignored.
+    url = server.replace("postgres@", "postgres:Pw-0f-the-otrs-db@")
+    if kind == "mariadb":  # root has no password here: PyMySQL takes the user alone
+        url = server
+    list_own_maps(cluster, ["ticket_routes"], maps=SECOND.format(url=url))
+    out = cluster.publish()
+    cluster.pull()
+    assert postmap_q("support@example-1.org", cluster.target / "ticket_routes") == (
+        "smtp:[tickets.example.net]:25"
+    )
+    assert postmap_q("sales@example-2.org", cluster.target / "ticket_routes") == (
+        "smtp:[tickets.example.net]:25"
+    )
+    # Nothing changed in either database: no new release; a row added there: a new one.
+    assert "unchanged (serial 1)" in cluster.publish().stdout
+    run_sql(server, "INSERT INTO otrs_address VALUES ('billing@example-3.org')")
+    assert "published serial 2" in cluster.publish().stdout
+    assert "billing@example-3.org smtp:[tickets.example.net]:25" in lines(
+        cluster, "mx", "ticket_routes"
+    )
+    # A query gone wrong there is named, the URL without its password.
+    run_sql(server, "DROP TABLE otrs_address")
+    proc = cluster.cli("publish")
+    assert proc.returncode == 2
+    assert "[publisher.maps.ticket_routes] query failed" in proc.stderr
+    assert "otrs_address" in proc.stderr
+    for text_ in (out.stdout, out.stderr, proc.stdout, proc.stderr):
+        assert "Pw-0f-the-otrs-db" not in text_
+    for path in cluster.repo.rglob("*"):
+        if path.is_file():
+            assert b"Pw-0f-the-otrs-db" not in path.read_bytes(), path
