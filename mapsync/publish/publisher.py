@@ -274,9 +274,9 @@ def _row(p: Problem) -> dict[str, object]:
 
 
 def reads(ch: PublisherChannel, maps: dict[str, Map] = CATALOGUE) -> frozenset[str]:
-    """What the maps of ``ch`` read (see :attr:`mapsync.maps.base.Map.reads`); ``maps``: the
-    catalogue with the operator's own maps."""
-    return frozenset().union(*(maps[m].reads for m in ch.maps))
+    """What the maps of ``ch`` read (see :attr:`mapsync.maps.base.Map.reads`), of those in
+    ``maps``: by default the built-in ones; with the operator's own, their rows as well."""
+    return frozenset().union(*(maps[m].reads for m in ch.maps if m in maps))
 
 
 def affects(problem: Problem, read: frozenset[str]) -> bool:
@@ -473,7 +473,7 @@ class Publisher:
         dry_run: bool,
         force: bool,
         skip_invalid: bool,
-        others: list[Source] = [],  # noqa: B006 - never mutated
+        others: list[Source],
     ) -> PublishResult:
         if not force and not skip_invalid:
             # Cheap path: counts and newest updated_at equal to what the last full check
@@ -661,14 +661,15 @@ class Publisher:
     ) -> dict[str, _View]:
         """:meth:`_views` when rows of the snapshot are skipped."""
         kinds: dict[tuple[frozenset[str], bool], tuple[Directory, list[Problem]]] = {}
+        # The built-in maps' reads: the operator's own maps' rows are not in the snapshot's tables.
         for ch in selected:
-            kind = (reads(ch, self.maps), "dovecot_proxy" in ch.maps)
+            kind = (reads(ch), "dovecot_proxy" in ch.maps)
             if kind not in kinds:
                 kinds[kind] = self._view(snap, problems, *kind)
         scope = Scope(snap, self.maps)
         views = {}
         for ch in selected:
-            directory, dropped = kinds[(reads(ch, self.maps), "dovecot_proxy" in ch.maps)]
+            directory, dropped = kinds[(reads(ch), "dovecot_proxy" in ch.maps)]
             views[ch.name] = _View(directory, [p for p in dropped if scope.concerns(p, ch)])
         for p in dict.fromkeys(p for _, dropped in kinds.values() for p in dropped):
             channels = [ch.name for ch in selected if p in views[ch.name].skipped]

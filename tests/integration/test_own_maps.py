@@ -11,6 +11,7 @@ import stat
 import pytest
 
 from mapsync.formats import text
+from mapsync.sources import schema as t
 from tests.conftest import Cluster
 from tests.helpers.agent import postmap, postmap_q
 from tests.helpers.own_maps import (
@@ -19,7 +20,7 @@ from tests.helpers.own_maps import (
     own_tables,
     run_sql,
 )
-from tests.helpers.publisher import lines, manifest
+from tests.helpers.publisher import account_on, keys, lines, manifest, set_row
 from tests.helpers.transport import RsyncDaemon
 
 
@@ -149,14 +150,16 @@ def test_skip_invalid_leaves_out_only_the_bad_rows_of_the_channels_listing_the_m
     cluster: Cluster,
 ) -> None:
     own_tables(cluster.db_url)
-    list_own_maps(cluster)
+    list_own_maps(cluster, maps=OWN_MAPS + '[publisher.channels.relay]\nmaps = ["tls_policy"]\n')
     run_sql(
         cluster.db_url,
         "INSERT INTO recipient_access VALUES ('bad key@example-1.org', 'OK')",
         "INSERT INTO tls_policy VALUES ('Example.NET', 'none')",  # a duplicate of example.net
     )
+    account, address = account_on(cluster, "store-1")
+    set_row(cluster, t.account, account, home="relative/home")  # a row of the snapshot too
     out = cluster.publish("--skip-invalid").stdout
-    assert "skipped 3 invalid row(s)" in out
+    assert "skipped 4 invalid row(s)" in out
     assert lines(cluster, "mx", "recipient_access") == [
         "abuse@example-2.org OK",
         "noreply@example-3.org 550 5.1.1 this address is not read",
@@ -167,11 +170,21 @@ def test_skip_invalid_leaves_out_only_the_bad_rows_of_the_channels_listing_the_m
         "bank.example verify match=hostname",
         "legacy.example may",
     ]
+    assert address not in keys(cluster, "mx", "recipients")
     skipped = manifest(cluster, "mx")["skipped"]
-    assert len(skipped) == 3
-    assert skipped[0].startswith(
-        "[publisher.maps.recipient_access] row 4 key 'bad key@example-1.org': key contains whitespace"
-    )
+    assert len(skipped) == 4
+    assert skipped[0].startswith(f"account id={account} ")
+    assert (
+        "[publisher.maps.recipient_access] row 4 key 'bad key@example-1.org': key contains "
+        "whitespace (a map line ends its key at the first space)"
+    ) in skipped
+    # A channel records the rows of the maps it lists, and only those.
+    relay = manifest(cluster, "relay")["skipped"]
+    assert [line.split(":")[0] for line in relay] == [
+        "[publisher.maps.tls_policy] row 1 key 'example.net'",
+        "[publisher.maps.tls_policy] row 4 key 'Example.NET'",
+    ]
+    assert lines(cluster, "relay", "tls_policy") == lines(cluster, "mx", "tls_policy")
 
 
 def test_a_shrinking_own_map_is_refused_by_its_guard_and_plan_diff_history_show_it(
