@@ -213,8 +213,19 @@ def channel_digest(ch: PublisherChannel, own: dict[str, MapConfig] | None = None
     if listed:  # absent otherwise: a channel of built-in maps keeps the digest it had
         from mapsync.sources.builtin import safe_url  # never a password, even hashed
 
+        # What shapes the map's content; not its fingerprint query nor its description, whose
+        # change leaves the content as it was (and a release whose content is unchanged keeps
+        # the digest it was signed with, so such a change would never go quiet again).
         data["own_maps"] = [
-            {**vars(spec), "database": safe_url(spec.database) if spec.database else None}
+            {
+                "name": spec.name,
+                "query": spec.query,
+                "separator": spec.separator,
+                "cdb": spec.cdb,
+                "keys": spec.keys,
+                "secret": spec.secret,
+                "database": safe_url(spec.database) if spec.database else None,
+            }
             for spec in listed
         ]
     blob = json.dumps(data)

@@ -269,6 +269,17 @@ def test_one_changed_row_makes_a_release_and_nothing_changed_makes_none(cluster:
     list_own_maps(cluster, maps=maps.replace("cdb = false\n", "cdb = true\n"))
     assert "published serial 4" in cluster.publish().stdout
     assert manifest(cluster, "mx")["maps"]["ticket_addresses"]["cdb"] is not None
+    # A new description changes no map: nothing to publish, and the next run is quiet again.
+    list_own_maps(
+        cluster,
+        maps=maps.replace("cdb = false\n", "cdb = true\n").replace(
+            "addresses refused or let through", "what RCPT TO refuses"
+        ),
+    )
+    assert "unchanged (serial 4)" in cluster.publish().stdout
+    quiet = cluster.cli("-v", "publish", check=True)
+    assert "database unchanged since the last releases" in quiet.stderr
+    assert "reading snapshot" not in quiet.stderr
 
 
 def test_a_secret_map_is_never_read_for_a_channel_that_does_not_list_it(cluster: Cluster) -> None:
