@@ -499,7 +499,10 @@ def _warn_if_exposed(ch: AgentChannel, manifest: Manifest, source: str) -> None:
     when the node's ``maps`` name such a map; a node that does not list its maps learns it
     only here, from the release itself."""
     secret = sorted(n for n, m in manifest.maps.items() if is_secret(n, m))
-    if secret and not set(secret) & set(ch.maps) and unauthenticated_rsync(ch, source):
+    # Config load warned of the built-in ones the node lists; a secret map of the publisher's
+    # own is known to be secret only from the release.
+    warned = set(ch.maps) & SECRET_MAPS
+    if secret and not set(secret) <= warned and unauthenticated_rsync(ch, source):
         _log.warning(
             "channel carries password hashes but is pulled without authentication",
             channel=ch.name,
