@@ -353,3 +353,18 @@ def test_an_own_map_read_from_a_second_database(
     for path in cluster.repo.rglob("*"):
         if path.is_file():
             assert b"Pw-0f-the-otrs-db" not in path.read_bytes(), path
+
+
+def test_a_query_must_return_exactly_the_key_and_the_value(cluster: Cluster) -> None:
+    own_tables(cluster.db_url)
+    three = OWN_MAPS.replace(
+        "SELECT domain, policy FROM tls_policy", "SELECT domain, policy, 1 AS extra FROM tls_policy"
+    )
+    list_own_maps(cluster, ["tls_policy"], maps=three)
+    proc = cluster.cli("publish")
+    assert proc.returncode == 2
+    assert (
+        "[publisher.maps.tls_policy] query: returns 3 column(s) (domain, policy, extra); a "
+        "map's query returns exactly two, the key and then the value"
+    ) in proc.stderr
+    assert not (cluster.repo / "mx" / "LATEST").exists()
