@@ -23,6 +23,7 @@ from mapsync.access import check_owner
 from mapsync.config import PublisherConfig
 from mapsync.errors import ConfigError, MapsyncError, VerificationError
 from mapsync.formats import text
+from mapsync.maps import separator
 from mapsync.publish.plan import ChannelPlan, MapPlan, diff_files
 from mapsync.publish.publisher import Publisher
 from mapsync.release import MANIFEST, SIGNATURE, Manifest, iso, parse_manifest, utcnow
@@ -106,6 +107,7 @@ def republish(cfg: PublisherConfig, channel: str, serial: int) -> ChannelPlan:
                         staging / m.file,
                         before.entries if before else 0,
                         m.entries,
+                        separator(name, m),
                     )
                 )
             for name in sorted(set(last.maps) - set(old.maps)):

@@ -307,11 +307,13 @@ class BuiltinSource(Source):
         elif name == "sqlite":
             cparams.setdefault("timeout", float(self.lock_wait))
 
-    def _fail(self, what: str, exc: SQLAlchemyError) -> SourceError:
+    def _fail(self, what: str, exc: SQLAlchemyError, hint: bool = True) -> SourceError:
+        """``what`` failed, said with the database's words, its passwords redacted; ``hint``:
+        name `init-db` when a table is missing (not for the operator's own queries)."""
         orig = getattr(exc, "orig", None)
         detail = str(orig) if orig is not None else str(exc)
         detail = detail.strip().splitlines()[0] if detail.strip() else type(exc).__name__
-        if _NO_TABLE.search(detail):
+        if hint and _NO_TABLE.search(detail):
             detail += " (is this mapsync's database? `mapsync init-db` creates the schema)"
         elif no_privilege(orig) and self.engine.dialect.name == "sqlite":
             detail += (
@@ -363,7 +365,29 @@ class BuiltinSource(Source):
                 with conn.begin():
                     _bound(conn, self.lock_wait, self.statement_timeout)
                     _begin(conn)
-                    return self._read(conn)
+                    snap = self._read(conn)
+                    if self.maps:  # the operator's own maps: the same instant
+                        from mapsync.sources import maps
+
+                        maps.read_all(conn, self, snap)
+                    return snap
+        except SQLAlchemyError as exc:
+            raise self._fail(what, exc) from None
+
+    def maps_fingerprint(self) -> dict[str, tuple[int, str | None]]:
+        """What tells a change in each map of ``maps``, read in one read-only transaction."""
+        if not self.maps:
+            return {}
+        from mapsync.sources import maps
+
+        what = "reading the change fingerprint of [publisher.maps]"
+        try:
+            with _slow(what, self.safe_url, self.statement_timeout), self.engine.connect() as raw:
+                conn = _read_only(raw)
+                with conn.begin():
+                    _bound(conn, self.lock_wait, self.statement_timeout)
+                    _begin(conn)
+                    return maps.fingerprints(conn, self)
         except SQLAlchemyError as exc:
             raise self._fail(what, exc) from None
 
