@@ -39,7 +39,7 @@ from mapsync.agent.state import (
 from mapsync.config import AgentChannel, AgentConfig, FileMode, unauthenticated_rsync
 from mapsync.errors import InstallError, MapsyncError, TransportError, VerificationError
 from mapsync.formats import cdb, text
-from mapsync.maps import CATALOGUE, separator
+from mapsync.maps import CATALOGUE, SECRET_MAPS, is_secret, separator
 from mapsync.progress import track
 from mapsync.release import (
     LATEST,
@@ -849,16 +849,6 @@ def check_keeps_maps(
             f"which {why}; not installing, the old set keeps serving (if the channel dropped "
             f"them on purpose, set [agent.channels.{ch.name}] maps to the maps it still carries)"
         )
-
-
-# The maps that carry password hashes, as the catalogue declares them (Map.secrets).
-SECRET_MAPS = frozenset(name for name, spec in CATALOGUE.items() if spec.secrets)
-
-
-def is_secret(name: str, m: MapEntry) -> bool:
-    """Whether map ``name`` is handled like password hashes: a built-in map that carries them,
-    or a map of the publisher's own that its manifest entry marks ``secret``."""
-    return name in SECRET_MAPS or (m.custom is not None and m.custom.secret)
 
 
 SECRET_GROUP = "dovecot"

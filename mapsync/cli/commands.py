@@ -7,7 +7,7 @@ import json
 import sys
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mapsync import config
 from mapsync.errors import (
@@ -18,6 +18,9 @@ from mapsync.errors import (
     MapsyncError,
     UnsafePlan,
 )
+
+if TYPE_CHECKING:
+    from mapsync.publish.history import MapDiff
 
 
 def _config(args: argparse.Namespace) -> config.Config:
@@ -426,9 +429,26 @@ def cmd_diff(args: argparse.Namespace) -> int:
         if args.keys:
             for sign, keys in (("+", d.added), ("-", d.removed), ("~", d.changed)):
                 for key in keys:
-                    what = d.fields.get(key) if sign == "~" else None
-                    print(f"  {sign} {key}" + (f" ({', '.join(what)} changed)" if what else ""))
+                    print(f"  {sign} {key}{_diff_value(d, key, sign)}")
     return EXIT_OK
+
+
+def _diff_value(d: MapDiff, key: str, sign: str) -> str:
+    """What ``diff --keys`` shows after a key: its value (``+``/``-``), old → new (``~``), or
+    for a passwd-file user the fields that changed (a password hash only as "changed")."""
+    if key in d.fields:
+        shown = d.field_values.get(key, {})
+        parts = [
+            f"{f}: {shown[f][0]!r} → {shown[f][1]!r}" if f in shown else f"{f} changed"
+            for f in d.fields[key]
+        ]
+        return f" ({', '.join(parts)})"
+    if key not in d.values:
+        return ""  # a map that carries secrets: the key alone
+    old, new = d.values[key]
+    if sign == "~":
+        return f" {old} → {new}"
+    return f" {new if sign == '+' else old}"
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:

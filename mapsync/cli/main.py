@@ -210,7 +210,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--channel", metavar="C", help="the channel (needed when several are configured)"
     )
-    s.add_argument("--keys", action="store_true", help="list the keys, not only the counts")
+    s.add_argument(
+        "--keys",
+        action="store_true",
+        help="list the keys with their old and new values, not only the counts (a password "
+        "hash only as 'password changed')",
+    )
     s.add_argument(
         "--agent", action="store_true", help="the releases kept on this node, not the repository's"
     )

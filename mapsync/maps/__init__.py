@@ -33,4 +33,16 @@ def separator(name: str, entry: MapEntry | None = None) -> str:
     return spec.separator if spec is not None else " "
 
 
-__all__ = ["CATALOGUE", "Directory", "Map", "separator"]
+# The maps that carry password hashes, as the catalogue declares them (Map.secrets).
+SECRET_MAPS = frozenset(name for name, spec in CATALOGUE.items() if spec.secrets)
+
+
+def is_secret(name: str, entry: MapEntry | None) -> bool:
+    """Whether map ``name`` is handled like password hashes: a built-in map that carries them,
+    or a map of the operator's own that its manifest ``entry`` marks ``secret``."""
+    return name in SECRET_MAPS or (
+        entry is not None and entry.custom is not None and entry.custom.secret
+    )
+
+
+__all__ = ["CATALOGUE", "SECRET_MAPS", "Directory", "Map", "is_secret", "separator"]

@@ -220,10 +220,10 @@ def test_a_shrinking_own_map_is_refused_by_its_guard_and_plan_diff_history_show_
     assert "published serial 2" in cluster.publish().stdout
     diff = cluster.cli("diff", "--keys", "1", "2", check=True).stdout
     assert "recipient_access: +1 -3 ~1" in diff
-    assert "  + new@example-1.org" in diff
-    assert "  - user00@example-1.org" in diff
-    assert "  ~ user03@example-1.org" in diff
-    assert "REJECT" not in diff and "OK" not in diff  # keys, never values
+    # Each key with its value (the map is not secret): old → new for a changed one.
+    assert "  + new@example-1.org REJECT\n" in diff
+    assert "  - user00@example-1.org REJECT\n" in diff
+    assert "  ~ user03@example-1.org REJECT → OK\n" in diff
     history = cluster.cli("history", check=True).stdout
     last = history.splitlines()[-1]
     assert "recipient_access=18 " in last and "changed: recipient_access <- LATEST" in last
@@ -368,3 +368,19 @@ def test_a_query_must_return_exactly_the_key_and_the_value(cluster: Cluster) -> 
         "map's query returns exactly two, the key and then the value"
     ) in proc.stderr
     assert not (cluster.repo / "mx" / "LATEST").exists()
+
+
+def test_diff_shows_values_except_in_a_secret_map(cluster: Cluster) -> None:
+    own_tables(cluster.db_url)
+    list_own_maps(cluster, ["tls_policy", "sasl_passwords"])
+    cluster.publish()
+    run_sql(
+        cluster.db_url,
+        "UPDATE sasl_passwords SET credentials = 'relayuser:n3w-relay-pass'",
+        "UPDATE tls_policy SET policy = 'dane' WHERE domain = 'bank.example'",
+    )
+    cluster.publish()
+    diff = cluster.cli("diff", "--keys", "1", "2", check=True).stdout
+    assert "  ~ bank.example verify match=hostname → dane\n" in diff
+    assert "  ~ [smtp.relay.example]:587\n" in diff  # the key alone: the map is secret
+    assert "relay-pass" not in diff
