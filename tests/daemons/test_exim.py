@@ -33,12 +33,12 @@ def nodes() -> Iterator[Nodes]:
     root = Path(tempfile.mkdtemp(prefix="mapsync-exim-"))
     root.chmod(0o755)
     try:
-        yield _moving_nodes(root)
+        yield _seeded_nodes(root)
     finally:
         shutil.rmtree(root)
 
 
-def _moving_nodes(root: Path) -> Nodes:
+def _seeded_nodes(root: Path) -> Nodes:
     n = make_nodes(root, ("exim-mx",))
     # A relay next hop given as an IP, so that -bt can route it without DNS.
     engine = create_engine(n.cluster.db_url)
@@ -88,7 +88,7 @@ def conf(nodes: Nodes) -> Path:
         + "\nbegin transports\n"
         + role.file("transports.conf")
         + "\nbegin retry\n"
-        + "* * F,2h,15m; G,16h,1h,1.5; F,4d,6h\n"  # Debian's default retry rule
+        + "* * F,2h,15m; G,16h,1h,1.5; F,4d,6h\n"  # the retry rule of Exim's default configuration
     )
     return path
 

@@ -5,7 +5,6 @@ central-database changes that move an account."""
 from __future__ import annotations
 
 import os
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +109,12 @@ class LmtpMailstore(Dovecot):
         local, _, domain = address.partition("@")
         return self.mail / domain / local
 
+    def subjects(self, address: str) -> list[str]:
+        """The Subject of each message in ``address``'s INBOX (``doveadm fetch``)."""
+        p = self.doveadm("fetch", "-u", address, "hdr.subject", "mailbox", "INBOX")
+        assert p.returncode == 0, p.stdout + p.stderr
+        return [line.split(":", 1)[1].strip() for line in p.stdout.splitlines() if ":" in line]
+
 
 def old_mailbox(root: Path, address: str) -> Path:
     """``address``'s maildir on the mailstore it leaves: one message, as the account's uid."""
@@ -122,25 +127,3 @@ def old_mailbox(root: Path, address: str) -> Path:
     for path in (root, *root.rglob("*")):
         os.chown(path, VMAIL_UID, VMAIL_UID)
     return box
-
-
-def subjects(store: Dovecot, address: str) -> list[str]:
-    """The Subject of each message in ``address``'s INBOX on ``store`` (``doveadm fetch``)."""
-    p = subprocess.run(
-        [
-            "doveadm",
-            "-c",
-            str(store.conf),
-            "fetch",
-            "-u",
-            address,
-            "hdr.subject",
-            "mailbox",
-            "INBOX",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert p.returncode == 0, p.stdout + p.stderr
-    return [line.split(":", 1)[1].strip() for line in p.stdout.splitlines() if ":" in line]
