@@ -24,7 +24,7 @@ from mapsync.snapshot import Mailstore
 
 # A moving account's mail is accepted and held in the MX's own queue until the move ends.
 # Not ``retry:``: smtpd answers 450 at RCPT for an address whose transport is named ``retry``
-# (or ``error``), so the mail would wait in the sender's queue on the sender's schedule. The
+# (550 for ``error``), so the mail would wait in the sender's queue on the sender's schedule. The
 # ``mapsync-moving`` service of agents/postfix-mx/master.cf is Postfix's retry daemon under
 # another name: every delivery attempt defers with the next hop as the reason, until the
 # account's route changes; then the next queue run (or ``postqueue -s DOMAIN``) delivers it.
