@@ -20,6 +20,7 @@ import pytest
 from mapsync.maps.postfix import MOVING
 from tests.daemons.postfix_instance import PostfixInstance
 from tests.helpers.agent import postmap_q
+from tests.helpers.howto import tasks
 from tests.helpers.mailstore import (
     STORE_ROLE,
     LmtpMailstore,
@@ -162,3 +163,26 @@ def test_the_shipped_master_cf_line_is_the_transport_the_map_names() -> None:
         assert lines == [
             [MOVING.split(":")[0], "unix", "-", "-", "-", "-", "-", "error", "-n", "retry"]
         ], role
+
+
+def test_the_runbook_uses_the_commands_of_this_test_and_the_sql_the_howto_runs() -> None:
+    docs = Path(__file__).parents[2] / "docs"
+    text = (docs / "operator-guide.md").read_text()
+    runbook = text[text.index("### Moving a mailbox") :]
+    runbook = runbook[: runbook.index("\n## ")]
+    for command in (
+        "postmap -q anna@shop.example cdb:/etc/postfix/mapsync/transport",
+        MOVING,
+        "`mailq` lists it with `(mailbox is being moved)`",
+        "rsync -a --delete --mkpath 10.0.1.11:/var/vmail/shop.example/anna/",
+        "doveadm user anna@shop.example",
+        "postqueue -s shop.example",
+    ):
+        assert command in " ".join(runbook.split()), command
+    # Its SQL is the howto's, which tests/integration/test_howto.py runs against a database.
+    sql = re.findall(r"```sql\n(.*?)```", runbook, re.S)
+    howto = dict(tasks(docs / "howto.md"))
+    assert [" ".join(s.split()) for s in sql] == [
+        " ".join(howto[name].split())
+        for name in ("start moving an account", "finish moving an account")
+    ]
