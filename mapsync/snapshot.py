@@ -14,7 +14,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from mapsync.validate import Problem
 
 
 class Mailstore(NamedTuple):
@@ -95,6 +98,10 @@ class Snapshot:
     # How the source names a row in problems: (table, id, key) → "alias 'sales@example.com'".
     # None: mapsync's own "table id=N 'key'".
     describe: Callable[[str, int, str], str] | None = None
+    # Rows the source could not read into the model (a NULL or a wrong type in a column the
+    # row needs, a domain nobody defines): reported by validation like any invalid row, and
+    # gone once skipped (``publish --skip-invalid``). Whole rows only (no ``field``).
+    problems: list[Problem] = field(default_factory=list)
 
 
 @contextmanager

@@ -235,6 +235,7 @@ def drop_invalid(snap: Snapshot, problems: list[Problem]) -> Snapshot:
         sender_grants=[
             g for g in snap.sender_grants if (g.account_id, g.address) not in bad_grants
         ],
+        problems=[p for p in snap.problems if (p.table, p.row) not in bad],
     )
 
 
@@ -423,18 +424,18 @@ class Publisher:
         force: bool,
         skip_invalid: bool,
     ) -> PublishResult:
+        # Least privilege starts here: password hashes are not even read unless a channel
+        # being published carries a map that needs them.
+        secrets = any(CATALOGUE[m].secrets for ch in selected for m in ch.maps)
         if not force and not skip_invalid:
             # Cheap path: counts and newest updated_at equal to what the last full check
             # recorded, same channel definition, not due for renewal → nothing to do.
-            fingerprint = source.fingerprint().digest()
+            fingerprint = source.fingerprint(secrets=secrets).digest()
             quiet = [self._quiet(ch, fingerprint) for ch in selected]
             if all(plan is not None for plan in quiet):
                 _log.debug("database unchanged since the last releases", fingerprint=fingerprint)
                 return PublishResult([p for p in quiet if p is not None], [], dry_run)
         _log.info("reading snapshot", database=source.safe_url)
-        # Least privilege starts here: password hashes are not even read unless a channel
-        # being published carries a map that needs them.
-        secrets = any(CATALOGUE[m].secrets for ch in selected for m in ch.maps)
         self._proxy = any("dovecot_proxy" in ch.maps for ch in selected)
         snap = source.snapshot(secrets=secrets)
         stores = {m.name for m in snap.mailstores}

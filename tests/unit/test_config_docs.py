@@ -194,6 +194,7 @@ def test_the_docs_document_exactly_the_accepted_keys(
         "publisher.channels.NAME",
         "publisher.postfixadmin",
         "publisher.postfixadmin.mailstores.NAME",
+        "publisher.sql",
         "agent",
         "agent.channels.NAME",
         "agent.channels.NAME.files.MAP",

@@ -1,0 +1,459 @@
+"""Any schema, read by the operator's SELECTs (``schema = "sql"``): the query sets of
+docs/sql-schema.md, exactly as printed there, publish maps that real ``postmap -q`` and a real
+Dovecot answer as the panel's own lookups do; PostfixAdmin through SQL answers as
+``schema = "postfixadmin"`` except where the docs name a difference; and every hostile value
+a query can return is a clear error naming the query and the row or column."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, event, text
+
+from mapsync import config
+from mapsync.config import SqlConfig
+from mapsync.errors import ConfigError
+from mapsync.formats import text as text_map
+from mapsync.sources.sql import SqlSource
+from tests.conftest import Cluster
+from tests.helpers import postfixadmin as pfa
+from tests.helpers import sqlschema as sq
+from tests.helpers.dovecot import passwd_file_dovecot
+from tests.helpers.publisher import keys
+
+pytestmark = pytest.mark.daemons
+
+ENGINES = {"MariaDB": "mariadb_url", "PostgreSQL": "pg_url"}
+
+
+@pytest.fixture(params=sq.query_set("iredmail")[1])
+def iredmail(request: pytest.FixtureRequest) -> Iterator[tuple[str, Cluster]]:
+    """(engine, cluster): iRedMail's tables with the sample data on the engine, published with
+    the documented query set and pulled by both nodes."""
+    url = request.getfixturevalue(ENGINES[request.param])
+    sq.build_iredmail(url)
+    root = Path(tempfile.mkdtemp(prefix="mapsync-sql-"))
+    root.chmod(0o755)  # Dovecot's auth process (user dovecot) reads the node's passwd-file
+    try:
+        cluster = sq.write_config(root / "c", url, sq.query_set("iredmail")[0])
+        cluster.publish()
+        cluster.pull()
+        yield request.param, cluster
+    finally:
+        shutil.rmtree(root)
+
+
+def test_the_iredmail_query_set_answers_as_iredmails_lookups(
+    iredmail: tuple[str, Cluster],
+) -> None:
+    engine, cluster = iredmail
+    mx = cluster.root / "nodes" / "mx"
+    domains, recipients, virtual, transport, senders = (
+        pfa.postmap(mx / m) for m in ("domains", "recipients", "virtual", "transport", "senders")
+    )
+    for domain in ("example.com", "example.net", "alias.example", "backup.example"):
+        assert domains(domain) == "OK", (engine, domain)
+    assert domains("off.example") is None
+    assert recipients("@backup.example") == "OK"  # relayed: the backup MX accepts it all
+    for address, finals in sq.IR_ACCEPTED.items():
+        accepted = recipients(address) or recipients("@" + address.rpartition("@")[2])
+        assert accepted == "OK", (engine, address)
+        assert pfa.resolve(address, virtual) == finals, (engine, address)
+    for address in sq.IR_REFUSED:
+        domain = address.rpartition("@")[2]
+        assert recipients(address) is None and recipients(f"@{domain}") is None, address
+    for address, owner in sq.IR_SENDERS.items():
+        assert senders(address) == owner, (engine, address)
+    for key, route in sq.IR_TRANSPORT.items():
+        assert transport(key) == route, (engine, key)
+    # Dovecot's userdb: every active mailbox of an active domain, home and quota as iRedMail's
+    # user_query builds them (quota MB → bytes), on every mailstore.
+    users = {
+        k.decode(): v.decode().split(":", 6)
+        for k, v in text_map.pairs(cluster.root / "nodes" / "store" / "dovecot_users", sep=b":")
+    }
+    live = {u for u, _, _, active in sq.IR_MAILBOXES if active and not u.endswith("off.example")}
+    assert set(users) == live
+    for user in live:
+        home, rule = sq.dovecot_user(user)
+        fields = users[user]
+        assert fields[0] == sq.HASH and fields[4] == home, (user, fields)
+        assert (f"userdb_quota_rule={rule}" in fields[6]) if rule else "quota" not in fields[6]
+    if engine == "PostgreSQL":  # a real login once (each Dovecot start costs a second)
+        store = passwd_file_dovecot(
+            cluster.root / "dovecot", cluster.root / "nodes" / "store" / "dovecot_users"
+        )
+        try:
+            assert (
+                store.user("alice@example.com")["home"] == sq.dovecot_user("alice@example.com")[0]
+            )
+            assert store.login("alice@example.com", pfa.PASSWORD)
+            assert store.user("carl@example.com") is None
+        finally:
+            store.stop()
+
+
+def test_without_a_fingerprint_query_nothing_unchanged_is_rendered_and_any_edit_is_seen(
+    iredmail: tuple[str, Cluster],
+) -> None:
+    engine, cluster = iredmail
+    again = cluster.cli("publish", check=True)
+    assert "channel mx: unchanged (serial 1)" in again.stdout, again.stdout
+    # forwardings has no change time: an edit of one target, row count equal, is seen.
+    db = create_engine(cluster.db_url)
+    with db.begin() as conn:
+        conn.execute(
+            text(
+                "UPDATE forwardings SET forwarding = 'bob@example.com'"
+                " WHERE address = 'sales@example.com' AND forwarding = 'alice@example.com'"
+            )
+        )
+    db.dispose()
+    cluster.publish()
+    cluster.pull()
+    virtual = pfa.postmap(cluster.root / "nodes" / "mx" / "virtual")
+    assert pfa.resolve("sales@example.com", virtual) == {
+        "bob@example.com",
+        "bob@elsewhere.example",
+        "partner@external.example",
+    }, engine
+
+
+# --- PostfixAdmin through SQL --------------------------------------------------------------
+
+# Where the documented PostfixAdmin query set answers differently from schema = "postfixadmin"
+# (docs/sql-schema.md lists why), by address: (postfixadmin's answer, the SQL set's answer).
+PFA_DIFFERENCES = {
+    # Aliases on an alias domain are no rows of mapsync's model: it reaches sales@example.com.
+    "sales@alias.example": (
+        {"dave@example.com", "dave@elsewhere.example"},
+        {
+            "alice@example.com",
+            "bob@example.com",
+            f"bob#example.com@{pfa.VACATION_DOMAIN}",
+            "partner@external.example",
+        },
+    ),
+    "nobody@alias2.example": ({"postmaster@example.com"}, None),
+    # Domain-wide forwards are left out: the forwarded domain keeps only its own addresses.
+    "alice@old.example": ({"alice@example.com"}, None),
+    "nobody@old.example": ({"postmaster@example.com"}, None),
+}
+
+
+def _answers(cluster: Cluster) -> dict[str, set[str] | None]:
+    """Per address of the PostfixAdmin data set: its final recipients, or None if refused."""
+    mx = cluster.root / "nodes" / "mx"
+    recipients, virtual = pfa.postmap(mx / "recipients"), pfa.postmap(mx / "virtual")
+    out: dict[str, set[str] | None] = {}
+    for address in pfa.addresses():
+        domain = address.rpartition("@")[2]
+        accepted = recipients(address) is not None or recipients(f"@{domain}") is not None
+        out[address] = pfa.resolve(address, virtual) if accepted else None
+    return out
+
+
+@pytest.mark.parametrize("engine", sq.query_set("postfixadmin")[1])
+def test_the_postfixadmin_query_set_answers_as_the_postfixadmin_schema(
+    engine: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    body = sq.query_set("postfixadmin")[0]
+    if engine == "SQLite":
+        url = f"sqlite:///{tmp_path / 'postfixadmin.db'}"
+    else:
+        url = request.getfixturevalue(ENGINES[engine])
+    pfa.build(url)
+    by_sql = sq.write_config(tmp_path / "sql", url, body)
+    by_sql.publish("--skip-invalid", "--channel", "mx")
+    by_sql.pull("--channel", "mx")
+    native = sq.write_config(
+        tmp_path / "pfa",
+        url,
+        f'[publisher.postfixadmin]\nvacation_domain = "{pfa.VACATION_DOMAIN}"\n'
+        f'vacation_nexthop = "{pfa.VACATION_NEXTHOP}"\n'
+        '[publisher.postfixadmin.mailstores.local]\nlmtp_host = "127.0.0.1"\n'
+        '[publisher.postfixadmin.mailstores.store-2]\nlmtp_host = "10.0.1.12"\n'
+        'domains = ["lmtp.example", "alias2.*"]\n',
+    )
+    native.config_path.write_text(
+        native.config_path.read_text().replace('schema = "sql"', 'schema = "postfixadmin"')
+    )
+    native.publish("--skip-invalid", "--channel", "mx")
+    native.pull("--channel", "mx")
+    got, expected = _answers(by_sql), _answers(native)
+    differences = {a: (expected[a], got[a]) for a in expected if expected[a] != got[a]}
+    assert differences == PFA_DIFFERENCES
+    assert sum(1 for v in got.values() if v) >= 25
+    # Same routes and the same sender logins for every address either publishes.
+    for name in ("transport", "senders", "domains"):
+        ours = dict(text_map.pairs(by_sql.root / "nodes" / "mx" / name))
+        theirs = dict(text_map.pairs(native.root / "nodes" / "mx" / name))
+        if name == "domains":
+            # The SQL set's alias domains stay domains; postfixadmin's too: the same keys.
+            assert set(ours) == set(theirs)
+        else:
+            common = set(ours) & set(theirs)
+            assert len(common) >= 3 and all(ours[k] == theirs[k] for k in common), name
+
+
+# --- errors --------------------------------------------------------------------------------
+
+BASE = {
+    "domains": "SELECT name, kind, store AS mailstore FROM d",
+    "accounts": "SELECT address, status, home, pw AS password_hash FROM a",
+    "aliases": "SELECT address, targets FROM al",
+}
+
+
+def _db(path: Path, *rows: str) -> str:
+    url = f"sqlite:///{path / 'db.sqlite'}"
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        for statement in (
+            "CREATE TABLE d (name TEXT, kind TEXT, store TEXT)",
+            "CREATE TABLE a (address TEXT, status TEXT, home TEXT, pw TEXT, port INTEGER)",
+            "CREATE TABLE al (address TEXT, targets TEXT)",
+            "INSERT INTO d VALUES ('example.org', 'hosted', NULL)",
+            "INSERT INTO a VALUES ('postmaster@example.org', 'active', '/m/pm', '{BLF-CRYPT}$2y$x', 1)",
+            "INSERT INTO al VALUES ('info@example.org', 'postmaster@example.org')",
+            *rows,
+        ):
+            conn.execute(text(statement))
+    engine.dispose()
+    return url
+
+
+def _source(url: str, **queries: str) -> SqlSource:
+    return SqlSource(url, SqlConfig({**BASE, **queries}, where="[publisher.sql]"))
+
+
+def _problems(url: str, secrets: bool = False, **queries: str) -> list[str]:
+    from mapsync.validate import check
+
+    source = _source(url, **queries)
+    try:
+        return [str(p) for p in check(source.snapshot(secrets))]
+    finally:
+        source.close()
+
+
+def test_a_missing_column_names_the_query_the_column_and_what_the_query_returns(
+    tmp_path: Path,
+) -> None:
+    from mapsync.errors import SourceError
+
+    url = _db(tmp_path)
+    source = _source(url, accounts="SELECT address AS email, status FROM a")
+    with pytest.raises(SourceError) as err:
+        source.snapshot()
+    assert str(err.value) == (
+        "[publisher.sql] accounts: the query returns no column 'address or local_part+domain' "
+        "(it returns: email, status; docs/sql-schema.md lists the columns)"
+    )
+    source = _source(url, aliases="SELECT address FROM al")
+    with pytest.raises(SourceError, match=r"aliases: the query returns no column 'targets'"):
+        source.snapshot()
+    # dovecot_users needs the hash: said when a channel carries it, not on an MX run.
+    source = _source(url, accounts="SELECT address FROM a")
+    assert source.snapshot(secrets=False).accounts
+    with pytest.raises(SourceError, match=r"no column 'password_hash', which dovecot_users"):
+        source.snapshot(secrets=True)
+    source = _source(url, domains="SELECT name FROM nowhere")
+    with pytest.raises(SourceError, match=r"\[publisher.sql\] domains: the query failed on "):
+        source.snapshot()
+
+
+def test_hostile_values_are_invalid_rows_named_by_query_and_key(tmp_path: Path) -> None:
+    url = _db(
+        tmp_path,
+        "INSERT INTO a VALUES ('new\nline@example.org', 'active', '/m/x', NULL, 1)",
+        "INSERT INTO a VALUES ('nul' || char(0) || '@example.org', 'active', '/m/y', NULL, 1)",
+        "INSERT INTO a VALUES (NULL, 'active', '/m/z', NULL, 1)",
+        "INSERT INTO a VALUES (42, 'active', '/m/w', NULL, 1)",
+        "INSERT INTO a VALUES ('kim@example.org', 'gone', '/m/k', NULL, 1)",
+        "INSERT INTO a VALUES ('lee@nowhere.example', 'active', '/m/l', NULL, 1)",
+        "INSERT INTO a VALUES ('Postmaster@example.org', 'active', '/m/p2', NULL, 1)",
+        "INSERT INTO al VALUES ('sales@example.org', 'a@example.net,b@example.net\n"
+        "evil@example.net extra@x:y')",
+        "INSERT INTO al VALUES ('list@example.org', 'a@example.net')",
+        "INSERT INTO al VALUES ('list@example.org', 'b@example.net')",
+        "INSERT INTO d VALUES ('example.org', 'hosted', NULL)",
+        "INSERT INTO d VALUES ('bad.example', 'weird', NULL)",
+    )
+    problems = _problems(url)
+    expected = [
+        "[publisher.sql] domains row 2 (name='example.org', kind='hosted', mailstore=None): "
+        "domain 'example.org' is also defined by [publisher.sql] domains 'example.org'",
+        "[publisher.sql] domains row 3 (name='bad.example', kind='weird', mailstore=None): "
+        "kind 'weird' is not one of hosted, relay, alias",
+        "[publisher.sql] accounts row 4 (address=None, status='active', home='/m/z'): "
+        "column 'address' is NULL",
+        # SQLite's TEXT affinity stored 42 as '42'
+        "[publisher.sql] accounts row 5 (address='42', status='active', home='/m/w'): "
+        "address '42' has no '@'",
+        "[publisher.sql] accounts row 6 (address='kim@example.org', status='gone', "
+        "home='/m/k'): status 'gone' is not one of active, login_disabled, disabled, moving",
+        "[publisher.sql] accounts row 7 (address='lee@nowhere.example', status='active', "
+        "home='/m/l'): domain 'nowhere.example' is no domain of [publisher.sql] domains",
+        "[publisher.sql] accounts 'new\\nline@example.org': local part has characters",
+        "[publisher.sql] accounts 'nul\\x00@example.org': local part has characters",
+        "[publisher.sql] accounts 'postmaster@example.org': address also defined by account",
+        "[publisher.sql] aliases 'sales@example.org': target 'extra@x:y'",
+    ]
+    for want in expected:
+        assert any(want in p for p in problems), (want, problems)
+    assert len(problems) == len(expected), problems
+    # One row per target is merged; a list split on commas and whitespace: each target is
+    # checked on its own, so a newline in a list adds a target, never a map line.
+    source = _source(url)
+    snap = source.snapshot()
+    source.close()
+    merged = {al.local_part: al.targets for al in snap.aliases}
+    assert merged["list"] == ("a@example.net", "b@example.net")
+    assert merged["sales"] == (
+        "a@example.net",
+        "b@example.net",
+        "evil@example.net",
+        "extra@x:y",
+    )
+
+
+def test_a_wrong_type_in_a_mailstore_port_is_that_mailstores_problem(tmp_path: Path) -> None:
+    url = _db(
+        tmp_path,
+        "CREATE TABLE s (name TEXT, host TEXT, port)",
+        "INSERT INTO s VALUES ('store-1', '10.0.1.11', '24 host=evil')",
+        "INSERT INTO s VALUES ('store-2', '10.0.1.12', 2424)",
+        "UPDATE d SET store = 'store-2'",
+    )
+    problems = _problems(url, mailstores="SELECT name, host AS lmtp_host, port AS lmtp_port FROM s")
+    assert problems == [
+        "[publisher.sql] mailstores 'store-1': lmtp_port '24 host=evil' is not a number"
+    ]
+    # A mailstore nobody defines is the domain's problem: its rows are still read (and
+    # its accounts, then housed nowhere, are named too).
+    problems = _problems(
+        url,
+        mailstores="SELECT name, host AS lmtp_host, port AS lmtp_port FROM s",
+        domains="SELECT name, kind, 'store-9' AS mailstore FROM d",
+    )
+    assert problems == [
+        "[publisher.sql] domains 'example.org': mailstore 'store-9' is no mailstore "
+        "(known: store-1, store-2)",
+        "[publisher.sql] mailstores 'store-1': lmtp_port '24 host=evil' is not a number",
+        "[publisher.sql] accounts 'postmaster@example.org': resolves to no mailstore",
+    ]
+
+
+def test_an_mx_publish_reads_no_password_hash_and_skip_invalid_leaves_a_bad_row_out(
+    tmp_path: Path,
+) -> None:
+    url = _db(tmp_path, "INSERT INTO a VALUES ('kim@example.org', 'gone', '/m/k', NULL, 1)")
+    source = _source(url)
+    snap = source.snapshot(secrets=False)
+    assert all(a.password_hash is None for a in snap.accounts)
+    assert source.snapshot(secrets=True).accounts[0].password_hash == "{BLF-CRYPT}$2y$x"
+    source.close()
+    sql = "[publisher.sql]\n" + "".join(f'{k} = "{v}"\n' for k, v in BASE.items())
+    cluster = sq.write_config(tmp_path / "c", url, sql, maps=("domains", "recipients"))
+    refused = cluster.cli("publish", "--channel", "mx")
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "[publisher.sql] accounts row 2 (address='kim@example.org'" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    run = cluster.publish("--skip-invalid", "--channel", "mx")
+    assert "skipped 1 invalid row(s)" in run.stdout, run.stdout
+    cluster.pull("--channel", "mx")
+    recipients = {k for k, _ in text_map.pairs(cluster.root / "nodes" / "mx" / "recipients")}
+    assert recipients == {b"postmaster@example.org", b"info@example.org"}
+
+
+def test_a_fingerprint_query_makes_nothing_changed_cheap(tmp_path: Path) -> None:
+    url = _db(tmp_path)
+    fingerprint = "SELECT (SELECT COUNT(*) FROM a), (SELECT COUNT(*) FROM al)"
+    sql = (
+        "[publisher.sql]\n"
+        + "".join(f'{k} = "{v}"\n' for k, v in BASE.items())
+        + f'fingerprint = "{fingerprint}"\n'
+    )
+    cluster = sq.write_config(tmp_path / "c", url, sql, maps=("domains", "recipients"))
+    cluster.publish("--channel", "mx")
+    again = cluster.cli("publish", "--channel", "mx", check=True)
+    assert "unchanged (serial 1)" in again.stdout
+    assert "reading snapshot" not in again.stderr  # the fingerprint said so: no rows read
+    db = create_engine(url)
+    with db.begin() as conn:
+        conn.execute(text("INSERT INTO al VALUES ('sales@example.org', 'postmaster@example.org')"))
+    db.dispose()
+    cluster.publish("--channel", "mx")
+    assert "sales@example.org" in keys(cluster, "mx", "recipients")
+    # A fingerprint returning other than one row is named.
+    from mapsync.errors import SourceError
+
+    source = SqlSource(url, SqlConfig(dict(BASE), fingerprint="SELECT address FROM a WHERE 1 = 0"))
+    with pytest.raises(SourceError, match=r"fingerprint: must return exactly one row, returned 0"):
+        source.fingerprint()
+    source.close()
+
+
+def test_only_the_contract_columns_are_fetched_and_hashes_only_for_dovecot_users(
+    tmp_path: Path,
+) -> None:
+    url = _db(tmp_path)
+    source = _source(url, accounts="SELECT *, pw AS password_hash FROM a")
+    sent: list[str] = []
+    event.listen(source.engine, "before_cursor_execute", lambda _c, _cur, sql, *_: sent.append(sql))
+    # Without a fingerprint query the check is a full read, kept for the snapshot after it.
+    first = source.fingerprint(secrets=False)
+    snap = source.snapshot(secrets=False)
+    assert snap.fingerprint == first
+    fetched = [s for s in sent if "WHERE 1 = 0" not in s and "FROM (SELECT *, pw" in s]
+    assert len(fetched) == 1, sent  # read once for both
+    (mx_read,) = fetched
+    assert mx_read.startswith("SELECT address, status, home FROM (")  # no hash, no port
+    sent.clear()
+    assert source.snapshot(secrets=True).accounts[0].password_hash == "{BLF-CRYPT}$2y$x"
+    (store_read,) = [s for s in sent if "WHERE 1 = 0" not in s and "FROM (SELECT *, pw" in s]
+    assert store_read.startswith("SELECT address, status, home, password_hash FROM (")
+    source.close()
+
+
+def test_config_errors_name_the_file_and_key(tmp_path: Path) -> None:
+    url = _db(tmp_path)
+
+    def load(sql: str) -> str:
+        cluster = sq.write_config(tmp_path / f"c{len(list(tmp_path.iterdir()))}", url, sql)
+        with pytest.raises(ConfigError) as err:
+            config.load(cluster.config_path)
+        return str(err.value)
+
+    queries = "".join(f'{k} = "{v}"\n' for k, v in BASE.items())
+    assert load("[publisher.sql]\n" + queries + 'acounts = "SELECT 1"\n').endswith(
+        "[publisher.sql] acounts: unknown key (known: accounts, alias_domains, aliases, "
+        "domains, fingerprint, forwards, mailstore, mailstores, sender_grants)"
+    )
+    missing = queries.replace(f'aliases = "{BASE["aliases"]}"\n', "")
+    assert load("[publisher.sql]\n" + missing).endswith(
+        "[publisher.sql] aliases: missing (required)"
+    )
+    assert load("[publisher.sql]\n" + queries + 'forwards = "DELETE FROM al"\n').endswith(
+        "[publisher.sql] forwards: must be one SELECT (or WITH ... SELECT)"
+    )
+    assert load("[publisher.sql]\n" + queries + 'forwards = "SELECT 1; DROP TABLE al"\n').endswith(
+        "[publisher.sql] forwards: must be one statement (no ';' inside)"
+    )
+    assert load("[publisher.sql]\n" + queries + 'mailstore = "store-9"\n').endswith(
+        "[publisher.sql] mailstore: no mailstore 'store-9' in [publisher.sql.mailstores] "
+        "(known: local)"
+    )
+    # A trailing ';' is fine: the query is wrapped without it.
+    cluster = sq.write_config(
+        tmp_path / "ok", url, "[publisher.sql]\n" + queries.replace('FROM al"', 'FROM al;"')
+    )
+    assert (
+        config.load(cluster.config_path).need_publisher().sql.queries["aliases"]
+        == (BASE["aliases"])
+    )

@@ -1,0 +1,260 @@
+"""``schema = "sql"``: the query sets of docs/sql-schema.md as printed there, an iRedMail-shaped
+database (its tables and columns as iRedMail's schema defines them, the few the query set
+reads and their neighbours; written from the column facts, not copied) with sample data, and
+a publisher config reading a database through a query set."""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+from pathlib import Path
+
+from sqlalchemy import create_engine, text
+
+from mapsync.signing import keygen
+from tests.conftest import Cluster
+from tests.helpers import postfixadmin as pfa
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "sql-schema.md"
+_BLOCK = re.compile(r"```toml\n# query set: (\S+) \(([^)]*)\)\n(.*?)```", re.S)
+
+
+def query_set(name: str) -> tuple[str, list[str]]:
+    """The TOML of query set ``name`` in docs/sql-schema.md, and the engines it names."""
+    for found, engines, body in _BLOCK.findall(DOC.read_text()):
+        if found == name:
+            return body, [e.strip() for e in engines.split(",")]
+    raise AssertionError(f"no query set {name!r} in {DOC}")
+
+
+def write_config(root: Path, url: str, sql: str, maps: tuple[str, ...] | None = None) -> Cluster:
+    """A publisher reading ``url`` with the ``[publisher.sql]`` TOML ``sql``; channels ``mx``
+    (the MX maps) and ``store`` (dovecot_users of every mailstore), agents for both."""
+    keygen(root / "keys" / "signing.key")
+    cluster = Cluster(root, url)
+    mx = maps or ("domains", "recipients", "virtual", "transport", "senders")
+    cluster.config_path.write_text(
+        f"""[publisher]
+database = "{url}"
+schema = "sql"
+repository = "{root / "repo"}"
+signing_key = "{root / "keys" / "signing.key"}"
+
+[publisher.channels.mx]
+maps = {json.dumps(list(mx))}
+
+[publisher.channels.store]
+maps = ["dovecot_users"]
+
+{sql}
+
+[agent]
+state = "{root / "nodes" / "state"}"
+trusted_keys = ["{root / "keys" / "signing.pub"}"]
+
+[agent.channels.mx]
+source = "{root / "repo" / "mx"}"
+target = "{root / "nodes" / "mx"}"
+timeout = "30s"
+
+[agent.channels.store]
+source = "{root / "repo" / "store"}"
+target = "{root / "nodes" / "store"}"
+timeout = "30s"
+"""
+    )
+    tomllib.loads(cluster.config_path.read_text())  # a broken block fails here, not later
+    return cluster
+
+
+# --- iRedMail ------------------------------------------------------------------------------
+
+IREDMAIL_DDL = [
+    """CREATE TABLE domain (
+        domain VARCHAR(255) NOT NULL DEFAULT '' PRIMARY KEY,
+        description TEXT,
+        maxquota BIGINT NOT NULL DEFAULT 0,
+        transport VARCHAR(255) NOT NULL DEFAULT 'dovecot',
+        backupmx SMALLINT NOT NULL DEFAULT 0,
+        modified TIMESTAMP NULL,
+        active SMALLINT NOT NULL DEFAULT 1)""",
+    """CREATE TABLE alias_domain (
+        alias_domain VARCHAR(255) NOT NULL PRIMARY KEY,
+        target_domain VARCHAR(255) NOT NULL,
+        active SMALLINT NOT NULL DEFAULT 1)""",
+    """CREATE TABLE mailbox (
+        username VARCHAR(255) NOT NULL DEFAULT '' PRIMARY KEY,
+        password VARCHAR(255) NOT NULL DEFAULT '',
+        name VARCHAR(255) NOT NULL DEFAULT '',
+        storagebasedirectory VARCHAR(255) NOT NULL DEFAULT '',
+        storagenode VARCHAR(255) NOT NULL DEFAULT '',
+        maildir VARCHAR(255) NOT NULL DEFAULT '',
+        quota BIGINT NOT NULL DEFAULT 0,
+        domain VARCHAR(255) NOT NULL DEFAULT '',
+        enabledeliver SMALLINT NOT NULL DEFAULT 1,
+        enableimap SMALLINT NOT NULL DEFAULT 1,
+        active SMALLINT NOT NULL DEFAULT 1)""",
+    """CREATE TABLE alias (
+        address VARCHAR(255) NOT NULL DEFAULT '' PRIMARY KEY,
+        name VARCHAR(255) NOT NULL DEFAULT '',
+        domain VARCHAR(255) NOT NULL DEFAULT '',
+        active SMALLINT NOT NULL DEFAULT 1)""",
+    """CREATE TABLE forwardings (
+        id INTEGER PRIMARY KEY,
+        address VARCHAR(255) NOT NULL DEFAULT '',
+        forwarding VARCHAR(255) NOT NULL DEFAULT '',
+        domain VARCHAR(255) NOT NULL DEFAULT '',
+        dest_domain VARCHAR(255) NOT NULL DEFAULT '',
+        is_maillist SMALLINT NOT NULL DEFAULT 0,
+        is_list SMALLINT NOT NULL DEFAULT 0,
+        is_forwarding SMALLINT NOT NULL DEFAULT 0,
+        is_alias SMALLINT NOT NULL DEFAULT 0,
+        active SMALLINT NOT NULL DEFAULT 1)""",
+]
+HASH = pfa.HASHES["dovecot:SHA512-CRYPT"]  # iRedMail writes {SCHEME}-prefixed hashes
+# (domain, transport, backupmx, active)
+IR_DOMAINS = [
+    ("example.com", "dovecot", 0, 1),
+    ("example.net", "dovecot", 0, 1),
+    ("backup.example", "relay:[mx.backup.example]:25", 1, 1),
+    ("off.example", "dovecot", 0, 0),
+]
+IR_ALIAS_DOMAINS = [("alias.example", "example.com", 1)]
+# (username, storagenode, quota MB, active)
+IR_MAILBOXES = [
+    ("postmaster@example.com", "vmail1", 0, 1),
+    ("alice@example.com", "vmail1", 1024, 1),
+    ("bob@example.com", "vmail1", 0, 1),
+    ("carl@example.com", "vmail1", 0, 0),
+    ("postmaster@example.net", "vmail2", 0, 1),
+    ("dave@example.net", "vmail2", 50, 1),
+    ("eve@off.example", "vmail1", 0, 1),
+]
+IR_ALIASES = [("sales@example.com", 1), ("old@example.com", 0)]
+# (address, forwarding, is_list, is_forwarding, is_alias)
+IR_FORWARDINGS = [
+    *((m[0], m[0], 0, 1, 0) for m in IR_MAILBOXES),  # iRedMail's row per mailbox
+    ("bob@example.com", "bob@elsewhere.example", 0, 1, 0),  # forwards, keeps a copy
+    ("sales@example.com", "alice@example.com", 1, 0, 0),
+    ("sales@example.com", "partner@external.example", 1, 0, 0),
+    ("old@example.com", "alice@example.com", 1, 0, 0),  # its alias account is inactive
+    ("info@example.com", "alice@example.com", 0, 0, 1),  # alice's own alias address
+    ("example.net", "postmaster@example.net", 0, 0, 0),  # catch-all
+]
+
+
+def maildir(username: str) -> str:
+    local, _, domain = username.partition("@")
+    return f"{domain}/{local[0]}/{local}-2026.11.30.10.00.00/"
+
+
+def build_iredmail(url: str) -> None:
+    """iRedMail's tables (the columns the query set reads, and a few beside them) and the
+    sample data, booleans as iRedMail stores them (small integers)."""
+    engine = create_engine(url)
+    try:
+        with engine.begin() as conn:
+            for statement in IREDMAIL_DDL:
+                conn.execute(text(statement))
+            for d, transport, backupmx, active in IR_DOMAINS:
+                conn.execute(
+                    text(
+                        "INSERT INTO domain (domain, transport, backupmx, active)"
+                        " VALUES (:d, :t, :b, :a)"
+                    ),
+                    {"d": d, "t": transport, "b": backupmx, "a": active},
+                )
+            for alias_domain, target, active in IR_ALIAS_DOMAINS:
+                conn.execute(
+                    text("INSERT INTO alias_domain VALUES (:a, :t, :ac)"),
+                    {"a": alias_domain, "t": target, "ac": active},
+                )
+            for username, node, quota, active in IR_MAILBOXES:
+                conn.execute(
+                    text(
+                        "INSERT INTO mailbox (username, password, storagebasedirectory,"
+                        " storagenode, maildir, quota, domain, active)"
+                        " VALUES (:u, :p, '/var/vmail', :n, :m, :q, :d, :a)"
+                    ),
+                    {
+                        "u": username,
+                        "p": HASH,
+                        "n": node,
+                        "m": maildir(username),
+                        "q": quota,
+                        "d": username.partition("@")[2],
+                        "a": active,
+                    },
+                )
+            for address, active in IR_ALIASES:
+                conn.execute(
+                    text("INSERT INTO alias (address, domain, active) VALUES (:a, :d, :ac)"),
+                    {"a": address, "d": address.partition("@")[2], "ac": active},
+                )
+            active_of = {u: a for u, _, _, a in IR_MAILBOXES}
+            for i, (address, target, is_list, is_fwd, is_alias) in enumerate(IR_FORWARDINGS):
+                conn.execute(
+                    text(
+                        "INSERT INTO forwardings (id, address, forwarding, domain, dest_domain,"
+                        " is_list, is_forwarding, is_alias, active) VALUES (:i, :a, :f, :d, :dd,"
+                        " :l, :fw, :al, :ac)"
+                    ),
+                    {
+                        "i": i + 1,
+                        "a": address,
+                        "f": target,
+                        "d": address.rpartition("@")[2],
+                        "dd": target.rpartition("@")[2],
+                        "l": is_list,
+                        "fw": is_fwd,
+                        "al": is_alias,
+                        # iRedMail disables a mailbox's own forwarding row with the mailbox
+                        "ac": active_of.get(address, 1) if address == target else 1,
+                    },
+                )
+    finally:
+        engine.dispose()
+
+
+# What iRedMail's own Postfix lookups answer for the sample data (its virtual_mailbox_domains,
+# relay_domains, virtual_alias_maps with alias domains and catch-alls, transport and
+# sender_login_maps queries), address by address: accepted, final recipients, sender logins.
+IR_ACCEPTED = {
+    "postmaster@example.com": {"postmaster@example.com"},
+    "alice@example.com": {"alice@example.com"},
+    "bob@example.com": {"bob@example.com", "bob@elsewhere.example"},
+    "sales@example.com": {"alice@example.com", "partner@external.example"},
+    "info@example.com": {"alice@example.com"},
+    "alice@alias.example": {"alice@example.com"},
+    "sales@alias.example": {"alice@example.com", "partner@external.example"},
+    "dave@example.net": {"dave@example.net"},
+    "postmaster@example.net": {"postmaster@example.net"},
+    "nobody@example.net": {"postmaster@example.net"},  # catch-all
+}
+IR_REFUSED = [
+    "carl@example.com",  # inactive mailbox
+    "old@example.com",  # inactive alias account
+    "nobody@example.com",
+    "nobody@alias.example",
+    "eve@off.example",  # inactive domain
+]
+IR_SENDERS = {
+    "alice@example.com": "alice@example.com",
+    "info@example.com": "alice@example.com",  # a per-user alias address: alice may send as it
+    "alice@alias.example": "alice@example.com",
+    "carl@example.com": None,
+}
+IR_TRANSPORT = {
+    "example.com": "lmtp:[10.0.1.11]:24",
+    "example.net": "lmtp:[10.0.1.11]:24",  # iRedMail has no per-domain node: the default
+    "dave@example.net": "lmtp:[10.0.1.12]:24",  # storagenode vmail2
+    "backup.example": "relay:[mx.backup.example]:25",
+}
+
+
+def dovecot_user(username: str) -> tuple[str, str | None]:
+    """(home, quota rule) iRedMail's Dovecot user_query gives ``username``."""
+    node, quota = next((n, q) for u, n, q, _ in IR_MAILBOXES if u == username)
+    rule = f"*:bytes={quota * 1048576}" if quota else None
+    return f"/var/vmail/{node}/{maildir(username)}", rule
