@@ -375,7 +375,22 @@ def _address(row: dict[str, Any], *, catchall: bool = False) -> tuple[str, str]:
         domain = _text(row, "domain") or ""
     if not local and not catchall:
         raise RowError("address has no local part")
-    return local.lower(), domain.lower()
+    return _lower(local), _lower(domain)
+
+
+def _lower(name: str) -> str:
+    """``name`` lowercased if it is ASCII. Python lowercases some other letters to ASCII
+    (U+212A KELVIN SIGN → 'k'): a key must reach validation as the database holds it."""
+    return name.lower() if name.isascii() else name
+
+
+def _inactive(row: dict[str, Any]) -> bool:
+    """The row says it is off (``active`` false or ``status`` disabled): then what else is
+    wrong with it does not matter, it is left out anyway."""
+    try:
+        return not _flag(row) or str(row.get("status", "")).lower() == "disabled"
+    except RowError:
+        return False
 
 
 def _targets(value: str | None) -> list[str]:
@@ -422,7 +437,8 @@ class _Reader:
             try:
                 read(row)
             except RowError as exc:
-                self._bad(name, position, row, str(exc))
+                if not _inactive(row):
+                    self._bad(name, position, row, str(exc))
 
     def build(self, rows: dict[str, list[dict[str, Any]]]) -> Snapshot:
         stores = self._mailstores(rows["mailstores"])
@@ -511,7 +527,7 @@ class _Reader:
 
         def collect(query: str) -> Callable[[dict[str, Any]], None]:
             def one(row: dict[str, Any]) -> None:
-                name = (_text(row, "name") or "").lower()
+                name = _lower(_text(row, "name") or "")
                 kind = "alias" if query == "alias_domains" else "hosted"
                 if "kind" in row:
                     kind = (_text(row, "kind") or "").lower()
@@ -537,7 +553,7 @@ class _Reader:
             try:
                 unicode = _text(row, "name_unicode", required=False)
                 if kind == "alias":
-                    target_name = (_text(row, "target", required=False) or "").lower()
+                    target_name = _lower(_text(row, "target", required=False) or "")
                     target = ids.get(target_name)
                     if target_name and target is None:
                         raise RowError(
@@ -601,7 +617,8 @@ class _Reader:
         out = []
         for (domain, local), targets in sorted(grouped.items()):
             i = self._id(name, f"{local}@{domain}")
-            out.append(Alias(i, domains[domain].id, local, tuple(dict.fromkeys(targets))))
+            # Sorted: the rows come in the database's order, the map must not depend on it.
+            out.append(Alias(i, domains[domain].id, local, tuple(sorted(set(targets)))))
         return out
 
     def _grants(
@@ -610,7 +627,7 @@ class _Reader:
         grants: list[SenderGrant] = []
 
         def read(row: dict[str, Any]) -> None:
-            owner = (_text(row, "account") or "").lower()
+            owner = _lower(_text(row, "account") or "")
             address = _text(row, "address")
             assert address is not None
             if not _flag(row):
@@ -618,7 +635,7 @@ class _Reader:
             account = accounts.get(owner)
             if account is None:
                 raise RowError(f"account {owner!r} is no account of [publisher.sql] accounts")
-            grants.append(SenderGrant(account.id, address.lower()))
+            grants.append(SenderGrant(account.id, _lower(address)))
 
         self._each("sender_grants", rows, read)
         return sorted(set(grants))

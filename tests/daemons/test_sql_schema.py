@@ -63,6 +63,8 @@ def test_the_iredmail_query_set_answers_as_iredmails_lookups(
         accepted = recipients(address) or recipients("@" + address.rpartition("@")[2])
         assert accepted == "OK", (engine, address)
         assert pfa.resolve(address, virtual) == finals, (engine, address)
+    # iRedMail's forwarding row of every mailbox to itself is no forward: no line of its own.
+    assert virtual("alice@example.com") is None and virtual("postmaster@example.com") is None
     for address in sq.IR_REFUSED:
         domain = address.rpartition("@")[2]
         assert recipients(address) is None and recipients(f"@{domain}") is None, address
@@ -277,6 +279,10 @@ def test_hostile_values_are_invalid_rows_named_by_query_and_key(tmp_path: Path) 
         "INSERT INTO a VALUES ('kim@example.org', 'gone', '/m/k', NULL, 1)",
         "INSERT INTO a VALUES ('lee@nowhere.example', 'active', '/m/l', NULL, 1)",
         "INSERT INTO a VALUES ('Postmaster@example.org', 'active', '/m/p2', NULL, 1)",
+        # U+212A KELVIN SIGN lowercases to an ASCII 'k': kept as it is, and refused.
+        "INSERT INTO a VALUES ('\u212aim@example.org', 'active', '/m/k2', NULL, 1)",
+        # A row that is off is left out whatever else is wrong with it.
+        "INSERT INTO a VALUES (NULL, 'disabled', NULL, NULL, 1)",
         "INSERT INTO al VALUES ('sales@example.org', 'a@example.net,b@example.net\n"
         "evil@example.net extra@x:y')",
         "INSERT INTO al VALUES ('list@example.org', 'a@example.net')",
@@ -302,6 +308,7 @@ def test_hostile_values_are_invalid_rows_named_by_query_and_key(tmp_path: Path) 
         "[publisher.sql] accounts 'new\\nline@example.org': local part has characters",
         "[publisher.sql] accounts 'nul\\x00@example.org': local part has characters",
         "[publisher.sql] accounts 'postmaster@example.org': address also defined by account",
+        "[publisher.sql] accounts '\u212aim@example.org': local part not lowercase",
         "[publisher.sql] aliases 'sales@example.org': target 'extra@x:y'",
     ]
     for want in expected:
