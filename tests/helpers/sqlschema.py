@@ -136,6 +136,7 @@ IR_ALIASES = [("sales@example.com", 1), ("old@example.com", 0)]
 IR_FORWARDINGS = [
     *((m[0], m[0], 0, 1, 0) for m in IR_MAILBOXES),  # iRedMail's row per mailbox
     ("bob@example.com", "bob@elsewhere.example", 0, 1, 0),  # forwards, keeps a copy
+    ("carl@example.com", "carl@elsewhere.example", 0, 1, 0),  # an inactive mailbox's forward
     ("sales@example.com", "alice@example.com", 1, 0, 0),
     ("sales@example.com", "partner@external.example", 1, 0, 0),
     ("old@example.com", "alice@example.com", 1, 0, 0),  # its alias account is inactive
@@ -192,13 +193,12 @@ def build_iredmail(url: str) -> None:
                     text("INSERT INTO alias (address, domain, active) VALUES (:a, :d, :ac)"),
                     {"a": address, "d": address.partition("@")[2], "ac": active},
                 )
-            active_of = {u: a for u, _, _, a in IR_MAILBOXES}
             for i, (address, target, is_list, is_fwd, is_alias) in enumerate(IR_FORWARDINGS):
                 conn.execute(
                     text(
                         "INSERT INTO forwardings (id, address, forwarding, domain, dest_domain,"
-                        " is_list, is_forwarding, is_alias, active) VALUES (:i, :a, :f, :d, :dd,"
-                        " :l, :fw, :al, :ac)"
+                        " is_list, is_forwarding, is_alias) VALUES (:i, :a, :f, :d, :dd, :l,"
+                        " :fw, :al)"
                     ),
                     {
                         "i": i + 1,
@@ -209,52 +209,103 @@ def build_iredmail(url: str) -> None:
                         "l": is_list,
                         "fw": is_fwd,
                         "al": is_alias,
-                        # iRedMail disables a mailbox's own forwarding row with the mailbox
-                        "ac": active_of.get(address, 1) if address == target else 1,
                     },
                 )
     finally:
         engine.dispose()
 
 
-# What iRedMail's own Postfix lookups answer for the sample data (its virtual_mailbox_domains,
-# relay_domains, virtual_alias_maps with alias domains and catch-alls, transport and
-# sender_login_maps queries), address by address: accepted, final recipients, sender logins.
-IR_ACCEPTED = {
-    "postmaster@example.com": {"postmaster@example.com"},
-    "alice@example.com": {"alice@example.com"},
-    "bob@example.com": {"bob@example.com", "bob@elsewhere.example"},
-    "sales@example.com": {"alice@example.com", "partner@external.example"},
-    "info@example.com": {"alice@example.com"},
-    "alice@alias.example": {"alice@example.com"},
-    "sales@alias.example": {"alice@example.com", "partner@external.example"},
-    "dave@example.net": {"dave@example.net"},
-    "postmaster@example.net": {"postmaster@example.net"},
-    "nobody@example.net": {"postmaster@example.net"},  # catch-all
-}
-IR_REFUSED = [
-    "carl@example.com",  # inactive mailbox
-    "old@example.com",  # inactive alias account
+class IRedMailLookups:
+    """iRedMail's live Postfix and Dovecot lookups (its samples/postfix/*/ and dovecot-sql.conf
+    describe them), written from that description, run against the database at ``url``.
+
+    Postfix skips a query using ``%u`` for a key without a local part (``@domain``).
+    """
+
+    def __init__(self, url: str) -> None:
+        self.engine = create_engine(url)
+        live = "d.active = 1 AND d.backupmx = 0"
+        # PostgreSQL cannot type a bare parameter inside CONCAT.
+        u = "CAST(:u AS TEXT)" if self.engine.dialect.name == "postgresql" else ":u"
+        self.q = {
+            "domains": "SELECT domain FROM domain d WHERE domain = :s AND backupmx = 0"
+            " AND active = 1 UNION SELECT a.alias_domain FROM alias_domain a, domain d"
+            f" WHERE a.alias_domain = :s AND a.active = 1 AND a.target_domain = d.domain AND {live}",
+            "relay_domains": "SELECT domain FROM domain WHERE domain = :s AND backupmx = 1"
+            " AND active = 1",
+            "virtual_alias": "SELECT f.forwarding FROM forwardings f, domain d"
+            f" WHERE f.address = :s AND f.domain = d.domain AND f.active = 1 AND {live}",
+            "domain_alias": "SELECT f.forwarding FROM forwardings f, alias_domain a, domain d"
+            f" WHERE a.alias_domain = :d AND f.address = CONCAT({u}, '@', a.target_domain)"
+            f" AND a.target_domain = d.domain AND f.active = 1 AND a.active = 1 AND {live}",
+            "catchall": "SELECT f.forwarding FROM forwardings f, domain d WHERE f.address = :d"
+            f" AND f.address = d.domain AND f.active = 1 AND {live}",
+            "domain_alias_catchall": "SELECT f.forwarding FROM forwardings f, alias_domain a,"
+            " domain d WHERE a.alias_domain = :d AND f.address = a.target_domain"
+            " AND a.target_domain = d.domain AND f.active = 1 AND a.active = 1",
+            "mailbox": "SELECT m.maildir FROM mailbox m, domain d WHERE m.username = :s"
+            " AND m.active = 1 AND m.enabledeliver = 1 AND d.domain = m.domain AND d.active = 1",
+            "transport": "SELECT transport FROM domain WHERE domain = :s AND active = 1",
+            "sender_login": "SELECT m.username FROM mailbox m, domain d WHERE m.username = :s"
+            f" AND m.domain = :d AND m.domain = d.domain AND m.active = 1 AND {live}",
+            "user": "SELECT LOWER(CONCAT(m.storagebasedirectory, '/', m.storagenode, '/',"
+            " m.maildir)), m.quota * 1048576 FROM mailbox m, domain d WHERE m.username = :s"
+            f" AND m.active = 1 AND m.domain = d.domain AND {live}",
+        }
+        self.uses_local = {"domain_alias", "catchall"}
+
+    def value(self, name: str, key: str) -> str | None:
+        """The rows' first column joined by commas, as Postfix returns it; None: not found."""
+        local, _, domain = key.rpartition("@")
+        if name in self.uses_local and not local:
+            return None
+        with self.engine.connect() as conn:
+            rows = list(conn.execute(text(self.q[name]), {"s": key, "u": local, "d": domain}))
+        return ",".join(str(r[0]) for r in rows) if rows else None
+
+    def virtual(self, key: str) -> str | None:
+        """virtual_alias_maps: the four queries in iRedMail's order, the first answer wins."""
+        for name in ("virtual_alias", "domain_alias", "catchall", "domain_alias_catchall"):
+            found = self.value(name, key)
+            if found is not None:
+                return found
+        return None
+
+    def user(self, key: str) -> tuple[str, int] | None:
+        """Dovecot's user_query: (home, quota bytes), or None."""
+        with self.engine.connect() as conn:
+            row = conn.execute(text(self.q["user"]), {"s": key}).first()
+        return (str(row[0]), int(row[1])) if row else None
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+# Probes beside every address of the data set: unknown users, alias-domain and catch-all hits.
+IR_PROBES = [
     "nobody@example.com",
+    "nobody@example.net",  # catch-all
+    "alice@alias.example",
+    "sales@alias.example",
+    "dave@alias.example",
     "nobody@alias.example",
-    "eve@off.example",  # inactive domain
+    "anyone@backup.example",
+    "eve@off.example",
+    "nobody@unknown.example",
 ]
-IR_SENDERS = {
-    "alice@example.com": "alice@example.com",
-    "info@example.com": "alice@example.com",  # a per-user alias address: alice may send as it
-    "alice@alias.example": "alice@example.com",
-    "carl@example.com": None,
-}
+
+
+def iredmail_addresses() -> list[str]:
+    """Every address of the sample data plus the probes."""
+    found = {u for u, *_ in IR_MAILBOXES} | {a for a, *_ in IR_FORWARDINGS if "@" in a}
+    return sorted(found | {a for a, _ in IR_ALIASES} | set(IR_PROBES))
+
+
+# mapsync routes a hosted domain to its mailstore's LMTP (iRedMail's transport is 'dovecot',
+# on the one host): per domain, and per mailbox housed elsewhere (storagenode).
 IR_TRANSPORT = {
     "example.com": "lmtp:[10.0.1.11]:24",
     "example.net": "lmtp:[10.0.1.11]:24",  # iRedMail has no per-domain node: the default
     "dave@example.net": "lmtp:[10.0.1.12]:24",  # storagenode vmail2
     "backup.example": "relay:[mx.backup.example]:25",
 }
-
-
-def dovecot_user(username: str) -> tuple[str, str | None]:
-    """(home, quota rule) iRedMail's Dovecot user_query gives ``username``."""
-    node, quota = next((n, q) for u, n, q, _ in IR_MAILBOXES if u == username)
-    rule = f"*:bytes={quota * 1048576}" if quota else None
-    return f"/var/vmail/{node}/{maildir(username)}", rule
