@@ -110,6 +110,8 @@ CONTRACT = {
 DOMAIN_STATUS = ("active", "suspended", "disabled")
 ACCOUNT_STATUS = ("active", "login_disabled", "disabled", "moving")
 KINDS = ("hosted", "relay", "alias")
+# The query a model table's rows come from, unless noted per row (alias_domains).
+_QUERY_OF = {query.table: name for name, query in reversed(CONTRACT.items())}
 _TRUE = {"1", "t", "true", "y", "yes", "on"}
 _FALSE = {"0", "f", "false", "n", "no", "off"}
 _SPLIT = re.compile(r"[,\s]+")
@@ -304,7 +306,11 @@ def _digest(snap: Snapshot, settings: str) -> Fingerprint:
 
 
 def _text(row: dict[str, Any], column: str, *, required: bool = True) -> str | None:
+    """Column ``column`` of ``row`` as text (bytes decoded as UTF-8); RowError for a NULL
+    where ``required``, and for any other type."""
     value = row.get(column)
+    if type(value) is str:  # nearly always: once per column and row, so first
+        return value
     if isinstance(value, bytes | bytearray | memoryview):
         try:
             value = bytes(value).decode()
@@ -406,16 +412,22 @@ class _Reader:
         self.labels: dict[tuple[str, int], str] = {}
         self.problems: list[Problem] = []
         self.next_id: dict[str, int] = defaultdict(int)
+        self.query_of: dict[tuple[str, int], str] = {}
 
     def describe(self, table: str, row: int, key: str) -> str:
         """A problem's row in the config's words: ``[publisher.sql] aliases 'sales@x.org'``."""
-        return self.labels.get((table, row)) or f"[publisher.sql] {table} {key!r}"
+        label = self.labels.get((table, row))
+        if label is not None:
+            return label
+        return f"[publisher.sql] {self.query_of.get((table, row), _QUERY_OF[table])} {key!r}"
 
-    def _id(self, name: str, key: str) -> int:
+    def _id(self, name: str) -> int:
+        """The next id of ``name``'s model table (labels are made only for problems)."""
         table = CONTRACT[name].table
         self.next_id[table] += 1
         i = self.next_id[table]
-        self.labels[(table, i)] = f"[publisher.sql] {name} {key!r}"
+        if name == "alias_domains":  # shares the table "domain" with the domains query
+            self.query_of[(table, i)] = name
         return i
 
     def _bad(self, name: str, position: int, row: dict[str, Any], reason: str) -> None:
@@ -425,7 +437,7 @@ class _Reader:
             (str(row[c]) for c in ("address", "name", "account") if row.get(c) is not None),
             f"row {position}",
         )
-        i = self._id(name, key)
+        i = self._id(name)
         table = CONTRACT[name].table
         self.labels[(table, i)] = f"[publisher.sql] {name} row {position} {_show(shown)}"
         self.problems.append(Problem(table, i, key, reason))
@@ -474,7 +486,7 @@ class _Reader:
         stores: list[Mailstore] = []
         if "mailstores" not in self.settings.queries:
             for ms in self.settings.mailstores.values():
-                i = self._id("mailstores", ms.name)
+                i = self._id("mailstores")
                 self.labels[("mailstore", i)] = f"[publisher.sql.mailstores.{ms.name}]"
                 imap = ms.imap_host or ms.lmtp_host
                 stores.append(
@@ -489,9 +501,7 @@ class _Reader:
             active = _flag(row)
             lport = _number(row.get("lmtp_port", 24))
             iport = _number(row.get("imap_port", 143))
-            stores.append(
-                Mailstore(self._id("mailstores", name), name, lmtp, lport, imap, iport, active)
-            )
+            stores.append(Mailstore(self._id("mailstores"), name, lmtp, lport, imap, iport, active))
 
         self._each("mailstores", rows, read)
         return stores
@@ -543,7 +553,7 @@ class _Reader:
 
         self._each("domains", rows, collect("domains"))
         self._each("alias_domains", alias_rows, collect("alias_domains"))
-        ids = {name: self._id(query, name) for query, _, name, _, _ in read}
+        ids = {name: self._id(query) for query, _, name, _, _ in read}
         out = []
         for _, row, name, kind, status in read:
             i = ids[name]
@@ -587,7 +597,7 @@ class _Reader:
             quota = _number(row.get("quota_bytes")) if self.secrets else None
             if isinstance(quota, int) and not isinstance(quota, bool) and quota <= 0:
                 quota = None  # 0: no limit, as most panels store it
-            i = self._id("accounts", f"{local}@{domain}")
+            i = self._id("accounts")
             try:
                 store = self._store_id(_text(row, "mailstore", required=False), store_ids)
             except RowError as exc:
@@ -616,7 +626,7 @@ class _Reader:
         self._each(name, rows, read)
         out = []
         for (domain, local), targets in sorted(grouped.items()):
-            i = self._id(name, f"{local}@{domain}")
+            i = self._id(name)
             # Sorted: the rows come in the database's order, the map must not depend on it.
             out.append(Alias(i, domains[domain].id, local, tuple(sorted(set(targets)))))
         return out

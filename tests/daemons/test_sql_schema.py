@@ -23,7 +23,7 @@ from tests.conftest import Cluster
 from tests.helpers import postfixadmin as pfa
 from tests.helpers import sqlschema as sq
 from tests.helpers.dovecot import passwd_file_dovecot
-from tests.helpers.publisher import keys
+from tests.helpers.publisher import keys, lines
 
 pytestmark = pytest.mark.daemons
 
@@ -550,3 +550,38 @@ def test_rows_link_by_name_across_queries(tmp_path: Path) -> None:
         "address='x@example.org', active=1): account 'ghost@example.org' is no account of "
         "[publisher.sql] accounts",
     ]
+
+
+# --- mapsync's own schema through SQL ------------------------------------------------------
+
+MAPS = ("domains", "recipients", "virtual", "transport", "senders")
+
+
+@pytest.mark.parametrize("engine", sq.query_set("mapsync")[1])
+def test_mapsyncs_own_schema_through_sql_publishes_the_same_bytes(
+    engine: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    if engine == "SQLite":
+        url = f"sqlite:///{tmp_path / 'central.db'}"
+    else:
+        url = request.getfixturevalue(ENGINES[engine])
+    sq.seed_every_case(url)
+    by_sql = sq.write_config(tmp_path / "sql", url, sq.query_set("mapsync")[0])
+    native = sq.write_config(tmp_path / "native", url, "")
+    native.config_path.write_text(
+        native.config_path.read_text().replace('schema = "sql"', 'schema = "mapsync"')
+    )
+    for cluster in (by_sql, native):
+        cluster.publish()
+    for channel, maps in (("mx", MAPS), ("store", ("dovecot_users",))):
+        for name in maps:
+            ours = lines(by_sql, channel, name)
+            assert ours == lines(native, channel, name), (engine, channel, name)
+            assert ours or name == "senders", (channel, name)
+    recipients = keys(by_sql, "mx", "recipients")
+    assert "@relay-client.example" in recipients
+    assert any(k.startswith("expiring@") for k in recipients)
+    assert not any(k.startswith("expired@") for k in recipients)
+    # Its fingerprint query: nothing changed is seen without reading a row.
+    again = by_sql.cli("publish", check=True)
+    assert "reading snapshot" not in again.stderr and "unchanged (serial 1)" in again.stdout

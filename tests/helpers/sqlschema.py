@@ -309,3 +309,80 @@ IR_TRANSPORT = {
     "dave@example.net": "lmtp:[10.0.1.12]:24",  # storagenode vmail2
     "backup.example": "relay:[mx.backup.example]:25",
 }
+
+
+# --- mapsync's own schema read through SQL -------------------------------------------------
+
+
+def seed_every_case(url: str) -> None:
+    """A seeded mapsync database, plus the cases the seed lacks: a relay domain, a suspended
+    and a closed customer, every account status, a sender grant, an expired and an expiring
+    alias, an account housed off its domain's mailstore."""
+    from datetime import datetime
+
+    from sqlalchemy import insert, select, update
+
+    from mapsync.sources import schema as t
+    from mapsync.sources.seed import SeedCounts, seed
+
+    seed(url, SeedCounts(accounts=120, domains=8, aliases=40, mailstores=2), seed=7)
+    engine = create_engine(url)
+    try:
+        with engine.begin() as conn:
+            hosted = [
+                row.id
+                for row in conn.execute(
+                    select(t.domain.c.id).where(t.domain.c.kind == "hosted").order_by(t.domain.c.id)
+                )
+            ]
+            accounts = [
+                row.id for row in conn.execute(select(t.account.c.id).order_by(t.account.c.id))
+            ]
+            stores = [row.id for row in conn.execute(select(t.mailstore.c.id))]
+            conn.execute(
+                insert(t.customer).values(id=901, ext_id="c-901", name="late", status="suspended")
+            )
+            conn.execute(
+                insert(t.customer).values(id=902, ext_id="c-902", name="gone", status="closed")
+            )
+            conn.execute(update(t.domain).where(t.domain.c.id == hosted[1]).values(customer_id=901))
+            conn.execute(update(t.domain).where(t.domain.c.id == hosted[2]).values(customer_id=902))
+            conn.execute(
+                insert(t.domain).values(
+                    id=990, name="relay-client.example", kind="relay",
+                    relay_nexthop="[mx.relay-client.example]:25", status="active",
+                )
+            )  # fmt: skip
+            for account, status in zip(
+                accounts[3:7], ("login_disabled", "moving", "disabled", "active"), strict=True
+            ):
+                conn.execute(
+                    update(t.account).where(t.account.c.id == account).values(status=status)
+                )
+            conn.execute(
+                update(t.account)
+                .where(t.account.c.id == accounts[7])
+                .values(mailstore_id=stores[-1])
+            )
+            conn.execute(
+                insert(t.sender_grant).values(
+                    account_id=accounts[0], address="@relay-client.example"
+                )
+            )
+            for alias_id, local, expires in (
+                (991, "expired", datetime(2020, 1, 1)),
+                (992, "expiring", datetime(2099, 1, 1)),
+            ):
+                conn.execute(
+                    insert(t.alias).values(
+                        id=alias_id, domain_id=hosted[0], local_part=local, active=True,
+                        expires_at=expires,
+                    )
+                )  # fmt: skip
+                conn.execute(
+                    insert(t.alias_target).values(
+                        alias_id=alias_id, target="partner@external.example"
+                    )
+                )
+    finally:
+        engine.dispose()
