@@ -327,10 +327,8 @@ def _text(row: dict[str, Any], column: str, *, required: bool = True) -> str | N
 
 def _flag(row: dict[str, Any], column: str = "active") -> bool:
     """A boolean as the engines spell it: true/false, 1/0, '1'/'0', 't'/'f', 'y'/'n'."""
-    if column not in row:
-        return True
-    value = row[column]
-    if isinstance(value, bool):
+    value = row.get(column, True)  # no such column: every row is on
+    if value is True or value is False:
         return value
     if isinstance(value, int | Decimal) and value in (0, 1):
         return bool(value)
@@ -360,10 +358,10 @@ def _status(row: dict[str, Any], allowed: tuple[str, ...]) -> str:
     if "status" in row:
         given = _text(row, "status")
         assert given is not None
-        if given.lower() not in allowed:
+        status = given if given in allowed else given.lower()
+        if status not in allowed:
             raise RowError(f"status {given!r} is not one of {', '.join(allowed)}")
-        status = given.lower()
-    if not _flag(row):
+    if "active" in row and not _flag(row):
         status = "disabled"
     return status
 
@@ -373,6 +371,8 @@ def _address(row: dict[str, Any], *, catchall: bool = False) -> tuple[str, str]:
     if "address" in row:
         address = _text(row, "address")
         assert address is not None
+        if address.isascii():  # nearly always: lowercase it whole
+            address = address.lower()
         local, at, domain = address.rpartition("@")
         if not at:
             raise RowError(f"address {address!r} has no '@'")
