@@ -258,7 +258,13 @@ BASE = {
 
 
 def _db(path: Path, *rows: str) -> str:
+    """A SQLite database at ``path`` with BASE's tables, one row each, and ``rows``."""
     url = f"sqlite:///{path / 'db.sqlite'}"
+    _fill(url, *rows)
+    return url
+
+
+def _fill(url: str, *rows: str) -> None:
     engine = create_engine(url)
     with engine.begin() as conn:
         for statement in (
@@ -272,7 +278,6 @@ def _db(path: Path, *rows: str) -> str:
         ):
             conn.execute(text(statement))
     engine.dispose()
-    return url
 
 
 def _source(url: str, **queries: str) -> SqlSource:
@@ -590,3 +595,30 @@ def test_mapsyncs_own_schema_through_sql_publishes_the_same_bytes(
     # Its fingerprint query: nothing changed is seen without reading a row.
     again = by_sql.cli("publish", check=True)
     assert "reading snapshot" not in again.stderr and "unchanged (serial 1)" in again.stdout
+
+
+@pytest.mark.parametrize("engine", ["SQLite", "PostgreSQL"])
+def test_a_query_that_writes_is_refused_by_the_read_only_transaction(
+    engine: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    from mapsync.errors import SourceError
+
+    # A WITH passes the config's check (it starts no SELECT, but may end in one): the
+    # transaction is what refuses the write.
+    if engine == "SQLite":
+        url = _db(tmp_path)
+        writes = (
+            "WITH x AS (SELECT 1) INSERT INTO al SELECT 'x@example.org', 'y@example.org' FROM x"
+        )
+    else:
+        url = request.getfixturevalue("pg_url")
+        _fill(url)
+        writes = "WITH d AS (DELETE FROM al RETURNING 1) SELECT COUNT(*) FROM d"
+    source = SqlSource(url, SqlConfig(dict(BASE), fingerprint=writes))
+    with pytest.raises(SourceError, match=r"fingerprint: the query failed .*(read-only|readonly)"):
+        source.fingerprint()
+    source.close()
+    db = create_engine(url)
+    with db.connect() as conn:
+        assert conn.execute(text("SELECT COUNT(*) FROM al")).scalar() == 1
+    db.dispose()
