@@ -595,6 +595,29 @@ def test_mapsyncs_own_schema_through_sql_publishes_the_same_bytes(
     # Its fingerprint query: nothing changed is seen without reading a row.
     again = by_sql.cli("publish", check=True)
     assert "reading snapshot" not in again.stderr and "unchanged (serial 1)" in again.stdout
+    if engine != "SQLite":
+        return
+    # Plan, publish, diff and history, as with any schema: a new alias row.
+    db = create_engine(url)
+    with db.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO alias_target (alias_id, target, updated_at)"
+                " VALUES (992, 'second@external.example', '2030-01-01 00:00:00')"
+            )
+        )
+    db.dispose()
+    plan = by_sql.cli("publish", "--dry-run", "--channel", "mx")
+    assert plan.returncode == 1, plan.stdout + plan.stderr  # changes pending
+    assert "would publish serial 2" in plan.stdout, plan.stdout
+    (virtual_row,) = [line.split() for line in plan.stdout.splitlines() if "virtual" in line]
+    before, after, added, removed, changed = virtual_row[1:]
+    assert before == after and (added, removed, changed) == ("0", "0", "1"), plan.stdout
+    by_sql.publish("--channel", "mx")
+    diff = by_sql.cli("diff", "--channel", "mx", "--keys", "1", "2", check=True)
+    assert "expiring@" in diff.stdout, diff.stdout
+    history = by_sql.cli("history", "--channel", "mx", check=True)
+    assert "2" in history.stdout
 
 
 @pytest.mark.parametrize("engine", ["SQLite", "PostgreSQL"])
