@@ -12,10 +12,14 @@ from pathlib import Path
 
 from sqlalchemy import create_engine, text
 
+from mapsync.config import SqlConfig
 from mapsync.signing import keygen
+from mapsync.sources.sql import SqlSource
 from tests.conftest import Cluster
 from tests.helpers import postfixadmin as pfa
 
+# The engines of a query set's heading → the fixture that makes a fresh database there.
+ENGINES = {"MariaDB": "mariadb_url", "PostgreSQL": "pg_url"}
 DOC = Path(__file__).resolve().parents[2] / "docs" / "sql-schema.md"
 _BLOCK = re.compile(r"```toml\n# query set: (\S+) \(([^)]*)\)\n(.*?)```", re.S)
 
@@ -386,3 +390,53 @@ def seed_every_case(url: str) -> None:
                 )
     finally:
         engine.dispose()
+
+
+# --- a small database for the error cases --------------------------------------------------
+
+# Three tiny tables and the queries reading them: the cases of one row each.
+BASE = {
+    "domains": "SELECT name, kind, store AS mailstore FROM d",
+    "accounts": "SELECT address, status, home, pw AS password_hash FROM a",
+    "aliases": "SELECT address, targets FROM al",
+}
+
+
+def small_db(path: Path, *rows: str) -> str:
+    """A SQLite database at ``path`` with BASE's tables, one row each, and ``rows``."""
+    url = f"sqlite:///{path / 'db.sqlite'}"
+    fill_small(url, *rows)
+    return url
+
+
+def fill_small(url: str, *rows: str) -> None:
+    """BASE's tables at ``url`` (any engine), one row each, then the statements ``rows``."""
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        for statement in (
+            "CREATE TABLE d (name TEXT, kind TEXT, store TEXT)",
+            "CREATE TABLE a (address TEXT, status TEXT, home TEXT, pw TEXT, port INTEGER)",
+            "CREATE TABLE al (address TEXT, targets TEXT)",
+            "INSERT INTO d VALUES ('example.org', 'hosted', NULL)",
+            "INSERT INTO a VALUES ('postmaster@example.org', 'active', '/m/pm', '{BLF-CRYPT}$2y$x', 1)",
+            "INSERT INTO al VALUES ('info@example.org', 'postmaster@example.org')",
+            *rows,
+        ):
+            conn.execute(text(statement))
+    engine.dispose()
+
+
+def small_source(url: str, **queries: str) -> SqlSource:
+    """A source reading ``url`` with BASE's queries, ``queries`` replacing or adding some."""
+    return SqlSource(url, SqlConfig({**BASE, **queries}, where="[publisher.sql]"))
+
+
+def small_problems(url: str, secrets: bool = False, **queries: str) -> list[str]:
+    """What validation says of :func:`small_source`'s snapshot, as printed."""
+    from mapsync.validate import check
+
+    source = small_source(url, **queries)
+    try:
+        return [str(p) for p in check(source.snapshot(secrets))]
+    finally:
+        source.close()
