@@ -9,7 +9,7 @@ merged).
 
 - Every query runs inside the one read-only, repeatable-read transaction of
   :class:`~mapsync.sources.builtin.BuiltinSource` (same engine, lock and time limits), wrapped
-  as ``SELECT <contract columns> FROM (<query>) AS q``: only the columns mapsync uses are read,
+  as ``SELECT <contract columns> FROM (<query>) AS q``: only the columns mapsync uses are fetched,
   and ``password_hash`` and ``quota_bytes`` only when a channel carries them.
 - An empty read of each query first (``WHERE 1 = 0``) checks its columns: a missing one is an
   error naming the query and the column, before any row is read.
