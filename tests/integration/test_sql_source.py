@@ -452,3 +452,17 @@ def test_a_query_that_writes_is_refused_by_the_read_only_transaction(
     with db.connect() as conn:
         assert conn.execute(text("SELECT COUNT(*) FROM al")).scalar() == 1
     db.dispose()
+
+
+def test_a_column_spelt_in_capitals_is_found_and_read_as_spelt(pg_url: str) -> None:
+    # PostgreSQL keeps a quoted alias's case: the column is matched case-insensitively and
+    # read back quoted as the query spells it.
+    sq.fill_small(pg_url)
+    source = sq.small_source(
+        pg_url, accounts='SELECT address AS "Address", status AS "STATUS", home FROM a'
+    )
+    snap = source.snapshot()
+    source.close()
+    assert [(a.local_part, a.status, a.home) for a in snap.accounts] == [
+        ("postmaster", "active", "/m/pm")
+    ]
