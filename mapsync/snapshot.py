@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
     from mapsync.validate import Problem
@@ -98,6 +98,10 @@ class Snapshot:
     # How the source names a row in problems: (table, id, key) → "alias 'sales@example.com'".
     # None: mapsync's own "table id=N 'key'".
     describe: Callable[[str, int, str], str] | None = None
+    # Maps of the operator's own ([publisher.maps.NAME]): their query's rows as read, by map
+    # name; then, checked by the publisher (mapsync.maps.custom.check_rows), their entries.
+    map_rows: dict[str, list[tuple[Any, ...]]] = field(default_factory=dict)
+    map_entries: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
     # Rows the source could not read into the model (a NULL or a wrong type in a column the
     # row needs, a domain nobody defines): reported by validation like any invalid row, and
     # gone once skipped (``publish --skip-invalid``). Whole rows only (no ``field``).

@@ -13,7 +13,7 @@ from pathlib import Path
 from mapsync import log
 from mapsync.errors import MapsyncError
 from mapsync.formats import text
-from mapsync.maps import CATALOGUE
+from mapsync.maps import separator
 from mapsync.publish.plan import merge_diff
 from mapsync.publish.repository import Repository, release_serials
 from mapsync.release import MANIFEST, Manifest, parse_manifest
@@ -143,13 +143,17 @@ def diff_releases(releases: Path, channel: str, a: int, b: int) -> list[MapDiff]
             continue
         # Split lines as the map's daemon does: a passwd-file's user name ends at ':' (split at
         # the first space, a whole line with its hash would be the "key").
-        spec = CATALOGUE.get(name)
-        sep = spec.separator if spec is not None else " "
+        entry = eb or ea
+        assert entry is not None  # the name is in one of the two
+        sep = separator(name, entry)
+        # Which passwd-file field changed: Dovecot's maps; a map of the operator's own with
+        # ':' between key and value has no fields mapsync knows.
+        passwd = sep == ":" and entry.custom is None
         old = text.keyed(releases / str(a) / ea.file, sep) if ea else iter(())
         new = text.keyed(releases / str(b) / eb.file, sep) if eb else iter(())
         for kind, key, old_value, new_value in merge_diff(old, new):
             getattr(d, kind).append(key)
-            if kind == "changed" and sep == ":":
+            if kind == "changed" and passwd:
                 d.fields[key] = changed_fields(old_value or "", new_value or "")
         out.append(d)
     return out
