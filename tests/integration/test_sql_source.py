@@ -466,3 +466,16 @@ def test_a_column_spelt_in_capitals_is_found_and_read_as_spelt(pg_url: str) -> N
     assert [(a.local_part, a.status, a.home) for a in snap.accounts] == [
         ("postmaster", "active", "/m/pm")
     ]
+
+
+def test_maps_of_the_operators_own_are_read_in_the_same_snapshot(tmp_path: Path) -> None:
+    url = sq.small_db(tmp_path)
+    sql = (
+        "[publisher.sql]\n"
+        + "".join(f'{k} = "{v}"\n' for k, v in sq.BASE.items())
+        + "[publisher.maps.access]\nquery = \"SELECT address, 'OK' FROM a\"\n"
+    )
+    cluster = sq.write_config(tmp_path / "c", url, sql, maps=("recipients", "access"))
+    cluster.publish("--channel", "mx")
+    assert lines(cluster, "mx", "access") == ["postmaster@example.org OK"]
+    assert "info@example.org" in keys(cluster, "mx", "recipients")
