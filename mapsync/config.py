@@ -99,6 +99,32 @@ class PostfixAdminConfig:
         return own or self.prefix + name
 
 
+# ``[publisher.sql]``: the queries of ``schema = "sql"`` (docs/sql-schema.md has the contract).
+SQL_REQUIRED = ("domains", "accounts", "aliases")
+SQL_OPTIONAL = ("mailstores", "alias_domains", "forwards", "sender_grants")
+
+
+@dataclass(frozen=True)
+class SqlConfig:
+    """How to read any schema by SQL (``[publisher.sql]``): one SELECT per model table."""
+
+    queries: dict[str, str] = field(default_factory=dict)  # "accounts" → "SELECT ..."
+    fingerprint: str | None = None  # a one-row SELECT that changes whenever the rows do
+    mailstore: str | None = None  # default mailstore of a domain that names none
+    # From the config when the database has no mailstores (no `mailstores` query).
+    mailstores: dict[str, PostfixAdminMailstore] = field(
+        default_factory=lambda: {"local": LOCAL_MAILSTORE}
+    )
+    where: str = "[publisher.sql]"  # how errors name the section: the file and the table
+
+    @property
+    def default_mailstore(self) -> str | None:
+        """The mailstore of a domain whose row names none (None: the query must name it)."""
+        if self.mailstore is not None:
+            return self.mailstore
+        return None if "mailstores" in self.queries else next(iter(self.mailstores), None)
+
+
 # The separators a map of the operator's own may use between key and value on a text line:
 # a space (Postfix's source format, Exim lsearch), a tab, or ':' (a passwd-file-like line).
 MAP_SEPARATORS = (" ", "\t", ":")
@@ -144,6 +170,7 @@ class PublisherConfig:
     ssh: tuple[str, ...] = ("ssh", "-o", "BatchMode=yes")  # remote shell for ssh:// push
     push_timeout: int = 60
     postfixadmin: PostfixAdminConfig = PostfixAdminConfig()
+    sql: SqlConfig = SqlConfig()
     maps: dict[str, MapConfig] = field(default_factory=dict)  # [publisher.maps.NAME]
 
 
@@ -421,6 +448,7 @@ def _publisher(path: Path, data: Any) -> PublisherConfig:
         "ssh",
         "push_timeout",
         "postfixadmin",
+        "sql",
         "maps",
     )
     schema = s.text("schema", "mapsync")
@@ -431,6 +459,7 @@ def _publisher(path: Path, data: Any) -> PublisherConfig:
             f"{s.where('schema')}: unknown schema {schema!r} (known: {', '.join(map(repr, SCHEMAS))})"
         )
     postfixadmin = _postfixadmin(path, s.table("postfixadmin"))
+    sql = _sql(path, s.table("sql"), required=schema == "sql")
     guards_data = s.table("guards")
     per_map = {k: v for k, v in guards_data.items() if isinstance(v, dict)}
     base = _guards(
@@ -498,6 +527,7 @@ def _publisher(path: Path, data: Any) -> PublisherConfig:
         push_timeout=_timeout(s, "push_timeout", 60),
         postfixadmin=postfixadmin,
         maps=own_maps,
+        sql=sql,
     )
 
 
@@ -551,7 +581,7 @@ def _query(section: _Section, key: str, default: Any) -> Any:
     return value
 
 
-SCHEMAS = ("mapsync", "postfixadmin")
+SCHEMAS = ("mapsync", "postfixadmin", "sql")
 _TABLE_NAME = re.compile(r"^[A-Za-z0-9_]{1,64}\Z")
 
 
@@ -585,20 +615,7 @@ def _postfixadmin(path: Path, data: dict[str, Any]) -> PostfixAdminConfig:
         raise ConfigError(
             f"{s.where('mail_base')}: must be an absolute path without ':' or whitespace"
         )
-    stores = {}
-    for name, sub in s.table("mailstores").items():
-        where = f"publisher.postfixadmin.mailstores.{name}"
-        _check_name(path, where, name, "mailstore")
-        ms = _Section(path, where, sub)
-        ms.allow("lmtp_host", "lmtp_port", "imap_host", "imap_port", "domains")
-        stores[name] = PostfixAdminMailstore(
-            name=name,
-            lmtp_host=ms.text("lmtp_host", _REQUIRED),
-            lmtp_port=ms.integer("lmtp_port", 24, minimum=1),
-            imap_host=ms.text("imap_host"),
-            imap_port=ms.integer("imap_port", 143, minimum=1),
-            domains=tuple(d.lower() for d in ms.strlist("domains")),
-        )
+    stores = _mailstores(path, "publisher.postfixadmin", s.table("mailstores"))
     default = s.text("mailstore", None)
     if not stores:
         stores = {LOCAL_MAILSTORE.name: LOCAL_MAILSTORE}
@@ -619,6 +636,65 @@ def _postfixadmin(path: Path, data: dict[str, Any]) -> PostfixAdminConfig:
         vacation_domain=(s.text("vacation_domain") or "").lower() or None,
         vacation_nexthop=s.text("vacation_nexthop"),
     )
+
+
+def _mailstores(path: Path, section: str, data: dict[str, Any]) -> dict[str, PostfixAdminMailstore]:
+    """``[SECTION.mailstores.NAME]`` tables: mailstores the database does not know of."""
+    stores = {}
+    for name, sub in data.items():
+        where = f"{section}.mailstores.{name}"
+        _check_name(path, where, name, "mailstore")
+        ms = _Section(path, where, sub)
+        ms.allow("lmtp_host", "lmtp_port", "imap_host", "imap_port", "domains")
+        stores[name] = PostfixAdminMailstore(
+            name=name,
+            lmtp_host=ms.text("lmtp_host", _REQUIRED),
+            lmtp_port=ms.integer("lmtp_port", 24, minimum=1),
+            imap_host=ms.text("imap_host"),
+            imap_port=ms.integer("imap_port", 143, minimum=1),
+            domains=tuple(d.lower() for d in ms.strlist("domains")),
+        )
+    return stores
+
+
+# A query's first word: a SELECT, or a WITH that ends in one (the transaction is read-only
+# anyway; this names the mistake before the database does).
+_SELECT = re.compile(r"^\s*(?:SELECT|WITH)\b", re.IGNORECASE)
+
+
+def _sql(path: Path, data: dict[str, Any], *, required: bool) -> SqlConfig:
+    """``[publisher.sql]``; read whatever the schema, its queries required only for "sql"."""
+    s = _Section(path, "publisher.sql", data)
+    s.allow(*SQL_REQUIRED, *SQL_OPTIONAL, "fingerprint", "mailstore")
+    queries = {}
+    for key in (*SQL_REQUIRED, *SQL_OPTIONAL, "fingerprint"):
+        if key == "mailstores" and isinstance(data.get(key), dict):
+            continue  # a table of mailstores, not a query
+        value = s.text(key, _REQUIRED if required and key in SQL_REQUIRED else None)
+        if value is None:
+            continue
+        query = value.strip().rstrip(";").rstrip()
+        if not _SELECT.match(query):
+            raise ConfigError(f"{s.where(key)}: must be one SELECT (or WITH ... SELECT)")
+        if ";" in query:
+            # Wrapped as a subquery: a second statement would break it (or run, on some drivers).
+            raise ConfigError(f"{s.where(key)}: must be one statement (no ';' inside)")
+        queries[key] = query
+    fingerprint = queries.pop("fingerprint", None)
+    stores = _mailstores(
+        path,
+        "publisher.sql",
+        data["mailstores"] if isinstance(data.get("mailstores"), dict) else {},
+    )
+    default = s.text("mailstore", None)
+    if not stores:
+        stores = {LOCAL_MAILSTORE.name: LOCAL_MAILSTORE}
+    if default is not None and "mailstores" not in queries and default not in stores:
+        raise ConfigError(
+            f"{s.where('mailstore')}: no mailstore {default!r} in [publisher.sql.mailstores] "
+            f"(known: {', '.join(stores)})"
+        )
+    return SqlConfig(queries, fingerprint, default, stores, f"{path}: [publisher.sql]")
 
 
 def _known_maps(section: _Section, maps: tuple[str, ...]) -> tuple[str, ...]:

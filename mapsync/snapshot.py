@@ -14,7 +14,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+if TYPE_CHECKING:
+    from mapsync.validate import Problem
 
 
 class Mailstore(NamedTuple):
@@ -99,6 +102,10 @@ class Snapshot:
     # name; then, checked by the publisher (mapsync.maps.custom.check_rows), their entries.
     map_rows: dict[str, list[tuple[Any, ...]]] = field(default_factory=dict)
     map_entries: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
+    # Rows the source could not read into the model (a NULL or a wrong type in a column the
+    # row needs, a domain nobody defines): reported by validation like any invalid row, and
+    # gone once skipped (``publish --skip-invalid``). Whole rows only (no ``field``).
+    problems: list[Problem] = field(default_factory=list)
 
 
 @contextmanager

@@ -213,6 +213,11 @@ def check(snap: Snapshot, proxy: bool = False) -> list[Problem]:
     """
     with paused_gc():
         problems = list(_check(snap, proxy))
+    if snap.problems:
+        # The source's own reason for a row comes first, and stands for the row: a domain
+        # naming an unknown mailstore is that, not also "has no default mailstore".
+        named = {(p.table, p.row) for p in snap.problems}
+        problems = [*snap.problems, *(p for p in problems if (p.table, p.row) not in named)]
     describe = snap.describe
     if describe is not None:
         problems = [p._replace(where=describe(p.table, p.row, p.key)) for p in problems]

@@ -116,7 +116,10 @@ def _publish_once(args: argparse.Namespace, *, loop: bool = False) -> int:
     failure: MapsyncError | None = None
     try:
         result = Publisher(
-            pub, lambda: open_source(pub.database, pub.schema, postfixadmin=pub.postfixadmin)
+            pub,
+            lambda: open_source(
+                pub.database, pub.schema, postfixadmin=pub.postfixadmin, sql=pub.sql
+            ),
         ).run(args.channel, dry_run=args.dry_run, force=args.force, skip_invalid=args.skip_invalid)
     except ConfigError:
         raise

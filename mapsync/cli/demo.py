@@ -189,7 +189,8 @@ def run_demo(directory: Path | None, schema: str = "mapsync") -> int:
 
     print("== publisher: mapsync publish")
     result = Publisher(
-        pub, lambda: open_source(pub.database, pub.schema, postfixadmin=pub.postfixadmin)
+        pub,
+        lambda: open_source(pub.database, pub.schema, postfixadmin=pub.postfixadmin, sql=pub.sql),
     ).run()
     print_plan(result)
 

@@ -266,6 +266,7 @@ def drop_invalid(snap: Snapshot, problems: list[Problem]) -> Snapshot:
         sender_grants=[
             g for g in snap.sender_grants if (g.account_id, g.address) not in bad_grants
         ],
+        problems=[p for p in snap.problems if (p.table, p.row) not in bad],
     )
 
 
@@ -489,11 +490,14 @@ class Publisher:
         skip_invalid: bool,
         others: list[Source],
     ) -> PublishResult:
+        # Least privilege starts here: password hashes are not even read unless a channel
+        # being published carries a map that needs them.
+        secrets = any(m in CATALOGUE and CATALOGUE[m].secrets for ch in selected for m in ch.maps)
         if not force and not skip_invalid:
             # Cheap path: counts and newest updated_at equal to what the last full check
             # recorded, same channel definition, not due for renewal → nothing to do. The
             # operator's own maps: their fingerprint queries, or their rows hashed.
-            tables = dict(source.fingerprint().tables)
+            tables = dict(source.fingerprint(secrets=secrets).tables)
             for reader in (source, *others):
                 tables.update(reader.maps_fingerprint())
             quiet = [self._quiet(ch, channel_fingerprint(tables, ch)) for ch in selected]
@@ -504,9 +508,6 @@ class Publisher:
                 )
                 return PublishResult([p for p in quiet if p is not None], [], dry_run)
         _log.info("reading snapshot", database=source.safe_url)
-        # Least privilege starts here: password hashes are not even read unless a channel
-        # being published carries a map that needs them.
-        secrets = any(m in CATALOGUE and CATALOGUE[m].secrets for ch in selected for m in ch.maps)
         self._proxy = any("dovecot_proxy" in ch.maps for ch in selected)
         snap = source.snapshot(secrets=secrets)
         self._own_maps(snap, source, others)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from mapsync.sources.base import Source
 
 if TYPE_CHECKING:
-    from mapsync.config import PostfixAdminConfig
+    from mapsync.config import PostfixAdminConfig, SqlConfig
 
 
 def open_source(
@@ -19,10 +19,11 @@ def open_source(
     *,
     hide_password: bool = True,
     postfixadmin: PostfixAdminConfig | None = None,
+    sql: SqlConfig | None = None,
 ) -> Source:
-    """The source for ``schema`` at SQLAlchemy ``url``: "mapsync" (mapsync's own tables) or
+    """The source for ``schema`` at SQLAlchemy ``url``: "mapsync" (mapsync's own tables),
     "postfixadmin" (an existing PostfixAdmin database, read as it is, with ``postfixadmin``'s
-    settings)."""
+    settings) or "sql" (any schema, read by the SELECTs of ``sql``)."""
     if schema == "mapsync":
         from mapsync.sources.builtin import BuiltinSource
 
@@ -31,6 +32,11 @@ def open_source(
         from mapsync.sources.postfixadmin import PostfixAdminSource
 
         return PostfixAdminSource(url, postfixadmin)
+    if schema == "sql":
+        from mapsync.config import SqlConfig
+        from mapsync.sources.sql import SqlSource
+
+        return SqlSource(url, sql or SqlConfig())
     raise ValueError(f"unknown schema {schema!r}")
 
 

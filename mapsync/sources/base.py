@@ -50,7 +50,9 @@ class Source(ABC):
         self.statement_timeout = statement_timeout
 
     @abstractmethod
-    def fingerprint(self) -> Fingerprint: ...
+    def fingerprint(self, secrets: bool = False) -> Fingerprint:
+        """``secrets``: the snapshot that may follow reads hashes and quotas (a source whose
+        fingerprint is a digest of its rows reads what that snapshot would)."""
 
     @abstractmethod
     def snapshot(self, secrets: bool = False) -> Snapshot:

@@ -339,7 +339,7 @@ class BuiltinSource(Source):
             )
         return SourceError(f"database {self.safe_url}: {what} failed: {redact(detail, self.url)}")
 
-    def fingerprint(self) -> Fingerprint:
+    def fingerprint(self, secrets: bool = False) -> Fingerprint:
         what = "reading the change fingerprint"
         try:
             with (

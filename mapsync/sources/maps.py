@@ -121,7 +121,7 @@ class MapDatabase(BuiltinSource):
         self._lock_conn = None
         event.listen(self.engine, "do_connect", self._connect_args)
 
-    def fingerprint(self) -> Fingerprint:
+    def fingerprint(self, secrets: bool = False) -> Fingerprint:
         return Fingerprint(self.maps_fingerprint())
 
     def _read(self, conn: Connection) -> Snapshot:

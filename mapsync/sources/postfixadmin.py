@@ -131,7 +131,7 @@ class PostfixAdminSource(BuiltinSource):
         self.settings = settings or PostfixAdminConfig()
         self.tables = {name: self.settings.table(name) for name in COLUMNS}
 
-    def fingerprint(self) -> Fingerprint:
+    def fingerprint(self, secrets: bool = False) -> Fingerprint:
         try:
             with self.engine.connect() as conn:
                 return self._fingerprint(conn)

@@ -59,7 +59,7 @@ BAD = {
     "no-agent-channels": "[agent.channels]: define at least one channel",
     "empty-trusted-keys": "[agent] trusted_keys: name at least one public key",
     "empty-string": "[publisher] database: must not be empty",
-    "schema": "[publisher] schema: unknown schema 'ldap' (known: 'mapsync', 'postfixadmin')",
+    "schema": "[publisher] schema: unknown schema 'ldap' (known: 'mapsync', 'postfixadmin', 'sql')",
     "unknown-key-postfixadmin": "[publisher.postfixadmin] maildir_base: unknown key",
     "postfixadmin-table-name": "[publisher.postfixadmin] alias_table: 'alias; DROP TABLE mailbox' is not a table name",
     "postfixadmin-unknown-mailstore": "[publisher.postfixadmin] mailstore: no mailstore 'store-3'",

@@ -198,6 +198,7 @@ def test_the_docs_document_exactly_the_accepted_keys(
         "publisher.channels.NAME",
         "publisher.postfixadmin",
         "publisher.postfixadmin.mailstores.NAME",
+        "publisher.sql",
         "publisher.maps.NAME",
         "agent",
         "agent.channels.NAME",
