@@ -26,6 +26,7 @@ from tests.helpers.dbusers import DATABASE_MD, DatabaseUsers
 from tests.helpers.dovecot import Dovecot
 from tests.helpers.howto import statements
 from tests.helpers.migrating import doc_blocks
+from tests.helpers.rsyncd import documented_rsyncd_conf, documented_secrets, modules
 from tests.helpers.transport import free_port
 from tests.helpers.users import CHECKOUT, USER, shared_dir, uid
 from tests.helpers.walkthrough import Step, mapsync_wrapper, outputs, run, steps, variables
@@ -49,6 +50,28 @@ def test_the_walkthrough_grants_exactly_what_docs_database_md_grants() -> None:
         for variable, name in PAGE_NAMES.items():
             ours = ours.replace(f"${variable}", name)
         assert statements(ours) == statements(documented[theirs])
+
+
+def test_the_walkthrough_serves_the_modules_docs_security_md_documents() -> None:
+    """Its rsyncd.conf is docs/security.md's, less the channels this cluster lacks, with the
+    host's paths under ``$ROOT/publisher`` (and a pid and log file of its own)."""
+    (step,) = [s for s in steps() if s.name == "rsync-daemon"]
+    conf, secrets = (
+        body.replace("$ROOT/publisher", "")
+        for body in re.findall(r"<<EOF\n(.*?)^EOF$", step.script, re.S | re.M)
+    )
+    ours, documented = modules(conf), modules(documented_rsyncd_conf())
+    glob, documented_glob = ours.pop(""), documented.pop("")
+    assert documented_glob.items() <= glob.items()
+    assert glob.items() - documented_glob.items() == {
+        ("pid file", "/run/rsyncd.pid"),
+        ("log file", "/run/rsyncd.log"),
+    }
+    assert set(ours) == {"mx", "imap", "store-1"}
+    assert ours == {name: documented[name] for name in ours}
+    pairs = dict(line.split(":", 1) for line in secrets.splitlines())
+    assert pairs == {user: documented_secrets()[user] for user in pairs}
+    assert {m["auth users"] for m in ours.values()} == set(pairs)
 
 
 def _wait_for_port(port: int, log: Path) -> None:
@@ -97,6 +120,9 @@ def _check_dovecot(root: Path, work: Path, password: str) -> None:
 
 
 @needs_root
+@pytest.mark.postgresql
+@pytest.mark.daemons
+@pytest.mark.slow  # about 20 s: a dozen mapsync runs, psql, rsync, two Dovecots
 def test_the_walkthrough_runs_as_written() -> None:
     page = steps()
     expected_output = outputs()
