@@ -13,13 +13,13 @@ from tests.helpers.transport import free_port
 
 class Dovecot:
     """``dovecot -F -c CONF`` with its own base_dir, listening on 127.0.0.1 only; ``snippet``
-    is the rest of its configuration."""
+    is the rest of its configuration; ``port``: its IMAP port (default: a free one)."""
 
-    def __init__(self, work: Path, name: str, snippet: str) -> None:
+    def __init__(self, work: Path, name: str, snippet: str, port: int | None = None) -> None:
         work.mkdir(parents=True)
         self.conf = work / "dovecot.conf"
         self.log = work / "dovecot.log"
-        self.port = free_port()
+        self.port = port or free_port()
         self.conf.write_text(
             f"base_dir = {work / 'run'}\n"
             f"instance_name = mapsync-test-{name}-{self.port}\n"

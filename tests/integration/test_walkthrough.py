@@ -2,12 +2,14 @@
 user, a real rsync daemon with one authenticated module per channel, and the Postfix MX,
 Dovecot proxy and mailstore nodes made from agents/; then a change, monitoring as an
 unprivileged user and a rollback. Each step's block runs unchanged with only the page's
-variables set; after the steps, what a mail daemon would see is checked: ``postmap -q``
-(in the page's own output blocks), ``doveadm`` on a Dovecot started with each Dovecot role's
-shipped ``dovecot.conf`` on the installed maps, and ``mapsync status`` exit codes."""
+variables set (and PATH); what the mail daemons see is checked along the way: ``postmap -q``
+(the page's own output blocks), ``mapsync status`` exit codes, ``doveadm`` and an IMAP login
+through the proxy on two Dovecots started with the roles' shipped ``dovecot.conf`` on the
+installed maps, and RCPT TO on a Postfix started with ``agents/postfix-mx/main.cf``."""
 
 from __future__ import annotations
 
+import imaplib
 import json
 import os
 import re
@@ -21,6 +23,7 @@ import pytest
 from sqlalchemy import make_url
 
 from tests.conftest import PG_URL
+from tests.daemons.postfix_instance import PostfixInstance
 from tests.daemons.roles import role
 from tests.helpers.dbusers import DATABASE_MD, DatabaseUsers
 from tests.helpers.dovecot import Dovecot
@@ -86,14 +89,20 @@ def _wait_for_port(port: int, log: Path) -> None:
             time.sleep(0.05)
 
 
-def _check_dovecot(root: Path, work: Path, password: str) -> None:
+def _check_dovecot(root: Path, work: Path, imap_port: int, password: str) -> None:
     """Dovecot on the mailstore's and the proxy's installed maps, with the roles' own
-    dovecot.conf: the mailstore authenticates anna, the proxy sends her to store-1."""
+    dovecot.conf: the mailstore authenticates anna, the proxy sends her to store-1, and an
+    IMAP login at the proxy reaches the mailstore, which checks the password."""
     store_role, proxy_role = role("dovecot-store"), role("dovecot-proxy")
+    mail = work / "mail"  # the mails themselves are not mapsync's: any place uid 5000 may write
+    mail.mkdir(parents=True)
+    mail.chmod(0o1777)
     store = Dovecot(
         work / "store",
         "walk-store",
-        store_role.snippet("dovecot.conf", root / "store-1" / store_role.target.relative_to("/")),
+        store_role.snippet("dovecot.conf", root / "store-1" / store_role.target.relative_to("/"))
+        + f"mail_location = maildir:{mail}/%u\n",
+        port=imap_port,
     )
     try:
         assert store.login("anna@example.org", password)
@@ -101,22 +110,52 @@ def _check_dovecot(root: Path, work: Path, password: str) -> None:
         fields = store.user("anna@example.org")
         assert fields is not None and fields["home"] == "/var/vmail/example.org/anna", fields
         assert store.user("sales@example.org") is None  # an alias has no mailbox
+        proxy = Dovecot(
+            work / "proxy",
+            "walk-proxy",
+            proxy_role.snippet("dovecot.conf", root / "imap" / proxy_role.target.relative_to("/")),
+        )
+        try:
+            p = proxy.doveadm("auth", "test", "anna@example.org", "anything")
+            assert p.returncode == 0, p.stdout + p.stderr
+            fields = {line.strip() for line in p.stdout.splitlines()}
+            assert {"proxy", "host=127.0.0.1", f"port={imap_port}"} <= fields, p.stdout
+            assert proxy.doveadm("auth", "test", "nobody@example.org", "x").returncode != 0
+            imap = imaplib.IMAP4("127.0.0.1", proxy.port)
+            try:
+                with pytest.raises(imaplib.IMAP4.error):
+                    imap.login("anna@example.org", password + "x")  # the mailstore says no
+                assert imap.login("anna@example.org", password)[0] == "OK"
+                assert imap.select("INBOX")[0] == "OK"
+            finally:
+                imap.logout()
+        finally:
+            proxy.stop()
     finally:
         store.stop()
-    proxy = Dovecot(
-        work / "proxy",
-        "walk-proxy",
-        proxy_role.snippet("dovecot.conf", root / "imap" / proxy_role.target.relative_to("/")),
-    )
+
+
+def _check_smtp(root: Path, work: Path) -> None:
+    """A running Postfix with agents/postfix-mx/main.cf on the MX's installed maps answers
+    RCPT TO as the page says postmap's answers mean."""
+    mx = role("postfix-mx")
+    postfix = PostfixInstance(work, mx.snippet("main.cf", root / "mx" / mx.target.relative_to("/")))
     try:
-        p = proxy.doveadm("auth", "test", "anna@example.org", "anything")
-        assert p.returncode == 0, p.stdout + p.stderr
-        fields = {line.strip() for line in p.stdout.splitlines()}
-        assert {"proxy", "host=127.0.0.1", "port=143"} <= fields, p.stdout
-        p = proxy.doveadm("auth", "test", "nobody@example.org", "anything")
-        assert p.returncode != 0, p.stdout
+        postfix.start()
+        replies = postfix.rcpt(
+            "anna@example.org", "postmaster@example.org", "sales@example.org",
+            "nosuch@example.org", "someone@example.net",
+        )  # fmt: skip
     finally:
-        proxy.stop()
+        postfix.stop()
+    for accepted in ("anna@example.org", "postmaster@example.org", "sales@example.org"):
+        assert replies[accepted][0] == 250, replies
+    assert replies["nosuch@example.org"][0] == 550, replies
+    assert "User unknown in relay recipient table" in replies["nosuch@example.org"][1]
+    assert replies["someone@example.net"] == (
+        554,
+        "5.7.1 <someone@example.net>: Relay access denied",
+    )
 
 
 @needs_root
@@ -150,6 +189,7 @@ def test_the_walkthrough_runs_as_written() -> None:
             "DB_OWNER": db.owner,
             "DB_READER": db.reader,
             "RSYNC_PORT": str(free_port()),
+            "STORE_IMAP_PORT": str(free_port()),
             "PUBLISHER_USER": USER,
             "MONITOR_USER": MONITOR,
         }
@@ -182,12 +222,15 @@ def test_the_walkthrough_runs_as_written() -> None:
                 if step.name == "rsync-daemon":
                     _wait_for_port(int(values["RSYNC_PORT"]), pid_file.with_name("rsyncd.log"))
                 if step.name == "mailstore":
-                    _check_dovecot(root, d / "dovecot", password.group(1))
+                    _check_dovecot(
+                        root, d / "dovecot", int(values["STORE_IMAP_PORT"]), password.group(1)
+                    )
             mx_live = root / "mx" / "etc" / "postfix" / "mapsync"
             assert not list(mx_live.glob("dovecot_users*")), "an MX received password hashes"
             assert out["monitoring"].count("MAPSYNC OK") == 3, out["monitoring"]
             assert "MAPSYNC PUBLISHER OK" in out["monitoring"], out["monitoring"]
             assert "pinned to serial 1 by rollback" in out["pinned"], out["pinned"]
+            _check_smtp(root, d / "pf")  # the state the last step left: sales is back
             p = run(page[-1], env)
             assert p.returncode == 0, p.stdout + p.stderr
             assert not root.exists()
