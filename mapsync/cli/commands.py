@@ -31,8 +31,9 @@ def cmd_init_db(args: argparse.Namespace) -> int:
     from mapsync.sources.builtin import safe_url
     from mapsync.sources.seed import init_db
 
-    pub = _config(args).need_publisher()
-    url = args.database or pub.database  # the owner's URL: the publisher's user only reads
+    # the owner's URL (the publisher's user only reads): no config file needed with it, so
+    # init-db runs before the publisher's config exists, or on the database host
+    url = args.database or _config(args).need_publisher().database
     init_db(url)
     print(f"schema ready in {safe_url(url)}")
     return EXIT_OK
@@ -42,9 +43,8 @@ def cmd_seed(args: argparse.Namespace) -> int:
     from mapsync import progress
     from mapsync.sources.seed import SeedCounts, seed
 
-    pub = _config(args).need_publisher()
     made = seed(
-        args.database or pub.database,
+        args.database or _config(args).need_publisher().database,
         SeedCounts(args.accounts, args.domains, args.aliases, args.mailstores),
         seed=args.seed,
         password=args.password,

@@ -13,13 +13,16 @@ from tests.helpers.transport import free_port
 
 class Dovecot:
     """``dovecot -F -c CONF`` with its own base_dir, listening on 127.0.0.1 only; ``snippet``
-    is the rest of its configuration. With ``lmtp``, a mailstore: LMTP on ``lmtp_port`` too."""
+    is the rest of its configuration; ``port``: its IMAP port (default: a free one). With
+    ``lmtp``, a mailstore: LMTP on ``lmtp_port`` too."""
 
-    def __init__(self, work: Path, name: str, snippet: str, lmtp: bool = False) -> None:
+    def __init__(
+        self, work: Path, name: str, snippet: str, lmtp: bool = False, port: int | None = None
+    ) -> None:
         work.mkdir(parents=True)
         self.conf = work / "dovecot.conf"
         self.log = work / "dovecot.log"
-        self.port = free_port()
+        self.port = port or free_port()
         self.lmtp_port = free_port() if lmtp else None
         lmtp_service = (
             f"service lmtp {{\n  inet_listener lmtp {{\n    port = {self.lmtp_port}\n  }}\n}}\n"

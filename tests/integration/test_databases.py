@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -464,3 +467,23 @@ def test_sqlite_snapshot_ignores_rows_committed_after_it_began(sqlite_url: str) 
     # way the snapshot must not see the change.
     events = _concurrent_commit_is_not_seen(sqlite_url, {"connect_args": {"timeout": 0.2}})
     assert events in (["committed"], ["blocked: database is locked"])
+
+
+def test_init_db_and_seed_with_database_need_no_config_file(tmp_path: Path) -> None:
+    # docs/database.md: run as the owner before the publisher's mapsync.toml exists, or on
+    # the database host; without --database the config is still required.
+    url = f"sqlite:///{tmp_path / 'central.db'}"
+    env = {**os.environ, "MAPSYNC_CONFIG": str(tmp_path / "absent.toml")}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        argv = [sys.executable, "-m", "mapsync", *args]
+        return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120)
+
+    for args in (("init-db", "--database", url), ("seed", "--accounts", "3", "--database", url)):
+        proc = cli(*args)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    with sqlite3.connect(tmp_path / "central.db") as conn:
+        assert conn.execute("SELECT count(*) FROM account").fetchone()[0] > 0
+    proc = cli("init-db")
+    assert proc.returncode == 2
+    assert f"{tmp_path / 'absent.toml'}: config file not found" in proc.stderr
