@@ -206,6 +206,8 @@ def channel_digest(ch: PublisherChannel) -> str:
             "uid": ch.uid,
             "gid": ch.gid,
             "generator": GENERATOR,
+            # Only when set: a channel without it keeps its digest (no renewal on upgrade).
+            **({"customer_field": ch.customer_field} if ch.customer_field else {}),
         }
     )
     return "sha256:" + hashlib.sha256(blob.encode()).hexdigest()
@@ -221,8 +223,10 @@ def drop_invalid(snap: Snapshot, problems: list[Problem]) -> Snapshot:
     quotas = {p.row for p in problems if p.quota}
     # A sender grant's row is its account's id: the grant is the (account, address) pair.
     bad_grants = {(p.row, p.key) for p in problems if p.table == "sender_grant"}
+    # A bad ext_id costs the accounts of that customer only their customer field.
     return replace(
         snap,
+        customers={c: e for c, e in snap.customers.items() if ("customer", c) not in bad},
         mailstores=[m for m in snap.mailstores if ("mailstore", m.id) not in bad],
         domains=[d for d in snap.domains if ("domain", d.id) not in bad],
         accounts=[
@@ -371,6 +375,7 @@ class Publisher:
         self.cfg = cfg
         self._public: Ed25519PublicKey | None = None
         self._proxy = False
+        self._customers = False
         self.repo = Repository(cfg.repository)
         self._source = source
 
@@ -436,6 +441,7 @@ class Publisher:
         # being published carries a map that needs them.
         secrets = any(CATALOGUE[m].secrets for ch in selected for m in ch.maps)
         self._proxy = any("dovecot_proxy" in ch.maps for ch in selected)
+        self._customers = any(ch.customer_field for ch in selected)
         snap = source.snapshot(secrets=secrets)
         stores = {m.name for m in snap.mailstores}
         for ch in selected:
@@ -557,7 +563,7 @@ class Publisher:
         unchanged, whichever channels the run publishes. Each channel records only the rows
         that are its own: a mailstore's channel not another mailstore's accounts.
         """
-        problems = validate(snap, self._proxy)
+        problems = validate(snap, self._proxy, self._customers)
         if problems and not skip_invalid:
             raise InvalidData([str(p) for p in problems])
         if not problems:
@@ -598,7 +604,7 @@ class Publisher:
                 raise InvalidData([f"{p} (cannot be skipped)" for p in again])
             skipped += relevant
             snap = drop_invalid(snap, relevant)
-            relevant = [p for p in validate(snap, proxy) if affects(p, read)]
+            relevant = [p for p in validate(snap, proxy, self._customers) if affects(p, read)]
         return Directory(snap), skipped
 
     def _stage(
@@ -711,6 +717,9 @@ class Publisher:
         violations = []
         for map_plan in staged.plan.maps:
             guards = self.cfg.map_guards.get(map_plan.name, self.cfg.guards)
+            spec = CATALOGUE.get(map_plan.name)
+            if spec is not None and spec.may_be_empty and map_plan.name not in self.cfg.map_guards:
+                guards = replace(guards, min_entries=0)  # an empty deny list denies no one
             v = check(map_plan, guards, staged.plan.channel)
             if v is None:
                 continue

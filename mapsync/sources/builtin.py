@@ -21,8 +21,10 @@ from sqlalchemy import (
     Engine,
     create_engine,
     event,
+    false,
     func,
     null,
+    or_,
     select,
     text,
 )
@@ -34,6 +36,7 @@ from mapsync import log
 from mapsync.errors import LockBusy, SourceError
 from mapsync.progress import track
 from mapsync.snapshot import (
+    SERVICES,
     Account,
     Alias,
     Domain,
@@ -357,10 +360,13 @@ class BuiltinSource(Source):
                 ).order_by(t.mailstore.c.id)
             )
         ]
-        customer_status = {
-            cid: status
-            for cid, status in conn.execute(select(t.customer.c.id, t.customer.c.status))
-        }
+        customer_status = {}
+        customers = {}
+        for cid, status, ext_id in conn.execute(
+            select(t.customer.c.id, t.customer.c.status, t.customer.c.ext_id)
+        ):
+            customer_status[cid] = status
+            customers[cid] = ext_id
         domains = []
         for row in conn.execute(
             select(
@@ -376,7 +382,7 @@ class BuiltinSource(Source):
             ).order_by(t.domain.c.id)
         ):
             status = _cascade(row.status, customer_status.get(row.customer_id))
-            domains.append(Domain(*row[:7], status=status))
+            domains.append(Domain(*row[:7], status=status, customer_id=row.customer_id))
         columns: list[ColumnElement[Any]] = [
             t.account.c.id,
             t.account.c.domain_id,
@@ -387,9 +393,14 @@ class BuiltinSource(Source):
         # The home is read for every run (validation fails a bad one in every channel);
         # hashes and quotas only for a channel that carries them.
         if getattr(self, "_secrets", False):
-            columns += [t.account.c.password_hash, t.account.c.home, t.account.c.quota_bytes]
+            columns += [
+                t.account.c.password_hash,
+                t.account.c.home,
+                t.account.c.quota_bytes,
+                t.account.c.customer_id,
+            ]
         else:  # NULL from the database: every row has all of Account's fields
-            columns += [null(), t.account.c.home, null()]
+            columns += [null(), t.account.c.home, null(), null()]
         assert len(columns) == len(Account._fields)
         rows = fingerprint.tables
         accounts = list(
@@ -402,6 +413,14 @@ class BuiltinSource(Source):
                 ),
             )
         )
+        # Only the accounts denied a service (few): the allow_* columns of the rest stay unread.
+        allow = (t.account.c.allow_imap, t.account.c.allow_pop3, t.account.c.allow_submission)
+        denied = {
+            row[0]: frozenset(s for s, ok in zip(SERVICES, row[1:], strict=True) if not ok)
+            for row in conn.execute(
+                select(t.account.c.id, *allow).where(or_(*(c == false() for c in allow)))
+            )
+        }
         grants = [
             SenderGrant(*row)
             for row in conn.execute(
@@ -458,6 +477,8 @@ class BuiltinSource(Source):
             aliases=aliases,
             fingerprint=fingerprint,
             sender_grants=grants,
+            denied=denied,
+            customers=customers,
             secrets=getattr(self, "_secrets", False),
             taken_at=datetime.now(UTC),
         )
