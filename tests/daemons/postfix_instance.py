@@ -58,7 +58,7 @@ SETTINGS: dict[str, str] = {
 
 _MASTER_CF = """\
 # service  type  private unpriv  chroot  wakeup  maxproc command
-{listen}   inet  n       -       n       -       -       smtpd
+{listen}   inet  n       -       n       -       -       smtpd{options}
 pickup     unix  n       -       n       60      1       pickup
 cleanup    unix  n       -       n       -       0       cleanup
 qmgr       unix  n       -       n       300     1       qmgr
@@ -75,6 +75,7 @@ error      unix  -       -       n       -       -       error
 retry      unix  -       -       n       -       -       error
 discard    unix  -       -       n       -       -       discard
 anvil      unix  -       -       n       -       1       anvil
+tlsmgr     unix  -       -       n       1000?   1       tlsmgr
 scache     unix  -       -       n       -       1       scache
 postlog    unix-dgram n  -       n       -       1       postlogd
 smtp       unix  -       -       n       -       -       smtp
@@ -114,8 +115,10 @@ def _group(pgid: int) -> list[int]:
 class PostfixInstance:
     """One Postfix under ``root`` whose main.cf is the defaults plus ``snippet``."""
 
-    def __init__(self, root: Path, snippet: str) -> None:
+    def __init__(self, root: Path, snippet: str, options: tuple[str, ...] = ()) -> None:
+        """``options``: ``name=value`` overrides of the smtpd service (master.cf ``-o``)."""
         self.root = root
+        self.options = options
         self.conf = root / "etc"
         self.queue = root / "queue"
         self.data = root / "data"
@@ -131,7 +134,12 @@ class PostfixInstance:
             d.mkdir(parents=True)
         os.chown(self.data, pwd.getpwnam("postfix").pw_uid, -1)
         (self.conf / "main.cf").write_text(snippet)
-        (self.conf / "master.cf").write_text(_MASTER_CF.format(listen=f"127.0.0.1:{self.port}"))
+        (self.conf / "master.cf").write_text(
+            _MASTER_CF.format(
+                listen=f"127.0.0.1:{self.port}",
+                options="".join(f"\n  -o {o}" for o in self.options),
+            )
+        )
         settings = {
             **SETTINGS,
             "queue_directory": str(self.queue),
