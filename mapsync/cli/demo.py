@@ -228,6 +228,12 @@ def run_demo(directory: Path | None, schema: str = "mapsync") -> int:
     proxy = node_cfgs["imap-proxy"].channels["imap"].target / "dovecot_proxy"
     print(f"   Dovecot on store-1 reads passwd-file {store} (every account's password: {PASSWORD})")
     print(f"   the IMAP proxy reads {proxy}: no password hashes there")
+    deny = store.parent / "dovecot_deny"
+    denied = [line for line in deny.read_text().splitlines() if not line.startswith("#")]
+    print(
+        f"   both refuse the services an account may not use, from {deny.name} "
+        f"({len(denied)} lines on store-1{', e.g. ' + denied[0] if denied else ''})"
+    )
     relay = node_cfgs["submission"].channels["submission"].target
     print(
         f"   the submission relay's Dovecot SASL reads {relay / 'dovecot_submission'} "

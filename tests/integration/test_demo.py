@@ -36,6 +36,9 @@ def test_the_demo_builds_a_whole_cluster_and_a_rerun_publishes_nothing(tmp_path:
     proxy = (tmp_path / "demo/nodes/imap-proxy/dovecot/dovecot_proxy").read_text()
     assert "{SHA512-CRYPT}$6$" in store and "$6$" not in proxy
     assert "userdb_customer_id=C000001" in store  # example-1.org's customer
+    assert "both refuse the services an account may not use, from dovecot_deny (" in first.stdout
+    deny = (tmp_path / "demo/nodes/store-1/dovecot/dovecot_deny").read_text()
+    assert "\npop3/" in deny and "$6$" not in deny
     relay = (tmp_path / "demo/nodes/submission/postfix/dovecot_submission").read_text()
     assert "postmaster@example-2.org:{SHA512-CRYPT}$6$" in relay  # every mailstore's senders
     assert "/var/vmail" not in relay and "quota" not in relay
