@@ -367,6 +367,12 @@ def _guards(section: _Section, base: Guards) -> Guards:
     )
 
 
+def exception_guards(base: Guards) -> Guards:
+    """The guards of a list of exceptions (a deny list): it may be empty and may shrink at
+    will; growth and changes are guarded as ``base`` says (a mass denial locks users out)."""
+    return Guards(0, 1.0, base.max_growth, base.max_change)
+
+
 def _publisher(path: Path, data: Any) -> PublisherConfig:
     from mapsync.maps import CATALOGUE  # the map names are the catalogue's
 
@@ -405,7 +411,9 @@ def _publisher(path: Path, data: Any) -> PublisherConfig:
     for name, sub in per_map.items():
         if name not in CATALOGUE:
             raise ConfigError(f"{path}: [publisher.guards.{name}]: unknown map {name!r}")
-        map_guards[name] = _guards(_Section(path, f"publisher.guards.{name}", sub), base)
+        # A list of exceptions (dovecot_deny) starts from its own defaults: see Map.exceptions.
+        start = exception_guards(base) if CATALOGUE[name].exceptions else base
+        map_guards[name] = _guards(_Section(path, f"publisher.guards.{name}", sub), start)
 
     channels = {}
     for name, sub in s.table("channels").items():

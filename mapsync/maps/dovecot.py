@@ -131,7 +131,7 @@ class DovecotDenyMap(Map):
     cdb = False
     per_mailstore = True
     separator = ":"
-    may_be_empty = True  # no account denied anything: the usual case
+    exceptions = True  # usually few entries, often none
     description = "deny passdb: SERVICE/user: for each service an account may not log in to"
 
     def entries(self, directory: Directory, channel: PublisherChannel) -> Iterator[tuple[str, str]]:

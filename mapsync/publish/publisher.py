@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from mapsync import GENERATOR, log
 from mapsync.atomic import atomic_write, fsync_dir
-from mapsync.config import PublisherChannel, PublisherConfig
+from mapsync.config import PublisherChannel, PublisherConfig, exception_guards
 from mapsync.errors import (
     ConfigError,
     InvalidData,
@@ -718,8 +718,9 @@ class Publisher:
         for map_plan in staged.plan.maps:
             guards = self.cfg.map_guards.get(map_plan.name, self.cfg.guards)
             spec = CATALOGUE.get(map_plan.name)
-            if spec is not None and spec.may_be_empty and map_plan.name not in self.cfg.map_guards:
-                guards = replace(guards, min_entries=0)  # an empty deny list denies no one
+            if spec is not None and spec.exceptions and map_plan.name not in self.cfg.map_guards:
+                # A deny list: empty denies no one, and allowing a few again is no outage.
+                guards = exception_guards(guards)
             v = check(map_plan, guards, staged.plan.channel)
             if v is None:
                 continue

@@ -83,7 +83,7 @@ def test_a_mailstore_channel_gets_only_its_own_accounts_denials() -> None:
 def test_no_denials_make_an_empty_deny_map_which_no_guard_refuses() -> None:
     assert render("dovecot_deny", snapshot(denied={})) == {}
     spec = CATALOGUE["dovecot_deny"]
-    assert spec.may_be_empty and not spec.secrets and spec.per_mailstore
+    assert spec.exceptions and not spec.secrets and spec.per_mailstore
 
 
 def test_the_submission_passdb_holds_every_account_that_may_send_with_its_hash_only() -> None:
