@@ -20,8 +20,9 @@ from sqlalchemy import create_engine, text
 from mapsync.formats import text as text_map
 from mapsync.signing import keygen
 from tests.conftest import Cluster
+from tests.daemons.roles import entries, role
 from tests.helpers import postfixadmin as pfa
-from tests.helpers.dovecot import passwd_file_dovecot
+from tests.helpers.dovecot import Dovecot, passwd_file_dovecot
 
 pytestmark = pytest.mark.daemons
 
@@ -70,7 +71,7 @@ signing_key = "{root / "keys" / "signing.key"}"
 maps = {json.dumps(mx_channel_maps())}
 
 [publisher.channels.store]
-maps = ["dovecot_users"]
+maps = ["dovecot_users", "dovecot_deny"]
 
 [agent]
 state = "{root / "nodes" / "state"}"
@@ -255,6 +256,29 @@ def test_the_published_maps_answer_as_postfixadmins_own_lookups(
         assert not store.login("postmaster@example.com", "not the password")
         assert not mismatches, f"{engine}:\n" + "\n".join(mismatches)
         assert checked >= 25, checked
+    finally:
+        store.stop()
+
+
+def test_smtp_active_off_refuses_smtp_auth_in_a_real_dovecot_where_the_column_exists(
+    published: tuple[str, Cluster, pfa.Lookups],
+) -> None:
+    """PostfixAdmin's documented Dovecot variant: ``smtp_active = 0`` refuses SMTP AUTH (and
+    Dovecot's submission service), IMAP and POP3 still log in. Before schema 1850 there is
+    no such column, and nobody is refused (the PostgreSQL installation here is 1847)."""
+    engine, cluster, _ = published
+    store_dir = cluster.root / "nodes" / "store"
+    has_column = ENGINES[engine][1] >= 1850
+    denied = {"smtp/gus@example.com", "submission/gus@example.com"} if has_column else set()
+    assert set(entries(store_dir / "dovecot_deny", ":")) == denied
+    snippet = role("dovecot-store").snippet("dovecot.conf", store_dir)
+    store = Dovecot(cluster.root / "dovecot-deny", "pfa-deny", snippet)
+    try:
+        for user in ("gus@example.com", "postmaster@example.com"):
+            for service in ("imap", "pop3", "smtp", "submission"):
+                p = store.doveadm("auth", "test", "-x", f"service={service}", user, pfa.PASSWORD)
+                refused = f"{service}/{user}" in denied
+                assert p.returncode == (77 if refused else 0), (engine, user, service, p.stdout)
     finally:
         store.stop()
 
