@@ -158,9 +158,13 @@ def test_a_channel_without_customer_field_keeps_its_digest() -> None:
     assert channel_digest(ch) == channel_digest(replace(ch, customer_field=None))
 
 
-def test_the_builtin_source_reads_allow_columns_and_customers(sqlite_url: str) -> None:
-    seed(sqlite_url, SeedCounts(accounts=40, domains=4, aliases=5, mailstores=2), seed=3)
-    engine = create_engine(sqlite_url)
+@pytest.mark.parametrize("db", ["sqlite_url", "pg_url", "mariadb_url"])
+def test_the_builtin_source_reads_allow_columns_and_customers(
+    request: pytest.FixtureRequest, db: str
+) -> None:
+    url = request.getfixturevalue(db)
+    seed(url, SeedCounts(accounts=40, domains=4, aliases=5, mailstores=2), seed=3)
+    engine = create_engine(url)
     with engine.begin() as conn:
         conn.execute(update(t.account).where(t.account.c.id == 2).values(allow_imap=False))
         conn.execute(
@@ -171,7 +175,7 @@ def test_the_builtin_source_reads_allow_columns_and_customers(sqlite_url: str) -
         ext = dict(conn.execute(select(t.customer.c.id, t.customer.c.ext_id)).all())
         owner = conn.execute(select(t.account.c.customer_id).where(t.account.c.id == 2)).scalar()
     engine.dispose()
-    source = BuiltinSource(sqlite_url)
+    source = BuiltinSource(url)
     try:
         snap = source.snapshot(secrets=True)
         lean = source.snapshot(secrets=False)
