@@ -50,8 +50,8 @@ class Account(NamedTuple):
     password_hash: str | None = None
     home: str | None = None
     quota_bytes: int | None = None
-    # Read with the secrets (only dovecot_users carries it): the account's own customer;
-    # None falls back to its domain's (see Snapshot.customers).
+    # Read with the secrets when a channel carries customer ids (Source.customers): the
+    # account's own customer; None falls back to its domain's (see Snapshot.customers).
     customer_id: int | None = None
 
 
@@ -95,7 +95,7 @@ class Snapshot:
     fingerprint: Fingerprint
     taken_at: datetime
     sender_grants: list[SenderGrant] = field(default_factory=list)
-    secrets: bool = False  # hashes, quotas, account customer ids were read (homes always are)
+    secrets: bool = False  # password hashes and quotas were read (homes always are)
     # Where an account's own mail goes instead of its mailbox (a PostfixAdmin "forward"): keyed
     # like an alias, on a live account's address; the account's own address among the targets
     # keeps a copy in the mailbox. The account keeps its login either way.

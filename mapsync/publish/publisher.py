@@ -442,6 +442,7 @@ class Publisher:
         secrets = any(CATALOGUE[m].secrets for ch in selected for m in ch.maps)
         self._proxy = any("dovecot_proxy" in ch.maps for ch in selected)
         self._customers = any(ch.customer_field for ch in selected)
+        source.customers = self._customers
         snap = source.snapshot(secrets=secrets)
         stores = {m.name for m in snap.mailstores}
         for ch in selected:

@@ -35,6 +35,9 @@ class Source(ABC):
     # Bounds on waiting for the database (seconds): set by the publisher with bound().
     lock_wait: float = 30.0
     statement_timeout: float = 600.0
+    # Set by the publisher when a channel carries customer ids (customer_field): read each
+    # account's own customer with the secrets (Account.customer_id); else they stay unread.
+    customers: bool = False
 
     def bound(self, lock_wait: float, statement_timeout: float) -> None:
         """Wait at most ``lock_wait`` for a lock another session holds (and for a connect),

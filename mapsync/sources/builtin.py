@@ -397,7 +397,7 @@ class BuiltinSource(Source):
                 t.account.c.password_hash,
                 t.account.c.home,
                 t.account.c.quota_bytes,
-                t.account.c.customer_id,
+                t.account.c.customer_id if self.customers else null(),
             ]
         else:  # NULL from the database: every row has all of Account's fields
             columns += [null(), t.account.c.home, null(), null()]
@@ -415,12 +415,17 @@ class BuiltinSource(Source):
         )
         # Only the accounts denied a service (few): the allow_* columns of the rest stay unread.
         allow = (t.account.c.allow_imap, t.account.c.allow_pop3, t.account.c.allow_submission)
-        denied = {
-            row[0]: frozenset(s for s, ok in zip(SERVICES, row[1:], strict=True) if not ok)
-            for row in conn.execute(
-                select(t.account.c.id, *allow).where(or_(*(c == false() for c in allow)))
-            )
-        }
+        shared: dict[tuple[bool, ...], frozenset[str]] = {}  # one set per combination
+        denied = {}
+        for account_id, *flags in conn.execute(
+            select(t.account.c.id, *allow).where(or_(*(c == false() for c in allow)))
+        ):
+            key = tuple(map(bool, flags))
+            services = shared.get(key)
+            if services is None:
+                services = frozenset(s for s, ok in zip(SERVICES, key, strict=True) if not ok)
+                shared[key] = services
+            denied[account_id] = services
         grants = [
             SenderGrant(*row)
             for row in conn.execute(

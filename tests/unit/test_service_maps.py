@@ -177,10 +177,13 @@ def test_the_builtin_source_reads_allow_columns_and_customers(
     engine.dispose()
     source = BuiltinSource(url)
     try:
+        snap_without = source.snapshot(secrets=True)  # no channel carries customer ids
+        source.customers = True  # as the publisher sets it for a customer_field channel
         snap = source.snapshot(secrets=True)
         lean = source.snapshot(secrets=False)
     finally:
         source.close()
+    assert all(a.customer_id is None for a in snap_without.accounts)
     # seeded: ids divisible by 25 POP3-less, ids 7 mod 50 may not send (never a postmaster)
     assert snap.denied == {
         2: frozenset({"imap"}),
