@@ -352,7 +352,7 @@ def f_stray_temp_files(h: Harness) -> str | None:
     for p in (
         h.target / f".recipients.{pid}.tmp",
         h.state / f".state.json.{pid}.tmp",
-        h.repo / f"..checked.{pid}.tmp",
+        h.repo.parent / ".private" / "mx" / f".checked.json.{pid}.tmp",
         h.repo / "releases" / "stray-file",
     ):
         p.parent.mkdir(parents=True, exist_ok=True)

@@ -101,6 +101,34 @@ class PostfixAdminConfig:
         return own or self.prefix + name
 
 
+# The separators a map of the operator's own may use between key and value on a text line:
+# a space (Postfix's source format, Exim lsearch), a tab, or ':' (a passwd-file-like line).
+MAP_SEPARATORS = (" ", "\t", ":")
+MAP_KEYS = ("lower", "exact")
+
+
+@dataclass(frozen=True)
+class MapConfig:
+    """A map of the operator's own (``[publisher.maps.NAME]``): a query returning key and value.
+
+    ``keys``: ``"lower"`` folds keys to lowercase (Postfix lowercases every lookup, Exim
+    configurations look up ``${lc:...}``), ``"exact"`` keeps them. ``secret``: handled like
+    ``dovecot_users`` (read only for a channel that lists it, installed 0640). ``database``:
+    a second SQLAlchemy URL to read it from (else the publisher's, in its snapshot).
+    ``fingerprint``: a cheap query whose result changes whenever the map's rows do (else the
+    map's own query is run and its rows hashed to tell whether anything changed)."""
+
+    name: str
+    query: str
+    separator: str = " "
+    cdb: bool = True
+    keys: str = "lower"
+    secret: bool = False
+    database: str | None = None
+    fingerprint: str | None = None
+    description: str = ""
+
+
 @dataclass(frozen=True)
 class PublisherConfig:
     database: str
@@ -118,6 +146,7 @@ class PublisherConfig:
     ssh: tuple[str, ...] = ("ssh", "-o", "BatchMode=yes")  # remote shell for ssh:// push
     push_timeout: int = 60
     postfixadmin: PostfixAdminConfig = PostfixAdminConfig()
+    maps: dict[str, MapConfig] = field(default_factory=dict)  # [publisher.maps.NAME]
 
 
 @dataclass(frozen=True)
@@ -167,6 +196,14 @@ class AgentConfig:
     jitter: int = 30  # ... plus a random 0..jitter seconds, so fifty nodes do not poll at once
     # sha256 of every live file at least this often (size/mtime on every pull; see agent/damage.py)
     full_check: int = 3600
+    # A world-readable copy of each channel's state (no secret in it), for `mapsync status`
+    # run by an unprivileged monitoring user who may not read ``state`` (0700).
+    status_dir: Path | None = None
+
+    @property
+    def public_status(self) -> Path:
+        """``status_dir``, by default ``<state>-status`` beside ``state``."""
+        return self.status_dir or self.state.with_name(self.state.name + "-status")
 
 
 @dataclass(frozen=True)
@@ -392,8 +429,11 @@ def _publisher(path: Path, data: Any) -> PublisherConfig:
         "ssh",
         "push_timeout",
         "postfixadmin",
+        "maps",
     )
     schema = s.text("schema", "mapsync")
+    own_maps = _own_maps(path, s.table("maps"), CATALOGUE)
+    known = {*CATALOGUE, *own_maps}
     if schema not in SCHEMAS:
         raise ConfigError(
             f"{s.where('schema')}: unknown schema {schema!r} (known: {', '.join(map(repr, SCHEMAS))})"
@@ -409,10 +449,11 @@ def _publisher(path: Path, data: Any) -> PublisherConfig:
     )
     map_guards = {}
     for name, sub in per_map.items():
-        if name not in CATALOGUE:
+        if name not in known:
             raise ConfigError(f"{path}: [publisher.guards.{name}]: unknown map {name!r}")
         # A list of exceptions (dovecot_deny) starts from its own defaults: see Map.exceptions.
-        start = exception_guards(base) if CATALOGUE[name].exceptions else base
+        spec = CATALOGUE.get(name)  # None: a map of the operator's own
+        start = exception_guards(base) if spec is not None and spec.exceptions else base
         map_guards[name] = _guards(_Section(path, f"publisher.guards.{name}", sub), start)
 
     channels = {}
@@ -425,9 +466,10 @@ def _publisher(path: Path, data: Any) -> PublisherConfig:
         if not maps:
             raise ConfigError(f"{cs.where('maps')}: must name at least one map")
         for m in maps:
-            if m not in CATALOGUE:
+            if m not in known:
                 raise ConfigError(
-                    f"{cs.where('maps')}: unknown map {m!r} (known: {', '.join(sorted(CATALOGUE))})"
+                    f"{cs.where('maps')}: unknown map {m!r} (known: {', '.join(sorted(known))}; "
+                    "a map of your own is defined in [publisher.maps.NAME])"
                 )
         if len(set(maps)) != len(maps):
             raise ConfigError(f"{cs.where('maps')}: a map is listed twice")
@@ -467,6 +509,7 @@ def _publisher(path: Path, data: Any) -> PublisherConfig:
         ssh=_argv(s, "ssh", PublisherConfig.ssh),
         push_timeout=_timeout(s, "push_timeout", 60),
         postfixadmin=postfixadmin,
+        maps=own_maps,
     )
 
 
@@ -492,6 +535,56 @@ def _customer_field(cs: _Section, maps: tuple[str, ...]) -> str | None:
             "(lowercase letters, digits, '_'; not one Dovecot acts on, such as home or quota_rule)"
         )
     return name
+
+
+def _own_maps(path: Path, data: dict[str, Any], catalogue: Any) -> dict[str, MapConfig]:
+    """``[publisher.maps.NAME]``: maps of the operator's own (docs/maps.md, "Maps of your own")."""
+    out = {}
+    for name, sub in data.items():
+        where = f"publisher.maps.{name}"
+        if not CHANNEL_NAME.match(name):
+            raise ConfigError(
+                f"{path}: [{where}]: map names are lowercase letters, digits, - and _ "
+                "(at most 63, starting with a letter or digit): the name is also its file name"
+            )
+        if name in catalogue:
+            raise ConfigError(
+                f"{path}: [{where}]: {name!r} is a built-in map; give yours another name"
+            )
+        ms = _Section(path, where, sub)
+        ms.allow(
+            "query", "separator", "cdb", "keys", "secret", "database", "fingerprint", "description"
+        )
+        separator = ms._get("separator", str, " ", "a string")
+        if separator not in MAP_SEPARATORS:
+            raise ConfigError(
+                f"{ms.where('separator')}: must be one of {', '.join(map(repr, MAP_SEPARATORS))}, "
+                f"not {separator!r}"
+            )
+        keys = ms.text("keys", "lower")
+        if keys not in MAP_KEYS:
+            raise ConfigError(
+                f"{ms.where('keys')}: must be {' or '.join(map(repr, MAP_KEYS))}, not {keys!r}"
+            )
+        out[name] = MapConfig(
+            name=name,
+            query=_query(ms, "query", _REQUIRED),
+            separator=separator,
+            cdb=ms._get("cdb", bool, True, "true or false"),
+            keys=keys,
+            secret=ms._get("secret", bool, False, "true or false"),
+            database=ms.text("database"),
+            fingerprint=_query(ms, "fingerprint", None),
+            description=ms._get("description", str, "", "a string"),
+        )
+    return out
+
+
+def _query(section: _Section, key: str, default: Any) -> Any:
+    value = section.text(key, default)
+    if value is not None and not value.strip():
+        raise ConfigError(f"{section.where(key)}: must not be blank")
+    return value
 
 
 SCHEMAS = ("mapsync", "postfixadmin")
@@ -565,12 +658,13 @@ def _postfixadmin(path: Path, data: dict[str, Any]) -> PostfixAdminConfig:
 
 
 def _known_maps(section: _Section, maps: tuple[str, ...]) -> tuple[str, ...]:
-    from mapsync.maps import CATALOGUE
-
+    """A node's ``maps``: built-in maps, or maps of the publisher's own (``[publisher.maps]``,
+    which the node does not see): any name of a map's grammar."""
     for m in maps:
-        if m not in CATALOGUE:
+        if not CHANNEL_NAME.match(m):
             raise ConfigError(
-                f"{section.where('maps')}: unknown map {m!r} (known: {', '.join(sorted(CATALOGUE))})"
+                f"{section.where('maps')}: {m!r} is not a map name (lowercase letters, digits, "
+                "- and _; a built-in map or one of the publisher's [publisher.maps.NAME])"
             )
     return maps
 
@@ -669,15 +763,15 @@ _MODE = re.compile(r"^0?[0-7]{3}\Z")
 
 
 def _files(path: Path, where: str, data: dict[str, Any]) -> dict[str, FileMode]:
-    """``[agent.channels.C.files.MAP]``: mode (an octal string, "0640"), owner, group."""
-    from mapsync.maps import CATALOGUE
-
+    """``[agent.channels.C.files.MAP]``: mode (an octal string, "0640"), owner, group. MAP is
+    a built-in map or one of the publisher's own: any name of a map's grammar."""
     files = {}
     for name, sub in data.items():
         fs = _Section(path, f"{where}.files.{name}", sub)
-        if name not in CATALOGUE:
+        if not CHANNEL_NAME.match(name):
             raise ConfigError(
-                f"{path}: [{where}.files.{name}]: unknown map {name!r} (known: {', '.join(sorted(CATALOGUE))})"
+                f"{path}: [{where}.files.{name}]: {name!r} is not a map name (lowercase letters, "
+                "digits, - and _; a built-in map or one of the publisher's [publisher.maps.NAME])"
             )
         fs.allow("mode", "owner", "group")
         mode = fs.text("mode")
@@ -700,7 +794,7 @@ def _files(path: Path, where: str, data: dict[str, Any]) -> dict[str, FileMode]:
 
 def _agent(path: Path, data: Any) -> AgentConfig:
     s = _Section(path, "agent", data)
-    s.allow("state", "trusted_keys", "channels", "interval", "jitter", "full_check")
+    s.allow("state", "trusted_keys", "channels", "interval", "jitter", "full_check", "status_dir")
     interval = s.duration("interval", AgentConfig.interval)
     if interval < 1:
         raise ConfigError(f"{s.where('interval')}: must be at least 1s")
@@ -782,6 +876,7 @@ def _agent(path: Path, data: Any) -> AgentConfig:
         raise ConfigError(f"{path}: [agent.channels]: define at least one channel")
     return AgentConfig(
         state=_path(s, "state"),
+        status_dir=_path(s, "status_dir") if "status_dir" in s.data else None,
         trusted_keys=tuple(_key_file(s, k) for k in keys),
         channels=channels,
         interval=interval,
@@ -801,7 +896,7 @@ class _Area:
     """A directory mapsync writes or reads, for the overlap check."""
 
     where: str  # "[agent.channels.mx] inbox"
-    kind: str  # repository | push | state | target | inbox | source
+    kind: str  # repository | push | state | status_dir | target | inbox | source
     path: Path
     channel: str = ""
 
@@ -830,6 +925,12 @@ _CLASHES = {
         ("push", "push"),
         ("push", "target"),
         ("push", "state"),
+        ("status_dir", "target"),
+        ("status_dir", "inbox"),
+        ("status_dir", "source"),
+        ("status_dir", "state"),
+        ("status_dir", "repository"),
+        ("status_dir", "push"),
     )
 }
 
@@ -848,6 +949,7 @@ def _areas(publisher: PublisherConfig | None, agent: AgentConfig | None) -> list
                     )
     if agent is not None:
         areas.append(_Area("[agent] state", "state", agent.state))
+        areas.append(_Area("[agent] status_dir", "status_dir", agent.public_status))
         for ch in agent.channels.values():
             where = f"[agent.channels.{ch.name}]"
             for src in ch.sources:
@@ -888,6 +990,31 @@ def _refuse_overlaps(path: Path, areas: list[_Area]) -> None:
         raise ConfigError(f"{path}: {a.where}: {a.path} overlaps {b.where} {b.path} ({why})")
 
 
+def _refuse_unknown_node_maps(
+    path: Path, publisher: PublisherConfig | None, agent: AgentConfig | None
+) -> None:
+    """A node alone accepts any map name (the publisher's own maps are not in its file); in a
+    file that also holds the publisher, a node's map must be one the publisher knows: a typo is
+    found now, not as every release refused for lacking it."""
+    from mapsync.maps import CATALOGUE
+
+    if publisher is None or agent is None:
+        return
+    known = {*CATALOGUE, *publisher.maps}
+    listed = ", ".join(sorted(known))
+    for ch in agent.channels.values():
+        for m in ch.maps:
+            if m not in known:
+                raise ConfigError(
+                    f"{path}: [agent.channels.{ch.name}] maps: unknown map {m!r} (known: {listed})"
+                )
+        for m in ch.files:
+            if m not in known:
+                raise ConfigError(
+                    f"{path}: [agent.channels.{ch.name}.files.{m}]: unknown map {m!r} (known: {listed})"
+                )
+
+
 def unauthenticated_rsync(ch: AgentChannel, source: str) -> bool:
     """Whether ``source`` of ``ch`` is an rsync daemon module pulled without a user and a
     password: anyone who reaches its port can copy what it serves."""
@@ -913,7 +1040,12 @@ def _warn_unauthenticated(
         maps = ch.maps
         if not maps and publisher is not None and ch.name in publisher.channels:
             maps = publisher.channels[ch.name].maps
-        secret = sorted(m for m in maps if CATALOGUE[m].secrets)
+        own = publisher.maps if publisher is not None else {}
+        secret = sorted(
+            m
+            for m in maps
+            if (m in CATALOGUE and CATALOGUE[m].secrets) or (m in own and own[m].secret)
+        )
         if not secret:
             continue
         for src in ch.sources:
@@ -960,5 +1092,6 @@ def load(path: Path) -> Config:
     publisher = _publisher(path, data["publisher"]) if "publisher" in data else None
     agent = _agent(path, data["agent"]) if "agent" in data else None
     _refuse_overlaps(path, _areas(publisher, agent))
+    _refuse_unknown_node_maps(path, publisher, agent)
     _warn_unauthenticated(path, publisher, agent)
     return Config(path=path, publisher=publisher, agent=agent)

@@ -65,7 +65,10 @@ class VerificationError(MapsyncError):
 
 EXIT_CODES: list[tuple[int, str]] = [
     (EXIT_OK, "ok"),
-    (EXIT_WARNING, "warning: status WARNING, or a dry run with pending changes"),
+    (
+        EXIT_WARNING,
+        "warning: status WARNING, a dry run with pending changes, or compare found differences",
+    ),
     (EXIT_ERROR, "error (config, database, rsync, install), or status CRITICAL"),
     (EXIT_UNKNOWN, "status UNKNOWN"),
     (UnsafePlan.exit_code, "unsafe plan refused by a guard"),

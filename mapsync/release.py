@@ -44,6 +44,21 @@ class CdbInfo:
     size: int
 
 
+# The separators a map of the operator's own may have (config.MAP_SEPARATORS; the agent
+# checks a manifest against this list, without the publisher's config).
+SEPARATORS = (" ", "\t", ":")
+
+
+@dataclass(frozen=True)
+class CustomInfo:
+    """What a node needs to install a map of the operator's own (``[publisher.maps.NAME]``)
+    without the publisher's config: the separator its text lines split at (to build the cdb
+    from them, and for diffs) and whether it is handled like password hashes (mode 0640)."""
+
+    separator: str = " "
+    secret: bool = False
+
+
 @dataclass(frozen=True)
 class MapEntry:
     """One map of a release: its text file and, for key/value maps, its canonical cdb."""
@@ -55,9 +70,15 @@ class MapEntry:
     content_sha256: str
     cdb: CdbInfo | None = None
     forced: bool = False
+    custom: CustomInfo | None = None  # a map of the operator's own; None: a built-in map
 
     def same_content(self, other: MapEntry | None) -> bool:
-        return other is not None and other.content_sha256 == self.content_sha256
+        return (
+            other is not None
+            and other.content_sha256 == self.content_sha256
+            and other.custom == self.custom
+            and (other.cdb is None) == (self.cdb is None)  # a map's cdb switched on or off
+        )
 
 
 @dataclass(frozen=True)
@@ -74,9 +95,14 @@ class Manifest:
     skipped: list[str] = field(default_factory=list)
     # Maps the previous release had and this one lacks (dropped from the channel with --force).
     dropped: list[str] = field(default_factory=list)
+    # The id of the key that signed it (set when signing; unverified until the signature is).
+    signer: str | None = None
 
     def to_bytes(self) -> bytes:
         data = asdict(self)
+        for entry in data["maps"].values():
+            if entry["custom"] is None:  # additive: a built-in map's entry is as before
+                del entry["custom"]
         return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
 
     def files(self) -> set[str]:
@@ -150,6 +176,14 @@ def parse_latest(data: bytes, where: str) -> Latest:
     )
 
 
+def _signer(value: Any, where: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not re.fullmatch(r"[0-9a-f]{16}", value):
+        raise VerificationError(f"{where}: field 'signer' is not a key id")
+    return value
+
+
 def parse_manifest(data: bytes, where: str) -> Manifest:
     """Parse manifest bytes whose signature has already been verified; check every field."""
     if len(data) > MAX_MANIFEST_BYTES:
@@ -177,6 +211,16 @@ def parse_manifest(data: bytes, where: str) -> Manifest:
             cdb = CdbInfo(
                 cfile, _hexdigest(_req(c, "sha256", str, mw), mw), _req(c, "size", int, mw)
             )
+        custom = None
+        if m.get("custom") is not None:
+            c = _req(m, "custom", dict, mw)
+            separator = _req(c, "separator", str, mw)
+            if separator not in SEPARATORS:
+                raise VerificationError(f"{mw}: separator {separator!r} is not allowed")
+            secret = _req(c, "secret", bool, mw)
+            if file != name:
+                raise VerificationError(f"{mw}: file name {file!r} is not the map's name")
+            custom = CustomInfo(separator, secret)
         maps[name] = MapEntry(
             file=file,
             entries=_req(m, "entries", int, mw),
@@ -185,6 +229,7 @@ def parse_manifest(data: bytes, where: str) -> Manifest:
             content_sha256=_hexdigest(_req(m, "content_sha256", str, mw), mw),
             cdb=cdb,
             forced=bool(m.get("forced", False)),
+            custom=custom,
         )
     files = [m.file for m in maps.values()]
     if len(set(files)) != len(files):
@@ -204,6 +249,7 @@ def parse_manifest(data: bytes, where: str) -> Manifest:
         format=fmt,
         skipped=[str(s) for s in obj.get("skipped", [])],
         dropped=[str(s) for s in obj.get("dropped", [])],
+        signer=_signer(obj.get("signer"), where),
     )
     try:
         manifest.expires_at()

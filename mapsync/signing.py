@@ -10,14 +10,18 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import json
 import os
+import re
 import stat
+from collections.abc import Mapping
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from mapsync.access import denied
 from mapsync.atomic import atomic_write
 from mapsync.errors import ConfigError, MapsyncError, VerificationError
 
@@ -31,8 +35,9 @@ def public_path(private: Path) -> Path:
     )
 
 
-def keygen(private: Path) -> Path:
-    """Create a key pair at ``private`` (0600) and its public half; refuse to overwrite."""
+def keygen(private: Path) -> tuple[Path, str]:
+    """Create a key pair at ``private`` (0600) and its public half; refuse to overwrite.
+    Returns the public key's path and its key id."""
     public = public_path(private)
     for p in (private, public):
         if p.exists():
@@ -47,7 +52,7 @@ def keygen(private: Path) -> Path:
     private.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(private, pem, mode=0o600)
     atomic_write(public, pub, mode=0o644)
-    return public
+    return public, key_id(key.public_key())
 
 
 def load_private(path: Path) -> Ed25519PrivateKey:
@@ -62,8 +67,8 @@ def load_private(path: Path) -> Ed25519PrivateKey:
         ) from None
     except IsADirectoryError:
         raise ConfigError(f"{path}: signing key is a directory, not a PEM file") from None
-    except PermissionError as exc:
-        raise ConfigError(f"{path}: signing key cannot be read: {exc.strerror}") from None
+    except PermissionError:
+        raise ConfigError(denied(path, "reading the signing key")) from None
     try:
         key = serialization.load_pem_private_key(pem, password=None)
     except (ValueError, TypeError) as exc:
@@ -103,10 +108,40 @@ def load_public(path: Path) -> Ed25519PublicKey:
     return key
 
 
+KEY_ID = re.compile(r"[0-9a-f]{16}")
+
+
 def key_id(key: Ed25519PublicKey) -> str:
     """Short, stable name of a public key for logs and status (first 16 hex of its sha256)."""
     raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return hashlib.sha256(raw).hexdigest()[:16]
+
+
+class Keyring(dict[str, Ed25519PublicKey]):
+    """Trusted public keys by key id, remembering the file each came from (for messages)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.files: dict[str, Path] = {}
+
+    def add(self, key: Ed25519PublicKey, path: Path) -> str:
+        kid = key_id(key)
+        self[kid] = key
+        self.files[kid] = path
+        return kid
+
+    def describe(self) -> str:
+        """``id (file), ...`` of every trusted key, or ``none``."""
+        return ", ".join(f"{k} ({self.files[k]})" if k in self.files else k for k in self) or "none"
+
+
+def claimed_signer(data: bytes) -> str | None:
+    """The key id an (unverified) manifest says signed it, if it names a well-formed one."""
+    try:
+        signer = json.loads(data).get("signer")
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        return None
+    return signer if isinstance(signer, str) and KEY_ID.fullmatch(signer) else None
 
 
 def sign(key: Ed25519PrivateKey, data: bytes) -> bytes:
@@ -114,7 +149,7 @@ def sign(key: Ed25519PrivateKey, data: bytes) -> bytes:
     return base64.b64encode(key.sign(data)) + b"\n"
 
 
-def verify(keys: dict[str, Ed25519PublicKey], data: bytes, signature: bytes, where: str) -> str:
+def verify(keys: Mapping[str, Ed25519PublicKey], data: bytes, signature: bytes, where: str) -> str:
     """Return the id of the trusted key that signed ``data``; raise VerificationError otherwise."""
     try:
         raw = base64.b64decode(signature.strip(), validate=True)
@@ -128,6 +163,13 @@ def verify(keys: dict[str, Ed25519PublicKey], data: bytes, signature: bytes, whe
             return kid
         except InvalidSignature:
             continue
+    trusted = keys.describe() if isinstance(keys, Keyring) else ", ".join(keys) or "none"
+    signer = claimed_signer(data)
+    claim = (
+        f"the manifest names signing key {signer} (unverified)"
+        if signer
+        else "the manifest does not name its signing key"
+    )
     raise VerificationError(
-        f"{where}: signature does not verify with any trusted key ({', '.join(keys) or 'none'})"
+        f"{where}: signature does not verify with any trusted key; {claim}; trusted keys: {trusted}"
     )

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 
 class Mailstore(NamedTuple):
@@ -108,6 +108,10 @@ class Snapshot:
     # How the source names a row in problems: (table, id, key) → "alias 'sales@example.com'".
     # None: mapsync's own "table id=N 'key'".
     describe: Callable[[str, int, str], str] | None = None
+    # Maps of the operator's own ([publisher.maps.NAME]): their query's rows as read, by map
+    # name; then, checked by the publisher (mapsync.maps.custom.check_rows), their entries.
+    map_rows: dict[str, list[tuple[Any, ...]]] = field(default_factory=dict)
+    map_entries: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
 
 
 @contextmanager

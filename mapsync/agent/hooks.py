@@ -27,6 +27,9 @@ from mapsync.errors import InstallError
 _log = log.get("agent")
 DIR = "{dir}"  # in a check's arguments: the directory of the built set
 _TAIL = 500  # characters of a failed command's output kept for the log and the error
+# What a failed command that printed nothing said: daemons such as `postfix reload` log their
+# reasons to syslog, not to the terminal.
+SILENT = "no output; it may have logged the reason to syslog (journalctl, /var/log/mail.log)"
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,11 @@ def run_command(argv: list[str], timeout: int) -> Ran:
     return Ran(None, 0, tail)
 
 
+def _exited(ran: Ran) -> bool:
+    """It ran and exited non-zero by itself (not killed by a signal, not timed out)."""
+    return ran.exit is not None and ran.exit > 0
+
+
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
@@ -101,15 +109,16 @@ def reload_failure(ch: AgentChannel) -> str | None:
     if ran.failure is None:
         _log.info("reload hook ran", channel=ch.name, command=command)
         return None
+    said = ran.output or (SILENT if _exited(ran) else "")
     _log.error(
         "reload hook failed",
         reason=ran.failure,
         channel=ch.name,
         command=command,
         timeout=ch.reload_timeout,
-        stderr=ran.output,
+        stderr=said,
     )
-    return f"{ran.failure}: {ran.output}" if ran.output else ran.failure
+    return f"{ran.failure}: {said}" if said else ran.failure
 
 
 def run_check(ch: AgentChannel, directory: Path, serial: int) -> None:
@@ -130,11 +139,13 @@ def run_check(ch: AgentChannel, directory: Path, serial: int) -> None:
         serial=serial,
         command=argv,
         timeout=ch.check_timeout,
-        stderr=ran.output,
+        stderr=ran.output or (SILENT if _exited(ran) else ""),
     )
     said = ""
     if ran.output:
         said = f": {' '.join(ran.output.split())}"
+    elif _exited(ran):
+        said = f" ({SILENT})"
     elif ran.exit is not None:
         said = " (no output)"
     raise InstallError(

@@ -39,7 +39,7 @@ from mapsync.agent.state import (
 from mapsync.config import AgentChannel, AgentConfig, FileMode, unauthenticated_rsync
 from mapsync.errors import InstallError, MapsyncError, TransportError, VerificationError
 from mapsync.formats import cdb, text
-from mapsync.maps import CATALOGUE
+from mapsync.maps import CATALOGUE, SECRET_MAPS, is_secret, separator
 from mapsync.progress import track
 from mapsync.release import (
     LATEST,
@@ -55,7 +55,7 @@ from mapsync.release import (
     parse_manifest,
     utcnow,
 )
-from mapsync.signing import load_public, verify
+from mapsync.signing import Keyring, load_public, verify
 from mapsync.transport import Remote, parse_source
 from mapsync.transport.rsync import block_size
 
@@ -83,6 +83,7 @@ class ChannelPaths:
     def __init__(self, cfg: AgentConfig, ch: AgentChannel) -> None:
         self.root = cfg.state / ch.name
         self.state = self.root / "state.json"
+        self.public = cfg.public_status / f"{ch.name}.json"  # world-readable copy of it
         self.lock = self.root / "lock"
         self.incoming = self.root / "incoming"
         self.basis = (
@@ -91,13 +92,11 @@ class ChannelPaths:
         self.kept = KeptReleases(self.root / KEPT)  # verified releases kept for rollback
 
 
-def trusted_keys(cfg: AgentConfig) -> dict[str, Ed25519PublicKey]:
-    from mapsync.signing import key_id
-
-    keys: dict[str, Ed25519PublicKey] = {}
+def trusted_keys(cfg: AgentConfig) -> Keyring:
+    """The node's trusted public keys, by key id (messages name each key's file)."""
+    keys = Keyring()
     for path in cfg.trusted_keys:
-        key = load_public(path)
-        keys[key_id(key)] = key
+        keys.add(load_public(path), path)
     return keys
 
 
@@ -238,12 +237,13 @@ def save_state(ch: AgentChannel, paths: ChannelPaths, state: ChannelState) -> No
     written over the old file's own blocks, so ``status`` still learns what happened (a kill
     in that instant leaves a damaged file, which the next run rebuilds)."""
     try:
-        state.save(paths.state)
+        state.save(paths.state, paths.public)
         return
     except OSError as exc:
         first = exc
     try:
         state.save_in_place(paths.state)
+        state.publish_copy(paths.public)
     except OSError as exc:
         raise InstallError(
             f"channel {ch.name}: cannot record the outcome in {paths.state}: {first.strerror}"
@@ -498,8 +498,11 @@ def _warn_if_exposed(ch: AgentChannel, manifest: Manifest, source: str) -> None:
     """Password hashes just came from an rsync module anyone may read. Config load warns
     when the node's ``maps`` name such a map; a node that does not list its maps learns it
     only here, from the release itself."""
-    secret = sorted(n for n in manifest.maps if n in SECRET_MAPS)
-    if secret and not set(secret) & set(ch.maps) and unauthenticated_rsync(ch, source):
+    secret = sorted(n for n, m in manifest.maps.items() if is_secret(n, m))
+    # Config load warned of the built-in ones the node lists; a secret map of the publisher's
+    # own is known to be secret only from the release.
+    warned = set(ch.maps) & SECRET_MAPS
+    if secret and not set(secret) <= warned and unauthenticated_rsync(ch, source):
         _log.warning(
             "channel carries password hashes but is pulled without authentication",
             channel=ch.name,
@@ -594,7 +597,7 @@ def install(
             # must not lose them.
             state.reload_pending = state.reload_pending or bool(ch.reload and not same)
             state.pinned = pin if pin is not None else state.pinned
-            state.save(paths.state)
+            state.save(paths.state, paths.public)
         try:
             live.swap(built, manifest.serial)
         finally:
@@ -749,10 +752,16 @@ def read_signed(
         raise VerificationError(
             f"{where}/{MANIFEST}: is for channel {manifest.channel!r}, not {ch.name!r}"
         )
-    for name in sorted(manifest.maps):
-        if name not in CATALOGUE:
+    for name, m in sorted(manifest.maps.items()):
+        # A map of the publisher's own ([publisher.maps.NAME]) says so, with what installing
+        # it takes; any other name must be a map this mapsync knows.
+        if m.custom is None and name not in CATALOGUE:
             raise VerificationError(
                 f"{where}/{MANIFEST}: names map {name!r}, which mapsync does not know"
+            )
+        if m.custom is not None and name in CATALOGUE:
+            raise VerificationError(
+                f"{where}/{MANIFEST}: map {name!r} is a built-in map, not one of the publisher's own"
             )
         if ch.maps and name not in ch.maps:
             raise VerificationError(
@@ -842,8 +851,6 @@ def check_keeps_maps(
         )
 
 
-# The maps that carry password hashes, as the catalogue declares them (Map.secrets).
-SECRET_MAPS = frozenset(name for name, spec in CATALOGUE.items() if spec.secrets)
 SECRET_GROUP = "dovecot"
 _KEEP = -1  # os.chown: leave the owner or group as it is
 
@@ -870,7 +877,7 @@ def ownership(ch: AgentChannel, manifest: Manifest) -> dict[str, Ownership]:
     owners: dict[str, Ownership] = {}
     for name in sorted(manifest.maps):
         conf = ch.files.get(name, FileMode())
-        secret = name in SECRET_MAPS
+        secret = is_secret(name, manifest.maps[name])
         mode = conf.mode if conf.mode is not None else (0o640 if secret else 0o644)
         uid = gid = _KEEP
         if conf.owner is not None:
@@ -994,7 +1001,10 @@ def build_map(
     if m.cdb is not None:
         cdb_path = built / m.cdb.file
         _create(cdb_path, name, own, ch)  # cdbx truncates and fills this inode, mode kept
-        digest, size = cdb.build(cdb_path, track(text.pairs(dst), f"build {m.cdb.file}", m.entries))
+        sep = separator(name, m).encode()
+        digest, size = cdb.build(
+            cdb_path, track(text.pairs(dst, sep), f"build {m.cdb.file}", m.entries)
+        )
         if digest != m.cdb.sha256 or size != m.cdb.size:
             raise VerificationError(
                 f"map {name}: the cdb built here (sha256 {digest[:16]}…, {size} bytes) differs from "

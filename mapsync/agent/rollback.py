@@ -99,7 +99,7 @@ def rollback(cfg: AgentConfig, ch: AgentChannel, serial: int | None = None) -> R
         try:
             install(live, src, manifest, ch, paths, state, pin=manifest.serial)
         except MapsyncError:
-            state.save(paths.state)  # the pin, taken back if the swap did not happen
+            state.save(paths.state, paths.public)  # the pin, taken back if the swap did not happen
             raise
         state.last_install = iso(utcnow())
         _log.warning(
@@ -110,7 +110,7 @@ def rollback(cfg: AgentConfig, ch: AgentChannel, serial: int | None = None) -> R
         )
         failure = reload_failure(ch) if state.reload_pending else None
         state.reload_pending = failure is not None
-        state.save(paths.state)
+        state.save(paths.state, paths.public)
         if failure is not None:
             raise InstallError(
                 f"channel {ch.name}: rolled back to serial {manifest.serial}, but the reload hook "

@@ -41,6 +41,7 @@ from mapsync.release import parse_iso
 _log = log.get("agent")
 
 STATE_MODE = 0o600
+PUBLIC_MODE = 0o644  # the copy for unprivileged `status` ([agent] status_dir)
 DIR_MODE = 0o700
 
 
@@ -141,10 +142,29 @@ class ChannelState:
             )
         return cls(**known)
 
-    def save(self, path: Path) -> None:
-        """Write the state atomically, 0600 (it names sources and errors; docs/security.md)."""
+    def save(self, path: Path, public: Path | None = None) -> None:
+        """Write the state atomically, 0600 (it names sources and errors; docs/security.md),
+        and, with ``public``, a world-readable copy there for unprivileged ``status``."""
         data = (json.dumps(asdict(self), indent=2, sort_keys=True) + "\n").encode()
         atomic_write(path, data, mode=STATE_MODE)
+        if public is not None:
+            self.publish_copy(public, data)
+
+    def publish_copy(self, public: Path, data: bytes | None = None) -> None:
+        """The world-readable copy (0644 in a 0755 directory): the same fields, none of them
+        secret (source URLs carry no password; errors are redacted). Never fails the run."""
+        if data is None:
+            data = (json.dumps(asdict(self), indent=2, sort_keys=True) + "\n").encode()
+        try:
+            public.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+            atomic_write(public, data, mode=PUBLIC_MODE)
+        except OSError as exc:
+            _log.warning(
+                "public status copy not written; `mapsync status` as another user than root "
+                "cannot see this run",
+                path=str(public),
+                error=exc.strerror or str(exc),
+            )
 
     def save_in_place(self, path: Path) -> None:
         """Overwrite ``path`` in place: on a full disk its own blocks still take the outcome

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from mapsync.access import denied
 from mapsync.agent.damage import check_live
 from mapsync.agent.state import ChannelState, StateDamaged
 from mapsync.atomic import atomic_write
@@ -40,6 +41,7 @@ class ChannelStatus:
     damage: list[str] | None = None  # what no longer matches the manifest in the live set
     last_repair: str | None = None  # when a damaged live set (or state file) was last rebuilt
     last_damage: str | None = None  # what was damaged then
+    reason: str | None = None  # the first of the worst problems, for the one-line summary
 
     @property
     def level(self) -> str:
@@ -84,12 +86,28 @@ def channel_status(
 ) -> ChannelStatus:
     now = now or datetime.now(UTC)
     problems: list[tuple[int, str]] = []
+    path = cfg.state / ch.name / "state.json"
     try:
-        state = ChannelState.load(cfg.state / ch.name / "state.json")
+        try:
+            state = ChannelState.load(path)
+        except PermissionError:
+            # An unprivileged monitoring user (nagios, node_exporter's textfile job): the
+            # world-readable copy every run writes holds the same fields.
+            path = cfg.public_status / f"{ch.name}.json"
+            if not path.is_file():
+                raise
+            state = ChannelState.load(path)
     except StateDamaged as exc:
         # The installed set is still checked below; the next pull rebuilds the state.
         state = ChannelState()
         problems.append((EXIT_ERROR, f"state file damaged, the next pull rebuilds it: {exc}"))
+    except PermissionError:
+        return ChannelStatus(
+            ch.name,
+            EXIT_UNKNOWN,
+            f"cannot read state: {denied(cfg.state / ch.name / 'state.json')}, nor its public "
+            f"copy {path} (written by every pull of this version; readable by all)",
+        )
     except OSError as exc:
         return ChannelStatus(ch.name, EXIT_UNKNOWN, f"cannot read state: {exc}")
     try:
@@ -188,6 +206,7 @@ def channel_status(
         )
     if problems:
         st.code = max(code for code, _ in problems)
+        st.reason = next(msg for code, msg in problems if code == st.code)
     parts = []
     if st.serial is not None:
         parts.append(f"serial {st.serial} (released {ago(st.installed_age)})")
@@ -203,6 +222,15 @@ def channel_status(
         parts.append(f"repaired {ago(_age(state.last_repair, now))} ({state.last_damage})")
     st.message = ", ".join(parts) + "".join(f"; {msg}" for _, msg in problems)
     return st
+
+
+def summary(statuses: list[ChannelStatus]) -> str:
+    """The first line's channel list: each channel's level, with the reason when not OK
+    (Nagios shows only the first line in notifications)."""
+    return ", ".join(
+        f"{s.channel} {s.level}" + (f" ({_first_line(s.reason, 120)})" if s.reason else "")
+        for s in statuses
+    )
 
 
 def overall(statuses: list[ChannelStatus]) -> int:
@@ -238,6 +266,7 @@ _METRICS = (
     ),
     ("mapsync_expiry_timestamp_seconds", "Unix time at which the installed release expires."),
     ("mapsync_pinned", "1 while a rollback pins the channel to an older release."),
+    ("mapsync_last_run_failed", "1 while the last run of the channel failed (see status)."),
     ("mapsync_map_entries", "Entries of each installed map."),
     ("mapsync_live_damaged", "1 while the live set no longer matches its manifest."),
     (
@@ -252,7 +281,12 @@ class MetricsNotWritten(MapsyncError):
 
 
 def write_prometheus(path: Path, statuses: list[ChannelStatus]) -> None:
-    """Write the metrics to ``path`` atomically, 0644. Only ever replaces a regular file (or
+    """Write the metrics of ``statuses`` to ``path``; see :func:`write_textfile`."""
+    write_textfile(path, prometheus(statuses))
+
+
+def write_textfile(path: Path, metrics: str) -> None:
+    """Write ``metrics`` to ``path`` atomically, 0644. Only ever replaces a regular file (or
     creates one): a device node, a symlink, a directory or a FIFO there is refused, not
     replaced — the path may be mistyped, or point at something that is not ours."""
     try:
@@ -278,7 +312,7 @@ def write_prometheus(path: Path, statuses: list[ChannelStatus]) -> None:
                 "replaced (name the textfile collector's .prom file)"
             )
     try:
-        atomic_write(path, prometheus(statuses).encode(), mode=0o644)
+        atomic_write(path, metrics.encode(), mode=0o644)
     except OSError as exc:
         raise MetricsNotWritten(f"--prometheus {path}: {exc.strerror or exc}") from None
 
@@ -291,6 +325,7 @@ def prometheus(statuses: list[ChannelStatus]) -> str:
         samples["mapsync_status"].append(f"{{{label}}} {s.code}")
         samples["mapsync_pinned"].append(f"{{{label}}} {1 if s.pinned is not None else 0}")
         samples["mapsync_live_damaged"].append(f"{{{label}}} {1 if s.damage else 0}")
+        samples["mapsync_last_run_failed"].append(f"{{{label}}} {1 if s.last_error else 0}")
         if s.last_repair:
             stamp = int(parse_iso(s.last_repair).timestamp())
             samples["mapsync_last_repair_timestamp_seconds"].append(f"{{{label}}} {stamp}")
@@ -309,8 +344,15 @@ def prometheus(statuses: list[ChannelStatus]) -> str:
             samples["mapsync_expiry_timestamp_seconds"].append(f"{{{label}}} {stamp}")
         for name, n in sorted((s.entries or {}).items()):
             samples["mapsync_map_entries"].append(f'{{{label},map="{name}"}} {n}')
+    return exposition(_METRICS, samples)
+
+
+def exposition(
+    metrics: tuple[tuple[str, str], ...] | list[tuple[str, str]], samples: dict[str, list[str]]
+) -> str:
+    """The text format: HELP and TYPE (gauge) of each metric, then its samples."""
     lines = []
-    for name, help_text in _METRICS:
+    for name, help_text in metrics:
         lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge"]
-        lines += [f"{name}{sample}" for sample in samples[name]]
+        lines += [f"{name}{sample}" for sample in samples.get(name, [])]
     return "\n".join(lines) + "\n"

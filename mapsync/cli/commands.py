@@ -7,7 +7,7 @@ import json
 import sys
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mapsync import config
 from mapsync.errors import (
@@ -19,6 +19,9 @@ from mapsync.errors import (
     UnsafePlan,
 )
 
+if TYPE_CHECKING:
+    from mapsync.publish.history import MapDiff
+
 
 def _config(args: argparse.Namespace) -> config.Config:
     return config.load(config.resolve_path(args.config))
@@ -29,8 +32,9 @@ def cmd_init_db(args: argparse.Namespace) -> int:
     from mapsync.sources.seed import init_db
 
     pub = _config(args).need_publisher()
-    init_db(pub.database)
-    print(f"schema ready in {safe_url(pub.database)}")
+    url = args.database or pub.database  # the owner's URL: the publisher's user only reads
+    init_db(url)
+    print(f"schema ready in {safe_url(url)}")
     return EXIT_OK
 
 
@@ -40,7 +44,7 @@ def cmd_seed(args: argparse.Namespace) -> int:
 
     pub = _config(args).need_publisher()
     made = seed(
-        pub.database,
+        args.database or pub.database,
         SeedCounts(args.accounts, args.domains, args.aliases, args.mailstores),
         seed=args.seed,
         password=args.password,
@@ -268,6 +272,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         channel_status,
         overall,
         perfdata,
+        summary,
         write_prometheus,
     )
 
@@ -295,18 +300,22 @@ def cmd_status(args: argparse.Namespace) -> int:
             )
         )
         return code
-    summary = ", ".join(f"{s.channel} {s.level}" for s in statuses)
-    print(f"MAPSYNC {LEVELS[code]} - {summary} | {perfdata(statuses)}")
+    print(f"MAPSYNC {LEVELS[code]} - {summary(statuses)} | {perfdata(statuses)}")
     for s in statuses:
         print(f"{s.channel}: {s.level} {s.message}")
     return code
 
 
 def _publisher_status(args: argparse.Namespace, pub: config.PublisherConfig) -> int:
-    from mapsync.agent.status import LEVELS
-    from mapsync.publish.runlog import publisher_status
+    from mapsync.agent.status import LEVELS, MetricsNotWritten, write_textfile
+    from mapsync.publish.runlog import publisher_metrics, publisher_status
 
     st = publisher_status(pub)
+    if args.prometheus:
+        try:
+            write_textfile(Path(args.prometheus), publisher_metrics(pub, st))
+        except MetricsNotWritten as exc:
+            print(f"mapsync: {exc}; the metrics were not written", file=sys.stderr)
     if args.json:
         print(json.dumps({"status": LEVELS[st.code], "exit": st.code, **asdict(st)}, indent=2))
     else:
@@ -420,9 +429,26 @@ def cmd_diff(args: argparse.Namespace) -> int:
         if args.keys:
             for sign, keys in (("+", d.added), ("-", d.removed), ("~", d.changed)):
                 for key in keys:
-                    what = d.fields.get(key) if sign == "~" else None
-                    print(f"  {sign} {key}" + (f" ({', '.join(what)} changed)" if what else ""))
+                    print(f"  {sign} {key}{_diff_value(d, key, sign)}")
     return EXIT_OK
+
+
+def _diff_value(d: MapDiff, key: str, sign: str) -> str:
+    """What ``diff --keys`` shows after a key: its value (``+``/``-``), old → new (``~``), or
+    for a passwd-file user the fields that changed (a password hash only as "changed")."""
+    if key in d.fields:
+        shown = d.field_values.get(key, {})
+        parts = [
+            f"{f}: {shown[f][0]!r} → {shown[f][1]!r}" if f in shown else f"{f} changed"
+            for f in d.fields[key]
+        ]
+        return f" ({', '.join(parts)})"
+    if key not in d.values:
+        return ""  # a map that carries secrets: the key alone
+    old, new = d.values[key]
+    if sign == "~":
+        return f" {old} → {new}"
+    return f" {new if sign == '+' else old}"
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
@@ -455,11 +481,65 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _files(paths: list[str]) -> str:
+    """main.cf, its N table files and the Dovecot file, briefly."""
+    tables = [p for p in paths if p.endswith(".cf") and not p.endswith("main.cf")]
+    rest = [p for p in paths if p not in tables]
+    return ", ".join(rest + ([f"{len(tables)} table file(s)"] if tables else []))
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from mapsync.publish.compare import compare
+
+    pub = _config(args).need_publisher()
+    if not args.postfix and not args.table:
+        raise ConfigError("compare needs --postfix MAIN_CF or --table PARAM=TYPE:FILE")
+    result = compare(
+        pub,
+        main_cf=Path(args.postfix) if args.postfix else None,
+        tables=args.table,
+        dovecot=Path(args.dovecot) if args.dovecot else None,
+        database=args.database,
+        channels=args.channel,
+        addresses=args.address,
+    )
+    code = EXIT_WARNING if result.unexpected else EXIT_OK
+    if args.json:
+        out = {
+            "addresses": result.addresses,
+            "domains": result.domains,
+            "users": result.users,
+            "before": result.before,
+            "after": result.after,
+            "unexpected": len(result.unexpected),
+            "expected": len(result.expected),
+            "differences": [asdict(d) for d in result.differences],
+            "exit": code,
+        }
+        print(json.dumps(out, indent=2, ensure_ascii=False))
+        return code
+    after = ", ".join(f"{c} serial {s}" for c, s in result.after.items())
+    print(
+        f"compared {result.addresses} addresses in {result.domains} domains"
+        + (f" and {result.users} Dovecot users" if result.users else "")
+        + f": live lookups ({_files(result.before)}) against the published maps ({after})"
+    )
+    for d in result.differences:
+        mark = "expected " if d.expected else "DIFFERENT"
+        why = f"  [{d.expected}]" if d.expected else ""
+        print(f"{mark} {d.address}  {d.check}: before {d.before} | after {d.after}{why}")
+    print(
+        f"{len(result.unexpected)} difference(s), {len(result.expected)} expected "
+        "(mapsync differs on purpose: docs/postfixadmin.md)"
+    )
+    return code
+
+
 def cmd_keygen(args: argparse.Namespace) -> int:
     from mapsync.signing import keygen
 
-    public = keygen(Path(args.path))
-    print(f"private key {args.path} (mode 0600), public key {public}")
+    public, kid = keygen(Path(args.path))
+    print(f"private key {args.path} (mode 0600), public key {public}, key id {kid}")
     return EXIT_OK
 
 

@@ -12,6 +12,7 @@ import traceback
 from collections.abc import Sequence
 
 from mapsync import __version__, log, signals
+from mapsync.access import denied, is_denied
 from mapsync.errors import EXIT_CODES, EXIT_ERROR, MapsyncError
 
 _EPILOG = (
@@ -51,7 +52,18 @@ def _parser() -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
 
-    add("init-db", "create mapsync's own schema in [publisher].database")
+    s = add(
+        "init-db",
+        "create mapsync's own schema in [publisher].database (or --database)",
+        "Create mapsync's tables and indexes (idempotent). The publisher reads with a\n"
+        "read-only user; create the schema as its owner with --database OWNER_URL and grant\n"
+        "the reader SELECT (docs/database.md has the SQL for PostgreSQL and MariaDB).",
+    )
+    s.add_argument(
+        "--database",
+        metavar="URL",
+        help="connect as this URL (the schema's owner) instead of [publisher].database",
+    )
 
     s = add(
         "seed",
@@ -71,6 +83,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--password", metavar="PW", help="give every account this password (SHA512-CRYPT)"
+    )
+    s.add_argument(
+        "--database",
+        metavar="URL",
+        help="write as this URL (a user who may write) instead of [publisher].database",
     )
 
     s = add(
@@ -159,7 +176,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--prometheus",
         metavar="FILE",
-        help="also write node_exporter textfile-collector metrics to FILE (atomically)",
+        help="also write node_exporter textfile-collector metrics to FILE (atomically); with "
+        "--publisher, the publisher's status and each channel's current serial",
     )
 
     s = add(
@@ -192,7 +210,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--channel", metavar="C", help="the channel (needed when several are configured)"
     )
-    s.add_argument("--keys", action="store_true", help="list the keys, not only the counts")
+    s.add_argument(
+        "--keys",
+        action="store_true",
+        help="list the keys with their old and new values, not only the counts (a password "
+        "hash only as 'password changed')",
+    )
     s.add_argument(
         "--agent", action="store_true", help="the releases kept on this node, not the repository's"
     )
@@ -218,6 +241,49 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument(
         "serial", type=int, nargs="?", metavar="SERIAL", help="the release to go back to"
     )
+
+    s = add(
+        "compare",
+        "before switching over: the live SQL lookups against the published maps, per address",
+        "Ask the operator's current live SQL lookups (Postfix's mysql/pgsql/sqlite tables as\n"
+        "main.cf names them, Dovecot's dovecot-sql.conf.ext) and the latest published release of\n"
+        "each channel the same questions for every address either side names (and, for\n"
+        'schema = "postfixadmin", every row\'s address), plus a probe in every domain: is the\n'
+        "domain ours, is the recipient accepted, where does its mail end up after alias\n"
+        "expansion, who may send as it, and for Dovecot: login, password (compared, never\n"
+        "printed), home, uid, gid, quota. Prints each difference; those mapsync makes on purpose\n"
+        "(docs/postfixadmin.md) are labelled 'expected' with the reason.\n"
+        "Exit 0: no other differences; 1: differences; 2: an error. Read-only on both sides.",
+    )
+    s.add_argument(
+        "--postfix", metavar="MAIN_CF", help="Postfix's main.cf (e.g. /etc/postfix/main.cf)"
+    )
+    s.add_argument(
+        "--table",
+        action="append",
+        default=[],
+        metavar="PARAM=TYPE:FILE",
+        help="a Postfix parameter's table list, instead of main.cf's "
+        "(e.g. virtual_alias_maps=mysql:/etc/postfix/sql/alias.cf; repeatable, in order)",
+    )
+    s.add_argument(
+        "--dovecot", metavar="FILE", help="Dovecot's SQL passdb/userdb (dovecot-sql.conf.ext)"
+    )
+    s.add_argument(
+        "--database",
+        metavar="URL",
+        help="connect every live lookup to this SQLAlchemy URL instead of the files' settings",
+    )
+    s.add_argument(
+        "--channel",
+        action="append",
+        metavar="C",
+        help="compare this channel (repeatable; default all)",
+    )
+    s.add_argument(
+        "--address", action="append", default=[], metavar="A", help="also compare this address"
+    )
+    s.add_argument("--json", action="store_true", help="machine-readable output")
 
     s = add(
         "keygen", "create an ed25519 signing key pair: PATH (0600) and its public half beside it"
@@ -292,6 +358,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # OSError: disk full, a repository path that is not a directory, ...: exit 2 (error)
         # with one line, not a traceback and exit 1, which would read as WARNING to monitoring.
         code = exc.exit_code if isinstance(exc, MapsyncError) else EXIT_ERROR
+        if isinstance(exc, OSError) and is_denied(exc) and exc.filename:
+            exc = MapsyncError(denied(os.fsdecode(exc.filename)))
         if fmt == "json":
             log.get("cli").error(_printable(str(exc)), error=type(exc).__name__, exit=code)
         else:

@@ -5,9 +5,10 @@ value is what a manualroute router's ``route_data`` takes: a host list with ``+`
 so a port can follow the host, then the transport, as Postfix's transport map names one:
 ``<+[10.0.1.11]:24 mapsync_lmtp`` to a mailstore, ``<+mx.customer.tld:25 mapsync_relay`` to a
 relay domain's next hop (transports defined in agents/exim-mx/transports.conf). A moving
-account's value is the literal ``:defer:`` (as ``transport`` gives it ``retry:``): the
-``mapsync_moving`` redirect router, before the manualroute router, defers its mail until it
-lands (``:defer: mailbox is being moved``). No space after
+account's value is the literal ``:defer:`` (``transport`` names ``mapsync-moving:``): the
+``mapsync_moving`` redirect router, before the manualroute router, defers its delivery until
+it lands (``:defer: mailbox is being moved``), and the verify-only ``mapsync_moving_verify``
+router accepts it at RCPT time, so the mail waits in our queue. No space after
 ``<+``: Exim ends the host list at the first space and reads the rest as options (measured with
 Exim 4.96: ``<+ [10.0.1.11]:24`` fails with 'unknown routing option or transport name').
 Exim's cdb lookups are case-sensitive: configurations look keys up with ``${lc:...}``.

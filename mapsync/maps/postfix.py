@@ -8,7 +8,8 @@ What each one means to Postfix (see docs/maps.md):
 - ``virtual``: virtual_alias_maps — aliases, per-address alias-domain rewrites, catch-alls with
   identity lines for the real accounts of that domain;
 - ``transport``: transport_maps — each hosted domain to its default mailstore's LMTP, accounts
-  housed elsewhere to theirs, moving accounts deferred, relay domains to their next hop.
+  housed elsewhere to theirs, moving accounts held in the MX's queue, relay domains to their
+  next hop.
 """
 
 from __future__ import annotations
@@ -21,7 +22,14 @@ from mapsync.maps.base import Map
 from mapsync.maps.directory import Directory, at
 from mapsync.snapshot import Mailstore
 
-MOVING = "retry:4.2.0 mailbox is being moved"
+# A moving account's mail is accepted and held in the MX's own queue until the move ends.
+# Not ``retry:``: smtpd answers 450 at RCPT for an address whose transport is named ``retry``
+# (550 for ``error``), so the mail would wait in the sender's queue on the sender's schedule. The
+# ``mapsync-moving`` service of agents/postfix-mx/master.cf is Postfix's retry daemon under
+# another name: every delivery attempt defers with the next hop as the reason, until the
+# account's route changes; then the next queue run (or ``postqueue -s DOMAIN``) delivers it.
+MOVING_TRANSPORT = "mapsync-moving"
+MOVING = f"{MOVING_TRANSPORT}:4.2.0 mailbox is being moved"
 
 
 def lmtp(store: Mailstore) -> str:
@@ -110,7 +118,8 @@ class TransportMap(Map):
         {"domain", "account", "mailstore", "mailstore.lmtp_host", "mailstore.lmtp_port"}
     )
     description = (
-        "domain or user@domain → lmtp:[mailstore]:24, relay:[nexthop], retry: while moving"
+        "domain or user@domain → lmtp:[mailstore]:24, relay:[nexthop],"
+        " mapsync-moving: (held in the MX queue) while moving"
     )
 
     def entries(self, directory: Directory, channel: PublisherChannel) -> Iterator[tuple[str, str]]:

@@ -13,7 +13,7 @@ from pathlib import Path
 from mapsync import log
 from mapsync.errors import MapsyncError
 from mapsync.formats import text
-from mapsync.maps import CATALOGUE
+from mapsync.maps import is_secret, separator
 from mapsync.publish.plan import merge_diff
 from mapsync.publish.repository import Repository, release_serials
 from mapsync.release import MANIFEST, Manifest, parse_manifest
@@ -100,29 +100,34 @@ PASSWD_FIELDS = ("password", "uid", "gid", "gecos", "home", "shell", "extra fiel
 
 @dataclass
 class MapDiff:
-    """The keys of one map that differ between two releases; never a value.
+    """The keys of one map that differ between two releases, with their values where the map
+    carries no secret.
 
-    ``fields``: for a passwd-file map, which fields of each changed key differ (``password``
-    says a hash changed without showing either hash)."""
+    ``values``: key → (old value, new value) (None on the side where the key is absent) for a
+    map without secrets. ``fields``: for a passwd-file map, which fields of each changed key
+    differ; ``field_values`` the old and new value of each such field that is not the
+    password (a hash is never shown, only that it changed)."""
 
     name: str
     added: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
     changed: list[str] = field(default_factory=list)
     fields: dict[str, list[str]] = field(default_factory=dict)
+    values: dict[str, tuple[str | None, str | None]] = field(default_factory=dict)
+    field_values: dict[str, dict[str, tuple[str, str]]] = field(default_factory=dict)
 
 
-def changed_fields(old: str, new: str) -> list[str]:
-    """The names of the passwd-file fields that differ between two values of one user."""
+def changed_fields(old: str, new: str) -> dict[str, tuple[str, str]]:
+    """The passwd-file fields that differ between two values of one user: name → (old, new)."""
     a, b = old.split(":", 6), new.split(":", 6)
     width = max(len(a), len(b))
     a += [""] * (width - len(a))
     b += [""] * (width - len(b))
-    return [
-        PASSWD_FIELDS[i] if i < len(PASSWD_FIELDS) else f"field {i + 2}"
+    return {
+        PASSWD_FIELDS[i] if i < len(PASSWD_FIELDS) else f"field {i + 2}": (a[i], b[i])
         for i in range(width)
         if a[i] != b[i]
-    ]
+    }
 
 
 def diff_releases(releases: Path, channel: str, a: int, b: int) -> list[MapDiff]:
@@ -143,14 +148,25 @@ def diff_releases(releases: Path, channel: str, a: int, b: int) -> list[MapDiff]
             continue
         # Split lines as the map's daemon does: a passwd-file's user name ends at ':' (split at
         # the first space, a whole line with its hash would be the "key").
-        spec = CATALOGUE.get(name)
-        sep = spec.separator if spec is not None else " "
+        entry = eb or ea
+        assert entry is not None  # the name is in one of the two
+        sep = separator(name, entry)
+        # Which passwd-file field changed: Dovecot's maps; a map of the operator's own with
+        # ':' between key and value has no fields mapsync knows.
+        passwd = sep == ":" and entry.custom is None
+        secret = is_secret(name, entry)
         old = text.keyed(releases / str(a) / ea.file, sep) if ea else iter(())
         new = text.keyed(releases / str(b) / eb.file, sep) if eb else iter(())
         for kind, key, old_value, new_value in merge_diff(old, new):
             getattr(d, kind).append(key)
-            if kind == "changed" and sep == ":":
-                d.fields[key] = changed_fields(old_value or "", new_value or "")
+            if kind == "changed" and passwd:
+                fields = changed_fields(old_value or "", new_value or "")
+                d.fields[key] = list(fields)
+                shown = {f: v for f, v in fields.items() if f != "password"}
+                if shown:
+                    d.field_values[key] = shown
+            elif not secret:
+                d.values[key] = (old_value, new_value)
         out.append(d)
     return out
 

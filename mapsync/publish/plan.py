@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mapsync.config import Guards
-from mapsync.maps import CATALOGUE
+from mapsync.maps import separator
 
 
 @dataclass(frozen=True)
@@ -86,15 +86,18 @@ def _body_lines(path: Path) -> set[bytes]:
         return {line for line in fh.read().split(b"\n") if line and not line.startswith(b"#")}
 
 
-def diff_files(name: str, old: Path | None, new: Path, before: int, after: int) -> MapPlan:
+def diff_files(
+    name: str, old: Path | None, new: Path, before: int, after: int, sep: str | None = None
+) -> MapPlan:
     """Count the differences between two text maps (``old`` None: everything is added).
     Keys are split off at map ``name``'s own separator (``:`` in a passwd-file), so a
     changed password is one changed key, not one removed and one added.
 
     Whole lines are compared as sets (C speed, the publisher has the memory); only the few
     differing lines are split into keys to tell a changed value from an add or remove.
+    ``sep``: the separator of a map of the operator's own (a built-in map's is known).
     """
-    sep = CATALOGUE[name].separator
+    sep = sep or separator(name)
     if old is None:
         return MapPlan(name, 0, after, after, 0, 0)
     old_lines, new_lines = _body_lines(old), _body_lines(new)

@@ -26,8 +26,9 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from mapsync import GENERATOR, log
+from mapsync.access import check_owner
 from mapsync.atomic import atomic_write, fsync_dir
-from mapsync.config import PublisherChannel, PublisherConfig, exception_guards
+from mapsync.config import MapConfig, PublisherChannel, PublisherConfig, exception_guards
 from mapsync.errors import (
     ConfigError,
     InvalidData,
@@ -37,7 +38,8 @@ from mapsync.errors import (
     VerificationError,
 )
 from mapsync.formats import cdb, text
-from mapsync.maps import CATALOGUE, Directory
+from mapsync.maps import CATALOGUE, Directory, Map
+from mapsync.maps.custom import catalogue, check_rows
 from mapsync.progress import track
 from mapsync.publish.plan import ChannelPlan, MapPlan, Violation, check, diff_files
 from mapsync.publish.repository import Repository
@@ -46,6 +48,7 @@ from mapsync.release import (
     MANIFEST,
     SIGNATURE,
     CdbInfo,
+    CustomInfo,
     Latest,
     Manifest,
     MapEntry,
@@ -56,7 +59,7 @@ from mapsync.release import (
     utcnow,
 )
 from mapsync.signing import key_id, load_private, load_public, public_path, sign, verify
-from mapsync.snapshot import Account, Domain, Snapshot, paused_gc
+from mapsync.snapshot import Account, Domain, Fingerprint, Snapshot, paused_gc
 from mapsync.sources import Source
 from mapsync.validate import Problem
 from mapsync.validate import check as validate
@@ -197,20 +200,48 @@ def _write_map(
     return writer.info(), cdb_info
 
 
-def channel_digest(ch: PublisherChannel) -> str:
-    """What, besides the database, decides a channel's content: its definition and generator."""
-    blob = json.dumps(
-        {
-            "maps": ch.maps,
-            "mailstore": ch.mailstore,
-            "uid": ch.uid,
-            "gid": ch.gid,
-            "generator": GENERATOR,
-            # Only when set: a channel without it keeps its digest (no renewal on upgrade).
-            **({"customer_field": ch.customer_field} if ch.customer_field else {}),
-        }
-    )
+def channel_digest(ch: PublisherChannel, own: dict[str, MapConfig] | None = None) -> str:
+    """What, besides the database, decides a channel's content: its definition and generator,
+    and the definitions of the maps of the operator's own it lists (``own``)."""
+    data: dict[str, object] = {
+        "maps": ch.maps,
+        "mailstore": ch.mailstore,
+        "uid": ch.uid,
+        "gid": ch.gid,
+        "generator": GENERATOR,
+    }
+    if ch.customer_field:  # only when set: a channel without it keeps its digest
+        data["customer_field"] = ch.customer_field
+    listed = [own[m] for m in ch.maps if own and m in own]
+    if listed:  # absent otherwise: a channel of built-in maps keeps the digest it had
+        from mapsync.sources.builtin import safe_url  # never a password, even hashed
+
+        # What shapes the map's content; not its fingerprint query nor its description, whose
+        # change leaves the content as it was (and a release whose content is unchanged keeps
+        # the digest it was signed with, so such a change would never go quiet again).
+        data["own_maps"] = [
+            {
+                "name": spec.name,
+                "query": spec.query,
+                "separator": spec.separator,
+                "cdb": spec.cdb,
+                "keys": spec.keys,
+                "secret": spec.secret,
+                "database": safe_url(spec.database) if spec.database else None,
+            }
+            for spec in listed
+        ]
+    blob = json.dumps(data)
     return "sha256:" + hashlib.sha256(blob.encode()).hexdigest()
+
+
+def channel_fingerprint(tables: dict[str, tuple[int, str | None]], ch: PublisherChannel) -> str:
+    """The fingerprint digest of what ``ch`` is made of: the source's tables, and of the
+    maps of the operator's own (``map:NAME``) only those ``ch`` lists, so publishing another
+    channel alone does not make this one look changed."""
+    return Fingerprint(
+        {k: v for k, v in tables.items() if not k.startswith("map:") or k[4:] in ch.maps}
+    ).digest()
 
 
 def drop_invalid(snap: Snapshot, problems: list[Problem]) -> Snapshot:
@@ -258,9 +289,10 @@ def _row(p: Problem) -> dict[str, object]:
     return fields
 
 
-def reads(ch: PublisherChannel) -> frozenset[str]:
-    """What the maps of ``ch`` read (see :attr:`mapsync.maps.base.Map.reads`)."""
-    return frozenset().union(*(CATALOGUE[m].reads for m in ch.maps))
+def reads(ch: PublisherChannel, maps: dict[str, Map] = CATALOGUE) -> frozenset[str]:
+    """What the maps of ``ch`` read (see :attr:`mapsync.maps.base.Map.reads`), of those in
+    ``maps``: by default the built-in ones; with the operator's own, their rows as well."""
+    return frozenset().union(*(maps[m].reads for m in ch.maps if m in maps))
 
 
 def affects(problem: Problem, read: frozenset[str]) -> bool:
@@ -275,8 +307,9 @@ class Scope:
     the invalid rows that are its own from another mailstore's (built on first use: only a
     run that skips rows needs it)."""
 
-    def __init__(self, snap: Snapshot) -> None:
+    def __init__(self, snap: Snapshot, maps: dict[str, Map] = CATALOGUE) -> None:
         self._snap = snap
+        self._maps = maps
 
     @cached_property
     def _names(self) -> dict[int, str]:
@@ -328,7 +361,7 @@ class Scope:
         is wrong (:func:`affects`) and, for a map holding only the channel's mailstore, the
         row is housed there."""
         for name in ch.maps:
-            spec = CATALOGUE[name]
+            spec = self._maps[name]
             if not affects(problem, spec.reads):
                 continue
             if ch.mailstore is None or not spec.per_mailstore:
@@ -378,6 +411,8 @@ class Publisher:
         self._customers = False
         self.repo = Repository(cfg.repository)
         self._source = source
+        self.maps = catalogue(cfg.maps)  # the built-in maps and the operator's own
+        self._own_problems: list[Problem] = []  # rows refused in the operator's own maps
 
     def run(
         self,
@@ -388,6 +423,8 @@ class Publisher:
         skip_invalid: bool = False,
     ) -> PublishResult:
         selected = self._select(channels)
+        if not dry_run:
+            check_owner(self.cfg.repository, "the repository")
         key = None if dry_run else load_private(self.cfg.signing_key)
         self._public = key.public_key() if key else self._public_half()
         with self.repo.lock(self.cfg.lock_wait):
@@ -410,14 +447,42 @@ class Publisher:
         skip_invalid: bool,
     ) -> PublishResult:
         source = self._source()
+        others: list[Source] = []
         try:
             source.bound(self.cfg.lock_wait, self.cfg.statement_timeout)
+            others = self._own_map_sources(source, selected)
             # The repository lock covers publishers sharing a disk; the source's lock (a
             # database session lock) covers a standby publisher host on its own disk.
             with source.lock(self.cfg.lock_wait):
-                return self._locked_run(source, selected, key, dry_run, force, skip_invalid)
+                return self._locked_run(source, selected, key, dry_run, force, skip_invalid, others)
         finally:
+            for other in others:
+                other.close()
             source.close()
+
+    def _own_map_sources(self, source: Source, selected: list[PublisherChannel]) -> list[Source]:
+        """Give ``source`` the maps of the operator's own that ``selected`` list and that live
+        in its database; a source of each second ``database`` for the others. A map no
+        selected channel lists is never read (a secret one least of all)."""
+        from mapsync.sources.maps import MapDatabase
+
+        listed = dict.fromkeys(m for ch in selected for m in ch.maps)
+        wanted = [self.cfg.maps[m] for m in listed if m in self.cfg.maps]
+        source.maps = tuple(spec for spec in wanted if spec.database is None)
+        by_url: dict[str, list[MapConfig]] = {}
+        for spec in wanted:
+            if spec.database is not None:
+                by_url.setdefault(spec.database, []).append(spec)
+        others: list[Source] = []
+        try:
+            for url, specs in by_url.items():
+                others.append(MapDatabase(url, tuple(specs)))
+                others[-1].bound(self.cfg.lock_wait, self.cfg.statement_timeout)
+        except BaseException:
+            for made in others:
+                made.close()
+            raise
+        return others
 
     def _locked_run(
         self,
@@ -427,23 +492,31 @@ class Publisher:
         dry_run: bool,
         force: bool,
         skip_invalid: bool,
+        others: list[Source],
     ) -> PublishResult:
         if not force and not skip_invalid:
             # Cheap path: counts and newest updated_at equal to what the last full check
-            # recorded, same channel definition, not due for renewal → nothing to do.
-            fingerprint = source.fingerprint().digest()
-            quiet = [self._quiet(ch, fingerprint) for ch in selected]
+            # recorded, same channel definition, not due for renewal → nothing to do. The
+            # operator's own maps: their fingerprint queries, or their rows hashed.
+            tables = dict(source.fingerprint().tables)
+            for reader in (source, *others):
+                tables.update(reader.maps_fingerprint())
+            quiet = [self._quiet(ch, channel_fingerprint(tables, ch)) for ch in selected]
             if all(plan is not None for plan in quiet):
-                _log.debug("database unchanged since the last releases", fingerprint=fingerprint)
+                _log.debug(
+                    "database unchanged since the last releases",
+                    fingerprint=Fingerprint(tables).digest(),
+                )
                 return PublishResult([p for p in quiet if p is not None], [], dry_run)
         _log.info("reading snapshot", database=source.safe_url)
         # Least privilege starts here: password hashes are not even read unless a channel
         # being published carries a map that needs them.
-        secrets = any(CATALOGUE[m].secrets for ch in selected for m in ch.maps)
+        secrets = any(m in CATALOGUE and CATALOGUE[m].secrets for ch in selected for m in ch.maps)
         self._proxy = any("dovecot_proxy" in ch.maps for ch in selected)
         self._customers = any(ch.customer_field for ch in selected)
         source.customers = self._customers
         snap = source.snapshot(secrets=secrets)
+        self._own_maps(snap, source, others)
         stores = {m.name for m in snap.mailstores}
         for ch in selected:
             if ch.mailstore is not None and ch.mailstore not in stores:
@@ -486,13 +559,37 @@ class Publisher:
                     self._commit(s, key)
                     committed.append(s.plan.channel)
                     serial = s.manifest.serial if s.manifest else s.plan.previous
-                    self.repo.record_check(s.plan.channel, snap.fingerprint.digest(), serial)
+                    ch = self.cfg.channels[s.plan.channel]
+                    self.repo.record_check(
+                        s.plan.channel, channel_fingerprint(snap.fingerprint.tables, ch), serial
+                    )
         finally:
             # Every selected channel, not only the staged ones: a signal (SystemExit) while a
             # channel was being rendered leaves its staging directory before it is in `staged`.
             for ch in selected:
                 shutil.rmtree(self.repo.channel(ch.name) / ".staging", ignore_errors=True)
         return PublishResult([s.plan for s in staged], skipped, dry_run, violations)
+
+    def _own_maps(self, snap: Snapshot, source: Source, others: list[Source]) -> None:
+        """The operator's own maps of ``snap``: rows from the second databases added (each
+        read in its own read-only transaction), every row checked into ``snap.map_entries``;
+        the refused rows kept for :meth:`_views`."""
+        tables = dict(snap.fingerprint.tables)
+        for other in others:
+            _log.info("reading maps of your own", database=other.safe_url)
+            extra = other.snapshot()
+            snap.map_rows.update(extra.map_rows)
+            tables.update(extra.fingerprint.tables)
+        snap.fingerprint = Fingerprint(tables)
+        self._own_problems = []
+        for name, rows in snap.map_rows.items():
+            entries, problems = check_rows(self.cfg.maps[name], rows)
+            snap.map_entries[name] = entries
+            self._own_problems += problems
+        wanted = {spec.name for reader in (source, *others) for spec in reader.maps}
+        missing = sorted(wanted - set(snap.map_rows))
+        if missing:  # a source that does not read [publisher.maps] (Source.maps_fingerprint)
+            raise SourceError(f"map(s) {', '.join(missing)} were not read")
 
     def _public_half(self) -> Ed25519PublicKey | None:
         """For a dry run, which needs no private key: the public half beside it, if readable."""
@@ -530,7 +627,7 @@ class Publisher:
             or last.skipped  # rows were left out: validate them again, they must not go quiet
             or checked.get("fingerprint") != fingerprint
             or checked.get("serial") != last.serial
-            or last.source.get("channel") != channel_digest(ch)
+            or last.source.get("channel") != channel_digest(ch, self.cfg.maps)
             # A write whose updated_at is not newer than the table's newest (clock skew, a
             # late commit, a bulk import) is invisible to the fingerprint: trust it only so long.
             or now >= parse_iso(str(checked.get("at"))) + timedelta(seconds=self.cfg.full_check)
@@ -565,17 +662,32 @@ class Publisher:
         that are its own: a mailstore's channel not another mailstore's accounts.
         """
         problems = validate(snap, self._proxy, self._customers)
-        if problems and not skip_invalid:
-            raise InvalidData([str(p) for p in problems])
+        own = self._own_problems  # already left out of their maps' entries
+        if (problems or own) and not skip_invalid:
+            raise InvalidData([str(p) for p in problems + own])
         if not problems:
             shared = Directory(snap)
-            return {ch.name: _View(shared, []) for ch in selected}
+            views = {ch.name: _View(shared, []) for ch in selected}
+        else:
+            views = self._skipping(snap, selected, problems)
+        for p in own:  # in every channel that lists its map, and only there
+            channels = [ch.name for ch in selected if affects(p, reads(ch, self.maps))]
+            for name in channels:
+                views[name].skipped.append(p)
+            _log.warning("skipping invalid row", **_row(p), channels=",".join(channels))
+        return views
+
+    def _skipping(
+        self, snap: Snapshot, selected: list[PublisherChannel], problems: list[Problem]
+    ) -> dict[str, _View]:
+        """:meth:`_views` when rows of the snapshot are skipped."""
         kinds: dict[tuple[frozenset[str], bool], tuple[Directory, list[Problem]]] = {}
+        # The built-in maps' reads: the operator's own maps' rows are not in the snapshot's tables.
         for ch in selected:
             kind = (reads(ch), "dovecot_proxy" in ch.maps)
             if kind not in kinds:
                 kinds[kind] = self._view(snap, problems, *kind)
-        scope = Scope(snap)
+        scope = Scope(snap, self.maps)
         views = {}
         for ch in selected:
             directory, dropped = kinds[(reads(ch), "dovecot_proxy" in ch.maps)]
@@ -669,8 +781,8 @@ class Publisher:
             source={
                 "url": source.safe_url,
                 "schema": source.schema,
-                "fingerprint": snap.fingerprint.digest(),
-                "channel": channel_digest(ch),
+                "fingerprint": channel_fingerprint(snap.fingerprint.tables, ch),
+                "channel": channel_digest(ch, self.cfg.maps),
             },
             maps=entries,
             skipped=skipped_note(view.skipped),
@@ -687,7 +799,7 @@ class Publisher:
         last: Manifest | None,
         last_dir: Path | None,
     ) -> tuple[MapEntry, MapPlan]:
-        spec = CATALOGUE[name]
+        spec = self.maps[name]
         path = staging / name
         with paused_gc():  # millions of short-lived tuples: see paused_gc
             info, cdb_info = _write_map(
@@ -697,7 +809,11 @@ class Publisher:
                 spec.separator,
                 f"cdb {ch.name}/{name}" if spec.cdb else None,
             )
-        entry = MapEntry(name, info.entries, info.sha256, info.size, info.content_sha256, cdb_info)
+        own = self.cfg.maps.get(name)
+        custom = CustomInfo(own.separator, own.secret) if own is not None else None
+        entry = MapEntry(
+            name, info.entries, info.sha256, info.size, info.content_sha256, cdb_info, custom=custom
+        )
         old = last.maps.get(name) if last else None
         old_path = last_dir / old.file if last_dir and old else None
         if old is not None and entry.same_content(old) and old_path is not None:
@@ -708,7 +824,9 @@ class Publisher:
         if old is not None and entry.same_content(old):
             map_plan = MapPlan(name, old.entries, entry.entries, 0, 0, 0)
         else:
-            map_plan = diff_files(name, old_path, path, old.entries if old else 0, entry.entries)
+            map_plan = diff_files(
+                name, old_path, path, old.entries if old else 0, entry.entries, spec.separator
+            )
         _log.debug("rendered map", channel=ch.name, map=name, entries=entry.entries)
         return entry, map_plan
 
@@ -751,9 +869,10 @@ class Publisher:
         self._commit(_Staged(plan, staging, manifest), key)
 
     def _commit(self, staged: _Staged, key: Ed25519PrivateKey) -> None:
-        manifest = staged.manifest
-        if manifest is None:
+        if staged.manifest is None:
             return
+        # The manifest names its signing key, so a node that does not trust it can say which.
+        manifest = replace(staged.manifest, signer=key_id(key.public_key()))
         data = manifest.to_bytes()
         # Agents refuse a manifest over MAX_MANIFEST_BYTES: never sign one.
         check_manifest_size(data, f"channel {manifest.channel}")

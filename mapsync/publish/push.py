@@ -9,7 +9,7 @@ failure, doubling up to 15 min), so one dead node does not cost every run of ``p
 --interval`` its ``push_timeout``: until then a run skips it at no cost, reports it as failed
 (exit 2, "not tried", with the last error and when it is tried again) and leaves its record
 alone. A successful delivery clears the count. What each destination last received is
-recorded in ``REPO/<channel>/.pushed.json`` (written atomically; agents never fetch it)::
+recorded in ``REPO/.private/<channel>/pushed.json`` (written atomically; agents never fetch it)::
 
     {"destinations": {"rsync://mx1.example.net/inbox/mx": {
         "serial": 41, "delivered": "2026-05-01T10:00:00Z", "bytes": 2113,
@@ -18,7 +18,7 @@ recorded in ``REPO/<channel>/.pushed.json`` (written atomically; agents never fe
 
 The inbox keeps the delivered release and the one before it (an agent may be fetching that
 one at the moment of the push); the push removes older ones, so agents need not prune.
-Deleting ``.pushed.json`` (or one destination's entry) makes the next run push again, at once.
+Deleting ``pushed.json`` (or one destination's entry) makes the next run push again, at once.
 
 The destinations of a channel are pushed in parallel, so a slow one delays none of the others;
 SIGTERM/SIGHUP (or ^C) starts no further delivery and ends the rsyncs that are running.
@@ -46,8 +46,8 @@ from mapsync.transport.rsync import Transfers
 
 _log = log.get("publisher")
 
-PUSHED = ".pushed.json"
-PUSH_LOCK = ".push.lock"
+PUSHED = "pushed.json"  # REPO/.private/<channel>/ (mapsync.publish.repository)
+PUSH_LOCK = "push.lock"
 MAX_PARALLEL = 16  # destinations of one channel pushed at once (each an rsync process)
 # A failed destination is tried again BACKOFF seconds after its first failure in a row, twice
 # that after the second, ..., at most BACKOFF_MAX after the last one.
@@ -92,9 +92,10 @@ class PushFailed(TransportError):
 
 
 def read_record(repo: Repository, channel: str) -> dict[str, dict[str, Any]]:
-    """``REPO/<channel>/.pushed.json``: destination → what it last received (empty if none)."""
+    """``REPO/.private/<channel>/pushed.json``: destination → what it last received (empty if
+    none)."""
     try:
-        data = json.loads((repo.channel(channel) / PUSHED).read_bytes())
+        data = json.loads(repo.private(channel, PUSHED).read_bytes())
     except (FileNotFoundError, ValueError):
         return {}
     dests = data.get("destinations") if isinstance(data, dict) else None
@@ -181,7 +182,8 @@ def _push_channel(cfg: PublisherConfig, repo: Repository, ch: PublisherChannel) 
         return []  # nothing published yet
     # One push per channel at a time, so two runs never write an inbox's LATEST out of order
     # (each reads LATEST only once it holds the lock, and LATEST only moves forward).
-    lock = repo.channel(ch.name) / PUSH_LOCK
+    lock = repo.private(ch.name, PUSH_LOCK)
+    lock.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     with waiting_lock(
         lock, cfg.lock_wait, f"{lock}: another mapsync publish is pushing this channel"
     ):
@@ -287,5 +289,5 @@ def _write_record(
             count = failures(entry) + 1
             entry.update(error=p.error, failed_serial=p.serial, failed_at=now, failures=count)
     data = json.dumps({"destinations": new}, indent=2, sort_keys=True) + "\n"
-    atomic_write(repo.channel(ch.name) / PUSHED, data.encode())
+    atomic_write(repo.private(ch.name, PUSHED), data.encode())
     return new

@@ -5,8 +5,16 @@
     REPO/<channel>/LATEST                       {"serial": N, "manifest_sha256": "..."}
     REPO/<channel>/releases/<serial>/           MANIFEST.json, MANIFEST.json.sig, text maps
     REPO/<channel>/.staging/                    a release being written; never served
-    REPO/<channel>/.checked                     the publisher's last full check (not served)
+    REPO/.private/<channel>/checked.json        the publisher's last full check
+    REPO/.private/<channel>/pushed.json         what each push destination last received
+    REPO/.private/<channel>/push.lock           one push of the channel at a time
     REPO/.lock                                  one publisher at a time
+
+A channel directory is what a node's credential reaches (an rsync module, or ``rrsync -ro``
+confined to it): the publisher's own notes live outside it, under ``REPO/.private/``, so no
+node can list or fetch them however the channel is served (``pushed.json`` names every
+node's push destination). Notes an earlier mapsync kept in the channel directory
+(``.checked``, ``.pushed.json``, ``.push.lock``) are moved there on first use.
 """
 
 from __future__ import annotations
@@ -20,7 +28,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from mapsync import log
-from mapsync.atomic import atomic_write
+from mapsync.access import denied, is_denied
+from mapsync.atomic import atomic_write, fsync_dir
 from mapsync.errors import MapsyncError
 from mapsync.locks import waiting_lock
 from mapsync.release import (
@@ -36,7 +45,10 @@ from mapsync.release import (
     utcnow,
 )
 
-CHECKED = ".checked"
+PRIVATE = ".private"
+CHECKED = "checked.json"
+# Where an earlier mapsync kept each note: in the channel directory, that nodes can reach.
+LEGACY = {CHECKED: ".checked", "pushed.json": ".pushed.json", "push.lock": ".push.lock"}
 _log = log.get("publisher")
 # A release directory's name: the serial in ASCII digits, as str(serial) writes it. Not
 # str.isdigit, which takes '٣' and '²' (int() refuses the second, and the first is not the
@@ -85,6 +97,33 @@ class Repository:
 
     def releases(self, channel: str) -> Path:
         return self.channel(channel) / "releases"
+
+    def private(self, channel: str, name: str) -> Path:
+        """The publisher's note ``name`` of ``channel``, outside what nodes can reach. Notes an
+        earlier mapsync kept in the channel directory are moved there first (all of them)."""
+        directory = self.root / PRIVATE / channel
+        for note, legacy_name in LEGACY.items():
+            legacy = self.channel(channel) / legacy_name
+            if os.path.lexists(legacy):
+                self._move_note(legacy, directory / note)
+        return directory / name
+
+    @staticmethod
+    def _move_note(legacy: Path, path: Path) -> None:
+        try:
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if path.name.endswith(".lock") or os.path.lexists(path):
+                os.unlink(legacy)  # a lock file holds nothing; a newer note wins
+            else:
+                os.replace(legacy, path)
+                fsync_dir(path.parent)
+            _log.info("publisher note moved out of the served channel directory", path=str(legacy))
+        except OSError as exc:
+            _log.warning(
+                "publisher note left in the served channel directory (remove it by hand)",
+                path=str(legacy),
+                error=exc.strerror,
+            )
 
     def release(self, channel: str, serial: int) -> Path:
         return self.releases(channel) / str(serial)
@@ -165,7 +204,7 @@ class Repository:
         A damaged note (not JSON, wrong fields, a time that does not parse, a directory) is
         "no full check recorded": the next run reads the whole database again, with a warning.
         """
-        path = self.channel(channel) / CHECKED
+        path = self.private(channel, CHECKED)
         try:
             data = json.loads(path.read_bytes())
             if (
@@ -191,7 +230,8 @@ class Repository:
         """Remember that the database with ``fingerprint`` renders as release ``serial``."""
         if serial is None:
             return
-        path = self.channel(channel) / CHECKED
+        path = self.private(channel, CHECKED)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         note = {"fingerprint": fingerprint, "serial": serial, "at": iso(utcnow())}
         try:
             atomic_write(path, (json.dumps(note, sort_keys=True) + "\n").encode())
@@ -224,6 +264,19 @@ class Repository:
         for serial in serials[:-keep] if keep < len(serials) else []:
             if latest and serial >= latest.serial:
                 continue
-            shutil.rmtree(self.release(channel, serial))
+            try:
+                shutil.rmtree(self.release(channel, serial))
+            except OSError as exc:
+                # LATEST has moved: the release is published; an old one left behind costs
+                # only disk, so this is a warning for the operator, never a failed publish.
+                _log.warning(
+                    "old release not removed",
+                    channel=channel,
+                    serial=serial,
+                    problem=denied(Path(exc.filename or self.release(channel, serial)))
+                    if is_denied(exc)
+                    else f"{exc.filename}: {exc.strerror}",
+                )
+                continue
             removed.append(serial)
         return removed

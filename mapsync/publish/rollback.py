@@ -19,9 +19,11 @@ from dataclasses import replace
 from datetime import timedelta
 
 from mapsync import GENERATOR, log
+from mapsync.access import check_owner
 from mapsync.config import PublisherConfig
 from mapsync.errors import ConfigError, MapsyncError, VerificationError
 from mapsync.formats import text
+from mapsync.maps import separator
 from mapsync.publish.plan import ChannelPlan, MapPlan, diff_files
 from mapsync.publish.publisher import Publisher
 from mapsync.release import MANIFEST, SIGNATURE, Manifest, iso, parse_manifest, utcnow
@@ -43,6 +45,7 @@ def republish(cfg: PublisherConfig, channel: str, serial: int) -> ChannelPlan:
     public = key.public_key()
     publisher = Publisher(cfg, _no_source)
     repo = publisher.repo
+    check_owner(cfg.repository, "the repository")
     with repo.lock(cfg.lock_wait):
         kept = repo.serials(channel)
         last, _ = repo.current(channel)  # a damaged LATEST: the newest kept release; rewritten
@@ -104,6 +107,7 @@ def republish(cfg: PublisherConfig, channel: str, serial: int) -> ChannelPlan:
                         staging / m.file,
                         before.entries if before else 0,
                         m.entries,
+                        separator(name, m),
                     )
                 )
             for name in sorted(set(last.maps) - set(old.maps)):

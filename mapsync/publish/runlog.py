@@ -15,7 +15,7 @@ from pathlib import Path
 from mapsync import log
 from mapsync.atomic import atomic_write
 from mapsync.config import PublisherConfig
-from mapsync.errors import EXIT_ERROR, EXIT_OK, EXIT_UNKNOWN, EXIT_WARNING
+from mapsync.errors import EXIT_ERROR, EXIT_OK, EXIT_UNKNOWN, EXIT_WARNING, MapsyncError
 from mapsync.release import iso, parse_iso, utcnow
 
 RUNLOG = ".publisher.json"
@@ -49,6 +49,43 @@ def record_run(repository: Path, error: str | None) -> None:
         atomic_write(repository / RUNLOG, (json.dumps(note, sort_keys=True) + "\n").encode())
     except OSError as exc:
         _log.warning("could not record the publish run", path=str(repository / RUNLOG), error=exc)
+
+
+_METRICS = (
+    ("mapsync_publisher_status", "Publisher status: 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN."),
+    ("mapsync_publisher_last_run_timestamp_seconds", "Unix time of the last publish run."),
+    (
+        "mapsync_publisher_last_success_timestamp_seconds",
+        "Unix time of the last successful publish run.",
+    ),
+    ("mapsync_publisher_serial", "Serial of the release LATEST names, per channel."),
+)
+
+
+def publisher_metrics(cfg: PublisherConfig, st: PublisherStatus) -> str:
+    """node_exporter textfile metrics of the publisher: its status and each channel's
+    current serial (nodes behind it: ``mapsync_publisher_serial - mapsync_release_serial``)."""
+    from mapsync.agent.status import exposition
+    from mapsync.publish.repository import Repository
+
+    samples: dict[str, list[str]] = {name: [] for name, _ in _METRICS}
+    samples["mapsync_publisher_status"].append(f" {st.code}")
+    for key, name in (
+        ("last_run", "mapsync_publisher_last_run_timestamp_seconds"),
+        ("last_success", "mapsync_publisher_last_success_timestamp_seconds"),
+    ):
+        stamp = getattr(st, key)
+        if stamp:
+            samples[name].append(f" {int(parse_iso(stamp).timestamp())}")
+    repo = Repository(cfg.repository)
+    for channel in sorted(cfg.channels):
+        try:
+            latest = repo.latest(channel)
+        except MapsyncError:
+            continue  # a damaged LATEST: the next publish repairs it; no serial to show
+        if latest is not None:
+            samples["mapsync_publisher_serial"].append(f'{{channel="{channel}"}} {latest.serial}')
+    return exposition(_METRICS, samples)
 
 
 @dataclass

@@ -9,7 +9,10 @@ A source must provide:
 - ``safe_url``: the database URL without its password, recorded in manifests.
 
 Optional: ``lock()``/``check_lock()``, a database-side publisher lock and whether it is still
-held; ``bound()`` sets how long any database wait may last.
+held; ``bound()`` sets how long any database wait may last. ``maps``: the maps of the
+operator's own (``[publisher.maps.NAME]``) on this database that the publisher wants; a source
+that can read them puts their rows into ``Snapshot.map_rows`` from the snapshot's own
+transaction and answers ``maps_fingerprint()`` (see :mod:`mapsync.sources.maps`).
 
 Config example::
 
@@ -24,6 +27,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from mapsync.config import MapConfig
+from mapsync.errors import SourceError
 from mapsync.snapshot import Fingerprint, Snapshot
 
 
@@ -35,6 +40,8 @@ class Source(ABC):
     # Bounds on waiting for the database (seconds): set by the publisher with bound().
     lock_wait: float = 30.0
     statement_timeout: float = 600.0
+    # Maps of the operator's own to read with the snapshot (set by the publisher).
+    maps: tuple[MapConfig, ...] = ()
     # Set by the publisher when a channel carries customer ids (customer_field): read each
     # account's own customer with the secrets (Account.customer_id); else they stay unread.
     customers: bool = False
@@ -51,6 +58,12 @@ class Source(ABC):
     @abstractmethod
     def snapshot(self, secrets: bool = False) -> Snapshot:
         """Every row the maps need; password hashes and quotas only with ``secrets``."""
+
+    def maps_fingerprint(self) -> dict[str, tuple[int, str | None]]:
+        """Per map of ``maps``, ``"map:NAME"`` → what tells a change (row count and hash)."""
+        if self.maps:
+            raise SourceError(f"schema {self.schema!r} cannot read [publisher.maps]")
+        return {}
 
     @contextmanager
     def lock(self, wait: float = 30.0) -> Iterator[None]:

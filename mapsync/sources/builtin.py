@@ -93,6 +93,23 @@ HIDDEN = "***"
 _NO_TABLE = re.compile(r"no such table|relation \S+ does not exist|Table \S+ doesn't exist")
 
 
+# The database refused an action to this user: PostgreSQL's insufficient_privilege; MariaDB's
+# and MySQL's database, table, column and command access denied; SQLite's read-only file.
+_PG_NO_PRIVILEGE = "42501"
+_MYSQL_NO_PRIVILEGE = (1044, 1142, 1143, 1227)
+
+
+def no_privilege(orig: object) -> bool:
+    """Whether ``orig`` (a driver error) says the database user lacks a privilege, not that
+    the server is down or the SQL is wrong."""
+    if getattr(orig, "sqlstate", None) == _PG_NO_PRIVILEGE:
+        return True
+    args = getattr(orig, "args", ())
+    if args and isinstance(args[0], int):
+        return args[0] in _MYSQL_NO_PRIVILEGE
+    return type(orig).__module__.startswith("sqlite3") and "readonly database" in str(orig)
+
+
 def _mask_keywords(text: str) -> str:
     return _KEYWORD_SECRET.sub(lambda m: m.group(1) + m.group(2) + HIDDEN, text)
 
@@ -293,12 +310,25 @@ class BuiltinSource(Source):
         elif name == "sqlite":
             cparams.setdefault("timeout", float(self.lock_wait))
 
-    def _fail(self, what: str, exc: SQLAlchemyError) -> SourceError:
+    def _fail(self, what: str, exc: SQLAlchemyError, hint: bool = True) -> SourceError:
+        """``what`` failed, said with the database's words, its passwords redacted; ``hint``:
+        name `init-db` when a table is missing (not for the operator's own queries)."""
         orig = getattr(exc, "orig", None)
         detail = str(orig) if orig is not None else str(exc)
         detail = detail.strip().splitlines()[0] if detail.strip() else type(exc).__name__
-        if _NO_TABLE.search(detail):
+        if hint and _NO_TABLE.search(detail):
             detail += " (is this mapsync's database? `mapsync init-db` creates the schema)"
+        elif no_privilege(orig) and self.engine.dialect.name == "sqlite":
+            detail += (
+                " (a reader of a SQLite database in WAL mode creates its -wal and -shm files "
+                "beside it: the publisher's user needs write access to that directory, "
+                "docs/database.md)"
+            )
+        elif no_privilege(orig):
+            detail += (
+                " (the publisher's database user needs SELECT on every table it reads, and "
+                "nothing more: docs/database.md has the GRANTs)"
+            )
         hit = _bound_hit(orig)
         if hit == "lock":
             detail = (
@@ -338,7 +368,29 @@ class BuiltinSource(Source):
                 with conn.begin():
                     _bound(conn, self.lock_wait, self.statement_timeout)
                     _begin(conn)
-                    return self._read(conn)
+                    snap = self._read(conn)
+                    if self.maps:  # the operator's own maps: the same instant
+                        from mapsync.sources import maps
+
+                        maps.read_all(conn, self, snap)
+                    return snap
+        except SQLAlchemyError as exc:
+            raise self._fail(what, exc) from None
+
+    def maps_fingerprint(self) -> dict[str, tuple[int, str | None]]:
+        """What tells a change in each map of ``maps``, read in one read-only transaction."""
+        if not self.maps:
+            return {}
+        from mapsync.sources import maps
+
+        what = "reading the change fingerprint of [publisher.maps]"
+        try:
+            with _slow(what, self.safe_url, self.statement_timeout), self.engine.connect() as raw:
+                conn = _read_only(raw)
+                with conn.begin():
+                    _bound(conn, self.lock_wait, self.statement_timeout)
+                    _begin(conn)
+                    return maps.fingerprints(conn, self)
         except SQLAlchemyError as exc:
             raise self._fail(what, exc) from None
 

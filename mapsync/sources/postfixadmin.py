@@ -165,7 +165,8 @@ class PostfixAdminSource(BuiltinSource):
         except SQLAlchemyError:
             raise SourceError(
                 f"database {self.safe_url}: PostfixAdmin table {real!r} not found or not "
-                f"readable (check [publisher.postfixadmin] prefix and {name}_table)"
+                f"readable (check [publisher.postfixadmin] prefix and {name}_table, and "
+                "that the database user may SELECT from it: docs/database.md)"
             ) from None
         missing = [c for c in COLUMNS[name] if c not in have]
         if missing:
@@ -178,6 +179,44 @@ class PostfixAdminSource(BuiltinSource):
     def _rows(self, conn: Connection, name: str, *names: str) -> list[Any]:
         t = table(self.tables[name], *(column(n) for n in names))
         return list(conn.execute(select(*t.c)))
+
+    def names(self) -> tuple[set[str], set[str]]:
+        """(domains, addresses) that any row names, active or not (``mapsync compare`` asks
+        the live lookups and the published maps about each): every domain, mailbox and alias,
+        and for each alias domain or domain-wide forward ``user@alias`` for every local part
+        its target domain has."""
+        try:
+            with self.engine.connect() as conn:
+                for name in self.tables:
+                    self._need(conn, name)
+                domain_rows = self._rows(conn, "domain", "domain")
+                mailbox_rows = self._rows(conn, "mailbox", "username")
+                alias_rows = self._rows(conn, "alias", "address", "goto")
+                alias_domain_rows = self._rows(
+                    conn, "alias_domain", "alias_domain", "target_domain"
+                )
+        except SQLAlchemyError as exc:
+            raise self._fail("reading the addresses", exc) from None
+        domains = {str(d).strip().lower() for (d,) in domain_rows if d}
+        addresses = {str(u).strip().lower() for (u,) in mailbox_rows if u}
+        pairs = [(str(a).strip().lower(), (g or "").strip().lower()) for a, g in alias_rows if a]
+        addresses |= {a for a, _ in pairs if not a.startswith("@")}
+        locals_of: dict[str, set[str]] = defaultdict(set)
+        for address in addresses:
+            local, _, domain = address.rpartition("@")
+            locals_of[domain].add(local)
+        translations = [
+            (str(a).strip().lower(), str(t).strip().lower())
+            for a, t in alias_domain_rows
+            if a and t
+        ]
+        translations += [
+            (a[1:], g[1:]) for a, g in pairs if a.startswith("@") and g.startswith("@")
+        ]
+        for alias, target in translations:
+            domains.add(alias)
+            addresses |= {f"{local}@{alias}" for local in locals_of.get(target, ())}
+        return domains, addresses
 
     def _read(self, conn: Connection) -> Snapshot:
         fingerprint = self._fingerprint(conn)

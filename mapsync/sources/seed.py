@@ -24,7 +24,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from mapsync.errors import MapsyncError, SourceError
 from mapsync.sources import schema as t
-from mapsync.sources.builtin import make_engine, redact, safe_url
+from mapsync.sources.builtin import make_engine, no_privilege, redact, safe_url
 
 _FIRST = [
     "anna",
@@ -122,11 +122,28 @@ def init_db(url: str) -> None:
     try:
         _create(engine)
     except SQLAlchemyError as exc:
-        raise SourceError(
-            f"database {safe_url(url)}: creating the schema failed: {redact(str(exc), url)}"
-        ) from None
+        raise _create_failed(url, exc) from None
     finally:
         engine.dispose()
+
+
+def _create_failed(url: str, exc: SQLAlchemyError) -> SourceError:
+    """init-db's error: a user who may not create tables (the publisher's read-only user,
+    most often) is told to run init-db as the owner; anything else is the driver's message."""
+    orig = getattr(exc, "orig", None)
+    if orig is None or not no_privilege(orig):
+        return SourceError(
+            f"database {safe_url(url)}: creating the schema failed: {redact(str(exc), url)}"
+        )
+    args: tuple[Any, ...] = getattr(orig, "args", ())
+    said = args[1] if len(args) > 1 and isinstance(args[0], int) else orig  # PyMySQL: (code, text)
+    first = (str(said).strip().splitlines() or [type(orig).__name__])[0]
+    return SourceError(
+        f"database {safe_url(url)}: creating the schema failed: this user may not create or "
+        f"change tables ({redact(first, url)}). Run init-db as the schema's owner: "
+        "`mapsync init-db --database OWNER_URL`; [publisher].database stays the publisher's "
+        "read-only user (docs/database.md)"
+    )
 
 
 def sha512_crypt(password: str, rng: random.Random) -> str:

@@ -6,3 +6,6 @@
 #
 # Publisher (as the mapsync user, writing only the repository):
 # * * * * *  mapsync  /usr/bin/mapsync --config /etc/mapsync/mapsync.toml --log-format json publish
+#
+# Node metrics for node_exporter's textfile collector (any exit code: the file is written):
+# * * * * *  root     /usr/bin/mapsync --config /etc/mapsync/mapsync.toml status --prometheus /var/lib/prometheus/node-exporter/mapsync.prom >/dev/null

@@ -3,7 +3,8 @@
 Everything lives under one short directory (Postfix's UNIX sockets must fit in ``sun_path``)::
 
     ROOT/etc/main.cf      Postfix defaults + the role's snippet + the settings below
-    ROOT/etc/master.cf    smtpd on 127.0.0.1:PORT only, every daemon unchrooted
+    ROOT/etc/master.cf    smtpd on 127.0.0.1:PORT only, every daemon unchrooted, then the
+                          role's own services (agents/postfix-mx/master.cf)
     ROOT/queue/           queue_directory (``postfix check`` creates its subdirectories)
     ROOT/data/            data_directory, owned by user postfix
     ROOT/maillog          maillog_file (Postfix >= 3.4): there is no syslog in the test
@@ -14,6 +15,7 @@ Started with ``postfix -c ROOT/etc start`` and stopped with ``postfix -c ROOT/et
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import re
@@ -22,6 +24,7 @@ import smtplib
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 from tests.helpers.transport import free_port
 
@@ -113,10 +116,14 @@ def _group(pgid: int) -> list[int]:
 
 
 class PostfixInstance:
-    """One Postfix under ``root`` whose main.cf is the defaults plus ``snippet``."""
+    """One Postfix under ``root`` whose main.cf is the defaults plus ``snippet``, and whose
+    master.cf is the services Postfix needs plus ``services``."""
 
-    def __init__(self, root: Path, snippet: str, options: tuple[str, ...] = ()) -> None:
-        """``options``: ``name=value`` overrides of the smtpd service (master.cf ``-o``)."""
+    def __init__(
+        self, root: Path, snippet: str, services: str = "", options: tuple[str, ...] = ()
+    ) -> None:
+        """``services``: more master.cf lines; ``options``: ``name=value`` overrides of the
+        smtpd service (master.cf ``-o``)."""
         self.root = root
         self.options = options
         self.conf = root / "etc"
@@ -125,11 +132,11 @@ class PostfixInstance:
         self.maillog = root / "maillog"
         self.port = free_port()
         self.started_at: float | None = None  # time.monotonic() just before ``postfix start``
-        self._configure(snippet)
+        self._configure(snippet, services)
 
     # -- setup and teardown ---------------------------------------------------------------
 
-    def _configure(self, snippet: str) -> None:
+    def _configure(self, snippet: str, services: str) -> None:
         for d in (self.conf, self.queue, self.data):
             d.mkdir(parents=True)
         os.chown(self.data, pwd.getpwnam("postfix").pw_uid, -1)
@@ -139,6 +146,7 @@ class PostfixInstance:
                 listen=f"127.0.0.1:{self.port}",
                 options="".join(f"\n  -o {o}" for o in self.options),
             )
+            + services
         )
         settings = {
             **SETTINGS,
@@ -203,6 +211,16 @@ class PostfixInstance:
     def postfix(self, *args: str) -> subprocess.CompletedProcess[str]:
         return self._run("postfix", "-c", str(self.conf), *args)
 
+    def postqueue(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """``postqueue -c CONF ARGS`` (``-s DOMAIN``, ``-f``, ``-j``), output captured."""
+        return self._run("postqueue", "-c", str(self.conf), *args)
+
+    def messages(self) -> list[dict[str, Any]]:
+        """The messages in this instance's queue, as ``postqueue -j`` describes them."""
+        p = self.postqueue("-j")
+        assert p.returncode == 0 and not p.stderr, p.stdout + p.stderr
+        return [json.loads(line) for line in p.stdout.splitlines()]
+
     @staticmethod
     def _run(*argv: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -265,3 +283,15 @@ class PostfixInstance:
                 replies[address] = (code, text.decode("utf-8", "replace"))
             s.rset()  # no DATA: nothing is queued
         return replies
+
+    def send(self, recipient: str, subject: str) -> tuple[Reply, Reply]:
+        """A one-recipient message: the replies to RCPT TO and to the end of DATA."""
+        with self.smtp() as s:
+            s.ehlo()
+            s.mail(SENDER)
+            code, text = s.rcpt(recipient)
+            rcpt = (code, text.decode("utf-8", "replace"))
+            if code != 250:
+                return rcpt, (0, "no DATA")
+            code, text = s.data(f"From: <{SENDER}>\r\nSubject: {subject}\r\n\r\nhello\r\n")
+        return rcpt, (code, text.decode("utf-8", "replace"))

@@ -5,7 +5,12 @@ through the ``exim-mx`` snippet: its domain list, its lookups and its routers, r
 from __future__ import annotations
 
 import os
+import pwd
+import re
+import shutil
 import subprocess
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,10 +25,20 @@ EXIM = Path(os.environ.get("MAPSYNC_TEST_EXIM", "/var/cache/mapsync-test/exim/ro
 
 
 @pytest.fixture(scope="module")
-def nodes(tmp_path_factory: pytest.TempPathFactory) -> Nodes:
+def nodes() -> Iterator[Nodes]:
     if not EXIM.exists():
         pytest.fail(f"{EXIM} missing: run scripts/install --test (unpacks Exim beside Postfix)")
-    root = tmp_path_factory.mktemp("exim")
+    # Not pytest's 0700 tmp_path: for -bv, -bh and -bs Exim runs as its own user
+    # (Debian-exim), which must read the maps and write the spool.
+    root = Path(tempfile.mkdtemp(prefix="mapsync-exim-"))
+    root.chmod(0o755)
+    try:
+        yield _seeded_nodes(root)
+    finally:
+        shutil.rmtree(root)
+
+
+def _seeded_nodes(root: Path) -> Nodes:
     n = make_nodes(root, ("exim-mx",))
     # A relay next hop given as an IP, so that -bt can route it without DNS.
     engine = create_engine(n.cluster.db_url)
@@ -50,10 +65,13 @@ def nodes(tmp_path_factory: pytest.TempPathFactory) -> Nodes:
 
 
 @pytest.fixture(scope="module")
-def conf(nodes: Nodes, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def conf(nodes: Nodes) -> Path:
     """A minimal Exim configuration around the exim-mx snippet's three files."""
-    work = tmp_path_factory.mktemp("exim-run")
-    (work / "spool").mkdir()
+    work = nodes.cluster.root / "exim-run"
+    (work / "spool").mkdir(parents=True)
+    exim_user = pwd.getpwnam("Debian-exim")  # the user Exim's own processes run as
+    for d in (work, work / "spool"):
+        os.chown(d, exim_user.pw_uid, exim_user.pw_gid)
     role, target = nodes.roles["exim-mx"], nodes.target("exim-mx")
     path = work / "exim.conf"
     path.write_text(
@@ -61,13 +79,29 @@ def conf(nodes: Nodes, tmp_path_factory: pytest.TempPathFactory) -> Path:
         f"spool_directory = {work / 'spool'}\n"
         f"log_file_path = {work}/%slog\n"
         "primary_hostname = test.invalid\n"
+        "acl_smtp_rcpt = check_rcpt\n"
         + role.snippet("main.conf", target)
+        + "\nbegin acl\n"
+        + RCPT_ACL
         + "\nbegin routers\n"
         + role.file("routers.conf")  # reads MAPSYNC_DIR, set in main.conf
         + "\nbegin transports\n"
         + role.file("transports.conf")
+        + "\nbegin retry\n"
+        + "* * F,2h,15m; G,16h,1h,1.5; F,4d,6h\n"  # the retry rule of Exim's default configuration
     )
     return path
+
+
+# An MX's RCPT ACL as Debian's Exim configuration has it: our domains only, and every
+# recipient verified (the routers refuse unknown users).
+RCPT_ACL = """\
+check_rcpt:
+  deny    message = relay not permitted
+          !domains = +mapsync_domains
+  require verify = recipient
+  accept
+"""
 
 
 def be(conf: Path, expression: str, key: str = "") -> str:
@@ -83,6 +117,34 @@ def be(conf: Path, expression: str, key: str = "") -> str:
         p.stdout + p.stderr
     )
     return out
+
+
+def smtp_session(conf: Path, *commands: str, mode: str = "-bh") -> list[str]:
+    """An SMTP conversation with Exim on stdin: ``-bh IP`` (a test session, nothing is
+    queued) or ``-bs`` (real reception into the spool, queued only: ``-odq``). Each command's
+    reply lines (the greeting first)."""
+    argv = [
+        str(EXIM),
+        "-C",
+        str(conf),
+        *(("-bh", "192.0.2.7") if mode == "-bh" else ("-bs", "-odq")),
+    ]
+    p = subprocess.run(
+        argv,
+        input="".join(f"{c}\r\n" for c in ("EHLO client.test.invalid", *commands, "QUIT")),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    # -bh prints its debugging lines with a leading ">>>" or "LOG:"; replies start with a code.
+    return [line for line in p.stdout.splitlines() if line[:3].isdigit()]
+
+
+def exim(conf: Path, *args: str) -> str:
+    p = subprocess.run(
+        [str(EXIM), "-C", str(conf), *args], capture_output=True, text=True, timeout=60
+    )
+    return p.stdout + p.stderr
 
 
 def bt(conf: Path, address: str) -> str:
@@ -174,8 +236,8 @@ def test_routers_send_relay_domains_over_smtp_and_refuse_unknown_users(conf: Pat
 
 
 def test_routers_defer_a_moving_account_until_it_lands(nodes: Nodes, conf: Path) -> None:
-    # Postfix's transport gives it "retry:"; Exim's route is ":defer:", which mapsync_moving
-    # (a redirect router before mapsync_route) turns into a temporary failure.
+    # Exim's route is ":defer:", which mapsync_moving (a redirect router before mapsync_route)
+    # turns into a temporary failure when delivering (-bt routes as a delivery does).
     routes = entries(nodes.target("exim-mx") / "exim_routes")
     moving = next(k for k, v in routes.items() if v == ":defer:" and k.endswith("@example-10.org"))
     deferred = "cannot be resolved at this time: mailbox is being moved"
@@ -189,3 +251,54 @@ def test_routers_defer_a_moving_account_until_it_lands(nodes: Nodes, conf: Path)
     # Its domain's other accounts still route to their mailstore.
     out = bt(conf, "postmaster@example-10.org")
     assert "router = mapsync_route, transport = mapsync_lmtp" in out, out
+
+
+def test_a_moving_account_is_accepted_at_rcpt_and_its_mail_waits_in_our_queue(
+    nodes: Nodes, conf: Path
+) -> None:
+    routes = entries(nodes.target("exim-mx") / "exim_routes")
+    moving = next(k for k, v in routes.items() if v == ":defer:" and k.endswith("@example-10.org"))
+    alias = moving.replace("@example-10.org", "@example-10.net")
+    # Verification skips mapsync_moving (no_verify) and mapsync_moving_verify accepts: RCPT
+    # answers 250, where a deferring router answered "451 mailbox is being moved" and left
+    # the mail in the sender's queue. Unknown users and foreign domains are refused as ever.
+    assert exim(conf, "-bv", moving, alias, "nobody@example-10.org") == (
+        f"{moving} verified\n{alias} verified\nnobody@example-10.org failed to verify: Unknown user\n"
+    )
+    mail = "MAIL FROM:<probe@client.test.invalid>"
+    replies = smtp_session(
+        conf,
+        mail,
+        f"RCPT TO:<{moving}>",
+        f"RCPT TO:<{alias.upper()}>",
+        "RCPT TO:<nobody@example-10.org>",
+        "RCPT TO:<someone@example.invalid>",
+    )
+    assert replies[-6:] == [
+        "250 OK",
+        "250 Accepted",
+        "250 Accepted",
+        "550 Unknown user",
+        "550 relay not permitted",
+        "221 test.invalid closing connection",
+    ], replies
+    # Received for real (-bs, queued only), then a delivery attempt (-M): the router defers
+    # it, the message stays in our spool with the reason in its log.
+    replies = smtp_session(
+        conf, mail, f"RCPT TO:<{moving}>", "DATA", "Subject: held\r\n\r\nhello\r\n.", mode="-bs"
+    )
+    assert replies[-4:-2] == [
+        "250 Accepted",
+        '354 Enter message, ending with "." on a line by itself',
+    ]
+    m = re.fullmatch(r"250 OK id=(\S+)", replies[-2])
+    assert m, replies
+    queued = m.group(1)
+    exim(conf, "-M", queued)
+    assert re.search(
+        rf" {queued} <probe@client\.test\.invalid>\n +{re.escape(moving)}\n", exim(conf, "-bp")
+    )
+    assert f"{moving} R=mapsync_moving defer (-1): mailbox is being moved" in exim(
+        conf, "-Mvl", queued
+    )
+    exim(conf, "-Mrm", queued)  # the module's other tests route only

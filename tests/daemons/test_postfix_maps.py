@@ -171,9 +171,12 @@ def test_transport_routes_domains_off_store_accounts_tags_moves_and_relays(
         assert transport_lookup("x@relay-1.example.com", transport) == (
             "relay:[mx.relay-1.example.com]:25"
         )
-        moving = [k for k, v in text.items() if v.startswith("retry:")]
+        moving = [k for k, v in text.items() if v.startswith("mapsync-moving:")]
+        assert moving  # the seed has moving accounts
         for address in moving:
-            assert transport_lookup(address, transport) == "retry:4.2.0 mailbox is being moved"
+            assert transport_lookup(address, transport) == (
+                "mapsync-moving:4.2.0 mailbox is being moved"
+            )
 
 
 def test_the_scanner_snippet_reads_only_its_channel(nodes: Nodes, tmp_path: Path) -> None:

@@ -21,7 +21,6 @@ them open sees ``st_nlink == 0``. What that buys (Postfix 3.7):
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from collections.abc import Iterator
@@ -29,14 +28,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Connection, create_engine, delete, insert, select, update
+from sqlalchemy import Connection, create_engine, delete, insert, select
 
 from mapsync import config
 from mapsync.sources import schema as t
 from tests.daemons.postfix_instance import PostfixInstance, Reply
-from tests.daemons.roles import AGENTS, Nodes, entries
+from tests.daemons.roles import Nodes, entries
 from tests.helpers.agent import add_account
-from tests.helpers.postfix import running_mx
+from tests.helpers.mailstore import update_account
+from tests.helpers.postfix import running_mx, use_reload_hook
 
 pytestmark = pytest.mark.daemons
 
@@ -73,20 +73,6 @@ def mx() -> Iterator[Mx]:
 
 def _domain_id(conn: Connection, name: str) -> int:
     return int(conn.execute(select(t.domain.c.id).where(t.domain.c.name == name)).scalar_one())
-
-
-def set_status(db_url: str, address: str, status: str) -> None:
-    local, _, domain = address.partition("@")
-    engine = create_engine(db_url)
-    with engine.begin() as conn:
-        did = _domain_id(conn, domain)
-        done = conn.execute(
-            update(t.account)
-            .where(t.account.c.domain_id == did, t.account.c.local_part == local)
-            .values(status=status)
-        )
-        assert done.rowcount == 1, address
-    engine.dispose()
 
 
 def delete_account(db_url: str, address: str) -> None:
@@ -210,7 +196,7 @@ def test_recipients_follow_each_pull_on_the_next_connection_without_a_reload(mx:
     no_reload_since(mx, mark, master)
 
     # Disabled: in no map, refused on the next connection. Deleted: the same.
-    set_status(mx.nodes.cluster.db_url, new, "disabled")
+    update_account(mx.nodes.cluster.db_url, new, status="disabled")
     mark = pf.log_size()
     mx.nodes.publish_and_pull()
     assert new not in entries(mx.target / "recipients")
@@ -259,16 +245,7 @@ def test_a_new_domain_is_refused_until_the_reload_hook_runs(mx: Mx) -> None:
 
     # The operator's agent.toml runs `postfix reload` after a swap; here `-c` names this
     # instance. With it, the next publish and pull brings in both new domains.
-    (prod,) = config.load(AGENTS / ROLE / "agent.toml").need_agent().channels.values()
-    assert prod.reload == ("postfix", "reload")
-    hook = [prod.reload[0], "-c", str(pf.conf), *prod.reload[1:]]
-    text = mx.nodes.cluster.config_path.read_text()
-    section = f"[agent.channels.{mx.channel}]\n"
-    assert text.count(section) == 1
-    mx.nodes.cluster.config_path.write_text(
-        text.replace(section, f"{section}reload = {json.dumps(hook)}\n")
-    )
-    assert mx.agent_channel().reload == tuple(hook)
+    assert use_reload_hook(mx.nodes, pf) == ("postfix", "-c", str(pf.conf), "reload")
 
     second = "postmaster@new-2.example"
     add_hosted_domain(db_url, "new-2.example")

@@ -88,7 +88,7 @@ def relay() -> Iterator[Relay]:
             .replace("/etc/ssl/certs/submission.pem", str(tls / "cert.pem"))
             .replace("/etc/ssl/private/submission.key", str(tls / "key.pem"))
         )
-        postfix = PostfixInstance(root / "pf", main_cf, _options(role.file("master.cf")))
+        postfix = PostfixInstance(root / "pf", main_cf, options=_options(role.file("master.cf")))
         try:
             postfix.start()  # creates the queue's private/ directory the socket goes into
             conf = role.snippet("dovecot.conf", target)

@@ -13,21 +13,28 @@ from tests.helpers.transport import free_port
 
 class Dovecot:
     """``dovecot -F -c CONF`` with its own base_dir, listening on 127.0.0.1 only; ``snippet``
-    is the rest of its configuration."""
+    is the rest of its configuration. With ``lmtp``, a mailstore: LMTP on ``lmtp_port`` too."""
 
-    def __init__(self, work: Path, name: str, snippet: str) -> None:
+    def __init__(self, work: Path, name: str, snippet: str, lmtp: bool = False) -> None:
         work.mkdir(parents=True)
         self.conf = work / "dovecot.conf"
         self.log = work / "dovecot.log"
         self.port = free_port()
+        self.lmtp_port = free_port() if lmtp else None
+        lmtp_service = (
+            f"service lmtp {{\n  inet_listener lmtp {{\n    port = {self.lmtp_port}\n  }}\n}}\n"
+            if lmtp
+            else ""
+        )
         self.conf.write_text(
             f"base_dir = {work / 'run'}\n"
             f"instance_name = mapsync-test-{name}-{self.port}\n"
             "listen = 127.0.0.1\n"
-            "protocols = imap\n"
+            f"protocols = imap{' lmtp' if lmtp else ''}\n"
             "ssl = no\n"
             f"log_path = {self.log}\n"
             f"service imap-login {{\n  inet_listener imap {{\n    port = {self.port}\n  }}\n}}\n"
+            + lmtp_service
             + snippet
         )
         self.proc = subprocess.Popen(["dovecot", "-F", "-c", str(self.conf)])

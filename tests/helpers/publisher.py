@@ -144,5 +144,5 @@ def serial_of(latest: Path) -> int:
 
 
 def record(cluster: Cluster) -> dict[str, dict[str, object]]:
-    data = json.loads((cluster.repo / "mx" / ".pushed.json").read_text())
+    data = json.loads((cluster.repo / ".private" / "mx" / "pushed.json").read_text())
     return dict(data["destinations"])

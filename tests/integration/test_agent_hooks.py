@@ -151,7 +151,8 @@ def test_a_failing_check_keeps_the_old_set_and_the_next_run_installs_once_fixed(
     assert p.returncode == 2, p.stdout + p.stderr
     assert (
         f"mapsync: channel mx: serial 2 refused by the check command `postmap -q {gone} "
-        "'cdb:{dir}/recipients'`: exit 1 (no output); not installed, the old set keeps serving"
+        "'cdb:{dir}/recipients'`: exit 1 (no output; it may have logged the reason to syslog "
+        "(journalctl, /var/log/mail.log)); not installed, the old set keeps serving"
     ) in p.stderr
     assert tree_snapshot(installed.target) == before
     assert lookup(installed, gone) == "OK"

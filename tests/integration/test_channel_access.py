@@ -495,6 +495,44 @@ def test_the_mx_key_can_neither_write_nor_run_a_shell(
     assert tree_snapshot(cluster.repo) == before
 
 
+def test_the_mx_key_cannot_reach_the_publishers_notes(
+    cluster: Cluster, rrsync_sshd: RestrictedSsh
+) -> None:
+    # rrsync has no exclude: the notes (pushed.json names every node's push destination) are
+    # kept outside the channel directories, so a channel key cannot even name them.
+    inbox = cluster.root / "node-inbox" / "mx"
+    inbox.parent.mkdir()
+    text = cluster.config_path.read_text()
+    cluster.config_path.write_text(
+        text.replace("[publisher.channels.mx]\n", f'[publisher.channels.mx]\npush = ["{inbox}"]\n')
+    )
+    cluster.publish()
+    notes = {p.name for p in (cluster.repo / ".private" / "mx").iterdir()}
+    assert {"checked.json", "pushed.json", "push.lock"} <= notes
+    assert str(inbox) in (cluster.repo / ".private" / "mx" / "pushed.json").read_text()
+
+    ssh = " ".join([*rrsync_sshd.options(rrsync_sshd.keys["mx"]), "-p", str(rrsync_sshd.port)])
+    listing = subprocess.run(
+        ["rsync", "-e", ssh, "--list-only", "-r", "root@127.0.0.1:/"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert listing.returncode == 0, listing.stderr
+    names = [line.split()[-1] for line in listing.stdout.splitlines()]
+    assert "LATEST" in names and "releases/1/MANIFEST.json" in names
+    assert not [n for n in names if "checked" in n or "push" in n or n.startswith(".private")]
+    for path in ("/../.private/mx/pushed.json", "/.private/mx/pushed.json"):
+        got = subprocess.run(
+            ["rsync", "-e", ssh, f"root@127.0.0.1:{path}", str(cluster.root / "got")],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert got.returncode != 0, (path, got.stdout)
+        assert not (cluster.root / "got").exists()
+
+
 def test_rrsync_absolute_keeps_the_publishers_path_in_the_url(
     cluster: Cluster, rrsync_sshd: RestrictedSsh
 ) -> None:

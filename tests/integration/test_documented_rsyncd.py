@@ -3,8 +3,9 @@ pulled by each role's shipped ``agents/*/agent.toml`` with only host, paths and 
 
 Each node role's credential installs its own channel; the MX's credential is refused at the
 mailstore's channel (which carries ``dovecot_users``); a client without a credential is
-refused everywhere and sees no module list; and no credential can list or download the
-publisher's dot-files (``.checked``, ``.push.lock``, ``.pushed.json``).
+refused everywhere and sees no module list; and no credential can list or download a
+dot-file in a channel directory (a publish's ``.staging``, the notes an earlier mapsync kept
+there: ``.checked``, ``.push.lock``, ``.pushed.json``; today's live in ``REPO/.private``).
 """
 
 from __future__ import annotations
@@ -20,13 +21,12 @@ from pathlib import Path
 import pytest
 
 from mapsync import config
-from mapsync.publish.push import PUSH_LOCK, PUSHED
-from mapsync.publish.repository import CHECKED
+from mapsync.publish.repository import LEGACY
 from tests.conftest import Cluster
 from tests.daemons.roles import AGENTS, ROLES, Role, role
 from tests.helpers.rsyncd import documented_rsyncd_conf, documented_secrets, modules, serving
 
-DOT_FILES = (CHECKED, PUSH_LOCK, PUSHED)
+DOT_FILES = tuple(sorted(LEGACY.values()))
 
 
 @dataclass
@@ -101,10 +101,9 @@ def served(cluster: Cluster, tmp_path: Path) -> Iterator[Served]:
         f'signing_key = "{cluster.root / "keys" / "signing.key"}"\n{channels}'
     )
     cluster.publish()
-    for r in roles.values():  # the files a publisher with push keeps beside CHECKED
-        for name in (PUSH_LOCK, PUSHED):
+    for r in roles.values():  # the notes an earlier mapsync kept in each channel directory
+        for name in DOT_FILES:
             (cluster.repo / r.channel / name).write_text("{}\n")
-        assert all((cluster.repo / r.channel / n).is_file() for n in DOT_FILES)
 
     daemon = tmp_path / "rsyncd"
     daemon.mkdir()

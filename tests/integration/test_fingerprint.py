@@ -47,7 +47,7 @@ def test_a_write_that_changes_no_map_does_not_disable_the_fast_path(cluster: Clu
         conn.execute(insert(t.customer).values(ext_id="X1", name="renamed later"))
     engine.dispose()
     assert "unchanged (serial 1)" in cluster.publish().stdout  # full check: maps equal
-    checked = json.loads((cluster.repo / "mx" / ".checked").read_text())
+    checked = json.loads((cluster.repo / ".private" / "mx" / "checked.json").read_text())
     assert checked["serial"] == 1
     proc = cluster.cli("-v", "publish", check=True)
     assert "database unchanged since the last releases" in proc.stderr

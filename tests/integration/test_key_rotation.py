@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy import create_engine, insert
 
-from mapsync.signing import keygen
+from mapsync.signing import key_id, keygen, load_public
 from mapsync.sources import schema as t
 from tests.conftest import Cluster
 
@@ -16,7 +16,7 @@ def test_rotating_the_signing_key_without_a_window_of_untrusted_releases(cluster
     cluster.pull()
 
     # 1. a new key pair on the publisher; 2. every node trusts old and new
-    keygen(keys / "signing-2.key")
+    _, new_id = keygen(keys / "signing-2.key")
     text = text.replace(
         f'trusted_keys = ["{keys / "signing.pub"}"]',
         f'trusted_keys = ["{keys / "signing.pub"}", "{keys / "signing-2.pub"}"]',
@@ -55,5 +55,10 @@ def test_rotating_the_signing_key_without_a_window_of_untrusted_releases(cluster
     cluster.publish()
     proc = cluster.cli("pull")
     assert proc.returncode == 5
-    assert "does not verify with any trusted key" in proc.stderr
+    # The refusal names the key the release says signed it and each trusted key with its file.
+    old_id = key_id(load_public(keys / "signing.pub"))
+    assert (
+        f"signature does not verify with any trusted key; the manifest names signing key "
+        f"{old_id} (unverified); trusted keys: {new_id} ({keys / 'signing-2.pub'})"
+    ) in proc.stderr
     assert cluster.cli("verify").returncode == 0  # serial 2 still installed and intact

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import stat
+import subprocess
+import time
 from pathlib import Path
+
+import pytest
 
 from tests.conftest import Cluster
 
@@ -49,3 +54,77 @@ def test_metrics_describe_what_is_installed(cluster: Cluster) -> None:
     )
     assert stat.S_IMODE(prom.stat().st_mode) == 0o644  # node_exporter runs as another user
     assert not [p for p in prom.parent.iterdir() if p != prom]  # no temp file left behind
+
+
+ROOT = Path(__file__).parents[2]
+RULES = ROOT / "docs" / "examples" / "prometheus-alerts.yml"
+
+
+def _promtool(*args: str) -> subprocess.CompletedProcess[str]:
+    if shutil.which("promtool") is None:
+        pytest.fail("promtool is missing (Debian package prometheus; scripts/install --test)")
+    return subprocess.run(["promtool", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_the_shipped_alert_rules_are_valid_and_fire_as_documented(tmp_path: Path) -> None:
+    check = _promtool("check", "rules", str(RULES))
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "SUCCESS: 10 rules found" in check.stdout
+    cases = (ROOT / "tests" / "fixtures" / "prometheus" / "alerts.test.yml").read_text()
+    test_file = tmp_path / "alerts.test.yml"
+    test_file.write_text(cases.replace("RULES", str(RULES)))
+    run = _promtool("test", "rules", str(test_file))
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "SUCCESS" in run.stdout
+
+
+def test_the_alert_rules_use_only_metrics_mapsync_writes(cluster: Cluster) -> None:
+    prom, publisher = cluster.root / "mapsync.prom", cluster.root / "publisher.prom"
+    cluster.publish()
+    cluster.pull()
+    cluster.cli("status", "--prometheus", str(prom))
+    cluster.cli("status", "--publisher", "--prometheus", str(publisher))
+    written = {name for name, _, _ in _metrics(prom)} | set(_publisher_metrics(publisher))
+    assert "mapsync_last_run_failed" in written
+    used = set(re.findall(r"\bmapsync_[a-z_]+\b", RULES.read_text()))
+    assert used and used <= written, used - written
+
+
+def test_last_run_failed_is_a_metric(cluster: Cluster) -> None:
+    cluster.publish()
+    cluster.pull()
+    prom = cluster.root / "mapsync.prom"
+    (cluster.repo / "mx" / "LATEST").write_text("garbage\n")  # the next pull fails
+    assert cluster.cli("pull").returncode != 0
+    cluster.cli("status", "--prometheus", str(prom))
+    assert _metrics(prom)[("mapsync_last_run_failed", "mx", None)] == 1
+
+
+def _publisher_metrics(path: Path) -> dict[str, dict[str, int]]:
+    """metric → {channel label or "": value} of a publisher's textfile."""
+    out: dict[str, dict[str, int]] = {}
+    for line in path.read_text().splitlines():
+        if line.startswith("#"):
+            assert line.split()[2].startswith("mapsync_publisher_")
+            continue
+        m = re.match(r'^(mapsync_publisher_[a-z_]+)(?:\{channel="([a-z0-9_-]+)"\})? (\d+)$', line)
+        assert m, f"not an exposition-format sample: {line!r}"
+        out.setdefault(m.group(1), {})[m.group(2) or ""] = int(m.group(3))
+    return out
+
+
+def test_the_publisher_writes_its_status_and_each_channels_serial(cluster: Cluster) -> None:
+    prom = cluster.root / "publisher.prom"
+    p = cluster.cli("status", "--publisher", "--prometheus", str(prom))
+    assert p.returncode == 3, p.stdout  # no run yet: UNKNOWN
+    assert _publisher_metrics(prom) == {"mapsync_publisher_status": {"": 3}}
+    cluster.publish()
+    p = cluster.cli("status", "--publisher", "--prometheus", str(prom))
+    assert p.returncode == 0, p.stdout + p.stderr
+    metrics = _publisher_metrics(prom)
+    assert metrics["mapsync_publisher_status"] == {"": 0}
+    assert metrics["mapsync_publisher_serial"] == {"mx": 1}
+    last = metrics["mapsync_publisher_last_success_timestamp_seconds"][""]
+    assert last == metrics["mapsync_publisher_last_run_timestamp_seconds"][""]
+    assert abs(last - time.time()) < 120
+    assert stat.S_IMODE(prom.stat().st_mode) == 0o644

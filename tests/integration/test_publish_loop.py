@@ -93,7 +93,7 @@ def assert_repository_clean(cluster: Cluster) -> None:
     """No staging directory, no temp file; every release complete and LATEST names one."""
     channel = cluster.repo / "mx"
     leftovers = [p.name for p in channel.iterdir() if p.name.startswith(".")]
-    assert set(leftovers) <= {".checked", ".pushed.json", ".push.lock"}, leftovers
+    assert leftovers == [], leftovers  # the publisher's notes live in REPO/.private
     for release in (channel / "releases").iterdir():
         assert_complete(cluster, int(release.name))
     assert (channel / "releases" / str(latest_serial(cluster))).is_dir()
@@ -145,7 +145,7 @@ def test_a_dead_node_does_not_slow_the_loop_down(cluster: Cluster, loops: list[L
         loop.wait_for(
             "the dead node's failure on record",
             lambda: (
-                (cluster.repo / "mx" / ".pushed.json").exists()
+                (cluster.repo / ".private" / "mx" / "pushed.json").exists()
                 and record(cluster).get(remote, {}).get("failures") == 1
             ),
             15,

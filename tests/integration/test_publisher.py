@@ -393,8 +393,9 @@ def test_text_maps_are_sorted_unique_with_a_header(cluster: Cluster) -> None:
 
 def test_keygen_makes_a_private_0600_key_and_refuses_to_overwrite(tmp_path: Path) -> None:
     private = tmp_path / "keys" / "signing.key"
-    public = keygen(private)
+    public, kid = keygen(private)
     assert public == tmp_path / "keys" / "signing.pub"
+    assert kid == key_id(load_public(public))
     assert stat.S_IMODE(private.stat().st_mode) == 0o600
     assert stat.S_IMODE(public.stat().st_mode) == 0o644
     assert b"PRIVATE KEY" in private.read_bytes() and b"PUBLIC KEY" in public.read_bytes()
@@ -431,7 +432,8 @@ def test_keygen_cli_names_both_files(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert (
         proc.stdout.strip()
-        == f"private key {tmp_path / 'k'} (mode 0600), public key {tmp_path / 'k.pub'}"
+        == f"private key {tmp_path / 'k'} (mode 0600), public key {tmp_path / 'k.pub'}, "
+        f"key id {key_id(load_public(tmp_path / 'k.pub'))}"
     )
     assert stat.S_IMODE((tmp_path / "k").stat().st_mode) == 0o600
 

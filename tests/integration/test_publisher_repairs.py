@@ -1,5 +1,5 @@
 """The publisher's own files, damaged by hand, a crash or config management: a stray entry in
-``REPO/<channel>/releases/``, a garbage ``LATEST``, a damaged ``.checked``. Each is repaired
+``REPO/<channel>/releases/``, a garbage ``LATEST``, a damaged ``checked.json``. Each is repaired
 or named in a clear message; none is a traceback, and ``publish --interval`` goes on."""
 
 from __future__ import annotations
@@ -37,7 +37,29 @@ def no_traceback(proc: subprocess.CompletedProcess[str]) -> None:
     assert "Traceback" not in proc.stderr, proc.stderr
 
 
-# -- .checked ------------------------------------------------------------------------------------
+# -- checked.json --------------------------------------------------------------------------------
+
+
+def test_notes_an_earlier_mapsync_kept_in_the_channel_directory_are_moved_out(
+    cluster: Cluster,
+) -> None:
+    # Before 0.x the notes lived beside LATEST, where a node's credential could reach them.
+    cluster.publish()
+    private = cluster.repo / ".private" / "mx"
+    channel = cluster.repo / "mx"
+    (private / "checked.json").rename(channel / ".checked")
+    record = '{"destinations": {"/nowhere/inbox": {"serial": 1}}}\n'
+    (channel / ".pushed.json").write_text(record)
+    (channel / ".push.lock").write_text("")
+
+    proc = cluster.cli("publish")
+    no_traceback(proc)
+    assert proc.returncode == 0, proc.stderr
+    assert "channel mx: unchanged (serial 1)" in proc.stdout  # the moved note was read
+    assert "publisher note moved out of the served channel directory" in proc.stderr
+    assert [p.name for p in channel.iterdir() if p.name.startswith(".")] == []
+    assert json.loads((private / "checked.json").read_text())["serial"] == 1
+    assert (private / "pushed.json").read_text() == record  # no push configured: kept as is
 
 
 def _at_yesterday(note: dict[str, object]) -> bytes:
@@ -56,7 +78,7 @@ def _at_yesterday(note: dict[str, object]) -> bytes:
 )
 def test_a_damaged_checked_note_means_no_full_check_recorded(cluster: Cluster, damage) -> None:  # type: ignore[no-untyped-def]
     cluster.publish()
-    path = cluster.repo / "mx" / ".checked"
+    path = cluster.repo / ".private" / "mx" / "checked.json"
     note = json.loads(path.read_text())
     if damage is None:
         path.unlink()
@@ -79,7 +101,7 @@ def test_a_damaged_checked_note_means_no_full_check_recorded(cluster: Cluster, d
 
 def test_publish_interval_survives_a_damaged_checked_note(cluster: Cluster) -> None:
     cluster.publish()
-    path = cluster.repo / "mx" / ".checked"
+    path = cluster.repo / ".private" / "mx" / "checked.json"
     # The field the quiet path reads last: fingerprint and serial still match.
     path.write_bytes(_at_yesterday(json.loads(path.read_text())))
     err = cluster.root / "loop.err"

@@ -41,7 +41,7 @@ def files(root: Path) -> dict[str, str]:
 def age_failure(cluster: Cluster, destination: str, seconds: float) -> None:
     """Move the recorded failure of ``destination`` ``seconds`` into the past (as if that much
     time had gone by since)."""
-    path = cluster.repo / "mx" / ".pushed.json"
+    path = cluster.repo / ".private" / "mx" / "pushed.json"
     data = json.loads(path.read_text())
     entry = data["destinations"][destination]
     entry["failed_at"] = iso(parse_iso(entry["failed_at"]) - timedelta(seconds=seconds))
@@ -391,7 +391,7 @@ def test_a_dry_run_pushes_nothing_and_says_what_it_would_push(cluster: Cluster) 
     assert p.returncode == 1, p.stderr
     assert f"channel mx: would push serial 1 to {inbox}" in p.stdout
     assert not inbox.exists()
-    assert not (cluster.repo / "mx" / ".pushed.json").exists()
+    assert not (cluster.repo / ".private" / "mx" / "pushed.json").exists()
 
     cluster.publish()
     before = files(inbox)

@@ -220,3 +220,24 @@ def test_an_invalid_sender_grant_is_skipped_where_senders_are_published(cluster:
     (skip,) = manifest(cluster, "submission")["skipped"]
     assert skip.startswith(f"sender_grant id={account} 'no address'")
     assert manifest(cluster, "mx")["skipped"] == []
+
+
+def test_disabling_a_domain_with_an_alias_domain_is_refused_until_the_alias_goes(
+    cluster: Cluster,
+) -> None:
+    # docs/maps.md: the alias domain would still accept mail that leads nowhere.
+    cluster.publish()
+    alias = "bücher-1.example".encode("idna").decode()
+    assert {"example-1.org", alias} <= keys(cluster, "mx", "domains")
+    set_row(cluster, t.domain, 1, status="disabled")
+    p = cluster.cli("publish")
+    assert p.returncode != 0, p.stdout
+    assert f"'{alias}': target domain 'example-1.org' is disabled" in p.stderr
+    assert manifest(cluster, "mx")["serial"] == 1  # refused: serial 1 keeps serving
+
+    # (A whole domain is a big share of this small test database: --force past the guards.)
+    p = cluster.cli("publish", "--skip-invalid", "--force")
+    assert p.returncode == 0, p.stderr
+    domains = keys(cluster, "mx", "domains")
+    assert "example-1.org" not in domains and alias not in domains
+    assert "example-2.org" in domains

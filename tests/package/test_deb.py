@@ -36,6 +36,8 @@ UNIT_NAMES = [
     "mapsync-publisher.service",
     "mapsync-pull.service",
     "mapsync-pull.timer",
+    "mapsync-status.service",
+    "mapsync-status.timer",
 ]
 CONFFILE = Path("/etc/mapsync/mapsync.toml")
 # Everything the package or its maintainer scripts put on the machine; purge removes it all.
@@ -322,6 +324,22 @@ def test_publish_and_pull_as_the_installed_units_run_them(installed: Path) -> No
     assert set(modes.values()) == {"0o600"}, modes
     status = _run(["/usr/bin/mapsync", "--config", str(CONFFILE), "status"], cwd="/")
     assert "OK" in status.stdout
+    # NRPE runs checks as an unprivileged user: it reads the world-readable copy of the state.
+    nagios = ["runuser", "-u", "nobody", "--", "/usr/bin/mapsync", "--config", str(CONFFILE)]
+    assert _run([*nagios, "status"], cwd="/").stdout.startswith("MAPSYNC OK - mx OK")
+    assert _mode(Path("/var/lib/mapsync/agent-status/mx.json")) == ("root", "root", 0o644)
+    # mapsync-status.service keeps node_exporter's textfile fresh.
+    textfiles = Path("/var/lib/prometheus/node-exporter")
+    made = not textfiles.exists()
+    textfiles.mkdir(parents=True, exist_ok=True)
+    try:
+        _as_unit("mapsync-status.service")
+        metrics = (textfiles / "mapsync.prom").read_text()
+        assert 'mapsync_status{channel="mx"} 0' in metrics
+    finally:
+        (textfiles / "mapsync.prom").unlink(missing_ok=True)
+        if made:
+            shutil.rmtree(textfiles)
     # The installed program needs no root to pull: the `mapsync` user, with a state and a
     # target of its own.
     own = scratch / "as-mapsync.toml"

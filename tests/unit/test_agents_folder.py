@@ -14,8 +14,8 @@ from tests.daemons.roles import AGENTS, ROLES, role
 from tests.helpers.rsyncd import documented_rsyncd_conf, documented_secrets, modules
 
 SNIPPETS = {
-    "postfix-mx": ("main.cf",),
-    "scanner": ("main.cf",),
+    "postfix-mx": ("main.cf", "master.cf"),
+    "scanner": ("main.cf", "master.cf"),
     "exim-mx": ("main.conf", "routers.conf", "transports.conf"),
     "dovecot-store": ("dovecot.conf",),
     "dovecot-proxy": ("dovecot.conf",),

@@ -24,6 +24,7 @@ PUBLIC = {
     "verify": set(),
     "keygen": {"path"},
     "demo": {"--dir", "--schema"},
+    "compare": {"--postfix", "--table", "--dovecot", "--database", "--channel", "--json"},
 }
 
 

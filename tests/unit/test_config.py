@@ -97,6 +97,9 @@ BAD = {
     "shared-inbox": f"[agent.channels.scanner] inbox: {FIXTURES}/inbox/shared overlaps "
     f"[agent.channels.mx] inbox {FIXTURES}/inbox/shared",
     "inbox-in-state": f"[agent.channels.mx] inbox: {FIXTURES}/state/mx overlaps [agent] state",
+    "status-dir-in-state": f"[agent] status_dir: {FIXTURES}/state/public overlaps [agent] state",
+    "target-in-status-dir": f"[agent.channels.mx] target: {FIXTURES}/live/mx overlaps "
+    f"[agent] status_dir {FIXTURES}/live",
     "target-in-source": f"[agent.channels.mx] target: {FIXTURES}/repo/mx/live overlaps "
     "[agent.channels.mx] source",
     "inbox-in-repository": f"[agent.channels.mx] inbox: {FIXTURES}/repo/inbox/mx overlaps "
@@ -120,6 +123,17 @@ BAD = {
     "userdb field name",
     "customer-field-maps": "[publisher.channels.imap] customer_field: only a channel with "
     "dovecot_users carries it",
+    # Maps of the operator's own.
+    "own-map-unknown-key": "[publisher.maps.access] seperator: unknown key",
+    "own-map-missing-query": "[publisher.maps.access] query: missing (required)",
+    "own-map-blank-query": "[publisher.maps.access] query: must not be blank",
+    "own-map-name": "[publisher.maps.Access.cdb]: map names are lowercase letters, digits",
+    "own-map-builtin-name": "[publisher.maps.recipients]: 'recipients' is a built-in map",
+    "own-map-separator": "[publisher.maps.access] separator: must be one of ' ', '\\t', ':', not '='",
+    "own-map-keys": "[publisher.maps.access] keys: must be 'lower' or 'exact', not 'upper'",
+    "own-map-wrong-type-cdb": "[publisher.maps.access] cdb: must be true or false, not 'no'",
+    "own-map-not-listed-unknown": "[publisher.channels.relay] maps: unknown map 'acess' (known: "
+    "access, domains,",
 }
 
 
@@ -371,8 +385,8 @@ def test_source_list_gives_mirrors_in_order(tmp_path: Path) -> None:
         ('source = ["/a", "/a"]', "[agent.channels.mx] source: a source is listed twice"),
         ('source = ["/a", "http://x/y"]', "[agent.channels.mx] source: unsupported URL"),
         (
-            'source = "/a"\n[agent.channels.mx.files.aliases]\nmode = "0644"',
-            "[agent.channels.mx.files.aliases]: unknown map 'aliases'",
+            'source = "/a"\n[agent.channels.mx.files."Al.iases"]\nmode = "0644"',
+            "[agent.channels.mx.files.Al.iases]: 'Al.iases' is not a map name",
         ),
         (
             'source = "/a"\n[agent.channels.mx.files.recipients]\nmode = "644x"',

@@ -42,6 +42,9 @@ maps = ["recipients"]
 [publisher.postfixadmin.mailstores.store]
 lmtp_host = "10.0.1.11"
 
+[publisher.maps.access]
+query = "SELECT address, action FROM access"
+
 [agent]
 state = "state"
 trusted_keys = ["signing.pub"]
@@ -62,6 +65,7 @@ _PLACEHOLDERS = [
         "publisher.postfixadmin.mailstores.NAME",
     ),
     (re.compile(r"\.files\.[^.]+$"), ".files.MAP"),
+    (re.compile(r"^publisher\.maps\.[^.]+$"), "publisher.maps.NAME"),
 ]
 
 
@@ -194,6 +198,7 @@ def test_the_docs_document_exactly_the_accepted_keys(
         "publisher.channels.NAME",
         "publisher.postfixadmin",
         "publisher.postfixadmin.mailstores.NAME",
+        "publisher.maps.NAME",
         "agent",
         "agent.channels.NAME",
         "agent.channels.NAME.files.MAP",
@@ -227,6 +232,7 @@ def _objects(cfg: config.Config) -> dict[str, Any]:
         "publisher.channels.NAME": p.channels["mx"],
         "publisher.postfixadmin": p.postfixadmin,
         "publisher.postfixadmin.mailstores.NAME": p.postfixadmin.mailstores["store"],
+        "publisher.maps.NAME": p.maps["access"],
         "agent": a,
         "agent.channels.NAME": a.channels["mx"],
         "agent.channels.NAME.files.MAP": a.channels["mx"].files["recipients"],

@@ -25,7 +25,7 @@ from mapsync.release import (
     parse_latest,
     parse_manifest,
 )
-from mapsync.signing import key_id, public_path, sign, verify
+from mapsync.signing import Keyring, key_id, public_path, sign, verify
 
 H1, H2, H3 = "1" * 64, "2" * 64, "3" * 64
 
@@ -170,6 +170,27 @@ def test_iso_round_trip() -> None:
 # --- signatures --------------------------------------------------------------------------------
 
 
+def test_a_refused_signature_names_the_claimed_signer_and_each_trusted_key_file() -> None:
+    signer, trusted = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    data = replace(manifest(), signer=key_id(signer.public_key())).to_bytes()
+    keys = Keyring()
+    kid = keys.add(trusted.public_key(), Path("/etc/mapsync/keys/publisher.pub"))
+    with pytest.raises(VerificationError) as exc:
+        verify(keys, data, sign(signer, data), "s")
+    assert str(exc.value) == (
+        f"s: signature does not verify with any trusted key; the manifest names signing key "
+        f"{key_id(signer.public_key())} (unverified); trusted keys: {kid} "
+        f"(/etc/mapsync/keys/publisher.pub)"
+    )
+    # A malformed claim is not repeated; a parsed manifest refuses it.
+    bad = data.replace(key_id(signer.public_key()).encode(), b"not-a-key-id!!!!")
+    with pytest.raises(VerificationError, match="does not name its signing key"):
+        verify(keys, bad, sign(signer, bad), "s")
+    with pytest.raises(VerificationError, match="field 'signer' is not a key id"):
+        parse_manifest(bad, "m")
+    assert parse_manifest(data, "m").signer == key_id(signer.public_key())
+
+
 def test_signature_verifies_only_the_exact_bytes_with_a_trusted_key() -> None:
     key, other = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
     data = manifest().to_bytes()
@@ -185,7 +206,7 @@ def test_signature_verifies_only_the_exact_bytes_with_a_trusted_key() -> None:
         verify(trusted, data.replace(b'"serial": 7', b'"serial": 8'), sig, "s")
     with pytest.raises(VerificationError, match="does not verify"):
         verify({key_id(other.public_key()): other.public_key()}, data, sig, "s")
-    with pytest.raises(VerificationError, match=r"does not verify with any trusted key \(none\)"):
+    with pytest.raises(VerificationError, match=r"does not verify with any trusted key; .*: none"):
         verify({}, data, sig, "s")
     with pytest.raises(VerificationError, match="not base64"):
         verify(trusted, data, b"***", "s")

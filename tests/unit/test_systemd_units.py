@@ -124,3 +124,15 @@ def test_the_long_running_publisher_replaces_the_publish_timer_hardened_exactly_
     assert len(exec_start) == 1 and exec_start[0].endswith(" publish --interval 10")
     for setting in ("Restart=on-failure", "SuccessExitStatus=143", "WantedBy=multi-user.target"):
         assert setting in lines, setting
+
+
+def test_both_publisher_units_push_alike() -> None:
+    # Every `publish` pushes, from the timer's oneshot as from the long-running unit: the push
+    # password and the writable paths must not depend on which one the operator enabled.
+    def push_settings(name: str) -> dict[str, str | None]:
+        service = _settings((UNITS / name).read_text(), "Service")
+        return {k: service.get(k) for k in ("EnvironmentFile", "ReadWritePaths", "User")}
+
+    timer = push_settings("mapsync-publish.service")
+    assert timer == push_settings("mapsync-publisher.service")
+    assert timer["EnvironmentFile"] == "-/etc/mapsync/push.env"

@@ -1,0 +1,155 @@
+"""`mapsync compare` refuses what it cannot compare faithfully: each bad input is one clear
+line naming the file and key (or the database, without its password), exit 2, no traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import migrating
+from tests.helpers import postfixadmin as pfa
+
+
+def run(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "mapsync", "-q", "--config", str(config), "compare", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """(config, main.cf, dovecot-sql.conf.ext) of a published SQLite PostfixAdmin database."""
+    root = tmp_path_factory.mktemp("compare-errors")
+    url = f"sqlite:///{root / 'postfixadmin.db'}"
+    pfa.build(url)
+    main_cf, dovecot = migrating.write_before(root / "before", url)
+    config = migrating.write_publisher(root / "c", url)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mapsync",
+            "-q",
+            "--config",
+            str(config),
+            "publish",
+            "--skip-invalid",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert p.returncode == 0, p.stderr
+    return config, main_cf, dovecot
+
+
+def refused(p: subprocess.CompletedProcess[str], *needles: str) -> None:
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "Traceback" not in p.stderr and p.stdout == ""
+    line = p.stderr.strip()
+    assert line.startswith("mapsync: ") and "\n" not in line, line
+    for needle in needles:
+        assert needle in line, (needle, line)
+
+
+def table_file(tmp_path: Path, body: str) -> Path:
+    path = tmp_path / "x.cf"
+    path.write_text(body)
+    return path
+
+
+def test_a_table_file_key_compare_does_not_support_is_named(
+    setup: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    config, _, _ = setup
+    cf = table_file(
+        tmp_path,
+        "hosts = localhost\ndbname = postfix\noption_file = /etc/my.cnf\n"
+        "query = SELECT goto FROM alias WHERE address='%s'\n",
+    )
+    p = run(
+        config, "--table", f"virtual_alias_maps=mysql:{cf}", "--table", f"relay_domains=mysql:{cf}"
+    )
+    refused(p, str(cf), "'option_file'", "not supported")
+
+
+def test_a_table_file_without_a_query_is_named(
+    setup: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    config, _, _ = setup
+    cf = table_file(tmp_path, "hosts = localhost\ndbname = postfix\n")
+    refused(run(config, "--table", f"relay_domains=mysql:{cf}"), str(cf), "no 'query'")
+
+
+def test_an_unknown_expansion_in_a_query_is_named(
+    setup: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    config, _, _ = setup
+    cf = table_file(tmp_path, "dbpath = /nonexistent.db\nquery = SELECT 1 WHERE x = '%x'\n")
+    refused(run(config, "--table", f"relay_domains=sqlite:{cf}"), f"{cf}: query", "%x")
+
+
+def test_a_table_type_compare_cannot_read_is_refused_naming_main_cf_and_the_parameter(
+    setup: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    config, main_cf, _ = setup
+    edited = tmp_path / "main.cf"
+    edited.write_text(main_cf.read_text() + "transport_maps = regexp:/etc/postfix/transport.re\n")
+    refused(
+        run(config, "--postfix", str(edited)),
+        f"{edited}: transport_maps",
+        "regexp:/etc/postfix/transport.re",
+        "'regexp' is not supported",
+    )
+
+
+def test_an_unsupported_dovecot_key_is_named(
+    setup: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    config, main_cf, dovecot = setup
+    edited = tmp_path / "dovecot-sql.conf.ext"
+    edited.write_text(dovecot.read_text() + "password_query_extra = 1\n")
+    refused(
+        run(config, "--postfix", str(main_cf), "--dovecot", str(edited)),
+        str(edited),
+        "'password_query_extra'",
+    )
+
+
+def test_an_unreachable_database_names_the_table_file_and_hides_the_password(
+    setup: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    config, _, _ = setup
+    cf = table_file(
+        tmp_path,
+        "user = postfix\npassword = s3cret-pw\nhosts = 127.0.0.1:1\n"
+        "dbname = postfix\nconnect_timeout = 2\n"
+        "query = SELECT domain FROM domain WHERE domain='%s'\n",
+    )
+    p = run(config, "--table", f"relay_domains=mysql:{cf}")
+    refused(p, f"{cf}: query for ", "127.0.0.1", "Can't connect")
+    assert "s3cret-pw" not in p.stderr
+
+
+def test_nothing_published_or_an_unknown_channel_is_an_error(
+    setup: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    config, main_cf, _ = setup
+    refused(run(config, "--postfix", str(main_cf), "--channel", "nope"), "unknown channel nope")
+    empty = tmp_path / "mapsync.toml"
+    empty.write_text(
+        config.read_text().replace(str(config.parent / "repo"), str(tmp_path / "repo"))
+    )
+    refused(run(empty, "--postfix", str(main_cf)), "nothing published", str(tmp_path / "repo"))
+
+
+def test_compare_needs_the_live_configuration(setup: tuple[Path, Path, Path]) -> None:
+    config, _, _ = setup
+    refused(run(config), "--postfix MAIN_CF or --table")
+    refused(run(config, "--postfix", "/nonexistent/main.cf"), "/nonexistent/main.cf", "cannot read")
