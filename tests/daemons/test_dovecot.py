@@ -261,11 +261,6 @@ def _until(check: Callable[[], bool], what: str) -> None:
         time.sleep(0.25)
 
 
-def _auth(d: Dovecot, service: str, user: str, password: str = PASSWORD) -> int:
-    """``doveadm auth test`` as service ``service`` would ask: 0 allowed, 77 refused."""
-    return d.doveadm("auth", "test", "-x", f"service={service}", user, password).returncode
-
-
 def test_a_denied_service_is_refused_with_the_right_password_on_the_mailstore_and_the_proxy(
     nodes: Nodes, store: Dovecot, proxy: Dovecot
 ) -> None:
@@ -291,12 +286,14 @@ def test_a_denied_service_is_refused_with_the_right_password_on_the_mailstore_an
                 f"submission/{no_pop}": "",
             }
             assert set(deny.values()) == {""}  # keys only: a deny list holds no hashes
-        _until(lambda: _auth(store, "imap", no_imap) == 77, "IMAP still allowed on the store")
-        assert _auth(store, "pop3", no_imap) == 0  # the other services still work
-        assert _auth(store, "smtp", no_imap) == 0
-        assert _auth(store, "imap", no_pop) == 0
+        _until(
+            lambda: store.auth("imap", no_imap, PASSWORD) == 77, "IMAP still allowed on the store"
+        )
+        assert store.auth("pop3", no_imap, PASSWORD) == 0  # the other services still work
+        assert store.auth("smtp", no_imap, PASSWORD) == 0
+        assert store.auth("imap", no_pop, PASSWORD) == 0
         for service in ("pop3", "smtp", "submission"):
-            assert _auth(store, service, no_pop) == 77, service
+            assert store.auth(service, no_pop, PASSWORD) == 77, service
         # A real IMAP login: refused for the one, accepted for the other.
         imap = imaplib.IMAP4("127.0.0.1", store.port)
         try:
@@ -310,15 +307,19 @@ def test_a_denied_service_is_refused_with_the_right_password_on_the_mailstore_an
         finally:
             imap.shutdown()
         # The proxy refuses before proxying (nopassword=y: any password would pass on).
-        _until(lambda: _auth(proxy, "imap", no_imap) == 77, "IMAP still proxied")
-        assert _auth(proxy, "pop3", no_imap) == 0
-        assert _auth(proxy, "pop3", no_pop) == 77 and _auth(proxy, "imap", no_pop) == 0
+        _until(lambda: proxy.auth("imap", no_imap, PASSWORD) == 77, "IMAP still proxied")
+        assert proxy.auth("pop3", no_imap, PASSWORD) == 0
+        assert (
+            proxy.auth("pop3", no_pop, PASSWORD) == 77 and proxy.auth("imap", no_pop, PASSWORD) == 0
+        )
     finally:
         set_row(nodes.cluster, t.account, no_imap_id, allow_imap=True)
         set_row(nodes.cluster, t.account, no_pop_id, allow_pop3=True, allow_submission=True)
         nodes.publish_and_pull()
     assert entries(nodes.target("dovecot-store") / "dovecot_deny", ":") == seeded["dovecot-store"]
-    _until(lambda: _auth(store, "imap", no_imap) == 0, "IMAP still refused after allowing it")
+    _until(
+        lambda: store.auth("imap", no_imap, PASSWORD) == 0, "IMAP still refused after allowing it"
+    )
 
 
 def test_doveadm_user_shows_the_customer_id(nodes: Nodes, store: Dovecot) -> None:
