@@ -48,7 +48,11 @@ def snapshot(**extra: object) -> Snapshot:
         secrets=True,
         customers=dict(CUSTOMERS),
         # alice: no IMAP, no POP3; erin (store-2): no submission; x@catch.org: no POP3.
-        denied={2: frozenset({"imap", "pop3"}), 6: frozenset({"submission"}), 9: {"pop3"}},  # type: ignore[dict-item]
+        denied={
+            2: frozenset({"imap", "pop3"}),
+            6: frozenset({"submission"}),
+            9: frozenset({"pop3"}),
+        },
     )
     return replace(snap, **extra)  # type: ignore[arg-type]
 
@@ -119,9 +123,7 @@ def test_the_customer_id_is_a_userdb_field_only_where_the_channel_names_it() -> 
         assert without == plain[key].split(":", 6)[6].split()
 
 
-def test_a_bad_ext_id_is_a_problem_only_when_a_channel_carries_it_and_skipping_drops_the_field() -> (
-    None
-):
+def test_a_bad_ext_id_is_a_problem_only_where_carried_and_skipping_drops_only_the_field() -> None:
     snap = snapshot(customers={**CUSTOMERS, 10: "ACME 10%"})
     assert check(snap) == []  # nobody carries customer ids: ext_id is not a map's business
     problems = check(snap, customers=True)
