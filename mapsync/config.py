@@ -52,6 +52,8 @@ class PublisherChannel:
     push: tuple[str, ...] = ()  # node inboxes: a path, rsync://host/module/path, ssh://host/path
     uid: int = 5000  # dovecot_users: the owner of the mail files on the mailstore
     gid: int = 5000
+    # dovecot_users: the userdb field that carries the account's customer.ext_id; None: none.
+    customer_field: str | None = None
 
 
 @dataclass(frozen=True)
@@ -429,6 +431,12 @@ def _guards(section: _Section, base: Guards) -> Guards:
     )
 
 
+def exception_guards(base: Guards) -> Guards:
+    """The guards of a list of exceptions (a deny list): it may be empty and may shrink at
+    will; growth and changes are guarded as ``base`` says (a mass denial locks users out)."""
+    return Guards(0, 1.0, base.max_growth, base.max_change)
+
+
 def _publisher(path: Path, data: Any) -> PublisherConfig:
     from mapsync.maps import CATALOGUE  # the map names are the catalogue's
 
@@ -472,14 +480,17 @@ def _publisher(path: Path, data: Any) -> PublisherConfig:
     for name, sub in per_map.items():
         if name not in known:
             raise ConfigError(f"{path}: [publisher.guards.{name}]: unknown map {name!r}")
-        map_guards[name] = _guards(_Section(path, f"publisher.guards.{name}", sub), base)
+        # A list of exceptions (dovecot_deny) starts from its own defaults: see Map.exceptions.
+        spec = CATALOGUE.get(name)  # None: a map of the operator's own
+        start = exception_guards(base) if spec is not None and spec.exceptions else base
+        map_guards[name] = _guards(_Section(path, f"publisher.guards.{name}", sub), start)
 
     channels = {}
     for name, sub in s.table("channels").items():
         where = f"publisher.channels.{name}"
         _check_name(path, where, name, "channel")
         cs = _Section(path, where, sub)
-        cs.allow("maps", "mailstore", "push", "uid", "gid")
+        cs.allow("maps", "mailstore", "push", "uid", "gid", "customer_field")
         maps = cs.strlist("maps", _REQUIRED)
         if not maps:
             raise ConfigError(f"{cs.where('maps')}: must name at least one map")
@@ -500,6 +511,7 @@ def _publisher(path: Path, data: Any) -> PublisherConfig:
             push=push,
             uid=cs.integer("uid", 5000, minimum=1),
             gid=cs.integer("gid", 5000, minimum=1),
+            customer_field=_customer_field(cs, maps),
         )
     if not channels:
         raise ConfigError(f"{path}: [publisher.channels]: define at least one channel")
@@ -529,6 +541,30 @@ def _publisher(path: Path, data: Any) -> PublisherConfig:
         maps=own_maps,
         sql=sql,
     )
+
+
+_FIELD_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}\Z")
+# userdb fields Dovecot itself acts on: a customer id must not set one of them.
+_RESERVED_FIELDS = frozenset(
+    {"uid", "gid", "home", "mail", "user", "nologin", "quota_rule", "system_groups_user"}
+)
+
+
+def _customer_field(cs: _Section, maps: tuple[str, ...]) -> str | None:
+    """``customer_field``: the userdb field name for the customer id (dovecot_users only)."""
+    name: str | None = cs.text("customer_field")
+    if name is None:
+        return None
+    if "dovecot_users" not in maps:
+        raise ConfigError(
+            f"{cs.where('customer_field')}: only a channel with dovecot_users carries it"
+        )
+    if not _FIELD_NAME.match(name) or name in _RESERVED_FIELDS or name.startswith("quota"):
+        raise ConfigError(
+            f"{cs.where('customer_field')}: {name!r} is not a free userdb field name "
+            "(lowercase letters, digits, '_'; not one Dovecot acts on, such as home or quota_rule)"
+        )
+    return name
 
 
 def _own_maps(path: Path, data: dict[str, Any], catalogue: Any) -> dict[str, MapConfig]:

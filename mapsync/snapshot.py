@@ -39,6 +39,7 @@ class Domain(NamedTuple):
     default_mailstore_id: int | None
     relay_nexthop: str | None
     status: str  # active | suspended | disabled (customer status already folded in)
+    customer_id: int | None = None  # whose domain it is (see Snapshot.customers)
 
 
 class Account(NamedTuple):
@@ -52,6 +53,13 @@ class Account(NamedTuple):
     password_hash: str | None = None
     home: str | None = None
     quota_bytes: int | None = None
+    # Read with the secrets when a channel carries customer ids (Source.customers): the
+    # account's own customer; None falls back to its domain's (see Snapshot.customers).
+    customer_id: int | None = None
+
+
+# The services an account's allow_* columns govern (a login for any other is not governed).
+SERVICES = ("imap", "pop3", "submission")
 
 
 class SenderGrant(NamedTuple):
@@ -95,6 +103,11 @@ class Snapshot:
     # like an alias, on a live account's address; the account's own address among the targets
     # keeps a copy in the mailbox. The account keeps its login either way.
     forwards: list[Alias] = field(default_factory=list)
+    # The services an account may not log in to, by account id (only the accounts with one):
+    # "imap", "pop3", "submission" (see SERVICES). Few rows: kept apart from the millions.
+    denied: dict[int, frozenset[str]] = field(default_factory=dict)
+    # customer id → its ext_id (the billing system's id), for the userdb's customer field.
+    customers: dict[int, str] = field(default_factory=dict)
     # How the source names a row in problems: (table, id, key) → "alias 'sales@example.com'".
     # None: mapsync's own "table id=N 'key'".
     describe: Callable[[str, int, str], str] | None = None

@@ -206,13 +206,17 @@ def _unicode_problem(name: str, unicode: str) -> str | None:
     return None
 
 
-def check(snap: Snapshot, proxy: bool = False) -> list[Problem]:
+def check(snap: Snapshot, proxy: bool = False, customers: bool = False) -> list[Problem]:
     """Every rule violation in ``snap``; an empty list means it may be published.
 
     ``proxy``: a channel carries ``dovecot_proxy``, so every mailstore's imap_host must be an IP.
+    ``customers``: a channel carries the customer id in its userdb (``customer_field``), so the
+    ext_id of every customer with a live account must fit a userdb field value.
     """
     with paused_gc():
         problems = list(_check(snap, proxy))
+        if customers:
+            problems += _customers(snap)
     if snap.problems:
         # The source's own reason for a row comes first, and stands for the row: a domain
         # naming an unknown mailstore is that, not also "has no default mailstore".
@@ -411,6 +415,35 @@ def _check(snap: Snapshot, proxy: bool = False) -> Iterator[Problem]:
             # publish) over a missing role address, a worse outage than the missing address.
             _log.warning(
                 "hosted domain has no postmaster@ (RFC 5321 requires it)", domain=d.name, row=d.id
+            )
+
+
+# A userdb extra-field value: visible ASCII, no space (it ends the field), no '%' (Dovecot
+# expands %variables in passwd-file extra fields).
+_EXT_ID = re.compile(r"[!-$&-~]{1,64}\Z")
+
+
+def _customers(snap: Snapshot) -> Iterator[Problem]:
+    """The ext_id of each customer a live account belongs to (its own, else its domain's)."""
+    domains = {d.id: d for d in snap.domains if d.kind == "hosted" and d.status != "disabled"}
+    used: set[int] = set()
+    for a in snap.accounts:
+        d = domains.get(a.domain_id)
+        if d is None or a.status == "disabled":
+            continue
+        customer = a.customer_id if a.customer_id is not None else d.customer_id
+        if customer is not None:
+            used.add(customer)
+    for cid in sorted(used):
+        ext_id = snap.customers.get(cid)
+        if ext_id is not None and not _EXT_ID.match(ext_id):
+            yield Problem(
+                "customer",
+                cid,
+                ext_id,
+                f"ext_id {ext_id!r} cannot be a userdb field value (customer_field): "
+                "1-64 visible ASCII characters, no space, no '%'",
+                "ext_id",
             )
 
 

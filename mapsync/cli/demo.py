@@ -2,7 +2,7 @@
 
 Everything is real: a SQLite file seeded with sample data, an ed25519 key, signed releases
 in a repository, and one agent per node role (Postfix MX, Exim MX, scanner, IMAP proxy, two
-mailstores) that pulls its channel with rsync, verifies it and swaps it in, and the status
+mailstores, submission relay) that pulls its channel with rsync, verifies it and swaps it in, and the status
 each node's monitoring would see. Running it again on the same directory re-publishes
 (nothing changed → no release) and re-pulls.
 
@@ -45,15 +45,20 @@ maps = ["domains", "recipients", "virtual", "exim_routes"]
 maps = ["domains", "transport"]
 
 [publisher.channels.imap]
-maps = ["dovecot_proxy"]
+maps = ["dovecot_proxy", "dovecot_deny"]
 
 [publisher.channels.store-1]
-maps = ["dovecot_users"]
+maps = ["dovecot_users", "dovecot_deny"]
 mailstore = "store-1"
+customer_field = "customer_id"
 
 [publisher.channels.store-2]
-maps = ["dovecot_users"]
+maps = ["dovecot_users", "dovecot_deny"]
 mailstore = "store-2"
+customer_field = "customer_id"
+
+[publisher.channels.submission]
+maps = ["dovecot_submission", "senders"]
 
 {agent}"""
 
@@ -94,6 +99,7 @@ NODES = {
     "imap-proxy": ("imap", "dovecot"),
     "store-1": ("store-1", "dovecot"),
     "store-2": ("store-2", "dovecot"),
+    "submission": ("submission", "postfix"),
 }
 
 
@@ -223,6 +229,17 @@ def run_demo(directory: Path | None, schema: str = "mapsync") -> int:
     proxy = node_cfgs["imap-proxy"].channels["imap"].target / "dovecot_proxy"
     print(f"   Dovecot on store-1 reads passwd-file {store} (every account's password: {PASSWORD})")
     print(f"   the IMAP proxy reads {proxy}: no password hashes there")
+    deny = store.parent / "dovecot_deny"
+    denied = [line for line in deny.read_text().splitlines() if not line.startswith("#")]
+    print(
+        f"   both refuse the services an account may not use, from {deny.name} "
+        f"({len(denied)} lines on store-1{', e.g. ' + denied[0] if denied else ''})"
+    )
+    relay = node_cfgs["submission"].channels["submission"].target
+    print(
+        f"   the submission relay's Dovecot SASL reads {relay / 'dovecot_submission'} "
+        f"(accounts that may send), Postfix {relay / 'senders'}"
+    )
     print("== configs (try e.g. mapsync --config FILE status):")
     print(f"   publisher and node mx: {cfg_path}")
     for node in NODES:

@@ -292,11 +292,11 @@ def _parser() -> argparse.ArgumentParser:
 
     s = add(
         "demo",
-        "the whole system on one machine: SQLite, sample data, publisher, six nodes",
+        "the whole system on one machine: SQLite, sample data, publisher, seven nodes",
         "Build a whole mail cluster in DIR: a SQLite database with sample data, a publisher\n"
-        "with signed releases of six channels, and six nodes - mx (Postfix MX), exim-mx,\n"
-        "scanner, imap-proxy, store-1 and store-2 - whose agents pull their channel with\n"
-        "rsync, verify it and install it. Prints each node's status and postmap commands\n"
+        "with signed releases of seven channels, and seven nodes - mx (Postfix MX), exim-mx,\n"
+        "scanner, imap-proxy, store-1, store-2 and submission (the relay users send\n"
+        "through) - whose agents pull their channel with rsync, verify it and install it. Prints each node's status and postmap commands\n"
         "to try a lookup. Run again with the same DIR to re-publish (an unchanged database\n"
         "makes no release) and re-pull.\n\n"
         "Configs: DIR/mapsync.toml holds the publisher and node mx's agent; every other\n"

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from mapsync.maps.base import Map
 from mapsync.maps.directory import Directory
-from mapsync.maps.dovecot import DovecotProxyMap, DovecotUsersMap
+from mapsync.maps.dovecot import (
+    DovecotDenyMap,
+    DovecotProxyMap,
+    DovecotSubmissionMap,
+    DovecotUsersMap,
+)
 from mapsync.maps.exim import EximRoutesMap
 from mapsync.maps.postfix import DomainsMap, RecipientsMap, SendersMap, TransportMap, VirtualMap
 from mapsync.release import MapEntry
@@ -20,6 +25,8 @@ CATALOGUE: dict[str, Map] = {
         EximRoutesMap(),
         DovecotUsersMap(),
         DovecotProxyMap(),
+        DovecotDenyMap(),
+        DovecotSubmissionMap(),
     )
 }
 

@@ -15,6 +15,9 @@ A map must provide:
   channel names one), so a skipped row of another mailstore is not this channel's;
 - ``separator``: between key and value on a text line: ``" "`` (Postfix source format) or
   ``":"`` (Dovecot passwd-file, whose value is the remaining six fields);
+- ``exceptions``: its entries are exceptions (a deny list): it may be empty and may shrink
+  at will (``min_entries`` 0, ``max_shrink`` 100 %) unless ``[publisher.guards.<map>]`` says
+  otherwise; growth and changes stay guarded (a mass denial locks users out);
 - ``entries(directory, channel)``: the (key, value) pairs, in any order; keys lowercase.
 
 The publisher sorts the entries bytewise, refuses duplicate keys, and writes text and cdb.
@@ -41,6 +44,7 @@ class Map(ABC):
     )
     per_mailstore: bool = False
     separator: str = " "
+    exceptions: bool = False
     description: str = ""
 
     @abstractmethod

@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from mapsync import GENERATOR, log
 from mapsync.access import check_owner
 from mapsync.atomic import atomic_write, fsync_dir
-from mapsync.config import MapConfig, PublisherChannel, PublisherConfig
+from mapsync.config import MapConfig, PublisherChannel, PublisherConfig, exception_guards
 from mapsync.errors import (
     ConfigError,
     InvalidData,
@@ -210,6 +210,8 @@ def channel_digest(ch: PublisherChannel, own: dict[str, MapConfig] | None = None
         "gid": ch.gid,
         "generator": GENERATOR,
     }
+    if ch.customer_field:  # only when set: a channel without it keeps its digest
+        data["customer_field"] = ch.customer_field
     listed = [own[m] for m in ch.maps if own and m in own]
     if listed:  # absent otherwise: a channel of built-in maps keeps the digest it had
         from mapsync.sources.builtin import safe_url  # never a password, even hashed
@@ -252,8 +254,10 @@ def drop_invalid(snap: Snapshot, problems: list[Problem]) -> Snapshot:
     quotas = {p.row for p in problems if p.quota}
     # A sender grant's row is its account's id: the grant is the (account, address) pair.
     bad_grants = {(p.row, p.key) for p in problems if p.table == "sender_grant"}
+    # A bad ext_id costs the accounts of that customer only their customer field.
     return replace(
         snap,
+        customers={c: e for c, e in snap.customers.items() if ("customer", c) not in bad},
         mailstores=[m for m in snap.mailstores if ("mailstore", m.id) not in bad],
         domains=[d for d in snap.domains if ("domain", d.id) not in bad],
         accounts=[
@@ -405,6 +409,7 @@ class Publisher:
         self.cfg = cfg
         self._public: Ed25519PublicKey | None = None
         self._proxy = False
+        self._customers = False
         self.repo = Repository(cfg.repository)
         self._source = source
         self.maps = catalogue(cfg.maps)  # the built-in maps and the operator's own
@@ -509,6 +514,8 @@ class Publisher:
                 return PublishResult([p for p in quiet if p is not None], [], dry_run)
         _log.info("reading snapshot", database=source.safe_url)
         self._proxy = any("dovecot_proxy" in ch.maps for ch in selected)
+        self._customers = any(ch.customer_field for ch in selected)
+        source.customers = self._customers
         snap = source.snapshot(secrets=secrets)
         self._own_maps(snap, source, others)
         stores = {m.name for m in snap.mailstores}
@@ -655,7 +662,7 @@ class Publisher:
         unchanged, whichever channels the run publishes. Each channel records only the rows
         that are its own: a mailstore's channel not another mailstore's accounts.
         """
-        problems = validate(snap, self._proxy)
+        problems = validate(snap, self._proxy, self._customers)
         own = self._own_problems  # already left out of their maps' entries
         if (problems or own) and not skip_invalid:
             raise InvalidData([str(p) for p in problems + own])
@@ -711,7 +718,7 @@ class Publisher:
                 raise InvalidData([f"{p} (cannot be skipped)" for p in again])
             skipped += relevant
             snap = drop_invalid(snap, relevant)
-            relevant = [p for p in validate(snap, proxy) if affects(p, read)]
+            relevant = [p for p in validate(snap, proxy, self._customers) if affects(p, read)]
         return Directory(snap), skipped
 
     def _stage(
@@ -830,6 +837,10 @@ class Publisher:
         violations = []
         for map_plan in staged.plan.maps:
             guards = self.cfg.map_guards.get(map_plan.name, self.cfg.guards)
+            spec = CATALOGUE.get(map_plan.name)
+            if spec is not None and spec.exceptions and map_plan.name not in self.cfg.map_guards:
+                # A deny list: empty denies no one, and allowing a few again is no outage.
+                guards = exception_guards(guards)
             v = check(map_plan, guards, staged.plan.channel)
             if v is None:
                 continue

@@ -42,6 +42,9 @@ class Source(ABC):
     statement_timeout: float = 600.0
     # Maps of the operator's own to read with the snapshot (set by the publisher).
     maps: tuple[MapConfig, ...] = ()
+    # Set by the publisher when a channel carries customer ids (customer_field): read each
+    # account's own customer with the secrets (Account.customer_id); else they stay unread.
+    customers: bool = False
 
     def bound(self, lock_wait: float, statement_timeout: float) -> None:
         """Wait at most ``lock_wait`` for a lock another session holds (and for a connect),

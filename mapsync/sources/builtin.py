@@ -21,8 +21,10 @@ from sqlalchemy import (
     Engine,
     create_engine,
     event,
+    false,
     func,
     null,
+    or_,
     select,
     text,
 )
@@ -34,6 +36,7 @@ from mapsync import log
 from mapsync.errors import LockBusy, SourceError
 from mapsync.progress import track
 from mapsync.snapshot import (
+    SERVICES,
     Account,
     Alias,
     Domain,
@@ -409,10 +412,13 @@ class BuiltinSource(Source):
                 ).order_by(t.mailstore.c.id)
             )
         ]
-        customer_status = {
-            cid: status
-            for cid, status in conn.execute(select(t.customer.c.id, t.customer.c.status))
-        }
+        customer_status = {}
+        customers = {}
+        for cid, status, ext_id in conn.execute(
+            select(t.customer.c.id, t.customer.c.status, t.customer.c.ext_id)
+        ):
+            customer_status[cid] = status
+            customers[cid] = ext_id
         domains = []
         for row in conn.execute(
             select(
@@ -428,7 +434,7 @@ class BuiltinSource(Source):
             ).order_by(t.domain.c.id)
         ):
             status = _cascade(row.status, customer_status.get(row.customer_id))
-            domains.append(Domain(*row[:7], status=status))
+            domains.append(Domain(*row[:7], status=status, customer_id=row.customer_id))
         columns: list[ColumnElement[Any]] = [
             t.account.c.id,
             t.account.c.domain_id,
@@ -439,9 +445,14 @@ class BuiltinSource(Source):
         # The home is read for every run (validation fails a bad one in every channel);
         # hashes and quotas only for a channel that carries them.
         if getattr(self, "_secrets", False):
-            columns += [t.account.c.password_hash, t.account.c.home, t.account.c.quota_bytes]
+            columns += [
+                t.account.c.password_hash,
+                t.account.c.home,
+                t.account.c.quota_bytes,
+                t.account.c.customer_id if self.customers else null(),
+            ]
         else:  # NULL from the database: every row has all of Account's fields
-            columns += [null(), t.account.c.home, null()]
+            columns += [null(), t.account.c.home, null(), null()]
         assert len(columns) == len(Account._fields)
         rows = fingerprint.tables
         accounts = list(
@@ -454,6 +465,19 @@ class BuiltinSource(Source):
                 ),
             )
         )
+        # Only the accounts denied a service (few): the allow_* columns of the rest stay unread.
+        allow = (t.account.c.allow_imap, t.account.c.allow_pop3, t.account.c.allow_submission)
+        shared: dict[tuple[bool, ...], frozenset[str]] = {}  # one set per combination
+        denied = {}
+        for account_id, *flags in conn.execute(
+            select(t.account.c.id, *allow).where(or_(*(c == false() for c in allow)))
+        ):
+            key = tuple(map(bool, flags))
+            services = shared.get(key)
+            if services is None:
+                services = frozenset(s for s, ok in zip(SERVICES, key, strict=True) if not ok)
+                shared[key] = services
+            denied[account_id] = services
         grants = [
             SenderGrant(*row)
             for row in conn.execute(
@@ -510,6 +534,8 @@ class BuiltinSource(Source):
             aliases=aliases,
             fingerprint=fingerprint,
             sender_grants=grants,
+            denied=denied,
+            customers=customers,
             secrets=getattr(self, "_secrets", False),
             taken_at=datetime.now(UTC),
         )

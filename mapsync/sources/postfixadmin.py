@@ -224,8 +224,12 @@ class PostfixAdminSource(BuiltinSource):
         mailbox_columns = ["username", "maildir", "quota", "active"]
         if secrets:
             mailbox_columns.append("password")
+        # smtp_active (PostfixAdmin >= 4.0, schema 1850): SMTP AUTH apart from `active`.
+        smtp = "smtp_active" in self._need(conn, "mailbox")
+        if smtp:
+            mailbox_columns.append("smtp_active")
         with paused_gc():
-            return _Reader(self.settings, secrets).build(
+            return _Reader(self.settings, secrets, smtp).build(
                 domains=self._rows(conn, "domain", *COLUMNS["domain"][:4]),
                 alias_domains=self._rows(conn, "alias_domain", *COLUMNS["alias_domain"][:3]),
                 mailboxes=self._rows(conn, "mailbox", *mailbox_columns),
@@ -237,9 +241,10 @@ class PostfixAdminSource(BuiltinSource):
 class _Reader:
     """Turns PostfixAdmin's rows into the neutral model (see the module docstring)."""
 
-    def __init__(self, settings: PostfixAdminConfig, secrets: bool) -> None:
+    def __init__(self, settings: PostfixAdminConfig, secrets: bool, smtp: bool = False) -> None:
         self.settings = settings
         self.secrets = secrets
+        self.smtp = smtp  # the mailbox rows end with smtp_active
         self.labels: dict[tuple[str, int], str] = {}
 
     def describe(self, table_: str, row: int, key: str) -> str:
@@ -322,6 +327,8 @@ class _Reader:
         # Mailboxes.
         accounts: list[Account] = []
         mailbox_of: dict[str, Account] = {}
+        denied: dict[int, frozenset[str]] = {}
+        no_smtp = frozenset({"submission"})
         skipped_in: dict[str, int] = defaultdict(int)
         base = self.settings.mail_base.rstrip("/")
         for i, row in enumerate(sorted(mailboxes, key=lambda r: (r[0] or "").lower()), start=1):
@@ -349,6 +356,8 @@ class _Reader:
             )
             accounts.append(account)
             mailbox_of[username] = account
+            if self.smtp and not _yes(row[-1]):
+                denied[i] = no_smtp  # may read mail, may not authenticate to send it
         for domain, count in sorted(skipped_in.items()):
             _log.warning(
                 "inactive domain: its active mailboxes get no mail and no login "
@@ -442,6 +451,7 @@ class _Reader:
             aliases=model_aliases,
             fingerprint=fingerprint,
             forwards=forwards,
+            denied=denied,
             secrets=self.secrets,
             taken_at=datetime.now(UTC),
             describe=self.describe,

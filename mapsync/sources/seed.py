@@ -7,7 +7,8 @@ hosted (``example-K.net`` → ``example-K.org``), one relay domain per twenty
 (``relay-K.example.com``), one IDN domain (``bücher-1.example``); a catch-all on one hosted
 domain in 25; accounts spread over the domains and mailstores ``store-1`` … (1 in 20 housed
 off its domain's default store), with a few login-disabled, disabled and moving; aliases
-with one to three targets, mostly internal.
+with one to three targets, mostly internal. One account in 25 may not use POP3, one in 50 may
+not send (``allow_pop3``, ``allow_submission``).
 """
 
 from __future__ import annotations
@@ -390,6 +391,10 @@ def _account(
         "home": f"/var/vmail/{d['name']}/{local}",
         "quota_bytes": 2 * 1024**3,
         "status": status,
+        # By id, not by the random generator (every other row stays as it was): one account in
+        # 25 reads its mail over IMAP only, one in 50 may not send. Never a postmaster.
+        "allow_pop3": local == "postmaster" or aid % 25 != 0,
+        "allow_submission": local == "postmaster" or aid % 50 != 7,
     }
 
 

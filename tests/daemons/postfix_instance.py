@@ -61,7 +61,7 @@ SETTINGS: dict[str, str] = {
 
 _MASTER_CF = """\
 # service  type  private unpriv  chroot  wakeup  maxproc command
-{listen}   inet  n       -       n       -       -       smtpd
+{listen}   inet  n       -       n       -       -       smtpd{options}
 pickup     unix  n       -       n       60      1       pickup
 cleanup    unix  n       -       n       -       0       cleanup
 qmgr       unix  n       -       n       300     1       qmgr
@@ -78,6 +78,7 @@ error      unix  -       -       n       -       -       error
 retry      unix  -       -       n       -       -       error
 discard    unix  -       -       n       -       -       discard
 anvil      unix  -       -       n       -       1       anvil
+tlsmgr     unix  -       -       n       1000?   1       tlsmgr
 scache     unix  -       -       n       -       1       scache
 postlog    unix-dgram n  -       n       -       1       postlogd
 smtp       unix  -       -       n       -       -       smtp
@@ -118,8 +119,13 @@ class PostfixInstance:
     """One Postfix under ``root`` whose main.cf is the defaults plus ``snippet``, and whose
     master.cf is the services Postfix needs plus ``services``."""
 
-    def __init__(self, root: Path, snippet: str, services: str = "") -> None:
+    def __init__(
+        self, root: Path, snippet: str, services: str = "", options: tuple[str, ...] = ()
+    ) -> None:
+        """``services``: more master.cf lines; ``options``: ``name=value`` overrides of the
+        smtpd service (master.cf ``-o``)."""
         self.root = root
+        self.options = options
         self.conf = root / "etc"
         self.queue = root / "queue"
         self.data = root / "data"
@@ -136,7 +142,11 @@ class PostfixInstance:
         os.chown(self.data, pwd.getpwnam("postfix").pw_uid, -1)
         (self.conf / "main.cf").write_text(snippet)
         (self.conf / "master.cf").write_text(
-            _MASTER_CF.format(listen=f"127.0.0.1:{self.port}") + services
+            _MASTER_CF.format(
+                listen=f"127.0.0.1:{self.port}",
+                options="".join(f"\n  -o {o}" for o in self.options),
+            )
+            + services
         )
         settings = {
             **SETTINGS,

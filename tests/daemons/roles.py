@@ -18,10 +18,12 @@ from mapsync.sources.seed import SeedCounts, seed
 from tests.conftest import Cluster
 
 AGENTS = Path(__file__).resolve().parents[2] / "agents"
-ROLES = ("postfix-mx", "exim-mx", "scanner", "dovecot-proxy", "dovecot-store")
+ROLES = ("postfix-mx", "exim-mx", "scanner", "dovecot-proxy", "dovecot-store", "submission")
 PASSWORD = "correct horse battery staple"
 _PUBLISHER_LINE = re.compile(
-    r"^# Publisher channel: maps = (\[[^\]]*\])(?:, mailstore = (\"[^\"]+\"))?$", re.M
+    r"^# Publisher channel: maps = (\[[^\]]*\])(?:, mailstore = (\"[^\"]+\"))?"
+    r"(?:, customer_field = (\"[^\"]+\"))?$",
+    re.M,
 )
 
 
@@ -34,6 +36,7 @@ class Role:
     target: Path  # where the operator's agent.toml installs the maps
     maps: tuple[str, ...]
     mailstore: str | None
+    customer_field: str | None
     files: dict[str, config.FileMode]  # the agent.toml's [files] tables, carried into the tests
 
     def file(self, filename: str) -> str:
@@ -58,6 +61,7 @@ def role(name: str) -> Role:
         target=ch.target,
         maps=tuple(json.loads(m.group(1))),
         mailstore=json.loads(m.group(2)) if m.group(2) else None,
+        customer_field=json.loads(m.group(3)) if m.group(3) else None,
         files=ch.files,
     )
 
@@ -97,6 +101,8 @@ def make_nodes(
         publisher += f"[publisher.channels.{r.channel}]\nmaps = {json.dumps(list(r.maps))}\n"
         if r.mailstore:
             publisher += f"mailstore = {json.dumps(r.mailstore)}\n"
+        if r.customer_field:
+            publisher += f"customer_field = {json.dumps(r.customer_field)}\n"
         agent += (
             f"[agent.channels.{r.channel}]\n"
             f'source = "{root / "repo" / r.channel}"\n'

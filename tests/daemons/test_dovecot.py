@@ -14,11 +14,11 @@ import shutil
 import stat
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, update
+from sqlalchemy import create_engine, select, update
 
 from mapsync.config import FileMode
 from mapsync.sources import schema as t
@@ -250,4 +250,101 @@ def test_skip_invalid_a_bad_quota_keeps_the_user_a_bad_home_makes_it_unknown(
         quota = int(before[quota_user]["quota_rule"].removeprefix("*:bytes="))
         set_row(nodes.cluster, t.account, quota_id, quota_bytes=quota)
         set_row(nodes.cluster, t.account, home_id, home=before[home_user]["home"])
+        nodes.publish_and_pull()
+
+
+def _until(check: Callable[[], bool], what: str) -> None:
+    """Dovecot stats a passwd-file at most once a second: allow it a few seconds."""
+    deadline = time.monotonic() + 5
+    while not check():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.25)
+
+
+def test_a_denied_service_is_refused_with_the_right_password_on_the_mailstore_and_the_proxy(
+    nodes: Nodes, store: Dovecot, proxy: Dovecot
+) -> None:
+    no_imap_id, no_imap = account_on(nodes.cluster, "store-1", skip=2)
+    no_pop_id, no_pop = account_on(nodes.cluster, "store-1", skip=3)
+    seeded = {  # seed: one account in 25 IMAP-only, one in 50 may not send
+        target: entries(nodes.target(target) / "dovecot_deny", ":")
+        for target in ("dovecot-store", "dovecot-proxy")
+    }
+    assert any(k.startswith("pop3/") for k in seeded["dovecot-store"])
+    assert set(seeded["dovecot-store"]) < set(seeded["dovecot-proxy"])  # only store-1's
+    set_row(nodes.cluster, t.account, no_imap_id, allow_imap=False)
+    set_row(nodes.cluster, t.account, no_pop_id, allow_pop3=False, allow_submission=False)
+    try:
+        nodes.publish_and_pull()
+        for target in ("dovecot-store", "dovecot-proxy"):
+            deny = entries(nodes.target(target) / "dovecot_deny", ":")
+            assert deny == {
+                **seeded[target],
+                f"imap/{no_imap}": "",
+                f"pop3/{no_pop}": "",
+                f"smtp/{no_pop}": "",
+                f"submission/{no_pop}": "",
+            }
+            assert set(deny.values()) == {""}  # keys only: a deny list holds no hashes
+        _until(
+            lambda: store.auth("imap", no_imap, PASSWORD) == 77, "IMAP still allowed on the store"
+        )
+        assert store.auth("pop3", no_imap, PASSWORD) == 0  # the other services still work
+        assert store.auth("smtp", no_imap, PASSWORD) == 0
+        assert store.auth("imap", no_pop, PASSWORD) == 0
+        for service in ("pop3", "smtp", "submission"):
+            assert store.auth(service, no_pop, PASSWORD) == 77, service
+        # A real IMAP login: refused for the one, accepted for the other.
+        imap = imaplib.IMAP4("127.0.0.1", store.port)
+        try:
+            assert imap.login(no_pop, PASSWORD)[0] == "OK"
+        finally:
+            imap.logout()
+        imap = imaplib.IMAP4("127.0.0.1", store.port)
+        try:
+            with pytest.raises(imaplib.IMAP4.error, match="AUTHENTICATIONFAILED"):
+                imap.login(no_imap.upper(), PASSWORD)  # %Lu: any case
+        finally:
+            imap.shutdown()
+        # The proxy refuses before proxying (nopassword=y: any password would pass on).
+        _until(lambda: proxy.auth("imap", no_imap, PASSWORD) == 77, "IMAP still proxied")
+        assert proxy.auth("pop3", no_imap, PASSWORD) == 0
+        assert (
+            proxy.auth("pop3", no_pop, PASSWORD) == 77 and proxy.auth("imap", no_pop, PASSWORD) == 0
+        )
+    finally:
+        set_row(nodes.cluster, t.account, no_imap_id, allow_imap=True)
+        set_row(nodes.cluster, t.account, no_pop_id, allow_pop3=True, allow_submission=True)
+        nodes.publish_and_pull()
+    assert entries(nodes.target("dovecot-store") / "dovecot_deny", ":") == seeded["dovecot-store"]
+    _until(
+        lambda: store.auth("imap", no_imap, PASSWORD) == 0, "IMAP still refused after allowing it"
+    )
+
+
+def test_doveadm_user_shows_the_customer_id(nodes: Nodes, store: Dovecot) -> None:
+    """The dovecot-store role's channel sets customer_field = "customer_id": the account's
+    customer.ext_id (its own customer, else its domain's) is a userdb field."""
+    assert nodes.roles["dovecot-store"].customer_field == "customer_id"
+    account_id, user = account_on(nodes.cluster, "store-1", skip=4)
+    engine = create_engine(nodes.cluster.db_url)
+    with engine.connect() as conn:
+        ext = dict(conn.execute(select(t.customer.c.id, t.customer.c.ext_id)).all())
+        own = conn.execute(
+            select(t.account.c.customer_id).where(t.account.c.id == account_id)
+        ).scalar_one()
+    engine.dispose()
+    assert fields(store.doveadm("user", user).stdout)["customer_id"] == ext[own]
+    other = next(c for c in ext if c != own)
+    set_row(nodes.cluster, t.account, account_id, customer_id=other)
+    try:
+        nodes.publish_and_pull()
+        _until(
+            lambda: fields(store.doveadm("user", user).stdout).get("customer_id") == ext[other],
+            "doveadm user does not show the new customer",
+        )
+        f = fields(store.doveadm("user", user).stdout)
+        assert f["home"].endswith("/" + user.split("@")[0]) and f["uid"] == "5000"
+    finally:
+        set_row(nodes.cluster, t.account, account_id, customer_id=own)
         nodes.publish_and_pull()

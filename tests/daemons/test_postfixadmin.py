@@ -20,8 +20,9 @@ from sqlalchemy import create_engine, text
 from mapsync.formats import text as text_map
 from mapsync.signing import keygen
 from tests.conftest import Cluster
+from tests.daemons.roles import entries, role
 from tests.helpers import postfixadmin as pfa
-from tests.helpers.dovecot import passwd_file_dovecot
+from tests.helpers.dovecot import Dovecot, passwd_file_dovecot
 
 pytestmark = pytest.mark.daemons
 
@@ -70,7 +71,7 @@ signing_key = "{root / "keys" / "signing.key"}"
 maps = {json.dumps(mx_channel_maps())}
 
 [publisher.channels.store]
-maps = ["dovecot_users"]
+maps = ["dovecot_users", "dovecot_deny"]
 
 [agent]
 state = "{root / "nodes" / "state"}"
@@ -259,6 +260,29 @@ def test_the_published_maps_answer_as_postfixadmins_own_lookups(
         store.stop()
 
 
+def test_smtp_active_off_refuses_smtp_auth_in_a_real_dovecot_where_the_column_exists(
+    published: tuple[str, Cluster, pfa.Lookups],
+) -> None:
+    """PostfixAdmin's documented Dovecot variant: ``smtp_active = 0`` refuses SMTP AUTH (and
+    Dovecot's submission service), IMAP and POP3 still log in. Before schema 1850 there is
+    no such column, and nobody is refused (the PostgreSQL installation here is 1847)."""
+    engine, cluster, _ = published
+    store_dir = cluster.root / "nodes" / "store"
+    has_column = ENGINES[engine][1] >= 1850
+    denied = {"smtp/gus@example.com", "submission/gus@example.com"} if has_column else set()
+    assert set(entries(store_dir / "dovecot_deny", ":")) == denied
+    snippet = role("dovecot-store").snippet("dovecot.conf", store_dir)
+    store = Dovecot(cluster.root / "dovecot-deny", "pfa-deny", snippet)
+    try:
+        for user in ("gus@example.com", "postmaster@example.com"):
+            for service in ("imap", "pop3", "smtp", "submission"):
+                refused = f"{service}/{user}" in denied
+                got = store.auth(service, user, pfa.PASSWORD)
+                assert got == (77 if refused else 0), (engine, user, service)
+    finally:
+        store.stop()
+
+
 def test_the_pseudo_domain_and_inactive_rows_are_not_published(
     published: tuple[str, Cluster, pfa.Lookups],
 ) -> None:
@@ -419,7 +443,7 @@ def test_the_postfixadmin_demo_runs_the_cluster_on_a_postfixadmin_database() -> 
         )  # fmt: skip
         assert first.returncode == 0, first.stdout + first.stderr
         assert "PostfixAdmin database (SQLite), as PostfixAdmin fills it" in first.stdout
-        assert first.stdout.count("installed serial 1") == 6
+        assert first.stdout.count("installed serial 1") == 7  # the submission relay too
         assert 'schema = "postfixadmin"' in (d / "mapsync.toml").read_text()
         mx = d / "nodes" / "mx" / "postfix"
         virtual, transport = pfa.postmap(mx / "virtual"), pfa.postmap(mx / "transport")
@@ -442,7 +466,7 @@ def test_the_postfixadmin_demo_runs_the_cluster_on_a_postfixadmin_database() -> 
             capture_output=True, text=True, timeout=300,
         )  # fmt: skip
         assert again.returncode == 0, again.stdout + again.stderr
-        assert again.stdout.count("unchanged (serial 1)") == 6
+        assert again.stdout.count("unchanged (serial 1)") == 7
     finally:
         shutil.rmtree(root)
 

@@ -50,8 +50,8 @@ def keys(cluster: Cluster, channel: str, name: str, serial: int | None = None) -
 
 
 def account_on(cluster: Cluster, store: str, skip: int = 0) -> tuple[int, str]:
-    """(id, address) of an active account housed on mailstore ``store`` by its domain's default
-    (the first by id, after ``skip`` others)."""
+    """(id, address) of an active account housed on mailstore ``store`` by its domain's default,
+    allowed every service (the first by id, after ``skip`` others)."""
     engine = create_engine(cluster.db_url)
     try:
         with engine.connect() as conn:
@@ -66,6 +66,9 @@ def account_on(cluster: Cluster, store: str, skip: int = 0) -> tuple[int, str]:
                     t.domain.c.kind == "hosted",
                     t.domain.c.status == "active",
                     t.account.c.local_part != "postmaster",
+                    t.account.c.allow_imap.is_(True),
+                    t.account.c.allow_pop3.is_(True),
+                    t.account.c.allow_submission.is_(True),
                 )
                 .order_by(t.account.c.id)
                 .offset(skip)

@@ -23,7 +23,8 @@ def test_the_demo_builds_a_whole_cluster_and_a_rerun_publishes_nothing(tmp_path:
     first = _demo(tmp_path / "demo")
     assert first.returncode == 0, first.stderr
     for node, channel in (("mx", "mx"), ("exim-mx", "exim"), ("scanner", "scanner"),
-                          ("imap-proxy", "imap"), ("store-1", "store-1"), ("store-2", "store-2")):  # fmt: skip
+                          ("imap-proxy", "imap"), ("store-1", "store-1"), ("store-2", "store-2"),
+                          ("submission", "submission")):  # fmt: skip
         assert f"node {node:<10} pull {channel:<8} installed serial 1" in first.stdout
         assert f"   {node:<10} {channel:<8} OK serial 1" in first.stdout
     # the printed postmap command works, and found the seeded address
@@ -34,11 +35,19 @@ def test_the_demo_builds_a_whole_cluster_and_a_rerun_publishes_nothing(tmp_path:
     store = (tmp_path / "demo/nodes/store-1/dovecot/dovecot_users").read_text()
     proxy = (tmp_path / "demo/nodes/imap-proxy/dovecot/dovecot_proxy").read_text()
     assert "{SHA512-CRYPT}$6$" in store and "$6$" not in proxy
+    assert "userdb_customer_id=C000001" in store  # example-1.org's customer
+    assert "both refuse the services an account may not use, from dovecot_deny (" in first.stdout
+    deny = (tmp_path / "demo/nodes/store-1/dovecot/dovecot_deny").read_text()
+    assert "\npop3/" in deny and "$6$" not in deny
+    relay = (tmp_path / "demo/nodes/submission/postfix/dovecot_submission").read_text()
+    assert "postmaster@example-2.org:{SHA512-CRYPT}$6$" in relay  # every mailstore's senders
+    assert "/var/vmail" not in relay and "quota" not in relay
+    assert (tmp_path / "demo/nodes/submission/postfix/senders.cdb").exists()
 
     again = _demo(tmp_path / "demo")
     assert again.returncode == 0, again.stderr
-    assert again.stdout.count("unchanged (serial 1)") == 6
-    assert again.stdout.count("current serial 1") == 6
+    assert again.stdout.count("unchanged (serial 1)") == 7
+    assert again.stdout.count("current serial 1") == 7
 
     # The demo's report is the whole output: no INFO log lines (`removed=None`) woven into it.
     for run in (first, again):

@@ -19,6 +19,7 @@ SNIPPETS = {
     "exim-mx": ("main.conf", "routers.conf", "transports.conf"),
     "dovecot-store": ("dovecot.conf",),
     "dovecot-proxy": ("dovecot.conf",),
+    "submission": ("main.cf", "master.cf", "dovecot.conf"),
 }
 
 
@@ -69,17 +70,17 @@ def test_each_role_names_known_maps_and_ships_its_snippets(name: str) -> None:
     assert name in (AGENTS / "README.md").read_text()
 
 
-def test_only_the_mailstore_role_receives_password_hashes() -> None:
+def test_only_the_mailstore_and_the_submission_relay_receive_password_hashes() -> None:
     for name in ROLES:
         secret = any(CATALOGUE[m].secrets for m in role(name).maps)
-        assert secret == (name == "dovecot-store"), name
+        assert secret == (name in ("dovecot-store", "submission")), name
 
 
 def test_postfix_nodes_reload_and_dovecot_nodes_rely_on_the_fresh_mtime() -> None:
     reload = {
         name: config.load(AGENTS / name / "agent.toml").need_agent().channels for name in ROLES
     }
-    for name in ("postfix-mx", "scanner"):
+    for name in ("postfix-mx", "scanner", "submission"):
         assert [ch.reload for ch in reload[name].values()] == [("postfix", "reload")]
     for name in ("dovecot-store", "dovecot-proxy", "exim-mx"):
         assert [ch.reload for ch in reload[name].values()] == [()]

@@ -119,6 +119,10 @@ BAD = {
     "(rsync://Publisher.Example.NET:873/mapsync/mx)",
     "duplicate-push": "[publisher.channels.mx] push: a push destination is listed twice "
     "(ssh://mapsync@MX1.Example.net:22/var/lib/mapsync/inbox/mx)",
+    "customer-field-name": "[publisher.channels.store-1] customer_field: 'home' is not a free "
+    "userdb field name",
+    "customer-field-maps": "[publisher.channels.imap] customer_field: only a channel with "
+    "dovecot_users carries it",
     # Maps of the operator's own.
     "own-map-unknown-key": "[publisher.maps.access] seperator: unknown key",
     "own-map-missing-query": "[publisher.maps.access] query: missing (required)",

@@ -36,14 +36,15 @@ def maps() -> dict[str, dict[str, str]]:
     return out
 
 
-def test_catalogue_names_every_map_and_only_dovecot_users_carries_secrets() -> None:
+def test_catalogue_names_every_map_and_only_the_two_passdbs_carry_secrets() -> None:
     assert set(CATALOGUE) == {
         "domains", "recipients", "virtual", "transport",
         "senders", "exim_routes", "dovecot_users", "dovecot_proxy",
+        "dovecot_deny", "dovecot_submission",
     }  # fmt: skip
     for name, m in CATALOGUE.items():
         assert m.name == name
-        assert m.secrets == (name == "dovecot_users")
+        assert m.secrets == (name in ("dovecot_users", "dovecot_submission"))
         assert m.cdb == (not name.startswith("dovecot_"))
 
 
