@@ -1,8 +1,12 @@
 """mapsync's own schema (SQLAlchemy Core).
 
-Every table carries ``updated_at`` (microseconds, set by SQLAlchemy on insert and update) and
-an index on it, so :meth:`BuiltinSource.fingerprint` can tell cheaply whether anything changed.
-Writers that bypass SQLAlchemy must set ``updated_at`` themselves (see docs/schema.md).
+Every table carries ``updated_at`` (microseconds) and an index on it, so
+:meth:`BuiltinSource.fingerprint` can tell cheaply whether anything changed. What protects a
+writer that bypasses SQLAlchemy (a panel, a script, ``psql``) lives in the database itself:
+every column with a documented default has it server-side too (``status``, ``kind``, ports,
+``active``, ``allow_*``, the timestamps in UTC), and a trigger per table moves ``updated_at``
+on every ``UPDATE`` that does not set it (:func:`trigger_ddl`). ``init-db`` installs both, and
+upgrades a database an earlier version made (:mod:`mapsync.sources.upgrade`).
 """
 
 from __future__ import annotations
@@ -16,14 +20,18 @@ from sqlalchemy import (
     Column,
     DateTime,
     ForeignKey,
+    FunctionElement,
     Index,
     Integer,
     MetaData,
     String,
     Table,
     UniqueConstraint,
+    true,
 )
 from sqlalchemy.dialects import mysql
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.compiler import SQLCompiler
 
 
 def _now() -> datetime:
@@ -37,10 +45,42 @@ Timestamp = DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
 metadata = MetaData()
 
 
+class utc_now(FunctionElement[datetime]):
+    """The database's current time in UTC with microseconds: the server-side default of the
+    timestamps, and what the triggers write (the publisher and SQLAlchemy write UTC too)."""
+
+    type = DateTime()
+    inherit_cache = True
+
+
+# Per engine, as a column DEFAULT (SQLite wants an expression in parentheses): UTC whatever
+# the session's time zone, with microseconds (SQLite's %f has milliseconds: padded to six
+# digits, as SQLAlchemy writes them, so the newest updated_at compares as text too).
+UTC_NOW = {
+    "postgresql": "(clock_timestamp() AT TIME ZONE 'utc')",
+    "mysql": "(UTC_TIMESTAMP(6))",
+    "mariadb": "(UTC_TIMESTAMP(6))",
+    "sqlite": "(strftime('%Y-%m-%d %H:%M:%f', 'now') || '000')",
+}
+
+
+@compiles(utc_now)
+def _utc_now(element: utc_now, compiler: SQLCompiler, **kw: object) -> str:
+    return UTC_NOW.get(compiler.dialect.name, "CURRENT_TIMESTAMP")
+
+
 def _stamps() -> list[Column[datetime]]:
     return [
-        Column("created_at", Timestamp, nullable=False, default=_now),
-        Column("updated_at", Timestamp, nullable=False, default=_now, onupdate=_now, index=True),
+        Column("created_at", Timestamp, nullable=False, default=_now, server_default=utc_now()),
+        Column(
+            "updated_at",
+            Timestamp,
+            nullable=False,
+            default=_now,
+            onupdate=_now,
+            server_default=utc_now(),
+            index=True,
+        ),
     ]
 
 
@@ -50,7 +90,7 @@ customer = Table(
     Column("id", Integer, primary_key=True),
     Column("ext_id", String(64), nullable=False, unique=True),
     Column("name", String(255), nullable=False),
-    Column("status", String(16), nullable=False, default="active"),
+    Column("status", String(16), nullable=False, default="active", server_default="active"),
     *_stamps(),
     CheckConstraint("status IN ('active', 'suspended', 'closed')", name="customer_status"),
 )
@@ -61,11 +101,11 @@ mailstore = Table(
     Column("id", Integer, primary_key=True),
     Column("name", String(64), nullable=False, unique=True),
     Column("lmtp_host", String(255), nullable=False),
-    Column("lmtp_port", Integer, nullable=False, default=24),
+    Column("lmtp_port", Integer, nullable=False, default=24, server_default="24"),
     Column("imap_host", String(255), nullable=False),
-    Column("imap_port", Integer, nullable=False, default=143),
-    Column("active", Boolean, nullable=False, default=True),
-    Column("accepts_new", Boolean, nullable=False, default=True),
+    Column("imap_port", Integer, nullable=False, default=143, server_default="143"),
+    Column("active", Boolean, nullable=False, default=True, server_default=true()),
+    Column("accepts_new", Boolean, nullable=False, default=True, server_default=true()),
     *_stamps(),
 )
 
@@ -76,11 +116,11 @@ domain = Table(
     Column("name", String(253), nullable=False, unique=True),
     Column("name_unicode", String(253)),
     Column("customer_id", Integer, ForeignKey("customer.id")),
-    Column("kind", String(8), nullable=False, default="hosted"),
+    Column("kind", String(8), nullable=False, default="hosted", server_default="hosted"),
     Column("target_domain_id", Integer, ForeignKey("domain.id")),
     Column("default_mailstore_id", Integer, ForeignKey("mailstore.id")),
     Column("relay_nexthop", String(255)),
-    Column("status", String(16), nullable=False, default="active"),
+    Column("status", String(16), nullable=False, default="active", server_default="active"),
     *_stamps(),
     CheckConstraint("kind IN ('hosted', 'alias', 'relay')", name="domain_kind"),
     CheckConstraint("status IN ('active', 'suspended', 'disabled')", name="domain_status"),
@@ -97,10 +137,10 @@ account = Table(
     Column("mailstore_id", Integer, ForeignKey("mailstore.id")),
     Column("home", String(255)),
     Column("quota_bytes", BigInteger),
-    Column("status", String(16), nullable=False, default="active"),
-    Column("allow_imap", Boolean, nullable=False, default=True),
-    Column("allow_pop3", Boolean, nullable=False, default=True),
-    Column("allow_submission", Boolean, nullable=False, default=True),
+    Column("status", String(16), nullable=False, default="active", server_default="active"),
+    Column("allow_imap", Boolean, nullable=False, default=True, server_default=true()),
+    Column("allow_pop3", Boolean, nullable=False, default=True, server_default=true()),
+    Column("allow_submission", Boolean, nullable=False, default=True, server_default=true()),
     *_stamps(),
     UniqueConstraint("domain_id", "local_part", name="account_address"),
     CheckConstraint(
@@ -114,7 +154,7 @@ alias = Table(
     Column("id", Integer, primary_key=True),
     Column("domain_id", Integer, ForeignKey("domain.id"), nullable=False),
     Column("local_part", String(64), nullable=False),  # '' = catch-all
-    Column("active", Boolean, nullable=False, default=True),
+    Column("active", Boolean, nullable=False, default=True, server_default=true()),
     Column("expires_at", Timestamp),
     *_stamps(),
     UniqueConstraint("domain_id", "local_part", name="alias_address"),
@@ -125,7 +165,15 @@ alias_target = Table(
     metadata,
     Column("alias_id", Integer, ForeignKey("alias.id", ondelete="CASCADE"), primary_key=True),
     Column("target", String(320), primary_key=True),
-    Column("updated_at", Timestamp, nullable=False, default=_now, onupdate=_now, index=True),
+    Column(
+        "updated_at",
+        Timestamp,
+        nullable=False,
+        default=_now,
+        onupdate=_now,
+        server_default=utc_now(),
+        index=True,
+    ),
 )
 
 sender_grant = Table(
@@ -133,10 +181,54 @@ sender_grant = Table(
     metadata,
     Column("account_id", Integer, ForeignKey("account.id", ondelete="CASCADE"), primary_key=True),
     Column("address", String(320), primary_key=True),
-    Column("updated_at", Timestamp, nullable=False, default=_now, onupdate=_now, index=True),
+    Column(
+        "updated_at",
+        Timestamp,
+        nullable=False,
+        default=_now,
+        onupdate=_now,
+        server_default=utc_now(),
+        index=True,
+    ),
 )
 
 TABLES = (customer, mailstore, domain, account, alias, alias_target, sender_grant)
 
 Index("account_domain", account.c.domain_id)
 Index("alias_target_alias", alias_target.c.alias_id)
+
+
+def trigger_ddl(dialect: str, table: Table) -> list[str]:
+    """The statements that (re)install ``table``'s trigger: an ``UPDATE`` that leaves
+    ``updated_at`` as it was gets the database's UTC time there, so the publisher's cheap
+    fingerprint sees it at once; one that sets it keeps its own value."""
+    name, trigger = table.name, f"{table.name}_updated_at"
+    if dialect == "postgresql":
+        return [
+            "CREATE OR REPLACE FUNCTION mapsync_updated_at() RETURNS trigger LANGUAGE plpgsql AS $$\n"
+            "BEGIN\n"
+            "  IF NEW.updated_at IS NOT DISTINCT FROM OLD.updated_at THEN\n"
+            f"    NEW.updated_at := {UTC_NOW['postgresql']};\n"
+            "  END IF;\n"
+            "  RETURN NEW;\n"
+            "END $$",
+            f"DROP TRIGGER IF EXISTS {trigger} ON {name}",
+            f"CREATE TRIGGER {trigger} BEFORE UPDATE ON {name} FOR EACH ROW "
+            "EXECUTE FUNCTION mapsync_updated_at()",
+        ]
+    if dialect in ("mysql", "mariadb"):
+        return [
+            f"DROP TRIGGER IF EXISTS {trigger}",
+            f"CREATE TRIGGER {trigger} BEFORE UPDATE ON {name} FOR EACH ROW SET NEW.updated_at = "
+            f"IF(NEW.updated_at <=> OLD.updated_at, {UTC_NOW['mysql']}, NEW.updated_at)",
+        ]
+    if dialect == "sqlite":
+        # SQLite cannot change NEW: an AFTER trigger sets the row again (it does not fire
+        # itself: recursive_triggers is off, and its own UPDATE changes updated_at anyway).
+        return [
+            f"DROP TRIGGER IF EXISTS {trigger}",
+            f"CREATE TRIGGER {trigger} AFTER UPDATE ON {name} FOR EACH ROW "
+            f"WHEN NEW.updated_at IS OLD.updated_at BEGIN "
+            f"UPDATE {name} SET updated_at = {UTC_NOW['sqlite']} WHERE rowid = NEW.rowid; END",
+        ]
+    return []

@@ -25,6 +25,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from mapsync.errors import MapsyncError, SourceError
 from mapsync.sources import schema as t
 from mapsync.sources.builtin import make_engine, no_privilege, redact, safe_url
+from mapsync.sources.upgrade import install
 
 _FIRST = [
     "anna",
@@ -114,6 +115,7 @@ def _create(engine: Engine) -> None:
         with engine.connect() as conn:
             conn.exec_driver_sql("PRAGMA journal_mode=WAL")
     t.metadata.create_all(engine)
+    install(engine)  # server-side defaults and updated_at triggers, also on an older database
 
 
 def init_db(url: str) -> None:

@@ -1,0 +1,92 @@
+"""``init-db`` on a database that already has mapsync's tables: what protects writers.
+
+:func:`install` brings every table to :mod:`mapsync.sources.schema` as this version defines
+it, without losing a row: the server-side defaults of the columns that have one, and the
+trigger that moves ``updated_at`` on an ``UPDATE`` that does not set it. It is idempotent:
+``init-db`` runs it every time, on a new database too.
+
+- PostgreSQL: ``ALTER TABLE ... ALTER COLUMN ... SET DEFAULT``; the trigger function
+  ``mapsync_updated_at()`` and one trigger per table.
+- MariaDB/MySQL: ``ALTER TABLE ... MODIFY COLUMN`` with the column's whole definition (the
+  only way to give an expression default); one trigger per table.
+- SQLite cannot change a column's default: a table whose columns lack one is rebuilt (the
+  documented twelve-step way: a new table, the rows copied, the old one dropped, the new one
+  renamed, its indexes created again), in one transaction, foreign keys off meanwhile.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import Connection, Engine, Table
+from sqlalchemy.schema import CreateColumn, CreateIndex, CreateTable
+
+from mapsync import log
+from mapsync.sources import schema as t
+
+_log = log.get("init-db")
+
+
+def install(engine: Engine) -> None:
+    """Defaults and triggers on every table of mapsync's schema (the tables exist)."""
+    dialect = engine.dialect.name
+    if dialect == "sqlite":
+        _sqlite_rebuild(engine)
+    with engine.begin() as conn:
+        for table in t.TABLES:
+            if dialect != "sqlite":
+                _set_defaults(conn, table)
+            for statement in t.trigger_ddl(dialect, table):
+                conn.exec_driver_sql(statement)
+
+
+def _defaulted(table: Table) -> list[str]:
+    return [c.name for c in table.columns if c.server_default is not None]
+
+
+def _set_defaults(conn: Connection, table: Table) -> None:
+    dialect = conn.dialect
+    for name in _defaulted(table):
+        column = table.c[name]
+        if dialect.name == "postgresql":
+            default = str(CreateColumn(column).compile(dialect=dialect)).split(" DEFAULT ", 1)[1]
+            default = default.removesuffix(" NOT NULL")
+            conn.exec_driver_sql(
+                f"ALTER TABLE {table.name} ALTER COLUMN {name} SET DEFAULT {default}"
+            )
+        else:
+            definition = CreateColumn(column).compile(dialect=dialect)
+            conn.exec_driver_sql(f"ALTER TABLE {table.name} MODIFY COLUMN {definition}")
+
+
+def _sqlite_rebuild(engine: Engine) -> None:
+    """Rebuild each table whose defaulted columns have no default in the file."""
+    with engine.connect() as conn:
+        stale = []
+        for table in t.TABLES:
+            info = conn.exec_driver_sql(f"PRAGMA table_info({table.name})").fetchall()
+            defaults = {row[1]: row[4] for row in info}
+            if any(defaults.get(name) is None for name in _defaulted(table)):
+                stale.append((table, list(defaults)))
+        if not stale:
+            return
+        conn.exec_driver_sql("PRAGMA foreign_keys=OFF")  # outside the transaction, as required
+        conn.commit()
+        with conn.begin():
+            for table, had in stale:
+                new = f"_mapsync_new_{table.name}"
+                ddl = str(CreateTable(table).compile(dialect=engine.dialect)).strip()
+                prefix = f"CREATE TABLE {table.name} ("
+                assert ddl.startswith(prefix), ddl
+                conn.exec_driver_sql(f"CREATE TABLE {new} (" + ddl[len(prefix) :])
+                columns = ", ".join(c.name for c in table.columns if c.name in had)
+                conn.exec_driver_sql(
+                    f"INSERT INTO {new} ({columns}) SELECT {columns} FROM {table.name}"
+                )
+                conn.exec_driver_sql(f"DROP TABLE {table.name}")
+                conn.exec_driver_sql(f"ALTER TABLE {new} RENAME TO {table.name}")
+                for index in table.indexes:
+                    conn.execute(CreateIndex(index))
+                _log.info("table rebuilt with its server-side defaults", table=table.name)
+            problems = conn.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+            if problems:
+                raise RuntimeError(f"foreign keys broken by the rebuild: {problems[:5]}")
+        conn.exec_driver_sql("PRAGMA foreign_keys=ON")

@@ -1,0 +1,106 @@
+"""What protects a writer that bypasses SQLAlchemy (docs/howto.md, "What every writer must
+do"): `init-db` gives every documented default to the database itself and installs a trigger
+that moves `updated_at` on an UPDATE that forgets it, on SQLite, PostgreSQL and MariaDB; and
+it brings a database an earlier version made to that state without losing a row."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine
+
+from mapsync.sources.seed import init_db
+from tests.conftest import Cluster
+from tests.helpers import writers
+from tests.helpers.agent import unreferenced_account
+from tests.helpers.publisher import keys
+
+
+@pytest.fixture(params=["sqlite", "postgresql", "mariadb"])
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'mapsync.db'}"
+    return str(
+        request.getfixturevalue("pg_url" if request.param == "postgresql" else "mariadb_url")
+    )
+
+
+def _now() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def _check_writers_are_protected(url: str) -> None:
+    """Bare INSERTs get the documented defaults; an UPDATE that forgets updated_at moves it;
+    one that sets it keeps its own value."""
+    before = _now() - timedelta(seconds=5)
+    writers.run(url, *writers.BARE_INSERTS)
+    after = _now() + timedelta(seconds=5)
+    rows = writers.rows(url)
+    by_name = {r[1]: r for r in rows["mailstore"]}
+    store = by_name["bare-store"]
+    assert store[3] == 24 and store[5] == 143 and store[6] is True and store[7] is True, store
+    (domain,) = [r for r in rows["domain"] if r[1] == "bare.example"]
+    assert domain[4] == "hosted" and domain[8] == "active", domain
+    (anna,) = [r for r in rows["account"] if r[2] == "anna"]
+    assert anna[8:12] == ("active", True, True, True), anna
+    for table, where, change in (
+        ("customer", "ext_id = 'BARE-1'", "name = 'renamed'"),
+        ("mailstore", "name = 'bare-store'", "imap_port = 993"),
+        ("domain", "name = 'bare.example'", "status = 'suspended'"),
+        ("account", "local_part = 'anna'", "status = 'login_disabled'"),
+        ("alias", "local_part = 'sales'", "active = active"),  # no change at all: moved too
+        ("alias_target", "target = 'anna@bare.example'", "target = 'anna@bare.example'"),
+        ("sender_grant", "address = '@bare.example'", "address = '@bare.example'"),
+    ):
+        stamp = writers.updated_at(url, table, where)
+        assert before <= stamp <= after, (table, stamp)  # UTC, whatever the session's zone
+        time.sleep(0.01)
+        writers.run(url, f"UPDATE {table} SET {change} WHERE {where}")  # updated_at forgotten
+        moved = writers.updated_at(url, table, where)
+        assert stamp < moved <= _now() + timedelta(seconds=5), (table, stamp, moved)
+    writers.run(
+        url,
+        "UPDATE account SET status = 'disabled', updated_at = '2001-01-01 00:00:00' "
+        "WHERE local_part = 'anna'",
+    )
+    assert writers.updated_at(url, "account", "local_part = 'anna'") == datetime(2001, 1, 1)
+
+
+def test_a_new_database_protects_writers(url: str) -> None:
+    init_db(url)
+    init_db(url)  # idempotent
+    _check_writers_are_protected(url)
+
+
+def test_init_db_upgrades_an_older_database_without_losing_a_row(url: str, tmp_path: Path) -> None:
+    writers.old_database(url)
+    before = writers.rows(url)
+    with pytest.raises(Exception):  # noqa: B017 - the old tables refuse a bare INSERT
+        writers.run(url, *writers.BARE_INSERTS)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mapsync", "init-db", "--database", url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert writers.rows(url) == before  # every row, every value
+    _check_writers_are_protected(url)
+
+
+def test_publish_sees_an_update_that_forgets_updated_at_at_once(cluster: Cluster) -> None:
+    cluster.publish()
+    engine = create_engine(cluster.db_url)
+    with engine.connect() as conn:
+        account, address = unreferenced_account(conn)
+    engine.dispose()
+    writers.run(cluster.db_url, f"UPDATE account SET status = 'disabled' WHERE id = {account}")
+    out = cluster.publish().stdout  # not "unchanged": the trigger moved updated_at
+    assert "published serial 2" in out, out
+    assert address not in keys(cluster, "mx", "recipients")
