@@ -164,3 +164,13 @@ def pg_url() -> Iterator[str]:
 @pytest.fixture
 def mariadb_url() -> Iterator[str]:
     yield from _server_database("mariadb")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
+    """``-n auto`` (scripts/test): twice as many workers as cores, at least 4 (most tests wait
+    on subprocesses, daemons and sleeps rather than use a core), at most 16 (each holds
+    database connections). PYTEST_XDIST_AUTO_NUM_WORKERS still decides when set."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return None
+    return min(16, max(4, 2 * len(os.sched_getaffinity(0))))
