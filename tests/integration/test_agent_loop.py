@@ -108,7 +108,13 @@ class AgentProcess:
         """Send ``sig``; (exit code, seconds until the process was gone)."""
         started = time.monotonic()
         self.proc.send_signal(sig)
-        code = self.proc.wait(timeout)
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(
+                f"the agent still runs {timeout}s after signal {sig}; log:\n"
+                + "\n".join(json.dumps(r) for r in self.records)
+            ) from None
         took = time.monotonic() - started
         self._reader.join(5)
         return code, took
