@@ -164,3 +164,39 @@ def pg_url() -> Iterator[str]:
 @pytest.fixture
 def mariadb_url() -> Iterator[str]:
     yield from _server_database("mariadb")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
+    """``-n auto`` (scripts/test): twice as many workers as cores, at least 4 (most tests wait
+    on subprocesses, daemons and sleeps rather than use a core), at most 16 (each holds
+    database connections). PYTEST_XDIST_AUTO_NUM_WORKERS still decides when set."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return None
+    return min(16, max(4, 2 * len(os.sched_getaffinity(0))))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | None:
+    """``--dist loadgroup`` (scripts/test), done here: pytest-xdist 3.8 marks a group by
+    editing node ids, which pytest 9.2 no longer honours (pytest-xdist issue #1386), so its
+    own loadgroup spreads a group over every worker.
+
+    A module that declares a module-scoped fixture or an ``xdist_group`` mark (the package
+    tests: one installed .deb) runs whole on one worker, so the fixture is made once; every
+    other test goes to whichever worker is free. Bigger units are handed out first."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    whole: dict[str, bool] = {}
+
+    class ModuleFixtureScheduling(LoadScopeScheduling):  # type: ignore[misc]
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            if path not in whole:
+                text = (config.rootpath / path).read_text()
+                whole[path] = 'scope="module"' in text or "xdist_group" in text
+            return path if whole[path] else nodeid
+
+    return ModuleFixtureScheduling(config, log)

@@ -87,6 +87,10 @@ MAX_SLEEP = 60.0
 # symlink swap) and the watch must move to the new directory; the watch on the inbox's parent
 # usually says so at once.
 REWATCH_CHECK = 5.0
+# Sleep in slices this long. SIGTERM is sent to the process, and any thread may take it (one
+# busy starting rsync, say); Python then runs the handler in the main thread only once that
+# thread runs again, so a single long wait could hold the exit back for its whole length.
+SIGNAL_CHECK = 0.2
 # The events that mean "a LATEST is now in place". (Deleted is not one; opened/attrib are noise.)
 ARRIVALS = frozenset({"created", "moved", "modified", "closed"})
 RELEASES = "releases"
@@ -502,8 +506,9 @@ class Agent:
             timeout = min(timeout, REWATCH_CHECK)
         if self._due:
             timeout = min(timeout, min(due for _, due in self._due.values()) - time.monotonic())
-        if timeout > 0:
-            self._wake.wait(timeout)
+        deadline = time.monotonic() + timeout
+        while timeout > 0 and not self._wake.wait(min(timeout, SIGNAL_CHECK)):
+            timeout = deadline - time.monotonic()
         self._wake.clear()  # before draining: an arrival after this sets it again
         while True:
             try:

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -106,7 +108,13 @@ class AgentProcess:
         """Send ``sig``; (exit code, seconds until the process was gone)."""
         started = time.monotonic()
         self.proc.send_signal(sig)
-        code = self.proc.wait(timeout)
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(
+                f"the agent still runs {timeout}s after signal {sig}; log:\n"
+                + "\n".join(json.dumps(r) for r in self.records)
+            ) from None
         took = time.monotonic() - started
         self._reader.join(5)
         return code, took
@@ -190,6 +198,11 @@ def live_serial(cluster: Cluster) -> int | None:
     return serial
 
 
+def _wall(record: Record) -> float:
+    """A log record's time (structlog's ISO timestamp, UTC) as seconds since the epoch."""
+    return datetime.fromisoformat(str(record["timestamp"]).replace("Z", "+00:00")).timestamp()
+
+
 def wait_live(cluster: Cluster, serial: int, timeout: float) -> float:
     """Seconds until ``serial`` is the live set; fails after ``timeout``."""
     started = time.monotonic()
@@ -239,7 +252,7 @@ def test_a_pushed_release_is_live_within_a_second_of_its_latest(
     # A poll every 5 minutes: within this test only the push can bring a release in.
     agent = start_agent(node, "--watch", "--interval", "300")
     assert live_serial(node) == 1
-    latencies = []
+    latencies, reactions = [], []
     for serial in (2, 3, 4):
         new = add_account(node, f"zz-pushed-{serial}")
         assert f"published serial {serial}" in node.publish().stdout
@@ -247,14 +260,28 @@ def test_a_pushed_release_is_live_within_a_second_of_its_latest(
         time.sleep(0.2)  # the release alone is nothing: LATEST has not come
         assert live_serial(node) == serial - 1
 
-        arrived = time.monotonic()  # before LATEST's rsync starts: an upper bound
+        seen_before = len(agent.logged("LATEST arrived in the inbox", channel="mx"))
+        arrived, arrived_wall = time.monotonic(), time.time()  # before LATEST's rsync starts
         push_latest(node, serial)
         wait_live(node, serial, timeout=5)
         latencies.append(time.monotonic() - arrived)
         assert lookup(node, new) == "OK"
-        agent.wait_for("pushed release installed", serial=serial, inbox=str(inbox(node)))
-    print(f"push → live latency: {', '.join(f'{s * 1000:.0f} ms' for s in latencies)}")
-    assert max(latencies) < 1.0, f"push → live took {latencies} s"
+        installed = agent.wait_for(
+            "pushed release installed", serial=serial, inbox=str(inbox(node))
+        )
+        # The agent's own clock: when its watch saw LATEST (nothing polls the inbox).
+        seen = agent.wait_for("LATEST arrived in the inbox", count=seen_before + 1, channel="mx")
+        assert seen["timestamp"] <= installed["timestamp"]
+        reactions.append(_wall(seen) - arrived_wall)
+    print(
+        f"push → live latency: {', '.join(f'{s * 1000:.0f} ms' for s in latencies)}; "
+        f"LATEST seen after {', '.join(f'{s * 1000:.0f} ms' for s in reactions)}"
+    )
+    # Idle, the whole push → live takes about 0.4 s, most of it the inbox pull's rsync and
+    # verification, which slow down with the machine's load (other tests run beside this one).
+    # The watch itself must react at once, whatever the load: no timer, no poll of the inbox.
+    assert max(reactions) < 1.0, f"LATEST seen {reactions} s after it was written"
+    assert max(latencies) < 3.0, f"push → live took {latencies} s"
     # Each came from the inbox (logged above), none by a poll; older releases were pruned.
     assert len(agent.logged("installed release")) == len(agent.logged("pushed release installed"))
     assert sorted(os.listdir(inbox(node) / "releases")) == ["4"]
@@ -436,13 +463,16 @@ def test_a_push_does_not_hide_a_broken_source_from_status(
     new = add_account(node, "zz-pushed-while-down")
     node.publish()
     push_release(node, 2)
+    pushed_at = math.floor(time.time())  # the push is recorded in whole seconds
     push_latest(node, 2)
     agent.wait_for("pushed release installed", serial=2)
     assert lookup(node, new) == "OK"
     after = status(node)
+    asked = time.time()
     assert after.returncode == 1, after.stdout  # still WARNING: the source is still broken
     assert why in after.stdout and str(primary) in after.stdout, after.stdout
-    assert "last push 0s ago" in after.stdout or "last push 1s ago" in after.stdout
+    age = re.search(r"last push (\d+)s ago", after.stdout)
+    assert age and int(age[1]) <= asked - pushed_at, after.stdout  # this push, not an older
     pushed = read_state(node)
     assert pushed["last_success"] == checked  # a push is not a check of the source
     assert pushed["last_source"] == state["last_source"]

@@ -8,6 +8,7 @@ from datetime import datetime
 
 from sqlalchemy import create_engine, insert, update
 
+from mapsync.release import parse_iso
 from mapsync.sources import schema as t
 from tests.conftest import Cluster
 from tests.helpers.agent import unreferenced_account
@@ -29,11 +30,17 @@ def _stale_write(url: str) -> str:
 
 
 def test_a_write_the_fingerprint_cannot_see_is_published_after_full_check(cluster: Cluster) -> None:
-    cluster.write_config(extra_publisher='full_check = "2s"')
+    # The trust window runs from the full check's time in .checked; wide enough that the next
+    # publish starts inside it on a busy machine, and waited out from that time, not a guess.
+    cluster.write_config(extra_publisher='full_check = "5s"')
     cluster.publish()
+    checked = json.loads((cluster.repo / "mx" / ".checked").read_text())
+    window_ends = parse_iso(checked["at"]).timestamp() + 5
     address = _stale_write(cluster.db_url)
-    assert "unchanged (serial 1)" in cluster.publish().stdout  # inside the trust window
-    time.sleep(2.1)
+    inside = cluster.publish().stdout
+    assert time.time() < window_ends, "premise: that publish ran inside the 5 s window"
+    assert "unchanged (serial 1)" in inside
+    time.sleep(max(0.0, window_ends + 0.1 - time.time()))
     out = cluster.publish().stdout
     assert "published serial 2" in out
     recipients = (cluster.repo / "mx" / "releases" / "2" / "recipients").read_text()

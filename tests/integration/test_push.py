@@ -59,9 +59,16 @@ def pushed(out: str) -> dict[str, tuple[int, int]]:
     }
 
 
-def assert_inbox_holds(cluster: Cluster, inbox: Path, serial: int, kept: set[int]) -> None:
+def assert_inbox_holds(
+    cluster: Cluster, inbox: Path, serial: int, kept: set[int], pruned: bool = False
+) -> None:
     """The inbox holds release ``serial`` exactly as the repository does, LATEST naming it,
-    written after every file of the release; and only the releases ``kept``."""
+    written after every file of the release; and only the releases ``kept``.
+
+    ``pruned``: this push removed an older release, after LATEST (as it must: an agent may be
+    fetching it). That unlinks the hard links the old release shared with this one (unchanged
+    maps, ``--link-dest``), which changes their ctime: only this release's own files (one
+    link) are then compared with LATEST."""
     repo = cluster.repo / "mx"
     assert sorted(os.listdir(inbox)) == ["LATEST", "releases"]
     assert {int(n) for n in os.listdir(inbox / "releases")} == kept
@@ -70,7 +77,9 @@ def assert_inbox_holds(cluster: Cluster, inbox: Path, serial: int, kept: set[int
     assert (inbox / "LATEST").read_bytes() == (repo / "LATEST").read_bytes()
     # LATEST last: its inode changed (rename into place) no earlier than anything of the release.
     latest_ctime = (inbox / "LATEST").stat().st_ctime_ns
-    newest = max(p.stat().st_ctime_ns for p in [release, *release.iterdir()])
+    own = [p for p in release.iterdir() if not pruned or p.stat().st_nlink == 1]
+    assert own, "no file of the release to compare LATEST with"
+    newest = max(p.stat().st_ctime_ns for p in [release, *own])
     assert latest_ctime >= newest
     # No temporary file of rsync's is left behind.
     assert not [p for p in inbox.rglob(".*")], list(inbox.rglob(".*"))
@@ -107,7 +116,7 @@ def test_a_local_inbox_gets_each_release_then_latest_and_the_agent_installs_from
 
     newer = add_account(cluster, "pushed-two")
     cluster.publish()
-    assert_inbox_holds(cluster, inbox, 3, {2, 3})  # serial 1 pruned by the push
+    assert_inbox_holds(cluster, inbox, 3, {2, 3}, pruned=True)  # serial 1 pruned by the push
     assert "installed serial 3 (was 2)" in cluster.pull().stdout
     assert lookup(cluster, newer) == "OK"
 

@@ -307,7 +307,8 @@ def test_rollback_with_nothing_installed_is_refused(tmp_path: Path) -> None:
 
 def test_an_expired_kept_release_is_never_installed(tmp_path: Path) -> None:
     c = make_cluster(tmp_path / "c", f"sqlite:///{tmp_path / 'central.db'}")
-    publish_expiring(c, "3s")
+    # Long enough for the pull to install it on a busy machine; the test waits it out below.
+    publish_expiring(c, "10s")
     c.pull()
     add_account(c, "zz-second")
     c.publish()

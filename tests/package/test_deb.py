@@ -2,8 +2,9 @@
 machine (as root), used as an operator uses it, upgraded, removed and purged.
 
 The tests run in file order against one installed package (module-scoped fixtures); whatever
-happens, the package, its user and its files are purged at the end, so no other test ever sees
-/usr/bin/mapsync or a `mapsync` user. Select them with `-m package`.
+happens, the package, its user and its files are purged at the end. Other tests run beside
+them (pytest-xdist) and never use /usr/bin/mapsync, /etc/mapsync or a `mapsync` user. Select
+them with `-m package`.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ import pytest
 
 from mapsync import __version__
 
-pytestmark = [pytest.mark.package, pytest.mark.slow]
+# One worker runs them all under `scripts/test` (pytest-xdist, --dist loadgroup): they share
+# the module's built packages and installed one.
+pytestmark = [pytest.mark.package, pytest.mark.slow, pytest.mark.xdist_group("package")]
 
 SRC = Path(__file__).parents[2]
 UNITS = Path("/lib/systemd/system")
