@@ -30,11 +30,11 @@ def _stale_write(url: str) -> str:
 
 
 def test_a_write_the_fingerprint_cannot_see_is_published_after_full_check(cluster: Cluster) -> None:
-    # The trust window runs from the full check's time in .checked; wide enough that the next
+    # The trust window runs from the full check's time in checked.json; wide enough that the next
     # publish starts inside it on a busy machine, and waited out from that time, not a guess.
     cluster.write_config(extra_publisher='full_check = "5s"')
     cluster.publish()
-    checked = json.loads((cluster.repo / "mx" / ".checked").read_text())
+    checked = json.loads((cluster.repo / ".private" / "mx" / "checked.json").read_text())
     window_ends = parse_iso(checked["at"]).timestamp() + 5
     address = _stale_write(cluster.db_url)
     inside = cluster.publish().stdout
