@@ -200,3 +200,14 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | 
             return path if whole[path] else nodeid
 
     return ModuleFixtureScheduling(config, log)
+
+
+@pytest.fixture(params=["sqlite", "postgresql", "mariadb"])
+def any_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, empty database on each engine in turn: a SQLite file, then the running
+    PostgreSQL, then the running MariaDB."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'mapsync.db'}"
+    return str(
+        request.getfixturevalue("pg_url" if request.param == "postgresql" else "mariadb_url")
+    )

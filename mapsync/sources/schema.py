@@ -69,18 +69,24 @@ def _utc_now(element: utc_now, compiler: SQLCompiler, **kw: object) -> str:
     return UTC_NOW.get(compiler.dialect.name, "CURRENT_TIMESTAMP")
 
 
+def _updated_at() -> Column[datetime]:
+    """Set on insert and on every update: by SQLAlchemy, by the database's default, and by
+    the trigger of :func:`trigger_ddl` when an UPDATE leaves it as it was."""
+    return Column(
+        "updated_at",
+        Timestamp,
+        nullable=False,
+        default=_now,
+        onupdate=_now,
+        server_default=utc_now(),
+        index=True,
+    )
+
+
 def _stamps() -> list[Column[datetime]]:
     return [
         Column("created_at", Timestamp, nullable=False, default=_now, server_default=utc_now()),
-        Column(
-            "updated_at",
-            Timestamp,
-            nullable=False,
-            default=_now,
-            onupdate=_now,
-            server_default=utc_now(),
-            index=True,
-        ),
+        _updated_at(),
     ]
 
 
@@ -165,15 +171,7 @@ alias_target = Table(
     metadata,
     Column("alias_id", Integer, ForeignKey("alias.id", ondelete="CASCADE"), primary_key=True),
     Column("target", String(320), primary_key=True),
-    Column(
-        "updated_at",
-        Timestamp,
-        nullable=False,
-        default=_now,
-        onupdate=_now,
-        server_default=utc_now(),
-        index=True,
-    ),
+    _updated_at(),
 )
 
 sender_grant = Table(
@@ -181,15 +179,7 @@ sender_grant = Table(
     metadata,
     Column("account_id", Integer, ForeignKey("account.id", ondelete="CASCADE"), primary_key=True),
     Column("address", String(320), primary_key=True),
-    Column(
-        "updated_at",
-        Timestamp,
-        nullable=False,
-        default=_now,
-        onupdate=_now,
-        server_default=utc_now(),
-        index=True,
-    ),
+    _updated_at(),
 )
 
 TABLES = (customer, mailstore, domain, account, alias, alias_target, sender_grant)

@@ -30,16 +30,6 @@ BARE_INSERTS = (
 )
 
 
-def run(url: str, *statements: str) -> None:
-    engine = create_engine(url)
-    try:
-        with engine.begin() as conn:
-            for statement in statements:
-                conn.execute(text(statement))
-    finally:
-        engine.dispose()
-
-
 def rows(url: str) -> dict[str, list[tuple[Any, ...]]]:
     """Every row of every table, in primary-key order, as SQLAlchemy reads them."""
     engine = create_engine(url)

@@ -18,16 +18,8 @@ from mapsync.sources.seed import init_db
 from tests.conftest import Cluster
 from tests.helpers import writers
 from tests.helpers.agent import unreferenced_account
+from tests.helpers.own_maps import run_sql
 from tests.helpers.publisher import keys
-
-
-@pytest.fixture(params=["sqlite", "postgresql", "mariadb"])
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'mapsync.db'}"
-    return str(
-        request.getfixturevalue("pg_url" if request.param == "postgresql" else "mariadb_url")
-    )
 
 
 def _now() -> datetime:
@@ -38,7 +30,7 @@ def _check_writers_are_protected(url: str) -> None:
     """Bare INSERTs get the documented defaults; an UPDATE that forgets updated_at moves it;
     one that sets it keeps its own value."""
     before = _now() - timedelta(seconds=5)
-    writers.run(url, *writers.BARE_INSERTS)
+    run_sql(url, *writers.BARE_INSERTS)
     after = _now() + timedelta(seconds=5)
     rows = writers.rows(url)
     by_name = {r[1]: r for r in rows["mailstore"]}
@@ -60,10 +52,10 @@ def _check_writers_are_protected(url: str) -> None:
         stamp = writers.updated_at(url, table, where)
         assert before <= stamp <= after, (table, stamp)  # UTC, whatever the session's zone
         time.sleep(0.01)
-        writers.run(url, f"UPDATE {table} SET {change} WHERE {where}")  # updated_at forgotten
+        run_sql(url, f"UPDATE {table} SET {change} WHERE {where}")  # updated_at forgotten
         moved = writers.updated_at(url, table, where)
         assert stamp < moved <= _now() + timedelta(seconds=5), (table, stamp, moved)
-    writers.run(
+    run_sql(
         url,
         "UPDATE account SET status = 'disabled', updated_at = '2001-01-01 00:00:00' "
         "WHERE local_part = 'anna'",
@@ -71,27 +63,29 @@ def _check_writers_are_protected(url: str) -> None:
     assert writers.updated_at(url, "account", "local_part = 'anna'") == datetime(2001, 1, 1)
 
 
-def test_a_new_database_protects_writers(url: str) -> None:
-    init_db(url)
-    init_db(url)  # idempotent
-    _check_writers_are_protected(url)
+def test_a_new_database_protects_writers(any_url: str) -> None:
+    init_db(any_url)
+    init_db(any_url)  # idempotent
+    _check_writers_are_protected(any_url)
 
 
-def test_init_db_upgrades_an_older_database_without_losing_a_row(url: str, tmp_path: Path) -> None:
-    writers.old_database(url)
-    before = writers.rows(url)
+def test_init_db_upgrades_an_older_database_without_losing_a_row(
+    any_url: str, tmp_path: Path
+) -> None:
+    writers.old_database(any_url)
+    before = writers.rows(any_url)
     with pytest.raises(Exception):  # noqa: B017 - the old tables refuse a bare INSERT
-        writers.run(url, *writers.BARE_INSERTS)
+        run_sql(any_url, *writers.BARE_INSERTS)
     proc = subprocess.run(
-        [sys.executable, "-m", "mapsync", "init-db", "--database", url],
+        [sys.executable, "-m", "mapsync", "init-db", "--database", any_url],
         capture_output=True,
         text=True,
         timeout=120,
         cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr
-    assert writers.rows(url) == before  # every row, every value
-    _check_writers_are_protected(url)
+    assert writers.rows(any_url) == before  # every row, every value
+    _check_writers_are_protected(any_url)
 
 
 def test_publish_sees_an_update_that_forgets_updated_at_at_once(cluster: Cluster) -> None:
@@ -100,7 +94,7 @@ def test_publish_sees_an_update_that_forgets_updated_at_at_once(cluster: Cluster
     with engine.connect() as conn:
         account, address = unreferenced_account(conn)
     engine.dispose()
-    writers.run(cluster.db_url, f"UPDATE account SET status = 'disabled' WHERE id = {account}")
+    run_sql(cluster.db_url, f"UPDATE account SET status = 'disabled' WHERE id = {account}")
     out = cluster.publish().stdout  # not "unchanged": the trigger moved updated_at
     assert "published serial 2" in out, out
     assert address not in keys(cluster, "mx", "recipients")
