@@ -21,7 +21,6 @@ from mapsync.errors import ConfigError
 
 DEFAULT_PATH = Path("/etc/mapsync/mapsync.toml")
 CHANNEL_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}\Z")
-MX_MAPS = ("domains", "recipients", "virtual", "transport")
 _DURATION = re.compile(r"^(\d+)([smhd])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 # The publisher renews a release once half its lifetime is gone: below an hour every

@@ -62,13 +62,3 @@ def build(path: Path, pairs: Iterable[tuple[bytes, bytes]]) -> tuple[str, int]:
     with Maker(path) as maker:
         maker.add(pairs)
         return maker.commit()
-
-
-def get(path: Path, key: bytes) -> bytes | None:
-    """Look ``key`` up in the cdb at ``path`` (used by ``verify`` and tests)."""
-    db = cdbx.CDB(str(path))
-    try:
-        value = db.get(key)
-        return value if value is None else bytes(value)
-    finally:
-        db.close()

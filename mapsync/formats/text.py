@@ -10,15 +10,12 @@ the value is everything after the first space.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from itertools import islice
 from pathlib import Path
 from typing import BinaryIO
 
 from mapsync import GENERATOR
-
-_CHUNK = 4096
 
 
 @dataclass(frozen=True)
@@ -41,8 +38,8 @@ def header(map_name: str, channel: str, serial: int) -> str:
 class Writer:
     """A text map written a block of lines at a time to ``fh``, hashed as it goes.
 
-    The publisher hands it whole blocks it has joined and checked at C speed (see
-    ``publisher._blocks``); :func:`write` is the same for an iterable of single lines.
+    :func:`mapsync.formats.mapfile.write_map` hands it whole blocks it has joined and checked
+    at C speed (see :func:`mapsync.formats.mapfile.blocks`).
     """
 
     def __init__(self, fh: BinaryIO, head: str) -> None:
@@ -65,16 +62,6 @@ class Writer:
 
     def info(self) -> TextInfo:
         return TextInfo(self._entries, self._whole.hexdigest(), self._size, self._body.hexdigest())
-
-
-def write(path: Path, head: str, lines: Iterable[str]) -> TextInfo:
-    """Write ``head`` then ``lines`` (each ending in a newline) to ``path``; hash as we go."""
-    with open(path, "wb") as fh:
-        writer = Writer(fh, head)
-        it = iter(lines)
-        while batch := list(islice(it, _CHUNK)):
-            writer.add("".join(batch).encode(), len(batch))
-    return writer.info()
 
 
 def pairs(path: Path, sep: bytes = b" ") -> Iterator[tuple[bytes, bytes]]:

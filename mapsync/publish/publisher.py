@@ -12,15 +12,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import ExitStack
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from functools import cached_property
-from itertools import islice
-from operator import eq, itemgetter
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -37,7 +33,8 @@ from mapsync.errors import (
     UnsafePlan,
     VerificationError,
 )
-from mapsync.formats import cdb, text
+from mapsync.formats import text
+from mapsync.formats.mapfile import write_map
 from mapsync.maps import CATALOGUE, Directory, Map
 from mapsync.maps.custom import catalogue, check_rows
 from mapsync.progress import track
@@ -88,116 +85,6 @@ class PublishResult:
     @property
     def pending(self) -> bool:
         return any(p.pending for p in self.plans)
-
-
-_BAD_KEY = re.compile(r"[\s,\0]|^#|^$")
-_BAD_VALUE = re.compile(r"[\r\n\0]")
-_BAD_PASSWD_KEY = re.compile(r"[\s,\0:]|^#|^$")  # a passwd-file user name also ends at ':'
-
-
-def _lines(entries: list[tuple[str, str]], map_name: str, sep: str = " ") -> Iterator[str]:
-    previous = None
-    bad_key, bad_value = _BAD_KEY.search, _BAD_VALUE.search
-    if sep == ":":  # a passwd-file: the user name is the first field
-        bad_key = _BAD_PASSWD_KEY.search
-    for key, value in entries:
-        if key == previous:
-            raise InvalidData([f"map {map_name}: duplicate key {key!r}"])
-        # Belt and braces behind validate.check: no line may parse as another key.
-        if bad_key(key):
-            raise InvalidData([f"map {map_name}: key {key!r} would not parse back as one key"])
-        if bad_value(value):
-            raise InvalidData([f"map {map_name}: value of {key!r} contains a line break or NUL"])
-        previous = key
-        yield f"{key}{sep}{value}\n"
-
-
-_BLOCK = 8192  # rows joined, checked and encoded at a time: C-speed loops, bounded memory
-_key = itemgetter(0)
-# What [\s,\0] of _BAD_KEY matches but "\n" (counted apart): re's \s is str.isspace, these
-# 29 characters (tests/unit/test_render_blocks.py checks the list against re).
-_KEY_BREAKERS = (
-    " \t\x0b\x0c\r\x1c\x1d\x1e\x1f\x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006"
-    "\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000,\0"
-)
-
-
-def _blocks(
-    rows: Iterable[tuple[str, str]], map_name: str, sep: str = " "
-) -> Iterator[tuple[list[tuple[str, str]], str]]:
-    """``rows`` (sorted) in blocks, each with its text: the :func:`_lines` of the block, joined.
-
-    The same refusals as :func:`_lines`, checked a block at a time at C speed: the keys joined
-    by newlines and searched for each character ``_BAD_KEY`` refuses, adjacent keys compared
-    by ``map``, the block's text counted for line breaks. Only a block where a check fires goes through :func:`_lines` row by row,
-    which raises with its message naming the first offending key (per-line checks cost as much
-    as everything else of rendering a map).
-    """
-    breakers = _KEY_BREAKERS + (":" if sep == ":" else "")
-    join = sep.join
-    it = iter(rows)
-    last: tuple[str, str] | None = None
-    while block := list(islice(it, _BLOCK)):
-        keys = list(map(_key, block))
-        joined = "\n".join(keys)
-        body = "\n".join(map(join, block)) + "\n"
-        if (
-            body.count("\n") != len(block)  # a line break in a key or a value
-            or "\r" in body
-            or "\0" in body
-            or not all(keys)  # an empty key
-            or joined.startswith("#")
-            or "\n#" in joined
-            or any(c in joined for c in breakers)
-            or (last is not None and last[0] == keys[0])
-            or any(map(eq, keys, keys[1:]))  # sorted: a duplicate is its neighbour
-        ):
-            for _ in _lines([last, *block] if last else block, map_name, sep):
-                pass  # raises InvalidData for the first offending row
-        last = block[-1]
-        yield block, body
-
-
-def _write_map(
-    entries: Iterable[tuple[str, str]], path: Path, head: str, sep: str, cdb_stage: str | None
-) -> tuple[text.TextInfo, CdbInfo | None]:
-    """Sort ``entries``, write them as the text map ``path`` and, given ``cdb_stage`` (its
-    progress stage), build the cdb beside it to record its hash; refuse as :func:`_lines` does.
-
-    One pass over the sorted rows, a block at a time (:func:`_blocks`), writes the text and
-    feeds the cdb the same bytes: each block is joined and encoded once, for both files.
-    """
-    rows = list(entries)
-    # By key alone: half the time of comparing whole pairs, and the same order whenever the
-    # keys are unique, which is all that may be published.
-    rows.sort(key=_key)
-    map_name = path.name
-    cdb_info = None
-    with open(path, "wb") as fh, ExitStack() as stack:
-        writer = text.Writer(fh, head)
-        maker = None
-        if cdb_stage is not None:
-            maker = stack.enter_context(cdb.Maker(path.with_name(f"{map_name}.cdb")))
-        feed = track(rows, cdb_stage, len(rows)) if cdb_stage is not None else rows
-        bsep = sep.encode()
-        try:
-            for block, body in _blocks(feed, map_name, sep):
-                data = body.encode()
-                writer.add(data, len(block))
-                if maker is not None:
-                    maker.add_lines(data, bsep)
-        except InvalidData:
-            # Refused. The pairs of a duplicated key are still in the order the map made
-            # them: name the first offending row as the pairs sorted whole do.
-            rows.sort()
-            for _ in _lines(rows, map_name, sep):
-                pass
-            raise
-        if maker is not None:
-            digest, size = maker.commit()
-            maker.path.unlink()  # agents build their own and prove it equal by this hash
-            cdb_info = CdbInfo(maker.path.name, digest, size)
-    return writer.info(), cdb_info
 
 
 def channel_digest(ch: PublisherChannel, own: dict[str, MapConfig] | None = None) -> str:
@@ -803,13 +690,14 @@ class Publisher:
         spec = self.maps[name]
         path = staging / name
         with paused_gc():  # millions of short-lived tuples: see paused_gc
-            info, cdb_info = _write_map(
+            info, built = write_map(
                 track(spec.entries(directory, ch), f"render {ch.name}/{name}"),
                 path,
                 text.header(name, ch.name, serial),
                 spec.separator,
                 f"cdb {ch.name}/{name}" if spec.cdb else None,
             )
+        cdb_info = CdbInfo(built.file, built.sha256, built.size) if built is not None else None
         own = self.cfg.maps.get(name)
         custom = CustomInfo(own.separator, own.secret) if own is not None else None
         entry = MapEntry(

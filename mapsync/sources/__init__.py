@@ -17,7 +17,6 @@ def open_source(
     url: str,
     schema: str = "mapsync",
     *,
-    hide_password: bool = True,
     postfixadmin: PostfixAdminConfig | None = None,
     sql: SqlConfig | None = None,
 ) -> Source:

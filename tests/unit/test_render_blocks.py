@@ -11,8 +11,8 @@ import pytest
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
-import mapsync.publish.publisher as publisher
 from mapsync.errors import InvalidData
+from mapsync.formats import mapfile
 
 BREAKERS = " \t\r\n\0\x0b\x0c\x1c\x1f\x85\xa0\u2028,:#é"
 TEXT = st.one_of(
@@ -36,18 +36,14 @@ def test_block_checks_refuse_what_line_checks_refuse(
     sep: str, rows: list[tuple[str, str]], block: int
 ) -> None:
     rows = sorted(rows)
-    publisher._BLOCK, saved = block, publisher._BLOCK
-    try:
-        by_block = _outcome(lambda: (body for _, body in publisher._blocks(rows, "m", sep)))
-    finally:
-        publisher._BLOCK = saved
-    assert by_block == _outcome(lambda: publisher._lines(rows, "m", sep))
+    by_block = _outcome(lambda: (body for _, body in mapfile.blocks(rows, "m", sep, block)))
+    assert by_block == _outcome(lambda: mapfile.lines(rows, "m", sep))
     event(by_block[0])
 
 
 def test_the_key_breakers_are_what_the_line_check_refuses() -> None:
-    refused = {c for c in map(chr, range(sys.maxunicode + 1)) if publisher._BAD_KEY.search(c)}
-    assert refused == set(publisher._KEY_BREAKERS) | {"\n", "#"}
+    refused = {c for c in map(chr, range(sys.maxunicode + 1)) if mapfile.BAD_KEY.search(c)}
+    assert refused == set(mapfile.KEY_BREAKERS) | {"\n", "#"}
 
 
 @pytest.mark.parametrize("sep", [" ", ":"])
@@ -56,11 +52,11 @@ def test_the_key_breakers_are_what_the_line_check_refuses() -> None:
 def test_a_written_map_is_the_sorted_lines_or_the_same_refusal(
     sep: str, rows: list[tuple[str, str]]
 ) -> None:
-    expected = _outcome(lambda: publisher._lines(sorted(rows), "m", sep))
+    expected = _outcome(lambda: mapfile.lines(sorted(rows), "m", sep))
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "m"
         try:
-            info, cdb_info = publisher._write_map(iter(rows), path, "# m\n", sep, "cdb m")
+            info, cdb_info = mapfile.write_map(iter(rows), path, "# m\n", sep, "cdb m")
         except InvalidData as exc:
             assert expected == ("refused", str(exc))
             return
@@ -75,5 +71,5 @@ def test_pairs_of_a_duplicated_key_are_refused_naming_the_first_offender(
     # Sorted whole, ("k", "a\n") comes first and is refused for its value, not as a duplicate.
     rows = [("k", "b"), ("k", "a\n")]
     with pytest.raises(InvalidData) as info:
-        publisher._write_map(rows, tmp_path / "m", "# m\n", " ", None)
+        mapfile.write_map(rows, tmp_path / "m", "# m\n", " ", None)
     assert info.value.problems == ["map m: value of 'k' contains a line break or NUL"]

@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 
 from mapsync.config import PublisherChannel
 from mapsync.formats import text
+from mapsync.formats.mapfile import write_map
 from mapsync.maps import CATALOGUE, Directory
-from mapsync.publish.publisher import _lines
 from mapsync.snapshot import Account, Alias, Domain, Fingerprint, Mailstore, Snapshot
 from mapsync.validate import (
     _GOOD_LOCAL,
@@ -175,12 +175,19 @@ def test_name_unicode_holds_nothing_a_map_key_may_not(label: str, reason: str) -
     kind=st.sampled_from(["hosted", "alias", "relay"]),
 )
 def test_what_validation_passes_in_name_unicode_the_renderer_accepts(label: str, kind: str) -> None:
-    # The renderer (publisher._lines, the publisher's last line of defence) refuses a key for
+    # The renderer (mapfile.lines, the publisher's last line of defence) refuses a key for
     # every channel, naming no row: anything it would refuse must be refused here first.
     try:
-        name = a_label(label) + ".example"
+        a_label(label)
     except UnicodeError:
         return  # no A-label encodes it: no database row can hold this pair
+    _unicode_name_case(label, kind)
+
+
+def _unicode_name_case(label: str, kind: str) -> bool:
+    """Domain 3 named ``label``.example of ``kind``: refused by check naming that row and
+    nothing else (False), or rendered without the renderer refusing (True)."""
+    name = a_label(label) + ".example"
     d = Domain(3, name, label + ".example", kind, None, None, None, "active")
     if kind == "hosted":
         d = d._replace(default_mailstore_id=1)
@@ -199,10 +206,20 @@ def test_what_validation_passes_in_name_unicode_the_renderer_accepts(label: str,
         aliases=[Alias(4, 1, "", ("postmaster@example.org",))],  # a catch-all: identity lines
     )
     snap.secrets = True
-    if check(snap):
-        return  # refused, naming the row: --skip-invalid can drop it
+    problems = check(snap)
+    if problems:  # refused, naming the row: --skip-invalid can drop it
+        assert {(p.table, p.row) for p in problems} == {("domain", 3)}, problems
+        return False
     with tempfile.TemporaryDirectory() as tmp:
         _render(snap, Path(tmp))  # raises InvalidData if the renderer refuses a key
+    return True
+
+
+@pytest.mark.parametrize("kind", ["hosted", "alias", "relay"])
+@pytest.mark.parametrize("label", ["bücher", "abc-ü", "日本"])
+def test_a_valid_unicode_name_passes_check_and_renders(label: str, kind: str) -> None:
+    """The property above is not vacuous: a check refusing every name would fail here."""
+    assert _unicode_name_case(label, kind)
 
 
 def test_idna_2008_names_are_judged_by_decoding_the_a_label() -> None:
@@ -519,9 +536,7 @@ def _render(snap: Snapshot, directory: Path) -> dict[str, list[tuple[str, str]]]
     for name in ALL.maps:
         spec = CATALOGUE[name]
         rows = sorted(spec.entries(d, ALL))
-        text.write(
-            directory / name, text.header(name, "all", 1), _lines(rows, name, spec.separator)
-        )
+        write_map(rows, directory / name, text.header(name, "all", 1), spec.separator)
         intended[name] = rows
     return intended
 
@@ -534,9 +549,16 @@ HASH = "{SHA512-CRYPT}$6$salt$hash"
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(value=HOSTILE)
 def test_hostile_values_are_refused_or_parse_back_exactly(where: str, value: str) -> None:
+    _hostile_case(where, value)
+
+
+def _hostile_case(where: str, value: str) -> bool:
+    """``value`` put in one place (``where``) of a small snapshot: refused by check naming
+    the row that holds it and nothing else (False), or written into every map so that each
+    parses back exactly as intended (True)."""
     local = value if where == "account" else "alice"
     alias_local = value if where == "alias" else "team"
-    target = value if where == "target" else "alice@example.org"
+    target = value if where == "target" else f"{local}@example.org"  # the account's address
     pw = ("{SHA512-CRYPT}" + value) if where == "hash" else HASH
     home = ("/var/vmail/" + value) if where == "home" else "/var/vmail/alice"
     snap = snapshot(
@@ -547,8 +569,14 @@ def test_hostile_values_are_refused_or_parse_back_exactly(where: str, value: str
         aliases=[Alias(3, 1, alias_local, (target, "postmaster@example.org"))],
     )
     snap.secrets = True
-    if check(snap):
-        return  # refused: the publish fails (or --skip-invalid drops the row), nothing injected
+    problems = check(snap)
+    if problems:  # refused: the publish fails (or --skip-invalid drops the row), nothing injected
+        rows = {(p.table, p.row) for p in problems}
+        if where in ("alias", "target"):
+            assert rows == {("alias", 3)}, problems
+        else:  # the account, and the alias whose target is the account's address
+            assert ("account", 2) in rows <= {("account", 2), ("alias", 3)}, problems
+        return False
     with tempfile.TemporaryDirectory() as tmp:
         # Raising here (the publisher's last line of defence) would mean validate let it through.
         intended = _render(snap, Path(tmp))
@@ -564,6 +592,22 @@ def test_hostile_values_are_refused_or_parse_back_exactly(where: str, value: str
     fields = dict(intended["dovecot_users"])[f"{local}@example.org"].split(":", 5)
     assert len(fields) == 6 and fields[0] == pw and fields[4] == home
     assert fields[5].startswith(":")  # the empty shell field, then the extra fields
+    return True
+
+
+@pytest.mark.parametrize(
+    ("where", "value"),
+    [
+        ("account", "o'brien#1"),
+        ("alias", "sales.team"),
+        ("target", "bob@example.net"),
+        ("hash", "$6$salt$x/y.z"),
+        ("home", "alice2"),
+    ],
+)
+def test_valid_values_pass_check_and_parse_back(where: str, value: str) -> None:
+    """The property above is not vacuous: a check refusing every value would fail here."""
+    assert _hostile_case(where, value)
 
 
 @settings(max_examples=2000, deadline=None)
