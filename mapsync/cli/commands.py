@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mapsync import config
+from mapsync.cli.output import print_plan, print_push
 from mapsync.errors import (
-    EXIT_ERROR,
     EXIT_OK,
     EXIT_WARNING,
     ConfigError,
@@ -54,58 +54,13 @@ def cmd_seed(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def print_plan(result: Any) -> None:
-    for plan in result.plans:
-        if plan.action == "none":
-            print(f"channel {plan.channel}: unchanged (serial {plan.previous})")
-            continue
-        verb = "would publish" if result.dry_run else "published"
-        if plan.action == "renew":
-            verb = "would renew" if result.dry_run else "renewed"
-        if plan.violations:  # a dry run: the real publish would be refused
-            verb = "would REFUSE (guards) to publish"
-        prev = f" (previous {plan.previous})" if plan.previous else " (first release)"
-        print(f"channel {plan.channel}: {verb} serial {plan.serial}{prev}")
-        print(f"  {'map':<16}{'before':>10}{'after':>10}{'added':>9}{'removed':>9}{'changed':>9}")
-        for m in plan.maps:
-            marks = ["dropped from the channel"] if m.dropped else []
-            marks += ["forced"] if m.name in plan.forced else []
-            mark = "".join(f"  {x}" for x in marks)
-            print(
-                f"  {m.name:<16}{m.before:>10}{m.after:>10}{m.added:>9}{m.removed:>9}{m.changed:>9}{mark}"
-            )
-    if result.skipped:
-        print(f"skipped {len(result.skipped)} invalid row(s):")
-        for p in result.skipped:
-            print(f"  {p}")
-
-
-def print_push(pushes: list[Any]) -> None:
-    for p in pushes:
-        if p.action == "pushed":
-            print(
-                f"channel {p.channel}: pushed serial {p.serial} to {p.destination}, "
-                f"{p.bytes:,} bytes on the wire"
-            )
-        elif p.action == "would push":
-            print(f"channel {p.channel}: would push serial {p.serial} to {p.destination}")
-        elif p.action == "current":
-            print(f"channel {p.channel}: {p.destination} has serial {p.serial}")
-        else:
-            first = (p.error or "").splitlines()[0] if p.error else "no message"
-            serial = f" serial {p.serial}" if p.serial else ""
-            when = f"next try at {p.retry_at}" if p.retry_at else "retried by a later run"
-            verb = "NOT TRIED (backing off)" if p.deferred else "FAILED"
-            print(f"channel {p.channel}: push{serial} to {p.destination} {verb} ({when}): {first}")
-
-
 def cmd_publish(args: argparse.Namespace) -> int:
     if args.interval is not None:
         return _publish_every(args)
-    return _publish_once(args)
+    return publish_once(args)
 
 
-def _publish_once(args: argparse.Namespace, *, loop: bool = False) -> int:
+def publish_once(args: argparse.Namespace, *, loop: bool = False) -> int:
     """One publish run, then the pushes; ``loop``: print only what changed."""
     from mapsync.publish.publisher import Publisher, PublishResult
     from mapsync.publish.push import PushFailed, push_channels
@@ -168,12 +123,8 @@ def _publish_once(args: argparse.Namespace, *, loop: bool = False) -> int:
 
 
 def _publish_every(args: argparse.Namespace) -> int:
-    """``publish --interval``: run, log any error, sleep, again, until SIGTERM/SIGHUP ends it
-    with exit 128+n: at once between runs; inside a run by SystemExit, whose staging and temp
-    files are removed on the way out (a release appears whole or not at all)."""
-    import time
-
-    from mapsync import log, signals
+    """``publish --interval``: the checks of its options, then :func:`publish.loop.run_every`."""
+    from mapsync.publish.loop import run_every
 
     if args.interval < 1:
         raise ConfigError("publish --interval: must be at least 1 (seconds)")
@@ -183,29 +134,7 @@ def _publish_every(args: argparse.Namespace) -> int:
             "not with --dry-run or --force (run those by hand, once)"
         )
     _config(args).need_publisher()  # a broken config at start: exit 2, systemd shows it
-    _log = log.get("publisher")
-    _log.info("publishing on an interval", seconds=args.interval)
-    while True:
-        started = time.monotonic()
-        try:
-            _publish_once(args, loop=True)
-        except (MapsyncError, OSError) as exc:
-            signals.stop_if_received()  # the run was ended by a signal; the error is a symptom
-            _log.error(
-                str(exc),
-                error=type(exc).__name__,
-                exit=getattr(exc, "exit_code", EXIT_ERROR),
-                next_run_in=args.interval,
-            )
-        except Exception:
-            signals.stop_if_received()  # SystemExit turned into another error by a C extension
-            # A bug or an unforeseen damaged file: this run failed (exit 2), the next may not;
-            # a long-running publisher that died here would leave every node to expire.
-            _log.exception("publish run crashed", exit=EXIT_ERROR, next_run_in=args.interval)
-        signals.stop_if_received()  # a SystemExit swallowed in a gc callback
-        took = time.monotonic() - started
-        _log.debug("publish run done", seconds=round(took, 3))
-        time.sleep(max(0.0, args.interval - took))
+    run_every(args.interval, lambda: publish_once(args, loop=True))
 
 
 def _agent_channels(

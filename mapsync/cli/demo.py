@@ -23,6 +23,7 @@ from pathlib import Path
 import structlog
 
 from mapsync import config
+from mapsync.cli.output import print_plan
 from mapsync.errors import EXIT_OK, ConfigError
 
 PASSWORD = "demo-password"
@@ -139,7 +140,6 @@ def run_demo(directory: Path | None, schema: str = "mapsync") -> int:
     starts from a PostfixAdmin-shaped database instead of mapsync's own."""
     from mapsync.agent.pull import pull
     from mapsync.agent.status import channel_status
-    from mapsync.cli.commands import print_plan
     from mapsync.publish.publisher import Publisher
     from mapsync.signing import keygen
     from mapsync.sources import open_source

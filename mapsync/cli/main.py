@@ -22,7 +22,8 @@ _EPILOG = (
 )
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line: every subcommand with its options and help."""
     p = argparse.ArgumentParser(
         prog="mapsync",
         description="Publish and install signed, versioned Postfix/Exim/Dovecot maps for a mail cluster.",
@@ -339,7 +340,7 @@ def _unexpected(exc: Exception, fmt: str, verbose: bool) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     fmt = args.log_format or ("json" if os.environ.get("JOURNAL_STREAM") else "console")
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     log.configure(level, fmt)

@@ -12,7 +12,7 @@ import argparse
 import os
 import sys
 
-from mapsync.cli.main import _parser
+from mapsync.cli.main import build_parser
 
 # argparse wraps at the terminal width (read when formatting): the same page on every build.
 os.environ["COLUMNS"] = "80"
@@ -35,7 +35,7 @@ def _block(text: str) -> str:
 
 def manpage(version: str, date: str) -> str:
     """The whole page, from the parser ``mapsync`` itself uses."""
-    parser = _parser()
+    parser = build_parser()
     commands: dict[str, argparse.ArgumentParser] = {}
     summaries: dict[str, str] = {}
     for action in parser._actions:

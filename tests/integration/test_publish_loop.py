@@ -24,7 +24,7 @@ import structlog
 
 from mapsync import log
 from mapsync.cli import commands
-from mapsync.cli.main import _parser
+from mapsync.cli.main import build_parser
 from tests.conftest import Cluster, make_cluster
 from tests.helpers.agent import add_account
 from tests.helpers.publisher import assert_complete, push_to, record, serial_of
@@ -240,15 +240,15 @@ def test_an_unchanged_database_costs_little_per_run(
     inbox = cluster.root / "node" / "inbox" / "mx"
     inbox.parent.mkdir(parents=True)
     push_to(cluster, str(inbox))
-    args = _parser().parse_args(["--config", str(cluster.config_path), "publish"])
+    args = build_parser().parse_args(["--config", str(cluster.config_path), "publish"])
     log.configure(logging.WARNING)  # as `-q`; the info lines would count against the run
     try:
-        assert commands._publish_once(args, loop=True) == 0
+        assert commands.publish_once(args, loop=True) == 0
         capsys.readouterr()
         times = []
         for _ in range(20):
             started = time.perf_counter()
-            assert commands._publish_once(args, loop=True) == 0
+            assert commands.publish_once(args, loop=True) == 0
             times.append(time.perf_counter() - started)
     finally:
         structlog.reset_defaults()

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from mapsync.cli.main import _parser
+from mapsync.cli.main import build_parser
 
 # DESIGN.md "Public interface": command → the options and positionals it must accept.
 PUBLIC = {
@@ -29,7 +29,7 @@ PUBLIC = {
 
 
 def _commands() -> dict[str, argparse.ArgumentParser]:
-    sub = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     return dict(sub.choices)
 
 

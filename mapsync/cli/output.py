@@ -1,0 +1,56 @@
+"""What publish, rollback and demo print: the plan of a run, and what its pushes did."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mapsync.publish.publisher import PublishResult
+    from mapsync.publish.push import Push
+
+
+def print_plan(result: PublishResult) -> None:
+    """Each channel of a publish run: what it did (or would do), and its maps' counts."""
+    for plan in result.plans:
+        if plan.action == "none":
+            print(f"channel {plan.channel}: unchanged (serial {plan.previous})")
+            continue
+        verb = "would publish" if result.dry_run else "published"
+        if plan.action == "renew":
+            verb = "would renew" if result.dry_run else "renewed"
+        if plan.violations:  # a dry run: the real publish would be refused
+            verb = "would REFUSE (guards) to publish"
+        prev = f" (previous {plan.previous})" if plan.previous else " (first release)"
+        print(f"channel {plan.channel}: {verb} serial {plan.serial}{prev}")
+        print(f"  {'map':<16}{'before':>10}{'after':>10}{'added':>9}{'removed':>9}{'changed':>9}")
+        for m in plan.maps:
+            marks = ["dropped from the channel"] if m.dropped else []
+            marks += ["forced"] if m.name in plan.forced else []
+            mark = "".join(f"  {x}" for x in marks)
+            print(
+                f"  {m.name:<16}{m.before:>10}{m.after:>10}{m.added:>9}{m.removed:>9}{m.changed:>9}{mark}"
+            )
+    if result.skipped:
+        print(f"skipped {len(result.skipped)} invalid row(s):")
+        for p in result.skipped:
+            print(f"  {p}")
+
+
+def print_push(pushes: list[Push]) -> None:
+    """One line per push: pushed, would push, already there, or failed and when it is next tried."""
+    for p in pushes:
+        if p.action == "pushed":
+            print(
+                f"channel {p.channel}: pushed serial {p.serial} to {p.destination}, "
+                f"{p.bytes:,} bytes on the wire"
+            )
+        elif p.action == "would push":
+            print(f"channel {p.channel}: would push serial {p.serial} to {p.destination}")
+        elif p.action == "current":
+            print(f"channel {p.channel}: {p.destination} has serial {p.serial}")
+        else:
+            first = (p.error or "").splitlines()[0] if p.error else "no message"
+            serial = f" serial {p.serial}" if p.serial else ""
+            when = f"next try at {p.retry_at}" if p.retry_at else "retried by a later run"
+            verb = "NOT TRIED (backing off)" if p.deferred else "FAILED"
+            print(f"channel {p.channel}: push{serial} to {p.destination} {verb} ({when}): {first}")
