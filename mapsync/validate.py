@@ -24,7 +24,7 @@ _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)\Z")
 _LOCAL = re.compile(r"^[a-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[a-z0-9!#$%&'*+/=?^_`{|}~-]+)*\Z")
 # Exactly the local parts local_part_problem accepts (1-64 characters, not starting with '#',
 # _LOCAL's characters, all lowercase): one C match per row; the function runs only on a miss.
-_GOOD_LOCAL = re.compile(
+GOOD_LOCAL = re.compile(
     r"(?!#)(?=.{1,64}\Z)[a-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[a-z0-9!#$%&'*+/=?^_`{|}~-]+)*\Z", re.S
 )
 # [0-9], not \d: Python's \d and int() accept other scripts' digits, which no daemon reads.
@@ -305,9 +305,9 @@ def _check(snap: Snapshot, proxy: bool = False) -> Iterator[Problem]:
                     yield Problem("domain", d.id, d.name, problem)
 
     # Each address claimed once, case-insensitively; the rows' loops below run once per row of
-    # the largest tables, so they inline the claim and try _GOOD_LOCAL (C) before the functions.
+    # the largest tables, so they inline the claim and try GOOD_LOCAL (C) before the functions.
     seen: dict[str, tuple[str, int]] = {}
-    good_local = _GOOD_LOCAL.match
+    good_local = GOOD_LOCAL.match
     secrets = snap.secrets
 
     for a in snap.accounts:
@@ -386,7 +386,7 @@ def _check(snap: Snapshot, proxy: bool = False) -> Iterator[Problem]:
             yield _duplicate("alias", al.id, address, first)
 
     yield from _forwards(snap, domains, seen, bad_targets)
-    yield from _alias_graph(snap, domains, seen, bad_targets)
+    yield from alias_graph(snap, domains, seen, bad_targets)
 
     accounts = {a.id for a in snap.accounts}
     for g in snap.sender_grants:
@@ -485,7 +485,7 @@ def _duplicate(table: str, row: int, address: str, first: tuple[str, int]) -> Pr
 MAX_FANOUT = 1000
 
 
-def _alias_graph(
+def alias_graph(
     snap: Snapshot,
     domains: dict[int, Domain],
     seen: dict[str, tuple[str, int]],

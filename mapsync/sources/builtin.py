@@ -433,7 +433,7 @@ class BuiltinSource(Source):
                 t.domain.c.customer_id,
             ).order_by(t.domain.c.id)
         ):
-            status = _cascade(row.status, customer_status.get(row.customer_id))
+            status = cascade_status(row.status, customer_status.get(row.customer_id))
             domains.append(Domain(*row[:7], status=status, customer_id=row.customer_id))
         columns: list[ColumnElement[Any]] = [
             t.account.c.id,
@@ -683,7 +683,7 @@ def _naive(value: Any) -> datetime:
     return value  # type: ignore[no-any-return]
 
 
-def _cascade(domain_status: str, customer_status: str | None) -> str:
+def cascade_status(domain_status: str, customer_status: str | None) -> str:
     """A suspended or closed customer suspends or disables all its domains."""
     if customer_status == "closed" or domain_status == "disabled":
         return "disabled"

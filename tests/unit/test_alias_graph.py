@@ -12,7 +12,7 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from mapsync.snapshot import Alias, Domain, Fingerprint, Snapshot
-from mapsync.validate import MAX_FANOUT, Problem, _alias_graph
+from mapsync.validate import MAX_FANOUT, Problem, alias_graph
 
 DOMAINS = [
     Domain(1, "a.org", None, "hosted", None, 1, None, "active"),
@@ -125,5 +125,5 @@ def test_same_problems_in_the_same_order_as_the_plain_search(
         seen["@b.org"] = ("alias", 99)
     domains = {d.id: d for d in DOMAINS}
     expected = list(_reference(snap, domains, seen, bad))
-    assert list(_alias_graph(snap, domains, seen, bad)) == expected
+    assert list(alias_graph(snap, domains, seen, bad)) == expected
     event("a cycle" if any(p.reason.startswith("alias cycle") for p in expected) else "no cycle")

@@ -14,7 +14,7 @@ from mapsync.maps import CATALOGUE, Directory
 from mapsync.maps.postfix import MOVING
 from mapsync.snapshot import Fingerprint, Snapshot
 from mapsync.sources import schema as t
-from mapsync.sources.builtin import BuiltinSource, _cascade
+from mapsync.sources.builtin import BuiltinSource, cascade_status
 from mapsync.sources.seed import SeedCounts, seed
 from mapsync.validate import check
 from tests.helpers.maps import ACCOUNTS, ALIASES, DOMAINS, IDN, IDN_U, STORES
@@ -215,7 +215,7 @@ def test_virtual_alias_values_join_targets_with_commas(maps: dict[str, dict[str,
     ],
 )
 def test_cascade(domain: str, customer: str | None, result: str) -> None:
-    assert _cascade(domain, customer) == result
+    assert cascade_status(domain, customer) == result
 
 
 def test_closed_customer_drops_its_domains_from_the_maps(tmp_path: Path) -> None:

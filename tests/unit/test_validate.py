@@ -22,7 +22,7 @@ from mapsync.formats.mapfile import write_map
 from mapsync.maps import CATALOGUE, Directory
 from mapsync.snapshot import Account, Alias, Domain, Fingerprint, Mailstore, Snapshot
 from mapsync.validate import (
-    _GOOD_LOCAL,
+    GOOD_LOCAL,
     Problem,
     address_problem,
     check,
@@ -613,7 +613,7 @@ def test_valid_values_pass_check_and_parse_back(where: str, value: str) -> None:
 @settings(max_examples=2000, deadline=None)
 @given(local=HOSTILE)
 def test_the_fast_local_part_check_accepts_exactly_what_the_rules_accept(local: str) -> None:
-    assert (local_part_problem(local) is None) == bool(_GOOD_LOCAL.match(local))
+    assert (local_part_problem(local) is None) == bool(GOOD_LOCAL.match(local))
 
 
 @pytest.mark.parametrize(
