@@ -39,14 +39,14 @@ def test_compare_reads_the_published_maps_as_postmap_does(tmp_path: Path) -> Non
     keys = set(pfa.addresses()) | domains | {f"@{d}" for d in domains} | {"ALICE@Example.COM"}
     asked = 0
     for name in ("domains", "recipients", "virtual", "transport", "senders"):
-        postmap = pfa.postmap(node / name)
+        postmap = pfa.postmap_reader(node / name)
         for key in sorted(keys):
             # Postfix folds a key to lower case before a cdb lookup; compare's callers do too.
             assert side.get(name, key.lower()) == postmap(key), (name, key)
             asked += 1
     assert asked == 5 * len(keys)
     # And it found something: the reader is not answering None for everything.
-    assert side.get("virtual", "sales@example.com") == pfa.postmap(node / "virtual")(
+    assert side.get("virtual", "sales@example.com") == pfa.postmap_reader(node / "virtual")(
         "sales@example.com"
     )
     assert side.get("virtual", "sales@example.com") is not None

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.daemons.roles import Nodes, entries, make_nodes
+from tests.helpers.agent import postmap_q
 
 pytestmark = pytest.mark.daemons
 
@@ -34,12 +35,6 @@ def main_cf(nodes: Nodes, name: str, tmp_path: Path) -> dict[str, str]:
     return dict(zip(names, out, strict=True))
 
 
-def postmap(key: str, table: str) -> str | None:
-    p = subprocess.run(["postmap", "-q", key, table], capture_output=True, text=True)
-    assert p.returncode in (0, 1) and not p.stderr, p.stderr  # 1 and no stderr: not found
-    return p.stdout.strip() if p.returncode == 0 else None
-
-
 def split(address: str) -> tuple[str, str, str]:
     """``user+tag@domain`` → (user, +tag, domain), with ``recipient_delimiter = +``."""
     local, _, domain = address.rpartition("@")
@@ -53,7 +48,7 @@ def address_lookup(address: str, table: str) -> str | None:
     user, tag, domain = split(address.lower())
     keys = [f"{user}{tag}@{domain}"] if tag else []
     for key in [*keys, f"{user}@{domain}", f"@{domain}"]:
-        value = postmap(key, table)
+        value = postmap_q(key, table)
         if value is not None:
             return value
     return None
@@ -65,7 +60,7 @@ def transport_lookup(address: str, table: str) -> str | None:
     user, tag, domain = split(address.lower())
     keys = [f"{user}{tag}@{domain}"] if tag else []
     for key in [*keys, f"{user}@{domain}", domain]:
-        value = postmap(key, table)
+        value = postmap_q(key, table)
         if value is not None:
             return value
     return None
@@ -109,8 +104,8 @@ def test_domains_accepts_hosted_alias_idn_and_relay_domains(nodes: Nodes, tmp_pa
         "bücher-1.example",  # and its U-label (SMTPUTF8)
         "relay-1.example.com",
     ):
-        assert postmap(name, domains) == "OK", name
-    assert postmap("example.invalid", domains) is None
+        assert postmap_q(name, domains) == "OK", name
+    assert postmap_q("example.invalid", domains) is None
 
 
 def test_recipients_know_accounts_aliases_alias_domains_catch_alls_and_relays(
@@ -139,7 +134,7 @@ def test_virtual_rewrites_aliases_alias_domains_and_catch_alls_but_keeps_account
     assert address_lookup("postmaster@xn--bcher-1-n2a.example", virtual) == (
         "postmaster@example-1.org"
     )
-    catchall = postmap("@example-25.org", virtual)
+    catchall = postmap_q("@example-25.org", virtual)
     assert catchall == "postmaster@example-25.org"
     assert address_lookup("no-such-user@example-25.org", virtual) == catchall
     # The identity line keeps a real account of a catch-all domain from being swallowed.
@@ -164,7 +159,7 @@ def test_transport_routes_domains_off_store_accounts_tags_moves_and_relays(
         assert transport_lookup(user, transport) == route
         # user+tag@domain: no key of its own, so Postfix's next key (user@domain) decides,
         # not the domain's route.
-        assert postmap(user.replace("@", "+tag@"), transport) is None
+        assert postmap_q(user.replace("@", "+tag@"), transport) is None
         assert transport_lookup(user.replace("@", "+tag@"), transport) == route
         assert transport_lookup(f"someone@{domain}", transport) == text[domain]
         assert transport_lookup("x@example-1.org", transport) == "lmtp:[10.0.1.11]:24"
@@ -191,12 +186,12 @@ def test_the_scanner_snippet_reads_only_its_channel(nodes: Nodes, tmp_path: Path
 
 def test_senders_give_each_address_its_login(nodes: Nodes, tmp_path: Path) -> None:
     senders = main_cf(nodes, "postfix-mx", tmp_path)["smtpd_sender_login_maps"]
-    assert postmap("postmaster@example-1.org", senders) == "postmaster@example-1.org"
-    assert postmap("Postmaster@Example-10.NET", senders) == "postmaster@example-10.org"
+    assert postmap_q("postmaster@example-1.org", senders) == "postmaster@example-1.org"
+    assert postmap_q("Postmaster@Example-10.NET", senders) == "postmaster@example-10.org"
     disabled = [
         k
         for k, v in entries(nodes.target("postfix-mx") / "recipients").items()
         if k not in entries(nodes.target("postfix-mx") / "senders") and not k.startswith("@")
     ]
     assert disabled  # login-disabled accounts and aliases own no sender address
-    assert postmap(disabled[0], senders) is None
+    assert postmap_q(disabled[0], senders) is None

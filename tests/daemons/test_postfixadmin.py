@@ -154,7 +154,7 @@ def oracle_delivery(lk: pfa.Lookups, final: str) -> tuple[str, ...]:
 def published_delivery(mx: Path, store: pfa.Dovecot, final: str) -> tuple[str, ...]:
     """Where the published maps (transport by postmap, mailbox by Dovecot) send it."""
     domain = final.rpartition("@")[2]
-    transport = pfa.postmap(mx / "transport")
+    transport = pfa.postmap_reader(mx / "transport")
     route = transport(final) or transport(domain)
     if route is None:
         return ("external",)
@@ -175,9 +175,9 @@ def test_the_published_maps_answer_as_postfixadmins_own_lookups(
     mx = cluster.root / "nodes" / "mx"
     store_dir = cluster.root / "nodes" / "store"
     domains, recipients, virtual = (
-        pfa.postmap(mx / m) for m in ("domains", "recipients", "virtual")
+        pfa.postmap_reader(mx / m) for m in ("domains", "recipients", "virtual")
     )
-    senders = pfa.postmap(mx / "senders")
+    senders = pfa.postmap_reader(mx / "senders")
     store = passwd_file_dovecot(cluster.root / "dovecot", store_dir / "dovecot_users")
     try:
         mismatches = []
@@ -446,14 +446,17 @@ def test_the_postfixadmin_demo_runs_the_cluster_on_a_postfixadmin_database() -> 
         assert first.stdout.count("installed serial 1") == 7  # the submission relay too
         assert 'schema = "postfixadmin"' in (d / "mapsync.toml").read_text()
         mx = d / "nodes" / "mx" / "postfix"
-        virtual, transport = pfa.postmap(mx / "virtual"), pfa.postmap(mx / "transport")
+        virtual, transport = (
+            pfa.postmap_reader(mx / "virtual"),
+            pfa.postmap_reader(mx / "transport"),
+        )
         assert virtual("user003@alias-1.org") == "user003@example-1.org"  # alias domain
         assert virtual("user003@example-1.org") == (
             "someone@elsewhere.example,user003@example-1.org"  # forward, keeping a copy
         )
         assert transport("example-2.org") == "lmtp:[10.0.1.12]:24"  # per-domain mailstore
         assert transport("backup-1.org") == "relay:backup-1.org"  # backup MX
-        assert pfa.postmap(mx / "domains")("all") is None
+        assert pfa.postmap_reader(mx / "domains")("all") is None
         store = passwd_file_dovecot(
             root / "dovecot", d / "nodes" / "store-1" / "dovecot" / "dovecot_users"
         )

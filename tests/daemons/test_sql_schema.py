@@ -64,7 +64,7 @@ def _oracle_delivery(lk: sq.IRedMailLookups, final: str) -> tuple[str, ...]:
 
 def _published_delivery(mx: Path, users: dict[str, list[str]], final: str) -> tuple[str, ...]:
     """Where the published maps send it: transport by postmap, the home by dovecot_users."""
-    transport = pfa.postmap(mx / "transport")
+    transport = pfa.postmap_reader(mx / "transport")
     route = transport(final) or transport(final.rpartition("@")[2])
     if route is None:
         return ("external",)
@@ -81,7 +81,8 @@ def test_the_iredmail_query_set_answers_as_iredmails_lookups(
     mx = cluster.root / "nodes" / "mx"
     store_file = cluster.root / "nodes" / "store" / "dovecot_users"
     domains, recipients, virtual, transport, senders = (
-        pfa.postmap(mx / m) for m in ("domains", "recipients", "virtual", "transport", "senders")
+        pfa.postmap_reader(mx / m)
+        for m in ("domains", "recipients", "virtual", "transport", "senders")
     )
     users = {k.decode(): v.decode().split(":", 6) for k, v in text_map.pairs(store_file, sep=b":")}
     lk = sq.IRedMailLookups(cluster.db_url)
@@ -152,7 +153,7 @@ def test_the_iredmail_query_set_answers_as_iredmails_lookups(
     db.dispose()
     cluster.publish()
     cluster.pull()
-    assert pfa.resolve("sales@example.com", pfa.postmap(mx / "virtual")) == {
+    assert pfa.resolve("sales@example.com", pfa.postmap_reader(mx / "virtual")) == {
         "bob@example.com",
         "bob@elsewhere.example",
         "partner@external.example",

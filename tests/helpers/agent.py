@@ -22,15 +22,17 @@ MAPS = ("domains", "recipients", "virtual", "transport")
 
 def postmap(key: str, table: str) -> tuple[int, str, str]:
     """``postmap -q KEY TABLE`` → (exit code, value, stderr)."""
-    p = subprocess.run(["postmap", "-q", key, table], capture_output=True, text=True)
+    p = subprocess.run(["postmap", "-q", key, table], capture_output=True, text=True, timeout=30)
     return p.returncode, p.stdout.strip(), p.stderr.strip()
 
 
-def postmap_q(key: str, table: Path) -> str | None:
-    """What Postfix finds for ``key`` in the cdb map ``table`` (None: not found); a map Postfix
-    cannot open fails the test."""
-    code, value, err = postmap(key, f"cdb:{table}")
-    assert err == "", f"postmap -q {key} cdb:{table}: {err}"
+def postmap_q(key: str, table: Path | str) -> str | None:
+    """What Postfix finds for ``key`` in ``table`` (None: not found): a Postfix table such as
+    ``cdb:/path`` as main.cf names it, or a Path, the cdb map there. A map Postfix cannot open
+    fails the test."""
+    spec = f"cdb:{table}" if isinstance(table, Path) else table
+    code, value, err = postmap(key, spec)
+    assert err == "", f"postmap -q {key} {spec}: {err}"
     assert code in (0, 1)
     return value if code == 0 else None
 

@@ -10,7 +10,6 @@ as Postfix and Dovecot configured by PostfixAdmin's DOCUMENTS would.
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, text
 
 from mapsync.sources.postfixadmin_seed import ddl
+from tests.helpers.agent import postmap_q
 
 PASSWORD = "pfa secret 1"  # every mailbox's password, in each hash family below
 MAIL_BASE = "/var/vmail"
@@ -359,17 +359,13 @@ def resolve(address: str, virtual: Callable[[str], str | None], depth: int = 0) 
     return out
 
 
-def postmap(path: Path) -> Callable[[str], str | None]:
+def postmap_reader(path: Path) -> Callable[[str], str | None]:
     """``postmap -q KEY cdb:PATH`` (the real Postfix reading a published map), cached."""
     cache: dict[str, str | None] = {}
 
     def lookup(key: str) -> str | None:
         if key not in cache:
-            p = subprocess.run(
-                ["postmap", "-q", key, f"cdb:{path}"], capture_output=True, text=True, timeout=30
-            )
-            assert p.returncode in (0, 1), p.stderr
-            cache[key] = p.stdout.rstrip("\n") if p.returncode == 0 else None
+            cache[key] = postmap_q(key, path)
         return cache[key]
 
     return lookup
