@@ -43,11 +43,12 @@ def lookup(cluster: Cluster, key: str, map_name: str = "recipients") -> str | No
 
 
 def add_account(
-    cluster: Cluster, local: str, domain: str = "example-1.org", mailstore: str | None = None
+    db: Cluster | str, local: str, domain: str = "example-1.org", mailstore: str | None = None
 ) -> str:
     """Insert an active account (on ``mailstore``, else its domain's) into the central
-    database with SQLAlchemy Core (``updated_at`` set by the default); return its address."""
-    engine = create_engine(cluster.db_url)
+    database (``db``: a cluster's, or a URL) with SQLAlchemy Core (``updated_at`` set by the
+    default); return its address."""
+    engine = create_engine(db if isinstance(db, str) else db.db_url)
     try:
         with engine.begin() as conn:
             d = conn.execute(

@@ -11,18 +11,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, func, insert, select
+from sqlalchemy import create_engine, func, select
 
-from mapsync.sources import schema as t
 from mapsync.sources.builtin import ADVISORY_LOCK
 from tests.conftest import Cluster, make_cluster
-
-
-def _add_account(url: str, local: str) -> None:
-    engine = create_engine(url)
-    with engine.begin() as conn:
-        conn.execute(insert(t.account).values(domain_id=1, local_part=local, status="active"))
-    engine.dispose()
+from tests.helpers.agent import add_account
 
 
 def test_a_second_publisher_waits_then_exits_2_while_the_repository_is_locked(
@@ -43,7 +36,7 @@ def test_a_second_publisher_waits_then_exits_2_while_the_repository_is_locked(
 
 def test_publishers_started_together_make_distinct_serials(cluster: Cluster) -> None:
     cluster.publish()
-    _add_account(cluster.db_url, "together")
+    add_account(cluster, "together")
     argv = [sys.executable, "-m", "mapsync", "--config", str(cluster.config_path), "publish"]
     procs = [
         subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

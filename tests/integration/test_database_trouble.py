@@ -15,19 +15,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Connection, create_engine, insert, text
+from sqlalchemy import Connection, create_engine, text
 
-from mapsync.sources import schema as t
 from mapsync.sources.builtin import ADVISORY_LOCK
 from tests.conftest import Cluster, make_cluster
+from tests.helpers.agent import add_account
 from tests.helpers.dbtrouble import repo_tree
-
-
-def _add_account(url: str, local: str) -> None:
-    engine = create_engine(url)
-    with engine.begin() as conn:
-        conn.execute(insert(t.account).values(domain_id=1, local_part=local, status="active"))
-    engine.dispose()
 
 
 @contextmanager
@@ -58,7 +51,7 @@ def _cluster(root: Path, url: str, publisher: str) -> Cluster:
     c = make_cluster(root, url, accounts=30, domains=3, aliases=5)
     c.publish()
     c.write_config(extra_publisher=publisher)
-    _add_account(url, "waiting")  # so the next publish has something to publish
+    add_account(url, "waiting")  # so the next publish has something to publish
     return c
 
 

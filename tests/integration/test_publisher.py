@@ -29,6 +29,7 @@ from mapsync.signing import key_id, keygen, load_public, verify
 from mapsync.sources import open_source
 from mapsync.sources import schema as t
 from tests.conftest import Cluster
+from tests.helpers.agent import add_account
 from tests.helpers.publisher import assert_complete
 
 
@@ -66,13 +67,6 @@ def execute(cluster: Cluster, *statements: object) -> None:
                 conn.execute(s)  # type: ignore[call-overload]
     finally:
         engine.dispose()
-
-
-def add_account(cluster: Cluster, local: str) -> None:
-    execute(
-        cluster,
-        insert(t.account).values(domain_id=2, local_part=local, status="active"),
-    )
 
 
 # --- invalid rows ------------------------------------------------------------------------------
@@ -173,7 +167,7 @@ def test_crash_before_latest_is_replaced_keeps_the_old_release_live(
     cluster: Cluster, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cluster.publish()
-    add_account(cluster, "first.change")
+    add_account(cluster, "first.change", "example-2.org")
 
     def disk_full(*args: object, **kw: object) -> None:
         raise OSError(28, "No space left on device")
@@ -204,7 +198,7 @@ def test_crash_when_moving_the_release_into_place(
 ) -> None:
     cluster.publish()
     before = tree(cluster.repo)
-    add_account(cluster, "second.change")
+    add_account(cluster, "second.change", "example-2.org")
     real_rename = os.rename
 
     def failing_rename(src: object, dst: object, *a: object, **kw: object) -> None:
@@ -244,7 +238,7 @@ def test_leftover_staging_of_a_killed_run_is_cleaned(cluster: Cluster) -> None:
     junk = cluster.repo / "mx" / ".staging" / "2"
     junk.mkdir(parents=True)
     (junk / "recipients").write_text("half a file")
-    add_account(cluster, "after.crash")
+    add_account(cluster, "after.crash", "example-2.org")
     cluster.publish()
     assert not (cluster.repo / "mx" / ".staging").exists()
     assert releases(cluster) == [1, 2]
@@ -258,7 +252,7 @@ def test_serials_strictly_increase_and_chain(cluster: Cluster) -> None:
     serials = []
     for i in range(4):
         if i:
-            add_account(cluster, f"user{i}")
+            add_account(cluster, f"user{i}", "example-2.org")
         (plan,) = run(cluster).plans
         assert plan.action == "publish"
         serials.append(plan.serial)
@@ -285,7 +279,7 @@ def test_keep_two_collects_old_releases(cluster: Cluster) -> None:
     cluster.write_config(extra_publisher="keep = 2")
     for i in range(4):
         if i:
-            add_account(cluster, f"k{i}")
+            add_account(cluster, f"k{i}", "example-2.org")
         run(cluster)
         assert latest(cluster) == i + 1
         assert releases(cluster) == list(range(max(1, i), i + 2))
@@ -296,7 +290,7 @@ def test_keep_two_collects_old_releases(cluster: Cluster) -> None:
 def test_garbage_collection_never_removes_the_release_latest_names(cluster: Cluster) -> None:
     for i in range(4):
         if i:
-            add_account(cluster, f"g{i}")
+            add_account(cluster, f"g{i}", "example-2.org")
         run(cluster)
     repo = Repository(cluster.repo)
     # LATEST pointing at an older release (e.g. a publisher rollback): it must survive.
@@ -442,7 +436,7 @@ def test_keygen_cli_names_both_files(tmp_path: Path) -> None:
 def test_a_signing_key_others_may_read_is_refused(cluster: Cluster, mode: int) -> None:
     # As rsync refuses a password_file others may read: whoever reads the key signs releases.
     cluster.publish()
-    add_account(cluster, "after.the.chmod")
+    add_account(cluster, "after.the.chmod", "example-2.org")
     key = cluster.root / "keys" / "signing.key"
     key.chmod(mode)
     before = tree(cluster.repo)
@@ -465,7 +459,9 @@ def test_text_in_an_sqlite_integer_column_is_an_invalid_row(cluster: Cluster) ->
     with sqlite3.connect(db) as conn:
         conn.execute("UPDATE mailstore SET lmtp_port = '24 host=10.9.9.9' WHERE id = 1")
     conn.close()
-    add_account(cluster, "changes.the.fingerprint")  # a raw UPDATE leaves updated_at alone
+    add_account(
+        cluster, "changes.the.fingerprint", "example-2.org"
+    )  # a raw UPDATE leaves updated_at alone
     p = cluster.cli("publish")
     assert p.returncode == 2, p.stdout + p.stderr
     assert "mailstore id=1 'store-1': lmtp_port '24 host=10.9.9.9' is not a number" in p.stderr

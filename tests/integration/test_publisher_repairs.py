@@ -12,21 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, insert
 
-from mapsync.sources import schema as t
 from tests.conftest import Cluster
-
-
-def add_account(cluster: Cluster, local: str) -> None:
-    engine = create_engine(cluster.db_url)
-    try:
-        with engine.begin() as conn:
-            conn.execute(
-                insert(t.account), {"domain_id": 2, "local_part": local, "status": "active"}
-            )
-    finally:
-        engine.dispose()
+from tests.helpers.agent import add_account
 
 
 def latest(cluster: Cluster) -> int:
@@ -115,7 +103,7 @@ def test_publish_interval_survives_a_damaged_checked_note(cluster: Cluster) -> N
         while "damaged note" not in err.read_text() and time.monotonic() < deadline:
             assert proc.poll() is None, err.read_text()
             time.sleep(0.05)
-        add_account(cluster, "after-the-damage")
+        add_account(cluster, "after-the-damage", "example-2.org")
         while latest(cluster) < 2 and time.monotonic() < deadline:
             assert proc.poll() is None, err.read_text()
             time.sleep(0.05)
@@ -142,7 +130,7 @@ def test_stray_entries_in_releases_are_named_and_left_alone(cluster: Cluster) ->
         (releases / name / "MANIFEST.json").write_text("{}")
     strays = sorted(p.name for p in releases.iterdir() if p.name != "1")
 
-    add_account(cluster, "first")
+    add_account(cluster, "first", "example-2.org")
     proc = cluster.cli("publish")
     no_traceback(proc)
     assert proc.returncode == 0, proc.stderr
@@ -204,7 +192,7 @@ def test_a_garbage_latest_is_repaired_by_the_next_publish(cluster: Cluster, cont
 
 def test_rollback_publisher_repairs_a_garbage_latest_too(cluster: Cluster) -> None:
     cluster.publish()
-    add_account(cluster, "second")
+    add_account(cluster, "second", "example-2.org")
     cluster.publish()
     (cluster.repo / "mx" / "LATEST").write_bytes(b"\0\0\0")
     proc = cluster.cli("rollback", "--publisher", "1")

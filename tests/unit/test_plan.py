@@ -10,12 +10,13 @@ import json
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, delete, insert, select
+from sqlalchemy import create_engine, delete, select
 
 from mapsync.config import Guards
 from mapsync.publish.plan import MapPlan, check, diff_files, merge_diff
 from mapsync.sources import schema as t
 from tests.conftest import Cluster
+from tests.helpers.agent import add_account
 
 # --- merge_diff and diff_files ---------------------------------------------------------------
 
@@ -185,18 +186,6 @@ def delete_most_accounts(cluster: Cluster) -> None:
         engine.dispose()
 
 
-def add_account(cluster: Cluster, local: str, domain_id: int = 2) -> None:
-    """One account in example-<domain_id>.org (example-1.org has an alias domain: 3 keys each)."""
-    engine = create_engine(cluster.db_url)
-    try:
-        with engine.begin() as conn:
-            conn.execute(
-                insert(t.account), {"domain_id": domain_id, "local_part": local, "status": "active"}
-            )
-    finally:
-        engine.dispose()
-
-
 def test_guard_refuses_mass_deletion_and_writes_nothing(cluster: Cluster) -> None:
     cluster.publish()
     before = tree(cluster.repo)
@@ -255,7 +244,7 @@ def test_force_publishes_and_records_forced_maps(cluster: Cluster) -> None:
     assert {name for name, cols in rows.items() if cols[-1] == "forced"} == named
     assert json.loads((cluster.repo / "mx" / "LATEST").read_text())["serial"] == 2
     # The next ordinary change is judged against the forced release, not the old one.
-    add_account(cluster, "newcomer")
+    add_account(cluster, "newcomer", "example-2.org")
     again = cluster.publish().stdout
     assert "published serial 3" in again
     assert not any(e["forced"] for e in manifest(cluster, 3)["maps"].values())
@@ -273,7 +262,7 @@ def test_dry_run_exit_codes_and_writes_nothing(cluster: Cluster) -> None:
     assert none.returncode == 0
     assert "unchanged (serial 1)" in none.stdout
 
-    add_account(cluster, "pending")
+    add_account(cluster, "pending", "example-2.org")
     pending = cluster.cli("publish", "--dry-run")
     assert pending.returncode == 1
     assert "would publish serial 2 (previous 1)" in pending.stdout
