@@ -24,15 +24,24 @@ def add_channels(cluster: Cluster, block: str) -> None:
     cluster.config_path.write_text(text.replace("\n[agent]\n", f"\n{block}\n[agent]\n", 1))
 
 
-def manifest(cluster: Cluster, channel: str, serial: int | None = None) -> dict[str, Any]:
-    """The manifest of release ``serial`` of ``channel`` (LATEST's when None)."""
+def manifest_path(cluster: Cluster, channel: str, serial: int | None = None) -> Path:
+    """The manifest file of release ``serial`` of ``channel`` (LATEST's when None)."""
     root = cluster.repo / channel
     if serial is None:
         serial = int(json.loads((root / "LATEST").read_text())["serial"])
-    data: dict[str, Any] = json.loads(
-        (root / "releases" / str(serial) / "MANIFEST.json").read_text()
-    )
+    return root / "releases" / str(serial) / MANIFEST
+
+
+def manifest(cluster: Cluster, channel: str, serial: int | None = None) -> dict[str, Any]:
+    """The manifest of release ``serial`` of ``channel`` (LATEST's when None), as JSON."""
+    data: dict[str, Any] = json.loads(manifest_path(cluster, channel, serial).read_text())
     return data
+
+
+def parsed_manifest(cluster: Cluster, channel: str, serial: int | None = None) -> Manifest:
+    """The manifest of release ``serial`` of ``channel`` (LATEST's when None), parsed."""
+    path = manifest_path(cluster, channel, serial)
+    return parse_manifest(path.read_bytes(), str(path))
 
 
 def lines(cluster: Cluster, channel: str, name: str, serial: int | None = None) -> list[str]:

@@ -24,13 +24,13 @@ from mapsync.errors import LockBusy, MapsyncError
 from mapsync.formats import text
 from mapsync.publish.publisher import Publisher, PublishResult
 from mapsync.publish.repository import Repository
-from mapsync.release import MANIFEST, SIGNATURE, Manifest, manifest_sha256, parse_manifest, utcnow
+from mapsync.release import MANIFEST, SIGNATURE, manifest_sha256, utcnow
 from mapsync.signing import key_id, keygen, load_public, verify
 from mapsync.sources import open_source
 from mapsync.sources import schema as t
 from tests.conftest import Cluster
 from tests.helpers.agent import add_account
-from tests.helpers.publisher import assert_complete
+from tests.helpers.publisher import assert_complete, parsed_manifest
 
 
 def tree(root: Path) -> dict[str, str]:
@@ -52,11 +52,6 @@ def latest(cluster: Cluster) -> int:
 
 def releases(cluster: Cluster) -> list[int]:
     return sorted(int(p.name) for p in (cluster.repo / "mx" / "releases").iterdir())
-
-
-def manifest(cluster: Cluster, serial: int) -> Manifest:
-    path = cluster.repo / "mx" / "releases" / str(serial) / MANIFEST
-    return parse_manifest(path.read_bytes(), str(path))
 
 
 def execute(cluster: Cluster, *statements: object) -> None:
@@ -257,8 +252,8 @@ def test_serials_strictly_increase_and_chain(cluster: Cluster) -> None:
         assert plan.action == "publish"
         serials.append(plan.serial)
     assert serials == [1, 2, 3, 4]
-    assert [manifest(cluster, s).previous for s in serials] == [None, 1, 2, 3]
-    created = [manifest(cluster, s).created_at() for s in serials]
+    assert [parsed_manifest(cluster, "mx", s).previous for s in serials] == [None, 1, 2, 3]
+    created = [parsed_manifest(cluster, "mx", s).created_at() for s in serials]
     assert created == sorted(created)
 
 
@@ -322,7 +317,7 @@ def test_renewal_past_half_expiry_makes_a_new_serial_with_the_same_maps(
     cluster: Cluster, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cluster.publish()
-    first = manifest(cluster, 1)
+    first = parsed_manifest(cluster, "mx", 1)
     rel1 = cluster.repo / "mx" / "releases" / "1"
 
     # Before half of the 7 days: nothing to do.

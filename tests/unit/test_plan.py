@@ -17,6 +17,7 @@ from mapsync.publish.plan import MapPlan, check, diff_files, merge_diff
 from mapsync.sources import schema as t
 from tests.conftest import Cluster
 from tests.helpers.agent import add_account
+from tests.helpers.publisher import manifest
 
 # --- merge_diff and diff_files ---------------------------------------------------------------
 
@@ -161,12 +162,6 @@ def tree(root: Path) -> dict[str, str]:
     }
 
 
-def manifest(cluster: Cluster, serial: int) -> dict:  # type: ignore[type-arg]
-    return json.loads(
-        (cluster.repo / "mx" / "releases" / str(serial) / "MANIFEST.json").read_text()
-    )
-
-
 def delete_most_accounts(cluster: Cluster) -> None:
     engine = create_engine(cluster.db_url)
     try:
@@ -189,7 +184,7 @@ def delete_most_accounts(cluster: Cluster) -> None:
 def test_guard_refuses_mass_deletion_and_writes_nothing(cluster: Cluster) -> None:
     cluster.publish()
     before = tree(cluster.repo)
-    first = manifest(cluster, 1)
+    first = manifest(cluster, "mx", 1)
     delete_most_accounts(cluster)
 
     # The dry run the operator guide says to read first: the refusal, and the real run's exit.
@@ -238,7 +233,7 @@ def test_force_publishes_and_records_forced_maps(cluster: Cluster) -> None:
 
     out = cluster.publish("--force").stdout
     assert "published serial 2 (previous 1)" in out
-    m = manifest(cluster, 2)
+    m = manifest(cluster, "mx", 2)
     assert {name for name, e in m["maps"].items() if e["forced"]} == named
     rows = {line.split()[0]: line.split() for line in out.splitlines()[2:]}
     assert {name for name, cols in rows.items() if cols[-1] == "forced"} == named
@@ -247,7 +242,7 @@ def test_force_publishes_and_records_forced_maps(cluster: Cluster) -> None:
     add_account(cluster, "newcomer", "example-2.org")
     again = cluster.publish().stdout
     assert "published serial 3" in again
-    assert not any(e["forced"] for e in manifest(cluster, 3)["maps"].values())
+    assert not any(e["forced"] for e in manifest(cluster, "mx", 3)["maps"].values())
 
 
 def test_dry_run_exit_codes_and_writes_nothing(cluster: Cluster) -> None:
@@ -281,7 +276,7 @@ def test_json_plan_is_parseable(cluster: Cluster) -> None:
     assert data["dry_run"] is False and data["pending"] is True and data["skipped"] == []
     (ch,) = data["channels"]
     assert (ch["channel"], ch["serial"], ch["previous"], ch["action"]) == ("mx", 1, None, "publish")
-    m = manifest(cluster, 1)
+    m = manifest(cluster, "mx", 1)
     assert {x["name"]: x["after"] for x in ch["maps"]} == {
         name: e["entries"] for name, e in m["maps"].items()
     }
