@@ -26,6 +26,7 @@ def user_name(uid: int) -> str:
 
 
 def running_user() -> str:
+    """The name of the user this process runs as (effective uid)."""
     return user_name(os.geteuid())
 
 
@@ -48,6 +49,7 @@ def _owner(path: Path) -> tuple[Path, int] | None:
 
 
 def is_denied(exc: OSError) -> bool:
+    """Whether ``exc`` is a permission error (EACCES or EPERM)."""
     return exc.errno in (errno.EACCES, errno.EPERM)
 
 

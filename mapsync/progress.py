@@ -25,6 +25,7 @@ def install(reporter: Reporter | None) -> None:
 
 
 def report(stage: str, done: int, total: int | None = None) -> None:
+    """Tell the installed reporter (if any) that ``stage`` has done ``done`` of ``total``."""
     if _reporter is not None:
         _reporter(stage, done, total)
 

@@ -21,6 +21,7 @@ _received: int | None = None
 
 
 def install() -> None:
+    """Make SIGTERM and SIGHUP end the process by SystemExit(128+n), so cleanup handlers run."""
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _on_signal)
 

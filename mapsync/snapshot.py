@@ -83,6 +83,7 @@ class Fingerprint:
     tables: dict[str, tuple[int, str | None]]
 
     def digest(self) -> str:
+        """One sha256 over the counts and stamps of every table."""
         blob = json.dumps(self.tables, sort_keys=True).encode()
         return "sha256:" + hashlib.sha256(blob).hexdigest()
 

@@ -42,6 +42,9 @@ CURRENT = "current"
 
 
 class LiveSet:
+    """A node's live maps: the set directories under ``TARGET/.mapsync`` and the ``current`` link
+    that names the installed one."""
+
     def __init__(self, target: Path) -> None:
         self.target = target
         self.sets = target / SETS

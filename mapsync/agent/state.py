@@ -73,6 +73,9 @@ class LiveFile:
 
 @dataclass
 class ChannelState:
+    """What a node remembers about one channel between runs (its ``state.json``): the last
+    attempt, success, error, install and pin."""
+
     last_attempt: str | None = None
     last_success: str | None = None  # last good check: source reached, release verified
     last_error: str | None = None

@@ -24,6 +24,9 @@ LEVELS = {EXIT_OK: "OK", EXIT_WARNING: "WARNING", EXIT_ERROR: "CRITICAL", EXIT_U
 
 @dataclass
 class ChannelStatus:
+    """One channel's health as ``mapsync status`` reports it: a monitoring exit code, its message
+    and the facts behind it."""
+
     channel: str
     code: int
     message: str
@@ -45,10 +48,12 @@ class ChannelStatus:
 
     @property
     def level(self) -> str:
+        """The code's name: OK, WARNING, CRITICAL or UNKNOWN."""
         return LEVELS[self.code]
 
 
 def human(seconds: int | None) -> str:
+    """An age for people: ``3d``, ``5h``, ``12m``, ``40s``; ``never`` for None."""
     if seconds is None:
         return "never"
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
@@ -84,6 +89,8 @@ def _age(stamp: str | None, now: datetime) -> int | None:
 def channel_status(
     cfg: AgentConfig, ch: AgentChannel, now: datetime | None = None
 ) -> ChannelStatus:
+    """The health of channel ``ch`` on this node, from its state file (or the public copy) and the
+    installed set."""
     now = now or datetime.now(UTC)
     problems: list[tuple[int, str]] = []
     path = cfg.state / ch.name / "state.json"
@@ -243,6 +250,7 @@ def overall(statuses: list[ChannelStatus]) -> int:
 
 
 def perfdata(statuses: list[ChannelStatus]) -> str:
+    """The Nagios performance data of ``statuses``: each channel's serial and check age."""
     parts = []
     for s in statuses:
         if s.serial is not None:

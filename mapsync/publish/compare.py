@@ -144,6 +144,7 @@ def password_key(value: str | None) -> str | None:
 
 
 def cleartext(key: str | None) -> bool:
+    """Whether a password field holds a cleartext password (``{CLEARTEXT}``/``{PLAIN}``)."""
     return key is not None and key.startswith(("{CLEARTEXT}", "{PLAIN}"))
 
 

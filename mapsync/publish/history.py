@@ -23,6 +23,8 @@ _log = log.get("history")
 
 @dataclass(frozen=True)
 class HistoryEntry:
+    """One kept release as ``mapsync history`` lists it."""
+
     serial: int
     created: str
     expires: str
@@ -41,6 +43,8 @@ def serials_in(releases: Path) -> list[int]:
 
 
 def manifest_in(releases: Path, serial: int) -> Manifest:
+    """The parsed manifest of release ``serial`` under ``releases`` (MapsyncError if it is not
+    there)."""
     path = releases / str(serial) / MANIFEST
     try:
         return parse_manifest(path.read_bytes(), str(path))

@@ -47,6 +47,8 @@ class ChannelPlan:
 
 @dataclass(frozen=True)
 class Violation:
+    """A guard's refusal of one map of one channel."""
+
     channel: str
     map: str
     message: str

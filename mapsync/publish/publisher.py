@@ -76,6 +76,9 @@ class _Staged:
 
 @dataclass
 class PublishResult:
+    """What a publish run did (or, dry, would do): one plan per channel, the rows it skipped, the
+    guards' refusals."""
+
     plans: list[ChannelPlan]
     skipped: list[Problem] = field(default_factory=list)
     dry_run: bool = False
@@ -310,6 +313,9 @@ class Publisher:
         force: bool = False,
         skip_invalid: bool = False,
     ) -> PublishResult:
+        """One publish run under the repository lock: snapshot, render, plan, guard and
+        commit the selected channels (all when None); the run is noted for ``status
+        --publisher``."""
         selected = self._select(channels)
         if not dry_run:
             check_owner(self.cfg.repository, "the repository")

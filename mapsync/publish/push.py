@@ -105,6 +105,7 @@ def read_record(repo: Repository, channel: str) -> dict[str, dict[str, Any]]:
 
 
 def delivered(record: dict[str, dict[str, Any]], destination: str) -> int | None:
+    """The serial last pushed to ``destination`` by the push record, if any."""
     serial = record.get(destination, {}).get("serial")
     return serial if isinstance(serial, int) else None
 

@@ -90,6 +90,9 @@ def publisher_metrics(cfg: PublisherConfig, st: PublisherStatus) -> str:
 
 @dataclass
 class PublisherStatus:
+    """The publisher's health as ``mapsync status --publisher`` reports it, from its last run
+    note."""
+
     code: int
     message: str
     last_run: str | None = None
