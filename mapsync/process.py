@@ -18,8 +18,9 @@ background daemon holding the descriptor cannot hang the run, and only the last 
 bytes of each stream are read back.
 
 The wait is exact, not a poll: the waiting thread blocks in ``waitid(WNOWAIT)`` (a signal
-interrupts it) and a timer thread kills the group at the timeout. The child is reaped only
-after it is marked exited, so a process-group signal can never reach a reused pid.
+interrupts it) and a timer thread kills the group at the timeout. The child is signalled only
+before it is reaped (its pid, the group's id, cannot be reused until then), so a group signal
+never reaches a stranger.
 """
 
 from __future__ import annotations
@@ -131,7 +132,7 @@ def run(
     :meth:`Job.stop` may end it. Raises OSError (FileNotFoundError: no such program) when
     the child cannot be started."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        child = _start(argv, out, err, env, cwd)
+        child = _start(argv, out, err, env, cwd, grace)
         if job is not None and not job._add(child):
             child.stopped = True
             child.signal(signal.SIGTERM)  # the job was stopped while this one started
@@ -167,6 +168,7 @@ def _start(
     err: IO[bytes],
     env: Mapping[str, str] | None,
     cwd: Path | None,
+    grace: float,
 ) -> _Child:
     proc: subprocess.Popen[bytes] | None = None
     try:
@@ -182,7 +184,7 @@ def _start(
             )
     except BaseException:
         if proc is not None:  # started, and a signal that came meanwhile ends the run
-            _Child(proc).end(0.0)
+            _Child(proc).end(grace)
         raise
     return _Child(proc)
 
@@ -231,10 +233,12 @@ class _Child:
         ``grace`` is 0) and reap it, whatever comes meanwhile (a second signal)."""
         try:
             if grace > 0 and self.signal(signal.SIGTERM):
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    self.proc.wait(timeout=grace)
+                deadline = time.monotonic() + grace
+                while not _has_exited(self.proc.pid) and time.monotonic() < deadline:
+                    time.sleep(0.01)
         finally:
-            # Whatever of the group is left (rsync's ssh, an sh's children) goes too.
+            # Whatever of the group is left (rsync's ssh, an sh's children) goes too; the
+            # child is not reaped yet, so the group is still this one.
             with self._lock:
                 if not self.exited.is_set():
                     _killpg(self.proc.pid, signal.SIGKILL)
@@ -245,6 +249,11 @@ class _Child:
 def _wait_exited(pid: int) -> None:
     """Block until child ``pid`` has exited, leaving it unreaped (its pid stays ours)."""
     os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+
+
+def _has_exited(pid: int) -> bool:
+    """Whether child ``pid`` has exited, leaving it unreaped."""
+    return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT | os.WNOHANG) is not None
 
 
 def _killpg(pgid: int, sig: int) -> None:
