@@ -581,7 +581,6 @@ def install(
         for f in (MANIFEST, SIGNATURE):
             shutil.copyfile(src / f, built / f)
             os.chmod(built / f, 0o644)
-        _fsync_tree(built)
         # Built in a directory only the agent may enter; opened to readers (and to a check
         # running as another user) once every file has its final mode.
         os.chmod(built, 0o755)
@@ -1096,17 +1095,3 @@ def _fresh_mtime(path: Path, old: Path | None, now: float) -> None:
         with contextlib.suppress(FileNotFoundError):
             stamp = max(stamp, int(old.stat().st_mtime) + 1)
     os.utime(path, (stamp, stamp))
-
-
-def _fsync_tree(path: Path) -> None:
-    for name in os.listdir(path):
-        fd = os.open(path / name, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

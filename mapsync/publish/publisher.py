@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
 from collections.abc import Callable, Iterable, Iterator
@@ -27,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from mapsync import GENERATOR, log
 from mapsync.access import check_owner
-from mapsync.atomic import atomic_write, fsync_dir
+from mapsync.atomic import atomic_write, commit_dir
 from mapsync.config import MapConfig, PublisherChannel, PublisherConfig, exception_guards
 from mapsync.errors import (
     ConfigError,
@@ -879,18 +878,9 @@ class Publisher:
         check_manifest_size(data, f"channel {manifest.channel}")
         (staged.staging / MANIFEST).write_bytes(data)
         (staged.staging / SIGNATURE).write_bytes(sign(key, data))
-        for f in os.listdir(staged.staging):
-            fd = os.open(staged.staging / f, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fsync_dir(staged.staging)
         releases = self.repo.releases(manifest.channel)
         releases.mkdir(parents=True, exist_ok=True)
-        final = releases / str(manifest.serial)
-        os.rename(staged.staging, final)
-        fsync_dir(releases)
+        commit_dir(staged.staging, releases / str(manifest.serial))
         atomic_write(
             self.repo.channel(manifest.channel) / "LATEST",
             Latest(manifest.serial, manifest_sha256(data)).to_bytes(),
