@@ -57,10 +57,10 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 
 from mapsync import log, signals
 from mapsync.agent.liveset import LiveSet
-from mapsync.agent.pull import MAX_LATEST_BYTES, PullResult, installed, pull
+from mapsync.agent.pull import PullResult, installed, pull
 from mapsync.config import AgentChannel, AgentConfig
 from mapsync.errors import ConfigError, LockBusy, MapsyncError
-from mapsync.release import LATEST, Latest, parse_latest
+from mapsync.release import LATEST, MAX_LATEST_BYTES, Latest, parse_latest
 from mapsync.transport.rsync import Transfers, stoppable
 
 if TYPE_CHECKING:

@@ -39,20 +39,24 @@ from mapsync.agent.state import (
 from mapsync.config import AgentChannel, AgentConfig, FileMode, unauthenticated_rsync
 from mapsync.errors import InstallError, MapsyncError, TransportError, VerificationError
 from mapsync.formats import cdb, text
-from mapsync.maps import CATALOGUE, SECRET_MAPS, is_secret, separator
 from mapsync.progress import track
 from mapsync.release import (
+    BUILTIN_MAPS,
     LATEST,
     MANIFEST,
+    MAX_LATEST_BYTES,
     MAX_MANIFEST_BYTES,
+    SECRET_MAPS,
     SIGNATURE,
     Latest,
     Manifest,
     MapEntry,
+    is_secret,
     iso,
     manifest_sha256,
     parse_latest,
     parse_manifest,
+    separator,
     utcnow,
 )
 from mapsync.signing import Keyring, load_public, verify
@@ -676,9 +680,6 @@ def _keep(ch: AgentChannel, paths: ChannelPaths, src: Path, manifest: Manifest) 
         _log.debug("dropped kept releases", channel=ch.name, serials=dropped)
 
 
-MAX_LATEST_BYTES = 4096
-
-
 def fetch_release(
     remote: Remote,
     latest: Latest,
@@ -755,11 +756,11 @@ def read_signed(
     for name, m in sorted(manifest.maps.items()):
         # A map of the publisher's own ([publisher.maps.NAME]) says so, with what installing
         # it takes; any other name must be a map this mapsync knows.
-        if m.custom is None and name not in CATALOGUE:
+        if m.custom is None and name not in BUILTIN_MAPS:
             raise VerificationError(
                 f"{where}/{MANIFEST}: names map {name!r}, which mapsync does not know"
             )
-        if m.custom is not None and name in CATALOGUE:
+        if m.custom is not None and name in BUILTIN_MAPS:
             raise VerificationError(
                 f"{where}/{MANIFEST}: map {name!r} is a built-in map, not one of the publisher's own"
             )

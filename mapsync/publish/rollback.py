@@ -23,10 +23,9 @@ from mapsync.access import check_owner
 from mapsync.config import PublisherConfig
 from mapsync.errors import ConfigError, MapsyncError, VerificationError
 from mapsync.formats import text
-from mapsync.maps import separator
 from mapsync.publish.plan import ChannelPlan, MapPlan, diff_files
 from mapsync.publish.publisher import Publisher
-from mapsync.release import MANIFEST, SIGNATURE, Manifest, iso, parse_manifest, utcnow
+from mapsync.release import MANIFEST, SIGNATURE, Manifest, iso, parse_manifest, separator, utcnow
 from mapsync.signing import key_id, load_private, verify
 from mapsync.sources import Source
 
