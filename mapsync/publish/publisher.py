@@ -58,7 +58,8 @@ from mapsync.release import (
     parse_iso,
     utcnow,
 )
-from mapsync.signing import key_id, load_private, load_public, public_path, sign, verify
+from mapsync.release.verify import verify_release
+from mapsync.signing import key_id, load_private, load_public, public_path, sign
 from mapsync.snapshot import Account, Domain, Fingerprint, Snapshot, paused_gc
 from mapsync.sources import Source
 from mapsync.validate import Problem
@@ -606,13 +607,8 @@ class Publisher:
             return True
         release = self.repo.release(channel, serial)
         try:
-            verify(
-                {key_id(self._public): self._public},
-                (release / MANIFEST).read_bytes(),
-                (release / SIGNATURE).read_bytes(),
-                str(release / SIGNATURE),
-            )
-        except (VerificationError, FileNotFoundError):
+            verify_release(release, {key_id(self._public): self._public}, str(release))
+        except VerificationError:
             return False
         return True
 
