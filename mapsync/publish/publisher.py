@@ -47,6 +47,7 @@ from mapsync.publish.runlog import record_run
 from mapsync.release import (
     MANIFEST,
     SIGNATURE,
+    STAGING,
     CdbInfo,
     CustomInfo,
     Latest,
@@ -569,7 +570,7 @@ class Publisher:
             # Every selected channel, not only the staged ones: a signal (SystemExit) while a
             # channel was being rendered leaves its staging directory before it is in `staged`.
             for ch in selected:
-                shutil.rmtree(self.repo.channel(ch.name) / ".staging", ignore_errors=True)
+                shutil.rmtree(self.repo.channel(ch.name) / STAGING, ignore_errors=True)
         return PublishResult([s.plan for s in staged], skipped, dry_run, violations)
 
     def _own_maps(self, snap: Snapshot, source: Source, others: list[Source]) -> None:
@@ -727,7 +728,7 @@ class Publisher:
         directory = view.directory
         last, damaged = self.repo.current(ch.name)
         serial = self.repo.next_serial(ch.name, last)
-        staging_root = self.repo.channel(ch.name) / ".staging"
+        staging_root = self.repo.channel(ch.name) / STAGING
         shutil.rmtree(staging_root, ignore_errors=True)  # a crashed run's leftovers
         staging = staging_root / str(serial)
         staging.mkdir(parents=True)
