@@ -46,6 +46,7 @@ from mapsync.publish.runlog import record_run
 from mapsync.release import (
     MANIFEST,
     SIGNATURE,
+    STAGING,
     CdbInfo,
     CustomInfo,
     Latest,
@@ -57,7 +58,8 @@ from mapsync.release import (
     parse_iso,
     utcnow,
 )
-from mapsync.signing import key_id, load_private, load_public, public_path, sign, verify
+from mapsync.release.verify import verify_release
+from mapsync.signing import key_id, load_private, load_public, public_path, sign
 from mapsync.snapshot import Account, Domain, Fingerprint, Snapshot, paused_gc
 from mapsync.sources import Source
 from mapsync.validate import Problem
@@ -567,7 +569,7 @@ class Publisher:
             # Every selected channel, not only the staged ones: a signal (SystemExit) while a
             # channel was being rendered leaves its staging directory before it is in `staged`.
             for ch in selected:
-                shutil.rmtree(self.repo.channel(ch.name) / ".staging", ignore_errors=True)
+                shutil.rmtree(self.repo.channel(ch.name) / STAGING, ignore_errors=True)
         return PublishResult([s.plan for s in staged], skipped, dry_run, violations)
 
     def _own_maps(self, snap: Snapshot, source: Source, others: list[Source]) -> None:
@@ -605,13 +607,8 @@ class Publisher:
             return True
         release = self.repo.release(channel, serial)
         try:
-            verify(
-                {key_id(self._public): self._public},
-                (release / MANIFEST).read_bytes(),
-                (release / SIGNATURE).read_bytes(),
-                str(release / SIGNATURE),
-            )
-        except (VerificationError, FileNotFoundError):
+            verify_release(release, {key_id(self._public): self._public}, str(release))
+        except VerificationError:
             return False
         return True
 
@@ -730,7 +727,7 @@ class Publisher:
         directory = view.directory
         last, damaged = self.repo.current(ch.name)
         serial = self.repo.next_serial(ch.name, last)
-        staging_root = self.repo.channel(ch.name) / ".staging"
+        staging_root = self.repo.channel(ch.name) / STAGING
         shutil.rmtree(staging_root, ignore_errors=True)  # a crashed run's leftovers
         staging = staging_root / str(serial)
         staging.mkdir(parents=True)
