@@ -1,7 +1,9 @@
 """The one atomic-write helper: temp file in the same directory, fsync, rename, fsync the dir.
 
 Every file mapsync writes that someone else may read (LATEST, manifests, state, keys,
-Prometheus textfiles) goes through :func:`atomic_write`; no second implementation.
+Prometheus textfiles) goes through :func:`atomic_write`; no second implementation. Every
+directory that appears whole (a published release, an agent's kept release, its live set)
+goes through :func:`commit_dir`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,39 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    """Make the data of the file at ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(directory: Path) -> None:
+    """fsync every regular file under ``directory``, then each directory, deepest first."""
+    for entry in os.scandir(directory):
+        path = Path(entry.path)
+        if entry.is_dir(follow_symlinks=False):
+            _fsync_tree(path)
+        elif entry.is_file(follow_symlinks=False):
+            _fsync_file(path)
+    fsync_dir(directory)
+
+
+def commit_dir(staging: Path, final: Path) -> None:
+    """Make the fully written directory ``staging`` appear as ``final`` in one rename, durably.
+
+    Every file in it is fsynced, then the directory itself, then it is renamed to ``final``
+    (same filesystem) and the parent of ``final`` fsynced: a reader, and a machine that lost
+    power, sees no ``final`` or the whole of it. ``final`` must not exist (rename(2) replaces
+    only an empty directory). On an error ``staging`` is left where it is, for the caller to
+    remove."""
+    _fsync_tree(staging)
+    os.rename(staging, final)
+    fsync_dir(final.parent)
 
 
 @contextlib.contextmanager

@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 from mapsync import log
 from mapsync.errors import ConfigError
+from mapsync.release import BUILTIN_MAPS, SEPARATORS, MapSpec
 
 DEFAULT_PATH = Path("/etc/mapsync/mapsync.toml")
 CHANNEL_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}\Z")
@@ -128,7 +129,8 @@ class SqlConfig:
 
 # The separators a map of the operator's own may use between key and value on a text line:
 # a space (Postfix's source format, Exim lsearch), a tab, or ':' (a passwd-file-like line).
-MAP_SEPARATORS = (" ", "\t", ":")
+# The release format's list: a node checks a manifest's ``custom.separator`` against it.
+MAP_SEPARATORS = SEPARATORS
 MAP_KEYS = ("lower", "exact")
 
 
@@ -152,6 +154,11 @@ class MapConfig:
     database: str | None = None
     fingerprint: str | None = None
     description: str = ""
+
+    @property
+    def spec(self) -> MapSpec:
+        """This map's facts in the release catalogue (what its manifest entry tells a node)."""
+        return MapSpec(self.name, cdb=self.cdb, secret=self.secret, separator=self.separator)
 
 
 @dataclass(frozen=True)
@@ -437,8 +444,6 @@ def exception_guards(base: Guards) -> Guards:
 
 
 def _publisher(path: Path, data: Any) -> PublisherConfig:
-    from mapsync.maps import CATALOGUE  # the map names are the catalogue's
-
     s = _Section(path, "publisher", data)
     s.allow(
         "database",
@@ -459,8 +464,8 @@ def _publisher(path: Path, data: Any) -> PublisherConfig:
         "maps",
     )
     schema = s.text("schema", "mapsync")
-    own_maps = _own_maps(path, s.table("maps"), CATALOGUE)
-    known = {*CATALOGUE, *own_maps}
+    own_maps = _own_maps(path, s.table("maps"))
+    known = {*BUILTIN_MAPS, *own_maps}
     if schema not in SCHEMAS:
         raise ConfigError(
             f"{s.where('schema')}: unknown schema {schema!r} (known: {', '.join(map(repr, SCHEMAS))})"
@@ -479,8 +484,8 @@ def _publisher(path: Path, data: Any) -> PublisherConfig:
     for name, sub in per_map.items():
         if name not in known:
             raise ConfigError(f"{path}: [publisher.guards.{name}]: unknown map {name!r}")
-        # A list of exceptions (dovecot_deny) starts from its own defaults: see Map.exceptions.
-        spec = CATALOGUE.get(name)  # None: a map of the operator's own
+        # A list of exceptions (dovecot_deny) starts from its own defaults: MapSpec.exceptions.
+        spec = BUILTIN_MAPS.get(name)  # None: a map of the operator's own
         start = exception_guards(base) if spec is not None and spec.exceptions else base
         map_guards[name] = _guards(_Section(path, f"publisher.guards.{name}", sub), start)
 
@@ -566,7 +571,7 @@ def _customer_field(cs: _Section, maps: tuple[str, ...]) -> str | None:
     return name
 
 
-def _own_maps(path: Path, data: dict[str, Any], catalogue: Any) -> dict[str, MapConfig]:
+def _own_maps(path: Path, data: dict[str, Any]) -> dict[str, MapConfig]:
     """``[publisher.maps.NAME]``: maps of the operator's own (docs/maps.md, "Maps of your own")."""
     out = {}
     for name, sub in data.items():
@@ -576,7 +581,7 @@ def _own_maps(path: Path, data: dict[str, Any], catalogue: Any) -> dict[str, Map
                 f"{path}: [{where}]: map names are lowercase letters, digits, - and _ "
                 "(at most 63, starting with a letter or digit): the name is also its file name"
             )
-        if name in catalogue:
+        if name in BUILTIN_MAPS:
             raise ConfigError(
                 f"{path}: [{where}]: {name!r} is a built-in map; give yours another name"
             )
@@ -1071,11 +1076,9 @@ def _refuse_unknown_node_maps(
     """A node alone accepts any map name (the publisher's own maps are not in its file); in a
     file that also holds the publisher, a node's map must be one the publisher knows: a typo is
     found now, not as every release refused for lacking it."""
-    from mapsync.maps import CATALOGUE
-
     if publisher is None or agent is None:
         return
-    known = {*CATALOGUE, *publisher.maps}
+    known = {*BUILTIN_MAPS, *publisher.maps}
     listed = ", ".join(sorted(known))
     for ch in agent.channels.values():
         for m in ch.maps:
@@ -1107,8 +1110,6 @@ def _warn_unauthenticated(
 ) -> None:
     """A channel with password hashes pulled from an rsync daemon without a user and a
     password: whoever reaches port 873 can copy the same module."""
-    from mapsync.maps import CATALOGUE
-
     if agent is None:
         return
     for ch in agent.channels.values():
@@ -1119,7 +1120,7 @@ def _warn_unauthenticated(
         secret = sorted(
             m
             for m in maps
-            if (m in CATALOGUE and CATALOGUE[m].secrets) or (m in own and own[m].secret)
+            if (m in BUILTIN_MAPS and BUILTIN_MAPS[m].secret) or (m in own and own[m].secret)
         )
         if not secret:
             continue

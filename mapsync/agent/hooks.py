@@ -1,26 +1,20 @@
 """The commands a channel runs around a swap: the ``check`` of a built set before it goes live,
 and the ``reload`` hook once after (``postfix reload``).
 
-Both are argv lists run without a shell, stdin empty, with a timeout from the channel's
-config. A command that outlives its timeout, or is still running when a signal (or ^C) ends
-the agent, is killed with everything it started (it runs in its own process group), so a
-``sh -c`` does not leave its children running. One that exits in time is left alone, with
-whatever it started in the background (a reload may start a daemon).
+Both are argv lists run by :func:`mapsync.process.run` (no shell, stdin empty) with a timeout
+from the channel's config. A command that outlives its timeout, or is still running when a
+signal (or ^C) ends the agent, is killed with everything it started (it runs in its own
+process group), so a ``sh -c`` does not leave its children running. One that exits in time
+is left alone, with whatever it started in the background (a reload may start a daemon).
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
 import shlex
-import signal
-import subprocess
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
 
-from mapsync import log, signals
+from mapsync import log, process
 from mapsync.config import AgentChannel
 from mapsync.errors import InstallError
 
@@ -42,60 +36,25 @@ class Ran:
 
 
 def run_command(argv: list[str], timeout: int) -> Ran:
-    """Run ``argv`` (no shell, stdin empty) for at most ``timeout`` seconds.
-
-    Output goes to unlinked temporary files, not pipes: a chatty command cannot grow the
-    agent's memory, and only the tail is read back."""
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        proc: subprocess.Popen[bytes] | None = None
-        try:
-            with signals.held():  # a signal now would leave the command running without a handle
-                proc = subprocess.Popen(
-                    argv,
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=err,
-                    start_new_session=True,  # its own process group: killed whole on a timeout
-                )
-        except FileNotFoundError:
-            return Ran("not found")
-        except OSError as exc:  # not executable, not a program
-            return Ran(f"could not be started ({exc.strerror or exc})")
-        except BaseException:
-            if proc is not None:  # started, and a signal that came meanwhile ends the run
-                _kill_group(proc)
-            raise
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            _kill_group(proc)
-            return Ran(f"timed out after {timeout}s", None, _tail(err) or _tail(out))
-        except BaseException:
-            # SIGTERM/SIGHUP (the SystemExit of mapsync.signals) or ^C: the command and what
-            # it started must not outlive the run (a check would judge a set no longer there).
-            _kill_group(proc)
-            raise
-        tail = _tail(err) or _tail(out)
-    if proc.returncode != 0:
-        return Ran(signals.describe_exit(proc.returncode), proc.returncode, tail)
+    """Run ``argv`` (no shell, stdin empty) for at most ``timeout`` seconds with
+    :func:`mapsync.process.run`: only the tail of its output is read back."""
+    try:
+        done = process.run(argv, timeout, keep=4 * _TAIL)
+    except FileNotFoundError:
+        return Ran("not found")
+    except OSError as exc:  # not executable, not a program
+        return Ran(f"could not be started ({exc.strerror or exc})")
+    tail = done.stderr.strip()[-_TAIL:] or done.stdout.strip()[-_TAIL:]
+    if done.timed_out:
+        return Ran(done.how, None, tail)
+    if done.returncode != 0:
+        return Ran(done.how, done.returncode, tail)
     return Ran(None, 0, tail)
 
 
 def _exited(ran: Ran) -> bool:
     """It ran and exited non-zero by itself (not killed by a signal, not timed out)."""
     return ran.exit is not None and ran.exit > 0
-
-
-def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-
-
-def _tail(f: IO[bytes]) -> str:
-    size = f.seek(0, os.SEEK_END)
-    f.seek(max(0, size - 4 * _TAIL))
-    return f.read().decode("utf-8", "replace").strip()[-_TAIL:]
 
 
 def reload_failure(ch: AgentChannel) -> str | None:

@@ -17,7 +17,7 @@ import os
 import shutil
 from pathlib import Path
 
-from mapsync.atomic import fsync_dir
+from mapsync.atomic import commit_dir
 from mapsync.release import MANIFEST, SIGNATURE, Manifest
 
 KEPT = "releases"
@@ -58,9 +58,7 @@ class KeptReleases:
             try:
                 for name in (MANIFEST, SIGNATURE, *sorted(manifest.files())):
                     _copy_private(src / name, tmp / name)  # a new inode, never a link
-                fsync_dir(tmp)
-                os.rename(tmp, final)
-                fsync_dir(self.root)
+                commit_dir(tmp, final)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
@@ -84,12 +82,10 @@ class KeptReleases:
 
 def _copy_private(src: Path, dst: Path) -> None:
     """Copy ``src`` to a new file ``dst`` that only the agent can read from the moment it
-    exists (kept ``dovecot_users`` holds password hashes), and fsync it."""
+    exists (kept ``dovecot_users`` holds password hashes); :func:`commit_dir` fsyncs it."""
     fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     with open(fd, "wb") as out, open(src, "rb") as fin:
         shutil.copyfileobj(fin, out, 1 << 20)
-        out.flush()
-        os.fsync(out.fileno())
 
 
 def _make_private(directory: Path) -> None:

@@ -23,7 +23,7 @@ import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
-from mapsync.atomic import atomic_symlink, fsync_dir
+from mapsync.atomic import atomic_symlink, commit_dir, fsync_dir
 from mapsync.release import MANIFEST, SIGNATURE
 
 SETS = ".mapsync"
@@ -82,7 +82,8 @@ class LiveSet:
         return path
 
     def swap(self, built: Path, serial: int) -> None:
-        """Make ``built`` the live set in one rename, then drop every older set."""
+        """Make ``built`` the live set: committed (every file fsynced, renamed) under its
+        serial, then ``current`` switched to it in one rename; then every older set dropped."""
         final = self.sets / str(serial)
         cur = self.current()
         if final.exists() and final != cur:
@@ -90,8 +91,7 @@ class LiveSet:
         if final == cur:
             # Re-installing the same serial (a renewal rebuilt in place): keep names unique.
             final = self.sets / f"{serial}.{os.getpid()}"
-        os.rename(built, final)
-        fsync_dir(self.sets)
+        commit_dir(built, final)  # every file durable before the set can go live
         self._drop_current_directory()
         atomic_symlink(final.name, self.sets / CURRENT)
         try:

@@ -57,10 +57,10 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 
 from mapsync import log, signals
 from mapsync.agent.liveset import LiveSet
-from mapsync.agent.pull import MAX_LATEST_BYTES, PullResult, installed, pull
+from mapsync.agent.pull import PullResult, installed, pull
 from mapsync.config import AgentChannel, AgentConfig
 from mapsync.errors import ConfigError, LockBusy, MapsyncError
-from mapsync.release import LATEST, Latest, parse_latest
+from mapsync.release import LATEST, MAX_LATEST_BYTES, RELEASES, Latest, parse_latest
 from mapsync.transport.rsync import Transfers, stoppable
 
 if TYPE_CHECKING:
@@ -93,7 +93,6 @@ REWATCH_CHECK = 5.0
 SIGNAL_CHECK = 0.2
 # The events that mean "a LATEST is now in place". (Deleted is not one; opened/attrib are noise.)
 ARRIVALS = frozenset({"created", "moved", "modified", "closed"})
-RELEASES = "releases"
 _SERIAL = re.compile(r"^[0-9]{1,18}\Z")
 
 

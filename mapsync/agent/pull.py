@@ -16,7 +16,7 @@ import pwd
 import shutil
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -39,23 +39,28 @@ from mapsync.agent.state import (
 from mapsync.config import AgentChannel, AgentConfig, FileMode, unauthenticated_rsync
 from mapsync.errors import InstallError, MapsyncError, TransportError, VerificationError
 from mapsync.formats import cdb, text
-from mapsync.maps import CATALOGUE, SECRET_MAPS, is_secret, separator
 from mapsync.progress import track
 from mapsync.release import (
     LATEST,
     MANIFEST,
+    MAX_LATEST_BYTES,
     MAX_MANIFEST_BYTES,
+    SECRET_MAPS,
     SIGNATURE,
     Latest,
     Manifest,
     MapEntry,
+    is_secret,
     iso,
     manifest_sha256,
     parse_latest,
     parse_manifest,
+    release_dir,
+    separator,
     utcnow,
 )
-from mapsync.signing import Keyring, load_public, verify
+from mapsync.release.verify import FileAltered, VerifiedRelease, check_map_files, verify_release
+from mapsync.signing import Keyring, load_public
 from mapsync.transport import Remote, parse_source
 from mapsync.transport.rsync import block_size
 
@@ -73,10 +78,6 @@ class PullResult:
     source: str | None = None  # the source (or mirror) that answered
     failed_sources: dict[str, str] = field(default_factory=dict)  # tried before it: source → error
     repaired: list[str] | None = None  # damage found in the live set and repaired from STATE
-
-
-class FileAltered(VerificationError):
-    """A fetched map file does not have the manifest's sha256 and size."""
 
 
 class ChannelPaths:
@@ -259,11 +260,10 @@ def save_state(ch: AgentChannel, paths: ChannelPaths, state: ChannelState) -> No
 
 @dataclass
 class _Fetched:
-    """A release fetched from ``remote`` and verified in ``staging``, not yet installed."""
+    """A release fetched from ``remote`` and verified in ``release.path``, not yet installed."""
 
     remote: Remote
-    manifest: Manifest
-    staging: Path
+    release: VerifiedRelease
     received: int
 
 
@@ -407,11 +407,12 @@ def _fetch_from(
 
     staging = paths.incoming / "release"
     staging.mkdir(mode=0o700)
-    where = f"{remote.source}/releases/{latest.serial}"
+    where = f"{remote.source}/{release_dir(latest.serial)}"
     keys = trusted_keys(cfg)
-    received += fetch_release(remote, latest, ch, keys, staging, paths.basis, where)
+    release, moved = fetch_release(remote, latest, ch, keys, staging, paths.basis, where)
+    received += moved
     try:
-        manifest = verify_release(staging, latest, ch, keys, current, where)
+        _check_fetched(release, latest, ch, current, where)
     except FileAltered as exc:
         if not paths.basis.exists():
             raise
@@ -427,13 +428,14 @@ def _fetch_from(
         )
         shutil.rmtree(staging)
         staging.mkdir(mode=0o700)
-        received += fetch_release(remote, latest, ch, keys, staging, None, where)
-        manifest = verify_release(staging, latest, ch, keys, current, where)
+        release, moved = fetch_release(remote, latest, ch, keys, staging, None, where)
+        received += moved
+        _check_fetched(release, latest, ch, current, where)
         _log.warning(
             "discarding the local rsync basis: it was damaged on this node", channel=ch.name
         )
         shutil.rmtree(paths.basis)
-    return _Fetched(remote, manifest, staging, received)
+    return _Fetched(remote, release, received)
 
 
 def serial_floor(state: ChannelState, paths: ChannelPaths, current: Manifest | None) -> int | None:
@@ -455,7 +457,7 @@ def _install_fetched(
     got: _Fetched,
     failed: dict[str, str],
 ) -> PullResult:
-    manifest, staging = got.manifest, got.staging
+    manifest, staging = got.release.manifest, got.release.path
     _warn_if_exposed(ch, manifest, got.remote.source)
     same = (
         current is not None
@@ -581,7 +583,6 @@ def install(
         for f in (MANIFEST, SIGNATURE):
             shutil.copyfile(src / f, built / f)
             os.chmod(built / f, 0o644)
-        _fsync_tree(built)
         # Built in a directory only the agent may enter; opened to readers (and to a check
         # running as another user) once every file has its final mode.
         os.chmod(built, 0o755)
@@ -676,9 +677,6 @@ def _keep(ch: AgentChannel, paths: ChannelPaths, src: Path, manifest: Manifest) 
         _log.debug("dropped kept releases", channel=ch.name, serials=dropped)
 
 
-MAX_LATEST_BYTES = 4096
-
-
 def fetch_release(
     remote: Remote,
     latest: Latest,
@@ -687,13 +685,14 @@ def fetch_release(
     staging: Path,
     basis: Path | None,
     where: str,
-) -> int:
+) -> tuple[VerifiedRelease, int]:
     """Fetch release ``latest.serial`` in three steps, so a hostile or broken repository
     cannot fill this node's disk before anything is checked: the manifest and its signature
-    (at most 1 MiB, verified at once), then a listing that must name exactly the manifest's
-    files as regular files of the manifest's sizes, then exactly those files, none larger
-    than the manifest says. Returns the bytes rsync moved."""
-    directory = f"releases/{latest.serial}"
+    (at most 1 MiB, verified at once: the release returned), then a listing that must name
+    exactly the manifest's files as regular files of the manifest's sizes, then exactly those
+    files, none larger than the manifest says. Returns the release and the bytes rsync moved;
+    its files are for :func:`verify_files` to check."""
+    directory = release_dir(latest.serial)
     moved = remote.fetch_files(directory, [MANIFEST, SIGNATURE], staging, None, MAX_MANIFEST_BYTES)
     if not (staging / MANIFEST).exists():
         # rsync leaves out a file over --max-size and exits 0: tell "too large" from missing.
@@ -706,7 +705,8 @@ def fetch_release(
                 f"{where}/{MANIFEST}: {size} bytes, too large (agents accept at most "
                 f"{MAX_MANIFEST_BYTES}); not fetched"
             )
-    manifest, _ = read_signed(staging, ch, keys, where, latest)
+    release = read_signed(staging, ch, keys, where, latest)
+    manifest = release.manifest
     listing = remote.list_dir(directory)
     expected = manifest.files() | {MANIFEST, SIGNATURE}
     extra = sorted(set(listing) - expected)
@@ -726,90 +726,60 @@ def fetch_release(
     files = sorted(manifest.files())
     largest = max((m.size for m in manifest.maps.values()), default=0)
     moved += remote.fetch_files(directory, files, staging, basis, largest + 1, block_size(largest))
-    return moved
+    return release, moved
 
 
 def read_signed(
     directory: Path,
     ch: AgentChannel,
-    keys: dict[str, Ed25519PublicKey],
+    keys: Mapping[str, Ed25519PublicKey],
     where: str,
     latest: Latest | None = None,
-) -> tuple[Manifest, str]:
-    """(manifest, key id) of the release in ``directory``, after checking the manifest's
-    sha256 against ``latest`` (when given), its signature against the trusted keys, and that
-    it is for channel ``ch``."""
-    try:
-        data = (directory / MANIFEST).read_bytes()
-        sig = (directory / SIGNATURE).read_bytes()
-    except FileNotFoundError as exc:
-        raise VerificationError(f"{where}: {Path(exc.filename).name} is missing") from None
-    if latest is not None and manifest_sha256(data) != latest.manifest_sha256:
-        raise VerificationError(f"{where}/{MANIFEST}: sha256 differs from the one LATEST names")
-    kid = verify(keys, data, sig, f"{where}/{SIGNATURE}")
-    manifest = parse_manifest(data, f"{where}/{MANIFEST}")
-    if manifest.channel != ch.name:
-        raise VerificationError(
-            f"{where}/{MANIFEST}: is for channel {manifest.channel!r}, not {ch.name!r}"
-        )
-    for name, m in sorted(manifest.maps.items()):
-        # A map of the publisher's own ([publisher.maps.NAME]) says so, with what installing
-        # it takes; any other name must be a map this mapsync knows.
-        if m.custom is None and name not in CATALOGUE:
-            raise VerificationError(
-                f"{where}/{MANIFEST}: names map {name!r}, which mapsync does not know"
-            )
-        if m.custom is not None and name in CATALOGUE:
-            raise VerificationError(
-                f"{where}/{MANIFEST}: map {name!r} is a built-in map, not one of the publisher's own"
-            )
+    serial: int | None = None,
+) -> VerifiedRelease:
+    """The release in ``directory`` verified for channel ``ch``
+    (:func:`mapsync.release.verify.verify_release`: the manifest's sha256 against ``latest``
+    when given, its signature against the trusted keys, its channel, ``serial`` when given,
+    its map names), and carrying no map that ``ch``'s ``maps`` does not list."""
+    release = verify_release(directory, keys, where, channel=ch.name, serial=serial, latest=latest)
+    for name in sorted(release.manifest.maps):
         if ch.maps and name not in ch.maps:
             raise VerificationError(
                 f"{where}/{MANIFEST}: carries map {name!r}, which channel {ch.name} does not "
                 f"(its maps: {', '.join(ch.maps)})"
             )
-    return manifest, kid
+    return release
 
 
-def verify_files(
-    directory: Path, manifest: Manifest, where: str, *, check_expiry: bool = True
-) -> None:
-    """Refuse an expired manifest (unless ``check_expiry`` is false: a repair restores the
-    release that was live), any file it does not name, and any text map whose sha256 or size
-    differ from the manifest's."""
+def verify_files(release: VerifiedRelease, where: str, *, check_expiry: bool = True) -> None:
+    """Refuse an expired release (unless ``check_expiry`` is false: a repair restores the
+    release that was live), any file its manifest does not name, and any text map whose
+    sha256 or size differ from the manifest's."""
+    manifest = release.manifest
     if check_expiry and manifest.expires_at() <= datetime.now(UTC):
         raise VerificationError(
             f"{where}/{MANIFEST}: expired at {manifest.expires}; not installing"
         )
     expected = manifest.files() | {MANIFEST, SIGNATURE}
-    present = set(os.listdir(directory))
+    present = set(os.listdir(release.path))
     extra = sorted(present - expected)
     if extra:
         raise VerificationError(
             f"{where}: unexpected file(s) not named by the manifest: {', '.join(extra)}"
         )
-    for name, m in sorted(manifest.maps.items()):
-        path = directory / m.file
-        if not path.is_file() or path.is_symlink():
-            raise VerificationError(f"{where}/{m.file}: missing or not a regular file (map {name})")
-        digest, size = text.sha256_file(path)
-        if size != m.size or digest != m.sha256:
-            raise FileAltered(
-                f"{where}/{m.file}: sha256 {digest[:16]}… size {size} does not match the manifest "
-                f"({m.sha256[:16]}… size {m.size}); the file was altered"
-            )
+    check_map_files(release, where)
 
 
-def verify_release(
-    staging: Path,
+def _check_fetched(
+    release: VerifiedRelease,
     latest: Latest,
     ch: AgentChannel,
-    keys: dict[str, Ed25519PublicKey],
     current: Manifest | None,
     where: str,
-) -> Manifest:
-    """Check everything about a fetched release; return its manifest or raise VerificationError."""
-    manifest, kid = read_signed(staging, ch, keys, where, latest)
+) -> None:
+    """Check everything else about a fetched, verified release (its serial against LATEST
+    and the installed one, the maps the node must keep, its files); raise VerificationError."""
+    manifest = release.manifest
     if manifest.serial != latest.serial:
         raise VerificationError(
             f"{where}/{MANIFEST}: serial {manifest.serial}, but LATEST says {latest.serial}"
@@ -819,9 +789,8 @@ def verify_release(
             f"{where}/{MANIFEST}: serial {manifest.serial} is not newer than the installed {current.serial}"
         )
     check_keeps_maps(manifest, ch, current, where)
-    verify_files(staging, manifest, where)
-    _log.debug("release verified", channel=ch.name, serial=manifest.serial, key=kid)
-    return manifest
+    verify_files(release, where)
+    _log.debug("release verified", channel=ch.name, serial=manifest.serial, key=release.key_id)
 
 
 def check_keeps_maps(
@@ -1096,17 +1065,3 @@ def _fresh_mtime(path: Path, old: Path | None, now: float) -> None:
         with contextlib.suppress(FileNotFoundError):
             stamp = max(stamp, int(old.stat().st_mtime) + 1)
     os.utime(path, (stamp, stamp))
-
-
-def _fsync_tree(path: Path) -> None:
-    for name in os.listdir(path):
-        fd = os.open(path / name, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

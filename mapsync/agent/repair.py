@@ -32,7 +32,7 @@ from mapsync.agent.state import ChannelState
 from mapsync.config import AgentChannel, AgentConfig
 from mapsync.errors import MapsyncError
 from mapsync.release import MANIFEST, Manifest, iso, parse_iso, parse_manifest, utcnow
-from mapsync.signing import verify
+from mapsync.release.verify import VerifiedRelease, verify_manifest
 
 _log = log.get("agent")
 
@@ -108,7 +108,7 @@ def check_and_repair(
             serial=serial,
         )
         return LiveOutcome(None, check.problems)
-    src, manifest = found
+    src, manifest = found.path, found.manifest
     install(live, src, manifest, ch, paths, state)
     state.last_repair = iso(utcnow())
     _log.warning(
@@ -126,28 +126,34 @@ def _verify_signature(cfg: AgentConfig, check: LiveCheck) -> None:
     assert check.manifest_bytes is not None and check.signature is not None
     assert check.directory is not None
     try:
-        verify(trusted_keys(cfg), check.manifest_bytes, check.signature, str(check.directory))
+        verify_manifest(
+            check.directory,
+            check.manifest_bytes,
+            check.signature,
+            trusted_keys(cfg),
+            str(check.directory),
+        )
     except MapsyncError as exc:
         check.problems.append(f"live manifest: {exc}")
 
 
 def _verified_copy(
     cfg: AgentConfig, ch: AgentChannel, paths: ChannelPaths, serial: int
-) -> tuple[Path, Manifest] | None:
+) -> VerifiedRelease | None:
     """The kept release ``serial`` or the rsync basis, whichever verifies (signature, channel,
-    serial, every text hash), with its manifest; None if neither does."""
+    serial, every text hash); None if neither does."""
     keys = trusted_keys(cfg)
     for src in (paths.kept.path(serial), paths.basis):
         if not (src / MANIFEST).is_file():
             continue
         where = str(src)
         try:
-            manifest, _ = read_signed(src, ch, keys, where)
-            if manifest.serial != serial:
-                continue
+            release = read_signed(src, ch, keys, where)
+            if release.manifest.serial != serial:
+                continue  # the basis of another serial: not this set's copy
             # An expired release is still the one the daemons were reading: restoring it
             # loses nothing (status says it expired; a pull installs a renewal).
-            verify_files(src, manifest, where, check_expiry=False)
+            verify_files(release, where, check_expiry=False)
         except (MapsyncError, OSError) as exc:
             _log.warning(
                 "a kept copy failed verification; not used for the repair",
@@ -156,7 +162,7 @@ def _verified_copy(
                 error=str(exc),
             )
             continue
-        return src, manifest
+        return release
     return None
 
 

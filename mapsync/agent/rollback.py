@@ -88,14 +88,14 @@ def rollback(cfg: AgentConfig, ch: AgentChannel, serial: int | None = None) -> R
         chosen = choose(ch, paths.kept, current, serial)
         src = paths.kept.path(chosen)
         where = str(src)
-        manifest, _ = read_signed(src, ch, trusted_keys(cfg), where)
-        if manifest.serial != chosen:
-            raise VerificationError(
-                f"{where}/{MANIFEST}: is serial {manifest.serial}, not {chosen}; not installing"
-            )
+        try:
+            release = read_signed(src, ch, trusted_keys(cfg), where, serial=chosen)
+        except VerificationError as exc:
+            raise VerificationError(f"{exc}; not installing") from None
+        manifest = release.manifest
         # Same rule as a pull: a kept release lacking a map the node serves is not installed.
         check_keeps_maps(manifest, ch, current, where)
-        verify_files(src, manifest, where)
+        verify_files(release, where)
         try:
             install(live, src, manifest, ch, paths, state, pin=manifest.serial)
         except MapsyncError:

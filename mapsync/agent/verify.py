@@ -15,8 +15,7 @@ from mapsync.agent.repair import check_and_repair
 from mapsync.config import AgentChannel, AgentConfig
 from mapsync.errors import InstallError, VerificationError
 from mapsync.formats import text
-from mapsync.release import MANIFEST, SIGNATURE, parse_manifest
-from mapsync.signing import verify
+from mapsync.release.verify import verify_manifest
 
 
 def verify_installed(cfg: AgentConfig, ch: AgentChannel) -> int:
@@ -31,8 +30,7 @@ def verify_installed(cfg: AgentConfig, ch: AgentChannel) -> int:
             + ("; ".join(found) if found else f"nothing installed in {ch.target}")
         )
     data, sig = pair
-    verify(trusted_keys(cfg), data, sig, f"{cur}/{SIGNATURE}")
-    manifest = parse_manifest(data, f"{cur}/{MANIFEST}")
+    manifest = verify_manifest(cur, data, sig, trusted_keys(cfg), str(cur)).manifest
     for name, m in sorted(manifest.maps.items()):
         checks = [(m.file, m.sha256, m.size)]
         if m.cdb is not None:

@@ -1,4 +1,7 @@
-"""The map catalogue: every map a channel may list, by name."""
+"""The renderers: every built-in map a channel may list, by name, with how its entries are
+made from a :class:`Directory`. Only the publisher imports them; what a map *is* (cdb, secret,
+separator) is the release catalogue's (:data:`mapsync.release.BUILTIN_MAPS`), which every
+renderer takes its facts from."""
 
 from __future__ import annotations
 
@@ -12,7 +15,6 @@ from mapsync.maps.dovecot import (
 )
 from mapsync.maps.exim import EximRoutesMap
 from mapsync.maps.postfix import DomainsMap, RecipientsMap, SendersMap, TransportMap, VirtualMap
-from mapsync.release import MapEntry
 
 CATALOGUE: dict[str, Map] = {
     m.name: m
@@ -30,26 +32,4 @@ CATALOGUE: dict[str, Map] = {
     )
 }
 
-
-def separator(name: str, entry: MapEntry | None = None) -> str:
-    """Where a line of map ``name`` splits into key and value: a map of the operator's own
-    says so in its manifest ``entry``; a built-in map in the catalogue."""
-    if entry is not None and entry.custom is not None:
-        return entry.custom.separator
-    spec = CATALOGUE.get(name)
-    return spec.separator if spec is not None else " "
-
-
-# The maps that carry password hashes, as the catalogue declares them (Map.secrets).
-SECRET_MAPS = frozenset(name for name, spec in CATALOGUE.items() if spec.secrets)
-
-
-def is_secret(name: str, entry: MapEntry | None) -> bool:
-    """Whether map ``name`` is handled like password hashes: a built-in map that carries them,
-    or a map of the operator's own that its manifest ``entry`` marks ``secret``."""
-    return name in SECRET_MAPS or (
-        entry is not None and entry.custom is not None and entry.custom.secret
-    )
-
-
-__all__ = ["CATALOGUE", "SECRET_MAPS", "Directory", "Map", "is_secret", "separator"]
+__all__ = ["CATALOGUE", "Directory", "Map"]

@@ -36,14 +36,11 @@ def table(name: str) -> str:
 class CustomMap(Map):
     """One ``[publisher.maps.NAME]``: its entries are the checked rows of its query."""
 
-    def __init__(self, spec: MapConfig) -> None:
-        self.spec = spec
-        self.name = spec.name
-        self.cdb = spec.cdb
-        self.secrets = spec.secret
-        self.separator = spec.separator
-        self.reads = frozenset({table(spec.name)})
-        self.description = spec.description or "a map of your own ([publisher.maps])"
+    def __init__(self, config: MapConfig) -> None:
+        self.config = config
+        self.spec = config.spec
+        self.reads = frozenset({table(config.name)})
+        self.description = config.description or "a map of your own ([publisher.maps])"
 
     def entries(self, directory: Directory, channel: PublisherChannel) -> Iterable[tuple[str, str]]:
         return directory.snapshot.map_entries.get(self.name, [])

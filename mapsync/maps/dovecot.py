@@ -31,6 +31,7 @@ from collections.abc import Iterator
 from mapsync.config import PublisherChannel
 from mapsync.maps.base import Map
 from mapsync.maps.directory import Directory
+from mapsync.release import BUILTIN_MAPS
 from mapsync.snapshot import Account, Domain
 
 # Dovecot's service names for each allow_* column: `submission` is Dovecot's own submission
@@ -39,7 +40,7 @@ DOVECOT_SERVICES = {"imap": ("imap",), "pop3": ("pop3",), "submission": ("smtp",
 
 
 class DovecotUsersMap(Map):
-    name = "dovecot_users"
+    spec = BUILTIN_MAPS["dovecot_users"]
     # quota_bytes becomes its userdb_quota_rule.
     reads = frozenset(
         {
@@ -52,10 +53,7 @@ class DovecotUsersMap(Map):
             "customer.ext_id",
         }
     )
-    cdb = False
-    secrets = True
     per_mailstore = True
-    separator = ":"
     description = (
         "passwd-file for one mailstore: user:{SCHEME}hash:uid:gid::home::userdb_quota_rule=..."
     )
@@ -90,12 +88,10 @@ class DovecotUsersMap(Map):
 
 
 class DovecotProxyMap(Map):
-    name = "dovecot_proxy"
+    spec = BUILTIN_MAPS["dovecot_proxy"]
     reads = frozenset(
         {"domain", "account", "mailstore", "mailstore.imap_host", "mailstore.imap_port"}
     )
-    cdb = False
-    separator = ":"
     description = (
         "proxy passdb: user:::::::proxy=y nopassword=y host=IP port=143 (no password hashes)"
     )
@@ -117,7 +113,7 @@ def _customer_of(a: Account, d: Domain) -> int | None:
 
 
 class DovecotDenyMap(Map):
-    name = "dovecot_deny"
+    spec = BUILTIN_MAPS["dovecot_deny"]
     reads = frozenset(
         {
             "domain",
@@ -128,10 +124,7 @@ class DovecotDenyMap(Map):
             "account.allow_submission",
         }
     )
-    cdb = False
     per_mailstore = True
-    separator = ":"
-    exceptions = True  # usually few entries, often none
     description = "deny passdb: SERVICE/user: for each service an account may not log in to"
 
     def entries(self, directory: Directory, channel: PublisherChannel) -> Iterator[tuple[str, str]]:
@@ -155,11 +148,8 @@ class DovecotDenyMap(Map):
 
 
 class DovecotSubmissionMap(Map):
-    name = "dovecot_submission"
+    spec = BUILTIN_MAPS["dovecot_submission"]
     reads = frozenset({"domain", "account", "account.password_hash"})
-    cdb = False
-    secrets = True
-    separator = ":"
     description = "submission relay passdb: user:{SCHEME}hash:::::: for every account that may send"
 
     def entries(self, directory: Directory, channel: PublisherChannel) -> Iterator[tuple[str, str]]:

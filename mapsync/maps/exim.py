@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from mapsync.config import PublisherChannel
 from mapsync.maps.base import Map
 from mapsync.maps.directory import Directory
+from mapsync.release import BUILTIN_MAPS
 from mapsync.validate import is_ip, split_nexthop
 
 LMTP = "mapsync_lmtp"
@@ -35,7 +36,7 @@ def route(host: str, port: int | None, transport: str) -> str:
 
 
 class EximRoutesMap(Map):
-    name = "exim_routes"
+    spec = BUILTIN_MAPS["exim_routes"]
     reads = frozenset(
         {"domain", "account", "mailstore", "mailstore.lmtp_host", "mailstore.lmtp_port"}
     )

@@ -20,6 +20,7 @@ from itertools import chain, repeat
 from mapsync.config import PublisherChannel
 from mapsync.maps.base import Map
 from mapsync.maps.directory import Directory, at
+from mapsync.release import BUILTIN_MAPS
 from mapsync.snapshot import Mailstore
 
 # A moving account's mail is accepted and held in the MX's own queue until the move ends.
@@ -37,7 +38,7 @@ def lmtp(store: Mailstore) -> str:
 
 
 class DomainsMap(Map):
-    name = "domains"
+    spec = BUILTIN_MAPS["domains"]
     reads = frozenset({"domain"})
     description = "every live domain (A-label, and U-label where different) → OK"
 
@@ -48,7 +49,7 @@ class DomainsMap(Map):
 
 
 class RecipientsMap(Map):
-    name = "recipients"
+    spec = BUILTIN_MAPS["recipients"]
     reads = frozenset({"domain", "account", "alias"})
     description = "every deliverable address → OK (accounts, aliases, alias-domain expansions)"
 
@@ -73,7 +74,7 @@ class RecipientsMap(Map):
 
 
 class VirtualMap(Map):
-    name = "virtual"
+    spec = BUILTIN_MAPS["virtual"]
     reads = frozenset({"domain", "account", "alias", "forward"})
     description = (
         "alias and alias-domain address → comma-separated targets; catch-alls with identity lines"
@@ -113,7 +114,7 @@ class VirtualMap(Map):
 
 
 class TransportMap(Map):
-    name = "transport"
+    spec = BUILTIN_MAPS["transport"]
     reads = frozenset(
         {"domain", "account", "mailstore", "mailstore.lmtp_host", "mailstore.lmtp_port"}
     )
@@ -141,7 +142,7 @@ class TransportMap(Map):
 
 
 class SendersMap(Map):
-    name = "senders"
+    spec = BUILTIN_MAPS["senders"]
     reads = frozenset({"domain", "account", "sender_grant"})
     description = "address → the login(s) that may send as it (smtpd_sender_login_maps)"
 

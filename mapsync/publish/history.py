@@ -13,10 +13,9 @@ from pathlib import Path
 from mapsync import log
 from mapsync.errors import MapsyncError
 from mapsync.formats import text
-from mapsync.maps import is_secret, separator
 from mapsync.publish.plan import merge_diff
 from mapsync.publish.repository import Repository, release_serials
-from mapsync.release import MANIFEST, Manifest, parse_manifest
+from mapsync.release import MANIFEST, Manifest, is_secret, parse_manifest, separator
 
 _log = log.get("history")
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mapsync.config import Guards
-from mapsync.maps import separator
+from mapsync.release import separator
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -23,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from mapsync import GENERATOR, log
 from mapsync.access import check_owner
-from mapsync.atomic import atomic_write, fsync_dir
+from mapsync.atomic import atomic_write, commit_dir
 from mapsync.config import MapConfig, PublisherChannel, PublisherConfig, exception_guards
 from mapsync.errors import (
     ConfigError,
@@ -44,6 +43,7 @@ from mapsync.publish.runlog import record_run
 from mapsync.release import (
     MANIFEST,
     SIGNATURE,
+    STAGING,
     CdbInfo,
     CustomInfo,
     Latest,
@@ -55,7 +55,8 @@ from mapsync.release import (
     parse_iso,
     utcnow,
 )
-from mapsync.signing import key_id, load_private, load_public, public_path, sign, verify
+from mapsync.release.verify import verify_release
+from mapsync.signing import key_id, load_private, load_public, public_path, sign
 from mapsync.snapshot import Account, Domain, Fingerprint, Snapshot, paused_gc
 from mapsync.sources import Source
 from mapsync.validate import Problem
@@ -461,7 +462,7 @@ class Publisher:
             # Every selected channel, not only the staged ones: a signal (SystemExit) while a
             # channel was being rendered leaves its staging directory before it is in `staged`.
             for ch in selected:
-                shutil.rmtree(self.repo.channel(ch.name) / ".staging", ignore_errors=True)
+                shutil.rmtree(self.repo.channel(ch.name) / STAGING, ignore_errors=True)
         return PublishResult([s.plan for s in staged], skipped, dry_run, violations)
 
     def _own_maps(self, snap: Snapshot, source: Source, others: list[Source]) -> None:
@@ -499,13 +500,8 @@ class Publisher:
             return True
         release = self.repo.release(channel, serial)
         try:
-            verify(
-                {key_id(self._public): self._public},
-                (release / MANIFEST).read_bytes(),
-                (release / SIGNATURE).read_bytes(),
-                str(release / SIGNATURE),
-            )
-        except (VerificationError, FileNotFoundError):
+            verify_release(release, {key_id(self._public): self._public}, str(release))
+        except VerificationError:
             return False
         return True
 
@@ -624,7 +620,7 @@ class Publisher:
         directory = view.directory
         last, damaged = self.repo.current(ch.name)
         serial = self.repo.next_serial(ch.name, last)
-        staging_root = self.repo.channel(ch.name) / ".staging"
+        staging_root = self.repo.channel(ch.name) / STAGING
         shutil.rmtree(staging_root, ignore_errors=True)  # a crashed run's leftovers
         staging = staging_root / str(serial)
         staging.mkdir(parents=True)
@@ -773,18 +769,9 @@ class Publisher:
         check_manifest_size(data, f"channel {manifest.channel}")
         (staged.staging / MANIFEST).write_bytes(data)
         (staged.staging / SIGNATURE).write_bytes(sign(key, data))
-        for f in os.listdir(staged.staging):
-            fd = os.open(staged.staging / f, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fsync_dir(staged.staging)
         releases = self.repo.releases(manifest.channel)
         releases.mkdir(parents=True, exist_ok=True)
-        final = releases / str(manifest.serial)
-        os.rename(staged.staging, final)
-        fsync_dir(releases)
+        commit_dir(staged.staging, releases / str(manifest.serial))
         atomic_write(
             self.repo.channel(manifest.channel) / "LATEST",
             Latest(manifest.serial, manifest_sha256(data)).to_bytes(),

@@ -35,6 +35,7 @@ from mapsync.locks import waiting_lock
 from mapsync.release import (
     LATEST,
     MANIFEST,
+    RELEASES,
     Latest,
     Manifest,
     iso,
@@ -96,7 +97,7 @@ class Repository:
         return self.root / name
 
     def releases(self, channel: str) -> Path:
-        return self.channel(channel) / "releases"
+        return self.channel(channel) / RELEASES
 
     def private(self, channel: str, name: str) -> Path:
         """The publisher's note ``name`` of ``channel``, outside what nodes can reach. Notes an

@@ -4,9 +4,9 @@ Agents refuse a lower serial (rollback attack), so the publisher does not move L
 it copies release SERIAL's text maps into a new release with the next serial, ``previous`` =
 the current LATEST, a fresh ``created``/``expires``, signed with the publisher's key, and
 commits it through :meth:`Publisher.commit` (staging → rename → LATEST), so every agent
-follows on its next pull. The old release is checked first — its signature with the
-publisher's own key and every file's sha256 — so content altered in the repository is never
-signed again.
+follows on its next pull. The old release is checked first — verified with the publisher's
+own key (:func:`mapsync.release.verify.verify_release`) and every file's sha256 — so content
+altered in the repository is never signed again.
 
 The database still holds whatever made the bad release: the next ``publish`` renders it
 again. Stop the publisher's timer until the database is fixed (docs/operator-guide.md).
@@ -22,12 +22,11 @@ from mapsync import GENERATOR, log
 from mapsync.access import check_owner
 from mapsync.config import PublisherConfig
 from mapsync.errors import ConfigError, MapsyncError, VerificationError
-from mapsync.formats import text
-from mapsync.maps import separator
 from mapsync.publish.plan import ChannelPlan, MapPlan, diff_files
 from mapsync.publish.publisher import Publisher
-from mapsync.release import MANIFEST, SIGNATURE, Manifest, iso, parse_manifest, utcnow
-from mapsync.signing import key_id, load_private, verify
+from mapsync.release import STAGING, Manifest, iso, separator, utcnow
+from mapsync.release.verify import check_map_files, verify_release
+from mapsync.signing import key_id, load_private
 from mapsync.sources import Source
 
 _log = log.get("publisher")
@@ -63,33 +62,16 @@ def republish(cfg: PublisherConfig, channel: str, serial: int) -> ChannelPlan:
         old_dir = repo.release(channel, serial)
         where = str(old_dir)
         try:
-            data = (old_dir / MANIFEST).read_bytes()
-            sig = (old_dir / SIGNATURE).read_bytes()
-        except FileNotFoundError as exc:
-            raise VerificationError(
-                f"{where}: {exc.filename} is missing; nothing changed"
-            ) from None
-        verify({key_id(public): public}, data, sig, f"{where}/{SIGNATURE}")
-        old = parse_manifest(data, f"{where}/{MANIFEST}")
-        if old.channel != channel or old.serial != serial:
-            raise VerificationError(
-                f"{where}/{MANIFEST}: is serial {old.serial} of channel {old.channel}; nothing changed"
+            release = verify_release(
+                old_dir, {key_id(public): public}, where, channel=channel, serial=serial
             )
-        for name, m in sorted(old.maps.items()):
-            try:
-                digest, size = text.sha256_file(old_dir / m.file)
-            except FileNotFoundError:
-                raise VerificationError(
-                    f"{where}/{m.file}: missing (map {name}); nothing changed"
-                ) from None
-            if digest != m.sha256 or size != m.size:
-                raise VerificationError(
-                    f"{where}/{m.file}: sha256/size do not match its manifest (map {name}); "
-                    "the file was altered; nothing changed"
-                )
+            check_map_files(release, where)
+        except VerificationError as exc:
+            raise VerificationError(f"{exc}; nothing changed") from None
+        old = release.manifest
 
         new_serial = repo.next_serial(channel, last)
-        staging_root = repo.channel(channel) / ".staging"
+        staging_root = repo.channel(channel) / STAGING
         shutil.rmtree(staging_root, ignore_errors=True)  # a crashed run's leftovers
         staging = staging_root / str(new_serial)
         staging.mkdir(parents=True)

@@ -1,4 +1,4 @@
-"""rsync, wrapped with ``sh``: local paths, ``rsync://`` daemon modules and ``ssh://``.
+"""rsync, run by :mod:`mapsync.process`: local paths, ``rsync://`` daemon modules and ``ssh://``.
 
 Access per channel is the server's job (see docs/security.md): an rsync daemon module per
 channel with ``auth users`` (the agent sends ``--password-file``), or an ssh key restricted
@@ -11,9 +11,9 @@ agent's staging area. Text is delta-transferred against the previously installed
 (``--link-dest``), which is what makes a one-entry change cost about a kilobyte.
 
 An rsync never outlives the run that started it: one that passes its timeout is killed, and
-one still running when SIGTERM/SIGHUP (or ^C) ends the run is ended first (see :func:`run`
-and :class:`Transfers`), so it cannot write into a staging area or inbox after the run has
-let go of its lock.
+one still running when SIGTERM/SIGHUP (or ^C) ends the run is ended first, with the ssh it
+started (see :func:`run` and :class:`Transfers`), so it cannot write into a staging area or
+inbox after the run has let go of its lock.
 """
 
 from __future__ import annotations
@@ -24,19 +24,13 @@ import math
 import os
 import re
 import shlex
-import signal
 import stat
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 from urllib.parse import unquote, urlsplit
 
-import sh
-
-from mapsync import log, signals
+from mapsync import log, process
 from mapsync.errors import ConfigError, TransportError
 
 _log = log.get("transport")
@@ -115,45 +109,9 @@ def parse_source(source: str, ssh: tuple[str, ...] = DEFAULT_SSH) -> Endpoint:
     raise ConfigError(f"source {source!r}: use a path, file://, rsync:// or ssh://")
 
 
-class Transfers:
-    """The rsync processes of one job that runs several at once (a channel's push to its
-    nodes, one thread each), so that an interrupted job can end them all: :meth:`stop` ends
-    the running ones, and any started after it is ended at once."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._running: dict[int, Any] = {}  # id → sh's RunningCommand (not hashable)
-        self.stopped = False
-        self.reason = "the run was interrupted"  # what a stopped rsync's error says
-
-    def _add(self, proc: Any) -> bool:
-        with self._lock:
-            if not self.stopped:
-                self._running[id(proc)] = proc
-            return not self.stopped
-
-    def _discard(self, proc: Any) -> None:
-        with self._lock:
-            self._running.pop(id(proc), None)
-
-    def stop(self, grace: float = 2.0, reason: str | None = None) -> None:
-        """End every running rsync: SIGTERM (rsync removes its temporary file and ends the
-        process it forked), then SIGKILL for any still running after ``grace`` seconds.
-        ``reason``: why, for the error of each rsync it ends."""
-        with self._lock:
-            self.stopped = True
-            if reason is not None:
-                self.reason = reason
-            procs = list(self._running.values())
-        for proc in procs:
-            _signal(proc, signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and any(p.process.exit_code is None for p in procs):
-            time.sleep(0.02)
-        for proc in procs:
-            if proc.process.exit_code is None:
-                _signal(proc, signal.SIGKILL)
-
+# The rsyncs of one job that runs several at once (a channel's push to its nodes, one thread
+# each; one poll of the agent), so that an interrupted job can end them all.
+Transfers = process.Job
 
 # The job an rsync started in this thread (or context) belongs to when the caller names none:
 # set with stoppable(), e.g. by the agent around a poll it may have to stop.
@@ -171,89 +129,49 @@ def stoppable(transfers: Transfers) -> Iterator[None]:
         _job.reset(token)
 
 
+OUTPUT_LIMIT = 8 * 1024 * 1024  # bytes of rsync's output read back (a listing, --stats)
+
+
 def run(argv: list[str], timeout: int, transfers: Transfers | None = None) -> str:
-    """Run rsync ``argv`` (without the program name); the one subprocess call of mapsync's
-    transport. ``transfers``: the job this rsync belongs to, which may stop it (by default
-    the one :func:`stoppable` set, if any)."""
+    """Run rsync ``argv`` (without the program name) with :func:`mapsync.process.run`; the one
+    rsync call of mapsync's transport. ``transfers``: the job this rsync belongs to, which may
+    stop it (by default the one :func:`stoppable` set, if any). An rsync interrupted by a
+    signal gets SIGTERM (it removes its temporary file), then SIGKILL after 2 seconds."""
     if transfers is None:
         transfers = _job.get()
     _log.debug("rsync", argv=argv)
-    expired = threading.Event()
-    proc: Any = None
     try:
-        # Backgrounded, with a timer that kills it, not sh's _timeout= or wait(timeout=):
-        # those poll every 100 ms, half the budget of a pull that finds nothing new.
-        with signals.held():  # a signal now would leave rsync running without a handle
-            proc = sh.Command("rsync")(*argv, _tty_out=False, _bg=True, _bg_exc=False)
-        if transfers is not None and not transfers._add(proc):
-            _signal(proc, signal.SIGTERM)  # the job was stopped while this one started
-        timer = threading.Timer(timeout, _expire, (proc, expired))
-        timer.daemon = True
-        timer.start()
-        try:
-            proc.wait()
-        finally:
-            timer.cancel()
-            if transfers is not None:
-                transfers._discard(proc)
-        out = str(proc)
-    except sh.ErrorReturnCode as exc:
-        if expired.is_set():
-            raise TransportError(
-                f"rsync timed out after {timeout}s: rsync {' '.join(argv)}"
-            ) from None
-        if transfers is not None and transfers.stopped:
-            raise TransportError(f"rsync stopped: {transfers.reason}") from None
-        err = exc.stderr.decode("utf-8", "replace").strip()
-        if "failed to read a password from -" in err:
-            err = (
-                "the rsync daemon module asks for a password and this channel has no "
-                "password_file (nor RSYNC_PASSWORD in the environment)\n" + err
-            )
-        elif "@ERROR: auth failed on module" in err:
-            # The daemon does not say why (wrong password, user not in `auth users` of this
-            # module, no password sent); its log does. Point at what the operator can check.
-            err += (
-                "\n(the rsync daemon refused the credentials for this module: check the user in "
-                "the source URL, the channel's password_file, and the module's `auth users` and "
-                "`secrets file`)"
-            )
-        raise TransportError(
-            f"rsync failed ({signals.describe_exit(exc.exit_code)}): {err or 'no message'}"
-        ) from None
-    except sh.CommandNotFound:
+        done = process.run(["rsync", *argv], timeout, keep=OUTPUT_LIMIT, grace=2.0, job=transfers)
+    except FileNotFoundError:
         raise TransportError("rsync is not installed (apt-get install rsync)") from None
-    except BaseException:
-        # SIGTERM/SIGHUP (the SystemExit of mapsync.signals) or ^C while rsync runs: rsync
-        # must not go on writing after this run has let go of its lock and staging area.
-        if proc is not None:
-            _end(proc)
-        raise
-    return out
-
-
-def _signal(proc: Any, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        proc.signal(sig)
-
-
-def _end(proc: Any, grace: float = 2.0) -> None:
-    """SIGTERM ``proc``, SIGKILL it if it is still running after ``grace`` seconds; reap it."""
-    _signal(proc, signal.SIGTERM)
-    try:
-        proc.wait(timeout=grace)
-    except sh.TimeoutException:
-        _signal(proc, signal.SIGKILL)
-        with contextlib.suppress(sh.ErrorReturnCode, sh.TimeoutException):
-            proc.wait(timeout=grace)
-    except sh.ErrorReturnCode:
-        pass  # ended, as asked
-
-
-def _expire(proc: Any, expired: threading.Event) -> None:
-    expired.set()
-    with contextlib.suppress(ProcessLookupError):
-        proc.kill()
+    except OSError as exc:
+        raise TransportError(f"rsync could not be started ({exc.strerror or exc})") from None
+    if done.returncode == 0:
+        if done.stdout_size > OUTPUT_LIMIT:
+            # A listing no release has: a hostile or broken source, not read into memory.
+            raise TransportError(
+                f"rsync printed more than {OUTPUT_LIMIT} bytes: rsync {' '.join(argv)}"
+            )
+        return done.stdout
+    if done.timed_out:
+        raise TransportError(f"rsync timed out after {timeout}s: rsync {' '.join(argv)}")
+    if transfers is not None and transfers.stopped:
+        raise TransportError(f"rsync stopped: {transfers.reason}")
+    err = done.stderr.strip()
+    if "failed to read a password from -" in err:
+        err = (
+            "the rsync daemon module asks for a password and this channel has no "
+            "password_file (nor RSYNC_PASSWORD in the environment)\n" + err
+        )
+    elif "@ERROR: auth failed on module" in err:
+        # The daemon does not say why (wrong password, user not in `auth users` of this
+        # module, no password sent); its log does. Point at what the operator can check.
+        err += (
+            "\n(the rsync daemon refused the credentials for this module: check the user in "
+            "the source URL, the channel's password_file, and the module's `auth users` and "
+            "`secrets file`)"
+        )
+    raise TransportError(f"rsync failed ({done.how}): {err or 'no message'}")
 
 
 def check_password_file(path: Path, source: str) -> None:

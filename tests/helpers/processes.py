@@ -82,3 +82,31 @@ def wait_for_children(
             out, err = proc.communicate()
             pytest.fail(f"{len(found)} {name} processes, not {count}:\n{out}\n{err}")
         time.sleep(0.02)
+
+
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie waiting to be reaped."""
+    st = _proc_stat(pid)
+    return st is not None and st[1] != "Z"
+
+
+def gone_within(pids: list[int], seconds: float) -> list[int]:
+    """The processes of ``pids`` still alive after waiting up to ``seconds`` for them to end
+    (killing is immediate, but the kernel reaps a killed process's children a moment later)."""
+    deadline = time.monotonic() + seconds
+    while (left := [p for p in pids if alive(p)]) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return left
+
+
+def read_pids(path: Path, count: int, timeout: float = 10) -> list[int]:
+    """The ``count`` pids a test's shell script writes to ``path``, one a line, once it has."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with suppress(FileNotFoundError):
+            text = path.read_text()
+            if len(text.split()) >= count and text.endswith("\n"):
+                return [int(n) for n in text.split()[:count]]
+        if time.monotonic() > deadline:
+            pytest.fail(f"{path}: no {count} pids after {timeout}s")
+        time.sleep(0.01)

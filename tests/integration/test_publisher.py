@@ -201,7 +201,7 @@ def test_crash_when_moving_the_release_into_place(
             raise OSError(5, "Input/output error")
         real_rename(src, dst, *a, **kw)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(publisher_mod.os, "rename", failing_rename)
+    monkeypatch.setattr(os, "rename", failing_rename)
     with pytest.raises(OSError, match="Input/output error"):
         run(cluster)
     monkeypatch.undo()

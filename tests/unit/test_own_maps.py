@@ -231,7 +231,7 @@ def test_a_node_takes_a_map_it_does_not_know_only_as_the_publishers_own(
     ch = AgentChannel("mx", "/srv/mapsync/mx", tmp_path / "live")
     keys = {key_id(key.public_key()): key.public_key()}
     if error is None:
-        assert read_signed(tmp_path, ch, keys, "r")[0].maps[name].custom == custom
+        assert read_signed(tmp_path, ch, keys, "r").manifest.maps[name].custom == custom
         return
     with pytest.raises(VerificationError, match=error):
         read_signed(tmp_path, ch, keys, "r")

@@ -2,7 +2,10 @@
 
 ``REPO/<channel>/LATEST`` is a tiny JSON pointer (serial, manifest sha256);
 ``REPO/<channel>/releases/<serial>/`` holds ``MANIFEST.json``, ``MANIFEST.json.sig`` and the
-text maps. The manifest is the unit of trust: the agent believes nothing it does not list.
+text maps; ``REPO/<channel>/.staging/`` a release being written (never served). The manifest
+is the unit of trust: the agent believes nothing it does not list. Parsing here checks form
+only; a manifest is trusted once :func:`mapsync.release.verify.verify_release` has checked its
+signature.
 """
 
 from __future__ import annotations
@@ -20,32 +23,45 @@ FORMAT = 1
 MANIFEST = "MANIFEST.json"
 SIGNATURE = "MANIFEST.json.sig"
 LATEST = "LATEST"
+RELEASES = "releases"  # REPO/<channel>/releases/<serial>/: the published releases
+STAGING = ".staging"  # REPO/<channel>/.staging/: a release being written, never served
+MAX_LATEST_BYTES = 4096
 MAX_MANIFEST_BYTES = 1 << 20
 # A map file name inside a release: no '/', no '..', no leading dot.
 FILE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}\Z")
 
 
+def release_dir(serial: int) -> str:
+    """Where release ``serial`` lives, relative to its channel directory."""
+    return f"{RELEASES}/{serial}"
+
+
 def utcnow() -> datetime:
+    """Now, in UTC, to the second (the precision of the manifest's timestamps)."""
     return datetime.now(UTC).replace(microsecond=0)
 
 
 def iso(t: datetime) -> str:
+    """``t`` as the manifest writes a time: UTC, ``YYYY-MM-DDTHH:MM:SSZ``."""
     return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def parse_iso(text: str) -> datetime:
+    """A time written by :func:`iso`; ValueError for anything else."""
     return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
 
 
 @dataclass(frozen=True)
 class CdbInfo:
+    """The canonical cdb of a map, which the agent builds from the text and must match."""
+
     file: str
     sha256: str
     size: int
 
 
-# The separators a map of the operator's own may have (config.MAP_SEPARATORS; the agent
-# checks a manifest against this list, without the publisher's config).
+# The separators a map of the operator's own may have (config.MAP_SEPARATORS is this list;
+# the agent checks a manifest against it, without the publisher's config).
 SEPARATORS = (" ", "\t", ":")
 
 
@@ -73,6 +89,7 @@ class MapEntry:
     custom: CustomInfo | None = None  # a map of the operator's own; None: a built-in map
 
     def same_content(self, other: MapEntry | None) -> bool:
+        """Whether ``other`` serves the same lines, split and built the same way."""
         return (
             other is not None
             and other.content_sha256 == self.content_sha256
@@ -83,6 +100,10 @@ class MapEntry:
 
 @dataclass(frozen=True)
 class Manifest:
+    """What one release of a channel holds (MANIFEST.json): its serial, expiry, source and
+    every map's file and hashes. Parsed from bytes it is only well-formed; trusted once a
+    :class:`~mapsync.release.verify.VerifiedRelease` carries it."""
+
     channel: str
     serial: int
     previous: int | None
@@ -99,6 +120,7 @@ class Manifest:
     signer: str | None = None
 
     def to_bytes(self) -> bytes:
+        """The manifest file's exact bytes (what is signed)."""
         data = asdict(self)
         for entry in data["maps"].values():
             if entry["custom"] is None:  # additive: a built-in map's entry is as before
@@ -110,14 +132,18 @@ class Manifest:
         return {m.file for m in self.maps.values()}
 
     def expires_at(self) -> datetime:
+        """``expires`` as a time: nothing installs the release from then on."""
         return parse_iso(self.expires)
 
     def created_at(self) -> datetime:
+        """``created`` as a time."""
         return parse_iso(self.created)
 
 
 @dataclass(frozen=True)
 class Latest:
+    """The pointer ``LATEST``: the channel's current serial and the sha256 of its manifest."""
+
     serial: int
     manifest_sha256: str
 
@@ -126,6 +152,7 @@ class Latest:
 
 
 def manifest_sha256(data: bytes) -> str:
+    """The sha256 of manifest bytes, as ``LATEST`` names it."""
     return hashlib.sha256(data).hexdigest()
 
 
@@ -165,7 +192,7 @@ def check_manifest_size(data: bytes, where: str) -> None:
 
 def parse_latest(data: bytes, where: str) -> Latest:
     """Parse a LATEST pointer, refusing anything odd."""
-    if len(data) > 4096:
+    if len(data) > MAX_LATEST_BYTES:
         raise VerificationError(f"{where}: {len(data)} bytes, a LATEST pointer is tiny")
     obj = _json_object(data, where)
     serial = _req(obj, "serial", int, where)
