@@ -45,7 +45,8 @@ def stop_if_received() -> None:
 
 @contextmanager
 def held() -> Iterator[None]:
-    """Hold SIGINT, SIGTERM and SIGHUP while a child process starts; handle them after.
+    """Hold SIGINT, SIGTERM and SIGHUP while a step must not be cut in two (a child process
+    starting; the live set's link switched and settled); handle them after.
 
     Their handlers raise, and an exception raised after the fork but before the caller has
     the process object would leave the child running with no one to end it. A signal that

@@ -23,6 +23,7 @@ import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
+from mapsync import signals
 from mapsync.atomic import atomic_symlink, commit_dir, fsync_dir
 from mapsync.release import MANIFEST, SIGNATURE
 
@@ -93,11 +94,14 @@ class LiveSet:
             final = self.sets / f"{serial}.{os.getpid()}"
         commit_dir(built, final)  # every file durable before the set can go live
         self._drop_current_directory()
-        atomic_symlink(final.name, self.sets / CURRENT)
-        try:
-            self.settle()
-        except OSError as exc:
-            raise SwapUnfinished(str(exc)) from exc
+        # A SIGTERM now waits until the target is settled (links made, older sets dropped):
+        # the run then ends with one whole set and nothing left over for the next run.
+        with signals.held():
+            atomic_symlink(final.name, self.sets / CURRENT)
+            try:
+                self.settle()
+            except OSError as exc:
+                raise SwapUnfinished(str(exc)) from exc
 
     def _drop_current_directory(self) -> None:
         """A directory where the ``current`` link belongs (copied back by hand, a restore)
