@@ -28,6 +28,7 @@ differs"), the difference is reported too, labelled ``expected`` with the reason
 from __future__ import annotations
 
 import re
+from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -177,28 +178,28 @@ def _split(value: str | None) -> list[str]:
     return [t for t in re.split(r"[,\s]+", value or "") if t]
 
 
-class Side:
+class Side(ABC):
     """One mail system's answers. Subclasses give the lookups; the rules are Postfix's."""
 
     label = ""
 
-    def domain_class(self, domain: str) -> str | None:
-        raise NotImplementedError
+    @abstractmethod
+    def domain_class(self, domain: str) -> str | None: ...
 
-    def accepts(self, address: str) -> bool:
-        raise NotImplementedError
+    @abstractmethod
+    def accepts(self, address: str) -> bool: ...
 
-    def virtual(self, key: str) -> str | None:
-        raise NotImplementedError
+    @abstractmethod
+    def virtual(self, key: str) -> str | None: ...
 
-    def delivery(self, final: str) -> tuple[str, ...]:
-        raise NotImplementedError
+    @abstractmethod
+    def delivery(self, final: str) -> tuple[str, ...]: ...
 
-    def senders(self, address: str) -> frozenset[str] | None:
-        raise NotImplementedError
+    @abstractmethod
+    def senders(self, address: str) -> frozenset[str] | None: ...
 
-    def user(self, name: str) -> User | None:
-        raise NotImplementedError
+    @abstractmethod
+    def user(self, name: str) -> User | None: ...
 
     def finals(self, address: str, depth: int = 0) -> set[str]:
         """The final recipients of ``address`` after virtual alias expansion (virtual(5)): the

@@ -273,10 +273,6 @@ def test_a_pushed_release_is_live_within_a_second_of_its_latest(
         seen = agent.wait_for("LATEST arrived in the inbox", count=seen_before + 1, channel="mx")
         assert seen["timestamp"] <= installed["timestamp"]
         reactions.append(_wall(seen) - arrived_wall)
-    print(
-        f"push → live latency: {', '.join(f'{s * 1000:.0f} ms' for s in latencies)}; "
-        f"LATEST seen after {', '.join(f'{s * 1000:.0f} ms' for s in reactions)}"
-    )
     # Idle, the whole push → live takes about 0.4 s, most of it the inbox pull's rsync and
     # verification, which slow down with the machine's load (other tests run beside this one).
     # The watch itself must react at once, whatever the load: no timer, no poll of the inbox.
