@@ -162,11 +162,14 @@ class ChannelState:
             public.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
             atomic_write(public, data, mode=PUBLIC_MODE)
         except OSError as exc:
+            error = exc.strerror or str(exc)
+            if public.parent.exists() and not public.parent.is_dir():
+                error = f"{public.parent} is not a directory ([agent] status_dir)"
             _log.warning(
                 "public status copy not written; `mapsync status` as another user than root "
                 "cannot see this run",
                 path=str(public),
-                error=exc.strerror or str(exc),
+                error=error,
             )
 
     def save_in_place(self, path: Path) -> None:

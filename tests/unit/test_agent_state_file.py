@@ -7,6 +7,7 @@ import stat
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from mapsync.agent.state import ChannelState, LiveFile, StateDamaged
 
@@ -56,3 +57,21 @@ def test_saving_in_place_overwrites_a_longer_file(tmp_path: Path) -> None:
     ChannelState(pinned=2).save_in_place(path)
     assert ChannelState.load(path).pinned == 2
     assert stat.S_IMODE(path.stat().st_mode) in (0o600, 0o644)  # an existing file keeps its mode
+
+
+def test_the_public_copy_is_0644_and_a_status_dir_that_is_a_file_is_named(
+    tmp_path: Path,
+) -> None:
+    state = ChannelState(last_success="2026-11-30T00:00:00Z")
+    public = tmp_path / "status" / "mx.json"
+    state.save(tmp_path / "state.json", public)
+    assert ChannelState.load(public) == state
+    assert stat.S_IMODE(public.stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "state.json").stat().st_mode) == 0o600
+    # An operator's mistake: a file where the directory belongs. The run goes on; the warning
+    # says what is wrong, not a bare "File exists".
+    bad = tmp_path / "not-a-dir"
+    bad.write_text("")
+    with capture_logs() as logs:
+        state.save(tmp_path / "state.json", bad / "mx.json")
+    assert [e["error"] for e in logs] == [f"{bad} is not a directory ([agent] status_dir)"]
