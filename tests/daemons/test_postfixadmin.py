@@ -6,7 +6,6 @@ purpose, the difference is named below (and in docs/postfixadmin.md)."""
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys
@@ -18,10 +17,10 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from mapsync.formats import text as text_map
-from mapsync.signing import keygen
 from tests.conftest import Cluster
 from tests.daemons.roles import entries, role
 from tests.helpers import postfixadmin as pfa
+from tests.helpers.config import mx_and_store
 from tests.helpers.dovecot import Dovecot, passwd_file_dovecot
 
 pytestmark = pytest.mark.daemons
@@ -43,7 +42,6 @@ def mx_channel_maps() -> list[str]:
 
 def write_config(root: Path, url: str, prefix: str, minimal: bool = False) -> Cluster:
     """A publisher reading PostfixAdmin at ``url``, an MX node and a mailstore node."""
-    keygen(root / "keys" / "signing.key")
     settings = ""
     if not minimal:
         settings = f"""
@@ -59,36 +57,13 @@ lmtp_host = "127.0.0.1"
 lmtp_host = "10.0.1.12"
 domains = ["lmtp.example", "alias2.*"]
 """
-    cluster = Cluster(root, url)
-    cluster.config_path.write_text(
-        f"""[publisher]
-database = "{url}"
-schema = "postfixadmin"
-repository = "{root / "repo"}"
-signing_key = "{root / "keys" / "signing.key"}"
-{settings}
-[publisher.channels.mx]
-maps = {json.dumps(mx_channel_maps())}
-
-[publisher.channels.store]
-maps = ["dovecot_users", "dovecot_deny"]
-
-[agent]
-state = "{root / "nodes" / "state"}"
-trusted_keys = ["{root / "keys" / "signing.pub"}"]
-
-[agent.channels.mx]
-source = "{root / "repo" / "mx"}"
-target = "{root / "nodes" / "mx"}"
-timeout = "30s"
-
-[agent.channels.store]
-source = "{root / "repo" / "store"}"
-target = "{root / "nodes" / "store"}"
-timeout = "30s"
-"""
+    return mx_and_store(
+        root,
+        url,
+        f'schema = "postfixadmin"\n{settings}',
+        mx_channel_maps(),
+        ("dovecot_users", "dovecot_deny"),
     )
-    return cluster
 
 
 ENGINES = {

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+import tomllib
+from collections.abc import Sequence
+from pathlib import Path
 
+from mapsync.signing import keygen
 from tests.conftest import Cluster
 
 # `python -m mapsync`, with the minimum release lifetime lowered in that one process.
@@ -37,3 +42,48 @@ def publish_expiring(
             f"mapsync publish exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
         )
     return proc
+
+
+MX_MAPS = ("domains", "recipients", "virtual", "transport", "senders")
+
+
+def mx_and_store(
+    root: Path,
+    url: str,
+    publisher: str,
+    mx_maps: Sequence[str] = MX_MAPS,
+    store_maps: Sequence[str] = ("dovecot_users",),
+) -> Cluster:
+    """A publisher reading ``url`` (``publisher``: its schema's keys and sections, TOML),
+    channels ``mx`` and ``store`` (every mailstore's accounts), and an agent pulling both
+    into ``root/nodes``; a fresh key pair. The config is checked as TOML at once."""
+    keygen(root / "keys" / "signing.key")
+    cluster = Cluster(root, url)
+    agent = "".join(
+        f"""
+[agent.channels.{name}]
+source = "{root / "repo" / name}"
+target = "{root / "nodes" / name}"
+timeout = "30s"
+"""
+        for name in ("mx", "store")
+    )
+    cluster.config_path.write_text(
+        f"""[publisher]
+database = "{url}"
+repository = "{root / "repo"}"
+signing_key = "{root / "keys" / "signing.key"}"
+{publisher}
+[publisher.channels.mx]
+maps = {json.dumps(list(mx_maps))}
+
+[publisher.channels.store]
+maps = {json.dumps(list(store_maps))}
+
+[agent]
+state = "{root / "nodes" / "state"}"
+trusted_keys = ["{root / "keys" / "signing.pub"}"]
+{agent}"""
+    )
+    tomllib.loads(cluster.config_path.read_text())  # a broken block fails here, not later
+    return cluster

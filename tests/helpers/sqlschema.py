@@ -5,18 +5,16 @@ a publisher config reading a database through a query set."""
 
 from __future__ import annotations
 
-import json
 import re
-import tomllib
 from pathlib import Path
 
 from sqlalchemy import create_engine, text
 
 from mapsync.config import SqlConfig
-from mapsync.signing import keygen
 from mapsync.sources.sql import SqlSource
 from tests.conftest import Cluster
 from tests.helpers import postfixadmin as pfa
+from tests.helpers.config import MX_MAPS, mx_and_store
 
 # The engines of a query set's heading → the fixture that makes a fresh database there.
 ENGINES = {"MariaDB": "mariadb_url", "PostgreSQL": "pg_url"}
@@ -35,41 +33,8 @@ def query_set(name: str) -> tuple[str, list[str]]:
 def write_config(root: Path, url: str, sql: str, maps: tuple[str, ...] | None = None) -> Cluster:
     """A publisher reading ``url`` with the ``[publisher.sql]`` TOML ``sql``; channels ``mx``
     (the MX maps) and ``store`` (dovecot_users of every mailstore), agents for both."""
-    keygen(root / "keys" / "signing.key")
-    cluster = Cluster(root, url)
-    mx = maps or ("domains", "recipients", "virtual", "transport", "senders")
-    cluster.config_path.write_text(
-        f"""[publisher]
-database = "{url}"
-schema = "sql"
-repository = "{root / "repo"}"
-signing_key = "{root / "keys" / "signing.key"}"
-
-[publisher.channels.mx]
-maps = {json.dumps(list(mx))}
-
-[publisher.channels.store]
-maps = ["dovecot_users"]
-
-{sql}
-
-[agent]
-state = "{root / "nodes" / "state"}"
-trusted_keys = ["{root / "keys" / "signing.pub"}"]
-
-[agent.channels.mx]
-source = "{root / "repo" / "mx"}"
-target = "{root / "nodes" / "mx"}"
-timeout = "30s"
-
-[agent.channels.store]
-source = "{root / "repo" / "store"}"
-target = "{root / "nodes" / "store"}"
-timeout = "30s"
-"""
-    )
-    tomllib.loads(cluster.config_path.read_text())  # a broken block fails here, not later
-    return cluster
+    publisher = f'schema = "sql"\n\n{sql}\n'
+    return mx_and_store(root, url, publisher, maps or MX_MAPS)
 
 
 # --- iRedMail ------------------------------------------------------------------------------
