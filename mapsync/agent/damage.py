@@ -24,11 +24,11 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mapsync.agent.liveset import CURRENT, SETS, LiveSet
+from mapsync.agent.liveset import CURRENT, SETS, Installed, LiveSet, read_installed
 from mapsync.agent.state import LiveFile
 from mapsync.errors import VerificationError
 from mapsync.formats import text
-from mapsync.release import MANIFEST, SIGNATURE, Manifest, parse_manifest
+from mapsync.release import MANIFEST, SIGNATURE, Manifest
 
 
 @dataclass
@@ -36,8 +36,7 @@ class LiveCheck:
     """What a check of a channel's live set found."""
 
     manifest: Manifest | None = None  # the live manifest, when it could be read
-    manifest_bytes: bytes | None = None
-    signature: bytes | None = None
+    installed: Installed | None = None  # its bytes and signature, when they could be read
     directory: Path | None = None  # the live set's directory (``current`` resolved)
     problems: list[str] = field(default_factory=list)  # empty: the set is intact
     files: dict[str, LiveFile] = field(default_factory=dict)  # size/mtime of each live file
@@ -50,6 +49,7 @@ class LiveCheck:
 
     @property
     def damaged(self) -> bool:
+        """Whether anything was found wrong."""
         return bool(self.problems)
 
 
@@ -119,15 +119,14 @@ def check_live(
     record = recorded[1] if recorded[0] == cur.name else {}
     out.record_used = bool(record)
     try:
-        out.manifest_bytes = (cur / MANIFEST).read_bytes()
-        out.signature = (cur / SIGNATURE).read_bytes()
+        out.installed = read_installed(cur)
     except OSError as exc:
         out.problems.append(
             f"{cur / Path(str(exc.filename)).name}: cannot be read ({exc.strerror})"
         )
         return out
     try:
-        out.manifest = parse_manifest(out.manifest_bytes, f"{cur}/{MANIFEST}")
+        out.manifest = out.installed.manifest
     except VerificationError as exc:
         out.problems.append(f"live manifest unreadable: {exc}")
         return out

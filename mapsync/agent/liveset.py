@@ -17,15 +17,17 @@ caches its answers, so domain and routing changes need the channel's ``reload`` 
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from mapsync import signals
 from mapsync.atomic import atomic_symlink, commit_dir, fsync_dir
-from mapsync.release import MANIFEST, SIGNATURE
+from mapsync.release import MANIFEST, SIGNATURE, Manifest, manifest_sha256, parse_manifest
 
 SETS = ".mapsync"
 _STRAY_LINK = re.compile(r"^\..+\.[0-9]+\.tmp\Z")
@@ -40,6 +42,34 @@ class NotOurs(OSError):
 
 
 CURRENT = "current"
+
+
+@dataclass(frozen=True)
+class Installed:
+    """The manifest and signature of a live set as read from its directory: the one read of
+    what is installed. The signature was verified when the set was installed; a full check
+    (``verify``, ``[agent] full_check``) verifies it again from these bytes."""
+
+    directory: Path
+    data: bytes
+    signature: bytes
+
+    @functools.cached_property
+    def manifest(self) -> Manifest:
+        """The manifest parsed (VerificationError, naming the file, if it does not parse)."""
+        return parse_manifest(self.data, f"{self.directory}/{MANIFEST}")
+
+    @property
+    def sha256(self) -> str:
+        """The sha256 ``LATEST`` names for this manifest."""
+        return manifest_sha256(self.data)
+
+
+def read_installed(directory: Path) -> Installed:
+    """Manifest and signature of the set in ``directory`` (OSError if either cannot be read)."""
+    return Installed(
+        directory, (directory / MANIFEST).read_bytes(), (directory / SIGNATURE).read_bytes()
+    )
 
 
 class LiveSet:
@@ -60,13 +90,14 @@ class LiveSet:
         path = self.sets / name
         return path if path.is_dir() else None
 
-    def installed_manifest(self) -> tuple[bytes, bytes] | None:
-        """(manifest bytes, signature bytes) of the installed set."""
+    def installed(self) -> Installed | None:
+        """Manifest and signature of the installed set; None if there is none or either file
+        is missing."""
         cur = self.current()
         if cur is None:
             return None
         try:
-            return (cur / MANIFEST).read_bytes(), (cur / SIGNATURE).read_bytes()
+            return read_installed(cur)
         except FileNotFoundError:
             return None
 

@@ -56,8 +56,8 @@ import schedule
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 
 from mapsync import log, signals
-from mapsync.agent.liveset import LiveSet
-from mapsync.agent.pull import PullResult, installed, pull
+from mapsync.agent.node import NodeChannel
+from mapsync.agent.pull import PullResult, pull
 from mapsync.config import AgentChannel, AgentConfig
 from mapsync.errors import ConfigError, LockBusy, MapsyncError
 from mapsync.release import LATEST, MAX_LATEST_BYTES, RELEASES, Latest, parse_latest
@@ -328,7 +328,9 @@ class Agent:
         if offered is None:
             _log.debug("inbox has no LATEST", channel=ch.name, inbox=str(ch.inbox))
             return
-        current = installed_serial(ch)
+        # Read without the channel lock and without changing anything (finishing a swap is
+        # for a pull, under the lock).
+        current = NodeChannel.look(self.cfg, ch).installed_serial()
         if isinstance(offered, Latest) and current is not None and offered.serial <= current:
             _log.debug(
                 "inbox holds nothing newer",
@@ -619,16 +621,6 @@ def offered_serial(inbox: Path) -> Latest | str | None:
         return parse_latest(data, str(path))
     except MapsyncError as exc:
         return str(exc)
-
-
-def installed_serial(ch: AgentChannel) -> int | None:
-    """The serial live in ``ch.target``, read without the channel lock and without changing
-    anything (finishing a swap is for a pull, under the lock); None if none or unreadable."""
-    try:
-        manifest = installed(LiveSet(ch.target), str(ch.target))
-    except (MapsyncError, OSError):
-        return None
-    return manifest.serial if manifest is not None else None
 
 
 def prune_inbox(inbox: Path, below: int, channel: str) -> list[int]:

@@ -13,25 +13,18 @@ the source: the release it installs (never below the serial floor) replaces the 
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 from mapsync import log
+from mapsync.agent.checks import read_signed, trusted_keys, verify_files
 from mapsync.agent.damage import LiveCheck, check_live
-from mapsync.agent.liveset import LiveSet
-from mapsync.agent.pull import (
-    ChannelPaths,
-    install,
-    read_signed,
-    trusted_keys,
-    verify_files,
-)
+from mapsync.agent.install import install
+from mapsync.agent.node import NodeChannel
 from mapsync.agent.state import ChannelState
-from mapsync.config import AgentChannel, AgentConfig
+from mapsync.config import AgentConfig
 from mapsync.errors import MapsyncError
-from mapsync.release import MANIFEST, Manifest, iso, parse_iso, parse_manifest, utcnow
+from mapsync.release import MANIFEST, Manifest, iso, parse_iso, utcnow
 from mapsync.release.verify import VerifiedRelease, verify_manifest
 
 _log = log.get("agent")
@@ -56,28 +49,25 @@ def full_check_due(cfg: AgentConfig, state: ChannelState, now: datetime) -> bool
     return now - last >= timedelta(seconds=cfg.full_check) or last > now
 
 
-def check_and_repair(
-    cfg: AgentConfig,
-    ch: AgentChannel,
-    paths: ChannelPaths,
-    state: ChannelState,
-    live: LiveSet,
-    *,
-    full: bool = False,
-) -> LiveOutcome:
-    """Check the live set of ``ch`` (cheaply, or fully when ``full`` or when due) and rebuild
-    it from STATE if damaged. Records what it found and did in ``state``. Run under the lock."""
+def check_and_repair(node: NodeChannel, *, full: bool = False) -> LiveOutcome:
+    """Check the live set of ``node`` (cheaply, or fully when ``full`` or when due) and rebuild
+    it from STATE if damaged. Records what it found and did in its state, and what is
+    installed now in the node (nothing, when the set is damaged beyond repair here). Run
+    under the lock."""
+    cfg, ch, paths, state = node.cfg, node.ch, node.paths, node.state
     now = datetime.now(UTC)
     full = full or full_check_due(cfg, state, now)
-    check = check_live(ch.target, state.recorded_live(), state.live_serial is not None, full=full)
+    target = paths.target
+    check = check_live(target, state.recorded_live(), state.live_serial is not None, full=full)
     if check.manifest is not None and not check.record_used and not full:
         # No record of this very set (a run killed between its swap and saving the state):
         # size and mtime say nothing, the hashes do.
         full = True
-        check = check_live(ch.target, (None, {}), True, full=True)
+        check = check_live(target, (None, {}), True, full=True)
     if not check.damaged and check.manifest is not None and full:
         _verify_signature(cfg, check)
     if not check.damaged:
+        node.saw_installed(check.installed if check.manifest is not None else None)
         if check.manifest is not None and check.directory is not None:
             if full or check.rerecord:
                 # A re-record after hashing only the rewritten files is no full check.
@@ -91,16 +81,17 @@ def check_and_repair(
     _log.error(
         "the live set is damaged; rebuilding it from the verified copy kept in the state",
         channel=ch.name,
-        target=str(ch.target),
+        target=str(target),
         problems=check.problems,
     )
+    node.saw_installed(None)  # nothing intact is live
     state.last_damage = "; ".join(check.problems)
     serial = (
         check.manifest.serial
         if check.manifest is not None
         else state.live_serial or state.pinned or max(paths.kept.serials(), default=None)
     )
-    found = _verified_copy(cfg, ch, paths, serial) if serial is not None else None
+    found = _verified_copy(node, serial) if serial is not None else None
     if found is None:
         _log.error(
             "no verified copy of the live release is kept here; the source's release replaces it",
@@ -109,7 +100,7 @@ def check_and_repair(
         )
         return LiveOutcome(None, check.problems)
     src, manifest = found.path, found.manifest
-    install(live, src, manifest, ch, paths, state)
+    install(node, src, manifest)
     state.last_repair = iso(utcnow())
     _log.warning(
         "repaired the live set: a new swap from the verified copy",
@@ -123,26 +114,21 @@ def check_and_repair(
 
 def _verify_signature(cfg: AgentConfig, check: LiveCheck) -> None:
     """A full check also proves the live manifest is still the one a trusted key signed."""
-    assert check.manifest_bytes is not None and check.signature is not None
-    assert check.directory is not None
+    found = check.installed
+    assert found is not None
     try:
         verify_manifest(
-            check.directory,
-            check.manifest_bytes,
-            check.signature,
-            trusted_keys(cfg),
-            str(check.directory),
+            found.directory, found.data, found.signature, trusted_keys(cfg), str(found.directory)
         )
     except MapsyncError as exc:
         check.problems.append(f"live manifest: {exc}")
 
 
-def _verified_copy(
-    cfg: AgentConfig, ch: AgentChannel, paths: ChannelPaths, serial: int
-) -> VerifiedRelease | None:
+def _verified_copy(node: NodeChannel, serial: int) -> VerifiedRelease | None:
     """The kept release ``serial`` or the rsync basis, whichever verifies (signature, channel,
     serial, every text hash); None if neither does."""
-    keys = trusted_keys(cfg)
+    ch, paths = node.ch, node.paths
+    keys = trusted_keys(node.cfg)
     for src in (paths.kept.path(serial), paths.basis):
         if not (src / MANIFEST).is_file():
             continue
@@ -164,31 +150,3 @@ def _verified_copy(
             continue
         return release
     return None
-
-
-def rebuilt_state(paths: ChannelPaths, live: LiveSet) -> ChannelState:
-    """A state for a channel whose ``state.json`` was damaged: the floor from the live set and
-    the kept releases, the pin from the live serial if it is older than one kept (only a
-    rollback installs an older release). The next check hashes every live file."""
-    state = ChannelState()
-    kept = paths.kept.serials()
-    serial: int | None = None
-    pair = live.installed_manifest()
-    if pair is not None:
-        try:
-            serial = parse_manifest(pair[0], str(live.sets)).serial
-        except MapsyncError:
-            serial = None
-    candidates = [*kept, *([serial] if serial is not None else [])]
-    state.highest_serial = max(candidates, default=None)
-    state.live_serial = serial if serial is not None else (kept[-1] if kept else None)
-    if serial is not None and kept and serial < kept[-1]:
-        state.pinned = serial
-    return state
-
-
-def discard_state(path: Path) -> Path:
-    """Move a damaged state file aside (kept for a post-mortem); return where it went."""
-    aside = path.with_name(path.name + ".damaged")
-    os.replace(path, aside)
-    return aside

@@ -13,39 +13,43 @@ newer until ``pull --unpin``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
 from mapsync import log
+from mapsync.agent.checks import check_keeps_maps, read_signed, trusted_keys, verify_files
 from mapsync.agent.hooks import reload_failure
-from mapsync.agent.kept import KeptReleases
-from mapsync.agent.pull import (
-    ChannelPaths,
-    check_keeps_maps,
-    install,
-    installed,
-    read_signed,
-    settled,
-    trusted_keys,
-    verify_files,
-)
-from mapsync.agent.state import ChannelState, channel_lock
+from mapsync.agent.install import install
+from mapsync.agent.node import NodeChannel, held
 from mapsync.config import AgentChannel, AgentConfig
 from mapsync.errors import InstallError, MapsyncError, VerificationError
-from mapsync.release import MANIFEST, Manifest, iso, parse_manifest, utcnow
+from mapsync.release import Manifest, iso, utcnow
+from mapsync.release.verify import VerifiedRelease
 
 _log = log.get("agent")
 
 
 @dataclass
 class RollbackResult:
+    """What ``rollback`` installed (and pinned) and what it replaced."""
+
     channel: str
     serial: int  # installed now, and pinned
     previous: int  # installed before
 
 
-def choose(ch: AgentChannel, kept: KeptReleases, current: Manifest, serial: int | None) -> int:
+def choose(
+    node: NodeChannel,
+    current: Manifest,
+    serial: int | None,
+    keys: Mapping[str, Ed25519PublicKey],
+) -> tuple[int, VerifiedRelease | None]:
     """The kept serial to install: ``serial``, or else the newest kept release older than the
-    installed one whose maps differ from it (a renewal of the same maps would change nothing)."""
+    installed one whose maps differ from it (a renewal of the same maps would change nothing);
+    with it the release verified on the way, if it was (None: verify it)."""
+    ch, kept = node.ch, node.paths.kept
     serials = kept.serials()
     listed = ", ".join(map(str, serials)) or "none"
     if serial is not None:
@@ -58,17 +62,18 @@ def choose(ch: AgentChannel, kept: KeptReleases, current: Manifest, serial: int 
                 f"channel {ch.name}: release {serial} is not kept on this node (kept: {listed}); "
                 "nothing changed"
             )
-        return serial
+        return serial, None
     for candidate in reversed([s for s in serials if s < current.serial]):
-        path = kept.path(candidate) / MANIFEST
+        src = kept.path(candidate)
         try:
-            m = parse_manifest(path.read_bytes(), str(path))
+            release = read_signed(src, ch, keys, str(src), serial=candidate)
         except (OSError, VerificationError):
-            return candidate  # unreadable: let the full verification below say what is wrong
+            return candidate, None  # let the verification below say what is wrong
+        m = release.manifest
         if set(m.maps) != set(current.maps) or any(
             not e.same_content(current.maps[n]) for n, e in m.maps.items()
         ):
-            return candidate
+            return candidate, release
     raise MapsyncError(
         f"channel {ch.name}: no kept release older than the installed {current.serial} has "
         f"different maps (kept: {listed}); nothing changed"
@@ -77,29 +82,29 @@ def choose(ch: AgentChannel, kept: KeptReleases, current: Manifest, serial: int 
 
 def rollback(cfg: AgentConfig, ch: AgentChannel, serial: int | None = None) -> RollbackResult:
     """Reinstall kept release ``serial`` (default: the previous one) of ``ch`` and pin it."""
-    paths = ChannelPaths(cfg, ch)
-    paths.root.mkdir(parents=True, exist_ok=True, mode=0o700)
-    with channel_lock(paths.lock):
-        state = ChannelState.load(paths.state)
-        live = settled(ch)
-        current = installed(live, str(ch.target))
+    with held(cfg, ch) as node:
+        state = node.state
+        node.settle()
+        current = node.current()
         if current is None:
-            raise MapsyncError(f"channel {ch.name}: nothing is installed in {ch.target}")
-        chosen = choose(ch, paths.kept, current, serial)
-        src = paths.kept.path(chosen)
+            raise MapsyncError(f"channel {ch.name}: nothing is installed in {node.paths.target}")
+        keys = trusted_keys(cfg)
+        chosen, release = choose(node, current, serial, keys)
+        src = node.paths.kept.path(chosen)
         where = str(src)
-        try:
-            release = read_signed(src, ch, trusted_keys(cfg), where, serial=chosen)
-        except VerificationError as exc:
-            raise VerificationError(f"{exc}; not installing") from None
+        if release is None:
+            try:
+                release = read_signed(src, ch, keys, where, serial=chosen)
+            except VerificationError as exc:
+                raise VerificationError(f"{exc}; not installing") from None
         manifest = release.manifest
         # Same rule as a pull: a kept release lacking a map the node serves is not installed.
         check_keeps_maps(manifest, ch, current, where)
         verify_files(release, where)
         try:
-            install(live, src, manifest, ch, paths, state, pin=manifest.serial)
+            install(node, src, manifest, pin=manifest.serial)
         except MapsyncError:
-            state.save(paths.state, paths.public)  # the pin, taken back if the swap did not happen
+            node.record()  # the pin, taken back if the swap did not happen
             raise
         state.last_install = iso(utcnow())
         _log.warning(
@@ -110,7 +115,7 @@ def rollback(cfg: AgentConfig, ch: AgentChannel, serial: int | None = None) -> R
         )
         failure = reload_failure(ch) if state.reload_pending else None
         state.reload_pending = failure is not None
-        state.save(paths.state, paths.public)
+        node.record()
         if failure is not None:
             raise InstallError(
                 f"channel {ch.name}: rolled back to serial {manifest.serial}, but the reload hook "

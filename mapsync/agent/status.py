@@ -13,6 +13,7 @@ from pathlib import Path
 
 from mapsync.access import denied
 from mapsync.agent.damage import check_live
+from mapsync.agent.node import NodeChannel
 from mapsync.agent.state import ChannelState, StateDamaged
 from mapsync.atomic import atomic_write
 from mapsync.config import AgentChannel, AgentConfig
@@ -93,14 +94,15 @@ def channel_status(
     installed set."""
     now = now or datetime.now(UTC)
     problems: list[tuple[int, str]] = []
-    path = cfg.state / ch.name / "state.json"
+    paths = NodeChannel.look(cfg, ch).paths
+    path = paths.state
     try:
         try:
             state = ChannelState.load(path)
         except PermissionError:
             # An unprivileged monitoring user (nagios, node_exporter's textfile job): the
             # world-readable copy every run writes holds the same fields.
-            path = cfg.public_status / f"{ch.name}.json"
+            path = paths.public
             if not path.is_file():
                 raise
             state = ChannelState.load(path)
@@ -112,13 +114,13 @@ def channel_status(
         return ChannelStatus(
             ch.name,
             EXIT_UNKNOWN,
-            f"cannot read state: {denied(cfg.state / ch.name / 'state.json')}, nor its public "
+            f"cannot read state: {denied(paths.state)}, nor its public "
             f"copy {path} (written by every pull of this version; readable by all)",
         )
     except OSError as exc:
         return ChannelStatus(ch.name, EXIT_UNKNOWN, f"cannot read state: {exc}")
     try:
-        live = check_live(ch.target, state.recorded_live(), state.live_serial is not None)
+        live = check_live(paths.target, state.recorded_live(), state.live_serial is not None)
     except OSError as exc:
         return ChannelStatus(ch.name, EXIT_UNKNOWN, f"cannot read the live set: {exc}")
     manifest = live.manifest

@@ -3,14 +3,10 @@ and rebuild it from the verified copy kept in STATE when it is damaged."""
 
 from __future__ import annotations
 
+from mapsync.agent.checks import trusted_keys
 from mapsync.agent.damage import check_live
-from mapsync.agent.liveset import LiveSet
-from mapsync.agent.pull import (
-    save_state,
-    settled,
-    taken_channel,
-    trusted_keys,
-)
+from mapsync.agent.hooks import reload_failure
+from mapsync.agent.node import NodeChannel, taken
 from mapsync.agent.repair import check_and_repair
 from mapsync.config import AgentChannel, AgentConfig
 from mapsync.errors import InstallError, VerificationError
@@ -20,23 +16,25 @@ from mapsync.release.verify import verify_manifest
 
 def verify_installed(cfg: AgentConfig, ch: AgentChannel) -> int:
     """Verify signature and every file hash of what ``ch`` has installed; return its serial."""
-    live = LiveSet(ch.target)
-    cur = live.current()
-    pair = live.installed_manifest()
-    if cur is None or pair is None:
-        found = check_live(ch.target, (None, {}), expect_installed=False).problems
+    node = NodeChannel.look(cfg, ch)
+    target = node.paths.target
+    found = node.installed()
+    if found is None:
+        problems = check_live(target, (None, {}), expect_installed=False).problems
         raise VerificationError(
             f"channel {ch.name}: "
-            + ("; ".join(found) if found else f"nothing installed in {ch.target}")
+            + ("; ".join(problems) if problems else f"nothing installed in {target}")
         )
-    data, sig = pair
-    manifest = verify_manifest(cur, data, sig, trusted_keys(cfg), str(cur)).manifest
+    where = str(found.directory)
+    manifest = verify_manifest(
+        found.directory, found.data, found.signature, trusted_keys(cfg), where
+    ).manifest
     for name, m in sorted(manifest.maps.items()):
         checks = [(m.file, m.sha256, m.size)]
         if m.cdb is not None:
             checks.append((m.cdb.file, m.cdb.sha256, m.cdb.size))
         for file, want, want_size in checks:
-            path = ch.target / file
+            path = target / file
             try:
                 digest, size = text.sha256_file(path)
             except FileNotFoundError:
@@ -54,22 +52,21 @@ def repair_installed(cfg: AgentConfig, ch: AgentChannel) -> tuple[int, list[str]
     """Fully check ``ch``'s live set and rebuild it from STATE if damaged (a new swap, reload
     hook included): (serial, damage found) if repaired, None if nothing was damaged.
     VerificationError if it is damaged and no verified copy is kept here."""
-    from mapsync.agent.hooks import reload_failure
-
-    with taken_channel(cfg, ch) as (paths, state):
+    with taken(cfg, ch) as node:
+        state = node.state
         try:
-            live = settled(ch)
-            outcome = check_and_repair(cfg, ch, paths, state, live, full=True)
+            node.settle()
+            outcome = check_and_repair(node, full=True)
             if outcome.problems and not outcome.repaired:
                 raise VerificationError(
                     f"channel {ch.name}: the live set is damaged ({'; '.join(outcome.problems)}) "
-                    f"and no verified copy of it is kept in {paths.root}; `mapsync pull` "
+                    f"and no verified copy of it is kept in {node.paths.root}; `mapsync pull` "
                     "installs the source's release instead"
                 )
             failure = reload_failure(ch) if state.reload_pending else None
             state.reload_pending = failure is not None
         finally:
-            save_state(ch, paths, state)
+            node.save()
         if failure is not None:
             raise InstallError(
                 f"channel {ch.name}: repaired, but the reload hook failed "

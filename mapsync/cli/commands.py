@@ -295,15 +295,12 @@ def _releases(args: argparse.Namespace, name: str) -> tuple[Path, int | None, in
     the publisher's repository, or with ``--agent`` this node's kept releases."""
     cfg = _config(args)
     if args.agent:
-        from mapsync.agent.kept import KEPT
-        from mapsync.agent.liveset import LiveSet
-        from mapsync.release import parse_manifest
+        from mapsync.agent.node import NodeChannel
 
         agent = cfg.need_agent()
-        ch = agent.channels[name]
-        pair = LiveSet(ch.target).installed_manifest()
-        current = parse_manifest(pair[0], str(ch.target)).serial if pair else None
-        return agent.state / ch.name / KEPT, None, current
+        node = NodeChannel.look(agent, agent.channels[name])
+        current = node.current()
+        return node.paths.kept.root, None, current.serial if current else None
     from mapsync.publish.history import latest_or_none
     from mapsync.publish.repository import Repository
 

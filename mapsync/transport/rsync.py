@@ -231,9 +231,11 @@ class Remote:
         timeout: int = 300,
         ssh: tuple[str, ...] = DEFAULT_SSH,
         password_file: Path | None = None,
+        endpoint: Endpoint | None = None,
     ) -> None:
+        """``endpoint``: ``source`` already parsed (:func:`parse_source` with ``ssh``)."""
         self.source = source
-        self.endpoint = parse_source(source, ssh)
+        self.endpoint = endpoint if endpoint is not None else parse_source(source, ssh)
         self.timeout = timeout
         if password_file is not None:
             if not self.endpoint.daemon:

@@ -84,8 +84,8 @@ def test_a_mailstore_node_installs_password_hashes_readable_by_root_and_dovecot_
     import grp
     import stat
 
-    from mapsync.agent.pull import SECRET_MAPS
     from mapsync.maps import CATALOGUE
+    from mapsync.release import SECRET_MAPS
 
     assert {n for n, m in CATALOGUE.items() if m.secrets} == SECRET_MAPS
     _publish_all(cluster)

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from mapsync.agent.pull import read_signed
+from mapsync.agent.checks import read_signed
 from mapsync.config import AgentChannel, MapConfig, load
 from mapsync.errors import ConfigError, VerificationError
 from mapsync.maps.custom import MAX_LINE, check_rows

@@ -1,0 +1,296 @@
+"""Fetching a channel's release from its sources, in order (``source``, then its mirrors).
+
+Each source is parsed once when the pull starts (:class:`Source`; a malformed mirror is a
+config error, whatever the others do) and gets one :class:`~mapsync.transport.Remote`, made
+when it is first asked. A source that cannot be reached or serves something that fails
+verification is logged and the next one is asked; a local failure (a full disk) is not the
+source's fault and ends the run at once.
+
+From each source: ``LATEST`` first (at most :data:`~mapsync.release.MAX_LATEST_BYTES`), which
+the caller's decision looks at (the serial floor, a pin, the installed serial: ``pull``); only
+when that decides nothing, the release it names into a private staging area, in three steps
+(:func:`fetch_release`), verified (:mod:`mapsync.agent.checks`) and returned as a
+:class:`~mapsync.release.verify.VerifiedRelease`, not yet installed.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Generic, TypeVar
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from mapsync import log
+from mapsync.agent.checks import check_keeps_maps, read_signed, trusted_keys, verify_files
+from mapsync.agent.node import NodeChannel
+from mapsync.config import AgentChannel, unauthenticated_rsync
+from mapsync.errors import InstallError, MapsyncError, TransportError, VerificationError
+from mapsync.release import (
+    LATEST,
+    MANIFEST,
+    MAX_LATEST_BYTES,
+    MAX_MANIFEST_BYTES,
+    SECRET_MAPS,
+    SIGNATURE,
+    Latest,
+    Manifest,
+    is_secret,
+    parse_latest,
+    release_dir,
+)
+from mapsync.release.verify import FileAltered, VerifiedRelease
+from mapsync.transport import Remote, parse_source
+from mapsync.transport.rsync import block_size
+
+_log = log.get("agent")
+
+R = TypeVar("R")
+
+
+class Source:
+    """One source of a channel (``source`` or a mirror): its URL parsed once; its
+    :class:`Remote` made once, when it is first asked (:meth:`remote`)."""
+
+    def __init__(self, url: str, ch: AgentChannel) -> None:
+        self.url = url
+        self.endpoint = parse_source(url, ch.ssh)
+        self._ch = ch
+        self._remote: Remote | None = None
+
+    def remote(self) -> Remote:
+        """The rsync remote of this source (a bad ``password_file`` is found here)."""
+        if self._remote is None:
+            ch = self._ch
+            # One password_file serves the rsync:// sources; an ssh:// or local mirror takes none.
+            password = ch.password_file if self.endpoint.daemon else None
+            self._remote = Remote(self.url, ch.timeout, ch.ssh, password, self.endpoint)
+        return self._remote
+
+
+def sources(ch: AgentChannel) -> list[Source]:
+    """``ch``'s sources in order, each parsed (ConfigError naming a malformed one)."""
+    return [Source(url, ch) for url in ch.sources]
+
+
+@dataclass
+class Answer(Generic[R]):
+    """What the sources answered: the decision taken on ``LATEST`` (``decided``), or else the
+    ``release`` fetched and verified in the staging area; ``received``: bytes on the wire."""
+
+    source: str  # the source (or mirror) that answered
+    received: int
+    decided: R | None = None
+    release: VerifiedRelease | None = None
+    failed: dict[str, str] = field(default_factory=dict)  # tried before it: source → error
+
+
+# Given LATEST and where it came from: an outcome that ends the pull (nothing to fetch), or
+# None to fetch the release it names. VerificationError refuses this source.
+Decide = Callable[[Latest, str], R | None]
+
+
+def fetch(node: NodeChannel, tried: list[Source], decide: Decide[R]) -> Answer[R]:
+    """Ask each source in ``tried`` in turn until one answers (see the module docstring);
+    with every one failing, one error naming each."""
+    ch = node.ch
+    failed: dict[str, str] = {}
+    errors: list[MapsyncError] = []
+    for i, source in enumerate(tried):
+        try:
+            got = _ask(node, source, decide)
+        except (TransportError, VerificationError) as exc:
+            if len(tried) == 1:
+                raise
+            failed[source.url] = str(exc)
+            errors.append(exc)
+            _log.warning(
+                "source failed" + ("; trying the next" if i + 1 < len(tried) else ""),
+                channel=ch.name,
+                source=source.url,
+                error=str(exc),
+            )
+            continue
+        if failed:
+            _log.warning(
+                "served by a mirror", channel=ch.name, source=source.url, failed=list(failed)
+            )
+        got.failed = failed
+        return got
+    raise _every_source_failed(ch, failed, errors)
+
+
+def _every_source_failed(
+    ch: AgentChannel, failed: dict[str, str], errors: list[MapsyncError]
+) -> MapsyncError:
+    """One error naming every source and why it failed. Exit 5 (verification) when any
+    source served something that was refused, else exit 2 (transport)."""
+    lines = [
+        f"channel {ch.name}: all {len(failed)} sources failed ({', '.join(failed)}); "
+        "the installed set keeps serving"
+    ]
+    lines += [f"  {source}: {' '.join(error.split())}" for source, error in failed.items()]
+    kind = (
+        VerificationError
+        if any(isinstance(e, VerificationError) for e in errors)
+        else TransportError
+    )
+    return kind("\n".join(lines))
+
+
+def _ask(node: NodeChannel, source: Source, decide: Decide[R]) -> Answer[R]:
+    """Ask ``source`` for LATEST and, unless ``decide`` settles the pull, for its release."""
+    try:
+        return _ask_remote(node, source.remote(), decide)
+    except OSError as exc:
+        raise InstallError(f"channel {node.name} (source {source.url}): {exc}") from None
+
+
+def _ask_remote(node: NodeChannel, remote: Remote, decide: Decide[R]) -> Answer[R]:
+    ch, paths = node.ch, node.paths
+    shutil.rmtree(paths.incoming, ignore_errors=True)
+    paths.incoming.mkdir(mode=0o700)
+
+    received = remote.fetch_file(LATEST, paths.incoming / LATEST, max_size=MAX_LATEST_BYTES)
+    where = f"{remote.source}/{LATEST}"
+    try:
+        data = (paths.incoming / LATEST).read_bytes()
+    except FileNotFoundError:
+        # rsync skips a symlink, a FIFO or a file over --max-size, says so and exits 0: the
+        # source served no usable LATEST. Its fault, not this node's, so the next one is asked.
+        raise VerificationError(
+            f"{where}: missing, not a regular file, or larger than {MAX_LATEST_BYTES} bytes"
+        ) from None
+    latest = parse_latest(data, where)
+    decided = decide(latest, where)
+    if decided is not None:
+        return Answer(remote.source, received, decided=decided)
+
+    current = node.current()
+    staging = paths.incoming / "release"
+    staging.mkdir(mode=0o700)
+    where = f"{remote.source}/{release_dir(latest.serial)}"
+    keys = trusted_keys(node.cfg)
+    release, moved = fetch_release(remote, latest, ch, keys, staging, paths.basis, where)
+    received += moved
+    try:
+        _check_fetched(release, latest, ch, current, where)
+    except FileAltered as exc:
+        if not paths.basis.exists():
+            raise
+        # rsync's quick check (size, mtime) trusts the local basis; if that copy was damaged on
+        # this node, the damage would come back on every run. Fetch once more without it. The
+        # basis is dropped only if that works: if the source itself is altered, a mirror may
+        # still use the basis.
+        _log.warning(
+            "fetching again without the local rsync basis",
+            channel=ch.name,
+            source=remote.source,
+            reason=str(exc),
+        )
+        shutil.rmtree(staging)
+        staging.mkdir(mode=0o700)
+        release, moved = fetch_release(remote, latest, ch, keys, staging, None, where)
+        received += moved
+        _check_fetched(release, latest, ch, current, where)
+        _log.warning(
+            "discarding the local rsync basis: it was damaged on this node", channel=ch.name
+        )
+        shutil.rmtree(paths.basis)
+    return Answer(remote.source, received, release=release)
+
+
+def fetch_release(
+    remote: Remote,
+    latest: Latest,
+    ch: AgentChannel,
+    keys: dict[str, Ed25519PublicKey],
+    staging: Path,
+    basis: Path | None,
+    where: str,
+) -> tuple[VerifiedRelease, int]:
+    """Fetch release ``latest.serial`` in three steps, so a hostile or broken repository
+    cannot fill this node's disk before anything is checked: the manifest and its signature
+    (at most 1 MiB, verified at once: the release returned), then a listing that must name
+    exactly the manifest's files as regular files of the manifest's sizes, then exactly those
+    files, none larger than the manifest says. Returns the release and the bytes rsync moved;
+    its files are for :func:`verify_files` to check."""
+    directory = release_dir(latest.serial)
+    moved = remote.fetch_files(directory, [MANIFEST, SIGNATURE], staging, None, MAX_MANIFEST_BYTES)
+    if not (staging / MANIFEST).exists():
+        # rsync leaves out a file over --max-size and exits 0: tell "too large" from missing.
+        try:
+            kind, size = remote.list_dir(directory).get(MANIFEST, ("?", -1))
+        except MapsyncError:
+            kind, size = "?", -1
+        if kind == "-" and size > MAX_MANIFEST_BYTES:
+            raise VerificationError(
+                f"{where}/{MANIFEST}: {size} bytes, too large (agents accept at most "
+                f"{MAX_MANIFEST_BYTES}); not fetched"
+            )
+    release = read_signed(staging, ch, keys, where, latest)
+    manifest = release.manifest
+    listing = remote.list_dir(directory)
+    expected = manifest.files() | {MANIFEST, SIGNATURE}
+    extra = sorted(set(listing) - expected)
+    if extra:
+        raise VerificationError(
+            f"{where}: unexpected file(s) not named by the manifest: {', '.join(extra)}"
+        )
+    for name, m in sorted(manifest.maps.items()):
+        kind, size = listing.get(m.file, ("?", -1))
+        if kind != "-":
+            raise VerificationError(f"{where}/{m.file}: missing or not a regular file (map {name})")
+        if size != m.size:
+            raise VerificationError(
+                f"{where}/{m.file}: size {size} does not match the manifest (size {m.size}); "
+                "the file was altered"
+            )
+    files = sorted(manifest.files())
+    largest = max((m.size for m in manifest.maps.values()), default=0)
+    moved += remote.fetch_files(directory, files, staging, basis, largest + 1, block_size(largest))
+    return release, moved
+
+
+def _check_fetched(
+    release: VerifiedRelease,
+    latest: Latest,
+    ch: AgentChannel,
+    current: Manifest | None,
+    where: str,
+) -> None:
+    """Check everything else about a fetched, verified release (its serial against LATEST
+    and the installed one, the maps the node must keep, its files); raise VerificationError."""
+    manifest = release.manifest
+    if manifest.serial != latest.serial:
+        raise VerificationError(
+            f"{where}/{MANIFEST}: serial {manifest.serial}, but LATEST says {latest.serial}"
+        )
+    if current is not None and manifest.serial <= current.serial:
+        raise VerificationError(
+            f"{where}/{MANIFEST}: serial {manifest.serial} is not newer than the installed {current.serial}"
+        )
+    check_keeps_maps(manifest, ch, current, where)
+    verify_files(release, where)
+    _log.debug("release verified", channel=ch.name, serial=manifest.serial, key=release.key_id)
+
+
+def warn_if_exposed(ch: AgentChannel, manifest: Manifest, source: str) -> None:
+    """Password hashes just came from an rsync module anyone may read. Config load warns
+    when the node's ``maps`` name such a map; a node that does not list its maps learns it
+    only here, from the release itself."""
+    secret = sorted(n for n, m in manifest.maps.items() if is_secret(n, m))
+    # Config load warned of the built-in ones the node lists; a secret map of the publisher's
+    # own is known to be secret only from the release.
+    warned = set(ch.maps) & SECRET_MAPS
+    if secret and not set(secret) <= warned and unauthenticated_rsync(ch, source):
+        _log.warning(
+            "channel carries password hashes but is pulled without authentication",
+            channel=ch.name,
+            source=source,
+            maps=",".join(secret),
+            fix="serve it from a module with `auth users` and set "
+            "rsync://USER@host/... and password_file (docs/security.md)",
+        )

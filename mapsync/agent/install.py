@@ -1,0 +1,455 @@
+"""Installing a verified release on a node: build the set, prove it, swap it in, keep it.
+
+Each text map is copied (a new inode, a fresh mtime) into a private directory beside the
+live set, each cdb built locally and proved equal to the publisher's by sha256, every file
+given the owner, group and mode the channel's ``files`` settings (or mapsync's defaults for
+maps with password hashes) say before a byte is written. The ``check`` command runs against
+the built set, which is verified again afterwards; then one rename swaps it in
+(:meth:`mapsync.agent.liveset.LiveSet.swap`). A renewal (same maps) hard-links the live
+inodes instead, so no daemon reloads. The installed release is kept for ``rollback`` and,
+after a pull, its text becomes the next fetch's rsync basis.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import grp
+import os
+import pwd
+import shutil
+import stat
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from mapsync import log
+from mapsync.agent.damage import stat_files
+from mapsync.agent.hooks import run_check
+from mapsync.agent.liveset import SwapUnfinished, read_installed
+from mapsync.agent.node import NodeChannel
+from mapsync.config import AgentChannel, FileMode
+from mapsync.errors import InstallError, VerificationError
+from mapsync.formats import cdb, text
+from mapsync.progress import track
+from mapsync.release import (
+    MANIFEST,
+    SIGNATURE,
+    Manifest,
+    MapEntry,
+    is_secret,
+    iso,
+    separator,
+    utcnow,
+)
+
+_log = log.get("agent")
+
+
+def install(
+    node: NodeChannel,
+    src: Path,
+    manifest: Manifest,
+    *,
+    renewal: bool = False,
+    pin: int | None = None,
+) -> bool:
+    """Build the set of a verified ``manifest`` from the text in ``src`` and swap it in as
+    ``node``'s live set (which the node then reports as installed).
+
+    ``renewal`` (same maps as the live set): hard links keep the live inodes, so no daemon
+    reloads; returns whether it stayed a renewal. A map whose live files no longer have the
+    owner, group or mode the ``files`` settings give is built again from ``src`` instead, as
+    a new file: a hard link *is* the live inode, and changing it would change the live map
+    before the swap (and for good, if the swap then failed). ``pin`` records a rollback's pin
+    in the state before the swap, so a run killed after the swap cannot forget it.
+    """
+    ch, live, state = node.ch, node.live, node.state
+    same = renewal
+    was_pinned = state.pinned
+    owners = ownership(ch, manifest)  # an unknown user or group stops here, before anything
+    theirs = live.foreign(live_names(manifest))
+    if theirs:
+        raise InstallError(
+            f"channel {ch.name}: {', '.join(map(str, theirs))}: not a link mapsync made (the "
+            f"operator's own file?); mapsync never replaces it. Move it away or give the channel "
+            f"a target of its own; serial {manifest.serial} not installed, the old set keeps serving"
+        )
+    built = live.new_set_dir(manifest.serial)
+    try:
+        if same:
+            cur = live.current()
+            assert cur is not None
+            # A renewal: identical maps. Hard links keep the live inodes, so no daemon reloads.
+            try:
+                now = time.time()
+                for name, m in sorted(manifest.maps.items()):
+                    files = [m.file] + ([m.cdb.file] if m.cdb else [])
+                    intact = _intact(cur, m)
+                    if not intact:
+                        # Never carry a damaged inode forward: this map is built anew, and
+                        # the install is a real swap (reload) so every daemon notices.
+                        _log.warning(
+                            "a live file differs from its manifest; rebuilt, not reused",
+                            channel=ch.name,
+                            map=name,
+                            serial=manifest.serial,
+                        )
+                        same = False
+                    if intact and all(_has_ownership(cur / f, owners[name], built) for f in files):
+                        for f in files:
+                            os.link(cur / f, built / f)
+                    else:
+                        # New files settings (or the live file's owner changed its mode): a
+                        # new inode from the verified text, never the live file or its copy.
+                        build_map(src, name, m, built, cur, owners[name], ch, now)
+            except FileNotFoundError:  # the live set lost a file: rebuild it from the text
+                shutil.rmtree(built)
+                built = live.new_set_dir(manifest.serial)
+                build_set(src, manifest, built, cur, owners, ch)
+                same = False
+        else:
+            build_set(src, manifest, built, live.current(), owners, ch)
+        for f in (MANIFEST, SIGNATURE):
+            shutil.copyfile(src / f, built / f)
+            os.chmod(built / f, 0o644)
+        # Built in a directory only the agent may enter; opened to readers (and to a check
+        # running as another user) once every file has its final mode.
+        os.chmod(built, 0o755)
+        if not same:
+            # The maps exactly as they will go live; a renewal's are the live ones already.
+            before = os.lstat(built)
+            run_check(ch, built, manifest.serial)
+            if ch.check:
+                # A check runs with the agent's rights: what it changed must not go live.
+                verify_built(built, before, src, manifest, owners, ch)
+        if (ch.reload and not same) or pin is not None:
+            # The hook (and the pin) are owed from the swap on: a run killed before it ran
+            # must not lose them.
+            state.reload_pending = state.reload_pending or bool(ch.reload and not same)
+            state.pinned = pin if pin is not None else state.pinned
+            node.record()
+        try:
+            live.swap(built, manifest.serial)
+        finally:
+            _note_live(node, manifest)
+    except SwapUnfinished as exc:
+        raise InstallError(
+            f"channel {ch.name}: serial {manifest.serial} is live, but finishing the swap failed: "
+            f"{exc}; the next run finishes it"
+        ) from None
+    except OSError as exc:
+        shutil.rmtree(built, ignore_errors=True)
+        state.pinned = was_pinned
+        raise InstallError(
+            f"channel {ch.name}: installing serial {manifest.serial} failed: {exc}"
+            + ("" if getattr(exc, "filename", None) else f" (in {live.sets})")
+            + "; the old set keeps serving"
+        ) from None
+    except BaseException:
+        shutil.rmtree(built, ignore_errors=True)
+        state.pinned = was_pinned
+        raise
+    return same
+
+
+def _note_live(node: NodeChannel, manifest: Manifest) -> None:
+    """Record the size and mtime of the set just swapped in (if it is live): what the cheap
+    check of every later run compares against. Its files were all verified moments ago."""
+    cur = node.live.current()
+    serial = str(manifest.serial)
+    if cur is None or not (cur.name == serial or cur.name.startswith(serial + ".")):
+        return  # the swap did not happen
+    try:
+        node.saw_installed(read_installed(cur))
+    except OSError:
+        node.saw_installed(None)
+    try:
+        files = stat_files(cur, manifest)
+    except OSError:
+        return  # the next run finds no record for this serial and hashes every file
+    node.state.note_installed(manifest.serial, cur.name, files, iso(utcnow()))
+
+
+def _intact(live: Path, m: MapEntry) -> bool:
+    """Whether map ``m``'s live files still have the manifest's sha256 and size: checked
+    before a renewal reuses their inodes. A missing file raises FileNotFoundError."""
+    checks = [(m.file, m.sha256, m.size)]
+    if m.cdb is not None:
+        checks.append((m.cdb.file, m.cdb.sha256, m.cdb.size))
+    return all(text.sha256_file(live / f) == (want, size) for f, want, size in checks)
+
+
+def keep(node: NodeChannel, src: Path, manifest: Manifest) -> None:
+    """Keep a verified release for rollback. It is installed already: failing to keep a copy
+    (a full disk) is logged, never turned into a failed install."""
+    ch = node.ch
+    try:
+        dropped = node.paths.kept.keep(src, manifest, ch.keep, manifest.serial)
+    except OSError as exc:
+        _log.warning(
+            "could not keep a copy for rollback",
+            channel=ch.name,
+            serial=manifest.serial,
+            error=str(exc),
+        )
+        return
+    if dropped:
+        _log.debug("dropped kept releases", channel=ch.name, serials=dropped)
+
+
+SECRET_GROUP = "dovecot"
+_KEEP = -1  # os.chown: leave the owner or group as it is
+
+
+@dataclass(frozen=True)
+class Ownership:
+    """Mode, uid and gid an installed map file gets (uid/gid -1: as the agent created it)."""
+
+    mode: int
+    uid: int = _KEEP
+    gid: int = _KEEP
+
+
+def ownership(ch: AgentChannel, manifest: Manifest) -> dict[str, Ownership]:
+    """Per map of ``manifest``: ``[agent.channels.C.files.MAP]`` where set, else mapsync's
+    default — maps with password hashes 0640, group ``dovecot`` where it exists (Dovecot must
+    read them, nobody else may); every other map 0644. Users and groups are looked up now, on
+    this node: an unknown one is an InstallError, raised before anything is built.
+
+    An ``owner`` other than root never gets write permission (``0640`` becomes ``0440``): a
+    daemon that owns a map must not rewrite what it serves (Dovecot its own passdb). That is
+    not a guarantee — a file's owner may chmod it — so such an owner is warned about, once per
+    map and process; ``group`` is the way to let a daemon read a map."""
+    owners: dict[str, Ownership] = {}
+    for name in sorted(manifest.maps):
+        conf = ch.files.get(name, FileMode())
+        secret = is_secret(name, manifest.maps[name])
+        mode = conf.mode if conf.mode is not None else (0o640 if secret else 0o644)
+        uid = gid = _KEEP
+        if conf.owner is not None:
+            uid = _lookup(ch, manifest, name, "owner", conf.owner)
+            if uid != 0:
+                mode &= ~0o200
+                _warn_owner(ch, name, conf.owner, mode)
+        if conf.group is not None:
+            gid = _lookup(ch, manifest, name, "group", conf.group)
+        elif secret:
+            with contextlib.suppress(KeyError):  # no Dovecot on this node: root-only is safe
+                gid = grp.getgrnam(SECRET_GROUP).gr_gid
+        if secret and mode & 0o004:
+            _log.warning(
+                "a map with password hashes is configured readable by every user",
+                channel=ch.name,
+                map=name,
+                mode=f"{mode:04o}",
+            )
+        owners[name] = Ownership(mode, uid, gid)
+    return owners
+
+
+_WARNED_OWNERS: set[tuple[str, str, str]] = set()  # (channel, map, owner) warned about
+
+
+def _warn_owner(ch: AgentChannel, name: str, owner: str, mode: int) -> None:
+    if (ch.name, name, owner) in _WARNED_OWNERS:
+        return
+    _WARNED_OWNERS.add((ch.name, name, owner))
+    _log.warning(
+        "the map's owner is not root: installed without owner write permission, but an owner "
+        "can chmod its file and rewrite the live map; prefer owner root and a group",
+        channel=ch.name,
+        map=name,
+        owner=owner,
+        mode=f"{mode:04o}",
+    )
+
+
+def _lookup(ch: AgentChannel, manifest: Manifest, name: str, key: str, who: str) -> int:
+    """uid of user ``who`` (key "owner") or gid of group ``who`` (key "group"); a number is
+    taken as an id when no user or group has that name."""
+    try:
+        if key == "owner":
+            return pwd.getpwnam(who).pw_uid
+        return grp.getgrnam(who).gr_gid
+    except KeyError:
+        if who.isdigit():
+            return int(who)
+    kind = "user" if key == "owner" else "group"
+    raise InstallError(
+        f"channel {ch.name}: [agent.channels.{ch.name}.files.{name}] {key}: no {kind} {who!r} "
+        f"on this node (map {name}); serial {manifest.serial} not installed, the old set keeps serving"
+    )
+
+
+def _has_ownership(path: Path, own: Ownership, directory: Path) -> bool:
+    """Whether ``path`` has the mode, owner and group a file built in ``directory`` gets
+    (uid/gid -1: what a file the agent creates there gets)."""
+    st = path.stat()
+    uid = own.uid if own.uid != _KEEP else os.geteuid()
+    gid = own.gid
+    if gid == _KEEP:
+        # A new file takes the directory's group where it is set-group-ID, else the agent's.
+        parent = directory.stat()
+        gid = parent.st_gid if parent.st_mode & stat.S_ISGID else os.getegid()
+    return stat.S_IMODE(st.st_mode) == own.mode and (st.st_uid, st.st_gid) == (uid, gid)
+
+
+def _protect(path: Path, name: str, own: Ownership, ch: AgentChannel) -> None:
+    """Give ``path`` (map ``name``, or its cdb), a new file not yet live, its owner, group and
+    mode — before the swap makes it visible, so no reader ever sees it more open than
+    configured. Never called on a live inode."""
+    try:
+        if own.uid != _KEEP or own.gid != _KEEP:
+            os.chown(path, own.uid, own.gid)
+        os.chmod(path, own.mode)
+    except PermissionError as exc:
+        raise InstallError(
+            f"channel {ch.name}: map {name}: cannot give {path.name} owner/group/mode "
+            f"{own.uid}:{own.gid} {own.mode:04o} ({exc.strerror}; the agent runs as uid "
+            f"{os.geteuid()}); the old set keeps serving"
+        ) from None
+
+
+def build_set(
+    staging: Path,
+    manifest: Manifest,
+    built: Path,
+    previous: Path | None,
+    owners: dict[str, Ownership],
+    ch: AgentChannel,
+) -> None:
+    """Copy the verified text into ``built`` and build each cdb; prove cdb hashes equal.
+    A map's cdb gets the same owner, group and mode as its text."""
+    now = time.time()
+    for name, m in sorted(manifest.maps.items()):
+        build_map(staging, name, m, built, previous, owners[name], ch, now)
+
+
+def build_map(
+    staging: Path,
+    name: str,
+    m: MapEntry,
+    built: Path,
+    previous: Path | None,
+    own: Ownership,
+    ch: AgentChannel,
+    now: float,
+) -> None:
+    """Map ``name`` of :func:`build_set`: its text copied from ``staging`` into ``built``,
+    its cdb built and proved equal to the publisher's, both given ``own`` and an mtime later
+    than the files they replace in ``previous``."""
+    dst = built / m.file
+    _create(dst, name, own, ch)
+    # A new inode; fresh mtime, never the publisher's.
+    with open(staging / m.file, "rb") as fin, open(dst, "r+b") as fout:
+        shutil.copyfileobj(fin, fout, 1 << 20)
+    files = [dst]
+    if m.cdb is not None:
+        cdb_path = built / m.cdb.file
+        _create(cdb_path, name, own, ch)  # cdbx truncates and fills this inode, mode kept
+        sep = separator(name, m).encode()
+        digest, size = cdb.build(
+            cdb_path, track(text.pairs(dst, sep), f"build {m.cdb.file}", m.entries)
+        )
+        if digest != m.cdb.sha256 or size != m.cdb.size:
+            raise VerificationError(
+                f"map {name}: the cdb built here (sha256 {digest[:16]}…, {size} bytes) differs from "
+                f"the publisher's ({m.cdb.sha256[:16]}…, {m.cdb.size} bytes); not installing"
+            )
+        files.append(cdb_path)
+    for f in files:
+        _fresh_mtime(f, previous / f.name if previous else None, now)
+
+
+def _create(path: Path, name: str, own: Ownership, ch: AgentChannel) -> None:
+    """Create ``path`` empty, owner-only, then give it its final owner, group and mode —
+    before a byte is written, so a map with password hashes is never readable by anyone it
+    is not meant for, not even for an instant (a reader's open handle would outlive a chmod)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    os.close(fd)
+    _protect(path, name, own, ch)
+
+
+def live_names(manifest: Manifest) -> set[str]:
+    """The names the live set of ``manifest`` links into the target: text maps and cdbs."""
+    names = manifest.files()
+    names |= {m.cdb.file for m in manifest.maps.values() if m.cdb is not None}
+    return names
+
+
+def verify_built(
+    built: Path,
+    before: os.stat_result,
+    src: Path,
+    manifest: Manifest,
+    owners: dict[str, Ownership],
+    ch: AgentChannel,
+) -> None:
+    """Check the built set once more after the ``check`` command, before the swap: the same
+    directory (``before``: its lstat then) with the same owner and mode, exactly the
+    manifest's files, each a regular file with its owner, group and mode, and the sha256 and
+    size of the text and of the cdb the manifest names; manifest and signature as verified.
+    Raise VerificationError naming the first path that differs."""
+    where = (
+        f"channel {ch.name}: the check command changed the built set of serial {manifest.serial}"
+    )
+    tail = "; not installed, the old set keeps serving"
+    try:
+        now = os.lstat(built)
+    except FileNotFoundError:
+        raise VerificationError(f"{where}: {built} removed{tail}") from None
+    same = (now.st_dev, now.st_ino, now.st_mode, now.st_uid, now.st_gid)
+    if same != (before.st_dev, before.st_ino, before.st_mode, before.st_uid, before.st_gid):
+        raise VerificationError(f"{where}: {built} replaced or its owner or mode changed{tail}")
+    expected = live_names(manifest) | {MANIFEST, SIGNATURE}
+    present = set(os.listdir(built))
+    if present != expected:
+        changed = sorted(present ^ expected)
+        raise VerificationError(
+            f"{where}: {', '.join(str(built / f) for f in changed)} added or removed{tail}"
+        )
+    for f in (MANIFEST, SIGNATURE):
+        if (built / f).is_symlink() or (built / f).read_bytes() != (src / f).read_bytes():
+            raise VerificationError(f"{where}: {built / f} altered{tail}")
+    for name, m in sorted(manifest.maps.items()):
+        checks = [(m.file, m.sha256, m.size)]
+        if m.cdb is not None:
+            checks.append((m.cdb.file, m.cdb.sha256, m.cdb.size))
+        for file, want, want_size in checks:
+            path = built / file
+            if not stat.S_ISREG(path.lstat().st_mode):
+                raise VerificationError(f"{where}: {path} is no longer a regular file{tail}")
+            if not _has_ownership(path, owners[name], built):
+                raise VerificationError(
+                    f"{where}: {path} has another owner or mode (map {name}){tail}"
+                )
+            digest, size = text.sha256_file(path)
+            if digest != want or size != want_size:
+                raise VerificationError(
+                    f"{where}: {path} (map {name}) has sha256 {digest[:16]}… size {size}, the "
+                    f"manifest {want[:16]}… size {want_size}{tail}"
+                )
+
+
+def _fresh_mtime(path: Path, old: Path | None, now: float) -> None:
+    """Give ``path`` an mtime later than the file it replaces, in whole seconds.
+
+    Dovecot re-reads a passwd-file only when mtime (seconds) or size changes; two installs in
+    the same second with equal sizes would otherwise go unnoticed.
+    """
+    stamp = int(now)
+    if old is not None:
+        with contextlib.suppress(FileNotFoundError):
+            stamp = max(stamp, int(old.stat().st_mtime) + 1)
+    os.utime(path, (stamp, stamp))
+
+
+def promote_basis(node: NodeChannel, staging: Path) -> None:
+    """Make the verified text in ``staging`` (just installed) the next fetch's rsync basis."""
+    basis = node.paths.basis
+    old_basis = node.paths.root / "basis.old"
+    shutil.rmtree(old_basis, ignore_errors=True)
+    if basis.exists():
+        os.rename(basis, old_basis)
+    os.rename(staging, basis)
+    shutil.rmtree(old_basis, ignore_errors=True)
