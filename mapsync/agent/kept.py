@@ -30,6 +30,7 @@ class KeptReleases:
         self.root = root
 
     def path(self, serial: int) -> Path:
+        """The directory release ``serial`` is (or would be) kept in."""
         return self.root / str(serial)
 
     def serials(self) -> list[int]:
@@ -41,6 +42,7 @@ class KeptReleases:
         return sorted(int(n) for n in names if n.isdigit() and (self.root / n).is_dir())
 
     def has(self, serial: int) -> bool:
+        """Whether release ``serial`` is kept."""
         return self.path(serial).is_dir()
 
     def keep(self, src: Path, manifest: Manifest, keep: int, installed: int) -> list[int]:
@@ -65,6 +67,8 @@ class KeptReleases:
         return self.prune(keep, installed)
 
     def prune(self, keep: int, installed: int) -> list[int]:
+        """Drop all but the newest ``keep`` releases (never ``installed``) and what a killed
+        copy left; close any left readable by others. Return the serials dropped."""
         serials = self.serials()
         dropped = []
         for serial in serials[:-keep] if len(serials) > keep else []:

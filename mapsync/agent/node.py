@@ -77,6 +77,7 @@ class NodeChannel:
 
     @property
     def name(self) -> str:
+        """The channel's name."""
         return self.ch.name
 
     def installed(self) -> Installed | None:
