@@ -41,20 +41,20 @@ from mapsync.release import (
     separator,
     utcnow,
 )
+from mapsync.release.verify import VerifiedRelease
 
 _log = log.get("agent")
 
 
 def install(
     node: NodeChannel,
-    src: Path,
-    manifest: Manifest,
+    release: VerifiedRelease,
     *,
     renewal: bool = False,
     pin: int | None = None,
 ) -> bool:
-    """Build the set of a verified ``manifest`` from the text in ``src`` and swap it in as
-    ``node``'s live set (which the node then reports as installed).
+    """Build the set of ``release`` from its verified text and swap it in as ``node``'s live
+    set (which the node then reports as installed).
 
     ``renewal`` (same maps as the live set): hard links keep the live inodes, so no daemon
     reloads; returns whether it stayed a renewal. A map whose live files no longer have the
@@ -64,6 +64,7 @@ def install(
     in the state before the swap, so a run killed after the swap cannot forget it.
     """
     ch, live, state = node.ch, node.live, node.state
+    src, manifest = release.path, release.manifest
     same = renewal
     was_pinned = state.pinned
     owners = ownership(ch, manifest)  # an unknown user or group stops here, before anything

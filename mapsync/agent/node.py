@@ -53,9 +53,6 @@ class ChannelPaths:
         self.kept = KeptReleases(self.root / KEPT)  # verified releases kept for rollback
 
 
-_UNREAD = object()
-
-
 @dataclass
 class NodeChannel:
     """One channel on this node: config, paths, state, the live set and what is installed in
@@ -66,7 +63,8 @@ class NodeChannel:
     paths: ChannelPaths
     live: LiveSet
     state: ChannelState = field(default_factory=ChannelState)
-    _installed: object = field(default=_UNREAD, repr=False)
+    _installed: Installed | None = field(default=None, repr=False)
+    _read: bool = field(default=False, repr=False)  # whether _installed was read or seen
 
     @classmethod
     def look(cls, cfg: AgentConfig, ch: AgentChannel) -> NodeChannel:
@@ -83,9 +81,8 @@ class NodeChannel:
     def installed(self) -> Installed | None:
         """Manifest and signature of the installed set, read once (None: nothing installed).
         After :meth:`saw_installed`, what the check of the live set or an install found."""
-        if self._installed is _UNREAD:
-            self._installed = self.live.installed()
-        assert self._installed is None or isinstance(self._installed, Installed)
+        if not self._read:
+            self._installed, self._read = self.live.installed(), True
         return self._installed
 
     def current(self) -> Manifest | None:
@@ -96,7 +93,7 @@ class NodeChannel:
     def saw_installed(self, found: Installed | None) -> None:
         """Record what is installed now: the intact live set a check found (None when it is
         damaged beyond repair here), or the set an install just swapped in."""
-        self._installed = found
+        self._installed, self._read = found, True
 
     def installed_serial(self) -> int | None:
         """The installed serial; None if none or unreadable."""

@@ -200,7 +200,7 @@ def _install(node: NodeChannel, current: Manifest | None, answer: Answer[PullRes
             for n, m in manifest.maps.items()
         )
     )
-    same = install(node, staging, manifest, renewal=same)
+    same = install(node, release, renewal=same)
     keep(node, staging, manifest)
     promote_basis(node, staging)
     action = "renewed" if same else "installed"

@@ -100,7 +100,7 @@ def check_and_repair(node: NodeChannel, *, full: bool = False) -> LiveOutcome:
         )
         return LiveOutcome(None, check.problems)
     src, manifest = found.path, found.manifest
-    install(node, src, manifest)
+    install(node, found)
     state.last_repair = iso(utcnow())
     _log.warning(
         "repaired the live set: a new swap from the verified copy",

@@ -102,7 +102,7 @@ def rollback(cfg: AgentConfig, ch: AgentChannel, serial: int | None = None) -> R
         check_keeps_maps(manifest, ch, current, where)
         verify_files(release, where)
         try:
-            install(node, src, manifest, pin=manifest.serial)
+            install(node, release, pin=manifest.serial)
         except MapsyncError:
             node.record()  # the pin, taken back if the swap did not happen
             raise

@@ -5,6 +5,8 @@ a local import only hides a circle, it does not remove it."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import mapsync.agent
@@ -78,3 +80,13 @@ def test_the_agent_imports_nothing_above_it_in_the_data_flow() -> None:
         for path in AGENT.glob("*.py")
     }
     assert {name: found for name, found in wrong.items() if found} == {}
+
+
+def test_status_and_the_node_object_load_no_cryptography_and_no_database() -> None:
+    """``mapsync status`` runs every minute and reads the node through NodeChannel."""
+    code = (
+        "import sys, mapsync.agent.status, mapsync.agent.node\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'cryptography', 'sqlalchemy'}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
