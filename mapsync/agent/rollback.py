@@ -25,7 +25,7 @@ from mapsync.agent.install import install
 from mapsync.agent.node import NodeChannel, held
 from mapsync.config import AgentChannel, AgentConfig
 from mapsync.errors import InstallError, MapsyncError, VerificationError
-from mapsync.release import Manifest, iso, utcnow
+from mapsync.release import MANIFEST, Manifest, iso, parse_manifest, utcnow
 from mapsync.release.verify import VerifiedRelease
 
 _log = log.get("agent")
@@ -68,15 +68,27 @@ def choose(
         try:
             release = read_signed(src, ch, keys, str(src), serial=candidate)
         except (OSError, VerificationError):
-            return candidate, None  # let the verification below say what is wrong
-        m = release.manifest
-        if set(m.maps) != set(current.maps) or any(
-            not e.same_content(current.maps[n]) for n, e in m.maps.items()
-        ):
+            # Chosen, so that the verification below says what is wrong with it, unless it
+            # plainly is a renewal of the installed maps, which is skipped like a good one.
+            try:
+                unverified = parse_manifest((src / MANIFEST).read_bytes(), str(src / MANIFEST))
+            except (OSError, VerificationError):
+                return candidate, None
+            if _differs(unverified, current):
+                return candidate, None
+            continue
+        if _differs(release.manifest, current):
             return candidate, release
     raise MapsyncError(
         f"channel {ch.name}: no kept release older than the installed {current.serial} has "
         f"different maps (kept: {listed}); nothing changed"
+    )
+
+
+def _differs(m: Manifest, current: Manifest) -> bool:
+    """Whether ``m`` serves other maps, or other content, than ``current``."""
+    return set(m.maps) != set(current.maps) or any(
+        not e.same_content(current.maps[n]) for n, e in m.maps.items()
     )
 
 

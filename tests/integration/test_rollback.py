@@ -292,6 +292,15 @@ def test_rollback_of_a_tampered_kept_manifest_is_refused(three: Cluster) -> None
     _refused(three, ["2"], 5, "signature does not verify with any trusted key")
 
 
+def test_a_default_rollback_to_a_tampered_previous_release_is_refused_not_skipped(
+    three: Cluster,
+) -> None:
+    # The previous release is the one the operator means; an older one is never taken instead.
+    path = kept(three) / "2" / MANIFEST
+    path.write_bytes(path.read_bytes().replace(b'"entries": ', b'"entries": 1', 1))
+    _refused(three, [], 5, "/releases/2/MANIFEST.json.sig: signature does not verify")
+
+
 def test_rollback_of_a_kept_release_with_an_extra_file_is_refused(three: Cluster) -> None:
     (kept(three) / "2" / "senders").write_text("x@example-1.org x\n")
     _refused(three, ["2"], 5, "unexpected file(s) not named by the manifest: senders")
