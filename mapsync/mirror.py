@@ -314,6 +314,8 @@ class _Channel:
                 )
                 continue
             pruned.append(old)
+        if pruned:
+            _log.info("old releases pruned", channel=self.name, serials=pruned, latest=serial)
         return pruned
 
     # -- copies ------------------------------------------------------------------------------
