@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import resource
@@ -52,6 +53,7 @@ from typing import Any
 
 from fanout import commit_account, cpu_seconds, nearest_rank
 
+from mapsync import log
 from mapsync.release import LATEST, MANIFEST, SIGNATURE, parse_latest, parse_manifest, release_dir
 from mapsync.transport import Remote
 from mapsync.transport.rsync import block_size
@@ -280,6 +282,47 @@ def node_pull(remote: Remote, where: Path, basis: Path) -> tuple[float, int]:
     return time.monotonic() - t0, wire
 
 
+class Children:
+    """Samples the daemon's connection children every 50 ms while running: the most at once,
+    and their RSS summed then (shared pages counted in each, so an upper bound)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.most = 0
+        self.rss_kib = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            count, rss = 0, 0
+            for entry in os.scandir("/proc"):
+                if not entry.name.isdigit():
+                    continue
+                try:
+                    with open(f"/proc/{entry.name}/stat") as f:
+                        ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                    if ppid != self.pid:
+                        continue
+                    with open(f"/proc/{entry.name}/status") as f:
+                        for line in f:
+                            if line.startswith("VmRSS:"):
+                                rss += int(line.split()[1])
+                    count += 1
+                except (OSError, ValueError, IndexError):
+                    continue
+            if count > self.most:
+                self.most, self.rss_kib = count, rss
+
+    def __enter__(self) -> Children:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def fan(mirror: Daemon, n: int, work: Path, job: str, basis: Path | None) -> Numbers:
     """``n`` simulated nodes at once; ``job``: poll (nothing changed) or pull (new release)."""
     nodes = []
@@ -299,7 +342,7 @@ def fan(mirror: Daemon, n: int, work: Path, job: str, basis: Path | None) -> Num
 
     cpu0, daemon0 = children_cpu(), settle(mirror)
     t0 = time.monotonic()
-    with ThreadPoolExecutor(n) as pool:
+    with Children(mirror.proc.pid) as children, ThreadPoolExecutor(n) as pool:
         results = list(pool.map(one, nodes))
     wall = time.monotonic() - t0
     daemon = settle(mirror) - daemon0
@@ -317,6 +360,8 @@ def fan(mirror: Daemon, n: int, work: Path, job: str, basis: Path | None) -> Num
         "daemon_cpu_ms_per_node": round(1000 * daemon / n, 1),
         "clients_cpu_s": round(children_cpu() - cpu0, 2),
         "bytes_per_node": round(sum(r[1] for r in results) / n),
+        "daemon_children_at_once": children.most,
+        "daemon_children_rss_mib": round(children.rss_kib / 1024, 1),
     }
 
 
@@ -351,6 +396,7 @@ def main() -> None:
     ap.add_argument("--dir", type=Path, help="work here and keep it (default: a temp dir)")
     ap.add_argument("--json", type=Path, help="also write every number to this file")
     args = ap.parse_args()
+    log.configure(logging.WARNING)  # the transport's debug lines are not the benchmark's output
     d = args.dir or Path(tempfile.mkdtemp(prefix="mapsync-mirror-bench."))
     d.mkdir(parents=True, exist_ok=True)
     results: Numbers = {
