@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -22,6 +23,7 @@ import pytest
 
 from tests.conftest import Cluster
 from tests.helpers.agent import add_account, lookup, tree_snapshot
+from tests.helpers.rsyncd import documented_rsyncd_conf, serving
 from tests.helpers.transport import RsyncDaemon
 
 
@@ -284,3 +286,56 @@ def test_mirror_interval_follows_the_publisher_and_stops_cleanly_on_sigterm(
     assert "mx: serial 2 is current" not in out  # the loop prints only what changed
     assert not (dest / "mx" / ".staging").exists()
     assert releases(dest / "mx") == [1, 2]
+
+
+SCALING_MD = Path(__file__).resolve().parents[2] / "docs" / "scaling.md"
+
+
+def test_the_documented_mirror_module_serves_the_repository_without_its_private_notes(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """docs/scaling.md's ``[mapsync-all]`` module under docs/security.md's global section,
+    with a password: the mirror copies every channel through it, and nothing of ``.private``
+    nor any other dot-file is served."""
+    cluster.publish()
+    assert (cluster.repo / ".private").is_dir()
+    blocks = re.findall(r"^```\n(.*?)^```$", SCALING_MD.read_text(), re.S | re.M)
+    (module,) = [b for b in blocks if b.startswith("[mapsync-all]")]
+    conf = documented_rsyncd_conf().split("\n[", 1)[0] + "\n" + module
+    daemon = tmp_path / "rsyncd"
+    daemon.mkdir()
+    (daemon / "secrets").write_text("mirror:mirror-secret\n")
+    (daemon / "secrets").chmod(0o600)
+    # Root and no chroot only because pytest's temporary directories are 0700 (as in
+    # test_documented_rsyncd); loopback stands in for the mirrors' addresses.
+    for doc, here in (("uid = nobody", "uid = root"), ("gid = nogroup", "gid = root"),
+                      ("use chroot = yes", "use chroot = no"),
+                      ("path = /srv/mapsync", f"path = {cluster.repo}"),
+                      ("/etc/rsyncd.secrets", str(daemon / "secrets")),
+                      ("hosts allow = 192.0.2.21 192.0.2.22 192.0.2.23 192.0.2.24",
+                       "hosts allow = 127.0.0.1")):  # fmt: skip
+        assert doc in conf, doc
+        conf = conf.replace(doc, here)
+    password = tmp_path / "mirror.password"
+    password.write_text("mirror-secret\n")
+    password.chmod(0o600)
+    dest = tmp_path / "mirror"
+    with serving(conf, daemon) as port:
+        url = f"rsync://mirror@127.0.0.1:{port}/mapsync-all"
+        p = mirror(cluster, url, dest, "--password-file", str(password))
+        assert p.returncode == 0, p.stderr
+        assert "mx: serial 1 mirrored, copied release 1" in p.stdout
+        listing = subprocess.run(
+            ["rsync", "-r", "--list-only", f"--password-file={password}", f"{url}/"],
+            capture_output=True,
+            text=True,
+        )
+        assert listing.returncode == 0, listing.stderr
+        names = [line.split()[-1] for line in listing.stdout.splitlines() if line.strip()]
+        assert "mx/releases/1/recipients" in names and "mx/LATEST" in names
+        hidden = [n for n in names if n != "." and any(p.startswith(".") for p in n.split("/"))]
+        assert hidden == [], hidden  # .private/, .lock, .publisher.json: never served
+        no_password = mirror(cluster, url, tmp_path / "other")
+        assert no_password.returncode == 2
+        assert "asks for a password" in no_password.stderr, no_password.stderr
+    assert sorted(x.name for x in dest.iterdir()) == [".lock", "mx"]
