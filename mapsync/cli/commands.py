@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -203,7 +204,10 @@ def cmd_mirror(args: argparse.Namespace) -> int:
     from mapsync.interval import run_every
     from mapsync.mirror import Mirror, MirrorFailed, mirror_channels
     from mapsync.signing import Keyring, load_public
+    from mapsync.transport.rsync import DEFAULT_SSH
 
+    if args.ssh is not None and not shlex.split(args.ssh):
+        raise ConfigError("mirror --ssh: an empty command")
     keys = None
     if args.trusted_key:
         keys = Keyring()
@@ -216,6 +220,7 @@ def cmd_mirror(args: argparse.Namespace) -> int:
         keys=keys,
         timeout=args.timeout,
         password_file=Path(args.password_file) if args.password_file else None,
+        ssh=tuple(shlex.split(args.ssh)) if args.ssh else DEFAULT_SSH,
     )
 
     def once(loop: bool = False) -> int:

@@ -198,6 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="password for an rsync:// SOURCE whose module has `auth users` (mode 0600)",
     )
     s.add_argument(
+        "--ssh",
+        metavar="COMMAND",
+        help="remote shell for an ssh:// SOURCE, split as a shell would (default "
+        "'ssh -o BatchMode=yes'), e.g. 'ssh -i /etc/mapsync/mirror.key'",
+    )
+    s.add_argument(
         "--timeout", type=int, default=300, metavar="SECONDS", help="rsync timeout (default 300)"
     )
     s.add_argument(

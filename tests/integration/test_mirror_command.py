@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -24,7 +25,7 @@ import pytest
 from tests.conftest import Cluster
 from tests.helpers.agent import add_account, lookup, tree_snapshot
 from tests.helpers.rsyncd import documented_rsyncd_conf, serving
-from tests.helpers.transport import RsyncDaemon
+from tests.helpers.transport import RsyncDaemon, sshd
 
 
 @pytest.fixture
@@ -339,3 +340,17 @@ def test_the_documented_mirror_module_serves_the_repository_without_its_private_
         assert no_password.returncode == 2
         assert "asks for a password" in no_password.stderr, no_password.stderr
     assert sorted(x.name for x in dest.iterdir()) == [".lock", "mx"]
+
+
+def test_a_mirror_copies_over_ssh(cluster: Cluster, tmp_path: Path) -> None:
+    cluster.publish()
+    dest = tmp_path / "mirror"
+    with sshd(tmp_path / "sshd") as server:
+        p = mirror(cluster, server.url(str(cluster.repo)), dest, "--ssh", shlex.join(server.ssh))
+        assert p.returncode == 0, p.stderr
+        assert p.stdout.startswith("mx: serial 1 mirrored, copied release 1; "), p.stdout
+        again = mirror(
+            cluster, server.url(str(cluster.repo)), dest, "--ssh", shlex.join(server.ssh)
+        )
+        assert again.stdout == "mx: serial 1 is current\n", again.stdout + again.stderr
+    assert (dest / "mx" / "LATEST").read_bytes() == (cluster.repo / "mx" / "LATEST").read_bytes()
