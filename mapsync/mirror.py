@@ -333,10 +333,29 @@ class _Channel:
         manifest = self._manifest(staging, serial, latest, where)
         largest = max((m.size for m in manifest.maps.values()), default=0)
         basis = self._basis(serial, here)
+        files = sorted(manifest.files())
         self.moved += self.remote.fetch_files(
-            name, sorted(manifest.files()), staging, basis, largest + 1, block_size(largest)
+            name, files, staging, basis, largest + 1, block_size(largest)
         )
         problem = self._check_files(staging, manifest, where)
+        if (
+            problem is not None
+            and basis is not None
+            and all((staging / f).is_file() for f in files)
+        ):
+            # rsync's quick check (size, mtime) trusts the basis: a file damaged on this disk
+            # would be linked into every later release. Once more without it.
+            _log.warning(
+                "copying again without the local delta basis",
+                channel=self.name,
+                serial=serial,
+                basis=str(basis),
+                problem=problem,
+            )
+            for f in files:
+                (staging / f).unlink()
+            self.moved += self.remote.fetch_files(name, files, staging, None, largest + 1)
+            problem = self._check_files(staging, manifest, where)
         if problem is not None:
             raise VerificationError(f"{problem}; nothing of release {serial} is served")
         releases = self.home / RELEASES

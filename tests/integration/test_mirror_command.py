@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from mapsync.release import MANIFEST, SIGNATURE
+from mapsync.signing import keygen, load_private, sign
 from tests.conftest import Cluster
 from tests.helpers.agent import add_account, lookup, tree_snapshot
 from tests.helpers.rsyncd import documented_rsyncd_conf, serving
@@ -354,3 +356,69 @@ def test_a_mirror_copies_over_ssh(cluster: Cluster, tmp_path: Path) -> None:
         )
         assert again.stdout == "mx: serial 1 is current\n", again.stdout + again.stderr
     assert (dest / "mx" / "LATEST").read_bytes() == (cluster.repo / "mx" / "LATEST").read_bytes()
+
+
+def test_trusted_key_refuses_a_foreign_signature_that_a_plain_mirror_copies(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """With --trusted-key the mirror refuses what the nodes would refuse; without it, it
+    copies it (the mirror is untrusted; the nodes verify)."""
+    cluster.publish()
+    forged = tmp_path / "forged"
+    subprocess.run(["rsync", "-a", f"{cluster.repo}/", f"{forged}/"], check=True)
+    keygen(tmp_path / "intruder.key")
+    release = forged / "mx" / "releases" / "1"
+    (release / SIGNATURE).write_bytes(
+        sign(load_private(tmp_path / "intruder.key"), (release / MANIFEST).read_bytes())
+    )
+    trusted = str(cluster.root / "keys" / "signing.pub")
+    p = mirror(cluster, forged, tmp_path / "checked", "--trusted-key", trusted)
+    assert p.returncode == 5, p.stdout + p.stderr
+    assert "MANIFEST.json.sig" in p.stderr, p.stderr
+    assert not (tmp_path / "checked" / "mx" / "LATEST").exists()
+    assert not (tmp_path / "checked" / "mx" / "releases" / "1").exists()
+    assert mirror(cluster, forged, tmp_path / "plain").returncode == 0
+
+
+def test_a_damaged_copy_of_the_served_release_is_copied_again(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    cluster.publish()
+    dest = tmp_path / "mirror"
+    assert mirror(cluster, cluster.repo, dest).returncode == 0
+    served = dest / "mx" / "releases" / "1" / "recipients"
+    served.write_bytes(served.read_bytes()[:-10])  # truncated on the mirror's disk
+    p = mirror(cluster, cluster.repo, dest)
+    assert p.returncode == 0, p.stderr
+    assert "mx: serial 1 mirrored (was 1), copied release 1" in p.stdout
+    assert "the copy here was damaged and is replaced" in p.stdout
+    original = cluster.repo / "mx" / "releases" / "1" / "recipients"
+    assert served.read_bytes() == original.read_bytes()
+    assert mirror(cluster, cluster.repo, dest).stdout == "mx: serial 1 is current\n"
+
+
+def test_a_file_damaged_on_the_mirror_is_not_linked_into_the_next_release(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """rsync's quick check trusts the delta basis (size and mtime): a map damaged on the
+    mirror's disk, same size and time, would be hard-linked into the next release. The copy is
+    checked, found altered, and fetched again without the basis."""
+    cluster.publish()
+    dest = tmp_path / "mirror"
+    assert mirror(cluster, cluster.repo, dest).returncode == 0
+    damaged = dest / "mx" / "releases" / "1" / "transport"
+    st = damaged.stat()
+    data = bytearray(damaged.read_bytes())
+    data[-2] ^= 0x01
+    damaged.write_bytes(bytes(data))
+    os.utime(damaged, ns=(st.st_atime_ns, st.st_mtime_ns))
+    publish_new(cluster, 1)  # a new account: transport is unchanged
+    assert (cluster.repo / "mx" / "releases" / "2" / "transport").stat().st_mtime_ns == (
+        st.st_mtime_ns
+    )
+    p = mirror(cluster, cluster.repo, dest)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "copying again without the local delta basis" in p.stderr
+    copy = dest / "mx" / "releases" / "2" / "transport"
+    assert copy.read_bytes() == (cluster.repo / "mx" / "releases" / "2" / "transport").read_bytes()
+    assert copy.stat().st_ino != damaged.stat().st_ino
