@@ -10,7 +10,8 @@ on loopback (the upstream), ``mapsync mirror`` copying it into a second director
 a second daemon (the mirror), and nodes pulling from the mirror:
 
 1. ``mapsync mirror``: the first copy, a run with nothing new, and a run copying one changed
-   release (wall time, bytes on the wire, CPU of the mirror process and its rsyncs).
+   release (wall time, bytes on the wire, CPU of the mirror process and its rsyncs); then
+   ``mirror --interval 2`` for 10 runs with nothing new (CPU per run without Python's start).
 2. A node's "nothing changed" poll: what ``mapsync pull`` asks the daemon when LATEST has not
    moved (one rsync of ``LATEST``), repeated --polls times one after another: the daemon's CPU
    per connection (its forked children, read from /proc as the daemon reaps them), the
@@ -194,6 +195,28 @@ def _words_before(text: str, phrase: str) -> list[str]:
         if phrase in line:
             out.append(line.split(phrase)[0].split()[-1])
     return out
+
+
+def mirror_loop(upstream: Daemon, dest: Path, interval: int = 2, runs: int = 10) -> Numbers:
+    """``mapsync mirror --interval`` with nothing new: CPU per run once Python has started
+    (the mirror's, its rsyncs included; the upstream daemon's)."""
+    argv = [sys.executable, "-m", "mapsync", "-q", "mirror", "--interval", str(interval)]
+    proc = subprocess.Popen([*argv, upstream.url(), str(dest)], stdout=subprocess.DEVNULL)
+    try:
+        time.sleep(interval * 1.5)  # started, and its first run done
+        cpu0, up0 = cpu_seconds(proc.pid), settle(upstream)
+        time.sleep(interval * runs - 0.3)
+        cpu, up = cpu_seconds(proc.pid) - cpu0, settle(upstream) - up0
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    return {
+        "interval_s": interval,
+        "runs": runs,
+        "mirror_cpu_ms_per_run": round(1000 * cpu / runs, 1),
+        "upstream_cpu_ms_per_run": round(1000 * up / runs, 1),
+        "exit_on_sigterm": proc.returncode,
+    }
 
 
 # -- a node's poll, and a node's pull -----------------------------------------------------------
@@ -447,6 +470,8 @@ def run_all(d: Path, args: argparse.Namespace, results: Numbers, daemons: list[D
     note("mirror: first copy, nothing new")
     results["mirror_first_copy"] = mirror_run(d, upstream, dest)
     results["mirror_nothing_new"] = mirror_run(d, upstream, dest)
+    note("mirror --interval 2, nothing new, 10 runs")
+    results["mirror_interval_nothing_new"] = mirror_loop(upstream, dest)
     mirror = Daemon(d / "rsyncd-mirror", dest, mirror_port)
     daemons.append(mirror)
     mapsync(config, "pull")  # the node has serial 1
