@@ -99,8 +99,10 @@ class Mirror:
         password_file: Path | None = None,
         ssh: tuple[str, ...] = DEFAULT_SSH,
     ) -> None:
-        if keep is not None and keep < 1:
-            raise ConfigError(f"mirror --keep: must be at least 1, not {keep}")
+        if keep is not None and keep < 2:
+            # As the publisher's `keep`: a node that read LATEST just before it moved must
+            # still find the release it named.
+            raise ConfigError(f"mirror --keep: must be at least 2, not {keep}")
         if "://" not in source:  # a path, relative to where the command runs
             source = os.path.abspath(source)
         self.remote = Remote(source, timeout, ssh, password_file, MODES)

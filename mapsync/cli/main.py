@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--keep",
         type=int,
         metavar="N",
-        help="releases kept per channel (default: those SOURCE has)",
+        help="releases kept per channel, at least 2 (default: those SOURCE has)",
     )
     s.add_argument(
         "--trusted-key",

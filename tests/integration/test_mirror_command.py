@@ -422,3 +422,11 @@ def test_a_file_damaged_on_the_mirror_is_not_linked_into_the_next_release(
     copy = dest / "mx" / "releases" / "2" / "transport"
     assert copy.read_bytes() == (cluster.repo / "mx" / "releases" / "2" / "transport").read_bytes()
     assert copy.stat().st_ino != damaged.stat().st_ino
+
+
+def test_keep_below_two_is_refused(cluster: Cluster, tmp_path: Path) -> None:
+    cluster.publish()
+    p = mirror(cluster, cluster.repo, tmp_path / "mirror", "--keep", "1")
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "mapsync: mirror --keep: must be at least 2, not 1" in p.stderr
+    assert not (tmp_path / "mirror").exists()
