@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mapsync import log
+from mapsync.access import check_owner
 from mapsync.atomic import atomic_write, commit_dir
 from mapsync.config import CHANNEL_NAME
 from mapsync.errors import ConfigError, MapsyncError, VerificationError
@@ -121,7 +122,9 @@ class Mirror:
 
     @contextlib.contextmanager
     def locked(self, wait: float = 10.0) -> Iterator[None]:
-        """Hold ``DEST/.lock`` (one mirror run, or publisher, at a time in DEST)."""
+        """Hold ``DEST/.lock`` (one mirror run, or publisher, at a time in DEST). DEST must be
+        this user's: a copy written as root could not be pruned by the ``mapsync`` user."""
+        check_owner(self.dest, "the mirror's copy")
         self.dest.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
         lock = self.dest / LOCK
         with waiting_lock(lock, wait, f"{self.dest}: another mirror run holds {lock}"):

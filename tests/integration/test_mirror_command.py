@@ -430,3 +430,16 @@ def test_keep_below_two_is_refused(cluster: Cluster, tmp_path: Path) -> None:
     assert p.returncode == 2, p.stdout + p.stderr
     assert "mapsync: mirror --keep: must be at least 2, not 1" in p.stderr
     assert not (tmp_path / "mirror").exists()
+
+
+def test_a_dest_another_user_owns_is_refused_before_anything_is_written(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    cluster.publish()
+    dest = tmp_path / "mirror"
+    dest.mkdir()
+    os.chown(dest, 65534, 65534)  # the mirror's user, say; mapsync runs as root here
+    p = mirror(cluster, cluster.repo, dest)
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert f"{dest}: the mirror's copy belongs to" in p.stderr and "nothing was written" in p.stderr
+    assert list(dest.iterdir()) == []
