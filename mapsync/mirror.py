@@ -134,6 +134,11 @@ class Mirror:
         """The channels SOURCE serves: its directories named like a channel (``.private``,
         ``.lock`` and anything else are not)."""
         listing = self.remote.list_dir("")
+        if LATEST in listing:
+            raise ConfigError(
+                f"{self.source}: holds a {LATEST}, so it is one channel's directory; give the "
+                "repository that holds the channel directories (docs/scaling.md: mapsync-all)"
+            )
         names = sorted(
             n for n, (kind, _) in listing.items() if kind == "d" and CHANNEL_NAME.match(n)
         )

@@ -248,6 +248,10 @@ def test_channel_mirrors_only_the_channels_named(cluster: Cluster, tmp_path: Pat
     assert "mx: serial 1 mirrored" in p.stdout and "relay: serial 1 is current" in p.stdout
     assert sorted(x.name for x in dest.iterdir()) == [".lock", "mx", "relay"]
 
+    p = mirror(cluster, cluster.repo / "mx", tmp_path / "wrong")  # a channel, not a repository
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert f"{cluster.repo / 'mx'}: holds a LATEST, so it is one channel's directory" in p.stderr
+
     p = mirror(cluster, cluster.repo, dest, "--channel", "nope")
     assert p.returncode == 2, p.stdout + p.stderr
     assert "mapsync: channel nope: rsync failed" in p.stderr
