@@ -39,7 +39,7 @@ from mapsync import log
 from mapsync.access import check_owner
 from mapsync.atomic import atomic_write, commit_dir
 from mapsync.config import CHANNEL_NAME
-from mapsync.errors import ConfigError, MapsyncError, VerificationError
+from mapsync.errors import ConfigError, MapsyncError, TransportError, VerificationError
 from mapsync.locks import waiting_lock
 from mapsync.release import (
     LATEST,
@@ -133,7 +133,10 @@ class Mirror:
     def channels(self) -> list[str]:
         """The channels SOURCE serves: its directories named like a channel (``.private``,
         ``.lock`` and anything else are not)."""
-        listing = self.remote.list_dir("")
+        try:
+            listing = self.remote.list_dir("")
+        except TransportError as exc:
+            raise TransportError(f"{self.source}: listing its channels: {exc}") from None
         if LATEST in listing:
             raise ConfigError(
                 f"{self.source}: holds a {LATEST}, so it is one channel's directory; give the "
