@@ -26,8 +26,9 @@ from mapsync.release import MANIFEST, SIGNATURE
 from mapsync.signing import keygen, load_private, sign
 from tests.conftest import Cluster
 from tests.helpers.agent import add_account, lookup, tree_snapshot
+from tests.helpers.processes import started, wait_for_children
 from tests.helpers.rsyncd import documented_rsyncd_conf, serving
-from tests.helpers.transport import RsyncDaemon, sshd
+from tests.helpers.transport import RsyncDaemon, SilentListener, sshd
 
 
 @pytest.fixture
@@ -447,3 +448,27 @@ def test_a_dest_another_user_owns_is_refused_before_anything_is_written(
     assert p.returncode == 2, p.stdout + p.stderr
     assert f"{dest}: the mirror's copy belongs to" in p.stderr and "nothing was written" in p.stderr
     assert list(dest.iterdir()) == []
+
+
+def test_sigterm_while_rsync_waits_on_the_source_ends_it_and_leaves_dest_as_it_was(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    cluster.publish()
+    dest = tmp_path / "mirror"
+    assert mirror(cluster, cluster.repo, dest).returncode == 0
+    before = tree_snapshot(dest)
+    with SilentListener() as silent:
+        url = f"rsync://127.0.0.1:{silent.port}/mapsync"
+        with started(cluster, "mirror", "--channel", "mx", url, str(dest)) as proc:
+            rsyncs = wait_for_children(proc, "rsync", 1)
+            signalled = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            out, err = proc.communicate(timeout=20)
+            took = time.monotonic() - signalled
+            left = [p for p in rsyncs if p.running()]
+    assert proc.returncode == 143, out + err
+    assert "Traceback" not in err
+    assert not left, f"rsync still running after mapsync exited: {left}"
+    assert took < 5
+    assert not (dest / "mx" / ".staging").exists()
+    assert tree_snapshot(dest) == before
