@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -195,6 +196,46 @@ def cmd_agent(args: argparse.Namespace) -> int:
         raise ConfigError(f"agent --interval: must be at least 1 second, not {args.interval}")
     # Runs until SIGTERM or SIGHUP ends the process with exit 128+n.
     run(agent, cfg.path, interval=args.interval, watch=args.watch)
+
+
+def cmd_mirror(args: argparse.Namespace) -> int:
+    """``mapsync mirror SOURCE DEST``: one pass (or one every ``--interval`` seconds)."""
+    from mapsync.cli.output import print_mirrored
+    from mapsync.interval import run_every
+    from mapsync.mirror import Mirror, MirrorFailed, mirror_channels
+    from mapsync.signing import Keyring, load_public
+    from mapsync.transport.rsync import DEFAULT_SSH
+
+    if args.ssh is not None and not shlex.split(args.ssh):
+        raise ConfigError("mirror --ssh: an empty command")
+    keys = None
+    if args.trusted_key:
+        keys = Keyring()
+        for path in args.trusted_key:
+            keys.add(load_public(Path(path)), Path(path))
+    m = Mirror(
+        args.source,
+        Path(args.dest),
+        keep=args.keep,
+        keys=keys,
+        timeout=args.timeout,
+        password_file=Path(args.password_file) if args.password_file else None,
+        ssh=tuple(shlex.split(args.ssh)) if args.ssh else DEFAULT_SSH,
+    )
+
+    def once(loop: bool = False) -> int:
+        done, failed = mirror_channels(m, args.channel)
+        print_mirrored([d for d in done if not loop or d.action != "current"])
+        sys.stdout.flush()
+        if failed:
+            raise MirrorFailed(failed)
+        return EXIT_OK
+
+    if args.interval is None:
+        return once()
+    if args.interval < 1:
+        raise ConfigError("mirror --interval: must be at least 1 (seconds)")
+    run_every(args.interval, lambda: once(loop=True), logger="mirror", what="mirror")
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -43,6 +42,7 @@ from mapsync.release import (
     parse_iso,
     parse_latest,
     parse_manifest,
+    serial_names,
     utcnow,
 )
 
@@ -51,30 +51,6 @@ CHECKED = "checked.json"
 # Where an earlier mapsync kept each note: in the channel directory, that nodes can reach.
 LEGACY = {CHECKED: ".checked", "pushed.json": ".pushed.json", "push.lock": ".push.lock"}
 _log = log.get("publisher")
-# A release directory's name: the serial in ASCII digits, as str(serial) writes it. Not
-# str.isdigit, which takes '٣' and '²' (int() refuses the second, and the first is not the
-# directory str(3) names), nor '007', which is not where release 7 lives.
-_SERIAL = re.compile(r"[1-9][0-9]{0,17}\Z")
-
-
-def serial_names(releases: Path) -> tuple[list[int], list[int], list[Path]]:
-    """The entries of a ``releases`` directory: (serials of release directories, oldest first;
-    serials taken by a non-directory; paths that are no release). Missing: all empty."""
-    try:
-        entries = list(os.scandir(releases))
-    except FileNotFoundError:
-        return [], [], []
-    except NotADirectoryError:
-        raise MapsyncError(f"{releases}: not a directory (it should hold the releases)") from None
-    good, taken, stray = [], [], []
-    for e in entries:
-        if _SERIAL.match(e.name):
-            if e.is_dir(follow_symlinks=False):
-                good.append(int(e.name))
-                continue
-            taken.append(int(e.name))
-        stray.append(releases / e.name)
-    return sorted(good), sorted(taken), sorted(stray)
 
 
 def release_serials(releases: Path) -> list[int]:

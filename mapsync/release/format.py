@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from mapsync.errors import MapsyncError, VerificationError
@@ -34,6 +36,38 @@ FILE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}\Z")
 def release_dir(serial: int) -> str:
     """Where release ``serial`` lives, relative to its channel directory."""
     return f"{RELEASES}/{serial}"
+
+
+# A release directory's name: the serial in ASCII digits, as str(serial) writes it. Not
+# str.isdigit, which takes '٣' and '²' (int() refuses the second, and the first is not the
+# directory str(3) names), nor '007', which is not where release 7 lives.
+SERIAL_NAME = re.compile(r"[1-9][0-9]{0,17}\Z")
+
+
+def is_serial_name(name: str) -> bool:
+    """Whether ``name`` is what :func:`release_dir` names a release directory (``12``, not
+    ``012``)."""
+    return SERIAL_NAME.match(name) is not None
+
+
+def serial_names(releases: Path) -> tuple[list[int], list[int], list[Path]]:
+    """The entries of a ``releases`` directory: (serials of release directories, oldest first;
+    serials taken by a non-directory; paths that are no release). Missing: all empty."""
+    try:
+        entries = list(os.scandir(releases))
+    except FileNotFoundError:
+        return [], [], []
+    except NotADirectoryError:
+        raise MapsyncError(f"{releases}: not a directory (it should hold the releases)") from None
+    good, taken, stray = [], [], []
+    for e in entries:
+        if is_serial_name(e.name):
+            if e.is_dir(follow_symlinks=False):
+                good.append(int(e.name))
+                continue
+            taken.append(int(e.name))
+        stray.append(releases / e.name)
+    return sorted(good), sorted(taken), sorted(stray)
 
 
 def utcnow() -> datetime:

@@ -231,8 +231,10 @@ class Remote:
         timeout: int = 300,
         ssh: tuple[str, ...] = DEFAULT_SSH,
         password_file: Path | None = None,
+        modes: str = "D700,F600",
     ) -> None:
         self.source = source
+        self.modes = modes  # rsync --chmod of what lands: private on a node, 755/644 on a mirror
         self.endpoint = parse_source(source, ssh)
         self.timeout = timeout
         if password_file is not None:
@@ -252,7 +254,7 @@ class Remote:
             # equal size (the signature always) that whole seconds cannot tell apart.
             "--modify-window=-1",
             "--perms",
-            "--chmod=D700,F600",
+            f"--chmod={self.modes}",
             "--compress",
             "--stats",
             f"--max-size={max_size}",

@@ -231,3 +231,19 @@ def test_key_id_is_short_and_stable() -> None:
 )
 def test_public_path(private: str, public: str) -> None:
     assert public_path(Path(private)) == Path(public)
+
+
+def test_serial_names_tell_release_directories_from_everything_else(tmp_path: Path) -> None:
+    from mapsync.release import is_serial_name, serial_names
+
+    assert [n for n in ("1", "12", "012", "0", "²", "٣", "1.tmp", "") if is_serial_name(n)] == [
+        "1",
+        "12",
+    ]
+    for name in ("3", "12", "007", "notes"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "5").write_text("a file named like a serial")
+    good, taken, stray = serial_names(tmp_path)
+    assert good == [3, 12] and taken == [5]
+    assert sorted(p.name for p in stray) == ["007", "5", "notes"]
+    assert serial_names(tmp_path / "missing") == ([], [], [])
