@@ -354,7 +354,7 @@ class Publisher:
         """Give ``source`` the maps of the operator's own that ``selected`` list and that live
         in its database; a source of each second ``database`` for the others. A map no
         selected channel lists is never read (a secret one least of all)."""
-        from mapsync.sources.maps import MapDatabase
+        from mapsync.sources.mapdatabase import MapDatabase
 
         listed = dict.fromkeys(m for ch in selected for m in ch.maps)
         wanted = [self.cfg.maps[m] for m in listed if m in self.cfg.maps]

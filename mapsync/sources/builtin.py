@@ -46,6 +46,7 @@ from mapsync.snapshot import (
     Snapshot,
     paused_gc,
 )
+from mapsync.sources import maps
 from mapsync.sources import schema as t
 from mapsync.sources.base import Source
 
@@ -370,8 +371,6 @@ class BuiltinSource(Source):
                     _begin(conn)
                     snap = self._read(conn)
                     if self.maps:  # the operator's own maps: the same instant
-                        from mapsync.sources import maps
-
                         maps.read_all(conn, self, snap)
                     return snap
         except SQLAlchemyError as exc:
@@ -381,8 +380,6 @@ class BuiltinSource(Source):
         """What tells a change in each map of ``maps``, read in one read-only transaction."""
         if not self.maps:
             return {}
-        from mapsync.sources import maps
-
         what = "reading the change fingerprint of [publisher.maps]"
         try:
             with _slow(what, self.safe_url, self.statement_timeout), self.engine.connect() as raw:
