@@ -48,6 +48,7 @@ from mapsync.release import (
     check_manifest_size,
     iso,
     parse_iso,
+    same_maps,
     utcnow,
 )
 from mapsync.release.verify import verify_release
@@ -636,11 +637,7 @@ class Publisher:
             plan.maps.append(MapPlan(name, gone, 0, 0, gone, 0, dropped=True))
 
         now = utcnow()
-        same_set = (
-            last is not None
-            and set(last.maps) == set(entries)
-            and all(entries[n].same_content(last.maps[n]) for n in entries)
-        )
+        same_set = last is not None and same_maps(entries, last.maps)
         if same_set:
             assert last is not None
             if (

@@ -44,6 +44,7 @@ from mapsync.release.format import (
     parse_latest,
     parse_manifest,
     release_dir,
+    same_maps,
     utcnow,
 )
 
@@ -76,6 +77,7 @@ __all__ = [
     "parse_latest",
     "parse_manifest",
     "release_dir",
+    "same_maps",
     "separator",
     "utcnow",
 ]
