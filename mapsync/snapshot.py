@@ -10,7 +10,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -40,6 +40,23 @@ class Domain(NamedTuple):
     relay_nexthop: str | None
     status: str  # active | suspended | disabled (customer status already folded in)
     customer_id: int | None = None  # whose domain it is (see Snapshot.customers)
+
+
+def live_domains(domains: Iterable[Domain]) -> dict[int, Domain]:
+    """The domains that are not disabled, by id, in their order: what the maps serve and what
+    validation resolves addresses in (maps and validation share this one definition)."""
+    return {d.id: d for d in domains if d.status != "disabled"}
+
+
+def alias_domains(live: Mapping[int, Domain]) -> dict[int, list[Domain]]:
+    """The alias domains of ``live`` (see :func:`live_domains`) by the id of the live domain
+    they point at, in their order; one whose target is disabled or unknown resolves nowhere."""
+    out: dict[int, list[Domain]] = {}
+    for d in live.values():
+        target = d.target_domain_id
+        if d.kind == "alias" and target is not None and target in live:
+            out.setdefault(target, []).append(d)
+    return out
 
 
 class Account(NamedTuple):
