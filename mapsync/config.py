@@ -163,6 +163,8 @@ class MapConfig:
 
 @dataclass(frozen=True)
 class PublisherConfig:
+    """The ``[publisher]`` section: database, repository, signing key, guards, channels and maps."""
+
     database: str
     repository: Path
     signing_key: Path
@@ -222,6 +224,8 @@ class AgentChannel:
 
 @dataclass(frozen=True)
 class AgentConfig:
+    """The ``[agent]`` section: state directory, trusted keys, channels and poll timing."""
+
     state: Path
     trusted_keys: tuple[Path, ...]
     channels: dict[str, AgentChannel] = field(default_factory=dict)
@@ -241,16 +245,20 @@ class AgentConfig:
 
 @dataclass(frozen=True)
 class Config:
+    """A loaded configuration file: its path and the sections it has."""
+
     path: Path
     publisher: PublisherConfig | None = None
     agent: AgentConfig | None = None
 
     def need_publisher(self) -> PublisherConfig:
+        """The ``[publisher]`` section; ConfigError naming the file when it has none."""
         if self.publisher is None:
             raise ConfigError(f"{self.path}: this command needs a [publisher] section")
         return self.publisher
 
     def need_agent(self) -> AgentConfig:
+        """The ``[agent]`` section; ConfigError naming the file when it has none."""
         if self.agent is None:
             raise ConfigError(f"{self.path}: this command needs an [agent] section")
         return self.agent

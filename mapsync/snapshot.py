@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 
 
 class Mailstore(NamedTuple):
+    """A mailstore (Dovecot backend): where LMTP delivers and IMAP is served."""
+
     id: int
     name: str
     lmtp_host: str
@@ -31,6 +33,8 @@ class Mailstore(NamedTuple):
 
 
 class Domain(NamedTuple):
+    """A domain row: hosted (has mailboxes), alias (of a hosted domain) or relay (passed on)."""
+
     id: int
     name: str  # lowercase A-label
     name_unicode: str | None
@@ -60,6 +64,8 @@ def alias_domains(live: Mapping[int, Domain]) -> dict[int, list[Domain]]:
 
 
 class Account(NamedTuple):
+    """A mailbox: its domain, local part, mailstore (None: the domain's default), state and login data."""
+
     id: int
     domain_id: int
     local_part: str
@@ -87,6 +93,8 @@ class SenderGrant(NamedTuple):
 
 
 class Alias(NamedTuple):
+    """An address that forwards to ``targets`` (a catch-all when ``local_part`` is empty)."""
+
     id: int
     domain_id: int
     local_part: str  # '' = catch-all

@@ -88,6 +88,7 @@ class Directory:
         return locals_
 
     def of_kind(self, kind: str) -> list[Domain]:
+        """The live domains of ``kind`` (hosted, alias or relay), in snapshot order."""
         return [d for d in self.domains.values() if d.kind == kind]
 
     @staticmethod
@@ -98,11 +99,13 @@ class Directory:
         return (d.name,)
 
     def store_of(self, account: Account) -> Mailstore:
+        """The mailstore ``account`` lives on: its own, else its domain's default."""
         d = self.domains[account.domain_id]
         store_id = account.mailstore_id or d.default_mailstore_id
         assert store_id is not None  # guaranteed by validate.check
         return self.stores[store_id]
 
     def default_store(self, d: Domain) -> Mailstore:
+        """The default mailstore of hosted domain ``d``."""
         assert d.default_mailstore_id is not None
         return self.stores[d.default_mailstore_id]

@@ -84,6 +84,7 @@ class PublishResult:
 
     @property
     def pending(self) -> bool:
+        """Whether any channel has a release to write (a dry run then exits 1)."""
         return any(p.pending for p in self.plans)
 
 

@@ -169,6 +169,7 @@ class Latest:
     manifest_sha256: str
 
     def to_bytes(self) -> bytes:
+        """The exact bytes of the ``LATEST`` file."""
         return (json.dumps(asdict(self), sort_keys=True) + "\n").encode()
 
 

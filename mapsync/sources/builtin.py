@@ -344,6 +344,8 @@ class BuiltinSource(Source):
         return SourceError(f"database {self.safe_url}: {what} failed: {redact(detail, self.url)}")
 
     def fingerprint(self, secrets: bool = False) -> Fingerprint:
+        """Row count and newest ``updated_at`` per table, and the aliases expired by now, read
+        in one short transaction."""
         what = "reading the change fingerprint"
         try:
             with (
@@ -636,6 +638,7 @@ class BuiltinSource(Source):
             raise SourceError(f"{lost} (another session may hold it now); not committing")
 
     def close(self) -> None:
+        """Close the engine's pooled connections."""
         self.engine.dispose()
 
 

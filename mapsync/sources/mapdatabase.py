@@ -36,6 +36,7 @@ class MapDatabase(BuiltinSource):
         event.listen(self.engine, "do_connect", self._connect_args)
 
     def fingerprint(self, secrets: bool = False) -> Fingerprint:
+        """The fingerprints of its maps only: the database has no tables of mapsync's."""
         return Fingerprint(self.maps_fingerprint())
 
     def _read(self, conn: Connection) -> Snapshot:
