@@ -14,9 +14,8 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
-from urllib.parse import urlsplit
 
-from mapsync import log
+from mapsync import location, log
 from mapsync.errors import ConfigError
 from mapsync.release import BUILTIN_MAPS, SEPARATORS, MapSpec
 
@@ -767,19 +766,16 @@ def _known_maps(section: Section, maps: tuple[str, ...]) -> tuple[str, ...]:
     return maps
 
 
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-
-
 def _location(section: Section, key: str, value: str) -> str:
     """A channel source or push destination: a path (relative to the config file),
     ``file://``, ``rsync://`` or ``ssh://``; any other URL is refused, naming the key."""
-    if _URL.match(value):
+    if location.URL.match(value):
         if not value.startswith(("rsync://", "ssh://", "file://")):
             # Not a relative path named "http:": an unsupported URL.
             raise ConfigError(
                 f"{section.where(key)}: unsupported URL {value!r} (use a path, file://, rsync:// or ssh://)"
             )
-        url = _normal_url(value)
+        url = location.normal(value)
         if url.startswith("file://"):
             _check_kind(section.where(key), Path(url[len("file://") :]), "dir")
         return url
@@ -795,9 +791,10 @@ def _refuse_shared_remote_inboxes(path: Path, channels: dict[str, PublisherChann
     seen: list[tuple[str, str, PurePosixPath, str]] = []  # channel, host part, path, url
     for ch in channels.values():
         for url in ch.push:
-            if _local(url) is not None:
+            parsed = location.parse(url)
+            if parsed.local is not None:
                 continue
-            host, rest = _place(url)
+            host, rest = parsed.place
             here = PurePosixPath("/" + rest)
             for other, other_host, there, other_url in seen:
                 if host == other_host and (
@@ -811,47 +808,12 @@ def _refuse_shared_remote_inboxes(path: Path, channels: dict[str, PublisherChann
             seen.append((ch.name, host, here, url))
 
 
-_DEFAULT_PORTS = {"rsync": 873, "ssh": 22}
-
-
-def _place(url: str) -> tuple[str, str]:
-    """(host, path) of a remote location, the host as the network sees it: case folded,
-    with its default port, without the user (``ssh://a@H.example:22/x`` and ``ssh://h.example/x``
-    are one place)."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:  # a malformed URL (``[::1`` unclosed): refused, naming it, by the transport
-        return url, ""
-    try:
-        port = parts.port or _DEFAULT_PORTS.get(parts.scheme)
-    except ValueError:
-        port = None
-    return f"{parts.scheme}://{(parts.hostname or '').lower()}:{port}", parts.path.lstrip("/")
-
-
-def _normal_url(url: str) -> str:
-    """One spelling per location: ``rsync://h/m/mx/./`` → ``rsync://h/m/mx``. Only the path
-    is touched (empty and ``.`` segments); the host part, with any ``[IPv6]``, is kept as written."""
-    scheme, rest = url.split("://", 1)
-    host, slash, path = rest.partition("/")
-    if not slash:
-        return url
-    segments = [s for s in path.split("/") if s not in ("", ".")]
-    return f"{scheme}://{host}/" + "/".join(segments)
-
-
-def _local(location: str) -> Path | None:
-    """The directory a normalised location names on this machine, if it is local."""
-    if location.startswith("file://"):
-        return Path(location[len("file://") :])
-    return None if _URL.match(location) else Path(location)
-
-
 def _distinct(section: Section, key: str, values: tuple[str, ...], what: str) -> None:
     """Refuse a location listed twice, however it is spelled (the values are normalised)."""
     seen: set[tuple[str, str]] = set()
     for v in values:
-        place = _place(v) if _local(v) is None else ("", v)
+        parsed = location.parse(v)
+        place = parsed.place if parsed.local is None else ("", v)
         if place in seen:
             raise ConfigError(f"{section.where(key)}: {what} is listed twice ({v})")
         seen.add(place)
@@ -941,7 +903,9 @@ def _agent(path: Path, data: Any) -> AgentConfig:
             )
         if "password_file" in cs.data:
             for url in sources:
-                if url.startswith("rsync://") and not urlsplit(url).username:
+                parsed = location.parse(url)
+                # A URL that does not parse is refused, naming it, by the transport.
+                if url.startswith("rsync://") and parsed.split and not parsed.username:
                     # Found now, not when a failover first reaches this mirror in an outage.
                     raise ConfigError(
                         f"{cs.where('source')}: {url!r} names no user, but the channel has a "
@@ -1041,7 +1005,7 @@ def _areas(publisher: PublisherConfig | None, agent: AgentConfig | None) -> list
         areas.append(_Area("[publisher] repository", "repository", publisher.repository))
         for pc in publisher.channels.values():
             for dest in pc.push:
-                if (local := _local(dest)) is not None:
+                if (local := location.parse(dest).local) is not None:
                     areas.append(
                         _Area(f"[publisher.channels.{pc.name}] push", "push", local, pc.name)
                     )
@@ -1051,7 +1015,7 @@ def _areas(publisher: PublisherConfig | None, agent: AgentConfig | None) -> list
         for ch in agent.channels.values():
             where = f"[agent.channels.{ch.name}]"
             for src in ch.sources:
-                if (local := _local(src)) is not None:
+                if (local := location.parse(src).local) is not None:
                     areas.append(_Area(f"{where} source", "source", local, ch.name))
             areas.append(_Area(f"{where} target", "target", ch.target, ch.name))
             if ch.inbox is not None:
@@ -1116,10 +1080,10 @@ def unauthenticated_rsync(ch: AgentChannel, source: str) -> bool:
     password: anyone who reaches its port can copy what it serves."""
     if not source.startswith("rsync://"):
         return False
-    try:
-        user = urlsplit(source).username
-    except ValueError:  # malformed: the transport refuses it, naming it
+    parsed = location.parse(source)
+    if not parsed.split:  # malformed: the transport refuses it, naming it
         return False
+    user = parsed.username
     return not (user and (ch.password_file is not None or "RSYNC_PASSWORD" in os.environ))
 
 
