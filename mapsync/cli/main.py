@@ -393,6 +393,8 @@ def _unexpected(exc: Exception, fmt: str, verbose: bool) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command ``argv`` names; return its exit code (an error as one line with its
+    class's exit code, a signal as 128+n)."""
     args = build_parser().parse_args(argv)
     fmt = args.log_format or ("json" if os.environ.get("JOURNAL_STREAM") else "console")
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO

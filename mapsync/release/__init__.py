@@ -46,6 +46,7 @@ from mapsync.release.format import (
     parse_latest,
     parse_manifest,
     release_dir,
+    same_maps,
     serial_names,
     utcnow,
 )
@@ -81,6 +82,7 @@ __all__ = [
     "parse_latest",
     "parse_manifest",
     "release_dir",
+    "same_maps",
     "separator",
     "serial_names",
     "utcnow",

@@ -14,7 +14,8 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -132,6 +133,21 @@ class MapEntry:
         )
 
 
+def same_maps(
+    a: Mapping[str, MapEntry], b: Mapping[str, MapEntry], *, identical: bool = False
+) -> bool:
+    """Whether the maps ``a`` and ``b`` of two releases serve the same: the same map names,
+    each with the same content (:meth:`MapEntry.same_content`). With ``identical``, also the
+    same files byte for byte (entries equal but for ``forced``), as a renewal that keeps the
+    live files needs. (A publisher ships an unchanged map's previous file, so the releases it
+    renews are identical.)"""
+    if set(a) != set(b):
+        return False
+    if identical:
+        return all(b[n] == replace(e, forced=b[n].forced) for n, e in a.items())
+    return all(e.same_content(b[n]) for n, e in a.items())
+
+
 @dataclass(frozen=True)
 class Manifest:
     """What one release of a channel holds (MANIFEST.json): its serial, expiry, source and
@@ -169,6 +185,11 @@ class Manifest:
         """``expires`` as a time: nothing installs the release from then on."""
         return parse_iso(self.expires)
 
+    def expired(self, now: datetime | None = None) -> bool:
+        """Whether the release has expired at ``now`` (default: this instant), so nothing
+        installs it."""
+        return self.expires_at() <= (now if now is not None else datetime.now(UTC))
+
     def created_at(self) -> datetime:
         """``created`` as a time."""
         return parse_iso(self.created)
@@ -182,6 +203,7 @@ class Latest:
     manifest_sha256: str
 
     def to_bytes(self) -> bytes:
+        """The exact bytes of the ``LATEST`` file."""
         return (json.dumps(asdict(self), sort_keys=True) + "\n").encode()
 
 

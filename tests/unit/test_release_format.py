@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from mapsync.errors import VerificationError
 from mapsync.release import (
     CdbInfo,
+    CustomInfo,
     Latest,
     Manifest,
     MapEntry,
@@ -24,6 +25,7 @@ from mapsync.release import (
     parse_iso,
     parse_latest,
     parse_manifest,
+    same_maps,
 )
 from mapsync.signing import Keyring, key_id, public_path, sign, verify
 
@@ -142,6 +144,33 @@ def test_bad_map_name_is_refused() -> None:
     obj["maps"]["../x"] = obj["maps"].pop("domains")
     with pytest.raises(VerificationError, match="bad map entry"):
         parse_manifest(json.dumps(obj).encode(), "m")
+
+
+def test_same_maps_is_same_names_and_content_and_identical_is_same_files() -> None:
+    maps = manifest().maps
+    assert same_maps(maps, dict(maps))
+    # A renewal: the previous entries again, forced cleared.
+    renewed = {n: replace(e, forced=False) for n, e in maps.items()}
+    assert same_maps(renewed, maps, identical=True)
+    # Same lines in another file (another header): same content, not identical files.
+    reheaded = {**maps, "domains": replace(maps["domains"], sha256=H1, size=51)}
+    assert same_maps(reheaded, maps)
+    assert not same_maps(reheaded, maps, identical=True)
+    # Other lines, a map more or less, a cdb switched off, a separator changed: not the same.
+    assert not same_maps({**maps, "domains": replace(maps["domains"], content_sha256=H1)}, maps)
+    assert not same_maps({"recipients": maps["recipients"]}, maps)
+    assert not same_maps(maps, {"recipients": maps["recipients"]})
+    assert not same_maps({**maps, "recipients": replace(maps["recipients"], cdb=None)}, maps)
+    custom = {**maps, "domains": replace(maps["domains"], custom=CustomInfo(":"))}
+    assert not same_maps(custom, {**maps, "domains": replace(maps["domains"], custom=CustomInfo())})
+
+
+def test_a_manifest_expires_at_its_expires_time() -> None:
+    m = manifest(expires="2026-01-08T00:00:00Z")
+    assert not m.expired(datetime(2026, 1, 7, 23, 59, 59, tzinfo=UTC))
+    assert m.expired(datetime(2026, 1, 8, tzinfo=UTC))
+    assert m.expired()  # now: long after 2026-01-08
+    assert not manifest(expires="2999-01-01T00:00:00Z").expired()
 
 
 def test_latest_round_trip_and_refusals() -> None:
