@@ -14,9 +14,8 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
-from urllib.parse import urlsplit
 
-from mapsync import log
+from mapsync import location, log
 from mapsync.errors import ConfigError
 from mapsync.release import BUILTIN_MAPS, SEPARATORS, MapSpec
 
@@ -163,6 +162,8 @@ class MapConfig:
 
 @dataclass(frozen=True)
 class PublisherConfig:
+    """The ``[publisher]`` section: database, repository, signing key, guards, channels and maps."""
+
     database: str
     repository: Path
     signing_key: Path
@@ -222,6 +223,8 @@ class AgentChannel:
 
 @dataclass(frozen=True)
 class AgentConfig:
+    """The ``[agent]`` section: state directory, trusted keys, channels and poll timing."""
+
     state: Path
     trusted_keys: tuple[Path, ...]
     channels: dict[str, AgentChannel] = field(default_factory=dict)
@@ -241,16 +244,20 @@ class AgentConfig:
 
 @dataclass(frozen=True)
 class Config:
+    """A loaded configuration file: its path and the sections it has."""
+
     path: Path
     publisher: PublisherConfig | None = None
     agent: AgentConfig | None = None
 
     def need_publisher(self) -> PublisherConfig:
+        """The ``[publisher]`` section; ConfigError naming the file when it has none."""
         if self.publisher is None:
             raise ConfigError(f"{self.path}: this command needs a [publisher] section")
         return self.publisher
 
     def need_agent(self) -> AgentConfig:
+        """The ``[agent]`` section; ConfigError naming the file when it has none."""
         if self.agent is None:
             raise ConfigError(f"{self.path}: this command needs an [agent] section")
         return self.agent
@@ -272,8 +279,10 @@ def parse_percent(text: str) -> float:
     return float(m.group(1)) / 100
 
 
-class _Section:
-    """Typed access to one TOML table that remembers its dotted name for error messages."""
+class Section:
+    """Typed access to one TOML table that remembers its file and dotted name for error
+    messages. Every table's keys are checked by :meth:`allow` (the configuration docs test
+    records those calls to compare the accepted keys with docs/configuration.md)."""
 
     def __init__(self, path: Path, name: str, data: Any) -> None:
         if not isinstance(data, dict):
@@ -281,9 +290,11 @@ class _Section:
         self.path, self.name, self.data = path, name, data
 
     def where(self, key: str) -> str:
+        """``FILE: [section] key``: where an error message says the problem is."""
         return f"{self.path}: [{self.name}] {key}"
 
     def allow(self, *keys: str) -> None:
+        """Refuse a key of the table that is not one of ``keys``, naming it and the known ones."""
         for key in self.data:
             if key not in keys:
                 raise ConfigError(
@@ -301,18 +312,21 @@ class _Section:
         return value
 
     def text(self, key: str, default: Any = None) -> Any:
+        """A non-empty string (``default`` when absent; an error if the key is required)."""
         value = self._get(key, str, default, "a string")
         if isinstance(value, str) and not value:
             raise ConfigError(f"{self.where(key)}: must not be empty")
         return value
 
     def integer(self, key: str, default: Any, minimum: int = 0) -> Any:
+        """An integer of at least ``minimum`` (``default`` when absent)."""
         value = self._get(key, int, default, "an integer")
         if value is not None and value < minimum:
             raise ConfigError(f"{self.where(key)}: must be at least {minimum}, not {value}")
         return value
 
     def strlist(self, key: str, default: Any = ()) -> tuple[str, ...]:
+        """A list of non-empty strings, as a tuple (``default`` when absent)."""
         value = self._get(key, list, _Missing if default is _REQUIRED else default, "a list")
         if value is _Missing:
             raise ConfigError(f"{self.where(key)}: missing (required)")
@@ -321,6 +335,7 @@ class _Section:
         return tuple(value)
 
     def duration(self, key: str, default: int, minimum: int = 0) -> int:
+        """A duration string (``"15m"``) in seconds, at least ``minimum`` (``default`` when absent)."""
         value = self._get(key, str, None, "a duration string like '15m'")
         if value is None:
             return default
@@ -335,6 +350,7 @@ class _Section:
         return seconds
 
     def percent(self, key: str, default: float) -> float:
+        """A percentage string (``"10%"``) as a fraction (``default`` when absent)."""
         value = self._get(key, str, None, "a percentage string like '10%'")
         if value is None:
             return default
@@ -344,6 +360,7 @@ class _Section:
             raise ConfigError(f"{self.where(key)}: {exc}") from None
 
     def table(self, key: str) -> dict[str, Any]:
+        """A sub-table as a dict (empty when absent)."""
         value = self._get(key, dict, {}, "a table")
         return dict(value)
 
@@ -360,11 +377,11 @@ def _spell(seconds: int) -> str:
     return f"{seconds}s"
 
 
-def _timeout(section: _Section, key: str, default: int) -> int:
+def _timeout(section: Section, key: str, default: int) -> int:
     return section.duration(key, default, minimum=1)
 
 
-def _argv(section: _Section, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
+def _argv(section: Section, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
     """A command that must name a program (``ssh``): an empty list would run nothing."""
     argv = section.strlist(key, default)
     if not argv:
@@ -372,7 +389,7 @@ def _argv(section: _Section, key: str, default: tuple[str, ...]) -> tuple[str, .
     return argv
 
 
-def _path(section: _Section, key: str, default: Any = _REQUIRED, *, kind: str = "dir") -> Path:
+def _path(section: Section, key: str, default: Any = _REQUIRED, *, kind: str = "dir") -> Path:
     value = section.text(key, default)
     p = Path(value)
     if not p.is_absolute():
@@ -427,7 +444,7 @@ def _check_kind(where: str, p: Path, kind: str) -> None:
         return
 
 
-def _guards(section: _Section, base: Guards) -> Guards:
+def _guards(section: Section, base: Guards) -> Guards:
     section.allow("min_entries", "max_shrink", "max_growth", "max_change")
     return Guards(
         min_entries=section.integer("min_entries", base.min_entries),
@@ -444,7 +461,7 @@ def exception_guards(base: Guards) -> Guards:
 
 
 def _publisher(path: Path, data: Any) -> PublisherConfig:
-    s = _Section(path, "publisher", data)
+    s = Section(path, "publisher", data)
     s.allow(
         "database",
         "schema",
@@ -475,7 +492,7 @@ def _publisher(path: Path, data: Any) -> PublisherConfig:
     guards_data = s.table("guards")
     per_map = {k: v for k, v in guards_data.items() if isinstance(v, dict)}
     base = _guards(
-        _Section(
+        Section(
             path, "publisher.guards", {k: v for k, v in guards_data.items() if k not in per_map}
         ),
         Guards(),
@@ -487,13 +504,13 @@ def _publisher(path: Path, data: Any) -> PublisherConfig:
         # A list of exceptions (dovecot_deny) starts from its own defaults: MapSpec.exceptions.
         spec = BUILTIN_MAPS.get(name)  # None: a map of the operator's own
         start = exception_guards(base) if spec is not None and spec.exceptions else base
-        map_guards[name] = _guards(_Section(path, f"publisher.guards.{name}", sub), start)
+        map_guards[name] = _guards(Section(path, f"publisher.guards.{name}", sub), start)
 
     channels = {}
     for name, sub in s.table("channels").items():
         where = f"publisher.channels.{name}"
         _check_name(path, where, name, "channel")
-        cs = _Section(path, where, sub)
+        cs = Section(path, where, sub)
         cs.allow("maps", "mailstore", "push", "uid", "gid", "customer_field")
         maps = cs.strlist("maps", _REQUIRED)
         if not maps:
@@ -554,7 +571,7 @@ _RESERVED_FIELDS = frozenset(
 )
 
 
-def _customer_field(cs: _Section, maps: tuple[str, ...]) -> str | None:
+def _customer_field(cs: Section, maps: tuple[str, ...]) -> str | None:
     """``customer_field``: the userdb field name for the customer id (dovecot_users only)."""
     name: str | None = cs.text("customer_field")
     if name is None:
@@ -585,7 +602,7 @@ def _own_maps(path: Path, data: dict[str, Any]) -> dict[str, MapConfig]:
             raise ConfigError(
                 f"{path}: [{where}]: {name!r} is a built-in map; give yours another name"
             )
-        ms = _Section(path, where, sub)
+        ms = Section(path, where, sub)
         ms.allow(
             "query", "separator", "cdb", "keys", "secret", "database", "fingerprint", "description"
         )
@@ -614,7 +631,7 @@ def _own_maps(path: Path, data: dict[str, Any]) -> dict[str, MapConfig]:
     return out
 
 
-def _query(section: _Section, key: str, default: Any) -> Any:
+def _query(section: Section, key: str, default: Any) -> Any:
     value = section.text(key, default)
     if value is not None and not value.strip():
         raise ConfigError(f"{section.where(key)}: must not be blank")
@@ -627,7 +644,7 @@ _TABLE_NAME = re.compile(r"^[A-Za-z0-9_]{1,64}\Z")
 
 def _postfixadmin(path: Path, data: dict[str, Any]) -> PostfixAdminConfig:
     """``[publisher.postfixadmin]``; read whatever the schema, so a typo is found before a switch."""
-    s = _Section(path, "publisher.postfixadmin", data)
+    s = Section(path, "publisher.postfixadmin", data)
     s.allow(
         "prefix",
         "domain_table",
@@ -684,7 +701,7 @@ def _mailstores(path: Path, section: str, data: dict[str, Any]) -> dict[str, Pos
     for name, sub in data.items():
         where = f"{section}.mailstores.{name}"
         _check_name(path, where, name, "mailstore")
-        ms = _Section(path, where, sub)
+        ms = Section(path, where, sub)
         ms.allow("lmtp_host", "lmtp_port", "imap_host", "imap_port", "domains")
         stores[name] = PostfixAdminMailstore(
             name=name,
@@ -704,7 +721,7 @@ _SELECT = re.compile(r"^\s*(?:SELECT|WITH)\b", re.IGNORECASE)
 
 def _sql(path: Path, data: dict[str, Any], *, required: bool) -> SqlConfig:
     """``[publisher.sql]``; read whatever the schema, its queries required only for "sql"."""
-    s = _Section(path, "publisher.sql", data)
+    s = Section(path, "publisher.sql", data)
     s.allow(*SQL_REQUIRED, *SQL_OPTIONAL, "fingerprint", "mailstore")
     queries = {}
     for key in (*SQL_REQUIRED, *SQL_OPTIONAL, "fingerprint"):
@@ -737,7 +754,7 @@ def _sql(path: Path, data: dict[str, Any], *, required: bool) -> SqlConfig:
     return SqlConfig(queries, fingerprint, default, stores, f"{path}: [publisher.sql]")
 
 
-def _known_maps(section: _Section, maps: tuple[str, ...]) -> tuple[str, ...]:
+def _known_maps(section: Section, maps: tuple[str, ...]) -> tuple[str, ...]:
     """A node's ``maps``: built-in maps, or maps of the publisher's own (``[publisher.maps]``,
     which the node does not see): any name of a map's grammar."""
     for m in maps:
@@ -749,19 +766,16 @@ def _known_maps(section: _Section, maps: tuple[str, ...]) -> tuple[str, ...]:
     return maps
 
 
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-
-
-def _location(section: _Section, key: str, value: str) -> str:
+def _location(section: Section, key: str, value: str) -> str:
     """A channel source or push destination: a path (relative to the config file),
     ``file://``, ``rsync://`` or ``ssh://``; any other URL is refused, naming the key."""
-    if _URL.match(value):
+    if location.URL.match(value):
         if not value.startswith(("rsync://", "ssh://", "file://")):
             # Not a relative path named "http:": an unsupported URL.
             raise ConfigError(
                 f"{section.where(key)}: unsupported URL {value!r} (use a path, file://, rsync:// or ssh://)"
             )
-        url = _normal_url(value)
+        url = location.normal(value)
         if url.startswith("file://"):
             _check_kind(section.where(key), Path(url[len("file://") :]), "dir")
         return url
@@ -777,9 +791,10 @@ def _refuse_shared_remote_inboxes(path: Path, channels: dict[str, PublisherChann
     seen: list[tuple[str, str, PurePosixPath, str]] = []  # channel, host part, path, url
     for ch in channels.values():
         for url in ch.push:
-            if _local(url) is not None:
+            parsed = location.parse(url)
+            if parsed.local is not None:
                 continue
-            host, rest = _place(url)
+            host, rest = parsed.place
             here = PurePosixPath("/" + rest)
             for other, other_host, there, other_url in seen:
                 if host == other_host and (
@@ -793,47 +808,12 @@ def _refuse_shared_remote_inboxes(path: Path, channels: dict[str, PublisherChann
             seen.append((ch.name, host, here, url))
 
 
-_DEFAULT_PORTS = {"rsync": 873, "ssh": 22}
-
-
-def _place(url: str) -> tuple[str, str]:
-    """(host, path) of a remote location, the host as the network sees it: case folded,
-    with its default port, without the user (``ssh://a@H.example:22/x`` and ``ssh://h.example/x``
-    are one place)."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:  # a malformed URL (``[::1`` unclosed): refused, naming it, by the transport
-        return url, ""
-    try:
-        port = parts.port or _DEFAULT_PORTS.get(parts.scheme)
-    except ValueError:
-        port = None
-    return f"{parts.scheme}://{(parts.hostname or '').lower()}:{port}", parts.path.lstrip("/")
-
-
-def _normal_url(url: str) -> str:
-    """One spelling per location: ``rsync://h/m/mx/./`` → ``rsync://h/m/mx``. Only the path
-    is touched (empty and ``.`` segments); the host part, with any ``[IPv6]``, is kept as written."""
-    scheme, rest = url.split("://", 1)
-    host, slash, path = rest.partition("/")
-    if not slash:
-        return url
-    segments = [s for s in path.split("/") if s not in ("", ".")]
-    return f"{scheme}://{host}/" + "/".join(segments)
-
-
-def _local(location: str) -> Path | None:
-    """The directory a normalised location names on this machine, if it is local."""
-    if location.startswith("file://"):
-        return Path(location[len("file://") :])
-    return None if _URL.match(location) else Path(location)
-
-
-def _distinct(section: _Section, key: str, values: tuple[str, ...], what: str) -> None:
+def _distinct(section: Section, key: str, values: tuple[str, ...], what: str) -> None:
     """Refuse a location listed twice, however it is spelled (the values are normalised)."""
     seen: set[tuple[str, str]] = set()
     for v in values:
-        place = _place(v) if _local(v) is None else ("", v)
+        parsed = location.parse(v)
+        place = parsed.place if parsed.local is None else ("", v)
         if place in seen:
             raise ConfigError(f"{section.where(key)}: {what} is listed twice ({v})")
         seen.add(place)
@@ -847,7 +827,7 @@ def _files(path: Path, where: str, data: dict[str, Any]) -> dict[str, FileMode]:
     a built-in map or one of the publisher's own: any name of a map's grammar."""
     files = {}
     for name, sub in data.items():
-        fs = _Section(path, f"{where}.files.{name}", sub)
+        fs = Section(path, f"{where}.files.{name}", sub)
         if not CHANNEL_NAME.match(name):
             raise ConfigError(
                 f"{path}: [{where}.files.{name}]: {name!r} is not a map name (lowercase letters, "
@@ -873,7 +853,7 @@ def _files(path: Path, where: str, data: dict[str, Any]) -> dict[str, FileMode]:
 
 
 def _agent(path: Path, data: Any) -> AgentConfig:
-    s = _Section(path, "agent", data)
+    s = Section(path, "agent", data)
     s.allow("state", "trusted_keys", "channels", "interval", "jitter", "full_check", "status_dir")
     interval = s.duration("interval", AgentConfig.interval)
     if interval < 1:
@@ -885,7 +865,7 @@ def _agent(path: Path, data: Any) -> AgentConfig:
     for name, sub in s.table("channels").items():
         where = f"agent.channels.{name}"
         _check_name(path, where, name, "channel")
-        cs = _Section(path, where, sub)
+        cs = Section(path, where, sub)
         cs.allow(
             "source",
             "target",
@@ -923,7 +903,9 @@ def _agent(path: Path, data: Any) -> AgentConfig:
             )
         if "password_file" in cs.data:
             for url in sources:
-                if url.startswith("rsync://") and not urlsplit(url).username:
+                parsed = location.parse(url)
+                # A URL that does not parse is refused, naming it, by the transport.
+                if url.startswith("rsync://") and parsed.split and not parsed.username:
                     # Found now, not when a failover first reaches this mirror in an outage.
                     raise ConfigError(
                         f"{cs.where('source')}: {url!r} names no user, but the channel has a "
@@ -965,7 +947,7 @@ def _agent(path: Path, data: Any) -> AgentConfig:
     )
 
 
-def _key_file(section: _Section, value: str) -> Path:
+def _key_file(section: Section, value: str) -> Path:
     p = Path(value) if Path(value).is_absolute() else section.path.resolve().parent / value
     _check_kind(section.where("trusted_keys"), p, "file")
     return p
@@ -1023,7 +1005,7 @@ def _areas(publisher: PublisherConfig | None, agent: AgentConfig | None) -> list
         areas.append(_Area("[publisher] repository", "repository", publisher.repository))
         for pc in publisher.channels.values():
             for dest in pc.push:
-                if (local := _local(dest)) is not None:
+                if (local := location.parse(dest).local) is not None:
                     areas.append(
                         _Area(f"[publisher.channels.{pc.name}] push", "push", local, pc.name)
                     )
@@ -1033,7 +1015,7 @@ def _areas(publisher: PublisherConfig | None, agent: AgentConfig | None) -> list
         for ch in agent.channels.values():
             where = f"[agent.channels.{ch.name}]"
             for src in ch.sources:
-                if (local := _local(src)) is not None:
+                if (local := location.parse(src).local) is not None:
                     areas.append(_Area(f"{where} source", "source", local, ch.name))
             areas.append(_Area(f"{where} target", "target", ch.target, ch.name))
             if ch.inbox is not None:
@@ -1098,10 +1080,10 @@ def unauthenticated_rsync(ch: AgentChannel, source: str) -> bool:
     password: anyone who reaches its port can copy what it serves."""
     if not source.startswith("rsync://"):
         return False
-    try:
-        user = urlsplit(source).username
-    except ValueError:  # malformed: the transport refuses it, naming it
+    parsed = location.parse(source)
+    if not parsed.split:  # malformed: the transport refuses it, naming it
         return False
+    user = parsed.username
     return not (user and (ch.password_file is not None or "RSYNC_PASSWORD" in os.environ))
 
 

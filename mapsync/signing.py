@@ -97,6 +97,7 @@ def _check_private_mode(path: Path, st: os.stat_result) -> None:
 
 
 def load_public(path: Path) -> Ed25519PublicKey:
+    """The ed25519 public key in PEM file ``path``; ConfigError naming the file otherwise."""
     try:
         key = serialization.load_pem_public_key(path.read_bytes())
     except FileNotFoundError:
@@ -125,6 +126,7 @@ class Keyring(dict[str, Ed25519PublicKey]):
         self.files: dict[str, Path] = {}
 
     def add(self, key: Ed25519PublicKey, path: Path) -> str:
+        """Trust ``key``, read from ``path``; return its key id."""
         kid = key_id(key)
         self[kid] = key
         self.files[kid] = path

@@ -10,7 +10,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 
 
 class Mailstore(NamedTuple):
+    """A mailstore (Dovecot backend): where LMTP delivers and IMAP is served."""
+
     id: int
     name: str
     lmtp_host: str
@@ -31,6 +33,8 @@ class Mailstore(NamedTuple):
 
 
 class Domain(NamedTuple):
+    """A domain row: hosted (has mailboxes), alias (of a hosted domain) or relay (passed on)."""
+
     id: int
     name: str  # lowercase A-label
     name_unicode: str | None
@@ -42,7 +46,26 @@ class Domain(NamedTuple):
     customer_id: int | None = None  # whose domain it is (see Snapshot.customers)
 
 
+def live_domains(domains: Iterable[Domain]) -> dict[int, Domain]:
+    """The domains that are not disabled, by id, in their order: what the maps serve and what
+    validation resolves addresses in (maps and validation share this one definition)."""
+    return {d.id: d for d in domains if d.status != "disabled"}
+
+
+def alias_domains(live: Mapping[int, Domain]) -> dict[int, list[Domain]]:
+    """The alias domains of ``live`` (see :func:`live_domains`) by the id of the live domain
+    they point at, in their order; one whose target is disabled or unknown resolves nowhere."""
+    out: dict[int, list[Domain]] = {}
+    for d in live.values():
+        target = d.target_domain_id
+        if d.kind == "alias" and target is not None and target in live:
+            out.setdefault(target, []).append(d)
+    return out
+
+
 class Account(NamedTuple):
+    """A mailbox: its domain, local part, mailstore (None: the domain's default), state and login data."""
+
     id: int
     domain_id: int
     local_part: str
@@ -70,6 +93,8 @@ class SenderGrant(NamedTuple):
 
 
 class Alias(NamedTuple):
+    """An address that forwards to ``targets`` (a catch-all when ``local_part`` is empty)."""
+
     id: int
     domain_id: int
     local_part: str  # '' = catch-all

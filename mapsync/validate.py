@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from typing import NamedTuple
 
 from mapsync import log
-from mapsync.snapshot import Domain, Snapshot, paused_gc
+from mapsync.snapshot import Domain, Snapshot, alias_domains, live_domains, paused_gc
 
 _log = log.get("validate")
 _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)\Z")
@@ -425,7 +425,7 @@ _EXT_ID = re.compile(r"[!-$&-~]{1,64}\Z")
 
 def _customers(snap: Snapshot) -> Iterator[Problem]:
     """The ext_id of each customer a live account belongs to (its own, else its domain's)."""
-    domains = {d.id: d for d in snap.domains if d.kind == "hosted" and d.status != "disabled"}
+    domains = {i: d for i, d in live_domains(snap.domains).items() if d.kind == "hosted"}
     used: set[int] = set()
     for a in snap.accounts:
         d = domains.get(a.domain_id)
@@ -492,12 +492,8 @@ def alias_graph(
     bad_targets: set[str],
 ) -> Iterator[Problem]:
     """Fan-out, targets inside our own domains that lead nowhere, and alias cycles."""
-    live = {d.id: d for d in domains.values() if d.status != "disabled"}
-    alias_of = {
-        d.name: live[d.target_domain_id].name
-        for d in live.values()
-        if d.kind == "alias" and d.target_domain_id in live
-    }
+    live = live_domains(domains.values())
+    alias_of = {a.name: live[t].name for t, aliases in alias_domains(live).items() for a in aliases}
     hosted = {d.name for d in live.values() if d.kind == "hosted"}
     catchall = {key[1:] for key in seen if key.startswith("@")}
     # The aliases that can be nodes of the graph, and their addresses, first: a target then

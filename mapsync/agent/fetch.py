@@ -66,7 +66,7 @@ class Source:
             ch = self._ch
             # One password_file serves the rsync:// sources; an ssh:// or local mirror takes none.
             password = ch.password_file if self.endpoint.daemon else None
-            self._remote = Remote(self.url, ch.timeout, ch.ssh, password, self.endpoint)
+            self._remote = Remote(self.url, ch.timeout, ch.ssh, password, endpoint=self.endpoint)
         return self._remote
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -28,6 +29,7 @@ def _config(args: argparse.Namespace) -> config.Config:
 
 
 def cmd_init_db(args: argparse.Namespace) -> int:
+    """``mapsync init-db``: create mapsync's schema (as the owner's ``--database`` URL, or the publisher's)."""
     from mapsync.sources.builtin import safe_url
     from mapsync.sources.seed import init_db
 
@@ -40,6 +42,7 @@ def cmd_init_db(args: argparse.Namespace) -> int:
 
 
 def cmd_seed(args: argparse.Namespace) -> int:
+    """``mapsync seed``: fill an empty database with deterministic synthetic rows."""
     from mapsync import progress
     from mapsync.sources.seed import SeedCounts, seed
 
@@ -55,6 +58,7 @@ def cmd_seed(args: argparse.Namespace) -> int:
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
+    """``mapsync publish``: one run and its pushes, or with ``--interval`` a run every N seconds."""
     if args.interval is not None:
         return _publish_every(args)
     return publish_once(args)
@@ -151,6 +155,7 @@ def _agent_channels(
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
+    """``mapsync pull``: each channel once; every channel is tried, the worst exit code returned."""
     from mapsync.agent.pull import pull
 
     agent = _config(args).need_agent()
@@ -187,6 +192,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
+    """``mapsync agent``: poll and install until a signal ends the process."""
     from mapsync.agent.loop import run
 
     cfg = _config(args)
@@ -197,7 +203,48 @@ def cmd_agent(args: argparse.Namespace) -> int:
     run(agent, cfg.path, interval=args.interval, watch=args.watch)
 
 
+def cmd_mirror(args: argparse.Namespace) -> int:
+    """``mapsync mirror SOURCE DEST``: one pass (or one every ``--interval`` seconds)."""
+    from mapsync.cli.output import print_mirrored
+    from mapsync.interval import run_every
+    from mapsync.mirror import Mirror, MirrorFailed, mirror_channels
+    from mapsync.signing import Keyring, load_public
+    from mapsync.transport.rsync import DEFAULT_SSH
+
+    if args.ssh is not None and not shlex.split(args.ssh):
+        raise ConfigError("mirror --ssh: an empty command")
+    keys = None
+    if args.trusted_key:
+        keys = Keyring()
+        for path in args.trusted_key:
+            keys.add(load_public(Path(path)), Path(path))
+    m = Mirror(
+        args.source,
+        Path(args.dest),
+        keep=args.keep,
+        keys=keys,
+        timeout=args.timeout,
+        password_file=Path(args.password_file) if args.password_file else None,
+        ssh=tuple(shlex.split(args.ssh)) if args.ssh else DEFAULT_SSH,
+    )
+
+    def once(loop: bool = False) -> int:
+        done, failed = mirror_channels(m, args.channel)
+        print_mirrored([d for d in done if not loop or d.action != "current"])
+        sys.stdout.flush()
+        if failed:
+            raise MirrorFailed(failed)
+        return EXIT_OK
+
+    if args.interval is None:
+        return once()
+    if args.interval < 1:
+        raise ConfigError("mirror --interval: must be at least 1 (seconds)")
+    run_every(args.interval, lambda: once(loop=True), logger="mirror", what="mirror")
+
+
 def cmd_status(args: argparse.Namespace) -> int:
+    """``mapsync status``: the agent's channels (or ``--publisher``) as Nagios text, JSON or metrics; exits with the worst level."""
     from mapsync.agent.status import (
         LEVELS,
         MetricsNotWritten,
@@ -256,6 +303,7 @@ def _publisher_status(args: argparse.Namespace, pub: config.PublisherConfig) -> 
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    """``mapsync verify``: check each installed set against its signed manifest (``--repair`` rebuilds a damaged one)."""
     from mapsync.agent.verify import repair_installed, verify_installed
 
     agent = _config(args).need_agent()
@@ -316,6 +364,7 @@ def _channel_names(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_history(args: argparse.Namespace) -> int:
+    """``mapsync history``: the releases of each channel, on the publisher or kept on this node (``--agent``)."""
     from mapsync.publish.history import history_of
 
     configured = _channel_names(args)
@@ -349,6 +398,7 @@ def cmd_history(args: argparse.Namespace) -> int:
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
+    """``mapsync diff A B``: per map, the keys added, removed and changed between two releases."""
     from mapsync.publish.history import diff_releases
 
     name = _one_channel(_channel_names(args), args.channel)
@@ -381,6 +431,7 @@ def _diff_value(d: MapDiff, key: str, sign: str) -> str:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
+    """``mapsync rollback``: pin this node to an older kept release, or with ``--publisher`` re-publish one as a new serial."""
     cfg = _config(args)
     if args.publisher:
         from mapsync.publish.publisher import PublishResult
@@ -418,6 +469,7 @@ def _files(paths: list[str]) -> str:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    """``mapsync compare``: the live Postfix/Dovecot lookups against the published maps; exit 1 on an unexpected difference."""
     from mapsync.publish.compare import compare
 
     pub = _config(args).need_publisher()
@@ -465,6 +517,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
+    """``mapsync keygen PATH``: a new signing key pair."""
     from mapsync.signing import keygen
 
     public, kid = keygen(Path(args.path))
@@ -473,6 +526,7 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    """``mapsync demo``: build (or re-run) a publisher and an agent on this machine in one directory."""
     from mapsync.cli.demo import run_demo
 
     return run_demo(Path(args.dir) if args.dir else None, args.schema)

@@ -162,6 +162,59 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     s = add(
+        "mirror",
+        "keep a copy of a repository in step, for an rsync daemon to serve to nodes",
+        "Copy every channel's new releases from SOURCE (a repository: path, rsync://host/module,\n"
+        "ssh://host/path) into DEST (a local directory), then LATEST, then prune. A release\n"
+        "appears whole (staging, checked against its manifest: sha256 and size of every file,\n"
+        "rename) before the LATEST that names it; LATEST is written atomically and never moves\n"
+        "to a lower serial (refused: exit 5, DEST unchanged). An error in one channel leaves it\n"
+        "serving what it served; the others go on. No config file is read (docs/scaling.md).",
+    )
+    s.add_argument("source", metavar="SOURCE", help="the repository to copy (the publisher's)")
+    s.add_argument("dest", metavar="DEST", help="the local directory nodes are served from")
+    s.add_argument(
+        "--channel",
+        action="append",
+        metavar="C",
+        help="only this channel (repeatable; default every channel SOURCE has)",
+    )
+    s.add_argument(
+        "--keep",
+        type=int,
+        metavar="N",
+        help="releases kept per channel, at least 2 (default: those SOURCE has)",
+    )
+    s.add_argument(
+        "--trusted-key",
+        action="append",
+        metavar="FILE",
+        help="also verify each copied manifest's signature with this public key (repeatable; "
+        "the nodes verify anyway)",
+    )
+    s.add_argument(
+        "--password-file",
+        metavar="FILE",
+        help="password for an rsync:// SOURCE whose module has `auth users` (mode 0600)",
+    )
+    s.add_argument(
+        "--ssh",
+        metavar="COMMAND",
+        help="remote shell for an ssh:// SOURCE, split as a shell would (default "
+        "'ssh -o BatchMode=yes'), e.g. 'ssh -i /etc/mapsync/mirror.key'",
+    )
+    s.add_argument(
+        "--timeout", type=int, default=300, metavar="SECONDS", help="rsync timeout (default 300)"
+    )
+    s.add_argument(
+        "--interval",
+        type=int,
+        metavar="SECONDS",
+        help="keep running: mirror every SECONDS; errors are logged and the next run goes on; "
+        "SIGTERM ends it (exit 143)",
+    )
+
+    s = add(
         "status",
         "freshness of every channel on this node (Nagios exit codes)",
         "Installed serial, its age and the last good check of every channel. With "
@@ -340,6 +393,8 @@ def _unexpected(exc: Exception, fmt: str, verbose: bool) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command ``argv`` names; return its exit code (an error as one line with its
+    class's exit code, a signal as 128+n)."""
     args = build_parser().parse_args(argv)
     fmt = args.log_format or ("json" if os.environ.get("JOURNAL_STREAM") else "console")
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO

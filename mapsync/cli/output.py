@@ -1,10 +1,12 @@
-"""What publish, rollback and demo print: the plan of a run, and what its pushes did."""
+"""What publish, rollback, mirror and demo print: the plan of a run, what its pushes did, what a
+mirror copied."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from mapsync.mirror import Mirrored
     from mapsync.publish.publisher import PublishResult
     from mapsync.publish.push import Push
 
@@ -54,3 +56,27 @@ def print_push(pushes: list[Push]) -> None:
             when = f"next try at {p.retry_at}" if p.retry_at else "retried by a later run"
             verb = "NOT TRIED (backing off)" if p.deferred else "FAILED"
             print(f"channel {p.channel}: push{serial} to {p.destination} {verb} ({when}): {first}")
+
+
+def print_mirrored(done: list[Mirrored]) -> None:
+    """One line per channel a mirror run looked at: what it copied, moved and pruned."""
+    for d in done:
+        if d.action == "current":
+            extra = f"; pruned {_serials(d.pruned)}" if d.pruned else ""
+            print(f"{d.channel}: serial {d.serial} is current{extra}")
+            continue
+        was = f" (was {d.previous})" if d.previous else ""
+        line = f"{d.channel}: serial {d.serial} mirrored{was}"
+        if d.copied:
+            line += f", copied {_serials(d.copied)}"
+        if d.pruned:
+            line += f", pruned {_serials(d.pruned)}"
+        print(f"{line}; {d.bytes:,} bytes on the wire")
+        if d.repaired:
+            print(f"  the copy here was damaged and is replaced: {d.repaired}")
+        for serial, why in sorted(d.skipped.items()):
+            print(f"  older release {serial} not copied: {' '.join(why.split())}")
+
+
+def _serials(serials: list[int]) -> str:
+    return ("release " if len(serials) == 1 else "releases ") + ", ".join(map(str, serials))

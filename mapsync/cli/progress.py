@@ -44,6 +44,7 @@ class TerminalProgress:
         self.stream.flush()
 
     def close(self) -> None:
+        """End the progress line in progress, if one is drawn."""
         if self._stage is not None:
             self.stream.write("\n")
             self.stream.flush()

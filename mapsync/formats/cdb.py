@@ -37,6 +37,7 @@ class Maker:
         self._maker.close()
 
     def add(self, pairs: Iterable[tuple[bytes, bytes]]) -> None:
+        """Add ``pairs`` (key, value) in order."""
         deque(starmap(self._maker.add, pairs), maxlen=0)  # the loop runs in C
 
     def add_lines(self, block: bytes, sep: bytes = b" ") -> None:

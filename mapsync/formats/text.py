@@ -62,6 +62,7 @@ class Writer:
         self._entries += lines
 
     def info(self) -> TextInfo:
+        """Entries, sha256 and size of the whole file, and sha256 of its lines after the header."""
         return TextInfo(self._entries, self._whole.hexdigest(), self._size, self._body.hexdigest())
 
 

@@ -49,22 +49,27 @@ class Map(ABC):
 
     @property
     def name(self) -> str:
+        """The catalogue name, also the text file's name."""
         return self.spec.name
 
     @property
     def cdb(self) -> bool:
+        """Whether a cdb is built beside the text (Postfix and Exim maps)."""
         return self.spec.cdb
 
     @property
     def secrets(self) -> bool:
+        """Whether it carries password hashes."""
         return self.spec.secret
 
     @property
     def separator(self) -> str:
+        """What separates key and value on a text line."""
         return self.spec.separator
 
     @property
     def exceptions(self) -> bool:
+        """Whether its entries are exceptions (a deny list: may be empty, may shrink)."""
         return self.spec.exceptions
 
     @abstractmethod

@@ -11,7 +11,16 @@ from collections.abc import Iterator
 from itertools import repeat
 from operator import add, itemgetter
 
-from mapsync.snapshot import Account, Alias, Domain, Mailstore, Snapshot, paused_gc
+from mapsync.snapshot import (
+    Account,
+    Alias,
+    Domain,
+    Mailstore,
+    Snapshot,
+    alias_domains,
+    live_domains,
+    paused_gc,
+)
 
 _local_part = itemgetter(2)  # Account.local_part and Alias.local_part
 
@@ -31,7 +40,7 @@ class Directory:
     def _build(self, snap: Snapshot) -> None:
         self.snapshot = snap
         self.stores: dict[int, Mailstore] = {m.id: m for m in snap.mailstores}
-        self.domains: dict[int, Domain] = {d.id: d for d in snap.domains if d.status != "disabled"}
+        self.domains: dict[int, Domain] = live_domains(snap.domains)
         self.accounts: dict[int, list[Account]] = defaultdict(list)
         # The accounts that may route off their domain's default: moving, or housed on a
         # mailstore of their own. The route maps look at these few, not at every account.
@@ -58,10 +67,7 @@ class Directory:
         for fw in snap.forwards:
             if fw.domain_id in hosted:
                 self.forwards[fw.domain_id].append(fw)
-        self.alias_domains: dict[int, list[Domain]] = defaultdict(list)
-        for d in self.domains.values():
-            if d.kind == "alias" and d.target_domain_id in self.domains:
-                self.alias_domains[d.target_domain_id].append(d)
+        self.alias_domains: dict[int, list[Domain]] = alias_domains(self.domains)
         self._account_locals: dict[int, list[str]] = {}
         self._alias_locals: dict[int, list[str]] = {}
 
@@ -82,6 +88,7 @@ class Directory:
         return locals_
 
     def of_kind(self, kind: str) -> list[Domain]:
+        """The live domains of ``kind`` (hosted, alias or relay), in snapshot order."""
         return [d for d in self.domains.values() if d.kind == kind]
 
     @staticmethod
@@ -92,11 +99,13 @@ class Directory:
         return (d.name,)
 
     def store_of(self, account: Account) -> Mailstore:
+        """The mailstore ``account`` lives on: its own, else its domain's default."""
         d = self.domains[account.domain_id]
         store_id = account.mailstore_id or d.default_mailstore_id
         assert store_id is not None  # guaranteed by validate.check
         return self.stores[store_id]
 
     def default_store(self, d: Domain) -> Mailstore:
+        """The default mailstore of hosted domain ``d``."""
         assert d.default_mailstore_id is not None
         return self.stores[d.default_mailstore_id]

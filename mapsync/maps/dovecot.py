@@ -40,6 +40,8 @@ DOVECOT_SERVICES = {"imap": ("imap",), "pop3": ("pop3",), "submission": ("smtp",
 
 
 class DovecotUsersMap(Map):
+    """A mailstore's Dovecot passdb and userdb ``passwd-file``: its accounts' hashes, uid, gid, home, quota."""
+
     spec = BUILTIN_MAPS["dovecot_users"]
     # quota_bytes becomes its userdb_quota_rule.
     reads = frozenset(
@@ -88,6 +90,8 @@ class DovecotUsersMap(Map):
 
 
 class DovecotProxyMap(Map):
+    """A Dovecot proxy's passdb ``passwd-file``: each user's mailstore as ``host=``."""
+
     spec = BUILTIN_MAPS["dovecot_proxy"]
     reads = frozenset(
         {"domain", "account", "mailstore", "mailstore.imap_host", "mailstore.imap_port"}
@@ -113,6 +117,8 @@ def _customer_of(a: Account, d: Domain) -> int | None:
 
 
 class DovecotDenyMap(Map):
+    """Dovecot's deny passdb: ``SERVICE/user`` for each service an account may not log in to."""
+
     spec = BUILTIN_MAPS["dovecot_deny"]
     reads = frozenset(
         {
@@ -148,6 +154,8 @@ class DovecotDenyMap(Map):
 
 
 class DovecotSubmissionMap(Map):
+    """A submission relay's passdb ``passwd-file``: the hash of every account that may send."""
+
     spec = BUILTIN_MAPS["dovecot_submission"]
     reads = frozenset({"domain", "account", "account.password_hash"})
     description = "submission relay passdb: user:{SCHEME}hash:::::: for every account that may send"

@@ -36,6 +36,8 @@ def route(host: str, port: int | None, transport: str) -> str:
 
 
 class EximRoutesMap(Map):
+    """Exim manualroute ``route_data``: where each hosted address or relay domain is delivered."""
+
     spec = BUILTIN_MAPS["exim_routes"]
     reads = frozenset(
         {"domain", "account", "mailstore", "mailstore.lmtp_host", "mailstore.lmtp_port"}

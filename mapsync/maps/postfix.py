@@ -34,10 +34,13 @@ MOVING = f"{MOVING_TRANSPORT}:4.2.0 mailbox is being moved"
 
 
 def lmtp(store: Mailstore) -> str:
+    """Postfix's transport to ``store``: ``lmtp:[host]:port``."""
     return f"lmtp:[{store.lmtp_host}]:{store.lmtp_port}"
 
 
 class DomainsMap(Map):
+    """Postfix ``relay_domains``: every live domain."""
+
     spec = BUILTIN_MAPS["domains"]
     reads = frozenset({"domain"})
     description = "every live domain (A-label, and U-label where different) → OK"
@@ -49,6 +52,8 @@ class DomainsMap(Map):
 
 
 class RecipientsMap(Map):
+    """Postfix ``relay_recipient_maps``: every deliverable address."""
+
     spec = BUILTIN_MAPS["recipients"]
     reads = frozenset({"domain", "account", "alias"})
     description = "every deliverable address → OK (accounts, aliases, alias-domain expansions)"
@@ -74,6 +79,8 @@ class RecipientsMap(Map):
 
 
 class VirtualMap(Map):
+    """Postfix ``virtual_alias_maps``: aliases, alias-domain addresses, catch-alls and forwards."""
+
     spec = BUILTIN_MAPS["virtual"]
     reads = frozenset({"domain", "account", "alias", "forward"})
     description = (
@@ -114,6 +121,8 @@ class VirtualMap(Map):
 
 
 class TransportMap(Map):
+    """Postfix ``transport_maps``: each domain's mailstore or relay, and the accounts housed elsewhere."""
+
     spec = BUILTIN_MAPS["transport"]
     reads = frozenset(
         {"domain", "account", "mailstore", "mailstore.lmtp_host", "mailstore.lmtp_port"}
@@ -142,6 +151,8 @@ class TransportMap(Map):
 
 
 class SendersMap(Map):
+    """Postfix ``smtpd_sender_login_maps``: the logins that may send as each address."""
+
     spec = BUILTIN_MAPS["senders"]
     reads = frozenset({"domain", "account", "sender_grant"})
     description = "address → the login(s) that may send as it (smtpd_sender_login_maps)"

@@ -98,10 +98,12 @@ class Comparison:
 
     @property
     def unexpected(self) -> list[Difference]:
+        """The differences no documented rule explains."""
         return [d for d in self.differences if d.expected is None]
 
     @property
     def expected(self) -> list[Difference]:
+        """The differences mapsync makes on purpose (each names its reason)."""
         return [d for d in self.differences if d.expected is not None]
 
 
@@ -184,22 +186,29 @@ class Side(ABC):
     label = ""
 
     @abstractmethod
-    def domain_class(self, domain: str) -> str | None: ...
+    def domain_class(self, domain: str) -> str | None:
+        """How Postfix classes ``domain``: ``alias``, ``hosted``, ``relay``, or None (not ours)."""
 
     @abstractmethod
-    def accepts(self, address: str) -> bool: ...
+    def accepts(self, address: str) -> bool:
+        """Whether Postfix accepts mail for ``address`` at RCPT time."""
 
     @abstractmethod
-    def virtual(self, key: str) -> str | None: ...
+    def virtual(self, key: str) -> str | None:
+        """The ``virtual_alias_maps`` answer for ``key`` (an address or ``@domain``), or None."""
 
     @abstractmethod
-    def delivery(self, final: str) -> tuple[str, ...]: ...
+    def delivery(self, final: str) -> tuple[str, ...]:
+        """Where mail for the final recipient ``final`` goes: ``("mailbox", home)``,
+        ``("relay", nexthop)``, ``("transport", route)``, ``("elsewhere",)`` or ``("unknown",)``."""
 
     @abstractmethod
-    def senders(self, address: str) -> frozenset[str] | None: ...
+    def senders(self, address: str) -> frozenset[str] | None:
+        """The logins that may send as ``address`` (None: no sender login maps to ask)."""
 
     @abstractmethod
-    def user(self, name: str) -> User | None: ...
+    def user(self, name: str) -> User | None:
+        """What Dovecot answers for user ``name`` (None: no such user, or no Dovecot side)."""
 
     def finals(self, address: str, depth: int = 0) -> set[str]:
         """The final recipients of ``address`` after virtual alias expansion (virtual(5)): the
@@ -273,6 +282,7 @@ class TextTable:
             )
 
     def lookup(self, key: str, db: Connections) -> str | None:
+        """The value of ``key`` (lower-cased), or None."""
         return self.entries.get(key.lower())
 
 
@@ -342,6 +352,7 @@ class LiveSide(Side):
         return self.first("virtual_alias_maps", key)
 
     def transport(self, final: str) -> str | None:
+        """``transport_maps``' answer for the address ``final``, else for its domain."""
         return self.first("transport_maps", final) or self.first(
             "transport_maps", final.rpartition("@")[2]
         )
@@ -402,6 +413,7 @@ class LiveSide(Side):
         return found
 
     def names(self) -> set[str]:
+        """Every Dovecot user the ``iterate_query`` names (none without one)."""
         return set(self.dovecot.users(self.db)) if self.dovecot else set()
 
 
@@ -416,6 +428,7 @@ class PublishedSide(Side):
         self.has_users = "dovecot_users" in maps
 
     def get(self, name: str, key: str) -> str | None:
+        """The value of ``key`` in published map ``name``, or None."""
         return self.maps.get(name, {}).get(key)
 
     def domain_class(self, domain: str) -> str | None:

@@ -2,38 +2,13 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import NoReturn
 
-from mapsync import log, signals
-from mapsync.errors import EXIT_ERROR, MapsyncError
+from mapsync import interval
 
 
-def run_every(interval: int, run: Callable[[], object]) -> NoReturn:
-    """Call ``run`` every ``interval`` seconds, logging any error, until SIGTERM/SIGHUP ends
-    it with exit 128+n: at once between runs; inside a run by SystemExit, whose staging and
-    temp files are removed on the way out (a release appears whole or not at all)."""
-    _log = log.get("publisher")
-    _log.info("publishing on an interval", seconds=interval)
-    while True:
-        started = time.monotonic()
-        try:
-            run()
-        except (MapsyncError, OSError) as exc:
-            signals.stop_if_received()  # the run was ended by a signal; the error is a symptom
-            _log.error(
-                str(exc),
-                error=type(exc).__name__,
-                exit=getattr(exc, "exit_code", EXIT_ERROR),
-                next_run_in=interval,
-            )
-        except Exception:
-            signals.stop_if_received()  # SystemExit turned into another error by a C extension
-            # A bug or an unforeseen damaged file: this run failed (exit 2), the next may not;
-            # a long-running publisher that died here would leave every node to expire.
-            _log.exception("publish run crashed", exit=EXIT_ERROR, next_run_in=interval)
-        signals.stop_if_received()  # a SystemExit swallowed in a gc callback
-        took = time.monotonic() - started
-        _log.debug("publish run done", seconds=round(took, 3))
-        time.sleep(max(0.0, interval - took))
+def run_every(seconds: int, run: Callable[[], object]) -> NoReturn:
+    """Call ``run`` every ``seconds``, logging any error, until SIGTERM/SIGHUP ends it with
+    exit 128+n (:func:`mapsync.interval.run_every`): a release appears whole or not at all."""
+    interval.run_every(seconds, run, logger="publisher", what="publish")

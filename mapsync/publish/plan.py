@@ -24,6 +24,7 @@ class MapPlan:
 
     @property
     def unchanged(self) -> bool:
+        """Whether the map stays as it is: no key added, removed or changed, not dropped."""
         return not (self.added or self.removed or self.changed or self.dropped)
 
 
@@ -42,6 +43,7 @@ class ChannelPlan:
 
     @property
     def pending(self) -> bool:
+        """Whether the run writes (or, dry, would write) a release for the channel."""
         return self.action != "none"
 
 

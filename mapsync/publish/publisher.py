@@ -13,6 +13,7 @@ import hashlib
 import json
 import shutil
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from functools import cached_property
@@ -22,7 +23,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from mapsync import GENERATOR, log
 from mapsync.access import check_owner
-from mapsync.atomic import atomic_write, commit_dir
 from mapsync.config import MapConfig, PublisherChannel, PublisherConfig, exception_guards
 from mapsync.errors import (
     ConfigError,
@@ -38,25 +38,21 @@ from mapsync.maps import CATALOGUE, Directory, Map
 from mapsync.maps.custom import catalogue, check_rows
 from mapsync.progress import track
 from mapsync.publish.plan import ChannelPlan, MapPlan, Violation, check, diff_files
-from mapsync.publish.repository import Repository
+from mapsync.publish.repository import Repository, Staging
 from mapsync.publish.runlog import record_run
 from mapsync.release import (
-    MANIFEST,
-    SIGNATURE,
-    STAGING,
     CdbInfo,
     CustomInfo,
-    Latest,
     Manifest,
     MapEntry,
     check_manifest_size,
     iso,
-    manifest_sha256,
     parse_iso,
+    same_maps,
     utcnow,
 )
 from mapsync.release.verify import verify_release
-from mapsync.signing import key_id, load_private, load_public, public_path, sign
+from mapsync.signing import key_id, load_private, load_public, public_path
 from mapsync.snapshot import Account, Domain, Fingerprint, Snapshot, paused_gc
 from mapsync.sources import Source
 from mapsync.validate import Problem
@@ -70,7 +66,7 @@ class _Staged:
     """A channel rendered into its staging directory, not yet visible."""
 
     plan: ChannelPlan
-    staging: Path
+    staging: Staging
     manifest: Manifest | None = None
     dropped: list[str] = field(default_factory=list)  # maps of the previous release not kept
 
@@ -88,6 +84,7 @@ class PublishResult:
 
     @property
     def pending(self) -> bool:
+        """Whether any channel has a release to write (a dry run then exits 1)."""
         return any(p.pending for p in self.plans)
 
 
@@ -359,7 +356,7 @@ class Publisher:
         """Give ``source`` the maps of the operator's own that ``selected`` list and that live
         in its database; a source of each second ``database`` for the others. A map no
         selected channel lists is never read (a secret one least of all)."""
-        from mapsync.sources.maps import MapDatabase
+        from mapsync.sources.mapdatabase import MapDatabase
 
         listed = dict.fromkeys(m for ch in selected for m in ch.maps)
         wanted = [self.cfg.maps[m] for m in listed if m in self.cfg.maps]
@@ -422,9 +419,11 @@ class Publisher:
         views = self._views(snap, selected, skip_invalid)
         skipped = list(dict.fromkeys(p for v in views.values() for p in v.skipped))
         staged: list[_Staged] = []
-        try:
+        # Each channel's staging directory is removed on the way out, committed or not (a
+        # signal while a channel is rendered included).
+        with ExitStack() as stagings:
             for ch in selected:
-                staged.append(self._stage(ch, views[ch.name], snap, source))
+                staged.append(self._stage(ch, views[ch.name], snap, source, stagings))
             violations = [v for s in staged for v in self._guard(s, force)]
             if violations and not dry_run:
                 raise UnsafePlan(
@@ -458,11 +457,6 @@ class Publisher:
                     self.repo.record_check(
                         s.plan.channel, channel_fingerprint(snap.fingerprint.tables, ch), serial
                     )
-        finally:
-            # Every selected channel, not only the staged ones: a signal (SystemExit) while a
-            # channel was being rendered leaves its staging directory before it is in `staged`.
-            for ch in selected:
-                shutil.rmtree(self.repo.channel(ch.name) / STAGING, ignore_errors=True)
         return PublishResult([s.plan for s in staged], skipped, dry_run, violations)
 
     def _own_maps(self, snap: Snapshot, source: Source, others: list[Source]) -> None:
@@ -616,14 +610,14 @@ class Publisher:
         view: _View,
         snap: Snapshot,
         source: Source,
+        stagings: ExitStack,
     ) -> _Staged:
+        """Render ``ch`` into a staging directory (removed when ``stagings`` closes) and plan
+        it against the current release: publish, renew, or nothing to do."""
         directory = view.directory
         last, damaged = self.repo.current(ch.name)
-        serial = self.repo.next_serial(ch.name, last)
-        staging_root = self.repo.channel(ch.name) / STAGING
-        shutil.rmtree(staging_root, ignore_errors=True)  # a crashed run's leftovers
-        staging = staging_root / str(serial)
-        staging.mkdir(parents=True)
+        staging = stagings.enter_context(self.repo.stage(ch.name, last))
+        serial = staging.serial
         last_dir = self.repo.release(ch.name, last.serial) if last else None
 
         entries: dict[str, MapEntry] = {}
@@ -632,7 +626,7 @@ class Publisher:
         )
         for name in ch.maps:
             entries[name], map_plan = self._render(
-                name, ch, directory, staging, serial, last, last_dir
+                name, ch, directory, staging.path, serial, last, last_dir
             )
             plan.maps.append(map_plan)
         # A map the previous release carried and this one does not: every node would lose
@@ -644,11 +638,7 @@ class Publisher:
             plan.maps.append(MapPlan(name, gone, 0, 0, gone, 0, dropped=True))
 
         now = utcnow()
-        same_set = (
-            last is not None
-            and set(last.maps) == set(entries)
-            and all(entries[n].same_content(last.maps[n]) for n in entries)
-        )
+        same_set = last is not None and same_maps(entries, last.maps)
         if same_set:
             assert last is not None
             if (
@@ -752,35 +742,13 @@ class Publisher:
         staged.plan.violations = [str(v) for v in violations]
         return violations
 
-    def commit(
-        self, plan: ChannelPlan, staging: Path, manifest: Manifest, key: Ed25519PrivateKey
-    ) -> None:
-        """Sign ``manifest``, make ``staging`` release ``manifest.serial`` and point LATEST at it
-        (the one commit path; ``rollback --publisher`` uses it too). Hold the repository lock."""
-        self._commit(_Staged(plan, staging, manifest), key)
-
     def _commit(self, staged: _Staged, key: Ed25519PrivateKey) -> None:
         if staged.manifest is None:
             return
-        # The manifest names its signing key, so a node that does not trust it can say which.
-        manifest = replace(staged.manifest, signer=key_id(key.public_key()))
-        data = manifest.to_bytes()
-        # Agents refuse a manifest over MAX_MANIFEST_BYTES: never sign one.
-        check_manifest_size(data, f"channel {manifest.channel}")
-        (staged.staging / MANIFEST).write_bytes(data)
-        (staged.staging / SIGNATURE).write_bytes(sign(key, data))
-        releases = self.repo.releases(manifest.channel)
-        releases.mkdir(parents=True, exist_ok=True)
-        commit_dir(staged.staging, releases / str(manifest.serial))
-        atomic_write(
-            self.repo.channel(manifest.channel) / "LATEST",
-            Latest(manifest.serial, manifest_sha256(data)).to_bytes(),
-        )
-        removed = self.repo.collect_garbage(manifest.channel, self.cfg.keep)
-        _log.info(
-            "published release" if staged.plan.action == "publish" else "renewed release",
-            channel=manifest.channel,
-            serial=manifest.serial,
-            expires=manifest.expires,
-            **({"removed": removed} if removed else {}),
+        self.repo.commit(
+            staged.staging,
+            staged.manifest,
+            key,
+            keep=self.cfg.keep,
+            renewal=staged.plan.action != "publish",
         )

@@ -21,60 +21,44 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mapsync import log
 from mapsync.access import denied, is_denied
-from mapsync.atomic import atomic_write, fsync_dir
+from mapsync.atomic import atomic_write, commit_dir, fsync_dir
 from mapsync.errors import MapsyncError
 from mapsync.locks import waiting_lock
 from mapsync.release import (
     LATEST,
     MANIFEST,
     RELEASES,
+    SIGNATURE,
+    STAGING,
     Latest,
     Manifest,
+    check_manifest_size,
     iso,
     manifest_sha256,
     parse_iso,
     parse_latest,
     parse_manifest,
+    serial_names,
     utcnow,
 )
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 PRIVATE = ".private"
 CHECKED = "checked.json"
 # Where an earlier mapsync kept each note: in the channel directory, that nodes can reach.
 LEGACY = {CHECKED: ".checked", "pushed.json": ".pushed.json", "push.lock": ".push.lock"}
 _log = log.get("publisher")
-# A release directory's name: the serial in ASCII digits, as str(serial) writes it. Not
-# str.isdigit, which takes '٣' and '²' (int() refuses the second, and the first is not the
-# directory str(3) names), nor '007', which is not where release 7 lives.
-_SERIAL = re.compile(r"[1-9][0-9]{0,17}\Z")
-
-
-def serial_names(releases: Path) -> tuple[list[int], list[int], list[Path]]:
-    """The entries of a ``releases`` directory: (serials of release directories, oldest first;
-    serials taken by a non-directory; paths that are no release). Missing: all empty."""
-    try:
-        entries = list(os.scandir(releases))
-    except FileNotFoundError:
-        return [], [], []
-    except NotADirectoryError:
-        raise MapsyncError(f"{releases}: not a directory (it should hold the releases)") from None
-    good, taken, stray = [], [], []
-    for e in entries:
-        if _SERIAL.match(e.name):
-            if e.is_dir(follow_symlinks=False):
-                good.append(int(e.name))
-                continue
-            taken.append(int(e.name))
-        stray.append(releases / e.name)
-    return sorted(good), sorted(taken), sorted(stray)
 
 
 def release_serials(releases: Path) -> list[int]:
@@ -87,16 +71,29 @@ def release_serials(releases: Path) -> list[int]:
     return good
 
 
+@dataclass(frozen=True)
+class Staging:
+    """The directory ``path`` (``REPO/<channel>/.staging/<serial>``) where release ``serial``
+    of ``channel`` is written; never served, made a release only by :meth:`Repository.commit`."""
+
+    channel: str
+    serial: int
+    path: Path
+
+
 class Repository:
-    """Paths and read access to the release tree under ``root``."""
+    """The release tree under ``root``: its paths, what is published there, and the one way a
+    release is staged (:meth:`stage`) and made visible (:meth:`commit`)."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
 
     def channel(self, name: str) -> Path:
+        """The directory of channel ``name``: what its nodes can reach."""
         return self.root / name
 
     def releases(self, channel: str) -> Path:
+        """``REPO/<channel>/releases``: one directory per published release."""
         return self.channel(channel) / RELEASES
 
     def private(self, channel: str, name: str) -> Path:
@@ -127,6 +124,7 @@ class Repository:
             )
 
     def release(self, channel: str, serial: int) -> Path:
+        """Where release ``serial`` of ``channel`` lives (whether or not it exists)."""
         return self.releases(channel) / str(serial)
 
     def serials(self, channel: str) -> list[int]:
@@ -193,6 +191,7 @@ class Repository:
         return None, damage
 
     def manifest(self, channel: str, serial: int) -> Manifest:
+        """The parsed (not verified) manifest of release ``serial``; a missing one raises."""
         path = self.release(channel, serial) / MANIFEST
         try:
             return parse_manifest(path.read_bytes(), str(path))
@@ -242,8 +241,65 @@ class Repository:
             _log.warning("note of the full check not written", path=str(path), error=exc.strerror)
 
     def latest_manifest(self, channel: str) -> Manifest | None:
+        """The parsed manifest of the release LATEST names (None: nothing published)."""
         latest = self.latest(channel)
         return self.manifest(channel, latest.serial) if latest else None
+
+    @contextmanager
+    def stage(self, channel: str, last: Manifest | None) -> Iterator[Staging]:
+        """A new, empty staging directory for the next release of ``channel`` (built on
+        ``last``, see :meth:`next_serial`), removed on leaving, committed or not. A crashed
+        run's leftovers are removed first. Hold the repository lock."""
+        serial = self.next_serial(channel, last)
+        root = self.channel(channel) / STAGING
+        shutil.rmtree(root, ignore_errors=True)  # a crashed run's leftovers
+        path = root / str(serial)
+        try:
+            path.mkdir(parents=True)
+            yield Staging(channel, serial, path)
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+
+    def commit(
+        self,
+        staging: Staging,
+        manifest: Manifest,
+        key: Ed25519PrivateKey,
+        *,
+        keep: int,
+        renewal: bool = False,
+    ) -> Manifest:
+        """Make ``staging`` a release: sign ``manifest`` (naming its signer), write it and its
+        signature beside the maps, rename the fsynced directory into ``releases/``, point
+        LATEST at it, then remove all but the newest ``keep`` releases. Returns the manifest
+        as signed. A crash at any instant leaves the old LATEST or the new one, each naming a
+        complete, signed release. Hold the repository lock."""
+        from mapsync.signing import key_id, sign  # cryptography: only a publish loads it
+
+        assert (manifest.channel, manifest.serial) == (staging.channel, staging.serial)
+        # The manifest names its signing key, so a node that does not trust it can say which.
+        manifest = replace(manifest, signer=key_id(key.public_key()))
+        data = manifest.to_bytes()
+        # Agents refuse a manifest over MAX_MANIFEST_BYTES: never sign one.
+        check_manifest_size(data, f"channel {manifest.channel}")
+        (staging.path / MANIFEST).write_bytes(data)
+        (staging.path / SIGNATURE).write_bytes(sign(key, data))
+        releases = self.releases(manifest.channel)
+        releases.mkdir(parents=True, exist_ok=True)
+        commit_dir(staging.path, releases / str(manifest.serial))
+        atomic_write(
+            self.channel(manifest.channel) / LATEST,
+            Latest(manifest.serial, manifest_sha256(data)).to_bytes(),
+        )
+        removed = self.collect_garbage(manifest.channel, keep)
+        _log.info(
+            "renewed release" if renewal else "published release",
+            channel=manifest.channel,
+            serial=manifest.serial,
+            expires=manifest.expires,
+            **({"removed": removed} if removed else {}),
+        )
+        return manifest
 
     @contextmanager
     def lock(self, wait: float = 30.0) -> Iterator[None]:

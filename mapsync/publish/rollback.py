@@ -3,7 +3,8 @@
 Agents refuse a lower serial (rollback attack), so the publisher does not move LATEST back:
 it copies release SERIAL's text maps into a new release with the next serial, ``previous`` =
 the current LATEST, a fresh ``created``/``expires``, signed with the publisher's key, and
-commits it through :meth:`Publisher.commit` (staging → rename → LATEST), so every agent
+commits it as ``publish`` does (:meth:`~mapsync.publish.repository.Repository.stage`, then
+:meth:`~mapsync.publish.repository.Repository.commit`: staging → rename → LATEST), so every agent
 follows on its next pull. The old release is checked first — verified with the publisher's
 own key (:func:`mapsync.release.verify.verify_release`) and every file's sha256 — so content
 altered in the repository is never signed again.
@@ -23,17 +24,12 @@ from mapsync.access import check_owner
 from mapsync.config import PublisherConfig
 from mapsync.errors import ConfigError, MapsyncError, VerificationError
 from mapsync.publish.plan import ChannelPlan, MapPlan, diff_files
-from mapsync.publish.publisher import Publisher
-from mapsync.release import STAGING, Manifest, iso, separator, utcnow
+from mapsync.publish.repository import Repository
+from mapsync.release import Manifest, iso, separator, utcnow
 from mapsync.release.verify import check_map_files, verify_release
 from mapsync.signing import key_id, load_private
-from mapsync.sources import Source
 
 _log = log.get("publisher")
-
-
-def _no_source() -> Source:
-    raise AssertionError("rollback --publisher reads no database")
 
 
 def republish(cfg: PublisherConfig, channel: str, serial: int) -> ChannelPlan:
@@ -42,8 +38,7 @@ def republish(cfg: PublisherConfig, channel: str, serial: int) -> ChannelPlan:
         raise ConfigError(f"unknown channel {channel} (configured: {', '.join(cfg.channels)})")
     key = load_private(cfg.signing_key)
     public = key.public_key()
-    publisher = Publisher(cfg, _no_source)
-    repo = publisher.repo
+    repo = Repository(cfg.repository)
     check_owner(cfg.repository, "the repository")
     with repo.lock(cfg.lock_wait):
         kept = repo.serials(channel)
@@ -70,23 +65,19 @@ def republish(cfg: PublisherConfig, channel: str, serial: int) -> ChannelPlan:
             raise VerificationError(f"{exc}; nothing changed") from None
         old = release.manifest
 
-        new_serial = repo.next_serial(channel, last)
-        staging_root = repo.channel(channel) / STAGING
-        shutil.rmtree(staging_root, ignore_errors=True)  # a crashed run's leftovers
-        staging = staging_root / str(new_serial)
-        staging.mkdir(parents=True)
-        try:
+        with repo.stage(channel, last) as staging:
+            new_serial = staging.serial
             last_dir = repo.release(channel, last.serial)
             plan = ChannelPlan(channel, last.serial, new_serial, "publish")
             for name, m in sorted(old.maps.items()):
                 # Byte for byte (and mtime, for rsync's quick check): agents prove equal hashes.
-                shutil.copy2(old_dir / m.file, staging / m.file)
+                shutil.copy2(old_dir / m.file, staging.path / m.file)
                 before = last.maps.get(name)
                 plan.maps.append(
                     diff_files(
                         name,
                         last_dir / before.file if before else None,
-                        staging / m.file,
+                        staging.path / m.file,
                         before.entries if before else 0,
                         m.entries,
                         separator(name, m),
@@ -108,9 +99,7 @@ def republish(cfg: PublisherConfig, channel: str, serial: int) -> ChannelPlan:
                 skipped=list(old.skipped),
                 dropped=sorted(set(last.maps) - set(old.maps)),
             )
-            publisher.commit(plan, staging, manifest, key)
-        finally:
-            shutil.rmtree(staging_root, ignore_errors=True)
+            repo.commit(staging, manifest, key, keep=cfg.keep)
         _log.warning(
             "re-published an old release as a new serial",
             channel=channel,

@@ -65,7 +65,7 @@ _METRICS = (
 def publisher_metrics(cfg: PublisherConfig, st: PublisherStatus) -> str:
     """node_exporter textfile metrics of the publisher: its status and each channel's
     current serial (nodes behind it: ``mapsync_publisher_serial - mapsync_release_serial``)."""
-    from mapsync.agent.status import exposition
+    from mapsync.metrics import exposition
     from mapsync.publish.repository import Repository
 
     samples: dict[str, list[str]] = {name: [] for name, _ in _METRICS}

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from mapsync.errors import MapsyncError, VerificationError
@@ -34,6 +37,38 @@ FILE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}\Z")
 def release_dir(serial: int) -> str:
     """Where release ``serial`` lives, relative to its channel directory."""
     return f"{RELEASES}/{serial}"
+
+
+# A release directory's name: the serial in ASCII digits, as str(serial) writes it. Not
+# str.isdigit, which takes '٣' and '²' (int() refuses the second, and the first is not the
+# directory str(3) names), nor '007', which is not where release 7 lives.
+SERIAL_NAME = re.compile(r"[1-9][0-9]{0,17}\Z")
+
+
+def is_serial_name(name: str) -> bool:
+    """Whether ``name`` is what :func:`release_dir` names a release directory (``12``, not
+    ``012``)."""
+    return SERIAL_NAME.match(name) is not None
+
+
+def serial_names(releases: Path) -> tuple[list[int], list[int], list[Path]]:
+    """The entries of a ``releases`` directory: (serials of release directories, oldest first;
+    serials taken by a non-directory; paths that are no release). Missing: all empty."""
+    try:
+        entries = list(os.scandir(releases))
+    except FileNotFoundError:
+        return [], [], []
+    except NotADirectoryError:
+        raise MapsyncError(f"{releases}: not a directory (it should hold the releases)") from None
+    good, taken, stray = [], [], []
+    for e in entries:
+        if is_serial_name(e.name):
+            if e.is_dir(follow_symlinks=False):
+                good.append(int(e.name))
+                continue
+            taken.append(int(e.name))
+        stray.append(releases / e.name)
+    return sorted(good), sorted(taken), sorted(stray)
 
 
 def utcnow() -> datetime:
@@ -98,6 +133,21 @@ class MapEntry:
         )
 
 
+def same_maps(
+    a: Mapping[str, MapEntry], b: Mapping[str, MapEntry], *, identical: bool = False
+) -> bool:
+    """Whether the maps ``a`` and ``b`` of two releases serve the same: the same map names,
+    each with the same content (:meth:`MapEntry.same_content`). With ``identical``, also the
+    same files byte for byte (entries equal but for ``forced``), as a renewal that keeps the
+    live files needs. (A publisher ships an unchanged map's previous file, so the releases it
+    renews are identical.)"""
+    if set(a) != set(b):
+        return False
+    if identical:
+        return all(b[n] == replace(e, forced=b[n].forced) for n, e in a.items())
+    return all(e.same_content(b[n]) for n, e in a.items())
+
+
 @dataclass(frozen=True)
 class Manifest:
     """What one release of a channel holds (MANIFEST.json): its serial, expiry, source and
@@ -135,6 +185,11 @@ class Manifest:
         """``expires`` as a time: nothing installs the release from then on."""
         return parse_iso(self.expires)
 
+    def expired(self, now: datetime | None = None) -> bool:
+        """Whether the release has expired at ``now`` (default: this instant), so nothing
+        installs it."""
+        return self.expires_at() <= (now if now is not None else datetime.now(UTC))
+
     def created_at(self) -> datetime:
         """``created`` as a time."""
         return parse_iso(self.created)
@@ -148,6 +203,7 @@ class Latest:
     manifest_sha256: str
 
     def to_bytes(self) -> bytes:
+        """The exact bytes of the ``LATEST`` file."""
         return (json.dumps(asdict(self), sort_keys=True) + "\n").encode()
 
 

@@ -46,6 +46,7 @@ from mapsync.snapshot import (
     Snapshot,
     paused_gc,
 )
+from mapsync.sources import maps
 from mapsync.sources import schema as t
 from mapsync.sources.base import Source
 
@@ -343,6 +344,8 @@ class BuiltinSource(Source):
         return SourceError(f"database {self.safe_url}: {what} failed: {redact(detail, self.url)}")
 
     def fingerprint(self, secrets: bool = False) -> Fingerprint:
+        """Row count and newest ``updated_at`` per table, and the aliases expired by now, read
+        in one short transaction."""
         what = "reading the change fingerprint"
         try:
             with (
@@ -370,8 +373,6 @@ class BuiltinSource(Source):
                     _begin(conn)
                     snap = self._read(conn)
                     if self.maps:  # the operator's own maps: the same instant
-                        from mapsync.sources import maps
-
                         maps.read_all(conn, self, snap)
                     return snap
         except SQLAlchemyError as exc:
@@ -381,8 +382,6 @@ class BuiltinSource(Source):
         """What tells a change in each map of ``maps``, read in one read-only transaction."""
         if not self.maps:
             return {}
-        from mapsync.sources import maps
-
         what = "reading the change fingerprint of [publisher.maps]"
         try:
             with _slow(what, self.safe_url, self.statement_timeout), self.engine.connect() as raw:
@@ -639,6 +638,7 @@ class BuiltinSource(Source):
             raise SourceError(f"{lost} (another session may hold it now); not committing")
 
     def close(self) -> None:
+        """Close the engine's pooled connections."""
         self.engine.dispose()
 
 

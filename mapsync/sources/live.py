@@ -243,6 +243,7 @@ class Connections:
             raise
 
     def close(self) -> None:
+        """Close every engine opened for a lookup."""
         for engine in self.engines.values():
             engine.dispose()
 
@@ -476,9 +477,11 @@ class DovecotSql:
         return dict(zip(names, rows[0], strict=False)) if rows else None
 
     def passdb(self, user: str, db: Connections) -> dict[str, Any] | None:
+        """The row ``password_query`` returns for ``user``, as a dict (None: no such user)."""
         return self._row("password_query", user, db)
 
     def userdb(self, user: str, db: Connections) -> dict[str, Any] | None:
+        """The row ``user_query`` returns for ``user``, as a dict (None: no such user)."""
         return self._row("user_query", user, db)
 
     def users(self, db: Connections) -> list[str]:

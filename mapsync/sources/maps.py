@@ -3,7 +3,8 @@
 A map's ``query`` returns exactly two columns, key then value (any names), read as they are;
 :mod:`mapsync.maps.custom` checks them. A map without ``database`` is read by the publisher's
 source inside its snapshot's read-only, repeatable-read transaction, so it describes the same
-instant as the built-in maps; one with ``database`` by a :class:`MapDatabase` of that URL, in
+instant as the built-in maps; one with ``database`` by a
+:class:`~mapsync.sources.mapdatabase.MapDatabase` of that URL, in
 a read-only transaction of its own, under the same bounds (``lock_wait``,
 ``statement_timeout``) and with the URL's passwords redacted wherever it is shown.
 
@@ -17,17 +18,17 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Sequence
-from datetime import UTC, datetime
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection, event, text
+from sqlalchemy import Connection, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from mapsync.config import MapConfig
 from mapsync.errors import SourceError
 from mapsync.snapshot import Fingerprint, Snapshot
-from mapsync.sources.builtin import BuiltinSource, make_engine, safe_url
+
+if TYPE_CHECKING:
+    from mapsync.sources.builtin import BuiltinSource
 
 
 def key(name: str) -> str:
@@ -98,31 +99,3 @@ def fingerprints(conn: Connection, source: BuiltinSource) -> dict[str, tuple[int
             what = f"[publisher.maps.{spec.name}] {'fingerprint' if spec.fingerprint else 'query'}"
             raise source._fail(what, exc, hint=False) from None
     return out
-
-
-class MapDatabase(BuiltinSource):
-    """A second database that maps of the operator's own read (``[publisher.maps.NAME]
-    database``): no schema of mapsync's in it, no publisher lock taken there; the engine,
-    the read-only transaction, the bounds and the redaction of :class:`BuiltinSource`."""
-
-    schema = "maps"
-
-    def __init__(self, url: str, maps: tuple[MapConfig, ...]) -> None:
-        # Not BuiltinSource.__init__: its message for a missing SQLite file is about init-db.
-        self.url = url
-        self.safe_url = safe_url(url)
-        self.maps = maps
-        where = f"[publisher.maps.{maps[0].name}] database"
-        self.engine = make_engine(url)
-        if self.engine.dialect.name == "sqlite":
-            database = self.engine.url.database
-            if database and database != ":memory:" and not Path(database).exists():
-                raise SourceError(f"{where}: SQLite file {database} does not exist")
-        self._lock_conn = None
-        event.listen(self.engine, "do_connect", self._connect_args)
-
-    def fingerprint(self, secrets: bool = False) -> Fingerprint:
-        return Fingerprint(self.maps_fingerprint())
-
-    def _read(self, conn: Connection) -> Snapshot:
-        return Snapshot([], [], [], [], Fingerprint({}), taken_at=datetime.now(UTC))

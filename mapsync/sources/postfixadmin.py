@@ -132,6 +132,7 @@ class PostfixAdminSource(BuiltinSource):
         self.tables = {name: self.settings.table(name) for name in COLUMNS}
 
     def fingerprint(self, secrets: bool = False) -> Fingerprint:
+        """Row count and newest ``modified`` per PostfixAdmin table, and the settings' digest."""
         try:
             with self.engine.connect() as conn:
                 return self._fingerprint(conn)

@@ -147,6 +147,7 @@ class SqlSource(BuiltinSource):
     # --- reading -------------------------------------------------------------------------
 
     def fingerprint(self, secrets: bool = False) -> Fingerprint:
+        """The ``fingerprint`` queries' rows; without them the digest of a full read, kept for :meth:`snapshot`."""
         if self.settings.fingerprint is None:
             # No cheap check configured: the digest of a full read, kept for the snapshot.
             snap = self.snapshot(secrets)
@@ -167,6 +168,7 @@ class SqlSource(BuiltinSource):
             raise self._fail(what, exc) from None
 
     def snapshot(self, secrets: bool = False) -> Snapshot:
+        """The read :meth:`fingerprint` just made, when it made one with the same ``secrets``; else a new one."""
         kept, self._kept = self._kept, None
         if kept is not None and kept[0] == secrets:
             return kept[1]  # read a moment ago, in one transaction, by fingerprint()

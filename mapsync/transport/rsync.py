@@ -28,9 +28,9 @@ import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote
 
-from mapsync import log, process
+from mapsync import location, log, process
 from mapsync.errors import ConfigError, TransportError
 
 _log = log.get("transport")
@@ -83,11 +83,10 @@ def parse_source(source: str, ssh: tuple[str, ...] = DEFAULT_SSH) -> Endpoint:
     everything up to the first colon."""
     if source.startswith("/"):
         return Endpoint(source.rstrip("/"), path=source.rstrip("/"))
-    try:
-        parts = urlsplit(source)
-        host, port = parts.hostname, parts.port
-    except ValueError as exc:  # "Invalid IPv6 URL", "Port out of range 0-65535", ...
-        raise ConfigError(f"source {source!r}: not a valid URL ({exc})") from None
+    parts = location.parse(source)
+    if parts.invalid is not None:  # "Invalid IPv6 URL", "Port out of range 0-65535", ...
+        raise ConfigError(f"source {source!r}: not a valid URL ({parts.invalid})")
+    host, port = parts.hostname, parts.port
     if parts.scheme == "file":
         return Endpoint(parts.path.rstrip("/"), path=parts.path.rstrip("/"))
     if parts.scheme == "rsync":
@@ -181,7 +180,7 @@ def check_password_file(path: Path, source: str) -> None:
     a secret is also refused when its group may read it (mode 0600 or 0400 is what works).
     """
     where = f"password_file {path}"
-    if not urlsplit(source).username:
+    if not location.parse(source).username:
         raise ConfigError(
             f"{where}: the source {source!r} names no user; write rsync://USER@host/module/... "
             "(the user of the module's `auth users`)"
@@ -231,10 +230,12 @@ class Remote:
         timeout: int = 300,
         ssh: tuple[str, ...] = DEFAULT_SSH,
         password_file: Path | None = None,
+        modes: str = "D700,F600",
         endpoint: Endpoint | None = None,
     ) -> None:
         """``endpoint``: ``source`` already parsed (:func:`parse_source` with ``ssh``)."""
         self.source = source
+        self.modes = modes  # rsync --chmod of what lands: private on a node, 755/644 on a mirror
         self.endpoint = endpoint if endpoint is not None else parse_source(source, ssh)
         self.timeout = timeout
         if password_file is not None:
@@ -254,7 +255,7 @@ class Remote:
             # equal size (the signature always) that whole seconds cannot tell apart.
             "--modify-window=-1",
             "--perms",
-            "--chmod=D700,F600",
+            f"--chmod={self.modes}",
             "--compress",
             "--stats",
             f"--max-size={max_size}",

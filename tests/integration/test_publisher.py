@@ -20,6 +20,7 @@ import pytest
 from sqlalchemy import create_engine, insert, update
 
 import mapsync.publish.publisher as publisher_mod
+import mapsync.publish.repository as repository_mod
 from mapsync.errors import LockBusy, MapsyncError
 from mapsync.formats import text
 from mapsync.publish.publisher import Publisher, PublishResult
@@ -167,7 +168,7 @@ def test_crash_before_latest_is_replaced_keeps_the_old_release_live(
     def disk_full(*args: object, **kw: object) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(publisher_mod, "atomic_write", disk_full)
+    monkeypatch.setattr(repository_mod, "atomic_write", disk_full)
     with pytest.raises(OSError, match="No space left"):
         run(cluster)
     monkeypatch.undo()

@@ -282,7 +282,7 @@ def test_a_dead_node_is_retried_with_a_growing_delay_and_costs_the_runs_between_
     inbox.parent.mkdir(parents=True)
     with SilentListener() as dead:
         remote = f"rsync://127.0.0.1:{dead.port}/inbox/mx"
-        push_to(cluster, str(inbox), remote, publisher='push_timeout = "2s"')
+        push_to(cluster, str(inbox), remote, publisher='push_timeout = "4s"')
 
         def run() -> tuple[subprocess.CompletedProcess[str], float]:
             started = time.monotonic()
@@ -321,11 +321,13 @@ def test_a_dead_node_is_retried_with_a_growing_delay_and_costs_the_runs_between_
         run()
         assert dead.connections == 2  # 50 s (and this run's few) are not 60
     print(
-        f"\n[push backoff] a run that tries the dead node: {tried:.2f}s (push_timeout 2s), "
+        f"\n[push backoff] a run that tries the dead node: {tried:.2f}s (push_timeout 4s), "
         f"one that defers it: {skipped:.2f}s, the retry after the backoff: {retried:.2f}s"
     )
-    assert tried >= 2 and retried >= 2
-    assert skipped < tried - 1.5
+    # Against the same run's own cost, with room for a loaded machine (a CLI run took up to
+    # 2.7 s with the suite on 2 busy cores): the deferred run does not wait for the timeout.
+    assert tried >= 4 and retried >= 4
+    assert skipped < tried - 2.5
     assert [push.backoff(n).total_seconds() for n in (1, 2, 3, 5, 6, 40)] == [
         30,
         60,

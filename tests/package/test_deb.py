@@ -34,6 +34,7 @@ SRC = Path(__file__).parents[2]
 UNITS = Path("/lib/systemd/system")
 UNIT_NAMES = [
     "mapsync-agent.service",
+    "mapsync-mirror.service",
     "mapsync-publish.service",
     "mapsync-publish.timer",
     "mapsync-publisher.service",

@@ -25,6 +25,7 @@ PUBLIC = {
     "keygen": {"path"},
     "demo": {"--dir", "--schema"},
     "compare": {"--postfix", "--table", "--dovecot", "--database", "--channel", "--json"},
+    "mirror": {"source", "dest", "--channel", "--keep", "--trusted-key", "--interval"},
 }
 
 

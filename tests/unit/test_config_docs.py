@@ -1,7 +1,7 @@
 """docs/configuration.md documents exactly the keys mapsync/config.py accepts, with its defaults.
 
 The accepted keys are taken from the code as it runs: every section is validated by
-``_Section.allow(*keys)``, so loading a config that has every section while recording those
+``Section.allow(*keys)``, so loading a config that has every section while recording those
 calls yields ``{section: keys}``. A check on config.py's syntax tree makes sure every
 ``allow`` call site was reached, so a new section cannot slip past unrecorded. The documented
 keys are the first cells of the table under each ``[section]`` heading, plus the sub-tables
@@ -82,18 +82,18 @@ class Recorded:
 
 
 def load_recording(path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[config.Config, Recorded]:
-    """Load ``path`` while recording every ``_Section.allow`` call."""
+    """Load ``path`` while recording every ``Section.allow`` call."""
     recorded = Recorded({}, set())
-    original = config._Section.allow
+    original = config.Section.allow
 
-    def allow(section: config._Section, *keys: str) -> None:
+    def allow(section: config.Section, *keys: str) -> None:
         caller = sys._getframe(1)
         if caller.f_code.co_filename == config.__file__:
             recorded.lines.add(caller.f_lineno)
         recorded.keys.setdefault(generic(section.name), set()).update(keys)
         original(section, *keys)
 
-    monkeypatch.setattr(config._Section, "allow", allow)
+    monkeypatch.setattr(config.Section, "allow", allow)
     return config.load(path), recorded
 
 

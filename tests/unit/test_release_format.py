@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from mapsync.errors import VerificationError
 from mapsync.release import (
     CdbInfo,
+    CustomInfo,
     Latest,
     Manifest,
     MapEntry,
@@ -24,6 +25,7 @@ from mapsync.release import (
     parse_iso,
     parse_latest,
     parse_manifest,
+    same_maps,
 )
 from mapsync.signing import Keyring, key_id, public_path, sign, verify
 
@@ -144,6 +146,33 @@ def test_bad_map_name_is_refused() -> None:
         parse_manifest(json.dumps(obj).encode(), "m")
 
 
+def test_same_maps_is_same_names_and_content_and_identical_is_same_files() -> None:
+    maps = manifest().maps
+    assert same_maps(maps, dict(maps))
+    # A renewal: the previous entries again, forced cleared.
+    renewed = {n: replace(e, forced=False) for n, e in maps.items()}
+    assert same_maps(renewed, maps, identical=True)
+    # Same lines in another file (another header): same content, not identical files.
+    reheaded = {**maps, "domains": replace(maps["domains"], sha256=H1, size=51)}
+    assert same_maps(reheaded, maps)
+    assert not same_maps(reheaded, maps, identical=True)
+    # Other lines, a map more or less, a cdb switched off, a separator changed: not the same.
+    assert not same_maps({**maps, "domains": replace(maps["domains"], content_sha256=H1)}, maps)
+    assert not same_maps({"recipients": maps["recipients"]}, maps)
+    assert not same_maps(maps, {"recipients": maps["recipients"]})
+    assert not same_maps({**maps, "recipients": replace(maps["recipients"], cdb=None)}, maps)
+    custom = {**maps, "domains": replace(maps["domains"], custom=CustomInfo(":"))}
+    assert not same_maps(custom, {**maps, "domains": replace(maps["domains"], custom=CustomInfo())})
+
+
+def test_a_manifest_expires_at_its_expires_time() -> None:
+    m = manifest(expires="2026-01-08T00:00:00Z")
+    assert not m.expired(datetime(2026, 1, 7, 23, 59, 59, tzinfo=UTC))
+    assert m.expired(datetime(2026, 1, 8, tzinfo=UTC))
+    assert m.expired()  # now: long after 2026-01-08
+    assert not manifest(expires="2999-01-01T00:00:00Z").expired()
+
+
 def test_latest_round_trip_and_refusals() -> None:
     latest = Latest(12, H1)
     assert parse_latest(latest.to_bytes(), "L") == latest
@@ -231,3 +260,19 @@ def test_key_id_is_short_and_stable() -> None:
 )
 def test_public_path(private: str, public: str) -> None:
     assert public_path(Path(private)) == Path(public)
+
+
+def test_serial_names_tell_release_directories_from_everything_else(tmp_path: Path) -> None:
+    from mapsync.release import is_serial_name, serial_names
+
+    assert [n for n in ("1", "12", "012", "0", "²", "٣", "1.tmp", "") if is_serial_name(n)] == [
+        "1",
+        "12",
+    ]
+    for name in ("3", "12", "007", "notes"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "5").write_text("a file named like a serial")
+    good, taken, stray = serial_names(tmp_path)
+    assert good == [3, 12] and taken == [5]
+    assert sorted(p.name for p in stray) == ["007", "5", "notes"]
+    assert serial_names(tmp_path / "missing") == ([], [], [])

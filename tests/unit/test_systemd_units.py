@@ -30,6 +30,7 @@ def test_systemd_analyze_verify_accepts_every_unit(tmp_path: Path) -> None:
     units = _installed(tmp_path)
     assert {u.name for u in units} >= {
         "mapsync-agent.service",
+        "mapsync-mirror.service",
         "mapsync-publish.service",
         "mapsync-publish.timer",
         "mapsync-publisher.service",
@@ -52,19 +53,28 @@ def test_units_run_the_packaged_mapsync_as_the_user_the_package_creates() -> Non
     # `postfix reload`: docs/security.md). tests/package/test_deb.py runs them installed.
     for unit in sorted(UNITS.glob("*.service")):
         service = _settings(unit.read_text(), "Service")
-        assert service["ExecStart"].startswith("/usr/bin/mapsync --config /etc/mapsync/"), unit
+        words = service["ExecStart"].split()
+        if "mirror" in words:  # SOURCE, DEST and options on its command line; no config file
+            assert service["ExecStart"].startswith("/usr/bin/mapsync mirror "), unit
+        else:
+            assert service["ExecStart"].startswith("/usr/bin/mapsync --config /etc/mapsync/"), unit
         assert "Documentation=file:///usr/share/doc/mapsync/operator-guide.md" in (
             unit.read_text().splitlines()
         ), unit
-        publisher = "publish" in service["ExecStart"].split()
-        expected = {"User": "mapsync", "Group": "mapsync"} if publisher else {}
+        unprivileged = "publish" in words or "mirror" in words  # only the agent needs root
+        expected = {"User": "mapsync", "Group": "mapsync"} if unprivileged else {}
         assert {k: service[k] for k in ("User", "Group") if k in service} == expected, unit
     postinst = (UNITS.parent / "packaging" / "deb" / "postinst").read_text()
     assert "adduser --system" in postinst and " mapsync\n" in postinst
 
 
 def test_units_are_hardened() -> None:
-    for name in ("mapsync-agent.service", "mapsync-publish.service", "mapsync-pull.service"):
+    for name in (
+        "mapsync-agent.service",
+        "mapsync-mirror.service",
+        "mapsync-publish.service",
+        "mapsync-pull.service",
+    ):
         text = (UNITS / name).read_text()
         for setting in (
             "NoNewPrivileges=yes",
@@ -136,3 +146,16 @@ def test_both_publisher_units_push_alike() -> None:
     timer = push_settings("mapsync-publish.service")
     assert timer == push_settings("mapsync-publisher.service")
     assert timer["EnvironmentFile"] == "-/etc/mapsync/push.env"
+
+
+def test_the_mirror_unit_is_hardened_exactly_like_the_long_running_publisher() -> None:
+    def hardening(name: str) -> str:
+        text = (UNITS / name).read_text()
+        block = text[text.index("# Hardening") :].split("\n", 1)[1]  # its comment differs
+        return block.split("\n[", 1)[0].strip()
+
+    assert hardening("mapsync-mirror.service") == hardening("mapsync-publisher.service")
+    service = _settings((UNITS / "mapsync-mirror.service").read_text(), "Service")
+    assert service["ExecStart"].endswith(" ${MIRROR_SOURCE} /srv/mapsync")
+    assert " --interval " in service["ExecStart"] and service["SuccessExitStatus"] == "143"
+    assert service["EnvironmentFile"] == "/etc/mapsync/mirror.env"

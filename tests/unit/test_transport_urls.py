@@ -3,8 +3,11 @@ a malformed URL is a ConfigError naming it."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from mapsync import location
 from mapsync.errors import ConfigError
 from mapsync.transport.rsync import parse_source
 
@@ -44,3 +47,30 @@ def test_a_malformed_url_is_a_config_error_naming_it(url: str, why: str) -> None
     with pytest.raises(ConfigError, match="not a valid URL") as exc:
         parse_source(url)
     assert repr(url) in str(exc.value) and why in str(exc.value)
+
+
+def test_one_place_however_it_is_spelled() -> None:
+    assert (
+        location.parse("ssh://a@H.example:22/x").place == location.parse("ssh://h.example/x").place
+    )
+    assert location.parse("rsync://h/m").place == ("rsync://h:873", "m")
+    assert location.parse("rsync://h:874/m").place != location.parse("rsync://h/m").place
+
+
+def test_what_is_local_and_what_does_not_parse() -> None:
+    assert location.parse("/srv/mapsync/mx").local == Path("/srv/mapsync/mx")
+    assert location.parse("file:///srv/mapsync/mx").local == Path("/srv/mapsync/mx")
+    assert location.parse("rsync://h/m").local is None
+    unclosed = location.parse("rsync://u@[::1/m")
+    assert (unclosed.split, unclosed.username, unclosed.place) == (False, None, (unclosed.text, ""))
+    assert "Invalid IPv6 URL" in (unclosed.invalid or "")
+    bad_port = location.parse("rsync://u@h:x/m")
+    assert (bad_port.split, bad_port.username, bad_port.place) == (
+        True,
+        "u",
+        ("rsync://h:None", "m"),
+    )
+
+
+def test_a_location_is_split_once() -> None:
+    assert location.parse("ssh://u@h/p") is location.parse("ssh://u@h/p")

@@ -1,0 +1,40 @@
+"""Long-running loops (``publish --interval``, ``mirror --interval``): one run, sleep, again."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import NoReturn
+
+from mapsync import log, signals
+from mapsync.errors import EXIT_ERROR, MapsyncError
+
+
+def run_every(interval: int, run: Callable[[], object], *, logger: str, what: str) -> NoReturn:
+    """Call ``run`` every ``interval`` seconds, logging any error, until SIGTERM/SIGHUP ends
+    it with exit 128+n: at once between runs; inside a run by SystemExit, whose staging and
+    temp files are removed on the way out. ``logger``: the log's name; ``what``: the run in
+    the log's words (``publish``, ``mirror``)."""
+    _log = log.get(logger)
+    _log.info(f"{what}ing on an interval", seconds=interval)
+    while True:
+        started = time.monotonic()
+        try:
+            run()
+        except (MapsyncError, OSError) as exc:
+            signals.stop_if_received()  # the run was ended by a signal; the error is a symptom
+            _log.error(
+                str(exc),
+                error=type(exc).__name__,
+                exit=getattr(exc, "exit_code", EXIT_ERROR),
+                next_run_in=interval,
+            )
+        except Exception:
+            signals.stop_if_received()  # SystemExit turned into another error by a C extension
+            # A bug or an unforeseen damaged file: this run failed (exit 2), the next may not;
+            # a long-running process that died here would leave every node to expire.
+            _log.exception(f"{what} run crashed", exit=EXIT_ERROR, next_run_in=interval)
+        signals.stop_if_received()  # a SystemExit swallowed in a gc callback
+        took = time.monotonic() - started
+        _log.debug(f"{what} run done", seconds=round(took, 3))
+        time.sleep(max(0.0, interval - took))

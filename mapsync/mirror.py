@@ -1,0 +1,493 @@
+"""``mapsync mirror SOURCE DEST``: keep a copy of a repository in step, safely, for nodes.
+
+A mirror is a second repository (docs/release-format.md's layout) that an rsync daemon
+serves to nodes, so that thousands of agents need not poll the publisher (docs/scaling.md).
+It stands on the release contract only (:mod:`mapsync.release`) and fetches through
+:class:`mapsync.transport.Remote`, never the publisher's or the agent's code.
+
+Per channel, one run:
+
+1. reads SOURCE's ``LATEST`` (at most 4 KiB). Lower than DEST's: refused (exit 5), DEST
+   untouched. Equal: nothing is fetched (a quick local check that the release it names is
+   whole, repaired from SOURCE when not).
+2. copies each wanted release DEST lacks (the one LATEST names first): its manifest and
+   signature (at most 1 MiB; the manifest must be the one LATEST names, and with trusted
+   keys its signature is verified), then exactly the files the manifest names, delta-encoded
+   against the nearest release DEST has (``--link-dest``: unchanged maps are hard links), into
+   ``DEST/<channel>/.staging/``; every file is checked against the manifest (sha256, size),
+   then the directory is renamed into ``releases/`` whole. A half-copied release is never
+   visible.
+3. checks the release LATEST names once more where it now lies, then writes ``LATEST``
+   (temp file, fsync, rename, fsync of the directory): never one that names missing files.
+4. prunes, after that, the releases no longer wanted: those SOURCE no longer has, or with
+   ``keep`` all but the newest ``keep``; never the one LATEST names.
+
+The whole run holds ``DEST/.lock``. An error in one channel leaves that channel's DEST as
+it was (its LATEST still names a whole release) and the other channels go on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mapsync import log
+from mapsync.access import check_owner
+from mapsync.atomic import atomic_write, commit_dir
+from mapsync.config import CHANNEL_NAME
+from mapsync.errors import ConfigError, MapsyncError, TransportError, VerificationError
+from mapsync.locks import waiting_lock
+from mapsync.release import (
+    LATEST,
+    MANIFEST,
+    MAX_LATEST_BYTES,
+    MAX_MANIFEST_BYTES,
+    RELEASES,
+    SIGNATURE,
+    STAGING,
+    Latest,
+    Manifest,
+    is_serial_name,
+    manifest_sha256,
+    parse_latest,
+    parse_manifest,
+    release_dir,
+    serial_names,
+)
+from mapsync.signing import Keyring
+from mapsync.transport import Remote
+from mapsync.transport.rsync import DEFAULT_SSH, block_size
+
+_log = log.get("mirror")
+LOCK = ".lock"
+DIR_MODE, FILE_MODE = 0o755, 0o644  # what the serving rsync daemon's user must read
+MODES = "D755,F644"
+
+
+@dataclass
+class Mirrored:
+    """What one run did for one channel."""
+
+    channel: str
+    action: str  # "mirrored" (LATEST moved) | "current" (LATEST was already SOURCE's)
+    serial: int
+    previous: int | None
+    copied: list[int] = field(default_factory=list)  # releases copied, in copy order
+    pruned: list[int] = field(default_factory=list)
+    skipped: dict[int, str] = field(default_factory=dict)  # older releases not copied: why
+    bytes: int = 0  # on the wire, both ways
+    repaired: str | None = None  # DEST's copy of LATEST's release was damaged: what was wrong
+
+
+class Mirror:
+    """A mirror of the repository at ``source`` (path, ``rsync://``, ``ssh://``) in ``dest``.
+
+    ``keep``: releases kept per channel (None: those SOURCE has); ``keys``: trusted keys whose
+    signature every copied manifest must carry (None: not checked here; agents check)."""
+
+    def __init__(
+        self,
+        source: str,
+        dest: Path,
+        *,
+        keep: int | None = None,
+        keys: Keyring | None = None,
+        timeout: int = 300,
+        password_file: Path | None = None,
+        ssh: tuple[str, ...] = DEFAULT_SSH,
+    ) -> None:
+        if keep is not None and keep < 2:
+            # As the publisher's `keep`: a node that read LATEST just before it moved must
+            # still find the release it named.
+            raise ConfigError(f"mirror --keep: must be at least 2, not {keep}")
+        if "://" not in source:  # a path, relative to where the command runs
+            source = os.path.abspath(source)
+        self.remote = Remote(source, timeout, ssh, password_file, MODES)
+        self.source = self.remote.source
+        self.dest = dest
+        self.keep = keep
+        self.keys = keys
+        local = self.remote.endpoint
+        if not local.daemon and not local.ssh and os.path.exists(local.path):
+            same = os.path.realpath(local.path) == os.path.realpath(dest)
+            if same or dest.resolve().is_relative_to(Path(local.path).resolve()):
+                raise ConfigError(
+                    f"mirror: DEST {dest} is (inside) SOURCE {source}; a mirror needs its own "
+                    "directory"
+                )
+
+    @contextlib.contextmanager
+    def locked(self, wait: float = 10.0) -> Iterator[None]:
+        """Hold ``DEST/.lock`` (one mirror run, or publisher, at a time in DEST). DEST must be
+        this user's: a copy written as root could not be pruned by the ``mapsync`` user."""
+        check_owner(self.dest, "the mirror's copy")
+        self.dest.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+        lock = self.dest / LOCK
+        with waiting_lock(lock, wait, f"{self.dest}: another mirror run holds {lock}"):
+            yield
+
+    def channels(self) -> list[str]:
+        """The channels SOURCE serves: its directories named like a channel (``.private``,
+        ``.lock`` and anything else are not)."""
+        try:
+            listing = self.remote.list_dir("")
+        except TransportError as exc:
+            raise TransportError(f"{self.source}: listing its channels: {exc}") from None
+        if LATEST in listing:
+            raise ConfigError(
+                f"{self.source}: holds a {LATEST}, so it is one channel's directory; give the "
+                "repository that holds the channel directories (docs/scaling.md: mapsync-all)"
+            )
+        names = sorted(
+            n for n, (kind, _) in listing.items() if kind == "d" and CHANNEL_NAME.match(n)
+        )
+        if not names:
+            raise MapsyncError(f"{self.source}: no channel directory to mirror")
+        return names
+
+    def channel(self, name: str) -> Mirrored:
+        """Bring channel ``name`` of DEST up to SOURCE's (see the module); raise on refusal."""
+        if not CHANNEL_NAME.match(name):
+            raise ConfigError(f"mirror --channel {name!r}: not a channel name")
+        home = self.dest / name
+        home.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+        work = home / STAGING
+        shutil.rmtree(work, ignore_errors=True)  # what a killed run left (DEST's lock is ours)
+        work.mkdir(mode=0o700)
+        try:
+            return _Channel(self, name, home, work).run()
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+class _Channel:
+    """One channel's run: SOURCE's pointer, DEST's, and the copies between them."""
+
+    def __init__(self, mirror: Mirror, name: str, home: Path, work: Path) -> None:
+        self.m = mirror
+        self.remote = mirror.remote
+        self.name = name
+        self.home = home
+        self.work = work
+        self.where = f"{mirror.source}/{name}"
+        self.moved = 0
+
+    def run(self) -> Mirrored:
+        latest = self._source_latest()
+        have = self._dest_latest()
+        previous = have.serial if have else None
+        if have is not None and latest.serial < have.serial:
+            raise VerificationError(
+                f"{self.where}/{LATEST}: serial {latest.serial} is lower than {have.serial}, "
+                f"which this mirror ({self.home}) serves (a stale upstream, a rollback attack "
+                "or a restored publisher); refusing to go backwards, nothing changed"
+            )
+        repaired = None
+        if have is not None and latest.serial == have.serial:
+            if latest.manifest_sha256 != have.manifest_sha256:
+                raise VerificationError(
+                    f"{self.where}/{LATEST}: serial {latest.serial} names another manifest than "
+                    f"the one this mirror serves ({self.home / LATEST}); refusing, nothing changed"
+                )
+            repaired = self._damage(latest)
+            if repaired is None:
+                pruned = self._prune(latest.serial, self._keep_local(latest.serial))
+                return Mirrored(
+                    self.name, "current", latest.serial, previous, pruned=pruned, bytes=self.moved
+                )
+            _log.warning(
+                "the release LATEST names is damaged here; copying it again",
+                channel=self.name,
+                serial=latest.serial,
+                problem=repaired,
+            )
+            self._set_aside(latest.serial)
+        done = Mirrored(self.name, "mirrored", latest.serial, previous, repaired=repaired)
+        offered = self._source_serials(latest)
+        wanted = self._wanted(offered, latest.serial)
+        here = self._dest_serials()
+        if latest.serial in here:
+            # Copied by an earlier run that did not get to LATEST (or before SOURCE changed it):
+            # checked in full, and copied again unless it is exactly the one LATEST names.
+            problem = self._verify_here(latest)
+            if problem is not None:
+                _log.warning(
+                    "an earlier copy, never served, is copied again",
+                    channel=self.name,
+                    serial=latest.serial,
+                    problem=problem,
+                )
+                self._set_aside(latest.serial)
+                here.remove(latest.serial)
+        if latest.serial not in here:
+            self._copy(latest.serial, latest, here)  # checked in full in staging
+            done.copied.append(latest.serial)
+            here.append(latest.serial)
+        problem = self._damage(latest)
+        if problem is not None:  # never a LATEST that names what is not here, whole
+            raise VerificationError(f"{problem}; {LATEST} not moved")
+        for serial in sorted(wanted - set(here), reverse=True):
+            try:
+                self._copy(serial, None, here)
+            except MapsyncError as exc:
+                # Not what nodes fetch (they fetch what LATEST names): a warning, retried when
+                # LATEST next moves.
+                _log.warning(
+                    "older release not mirrored", channel=self.name, serial=serial, problem=str(exc)
+                )
+                done.skipped[serial] = str(exc)
+                continue
+            done.copied.append(serial)
+            here.append(serial)
+        atomic_write(self.home / LATEST, latest.to_bytes(), FILE_MODE)
+        _log.info("LATEST moved", channel=self.name, serial=latest.serial, was=previous)
+        done.pruned = self._prune(latest.serial, wanted)
+        done.bytes = self.moved
+        return done
+
+    # -- pointers ----------------------------------------------------------------------------
+
+    def _source_latest(self) -> Latest:
+        path = self.work / LATEST
+        self.moved += self.remote.fetch_file(f"{self.name}/{LATEST}", path, MAX_LATEST_BYTES)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise VerificationError(
+                f"{self.where}/{LATEST}: missing, not a regular file, or larger than "
+                f"{MAX_LATEST_BYTES} bytes"
+            ) from None
+        return parse_latest(data, f"{self.where}/{LATEST}")
+
+    def _dest_latest(self) -> Latest | None:
+        path = self.home / LATEST
+        try:
+            return parse_latest(path.read_bytes(), str(path))
+        except FileNotFoundError:
+            return None
+        except (OSError, MapsyncError) as exc:
+            raise MapsyncError(
+                f"{path}: damaged ({getattr(exc, 'strerror', None) or exc}); the mirror does not "
+                "guess which serial it served: look at it, and remove it to mirror afresh"
+            ) from None
+
+    # -- which releases ----------------------------------------------------------------------
+
+    def _source_serials(self, latest: Latest) -> list[int]:
+        listing = self.remote.list_dir(f"{self.name}/{RELEASES}")
+        serials = sorted(
+            int(n) for n, (kind, _) in listing.items() if kind == "d" and is_serial_name(n)
+        )
+        if latest.serial not in serials:
+            raise VerificationError(
+                f"{self.where}/{LATEST}: names release {latest.serial}, which "
+                f"{self.where}/{RELEASES}/ does not hold; nothing changed"
+            )
+        return [s for s in serials if s <= latest.serial]
+
+    def _dest_serials(self) -> list[int]:
+        good, _, stray = serial_names(self.home / RELEASES)
+        for path in stray:
+            _log.warning("not a release, ignored (remove it by hand)", path=str(path))
+        return good
+
+    def _wanted(self, offered: list[int], serial: int) -> set[int]:
+        """The releases DEST should hold once LATEST is ``serial``."""
+        if self.m.keep is None:
+            return {*offered, serial}
+        universe = sorted({*offered, *(s for s in self._dest_serials() if s <= serial)})
+        return {*universe[-self.m.keep :], serial}
+
+    def _keep_local(self, serial: int) -> set[int]:
+        """Wanted releases when LATEST did not move: with ``keep``, the newest here; else all
+        (those SOURCE pruned go when LATEST next moves)."""
+        here = [s for s in self._dest_serials() if s <= serial]
+        if self.m.keep is None:
+            return {*here, serial}
+        return {*here[-self.m.keep :], serial}
+
+    def _prune(self, serial: int, wanted: set[int]) -> list[int]:
+        pruned = []
+        for old in self._dest_serials():
+            if old in wanted or old == serial:
+                continue
+            path = self.home / release_dir(old)
+            try:
+                shutil.rmtree(path)
+            except OSError as exc:
+                _log.warning(
+                    "old release not removed",
+                    channel=self.name,
+                    serial=old,
+                    problem=f"{exc.filename}: {exc.strerror}",
+                )
+                continue
+            pruned.append(old)
+        if pruned:
+            _log.info("old releases pruned", channel=self.name, serials=pruned, latest=serial)
+        return pruned
+
+    # -- copies ------------------------------------------------------------------------------
+
+    def _copy(self, serial: int, latest: Latest | None, here: list[int]) -> None:
+        """Copy release ``serial`` into staging, check it, rename it into ``releases/``."""
+        name = f"{self.name}/{release_dir(serial)}"
+        where = f"{self.m.source}/{name}"
+        staging = self.work / str(serial)
+        staging.mkdir()
+        os.chmod(staging, DIR_MODE)
+        self.moved += self.remote.fetch_files(
+            name, [MANIFEST, SIGNATURE], staging, None, MAX_MANIFEST_BYTES
+        )
+        manifest = self._manifest(staging, serial, latest, where)
+        largest = max((m.size for m in manifest.maps.values()), default=0)
+        basis = self._basis(serial, here)
+        files = sorted(manifest.files())
+        self.moved += self.remote.fetch_files(
+            name, files, staging, basis, largest + 1, block_size(largest)
+        )
+        problem = self._check_files(staging, manifest, where)
+        if (
+            problem is not None
+            and basis is not None
+            and all((staging / f).is_file() for f in files)
+        ):
+            # rsync's quick check (size, mtime) trusts the basis: a file damaged on this disk
+            # would be linked into every later release. Once more without it.
+            _log.warning(
+                "copying again without the local delta basis",
+                channel=self.name,
+                serial=serial,
+                basis=str(basis),
+                problem=problem,
+            )
+            for f in files:
+                (staging / f).unlink()
+            self.moved += self.remote.fetch_files(name, files, staging, None, largest + 1)
+            problem = self._check_files(staging, manifest, where)
+        if problem is not None:
+            raise VerificationError(f"{problem}; nothing of release {serial} is served")
+        releases = self.home / RELEASES
+        releases.mkdir(mode=DIR_MODE, exist_ok=True)
+        commit_dir(staging, releases / str(serial))
+        _log.info("release copied", channel=self.name, serial=serial)
+
+    def _basis(self, serial: int, here: list[int]) -> Path | None:
+        """The release here nearest ``serial``: rsync's delta basis (and hard-link source)."""
+        if not here:
+            return None
+        nearest = min(here, key=lambda s: (abs(s - serial), -s))
+        return self.home / release_dir(nearest)
+
+    def _manifest(
+        self, directory: Path, serial: int, latest: Latest | None, where: str
+    ) -> Manifest:
+        try:
+            data = (directory / MANIFEST).read_bytes()
+        except FileNotFoundError:
+            raise VerificationError(
+                f"{where}/{MANIFEST}: missing, or larger than {MAX_MANIFEST_BYTES} bytes"
+            ) from None
+        if not (directory / SIGNATURE).is_file():
+            raise VerificationError(f"{where}/{SIGNATURE}: missing")
+        if latest is not None and manifest_sha256(data) != latest.manifest_sha256:
+            raise VerificationError(
+                f"{where}/{MANIFEST}: sha256 differs from the one {LATEST} names"
+            )
+        if self.m.keys is not None:
+            # A local import: it needs `cryptography`, which the rest of this module does not.
+            from mapsync.release.verify import verify_release
+
+            return verify_release(
+                directory, self.m.keys, where, channel=self.name, serial=serial, latest=latest
+            ).manifest
+        manifest = parse_manifest(data, f"{where}/{MANIFEST}")
+        if manifest.channel != self.name or manifest.serial != serial:
+            raise VerificationError(
+                f"{where}/{MANIFEST}: is channel {manifest.channel!r} serial {manifest.serial}, "
+                f"not {self.name!r} serial {serial}"
+            )
+        return manifest
+
+    def _check_files(self, directory: Path, manifest: Manifest, where: str) -> str | None:
+        """What is wrong with the files in ``directory`` (None: exactly the manifest's files,
+        each with its sha256 and size, beside the manifest and its signature)."""
+        from mapsync.release.verify import check_files
+
+        try:
+            extra = sorted(set(os.listdir(directory)) - manifest.files() - {MANIFEST, SIGNATURE})
+            if extra:
+                return f"{where}: file(s) the manifest does not name: {', '.join(extra)}"
+            check_files(directory, manifest, where)
+        except (OSError, MapsyncError) as exc:
+            return str(exc)
+        return None
+
+    def _verify_here(self, latest: Latest) -> str | None:
+        """What is wrong with DEST's copy of the release ``latest`` names (None: it is whole:
+        its manifest is the one named, and every file it names has its sha256 and size)."""
+        directory = self.home / release_dir(latest.serial)
+        where = str(directory)
+        try:
+            manifest = self._manifest(directory, latest.serial, latest, where)
+        except (OSError, MapsyncError) as exc:
+            return str(exc)
+        return self._check_files(directory, manifest, where)
+
+    def _damage(self, latest: Latest) -> str | None:
+        """A quick look (no file hashed) at the release DEST's LATEST names: its manifest is
+        the one named and every file it names is there with its size. What is wrong, or None."""
+        directory = self.home / release_dir(latest.serial)
+        try:
+            data = (directory / MANIFEST).read_bytes()
+            if manifest_sha256(data) != latest.manifest_sha256:
+                return f"{directory / MANIFEST}: not the manifest {LATEST} names"
+            manifest = parse_manifest(data, str(directory / MANIFEST))
+            for m in manifest.maps.values():
+                if (directory / m.file).stat().st_size != m.size:
+                    return f"{directory / m.file}: size differs from the manifest's"
+            (directory / SIGNATURE).stat()
+        except OSError as exc:
+            return f"{exc.filename}: {exc.strerror}"
+        except MapsyncError as exc:
+            return str(exc)
+        return None
+
+    def _set_aside(self, serial: int) -> None:
+        """Move DEST's (damaged, or never served) copy of ``serial`` out of ``releases/``."""
+        path = self.home / release_dir(serial)
+        if os.path.lexists(path):
+            os.rename(path, self.work / f"old-{serial}")
+
+
+def mirror_channels(
+    mirror: Mirror, names: list[str] | None
+) -> tuple[list[Mirrored], list[tuple[str, MapsyncError]]]:
+    """One pass over ``names`` (default: every channel SOURCE serves), under DEST's lock:
+    what was done per channel, and each channel's error (the others go on)."""
+    done: list[Mirrored] = []
+    failed: list[tuple[str, MapsyncError]] = []
+    with mirror.locked():
+        for name in names or mirror.channels():
+            try:
+                done.append(mirror.channel(name))
+            except MapsyncError as exc:
+                failed.append((name, exc))
+            except OSError as exc:
+                failed.append((name, MapsyncError(f"{mirror.dest / name}: {exc}")))
+    return done, failed
+
+
+class MirrorFailed(MapsyncError):
+    """Some channels could not be mirrored; each keeps serving what it served."""
+
+    def __init__(self, failed: list[tuple[str, MapsyncError]]) -> None:
+        self.failed = failed
+        self.exit_code = max(exc.exit_code for _, exc in failed)
+        super().__init__(
+            "\n".join(f"channel {name}: {' '.join(str(exc).split())}" for name, exc in failed)
+        )

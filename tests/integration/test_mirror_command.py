@@ -1,0 +1,474 @@
+"""``mapsync mirror SOURCE DEST``: a repository copy kept in step for nodes to pull from.
+
+Real parts only: a publisher's repository served by a real ``rsync --daemon`` on loopback,
+the mirror copying from it into a directory that a second daemon serves, and an agent
+installing from that second daemon. What must hold: a release appears in DEST whole before
+the LATEST that names it, LATEST never names missing files nor moves backwards, old releases
+go only after LATEST moved, and a run with nothing new changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mapsync.release import MANIFEST, SIGNATURE
+from mapsync.signing import keygen, load_private, sign
+from tests.conftest import Cluster
+from tests.helpers.agent import add_account, lookup, tree_snapshot
+from tests.helpers.processes import started, wait_for_children
+from tests.helpers.rsyncd import documented_rsyncd_conf, serving
+from tests.helpers.transport import RsyncDaemon, SilentListener, sshd
+
+
+@pytest.fixture
+def upstream(cluster: Cluster, tmp_path: Path) -> Iterator[RsyncDaemon]:
+    """The publisher's whole repository as an rsync daemon module (what a mirror copies)."""
+    d = RsyncDaemon(tmp_path / "rsyncd-upstream", cluster.repo)
+    try:
+        yield d
+    finally:
+        d.stop()
+
+
+def repo_url(d: RsyncDaemon) -> str:
+    return f"rsync://127.0.0.1:{d.port}/{d.module}"
+
+
+def mirror(
+    cluster: Cluster, source: str | Path, dest: Path, *args: str
+) -> subprocess.CompletedProcess[str]:
+    return cluster.cli("mirror", str(source), str(dest), *args)
+
+
+def latest(channel: Path) -> dict[str, object]:
+    data = json.loads((channel / "LATEST").read_bytes())
+    assert isinstance(data, dict)
+    return data
+
+
+def releases(channel: Path) -> list[int]:
+    return sorted(int(p.name) for p in (channel / "releases").iterdir())
+
+
+def publish_new(cluster: Cluster, n: int) -> None:
+    for i in range(n):
+        add_account(cluster, f"zz-mirror-{time.monotonic_ns()}-{i}")
+        cluster.publish()
+
+
+def test_an_agent_installs_from_a_mirror_kept_in_step(
+    cluster: Cluster, upstream: RsyncDaemon, tmp_path: Path
+) -> None:
+    cluster.publish()
+    dest = tmp_path / "mirror"
+    p = mirror(
+        cluster,
+        repo_url(upstream),
+        dest,
+        "--trusted-key",
+        str(cluster.root / "keys" / "signing.pub"),
+    )
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith("mx: serial 1 mirrored, copied release 1; "), p.stdout
+    served = RsyncDaemon(tmp_path / "rsyncd-mirror", dest)
+    try:
+        cluster.write_config(source=served.url())
+        assert "mx: installed serial 1" in cluster.pull().stdout
+        assert lookup(cluster, "postmaster@example-1.org") == "OK"
+
+        new = add_account(cluster, "zz-via-mirror")
+        cluster.publish()
+        p = mirror(cluster, repo_url(upstream), dest)
+        assert p.returncode == 0, p.stderr
+        assert "mx: serial 2 mirrored (was 1), copied release 2; " in p.stdout
+        pulled = cluster.pull()
+        assert "installed serial 2 (was 1)" in pulled.stdout
+        assert lookup(cluster, new) == "OK"
+        assert "rsync on mapsync/mx/releases/2/" in served.log.read_text()  # the mirror served it
+        assert cluster.cli("verify").returncode == 0
+    finally:
+        served.stop()
+    # The copy is the publisher's, byte for byte and to the nanosecond (the nodes' rsync quick
+    # check and delta basis work whichever of the two served them), readable by the daemon's
+    # user, and an unchanged map is one file shared by both releases.
+    for serial in (1, 2):
+        for f in (cluster.repo / "mx" / "releases" / str(serial)).iterdir():
+            copy = dest / "mx" / "releases" / str(serial) / f.name
+            assert copy.read_bytes() == f.read_bytes()
+            assert copy.stat().st_mtime_ns == f.stat().st_mtime_ns
+            assert copy.stat().st_mode & 0o777 == 0o644
+    r1, r2 = (dest / "mx" / "releases" / s for s in ("1", "2"))
+    assert (r1 / "transport").stat().st_ino == (r2 / "transport").stat().st_ino
+    assert (dest / "mx" / "LATEST").read_bytes() == (cluster.repo / "mx" / "LATEST").read_bytes()
+    assert not (dest / "mx" / ".staging").exists()
+
+
+def test_a_second_run_with_nothing_new_changes_nothing(
+    cluster: Cluster, upstream: RsyncDaemon, tmp_path: Path
+) -> None:
+    cluster.publish()
+    dest = tmp_path / "mirror"
+    assert mirror(cluster, repo_url(upstream), dest).returncode == 0
+    before = tree_snapshot(dest)
+    log_before = upstream.log.read_text()
+    p = mirror(cluster, repo_url(upstream), dest)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == "mx: serial 1 is current\n"
+    assert tree_snapshot(dest) == before  # no file written, replaced or touched
+    asked = upstream.log.read_text()[len(log_before) :]
+    assert "mapsync/mx/LATEST" in asked and "releases" not in asked  # one small fetch, no more
+
+
+@pytest.mark.parametrize("damage", ["missing", "altered"])
+def test_a_release_that_cannot_be_copied_whole_never_gets_a_latest(
+    cluster: Cluster, upstream: RsyncDaemon, tmp_path: Path, damage: str
+) -> None:
+    """A map of the new release is gone from (or altered at) the source: the mirror exits
+    non-zero, its LATEST still names the old release, which still serves, and nothing of the
+    new one is visible. Once the source is whole again, the next run copies it."""
+    cluster.publish()
+    dest = tmp_path / "mirror"
+    assert mirror(cluster, repo_url(upstream), dest).returncode == 0
+    publish_new(cluster, 1)
+    recipients = cluster.repo / "mx" / "releases" / "2" / "recipients"
+    good = recipients.read_bytes()
+    stat = recipients.stat()
+    if damage == "missing":
+        recipients.unlink()
+    else:
+        data = bytearray(good)
+        data[-2] ^= 0x01  # same size: only the sha256 can tell
+        recipients.write_bytes(bytes(data))
+        os.utime(recipients, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    before = (dest / "mx" / "LATEST").read_bytes()
+
+    p = mirror(cluster, repo_url(upstream), dest)
+    assert p.returncode == 5, p.stdout + p.stderr
+    why = "missing or not a regular file" if damage == "missing" else "does not match the manifest"
+    assert "mapsync: channel mx: " in p.stderr and "releases/2/recipients" in p.stderr, p.stderr
+    assert why in p.stderr and "nothing of release 2 is served" in p.stderr
+    assert (dest / "mx" / "LATEST").read_bytes() == before
+    assert releases(dest / "mx") == [1]
+    assert not (dest / "mx" / ".staging").exists()
+    served = RsyncDaemon(tmp_path / "rsyncd-mirror", dest)
+    try:
+        cluster.write_config(source=served.url())
+        assert "mx: installed serial 1" in cluster.pull().stdout  # the old release still serves
+
+        recipients.write_bytes(good)
+        os.utime(recipients, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        p = mirror(cluster, repo_url(upstream), dest)
+        assert p.returncode == 0, p.stderr
+        assert "mx: serial 2 mirrored (was 1), copied release 2" in p.stdout
+        assert "installed serial 2 (was 1)" in cluster.pull().stdout
+    finally:
+        served.stop()
+
+
+def test_a_mirror_never_goes_backwards(cluster: Cluster, tmp_path: Path) -> None:
+    cluster.publish()
+    stale = tmp_path / "stale"  # a copy of the repository at serial 1, as a stale upstream
+    subprocess.run(["rsync", "-a", f"{cluster.repo}/", f"{stale}/"], check=True)
+    publish_new(cluster, 1)
+    dest = tmp_path / "mirror"
+    assert mirror(cluster, cluster.repo, dest).returncode == 0
+    before = tree_snapshot(dest)
+
+    p = mirror(cluster, stale, dest)
+    assert p.returncode == 5, p.stdout + p.stderr
+    assert f"{stale}/mx/LATEST: serial 1 is lower than 2" in p.stderr
+    assert "refusing to go backwards, nothing changed" in p.stderr
+    assert tree_snapshot(dest) == before
+
+    # The same serial with another manifest (a publisher restored and republished): refused too.
+    forged = json.loads((stale / "mx" / "LATEST").read_bytes())
+    forged["serial"] = 2
+    (stale / "mx" / "LATEST").write_text(json.dumps(forged))
+    p = mirror(cluster, stale, dest)
+    assert p.returncode == 5, p.stdout + p.stderr
+    assert "serial 2 names another manifest than the one this mirror serves" in p.stderr
+    assert tree_snapshot(dest) == before
+
+
+def test_old_releases_are_pruned_after_latest_moves(cluster: Cluster, tmp_path: Path) -> None:
+    cluster.publish()
+    publish_new(cluster, 3)  # serials 1..4 at the publisher
+    dest = tmp_path / "mirror"
+    p = mirror(cluster, cluster.repo, dest, "--keep", "2")
+    assert p.returncode == 0, p.stderr
+    assert "mx: serial 4 mirrored, copied releases 4, 3; " in p.stdout  # only what is kept
+    assert releases(dest / "mx") == [3, 4]
+
+    publish_new(cluster, 1)
+    p = cluster.cli("--log-format", "json", "mirror", str(cluster.repo), str(dest), "--keep", "2")
+    assert p.returncode == 0, p.stderr
+    assert "mx: serial 5 mirrored (was 4), copied release 5, pruned release 3; " in p.stdout
+    assert releases(dest / "mx") == [4, 5] and latest(dest / "mx")["serial"] == 5
+    # The log shows the order: the new release copied, then LATEST, and only then the prune.
+    events = [json.loads(line)["event"] for line in p.stderr.splitlines() if line.startswith("{")]
+    assert events == ["release copied", "LATEST moved", "old releases pruned"], p.stderr
+
+    # Without --keep the mirror keeps what the source keeps: the publisher keeps 2 releases.
+    cluster.write_config(extra_publisher="keep = 2")
+    publish_new(cluster, 1)
+    assert releases(cluster.repo / "mx") == [5, 6]
+    assert mirror(cluster, cluster.repo, dest, "--keep", "5").returncode == 0
+    assert releases(dest / "mx") == [4, 5, 6]
+    p = mirror(cluster, cluster.repo, dest)
+    assert p.stdout == "mx: serial 6 is current\n"  # LATEST did not move: nothing pruned yet
+    publish_new(cluster, 1)
+    p = mirror(cluster, cluster.repo, dest)
+    assert p.returncode == 0, p.stderr
+    assert "mx: serial 7 mirrored (was 6), copied release 7, pruned releases 4, 5; " in p.stdout
+    assert releases(dest / "mx") == releases(cluster.repo / "mx") == [6, 7]
+
+
+def test_channel_mirrors_only_the_channels_named(cluster: Cluster, tmp_path: Path) -> None:
+    cluster.write_config(extra_publisher='[publisher.channels.relay]\nmaps = ["domains"]\n')
+    cluster.publish()
+    assert (cluster.repo / "relay" / "LATEST").exists()
+    dest = tmp_path / "mirror"
+    p = mirror(cluster, cluster.repo, dest, "--channel", "relay")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith("relay: serial 1 mirrored, copied release 1; "), p.stdout
+    assert sorted(x.name for x in dest.iterdir() if not x.name.startswith(".")) == ["relay"]
+
+    p = mirror(cluster, cluster.repo, dest)  # every channel the source has; never .private
+    assert p.returncode == 0, p.stderr
+    assert "mx: serial 1 mirrored" in p.stdout and "relay: serial 1 is current" in p.stdout
+    assert sorted(x.name for x in dest.iterdir()) == [".lock", "mx", "relay"]
+
+    p = mirror(cluster, cluster.repo / "mx", tmp_path / "wrong")  # a channel, not a repository
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert f"{cluster.repo / 'mx'}: holds a LATEST, so it is one channel's directory" in p.stderr
+
+    p = mirror(cluster, cluster.repo, dest, "--channel", "nope")
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "mapsync: channel nope: rsync failed" in p.stderr
+
+
+def test_dest_inside_source_is_refused(cluster: Cluster) -> None:
+    cluster.publish()
+    p = mirror(cluster, cluster.repo, cluster.repo / "copy")
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "is (inside) SOURCE" in p.stderr
+    assert not (cluster.repo / "copy").exists()
+
+
+def test_mirror_interval_follows_the_publisher_and_stops_cleanly_on_sigterm(
+    cluster: Cluster, upstream: RsyncDaemon, tmp_path: Path
+) -> None:
+    cluster.publish()
+    dest = tmp_path / "mirror"
+    argv = [sys.executable, "-m", "mapsync", "mirror", repo_url(upstream), str(dest)]
+    proc = subprocess.Popen(
+        [*argv, "--interval", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        publish_new(cluster, 1)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if (dest / "mx" / "LATEST").exists() and latest(dest / "mx")["serial"] == 2:
+                break
+            time.sleep(0.1)
+        assert latest(dest / "mx")["serial"] == 2
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "mx: serial 2 mirrored" in out
+    assert "mx: serial 2 is current" not in out  # the loop prints only what changed
+    assert not (dest / "mx" / ".staging").exists()
+    assert releases(dest / "mx") == [1, 2]
+
+
+SCALING_MD = Path(__file__).resolve().parents[2] / "docs" / "scaling.md"
+
+
+def test_the_documented_mirror_module_serves_the_repository_without_its_private_notes(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """docs/scaling.md's ``[mapsync-all]`` module under docs/security.md's global section,
+    with a password: the mirror copies every channel through it, and nothing of ``.private``
+    nor any other dot-file is served."""
+    cluster.publish()
+    assert (cluster.repo / ".private").is_dir()
+    blocks = re.findall(r"^```\n(.*?)^```$", SCALING_MD.read_text(), re.S | re.M)
+    (module,) = [b for b in blocks if b.startswith("[mapsync-all]")]
+    conf = documented_rsyncd_conf().split("\n[", 1)[0] + "\n" + module
+    daemon = tmp_path / "rsyncd"
+    daemon.mkdir()
+    (daemon / "secrets").write_text("mirror:mirror-secret\n")
+    (daemon / "secrets").chmod(0o600)
+    # Root and no chroot only because pytest's temporary directories are 0700 (as in
+    # test_documented_rsyncd); loopback stands in for the mirrors' addresses.
+    for doc, here in (("uid = nobody", "uid = root"), ("gid = nogroup", "gid = root"),
+                      ("use chroot = yes", "use chroot = no"),
+                      ("path = /srv/mapsync", f"path = {cluster.repo}"),
+                      ("/etc/rsyncd.secrets", str(daemon / "secrets")),
+                      ("hosts allow = 192.0.2.21 192.0.2.22 192.0.2.23 192.0.2.24",
+                       "hosts allow = 127.0.0.1")):  # fmt: skip
+        assert doc in conf, doc
+        conf = conf.replace(doc, here)
+    password = tmp_path / "mirror.password"
+    password.write_text("mirror-secret\n")
+    password.chmod(0o600)
+    dest = tmp_path / "mirror"
+    with serving(conf, daemon) as port:
+        url = f"rsync://mirror@127.0.0.1:{port}/mapsync-all"
+        p = mirror(cluster, url, dest, "--password-file", str(password))
+        assert p.returncode == 0, p.stderr
+        assert "mx: serial 1 mirrored, copied release 1" in p.stdout
+        listing = subprocess.run(
+            ["rsync", "-r", "--list-only", f"--password-file={password}", f"{url}/"],
+            capture_output=True,
+            text=True,
+        )
+        assert listing.returncode == 0, listing.stderr
+        names = [line.split()[-1] for line in listing.stdout.splitlines() if line.strip()]
+        assert "mx/releases/1/recipients" in names and "mx/LATEST" in names
+        hidden = [n for n in names if n != "." and any(p.startswith(".") for p in n.split("/"))]
+        assert hidden == [], hidden  # .private/, .lock, .publisher.json: never served
+        no_password = mirror(cluster, url, tmp_path / "other")
+        assert no_password.returncode == 2
+        assert "asks for a password" in no_password.stderr, no_password.stderr
+    assert sorted(x.name for x in dest.iterdir()) == [".lock", "mx"]
+
+
+def test_a_mirror_copies_over_ssh(cluster: Cluster, tmp_path: Path) -> None:
+    cluster.publish()
+    dest = tmp_path / "mirror"
+    with sshd(tmp_path / "sshd") as server:
+        p = mirror(cluster, server.url(str(cluster.repo)), dest, "--ssh", shlex.join(server.ssh))
+        assert p.returncode == 0, p.stderr
+        assert p.stdout.startswith("mx: serial 1 mirrored, copied release 1; "), p.stdout
+        again = mirror(
+            cluster, server.url(str(cluster.repo)), dest, "--ssh", shlex.join(server.ssh)
+        )
+        assert again.stdout == "mx: serial 1 is current\n", again.stdout + again.stderr
+    assert (dest / "mx" / "LATEST").read_bytes() == (cluster.repo / "mx" / "LATEST").read_bytes()
+
+
+def test_trusted_key_refuses_a_foreign_signature_that_a_plain_mirror_copies(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """With --trusted-key the mirror refuses what the nodes would refuse; without it, it
+    copies it (the mirror is untrusted; the nodes verify)."""
+    cluster.publish()
+    forged = tmp_path / "forged"
+    subprocess.run(["rsync", "-a", f"{cluster.repo}/", f"{forged}/"], check=True)
+    keygen(tmp_path / "intruder.key")
+    release = forged / "mx" / "releases" / "1"
+    (release / SIGNATURE).write_bytes(
+        sign(load_private(tmp_path / "intruder.key"), (release / MANIFEST).read_bytes())
+    )
+    trusted = str(cluster.root / "keys" / "signing.pub")
+    p = mirror(cluster, forged, tmp_path / "checked", "--trusted-key", trusted)
+    assert p.returncode == 5, p.stdout + p.stderr
+    assert "MANIFEST.json.sig" in p.stderr, p.stderr
+    assert not (tmp_path / "checked" / "mx" / "LATEST").exists()
+    assert not (tmp_path / "checked" / "mx" / "releases" / "1").exists()
+    assert mirror(cluster, forged, tmp_path / "plain").returncode == 0
+
+
+def test_a_damaged_copy_of_the_served_release_is_copied_again(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    cluster.publish()
+    dest = tmp_path / "mirror"
+    assert mirror(cluster, cluster.repo, dest).returncode == 0
+    served = dest / "mx" / "releases" / "1" / "recipients"
+    served.write_bytes(served.read_bytes()[:-10])  # truncated on the mirror's disk
+    p = mirror(cluster, cluster.repo, dest)
+    assert p.returncode == 0, p.stderr
+    assert "mx: serial 1 mirrored (was 1), copied release 1" in p.stdout
+    assert "the copy here was damaged and is replaced" in p.stdout
+    original = cluster.repo / "mx" / "releases" / "1" / "recipients"
+    assert served.read_bytes() == original.read_bytes()
+    assert mirror(cluster, cluster.repo, dest).stdout == "mx: serial 1 is current\n"
+
+
+def test_a_file_damaged_on_the_mirror_is_not_linked_into_the_next_release(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """rsync's quick check trusts the delta basis (size and mtime): a map damaged on the
+    mirror's disk, same size and time, would be hard-linked into the next release. The copy is
+    checked, found altered, and fetched again without the basis."""
+    cluster.publish()
+    dest = tmp_path / "mirror"
+    assert mirror(cluster, cluster.repo, dest).returncode == 0
+    damaged = dest / "mx" / "releases" / "1" / "transport"
+    st = damaged.stat()
+    data = bytearray(damaged.read_bytes())
+    data[-2] ^= 0x01
+    damaged.write_bytes(bytes(data))
+    os.utime(damaged, ns=(st.st_atime_ns, st.st_mtime_ns))
+    publish_new(cluster, 1)  # a new account: transport is unchanged
+    assert (cluster.repo / "mx" / "releases" / "2" / "transport").stat().st_mtime_ns == (
+        st.st_mtime_ns
+    )
+    p = mirror(cluster, cluster.repo, dest)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "copying again without the local delta basis" in p.stderr
+    copy = dest / "mx" / "releases" / "2" / "transport"
+    assert copy.read_bytes() == (cluster.repo / "mx" / "releases" / "2" / "transport").read_bytes()
+    assert copy.stat().st_ino != damaged.stat().st_ino
+
+
+def test_keep_below_two_is_refused(cluster: Cluster, tmp_path: Path) -> None:
+    cluster.publish()
+    p = mirror(cluster, cluster.repo, tmp_path / "mirror", "--keep", "1")
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "mapsync: mirror --keep: must be at least 2, not 1" in p.stderr
+    assert not (tmp_path / "mirror").exists()
+
+
+def test_a_dest_another_user_owns_is_refused_before_anything_is_written(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    cluster.publish()
+    dest = tmp_path / "mirror"
+    dest.mkdir()
+    os.chown(dest, 65534, 65534)  # the mirror's user, say; mapsync runs as root here
+    p = mirror(cluster, cluster.repo, dest)
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert f"{dest}: the mirror's copy belongs to" in p.stderr and "nothing was written" in p.stderr
+    assert list(dest.iterdir()) == []
+
+
+def test_sigterm_while_rsync_waits_on_the_source_ends_it_and_leaves_dest_as_it_was(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    cluster.publish()
+    dest = tmp_path / "mirror"
+    assert mirror(cluster, cluster.repo, dest).returncode == 0
+    before = tree_snapshot(dest)
+    with SilentListener() as silent:
+        url = f"rsync://127.0.0.1:{silent.port}/mapsync"
+        with started(cluster, "mirror", "--channel", "mx", url, str(dest)) as proc:
+            rsyncs = wait_for_children(proc, "rsync", 1)
+            signalled = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            out, err = proc.communicate(timeout=20)
+            took = time.monotonic() - signalled
+            left = [p for p in rsyncs if p.running()]
+    assert proc.returncode == 143, out + err
+    assert "Traceback" not in err
+    assert not left, f"rsync still running after mapsync exited: {left}"
+    assert took < 5
+    assert not (dest / "mx" / ".staging").exists()
+    assert tree_snapshot(dest) == before
