@@ -14,7 +14,6 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from mapsync.agent.node import expired
 from mapsync.config import AgentChannel, AgentConfig
 from mapsync.errors import VerificationError
 from mapsync.release import MANIFEST, SIGNATURE, Latest, Manifest
@@ -57,7 +56,7 @@ def verify_files(release: VerifiedRelease, where: str, *, check_expiry: bool = T
     release that was live), any file its manifest does not name, and any text map whose
     sha256 or size differ from the manifest's."""
     manifest = release.manifest
-    if check_expiry and expired(manifest):
+    if check_expiry and manifest.expired():
         raise VerificationError(
             f"{where}/{MANIFEST}: expired at {manifest.expires}; not installing"
         )

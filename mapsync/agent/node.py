@@ -16,7 +16,6 @@ import contextlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 
 from mapsync import log
@@ -145,11 +144,6 @@ class NodeChannel:
             path=str(self.paths.state),
             error=first.strerror,
         )
-
-
-def expired(manifest: Manifest, now: datetime | None = None) -> bool:
-    """Whether ``manifest`` has expired (at ``now``, default the present)."""
-    return manifest.expires_at() <= (now or datetime.now(UTC))
 
 
 @contextlib.contextmanager

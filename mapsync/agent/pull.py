@@ -13,17 +13,17 @@ happens, the outcome is recorded in the channel's state.
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from mapsync import log
 from mapsync.agent.fetch import Answer, fetch, sources, warn_if_exposed
 from mapsync.agent.hooks import reload_failure
 from mapsync.agent.install import install, keep, promote_basis
-from mapsync.agent.node import NodeChannel, expired, taken
+from mapsync.agent.node import NodeChannel, taken
 from mapsync.agent.repair import check_and_repair
 from mapsync.config import AgentChannel, AgentConfig
 from mapsync.errors import InstallError, MapsyncError, VerificationError
-from mapsync.release import Latest, Manifest, iso, utcnow
+from mapsync.release import Latest, Manifest, iso, same_maps, utcnow
 
 _log = log.get("agent")
 
@@ -150,7 +150,7 @@ def _decide(
         raise VerificationError(
             f"{where}: serial {latest.serial} is installed with a different manifest; refusing"
         )
-    if expired(current):
+    if current.expired():
         raise VerificationError(
             f"channel {ch.name}: installed serial {current.serial} expired at {current.expires} "
             "and the publisher has not renewed it (maps keep serving)"
@@ -174,7 +174,7 @@ def serial_floor(node: NodeChannel, current: Manifest | None) -> int | None:
 
 def _pinned(ch: AgentChannel, current: Manifest, latest: Latest) -> PullResult:
     """The source was reached and LATEST is sane, but ``rollback`` pinned the installed serial."""
-    if expired(current):
+    if current.expired():
         raise VerificationError(
             f"channel {ch.name}: pinned serial {current.serial} expired at {current.expires} "
             "(maps keep serving); `mapsync pull --unpin` installs LATEST, "
@@ -192,14 +192,7 @@ def _install(node: NodeChannel, current: Manifest | None, answer: Answer[PullRes
     assert release is not None
     manifest, staging = release.manifest, release.path
     warn_if_exposed(ch, manifest, answer.source)
-    same = (
-        current is not None
-        and set(current.maps) == set(manifest.maps)
-        and all(
-            current.maps[n] == replace(m, forced=current.maps[n].forced)
-            for n, m in manifest.maps.items()
-        )
-    )
+    same = current is not None and same_maps(manifest.maps, current.maps, identical=True)
     same = install(node, release, renewal=same)
     keep(node, staging, manifest)
     promote_basis(node, staging)

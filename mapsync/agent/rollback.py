@@ -25,7 +25,7 @@ from mapsync.agent.install import install
 from mapsync.agent.node import NodeChannel, held
 from mapsync.config import AgentChannel, AgentConfig
 from mapsync.errors import InstallError, MapsyncError, VerificationError
-from mapsync.release import MANIFEST, Manifest, iso, parse_manifest, utcnow
+from mapsync.release import MANIFEST, Manifest, iso, parse_manifest, same_maps, utcnow
 from mapsync.release.verify import VerifiedRelease
 
 _log = log.get("agent")
@@ -74,21 +74,14 @@ def choose(
                 unverified = parse_manifest((src / MANIFEST).read_bytes(), str(src / MANIFEST))
             except (OSError, VerificationError):
                 return candidate, None
-            if _differs(unverified, current):
+            if not same_maps(unverified.maps, current.maps):
                 return candidate, None
             continue
-        if _differs(release.manifest, current):
+        if not same_maps(release.manifest.maps, current.maps):
             return candidate, release
     raise MapsyncError(
         f"channel {ch.name}: no kept release older than the installed {current.serial} has "
         f"different maps (kept: {listed}); nothing changed"
-    )
-
-
-def _differs(m: Manifest, current: Manifest) -> bool:
-    """Whether ``m`` serves other maps, or other content, than ``current``."""
-    return set(m.maps) != set(current.maps) or any(
-        not e.same_content(current.maps[n]) for n, e in m.maps.items()
     )
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from mapsync.access import denied
 from mapsync.agent.damage import check_live
-from mapsync.agent.node import NodeChannel, expired
+from mapsync.agent.node import NodeChannel
 from mapsync.agent.state import ChannelState, StateDamaged
 from mapsync.atomic import atomic_write
 from mapsync.config import AgentChannel, AgentConfig
@@ -153,7 +153,7 @@ def channel_status(
         st.entries = {n: m.entries for n, m in manifest.maps.items()}
         left = int((manifest.expires_at() - now).total_seconds())
         lifetime = int((manifest.expires_at() - manifest.created_at()).total_seconds())
-        if expired(manifest, now):
+        if manifest.expired(now):
             problems.append((EXIT_ERROR, f"expired {human(-left)} ago"))
         elif left * 4 <= lifetime:
             # The publisher renews at half the lifetime; a quarter left means it has not.
