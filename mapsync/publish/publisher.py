@@ -38,9 +38,11 @@ from mapsync.maps import CATALOGUE, Directory, Map
 from mapsync.maps.custom import catalogue, check_rows
 from mapsync.progress import track
 from mapsync.publish.plan import ChannelPlan, MapPlan, Violation, check, diff_files
+from mapsync.publish.patches import write_patch
 from mapsync.publish.repository import Repository, Staging
 from mapsync.publish.runlog import record_run
 from mapsync.release import (
+    PatchInfo,
     CdbInfo,
     CustomInfo,
     Manifest,
@@ -621,6 +623,7 @@ class Publisher:
         last_dir = self.repo.release(ch.name, last.serial) if last else None
 
         entries: dict[str, MapEntry] = {}
+        patches: dict[str, PatchInfo] = {}
         plan = ChannelPlan(
             ch.name, last.serial if last else None, serial, "none", skipped=len(view.skipped)
         )
@@ -629,6 +632,12 @@ class Publisher:
                 name, ch, directory, staging.path, serial, last, last_dir
             )
             plan.maps.append(map_plan)
+            if last is not None and last_dir is not None:
+                found = write_patch(
+                    name, entries[name], last, last_dir, staging, self.maps[name].separator
+                )
+                if found is not None:
+                    patches[name] = found
         # A map the previous release carried and this one does not: every node would lose
         # it (Postfix then fails each lookup). A change like any other, refused by a guard.
         dropped = sorted(set(last.maps) - set(entries)) if last else []
@@ -666,6 +675,7 @@ class Publisher:
             },
             maps=entries,
             skipped=skipped_note(view.skipped),
+            patches=patches,
         )
         return _Staged(plan, staging, manifest, dropped)
 

@@ -36,6 +36,7 @@ from mapsync.locks import waiting_lock
 from mapsync.release import (
     LATEST,
     MANIFEST,
+    PATCHES,
     RELEASES,
     SIGNATURE,
     STAGING,
@@ -79,6 +80,11 @@ class Staging:
     channel: str
     serial: int
     path: Path
+
+    @property
+    def patches(self) -> Path:
+        """Where the release's patches are staged (made ``patches/<serial>`` on commit)."""
+        return self.path.with_name(f"{self.serial}.patches")
 
 
 class Repository:
@@ -284,6 +290,12 @@ class Repository:
         check_manifest_size(data, f"channel {manifest.channel}")
         (staging.path / MANIFEST).write_bytes(data)
         (staging.path / SIGNATURE).write_bytes(sign(key, data))
+        if manifest.patches:
+            # The patches first: a release never names patches that are not there yet.
+            patches = self.channel(manifest.channel) / PATCHES
+            patches.mkdir(exist_ok=True)
+            shutil.rmtree(patches / str(manifest.serial), ignore_errors=True)  # a crash's
+            commit_dir(staging.patches, patches / str(manifest.serial))
         releases = self.releases(manifest.channel)
         releases.mkdir(parents=True, exist_ok=True)
         commit_dir(staging.path, releases / str(manifest.serial))
@@ -336,4 +348,13 @@ class Repository:
                 )
                 continue
             removed.append(serial)
+        self._prune_patches(channel)
         return removed
+
+    def _prune_patches(self, channel: str) -> None:
+        """Remove ``patches/<serial>`` of every release no longer kept (or never committed)."""
+        kept = set(self.serials(channel))
+        good, _, _ = serial_names(self.channel(channel) / PATCHES)
+        for serial in good:
+            if serial not in kept:
+                shutil.rmtree(self.channel(channel) / PATCHES / str(serial), ignore_errors=True)

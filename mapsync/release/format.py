@@ -28,6 +28,9 @@ SIGNATURE = "MANIFEST.json.sig"
 LATEST = "LATEST"
 RELEASES = "releases"  # REPO/<channel>/releases/<serial>/: the published releases
 STAGING = ".staging"  # REPO/<channel>/.staging/: a release being written, never served
+# REPO/<channel>/patches/<serial>/: the patches release <serial> names (outside its release
+# directory, which agents of earlier versions require to hold exactly the manifest's files).
+PATCHES = "patches"
 MAX_LATEST_BYTES = 4096
 MAX_MANIFEST_BYTES = 1 << 20
 # A map file name inside a release: no '/', no '..', no leading dot.
@@ -37,6 +40,16 @@ FILE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}\Z")
 def release_dir(serial: int) -> str:
     """Where release ``serial`` lives, relative to its channel directory."""
     return f"{RELEASES}/{serial}"
+
+
+def patch_dir(serial: int) -> str:
+    """Where the patches of release ``serial`` live, relative to its channel directory."""
+    return f"{PATCHES}/{serial}"
+
+
+def patch_file(map_file: str) -> str:
+    """The name of the patch of text map ``map_file`` in :func:`patch_dir`."""
+    return f"{map_file}.patch"
 
 
 # A release directory's name: the serial in ASCII digits, as str(serial) writes it. Not
@@ -149,6 +162,17 @@ def same_maps(
 
 
 @dataclass(frozen=True)
+class PatchInfo:
+    """The patch that turns a map's text of serial ``base`` into this release's
+    (docs/release-format.md, "Patches"): its file in :func:`patch_dir`, sha256 and size."""
+
+    base: int  # "from" in the manifest
+    file: str
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
 class Manifest:
     """What one release of a channel holds (MANIFEST.json): its serial, expiry, source and
     every map's file and hashes. Parsed from bytes it is only well-formed; trusted once a
@@ -168,6 +192,8 @@ class Manifest:
     dropped: list[str] = field(default_factory=list)
     # The id of the key that signed it (set when signing; unverified until the signature is).
     signer: str | None = None
+    # Per changed map, the patch from an earlier serial's text (additive: absent when empty).
+    patches: dict[str, PatchInfo] = field(default_factory=dict)
 
     def to_bytes(self) -> bytes:
         """The manifest file's exact bytes (what is signed)."""
@@ -175,6 +201,13 @@ class Manifest:
         for entry in data["maps"].values():
             if entry["custom"] is None:  # additive: a built-in map's entry is as before
                 del entry["custom"]
+        if self.patches:
+            data["patches"] = {
+                name: {"from": p.base, "file": p.file, "sha256": p.sha256, "size": p.size}
+                for name, p in self.patches.items()
+            }
+        else:
+            del data["patches"]
         return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
 
     def files(self) -> set[str]:
@@ -267,6 +300,28 @@ def _signer(value: Any, where: str) -> str | None:
     return value
 
 
+def _patches(obj: dict[str, Any], maps: dict[str, MapEntry], where: str) -> dict[str, PatchInfo]:
+    """The manifest's ``patches`` (absent: none), each for one of its maps."""
+    raw = obj.get("patches")
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise VerificationError(f"{where}: field 'patches' has the wrong type")
+    patches: dict[str, PatchInfo] = {}
+    for name, p in raw.items():
+        pw = f"{where}: patch of map {name!r}"
+        if name not in maps or not isinstance(p, dict):
+            raise VerificationError(f"{pw}: not a map of this release, or not an object")
+        file = _req(p, "file", str, pw)
+        if file != patch_file(maps[name].file):
+            raise VerificationError(f"{pw}: file {file!r} is not {patch_file(maps[name].file)}")
+        base, size = _req(p, "from", int, pw), _req(p, "size", int, pw)
+        if base < 1 or size < 0:
+            raise VerificationError(f"{pw}: 'from' or 'size' out of range")
+        patches[name] = PatchInfo(base, file, _hexdigest(_req(p, "sha256", str, pw), pw), size)
+    return patches
+
+
 def parse_manifest(data: bytes, where: str) -> Manifest:
     """Parse manifest bytes whose signature has already been verified; check every field."""
     if len(data) > MAX_MANIFEST_BYTES:
@@ -317,6 +372,7 @@ def parse_manifest(data: bytes, where: str) -> Manifest:
     files = [m.file for m in maps.values()]
     if len(set(files)) != len(files):
         raise VerificationError(f"{where}: two maps name the same file")
+    patches = _patches(obj, maps, where)
     previous = obj.get("previous")
     if previous is not None and (not isinstance(previous, int) or isinstance(previous, bool)):
         raise VerificationError(f"{where}: field 'previous' has the wrong type")
@@ -333,7 +389,13 @@ def parse_manifest(data: bytes, where: str) -> Manifest:
         skipped=[str(s) for s in obj.get("skipped", [])],
         dropped=[str(s) for s in obj.get("dropped", [])],
         signer=_signer(obj.get("signer"), where),
+        patches=patches,
     )
+    for name, p in patches.items():
+        if p.base >= manifest.serial:
+            raise VerificationError(
+                f"{where}: patch of map {name!r} is from serial {p.base}, not an earlier one"
+            )
     try:
         manifest.expires_at()
         manifest.created_at()

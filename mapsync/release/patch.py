@@ -1,0 +1,233 @@
+"""Patches between two releases' text of one map (docs/release-format.md, "Patches").
+
+A patch turns the text map of serial ``from`` into the one of the release that names it, byte
+for byte. It is a line script, streamed in one pass over the old file::
+
+    mapsync-patch 1
+    =N          copy the old file's next N lines
+    -LINE       the old file's next line is LINE: drop it
+    +LINE       write LINE
+
+ending with the ``=`` that copies the old file's last lines, after which the old file must be
+at its end. The publisher writes it from a merge walk over the two sorted files
+(:func:`make_patch`); the agent applies it (:func:`apply_patch`) and trusts the result only if
+its sha256 and size are the signed manifest's. Parsing is strict: an unknown line, a NUL or
+CR, a line over :data:`MAX_LINE` bytes, a removal of a line the old file does not have there,
+an added line out of key order, a ``#`` line outside the header or a header line that is not
+the format's: each is a :class:`~mapsync.errors.VerificationError` naming the patch file and
+line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from mapsync.errors import VerificationError
+
+MAGIC = b"mapsync-patch 1\n"
+MAX_LINE = 64 * 1024  # bytes of one map line in a patch (a longer one: no patch is written)
+CHUNK = 1 << 20
+
+
+class NoPatch(Exception):
+    """The two files cannot be patched one into the other (unsorted, a huge line)."""
+
+
+def _key(line: bytes, sep: bytes) -> bytes:
+    return line.split(sep, 1)[0]
+
+
+def _is_header(line: bytes) -> bool:
+    return line.startswith(b"#")
+
+
+def _lines(fh: BinaryIO, where: Path) -> Iterator[bytes]:
+    for line in fh:
+        if not line.endswith(b"\n"):
+            raise NoPatch(f"{where}: last line has no newline")
+        yield line
+
+
+def make_patch(old: Path, new: Path, out: BinaryIO, sep: bytes = b" ") -> int:
+    """Write to ``out`` the patch from text map ``old`` to ``new`` (both sorted by key, split
+    at ``sep``, under ``#`` header lines), reading each once; return the number of changed
+    lines. :class:`NoPatch` when the files are not what a patch can express."""
+    out.write(MAGIC)
+    same = 0
+    changed = 0
+
+    def flush() -> None:
+        nonlocal same
+        if same:
+            out.write(b"=%d\n" % same)
+            same = 0
+
+    def emit(op: bytes, line: bytes) -> None:
+        nonlocal changed
+        if len(line) > MAX_LINE or b"\0" in line or b"\r" in line:
+            raise NoPatch(f"a line of {len(line)} bytes, or with NUL or CR")
+        flush()
+        out.write(op + line)
+        changed += 1
+
+    with open(old, "rb") as fo, open(new, "rb") as fn:
+        a, b = _lines(fo, old), _lines(fn, new)
+        x, y = next(a, None), next(b, None)
+        # The header: the leading '#' lines, compared in place.
+        while x is not None and _is_header(x) and y is not None and _is_header(y):
+            if x == y:
+                same += 1
+            else:
+                emit(b"-", x)
+                emit(b"+", y)
+            x, y = next(a, None), next(b, None)
+        while x is not None and _is_header(x):
+            emit(b"-", x)
+            x = next(a, None)
+        while y is not None and _is_header(y):
+            emit(b"+", y)
+            y = next(b, None)
+        last_x = last_y = b""
+        while x is not None or y is not None:
+            kx = _key(x, sep) if x is not None else None
+            ky = _key(y, sep) if y is not None else None
+            if (kx is not None and kx <= last_x and last_x) or (
+                ky is not None and ky <= last_y and last_y
+            ):
+                raise NoPatch("lines are not sorted by key")
+            if x is not None and _is_header(x) or y is not None and _is_header(y):
+                raise NoPatch("a '#' line after the header")
+            if ky is None or (kx is not None and kx < ky):
+                assert x is not None and kx is not None
+                emit(b"-", x)
+                last_x, x = kx, next(a, None)
+            elif kx is None or ky < kx:
+                assert y is not None and ky is not None
+                emit(b"+", y)
+                last_y, y = ky, next(b, None)
+            else:
+                assert x is not None and y is not None and kx is not None and ky is not None
+                if x == y:
+                    same += 1
+                else:
+                    emit(b"-", x)
+                    emit(b"+", y)
+                last_x, last_y = kx, ky
+                x, y = next(a, None), next(b, None)
+        # The closing '=' (possibly =0) says where the old file ends.
+        out.write(b"=%d\n" % same)
+    return changed
+
+
+def _bad(where: str, number: int, why: str) -> VerificationError:
+    return VerificationError(f"{where}: line {number}: {why}")
+
+
+def apply_patch(
+    old: Path, patch: Path, out: BinaryIO, where: str, sep: bytes = b" "
+) -> tuple[str, int]:
+    """Write ``old`` patched with ``patch`` to ``out``, streaming; return the sha256 and size
+    of what was written. ``where`` names the patch in messages (VerificationError with the
+    patch's line number)."""
+    h = hashlib.sha256()
+    size = 0
+    buf: list[bytes] = []
+    buffered = 0
+
+    def write(line: bytes) -> None:
+        nonlocal size, buffered
+        buf.append(line)
+        buffered += len(line)
+        if buffered >= CHUNK:
+            flush()
+
+    def flush() -> None:
+        nonlocal size, buffered
+        data = b"".join(buf)
+        h.update(data)
+        out.write(data)
+        size += len(data)
+        buf.clear()
+        buffered = 0
+
+    in_header = True  # only '#' lines written so far
+    prev: bytes | None = None  # the last body line written
+    check_next = False  # the next copied line must sort after an added one
+    with open(old, "rb") as fo, open(patch, "rb") as fp:
+        first = fp.readline(len(MAGIC) + 1)
+        if first != MAGIC:
+            raise _bad(where, 1, f"not a mapsync patch (expected {MAGIC!r})")
+        number = 1
+        last = b""  # the last operation: a patch ends with a copy
+        while True:
+            op = fp.readline(MAX_LINE + 2)
+            if not op:
+                break
+            number += 1
+            if not op.endswith(b"\n"):
+                raise _bad(
+                    where, number, f"longer than {MAX_LINE} bytes or without a final newline"
+                )
+            if b"\0" in op or b"\r" in op:
+                raise _bad(where, number, "contains a NUL or CR")
+            kind, line = op[:1], op[1:]
+            last = kind
+            if kind == b"=":
+                digits = line[:-1]
+                if not digits.isdigit() or len(digits) > 18 or (digits[:1] == b"0" and digits != b"0"):
+                    raise _bad(where, number, f"bad copy count {digits[:40]!r}")
+                for _ in range(int(digits)):
+                    got = fo.readline()
+                    if not got:
+                        raise _bad(where, number, "copies past the end of the old file")
+                    if _is_header(got):
+                        if not in_header:
+                            raise _bad(where, number, "copies a '#' line after the header")
+                    else:
+                        if check_next and prev is not None and _key(got, sep) <= _key(prev, sep):
+                            raise _bad(where, number, "an added line is out of key order")
+                        check_next = False
+                        in_header = False
+                    write(got)
+                    if not in_header and not _is_header(got):
+                        prev = got
+                continue
+            if kind == b"-":
+                got = fo.readline()
+                if got != line:
+                    raise _bad(
+                        where, number, "removes a line the old file does not have at that place"
+                    )
+                continue
+            if kind == b"+":
+                if _is_header(line):
+                    if not in_header:
+                        raise _bad(where, number, "adds a '#' line after the header")
+                    if not line.startswith(b"# ") or not line[:-1].isascii() or not line[
+                        :-1
+                    ].decode().isprintable():
+                        raise _bad(where, number, "a header line that is not the text format's")
+                else:
+                    if line == b"\n":
+                        raise _bad(where, number, "an empty map line")
+                    try:
+                        line.decode()
+                    except UnicodeDecodeError:
+                        raise _bad(where, number, "not UTF-8") from None
+                    if prev is not None and _key(line, sep) <= _key(prev, sep):
+                        raise _bad(where, number, "an added line is out of key order")
+                    in_header = False
+                    prev = line
+                    check_next = True
+                write(line)
+                continue
+            raise _bad(where, number, f"unknown operation {kind!r}")
+        if last != b"=":
+            raise _bad(where, number, "the patch does not end with its closing copy")
+        if fo.read(1):
+            raise _bad(where, number, "the old file goes on after the patch's end")
+    flush()
+    return h.hexdigest(), size
