@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from mapsync import log
 from mapsync.agent.checks import check_keeps_maps, read_signed, trusted_keys, verify_files
 from mapsync.agent.node import NodeChannel
+from mapsync.agent.patching import fetch_patched
 from mapsync.config import AgentChannel, unauthenticated_rsync
 from mapsync.errors import InstallError, MapsyncError, TransportError, VerificationError
 from mapsync.release import (
@@ -215,7 +216,8 @@ def fetch_release(
     cannot fill this node's disk before anything is checked: the manifest and its signature
     (at most 1 MiB, verified at once: the release returned), then a listing that must name
     exactly the manifest's files as regular files of the manifest's sizes, then exactly those
-    files, none larger than the manifest says. Returns the release and the bytes rsync moved;
+    files, none larger than the manifest says — or, where ``basis`` is the serial of the
+    release's patches, the patches instead (:mod:`mapsync.agent.patching`). Returns the release and the bytes rsync moved;
     its files are for :func:`verify_files` to check."""
     directory = release_dir(latest.serial)
     moved = remote.fetch_files(directory, [MANIFEST, SIGNATURE], staging, None, MAX_MANIFEST_BYTES)
@@ -248,9 +250,21 @@ def fetch_release(
                 f"{where}/{m.file}: size {size} does not match the manifest (size {m.size}); "
                 "the file was altered"
             )
-    files = sorted(manifest.files())
-    largest = max((m.size for m in manifest.maps.values()), default=0)
-    moved += remote.fetch_files(directory, files, staging, basis, largest + 1, block_size(largest))
+    have: set[str] = set()
+    if basis is not None and manifest.patches:
+        # Patches against the basis where it is their serial (mapsync.agent.patching); what
+        # they cannot give, rsync fetches below, delta-encoded against the basis as ever.
+        patched = fetch_patched(
+            remote, manifest, basis, staging, staging.with_name("patches"), ch.name
+        )
+        have, moved = patched.files, moved + patched.moved
+    rest = [(name, m) for name, m in sorted(manifest.maps.items()) if m.file not in have]
+    if rest:
+        files = sorted(m.file for _, m in rest)
+        largest = max(m.size for _, m in rest)
+        moved += remote.fetch_files(
+            directory, files, staging, basis, largest + 1, block_size(largest)
+        )
     return release, moved
 
 

@@ -1,0 +1,158 @@
+"""Fetching a release's text maps as patches against this node's rsync basis (the verified
+text of the release it installed last), docs/release-format.md "Patches".
+
+:func:`fetch_patched` is one of the two ways :func:`mapsync.agent.fetch.fetch_release` gets
+the text: when the basis is the serial a map's patch is ``from``, only the patch crosses the
+wire; the map is rebuilt from the basis and must have the signed manifest's sha256 and size.
+A map the release did not change is taken from the basis as it is (a hard link). Whatever
+the patches cannot give is left for rsync; a missing, altered or malformed patch, or a result
+that does not match, undoes the lot and rsync fetches the text as without patches.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mapsync import log
+from mapsync.errors import MapsyncError, TransportError, VerificationError
+from mapsync.formats import text
+from mapsync.release import MANIFEST, Manifest, parse_manifest, patch_dir, separator
+from mapsync.release.patch import apply_patch
+from mapsync.transport import Remote
+
+_log = log.get("agent")
+
+
+class PatchMissing(VerificationError):
+    """The source does not have a patch the manifest names (a mirror or push inbox that
+    carries none: no warning, rsync fetches the text)."""
+
+
+@dataclass
+class Patched:
+    """What :func:`fetch_patched` put into staging (``files``), and the bytes it moved."""
+
+    files: set[str] = field(default_factory=set)
+    moved: int = 0
+    patched: list[str] = field(default_factory=list)  # maps rebuilt from a patch
+
+
+def basis_manifest(basis: Path) -> Manifest | None:
+    """The manifest of the release whose text is the basis (None: none, or unreadable).
+    Not verified again: it only says which patches could apply; every result is checked
+    against the new release's signed manifest."""
+    try:
+        return parse_manifest((basis / MANIFEST).read_bytes(), str(basis / MANIFEST))
+    except (OSError, MapsyncError):
+        return None
+
+
+def fetch_patched(
+    remote: Remote,
+    manifest: Manifest,
+    basis: Path,
+    staging: Path,
+    area: Path,
+    channel: str,
+) -> Patched:
+    """Put into ``staging`` every text map of ``manifest`` that the basis gives: unchanged
+    ones linked, changed ones patched (their patches fetched into ``area``). On any failure
+    of a patch, nothing: the caller's rsync fetches every map."""
+    base = basis_manifest(basis)
+    if base is None:
+        return Patched()
+    unchanged, patches = [], []
+    for name, m in sorted(manifest.maps.items()):
+        old = base.maps.get(name)
+        if old is None or old.file != m.file or not (basis / m.file).is_file():
+            continue
+        if (old.sha256, old.size) == (m.sha256, m.size):
+            unchanged.append(m.file)
+        elif name in manifest.patches and manifest.patches[name].base == base.serial:
+            patches.append(name)
+    if not patches:
+        # Nothing to patch: rsync's quick check gives the unchanged maps as cheaply.
+        return Patched()
+    done = Patched()
+    where = f"{remote.source}/{patch_dir(manifest.serial)}"
+    try:
+        _patch(remote, manifest, basis, staging, area, patches, where, done)
+    except (VerificationError, TransportError) as exc:
+        for f in done.files:
+            (staging / f).unlink(missing_ok=True)
+        shutil.rmtree(area, ignore_errors=True)
+        say = _log.info if isinstance(exc, PatchMissing) else _log.warning
+        say(
+            "patches not used; fetching the text with rsync",
+            channel=channel,
+            serial=manifest.serial,
+            basis=base.serial,
+            reason=str(exc),
+        )
+        return Patched(moved=done.moved)
+    for f in unchanged:
+        _link(basis / f, staging / f)
+        done.files.add(f)
+    shutil.rmtree(area, ignore_errors=True)
+    _log.debug(
+        "text rebuilt from patches",
+        channel=channel,
+        serial=manifest.serial,
+        basis=base.serial,
+        maps=",".join(done.patched),
+        bytes=done.moved,
+    )
+    return done
+
+
+def _patch(
+    remote: Remote,
+    manifest: Manifest,
+    basis: Path,
+    staging: Path,
+    area: Path,
+    names: list[str],
+    where: str,
+    done: Patched,
+) -> None:
+    """Fetch the patches of maps ``names`` into ``area``, check them against the manifest and
+    apply each to its basis text into ``staging``; VerificationError at the first problem."""
+    shutil.rmtree(area, ignore_errors=True)
+    area.mkdir(mode=0o700)
+    infos = {name: manifest.patches[name] for name in names}
+    largest = max(p.size for p in infos.values())
+    files = sorted(p.file for p in infos.values())
+    done.moved += remote.fetch_files(patch_dir(manifest.serial), files, area, None, largest + 1)
+    for name, p in sorted(infos.items()):
+        path = area / p.file
+        if not path.is_file() or path.is_symlink():
+            raise PatchMissing(f"{where}/{p.file}: missing (map {name})")
+        if text.sha256_file(path) != (p.sha256, p.size):
+            raise VerificationError(
+                f"{where}/{p.file}: sha256 or size differ from the manifest's; the patch was altered"
+            )
+    for name, p in sorted(infos.items()):
+        m = manifest.maps[name]
+        sep = separator(name, m).encode()
+        out = staging / m.file
+        done.files.add(m.file)
+        with open(out, "wb") as fh:
+            digest, size = apply_patch(basis / m.file, area / p.file, fh, f"{where}/{p.file}", sep)
+        if (digest, size) != (m.sha256, m.size):
+            raise VerificationError(
+                f"{where}/{p.file}: applied to serial {p.base}'s {m.file}, gives sha256 "
+                f"{digest[:16]}… size {size}, not the manifest's ({m.sha256[:16]}… size {m.size})"
+            )
+        done.patched.append(name)
+
+
+def _link(src: Path, dst: Path) -> None:
+    """``dst`` as a hard link to the basis file ``src`` (a copy where links fail)."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
