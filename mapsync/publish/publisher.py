@@ -37,16 +37,16 @@ from mapsync.formats.mapfile import write_map
 from mapsync.maps import CATALOGUE, Directory, Map
 from mapsync.maps.custom import catalogue, check_rows
 from mapsync.progress import track
-from mapsync.publish.plan import ChannelPlan, MapPlan, Violation, check, diff_files
 from mapsync.publish.patches import write_patch
+from mapsync.publish.plan import ChannelPlan, MapPlan, Violation, check, diff_files
 from mapsync.publish.repository import Repository, Staging
 from mapsync.publish.runlog import record_run
 from mapsync.release import (
-    PatchInfo,
     CdbInfo,
     CustomInfo,
     Manifest,
     MapEntry,
+    PatchInfo,
     check_manifest_size,
     iso,
     parse_iso,

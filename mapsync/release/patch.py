@@ -98,7 +98,7 @@ def make_patch(old: Path, new: Path, out: BinaryIO, sep: bytes = b" ") -> int:
                 ky is not None and ky <= last_y and last_y
             ):
                 raise NoPatch("lines are not sorted by key")
-            if x is not None and _is_header(x) or y is not None and _is_header(y):
+            if (x is not None and _is_header(x)) or (y is not None and _is_header(y)):
                 raise NoPatch("a '#' line after the header")
             if ky is None or (kx is not None and kx < ky):
                 assert x is not None and kx is not None
@@ -177,7 +177,11 @@ def apply_patch(
             last = kind
             if kind == b"=":
                 digits = line[:-1]
-                if not digits.isdigit() or len(digits) > 18 or (digits[:1] == b"0" and digits != b"0"):
+                if (
+                    not digits.isdigit()
+                    or len(digits) > 18
+                    or (digits[:1] == b"0" and digits != b"0")
+                ):
                     raise _bad(where, number, f"bad copy count {digits[:40]!r}")
                 for _ in range(int(digits)):
                     got = fo.readline()
@@ -206,9 +210,11 @@ def apply_patch(
                 if _is_header(line):
                     if not in_header:
                         raise _bad(where, number, "adds a '#' line after the header")
-                    if not line.startswith(b"# ") or not line[:-1].isascii() or not line[
-                        :-1
-                    ].decode().isprintable():
+                    if (
+                        not line.startswith(b"# ")
+                        or not line[:-1].isascii()
+                        or not line[:-1].decode().isprintable()
+                    ):
                         raise _bad(where, number, "a header line that is not the text format's")
                 else:
                     if line == b"\n":
