@@ -40,12 +40,14 @@ from mapsync.access import check_owner
 from mapsync.atomic import atomic_write, commit_dir
 from mapsync.config import CHANNEL_NAME
 from mapsync.errors import ConfigError, MapsyncError, TransportError, VerificationError
+from mapsync.formats import text
 from mapsync.locks import waiting_lock
 from mapsync.release import (
     LATEST,
     MANIFEST,
     MAX_LATEST_BYTES,
     MAX_MANIFEST_BYTES,
+    PATCHES,
     RELEASES,
     SIGNATURE,
     STAGING,
@@ -55,6 +57,7 @@ from mapsync.release import (
     manifest_sha256,
     parse_latest,
     parse_manifest,
+    patch_dir,
     release_dir,
     serial_names,
 )
@@ -329,6 +332,10 @@ class _Channel:
             pruned.append(old)
         if pruned:
             _log.info("old releases pruned", channel=self.name, serials=pruned, latest=serial)
+        here = set(self._dest_serials())
+        for old in serial_names(self.home / PATCHES)[0]:
+            if old not in here:  # the patches of a release no longer served
+                shutil.rmtree(self.home / patch_dir(old), ignore_errors=True)
         return pruned
 
     # -- copies ------------------------------------------------------------------------------
@@ -371,10 +378,42 @@ class _Channel:
             problem = self._check_files(staging, manifest, where)
         if problem is not None:
             raise VerificationError(f"{problem}; nothing of release {serial} is served")
+        if manifest.patches:
+            self._copy_patches(serial, manifest)  # first: a release never names absent ones
         releases = self.home / RELEASES
         releases.mkdir(mode=DIR_MODE, exist_ok=True)
         commit_dir(staging, releases / str(serial))
         _log.info("release copied", channel=self.name, serial=serial)
+
+    def _copy_patches(self, serial: int, manifest: Manifest) -> None:
+        """Copy the patches release ``serial`` names into ``patches/<serial>``, each checked
+        against the manifest. Ones SOURCE lacks or that are altered: none are served (a
+        warning); agents then fetch the text, as from a mirror of an earlier version."""
+        name = f"{self.name}/{patch_dir(serial)}"
+        where = f"{self.m.source}/{name}"
+        staging = self.work / f"{serial}.patches"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        os.chmod(staging, DIR_MODE)
+        files = sorted(p.file for p in manifest.patches.values())
+        largest = max(p.size for p in manifest.patches.values())
+        self.moved += self.remote.fetch_files(name, files, staging, None, largest + 1)
+        for p in manifest.patches.values():
+            path = staging / p.file
+            got = text.sha256_file(path) if path.is_file() else None
+            if got != (p.sha256, p.size):
+                _log.warning(
+                    "patches not mirrored: missing or altered at the source",
+                    channel=self.name,
+                    serial=serial,
+                    file=f"{where}/{p.file}",
+                )
+                shutil.rmtree(staging, ignore_errors=True)
+                return
+        patches = self.home / PATCHES
+        patches.mkdir(mode=DIR_MODE, exist_ok=True)
+        shutil.rmtree(patches / str(serial), ignore_errors=True)  # a killed run's
+        commit_dir(staging, patches / str(serial))
 
     def _basis(self, serial: int, here: list[int]) -> Path | None:
         """The release here nearest ``serial``: rsync's delta basis (and hard-link source)."""
