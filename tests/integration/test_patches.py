@@ -1,0 +1,152 @@
+"""Patches on the wire (docs/release-format.md, "Patches"): a node that holds the previous
+serial fetches only each changed map's patch over a real rsync daemon, rebuilds the text and
+installs exactly what a full fetch installs; a tampered patch, a node two serials behind and a
+mirror each end in the same maps."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from mapsync.release import MANIFEST, SIGNATURE, parse_manifest
+from tests.conftest import Cluster, make_cluster
+from tests.helpers.agent import add_account, clone, lookup
+from tests.helpers.transport import RsyncDaemon, wire
+
+ACCOUNTS = 20000
+
+
+@pytest.fixture(scope="module")
+def _big(tmp_path_factory: pytest.TempPathFactory) -> Cluster:
+    root = tmp_path_factory.mktemp("patches")
+    c = make_cluster(root / "c", f"sqlite:///{root / 'central.db'}", ACCOUNTS, 50, 2000)
+    c.publish()
+    c.pull()  # serial 1 installed: its text is the node's rsync basis
+    return c
+
+
+@pytest.fixture
+def big(_big: Cluster, tmp_path: Path) -> Cluster:
+    """20,000 accounts, serial 1 published and installed."""
+    return clone(_big, tmp_path)
+
+
+def _serve(c: Cluster, path: Path, where: Path) -> RsyncDaemon:
+    d = RsyncDaemon(where, path)
+    c.write_config(source=d.url())
+    return d
+
+
+def _release(c: Cluster, serial: int, repo: Path | None = None) -> Path:
+    return (repo or c.repo) / "mx" / "releases" / str(serial)
+
+
+def _same_as_release(c: Cluster, serial: int) -> None:
+    """The live text maps are the release's files byte for byte (what a full fetch installs)."""
+    release = _release(c, serial)
+    manifest = parse_manifest((release / MANIFEST).read_bytes(), "test")
+    for m in manifest.maps.values():
+        assert (c.target / m.file).read_bytes() == (release / m.file).read_bytes(), m.file
+
+
+def test_one_new_account_moves_only_the_patches(big: Cluster, tmp_path: Path) -> None:
+    d = _serve(big, big.repo, tmp_path / "rsyncd")
+    try:
+        new = add_account(big, "zz-patch-probe", "example-7.org")
+        assert "published serial 2" in big.publish().stdout
+        p = big.pull()
+        moved = wire(p.stdout)
+        assert lookup(big, new) == "OK"
+        assert "patches not used" not in p.stderr
+        assert "rsync on mapsync/mx/patches/2/" in d.log.read_text()
+    finally:
+        d.stop()
+    manifest = parse_manifest((_release(big, 2) / MANIFEST).read_bytes(), "test")
+    assert set(manifest.patches) == {"recipients"}  # the one map the account changed
+    assert all(p.base == 1 for p in manifest.patches.values())
+    _same_as_release(big, 2)
+    assert big.cli("verify").returncode == 0
+    print(f"\n[patches] one new account at {ACCOUNTS} accounts: {moved:,} B on the wire")
+    assert moved < 3000, f"{moved} bytes for one new account"
+
+
+def test_the_release_directory_stays_what_earlier_agents_accept(big: Cluster) -> None:
+    """Patches live in patches/<serial>/, beside the release: its directory still holds
+    exactly the manifest's files, which is all an agent of an earlier version accepts."""
+    add_account(big, "zz-old-agent", "example-7.org")
+    big.publish()
+    release = _release(big, 2)
+    manifest = parse_manifest((release / MANIFEST).read_bytes(), "test")
+    assert manifest.patches
+    assert set(os.listdir(release)) == manifest.files() | {MANIFEST, SIGNATURE}
+    patches = big.repo / "mx" / "patches" / "2"
+    assert sorted(os.listdir(patches)) == sorted(p.file for p in manifest.patches.values())
+    raw = json.loads((release / MANIFEST).read_bytes())
+    assert raw["patches"]["recipients"]["from"] == 1
+    # The first release has none, and its manifest no "patches" key at all.
+    assert "patches" not in json.loads((_release(big, 1) / MANIFEST).read_bytes())
+
+
+def test_a_tampered_patch_falls_back_to_the_text(big: Cluster, tmp_path: Path) -> None:
+    d = _serve(big, big.repo, tmp_path / "rsyncd")
+    try:
+        new = add_account(big, "zz-tampered", "example-7.org")
+        big.publish()
+        patch = big.repo / "mx" / "patches" / "2" / "recipients.patch"
+        patch.write_bytes(patch.read_bytes().replace(b"zz-tampered", b"zz-tampereX"))
+        p = big.pull()
+    finally:
+        d.stop()
+    assert "installed serial 2" in p.stdout
+    assert "patches not used" in p.stderr and "the patch was altered" in p.stderr
+    assert lookup(big, new) == "OK"
+    _same_as_release(big, 2)
+
+
+def test_a_node_two_serials_behind_fetches_the_text(big: Cluster, tmp_path: Path) -> None:
+    d = _serve(big, big.repo, tmp_path / "rsyncd")
+    try:
+        first = add_account(big, "zz-gap-one", "example-7.org")
+        big.publish()
+        second = add_account(big, "zz-gap-two", "example-3.org")
+        assert "published serial 3" in big.publish().stdout
+        p = big.pull()
+    finally:
+        d.stop()
+    assert "installed serial 3 (was 1)" in p.stdout
+    assert "patches/3" not in d.log.read_text()  # its patches are from 2: never asked for
+    assert lookup(big, first) == lookup(big, second) == "OK"
+    _same_as_release(big, 3)
+
+
+def test_a_mirror_serves_the_patches_and_the_node_uses_them(big: Cluster, tmp_path: Path) -> None:
+    new = add_account(big, "zz-mirrored", "example-7.org")
+    big.publish()
+    dest = tmp_path / "mirror"
+    big.cli("mirror", str(big.repo), str(dest), check=True)
+    assert (dest / "mx" / "patches" / "2" / "recipients.patch").is_file()
+    d = _serve(big, dest, tmp_path / "rsyncd-mirror")
+    try:
+        p = big.pull()
+    finally:
+        d.stop()
+    assert "rsync on mapsync/mx/patches/2/" in d.log.read_text()
+    assert "patches not used" not in p.stderr
+    assert wire(p.stdout) < 3000
+    assert lookup(big, new) == "OK"
+    _same_as_release(big, 2)
+
+
+def test_a_small_cluster_patches_too(tmp_path: Path, sqlite_url: str) -> None:
+    """A local path source, a removal and an addition in several maps."""
+    c = make_cluster(tmp_path / "c", sqlite_url)
+    c.publish()
+    c.pull()
+    add_account(c, "zz-small", "example-2.org")
+    c.publish()
+    p = c.pull()
+    assert "patches not used" not in p.stderr
+    _same_as_release(c, 2)
