@@ -139,7 +139,10 @@ def _patch(
         sep = separator(name, m).encode()
         out = staging / m.file
         done.files.add(m.file)
-        with open(out, "wb") as fh:
+        # Private, as rsync lands text here (--chmod F600): a map may carry password hashes.
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "wb") as fh:
             digest, size = apply_patch(basis / m.file, area / p.file, fh, f"{where}/{p.file}", sep)
         if (digest, size) != (m.sha256, m.size):
             raise VerificationError(

@@ -69,6 +69,8 @@ def test_one_new_account_moves_only_the_patches(big: Cluster, tmp_path: Path) ->
     assert all(p.base == 1 for p in manifest.patches.values())
     _same_as_release(big, 2)
     assert big.cli("verify").returncode == 0
+    basis = big.state / "mx" / "basis"
+    assert {oct(f.stat().st_mode & 0o777) for f in basis.iterdir()} == {"0o600"}
     print(f"\n[patches] one new account at {ACCOUNTS} accounts: {moved:,} B on the wire")
     assert moved < 3000, f"{moved} bytes for one new account"
 
