@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
+from itertools import islice
 from pathlib import Path
 from typing import BinaryIO
 
@@ -30,6 +31,7 @@ from mapsync.errors import VerificationError
 MAGIC = b"mapsync-patch 1\n"
 MAX_LINE = 64 * 1024  # bytes of one map line in a patch (a longer one: no patch is written)
 CHUNK = 1 << 20
+COPY_LINES = 4096  # old lines copied at once
 
 
 class NoPatch(Exception):
@@ -90,33 +92,39 @@ def make_patch(old: Path, new: Path, out: BinaryIO, sep: bytes = b" ") -> int:
         while y is not None and _is_header(y):
             emit(b"+", y)
             y = next(b, None)
-        last_x = last_y = b""
-        while x is not None or y is not None:
-            kx = _key(x, sep) if x is not None else None
-            ky = _key(y, sep) if y is not None else None
-            if (kx is not None and kx <= last_x and last_x) or (
-                ky is not None and ky <= last_y and last_y
-            ):
-                raise NoPatch("lines are not sorted by key")
+        prev: bytes | None = None  # the last body line of the new file written
+        added = False  # prev was added: the next line copied must sort after it
+        while True:
+            if x == y:  # the common case first: a line both files have at this place
+                if x is None:
+                    break
+                if added:
+                    if _key(y, sep) <= _key(prev, sep):  # type: ignore[arg-type]
+                        raise NoPatch("lines are not sorted by key")
+                    added = False
+                same += 1
+                prev = y
+                x, y = next(a, None), next(b, None)
+                continue
             if (x is not None and _is_header(x)) or (y is not None and _is_header(y)):
                 raise NoPatch("a '#' line after the header")
+            kx = _key(x, sep) if x is not None else None
+            ky = _key(y, sep) if y is not None else None
             if ky is None or (kx is not None and kx < ky):
-                assert x is not None and kx is not None
+                assert x is not None
                 emit(b"-", x)
-                last_x, x = kx, next(a, None)
-            elif kx is None or ky < kx:
-                assert y is not None and ky is not None
-                emit(b"+", y)
-                last_y, y = ky, next(b, None)
-            else:
-                assert x is not None and y is not None and kx is not None and ky is not None
-                if x == y:
-                    same += 1
-                else:
-                    emit(b"-", x)
-                    emit(b"+", y)
-                last_x, last_y = kx, ky
-                x, y = next(a, None), next(b, None)
+                x = next(a, None)
+                continue
+            assert y is not None
+            if prev is not None and ky <= _key(prev, sep):
+                raise NoPatch("lines are not sorted by key")
+            if kx == ky:
+                assert x is not None
+                emit(b"-", x)  # a changed entry: its old line out, its new line in
+                x = next(a, None)
+            emit(b"+", y)
+            prev, added = y, True
+            y = next(b, None)
         # The closing '=' (possibly =0) says where the old file ends.
         out.write(b"=%d\n" % same)
     return changed
@@ -183,7 +191,8 @@ def apply_patch(
                     or (digits[:1] == b"0" and digits != b"0")
                 ):
                     raise _bad(where, number, f"bad copy count {digits[:40]!r}")
-                for _ in range(int(digits)):
+                remaining = int(digits)
+                while remaining and (in_header or check_next):  # line by line, briefly
                     got = fo.readline()
                     if not got:
                         raise _bad(where, number, "copies past the end of the old file")
@@ -193,11 +202,21 @@ def apply_patch(
                     else:
                         if check_next and prev is not None and _key(got, sep) <= _key(prev, sep):
                             raise _bad(where, number, "an added line is out of key order")
-                        check_next = False
-                        in_header = False
-                    write(got)
-                    if not in_header and not _is_header(got):
+                        check_next = in_header = False
                         prev = got
+                    write(got)
+                    remaining -= 1
+                while remaining:  # the bulk: whole blocks of body lines
+                    want = min(remaining, COPY_LINES)
+                    lines = list(islice(fo, want))
+                    if len(lines) < want:
+                        raise _bad(where, number, "copies past the end of the old file")
+                    data = b"".join(lines)
+                    if data.startswith(b"#") or b"\n#" in data:
+                        raise _bad(where, number, "copies a '#' line after the header")
+                    write(data)
+                    prev = lines[-1]
+                    remaining -= want
                 continue
             if kind == b"-":
                 got = fo.readline()
