@@ -152,3 +152,15 @@ def test_a_small_cluster_patches_too(tmp_path: Path, sqlite_url: str) -> None:
     p = c.pull()
     assert "patches not used" not in p.stderr
     _same_as_release(c, 2)
+
+
+def test_patches_go_with_their_release(tmp_path: Path, sqlite_url: str) -> None:
+    c = make_cluster(tmp_path / "c", sqlite_url)
+    c.write_config(extra_publisher="keep = 2")
+    c.publish()
+    for i in range(3):
+        add_account(c, f"zz-keep-{i}", "example-2.org")
+        c.publish()
+    channel = c.repo / "mx"
+    assert sorted(os.listdir(channel / "releases")) == ["3", "4"]
+    assert sorted(os.listdir(channel / "patches")) == ["3", "4"]

@@ -20,6 +20,7 @@ from mapsync.release import (
     Latest,
     Manifest,
     MapEntry,
+    PatchInfo,
     iso,
     manifest_sha256,
     parse_iso,
@@ -276,3 +277,36 @@ def test_serial_names_tell_release_directories_from_everything_else(tmp_path: Pa
     assert good == [3, 12] and taken == [5]
     assert sorted(p.name for p in stray) == ["007", "5", "notes"]
     assert serial_names(tmp_path / "missing") == ([], [], [])
+
+
+def test_patches_round_trip_and_are_absent_when_none() -> None:
+    m = manifest(patches={"recipients": PatchInfo(6, "recipients.patch", H1, 250)})
+    assert raw(m)["patches"] == {
+        "recipients": {"from": 6, "file": "recipients.patch", "sha256": H1, "size": 250}
+    }
+    assert parse_manifest(m.to_bytes(), "M") == m
+    assert "patches" not in raw(manifest())  # additive: a manifest without is as before
+
+
+@pytest.mark.parametrize(
+    ("patch", "error"),
+    [
+        ({"dovecot_users": {"from": 6, "file": "x.patch", "sha256": H1, "size": 1}}, "not a map"),
+        ({"recipients": {"from": 6, "file": "domains.patch", "sha256": H1, "size": 1}}, "is not"),
+        (
+            {"recipients": {"from": 7, "file": "recipients.patch", "sha256": H1, "size": 1}},
+            "earlier",
+        ),
+        (
+            {"recipients": {"from": 6, "file": "recipients.patch", "sha256": "x", "size": 1}},
+            "sha256",
+        ),
+        ({"recipients": {"from": 0, "file": "recipients.patch", "sha256": H1, "size": 1}}, "range"),
+        ([], "wrong type"),
+    ],
+)
+def test_bad_patches_are_refused(patch: Any, error: str) -> None:
+    data = raw(manifest())
+    data["patches"] = patch
+    with pytest.raises(VerificationError, match=error):
+        parse_manifest(json.dumps(data).encode(), "M")
