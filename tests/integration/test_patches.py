@@ -10,8 +10,10 @@ import os
 from pathlib import Path
 
 import pytest
+from sqlalchemy import create_engine, update
 
 from mapsync.release import MANIFEST, SIGNATURE, parse_manifest
+from mapsync.sources import schema as t
 from tests.conftest import Cluster, make_cluster
 from tests.helpers.agent import add_account, clone, lookup
 from tests.helpers.transport import RsyncDaemon, wire
@@ -164,3 +166,34 @@ def test_patches_go_with_their_release(tmp_path: Path, sqlite_url: str) -> None:
     channel = c.repo / "mx"
     assert sorted(os.listdir(channel / "releases")) == ["3", "4"]
     assert sorted(os.listdir(channel / "patches")) == ["3", "4"]
+
+
+def test_a_changed_map_without_a_patch_is_fetched_beside_the_patched_one(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    """A store's LMTP host moves (most of the small transport map: no patch pays) while an
+    account is added (recipients: a patch): one map patched, the other fetched by rsync."""
+    c = make_cluster(tmp_path / "c", sqlite_url)
+    c.publish()
+    c.pull()
+    add_account(c, "zz-partial", "example-2.org")
+    engine = create_engine(c.db_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                update(t.mailstore)
+                .where(t.mailstore.c.name == "store-1")
+                .values(lmtp_host="10.9.9.9")
+            )
+    finally:
+        engine.dispose()
+    c.publish("--force")  # half the transport map changes: past the guard
+    release = _release(c, 2)
+    manifest = parse_manifest((release / MANIFEST).read_bytes(), "test")
+    before = parse_manifest((_release(c, 1) / MANIFEST).read_bytes(), "test")
+    assert manifest.maps["transport"].sha256 != before.maps["transport"].sha256
+    assert set(manifest.patches) == {"recipients"}
+    p = c.pull()
+    assert "installed serial 2" in p.stdout and "patches not used" not in p.stderr
+    assert "10.9.9.9" in (c.target / "transport").read_text()
+    _same_as_release(c, 2)
