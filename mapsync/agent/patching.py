@@ -125,7 +125,12 @@ def _patch(
     infos = {name: manifest.patches[name] for name in names}
     largest = max(p.size for p in infos.values())
     files = sorted(p.file for p in infos.values())
-    done.moved += remote.fetch_files(patch_dir(manifest.serial), files, area, None, largest + 1)
+    try:
+        done.moved += remote.fetch_files(patch_dir(manifest.serial), files, area, None, largest + 1)
+    except TransportError as exc:
+        if "No such file or directory" in str(exc):  # rsync: no patches/<serial>/ there
+            raise PatchMissing(f"{where}: not at this source") from None
+        raise
     for name, p in sorted(infos.items()):
         path = area / p.file
         if not path.is_file() or path.is_symlink():

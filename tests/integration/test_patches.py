@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -197,3 +198,21 @@ def test_a_changed_map_without_a_patch_is_fetched_beside_the_patched_one(
     assert "installed serial 2" in p.stdout and "patches not used" not in p.stderr
     assert "10.9.9.9" in (c.target / "transport").read_text()
     _same_as_release(c, 2)
+
+
+def test_a_source_without_patches_is_no_warning(big: Cluster, tmp_path: Path) -> None:
+    """A mirror of an earlier version (or a push inbox) carries no patches: the node says so
+    at info level and fetches the text, as before patches."""
+    d = _serve(big, big.repo, tmp_path / "rsyncd")
+    try:
+        new = add_account(big, "zz-no-patches", "example-7.org")
+        big.publish()
+        shutil.rmtree(big.repo / "mx" / "patches")
+        p = big.pull()
+    finally:
+        d.stop()
+    (line,) = [x for x in p.stderr.splitlines() if "patches not used" in x]
+    assert "[info" in line and "not at this source" in line
+    assert "warning" not in p.stderr
+    assert lookup(big, new) == "OK"
+    _same_as_release(big, 2)
