@@ -217,8 +217,8 @@ def fetch_release(
     (at most 1 MiB, verified at once: the release returned), then a listing that must name
     exactly the manifest's files as regular files of the manifest's sizes, then exactly those
     files, none larger than the manifest says — or, where ``basis`` is the serial of the
-    release's patches, the patches instead (:mod:`mapsync.agent.patching`). Returns the release and the bytes rsync moved;
-    its files are for :func:`verify_files` to check."""
+    release's patches, the patches instead (:mod:`mapsync.agent.patching`). Returns the
+    release and the bytes rsync moved; its files are for :func:`verify_files` to check."""
     directory = release_dir(latest.serial)
     moved = remote.fetch_files(directory, [MANIFEST, SIGNATURE], staging, None, MAX_MANIFEST_BYTES)
     if not (staging / MANIFEST).exists():
