@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -33,11 +32,13 @@ from mapsync.errors import (
     UnsafePlan,
     VerificationError,
 )
+from mapsync.formats import text
+from mapsync.formats.mapfile import write_map
 from mapsync.maps import CATALOGUE, Directory, Map
 from mapsync.maps.custom import catalogue, check_rows
-from mapsync.publish import render
+from mapsync.progress import track
 from mapsync.publish.plan import ChannelPlan, MapPlan, Violation, check, diff_files
-from mapsync.publish.repository import Repository, serial_names
+from mapsync.publish.repository import Repository
 from mapsync.publish.runlog import record_run
 from mapsync.release import (
     MANIFEST,
@@ -304,7 +305,6 @@ class Publisher:
         self._source = source
         self.maps = catalogue(cfg.maps)  # the built-in maps and the operator's own
         self._own_problems: list[Problem] = []  # rows refused in the operator's own maps
-        self._ahead: render.Ahead | None = None  # maps a child renders meanwhile (render.py)
 
     def run(
         self,
@@ -463,9 +463,6 @@ class Publisher:
             # channel was being rendered leaves its staging directory before it is in `staged`.
             for ch in selected:
                 shutil.rmtree(self.repo.channel(ch.name) / STAGING, ignore_errors=True)
-            if self._ahead is not None:
-                self._ahead.close()
-                self._ahead = None
         return PublishResult([s.plan for s in staged], skipped, dry_run, violations)
 
     def _own_maps(self, snap: Snapshot, source: Source, others: list[Source]) -> None:
@@ -554,21 +551,12 @@ class Publisher:
         unchanged, whichever channels the run publishes. Each channel records only the rows
         that are its own: a mailstore's channel not another mailstore's accounts.
         """
-        # Built before validating, so a child can render the maps from it meanwhile (used
-        # only if no row is skipped: see mapsync.publish.render).
-        shared = Directory(snap)
-        self._ahead = self._render_ahead(shared, selected)
-        try:
-            problems = validate(snap, self._proxy, self._customers)
-            own = self._own_problems  # already left out of their maps' entries
-            if (problems or own) and not skip_invalid:
-                raise InvalidData([str(p) for p in problems + own])
-        except BaseException:
-            if self._ahead is not None:
-                self._ahead.close()
-                self._ahead = None
-            raise
+        problems = validate(snap, self._proxy, self._customers)
+        own = self._own_problems  # already left out of their maps' entries
+        if (problems or own) and not skip_invalid:
+            raise InvalidData([str(p) for p in problems + own])
         if not problems:
+            shared = Directory(snap)
             views = {ch.name: _View(shared, []) for ch in selected}
         else:
             views = self._skipping(snap, selected, problems)
@@ -578,29 +566,6 @@ class Publisher:
                 views[name].skipped.append(p)
             _log.warning("skipping invalid row", **_row(p), channels=",".join(channels))
         return views
-
-    def _render_ahead(
-        self, directory: Directory, selected: list[PublisherChannel]
-    ) -> render.Ahead | None:
-        """A child rendering every map of ``selected`` from ``directory`` (None: too small to
-        be worth a process, or a channel whose next serial is not plain to see)."""
-        if self._ahead is not None:
-            self._ahead.close()
-        if render.rows(directory) < render.MIN_ROWS or not hasattr(os, "fork"):
-            return None
-        jobs = []
-        for ch in selected:
-            try:
-                latest = self.repo.latest(ch.name)
-            except MapsyncError:
-                continue  # a damaged LATEST: _stage repairs it and renders inline
-            good, taken, _ = serial_names(self.repo.releases(ch.name))
-            serial = max([*good, *taken, latest.serial if latest else 0]) + 1
-            jobs += [render.Job(ch, name, self.maps[name], serial) for name in ch.maps]
-        if not jobs:
-            return None
-        scratch = {ch.name: self.repo.channel(ch.name) / render.SCRATCH for ch in selected}
-        return render.Ahead(jobs, directory, scratch)
 
     def _skipping(
         self, snap: Snapshot, selected: list[PublisherChannel], problems: list[Problem]
@@ -726,12 +691,14 @@ class Publisher:
     ) -> tuple[MapEntry, MapPlan]:
         spec = self.maps[name]
         path = staging / name
-        done = self._ahead.take(ch, name, directory, serial, path) if self._ahead else None
-        if done is not None:
-            info, built = done
-        else:
-            with paused_gc():  # millions of short-lived tuples: see paused_gc
-                info, built = render.render(render.Job(ch, name, spec, serial), directory, path)
+        with paused_gc():  # millions of short-lived tuples: see paused_gc
+            info, built = write_map(
+                track(spec.entries(directory, ch), f"render {ch.name}/{name}"),
+                path,
+                text.header(name, ch.name, serial),
+                spec.separator,
+                f"cdb {ch.name}/{name}" if spec.cdb else None,
+            )
         cdb_info = CdbInfo(built.file, built.sha256, built.size) if built is not None else None
         own = self.cfg.maps.get(name)
         custom = CustomInfo(own.separator, own.secret) if own is not None else None

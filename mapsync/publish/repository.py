@@ -5,7 +5,6 @@
     REPO/<channel>/LATEST                       {"serial": N, "manifest_sha256": "..."}
     REPO/<channel>/releases/<serial>/           MANIFEST.json, MANIFEST.json.sig, text maps
     REPO/<channel>/.staging/                    a release being written; never served
-    REPO/<channel>/.rendering/                  maps rendered while the snapshot is validated
     REPO/.private/<channel>/checked.json        the publisher's last full check
     REPO/.private/<channel>/pushed.json         what each push destination last received
     REPO/.private/<channel>/push.lock           one push of the channel at a time
