@@ -20,8 +20,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from typing import TYPE_CHECKING
 
 from mapsync import log
 from mapsync.agent.damage import stat_files
@@ -63,6 +62,9 @@ from mapsync.release.verify import FileAltered, VerifiedRelease, check_map_files
 from mapsync.signing import Keyring, load_public
 from mapsync.transport import Remote, parse_source
 from mapsync.transport.rsync import block_size
+
+if TYPE_CHECKING:  # cryptography only where a key is used (mapsync.signing)
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 _log = log.get("agent")
 
