@@ -618,7 +618,7 @@ def test_the_fast_local_part_check_accepts_exactly_what_the_rules_accept(local: 
     assert (local_part_problem(local) is None) == bool(GOOD_LOCAL.match(local))
 
 
-@settings(max_examples=2000, deadline=None)
+@settings(max_examples=500, deadline=None)
 @given(
     home=st.one_of(
         st.text(max_size=20).map(lambda s: "/" + s),
