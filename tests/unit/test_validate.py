@@ -410,6 +410,8 @@ def test_duplicate_addresses_across_accounts_and_aliases() -> None:
         aliases=[
             Alias(7, 1, "info", ("postmaster@example.org",)),
             Alias(8, 1, "sales", ("postmaster@example.org",)),
+            Alias(9, 1, "team", ("postmaster@example.org",)),
+            Alias(10, 1, "team", ("info@example.org",)),
         ],
     )
     got = {(p.table, p.row): p.reason for p in check(snap)}
@@ -418,7 +420,8 @@ def test_duplicate_addresses_across_accounts_and_aliases() -> None:
     assert got["account", 3] == "local part not lowercase"
     assert "also defined by account id=3" in got["alias", 8]
     assert "case-insensitively" in got["alias", 8]
-    assert len(got) == 3
+    assert "also defined by alias id=9" in got["alias", 10]
+    assert len(got) == 4
 
 
 def test_accounts_and_aliases_only_in_hosted_domains() -> None:
