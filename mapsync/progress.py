@@ -24,6 +24,11 @@ def install(reporter: Reporter | None) -> None:
     _reporter = reporter
 
 
+def reporting() -> bool:
+    """Whether a reporter is installed (a total worth a query to know, say)."""
+    return _reporter is not None
+
+
 def report(stage: str, done: int, total: int | None = None) -> None:
     """Tell the installed reporter (if any) that ``stage`` has done ``done`` of ``total``."""
     if _reporter is not None:

@@ -16,14 +16,19 @@ import re
 import stat
 from collections.abc import Mapping
 from pathlib import Path
-
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from typing import TYPE_CHECKING
 
 from mapsync.access import denied
 from mapsync.atomic import atomic_write
 from mapsync.errors import ConfigError, MapsyncError, VerificationError
+
+# cryptography is imported by the functions that use a key (40 ms): a pull or a publish that
+# finds nothing changed verifies and signs nothing.
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+        Ed25519PrivateKey,
+        Ed25519PublicKey,
+    )
 
 
 def public_path(private: Path) -> Path:
@@ -39,6 +44,9 @@ def keygen(private: Path) -> tuple[Path, str]:
     """Create a key pair at ``private`` (0600) and its public half; refuse to overwrite.
     Returns the public key's path and its key id."""
     public = public_path(private)
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     for p in (private, public):
         if p.exists():
             raise MapsyncError(f"{p}: already exists; refusing to overwrite a key")
@@ -69,6 +77,9 @@ def load_private(path: Path) -> Ed25519PrivateKey:
         raise ConfigError(f"{path}: signing key is a directory, not a PEM file") from None
     except PermissionError:
         raise ConfigError(denied(path, "reading the signing key")) from None
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     try:
         key = serialization.load_pem_private_key(pem, password=None)
     except (ValueError, TypeError) as exc:
@@ -98,6 +109,9 @@ def _check_private_mode(path: Path, st: os.stat_result) -> None:
 
 def load_public(path: Path) -> Ed25519PublicKey:
     """The ed25519 public key in PEM file ``path``; ConfigError naming the file otherwise."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
     try:
         key = serialization.load_pem_public_key(path.read_bytes())
     except FileNotFoundError:
@@ -114,11 +128,13 @@ KEY_ID = re.compile(r"[0-9a-f]{16}")
 
 def key_id(key: Ed25519PublicKey) -> str:
     """Short, stable name of a public key for logs and status (first 16 hex of its sha256)."""
+    from cryptography.hazmat.primitives import serialization
+
     raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return hashlib.sha256(raw).hexdigest()[:16]
 
 
-class Keyring(dict[str, Ed25519PublicKey]):
+class Keyring(dict[str, "Ed25519PublicKey"]):
     """Trusted public keys by key id, remembering the file each came from (for messages)."""
 
     def __init__(self) -> None:
@@ -153,6 +169,8 @@ def sign(key: Ed25519PrivateKey, data: bytes) -> bytes:
 
 def verify(keys: Mapping[str, Ed25519PublicKey], data: bytes, signature: bytes, where: str) -> str:
     """Return the id of the trusted key that signed ``data``; raise VerificationError otherwise."""
+    from cryptography.exceptions import InvalidSignature
+
     try:
         raw = base64.b64decode(signature.strip(), validate=True)
     except (binascii.Error, ValueError):

@@ -103,7 +103,8 @@ class Alias(NamedTuple):
 
 @dataclass(frozen=True)
 class Fingerprint:
-    """Cheap change detector: row count and newest ``updated_at`` per table."""
+    """Cheap change detector: per table what tells a change (for mapsync's own schema the
+    newest ``updated_at``; see :func:`mapsync.sources.builtin._fingerprint`)."""
 
     tables: dict[str, tuple[int, str | None]]
 

@@ -11,14 +11,16 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from typing import TYPE_CHECKING
 
 from mapsync.config import AgentChannel, AgentConfig
 from mapsync.errors import VerificationError
 from mapsync.release import MANIFEST, SIGNATURE, Latest, Manifest
 from mapsync.release.verify import VerifiedRelease, check_map_files, verify_release
 from mapsync.signing import Keyring, load_public
+
+if TYPE_CHECKING:  # cryptography only where a key is used (mapsync.signing)
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 
 def trusted_keys(cfg: AgentConfig) -> Keyring:

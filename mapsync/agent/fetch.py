@@ -19,9 +19,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Generic, TypeVar
-
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 from mapsync import log
 from mapsync.agent.checks import check_keeps_maps, read_signed, trusted_keys, verify_files
@@ -45,6 +43,9 @@ from mapsync.release import (
 from mapsync.release.verify import FileAltered, VerifiedRelease
 from mapsync.transport import Remote, parse_source
 from mapsync.transport.rsync import block_size
+
+if TYPE_CHECKING:  # cryptography only where a key is used (mapsync.signing)
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 _log = log.get("agent")
 

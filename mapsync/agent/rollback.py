@@ -15,8 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from typing import TYPE_CHECKING
 
 from mapsync import log
 from mapsync.agent.checks import check_keeps_maps, read_signed, trusted_keys, verify_files
@@ -27,6 +26,9 @@ from mapsync.config import AgentChannel, AgentConfig
 from mapsync.errors import InstallError, MapsyncError, VerificationError
 from mapsync.release import MANIFEST, Manifest, iso, parse_manifest, same_maps, utcnow
 from mapsync.release.verify import VerifiedRelease
+
+if TYPE_CHECKING:  # cryptography only where a key is used (mapsync.signing)
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 _log = log.get("agent")
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import structlog
 
-from mapsync import config
+from mapsync import config, log
 from mapsync.cli.output import print_plan
 from mapsync.errors import EXIT_OK, ConfigError
 
@@ -129,6 +129,7 @@ def node_config(d: Path, node: str) -> Path:
 def _quiet_info_logs() -> None:
     """The demo prints its own report of each step; the same steps' INFO log lines on stderr
     would interleave with it. Warnings and errors still show, and ``-v`` shows everything."""
+    log.ensure()  # the level main() asked for, applied before it is read here
     if structlog.get_config()["wrapper_class"] is structlog.make_filtering_bound_logger(
         logging.INFO
     ):

@@ -11,9 +11,10 @@ import re
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
-from itertools import islice
+from itertools import islice, repeat
 from operator import eq, itemgetter
 from pathlib import Path
+from typing import Any
 
 from mapsync.errors import InvalidData
 from mapsync.formats import cdb, text
@@ -99,24 +100,61 @@ def blocks(
         yield block, body
 
 
+def key_blocks(
+    keys: Iterable[str], value: str, map_name: str, sep: str = " ", size: int = BLOCK
+) -> Iterator[tuple[list[str], str]]:
+    """:func:`blocks` of a map whose every value is ``value``, from its (sorted) keys alone:
+    the same text, the same refusals (a refused block goes through :func:`lines` as pairs)."""
+    breakers = KEY_BREAKERS + (":" if sep == ":" else "")
+    tail = f"{sep}{value}\n"
+    bad_value = any(c in value for c in "\r\n\0")
+    it = iter(keys)
+    last: str | None = None
+    while block := list(islice(it, size)):
+        joined = "\n".join(block)
+        if (
+            bad_value
+            or "\r" in joined
+            or "\0" in joined
+            or joined.count("\n") != len(block) - 1  # a line break in a key
+            or not all(block)  # an empty key
+            or joined.startswith("#")
+            or "\n#" in joined
+            or any(c in joined for c in breakers)
+            or (last is not None and last == block[0])
+            or any(map(eq, block, block[1:]))  # sorted: a duplicate is its neighbour
+        ):
+            rows = zip([last, *block] if last is not None else block, repeat(value))
+            for _ in lines(rows, map_name, sep):
+                pass  # raises InvalidData for the first offending row
+        last = block[-1]
+        yield block, tail.join(block) + tail
+
+
 def write_map(
-    entries: Iterable[tuple[str, str]],
+    entries: Iterable[tuple[str, str]] | Iterable[str],
     path: Path,
     head: str,
     sep: str = " ",
     cdb_stage: str | None = None,
+    value: str | None = None,
 ) -> tuple[text.TextInfo, CdbFile | None]:
     """Sort ``entries``, write them as the text map ``path`` after ``head`` and, given
     ``cdb_stage`` (its progress stage), build the cdb beside it to record its hash (the file
-    itself is removed: agents build their own); refuse as :func:`lines` does.
+    itself is removed: agents build their own); refuse as :func:`lines` does. Given
+    ``value``, ``entries`` are the keys alone and every value is ``value`` (a map of one
+    value holds no pair per row: at 1.6M keys, 90 MB less, and a plain sort of strings).
 
     One pass over the sorted rows, a block at a time (:func:`blocks`), writes the text and
     feeds the cdb the same bytes: each block is joined and encoded once, for both files.
     """
-    rows = list(entries)
-    # By key alone: half the time of comparing whole pairs, and the same order whenever the
-    # keys are unique, which is all that may be published.
-    rows.sort(key=_key)
+    rows: list[Any] = list(entries)
+    if value is None:
+        # By key alone: half the time of comparing whole pairs, and the same order whenever
+        # the keys are unique, which is all that may be published.
+        rows.sort(key=_key)
+    else:
+        rows.sort()
     map_name = path.name
     cdb_file = None
     with open(path, "wb") as fh, ExitStack() as stack:
@@ -126,8 +164,11 @@ def write_map(
             maker = stack.enter_context(cdb.Maker(path.with_name(f"{map_name}.cdb")))
         feed = track(rows, cdb_stage, len(rows)) if cdb_stage is not None else rows
         bsep = sep.encode()
+        made = (
+            blocks(feed, map_name, sep) if value is None else key_blocks(feed, value, map_name, sep)
+        )
         try:
-            for block, body in blocks(feed, map_name, sep):
+            for block, body in made:
                 data = body.encode()
                 writer.add(data, len(block))
                 if maker is not None:
@@ -135,8 +176,9 @@ def write_map(
         except InvalidData:
             # Refused. The pairs of a duplicated key are still in the order the map made
             # them: name the first offending row as the pairs sorted whole do.
-            rows.sort()
-            for _ in lines(rows, map_name, sep):
+            pairs = rows if value is None else list(zip(rows, repeat(value)))
+            pairs.sort()
+            for _ in lines(pairs, map_name, sep):
                 pass
             raise
         if maker is not None:

@@ -46,6 +46,9 @@ class Map(ABC):
     )
     per_mailstore: bool = False
     description: str = ""
+    # Every entry's value, for a map with one value for all (recipients: "OK"): the publisher
+    # then renders from :meth:`keys`, holding no (key, value) pair per row.
+    constant_value: str | None = None
 
     @property
     def name(self) -> str:
@@ -75,3 +78,7 @@ class Map(ABC):
     @abstractmethod
     def entries(self, directory: Directory, channel: PublisherChannel) -> Iterable[tuple[str, str]]:
         """Yield (key, value) pairs for ``channel``."""
+
+    def keys(self, directory: Directory, channel: PublisherChannel) -> Iterable[str]:
+        """The keys of :meth:`entries` (of a map whose every value is :attr:`constant_value`)."""
+        return (key for key, _ in self.entries(directory, channel))

@@ -58,24 +58,28 @@ class RecipientsMap(Map):
     reads = frozenset({"domain", "account", "alias"})
     description = "every deliverable address → OK (accounts, aliases, alias-domain expansions)"
 
+    constant_value = "OK"
+
     def entries(self, directory: Directory, channel: PublisherChannel) -> Iterable[tuple[str, str]]:
-        # A domain's lines at a time, built in C (see Directory.at); the publisher sorts them.
+        return zip(self.keys(directory, channel), repeat("OK"))
+
+    def keys(self, directory: Directory, channel: PublisherChannel) -> Iterable[str]:
+        # A domain's keys at a time, built in C (see Directory.at); the publisher sorts them.
         return chain.from_iterable(self._by_domain(directory))
 
-    def _by_domain(self, directory: Directory) -> Iterator[Iterable[tuple[str, str]]]:
-        ok = repeat("OK")
+    def _by_domain(self, directory: Directory) -> Iterator[Iterable[str]]:
         for d in directory.of_kind("hosted"):
             locals_ = directory.account_locals(d.id) + directory.alias_locals(d.id)
             has_catchall = d.id in directory.catchall
             for domain in (d, *directory.alias_domains.get(d.id, ())):
                 for name in directory.names(domain):
-                    yield zip(at(locals_, name), ok, strict=False)  # ok: endless
+                    yield at(locals_, name)
                     if has_catchall:
-                        yield ((f"@{name}", "OK"),)
+                        yield (f"@{name}",)
         for d in directory.of_kind("relay"):
             # mapsync does not know a relay customer's mailboxes: their server decides.
             for name in directory.names(d):
-                yield ((f"@{name}", "OK"),)
+                yield (f"@{name}",)
 
 
 class VirtualMap(Map):

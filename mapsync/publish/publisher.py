@@ -12,12 +12,13 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
@@ -691,13 +692,18 @@ class Publisher:
     ) -> tuple[MapEntry, MapPlan]:
         spec = self.maps[name]
         path = staging / name
+        value = spec.constant_value  # one value for all: rendered from the keys alone
+        rows: Iterable[Any] = (
+            spec.entries(directory, ch) if value is None else spec.keys(directory, ch)
+        )
         with paused_gc():  # millions of short-lived tuples: see paused_gc
             info, built = write_map(
-                track(spec.entries(directory, ch), f"render {ch.name}/{name}"),
+                track(rows, f"render {ch.name}/{name}"),
                 path,
                 text.header(name, ch.name, serial),
                 spec.separator,
                 f"cdb {ch.name}/{name}" if spec.cdb else None,
+                value,
             )
         cdb_info = CdbInfo(built.file, built.sha256, built.size) if built is not None else None
         own = self.cfg.maps.get(name)

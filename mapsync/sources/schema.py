@@ -1,7 +1,8 @@
 """mapsync's own schema (SQLAlchemy Core).
 
-Every table carries ``updated_at`` (microseconds) and an index on it, so
-:meth:`BuiltinSource.fingerprint` can tell cheaply whether anything changed. What protects a
+Every table carries ``updated_at`` (microseconds) and an index on it, and a trigger logs
+every DELETE in ``mapsync_deleted``, so :meth:`BuiltinSource.fingerprint` can tell from
+indexes alone whether anything changed (no row counted). What protects a
 writer that bypasses SQLAlchemy (a panel, a script, ``psql``) lives in the database itself:
 every column with a documented default has it server-side too (``status``, ``kind``, ports,
 ``active``, ``allow_*``, the timestamps in UTC), and a trigger per table moves ``updated_at``
@@ -186,6 +187,22 @@ TABLES = (customer, mailstore, domain, account, alias, alias_target, sender_gran
 
 Index("account_domain", account.c.domain_id)
 Index("alias_target_alias", alias_target.c.alias_id)
+# The fingerprint's newest expiry that has passed: max(expires_at) below now, from the index.
+alias_expires = Index("alias_expires", alias.c.expires_at)
+
+# One row per DELETE (per statement on PostgreSQL, per row elsewhere), written by the trigger
+# of :func:`delete_trigger_ddl`: a deletion moves max(id), which the fingerprint reads from
+# the primary key instead of counting every table's rows (a count is a scan of millions).
+# SQLite's trigger keeps the newest rows only; on PostgreSQL and MariaDB a trigger that
+# trimmed it would make concurrent writers wait on each other, so `init-db` trims it.
+deleted = Table(
+    "mapsync_deleted",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True),
+    Column("table_name", String(64), nullable=False),
+    sqlite_autoincrement=True,  # ids never reused: max(id) only grows
+)
+KEEP_DELETED = 100  # rows of mapsync_deleted SQLite's trigger and init-db keep
 
 
 def trigger_ddl(dialect: str, table: Table) -> list[str]:
@@ -220,5 +237,38 @@ def trigger_ddl(dialect: str, table: Table) -> list[str]:
             f"CREATE TRIGGER {trigger} AFTER UPDATE ON {name} FOR EACH ROW "
             f"WHEN NEW.updated_at IS OLD.updated_at BEGIN "
             f"UPDATE {name} SET updated_at = {UTC_NOW['sqlite']} WHERE rowid = NEW.rowid; END",
+        ]
+    return []
+
+
+def delete_trigger_ddl(dialect: str, table: Table) -> list[str]:
+    """The statements that (re)install ``table``'s delete trigger: a DELETE adds a row to
+    ``mapsync_deleted``, so the fingerprint sees it without counting rows."""
+    name, trigger, log = table.name, f"{table.name}_deleted", deleted.name
+    if dialect == "postgresql":
+        return [
+            "CREATE OR REPLACE FUNCTION mapsync_deleted() RETURNS trigger LANGUAGE plpgsql AS $$\n"
+            "BEGIN\n"
+            "  IF EXISTS (SELECT 1 FROM gone) THEN\n"  # a statement that deleted a row
+            f"    INSERT INTO {log} (table_name) VALUES (TG_TABLE_NAME);\n"
+            "  END IF;\n"
+            "  RETURN NULL;\n"
+            "END $$",
+            f"DROP TRIGGER IF EXISTS {trigger} ON {name}",
+            f"CREATE TRIGGER {trigger} AFTER DELETE ON {name} REFERENCING OLD TABLE AS gone "
+            "FOR EACH STATEMENT EXECUTE FUNCTION mapsync_deleted()",
+        ]
+    if dialect in ("mysql", "mariadb"):
+        return [
+            f"DROP TRIGGER IF EXISTS {trigger}",
+            f"CREATE TRIGGER {trigger} AFTER DELETE ON {name} FOR EACH ROW "
+            f"INSERT INTO {log} (table_name) VALUES ('{name}')",
+        ]
+    if dialect == "sqlite":  # one writer at a time: the trigger trims the log itself
+        return [
+            f"DROP TRIGGER IF EXISTS {trigger}",
+            f"CREATE TRIGGER {trigger} AFTER DELETE ON {name} FOR EACH ROW BEGIN "
+            f"INSERT INTO {log} (table_name) VALUES ('{name}'); "
+            f"DELETE FROM {log} WHERE id <= last_insert_rowid() - {KEEP_DELETED}; END",
         ]
     return []

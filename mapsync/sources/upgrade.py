@@ -1,8 +1,10 @@
 """``init-db`` on a database that already has mapsync's tables: what protects writers.
 
 :func:`install` brings every table to :mod:`mapsync.sources.schema` as this version defines
-it, without losing a row: the server-side defaults of the columns that have one, and the
-trigger that moves ``updated_at`` on an ``UPDATE`` that does not set it. It is idempotent:
+it, without losing a row: the server-side defaults of the columns that have one, the trigger
+that moves ``updated_at`` on an ``UPDATE`` that does not set it, and the one that logs each
+``DELETE`` in ``mapsync_deleted`` (the table and the index on ``alias.expires_at`` the
+fingerprint reads are made by ``create_all``, which ``init-db`` runs first). It is idempotent:
 ``init-db`` runs it every time, on a new database too.
 
 - PostgreSQL: ``ALTER TABLE ... ALTER COLUMN ... SET DEFAULT``; the trigger function
@@ -16,7 +18,7 @@ trigger that moves ``updated_at`` on an ``UPDATE`` that does not set it. It is i
 
 from __future__ import annotations
 
-from sqlalchemy import Connection, Engine, Table
+from sqlalchemy import Connection, Engine, Table, delete, func, select
 from sqlalchemy.schema import CreateColumn, CreateIndex, CreateTable
 
 from mapsync import log
@@ -36,6 +38,16 @@ def install(engine: Engine) -> None:
                 _set_defaults(conn, table)
             for statement in t.trigger_ddl(dialect, table):
                 conn.exec_driver_sql(statement)
+            for statement in t.delete_trigger_ddl(dialect, table):
+                conn.exec_driver_sql(statement)
+        # An index create_all does not add to a table that exists already.
+        t.alias_expires.create(conn, checkfirst=True)
+        # The deletion log: only its newest id counts (PostgreSQL's and MariaDB's triggers
+        # leave it to grow, one row per DELETE statement or row, until init-db runs again).
+        log = t.deleted
+        newest = conn.execute(select(func.max(log.c.id))).scalar()
+        if newest is not None:
+            conn.execute(delete(log).where(log.c.id <= newest - t.KEEP_DELETED))
 
 
 def _defaulted(table: Table) -> list[str]:

@@ -432,6 +432,7 @@ def _concurrent_commit_is_not_seen(url: str, writer_args: dict[str, Any]) -> lis
         except OperationalError as exc:
             events.append(f"blocked: {exc.orig}")
 
+    before = source.fingerprint()
     _on_account_read(source, commit_elsewhere)
     try:
         snap = source.snapshot()
@@ -439,12 +440,13 @@ def _concurrent_commit_is_not_seen(url: str, writer_args: dict[str, Any]) -> lis
         assert "sneaky" not in {a.local_part for a in snap.accounts}
         assert {d.id: d.status for d in snap.domains}[2] == "active"
         # The fingerprint was read in the same transaction, so it describes these rows.
-        assert snap.fingerprint.tables["account"][0] == len(snap.accounts) == 30
+        assert snap.fingerprint == before and len(snap.accounts) == 30
         if events == ["committed"]:
             fresh = source.snapshot()
             assert "sneaky" in {a.local_part for a in fresh.accounts}
             assert {d.id: d.status for d in fresh.domains}[2] == "disabled"
-            assert fresh.fingerprint.tables["account"][0] == 31
+            for table in ("account", "domain"):  # the newest updated_at of each moved
+                assert fresh.fingerprint.tables[table] != snap.fingerprint.tables[table]
             assert fresh.fingerprint.digest() != snap.fingerprint.digest()
     finally:
         source.close()
@@ -487,3 +489,48 @@ def test_init_db_and_seed_with_database_need_no_config_file(tmp_path: Path) -> N
     proc = cli("init-db")
     assert proc.returncode == 2
     assert f"{tmp_path / 'absent.toml'}: config file not found" in proc.stderr
+
+
+# Homes the database may call plain (read as NULL when no channel carries homes) and homes it
+# must hand to validation: every kind validate refuses, and doubtful ones it accepts.
+PLAIN_HOMES = ["/var/vmail/example.org/anna", "/", "/a/b.c/d..e/~x_y-z+1@2", "/a/%_[]\\'\""]
+READ_HOMES = [
+    "var/vmail/relative",
+    "/var/vmail/with space",
+    "/var/vmail/colon:x",
+    "/var/vmail/a/../b",
+    "/var/vmail/..",
+    "/var/vmail/new\nline",
+    "/var/vmail/tab\tx",
+    "/var/vmail/\u00e9t\u00e9",
+    "/var/vmail/nbsp\u00a0x",
+    "/var/vmail/line\u2028sep",
+    "/var/vmail/zero\u200bwidth",
+    "",
+]
+
+
+def test_only_homes_the_database_proves_plain_are_left_unread(any_url: str) -> None:
+    init_db(any_url)
+    homes = PLAIN_HOMES + READ_HOMES
+    engine = create_engine(any_url)
+    with engine.begin() as conn:
+        conn.execute(
+            insert(t.mailstore).values(id=1, name="s1", lmtp_host="10.0.0.1", imap_host="10.0.0.1")
+        )
+        conn.execute(insert(t.domain).values(id=1, name="example.org", default_mailstore_id=1))
+        for i, home in enumerate(homes, start=1):
+            conn.execute(insert(t.account).values(id=i, domain_id=1, local_part=f"u{i}", home=home))
+        conn.execute(insert(t.account).values(id=99, domain_id=1, local_part="nohome"))
+    engine.dispose()
+    source = BuiltinSource(any_url)
+    try:
+        mx = {a.id: a.home for a in source.snapshot().accounts}
+        full = {a.id: a.home for a in source.snapshot(secrets=True).accounts}
+    finally:
+        source.close()
+    assert full == {**{i: h for i, h in enumerate(homes, start=1)}, 99: None}
+    for i, home in enumerate(homes, start=1):
+        expected = None if home in PLAIN_HOMES else home
+        assert mx[i] == expected, (home, mx[i])
+    assert mx[99] is None

@@ -16,6 +16,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -272,24 +273,42 @@ def test_mirror_interval_follows_the_publisher_and_stops_cleanly_on_sigterm(
     cluster.publish()
     dest = tmp_path / "mirror"
     argv = [sys.executable, "-m", "mapsync", "mirror", repo_url(upstream), str(dest)]
+    # Unbuffered, read as it comes: SIGTERM goes once the run that mirrored serial 2 has said
+    # so (LATEST is written before the run prints, so LATEST alone would race the print).
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
-        [*argv, "--interval", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [*argv, "--interval", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
     )
+    lines: list[str] = []
+    errors: list[str] = []
+    readers = [
+        threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, ""))),  # type: ignore[union-attr]
+        threading.Thread(target=lambda: errors.extend(iter(proc.stderr.readline, ""))),  # type: ignore[union-attr]
+    ]
+    for reader in readers:
+        reader.start()
     try:
         publish_new(cluster, 1)
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if (dest / "mx" / "LATEST").exists() and latest(dest / "mx")["serial"] == 2:
-                break
+        while time.monotonic() < deadline and not any("mx: serial 2 mirrored" in x for x in lines):
             time.sleep(0.1)
         assert latest(dest / "mx")["serial"] == 2
         proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=30)
+        proc.wait(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == 128 + signal.SIGTERM, err
+        for reader in readers:
+            reader.join(10)
+        for pipe in (proc.stdout, proc.stderr):
+            pipe.close()  # type: ignore[union-attr]
+    out = "".join(lines)
+    assert proc.returncode == 128 + signal.SIGTERM, "".join(errors)
     assert "mx: serial 2 mirrored" in out
     assert "mx: serial 2 is current" not in out  # the loop prints only what changed
     assert not (dest / "mx" / ".staging").exists()

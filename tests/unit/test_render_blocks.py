@@ -73,3 +73,29 @@ def test_pairs_of_a_duplicated_key_are_refused_naming_the_first_offender(
     with pytest.raises(InvalidData) as info:
         mapfile.write_map(rows, tmp_path / "m", "# m\n", " ", None)
     assert info.value.problems == ["map m: value of 'k' contains a line break or NUL"]
+
+
+@pytest.mark.parametrize("sep", [" ", ":"])
+@settings(max_examples=100, deadline=None)
+@given(keys=st.lists(TEXT, max_size=40), value=TEXT, block=st.integers(min_value=1, max_value=7))
+def test_a_map_of_one_value_written_from_its_keys_is_the_same_map(
+    sep: str, keys: list[str], value: str, block: int
+) -> None:
+    """write_map(keys, value=v) (recipients: every value "OK") writes the bytes, the cdb and
+    the refusals of write_map over the (key, v) pairs."""
+    pairs = [(k, value) for k in keys]
+    assert _outcome(
+        lambda: (b for _, b in mapfile.key_blocks(sorted(keys), value, "m", sep, block))
+    ) == _outcome(lambda: (b for _, b in mapfile.blocks(sorted(pairs), "m", sep, block)))
+    outcomes = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for rows, one in ((iter(pairs), None), (iter(keys), value)):
+            path = Path(tmp) / "m"
+            try:
+                info, cdb_info = mapfile.write_map(rows, path, "# m\n", sep, "cdb m", one)
+            except InvalidData as exc:
+                outcomes.append(("refused", str(exc)))
+                continue
+            outcomes.append(("ok", path.read_bytes(), info, cdb_info))
+    assert outcomes[0] == outcomes[1]
+    event(outcomes[0][0])

@@ -22,8 +22,10 @@ from mapsync.formats.mapfile import write_map
 from mapsync.maps import CATALOGUE, Directory
 from mapsync.snapshot import Account, Alias, Domain, Fingerprint, Mailstore, Snapshot
 from mapsync.validate import (
+    GOOD_HOME,
     GOOD_LOCAL,
     Problem,
+    _home_problems,
     address_problem,
     check,
     is_ip,
@@ -408,6 +410,8 @@ def test_duplicate_addresses_across_accounts_and_aliases() -> None:
         aliases=[
             Alias(7, 1, "info", ("postmaster@example.org",)),
             Alias(8, 1, "sales", ("postmaster@example.org",)),
+            Alias(9, 1, "team", ("postmaster@example.org",)),
+            Alias(10, 1, "team", ("info@example.org",)),
         ],
     )
     got = {(p.table, p.row): p.reason for p in check(snap)}
@@ -416,7 +420,8 @@ def test_duplicate_addresses_across_accounts_and_aliases() -> None:
     assert got["account", 3] == "local part not lowercase"
     assert "also defined by account id=3" in got["alias", 8]
     assert "case-insensitively" in got["alias", 8]
-    assert len(got) == 3
+    assert "also defined by alias id=9" in got["alias", 10]
+    assert len(got) == 4
 
 
 def test_accounts_and_aliases_only_in_hosted_domains() -> None:
@@ -614,6 +619,24 @@ def test_valid_values_pass_check_and_parse_back(where: str, value: str) -> None:
 @given(local=HOSTILE)
 def test_the_fast_local_part_check_accepts_exactly_what_the_rules_accept(local: str) -> None:
     assert (local_part_problem(local) is None) == bool(GOOD_LOCAL.match(local))
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    home=st.one_of(
+        st.text(max_size=20).map(lambda s: "/" + s),
+        st.text(alphabet="/.a: \x85\u200b\u2028é", max_size=12),
+        st.text(max_size=20),
+    )
+)
+def test_the_fast_home_check_accepts_only_what_the_rules_accept(home: str) -> None:
+    """validate's account loop skips _home_problems for a home GOOD_HOME matches without a
+    '/..': every such home must be one the rules accept."""
+    if GOOD_HOME.match(home) and "/.." not in home:
+        assert list(_home_problems(home)) == []
+    plain = home.startswith("/var/vmail/") and home.isascii() and home.isprintable()
+    if plain and not any(s in home for s in (" ", ":", "/..")):
+        assert GOOD_HOME.match(home)  # not vacuous: plain homes take the fast path
 
 
 @pytest.mark.parametrize(

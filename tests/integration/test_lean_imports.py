@@ -1,0 +1,54 @@
+"""A run that finds nothing changed imports only what it uses: `pull -q` (every few minutes
+on every node) neither cryptography, SQLAlchemy nor structlog; `publish -q` not structlog.
+Each costs tens of milliseconds of a run that should take a fraction of a second. (Without
+-q a pull logs "up to date" at INFO, and imports structlog to do so.)"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from tests.conftest import Cluster
+
+
+def imported(cluster: Cluster, *args: str) -> set[str]:
+    """Top-level packages the run imported (python -X importtime), checking it succeeded."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-X",
+            "importtime",
+            "-m",
+            "mapsync",
+            "-q",
+            "--config",
+            str(cluster.config_path),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("import time:")]
+    assert lines, "premise: python -X importtime reports"
+    return {line.rsplit("|", 1)[1].strip() for line in lines}
+
+
+def test_nothing_changed_runs_import_only_what_they_use(cluster: Cluster) -> None:
+    cluster.publish()
+    cluster.pull()
+    pull = imported(cluster, "pull")
+    assert "mapsync.agent.pull" in pull  # not vacuous
+    assert not {"cryptography", "sqlalchemy", "structlog"} & pull
+    publish = imported(cluster, "publish")
+    assert {"sqlalchemy", "cryptography"} <= publish  # the fingerprint; our signature checked
+    assert "structlog" not in publish
+    # A run that logs imports it, and logs as before.
+    verbose = subprocess.run(
+        [sys.executable, "-m", "mapsync", "-v", "--config", str(cluster.config_path), "pull"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert verbose.returncode == 0 and "component=agent" in verbose.stderr, verbose.stderr
