@@ -12,6 +12,7 @@ import base64
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -21,6 +22,7 @@ import cdbx
 import pytest
 
 from mapsync.release import LATEST, MANIFEST, SIGNATURE, Latest, parse_manifest
+from mapsync.release.format import patch_dir
 from mapsync.signing import keygen, load_private, sign
 from tests.conftest import Cluster, make_cluster
 from tests.helpers.agent import (
@@ -98,15 +100,34 @@ def test_the_untouched_offer_is_installed(offered: Cluster) -> None:
     assert lookup(offered, NEW) == "OK"
 
 
-def test_tampered_map_text(offered: Cluster) -> None:
-    path = release(offered) / "recipients"
+def tamper_recipients(c: Cluster) -> None:
+    """Same size, one address changed in release 2's text: a flipped bit on disk or a quiet edit."""
+    path = release(c) / "recipients"
     data = path.read_bytes()
-    # Same size, one address changed: a flipped bit on disk or a quiet edit.
     path.write_bytes(data.replace(b"postmaster@example-2.org", b"postmaster@example-9.org", 1))
     assert path.read_bytes() != data
+
+
+def test_tampered_map_text(offered: Cluster) -> None:
+    tamper_recipients(offered)
+    # Without patches the node fetches the text itself, and must refuse it.
+    shutil.rmtree(offered.repo / "mx" / patch_dir(2))
     err = pull_refused(offered, "releases/2/recipients: sha256", "the file was altered")
     assert "does not match the manifest" in err
     assert_serial_1_serving(offered)
+
+
+def test_tampered_map_text_is_never_read_by_a_node_that_patches(offered: Cluster) -> None:
+    """With release 2's patches, the node builds the text from its own verified serial 1 and
+    the signed patch; the altered copy in the repository is never read, and what goes live is
+    what the manifest signs."""
+    assert (offered.repo / "mx" / patch_dir(2)).is_dir()
+    tamper_recipients(offered)
+    p = offered.cli("pull")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert lookup(offered, NEW) == "OK"
+    assert lookup(offered, "postmaster@example-2.org") == "OK"
+    assert lookup(offered, "postmaster@example-9.org") is None
 
 
 def test_appended_line_in_map_text(offered: Cluster) -> None:
