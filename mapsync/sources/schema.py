@@ -247,7 +247,11 @@ def delete_trigger_ddl(dialect: str, table: Table) -> list[str]:
     name, trigger, log = table.name, f"{table.name}_deleted", deleted.name
     if dialect == "postgresql":
         return [
-            "CREATE OR REPLACE FUNCTION mapsync_deleted() RETURNS trigger LANGUAGE plpgsql AS $$\n"
+            # SECURITY DEFINER: the log is written with the owner's (init-db's) rights, so a
+            # writer role granted DELETE on the tables it edits needs no grant on the log; the
+            # search_path is init-db's, not the writer's.
+            "CREATE OR REPLACE FUNCTION mapsync_deleted() RETURNS trigger LANGUAGE plpgsql "
+            "SECURITY DEFINER SET search_path FROM CURRENT AS $$\n"
             "BEGIN\n"
             "  IF EXISTS (SELECT 1 FROM gone) THEN\n"  # a statement that deleted a row
             f"    INSERT INTO {log} (table_name) VALUES (TG_TABLE_NAME);\n"

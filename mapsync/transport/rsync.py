@@ -297,8 +297,10 @@ class Remote:
         bytes (rsync's default if None); none above ``max_size``."""
         # Explicit source arguments, not --files-from: through an rsync daemon, rsync 3.5.0
         # reports --files-from entries as "vanished". A missing file is for verification to
-        # name, not an rsync error (--ignore-missing-args).
-        extra = ["--ignore-missing-args"]
+        # name, not an rsync error (--ignore-missing-args). Not recursive: a directory served
+        # under a file's name is skipped, not copied file by file (each under --max-size) until
+        # the disk is full.
+        extra = ["--no-recursive", "--ignore-missing-args"]
         if basis is not None and basis.is_dir():
             extra.append(f"--link-dest={basis.resolve()}")
             if block is not None:

@@ -32,6 +32,7 @@ from tests.helpers.agent import (
     set_dirs,
     tree_snapshot,
 )
+from tests.helpers.transport import RsyncDaemon
 
 
 @pytest.fixture(scope="module")
@@ -424,3 +425,32 @@ def test_wire_bytes_sums_both_directions_of_rsync_stats() -> None:
     )
     assert wire_bytes(stats) == 3346
     assert wire_bytes("") == 0
+
+
+@pytest.mark.parametrize("daemon", [False, True], ids=["path", "rsyncd"])
+def test_fetch_files_never_copies_a_directory_served_under_a_file_name(
+    tmp_path: Path, daemon: bool
+) -> None:
+    """A hostile source serving a directory where a release file or a patch should be (real
+    rsync, as a path and through a daemon): nothing of it lands, so no tree of files, each
+    under the size limit, can fill the node's or the mirror's disk before anything is checked."""
+    repo = tmp_path / "repo"
+    channel = repo / "mx"
+    trap = channel / "patches" / "2" / "recipients.patch"
+    trap.mkdir(parents=True)
+    for i in range(50):
+        (trap / f"f{i}").write_bytes(os.urandom(900))
+    (channel / "patches" / "2" / "domains.patch").write_bytes(b"mapsync-patch 1\n=0\n")
+    dest = tmp_path / "area"
+    dest.mkdir()
+    files = ["domains.patch", "recipients.patch"]
+    if daemon:
+        d = RsyncDaemon(tmp_path / "rsyncd", repo)
+        try:
+            moved = Remote(d.url()).fetch_files("patches/2", files, dest, None, 1000)
+        finally:
+            d.stop()
+    else:
+        moved = Remote(str(channel)).fetch_files("patches/2", files, dest, None, 1000)
+    assert sorted(os.listdir(dest)) == ["domains.patch"]
+    assert moved < 50 * 900

@@ -163,3 +163,44 @@ def test_sqlite_is_read_by_a_user_who_may_not_write_the_file_given_its_directory
         assert p.returncode == 0, p.stdout + p.stderr
         assert "channel mx: published serial 1" in p.stdout
         assert (d / "db" / "central.db").read_bytes() == database
+
+
+def test_a_writer_granted_only_the_data_tables_may_still_delete(
+    tmp_path: Path, users: DatabaseUsers
+) -> None:
+    """A panel's role granted DELETE on the tables it edits (before an upgrade made
+    ``mapsync_deleted``, or per table as docs/database.md says) keeps deleting: the deletion
+    log's trigger writes the log with the owner's rights, not the writer's."""
+    c = _cluster(tmp_path / "c", users)
+    _as_documented(c, users)
+    writer = users.reader + "w"
+    if users.kind == "postgresql":
+        sql = [
+            f"CREATE ROLE {writer} LOGIN PASSWORD '{users.password}'",
+            f"GRANT CONNECT ON DATABASE {users.database} TO {writer}",
+            f"GRANT USAGE ON SCHEMA public TO {writer}",
+            f"GRANT SELECT, DELETE ON alias_target, alias TO {writer}",
+        ]
+        users.as_superuser(sql, database=users.database)
+        drop = [f"DROP OWNED BY {writer}", f"DROP ROLE {writer}"]
+    else:
+        sql = [
+            f"CREATE USER '{writer}'@'%' IDENTIFIED BY '{users.password}'",
+            f"GRANT SELECT, DELETE ON {users.database}.alias_target TO '{writer}'@'%'",
+            f"GRANT SELECT, DELETE ON {users.database}.alias TO '{writer}'@'%'",
+        ]
+        users.as_superuser(sql)
+        drop = [f"DROP USER '{writer}'@'%'"]
+    try:
+        assert users.refused(users.url(writer), "DELETE FROM alias_target") is None
+        # The writer cannot write the log itself: only the trigger does.
+        refusal = users.refused(users.url(writer), "DELETE FROM mapsync_deleted")
+        assert refusal is not None and "denied" in refusal, refusal
+    finally:
+        users.as_superuser(drop, database=users.database if users.kind == "postgresql" else None)
+    # The reader sees the deletion in the fingerprint's log.
+    source = BuiltinSource(users.reader_url)
+    try:
+        assert source.fingerprint().tables["mapsync_deleted"][0] > 0
+    finally:
+        source.close()
