@@ -333,7 +333,12 @@ class _Channel:
         if pruned:
             _log.info("old releases pruned", channel=self.name, serials=pruned, latest=serial)
         here = set(self._dest_serials())
-        for old in serial_names(self.home / PATCHES)[0]:
+        try:
+            patched = serial_names(self.home / PATCHES)[0]
+        except MapsyncError as exc:  # after LATEST moved: the release is served, say so and go on
+            _log.warning("old patches not removed", channel=self.name, error=str(exc))
+            patched = []
+        for old in patched:
             if old not in here:  # the patches of a release no longer served
                 shutil.rmtree(self.home / patch_dir(old), ignore_errors=True)
         return pruned

@@ -293,6 +293,11 @@ class Repository:
         if manifest.patches:
             # The patches first: a release never names patches that are not there yet.
             patches = self.channel(manifest.channel) / PATCHES
+            if patches.is_symlink() or (patches.exists() and not patches.is_dir()):
+                raise MapsyncError(
+                    f"{patches}: not a directory (it holds the releases' patches); move it "
+                    f"away; serial {manifest.serial} not published, LATEST unchanged"
+                )
             patches.mkdir(exist_ok=True)
             shutil.rmtree(patches / str(manifest.serial), ignore_errors=True)  # a crash's
             commit_dir(staging.patches, patches / str(manifest.serial))
@@ -354,7 +359,11 @@ class Repository:
     def _prune_patches(self, channel: str) -> None:
         """Remove ``patches/<serial>`` of every release no longer kept (or never committed)."""
         kept = set(self.serials(channel))
-        good, _, _ = serial_names(self.channel(channel) / PATCHES)
+        try:
+            good, _, _ = serial_names(self.channel(channel) / PATCHES)
+        except MapsyncError as exc:  # after LATEST moved: the release is out, say so and go on
+            _log.warning("old patches not removed", channel=channel, error=str(exc))
+            return
         for serial in good:
             if serial not in kept:
                 shutil.rmtree(self.channel(channel) / PATCHES / str(serial), ignore_errors=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, update
 
-from mapsync.release import MANIFEST, SIGNATURE, parse_manifest
+from mapsync.release import LATEST, MANIFEST, SIGNATURE, parse_manifest
 from mapsync.sources import schema as t
 from tests.conftest import Cluster, make_cluster
 from tests.helpers.agent import add_account, clone, lookup
@@ -216,3 +216,24 @@ def test_a_source_without_patches_is_no_warning(big: Cluster, tmp_path: Path) ->
     assert "warning" not in p.stderr
     assert lookup(big, new) == "OK"
     _same_as_release(big, 2)
+
+
+def test_a_file_where_the_patches_belong_stops_a_publish_before_anything_is_visible(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    """The operator's stray file at REPO/<channel>/patches: a release with patches is refused
+    naming it, LATEST unchanged; once it is moved away, the next publish goes out."""
+    c = make_cluster(tmp_path / "c", sqlite_url)
+    c.publish()
+    stray = c.repo / "mx" / "patches"
+    stray.write_text("not a directory\n")
+    latest = (c.repo / "mx" / LATEST).read_bytes()
+    add_account(c, "zz-stray", "example-2.org")
+    p = c.cli("publish")
+    assert p.returncode != 0
+    assert f"{stray}: not a directory" in p.stderr + p.stdout
+    assert (c.repo / "mx" / LATEST).read_bytes() == latest
+    assert sorted(os.listdir(c.repo / "mx" / "releases")) == ["1"]
+    stray.unlink()
+    c.publish()
+    assert sorted(os.listdir(c.repo / "mx" / "releases")) == ["1", "2"]
