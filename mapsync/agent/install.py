@@ -174,9 +174,7 @@ def _note_live(node: NodeChannel, manifest: Manifest) -> None:
 def _intact(live: Path, m: MapEntry) -> bool:
     """Whether map ``m``'s live files still have the manifest's sha256 and size: checked
     before a renewal reuses their inodes. A missing file raises FileNotFoundError."""
-    checks = [(m.file, m.sha256, m.size)]
-    if m.cdb is not None:
-        checks.append((m.cdb.file, m.cdb.sha256, m.cdb.size))
+    checks = m.installed_files()
     return all(text.sha256_file(live / f) == (want, size) for f, want, size in checks)
 
 
@@ -413,9 +411,7 @@ def verify_built(
         if (built / f).is_symlink() or (built / f).read_bytes() != (src / f).read_bytes():
             raise VerificationError(f"{where}: {built / f} altered{tail}")
     for name, m in sorted(manifest.maps.items()):
-        checks = [(m.file, m.sha256, m.size)]
-        if m.cdb is not None:
-            checks.append((m.cdb.file, m.cdb.sha256, m.cdb.size))
+        checks = m.installed_files()
         for file, want, want_size in checks:
             path = built / file
             if not stat.S_ISREG(path.lstat().st_mode):

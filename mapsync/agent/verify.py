@@ -30,9 +30,7 @@ def verify_installed(cfg: AgentConfig, ch: AgentChannel) -> int:
         found.directory, found.data, found.signature, trusted_keys(cfg), where
     ).manifest
     for name, m in sorted(manifest.maps.items()):
-        checks = [(m.file, m.sha256, m.size)]
-        if m.cdb is not None:
-            checks.append((m.cdb.file, m.cdb.sha256, m.cdb.size))
+        checks = m.installed_files()
         for file, want, want_size in checks:
             path = target / file
             try:

@@ -136,6 +136,13 @@ class MapEntry:
     forced: bool = False
     custom: CustomInfo | None = None  # a map of the operator's own; None: a built-in map
 
+    def installed_files(self) -> list[tuple[str, str, int]]:
+        """(file name, sha256, size) of each file this map installs: its text, then its cdb."""
+        files = [(self.file, self.sha256, self.size)]
+        if self.cdb is not None:
+            files.append((self.cdb.file, self.cdb.sha256, self.cdb.size))
+        return files
+
     def same_content(self, other: MapEntry | None) -> bool:
         """Whether ``other`` serves the same lines, split and built the same way."""
         return (
