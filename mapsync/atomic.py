@@ -16,22 +16,18 @@ from pathlib import Path
 from typing import BinaryIO
 
 
+def _fsync(path: Path, flags: int = 0) -> None:
+    """fsync the file or directory (``flags`` ``os.O_DIRECTORY``) at ``path``."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def fsync_dir(path: Path) -> None:
     """Make a rename or unlink inside ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    """Make the data of the file at ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _fsync(path, os.O_DIRECTORY)
 
 
 def _fsync_tree(directory: Path) -> None:
@@ -41,7 +37,7 @@ def _fsync_tree(directory: Path) -> None:
         if entry.is_dir(follow_symlinks=False):
             _fsync_tree(path)
         elif entry.is_file(follow_symlinks=False):
-            _fsync_file(path)
+            _fsync(path)
     fsync_dir(directory)
 
 

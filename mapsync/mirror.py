@@ -202,13 +202,11 @@ class _Channel:
                 return Mirrored(
                     self.name, "current", latest.serial, previous, pruned=pruned, bytes=self.moved
                 )
-            _log.warning(
+            self._set_aside(
+                latest.serial,
                 "the release LATEST names is damaged here; copying it again",
-                channel=self.name,
-                serial=latest.serial,
-                problem=repaired,
+                repaired,
             )
-            self._set_aside(latest.serial)
         done = Mirrored(self.name, "mirrored", latest.serial, previous, repaired=repaired)
         offered = self._source_serials(latest)
         wanted = self._wanted(offered, latest.serial)
@@ -218,13 +216,9 @@ class _Channel:
             # checked in full, and copied again unless it is exactly the one LATEST names.
             problem = self._verify_here(latest)
             if problem is not None:
-                _log.warning(
-                    "an earlier copy, never served, is copied again",
-                    channel=self.name,
-                    serial=latest.serial,
-                    problem=problem,
+                self._set_aside(
+                    latest.serial, "an earlier copy, never served, is copied again", problem
                 )
-                self._set_aside(latest.serial)
                 here.remove(latest.serial)
         if latest.serial not in here:
             self._copy(latest.serial, latest, here)  # checked in full in staging
@@ -501,8 +495,10 @@ class _Channel:
             return str(exc)
         return None
 
-    def _set_aside(self, serial: int) -> None:
-        """Move DEST's (damaged, or never served) copy of ``serial`` out of ``releases/``."""
+    def _set_aside(self, serial: int, why: str, problem: str) -> None:
+        """Say ``why`` (a warning naming ``problem``) and move DEST's damaged, or never served,
+        copy of ``serial`` out of ``releases/``."""
+        _log.warning(why, channel=self.name, serial=serial, problem=problem)
         path = self.home / release_dir(serial)
         if os.path.lexists(path):
             os.rename(path, self.work / f"old-{serial}")
