@@ -128,6 +128,8 @@ class Mirror:
         """Hold ``DEST/.lock`` (one mirror run, or publisher, at a time in DEST). DEST must be
         this user's: a copy written as root could not be pruned by the ``mapsync`` user."""
         check_owner(self.dest, "the mirror's copy")
+        if self.dest.is_symlink() or (self.dest.exists() and not self.dest.is_dir()):
+            raise ConfigError(f"mirror: DEST {self.dest} is not a directory")
         self.dest.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
         lock = self.dest / LOCK
         with waiting_lock(lock, wait, f"{self.dest}: another mirror run holds {lock}"):

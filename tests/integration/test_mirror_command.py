@@ -267,6 +267,16 @@ def test_dest_inside_source_is_refused(cluster: Cluster) -> None:
     assert not (cluster.repo / "copy").exists()
 
 
+def test_a_dest_that_is_a_file_is_refused_naming_it(cluster: Cluster, tmp_path: Path) -> None:
+    cluster.publish()
+    dest = tmp_path / "mirror"
+    dest.write_text("the operator's file\n")
+    p = mirror(cluster, cluster.repo, dest)
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert f"DEST {dest} is not a directory" in p.stderr
+    assert dest.read_text() == "the operator's file\n"
+
+
 def test_mirror_interval_follows_the_publisher_and_stops_cleanly_on_sigterm(
     cluster: Cluster, upstream: RsyncDaemon, tmp_path: Path
 ) -> None:
