@@ -134,7 +134,12 @@ def _patch(
     for name, p in sorted(infos.items()):
         path = area / p.file
         if not path.is_file() or path.is_symlink():
-            raise PatchMissing(f"{where}/{p.file}: missing (map {name})")
+            # The source has this release's patches but not this one whole: rsync skips a file
+            # over --max-size, a symlink or a directory. Not a source without patches: warned.
+            raise VerificationError(
+                f"{where}/{p.file}: missing, not a regular file, or larger than the manifest's "
+                f"{p.size} bytes (map {name}); the patch was altered or removed"
+            )
         if text.sha256_file(path) != (p.sha256, p.size):
             raise VerificationError(
                 f"{where}/{p.file}: sha256 or size differ from the manifest's; the patch was altered"

@@ -111,6 +111,26 @@ def test_a_tampered_patch_falls_back_to_the_text(big: Cluster, tmp_path: Path) -
     _same_as_release(big, 2)
 
 
+def test_a_grown_patch_is_warned_about_and_the_text_fetched(big: Cluster, tmp_path: Path) -> None:
+    """A patch longer than the manifest says never crosses (rsync's --max-size): the node
+    warns, as for any altered patch, rather than taking the source for one without patches."""
+    d = _serve(big, big.repo, tmp_path / "rsyncd")
+    try:
+        new = add_account(big, "zz-grown", "example-7.org")
+        big.publish()
+        with open(big.repo / "mx" / "patches" / "2" / "recipients.patch", "ab") as fh:
+            fh.write(b"+evil@example-1.org OK\n")
+        p = big.pull()
+    finally:
+        d.stop()
+    assert "installed serial 2" in p.stdout
+    (line,) = [x for x in p.stderr.splitlines() if "patches not used" in x]
+    assert "[warning" in line and "larger than the manifest's" in line
+    assert lookup(big, new) == "OK"
+    assert lookup(big, "evil@example-1.org") is None
+    _same_as_release(big, 2)
+
+
 def test_a_node_two_serials_behind_fetches_the_text(big: Cluster, tmp_path: Path) -> None:
     d = _serve(big, big.repo, tmp_path / "rsyncd")
     try:
