@@ -107,6 +107,8 @@ class Mirror:
             # As the publisher's `keep`: a node that read LATEST just before it moved must
             # still find the release it named.
             raise ConfigError(f"mirror --keep: must be at least 2, not {keep}")
+        if timeout < 1:
+            raise ConfigError(f"mirror --timeout: must be at least 1 (seconds), not {timeout}")
         if "://" not in source:  # a path, relative to where the command runs
             source = os.path.abspath(source)
         self.remote = Remote(source, timeout, ssh, password_file, MODES)

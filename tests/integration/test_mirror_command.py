@@ -267,6 +267,14 @@ def test_dest_inside_source_is_refused(cluster: Cluster) -> None:
     assert not (cluster.repo / "copy").exists()
 
 
+def test_a_timeout_below_one_second_is_refused(cluster: Cluster, tmp_path: Path) -> None:
+    cluster.publish()
+    p = mirror(cluster, cluster.repo, tmp_path / "mirror", "--timeout", "-5")
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "mirror --timeout: must be at least 1 (seconds), not -5" in p.stderr
+    assert not (tmp_path / "mirror").exists()
+
+
 def test_a_dest_that_is_a_file_is_refused_naming_it(cluster: Cluster, tmp_path: Path) -> None:
     cluster.publish()
     dest = tmp_path / "mirror"
