@@ -1,8 +1,8 @@
 """mapsync's own schema (SQLAlchemy Core).
 
 Every table carries ``updated_at`` (microseconds) and an index on it, and a trigger logs
-every DELETE in ``mapsync_deleted``, so :meth:`BuiltinSource.fingerprint` can tell from
-indexes alone whether anything changed (no row counted). What protects a
+every deleted row in ``mapsync_deleted`` (table and id), so :meth:`BuiltinSource.fingerprint`
+can tell from indexes alone whether anything changed (no row counted). What protects a
 writer that bypasses SQLAlchemy (a panel, a script, ``psql``) lives in the database itself:
 every column with a documented default has it server-side too (``status``, ``kind``, ports,
 ``active``, ``allow_*``, the timestamps in UTC), and a trigger per table moves ``updated_at``
@@ -190,19 +190,33 @@ Index("alias_target_alias", alias_target.c.alias_id)
 # The fingerprint's newest expiry that has passed: max(expires_at) below now, from the index.
 alias_expires = Index("alias_expires", alias.c.expires_at)
 
-# One row per DELETE (per statement on PostgreSQL, per row elsewhere), written by the trigger
-# of :func:`delete_trigger_ddl`: a deletion moves max(id), which the fingerprint reads from
-# the primary key instead of counting every table's rows (a count is a scan of millions).
-# SQLite's trigger keeps the newest rows only; on PostgreSQL and MariaDB a trigger that
-# trimmed it would make concurrent writers wait on each other, so `init-db` trims it.
+# One row per deleted row, written by the trigger of :func:`delete_trigger_ddl`: a deletion
+# moves max(id), which the fingerprint reads from the primary key instead of counting every
+# table's rows (a count is a scan of millions), and ``row_id`` says which row went
+# (:data:`LOGGED_ID`), so a publisher can read what changed since its last id
+# (:func:`mapsync.sources.deletion_log.deletions`). SQLite's trigger keeps the newest rows only;
+# on PostgreSQL and MariaDB a trigger that trimmed it would make concurrent writers wait on
+# each other, so `init-db` trims it.
 deleted = Table(
     "mapsync_deleted",
     metadata,
     Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True),
     Column("table_name", String(64), nullable=False),
+    # NULL in rows an older trigger logged (before init-db added the column).
+    Column("row_id", BigInteger().with_variant(Integer, "sqlite")),
     sqlite_autoincrement=True,  # ids never reused: max(id) only grows
 )
-KEEP_DELETED = 100  # rows of mapsync_deleted SQLite's trigger and init-db keep
+# Rows of mapsync_deleted SQLite's trigger and init-db keep: a publisher whose last id fell
+# out of them reads everything again, so enough for the deletions of a busy interval.
+KEEP_DELETED = 10_000
+
+# What mapsync_deleted.row_id holds per table: the deleted row's id, or for the two tables
+# keyed by their parent the id of the alias whose targets, the account whose grants changed.
+LOGGED_ID = {
+    **{table.name: "id" for table in (customer, mailstore, domain, account, alias)},
+    alias_target.name: "alias_id",
+    sender_grant.name: "account_id",
+}
 
 
 def trigger_ddl(dialect: str, table: Table) -> list[str]:
@@ -242,37 +256,42 @@ def trigger_ddl(dialect: str, table: Table) -> list[str]:
 
 
 def delete_trigger_ddl(dialect: str, table: Table) -> list[str]:
-    """The statements that (re)install ``table``'s delete trigger: a DELETE adds a row to
-    ``mapsync_deleted``, so the fingerprint sees it without counting rows."""
+    """The statements that (re)install ``table``'s delete trigger: each deleted row adds a row
+    ``(table_name, row_id)`` to ``mapsync_deleted`` (``row_id``: the column
+    :data:`LOGGED_ID` names), so the fingerprint sees a deletion without counting rows and a
+    publisher can tell which rows went."""
     name, trigger, log = table.name, f"{table.name}_deleted", deleted.name
+    column = LOGGED_ID[name]
     if dialect == "postgresql":
         return [
             # SECURITY DEFINER: the log is written with the owner's (init-db's) rights, so a
             # writer role granted DELETE on the tables it edits needs no grant on the log; the
-            # search_path is init-db's, not the writer's.
+            # search_path is init-db's, not the writer's. One function for every table: the
+            # column differs, so it is the trigger's argument, in dynamic SQL (which sees the
+            # transition table too). It fires once per DELETE and logs each row that went.
             "CREATE OR REPLACE FUNCTION mapsync_deleted() RETURNS trigger LANGUAGE plpgsql "
             "SECURITY DEFINER SET search_path FROM CURRENT AS $$\n"
             "BEGIN\n"
-            "  IF EXISTS (SELECT 1 FROM gone) THEN\n"  # a statement that deleted a row
-            f"    INSERT INTO {log} (table_name) VALUES (TG_TABLE_NAME);\n"
-            "  END IF;\n"
+            # (No format(): its % would be the driver's placeholder in exec_driver_sql.)
+            f"  EXECUTE 'INSERT INTO {log} (table_name, row_id) SELECT $1, '\n"
+            "    || quote_ident(TG_ARGV[0]) || ' FROM gone' USING TG_TABLE_NAME;\n"
             "  RETURN NULL;\n"
             "END $$",
             f"DROP TRIGGER IF EXISTS {trigger} ON {name}",
             f"CREATE TRIGGER {trigger} AFTER DELETE ON {name} REFERENCING OLD TABLE AS gone "
-            "FOR EACH STATEMENT EXECUTE FUNCTION mapsync_deleted()",
+            f"FOR EACH STATEMENT EXECUTE FUNCTION mapsync_deleted('{column}')",
         ]
     if dialect in ("mysql", "mariadb"):
         return [
             f"DROP TRIGGER IF EXISTS {trigger}",
             f"CREATE TRIGGER {trigger} AFTER DELETE ON {name} FOR EACH ROW "
-            f"INSERT INTO {log} (table_name) VALUES ('{name}')",
+            f"INSERT INTO {log} (table_name, row_id) VALUES ('{name}', OLD.{column})",
         ]
     if dialect == "sqlite":  # one writer at a time: the trigger trims the log itself
         return [
             f"DROP TRIGGER IF EXISTS {trigger}",
             f"CREATE TRIGGER {trigger} AFTER DELETE ON {name} FOR EACH ROW BEGIN "
-            f"INSERT INTO {log} (table_name) VALUES ('{name}'); "
+            f"INSERT INTO {log} (table_name, row_id) VALUES ('{name}', OLD.{column}); "
             f"DELETE FROM {log} WHERE id <= last_insert_rowid() - {KEEP_DELETED}; END",
         ]
     return []

@@ -3,9 +3,10 @@
 :func:`install` brings every table to :mod:`mapsync.sources.schema` as this version defines
 it, without losing a row: the server-side defaults of the columns that have one, the trigger
 that moves ``updated_at`` on an ``UPDATE`` that does not set it, and the one that logs each
-``DELETE`` in ``mapsync_deleted`` (the table and the index on ``alias.expires_at`` the
-fingerprint reads are made by ``create_all``, which ``init-db`` runs first). It is idempotent:
-``init-db`` runs it every time, on a new database too.
+deleted row in ``mapsync_deleted`` (the table and the index on ``alias.expires_at`` the
+fingerprint reads are made by ``create_all``, which ``init-db`` runs first; a log made before
+it had ``row_id`` gets the column, ``ALTER TABLE ... ADD COLUMN`` on every engine). It is
+idempotent: ``init-db`` runs it every time, on a new database too.
 
 - PostgreSQL: ``ALTER TABLE ... ALTER COLUMN ... SET DEFAULT``; the trigger function
   ``mapsync_updated_at()`` and one trigger per table.
@@ -18,7 +19,7 @@ fingerprint reads are made by ``create_all``, which ``init-db`` runs first). It 
 
 from __future__ import annotations
 
-from sqlalchemy import Connection, Engine, Table, delete, func, select
+from sqlalchemy import Connection, Engine, Table, delete, func, inspect, select
 from sqlalchemy.schema import CreateColumn, CreateIndex, CreateTable
 
 from mapsync import log
@@ -33,6 +34,7 @@ def install(engine: Engine) -> None:
     if dialect == "sqlite":
         _sqlite_rebuild(engine)
     with engine.begin() as conn:
+        _add_row_id(conn)  # before the triggers that write it
         for table in t.TABLES:
             if dialect != "sqlite":
                 _set_defaults(conn, table)
@@ -42,12 +44,24 @@ def install(engine: Engine) -> None:
                 conn.exec_driver_sql(statement)
         # An index create_all does not add to a table that exists already.
         t.alias_expires.create(conn, checkfirst=True)
-        # The deletion log: only its newest id counts (PostgreSQL's and MariaDB's triggers
-        # leave it to grow, one row per DELETE statement or row, until init-db runs again).
+        # The deletion log: a publisher reads only what came after its last id (PostgreSQL's
+        # and MariaDB's triggers leave it to grow, one row per deleted row, until init-db runs
+        # again); the same rows as SQLite's trigger keeps.
         log = t.deleted
         newest = conn.execute(select(func.max(log.c.id))).scalar()
         if newest is not None:
             conn.execute(delete(log).where(log.c.id <= newest - t.KEEP_DELETED))
+
+
+def _add_row_id(conn: Connection) -> None:
+    """Give a deletion log made before ``row_id`` existed the column (nullable: the rows
+    already logged keep NULL there, which tells a publisher they name no row)."""
+    had = {column["name"] for column in inspect(conn).get_columns(t.deleted.name)}
+    if "row_id" in had:
+        return
+    definition = CreateColumn(t.deleted.c.row_id).compile(dialect=conn.dialect)
+    conn.exec_driver_sql(f"ALTER TABLE {t.deleted.name} ADD COLUMN {definition}")
+    _log.info("deletion log given its row_id column", table=t.deleted.name)
 
 
 def _defaulted(table: Table) -> list[str]:

@@ -1,13 +1,25 @@
 """What a writer that bypasses SQLAlchemy sees (a panel, a script, ``psql``): plain SQL
 INSERTs that leave out every defaulted column, UPDATEs that forget ``updated_at``; and a
-database as an earlier mapsync's ``init-db`` made it (no server-side defaults, no triggers)."""
+database as an earlier mapsync's ``init-db`` made it (no server-side defaults, no triggers;
+or a deletion log without ``row_id``)."""
 
 from __future__ import annotations
 
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import MetaData, create_engine, insert, select, text
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    create_engine,
+    insert,
+    select,
+    text,
+)
 
 from mapsync.sources import schema as t
 
@@ -111,5 +123,61 @@ def old_database(url: str) -> None:
             conn.execute(
                 insert(t.sender_grant).values(account_id=accounts[0], address="@old.example")
             )
+    finally:
+        engine.dispose()
+
+
+def _old_delete_trigger_ddl(dialect: str, name: str) -> list[str]:
+    """The delete triggers of the init-db before ``row_id``: the table's name only (one row
+    per statement on PostgreSQL, per row elsewhere, SQLite's trimming to 100 rows)."""
+    trigger = f"{name}_deleted"
+    if dialect == "postgresql":
+        return [
+            "CREATE OR REPLACE FUNCTION mapsync_deleted() RETURNS trigger LANGUAGE plpgsql "
+            "SECURITY DEFINER SET search_path FROM CURRENT AS $$\n"
+            "BEGIN\n"
+            "  IF EXISTS (SELECT 1 FROM gone) THEN\n"
+            "    INSERT INTO mapsync_deleted (table_name) VALUES (TG_TABLE_NAME);\n"
+            "  END IF;\n"
+            "  RETURN NULL;\n"
+            "END $$",
+            f"DROP TRIGGER IF EXISTS {trigger} ON {name}",
+            f"CREATE TRIGGER {trigger} AFTER DELETE ON {name} REFERENCING OLD TABLE AS gone "
+            "FOR EACH STATEMENT EXECUTE FUNCTION mapsync_deleted()",
+        ]
+    if dialect in ("mysql", "mariadb"):
+        return [
+            f"DROP TRIGGER IF EXISTS {trigger}",
+            f"CREATE TRIGGER {trigger} AFTER DELETE ON {name} FOR EACH ROW "
+            f"INSERT INTO mapsync_deleted (table_name) VALUES ('{name}')",
+        ]
+    return [
+        f"DROP TRIGGER IF EXISTS {trigger}",
+        f"CREATE TRIGGER {trigger} AFTER DELETE ON {name} FOR EACH ROW BEGIN "
+        f"INSERT INTO mapsync_deleted (table_name) VALUES ('{name}'); "
+        "DELETE FROM mapsync_deleted WHERE id <= last_insert_rowid() - 100; END",
+    ]
+
+
+def old_deletion_log(url: str) -> None:
+    """Turn the deletion log of a database ``init-db`` made into the one the version before
+    ``row_id`` made: ``mapsync_deleted(id, table_name)`` and its triggers (the rows logged so
+    far are lost)."""
+    old = MetaData()
+    log = Table(
+        t.deleted.name,
+        old,
+        Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True),
+        Column("table_name", String(64), nullable=False),
+        sqlite_autoincrement=True,
+    )
+    engine = create_engine(url)
+    try:
+        with engine.begin() as conn:
+            log.drop(conn)
+            log.create(conn)
+            for table in t.TABLES:
+                for statement in _old_delete_trigger_ddl(engine.dialect.name, table.name):
+                    conn.exec_driver_sql(statement)
     finally:
         engine.dispose()
