@@ -1,0 +1,75 @@
+"""What was deleted since a publisher's last look: the rows of ``mapsync_deleted`` after an id.
+
+The triggers of :func:`mapsync.sources.schema.delete_trigger_ddl` log every deleted row as
+``(table_name, row_id)`` (:data:`~mapsync.sources.schema.LOGGED_ID`: the row's id; for
+``alias_target`` the alias, for ``sender_grant`` the account, whose rows changed). A
+publisher that keeps the newest id it has read can ask for only what came after it, and
+falls back to reading everything whenever :func:`deletions` cannot vouch for the answer.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import Connection, func, inspect, select
+
+from mapsync.sources import schema as t
+
+
+def deletions(conn: Connection, after: int) -> tuple[int, dict[str, set[int]] | None]:
+    """The deletion log's newest id, and the ids of the rows deleted after log id ``after``
+    per table (``{"account": {12, 40}, "alias_target": {7}}``; tables without deletions
+    left out), read in ``conn`` (the caller's transaction: read in the snapshot the
+    publisher reads the tables in, the two agree). The newest id is the fingerprint's
+    ``mapsync_deleted`` value (0 for an empty log): the next call's ``after``.
+
+    ``None`` instead of the dict when the log cannot prove it holds every deletion after
+    ``after``; the caller then reads everything:
+
+    - no ``mapsync_deleted``, or no ``row_id`` column in it: ``init-db`` has not upgraded the
+      database yet (no log: the newest id is 0);
+    - a row after ``after`` has a NULL ``row_id``: logged by a trigger from before the upgrade;
+    - the newest id is below ``after``: the log is not the one ``after`` was read from (a
+      restored or recreated database, an emptied log);
+    - ``after`` < (the oldest id still kept) - 1: rows after ``after`` may have been trimmed
+      (SQLite's trigger keeps :data:`~mapsync.sources.schema.KEEP_DELETED` rows, ``init-db``
+      trims to as many on every engine). Trimming always removes the oldest rows, so a log
+      still holding a row at or below ``after + 1`` lost nothing after it. A gap *among* the
+      ids after ``after`` is no loss: PostgreSQL's and MariaDB's ids skip on a rollback
+      (SQLite's do not). The rule errs only towards ``None``: an ``after`` of 0 over a log
+      whose first id was skipped.
+
+    What the log does not say: on MariaDB/MySQL a row deleted by ``ON DELETE CASCADE`` fires
+    no trigger (its foreign-key actions never do), so deleting an alias logs the alias only,
+    not its ``alias_target`` rows, and deleting an account only the account, not its
+    ``sender_grant`` rows; PostgreSQL and SQLite (when the writer turned ``foreign_keys`` on)
+    log both. A deleted alias or account is to be taken as its targets or grants gone too.
+    And on PostgreSQL and MariaDB an id is taken when a row is logged but seen only at commit:
+    a transaction that commits after this read may log ids at or below the newest returned
+    (SQLite has one writer at a time: its ids commit in order); a caller that must not miss
+    them reads with a margin below its mark, or relies on its periodic full read.
+    """
+    if after < 0:
+        raise ValueError(f"deletions: after must be a log id, 0 or more, not {after}")
+    log = t.deleted
+    inspector = inspect(conn)
+    if not inspector.has_table(log.name):
+        return 0, None
+    oldest, newest = conn.execute(select(func.min(log.c.id), func.max(log.c.id))).one()
+    newest = int(newest or 0)
+    if "row_id" not in {column["name"] for column in inspector.get_columns(log.name)}:
+        return newest, None
+    if newest < after:
+        return newest, None
+    if oldest is None:  # empty, and after is 0
+        return 0, {}
+    if after < int(oldest) - 1:
+        return newest, None
+    # Up to newest only: what a concurrent writer commits meanwhile comes with the next call.
+    rows = conn.execute(
+        select(log.c.table_name, log.c.row_id).where(log.c.id > after, log.c.id <= newest)
+    )
+    found: dict[str, set[int]] = {}
+    for table_name, row_id in rows:
+        if row_id is None:
+            return newest, None
+        found.setdefault(table_name, set()).add(int(row_id))
+    return newest, found
