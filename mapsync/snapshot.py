@@ -146,6 +146,11 @@ class Snapshot:
     # row needs, a domain nobody defines): reported by validation like any invalid row, and
     # gone once skipped (``publish --skip-invalid``). Whole rows only (no ``field``).
     problems: list[Problem] = field(default_factory=list)
+    # Where the next change read resumes (a source that reads changes sets it; see Mark), and,
+    # when the publisher asked for them with the snapshot, the changes since its last mark,
+    # read in the same transaction (a full check compares the two).
+    mark: Mark | None = None
+    changes: Changes | None = None
 
 
 @contextmanager
@@ -163,3 +168,42 @@ def paused_gc() -> Iterator[None]:
         yield
     finally:
         gc.enable()
+
+
+class NotIncremental(Exception):
+    """What was read cannot be applied to the last snapshot: the publisher reads everything
+    (:mod:`mapsync.publish.incremental`). Not an error: the reason is logged."""
+
+
+@dataclass(frozen=True)
+class Mark:
+    """Where a change read resumes: what the database's own stamps said at the last read.
+
+    ``stamps``: per table, the newest ``updated_at`` then (as the database wrote it, so the
+    publisher's clock never decides what is new); ``deleted``: the newest id of the deletion
+    log; ``now``: the publisher's clock at the read, for the aliases that expired since (their
+    rows do not change when they do)."""
+
+    stamps: dict[str, datetime | None]
+    deleted: int
+    now: datetime
+
+
+@dataclass
+class Changes:
+    """The rows changed since a :class:`Mark`, as they are now, read in one transaction.
+
+    For every id listed, the row as the snapshot would read it, or None where the snapshot
+    would no longer hold it (deleted, an alias made inactive or expired). ``grants``: for each
+    account whose sender grants may have changed, all of its grants now. ``denied``: the
+    services each listed account may not log in to (empty: none)."""
+
+    mark: Mark
+    fingerprint: Fingerprint
+    accounts: dict[int, Account | None] = field(default_factory=dict)
+    aliases: dict[int, Alias | None] = field(default_factory=dict)
+    grants: dict[int, tuple[SenderGrant, ...]] = field(default_factory=dict)
+    denied: dict[int, frozenset[str]] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.accounts or self.aliases or self.grants)

@@ -12,7 +12,7 @@ import functools
 import ipaddress
 import re
 import unicodedata
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import NamedTuple
 
 from mapsync import log
@@ -218,15 +218,23 @@ def _unicode_problem(name: str, unicode: str) -> str | None:
     return None
 
 
-def check(snap: Snapshot, proxy: bool = False, customers: bool = False) -> list[Problem]:
+def check(
+    snap: Snapshot,
+    proxy: bool = False,
+    customers: bool = False,
+    *,
+    outside: Outside | None = None,
+) -> list[Problem]:
     """Every rule violation in ``snap``; an empty list means it may be published.
 
     ``proxy``: a channel carries ``dovecot_proxy``, so every mailstore's imap_host must be an IP.
     ``customers``: a channel carries the customer id in its userdb (``customer_field``), so the
     ext_id of every customer with a live account must fit a userdb field value.
+    ``outside``: ``snap`` is a part of the database (the rows an incremental publish touches,
+    :mod:`mapsync.publish.incremental`); what it says of the rest stands in for them.
     """
     with paused_gc():
-        problems = list(_check(snap, proxy))
+        problems = list(_check(snap, proxy, outside))
         if customers:
             problems += _customers(snap)
     if snap.problems:
@@ -240,7 +248,18 @@ def check(snap: Snapshot, proxy: bool = False, customers: bool = False) -> list[
     return problems
 
 
-def _check(snap: Snapshot, proxy: bool = False) -> Iterator[Problem]:
+class Outside(NamedTuple):
+    """The rest of the database, for :func:`check` of a part of it: whether an address
+    (lowercase, its domain hosted) is an account's or an alias's there, and the hosted domain
+    names that have a catch-all. No postmaster warnings: the whole run gave them."""
+
+    claimed: Callable[[str], bool]
+    catchall: frozenset[str]
+
+
+def _check(
+    snap: Snapshot, proxy: bool = False, outside: Outside | None = None
+) -> Iterator[Problem]:
     stores = {m.id: m for m in snap.mailstores}
     domains = {d.id: d for d in snap.domains}
 
@@ -420,7 +439,11 @@ def _check(snap: Snapshot, proxy: bool = False) -> Iterator[Problem]:
             yield _duplicate("alias", alias_id, address, first)
 
     yield from _forwards(snap, domains, seen, bad_targets)
-    yield from alias_graph(snap, domains, seen, bad_targets, catchall)
+    if outside is not None:
+        catchall |= outside.catchall
+    yield from alias_graph(
+        snap, domains, seen, bad_targets, catchall, outside.claimed if outside else None
+    )
 
     accounts = {a.id for a in snap.accounts}
     for g in snap.sender_grants:
@@ -438,7 +461,7 @@ def _check(snap: Snapshot, proxy: bool = False) -> Iterator[Problem]:
         if problem:
             yield Problem("sender_grant", g.account_id, g.address, problem)
 
-    for d in snap.domains:
+    for d in () if outside is not None else snap.domains:
         if d.kind == "hosted" and d.status != "disabled" and f"postmaster@{d.name}" not in seen:
             # A warning, not a refusal: refusing would stop the domain's mail (or every
             # publish) over a missing role address, a worse outage than the missing address.
@@ -521,10 +544,13 @@ def alias_graph(
     seen: Mapping[str, object],
     bad_targets: set[str],
     catchall: set[str] | None = None,
+    claimed: Callable[[str], bool] | None = None,
 ) -> Iterator[Problem]:
     """Fan-out, targets inside our own domains that lead nowhere, and alias cycles.
     ``catchall``: the domains of the keys ``@domain`` in ``seen`` (found from ``seen`` if
-    None; the caller that filled ``seen`` knows them without a pass over every address)."""
+    None; the caller that filled ``seen`` knows them without a pass over every address).
+    ``claimed``: whether an address not in ``seen`` is claimed by a row outside ``snap``
+    (see :class:`Outside`)."""
     live = live_domains(domains.values())
     alias_of = {a.name: live[t].name for t, aliases in alias_domains(live).items() for a in aliases}
     hosted = {d.name for d in live.values() if d.kind == "hosted"}
@@ -561,7 +587,11 @@ def alias_graph(
                 continue  # mail leaves the cluster: not ours to check
             if resolved == address and table == "forward":
                 continue  # a forward keeping a copy: Postfix delivers an address to itself
-            if resolved not in seen and tdomain not in catchall:
+            if (
+                resolved not in seen
+                and tdomain not in catchall
+                and (claimed is None or not claimed(resolved))
+            ):
                 yield Problem(
                     table,
                     al.id,

@@ -64,8 +64,12 @@ def cmd_publish(args: argparse.Namespace) -> int:
     return publish_once(args)
 
 
-def publish_once(args: argparse.Namespace, *, loop: bool = False) -> int:
-    """One publish run, then the pushes; ``loop``: print only what changed."""
+def publish_once(
+    args: argparse.Namespace, *, loop: bool = False, kept: dict[str, Any] | None = None
+) -> int:
+    """One publish run, then the pushes; ``loop``: print only what changed. ``kept``: the
+    loop's publisher between runs (its incremental state), made anew when the configuration
+    read for this run differs from the one it was made with."""
     from mapsync.publish.publisher import Publisher, PublishResult
     from mapsync.publish.push import PushFailed, push_channels
     from mapsync.sources import open_source
@@ -73,13 +77,21 @@ def publish_once(args: argparse.Namespace, *, loop: bool = False) -> int:
     pub = _config(args).need_publisher()
     result: PublishResult | None = None
     failure: MapsyncError | None = None
-    try:
-        result = Publisher(
+    publisher = kept.get("publisher") if kept is not None else None
+    if publisher is None or publisher.cfg != pub:
+        publisher = Publisher(
             pub,
             lambda: open_source(
                 pub.database, pub.schema, postfixadmin=pub.postfixadmin, sql=pub.sql
             ),
-        ).run(args.channel, dry_run=args.dry_run, force=args.force, skip_invalid=args.skip_invalid)
+        )
+        if kept is not None:
+            publisher.incremental = True
+            kept["publisher"] = publisher
+    try:
+        result = publisher.run(
+            args.channel, dry_run=args.dry_run, force=args.force, skip_invalid=args.skip_invalid
+        )
     except ConfigError:
         raise
     except MapsyncError as exc:
@@ -138,7 +150,8 @@ def _publish_every(args: argparse.Namespace) -> int:
             "not with --dry-run or --force (run those by hand, once)"
         )
     _config(args).need_publisher()  # a broken config at start: exit 2, systemd shows it
-    run_every(args.interval, lambda: publish_once(args, loop=True))
+    kept: dict[str, Any] = {}  # the publisher, kept between runs: see publish_once
+    run_every(args.interval, lambda: publish_once(args, loop=True, kept=kept))
 
 
 def _agent_channels(

@@ -12,11 +12,14 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import tempfile
+import time
+from collections import defaultdict
 from collections.abc import Callable, Iterable
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +38,12 @@ from mapsync.errors import (
 )
 from mapsync.formats import text
 from mapsync.formats.mapfile import write_map
+from mapsync.formats.splice import Change, Mismatch, splice
 from mapsync.maps import CATALOGUE, Directory, Map
 from mapsync.maps.custom import catalogue, check_rows
 from mapsync.progress import track
-from mapsync.publish.patches import write_patch
+from mapsync.publish.incremental import State, deltas
+from mapsync.publish.patches import MAX_SHARE, write_patch
 from mapsync.publish.plan import ChannelPlan, MapPlan, Violation, check, diff_files
 from mapsync.publish.repository import Repository, Staging
 from mapsync.publish.runlog import record_run
@@ -51,12 +56,21 @@ from mapsync.release import (
     check_manifest_size,
     iso,
     parse_iso,
+    patch_file,
     same_maps,
     utcnow,
 )
 from mapsync.release.verify import verify_release
 from mapsync.signing import key_id, load_private, load_public, public_path
-from mapsync.snapshot import Account, Domain, Fingerprint, Snapshot, paused_gc
+from mapsync.snapshot import (
+    Account,
+    Changes,
+    Domain,
+    Fingerprint,
+    NotIncremental,
+    Snapshot,
+    paused_gc,
+)
 from mapsync.sources import Source
 from mapsync.validate import Problem
 from mapsync.validate import check as validate
@@ -72,6 +86,7 @@ class _Staged:
     staging: Staging
     manifest: Manifest | None = None
     dropped: list[str] = field(default_factory=list)  # maps of the previous release not kept
+    entries: dict[str, MapEntry] = field(default_factory=dict)  # as rendered, released or not
 
 
 @dataclass
@@ -305,6 +320,15 @@ class Publisher:
         self._source = source
         self.maps = catalogue(cfg.maps)  # the built-in maps and the operator's own
         self._own_problems: list[Problem] = []  # rows refused in the operator's own maps
+        # ``publish --interval`` sets it: keep the last snapshot and publish what changed
+        # since (mapsync.publish.incremental), with a full read every full_check.
+        self.incremental = False
+        self._state: State | None = None
+        self._state_for: tuple[object, ...] = ()  # what the state was read for
+        self._serials: dict[str, int] = {}  # channel → the serial the state renders as
+        # How the last run read the database: "unchanged" (the fingerprint), "incremental" or
+        # "full" (for the loop's log and the tests).
+        self.last_read = ""
 
     def run(
         self,
@@ -401,16 +425,35 @@ class Publisher:
                 tables.update(reader.maps_fingerprint())
             quiet = [self._quiet(ch, channel_fingerprint(tables, ch)) for ch in selected]
             if all(plan is not None for plan in quiet):
+                self.last_read = "unchanged"
                 _log.debug(
                     "database unchanged since the last releases",
                     fingerprint=Fingerprint(tables).digest(),
                 )
                 return PublishResult([p for p in quiet if p is not None], [], dry_run)
-        _log.info("reading snapshot", database=source.safe_url)
         self._proxy = any("dovecot_proxy" in ch.maps for ch in selected)
         self._customers = any(ch.customer_field for ch in selected)
         source.customers = self._customers
-        snap = source.snapshot(secrets=secrets)
+        wanted = (tuple(ch.name for ch in selected), secrets, self._proxy, self._customers)
+        state = self._state if self._state_for == wanted and not dry_run else None
+        proving = state is not None and (force or skip_invalid or self._due(selected))
+        if state is not None and not proving:
+            done = self._incremental(state, source, selected, key)
+            if done is not None:
+                self.last_read = "incremental"
+                return done
+            state = None
+        _log.info("reading snapshot", database=source.safe_url)
+        snap = None
+        if state is not None:
+            try:
+                snap = source.snapshot_since(state.mark, secrets=secrets)
+            except NotIncremental:
+                proving = False
+        if snap is None:
+            snap = source.snapshot(secrets=secrets)
+        self._state = None  # the full run's snapshot replaces it (see _keep)
+        self.last_read = "full"
         self._own_maps(snap, source, others)
         stores = {m.name for m in snap.mailstores}
         for ch in selected:
@@ -421,46 +464,267 @@ class Publisher:
                 )
         views = self._views(snap, selected, skip_invalid)
         skipped = list(dict.fromkeys(p for v in views.values() for p in v.skipped))
-        staged: list[_Staged] = []
         # Each channel's staging directory is removed on the way out, committed or not (a
         # signal while a channel is rendered included).
         with ExitStack() as stagings:
-            for ch in selected:
-                staged.append(self._stage(ch, views[ch.name], snap, source, stagings))
-            violations = [v for s in staged for v in self._guard(s, force)]
-            if violations and not dry_run:
-                raise UnsafePlan(
-                    "publish refused by guards; nothing was written (use --force if the change is intended):\n  "
-                    + "\n  ".join(str(v) for v in violations)
-                )
-            for s in staged:
-                if s.manifest is not None:
-                    check_manifest_size(s.manifest.to_bytes(), f"channel {s.plan.channel}")
-            if not dry_run:
-                assert key is not None
-                committed: list[str] = []
-                for s in staged:
-                    # The lock's session may have died under us (killed, a pooler, the
-                    # network): then another publisher may be in, and nothing more is
-                    # committed.
-                    try:
-                        source.check_lock()
-                    except SourceError as exc:
-                        done = (
-                            f"channel(s) {', '.join(committed)} were published before; "
-                            f"{s.plan.channel} and the rest were not"
-                            if committed
-                            else "nothing was published"
-                        )
-                        raise SourceError(f"{exc}: {done}") from None
-                    self._commit(s, key)
-                    committed.append(s.plan.channel)
-                    serial = s.manifest.serial if s.manifest else s.plan.previous
-                    ch = self.cfg.channels[s.plan.channel]
-                    self.repo.record_check(
-                        s.plan.channel, channel_fingerprint(snap.fingerprint.tables, ch), serial
-                    )
+            staged = [self._stage(ch, views[ch.name], snap, source, stagings) for ch in selected]
+            if proving and state is not None and snap.changes is not None:
+                self._compare(staged, self._prove(state, snap.changes, selected))
+            violations = self._write(staged, source, key, dry_run, force, snap.fingerprint)
+        if self.incremental and not dry_run and not skipped and not self._own_problems:
+            self._keep(snap, staged, wanted)
         return PublishResult([s.plan for s in staged], skipped, dry_run, violations)
+
+    # -- incremental publishing (publish --interval) --------------------------------------------
+
+    def _due(self, selected: list[PublisherChannel]) -> bool:
+        """Whether a full read is due for any of ``selected`` ([publisher] full_check)."""
+        now = utcnow()
+        for ch in selected:
+            checked = self.repo.checked(ch.name)
+            if checked is None:
+                return True
+            if now >= parse_iso(str(checked.get("at"))) + timedelta(seconds=self.cfg.full_check):
+                return True
+        return False
+
+    def _keep(self, snap: Snapshot, staged: list[_Staged], wanted: tuple[object, ...]) -> None:
+        """Keep ``snap``, just published in full, as the state the next runs change."""
+        if snap.mark is None or any(m not in CATALOGUE for s in staged for m in s.entries):
+            return
+        serials = {}
+        for s in staged:
+            serial = s.manifest.serial if s.manifest else s.plan.previous
+            if serial is None:
+                return
+            serials[s.plan.channel] = serial
+        started = time.monotonic()
+        try:
+            self._state = State(snap, snap.mark)
+        except NotIncremental as exc:
+            _log.info("next runs read in full", reason=str(exc))
+            return
+        self._state_for, self._serials = wanted, serials
+        _log.debug(
+            "kept the snapshot for incremental runs",
+            seconds=round(time.monotonic() - started, 3),
+        )
+
+    def _incremental(
+        self,
+        state: State,
+        source: Source,
+        selected: list[PublisherChannel],
+        key: Ed25519PrivateKey | None,
+    ) -> PublishResult | None:
+        """Publish what changed since the state's mark, or None (the state dropped, the
+        reason logged) when only a full run can."""
+        self._state = None  # until the change is published: a failure leaves no half state
+        started = time.monotonic()
+        try:
+            for ch in selected:
+                last, damaged = self.repo.current(ch.name)
+                if last is None or damaged is not None or last.serial != self._serials.get(ch.name):
+                    raise NotIncremental(f"channel {ch.name} was published by another run")
+                if last.source.get("channel") != channel_digest(ch, self.cfg.maps):
+                    raise NotIncremental(f"channel {ch.name} is defined anew")
+            change = source.changes(state.mark, secrets=state.snap.secrets)
+            per: dict[str, dict[str, list[Change]]] = defaultdict(dict)
+            for channel, name, delta in deltas(
+                state, change, selected, self._proxy, self._customers
+            ):
+                per[channel][name] = delta
+        except NotIncremental as exc:
+            _log.info("publishing in full", reason=str(exc))
+            return None
+        try:
+            with ExitStack() as stagings:
+                staged = [
+                    self._staged(
+                        ch,
+                        partial(self._splice, ch, per[ch.name]),
+                        [],
+                        change.fingerprint,
+                        source,
+                        stagings,
+                    )
+                    for ch in selected
+                ]
+                violations = self._write(
+                    staged, source, key, False, False, change.fingerprint, full=False
+                )
+        except Mismatch as exc:
+            _log.error(
+                "incremental state differs from the last release; publishing in full",
+                detail=str(exc),
+            )
+            return None
+        for s in staged:
+            self._serials[s.plan.channel] = (
+                s.manifest.serial if s.manifest else s.plan.previous or 0
+            )
+        self._state = state
+        _log.info(
+            "published incrementally" if any(s.manifest for s in staged) else "nothing to publish",
+            accounts=len(change.accounts),
+            aliases=len(change.aliases),
+            grants=len(change.grants),
+            seconds=round(time.monotonic() - started, 3),
+        )
+        return PublishResult([s.plan for s in staged], [], False, violations)
+
+    def _splice(
+        self,
+        ch: PublisherChannel,
+        delta: dict[str, list[Change]],
+        name: str,
+        staging: Staging,
+        last: Manifest | None,
+        last_dir: Path | None,
+    ) -> tuple[MapEntry, MapPlan, PatchInfo | None]:
+        """Map ``name`` of ``ch``: the last release's with ``delta`` applied
+        (:func:`mapsync.formats.splice.splice`), its patch, its plan."""
+        assert last is not None and last_dir is not None  # checked by _incremental
+        old = last.maps[name]
+        old_path = last_dir / old.file
+        changes = delta.get(name, [])
+        if not changes:
+            shutil.copy2(old_path, staging.path / name)  # byte for byte, mtime too (see _render)
+            return (
+                replace(old, forced=False),
+                MapPlan(name, old.entries, old.entries, 0, 0, 0),
+                None,
+            )
+        spec = self.maps[name]
+        staging.patches.mkdir(exist_ok=True)
+        patch = staging.patches / patch_file(name)
+        done = splice(
+            old_path,
+            old.entries,
+            text.header(name, ch.name, staging.serial),
+            changes,
+            staging.path / name,
+            spec.separator,
+            patch,
+            staging.path / f"{name}.cdb" if spec.cdb else None,
+        )
+        info = done.text
+        cdb_info = CdbInfo(done.cdb.file, done.cdb.sha256, done.cdb.size) if done.cdb else None
+        entry = MapEntry(name, info.entries, info.sha256, info.size, info.content_sha256, cdb_info)
+        found = None
+        if patch.exists():
+            digest, size = text.sha256_file(patch)
+            if size * MAX_SHARE > entry.size:
+                patch.unlink()
+            else:
+                found = PatchInfo(last.serial, patch.name, digest, size)
+        plan = MapPlan(name, old.entries, entry.entries, done.added, done.removed, done.changed)
+        return entry, plan, found
+
+    def _prove(
+        self, state: State, change: Changes, selected: list[PublisherChannel]
+    ) -> dict[tuple[str, str], str]:
+        """The full check's other half: ``change`` (read with the full snapshot) applied to
+        the incremental state, each map's content hash as the incremental run would have
+        published it ((channel, map) → content_sha256); empty when it cannot be applied."""
+        expected: dict[tuple[str, str], str] = {}
+        try:
+            with tempfile.TemporaryDirectory(dir=self.cfg.repository, prefix=".check-") as tmp:
+                scratch = Path(tmp)
+                for channel, name, delta in deltas(
+                    state, change, selected, self._proxy, self._customers
+                ):
+                    last = self.repo.latest_manifest(channel)
+                    if last is None or name not in last.maps:
+                        continue
+                    old = self.repo.release(channel, last.serial) / last.maps[name].file
+                    done = splice(
+                        old,
+                        last.maps[name].entries,
+                        "",
+                        delta,
+                        scratch / "map",
+                        self.maps[name].separator,
+                        None,
+                        None,
+                    )
+                    expected[(channel, name)] = done.text.content_sha256
+        except (NotIncremental, Mismatch) as exc:
+            _log.info("full check: the incremental state cannot be compared", reason=str(exc))
+            return {}
+        return expected
+
+    def _compare(self, staged: list[_Staged], expected: dict[tuple[str, str], str]) -> None:
+        """Log loudly each map whose full render differs from what the incremental state
+        made of the same database (the full render is what is published)."""
+        if not expected:
+            return
+        differ = [
+            f"{s.plan.channel}/{name}"
+            for s in staged
+            for name, entry in s.entries.items()
+            if (s.plan.channel, name) in expected
+            and expected[(s.plan.channel, name)] != entry.content_sha256
+        ]
+        if differ:
+            _log.error(
+                "full check: the incremental state differs from a full render (the full "
+                "render is published; please report this as a bug)",
+                maps=",".join(differ),
+            )
+        else:
+            _log.info("full check: the incremental state equals a full render", maps=len(expected))
+
+    def _write(
+        self,
+        staged: list[_Staged],
+        source: Source,
+        key: Ed25519PrivateKey | None,
+        dry_run: bool,
+        force: bool,
+        fingerprint: Fingerprint,
+        full: bool = True,
+    ) -> list[Violation]:
+        """Guard, then (unless ``dry_run``) commit ``staged`` and note each channel's check
+        of the database at ``fingerprint`` (``full``: every row was read); the guards'
+        refusals of a dry run."""
+        violations = [v for s in staged for v in self._guard(s, force)]
+        if violations and not dry_run:
+            raise UnsafePlan(
+                "publish refused by guards; nothing was written (use --force if the change is intended):\n  "
+                + "\n  ".join(str(v) for v in violations)
+            )
+        for s in staged:
+            if s.manifest is not None:
+                check_manifest_size(s.manifest.to_bytes(), f"channel {s.plan.channel}")
+        if not dry_run:
+            assert key is not None
+            committed: list[str] = []
+            for s in staged:
+                # The lock's session may have died under us (killed, a pooler, the
+                # network): then another publisher may be in, and nothing more is
+                # committed.
+                try:
+                    source.check_lock()
+                except SourceError as exc:
+                    done = (
+                        f"channel(s) {', '.join(committed)} were published before; "
+                        f"{s.plan.channel} and the rest were not"
+                        if committed
+                        else "nothing was published"
+                    )
+                    raise SourceError(f"{exc}: {done}") from None
+                self._commit(s, key)
+                committed.append(s.plan.channel)
+                serial = s.manifest.serial if s.manifest else s.plan.previous
+                ch = self.cfg.channels[s.plan.channel]
+                self.repo.record_check(
+                    s.plan.channel,
+                    channel_fingerprint(fingerprint.tables, ch),
+                    serial,
+                    full=full,
+                )
+        return violations
 
     def _own_maps(self, snap: Snapshot, source: Source, others: list[Source]) -> None:
         """The operator's own maps of ``snap``: rows from the second databases added (each
@@ -617,7 +881,34 @@ class Publisher:
     ) -> _Staged:
         """Render ``ch`` into a staging directory (removed when ``stagings`` closes) and plan
         it against the current release: publish, renew, or nothing to do."""
-        directory = view.directory
+
+        def render(
+            name: str, staging: Staging, last: Manifest | None, last_dir: Path | None
+        ) -> tuple[MapEntry, MapPlan, PatchInfo | None]:
+            entry, map_plan = self._render(
+                name, ch, view.directory, staging.path, staging.serial, last, last_dir
+            )
+            found = None
+            if last is not None and last_dir is not None:
+                found = write_patch(name, entry, last, last_dir, staging, self.maps[name].separator)
+            return entry, map_plan, found
+
+        return self._staged(ch, render, view.skipped, snap.fingerprint, source, stagings)
+
+    def _staged(
+        self,
+        ch: PublisherChannel,
+        render: Callable[
+            [str, Staging, Manifest | None, Path | None],
+            tuple[MapEntry, MapPlan, PatchInfo | None],
+        ],
+        skipped: list[Problem],
+        fingerprint: Fingerprint,
+        source: Source,
+        stagings: ExitStack,
+    ) -> _Staged:
+        """``ch`` staged (removed when ``stagings`` closes) with each map made by ``render``,
+        and planned against the current release: publish, renew, or nothing to do."""
         last, damaged = self.repo.current(ch.name)
         staging = stagings.enter_context(self.repo.stage(ch.name, last))
         serial = staging.serial
@@ -626,19 +917,13 @@ class Publisher:
         entries: dict[str, MapEntry] = {}
         patches: dict[str, PatchInfo] = {}
         plan = ChannelPlan(
-            ch.name, last.serial if last else None, serial, "none", skipped=len(view.skipped)
+            ch.name, last.serial if last else None, serial, "none", skipped=len(skipped)
         )
         for name in ch.maps:
-            entries[name], map_plan = self._render(
-                name, ch, directory, staging.path, serial, last, last_dir
-            )
+            entries[name], map_plan, found = render(name, staging, last, last_dir)
             plan.maps.append(map_plan)
-            if last is not None and last_dir is not None:
-                found = write_patch(
-                    name, entries[name], last, last_dir, staging, self.maps[name].separator
-                )
-                if found is not None:
-                    patches[name] = found
+            if found is not None:
+                patches[name] = found
         # A map the previous release carried and this one does not: every node would lose
         # it (Postfix then fails each lookup). A change like any other, refused by a guard.
         dropped = sorted(set(last.maps) - set(entries)) if last else []
@@ -657,7 +942,7 @@ class Publisher:
                 and self._signed_by_us(ch.name, last.serial)
             ):
                 plan.serial = None
-                return _Staged(plan, staging)
+                return _Staged(plan, staging, entries=entries)
             plan.action = "renew"  # also rewrites a damaged LATEST
         else:
             plan.action = "publish"
@@ -671,14 +956,14 @@ class Publisher:
             source={
                 "url": source.safe_url,
                 "schema": source.schema,
-                "fingerprint": channel_fingerprint(snap.fingerprint.tables, ch),
+                "fingerprint": channel_fingerprint(fingerprint.tables, ch),
                 "channel": channel_digest(ch, self.cfg.maps),
             },
             maps=entries,
-            skipped=skipped_note(view.skipped),
+            skipped=skipped_note(skipped),
             patches=patches,
         )
-        return _Staged(plan, staging, manifest, dropped)
+        return _Staged(plan, staging, manifest, dropped, entries)
 
     def _render(
         self,

@@ -232,13 +232,20 @@ class Repository:
             return None
         return data
 
-    def record_check(self, channel: str, fingerprint: str, serial: int | None) -> None:
-        """Remember that the database with ``fingerprint`` renders as release ``serial``."""
+    def record_check(
+        self, channel: str, fingerprint: str, serial: int | None, *, full: bool = True
+    ) -> None:
+        """Remember that the database with ``fingerprint`` renders as release ``serial``;
+        ``full``: found by reading every row (an incremental run keeps the time of the last
+        full read, which says when the next one is due)."""
         if serial is None:
             return
         path = self.private(channel, CHECKED)
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        note = {"fingerprint": fingerprint, "serial": serial, "at": iso(utcnow())}
+        at = iso(utcnow())
+        if not full:
+            at = str((self.checked(channel) or {}).get("at", at))
+        note = {"fingerprint": fingerprint, "serial": serial, "at": at}
         try:
             atomic_write(path, (json.dumps(note, sort_keys=True) + "\n").encode())
         except OSError as exc:

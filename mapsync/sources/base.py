@@ -8,6 +8,9 @@ A source must provide:
   transaction so the maps of one release describe one instant of the database;
 - ``safe_url``: the database URL without its password, recorded in manifests.
 
+Optional: ``changes()`` and ``snapshot_since()``, the rows changed since a
+:class:`~mapsync.snapshot.Mark` (mapsync's own schema only: docs/incremental.md).
+
 Optional: ``lock()``/``check_lock()``, a database-side publisher lock and whether it is still
 held; ``bound()`` sets how long any database wait may last. ``maps``: the maps of the
 operator's own (``[publisher.maps.NAME]``) on this database that the publisher wants; a source
@@ -29,7 +32,7 @@ from contextlib import contextmanager
 
 from mapsync.config import MapConfig
 from mapsync.errors import SourceError
-from mapsync.snapshot import Fingerprint, Snapshot
+from mapsync.snapshot import Changes, Fingerprint, Mark, NotIncremental, Snapshot
 
 
 class Source(ABC):
@@ -60,6 +63,17 @@ class Source(ABC):
     @abstractmethod
     def snapshot(self, secrets: bool = False) -> Snapshot:
         """Every row the maps need; password hashes and quotas only with ``secrets``."""
+
+    def changes(self, since: Mark, secrets: bool = False) -> Changes:
+        """The rows changed since ``since`` (a mark of an earlier snapshot or change read),
+        for the long-running publisher's incremental runs; :class:`NotIncremental` when they
+        cannot be told row by row (by default: every change reads the whole snapshot)."""
+        raise NotIncremental(f"schema {self.schema!r} is read whole for every change")
+
+    def snapshot_since(self, since: Mark, secrets: bool = False) -> Snapshot:
+        """:meth:`snapshot` with, in ``Snapshot.changes``, the changes since ``since`` read in
+        the same transaction (a full check compares the incremental state with them)."""
+        raise NotIncremental(f"schema {self.schema!r} is read whole for every change")
 
     def maps_fingerprint(self) -> dict[str, tuple[int, str | None]]:
         """Per map of ``maps``, ``"map:NAME"`` → what tells a change (row count and hash)."""

@@ -26,12 +26,10 @@ from sqlalchemy import (
     cast,
     create_engine,
     event,
-    false,
     func,
     literal,
     not_,
     null,
-    or_,
     select,
     text,
 )
@@ -43,12 +41,14 @@ from mapsync import log, progress
 from mapsync.errors import LockBusy, SourceError
 from mapsync.progress import track
 from mapsync.snapshot import (
-    SERVICES,
     Account,
     Alias,
+    Changes,
     Domain,
     Fingerprint,
     Mailstore,
+    Mark,
+    NotIncremental,
     SenderGrant,
     Snapshot,
     paused_gc,
@@ -56,6 +56,15 @@ from mapsync.snapshot import (
 from mapsync.sources import maps
 from mapsync.sources import schema as t
 from mapsync.sources.base import Source
+from mapsync.sources.changes import (
+    DELETED_MARGIN,
+    STRUCTURAL,
+    mark_of,
+    naive,
+    read_changes,
+    read_denied,
+)
+from mapsync.sources.deletion_log import deletions
 
 # pg_advisory_lock key of the publisher: "mapsync" as a number, the same on every host.
 ADVISORY_LOCK = int.from_bytes(b"mapsync", "big")
@@ -366,6 +375,12 @@ class BuiltinSource(Source):
             raise self._fail(what, exc) from None
 
     def snapshot(self, secrets: bool = False) -> Snapshot:
+        return self._snapshot(secrets, None)
+
+    def snapshot_since(self, since: Mark, secrets: bool = False) -> Snapshot:
+        return self._snapshot(secrets, since)
+
+    def _snapshot(self, secrets: bool, since: Mark | None) -> Snapshot:
         self._secrets = secrets
         what = "reading the snapshot"
         try:
@@ -381,9 +396,44 @@ class BuiltinSource(Source):
                     snap = self._read(conn)
                     if self.maps:  # the operator's own maps: the same instant
                         maps.read_all(conn, self, snap)
+                    if since is not None:
+                        snap.changes = self._changes(conn, since, snap.fingerprint)
                     return snap
         except SQLAlchemyError as exc:
             raise self._fail(what, exc) from None
+
+    def changes(self, since: Mark, secrets: bool = False) -> Changes:
+        """The rows changed since ``since`` (:mod:`mapsync.sources.changes`), read in one
+        read-only transaction."""
+        self._secrets = secrets
+        what = "reading the changes"
+        try:
+            with (
+                _slow(what, self.safe_url, self.statement_timeout),
+                self.engine.connect() as raw,
+            ):
+                conn = _read_only(raw)
+                with conn.begin():
+                    _bound(conn, self.lock_wait, self.statement_timeout)
+                    _begin(conn)
+                    return self._changes(conn, since, _fingerprint(conn))
+        except SQLAlchemyError as exc:
+            raise self._fail(what, exc) from None
+
+    def _changes(self, conn: Connection, since: Mark, fingerprint: Fingerprint) -> Changes:
+        if self.maps:
+            raise NotIncremental("maps of your own are read whole")
+        # The rows deleted since the mark, and a margin before it (see DELETED_MARGIN); a
+        # domain, mailstore or customer deleted before the mark was read then already.
+        _, gone = deletions(conn, max(0, since.deleted - DELETED_MARGIN))
+        _, new = deletions(conn, since.deleted)
+        if gone is None or new is None:
+            raise NotIncremental("the deletion log cannot name every row deleted since")
+        for table in STRUCTURAL:
+            gone.pop(table, None)
+            if table in new:
+                gone[table] = new[table]
+        return read_changes(conn, since, fingerprint, self._account_columns(conn), gone)
 
     def maps_fingerprint(self) -> dict[str, tuple[int, str | None]]:
         """What tells a change in each map of ``maps``, read in one read-only transaction."""
@@ -399,6 +449,29 @@ class BuiltinSource(Source):
                     return maps.fingerprints(conn, self)
         except SQLAlchemyError as exc:
             raise self._fail(what, exc) from None
+
+    def _account_columns(self, conn: Connection) -> list[ColumnElement[Any]]:
+        """The columns of :class:`Account`, in its order, as this run reads them."""
+        columns: list[ColumnElement[Any]] = [
+            t.account.c.id,
+            t.account.c.domain_id,
+            t.account.c.local_part,
+            t.account.c.mailstore_id,
+            t.account.c.status,
+        ]
+        # The home is read for every run (validation fails a bad one in every channel);
+        # hashes and quotas only for a channel that carries them.
+        if getattr(self, "_secrets", False):
+            columns += [
+                t.account.c.password_hash,
+                t.account.c.home,
+                t.account.c.quota_bytes,
+                t.account.c.customer_id if self.customers else null(),
+            ]
+        else:  # NULL from the database: every row has all of Account's fields
+            columns += [null(), _unless_plain(conn.dialect.name, t.account.c.home), null(), null()]
+        assert len(columns) == len(Account._fields)
+        return columns
 
     def _read(self, conn: Connection) -> Snapshot:
         # The fingerprint is read inside the same transaction, so it describes these rows.
@@ -441,25 +514,7 @@ class BuiltinSource(Source):
         ):
             status = cascade_status(row.status, customer_status.get(row.customer_id))
             domains.append(Domain(*row[:7], status=status, customer_id=row.customer_id))
-        columns: list[ColumnElement[Any]] = [
-            t.account.c.id,
-            t.account.c.domain_id,
-            t.account.c.local_part,
-            t.account.c.mailstore_id,
-            t.account.c.status,
-        ]
-        # The home is read for every run (validation fails a bad one in every channel);
-        # hashes and quotas only for a channel that carries them.
-        if getattr(self, "_secrets", False):
-            columns += [
-                t.account.c.password_hash,
-                t.account.c.home,
-                t.account.c.quota_bytes,
-                t.account.c.customer_id if self.customers else null(),
-            ]
-        else:  # NULL from the database: every row has all of Account's fields
-            columns += [null(), _unless_plain(conn.dialect.name, t.account.c.home), null(), null()]
-        assert len(columns) == len(Account._fields)
+        columns = self._account_columns(conn)
         # Progress totals: counting is a scan, made only for a terminal that shows them.
         rows = _counts(conn) if progress.reporting() else {}
         accounts = list(
@@ -473,18 +528,7 @@ class BuiltinSource(Source):
             )
         )
         # Only the accounts denied a service (few): the allow_* columns of the rest stay unread.
-        allow = (t.account.c.allow_imap, t.account.c.allow_pop3, t.account.c.allow_submission)
-        shared: dict[tuple[bool, ...], frozenset[str]] = {}  # one set per combination
-        denied = {}
-        for account_id, *flags in conn.execute(
-            select(t.account.c.id, *allow).where(or_(*(c == false() for c in allow)))
-        ):
-            key = tuple(map(bool, flags))
-            services = shared.get(key)
-            if services is None:
-                services = frozenset(s for s, ok in zip(SERVICES, key, strict=True) if not ok)
-                shared[key] = services
-            denied[account_id] = services
+        denied = read_denied(conn)
         grants = [
             SenderGrant(*row)
             for row in conn.execute(
@@ -532,9 +576,10 @@ class BuiltinSource(Source):
                 ),
                 "read aliases",
             )
-            if expires_at is None or _naive(expires_at) > now
+            if expires_at is None or naive(expires_at) > now
         ]
         return Snapshot(
+            mark=mark_of(fingerprint, now),
             mailstores=mailstores,
             domains=domains,
             accounts=accounts,
@@ -750,12 +795,6 @@ def _as(row_type: type[R]) -> Callable[[Iterable[Any]], R]:
     ``tuple.__new__`` runs in C, where ``row_type(*row)`` runs the NamedTuple's Python
     ``__new__`` once per row (a third of reading the accounts)."""
     return partial(tuple.__new__, row_type)
-
-
-def _naive(value: Any) -> datetime:
-    if isinstance(value, datetime) and value.tzinfo is not None:
-        return value.astimezone(UTC).replace(tzinfo=None)
-    return value  # type: ignore[no-any-return]
 
 
 def cascade_status(domain_status: str, customer_status: str | None) -> str:

@@ -1,0 +1,185 @@
+"""A text map changed in place of re-rendered: the previous release's text with a few lines
+taken out and put in, found by binary search (the lines are sorted by key), written with the
+patch that says the same (:mod:`mapsync.release.patch`), and the cdb built from the result.
+
+The incremental publisher (:mod:`mapsync.publish.incremental`) knows which entries changed;
+this module turns that into the release's files at the cost of copying the old text once,
+never parsing it line by line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from mapsync.formats.mapfile import CdbFile, lines
+from mapsync.formats.text import TextInfo
+from mapsync.release.patch import MAGIC, MAX_LINE
+
+
+class Mismatch(Exception):
+    """The previous text does not hold the lines the change takes out (it is not what the
+    incremental state rendered): the publisher renders the whole map instead."""
+
+
+@dataclass(frozen=True)
+class Change:
+    """One key's lines: ``old`` (None: the key is new) and ``new`` (None: it goes), each a
+    whole text line with its newline, as bytes."""
+
+    key: bytes
+    old: bytes | None
+    new: bytes | None
+
+
+def changes(old: dict[str, str], new: dict[str, str], map_name: str, sep: str) -> list[Change]:
+    """The :class:`Change` of every key whose entry differs between ``old`` and ``new``
+    (key → value), sorted by key; the new lines checked as the renderer checks every line
+    (:func:`mapsync.formats.mapfile.lines`: a key that would not parse back is refused)."""
+    keys = sorted({k for k in old.keys() | new.keys() if old.get(k) != new.get(k)})
+    added = [(k, new[k]) for k in keys if k in new]
+    checked = iter(lines(added, map_name, sep))
+    out = []
+    for key in keys:
+        before = f"{key}{sep}{old[key]}\n".encode() if key in old else None
+        after = next(checked).encode() if key in new else None
+        out.append(Change(key.encode(), before, after))
+    return out
+
+
+def _header_end(data: bytes) -> int:
+    pos = 0
+    while data.startswith(b"#", pos):
+        pos = data.index(b"\n", pos) + 1
+    return pos
+
+
+def _locate(data: bytes, lo: int, key: bytes, sep: bytes) -> int:
+    """The offset of the first line at or after ``lo`` (a line start) whose key is not below
+    ``key``: a binary search over byte offsets, each probe one line."""
+    hi = len(data)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        nl = data.rfind(b"\n", lo, mid)
+        start = lo if nl < 0 else nl + 1
+        end = data.index(b"\n", start) + 1
+        cut = data.find(sep, start, end - 1)
+        probe = data[start : cut if cut >= 0 else end - 1]
+        if probe < key:
+            lo = end
+        else:
+            hi = start
+    return lo
+
+
+@dataclass(frozen=True)
+class Spliced:
+    """What :func:`splice` wrote: the text's manifest facts, the cdb's, the patch's size."""
+
+    text: TextInfo
+    cdb: CdbFile | None
+    added: int
+    removed: int
+    changed: int
+
+
+def splice(
+    old: Path,
+    entries_before: int,
+    head: str,
+    delta: Iterable[Change],
+    out: Path,
+    sep: str,
+    patch: Path | None,
+    cdb_path: Path | None,
+) -> Spliced:
+    """Write ``out``: the text map ``old`` (``entries_before`` entries) under the header
+    ``head`` instead of its own, with ``delta`` applied; and, given ``patch``, the patch from
+    ``old`` to ``out``; given ``cdb_path``, the cdb of ``out`` (hashed, then removed, as
+    :func:`mapsync.formats.mapfile.write_map` does). :class:`Mismatch` when ``old`` does
+    not hold a line ``delta`` takes out, or holds a key it adds."""
+    data = old.read_bytes()
+    bsep = sep.encode()
+    body_at = _header_end(data)
+    pieces: list[bytes] = []
+    ops: list[bytes] = [MAGIC]
+    copy = 0
+
+    def emit(op: bytes) -> None:
+        nonlocal copy
+        if copy:
+            ops.append(b"=%d\n" % copy)
+            copy = 0
+        ops.append(op)
+
+    old_head = data[:body_at].splitlines(keepends=True)
+    new_head = head.encode().splitlines(keepends=True)
+    for i in range(max(len(old_head), len(new_head))):
+        a = old_head[i] if i < len(old_head) else None
+        b = new_head[i] if i < len(new_head) else None
+        if a == b:
+            copy += 1
+            continue
+        if a is not None:
+            emit(b"-" + a)
+        if b is not None:
+            emit(b"+" + b)
+    pieces_head = head.encode()
+    pieces.append(pieces_head)
+    pos = body_at
+    added = removed = changed = 0
+    for change in delta:
+        at = _locate(data, pos, change.key, bsep)
+        copy += data.count(b"\n", pos, at)
+        pieces.append(data[pos:at])
+        pos = at
+        end = data.find(b"\n", at) + 1 if at < len(data) else at
+        line = data[at:end]
+        present = bool(line) and (line.startswith(change.key + bsep) or line == change.key + b"\n")
+        if change.old is not None:
+            if line != change.old:
+                raise Mismatch(
+                    f"{old}: expected {change.old[:200]!r} at {at}, found {line[:200]!r}"
+                )
+            emit(b"-" + line)
+            pos = end
+        elif present:
+            raise Mismatch(f"{old}: key {change.key[:200]!r} is there already")
+        if change.new is not None:
+            if len(change.new) > MAX_LINE:
+                patch = None  # a patch cannot carry it: the agent takes the text
+            pieces.append(change.new)
+            emit(b"+" + change.new)
+        if change.old is None:
+            added += 1
+        elif change.new is None:
+            removed += 1
+        else:
+            changed += 1
+    copy += data.count(b"\n", pos)
+    pieces.append(data[pos:])
+    ops.append(b"=%d\n" % copy)
+    whole = b"".join(pieces)
+    del data, pieces
+    body = whole[len(pieces_head) :]
+    info = TextInfo(
+        entries_before + added - removed,
+        hashlib.sha256(whole).hexdigest(),
+        len(whole),
+        hashlib.sha256(body).hexdigest(),
+    )
+    out.write_bytes(whole)
+    if patch is not None:
+        patch.write_bytes(b"".join(ops))
+    built = None
+    if cdb_path is not None:
+        from mapsync.formats.cdb import Maker
+
+        with Maker(cdb_path) as maker:
+            maker.add_lines(body, bsep)
+            digest, size = maker.commit()
+        cdb_path.unlink()
+        built = CdbFile(cdb_path.name, digest, size)
+    return Spliced(info, built, added, removed, changed)

@@ -1,0 +1,401 @@
+"""Incremental publishing: the long-running publisher keeps the last snapshot, reads only the
+rows changed since (:meth:`mapsync.sources.base.Source.changes`), and re-renders only the
+entries those rows reach (docs/incremental.md).
+
+Every entry of every built-in map belongs to one **unit**: the address ``local@domain`` of a
+hosted domain, counted once for the domain and its alias domains (``(domain id, local)``;
+local ``""`` for the ``@domain`` keys: catch-alls, domain-wide sender grants), or a key outside
+the hosted domains (``(-1, key)``: a sender grant for a foreign address). A changed account,
+alias or sender grant names the units whose entries it can change, in the state before and
+after; the maps are rendered from a small snapshot holding every row those units' entries
+are made of (the same renderers as a full run: no second implementation of a map), and only
+the entries of those units are kept. A catch-all's change reaches every address of its
+domain (identity lines): the whole domain is rendered. A change of a domain, a mailstore
+or a customer reaches any number of units: the source refuses it as incremental.
+
+The rows the change reaches are validated with the same checks as a full run, against the
+rest of the state (:class:`mapsync.validate.Outside`), and alias cycles are sought from
+every changed alias over the whole alias graph. Any problem ends the incremental run: the
+full run that follows reports it as ever.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from dataclasses import replace
+
+from mapsync.config import PublisherChannel
+from mapsync.formats.splice import Change, changes
+from mapsync.maps import CATALOGUE, Directory
+from mapsync.snapshot import (
+    Account,
+    Alias,
+    Changes,
+    Domain,
+    Mark,
+    NotIncremental,
+    SenderGrant,
+    Snapshot,
+    alias_domains,
+    live_domains,
+)
+from mapsync.validate import Outside
+from mapsync.validate import check as validate
+
+Unit = tuple[int, str]  # (hosted domain id, local part) or (-1, a key outside them)
+DENY = "dovecot_deny"  # its keys are SERVICE/user
+
+
+def _names(d: Domain) -> tuple[str, ...]:
+    return Directory.names(d)
+
+
+def _lower(s: str) -> str:
+    low = s.lower()
+    return s if low == s else low  # the row's own string where it is lowercase already
+
+
+class State:
+    """The snapshot the last releases were rendered from, indexed by unit; updated in place
+    by :meth:`apply`. Built only from a snapshot without problems."""
+
+    def __init__(self, snap: Snapshot, mark: Mark) -> None:
+        self.snap = snap  # mailstores, domains, customers: what changes read as structural
+        self.mark = mark
+        self.fingerprint = snap.fingerprint
+        self.domains = {d.id: d for d in snap.domains}
+        live = live_domains(snap.domains)
+        self.hosted = {i for i, d in live.items() if d.kind == "hosted"}
+        self.alias_domains = alias_domains(live)
+        # Every name of a hosted domain or of an alias domain of one → the hosted domain.
+        self.resolve: dict[str, int] = {}
+        self.names: dict[int, tuple[str, ...]] = {}  # hosted id → its names and its aliases'
+        for i in self.hosted:
+            names = [*_names(live[i])]
+            for alias_domain in self.alias_domains.get(i, ()):
+                names += _names(alias_domain)
+            self.names[i] = tuple(names)
+            for name in names:
+                self.resolve[name] = i
+        self._targeting: dict[str, set[int]] | None = None  # target → alias ids, on first need
+        self.accounts: dict[int, Account] = {}
+        self.aliases: dict[int, Alias] = {}
+        self.account_at: dict[int, dict[str, Account]] = defaultdict(dict)
+        self.alias_at: dict[int, dict[str, Alias]] = defaultdict(dict)
+        for a in snap.accounts:
+            self._add_account(a)
+        for al in snap.aliases:
+            self._add_alias(al)
+        self.grants: dict[int, tuple[SenderGrant, ...]] = {}
+        self.granted: dict[str, set[int]] = defaultdict(set)  # address → accounts granted it
+        for account_id, address in snap.sender_grants:
+            self.grants[account_id] = (
+                *self.grants.get(account_id, ()),
+                SenderGrant(account_id, address),
+            )
+            self.granted[_lower(address)].add(account_id)
+        self.denied = dict(snap.denied)
+
+    # -- the index --------------------------------------------------------------------------
+
+    def _add_account(self, a: Account) -> None:
+        at = self.account_at[a.domain_id]
+        local = _lower(a.local_part)
+        if local in at:  # a second row of one address: a full run refuses it
+            raise NotIncremental(f"two accounts at {local!r} of domain id {a.domain_id}")
+        at[local] = a
+        self.accounts[a.id] = a
+
+    def _drop_account(self, a: Account) -> None:
+        del self.accounts[a.id]
+        del self.account_at[a.domain_id][_lower(a.local_part)]
+
+    def _add_alias(self, al: Alias) -> None:
+        at = self.alias_at[al.domain_id]
+        local = _lower(al.local_part)
+        if local in at:
+            raise NotIncremental(f"two aliases at {local!r} of domain id {al.domain_id}")
+        at[local] = al
+        self.aliases[al.id] = al
+        if self._targeting is not None:
+            for target in al.targets:
+                self._targeting[_lower(target)].add(al.id)
+
+    def _drop_alias(self, al: Alias) -> None:
+        del self.aliases[al.id]
+        del self.alias_at[al.domain_id][_lower(al.local_part)]
+        if self._targeting is not None:
+            for target in al.targets:
+                self._targeting[_lower(target)].discard(al.id)
+
+    def targeting(self) -> dict[str, set[int]]:
+        """Alias target (lowercase) → the aliases that list it: built on first need."""
+        if self._targeting is None:
+            index: dict[str, set[int]] = defaultdict(set)
+            for al in self.aliases.values():
+                for target in al.targets:
+                    index[_lower(target)].add(al.id)
+            self._targeting = index
+        return self._targeting
+
+    # -- units ------------------------------------------------------------------------------
+
+    def owner(self, key: str) -> Unit:
+        """The unit map key ``key`` belongs to (``SERVICE/`` already taken off)."""
+        local, at, name = key.rpartition("@")
+        if not at:
+            return (-2, key)  # a domain's own key: no account, alias or grant changes it
+        domain = self.resolve.get(name)
+        if domain is None:
+            return (-1, key)
+        return (domain, local)
+
+    def units_of_account(self, a: Account, grants: Iterable[SenderGrant]) -> set[Unit]:
+        """The units an account's entries are in: its address, and the addresses it may
+        send as (its login is in their ``senders`` entries)."""
+        units = {(a.domain_id, _lower(a.local_part))}
+        units.update(self.owner(_lower(g.address)) for g in grants)
+        return units
+
+    def claimed(self, address: str) -> bool:
+        """Whether a live account or an alias holds ``address`` (lowercase, hosted domain:
+        what :func:`mapsync.validate.check` finds in the addresses it has seen)."""
+        local, _, name = address.rpartition("@")
+        domain = self.resolve.get(name)
+        if domain is None:
+            return False
+        a = self.account_at.get(domain, {}).get(local)
+        return (a is not None and a.status != "disabled") or local in self.alias_at.get(domain, {})
+
+    def catchall_names(self) -> frozenset[str]:
+        """The names of the hosted domains with a catch-all (the ``@domain`` keys)."""
+        return frozenset(
+            self.domains[i].name for i in self.hosted if "" in self.alias_at.get(i, {})
+        )
+
+    # -- the rows of units ------------------------------------------------------------------
+
+    def part(self, units: set[Unit], whole: set[int]) -> Snapshot:
+        """The snapshot of every row the entries of ``units`` (and of every address of the
+        domains in ``whole``) are made of, in the state as it is now."""
+        accounts: dict[int, Account] = {}
+        aliases: dict[int, Alias] = {}
+        domains: set[int] = set()
+        addresses: set[str] = set()
+        for domain in whole:
+            domains.add(domain)
+            for a in self.account_at.get(domain, {}).values():
+                accounts[a.id] = a
+            for al in self.alias_at.get(domain, {}).values():
+                aliases[al.id] = al
+            names = self.names.get(domain, ())
+            addresses.update(
+                address for address in self.granted if address.rpartition("@")[2] in names
+            )
+        for domain, local in units:
+            if domain < 0:
+                addresses.add(local)
+                continue
+            domains.add(domain)
+            account = self.account_at.get(domain, {}).get(local)
+            if account is not None:
+                accounts[account.id] = account
+            for at in (local, ""):  # the catch-all decides the identity lines
+                alias = self.alias_at.get(domain, {}).get(at)
+                if alias is not None:
+                    aliases[alias.id] = alias
+            addresses.update(f"{local}@{name}" for name in self.names.get(domain, ()))
+        grants = []
+        for address in addresses:
+            for account_id in self.granted.get(address, ()):
+                grants += [g for g in self.grants[account_id] if _lower(g.address) == address]
+                owner = self.accounts.get(account_id)
+                if owner is not None:
+                    accounts[owner.id] = owner
+                    domains.add(owner.domain_id)
+        for domain in list(domains):
+            domains.update(d.id for d in self.alias_domains.get(domain, ()))
+        return replace(
+            self.snap,
+            domains=[self.domains[i] for i in sorted(domains) if i in self.domains],
+            accounts=list(accounts.values()),
+            aliases=list(aliases.values()),
+            sender_grants=grants,
+            denied={i: self.denied[i] for i in accounts if i in self.denied},
+            forwards=[],
+            problems=[],
+            mark=None,
+            changes=None,
+        )
+
+    # -- a change ---------------------------------------------------------------------------
+
+    def reach(self, change: Changes) -> tuple[set[Unit], set[int]]:
+        """The units ``change`` may alter, and the domains it alters whole (a catch-all's),
+        from the rows before it (the state, not yet applied) and after it (``change``):
+        domains do not change in an incremental run, so a unit means the same in both."""
+        units: set[Unit] = set()
+        whole: set[int] = set()
+        for account_id in change.accounts.keys() | change.grants.keys():
+            old_grants = self.grants.get(account_id, ())
+            new_grants = change.grants.get(account_id, old_grants)
+            units.update(self.owner(_lower(g.address)) for g in (*old_grants, *new_grants))
+            old = self.accounts.get(account_id)
+            new = change.accounts.get(account_id, old)
+            for a in (old, new):
+                if a is not None:
+                    units.add((a.domain_id, _lower(a.local_part)))
+        for alias_id, row in change.aliases.items():
+            for al in (self.aliases.get(alias_id), row):
+                if al is None:
+                    continue
+                local = _lower(al.local_part)
+                units.add((al.domain_id, local))
+                if not local:
+                    whole.add(al.domain_id)
+        return units, whole
+
+    def apply(self, change: Changes) -> None:
+        """Make the state the database's as ``change`` read it."""
+        for account_id, row in change.accounts.items():
+            old = self.accounts.get(account_id)
+            if old is not None:
+                self._drop_account(old)
+            if row is not None:
+                self._add_account(row)
+            self.denied.pop(account_id, None)
+            if account_id in change.denied:
+                self.denied[account_id] = change.denied[account_id]
+        for alias_id, al in change.aliases.items():
+            old_alias = self.aliases.get(alias_id)
+            if old_alias is not None:
+                self._drop_alias(old_alias)
+            if al is not None:
+                self._add_alias(al)
+        for account_id, grants in change.grants.items():
+            for g in self.grants.pop(account_id, ()):
+                self.granted[_lower(g.address)].discard(account_id)
+            if grants:
+                self.grants[account_id] = grants
+                for g in grants:
+                    self.granted[_lower(g.address)].add(account_id)
+        self.mark = change.mark
+        self.fingerprint = change.fingerprint
+
+    # -- validation -------------------------------------------------------------------------
+
+    def check(
+        self, change: Changes, units: set[Unit], whole: set[int], proxy: bool, customers: bool
+    ) -> None:
+        """Validate what ``change`` reaches (after :meth:`apply`) as a full run would:
+        :class:`NotIncremental` naming the first problem."""
+        part = self.part({u for u in units if u[0] >= 0}, whole)
+        # The aliases that name an address of the units: one that lost its account or alias
+        # now leads nowhere. With the whole domains, the other way round too.
+        referrers: dict[int, Alias] = {}
+        targeting = None
+        for domain, local in units:
+            if domain < 0 or not local:
+                continue
+            if targeting is None:
+                targeting = self.targeting()
+            for name in self.names.get(domain, ()):
+                for alias_id in targeting.get(f"{local}@{name}", ()):
+                    referrers[alias_id] = self.aliases[alias_id]
+        if whole:
+            targeting = self.targeting()
+            for target, ids in targeting.items():
+                if self.resolve.get(target.rpartition("@")[2]) in whole:
+                    for alias_id in ids:
+                        referrers[alias_id] = self.aliases[alias_id]
+        seen = {al.id for al in part.aliases}
+        part = replace(
+            part,
+            # All domains and mailstores: alias targets resolve through any of them.
+            domains=self.snap.domains,
+            aliases=part.aliases + [al for i, al in referrers.items() if i not in seen],
+        )
+        problems = validate(
+            part, proxy, customers, outside=Outside(self.claimed, self.catchall_names())
+        )
+        if problems:
+            raise NotIncremental(f"an invalid row: {problems[0]}")
+        for alias_id, al in change.aliases.items():
+            if al is not None and al.local_part and self._cycle(al):
+                raise NotIncremental(f"alias id={alias_id} closes an alias cycle")
+
+    def _resolved(self, target: str) -> tuple[int, str] | None:
+        """The alias of this cluster ``target`` names, as (domain id, local), if any."""
+        local, at, name = _lower(target).rpartition("@")
+        domain = self.resolve.get(name) if at else None
+        if domain is None or not local or local not in self.alias_at.get(domain, {}):
+            return None
+        return (domain, local)
+
+    def _cycle(self, start: Alias) -> bool:
+        """Whether the alias graph leads from ``start`` back to it (through aliases only, as
+        :func:`mapsync.validate.alias_graph` follows them)."""
+        home = (start.domain_id, _lower(start.local_part))
+        stack = [start]
+        visited: set[tuple[int, str]] = set()
+        while stack:
+            al = stack.pop()
+            for target in al.targets:
+                node = self._resolved(target)
+                if node is None:
+                    continue
+                if node == home:
+                    return True
+                if node not in visited:
+                    visited.add(node)
+                    stack.append(self.alias_at[node[0]][node[1]])
+        return False
+
+
+def rendered(
+    state: State, units: set[Unit], whole: set[int], ch: PublisherChannel, names: Iterable[str]
+) -> dict[str, dict[str, str]]:
+    """Per map of ``names``, the entries of ``units`` (and of the ``whole`` domains) that
+    ``ch`` carries, rendered from the state as it is now."""
+    directory = Directory(state.part(units, whole))
+    out: dict[str, dict[str, str]] = {}
+    for name in names:
+        spec = CATALOGUE[name]
+        kept: dict[str, str] = {}
+        for key, value in spec.entries(directory, ch):
+            domain, local = state.owner(key.partition("/")[2] if name == DENY else key)
+            if (domain, local) in units or domain in whole:
+                kept[key] = value
+        out[name] = kept
+    return out
+
+
+def deltas(
+    state: State,
+    change: Changes,
+    channels: list[PublisherChannel],
+    proxy: bool,
+    customers: bool,
+) -> Iterator[tuple[str, str, list[Change]]]:
+    """Apply ``change`` to ``state`` and yield (channel, map, the changed lines) for each
+    map of each of ``channels``. :class:`NotIncremental` when the change cannot be published
+    incrementally (an invalid row among those it reaches): the state is then changed but
+    unpublished, and the caller must drop it, as when it cannot publish what is yielded."""
+    units, whole = state.reach(change)
+    maps = {ch.name: _builtin(ch) for ch in channels}
+    before = {ch.name: rendered(state, units, whole, ch, maps[ch.name]) for ch in channels}
+    state.apply(change)
+    state.check(change, units, whole, proxy, customers)
+    for ch in channels:
+        after = rendered(state, units, whole, ch, maps[ch.name])
+        for name in maps[ch.name]:
+            old, new = before[ch.name][name], after[name]
+            yield ch.name, name, changes(old, new, name, CATALOGUE[name].separator)
+
+
+def _builtin(ch: PublisherChannel) -> list[str]:
+    maps = [m for m in ch.maps if m in CATALOGUE]
+    if len(maps) != len(ch.maps):
+        raise NotIncremental(f"channel {ch.name} carries maps of your own")
+    return maps

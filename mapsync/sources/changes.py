@@ -1,0 +1,189 @@
+"""Reading what changed in mapsync's own schema since a :class:`~mapsync.snapshot.Mark`.
+
+What tells a change, each an index range (docs/schema.md):
+
+- an insert or an update moves the row's ``updated_at`` (a trigger sees to it for writers that
+  do not): the rows with ``updated_at`` at or after the table's newest at the mark, less
+  :data:`SKEW`, are read again (a writer whose clock is behind, a transaction that commits
+  after a newer one; what falls outside the skew is found by the next full check);
+- a delete adds rows to ``mapsync_deleted`` naming the table and the row;
+- an alias that expires changes nothing in the database: the aliases whose ``expires_at``
+  passed since the mark are read again.
+
+A change to ``alias_target`` is a change of its alias, one to ``sender_grant`` a change of the
+grants of its account. A change to a domain, a mailstore or a customer touches what any
+number of addresses resolve to: :class:`~mapsync.snapshot.NotIncremental` (the publisher
+reads everything), as for a deletion log that cannot prove it is complete.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from datetime import UTC, datetime, timedelta
+from itertools import groupby
+from operator import itemgetter
+from typing import Any
+
+from sqlalchemy import Connection, false, or_, select
+from sqlalchemy.sql import ColumnElement
+
+from mapsync.snapshot import (
+    SERVICES,
+    Account,
+    Alias,
+    Changes,
+    Fingerprint,
+    Mark,
+    NotIncremental,
+    SenderGrant,
+)
+from mapsync.sources import schema as t
+
+# How far before the newest ``updated_at`` of the last read a row is read again.
+SKEW = timedelta(seconds=60)
+# More changed rows than this in one read: a bulk import; reading everything is cheaper.
+MAX_CHANGED = 20_000
+# Log ids read again below the last newest: on PostgreSQL and MariaDB a delete's id is taken
+# when it is logged and seen at commit, so one committed after a read may sit below its mark.
+DELETED_MARGIN = 1000
+# Tables whose change reaches any number of addresses.
+STRUCTURAL = ("customer", "mailstore", "domain")
+
+
+def mark_of(fingerprint: Fingerprint, now: datetime) -> Mark | None:
+    """The mark of a read whose fingerprint is ``fingerprint``, taken at ``now``; None for a
+    database whose fingerprint counts rows (no deletion log: ``init-db`` not run since)."""
+    tables = fingerprint.tables
+    if t.deleted.name not in tables:
+        return None
+    stamps = {
+        table.name: _stamp(tables[table.name][1]) for table in t.TABLES if table.name in tables
+    }
+    return Mark(stamps, tables[t.deleted.name][0], now)
+
+
+def _stamp(value: str | None) -> datetime | None:
+    return datetime.fromisoformat(value) if value is not None else None
+
+
+def read_changes(
+    conn: Connection,
+    since: Mark,
+    fingerprint: Fingerprint,
+    account_columns: list[ColumnElement[Any]],
+    deletions: dict[str, set[int]],
+) -> Changes:
+    """The rows changed since ``since``, read inside ``conn``'s transaction, whose
+    ``fingerprint`` (read in it too) gives the new mark; ``deletions``: the rows the deletion
+    log names since ``since.deleted`` (table → ids). :class:`NotIncremental` when they cannot
+    be applied row by row."""
+    now = datetime.now(UTC).replace(tzinfo=None)
+    mark = mark_of(fingerprint, now)
+    if mark is None:
+        raise NotIncremental("the database has no deletion log (run `mapsync init-db`)")
+    for name in STRUCTURAL:
+        if mark.stamps.get(name) != since.stamps.get(name) or deletions.get(name):
+            raise NotIncremental(f"table {name} changed")
+    changed = {
+        "account": set(deletions.get("account", ())),
+        "alias": set(deletions.get("alias", ())) | set(deletions.get("alias_target", ())),
+        "grants": set(deletions.get("sender_grant", ())),
+    }
+    for table, column, into in (
+        (t.account, t.account.c.id, "account"),
+        (t.alias, t.alias.c.id, "alias"),
+        (t.alias_target, t.alias_target.c.alias_id, "alias"),
+        (t.sender_grant, t.sender_grant.c.account_id, "grants"),
+    ):
+        stamp = since.stamps.get(table.name)
+        query = select(column).distinct()
+        if stamp is not None:  # None: the table was empty, every row is new
+            query = query.where(table.c.updated_at >= stamp - SKEW)
+        changed[into].update(conn.scalars(query.limit(MAX_CHANGED + 1)))
+        if len(changed[into]) > MAX_CHANGED:
+            raise NotIncremental(f"more than {MAX_CHANGED} rows changed")
+    expired = select(t.alias.c.id).where(
+        t.alias.c.expires_at > since.now - SKEW, t.alias.c.expires_at <= now
+    )
+    changed["alias"].update(conn.scalars(expired))
+    # A deleted account's grants go with it (on MariaDB without a trigger firing).
+    changed["grants"] |= changed["account"]
+
+    out = Changes(mark, fingerprint)
+    out.accounts = dict.fromkeys(changed["account"])
+    for chunk in chunks(changed["account"]):
+        for row in conn.execute(select(*account_columns).where(t.account.c.id.in_(chunk))):
+            out.accounts[row[0]] = tuple.__new__(Account, row)
+    out.denied = read_denied(conn, changed["account"])
+    out.aliases = dict.fromkeys(changed["alias"])
+    for chunk in chunks(changed["alias"]):
+        targets = {
+            alias_id: tuple(sorted(map(_second, group)))
+            for alias_id, group in groupby(
+                conn.execute(
+                    select(t.alias_target.c.alias_id, t.alias_target.c.target)
+                    .where(t.alias_target.c.alias_id.in_(chunk))
+                    .order_by(t.alias_target.c.alias_id)
+                ),
+                _first,
+            )
+        }
+        for alias_id, domain_id, local_part, expires_at in conn.execute(
+            select(t.alias.c.id, t.alias.c.domain_id, t.alias.c.local_part, t.alias.c.expires_at)
+            .where(t.alias.c.id.in_(chunk))
+            .where(t.alias.c.active.is_(True))
+        ):
+            if expires_at is None or naive(expires_at) > now:
+                out.aliases[alias_id] = Alias(
+                    alias_id, domain_id, local_part, targets.get(alias_id, ())
+                )
+    out.grants = {account_id: () for account_id in changed["grants"]}
+    for chunk in chunks(changed["grants"]):
+        rows = conn.execute(
+            select(t.sender_grant.c.account_id, t.sender_grant.c.address)
+            .where(t.sender_grant.c.account_id.in_(chunk))
+            .order_by(t.sender_grant.c.account_id, t.sender_grant.c.address)
+        )
+        for account_id, group in groupby(rows, _first):
+            out.grants[account_id] = tuple(SenderGrant(*row) for row in group)
+    return out
+
+
+def read_denied(conn: Connection, ids: Iterable[int] | None = None) -> dict[int, frozenset[str]]:
+    """The services each account denied one may not log in to (see Snapshot.denied): of
+    every account, or of those of ``ids``."""
+    allow = (t.account.c.allow_imap, t.account.c.allow_pop3, t.account.c.allow_submission)
+    shared: dict[tuple[bool, ...], frozenset[str]] = {}  # one set per combination
+    denied = {}
+    query = select(t.account.c.id, *allow).where(or_(*(c == false() for c in allow)))
+    for chunk in [None] if ids is None else chunks(ids):
+        rows = conn.execute(query if chunk is None else query.where(t.account.c.id.in_(chunk)))
+        for account_id, *flags in rows:
+            key = tuple(map(bool, flags))
+            services = shared.get(key)
+            if services is None:
+                services = frozenset(s for s, ok in zip(SERVICES, key, strict=True) if not ok)
+                shared[key] = services
+            denied[account_id] = services
+    return denied
+
+
+_CHUNK = 500  # ids per IN list: far below every engine's bound-parameter limit
+
+
+def chunks(ids: Iterable[int]) -> Iterator[list[int]]:
+    """``ids`` sorted, ``_CHUNK`` at a time (for ``IN`` lists)."""
+    ordered = sorted(ids)
+    for start in range(0, len(ordered), _CHUNK):
+        yield ordered[start : start + _CHUNK]
+
+
+def naive(value: Any) -> datetime:
+    """``value`` as a naive UTC datetime (drivers differ in what they return)."""
+    if isinstance(value, datetime) and value.tzinfo is not None:
+        return value.astimezone(UTC).replace(tzinfo=None)
+    return value  # type: ignore[no-any-return]
+
+
+_first = itemgetter(0)
+_second = itemgetter(1)

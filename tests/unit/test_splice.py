@@ -1,0 +1,86 @@
+"""formats.splice: a few lines changed in a sorted text map give the bytes a full render
+gives, a patch that turns the old file into the new, and the same cdb."""
+
+from __future__ import annotations
+
+import io
+import random
+from pathlib import Path
+
+import pytest
+
+from mapsync.formats import text
+from mapsync.formats.mapfile import write_map
+from mapsync.formats.splice import Mismatch, changes, splice
+from mapsync.release.patch import apply_patch
+
+
+def _render(
+    entries: dict[str, str], path: Path, serial: int, sep: str
+) -> tuple[text.TextInfo, str]:
+    info, built = write_map(
+        entries.items(), path, text.header(path.name, "mx", serial), sep, "cdb", None
+    )
+    assert built is not None
+    return info, built.sha256
+
+
+@pytest.mark.parametrize("sep", [" ", ":"])
+@pytest.mark.parametrize("seed", range(12))
+def test_a_spliced_map_is_the_full_render_byte_for_byte(
+    tmp_path: Path, seed: int, sep: str
+) -> None:
+    rnd = random.Random(seed)
+    keys = [
+        f"u{rnd.randrange(10**6)}@d{rnd.randrange(50)}.example"
+        for _ in range(rnd.randrange(0, 400))
+    ]
+    before = {k: f"v{rnd.randrange(9)}" for k in keys}
+    after = dict(before)
+    for _ in range(rnd.randrange(1, 30)):
+        roll = rnd.random()
+        if roll < 0.4 or not after:
+            after[f"n{rnd.randrange(10**6)}@d{rnd.randrange(50)}.example"] = "new"
+        elif roll < 0.7:
+            after.pop(rnd.choice(sorted(after)))
+        else:
+            after[rnd.choice(sorted(after))] = f"w{rnd.randrange(9)}"
+    old_dir, full_dir, new_dir = (tmp_path / n for n in ("old", "full", "new"))
+    for d in (old_dir, full_dir, new_dir):
+        d.mkdir()
+    old_info, _ = _render(before, old_dir / "virtual", 1, sep)
+    full_info, full_cdb = _render(after, full_dir / "virtual", 2, sep)
+
+    delta = changes(before, after, "virtual", sep)
+    done = splice(
+        old_dir / "virtual",
+        old_info.entries,
+        text.header("virtual", "mx", 2),
+        delta,
+        new_dir / "virtual",
+        sep,
+        new_dir / "virtual.patch",
+        new_dir / "virtual.cdb",
+    )
+    assert (new_dir / "virtual").read_bytes() == (full_dir / "virtual").read_bytes()
+    assert done.text == full_info
+    assert done.cdb is not None and done.cdb.sha256 == full_cdb
+    assert not (new_dir / "virtual.cdb").exists()  # hashed, then removed, as write_map does
+    assert done.added - done.removed == len(after) - len(before)
+    assert done.added + done.removed + done.changed == len(delta)
+    patched = io.BytesIO()
+    apply_patch(old_dir / "virtual", new_dir / "virtual.patch", patched, "p", sep.encode())
+    assert patched.getvalue() == (full_dir / "virtual").read_bytes()
+
+
+def test_a_line_the_old_file_does_not_hold_is_a_mismatch(tmp_path: Path) -> None:
+    _render({"a@x": "1", "b@x": "2"}, tmp_path / "m", 1, " ")
+    out = tmp_path / "out"
+    with pytest.raises(Mismatch, match="expected"):
+        splice(
+            tmp_path / "m", 2, "# h\n", changes({"a@x": "9"}, {}, "m", " "), out, " ", None, None
+        )
+    with pytest.raises(Mismatch, match="there already"):
+        splice(
+            tmp_path / "m", 2, "# h\n", changes({}, {"b@x": "2"}, "m", " "), out, " ", None, None
+        )
