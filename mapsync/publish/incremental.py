@@ -283,6 +283,25 @@ class State:
         self.mark = change.mark
         self.fingerprint = change.fingerprint
 
+    def differs(self, snap: Snapshot) -> list[str]:
+        """The kinds of rows in which this state and ``snap`` (of the same database state)
+        differ: none, unless incremental runs went wrong."""
+        grants: dict[int, tuple[SenderGrant, ...]] = defaultdict(tuple)
+        for g in snap.sender_grants:
+            grants[g.account_id] += (SenderGrant(*g),)
+        out = []
+        if {a.id: a for a in snap.accounts} != self.accounts:
+            out.append("account")
+        if {al.id: al for al in snap.aliases} != self.aliases:
+            out.append("alias")
+        if {i: tuple(sorted(g)) for i, g in grants.items()} != {
+            i: tuple(sorted(g)) for i, g in self.grants.items() if g
+        }:
+            out.append("sender_grant")
+        if snap.denied != self.denied:
+            out.append("denied")
+        return out
+
     # -- validation -------------------------------------------------------------------------
 
     def check(

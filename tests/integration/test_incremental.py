@@ -10,12 +10,16 @@ from __future__ import annotations
 import random
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from mapsync import config
+from mapsync.errors import InvalidData
 from mapsync.publish.publisher import Publisher
 from mapsync.sources import changes, open_source
+from mapsync.sources.builtin import make_engine
 from tests.conftest import make_cluster
 from tests.helpers.incremental import bodies, step
 
@@ -83,3 +87,156 @@ def test_incremental_runs_publish_what_a_full_run_publishes(
             ), f"step {number} ({name}): channel {channel} differs from a full render"
     print("reads:", {r: reads.count(r) for r in set(reads)})
     assert reads.count("incremental") >= 60
+
+
+def _kept(tmp_path: Path, url: str, extra: str = "") -> tuple[Publisher, Path]:
+    cluster = make_cluster(tmp_path / "c", url, accounts=60, domains=4, aliases=20)
+    if extra:
+        text = cluster.config_path.read_text().replace(
+            "[publisher]\n", f"[publisher]\n{extra}\n", 1
+        )
+        cluster.config_path.write_text(text)
+    kept = _publisher(cluster.root, url, "inc")
+    kept.incremental = True
+    kept.run()
+    return kept, cluster.root
+
+
+def _sql(url: str, *statements: str) -> None:
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        for statement in statements:
+            conn.exec_driver_sql(statement)
+    engine.dispose()
+
+
+def _one(url: str, query: str) -> Any:
+    engine = make_engine(url)
+    with engine.connect() as conn:
+        value = conn.exec_driver_sql(query).scalar_one()
+    engine.dispose()
+    return value
+
+
+BREAKS = {
+    # An alias to an address of a hosted domain that nobody has.
+    "dangling": "INSERT INTO alias_target (alias_id, target, updated_at) "
+    "SELECT min(id), 'nobody-here@example-1.org', '2999-01-01' FROM alias WHERE local_part <> ''",
+    # The account an alias leads to, deleted: the alias (unchanged) now leads nowhere.
+    "target gone": "DELETE FROM account WHERE id = ("
+    "SELECT min(a.id) FROM account a JOIN domain d ON d.id = a.domain_id "
+    "JOIN alias_target t ON t.target = a.local_part || '@' || d.name)",
+    # An alias at an account's address.
+    "claimed twice": "INSERT INTO alias (domain_id, local_part) "
+    "SELECT domain_id, local_part FROM account WHERE local_part <> 'postmaster' ORDER BY id LIMIT 1",
+    # A local part no map may carry.
+    "bad local part": "INSERT INTO account (domain_id, local_part) SELECT min(id), 'Upper Case' "
+    "FROM domain WHERE kind = 'hosted'",
+}
+
+
+@pytest.mark.parametrize("what", sorted(BREAKS))
+def test_an_invalid_change_is_refused_as_a_full_run_refuses_it(tmp_path: Path, what: str) -> None:
+    url = f"sqlite:///{tmp_path / 'central.db'}"
+    kept, root = _kept(tmp_path, url)
+    serial = kept.repo.latest("mx").serial
+    if what == "target gone":
+        found = _one(
+            url,
+            BREAKS[what].replace("DELETE FROM account WHERE id = (", "SELECT (").rstrip(")") + ")",
+        )
+        assert found is not None, "the seed has an alias leading to an account"
+    _sql(url, BREAKS[what])
+    with pytest.raises(InvalidData):
+        kept.run()
+    assert kept.repo.latest("mx").serial == serial  # nothing published
+    with pytest.raises(InvalidData):  # as a full run of the same database
+        _publisher(root, url, "full").run()
+
+
+def test_an_alias_cycle_is_refused(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'central.db'}"
+    kept, _ = _kept(tmp_path, url)
+    _sql(
+        url,
+        "INSERT INTO alias (domain_id, local_part) SELECT min(id), 'ring-a' FROM domain WHERE kind = 'hosted'",
+        "INSERT INTO alias_target (alias_id, target) SELECT id, 'ring-b@example-1.org' FROM alias WHERE local_part = 'ring-a'",
+        "INSERT INTO alias (domain_id, local_part) SELECT min(id), 'ring-b' FROM domain WHERE kind = 'hosted'",
+        "INSERT INTO alias_target (alias_id, target) SELECT id, 'postmaster@example-1.org' FROM alias WHERE local_part = 'ring-b'",
+    )
+    kept.run()
+    assert kept.last_read == "incremental"
+    # ring-b now leads back to ring-a: a cycle through rows this change did not touch.
+    _sql(
+        url,
+        "INSERT INTO alias_target (alias_id, target) SELECT id, 'ring-a@example-1.org' FROM alias WHERE local_part = 'ring-b'",
+    )
+    with pytest.raises(InvalidData, match="alias cycle"):
+        kept.run()
+
+
+def test_after_a_refusal_the_next_runs_publish_again(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'central.db'}"
+    kept, _ = _kept(tmp_path, url)
+    _sql(url, BREAKS["bad local part"])
+    with pytest.raises(InvalidData):
+        kept.run()
+    _sql(url, "DELETE FROM account WHERE local_part = 'Upper Case'")
+    kept.run()  # read in full: the refused run left no state behind
+    assert kept.last_read == "full"
+    _sql(
+        url,
+        "UPDATE account SET status = 'login_disabled' WHERE id = (SELECT min(id) FROM account WHERE local_part <> 'postmaster')",
+    )
+    kept.run()
+    assert kept.last_read == "incremental"
+
+
+def test_the_full_check_compares_and_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = f"sqlite:///{tmp_path / 'central.db'}"
+    kept, _ = _kept(tmp_path, url, 'full_check = "0s"')
+    _sql(url, "UPDATE account SET quota_bytes = 12345 WHERE id = (SELECT min(id) FROM account)")
+    with capture_logs() as logs:
+        kept.run()
+    assert kept.last_read == "full"  # a full check is due at every run
+    assert any(
+        e["event"] == "full check: the incremental state equals a full render" for e in logs
+    ), [e["event"] for e in logs]
+
+    # An incremental state that holds an account the database does not: the full check
+    # finds that its rows differ. Where the change reaches the phantom's entries, the
+    # state renders lines the last release does not hold: said as loudly.
+    state = kept._state
+    assert state is not None
+    some = next(a for a in state.accounts.values() if a.local_part != "postmaster")
+    domain = state.domains[some.domain_id].name
+    state._add_account(some._replace(id=10**6, local_part="phantom"))
+    _sql(url, f"UPDATE account SET quota_bytes = 777 WHERE id = {some.id}")
+    with capture_logs() as logs:
+        kept.run()
+    errors = [e for e in logs if e["log_level"] == "error"]
+    assert [e["event"][:60] for e in errors] == [
+        "full check: the incremental state's rows differ from the dat"
+    ]
+    assert errors[0]["tables"] == "account"
+
+    state = kept._state
+    assert state is not None
+    state._add_account(some._replace(id=10**6, local_part="phantom"))
+    _sql(
+        url,
+        f"INSERT INTO sender_grant (account_id, address) VALUES ({some.id}, 'phantom@{domain}')",
+    )
+    with capture_logs() as logs:
+        kept.run()
+    errors = [e["event"][:60] for e in logs if e["log_level"] == "error"]
+    assert errors == [
+        "full check: the incremental state renders entries the last r",
+        "full check: the incremental state's rows differ from the dat",
+    ]
+    # The full render is what is published: the grant, without the phantom's own login.
+    senders = bodies(kept.cfg.repository, "mx")["senders"].decode()
+    line = next(x for x in senders.splitlines() if x.startswith(f"phantom@{domain} "))
+    assert line.split(" ", 1)[1] == f"{some.local_part}@{domain}"

@@ -126,6 +126,8 @@ def test_a_new_account_is_published_and_pushed_within_seconds_and_sigterm_ends_t
     assert f"pushed serial 2 to {inbox}" in out
     assert "unchanged" not in out and "has serial" not in out
     assert "Traceback" not in loop.stderr()
+    # The loop kept its first snapshot: serial 2 read and rendered only the new account.
+    assert "published incrementally" in loop.stderr(), loop.stderr()
     assert latest_serial(cluster) == 2
     assert_repository_clean(cluster)
 
