@@ -122,7 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         metavar="SECONDS",
         help="keep running: publish (and push) every SECONDS; errors are logged and the next "
-        "run goes on; SIGTERM ends it (exit 143). An unchanged database costs a fingerprint query",
+        "run goes on; SIGTERM ends it (exit 143). An unchanged database costs a fingerprint query; "
+        "a changed one, with mapsync's own schema, only the changed rows and the entries they "
+        "reach (docs/incremental.md), with a full read every [publisher] full_check",
     )
 
     s = add("pull", "agent, once: fetch, verify, install (what a systemd timer runs)")
