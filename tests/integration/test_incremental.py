@@ -54,7 +54,7 @@ def _publisher(root: Path, url: str, repo: str) -> Publisher:
     return Publisher(pub, lambda: open_source(pub.database, pub.schema))
 
 
-@pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
+@pytest.mark.parametrize("engine", ["sqlite", "postgresql", "mariadb"])
 def test_incremental_runs_publish_what_a_full_run_publishes(
     tmp_path: Path, engine: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -64,7 +64,7 @@ def test_incremental_runs_publish_what_a_full_run_publishes(
     url = (
         f"sqlite:///{tmp_path / 'central.db'}"
         if engine == "sqlite"
-        else request.getfixturevalue("pg_url")
+        else request.getfixturevalue("pg_url" if engine == "postgresql" else "mariadb_url")
     )
     cluster = make_cluster(tmp_path / "c", url, accounts=150, domains=6, aliases=40)
     kept = _publisher(cluster.root, url, "inc")
