@@ -177,16 +177,18 @@ class NotIncremental(Exception):
 
 @dataclass(frozen=True)
 class Mark:
-    """Where a change read resumes: what the database's own stamps said at the last read.
+    """Where a change read resumes.
 
-    ``stamps``: per table, the newest ``updated_at`` then (as the database wrote it, so the
-    publisher's clock never decides what is new); ``deleted``: the newest id of the deletion
-    log; ``now``: the publisher's clock at the read, for the aliases that expired since (their
-    rows do not change when they do)."""
+    ``clock``: the database's own clock (UTC) at the last read: rows written since, by its
+    ``updated_at``, are what changed (less a skew: mapsync.sources.changes); ``stamps``: per
+    table, the newest ``updated_at`` then, which tells a change of the tables read whole;
+    ``deleted``: the newest id of the deletion log; ``now``: the publisher's clock at the read,
+    for the aliases that expired since (their rows do not change when they do)."""
 
     stamps: dict[str, datetime | None]
     deleted: int
     now: datetime
+    clock: datetime
 
 
 @dataclass

@@ -59,6 +59,7 @@ from mapsync.sources.base import Source
 from mapsync.sources.changes import (
     DELETED_MARGIN,
     STRUCTURAL,
+    clock,
     mark_of,
     naive,
     read_changes,
@@ -579,7 +580,7 @@ class BuiltinSource(Source):
             if expires_at is None or naive(expires_at) > now
         ]
         return Snapshot(
-            mark=mark_of(fingerprint, now),
+            mark=mark_of(fingerprint, now, clock(conn)),
             mailstores=mailstores,
             domains=domains,
             accounts=accounts,

@@ -3,9 +3,11 @@
 What tells a change, each an index range (docs/schema.md):
 
 - an insert or an update moves the row's ``updated_at`` (a trigger sees to it for writers that
-  do not): the rows with ``updated_at`` at or after the table's newest at the mark, less
-  :data:`SKEW`, are read again (a writer whose clock is behind, a transaction that commits
-  after a newer one; what falls outside the skew is found by the next full check);
+  do not): the rows with ``updated_at`` at or after the database's clock at the mark, less
+  :data:`SKEW`, are read (again: a writer whose clock is behind, a transaction that commits
+  after our read; what falls outside the skew is found by the next full check). The
+  database's clock, not the table's newest stamp: a table nobody wrote to since a bulk
+  import would otherwise have its import read again on every run;
 - a delete adds rows to ``mapsync_deleted`` naming the table and the row;
 - an alias that expires changes nothing in the database: the aliases whose ``expires_at``
   passed since the mark are read again.
@@ -50,16 +52,23 @@ DELETED_MARGIN = 1000
 STRUCTURAL = ("customer", "mailstore", "domain")
 
 
-def mark_of(fingerprint: Fingerprint, now: datetime) -> Mark | None:
-    """The mark of a read whose fingerprint is ``fingerprint``, taken at ``now``; None for a
-    database whose fingerprint counts rows (no deletion log: ``init-db`` not run since)."""
+def clock(conn: Connection) -> datetime:
+    """The database's clock, UTC, naive (SQLite's: the host's)."""
+    value = conn.execute(select(t.utc_now())).scalar_one()
+    return naive(value if isinstance(value, datetime) else datetime.fromisoformat(value))
+
+
+def mark_of(fingerprint: Fingerprint, now: datetime, db_clock: datetime) -> Mark | None:
+    """The mark of a read whose fingerprint is ``fingerprint``, taken at ``now`` (the
+    publisher's clock) and ``db_clock`` (the database's); None for a database whose
+    fingerprint counts rows (no deletion log: ``init-db`` not run since)."""
     tables = fingerprint.tables
     if t.deleted.name not in tables:
         return None
     stamps = {
         table.name: _stamp(tables[table.name][1]) for table in t.TABLES if table.name in tables
     }
-    return Mark(stamps, tables[t.deleted.name][0], now)
+    return Mark(stamps, tables[t.deleted.name][0], now, db_clock)
 
 
 def _stamp(value: str | None) -> datetime | None:
@@ -78,7 +87,7 @@ def read_changes(
     log names since ``since.deleted`` (table → ids). :class:`NotIncremental` when they cannot
     be applied row by row."""
     now = datetime.now(UTC).replace(tzinfo=None)
-    mark = mark_of(fingerprint, now)
+    mark = mark_of(fingerprint, now, clock(conn))
     if mark is None:
         raise NotIncremental("the database has no deletion log (run `mapsync init-db`)")
     for name in STRUCTURAL:
@@ -95,10 +104,7 @@ def read_changes(
         (t.alias_target, t.alias_target.c.alias_id, "alias"),
         (t.sender_grant, t.sender_grant.c.account_id, "grants"),
     ):
-        stamp = since.stamps.get(table.name)
-        query = select(column).distinct()
-        if stamp is not None:  # None: the table was empty, every row is new
-            query = query.where(table.c.updated_at >= stamp - SKEW)
+        query = select(column).distinct().where(table.c.updated_at >= since.clock - SKEW)
         changed[into].update(conn.scalars(query.limit(MAX_CHANGED + 1)))
         if len(changed[into]) > MAX_CHANGED:
             raise NotIncremental(f"more than {MAX_CHANGED} rows changed")
