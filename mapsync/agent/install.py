@@ -30,7 +30,6 @@ from mapsync.agent.node import NodeChannel
 from mapsync.config import AgentChannel, FileMode
 from mapsync.errors import InstallError, VerificationError
 from mapsync.formats import cdb, text
-from mapsync.progress import track
 from mapsync.release import (
     MANIFEST,
     SIGNATURE,
@@ -347,9 +346,7 @@ def build_map(
         cdb_path = built / m.cdb.file
         _create(cdb_path, name, own, ch)  # cdbx truncates and fills this inode, mode kept
         sep = separator(name, m).encode()
-        digest, size = cdb.build(
-            cdb_path, track(text.pairs(dst, sep), f"build {m.cdb.file}", m.entries)
-        )
+        digest, size = cdb.build_text(cdb_path, dst, sep, f"build {m.cdb.file}")
         if digest != m.cdb.sha256 or size != m.cdb.size:
             raise VerificationError(
                 f"map {name}: the cdb built here (sha256 {digest[:16]}…, {size} bytes) differs from "
