@@ -7,6 +7,7 @@ may parse back as another key (or as none), no key may appear twice.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack
@@ -138,12 +139,15 @@ def write_map(
     sep: str = " ",
     cdb_stage: str | None = None,
     value: str | None = None,
+    keep_cdb: Path | None = None,
 ) -> tuple[text.TextInfo, CdbFile | None]:
     """Sort ``entries``, write them as the text map ``path`` after ``head`` and, given
     ``cdb_stage`` (its progress stage), build the cdb beside it to record its hash (the file
     itself is removed: agents build their own); refuse as :func:`lines` does. Given
     ``value``, ``entries`` are the keys alone and every value is ``value`` (a map of one
     value holds no pair per row: at 1.6M keys, 90 MB less, and a plain sort of strings).
+    ``keep_cdb``: a directory the cdb is moved to as ``<sha256>.cdb`` instead of removed (the
+    long-running publisher changes it in place for the next release: formats.cdbpatch).
 
     One pass over the sorted rows, a block at a time (:func:`blocks`), writes the text and
     feeds the cdb the same bytes: each block is joined and encoded once, for both files.
@@ -183,6 +187,9 @@ def write_map(
             raise
         if maker is not None:
             digest, size = maker.commit()
-            maker.path.unlink()  # agents build their own and prove it equal by this hash
+            if keep_cdb is not None:
+                os.replace(maker.path, keep_cdb / f"{digest}.cdb")
+            else:
+                maker.path.unlink()  # agents build their own and prove it equal by this hash
             cdb_file = CdbFile(maker.path.name, digest, size)
     return writer.info(), cdb_file

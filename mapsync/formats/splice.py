@@ -14,6 +14,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from mapsync.formats.cdb import Maker
+from mapsync.formats.cdbpatch import Edit, NotPatchable, patch_cdb
 from mapsync.formats.mapfile import CdbFile, lines
 from mapsync.formats.text import TextInfo
 from mapsync.release.patch import MAGIC, MAX_LINE
@@ -47,6 +49,11 @@ def changes(old: dict[str, str], new: dict[str, str], map_name: str, sep: str) -
         after = next(checked).encode() if key in new else None
         out.append(Change(key.encode(), before, after))
     return out
+
+
+def _value(line: bytes | None, key: bytes) -> bytes | None:
+    """The value of text line ``line`` (key, separator, value, newline)."""
+    return None if line is None else line[len(key) + 1 : -1]
 
 
 def _header_end(data: bytes) -> int:
@@ -94,12 +101,14 @@ def splice(
     sep: str,
     patch: Path | None,
     cdb_path: Path | None,
+    old_cdb: bytes | None = None,
 ) -> Spliced:
     """Write ``out``: the text map ``old`` (``entries_before`` entries) under the header
     ``head`` instead of its own, with ``delta`` applied; and, given ``patch``, the patch from
-    ``old`` to ``out``; given ``cdb_path``, the cdb of ``out`` (hashed, then removed, as
-    :func:`mapsync.formats.mapfile.write_map` does). :class:`Mismatch` when ``old`` does
-    not hold a line ``delta`` takes out, or holds a key it adds."""
+    ``old`` to ``out``; given ``cdb_path``, the cdb of ``out``: ``old_cdb`` (the cdb of
+    ``old``) changed in place where given and it can be (:mod:`mapsync.formats.cdbpatch`),
+    else built whole. :class:`Mismatch` when ``old`` does not hold a line ``delta`` takes
+    out, or holds a key it adds."""
     data = old.read_bytes()
     bsep = sep.encode()
     body_at = _header_end(data)
@@ -130,8 +139,16 @@ def splice(
     pieces.append(pieces_head)
     pos = body_at
     added = removed = changed = 0
+    edits: list[Edit] = []  # the same change, as the cdb sees it
     for change in delta:
         at = _locate(data, pos, change.key, bsep)
+        before = None
+        if change.old is None and at < len(data):  # the key the new one goes before
+            cut = data.find(bsep, at, data.find(b"\n", at))
+            before = data[at : cut if cut >= 0 else data.find(b"\n", at)]
+        edits.append(
+            Edit(change.key, _value(change.old, change.key), _value(change.new, change.key), before)
+        )
         copy += data.count(b"\n", pos, at)
         pieces.append(data[pos:at])
         pos = at
@@ -175,11 +192,22 @@ def splice(
         patch.write_bytes(b"".join(ops))
     built = None
     if cdb_path is not None:
-        from mapsync.formats.cdb import Maker
-
-        with Maker(cdb_path) as maker:
-            maker.add_lines(body, bsep)
-            digest, size = maker.commit()
-        cdb_path.unlink()
-        built = CdbFile(cdb_path.name, digest, size)
+        made = None
+        if old_cdb is not None:
+            try:
+                made = patch_cdb(old_cdb, edits)
+            except NotPatchable:
+                made = None  # built whole below
+        if made is not None:
+            cdb_path.write_bytes(made)
+            built = CdbFile(cdb_path.name, hashlib.sha256(made).hexdigest(), len(made))
+        else:
+            with Maker(cdb_path) as maker:
+                start = 0
+                while start < len(body):  # a megabyte at a time: bounded memory for the split
+                    end = body.find(b"\n", start + (1 << 20)) + 1 or len(body)
+                    maker.add_lines(body[start:end], bsep)
+                    start = end
+                digest, size = maker.commit()
+            built = CdbFile(cdb_path.name, digest, size)
     return Spliced(info, built, added, removed, changed)

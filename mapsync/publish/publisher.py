@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -504,6 +505,7 @@ class Publisher:
             _log.info("next runs read in full", reason=str(exc))
             return
         self._state_for, self._serials = wanted, serials
+        self._prune_kept(staged)
         _log.debug(
             "kept the snapshot for incremental runs",
             seconds=round(time.monotonic() - started, 3),
@@ -562,6 +564,7 @@ class Publisher:
             self._serials[s.plan.channel] = (
                 s.manifest.serial if s.manifest else s.plan.previous or 0
             )
+        self._prune_kept(staged)
         self._state = state
         _log.info(
             "published incrementally" if any(s.manifest for s in staged) else "nothing to publish",
@@ -597,6 +600,8 @@ class Publisher:
         spec = self.maps[name]
         staging.patches.mkdir(exist_ok=True)
         patch = staging.patches / patch_file(name)
+        kept = self._kept_cdbs(ch.name)
+        old_cdb = self._kept_cdb(kept, old.cdb.sha256) if old.cdb else None
         done = splice(
             old_path,
             old.entries,
@@ -606,9 +611,13 @@ class Publisher:
             spec.separator,
             patch,
             staging.path / f"{name}.cdb" if spec.cdb else None,
+            old_cdb,
         )
         info = done.text
-        cdb_info = CdbInfo(done.cdb.file, done.cdb.sha256, done.cdb.size) if done.cdb else None
+        cdb_info = None
+        if done.cdb is not None:
+            cdb_info = CdbInfo(done.cdb.file, done.cdb.sha256, done.cdb.size)
+            os.replace(staging.path / done.cdb.file, kept / f"{done.cdb.sha256}.cdb")
         entry = MapEntry(name, info.entries, info.sha256, info.size, info.content_sha256, cdb_info)
         found = None
         if patch.exists():
@@ -619,6 +628,36 @@ class Publisher:
                 found = PatchInfo(last.serial, patch.name, digest, size)
         plan = MapPlan(name, old.entries, entry.entries, done.added, done.removed, done.changed)
         return entry, plan, found
+
+    def _kept_cdbs(self, channel: str) -> Path:
+        """Where the long-running publisher keeps the cdb of each map of ``channel``'s last
+        release, named by its sha256, to change in place for the next (formats.cdbpatch)."""
+        kept = self.repo.private(channel, "cdb")
+        kept.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return kept
+
+    @staticmethod
+    def _kept_cdb(kept: Path, sha256: str) -> bytes | None:
+        """The kept cdb whose sha256 is ``sha256``, if it is there and still has it."""
+        try:
+            data = (kept / f"{sha256}.cdb").read_bytes()
+        except OSError:
+            return None
+        if hashlib.sha256(data).hexdigest() != sha256:
+            _log.warning("kept cdb damaged; building it whole", file=str(kept / f"{sha256}.cdb"))
+            return None
+        return data
+
+    def _prune_kept(self, staged: list[_Staged]) -> None:
+        """Remove the kept cdbs no map of the channels' current releases has."""
+        for s in staged:
+            kept = self.repo.private(s.plan.channel, "cdb")
+            if not kept.is_dir():
+                continue
+            wanted = {f"{e.cdb.sha256}.cdb" for e in s.entries.values() if e.cdb is not None}
+            for path in kept.iterdir():
+                if path.name not in wanted:
+                    path.unlink(missing_ok=True)
 
     def _prove(
         self, state: State, snap: Snapshot, selected: list[PublisherChannel]
@@ -1005,6 +1044,7 @@ class Publisher:
                 spec.separator,
                 f"cdb {ch.name}/{name}" if spec.cdb else None,
                 value,
+                self._kept_cdbs(ch.name) if self.incremental and spec.cdb else None,
             )
         cdb_info = CdbInfo(built.file, built.sha256, built.size) if built is not None else None
         own = self.cfg.maps.get(name)

@@ -19,16 +19,22 @@ def _render(
     entries: dict[str, str], path: Path, serial: int, sep: str
 ) -> tuple[text.TextInfo, str]:
     info, built = write_map(
-        entries.items(), path, text.header(path.name, "mx", serial), sep, "cdb", None
+        entries.items(), path, text.header(path.name, "mx", serial), sep, "cdb", None, path.parent
     )
     assert built is not None
     return info, built.sha256
 
 
+def _render_hash(directory: Path) -> str:
+    (kept,) = directory.glob("*.cdb")
+    return kept.stem
+
+
+@pytest.mark.parametrize("patched", [False, True], ids=["cdb-built", "cdb-patched"])
 @pytest.mark.parametrize("sep", [" ", ":"])
 @pytest.mark.parametrize("seed", range(12))
 def test_a_spliced_map_is_the_full_render_byte_for_byte(
-    tmp_path: Path, seed: int, sep: str
+    tmp_path: Path, seed: int, sep: str, patched: bool
 ) -> None:
     rnd = random.Random(seed)
     keys = [
@@ -52,6 +58,7 @@ def test_a_spliced_map_is_the_full_render_byte_for_byte(
     full_info, full_cdb = _render(after, full_dir / "virtual", 2, sep)
 
     delta = changes(before, after, "virtual", sep)
+    old_cdb = (old_dir / f"{_render_hash(old_dir)}.cdb").read_bytes() if patched else None
     done = splice(
         old_dir / "virtual",
         old_info.entries,
@@ -61,11 +68,12 @@ def test_a_spliced_map_is_the_full_render_byte_for_byte(
         sep,
         new_dir / "virtual.patch",
         new_dir / "virtual.cdb",
+        old_cdb,
     )
     assert (new_dir / "virtual").read_bytes() == (full_dir / "virtual").read_bytes()
     assert done.text == full_info
     assert done.cdb is not None and done.cdb.sha256 == full_cdb
-    assert not (new_dir / "virtual.cdb").exists()  # hashed, then removed, as write_map does
+    assert (new_dir / "virtual.cdb").read_bytes() == (full_dir / f"{full_cdb}.cdb").read_bytes()
     assert done.added - done.removed == len(after) - len(before)
     assert done.added + done.removed + done.changed == len(delta)
     patched = io.BytesIO()

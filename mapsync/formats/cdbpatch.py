@@ -1,0 +1,180 @@
+"""A cdb changed in place of rebuilt: the bytes a full build of the changed pairs gives,
+made from the previous cdb and the few changed pairs.
+
+A cdb (as cdbx, tinycdb and ``postmap`` write it) is a 2048-byte header of 256 (position,
+slots) pairs, the records ``klen vlen key value`` in the order they were added (here: the
+text map's, sorted by key), then 256 hash tables of (hash, position) slots, table ``i``
+holding the keys whose hash ends in byte ``i``, ``2n`` slots for ``n`` keys, each key at the
+first free slot from ``(hash >> 8) % 2n`` in the order the keys were added. So a change of a
+few records leaves every table whose key set it does not touch slot for slot as it was, with
+the positions after the changed records moved by the same amounts (one vectorised pass); only
+the tables that gain or lose a key are laid out anew, in record order (a few thousand slots
+each at millions of keys). The records are copied around the changed ones.
+
+Only the publisher's incremental runs use it (:mod:`mapsync.formats.splice`); agents build
+their cdb from the text as ever and prove it equal to the hash this gives.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
+
+HEADER = 2048
+_PAIR = struct.Struct("<II")
+
+
+class NotPatchable(Exception):
+    """The old cdb is not one this module can change (not laid out as a cdb writer lays it
+    out, or not holding a record the change takes out): build the cdb whole instead."""
+
+
+def cdb_hash(key: bytes) -> int:
+    """The cdb hash (djb2 with xor) of ``key``."""
+    h = 5381
+    for c in key:
+        h = (((h << 5) + h) ^ c) & 0xFFFFFFFF
+    return h
+
+
+@dataclass(frozen=True)
+class Edit:
+    """One key's change: ``old`` value (None: new key), ``new`` value (None: removed), and
+    for a new key the key it goes before in the old cdb (None: after the last)."""
+
+    key: bytes
+    old: bytes | None
+    new: bytes | None
+    before: bytes | None = None
+
+
+def _find(data: bytes, header: np.ndarray, key: bytes) -> int:
+    """The position of ``key``'s record in ``data``; :class:`NotPatchable` if none."""
+    h = cdb_hash(key)
+    tpos, slots = (int(x) for x in header[h & 255])
+    if slots:
+        start = (h >> 8) % slots
+        for k in range(slots):
+            slot = tpos + ((start + k) % slots) * 8
+            hh, pos = _PAIR.unpack_from(data, slot)
+            if pos == 0:
+                break
+            if hh == h:
+                klen, _ = _PAIR.unpack_from(data, pos)
+                if data[pos + 8 : pos + 8 + klen] == key:
+                    return int(pos)
+    raise NotPatchable(f"key {key[:100]!r} is not in the old cdb")
+
+
+def _layout(entries: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """One hash table of ``entries`` (hash, position), in record order: ``2n`` slots."""
+    size = 2 * len(entries)
+    table = [(0, 0)] * size
+    for h, pos in entries:
+        i = (h >> 8) % size
+        while table[i][1]:
+            i = (i + 1) % size
+        table[i] = (h, pos)
+    return table
+
+
+def patch_cdb(old: bytes, edits: Sequence[Edit]) -> bytes:
+    """The cdb of ``old``'s pairs with ``edits`` (sorted by key, as the records are) applied:
+    byte for byte what a writer adding the new pairs in key order makes."""
+    import numpy as np  # here: a publish that changes no cdb in place never loads it
+
+    if len(old) < HEADER:
+        raise NotPatchable("shorter than a cdb header")
+    header = np.frombuffer(old, dtype="<u4", count=512).reshape(256, 2)
+    end = int(header[0, 0])  # the records end where the first table begins
+    sizes = header[:, 1].astype(np.int64) * 8
+    expected = end + np.concatenate(([0], np.cumsum(sizes)[:-1]))
+    if (header[:, 0].astype(np.int64) != expected).any() or end + int(sizes.sum()) != len(old):
+        raise NotPatchable("tables are not laid out one after the other after the records")
+
+    parts: list[bytes] = []
+    done = HEADER  # old bytes copied up to here
+    offset = HEADER  # new bytes written up to here
+    bounds: list[int] = []  # old positions from which ...
+    deltas: list[int] = []  # ... records move by this much more
+    removed: set[int] = set()
+    added: list[tuple[int, int]] = []  # (hash, new position)
+    touched: set[int] = set()  # tables that gain or lose a key
+    for edit in edits:
+        if edit.old is not None:
+            at = _find(old, header, edit.key)
+            klen, vlen = _PAIR.unpack_from(old, at)
+            if old[at + 8 + klen : at + 8 + klen + vlen] != edit.old:
+                raise NotPatchable(f"key {edit.key[:100]!r} has another value in the old cdb")
+            length = 8 + klen + vlen
+        else:
+            at = end if edit.before is None else _find(old, header, edit.before)
+            length = 0
+        if at < done:
+            raise NotPatchable("edits are not in the records' order")
+        parts.append(old[done:at])
+        offset += at - done
+        record = b""
+        if edit.new is not None:
+            record = _PAIR.pack(len(edit.key), len(edit.new)) + edit.key + edit.new
+            parts.append(record)
+            if edit.old is None:
+                h = cdb_hash(edit.key)
+                added.append((h, offset))
+                touched.add(h & 255)
+            offset += len(record)
+        elif edit.old is not None:
+            removed.add(at)
+            touched.add(cdb_hash(edit.key) & 255)
+        done = at + length
+        # A new record moves the one it goes before; a changed or removed one only those after.
+        bounds.append(at if edit.old is None else at + 1)
+        deltas.append(len(record) - length)
+    parts.append(old[done:end])
+    new_end = offset + (end - done)
+
+    slots = np.frombuffer(old, dtype="<u4", offset=end).reshape(-1, 2)
+    positions = slots[:, 1].astype(np.int64)
+    moved = np.concatenate(([0], np.cumsum(deltas)))[
+        np.searchsorted(np.asarray(bounds, dtype=np.int64), positions, side="right")
+    ]
+    new_positions = np.where(positions != 0, positions + moved, 0)
+    if new_end >= 1 << 32 or (new_positions >= 1 << 32).any():
+        raise NotPatchable("over 4 GB: not a 32-bit cdb")
+    rewritten = np.empty_like(slots)
+    rewritten[:, 0] = slots[:, 0]
+    rewritten[:, 1] = new_positions
+
+    # The tables, in order: runs of untouched ones as they are (positions moved), each
+    # touched one laid out anew.
+    counts = header[:, 1].astype(np.int64)
+    firsts = (header[:, 0].astype(np.int64) - end) // 8
+    pieces: list[np.ndarray] = []
+    run_start = 0  # first slot of the current run of untouched tables
+    for i in sorted(touched):
+        first, count = int(firsts[i]), int(counts[i])
+        pieces.append(rewritten[run_start:first])
+        own = positions[first : first + count]
+        keep = own != 0
+        if removed:
+            keep &= ~np.isin(own, np.fromiter(removed, dtype=np.int64))
+        entries = [(int(h), int(p)) for h, p in rewritten[first : first + count][keep]]
+        entries += [(h, p) for h, p in added if h & 255 == i]
+        entries.sort(key=lambda e: e[1])
+        pieces.append(np.array(_layout(entries), dtype="<u4").reshape(-1, 2))
+        counts[i] = 2 * len(entries)
+        run_start = first + count
+    pieces.append(rewritten[run_start:])
+    new_header = np.empty((256, 2), dtype="<u4")
+    starts = new_end + 8 * np.concatenate(([0], np.cumsum(counts)[:-1]))
+    if new_end + 8 * int(counts.sum()) >= 1 << 32:
+        raise NotPatchable("over 4 GB: not a 32-bit cdb")
+    new_header[:, 0] = starts
+    new_header[:, 1] = counts
+    tables = np.concatenate(pieces) if pieces else np.empty((0, 2), dtype="<u4")
+    return b"".join([new_header.tobytes(), *parts, tables.tobytes()])

@@ -1,0 +1,65 @@
+"""formats.cdbpatch: a cdb changed in place is, byte for byte, the cdb built whole from the
+changed pairs (cdbx, which tinycdb and postmap agree with)."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from mapsync.formats import cdb
+from mapsync.formats.cdbpatch import Edit, NotPatchable
+from mapsync.formats.cdbpatch import patch_cdb as patch
+
+
+def _built(tmp_path: Path, pairs: dict[bytes, bytes], name: str) -> bytes:
+    path = tmp_path / name
+    cdb.build(path, sorted(pairs.items()))
+    return path.read_bytes()
+
+
+def _edits(before: dict[bytes, bytes], after: dict[bytes, bytes]) -> list[Edit]:
+    keys = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    old_keys = sorted(before)
+    edits = []
+    for key in keys:
+        successor = None
+        if key not in before:
+            later = [k for k in old_keys if k > key]
+            successor = later[0] if later else None
+        edits.append(Edit(key, before.get(key), after.get(key), successor))
+    return edits
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_a_patched_cdb_is_the_cdb_built_whole(tmp_path: Path, seed: int) -> None:
+    rnd = random.Random(seed)
+    size = rnd.choice([0, 1, 5, 300, 3000])
+    before = {
+        f"u{rnd.randrange(10**7)}@d{rnd.randrange(30)}.example".encode(): b"v%d" % rnd.randrange(99)
+        for _ in range(size)
+    }
+    after = dict(before)
+    for _ in range(rnd.randrange(1, 40)):
+        roll = rnd.random()
+        if roll < 0.4 or not after:
+            after[f"n{rnd.randrange(10**7)}@d{rnd.randrange(30)}.example".encode()] = (
+                b"new" * rnd.randrange(1, 4)
+            )
+        elif roll < 0.7:
+            after.pop(rnd.choice(sorted(after)))
+        else:
+            after[rnd.choice(sorted(after))] = b"w" * rnd.randrange(0, 30)
+    old = _built(tmp_path, before, "old.cdb")
+    assert patch(old, _edits(before, after)) == _built(tmp_path, after, "new.cdb")
+
+
+def test_a_record_the_old_cdb_does_not_hold_is_refused(tmp_path: Path) -> None:
+    old = _built(tmp_path, {b"a": b"1", b"b": b"2"}, "old.cdb")
+    with pytest.raises(NotPatchable, match="not in the old cdb"):
+        patch(old, [Edit(b"c", b"3", None)])
+    with pytest.raises(NotPatchable, match="another value"):
+        patch(old, [Edit(b"a", b"9", b"1")])
+    with pytest.raises(NotPatchable, match="header"):
+        patch(b"short", [])
