@@ -309,7 +309,7 @@ class State:
     ) -> None:
         """Validate what ``change`` reaches (after :meth:`apply`) as a full run would:
         :class:`NotIncremental` naming the first problem."""
-        part = self.part({u for u in units if u[0] >= 0}, whole)
+        part = self.part(units, whole)  # a grant for a foreign address is checked too
         # The aliases that name an address of the units: one that lost its account or alias
         # now leads nowhere. With the whole domains, the other way round too.
         referrers: dict[int, Alias] = {}

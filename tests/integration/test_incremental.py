@@ -263,3 +263,22 @@ def test_the_full_check_compares_and_says_so(
     senders = bodies(kept.cfg.repository, "mx")["senders"].decode()
     line = next(x for x in senders.splitlines() if x.startswith(f"phantom@{domain} "))
     assert line.split(" ", 1)[1] == f"{some.local_part}@{domain}"
+
+
+@pytest.mark.parametrize(
+    "address", ["nobody@bücher.example", "a@b@c.example", "x@-bad-.example", "@", "ab"]
+)
+def test_a_sender_grant_no_full_run_would_publish_is_refused(tmp_path: Path, address: str) -> None:
+    url = f"sqlite:///{tmp_path / 'central.db'}"
+    kept, root = _kept(tmp_path, url)
+    serial = kept.repo.latest("mx").serial
+    _sql(
+        url,
+        "INSERT INTO sender_grant (account_id, address) "
+        f"SELECT min(id), '{address}' FROM account WHERE status = 'active'",
+    )
+    with pytest.raises(InvalidData):
+        _publisher(root, url, "full").run()
+    with pytest.raises(InvalidData):
+        kept.run()
+    assert kept.repo.latest("mx").serial == serial
