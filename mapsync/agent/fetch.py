@@ -22,9 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Generic, TypeVar
 
 from mapsync import log
-from mapsync.agent.checks import check_keeps_maps, read_signed, trusted_keys, verify_files
 from mapsync.agent.node import NodeChannel
-from mapsync.agent.patching import fetch_patched
 from mapsync.config import AgentChannel, unauthenticated_rsync
 from mapsync.errors import InstallError, MapsyncError, TransportError, VerificationError
 from mapsync.release import (
@@ -40,12 +38,16 @@ from mapsync.release import (
     parse_latest,
     release_dir,
 )
-from mapsync.release.verify import FileAltered, VerifiedRelease
 from mapsync.transport import Remote, parse_source
 from mapsync.transport.rsync import block_size
 
 if TYPE_CHECKING:  # cryptography only where a key is used (mapsync.signing)
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    from mapsync.release.verify import VerifiedRelease
+
+# Checking and patching a release (mapsync.agent.checks, mapsync.agent.patching) are imported
+# once LATEST names a release to fetch: a nothing-changed pull does without them.
 
 _log = log.get("agent")
 
@@ -170,6 +172,9 @@ def _ask_remote(node: NodeChannel, remote: Remote, decide: Decide[R]) -> Answer[
     if decided is not None:
         return Answer(remote.source, received, decided=decided)
 
+    from mapsync.agent.checks import trusted_keys
+    from mapsync.release.verify import FileAltered
+
     current = node.current()
     staging = paths.incoming / "release"
     staging.mkdir(mode=0o700)
@@ -220,6 +225,9 @@ def fetch_release(
     files, none larger than the manifest says — or, where ``basis`` is the serial of the
     release's patches, the patches instead (:mod:`mapsync.agent.patching`). Returns the
     release and the bytes rsync moved; its files are for :func:`verify_files` to check."""
+    from mapsync.agent.checks import read_signed
+    from mapsync.agent.patching import fetch_patched
+
     directory = release_dir(latest.serial)
     moved = remote.fetch_files(directory, [MANIFEST, SIGNATURE], staging, None, MAX_MANIFEST_BYTES)
     if not (staging / MANIFEST).exists():
@@ -278,6 +286,8 @@ def _check_fetched(
 ) -> None:
     """Check everything else about a fetched, verified release (its serial against LATEST
     and the installed one, the maps the node must keep, its files); raise VerificationError."""
+    from mapsync.agent.checks import check_keeps_maps, verify_files
+
     manifest = release.manifest
     if manifest.serial != latest.serial:
         raise VerificationError(
