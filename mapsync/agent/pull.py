@@ -71,7 +71,7 @@ def pull(
         done = False
         try:
             try:
-                result = _pull(node)
+                result = _pull(node, pushed)
                 done = True
             except OSError as exc:
                 raise InstallError(f"channel {ch.name}: {exc}") from None
@@ -115,12 +115,14 @@ def pull(
         return result
 
 
-def _pull(node: NodeChannel) -> PullResult:
+def _pull(node: NodeChannel, pushed: bool) -> PullResult:
     tried = sources(node.ch)  # a malformed mirror is a config error, whatever the others do
     node.settle()
     outcome = check_and_repair(node)
     current = node.current()
-    answer = fetch(node, tried, lambda latest, where: _decide(node, current, latest, where))
+    answer = fetch(
+        node, tried, lambda latest, where: _decide(node, current, latest, where), pushed=pushed
+    )
     if answer.decided is not None:
         result = answer.decided
         result.bytes = answer.received
@@ -211,7 +213,7 @@ def _install(node: NodeChannel, current: Manifest | None, answer: Answer[PullRes
     same = current is not None and same_maps(manifest.maps, current.maps, identical=True)
     same = install(node, release, renewal=same)
     keep(node, staging, manifest)
-    promote_basis(node, staging)
+    promote_basis(node, staging, manifest)
     action = "renewed" if same else "installed"
     _log.info(
         f"{action} release",
