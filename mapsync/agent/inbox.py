@@ -104,7 +104,7 @@ def complete_release(ch: AgentChannel, manifest: Manifest, text: Path) -> list[s
             if m.file in present:
                 continue
             tmp = f".{m.file}.{os.getpid()}.tmp"
-            _new_file(release, tmp, (text / m.file).read_bytes(), 0o600, st)
+            _new_file(release, tmp, text / m.file, 0o600, st)
             try:
                 # A link, not a rename: a file the push wrote meanwhile stays.
                 os.link(tmp, m.file, src_dir_fd=release, dst_dir_fd=release, follow_symlinks=False)
@@ -129,10 +129,11 @@ def complete_release(ch: AgentChannel, manifest: Manifest, text: Path) -> list[s
 
 
 def _new_file(
-    directory: int, name: str, data: bytes, mode: int, owner: os.stat_result | None
+    directory: int, name: str, data: bytes | Path, mode: int, owner: os.stat_result | None
 ) -> None:
-    """Create ``name`` in ``directory`` (a descriptor) anew, holding ``data``: ``mode``, and
-    owned as ``owner`` when given."""
+    """Create ``name`` in ``directory`` (a descriptor) anew, holding ``data`` (bytes, or the
+    file at that path, copied a megabyte at a time: a map can be larger than the agent's
+    whole memory budget): ``mode``, and owned as ``owner`` when given."""
     with contextlib.suppress(FileNotFoundError):
         os.unlink(name, dir_fd=directory)
     fd = os.open(name, _NEW, mode, dir_fd=directory)
@@ -140,11 +141,20 @@ def _new_file(
         if owner is not None:
             os.fchown(fd, owner.st_uid, owner.st_gid)
         os.fchmod(fd, mode)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
+        if isinstance(data, Path):
+            with open(data, "rb") as src:
+                while chunk := src.read(1 << 20):
+                    _write_all(fd, chunk)
+        else:
+            _write_all(fd, data)
     finally:
         os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def _failed(ch: AgentChannel, what: str, exc: OSError) -> None:
