@@ -55,10 +55,13 @@ def commit_dir(staging: Path, final: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_writer(path: Path, mode: int = 0o644) -> Iterator[BinaryIO]:
+def atomic_writer(path: Path, mode: int = 0o644, *, durable: bool = True) -> Iterator[BinaryIO]:
     """Yield a binary file that replaces ``path`` atomically when the block ends cleanly.
 
-    On any error the temporary file is removed and ``path`` is untouched.
+    On any error the temporary file is removed and ``path`` is untouched. ``durable=False``
+    skips both fsyncs: readers still see the old or the new bytes, but after a crash the file
+    may be the old one or, on a filesystem that does not flush a file renamed over another
+    (XFS; ext4 mounted ``noauto_da_alloc``), empty. Only for a file whose loss costs nothing.
     """
     path = Path(path)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -68,17 +71,20 @@ def atomic_writer(path: Path, mode: int = 0o644) -> Iterator[BinaryIO]:
             yield fh
             fh.flush()
             os.fchmod(fh.fileno(), mode)
-            os.fsync(fh.fileno())
+            if durable:
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
 
 
-def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Replace ``path`` with ``data`` atomically (readers see the old or the new bytes)."""
-    with atomic_writer(path, mode) as fh:
+def atomic_write(path: Path, data: bytes, mode: int = 0o644, *, durable: bool = True) -> None:
+    """Replace ``path`` with ``data`` atomically (readers see the old or the new bytes);
+    ``durable``: see :func:`atomic_writer`."""
+    with atomic_writer(path, mode, durable=durable) as fh:
         fh.write(data)
 
 

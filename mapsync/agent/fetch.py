@@ -22,9 +22,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Generic, TypeVar
 
 from mapsync import log
-from mapsync.agent.checks import check_keeps_maps, read_signed, trusted_keys, verify_files
+from mapsync.agent.inbox import note_basis
 from mapsync.agent.node import NodeChannel
-from mapsync.agent.patching import fetch_patched
 from mapsync.config import AgentChannel, unauthenticated_rsync
 from mapsync.errors import InstallError, MapsyncError, TransportError, VerificationError
 from mapsync.release import (
@@ -40,12 +39,16 @@ from mapsync.release import (
     parse_latest,
     release_dir,
 )
-from mapsync.release.verify import FileAltered, VerifiedRelease
 from mapsync.transport import Remote, parse_source
 from mapsync.transport.rsync import block_size
 
 if TYPE_CHECKING:  # cryptography only where a key is used (mapsync.signing)
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    from mapsync.release.verify import VerifiedRelease
+
+# Checking and patching a release (mapsync.agent.checks, mapsync.agent.patching) are imported
+# once LATEST names a release to fetch: a nothing-changed pull does without them.
 
 _log = log.get("agent")
 
@@ -94,15 +97,18 @@ class Answer(Generic[R]):
 Decide = Callable[[Latest, str], R | None]
 
 
-def fetch(node: NodeChannel, tried: list[Source], decide: Decide[R]) -> Answer[R]:
+def fetch(
+    node: NodeChannel, tried: list[Source], decide: Decide[R], *, pushed: bool = False
+) -> Answer[R]:
     """Ask each source in ``tried`` in turn until one answers (see the module docstring);
-    with every one failing, one error naming each."""
+    with every one failing, one error naming each. ``pushed``: the source is the push inbox,
+    whose release may leave out the maps it carries patches for (:func:`fetch_release`)."""
     ch = node.ch
     failed: dict[str, str] = {}
     errors: list[MapsyncError] = []
     for i, source in enumerate(tried):
         try:
-            got = _ask(node, source, decide)
+            got = _ask(node, source, decide, pushed)
         except (TransportError, VerificationError) as exc:
             if len(tried) == 1:
                 raise
@@ -142,15 +148,15 @@ def _every_source_failed(
     return kind("\n".join(lines))
 
 
-def _ask(node: NodeChannel, source: Source, decide: Decide[R]) -> Answer[R]:
+def _ask(node: NodeChannel, source: Source, decide: Decide[R], pushed: bool) -> Answer[R]:
     """Ask ``source`` for LATEST and, unless ``decide`` settles the pull, for its release."""
     try:
-        return _ask_remote(node, source.remote(), decide)
+        return _ask_remote(node, source.remote(), decide, pushed)
     except OSError as exc:
         raise InstallError(f"channel {node.name} (source {source.url}): {exc}") from None
 
 
-def _ask_remote(node: NodeChannel, remote: Remote, decide: Decide[R]) -> Answer[R]:
+def _ask_remote(node: NodeChannel, remote: Remote, decide: Decide[R], pushed: bool) -> Answer[R]:
     ch, paths = node.ch, node.paths
     shutil.rmtree(paths.incoming, ignore_errors=True)
     paths.incoming.mkdir(mode=0o700)
@@ -170,12 +176,17 @@ def _ask_remote(node: NodeChannel, remote: Remote, decide: Decide[R]) -> Answer[
     if decided is not None:
         return Answer(remote.source, received, decided=decided)
 
+    from mapsync.agent.checks import trusted_keys
+    from mapsync.release.verify import FileAltered
+
     current = node.current()
     staging = paths.incoming / "release"
     staging.mkdir(mode=0o700)
     where = f"{remote.source}/{release_dir(latest.serial)}"
     keys = trusted_keys(node.cfg)
-    release, moved = fetch_release(remote, latest, ch, keys, staging, paths.basis, where)
+    release, moved = fetch_release(
+        remote, latest, ch, keys, staging, paths.basis, where, pushed=pushed
+    )
     received += moved
     try:
         _check_fetched(release, latest, ch, current, where)
@@ -194,13 +205,16 @@ def _ask_remote(node: NodeChannel, remote: Remote, decide: Decide[R]) -> Answer[
         )
         shutil.rmtree(staging)
         staging.mkdir(mode=0o700)
-        release, moved = fetch_release(remote, latest, ch, keys, staging, None, where)
+        release, moved = fetch_release(
+            remote, latest, ch, keys, staging, None, where, pushed=pushed
+        )
         received += moved
         _check_fetched(release, latest, ch, current, where)
         _log.warning(
             "discarding the local rsync basis: it was damaged on this node", channel=ch.name
         )
         shutil.rmtree(paths.basis)
+        note_basis(ch, None)
     return Answer(remote.source, received, release=release)
 
 
@@ -212,6 +226,8 @@ def fetch_release(
     staging: Path,
     basis: Path | None,
     where: str,
+    *,
+    pushed: bool = False,
 ) -> tuple[VerifiedRelease, int]:
     """Fetch release ``latest.serial`` in three steps, so a hostile or broken repository
     cannot fill this node's disk before anything is checked: the manifest and its signature
@@ -219,7 +235,14 @@ def fetch_release(
     exactly the manifest's files as regular files of the manifest's sizes, then exactly those
     files, none larger than the manifest says — or, where ``basis`` is the serial of the
     release's patches, the patches instead (:mod:`mapsync.agent.patching`). Returns the
-    release and the bytes rsync moved; its files are for :func:`verify_files` to check."""
+    release and the bytes rsync moved; its files are for :func:`verify_files` to check.
+
+    ``pushed``: a push inbox, where a map the push carried a patch for is left out of the
+    release (:mod:`mapsync.transport.inbox`): it must then come from its patch, or the
+    release is refused as missing it (the next poll of the source fetches it)."""
+    from mapsync.agent.checks import read_signed
+    from mapsync.agent.patching import fetch_patched
+
     directory = release_dir(latest.serial)
     moved = remote.fetch_files(directory, [MANIFEST, SIGNATURE], staging, None, MAX_MANIFEST_BYTES)
     if not (staging / MANIFEST).exists():
@@ -242,8 +265,12 @@ def fetch_release(
         raise VerificationError(
             f"{where}: unexpected file(s) not named by the manifest: {', '.join(extra)}"
         )
+    left_out: list[str] = []
     for name, m in sorted(manifest.maps.items()):
         kind, size = listing.get(m.file, ("?", -1))
+        if pushed and m.file not in listing and name in manifest.patches:
+            left_out.append(name)  # for its patch, checked against the manifest once applied
+            continue
         if kind != "-":
             raise VerificationError(f"{where}/{m.file}: missing or not a regular file (map {name})")
         if size != m.size:
@@ -259,6 +286,14 @@ def fetch_release(
             remote, manifest, basis, staging, staging.with_name("patches"), ch.name
         )
         have, moved = patched.files, moved + patched.moved
+    for name in left_out:
+        m = manifest.maps[name]
+        if m.file not in have:
+            raise VerificationError(
+                f"{where}/{m.file}: missing (map {name}): the push carried its patch "
+                f"instead, from serial {manifest.patches[name].base}, which this node cannot "
+                "apply (its basis is another serial); the next poll of the source fetches it"
+            )
     rest = [(name, m) for name, m in sorted(manifest.maps.items()) if m.file not in have]
     if rest:
         files = sorted(m.file for _, m in rest)
@@ -278,6 +313,8 @@ def _check_fetched(
 ) -> None:
     """Check everything else about a fetched, verified release (its serial against LATEST
     and the installed one, the maps the node must keep, its files); raise VerificationError."""
+    from mapsync.agent.checks import check_keeps_maps, verify_files
+
     manifest = release.manifest
     if manifest.serial != latest.serial:
         raise VerificationError(

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mapsync import log
+from mapsync.agent import inbox
 from mapsync.agent.damage import stat_files
 from mapsync.agent.hooks import run_check
 from mapsync.agent.liveset import SwapUnfinished, read_installed
@@ -438,12 +439,17 @@ def _fresh_mtime(path: Path, old: Path | None, now: float) -> None:
     os.utime(path, (stamp, stamp))
 
 
-def promote_basis(node: NodeChannel, staging: Path) -> None:
-    """Make the verified text in ``staging`` (just installed) the next fetch's rsync basis."""
+def promote_basis(node: NodeChannel, staging: Path, manifest: Manifest) -> None:
+    """Make the verified text in ``staging`` (release ``manifest``, just installed) the next
+    fetch's rsync basis; with an inbox, complete that release there and tell the push which
+    serial the basis is (:mod:`mapsync.agent.inbox`)."""
     basis = node.paths.basis
     old_basis = node.paths.root / "basis.old"
     shutil.rmtree(old_basis, ignore_errors=True)
+    inbox.note_basis(node.ch, None)  # between the two renames it is neither serial
     if basis.exists():
         os.rename(basis, old_basis)
     os.rename(staging, basis)
     shutil.rmtree(old_basis, ignore_errors=True)
+    inbox.complete_release(node.ch, manifest, basis)
+    inbox.note_basis(node.ch, manifest.serial)

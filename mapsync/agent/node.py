@@ -17,6 +17,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from mapsync import log
 from mapsync.agent.kept import KEPT, KeptReleases
@@ -62,6 +63,9 @@ class NodeChannel:
     paths: ChannelPaths
     live: LiveSet
     state: ChannelState = field(default_factory=ChannelState)
+    # The state as its file holds it, but for the times of the check (None: the file does not
+    # hold this state: none yet, or rebuilt): what decides how :meth:`save_run` writes.
+    stored: dict[str, Any] | None = field(default=None, repr=False)
     _installed: Installed | None = field(default=None, repr=False)
     _read: bool = field(default=False, repr=False)  # whether _installed was read or seen
 
@@ -122,14 +126,16 @@ class NodeChannel:
         self.state.save(self.paths.state, self.paths.public)
 
     def save(self) -> None:
-        """Save the state. On a full disk the atomic write (a new file) fails; the outcome is
-        then written over the old file's own blocks, so ``status`` still learns what happened
-        (a kill in that instant leaves a damaged file, which the next run rebuilds)."""
+        """Save the state, durably. On a full disk the atomic write (a new file) fails; the
+        outcome is then written over the old file's own blocks, so ``status`` still learns what
+        happened (a kill in that instant leaves a damaged file, which the next run rebuilds)."""
         try:
             self.record()
-            return
         except OSError as exc:
             first = exc
+        else:
+            self.stored = self.state.without_check_times()
+            return
         try:
             self.state.save_in_place(self.paths.state)
             self.state.publish_copy(self.paths.public)
@@ -138,12 +144,26 @@ class NodeChannel:
                 f"channel {self.name}: cannot record the outcome in {self.paths.state}: "
                 f"{first.strerror} (in place: {exc.strerror})"
             ) from None
+        self.stored = self.state.without_check_times()
         _log.warning(
             "state written in place: the atomic write failed",
             channel=self.name,
             path=str(self.paths.state),
             error=first.strerror,
         )
+
+    def save_run(self) -> None:
+        """Save the outcome of a run, once. When nothing but the times of the check moved
+        since the state file was written (a nothing-changed poll), only those times are
+        written, without fsync (:meth:`ChannelState.save_check_times`: a lost "checked at"
+        costs nothing after a crash); anything else is saved durably (:meth:`save`)."""
+        if self.stored is None or self.stored != self.state.without_check_times():
+            self.save()
+            return
+        try:
+            self.state.save_check_times(self.paths.state, self.paths.public)
+        except OSError:
+            self.save()  # a full disk: the durable save knows how to still record the run
 
 
 @contextlib.contextmanager
@@ -186,7 +206,7 @@ def _load_state(node: NodeChannel) -> ChannelState:
     """The channel's state; a damaged file is reported (naming it), moved aside and rebuilt
     from the live set and the kept releases, so one bad file never stops the agent."""
     try:
-        return ChannelState.load(node.paths.state)
+        state = ChannelState.load(node.paths.state)
     except StateDamaged as exc:
         state = rebuilt_state(node)
         aside = discard_state(node.paths.state)
@@ -201,6 +221,9 @@ def _load_state(node: NodeChannel) -> ChannelState:
         state.last_damage = str(exc)
         state.last_repair = iso(utcnow())
         return state
+    if node.paths.state.is_file():
+        node.stored = state.without_check_times()
+    return state
 
 
 def rebuilt_state(node: NodeChannel) -> ChannelState:

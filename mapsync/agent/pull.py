@@ -17,8 +17,6 @@ from dataclasses import dataclass, field
 
 from mapsync import log
 from mapsync.agent.fetch import Answer, fetch, sources, warn_if_exposed
-from mapsync.agent.hooks import reload_failure
-from mapsync.agent.install import install, keep, promote_basis
 from mapsync.agent.node import NodeChannel, taken
 from mapsync.agent.repair import check_and_repair
 from mapsync.config import AgentChannel, AgentConfig
@@ -26,6 +24,10 @@ from mapsync.errors import InstallError, MapsyncError, VerificationError
 from mapsync.release import Latest, Manifest, iso, same_maps, utcnow
 
 _log = log.get("agent")
+
+# What only an install, a reload or a release fetched needs (mapsync.agent.install, hooks,
+# checks, patching) is imported where it is used: a nothing-changed pull, every minute on
+# every node, does without.
 
 
 @dataclass
@@ -66,9 +68,11 @@ def pull(
         if unpin and state.pinned is not None:
             _log.info("unpinned", channel=ch.name, serial=state.pinned)
             state.pinned = None
+        done = False
         try:
             try:
-                result = _pull(node)
+                result = _pull(node, pushed)
+                done = True
             except OSError as exc:
                 raise InstallError(f"channel {ch.name}: {exc}") from None
         except MapsyncError as exc:
@@ -78,7 +82,8 @@ def pull(
             raise
         finally:
             shutil.rmtree(node.paths.incoming, ignore_errors=True)
-            node.save()
+            if not done:
+                node.save()
         now = iso(utcnow())
         if pushed:
             state.last_push = now
@@ -92,9 +97,16 @@ def pull(
             state.last_install = now
             state.last_bytes = result.bytes
             state.reload_pending = bool(ch.reload)
-        failure = reload_failure(ch) if state.reload_pending else None
-        state.reload_pending = failure is not None
-        node.save()
+        failure = None
+        if state.reload_pending:
+            from mapsync.agent.hooks import reload_failure
+
+            # What this run did is on disk before the hook, which may hang or be killed.
+            node.save()
+            failure = reload_failure(ch)
+            state.reload_pending = failure is not None
+        # One write: a nothing-changed poll writes only the time of its check, without fsync.
+        node.save_run()
         if failure is not None:
             raise InstallError(
                 f"channel {ch.name}: serial {result.serial} is installed but the reload hook "
@@ -103,12 +115,14 @@ def pull(
         return result
 
 
-def _pull(node: NodeChannel) -> PullResult:
+def _pull(node: NodeChannel, pushed: bool) -> PullResult:
     tried = sources(node.ch)  # a malformed mirror is a config error, whatever the others do
     node.settle()
     outcome = check_and_repair(node)
     current = node.current()
-    answer = fetch(node, tried, lambda latest, where: _decide(node, current, latest, where))
+    answer = fetch(
+        node, tried, lambda latest, where: _decide(node, current, latest, where), pushed=pushed
+    )
     if answer.decided is not None:
         result = answer.decided
         result.bytes = answer.received
@@ -157,6 +171,8 @@ def _decide(
         )
     _log.info("up to date", channel=ch.name, serial=current.serial)
     if not node.paths.kept.has(current.serial):
+        from mapsync.agent.install import keep
+
         # Installed by a mapsync that kept nothing: keep it now, so it can be rolled back to.
         keep(node, found.directory, current)
     return PullResult(ch.name, "current", current.serial, current.serial)
@@ -187,6 +203,8 @@ def _pinned(ch: AgentChannel, current: Manifest, latest: Latest) -> PullResult:
 def _install(node: NodeChannel, current: Manifest | None, answer: Answer[PullResult]) -> PullResult:
     """Install the release ``answer`` fetched: a renewal when its maps are the live ones (the
     live inodes kept), else a new set; keep it, and make its text the next rsync basis."""
+    from mapsync.agent.install import install, keep, promote_basis
+
     ch = node.ch
     release = answer.release
     assert release is not None
@@ -195,7 +213,7 @@ def _install(node: NodeChannel, current: Manifest | None, answer: Answer[PullRes
     same = current is not None and same_maps(manifest.maps, current.maps, identical=True)
     same = install(node, release, renewal=same)
     keep(node, staging, manifest)
-    promote_basis(node, staging)
+    promote_basis(node, staging, manifest)
     action = "renewed" if same else "installed"
     _log.info(
         f"{action} release",

@@ -15,17 +15,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
 
 from mapsync import log
-from mapsync.agent.checks import read_signed, trusted_keys, verify_files
 from mapsync.agent.damage import LiveCheck, check_live
-from mapsync.agent.install import install
 from mapsync.agent.node import NodeChannel
 from mapsync.agent.state import ChannelState
 from mapsync.config import AgentConfig
 from mapsync.errors import MapsyncError
 from mapsync.release import MANIFEST, Manifest, iso, parse_iso, utcnow
-from mapsync.release.verify import VerifiedRelease, verify_manifest
+
+if TYPE_CHECKING:
+    from mapsync.release.verify import VerifiedRelease
+
+# Verifying signatures and copies, and installing (mapsync.agent.checks, mapsync.agent.install)
+# are imported only by a full check or a repair: the cheap check of every pull does without.
 
 _log = log.get("agent")
 
@@ -99,6 +103,8 @@ def check_and_repair(node: NodeChannel, *, full: bool = False) -> LiveOutcome:
             serial=serial,
         )
         return LiveOutcome(None, check.problems)
+    from mapsync.agent.install import install
+
     src, manifest = found.path, found.manifest
     install(node, found)
     state.last_repair = iso(utcnow())
@@ -114,6 +120,9 @@ def check_and_repair(node: NodeChannel, *, full: bool = False) -> LiveOutcome:
 
 def _verify_signature(cfg: AgentConfig, check: LiveCheck) -> None:
     """A full check also proves the live manifest is still the one a trusted key signed."""
+    from mapsync.agent.checks import trusted_keys
+    from mapsync.release.verify import verify_manifest
+
     found = check.installed
     assert found is not None
     try:
@@ -127,6 +136,8 @@ def _verify_signature(cfg: AgentConfig, check: LiveCheck) -> None:
 def _verified_copy(node: NodeChannel, serial: int) -> VerifiedRelease | None:
     """The kept release ``serial`` or the rsync basis, whichever verifies (signature, channel,
     serial, every text hash); None if neither does."""
+    from mapsync.agent.checks import read_signed, trusted_keys, verify_files
+
     ch, paths = node.ch, node.paths
     keys = trusted_keys(node.cfg)
     for src in (paths.kept.path(serial), paths.basis):

@@ -11,6 +11,13 @@ A damaged file (empty, truncated, wrong types) is never fatal: :meth:`ChannelSta
 raises :class:`StateDamaged` naming it, ``pull`` then rebuilds the state from the live set
 and the kept releases. It is written 0600 in a 0700 directory (docs/security.md).
 
+A run that changed nothing but the times of its check (``last_attempt``, ``last_success``,
+``last_push``: a nothing-changed poll, every minute on every node) writes only those times,
+to ``.state.json.checked`` beside the state file (and beside its public copy), without fsync:
+lost in a crash, they cost nothing (the next run writes them again; ``status`` meanwhile
+shows the check before), and the state file, untouched, keeps everything that protects the
+node. :meth:`ChannelState.load` takes a time from there when it is newer.
+
 A pull from the push inbox is not a check of the source: it records ``last_push`` (and the
 install), never ``last_success``, ``last_source`` or ``failed_sources``, and it clears only
 an error of its own (``last_error_origin`` "inbox"), so a working push does not hide a dead
@@ -143,13 +150,69 @@ class ChannelState:
             raise StateDamaged(
                 f"{path}: key 'live_files' is not a map of [size, mtime_ns, ino, ctime_ns]"
             )
-        return cls(**known)
+        state = cls(**known)
+        state._take_check_times(checked_path(path))
+        return state
+
+    def _take_check_times(self, path: Path) -> None:
+        """The times of the check from ``path`` (:meth:`save_check_times`), each where it is
+        newer than the state file's. Anything unreadable there is ignored: it is only ever a
+        file a crash may have emptied, and the state file's own times stand."""
+        try:
+            data = json.loads(path.read_bytes())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return
+        if not isinstance(data, dict):
+            return
+        for name in CHECK_TIMES:
+            value = data.get(name)
+            if not isinstance(value, str):
+                continue
+            try:
+                parse_iso(value)
+            except ValueError:
+                continue
+            mine = getattr(self, name)
+            # iso() times are fixed-width: as strings they sort as the times do.
+            if mine is None or value > mine:
+                setattr(self, name, value)
+
+    def check_times(self) -> dict[str, str | None]:
+        """The times of the check (:data:`CHECK_TIMES`) as this state holds them."""
+        return {name: getattr(self, name) for name in CHECK_TIMES}
+
+    def without_check_times(self) -> dict[str, Any]:
+        """Every field but the times of the check: what a run must write durably if it moved."""
+        data = asdict(self)
+        for name in CHECK_TIMES:
+            del data[name]
+        return data
+
+    def save_check_times(self, path: Path, public: Path | None = None) -> None:
+        """Write only the times of the check beside ``path`` (and beside ``public``), without
+        fsync. A crash may lose them or leave the file empty; that costs nothing: the state
+        file keeps the times of the last durable write, and the next run writes them again."""
+        data = (json.dumps(self.check_times(), indent=2, sort_keys=True) + "\n").encode()
+        atomic_write(checked_path(path), data, mode=STATE_MODE, durable=False)
+        if public is not None:
+            try:
+                public.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+                atomic_write(checked_path(public), data, mode=PUBLIC_MODE, durable=False)
+            except OSError as exc:
+                _log.warning(
+                    "public status copy not written; `mapsync status` as another user than "
+                    "root cannot see this run",
+                    path=str(checked_path(public)),
+                    error=exc.strerror or str(exc),
+                )
 
     def save(self, path: Path, public: Path | None = None) -> None:
         """Write the state atomically, 0600 (it names sources and errors; docs/security.md),
         and, with ``public``, a world-readable copy there for unprivileged ``status``."""
         data = (json.dumps(asdict(self), indent=2, sort_keys=True) + "\n").encode()
         atomic_write(path, data, mode=STATE_MODE)
+        # The state file now holds the newest times: a file of them beside it is stale.
+        checked_path(path).unlink(missing_ok=True)
         if public is not None:
             self.publish_copy(public, data)
 
@@ -161,6 +224,7 @@ class ChannelState:
         try:
             public.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
             atomic_write(public, data, mode=PUBLIC_MODE)
+            checked_path(public).unlink(missing_ok=True)
         except OSError as exc:
             error = exc.strerror or str(exc)
             if public.parent.exists() and not public.parent.is_dir():
@@ -187,6 +251,7 @@ class ChannelState:
             os.fsync(fd)
         finally:
             os.close(fd)
+        checked_path(path).unlink(missing_ok=True)
 
     def recorded_live(self) -> tuple[str | None, dict[str, LiveFile]]:
         """(set directory, size/mtime per file) as recorded when the live set was installed."""
@@ -205,6 +270,16 @@ class ChannelState:
             n: [f.size, f.mtime_ns, f.ino, f.ctime_ns] for n, f in sorted(files.items())
         }
         self.last_full_check = full_check
+
+
+# The times a nothing-changed run moves: written without fsync (ChannelState.save_check_times).
+CHECK_TIMES = ("last_attempt", "last_success", "last_push")
+
+
+def checked_path(path: Path) -> Path:
+    """Where the times of the check of the state file (or public copy) ``path`` are written
+    when nothing else changed: ``.NAME.checked`` beside it."""
+    return path.with_name(f".{path.name}.checked")
 
 
 _TIMES = frozenset(

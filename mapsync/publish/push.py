@@ -40,7 +40,16 @@ from mapsync.errors import MapsyncError, TransportError
 from mapsync.locks import waiting_lock
 from mapsync.publish.plan import ChannelPlan
 from mapsync.publish.repository import Repository
-from mapsync.release import LATEST, iso, parse_iso, parse_latest, utcnow
+from mapsync.release import (
+    LATEST,
+    MANIFEST,
+    iso,
+    parse_iso,
+    parse_latest,
+    parse_manifest,
+    patch_dir,
+    utcnow,
+)
 from mapsync.transport.inbox import Inbox
 from mapsync.transport.rsync import Transfers
 
@@ -214,8 +223,21 @@ def _push_channel(cfg: PublisherConfig, repo: Repository, ch: PublisherChannel) 
             try:
                 basis = delivered(record, dest)
                 fresh = basis is None or "error" in record.get(dest, {})
-                moved = Inbox(dest, cfg.push_timeout, cfg.ssh, transfers).deliver(
-                    release, serial, latest_bytes, basis, prepare=fresh
+                inbox = Inbox(dest, cfg.push_timeout, cfg.ssh, transfers)
+                patched, kept, moved = (
+                    _patches_for(inbox, repo, ch.name, serial, basis)
+                    if not fresh
+                    else ({}, None, 0)
+                )
+                moved += inbox.deliver(
+                    release,
+                    serial,
+                    latest_bytes,
+                    basis,
+                    prepare=fresh,
+                    patches=repo.channel(ch.name) / patch_dir(serial) if patched else None,
+                    patched=patched.values(),
+                    agent_basis=kept,
                 )
             except (MapsyncError, OSError) as exc:
                 n = failures(record.get(dest, {})) + 1
@@ -236,6 +258,7 @@ def _push_channel(cfg: PublisherConfig, repo: Repository, ch: PublisherChannel) 
                 serial=serial,
                 bytes=moved,
                 seconds=round(time.monotonic() - started, 3),
+                patches=",".join(sorted(patched)) or None,
             )
             return Push(ch.name, dest, serial, "pushed", moved)
 
@@ -258,6 +281,45 @@ def _push_channel(cfg: PublisherConfig, repo: Repository, ch: PublisherChannel) 
             if p.action == "failed" and (when := retry_at(new[p.destination])) is not None:
                 pushed[i] = replace(p, retry_at=iso(when))
         return done + pushed
+
+
+def _patches_for(
+    inbox: Inbox, repo: Repository, channel: str, serial: int, basis: int | None
+) -> tuple[dict[str, str], int | None, int]:
+    """The maps of release ``serial`` the push may send as patches to ``inbox`` (map name →
+    its text file, left out of the release), the serial the node's agent keeps the text of
+    (None: unknown), and the bytes it took to learn that. Patches go where they are from
+    ``basis``, the serial the inbox received before, and the agent says (``INBOX/BASIS``)
+    that it keeps that serial's text to apply them to. Else none: the text goes as before,
+    delta-encoded against the inbox's copy of ``basis`` (and of the agent's serial)."""
+    if basis is None:
+        return {}, None, 0
+    try:
+        manifest = parse_manifest(
+            (repo.release(channel, serial) / MANIFEST).read_bytes(), f"release {serial}"
+        )
+    except (OSError, MapsyncError):
+        return {}, None, 0
+    patches = repo.channel(channel) / patch_dir(serial)
+    usable = {
+        name: manifest.maps[name].file
+        for name, p in manifest.patches.items()
+        if p.base == basis and name in manifest.maps and (patches / p.file).is_file()
+    }
+    if not usable:
+        return {}, None, 0
+    kept, moved = inbox.agent_basis()
+    if kept != basis:
+        _log.debug(
+            "patches not pushed: the node's agent keeps another basis",
+            channel=channel,
+            destination=inbox.destination,
+            serial=serial,
+            basis=basis,
+            agent_basis=kept,
+        )
+        return {}, kept, moved
+    return usable, kept, moved
 
 
 def _deferred(

@@ -55,11 +55,15 @@ def connection_options(
 ) -> list[str]:
     """The rsync options that reach ``endpoint`` and give up after ``timeout`` seconds without
     ever prompting, for a fetch and a push alike: ``--timeout``; for a daemon ``--contimeout``,
-    ``--no-motd`` and where the password comes from; for ssh the remote shell (``-e``)."""
+    ``--no-motd``, ``TCP_NODELAY`` and where the password comes from; for ssh the remote shell
+    (``-e``)."""
     timeout = max(timeout, 1)
     argv = [f"--timeout={timeout}"]
     if endpoint.daemon:
-        argv += [f"--contimeout={min(timeout, 60)}", "--no-motd"]
+        # TCP_NODELAY: the daemon protocol's opening exchange (the timeout, the compression
+        # choice) is small writes each waiting for the other side's delayed ACK, 40 ms apiece.
+        # Fetching LATEST from a loopback daemon: 0.18-0.20 s with Nagle, 0.115 s without.
+        argv += [f"--contimeout={min(timeout, 60)}", "--no-motd", "--sockopts=TCP_NODELAY"]
         if password_file is not None:
             argv.append(f"--password-file={password_file}")
         elif "RSYNC_PASSWORD" not in os.environ:

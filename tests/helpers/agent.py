@@ -13,6 +13,7 @@ from pathlib import Path
 
 from sqlalchemy import Connection, create_engine, delete, insert, select
 
+from mapsync.agent.state import ChannelState
 from mapsync.signing import keygen
 from mapsync.sources import schema as t
 from tests.conftest import Cluster
@@ -131,9 +132,11 @@ def state_file(cluster: Cluster) -> Path:
 
 
 def read_state(cluster: Cluster) -> dict[str, object]:
-    """Channel mx's state file, parsed."""
+    """Channel mx's state file, parsed, with the times of the last check as the agent reads
+    them (a nothing-changed run writes those beside the file, mapsync.agent.state)."""
     data = json.loads(state_file(cluster).read_text())
     assert isinstance(data, dict)
+    data.update(ChannelState.load(state_file(cluster)).check_times())
     return data
 
 

@@ -377,6 +377,7 @@ def test_rsync_argv_for_ssh(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
     assert argv[-2:] == ["user@host:/srv/mapsync/mx/LATEST", str(tmp_path / "LATEST")]
     assert "--timeout=42" in argv
     assert "--contimeout=42" not in argv and "--no-motd" not in argv  # daemon-only options
+    assert not any(a.startswith("--sockopts") for a in argv)
     # Only regular files and directories: never symlinks, devices, owners, or -a (which implies -l).
     for banned in ("-a", "--archive", "-l", "--links", "-D", "--devices", "-o", "-g"):
         assert banned not in argv
@@ -395,6 +396,7 @@ def test_rsync_argv_for_daemon_files_with_basis(
     remote.fetch_files("releases/7", ["domains", "recipients"], tmp_path / "staging", basis, 5000)
     argv, _ = fake.calls[0]
     assert "--contimeout=60" in argv and "--no-motd" in argv and "-e" not in argv
+    assert "--sockopts=TCP_NODELAY" in argv  # no 40 ms delayed-ACK waits in the handshake
     assert f"--link-dest={basis.resolve()}" in argv
     assert "--max-size=5000" in argv and "--ignore-missing-args" in argv
     assert argv[-3:] == [

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -204,6 +205,77 @@ def test_prometheus_that_cannot_be_written_keeps_the_nagios_result(
     assert f"mapsync: --prometheus {path}:" in st.stderr
     assert "the metrics were not written" in st.stderr
     assert "Traceback" not in st.stderr and "[Errno" not in st.stderr
+
+
+# -- the time of a check ---------------------------------------------------------------------
+
+OLD = "2001-01-01T00:00:00Z"
+
+
+def _checked(path: Path) -> Path:
+    return path.with_name(f".{path.name}.checked")
+
+
+def test_a_nothing_changed_pull_leaves_the_state_file_and_writes_only_its_check_time(
+    node: Cluster,
+) -> None:
+    """Every minute on every node: nothing that protects the node is rewritten (no fsync);
+    the time of the check goes beside the state file and its public copy, and status (root
+    or not) sees it."""
+    cfg = node.config().need_agent()
+    path, public = state_file(node), cfg.public_status / "mx.json"
+    node.pull()  # the cloned-or-not live set recorded as it is now
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps({**data, "last_attempt": OLD, "last_success": OLD}))
+    before = path.read_bytes()
+    public_before = public.read_bytes()
+
+    assert "mx: serial 1 is current" in node.pull().stdout
+    assert path.read_bytes() == before  # not rewritten
+    assert public.read_bytes() == public_before
+    for where, mode in ((path, 0o600), (public, 0o644)):
+        times = json.loads(_checked(where).read_text())
+        assert times["last_success"] > OLD and times["last_attempt"] > OLD, where
+        assert stat.S_IMODE(_checked(where).stat().st_mode) == mode
+    st = channel_status(cfg, cfg.channels["mx"])
+    assert st.level == "OK", st.message
+    assert st.last_success is not None and st.last_success > OLD
+    assert read_state(node)["highest_serial"] == 1
+
+
+def test_a_lost_check_time_costs_nothing(node: Cluster) -> None:
+    """What a crash may leave of the unsynced file of check times (nothing, or an empty or
+    torn file): ignored; the state file is whole, and the next pull writes the times again."""
+    path = state_file(node)
+    node.pull()
+    assert _checked(path).exists(), "premise: a nothing-changed pull wrote the check time"
+    before = path.read_bytes()
+    for leftover in (b"", b'{"last_success": "20', b"\x00" * 64):
+        _checked(path).write_bytes(leftover)
+        out = node.cli("status")
+        assert "damaged" not in out.stdout and "Traceback" not in out.stderr, out.stdout
+        assert path.read_bytes() == before
+        assert "mx: serial 1 is current" in node.pull().stdout
+        assert json.loads(_checked(path).read_text())["last_success"] is not None
+        assert node.cli("status").returncode == 0
+
+
+def test_a_run_that_changes_the_state_writes_it_whole_and_drops_the_check_times(
+    node: Cluster,
+) -> None:
+    """A failed check is worth keeping: it goes into the state file, durably, and the file of
+    check times beside it (older now) goes."""
+    path = state_file(node)
+    node.pull()
+    assert _checked(path).exists()
+    shutil.move(node.repo / "mx" / "LATEST", node.root / "LATEST.away")
+    assert node.cli("pull").returncode != 0
+    assert not _checked(path).exists()
+    assert json.loads(path.read_text())["last_error"]
+    shutil.move(node.root / "LATEST.away", node.repo / "mx" / "LATEST")
+    node.pull()  # the error cleared: written whole again
+    assert json.loads(path.read_text())["last_error"] is None
+    assert not _checked(path).exists()
 
 
 # -- clocks ------------------------------------------------------------------------------------

@@ -70,7 +70,7 @@ def assert_inbox_holds(
     maps, ``--link-dest``), which changes their ctime: only this release's own files (one
     link) are then compared with LATEST."""
     repo = cluster.repo / "mx"
-    assert sorted(os.listdir(inbox)) == ["LATEST", "releases"]
+    assert sorted(os.listdir(inbox)) == ["LATEST", "patches", "releases"]
     assert {int(n) for n in os.listdir(inbox / "releases")} == kept
     release = inbox / "releases" / str(serial)
     assert files(release) == files(repo / "releases" / str(serial))
