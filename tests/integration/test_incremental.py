@@ -88,7 +88,9 @@ def test_incremental_runs_publish_what_a_full_run_publishes(
     assert kept.last_read == "full"
     rnd = random.Random(20261130)
     reads = []
-    for number in range(80):
+    # MariaDB is not one of the issue's two engines and the slowest: fewer steps there.
+    steps = 30 if engine == "mariadb" else 80
+    for number in range(steps):
         name, rows_only = step(url, rnd)
         kept.run()
         reads.append(kept.last_read)
@@ -101,10 +103,10 @@ def test_incremental_runs_publish_what_a_full_run_publishes(
                 cluster.root / "full", channel
             ), f"step {number} ({name}): channel {channel} differs from a full render"
     print("reads:", {r: reads.count(r) for r in set(reads)}, "cdbs patched:", len(patched))
-    assert reads.count("incremental") >= 60
+    assert reads.count("incremental") >= steps * 3 // 4
     # The cdbs were changed in place (and proved equal to a full build by the agents' hash
     # in the manifest, which the comparison with the full publish checks above).
-    assert len(patched) >= 60 and all(patched)
+    assert len(patched) >= steps * 3 // 4 and all(patched)
     names = {p.name for p in (cluster.root / "inc" / ".private" / "mx" / "cdb").iterdir()}
     manifest = Repository(cluster.root / "inc").latest_manifest("mx")
     assert manifest is not None
