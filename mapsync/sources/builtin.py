@@ -381,45 +381,40 @@ class BuiltinSource(Source):
     def snapshot_since(self, since: Mark, secrets: bool = False) -> Snapshot:
         return self._snapshot(secrets, since)
 
-    def _snapshot(self, secrets: bool, since: Mark | None) -> Snapshot:
-        self._secrets = secrets
-        what = "reading the snapshot"
+    @contextmanager
+    def reading(self, what: str, bound: float | None = None) -> Iterator[Connection]:
+        """One read-only, repeatable-read transaction (one instant of the database), its
+        waits bounded and a slow one logged after ``bound`` (default: statement_timeout); a
+        database error is a :class:`SourceError` saying ``what`` failed."""
         try:
             with (
-                _slow(what, self.safe_url, self.statement_timeout),
-                paused_gc(),
+                _slow(what, self.safe_url, self.statement_timeout if bound is None else bound),
                 self.engine.connect() as raw,
             ):
                 conn = _read_only(raw)
                 with conn.begin():
                     _bound(conn, self.lock_wait, self.statement_timeout)
                     _begin(conn)
-                    snap = self._read(conn)
-                    if self.maps:  # the operator's own maps: the same instant
-                        maps.read_all(conn, self, snap)
-                    if since is not None:
-                        snap.changes = self._changes(conn, since, snap.fingerprint)
-                    return snap
+                    yield conn
         except SQLAlchemyError as exc:
             raise self._fail(what, exc) from None
+
+    def _snapshot(self, secrets: bool, since: Mark | None) -> Snapshot:
+        self._secrets = secrets
+        with paused_gc(), self.reading("reading the snapshot") as conn:
+            snap = self._read(conn)
+            if self.maps:  # the operator's own maps: the same instant
+                maps.read_all(conn, self, snap)
+            if since is not None:
+                snap.changes = self._changes(conn, since, snap.fingerprint)
+            return snap
 
     def changes(self, since: Mark, secrets: bool = False) -> Changes:
         """The rows changed since ``since`` (:mod:`mapsync.sources.changes`), read in one
         read-only transaction."""
         self._secrets = secrets
-        what = "reading the changes"
-        try:
-            with (
-                _slow(what, self.safe_url, self.statement_timeout),
-                self.engine.connect() as raw,
-            ):
-                conn = _read_only(raw)
-                with conn.begin():
-                    _bound(conn, self.lock_wait, self.statement_timeout)
-                    _begin(conn)
-                    return self._changes(conn, since, _fingerprint(conn))
-        except SQLAlchemyError as exc:
-            raise self._fail(what, exc) from None
+        with self.reading("reading the changes") as conn:
+            return self._changes(conn, since, _fingerprint(conn))
 
     def _changes(self, conn: Connection, since: Mark, fingerprint: Fingerprint) -> Changes:
         if self.maps:
@@ -440,16 +435,8 @@ class BuiltinSource(Source):
         """What tells a change in each map of ``maps``, read in one read-only transaction."""
         if not self.maps:
             return {}
-        what = "reading the change fingerprint of [publisher.maps]"
-        try:
-            with _slow(what, self.safe_url, self.statement_timeout), self.engine.connect() as raw:
-                conn = _read_only(raw)
-                with conn.begin():
-                    _bound(conn, self.lock_wait, self.statement_timeout)
-                    _begin(conn)
-                    return maps.fingerprints(conn, self)
-        except SQLAlchemyError as exc:
-            raise self._fail(what, exc) from None
+        with self.reading("reading the change fingerprint of [publisher.maps]") as conn:
+            return maps.fingerprints(conn, self)
 
     def _account_columns(self, conn: Connection) -> list[ColumnElement[Any]]:
         """The columns of :class:`Account`, in its order, as this run reads them."""

@@ -62,11 +62,7 @@ from mapsync.snapshot import (
 )
 from mapsync.sources.builtin import (
     BuiltinSource,
-    _begin,
-    _bound,
     _bound_hit,
-    _read_only,
-    _slow,
     _stream,
     redact,
 )
@@ -153,19 +149,8 @@ class SqlSource(BuiltinSource):
             snap = self.snapshot(secrets)
             self._kept = (secrets, snap)
             return snap.fingerprint
-        what = "reading the change fingerprint"
-        try:
-            with (
-                _slow(what, self.safe_url, self.lock_wait),
-                self.engine.connect() as raw,
-            ):
-                conn = _read_only(raw)
-                with conn.begin():
-                    _bound(conn, self.lock_wait, self.statement_timeout)
-                    _begin(conn)
-                    return self._fingerprint(conn)
-        except SQLAlchemyError as exc:
-            raise self._fail(what, exc) from None
+        with self.reading("reading the change fingerprint", self.lock_wait) as conn:
+            return self._fingerprint(conn)
 
     def snapshot(self, secrets: bool = False) -> Snapshot:
         """The read :meth:`fingerprint` just made, when it made one with the same ``secrets``; else a new one."""
