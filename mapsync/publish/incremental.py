@@ -32,7 +32,6 @@ from mapsync.snapshot import (
     Account,
     Alias,
     Changes,
-    Domain,
     Mark,
     NotIncremental,
     SenderGrant,
@@ -45,10 +44,6 @@ from mapsync.validate import check as validate
 
 Unit = tuple[int, str]  # (hosted domain id, local part) or (-1, a key outside them)
 DENY = "dovecot_deny"  # its keys are SERVICE/user
-
-
-def _names(d: Domain) -> tuple[str, ...]:
-    return Directory.names(d)
 
 
 def _lower(s: str) -> str:
@@ -72,13 +67,16 @@ class State:
         self.resolve: dict[str, int] = {}
         self.names: dict[int, tuple[str, ...]] = {}  # hosted id → its names and its aliases'
         for i in self.hosted:
-            names = [*_names(live[i])]
+            names = [*Directory.names(live[i])]
             for alias_domain in self.alias_domains.get(i, ()):
-                names += _names(alias_domain)
+                names += Directory.names(alias_domain)
             self.names[i] = tuple(names)
             for name in names:
                 self.resolve[name] = i
-        self._targeting: dict[str, set[int]] | None = None  # target → alias ids, on first need
+        # Alias target (lowercase) → the aliases that list it: built here, after the full
+        # publish that keeps this state, not in the first change that needs it (seconds at
+        # millions of aliases).
+        self.targeting: dict[str, set[int]] = defaultdict(set)
         self.accounts: dict[int, Account] = {}
         self.aliases: dict[int, Alias] = {}
         self.account_at: dict[int, dict[str, Account]] = defaultdict(dict)
@@ -118,26 +116,14 @@ class State:
             raise NotIncremental(f"two aliases at {local!r} of domain id {al.domain_id}")
         at[local] = al
         self.aliases[al.id] = al
-        if self._targeting is not None:
-            for target in al.targets:
-                self._targeting[_lower(target)].add(al.id)
+        for target in al.targets:
+            self.targeting[_lower(target)].add(al.id)
 
     def _drop_alias(self, al: Alias) -> None:
         del self.aliases[al.id]
         del self.alias_at[al.domain_id][_lower(al.local_part)]
-        if self._targeting is not None:
-            for target in al.targets:
-                self._targeting[_lower(target)].discard(al.id)
-
-    def targeting(self) -> dict[str, set[int]]:
-        """Alias target (lowercase) → the aliases that list it: built on first need."""
-        if self._targeting is None:
-            index: dict[str, set[int]] = defaultdict(set)
-            for al in self.aliases.values():
-                for target in al.targets:
-                    index[_lower(target)].add(al.id)
-            self._targeting = index
-        return self._targeting
+        for target in al.targets:
+            self.targeting[_lower(target)].discard(al.id)
 
     # -- units ------------------------------------------------------------------------------
 
@@ -150,13 +136,6 @@ class State:
         if domain is None:
             return (-1, key)
         return (domain, local)
-
-    def units_of_account(self, a: Account, grants: Iterable[SenderGrant]) -> set[Unit]:
-        """The units an account's entries are in: its address, and the addresses it may
-        send as (its login is in their ``senders`` entries)."""
-        units = {(a.domain_id, _lower(a.local_part))}
-        units.update(self.owner(_lower(g.address)) for g in grants)
-        return units
 
     def claimed(self, address: str) -> bool:
         """Whether a live account or an alias holds ``address`` (lowercase, hosted domain:
@@ -313,17 +292,14 @@ class State:
         # The aliases that name an address of the units: one that lost its account or alias
         # now leads nowhere. With the whole domains, the other way round too.
         referrers: dict[int, Alias] = {}
-        targeting = None
+        targeting = self.targeting
         for domain, local in units:
             if domain < 0 or not local:
                 continue
-            if targeting is None:
-                targeting = self.targeting()
             for name in self.names.get(domain, ()):
                 for alias_id in targeting.get(f"{local}@{name}", ()):
                     referrers[alias_id] = self.aliases[alias_id]
         if whole:
-            targeting = self.targeting()
             for target, ids in targeting.items():
                 if self.resolve.get(target.rpartition("@")[2]) in whole:
                     for alias_id in ids:

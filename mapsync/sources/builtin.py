@@ -406,7 +406,9 @@ class BuiltinSource(Source):
             if self.maps:  # the operator's own maps: the same instant
                 maps.read_all(conn, self, snap)
             if since is not None:
-                snap.changes = self._changes(conn, since, snap.fingerprint)
+                if snap.mark is None:
+                    raise NotIncremental("the database has no deletion log (run `mapsync init-db`)")
+                snap.changes = self._changes(conn, since, snap.fingerprint, snap.mark.clock)
             return snap
 
     def changes(self, since: Mark, secrets: bool = False) -> Changes:
@@ -414,9 +416,12 @@ class BuiltinSource(Source):
         read-only transaction."""
         self._secrets = secrets
         with self.reading("reading the changes") as conn:
-            return self._changes(conn, since, _fingerprint(conn))
+            db_clock = clock(conn)  # first, as in _read
+            return self._changes(conn, since, _fingerprint(conn), db_clock)
 
-    def _changes(self, conn: Connection, since: Mark, fingerprint: Fingerprint) -> Changes:
+    def _changes(
+        self, conn: Connection, since: Mark, fingerprint: Fingerprint, db_clock: datetime
+    ) -> Changes:
         if self.maps:
             raise NotIncremental("maps of your own are read whole")
         # The rows deleted since the mark, and a margin before it (see DELETED_MARGIN); a
@@ -429,7 +434,7 @@ class BuiltinSource(Source):
             gone.pop(table, None)
             if table in new:
                 gone[table] = new[table]
-        return read_changes(conn, since, fingerprint, self._account_columns(conn), gone)
+        return read_changes(conn, since, fingerprint, db_clock, self._account_columns(conn), gone)
 
     def maps_fingerprint(self) -> dict[str, tuple[int, str | None]]:
         """What tells a change in each map of ``maps``, read in one read-only transaction."""
@@ -462,6 +467,9 @@ class BuiltinSource(Source):
         return columns
 
     def _read(self, conn: Connection) -> Snapshot:
+        # The database's clock first: a row committed while the rows below are read (and so
+        # not among them) is stamped after it, and the next change read finds it.
+        db_clock = clock(conn)
         # The fingerprint is read inside the same transaction, so it describes these rows.
         fingerprint = _fingerprint(conn)
 
@@ -567,7 +575,7 @@ class BuiltinSource(Source):
             if expires_at is None or naive(expires_at) > now
         ]
         return Snapshot(
-            mark=mark_of(fingerprint, now, clock(conn)),
+            mark=mark_of(fingerprint, now, db_clock),
             mailstores=mailstores,
             domains=domains,
             accounts=accounts,
