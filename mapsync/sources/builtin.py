@@ -408,7 +408,11 @@ class BuiltinSource(Source):
             if since is not None:
                 if snap.mark is None:
                     raise NotIncremental("the database has no deletion log (run `mapsync init-db`)")
-                snap.changes = self._changes(conn, since, snap.fingerprint, snap.mark.clock)
+                # The same instants as the snapshot's: an alias that expires between two
+                # clocks would otherwise be in the snapshot and gone from the changes.
+                snap.changes = self._changes(
+                    conn, since, snap.fingerprint, snap.mark.now, snap.mark.clock
+                )
             return snap
 
     def changes(self, since: Mark, secrets: bool = False) -> Changes:
@@ -417,10 +421,16 @@ class BuiltinSource(Source):
         self._secrets = secrets
         with self.reading("reading the changes") as conn:
             db_clock = clock(conn)  # first, as in _read
-            return self._changes(conn, since, _fingerprint(conn), db_clock)
+            now = datetime.now(UTC).replace(tzinfo=None)
+            return self._changes(conn, since, _fingerprint(conn), now, db_clock)
 
     def _changes(
-        self, conn: Connection, since: Mark, fingerprint: Fingerprint, db_clock: datetime
+        self,
+        conn: Connection,
+        since: Mark,
+        fingerprint: Fingerprint,
+        now: datetime,
+        db_clock: datetime,
     ) -> Changes:
         if self.maps:
             raise NotIncremental("maps of your own are read whole")
@@ -434,7 +444,9 @@ class BuiltinSource(Source):
             gone.pop(table, None)
             if table in new:
                 gone[table] = new[table]
-        return read_changes(conn, since, fingerprint, db_clock, self._account_columns(conn), gone)
+        return read_changes(
+            conn, since, fingerprint, now, db_clock, self._account_columns(conn), gone
+        )
 
     def maps_fingerprint(self) -> dict[str, tuple[int, str | None]]:
         """What tells a change in each map of ``maps``, read in one read-only transaction."""

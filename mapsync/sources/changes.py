@@ -79,16 +79,16 @@ def read_changes(
     conn: Connection,
     since: Mark,
     fingerprint: Fingerprint,
+    now: datetime,
     db_clock: datetime,
     account_columns: list[ColumnElement[Any]],
     deletions: dict[str, set[int]],
 ) -> Changes:
     """The rows changed since ``since``, read inside ``conn``'s transaction, whose
-    ``fingerprint`` (read in it too) and ``db_clock`` (the database's clock, read first in
-    it) give the new mark; ``deletions``: the rows the deletion log names since
+    ``fingerprint`` (read in it too), ``now`` (the publisher's clock, UTC, naive: what has
+    expired) and ``db_clock`` (the database's clock, read first in it) give the new mark; ``deletions``: the rows the deletion log names since
     ``since.deleted`` (table → ids). :class:`NotIncremental` when they cannot be applied row
     by row."""
-    now = datetime.now(UTC).replace(tzinfo=None)
     mark = mark_of(fingerprint, now, db_clock)
     if mark is None:
         raise NotIncremental("the database has no deletion log (run `mapsync init-db`)")

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import random
 import time
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import insert
 from structlog.testing import capture_logs
 
 from mapsync import config
@@ -23,6 +24,7 @@ from mapsync.formats.cdbpatch import NotPatchable, patch_cdb
 from mapsync.publish.publisher import Publisher
 from mapsync.publish.repository import Repository
 from mapsync.sources import builtin, changes, open_source
+from mapsync.sources import schema as t
 from mapsync.sources.builtin import make_engine
 from tests.conftest import make_cluster
 from tests.helpers.incremental import HASH, bodies, step
@@ -335,3 +337,44 @@ def test_a_row_committed_while_the_full_read_runs_is_read_by_the_next_run(
     assert kept.last_read == "incremental"
     lines = bodies(cluster.root / "inc", "mx")["recipients"].decode().splitlines()
     assert any(line.startswith(address) for line in lines), "the account committed meanwhile"
+
+
+def test_an_alias_expiring_during_the_full_check_is_no_false_alarm(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = f"sqlite:///{tmp_path / 'central.db'}"
+    cluster = make_cluster(tmp_path / "c", url, accounts=60, domains=4, aliases=20)
+    expires = datetime.now(UTC).replace(tzinfo=None) + timedelta(seconds=5)
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        alias_id = conn.execute(
+            insert(t.alias).values(domain_id=1, local_part="leaving", expires_at=expires)
+        ).inserted_primary_key[0]
+        conn.execute(
+            insert(t.alias_target).values(alias_id=alias_id, target="postmaster@x.example")
+        )
+    engine.dispose()
+    text = cluster.config_path.read_text().replace(
+        "[publisher]\n", '[publisher]\nfull_check = "0s"\n', 1
+    )
+    cluster.config_path.write_text(text)
+    kept = _publisher(cluster.root, url, "inc")
+    kept.incremental = True
+    kept.run()
+    deletions = builtin.deletions
+
+    def slow(conn: Any, after: int) -> Any:
+        # The full check's snapshot is read; its changes are read after the alias expired.
+        time.sleep(
+            max(0.0, (expires - datetime.now(UTC).replace(tzinfo=None)).total_seconds() + 0.2)
+        )
+        return deletions(conn, after)
+
+    monkeypatch.setattr(builtin, "deletions", slow)
+    with capture_logs() as logs:
+        kept.run()  # a full check: full_check = 0s
+    assert kept._state is not None and alias_id in kept._state.aliases, (
+        "the full check's snapshot was read before the alias expired (else this proves nothing)"
+    )
+    assert [e["event"] for e in logs if e["log_level"] == "error"] == []
+    assert any(e["event"] == "full check: the incremental state equals a full render" for e in logs)
