@@ -182,3 +182,51 @@ def test_a_trimmed_log_cannot_vouch_for_what_it_lost(any_url: str) -> None:
     assert _deletions(any_url, inside - 1)[1] is None
     # A mark beyond the log: not the log it was read from.
     assert _deletions(any_url, newest + 1) == (newest, None)
+
+
+def test_a_target_or_grant_moved_to_another_parent_logs_the_old_parent(any_url: str) -> None:
+    """``UPDATE alias_target SET alias_id = ...`` takes a target from the old alias (whose
+    rows carry no new updated_at): the old alias is logged as a delete of the row would log
+    it; the same for ``sender_grant.account_id``. An UPDATE that keeps the parent logs
+    nothing."""
+    account, alias = _bare(any_url)
+    run_sql(
+        any_url,
+        "INSERT INTO alias (domain_id, local_part) SELECT domain_id, 'other' FROM alias",
+        "INSERT INTO account (domain_id, local_part) SELECT domain_id, 'bob' FROM account",
+    )
+    other_alias = _one(any_url, "SELECT id FROM alias WHERE local_part = 'other'")
+    other_account = _one(any_url, "SELECT id FROM account WHERE local_part = 'bob'")
+    run_sql(
+        any_url,
+        "UPDATE alias_target SET target = 'bob@bare.example'",
+        "UPDATE sender_grant SET address = '@bare.example'",  # unchanged
+    )
+    assert _deletions(any_url, 0) == (0, {})
+    run_sql(any_url, f"UPDATE alias_target SET alias_id = {other_alias}")
+    assert _deletions(any_url, 0) == (1, {"alias_target": {alias}})
+    run_sql(any_url, f"UPDATE sender_grant SET account_id = {other_account}")
+    assert _deletions(any_url, 1) == (2, {"sender_grant": {account}})
+    # Moved back, in one statement with a change of the address.
+    run_sql(
+        any_url,
+        f"UPDATE sender_grant SET account_id = {account}, address = 'x@bare.example'",
+    )
+    assert _deletions(any_url, 2) == (3, {"sender_grant": {other_account}})
+
+
+def test_init_db_installs_the_move_trigger_on_an_older_database(any_url: str) -> None:
+    """A database an init-db before the move trigger made gets it from the next init-db."""
+    _, alias = _bare(any_url)
+    writers.drop_moved_triggers(any_url)
+    run_sql(any_url, "INSERT INTO alias (domain_id, local_part) SELECT domain_id, 'o' FROM alias")
+    other = _one(any_url, "SELECT id FROM alias WHERE local_part = 'o'")
+    run_sql(any_url, f"UPDATE alias_target SET alias_id = {other}")
+    assert _deletions(any_url, 0) == (0, {})  # the old database: nothing logged
+    init_db(any_url)
+    run_sql(any_url, f"UPDATE alias_target SET alias_id = {alias}")
+    assert _deletions(any_url, 0)[1] == {"alias_target": {other}}
+    init_db(any_url)  # idempotent: still one row per move
+    run_sql(any_url, f"UPDATE alias_target SET alias_id = {other}")
+    assert _deletions(any_url, 0)[1] == {"alias_target": {other, alias}}
+    assert _log_rows(any_url) == 2
