@@ -13,15 +13,29 @@ from sqlalchemy import Connection, func, inspect, select
 
 from mapsync.sources import schema as t
 
+Entry = tuple[int, str, int]  # (log id, table name, row id)
+
 
 def deletions(conn: Connection, after: int) -> tuple[int, dict[str, set[int]] | None]:
     """The deletion log's newest id, and the ids of the rows deleted after log id ``after``
-    per table (``{"account": {12, 40}, "alias_target": {7}}``; tables without deletions
-    left out), read in ``conn`` (the caller's transaction: read in the snapshot the
-    publisher reads the tables in, the two agree). The newest id is the fingerprint's
+    per table: :func:`entries`, grouped (``{"account": {12, 40}, "alias_target": {7}}``;
+    tables without deletions left out); None when it cannot vouch for them."""
+    newest, rows = entries(conn, after)
+    if rows is None:
+        return newest, None
+    found: dict[str, set[int]] = {}
+    for _, table_name, row_id in rows:
+        found.setdefault(table_name, set()).add(row_id)
+    return newest, found
+
+
+def entries(conn: Connection, after: int) -> tuple[int, list[Entry] | None]:
+    """The deletion log's newest id, and its rows after log id ``after`` as (log id, table,
+    row id), in log order, read in ``conn`` (the caller's transaction: read in the snapshot
+    the publisher reads the tables in, the two agree). The newest id is the fingerprint's
     ``mapsync_deleted`` value (0 for an empty log): the next call's ``after``.
 
-    ``None`` instead of the dict when the log cannot prove it holds every deletion after
+    ``None`` instead of the rows when the log cannot prove it holds every deletion after
     ``after``; the caller then reads everything:
 
     - no ``mapsync_deleted``, or no ``row_id`` column in it: ``init-db`` has not upgraded the
@@ -48,7 +62,7 @@ def deletions(conn: Connection, after: int) -> tuple[int, dict[str, set[int]] | 
     them reads with a margin below its mark, or relies on its periodic full read.
     """
     if after < 0:
-        raise ValueError(f"deletions: after must be a log id, 0 or more, not {after}")
+        raise ValueError(f"entries: after must be a log id, 0 or more, not {after}")
     log = t.deleted
     inspector = inspect(conn)
     if not inspector.has_table(log.name):
@@ -60,16 +74,18 @@ def deletions(conn: Connection, after: int) -> tuple[int, dict[str, set[int]] | 
     if newest < after:
         return newest, None
     if oldest is None:  # empty, and after is 0
-        return 0, {}
+        return 0, []
     if after < int(oldest) - 1:
         return newest, None
     # Up to newest only: what a concurrent writer commits meanwhile comes with the next call.
     rows = conn.execute(
-        select(log.c.table_name, log.c.row_id).where(log.c.id > after, log.c.id <= newest)
+        select(log.c.id, log.c.table_name, log.c.row_id)
+        .where(log.c.id > after, log.c.id <= newest)
+        .order_by(log.c.id)
     )
-    found: dict[str, set[int]] = {}
-    for table_name, row_id in rows:
+    found: list[Entry] = []
+    for log_id, table_name, row_id in rows:
         if row_id is None:
             return newest, None
-        found.setdefault(table_name, set()).add(int(row_id))
+        found.append((int(log_id), table_name, int(row_id)))
     return newest, found

@@ -3,7 +3,7 @@ random sequence of changes (accounts added, changed, moved between mailstores an
 deleted; aliases added, chained, retargeted, renamed, deactivated, expired, deleted;
 catch-alls; sender grants; alias domains and mailstores, which the publisher reads in full),
 the incrementally published maps are byte for byte those a full publish of the same database
-makes, on SQLite and on the running PostgreSQL."""
+makes, on SQLite and on the running PostgreSQL and MariaDB."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from mapsync.publish.repository import Repository
 from mapsync.sources import builtin, changes, open_source
 from mapsync.sources.builtin import make_engine
 from tests.conftest import make_cluster
-from tests.helpers.incremental import HASH, bodies, step
+from tests.helpers.incremental import HASH, bodies, late_delete, literal, newest, step
 
 CHANNELS = """
 [publisher.guards]
@@ -142,6 +142,14 @@ def _one(url: str, query: str) -> Any:
         value = conn.exec_driver_sql(query).scalar_one()
     engine.dispose()
     return value
+
+
+def _rows(url: str, query: str) -> list[Any]:
+    engine = make_engine(url)
+    with engine.connect() as conn:
+        rows = list(conn.exec_driver_sql(query))
+    engine.dispose()
+    return rows
 
 
 BREAKS = {
@@ -335,3 +343,131 @@ def test_a_row_committed_while_the_full_read_runs_is_read_by_the_next_run(
     assert kept.last_read == "incremental"
     lines = bodies(cluster.root / "inc", "mx")["recipients"].decode().splitlines()
     assert any(line.startswith(address) for line in lines), "the account committed meanwhile"
+
+
+def _url(tmp_path: Path, engine: str, request: pytest.FixtureRequest) -> str:
+    if engine == "sqlite":
+        return f"sqlite:///{tmp_path / 'central.db'}"
+    return str(request.getfixturevalue("pg_url" if engine == "postgresql" else "mariadb_url"))
+
+
+def _as_full(kept: Publisher, root: Path, what: str) -> None:
+    """The kept publisher's releases are a full publish's of the database as it is."""
+    _publisher(root, str(kept.cfg.database), "full").run()
+    for channel in ("mx", "store", "proxy"):
+        assert bodies(root / "inc", channel) == bodies(root / "full", channel), (
+            f"{what}: channel {channel} differs from a full render"
+        )
+
+
+QUOTA = "UPDATE account SET quota_bytes = {} WHERE id = (SELECT min(id) FROM account)"
+
+
+@pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
+def test_a_structural_row_stamped_below_the_tables_newest_is_read(
+    tmp_path: Path, engine: str, request: pytest.FixtureRequest
+) -> None:
+    """A domain whose updated_at is below the table's newest (its writer's clock behind, a
+    transaction that commits after a newer one) moves no stamp: the publisher finds it in
+    the skew window it reads again and reads in full; the runs after are incremental."""
+    url = _url(tmp_path, engine, request)
+    kept, root = _kept(tmp_path, url)
+    assert kept._state is not None
+    late = newest(url, "domain") - timedelta(milliseconds=1)
+    assert late >= kept._state.mark.clock - changes.SKEW
+    _sql(
+        url,
+        "INSERT INTO domain (name, kind, target_domain_id, updated_at) "
+        f"SELECT 'late.example', 'alias', min(id), {literal(late)} FROM domain "
+        "WHERE kind = 'hosted'",
+        QUOTA.format(4242),  # a change of a row: the fingerprint moves
+    )
+    assert newest(url, "domain") == late + timedelta(milliseconds=1)
+    kept.run()
+    _as_full(kept, root, "the late domain")
+    assert kept.last_read == "full"
+    # Seen by that read: no reason to read in full again while it is in the window.
+    _sql(url, QUOTA.format(4343))
+    kept.run()
+    assert kept.last_read == "incremental"
+    _as_full(kept, root, "a change after")
+
+
+@pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
+def test_a_structural_delete_logged_below_the_marks_id_and_committed_late_is_read(
+    tmp_path: Path, engine: str, request: pytest.FixtureRequest
+) -> None:
+    """A domain deleted in a transaction that commits after a read which saw a newer log id
+    (another writer's delete) is read in the margin below the mark: read in full, once."""
+    url = _url(tmp_path, engine, request)
+    kept, root = _kept(tmp_path, url)
+    hosted = "FROM domain WHERE kind = 'hosted'"
+    _sql(
+        url,
+        f"INSERT INTO domain (name, kind, target_domain_id) SELECT 'gone.example', 'alias', min(id) {hosted}",
+        "INSERT INTO account (domain_id, local_part, password_hash) "
+        f"SELECT min(id), 'spare', '{HASH}' {hosted}",
+    )
+    # A newer domain: deleting gone.example moves no stamp. And a first deletion: a log whose
+    # oldest visible id is above 1 (the late one's in flight) cannot vouch for a margin from 0.
+    _sql(url, "DELETE FROM account WHERE local_part = 'spare'")
+    _sql(
+        url,
+        "INSERT INTO account (domain_id, local_part, password_hash) "
+        f"SELECT min(id), 'spare', '{HASH}' {hosted}",
+    )
+    _sql(
+        url,
+        f"INSERT INTO domain (name, kind, target_domain_id) SELECT 'stays.example', 'alias', min(id) {hosted}",
+    )
+    kept.run()
+    assert kept.last_read == "full"
+    late_delete(
+        url,
+        "DELETE FROM domain WHERE name = 'gone.example'",
+        "DELETE FROM account WHERE local_part = 'spare'",
+        kept.run,
+    )
+    assert kept.last_read == "incremental"  # the account; the domain not yet committed
+    _sql(url, QUOTA.format(4242))
+    kept.run()
+    _as_full(kept, root, "the domain deleted late")
+    assert kept.last_read == "full"
+    _sql(url, QUOTA.format(4343))
+    kept.run()
+    assert kept.last_read == "incremental"  # the deletion seen: not read in full again
+    _as_full(kept, root, "a change after")
+
+
+@pytest.mark.parametrize("engine", ["sqlite", "postgresql", "mariadb"])
+def test_a_target_or_grant_moved_to_another_parent_changes_both(
+    tmp_path: Path, engine: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``UPDATE alias_target SET alias_id`` and ``UPDATE sender_grant SET account_id`` change
+    the old parent too (init-db's move trigger logs it): published as a full run would."""
+    monkeypatch.setattr(changes, "SKEW", timedelta(0))  # else the seed's rows are read again
+    url = _url(tmp_path, engine, request)
+    kept, root = _kept(tmp_path, url)
+    targets: dict[int, set[str]] = {}
+    for alias_id, target in _rows(url, "SELECT alias_id, target FROM alias_target"):
+        targets.setdefault(alias_id, set()).add(target)
+    source = min(i for i, ts in targets.items() if len(ts) > 1)
+    moved = min(targets[source])
+    dest = min(i for i, ts in targets.items() if i != source and moved not in ts)
+    first, second = (
+        i for (i,) in _rows(url, "SELECT id FROM account WHERE status = 'active' ORDER BY id")[:2]
+    )
+    _sql(
+        url,
+        f"INSERT INTO sender_grant (account_id, address) VALUES ({first}, 'moved@elsewhere.example')",
+    )
+    kept.run()
+    assert kept.last_read == "incremental"
+    _sql(
+        url,
+        f"UPDATE alias_target SET alias_id = {dest} WHERE alias_id = {source} AND target = '{moved}'",
+        f"UPDATE sender_grant SET account_id = {second} WHERE account_id = {first}",
+    )
+    kept.run()
+    assert kept.last_read == "incremental"
+    _as_full(kept, root, "a target and a grant moved")
