@@ -471,3 +471,63 @@ def test_a_target_or_grant_moved_to_another_parent_changes_both(
     kept.run()
     assert kept.last_read == "incremental"
     _as_full(kept, root, "a target and a grant moved")
+
+
+@pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
+def test_an_address_held_twice_where_no_map_serves_it_stays_incremental(
+    tmp_path: Path, engine: str, request: pytest.FixtureRequest
+) -> None:
+    """A full run accepts an address twice (case aside) where it serves neither row: a
+    disabled account beside a live one, two accounts or two aliases of a disabled domain.
+    The kept state holds them as the full render does, and the runs after stay incremental
+    (two rows that trade an address in one change included)."""
+    url = _url(tmp_path, engine, request)
+    kept, root = _kept(tmp_path, url)
+    targeted = {target for (target,) in _rows(url, "SELECT target FROM alias_target")}
+    domain, local = next(
+        (domain, local)
+        for domain, local, name in _rows(
+            url,
+            "SELECT a.domain_id, a.local_part, d.name FROM account a JOIN domain d "
+            "ON d.id = a.domain_id WHERE a.status = 'active' AND d.kind = 'hosted' "
+            "AND a.local_part <> 'postmaster' ORDER BY a.id",
+        )
+        if f"{local}@{name}" not in targeted
+    )
+    upper = local.upper()
+    off = "FROM domain WHERE name = 'off.example'"
+    _sql(
+        url,
+        "INSERT INTO account (domain_id, local_part, password_hash, status) "
+        f"VALUES ({domain}, '{upper}', '{HASH}', 'disabled')",
+        "INSERT INTO domain (name, status, default_mailstore_id) "
+        "SELECT 'off.example', 'disabled', min(id) FROM mailstore",
+        f"INSERT INTO account (domain_id, local_part, password_hash) SELECT id, 'kim', '{HASH}' {off}",
+        f"INSERT INTO account (domain_id, local_part, password_hash) SELECT id, 'Kim', '{HASH}' {off}",
+        f"INSERT INTO alias (domain_id, local_part) SELECT id, 'info' {off}",
+        f"INSERT INTO alias (domain_id, local_part) SELECT id, 'Info' {off}",
+    )
+    kept.run()
+    assert kept.last_read == "full"  # a domain added
+    _as_full(kept, root, "the rows held twice")
+    for number, change in enumerate(
+        [
+            (QUOTA.format(4242),),
+            (f"UPDATE account SET quota_bytes = 7 WHERE local_part = '{upper}'",),
+            (
+                f"UPDATE account SET status = 'active', local_part = '{local}x' "
+                f"WHERE local_part = '{upper}'",
+            ),
+            # The newer row leaves an address, the older one takes it, in one change.
+            (
+                f"UPDATE account SET local_part = '{local}y' WHERE local_part = '{local}x'",
+                f"UPDATE account SET local_part = '{local}x' WHERE local_part = '{local}'",
+            ),
+            ("UPDATE account SET status = 'disabled' WHERE local_part = 'kim'",),
+            ("UPDATE alias SET expires_at = '2999-01-01' WHERE local_part = 'Info'",),
+        ]
+    ):
+        _sql(url, *change)
+        kept.run()
+        assert kept.last_read == "incremental", f"change {number}: {change}"
+        _as_full(kept, root, f"change {number}")
