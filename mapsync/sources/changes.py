@@ -47,7 +47,7 @@ from mapsync.snapshot import (
 from mapsync.sources import schema as t
 from mapsync.sources.deletion_log import Entry, entries
 
-# How far before the newest ``updated_at`` of the last read a row is read again.
+# How far before the database's clock at the last read a row is read again.
 SKEW = timedelta(seconds=60)
 # More changed rows than this in one read: a bulk import; reading everything is cheaper.
 MAX_CHANGED = 20_000
@@ -95,7 +95,7 @@ def read_mark(
     if t.deleted.name not in fingerprint.tables:
         return None
     newest = fingerprint.tables[t.deleted.name][0]
-    _, logged = entries(conn, max(0, newest - DELETED_MARGIN))
+    _, logged = entries(conn, newest, DELETED_MARGIN)
     return mark_of(
         fingerprint,
         now,
@@ -173,8 +173,8 @@ def read_changes(
     if t.deleted.name not in fingerprint.tables:
         raise NotIncremental("the database has no deletion log (run `mapsync init-db`)")
     # The rows deleted since the mark, and a margin before it (see DELETED_MARGIN).
-    newest, logged = entries(conn, max(0, since.deleted - DELETED_MARGIN))
-    if logged is None or newest < since.deleted:
+    _, logged = entries(conn, since.deleted, DELETED_MARGIN)
+    if logged is None:
         raise NotIncremental("the deletion log cannot name every row deleted since")
     reason, recent = _structural_change(conn, since, db_clock, logged)
     mark = mark_of(

@@ -6,7 +6,7 @@ from __future__ import annotations
 from sqlalchemy import create_engine, func, insert, inspect, select, text
 
 from mapsync.sources import schema as t
-from mapsync.sources.deletion_log import deletions
+from mapsync.sources.deletion_log import deletions, entries
 from mapsync.sources.seed import init_db
 from tests.helpers import writers
 from tests.helpers.own_maps import run_sql
@@ -230,3 +230,21 @@ def test_init_db_installs_the_move_trigger_on_an_older_database(any_url: str) ->
     run_sql(any_url, f"UPDATE alias_target SET alias_id = {other}")
     assert _deletions(any_url, 0)[1] == {"alias_target": {other, alias}}
     assert _log_rows(any_url) == 2
+
+
+def test_a_log_whose_first_id_never_committed_still_vouches(any_url: str) -> None:
+    """An id taken by a delete that rolled back (or is still in flight) leaves a gap at the
+    log's start; no id above the newest less KEEP_DELETED was ever trimmed, so the log still
+    vouches for what follows an older mark, and for a margin below one (``entries``)."""
+    _, alias = _bare(any_url)
+    run_sql(any_url, "DELETE FROM sender_grant")
+    run_sql(any_url, "DELETE FROM alias_target")
+    run_sql(any_url, "DELETE FROM mapsync_deleted WHERE id = 1")  # as if it never committed
+    assert _deletions(any_url, 0) == (2, {"alias_target": {alias}})
+    engine = create_engine(any_url)
+    try:
+        with engine.connect() as conn:
+            assert entries(conn, 2, margin=1000) == (2, [(2, "alias_target", alias)])
+            assert entries(conn, 2) == (2, [])
+    finally:
+        engine.dispose()
