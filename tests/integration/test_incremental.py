@@ -505,8 +505,12 @@ def test_an_address_held_twice_where_no_map_serves_it_stays_incremental(
     _as_full(kept, root, "the rows held twice")
     for number, change in enumerate(
         [
-            (QUOTA.format(4242),),
-            (f"UPDATE account SET quota_bytes = 7 WHERE local_part = '{upper}'",),
+            (
+                QUOTA.format(4242),
+                f"UPDATE account SET quota_bytes = 7 WHERE local_part = '{upper}'",
+                "UPDATE account SET status = 'disabled' WHERE local_part = 'kim'",
+                "UPDATE alias SET expires_at = '2999-01-01' WHERE local_part = 'Info'",
+            ),
             (
                 f"UPDATE account SET status = 'active', local_part = '{local}x' "
                 f"WHERE local_part = '{upper}'",
@@ -516,8 +520,6 @@ def test_an_address_held_twice_where_no_map_serves_it_stays_incremental(
                 f"UPDATE account SET local_part = '{local}y' WHERE local_part = '{local}x'",
                 f"UPDATE account SET local_part = '{local}x' WHERE local_part = '{local}'",
             ),
-            ("UPDATE account SET status = 'disabled' WHERE local_part = 'kim'",),
-            ("UPDATE alias SET expires_at = '2999-01-01' WHERE local_part = 'Info'",),
         ]
     ):
         _sql(url, *change)
