@@ -181,14 +181,23 @@ class Mark:
 
     ``clock``: the database's own clock (UTC) at the last read: rows written since, by its
     ``updated_at``, are what changed (less a skew: mapsync.sources.changes); ``stamps``: per
-    table, the newest ``updated_at`` then, which tells a change of the tables read whole;
-    ``deleted``: the newest id of the deletion log; ``now``: the publisher's clock at the read,
-    for the aliases that expired since (their rows do not change when they do)."""
+    table, the newest ``updated_at`` then; ``deleted``: the newest id of the deletion log;
+    ``now``: the publisher's clock at the read, for the aliases that expired since (their rows
+    do not change when they do).
+
+    The tables read whole (domain, mailstore, customer) are read again in the same window
+    as the rows, and their deletions with the same margin: ``recent`` holds, per such table,
+    ``{id: updated_at}`` of the rows stamped at or after ``clock`` less the skew that the
+    read saw (None: too many to keep), and ``logged`` the deletion log ids of theirs at or
+    after ``deleted`` less the margin that it saw; what the next read finds there and they
+    do not hold is a change it cannot apply row by row."""
 
     stamps: dict[str, datetime | None]
     deleted: int
     now: datetime
     clock: datetime
+    recent: dict[str, dict[int, datetime] | None] = field(default_factory=dict)
+    logged: frozenset[int] = frozenset()
 
 
 @dataclass

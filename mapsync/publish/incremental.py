@@ -61,6 +61,7 @@ class State:
         self.fingerprint = snap.fingerprint
         self.domains = {d.id: d for d in snap.domains}
         live = live_domains(snap.domains)
+        self.live = set(live)
         self.hosted = {i for i, d in live.items() if d.kind == "hosted"}
         self.alias_domains = alias_domains(live)
         # Every name of a hosted domain or of an alias domain of one → the hosted domain.
@@ -79,6 +80,10 @@ class State:
         self.targeting: dict[str, set[int]] = defaultdict(set)
         self.accounts: dict[int, Account] = {}
         self.aliases: dict[int, Alias] = {}
+        # Lowercase local part → the row there, per domain: of the rows a full run serves and
+        # validates only (an account not disabled, in a live domain; an alias in a live
+        # domain). The others are in no map and unchecked, so a full run accepts their
+        # address twice (a disabled "Bob" beside "bob"): kept in accounts/aliases only.
         self.account_at: dict[int, dict[str, Account]] = defaultdict(dict)
         self.alias_at: dict[int, dict[str, Alias]] = defaultdict(dict)
         for a in snap.accounts:
@@ -98,30 +103,32 @@ class State:
     # -- the index --------------------------------------------------------------------------
 
     def _add_account(self, a: Account) -> None:
-        at = self.account_at[a.domain_id]
-        local = _lower(a.local_part)
-        if local in at:  # a second row of one address: a full run refuses it
-            raise NotIncremental(f"two accounts at {local!r} of domain id {a.domain_id}")
-        at[local] = a
+        if a.status != "disabled" and a.domain_id in self.live:
+            at = self.account_at[a.domain_id]
+            local = _lower(a.local_part)
+            if local in at:  # a second live row of one address: a full run refuses it
+                raise NotIncremental(f"two accounts at {local!r} of domain id {a.domain_id}")
+            at[local] = a
         self.accounts[a.id] = a
 
     def _drop_account(self, a: Account) -> None:
         del self.accounts[a.id]
-        del self.account_at[a.domain_id][_lower(a.local_part)]
+        _unindex(self.account_at, a)
 
     def _add_alias(self, al: Alias) -> None:
-        at = self.alias_at[al.domain_id]
-        local = _lower(al.local_part)
-        if local in at:
-            raise NotIncremental(f"two aliases at {local!r} of domain id {al.domain_id}")
-        at[local] = al
+        if al.domain_id in self.live:
+            at = self.alias_at[al.domain_id]
+            local = _lower(al.local_part)
+            if local in at:
+                raise NotIncremental(f"two aliases at {local!r} of domain id {al.domain_id}")
+            at[local] = al
         self.aliases[al.id] = al
         for target in al.targets:
             self.targeting[_lower(target)].add(al.id)
 
     def _drop_alias(self, al: Alias) -> None:
         del self.aliases[al.id]
-        del self.alias_at[al.domain_id][_lower(al.local_part)]
+        _unindex(self.alias_at, al)
         for target in al.targets:
             self.targeting[_lower(target)].discard(al.id)
 
@@ -237,19 +244,23 @@ class State:
 
     def apply(self, change: Changes) -> None:
         """Make the state the database's as ``change`` read it."""
-        for account_id, row in change.accounts.items():
+        # Every old row out before any new one in: rows that swap addresses (one account
+        # disabled, another enabled at its address) never meet in the index.
+        for account_id in change.accounts:
             old = self.accounts.get(account_id)
             if old is not None:
                 self._drop_account(old)
+        for account_id, row in change.accounts.items():
             if row is not None:
                 self._add_account(row)
             self.denied.pop(account_id, None)
             if account_id in change.denied:
                 self.denied[account_id] = change.denied[account_id]
-        for alias_id, al in change.aliases.items():
+        for alias_id in change.aliases:
             old_alias = self.aliases.get(alias_id)
             if old_alias is not None:
                 self._drop_alias(old_alias)
+        for al in change.aliases.values():
             if al is not None:
                 self._add_alias(al)
         for account_id, grants in change.grants.items():
@@ -346,6 +357,16 @@ class State:
                     visited.add(node)
                     stack.append(self.alias_at[node[0]][node[1]])
         return False
+
+
+def _unindex(
+    index: dict[int, dict[str, Account]] | dict[int, dict[str, Alias]], row: Account | Alias
+) -> None:
+    """Take ``row`` out of ``index`` (State.account_at, alias_at), where it is indexed."""
+    at = index.get(row.domain_id)
+    local = _lower(row.local_part)
+    if at is not None and local in at and at[local].id == row.id:
+        del at[local]
 
 
 def rendered(

@@ -57,15 +57,12 @@ from mapsync.sources import maps
 from mapsync.sources import schema as t
 from mapsync.sources.base import Source
 from mapsync.sources.changes import (
-    DELETED_MARGIN,
-    STRUCTURAL,
     clock,
-    mark_of,
     naive,
     read_changes,
     read_denied,
+    read_mark,
 )
-from mapsync.sources.deletion_log import deletions
 
 # pg_advisory_lock key of the publisher: "mapsync" as a number, the same on every host.
 ADVISORY_LOCK = int.from_bytes(b"mapsync", "big")
@@ -434,19 +431,7 @@ class BuiltinSource(Source):
     ) -> Changes:
         if self.maps:
             raise NotIncremental("maps of your own are read whole")
-        # The rows deleted since the mark, and a margin before it (see DELETED_MARGIN); a
-        # domain, mailstore or customer deleted before the mark was read then already.
-        _, gone = deletions(conn, max(0, since.deleted - DELETED_MARGIN))
-        _, new = deletions(conn, since.deleted)
-        if gone is None or new is None:
-            raise NotIncremental("the deletion log cannot name every row deleted since")
-        for table in STRUCTURAL:
-            gone.pop(table, None)
-            if table in new:
-                gone[table] = new[table]
-        return read_changes(
-            conn, since, fingerprint, now, db_clock, self._account_columns(conn), gone
-        )
+        return read_changes(conn, since, fingerprint, now, db_clock, self._account_columns(conn))
 
     def maps_fingerprint(self) -> dict[str, tuple[int, str | None]]:
         """What tells a change in each map of ``maps``, read in one read-only transaction."""
@@ -587,7 +572,7 @@ class BuiltinSource(Source):
             if expires_at is None or naive(expires_at) > now
         ]
         return Snapshot(
-            mark=mark_of(fingerprint, now, db_clock),
+            mark=read_mark(conn, fingerprint, now, db_clock),
             mailstores=mailstores,
             domains=domains,
             accounts=accounts,

@@ -13,9 +13,14 @@ What tells a change, each an index range (docs/schema.md):
   passed since the mark are read again.
 
 A change to ``alias_target`` is a change of its alias, one to ``sender_grant`` a change of the
-grants of its account. A change to a domain, a mailstore or a customer touches what any
-number of addresses resolve to: :class:`~mapsync.snapshot.NotIncremental` (the publisher
-reads everything), as for a deletion log that cannot prove it is complete.
+grants of its account (one moved to another alias or account logs the old one as a delete
+would). A change to a domain, a mailstore or a customer touches what any number of
+addresses resolve to: :class:`~mapsync.snapshot.NotIncremental` (the publisher reads
+everything), as for a deletion log that cannot prove it is complete. Those three tables are
+read in the same window as the rows, and their deletions with the same margin, but against
+what the mark saw there (:attr:`Mark.recent`, :attr:`Mark.logged`): a row stamped below the
+table's newest (a clock behind, a late commit) is a change, one the last read saw already
+is not (else every run would be read in full for a minute after any change of a domain).
 """
 
 from __future__ import annotations
@@ -40,8 +45,9 @@ from mapsync.snapshot import (
     SenderGrant,
 )
 from mapsync.sources import schema as t
+from mapsync.sources.deletion_log import Entry, entries
 
-# How far before the newest ``updated_at`` of the last read a row is read again.
+# How far before the database's clock at the last read a row is read again.
 SKEW = timedelta(seconds=60)
 # More changed rows than this in one read: a bulk import; reading everything is cheaper.
 MAX_CHANGED = 20_000
@@ -50,6 +56,9 @@ MAX_CHANGED = 20_000
 DELETED_MARGIN = 1000
 # Tables whose change reaches any number of addresses.
 STRUCTURAL = ("customer", "mailstore", "domain")
+# Rows of one of them in the skew window a mark keeps (their id and updated_at); more (a bulk
+# import): the next read is a full one, until the window has passed them.
+MAX_RECENT = 1000
 
 
 def clock(conn: Connection) -> datetime:
@@ -58,17 +67,92 @@ def clock(conn: Connection) -> datetime:
     return naive(value if isinstance(value, datetime) else datetime.fromisoformat(value))
 
 
-def mark_of(fingerprint: Fingerprint, now: datetime, db_clock: datetime) -> Mark | None:
+def mark_of(
+    fingerprint: Fingerprint,
+    now: datetime,
+    db_clock: datetime,
+    recent: dict[str, dict[int, datetime] | None],
+    logged: frozenset[int],
+) -> Mark | None:
     """The mark of a read whose fingerprint is ``fingerprint``, taken at ``now`` (the
-    publisher's clock) and ``db_clock`` (the database's); None for a database whose
-    fingerprint counts rows (no deletion log: ``init-db`` not run since)."""
+    publisher's clock) and ``db_clock`` (the database's), which saw ``recent`` and
+    ``logged`` (see :class:`Mark`); None for a database whose fingerprint counts rows (no
+    deletion log: ``init-db`` not run since)."""
     tables = fingerprint.tables
     if t.deleted.name not in tables:
         return None
     stamps = {
         table.name: _stamp(tables[table.name][1]) for table in t.TABLES if table.name in tables
     }
-    return Mark(stamps, tables[t.deleted.name][0], now, db_clock)
+    return Mark(stamps, tables[t.deleted.name][0], now, db_clock, recent, logged)
+
+
+def read_mark(
+    conn: Connection, fingerprint: Fingerprint, now: datetime, db_clock: datetime
+) -> Mark | None:
+    """The mark of a full read in ``conn``'s transaction (see :func:`mark_of`): with the rows
+    of the structural tables in the skew window and their deletions in the margin."""
+    if t.deleted.name not in fingerprint.tables:
+        return None
+    newest = fingerprint.tables[t.deleted.name][0]
+    _, logged = entries(conn, newest, DELETED_MARGIN)
+    return mark_of(
+        fingerprint,
+        now,
+        db_clock,
+        recent_rows(conn, db_clock - SKEW),
+        _structural(logged or [], newest),
+    )
+
+
+def recent_rows(conn: Connection, since: datetime) -> dict[str, dict[int, datetime] | None]:
+    """Per structural table, ``{id: updated_at}`` of its rows stamped at or after ``since``
+    (an index range), or None for more than :data:`MAX_RECENT`."""
+    out: dict[str, dict[int, datetime] | None] = {}
+    for name in STRUCTURAL:
+        table = t.metadata.tables[name]
+        rows = conn.execute(
+            select(table.c.id, table.c.updated_at)
+            .where(table.c.updated_at >= since)
+            .limit(MAX_RECENT + 1)
+        ).all()
+        out[name] = None if len(rows) > MAX_RECENT else {i: naive(s) for i, s in rows}
+    return out
+
+
+def _structural(logged: list[Entry], newest: int) -> frozenset[int]:
+    """The log ids of the structural tables' deletions in ``logged`` a mark at log id
+    ``newest`` keeps: those the next read reads again (its margin)."""
+    return frozenset(
+        log_id
+        for log_id, table, _ in logged
+        if table in STRUCTURAL and log_id > newest - DELETED_MARGIN
+    )
+
+
+def _structural_change(
+    conn: Connection, since: Mark, db_clock: datetime, logged: list[Entry]
+) -> tuple[str | None, dict[str, dict[int, datetime] | None]]:
+    """Why the structural tables changed since ``since`` (None: they did not), and what the
+    new mark keeps of their rows in the window."""
+    low = min(since.clock, db_clock) - SKEW
+    found = recent_rows(conn, low)
+    keep: dict[str, dict[int, datetime] | None] = {}
+    reason = None
+    for name in STRUCTURAL:
+        rows, seen = found[name], since.recent.get(name)
+        if rows is None or seen is None:
+            keep[name] = None
+            reason = reason or f"table {name}: more than {MAX_RECENT} rows changed lately"
+            continue
+        since_low = since.clock - SKEW
+        if {i: s for i, s in rows.items() if s >= since_low} != seen:
+            reason = reason or f"table {name} changed"
+        keep[name] = {i: s for i, s in rows.items() if s >= db_clock - SKEW}
+    for log_id, table, _ in logged:
+        if table in STRUCTURAL and log_id not in since.logged:
+            reason = reason or f"table {table} changed (a row deleted)"
+    return reason, keep
 
 
 def _stamp(value: str | None) -> datetime | None:
@@ -82,19 +166,34 @@ def read_changes(
     now: datetime,
     db_clock: datetime,
     account_columns: list[ColumnElement[Any]],
-    deletions: dict[str, set[int]],
 ) -> Changes:
     """The rows changed since ``since``, read inside ``conn``'s transaction, whose
     ``fingerprint`` (read in it too), ``now`` (the publisher's clock, UTC, naive: what has
-    expired) and ``db_clock`` (the database's clock, read first in it) give the new mark; ``deletions``: the rows the deletion log names since
-    ``since.deleted`` (table → ids). :class:`NotIncremental` when they cannot be applied row
-    by row."""
-    mark = mark_of(fingerprint, now, db_clock)
-    if mark is None:
+    expired) and ``db_clock`` (the database's clock, read first in it) give the new mark.
+    :class:`NotIncremental` when they cannot be applied row by row."""
+    if t.deleted.name not in fingerprint.tables:
         raise NotIncremental("the database has no deletion log (run `mapsync init-db`)")
+    # The rows deleted since the mark, and a margin before it (see DELETED_MARGIN).
+    _, logged = entries(conn, since.deleted, DELETED_MARGIN)
+    if logged is None:
+        raise NotIncremental("the deletion log cannot name every row deleted since")
+    reason, recent = _structural_change(conn, since, db_clock, logged)
+    mark = mark_of(
+        fingerprint,
+        now,
+        db_clock,
+        recent,
+        _structural(logged, fingerprint.tables[t.deleted.name][0]),
+    )
+    assert mark is not None
     for name in STRUCTURAL:
-        if mark.stamps.get(name) != since.stamps.get(name) or deletions.get(name):
+        if mark.stamps.get(name) != since.stamps.get(name):
             raise NotIncremental(f"table {name} changed")
+    if reason is not None:
+        raise NotIncremental(reason)
+    deletions: dict[str, set[int]] = {}
+    for _, name, row_id in logged:
+        deletions.setdefault(name, set()).add(row_id)
     changed = {
         "account": set(deletions.get("account", ())),
         "alias": set(deletions.get("alias", ())) | set(deletions.get("alias_target", ())),

@@ -295,3 +295,52 @@ def delete_trigger_ddl(dialect: str, table: Table) -> list[str]:
             f"DELETE FROM {log} WHERE id <= last_insert_rowid() - {KEEP_DELETED}; END",
         ]
     return []
+
+
+# The tables keyed by their parent whose parent column an UPDATE may change (a target moved
+# to another alias, a grant to another account): the column, as LOGGED_ID names it.
+MOVABLE = (alias_target, sender_grant)
+
+
+def moved_trigger_ddl(dialect: str, table: Table) -> list[str]:
+    """The statements that (re)install ``table``'s move trigger (none unless ``table`` is
+    one of :data:`MOVABLE`): an ``UPDATE`` that changes the parent column (``alias_id``,
+    ``account_id``) logs the **old** parent in ``mapsync_deleted`` exactly as a delete of the
+    row would (the new parent's rows carry the new ``updated_at``; the old one's lost a row,
+    which only the log can tell)."""
+    if table.name not in {m.name for m in MOVABLE}:
+        return []
+    name, trigger, log = table.name, f"{table.name}_moved", deleted.name
+    column = LOGGED_ID[name]
+    if dialect == "postgresql":
+        return [
+            # SECURITY DEFINER as mapsync_deleted(); per row (a statement trigger could not
+            # pair an old row with its new one: the key itself may change).
+            "CREATE OR REPLACE FUNCTION mapsync_moved() RETURNS trigger LANGUAGE plpgsql "
+            "SECURITY DEFINER SET search_path FROM CURRENT AS $$\n"
+            "BEGIN\n"
+            f"  INSERT INTO {log} (table_name, row_id)\n"
+            "    VALUES (TG_TABLE_NAME, (to_jsonb(OLD) ->> TG_ARGV[0])::bigint);\n"
+            "  RETURN NULL;\n"
+            "END $$",
+            f"DROP TRIGGER IF EXISTS {trigger} ON {name}",
+            f"CREATE TRIGGER {trigger} AFTER UPDATE ON {name} FOR EACH ROW "
+            f"WHEN (OLD.{column} IS DISTINCT FROM NEW.{column}) "
+            f"EXECUTE FUNCTION mapsync_moved('{column}')",
+        ]
+    if dialect in ("mysql", "mariadb"):
+        return [
+            f"DROP TRIGGER IF EXISTS {trigger}",
+            f"CREATE TRIGGER {trigger} AFTER UPDATE ON {name} FOR EACH ROW "
+            f"INSERT INTO {log} (table_name, row_id) SELECT '{name}', OLD.{column} "
+            f"FROM DUAL WHERE NOT (OLD.{column} <=> NEW.{column})",
+        ]
+    if dialect == "sqlite":
+        return [
+            f"DROP TRIGGER IF EXISTS {trigger}",
+            f"CREATE TRIGGER {trigger} AFTER UPDATE OF {column} ON {name} FOR EACH ROW "
+            f"WHEN OLD.{column} IS NOT NEW.{column} BEGIN "
+            f"INSERT INTO {log} (table_name, row_id) VALUES ('{name}', OLD.{column}); "
+            f"DELETE FROM {log} WHERE id <= last_insert_rowid() - {KEEP_DELETED}; END",
+        ]
+    return []

@@ -2,9 +2,10 @@
 
 :func:`install` brings every table to :mod:`mapsync.sources.schema` as this version defines
 it, without losing a row: the server-side defaults of the columns that have one, the trigger
-that moves ``updated_at`` on an ``UPDATE`` that does not set it, and the one that logs each
-deleted row in ``mapsync_deleted`` (the table and the index on ``alias.expires_at`` the
-fingerprint reads are made by ``create_all``, which ``init-db`` runs first; a log made before
+that moves ``updated_at`` on an ``UPDATE`` that does not set it, the one that logs each
+deleted row in ``mapsync_deleted``, and the one that logs there the old parent of an
+``alias_target`` or ``sender_grant`` row an ``UPDATE`` moves to another parent (the table
+and the index on ``alias.expires_at`` the fingerprint reads are made by ``create_all``, which ``init-db`` runs first; a log made before
 it had ``row_id`` gets the column, ``ALTER TABLE ... ADD COLUMN`` on every engine). It is
 idempotent: ``init-db`` runs it every time, on a new database too.
 
@@ -41,6 +42,8 @@ def install(engine: Engine) -> None:
             for statement in t.trigger_ddl(dialect, table):
                 conn.exec_driver_sql(statement)
             for statement in t.delete_trigger_ddl(dialect, table):
+                conn.exec_driver_sql(statement)
+            for statement in t.moved_trigger_ddl(dialect, table):
                 conn.exec_driver_sql(statement)
         # An index create_all does not add to a table that exists already.
         t.alias_expires.create(conn, checkfirst=True)

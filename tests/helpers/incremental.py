@@ -10,7 +10,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import Connection, delete, insert, select, update
+from sqlalchemy import Connection, delete, func, insert, select, update
 
 from mapsync.sources import schema as t
 from mapsync.sources.builtin import make_engine
@@ -354,3 +354,64 @@ def bodies(repo: Path, channel: str) -> dict[str, bytes]:
         )
         for name, entry in manifest.maps.items()
     }
+
+
+def run(url: str, *statements: str) -> None:
+    """``statements`` in one transaction, committed."""
+    engine = make_engine(url)
+    try:
+        with engine.begin() as conn:
+            for statement in statements:
+                conn.exec_driver_sql(statement)
+    finally:
+        engine.dispose()
+
+
+def literal(when: datetime) -> str:
+    """``when`` as an SQL timestamp literal every engine reads (and SQLite compares as text
+    with what its triggers write): microseconds always."""
+    return "'" + when.isoformat(sep=" ", timespec="microseconds") + "'"
+
+
+def late_delete(url: str, statement: str, other: str, read: Callable[[], None]) -> None:
+    """Commit ``statement`` (a DELETE) with a deletion-log id below the newest id ``read``
+    (a publisher's run) saw, after that read: what a transaction that logs its delete before
+    another writer's ``other`` (a DELETE too, committed at once) and commits after the read
+    leaves. On PostgreSQL and MariaDB as it happens (ids are taken when logged, seen at
+    commit); SQLite has one writer at a time (its ids commit in order): there ``statement``
+    runs after the read and its log row changes places with ``other``'s, as the two would
+    lie had they run so."""
+    engine = make_engine(url)
+    try:
+        if engine.dialect.name != "sqlite":
+            with engine.connect() as conn:
+                tx = conn.begin()
+                conn.exec_driver_sql(statement)
+                run(url, other)
+                read()
+                tx.commit()
+            return
+        run(url, other)
+        read()
+        with engine.begin() as conn:
+            mark = conn.execute(select(func.max(t.deleted.c.id))).scalar_one()
+            conn.exec_driver_sql(statement)
+            log = t.deleted
+            assert conn.execute(select(func.max(log.c.id))).scalar_one() == mark + 1
+            for old, new in ((mark, -1), (mark + 1, mark), (-1, mark + 1)):
+                conn.execute(update(log).where(log.c.id == old).values(id=new))
+    finally:
+        engine.dispose()
+
+
+def newest(url: str, table: str) -> datetime:
+    """The newest ``updated_at`` of ``table``, naive UTC."""
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            column = t.metadata.tables[table].c.updated_at
+            value = conn.execute(select(func.max(column))).scalar_one()
+    finally:
+        engine.dispose()
+    assert isinstance(value, datetime), value
+    return value.replace(tzinfo=None)

@@ -181,3 +181,16 @@ def old_deletion_log(url: str) -> None:
                     conn.exec_driver_sql(statement)
     finally:
         engine.dispose()
+
+
+def drop_moved_triggers(url: str) -> None:
+    """Take away the triggers that log a moved ``alias_target``/``sender_grant`` row: the
+    database as an ``init-db`` before them left it."""
+    engine = create_engine(url)
+    try:
+        with engine.begin() as conn:
+            for table in t.MOVABLE:
+                on = f" ON {table.name}" if engine.dialect.name == "postgresql" else ""
+                conn.exec_driver_sql(f"DROP TRIGGER IF EXISTS {table.name}_moved{on}")
+    finally:
+        engine.dispose()

@@ -14,9 +14,11 @@ import pytest
 from mapsync.errors import LockBusy
 from mapsync.signing import keygen
 from mapsync.sources.builtin import BuiltinSource
+from mapsync.sources.deletion_log import deletions
 from tests.conftest import Cluster, make_cluster
 from tests.helpers import postfixadmin as pfa
 from tests.helpers.dbusers import DatabaseUsers, owner_and_reader, postfixadmin_reader
+from tests.helpers.own_maps import run_sql
 from tests.helpers.users import USER, chown, run_as, shared_dir
 
 KINDS = [
@@ -168,9 +170,10 @@ def test_sqlite_is_read_by_a_user_who_may_not_write_the_file_given_its_directory
 def test_a_writer_granted_only_the_data_tables_may_still_delete(
     tmp_path: Path, users: DatabaseUsers
 ) -> None:
-    """A panel's role granted DELETE on the tables it edits (before an upgrade made
-    ``mapsync_deleted``, or per table as docs/database.md says) keeps deleting: the deletion
-    log's trigger writes the log with the owner's rights, not the writer's."""
+    """A panel's role granted DELETE (and UPDATE) on the tables it edits (before an upgrade
+    made ``mapsync_deleted``, or per table as docs/database.md says) keeps deleting, and
+    moving a target to another alias: the deletion log's triggers write the log with the
+    owner's rights, not the writer's."""
     c = _cluster(tmp_path / "c", users)
     _as_documented(c, users)
     writer = users.reader + "w"
@@ -179,19 +182,34 @@ def test_a_writer_granted_only_the_data_tables_may_still_delete(
             f"CREATE ROLE {writer} LOGIN PASSWORD '{users.password}'",
             f"GRANT CONNECT ON DATABASE {users.database} TO {writer}",
             f"GRANT USAGE ON SCHEMA public TO {writer}",
-            f"GRANT SELECT, DELETE ON alias_target, alias TO {writer}",
+            f"GRANT SELECT, DELETE, UPDATE ON alias_target TO {writer}",
+            f"GRANT SELECT, DELETE ON alias TO {writer}",
         ]
         users.as_superuser(sql, database=users.database)
         drop = [f"DROP OWNED BY {writer}", f"DROP ROLE {writer}"]
     else:
         sql = [
             f"CREATE USER '{writer}'@'%' IDENTIFIED BY '{users.password}'",
-            f"GRANT SELECT, DELETE ON {users.database}.alias_target TO '{writer}'@'%'",
+            f"GRANT SELECT, DELETE, UPDATE ON {users.database}.alias_target TO '{writer}'@'%'",
             f"GRANT SELECT, DELETE ON {users.database}.alias TO '{writer}'@'%'",
         ]
         users.as_superuser(sql)
         drop = [f"DROP USER '{writer}'@'%'"]
+    # An alias without targets, for the writer to move an alias's targets to.
+    run_sql(
+        users.owner_url,
+        "INSERT INTO alias (domain_id, local_part) SELECT min(id), 'moved-here' FROM domain",
+    )
+    owner = BuiltinSource(users.owner_url)
     try:
+        with owner.reading("the ids") as conn:
+            first = conn.exec_driver_sql("SELECT min(alias_id) FROM alias_target").scalar_one()
+            last = conn.exec_driver_sql("SELECT max(id) FROM alias").scalar_one()
+    finally:
+        owner.close()
+    try:
+        moved = f"UPDATE alias_target SET alias_id = {last} WHERE alias_id = {first}"
+        assert users.refused(users.url(writer), moved) is None
         assert users.refused(users.url(writer), "DELETE FROM alias_target") is None
         # The writer cannot write the log itself: only the trigger does.
         refusal = users.refused(users.url(writer), "DELETE FROM mapsync_deleted")
@@ -202,5 +220,9 @@ def test_a_writer_granted_only_the_data_tables_may_still_delete(
     source = BuiltinSource(users.reader_url)
     try:
         assert source.fingerprint().tables["mapsync_deleted"][0] > 0
+        with source.reading("the log") as conn:
+            _, found = deletions(conn, 0)
+        # The moved target's old alias (all its targets went to another before the DELETE).
+        assert found is not None and first in found["alias_target"]
     finally:
         source.close()

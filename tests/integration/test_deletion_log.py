@@ -6,7 +6,7 @@ from __future__ import annotations
 from sqlalchemy import create_engine, func, insert, inspect, select, text
 
 from mapsync.sources import schema as t
-from mapsync.sources.deletion_log import deletions
+from mapsync.sources.deletion_log import deletions, entries
 from mapsync.sources.seed import init_db
 from tests.helpers import writers
 from tests.helpers.own_maps import run_sql
@@ -182,3 +182,69 @@ def test_a_trimmed_log_cannot_vouch_for_what_it_lost(any_url: str) -> None:
     assert _deletions(any_url, inside - 1)[1] is None
     # A mark beyond the log: not the log it was read from.
     assert _deletions(any_url, newest + 1) == (newest, None)
+
+
+def test_a_target_or_grant_moved_to_another_parent_logs_the_old_parent(any_url: str) -> None:
+    """``UPDATE alias_target SET alias_id = ...`` takes a target from the old alias (whose
+    rows carry no new updated_at): the old alias is logged as a delete of the row would log
+    it; the same for ``sender_grant.account_id``. An UPDATE that keeps the parent logs
+    nothing."""
+    account, alias = _bare(any_url)
+    run_sql(
+        any_url,
+        "INSERT INTO alias (domain_id, local_part) SELECT domain_id, 'other' FROM alias",
+        "INSERT INTO account (domain_id, local_part) SELECT domain_id, 'bob' FROM account",
+    )
+    other_alias = _one(any_url, "SELECT id FROM alias WHERE local_part = 'other'")
+    other_account = _one(any_url, "SELECT id FROM account WHERE local_part = 'bob'")
+    run_sql(
+        any_url,
+        "UPDATE alias_target SET target = 'bob@bare.example'",
+        "UPDATE sender_grant SET address = '@bare.example'",  # unchanged
+    )
+    assert _deletions(any_url, 0) == (0, {})
+    run_sql(any_url, f"UPDATE alias_target SET alias_id = {other_alias}")
+    assert _deletions(any_url, 0) == (1, {"alias_target": {alias}})
+    run_sql(any_url, f"UPDATE sender_grant SET account_id = {other_account}")
+    assert _deletions(any_url, 1) == (2, {"sender_grant": {account}})
+    # Moved back, in one statement with a change of the address.
+    run_sql(
+        any_url,
+        f"UPDATE sender_grant SET account_id = {account}, address = 'x@bare.example'",
+    )
+    assert _deletions(any_url, 2) == (3, {"sender_grant": {other_account}})
+
+
+def test_init_db_installs_the_move_trigger_on_an_older_database(any_url: str) -> None:
+    """A database an init-db before the move trigger made gets it from the next init-db."""
+    _, alias = _bare(any_url)
+    writers.drop_moved_triggers(any_url)
+    run_sql(any_url, "INSERT INTO alias (domain_id, local_part) SELECT domain_id, 'o' FROM alias")
+    other = _one(any_url, "SELECT id FROM alias WHERE local_part = 'o'")
+    run_sql(any_url, f"UPDATE alias_target SET alias_id = {other}")
+    assert _deletions(any_url, 0) == (0, {})  # the old database: nothing logged
+    init_db(any_url)
+    run_sql(any_url, f"UPDATE alias_target SET alias_id = {alias}")
+    assert _deletions(any_url, 0)[1] == {"alias_target": {other}}
+    init_db(any_url)  # idempotent: still one row per move
+    run_sql(any_url, f"UPDATE alias_target SET alias_id = {other}")
+    assert _deletions(any_url, 0)[1] == {"alias_target": {other, alias}}
+    assert _log_rows(any_url) == 2
+
+
+def test_a_log_whose_first_id_never_committed_still_vouches(any_url: str) -> None:
+    """An id taken by a delete that rolled back (or is still in flight) leaves a gap at the
+    log's start; no id above the newest less KEEP_DELETED was ever trimmed, so the log still
+    vouches for what follows an older mark, and for a margin below one (``entries``)."""
+    _, alias = _bare(any_url)
+    run_sql(any_url, "DELETE FROM sender_grant")
+    run_sql(any_url, "DELETE FROM alias_target")
+    run_sql(any_url, "DELETE FROM mapsync_deleted WHERE id = 1")  # as if it never committed
+    assert _deletions(any_url, 0) == (2, {"alias_target": {alias}})
+    engine = create_engine(any_url)
+    try:
+        with engine.connect() as conn:
+            assert entries(conn, 2, margin=1000) == (2, [(2, "alias_target", alias)])
+            assert entries(conn, 2) == (2, [])
+    finally:
+        engine.dispose()

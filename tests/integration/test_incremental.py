@@ -3,7 +3,7 @@ random sequence of changes (accounts added, changed, moved between mailstores an
 deleted; aliases added, chained, retargeted, renamed, deactivated, expired, deleted;
 catch-alls; sender grants; alias domains and mailstores, which the publisher reads in full),
 the incrementally published maps are byte for byte those a full publish of the same database
-makes, on SQLite and on the running PostgreSQL."""
+makes, on SQLite and on the running PostgreSQL and MariaDB."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from mapsync.sources import builtin, changes, open_source
 from mapsync.sources import schema as t
 from mapsync.sources.builtin import make_engine
 from tests.conftest import make_cluster
-from tests.helpers.incremental import HASH, bodies, step
+from tests.helpers.incremental import HASH, bodies, late_delete, literal, newest, step
 
 CHANNELS = """
 [publisher.guards]
@@ -144,6 +144,14 @@ def _one(url: str, query: str) -> Any:
         value = conn.exec_driver_sql(query).scalar_one()
     engine.dispose()
     return value
+
+
+def _rows(url: str, query: str) -> list[Any]:
+    engine = make_engine(url)
+    with engine.connect() as conn:
+        rows = list(conn.exec_driver_sql(query))
+    engine.dispose()
+    return rows
 
 
 BREAKS = {
@@ -361,16 +369,16 @@ def test_an_alias_expiring_during_the_full_check_is_no_false_alarm(
     kept = _publisher(cluster.root, url, "inc")
     kept.incremental = True
     kept.run()
-    deletions = builtin.deletions
+    entries = changes.entries
 
-    def slow(conn: Any, after: int) -> Any:
+    def slow(conn: Any, after: int, margin: int) -> Any:
         # The full check's snapshot is read; its changes are read after the alias expired.
         time.sleep(
             max(0.0, (expires - datetime.now(UTC).replace(tzinfo=None)).total_seconds() + 0.2)
         )
-        return deletions(conn, after)
+        return entries(conn, after, margin)
 
-    monkeypatch.setattr(builtin, "deletions", slow)
+    monkeypatch.setattr(changes, "entries", slow)
     with capture_logs() as logs:
         kept.run()  # a full check: full_check = 0s
     assert kept._state is not None and alias_id in kept._state.aliases, (
@@ -378,3 +386,186 @@ def test_an_alias_expiring_during_the_full_check_is_no_false_alarm(
     )
     assert [e["event"] for e in logs if e["log_level"] == "error"] == []
     assert any(e["event"] == "full check: the incremental state equals a full render" for e in logs)
+
+
+def _url(tmp_path: Path, engine: str, request: pytest.FixtureRequest) -> str:
+    if engine == "sqlite":
+        return f"sqlite:///{tmp_path / 'central.db'}"
+    return str(request.getfixturevalue("pg_url" if engine == "postgresql" else "mariadb_url"))
+
+
+def _as_full(kept: Publisher, root: Path, what: str) -> None:
+    """The kept publisher's releases are a full publish's of the database as it is."""
+    _publisher(root, str(kept.cfg.database), "full").run()
+    for channel in ("mx", "store", "proxy"):
+        assert bodies(root / "inc", channel) == bodies(root / "full", channel), (
+            f"{what}: channel {channel} differs from a full render"
+        )
+
+
+QUOTA = "UPDATE account SET quota_bytes = {} WHERE id = (SELECT min(id) FROM account)"
+
+
+@pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
+def test_a_structural_row_stamped_below_the_tables_newest_is_read(
+    tmp_path: Path, engine: str, request: pytest.FixtureRequest
+) -> None:
+    """A domain whose updated_at is below the table's newest (its writer's clock behind, a
+    transaction that commits after a newer one) moves no stamp: the publisher finds it in
+    the skew window it reads again and reads in full; the runs after are incremental."""
+    url = _url(tmp_path, engine, request)
+    kept, root = _kept(tmp_path, url)
+    assert kept._state is not None
+    late = newest(url, "domain") - timedelta(milliseconds=1)
+    assert late >= kept._state.mark.clock - changes.SKEW
+    _sql(
+        url,
+        "INSERT INTO domain (name, kind, target_domain_id, updated_at) "
+        f"SELECT 'late.example', 'alias', min(id), {literal(late)} FROM domain "
+        "WHERE kind = 'hosted'",
+        QUOTA.format(4242),  # a change of a row: the fingerprint moves
+    )
+    assert newest(url, "domain") == late + timedelta(milliseconds=1)
+    kept.run()
+    _as_full(kept, root, "the late domain")
+    assert kept.last_read == "full"
+    # Seen by that read: no reason to read in full again while it is in the window.
+    _sql(url, QUOTA.format(4343))
+    kept.run()
+    assert kept.last_read == "incremental"
+    _as_full(kept, root, "a change after")
+
+
+@pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
+def test_a_structural_delete_logged_below_the_marks_id_and_committed_late_is_read(
+    tmp_path: Path, engine: str, request: pytest.FixtureRequest
+) -> None:
+    """A domain deleted in a transaction that commits after a read which saw a newer log id
+    (another writer's delete) is read in the margin below the mark: read in full, once."""
+    url = _url(tmp_path, engine, request)
+    kept, root = _kept(tmp_path, url)
+    hosted = "FROM domain WHERE kind = 'hosted'"
+    _sql(
+        url,
+        f"INSERT INTO domain (name, kind, target_domain_id) SELECT 'gone.example', 'alias', min(id) {hosted}",
+        "INSERT INTO account (domain_id, local_part, password_hash) "
+        f"SELECT min(id), 'spare', '{HASH}' {hosted}",
+    )
+    # A newer domain: deleting gone.example moves no stamp.
+    _sql(
+        url,
+        f"INSERT INTO domain (name, kind, target_domain_id) SELECT 'stays.example', 'alias', min(id) {hosted}",
+    )
+    kept.run()
+    assert kept.last_read == "full"
+    late_delete(
+        url,
+        "DELETE FROM domain WHERE name = 'gone.example'",
+        "DELETE FROM account WHERE local_part = 'spare'",
+        kept.run,
+    )
+    assert kept.last_read == "incremental"  # the account; the domain not yet committed
+    _sql(url, QUOTA.format(4242))
+    kept.run()
+    _as_full(kept, root, "the domain deleted late")
+    assert kept.last_read == "full"
+    _sql(url, QUOTA.format(4343))
+    kept.run()
+    assert kept.last_read == "incremental"  # the deletion seen: not read in full again
+    _as_full(kept, root, "a change after")
+
+
+@pytest.mark.parametrize("engine", ["sqlite", "postgresql", "mariadb"])
+def test_a_target_or_grant_moved_to_another_parent_changes_both(
+    tmp_path: Path, engine: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``UPDATE alias_target SET alias_id`` and ``UPDATE sender_grant SET account_id`` change
+    the old parent too (init-db's move trigger logs it): published as a full run would."""
+    monkeypatch.setattr(changes, "SKEW", timedelta(0))  # else the seed's rows are read again
+    url = _url(tmp_path, engine, request)
+    kept, root = _kept(tmp_path, url)
+    targets: dict[int, set[str]] = {}
+    for alias_id, target in _rows(url, "SELECT alias_id, target FROM alias_target"):
+        targets.setdefault(alias_id, set()).add(target)
+    source = min(i for i, ts in targets.items() if len(ts) > 1)
+    moved = min(targets[source])
+    dest = min(i for i, ts in targets.items() if i != source and moved not in ts)
+    first, second = (
+        i for (i,) in _rows(url, "SELECT id FROM account WHERE status = 'active' ORDER BY id")[:2]
+    )
+    _sql(
+        url,
+        f"INSERT INTO sender_grant (account_id, address) VALUES ({first}, 'moved@elsewhere.example')",
+    )
+    kept.run()
+    assert kept.last_read == "incremental"
+    _sql(
+        url,
+        f"UPDATE alias_target SET alias_id = {dest} WHERE alias_id = {source} AND target = '{moved}'",
+        f"UPDATE sender_grant SET account_id = {second} WHERE account_id = {first}",
+    )
+    kept.run()
+    assert kept.last_read == "incremental"
+    _as_full(kept, root, "a target and a grant moved")
+
+
+@pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
+def test_an_address_held_twice_where_no_map_serves_it_stays_incremental(
+    tmp_path: Path, engine: str, request: pytest.FixtureRequest
+) -> None:
+    """A full run accepts an address twice (case aside) where it serves neither row: a
+    disabled account beside a live one, two accounts or two aliases of a disabled domain.
+    The kept state holds them as the full render does, and the runs after stay incremental
+    (two rows that trade an address in one change included)."""
+    url = _url(tmp_path, engine, request)
+    kept, root = _kept(tmp_path, url)
+    targeted = {target for (target,) in _rows(url, "SELECT target FROM alias_target")}
+    domain, local = next(
+        (domain, local)
+        for domain, local, name in _rows(
+            url,
+            "SELECT a.domain_id, a.local_part, d.name FROM account a JOIN domain d "
+            "ON d.id = a.domain_id WHERE a.status = 'active' AND d.kind = 'hosted' "
+            "AND a.local_part <> 'postmaster' ORDER BY a.id",
+        )
+        if f"{local}@{name}" not in targeted
+    )
+    upper = local.upper()
+    off = "FROM domain WHERE name = 'off.example'"
+    _sql(
+        url,
+        "INSERT INTO account (domain_id, local_part, password_hash, status) "
+        f"VALUES ({domain}, '{upper}', '{HASH}', 'disabled')",
+        "INSERT INTO domain (name, status, default_mailstore_id) "
+        "SELECT 'off.example', 'disabled', min(id) FROM mailstore",
+        f"INSERT INTO account (domain_id, local_part, password_hash) SELECT id, 'kim', '{HASH}' {off}",
+        f"INSERT INTO account (domain_id, local_part, password_hash) SELECT id, 'Kim', '{HASH}' {off}",
+        f"INSERT INTO alias (domain_id, local_part) SELECT id, 'info' {off}",
+        f"INSERT INTO alias (domain_id, local_part) SELECT id, 'Info' {off}",
+    )
+    kept.run()
+    assert kept.last_read == "full"  # a domain added
+    _as_full(kept, root, "the rows held twice")
+    for number, change in enumerate(
+        [
+            (
+                QUOTA.format(4242),
+                f"UPDATE account SET quota_bytes = 7 WHERE local_part = '{upper}'",
+                "UPDATE account SET status = 'disabled' WHERE local_part = 'kim'",
+                "UPDATE alias SET expires_at = '2999-01-01' WHERE local_part = 'Info'",
+            ),
+            (
+                f"UPDATE account SET status = 'active', local_part = '{local}x' "
+                f"WHERE local_part = '{upper}'",
+            ),
+            # The newer row leaves an address, the older one takes it, in one change.
+            (
+                f"UPDATE account SET local_part = '{local}y' WHERE local_part = '{local}x'",
+                f"UPDATE account SET local_part = '{local}x' WHERE local_part = '{local}'",
+            ),
+        ]
+    ):
+        _sql(url, *change)
+        kept.run()
+        assert kept.last_read == "incremental", f"change {number}: {change}"
+        _as_full(kept, root, f"change {number}")
