@@ -72,6 +72,7 @@ from mapsync.snapshot import (
     paused_gc,
 )
 from mapsync.sources import Source
+from mapsync.sources.changes import SKEW
 from mapsync.validate import Problem
 from mapsync.validate import check as validate
 
@@ -326,6 +327,10 @@ class Publisher:
         self._state: State | None = None
         self._state_for: tuple[object, ...] = ()  # what the state was read for
         self._serials: dict[str, int] = {}  # channel → the serial the state renders as
+        # Until then (time.monotonic()) a kept state reads the changes even when the
+        # fingerprint is unchanged: for the skew after a change, a transaction that stamped
+        # its rows before the newest stamp and commits late moves no fingerprint.
+        self._watch_until = 0.0
         # How the last run read the database: "unchanged" (the fingerprint), "incremental" or
         # "full" (for the loop's log and the tests).
         self.last_read = ""
@@ -416,6 +421,7 @@ class Publisher:
         # Least privilege starts here: password hashes are not even read unless a channel
         # being published carries a map that needs them.
         secrets = any(m in CATALOGUE and CATALOGUE[m].secrets for ch in selected for m in ch.maps)
+        moved = True
         if not force and not skip_invalid:
             # Cheap path: counts and newest updated_at equal to what the last full check
             # recorded, same channel definition, not due for renewal → nothing to do. The
@@ -424,13 +430,16 @@ class Publisher:
             for reader in (source, *others):
                 tables.update(reader.maps_fingerprint())
             quiet = [self._quiet(ch, channel_fingerprint(tables, ch)) for ch in selected]
-            if all(plan is not None for plan in quiet):
+            moved = not all(plan is not None for plan in quiet)
+            if not moved and not (self._state is not None and time.monotonic() < self._watch_until):
                 self.last_read = "unchanged"
                 _log.debug(
                     "database unchanged since the last releases",
                     fingerprint=Fingerprint(tables).digest(),
                 )
                 return PublishResult([p for p in quiet if p is not None], [], dry_run)
+        if self.incremental and moved:
+            self._watch_until = time.monotonic() + SKEW.total_seconds()
         self._proxy = any("dovecot_proxy" in ch.maps for ch in selected)
         self._customers = any(ch.customer_field for ch in selected)
         source.customers = self._customers
@@ -566,8 +575,9 @@ class Publisher:
             )
         self._prune_kept(staged)
         self._state = state
-        _log.info(
-            "published incrementally" if any(s.manifest for s in staged) else "nothing to publish",
+        published = any(s.manifest for s in staged)
+        (_log.info if published else _log.debug)(
+            "published incrementally" if published else "nothing to publish",
             accounts=len(change.accounts),
             aliases=len(change.aliases),
             grants=len(change.grants),

@@ -6,6 +6,7 @@ mailstores: the publisher reads everything)."""
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -415,3 +416,34 @@ def newest(url: str, table: str) -> datetime:
         engine.dispose()
     assert isinstance(value, datetime), value
     return value.replace(tzinfo=None)
+
+
+def late_insert(url: str, statement: str, other: str, read: Callable[[], None]) -> None:
+    """Commit ``statement`` (an INSERT) stamped before ``other`` (an INSERT into the same
+    table, committed at once) and committed after ``read`` (a publisher's run): the table's
+    newest ``updated_at`` is ``other``'s before and after, so the fingerprint does not move.
+    On PostgreSQL and MariaDB as it happens (a row is stamped when written, seen at commit);
+    SQLite has one writer at a time: there ``statement`` runs after the read and its row is
+    stamped 1 ms before ``other``'s (its UPDATE trigger keeps a stamp that an UPDATE sets)."""
+    engine = make_engine(url)
+    try:
+        if engine.dialect.name != "sqlite":
+            with engine.connect() as conn:
+                tx = conn.begin()
+                conn.exec_driver_sql(statement)
+                time.sleep(0.002)  # other's stamp after this one's, whatever the clock's grain
+                run(url, other)
+                read()
+                tx.commit()
+            return
+        run(url, other)
+        read()
+        table = statement.split()[2]
+        stamp = newest(url, table) - timedelta(milliseconds=1)
+        with engine.begin() as conn:
+            row = conn.exec_driver_sql(statement).lastrowid
+            conn.exec_driver_sql(
+                f"UPDATE {table} SET updated_at = {literal(stamp)} WHERE id = {row}"
+            )
+    finally:
+        engine.dispose()
