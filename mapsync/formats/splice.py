@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from mapsync.formats.cdb import Maker
@@ -83,13 +83,16 @@ def _locate(data: bytes, lo: int, key: bytes, sep: bytes) -> int:
 
 @dataclass(frozen=True)
 class Spliced:
-    """What :func:`splice` wrote: the text's manifest facts, the cdb's, the patch's size."""
+    """What :func:`splice` wrote: the text's manifest facts, the cdb's, the patch's size;
+    ``cdb_data``: the cdb's bytes where it was changed in place (the caller may keep them
+    for the next change instead of reading the file back and hashing it again)."""
 
     text: TextInfo
     cdb: CdbFile | None
     added: int
     removed: int
     changed: int
+    cdb_data: bytes | None = field(default=None, repr=False, compare=False)
 
 
 def splice(
@@ -219,4 +222,4 @@ def splice(
                 digest, size = maker.commit()
             built = CdbFile(cdb_path.name, digest, size)
     del pieces, view  # the views first: then the old text can go
-    return Spliced(info, built, added, removed, changed)
+    return Spliced(info, built, added, removed, changed, made)
