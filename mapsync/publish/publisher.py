@@ -17,7 +17,6 @@ import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
@@ -282,9 +281,6 @@ class Scope:
 
 MAX_SKIPPED_LISTED = 100  # rows a manifest names; the rest are counted (the log names each)
 MAX_SKIPPED_CHARS = 300  # per row: a key or an alias cycle can be long
-# Maps an incremental run splices at once (Publisher._staged): two changed MX maps on two
-# cores; each holds its old and new text and cdb while it is made (~260 MB at 1M accounts).
-SPLICE_THREADS = 2
 
 
 def skipped_note(problems: list[Problem]) -> list[str]:
@@ -556,7 +552,6 @@ class Publisher:
                         change.fingerprint,
                         source,
                         stagings,
-                        threads=SPLICE_THREADS,
                     )
                     for ch in selected
                 ]
@@ -982,12 +977,9 @@ class Publisher:
         fingerprint: Fingerprint,
         source: Source,
         stagings: ExitStack,
-        threads: int = 1,
     ) -> _Staged:
         """``ch`` staged (removed when ``stagings`` closes) with each map made by ``render``,
-        and planned against the current release: publish, renew, or nothing to do.
-        ``threads``: maps made at once (an incremental run's splices, whose hashing, I/O and
-        numpy let go of the GIL; a full render holds it, and the rows' memory)."""
+        and planned against the current release: publish, renew, or nothing to do."""
         last, damaged = self.repo.current(ch.name)
         staging = stagings.enter_context(self.repo.stage(ch.name, last))
         serial = staging.serial
@@ -998,16 +990,8 @@ class Publisher:
         plan = ChannelPlan(
             ch.name, last.serial if last else None, serial, "none", skipped=len(skipped)
         )
-        if threads > 1 and len(ch.maps) > 1:
-            # Each map into its own file; the first error is raised here once every map
-            # started has ended (a signal too: the pool's exit waits for them), before the
-            # staging is removed.
-            with ThreadPoolExecutor(min(threads, len(ch.maps))) as pool:
-                made = list(pool.map(lambda n: render(n, staging, last, last_dir), ch.maps))
-        else:
-            made = [render(name, staging, last, last_dir) for name in ch.maps]
-        for name, (entry, map_plan, found) in zip(ch.maps, made, strict=True):
-            entries[name] = entry
+        for name in ch.maps:
+            entries[name], map_plan, found = render(name, staging, last, last_dir)
             plan.maps.append(map_plan)
             if found is not None:
                 patches[name] = found
