@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from mapsync.formats.cdb import Maker
@@ -83,13 +83,16 @@ def _locate(data: bytes, lo: int, key: bytes, sep: bytes) -> int:
 
 @dataclass(frozen=True)
 class Spliced:
-    """What :func:`splice` wrote: the text's manifest facts, the cdb's, the patch's size."""
+    """What :func:`splice` wrote: the text's manifest facts, the cdb's, the patch's size;
+    ``cdb_data``: the cdb's bytes where it was changed in place (the caller may keep them
+    for the next change instead of reading the file back and hashing it again)."""
 
     text: TextInfo
     cdb: CdbFile | None
     added: int
     removed: int
     changed: int
+    cdb_data: bytes | None = field(default=None, repr=False, compare=False)
 
 
 def splice(
@@ -110,9 +113,10 @@ def splice(
     else built whole. :class:`Mismatch` when ``old`` does not hold a line ``delta`` takes
     out, or holds a key it adds."""
     data = old.read_bytes()
+    view = memoryview(data)  # the unchanged runs, written and hashed where they lie
     bsep = sep.encode()
     body_at = _header_end(data)
-    pieces: list[bytes] = []
+    pieces: list[bytes | memoryview] = []
     ops: list[bytes] = [MAGIC]
     copy = 0
 
@@ -150,7 +154,7 @@ def splice(
             Edit(change.key, _value(change.old, change.key), _value(change.new, change.key), before)
         )
         copy += data.count(b"\n", pos, at)
-        pieces.append(data[pos:at])
+        pieces.append(view[pos:at])
         pos = at
         end = data.find(b"\n", at) + 1 if at < len(data) else at
         line = data[at:end]
@@ -176,23 +180,29 @@ def splice(
         else:
             changed += 1
     copy += data.count(b"\n", pos)
-    pieces.append(data[pos:])
+    pieces.append(view[pos:])
     ops.append(b"=%d\n" % copy)
-    whole = b"".join(pieces)
-    del data, pieces
-    body = whole[len(pieces_head) :]
+    # The new text is never joined: its pieces (the unchanged runs are views of the old
+    # text) are hashed and written as they are: two copies of the text fewer (joined, then
+    # the header sliced off for its content hash), and as much less peak memory.
+    whole, content = hashlib.sha256(), hashlib.sha256()
+    whole.update(pieces_head)
+    for piece in pieces[1:]:
+        whole.update(piece)
+        content.update(piece)
     info = TextInfo(
         entries_before + added - removed,
-        hashlib.sha256(whole).hexdigest(),
-        len(whole),
-        hashlib.sha256(body).hexdigest(),
+        whole.hexdigest(),
+        sum(len(piece) for piece in pieces),
+        content.hexdigest(),
     )
-    out.write_bytes(whole)
+    with open(out, "wb") as fh:
+        fh.writelines(pieces)
     if patch is not None:
         patch.write_bytes(b"".join(ops))
     built = None
+    made = None
     if cdb_path is not None:
-        made = None
         if old_cdb is not None:
             try:
                 made = patch_cdb(old_cdb, edits)
@@ -202,6 +212,7 @@ def splice(
             cdb_path.write_bytes(made)
             built = CdbFile(cdb_path.name, hashlib.sha256(made).hexdigest(), len(made))
         else:
+            body = b"".join(pieces[1:])
             with Maker(cdb_path) as maker:
                 start = 0
                 while start < len(body):  # a megabyte at a time: bounded memory for the split
@@ -210,4 +221,5 @@ def splice(
                     start = end
                 digest, size = maker.commit()
             built = CdbFile(cdb_path.name, digest, size)
-    return Spliced(info, built, added, removed, changed)
+    del pieces, view  # the views first: then the old text can go
+    return Spliced(info, built, added, removed, changed, made)
