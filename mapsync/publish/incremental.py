@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import replace
+from typing import TypeVar
 
 from mapsync.config import PublisherChannel
 from mapsync.formats.splice import Change, changes
@@ -42,6 +43,7 @@ from mapsync.snapshot import (
 from mapsync.validate import Outside
 from mapsync.validate import check as validate
 
+Row = TypeVar("Row", Account, Alias)  # a row State indexes by its address
 Unit = tuple[int, str]  # (hosted domain id, local part) or (-1, a key outside them)
 DENY = "dovecot_deny"  # its keys are SERVICE/user
 
@@ -104,11 +106,7 @@ class State:
 
     def _add_account(self, a: Account) -> None:
         if a.status != "disabled" and a.domain_id in self.live:
-            at = self.account_at[a.domain_id]
-            local = _lower(a.local_part)
-            if local in at:  # a second live row of one address: a full run refuses it
-                raise NotIncremental(f"two accounts at {local!r} of domain id {a.domain_id}")
-            at[local] = a
+            _index(self.account_at, a, "accounts")
         self.accounts[a.id] = a
 
     def _drop_account(self, a: Account) -> None:
@@ -117,11 +115,7 @@ class State:
 
     def _add_alias(self, al: Alias) -> None:
         if al.domain_id in self.live:
-            at = self.alias_at[al.domain_id]
-            local = _lower(al.local_part)
-            if local in at:
-                raise NotIncremental(f"two aliases at {local!r} of domain id {al.domain_id}")
-            at[local] = al
+            _index(self.alias_at, al, "aliases")
         self.aliases[al.id] = al
         for target in al.targets:
             self.targeting[_lower(target)].add(al.id)
@@ -359,9 +353,17 @@ class State:
         return False
 
 
-def _unindex(
-    index: dict[int, dict[str, Account]] | dict[int, dict[str, Alias]], row: Account | Alias
-) -> None:
+def _index(index: dict[int, dict[str, Row]], row: Row, what: str) -> None:
+    """Put ``row`` into ``index`` (State.account_at, alias_at) at its lowercase address; a
+    second live row at one address is one a full run refuses: :class:`NotIncremental`."""
+    at = index[row.domain_id]
+    local = _lower(row.local_part)
+    if local in at:
+        raise NotIncremental(f"two {what} at {local!r} of domain id {row.domain_id}")
+    at[local] = row
+
+
+def _unindex(index: dict[int, dict[str, Row]], row: Row) -> None:
     """Take ``row`` out of ``index`` (State.account_at, alias_at), where it is indexed."""
     at = index.get(row.domain_id)
     local = _lower(row.local_part)

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import Connection, delete, func, insert, select, update
+from sqlalchemy import Connection, Engine, delete, func, insert, select, update
 
 from mapsync.sources import schema as t
 from mapsync.sources.builtin import make_engine
@@ -374,6 +374,20 @@ def literal(when: datetime) -> str:
     return "'" + when.isoformat(sep=" ", timespec="microseconds") + "'"
 
 
+def _commit_late(
+    engine: Engine, url: str, statement: str, other: str, read: Callable[[], None]
+) -> None:
+    """``statement`` in a transaction left open while ``other`` commits and ``read`` runs,
+    then committed (PostgreSQL, MariaDB: as a late commit really happens)."""
+    with engine.connect() as conn:
+        tx = conn.begin()
+        conn.exec_driver_sql(statement)
+        time.sleep(0.002)  # other's stamp after this one's, whatever the clock's grain
+        run(url, other)
+        read()
+        tx.commit()
+
+
 def late_delete(url: str, statement: str, other: str, read: Callable[[], None]) -> None:
     """Commit ``statement`` (a DELETE) with a deletion-log id below the newest id ``read``
     (a publisher's run) saw, after that read: what a transaction that logs its delete before
@@ -385,12 +399,7 @@ def late_delete(url: str, statement: str, other: str, read: Callable[[], None]) 
     engine = make_engine(url)
     try:
         if engine.dialect.name != "sqlite":
-            with engine.connect() as conn:
-                tx = conn.begin()
-                conn.exec_driver_sql(statement)
-                run(url, other)
-                read()
-                tx.commit()
+            _commit_late(engine, url, statement, other, read)
             return
         run(url, other)
         read()
@@ -428,13 +437,7 @@ def late_insert(url: str, statement: str, other: str, read: Callable[[], None]) 
     engine = make_engine(url)
     try:
         if engine.dialect.name != "sqlite":
-            with engine.connect() as conn:
-                tx = conn.begin()
-                conn.exec_driver_sql(statement)
-                time.sleep(0.002)  # other's stamp after this one's, whatever the clock's grain
-                run(url, other)
-                read()
-                tx.commit()
+            _commit_late(engine, url, statement, other, read)
             return
         run(url, other)
         read()
