@@ -331,6 +331,10 @@ class Publisher:
         # fingerprint is unchanged: for the skew after a change, a transaction that stamped
         # its rows before the newest stamp and commits late moves no fingerprint.
         self._watch_until = 0.0
+        # Whether a run read the database since this publisher was made: the first run of an
+        # incremental one reads in full even when the fingerprint is unchanged, so that the
+        # first change after a (re)start is read incrementally too.
+        self._primed = False
         # (channel, map) → (sha256, bytes) of the cdb the last incremental run changed in
         # place: the next one changes it again without reading the kept file back and
         # hashing it (at 1M accounts ~1 s for the two MX maps), for the memory it takes.
@@ -435,13 +439,15 @@ class Publisher:
                 tables.update(reader.maps_fingerprint())
             quiet = [self._quiet(ch, channel_fingerprint(tables, ch)) for ch in selected]
             moved = not all(plan is not None for plan in quiet)
-            if not moved and not (self._state is not None and time.monotonic() < self._watch_until):
+            watching = self._state is not None and time.monotonic() < self._watch_until
+            if not moved and not watching and (self._primed or not self.incremental):
                 self.last_read = "unchanged"
                 _log.debug(
                     "database unchanged since the last releases",
                     fingerprint=Fingerprint(tables).digest(),
                 )
                 return PublishResult([p for p in quiet if p is not None], [], dry_run)
+        self._primed = True
         if self.incremental and moved:
             self._watch_until = time.monotonic() + SKEW.total_seconds()
         self._proxy = any("dovecot_proxy" in ch.maps for ch in selected)

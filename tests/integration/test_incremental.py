@@ -607,3 +607,21 @@ def test_a_row_committed_late_with_an_older_stamp_is_read_though_the_fingerprint
     assert kept.last_read == "incremental"
     recipients = bodies(kept.cfg.repository, "mx")["recipients"].decode()
     assert f"\nlate@{domain} " in recipients, "the row committed late"
+
+
+def test_a_restarted_loop_reads_once_so_its_first_change_is_incremental(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'central.db'}"
+    cluster = make_cluster(tmp_path / "c", url, accounts=60, domains=4, aliases=20)
+    _publisher(cluster.root, url, "inc").run()  # a one-shot publish, or an earlier loop
+    kept = _publisher(cluster.root, url, "inc")
+    kept.incremental = True
+    serial = kept.repo.latest("mx").serial
+    kept.run()  # nothing changed: read in full all the same, to keep the state
+    assert kept.last_read == "full" and kept._state is not None
+    assert kept.repo.latest("mx").serial == serial  # and nothing published
+    kept.run()
+    assert kept.last_read == "unchanged"
+    _sql(url, "UPDATE account SET quota_bytes = 4321 WHERE id = (SELECT min(id) FROM account)")
+    kept.run()
+    assert kept.last_read == "incremental"
+    assert kept.repo.latest("mx").serial == serial  # quota: in no MX map
