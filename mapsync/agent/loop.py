@@ -378,6 +378,11 @@ class Agent:
             return
         if result is None:
             return
+        if isinstance(offered, Latest) and result.serial == offered.serial:
+            # What the inbox named is installed; releases below it can never be installed
+            # again (a lower serial is refused). The push keeps the newest one as its basis.
+            # Pruned before the line below, so that the line marks the end of the handling.
+            prune_inbox(ch.inbox, result.serial, ch.name)
         if result.action == "installed":
             _log.info(
                 "pushed release installed",
@@ -385,10 +390,6 @@ class Agent:
                 serial=result.serial,
                 inbox=inbox.source,
             )
-        if isinstance(offered, Latest) and result.serial == offered.serial:
-            # What the inbox named is installed; releases below it can never be installed
-            # again (a lower serial is refused). The push keeps the newest one as its basis.
-            prune_inbox(ch.inbox, result.serial, ch.name)
 
     def _observe(self) -> BaseObserver:
         from watchdog.observers import Observer
