@@ -47,3 +47,17 @@ def test_add_lines_with_a_separator_in_a_value_splits_each_line_once(tmp_path: P
     assert made == cdb.build(
         tmp_path / "n.cdb", [(b"a@x", b"<+[10.0.1.1]:24 mapsync_lmtp"), (b"b@x", b"OK")]
     )
+
+
+@pytest.mark.parametrize("odd", [b" ", b"\t", b"\r", b"\x0b", b"\x0c", b"\n", b"#"])
+@pytest.mark.parametrize("where", ["first", "middle"])
+def test_a_line_starting_as_pairs_skips_it_is_read_as_pairs_reads_it(
+    tmp_path: Path, odd: bytes, where: str
+) -> None:
+    # Every other line is plain: only the odd line's start can send the block the slow way.
+    line = odd + b"x y\n"
+    plain = b"".join(b"k%d@example.org OK\n" % i for i in range(100))
+    body = line + plain if where == "first" else plain + line + plain
+    src = tmp_path / "map"
+    src.write_bytes(body)
+    assert cdb.build_text(tmp_path / "b.cdb", src) == cdb.build(tmp_path / "a.cdb", text.pairs(src))
