@@ -99,3 +99,33 @@ def atomic_symlink(target: str, link: Path) -> None:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(link.parent)
+
+
+def copy_into(src: Path, fd: int) -> None:
+    """Copy the file ``src`` into the open, empty file ``fd`` (its inode, owner and mode
+    kept: the caller made it as it must be), in the kernel where it can (copy_file_range:
+    a map of a hundred megabytes never passes through this process), else a megabyte at a
+    time."""
+    with open(src, "rb") as fin:
+        size = os.fstat(fin.fileno()).st_size
+        copied = 0
+        with contextlib.suppress(OSError):  # a file system or kernel without it
+            while copied < size:
+                n = os.copy_file_range(fin.fileno(), fd, size - copied)
+                if n == 0:
+                    break
+                copied += n
+        if copied == size:
+            return
+        fin.seek(0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.ftruncate(fd, 0)
+        while chunk := fin.read(1 << 20):
+            write_all(fd, chunk)
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data`` to ``fd`` (``os.write`` may write less)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]

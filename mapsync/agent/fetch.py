@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Generic, TypeVar
 
@@ -286,6 +286,8 @@ def fetch_release(
             remote, manifest, basis, staging, staging.with_name("patches"), ch.name
         )
         have, moved = patched.files, moved + patched.moved
+        proven = frozenset(manifest.maps[name].file for name in patched.patched)
+        release = replace(release, proven=proven, cdb_edits=patched.edits)
     for name in left_out:
         m = manifest.maps[name]
         if m.file not in have:

@@ -21,6 +21,7 @@ import os
 from pathlib import Path
 
 from mapsync import log
+from mapsync.atomic import copy_into, write_all
 from mapsync.config import AgentChannel
 from mapsync.release import RELEASES, Manifest
 
@@ -132,8 +133,8 @@ def _new_file(
     directory: int, name: str, data: bytes | Path, mode: int, owner: os.stat_result | None
 ) -> None:
     """Create ``name`` in ``directory`` (a descriptor) anew, holding ``data`` (bytes, or the
-    file at that path, copied a megabyte at a time: a map can be larger than the agent's
-    whole memory budget): ``mode``, and owned as ``owner`` when given."""
+    file at that path, copied in the kernel: a map can be larger than the agent's whole
+    memory budget): ``mode``, and owned as ``owner`` when given."""
     with contextlib.suppress(FileNotFoundError):
         os.unlink(name, dir_fd=directory)
     fd = os.open(name, _NEW, mode, dir_fd=directory)
@@ -142,19 +143,11 @@ def _new_file(
             os.fchown(fd, owner.st_uid, owner.st_gid)
         os.fchmod(fd, mode)
         if isinstance(data, Path):
-            with open(data, "rb") as src:
-                while chunk := src.read(1 << 20):
-                    _write_all(fd, chunk)
+            copy_into(data, fd)
         else:
-            _write_all(fd, data)
+            write_all(fd, data)
     finally:
         os.close(fd)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
 
 
 def _failed(ch: AgentChannel, what: str, exc: OSError) -> None:

@@ -19,8 +19,10 @@ import pwd
 import shutil
 import stat
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mapsync import log
 from mapsync.agent import inbox
@@ -28,12 +30,14 @@ from mapsync.agent.damage import stat_files
 from mapsync.agent.hooks import run_check
 from mapsync.agent.liveset import SwapUnfinished, read_installed
 from mapsync.agent.node import NodeChannel
+from mapsync.atomic import copy_into
 from mapsync.config import AgentChannel, FileMode
 from mapsync.errors import InstallError, VerificationError
 from mapsync.formats import cdb, text
 from mapsync.release import (
     MANIFEST,
     SIGNATURE,
+    CdbInfo,
     Manifest,
     MapEntry,
     is_secret,
@@ -42,6 +46,9 @@ from mapsync.release import (
     utcnow,
 )
 from mapsync.release.verify import VerifiedRelease
+
+if TYPE_CHECKING:
+    from mapsync.formats.cdbpatch import Edit
 
 _log = log.get("agent")
 
@@ -106,10 +113,10 @@ def install(
             except FileNotFoundError:  # the live set lost a file: rebuild it from the text
                 shutil.rmtree(built)
                 built = live.new_set_dir(manifest.serial)
-                build_set(src, manifest, built, cur, owners, ch)
+                build_set(release, built, cur, owners, ch)
                 same = False
         else:
-            build_set(src, manifest, built, live.current(), owners, ch)
+            build_set(release, built, live.current(), owners, ch)
         for f in (MANIFEST, SIGNATURE):
             shutil.copyfile(src / f, built / f)
             os.chmod(built / f, 0o644)
@@ -310,18 +317,18 @@ def _protect(path: Path, name: str, own: Ownership, ch: AgentChannel) -> None:
 
 
 def build_set(
-    staging: Path,
-    manifest: Manifest,
+    release: VerifiedRelease,
     built: Path,
     previous: Path | None,
     owners: dict[str, Ownership],
     ch: AgentChannel,
 ) -> None:
-    """Copy the verified text into ``built`` and build each cdb; prove cdb hashes equal.
-    A map's cdb gets the same owner, group and mode as its text."""
+    """Copy the verified text of ``release`` into ``built`` and build each cdb; prove cdb
+    hashes equal. A map's cdb gets the same owner, group and mode as its text."""
     now = time.time()
-    for name, m in sorted(manifest.maps.items()):
-        build_map(staging, name, m, built, previous, owners[name], ch, now)
+    for name, m in sorted(release.manifest.maps.items()):
+        edits = release.cdb_edits.get(name)
+        build_map(release.path, name, m, built, previous, owners[name], ch, now, edits)
 
 
 def build_map(
@@ -333,21 +340,29 @@ def build_map(
     own: Ownership,
     ch: AgentChannel,
     now: float,
+    edits: Sequence[Edit] | None = None,
 ) -> None:
     """Map ``name`` of :func:`build_set`: its text copied from ``staging`` into ``built``,
-    its cdb built and proved equal to the publisher's, both given ``own`` and an mtime later
-    than the files they replace in ``previous``."""
+    its cdb made and proved equal to the publisher's, both given ``own`` and an mtime later
+    than the files they replace in ``previous``. With ``edits`` (the pairs its patch changed)
+    the cdb is the live one in ``previous`` changed in place (formats.cdbpatch) where that
+    gives the publisher's bytes, else built whole from the text."""
     dst = built / m.file
     _create(dst, name, own, ch)
     # A new inode; fresh mtime, never the publisher's.
-    with open(staging / m.file, "rb") as fin, open(dst, "r+b") as fout:
-        shutil.copyfileobj(fin, fout, 1 << 20)
+    with open(dst, "r+b") as out:
+        copy_into(staging / m.file, out.fileno())
     files = [dst]
     if m.cdb is not None:
         cdb_path = built / m.cdb.file
-        _create(cdb_path, name, own, ch)  # cdbx truncates and fills this inode, mode kept
-        sep = separator(name, m).encode()
-        digest, size = cdb.build_text(cdb_path, dst, sep, f"build {m.cdb.file}")
+        _create(cdb_path, name, own, ch)  # written in place: this inode, mode kept
+        made = None
+        if edits is not None and previous is not None:
+            made = _patched_cdb(previous / m.cdb.file, edits, cdb_path, name, m.cdb, ch)
+        if made is None:
+            sep = separator(name, m).encode()
+            made = cdb.build_text(cdb_path, dst, sep, f"build {m.cdb.file}")
+        digest, size = made
         if digest != m.cdb.sha256 or size != m.cdb.size:
             raise VerificationError(
                 f"map {name}: the cdb built here (sha256 {digest[:16]}…, {size} bytes) differs from "
@@ -356,6 +371,34 @@ def build_map(
         files.append(cdb_path)
     for f in files:
         _fresh_mtime(f, previous / f.name if previous else None, now)
+
+
+def _patched_cdb(
+    old: Path, edits: Sequence[Edit], new: Path, name: str, want: CdbInfo, ch: AgentChannel
+) -> tuple[str, int] | None:
+    """The live cdb ``old`` changed by ``edits`` into ``new``: its sha256 and size if they are
+    the manifest's (``want``), else None (``new`` is then built whole: cdbx truncates it)."""
+    from mapsync.formats.cdbpatch import NotPatchable, patch_cdb_file
+
+    try:
+        made = patch_cdb_file(old, edits, new)
+    except (NotPatchable, OSError) as exc:
+        reason = str(exc)
+    else:
+        if made == (want.sha256, want.size):
+            _log.debug(
+                "cdb changed in place", channel=ch.name, map=name, file=want.file, pairs=len(edits)
+            )
+            return made
+        reason = f"gives sha256 {made[0][:16]}…, not the manifest's {want.sha256[:16]}…"
+    _log.info(
+        "the live cdb could not be changed in place; building it whole",
+        channel=ch.name,
+        map=name,
+        file=want.file,
+        reason=reason,
+    )
+    return None
 
 
 def _create(path: Path, name: str, own: Ownership, ch: AgentChannel) -> None:

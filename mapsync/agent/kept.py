@@ -17,7 +17,7 @@ import os
 import shutil
 from pathlib import Path
 
-from mapsync.atomic import commit_dir
+from mapsync.atomic import commit_dir, copy_into
 from mapsync.release import MANIFEST, SIGNATURE, Manifest
 
 KEPT = "releases"
@@ -88,8 +88,10 @@ def _copy_private(src: Path, dst: Path) -> None:
     """Copy ``src`` to a new file ``dst`` that only the agent can read from the moment it
     exists (kept ``dovecot_users`` holds password hashes); :func:`commit_dir` fsyncs it."""
     fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    with open(fd, "wb") as out, open(src, "rb") as fin:
-        shutil.copyfileobj(fin, out, 1 << 20)
+    try:
+        copy_into(src, fd)
+    finally:
+        os.close(fd)
 
 
 def _make_private(directory: Path) -> None:

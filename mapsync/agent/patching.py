@@ -11,6 +11,7 @@ that does not match, undoes the lot and rsync fetches the text as without patche
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -19,11 +20,17 @@ from pathlib import Path
 from mapsync import log
 from mapsync.errors import MapsyncError, TransportError, VerificationError
 from mapsync.formats import text
+from mapsync.formats.cdbpatch import Edit, NotPatchable, edits_from_changes
 from mapsync.release import MANIFEST, Manifest, parse_manifest, patch_dir, separator
-from mapsync.release.patch import apply_patch
+from mapsync.release.patch import Change, apply_patch
 from mapsync.transport import Remote
 
 _log = log.get("agent")
+
+# Changed lines up to which a map's cdb is changed in place from the live one
+# (formats.cdbpatch): beyond, each edit's lookup and the relaid tables cost more than a
+# build (measured: docs/benchmarks.md, 2026-12-01 "the agent's cdb").
+MAX_CDB_EDITS = 2000
 
 
 class PatchMissing(VerificationError):
@@ -38,6 +45,7 @@ class Patched:
     files: set[str] = field(default_factory=set)
     moved: int = 0
     patched: list[str] = field(default_factory=list)  # maps rebuilt from a patch
+    edits: dict[str, list[Edit]] = field(default_factory=dict)  # their cdbs' changed pairs
 
 
 def basis_manifest(basis: Path) -> Manifest | None:
@@ -152,14 +160,20 @@ def _patch(
         # Private, as rsync lands text here (--chmod F600): a map may carry password hashes.
         fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
         os.fchmod(fd, 0o600)
+        changes: list[Change] = []
         with os.fdopen(fd, "wb") as fh:
-            digest, size = apply_patch(basis / m.file, area / p.file, fh, f"{where}/{p.file}", sep)
+            digest, size = apply_patch(
+                basis / m.file, area / p.file, fh, f"{where}/{p.file}", sep, changes
+            )
         if (digest, size) != (m.sha256, m.size):
             raise VerificationError(
                 f"{where}/{p.file}: applied to serial {p.base}'s {m.file}, gives sha256 "
                 f"{digest[:16]}… size {size}, not the manifest's ({m.sha256[:16]}… size {m.size})"
             )
         done.patched.append(name)
+        if m.cdb is not None and len(changes) <= MAX_CDB_EDITS:
+            with contextlib.suppress(NotPatchable):  # the cdb is built whole
+                done.edits[name] = edits_from_changes(changes, sep)
 
 
 def _link(src: Path, dst: Path) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 from typing import BinaryIO
@@ -32,6 +33,16 @@ MAGIC = b"mapsync-patch 1\n"
 MAX_LINE = 64 * 1024  # bytes of one map line in a patch (a longer one: no patch is written)
 CHUNK = 1 << 20
 COPY_LINES = 4096  # old lines copied at once
+
+
+@dataclass(frozen=True)
+class Change:
+    """A body line a patch removes (``removed``) or adds (``added``, before the old file's
+    line ``following``; None: after its last), as :func:`apply_patch` met it."""
+
+    removed: bytes | None
+    added: bytes | None = None
+    following: bytes | None = None
 
 
 class NoPatch(Exception):
@@ -135,11 +146,17 @@ def _bad(where: str, number: int, why: str) -> VerificationError:
 
 
 def apply_patch(
-    old: Path, patch: Path, out: BinaryIO, where: str, sep: bytes = b" "
+    old: Path,
+    patch: Path,
+    out: BinaryIO,
+    where: str,
+    sep: bytes = b" ",
+    changes: list[Change] | None = None,
 ) -> tuple[str, int]:
     """Write ``old`` patched with ``patch`` to ``out``, streaming; return the sha256 and size
     of what was written. ``where`` names the patch in messages (VerificationError with the
-    patch's line number)."""
+    patch's line number). ``changes``, when given, gets each body line the patch removes or
+    adds, in order (what an agent changes its cdb in place with: formats.cdbpatch)."""
     h = hashlib.sha256()
     size = 0
     buf: list[bytes] = []
@@ -224,6 +241,8 @@ def apply_patch(
                     raise _bad(
                         where, number, "removes a line the old file does not have at that place"
                     )
+                if changes is not None and not _is_header(line):
+                    changes.append(Change(line, None))
                 continue
             if kind == b"+":
                 if _is_header(line):
@@ -247,6 +266,12 @@ def apply_patch(
                     in_header = False
                     prev = line
                     check_next = True
+                    if changes is not None:
+                        # The old line the added one goes before (None: at the end).
+                        at = fo.tell()
+                        following = fo.readline() or None
+                        fo.seek(at)
+                        changes.append(Change(None, line, following))
                 write(line)
                 continue
             raise _bad(where, number, f"unknown operation {kind!r}")

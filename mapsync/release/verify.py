@@ -10,8 +10,8 @@ re-publishing — works from the verified value, never from a manifest read agai
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,15 +31,26 @@ from mapsync.signing import verify
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+    from mapsync.formats.cdbpatch import Edit
+
 
 @dataclass(frozen=True)
 class VerifiedRelease:
     """A release directory (``path``) and its ``manifest``, which the trusted key
-    ``key_id`` signed. The map files beside it are checked against it separately."""
+    ``key_id`` signed. The map files beside it are checked against it separately.
+
+    What an agent's fetch learnt on the way (:mod:`mapsync.agent.patching`): ``proven``,
+    the text files it wrote from a patch and found with the manifest's sha256 and size as it
+    wrote them (in its private staging: not hashed again); ``cdb_edits``, per map so
+    rebuilt, the pairs its patch changed, so the cdb can be changed in place from the live
+    one instead of built whole — only a hint: what that makes must have the manifest's
+    sha256 too."""
 
     path: Path
     manifest: Manifest
     key_id: str
+    proven: frozenset[str] = field(default=frozenset(), compare=False)
+    cdb_edits: Mapping[str, Sequence[Edit]] = field(default_factory=dict, compare=False)
 
 
 class FileAltered(VerificationError):
@@ -96,18 +107,24 @@ def verify_manifest(
 
 def check_map_files(release: VerifiedRelease, where: str) -> None:
     """Refuse unless every text map of ``release`` is a regular file with the manifest's
-    sha256 and size (:class:`FileAltered` when it has other content)."""
-    check_files(release.path, release.manifest, where)
+    sha256 and size (:class:`FileAltered` when it has other content); those its fetch proved
+    (``proven``) by size alone."""
+    check_files(release.path, release.manifest, where, release.proven)
 
 
-def check_files(directory: Path, manifest: Manifest, where: str) -> None:
+def check_files(
+    directory: Path, manifest: Manifest, where: str, proven: frozenset[str] = frozenset()
+) -> None:
     """:func:`check_map_files` for the maps ``manifest`` names in ``directory``, whoever signed
     it (a mirror without trusted keys copies what it cannot judge; the agents judge it)."""
     for name, m in sorted(manifest.maps.items()):
         path = directory / m.file
         if not path.is_file() or path.is_symlink():
             raise VerificationError(f"{where}/{m.file}: missing or not a regular file (map {name})")
-        digest, size = text.sha256_file(path)
+        if m.file in proven:
+            digest, size = m.sha256, path.stat().st_size
+        else:
+            digest, size = text.sha256_file(path)
         if size != m.size or digest != m.sha256:
             raise FileAltered(
                 f"{where}/{m.file}: sha256 {digest[:16]}… size {size} does not match the manifest "

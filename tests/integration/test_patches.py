@@ -5,18 +5,19 @@ mirror each end in the same maps."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, update
+from sqlalchemy import create_engine, insert, select, update
 
 from mapsync.release import LATEST, MANIFEST, SIGNATURE, parse_manifest
 from mapsync.sources import schema as t
 from tests.conftest import Cluster, make_cluster
-from tests.helpers.agent import add_account, clone, lookup
+from tests.helpers.agent import add_account, clone, delete_unreferenced_account, lookup
 from tests.helpers.transport import RsyncDaemon, wire
 
 ACCOUNTS = 20000
@@ -76,6 +77,75 @@ def test_one_new_account_moves_only_the_patches(big: Cluster, tmp_path: Path) ->
     assert {oct(f.stat().st_mode & 0o777) for f in basis.iterdir()} == {"0o600"}
     print(f"\n[patches] one new account at {ACCOUNTS} accounts: {moved:,} B on the wire")
     assert moved < 3000, f"{moved} bytes for one new account"
+
+
+def test_a_changed_cdb_is_the_live_one_changed_in_place(big: Cluster, tmp_path: Path) -> None:
+    """Keys added before the first and after the last, one removed, one alias's value
+    changed: the node changes each changed map's live cdb in place (formats.cdbpatch) and
+    installs the publisher's bytes, which Postfix reads."""
+    first = add_account(big, "0000-first", "example-1.org")
+    last = add_account(big, "zzzz-last", "example-7.org")
+    gone = delete_unreferenced_account(big)
+    engine = create_engine(big.db_url)
+    with engine.begin() as conn:
+        alias_id, alias = conn.execute(
+            select(t.alias.c.id, t.alias.c.local_part + "@" + t.domain.c.name)
+            .join(t.domain, t.domain.c.id == t.alias.c.domain_id)
+            .where(t.alias.c.local_part != "")
+            .order_by(t.alias.c.id)
+        ).first()
+        conn.execute(insert(t.alias_target).values(alias_id=alias_id, target="zz-new@example.net"))
+    engine.dispose()
+    assert lookup(big, gone) == "OK"
+    before = lookup(big, alias, "virtual")
+    assert before is not None and "zz-new@example.net" not in before
+    d = _serve(big, big.repo, tmp_path / "rsyncd")
+    try:
+        assert "published serial 2" in big.publish().stdout
+        p = big.cli("-v", "pull", check=True)
+    finally:
+        d.stop()
+    changed = {
+        line.split("map=")[1].split()[0]
+        for line in p.stderr.splitlines()
+        if "cdb changed in place" in line
+    }
+    assert changed == {"recipients", "virtual"}, p.stderr
+    assert "building it whole" not in p.stderr
+    assert (lookup(big, first), lookup(big, last), lookup(big, gone)) == ("OK", "OK", None)
+    assert "zz-new@example.net" in (lookup(big, alias, "virtual") or "")
+    manifest = parse_manifest((_release(big, 2) / MANIFEST).read_bytes(), "test")
+    for m in manifest.maps.values():
+        assert m.cdb is not None
+        live = (big.target / m.cdb.file).read_bytes()
+        assert hashlib.sha256(live).hexdigest() == m.cdb.sha256, m.cdb.file
+    assert big.cli("verify").returncode == 0
+
+
+def test_a_live_cdb_of_another_serial_than_the_basis_is_built_whole(
+    big: Cluster, tmp_path: Path
+) -> None:
+    """After a rollback the live set (serial 1) is not the basis the patches apply to
+    (serial 2): the text still comes from the patches, and changing the live cdb in place
+    gives other bytes than the manifest's, so it is built whole from the text."""
+    two = add_account(big, "zz-in-two", "example-7.org")
+    big.publish()
+    big.pull()
+    assert big.cli("rollback", "1").returncode == 0
+    assert lookup(big, two) is None
+    three = add_account(big, "zz-in-three", "example-7.org")
+    assert "published serial 3" in big.publish().stdout
+    d = _serve(big, big.repo, tmp_path / "rsyncd")
+    try:
+        p = big.cli("-v", "pull", "--unpin", check=True)
+    finally:
+        d.stop()
+    assert "installed serial 3" in p.stdout
+    assert "patches not used" not in p.stderr  # the text came from the patches ...
+    assert "the live cdb could not be changed in place; building it whole" in p.stderr
+    assert "map=recipients" in p.stderr
+    assert (lookup(big, two), lookup(big, three)) == ("OK", "OK")  # ... the cdb from the text
+    assert big.cli("verify").returncode == 0
 
 
 def test_the_release_directory_stays_what_earlier_agents_accept(big: Cluster) -> None:

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from mapsync.formats import cdb
-from mapsync.formats.cdbpatch import Edit, NotPatchable
+from mapsync.formats.cdbpatch import Edit, NotPatchable, edits_from_changes, patch_cdb_file
 from mapsync.formats.cdbpatch import patch_cdb as patch
+from mapsync.release.patch import Change, apply_patch, make_patch
 
 
 def _built(tmp_path: Path, pairs: dict[bytes, bytes], name: str) -> bytes:
@@ -63,3 +64,52 @@ def test_a_record_the_old_cdb_does_not_hold_is_refused(tmp_path: Path) -> None:
         patch(old, [Edit(b"a", b"9", b"1")])
     with pytest.raises(NotPatchable, match="header"):
         patch(b"short", [])
+
+
+def _text(path: Path, pairs: dict[bytes, bytes], serial: int) -> Path:
+    path.write_bytes(
+        b"# mapsync serial %d\n" % serial + b"".join(k + b" " + v + b"\n" for k, v in sorted(pairs.items()))
+    )
+    return path
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_the_edits_a_text_patch_makes_change_the_cdb_file_into_the_new_one(
+    tmp_path: Path, seed: int
+) -> None:
+    """What an agent does: the text patch applied, the changed lines it met turned into
+    edits, the old cdb file changed by them — byte for byte the cdb of the new text."""
+    rnd = random.Random(seed)
+    before = {
+        b"k%05d@d.example" % rnd.randrange(10**5): b"v%d" % rnd.randrange(9)
+        for _ in range(rnd.choice([0, 1, 50, 2000]))
+    }
+    after = dict(before)
+    for _ in range(rnd.randrange(1, 30)):
+        roll = rnd.random()
+        if roll < 0.4 or not after:
+            after[b"k%05d@d.example" % rnd.randrange(10**5)] = b"new%d" % rnd.randrange(9)
+        elif roll < 0.7:
+            after.pop(rnd.choice(sorted(after)))
+        else:
+            after[rnd.choice(sorted(after))] = b"w" * rnd.randrange(0, 30)
+    old, new = _text(tmp_path / "old", before, 1), _text(tmp_path / "new", after, 2)
+    with open(tmp_path / "patch", "wb") as fh:
+        make_patch(old, new, fh)
+    changes: list[Change] = []
+    with open(tmp_path / "applied", "wb") as fh:
+        apply_patch(old, tmp_path / "patch", fh, "patch", b" ", changes)
+    assert (tmp_path / "applied").read_bytes() == new.read_bytes()
+    old_cdb = tmp_path / "old.cdb"
+    cdb.build_text(old_cdb, old)
+    want = cdb.build_text(tmp_path / "want.cdb", new)
+    made = tmp_path / "made.cdb"
+    made.touch()
+    assert patch_cdb_file(old_cdb, edits_from_changes(changes, b" "), made) == want
+    assert made.read_bytes() == (tmp_path / "want.cdb").read_bytes()
+
+
+def test_a_changed_line_the_cdb_does_not_hold_is_not_patchable() -> None:
+    for line in (b"# a comment\n", b" x y\n", b"\n", b"no newline"):
+        with pytest.raises(NotPatchable, match="not a pair"):
+            edits_from_changes([Change(line)], b" ")
