@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from itertools import islice
 from pathlib import Path
 from typing import BinaryIO
 
@@ -32,7 +31,6 @@ from mapsync.errors import VerificationError
 MAGIC = b"mapsync-patch 1\n"
 MAX_LINE = 64 * 1024  # bytes of one map line in a patch (a longer one: no patch is written)
 CHUNK = 1 << 20
-COPY_LINES = 4096  # old lines copied at once
 
 
 @dataclass(frozen=True)
@@ -145,6 +143,65 @@ def _bad(where: str, number: int, why: str) -> VerificationError:
     return VerificationError(f"{where}: line {number}: {why}")
 
 
+class _Lines:
+    """The old file of a patch, read a megabyte at a time: lines one by one, or many at once
+    as whole blocks (a copy of a million lines is a few hundred block operations, not a
+    million line objects)."""
+
+    def __init__(self, fh: BinaryIO) -> None:
+        self._fh = fh
+        self._buf = b""
+        self._pos = 0
+
+    def _fill(self) -> bool:
+        """Read the next block after what is left unread; False at the end of the file."""
+        chunk = self._fh.read(CHUNK)
+        if not chunk:
+            return False
+        self._buf = self._buf[self._pos :] + chunk
+        self._pos = 0
+        return True
+
+    def readline(self) -> bytes:
+        """The next line (the last one may lack its newline); b"" at the end."""
+        while True:
+            end = self._buf.find(b"\n", self._pos)
+            if end >= 0:
+                line = self._buf[self._pos : end + 1]
+                self._pos = end + 1
+                return line
+            if not self._fill():
+                line = self._buf[self._pos :]
+                self._pos = len(self._buf)
+                return line
+
+    def peekline(self) -> bytes:
+        """The next line, left to be read."""
+        line = self.readline()
+        self._pos -= len(line)  # the line lies whole in the buffer just before _pos
+        return line
+
+    def take(self, n: int) -> Iterator[bytes]:
+        """The next ``n`` lines (each ending in a newline), in blocks; EOFError if the file
+        has fewer."""
+        while n:
+            count = self._buf.count(b"\n", self._pos)
+            if count > n:
+                end = self._pos
+                for _ in range(n):
+                    end = self._buf.index(b"\n", end) + 1
+                count = n
+            else:
+                end = self._buf.rfind(b"\n") + 1
+            if count:
+                block = self._buf[self._pos : end]
+                self._pos = end
+                n -= count
+                yield block
+            if n and not self._fill():
+                raise EOFError
+
+
 def apply_patch(
     old: Path,
     patch: Path,
@@ -181,7 +238,8 @@ def apply_patch(
     in_header = True  # only '#' lines written so far
     prev: bytes | None = None  # the last body line written
     check_next = False  # the next copied line must sort after an added one
-    with open(old, "rb") as fo, open(patch, "rb") as fp:
+    with open(old, "rb") as old_file, open(patch, "rb") as fp:
+        fo = _Lines(old_file)
         first = fp.readline(len(MAGIC) + 1)
         if first != MAGIC:
             raise _bad(where, 1, f"not a mapsync patch (expected {MAGIC!r})")
@@ -223,17 +281,15 @@ def apply_patch(
                         prev = got
                     write(got)
                     remaining -= 1
-                while remaining:  # the bulk: whole blocks of body lines
-                    want = min(remaining, COPY_LINES)
-                    lines = list(islice(fo, want))
-                    if len(lines) < want:
-                        raise _bad(where, number, "copies past the end of the old file")
-                    data = b"".join(lines)
-                    if data.startswith(b"#") or b"\n#" in data:
-                        raise _bad(where, number, "copies a '#' line after the header")
-                    write(data)
-                    prev = lines[-1]
-                    remaining -= want
+                if remaining:  # the bulk: whole blocks of body lines
+                    try:
+                        for data in fo.take(remaining):
+                            if data.startswith(b"#") or b"\n#" in data:
+                                raise _bad(where, number, "copies a '#' line after the header")
+                            write(data)
+                            prev = data[data.rfind(b"\n", 0, len(data) - 1) + 1 :]
+                    except EOFError:
+                        raise _bad(where, number, "copies past the end of the old file") from None
                 continue
             if kind == b"-":
                 got = fo.readline()
@@ -268,16 +324,13 @@ def apply_patch(
                     check_next = True
                     if changes is not None:
                         # The old line the added one goes before (None: at the end).
-                        at = fo.tell()
-                        following = fo.readline() or None
-                        fo.seek(at)
-                        changes.append(Change(None, line, following))
+                        changes.append(Change(None, line, fo.peekline() or None))
                 write(line)
                 continue
             raise _bad(where, number, f"unknown operation {kind!r}")
         if last != b"=":
             raise _bad(where, number, "the patch does not end with its closing copy")
-        if fo.read(1):
+        if fo.readline():
             raise _bad(where, number, "the old file goes on after the patch's end")
     flush()
     return h.hexdigest(), size

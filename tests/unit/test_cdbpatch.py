@@ -68,7 +68,8 @@ def test_a_record_the_old_cdb_does_not_hold_is_refused(tmp_path: Path) -> None:
 
 def _text(path: Path, pairs: dict[bytes, bytes], serial: int) -> Path:
     path.write_bytes(
-        b"# mapsync serial %d\n" % serial + b"".join(k + b" " + v + b"\n" for k, v in sorted(pairs.items()))
+        b"# mapsync serial %d\n" % serial
+        + b"".join(k + b" " + v + b"\n" for k, v in sorted(pairs.items()))
     )
     return path
 

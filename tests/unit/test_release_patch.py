@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 
 from mapsync.errors import VerificationError
 from mapsync.formats import text
-from mapsync.release.patch import MAGIC, MAX_LINE, NoPatch, apply_patch, make_patch
+from mapsync.release import patch as patch_module
+from mapsync.release.patch import MAGIC, MAX_LINE, Change, NoPatch, apply_patch, make_patch
 
 
 def _map(path: Path, serial: int, entries: dict[str, str], sep: str = " ") -> Path:
@@ -118,3 +119,35 @@ def test_not_a_patch(tmp_path: Path) -> None:
 def test_a_good_hand_written_patch_applies(tmp_path: Path) -> None:
     got = _apply(tmp_path, MAGIC + b"=2\n+a 1\n=1\n+c 1\n-d 1\n+d 2\n+e 1\n=0\n")
     assert got.endswith(b"a 1\nb 1\nc 1\nd 2\ne 1\n")
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 17, 64, 4096])
+def test_blocks_of_any_size_give_the_same_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk: int
+) -> None:
+    """The old file is read a block at a time (copies taken as whole blocks): wherever a
+    block ends — mid-line, on a newline, after the header — the result is the new file, and
+    a copy past the end or an old file longer than the patch is still refused."""
+    monkeypatch.setattr(patch_module, "CHUNK", chunk)
+    a = {f"k{i:03d}@x": f"v{i % 7}" for i in range(0, 300, 2)}
+    b = dict(a)
+    b.update({f"k{i:03d}@x": "new" for i in range(1, 300, 37)})  # added between old keys
+    for i in range(0, 300, 41):
+        b.pop(f"k{i:03d}@x", None)
+    b["k010@x"] = "changed"
+    old = _map(tmp_path / "old", 6, a)
+    _roundtrip(tmp_path, old, _map(tmp_path / "new", 7, b))
+    # Each added line is told the old line it goes before: read ahead across blocks too.
+    changes: list[Change] = []
+    apply_patch(old, tmp_path / "p.patch", io.BytesIO(), "p.patch", b" ", changes)
+    added = [c for c in changes if c.added is not None]
+    assert len(added) == sum(a.get(k) != v for k, v in b.items())  # new keys, new values
+    for c in added:
+        assert c.added is not None
+        key = c.added.split(b" ")[0].decode()
+        after = sorted(k for k in a if k > key)  # a changed key's old line went out first
+        assert c.following == (f"{after[0]} {a[after[0]]}\n".encode() if after else None)
+    with pytest.raises(VerificationError, match="past the end"):
+        _apply(tmp_path, MAGIC + b"=9\n")
+    with pytest.raises(VerificationError, match="goes on after"):
+        _apply(tmp_path, MAGIC + b"=3\n")
