@@ -5,8 +5,10 @@
     STATE/mx/releases/41/    MANIFEST.json, MANIFEST.json.sig, text maps (as verified at install)
     STATE/mx/releases/42/    ...
 
-Each kept release is a copy in files of its own, never hard links to the live set: a
-swapped-out live inode must die at the swap so a running Postfix notices (MAIL-FACTS.md).
+A kept release never shares an inode with the live set: a swapped-out live inode must die
+at the swap so a running Postfix notices (MAIL-FACTS.md). Its text maps are hard links to the
+verified text in the agent's private staging (which becomes the rsync basis, whose files
+nobody rewrites in place: rsync and patches make new ones), else private copies.
 Only text is kept; ``rollback`` builds the cdb files again and proves them equal by sha256,
 and verifies signature and every hash first, so a copy damaged here is refused, not installed.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from stat import S_ISREG
 
 from mapsync.atomic import commit_dir, copy_into
 from mapsync.release import MANIFEST, SIGNATURE, Manifest
@@ -58,8 +61,10 @@ class KeptReleases:
             shutil.rmtree(tmp, ignore_errors=True)  # a killed run's half copy
             tmp.mkdir(mode=0o700)
             try:
-                for name in (MANIFEST, SIGNATURE, *sorted(manifest.files())):
-                    _copy_private(src / name, tmp / name)  # a new inode, never a link
+                for name in (MANIFEST, SIGNATURE):
+                    _copy_private(src / name, tmp / name)
+                for name in sorted(manifest.files()):
+                    _link_private(src / name, tmp / name)
                 commit_dir(tmp, final)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -92,6 +97,19 @@ def _copy_private(src: Path, dst: Path) -> None:
         copy_into(src, fd)
     finally:
         os.close(fd)
+
+
+def _link_private(src: Path, dst: Path) -> None:
+    """``dst`` as a hard link to ``src`` where that is a regular file of this process's user
+    that only it can read; else (another file system, another owner or mode) a copy."""
+    try:
+        st = os.lstat(src)
+        if S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o077:
+            os.link(src, dst, follow_symlinks=False)
+            return
+    except OSError:
+        pass
+    _copy_private(src, dst)
 
 
 def _make_private(directory: Path) -> None:
