@@ -10,11 +10,14 @@ From each source: ``LATEST`` first (at most :data:`~mapsync.release.MAX_LATEST_B
 the caller's decision looks at (the serial floor, a pin, the installed serial: ``pull``); only
 when that decides nothing, the release it names into a private staging area, in three steps
 (:func:`fetch_release`), verified (:mod:`mapsync.agent.checks`) and returned as a
-:class:`~mapsync.release.verify.VerifiedRelease`, not yet installed.
+:class:`~mapsync.release.verify.VerifiedRelease`, not yet installed. With a basis, ``LATEST``
+comes in one rsync with the manifest and patches of the serial after the basis's
+(:func:`_guess`), which the steps then take instead of fetching them when ``LATEST`` names it.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -37,6 +40,9 @@ from mapsync.release import (
     Manifest,
     is_secret,
     parse_latest,
+    parse_manifest,
+    patch_dir,
+    patch_file,
     release_dir,
 )
 from mapsync.transport import Remote, parse_source
@@ -161,7 +167,23 @@ def _ask_remote(node: NodeChannel, remote: Remote, decide: Decide[R], pushed: bo
     shutil.rmtree(paths.incoming, ignore_errors=True)
     paths.incoming.mkdir(mode=0o700)
 
-    received = remote.fetch_file(LATEST, paths.incoming / LATEST, max_size=MAX_LATEST_BYTES)
+    guess = _guess(paths.basis)
+    ahead = None
+    if guess is None:
+        received = remote.fetch_file(LATEST, paths.incoming / LATEST, max_size=MAX_LATEST_BYTES)
+    else:
+        # With LATEST, in the same rsync, what the next release needs if it is the one after
+        # the basis (the common case: one new release): its manifest and its patches.
+        ahead = paths.incoming / "ahead"
+        ahead.mkdir(mode=0o700)
+        received = remote.fetch_paths([LATEST, *guess[1]], ahead, MAX_MANIFEST_BYTES)
+        got = ahead / LATEST
+        if got.is_file() and os.lstat(got).st_size <= MAX_LATEST_BYTES:
+            os.rename(got, paths.incoming / LATEST)
+        else:  # missing or not what a LATEST can be: asked for alone, for its error
+            received += remote.fetch_file(
+                LATEST, paths.incoming / LATEST, max_size=MAX_LATEST_BYTES
+            )
     where = f"{remote.source}/{LATEST}"
     try:
         data = (paths.incoming / LATEST).read_bytes()
@@ -184,8 +206,10 @@ def _ask_remote(node: NodeChannel, remote: Remote, decide: Decide[R], pushed: bo
     staging.mkdir(mode=0o700)
     where = f"{remote.source}/{release_dir(latest.serial)}"
     keys = trusted_keys(node.cfg)
+    if guess is None or guess[0] != latest.serial:
+        ahead = None
     release, moved = fetch_release(
-        remote, latest, ch, keys, staging, paths.basis, where, pushed=pushed
+        remote, latest, ch, keys, staging, paths.basis, where, pushed=pushed, ahead=ahead
     )
     received += moved
     try:
@@ -218,6 +242,20 @@ def _ask_remote(node: NodeChannel, remote: Remote, decide: Decide[R], pushed: bo
     return Answer(remote.source, received, release=release)
 
 
+def _guess(basis: Path) -> tuple[int, list[str]] | None:
+    """The release most likely next (the serial after the basis's) and the files of it to
+    ask for with LATEST: its manifest, signature and the patches of the basis's maps. None
+    without a readable basis."""
+    try:
+        base = parse_manifest((basis / MANIFEST).read_bytes(), str(basis / MANIFEST))
+    except (OSError, MapsyncError):
+        return None
+    serial = base.serial + 1
+    files = [f"{release_dir(serial)}/{MANIFEST}", f"{release_dir(serial)}/{SIGNATURE}"]
+    files += [f"{patch_dir(serial)}/{patch_file(m.file)}" for _, m in sorted(base.maps.items())]
+    return serial, files
+
+
 def fetch_release(
     remote: Remote,
     latest: Latest,
@@ -228,6 +266,7 @@ def fetch_release(
     where: str,
     *,
     pushed: bool = False,
+    ahead: Path | None = None,
 ) -> tuple[VerifiedRelease, int]:
     """Fetch release ``latest.serial`` in three steps, so a hostile or broken repository
     cannot fill this node's disk before anything is checked: the manifest and its signature
@@ -239,12 +278,22 @@ def fetch_release(
 
     ``pushed``: a push inbox, where a map the push carried a patch for is left out of the
     release (:mod:`mapsync.transport.inbox`): it must then come from its patch, or the
-    release is refused as missing it (the next poll of the source fetches it)."""
+    release is refused as missing it (the next poll of the source fetches it).
+
+    ``ahead``: where the files fetched with LATEST for this release lie (its manifest,
+    signature and patches, each no larger than a manifest may be): taken from there."""
     from mapsync.agent.checks import read_signed
     from mapsync.agent.patching import fetch_patched
 
     directory = release_dir(latest.serial)
-    moved = remote.fetch_files(directory, [MANIFEST, SIGNATURE], staging, None, MAX_MANIFEST_BYTES)
+    if ahead is not None and all((ahead / f).is_file() for f in (MANIFEST, SIGNATURE)):
+        for f in (MANIFEST, SIGNATURE):
+            os.rename(ahead / f, staging / f)
+        moved = 0  # counted with LATEST
+    else:
+        moved = remote.fetch_files(
+            directory, [MANIFEST, SIGNATURE], staging, None, MAX_MANIFEST_BYTES
+        )
     if not (staging / MANIFEST).exists():
         # rsync leaves out a file over --max-size and exits 0: tell "too large" from missing.
         try:
@@ -283,7 +332,7 @@ def fetch_release(
         # Patches against the basis where it is their serial (mapsync.agent.patching); what
         # they cannot give, rsync fetches below, delta-encoded against the basis as ever.
         patched = fetch_patched(
-            remote, manifest, basis, staging, staging.with_name("patches"), ch.name
+            remote, manifest, basis, staging, staging.with_name("patches"), ch.name, ahead
         )
         have, moved = patched.files, moved + patched.moved
         proven = frozenset(manifest.maps[name].file for name in patched.patched)

@@ -65,10 +65,12 @@ def fetch_patched(
     staging: Path,
     area: Path,
     channel: str,
+    ahead: Path | None = None,
 ) -> Patched:
     """Put into ``staging`` every text map of ``manifest`` that the basis gives: unchanged
-    ones linked, changed ones patched (their patches fetched into ``area``). On any failure
-    of a patch, nothing: the caller's rsync fetches every map."""
+    ones linked, changed ones patched (their patches fetched into ``area``, or taken from
+    ``ahead`` where they came with LATEST). On any failure of a patch, nothing: the
+    caller's rsync fetches every map."""
     base = basis_manifest(basis)
     if base is None:
         return Patched()
@@ -87,7 +89,7 @@ def fetch_patched(
     done = Patched()
     where = f"{remote.source}/{patch_dir(manifest.serial)}"
     try:
-        _patch(remote, manifest, basis, staging, area, patches, where, done)
+        _patch(remote, manifest, basis, staging, area, patches, where, done, ahead)
     except (VerificationError, TransportError) as exc:
         for f in done.files:
             (staging / f).unlink(missing_ok=True)
@@ -125,16 +127,26 @@ def _patch(
     names: list[str],
     where: str,
     done: Patched,
+    ahead: Path | None,
 ) -> None:
-    """Fetch the patches of maps ``names`` into ``area``, check them against the manifest and
-    apply each to its basis text into ``staging``; VerificationError at the first problem."""
+    """Fetch the patches of maps ``names`` into ``area`` (those not in ``ahead``), check them
+    against the manifest and apply each to its basis text into ``staging``;
+    VerificationError at the first problem."""
     shutil.rmtree(area, ignore_errors=True)
     area.mkdir(mode=0o700)
     infos = {name: manifest.patches[name] for name in names}
-    largest = max(p.size for p in infos.values())
-    files = sorted(p.file for p in infos.values())
+    files = []
+    for p in sorted(infos.values(), key=lambda p: p.file):
+        if ahead is not None and (ahead / p.file).is_file():
+            os.rename(ahead / p.file, area / p.file)  # checked below like a fetched one
+        else:
+            files.append(p.file)
     try:
-        done.moved += remote.fetch_files(patch_dir(manifest.serial), files, area, None, largest + 1)
+        if files:
+            largest = max(p.size for p in infos.values() if p.file in files)
+            done.moved += remote.fetch_files(
+                patch_dir(manifest.serial), files, area, None, largest + 1
+            )
     except TransportError as exc:
         if "No such file or directory" in str(exc):  # rsync: no patches/<serial>/ there
             raise PatchMissing(f"{where}: not at this source") from None

@@ -135,11 +135,18 @@ def stoppable(transfers: Transfers) -> Iterator[None]:
 OUTPUT_LIMIT = 8 * 1024 * 1024  # bytes of rsync's output read back (a listing, --stats)
 
 
-def run(argv: list[str], timeout: int, transfers: Transfers | None = None) -> str:
+PARTIAL = 23  # rsync's exit code when some of the files asked for could not be sent
+
+
+def run(
+    argv: list[str], timeout: int, transfers: Transfers | None = None, *, partial: bool = False
+) -> str:
     """Run rsync ``argv`` (without the program name) with :func:`mapsync.process.run`; the one
     rsync call of mapsync's transport. ``transfers``: the job this rsync belongs to, which may
     stop it (by default the one :func:`stoppable` set, if any). An rsync interrupted by a
-    signal gets SIGTERM (it removes its temporary file), then SIGKILL after 2 seconds."""
+    signal gets SIGTERM (it removes its temporary file), then SIGKILL after 2 seconds.
+    ``partial``: exit 23 (a file or its directory missing at the source: what was there
+    came) is no error; the caller looks at what came."""
     if transfers is None:
         transfers = _job.get()
     _log.debug("rsync", argv=argv)
@@ -149,7 +156,7 @@ def run(argv: list[str], timeout: int, transfers: Transfers | None = None) -> st
         raise TransportError("rsync is not installed (apt-get install rsync)") from None
     except OSError as exc:
         raise TransportError(f"rsync could not be started ({exc.strerror or exc})") from None
-    if done.returncode == 0:
+    if done.returncode == 0 or (partial and done.returncode == PARTIAL and not done.timed_out):
         if done.stdout_size > OUTPUT_LIMIT:
             # A listing no release has: a hostile or broken source, not read into memory.
             raise TransportError(
@@ -304,14 +311,33 @@ class Remote:
         # name, not an rsync error (--ignore-missing-args). Not recursive: a directory served
         # under a file's name is skipped, not copied file by file (each under --max-size) until
         # the disk is full.
+        return self._fetch([f"{name}/{f}" for f in files], dest, basis, max_size, block)
+
+    def fetch_paths(self, paths: list[str], dest: Path, max_size: int) -> int:
+        """Copy the remote files ``paths`` (relative to the source, from any of its
+        directories) into ``dest``, side by side under their own names, in one rsync; one
+        missing, or its directory, is left out. For what may or may not be there yet (the
+        agent's guess at the next release, asked for with ``LATEST``)."""
+        return self._fetch(paths, dest, None, max_size, None, partial=True)
+
+    def _fetch(
+        self,
+        paths: list[str],
+        dest: Path,
+        basis: Path | None,
+        max_size: int,
+        block: int | None,
+        *,
+        partial: bool = False,
+    ) -> int:
         extra = ["--no-recursive", "--ignore-missing-args"]
         if basis is not None and basis.is_dir():
             extra.append(f"--link-dest={basis.resolve()}")
             if block is not None:
                 extra.append(f"--block-size={block}")
-        sources = [f"{self.endpoint.base}/{name}/{f}" for f in files]
-        out = run(self._argv(*extra, *sources, f"{dest}/", max_size=str(max_size)), self.timeout)
-        return wire_bytes(out)
+        sources = [f"{self.endpoint.base}/{p}" for p in paths]
+        argv = self._argv(*extra, *sources, f"{dest}/", max_size=str(max_size))
+        return wire_bytes(run(argv, self.timeout, partial=partial))
 
 
 # `rsync --list-only`: "-rw-r--r--          2,209 2026/11/22 06:53:38 MANIFEST.json"

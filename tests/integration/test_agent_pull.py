@@ -360,7 +360,7 @@ class _FakeRun:
     def __init__(self) -> None:
         self.calls: list[tuple[list[str], int]] = []
 
-    def __call__(self, argv: list[str], timeout: int) -> str:
+    def __call__(self, argv: list[str], timeout: int, *, partial: bool = False) -> str:
         self.calls.append((argv, timeout))
         return "Number of files: 1\nTotal bytes sent: 1,234\nTotal bytes received: 56,789\n"
 

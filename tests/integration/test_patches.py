@@ -65,9 +65,15 @@ def test_one_new_account_moves_only_the_patches(big: Cluster, tmp_path: Path) ->
         moved = wire(p.stdout)
         assert lookup(big, new) == "OK"
         assert "patches not used" not in p.stderr
-        assert "rsync on mapsync/mx/patches/2/" in d.log.read_text()
+        asked = [x.split("rsync on ")[1] for x in d.log.read_text().splitlines() if "rsync on" in x]
     finally:
         d.stop()
+    # Two connections: LATEST with the manifest and patches of the serial after the node's
+    # (asked for before LATEST says it is the one), then the release's listing.
+    assert len(asked) == 2, asked
+    assert asked[0].startswith("mapsync/mx/LATEST mapsync/mx/releases/2/MANIFEST.json ")
+    assert "mapsync/mx/patches/2/recipients.patch" in asked[0]
+    assert asked[1].startswith("mapsync/mx/releases/2/ ")
     manifest = parse_manifest((_release(big, 2) / MANIFEST).read_bytes(), "test")
     assert set(manifest.patches) == {"recipients"}  # the one map the account changed
     assert all(p.base == 1 for p in manifest.patches.values())
@@ -181,21 +187,32 @@ def test_a_tampered_patch_falls_back_to_the_text(big: Cluster, tmp_path: Path) -
     _same_as_release(big, 2)
 
 
-def test_a_grown_patch_is_warned_about_and_the_text_fetched(big: Cluster, tmp_path: Path) -> None:
-    """A patch longer than the manifest says never crosses (rsync's --max-size): the node
-    warns, as for any altered patch, rather than taking the source for one without patches."""
+@pytest.mark.parametrize(
+    ("grown", "why"),
+    [
+        # Asked for with LATEST (up to a manifest's 1 MiB): refused by its size and hash.
+        (b"+evil@example-1.org OK\n", "sha256 or size differ from the manifest's"),
+        # Past that it never crosses (rsync's --max-size), then or when asked for again.
+        (b"+evil@example-1.org OK\n" * 100_000, "larger than the manifest's"),
+    ],
+)
+def test_a_grown_patch_is_warned_about_and_the_text_fetched(
+    big: Cluster, tmp_path: Path, grown: bytes, why: str
+) -> None:
+    """A patch longer than the manifest says is refused before it is applied: the node warns,
+    as for any altered patch, rather than taking the source for one without patches."""
     d = _serve(big, big.repo, tmp_path / "rsyncd")
     try:
         new = add_account(big, "zz-grown", "example-7.org")
         big.publish()
         with open(big.repo / "mx" / "patches" / "2" / "recipients.patch", "ab") as fh:
-            fh.write(b"+evil@example-1.org OK\n")
+            fh.write(grown)
         p = big.pull()
     finally:
         d.stop()
     assert "installed serial 2" in p.stdout
     (line,) = [x for x in p.stderr.splitlines() if "patches not used" in x]
-    assert "[warning" in line and "larger than the manifest's" in line
+    assert "[warning" in line and why in line
     assert lookup(big, new) == "OK"
     assert lookup(big, "evil@example-1.org") is None
     _same_as_release(big, 2)
@@ -228,7 +245,7 @@ def test_a_mirror_serves_the_patches_and_the_node_uses_them(big: Cluster, tmp_pa
         p = big.pull()
     finally:
         d.stop()
-    assert "rsync on mapsync/mx/patches/2/" in d.log.read_text()
+    assert "mapsync/mx/patches/2/recipients.patch" in d.log.read_text()
     assert "patches not used" not in p.stderr
     assert wire(p.stdout) < 3000
     assert lookup(big, new) == "OK"
