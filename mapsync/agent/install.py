@@ -59,6 +59,7 @@ def install(
     *,
     renewal: bool = False,
     pin: int | None = None,
+    reuse: bool = False,
 ) -> bool:
     """Build the set of ``release`` from its verified text and swap it in as ``node``'s live
     set (which the node then reports as installed).
@@ -68,7 +69,9 @@ def install(
     owner, group or mode the ``files`` settings give is built again from ``src`` instead, as
     a new file: a hard link *is* the live inode, and changing it would change the live map
     before the swap (and for good, if the swap then failed). ``pin`` records a rollback's pin
-    in the state before the swap, so a run killed after the swap cannot forget it.
+    in the state before the swap, so a run killed after the swap cannot forget it. ``reuse``
+    (a new release): a map it did not change keeps its live inodes, as in a renewal, where
+    they are intact (:func:`build_set`).
     """
     ch, live, state = node.ch, node.live, node.state
     src, manifest = release.path, release.manifest
@@ -116,7 +119,9 @@ def install(
                 build_set(release, built, cur, owners, ch)
                 same = False
         else:
-            build_set(release, built, live.current(), owners, ch)
+            # Never with a check command: it is handed the built set and may write to it, and
+            # a linked file is the live inode.
+            build_set(release, built, live.current(), owners, ch, reuse=reuse and not ch.check)
         for f in (MANIFEST, SIGNATURE):
             shutil.copyfile(src / f, built / f)
             os.chmod(built / f, 0o644)
@@ -322,13 +327,38 @@ def build_set(
     previous: Path | None,
     owners: dict[str, Ownership],
     ch: AgentChannel,
+    *,
+    reuse: bool = False,
 ) -> None:
     """Copy the verified text of ``release`` into ``built`` and build each cdb; prove cdb
-    hashes equal. A map's cdb gets the same owner, group and mode as its text."""
+    hashes equal. A map's cdb gets the same owner, group and mode as its text. ``reuse``: a
+    map whose files in ``previous`` (the live set) are already the manifest's, by size and
+    sha256, with the owner, group and mode a built one gets, is linked from there instead:
+    nothing to build, and no daemon sees a new file for it."""
     now = time.time()
     for name, m in sorted(release.manifest.maps.items()):
+        if reuse and previous is not None and _link_unchanged(previous, m, owners[name], built):
+            continue
         edits = release.cdb_edits.get(name)
         build_map(release.path, name, m, built, previous, owners[name], ch, now, edits)
+
+
+def _link_unchanged(live: Path, m: MapEntry, own: Ownership, built: Path) -> bool:
+    """Hard-link map ``m``'s files from ``live`` into ``built`` if they are the manifest's
+    (sizes first: a changed map is seldom hashed) and have ownership ``own``; whether it did."""
+    files = [file for file, _, _ in m.installed_files()]
+    try:
+        if any((live / f).stat().st_size != size for f, _, size in m.installed_files()):
+            return False
+        if not _intact(live, m) or not all(_has_ownership(live / f, own, built) for f in files):
+            return False
+        for f in files:
+            os.link(live / f, built / f)
+    except FileNotFoundError:
+        for f in files:
+            (built / f).unlink(missing_ok=True)
+        return False
+    return True
 
 
 def build_map(

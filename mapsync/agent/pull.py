@@ -211,7 +211,7 @@ def _install(node: NodeChannel, current: Manifest | None, answer: Answer[PullRes
     manifest, staging = release.manifest, release.path
     warn_if_exposed(ch, manifest, answer.source)
     same = current is not None and same_maps(manifest.maps, current.maps, identical=True)
-    same = install(node, release, renewal=same)
+    same = install(node, release, renewal=same, reuse=True)
     keep(node, staging, manifest)
     promote_basis(node, staging, manifest)
     action = "renewed" if same else "installed"

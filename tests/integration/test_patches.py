@@ -103,6 +103,7 @@ def test_a_changed_cdb_is_the_live_one_changed_in_place(big: Cluster, tmp_path: 
         conn.execute(insert(t.alias_target).values(alias_id=alias_id, target="zz-new@example.net"))
     engine.dispose()
     assert lookup(big, gone) == "OK"
+    unchanged = {f: (big.target / f).stat().st_ino for f in ("domains", "domains.cdb")}
     before = lookup(big, alias, "virtual")
     assert before is not None and "zz-new@example.net" not in before
     d = _serve(big, big.repo, tmp_path / "rsyncd")
@@ -118,6 +119,8 @@ def test_a_changed_cdb_is_the_live_one_changed_in_place(big: Cluster, tmp_path: 
     }
     assert changed == {"recipients", "virtual"}, p.stderr
     assert "building it whole" not in p.stderr
+    # A map the release did not change keeps its live inodes: nothing built, nothing new.
+    assert {f: (big.target / f).stat().st_ino for f in unchanged} == unchanged
     assert (lookup(big, first), lookup(big, last), lookup(big, gone)) == ("OK", "OK", None)
     assert "zz-new@example.net" in (lookup(big, alias, "virtual") or "")
     manifest = parse_manifest((_release(big, 2) / MANIFEST).read_bytes(), "test")
