@@ -9,7 +9,7 @@ from mapsync import log
 from mapsync.formats import text
 from mapsync.publish.repository import Staging
 from mapsync.release import Manifest, MapEntry, PatchInfo, patch_file
-from mapsync.release.patch import NoPatch, make_patch
+from mapsync.release.patch import KeyCounts, NoPatch, make_patch
 
 _log = log.get("publisher")
 
@@ -20,27 +20,28 @@ MAX_SHARE = 4
 
 def write_patch(
     name: str, entry: MapEntry, last: Manifest, last_dir: Path, staging: Staging, sep: str
-) -> PatchInfo | None:
+) -> tuple[PatchInfo | None, KeyCounts | None]:
     """The patch of map ``name`` (``entry``, staged in ``staging``) from release ``last``
-    (in ``last_dir``), written into ``staging.patches``; None when the map is unchanged,
-    new, the previous text is gone, or a patch would not pay."""
+    (in ``last_dir``), written into ``staging.patches`` (None when the map is unchanged,
+    new, the previous text is gone, or a patch would not pay), and the keys it adds,
+    removes and changes, where the two texts were compared (the plan's counts)."""
     old = last.maps.get(name)
     if old is None or old.sha256 == entry.sha256:
-        return None
+        return None, None
     old_path = last_dir / old.file
     if not old_path.is_file():
-        return None
+        return None, None
     staging.patches.mkdir(exist_ok=True)
     path = staging.patches / patch_file(entry.file)
     try:
         with open(path, "wb") as out:
-            make_patch(old_path, staging.path / entry.file, out, sep.encode())
+            counts = make_patch(old_path, staging.path / entry.file, out, sep.encode())
     except NoPatch as exc:
         _log.info("no patch for this map", channel=staging.channel, map=name, reason=str(exc))
         path.unlink()
-        return None
+        return None, None
     digest, size = text.sha256_file(path)
     if size * MAX_SHARE > entry.size:
         path.unlink()
-        return None
-    return PatchInfo(last.serial, path.name, digest, size)
+        return None, counts
+    return PatchInfo(last.serial, path.name, digest, size), counts

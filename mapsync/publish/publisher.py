@@ -61,6 +61,7 @@ from mapsync.release import (
     same_maps,
     utcnow,
 )
+from mapsync.release.patch import KeyCounts
 from mapsync.release.verify import verify_release
 from mapsync.signing import key_id, load_private, load_public, public_path
 from mapsync.snapshot import (
@@ -972,13 +973,15 @@ class Publisher:
         def render(
             name: str, staging: Staging, last: Manifest | None, last_dir: Path | None
         ) -> tuple[MapEntry, MapPlan, PatchInfo | None]:
-            entry, map_plan = self._render(
+            entry, old_path = self._render(
                 name, ch, view.directory, staging.path, staging.serial, last, last_dir
             )
-            found = None
+            found, counts = None, None
             if last is not None and last_dir is not None:
-                found = write_patch(name, entry, last, last_dir, staging, self.maps[name].separator)
-            return entry, map_plan, found
+                sep = self.maps[name].separator
+                found, counts = write_patch(name, entry, last, last_dir, staging, sep)
+            old = last.maps.get(name) if last else None
+            return entry, self._plan(name, entry, old, old_path, staging.path, counts), found
 
         return self._staged(ch, render, view.skipped, snap.fingerprint, source, stagings)
 
@@ -1061,7 +1064,10 @@ class Publisher:
         serial: int,
         last: Manifest | None,
         last_dir: Path | None,
-    ) -> tuple[MapEntry, MapPlan]:
+    ) -> tuple[MapEntry, Path | None]:
+        """Map ``name`` of ``ch`` written into ``staging`` (text and cdb): its manifest entry
+        (the previous release's when the content is the same, its file copied as it is), and
+        the previous release's text of it, if any."""
         spec = self.maps[name]
         path = staging / name
         value = spec.constant_value  # one value for all: rendered from the keys alone
@@ -1091,14 +1097,30 @@ class Publisher:
             # check skips it against the agent's basis), so agents see equal hashes.
             shutil.copy2(old_path, path)
             entry = replace(old, forced=False)
-        if old is not None and entry.same_content(old):
-            map_plan = MapPlan(name, old.entries, entry.entries, 0, 0, 0)
-        else:
-            map_plan = diff_files(
-                name, old_path, path, old.entries if old else 0, entry.entries, spec.separator
-            )
         _log.debug("rendered map", channel=ch.name, map=name, entries=entry.entries)
-        return entry, map_plan
+        return entry, old_path
+
+    def _plan(
+        self,
+        name: str,
+        entry: MapEntry,
+        old: MapEntry | None,
+        old_path: Path | None,
+        staging: Path,
+        counts: KeyCounts | None,
+    ) -> MapPlan:
+        """Map ``name``'s plan: entries before and after, and the keys added, removed and
+        changed — as the patch's walk over both texts counted them (``counts``), else by
+        comparing the two files."""
+        if old is not None and entry.same_content(old):
+            return MapPlan(name, old.entries, entry.entries, 0, 0, 0)
+        if old is not None and counts is not None:
+            return MapPlan(
+                name, old.entries, entry.entries, counts.added, counts.removed, counts.changed
+            )
+        separator = self.maps[name].separator
+        before = old.entries if old else 0
+        return diff_files(name, old_path, staging / name, before, entry.entries, separator)
 
     def _guard(self, staged: _Staged, force: bool) -> list[Violation]:
         if staged.plan.action != "publish":

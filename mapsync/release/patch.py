@@ -62,13 +62,22 @@ def _lines(fh: BinaryIO, where: Path) -> Iterator[bytes]:
         yield line
 
 
-def make_patch(old: Path, new: Path, out: BinaryIO, sep: bytes = b" ") -> int:
+@dataclass(frozen=True)
+class KeyCounts:
+    """How many keys of a text map's body a patch adds, removes, and gives another value."""
+
+    added: int
+    removed: int
+    changed: int
+
+
+def make_patch(old: Path, new: Path, out: BinaryIO, sep: bytes = b" ") -> KeyCounts:
     """Write to ``out`` the patch from text map ``old`` to ``new`` (both sorted by key, split
-    at ``sep``, under ``#`` header lines), reading each once; return the number of changed
-    lines. :class:`NoPatch` when the files are not what a patch can express."""
+    at ``sep``, under ``#`` header lines), reading each once; return the keys it adds,
+    removes and changes. :class:`NoPatch` when the files are not what a patch can express."""
     out.write(MAGIC)
     same = 0
-    changed = 0
+    keys = {b"+": 0, b"-": 0, b"~": 0}  # body keys added, removed, changed
 
     def flush() -> None:
         nonlocal same
@@ -77,12 +86,10 @@ def make_patch(old: Path, new: Path, out: BinaryIO, sep: bytes = b" ") -> int:
             same = 0
 
     def emit(op: bytes, line: bytes) -> None:
-        nonlocal changed
         if len(line) > MAX_LINE or b"\0" in line or b"\r" in line:
             raise NoPatch(f"a line of {len(line)} bytes, or with NUL or CR")
         flush()
         out.write(op + line)
-        changed += 1
 
     with open(old, "rb") as fo, open(new, "rb") as fn:
         a, b = _lines(fo, old), _lines(fn, new)
@@ -122,6 +129,7 @@ def make_patch(old: Path, new: Path, out: BinaryIO, sep: bytes = b" ") -> int:
             if ky is None or (kx is not None and kx < ky):
                 assert x is not None
                 emit(b"-", x)
+                keys[b"-"] += 1
                 x = next(a, None)
                 continue
             assert y is not None
@@ -130,13 +138,16 @@ def make_patch(old: Path, new: Path, out: BinaryIO, sep: bytes = b" ") -> int:
             if kx == ky:
                 assert x is not None
                 emit(b"-", x)  # a changed entry: its old line out, its new line in
+                keys[b"~"] += 1
                 x = next(a, None)
+            else:
+                keys[b"+"] += 1
             emit(b"+", y)
             prev, added = y, True
             y = next(b, None)
         # The closing '=' (possibly =0) says where the old file ends.
         out.write(b"=%d\n" % same)
-    return changed
+    return KeyCounts(keys[b"+"], keys[b"-"], keys[b"~"])
 
 
 def _bad(where: str, number: int, why: str) -> VerificationError:

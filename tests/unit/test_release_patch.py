@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from mapsync.errors import VerificationError
 from mapsync.formats import text
+from mapsync.publish.plan import diff_files
 from mapsync.release import patch as patch_module
 from mapsync.release.patch import MAGIC, MAX_LINE, Change, NoPatch, apply_patch, make_patch
 
@@ -24,7 +25,14 @@ def _map(path: Path, serial: int, entries: dict[str, str], sep: str = " ") -> Pa
 def _roundtrip(tmp: Path, old: Path, new: Path, sep: str = " ") -> bytes:
     patch = tmp / "p.patch"
     with open(patch, "wb") as out:
-        make_patch(old, new, out, sep.encode())
+        counts = make_patch(old, new, out, sep.encode())
+    # The keys it counts are the plan's (publish uses them instead of comparing the files).
+    plan = diff_files("recipients", old, new, 0, 0, sep)
+    assert (counts.added, counts.removed, counts.changed) == (
+        plan.added,
+        plan.removed,
+        plan.changed,
+    )
     out2 = io.BytesIO()
     digest, size = apply_patch(old, patch, out2, "p.patch", sep.encode())
     assert (digest, size) == text.sha256_file(new)
