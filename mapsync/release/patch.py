@@ -20,7 +20,10 @@ line.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import mmap
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +34,7 @@ from mapsync.errors import VerificationError
 MAGIC = b"mapsync-patch 1\n"
 MAX_LINE = 64 * 1024  # bytes of one map line in a patch (a longer one: no patch is written)
 CHUNK = 1 << 20
+COMPARE_BLOCK = 1 << 16  # bytes compared at once where old and new text agree
 
 
 @dataclass(frozen=True)
@@ -55,11 +59,47 @@ def _is_header(line: bytes) -> bool:
     return line.startswith(b"#")
 
 
-def _lines(fh: BinaryIO, where: Path) -> Iterator[bytes]:
-    for line in fh:
-        if not line.endswith(b"\n"):
-            raise NoPatch(f"{where}: last line has no newline")
-        yield line
+@contextlib.contextmanager
+def _mapped(path: Path) -> Iterator[mmap.mmap | bytes]:
+    """The bytes of ``path``, mapped (not read into this process's memory)."""
+    with open(path, "rb") as fh:
+        if os.fstat(fh.fileno()).st_size == 0:
+            yield b""
+            return
+        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            yield data
+
+
+def _line(data: mmap.mmap | bytes, pos: int) -> bytes | None:
+    """The line of ``data`` starting at ``pos`` (with its newline); None at the end."""
+    if pos >= len(data):
+        return None
+    return data[pos : data.find(b"\n", pos) + 1]
+
+
+def _common(a: mmap.mmap | bytes, i: int, b: mmap.mmap | bytes, j: int) -> int:
+    """How many bytes ``a`` from ``i`` and ``b`` from ``j`` have in common: compared a block
+    at a time (memcmp speed), the first differing block halved down to the byte."""
+    n = min(len(a) - i, len(b) - j)
+    k = 0
+    while k < n:
+        size = min(COMPARE_BLOCK, n - k)
+        if a[i + k : i + k + size] == b[j + k : j + k + size]:
+            k += size
+            continue
+        lo, hi = k, k + size  # they differ first somewhere in [lo, hi)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if a[i + lo : i + mid] == b[j + lo : j + mid]:
+                lo = mid
+            else:
+                hi = mid
+        return lo
+    return n
+
+
+def _count_lines(data: mmap.mmap | bytes, start: int, end: int) -> int:
+    return sum(data[pos : min(pos + CHUNK, end)].count(b"\n") for pos in range(start, end, CHUNK))
 
 
 @dataclass(frozen=True)
@@ -91,9 +131,12 @@ def make_patch(old: Path, new: Path, out: BinaryIO, sep: bytes = b" ") -> KeyCou
         flush()
         out.write(op + line)
 
-    with open(old, "rb") as fo, open(new, "rb") as fn:
-        a, b = _lines(fo, old), _lines(fn, new)
-        x, y = next(a, None), next(b, None)
+    with _mapped(old) as a, _mapped(new) as b:
+        for data, where in ((a, old), (b, new)):
+            if data and data[-1:] != b"\n":
+                raise NoPatch(f"{where}: last line has no newline")
+        i = j = 0  # where the next line of each file starts
+        x, y = _line(a, i), _line(b, j)
         # The header: the leading '#' lines, compared in place.
         while x is not None and _is_header(x) and y is not None and _is_header(y):
             if x == y:
@@ -101,13 +144,16 @@ def make_patch(old: Path, new: Path, out: BinaryIO, sep: bytes = b" ") -> KeyCou
             else:
                 emit(b"-", x)
                 emit(b"+", y)
-            x, y = next(a, None), next(b, None)
+            i, j = i + len(x), j + len(y)
+            x, y = _line(a, i), _line(b, j)
         while x is not None and _is_header(x):
             emit(b"-", x)
-            x = next(a, None)
+            i += len(x)
+            x = _line(a, i)
         while y is not None and _is_header(y):
             emit(b"+", y)
-            y = next(b, None)
+            j += len(y)
+            y = _line(b, j)
         prev: bytes | None = None  # the last body line of the new file written
         added = False  # prev was added: the next line copied must sort after it
         while True:
@@ -115,12 +161,15 @@ def make_patch(old: Path, new: Path, out: BinaryIO, sep: bytes = b" ") -> KeyCou
                 if x is None:
                     break
                 if added:
-                    if _key(y, sep) <= _key(prev, sep):  # type: ignore[arg-type]
+                    if _key(x, sep) <= _key(prev, sep):  # type: ignore[arg-type]
                         raise NoPatch("lines are not sorted by key")
                     added = False
-                same += 1
-                prev = y
-                x, y = next(a, None), next(b, None)
+                # ... and every line after it that both have: skipped at memcmp speed
+                end = a.rfind(b"\n", i, i + _common(a, i, b, j)) + 1
+                same += _count_lines(a, i, end)
+                prev = a[max(a.rfind(b"\n", i, end - 1) + 1, i) : end]
+                i, j = end, j + (end - i)
+                x, y = _line(a, i), _line(b, j)
                 continue
             if (x is not None and _is_header(x)) or (y is not None and _is_header(y)):
                 raise NoPatch("a '#' line after the header")
@@ -130,7 +179,8 @@ def make_patch(old: Path, new: Path, out: BinaryIO, sep: bytes = b" ") -> KeyCou
                 assert x is not None
                 emit(b"-", x)
                 keys[b"-"] += 1
-                x = next(a, None)
+                i += len(x)
+                x = _line(a, i)
                 continue
             assert y is not None
             if prev is not None and ky <= _key(prev, sep):
@@ -139,12 +189,14 @@ def make_patch(old: Path, new: Path, out: BinaryIO, sep: bytes = b" ") -> KeyCou
                 assert x is not None
                 emit(b"-", x)  # a changed entry: its old line out, its new line in
                 keys[b"~"] += 1
-                x = next(a, None)
+                i += len(x)
+                x = _line(a, i)
             else:
                 keys[b"+"] += 1
             emit(b"+", y)
             prev, added = y, True
-            y = next(b, None)
+            j += len(y)
+            y = _line(b, j)
         # The closing '=' (possibly =0) says where the old file ends.
         out.write(b"=%d\n" % same)
     return KeyCounts(keys[b"+"], keys[b"-"], keys[b"~"])

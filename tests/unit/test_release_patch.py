@@ -77,6 +77,24 @@ def test_unsorted_files_make_no_patch(tmp_path: Path) -> None:
         make_patch(old, new, io.BytesIO())
 
 
+@pytest.mark.parametrize(
+    "new",
+    [
+        {"k": "1", "b": "1", "z": "1"},  # b after k, which both files have: checked against k
+        {"a": "1", "b": "1", "k": "1", "c": "2", "z": "1"},  # c after a run of common lines
+    ],
+)
+def test_a_line_out_of_order_after_common_lines_makes_no_patch(
+    tmp_path: Path, new: dict[str, str]
+) -> None:
+    old = _map(tmp_path / "old", 6, {"a": "1", "b": "1", "k": "1", "z": "1"})
+    unsorted = tmp_path / "new"
+    head = text.header("recipients", "mx", 7).encode()
+    unsorted.write_bytes(head + b"".join(f"{k} {v}\n".encode() for k, v in new.items()))
+    with pytest.raises(NoPatch, match="not sorted"):
+        make_patch(old, unsorted, io.BytesIO())
+
+
 def _apply(tmp: Path, patch: bytes, old_entries: dict[str, str] | None = None) -> bytes:
     old = _map(tmp / "old", 6, old_entries if old_entries is not None else {"b": "1", "d": "1"})
     (tmp / "x.patch").write_bytes(patch)
