@@ -90,11 +90,17 @@ def test_second_release_adds_and_removes_addresses_and_kills_old_inodes(installe
         # A changed map carries the new serial; an unchanged one is shipped byte for byte.
         assert header_serial(installed.target / "recipients") == 2
         assert header_serial(installed.target / "domains") == 1
-        # The old set directory is gone, and with it every inode a daemon had open.
+        # The old set directory is gone, and with it every inode of a changed map a daemon
+        # had open (Postfix restarts when one of its tables has st_nlink 0: MAIL-FACTS.md).
+        # The map the release did not change keeps its inodes: nothing of it to notice.
         assert set_dirs(installed) == ["2", "current"]
         assert os.readlink(installed.target / ".mapsync" / "current") == "2"
         for f, fd in held.items():
-            assert os.fstat(fd).st_nlink == 0, f"{f}: old live inode still linked"
+            if header_serial(installed.target / f.removesuffix(".cdb")) == 1:  # unchanged
+                assert os.fstat(fd).st_ino == (installed.target / f).stat().st_ino, f
+                assert os.fstat(fd).st_nlink == 1, f
+            else:
+                assert os.fstat(fd).st_nlink == 0, f"{f}: old live inode still linked"
     finally:
         for fd in held.values():
             os.close(fd)
@@ -122,6 +128,9 @@ def test_installed_files_get_a_fresh_increasing_mtime_not_the_publishers(
     published.publish()
     published.pull()
     for f, m in first.items():
+        if f.startswith(("domains", "transport")):  # unchanged by the account: kept as it was
+            assert int((published.target / f).stat().st_mtime) == m, f
+            continue
         # Strictly later, even within the same second: Dovecot compares whole seconds.
         assert int((published.target / f).stat().st_mtime) > m, f
 
