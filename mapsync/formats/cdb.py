@@ -8,6 +8,7 @@ cdb it built locally is the publisher's. Keys are lowercase with no trailing NUL
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from collections import deque
@@ -65,6 +66,33 @@ class Maker:
         """Finish the file; its sha256 and size."""
         self._maker.commit().close()
         return sha256_file(self.path)
+
+    def commit_held(self) -> tuple[str, memoryview]:
+        """Finish the file; its sha256 and its bytes (:func:`load`), which that hash is of."""
+        self._maker.commit().close()
+        data = load(self.path)
+        return hashlib.sha256(data).hexdigest(), data
+
+
+def load(path: Path) -> memoryview:
+    """The bytes of ``path`` in one buffer numpy allocates (it asks the kernel for huge pages
+    for a large one: a fraction of the page faults of a bytes object of that size, which at
+    a cdb of 90 MB cost more than reading it), for the long-running publisher to hold and
+    change in place (:mod:`mapsync.formats.cdbpatch`)."""
+    import numpy as np
+
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        data = np.empty(size, dtype=np.uint8).data  # a memoryview of it
+        got = 0
+        while got < size:
+            n = fh.readinto(data[got:])
+            if not n:
+                raise OSError(f"{path}: shorter than its size ({got} of {size} bytes)")
+            got += n
+        if fh.read(1):
+            raise OSError(f"{path}: grew while it was read")
+    return data
 
 
 # A line text.pairs would skip or read as a comment: blank, whitespace only, or '#'. A block

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     import numpy as np
 
 HEADER = 2048
+_IN_PLACE = 16  # edits up to which positions are moved one edit at a time, in place
 _PAIR = struct.Struct("<II")
 
 
@@ -53,7 +54,7 @@ class Edit:
     before: bytes | None = None
 
 
-def _find(data: bytes, header: np.ndarray, key: bytes) -> int:
+def _find(data: memoryview, header: np.ndarray, key: bytes) -> int:
     """The position of ``key``'s record in ``data``; :class:`NotPatchable` if none."""
     h = cdb_hash(key)
     tpos, slots = (int(x) for x in header[h & 255])
@@ -83,9 +84,16 @@ def _layout(entries: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return table
 
 
-def patch_cdb(old: bytes, edits: Sequence[Edit]) -> bytes:
+def patch_cdb(old: bytes | memoryview, edits: Sequence[Edit]) -> memoryview:
     """The cdb of ``old``'s pairs with ``edits`` (sorted by key, as the records are) applied:
-    byte for byte what a writer adding the new pairs in key order makes."""
+    byte for byte what a writer adding the new pairs in key order makes.
+
+    Written once into one new buffer: the records copied around the changed ones, the
+    tables copied as they lie and their positions moved in place (only those at or after a
+    changed record: a comparison and an add over the slots per edit), the tables that gain
+    or lose a key laid out anew over their place. The buffer is numpy's (which asks the kernel
+    for huge pages for it: a tenth of the page faults of a bytes object of its size), seen
+    as a memoryview: hashed, written or changed again as bytes are."""
     import numpy as np  # here: a publish that changes no cdb in place never loads it
 
     if len(old) < HEADER:
@@ -97,7 +105,8 @@ def patch_cdb(old: bytes, edits: Sequence[Edit]) -> bytes:
     if (header[:, 0].astype(np.int64) != expected).any() or end + int(sizes.sum()) != len(old):
         raise NotPatchable("tables are not laid out one after the other after the records")
 
-    parts: list[bytes] = []
+    view = memoryview(old).cast("B")  # slices without copies; compared as bytes
+    parts: list[bytes | memoryview] = []  # the new records: runs of old ones, changed ones
     done = HEADER  # old bytes copied up to here
     offset = HEADER  # new bytes written up to here
     bounds: list[int] = []  # old positions from which ...
@@ -107,17 +116,17 @@ def patch_cdb(old: bytes, edits: Sequence[Edit]) -> bytes:
     touched: set[int] = set()  # tables that gain or lose a key
     for edit in edits:
         if edit.old is not None:
-            at = _find(old, header, edit.key)
-            klen, vlen = _PAIR.unpack_from(old, at)
-            if old[at + 8 + klen : at + 8 + klen + vlen] != edit.old:
+            at = _find(view, header, edit.key)
+            klen, vlen = _PAIR.unpack_from(view, at)
+            if view[at + 8 + klen : at + 8 + klen + vlen] != edit.old:
                 raise NotPatchable(f"key {edit.key[:100]!r} has another value in the old cdb")
             length = 8 + klen + vlen
         else:
-            at = end if edit.before is None else _find(old, header, edit.before)
+            at = end if edit.before is None else _find(view, header, edit.before)
             length = 0
         if at < done:
             raise NotPatchable("edits are not in the records' order")
-        parts.append(old[done:at])
+        parts.append(view[done:at])
         offset += at - done
         record = b""
         if edit.new is not None:
@@ -135,46 +144,66 @@ def patch_cdb(old: bytes, edits: Sequence[Edit]) -> bytes:
         # A new record moves the one it goes before; a changed or removed one only those after.
         bounds.append(at if edit.old is None else at + 1)
         deltas.append(len(record) - length)
-    parts.append(old[done:end])
+    parts.append(view[done:end])
     new_end = offset + (end - done)
+    cum = np.concatenate(([0], np.cumsum(np.asarray(deltas, dtype=np.int64))))
+    edges = np.asarray(bounds, dtype=np.int64)
 
+    # The touched tables, laid out anew: their keys' new positions, in record order.
     slots = np.frombuffer(old, dtype="<u4", offset=end).reshape(-1, 2)
-    positions = slots[:, 1].astype(np.int64)
-    moved = np.concatenate(([0], np.cumsum(deltas)))[
-        np.searchsorted(np.asarray(bounds, dtype=np.int64), positions, side="right")
-    ]
-    new_positions = np.where(positions != 0, positions + moved, 0)
-    if new_end >= 1 << 32 or (new_positions >= 1 << 32).any():
-        raise NotPatchable("over 4 GB: not a 32-bit cdb")
-    rewritten = np.empty_like(slots)
-    rewritten[:, 0] = slots[:, 0]
-    rewritten[:, 1] = new_positions
-
-    # The tables, in order: runs of untouched ones as they are (positions moved), each
-    # touched one laid out anew.
     counts = header[:, 1].astype(np.int64)
     firsts = (header[:, 0].astype(np.int64) - end) // 8
-    pieces: list[np.ndarray] = []
-    run_start = 0  # first slot of the current run of untouched tables
+    laid: dict[int, np.ndarray] = {}
     for i in sorted(touched):
         first, count = int(firsts[i]), int(counts[i])
-        pieces.append(rewritten[run_start:first])
-        own = positions[first : first + count]
-        keep = own != 0
+        own = slots[first : first + count]
+        positions = own[:, 1].astype(np.int64)
+        keep = positions != 0
         if removed:
-            keep &= ~np.isin(own, np.fromiter(removed, dtype=np.int64))
-        entries = [(int(h), int(p)) for h, p in rewritten[first : first + count][keep]]
+            keep &= ~np.isin(positions, np.fromiter(removed, dtype=np.int64))
+        moved = positions + cum[np.searchsorted(edges, positions, side="right")]
+        entries = [(int(h), int(p)) for h, p in zip(own[keep, 0], moved[keep], strict=True)]
         entries += [(h, p) for h, p in added if h & 255 == i]
         entries.sort(key=lambda e: e[1])
-        pieces.append(np.array(_layout(entries), dtype="<u4").reshape(-1, 2))
+        laid[i] = np.array(_layout(entries), dtype="<u4").reshape(-1, 2)
         counts[i] = 2 * len(entries)
-        run_start = first + count
-    pieces.append(rewritten[run_start:])
-    new_header = np.empty((256, 2), dtype="<u4")
-    starts = new_end + 8 * np.concatenate(([0], np.cumsum(counts)[:-1]))
-    if new_end + 8 * int(counts.sum()) >= 1 << 32:
+    total = new_end + 8 * int(counts.sum())
+    if total >= 1 << 32:
         raise NotPatchable("over 4 GB: not a 32-bit cdb")
-    new_header[:, 0] = starts
+
+    out = np.empty(total, dtype=np.uint8)  # every byte is written below
+    into = out.data  # a memoryview of it
+    new_header = out[:HEADER].view("<u4").reshape(256, 2)
+    new_header[:, 0] = new_end + 8 * np.concatenate(([0], np.cumsum(counts)[:-1]))
     new_header[:, 1] = counts
-    tables = np.concatenate(pieces) if pieces else np.empty((0, 2), dtype="<u4")
-    return b"".join([new_header.tobytes(), *parts, tables.tobytes()])
+    at = HEADER
+    for part in parts:
+        into[at : at + len(part)] = part
+        at += len(part)
+    # The tables: runs of untouched ones copied as they are (their positions moved below),
+    # each touched one left for its new layout (written last: what the loop below does to
+    # the bytes there does not matter).
+    new_firsts = (new_header[:, 0].astype(np.int64) - new_end) // 8
+    run = 0  # first old slot of the current run of untouched tables
+    for i in sorted(touched):
+        src, dst = end + 8 * run, new_end + 8 * (int(new_firsts[i]) - (int(firsts[i]) - run))
+        into[dst : dst + 8 * (int(firsts[i]) - run)] = view[src : end + 8 * int(firsts[i])]
+        run = int(firsts[i]) + int(header[i, 1])
+    tail = len(old) - (end + 8 * run)
+    into[total - tail : total] = view[end + 8 * run :]
+    tables = out[new_end:].view("<u4").reshape(-1, 2)
+    positions = tables[:, 1]
+    if len(bounds) <= _IN_PLACE and end + int(sum(d for d in deltas if d > 0)) < 1 << 32:
+        # Last edit first: a position moved by the later edits is still at or after an
+        # earlier edit's bound exactly when it was before (the records keep their order).
+        for bound, delta in zip(reversed(bounds), reversed(deltas), strict=True):
+            if delta:
+                step = np.uint32(delta % (1 << 32))  # a negative one wraps: a subtraction
+                np.add(positions, step, out=positions, where=positions >= bound)
+    else:
+        wide = positions.astype(np.int64)
+        positions[:] = wide + cum[np.searchsorted(edges, wide, side="right")]
+    for i, table in laid.items():
+        first = int(new_firsts[i])
+        tables[first : first + len(table)] = table
+    return into

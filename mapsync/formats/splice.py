@@ -84,15 +84,15 @@ def _locate(data: bytes, lo: int, key: bytes, sep: bytes) -> int:
 @dataclass(frozen=True)
 class Spliced:
     """What :func:`splice` wrote: the text's manifest facts, the cdb's, the patch's size;
-    ``cdb_data``: the cdb's bytes where it was changed in place (the caller may keep them
-    for the next change instead of reading the file back and hashing it again)."""
+    ``cdb_data``: the cdb's bytes, which its sha256 is of (the caller keeps them for the
+    next change instead of reading a file back and hashing it again)."""
 
     text: TextInfo
     cdb: CdbFile | None
     added: int
     removed: int
     changed: int
-    cdb_data: bytes | None = field(default=None, repr=False, compare=False)
+    cdb_data: memoryview | None = field(default=None, repr=False, compare=False)
 
 
 def splice(
@@ -104,14 +104,15 @@ def splice(
     sep: str,
     patch: Path | None,
     cdb_path: Path | None,
-    old_cdb: bytes | None = None,
+    old_cdb: bytes | memoryview | None = None,
 ) -> Spliced:
     """Write ``out``: the text map ``old`` (``entries_before`` entries) under the header
     ``head`` instead of its own, with ``delta`` applied; and, given ``patch``, the patch from
     ``old`` to ``out``; given ``cdb_path``, the cdb of ``out``: ``old_cdb`` (the cdb of
-    ``old``) changed in place where given and it can be (:mod:`mapsync.formats.cdbpatch`),
-    else built whole. :class:`Mismatch` when ``old`` does not hold a line ``delta`` takes
-    out, or holds a key it adds."""
+    ``old``) changed in place in memory where given and it can be
+    (:mod:`mapsync.formats.cdbpatch`; no file is written: its bytes are in
+    :attr:`Spliced.cdb_data`), else built whole at ``cdb_path``. :class:`Mismatch` when
+    ``old`` does not hold a line ``delta`` takes out, or holds a key it adds."""
     data = old.read_bytes()
     view = memoryview(data)  # the unchanged runs, written and hashed where they lie
     bsep = sep.encode()
@@ -209,7 +210,6 @@ def splice(
             except NotPatchable:
                 made = None  # built whole below
         if made is not None:
-            cdb_path.write_bytes(made)
             built = CdbFile(cdb_path.name, hashlib.sha256(made).hexdigest(), len(made))
         else:
             body = b"".join(pieces[1:])
@@ -219,7 +219,7 @@ def splice(
                     end = body.find(b"\n", start + (1 << 20)) + 1 or len(body)
                     maker.add_lines(body[start:end], bsep)
                     start = end
-                digest, size = maker.commit()
-            built = CdbFile(cdb_path.name, digest, size)
+                digest, made = maker.commit_held()
+            built = CdbFile(cdb_path.name, digest, len(made))
     del pieces, view  # the views first: then the old text can go
     return Spliced(info, built, added, removed, changed, made)

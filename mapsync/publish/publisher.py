@@ -37,7 +37,7 @@ from mapsync.errors import (
     UnsafePlan,
     VerificationError,
 )
-from mapsync.formats import text
+from mapsync.formats import cdb, text
 from mapsync.formats.mapfile import write_map
 from mapsync.formats.splice import Change, Mismatch, splice
 from mapsync.maps import CATALOGUE, Directory, Map
@@ -335,10 +335,11 @@ class Publisher:
         # incremental one reads in full even when the fingerprint is unchanged, so that the
         # first change after a (re)start is read incrementally too.
         self._primed = False
-        # (channel, map) → (sha256, bytes) of the cdb the last incremental run changed in
-        # place: the next one changes it again without reading the kept file back and
-        # hashing it (at 1M accounts ~1 s for the two MX maps), for the memory it takes.
-        self._cdb_data: dict[tuple[str, str], tuple[str, bytes]] = {}
+        # (channel, map) → (sha256, bytes) of the cdb the last run made (a full one built,
+        # an incremental one changed in place): the next incremental run changes it again
+        # without reading a kept file back and hashing it (at 1M accounts ~1 s for the two
+        # MX maps), for the memory it takes.
+        self._cdb_data: dict[tuple[str, str], tuple[str, memoryview]] = {}
         # How the last run read the database: "unchanged" (the fingerprint), "incremental" or
         # "full" (for the loop's log and the tests).
         self.last_read = ""
@@ -642,7 +643,11 @@ class Publisher:
         cdb_info = None
         if done.cdb is not None:
             cdb_info = CdbInfo(done.cdb.file, done.cdb.sha256, done.cdb.size)
-            os.replace(staging.path / done.cdb.file, kept / f"{done.cdb.sha256}.cdb")
+            whole = staging.path / done.cdb.file
+            if whole.exists():  # built whole from the text: kept on disk as a full run's is
+                os.replace(whole, kept / f"{done.cdb.sha256}.cdb")
+            # Changed in place: held in memory only (160 MB not written per change at 1M
+            # accounts); a restart reads in full, which builds and keeps it anew.
             if done.cdb_data is not None:
                 self._cdb_data[(ch.name, name)] = (done.cdb.sha256, done.cdb_data)
         entry = MapEntry(name, info.entries, info.sha256, info.size, info.content_sha256, cdb_info)
@@ -664,10 +669,10 @@ class Publisher:
         return kept
 
     @staticmethod
-    def _kept_cdb(kept: Path, sha256: str) -> bytes | None:
+    def _kept_cdb(kept: Path, sha256: str) -> memoryview | None:
         """The kept cdb whose sha256 is ``sha256``, if it is there and still has it."""
         try:
-            data = (kept / f"{sha256}.cdb").read_bytes()
+            data = cdb.load(kept / f"{sha256}.cdb")
         except OSError:
             return None
         if hashlib.sha256(data).hexdigest() != sha256:
@@ -1079,6 +1084,8 @@ class Publisher:
                 self._kept_cdbs(ch.name) if self.incremental and spec.cdb else None,
             )
         cdb_info = CdbInfo(built.file, built.sha256, built.size) if built is not None else None
+        if built is not None and built.data is not None:  # the publisher keeps it (incremental)
+            self._cdb_data[(ch.name, name)] = (built.sha256, built.data)
         own = self.cfg.maps.get(name)
         custom = CustomInfo(own.separator, own.secret) if own is not None else None
         entry = MapEntry(
