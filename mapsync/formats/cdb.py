@@ -75,15 +75,13 @@ class Maker:
 
 
 def load(path: Path) -> memoryview:
-    """The bytes of ``path`` in one buffer numpy allocates (it asks the kernel for huge pages
-    for a large one: a fraction of the page faults of a bytes object of that size, which at
-    a cdb of 90 MB cost more than reading it), for the long-running publisher to hold and
-    change in place (:mod:`mapsync.formats.cdbpatch`)."""
-    import numpy as np
+    """The bytes of ``path`` in a buffer of :func:`mapsync.formats.cdbpatch.buffer`'s, for
+    the long-running publisher to hold and change in place."""
+    from mapsync.formats.cdbpatch import buffer
 
     with open(path, "rb") as fh:
         size = os.fstat(fh.fileno()).st_size
-        data = np.empty(size, dtype=np.uint8).data  # a memoryview of it
+        data = buffer(size)
         got = 0
         while got < size:
             n = fh.readinto(data[got:])

@@ -105,13 +105,15 @@ def splice(
     patch: Path | None,
     cdb_path: Path | None,
     old_cdb: bytes | memoryview | None = None,
+    spare_cdb: memoryview | None = None,
 ) -> Spliced:
     """Write ``out``: the text map ``old`` (``entries_before`` entries) under the header
     ``head`` instead of its own, with ``delta`` applied; and, given ``patch``, the patch from
     ``old`` to ``out``; given ``cdb_path``, the cdb of ``out``: ``old_cdb`` (the cdb of
     ``old``) changed in place in memory where given and it can be
-    (:mod:`mapsync.formats.cdbpatch`; no file is written: its bytes are in
-    :attr:`Spliced.cdb_data`), else built whole at ``cdb_path``. :class:`Mismatch` when
+    (:mod:`mapsync.formats.cdbpatch`, into ``spare_cdb``'s memory where it can be; no file
+    is written: its bytes are in :attr:`Spliced.cdb_data`), else built whole at
+    ``cdb_path``. :class:`Mismatch` when
     ``old`` does not hold a line ``delta`` takes out, or holds a key it adds."""
     data = old.read_bytes()
     view = memoryview(data)  # the unchanged runs, written and hashed where they lie
@@ -206,7 +208,7 @@ def splice(
     if cdb_path is not None:
         if old_cdb is not None:
             try:
-                made = patch_cdb(old_cdb, edits)
+                made = patch_cdb(old_cdb, edits, spare_cdb)
             except NotPatchable:
                 made = None  # built whole below
         if made is not None:

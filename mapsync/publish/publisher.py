@@ -340,6 +340,9 @@ class Publisher:
         # without reading a kept file back and hashing it (at 1M accounts ~1 s for the two
         # MX maps), for the memory it takes.
         self._cdb_data: dict[tuple[str, str], tuple[str, memoryview]] = {}
+        # (channel, map) → the buffer of the cdb the last incremental run changed (its
+        # memory already faulted in): the next one writes its cdb there (formats.cdbpatch).
+        self._cdb_spare: dict[tuple[str, str], memoryview] = {}
         # How the last run read the database: "unchanged" (the fingerprint), "incremental" or
         # "full" (for the loop's log and the tests).
         self.last_read = ""
@@ -623,6 +626,7 @@ class Publisher:
         patch = staging.patches / patch_file(name)
         kept = self._kept_cdbs(ch.name)
         old_cdb = None
+        spare = self._cdb_spare.pop((ch.name, name), None)
         if old.cdb is not None:
             held = self._cdb_data.pop((ch.name, name), None)
             old_cdb = held[1] if held and held[0] == old.cdb.sha256 else None
@@ -638,6 +642,7 @@ class Publisher:
             patch,
             staging.path / f"{name}.cdb" if spec.cdb else None,
             old_cdb,
+            spare,
         )
         info = done.text
         cdb_info = None
@@ -650,6 +655,8 @@ class Publisher:
             # accounts); a restart reads in full, which builds and keeps it anew.
             if done.cdb_data is not None:
                 self._cdb_data[(ch.name, name)] = (done.cdb.sha256, done.cdb_data)
+                if old_cdb is not None:
+                    self._cdb_spare[(ch.name, name)] = old_cdb  # the next run's buffer
         entry = MapEntry(name, info.entries, info.sha256, info.size, info.content_sha256, cdb_info)
         found = None
         if patch.exists():
@@ -688,6 +695,7 @@ class Publisher:
                 held = self._cdb_data.get((s.plan.channel, name))
                 if held is not None and (e.cdb is None or held[0] != e.cdb.sha256):
                     del self._cdb_data[(s.plan.channel, name)]
+                    self._cdb_spare.pop((s.plan.channel, name), None)
             kept = self.repo.private(s.plan.channel, "cdb")
             if not kept.is_dir():
                 continue

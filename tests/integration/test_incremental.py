@@ -78,9 +78,9 @@ def test_incremental_runs_publish_what_a_full_run_publishes(
     monkeypatch.setattr(changes, "SKEW", timedelta(0))
     patched: list[bool] = []  # each cdb changed in place: made, or given up (built whole)
 
-    def counted(old: bytes | memoryview, edits: Any) -> memoryview:
+    def counted(old: bytes | memoryview, edits: Any, spare: memoryview | None) -> memoryview:
         try:
-            made = patch_cdb(old, edits)
+            made = patch_cdb(old, edits, spare)
         except NotPatchable:
             patched.append(False)
             raise

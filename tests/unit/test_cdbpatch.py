@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from mapsync.formats import cdb
+from mapsync.formats import cdb, cdbpatch
 from mapsync.formats.cdbpatch import Edit, NotPatchable
 from mapsync.formats.cdbpatch import patch_cdb as patch
 
@@ -32,8 +32,13 @@ def _edits(before: dict[bytes, bytes], after: dict[bytes, bytes]) -> list[Edit]:
     return edits
 
 
+@pytest.mark.parametrize("in_place", [0, 1000], ids=["searchsorted", "edit-by-edit"])
 @pytest.mark.parametrize("seed", range(40))
-def test_a_patched_cdb_is_the_cdb_built_whole(tmp_path: Path, seed: int) -> None:
+def test_a_patched_cdb_is_the_cdb_built_whole(
+    tmp_path: Path, seed: int, in_place: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Both ways of moving the positions: all edits at once, and one edit at a time in place.
+    monkeypatch.setattr(cdbpatch, "_IN_PLACE", in_place)
     rnd = random.Random(seed)
     size = rnd.choice([0, 1, 5, 300, 3000])
     before = {
@@ -63,3 +68,28 @@ def test_a_record_the_old_cdb_does_not_hold_is_refused(tmp_path: Path) -> None:
         patch(old, [Edit(b"a", b"9", b"1")])
     with pytest.raises(NotPatchable, match="header"):
         patch(b"short", [])
+
+
+def test_a_chain_of_patches_reuses_the_spare_buffer_and_never_the_old_one(tmp_path: Path) -> None:
+    rnd = random.Random(7)
+    pairs = {f"u{i:05d}@d.example".encode(): b"v%d" % rnd.randrange(9) for i in range(2000)}
+    first = _built(tmp_path, pairs, "0.cdb")
+    current = cdb.load(tmp_path / "0.cdb")  # as the publisher holds a cdb it built whole
+    assert current == first
+    spare = None
+    reused = 0
+    for step in range(30):
+        after = dict(pairs)
+        key = f"u{rnd.randrange(3000):05d}x@d.example".encode()
+        after[key] = b"new"
+        made = patch(current, _edits(pairs, after), spare)
+        assert made == _built(tmp_path, after, f"{step + 1}.cdb")
+        reused += spare is not None and made.obj is spare.obj  # written into its memory
+        spare, current, pairs = current, made, after
+    assert reused == 29  # each time but the first (no spare yet)
+    # The buffer being read is never the one written: given as the spare, a new one is made.
+    again = dict(pairs)
+    again[b"zzz@d.example"] = b"1"
+    made = patch(current, _edits(pairs, again), current)
+    assert made.obj is not current.obj
+    assert made == _built(tmp_path, again, "again.cdb")
