@@ -72,15 +72,25 @@ def _find(data: memoryview, header: np.ndarray, key: bytes) -> int:
     raise NotPatchable(f"key {key[:100]!r} is not in the old cdb")
 
 
-def _layout(entries: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """One hash table of ``entries`` (hash, position), in record order: ``2n`` slots."""
-    size = 2 * len(entries)
-    table = [(0, 0)] * size
-    for h, pos in entries:
+def _layout(hashes: list[int], positions: list[int]) -> np.ndarray:
+    """One hash table of the keys ``hashes`` at ``positions``, in record (position) order:
+    ``2n`` (hash, position) slots."""
+    import numpy as np
+
+    size = 2 * len(hashes)
+    table_h = [0] * size
+    table_p = [0] * size
+    for h, pos in zip(hashes, positions, strict=True):
         i = (h >> 8) % size
-        while table[i][1]:
-            i = (i + 1) % size
-        table[i] = (h, pos)
+        while table_p[i]:
+            i += 1
+            if i == size:
+                i = 0
+        table_h[i] = h
+        table_p[i] = pos
+    table = np.empty((size, 2), dtype="<u4")
+    table[:, 0] = table_h
+    table[:, 1] = table_p
     return table
 
 
@@ -186,11 +196,12 @@ def patch_cdb(
         if removed:
             keep &= ~np.isin(positions, np.fromiter(removed, dtype=np.int64))
         moved = positions + cum[np.searchsorted(edges, positions, side="right")]
-        entries = [(int(h), int(p)) for h, p in zip(own[keep, 0], moved[keep], strict=True)]
-        entries += [(h, p) for h, p in added if h & 255 == i]
-        entries.sort(key=lambda e: e[1])
-        laid[i] = np.array(_layout(entries), dtype="<u4").reshape(-1, 2)
-        counts[i] = 2 * len(entries)
+        new = [(h, p) for h, p in added if h & 255 == i]
+        hashes = np.concatenate((own[keep, 0], np.array([h for h, _ in new], dtype=np.int64)))
+        where = np.concatenate((moved[keep], np.array([p for _, p in new], dtype=np.int64)))
+        order = np.argsort(where, kind="stable")
+        laid[i] = _layout(hashes[order].tolist(), where[order].tolist())
+        counts[i] = len(laid[i])
     total = new_end + 8 * int(counts.sum())
     if total >= 1 << 32:
         raise NotPatchable("over 4 GB: not a 32-bit cdb")
@@ -215,18 +226,22 @@ def patch_cdb(
         run = int(firsts[i]) + int(header[i, 1])
     tail = len(old) - (end + 8 * run)
     into[total - tail : total] = view[end + 8 * run :]
-    tables = out[new_end:].view("<u4").reshape(-1, 2)
-    positions = tables[:, 1]
+    # Each slot as one little-endian 64-bit number, position << 32 | hash: "position at or
+    # after b" is "slot >= b << 32", and adding d << 32 (mod 2**64) adds d to the position.
+    # Whole-array arithmetic on these runs at memory speed; a masked add (where=) on the
+    # positions alone took four times as long.
+    wide = out[new_end:total].view("<u8")
     if len(bounds) <= _IN_PLACE and end + int(sum(d for d in deltas if d > 0)) < 1 << 32:
         # Last edit first: a position moved by the later edits is still at or after an
         # earlier edit's bound exactly when it was before (the records keep their order).
         for bound, delta in zip(reversed(bounds), reversed(deltas), strict=True):
             if delta:
-                step = np.uint32(delta % (1 << 32))  # a negative one wraps: a subtraction
-                np.add(positions, step, out=positions, where=positions >= bound)
+                step = np.uint64((delta % (1 << 32)) << 32)  # a negative one wraps
+                wide += (wide >= np.uint64(bound << 32)) * step
     else:
-        wide = positions.astype(np.int64)
-        positions[:] = wide + cum[np.searchsorted(edges, wide, side="right")]
+        shifts = (cum % (1 << 32)).astype(np.uint64) << np.uint64(32)
+        wide += shifts[np.searchsorted(edges.astype(np.uint64) << np.uint64(32), wide, "right")]
+    tables = out[new_end:total].view("<u4").reshape(-1, 2)
     for i, table in laid.items():
         first = int(new_firsts[i])
         tables[first : first + len(table)] = table
