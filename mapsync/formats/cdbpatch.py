@@ -94,13 +94,16 @@ def _layout(hashes: list[int], positions: list[int]) -> np.ndarray:
     return table
 
 
-def buffer(size: int, spare: memoryview | None = None, old: object = None) -> memoryview:
+def buffer(
+    size: int, spare: memoryview | None = None, old: object = None, fault_in: bool = False
+) -> memoryview:
     """A writable buffer of ``size`` bytes for a cdb: ``spare``'s memory (a buffer made here
     that its holder no longer needs) when it has room and is not ``old``'s, else a new one
     with room for the map to grow. The memory is numpy's, which asks the kernel for huge
     pages for it (a fraction of the page faults of a bytes object of that size); a spare
     one has had them already: at 1M accounts, faulting in the two MX cdbs anew cost from
-    0.03 s to 0.3 s per change, as the host's memory allowed."""
+    0.03 s to 0.3 s per change, as the host's memory allowed. ``fault_in``: a new buffer's
+    memory is faulted in now (written once), not where it is first used."""
     import numpy as np
 
     base = spare.obj if spare is not None else None
@@ -114,7 +117,10 @@ def buffer(size: int, spare: memoryview | None = None, old: object = None) -> me
         and (old is None or not np.may_share_memory(base, np.frombuffer(old, dtype=np.uint8)))
     ):
         return base.data[:size]
-    return np.empty(size + size // 64 + 4096, dtype=np.uint8).data[:size]
+    made = np.empty(size + size // 64 + 4096, dtype=np.uint8)
+    if fault_in:
+        made.fill(0)
+    return made.data[:size]
 
 
 def patch_cdb(

@@ -81,6 +81,22 @@ def _locate(data: bytes, lo: int, key: bytes, sep: bytes) -> int:
     return lo
 
 
+def _copied(data: bytes, runs: list[tuple[int, int]], total: int, old: Path) -> list[int]:
+    """The lines of each of ``runs`` (offsets of whole lines in ``data``), which hold
+    ``total`` lines between them: each counted but the longest, whose lines are what the
+    others leave of ``total`` (with one change, at most half the text is counted, a quarter
+    on average, where counting it all cost 0.03 s per change at 1M accounts).
+    :class:`Mismatch` if that cannot be (the manifest's count is not the text's)."""
+    longest = max(range(len(runs)), key=lambda i: runs[i][1] - runs[i][0])
+    lines = [0 if i == longest else data.count(b"\n", a, b) for i, (a, b) in enumerate(runs)]
+    rest = total - sum(lines)
+    start, end = runs[longest]
+    if not (0 < rest <= end - start if start < end else rest == 0):
+        raise Mismatch(f"{old}: its entries do not add up to the count in its manifest")
+    lines[longest] = rest
+    return lines
+
+
 @dataclass(frozen=True)
 class Spliced:
     """What :func:`splice` wrote: the text's manifest facts, the cdb's, the patch's size;
@@ -120,15 +136,23 @@ def splice(
     bsep = sep.encode()
     body_at = _header_end(data)
     pieces: list[bytes | memoryview] = []
-    ops: list[bytes] = [MAGIC]
-    copy = 0
+    # The patch's operations; a run of copied lines as (lines known, the old body's unchanged
+    # runs it spans), counted at the end (see _copied).
+    ops: list[bytes | tuple[int, list[int]]] = [MAGIC]
+    runs: list[tuple[int, int]] = []  # the old body's unchanged runs: (start, end) offsets
+    copy = 0  # lines known to be copied since the last operation ...
+    spans: list[int] = []  # ... and the runs copied since (each a line or more if not empty)
 
     def emit(op: bytes) -> None:
-        nonlocal copy
-        if copy:
-            ops.append(b"=%d\n" % copy)
-            copy = 0
+        nonlocal copy, spans
+        if copy or any(runs[i][0] < runs[i][1] for i in spans):
+            ops.append((copy, spans))
+            copy, spans = 0, []
         ops.append(op)
+
+    def unchanged(start: int, end: int) -> None:
+        runs.append((start, end))
+        spans.append(len(runs) - 1)
 
     old_head = data[:body_at].splitlines(keepends=True)
     new_head = head.encode().splitlines(keepends=True)
@@ -156,7 +180,7 @@ def splice(
         edits.append(
             Edit(change.key, _value(change.old, change.key), _value(change.new, change.key), before)
         )
-        copy += data.count(b"\n", pos, at)
+        unchanged(pos, at)
         pieces.append(view[pos:at])
         pos = at
         end = data.find(b"\n", at) + 1 if at < len(data) else at
@@ -182,9 +206,9 @@ def splice(
             removed += 1
         else:
             changed += 1
-    copy += data.count(b"\n", pos)
+    unchanged(pos, len(data))
     pieces.append(view[pos:])
-    ops.append(b"=%d\n" % copy)
+    ops.append((copy, spans))
     # The new text is never joined: its pieces (the unchanged runs are views of the old
     # text) are hashed and written as they are: two copies of the text fewer (joined, then
     # the header sliced off for its content hash), and as much less peak memory.
@@ -202,7 +226,13 @@ def splice(
     with open(out, "wb") as fh:
         fh.writelines(pieces)
     if patch is not None:
-        patch.write_bytes(b"".join(ops))
+        lines = _copied(data, runs, entries_before - removed - changed, old)
+        patch.write_bytes(
+            b"".join(
+                op if isinstance(op, bytes) else b"=%d\n" % (op[0] + sum(lines[i] for i in op[1]))
+                for op in ops
+            )
+        )
     built = None
     made = None
     if cdb_path is not None:

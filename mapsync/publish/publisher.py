@@ -38,6 +38,7 @@ from mapsync.errors import (
     VerificationError,
 )
 from mapsync.formats import cdb, text
+from mapsync.formats.cdbpatch import buffer
 from mapsync.formats.mapfile import write_map
 from mapsync.formats.splice import Change, Mismatch, splice
 from mapsync.maps import CATALOGUE, Directory, Map
@@ -1093,7 +1094,13 @@ class Publisher:
             )
         cdb_info = CdbInfo(built.file, built.sha256, built.size) if built is not None else None
         if built is not None and built.data is not None:  # the publisher keeps it (incremental)
-            self._cdb_data[(ch.name, name)] = (built.sha256, built.data)
+            held = (ch.name, name)
+            self._cdb_data[held] = (built.sha256, built.data)
+            # The buffer the first incremental run changes it into, faulted in here, not in
+            # that run (at 1M accounts 0.1 to 0.3 s for the two MX cdbs).
+            self._cdb_spare[held] = buffer(
+                len(built.data), self._cdb_spare.get(held), built.data, fault_in=True
+            )
         own = self.cfg.maps.get(name)
         custom = CustomInfo(own.separator, own.secret) if own is not None else None
         entry = MapEntry(

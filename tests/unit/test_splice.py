@@ -98,3 +98,17 @@ def test_a_line_the_old_file_does_not_hold_is_a_mismatch(tmp_path: Path) -> None
         splice(
             tmp_path / "m", 2, "# h\n", changes({}, {"b@x": "2"}, "m", " "), out, " ", None, None
         )
+
+
+def test_a_manifest_count_the_text_cannot_hold_is_a_mismatch(tmp_path: Path) -> None:
+    # The patch's copied lines come from the manifest's count less the lines counted: a count
+    # the text cannot hold is refused, not written into a patch.
+    info, _ = _render({f"u{i}@x": "1" for i in range(50)}, tmp_path / "m", 1, " ")
+    delta = changes({}, {"u25x@x": "2"}, "m", " ")
+    args = (text.header("m", "mx", 2), delta, tmp_path / "out", " ", tmp_path / "p", None)
+    with pytest.raises(Mismatch, match="do not add up"):
+        splice(tmp_path / "m", 5000, *args)
+    with pytest.raises(Mismatch, match="do not add up"):
+        splice(tmp_path / "m", 1, *args)
+    done = splice(tmp_path / "m", info.entries, *args)
+    assert done.text.entries == 51
