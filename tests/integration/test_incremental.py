@@ -632,3 +632,36 @@ def test_a_restarted_loop_reads_once_so_its_first_change_is_incremental(tmp_path
     kept.run()
     assert kept.last_read == "incremental"
     assert kept.repo.latest("mx").serial == serial  # quota: in no MX map
+
+
+def test_more_changed_rows_than_the_bound_read_in_full_though_of_one_parent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """More than MAX_CHANGED changed rows are a bulk change, read in full, however few aliases
+    they belong to (the rows are read, not their DISTINCT parents: see read_changes)."""
+    monkeypatch.setattr(changes, "SKEW", timedelta(0))  # else the seed's rows are read again
+    monkeypatch.setattr(changes, "MAX_CHANGED", 5)
+    url = f"sqlite:///{tmp_path / 'central.db'}"
+    kept, root = _kept(tmp_path, url)
+    (alias_id,) = _rows(url, "SELECT min(id) FROM alias")[0]
+    _sql(
+        url,
+        *(
+            f"INSERT INTO alias_target (alias_id, target) VALUES ({alias_id}, 'b{i}@bulk.example')"
+            for i in range(5)
+        ),
+    )
+    kept.run()
+    assert kept.last_read == "incremental"  # five rows: at the bound
+    _sql(
+        url,
+        *(
+            f"INSERT INTO alias_target (alias_id, target) VALUES ({alias_id}, 'c{i}@bulk.example')"
+            for i in range(6)
+        ),
+    )
+    with capture_logs() as logs:
+        kept.run()
+    assert kept.last_read == "full"
+    assert any(e.get("reason") == "more than 5 rows changed" for e in logs), logs
+    _as_full(kept, root, "six targets of one alias")
