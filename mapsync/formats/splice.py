@@ -10,6 +10,7 @@ never parsing it line by line.
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,14 +57,43 @@ def _value(line: bytes | None, key: bytes) -> bytes | None:
     return None if line is None else line[len(key) + 1 : -1]
 
 
-def _header_end(data: bytes) -> int:
+def _read(path: Path, into: bytearray | None) -> bytes | bytearray:
+    """The bytes of ``path``; read into ``into`` (resized to the file) where given: memory
+    the caller keeps from one change to the next, its pages faulted in already (a new bytes
+    object of the text's size, 50 MB at 1M accounts, costs more in page faults than the
+    read itself)."""
+    if into is None:
+        return path.read_bytes()
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        try:
+            if len(into) > size:
+                del into[size:]
+            elif len(into) < size:
+                into.extend(bytes(size - len(into)))
+        except BufferError:  # a view of it is still held somewhere: no reuse this time
+            return path.read_bytes()
+        view = memoryview(into)
+        got = 0
+        while got < size:
+            n = fh.readinto(view[got:])
+            if not n:
+                raise OSError(f"{path}: shorter than its size ({got} of {size} bytes)")
+            got += n
+        view.release()
+        if fh.read(1):
+            raise OSError(f"{path}: grew while it was read")
+    return into
+
+
+def _header_end(data: bytes | bytearray) -> int:
     pos = 0
     while data.startswith(b"#", pos):
         pos = data.index(b"\n", pos) + 1
     return pos
 
 
-def _locate(data: bytes, lo: int, key: bytes, sep: bytes) -> int:
+def _locate(data: bytes | bytearray, lo: int, key: bytes, sep: bytes) -> int:
     """The offset of the first line at or after ``lo`` (a line start) whose key is not below
     ``key``: a binary search over byte offsets, each probe one line."""
     hi = len(data)
@@ -81,7 +111,9 @@ def _locate(data: bytes, lo: int, key: bytes, sep: bytes) -> int:
     return lo
 
 
-def _copied(data: bytes, runs: list[tuple[int, int]], total: int, old: Path) -> list[int]:
+def _copied(
+    data: bytes | bytearray, runs: list[tuple[int, int]], total: int, old: Path
+) -> list[int]:
     """The lines of each of ``runs`` (offsets of whole lines in ``data``), which hold
     ``total`` lines between them: each counted but the longest, whose lines are what the
     others leave of ``total`` (with one change, at most half the text is counted, a quarter
@@ -122,6 +154,7 @@ def splice(
     cdb_path: Path | None,
     old_cdb: bytes | memoryview | None = None,
     spare_cdb: memoryview | None = None,
+    text_buffer: bytearray | None = None,
 ) -> Spliced:
     """Write ``out``: the text map ``old`` (``entries_before`` entries) under the header
     ``head`` instead of its own, with ``delta`` applied; and, given ``patch``, the patch from
@@ -129,9 +162,10 @@ def splice(
     ``old``) changed in place in memory where given and it can be
     (:mod:`mapsync.formats.cdbpatch`, into ``spare_cdb``'s memory where it can be; no file
     is written: its bytes are in :attr:`Spliced.cdb_data`), else built whole at
-    ``cdb_path``. :class:`Mismatch` when
-    ``old`` does not hold a line ``delta`` takes out, or holds a key it adds."""
-    data = old.read_bytes()
+    ``cdb_path``. ``text_buffer``: memory to read ``old`` into (:func:`_read`).
+    :class:`Mismatch` when ``old`` does not hold a line ``delta`` takes out, or holds a key
+    it adds."""
+    data = _read(old, text_buffer)
     view = memoryview(data)  # the unchanged runs, written and hashed where they lie
     bsep = sep.encode()
     body_at = _header_end(data)
@@ -154,7 +188,7 @@ def splice(
         runs.append((start, end))
         spans.append(len(runs) - 1)
 
-    old_head = data[:body_at].splitlines(keepends=True)
+    old_head = bytes(data[:body_at]).splitlines(keepends=True)
     new_head = head.encode().splitlines(keepends=True)
     for i in range(max(len(old_head), len(new_head))):
         a = old_head[i] if i < len(old_head) else None
@@ -176,7 +210,7 @@ def splice(
         before = None
         if change.old is None and at < len(data):  # the key the new one goes before
             cut = data.find(bsep, at, data.find(b"\n", at))
-            before = data[at : cut if cut >= 0 else data.find(b"\n", at)]
+            before = bytes(data[at : cut if cut >= 0 else data.find(b"\n", at)])
         edits.append(
             Edit(change.key, _value(change.old, change.key), _value(change.new, change.key), before)
         )
@@ -184,7 +218,7 @@ def splice(
         pieces.append(view[pos:at])
         pos = at
         end = data.find(b"\n", at) + 1 if at < len(data) else at
-        line = data[at:end]
+        line = bytes(data[at:end])
         present = bool(line) and (line.startswith(change.key + bsep) or line == change.key + b"\n")
         if change.old is not None:
             if line != change.old:

@@ -344,6 +344,8 @@ class Publisher:
         # (channel, map) → the buffer of the cdb the last incremental run changed (its
         # memory already faulted in): the next one writes its cdb there (formats.cdbpatch).
         self._cdb_spare: dict[tuple[str, str], memoryview] = {}
+        # (channel, map) → the memory the last release's text is read into (formats.splice).
+        self._text_buffers: dict[tuple[str, str], bytearray] = {}
         # How the last run read the database: "unchanged" (the fingerprint), "incremental" or
         # "full" (for the loop's log and the tests).
         self.last_read = ""
@@ -644,6 +646,7 @@ class Publisher:
             staging.path / f"{name}.cdb" if spec.cdb else None,
             old_cdb,
             spare,
+            self._text_buffers.setdefault((ch.name, name), bytearray()),
         )
         info = done.text
         cdb_info = None
@@ -1093,6 +1096,9 @@ class Publisher:
                 self._kept_cdbs(ch.name) if self.incremental and spec.cdb else None,
             )
         cdb_info = CdbInfo(built.file, built.sha256, built.size) if built is not None else None
+        if self.incremental and len(self._text_buffers.get((ch.name, name), b"")) < info.size:
+            # The memory the first incremental run reads this text into, faulted in here.
+            self._text_buffers[(ch.name, name)] = bytearray(info.size)
         if built is not None and built.data is not None:  # the publisher keeps it (incremental)
             held = (ch.name, name)
             self._cdb_data[held] = (built.sha256, built.data)
