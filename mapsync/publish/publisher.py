@@ -618,7 +618,8 @@ class Publisher:
         old_path = last_dir / old.file
         changes = delta.get(name, [])
         if not changes:
-            shutil.copy2(old_path, staging.path / name)  # byte for byte, mtime too (see _render)
+            # The previous file, byte for byte: copied by _staged if the channel publishes
+            # (not here: a run of the loop that changes no map copies no text, 110 MB at 1M).
             return (
                 replace(old, forced=False),
                 MapPlan(name, old.entries, old.entries, 0, 0, 0),
@@ -1050,6 +1051,11 @@ class Publisher:
             plan.action = "renew"  # also rewrites a damaged LATEST
         else:
             plan.action = "publish"
+        if last is not None and last_dir is not None:
+            for name in entries:
+                if name in last.maps and not (staging.path / name).exists():  # see _splice
+                    # byte for byte, mtime too (see _render)
+                    shutil.copy2(last_dir / last.maps[name].file, staging.path / name)
         manifest = Manifest(
             channel=ch.name,
             serial=serial,

@@ -22,6 +22,7 @@ from mapsync import config
 from mapsync.errors import InvalidData
 from mapsync.formats import splice
 from mapsync.formats.cdbpatch import NotPatchable, patch_cdb
+from mapsync.publish import publisher
 from mapsync.publish.publisher import Publisher
 from mapsync.publish.repository import Repository
 from mapsync.sources import builtin, changes, open_source
@@ -665,3 +666,44 @@ def test_more_changed_rows_than_the_bound_read_in_full_though_of_one_parent(
     assert kept.last_read == "full"
     assert any(e.get("reason") == "more than 5 rows changed" for e in logs), logs
     _as_full(kept, root, "six targets of one alias")
+
+
+def test_a_run_that_changes_no_map_copies_no_text_and_a_renewal_still_carries_every_map(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = f"sqlite:///{tmp_path / 'central.db'}"
+    kept, _ = _kept(tmp_path, url)
+    repo = Repository(kept.cfg.repository)
+    before = {ch: repo.latest_manifest(ch) for ch in ("mx", "store", "proxy")}
+    copied: list[Path] = []
+    real_copy = publisher.shutil.copy2
+
+    def copy2(src: Any, dst: Any, **kw: Any) -> Any:
+        copied.append(Path(dst))
+        return real_copy(src, dst, **kw)
+
+    monkeypatch.setattr(publisher.shutil, "copy2", copy2)
+    touch = "UPDATE account SET local_part = local_part WHERE id = (SELECT min(id) FROM account)"
+    _sql(url, touch)  # read as a change; no map shows it
+    kept.run()
+    assert kept.last_read == "incremental"
+    assert copied == []  # no map changed, nothing published: no text copied
+    for ch, manifest in before.items():
+        current = repo.latest_manifest(ch)
+        assert manifest is not None and current is not None and current.serial == manifest.serial
+    # A renewal due: a new release of the same maps, every file the previous one byte for byte.
+    monkeypatch.setattr(
+        Publisher, "_renew_after", lambda self, last: datetime.now(UTC) - timedelta(seconds=1)
+    )
+    _sql(url, touch)
+    kept.run()
+    assert kept.last_read == "incremental"
+    for ch, manifest in before.items():
+        assert manifest is not None
+        renewed = repo.latest_manifest(ch)
+        assert renewed is not None and renewed.serial > manifest.serial
+        for name, entry in renewed.maps.items():
+            new_file = repo.release(ch, renewed.serial) / entry.file
+            old_file = repo.release(ch, manifest.serial) / manifest.maps[name].file
+            assert new_file.read_bytes() == old_file.read_bytes(), (ch, name)
+    assert copied  # the unchanged maps were copied once the channel published
