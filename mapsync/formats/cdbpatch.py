@@ -129,10 +129,10 @@ def patch_cdb(
     """The cdb of ``old``'s pairs with ``edits`` (sorted by key, as the records are) applied:
     byte for byte what a writer adding the new pairs in key order makes.
 
-    Written once into one new buffer: the records copied around the changed ones, the
-    tables copied as they lie and their positions moved in place (only those at or after a
-    changed record: a comparison and an add over the slots per edit), the tables that gain
-    or lose a key laid out anew over their place. The buffer is :func:`buffer`'s (``spare``'s
+    Written once into one buffer: the records copied around the changed ones, the tables
+    copied as they lie and their positions moved in place (those at or after a changed
+    record: whole-array arithmetic over the slots, a few passes per edit), the tables that
+    gain or lose a key laid out anew over their place. The buffer is :func:`buffer`'s (``spare``'s
     where it can be), seen as a memoryview: hashed, written or changed again as bytes are."""
     import numpy as np  # here: a publish that changes no cdb in place never loads it
 
