@@ -8,6 +8,7 @@ cdb it built locally is the publisher's. Keys are lowercase with no trailing NUL
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections import deque
 from collections.abc import Iterable
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import cdbx
 
-from mapsync.formats.text import sha256_file
+from mapsync.formats.text import ODD_STARTS, sha256_file
 from mapsync.progress import track
 
 
@@ -65,11 +66,34 @@ class Maker:
         self._maker.commit().close()
         return sha256_file(self.path)
 
+    def commit_held(self) -> tuple[str, memoryview]:
+        """Finish the file; its sha256 and its bytes (:func:`load`), which that hash is of."""
+        self._maker.commit().close()
+        data = load(self.path)
+        return hashlib.sha256(data).hexdigest(), data
 
-# A line text.pairs would skip or read as a comment starts with one of these: blank,
-# whitespace only, or '#'. A block where no line does holds only lines of the form the fast
-# path reads.
-ODD_STARTS = b" \t\r\x0b\x0c\n#"
+
+def load(path: Path) -> memoryview:
+    """The bytes of ``path`` in a buffer of :func:`mapsync.formats.cdbpatch.buffer`'s, for
+    the long-running publisher to hold and change in place."""
+    from mapsync.formats.cdbpatch import buffer
+
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        data = buffer(size)
+        got = 0
+        while got < size:
+            n = fh.readinto(data[got:])
+            if not n:
+                raise OSError(f"{path}: shorter than its size ({got} of {size} bytes)")
+            got += n
+        if fh.read(1):
+            raise OSError(f"{path}: grew while it was read")
+    return data
+
+
+# A block where no line starts with one of text.ODD_STARTS holds only lines of the form the
+# fast path reads.
 _ODD_AFTER_NEWLINE = tuple(b"\n" + bytes([c]) for c in ODD_STARTS)
 CHUNK = 1 << 20
 

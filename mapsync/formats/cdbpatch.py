@@ -23,19 +23,20 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mapsync.formats.cdb import ODD_STARTS
+from mapsync.formats.text import ODD_STARTS
 from mapsync.release.patch import Change
 
 if TYPE_CHECKING:
     import numpy as np
 
 HEADER = 2048
-CHUNK = 1 << 20  # bytes read, moved and written at a time from a file
+CHUNK = 1 << 20  # bytes read, moved and written at a time from a file (patch_cdb_file)
+_IN_PLACE = 16  # edits up to which positions are moved one edit at a time, in place
 _PAIR = struct.Struct("<II")
 
 
@@ -91,122 +92,140 @@ def edits_from_changes(changes: Iterable[Change], sep: bytes) -> list[Edit]:
     return edits
 
 
-class _Old:
-    """The old cdb, read a range at a time: from memory (a view, no copy) or from an open
-    file (``os.pread``: an agent patches a cdb without holding it)."""
+def _layout(hashes: list[int], positions: list[int]) -> np.ndarray:
+    """One hash table of the keys ``hashes`` at ``positions``, in record (position) order:
+    ``2n`` (hash, position) slots."""
+    import numpy as np
 
-    def __init__(self, data: bytes | None = None, fd: int | None = None) -> None:
-        self._view = memoryview(data) if data is not None else None
-        self._fd = fd
-        self.size = len(data) if data is not None else os.fstat(fd).st_size  # type: ignore[arg-type]
-
-    def read(self, pos: int, n: int) -> bytes | memoryview:
-        if self._view is not None:
-            return self._view[pos : pos + n]
-        assert self._fd is not None
-        got = os.pread(self._fd, n, pos)
-        if len(got) != n:
-            raise NotPatchable(f"the old cdb changed while read ({len(got)} of {n} bytes at {pos})")
-        return got
-
-    def ranges(self, start: int, end: int) -> Iterator[bytes | memoryview]:
-        """Bytes ``start`` to ``end``: one view in memory, a megabyte at a time from a file."""
-        if self._view is not None:
-            yield self._view[start:end]
-            return
-        while start < end:
-            n = min(CHUNK, end - start)
-            yield self.read(start, n)
-            start += n
+    size = 2 * len(hashes)
+    table_h = [0] * size
+    table_p = [0] * size
+    for h, pos in zip(hashes, positions, strict=True):
+        i = (h >> 8) % size
+        while table_p[i]:
+            i += 1
+            if i == size:
+                i = 0
+        table_h[i] = h
+        table_p[i] = pos
+    table = np.empty((size, 2), dtype="<u4")
+    table[:, 0] = table_h
+    table[:, 1] = table_p
+    return table
 
 
-def _find(old: _Old, header: np.ndarray, key: bytes) -> int:
-    """The position of ``key``'s record in ``old``; :class:`NotPatchable` if none."""
+def buffer(
+    size: int, spare: memoryview | None = None, old: object = None, fault_in: bool = False
+) -> memoryview:
+    """A writable buffer of ``size`` bytes for a cdb: ``spare``'s memory (a buffer made here
+    that its holder no longer needs) when it has room and is not ``old``'s, else a new one
+    with room for the map to grow. The memory is numpy's, which asks the kernel for huge
+    pages for it (a fraction of the page faults of a bytes object of that size); a spare
+    one has had them already: at 1M accounts, faulting in the two MX cdbs anew cost from
+    0.03 s to 0.3 s per change, as the host's memory allowed. ``fault_in``: a new buffer's
+    memory is faulted in now (written once), not where it is first used."""
+    import numpy as np
+
+    base = spare.obj if spare is not None else None
+    if (
+        isinstance(base, np.ndarray)
+        and base.dtype == np.uint8
+        and base.ndim == 1
+        and base.flags.writeable
+        and base.flags.c_contiguous
+        and base.size >= size
+        and (old is None or not np.may_share_memory(base, np.frombuffer(old, dtype=np.uint8)))
+    ):
+        return base.data[:size]
+    made = np.empty(size + size // 64 + 4096, dtype=np.uint8)
+    if fault_in:
+        made.fill(0)
+    return made.data[:size]
+
+
+Read = Callable[[int, int], "bytes | memoryview"]  # (position, length) of the old cdb
+
+
+def _find(read: Read, header: np.ndarray, key: bytes) -> int:
+    """The position of ``key``'s record in the old cdb ``read`` reads; :class:`NotPatchable`
+    if none."""
     h = cdb_hash(key)
     tpos, slots = (int(x) for x in header[h & 255])
     if slots:
         start = (h >> 8) % slots
         for k in range(slots):
-            hh, pos = _PAIR.unpack(old.read(tpos + ((start + k) % slots) * 8, 8))
+            hh, pos = _PAIR.unpack(read(tpos + ((start + k) % slots) * 8, 8))
             if pos == 0:
                 break
             if hh == h:
-                klen, _ = _PAIR.unpack(old.read(pos, 8))
-                if bytes(old.read(pos + 8, klen)) == key:
+                klen, _ = _PAIR.unpack(read(pos, 8))
+                if read(pos + 8, klen) == key:
                     return int(pos)
     raise NotPatchable(f"key {key[:100]!r} is not in the old cdb")
 
 
-def _layout(hashes: list[int], positions: list[int]) -> list[int]:
-    """One hash table of the entries (``hashes``, ``positions``), in record order: ``2n``
-    slots, flattened (hash, position, hash, position, ...)."""
-    size = 2 * len(hashes)
-    table = [0] * (2 * size)
-    for h, pos in zip(hashes, positions, strict=True):
-        i = (h >> 8) % size
-        while table[2 * i + 1]:
-            i = (i + 1) % size
-        table[2 * i] = h
-        table[2 * i + 1] = pos
-    return table
+@dataclass
+class _Plan:
+    """What ``edits`` do to an old cdb, worked out from a few reads of it: the new records as
+    old ranges and changed records (``parts``), the old positions from which records move by
+    how much more (``bounds``, ``deltas``), the records removed and added, the tables that
+    gain or lose a key, laid out anew (``laid``), and the new header's slot counts."""
+
+    header: np.ndarray
+    end: int  # where the old records end
+    new_end: int
+    parts: list[tuple[int, int] | bytes]
+    bounds: list[int]
+    deltas: list[int]
+    counts: np.ndarray
+    laid: dict[int, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        """The new cdb's size."""
+        return self.new_end + 8 * int(self.counts.sum())
+
+    def moved(self, positions: np.ndarray) -> np.ndarray:
+        """Old records' ``positions`` (int64, none 0) where the records lie after the edits."""
+        import numpy as np
+
+        cum = np.concatenate(([0], np.cumsum(np.asarray(self.deltas, dtype=np.int64))))
+        edges = np.asarray(self.bounds, dtype=np.int64)
+        return positions + cum[np.searchsorted(edges, positions, side="right")]
 
 
-def patch_cdb(old: bytes, edits: Sequence[Edit]) -> bytes:
-    """The cdb of ``old``'s pairs with ``edits`` (sorted by key, as the records are) applied:
-    byte for byte what a writer adding the new pairs in key order makes."""
-    out: list[bytes | memoryview] = []
-    _patch(_Old(data=old), edits, out.append)
-    return b"".join(out)
-
-
-def patch_cdb_file(old: Path, edits: Sequence[Edit], new: Path) -> tuple[str, int]:
-    """:func:`patch_cdb` from file ``old`` into the existing, empty file ``new``, a megabyte
-    at a time (bounded memory: an agent's cdbs are tens of megabytes); the sha256 and size
-    of what was written."""
-    digest = hashlib.sha256()
-    size = 0
-    with open(old, "rb") as fin, open(new, "r+b") as fout:
-
-        def write(data: bytes | memoryview) -> None:
-            nonlocal size
-            digest.update(data)
-            fout.write(data)
-            size += len(data)
-
-        _patch(_Old(fd=fin.fileno()), edits, write)
-    return digest.hexdigest(), size
-
-
-def _patch(old: _Old, edits: Sequence[Edit], write: Callable[[bytes | memoryview], object]) -> None:
-    """Write the patched cdb of :func:`patch_cdb` through ``write``, in order."""
+def _plan(read: Read, size: int, edits: Sequence[Edit]) -> _Plan:
+    """:class:`_Plan` of ``edits`` on the old cdb of ``size`` bytes that ``read`` reads;
+    :class:`NotPatchable` when it is not laid out as a cdb writer lays it out, or does not
+    hold what the edits take out."""
     import numpy as np  # here: a publish or pull that changes no cdb in place never loads it
 
-    if old.size < HEADER:
+    if size < HEADER:
         raise NotPatchable("shorter than a cdb header")
-    header = np.frombuffer(bytes(old.read(0, HEADER)), dtype="<u4").reshape(256, 2)
+    header = np.frombuffer(bytes(read(0, HEADER)), dtype="<u4").reshape(256, 2)
     end = int(header[0, 0])  # the records end where the first table begins
     sizes = header[:, 1].astype(np.int64) * 8
     expected = end + np.concatenate(([0], np.cumsum(sizes)[:-1]))
-    if (header[:, 0].astype(np.int64) != expected).any() or end + int(sizes.sum()) != old.size:
+    if (header[:, 0].astype(np.int64) != expected).any() or end + int(sizes.sum()) != size:
         raise NotPatchable("tables are not laid out one after the other after the records")
 
-    parts: list[tuple[int, int] | bytes] = []  # old ranges and new records, in order
+    parts: list[tuple[int, int] | bytes] = []
     done = HEADER  # old bytes taken up to here
     offset = HEADER  # new bytes up to here
-    bounds: list[int] = []  # old positions from which ...
-    deltas: list[int] = []  # ... records move by this much more
+    bounds: list[int] = []
+    deltas: list[int] = []
     removed: set[int] = set()
     added: list[tuple[int, int]] = []  # (hash, new position)
-    touched: set[int] = set()  # tables that gain or lose a key
+    touched: set[int] = set()
     for edit in edits:
         if edit.old is not None:
-            at = _find(old, header, edit.key)
-            klen, vlen = _PAIR.unpack(old.read(at, 8))
-            if bytes(old.read(at + 8 + klen, vlen)) != edit.old:
+            at = _find(read, header, edit.key)
+            klen, vlen = _PAIR.unpack(read(at, 8))
+            if read(at + 8 + klen, vlen) != edit.old:
                 raise NotPatchable(f"key {edit.key[:100]!r} has another value in the old cdb")
             length = 8 + klen + vlen
         else:
-            at = end if edit.before is None else _find(old, header, edit.before)
+            at = end if edit.before is None else _find(read, header, edit.before)
             length = 0
         if at < done:
             raise NotPatchable("edits are not in the records' order")
@@ -229,73 +248,165 @@ def _patch(old: _Old, edits: Sequence[Edit], write: Callable[[bytes | memoryview
         bounds.append(at if edit.old is None else at + 1)
         deltas.append(len(record) - length)
     parts.append((done, end))
-    new_end = offset + (end - done)
-    if new_end >= 1 << 32:
-        raise NotPatchable("over 4 GB: not a 32-bit cdb")
-    cuts = np.asarray(bounds, dtype=np.int64)
-    shifts = np.concatenate(([0], np.cumsum(deltas))).astype(np.int64)
+    plan = _Plan(
+        header, end, offset + (end - done), parts, bounds, deltas, header[:, 1].astype(np.int64)
+    )
 
-    def moved(slots: np.ndarray) -> np.ndarray:
-        """``slots`` (hash, position) with each position moved as the records moved."""
-        positions = slots[:, 1].astype(np.int64)
-        new_positions = np.where(
-            positions != 0, positions + shifts[np.searchsorted(cuts, positions, side="right")], 0
-        )
-        if len(new_positions) and int(new_positions.max()) >= 1 << 32:
-            raise NotPatchable("over 4 GB: not a 32-bit cdb")
-        out = np.empty_like(slots)
-        out[:, 0] = slots[:, 0]
-        out[:, 1] = new_positions
-        return out
-
-    def table(first: int, count: int) -> np.ndarray:
-        data = old.read(end + first * 8, count * 8)
-        return np.frombuffer(data, dtype="<u4").reshape(-1, 2)
-
-    # The tables that gain or lose a key, laid out anew in record order (a few thousand
-    # slots each at millions of keys); every other table is its old slots, moved.
-    counts = header[:, 1].astype(np.int64)
+    # The touched tables, laid out anew: their keys' new positions, in record order.
     firsts = (header[:, 0].astype(np.int64) - end) // 8
     gone = np.fromiter(removed, dtype=np.int64) if removed else None
-    relaid: dict[int, bytes] = {}
     for i in sorted(touched):
-        own = table(int(firsts[i]), int(counts[i]))
-        keep = own[:, 1] != 0
+        first, count = int(firsts[i]), int(header[i, 1])
+        own = np.frombuffer(bytes(read(end + 8 * first, 8 * count)), dtype="<u4").reshape(-1, 2)
+        positions = own[:, 1].astype(np.int64)
+        keep = positions != 0
         if gone is not None:
-            keep &= ~np.isin(own[:, 1].astype(np.int64), gone)
-        kept = moved(own[keep])
-        mine = [(h, p) for h, p in added if h & 255 == i]
-        hashes = np.concatenate((kept[:, 0], np.array([h for h, _ in mine], dtype="<u4")))
-        positions = np.concatenate((kept[:, 1], np.array([p for _, p in mine], dtype="<u4")))
-        order = np.argsort(positions, kind="stable")  # record order: positions are distinct
-        slots = _layout(hashes[order].tolist(), positions[order].tolist())
-        relaid[i] = np.array(slots, dtype="<u4").tobytes()
-        counts[i] = len(slots) // 2
-    if new_end + 8 * int(counts.sum()) >= 1 << 32:
+            keep &= ~np.isin(positions, gone)
+        moved = plan.moved(positions[keep])
+        new = [(h, p) for h, p in added if h & 255 == i]
+        hashes = np.concatenate((own[keep, 0], np.array([h for h, _ in new], dtype=np.int64)))
+        where = np.concatenate((moved, np.array([p for _, p in new], dtype=np.int64)))
+        order = np.argsort(where, kind="stable")
+        plan.laid[i] = _layout(hashes[order].tolist(), where[order].tolist())
+        plan.counts[i] = len(plan.laid[i])
+    if plan.total >= 1 << 32:
         raise NotPatchable("over 4 GB: not a 32-bit cdb")
-    new_header = np.empty((256, 2), dtype="<u4")
+    return plan
+
+
+def patch_cdb(
+    old: bytes | memoryview, edits: Sequence[Edit], spare: memoryview | None = None
+) -> memoryview:
+    """The cdb of ``old``'s pairs with ``edits`` (sorted by key, as the records are) applied:
+    byte for byte what a writer adding the new pairs in key order makes.
+
+    Written once into one buffer: the records copied around the changed ones, the tables
+    copied as they lie and their positions moved in place (those at or after a changed
+    record: whole-array arithmetic over the slots, a few passes per edit), the tables that
+    gain or lose a key laid out anew over their place. The buffer is :func:`buffer`'s (``spare``'s
+    where it can be), seen as a memoryview: hashed, written or changed again as bytes are."""
+    import numpy as np
+
+    view = memoryview(old).cast("B")  # slices without copies; compared as bytes
+    plan = _plan(lambda pos, n: view[pos : pos + n], len(old), edits)
+    header, end, new_end, counts, total = (
+        plan.header,
+        plan.end,
+        plan.new_end,
+        plan.counts,
+        plan.total,
+    )
+    firsts = (header[:, 0].astype(np.int64) - end) // 8
+    bounds, deltas, laid = plan.bounds, plan.deltas, plan.laid
+    cum = np.concatenate(([0], np.cumsum(np.asarray(deltas, dtype=np.int64))))
+    edges = np.asarray(bounds, dtype=np.int64)
+
+    into = buffer(total, spare, old)  # every byte is written below
+    out = np.frombuffer(into, dtype=np.uint8)
+    new_header = out[:HEADER].view("<u4").reshape(256, 2)
     new_header[:, 0] = new_end + 8 * np.concatenate(([0], np.cumsum(counts)[:-1]))
     new_header[:, 1] = counts
-
-    write(new_header.tobytes())
-    for part in parts:
-        if isinstance(part, bytes):
-            write(part)
-        else:
-            for piece in old.ranges(*part):
-                write(piece)
+    at = HEADER
+    for part in plan.parts:
+        piece = view[part[0] : part[1]] if isinstance(part, tuple) else part
+        into[at : at + len(piece)] = piece
+        at += len(piece)
+    # The tables: runs of untouched ones copied as they are (their positions moved below),
+    # each touched one left for its new layout (written last: what the loop below does to
+    # the bytes there does not matter).
+    new_firsts = (new_header[:, 0].astype(np.int64) - new_end) // 8
     run = 0  # first old slot of the current run of untouched tables
-
-    def untouched(stop: int) -> None:
-        """The old slots from ``run`` to ``stop``, moved, a megabyte at a time."""
-        nonlocal run
-        while run < stop:
-            n = min(stop - run, CHUNK // 8)
-            write(moved(table(run, n)).tobytes())
-            run += n
-
-    for i in sorted(touched):
-        untouched(int(firsts[i]))
-        write(relaid[i])
+    for i in sorted(laid):
+        src, dst = end + 8 * run, new_end + 8 * (int(new_firsts[i]) - (int(firsts[i]) - run))
+        into[dst : dst + 8 * (int(firsts[i]) - run)] = view[src : end + 8 * int(firsts[i])]
         run = int(firsts[i]) + int(header[i, 1])
-    untouched((old.size - end) // 8)
+    tail = len(old) - (end + 8 * run)
+    into[total - tail : total] = view[end + 8 * run :]
+    # Each slot as one little-endian 64-bit number, position << 32 | hash: "position at or
+    # after b" is "slot >= b << 32", and adding d << 32 (mod 2**64) adds d to the position.
+    # Whole-array arithmetic on these runs at memory speed; a masked add (where=) on the
+    # positions alone took four times as long.
+    wide = out[new_end:total].view("<u8")
+    if len(bounds) <= _IN_PLACE and end + int(sum(d for d in deltas if d > 0)) < 1 << 32:
+        # Last edit first: a position moved by the later edits is still at or after an
+        # earlier edit's bound exactly when it was before (the records keep their order).
+        for bound, delta in zip(reversed(bounds), reversed(deltas), strict=True):
+            if delta:
+                step = np.uint64((delta % (1 << 32)) << 32)  # a negative one wraps
+                wide += (wide >= np.uint64(bound << 32)) * step
+    else:
+        shifts = (cum % (1 << 32)).astype(np.uint64) << np.uint64(32)
+        wide += shifts[np.searchsorted(edges.astype(np.uint64) << np.uint64(32), wide, "right")]
+    tables = out[new_end:total].view("<u4").reshape(-1, 2)
+    for i, table in laid.items():
+        first = int(new_firsts[i])
+        tables[first : first + len(table)] = table
+    return into
+
+
+class _Old:
+    """An old cdb file, read a range at a time (``os.pread``): an agent changes its cdb
+    without holding it in memory."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self.size = os.fstat(fd).st_size
+
+    def read(self, pos: int, n: int) -> bytes:
+        got = os.pread(self._fd, n, pos)
+        if len(got) != n:
+            raise NotPatchable(f"the old cdb changed while read ({len(got)} of {n} bytes at {pos})")
+        return got
+
+
+def patch_cdb_file(old: Path, edits: Sequence[Edit], new: Path) -> tuple[str, int]:
+    """:func:`patch_cdb` from file ``old`` into the existing, empty file ``new``, a megabyte
+    at a time (bounded memory: an agent's cdbs are tens of megabytes, its budget 64 MB); the
+    sha256 and size of what was written."""
+    import numpy as np
+
+    digest = hashlib.sha256()
+    size = 0
+    with open(old, "rb") as fin, open(new, "r+b") as fout:
+
+        def write(data: bytes) -> None:
+            nonlocal size
+            digest.update(data)
+            fout.write(data)
+            size += len(data)
+
+        src = _Old(fin.fileno())
+        plan = _plan(src.read, src.size, edits)
+        end, header = plan.end, plan.header
+        new_header = np.empty((256, 2), dtype="<u4")
+        new_header[:, 0] = plan.new_end + 8 * np.concatenate(([0], np.cumsum(plan.counts)[:-1]))
+        new_header[:, 1] = plan.counts
+        write(new_header.tobytes())
+        for part in plan.parts:
+            if isinstance(part, bytes):
+                write(part)
+                continue
+            for start in range(part[0], part[1], CHUNK):
+                write(src.read(start, min(CHUNK, part[1] - start)))
+        firsts = (header[:, 0].astype(np.int64) - end) // 8
+        run = 0  # first old slot of the current run of untouched tables
+
+        def untouched(stop: int) -> None:
+            """The old slots from ``run`` to ``stop``, positions moved, a megabyte at a time."""
+            nonlocal run
+            while run < stop:
+                n = min(stop - run, CHUNK // 8)
+                slots = np.frombuffer(src.read(end + 8 * run, 8 * n), dtype="<u4").reshape(-1, 2)
+                positions = slots[:, 1].astype(np.int64)
+                full = positions != 0
+                moved = slots.copy()
+                moved[full, 1] = plan.moved(positions[full])
+                write(moved.tobytes())
+                run += n
+
+        for i in sorted(plan.laid):
+            untouched(int(firsts[i]))
+            write(plan.laid[i].tobytes())
+            run = int(firsts[i]) + int(header[i, 1])
+        untouched((src.size - end) // 8)
+    return digest.hexdigest(), size

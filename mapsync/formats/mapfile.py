@@ -11,7 +11,7 @@ import os
 import re
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import islice, repeat
 from operator import eq, itemgetter
 from pathlib import Path
@@ -33,6 +33,9 @@ class CdbFile:
     file: str
     sha256: str
     size: int
+    # The cdb's bytes where the caller keeps them (the long-running publisher: changed in
+    # place for its next release); the sha256 is theirs.
+    data: memoryview | None = field(default=None, repr=False, compare=False)
 
 
 def lines(entries: Iterable[tuple[str, str]], map_name: str, sep: str = " ") -> Iterator[str]:
@@ -146,8 +149,9 @@ def write_map(
     itself is removed: agents build their own); refuse as :func:`lines` does. Given
     ``value``, ``entries`` are the keys alone and every value is ``value`` (a map of one
     value holds no pair per row: at 1.6M keys, 90 MB less, and a plain sort of strings).
-    ``keep_cdb``: a directory the cdb is moved to as ``<sha256>.cdb`` instead of removed (the
-    long-running publisher changes it in place for the next release: formats.cdbpatch).
+    ``keep_cdb``: a directory the cdb is moved to as ``<sha256>.cdb`` instead of removed, its
+    bytes returned as well (:attr:`CdbFile.data`: the long-running publisher changes them in
+    place for the next release, formats.cdbpatch).
 
     One pass over the sorted rows, a block at a time (:func:`blocks`), writes the text and
     feeds the cdb the same bytes: each block is joined and encoded once, for both files.
@@ -186,10 +190,13 @@ def write_map(
                 pass
             raise
         if maker is not None:
-            digest, size = maker.commit()
+            held = None
             if keep_cdb is not None:
+                digest, held = maker.commit_held()
+                size = len(held)
                 os.replace(maker.path, keep_cdb / f"{digest}.cdb")
             else:
+                digest, size = maker.commit()
                 maker.path.unlink()  # agents build their own and prove it equal by this hash
-            cdb_file = CdbFile(maker.path.name, digest, size)
+            cdb_file = CdbFile(maker.path.name, digest, size, held)
     return writer.info(), cdb_file

@@ -66,6 +66,11 @@ class Writer:
         return TextInfo(self._entries, self._whole.hexdigest(), self._size, self._body.hexdigest())
 
 
+# What a line :func:`pairs` may skip (blank, whitespace only, a '#' comment) starts with: a
+# line that starts otherwise is a pair.
+ODD_STARTS = b" \t\r\x0b\x0c\n#"
+
+
 def pairs(path: Path, sep: bytes = b" ") -> Iterator[tuple[bytes, bytes]]:
     """(key, value) bytes of a key/value text map, skipping the ``#`` header and blank lines."""
     with open(path, "rb") as fh:

@@ -205,9 +205,13 @@ def read_changes(
         (t.alias_target, t.alias_target.c.alias_id, "alias"),
         (t.sender_grant, t.sender_grant.c.account_id, "grants"),
     ):
-        query = select(column).distinct().where(table.c.updated_at >= since.clock - SKEW)
-        changed[into].update(conn.scalars(query.limit(MAX_CHANGED + 1)))
-        if len(changed[into]) > MAX_CHANGED:
+        # The rows, not their DISTINCT parents: for those SQLite walks the whole index of
+        # the parent (alias_target's alias_id: 0.07 s at 1M rows, every run) instead of the
+        # updated_at range; a bulk change is as many rows however few parents they have.
+        query = select(column).where(table.c.updated_at >= since.clock - SKEW)
+        ids = conn.scalars(query.limit(MAX_CHANGED + 1)).all()
+        changed[into].update(ids)
+        if len(ids) > MAX_CHANGED or len(changed[into]) > MAX_CHANGED:
             raise NotIncremental(f"more than {MAX_CHANGED} rows changed")
     expired = select(t.alias.c.id).where(
         t.alias.c.expires_at > since.now - SKEW, t.alias.c.expires_at <= now

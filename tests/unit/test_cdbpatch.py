@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from mapsync.formats import cdb
+from mapsync.formats import cdb, cdbpatch
 from mapsync.formats.cdbpatch import Edit, NotPatchable, edits_from_changes, patch_cdb_file
 from mapsync.formats.cdbpatch import patch_cdb as patch
 from mapsync.release.patch import Change, apply_patch, make_patch
@@ -33,8 +33,13 @@ def _edits(before: dict[bytes, bytes], after: dict[bytes, bytes]) -> list[Edit]:
     return edits
 
 
+@pytest.mark.parametrize("in_place", [0, 1000], ids=["searchsorted", "edit-by-edit"])
 @pytest.mark.parametrize("seed", range(40))
-def test_a_patched_cdb_is_the_cdb_built_whole(tmp_path: Path, seed: int) -> None:
+def test_a_patched_cdb_is_the_cdb_built_whole(
+    tmp_path: Path, seed: int, in_place: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Both ways of moving the positions: all edits at once, and one edit at a time in place.
+    monkeypatch.setattr(cdbpatch, "_IN_PLACE", in_place)
     rnd = random.Random(seed)
     size = rnd.choice([0, 1, 5, 300, 3000])
     before = {
@@ -74,12 +79,15 @@ def _text(path: Path, pairs: dict[bytes, bytes], serial: int) -> Path:
     return path
 
 
+@pytest.mark.parametrize("chunk", [64, 1 << 20])
 @pytest.mark.parametrize("seed", range(30))
 def test_the_edits_a_text_patch_makes_change_the_cdb_file_into_the_new_one(
-    tmp_path: Path, seed: int
+    tmp_path: Path, seed: int, chunk: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """What an agent does: the text patch applied, the changed lines it met turned into
-    edits, the old cdb file changed by them — byte for byte the cdb of the new text."""
+    edits, the old cdb file changed by them (read and written ``chunk`` bytes at a time) —
+    byte for byte the cdb of the new text."""
+    monkeypatch.setattr(cdbpatch, "CHUNK", chunk)
     rnd = random.Random(seed)
     before = {
         b"k%05d@d.example" % rnd.randrange(10**5): b"v%d" % rnd.randrange(9)
@@ -114,3 +122,28 @@ def test_a_changed_line_the_cdb_does_not_hold_is_not_patchable() -> None:
     for line in (b"# a comment\n", b" x y\n", b"\n", b"no newline"):
         with pytest.raises(NotPatchable, match="not a pair"):
             edits_from_changes([Change(line)], b" ")
+
+
+def test_a_chain_of_patches_reuses_the_spare_buffer_and_never_the_old_one(tmp_path: Path) -> None:
+    rnd = random.Random(7)
+    pairs = {f"u{i:05d}@d.example".encode(): b"v%d" % rnd.randrange(9) for i in range(2000)}
+    first = _built(tmp_path, pairs, "0.cdb")
+    current = cdb.load(tmp_path / "0.cdb")  # as the publisher holds a cdb it built whole
+    assert current == first
+    spare = None
+    reused = 0
+    for step in range(30):
+        after = dict(pairs)
+        key = f"u{rnd.randrange(3000):05d}x@d.example".encode()
+        after[key] = b"new"
+        made = patch(current, _edits(pairs, after), spare)
+        assert made == _built(tmp_path, after, f"{step + 1}.cdb")
+        reused += spare is not None and made.obj is spare.obj  # written into its memory
+        spare, current, pairs = current, made, after
+    assert reused == 29  # each time but the first (no spare yet)
+    # The buffer being read is never the one written: given as the spare, a new one is made.
+    again = dict(pairs)
+    again[b"zzz@d.example"] = b"1"
+    made = patch(current, _edits(pairs, again), current)
+    assert made.obj is not current.obj
+    assert made == _built(tmp_path, again, "again.cdb")

@@ -30,11 +30,12 @@ def _render_hash(directory: Path) -> str:
     return kept.stem
 
 
+@pytest.mark.parametrize("buffer", [False, True], ids=["read", "into-buffer"])
 @pytest.mark.parametrize("patched", [False, True], ids=["cdb-built", "cdb-patched"])
 @pytest.mark.parametrize("sep", [" ", ":"])
 @pytest.mark.parametrize("seed", range(12))
 def test_a_spliced_map_is_the_full_render_byte_for_byte(
-    tmp_path: Path, seed: int, sep: str, patched: bool
+    tmp_path: Path, seed: int, sep: str, patched: bool, buffer: bool
 ) -> None:
     rnd = random.Random(seed)
     keys = [
@@ -69,11 +70,20 @@ def test_a_spliced_map_is_the_full_render_byte_for_byte(
         new_dir / "virtual.patch",
         new_dir / "virtual.cdb",
         old_cdb,
+        None,
+        # Memory from an earlier change, larger or smaller than this text (junk in it).
+        bytearray(b"junk" * rnd.randrange(0, 6000)) if buffer else None,
     )
     assert (new_dir / "virtual").read_bytes() == (full_dir / "virtual").read_bytes()
     assert done.text == full_info
     assert done.cdb is not None and done.cdb.sha256 == full_cdb
-    assert (new_dir / "virtual.cdb").read_bytes() == (full_dir / f"{full_cdb}.cdb").read_bytes()
+    assert done.cdb_data is not None
+    assert bytes(done.cdb_data) == (full_dir / f"{full_cdb}.cdb").read_bytes()
+    assert done.cdb.size == len(done.cdb_data)
+    # Changed in place, the cdb is only in memory; built whole, it is written as well.
+    assert (new_dir / "virtual.cdb").exists() != patched
+    if not patched:
+        assert (new_dir / "virtual.cdb").read_bytes() == bytes(done.cdb_data)
     assert done.added - done.removed == len(after) - len(before)
     assert done.added + done.removed + done.changed == len(delta)
     patched = io.BytesIO()
@@ -92,3 +102,38 @@ def test_a_line_the_old_file_does_not_hold_is_a_mismatch(tmp_path: Path) -> None
         splice(
             tmp_path / "m", 2, "# h\n", changes({}, {"b@x": "2"}, "m", " "), out, " ", None, None
         )
+
+
+def test_a_manifest_count_the_text_cannot_hold_is_a_mismatch(tmp_path: Path) -> None:
+    # The patch's copied lines come from the manifest's count less the lines counted: a count
+    # the text cannot hold is refused, not written into a patch.
+    info, _ = _render({f"u{i}@x": "1" for i in range(50)}, tmp_path / "m", 1, " ")
+    delta = changes({}, {"u25x@x": "2"}, "m", " ")
+    args = (text.header("m", "mx", 2), delta, tmp_path / "out", " ", tmp_path / "p", None)
+    with pytest.raises(Mismatch, match="do not add up"):
+        splice(tmp_path / "m", 5000, *args)
+    with pytest.raises(Mismatch, match="do not add up"):
+        splice(tmp_path / "m", 1, *args)
+    done = splice(tmp_path / "m", info.entries, *args)
+    assert done.text.entries == 51
+
+
+def test_a_text_buffer_still_viewed_is_not_resized_but_read_around(tmp_path: Path) -> None:
+    info, _ = _render({f"u{i}@x": "1" for i in range(50)}, tmp_path / "m", 1, " ")
+    held = bytearray(b"x" * 10)
+    view = memoryview(held)  # an export: the bytearray cannot be resized
+    done = splice(
+        tmp_path / "m",
+        info.entries,
+        text.header("m", "mx", 2),
+        changes({}, {"u25x@x": "2"}, "m", " "),
+        tmp_path / "out",
+        " ",
+        None,
+        None,
+        None,
+        None,
+        held,
+    )
+    assert done.text.entries == 51
+    assert bytes(view) == b"x" * 10
