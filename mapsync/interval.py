@@ -10,7 +10,7 @@ from mapsync import log, signals
 from mapsync.errors import EXIT_ERROR, MapsyncError
 
 
-def run_every(interval: int, run: Callable[[], object], *, logger: str, what: str) -> NoReturn:
+def run_every(interval: float, run: Callable[[], object], *, logger: str, what: str) -> NoReturn:
     """Call ``run`` every ``interval`` seconds, logging any error, until SIGTERM/SIGHUP ends
     it with exit 128+n: at once between runs; inside a run by SystemExit, whose staging and
     temp files are removed on the way out. ``logger``: the log's name; ``what``: the run in

@@ -5,8 +5,8 @@
     STATE/mx/releases/41/    MANIFEST.json, MANIFEST.json.sig, text maps (as verified at install)
     STATE/mx/releases/42/    ...
 
-A kept release never shares an inode with the live set: a swapped-out live inode must die
-at the swap so a running Postfix notices (MAIL-FACTS.md). Its text maps are hard links to the
+A kept release never shares an inode with the live set: the swapped-out live inode of a
+changed map must die at the swap so a running Postfix notices (MAIL-FACTS.md). Its text maps are hard links to the
 verified text in the agent's private staging (which becomes the rsync basis, whose files
 nobody rewrites in place: rsync and patches make new ones), else private copies.
 Only text is kept; ``rollback`` builds the cdb files again and proves them equal by sha256,

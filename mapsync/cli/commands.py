@@ -138,12 +138,20 @@ def publish_once(
     return EXIT_WARNING if args.dry_run and result is not None and result.pending else EXIT_OK
 
 
+# A run of the loop when nothing changed costs a fingerprint query (0.04 s at 1M accounts on
+# SQLite: docs/benchmarks.md); below this, the loop would be little but queries.
+MIN_PUBLISH_INTERVAL = 0.1
+
+
 def _publish_every(args: argparse.Namespace) -> int:
     """``publish --interval``: the checks of its options, then :func:`publish.loop.run_every`."""
     from mapsync.publish.loop import run_every
 
-    if args.interval < 1:
-        raise ConfigError("publish --interval: must be at least 1 (seconds)")
+    if not args.interval >= MIN_PUBLISH_INTERVAL:  # NaN too
+        raise ConfigError(
+            f"publish --interval: must be at least {MIN_PUBLISH_INTERVAL} (seconds), "
+            f"not {args.interval:g}"
+        )
     if args.dry_run or args.force:
         raise ConfigError(
             "publish --interval publishes for real and cannot override guards: "

@@ -119,9 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print the plan as JSON")
     s.add_argument(
         "--interval",
-        type=int,
+        type=float,
         metavar="SECONDS",
-        help="keep running: publish (and push) every SECONDS; errors are logged and the next "
+        help="keep running: publish (and push) every SECONDS (at least 0.1: a fraction such as "
+        "0.25 makes a commit wait less for the next run); errors are logged and the next "
         "run goes on; SIGTERM ends it (exit 143). An unchanged database costs a fingerprint query; "
         "a changed one, with mapsync's own schema, only the changed rows and the entries they "
         "reach (docs/incremental.md), with a full read every [publisher] full_check",

@@ -8,7 +8,7 @@ from typing import NoReturn
 from mapsync import interval
 
 
-def run_every(seconds: int, run: Callable[[], object]) -> NoReturn:
+def run_every(seconds: float, run: Callable[[], object]) -> NoReturn:
     """Call ``run`` every ``seconds``, logging any error, until SIGTERM/SIGHUP ends it with
     exit 128+n (:func:`mapsync.interval.run_every`): a release appears whole or not at all."""
     interval.run_every(seconds, run, logger="publisher", what="publish")

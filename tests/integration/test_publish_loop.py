@@ -17,6 +17,8 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from datetime import datetime
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -34,11 +36,14 @@ from tests.helpers.transport import SilentListener
 class Loop:
     """``mapsync publish --interval N`` running in the background; output to files."""
 
-    def __init__(self, cluster: Cluster, *args: str, log_format: str = "console") -> None:
+    def __init__(
+        self, cluster: Cluster, *args: str, log_format: str = "console", verbose: bool = False
+    ) -> None:
         self.out = cluster.root / "loop.out"
         self.err = cluster.root / "loop.err"
         with open(self.out, "wb") as out, open(self.err, "wb") as err:
             argv = [sys.executable, "-m", "mapsync", "--config", str(cluster.config_path)]
+            argv += ["-v"] if verbose else []
             self.proc = subprocess.Popen(
                 [*argv, "--log-format", log_format, "publish", *args],
                 stdout=out,
@@ -225,6 +230,36 @@ def test_sigterm_in_the_middle_of_a_publish_leaves_no_half_written_release(
     # The next run publishes normally.
     assert "published serial" in big.publish().stdout
     assert_repository_clean(big)
+
+
+def test_a_fraction_of_a_second_is_an_interval_and_too_short_a_one_is_refused(
+    cluster: Cluster, loops: list[Loop]
+) -> None:
+    for bad in ("0", "0.05", "-1", "nan"):
+        p = cluster.cli("publish", "--interval", bad)
+        assert p.returncode == 2, p.stderr
+        assert "publish --interval: must be at least 0.1 (seconds)" in p.stderr, p.stderr
+    assert not (cluster.repo / "mx" / "LATEST").exists()
+    loop = Loop(cluster, "--interval", "0.2", log_format="json", verbose=True)
+    loops.append(loop)
+    loop.wait_for("serial 1", lambda: latest_serial(cluster) == 1)
+    add_account(cluster, "quarter")
+    loop.wait_for("serial 2", lambda: latest_serial(cluster) == 2, 5)
+
+    def runs() -> list[datetime]:
+        return [
+            datetime.fromisoformat(json.loads(line)["timestamp"].replace("Z", "+00:00"))
+            for line in loop.stderr().splitlines()
+            if '"publish run done"' in line
+        ]
+
+    seen = len(runs())
+    loop.wait_for("five more runs", lambda: len(runs()) >= seen + 5, 5)
+    code, _ = loop.stop(signal.SIGTERM)
+    assert code == 143, loop.stderr()
+    done = runs()[seen:]
+    gaps = [(b - a).total_seconds() for a, b in pairwise(done)]
+    assert gaps and all(gap < 0.9 for gap in gaps), gaps  # every 0.2 s and the run, not 1 s
 
 
 def test_the_loop_refuses_dry_run_and_force(cluster: Cluster) -> None:
