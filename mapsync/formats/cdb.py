@@ -19,7 +19,7 @@ from pathlib import Path
 
 import cdbx
 
-from mapsync.formats.text import ODD_STARTS, sha256_file
+from mapsync.formats.text import ODD_STARTS, read_whole, sha256_file
 from mapsync.progress import track
 
 
@@ -81,14 +81,7 @@ def load(path: Path) -> memoryview:
     with open(path, "rb") as fh:
         size = os.fstat(fh.fileno()).st_size
         data = buffer(size)
-        got = 0
-        while got < size:
-            n = fh.readinto(data[got:])
-            if not n:
-                raise OSError(f"{path}: shorter than its size ({got} of {size} bytes)")
-            got += n
-        if fh.read(1):
-            raise OSError(f"{path}: grew while it was read")
+        read_whole(fh, data, path)
     return data
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from mapsync.formats.cdb import Maker
 from mapsync.formats.cdbpatch import Edit, NotPatchable, patch_cdb
 from mapsync.formats.mapfile import CdbFile, lines
-from mapsync.formats.text import TextInfo
+from mapsync.formats.text import TextInfo, read_whole
 from mapsync.release.patch import MAGIC, MAX_LINE
 
 
@@ -73,16 +73,8 @@ def _read(path: Path, into: bytearray | None) -> bytes | bytearray:
                 into.extend(bytes(size - len(into)))
         except BufferError:  # a view of it is still held somewhere: no reuse this time
             return path.read_bytes()
-        view = memoryview(into)
-        got = 0
-        while got < size:
-            n = fh.readinto(view[got:])
-            if not n:
-                raise OSError(f"{path}: shorter than its size ({got} of {size} bytes)")
-            got += n
-        view.release()
-        if fh.read(1):
-            raise OSError(f"{path}: grew while it was read")
+        with memoryview(into) as view:
+            read_whole(fh, view, path)
     return into
 
 

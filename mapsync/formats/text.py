@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from io import BufferedReader
 from pathlib import Path
 from typing import BinaryIO
 
@@ -96,3 +97,16 @@ def sha256_file(path: Path) -> tuple[str, int]:
             h.update(chunk)
             size += len(chunk)
     return h.hexdigest(), size
+
+
+def read_whole(fh: BufferedReader, into: memoryview, path: Path) -> None:
+    """Fill ``into`` (as long as the file) from ``fh`` at its start; OSError naming ``path``
+    when the file turns out shorter or longer (it changed while read)."""
+    got = 0
+    while got < len(into):
+        n = fh.readinto(into[got:])
+        if not n:
+            raise OSError(f"{path}: shorter than its size ({got} of {len(into)} bytes)")
+        got += n
+    if fh.read(1):
+        raise OSError(f"{path}: grew while it was read")
