@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Generic, TypeVar
 
 from mapsync import log
 from mapsync.agent.inbox import note_basis
-from mapsync.agent.node import NodeChannel
+from mapsync.agent.node import NodeChannel, basis_manifest
 from mapsync.config import AgentChannel, unauthenticated_rsync
 from mapsync.errors import InstallError, MapsyncError, TransportError, VerificationError
 from mapsync.release import (
@@ -40,7 +40,6 @@ from mapsync.release import (
     Manifest,
     is_secret,
     parse_latest,
-    parse_manifest,
     patch_dir,
     patch_file,
     release_dir,
@@ -248,9 +247,8 @@ def _guess(basis: Path) -> tuple[int, list[str]] | None:
     """The release most likely next (the serial after the basis's) and the files of it to
     ask for with LATEST: its manifest, signature and the patches of the basis's maps. None
     without a readable basis."""
-    try:
-        base = parse_manifest((basis / MANIFEST).read_bytes(), str(basis / MANIFEST))
-    except (OSError, MapsyncError):
+    base = basis_manifest(basis)
+    if base is None:
         return None
     serial = base.serial + 1
     files = [f"{release_dir(serial)}/{MANIFEST}", f"{release_dir(serial)}/{SIGNATURE}"]

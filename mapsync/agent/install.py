@@ -346,9 +346,10 @@ def build_set(
 def _link_unchanged(live: Path, m: MapEntry, own: Ownership, built: Path) -> bool:
     """Hard-link map ``m``'s files from ``live`` into ``built`` if they are the manifest's
     (sizes first: a changed map is seldom hashed) and have ownership ``own``; whether it did."""
-    files = [file for file, _, _ in m.installed_files()]
+    installed = m.installed_files()
+    files = [file for file, _, _ in installed]
     try:
-        if any((live / f).stat().st_size != size for f, _, size in m.installed_files()):
+        if any((live / f).stat().st_size != size for f, _, size in installed):
             return False
         if not _intact(live, m) or not all(_has_ownership(live / f, own, built) for f in files):
             return False

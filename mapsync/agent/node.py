@@ -32,7 +32,7 @@ from mapsync.agent.state import (
 )
 from mapsync.config import AgentChannel, AgentConfig
 from mapsync.errors import InstallError, MapsyncError
-from mapsync.release import Manifest, iso, utcnow
+from mapsync.release import MANIFEST, Manifest, iso, parse_manifest, utcnow
 
 _log = log.get("agent")
 
@@ -250,3 +250,13 @@ def discard_state(path: Path) -> Path:
     aside = path.with_name(path.name + ".damaged")
     os.replace(path, aside)
     return aside
+
+
+def basis_manifest(basis: Path) -> Manifest | None:
+    """The manifest of the release whose text is the basis (None: none, or unreadable).
+    Not verified again: it only says which patches could apply and which release may come
+    next; every result is checked against the new release's signed manifest."""
+    try:
+        return parse_manifest((basis / MANIFEST).read_bytes(), str(basis / MANIFEST))
+    except (OSError, MapsyncError):
+        return None

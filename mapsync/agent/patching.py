@@ -18,10 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mapsync import log
-from mapsync.errors import MapsyncError, TransportError, VerificationError
+from mapsync.agent.node import basis_manifest
+from mapsync.errors import TransportError, VerificationError
 from mapsync.formats import text
 from mapsync.formats.cdbpatch import Edit, NotPatchable, edits_from_changes
-from mapsync.release import MANIFEST, Manifest, parse_manifest, patch_dir, separator
+from mapsync.release import Manifest, patch_dir, separator
 from mapsync.release.patch import Change, apply_patch
 from mapsync.transport import Remote
 
@@ -46,16 +47,6 @@ class Patched:
     moved: int = 0
     patched: list[str] = field(default_factory=list)  # maps rebuilt from a patch
     edits: dict[str, list[Edit]] = field(default_factory=dict)  # their cdbs' changed pairs
-
-
-def basis_manifest(basis: Path) -> Manifest | None:
-    """The manifest of the release whose text is the basis (None: none, or unreadable).
-    Not verified again: it only says which patches could apply; every result is checked
-    against the new release's signed manifest."""
-    try:
-        return parse_manifest((basis / MANIFEST).read_bytes(), str(basis / MANIFEST))
-    except (OSError, MapsyncError):
-        return None
 
 
 def fetch_patched(

@@ -374,18 +374,33 @@ def literal(when: datetime) -> str:
     return "'" + when.isoformat(sep=" ", timespec="microseconds") + "'"
 
 
-def _commit_late(
-    engine: Engine, url: str, statement: str, other: str, read: Callable[[], None]
+def _late(
+    url: str,
+    statement: str,
+    other: str,
+    read: Callable[[], None],
+    on_sqlite: Callable[[Engine], None],
 ) -> None:
-    """``statement`` in a transaction left open while ``other`` commits and ``read`` runs,
-    then committed (PostgreSQL, MariaDB: as a late commit really happens)."""
-    with engine.connect() as conn:
-        tx = conn.begin()
-        conn.exec_driver_sql(statement)
-        time.sleep(0.002)  # other's stamp after this one's, whatever the clock's grain
-        run(url, other)
-        read()
-        tx.commit()
+    """``statement`` committed after ``other`` commits and ``read`` runs. On PostgreSQL and
+    MariaDB in a transaction left open meanwhile (as a late commit really happens); SQLite has
+    one writer at a time: there ``other`` and ``read`` run first, then ``on_sqlite`` runs
+    ``statement`` and makes it lie as the late commit would have."""
+    engine = make_engine(url)
+    try:
+        if engine.dialect.name == "sqlite":
+            run(url, other)
+            read()
+            on_sqlite(engine)
+            return
+        with engine.connect() as conn:
+            tx = conn.begin()
+            conn.exec_driver_sql(statement)
+            time.sleep(0.002)  # other's stamp after this one's, whatever the clock's grain
+            run(url, other)
+            read()
+            tx.commit()
+    finally:
+        engine.dispose()
 
 
 def late_delete(url: str, statement: str, other: str, read: Callable[[], None]) -> None:
@@ -396,13 +411,8 @@ def late_delete(url: str, statement: str, other: str, read: Callable[[], None]) 
     commit); SQLite has one writer at a time (its ids commit in order): there ``statement``
     runs after the read and its log row changes places with ``other``'s, as the two would
     lie had they run so."""
-    engine = make_engine(url)
-    try:
-        if engine.dialect.name != "sqlite":
-            _commit_late(engine, url, statement, other, read)
-            return
-        run(url, other)
-        read()
+
+    def reorder(engine: Engine) -> None:
         with engine.begin() as conn:
             mark = conn.execute(select(func.max(t.deleted.c.id))).scalar_one()
             conn.exec_driver_sql(statement)
@@ -410,8 +420,8 @@ def late_delete(url: str, statement: str, other: str, read: Callable[[], None]) 
             assert conn.execute(select(func.max(log.c.id))).scalar_one() == mark + 1
             for old, new in ((mark, -1), (mark + 1, mark), (-1, mark + 1)):
                 conn.execute(update(log).where(log.c.id == old).values(id=new))
-    finally:
-        engine.dispose()
+
+    _late(url, statement, other, read, reorder)
 
 
 def newest(url: str, table: str) -> datetime:
@@ -434,13 +444,8 @@ def late_insert(url: str, statement: str, other: str, read: Callable[[], None]) 
     On PostgreSQL and MariaDB as it happens (a row is stamped when written, seen at commit);
     SQLite has one writer at a time: there ``statement`` runs after the read and its row is
     stamped 1 ms before ``other``'s (its UPDATE trigger keeps a stamp that an UPDATE sets)."""
-    engine = make_engine(url)
-    try:
-        if engine.dialect.name != "sqlite":
-            _commit_late(engine, url, statement, other, read)
-            return
-        run(url, other)
-        read()
+
+    def stamp_before(engine: Engine) -> None:
         table = statement.split()[2]
         stamp = newest(url, table) - timedelta(milliseconds=1)
         with engine.begin() as conn:
@@ -448,5 +453,5 @@ def late_insert(url: str, statement: str, other: str, read: Callable[[], None]) 
             conn.exec_driver_sql(
                 f"UPDATE {table} SET updated_at = {literal(stamp)} WHERE id = {row}"
             )
-    finally:
-        engine.dispose()
+
+    _late(url, statement, other, read, stamp_before)
