@@ -141,6 +141,9 @@ def publish_once(
 # A run of the loop when nothing changed costs a fingerprint query (0.04 s at 1M accounts on
 # SQLite: docs/benchmarks.md); below this, the loop would be little but queries.
 MIN_PUBLISH_INTERVAL = 0.1
+# A week: releases expire after [publisher] expires (7 days by default) unless a run renews
+# them; and the loop sleeps with time.sleep, which refuses what time_t cannot hold ("inf").
+MAX_PUBLISH_INTERVAL = 7 * 24 * 3600
 
 
 def _publish_every(args: argparse.Namespace) -> int:
@@ -150,6 +153,11 @@ def _publish_every(args: argparse.Namespace) -> int:
     if not args.interval >= MIN_PUBLISH_INTERVAL:  # NaN too
         raise ConfigError(
             f"publish --interval: must be at least {MIN_PUBLISH_INTERVAL} (seconds), "
+            f"not {args.interval:g}"
+        )
+    if args.interval > MAX_PUBLISH_INTERVAL:
+        raise ConfigError(
+            f"publish --interval: must be at most {MAX_PUBLISH_INTERVAL} (seconds, a week), "
             f"not {args.interval:g}"
         )
     if args.dry_run or args.force:

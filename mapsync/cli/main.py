@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--interval",
         type=float,
         metavar="SECONDS",
-        help="keep running: publish (and push) every SECONDS (at least 0.1: a fraction such as "
+        help="keep running: publish (and push) every SECONDS (0.1 to a week: a fraction such as "
         "0.25 makes a commit wait less for the next run); errors are logged and the next "
         "run goes on; SIGTERM ends it (exit 143). An unchanged database costs a fingerprint query; "
         "a changed one, with mapsync's own schema, only the changed rows and the entries they "

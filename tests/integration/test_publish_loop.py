@@ -239,6 +239,10 @@ def test_a_fraction_of_a_second_is_an_interval_and_too_short_a_one_is_refused(
         p = cluster.cli("publish", "--interval", bad)
         assert p.returncode == 2, p.stderr
         assert "publish --interval: must be at least 0.1 (seconds)" in p.stderr, p.stderr
+    for bad in ("inf", "1e300", "604801"):  # inf crashed time.sleep (OverflowError)
+        p = cluster.cli("publish", "--interval", bad)
+        assert p.returncode == 2, p.stderr
+        assert "publish --interval: must be at most 604800 (seconds, a week)" in p.stderr
     assert not (cluster.repo / "mx" / "LATEST").exists()
     loop = Loop(cluster, "--interval", "0.2", log_format="json", verbose=True)
     loops.append(loop)
