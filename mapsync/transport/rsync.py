@@ -276,11 +276,13 @@ class Remote:
 
     def fetch_file(self, name: str, dest: Path, max_size: int | None = None) -> int:
         """Copy the remote file ``name`` (e.g. ``LATEST``) to ``dest``; return bytes on the wire.
-        A file larger than ``max_size`` is not copied (the caller then finds it missing)."""
+        A file larger than ``max_size``, or a directory of that name (not recursive), is not
+        copied: the caller then finds it missing, the source's fault, not the node's."""
         size = str(max_size) if max_size is not None else MAX_FILE_SIZE
-        out = run(
-            self._argv(f"{self.endpoint.base}/{name}", str(dest), max_size=size), self.timeout
+        argv = self._argv(
+            "--no-recursive", f"{self.endpoint.base}/{name}", str(dest), max_size=size
         )
+        out = run(argv, self.timeout)
         return wire_bytes(out)
 
     def list_dir(self, name: str) -> dict[str, tuple[str, int]]:

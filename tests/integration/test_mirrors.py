@@ -315,6 +315,9 @@ def _break_latest(channel: Path, how: str) -> None:
     elif how == "symlink":
         (channel / "LATEST.real").write_bytes(good)  # even one pointing at a good LATEST
         latest.symlink_to("LATEST.real")
+    elif how == "directory":
+        latest.mkdir()  # holding a file named as the node's LATEST would be: not copied
+        (latest / "LATEST").write_bytes(good)
     else:
         os.mkfifo(latest)
 
@@ -322,7 +325,7 @@ def _break_latest(channel: Path, how: str) -> None:
 LATEST_REFUSED = "LATEST: missing, not a regular file, or larger than 4096 bytes"
 
 
-@pytest.mark.parametrize("how", ["oversized", "symlink", "fifo"])
+@pytest.mark.parametrize("how", ["oversized", "symlink", "fifo", "directory"])
 def test_a_first_source_with_an_unusable_latest_fails_over_to_the_mirror(
     published: Cluster, how: str
 ) -> None:
