@@ -19,9 +19,10 @@ def test_a_latest_that_is_not_a_file_is_reported_for_the_channel_and_recorded(
     cluster.pull()
     latest = cluster.repo / "mx" / "LATEST"
     latest.unlink()
-    latest.mkdir()  # a broken repository: rsync copies a directory where a file belongs
+    latest.mkdir()  # a broken repository: a directory where a file belongs, never copied
     proc = cluster.cli("pull")
-    assert proc.returncode == 2
+    assert proc.returncode == 5  # the source's fault, as an oversized LATEST (not the node's: 2)
+    assert "LATEST: missing, not a regular file, or larger than 4096 bytes" in proc.stderr
     assert "channel mx" in proc.stderr and str(cluster.repo / "mx") in proc.stderr
     state = json.loads((cluster.state / "mx" / "state.json").read_text())
     assert state["last_error"] and "LATEST" in state["last_error"]
