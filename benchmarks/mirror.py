@@ -110,7 +110,7 @@ class Daemon:
         root.mkdir(parents=True, exist_ok=True)
         conf = root / "rsyncd.conf"
         conf.write_text(
-            f"pid file = {root / 'pid'}\nlog file = {root / 'log'}\nuse chroot = no\n"
+            f"pid file = {root / 'pid'}\nlog file = {root / 'log'}\nuse chroot = no\nsocket options = TCP_NODELAY\n"
             f"uid = root\ngid = root\nmax connections = 0\n"
             f"[m]\n    path = {path}\n    read only = {'no' if writable else 'yes'}\n"
         )

@@ -154,7 +154,7 @@ def rsync_daemon(d: Path) -> subprocess.Popen[bytes]:
     # otherwise write as "nobody").
     (d / "node/inbox/mx").mkdir(mode=0o700, parents=True, exist_ok=True)
     (d / "rsyncd.conf").write_text(
-        f"use chroot = no\n[mapsync]\n    path = {d}/repo\n    read only = yes\n"
+        f"use chroot = no\nsocket options = TCP_NODELAY\n[mapsync]\n    path = {d}/repo\n    read only = yes\n"
         f"[inbox]\n    path = {d}/node/inbox\n    read only = no\n"
         f"    uid = {os.getuid()}\n    gid = {os.getgid()}\n"
     )

@@ -135,7 +135,7 @@ def rsync_daemon(where: Path, modules: dict[str, Path], host: str = "127.0.0.1")
     port = free_port(host)
     conf = where / "rsyncd.conf"
     conf.write_text(
-        f"pid file = {where / 'pid'}\nuse chroot = no\n"
+        f"pid file = {where / 'pid'}\nuse chroot = no\nsocket options = TCP_NODELAY\n"
         + "".join(f"[{name}]\npath = {path}\nread only = yes\n" for name, path in modules.items())
     )
     argv = ["rsync", "--daemon", "--no-detach", f"--address={host}", f"--port={port}"]
@@ -212,6 +212,7 @@ class RsyncDaemon:
             f"pid file = {root / 'rsyncd.pid'}\n"
             f"log file = {self.log}\n"
             "use chroot = no\n"
+            "socket options = TCP_NODELAY\n"
             "uid = root\n"
             "gid = root\n"
             f"[{module}]\n"

@@ -105,6 +105,7 @@ uid = root
 gid = root
 use chroot = no
 strict modes = yes
+socket options = TCP_NODELAY
 
 [mx]
     path = {repo}/mx
