@@ -34,7 +34,7 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
 from sqlalchemy.sql import ColumnElement
 
 from mapsync import log, progress
@@ -514,7 +514,7 @@ class BuiltinSource(Source):
             map(
                 _as(Account),
                 track(
-                    _stream(conn.execute(select(*columns).order_by(t.account.c.id))),
+                    _plain_stream(conn.execute(select(*columns).order_by(t.account.c.id))),
                     "read accounts",
                     rows.get("account"),
                 ),
@@ -537,7 +537,7 @@ class BuiltinSource(Source):
             alias_id: tuple(sorted(map(_second, group)))
             for alias_id, group in groupby(
                 track(
-                    _stream(
+                    _plain_stream(
                         conn.execute(
                             select(t.alias_target.c.alias_id, t.alias_target.c.target).order_by(
                                 t.alias_target.c.alias_id
@@ -781,6 +781,28 @@ _second = itemgetter(1)
 def _stream(result: CursorResult[Any]) -> Iterator[Any]:
     """The rows of ``result``, fetched ``_BATCH`` at a time (no per-row fetch call)."""
     return chain.from_iterable(result.partitions(_BATCH))
+
+
+def _plain_stream(result: CursorResult[Any]) -> Iterator[tuple[Any, ...]]:
+    """The rows of ``result`` as the driver returns them, ``_BATCH`` at a time from its
+    cursor: for the two largest reads (accounts, alias targets), whose columns are integers
+    and strings that no SQLAlchemy result processor changes (tests/integration/
+    test_plain_read.py compares both ways on each engine). Skipping the ``Row`` objects saves
+    a fifth of reading the accounts (1M: 3.8 -> 3.0 s). A driver error while fetching (a
+    statement timeout interrupting SQLite) is raised as SQLAlchemy's, as ``_stream`` would."""
+    cursor = result.cursor
+    dbapi_error = result.dialect.loaded_dbapi.Error
+
+    def batches() -> Iterator[Any]:
+        try:
+            while rows := cursor.fetchmany(_BATCH):
+                yield rows
+        except dbapi_error as exc:
+            raise DBAPIError.instance(None, None, exc, dbapi_error) from exc
+        finally:
+            result.close()
+
+    return chain.from_iterable(batches())
 
 
 def _as(row_type: type[R]) -> Callable[[Iterable[Any]], R]:

@@ -25,7 +25,7 @@ from mapsync.signing import keygen
 from mapsync.snapshot import Snapshot
 from mapsync.sources import open_source
 from mapsync.sources import schema as t
-from mapsync.sources.builtin import BuiltinSource
+from mapsync.sources.builtin import BuiltinSource, _plain_stream
 from mapsync.sources.seed import SeedCounts, init_db, seed
 from tests.conftest import Cluster
 from tests.helpers.transport import free_port
@@ -534,3 +534,99 @@ def test_only_homes_the_database_proves_plain_are_left_unread(any_url: str) -> N
         expected = None if home in PLAIN_HOMES else home
         assert mx[i] == expected, (home, mx[i])
     assert mx[99] is None
+
+
+# --- the two largest reads, straight from the driver's cursor --------------------------------------
+
+
+@pytest.mark.parametrize("secrets", [False, True], ids=["mx", "with-secrets"])
+def test_plain_reads_give_the_rows_sqlalchemy_gives(
+    tmp_path: Path, any_url: str, secrets: bool
+) -> None:
+    """The accounts and alias targets are read from the driver's cursor, without SQLAlchemy's
+    Row objects (builtin._plain_stream): on each engine the rows must be exactly what the
+    Row path gives, hostile homes and quotas included (the home's NULL-if-plain test runs in
+    the database)."""
+    prepare(tmp_path / "c", any_url)
+    homes = [
+        "/var/vmail/plain",
+        "relative/home",
+        "/with space",
+        "/a/../b",
+        "/tab\there",
+        "/ünïcode",
+        "/colon:here",
+        "/trailing/..",
+    ]
+    execute(
+        any_url,
+        *(
+            insert(t.account).values(
+                domain_id=2,
+                local_part=f"home{i}",
+                status="active",
+                home=home,
+                quota_bytes=i * 1000,
+                password_hash="{SHA512-CRYPT}$6$x$y",
+            )
+            for i, home in enumerate(homes)
+        ),
+    )
+    source = BuiltinSource(any_url)
+    source._secrets = secrets
+    try:
+        with source.reading("comparing") as conn:
+            queries = [
+                select(*source._account_columns(conn)).order_by(t.account.c.id),
+                select(t.alias_target.c.alias_id, t.alias_target.c.target).order_by(
+                    t.alias_target.c.alias_id, t.alias_target.c.target
+                ),
+            ]
+            for query in queries:
+                plain = list(_plain_stream(conn.execute(query)))
+                rows = [tuple(row) for row in conn.execute(query)]
+                assert len(rows) > 100
+                assert plain == rows
+                assert [tuple(map(type, r)) for r in plain] == [tuple(map(type, r)) for r in rows]
+    finally:
+        source.close()
+    # And the snapshot read that way keeps the hostile homes (and only those, without the
+    # secrets): validation sees them.
+    snap = BuiltinSource(any_url).snapshot(secrets=secrets)
+    kept = {a.local_part: a.home for a in snap.accounts if a.local_part.startswith("home")}
+    if secrets:
+        assert kept == {f"home{i}": home for i, home in enumerate(homes)}
+    else:
+        assert kept == {f"home{i}": (None if i == 0 else home) for i, home in enumerate(homes)}
+
+
+def test_a_driver_error_while_fetching_is_a_source_error(tmp_path: Path, sqlite_url: str) -> None:
+    """A failure after the accounts' query started, while its rows are fetched from the
+    cursor (SQLite interrupted mid-scan: its statement bound, a dying disk), is reported as
+    the snapshot's failure, and nothing is published."""
+    c = prepare(tmp_path / "c", sqlite_url)
+    publish(c)
+    execute(
+        sqlite_url, insert(t.account).values(domain_id=2, local_part="pending", status="active")
+    )
+    before = tree(c.repo)
+
+    def interrupted() -> BuiltinSource:
+        s = BuiltinSource(sqlite_url)
+
+        def interrupt_later(conn: Any) -> None:
+            steps: list[int] = []
+
+            def handler() -> int:
+                steps.append(1)
+                return 1 if len(steps) > 50 else 0  # after the first rows came back
+
+            conn.connection.dbapi_connection.set_progress_handler(handler, 100)
+
+        _on_account_read(s, interrupt_later)
+        return s
+
+    with pytest.raises(SourceError) as info:
+        publish(c, interrupted)
+    assert str(info.value) == f"database {sqlite_url}: reading the snapshot failed: interrupted"
+    assert tree(c.repo) == before
