@@ -22,6 +22,7 @@ from mapsync.errors import (
 
 if TYPE_CHECKING:
     from mapsync.publish.history import MapDiff
+    from mapsync.publish.plan import PublishResult
 
 
 def _config(args: argparse.Namespace) -> config.Config:
@@ -70,7 +71,7 @@ def publish_once(
     """One publish run, then the pushes; ``loop``: print only what changed. ``kept``: the
     loop's publisher between runs (its incremental state), made anew when the configuration
     read for this run differs from the one it was made with."""
-    from mapsync.publish.publisher import Publisher, PublishResult
+    from mapsync.publish.publisher import Publisher
     from mapsync.publish.push import PushFailed, push_channels
     from mapsync.sources import open_source
 
@@ -463,7 +464,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     """``mapsync rollback``: pin this node to an older kept release, or with ``--publisher`` re-publish one as a new serial."""
     cfg = _config(args)
     if args.publisher:
-        from mapsync.publish.publisher import PublishResult
+        from mapsync.publish.plan import PublishResult
         from mapsync.publish.rollback import republish
 
         pub = cfg.need_publisher()
