@@ -1,13 +1,21 @@
-"""The fingerprint of mapsync's own schema in a SQLite file, read with the standard library
-(mapsync.sources.sqlite_fingerprint): the very values SQLAlchemy reads, or none at all."""
+"""`mapsync publish` when nothing changed (run by a timer every minute or so) answers without
+loading SQLAlchemy: for mapsync's own schema in a SQLite file it reads the fingerprint with the
+standard library, and decides as the publisher decides (one decision, mapsync.publish.quiet).
+It must read the very values SQLAlchemy reads, say and note what the publisher said and
+noted, publish every change, and leave anything it is unsure of to the publisher."""
 
 from __future__ import annotations
 
+import json
+import re
+import shutil
 import sqlite3
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pytest
 from sqlalchemy import create_engine
 
 from mapsync.sources import schema as t
@@ -20,8 +28,12 @@ from mapsync.sources.sqlite_fingerprint import (
     read_fingerprint,
     sqlite_file,
 )
+from tests.conftest import Cluster
 from tests.helpers import writers
+from tests.helpers.agent import add_account, delete_unreferenced_account, renew
+from tests.helpers.config import publish_expiring
 from tests.helpers.own_maps import run_sql
+from tests.helpers.publisher import cli_loading
 
 # --- the fingerprint: the standard library reads what SQLAlchemy reads ----------------------
 
@@ -125,3 +137,124 @@ def test_what_the_sqlite_fingerprint_cannot_read_exactly_is_left_to_sqlalchemy(
     run_sql(sqlite_url, *(f"DROP TRIGGER IF EXISTS {table}_deleted" for table in TABLES))
     run_sql(sqlite_url, f"DROP TABLE {DELETED}")
     assert read_fingerprint(path) is None
+
+
+# --- the run: what the publisher said and noted, without SQLAlchemy ---------------------------
+
+
+def _debug_fingerprint(stderr: str) -> list[str]:
+    """The fingerprints of the "database unchanged" debug lines in ``stderr``."""
+    return re.findall(r"database unchanged since the last releases .*fingerprint=(\S+)", stderr)
+
+
+def test_a_nothing_changed_publish_loads_no_sqlalchemy_and_says_what_the_publisher_says(
+    cluster: Cluster,
+) -> None:
+    assert "published serial 1" in cluster.publish().stdout
+    note = cluster.repo / ".publisher.json"
+    note.unlink()
+
+    quiet, loaded = cli_loading(cluster, "-v", "publish")
+    assert "sqlalchemy" not in loaded and "mapsync.publish.publisher" not in loaded
+    assert quiet.stdout == "channel mx: unchanged (serial 1)\n"
+    assert json.loads(note.read_text())["last_error"] is None  # noted for status --publisher
+    assert json.loads(note.read_text())["last_success"]
+
+    # The publisher's own path (a channel named takes it) says the same, with the same digest.
+    full, loaded = cli_loading(cluster, "-v", "publish", "--channel", "mx")
+    assert "sqlalchemy" in loaded  # premise
+    assert full.stdout == quiet.stdout
+    assert len(_debug_fingerprint(quiet.stderr)) == 1
+    assert _debug_fingerprint(quiet.stderr) == _debug_fingerprint(full.stderr)
+    assert "reading snapshot" not in full.stderr + quiet.stderr
+
+    as_json, loaded = cli_loading(cluster, "publish", "--json")
+    assert "sqlalchemy" not in loaded
+    full_json, _ = cli_loading(cluster, "publish", "--json", "--channel", "mx")
+    assert json.loads(as_json.stdout) == json.loads(full_json.stdout)
+    assert json.loads(as_json.stdout)["channels"][0]["action"] == "none"
+
+
+def test_every_change_after_quiet_runs_is_published(cluster: Cluster) -> None:
+    cluster.publish()
+    assert "sqlalchemy" not in cli_loading(cluster, "publish")[1]
+    address = add_account(cluster, "after-quiet")
+    proc, loaded = cli_loading(cluster, "publish")
+    assert "channel mx: published serial 2" in proc.stdout
+    assert "sqlalchemy" in loaded
+    assert f"{address} OK" in (cluster.repo / "mx" / "releases" / "2" / "recipients").read_text()
+
+    proc, loaded = cli_loading(cluster, "publish")
+    assert proc.stdout == "channel mx: unchanged (serial 2)\n" and "sqlalchemy" not in loaded
+    gone = delete_unreferenced_account(cluster)
+    proc, _ = cli_loading(cluster, "publish")
+    assert "channel mx: published serial 3" in proc.stdout
+    assert f"{gone} OK" not in (cluster.repo / "mx" / "releases" / "3" / "recipients").read_text()
+
+
+def _damage_latest(c: Cluster) -> None:
+    (c.repo / "mx" / "LATEST").write_text("garbage")
+
+
+def _damage_note(c: Cluster) -> None:
+    (c.repo / ".private" / "mx" / "checked.json").write_text("garbage")
+
+
+def _legacy_note(c: Cluster) -> None:
+    (c.repo / "mx" / ".push.lock").write_text("")  # where an earlier mapsync kept it
+
+
+def _full_check_due(c: Cluster) -> None:
+    c.write_config(extra_publisher='full_check = "1s"')
+    time.sleep(1.1)
+
+
+def _events(stderr: str) -> list[tuple[str, str]]:
+    """(level, event) of each JSON log line in ``stderr``."""
+    return [(e["level"], e["event"]) for e in map(json.loads, stderr.splitlines())]
+
+
+@pytest.mark.parametrize(
+    "doubt", [_damage_latest, _damage_note, _legacy_note, _full_check_due], ids=lambda f: f.__name__
+)
+def test_a_doubt_in_the_repository_is_left_to_the_publisher(
+    cluster: Cluster, tmp_path: Path, doubt: Callable[[Cluster], None]
+) -> None:
+    """The run is the publisher's: it says and logs what the publisher's own path says and
+    logs (a channel named takes that path), from the same repository, not a line more."""
+    cluster.publish()
+    doubt(cluster)
+    shutil.copytree(cluster.repo, tmp_path / "before", symlinks=True)
+    proc, loaded = cli_loading(cluster, "-v", "--log-format", "json", "publish")
+    assert "sqlalchemy" in loaded
+    shutil.rmtree(cluster.repo)
+    shutil.copytree(tmp_path / "before", cluster.repo, symlinks=True)
+    own, _ = cli_loading(cluster, "-v", "--log-format", "json", "publish", "--channel", "mx")
+    assert proc.stdout == own.stdout
+    assert _events(proc.stderr) == _events(own.stderr)
+
+
+@pytest.mark.parametrize("option", ["--channel=mx", "--dry-run", "--force", "--skip-invalid"])
+def test_an_option_takes_the_publishers_path(cluster: Cluster, option: str) -> None:
+    cluster.publish()
+    proc, loaded = cli_loading(cluster, "publish", option)
+    assert proc.stdout == "channel mx: unchanged (serial 1)\n"
+    assert "sqlalchemy" in loaded
+
+
+def test_a_release_another_key_signed_is_renewed(cluster: Cluster) -> None:
+    """After a key rotation the release is renewed with the new key, not found unchanged."""
+    cluster.publish()
+    renew(cluster, 2)
+    proc, loaded = cli_loading(cluster, "publish")
+    assert proc.stdout == "channel mx: unchanged (serial 2)\n" and "sqlalchemy" not in loaded
+
+
+def test_a_release_due_for_renewal_is_renewed(cluster: Cluster) -> None:
+    """Half its lifetime gone, a release is renewed, whatever the database did: one that
+    expires in a minute is due at once under the default lifetime of a week."""
+    assert "published serial 1" in publish_expiring(cluster, "60s").stdout
+    proc, loaded = cli_loading(cluster, "publish")
+    assert "channel mx: renewed serial 2" in proc.stdout and "sqlalchemy" in loaded
+    proc, loaded = cli_loading(cluster, "publish")
+    assert proc.stdout == "channel mx: unchanged (serial 2)\n" and "sqlalchemy" not in loaded
