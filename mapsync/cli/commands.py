@@ -22,6 +22,8 @@ from mapsync.errors import (
 
 if TYPE_CHECKING:
     from mapsync.publish.history import MapDiff
+    from mapsync.publish.plan import PublishResult
+    from mapsync.publish.push import Push
 
 
 def _config(args: argparse.Namespace) -> config.Config:
@@ -70,37 +72,29 @@ def publish_once(
     """One publish run, then the pushes; ``loop``: print only what changed. ``kept``: the
     loop's publisher between runs (its incremental state), made anew when the configuration
     read for this run differs from the one it was made with."""
-    from mapsync.publish.publisher import Publisher, PublishResult
-    from mapsync.publish.push import PushFailed, push_channels
-    from mapsync.sources import open_source
-
     pub = _config(args).need_publisher()
     result: PublishResult | None = None
     failure: MapsyncError | None = None
-    publisher = kept.get("publisher") if kept is not None else None
-    if publisher is None or publisher.cfg != pub:
-        publisher = Publisher(
-            pub,
-            lambda: open_source(
-                pub.database, pub.schema, postfixadmin=pub.postfixadmin, sql=pub.sql
-            ),
+    if kept is None and not (args.dry_run or args.force or args.skip_invalid or args.channel):
+        from mapsync.publish.quiet import quiet_run
+
+        # Nothing changed, told without loading the publisher's machinery (SQLAlchemy above
+        # all); None when in any doubt, and the publisher runs.
+        try:
+            result = quiet_run(pub)
+        except ConfigError:
+            raise
+        except MapsyncError as exc:  # as the publisher's run would have failed
+            failure = exc
+    if result is None and failure is None:
+        result, failure = _run_publisher(args, pub, kept)
+    pushes: list[Push] = []
+    if any(ch.push for ch in pub.channels.values()):
+        from mapsync.publish.push import push_channels
+
+        pushes = push_channels(
+            pub, args.channel, dry_run=args.dry_run, plans=result.plans if result else None
         )
-        if kept is not None:
-            publisher.incremental = True
-            kept["publisher"] = publisher
-    try:
-        result = publisher.run(
-            args.channel, dry_run=args.dry_run, force=args.force, skip_invalid=args.skip_invalid
-        )
-    except ConfigError:
-        raise
-    except MapsyncError as exc:
-        # Database down, a guard refused, ...: what is already published still goes to the
-        # nodes that lack it; then the error is reported as ever.
-        failure = exc
-    pushes = push_channels(
-        pub, args.channel, dry_run=args.dry_run, plans=result.plans if result else None
-    )
     if loop:  # every few seconds: only news, nothing about what stayed the same
         pushes = [p for p in pushes if p.action != "current"]
         if result is not None:
@@ -134,8 +128,42 @@ def publish_once(
         raise failure
     failed = [p for p in pushes if p.action == "failed"]
     if failed:
+        from mapsync.publish.push import PushFailed
+
         raise PushFailed(failed)
     return EXIT_WARNING if args.dry_run and result is not None and result.pending else EXIT_OK
+
+
+def _run_publisher(
+    args: argparse.Namespace, pub: config.PublisherConfig, kept: dict[str, Any] | None
+) -> tuple[PublishResult | None, MapsyncError | None]:
+    """The publisher's run for :func:`publish_once` (``kept``: the loop's publisher, see
+    there): its result, or the error that ended it (ConfigError raised)."""
+    from mapsync.publish.publisher import Publisher
+    from mapsync.sources import open_source
+
+    publisher = kept.get("publisher") if kept is not None else None
+    if publisher is None or publisher.cfg != pub:
+        publisher = Publisher(
+            pub,
+            lambda: open_source(
+                pub.database, pub.schema, postfixadmin=pub.postfixadmin, sql=pub.sql
+            ),
+        )
+        if kept is not None:
+            publisher.incremental = True
+            kept["publisher"] = publisher
+    try:
+        result = publisher.run(
+            args.channel, dry_run=args.dry_run, force=args.force, skip_invalid=args.skip_invalid
+        )
+    except ConfigError:
+        raise
+    except MapsyncError as exc:
+        # Database down, a guard refused, ...: what is already published still goes to the
+        # nodes that lack it; then the error is reported as ever.
+        return None, exc
+    return result, None
 
 
 # A run of the loop when nothing changed costs a fingerprint query (0.04 s at 1M accounts on
@@ -463,7 +491,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     """``mapsync rollback``: pin this node to an older kept release, or with ``--publisher`` re-publish one as a new serial."""
     cfg = _config(args)
     if args.publisher:
-        from mapsync.publish.publisher import PublishResult
+        from mapsync.publish.plan import PublishResult
         from mapsync.publish.rollback import republish
 
         pub = cfg.need_publisher()

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from mapsync.mirror import Mirrored
-    from mapsync.publish.publisher import PublishResult
+    from mapsync.publish.plan import PublishResult
     from mapsync.publish.push import Push
 
 

@@ -5,9 +5,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mapsync.config import Guards
 from mapsync.release import separator
+
+if TYPE_CHECKING:
+    from mapsync.validate import Problem
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,23 @@ class Violation:
 
     def __str__(self) -> str:
         return f"channel {self.channel}, map {self.map}: {self.message}"
+
+
+@dataclass
+class PublishResult:
+    """What a publish run did (or, dry, would do): one plan per channel, the rows it skipped, the
+    guards' refusals."""
+
+    plans: list[ChannelPlan]
+    skipped: list[Problem] = field(default_factory=list)
+    dry_run: bool = False
+    # A dry run's guard refusals (a real run raises UnsafePlan with them instead).
+    violations: list[Violation] = field(default_factory=list)
+
+    @property
+    def pending(self) -> bool:
+        """Whether any channel has a release to write (a dry run then exits 1)."""
+        return any(p.pending for p in self.plans)
 
 
 def merge_diff(

@@ -10,7 +10,6 @@ at a complete, signed release.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import tempfile
@@ -19,7 +18,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta
+from datetime import timedelta
 from functools import cached_property, partial
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,6 @@ from mapsync.errors import (
     MapsyncError,
     SourceError,
     UnsafePlan,
-    VerificationError,
 )
 from mapsync.formats import cdb, text
 from mapsync.formats.cdbpatch import buffer
@@ -46,7 +44,21 @@ from mapsync.maps.custom import catalogue, check_rows
 from mapsync.progress import track
 from mapsync.publish.incremental import State, deltas
 from mapsync.publish.patches import MAX_SHARE, write_patch
-from mapsync.publish.plan import ChannelPlan, MapPlan, Violation, check, diff_files
+from mapsync.publish.plan import (
+    ChannelPlan,
+    MapPlan,
+    PublishResult,
+    Violation,
+    check,
+    diff_files,
+)
+from mapsync.publish.quiet import (
+    channel_digest,
+    channel_fingerprint,
+    quiet_plan,
+    renew_after,
+    signed_by,
+)
 from mapsync.publish.repository import Repository, Staging
 from mapsync.publish.runlog import record_run
 from mapsync.release import (
@@ -63,8 +75,7 @@ from mapsync.release import (
     utcnow,
 )
 from mapsync.release.patch import KeyCounts
-from mapsync.release.verify import verify_release
-from mapsync.signing import key_id, load_private, load_public, public_path
+from mapsync.signing import load_private, load_public, public_path
 from mapsync.snapshot import (
     Account,
     Domain,
@@ -90,67 +101,6 @@ class _Staged:
     manifest: Manifest | None = None
     dropped: list[str] = field(default_factory=list)  # maps of the previous release not kept
     entries: dict[str, MapEntry] = field(default_factory=dict)  # as rendered, released or not
-
-
-@dataclass
-class PublishResult:
-    """What a publish run did (or, dry, would do): one plan per channel, the rows it skipped, the
-    guards' refusals."""
-
-    plans: list[ChannelPlan]
-    skipped: list[Problem] = field(default_factory=list)
-    dry_run: bool = False
-    # A dry run's guard refusals (a real run raises UnsafePlan with them instead).
-    violations: list[Violation] = field(default_factory=list)
-
-    @property
-    def pending(self) -> bool:
-        """Whether any channel has a release to write (a dry run then exits 1)."""
-        return any(p.pending for p in self.plans)
-
-
-def channel_digest(ch: PublisherChannel, own: dict[str, MapConfig] | None = None) -> str:
-    """What, besides the database, decides a channel's content: its definition and generator,
-    and the definitions of the maps of the operator's own it lists (``own``)."""
-    data: dict[str, object] = {
-        "maps": ch.maps,
-        "mailstore": ch.mailstore,
-        "uid": ch.uid,
-        "gid": ch.gid,
-        "generator": GENERATOR,
-    }
-    if ch.customer_field:  # only when set: a channel without it keeps its digest
-        data["customer_field"] = ch.customer_field
-    listed = [own[m] for m in ch.maps if own and m in own]
-    if listed:  # absent otherwise: a channel of built-in maps keeps the digest it had
-        from mapsync.sources.builtin import safe_url  # never a password, even hashed
-
-        # What shapes the map's content; not its fingerprint query nor its description, whose
-        # change leaves the content as it was (and a release whose content is unchanged keeps
-        # the digest it was signed with, so such a change would never go quiet again).
-        data["own_maps"] = [
-            {
-                "name": spec.name,
-                "query": spec.query,
-                "separator": spec.separator,
-                "cdb": spec.cdb,
-                "keys": spec.keys,
-                "secret": spec.secret,
-                "database": safe_url(spec.database) if spec.database else None,
-            }
-            for spec in listed
-        ]
-    blob = json.dumps(data)
-    return "sha256:" + hashlib.sha256(blob.encode()).hexdigest()
-
-
-def channel_fingerprint(tables: dict[str, tuple[int, str | None]], ch: PublisherChannel) -> str:
-    """The fingerprint digest of what ``ch`` is made of: the source's tables, and of the
-    maps of the operator's own (``map:NAME``) only those ``ch`` lists, so publishing another
-    channel alone does not make this one look changed."""
-    return Fingerprint(
-        {k: v for k, v in tables.items() if not k.startswith("map:") or k[4:] in ch.maps}
-    ).digest()
 
 
 def drop_invalid(snap: Snapshot, problems: list[Problem]) -> Snapshot:
@@ -861,41 +811,16 @@ class Publisher:
             return None
 
     def _signed_by_us(self, channel: str, serial: int) -> bool:
-        """Whether release ``serial`` carries our key's signature. After a key rotation it does
-        not, and the release is renewed (same maps, new signature) so agents can drop the old key."""
-        if self._public is None:
-            return True
-        release = self.repo.release(channel, serial)
-        try:
-            verify_release(release, {key_id(self._public): self._public}, str(release))
-        except VerificationError:
-            return False
-        return True
+        """Whether release ``serial`` carries our key's signature (:func:`signed_by`)."""
+        return signed_by(self.repo, self._public, channel, serial)
 
     def _quiet(self, ch: PublisherChannel, fingerprint: str) -> ChannelPlan | None:
-        """A no-change plan for ``ch`` if the database and the channel are as last published."""
+        """A no-change plan for ``ch`` if the database and the channel are as last published
+        (:func:`quiet_plan`, the decision ``mapsync publish`` also makes without the publisher)."""
         last, damaged = self.repo.current(ch.name)
         checked = self.repo.checked(ch.name)
-        now = utcnow()
-        if (
-            last is None
-            or damaged is not None  # LATEST must be rewritten
-            or checked is None
-            or last.skipped  # rows were left out: validate them again, they must not go quiet
-            or checked.get("fingerprint") != fingerprint
-            or checked.get("serial") != last.serial
-            or last.source.get("channel") != channel_digest(ch, self.cfg.maps)
-            # A write whose updated_at is not newer than the table's newest (clock skew, a
-            # late commit, a bulk import) is invisible to the fingerprint: trust it only so long.
-            or now >= parse_iso(str(checked.get("at"))) + timedelta(seconds=self.cfg.full_check)
-            or now >= self._renew_after(last)
-            or not self._signed_by_us(ch.name, last.serial)
-        ):
-            return None
-        return ChannelPlan(ch.name, last.serial, None, "none")
-
-    def _renew_after(self, last: Manifest) -> datetime:
-        return last.expires_at() - timedelta(seconds=self.cfg.expires / 2)
+        signed = partial(self._signed_by_us, ch.name)
+        return quiet_plan(self.cfg, ch, fingerprint, last, damaged, checked, signed)
 
     def _select(self, names: list[str] | None) -> list[PublisherChannel]:
         if not names:
@@ -1046,7 +971,7 @@ class Publisher:
             assert last is not None
             if (
                 damaged is None
-                and now < self._renew_after(last)
+                and now < renew_after(self.cfg, last)
                 and self._signed_by_us(ch.name, last.serial)
             ):
                 plan.serial = None

@@ -72,6 +72,24 @@ def release_serials(releases: Path) -> list[int]:
     return good
 
 
+def _read_checked(path: Path) -> dict[str, object] | None:
+    """The note of the last full check at ``path`` (None: there is none); OSError or
+    ValueError when it is damaged."""
+    try:
+        data = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    if (
+        not isinstance(data, dict)
+        or not isinstance(data.get("fingerprint"), str)
+        or not isinstance(data.get("serial"), int)
+        or isinstance(data.get("serial"), bool)
+    ):
+        raise ValueError("not a note with fingerprint, serial and at")
+    parse_iso(str(data.get("at")))
+    return data
+
+
 @dataclass(frozen=True)
 class Staging:
     """The directory ``path`` (``REPO/<channel>/.staging/<serial>``) where release ``serial``
@@ -163,21 +181,8 @@ class Repository:
         (manifest of the newest kept release whose manifest reads, reason LATEST is damaged);
         the caller then writes a new release and a new LATEST. No release at all: (None, reason).
         """
-        path = self.channel(channel) / LATEST
         try:
-            latest = self.latest(channel)
-            if latest is None:
-                return None, None
-            release = self.release(channel, latest.serial) / MANIFEST
-            try:
-                data = release.read_bytes()
-            except OSError:
-                raise MapsyncError(
-                    f"{path}: names release {latest.serial}, which is not kept"
-                ) from None
-            if manifest_sha256(data) != latest.manifest_sha256:
-                raise MapsyncError(f"{path}: the sha256 it names is not that of {release}")
-            return parse_manifest(data, str(release)), None
+            return self._pointed(channel), None
         except MapsyncError as exc:
             damage = str(exc)
         for serial in reversed(self.serials(channel)):
@@ -196,6 +201,35 @@ class Repository:
         _log.warning("LATEST is damaged and no release is kept", channel=channel, problem=damage)
         return None, damage
 
+    def _pointed(self, channel: str) -> Manifest | None:
+        """The manifest of the release LATEST names (None: no LATEST); a :class:`MapsyncError`
+        saying how LATEST is damaged otherwise."""
+        path = self.channel(channel) / LATEST
+        latest = self.latest(channel)
+        if latest is None:
+            return None
+        release = self.release(channel, latest.serial) / MANIFEST
+        try:
+            data = release.read_bytes()
+        except OSError:
+            raise MapsyncError(
+                f"{path}: names release {latest.serial}, which is not kept"
+            ) from None
+        if manifest_sha256(data) != latest.manifest_sha256:
+            raise MapsyncError(f"{path}: the sha256 it names is not that of {release}")
+        return parse_manifest(data, str(release))
+
+    def settled(self, channel: str) -> tuple[Manifest | None, dict[str, object] | None] | None:
+        """(:meth:`current`'s manifest, :meth:`checked`'s note) of ``channel`` when both are
+        sound (or absent) and no note of an earlier mapsync is to be moved: what they return
+        then, without a word. None otherwise: ask them, and they log what they find."""
+        if any(os.path.lexists(self.channel(channel) / legacy) for legacy in LEGACY.values()):
+            return None
+        try:
+            return self._pointed(channel), _read_checked(self.private(channel, CHECKED))
+        except (MapsyncError, OSError, ValueError):
+            return None
+
     def manifest(self, channel: str, serial: int) -> Manifest:
         """The parsed (not verified) manifest of release ``serial``; a missing one raises."""
         path = self.release(channel, serial) / MANIFEST
@@ -212,17 +246,7 @@ class Repository:
         """
         path = self.private(channel, CHECKED)
         try:
-            data = json.loads(path.read_bytes())
-            if (
-                not isinstance(data, dict)
-                or not isinstance(data.get("fingerprint"), str)
-                or not isinstance(data.get("serial"), int)
-                or isinstance(data.get("serial"), bool)
-            ):
-                raise ValueError("not a note with fingerprint, serial and at")
-            parse_iso(str(data.get("at")))
-        except FileNotFoundError:
-            return None
+            return _read_checked(path)
         except (OSError, ValueError) as exc:
             _log.warning(
                 "damaged note of the last full check ignored; reading the whole database",
@@ -230,7 +254,6 @@ class Repository:
                 problem=getattr(exc, "strerror", None) or str(exc),
             )
             return None
-        return data
 
     def record_check(
         self, channel: str, fingerprint: str, serial: int | None, *, full: bool = True

@@ -688,17 +688,21 @@ class BuiltinSource(Source):
         self.engine.dispose()
 
 
-def _fingerprint(conn: Connection) -> Fingerprint:
+def _fingerprint(conn: Connection, now: datetime | None = None) -> Fingerprint:
     """Newest ``updated_at`` per table and the newest id of ``mapsync_deleted`` (an insert or
-    an update moves the first, a delete the second), plus the newest expiry that has passed,
-    since expiry changes the maps without a write: each one index lookup, however many rows.
+    an update moves the first, a delete the second), plus the newest expiry that has passed
+    by ``now`` (default: the current UTC time), since expiry changes the maps without a
+    write: each one index lookup, however many rows.
 
     A database whose ``init-db`` predates the deletion log is fingerprinted as before, with
-    a row count per table (a scan of each), until ``init-db`` runs again."""
+    a row count per table (a scan of each), until ``init-db`` runs again.
+
+    :mod:`mapsync.sources.sqlite_fingerprint` reads the same on a SQLite file without
+    SQLAlchemy (a change here is made there too; a test compares the two)."""
     if not conn.dialect.has_table(conn, t.deleted.name):
         return _counted_fingerprint(conn)
     tables: dict[str, tuple[int, str | None]] = {}
-    now = datetime.now(UTC).replace(tzinfo=None)
+    now = now or datetime.now(UTC).replace(tzinfo=None)
     expired = select(func.max(t.alias.c.expires_at)).where(t.alias.c.expires_at <= now)
     row = conn.execute(  # one round trip
         select(

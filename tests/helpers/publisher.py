@@ -1,10 +1,13 @@
 """Helpers for the publisher's tests: channels and push destinations added to a cluster's
-config, rows changed, releases read back and checked whole, the push record."""
+config, rows changed, releases read back and checked whole, the push record, what a publish
+run imported."""
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -155,3 +158,34 @@ def serial_of(latest: Path) -> int:
 def record(cluster: Cluster) -> dict[str, dict[str, object]]:
     data = json.loads((cluster.repo / ".private" / "mx" / "pushed.json").read_text())
     return dict(data["destinations"])
+
+
+# `python -m mapsync ...`, then the mapsync and SQLAlchemy modules the run had loaded, on the
+# last line of standard error.
+_LOADED = (
+    "import json, sys\n"
+    "from mapsync.cli.main import main\n"
+    "code = main()\n"
+    "sys.stdout.flush()\n"
+    "loaded = [m for m in sys.modules if m.partition('.')[0] in ('mapsync', 'sqlalchemy')]\n"
+    "print(json.dumps(sorted(loaded)), file=sys.stderr)\n"
+    "sys.exit(code)\n"
+)
+
+
+def cli_loading(
+    cluster: Cluster, *args: str, code: int = 0
+) -> tuple[subprocess.CompletedProcess[str], set[str]]:
+    """``mapsync --config CLUSTER'S ARGS`` in a process of its own, checked to exit ``code``,
+    and the mapsync and SQLAlchemy modules it loaded (that last line of its standard error is
+    left out of ``stderr``)."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _LOADED, "--config", str(cluster.config_path), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    rest, _, last = proc.stderr.rstrip("\n").rpartition("\n")
+    assert proc.returncode == code, f"exit {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
+    proc.stderr = rest + "\n" if rest else ""
+    return proc, set(json.loads(last))

@@ -693,7 +693,7 @@ def test_a_run_that_changes_no_map_copies_no_text_and_a_renewal_still_carries_ev
         assert manifest is not None and current is not None and current.serial == manifest.serial
     # A renewal due: a new release of the same maps, every file the previous one byte for byte.
     monkeypatch.setattr(
-        Publisher, "_renew_after", lambda self, last: datetime.now(UTC) - timedelta(seconds=1)
+        publisher, "renew_after", lambda cfg, last: datetime.now(UTC) - timedelta(seconds=1)
     )
     _sql(url, touch)
     kept.run()

@@ -13,17 +13,20 @@ import sqlite3
 import stat
 import subprocess
 import sys
-from datetime import timedelta
+from collections.abc import Callable
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine, insert, update
 
 import mapsync.publish.publisher as publisher_mod
+import mapsync.publish.quiet as quiet_mod
 import mapsync.publish.repository as repository_mod
 from mapsync.errors import LockBusy, MapsyncError
 from mapsync.formats import text
-from mapsync.publish.publisher import Publisher, PublishResult
+from mapsync.publish.plan import PublishResult
+from mapsync.publish.publisher import Publisher
 from mapsync.publish.repository import Repository
 from mapsync.release import MANIFEST, SIGNATURE, manifest_sha256, utcnow
 from mapsync.signing import key_id, keygen, load_public, verify
@@ -321,13 +324,18 @@ def test_renewal_past_half_expiry_makes_a_new_serial_with_the_same_maps(
     first = parsed_manifest(cluster, "mx", 1)
     rel1 = cluster.repo / "mx" / "releases" / "1"
 
+    def clock(now: Callable[[], datetime]) -> None:
+        # The publisher's, and that of the decision that nothing is to be done.
+        for module in (publisher_mod, quiet_mod):
+            monkeypatch.setattr(module, "utcnow", now)
+
     # Before half of the 7 days: nothing to do.
-    monkeypatch.setattr(publisher_mod, "utcnow", lambda: utcnow() + timedelta(days=3))
+    clock(lambda: utcnow() + timedelta(days=3))
     assert run(cluster).plans[0].action == "none"
     assert releases(cluster) == [1]
 
     later = utcnow() + timedelta(days=4)
-    monkeypatch.setattr(publisher_mod, "utcnow", lambda: later)
+    clock(lambda: later)
     (plan,) = run(cluster).plans
     assert (plan.action, plan.serial, plan.previous) == ("renew", 2, 1)
     second = assert_complete(cluster, 2)

@@ -16,7 +16,8 @@ from sqlalchemy import create_engine, func, select, update
 from mapsync.config import PublisherChannel, load
 from mapsync.errors import ConfigError
 from mapsync.maps import CATALOGUE, Directory
-from mapsync.publish.publisher import channel_digest, drop_invalid
+from mapsync.publish.publisher import drop_invalid
+from mapsync.publish.quiet import channel_digest
 from mapsync.snapshot import Fingerprint, Snapshot
 from mapsync.sources import schema as t
 from mapsync.sources.builtin import BuiltinSource

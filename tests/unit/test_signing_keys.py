@@ -1,0 +1,78 @@
+"""The signing key is read without cryptography's PEM loader when keygen wrote it (a publish
+that signs nothing spares that import), and to the very same key; any other PEM goes to the
+loader, which reads or refuses it as ever."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, x25519
+
+from mapsync.errors import ConfigError
+from mapsync.signing import _keygen_seed, key_id, keygen, load_private
+
+
+def _write(path: Path, data: bytes) -> Path:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+    return path
+
+
+def test_a_key_keygen_wrote_is_the_key_cryptography_reads(tmp_path: Path) -> None:
+    path = tmp_path / "signing.key"
+    keygen(path)
+    pem = path.read_bytes()
+    assert _keygen_seed(pem) is not None  # not vacuous: the short way is taken
+    expected = serialization.load_pem_private_key(pem, password=None)
+    key = load_private(path)
+    assert key.private_bytes_raw() == expected.private_bytes_raw()  # type: ignore[union-attr]
+    raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    assert key_id(key.public_key()) == hashlib.sha256(raw).hexdigest()[:16]
+
+
+def test_any_other_form_of_the_key_is_read_by_cryptography(tmp_path: Path) -> None:
+    keygen(tmp_path / "signing.key")
+    pem = (tmp_path / "signing.key").read_bytes()
+    want = load_private(tmp_path / "signing.key").private_bytes_raw()
+    for i, other in enumerate(
+        [
+            pem.replace(b"\n", b"\r\n"),
+            pem + b"\n",
+            b"the publisher's key\n" + pem,
+        ]
+    ):
+        assert _keygen_seed(other) is None
+        path = _write(tmp_path / f"other-{i}.key", other)
+        assert load_private(path).private_bytes_raw() == want
+
+
+@pytest.mark.parametrize(
+    "private",
+    [x25519.X25519PrivateKey.generate(), ec.generate_private_key(ec.SECP256R1())],
+    ids=["x25519", "p256"],
+)
+def test_a_key_of_another_kind_is_refused(tmp_path: Path, private: object) -> None:
+    pem = private.private_bytes(  # type: ignore[attr-defined]
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    assert _keygen_seed(pem) is None  # an X25519 key has the same length, not the same OID
+    path = _write(tmp_path / "other.key", pem)
+    with pytest.raises(ConfigError, match="not an ed25519 key"):
+        load_private(path)
+
+
+def test_a_damaged_key_is_refused_as_ever(tmp_path: Path) -> None:
+    keygen(tmp_path / "signing.key")
+    lines = (tmp_path / "signing.key").read_bytes().split(b"\n")
+    lines[1] = lines[1][:-8] + b"!!!!!!!!"
+    damaged = b"\n".join(lines)
+    assert _keygen_seed(damaged) is None
+    with pytest.raises(ConfigError, match="not a PEM private key"):
+        load_private(_write(tmp_path / "damaged.key", damaged))
