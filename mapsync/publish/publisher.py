@@ -817,10 +817,18 @@ class Publisher:
     def _quiet(self, ch: PublisherChannel, fingerprint: str) -> ChannelPlan | None:
         """A no-change plan for ``ch`` if the database and the channel are as last published
         (:func:`quiet_plan`, the decision ``mapsync publish`` also makes without the publisher)."""
-        last, damaged = self.repo.current(ch.name)
-        checked = self.repo.checked(ch.name)
+        settled = self.repo.settled(ch.name)
+        if settled is None:
+            # Moves an earlier mapsync's notes, and says what is wrong with a damaged one.
+            self.repo.checked(ch.name)
+            settled = self.repo.settled(ch.name)
+        if settled is None:
+            # A damaged LATEST (or note): not quiet. The run that follows says so, once, as
+            # it builds on the newest kept release (Repository.current).
+            return None
+        last, checked = settled
         signed = partial(self._signed_by_us, ch.name)
-        return quiet_plan(self.cfg, ch, fingerprint, last, damaged, checked, signed)
+        return quiet_plan(self.cfg, ch, fingerprint, last, None, checked, signed)
 
     def _select(self, names: list[str] | None) -> list[PublisherChannel]:
         if not names:

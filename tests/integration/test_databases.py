@@ -592,7 +592,11 @@ def test_plain_reads_give_the_rows_sqlalchemy_gives(
         source.close()
     # And the snapshot read that way keeps the hostile homes (and only those, without the
     # secrets): validation sees them.
-    snap = BuiltinSource(any_url).snapshot(secrets=secrets)
+    reader = BuiltinSource(any_url)
+    try:
+        snap = reader.snapshot(secrets=secrets)
+    finally:
+        reader.close()
     kept = {a.local_part: a.home for a in snap.accounts if a.local_part.startswith("home")}
     if secrets:
         assert kept == {f"home{i}": home for i, home in enumerate(homes)}
