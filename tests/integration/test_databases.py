@@ -270,7 +270,30 @@ def _on_account_read(source: BuiltinSource, action: Any) -> None:
             action(conn)
 
 
-def test_sqlite_failing_mid_read_publishes_nothing(tmp_path: Path, sqlite_url: str) -> None:
+def _io_error(conn: Any) -> None:
+    raise sqlite3.OperationalError("disk I/O error")
+
+
+def _interrupted_while_fetching(conn: Any) -> None:
+    """SQLite interrupted once the first rows came back (its statement bound, a dying disk):
+    the error comes from fetching the rows, not from the query."""
+    steps: list[int] = []
+
+    def handler() -> int:
+        steps.append(1)
+        return 1 if len(steps) > 50 else 0
+
+    conn.connection.dbapi_connection.set_progress_handler(handler, 100)
+
+
+@pytest.mark.parametrize(
+    ("action", "reason"),
+    [(_io_error, "disk I/O error"), (_interrupted_while_fetching, "interrupted")],
+    ids=["at-the-query", "while-fetching"],
+)
+def test_sqlite_failing_mid_read_publishes_nothing(
+    tmp_path: Path, sqlite_url: str, action: Any, reason: str
+) -> None:
     c = prepare(tmp_path / "c", sqlite_url)
     publish(c)
     execute(
@@ -280,16 +303,12 @@ def test_sqlite_failing_mid_read_publishes_nothing(tmp_path: Path, sqlite_url: s
 
     def failing() -> BuiltinSource:
         s = BuiltinSource(sqlite_url)
-
-        def io_error(conn: Any) -> None:
-            raise sqlite3.OperationalError("disk I/O error")
-
-        _on_account_read(s, io_error)
+        _on_account_read(s, action)
         return s
 
     with pytest.raises(SourceError) as info:
         publish(c, failing)
-    assert str(info.value) == f"database {sqlite_url}: reading the snapshot failed: disk I/O error"
+    assert str(info.value) == f"database {sqlite_url}: reading the snapshot failed: {reason}"
     assert tree(c.repo) == before
     assert publish(c).serial == 2  # the next run, with a healthy disk, succeeds
     assert "pending@example-2.org" in (c.repo / "mx" / "releases" / "2" / "recipients").read_text()
@@ -602,35 +621,3 @@ def test_plain_reads_give_the_rows_sqlalchemy_gives(
         assert kept == {f"home{i}": home for i, home in enumerate(homes)}
     else:
         assert kept == {f"home{i}": (None if i == 0 else home) for i, home in enumerate(homes)}
-
-
-def test_a_driver_error_while_fetching_is_a_source_error(tmp_path: Path, sqlite_url: str) -> None:
-    """A failure after the accounts' query started, while its rows are fetched from the
-    cursor (SQLite interrupted mid-scan: its statement bound, a dying disk), is reported as
-    the snapshot's failure, and nothing is published."""
-    c = prepare(tmp_path / "c", sqlite_url)
-    publish(c)
-    execute(
-        sqlite_url, insert(t.account).values(domain_id=2, local_part="pending", status="active")
-    )
-    before = tree(c.repo)
-
-    def interrupted() -> BuiltinSource:
-        s = BuiltinSource(sqlite_url)
-
-        def interrupt_later(conn: Any) -> None:
-            steps: list[int] = []
-
-            def handler() -> int:
-                steps.append(1)
-                return 1 if len(steps) > 50 else 0  # after the first rows came back
-
-            conn.connection.dbapi_connection.set_progress_handler(handler, 100)
-
-        _on_account_read(s, interrupt_later)
-        return s
-
-    with pytest.raises(SourceError) as info:
-        publish(c, interrupted)
-    assert str(info.value) == f"database {sqlite_url}: reading the snapshot failed: interrupted"
-    assert tree(c.repo) == before
