@@ -828,7 +828,7 @@ class Publisher:
             return None
         last, checked = settled
         signed = partial(self._signed_by_us, ch.name)
-        return quiet_plan(self.cfg, ch, fingerprint, last, None, checked, signed)
+        return quiet_plan(self.cfg, ch, fingerprint, last, checked, signed)
 
     def _select(self, names: list[str] | None) -> list[PublisherChannel]:
         if not names:

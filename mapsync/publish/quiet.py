@@ -113,19 +113,17 @@ def quiet_plan(
     ch: PublisherChannel,
     fingerprint: str,
     last: Manifest | None,
-    damaged: str | None,
     checked: dict[str, object] | None,
     signed: Callable[[int], bool],
 ) -> ChannelPlan | None:
     """A no-change plan for ``ch`` if the database (``fingerprint``, its
     :func:`channel_fingerprint`) and the channel are as last published: ``last`` the release
-    LATEST names (``damaged``: why LATEST must be rewritten), ``checked`` the note of the last
+    LATEST names (a sound one: a damaged LATEST is never quiet), ``checked`` the note of the last
     full check, ``signed`` whether a serial carries our signature (asked last: it reads and
     verifies the manifest). None when the publisher must read the database."""
     now = utcnow()
     if (
         last is None
-        or damaged is not None  # LATEST must be rewritten
         or checked is None
         or last.skipped  # rows were left out: validate them again, they must not go quiet
         or checked.get("fingerprint") != fingerprint
@@ -167,7 +165,7 @@ def quiet_run(cfg: PublisherConfig) -> PublishResult | None:
             last, checked = settled
             fingerprint = channel_fingerprint(found.tables, ch)
             signed = partial(signed_by, repo, public, ch.name)
-            plan = quiet_plan(cfg, ch, fingerprint, last, None, checked, signed)
+            plan = quiet_plan(cfg, ch, fingerprint, last, checked, signed)
             if plan is None:
                 return None
             plans.append(plan)
