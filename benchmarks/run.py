@@ -239,7 +239,7 @@ def main() -> None:
         daemon.terminate()
         daemon.wait()
     width = max(len(r[0]) for r in rows)
-    print(f"mapsync benchmarks, {n:,} accounts, {os.cpu_count()} CPUs")
+    print(f"mapsync benchmarks, {n:,} accounts, {os.cpu_count()} CPUs ({parallel()})")
     for what, value, note in rows:
         print(f"  {what:<{width}}  {value:<22}  {note}")
 
@@ -343,6 +343,26 @@ def measure(d: Path, ms: list[str]) -> list[tuple[str, str, str]]:
 
 
 # -- the long-running publisher, its pushes and a watching agent --------------------------------
+
+
+SPIN = "import time\nt = time.perf_counter()\nfor _ in range(20_000_000): pass\nprint(time.perf_counter() - t)"
+
+
+def parallel() -> str:
+    """What a second busy process costs the first here: a pure-Python loop timed alone, then
+    two at once. Two vCPUs may give far less than twice one (seen 2026-12-01: each ran at
+    ~60 %), which decides whether rendering on both cores can pay (docs/benchmarks.md)."""
+
+    def spin(n: int) -> list[float]:
+        procs = [
+            subprocess.Popen([sys.executable, "-c", SPIN], stdout=subprocess.PIPE, text=True)
+            for _ in range(n)
+        ]
+        return [float(proc.communicate()[0]) for proc in procs]
+
+    (alone,) = spin(1)
+    both = spin(2)
+    return f"two busy processes run at {alone / max(both):.0%} of one alone each"
 
 
 def load() -> str:
