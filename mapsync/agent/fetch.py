@@ -244,16 +244,15 @@ def _ask_remote(node: NodeChannel, remote: Remote, decide: Decide[R], pushed: bo
 
 
 def _guess(basis: Path) -> tuple[int, list[str]] | None:
-    """The release most likely next (the serial after the basis's) and the files of it to
-    ask for with LATEST: its manifest, signature and the patches of the basis's maps. None
-    without a readable basis."""
+    """The release most likely next (the serial after the basis's) and what of it to ask for
+    with LATEST (as :meth:`Remote.fetch_paths` patterns): its manifest, signature and
+    patches. None without a readable basis."""
     base = basis_manifest(basis)
     if base is None:
         return None
     serial = base.serial + 1
-    files = [f"{release_dir(serial)}/{MANIFEST}", f"{release_dir(serial)}/{SIGNATURE}"]
-    files += [f"{patch_dir(serial)}/{patch_file(m.file)}" for _, m in sorted(base.maps.items())]
-    return serial, files
+    assert SIGNATURE.startswith(MANIFEST)  # one pattern for both
+    return serial, [f"{release_dir(serial)}/{MANIFEST}*", f"{patch_dir(serial)}/{patch_file('*')}"]
 
 
 def fetch_release(

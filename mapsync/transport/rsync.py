@@ -24,6 +24,7 @@ import math
 import os
 import re
 import shlex
+import shutil
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -315,12 +316,43 @@ class Remote:
         # the disk is full.
         return self._fetch([f"{name}/{f}" for f in files], dest, basis, max_size, block)
 
-    def fetch_paths(self, paths: list[str], dest: Path, max_size: int) -> int:
-        """Copy the remote files ``paths`` (relative to the source, from any of its
-        directories) into ``dest``, side by side under their own names, in one rsync; one
-        missing, or its directory, is left out. For what may or may not be there yet (the
-        agent's guess at the next release, asked for with ``LATEST``)."""
-        return self._fetch(paths, dest, None, max_size, None, partial=True)
+    def fetch_paths(self, patterns: list[str], dest: Path, max_size: int) -> int:
+        """Copy the remote files that ``patterns`` name (paths relative to the source, the
+        last part of each an rsync wildcard pattern, as ``releases/5/MANIFEST.json*``) into
+        ``dest``, side by side under their own names, in one rsync; what is not there is left
+        out. For what may or may not be there yet (the agent's guess at the next release,
+        asked for with ``LATEST``).
+
+        One rsync of the source's root narrowed by a filter (each pattern's directories, then
+        the pattern), not each path named on its own: a daemon logs every named path that is
+        not there as a failure (``change_dir ... failed``), and on every poll that finds
+        nothing new the next release's are not there. Patterns, not a rule per file: the
+        rules travel to the source with the pull's other bytes."""
+        rules = []
+        for pattern in patterns:
+            parts = pattern.split("/")
+            rules += [f"--include=/{'/'.join(parts[:i])}/" for i in range(1, len(parts))]
+            rules.append(f"--include=/{pattern}")
+        area = dest / ".fetched"
+        area.mkdir(mode=0o700)
+        try:
+            argv = self._argv(
+                *dict.fromkeys(rules),
+                "--exclude=*",
+                f"{self.endpoint.base}/",
+                f"{area}/",
+                max_size=str(max_size),
+            )
+            # Exit 23: the source's root itself is missing; the caller asks for LATEST alone.
+            received = wire_bytes(run(argv, self.timeout, partial=True))
+            for directory, _, files in os.walk(area):
+                for name in files:
+                    got = Path(directory, name)
+                    if got.is_file() and not got.is_symlink():
+                        os.rename(got, dest / name)
+        finally:
+            shutil.rmtree(area, ignore_errors=True)
+        return received
 
     def _fetch(
         self,
@@ -329,8 +361,6 @@ class Remote:
         basis: Path | None,
         max_size: int,
         block: int | None,
-        *,
-        partial: bool = False,
     ) -> int:
         extra = ["--no-recursive", "--ignore-missing-args"]
         if basis is not None and basis.is_dir():
@@ -339,7 +369,7 @@ class Remote:
                 extra.append(f"--block-size={block}")
         sources = [f"{self.endpoint.base}/{p}" for p in paths]
         argv = self._argv(*extra, *sources, f"{dest}/", max_size=str(max_size))
-        return wire_bytes(run(argv, self.timeout, partial=partial))
+        return wire_bytes(run(argv, self.timeout))
 
 
 # `rsync --list-only`: "-rw-r--r--          2,209 2026/11/22 06:53:38 MANIFEST.json"

@@ -213,6 +213,7 @@ class RsyncDaemon:
             f"log file = {self.log}\n"
             "use chroot = no\n"
             "socket options = TCP_NODELAY\n"
+            "transfer logging = yes\n"  # each file sent: what a node fetched from where
             "uid = root\n"
             "gid = root\n"
             f"[{module}]\n"

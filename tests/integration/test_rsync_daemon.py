@@ -161,3 +161,28 @@ def test_sigterm_during_a_pull_ends_the_rsync_it_waits_for(cluster: Cluster) -> 
     assert not (cluster.state / "mx" / "incoming").exists()
     assert tree_snapshot(cluster.target) == before
     assert lookup(cluster, "postmaster@example-1.org") == "OK"
+
+
+def test_polls_leave_no_failures_in_the_daemons_log(
+    daemon_cluster: tuple[Cluster, RsyncDaemon],
+) -> None:
+    """With a basis the agent asks for LATEST and the next release's manifest and patches in
+    one rsync. A poll that finds nothing new must not make the daemon log a failure for each
+    of those not there yet (``change_dir ... failed``: for every node, every minute); a pull
+    of a new release still takes two connections and builds the changed map from its patch."""
+    cluster, d = daemon_cluster
+    cluster.publish()
+    assert "installed serial 1" in cluster.pull().stdout
+    for _ in range(2):
+        assert "is current" in cluster.pull().stdout
+    log = d.log.read_text()
+    assert "failed" not in log and "error" not in log.lower(), log
+    add_account(cluster, "prefetched", "example-2.org")
+    cluster.publish()
+    before = d.log.read_text().count("connect from")
+    p = cluster.cli("-v", "pull")
+    assert "installed serial 2 (was 1)" in p.stdout
+    assert "text rebuilt from patches" in p.stderr
+    assert d.log.read_text().count("connect from") - before == 2
+    assert lookup(cluster, "prefetched@example-2.org") == "OK"
+    assert "failed" not in d.log.read_text()
