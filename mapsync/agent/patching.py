@@ -163,10 +163,12 @@ def _patch(
         # Private, as rsync lands text here (--chmod F600): a map may carry password hashes.
         fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
         os.fchmod(fd, 0o600)
-        changes: list[Change] = []
+        # The lines it changes, for the cdb's edits (a map without a cdb needs none), at most
+        # one more than the edits a cdb is changed in place with.
+        changes: list[Change] | None = [] if m.cdb is not None else None
         with os.fdopen(fd, "wb") as fh:
             digest, size = apply_patch(
-                basis / m.file, area / p.file, fh, f"{where}/{p.file}", sep, changes
+                basis / m.file, area / p.file, fh, f"{where}/{p.file}", sep, changes, MAX_CDB_EDITS
             )
         if (digest, size) != (m.sha256, m.size):
             raise VerificationError(
@@ -174,7 +176,7 @@ def _patch(
                 f"{digest[:16]}… size {size}, not the manifest's ({m.sha256[:16]}… size {m.size})"
             )
         done.patched.append(name)
-        if m.cdb is not None and len(changes) <= MAX_CDB_EDITS:
+        if changes is not None and len(changes) <= MAX_CDB_EDITS:
             with contextlib.suppress(NotPatchable):  # the cdb is built whole
                 done.edits[name] = edits_from_changes(changes, sep)
 

@@ -159,7 +159,7 @@ def _find(read: Read, header: np.ndarray, key: bytes) -> int:
                 break
             if hh == h:
                 klen, _ = _PAIR.unpack(read(pos, 8))
-                if read(pos + 8, klen) == key:
+                if klen == len(key) and read(pos + 8, klen) == key:
                     return int(pos)
     raise NotPatchable(f"key {key[:100]!r} is not in the old cdb")
 
@@ -353,6 +353,8 @@ class _Old:
         self.size = os.fstat(fd).st_size
 
     def read(self, pos: int, n: int) -> bytes:
+        if pos + n > self.size:  # a length read from a damaged file: no 4 GB buffer for it
+            raise NotPatchable(f"a read past the end of the old cdb ({n} bytes at {pos})")
         got = os.pread(self._fd, n, pos)
         if len(got) != n:
             raise NotPatchable(f"the old cdb changed while read ({len(got)} of {n} bytes at {pos})")

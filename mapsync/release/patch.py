@@ -24,6 +24,7 @@ import contextlib
 import hashlib
 import mmap
 import os
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -272,15 +273,19 @@ def apply_patch(
     where: str,
     sep: bytes = b" ",
     changes: list[Change] | None = None,
+    keep: int | None = None,
 ) -> tuple[str, int]:
     """Write ``old`` patched with ``patch`` to ``out``, streaming; return the sha256 and size
     of what was written. ``where`` names the patch in messages (VerificationError with the
     patch's line number). ``changes``, when given, gets each body line the patch removes or
-    adds, in order (what an agent changes its cdb in place with: formats.cdbpatch)."""
+    adds, in order (what an agent changes its cdb in place with: formats.cdbpatch); past
+    ``keep`` of them, one more and no others (memory bounded: the caller then knows there
+    were more than it would use)."""
     h = hashlib.sha256()
     size = 0
     buf: list[bytes] = []
     buffered = 0
+    limit = sys.maxsize if keep is None else keep
 
     def write(line: bytes) -> None:
         nonlocal size, buffered
@@ -360,7 +365,7 @@ def apply_patch(
                     raise _bad(
                         where, number, "removes a line the old file does not have at that place"
                     )
-                if changes is not None and not _is_header(line):
+                if changes is not None and len(changes) <= limit and not _is_header(line):
                     changes.append(Change(line, None))
                 continue
             if kind == b"+":
@@ -385,7 +390,7 @@ def apply_patch(
                     in_header = False
                     prev = line
                     check_next = True
-                    if changes is not None:
+                    if changes is not None and len(changes) <= limit:
                         # The old line the added one goes before (None: at the end).
                         changes.append(Change(None, line, fo.peekline() or None))
                 write(line)

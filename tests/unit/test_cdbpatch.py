@@ -147,3 +147,36 @@ def test_a_chain_of_patches_reuses_the_spare_buffer_and_never_the_old_one(tmp_pa
     made = patch(current, _edits(pairs, again), current)
     assert made.obj is not current.obj
     assert made == _built(tmp_path, again, "again.cdb")
+
+
+def test_the_changes_kept_stop_one_past_keep_and_the_text_is_whole(tmp_path: Path) -> None:
+    """An agent keeps the changed lines only as far as it would change a cdb with them: past
+    ``keep``, one more (it then builds the cdb whole) and no others, the text still patched
+    whole."""
+    before = {b"k%05d@d.example" % i: b"v" for i in range(0, 400, 2)}
+    after = {**before, **{b"k%05d@d.example" % i: b"w" for i in range(1, 400, 2)}}
+    old, new = _text(tmp_path / "old", before, 1), _text(tmp_path / "new", after, 2)
+    with open(tmp_path / "patch", "wb") as fh:
+        make_patch(old, new, fh)
+    for keep, kept in ((None, 200), (500, 200), (50, 51), (0, 1)):
+        changes: list[Change] = []
+        with open(tmp_path / "applied", "wb") as fh:
+            apply_patch(old, tmp_path / "patch", fh, "patch", b" ", changes, keep)
+        assert (tmp_path / "applied").read_bytes() == new.read_bytes()
+        assert len(changes) == kept, keep
+        assert [c.added for c in changes] == [k + b" w\n" for k in sorted(after)[1::2]][:kept]
+
+
+def test_a_damaged_length_in_the_live_cdb_is_not_patchable(tmp_path: Path) -> None:
+    """A length field of the old cdb (not hashed again before it is changed) that says
+    gigabytes: no read of that size, the cdb is built whole instead."""
+    old = tmp_path / "old.cdb"
+    old.write_bytes(_built(tmp_path, {b"a": b"1", b"b": b"2"}, "built.cdb"))
+    data = bytearray(old.read_bytes())
+    b_record = 2048 + 8 + 2  # after the header and a's record (lengths, "a", "1")
+    data[b_record + 4 : b_record + 8] = (0xFFFFFFF0).to_bytes(4, "little")  # b's value length
+    old.write_bytes(bytes(data))
+    made = tmp_path / "made.cdb"
+    made.touch()
+    with pytest.raises(NotPatchable, match="past the end"):
+        patch_cdb_file(old, [Edit(b"b", b"2", b"3")], made)
