@@ -336,11 +336,30 @@ def build_set(
     sha256, with the owner, group and mode a built one gets, is linked from there instead:
     nothing to build, and no daemon sees a new file for it."""
     now = time.time()
+    installed = _installed_maps(previous) if reuse and previous is not None else None
     for name, m in sorted(release.manifest.maps.items()):
-        if reuse and previous is not None and _link_unchanged(previous, m, owners[name], built):
+        if (
+            reuse
+            and previous is not None
+            # A map the live manifest gives other files or hashes changed: not hashed to see.
+            and (installed is None or _files(installed.get(name)) == _files(m))
+            and _link_unchanged(previous, m, owners[name], built)
+        ):
             continue
         edits = release.cdb_edits.get(name)
         build_map(release.path, name, m, built, previous, owners[name], ch, now, edits)
+
+
+def _installed_maps(live: Path) -> dict[str, MapEntry] | None:
+    """The maps of the live set's manifest (None if it cannot be read)."""
+    try:
+        return read_installed(live).manifest.maps
+    except (OSError, VerificationError):
+        return None
+
+
+def _files(m: MapEntry | None) -> list[tuple[str, str, int]] | None:
+    return m.installed_files() if m is not None else None
 
 
 def _link_unchanged(live: Path, m: MapEntry, own: Ownership, built: Path) -> bool:
@@ -355,7 +374,7 @@ def _link_unchanged(live: Path, m: MapEntry, own: Ownership, built: Path) -> boo
             return False
         for f in files:
             os.link(live / f, built / f)
-    except FileNotFoundError:
+    except OSError:  # a file gone, or no link to be made (EMLINK): built instead
         for f in files:
             (built / f).unlink(missing_ok=True)
         return False
