@@ -20,6 +20,7 @@ it built.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import struct
@@ -185,13 +186,38 @@ class _Plan:
         """The new cdb's size."""
         return self.new_end + 8 * int(self.counts.sum())
 
+    @functools.cached_property
+    def firsts(self) -> np.ndarray:
+        """The old tables' first slots (int64), counted from where the records end."""
+        import numpy as np
+
+        return (self.header[:, 0].astype(np.int64) - self.end) // 8
+
+    def new_header(self) -> np.ndarray:
+        """The new cdb's header: 256 (table position, slots), little-endian uint32."""
+        import numpy as np
+
+        made = np.empty((256, 2), dtype="<u4")
+        made[:, 0] = self.new_end + 8 * np.concatenate(([0], np.cumsum(self.counts)[:-1]))
+        made[:, 1] = self.counts
+        return made
+
+    @functools.cached_property
+    def shifts(self) -> tuple[np.ndarray, np.ndarray]:
+        """(bounds, moves): an old record at or after ``bounds[k]`` (and before the next)
+        moves by ``moves[k + 1]`` bytes; one before the first, by ``moves[0]`` (0)."""
+        import numpy as np
+
+        moves = np.concatenate(([0], np.cumsum(np.asarray(self.deltas, dtype=np.int64))))
+        return np.asarray(self.bounds, dtype=np.int64), moves
+
     def moved(self, positions: np.ndarray) -> np.ndarray:
         """Old records' ``positions`` (int64, none 0) where the records lie after the edits."""
         import numpy as np
 
-        cum = np.concatenate(([0], np.cumsum(np.asarray(self.deltas, dtype=np.int64))))
-        edges = np.asarray(self.bounds, dtype=np.int64)
-        return positions + cum[np.searchsorted(edges, positions, side="right")]
+        edges, cum = self.shifts
+        shifted: np.ndarray = positions + cum[np.searchsorted(edges, positions, side="right")]
+        return shifted
 
 
 def _plan(read: Read, size: int, edits: Sequence[Edit]) -> _Plan:
@@ -253,7 +279,7 @@ def _plan(read: Read, size: int, edits: Sequence[Edit]) -> _Plan:
     )
 
     # The touched tables, laid out anew: their keys' new positions, in record order.
-    firsts = (header[:, 0].astype(np.int64) - end) // 8
+    firsts = plan.firsts
     gone = np.fromiter(removed, dtype=np.int64) if removed else None
     for i in sorted(touched):
         first, count = int(firsts[i]), int(header[i, 1])
@@ -289,23 +315,15 @@ def patch_cdb(
 
     view = memoryview(old).cast("B")  # slices without copies; compared as bytes
     plan = _plan(lambda pos, n: view[pos : pos + n], len(old), edits)
-    header, end, new_end, counts, total = (
-        plan.header,
-        plan.end,
-        plan.new_end,
-        plan.counts,
-        plan.total,
-    )
-    firsts = (header[:, 0].astype(np.int64) - end) // 8
+    header, end, new_end, total = plan.header, plan.end, plan.new_end, plan.total
+    firsts = plan.firsts
     bounds, deltas, laid = plan.bounds, plan.deltas, plan.laid
-    cum = np.concatenate(([0], np.cumsum(np.asarray(deltas, dtype=np.int64))))
-    edges = np.asarray(bounds, dtype=np.int64)
+    edges, cum = plan.shifts
 
     into = buffer(total, spare, old)  # every byte is written below
     out = np.frombuffer(into, dtype=np.uint8)
     new_header = out[:HEADER].view("<u4").reshape(256, 2)
-    new_header[:, 0] = new_end + 8 * np.concatenate(([0], np.cumsum(counts)[:-1]))
-    new_header[:, 1] = counts
+    new_header[:] = plan.new_header()
     at = HEADER
     for part in plan.parts:
         piece = view[part[0] : part[1]] if isinstance(part, tuple) else part
@@ -380,17 +398,14 @@ def patch_cdb_file(old: Path, edits: Sequence[Edit], new: Path) -> tuple[str, in
         src = _Old(fin.fileno())
         plan = _plan(src.read, src.size, edits)
         end, header = plan.end, plan.header
-        new_header = np.empty((256, 2), dtype="<u4")
-        new_header[:, 0] = plan.new_end + 8 * np.concatenate(([0], np.cumsum(plan.counts)[:-1]))
-        new_header[:, 1] = plan.counts
-        write(new_header.tobytes())
+        write(plan.new_header().tobytes())
         for part in plan.parts:
             if isinstance(part, bytes):
                 write(part)
                 continue
             for start in range(part[0], part[1], CHUNK):
                 write(src.read(start, min(CHUNK, part[1] - start)))
-        firsts = (header[:, 0].astype(np.int64) - end) // 8
+        firsts = plan.firsts
         run = 0  # first old slot of the current run of untouched tables
 
         def untouched(stop: int) -> None:
