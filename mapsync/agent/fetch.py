@@ -166,9 +166,9 @@ def _ask_remote(node: NodeChannel, remote: Remote, decide: Decide[R], pushed: bo
     shutil.rmtree(paths.incoming, ignore_errors=True)
     paths.incoming.mkdir(mode=0o700)
 
-    # Not over ssh: behind rrsync (docs/security.md) a file that is not there yet fails the
-    # whole rsync (rrsync resolves every path it is given), not just that file. Not while
-    # pinned by a rollback: the basis stays, and every poll would fetch the same guess again.
+    # Not over ssh: behind rrsync (docs/security.md), which vets the options and paths it is
+    # given, asking this way is untried (named paths failed there whole). Not while pinned
+    # by a rollback: the basis stays, and every poll would fetch the same guess again.
     guess = None if remote.endpoint.ssh or node.state.pinned else _guess(paths.basis)
     ahead = None
     if guess is None:
