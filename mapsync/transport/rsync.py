@@ -337,6 +337,11 @@ class Remote:
         area.mkdir(mode=0o700)
         try:
             argv = self._argv(
+                # Small files in a few directories: the whole file list at once (incremental
+                # recursion sends each directory's as its own, ~50 bytes more here), the best
+                # compression (~50 bytes less of a manifest, for no time worth measuring).
+                "--no-inc-recursive",
+                "--compress-level=9",
                 *dict.fromkeys(rules),
                 "--exclude=*",
                 f"{self.endpoint.base}/",
