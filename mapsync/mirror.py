@@ -45,6 +45,7 @@ from mapsync.locks import waiting_lock
 from mapsync.release import (
     LATEST,
     MANIFEST,
+    MANIFEST_PATCH,
     MAX_LATEST_BYTES,
     MAX_MANIFEST_BYTES,
     PATCHES,
@@ -381,17 +382,32 @@ class _Channel:
             problem = self._check_files(staging, manifest, where)
         if problem is not None:
             raise VerificationError(f"{problem}; nothing of release {serial} is served")
-        if manifest.patches:
-            self._copy_patches(serial, manifest)  # first: a release never names absent ones
+        previous = self._previous_manifest(manifest)
+        if manifest.patches or previous is not None:
+            # First: a release never names absent ones.
+            self._copy_patches(serial, manifest, (staging / MANIFEST).read_bytes(), previous)
         releases = self.home / RELEASES
         releases.mkdir(mode=DIR_MODE, exist_ok=True)
         commit_dir(staging, releases / str(serial))
         _log.info("release copied", channel=self.name, serial=serial)
 
-    def _copy_patches(self, serial: int, manifest: Manifest) -> None:
+    def _previous_manifest(self, manifest: Manifest) -> bytes | None:
+        """The manifest of the release ``manifest`` follows, if this mirror serves it."""
+        if manifest.previous is None:
+            return None
+        try:
+            return (self.home / release_dir(manifest.previous) / MANIFEST).read_bytes()
+        except OSError:
+            return None
+
+    def _copy_patches(
+        self, serial: int, manifest: Manifest, data: bytes, previous: bytes | None
+    ) -> None:
         """Copy the patches release ``serial`` names into ``patches/<serial>``, each checked
-        against the manifest. Ones SOURCE lacks or that are altered: none are served (a
-        warning); agents then fetch the text, as from a mirror of an earlier version."""
+        against the manifest (bytes ``data``). Ones SOURCE lacks or that are altered: none are
+        served (a warning); agents then fetch the text, as from a mirror of an earlier
+        version. The manifest's own patch too, where this mirror has the ``previous``
+        manifest to prove it on: served only if it makes ``data`` of it."""
         name = f"{self.name}/{patch_dir(serial)}"
         where = f"{self.m.source}/{name}"
         staging = self.work / f"{serial}.patches"
@@ -399,8 +415,13 @@ class _Channel:
         staging.mkdir()
         os.chmod(staging, DIR_MODE)
         files = sorted(p.file for p in manifest.patches.values())
-        largest = max(p.size for p in manifest.patches.values())
+        largest = max((p.size for p in manifest.patches.values()), default=0)
+        if previous is not None:
+            files.append(MANIFEST_PATCH)
+            largest = max(largest, MAX_MANIFEST_BYTES)
         self.moved += self.remote.fetch_files(name, files, staging, None, largest + 1)
+        if previous is not None:
+            self._check_manifest_patch(staging / MANIFEST_PATCH, previous, data, where)
         for p in manifest.patches.values():
             path = staging / p.file
             got = text.sha256_file(path) if path.is_file() else None
@@ -413,10 +434,34 @@ class _Channel:
                 )
                 shutil.rmtree(staging, ignore_errors=True)
                 return
+        if not any(staging.iterdir()):
+            staging.rmdir()
+            return
         patches = self.home / PATCHES
         patches.mkdir(mode=DIR_MODE, exist_ok=True)
         shutil.rmtree(patches / str(serial), ignore_errors=True)  # a killed run's
         commit_dir(staging, patches / str(serial))
+
+    def _check_manifest_patch(self, path: Path, previous: bytes, data: bytes, where: str) -> None:
+        """Keep the manifest patch at ``path`` only if it makes ``data`` of ``previous``."""
+        from mapsync.release.manifest_patch import apply_manifest_patch
+
+        if not path.is_file() or path.is_symlink():
+            path.unlink(missing_ok=True)  # none at the source (an earlier version's)
+            return
+        try:
+            if apply_manifest_patch(previous, path.read_bytes(), where) == data:
+                return
+            problem = "does not give the release's manifest"
+        except (OSError, VerificationError) as exc:
+            problem = str(exc)
+        _log.warning(
+            "manifest patch not mirrored",
+            channel=self.name,
+            file=f"{where}/{MANIFEST_PATCH}",
+            problem=problem,
+        )
+        path.unlink()
 
     def _basis(self, serial: int, here: list[int]) -> Path | None:
         """The release here nearest ``serial``: rsync's delta basis (and hard-link source)."""

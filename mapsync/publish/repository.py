@@ -36,6 +36,7 @@ from mapsync.locks import waiting_lock
 from mapsync.release import (
     LATEST,
     MANIFEST,
+    MANIFEST_PATCH,
     PATCHES,
     RELEASES,
     SIGNATURE,
@@ -320,7 +321,7 @@ class Repository:
         check_manifest_size(data, f"channel {manifest.channel}")
         (staging.path / MANIFEST).write_bytes(data)
         (staging.path / SIGNATURE).write_bytes(sign(key, data))
-        if manifest.patches:
+        if self._write_manifest_patch(staging, manifest, data):
             # The patches first: a release never names patches that are not there yet.
             patches = self.channel(manifest.channel) / PATCHES
             if patches.is_symlink() or (patches.exists() and not patches.is_dir()):
@@ -347,6 +348,24 @@ class Repository:
             **({"removed": removed} if removed else {}),
         )
         return manifest
+
+    def _write_manifest_patch(self, staging: Staging, manifest: Manifest, data: bytes) -> bool:
+        """Stage the patch of manifest bytes ``data`` from the previous release's manifest,
+        where that is still here (what a node holding it fetches instead of the manifest);
+        True if the release has patches to commit (this one or its maps')."""
+        from mapsync.release.manifest_patch import make_manifest_patch
+
+        if manifest.previous is not None:
+            try:
+                old = (self.release(manifest.channel, manifest.previous) / MANIFEST).read_bytes()
+            except OSError:
+                pass  # pruned, or never here: nodes fetch the manifest itself
+            else:
+                staging.patches.mkdir(exist_ok=True)
+                (staging.patches / MANIFEST_PATCH).write_bytes(
+                    make_manifest_patch(old, data, manifest.previous)
+                )
+        return staging.patches.is_dir()
 
     @contextmanager
     def lock(self, wait: float = 30.0) -> Iterator[None]:

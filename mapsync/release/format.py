@@ -47,6 +47,11 @@ def patch_dir(serial: int) -> str:
     return f"{PATCHES}/{serial}"
 
 
+# In patch_dir: the patch of the release's manifest from the previous release's
+# (mapsync.release.manifest_patch); no map file can be named so (FILE_NAME).
+MANIFEST_PATCH = "MANIFEST.json.patch"
+
+
 def patch_file(map_file: str) -> str:
     """The name of the patch of text map ``map_file`` in :func:`patch_dir`."""
     return f"{map_file}.patch"

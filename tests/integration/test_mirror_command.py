@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from mapsync.release import MANIFEST, SIGNATURE
+from mapsync.release import MANIFEST, MANIFEST_PATCH, SIGNATURE
 from mapsync.signing import keygen, load_private, sign
 from tests.conftest import Cluster
 from tests.helpers.agent import add_account, lookup, tree_snapshot
@@ -93,10 +93,16 @@ def test_an_agent_installs_from_a_mirror_kept_in_step(
         p = mirror(cluster, repo_url(upstream), dest)
         assert p.returncode == 0, p.stderr
         assert "mx: serial 2 mirrored (was 1), copied release 2; " in p.stdout
+        asked = len(served.log.read_text())
         pulled = cluster.pull()
         assert "installed serial 2 (was 1)" in pulled.stdout
         assert lookup(cluster, new) == "OK"
-        assert "rsync on mapsync/mx/releases/2/" in served.log.read_text()  # the mirror served it
+        # The mirror served it: one rsync for LATEST, the signature and the patches, the
+        # manifest's among them (the mirror proved it on release 1's manifest).
+        assert re.findall(r"rsync on (\S+)", served.log.read_text()[asked:]) == ["mapsync/mx/"]
+        assert (dest / "mx" / "patches" / "2" / MANIFEST_PATCH).read_bytes() == (
+            cluster.repo / "mx" / "patches" / "2" / MANIFEST_PATCH
+        ).read_bytes()
         assert cluster.cli("verify").returncode == 0
     finally:
         served.stop()
@@ -113,6 +119,24 @@ def test_an_agent_installs_from_a_mirror_kept_in_step(
     assert (r1 / "transport").stat().st_ino == (r2 / "transport").stat().st_ino
     assert (dest / "mx" / "LATEST").read_bytes() == (cluster.repo / "mx" / "LATEST").read_bytes()
     assert not (dest / "mx" / ".staging").exists()
+
+
+def test_a_manifest_patch_that_does_not_give_the_manifest_is_not_mirrored(
+    cluster: Cluster, upstream: RsyncDaemon, tmp_path: Path
+) -> None:
+    cluster.publish()
+    dest = tmp_path / "mirror"
+    assert mirror(cluster, repo_url(upstream), dest).returncode == 0
+    publish_new(cluster, 1)
+    patch = cluster.repo / "mx" / "patches" / "2" / MANIFEST_PATCH
+    patch.write_bytes(patch.read_bytes().replace(b'"serial": 2', b'"serial": 9'))
+    p = mirror(cluster, repo_url(upstream), dest)
+    assert p.returncode == 0, p.stderr
+    assert "manifest patch not mirrored" in p.stderr
+    assert f"mx/patches/2/{MANIFEST_PATCH}" in p.stderr
+    assert "does not give the release's manifest" in p.stderr
+    assert not (dest / "mx" / "patches" / "2" / MANIFEST_PATCH).exists()
+    assert (dest / "mx" / "patches" / "2" / "recipients.patch").is_file()  # the maps' are
 
 
 def test_a_second_run_with_nothing_new_changes_nothing(

@@ -15,13 +15,14 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 import cdbx
 import pytest
 
-from mapsync.release import LATEST, MANIFEST, SIGNATURE, Latest, parse_manifest
+from mapsync.release import LATEST, MANIFEST, MANIFEST_PATCH, SIGNATURE, Latest, parse_manifest
 from mapsync.release.format import patch_dir
 from mapsync.signing import keygen, load_private, sign
 from tests.conftest import Cluster, make_cluster
@@ -100,6 +101,18 @@ def test_the_untouched_offer_is_installed(offered: Cluster) -> None:
     assert lookup(offered, NEW) == "OK"
 
 
+def without_patches(c: Cluster) -> None:
+    """Release 2 without its patches: the node fetches the text itself (a node that patches
+    fetches nothing else from the release's directory, nor lists it)."""
+    shutil.rmtree(c.repo / "mx" / patch_dir(2))
+
+
+def without_manifest_patch(c: Cluster) -> None:
+    """Release 2 without its manifest's patch (a publisher or mirror of an earlier version):
+    the node fetches the manifest itself."""
+    (c.repo / "mx" / patch_dir(2) / MANIFEST_PATCH).unlink()
+
+
 def tamper_recipients(c: Cluster) -> None:
     """Same size, one address changed in release 2's text: a flipped bit on disk or a quiet edit."""
     path = release(c) / "recipients"
@@ -110,8 +123,7 @@ def tamper_recipients(c: Cluster) -> None:
 
 def test_tampered_map_text(offered: Cluster) -> None:
     tamper_recipients(offered)
-    # Without patches the node fetches the text itself, and must refuse it.
-    shutil.rmtree(offered.repo / "mx" / patch_dir(2))
+    without_patches(offered)  # the node fetches the text itself, and must refuse it
     err = pull_refused(offered, "releases/2/recipients: sha256", "the file was altered")
     assert "does not match the manifest" in err
     assert_serial_1_serving(offered)
@@ -123,14 +135,81 @@ def test_tampered_map_text_is_never_read_by_a_node_that_patches(offered: Cluster
     what the manifest signs."""
     assert (offered.repo / "mx" / patch_dir(2)).is_dir()
     tamper_recipients(offered)
-    p = offered.cli("pull")
+    with open(release(offered) / "virtual", "ab") as fh:
+        fh.write(b"evil@example-1.org evil@example.net\n")
+    (release(offered) / "sender_access").write_text("evil@example.org OK\n")
+    manifest = release(offered) / MANIFEST
+    manifest.write_bytes(manifest.read_bytes().replace(b'"entries": ', b'"entries":  ', 1))
+    p = offered.cli("-v", "pull")
     assert p.returncode == 0, p.stdout + p.stderr
+    rsyncs = [line for line in p.stderr.splitlines() if "argv=" in line]
+    assert len(rsyncs) == 1, rsyncs  # LATEST, the manifest and the patches: nothing listed
+    assert "--list-only" not in rsyncs[0]
     assert lookup(offered, NEW) == "OK"
     assert lookup(offered, "postmaster@example-2.org") == "OK"
     assert lookup(offered, "postmaster@example-9.org") is None
+    assert lookup(offered, "evil@example-1.org", "virtual") is None
+    assert not (offered.target / "sender_access").exists()
+    assert "manifest patch not used" not in p.stderr
+    assert (offered.state / "mx" / "basis" / MANIFEST).read_bytes() != manifest.read_bytes()
+
+
+def _manifest_patch(c: Cluster) -> Path:
+    return c.repo / "mx" / patch_dir(2) / MANIFEST_PATCH
+
+
+@pytest.mark.parametrize(
+    "spoil",
+    [
+        pytest.param(lambda b: b.replace(b'"serial": 2', b'"serial": 3'), id="altered"),
+        pytest.param(lambda b: b + b"=1000\n", id="past-the-end"),
+        pytest.param(lambda b: b[: len(b) // 2], id="cut-short"),
+        pytest.param(lambda b: b.replace(b"\n=", b"\n?", 1), id="unknown-line"),
+        pytest.param(lambda b: b"mapsync-patch 1\n" + b, id="not-a-manifest-patch"),
+    ],
+)
+def test_a_faulty_manifest_patch_is_not_used(
+    offered: Cluster, spoil: Callable[[bytes], bytes]
+) -> None:
+    """The manifest made from the node's own and a faulty patch is never taken: the node
+    says so, naming the patch, fetches the manifest itself and installs the release."""
+    path = _manifest_patch(offered)
+    path.write_bytes(spoil(path.read_bytes()))
+    p = offered.cli("pull")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "manifest patch not used; fetching the manifest" in p.stderr
+    assert f"patches/2/{MANIFEST_PATCH}" in p.stderr
+    assert (offered.state / "mx" / "basis" / MANIFEST).read_bytes() == (
+        release(offered) / MANIFEST
+    ).read_bytes()
+    assert lookup(offered, NEW) == "OK"
+
+
+def test_a_manifest_patch_from_another_serial_or_none_fetches_the_manifest(
+    offered: Cluster,
+) -> None:
+    path = _manifest_patch(offered)
+    path.write_bytes(path.read_bytes().replace(b" from 1\n", b" from 7\n", 1))
+    p = offered.cli("-v", "pull")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "manifest patch not used" not in p.stderr  # not for this node: quietly
+    assert len([line for line in p.stderr.splitlines() if "argv=" in line]) == 2
+    assert lookup(offered, NEW) == "OK"
+
+
+def test_a_release_without_a_manifest_patch_fetches_the_manifest(offered: Cluster) -> None:
+    without_manifest_patch(offered)
+    p = offered.cli("pull")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "manifest patch not used" not in p.stderr
+    assert (offered.state / "mx" / "basis" / MANIFEST).read_bytes() == (
+        release(offered) / MANIFEST
+    ).read_bytes()
+    assert lookup(offered, NEW) == "OK"
 
 
 def test_appended_line_in_map_text(offered: Cluster) -> None:
+    without_patches(offered)
     with open(release(offered) / "recipients", "ab") as fh:
         fh.write(b"evil@example-1.org OK\n")
     pull_refused(offered, "releases/2/recipients", "the file was altered")
@@ -139,6 +218,7 @@ def test_appended_line_in_map_text(offered: Cluster) -> None:
 
 
 def test_tampered_manifest_does_not_match_latest(offered: Cluster) -> None:
+    without_manifest_patch(offered)
     path = release(offered) / MANIFEST
     data = path.read_bytes()
     path.write_bytes(data.replace(b'"entries": ', b'"entries":  ', 1))  # same JSON meaning
@@ -262,6 +342,7 @@ def test_expired_manifest(offered: Cluster) -> None:
 
 
 def test_unexpected_extra_file_in_the_release(offered: Cluster) -> None:
+    without_patches(offered)
     (release(offered) / "sender_access").write_text("evil@example.org OK\n")
     pull_refused(offered, "unexpected file(s) not named by the manifest: sender_access")
     assert_serial_1_serving(offered)
@@ -269,6 +350,7 @@ def test_unexpected_extra_file_in_the_release(offered: Cluster) -> None:
 
 def test_symlink_in_place_of_a_map_file(offered: Cluster) -> None:
     """rsync runs without -l: the link is skipped, the map is then missing, the release refused."""
+    without_patches(offered)
     target = release(offered) / "recipients"
     target.unlink()
     target.symlink_to(release(offered, 1) / "recipients")  # an older, validly hashed file
@@ -389,6 +471,7 @@ def test_missing_trusted_key_installs_nothing(offered: Cluster) -> None:
 
 
 def test_refusal_message_goes_to_the_state_and_a_good_release_clears_it(offered: Cluster) -> None:
+    without_patches(offered)
     (release(offered) / "sender_access").write_text("x OK\n")
     pull_refused(offered, "unexpected file")
     assert "sender_access" in str(read_state(offered)["last_error"])
