@@ -419,9 +419,17 @@ class _Channel:
         if previous is not None:
             files.append(MANIFEST_PATCH)
             largest = max(largest, MAX_MANIFEST_BYTES)
-        self.moved += self.remote.fetch_files(name, files, staging, None, largest + 1)
+        try:
+            self.moved += self.remote.fetch_files(name, files, staging, None, largest + 1)
+        except TransportError as exc:
+            if "No such file or directory" not in str(exc):
+                raise
+            # No patches/<serial>/ at SOURCE (a publisher or mirror of an earlier version, or
+            # a release without patches): as for patches missing from it, below.
         if previous is not None:
-            self._check_manifest_patch(staging / MANIFEST_PATCH, previous, data, where)
+            self._check_manifest_patch(
+                staging / MANIFEST_PATCH, previous, data, f"{where}/{MANIFEST_PATCH}"
+            )
         for p in manifest.patches.values():
             path = staging / p.file
             got = text.sha256_file(path) if path.is_file() else None
@@ -443,7 +451,8 @@ class _Channel:
         commit_dir(staging, patches / str(serial))
 
     def _check_manifest_patch(self, path: Path, previous: bytes, data: bytes, where: str) -> None:
-        """Keep the manifest patch at ``path`` only if it makes ``data`` of ``previous``."""
+        """Keep the manifest patch at ``path`` (SOURCE's ``where``) only if it makes ``data``
+        of ``previous``."""
         from mapsync.release.manifest_patch import apply_manifest_patch
 
         if not path.is_file() or path.is_symlink():
@@ -455,12 +464,7 @@ class _Channel:
             problem = "does not give the release's manifest"
         except (OSError, VerificationError) as exc:
             problem = str(exc)
-        _log.warning(
-            "manifest patch not mirrored",
-            channel=self.name,
-            file=f"{where}/{MANIFEST_PATCH}",
-            problem=problem,
-        )
+        _log.warning("manifest patch not mirrored", channel=self.name, file=where, problem=problem)
         path.unlink()
 
     def _basis(self, serial: int, here: list[int]) -> Path | None:

@@ -8,11 +8,12 @@ source's fault and ends the run at once.
 
 From each source: ``LATEST`` first (at most :data:`~mapsync.release.MAX_LATEST_BYTES`), which
 the caller's decision looks at (the serial floor, a pin, the installed serial: ``pull``); only
-when that decides nothing, the release it names into a private staging area, in three steps
+when that decides nothing, the release it names into a private staging area, in steps
 (:func:`fetch_release`), verified (:mod:`mapsync.agent.checks`) and returned as a
 :class:`~mapsync.release.verify.VerifiedRelease`, not yet installed. With a basis, ``LATEST``
-comes in one rsync with the manifest and patches of the serial after the basis's
-(:func:`_guess`), which the steps then take instead of fetching them when ``LATEST`` names it.
+comes in one rsync with the signature and patches of the serial after the basis's, the
+manifest's patch among them (:func:`_guess`), which the steps then take instead of fetching
+them when ``LATEST`` names it.
 """
 
 from __future__ import annotations
@@ -178,7 +179,8 @@ def _ask_remote(node: NodeChannel, remote: Remote, decide: Decide[R], pushed: bo
         received = remote.fetch_file(LATEST, paths.incoming / LATEST, max_size=MAX_LATEST_BYTES)
     else:
         # With LATEST, in the same rsync, what the next release needs if it is the one after
-        # the basis (the common case: one new release): its manifest and its patches.
+        # the basis (the common case: one new release): its signature and its patches, the
+        # manifest's among them.
         ahead = paths.incoming / "ahead"
         ahead.mkdir(mode=0o700)
         received = remote.fetch_paths([LATEST, *guess[1]], ahead, MAX_MANIFEST_BYTES)
@@ -251,12 +253,17 @@ def _guess(basis: Path) -> tuple[int, list[str]] | None:
     """The release most likely next (the serial after the basis's) and what of it to ask for
     with LATEST (as :meth:`Remote.fetch_paths` patterns): its signature and patches, the
     manifest's (:data:`MANIFEST_PATCH`) among them, not the manifest: the basis has the
-    manifest it applies to. None without a readable basis."""
+    manifest it applies to. Each patch by name, the basis's maps' only (not ``*.patch``):
+    before anything is verified, a hostile source can land no more than those, none over
+    the manifest's bound. None without a readable basis."""
     base = basis_manifest(basis)
     if base is None:
         return None
     serial = base.serial + 1
-    return serial, [f"{release_dir(serial)}/{SIGNATURE}", f"{patch_dir(serial)}/{patch_file('*')}"]
+    patches = [MANIFEST_PATCH, *sorted(patch_file(m.file) for m in base.maps.values())]
+    return serial, [f"{release_dir(serial)}/{SIGNATURE}"] + [
+        f"{patch_dir(serial)}/{name}" for name in patches
+    ]
 
 
 def fetch_release(
@@ -284,22 +291,25 @@ def fetch_release(
     release (:mod:`mapsync.transport.inbox`): it must then come from its patch, or the
     release is refused as missing it (the next poll of the source fetches it).
 
-    ``ahead``: where the files fetched with LATEST for this release lie (its manifest,
-    signature and patches, each no larger than a manifest may be): taken from there."""
+    ``ahead``: where the files fetched with LATEST for this release lie (its signature and
+    patches, the manifest's among them, each no larger than a manifest may be): taken from
+    there, the manifest made from the basis's and its patch."""
     from mapsync.agent.checks import read_signed
     from mapsync.agent.patching import fetch_patched
 
     directory = release_dir(latest.serial)
     if ahead is not None and basis is not None:
-        _manifest_from_patch(ahead, basis, latest, f"{remote.source}/{patch_dir(latest.serial)}")
-    if ahead is not None and all((ahead / f).is_file() for f in (MANIFEST, SIGNATURE)):
+        where_patches = f"{remote.source}/{patch_dir(latest.serial)}"
+        _manifest_from_patch(ahead, basis, latest, where_patches, ch.name)
+    missing = [MANIFEST, SIGNATURE]
+    if ahead is not None:
         for f in (MANIFEST, SIGNATURE):
-            os.rename(ahead / f, staging / f)
-        moved = 0  # counted with LATEST
-    else:
-        moved = remote.fetch_files(
-            directory, [MANIFEST, SIGNATURE], staging, None, MAX_MANIFEST_BYTES
-        )
+            if (ahead / f).is_file() and not (ahead / f).is_symlink():
+                os.rename(ahead / f, staging / f)
+                missing.remove(f)
+    moved = 0  # what came ahead: counted with LATEST
+    if missing:  # a source without the manifest's patch: the manifest itself
+        moved = remote.fetch_files(directory, missing, staging, None, MAX_MANIFEST_BYTES)
     if not (staging / MANIFEST).exists():
         # rsync leaves out a file over --max-size and exits 0: tell "too large" from missing.
         try:
@@ -337,7 +347,9 @@ def fetch_release(
     return release, moved
 
 
-def _manifest_from_patch(ahead: Path, basis: Path, latest: Latest, where: str) -> None:
+def _manifest_from_patch(
+    ahead: Path, basis: Path, latest: Latest, where: str, channel: str
+) -> None:
     """Where the release's manifest patch came with LATEST (and the manifest did not), the
     manifest it makes of the basis's, written to ``ahead`` if its sha256 is the one LATEST
     names (the signature is checked after, as for a fetched one). Anything else leaves the
@@ -362,7 +374,9 @@ def _manifest_from_patch(ahead: Path, basis: Path, latest: Latest, where: str) -
                 f"manifest LATEST names (sha256 {latest.manifest_sha256[:16]}…)"
             )
     except (OSError, VerificationError) as exc:
-        _log.warning("manifest patch not used; fetching the manifest", reason=str(exc))
+        _log.warning(
+            "manifest patch not used; fetching the manifest", channel=channel, reason=str(exc)
+        )
         return
     # Private, as rsync lands a fetched one (--chmod F600): the basis keeps it so.
     fd = os.open(ahead / MANIFEST, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)

@@ -359,12 +359,11 @@ class Repository:
             try:
                 old = (self.release(manifest.channel, manifest.previous) / MANIFEST).read_bytes()
             except OSError:
-                pass  # pruned, or never here: nodes fetch the manifest itself
-            else:
+                old = b""  # pruned, or never here: nodes fetch the manifest itself
+            patch = make_manifest_patch(old, data, manifest.previous) if old else None
+            if patch is not None:
                 staging.patches.mkdir(exist_ok=True)
-                (staging.patches / MANIFEST_PATCH).write_bytes(
-                    make_manifest_patch(old, data, manifest.previous)
-                )
+                (staging.patches / MANIFEST_PATCH).write_bytes(patch)
         return staging.patches.is_dir()
 
     @contextmanager

@@ -318,7 +318,7 @@ class Remote:
 
     def fetch_paths(self, patterns: list[str], dest: Path, max_size: int) -> int:
         """Copy the remote files that ``patterns`` name (paths relative to the source, the
-        last part of each an rsync wildcard pattern, as ``releases/5/MANIFEST.json*``) into
+        last part of each an rsync wildcard pattern, as ``releases/5/MANIFEST.json.sig``) into
         ``dest``, side by side under their own names, in one rsync; what is not there is left
         out. For what may or may not be there yet (the agent's guess at the next release,
         asked for with ``LATEST``).
@@ -326,8 +326,8 @@ class Remote:
         One rsync of the source's root narrowed by a filter (each pattern's directories, then
         the pattern), not each path named on its own: a daemon logs every named path that is
         not there as a failure (``change_dir ... failed``), and on every poll that finds
-        nothing new the next release's are not there. Patterns, not a rule per file: the
-        rules travel to the source with the pull's other bytes."""
+        nothing new the next release's are not there. The rules travel to the source with
+        the pull's other bytes (about 30 bytes each)."""
         rules = []
         for pattern in patterns:
             parts = pattern.split("/")

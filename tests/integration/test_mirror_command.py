@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -137,6 +138,33 @@ def test_a_manifest_patch_that_does_not_give_the_manifest_is_not_mirrored(
     assert "does not give the release's manifest" in p.stderr
     assert not (dest / "mx" / "patches" / "2" / MANIFEST_PATCH).exists()
     assert (dest / "mx" / "patches" / "2" / "recipients.patch").is_file()  # the maps' are
+
+
+@pytest.mark.parametrize("rollback", [False, True], ids=["map-patches", "rollback"])
+def test_a_source_without_the_releases_patches_is_mirrored_without_them(
+    cluster: Cluster, upstream: RsyncDaemon, tmp_path: Path, rollback: bool
+) -> None:
+    """A publisher or mirror of an earlier version has no ``patches/<serial>/`` (for a
+    release whose manifest names map patches, or a rollback's, which names none): the
+    release is served without them, its nodes fetch the text and the manifest."""
+    cluster.publish()
+    dest = tmp_path / "mirror"
+    assert mirror(cluster, repo_url(upstream), dest).returncode == 0
+    publish_new(cluster, 1)
+    serial = 2
+    if rollback:
+        assert mirror(cluster, repo_url(upstream), dest).returncode == 0
+        r = cluster.cli("rollback", "--publisher", "--channel", "mx", "1")
+        assert r.returncode == 0, r.stderr
+        serial = 3
+    shutil.rmtree(cluster.repo / "mx" / "patches" / str(serial))
+    p = mirror(cluster, repo_url(upstream), dest)
+    assert p.returncode == 0, p.stderr
+    assert f"mx: serial {serial} mirrored" in p.stdout
+    assert ("patches not mirrored" in p.stderr) is not rollback  # a rollback names none
+    assert "manifest patch not mirrored" not in p.stderr
+    assert not (dest / "mx" / "patches" / str(serial)).exists()
+    assert latest(dest / "mx")["serial"] == serial
 
 
 def test_a_second_run_with_nothing_new_changes_nothing(

@@ -9,7 +9,13 @@ import pytest
 
 from mapsync.errors import VerificationError
 from mapsync.release import MAX_MANIFEST_BYTES
-from mapsync.release.manifest_patch import apply_manifest_patch, make_manifest_patch, patch_base
+from mapsync.release.manifest_patch import (
+    MAX_PATCHED,
+    apply_manifest_patch,
+    diff,
+    make_manifest_patch,
+    patch_base,
+)
 
 OLD = b'{\n  "a": 1,\n  "b": "x",\n  "c": [\n    1\n  ]\n}\n'
 
@@ -24,17 +30,29 @@ def test_random_edits_round_trip_byte_for_byte(seed: int) -> None:
     old, new = b"\n".join(_lines(rng)), b"\n".join(_lines(rng))
     if rng.random() < 0.5:
         new += b"\n"  # with and without the final newline
-    patch = make_manifest_patch(old, new, 41)
+    patch = diff(old, new, 41)
     assert patch_base(patch) == 41
     assert apply_manifest_patch(old, patch, "p") == new
 
 
 def test_a_changed_line_costs_that_line_only() -> None:
     new = OLD.replace(b'"x"', b'"y"')
-    patch = make_manifest_patch(OLD, new, 1)
+    patch = diff(OLD, new, 1)
     assert patch == b'mapsync-manifest-patch 1 from 1\n=2\n-1\n+  "b": "y",\n=5\n'
     assert apply_manifest_patch(OLD, patch, "p") == new
     assert make_manifest_patch(OLD, OLD, 1) == b"mapsync-manifest-patch 1 from 1\n=8\n"
+
+
+def test_none_where_it_would_not_pay() -> None:
+    """A patch no smaller than the manifest, or a manifest over MAX_PATCHED: none (the
+    manifest travels whole)."""
+    assert make_manifest_patch(OLD, b"{}\n", 1) is None  # the patch is longer than 3 bytes
+    assert diff(OLD, b"{}\n", 1) == b"mapsync-manifest-patch 1 from 1\n-7\n+{}\n=1\n"
+    big = b"\n".join(b'  "m%d": %d,' % (i, i) for i in range(MAX_PATCHED // 10))
+    assert len(big) > MAX_PATCHED
+    assert make_manifest_patch(big, big + b"\n", 1) is None
+    edge = big[: MAX_PATCHED - 1]
+    assert make_manifest_patch(edge, edge + b"\n", 1) is not None  # at the bound: made
 
 
 @pytest.mark.parametrize(
