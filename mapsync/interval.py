@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from typing import NoReturn
@@ -9,15 +10,30 @@ from typing import NoReturn
 from mapsync import log, signals
 from mapsync.errors import EXIT_ERROR, MapsyncError
 
+# Sleep in slices this long when a watch may wake the loop: a signal that another thread
+# takes (the watch's) is handled in the main thread only once it runs again.
+SIGNAL_CHECK = 0.2
 
-def run_every(interval: float, run: Callable[[], object], *, logger: str, what: str) -> NoReturn:
+
+def run_every(
+    interval: float,
+    run: Callable[[], object],
+    *,
+    logger: str,
+    what: str,
+    wake: threading.Event | None = None,
+) -> NoReturn:
     """Call ``run`` every ``interval`` seconds, logging any error, until SIGTERM/SIGHUP ends
     it with exit 128+n: at once between runs; inside a run by SystemExit, whose staging and
     temp files are removed on the way out. ``logger``: the log's name; ``what``: the run in
-    the log's words (``publish``, ``mirror``)."""
+    the log's words (``publish``, ``mirror``). ``wake``: set by another thread (a watch of
+    the database) to start the next run before the interval is up; set during a run, it
+    starts the next one as soon as that run ends."""
     _log = log.get(logger)
     _log.info(f"{what}ing on an interval", seconds=interval)
     while True:
+        if wake is not None:
+            wake.clear()  # what comes during the run wakes the next one
         started = time.monotonic()
         try:
             run()
@@ -37,4 +53,9 @@ def run_every(interval: float, run: Callable[[], object], *, logger: str, what: 
         signals.stop_if_received()  # a SystemExit swallowed in a gc callback
         took = time.monotonic() - started
         _log.debug(f"{what} run done", seconds=round(took, 3))
-        time.sleep(max(0.0, interval - took))
+        if wake is None:
+            time.sleep(max(0.0, interval - took))
+            continue
+        deadline = started + interval
+        while (left := deadline - time.monotonic()) > 0 and not wake.wait(min(left, SIGNAL_CHECK)):
+            pass

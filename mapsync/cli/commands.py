@@ -193,9 +193,9 @@ def _publish_every(args: argparse.Namespace) -> int:
             "publish --interval publishes for real and cannot override guards: "
             "not with --dry-run or --force (run those by hand, once)"
         )
-    _config(args).need_publisher()  # a broken config at start: exit 2, systemd shows it
+    publisher = _config(args).need_publisher()  # a broken config at start: exit 2, systemd shows it
     kept: dict[str, Any] = {}  # the publisher, kept between runs: see publish_once
-    run_every(args.interval, lambda: publish_once(args, loop=True, kept=kept))
+    run_every(args.interval, lambda: publish_once(args, loop=True, kept=kept), publisher.database)
 
 
 def _agent_channels(

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import NoReturn
 
 from mapsync import interval
+from mapsync.publish.watch import watch_database
 
 
-def run_every(seconds: float, run: Callable[[], object]) -> NoReturn:
+def run_every(seconds: float, run: Callable[[], object], database: str | None = None) -> NoReturn:
     """Call ``run`` every ``seconds``, logging any error, until SIGTERM/SIGHUP ends it with
-    exit 128+n (:func:`mapsync.interval.run_every`): a release appears whole or not at all."""
-    interval.run_every(seconds, run, logger="publisher", what="publish")
+    exit 128+n (:func:`mapsync.interval.run_every`): a release appears whole or not at all.
+    A commit to the SQLite file ``database`` (a URL) starts the next run at once
+    (:mod:`mapsync.publish.watch`)."""
+    wake = threading.Event()
+    watching = watch_database(database, wake) if database else None
+    interval.run_every(
+        seconds, run, logger="publisher", what="publish", wake=wake if watching else None
+    )

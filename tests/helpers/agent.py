@@ -49,6 +49,17 @@ def add_account(
     """Insert an active account (on ``mailstore``, else its domain's) into the central
     database (``db``: a cluster's, or a URL) with SQLAlchemy Core (``updated_at`` set by the
     default); return its address."""
+    return add_accounts(db, [local], domain, mailstore)[0]
+
+
+def add_accounts(
+    db: Cluster | str,
+    locals_: list[str],
+    domain: str = "example-1.org",
+    mailstore: str | None = None,
+) -> list[str]:
+    """:func:`add_account` for each of ``locals_``, in one transaction (one commit: a
+    publisher sees all or none of them)."""
     engine = create_engine(db if isinstance(db, str) else db.db_url)
     try:
         with engine.begin() as conn:
@@ -60,21 +71,22 @@ def add_account(
                 store = conn.execute(
                     select(t.mailstore.c.id).where(t.mailstore.c.name == mailstore)
                 ).scalar_one()
-            conn.execute(
-                insert(t.account).values(
-                    domain_id=d.id,
-                    local_part=local,
-                    customer_id=d.customer_id,
-                    password_hash="{SHA512-CRYPT}$6$0123456789abcdef$" + "a" * 64,
-                    home=f"/var/vmail/{domain}/{local}",
-                    mailstore_id=store,
-                    quota_bytes=1 << 30,
-                    status="active",
+            for local in locals_:
+                conn.execute(
+                    insert(t.account).values(
+                        domain_id=d.id,
+                        local_part=local,
+                        customer_id=d.customer_id,
+                        password_hash="{SHA512-CRYPT}$6$0123456789abcdef$" + "a" * 64,
+                        home=f"/var/vmail/{domain}/{local}",
+                        mailstore_id=store,
+                        quota_bytes=1 << 30,
+                        status="active",
+                    )
                 )
-            )
     finally:
         engine.dispose()
-    return f"{local}@{domain}"
+    return [f"{local}@{domain}" for local in locals_]
 
 
 def unreferenced_account(conn: Connection) -> tuple[int, str]:

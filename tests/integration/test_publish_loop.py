@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import signal
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -28,7 +29,7 @@ from mapsync import log
 from mapsync.cli import commands
 from mapsync.cli.main import build_parser
 from tests.conftest import Cluster, make_cluster
-from tests.helpers.agent import add_account
+from tests.helpers.agent import add_account, add_accounts
 from tests.helpers.publisher import assert_complete, push_to, record, serial_of
 from tests.helpers.transport import SilentListener
 
@@ -137,6 +138,38 @@ def test_a_new_account_is_published_and_pushed_within_seconds_and_sigterm_ends_t
     assert_repository_clean(cluster)
 
 
+@pytest.mark.parametrize("journal", ["wal", "delete"])
+def test_a_commit_to_a_sqlite_file_is_published_at_once_not_at_the_interval(
+    cluster: Cluster, loops: list[Loop], journal: str
+) -> None:
+    """The loop watches the SQLite file: a commit (into the write-ahead log, or the file
+    itself in rollback-journal mode) starts the next run before the interval is up; its own
+    reads, which create and delete the log in WAL mode, do not."""
+    db = cluster.db_url.removeprefix("sqlite:///")
+    with sqlite3.connect(db) as conn:
+        assert conn.execute(f"PRAGMA journal_mode={journal}").fetchone() == (journal,)
+    loop = Loop(cluster, "--interval", "60", log_format="json", verbose=True)
+    loops.append(loop)
+    loop.wait_for("serial 1", lambda: latest_serial(cluster) == 1, 30)
+
+    def runs() -> int:
+        return loop.stderr().count('"event": "publish run done"')
+
+    loop.wait_for("the first run's end", lambda: runs() == 1)
+    time.sleep(2)
+    assert runs() == 1, loop.stderr()  # no run woken by its own reads
+    assert "watching the database: a commit is published at once" in loop.stderr()
+
+    add_account(cluster, "woken")
+    took = loop.wait_for("serial 2", lambda: latest_serial(cluster) == 2, 10)
+    print(f"\n[loop] {journal}: commit → serial 2 with --interval 60: {took:.2f}s")
+    time.sleep(1)
+    assert runs() <= 4, loop.stderr()  # the commit's run, a checkpoint's at most: then asleep
+    code, _ = loop.stop(signal.SIGTERM)
+    assert code == 143, loop.stderr()
+    assert "Traceback" not in loop.stderr()
+
+
 def test_a_dead_node_does_not_slow_the_loop_down(cluster: Cluster, loops: list[Loop]) -> None:
     """A node that accepts the connection and never answers costs the first run its
     push_timeout; the runs after it skip the node (backing off) and stay quick, so a change
@@ -193,8 +226,9 @@ def test_errors_are_logged_and_the_loop_goes_on_until_sighup(
     loop.wait_for("serial 2", lambda: latest_serial(cluster) == 2, 5)
 
     # A guard refuses: logged with the guard's message, nothing published, still running.
-    for i in range(20):  # recipients grows by more than 5 %
-        add_account(cluster, f"bulk-{i}")
+    # Recipients grows by more than 5 % in one commit (one by one, the loop, woken by each
+    # commit, would publish the first few).
+    add_accounts(cluster, [f"bulk-{i}" for i in range(20)])
     loop.wait_for("a guard refusal", lambda: "publish refused by guards" in loop.stderr())
     errors = [json.loads(line) for line in loop.stderr().splitlines() if '"level": "error"' in line]
     refusal = next(e for e in errors if "refused by guards" in e["event"])
