@@ -633,7 +633,8 @@ def measure_live(d: Path, seeded: float, interval: float = 1.0) -> list[tuple[st
             (
                 f"  commit → LATEST (publish --interval {interval:g})",
                 spread([r["latest"] for r in rounds]),
-                f"includes the wait for the loop's next run (≤ {interval:g} s)",
+                "the commit wakes the loop (it watches the SQLite file; with another "
+                f"engine, add the wait for its next run, ≤ {interval:g} s)",
             )
         )
         rows.append(

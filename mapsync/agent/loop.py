@@ -68,8 +68,9 @@ if TYPE_CHECKING:
 
 _log = log.get("agent")
 
-# A push ends with one rename of LATEST; a writer that rewrites LATEST in place sends a burst
-# (created, modified, closed). Pull once the inbox has been quiet this long ...
+# A push ends with one rename of LATEST: the pull starts at once. A writer that rewrites
+# LATEST in place sends a burst (created, modified, closed): pull once the inbox has been
+# quiet this long ...
 DEBOUNCE = 0.1
 # ... but never hold a pull back longer than this while events keep coming.
 MAX_DEFER = 0.5
@@ -170,7 +171,8 @@ class Agent:
         self.watched = watched
         self.polls = PollSchedule()
         self._wake = threading.Event()
-        self._arrived: queue.SimpleQueue[str] = queue.SimpleQueue()
+        # (channel, whether LATEST was renamed into place: whole at once, no need to wait)
+        self._arrived: queue.SimpleQueue[tuple[str, bool]] = queue.SimpleQueue()
         # channel → (monotonic time of the first event of a burst, time its inbox pull is due)
         self._due: dict[str, tuple[float, float]] = {}
         self._observer: BaseObserver | None = None
@@ -494,9 +496,9 @@ class Agent:
             self._dead.add(channel)
         self._wake.set()
 
-    def _arrival(self, channel: str) -> None:
+    def _arrival(self, channel: str, renamed: bool) -> None:
         """Called on the watchdog thread: note it, wake the main thread, do nothing else."""
-        self._arrived.put(channel)
+        self._arrived.put((channel, renamed))
         self._wake.set()
 
     def _wait(self) -> None:
@@ -514,13 +516,12 @@ class Agent:
         self._wake.clear()  # before draining: an arrival after this sets it again
         while True:
             try:
-                name = self._arrived.get_nowait()
+                name, renamed = self._arrived.get_nowait()
             except queue.Empty:
                 break
             now = time.monotonic()
             first = self._due[name][0] if name in self._due else now
-            # Debounce: due once quiet for DEBOUNCE, at most MAX_DEFER after the first event.
-            self._due[name] = (first, min(now + DEBOUNCE, first + MAX_DEFER))
+            self._due[name] = (first, pull_due(first, now, renamed))
 
     def _pull_pushed(self) -> None:
         now = time.monotonic()
@@ -528,6 +529,13 @@ class Agent:
             if due <= now:
                 del self._due[name]
                 self.from_inbox(self.watched[name])
+
+
+def pull_due(first: float, now: float, renamed: bool) -> float:
+    """When to pull an inbox whose LATEST was last written at ``now`` (its first event of the
+    burst at ``first``): at once for a LATEST renamed into place (a push's last step, whole);
+    else once quiet for DEBOUNCE, at most MAX_DEFER after the first event."""
+    return now if renamed else min(now + DEBOUNCE, first + MAX_DEFER)
 
 
 class _Poll:
@@ -541,14 +549,15 @@ class _Poll:
 
 
 class _InboxHandler(FileSystemEventHandler):
-    """Signals ``notify(channel)`` when a LATEST lands in the (non-recursively) watched inbox,
+    """Signals ``notify(channel, renamed)`` when a LATEST lands in the (non-recursively)
+    watched inbox (``renamed``: moved into place whole, not written there),
     and ``gone()`` when the inbox itself is deleted or moved away."""
 
     def __init__(
         self,
         channel: str,
         inbox: str,
-        notify: Callable[[str], None],
+        notify: Callable[[str, bool], None],
         gone: Callable[[str, bool], None],
     ) -> None:
         super().__init__()
@@ -567,7 +576,7 @@ class _InboxHandler(FileSystemEventHandler):
             return
         path = event.dest_path if event.event_type == "moved" else event.src_path
         if os.path.basename(os.fsdecode(path)) == LATEST:
-            self.notify(self.channel)
+            self.notify(self.channel, event.event_type == "moved")
             _log.debug("LATEST arrived in the inbox", channel=self.channel, kind=event.event_type)
 
 

@@ -63,6 +63,14 @@ def releases(channel: Path) -> list[int]:
     return sorted(int(p.name) for p in (channel / "releases").iterdir())
 
 
+def mirrored(cluster: Cluster, upstream: RsyncDaemon, tmp_path: Path) -> Path:
+    """Serial 1 published and mirrored into ``tmp_path/mirror``; that directory."""
+    cluster.publish()
+    dest = tmp_path / "mirror"
+    assert mirror(cluster, repo_url(upstream), dest).returncode == 0
+    return dest
+
+
 def publish_new(cluster: Cluster, n: int) -> None:
     for i in range(n):
         add_account(cluster, f"zz-mirror-{time.monotonic_ns()}-{i}")
@@ -125,9 +133,7 @@ def test_an_agent_installs_from_a_mirror_kept_in_step(
 def test_a_manifest_patch_that_does_not_give_the_manifest_is_not_mirrored(
     cluster: Cluster, upstream: RsyncDaemon, tmp_path: Path
 ) -> None:
-    cluster.publish()
-    dest = tmp_path / "mirror"
-    assert mirror(cluster, repo_url(upstream), dest).returncode == 0
+    dest = mirrored(cluster, upstream, tmp_path)
     publish_new(cluster, 1)
     patch = cluster.repo / "mx" / "patches" / "2" / MANIFEST_PATCH
     patch.write_bytes(patch.read_bytes().replace(b'"serial": 2', b'"serial": 9'))
@@ -147,9 +153,7 @@ def test_a_source_without_the_releases_patches_is_mirrored_without_them(
     """A publisher or mirror of an earlier version has no ``patches/<serial>/`` (for a
     release whose manifest names map patches, or a rollback's, which names none): the
     release is served without them, its nodes fetch the text and the manifest."""
-    cluster.publish()
-    dest = tmp_path / "mirror"
-    assert mirror(cluster, repo_url(upstream), dest).returncode == 0
+    dest = mirrored(cluster, upstream, tmp_path)
     publish_new(cluster, 1)
     serial = 2
     if rollback:
@@ -170,9 +174,7 @@ def test_a_source_without_the_releases_patches_is_mirrored_without_them(
 def test_a_second_run_with_nothing_new_changes_nothing(
     cluster: Cluster, upstream: RsyncDaemon, tmp_path: Path
 ) -> None:
-    cluster.publish()
-    dest = tmp_path / "mirror"
-    assert mirror(cluster, repo_url(upstream), dest).returncode == 0
+    dest = mirrored(cluster, upstream, tmp_path)
     before = tree_snapshot(dest)
     log_before = upstream.log.read_text()
     p = mirror(cluster, repo_url(upstream), dest)
@@ -190,9 +192,7 @@ def test_a_release_that_cannot_be_copied_whole_never_gets_a_latest(
     """A map of the new release is gone from (or altered at) the source: the mirror exits
     non-zero, its LATEST still names the old release, which still serves, and nothing of the
     new one is visible. Once the source is whole again, the next run copies it."""
-    cluster.publish()
-    dest = tmp_path / "mirror"
-    assert mirror(cluster, repo_url(upstream), dest).returncode == 0
+    dest = mirrored(cluster, upstream, tmp_path)
     publish_new(cluster, 1)
     recipients = cluster.repo / "mx" / "releases" / "2" / "recipients"
     good = recipients.read_bytes()
