@@ -13,6 +13,10 @@ from mapsync.errors import EXIT_ERROR, MapsyncError
 # Sleep in slices this long when a watch may wake the loop: a signal that another thread
 # takes (the watch's) is handled in the main thread only once it runs again.
 SIGNAL_CHECK = 0.2
+# After a run the watch woke, run once more this much later: the event may come before what
+# it announces can be read (a SQLite commit in WAL mode writes its log, then syncs it, then
+# makes it visible; mapsync.publish.watch).
+RECHECK = 0.25
 
 
 def run_every(
@@ -28,9 +32,11 @@ def run_every(
     temp files are removed on the way out. ``logger``: the log's name; ``what``: the run in
     the log's words (``publish``, ``mirror``). ``wake``: set by another thread (a watch of
     the database) to start the next run before the interval is up; set during a run, it
-    starts the next one as soon as that run ends."""
+    starts the next one as soon as that run ends; a run it woke is followed by one more,
+    :data:`RECHECK` seconds later."""
     _log = log.get(logger)
     _log.info(f"{what}ing on an interval", seconds=interval)
+    woken = False
     while True:
         if wake is not None:
             wake.clear()  # what comes during the run wakes the next one
@@ -57,5 +63,10 @@ def run_every(
             time.sleep(max(0.0, interval - took))
             continue
         deadline = started + interval
-        while (left := deadline - time.monotonic()) > 0 and not wake.wait(min(left, SIGNAL_CHECK)):
-            pass
+        if woken:
+            deadline = min(deadline, time.monotonic() + RECHECK)
+        woken = False
+        while (left := deadline - time.monotonic()) > 0:
+            if wake.wait(min(left, SIGNAL_CHECK)):
+                woken = True
+                break

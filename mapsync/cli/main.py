@@ -121,8 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--interval",
         type=float,
         metavar="SECONDS",
-        help="keep running: publish (and push) every SECONDS (0.1 to a week: a fraction such as "
-        "0.25 makes a commit wait less for the next run); errors are logged and the next "
+        help="keep running: publish (and push) every SECONDS (0.1 to a week), and at once "
+        "after a commit to a SQLite database (its file is watched; with another engine a "
+        "fraction such as 0.25 makes a commit wait less); errors are logged and the next "
         "run goes on; SIGTERM ends it (exit 143). An unchanged database costs a fingerprint query; "
         "a changed one, with mapsync's own schema, only the changed rows and the entries they "
         "reach (docs/incremental.md), with a full read every [publisher] full_check",

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import NoReturn
 
 from mapsync import interval
-from mapsync.publish.watch import watch_database
+from mapsync.publish.watch import DatabaseWatch
 
 
 def run_every(seconds: float, run: Callable[[], object], database: str | None = None) -> NoReturn:
@@ -16,7 +16,12 @@ def run_every(seconds: float, run: Callable[[], object], database: str | None = 
     A commit to the SQLite file ``database`` (a URL) starts the next run at once
     (:mod:`mapsync.publish.watch`)."""
     wake = threading.Event()
-    watching = watch_database(database, wake) if database else None
-    interval.run_every(
-        seconds, run, logger="publisher", what="publish", wake=wake if watching else None
-    )
+    watch = DatabaseWatch(database or "", wake)
+    if not watch.check() and watch.path is None:  # not a SQLite file: polled
+        interval.run_every(seconds, run, logger="publisher", what="publish")
+
+    def watched_run() -> object:
+        watch.check()  # the directory replaced, or not watchable until now: watched again
+        return run()
+
+    interval.run_every(seconds, watched_run, logger="publisher", what="publish", wake=wake)
