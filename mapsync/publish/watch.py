@@ -62,12 +62,12 @@ class DatabaseWatch:
             st = os.stat(directory)
             identity = (st.st_dev, st.st_ino)
         except OSError as exc:
-            self._stop()
+            self.stop()
             self._warn(exc)
             return False
         if self._observer is not None and identity == self._watched and not self._gone.is_set():
             return True
-        self._stop()
+        self.stop()
         try:
             self._gone.clear()
             self._observer = _observe(directory, os.path.basename(self.path), self.wake, self._gone)
@@ -86,7 +86,8 @@ class DatabaseWatch:
             self.wake.set()  # whatever was committed while nothing watched
         return True
 
-    def _stop(self) -> None:
+    def stop(self) -> None:
+        """Stop watching (until the next :meth:`check`)."""
         if self._observer is not None:
             self._observer.stop()
             self._observer = None

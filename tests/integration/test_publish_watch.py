@@ -53,7 +53,7 @@ def test_reads_do_not_wake_a_commit_does(tmp_path: Path) -> None:
         _commit(tmp_path / "central.db")
         assert wake.wait(WAIT)
     finally:
-        watch._stop()
+        watch.stop()
 
 
 def test_a_symlinked_directory_is_watched_where_sqlite_writes(tmp_path: Path) -> None:
@@ -68,7 +68,7 @@ def test_a_symlinked_directory_is_watched_where_sqlite_writes(tmp_path: Path) ->
         _commit(tmp_path / "link" / "central.db")
         assert wake.wait(WAIT)
     finally:
-        watch._stop()
+        watch.stop()
 
 
 def test_a_database_restored_by_rename_wakes(tmp_path: Path) -> None:
@@ -81,11 +81,11 @@ def test_a_database_restored_by_rename_wakes(tmp_path: Path) -> None:
         os.rename(tmp_path / "backup.db", tmp_path / "central.db")
         assert wake.wait(WAIT)
     finally:
-        watch._stop()
+        watch.stop()
 
 
 def test_a_directory_replaced_or_missing_at_first_is_watched_once_it_is_there(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path,
 ) -> None:
     where = tmp_path / "db"
     watch, wake = _watched(f"sqlite:///{where / 'central.db'}")
@@ -104,7 +104,7 @@ def test_a_directory_replaced_or_missing_at_first_is_watched_once_it_is_there(
         _commit(where / "central.db")
         assert wake.wait(WAIT)
     finally:
-        watch._stop()
+        watch.stop()
 
 
 def test_another_engine_is_not_watched() -> None:
