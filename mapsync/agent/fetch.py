@@ -361,16 +361,17 @@ def _manifest_from_patch(
     if (ahead / MANIFEST).exists() or not patch.is_file() or patch.is_symlink():
         return
     where = f"{where}/{MANIFEST_PATCH}"
-    base = basis_manifest(basis)
+    # What came ahead is for the serial after the basis's (_guess), and is used only when
+    # LATEST names that serial: the basis is the one before it.
+    base = latest.serial - 1
     try:
         data = patch.read_bytes()
-        serial = patch_base(data)  # None: not a manifest patch, which applying says
-        if base is None or serial not in (None, base.serial):
+        if patch_base(data) not in (None, base):  # None: not a manifest patch, applying says
             return  # from a release this node does not hold
         made = apply_manifest_patch((basis / MANIFEST).read_bytes(), data, where)
         if manifest_sha256(made) != latest.manifest_sha256:
             raise VerificationError(
-                f"{where}: applied to serial {base.serial}'s manifest, does not give the "
+                f"{where}: applied to serial {base}'s manifest, does not give the "
                 f"manifest LATEST names (sha256 {latest.manifest_sha256[:16]}…)"
             )
     except (OSError, VerificationError) as exc:
