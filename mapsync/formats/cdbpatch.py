@@ -21,7 +21,6 @@ it built.
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 import struct
 from collections.abc import Callable, Iterable, Sequence
@@ -29,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from mapsync.atomic import HashedOutput
 from mapsync.formats.text import ODD_STARTS
 from mapsync.release.patch import Change
 
@@ -211,6 +211,27 @@ class _Plan:
         moves = np.concatenate(([0], np.cumsum(np.asarray(self.deltas, dtype=np.int64))))
         return np.asarray(self.bounds, dtype=np.int64), moves
 
+    def shift_slots(self, wide: np.ndarray) -> None:
+        """Move the positions of old slots in place: ``wide`` holds each slot as one
+        little-endian 64-bit number, position << 32 | hash, so "position at or after b" is
+        "slot >= b << 32", and adding d << 32 (mod 2**64) adds d to the position; an empty
+        slot (0) never moves. Whole-array arithmetic at memory speed; a masked add (where=)
+        on the positions alone took four times as long."""
+        import numpy as np
+
+        bounds, deltas = self.bounds, self.deltas
+        if len(bounds) <= _IN_PLACE and self.end + sum(d for d in deltas if d > 0) < 1 << 32:
+            # Last edit first: a position moved by the later edits is still at or after an
+            # earlier edit's bound exactly when it was before (the records keep their order).
+            for bound, delta in zip(reversed(bounds), reversed(deltas), strict=True):
+                if delta:
+                    step = np.uint64((delta % (1 << 32)) << 32)  # a negative one wraps
+                    wide += (wide >= np.uint64(bound << 32)) * step
+        else:
+            edges, cum = self.shifts
+            shifts = (cum % (1 << 32)).astype(np.uint64) << np.uint64(32)
+            wide += shifts[np.searchsorted(edges.astype(np.uint64) << np.uint64(32), wide, "right")]
+
     def moved(self, positions: np.ndarray) -> np.ndarray:
         """Old records' ``positions`` (int64, none 0) where the records lie after the edits."""
         import numpy as np
@@ -317,8 +338,7 @@ def patch_cdb(
     plan = _plan(lambda pos, n: view[pos : pos + n], len(old), edits)
     header, end, new_end, total = plan.header, plan.end, plan.new_end, plan.total
     firsts = plan.firsts
-    bounds, deltas, laid = plan.bounds, plan.deltas, plan.laid
-    edges, cum = plan.shifts
+    laid = plan.laid
 
     into = buffer(total, spare, old)  # every byte is written below
     out = np.frombuffer(into, dtype=np.uint8)
@@ -340,21 +360,7 @@ def patch_cdb(
         run = int(firsts[i]) + int(header[i, 1])
     tail = len(old) - (end + 8 * run)
     into[total - tail : total] = view[end + 8 * run :]
-    # Each slot as one little-endian 64-bit number, position << 32 | hash: "position at or
-    # after b" is "slot >= b << 32", and adding d << 32 (mod 2**64) adds d to the position.
-    # Whole-array arithmetic on these runs at memory speed; a masked add (where=) on the
-    # positions alone took four times as long.
-    wide = out[new_end:total].view("<u8")
-    if len(bounds) <= _IN_PLACE and end + int(sum(d for d in deltas if d > 0)) < 1 << 32:
-        # Last edit first: a position moved by the later edits is still at or after an
-        # earlier edit's bound exactly when it was before (the records keep their order).
-        for bound, delta in zip(reversed(bounds), reversed(deltas), strict=True):
-            if delta:
-                step = np.uint64((delta % (1 << 32)) << 32)  # a negative one wraps
-                wide += (wide >= np.uint64(bound << 32)) * step
-    else:
-        shifts = (cum % (1 << 32)).astype(np.uint64) << np.uint64(32)
-        wide += shifts[np.searchsorted(edges.astype(np.uint64) << np.uint64(32), wide, "right")]
+    plan.shift_slots(out[new_end:total].view("<u8"))
     tables = out[new_end:total].view("<u4").reshape(-1, 2)
     for i, table in laid.items():
         first = int(new_firsts[i])
@@ -378,6 +384,15 @@ class _Old:
             raise NotPatchable(f"the old cdb changed while read ({len(got)} of {n} bytes at {pos})")
         return got
 
+    def read_into(self, pos: int, n: int) -> bytearray:
+        """:meth:`read` into a new, writable buffer."""
+        if pos + n > self.size:
+            raise NotPatchable(f"a read past the end of the old cdb ({n} bytes at {pos})")
+        got = bytearray(n)
+        if os.preadv(self._fd, [got], pos) != n:
+            raise NotPatchable(f"the old cdb changed while read (fewer than {n} bytes at {pos})")
+        return got
+
 
 def patch_cdb_file(old: Path, edits: Sequence[Edit], new: Path) -> tuple[str, int]:
     """:func:`patch_cdb` from file ``old`` into the existing, empty file ``new``, a megabyte
@@ -385,16 +400,10 @@ def patch_cdb_file(old: Path, edits: Sequence[Edit], new: Path) -> tuple[str, in
     sha256 and size of what was written."""
     import numpy as np
 
-    digest = hashlib.sha256()
-    size = 0
     with open(old, "rb") as fin, open(new, "r+b") as fout:
-
-        def write(data: bytes) -> None:
-            nonlocal size
-            digest.update(data)
-            fout.write(data)
-            size += len(data)
-
+        # The records around the changed ones go from file to file in the kernel.
+        sink = HashedOutput(fout)
+        write = sink.write
         src = _Old(fin.fileno())
         plan = _plan(src.read, src.size, edits)
         end, header = plan.end, plan.header
@@ -404,7 +413,7 @@ def patch_cdb_file(old: Path, edits: Sequence[Edit], new: Path) -> tuple[str, in
                 write(part)
                 continue
             for start in range(part[0], part[1], CHUNK):
-                write(src.read(start, min(CHUNK, part[1] - start)))
+                sink.copy(fin.fileno(), start, src.read(start, min(CHUNK, part[1] - start)))
         firsts = plan.firsts
         run = 0  # first old slot of the current run of untouched tables
 
@@ -413,12 +422,9 @@ def patch_cdb_file(old: Path, edits: Sequence[Edit], new: Path) -> tuple[str, in
             nonlocal run
             while run < stop:
                 n = min(stop - run, CHUNK // 8)
-                slots = np.frombuffer(src.read(end + 8 * run, 8 * n), dtype="<u4").reshape(-1, 2)
-                positions = slots[:, 1].astype(np.int64)
-                full = positions != 0
-                moved = slots.copy()
-                moved[full, 1] = plan.moved(positions[full])
-                write(moved.tobytes())
+                slots = src.read_into(end + 8 * run, 8 * n)
+                plan.shift_slots(np.frombuffer(slots, dtype="<u8"))
+                write(slots)
                 run += n
 
         for i in sorted(plan.laid):
@@ -426,4 +432,4 @@ def patch_cdb_file(old: Path, edits: Sequence[Edit], new: Path) -> tuple[str, in
             write(plan.laid[i].tobytes())
             run = int(firsts[i]) + int(header[i, 1])
         untouched((src.size - end) // 8)
-    return digest.hexdigest(), size
+        return sink.finish()

@@ -21,7 +21,6 @@ line.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import mmap
 import os
 import sys
@@ -30,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from mapsync.atomic import HashedOutput, SourceChanged
 from mapsync.errors import VerificationError
 
 MAGIC = b"mapsync-patch 1\n"
@@ -216,12 +216,14 @@ class _Lines:
         self._fh = fh
         self._buf = b""
         self._pos = 0
+        self._base = 0  # the file offset of _buf[0]
 
     def _fill(self) -> bool:
         """Read the next block after what is left unread; False at the end of the file."""
         chunk = self._fh.read(CHUNK)
         if not chunk:
             return False
+        self._base += self._pos
         self._buf = self._buf[self._pos :] + chunk
         self._pos = 0
         return True
@@ -245,9 +247,9 @@ class _Lines:
         self._pos -= len(line)  # the line lies whole in the buffer just before _pos
         return line
 
-    def take(self, n: int) -> Iterator[bytes]:
-        """The next ``n`` lines (each ending in a newline), in blocks; EOFError if the file
-        has fewer."""
+    def take(self, n: int) -> Iterator[tuple[int, bytes]]:
+        """The next ``n`` lines (each ending in a newline), in blocks, each with its offset
+        in the file; EOFError if the file has fewer."""
         while n:
             count = self._buf.count(b"\n", self._pos)
             if count > n:
@@ -259,9 +261,10 @@ class _Lines:
                 end = self._buf.rfind(b"\n") + 1
             if count:
                 block = self._buf[self._pos : end]
+                at = self._base + self._pos
                 self._pos = end
                 n -= count
-                yield block
+                yield at, block
             if n and not self._fill():
                 raise EOFError
 
@@ -281,33 +284,17 @@ def apply_patch(
     adds, in order (what an agent changes its cdb in place with: formats.cdbpatch); past
     ``keep`` of them, one more and no others (memory bounded: the caller then knows there
     were more than it would use)."""
-    h = hashlib.sha256()
-    size = 0
-    buf: list[bytes] = []
-    buffered = 0
     limit = sys.maxsize if keep is None else keep
-
-    def write(line: bytes) -> None:
-        nonlocal size, buffered
-        buf.append(line)
-        buffered += len(line)
-        if buffered >= CHUNK:
-            flush()
-
-    def flush() -> None:
-        nonlocal size, buffered
-        data = b"".join(buf)
-        h.update(data)
-        out.write(data)
-        size += len(data)
-        buf.clear()
-        buffered = 0
+    # The old file's runs of copied lines go from file to file in the kernel (HashedOutput).
+    sink = HashedOutput(out)
+    write = sink.write
 
     in_header = True  # only '#' lines written so far
     prev: bytes | None = None  # the last body line written
     check_next = False  # the next copied line must sort after an added one
     with open(old, "rb") as old_file, open(patch, "rb") as fp:
         fo = _Lines(old_file)
+        old_fd = old_file.fileno()
         first = fp.readline(len(MAGIC) + 1)
         if first != MAGIC:
             raise _bad(where, 1, f"not a mapsync patch (expected {MAGIC!r})")
@@ -353,8 +340,8 @@ def apply_patch(
                     # Not scanned for '#' lines: they come from the old file, and the result
                     # must have the manifest's sha256, whose text has none in its body.
                     try:
-                        for data in fo.take(remaining):
-                            write(data)
+                        for at, data in fo.take(remaining):
+                            sink.copy(old_fd, at, data)
                             prev = data[data.rfind(b"\n", 0, len(data) - 1) + 1 :]
                     except EOFError:
                         raise _bad(where, number, "copies past the end of the old file") from None
@@ -400,5 +387,7 @@ def apply_patch(
             raise _bad(where, number, "the patch does not end with its closing copy")
         if fo.readline():
             raise _bad(where, number, "the old file goes on after the patch's end")
-    flush()
-    return h.hexdigest(), size
+        try:
+            return sink.finish()
+        except SourceChanged:
+            raise VerificationError(f"{where}: the old file changed while it was read") from None

@@ -79,15 +79,18 @@ def _text(path: Path, pairs: dict[bytes, bytes], serial: int) -> Path:
     return path
 
 
+@pytest.mark.parametrize("in_place", [0, 1000], ids=["searchsorted", "edit-by-edit"])
 @pytest.mark.parametrize("chunk", [64, 1 << 20])
 @pytest.mark.parametrize("seed", range(30))
 def test_the_edits_a_text_patch_makes_change_the_cdb_file_into_the_new_one(
-    tmp_path: Path, seed: int, chunk: int, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, seed: int, chunk: int, in_place: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """What an agent does: the text patch applied, the changed lines it met turned into
-    edits, the old cdb file changed by them (read and written ``chunk`` bytes at a time) —
-    byte for byte the cdb of the new text."""
+    edits, the old cdb file changed by them (read and written ``chunk`` bytes at a time, the
+    records around the changed ones copied in the kernel, both ways of moving the positions)
+    — byte for byte the cdb of the new text."""
     monkeypatch.setattr(cdbpatch, "CHUNK", chunk)
+    monkeypatch.setattr(cdbpatch, "_IN_PLACE", in_place)
     rnd = random.Random(seed)
     before = {
         b"k%05d@d.example" % rnd.randrange(10**5): b"v%d" % rnd.randrange(9)

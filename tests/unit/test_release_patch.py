@@ -37,6 +37,10 @@ def _roundtrip(tmp: Path, old: Path, new: Path, sep: str = " ") -> bytes:
     digest, size = apply_patch(old, patch, out2, "p.patch", sep.encode())
     assert (digest, size) == text.sha256_file(new)
     assert out2.getvalue() == new.read_bytes()
+    # Into a file, as an agent applies it: the old file's runs copied in the kernel.
+    with open(tmp / "applied", "wb") as fh:
+        assert apply_patch(old, patch, fh, "p.patch", sep.encode()) == (digest, size)
+    assert (tmp / "applied").read_bytes() == new.read_bytes()
     return patch.read_bytes()
 
 
