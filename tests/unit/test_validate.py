@@ -703,3 +703,76 @@ def test_hosts_that_pass_fill_exactly_their_field(column: str, host: str) -> Non
     assert len(maps["exim_routes"]["relay.example"].split()) == 2
     for value in (store.lmtp_host, store.imap_host, maps["transport"]["relay.example"]):
         assert value.isascii() and value.isprintable() and "%" not in value and "=" not in value
+
+
+# Rows for the short ways through check (the common account and alias, tested without a
+# call): what they skip must never change what check finds. Domains of every kind and state
+# (1: hosted, 2: hosted on an inactive default, 3: disabled, 4: alias of 1, 5: relay, 9: no
+# such domain); local parts valid, duplicated, capitalised, empty or hostile; targets inside
+# (to make cycles, dangling and duplicate edges) and outside, good and bad.
+LOCALS = st.sampled_from(["a", "b", "sales", "A", "", "#x", "a b", "postmaster"])
+TARGETS = st.sampled_from(
+    ["a@example.org", "b@example.org", "sales@example.org", "x@example.org", "a@alias.example",
+     "Sales@Example.org", "ext@remote.example", "bad target", "a@", "é@example.org"]
+)  # fmt: skip
+# Rows of the common kind (the short ways), rows of it with one thing changed, and anything.
+STORES = st.sampled_from([None, 1, 2, 7])
+STATUSES = st.sampled_from(["active", "disabled", "moving", "login_disabled"])
+HOMES = st.sampled_from([None, "/var/vmail/a", "relative", "/a/../b"])
+QUOTAS = st.sampled_from([None, 10, -1])
+ACCOUNTS = st.lists(
+    st.one_of(
+        st.tuples(st.just(1), LOCALS, st.none(), st.just("active"), st.none(), st.none()),
+        st.tuples(st.just(1), LOCALS, STORES, STATUSES, st.none(), st.none()),
+        st.tuples(st.just(1), LOCALS, st.none(), st.just("active"), HOMES, QUOTAS),
+        st.tuples(st.sampled_from([1, 2, 3, 4, 5, 9]), LOCALS, STORES, STATUSES, HOMES, QUOTAS),
+    ),
+    max_size=12,
+)
+ALIASES = st.lists(
+    st.one_of(
+        st.tuples(st.just(1), LOCALS, st.lists(TARGETS, min_size=1, max_size=3).map(tuple)),
+        st.tuples(
+            st.sampled_from([1, 2, 3, 4, 5, 9]), LOCALS, st.lists(TARGETS, max_size=3).map(tuple)
+        ),
+    ),
+    max_size=12,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(accounts=ACCOUNTS, aliases=ALIASES)
+def test_the_short_ways_through_check_find_what_the_long_way_finds(
+    accounts: list[tuple], aliases: list[tuple]
+) -> None:
+    """check with GOOD_LOCAL matching nothing takes the long way for every row (GOOD_LOCAL
+    accepts exactly what local_part_problem does: the fast local-part test above): the same
+    problems, in the same order, as with the short ways."""
+    import re
+
+    import mapsync.validate as validate
+
+    snap = snapshot(
+        mailstores=[STORE, STORE._replace(id=2, name="store-2", active=False)],
+        domains=[
+            HOSTED,
+            hosted(2, "two.example", default_mailstore_id=2),
+            hosted(3, "three.example", status="disabled"),
+            Domain(4, "alias.example", None, "alias", 1, None, None, "active"),
+            Domain(5, "relay.example", None, "relay", None, None, "[10.0.0.1]", "active"),
+        ],
+        accounts=[
+            Account(i, d, local, store, status, None, home, quota)
+            for i, (d, local, store, status, home, quota) in enumerate(accounts, 1)
+        ],
+        aliases=[
+            Alias(100 + i, d, local, targets) for i, (d, local, targets) in enumerate(aliases)
+        ],
+    )
+    short = check(snap)
+    try:
+        validate.GOOD_LOCAL = re.compile(r"(?!)")
+        long = check(snap)
+    finally:
+        validate.GOOD_LOCAL = GOOD_LOCAL
+    assert short == long
