@@ -174,26 +174,33 @@ class HashedOutput:
         if self._gathered_size >= self.GATHER:
             self._flush_gathered()
 
+    def watch(self, fd: int) -> None:
+        """Note the open file ``fd`` as it is before a byte of it is read: a file copied from
+        that is written to from here on makes :meth:`finish` raise :class:`SourceChanged`.
+        Call it before reading what :meth:`copy` will be given."""
+        if fd not in self._sources:
+            self._sources[fd] = _identity(fd)
+
     def copy(self, fd: int, offset: int, data: bytes | memoryview) -> None:
-        """Append the ``len(data)`` bytes of the open file ``fd`` at ``offset``, which are
-        ``data`` (read by the caller, hashed here): copied from ``fd`` where the kernel can,
-        adjacent ranges in one call."""
-        if not data:
+        """Append the bytes of the open file ``fd`` (given to :meth:`watch` before it was read) at
+        ``offset``, which are ``data`` (read by the caller, hashed here): copied from ``fd``
+        where the kernel can, adjacent ranges in one call."""
+        length = memoryview(data).nbytes
+        if not length:
             return
+        self.watch(fd)  # a caller that did not: from here on, at least
         if self._fd is None:
             self.write(bytes(data))
             return
         self._hash.update(data)
-        self.size += len(data)
+        self.size += length
         self._flush_gathered()
-        if fd not in self._sources:
-            self._sources[fd] = _identity(fd)
         pending = self._pending
         if pending is not None and pending[0] == fd and pending[1] + pending[2] == offset:
-            self._pending = (fd, pending[1], pending[2] + len(data))
+            self._pending = (fd, pending[1], pending[2] + length)
             return
         self._copy_pending()
-        self._pending = (fd, offset, len(data))
+        self._pending = (fd, offset, length)
 
     def finish(self) -> tuple[str, int]:
         """Write what is left; the sha256 (hex) and size of everything appended.
@@ -233,7 +240,9 @@ class HashedOutput:
         while done < length:
             chunk = os.pread(src, min(self.GATHER, length - done), offset + done)
             if not chunk:
-                raise OSError(f"file shrank while copied (at byte {offset + done})")
+                raise SourceChanged(
+                    f"a file copied from shrank while copied (at byte {offset + done})"
+                )
             write_all(self._fd, chunk)
             done += len(chunk)
 

@@ -403,6 +403,7 @@ def patch_cdb_file(old: Path, edits: Sequence[Edit], new: Path) -> tuple[str, in
     with open(old, "rb") as fin, open(new, "r+b") as fout:
         # The records around the changed ones go from file to file in the kernel.
         sink = HashedOutput(fout)
+        sink.watch(fin.fileno())  # before the first read: a write to it from here on is refused
         write = sink.write
         src = _Old(fin.fileno())
         plan = _plan(src.read, src.size, edits)

@@ -293,8 +293,9 @@ def apply_patch(
     prev: bytes | None = None  # the last body line written
     check_next = False  # the next copied line must sort after an added one
     with open(old, "rb") as old_file, open(patch, "rb") as fp:
-        fo = _Lines(old_file)
         old_fd = old_file.fileno()
+        sink.watch(old_fd)  # before the first read: a write to it from here on is refused
+        fo = _Lines(old_file)
         first = fp.readline(len(MAGIC) + 1)
         if first != MAGIC:
             raise _bad(where, 1, f"not a mapsync patch (expected {MAGIC!r})")

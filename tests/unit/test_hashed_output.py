@@ -49,21 +49,45 @@ def test_file_and_memory_outputs_are_the_same_bytes(
         assert in_memory.finish() == (hashlib.sha256(want).hexdigest(), len(want))
         assert memory.getvalue() == want
         with open(tmp_path / "out", "wb") as fh:
-            fh.write(b"")  # nothing buffered is lost or reordered
+            fh.write(b"the caller's own bytes\n")  # buffered: written first, not lost
             to_file = HashedOutput(fh)
             _write(to_file, src, fin.fileno())
             assert to_file.finish() == (hashlib.sha256(want).hexdigest(), len(want))
-    assert (tmp_path / "out").read_bytes() == want
+    assert (tmp_path / "out").read_bytes() == b"the caller's own bytes\n" + want
 
 
-def test_a_source_written_to_while_copied_is_refused(tmp_path: Path) -> None:
-    """What was copied may no longer be what was hashed: finish() says so."""
+@pytest.mark.parametrize("when", ["after its first copy", "after it was read, before a copy"])
+def test_a_source_written_to_while_copied_is_refused(tmp_path: Path, when: str) -> None:
+    """What was copied may no longer be what was hashed: finish() says so, from the moment
+    the source was watched (before the caller read it)."""
     src = tmp_path / "src"
     src.write_bytes(b"a" * 100)
     with open(src, "rb") as fin, open(tmp_path / "out", "wb") as fh:
         out = HashedOutput(fh)
-        out.copy(fin.fileno(), 0, b"a" * 50)
+        out.watch(fin.fileno())
+        data = os.pread(fin.fileno(), 50, 0)
+        if when.startswith("after its first"):
+            out.copy(fin.fileno(), 0, data)
         with open(src, "r+b") as other:
-            other.write(b"b")
+            other.write(b"b" * 50)  # the same size
+        out.copy(fin.fileno(), 0 if when.startswith("after it") else 50, data)
+        with pytest.raises(SourceChanged):
+            out.finish()
+
+
+def test_a_source_cut_short_while_copied_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fewer bytes left than were read: SourceChanged (a caller's fallback), not a bare
+    OSError, whichever way the copy goes."""
+    monkeypatch.setattr(os, "copy_file_range", lambda *a: 0)  # as at the end of a file
+    src = tmp_path / "src"
+    src.write_bytes(b"a" * 100)
+    with open(src, "rb") as fin, open(tmp_path / "out", "wb") as fh:
+        out = HashedOutput(fh)
+        out.watch(fin.fileno())
+        data = os.pread(fin.fileno(), 100, 0)
+        os.truncate(src, 10)
+        out.copy(fin.fileno(), 0, data)
         with pytest.raises(SourceChanged):
             out.finish()

@@ -181,3 +181,36 @@ def test_blocks_of_any_size_give_the_same_file(
         _apply(tmp_path, MAGIC + b"=9\n")
     with pytest.raises(VerificationError, match="goes on after"):
         _apply(tmp_path, MAGIC + b"=3\n")
+
+
+@pytest.mark.parametrize("change", ["rewritten", "cut short"])
+def test_an_old_file_changed_while_applied_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, change: str
+) -> None:
+    """The old file's runs are hashed as read and copied in the kernel: a write to it after
+    its first block was read (the same size, or shorter) is a VerificationError, never a
+    file other than the one its hash says (the agent then fetches the text whole)."""
+    monkeypatch.setattr(patch_module, "CHUNK", 64)
+    a = {f"k{i:03d}@x": "v" for i in range(40)}
+    old = _map(tmp_path / "old", 6, a)
+    new = _map(tmp_path / "new", 7, {**a, "k005@x": "w"})
+    with open(tmp_path / "p.patch", "wb") as fh:
+        make_patch(old, new, fh)
+    fill = patch_module._Lines._fill
+    done = []
+
+    def fill_then_change(self: object) -> bool:
+        got = fill(self)  # type: ignore[arg-type]
+        if not done:
+            done.append(True)
+            data = old.read_bytes()
+            with open(old, "r+b") as other:  # in place: the agent's handle sees it
+                if change == "rewritten":
+                    other.write(data.replace(b" v\n", b" z\n"))
+                else:
+                    other.truncate(len(data) // 2)
+        return got
+
+    monkeypatch.setattr(patch_module._Lines, "_fill", fill_then_change)
+    with open(tmp_path / "applied", "wb") as out, pytest.raises(VerificationError):
+        apply_patch(old, tmp_path / "p.patch", out, "p.patch")

@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from mapsync.config import PublisherChannel
@@ -707,43 +707,71 @@ def test_hosts_that_pass_fill_exactly_their_field(column: str, host: str) -> Non
 
 # Rows for the short ways through check (the common account and alias, tested without a
 # call): what they skip must never change what check finds. Domains of every kind and state
-# (1: hosted, 2: hosted on an inactive default, 3: disabled, 4: alias of 1, 5: relay, 9: no
-# such domain); local parts valid, duplicated, capitalised, empty or hostile; targets inside
-# (to make cycles, dangling and duplicate edges) and outside, good and bad.
+# (1: hosted, 2: hosted on an inactive default, 3: disabled, 4: alias of 1, 5: relay, both
+# with an active default of their own, 9: no such domain); local parts valid, duplicated,
+# capitalised, empty or hostile; targets inside (to make cycles, dangling and duplicate
+# edges) and outside, good and bad, one that lowercases to ASCII only from outside it.
 LOCALS = st.sampled_from(["a", "b", "sales", "A", "", "#x", "a b", "postmaster"])
 TARGETS = st.sampled_from(
     ["a@example.org", "b@example.org", "sales@example.org", "x@example.org", "a@alias.example",
-     "Sales@Example.org", "ext@remote.example", "bad target", "a@", "é@example.org"]
+     "Sales@Example.org", "ext@remote.example", "bad target", "a@", "é@example.org",
+     "\u212a@example.org"]
 )  # fmt: skip
-# Rows of the common kind (the short ways), rows of it with one thing changed, and anything.
-STORES = st.sampled_from([None, 1, 2, 7])
+DOMAIN_IDS = st.sampled_from([1, 2, 3, 4, 5, 9])
+STORES = st.sampled_from([None, 0, 1, 2, 7])
 STATUSES = st.sampled_from(["active", "disabled", "moving", "login_disabled"])
 HOMES = st.sampled_from([None, "/var/vmail/a", "relative", "/a/../b"])
 QUOTAS = st.sampled_from([None, 10, -1])
+HASHES = st.sampled_from([None, "{SHA512-CRYPT}$6$salt$hash", "{PLAIN}secret", "no scheme"])
+PLAIN = (st.none(), st.just("active"), st.none(), st.none(), st.none())
+# The common kind in domain 1 and in any domain, the common kind with one thing changed,
+# and anything.
 ACCOUNTS = st.lists(
     st.one_of(
-        st.tuples(st.just(1), LOCALS, st.none(), st.just("active"), st.none(), st.none()),
-        st.tuples(st.just(1), LOCALS, STORES, STATUSES, st.none(), st.none()),
-        st.tuples(st.just(1), LOCALS, st.none(), st.just("active"), HOMES, QUOTAS),
-        st.tuples(st.sampled_from([1, 2, 3, 4, 5, 9]), LOCALS, STORES, STATUSES, HOMES, QUOTAS),
+        st.tuples(st.just(1), LOCALS, *PLAIN),
+        st.tuples(DOMAIN_IDS, LOCALS, *PLAIN),
+        st.tuples(st.just(1), LOCALS, STORES, STATUSES, st.none(), st.none(), HASHES),
+        st.tuples(st.just(1), LOCALS, st.none(), st.just("active"), HOMES, QUOTAS, HASHES),
+        st.tuples(DOMAIN_IDS, LOCALS, STORES, STATUSES, HOMES, QUOTAS, HASHES),
     ),
     max_size=12,
 )
 ALIASES = st.lists(
     st.one_of(
         st.tuples(st.just(1), LOCALS, st.lists(TARGETS, min_size=1, max_size=3).map(tuple)),
-        st.tuples(
-            st.sampled_from([1, 2, 3, 4, 5, 9]), LOCALS, st.lists(TARGETS, max_size=3).map(tuple)
-        ),
+        st.tuples(DOMAIN_IDS, LOCALS, st.lists(TARGETS, min_size=1, max_size=3).map(tuple)),
+        st.tuples(DOMAIN_IDS, LOCALS, st.lists(TARGETS, max_size=3).map(tuple)),
     ),
     max_size=12,
 )
+ACTIVE = (None, "active", None, None, None)
 
 
 @settings(max_examples=400, deadline=None)
-@given(accounts=ACCOUNTS, aliases=ALIASES)
+@given(accounts=ACCOUNTS, aliases=ALIASES, secrets=st.booleans())
+@example(  # a disabled account never claims its address
+    accounts=[(1, "a", *ACTIVE), (1, "a", None, "disabled", None, None, None)],
+    aliases=[],
+    secrets=False,
+)
+@example(  # nor do accounts or aliases in a disabled domain, even on an active default
+    accounts=[(3, "a", *ACTIVE), (3, "a", *ACTIVE), (1, "a", *ACTIVE)],
+    aliases=[(3, "b", ("a@example.org",)), (3, "b", ("a@example.org",))],
+    secrets=False,
+)
+@example(  # a mailbox in a relay domain with an active default is refused
+    accounts=[(5, "a", *ACTIVE)], aliases=[], secrets=False
+)
+@example(  # with the secrets read, the hash is checked
+    accounts=[(1, "a", *ACTIVE)], aliases=[], secrets=True
+)
+@example(  # an alias in a disabled domain claims nothing; KELVIN SIGN is no 'k'
+    accounts=[(1, "a", *ACTIVE)],
+    aliases=[(3, "a", ("b@example.org",)), (1, "b", ("\u212a@example.org",))],
+    secrets=False,
+)
 def test_the_short_ways_through_check_find_what_the_long_way_finds(
-    accounts: list[tuple], aliases: list[tuple]
+    accounts: list[tuple], aliases: list[tuple], secrets: bool
 ) -> None:
     """check with GOOD_LOCAL matching nothing takes the long way for every row (GOOD_LOCAL
     accepts exactly what local_part_problem does: the fast local-part test above): the same
@@ -758,17 +786,18 @@ def test_the_short_ways_through_check_find_what_the_long_way_finds(
             HOSTED,
             hosted(2, "two.example", default_mailstore_id=2),
             hosted(3, "three.example", status="disabled"),
-            Domain(4, "alias.example", None, "alias", 1, None, None, "active"),
-            Domain(5, "relay.example", None, "relay", None, None, "[10.0.0.1]", "active"),
+            Domain(4, "alias.example", None, "alias", 1, 1, None, "active"),
+            Domain(5, "relay.example", None, "relay", None, 1, "[10.0.0.1]", "active"),
         ],
         accounts=[
-            Account(i, d, local, store, status, None, home, quota)
-            for i, (d, local, store, status, home, quota) in enumerate(accounts, 1)
+            Account(i, d, local, store, status, password_hash, home, quota)
+            for i, (d, local, store, status, home, quota, password_hash) in enumerate(accounts, 1)
         ],
         aliases=[
             Alias(100 + i, d, local, targets) for i, (d, local, targets) in enumerate(aliases)
         ],
     )
+    snap.secrets = secrets
     short = check(snap)
     try:
         validate.GOOD_LOCAL = re.compile(r"(?!)")
