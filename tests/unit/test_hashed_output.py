@@ -56,38 +56,31 @@ def test_file_and_memory_outputs_are_the_same_bytes(
     assert (tmp_path / "out").read_bytes() == b"the caller's own bytes\n" + want
 
 
-@pytest.mark.parametrize("when", ["after its first copy", "after it was read, before a copy"])
-def test_a_source_written_to_while_copied_is_refused(tmp_path: Path, when: str) -> None:
-    """What was copied may no longer be what was hashed: finish() says so, from the moment
-    the source was watched (before the caller read it)."""
+@pytest.mark.parametrize(
+    "change", ["written after its first copy", "written after it was read", "cut short"]
+)
+def test_a_source_changed_while_copied_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, change: str
+) -> None:
+    """What was copied may no longer be what was hashed: finish() raises SourceChanged (a
+    caller's fallback, never a bare OSError), from the moment the source was watched (before
+    the caller read it), whichever way the copy goes."""
+    if change == "cut short":
+        monkeypatch.setattr(os, "copy_file_range", lambda *a: 0)  # as at the end of a file
     src = tmp_path / "src"
     src.write_bytes(b"a" * 100)
     with open(src, "rb") as fin, open(tmp_path / "out", "wb") as fh:
         out = HashedOutput(fh)
         out.watch(fin.fileno())
         data = os.pread(fin.fileno(), 50, 0)
-        if when.startswith("after its first"):
+        if change == "written after its first copy":
             out.copy(fin.fileno(), 0, data)
-        with open(src, "r+b") as other:
-            other.write(b"b" * 50)  # the same size
-        out.copy(fin.fileno(), 0 if when.startswith("after it") else 50, data)
-        with pytest.raises(SourceChanged):
-            out.finish()
-
-
-def test_a_source_cut_short_while_copied_is_refused(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Fewer bytes left than were read: SourceChanged (a caller's fallback), not a bare
-    OSError, whichever way the copy goes."""
-    monkeypatch.setattr(os, "copy_file_range", lambda *a: 0)  # as at the end of a file
-    src = tmp_path / "src"
-    src.write_bytes(b"a" * 100)
-    with open(src, "rb") as fin, open(tmp_path / "out", "wb") as fh:
-        out = HashedOutput(fh)
-        out.watch(fin.fileno())
-        data = os.pread(fin.fileno(), 100, 0)
-        os.truncate(src, 10)
-        out.copy(fin.fileno(), 0, data)
+            data = os.pread(fin.fileno(), 50, 50)
+        if change == "cut short":
+            os.truncate(src, 10)
+        else:
+            with open(src, "r+b") as other:
+                other.write(b"b" * 100)  # the same size
+        out.copy(fin.fileno(), 50 if change == "written after its first copy" else 0, data)
         with pytest.raises(SourceChanged):
             out.finish()
