@@ -43,7 +43,18 @@ def tree(tmp_path: Path) -> tuple[list[str], Path]:
         (["sh", "-c", "exit 3"], 3, "exit 3"),
         (["sh", "-c", "kill -KILL $$"], -9, "killed by signal 9 (SIGKILL)"),
         (["sh", "-c", "kill -TERM $$"], -15, "killed by signal 15 (SIGTERM)"),
-        (["sh", "-c", "kill -HUP $$"], -1, "killed by signal 1 (SIGHUP)"),
+        # Its own default restored first: under nohup (a CI runner's, an operator's) the
+        # child would inherit SIGHUP ignored, and a shell cannot undo that.
+        (
+            [
+                sys.executable,
+                "-c",
+                "import os, signal; signal.signal(signal.SIGHUP, "
+                "signal.SIG_DFL); os.kill(os.getpid(), signal.SIGHUP)",
+            ],
+            -1,
+            "killed by signal 1 (SIGHUP)",
+        ),
     ],
 )
 def test_the_result_says_how_the_child_ended(argv: list[str], code: int, how: str) -> None:
