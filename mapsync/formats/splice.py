@@ -3,8 +3,8 @@ taken out and put in, found by binary search (the lines are sorted by key), writ
 patch that says the same (:mod:`mapsync.release.patch`), and the cdb built from the result.
 
 The incremental publisher (:mod:`mapsync.publish.incremental`) knows which entries changed;
-this module turns that into the release's files at the cost of reading the old text once
-(its unchanged runs then go from file to file in the kernel), never parsing it line by line.
+this module turns that into the release's files at the cost of copying the old text once,
+never parsing it line by line.
 """
 
 from __future__ import annotations
@@ -13,10 +13,8 @@ import hashlib
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from io import BufferedReader
 from pathlib import Path
 
-from mapsync.atomic import HashedOutput, SourceChanged
 from mapsync.formats.cdb import Maker
 from mapsync.formats.cdbpatch import Edit, NotPatchable, patch_cdb
 from mapsync.formats.mapfile import CdbFile, lines
@@ -59,23 +57,24 @@ def _value(line: bytes | None, key: bytes) -> bytes | None:
     return None if line is None else line[len(key) + 1 : -1]
 
 
-def _read(fh: BufferedReader, path: Path, into: bytearray | None) -> bytes | bytearray:
-    """The bytes of the open file ``fh`` (``path``); read into ``into`` (resized to the
-    file) where given: memory the caller keeps from one change to the next, its pages faulted
-    in already (a new bytes object of the text's size, 50 MB at 1M accounts, costs more in
-    page faults than the read itself)."""
+def _read(path: Path, into: bytearray | None) -> bytes | bytearray:
+    """The bytes of ``path``; read into ``into`` (resized to the file) where given: memory
+    the caller keeps from one change to the next, its pages faulted in already (a new bytes
+    object of the text's size, 50 MB at 1M accounts, costs more in page faults than the
+    read itself)."""
     if into is None:
-        return fh.read()
-    size = os.fstat(fh.fileno()).st_size
-    try:
-        if len(into) > size:
-            del into[size:]
-        elif len(into) < size:
-            into.extend(bytes(size - len(into)))
-    except BufferError:  # a view of it is still held somewhere: no reuse this time
-        return fh.read()
-    with memoryview(into) as view:
-        read_whole(fh, view, path)
+        return path.read_bytes()
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        try:
+            if len(into) > size:
+                del into[size:]
+            elif len(into) < size:
+                into.extend(bytes(size - len(into)))
+        except BufferError:  # a view of it is still held somewhere: no reuse this time
+            return path.read_bytes()
+        with memoryview(into) as view:
+            read_whole(fh, view, path)
     return into
 
 
@@ -157,43 +156,12 @@ def splice(
     is written: its bytes are in :attr:`Spliced.cdb_data`), else built whole at
     ``cdb_path``. ``text_buffer``: memory to read ``old`` into (:func:`_read`).
     :class:`Mismatch` when ``old`` does not hold a line ``delta`` takes out, or holds a key
-    it adds, or was written to while spliced."""
-    with open(old, "rb") as old_fh, open(out, "wb") as out_fh:
-        # The unchanged runs go from the old file to the new in the kernel (HashedOutput),
-        # hashed from what was read: the old file watched from before it is read.
-        sink = HashedOutput(out_fh)
-        sink.watch(old_fh.fileno())
-        data = _read(old_fh, old, text_buffer)
-        try:
-            return _splice(
-                data, old_fh.fileno(), sink, old, entries_before, head, delta, sep, patch,
-                cdb_path, old_cdb, spare_cdb,
-            )  # fmt: skip
-        except SourceChanged:
-            raise Mismatch(f"{old}: written to while it was read") from None
-
-
-def _splice(
-    data: bytes | bytearray,
-    old_fd: int,
-    sink: HashedOutput,
-    old: Path,
-    entries_before: int,
-    head: str,
-    delta: Iterable[Change],
-    sep: str,
-    patch: Path | None,
-    cdb_path: Path | None,
-    old_cdb: bytes | memoryview | None,
-    spare_cdb: memoryview | None,
-) -> Spliced:
-    """:func:`splice` once the old text is read (``data``, from ``old_fd``), the new one
-    written to ``sink``."""
+    it adds."""
+    data = _read(old, text_buffer)
     view = memoryview(data)  # the unchanged runs, written and hashed where they lie
     bsep = sep.encode()
     body_at = _header_end(data)
-    # The new text: its own bytes, or (start, end) of a run of the old text's.
-    pieces: list[bytes | tuple[int, int]] = []
+    pieces: list[bytes | memoryview] = []
     # The patch's operations; a run of copied lines as (lines known, the old body's unchanged
     # runs it spans), counted at the end (see _copied).
     ops: list[bytes | tuple[int, list[int]]] = [MAGIC]
@@ -239,7 +207,7 @@ def _splice(
             Edit(change.key, _value(change.old, change.key), _value(change.new, change.key), before)
         )
         unchanged(pos, at)
-        pieces.append((pos, at))
+        pieces.append(view[pos:at])
         pos = at
         end = data.find(b"\n", at) + 1 if at < len(data) else at
         line = bytes(data[at:end])
@@ -265,23 +233,24 @@ def _splice(
         else:
             changed += 1
     unchanged(pos, len(data))
-    pieces.append((pos, len(data)))
+    pieces.append(view[pos:])
     ops.append((copy, spans))
-    # The new text is never joined: its pieces are hashed where they lie (the unchanged runs
-    # in the old text's memory) and written, the runs copied from the old file in the
-    # kernel: no copy of the text in this process, and no page of it written from here.
-    content = hashlib.sha256()
-    sink.write(pieces_head)
+    # The new text is never joined: its pieces (the unchanged runs are views of the old
+    # text) are hashed and written as they are: two copies of the text fewer (joined, then
+    # the header sliced off for its content hash), and as much less peak memory.
+    whole, content = hashlib.sha256(), hashlib.sha256()
+    whole.update(pieces_head)
     for piece in pieces[1:]:
-        if isinstance(piece, tuple):
-            run = view[piece[0] : piece[1]]
-            content.update(run)
-            sink.copy(old_fd, piece[0], run)
-        else:
-            content.update(piece)
-            sink.write(piece)
-    whole, size = sink.finish()
-    info = TextInfo(entries_before + added - removed, whole, size, content.hexdigest())
+        whole.update(piece)
+        content.update(piece)
+    info = TextInfo(
+        entries_before + added - removed,
+        whole.hexdigest(),
+        sum(len(piece) for piece in pieces),
+        content.hexdigest(),
+    )
+    with open(out, "wb") as fh:
+        fh.writelines(pieces)
     if patch is not None:
         lines = _copied(data, runs, entries_before - removed - changed, old)
         patch.write_bytes(
@@ -301,7 +270,7 @@ def _splice(
         if made is not None:
             built = CdbFile(cdb_path.name, hashlib.sha256(made).hexdigest(), len(made))
         else:
-            body = b"".join(view[p[0] : p[1]] if isinstance(p, tuple) else p for p in pieces[1:])
+            body = b"".join(pieces[1:])
             with Maker(cdb_path) as maker:
                 start = 0
                 while start < len(body):  # a megabyte at a time: bounded memory for the split

@@ -137,26 +137,3 @@ def test_a_text_buffer_still_viewed_is_not_resized_but_read_around(tmp_path: Pat
     )
     assert done.text.entries == 51
     assert bytes(view) == b"x" * 10
-
-
-def test_an_old_text_written_to_while_spliced_is_a_mismatch(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The unchanged runs are hashed as read and copied from the file in the kernel: a write
-    to the old text after it was read (the same size) would make a file other than its hash
-    says, so it is a Mismatch (the publisher then renders the map whole)."""
-    from mapsync.formats import splice as splice_module
-
-    info, _ = _render({f"u{i}@x": "1" for i in range(50)}, tmp_path / "m", 1, " ")
-    read = splice_module._read
-
-    def read_then_write(*args: object) -> bytes | bytearray:
-        data = read(*args)  # type: ignore[arg-type]
-        with open(tmp_path / "m", "r+b") as other:
-            other.write(bytes(data).replace(b" 1\n", b" 7\n"))
-        return data
-
-    monkeypatch.setattr(splice_module, "_read", read_then_write)
-    delta = changes({}, {"u25x@x": "2"}, "m", " ")
-    with pytest.raises(Mismatch, match="written to while it was read"):
-        splice(tmp_path / "m", info.entries, "# h\n", delta, tmp_path / "out", " ", None, None)
