@@ -478,7 +478,17 @@ def measure_live(d: Path, seeded: float, interval: float = 1.0) -> list[tuple[st
     try:
         with open(d / "live/agent.log", "wb") as log:
             agent = subprocess.Popen(
-                [*ms, "--config", str(d / "node.toml"), "agent", "--watch", "--interval", "3600"],
+                # -v: the steps of each install are debug lines (agent_steps below).
+                [
+                    *ms,
+                    "-v",
+                    "--config",
+                    str(d / "node.toml"),
+                    "agent",
+                    "--watch",
+                    "--interval",
+                    "3600",
+                ],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=log,
@@ -672,6 +682,16 @@ def measure_live(d: Path, seeded: float, interval: float = 1.0) -> list[tuple[st
                 + (f"; read in full at serials {full}" if full else ""),
             )
         )
+        steps = agent_steps(d / "live/agent.log", set(serials))
+        if steps:
+            rows.append(
+                (
+                    "  agent --watch, its steps (medians from LATEST in the inbox)",
+                    ", ".join(f"{what} +{secs:.2f} s" for what, secs in steps),
+                    "its debug log: the text made from the patches, the cdbs changed, the "
+                    "release installed (swapped in, kept, the inbox completed)",
+                )
+            )
     finally:
         for proc in reversed(procs):
             if proc.poll() is None:
@@ -682,6 +702,36 @@ def measure_live(d: Path, seeded: float, interval: float = 1.0) -> list[tuple[st
                     proc.kill()
                     proc.wait()
     return rows
+
+
+AGENT_STEPS = (
+    ("text rebuilt from patches", "text"),
+    ("cdb changed in place", "cdbs"),
+    ("installed release", "installed"),
+)
+
+
+def agent_steps(log: Path, serials: set[int]) -> list[tuple[str, float]]:
+    """The median seconds from "LATEST arrived in the inbox" to each of AGENT_STEPS (the
+    last of its kind) in the installs of ``serials``, from the agent's JSON debug log."""
+    seen: dict[str, list[float]] = {}
+    start: float | None = None
+    at: dict[str, float] = {}
+    for rec in log_records(log):
+        event = rec.get("event")
+        stamp = datetime.fromisoformat(rec["timestamp"]).timestamp()
+        if event == "LATEST arrived in the inbox":
+            start, at = stamp, {}
+        elif start is not None and event in dict(AGENT_STEPS):
+            at[event] = stamp - start
+            if event == "installed release":
+                if rec.get("serial") in serials:
+                    for name, secs in at.items():
+                        seen.setdefault(name, []).append(secs)
+                start = None
+    return [
+        (short, nearest_rank(seen[event], 0.5)) for event, short in AGENT_STEPS if event in seen
+    ]
 
 
 if __name__ == "__main__":
