@@ -64,7 +64,7 @@ from mapsync.release import (
 )
 from mapsync.signing import Keyring
 from mapsync.transport import Remote
-from mapsync.transport.rsync import DEFAULT_SSH, block_size
+from mapsync.transport.rsync import DEFAULT_SSH, block_size, not_at_source
 
 _log = log.get("mirror")
 LOCK = ".lock"
@@ -422,7 +422,7 @@ class _Channel:
         try:
             self.moved += self.remote.fetch_files(name, files, staging, None, largest + 1)
         except TransportError as exc:
-            if "No such file or directory" not in str(exc):
+            if not not_at_source(exc):
                 raise
             # No patches/<serial>/ at SOURCE (a publisher or mirror of an earlier version, or
             # a release without patches): as for patches missing from it, below.

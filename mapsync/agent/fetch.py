@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Generic, TypeVar
 from mapsync import log
 from mapsync.agent.inbox import note_basis
 from mapsync.agent.node import NodeChannel, basis_manifest
-from mapsync.atomic import write_all
+from mapsync.atomic import atomic_write
 from mapsync.config import AgentChannel, unauthenticated_rsync
 from mapsync.errors import InstallError, MapsyncError, TransportError, VerificationError
 from mapsync.release import (
@@ -380,11 +380,7 @@ def _manifest_from_patch(
         )
         return
     # Private, as rsync lands a fetched one (--chmod F600): the basis keeps it so.
-    fd = os.open(ahead / MANIFEST, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    try:
-        write_all(fd, made)
-    finally:
-        os.close(fd)
+    atomic_write(ahead / MANIFEST, made, 0o600, durable=False)
 
 
 def _check_listing(

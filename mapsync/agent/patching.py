@@ -25,6 +25,7 @@ from mapsync.formats.cdbpatch import Edit, NotPatchable, edits_from_changes
 from mapsync.release import Manifest, patch_dir, separator
 from mapsync.release.patch import Change, apply_patch
 from mapsync.transport import Remote
+from mapsync.transport.rsync import not_at_source
 
 _log = log.get("agent")
 
@@ -139,7 +140,7 @@ def _patch(
                 patch_dir(manifest.serial), files, area, None, largest + 1
             )
     except TransportError as exc:
-        if "No such file or directory" in str(exc):  # rsync: no patches/<serial>/ there
+        if not_at_source(exc):  # no patches/<serial>/ there
             raise PatchMissing(f"{where}: not at this source") from None
         raise
     for name, p in sorted(infos.items()):

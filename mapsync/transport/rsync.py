@@ -219,6 +219,13 @@ def check_password_file(path: Path, source: str) -> None:
 MIN_BLOCK, MAX_BLOCK = 700, 128 * 1024  # rsync's default minimum; its protocol maximum
 
 
+def not_at_source(exc: TransportError) -> bool:
+    """Whether the rsync that raised ``exc`` failed because a directory it was to copy from
+    is not at the source (``change_dir ... failed: No such file or directory``): what a
+    source of an earlier version, or one not yet in step, lacks."""
+    return "No such file or directory" in str(exc)
+
+
 def block_size(largest: int) -> int:
     """The rsync block size for files up to ``largest`` bytes: sqrt(24 x size), not rsync's sqrt.
 
