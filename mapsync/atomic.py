@@ -11,10 +11,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
+
+from mapsync import signals
 
 
 def _fsync(path: Path, flags: int = 0) -> None:
@@ -53,6 +56,17 @@ def commit_dir(staging: Path, final: Path) -> None:
     _fsync_tree(staging)
     os.rename(staging, final)
     fsync_dir(final.parent)
+
+
+def remove_tree(
+    path: Path | str, *, ignore_errors: bool = False, dir_fd: int | None = None
+) -> None:
+    """Remove the directory ``path`` and everything below it, with SIGTERM, SIGHUP and ^C
+    held until it is done (then handled): a signal never leaves a tree half removed (a
+    staging directory, an old release without its signature). ``ignore_errors`` and
+    ``dir_fd`` as for :func:`shutil.rmtree`. Every tree mapsync removes goes through here."""
+    with signals.held():
+        shutil.rmtree(path, ignore_errors=ignore_errors, dir_fd=dir_fd)
 
 
 @contextlib.contextmanager

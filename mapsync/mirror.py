@@ -30,14 +30,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mapsync import log
 from mapsync.access import check_owner
-from mapsync.atomic import atomic_write, commit_dir
+from mapsync.atomic import atomic_write, commit_dir, remove_tree
 from mapsync.config import CHANNEL_NAME
 from mapsync.errors import ConfigError, MapsyncError, TransportError, VerificationError
 from mapsync.formats import text
@@ -164,12 +163,12 @@ class Mirror:
         home = self.dest / name
         home.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
         work = home / STAGING
-        shutil.rmtree(work, ignore_errors=True)  # what a killed run left (DEST's lock is ours)
+        remove_tree(work, ignore_errors=True)  # what a killed run left (DEST's lock is ours)
         work.mkdir(mode=0o700)
         try:
             return _Channel(self, name, home, work).run()
         finally:
-            shutil.rmtree(work, ignore_errors=True)
+            remove_tree(work, ignore_errors=True)
 
 
 class _Channel:
@@ -319,7 +318,7 @@ class _Channel:
                 continue
             path = self.home / release_dir(old)
             try:
-                shutil.rmtree(path)
+                remove_tree(path)
             except OSError as exc:
                 _log.warning(
                     "old release not removed",
@@ -339,7 +338,7 @@ class _Channel:
             patched = []
         for old in patched:
             if old not in here:  # the patches of a release no longer served
-                shutil.rmtree(self.home / patch_dir(old), ignore_errors=True)
+                remove_tree(self.home / patch_dir(old), ignore_errors=True)
         return pruned
 
     # -- copies ------------------------------------------------------------------------------
@@ -411,7 +410,7 @@ class _Channel:
         name = f"{self.name}/{patch_dir(serial)}"
         where = f"{self.m.source}/{name}"
         staging = self.work / f"{serial}.patches"
-        shutil.rmtree(staging, ignore_errors=True)
+        remove_tree(staging, ignore_errors=True)
         staging.mkdir()
         os.chmod(staging, DIR_MODE)
         files = sorted(p.file for p in manifest.patches.values())
@@ -440,14 +439,14 @@ class _Channel:
                     serial=serial,
                     file=f"{where}/{p.file}",
                 )
-                shutil.rmtree(staging, ignore_errors=True)
+                remove_tree(staging, ignore_errors=True)
                 return
         if not any(staging.iterdir()):
             staging.rmdir()
             return
         patches = self.home / PATCHES
         patches.mkdir(mode=DIR_MODE, exist_ok=True)
-        shutil.rmtree(patches / str(serial), ignore_errors=True)  # a killed run's
+        remove_tree(patches / str(serial), ignore_errors=True)  # a killed run's
         commit_dir(staging, patches / str(serial))
 
     def _check_manifest_patch(self, path: Path, previous: bytes, data: bytes, where: str) -> None:

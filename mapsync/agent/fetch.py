@@ -19,7 +19,6 @@ them when ``LATEST`` names it.
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -28,7 +27,7 @@ from typing import TYPE_CHECKING, Generic, TypeVar
 from mapsync import log
 from mapsync.agent.inbox import note_basis
 from mapsync.agent.node import NodeChannel, basis_manifest
-from mapsync.atomic import atomic_write
+from mapsync.atomic import atomic_write, remove_tree
 from mapsync.config import AgentChannel, unauthenticated_rsync
 from mapsync.errors import InstallError, MapsyncError, TransportError, VerificationError
 from mapsync.release import (
@@ -167,7 +166,7 @@ def _ask(node: NodeChannel, source: Source, decide: Decide[R], pushed: bool) -> 
 
 def _ask_remote(node: NodeChannel, remote: Remote, decide: Decide[R], pushed: bool) -> Answer[R]:
     ch, paths = node.ch, node.paths
-    shutil.rmtree(paths.incoming, ignore_errors=True)
+    remove_tree(paths.incoming, ignore_errors=True)
     paths.incoming.mkdir(mode=0o700)
 
     # Not over ssh: behind rrsync (docs/security.md), which vets the options and paths it is
@@ -234,7 +233,7 @@ def _ask_remote(node: NodeChannel, remote: Remote, decide: Decide[R], pushed: bo
             source=remote.source,
             reason=str(exc),
         )
-        shutil.rmtree(staging)
+        remove_tree(staging)
         staging.mkdir(mode=0o700)
         release, moved = fetch_release(
             remote, latest, ch, keys, staging, None, where, pushed=pushed
@@ -244,7 +243,7 @@ def _ask_remote(node: NodeChannel, remote: Remote, decide: Decide[R], pushed: bo
         _log.warning(
             "discarding the local rsync basis: it was damaged on this node", channel=ch.name
         )
-        shutil.rmtree(paths.basis)
+        remove_tree(paths.basis)
         note_basis(ch, None)
     return Answer(remote.source, received, release=release)
 

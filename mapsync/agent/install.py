@@ -30,7 +30,7 @@ from mapsync.agent.damage import stat_files
 from mapsync.agent.hooks import run_check
 from mapsync.agent.liveset import SwapUnfinished, read_installed
 from mapsync.agent.node import NodeChannel
-from mapsync.atomic import copy_into
+from mapsync.atomic import copy_into, remove_tree
 from mapsync.config import AgentChannel, FileMode
 from mapsync.errors import InstallError, VerificationError
 from mapsync.formats import cdb, text
@@ -114,7 +114,7 @@ def install(
                         # new inode from the verified text, never the live file or its copy.
                         build_map(src, name, m, built, cur, owners[name], ch, now)
             except FileNotFoundError:  # the live set lost a file: rebuild it from the text
-                shutil.rmtree(built)
+                remove_tree(built)
                 built = live.new_set_dir(manifest.serial)
                 build_set(release, built, cur, owners, ch)
                 same = False
@@ -151,7 +151,7 @@ def install(
             f"{exc}; the next run finishes it"
         ) from None
     except OSError as exc:
-        shutil.rmtree(built, ignore_errors=True)
+        remove_tree(built, ignore_errors=True)
         state.pinned = was_pinned
         raise InstallError(
             f"channel {ch.name}: installing serial {manifest.serial} failed: {exc}"
@@ -159,7 +159,7 @@ def install(
             + "; the old set keeps serving"
         ) from None
     except BaseException:
-        shutil.rmtree(built, ignore_errors=True)
+        remove_tree(built, ignore_errors=True)
         state.pinned = was_pinned
         raise
     return same
@@ -538,11 +538,11 @@ def promote_basis(node: NodeChannel, staging: Path, manifest: Manifest) -> None:
     serial the basis is (:mod:`mapsync.agent.inbox`)."""
     basis = node.paths.basis
     old_basis = node.paths.root / "basis.old"
-    shutil.rmtree(old_basis, ignore_errors=True)
+    remove_tree(old_basis, ignore_errors=True)
     inbox.note_basis(node.ch, None)  # between the two renames it is neither serial
     if basis.exists():
         os.rename(basis, old_basis)
     os.rename(staging, basis)
-    shutil.rmtree(old_basis, ignore_errors=True)
+    remove_tree(old_basis, ignore_errors=True)
     inbox.complete_release(node.ch, manifest, basis)
     inbox.note_basis(node.ch, manifest.serial)

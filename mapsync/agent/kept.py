@@ -16,11 +16,10 @@ and verifies signature and every hash first, so a copy damaged here is refused, 
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 from stat import S_ISREG
 
-from mapsync.atomic import commit_dir, copy_into
+from mapsync.atomic import commit_dir, copy_into, remove_tree
 from mapsync.release import MANIFEST, SIGNATURE, Manifest
 
 KEPT = "releases"
@@ -58,7 +57,7 @@ class KeptReleases:
             if self.root.stat().st_mode & 0o077:  # made by an older mapsync, or by hand
                 os.chmod(self.root, 0o700)
             tmp = self.root / f".{manifest.serial}.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)  # a killed run's half copy
+            remove_tree(tmp, ignore_errors=True)  # a killed run's half copy
             tmp.mkdir(mode=0o700)
             try:
                 for name in (MANIFEST, SIGNATURE):
@@ -67,7 +66,7 @@ class KeptReleases:
                     _link_private(src / name, tmp / name)
                 commit_dir(tmp, final)
             except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
+                remove_tree(tmp, ignore_errors=True)
                 raise
         return self.prune(keep, installed)
 
@@ -79,11 +78,11 @@ class KeptReleases:
         for serial in serials[:-keep] if len(serials) > keep else []:
             if serial == installed:
                 continue
-            shutil.rmtree(self.path(serial))
+            remove_tree(self.path(serial))
             dropped.append(serial)
         for name in os.listdir(self.root):
             if name.startswith(".") and name.endswith(".tmp"):
-                shutil.rmtree(self.root / name, ignore_errors=True)
+                remove_tree(self.root / name, ignore_errors=True)
         for serial in self.serials():
             _make_private(self.path(serial))
         return dropped

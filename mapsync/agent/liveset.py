@@ -20,13 +20,12 @@ from __future__ import annotations
 import functools
 import os
 import re
-import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from mapsync import signals
-from mapsync.atomic import atomic_symlink, commit_dir, fsync_dir
+from mapsync.atomic import atomic_symlink, commit_dir, fsync_dir, remove_tree
 from mapsync.release import MANIFEST, SIGNATURE, Manifest, manifest_sha256, parse_manifest
 
 SETS = ".mapsync"
@@ -107,7 +106,7 @@ class LiveSet:
         self.sets.mkdir(mode=0o755, exist_ok=True)
         path = self.sets / f"{serial}.new"
         if path.exists():
-            shutil.rmtree(path)  # a killed run's half-built set
+            remove_tree(path)  # a killed run's half-built set
         # Private while it is built (maps with password hashes are written here); the
         # installer opens it (0755) once every file has its final mode.
         path.mkdir(mode=0o700)
@@ -119,7 +118,7 @@ class LiveSet:
         final = self.sets / str(serial)
         cur = self.current()
         if final.exists() and final != cur:
-            shutil.rmtree(final)
+            remove_tree(final)
         if final == cur:
             # Re-installing the same serial (a renewal rebuilt in place): keep names unique.
             final = self.sets / f"{serial}.{os.getpid()}"
@@ -186,7 +185,7 @@ class LiveSet:
             path = self.sets / entry
             if entry == CURRENT or path == cur or path.is_symlink() or not path.is_dir():
                 continue
-            shutil.rmtree(path)
+            remove_tree(path)
             removed = True
         if removed:
             fsync_dir(self.sets)

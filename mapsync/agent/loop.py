@@ -42,7 +42,6 @@ import functools
 import os
 import queue
 import re
-import shutil
 import signal
 import stat
 import threading
@@ -58,6 +57,7 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from mapsync import log, signals
 from mapsync.agent.node import NodeChannel
 from mapsync.agent.pull import PullResult, pull
+from mapsync.atomic import remove_tree
 from mapsync.config import AgentChannel, AgentConfig
 from mapsync.errors import ConfigError, LockBusy, MapsyncError
 from mapsync.release import LATEST, MAX_LATEST_BYTES, RELEASES, Latest, parse_latest
@@ -668,7 +668,7 @@ def prune_inbox(inbox: Path, below: int, channel: str) -> list[int]:
                 continue
             try:
                 if entry.is_dir(follow_symlinks=False):
-                    shutil.rmtree(entry.name, dir_fd=fd)
+                    remove_tree(entry.name, dir_fd=fd)
                 else:
                     os.unlink(entry.name, dir_fd=fd)
             except OSError as exc:

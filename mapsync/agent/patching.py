@@ -19,6 +19,7 @@ from pathlib import Path
 
 from mapsync import log
 from mapsync.agent.node import basis_manifest
+from mapsync.atomic import remove_tree
 from mapsync.errors import TransportError, VerificationError
 from mapsync.formats import text
 from mapsync.formats.cdbpatch import Edit, NotPatchable, edits_from_changes
@@ -85,7 +86,7 @@ def fetch_patched(
     except (VerificationError, TransportError) as exc:
         for f in done.files:
             (staging / f).unlink(missing_ok=True)
-        shutil.rmtree(area, ignore_errors=True)
+        remove_tree(area, ignore_errors=True)
         say = _log.info if isinstance(exc, PatchMissing) else _log.warning
         say(
             "patches not used; fetching the text with rsync",
@@ -98,7 +99,7 @@ def fetch_patched(
     for f in unchanged:
         _link(basis / f, staging / f)
         done.files.add(f)
-    shutil.rmtree(area, ignore_errors=True)
+    remove_tree(area, ignore_errors=True)
     _log.debug(
         "text rebuilt from patches",
         channel=channel,
@@ -124,7 +125,7 @@ def _patch(
     """Fetch the patches of maps ``names`` into ``area`` (those not in ``ahead``), check them
     against the manifest and apply each to its basis text into ``staging``;
     VerificationError at the first problem."""
-    shutil.rmtree(area, ignore_errors=True)
+    remove_tree(area, ignore_errors=True)
     area.mkdir(mode=0o700)
     infos = {name: manifest.patches[name] for name in names}
     files = []

@@ -12,13 +12,13 @@ happens, the outcome is recorded in the channel's state.
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass, field
 
 from mapsync import log
 from mapsync.agent.fetch import Answer, fetch, sources, warn_if_exposed
 from mapsync.agent.node import NodeChannel, taken
 from mapsync.agent.repair import check_and_repair
+from mapsync.atomic import remove_tree
 from mapsync.config import AgentChannel, AgentConfig
 from mapsync.errors import InstallError, MapsyncError, VerificationError
 from mapsync.release import Latest, Manifest, iso, same_maps, utcnow
@@ -81,7 +81,7 @@ def pull(
             state.last_error_origin = "inbox" if pushed else "source"
             raise
         finally:
-            shutil.rmtree(node.paths.incoming, ignore_errors=True)
+            remove_tree(node.paths.incoming, ignore_errors=True)
             if not done:
                 node.save()
         now = iso(utcnow())

@@ -30,7 +30,6 @@ import fcntl
 import json
 import os
 import re
-import shutil
 import stat
 import types
 import typing
@@ -41,7 +40,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mapsync import log
-from mapsync.atomic import atomic_write
+from mapsync.atomic import atomic_write, remove_tree
 from mapsync.errors import LockBusy, MapsyncError
 from mapsync.release import parse_iso
 
@@ -364,7 +363,7 @@ def remove_stray_temp_files(root: Path) -> list[str]:
             continue
         path = root / name
         if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
+            remove_tree(path, ignore_errors=True)
         else:
             path.unlink(missing_ok=True)
         removed.append(name)
@@ -382,7 +381,7 @@ def channel_lock(path: Path) -> Iterator[None]:
         # Nothing of ours makes a directory here (a restore, a mistaken mkdir): it only
         # stops every run, so it goes, and the lock is a file again.
         _log.warning("the lock path was a directory; replaced by a lock file", path=str(path))
-        shutil.rmtree(path)
+        remove_tree(path)
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     except OSError as exc:

@@ -951,6 +951,9 @@ class Publisher:
         """``ch`` staged (removed when ``stagings`` closes) with each map made by ``render``,
         and planned against the current release: publish, renew, or nothing to do."""
         last, damaged = self.repo.current(ch.name)
+        # First, so it runs even if a signal lands between stage()'s __enter__ and
+        # enter_context keeps its __exit__ (the directory would outlive the run).
+        stagings.callback(self.repo.unstage, ch.name)
         staging = stagings.enter_context(self.repo.stage(ch.name, last))
         serial = staging.serial
         last_dir = self.repo.release(ch.name, last.serial) if last else None

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -30,7 +29,7 @@ from typing import TYPE_CHECKING
 
 from mapsync import log
 from mapsync.access import denied, is_denied
-from mapsync.atomic import atomic_write, commit_dir, fsync_dir
+from mapsync.atomic import atomic_write, commit_dir, fsync_dir, remove_tree
 from mapsync.errors import MapsyncError
 from mapsync.locks import waiting_lock
 from mapsync.release import (
@@ -288,14 +287,18 @@ class Repository:
         ``last``, see :meth:`next_serial`), removed on leaving, committed or not. A crashed
         run's leftovers are removed first. Hold the repository lock."""
         serial = self.next_serial(channel, last)
-        root = self.channel(channel) / STAGING
-        shutil.rmtree(root, ignore_errors=True)  # a crashed run's leftovers
-        path = root / str(serial)
+        self.unstage(channel)  # a crashed run's leftovers
+        path = self.channel(channel) / STAGING / str(serial)
         try:
             path.mkdir(parents=True)
             yield Staging(channel, serial, path)
         finally:
-            shutil.rmtree(root, ignore_errors=True)
+            self.unstage(channel)
+
+    def unstage(self, channel: str) -> None:
+        """Remove the staging directory of ``channel``, whatever is in it (also after the
+        context of :meth:`stage` was lost: a signal as an ExitStack entered it)."""
+        remove_tree(self.channel(channel) / STAGING, ignore_errors=True)
 
     def commit(
         self,
@@ -330,7 +333,7 @@ class Repository:
                     f"away; serial {manifest.serial} not published, LATEST unchanged"
                 )
             patches.mkdir(exist_ok=True)
-            shutil.rmtree(patches / str(manifest.serial), ignore_errors=True)  # a crash's
+            remove_tree(patches / str(manifest.serial), ignore_errors=True)  # a crash's
             commit_dir(staging.patches, patches / str(manifest.serial))
         releases = self.releases(manifest.channel)
         releases.mkdir(parents=True, exist_ok=True)
@@ -387,7 +390,7 @@ class Repository:
             if latest and serial >= latest.serial:
                 continue
             try:
-                shutil.rmtree(self.release(channel, serial))
+                remove_tree(self.release(channel, serial))
             except OSError as exc:
                 # LATEST has moved: the release is published; an old one left behind costs
                 # only disk, so this is a warning for the operator, never a failed publish.
@@ -414,4 +417,4 @@ class Repository:
             return
         for serial in good:
             if serial not in kept:
-                shutil.rmtree(self.channel(channel) / PATCHES / str(serial), ignore_errors=True)
+                remove_tree(self.channel(channel) / PATCHES / str(serial), ignore_errors=True)

@@ -804,8 +804,12 @@ def _plain_stream(result: CursorResult[Any]) -> Iterator[tuple[Any, ...]]:
         except dbapi_error as exc:
             raise DBAPIError.instance(None, None, exc, dbapi_error) from exc
         finally:
-            result.close()
+            # Closed with its connection if the read was left (a signal): closing the cursor
+            # of a closed connection would log a traceback ("Error closing cursor").
+            if not connection.closed:
+                result.close()
 
+    connection = result.context.root_connection
     return chain.from_iterable(batches())
 
 

@@ -24,7 +24,6 @@ import math
 import os
 import re
 import shlex
-import shutil
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from pathlib import Path
 from urllib.parse import unquote
 
 from mapsync import location, log, process
+from mapsync.atomic import remove_tree
 from mapsync.errors import ConfigError, TransportError
 
 _log = log.get("transport")
@@ -363,7 +363,7 @@ class Remote:
                     if got.is_file() and not got.is_symlink():
                         os.rename(got, dest / name)
         finally:
-            shutil.rmtree(area, ignore_errors=True)
+            remove_tree(area, ignore_errors=True)
         return received
 
     def _fetch(

@@ -4,6 +4,7 @@ one read-only, repeatable-read transaction."""
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
@@ -621,3 +622,26 @@ def test_plain_reads_give_the_rows_sqlalchemy_gives(
         assert kept == {f"home{i}": home for i, home in enumerate(homes)}
     else:
         assert kept == {f"home{i}": (None if i == 0 else home) for i, home in enumerate(homes)}
+
+
+def test_a_read_left_half_way_closes_its_cursor_without_a_traceback(
+    tmp_path: Path, any_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A signal while the accounts stream in ends the transaction and closes the connection
+    first; the stream goes later (with the traceback that held it). Closing its cursor then
+    logged SQLAlchemy's "Error closing cursor" traceback on SQLite, on the terminal of an
+    operator who had only pressed ^C or stopped the service."""
+    prepare(tmp_path / "c", any_url)
+    source = BuiltinSource(any_url)
+    stream = None
+    with caplog.at_level("ERROR"):
+        try:
+            with pytest.raises(SystemExit), source.reading("reading") as conn:
+                stream = _plain_stream(conn.execute(select(t.account.c.id)))
+                assert next(stream)
+                raise SystemExit(143)  # as the signal handler does
+        finally:
+            source.close()
+        del stream
+        gc.collect()
+    assert not [r for r in caplog.records if r.name.startswith("sqlalchemy")], caplog.text

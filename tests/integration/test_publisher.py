@@ -16,6 +16,7 @@ import sys
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, insert, update
@@ -242,6 +243,36 @@ def test_leftover_staging_of_a_killed_run_is_cleaned(cluster: Cluster) -> None:
     assert not (cluster.repo / "mx" / ".staging").exists()
     assert releases(cluster) == [1, 2]
     assert_complete(cluster, 2)
+
+
+def test_a_signal_as_a_staging_directory_is_entered_leaves_none(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM landing after stage()'s __enter__ made the directory but before the run's
+    ExitStack holds its __exit__: the directory is removed all the same."""
+    real = Repository.stage
+
+    class Signalled:
+        def __init__(self, cm: Any) -> None:
+            self.cm = cm
+
+        def __enter__(self) -> Any:
+            self.cm.__enter__()
+            raise SystemExit(143)
+
+        def __exit__(self, *exc: object) -> Any:
+            return self.cm.__exit__(*exc)
+
+    def stage(self: Repository, channel: str, last: Any) -> Signalled:
+        return Signalled(real(self, channel, last))
+
+    monkeypatch.setattr(Repository, "stage", stage)
+    with pytest.raises(SystemExit) as signalled:
+        run(cluster, force=True)
+    # Checked while the traceback (and so stage()'s suspended generator) is alive, as it is
+    # while the CLI reports the signal: not left to the garbage collector.
+    assert signalled.value.code == 143
+    assert not (cluster.repo / "mx" / ".staging").exists()
 
 
 # --- serials, unchanged content, garbage collection ---------------------------------------------
