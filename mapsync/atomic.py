@@ -79,9 +79,11 @@ def atomic_writer(path: Path, mode: int = 0o644, *, durable: bool = True) -> Ite
     (XFS; ext4 mounted ``noauto_da_alloc``), empty. Only for a file whose loss costs nothing.
     """
     path = Path(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    tmp = Path(tmp_name)
+    tmp: Path | None = None
     try:
+        with signals.held():  # a signal between the file's making and its naming: none left
+            fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            tmp = Path(tmp_name)
         with os.fdopen(fd, "wb") as fh:
             yield fh
             fh.flush()
@@ -90,7 +92,8 @@ def atomic_writer(path: Path, mode: int = 0o644, *, durable: bool = True) -> Ite
                 os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
         raise
     if durable:
         fsync_dir(path.parent)

@@ -1,10 +1,12 @@
-"""Every tree mapsync removes (a staging directory, an old release, a half-built live set)
-goes whole or not at all under SIGTERM/SIGHUP: the signal is handled once it is gone."""
+"""SIGTERM/SIGHUP at the wrong instant leaves nothing half done: every tree mapsync removes
+(a staging directory, an old release, a half-built live set) goes whole, and an atomic write's
+temporary file never outlives it; the signal is handled once that is so."""
 
 from __future__ import annotations
 
 import os
 import signal
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,7 +14,7 @@ from typing import Any
 import pytest
 
 from mapsync import signals
-from mapsync.atomic import remove_tree
+from mapsync.atomic import atomic_write, remove_tree
 
 
 @pytest.fixture
@@ -68,3 +70,22 @@ def test_errors_are_raised_or_ignored_as_asked(tmp_path: Path) -> None:
     finally:
         os.close(fd)
     assert not tree.exists()
+
+
+def test_a_signal_as_an_atomic_writes_temporary_file_is_made_leaves_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, handlers: None
+) -> None:
+    real = tempfile.mkstemp
+
+    def mkstemp(*args: Any, **kw: Any) -> tuple[int, str]:
+        made = real(*args, **kw)
+        os.kill(os.getpid(), signal.SIGTERM)  # lands as mkstemp returns
+        return made
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    (tmp_path / "LATEST").write_bytes(b"old")
+    with pytest.raises(SystemExit) as exc:
+        atomic_write(tmp_path / "LATEST", b"new")
+    assert exc.value.code == 143
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["LATEST"]
+    assert (tmp_path / "LATEST").read_bytes() == b"old"
