@@ -70,6 +70,20 @@ def remove_tree(
 
 
 @contextlib.contextmanager
+def scratch_dir(parent: Path, prefix: str) -> Iterator[Path]:
+    """A new private directory ``parent/<prefix>XXXX``, removed whole on leaving (see
+    :func:`remove_tree`); a signal as it is made leaves none behind."""
+    path: Path | None = None
+    try:
+        with signals.held():
+            path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+        yield path
+    finally:
+        if path is not None:
+            remove_tree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
 def atomic_writer(path: Path, mode: int = 0o644, *, durable: bool = True) -> Iterator[BinaryIO]:
     """Yield a binary file that replaces ``path`` atomically when the block ends cleanly.
 
@@ -80,11 +94,13 @@ def atomic_writer(path: Path, mode: int = 0o644, *, durable: bool = True) -> Ite
     """
     path = Path(path)
     tmp: Path | None = None
+    fh: BinaryIO | None = None
     try:
         with signals.held():  # a signal between the file's making and its naming: none left
             fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
             tmp = Path(tmp_name)
-        with os.fdopen(fd, "wb") as fh:
+            fh = os.fdopen(fd, "wb")
+        with fh:
             yield fh
             fh.flush()
             os.fchmod(fh.fileno(), mode)
@@ -92,6 +108,8 @@ def atomic_writer(path: Path, mode: int = 0o644, *, durable: bool = True) -> Ite
                 os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
+        if fh is not None:
+            fh.close()  # closed already unless the signal held above came at the block's end
         if tmp is not None:
             tmp.unlink(missing_ok=True)
         raise

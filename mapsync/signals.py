@@ -12,24 +12,40 @@ from __future__ import annotations
 
 import signal
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
-from typing import Any
 
 _received: int | None = None
+# How deep the main thread is in held() blocks, and the signals that came meanwhile.
+_depth = 0
+_deferred: list[int] = []
 
 
 def install() -> None:
-    """Make SIGTERM and SIGHUP end the process by SystemExit(128+n), so cleanup handlers run."""
+    """Make SIGTERM and SIGHUP end the process by SystemExit(128+n), so cleanup handlers run;
+    ^C stays KeyboardInterrupt (where Python's own handler is set). All three wait while the
+    main thread is in a :func:`held` block."""
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _on_signal)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _on_interrupt)
 
 
 def _on_signal(signum: int, frame: FrameType | None) -> None:
     global _received
     _received = signum
+    if _depth:
+        _deferred.append(signum)
+        return
     raise SystemExit(128 + signum)
+
+
+def _on_interrupt(signum: int, frame: FrameType | None) -> None:
+    if _depth:
+        _deferred.append(signum)
+        return
+    signal.default_int_handler(signum, frame)
 
 
 def received() -> int | None:
@@ -45,35 +61,31 @@ def stop_if_received() -> None:
 
 @contextmanager
 def held() -> Iterator[None]:
-    """Hold SIGINT, SIGTERM and SIGHUP while a step must not be cut in two (a child process
-    starting; the live set's link switched and settled); handle them after.
+    """Hold SIGINT, SIGTERM and SIGHUP (their :func:`install` handlers) while a step must not
+    be cut in two (a child process starting; a tree removed; the live set's link switched and
+    settled); the first that came is handled as the outermost block ends.
 
     Their handlers raise, and an exception raised after the fork but before the caller has
-    the process object would leave the child running with no one to end it. A signal that
-    comes meanwhile is handled (raises) as the block ends, when the caller can end the child.
-    Only in the main thread, the one Python runs handlers in; elsewhere this does nothing.
+    the process object would leave the child running with no one to end it. The handlers
+    themselves look at the depth: no handler is swapped, so no signal can come between two
+    swaps and leave one in place. Only in the main thread, the one Python runs handlers in;
+    elsewhere this does nothing.
     """
+    global _depth
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    came: list[int] = []
-
-    def hold(signum: int, frame: FrameType | None) -> None:
-        came.append(signum)
-
-    handlers: dict[int, Callable[[int, FrameType | None], Any]] = {}
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        handler = signal.getsignal(sig)
-        if callable(handler):  # a Python handler (one that raises); the defaults stay as they are
-            handlers[sig] = handler
-            signal.signal(sig, hold)
+    _depth += 1
     try:
         yield
     finally:
-        for signum, handler in handlers.items():
-            signal.signal(signum, handler)
-        for signum in came:
-            handlers[signum](signum, None)
+        _depth -= 1
+        if not _depth and _deferred:
+            signum = _deferred[0]
+            _deferred.clear()
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            raise SystemExit(128 + signum)
 
 
 def describe_exit(code: int) -> str:

@@ -105,15 +105,16 @@ def complete_release(ch: AgentChannel, manifest: Manifest, text: Path) -> list[s
             if m.file in present:
                 continue
             tmp = f".{m.file}.{os.getpid()}.tmp"
-            _new_file(release, tmp, text / m.file, 0o600, st)
             try:
+                _new_file(release, tmp, text / m.file, 0o600, st)
                 # A link, not a rename: a file the push wrote meanwhile stays.
                 os.link(tmp, m.file, src_dir_fd=release, dst_dir_fd=release, follow_symlinks=False)
                 added.append(m.file)
             except FileExistsError:
                 pass
             finally:
-                os.unlink(tmp, dir_fd=release)
+                with contextlib.suppress(FileNotFoundError):  # never made: _new_file failed
+                    os.unlink(tmp, dir_fd=release)
     except OSError as exc:
         _failed(ch, "cannot complete the release in the inbox", exc)
     finally:

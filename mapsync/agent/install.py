@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mapsync import log
+from mapsync import log, signals
 from mapsync.agent import inbox
 from mapsync.agent.damage import stat_files
 from mapsync.agent.hooks import run_check
@@ -540,9 +540,10 @@ def promote_basis(node: NodeChannel, staging: Path, manifest: Manifest) -> None:
     old_basis = node.paths.root / "basis.old"
     remove_tree(old_basis, ignore_errors=True)
     inbox.note_basis(node.ch, None)  # between the two renames it is neither serial
-    if basis.exists():
-        os.rename(basis, old_basis)
-    os.rename(staging, basis)
+    with signals.held():  # never neither: a run ended between them would fetch all again
+        if basis.exists():
+            os.rename(basis, old_basis)
+        os.rename(staging, basis)
     remove_tree(old_basis, ignore_errors=True)
     inbox.complete_release(node.ch, manifest, basis)
     inbox.note_basis(node.ch, manifest.serial)

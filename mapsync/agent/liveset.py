@@ -123,10 +123,11 @@ class LiveSet:
             # Re-installing the same serial (a renewal rebuilt in place): keep names unique.
             final = self.sets / f"{serial}.{os.getpid()}"
         commit_dir(built, final)  # every file durable before the set can go live
-        self._drop_current_directory()
-        # A SIGTERM now waits until the target is settled (links made, older sets dropped):
-        # the run then ends with one whole set and nothing left over for the next run.
+        # A SIGTERM now waits until the target is settled (a directory in the link's place
+        # moved aside, the link made, older sets dropped): the run then ends with one whole
+        # set and nothing left over for the next run.
         with signals.held():
+            self._drop_current_directory()
             atomic_symlink(final.name, self.sets / CURRENT)
             try:
                 self.settle()

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
@@ -27,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from mapsync import GENERATOR, log
 from mapsync.access import check_owner
+from mapsync.atomic import remove_tree, scratch_dir
 from mapsync.config import MapConfig, PublisherChannel, PublisherConfig, exception_guards
 from mapsync.errors import (
     ConfigError,
@@ -90,6 +90,8 @@ from mapsync.validate import Problem
 from mapsync.validate import check as validate
 
 _log = log.get("publisher")
+# The full check's scratch directories, in the repository (the old release's filesystem).
+CHECK_PREFIX = ".check-"
 
 
 @dataclass
@@ -670,9 +672,10 @@ class Publisher:
         expected: dict[tuple[str, str], str] = {}
         change = snap.changes
         assert change is not None
+        for left in self.cfg.repository.glob(f"{CHECK_PREFIX}*"):  # a killed run's (locked)
+            remove_tree(left, ignore_errors=True)
         try:
-            with tempfile.TemporaryDirectory(dir=self.cfg.repository, prefix=".check-") as tmp:
-                scratch = Path(tmp)
+            with scratch_dir(self.cfg.repository, CHECK_PREFIX) as scratch:
                 for channel, name, delta in deltas(
                     state, change, selected, self._proxy, self._customers
                 ):

@@ -16,6 +16,7 @@ again. Stop the publisher's timer until the database is fixed (docs/operator-gui
 from __future__ import annotations
 
 import shutil
+from contextlib import ExitStack
 from dataclasses import replace
 from datetime import timedelta
 
@@ -65,7 +66,9 @@ def republish(cfg: PublisherConfig, channel: str, serial: int) -> ChannelPlan:
             raise VerificationError(f"{exc}; nothing changed") from None
         old = release.manifest
 
-        with repo.stage(channel, last) as staging:
+        with ExitStack() as stack:
+            stack.callback(repo.unstage, channel)  # first: see Publisher._staged
+            staging = stack.enter_context(repo.stage(channel, last))
             new_serial = staging.serial
             last_dir = repo.release(channel, last.serial)
             plan = ChannelPlan(channel, last.serial, new_serial, "publish")

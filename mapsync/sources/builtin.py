@@ -806,7 +806,7 @@ def _plain_stream(result: CursorResult[Any]) -> Iterator[tuple[Any, ...]]:
         finally:
             # Closed with its connection if the read was left (a signal): closing the cursor
             # of a closed connection would log a traceback ("Error closing cursor").
-            if not connection.closed:
+            if not (connection.closed or connection.invalidated):
                 result.close()
 
     connection = result.context.root_connection

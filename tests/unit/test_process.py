@@ -83,8 +83,8 @@ def test_a_timeout_kills_the_whole_group_grandchildren_too(tree: tuple[list[str]
 RUNNER = """\
 import signal, sys
 from mapsync import process, signals
-signals.install()
-signal.signal(signal.SIGINT, signal.default_int_handler)
+signal.signal(signal.SIGINT, signal.default_int_handler)  # ^C, also where it is ignored
+signals.install()  # and then mapsync's, which hold it while the child starts
 process.run(sys.argv[2:], 60, grace=float(sys.argv[1]))
 """
 

@@ -1,6 +1,7 @@
-"""SIGTERM/SIGHUP at the wrong instant leaves nothing half done: every tree mapsync removes
-(a staging directory, an old release, a half-built live set) goes whole, and an atomic write's
-temporary file never outlives it; the signal is handled once that is so."""
+"""SIGTERM/SIGHUP (and ^C) at the wrong instant leave nothing half done: every tree mapsync
+removes (a staging directory, an old release, a half-built live set) goes whole, an atomic
+write's temporary file and a scratch directory never outlive their step; the signal is handled
+once that is so, and the handlers stay in place for the next."""
 
 from __future__ import annotations
 
@@ -14,12 +15,13 @@ from typing import Any
 import pytest
 
 from mapsync import signals
-from mapsync.atomic import atomic_write, remove_tree
+from mapsync.atomic import atomic_write, remove_tree, scratch_dir
 
 
 @pytest.fixture
 def handlers() -> Iterator[None]:
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signals.install()
     try:
         yield
@@ -89,3 +91,46 @@ def test_a_signal_as_an_atomic_writes_temporary_file_is_made_leaves_none(
     assert exc.value.code == 143
     assert sorted(p.name for p in tmp_path.iterdir()) == ["LATEST"]
     assert (tmp_path / "LATEST").read_bytes() == b"old"
+
+
+def test_a_signal_as_a_scratch_directory_is_made_leaves_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, handlers: None
+) -> None:
+    real = tempfile.mkdtemp
+
+    def mkdtemp(*args: Any, **kw: Any) -> str:
+        made = real(*args, **kw)
+        os.kill(os.getpid(), signal.SIGHUP)
+        return made
+
+    monkeypatch.setattr(tempfile, "mkdtemp", mkdtemp)
+    with pytest.raises(SystemExit) as exc, scratch_dir(tmp_path, ".check-"):
+        pytest.fail("the block must not run: the signal ends the step first")
+    assert exc.value.code == 129
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_held_signals_wait_for_the_outermost_block_and_the_first_is_handled(
+    handlers: None,
+) -> None:
+    ran = []
+    with pytest.raises(SystemExit) as exc:
+        with signals.held():
+            os.kill(os.getpid(), signal.SIGTERM)
+            with signals.held():
+                os.kill(os.getpid(), signal.SIGINT)
+                ran.append("inner")
+            ran.append("outer")  # the inner block's end handles nothing
+        ran.append("after")
+    assert ran == ["inner", "outer"]
+    assert exc.value.code == 143
+    # No handler was swapped to hold them: the next signal is handled at once, as before.
+    assert signal.getsignal(signal.SIGTERM) is signal.getsignal(signal.SIGHUP)
+    with pytest.raises(SystemExit) as again:
+        os.kill(os.getpid(), signal.SIGHUP)
+        ran.append("not reached")
+    assert again.value.code == 129
+    with pytest.raises(KeyboardInterrupt), signals.held():
+        os.kill(os.getpid(), signal.SIGINT)  # ^C waits too, and stays KeyboardInterrupt
+        ran.append("held ^C")
+    assert ran[-1] == "held ^C"
