@@ -617,6 +617,12 @@ def alias_graph(
     live = live_domains(domains.values())
     alias_of = {a.name: live[t].name for t, aliases in alias_domains(live).items() for a in aliases}
     hosted = {d.name for d in live.values() if d.kind == "hosted"}
+    # The names of this cluster's domain rows that are not live (disabled, or their
+    # customer's closed): a target there reaches nothing published, and an MX sends its mail
+    # out to the domain's MX, often this cluster again (a bounce, or a loop).
+    dead = {d.name for d in domains.values() if d.id not in live} - {
+        d.name for d in live.values()
+    }
     if catchall is None:
         catchall = {name for name, claims in seen.items() if "" in claims}
     # The aliases that can be nodes of the graph, and their addresses, first: a target then
@@ -647,6 +653,14 @@ def alias_graph(
                 tdomain = alias_of[tdomain]
                 resolved = f"{local}@{tdomain}"
             if tdomain not in hosted:
+                if tdomain in dead:
+                    yield Problem(
+                        table,
+                        al.id,
+                        address,
+                        f"target {target!r} is in domain {tdomain!r}, which is disabled "
+                        "(nothing here receives it)",
+                    )
                 continue  # mail leaves the cluster: not ours to check
             if resolved == address and table == "forward":
                 continue  # a forward keeping a copy: Postfix delivers an address to itself

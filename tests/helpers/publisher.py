@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import create_engine, select, update
+from sqlalchemy import Connection, create_engine, delete, or_, select, update
 
 from mapsync.formats import cdb, text
 from mapsync.release import MANIFEST, SIGNATURE, Manifest, parse_manifest
@@ -99,6 +99,17 @@ def set_row(cluster: Cluster, table: Any, row_id: int, **values: Any) -> None:
             conn.execute(update(table).where(table.c.id == row_id).values(**values))
     finally:
         engine.dispose()
+
+
+def drop_aliases_into(conn: Connection, domains: set[str]) -> None:
+    """Delete the aliases with a target in one of ``domains`` (their names): what an operator
+    must do with a domain's closing, a target there being refused (nothing receives it)."""
+    into = select(t.alias_target.c.alias_id).where(
+        or_(*(t.alias_target.c.target.like(f"%@{name}") for name in domains))
+    )
+    gone = [row.alias_id for row in conn.execute(into)]
+    conn.execute(delete(t.alias_target).where(t.alias_target.c.alias_id.in_(gone)))
+    conn.execute(delete(t.alias).where(t.alias.c.id.in_(gone)))
 
 
 def mailstore_id(cluster: Cluster, name: str) -> int:

@@ -293,6 +293,7 @@ def seed_every_case(url: str) -> None:
 
     from mapsync.sources import schema as t
     from mapsync.sources.seed import SeedCounts, seed
+    from tests.helpers.publisher import drop_aliases_into
 
     seed(url, SeedCounts(accounts=120, domains=8, aliases=40, mailstores=2), seed=7)
     engine = create_engine(url)
@@ -316,6 +317,10 @@ def seed_every_case(url: str) -> None:
             )
             conn.execute(update(t.domain).where(t.domain.c.id == hosted[1]).values(customer_id=901))
             conn.execute(update(t.domain).where(t.domain.c.id == hosted[2]).values(customer_id=902))
+            # Closing a customer takes the aliases into its domain with it (a target there
+            # reaches nothing published: refused).
+            (gone,) = conn.execute(select(t.domain.c.name).where(t.domain.c.id == hosted[2])).one()
+            drop_aliases_into(conn, {gone})
             conn.execute(
                 insert(t.domain).values(
                     id=990, name="relay-client.example", kind="relay",

@@ -35,7 +35,7 @@ from mapsync.sources import open_source
 from mapsync.sources import schema as t
 from tests.conftest import Cluster
 from tests.helpers.agent import add_account
-from tests.helpers.publisher import assert_complete, parsed_manifest
+from tests.helpers.publisher import assert_complete, parsed_manifest, set_row
 
 
 def tree(root: Path) -> dict[str, str]:
@@ -132,6 +132,37 @@ def test_skip_invalid_publishes_the_rest_and_records_the_skipped(cluster: Cluste
     assert b"Bad.Example" not in domains and b"bad.example" not in domains
     assert b"norelay.example" not in domains
     assert b"example-2.org" in domains
+
+
+def test_an_alias_into_a_disabled_domain_is_refused_not_sent_away(cluster: Cluster) -> None:
+    """A target in a domain of this cluster that is disabled (or whose customer is closed)
+    reaches nothing published: the MX would accept the alias and send its mail out to that
+    domain's MX, often this cluster again (a bounce or a loop). Refused as a target that is
+    no account or alias is; --skip-invalid leaves the alias out."""
+    execute(
+        cluster,
+        insert(t.domain).values(
+            id=9100, name="leaving.example", kind="hosted", default_mailstore_id=1
+        ),
+        insert(t.account).values(id=9101, domain_id=9100, local_part="postmaster", status="active"),
+        insert(t.alias).values(id=9102, domain_id=2, local_part="boss"),
+        insert(t.alias_target).values(alias_id=9102, target="postmaster@leaving.example"),
+    )
+    cluster.publish()
+    set_row(cluster, t.domain, 9100, status="disabled")
+    before = tree(cluster.repo)
+    proc = cluster.cli("publish")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert (
+        "alias id=9102 'boss@example-2.org': target 'postmaster@leaving.example' is in domain "
+        "'leaving.example', which is disabled (nothing here receives it)"
+    ) in proc.stderr
+    assert tree(cluster.repo) == before
+    assert "skipped 1 invalid row(s):" in cluster.publish("--skip-invalid").stdout
+    release = cluster.repo / "mx" / "releases" / "2"
+    assert b"boss@example-2.org" not in dict(text.pairs(release / "recipients"))
+    assert b"boss@example-2.org" not in dict(text.pairs(release / "virtual"))
+    assert b"leaving.example" not in dict(text.pairs(release / "domains"))
 
 
 @pytest.mark.parametrize("space", ["\u00a0", "\u3000", "\u2028", "\x85"])

@@ -1,7 +1,7 @@
 """The alias graph check (fan-out, targets that lead nowhere, cycles) gives the same problems,
 in the same order, as the straightforward search over every alias that it replaced (kept here
 as the reference): random graphs with cycles, duplicate addresses, mixed case, alias domains,
-catch-alls, disabled domains and targets outside the cluster."""
+catch-alls, disabled domains (a target there is refused) and targets outside the cluster."""
 
 from __future__ import annotations
 
@@ -51,6 +51,7 @@ def _reference(
         if d.kind == "alias" and d.target_domain_id in live
     }
     hosted = {d.name for d in live.values() if d.kind == "hosted"}
+    dead = {d.name for d in domains.values() if d.id not in live}
     catchall = {key[1:] for key in seen if key.startswith("@")}
     edges: dict[str, list[str]] = {}
     where: dict[str, int] = {}
@@ -69,6 +70,14 @@ def _reference(
                 continue  # reported as a syntax problem already
             local, _, tdomain = target.lower().rpartition("@")
             tdomain = alias_of.get(tdomain, tdomain)
+            if tdomain in dead:
+                yield Problem(
+                    "alias",
+                    al.id,
+                    address,
+                    f"target {target!r} is in domain {tdomain!r}, which is disabled "
+                    "(nothing here receives it)",
+                )
             if tdomain not in hosted:
                 continue  # mail leaves the cluster: not ours to check
             resolved = f"{local}@{tdomain}"

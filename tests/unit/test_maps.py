@@ -18,6 +18,7 @@ from mapsync.sources.builtin import BuiltinSource, cascade_status
 from mapsync.sources.seed import SeedCounts, seed
 from mapsync.validate import check
 from tests.helpers.maps import ACCOUNTS, ALIASES, DOMAINS, IDN, IDN_U, STORES
+from tests.helpers.publisher import drop_aliases_into
 
 MX = PublisherChannel("mx", ("domains", "recipients", "virtual", "transport"))
 
@@ -228,6 +229,7 @@ def test_closed_customer_drops_its_domains_from_the_maps(tmp_path: Path) -> None
             conn.execute(update(t.customer).where(t.customer.c.id == 2).values(status="suspended"))
             rows = conn.execute(select(t.domain.c.name, t.domain.c.customer_id)).all()
             owned = {cid: {name for name, c in rows if c == cid} for cid in (1, 2)}
+            drop_aliases_into(conn, owned[1])  # a target there is refused: nothing receives it
     finally:
         engine.dispose()
     assert owned[1] and owned[2]
