@@ -26,6 +26,7 @@ _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 # The publisher renews a release once half its lifetime is gone: below an hour every
 # publish run would sign a renewal, and a node that missed one run would go CRITICAL.
 MIN_EXPIRES = 3600
+MAX_DURATION = 36500 * 86400  # any duration: 100 years
 # status WARNING after warn_after without a good check: below a minute it would flap
 # between two runs of a pull timer.
 MIN_WARN_AFTER = 60
@@ -268,7 +269,11 @@ def parse_duration(text: str) -> int:
     m = _DURATION.match(text.strip())
     if not m:
         raise ValueError(f"not a duration: {text!r} (use e.g. '90s', '15m', '2h', '7d')")
-    return int(m.group(1)) * _UNITS[m.group(2)]
+    seconds = int(m.group(1)) * _UNITS[m.group(2)]
+    if seconds > MAX_DURATION:
+        # Past it, a date it is added to may pass the year 9999 (Python's last).
+        raise ValueError(f"{text!r} is more than {MAX_DURATION // 86400}d (100 years)")
+    return seconds
 
 
 def parse_percent(text: str) -> float:

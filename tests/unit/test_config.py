@@ -70,6 +70,8 @@ BAD = {
     # Values that parse but cannot work (issue 9): refused at load, not as [Errno 21] later.
     "expires-zero": "[publisher] expires: must be at least 1h, not '0s'",
     "expires-too-short": "[publisher] expires: must be at least 1h, not '30m'",
+    # A date it is added to would pass the year 9999 (was an unnamed OverflowError).
+    "expires-too-long": "[publisher] expires: '3000000d' is more than 36500d (100 years)",
     "timeout-zero": "[agent.channels.mx] timeout: must be at least 1s, not '0s'",
     "warn-after-zero": "[agent.channels.mx] warn_after: must be at least 1m, not '0s'",
     "trusted-keys-directory": f"[agent] trusted_keys: {FIXTURES} is a directory, not a file",
