@@ -620,9 +620,7 @@ def alias_graph(
     # The names of this cluster's domain rows that are not live (disabled, or their
     # customer's closed): a target there reaches nothing published, and an MX sends its mail
     # out to the domain's MX, often this cluster again (a bounce, or a loop).
-    dead = {d.name for d in domains.values() if d.id not in live} - {
-        d.name for d in live.values()
-    }
+    dead = {d.name for d in domains.values() if d.id not in live} - {d.name for d in live.values()}
     if catchall is None:
         catchall = {name for name, claims in seen.items() if "" in claims}
     # The aliases that can be nodes of the graph, and their addresses, first: a target then

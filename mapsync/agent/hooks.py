@@ -24,6 +24,10 @@ _TAIL = 500  # characters of a failed command's output kept for the log and the 
 # What a failed command that printed nothing said: daemons such as `postfix reload` log their
 # reasons to syslog, not to the terminal.
 SILENT = "no output; it may have logged the reason to syslog (journalctl, /var/log/mail.log)"
+# Where a failed check's own output starts in its error, last: the state file (0600) keeps
+# it, its world-readable copy does not (a check may print what it read of the maps, hashes
+# and all: `doveadm auth test`, `head dovecot_users`). See ChannelState.publish_copy.
+SAID = "; it said: "
 
 
 @dataclass(frozen=True)
@@ -100,14 +104,15 @@ def run_check(ch: AgentChannel, directory: Path, serial: int) -> None:
         timeout=ch.check_timeout,
         stderr=ran.output or (SILENT if _exited(ran) else ""),
     )
-    said = ""
+    said = output = ""
     if ran.output:
-        said = f": {' '.join(ran.output.split())}"
+        output = f"{SAID}{' '.join(ran.output.split())}"
     elif _exited(ran):
         said = f" ({SILENT})"
     elif ran.exit is not None:
         said = " (no output)"
     raise InstallError(
         f"channel {ch.name}: serial {serial} refused by the check command "
-        f"`{shlex.join(ch.check)}`: {ran.failure}{said}; not installed, the old set keeps serving"
+        f"`{shlex.join(ch.check)}`: {ran.failure}{said}; not installed, the old set keeps "
+        f"serving{output}"
     )

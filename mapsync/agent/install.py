@@ -13,14 +13,11 @@ after a pull, its text becomes the next fetch's rsync basis.
 from __future__ import annotations
 
 import contextlib
-import grp
 import os
-import pwd
 import shutil
 import stat
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,8 +27,9 @@ from mapsync.agent.damage import stat_files
 from mapsync.agent.hooks import run_check
 from mapsync.agent.liveset import SwapUnfinished, read_installed
 from mapsync.agent.node import NodeChannel
+from mapsync.agent.owners import KEEP, Ownership, has_ownership, ownership
 from mapsync.atomic import copy_into, remove_tree
-from mapsync.config import AgentChannel, FileMode
+from mapsync.config import AgentChannel
 from mapsync.errors import InstallError, VerificationError
 from mapsync.formats import cdb, text
 from mapsync.release import (
@@ -40,7 +38,6 @@ from mapsync.release import (
     CdbInfo,
     Manifest,
     MapEntry,
-    is_secret,
     iso,
     separator,
     utcnow,
@@ -106,7 +103,7 @@ def install(
                             serial=manifest.serial,
                         )
                         same = False
-                    if intact and all(_has_ownership(cur / f, owners[name], built) for f in files):
+                    if intact and all(has_ownership(cur / f, owners[name], built) for f in files):
                         for f in files:
                             os.link(cur / f, built / f)
                     else:
@@ -208,109 +205,12 @@ def keep(node: NodeChannel, src: Path, manifest: Manifest) -> None:
         _log.debug("dropped kept releases", channel=ch.name, serials=dropped)
 
 
-SECRET_GROUP = "dovecot"
-_KEEP = -1  # os.chown: leave the owner or group as it is
-
-
-@dataclass(frozen=True)
-class Ownership:
-    """Mode, uid and gid an installed map file gets (uid/gid -1: as the agent created it)."""
-
-    mode: int
-    uid: int = _KEEP
-    gid: int = _KEEP
-
-
-def ownership(ch: AgentChannel, manifest: Manifest) -> dict[str, Ownership]:
-    """Per map of ``manifest``: ``[agent.channels.C.files.MAP]`` where set, else mapsync's
-    default — maps with password hashes 0640, group ``dovecot`` where it exists (Dovecot must
-    read them, nobody else may); every other map 0644. Users and groups are looked up now, on
-    this node: an unknown one is an InstallError, raised before anything is built.
-
-    An ``owner`` other than root never gets write permission (``0640`` becomes ``0440``): a
-    daemon that owns a map must not rewrite what it serves (Dovecot its own passdb). That is
-    not a guarantee — a file's owner may chmod it — so such an owner is warned about, once per
-    map and process; ``group`` is the way to let a daemon read a map."""
-    owners: dict[str, Ownership] = {}
-    for name in sorted(manifest.maps):
-        conf = ch.files.get(name, FileMode())
-        secret = is_secret(name, manifest.maps[name])
-        mode = conf.mode if conf.mode is not None else (0o640 if secret else 0o644)
-        uid = gid = _KEEP
-        if conf.owner is not None:
-            uid = _lookup(ch, manifest, name, "owner", conf.owner)
-            if uid != 0:
-                mode &= ~0o200
-                _warn_owner(ch, name, conf.owner, mode)
-        if conf.group is not None:
-            gid = _lookup(ch, manifest, name, "group", conf.group)
-        elif secret:
-            with contextlib.suppress(KeyError):  # no Dovecot on this node: root-only is safe
-                gid = grp.getgrnam(SECRET_GROUP).gr_gid
-        if secret and mode & 0o004:
-            _log.warning(
-                "a map with password hashes is configured readable by every user",
-                channel=ch.name,
-                map=name,
-                mode=f"{mode:04o}",
-            )
-        owners[name] = Ownership(mode, uid, gid)
-    return owners
-
-
-_WARNED_OWNERS: set[tuple[str, str, str]] = set()  # (channel, map, owner) warned about
-
-
-def _warn_owner(ch: AgentChannel, name: str, owner: str, mode: int) -> None:
-    if (ch.name, name, owner) in _WARNED_OWNERS:
-        return
-    _WARNED_OWNERS.add((ch.name, name, owner))
-    _log.warning(
-        "the map's owner is not root: installed without owner write permission, but an owner "
-        "can chmod its file and rewrite the live map; prefer owner root and a group",
-        channel=ch.name,
-        map=name,
-        owner=owner,
-        mode=f"{mode:04o}",
-    )
-
-
-def _lookup(ch: AgentChannel, manifest: Manifest, name: str, key: str, who: str) -> int:
-    """uid of user ``who`` (key "owner") or gid of group ``who`` (key "group"); a number is
-    taken as an id when no user or group has that name."""
-    try:
-        if key == "owner":
-            return pwd.getpwnam(who).pw_uid
-        return grp.getgrnam(who).gr_gid
-    except KeyError:
-        if who.isdigit():
-            return int(who)
-    kind = "user" if key == "owner" else "group"
-    raise InstallError(
-        f"channel {ch.name}: [agent.channels.{ch.name}.files.{name}] {key}: no {kind} {who!r} "
-        f"on this node (map {name}); serial {manifest.serial} not installed, the old set keeps serving"
-    )
-
-
-def _has_ownership(path: Path, own: Ownership, directory: Path) -> bool:
-    """Whether ``path`` has the mode, owner and group a file built in ``directory`` gets
-    (uid/gid -1: what a file the agent creates there gets)."""
-    st = path.stat()
-    uid = own.uid if own.uid != _KEEP else os.geteuid()
-    gid = own.gid
-    if gid == _KEEP:
-        # A new file takes the directory's group where it is set-group-ID, else the agent's.
-        parent = directory.stat()
-        gid = parent.st_gid if parent.st_mode & stat.S_ISGID else os.getegid()
-    return stat.S_IMODE(st.st_mode) == own.mode and (st.st_uid, st.st_gid) == (uid, gid)
-
-
 def _protect(path: Path, name: str, own: Ownership, ch: AgentChannel) -> None:
     """Give ``path`` (map ``name``, or its cdb), a new file not yet live, its owner, group and
     mode — before the swap makes it visible, so no reader ever sees it more open than
     configured. Never called on a live inode."""
     try:
-        if own.uid != _KEEP or own.gid != _KEEP:
+        if own.uid != KEEP or own.gid != KEEP:
             os.chown(path, own.uid, own.gid)
         os.chmod(path, own.mode)
     except PermissionError as exc:
@@ -370,7 +270,7 @@ def _link_unchanged(live: Path, m: MapEntry, own: Ownership, built: Path) -> boo
     try:
         if any((live / f).stat().st_size != size for f, _, size in installed):
             return False
-        if not _intact(live, m) or not all(_has_ownership(live / f, own, built) for f in files):
+        if not _intact(live, m) or not all(has_ownership(live / f, own, built) for f in files):
             return False
         for f in files:
             os.link(live / f, built / f)
@@ -507,7 +407,7 @@ def verify_built(
             path = built / file
             if not stat.S_ISREG(path.lstat().st_mode):
                 raise VerificationError(f"{where}: {path} is no longer a regular file{tail}")
-            if not _has_ownership(path, owners[name], built):
+            if not has_ownership(path, owners[name], built):
                 raise VerificationError(
                     f"{where}: {path} has another owner or mode (map {name}){tail}"
                 )

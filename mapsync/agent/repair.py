@@ -13,16 +13,19 @@ the source: the release it installs (never below the serial floor) replaces the 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mapsync import log
 from mapsync.agent.damage import LiveCheck, check_live
 from mapsync.agent.node import NodeChannel
+from mapsync.agent.owners import has_ownership, ownership
 from mapsync.agent.state import ChannelState
-from mapsync.config import AgentConfig
-from mapsync.errors import MapsyncError
+from mapsync.config import AgentChannel, AgentConfig
+from mapsync.errors import InstallError, MapsyncError
 from mapsync.release import MANIFEST, Manifest, iso, parse_iso, utcnow
 
 if TYPE_CHECKING:
@@ -63,6 +66,19 @@ def check_and_repair(node: NodeChannel, *, full: bool = False) -> LiveOutcome:
     full = full or full_check_due(cfg, state, now)
     target = paths.target
     check = check_live(target, state.recorded_live(), state.live_serial is not None, full=full)
+    if check.manifest is not None and check.manifest.channel != ch.name:
+        # The target's live set is another channel's (this node's channel renamed, or the
+        # node moved to another role): its serials say nothing of this channel's, and its maps
+        # (another mailstore's logins) must not keep serving. Installed over, as on a new node.
+        _log.warning(
+            "the live set is another channel's; this channel's release replaces it",
+            channel=ch.name,
+            live_channel=check.manifest.channel,
+            live_serial=check.manifest.serial,
+            target=str(target),
+        )
+        node.saw_installed(None)
+        return LiveOutcome(None, [])
     if check.manifest is not None and not check.record_used and not full:
         # No record of this very set (a run killed between its swap and saving the state):
         # size and mtime say nothing, the hashes do.
@@ -81,7 +97,11 @@ def check_and_repair(node: NodeChannel, *, full: bool = False) -> LiveOutcome:
                 )
             else:
                 state.highest_serial = max(check.manifest.serial, state.highest_serial or 0)
+            drifted = _drifted(ch, check.manifest, check.directory)
+            if drifted:
+                return _give_ownership(node, check.manifest, drifted, full)
         return LiveOutcome(check.manifest, [], checked_fully=full)
+
     _log.error(
         "the live set is damaged; rebuilding it from the verified copy kept in the state",
         channel=ch.name,
@@ -116,6 +136,63 @@ def check_and_repair(node: NodeChannel, *, full: bool = False) -> LiveOutcome:
         problems=check.problems,
     )
     return LiveOutcome(manifest, check.problems, repaired=True, checked_fully=True)
+
+
+def _drifted(ch: AgentChannel, manifest: Manifest, directory: Path) -> list[str]:
+    """The live files whose owner, group or mode are not what the channel's ``files``
+    settings (or mapsync's defaults) give now: changed by hand, or a setting that changed or
+    could not be met when the set was built (the ``dovecot`` group made after it)."""
+    try:
+        owners = ownership(ch, manifest, warn=False)
+    except InstallError:
+        return []  # a user or group this node does not have: the next install says so
+    drifted = []
+    for name, m in sorted(manifest.maps.items()):
+        for file, _, _ in m.installed_files():
+            with contextlib.suppress(OSError):  # a missing file: the damage check's to find
+                if not has_ownership(directory / file, owners[name], directory):
+                    drifted.append(file)
+    return drifted
+
+
+def _give_ownership(
+    node: NodeChannel, manifest: Manifest, drifted: list[str], full: bool
+) -> LiveOutcome:
+    """Build the live release again from its verified copy, as a renewal: the files of
+    ``drifted`` new, with the owner, group and mode they should have (never a live inode
+    changed in place), the rest linked; then the swap and the reload hook."""
+    from mapsync.agent.install import install
+
+    ch = node.ch
+    problems = [f"{file}: owner, group or mode not as configured" for file in drifted]
+    found = _verified_copy(node, manifest.serial)
+    if found is None:
+        _log.warning(
+            "live files' owner, group or mode differ from the files settings; no verified copy "
+            "is kept to build them again from (the next release gives them)",
+            channel=ch.name,
+            files=drifted,
+        )
+        return LiveOutcome(manifest, [], checked_fully=full)
+    try:
+        install(node, found, renewal=True)
+    except InstallError as exc:
+        _log.warning(
+            "live files' owner, group or mode differ from the files settings; not rebuilt",
+            channel=ch.name,
+            files=drifted,
+            error=str(exc),
+        )
+        return LiveOutcome(manifest, [], checked_fully=full)
+    node.state.last_repair = iso(utcnow())
+    _log.warning(
+        "live files' owner, group or mode differed from the files settings: built again "
+        "from the verified copy and swapped in",
+        channel=ch.name,
+        serial=manifest.serial,
+        files=drifted,
+    )
+    return LiveOutcome(manifest, problems, repaired=True, checked_fully=full)
 
 
 def _verify_signature(cfg: AgentConfig, check: LiveCheck) -> None:

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mapsync import log
+from mapsync.agent.hooks import SAID
 from mapsync.atomic import atomic_write, remove_tree
 from mapsync.errors import LockBusy, MapsyncError
 from mapsync.release import parse_iso
@@ -48,6 +49,7 @@ _log = log.get("agent")
 
 STATE_MODE = 0o600
 PUBLIC_MODE = 0o644  # the copy for unprivileged `status` ([agent] status_dir)
+PRIVATE_OUTPUT = "(not in this copy: the agent's log and its state file have it)"
 DIR_MODE = 0o700
 
 
@@ -217,9 +219,15 @@ class ChannelState:
 
     def publish_copy(self, public: Path, data: bytes | None = None) -> None:
         """The world-readable copy (0644 in a 0755 directory): the same fields, none of them
-        secret (source URLs carry no password; errors are redacted). Never fails the run."""
+        secret (source URLs carry no password; a failed check's output is left out: it may
+        quote the maps it read, password hashes included). Never fails the run."""
+        fields = asdict(self)
+        error = fields.get("last_error")
+        if error and SAID in error:
+            fields["last_error"] = error.split(SAID, 1)[0] + SAID + PRIVATE_OUTPUT
+            data = None
         if data is None:
-            data = (json.dumps(asdict(self), indent=2, sort_keys=True) + "\n").encode()
+            data = (json.dumps(fields, indent=2, sort_keys=True) + "\n").encode()
         try:
             public.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
             atomic_write(public, data, mode=PUBLIC_MODE)

@@ -15,8 +15,21 @@ from mapsync.release.verify import verify_manifest
 
 
 def verify_installed(cfg: AgentConfig, ch: AgentChannel) -> int:
-    """Verify signature and every file hash of what ``ch`` has installed; return its serial."""
-    node = NodeChannel.look(cfg, ch)
+    """Verify signature and every file hash of what ``ch`` has installed; return its serial.
+    Without the channel's lock (a check from cron beside the pull timer): a failure while a
+    pull swapped in a new set meanwhile is no failure, and the new set is verified instead."""
+    for _ in range(2):
+        node = NodeChannel.look(cfg, ch)
+        try:
+            return _verify(cfg, ch, node)
+        except VerificationError:
+            found = node.installed()
+            if found is None or node.live.current() == found.directory:
+                raise
+    return _verify(cfg, ch, NodeChannel.look(cfg, ch))
+
+
+def _verify(cfg: AgentConfig, ch: AgentChannel, node: NodeChannel) -> int:
     target = node.paths.target
     found = node.installed()
     if found is None:
@@ -27,7 +40,7 @@ def verify_installed(cfg: AgentConfig, ch: AgentChannel) -> int:
         )
     where = str(found.directory)
     manifest = verify_manifest(
-        found.directory, found.data, found.signature, trusted_keys(cfg), where
+        found.directory, found.data, found.signature, trusted_keys(cfg), where, channel=ch.name
     ).manifest
     for name, m in sorted(manifest.maps.items()):
         checks = m.installed_files()

@@ -191,8 +191,36 @@ def test_a_failing_check_reports_the_tail_of_its_stderr(installed: Cluster) -> N
         installed,
         ["sh", "-c", "echo starting; echo 'recipients lacks the abuse address' >&2; exit 3"],
     )
-    assert "exit 3: recipients lacks the abuse address;" in err
+    assert (
+        "exit 3; not installed, the old set keeps serving; it said: recipients lacks the abuse "
+        "address"
+    ) in err
     assert "`sh -c 'echo starting; " in err  # the command, as configured
+
+
+def test_a_failing_checks_output_stays_out_of_the_world_readable_status(
+    installed: Cluster,
+) -> None:
+    """A check may print what it read of the maps (`doveadm auth test`, a `head` of
+    dovecot_users): password hashes. The state file (0600) and root's `status` keep its
+    output; the copy every user may read (status_dir, 0644) does not."""
+    secret = "{SHA512-CRYPT}$6$salt$not-for-everyone"
+    users = installed.root / "users"  # what the check reads and prints
+    users.write_text(f"kim@example.org:{secret}\n")
+    _refused_serial_2(installed, ["sh", "-c", f"cat {users}; exit 1"])
+    private = read_state(installed)
+    assert secret in str(private["last_error"])
+    public = installed.state.with_name("state-status") / "mx.json"
+    assert public.stat().st_mode & 0o004
+    copy = json.loads(public.read_text())
+    assert secret not in public.read_text()
+    assert copy["last_error"].startswith("channel mx: serial 2 refused by the check command")
+    assert copy["last_error"].endswith(
+        "; it said: (not in this copy: the agent's log and its state file have it)"
+    )
+    assert {k: v for k, v in copy.items() if k != "last_error"} == {
+        k: v for k, v in private.items() if k != "last_error"
+    }
 
 
 def test_a_check_killed_by_a_signal_is_reported_by_the_signal_not_a_negative_exit(
@@ -304,6 +332,34 @@ def test_a_renewal_rebuilds_a_map_its_owner_made_writable_from_the_verified_text
     assert "serial 3 renews 2" in p.stdout
     assert _owner(live) == (0o440, 65534, 0)
     assert installed.cli("verify").returncode == 0  # the verified text, not the owner's
+
+
+def test_a_pull_with_nothing_new_gives_live_files_their_configured_mode_again(
+    installed: Cluster,
+) -> None:
+    """Owner, group and mode were given only when a release was installed: a live map made
+    world-writable by hand, or a ``files`` setting changed (a hash map's ``dovecot`` group
+    made after the set), stayed so until the next release, days on a quiet channel, with
+    pull, `verify --repair` and `status` all OK. Each pull now compares them and builds the
+    files that differ again from the verified copy (new inodes: the live one is never
+    chmod-ed) and swaps, as a renewal with a changed setting does."""
+    configure(installed, files={"recipients": {"mode": "0640"}})
+    live, other = installed.target / "recipients.cdb", installed.target / "domains.cdb"
+    os.chmod(installed.target / "virtual", 0o666)  # by hand
+    before, other_before = live.stat(), other.stat()
+    p = installed.cli("pull")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "serial 1 is current" in p.stdout
+    assert "owner, group or mode differed from the files settings" in p.stderr
+    assert _owner(live) == (0o640, 0, 0) and _owner(installed.target / "recipients")[0] == 0o640
+    assert _owner(installed.target / "virtual")[0] == 0o644
+    assert live.stat().st_ino != before.st_ino
+    assert stat.S_IMODE(before.st_mode) == 0o644  # that inode was never chmod-ed
+    assert other.stat().st_ino == other_before.st_ino  # as configured: kept, linked
+    assert installed.cli("verify").returncode == 0
+    repaired = live.stat().st_ino
+    assert "differed" not in installed.cli("pull").stderr  # once: then as configured
+    assert live.stat().st_ino == repaired
 
 
 def test_rollback_runs_the_check_too(installed: Cluster) -> None:

@@ -32,6 +32,7 @@ from tests.helpers.agent import (
     set_dirs,
     tree_snapshot,
 )
+from tests.helpers.publisher import add_channels
 from tests.helpers.transport import RsyncDaemon
 
 
@@ -282,6 +283,31 @@ def test_verify_fails_after_a_live_file_is_tampered(installed: Cluster, victim: 
     assert f"{live}: sha256/size do not match the installed manifest" in p.stderr
 
 
+def test_verify_beside_a_pull_that_swaps_meanwhile_verifies_the_new_set(
+    installed: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`verify` from cron beside the pull timer takes no lock: a pull that swaps a new set in
+    between its reading the manifest and hashing the live files is no failure (it paged an
+    operator for nothing), and the set it then verifies is the new one."""
+    from mapsync.agent import verify as verify_mod
+
+    add_account(installed, "swapped-meanwhile")
+    installed.publish()
+    real = verify_mod.text.sha256_file
+    pulled: list[int] = []
+
+    def sha256_file(path: Path) -> tuple[str, int]:
+        if not pulled:
+            pulled.append(installed.pull().returncode)  # serial 2 swapped in, now
+        return real(path)
+
+    monkeypatch.setattr(verify_mod.text, "sha256_file", sha256_file)
+    cfg = installed.config()
+    assert cfg.agent is not None
+    assert verify_mod.verify_installed(cfg.agent, cfg.agent.channels["mx"]) == 2
+    assert pulled == [0]
+
+
 def test_verify_without_an_install_fails(published: Cluster) -> None:
     p = published.cli("verify")
     assert p.returncode == 5
@@ -465,3 +491,44 @@ def test_fetch_files_never_copies_a_directory_served_under_a_file_name(
         moved = Remote(str(channel)).fetch_files("patches/2", files, dest, None, 1000)
     assert sorted(os.listdir(dest)) == ["domains.patch"]
     assert moved < 50 * 900
+
+
+def test_a_node_moved_to_another_channel_installs_it_over_the_other_channels_set(
+    installed: Cluster,
+) -> None:
+    """The node's channel renamed, or the node given another role, with the same target: the
+    live set is another channel's. Its serials say nothing of this channel's (the old one's
+    serial 3 is no floor for the new one's serial 1), and its maps (another mailstore's
+    logins) must not keep serving: the pull installs this channel's release over it, and
+    `verify` names the other channel until it has."""
+    for local in ("moved-a", "moved-b"):
+        add_account(installed, local)
+        installed.publish()
+    installed.pull()  # mx serial 3 live
+    add_channels(installed, '[publisher.channels.edge]\nmaps = ["domains", "recipients"]\n')
+    installed.publish()  # edge serial 1
+    config = installed.config_path.read_text()
+    installed.config_path.write_text(
+        config.replace("[agent.channels.mx]", "[agent.channels.edge]").replace(
+            f'source = "{installed.repo / "mx"}"', f'source = "{installed.repo / "edge"}"'
+        )
+    )
+    v = installed.cli("verify")
+    assert v.returncode == 5, v.stdout + v.stderr
+    assert "is for channel 'mx', not 'edge'" in v.stderr
+    p = installed.cli("pull")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "edge: installed serial 1" in p.stdout
+    assert "the live set is another channel's" in p.stderr
+    live = json.loads((installed.target / ".mapsync" / "current" / "MANIFEST.json").read_text())
+    assert (live["channel"], live["serial"]) == ("edge", 1)
+    assert lookup(installed, "moved-a@example-1.org") == "OK"
+    assert sorted(p.name for p in installed.target.iterdir()) == [
+        ".mapsync",
+        "domains",
+        "domains.cdb",
+        "recipients",
+        "recipients.cdb",
+    ]
+    assert installed.cli("verify").returncode == 0
+    assert "edge: serial 1 is current" in installed.pull().stdout

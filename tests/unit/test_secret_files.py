@@ -20,9 +20,10 @@ from typing import Any
 
 import pytest
 
-from mapsync.agent.install import Ownership, build_map
+from mapsync.agent.install import build_map
 from mapsync.agent.kept import KeptReleases
 from mapsync.agent.liveset import LiveSet
+from mapsync.agent.owners import Ownership
 from mapsync.config import AgentChannel
 from mapsync.release import MANIFEST, SIGNATURE, Manifest, MapEntry
 

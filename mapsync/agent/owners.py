@@ -1,0 +1,120 @@
+"""The owner, group and mode each installed map file gets (``[agent.channels.C.files.MAP]``,
+else mapsync's defaults), and whether a file has them: what an install gives a new file, and
+what every pull compares the live files with (:mod:`mapsync.agent.repair`). Light: a pull
+that finds nothing to do imports this, not the install."""
+
+from __future__ import annotations
+
+import contextlib
+import grp
+import os
+import pwd
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from mapsync import log
+from mapsync.config import AgentChannel, FileMode
+from mapsync.errors import InstallError
+from mapsync.release import Manifest, is_secret
+
+_log = log.get("agent")
+
+
+SECRET_GROUP = "dovecot"
+KEEP = -1  # os.chown: leave the owner or group as it is
+
+
+@dataclass(frozen=True)
+class Ownership:
+    """Mode, uid and gid an installed map file gets (uid/gid -1: as the agent created it)."""
+
+    mode: int
+    uid: int = KEEP
+    gid: int = KEEP
+
+
+def ownership(ch: AgentChannel, manifest: Manifest, *, warn: bool = True) -> dict[str, Ownership]:
+    """Per map of ``manifest``: ``[agent.channels.C.files.MAP]`` where set, else mapsync's
+    default — maps with password hashes 0640, group ``dovecot`` where it exists (Dovecot must
+    read them, nobody else may); every other map 0644. Users and groups are looked up now, on
+    this node: an unknown one is an InstallError, raised before anything is built.
+
+    An ``owner`` other than root never gets write permission (``0640`` becomes ``0440``): a
+    daemon that owns a map must not rewrite what it serves (Dovecot its own passdb). That is
+    not a guarantee — a file's owner may chmod it — so such an owner is warned about, once per
+    map and process (``warn``: not by a check of the live set); ``group`` is the way to let a
+    daemon read a map."""
+    owners: dict[str, Ownership] = {}
+    for name in sorted(manifest.maps):
+        conf = ch.files.get(name, FileMode())
+        secret = is_secret(name, manifest.maps[name])
+        mode = conf.mode if conf.mode is not None else (0o640 if secret else 0o644)
+        uid = gid = KEEP
+        if conf.owner is not None:
+            uid = _lookup(ch, manifest, name, "owner", conf.owner)
+            if uid != 0:
+                mode &= ~0o200
+                if warn:
+                    _warn_owner(ch, name, conf.owner, mode)
+        if conf.group is not None:
+            gid = _lookup(ch, manifest, name, "group", conf.group)
+        elif secret:
+            with contextlib.suppress(KeyError):  # no Dovecot on this node: root-only is safe
+                gid = grp.getgrnam(SECRET_GROUP).gr_gid
+        if warn and secret and mode & 0o004:
+            _log.warning(
+                "a map with password hashes is configured readable by every user",
+                channel=ch.name,
+                map=name,
+                mode=f"{mode:04o}",
+            )
+        owners[name] = Ownership(mode, uid, gid)
+    return owners
+
+
+_WARNED_OWNERS: set[tuple[str, str, str]] = set()  # (channel, map, owner) warned about
+
+
+def _warn_owner(ch: AgentChannel, name: str, owner: str, mode: int) -> None:
+    if (ch.name, name, owner) in _WARNED_OWNERS:
+        return
+    _WARNED_OWNERS.add((ch.name, name, owner))
+    _log.warning(
+        "the map's owner is not root: installed without owner write permission, but an owner "
+        "can chmod its file and rewrite the live map; prefer owner root and a group",
+        channel=ch.name,
+        map=name,
+        owner=owner,
+        mode=f"{mode:04o}",
+    )
+
+
+def _lookup(ch: AgentChannel, manifest: Manifest, name: str, key: str, who: str) -> int:
+    """uid of user ``who`` (key "owner") or gid of group ``who`` (key "group"); a number is
+    taken as an id when no user or group has that name."""
+    try:
+        if key == "owner":
+            return pwd.getpwnam(who).pw_uid
+        return grp.getgrnam(who).gr_gid
+    except KeyError:
+        if who.isdigit():
+            return int(who)
+    kind = "user" if key == "owner" else "group"
+    raise InstallError(
+        f"channel {ch.name}: [agent.channels.{ch.name}.files.{name}] {key}: no {kind} {who!r} "
+        f"on this node (map {name}); serial {manifest.serial} not installed, the old set keeps serving"
+    )
+
+
+def has_ownership(path: Path, own: Ownership, directory: Path) -> bool:
+    """Whether ``path`` has the mode, owner and group a file built in ``directory`` gets
+    (uid/gid -1: what a file the agent creates there gets)."""
+    st = path.stat()
+    uid = own.uid if own.uid != KEEP else os.geteuid()
+    gid = own.gid
+    if gid == KEEP:
+        # A new file takes the directory's group where it is set-group-ID, else the agent's.
+        parent = directory.stat()
+        gid = parent.st_gid if parent.st_mode & stat.S_ISGID else os.getegid()
+    return stat.S_IMODE(st.st_mode) == own.mode and (st.st_uid, st.st_gid) == (uid, gid)
