@@ -530,17 +530,29 @@ class _Channel:
 
     def _damage(self, latest: Latest) -> str | None:
         """A quick look (no file hashed) at the release DEST's LATEST names: its manifest is
-        the one named and every file it names is there with its size. What is wrong, or None."""
+        the one named, every file it names is there with its size and no newer than the
+        manifest (the publisher writes the maps first, and the copies keep its times: a file
+        edited in place, its size kept, is newer), and no other file is there (a node refuses
+        a release holding one). What is wrong, or None."""
         directory = self.home / release_dir(latest.serial)
         try:
             data = (directory / MANIFEST).read_bytes()
             if manifest_sha256(data) != latest.manifest_sha256:
                 return f"{directory / MANIFEST}: not the manifest {LATEST} names"
             manifest = parse_manifest(data, str(directory / MANIFEST))
+            signed = (directory / MANIFEST).stat().st_mtime_ns
             for m in manifest.maps.values():
-                if (directory / m.file).stat().st_size != m.size:
+                st = (directory / m.file).stat()
+                if st.st_size != m.size:
                     return f"{directory / m.file}: size differs from the manifest's"
+                if st.st_mtime_ns > signed:
+                    return f"{directory / m.file}: changed after the manifest was written"
             (directory / SIGNATURE).stat()
+            extra = set(os.listdir(directory)) - manifest.files() - {MANIFEST, SIGNATURE}
+            if extra:
+                return (
+                    f"{directory}: file(s) the manifest does not name: {', '.join(sorted(extra))}"
+                )
         except OSError as exc:
             return f"{exc.filename}: {exc.strerror}"
         except MapsyncError as exc:

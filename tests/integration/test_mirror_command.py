@@ -491,6 +491,36 @@ def test_a_damaged_copy_of_the_served_release_is_copied_again(
     assert mirror(cluster, cluster.repo, dest).stdout == "mx: serial 1 is current\n"
 
 
+@pytest.mark.parametrize("damage", ["stray file", "edited in place, same size"])
+def test_a_served_release_a_node_would_refuse_is_copied_again(
+    cluster: Cluster, tmp_path: Path, damage: str
+) -> None:
+    """The quick check of the served release looked at sizes only: a file left beside the
+    maps (an editor's, a README) or a map edited in place kept "serial 1 is current" while
+    every node refused the release."""
+    cluster.publish()
+    dest = tmp_path / "mirror"
+    assert mirror(cluster, cluster.repo, dest).returncode == 0
+    release = dest / "mx" / "releases" / "1"
+    if damage == "stray file":
+        (release / "README").write_text("note\n")
+    else:
+        served = release / "domains"
+        data = bytearray(served.read_bytes())
+        data[-2] ^= 0x01
+        served.write_bytes(bytes(data))
+    p = mirror(cluster, cluster.repo, dest)
+    assert p.returncode == 0, p.stderr
+    assert "mx: serial 1 mirrored (was 1), copied release 1" in p.stdout
+    assert "the copy here was damaged and is replaced" in p.stdout
+    assert sorted(os.listdir(release)) == sorted(os.listdir(cluster.repo / "mx" / "releases" / "1"))
+    for f in os.listdir(release):
+        assert (release / f).read_bytes() == (
+            cluster.repo / "mx" / "releases" / "1" / f
+        ).read_bytes()
+    assert mirror(cluster, cluster.repo, dest).stdout == "mx: serial 1 is current\n"
+
+
 def test_a_file_damaged_on_the_mirror_is_not_linked_into_the_next_release(
     cluster: Cluster, tmp_path: Path
 ) -> None:
