@@ -53,6 +53,11 @@ class ChannelStatus:
         return LEVELS[self.code]
 
 
+def _unknown(channel: str, why: str) -> ChannelStatus:
+    """UNKNOWN, saying ``why`` on the first line too (Nagios notifications show only it)."""
+    return ChannelStatus(channel, EXIT_UNKNOWN, why, reason=why)
+
+
 def human(seconds: int | None) -> str:
     """An age for people: ``3d``, ``5h``, ``12m``, ``40s``; ``never`` for None."""
     if seconds is None:
@@ -111,18 +116,17 @@ def channel_status(
         state = ChannelState()
         problems.append((EXIT_ERROR, f"state file damaged, the next pull rebuilds it: {exc}"))
     except PermissionError:
-        return ChannelStatus(
+        return _unknown(
             ch.name,
-            EXIT_UNKNOWN,
             f"cannot read state: {denied(paths.state)}, nor its public "
             f"copy {path} (written by every pull of this version; readable by all)",
         )
     except OSError as exc:
-        return ChannelStatus(ch.name, EXIT_UNKNOWN, f"cannot read state: {exc}")
+        return _unknown(ch.name, f"cannot read state: {exc}")
     try:
         live = check_live(paths.target, state.recorded_live(), state.live_serial is not None)
     except OSError as exc:
-        return ChannelStatus(ch.name, EXIT_UNKNOWN, f"cannot read the live set: {exc}")
+        return _unknown(ch.name, f"cannot read the live set: {exc}")
     manifest = live.manifest
     st = ChannelStatus(ch.name, EXIT_OK, "", last_error=state.last_error, pinned=state.pinned)
     st.last_repair, st.last_damage = state.last_repair, state.last_damage

@@ -95,6 +95,12 @@ def publish_once(
         pushes = push_channels(
             pub, args.channel, dry_run=args.dry_run, plans=result.plans if result else None
         )
+        if not args.dry_run and pushes:
+            from mapsync.publish.push import PushFailed
+            from mapsync.publish.runlog import record_pushes
+
+            failed = [p for p in pushes if p.action == "failed"]
+            record_pushes(pub.repository, str(PushFailed(failed)) if failed else None)
     if loop:  # every few seconds: only news, nothing about what stayed the same
         pushes = [p for p in pushes if p.action != "current"]
         if result is not None:

@@ -51,6 +51,20 @@ def record_run(repository: Path, error: str | None) -> None:
         _log.warning("could not record the publish run", path=str(repository / RUNLOG), error=exc)
 
 
+def record_pushes(repository: Path, failed: str | None) -> None:
+    """Note how the last run's pushes went (``failed`` None: every destination has the
+    release): a publish that succeeded while its pushes fail is still a WARNING, or a node
+    that never gets pushes would look fine from here. Never fails the run."""
+    note = _read(repository)
+    if note.get("push_failed") == failed:
+        return
+    note["push_failed"] = _first_line(failed) if failed is not None else None
+    try:
+        atomic_write(repository / RUNLOG, (json.dumps(note, sort_keys=True) + "\n").encode())
+    except OSError as exc:
+        _log.warning("could not record the pushes", path=str(repository / RUNLOG), error=exc)
+
+
 _METRICS = (
     ("mapsync_publisher_status", "Publisher status: 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN."),
     ("mapsync_publisher_last_run_timestamp_seconds", "Unix time of the last publish run."),
@@ -98,6 +112,7 @@ class PublisherStatus:
     last_run: str | None = None
     last_success: str | None = None
     last_error: str | None = None
+    push_failed: str | None = None
 
 
 def _stamp(note: dict[str, object], key: str) -> datetime | None:
@@ -121,18 +136,21 @@ def _ago(then: datetime | None, now: datetime) -> str:
 
 
 def publisher_status(cfg: PublisherConfig) -> PublisherStatus:
-    """OK while publish runs succeed; WARNING when the last run failed or no run finished
-    within ``full_check``; CRITICAL when none succeeded for half of ``expires`` (releases
+    """OK while publish runs succeed; WARNING when the last run failed, its pushes failed, or
+    no run finished within ``full_check``; CRITICAL when none succeeded for half of ``expires`` (releases
     then go unrenewed and start to expire on the nodes); UNKNOWN before the first run."""
     note = _read(cfg.repository)
     now = utcnow()
     last_run, last_success = _stamp(note, "last_run"), _stamp(note, "last_success")
     error = note.get("last_error")
     error = error if isinstance(error, str) else None
+    pushes = note.get("push_failed")
+    pushes = pushes if isinstance(pushes, str) else None
     fields = {
         "last_run": iso(last_run) if last_run else None,
         "last_success": iso(last_success) if last_success else None,
         "last_error": error,
+        "push_failed": pushes,
     }
     if last_run is None:
         return PublisherStatus(
@@ -148,6 +166,8 @@ def publisher_status(cfg: PublisherConfig) -> PublisherStatus:
         return PublisherStatus(
             EXIT_WARNING, f"last run failed {_ago(last_run, now)}: {error}; {success}", **fields
         )
+    if pushes:
+        return PublisherStatus(EXIT_WARNING, f"{pushes}; {success}", **fields)
     if (now - last_run).total_seconds() > cfg.full_check:
         return PublisherStatus(
             EXIT_WARNING, f"no publish run for {_ago(last_run, now)[:-4]}; {success}", **fields

@@ -246,6 +246,13 @@ def test_an_unreachable_destination_fails_the_run_not_the_release_and_is_retried
     rec = record(cluster)
     assert rec[remote]["serial"] is None and rec[remote]["failed_serial"] == 1
     assert rec[remote]["failures"] == 1
+    # The publisher's own status says so (under `publish --interval` nobody sees the exit).
+    st = cluster.cli("status", "--publisher")
+    assert st.returncode == 1, st.stdout
+    assert st.stdout.startswith(
+        f"MAPSYNC PUBLISHER WARNING - published, but the push failed for 1 destination(s) "
+        f"(channel mx serial 1 → {remote});"
+    )
     assert "Connection refused" in str(rec[remote]["error"])
     assert rec[str(local / "mx")]["serial"] == 1
 
@@ -271,6 +278,8 @@ def test_an_unreachable_destination_fails_the_run_not_the_release_and_is_retried
     assert f"{local / 'mx'} has serial 1" in out
     assert_inbox_holds(cluster, module / "mx", 1, {1})
     assert "error" not in record(cluster)[remote] and "failures" not in record(cluster)[remote]
+    st = cluster.cli("status", "--publisher")
+    assert st.returncode == 0 and st.stdout.startswith("MAPSYNC PUBLISHER OK - "), st.stdout
 
 
 def test_a_dead_node_is_retried_with_a_growing_delay_and_costs_the_runs_between_nothing(

@@ -127,6 +127,8 @@ def test_status_as_a_monitoring_user_reads_the_public_copy_of_the_state(shared: 
     public.unlink()
     p = run_as(USER, shared.config_path, "status")
     assert p.returncode == 3, p.stdout + p.stderr
+    # The reason on the first line too: a Nagios notification shows only that one.
+    assert p.stdout.startswith("MAPSYNC UNKNOWN - mx UNKNOWN (cannot read state: "), p.stdout
     assert (
         f"mx: UNKNOWN cannot read state: {shared.state / 'mx' / 'state.json'}: permission "
         f"denied (mapsync runs as {NOBODY}"
