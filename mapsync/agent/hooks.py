@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mapsync import log, process
+from mapsync.agent.state import SAID
 from mapsync.config import AgentChannel
 from mapsync.errors import InstallError
 
@@ -24,10 +25,6 @@ _TAIL = 500  # characters of a failed command's output kept for the log and the 
 # What a failed command that printed nothing said: daemons such as `postfix reload` log their
 # reasons to syslog, not to the terminal.
 SILENT = "no output; it may have logged the reason to syslog (journalctl, /var/log/mail.log)"
-# Where a failed check's own output starts in its error, last: the state file (0600) keeps
-# it, its world-readable copy does not (a check may print what it read of the maps, hashes
-# and all: `doveadm auth test`, `head dovecot_users`). See ChannelState.publish_copy.
-SAID = "; it said: "
 
 
 @dataclass(frozen=True)

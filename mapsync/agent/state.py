@@ -40,7 +40,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mapsync import log
-from mapsync.agent.hooks import SAID
 from mapsync.atomic import atomic_write, remove_tree
 from mapsync.errors import LockBusy, MapsyncError
 from mapsync.release import parse_iso
@@ -49,6 +48,10 @@ _log = log.get("agent")
 
 STATE_MODE = 0o600
 PUBLIC_MODE = 0o644  # the copy for unprivileged `status` ([agent] status_dir)
+# Where a failed check's own output starts in its error (mapsync.agent.hooks), last: the
+# state file (0600) keeps it, its world-readable copy does not (a check may print what it
+# read of the maps, hashes and all: `doveadm auth test`, `head dovecot_users`).
+SAID = "; it said: "
 PRIVATE_OUTPUT = "(not in this copy: the agent's log and its state file have it)"
 DIR_MODE = 0o700
 
