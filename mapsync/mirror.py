@@ -509,9 +509,9 @@ class _Channel:
         from mapsync.release.verify import check_files
 
         try:
-            extra = sorted(set(os.listdir(directory)) - manifest.files() - {MANIFEST, SIGNATURE})
+            extra = _extra_files(directory, manifest, where)
             if extra:
-                return f"{where}: file(s) the manifest does not name: {', '.join(extra)}"
+                return extra
             check_files(directory, manifest, where)
         except (OSError, MapsyncError) as exc:
             return str(exc)
@@ -529,11 +529,12 @@ class _Channel:
         return self._check_files(directory, manifest, where)
 
     def _damage(self, latest: Latest) -> str | None:
-        """A quick look (no file hashed) at the release DEST's LATEST names: its manifest is
-        the one named, every file it names is there with its size and no newer than the
-        manifest (the publisher writes the maps first, and the copies keep its times: a file
-        edited in place, its size kept, is newer), and no other file is there (a node refuses
-        a release holding one). What is wrong, or None."""
+        """A quick look at the release DEST's LATEST names: its manifest is the one named,
+        every file it names is there with its size, and no other file is there (a node
+        refuses a release holding one). A map newer than the manifest (edited in place, its
+        size kept? the publisher writes the maps first and the copies keep its times, but an
+        unchanged map keeps its first release's time, and a clock may have been ahead then)
+        has every file hashed (:meth:`_verify_here`). What is wrong, or None."""
         directory = self.home / release_dir(latest.serial)
         try:
             data = (directory / MANIFEST).read_bytes()
@@ -541,18 +542,18 @@ class _Channel:
                 return f"{directory / MANIFEST}: not the manifest {LATEST} names"
             manifest = parse_manifest(data, str(directory / MANIFEST))
             signed = (directory / MANIFEST).stat().st_mtime_ns
+            newer = False
             for m in manifest.maps.values():
                 st = (directory / m.file).stat()
                 if st.st_size != m.size:
                     return f"{directory / m.file}: size differs from the manifest's"
-                if st.st_mtime_ns > signed:
-                    return f"{directory / m.file}: changed after the manifest was written"
+                newer = newer or st.st_mtime_ns > signed
             (directory / SIGNATURE).stat()
-            extra = set(os.listdir(directory)) - manifest.files() - {MANIFEST, SIGNATURE}
+            extra = _extra_files(directory, manifest, str(directory))
             if extra:
-                return (
-                    f"{directory}: file(s) the manifest does not name: {', '.join(sorted(extra))}"
-                )
+                return extra
+            if newer:
+                return self._verify_here(latest)
         except OSError as exc:
             return f"{exc.filename}: {exc.strerror}"
         except MapsyncError as exc:
@@ -566,6 +567,13 @@ class _Channel:
         path = self.home / release_dir(serial)
         if os.path.lexists(path):
             os.rename(path, self.work / f"old-{serial}")
+
+
+def _extra_files(directory: Path, manifest: Manifest, where: str) -> str | None:
+    """The files in ``directory`` besides the manifest's, its signature and the maps it names
+    (a node refuses the release for any), said; None when there are none."""
+    extra = sorted(set(os.listdir(directory)) - manifest.files() - {MANIFEST, SIGNATURE})
+    return f"{where}: file(s) the manifest does not name: {', '.join(extra)}" if extra else None
 
 
 def mirror_channels(

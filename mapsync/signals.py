@@ -38,6 +38,7 @@ def _on_signal(signum: int, frame: FrameType | None) -> None:
     if _depth:
         _deferred.append(signum)
         return
+    _deferred.clear()  # one that came as the last block ended is this very exit
     raise SystemExit(128 + signum)
 
 
@@ -45,6 +46,7 @@ def _on_interrupt(signum: int, frame: FrameType | None) -> None:
     if _depth:
         _deferred.append(signum)
         return
+    _deferred.clear()
     signal.default_int_handler(signum, frame)
 
 

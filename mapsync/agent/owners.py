@@ -118,3 +118,17 @@ def has_ownership(path: Path, own: Ownership, directory: Path) -> bool:
         parent = directory.stat()
         gid = parent.st_gid if parent.st_mode & stat.S_ISGID else os.getegid()
     return stat.S_IMODE(st.st_mode) == own.mode and (st.st_uid, st.st_gid) == (uid, gid)
+
+
+def settings_differ(path: Path, own: Ownership) -> bool:
+    """Whether ``path``'s mode differs from ``own``, or its owner or group where ``own``
+    names one (a setting, or the ``dovecot`` group of a hash map, found): what every pull
+    repairs. An owner or group left to how the agent creates files (-1) is not compared: a
+    set-group-ID target, a filesystem that forces ids, or a group lookup failing this once
+    (sssd, LDAP) must not have every pull build the set again."""
+    st = path.stat()
+    return (
+        stat.S_IMODE(st.st_mode) != own.mode
+        or (own.uid != KEEP and st.st_uid != own.uid)
+        or (own.gid != KEEP and st.st_gid != own.gid)
+    )

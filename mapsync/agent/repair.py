@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from mapsync import log
 from mapsync.agent.damage import LiveCheck, check_live
 from mapsync.agent.node import NodeChannel
-from mapsync.agent.owners import has_ownership, ownership
+from mapsync.agent.owners import ownership, settings_differ
 from mapsync.agent.state import ChannelState
 from mapsync.config import AgentChannel, AgentConfig
 from mapsync.errors import InstallError, MapsyncError
@@ -97,7 +97,11 @@ def check_and_repair(node: NodeChannel, *, full: bool = False) -> LiveOutcome:
                 )
             else:
                 state.highest_serial = max(check.manifest.serial, state.highest_serial or 0)
-            drifted = _drifted(ch, check.manifest, check.directory)
+            drifted = (
+                _drifted(ch, check.manifest, check.directory)
+                if check.directory.name != state.ownership_unmet
+                else []
+            )
             if drifted:
                 return _give_ownership(node, check.manifest, drifted, full)
         return LiveOutcome(check.manifest, [], checked_fully=full)
@@ -150,7 +154,7 @@ def _drifted(ch: AgentChannel, manifest: Manifest, directory: Path) -> list[str]
     for name, m in sorted(manifest.maps.items()):
         for file, _, _ in m.installed_files():
             with contextlib.suppress(OSError):  # a missing file: the damage check's to find
-                if not has_ownership(directory / file, owners[name], directory):
+                if settings_differ(directory / file, owners[name]):
                     drifted.append(file)
     return drifted
 
@@ -158,9 +162,12 @@ def _drifted(ch: AgentChannel, manifest: Manifest, directory: Path) -> list[str]
 def _give_ownership(
     node: NodeChannel, manifest: Manifest, drifted: list[str], full: bool
 ) -> LiveOutcome:
-    """Build the live release again from its verified copy, as a renewal: the files of
-    ``drifted`` new, with the owner, group and mode they should have (never a live inode
-    changed in place), the rest linked; then the swap and the reload hook."""
+    """Build the live release again from its verified copy, as a renewal: the maps of
+    ``drifted`` as new files, with the owner, group and mode they should have (never a live
+    inode changed in place), the rest linked; then the swap (no reload hook: the maps' content
+    is the same, and the daemons notice the new files). Files the new set could not be given
+    their settings either (a filesystem forcing them) are not tried again until the next
+    release (``ownership_unmet``)."""
     from mapsync.agent.install import install
 
     ch = node.ch
@@ -184,7 +191,8 @@ def _give_ownership(
             error=str(exc),
         )
         return LiveOutcome(manifest, [], checked_fully=full)
-    node.state.last_repair = iso(utcnow())
+    state = node.state
+    state.last_repair, state.last_damage = iso(utcnow()), "; ".join(problems)
     _log.warning(
         "live files' owner, group or mode differed from the files settings: built again "
         "from the verified copy and swapped in",
@@ -192,6 +200,16 @@ def _give_ownership(
         serial=manifest.serial,
         files=drifted,
     )
+    now = node.live.current()
+    unmet = _drifted(ch, manifest, now) if now is not None else []
+    if unmet and now is not None:
+        state.ownership_unmet = now.name
+        _log.warning(
+            "the new files could not be given their owner, group or mode either (a filesystem "
+            "that forces them?); not tried again before the next release",
+            channel=ch.name,
+            files=unmet,
+        )
     return LiveOutcome(manifest, problems, repaired=True, checked_fully=full)
 
 

@@ -24,7 +24,7 @@ def verify_installed(cfg: AgentConfig, ch: AgentChannel) -> int:
             return _verify(cfg, ch, node)
         except VerificationError:
             found = node.installed()
-            if found is None or node.live.current() == found.directory:
+            if node.live.current() == (found.directory if found is not None else None):
                 raise
     return _verify(cfg, ch, NodeChannel.look(cfg, ch))
 

@@ -95,12 +95,8 @@ def publish_once(
         pushes = push_channels(
             pub, args.channel, dry_run=args.dry_run, plans=result.plans if result else None
         )
-        if not args.dry_run and pushes:
-            from mapsync.publish.push import PushFailed
-            from mapsync.publish.runlog import record_pushes
-
-            failed = [p for p in pushes if p.action == "failed"]
-            record_pushes(pub.repository, str(PushFailed(failed)) if failed else None)
+    if not args.dry_run:
+        _record_pushes(pub, args.channel, pushes)
     if loop:  # every few seconds: only news, nothing about what stayed the same
         pushes = [p for p in pushes if p.action != "current"]
         if result is not None:
@@ -138,6 +134,25 @@ def publish_once(
 
         raise PushFailed(failed)
     return EXIT_WARNING if args.dry_run and result is not None and result.pending else EXIT_OK
+
+
+def _record_pushes(
+    pub: config.PublisherConfig, channels: list[str] | None, pushes: list[Push]
+) -> None:
+    """Note in the run note how each channel this run pushed fared (for ``status
+    --publisher``); a channel without ``push`` has nothing failing."""
+    from mapsync.publish.runlog import record_pushes
+
+    failed: dict[str, str | None] = {}
+    for name in channels or pub.channels:
+        mine = [p for p in pushes if p.channel == name and p.action == "failed"]
+        if mine:
+            from mapsync.publish.push import PushFailed
+
+            failed[name] = str(PushFailed(mine))
+        else:
+            failed[name] = None
+    record_pushes(pub.repository, failed)
 
 
 def _run_publisher(

@@ -45,24 +45,34 @@ def record_run(repository: Path, error: str | None) -> None:
     note["last_error"] = _first_line(error) if error is not None else None
     if error is None:
         note["last_success"] = now
+    _write(repository, note, "the publish run")
+
+
+def _write(repository: Path, note: dict[str, object], what: str) -> None:
     try:
         atomic_write(repository / RUNLOG, (json.dumps(note, sort_keys=True) + "\n").encode())
     except OSError as exc:
-        _log.warning("could not record the publish run", path=str(repository / RUNLOG), error=exc)
+        _log.warning(f"could not record {what}", path=str(repository / RUNLOG), error=exc)
 
 
-def record_pushes(repository: Path, failed: str | None) -> None:
-    """Note how the last run's pushes went (``failed`` None: every destination has the
-    release): a publish that succeeded while its pushes fail is still a WARNING, or a node
-    that never gets pushes would look fine from here. Never fails the run."""
+def record_pushes(repository: Path, failed: dict[str, str | None]) -> None:
+    """Note how the pushes of the channels in ``failed`` went (channel → what failed; None:
+    every destination has the release): a publish that succeeded while its pushes fail is
+    still a WARNING, or a node that never gets pushes would look fine from here. The other
+    channels' notes stay (a run of one channel says nothing of the others'); a channel no
+    longer pushing is given None. Never fails the run."""
     note = _read(repository)
-    if note.get("push_failed") == failed:
+    old = note.get("push_failed")
+    notes = dict(old) if isinstance(old, dict) else {}
+    for channel, what in failed.items():
+        if what is None:
+            notes.pop(channel, None)
+        else:
+            notes[channel] = _first_line(what)
+    if notes == (old if isinstance(old, dict) else {}):
         return
-    note["push_failed"] = _first_line(failed) if failed is not None else None
-    try:
-        atomic_write(repository / RUNLOG, (json.dumps(note, sort_keys=True) + "\n").encode())
-    except OSError as exc:
-        _log.warning("could not record the pushes", path=str(repository / RUNLOG), error=exc)
+    note["push_failed"] = notes
+    _write(repository, note, "the pushes")
 
 
 _METRICS = (
@@ -144,8 +154,12 @@ def publisher_status(cfg: PublisherConfig) -> PublisherStatus:
     last_run, last_success = _stamp(note, "last_run"), _stamp(note, "last_success")
     error = note.get("last_error")
     error = error if isinstance(error, str) else None
-    pushes = note.get("push_failed")
-    pushes = pushes if isinstance(pushes, str) else None
+    notes = note.get("push_failed")
+    pushes = (
+        "; ".join(str(v) for _, v in sorted(notes.items())) or None
+        if isinstance(notes, dict)
+        else None
+    )
     fields = {
         "last_run": iso(last_run) if last_run else None,
         "last_success": iso(last_success) if last_success else None,
@@ -166,10 +180,10 @@ def publisher_status(cfg: PublisherConfig) -> PublisherStatus:
         return PublisherStatus(
             EXIT_WARNING, f"last run failed {_ago(last_run, now)}: {error}; {success}", **fields
         )
-    if pushes:
-        return PublisherStatus(EXIT_WARNING, f"{pushes}; {success}", **fields)
     if (now - last_run).total_seconds() > cfg.full_check:
         return PublisherStatus(
             EXIT_WARNING, f"no publish run for {_ago(last_run, now)[:-4]}; {success}", **fields
         )
+    if pushes:
+        return PublisherStatus(EXIT_WARNING, f"{pushes}; {success}", **fields)
     return PublisherStatus(EXIT_OK, success, **fields)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import grp
 import json
 import os
+import shutil
 import stat
 import subprocess
 import time
@@ -360,6 +361,47 @@ def test_a_pull_with_nothing_new_gives_live_files_their_configured_mode_again(
     repaired = live.stat().st_ino
     assert "differed" not in installed.cli("pull").stderr  # once: then as configured
     assert live.stat().st_ino == repaired
+
+
+def test_settings_a_filesystem_will_not_keep_are_not_rebuilt_on_every_pull(
+    installed: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A filesystem that forces modes (an NFS export, a mount option): the rebuilt files
+    still differ, so the set is not built again for them until the next release."""
+    from mapsync.agent import install as install_mod
+    from mapsync.agent.pull import pull
+
+    configure(installed, files={"recipients": {"mode": "0640"}})
+    monkeypatch.setattr(install_mod, "_protect", lambda *args: None)  # the mode is not kept
+    cfg = installed.config().agent
+    assert cfg is not None
+    live = installed.target / "recipients.cdb"
+    assert pull(cfg, cfg.channels["mx"]).repaired  # tried once
+    tried = live.stat().st_ino
+    assert _owner(live)[0] != 0o640  # the settings not met
+    assert not pull(cfg, cfg.channels["mx"]).repaired  # and not again
+    assert live.stat().st_ino == tried
+    assert read_state(installed)["ownership_unmet"] == os.readlink(
+        installed.target / ".mapsync" / "current"
+    )
+
+
+def test_a_set_group_id_target_gets_no_swap_on_every_pull(installed: Cluster) -> None:
+    """Files built under a set-group-ID target take its group, not the agent's: the owner
+    check of every pull must not see that as drift (it swapped the set on every pull)."""
+    shutil.rmtree(installed.target)
+    installed.target.mkdir()
+    mail = grp.getgrnam("mail").gr_gid
+    os.chown(installed.target, 0, mail)
+    os.chmod(installed.target, 0o2755)
+    assert installed.cli("pull").returncode == 0
+    live = installed.target / "recipients.cdb"
+    assert live.stat().st_gid == mail
+    before = live.stat().st_ino
+    p = installed.cli("pull")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "serial 1 is current" in p.stdout and "differed" not in p.stderr
+    assert live.stat().st_ino == before
 
 
 def test_rollback_runs_the_check_too(installed: Cluster) -> None:

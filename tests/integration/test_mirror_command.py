@@ -521,6 +521,22 @@ def test_a_served_release_a_node_would_refuse_is_copied_again(
     assert mirror(cluster, cluster.repo, dest).stdout == "mx: serial 1 is current\n"
 
 
+def test_a_map_older_releases_left_newer_than_the_manifest_is_hashed_not_refused(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """An unchanged map keeps its first release's time in every later one (the publisher
+    copies it with its time), and a clock ahead then makes it newer than a later manifest:
+    the quick check hashes it, finds the release whole, and serves it."""
+    cluster.publish()
+    dest = tmp_path / "mirror"
+    assert mirror(cluster, cluster.repo, dest).returncode == 0
+    for root in (cluster.repo, dest):
+        served = root / "mx" / "releases" / "1" / "domains"
+        ahead = served.stat().st_mtime_ns + 3600 * 10**9
+        os.utime(served, ns=(ahead, ahead))
+    assert mirror(cluster, cluster.repo, dest).stdout == "mx: serial 1 is current\n"
+
+
 def test_a_file_damaged_on_the_mirror_is_not_linked_into_the_next_release(
     cluster: Cluster, tmp_path: Path
 ) -> None:

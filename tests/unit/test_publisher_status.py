@@ -10,7 +10,7 @@ import pytest
 
 from mapsync.config import PublisherConfig
 from mapsync.errors import EXIT_ERROR, EXIT_OK, EXIT_UNKNOWN, EXIT_WARNING
-from mapsync.publish.runlog import RUNLOG, publisher_status, record_run
+from mapsync.publish.runlog import RUNLOG, publisher_status, record_pushes, record_run
 from mapsync.release import iso, utcnow
 
 
@@ -76,3 +76,22 @@ def test_a_damaged_note_is_unknown_not_a_crash(tmp_path: Path, content: bytes) -
     assert publisher_status(_cfg(tmp_path)).code == EXIT_UNKNOWN
     record_run(tmp_path, None)  # and the next run writes a good one
     assert publisher_status(_cfg(tmp_path)).code == EXIT_OK
+
+
+def test_failed_pushes_warn_per_channel_until_that_channel_pushes_again(tmp_path: Path) -> None:
+    record_run(tmp_path, None)
+    record_pushes(tmp_path, {"mx": "published, but the push failed for 1 destination(s) (mx)"})
+    record_pushes(tmp_path, {"store": None})  # a run of another channel: mx's note stays
+    st = publisher_status(_cfg(tmp_path))
+    assert st.code == EXIT_WARNING
+    assert st.message.startswith("published, but the push failed for 1 destination(s) (mx); ")
+    assert st.push_failed == "published, but the push failed for 1 destination(s) (mx)"
+    record_pushes(tmp_path, {"mx": None, "store": None})  # pushed again, or push removed
+    st = publisher_status(_cfg(tmp_path))
+    assert (st.code, st.push_failed) == (EXIT_OK, None)
+    # A stopped publisher is told as such, not as its last pushes.
+    record_pushes(tmp_path, {"mx": "push failed"})
+    note = json.loads((tmp_path / RUNLOG).read_text())
+    note["last_run"] = note["last_success"] = iso(utcnow() - timedelta(days=1))
+    (tmp_path / RUNLOG).write_text(json.dumps(note))
+    assert publisher_status(_cfg(tmp_path)).message.startswith("no publish run for ")
