@@ -54,11 +54,17 @@ def manifest_in(releases: Path, serial: int) -> Manifest:
 def history_of(
     releases: Path, latest: int | None = None, installed: int | None = None
 ) -> list[HistoryEntry]:
-    """Every release under ``releases``, oldest first; ``latest`` and ``installed`` mark one."""
+    """Every release under ``releases``, oldest first; ``latest`` and ``installed`` mark one.
+    One whose manifest cannot be read is left out, named in a warning: the others are still
+    worth listing (a damaged kept copy on a node, a release half-removed by hand)."""
     out = []
     previous = None
     for serial in serials_in(releases):
-        m = manifest_in(releases, serial)
+        try:
+            m = manifest_in(releases, serial)
+        except MapsyncError as exc:
+            _log.warning("release not listed: its manifest cannot be read", problem=str(exc))
+            continue
         changed = [
             name
             for name, entry in sorted(m.maps.items())

@@ -8,6 +8,7 @@ from sqlalchemy import create_engine, delete, insert, select, update
 
 from mapsync.sources import schema as t
 from tests.conftest import Cluster
+from tests.helpers.agent import add_account
 
 
 def test_history_and_diff_name_the_release_and_the_keys_that_changed(cluster: Cluster) -> None:
@@ -86,3 +87,22 @@ def test_diff_names_a_changed_password_and_never_prints_a_hash(cluster: Cluster)
     ]
     assert row[-3:] == ["0", "0", "1"], back
     assert "$6$" not in back and "aaaa" not in back and "bbbb" not in back, back
+
+
+def test_history_on_a_node_lists_the_kept_releases_around_a_damaged_one(
+    cluster: Cluster,
+) -> None:
+    """One kept manifest damaged (a disk, a hand) made `history --agent` fail whole (exit 5):
+    the others are listed, the damaged one named in a warning."""
+    for local in ("", "kept.two", "kept.three"):
+        if local:
+            add_account(cluster, local)
+        cluster.publish()
+        cluster.pull()
+    kept = cluster.state / "mx" / "releases"
+    (kept / "2" / "MANIFEST.json").write_text("{ damaged")
+    p = cluster.cli("history", "--agent")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert [line.split()[0] for line in p.stdout.splitlines()[1:]] == ["1", "3"]
+    assert "release not listed: its manifest cannot be read" in p.stderr
+    assert str(kept / "2" / "MANIFEST.json") in p.stderr
