@@ -14,6 +14,7 @@ the source: the release it installs (never below the serial floor) replaces the 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -97,12 +98,10 @@ def check_and_repair(node: NodeChannel, *, full: bool = False) -> LiveOutcome:
                 )
             else:
                 state.highest_serial = max(check.manifest.serial, state.highest_serial or 0)
-            drifted = (
-                _drifted(ch, check.manifest, check.directory)
-                if check.directory.name != state.ownership_unmet
-                else []
-            )
-            if drifted:
+            drifted, key = _drifted(ch, check.manifest, check.directory)
+            # Not again for a set whose rebuilt files could not keep these settings, unless
+            # asked (verify --repair: a full check).
+            if drifted and (full or key != state.ownership_unmet):
                 return _give_ownership(node, check.manifest, drifted, full)
         return LiveOutcome(check.manifest, [], checked_fully=full)
 
@@ -142,21 +141,28 @@ def check_and_repair(node: NodeChannel, *, full: bool = False) -> LiveOutcome:
     return LiveOutcome(manifest, check.problems, repaired=True, checked_fully=True)
 
 
-def _drifted(ch: AgentChannel, manifest: Manifest, directory: Path) -> list[str]:
+def _drifted(ch: AgentChannel, manifest: Manifest, directory: Path) -> tuple[list[str], str]:
     """The live files whose owner, group or mode are not what the channel's ``files``
     settings (or mapsync's defaults) give now: changed by hand, or a setting that changed or
-    could not be met when the set was built (the ``dovecot`` group made after it)."""
+    could not be met when the set was built (the ``dovecot`` group made after it). And a key
+    naming this set directory (its name and inode: a name comes back) and these settings,
+    for ``ownership_unmet``."""
     try:
         owners = ownership(ch, manifest, warn=False)
     except InstallError:
-        return []  # a user or group this node does not have: the next install says so
+        return [], ""  # a user or group this node does not have: the next install says so
     drifted = []
     for name, m in sorted(manifest.maps.items()):
         for file, _, _ in m.installed_files():
             with contextlib.suppress(OSError):  # a missing file: the damage check's to find
                 if settings_differ(directory / file, owners[name]):
                     drifted.append(file)
-    return drifted
+    try:
+        inode = directory.stat().st_ino
+    except OSError:
+        inode = 0
+    wanted = hashlib.sha256(repr(sorted(owners.items())).encode()).hexdigest()[:16]
+    return drifted, f"{directory.name} {inode} {wanted}"
 
 
 def _give_ownership(
@@ -201,9 +207,9 @@ def _give_ownership(
         files=drifted,
     )
     now = node.live.current()
-    unmet = _drifted(ch, manifest, now) if now is not None else []
-    if unmet and now is not None:
-        state.ownership_unmet = now.name
+    unmet, key = _drifted(ch, manifest, now) if now is not None else ([], "")
+    state.ownership_unmet = key if unmet else None
+    if unmet:
         _log.warning(
             "the new files could not be given their owner, group or mode either (a filesystem "
             "that forces them?); not tried again before the next release",

@@ -91,8 +91,8 @@ class ChannelState:
     last_success: str | None = None  # last good check: source reached, release verified
     last_error: str | None = None
     last_error_at: str | None = None
-    # The live set directory whose files the agent could not give their owner, group or mode
-    # (mapsync.agent.repair): not rebuilt for them again on every pull.
+    # The live set directory (name, inode) and files settings the agent could not give its
+    # files (mapsync.agent.repair): not rebuilt for them again on every pull.
     ownership_unmet: str | None = None
     # Which kind of run failed last: "source" (a poll of the source and its mirrors) or
     # "inbox" (a pull of what was pushed); None in a state file older than the field.

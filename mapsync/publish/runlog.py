@@ -155,8 +155,8 @@ def publisher_status(cfg: PublisherConfig) -> PublisherStatus:
     error = note.get("last_error")
     error = error if isinstance(error, str) else None
     notes = note.get("push_failed")
-    pushes = (
-        "; ".join(str(v) for _, v in sorted(notes.items())) or None
+    pushes = (  # of the channels configured: one removed since pushes nothing
+        "; ".join(str(v) for k, v in sorted(notes.items()) if k in cfg.channels) or None
         if isinstance(notes, dict)
         else None
     )

@@ -8,14 +8,19 @@ from pathlib import Path
 
 import pytest
 
-from mapsync.config import PublisherConfig
+from mapsync.config import PublisherChannel, PublisherConfig
 from mapsync.errors import EXIT_ERROR, EXIT_OK, EXIT_UNKNOWN, EXIT_WARNING
 from mapsync.publish.runlog import RUNLOG, publisher_status, record_pushes, record_run
 from mapsync.release import iso, utcnow
 
 
 def _cfg(repo: Path) -> PublisherConfig:
-    return PublisherConfig(database="sqlite://", repository=repo, signing_key=repo / "k")
+    return PublisherConfig(
+        database="sqlite://",
+        repository=repo,
+        signing_key=repo / "k",
+        channels={name: PublisherChannel(name, ("domains",)) for name in ("mx", "store")},
+    )
 
 
 def _note(repo: Path, run_ago: int, success_ago: int | None, error: str | None) -> None:
@@ -89,6 +94,8 @@ def test_failed_pushes_warn_per_channel_until_that_channel_pushes_again(tmp_path
     record_pushes(tmp_path, {"mx": None, "store": None})  # pushed again, or push removed
     st = publisher_status(_cfg(tmp_path))
     assert (st.code, st.push_failed) == (EXIT_OK, None)
+    record_pushes(tmp_path, {"gone": "push failed"})  # a channel since removed from the config
+    assert publisher_status(_cfg(tmp_path)).code == EXIT_OK
     # A stopped publisher is told as such, not as its last pushes.
     record_pushes(tmp_path, {"mx": "push failed"})
     note = json.loads((tmp_path / RUNLOG).read_text())
