@@ -157,6 +157,8 @@ def _drifted(ch: AgentChannel, manifest: Manifest, directory: Path) -> tuple[lis
             with contextlib.suppress(OSError):  # a missing file: the damage check's to find
                 if settings_differ(directory / file, owners[name]):
                     drifted.append(file)
+    if not drifted:
+        return [], ""  # every pull: nothing more to work out
     try:
         inode = directory.stat().st_ino
     except OSError:

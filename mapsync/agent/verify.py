@@ -18,15 +18,14 @@ def verify_installed(cfg: AgentConfig, ch: AgentChannel) -> int:
     """Verify signature and every file hash of what ``ch`` has installed; return its serial.
     Without the channel's lock (a check from cron beside the pull timer): a failure while a
     pull swapped in a new set meanwhile is no failure, and the new set is verified instead."""
-    for _ in range(2):
-        node = NodeChannel.look(cfg, ch)
-        try:
-            return _verify(cfg, ch, node)
-        except VerificationError:
-            found = node.installed()
-            if node.live.current() == (found.directory if found is not None else None):
-                raise
-    return _verify(cfg, ch, NodeChannel.look(cfg, ch))
+    node = NodeChannel.look(cfg, ch)
+    try:
+        return _verify(cfg, ch, node)
+    except VerificationError:
+        found = node.installed()
+        if node.live.current() == (found.directory if found is not None else None):
+            raise
+    return _verify(cfg, ch, NodeChannel.look(cfg, ch))  # the set a pull swapped in meanwhile
 
 
 def _verify(cfg: AgentConfig, ch: AgentChannel, node: NodeChannel) -> int:

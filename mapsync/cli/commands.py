@@ -95,8 +95,8 @@ def publish_once(
         pushes = push_channels(
             pub, args.channel, dry_run=args.dry_run, plans=result.plans if result else None
         )
-    if not args.dry_run:
-        _record_pushes(pub, args.channel, pushes)
+        if not args.dry_run:
+            _record_pushes(pub, args.channel, pushes)
     if loop:  # every few seconds: only news, nothing about what stayed the same
         pushes = [p for p in pushes if p.action != "current"]
         if result is not None:
@@ -140,18 +140,14 @@ def _record_pushes(
     pub: config.PublisherConfig, channels: list[str] | None, pushes: list[Push]
 ) -> None:
     """Note in the run note how each channel this run pushed fared (for ``status
-    --publisher``); a channel without ``push`` has nothing failing."""
+    --publisher``)."""
+    from mapsync.publish.push import PushFailed
     from mapsync.publish.runlog import record_pushes
 
     failed: dict[str, str | None] = {}
     for name in channels or pub.channels:
         mine = [p for p in pushes if p.channel == name and p.action == "failed"]
-        if mine:
-            from mapsync.publish.push import PushFailed
-
-            failed[name] = str(PushFailed(mine))
-        else:
-            failed[name] = None
+        failed[name] = str(PushFailed(mine)) if mine else None
     record_pushes(pub.repository, failed)
 
 

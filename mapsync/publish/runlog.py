@@ -59,8 +59,8 @@ def record_pushes(repository: Path, failed: dict[str, str | None]) -> None:
     """Note how the pushes of the channels in ``failed`` went (channel → what failed; None:
     every destination has the release): a publish that succeeded while its pushes fail is
     still a WARNING, or a node that never gets pushes would look fine from here. The other
-    channels' notes stay (a run of one channel says nothing of the others'); a channel no
-    longer pushing is given None. Never fails the run."""
+    channels' notes stay (a run of one channel says nothing of the others'; one removed, or
+    no longer pushing, is not reported: see :func:`publisher_status`). Never fails the run."""
     note = _read(repository)
     old = note.get("push_failed")
     notes = dict(old) if isinstance(old, dict) else {}
@@ -147,16 +147,18 @@ def _ago(then: datetime | None, now: datetime) -> str:
 
 def publisher_status(cfg: PublisherConfig) -> PublisherStatus:
     """OK while publish runs succeed; WARNING when the last run failed, its pushes failed, or
-    no run finished within ``full_check``; CRITICAL when none succeeded for half of ``expires`` (releases
-    then go unrenewed and start to expire on the nodes); UNKNOWN before the first run."""
+    no run finished within ``full_check``; CRITICAL when none succeeded for half of
+    ``expires`` (releases then go unrenewed and start to expire on the nodes); UNKNOWN
+    before the first run."""
     note = _read(cfg.repository)
     now = utcnow()
     last_run, last_success = _stamp(note, "last_run"), _stamp(note, "last_success")
     error = note.get("last_error")
     error = error if isinstance(error, str) else None
     notes = note.get("push_failed")
-    pushes = (  # of the channels configured: one removed since pushes nothing
-        "; ".join(str(v) for k, v in sorted(notes.items()) if k in cfg.channels) or None
+    pushing = {name for name, ch in cfg.channels.items() if ch.push}  # as configured now
+    pushes = (
+        "; ".join(str(v) for k, v in sorted(notes.items()) if k in pushing) or None
         if isinstance(notes, dict)
         else None
     )

@@ -19,7 +19,10 @@ def _cfg(repo: Path) -> PublisherConfig:
         database="sqlite://",
         repository=repo,
         signing_key=repo / "k",
-        channels={name: PublisherChannel(name, ("domains",)) for name in ("mx", "store")},
+        channels={
+            name: PublisherChannel(name, ("domains",), push=(f"/inbox/{name}",))
+            for name in ("mx", "store")
+        },
     )
 
 
@@ -102,3 +105,12 @@ def test_failed_pushes_warn_per_channel_until_that_channel_pushes_again(tmp_path
     note["last_run"] = note["last_success"] = iso(utcnow() - timedelta(days=1))
     (tmp_path / RUNLOG).write_text(json.dumps(note))
     assert publisher_status(_cfg(tmp_path)).message.startswith("no publish run for ")
+
+
+def test_a_channel_that_no_longer_pushes_is_not_warned_about(tmp_path: Path) -> None:
+    record_run(tmp_path, None)
+    record_pushes(tmp_path, {"mx": "published, but the push failed for 1 destination(s) (mx)"})
+    assert publisher_status(_cfg(tmp_path)).code == EXIT_WARNING
+    cfg = _cfg(tmp_path)
+    cfg.channels["mx"] = PublisherChannel("mx", ("domains",))  # its push taken out
+    assert (publisher_status(cfg).code, publisher_status(cfg).push_failed) == (EXIT_OK, None)
