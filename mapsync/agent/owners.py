@@ -34,7 +34,7 @@ class Ownership:
     gid: int = KEEP
 
 
-def ownership(ch: AgentChannel, manifest: Manifest, *, warn: bool = True) -> dict[str, Ownership]:
+def ownership(ch: AgentChannel, manifest: Manifest, *, live: bool = False) -> dict[str, Ownership]:
     """Per map of ``manifest``: ``[agent.channels.C.files.MAP]`` where set, else mapsync's
     default — maps with password hashes 0640, group ``dovecot`` where it exists (Dovecot must
     read them, nobody else may); every other map 0644. Users and groups are looked up now, on
@@ -43,7 +43,7 @@ def ownership(ch: AgentChannel, manifest: Manifest, *, warn: bool = True) -> dic
     An ``owner`` other than root never gets write permission (``0640`` becomes ``0440``): a
     daemon that owns a map must not rewrite what it serves (Dovecot its own passdb). That is
     not a guarantee — a file's owner may chmod it — so such an owner is warned about, once per
-    map and process (``warn``: not by a check of the live set); ``group`` is the way to let a
+    map and process (not by a check of the ``live`` set); ``group`` is the way to let a
     daemon read a map."""
     owners: dict[str, Ownership] = {}
     for name in sorted(manifest.maps):
@@ -52,17 +52,17 @@ def ownership(ch: AgentChannel, manifest: Manifest, *, warn: bool = True) -> dic
         mode = conf.mode if conf.mode is not None else (0o640 if secret else 0o644)
         uid = gid = KEEP
         if conf.owner is not None:
-            uid = _lookup(ch, manifest, name, "owner", conf.owner)
+            uid = _lookup(ch, manifest, name, "owner", conf.owner, live)
             if uid != 0:
                 mode &= ~0o200
-                if warn:
+                if not live:
                     _warn_owner(ch, name, conf.owner, mode)
         if conf.group is not None:
-            gid = _lookup(ch, manifest, name, "group", conf.group)
+            gid = _lookup(ch, manifest, name, "group", conf.group, live)
         elif secret:
             with contextlib.suppress(KeyError):  # no Dovecot on this node: root-only is safe
                 gid = grp.getgrnam(SECRET_GROUP).gr_gid
-        if warn and secret and mode & 0o004:
+        if not live and secret and mode & 0o004:
             _log.warning(
                 "a map with password hashes is configured readable by every user",
                 channel=ch.name,
@@ -90,9 +90,10 @@ def _warn_owner(ch: AgentChannel, name: str, owner: str, mode: int) -> None:
     )
 
 
-def _lookup(ch: AgentChannel, manifest: Manifest, name: str, key: str, who: str) -> int:
+def _lookup(ch: AgentChannel, manifest: Manifest, name: str, key: str, who: str, live: bool) -> int:
     """uid of user ``who`` (key "owner") or gid of group ``who`` (key "group"); a number is
-    taken as an id when no user or group has that name."""
+    taken as an id when no user or group has that name. ``live``: looked up for the set
+    already live (its files are then left as they are)."""
     try:
         if key == "owner":
             return pwd.getpwnam(who).pw_uid
@@ -103,7 +104,12 @@ def _lookup(ch: AgentChannel, manifest: Manifest, name: str, key: str, who: str)
     kind = "user" if key == "owner" else "group"
     raise InstallError(
         f"channel {ch.name}: [agent.channels.{ch.name}.files.{name}] {key}: no {kind} {who!r} "
-        f"on this node (map {name}); serial {manifest.serial} not installed, the old set keeps serving"
+        f"on this node (map {name}); "
+        + (
+            f"the live files of serial {manifest.serial} are left as they are"
+            if live
+            else f"serial {manifest.serial} not installed, the old set keeps serving"
+        )
     )
 
 

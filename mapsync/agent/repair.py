@@ -148,9 +148,10 @@ def _drifted(ch: AgentChannel, manifest: Manifest, directory: Path) -> tuple[lis
     naming this set directory (its name and inode: a name comes back) and these settings,
     for ``ownership_unmet``."""
     try:
-        owners = ownership(ch, manifest, warn=False)
-    except InstallError:
-        return [], ""  # a user or group this node does not have: the next install says so
+        owners = ownership(ch, manifest, live=True)
+    except InstallError as exc:  # a user or group this node does not have
+        _log.warning("the files settings cannot be given to the live set", error=str(exc))
+        return [], ""
     drifted = []
     for name, m in sorted(manifest.maps.items()):
         for file, _, _ in m.installed_files():

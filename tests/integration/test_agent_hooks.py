@@ -579,6 +579,24 @@ def test_an_unknown_group_is_refused_before_the_swap_naming_the_map(installed: C
     assert "no group 'no-such-group-x'" in str(read_state(installed)["last_error"])
 
 
+def test_an_unknown_group_with_nothing_new_to_install_is_said_by_the_pull(
+    installed: Cluster,
+) -> None:
+    """A ``files`` group this node lacks, set while nothing new is published: the pull that
+    compares the live files with the settings said nothing at all (status OK); it now warns,
+    naming the key, and leaves the live files as they are."""
+    configure(installed, files={"virtual": {"mode": "0640", "group": "no-such-group-x"}})
+    before = tree_snapshot(installed.target)
+    p = installed.cli("pull")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "the files settings cannot be given to the live set" in p.stderr
+    assert (
+        "[agent.channels.mx.files.virtual] group: no group 'no-such-group-x' on this node "
+        "(map virtual); the live files of serial 1 are left as they are"
+    ) in p.stderr
+    assert tree_snapshot(installed.target) == before
+
+
 def test_an_unknown_owner_is_refused_naming_the_key(installed: Cluster) -> None:
     add_account(installed, "zz-nouser")
     installed.publish()
