@@ -148,6 +148,18 @@ def _decide(
             "installed (a stale mirror, a rollback attack or a restored publisher); nothing changed"
         )
     if current is None:
+        if state.pinned is not None:
+            # Nothing of this channel is live and no verified copy of the pinned serial is
+            # kept (check_and_repair would have restored it): LATEST goes live, and a pin
+            # left on another serial would have status tell of a release that is not live.
+            _log.warning(
+                "no verified copy of the pinned serial is kept here; LATEST is installed and "
+                "the pin lifted (`mapsync rollback` pins again)",
+                channel=ch.name,
+                pinned=state.pinned,
+                latest=latest.serial,
+            )
+            state.pinned = None
         return None
     if state.pinned is not None and latest.serial >= current.serial:
         return _pinned(ch, current, latest)

@@ -79,6 +79,11 @@ def check_and_repair(node: NodeChannel, *, full: bool = False) -> LiveOutcome:
             target=str(target),
         )
         node.saw_installed(None)
+        if state.pinned is not None:
+            # A rollback pinned this channel: its pinned release replaces the set, not LATEST.
+            return _restore(
+                node, state.pinned, [f"the live set was channel {check.manifest.channel}'s"]
+            )
         return LiveOutcome(None, [])
     if check.manifest is not None and not check.record_used and not full:
         # No record of this very set (a run killed between its swap and saving the state):
@@ -118,27 +123,32 @@ def check_and_repair(node: NodeChannel, *, full: bool = False) -> LiveOutcome:
         if check.manifest is not None
         else state.live_serial or state.pinned or max(paths.kept.serials(), default=None)
     )
+    return _restore(node, serial, check.problems)
+
+
+def _restore(node: NodeChannel, serial: int | None, problems: list[str]) -> LiveOutcome:
+    """Install the verified copy of ``serial`` kept in STATE in a new swap; with none, nothing
+    is live and the source's release replaces the set."""
     found = _verified_copy(node, serial) if serial is not None else None
     if found is None:
         _log.error(
             "no verified copy of the live release is kept here; the source's release replaces it",
-            channel=ch.name,
+            channel=node.ch.name,
             serial=serial,
         )
-        return LiveOutcome(None, check.problems)
+        return LiveOutcome(None, problems)
     from mapsync.agent.install import install
 
-    src, manifest = found.path, found.manifest
     install(node, found)
-    state.last_repair = iso(utcnow())
+    node.state.last_repair = iso(utcnow())
     _log.warning(
         "repaired the live set: a new swap from the verified copy",
-        channel=ch.name,
-        serial=manifest.serial,
-        copy=str(src),
-        problems=check.problems,
+        channel=node.ch.name,
+        serial=found.manifest.serial,
+        copy=str(found.path),
+        problems=problems,
     )
-    return LiveOutcome(manifest, check.problems, repaired=True, checked_fully=True)
+    return LiveOutcome(found.manifest, problems, repaired=True, checked_fully=True)
 
 
 def _drifted(ch: AgentChannel, manifest: Manifest, directory: Path) -> tuple[list[str], str]:

@@ -249,7 +249,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
             worst = max(worst, exc.exit_code)
             continue
         if r.repaired:
-            print(f"{ch.name}: the live set was damaged and is repaired: " + "; ".join(r.repaired))
+            print(f"{ch.name}: the live set is repaired: " + "; ".join(r.repaired))
         if r.action == "current":
             print(f"{ch.name}: serial {r.serial} is current")
         elif r.action == "pinned":

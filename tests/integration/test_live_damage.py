@@ -60,7 +60,7 @@ def test_a_deleted_live_cdb_is_critical_in_status_and_the_next_pull_restores_it(
 
     p = node.cli("pull")
     assert p.returncode == 0, p.stderr
-    assert "mx: the live set was damaged and is repaired" in p.stdout
+    assert "mx: the live set is repaired" in p.stdout
     assert "mx: serial 1 is current" in p.stdout
     assert_healthy(node)
     assert reloads(node) == before + 1  # a repair is a swap: the daemons are told

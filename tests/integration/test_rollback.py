@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -31,6 +32,7 @@ from tests.helpers.agent import (
 )
 from tests.helpers.config import publish_expiring
 from tests.helpers.processes import processes, started, wait_for_children
+from tests.helpers.publisher import add_channels
 
 SECOND = "zz-second@example-1.org"  # from serial 2 on
 THIRD = "zz-third@example-1.org"  # from serial 3 on
@@ -437,3 +439,59 @@ def test_rollback_publisher_refuses_a_release_not_signed_by_its_key(three: Clust
     path = three.repo / "mx" / "releases" / "1" / MANIFEST
     path.write_bytes(path.read_bytes().replace(b'"entries": ', b'"entries": 1', 1))
     _publisher_refused(three, ["1"], 5, "signature does not verify")
+
+
+def _give_target_to_edge(cluster: Cluster) -> str:
+    """Have the node's target hold channel edge's serial 1 (its channel renamed to edge for
+    a pull, then back); returns the config naming mx."""
+    add_channels(cluster, '[publisher.channels.edge]\nmaps = ["domains", "recipients"]\n')
+    cluster.publish()
+    config = cluster.config_path.read_text()
+    cluster.config_path.write_text(
+        config.replace("[agent.channels.mx]", "[agent.channels.edge]").replace(
+            f'source = "{cluster.repo / "mx"}"', f'source = "{cluster.repo / "edge"}"'
+        )
+    )
+    assert "edge: installed serial 1" in cluster.pull().stdout
+    cluster.config_path.write_text(config)
+    return config
+
+
+def test_a_pinned_channel_whose_live_set_became_another_channels_gets_its_pinned_release_back(
+    three: Cluster,
+) -> None:
+    """Another channel's set in the target is installed over, as on a new node, but a channel
+    pinned by a rollback gets its pinned release back (from the copy kept in STATE), not
+    LATEST, and stays pinned."""
+    three.cli("rollback", check=True)  # serial 2 live and pinned
+    _give_target_to_edge(three)
+
+    p = three.pull()
+    assert "mx: the live set is repaired: the live set was channel edge's" in p.stdout
+    assert "mx: pinned to serial 2 by rollback; LATEST is 3, not installed" in p.stdout
+    live = json.loads((three.target / ".mapsync" / "current" / MANIFEST).read_text())
+    assert (live["channel"], live["serial"]) == ("mx", 2)
+    assert lookup(three, SECOND) == "OK"
+    assert lookup(three, THIRD) is None
+    assert read_state(three)["pinned"] == 2
+    assert three.cli("verify").returncode == 0
+
+
+def test_a_pin_whose_release_is_kept_nowhere_is_lifted_when_latest_must_replace_the_live_set(
+    three: Cluster,
+) -> None:
+    """Nothing of the channel is live and no verified copy of the pinned serial is kept: LATEST
+    goes live and the pin is lifted with a warning (status must not tell of a pin on a
+    release that is not live)."""
+    three.cli("rollback", check=True)
+    _give_target_to_edge(three)
+    shutil.rmtree(kept(three))
+    shutil.rmtree(three.state / "mx" / "basis")
+
+    p = three.pull()
+    assert "mx: installed serial 3" in p.stdout
+    assert "the pin lifted" in p.stderr
+    assert lookup(three, THIRD) == "OK"
+    assert read_state(three)["pinned"] is None
+    st = three.cli("status")
+    assert "pinned" not in st.stdout, st.stdout
