@@ -17,10 +17,18 @@ from mapsync.errors import LockBusy
 
 
 @contextmanager
-def waiting_lock(path: Path, wait: float, busy: str) -> Iterator[None]:
+def waiting_lock(path: Path, wait: float, busy: str, *, create: bool = True) -> Iterator[None]:
     """Hold an exclusive lock on ``path``, waiting up to ``wait`` seconds; LockBusy(``busy``,
-    plus how long it waited) if another process still holds it then."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    plus how long it waited) if another process still holds it then. ``create=False`` (a
+    reader that writes nothing): the file is opened only to read, and where there is none yet
+    (so no holder either) nothing is locked."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT if create else os.O_RDONLY, 0o644)
+    except FileNotFoundError:
+        if create:
+            raise
+        yield
+        return
     try:
         deadline = time.monotonic() + wait
         while True:

@@ -426,7 +426,7 @@ def _releases(args: argparse.Namespace, name: str) -> tuple[Path, int | None, in
     from mapsync.publish.history import latest_or_none
     from mapsync.publish.repository import Repository
 
-    repo = Repository(cfg.need_publisher().repository)
+    repo = Repository(cfg.need_publisher().repository, read_only=True)
     return repo.releases(name), latest_or_none(repo, name), None
 
 

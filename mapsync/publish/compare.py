@@ -598,7 +598,7 @@ def read_published(
     for name in names:
         if name not in pub.channels:
             raise ConfigError(f"unknown channel {name} (configured: {', '.join(pub.channels)})")
-    repo = Repository(pub.repository)
+    repo = Repository(pub.repository, read_only=True)
     maps: dict[str, dict[str, str]] = {}
     serials: dict[str, int] = {}
     for name in names:

@@ -319,16 +319,20 @@ class Publisher:
             check_owner(self.cfg.repository, "the repository")
         key = None if dry_run else load_private(self.cfg.signing_key)
         self._public = key.public_key() if key else self._public_half()
-        with self.repo.lock(self.cfg.lock_wait):
-            try:
-                result = self._sourced_run(selected, key, dry_run, force, skip_invalid)
-            except MapsyncError as exc:
-                if not dry_run:  # for `mapsync status --publisher`
-                    record_run(self.cfg.repository, str(exc))
-                raise
-            if not dry_run:
-                record_run(self.cfg.repository, None)
-            return result
+        self.repo.read_only = dry_run
+        try:
+            with self.repo.lock(self.cfg.lock_wait):
+                try:
+                    result = self._sourced_run(selected, key, dry_run, force, skip_invalid)
+                except MapsyncError as exc:
+                    if not dry_run:  # for `mapsync status --publisher`
+                        record_run(self.cfg.repository, str(exc))
+                    raise
+                if not dry_run:
+                    record_run(self.cfg.repository, None)
+                return result
+        finally:
+            self.repo.read_only = False
 
     def _sourced_run(
         self,

@@ -154,7 +154,7 @@ def push_channels(
     """Push the current release of every selected channel to each destination that does not
     have it yet. A dry run pushes nothing: it reports what would be pushed, counting the
     serial ``plans`` would publish."""
-    repo = Repository(cfg.repository)
+    repo = Repository(cfg.repository, read_only=dry_run)
     channels = [ch for ch in cfg.channels.values() if ch.push and (not names or ch.name in names)]
     # A plan the guards refuse publishes nothing: its serial is never pushed.
     planned = {

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -29,7 +30,7 @@ from typing import TYPE_CHECKING
 
 from mapsync import log
 from mapsync.access import denied, is_denied
-from mapsync.atomic import atomic_write, commit_dir, fsync_dir, remove_tree
+from mapsync.atomic import atomic_write, commit_dir, fsync_dir, remove_tree, scratch_dir
 from mapsync.errors import MapsyncError
 from mapsync.locks import waiting_lock
 from mapsync.release import (
@@ -109,8 +110,13 @@ class Repository:
     """The release tree under ``root``: its paths, what is published there, and the one way a
     release is staged (:meth:`stage`) and made visible (:meth:`commit`)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, read_only: bool = False) -> None:
         self.root = root
+        # For a dry run and the commands that only read: nothing is written into the
+        # repository (a release is staged in a private temporary directory, no lock file or
+        # note is made, no note of an earlier mapsync moved), so a run as another user (root
+        # previewing, a monitoring user) leaves nothing the publisher could not write.
+        self.read_only = read_only
 
     def channel(self, name: str) -> Path:
         """The directory of channel ``name``: what its nodes can reach."""
@@ -124,7 +130,7 @@ class Repository:
         """The publisher's note ``name`` of ``channel``, outside what nodes can reach. Notes an
         earlier mapsync kept in the channel directory are moved there first (all of them)."""
         directory = self.root / PRIVATE / channel
-        for note, legacy_name in LEGACY.items():
+        for note, legacy_name in () if self.read_only else LEGACY.items():
             legacy = self.channel(channel) / legacy_name
             if os.path.lexists(legacy):
                 self._move_note(legacy, directory / note)
@@ -287,6 +293,11 @@ class Repository:
         ``last``, see :meth:`next_serial`), removed on leaving, committed or not. A crashed
         run's leftovers are removed first. Hold the repository lock."""
         serial = self.next_serial(channel, last)
+        if self.read_only:
+            with scratch_dir(Path(tempfile.gettempdir()), f"mapsync-dry-run-{channel}-") as tmp:
+                (tmp / str(serial)).mkdir()
+                yield Staging(channel, serial, tmp / str(serial))
+            return
         self.unstage(channel)  # a crashed run's leftovers
         path = self.channel(channel) / STAGING / str(serial)
         try:
@@ -298,7 +309,8 @@ class Repository:
     def unstage(self, channel: str) -> None:
         """Remove the staging directory of ``channel``, whatever is in it (also after the
         context of :meth:`stage` was lost: a signal as an ExitStack entered it)."""
-        remove_tree(self.channel(channel) / STAGING, ignore_errors=True)
+        if not self.read_only:
+            remove_tree(self.channel(channel) / STAGING, ignore_errors=True)
 
     def commit(
         self,
@@ -372,9 +384,11 @@ class Repository:
     @contextmanager
     def lock(self, wait: float = 30.0) -> Iterator[None]:
         """Hold the repository lock; wait up to ``wait`` seconds for another publisher."""
-        self.root.mkdir(parents=True, exist_ok=True)
+        if not self.read_only:
+            self.root.mkdir(parents=True, exist_ok=True)
         lock = self.root / ".lock"
-        with waiting_lock(lock, wait, f"{self.root}: another publisher is running (on {lock})"):
+        busy = f"{self.root}: another publisher is running (on {lock})"
+        with waiting_lock(lock, wait, busy, create=not self.read_only):
             yield
 
     def collect_garbage(self, channel: str, keep: int) -> list[int]:

@@ -101,7 +101,7 @@ def publisher_metrics(cfg: PublisherConfig, st: PublisherStatus) -> str:
         stamp = getattr(st, key)
         if stamp:
             samples[name].append(f" {int(parse_iso(stamp).timestamp())}")
-    repo = Repository(cfg.repository)
+    repo = Repository(cfg.repository, read_only=True)
     for channel in sorted(cfg.channels):
         try:
             latest = repo.latest(channel)

@@ -62,6 +62,25 @@ def test_a_publish_by_another_user_than_the_repository_owner_writes_nothing(
     assert tree_snapshot(shared.repo) == before
 
 
+def test_a_dry_run_by_root_before_the_first_publish_leaves_nothing_the_owner_cannot_write(
+    shared: Cluster,
+) -> None:
+    """An operator previewing as root on a new repository: the dry run stages in a private
+    temporary directory and takes no lock file it would have to make, so the repository stays
+    empty (it made ``mx/`` and ``.lock`` as root, and every publish by the owner then failed)."""
+    p = shared.cli("publish", "--dry-run")
+    assert p.returncode == 1 and "would publish serial 1" in p.stdout, p.stdout + p.stderr
+    assert os.listdir(shared.repo) == []
+    mtime = os.stat(shared.repo).st_mtime_ns
+    assert run_as(USER, shared.config_path, "publish").returncode == 0
+    assert latest(shared) == 1
+    add_account(shared, "zz-previewed")
+    before = {p: os.stat(p).st_mtime_ns for p in (shared.repo, shared.repo / "mx")}
+    assert shared.cli("publish", "--dry-run").returncode == 1
+    assert {p: os.stat(p).st_mtime_ns for p in before} == before
+    assert mtime != before[shared.repo]
+
+
 def test_an_unreadable_signing_key_names_the_key_the_user_and_the_owner(shared: Cluster) -> None:
     key = shared.root / "keys" / "signing.key"
     chown(key, "root")
