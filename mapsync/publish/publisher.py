@@ -75,7 +75,7 @@ from mapsync.release import (
     utcnow,
 )
 from mapsync.release.patch import KeyCounts
-from mapsync.signing import load_private, load_public, public_path
+from mapsync.signing import key_id, load_private, load_public, public_path
 from mapsync.snapshot import (
     Account,
     Domain,
@@ -302,6 +302,8 @@ class Publisher:
         # How the last run read the database: "unchanged" (the fingerprint), "incremental" or
         # "full" (for the loop's log and the tests).
         self.last_read = ""
+        # (key id, public key file's bytes) last compared by _check_public_half.
+        self._public_checked: tuple[str, bytes] | None = None
 
     def run(
         self,
@@ -817,6 +819,33 @@ class Publisher:
         except MapsyncError:
             return None
 
+    def _check_public_half(self, key: Ed25519PrivateKey) -> None:
+        """Warn if the public key file beside the signing key (what an operator copies to the
+        nodes' ``trusted_keys``) is not its public half: a key replaced without its ``.pub``,
+        whose releases every node given that file refuses. A warning, not a refusal: the
+        nodes may trust the right key from elsewhere. Once per key and file content."""
+        path = public_path(self.cfg.signing_key)
+        try:
+            data = path.read_bytes()
+        except OSError:
+            return  # none beside it: the operator keeps the public half elsewhere
+        ours = key_id(key.public_key())
+        if self._public_checked == (ours, data):
+            return
+        self._public_checked = (ours, data)
+        try:
+            theirs = key_id(load_public(path))
+        except MapsyncError as exc:
+            theirs = f"unreadable ({exc})"
+        if theirs != ours:
+            _log.warning(
+                "the public key beside the signing key is not its public half: a node that "
+                "trusts that file refuses every release signed now",
+                public_key=str(path),
+                its_key_id=theirs,
+                signing_key_id=ours,
+            )
+
     def _signed_by_us(self, channel: str, serial: int) -> bool:
         """Whether release ``serial`` carries our key's signature (:func:`signed_by`)."""
         return signed_by(self.repo, self._public, channel, serial)
@@ -1133,6 +1162,7 @@ class Publisher:
     def _commit(self, staged: _Staged, key: Ed25519PrivateKey) -> None:
         if staged.manifest is None:
             return
+        self._check_public_half(key)
         self.repo.commit(
             staged.staging,
             staged.manifest,

@@ -62,3 +62,28 @@ def test_rotating_the_signing_key_without_a_window_of_untrusted_releases(cluster
         f"{old_id} (unverified); trusted keys: {new_id} ({keys / 'signing-2.pub'})"
     ) in proc.stderr
     assert cluster.cli("verify").returncode == 0  # serial 2 still installed and intact
+
+
+def test_a_signing_key_replaced_without_its_public_half_is_warned_about_when_it_signs(
+    cluster: Cluster,
+) -> None:
+    """The key restored from another backup, or made by another tool over the old file, and
+    the ``.pub`` beside it left as it was: that file, copied to the nodes, would have them
+    refuse every release. The publish that signs says so, naming both key ids."""
+    keys = cluster.root / "keys"
+    cluster.publish()
+    old_id = key_id(load_public(keys / "signing.pub"))
+    _, new_id = keygen(keys / "other.key")
+    (keys / "signing.key").write_bytes((keys / "other.key").read_bytes())
+    p = cluster.publish()
+    assert "renewed serial 2" in p.stdout
+    assert "the public key beside the signing key is not its public half" in p.stderr
+    assert f"its_key_id={old_id}" in p.stderr and f"signing_key_id={new_id}" in p.stderr
+    (keys / "signing.pub").write_bytes((keys / "other.pub").read_bytes())
+    engine = create_engine(cluster.db_url)
+    with engine.begin() as conn:
+        conn.execute(insert(t.account).values(domain_id=1, local_part="zz-new", status="active"))
+    engine.dispose()
+    p = cluster.publish()
+    assert "published serial 3" in p.stdout, p.stdout
+    assert "not its public half" not in p.stderr, p.stderr
