@@ -46,6 +46,9 @@ class LiveCheck:
     # Files found as new inodes with their recorded size and mtime (the set copied or restored
     # with ``cp -a``) whose sha256 still matched: the record should be taken again.
     rerecord: bool = False
+    # Of ``problems``: files in the set's directory that its manifest does not name (no map
+    # is changed by them; a pull still swaps in a set without them).
+    strays: list[str] = field(default_factory=list)
 
     @property
     def damaged(self) -> bool:
@@ -176,6 +179,15 @@ def check_live(
             digest, _ = text.sha256_file(path)
             if digest != expected[file][2]:
                 out.problems.append(f"{target / file}: sha256 differs from the manifest{what}")
+    try:
+        strays = sorted(set(os.listdir(cur)) - set(expected) - {MANIFEST, SIGNATURE})
+    except OSError:
+        strays = []
+    for name in strays:
+        # Nothing the manifest names: dropped there by hand, or an editor's swap file of a
+        # live map. Never linked into TARGET; a new set without it is swapped in.
+        out.strays.append(f"{cur / name}: in the live set, but no file of its manifest")
+    out.problems += out.strays
     for file in sorted(expected):
         # What the daemons open: the link in TARGET (pull re-creates a lost one at once).
         if file in out.files and not os.path.exists(target / file):

@@ -25,7 +25,7 @@ from mapsync import log, signals
 from mapsync.agent import inbox
 from mapsync.agent.damage import stat_files
 from mapsync.agent.hooks import run_check
-from mapsync.agent.liveset import SwapUnfinished, read_installed
+from mapsync.agent.liveset import SwapUnfinished, live_names, read_installed
 from mapsync.agent.node import NodeChannel
 from mapsync.agent.owners import KEEP, Ownership, has_ownership, ownership
 from mapsync.atomic import copy_into, remove_tree
@@ -358,13 +358,6 @@ def _create(path: Path, name: str, own: Ownership, ch: AgentChannel) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     os.close(fd)
     _protect(path, name, own, ch)
-
-
-def live_names(manifest: Manifest) -> set[str]:
-    """The names the live set of ``manifest`` links into the target: text maps and cdbs."""
-    names = manifest.files()
-    names |= {m.cdb.file for m in manifest.maps.values() if m.cdb is not None}
-    return names
 
 
 def verify_built(

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from mapsync import signals
 from mapsync.atomic import atomic_symlink, commit_dir, fsync_dir, remove_tree
+from mapsync.errors import VerificationError
 from mapsync.release import MANIFEST, SIGNATURE, Manifest, manifest_sha256, parse_manifest
 
 SETS = ".mapsync"
@@ -69,6 +70,13 @@ def read_installed(directory: Path) -> Installed:
     return Installed(
         directory, (directory / MANIFEST).read_bytes(), (directory / SIGNATURE).read_bytes()
     )
+
+
+def live_names(manifest: Manifest) -> set[str]:
+    """The names the live set of ``manifest`` links into the target: text maps and cdbs."""
+    names = manifest.files()
+    names |= {m.cdb.file for m in manifest.maps.values() if m.cdb is not None}
+    return names
 
 
 class LiveSet:
@@ -209,7 +217,13 @@ class LiveSet:
         ]
 
     def _link_files(self, live: Path) -> None:
-        wanted = {f for f in os.listdir(live) if f not in (MANIFEST, SIGNATURE)}
+        # The files the set's manifest names, never what else is in its directory (a file
+        # dropped there, an editor's swap file): only they are mapsync's to link. A set whose
+        # manifest does not read is damage for the check (mapsync.agent.damage): links kept.
+        try:
+            wanted = live_names(parse_manifest((live / MANIFEST).read_bytes(), str(live)))
+        except (OSError, VerificationError):
+            return
         # Checked before any link changes, so a refusal leaves the target as it was.
         theirs = self.foreign(wanted)
         if theirs:

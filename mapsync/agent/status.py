@@ -131,12 +131,14 @@ def channel_status(
     st = ChannelStatus(ch.name, EXIT_OK, "", last_error=state.last_error, pinned=state.pinned)
     st.last_repair, st.last_damage = state.last_repair, state.last_damage
     if live.damaged:
-        # What Postfix reads no longer matches what was verified: the maps may fail lookups.
         st.damage = live.problems
+        # What Postfix reads no longer matches what was verified: the maps may fail lookups.
+        # A stray file alone changes no map: a warning.
+        damage = [p for p in live.problems if p not in live.strays]
         problems.append(
             (
-                EXIT_ERROR,
-                "live set damaged ("
+                EXIT_ERROR if damage else EXIT_WARNING,
+                ("live set damaged (" if damage else "stray file(s) in the live set (")
                 + "; ".join(live.problems[:3])
                 + (f"; and {len(live.problems) - 3} more" if len(live.problems) > 3 else "")
                 + "); `mapsync verify --repair` or the next pull restores it",

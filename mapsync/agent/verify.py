@@ -3,14 +3,18 @@ and rebuild it from the verified copy kept in STATE when it is damaged."""
 
 from __future__ import annotations
 
+import os
+
 from mapsync.agent.checks import trusted_keys
 from mapsync.agent.damage import check_live
 from mapsync.agent.hooks import reload_failure
+from mapsync.agent.liveset import live_names
 from mapsync.agent.node import NodeChannel, taken
 from mapsync.agent.repair import check_and_repair
 from mapsync.config import AgentChannel, AgentConfig
 from mapsync.errors import InstallError, VerificationError
 from mapsync.formats import text
+from mapsync.release import MANIFEST, SIGNATURE
 from mapsync.release.verify import verify_manifest
 
 
@@ -41,6 +45,13 @@ def _verify(cfg: AgentConfig, ch: AgentChannel, node: NodeChannel) -> int:
     manifest = verify_manifest(
         found.directory, found.data, found.signature, trusted_keys(cfg), where, channel=ch.name
     ).manifest
+    named = live_names(manifest) | {MANIFEST, SIGNATURE}
+    strays = sorted(set(os.listdir(found.directory)) - named)
+    if strays:
+        raise VerificationError(
+            f"{found.directory / strays[0]}: in the live set, but no file of its manifest "
+            "(`mapsync verify --repair` or the next pull swaps in a set without it)"
+        )
     for name, m in sorted(manifest.maps.items()):
         checks = m.installed_files()
         for file, want, want_size in checks:

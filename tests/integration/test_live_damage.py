@@ -12,7 +12,7 @@ import shutil
 import pytest
 
 from tests.conftest import Cluster
-from tests.helpers.agent import add_account, read_state, renew
+from tests.helpers.agent import MAPS, add_account, read_state, renew
 from tests.helpers.agent_damage import flip_byte_keep_stat, forget_live_record, live_file, lookup
 
 KNOWN = "postmaster@example-1.org"
@@ -231,3 +231,38 @@ def test_a_deliberate_rollback_still_works_under_the_floor(node: Cluster) -> Non
     p = node.cli("pull", "--unpin")
     assert p.returncode == 0 and "installed serial 2" in p.stdout, p.stdout + p.stderr
     assert lookup(node, "zz-new@example-1.org") == (0, "OK")
+
+
+def test_a_stray_file_in_the_live_set_is_never_linked_and_a_pull_swaps_in_a_set_without_it(
+    node: Cluster,
+) -> None:
+    """A file dropped into ``.mapsync/current/`` (by hand, or an editor's swap file of a live
+    map): it was linked into TARGET by every pull, and where the operator had a file of that
+    name in TARGET, every pull then failed blaming the operator's file. Only the manifest's
+    files are linked; the stray is a warning in status, an error in verify, and the next pull
+    swaps in a set without it; the operator's own file stays as it was."""
+    (node.target / "README").write_text("# the operator's own\n")
+    live = node.target / ".mapsync" / "current"
+    (live / "README").write_text("junk\n")
+    (live / ".virtual.swp").write_text("swap\n")
+
+    st = node.cli("status")
+    assert st.returncode == 1, st.stdout
+    assert f"stray file(s) in the live set ({live.resolve() / '.virtual.swp'}: in the live" in (
+        st.stdout
+    )
+    v = node.cli("verify")
+    assert v.returncode == 5 and "in the live set, but no file of its manifest" in v.stderr
+
+    add_account(node, "after-the-stray")
+    node.publish()
+    p = node.cli("pull")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "mx: installed serial 2" in p.stdout
+    assert (node.target / "README").read_text() == "# the operator's own\n"
+    assert not os.path.lexists(node.target / ".virtual.swp")
+    assert sorted(os.listdir(node.target / ".mapsync" / "current")) == sorted(
+        ["MANIFEST.json", "MANIFEST.json.sig", *(f for m in MAPS for f in (m, f"{m}.cdb"))]
+    )
+    assert lookup(node, "after-the-stray@example-1.org") == (0, "OK")
+    assert_healthy(node)
