@@ -17,6 +17,9 @@ PostfixAdmin's rows mean what its own documented Postfix and Dovecot lookups mak
 - ``alias_domain``: every ``user@alias`` resolves as PostfixAdmin's lookups do, in their order:
   the literal alias row, then ``user@target``, then the target's catch-all, then the alias
   domain's own catch-all. Written out as plain aliases of the alias domain.
+- A target that receives nothing here (a mailbox deleted through PostfixAdmin's UI stays in
+  other aliases' ``goto``; a mailbox of an inactive domain) is left out with a warning, not
+  refused: it is what PostfixAdmin itself leaves behind, and must not stop every publish.
 
 Config example::
 
@@ -283,6 +286,34 @@ class _Reader:
                 return ids[ms.name]
         return ids[self.settings.default_mailstore]
 
+    @staticmethod
+    def _drop_dead_targets(
+        literal: dict[str, dict[str, tuple[int, list[str]]]],
+        resolved: _Resolved,
+        domains: dict[str, Domain],
+        relay: set[str],
+    ) -> bool:
+        """Leave out of ``literal`` the targets nothing receives (an alias left with none goes
+        too); whether any was left out."""
+        dropped = False
+        for domain, own in literal.items():
+            for local, (i, targets) in list(own.items()):
+                keep = [t for t in targets if resolved.receives(t, domains, relay)]
+                if keep == targets:
+                    continue
+                dropped = True
+                _log.warning(
+                    "targets that receive nothing here (a deleted mailbox, an inactive domain) "
+                    "left out of an alias" + ("" if keep else "; the alias goes with them"),
+                    alias=f"{local}@{domain}",
+                    targets=[t for t in targets if t not in keep],
+                )
+                if keep:
+                    own[local] = (i, keep)
+                else:
+                    del own[local]
+        return dropped
+
     def build(
         self,
         domains: list[Any],
@@ -323,6 +354,7 @@ class _Reader:
         hosted = {
             n for n, d in model_domains.items() if d.kind == "hosted" and d.status == "active"
         }
+        domain_names = {d.id: n for n, d in model_domains.items()}
         relay_names = {n for n, d in model_domains.items() if d.kind == "relay"}
 
         # Mailboxes.
@@ -369,14 +401,25 @@ class _Reader:
 
         # Aliases: catch-alls, literal aliases, mailbox self-rows (plain or forward).
         literal: dict[str, dict[str, tuple[int, list[str]]]] = defaultdict(dict)
-        forwards: list[Alias] = []
-        forward_to: dict[str, str] = {}  # '@old' → 'new': domain-wide forwards
-        for i, (address, goto, active) in enumerate(
-            sorted(aliases, key=lambda r: (r[0] or "").lower()), start=1
-        ):
+        forwards: list[tuple[int, Account, str, list[str]]] = []
+        # '@old' → ('new', the other targets): domain-wide forwards, read like alias domains.
+        forward_to: dict[str, tuple[str, list[str]]] = {}
+        written_as: dict[str, str] = {}  # address → the first active row's, as written
+        for i, (written, goto, active) in enumerate(sorted(aliases, key=_lowercase_first), start=1):
             if not _yes(active):
                 continue
-            address = (address or "").strip().lower()
+            written = (written or "").strip()
+            address = written.lower()
+            if address in written_as:
+                # PostgreSQL's and SQLite's lookups find the row written in lowercase, MariaDB's
+                # both: the lowercase one (else the first) is used, never one by row order.
+                _log.warning(
+                    "alias rows whose addresses differ only in case: one is used",
+                    used=written_as[address],
+                    ignored=written,
+                )
+                continue
+            written_as[address] = written
             local, _, domain = address.rpartition("@")
             if domain not in model_domains:
                 continue  # PostfixAdmin's domains lookup refuses the address: no mail
@@ -384,16 +427,21 @@ class _Reader:
                 _log.warning("alias skipped", alias=address, reason="a relay (backup MX) domain")
                 continue
             targets = _targets(goto)
+            if not targets:
+                # Postfix takes an empty result as no alias: the catch-all, if any, gets it.
+                _log.warning("alias skipped", alias=address, reason="its goto is empty")
+                continue
             if local and any(t.startswith("@") for t in targets):
                 # Postfix rewrites user@a → '@b' to user@b.
                 targets = [f"{local}{t}" if t.startswith("@") else t for t in targets]
-            if not local and len(targets) == 1 and targets[0].startswith("@"):
-                forward_to[domain] = targets[0][1:].lower()
+            if not local and targets[0].startswith("@") and "@" not in targets[0][1:]:
+                # Postfix rewrites only the first address of a result (virtual(5)).
+                forward_to[domain] = (targets[0][1:].lower(), targets[1:])
                 continue
             owner = mailbox_of.get(address)
             if owner is not None and owner.status == "active":
-                if targets != [address]:
-                    forwards.append(Alias(i, owner.domain_id, local, tuple(targets)))
+                if [t.lower() for t in targets] != [address]:
+                    forwards.append((i, owner, address, targets))
                 continue
             if address in map(str.lower, targets):
                 # The own address of a disabled or deleted mailbox leads nowhere (Postfix would
@@ -404,43 +452,64 @@ class _Reader:
             literal[domain][local] = (i, targets)
 
         # Alias domains and domain-wide forwards: u@A as PostfixAdmin's lookups resolve it.
-        translated: dict[str, str] = dict(forward_to)
+        translated: dict[str, tuple[str, list[str]]] = dict(forward_to)
         for alias_domain, target, active in alias_domains:
             a = (alias_domain or "").strip().lower()
             if _yes(active) and a in model_domains:
-                translated[a] = (target or "").strip().lower()
-        model_aliases: list[Alias] = []
-        next_id = len(aliases) + 1
-        locals_of: dict[int, set[str]] = defaultdict(set)
+                translated[a] = ((target or "").strip().lower(), [])
+        locals_of: dict[str, set[str]] = defaultdict(set)
         for account in accounts:
             if account.status == "active":
-                locals_of[account.domain_id].add(account.local_part)
+                locals_of[domain_names[account.domain_id]].add(account.local_part)
+        for domain, (target, _) in sorted(translated.items()):
+            if domain in hosted and target not in hosted:
+                _log.warning(
+                    "alias domain or domain-wide forward to a domain not hosted here (or not "
+                    "active): not published, mail for the domain is refused (PostfixAdmin's "
+                    "own lookups would rewrite it to the target)",
+                    domain=domain,
+                    target=target,
+                )
+        # A target in a hosted domain that nothing there receives (a mailbox deleted through
+        # PostfixAdmin stays in other aliases' goto), or in an inactive domain: Postfix would
+        # accept and bounce it; left out, with the row named, so one stale goto does not stop
+        # every publish. Leaving out an alias can strand others: again, until none changes.
+        while True:
+            resolved = _Resolved(hosted, locals_of, literal, translated)
+            if not self._drop_dead_targets(literal, resolved, model_domains, relay_names):
+                break
+        model_forwards = []
+        for i, owner, address, targets in forwards:
+            keep = [t for t in targets if resolved.receives(t, model_domains, relay_names)]
+            if keep != targets:
+                _log.warning(
+                    "targets that receive nothing here left out of a forward"
+                    + ("" if keep else "; the mail stays in the mailbox"),
+                    alias=address,
+                    targets=[t for t in targets if t not in keep],
+                )
+            model_forwards.append(
+                Alias(i, owner.domain_id, owner.local_part, tuple(keep or [address]))
+            )
+        model_aliases: list[Alias] = []
+        next_id = len(aliases) + 1
         for domain in sorted(literal.keys() | translated.keys()):
             own = literal.get(domain, {})
             d = model_domains[domain]
-            target = translated.get(domain)
-            if target is not None and domain in hosted and target in hosted:
-                names = locals_of[model_domains[target].id] | {
-                    n for n in literal.get(target, {}) if n
-                }
-                mine = locals_of[d.id]
+            target, extra = translated.get(domain, ("", []))
+            if resolved.translates(domain):
                 label = f"alias_domain {domain!r} → {target!r}"
-                for local in sorted(names - own.keys() - mine):
+                for local in sorted(resolved.names(target) - own.keys() - locals_of[domain]):
                     self.labels[("alias", next_id)] = f"{label} (alias '{local}@{domain}')"
-                    model_aliases.append(Alias(next_id, d.id, local, (f"{local}@{target}",)))
+                    to = (f"{local}@{target}", *extra)
+                    model_aliases.append(Alias(next_id, d.id, local, to))
                     next_id += 1
-                target_catchall = literal.get(target, {}).get("")
+                target_catchall = resolved.catchall(target)
                 if target_catchall is not None:
                     # The target's catch-all wins over the alias domain's own (lookup order).
-                    own = {**own, "": (next_id, target_catchall[1])}
+                    own = {**own, "": (next_id, [*target_catchall, *extra])}
                     self.labels[("alias", next_id)] = f"{label} (catch-all '@{target}')"
                     next_id += 1
-            elif target is not None and domain in hosted:
-                _log.warning(
-                    "alias domain target is not a live hosted domain: no mail for it",
-                    alias_domain=domain,
-                    target=target,
-                )
             for local, (i, targets) in own.items():
                 model_aliases.append(Alias(i, d.id, local, tuple(targets)))
 
@@ -451,12 +520,86 @@ class _Reader:
             accounts=accounts,
             aliases=model_aliases,
             fingerprint=fingerprint,
-            forwards=forwards,
+            forwards=model_forwards,
             denied=denied,
             secrets=self.secrets,
             taken_at=datetime.now(UTC),
             describe=self.describe,
         )
+
+
+def _lowercase_first(row: Any) -> tuple[str, bool]:
+    """Alias rows in address order, of two differing only in case the lowercase one first."""
+    written = (row[0] or "").strip()
+    return written.lower(), written != written.lower()
+
+
+class _Resolved:
+    """What each hosted domain receives once alias domains and domain-wide forwards are
+    expanded, as PostfixAdmin's lookups resolve them: an alias domain of an alias domain
+    receives what its target receives, chain and all (in a loop of them, each what the
+    others have of their own)."""
+
+    def __init__(
+        self,
+        hosted: set[str],
+        locals_of: dict[str, set[str]],
+        literal: dict[str, dict[str, tuple[int, list[str]]]],
+        translated: dict[str, tuple[str, list[str]]],
+    ) -> None:
+        self.hosted, self.locals_of = hosted, locals_of
+        self.literal, self.translated = literal, translated
+        self._names: dict[str, frozenset[str]] = {}
+        self._busy: set[str] = set()
+
+    def translates(self, domain: str) -> bool:
+        """Whether ``domain``'s addresses resolve in its (hosted) target domain."""
+        target = self.translated.get(domain, ("", []))[0]
+        return domain in self.hosted and target in self.hosted
+
+    def names(self, domain: str) -> frozenset[str]:
+        """The local parts ``domain`` receives (mailboxes, aliases, those its target gives)."""
+        found = self._names.get(domain)
+        if found is not None:
+            return found
+        own = {n for n in self.literal.get(domain, {}) if n} | self.locals_of.get(domain, set())
+        if domain in self._busy:
+            return frozenset(own)  # a loop of alias domains: each keeps its own addresses
+        self._busy.add(domain)
+        try:
+            if self.translates(domain):
+                own |= self.names(self.translated[domain][0])
+        finally:
+            self._busy.discard(domain)
+        self._names[domain] = frozenset(own)
+        return self._names[domain]
+
+    def catchall(self, domain: str) -> list[str] | None:
+        """The targets ``@domain`` resolves to: its target's catch-all (with the forward's
+        other targets) where it has one, else its own."""
+        own = self.literal.get(domain, {}).get("")
+        if domain in self._busy:
+            return own[1] if own else None
+        self._busy.add(domain)
+        try:
+            if self.translates(domain):
+                target, extra = self.translated[domain]
+                theirs = self.catchall(target)
+                if theirs is not None:
+                    return [*theirs, *extra]
+        finally:
+            self._busy.discard(domain)
+        return own[1] if own else None
+
+    def receives(self, target: str, domains: dict[str, Domain], relay: set[str]) -> bool:
+        """Whether mail to ``target`` reaches something: an address or catch-all of a hosted
+        domain, a relay domain, or a domain not in the database (it leaves the cluster)."""
+        local, _, domain = target.lower().rpartition("@")
+        if domain not in domains or domain in relay:
+            return True
+        if domain not in self.hosted:
+            return False  # an inactive domain of the database
+        return local in self.names(domain) or self.catchall(domain) is not None
 
 
 def _quota(raw: Any) -> int | None:

@@ -171,7 +171,7 @@ def test_the_published_maps_answer_as_postfixadmins_own_lookups(
             if relay:
                 accepted = True
             elif ours:
-                accepted = any(
+                accepted = address not in pfa.ONLY_STALE_TARGETS and any(
                     v is not None
                     for v in (lk.virtual(address), lk.virtual(f"@{domain}"), lk.mailbox(address))
                 )
@@ -187,7 +187,9 @@ def test_the_published_maps_answer_as_postfixadmins_own_lookups(
                 continue
             # Where does its mail end up, recipient by recipient?
             expected = {
-                final: oracle_delivery(lk, final) for final in pfa.resolve(address, lk.virtual)
+                final: oracle_delivery(lk, final)
+                for final in pfa.resolve(address, lk.virtual)
+                if final == address or final not in pfa.STALE_TARGETS
             }
             got = {
                 final: published_delivery(mx, store, final)
@@ -355,7 +357,7 @@ def test_the_fingerprint_sees_postfixadmin_edits_and_nothing_else(tmp_path: Path
         cluster.config_path.read_text()
         + '\n[publisher.postfixadmin.mailstores.store-9]\nlmtp_host = "10.0.1.19"\n'
     )
-    cluster.publish()
+    cluster.publish("--force")  # most domains move: more than the guard's share
     cluster.pull()
     transport = dict(text_map.pairs(cluster.root / "nodes" / "mx" / "transport"))
     assert transport[b"example.com"] == b"lmtp:[10.0.1.19]:24"

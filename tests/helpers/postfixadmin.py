@@ -101,6 +101,8 @@ DOMAINS = [
     DomainRow("lmtp.example", transport="lmtp:unix:private/dovecot-lmtp"),
     DomainRow("relay.example", transport="smtp:[mx.customer.example]:25"),
     DomainRow("old.example"),  # domain-wide forward to example.com
+    DomainRow("old2.example"),  # domain-wide forward to alias.example (an alias domain)
+    DomainRow("multi.example"),  # domain-wide forward to example.com, with an archive copy
 ]
 ALIAS_DOMAINS = [
     ("alias.example", "example.com", True),
@@ -146,7 +148,18 @@ ALIASES = [
     AliasRow("@alias2.example", "postmaster@example.com"),  # lmtp.example has none: this one
     AliasRow("info@inactive.example", "alice@example.com"),
     AliasRow("team@lmtp.example", "erin@lmtp.example,alice@example.com"),
+    AliasRow("@old2.example", "@alias.example"),  # the chain old2 → alias → example.com
+    AliasRow("@multi.example", "@example.com,archive@external.example"),
+    # Targets that receive nothing here: a mailbox deleted through PostfixAdmin's UI stays in
+    # other aliases' goto; a mailbox of an inactive domain.
+    AliasRow("crew@lmtp.example", "erin@lmtp.example,gone@lmtp.example"),
+    AliasRow("grp@lmtp.example", "erin@lmtp.example,carol@inactive.example"),
+    AliasRow("ghost@lmtp.example", "gone@lmtp.example"),
 ]
+# Left out of the aliases listing them (PostfixAdmin's lookups accept them and bounce), and
+# an alias with no other target goes with them (docs/postfixadmin.md).
+STALE_TARGETS = {"gone@lmtp.example", "carol@inactive.example"}
+ONLY_STALE_TARGETS = {"ghost@lmtp.example"}
 
 # Addresses that exist nowhere, or only through a rule: the probes beside every row's address.
 PROBES = [
@@ -169,6 +182,11 @@ PROBES = [
     "old-team@example.com",
     "carol@inactive.example",
     "info@inactive.example",
+    "alice@old2.example",
+    "sales@old2.example",  # the literal alias of alias.example
+    "nobody@old2.example",  # example.com's catch-all, through alias.example
+    "alice@multi.example",
+    "nobody@multi.example",
 ]
 
 

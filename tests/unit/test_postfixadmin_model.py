@@ -9,11 +9,11 @@ from datetime import UTC, datetime
 
 import pytest
 
-from mapsync.config import PublisherChannel
+from mapsync.config import PostfixAdminConfig, PublisherChannel
 from mapsync.maps import CATALOGUE, Directory
 from mapsync.publish.publisher import drop_invalid
 from mapsync.snapshot import Account, Alias, Domain, Fingerprint, Mailstore, Snapshot
-from mapsync.sources.postfixadmin import dovecot_password, relay_nexthop
+from mapsync.sources.postfixadmin import _Reader, dovecot_password, relay_nexthop
 from mapsync.validate import check
 
 STORE = Mailstore(1, "local", "127.0.0.1", 24, "127.0.0.1", 143, True)
@@ -167,3 +167,56 @@ def test_relay_next_hops() -> None:
     )
     assert relay_nexthop("backup.example", "relay") == "backup.example"
     assert relay_nexthop("backup.example", "relay:") == "backup.example"
+
+
+def read_rows(aliases: list[tuple[str, str, int]], *, mailboxes: tuple[str, ...] = ()) -> Snapshot:
+    """PostfixAdmin rows (example.com and a forwarded old.example; ``mailboxes`` active, with
+    their self-alias rows among ``aliases`` as the caller writes them) read into the model."""
+    reader = _Reader(PostfixAdminConfig(), secrets=False)
+    return reader.build(
+        domains=[("example.com", "virtual", 0, 1), ("old.example", "virtual", 0, 1)],
+        alias_domains=[],
+        mailboxes=[(m, f"example.com/{m}/", 0, 1, "x") for m in mailboxes],
+        aliases=aliases,
+        fingerprint=Fingerprint({}),
+    )
+
+
+@pytest.mark.parametrize("lowercase_first", [True, False])
+def test_aliases_differing_only_in_case_use_the_lowercase_row_whatever_the_row_order(
+    lowercase_first: bool,
+) -> None:
+    """PostgreSQL's and SQLite's lookups find the row written in lowercase; which one mapsync
+    used depended on the order the database returned them in."""
+    rows = [("dup@example.com", "second@external.example", 1)]
+    rows.insert(0 if not lowercase_first else 1, ("Dup@example.com", "first@external.example", 1))
+    s = read_rows(rows)
+    assert [(a.local_part, a.targets) for a in s.aliases] == [("dup", ("second@external.example",))]
+    assert check(s) == []
+
+
+def test_an_empty_goto_is_no_alias_and_a_mixed_case_self_alias_no_forward() -> None:
+    s = read_rows(
+        [("empty@example.com", "", 1), ("Bob@example.com", "Bob@Example.com", 1)],
+        mailboxes=("bob@example.com",),
+    )
+    assert s.aliases == [] and s.forwards == []
+    assert check(s) == []
+
+
+def test_a_domain_wide_forward_with_more_targets_rewrites_the_first_and_keeps_the_rest() -> None:
+    """``@old.example → @example.com,archive@external.example``: Postfix rewrites only the
+    first address of a result (virtual(5)), so every user of old.example reaches the same
+    user of example.com, and the archive a copy (it was refused as a bad local part)."""
+    s = read_rows(
+        [
+            ("@old.example", "@example.com,archive@external.example", 1),
+            ("@example.com", "postmaster@example.com", 1),
+            ("postmaster@example.com", "postmaster@example.com", 1),
+        ],
+        mailboxes=("postmaster@example.com",),
+    )
+    assert check(s) == []
+    virtual = render("virtual", s)
+    assert virtual["postmaster@old.example"] == "postmaster@example.com,archive@external.example"
+    assert virtual["@old.example"] == "postmaster@example.com,archive@external.example"
