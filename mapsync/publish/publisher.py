@@ -403,7 +403,10 @@ class Publisher:
             tables = dict(source.fingerprint(secrets=secrets).tables)
             for reader in (source, *others):
                 tables.update(reader.maps_fingerprint())
-            quiet = [self._quiet(ch, channel_fingerprint(tables, ch)) for ch in selected]
+            quiet = [
+                self._quiet(ch, channel_fingerprint(tables, ch), source.stamp_resolution)
+                for ch in selected
+            ]
             moved = not all(plan is not None for plan in quiet)
             watching = self._state is not None and time.monotonic() < self._watch_until
             if not moved and not watching and (self._primed or not self.incremental):
@@ -850,7 +853,9 @@ class Publisher:
         """Whether release ``serial`` carries our key's signature (:func:`signed_by`)."""
         return signed_by(self.repo, self._public, channel, serial)
 
-    def _quiet(self, ch: PublisherChannel, fingerprint: str) -> ChannelPlan | None:
+    def _quiet(
+        self, ch: PublisherChannel, fingerprint: str, stamp_resolution: float = 0.0
+    ) -> ChannelPlan | None:
         """A no-change plan for ``ch`` if the database and the channel are as last published
         (:func:`quiet_plan`, the decision ``mapsync publish`` also makes without the publisher)."""
         settled = self.repo.settled(ch.name)
@@ -864,7 +869,7 @@ class Publisher:
             return None
         last, checked = settled
         signed = partial(self._signed_by_us, ch.name)
-        return quiet_plan(self.cfg, ch, fingerprint, last, checked, signed)
+        return quiet_plan(self.cfg, ch, fingerprint, last, checked, signed, stamp_resolution)
 
     def _select(self, names: list[str] | None) -> list[PublisherChannel]:
         if not names:

@@ -115,16 +115,25 @@ def quiet_plan(
     last: Manifest | None,
     checked: dict[str, object] | None,
     signed: Callable[[int], bool],
+    stamp_resolution: float = 0.0,
 ) -> ChannelPlan | None:
     """A no-change plan for ``ch`` if the database (``fingerprint``, its
     :func:`channel_fingerprint`) and the channel are as last published: ``last`` the release
     LATEST names (a sound one: a damaged LATEST is never quiet), ``checked`` the note of the last
     full check, ``signed`` whether a serial carries our signature (asked last: it reads and
-    verifies the manifest). None when the publisher must read the database."""
+    verifies the manifest). None when the publisher must read the database.
+    ``stamp_resolution`` (the source's, see :class:`~mapsync.sources.base.Source`): the
+    fingerprint is trusted only once a full read came that long after it was first seen."""
     now = utcnow()
     if (
         last is None
         or checked is None
+        or (
+            stamp_resolution
+            and parse_iso(str(checked.get("at")))
+            < parse_iso(str(checked.get("since", checked.get("at"))))
+            + timedelta(seconds=stamp_resolution)
+        )
         or last.skipped  # rows were left out: validate them again, they must not go quiet
         or checked.get("fingerprint") != fingerprint
         or checked.get("serial") != last.serial

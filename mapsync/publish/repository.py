@@ -88,6 +88,7 @@ def _read_checked(path: Path) -> dict[str, object] | None:
     ):
         raise ValueError("not a note with fingerprint, serial and at")
     parse_iso(str(data.get("at")))
+    parse_iso(str(data.get("since", data.get("at"))))
     return data
 
 
@@ -272,9 +273,14 @@ class Repository:
         path = self.private(channel, CHECKED)
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         at = iso(utcnow())
+        before = self.checked(channel) or {}
         if not full:
-            at = str((self.checked(channel) or {}).get("at", at))
-        note = {"fingerprint": fingerprint, "serial": serial, "at": at}
+            at = str(before.get("at", at))
+        # When a full read first saw this fingerprint (see Source.stamp_resolution).
+        since = at
+        if before.get("fingerprint") == fingerprint:
+            since = str(before.get("since", before.get("at", at)))
+        note = {"fingerprint": fingerprint, "serial": serial, "at": at, "since": since}
         try:
             atomic_write(path, (json.dumps(note, sort_keys=True) + "\n").encode())
         except OSError as exc:

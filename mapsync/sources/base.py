@@ -48,6 +48,11 @@ class Source(ABC):
     # Set by the publisher when a channel carries customer ids (customer_field): read each
     # account's own customer with the secrets (Account.customer_id); else they stay unread.
     customers: bool = False
+    # Seconds a change stamp can share with a later write (PostfixAdmin's ``modified`` has
+    # whole seconds): two edits in one second leave the fingerprint as the first made it, so
+    # the publisher trusts a fingerprint only after a full read at least this long after it
+    # first saw it (:func:`mapsync.publish.quiet.quiet_plan`). 0: stamps tell every write.
+    stamp_resolution: float = 0.0
 
     def bound(self, lock_wait: float, statement_timeout: float) -> None:
         """Wait at most ``lock_wait`` for a lock another session holds (and for a connect),

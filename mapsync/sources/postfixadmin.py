@@ -128,6 +128,7 @@ class PostfixAdminSource(BuiltinSource):
     """
 
     schema = "postfixadmin"
+    stamp_resolution = 2.0  # ``modified``: whole seconds (MariaDB DATETIME, SQLite text)
 
     def __init__(self, url: str, settings: PostfixAdminConfig | None = None) -> None:
         super().__init__(url)

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -335,7 +336,10 @@ def test_the_fingerprint_sees_postfixadmin_edits_and_nothing_else(tmp_path: Path
         conn.execute(text("DELETE FROM mailbox WHERE password LIKE '{CLEARTEXT}%'"))
     cluster = write_config(tmp_path / "c", url, "", minimal=True)
     cluster.publish()
-    # Nothing changed: the fingerprint (counts, newest `modified`) says so, no rows are read.
+    # Nothing changed: the fingerprint (counts, newest `modified`) says so, no rows are read
+    # (once a full read came two seconds after the fingerprint was first seen: whole seconds).
+    time.sleep(2.1)
+    cluster.publish()
     again = cluster.cli("publish", check=True)
     assert "channel mx: unchanged (serial 1)" in again.stdout, again.stdout
     assert "reading snapshot" not in again.stderr
@@ -495,3 +499,45 @@ def test_a_missing_column_is_a_clear_error(tmp_path: Path) -> None:
     assert p.returncode == 2, p.stdout + p.stderr
     assert "PostfixAdmin table 'domain' has no column 'backupmx'" in p.stderr, p.stderr
     assert "Traceback" not in p.stderr
+
+
+def test_two_edits_in_one_second_are_both_published(
+    installation: tuple[str, str, str], tmp_path: Path
+) -> None:
+    """PostfixAdmin's `modified` has whole seconds: a second edit in the second of the first
+    leaves count and newest `modified` as the first made them. The publisher trusts such a
+    fingerprint only after a full read two seconds after it first saw it, so the second edit
+    is published by the next run (it waited for the full check, 15 minutes)."""
+    engine_name, url, prefix = installation
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text(f"DELETE FROM {prefix}mailbox WHERE password NOT LIKE '$%'"))
+    cluster = write_config(tmp_path / "c", url, prefix)
+    cluster.publish()
+
+    def edit(address: str, goto: str) -> None:
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    f"UPDATE {prefix}alias SET goto = :g, modified = '2026-11-30 12:00:00'"
+                    " WHERE address = :a"
+                ),
+                {"g": goto, "a": address},
+            )
+
+    edit("sales@example.com", "alice@example.com")
+    assert "published serial 2" in cluster.publish().stdout
+    edit("team@lmtp.example", "partner@external.example")
+    p = cluster.publish()
+    assert "published serial 3" in p.stdout, (engine_name, p.stdout, p.stderr)
+    cluster.pull()
+    virtual = dict(text_map.pairs(cluster.root / "nodes" / "mx" / "virtual"))
+    assert virtual[b"team@lmtp.example"] == b"partner@external.example"
+    assert virtual[b"sales@example.com"] == b"alice@example.com"
+    # Once a full read came two seconds after the fingerprint was first seen, it is trusted.
+    time.sleep(2.1)
+    assert "unchanged (serial 3)" in cluster.publish().stdout
+    again = cluster.publish()
+    assert "channel mx: unchanged (serial 3)" in again.stdout
+    assert "reading snapshot" not in again.stderr, again.stderr
+    engine.dispose()
