@@ -308,6 +308,8 @@ def _check(
                     "mailstore", m.id, m.name, f"{field}_port {port} out of range", f"{field}_port"
                 )
 
+    # Postfix's keys of each domain (A-label, folded U-label): two domains must not share one.
+    postfix_key = {d.name: d for d in snap.domains}
     for d in snap.domains:
         problem = domain_name_problem(d.name)
         if problem:
@@ -316,6 +318,16 @@ def _check(
             problem = _unicode_problem(d.name, d.name_unicode)
             if problem:
                 yield Problem("domain", d.id, d.name, problem)
+            folded = d.name_unicode.casefold()
+            other = postfix_key.setdefault(folded, d)
+            if other.id != d.id:
+                yield Problem(
+                    "domain",
+                    d.id,
+                    d.name,
+                    f"name_unicode {d.name_unicode!r} is looked up by Postfix as {folded!r} (it "
+                    f"folds case fully: 'ß' → 'ss'), which domain {other.name!r} answers already",
+                )
         if d.status == "disabled":
             continue
         if d.kind == "hosted":

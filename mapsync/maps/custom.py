@@ -9,8 +9,8 @@ into the map, and no two rows can give one key two values.
 Per row, the key and the value must be text (a string, an integer, or UTF-8 bytes), not NULL,
 not empty, without a line break, CR or NUL. The key has no whitespace (a text line ends the key
 at the separator), no comma, no leading ``#``, and not the separator itself; with
-``keys = "lower"`` it is folded to lowercase first (Postfix lowercases every lookup), so two
-rows differing only in case are a duplicate. The value may hold spaces, but neither starts nor
+``keys = "lower"`` its case is folded first, as Postfix folds every key (to lowercase, and
+``ß`` to ``ss``: full Unicode case folding), so two rows differing only in case are a duplicate. The value may hold spaces, but neither starts nor
 ends with whitespace: ``postmap`` drops it, so the text and the cdb would disagree. A line is
 at most :data:`MAX_LINE` bytes.
 """
@@ -128,7 +128,7 @@ def check_rows(
             refuse(n, shown, why)
             continue
         assert read is not None and value is not None
-        key = read.lower() if spec.keys == "lower" else read
+        key = read.casefold() if spec.keys == "lower" else read
         seen.setdefault(key, []).append((n, read))
         good[key] = (n, read, value)
     entries = []

@@ -98,6 +98,17 @@ class Directory:
             return (d.name, d.name_unicode)
         return (d.name,)
 
+    @staticmethod
+    def folded_names(d: Domain) -> tuple[str, ...]:
+        """:meth:`names` as Postfix's keys: Postfix folds every key's case fully, as it builds
+        a map and as it looks one up (``ß`` → ``ss``, final sigma → sigma), so a U-label key is
+        folded too (or ``straße.example`` would never be found). Exim lowercases ASCII only:
+        its maps keep :meth:`names`."""
+        if d.name_unicode and d.name_unicode != d.name:
+            folded = d.name_unicode.casefold()
+            return (d.name, folded) if folded != d.name else (d.name,)
+        return (d.name,)
+
     def store_of(self, account: Account) -> Mailstore:
         """The mailstore ``account`` lives on: its own, else its domain's default."""
         d = self.domains[account.domain_id]

@@ -4,11 +4,15 @@ lookups Postfix makes — catch-alls, alias domains, IDN, relays, ``user+tag`` a
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+from sqlalchemy import create_engine, insert
 
+from mapsync.sources import schema as t
+from tests.conftest import Cluster
 from tests.daemons.roles import Nodes, entries, make_nodes
 from tests.helpers.agent import postmap_q
 
@@ -195,3 +199,46 @@ def test_senders_give_each_address_its_login(nodes: Nodes, tmp_path: Path) -> No
     ]
     assert disabled  # login-disabled accounts and aliases own no sender address
     assert postmap_q(disabled[0], senders) is None
+
+
+def test_a_u_label_postfix_folds_to_other_letters_is_found(cluster: Cluster) -> None:
+    """Postfix folds a key's case fully as it builds a map and as it looks one up ('ß' →
+    'ss', final sigma → sigma): the U-label key is published folded, or SMTPUTF8 mail to
+    `straße.example` was refused (and the agent's cdb differed from postmap's). A U-label that
+    folds to another domain's name is refused, naming both."""
+    engine = create_engine(cluster.db_url)
+    with engine.begin() as conn:
+        conn.execute(
+            insert(t.domain).values(
+                id=9100,
+                name="xn--strae-oqa.example",
+                name_unicode="straße.example",
+                kind="hosted",
+                default_mailstore_id=1,
+            )
+        )
+        conn.execute(insert(t.account).values(domain_id=9100, local_part="postmaster"))
+    cluster.publish()
+    cluster.pull()
+    for key in ("straße.example", "STRASSE.example", "xn--strae-oqa.example"):
+        assert postmap_q(key, f"cdb:{cluster.target / 'domains'}") == "OK", key
+    assert postmap_q("postmaster@straße.example", f"cdb:{cluster.target / 'recipients'}") == "OK"
+    # The agent's cdb is the one postmap builds from the same text.
+    copy = cluster.root / "domains"
+    shutil.copyfile(cluster.target / "domains", copy)
+    subprocess.run(["postmap", f"cdb:{copy}"], check=True)
+    assert (cluster.target / "domains.cdb").read_bytes() == copy.with_suffix(".cdb").read_bytes()
+
+    with engine.begin() as conn:
+        conn.execute(
+            insert(t.domain).values(
+                id=9101, name="strasse.example", kind="hosted", default_mailstore_id=1
+            )
+        )
+    engine.dispose()
+    p = cluster.cli("publish")
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert (
+        "domain id=9100 'xn--strae-oqa.example': name_unicode 'straße.example' is looked up by "
+        "Postfix as 'strasse.example'"
+    ) in p.stderr
