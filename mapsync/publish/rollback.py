@@ -65,6 +65,26 @@ def republish(cfg: PublisherConfig, channel: str, serial: int) -> ChannelPlan:
         except VerificationError as exc:
             raise VerificationError(f"{exc}; nothing changed") from None
         old = release.manifest
+        # The channel's maps as configured now: one it no longer lists (a secret map taken
+        # back out of an MX channel) is never published again; one it lists that the old
+        # release lacks would vanish from every node (Postfix then fails its lookups).
+        wanted = cfg.channels[channel].maps
+        missing = [name for name in wanted if name not in old.maps]
+        if missing:
+            raise MapsyncError(
+                f"channel {channel}: release {serial} has no map {', '.join(missing)}, which "
+                "the channel lists now: re-published, it would vanish from every node; nothing "
+                "changed"
+            )
+        left_out = sorted(set(old.maps) - set(wanted))
+        if left_out:
+            _log.warning(
+                "maps of the old release the channel no longer lists are left out",
+                channel=channel,
+                serial=serial,
+                maps=",".join(left_out),
+            )
+        carried = {name: m for name, m in old.maps.items() if name in wanted}
 
         with ExitStack() as stack:
             stack.callback(repo.unstage, channel)  # first: see Publisher._staged
@@ -72,7 +92,7 @@ def republish(cfg: PublisherConfig, channel: str, serial: int) -> ChannelPlan:
             new_serial = staging.serial
             last_dir = repo.release(channel, last.serial)
             plan = ChannelPlan(channel, last.serial, new_serial, "publish")
-            for name, m in sorted(old.maps.items()):
+            for name, m in sorted(carried.items()):
                 # Byte for byte (and mtime, for rsync's quick check): agents prove equal hashes.
                 shutil.copy2(old_dir / m.file, staging.path / m.file)
                 before = last.maps.get(name)
@@ -86,7 +106,7 @@ def republish(cfg: PublisherConfig, channel: str, serial: int) -> ChannelPlan:
                         separator(name, m),
                     )
                 )
-            for name in sorted(set(last.maps) - set(old.maps)):
+            for name in sorted(set(last.maps) - set(carried)):
                 gone = last.maps[name].entries
                 plan.maps.append(MapPlan(name, gone, 0, 0, gone, 0, dropped=True))
             now = utcnow()
@@ -98,9 +118,9 @@ def republish(cfg: PublisherConfig, channel: str, serial: int) -> ChannelPlan:
                 expires=iso(now + timedelta(seconds=cfg.expires)),
                 generator=GENERATOR,
                 source={**old.source, "rollback_of": str(serial)},
-                maps={n: replace(e, forced=False) for n, e in old.maps.items()},
+                maps={n: replace(e, forced=False) for n, e in carried.items()},
                 skipped=list(old.skipped),
-                dropped=sorted(set(last.maps) - set(old.maps)),
+                dropped=sorted(set(last.maps) - set(carried)),
             )
             repo.commit(staging, manifest, key, keep=cfg.keep)
         _log.warning(

@@ -495,3 +495,42 @@ def test_a_pin_whose_release_is_kept_nowhere_is_lifted_when_latest_must_replace_
     assert read_state(three)["pinned"] is None
     st = three.cli("status")
     assert "pinned" not in st.stdout, st.stdout
+
+
+def _channel_maps(cluster: Cluster, maps: str) -> None:
+    """Give the publisher's channel mx the maps ``maps`` (TOML list items)."""
+    text = cluster.config_path.read_text()
+    start = text.index("maps = [", text.index("[publisher.channels.mx]"))
+    end = text.index("]", start) + 1
+    cluster.config_path.write_text(text[:start] + f"maps = [{maps}]" + text[end:])
+
+
+def test_rollback_publisher_never_publishes_a_map_the_channel_no_longer_lists(
+    three: Cluster,
+) -> None:
+    """Password hashes put into the MX channel by mistake (serial 4) and taken out (serial 5):
+    re-publishing serial 4 must not send them to the MXs again. The maps the channel lists
+    now are re-published; a map it lists that the old release lacks refuses the rollback."""
+    _channel_maps(three, '"domains", "recipients", "virtual", "transport", "dovecot_users"')
+    three.publish("--force")
+    assert "dovecot_users" in parse_manifest(
+        (three.repo / "mx" / "releases" / "4" / MANIFEST).read_bytes(), "4"
+    ).maps
+    _channel_maps(three, '"domains", "recipients", "virtual", "transport"')
+    three.publish("--force")  # serial 5, dovecot_users dropped
+
+    p = three.cli("rollback", "--publisher", "4")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "maps of the old release the channel no longer lists are left out" in p.stderr
+    new = parse_manifest((three.repo / "mx" / "releases" / "6" / MANIFEST).read_bytes(), "6")
+    assert sorted(new.maps) == sorted(MAPS)
+    assert not (three.repo / "mx" / "releases" / "6" / "dovecot_users").exists()
+
+    _channel_maps(three, '"domains", "recipients", "virtual", "transport", "senders"')
+    _publisher_refused(
+        three,
+        ["3"],
+        2,
+        "channel mx: release 3 has no map senders, which the channel lists now: re-published, "
+        "it would vanish from every node; nothing changed",
+    )
