@@ -304,6 +304,7 @@ class Publisher:
         self.last_read = ""
         # (key id, public key file's bytes) last compared by _check_public_half.
         self._public_checked: tuple[str, bytes] | None = None
+        self._mixed_warned: set[str] = set()  # channels _warn_of_mixed_secrets looked at
 
     def run(
         self,
@@ -849,6 +850,31 @@ class Publisher:
                 signing_key_id=ours,
             )
 
+    def _warn_of_mixed_secrets(self, channel: str) -> None:
+        """Warn (once per channel and process) when a release about to be published carries
+        password hashes beside maps of every domain (an MX's): every node pulling the channel
+        gets every hash. Legitimate on a host that is MX and mailstore in one; a mistake in
+        the MX channel of a cluster."""
+        if channel in self._mixed_warned:
+            return
+        self._mixed_warned.add(channel)
+        ch = self.cfg.channels[channel]
+        hashes = [m for m in ch.maps if m in self.maps and self.maps[m].secrets]
+        wide = [
+            m
+            for m in ch.maps
+            if m in self.maps and self.maps[m].cdb and not self.maps[m].per_mailstore
+        ]
+        if hashes and wide:
+            _log.warning(
+                "a channel carries password hashes beside MX maps: every node pulling it gets "
+                "them (least privilege: give the hashes a channel of their own, served to the "
+                "mailstores only; docs/security.md)",
+                channel=channel,
+                hashes=",".join(hashes),
+                mx_maps=",".join(wide),
+            )
+
     def _signed_by_us(self, channel: str, serial: int) -> bool:
         """Whether release ``serial`` carries our key's signature (:func:`signed_by`)."""
         return signed_by(self.repo, self._public, channel, serial)
@@ -1168,6 +1194,7 @@ class Publisher:
         if staged.manifest is None:
             return
         self._check_public_half(key)
+        self._warn_of_mixed_secrets(staged.plan.channel)
         self.repo.commit(
             staged.staging,
             staged.manifest,

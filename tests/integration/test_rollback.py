@@ -512,7 +512,9 @@ def test_rollback_publisher_never_publishes_a_map_the_channel_no_longer_lists(
     re-publishing serial 4 must not send them to the MXs again. The maps the channel lists
     now are re-published; a map it lists that the old release lacks refuses the rollback."""
     _channel_maps(three, '"domains", "recipients", "virtual", "transport", "dovecot_users"')
-    three.publish("--force")
+    p = three.publish("--force")
+    assert "a channel carries password hashes beside MX maps" in p.stderr
+    assert "hashes=dovecot_users" in p.stderr
     assert "dovecot_users" in parse_manifest(
         (three.repo / "mx" / "releases" / "4" / MANIFEST).read_bytes(), "4"
     ).maps
