@@ -319,23 +319,25 @@ class Publisher:
         --publisher``."""
         selected = self._select(channels)
         if not dry_run:
+            # Another user's run is not the publisher's: it writes nothing, not even its note.
             check_owner(self.cfg.repository, "the repository")
-        key = None if dry_run else load_private(self.cfg.signing_key)
-        self._public = key.public_key() if key else self._public_half()
         self.repo.read_only = dry_run
         try:
+            key = None if dry_run else load_private(self.cfg.signing_key)
+            self._public = key.public_key() if key else self._public_half()
             with self.repo.lock(self.cfg.lock_wait):
-                try:
-                    result = self._sourced_run(selected, key, dry_run, force, skip_invalid)
-                except MapsyncError as exc:
-                    if not dry_run:  # for `mapsync status --publisher`
-                        record_run(self.cfg.repository, str(exc))
-                    raise
-                if not dry_run:
-                    record_run(self.cfg.repository, None)
-                return result
+                result = self._sourced_run(selected, key, dry_run, force, skip_invalid)
+        except MapsyncError as exc:
+            # For `mapsync status --publisher`: a signing key gone or a lock never free fails
+            # every run as surely as the database down.
+            if not dry_run:
+                record_run(self.cfg.repository, str(exc))
+            raise
         finally:
             self.repo.read_only = False
+        if not dry_run:
+            record_run(self.cfg.repository, None)
+        return result
 
     def _sourced_run(
         self,

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 from mapsync import GENERATOR, log
 from mapsync.access import check_owner
 from mapsync.config import MapConfig, PublisherChannel, PublisherConfig
-from mapsync.errors import VerificationError
+from mapsync.errors import MapsyncError, VerificationError
 from mapsync.publish.plan import ChannelPlan, PublishResult
 from mapsync.publish.repository import Repository
 from mapsync.publish.runlog import record_run
@@ -160,24 +160,28 @@ def quiet_run(cfg: PublisherConfig) -> PublishResult | None:
         return None
     # What Publisher.run does before it reads the database, in its order.
     check_owner(cfg.repository, "the repository")
-    public = load_private(cfg.signing_key).public_key()
-    repo = Repository(cfg.repository)
-    with repo.lock(cfg.lock_wait):
-        found = read_fingerprint(path)
-        if found is None:
-            return None
-        plans = []
-        for ch in cfg.channels.values():
-            settled = repo.settled(ch.name)
-            if settled is None:
+    try:
+        public = load_private(cfg.signing_key).public_key()
+        repo = Repository(cfg.repository)
+        with repo.lock(cfg.lock_wait):
+            found = read_fingerprint(path)
+            if found is None:
                 return None
-            last, checked = settled
-            fingerprint = channel_fingerprint(found.tables, ch)
-            signed = partial(signed_by, repo, public, ch.name)
-            plan = quiet_plan(cfg, ch, fingerprint, last, checked, signed)
-            if plan is None:
-                return None
-            plans.append(plan)
-        _log.debug("database unchanged since the last releases", fingerprint=found.digest())
-        record_run(cfg.repository, None)
+            plans = []
+            for ch in cfg.channels.values():
+                settled = repo.settled(ch.name)
+                if settled is None:
+                    return None
+                last, checked = settled
+                fingerprint = channel_fingerprint(found.tables, ch)
+                signed = partial(signed_by, repo, public, ch.name)
+                plan = quiet_plan(cfg, ch, fingerprint, last, checked, signed)
+                if plan is None:
+                    return None
+                plans.append(plan)
+            _log.debug("database unchanged since the last releases", fingerprint=found.digest())
+    except MapsyncError as exc:  # noted as Publisher.run notes it
+        record_run(cfg.repository, str(exc))
+        raise
+    record_run(cfg.repository, None)
     return PublishResult(plans, [], False)

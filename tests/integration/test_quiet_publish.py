@@ -258,3 +258,24 @@ def test_a_release_due_for_renewal_is_renewed(cluster: Cluster) -> None:
     assert "channel mx: renewed serial 2" in proc.stdout and "sqlalchemy" in loaded
     proc, loaded = cli_loading(cluster, "publish")
     assert proc.stdout == "channel mx: unchanged (serial 2)\n" and "sqlalchemy" not in loaded
+
+
+@pytest.mark.parametrize("forced", [False, True])
+def test_a_run_failing_before_the_database_is_read_is_noted_for_status(
+    cluster: Cluster, forced: bool
+) -> None:
+    """A signing key made readable by others (or gone) fails every run before the database is
+    read: `status --publisher` said OK with no error while every run failed. Both ways in: the
+    quiet check of an unchanged SQLite database, and the publisher (--force)."""
+    cluster.publish()
+    key = cluster.root / "keys" / "signing.key"
+    key.chmod(0o644)
+    p = cluster.cli("publish", *(["--force"] if forced else []))
+    assert p.returncode == 2, p.stdout + p.stderr
+    status = cluster.cli("status", "--publisher")
+    assert status.returncode == 1, status.stdout + status.stderr
+    assert status.stdout.startswith("MAPSYNC PUBLISHER WARNING - last run failed "), status.stdout
+    assert str(key) in status.stdout
+    key.chmod(0o600)
+    cluster.publish()
+    assert cluster.cli("status", "--publisher").returncode == 0
