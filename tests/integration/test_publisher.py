@@ -533,3 +533,22 @@ def test_text_in_an_sqlite_integer_column_is_an_invalid_row(cluster: Cluster) ->
     assert "mailstore id=1 'store-1': lmtp_port '24 host=10.9.9.9' is not a number" in p.stderr
     assert "Traceback" not in p.stderr
     assert latest(cluster) == 1
+
+
+def test_rows_whose_domain_or_account_was_deleted_without_them_are_named(cluster: Cluster) -> None:
+    """A writer with foreign keys off (SQLite's default: its CLI, most scripts) deletes a
+    domain or an account and leaves its rows: they vanished from every map without a word.
+    An account or alias of no domain is an invalid row; a sender grant of no account, which
+    grants nothing, a warning."""
+    cluster.publish()
+    db = sqlite3.connect(cluster.db_url.removeprefix("sqlite:///"))
+    with db:
+        db.execute("INSERT INTO account (id, domain_id, local_part) VALUES (9301, 999, 'lost')")
+        db.execute("INSERT INTO alias (id, domain_id, local_part) VALUES (9302, 998, 'gone')")
+        db.execute("INSERT INTO sender_grant (account_id, address) VALUES (9999, 'x@example.org')")
+    db.close()
+    p = cluster.cli("publish")
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "account id=9301 'lost': domain_id 999 is no domain" in p.stderr
+    assert "alias id=9302 'gone': domain_id 998 is no domain" in p.stderr
+    assert "sender grant of no account ignored" in p.stderr and "account_id=9999" in p.stderr
