@@ -138,6 +138,26 @@ def fetch(
     raise _every_source_failed(ch, failed, errors)
 
 
+def newer_elsewhere(
+    node: NodeChannel, tried: list[Source], answered: str, decide: Decide[R]
+) -> Answer[R] | None:
+    """Ask the sources listed after ``answered`` (which found the node current) for LATEST:
+    the first that serves a newer release, fetched and verified (``release``), or None. A
+    mirror that stopped following its source is current to the nodes behind it, which would
+    never learn otherwise (their release only expires). What fails here is passed over: the
+    pull has its answer."""
+    later = [s for s in tried[next(i for i, s in enumerate(tried) if s.url == answered) + 1 :]]
+    for source in later:
+        try:
+            got = _ask(node, source, decide, False)
+        except (TransportError, VerificationError, InstallError) as exc:
+            _log.info("source not asked further", source=source.url, error=str(exc))
+            continue
+        if got.release is not None:
+            return got
+    return None
+
+
 def _every_source_failed(
     ch: AgentChannel, failed: dict[str, str], errors: list[MapsyncError]
 ) -> MapsyncError:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from mapsync import log
-from mapsync.agent.fetch import Answer, fetch, sources, warn_if_exposed
+from mapsync.agent.fetch import Answer, fetch, newer_elsewhere, sources, warn_if_exposed
 from mapsync.agent.node import NodeChannel, taken
 from mapsync.agent.repair import check_and_repair
 from mapsync.atomic import remove_tree
@@ -123,12 +123,37 @@ def _pull(node: NodeChannel, pushed: bool) -> PullResult:
     answer = fetch(
         node, tried, lambda latest, where: _decide(node, current, latest, where), pushed=pushed
     )
+    behind = None
+    if answer.decided is not None and answer.decided.action == "current" and outcome.checked_fully:
+        # Once every full check: do the sources after the one that found the node current
+        # serve something newer (that one a mirror that stopped following)?
+        newer = newer_elsewhere(
+            node, tried, answer.source, lambda latest, where: _decide(node, current, latest, where)
+        )
+        if newer is not None:
+            assert newer.release is not None
+            serial = newer.release.manifest.serial
+            behind = {
+                answer.source: f"behind: it serves serial {answer.decided.serial}, "
+                f"{newer.source} serves {serial}"
+            }
+            _log.warning(
+                "a source is behind the ones after it; installing from them",
+                channel=node.ch.name,
+                source=answer.source,
+                serves=answer.decided.serial,
+                newer=newer.source,
+                serial=serial,
+            )
+            answer = newer
     if answer.decided is not None:
         result = answer.decided
         result.bytes = answer.received
         result.source, result.failed_sources = answer.source, answer.failed
     else:
         result = _install(node, current, answer)
+    if behind is not None:
+        result.failed_sources = behind
     if outcome.problems:
         result.repaired = outcome.problems
     return result

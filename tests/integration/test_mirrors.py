@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -357,3 +358,34 @@ def test_a_single_source_with_an_unusable_latest_is_a_verification_failure(
     assert "incoming" not in p.stderr and "Errno" not in p.stderr
     assert not (published.target / ".mapsync" / "current").exists()
     assert f"{published.repo / 'mx'}/{LATEST_REFUSED}" == read_state(published)["last_error"]
+
+
+def test_a_mirror_that_stopped_following_is_found_at_the_full_check(published: Cluster) -> None:
+    """Every node behind a mirror that stopped following its source found itself current and
+    reported OK, its release only aging. At each full check (here every second) the sources
+    listed after the one that found the node current are asked too: the newer release is
+    installed from them, and status is WARNING naming the mirror that is behind."""
+    stale = mirror(published, "stale")
+    use_sources(published, stale, published.repo / "mx")
+    text = published.config_path.read_text()
+    published.config_path.write_text(text.replace("[agent]\n", '[agent]\nfull_check = "1s"\n', 1))
+    assert "mx: installed serial 1" in published.pull().stdout
+    add_account(published, "zz-past-the-mirror")
+    published.publish()  # serial 2; the mirror is not synced again
+
+    time.sleep(1.1)
+    p = published.pull()
+    assert "mx: installed serial 2" in p.stdout, p.stdout + p.stderr
+    assert "a source is behind the ones after it" in p.stderr
+    assert lookup(published, "zz-past-the-mirror@example-1.org") == "OK"
+    code, out, channel = status(published)
+    assert code == 1, out
+    assert f"{stale} failed: behind: it serves serial 1" in out
+    # The next polls: the mirror serves a serial below the installed one; still WARNING.
+    p = published.pull()
+    assert "mx: serial 2 is current" in p.stdout
+    code, out, _ = status(published)
+    assert code == 1 and str(stale) in out, out
+    mirror(published, "stale")  # the mirror follows again
+    published.pull()
+    assert status(published)[0] == 0
