@@ -412,6 +412,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         code = int(getattr(commands, "cmd_" + args.command.replace("-", "_"))(args))
+        sys.stdout.flush()  # here, where a reader gone is caught, not as the process exits
+    except BrokenPipeError:
+        # The reader of the output went away (`mapsync status --json | head -1`): ended as
+        # a command killed by SIGPIPE is, without a word; nothing more is written there.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except (MapsyncError, OSError) as exc:
         if (got := signals.received()) is not None:
             return 128 + got  # the run was ended; its error is a symptom
