@@ -24,7 +24,9 @@ _log = log.get("publisher")
 
 
 def _first_line(text: str, limit: int = 300) -> str:
-    line = text.strip().splitlines()[0] if text.strip() else ""
+    """``text`` on one line, at most ``limit`` characters: its lines joined, so a message
+    whose first line only introduces the rest (a guard's refusal) still names what and where."""
+    line = " ".join(part.strip() for part in text.strip().splitlines() if part.strip())
     return line if len(line) <= limit else line[: limit - 1] + "…"
 
 

@@ -42,6 +42,9 @@ def test_a_mailstore_address_typo_is_refused_with_exit_4_and_nothing_written(
     assert "max_change = 30%" in proc.stderr
     assert (cluster.repo / "mx" / "LATEST").read_bytes() == latest_before
     assert sorted(p.name for p in (cluster.repo / "mx" / "releases").iterdir()) == ["1"]
+    # The status line names the channel, the map and the guard, not only "refused by guards:".
+    st = cluster.cli("status", "--publisher")
+    assert st.returncode == 1 and "channel mx, map transport: changes the value of" in st.stdout
 
     cluster.write_config(extra_publisher='[publisher.guards.transport]\nmax_change = "100%"\n')
     out = cluster.publish().stdout
