@@ -19,6 +19,7 @@ from sqlalchemy import (
     Connection,
     CursorResult,
     Engine,
+    Integer,
     LargeBinary,
     String,
     and_,
@@ -32,6 +33,7 @@ from sqlalchemy import (
     null,
     select,
     text,
+    type_coerce,
 )
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
@@ -63,6 +65,7 @@ from mapsync.sources.changes import (
     read_denied,
     read_mark,
 )
+from mapsync.validate import Problem
 
 # pg_advisory_lock key of the publisher: "mapsync" as a number, the same on every host.
 ADVISORY_LOCK = int.from_bytes(b"mapsync", "big")
@@ -470,20 +473,24 @@ class BuiltinSource(Source):
         # The fingerprint is read inside the same transaction, so it describes these rows.
         fingerprint = _fingerprint(conn)
 
-        mailstores = [
-            Mailstore(*row)
-            for row in conn.execute(
-                select(
-                    t.mailstore.c.id,
-                    t.mailstore.c.name,
-                    t.mailstore.c.lmtp_host,
-                    t.mailstore.c.lmtp_port,
-                    t.mailstore.c.imap_host,
-                    t.mailstore.c.imap_port,
-                    t.mailstore.c.active,
-                ).order_by(t.mailstore.c.id)
+        problems: list[Problem] = []
+        mailstores = []
+        for ms_id, name, lmtp_host, lmtp_port, imap_host, imap_port, active in conn.execute(
+            select(
+                t.mailstore.c.id,
+                t.mailstore.c.name,
+                t.mailstore.c.lmtp_host,
+                t.mailstore.c.lmtp_port,
+                t.mailstore.c.imap_host,
+                t.mailstore.c.imap_port,
+                type_coerce(t.mailstore.c.active, Integer),  # raw: see read_denied
+            ).order_by(t.mailstore.c.id)
+        ):
+            if active not in (0, 1):
+                problems.append(_no_boolean("mailstore", ms_id, name, "active", active))
+            mailstores.append(
+                Mailstore(ms_id, name, lmtp_host, lmtp_port, imap_host, imap_port, active == 1)
             )
-        ]
         customer_status = {}
         customers = {}
         for cid, status, ext_id in conn.execute(
@@ -521,7 +528,15 @@ class BuiltinSource(Source):
             )
         )
         # Only the accounts denied a service (few): the allow_* columns of the rest stay unread.
-        denied = read_denied(conn)
+        bad: list[tuple[int, str, Any]] = []
+        denied = read_denied(conn, bad=bad)
+        if bad:
+            names = {d.id: d.name for d in domains}
+            where = {a.id: a for a in accounts if a.id in {i for i, _, _ in bad}}
+            for account_id, column, value in bad:
+                a = where.get(account_id)
+                key = f"{a.local_part}@{names.get(a.domain_id, '?')}" if a else str(account_id)
+                problems.append(_no_boolean("account", account_id, key, column, value))
         grants = [
             SenderGrant(*row)
             for row in conn.execute(
@@ -583,6 +598,7 @@ class BuiltinSource(Source):
             customers=customers,
             secrets=getattr(self, "_secrets", False),
             taken_at=datetime.now(UTC),
+            problems=problems,
         )
 
     @contextmanager
@@ -818,6 +834,12 @@ def _as(row_type: type[R]) -> Callable[[Iterable[Any]], R]:
     ``tuple.__new__`` runs in C, where ``row_type(*row)`` runs the NamedTuple's Python
     ``__new__`` once per row (a third of reading the accounts)."""
     return partial(tuple.__new__, row_type)
+
+
+def _no_boolean(table_: str, row: int, key: str, column: str, value: Any) -> Problem:
+    """A BOOLEAN column holding something else (SQLite keeps any text there: 'false' reads as
+    true), named with its row; the row is not used as if it said either."""
+    return Problem(table_, row, key, f"{column} {value!r} is not a boolean (0 or 1)", column)
 
 
 def cascade_status(domain_status: str, customer_status: str | None) -> str:

@@ -31,7 +31,7 @@ from itertools import groupby
 from operator import itemgetter
 from typing import Any
 
-from sqlalchemy import Connection, false, or_, select
+from sqlalchemy import Connection, Integer, and_, not_, select, true, type_coerce
 from sqlalchemy.sql import ColumnElement
 
 from mapsync.snapshot import (
@@ -225,7 +225,11 @@ def read_changes(
     for chunk in chunks(changed["account"]):
         for row in conn.execute(select(*account_columns).where(t.account.c.id.in_(chunk))):
             out.accounts[row[0]] = tuple.__new__(Account, row)
-    out.denied = read_denied(conn, changed["account"])
+    bad: list[tuple[int, str, Any]] = []
+    out.denied = read_denied(conn, changed["account"], bad)
+    if bad:  # the full read names the row (an invalid row: validation's, not a change's)
+        account_id, name, value = bad[0]
+        raise NotIncremental(f"account id={account_id}: {name} {value!r} is not a boolean")
     out.aliases = dict.fromkeys(changed["alias"])
     for chunk in chunks(changed["alias"]):
         targets = {
@@ -260,16 +264,32 @@ def read_changes(
     return out
 
 
-def read_denied(conn: Connection, ids: Iterable[int] | None = None) -> dict[int, frozenset[str]]:
+ALLOW = (t.account.c.allow_imap, t.account.c.allow_pop3, t.account.c.allow_submission)
+
+
+def read_denied(
+    conn: Connection,
+    ids: Iterable[int] | None = None,
+    bad: list[tuple[int, str, Any]] | None = None,
+) -> dict[int, frozenset[str]]:
     """The services each account denied one may not log in to (see Snapshot.denied): of
-    every account, or of those of ``ids``."""
-    allow = (t.account.c.allow_imap, t.account.c.allow_pop3, t.account.c.allow_submission)
+    every account, or of those of ``ids``. Read raw: a value that is no boolean (SQLite keeps
+    the text 'false' in a BOOLEAN column, which reads as true) is put in ``bad`` as
+    (account id, column, value) and denies nothing."""
     shared: dict[tuple[bool, ...], frozenset[str]] = {}  # one set per combination
     denied = {}
-    query = select(t.account.c.id, *allow).where(or_(*(c == false() for c in allow)))
+    raw = [type_coerce(c, Integer) for c in ALLOW]  # no result processor: 'false' stays text
+    query = select(t.account.c.id, *raw).where(not_(and_(*(c == true() for c in ALLOW))))
     for chunk in [None] if ids is None else chunks(ids):
         rows = conn.execute(query if chunk is None else query.where(t.account.c.id.in_(chunk)))
         for account_id, *flags in rows:
+            wrong = [(c.name, f) for c, f in zip(ALLOW, flags, strict=True) if f not in (0, 1)]
+            if wrong:
+                if bad is not None:
+                    bad += [(account_id, column, value) for column, value in wrong]
+                continue
+            if all(flags):
+                continue
             key = tuple(map(bool, flags))
             services = shared.get(key)
             if services is None:

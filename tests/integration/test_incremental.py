@@ -331,7 +331,7 @@ def test_a_row_committed_while_the_full_read_runs_is_read_by_the_next_run(
     denied = builtin.read_denied
     done: list[str] = []
 
-    def meanwhile(conn: Any, ids: Any = None) -> Any:
+    def meanwhile(conn: Any, ids: Any = None, bad: Any = None) -> Any:
         # A panel commits an account while the snapshot's accounts are being read: the
         # snapshot does not hold it (its transaction started before), so the mark must
         # make the next run read it.
@@ -350,7 +350,7 @@ def test_a_row_committed_while_the_full_read_runs_is_read_by_the_next_run(
                 )
             )
             time.sleep(0.01)
-        return denied(conn, ids)
+        return denied(conn, ids, bad)
 
     monkeypatch.setattr(builtin, "read_denied", meanwhile)
     kept.run()

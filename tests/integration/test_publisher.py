@@ -552,3 +552,21 @@ def test_rows_whose_domain_or_account_was_deleted_without_them_are_named(cluster
     assert "account id=9301 'lost': domain_id 999 is no domain" in p.stderr
     assert "alias id=9302 'gone': domain_id 998 is no domain" in p.stderr
     assert "sender grant of no account ignored" in p.stderr and "account_id=9999" in p.stderr
+
+
+def test_a_boolean_column_holding_text_is_an_invalid_row_not_true(cluster: Cluster) -> None:
+    """SQLite keeps any text in a BOOLEAN column, and 'false' read as true: IMAP stayed
+    allowed to an account whose allow_imap said 'false', a mailstore stayed active. Each is
+    an invalid row naming its table, row and column."""
+    cluster.publish()
+    db = sqlite3.connect(cluster.db_url.removeprefix("sqlite:///"))
+    with db:
+        account = db.execute("SELECT id, local_part FROM account ORDER BY id LIMIT 1").fetchone()
+        db.execute("UPDATE account SET allow_imap = 'false' WHERE id = ?", (account[0],))
+        db.execute("UPDATE mailstore SET active = 'no' WHERE id = 1")
+    db.close()
+    p = cluster.cli("publish")
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert f"account id={account[0]} '{account[1]}@" in p.stderr
+    assert "allow_imap 'false' is not a boolean (0 or 1)" in p.stderr
+    assert "mailstore id=1 'store-1': active 'no' is not a boolean (0 or 1)" in p.stderr
