@@ -378,7 +378,7 @@ def test_a_mirror_that_stopped_following_is_found_at_the_full_check(published: C
     assert "mx: installed serial 2" in p.stdout, p.stdout + p.stderr
     assert "a source is behind the ones after it" in p.stderr
     assert lookup(published, "zz-past-the-mirror@example-1.org") == "OK"
-    code, out, channel = status(published)
+    code, out, _ = status(published)
     assert code == 1, out
     assert f"{stale} failed: behind: it serves serial 1" in out
     # The next polls: the mirror serves a serial below the installed one; still WARNING.
