@@ -515,9 +515,10 @@ def test_rollback_publisher_never_publishes_a_map_the_channel_no_longer_lists(
     p = three.publish("--force")
     assert "a channel carries password hashes beside MX maps" in p.stderr
     assert "hashes=dovecot_users" in p.stderr
-    assert "dovecot_users" in parse_manifest(
-        (three.repo / "mx" / "releases" / "4" / MANIFEST).read_bytes(), "4"
-    ).maps
+    assert (
+        "dovecot_users"
+        in parse_manifest((three.repo / "mx" / "releases" / "4" / MANIFEST).read_bytes(), "4").maps
+    )
     _channel_maps(three, '"domains", "recipients", "virtual", "transport"')
     three.publish("--force")  # serial 5, dovecot_users dropped
 
