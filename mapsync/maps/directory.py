@@ -99,14 +99,18 @@ class Directory:
         return (d.name,)
 
     @staticmethod
-    def folded_names(d: Domain) -> tuple[str, ...]:
-        """:meth:`names` as Postfix's keys: Postfix folds every key's case fully, as it builds
-        a map and as it looks one up (``ß`` → ``ss``, final sigma → sigma), so a U-label key is
-        folded too (or ``straße.example`` would never be found). Exim lowercases ASCII only:
-        its maps keep :meth:`names`."""
+    def key_names(d: Domain) -> tuple[str, ...]:
+        """The names the address maps key a domain by: :meth:`names`, and the U-label
+        case-folded too where that differs. Postfix folds every key fully as it builds a map
+        and as it looks one up (``ß`` → ``ss``, final sigma → sigma), so ``straße.example``
+        is found only as ``strasse.example``; Exim lowercases, and finds the U-label as it
+        is. Both read these maps (an Exim MX channel lists the same domains, recipients and
+        virtual), so both keys are there."""
         if d.name_unicode and d.name_unicode != d.name:
             folded = d.name_unicode.casefold()
-            return (d.name, folded) if folded != d.name else (d.name,)
+            if folded not in (d.name, d.name_unicode):
+                return (d.name, d.name_unicode, folded)
+            return (d.name, d.name_unicode)
         return (d.name,)
 
     def store_of(self, account: Account) -> Mailstore:

@@ -47,7 +47,7 @@ class DomainsMap(Map):
 
     def entries(self, directory: Directory, channel: PublisherChannel) -> Iterator[tuple[str, str]]:
         for d in directory.domains.values():
-            for name in directory.folded_names(d):
+            for name in directory.key_names(d):
                 yield name, "OK"
 
 
@@ -72,13 +72,13 @@ class RecipientsMap(Map):
             locals_ = directory.account_locals(d.id) + directory.alias_locals(d.id)
             has_catchall = d.id in directory.catchall
             for domain in (d, *directory.alias_domains.get(d.id, ())):
-                for name in directory.folded_names(domain):
+                for name in directory.key_names(domain):
                     yield at(locals_, name)
                     if has_catchall:
                         yield (f"@{name}",)
         for d in directory.of_kind("relay"):
             # mapsync does not know a relay customer's mailboxes: their server decides.
-            for name in directory.folded_names(d):
+            for name in directory.key_names(d):
                 yield (f"@{name}",)
 
 
@@ -106,7 +106,7 @@ class VirtualMap(Map):
             if forwards:  # a forwarded account's line is its forward, not an identity line
                 forwarded = {fw.local_part for fw in forwards}
                 identity = [local for local in account_locals if local not in forwarded]
-            for name in directory.folded_names(d):
+            for name in directory.key_names(d):
                 yield zip(at(alias_locals, name), alias_targets, strict=True)
                 if catchall is not None:
                     yield ((f"@{name}", ",".join(catchall.targets)),)
@@ -117,7 +117,7 @@ class VirtualMap(Map):
                 for fw in forwards:
                     yield ((f"{fw.local_part}@{name}", ",".join(fw.targets)),)
             for alias_domain in directory.alias_domains.get(d.id, ()):
-                for name in directory.folded_names(alias_domain):
+                for name in directory.key_names(alias_domain):
                     locals_ = account_locals + alias_locals
                     yield zip(at(locals_, name), at(locals_, d.name), strict=True)
                     if catchall is not None:
@@ -150,7 +150,7 @@ class TransportMap(Map):
                     yield f"{a.local_part}@{d.name}", route[store.id]
         for d in directory.of_kind("relay"):
             assert d.relay_nexthop is not None
-            for name in directory.folded_names(d):
+            for name in directory.key_names(d):
                 yield name, f"relay:{d.relay_nexthop}"
 
 
@@ -174,7 +174,7 @@ class SendersMap(Map):
                 login = f"{a.local_part}@{d.name}"
                 by_id[a.id] = login
                 for domain in (d, *aliases):
-                    for name in directory.folded_names(domain):
+                    for name in directory.key_names(domain):
                         owners.setdefault(f"{a.local_part}@{name}", set()).add(login)
         for grant in directory.snapshot.sender_grants:
             owner = by_id.get(grant.account_id)

@@ -69,6 +69,12 @@ WHY_PSEUDO = "PostfixAdmin's pseudo-domain ALL is no mail domain"
 WHY_VACATION = "the vacation domain is published as a relay domain to vacation_nexthop"
 WHY_BOUNCE = "the live lookups accept it and then bounce it; mapsync refuses it at SMTP time"
 WHY_NOWHERE = "a target that leads nowhere (no such mailbox) is left out"
+WHY_NOWHERE_CATCHALL = (
+    "an alias whose every target leads nowhere is left out: the catch-all takes its mail"
+)
+WHY_INACTIVE_TARGET = (
+    "a target in a domain of the database that is not accepted (inactive) is left out"
+)
 WHY_INACTIVE = "the domain is not accepted (inactive): mapsync publishes nothing for its rows"
 WHY_RELAY_MAILBOX = "a mailbox in a relay (backup-MX) domain is not delivered here"
 WHY_CLEARTEXT = "cleartext passwords are never published: no login until it is hashed"
@@ -702,13 +708,26 @@ class _Compare:
             theirs = {f: self._outcome(self.after, f) for f in self.after.finals(address)}
             if mine != theirs:
                 reasons = set()
+                bounced = bool(mine) and all(o == ("unknown",) for o in mine.values())
                 for f in set(mine) | set(theirs):
                     if mine.get(f) == theirs.get(f):
                         continue
-                    if f.rpartition("@")[2] == self.vacation:
+                    fdomain = f.rpartition("@")[2]
+                    if fdomain == self.vacation:
                         reasons.add(WHY_VACATION)
                     elif mine.get(f) == ("unknown",) and f not in theirs:
                         reasons.add(WHY_NOWHERE)
+                    elif bounced and f not in mine:
+                        reasons.add(WHY_NOWHERE_CATCHALL)
+                    elif (
+                        mine.get(f) == ("elsewhere",)
+                        and f not in theirs
+                        and self.before.domain_class(fdomain) is None
+                        and self.after.domain_class(fdomain) is None
+                    ):
+                        # Neither side accepts its domain, yet mapsync left it out: mapsync
+                        # drops only a target in a domain its database holds inactive.
+                        reasons.add(WHY_INACTIVE_TARGET)
                     else:
                         reasons.add("")
                 why = None if "" in reasons else "; ".join(sorted(reasons))

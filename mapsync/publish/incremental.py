@@ -70,9 +70,9 @@ class State:
         self.resolve: dict[str, int] = {}
         self.names: dict[int, tuple[str, ...]] = {}  # hosted id → its names and its aliases'
         for i in self.hosted:
-            names = [*Directory.names(live[i])]
+            names = [*Directory.key_names(live[i])]  # as the maps key them
             for alias_domain in self.alias_domains.get(i, ()):
-                names += Directory.names(alias_domain)
+                names += Directory.key_names(alias_domain)
             self.names[i] = tuple(names)
             for name in names:
                 self.resolve[name] = i

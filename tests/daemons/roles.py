@@ -8,6 +8,7 @@ A role's publisher channel is read from the ``# Publisher channel: maps = [...]`
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,8 @@ from tests.conftest import Cluster
 AGENTS = Path(__file__).resolve().parents[2] / "agents"
 ROLES = ("postfix-mx", "exim-mx", "scanner", "dovecot-proxy", "dovecot-store", "submission")
 PASSWORD = "correct horse battery staple"
+# Debian's Exim, unpacked by scripts/install --test (the machine's own MTA is Postfix).
+EXIM = Path(os.environ.get("MAPSYNC_TEST_EXIM", "/var/cache/mapsync-test/exim/root/usr/sbin/exim4"))
 _PUBLISHER_LINE = re.compile(
     r"^# Publisher channel: maps = (\[[^\]]*\])(?:, mailstore = (\"[^\"]+\"))?"
     r"(?:, customer_field = (\"[^\"]+\"))?$",

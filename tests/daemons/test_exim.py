@@ -17,11 +17,9 @@ import pytest
 from sqlalchemy import create_engine, select, update
 
 from mapsync.sources import schema as t
-from tests.daemons.roles import Nodes, entries, make_nodes
+from tests.daemons.roles import EXIM, Nodes, entries, make_nodes
 
 pytestmark = pytest.mark.daemons
-
-EXIM = Path(os.environ.get("MAPSYNC_TEST_EXIM", "/var/cache/mapsync-test/exim/root/usr/sbin/exim4"))
 
 
 @pytest.fixture(scope="module")

@@ -118,8 +118,11 @@ def test_compare_sees_only_the_documented_differences_then_exactly_the_rows_chan
         "alice@example.com": {"delivery", "home"},
         "alice@alias.example": {"delivery"},
         "alice@old.example": {"delivery"},
+        "alice@old2.example": {"delivery"},  # old2.example → alias.example → example.com
+        "alice@multi.example": {"delivery"},  # the forward with an archive copy
         "sales@example.com": {"delivery"},
         "sales@old.example": {"delivery"},
+        "sales@multi.example": {"delivery"},
         "team@lmtp.example": {"delivery"},
         "team@alias2.example": {"delivery"},
         # the relay domain is no longer ours

@@ -36,6 +36,7 @@ from tests.helpers.incremental import (
     late_insert,
     literal,
     newest,
+    run,
     step,
 )
 
@@ -131,6 +132,38 @@ def test_incremental_runs_publish_what_a_full_run_publishes(
     assert {f"{sha}.cdb" for sha in held.values()} == wanted
     for m, sha in held.items():
         assert hashlib.sha256(kept._cdb_data[("mx", m)][1]).hexdigest() == sha
+
+
+def test_a_u_label_postfix_folds_is_keyed_alike_by_incremental_and_full_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A domain whose U-label case-folds to other letters (straße → strasse) is keyed three
+    ways by the address maps; the incremental state resolves every one of them, so a change
+    there renders what a full run renders (it lost the folded keys: a deleted alias kept
+    forwarding until the full check)."""
+    monkeypatch.setattr(changes, "SKEW", timedelta(0))
+    url = f"sqlite:///{tmp_path / 'central.db'}"
+    cluster = make_cluster(tmp_path / "c", url, accounts=60, domains=3, aliases=30)
+    run(
+        url,
+        "UPDATE domain SET name = 'xn--strae-oqa.example', name_unicode = 'straße.example' "
+        "WHERE id = (SELECT min(id) FROM domain WHERE kind = 'hosted')",
+    )
+    kept = _publisher(cluster.root, url, "inc")
+    kept.incremental = True
+    kept.run()
+    rnd = random.Random(20261201)
+    for number in range(25):
+        name, _ = step(url, rnd)
+        kept.run()
+        full = _publisher(cluster.root, url, "full")
+        full.run()
+        for channel in ("mx", "store", "proxy"):
+            assert bodies(cluster.root / "inc", channel) == bodies(
+                cluster.root / "full", channel
+            ), f"step {number} ({name}): channel {channel} differs from a full render"
+    recipients = bodies(cluster.root / "inc", "mx")["recipients"]
+    assert b"@strasse.example OK" in recipients and "@straße.example OK".encode() in recipients
 
 
 def _kept(tmp_path: Path, url: str, extra: str = "") -> tuple[Publisher, Path]:

@@ -41,7 +41,7 @@ def test_runs_are_recorded_and_a_success_clears_the_error(tmp_path: Path) -> Non
     record_run(tmp_path, "database sqlite:///x: reading the snapshot failed: boom\nmore")
     st = publisher_status(_cfg(tmp_path))
     assert st.code == EXIT_ERROR  # never succeeded
-    assert st.last_error == "database sqlite:///x: reading the snapshot failed: boom"
+    assert st.last_error == "database sqlite:///x: reading the snapshot failed: boom more"
     record_run(tmp_path, None)
     st = publisher_status(_cfg(tmp_path))
     assert (st.code, st.last_error) == (EXIT_OK, None)
