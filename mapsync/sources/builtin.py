@@ -59,6 +59,8 @@ from mapsync.sources import maps
 from mapsync.sources import schema as t
 from mapsync.sources.base import Source
 from mapsync.sources.changes import (
+    ALIAS_ACTIVE,
+    alias_read,
     clock,
     naive,
     read_changes,
@@ -489,7 +491,7 @@ class BuiltinSource(Source):
             if active not in (0, 1):
                 problems.append(_no_boolean("mailstore", ms_id, name, "active", active))
             mailstores.append(
-                Mailstore(ms_id, name, lmtp_host, lmtp_port, imap_host, imap_port, active == 1)
+                Mailstore(ms_id, name, lmtp_host, lmtp_port, imap_host, imap_port, active != 0)
             )
         customer_status = {}
         customers = {}
@@ -567,25 +569,30 @@ class BuiltinSource(Source):
         }
         alias = _as(Alias)
         no_targets: tuple[str, ...] = ()
-        aliases = [
-            alias((alias_id, domain_id, local_part, targets.get(alias_id, no_targets)))
-            for alias_id, domain_id, local_part, expires_at in track(
-                _stream(
-                    conn.execute(
-                        select(
-                            t.alias.c.id,
-                            t.alias.c.domain_id,
-                            t.alias.c.local_part,
-                            t.alias.c.expires_at,
-                        )
-                        .where(t.alias.c.active.is_(True))
-                        .order_by(t.alias.c.id)
+        aliases = []
+        for alias_id, domain_id, local_part, expires_at, active in track(
+            _stream(
+                conn.execute(
+                    select(
+                        t.alias.c.id,
+                        t.alias.c.domain_id,
+                        t.alias.c.local_part,
+                        t.alias.c.expires_at,
+                        ALIAS_ACTIVE,
                     )
-                ),
-                "read aliases",
-            )
-            if expires_at is None or naive(expires_at) > now
-        ]
+                    .where(alias_read(conn.dialect.name))
+                    .order_by(t.alias.c.id)
+                )
+            ),
+            "read aliases",
+        ):
+            if active not in (0, 1):
+                name = next((d.name for d in domains if d.id == domain_id), "?")
+                key = f"{local_part}@{name}"
+                problems.append(_no_boolean("alias", alias_id, key, "active", active))
+            elif expires_at is None or naive(expires_at) > now:
+                targets_of = targets.get(alias_id, no_targets)
+                aliases.append(alias((alias_id, domain_id, local_part, targets_of)))
         return Snapshot(
             mark=read_mark(conn, fingerprint, now, db_clock),
             mailstores=mailstores,
@@ -837,8 +844,9 @@ def _as(row_type: type[R]) -> Callable[[Iterable[Any]], R]:
 
 
 def _no_boolean(table_: str, row: int, key: str, column: str, value: Any) -> Problem:
-    """A BOOLEAN column holding something else (SQLite keeps any text there: 'false' reads as
-    true), named with its row; the row is not used as if it said either."""
+    """A BOOLEAN column holding something else (SQLite keeps any text there, 'false' too;
+    MariaDB a 2), named with its row. Refused like any invalid row; the rest of the check
+    takes a mailstore or a service so marked as on, so that this is the one problem named."""
     return Problem(table_, row, key, f"{column} {value!r} is not a boolean (0 or 1)", column)
 
 

@@ -31,7 +31,7 @@ from itertools import groupby
 from operator import itemgetter
 from typing import Any
 
-from sqlalchemy import Connection, Integer, and_, not_, select, true, type_coerce
+from sqlalchemy import Connection, Integer, and_, not_, or_, select, true, type_coerce
 from sqlalchemy.sql import ColumnElement
 
 from mapsync.snapshot import (
@@ -243,11 +243,19 @@ def read_changes(
                 _first,
             )
         }
-        for alias_id, domain_id, local_part, expires_at in conn.execute(
-            select(t.alias.c.id, t.alias.c.domain_id, t.alias.c.local_part, t.alias.c.expires_at)
+        for alias_id, domain_id, local_part, expires_at, active in conn.execute(
+            select(
+                t.alias.c.id,
+                t.alias.c.domain_id,
+                t.alias.c.local_part,
+                t.alias.c.expires_at,
+                ALIAS_ACTIVE,
+            )
             .where(t.alias.c.id.in_(chunk))
-            .where(t.alias.c.active.is_(True))
+            .where(alias_read(conn.dialect.name))
         ):
+            if active not in (0, 1):  # the full read names it (an invalid row)
+                raise NotIncremental(f"alias id={alias_id}: active {active!r} is not a boolean")
             if expires_at is None or naive(expires_at) > now:
                 out.aliases[alias_id] = Alias(
                     alias_id, domain_id, local_part, targets.get(alias_id, ())
@@ -265,6 +273,15 @@ def read_changes(
 
 
 ALLOW = (t.account.c.allow_imap, t.account.c.allow_pop3, t.account.c.allow_submission)
+ALIAS_ACTIVE = type_coerce(t.alias.c.active, Integer)  # raw: see read_denied
+
+
+def alias_read(dialect: str) -> ColumnElement[bool]:
+    """Which alias rows are read: the active ones and, where the column can hold anything
+    else (SQLite keeps the text 'true', which is not TRUE; MariaDB a 2), those neither 0 nor
+    1, for the reader to name (``ALIAS_ACTIVE`` not in (0, 1))."""
+    active = t.alias.c.active.is_(True)
+    return active if dialect == "postgresql" else or_(active, ALIAS_ACTIVE.not_in([0, 1]))
 
 
 def read_denied(

@@ -564,9 +564,13 @@ def test_a_boolean_column_holding_text_is_an_invalid_row_not_true(cluster: Clust
         account = db.execute("SELECT id, local_part FROM account ORDER BY id LIMIT 1").fetchone()
         db.execute("UPDATE account SET allow_imap = 'false' WHERE id = ?", (account[0],))
         db.execute("UPDATE mailstore SET active = 'no' WHERE id = 1")
+        alias = db.execute("SELECT id, local_part FROM alias WHERE local_part != ''").fetchone()
+        db.execute("UPDATE alias SET active = 'true' WHERE id = ?", (alias[0],))
     db.close()
     p = cluster.cli("publish")
     assert p.returncode == 2, p.stdout + p.stderr
     assert f"account id={account[0]} '{account[1]}@" in p.stderr
     assert "allow_imap 'false' is not a boolean (0 or 1)" in p.stderr
     assert "mailstore id=1 'store-1': active 'no' is not a boolean (0 or 1)" in p.stderr
+    assert f"alias id={alias[0]} '{alias[1]}@" in p.stderr  # it vanished without a word
+    assert "active 'true' is not a boolean (0 or 1)" in p.stderr
