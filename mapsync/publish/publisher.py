@@ -116,18 +116,23 @@ def drop_invalid(snap: Snapshot, problems: list[Problem]) -> Snapshot:
     # A sender grant's row is its account's id: the grant is the (account, address) pair.
     bad_grants = {(p.row, p.key) for p in problems if p.table == "sender_grant"}
     # A bad ext_id costs the accounts of that customer only their customer field.
+    # The rows of a domain left out go with it (named once, as the domain; else each would be
+    # named again as a row of no domain).
+    gone = {d.id for d in snap.domains if ("domain", d.id) in bad}
     return replace(
         snap,
         customers={c: e for c, e in snap.customers.items() if ("customer", c) not in bad},
         mailstores=[m for m in snap.mailstores if ("mailstore", m.id) not in bad],
-        domains=[d for d in snap.domains if ("domain", d.id) not in bad],
+        domains=[d for d in snap.domains if d.id not in gone],
         accounts=[
             _without(a, a.id in logins, a.id in quotas)
             for a in snap.accounts
-            if ("account", a.id) not in bad
+            if ("account", a.id) not in bad and a.domain_id not in gone
         ],
-        aliases=[a for a in snap.aliases if ("alias", a.id) not in bad],
-        forwards=[f for f in snap.forwards if ("forward", f.id) not in bad],
+        aliases=[a for a in snap.aliases if ("alias", a.id) not in bad and a.domain_id not in gone],
+        forwards=[
+            f for f in snap.forwards if ("forward", f.id) not in bad and f.domain_id not in gone
+        ],
         sender_grants=[
             g for g in snap.sender_grants if (g.account_id, g.address) not in bad_grants
         ],

@@ -574,3 +574,19 @@ def test_a_boolean_column_holding_text_is_an_invalid_row_not_true(cluster: Clust
     assert "mailstore id=1 'store-1': active 'no' is not a boolean (0 or 1)" in p.stderr
     assert f"alias id={alias[0]} '{alias[1]}@" in p.stderr  # it vanished without a word
     assert "active 'true' is not a boolean (0 or 1)" in p.stderr
+
+
+def test_the_rows_of_a_domain_skipped_as_invalid_are_not_named_again(cluster: Cluster) -> None:
+    """--skip-invalid leaves out a domain whose name is invalid, and its accounts and aliases
+    with it: the domain is named once, not each of its rows as one of no domain."""
+    db = sqlite3.connect(cluster.db_url.removeprefix("sqlite:///"))
+    with db:
+        domain = db.execute(
+            "SELECT id FROM domain WHERE kind = 'hosted' AND id IN (SELECT domain_id FROM alias)"
+        ).fetchone()[0]
+        db.execute("UPDATE domain SET name = 'exa mple.org' WHERE id = ?", (domain,))
+    db.close()
+    p = cluster.cli("publish", "--dry-run", "--skip-invalid")
+    assert p.returncode in (0, 1), p.stdout + p.stderr
+    assert f"row={domain}" in p.stderr and "skipping invalid row" in p.stderr
+    assert "is no domain" not in p.stderr, p.stderr
