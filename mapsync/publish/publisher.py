@@ -105,6 +105,11 @@ class _Staged:
     entries: dict[str, MapEntry] = field(default_factory=dict)  # as rendered, released or not
 
 
+# The maps of an MX: every domain, address and route of the cluster (not ``senders``, which
+# the submission relay carries beside its hashes).
+MX_MAPS = frozenset({"domains", "recipients", "virtual", "transport", "exim_routes"})
+
+
 def drop_invalid(snap: Snapshot, problems: list[Problem]) -> Snapshot:
     """``snap`` without the rows named in ``problems`` (for ``publish --skip-invalid``)."""
     bad = {(p.table, p.row) for p in problems if not p.login and not p.quota}
@@ -867,11 +872,7 @@ class Publisher:
         self._mixed_warned.add(channel)
         ch = self.cfg.channels[channel]
         hashes = [m for m in ch.maps if m in self.maps and self.maps[m].secrets]
-        wide = [
-            m
-            for m in ch.maps
-            if m in self.maps and self.maps[m].cdb and not self.maps[m].per_mailstore
-        ]
+        wide = [m for m in ch.maps if m in MX_MAPS]
         if hashes and wide:
             _log.warning(
                 "a channel carries password hashes beside MX maps: every node pulling it gets "
