@@ -332,9 +332,12 @@ class _Reader:
             if name and name != PSEUDO_DOMAIN:
                 rows[name] = ((transport or "").strip(), _yes(backupmx), _yes(active))
         vacation = self.settings.vacation_domain
-        if vacation and vacation not in rows:
+        if vacation:
+            # Relayed to the host that runs the vacation transport, with a row or without
+            # (PostfixAdmin's docs give it one, transport 'vacation'): never hosted here,
+            # where its user#domain targets would receive nothing.
             nexthop = self.settings.vacation_nexthop or vacation
-            rows[vacation] = (f"relay:{nexthop}", False, True)
+            rows[vacation] = (f"relay:{nexthop}", False, rows.get(vacation, ("", False, True))[2])
         domain_ids = {name: i for i, name in enumerate(sorted(rows), start=1)}
         model_domains: dict[str, Domain] = {}
         for name, (transport, backupmx, active) in sorted(rows.items()):
@@ -454,10 +457,12 @@ class _Reader:
 
         # Alias domains and domain-wide forwards: u@A as PostfixAdmin's lookups resolve it.
         translated: dict[str, tuple[str, list[str]]] = dict(forward_to)
+        forwarded = set(forward_to)  # the domains translated by an alias row, for labels
         for alias_domain, target, active in alias_domains:
             a = (alias_domain or "").strip().lower()
             if _yes(active) and a in model_domains:
                 translated[a] = ((target or "").strip().lower(), [])
+                forwarded.discard(a)
         locals_of: dict[str, set[str]] = defaultdict(set)
         for account in accounts:
             if account.status == "active":
@@ -479,6 +484,16 @@ class _Reader:
             resolved = _Resolved(hosted, locals_of, literal, translated)
             if not self._drop_dead_targets(literal, resolved, model_domains, relay_names):
                 break
+        for domain, (target, extra) in sorted(translated.items()):
+            keep = [t for t in extra if resolved.receives(t, model_domains, relay_names)]
+            if keep != extra:  # the other targets of a domain-wide forward, the same way
+                _log.warning(
+                    "targets that receive nothing here (a deleted mailbox, an inactive domain) "
+                    "left out of a domain-wide forward",
+                    alias=f"@{domain}",
+                    targets=[t for t in extra if t not in keep],
+                )
+                translated[domain] = (target, keep)
         model_forwards = []
         for i, owner, address, targets in forwards:
             keep = [t for t in targets if resolved.receives(t, model_domains, relay_names)]
@@ -499,7 +514,11 @@ class _Reader:
             d = model_domains[domain]
             target, extra = translated.get(domain, ("", []))
             if resolved.translates(domain):
-                label = f"alias_domain {domain!r} → {target!r}"
+                label = (
+                    f"alias '@{domain}' → '@{target}'"
+                    if domain in forwarded
+                    else f"alias_domain {domain!r} → {target!r}"
+                )
                 for local in sorted(resolved.names(target) - own.keys() - locals_of[domain]):
                     self.labels[("alias", next_id)] = f"{label} (alias '{local}@{domain}')"
                     to = (f"{local}@{target}", *extra)
@@ -572,8 +591,11 @@ class _Resolved:
                 own |= self.names(self.translated[domain][0])
         finally:
             self._busy.discard(domain)
-        self._names[domain] = frozenset(own)
-        return self._names[domain]
+        if not self._busy:
+            # Kept only when asked from outside: one worked out inside a loop of alias
+            # domains lacks what the rest of the loop gives (that depends on where it began).
+            self._names[domain] = frozenset(own)
+        return frozenset(own)
 
     def catchall(self, domain: str) -> list[str] | None:
         """The targets ``@domain`` resolves to: its target's catch-all (with the forward's

@@ -169,13 +169,20 @@ def test_relay_next_hops() -> None:
     assert relay_nexthop("backup.example", "relay:") == "backup.example"
 
 
-def read_rows(aliases: list[tuple[str, str, int]], *, mailboxes: tuple[str, ...] = ()) -> Snapshot:
-    """PostfixAdmin rows (example.com and a forwarded old.example; ``mailboxes`` active, with
+def read_rows(
+    aliases: list[tuple[str, str, int]],
+    *,
+    mailboxes: tuple[str, ...] = (),
+    domains: tuple[str, ...] = (),
+    alias_domains: tuple[tuple[str, str], ...] = (),
+    settings: PostfixAdminConfig | None = None,
+) -> Snapshot:
+    """PostfixAdmin rows (example.com, old.example and ``domains``; ``mailboxes`` active, with
     their self-alias rows among ``aliases`` as the caller writes them) read into the model."""
-    reader = _Reader(PostfixAdminConfig(), secrets=False)
+    reader = _Reader(settings or PostfixAdminConfig(), secrets=False)
     return reader.build(
-        domains=[("example.com", "virtual", 0, 1), ("old.example", "virtual", 0, 1)],
-        alias_domains=[],
+        domains=[(d, "virtual", 0, 1) for d in ("example.com", "old.example", *domains)],
+        alias_domains=[(a, target, 1) for a, target in alias_domains],
         mailboxes=[(m, f"example.com/{m}/", 0, 1, "x") for m in mailboxes],
         aliases=aliases,
         fingerprint=Fingerprint({}),
@@ -220,3 +227,47 @@ def test_a_domain_wide_forward_with_more_targets_rewrites_the_first_and_keeps_th
     virtual = render("virtual", s)
     assert virtual["postmaster@old.example"] == "postmaster@example.com,archive@external.example"
     assert virtual["@old.example"] == "postmaster@example.com,archive@external.example"
+
+
+def test_a_dead_extra_target_of_a_domain_wide_forward_is_left_out_not_refused() -> None:
+    s = read_rows(
+        [
+            ("@old.example", "@example.com,gone@example.com", 1),
+            ("postmaster@example.com", "postmaster@example.com", 1),
+        ],
+        mailboxes=("postmaster@example.com",),
+    )
+    assert check(s) == []
+    assert render("virtual", s)["postmaster@old.example"] == "postmaster@example.com"
+
+
+def test_the_vacation_domain_is_relayed_though_it_has_a_domain_row() -> None:
+    """PostfixAdmin's docs give the vacation domain a row (transport 'vacation'): hosted, its
+    user#domain targets would receive nothing and every autoreply would be left out."""
+    settings = PostfixAdminConfig(vacation_domain="autoreply.example.org")
+    s = read_rows(
+        [("bob@example.com", "bob#example.com@autoreply.example.org,bob@example.com", 1)],
+        mailboxes=("bob@example.com",),
+        domains=("autoreply.example.org",),
+        settings=settings,
+    )
+    assert check(s) == []
+    vacation = next(d for d in s.domains if d.name == "autoreply.example.org")
+    assert vacation.kind == "relay"
+    assert render("virtual", s)["bob@example.com"] == (
+        "bob#example.com@autoreply.example.org,bob@example.com"
+    )
+
+
+def test_a_loop_of_alias_domains_gives_each_every_address_of_the_loop() -> None:
+    """a → b → c → d → a: each receives what any of them has; the answer no longer depends on
+    the domain the resolution started at (one found inside the loop was kept, short)."""
+    loop = ("a.example", "b.example", "c.example", "d.example")
+    s = read_rows(
+        [(f"u{d[0]}@{d}", "x@external.example", 1) for d in loop],
+        domains=loop,
+        alias_domains=tuple(zip(loop, loop[1:] + loop[:1], strict=True)),
+    )
+    recipients = render("recipients", s)
+    for d in loop:
+        assert {f"u{o[0]}@{d}" for o in loop} <= recipients.keys(), d
