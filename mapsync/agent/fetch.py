@@ -144,13 +144,13 @@ def newer_elsewhere(
     """Ask the sources listed after ``answered`` (which found the node current) for LATEST:
     the first that serves a newer release, fetched and verified (``release``), or None. A
     mirror that stopped following its source is current to the nodes behind it, which would
-    never learn otherwise (their release only expires). What fails here is passed over: the
-    pull has its answer."""
-    later = [s for s in tried[next(i for i, s in enumerate(tried) if s.url == answered) + 1 :]]
-    for source in later:
+    never learn otherwise (their release only expires). A source failing here is passed over
+    (the pull has its answer); a failure on this node (InstallError: a full disk) is not."""
+    first = next((i for i, s in enumerate(tried) if s.url == answered), len(tried))
+    for source in tried[first + 1 :]:
         try:
             got = _ask(node, source, decide, False)
-        except (TransportError, VerificationError, InstallError) as exc:
+        except (TransportError, VerificationError) as exc:
             _log.info("source not asked further", source=source.url, error=str(exc))
             continue
         if got.release is not None:

@@ -134,8 +134,9 @@ def _pull(node: NodeChannel, pushed: bool) -> PullResult:
             assert newer.release is not None
             serial = newer.release.manifest.serial
             behind = {
+                **answer.failed,  # the sources before it, as the pull found them
                 answer.source: f"behind: it serves serial {answer.decided.serial}, "
-                f"{newer.source} serves {serial}"
+                f"{newer.source} serves {serial}",
             }
             _log.warning(
                 "a source is behind the ones after it; installing from them",
