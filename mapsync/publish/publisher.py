@@ -17,7 +17,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
-from datetime import timedelta
+from datetime import datetime, timedelta
 from functools import cached_property, partial
 from pathlib import Path
 from typing import Any
@@ -445,6 +445,9 @@ class Publisher:
                 return done
             state = None
         _log.info("reading snapshot", database=source.safe_url)
+        # Before the read: what it saw is the database as of no earlier than this (the note
+        # of the check says so; Source.stamp_resolution counts from it).
+        read_at = utcnow()
         snap = None
         if state is not None:
             try:
@@ -471,7 +474,9 @@ class Publisher:
             staged = [self._stage(ch, views[ch.name], snap, source, stagings) for ch in selected]
             if proving and state is not None and snap.changes is not None:
                 self._compare(staged, self._prove(state, snap, selected))
-            violations = self._write(staged, source, key, dry_run, force, snap.fingerprint)
+            violations = self._write(
+                staged, source, key, dry_run, force, snap.fingerprint, read_at=read_at
+            )
         if self.incremental and not dry_run and not skipped and not self._own_problems:
             self._keep(snap, staged, wanted)
         return PublishResult([s.plan for s in staged], skipped, dry_run, violations)
@@ -765,6 +770,7 @@ class Publisher:
         force: bool,
         fingerprint: Fingerprint,
         full: bool = True,
+        read_at: datetime | None = None,
     ) -> list[Violation]:
         """Guard, then (unless ``dry_run``) commit ``staged`` and note each channel's check
         of the database at ``fingerprint`` (``full``: every row was read); the guards'
@@ -804,6 +810,7 @@ class Publisher:
                     channel_fingerprint(fingerprint.tables, ch),
                     serial,
                     full=full,
+                    at=read_at,
                 )
         return violations
 

@@ -25,6 +25,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -263,24 +264,31 @@ class Repository:
             return None
 
     def record_check(
-        self, channel: str, fingerprint: str, serial: int | None, *, full: bool = True
+        self,
+        channel: str,
+        fingerprint: str,
+        serial: int | None,
+        *,
+        full: bool = True,
+        at: datetime | None = None,
     ) -> None:
         """Remember that the database with ``fingerprint`` renders as release ``serial``;
         ``full``: found by reading every row (an incremental run keeps the time of the last
-        full read, which says when the next one is due)."""
+        full read, which says when the next one is due); ``at``: when that read began (now
+        if None)."""
         if serial is None:
             return
         path = self.private(channel, CHECKED)
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        at = iso(utcnow())
+        stamp = iso(at or utcnow())
         before = self.checked(channel) or {}
         if not full:
-            at = str(before.get("at", at))
+            stamp = str(before.get("at", stamp))
         # When a full read first saw this fingerprint (see Source.stamp_resolution).
-        since = at
+        since = stamp
         if before.get("fingerprint") == fingerprint:
-            since = str(before.get("since", before.get("at", at)))
-        note = {"fingerprint": fingerprint, "serial": serial, "at": at, "since": since}
+            since = str(before.get("since", before.get("at", stamp)))
+        note = {"fingerprint": fingerprint, "serial": serial, "at": stamp, "since": since}
         try:
             atomic_write(path, (json.dumps(note, sort_keys=True) + "\n").encode())
         except OSError as exc:
