@@ -637,10 +637,20 @@ def _own_maps(path: Path, data: dict[str, Any]) -> dict[str, MapConfig]:
 
 
 def _query(section: Section, key: str, default: Any) -> Any:
+    """A query of the operator's own: one SELECT, as ``[publisher.sql]``'s. A second statement
+    ("...; COMMIT; DELETE ...") would run on PostgreSQL (psycopg runs a string of several),
+    writing to the database and ending the snapshot's read-only transaction."""
     value = section.text(key, default)
-    if value is not None and not value.strip():
+    if value is None:
+        return value
+    if not value.strip():
         raise ConfigError(f"{section.where(key)}: must not be blank")
-    return value
+    query = value.strip().rstrip(";").rstrip()
+    if not _SELECT.match(query):
+        raise ConfigError(f"{section.where(key)}: must be one SELECT (or WITH ... SELECT)")
+    if ";" in query:
+        raise ConfigError(f"{section.where(key)}: must be one statement (no ';' inside)")
+    return query
 
 
 SCHEMAS = ("mapsync", "postfixadmin", "sql")
@@ -735,13 +745,7 @@ def _sql(path: Path, data: dict[str, Any], *, required: bool) -> SqlConfig:
         value = s.text(key, _REQUIRED if required and key in SQL_REQUIRED else None)
         if value is None:
             continue
-        query = value.strip().rstrip(";").rstrip()
-        if not _SELECT.match(query):
-            raise ConfigError(f"{s.where(key)}: must be one SELECT (or WITH ... SELECT)")
-        if ";" in query:
-            # Wrapped as a subquery: a second statement would break it (or run, on some drivers).
-            raise ConfigError(f"{s.where(key)}: must be one statement (no ';' inside)")
-        queries[key] = query
+        queries[key] = _query(s, key, None)  # wrapped as a subquery: one SELECT
     fingerprint = queries.pop("fingerprint", None)
     stores = _mailstores(
         path,

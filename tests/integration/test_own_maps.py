@@ -9,6 +9,8 @@ import os
 import stat
 
 import pytest
+from sqlalchemy import create_engine
+from sqlalchemy import text as sql
 
 from mapsync.formats import text
 from mapsync.sources import schema as t
@@ -384,3 +386,38 @@ def test_diff_shows_values_except_in_a_secret_map(cluster: Cluster) -> None:
     assert "  ~ bank.example verify match=hostname → dane\n" in diff
     assert "  ~ [smtp.relay.example]:587\n" in diff  # the key alone: the map is secret
     assert "relay-pass" not in diff
+
+
+@pytest.mark.parametrize("key", ["query", "fingerprint"])
+def test_a_second_statement_in_an_own_query_is_refused_before_anything_runs(
+    cluster: Cluster, pg_url: str, key: str
+) -> None:
+    """psycopg runs a string of several statements: "SELECT ...; COMMIT; DELETE ..." ended the
+    snapshot's read-only transaction and deleted rows, even under --dry-run. One SELECT only,
+    as [publisher.sql]'s queries; the config names the key and nothing runs."""
+    run_sql(
+        pg_url,
+        "CREATE TABLE victim (x int)",
+        "INSERT INTO victim VALUES (1), (2)",
+        "CREATE TABLE access (address VARCHAR(200), action VARCHAR(50))",
+        "INSERT INTO access VALUES ('spam@example.org', 'REJECT')",
+    )
+    select = "SELECT address, action FROM access"
+    query = f"{select}; COMMIT; DELETE FROM victim" if key == "query" else select
+    fingerprint = (
+        "SELECT count(*) FROM access; COMMIT; DELETE FROM victim"
+        if key == "fingerprint"
+        else "SELECT count(*) FROM access"
+    )
+    maps = (
+        f'[publisher.maps.access]\nquery = "{query}"\nfingerprint = "{fingerprint}"\n'
+        f'database = "{pg_url}"\n'
+    )
+    list_own_maps(cluster, ["access"], maps=maps)
+    proc = cluster.cli("publish", "--dry-run")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert f"[publisher.maps.access] {key}: must be one statement (no ';' inside)" in proc.stderr
+    engine = create_engine(pg_url)
+    with engine.connect() as conn:
+        assert conn.execute(sql("SELECT count(*) FROM victim")).scalar() == 2
+    engine.dispose()
