@@ -423,7 +423,8 @@ def _check(
                 "account",
                 aid,
                 f"{local}@{dom.name}",
-                f"account in a {dom.kind} domain (only hosted domains have mailboxes)",
+                f"account in {'an' if dom.kind == 'alias' else 'a'} {dom.kind} domain (only "
+                "hosted domains have mailboxes)",
             )
             continue
         store_id = mailstore_id or dom.default_mailstore_id
@@ -496,7 +497,8 @@ def _check(
                 "alias",
                 alias_id,
                 address,
-                f"alias in a {dom.kind} domain (define it in the target domain)",
+                f"alias in {'an' if dom.kind == 'alias' else 'a'} {dom.kind} domain (define it in "
+                "the target domain)",
             )
             continue
         if not targets:

@@ -386,6 +386,12 @@ def _inactive(row: dict[str, Any]) -> bool:
         return False
 
 
+def _preferred(written: str, other: str) -> bool:
+    """Of two rows of one address differing in case, whether the row ``written`` so is the one
+    used: the one written in lowercase, else the smaller as written (not the query's order)."""
+    return (written != written.lower(), written) < (other != other.lower(), other)
+
+
 def _targets(value: str | None) -> list[str]:
     return [t for t in _SPLIT.split(value or "") if t]
 
@@ -520,7 +526,7 @@ class _Reader:
     ) -> list[Domain]:
         # (query, row) per name, then ids; alias targets resolve once every name is known.
         read: list[tuple[str, dict[str, Any], str, str, str]] = []
-        seen: dict[str, str] = {}
+        seen: dict[str, tuple[int, str]] = {}  # name → (index in read, the row's words)
 
         def collect(query: str) -> Callable[[dict[str, Any]], None]:
             def one(row: dict[str, Any]) -> None:
@@ -531,9 +537,19 @@ class _Reader:
                     if kind not in KINDS:
                         raise RowError(f"kind {kind!r} is not one of {', '.join(KINDS)}")
                 status = _status(row, DOMAIN_STATUS)
+                words = f"[publisher.sql] {query} {name!r}"
                 if name in seen:
-                    raise RowError(f"domain {name!r} is also defined by {seen[name]}")
-                seen[name] = f"[publisher.sql] {query} {name!r}"
+                    at, other = seen[name]
+                    # A disabled row beside one in use is left out, whichever comes first
+                    # (it defined the name when first, and the active row was refused).
+                    if status == "disabled":
+                        return
+                    if read[at][4] != "disabled":
+                        raise RowError(f"domain {name!r} is also defined by {other}")
+                    read[at] = (query, row, name, kind, status)
+                    seen[name] = (at, words)
+                    return
+                seen[name] = (len(read), words)
                 read.append((query, row, name, kind, status))
 
             return one
@@ -582,16 +598,39 @@ class _Reader:
             home = _text(row, "home", required=False)
             password = _text(row, "password_hash", required=False) if self.secrets else None
             quota = _number(row.get("quota_bytes")) if self.secrets else None
-            if isinstance(quota, int) and not isinstance(quota, bool) and quota <= 0:
-                quota = None  # 0: no limit, as most panels store it
+            if isinstance(quota, int) and not isinstance(quota, bool) and quota == 0:
+                quota = None  # 0: no limit, as most panels store it (a negative one is refused)
+            address = f"{local}@{domain}"
+            written = str(row.get("address") or address)
+            first = claimed.get(address)
+            if first is not None and not _preferred(written, first[1]):
+                # The same address twice, differing in case: one row is used whatever order
+                # the query returns them in (the one written in lowercase), the other named.
+                raise RowError(f"address also defined by [publisher.sql] accounts {first[1]!r}")
             i = self._id("accounts")
             try:
                 store = self._store_id(_text(row, "mailstore", required=False), store_ids)
             except RowError as exc:
                 store = None
                 self.problems.append(Problem("account", i, f"{local}@{domain}", str(exc)))
-            accounts.append(Account(i, d.id, local, store, status, password, home, quota))
+            account = Account(i, d.id, local, store, status, password, home, quota)
+            if first is not None:
+                loser = accounts[first[0]]
+                accounts[first[0]] = account
+                self.problems.append(
+                    Problem(
+                        "account",
+                        loser.id,
+                        first[1],
+                        f"address also defined by [publisher.sql] accounts {written!r}",
+                    )
+                )
+                claimed[address] = (first[0], written)
+                return
+            claimed[address] = (len(accounts), written)
+            accounts.append(account)
 
+        claimed: dict[str, tuple[int, str]] = {}  # address → (index in accounts, as written)
         self._each("accounts", rows, read)
         return accounts
 

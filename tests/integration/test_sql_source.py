@@ -176,7 +176,9 @@ def test_hostile_values_are_invalid_rows_named_by_query_and_key(tmp_path: Path) 
         "home='/m/l'): domain 'nowhere.example' is no domain of [publisher.sql] domains",
         "[publisher.sql] accounts 'new\\nline@example.org': local part has characters",
         "[publisher.sql] accounts 'nul\\x00@example.org': local part has characters",
-        "[publisher.sql] accounts 'postmaster@example.org': address also defined by account",
+        # The row written in lowercase is used whatever the query's order; the other named.
+        "[publisher.sql] accounts row 8 (address='Postmaster@example.org', status='active', "
+        "home='/m/p2'): address also defined by [publisher.sql] accounts 'postmaster@example.org'",
         "[publisher.sql] accounts '\u212aim@example.org': local part not lowercase",
         "[publisher.sql] aliases 'sales@example.org': target 'extra@x:y'",
     ]
@@ -196,6 +198,49 @@ def test_hostile_values_are_invalid_rows_named_by_query_and_key(tmp_path: Path) 
         "evil@example.net",
         "extra@x:y",
     )
+
+
+def test_rows_of_one_address_or_domain_are_chosen_alike_whatever_the_querys_order(
+    tmp_path: Path,
+) -> None:
+    """Two accounts of one address differing in case: the row written in lowercase is used
+    and the other named, in either order (the first the query returned was used: an UPDATE
+    that moved a row swapped hash and home under --skip-invalid). A disabled domain row beside
+    an active one of the same name is left out in either order (first, it refused the active
+    one). A negative quota is refused, not published as no limit."""
+    rows = [
+        "INSERT INTO a VALUES ('Bob@Example.org', 'active', '/m/stale', '{BLF-CRYPT}$2y$s', 1)",
+        "INSERT INTO a VALUES ('bob@example.org', 'active', '/m/bob', '{BLF-CRYPT}$2y$b', 1)",
+    ]
+    for n, order in enumerate((rows, rows[::-1])):
+        (tmp_path / f"a{n}").mkdir()
+        url = sq.small_db(tmp_path / f"a{n}", *order)
+        source = sq.small_source(url)
+        snap = source.snapshot()
+        source.close()
+        bob = [a for a in snap.accounts if a.local_part == "bob"]
+        assert [a.home for a in bob] == ["/m/bob"], order
+        assert [p.key for p in snap.problems] == ["Bob@Example.org"], order
+    domains = [
+        "INSERT INTO d VALUES ('Other.EXAMPLE', 'hosted', NULL)",
+        "INSERT INTO d VALUES ('other.example', 'hosted', NULL)",
+    ]
+    queries = {
+        "domains": "SELECT name, kind, store AS mailstore, "
+        "CASE WHEN name = lower(name) THEN 1 ELSE 0 END AS active FROM d"
+    }
+    for n, order in enumerate((domains, domains[::-1])):
+        (tmp_path / f"d{n}").mkdir()
+        url = sq.small_db(tmp_path / f"d{n}", *order)
+        assert sq.small_problems(url, **queries) == [], order
+    (tmp_path / "quota").mkdir()
+    url = sq.small_db(
+        tmp_path / "quota",
+        "INSERT INTO a VALUES ('neg@example.org', 'active', '/m/n', '{BLF-CRYPT}$2y$n', -5)",
+    )
+    quota = "SELECT address, status, home, pw AS password_hash, port AS quota_bytes FROM a"
+    problems = sq.small_problems(url, secrets=True, accounts=quota)
+    assert any("neg@example.org" in p and "negative" in p for p in problems), problems
 
 
 def test_a_wrong_type_in_a_mailstore_port_is_that_mailstores_problem(tmp_path: Path) -> None:

@@ -453,12 +453,12 @@ def test_accounts_and_aliases_only_in_hosted_domains() -> None:
             "account",
             5,
             "eve@alias.example",
-        ): "account in a alias domain (only hosted domains have mailboxes)",
+        ): "account in an alias domain (only hosted domains have mailboxes)",
         (
             "alias",
             6,
             "info@alias.example",
-        ): "alias in a alias domain (define it in the target domain)",
+        ): "alias in an alias domain (define it in the target domain)",
     }
 
 
