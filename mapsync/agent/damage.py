@@ -49,6 +49,7 @@ class LiveCheck:
     # Of ``problems``: files in the set's directory that its manifest does not name (no map
     # is changed by them; a pull still swaps in a set without them).
     strays: list[str] = field(default_factory=list)
+    stray_names: list[str] = field(default_factory=list)  # their names in the set's directory
 
     @property
     def damaged(self) -> bool:
@@ -187,6 +188,7 @@ def check_live(
         # Nothing the manifest names: dropped there by hand, or an editor's swap file of a
         # live map. Never linked into TARGET; a new set without it is swapped in.
         out.strays.append(f"{cur / name}: in the live set, but no file of its manifest")
+        out.stray_names.append(name)
     out.problems += out.strays
     for file in sorted(expected):
         # What the daemons open: the link in TARGET (pull re-creates a lost one at once).

@@ -110,6 +110,15 @@ def check_and_repair(node: NodeChannel, *, full: bool = False) -> LiveOutcome:
                 return _give_ownership(node, check.manifest, drifted, full)
         return LiveOutcome(check.manifest, [], checked_fully=full)
 
+    if check.manifest is not None and check.directory is not None and (
+        check.problems == check.strays and _remove_strays(check.directory, check.stray_names)
+    ):
+        # Only files no map is made of (dropped there by hand, an editor's swap file): gone
+        # from the set's directory, no map changed, no swap and no reload owed.
+        state.last_repair, state.last_damage = iso(utcnow()), "; ".join(check.strays)
+        _log.warning("stray files removed from the live set", channel=ch.name, files=check.strays)
+        node.saw_installed(check.installed)
+        return LiveOutcome(check.manifest, check.strays, repaired=True, checked_fully=full)
     _log.error(
         "the live set is damaged; rebuilding it from the verified copy kept in the state",
         channel=ch.name,
@@ -124,6 +133,24 @@ def check_and_repair(node: NodeChannel, *, full: bool = False) -> LiveOutcome:
         else state.live_serial or state.pinned or max(paths.kept.serials(), default=None)
     )
     return _restore(node, serial, check.problems)
+
+
+def _remove_strays(directory: Path, names: list[str]) -> bool:
+    """Remove the stray entries ``names`` of the live set's ``directory``; whether every one
+    went."""
+    from mapsync.atomic import remove_tree
+
+    for name in names:
+        path = directory / name
+        try:
+            if path.is_dir() and not path.is_symlink():
+                remove_tree(path)
+            else:
+                path.unlink()
+        except OSError as exc:
+            _log.warning("a stray file could not be removed", path=str(path), error=str(exc))
+            return False
+    return True
 
 
 def _restore(node: NodeChannel, serial: int | None, problems: list[str]) -> LiveOutcome:

@@ -240,7 +240,7 @@ def test_a_stray_file_in_the_live_set_is_never_linked_and_a_pull_swaps_in_a_set_
     map): it was linked into TARGET by every pull, and where the operator had a file of that
     name in TARGET, every pull then failed blaming the operator's file. Only the manifest's
     files are linked; the stray is a warning in status, an error in verify, and the next pull
-    swaps in a set without it; the operator's own file stays as it was."""
+    removes it (no swap: no map changed); the operator's own file stays as it was."""
     (node.target / "README").write_text("# the operator's own\n")
     live = node.target / ".mapsync" / "current"
     (live / "README").write_text("junk\n")
@@ -253,6 +253,15 @@ def test_a_stray_file_in_the_live_set_is_never_linked_and_a_pull_swaps_in_a_set_
     )
     v = node.cli("verify")
     assert v.returncode == 5 and "in the live set, but no file of its manifest" in v.stderr
+
+    # The next pull removes them: no map changed, so no new set and no reload.
+    before, set_dir = reloads(node), os.readlink(node.target / ".mapsync" / "current")
+    p = node.pull()
+    assert "mx: the live set is repaired: " in p.stdout and "stray files removed" in p.stderr
+    assert os.readlink(node.target / ".mapsync" / "current") == set_dir
+    assert reloads(node) == before
+    assert not (live / "README").exists() and not (live / ".virtual.swp").exists()
+    (live / "README").write_text("junk again\n")
 
     add_account(node, "after-the-stray")
     node.publish()
