@@ -82,7 +82,8 @@ class Problem(NamedTuple):
     def __str__(self) -> str:
         if self.where is not None:
             return f"{self.where}: {self.reason}"
-        return f"{self.table} id={self.row} {self.key!r}: {self.reason}"
+        key = self.key if len(self.key) <= 200 else self.key[:200] + "…"  # a 10 KB value
+        return f"{self.table} id={self.row} {key!r}: {self.reason}"
 
 
 @functools.lru_cache(maxsize=65536)  # alias targets and grants repeat a few thousand domains
@@ -103,12 +104,20 @@ def domain_name_problem(name: str) -> str | None:
 
 def local_part_problem(local: str) -> str | None:
     """Why ``local`` is not an acceptable local part, or None."""
+    if not local:
+        return "local part is empty"
     if len(local) > 64:
         return f"local part longer than 64 characters ({len(local)})"
     if local != local.lower():
         return "local part not lowercase"
     if local.startswith("#"):
         return "local part starts with '#' (a text map would read the line as a comment)"
+    if not local.isascii():
+        return (
+            "local part has non-ASCII characters (internationalized local parts are not supported)"
+        )
+    if local.startswith(".") or local.endswith(".") or ".." in local:
+        return "local part starts or ends with '.' or has '..' in it"
     if not _LOCAL.match(local):
         return "local part has characters that are not allowed (whitespace, ',', ':', '@', quotes, control characters)"
     return None

@@ -110,8 +110,10 @@ def check_and_repair(node: NodeChannel, *, full: bool = False) -> LiveOutcome:
                 return _give_ownership(node, check.manifest, drifted, full)
         return LiveOutcome(check.manifest, [], checked_fully=full)
 
-    if check.manifest is not None and check.directory is not None and (
-        check.problems == check.strays and _remove_strays(check.directory, check.stray_names)
+    if (
+        check.manifest is not None
+        and check.directory is not None
+        and (check.problems == check.strays and _remove_strays(check.directory, check.stray_names))
     ):
         # Only files no map is made of (dropped there by hand, an editor's swap file): gone
         # from the set's directory, no map changed, no swap and no reload owed.
