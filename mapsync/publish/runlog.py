@@ -190,4 +190,38 @@ def publisher_status(cfg: PublisherConfig) -> PublisherStatus:
         )
     if pushes:
         return PublisherStatus(EXIT_WARNING, f"{pushes}; {success}", **fields)
+    left = _unconfigured(cfg)
+    if left:
+        return PublisherStatus(EXIT_WARNING, f"{left}; {success}", **fields)
     return PublisherStatus(EXIT_OK, success, **fields)
+
+
+def _unconfigured(cfg: PublisherConfig) -> str | None:
+    """The channels the repository still serves that the config no longer lists (renamed or
+    removed): nobody renews them, and every node still pulling one goes CRITICAL when its
+    release expires. None when there are none."""
+    from mapsync.publish.repository import Repository
+
+    repo = Repository(cfg.repository, read_only=True)
+    try:
+        names = sorted(p.name for p in cfg.repository.iterdir() if p.is_dir())
+    except OSError:
+        return None
+    found = []
+    for name in names:
+        if name in cfg.channels or name.startswith("."):
+            continue
+        try:
+            manifest = repo.latest_manifest(name)
+        except MapsyncError:
+            manifest = None
+        if manifest is not None:
+            found.append(f"{name} (serial {manifest.serial}, expires {manifest.expires})")
+    if not found:
+        return None
+    return (
+        f"channel(s) in {cfg.repository} no longer in the config, not renewed: "
+        + ", ".join(found)
+        + " (nodes still pulling one go CRITICAL when it expires; remove its directory when none"
+        " does)"
+    )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import sqlite3
 import stat
 import subprocess
@@ -35,7 +36,7 @@ from mapsync.sources import open_source
 from mapsync.sources import schema as t
 from tests.conftest import Cluster
 from tests.helpers.agent import add_account
-from tests.helpers.publisher import assert_complete, parsed_manifest, set_row
+from tests.helpers.publisher import add_channels, assert_complete, parsed_manifest, set_row
 
 
 def tree(root: Path) -> dict[str, str]:
@@ -590,3 +591,22 @@ def test_the_rows_of_a_domain_skipped_as_invalid_are_not_named_again(cluster: Cl
     assert p.returncode in (0, 1), p.stdout + p.stderr
     assert f"row={domain}" in p.stderr and "skipping invalid row" in p.stderr
     assert "is no domain" not in p.stderr, p.stderr
+
+
+def test_a_channel_taken_out_of_the_config_is_a_warning_while_its_directory_serves(
+    cluster: Cluster,
+) -> None:
+    """A channel renamed or removed: its releases stay in the repository, no longer renewed,
+    and every node still pulling it goes CRITICAL when the last one expires; the publisher
+    said OK. status --publisher names it until its directory is removed."""
+    config = cluster.config_path.read_text()
+    add_channels(cluster, '[publisher.channels.edge]\nmaps = ["domains", "recipients"]\n')
+    cluster.publish()
+    assert cluster.cli("status", "--publisher").returncode == 0
+    cluster.config_path.write_text(config)
+    cluster.publish()
+    st = cluster.cli("status", "--publisher")
+    assert st.returncode == 1, st.stdout
+    assert "no longer in the config, not renewed: edge (serial 1, expires " in st.stdout
+    shutil.rmtree(cluster.repo / "edge")
+    assert cluster.cli("status", "--publisher").returncode == 0
