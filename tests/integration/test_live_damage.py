@@ -275,3 +275,21 @@ def test_a_stray_file_in_the_live_set_is_never_linked_and_a_pull_swaps_in_a_set_
     )
     assert lookup(node, "after-the-stray@example-1.org") == (0, "OK")
     assert_healthy(node)
+
+
+def test_a_live_map_touched_but_unchanged_is_no_damage(node: Cluster) -> None:
+    """`touch` on a live cdb (a backup tool restoring times): status said CRITICAL "changed
+    since it was installed" while verify said all was well. The same size with another mtime
+    is hashed: unchanged content is no damage (and recorded anew); changed content is."""
+    cdb = live_file(node, "virtual.cdb")
+    os.utime(cdb, (1_900_000_000, 1_900_000_000))
+    st = node.cli("status")
+    assert st.returncode == 0, st.stdout
+    assert node.cli("verify").returncode == 0
+    before = reloads(node)
+    assert "mx: serial 1 is current" in node.pull().stdout
+    assert reloads(node) == before
+    flip_byte_keep_stat(cdb)  # same size, its mtime put back: the record's own check
+    os.utime(cdb, (1_900_000_100, 1_900_000_100))  # and then another mtime
+    st = node.cli("status")
+    assert st.returncode == 2 and "sha256 differs from the manifest" in st.stdout, st.stdout
