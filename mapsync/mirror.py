@@ -191,7 +191,9 @@ class _Channel:
             raise VerificationError(
                 f"{self.where}/{LATEST}: serial {latest.serial} is lower than {have.serial}, "
                 f"which this mirror ({self.home}) serves (a stale upstream, a rollback attack "
-                "or a restored publisher); refusing to go backwards, nothing changed"
+                "or a restored publisher); refusing to go backwards, nothing changed. If this "
+                f"mirror's serial is the wrong one (copied from a bad upstream), remove "
+                f"{self.home}/{LATEST} and run again (and give mirror --trusted-key)"
             )
         repaired = None
         if have is not None and latest.serial == have.serial:

@@ -242,6 +242,8 @@ def test_a_mirror_never_goes_backwards(cluster: Cluster, tmp_path: Path) -> None
     assert p.returncode == 5, p.stdout + p.stderr
     assert f"{stale}/mx/LATEST: serial 1 is lower than 2" in p.stderr
     assert "refusing to go backwards, nothing changed" in p.stderr
+    # The way back, where the mirror's own serial is the wrong one, is named.
+    assert f"remove {dest}/mx/LATEST and run again" in p.stderr
     assert tree_snapshot(dest) == before
 
     # The same serial with another manifest (a publisher restored and republished): refused too.
