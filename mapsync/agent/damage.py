@@ -165,26 +165,21 @@ def check_live(
                     f"{target / file}: changed since it was installed (size or mtime){what}"
                 )
                 continue
-            if rec.mtime_ns != now.mtime_ns and not full:
-                # Same size, another mtime (`touch`, a backup tool restoring times): the hash
-                # tells whether the content changed; if not, it is no damage (verify agrees).
-                digest, _ = text.sha256_file(path)
-                if digest != expected[file][2]:
-                    out.problems.append(
-                        f"{target / file}: changed since it was installed (mtime, and its "
-                        f"sha256 differs from the manifest){what}"
-                    )
-                    continue
-                out.rerecord = True
-                continue
-            # Same size and mtime, but another inode or a new ctime: rewritten in place with
-            # its mtime put back, or the whole set copied with ``cp -a``. The hash tells.
+            # The same size, but another mtime (`touch`, a backup tool restoring times), or
+            # the same mtime with another inode or ctime (rewritten in place with its mtime
+            # put back, the whole set copied with ``cp -a``): the hash tells; unchanged
+            # content is no damage (verify agrees), and is recorded anew.
             if file in expected and not full:
                 digest, _ = text.sha256_file(path)
                 if digest != expected[file][2]:
+                    how = (
+                        "a new mtime"
+                        if rec.mtime_ns != now.mtime_ns
+                        else "the same mtime, a new ctime"
+                    )
                     out.problems.append(
-                        f"{target / file}: rewritten since it was installed (same size and "
-                        f"mtime, new ctime) and its sha256 differs from the manifest{what}"
+                        f"{target / file}: rewritten since it was installed (the same size, "
+                        f"{how}) and its sha256 differs from the manifest{what}"
                     )
                     continue
             out.rerecord = True

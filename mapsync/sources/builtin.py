@@ -59,7 +59,7 @@ from mapsync.sources import maps
 from mapsync.sources import schema as t
 from mapsync.sources.base import Source
 from mapsync.sources.changes import (
-    ALIAS_ACTIVE,
+    ALIAS_COLUMNS,
     alias_read,
     clock,
     naive,
@@ -573,13 +573,7 @@ class BuiltinSource(Source):
         for alias_id, domain_id, local_part, expires_at, active in track(
             _stream(
                 conn.execute(
-                    select(
-                        t.alias.c.id,
-                        t.alias.c.domain_id,
-                        t.alias.c.local_part,
-                        t.alias.c.expires_at,
-                        ALIAS_ACTIVE,
-                    )
+                    select(*ALIAS_COLUMNS)
                     .where(alias_read(conn.dialect.name))
                     .order_by(t.alias.c.id)
                 )

@@ -244,13 +244,7 @@ def read_changes(
             )
         }
         for alias_id, domain_id, local_part, expires_at, active in conn.execute(
-            select(
-                t.alias.c.id,
-                t.alias.c.domain_id,
-                t.alias.c.local_part,
-                t.alias.c.expires_at,
-                ALIAS_ACTIVE,
-            )
+            select(*ALIAS_COLUMNS)
             .where(t.alias.c.id.in_(chunk))
             .where(alias_read(conn.dialect.name))
         ):
@@ -274,6 +268,14 @@ def read_changes(
 
 ALLOW = (t.account.c.allow_imap, t.account.c.allow_pop3, t.account.c.allow_submission)
 ALIAS_ACTIVE = type_coerce(t.alias.c.active, Integer)  # raw: see read_denied
+# An alias row as the readers take it: id, domain, local part, expiry, active (raw).
+ALIAS_COLUMNS = (
+    t.alias.c.id,
+    t.alias.c.domain_id,
+    t.alias.c.local_part,
+    t.alias.c.expires_at,
+    ALIAS_ACTIVE,
+)
 
 
 def alias_read(dialect: str) -> ColumnElement[bool]:
