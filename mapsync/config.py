@@ -646,11 +646,21 @@ def _query(section: Section, key: str, default: Any) -> Any:
     if not value.strip():
         raise ConfigError(f"{section.where(key)}: must not be blank")
     query = value.strip().rstrip(";").rstrip()
-    if not _SELECT.match(query):
+    if not _SELECT.match(_LEADING_COMMENTS.sub("", query)):
         raise ConfigError(f"{section.where(key)}: must be one SELECT (or WITH ... SELECT)")
     if ";" in query:
-        raise ConfigError(f"{section.where(key)}: must be one statement (no ';' inside)")
+        # Anywhere, strings and comments too: where a string ends depends on the engine and
+        # its settings (E'\'', backslash escapes), so none can be told safe. In a value,
+        # chr(59) (PostgreSQL, SQLite) or CHAR(59) (MariaDB) is a ';'.
+        raise ConfigError(
+            f"{section.where(key)}: must be one statement (no ';' inside, not even in a "
+            "string: write chr(59))"
+        )
     return query
+
+
+# Comments before a query's first word ("-- relay access" on a line of its own).
+_LEADING_COMMENTS = re.compile(r"\A(?:\s+|--[^\n]*(?:\n|\Z)|/\*.*?\*/)*", re.S)
 
 
 SCHEMAS = ("mapsync", "postfixadmin", "sql")

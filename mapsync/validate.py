@@ -318,7 +318,8 @@ def _check(
                 )
 
     # Postfix's keys of each domain (A-label, folded U-label): two domains must not share one.
-    postfix_key = {d.name: d for d in snap.domains}
+    # A disabled domain is in no map: it answers nothing, so it takes no key.
+    postfix_key = {d.name: d for d in snap.domains if d.status != "disabled"}
     for d in snap.domains:
         problem = domain_name_problem(d.name)
         if problem:
@@ -328,7 +329,7 @@ def _check(
             if problem:
                 yield Problem("domain", d.id, d.name, problem)
             folded = d.name_unicode.casefold()
-            other = postfix_key.setdefault(folded, d)
+            other = postfix_key.setdefault(folded, d) if d.status != "disabled" else d
             if other.id != d.id:
                 yield Problem(
                     "domain",

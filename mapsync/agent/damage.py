@@ -50,6 +50,9 @@ class LiveCheck:
     # is changed by them; a pull still swaps in a set without them).
     strays: list[str] = field(default_factory=list)
     stray_names: list[str] = field(default_factory=list)  # their names in the set's directory
+    # The manifest or its signature has another mtime but its size: no hash in the manifest to
+    # tell, so a pull makes this a full check (the signature verified again, every file hashed).
+    recheck: bool = False
 
     @property
     def damaged(self) -> bool:
@@ -160,10 +163,13 @@ def check_live(
         rec = record.get(file)
         now = out.files[file]
         if rec is not None and rec.differs(now):
-            if rec.size != now.size or (rec.mtime_ns != now.mtime_ns and file not in expected):
+            if rec.size != now.size:
                 out.problems.append(
                     f"{target / file}: changed since it was installed (size or mtime){what}"
                 )
+                continue
+            if file not in expected:  # MANIFEST, SIGNATURE: see recheck
+                out.recheck = out.rerecord = True
                 continue
             # The same size, but another mtime (`touch`, a backup tool restoring times), or
             # the same mtime with another inode or ctime (rewritten in place with its mtime
@@ -193,7 +199,7 @@ def check_live(
         strays = []
     for name in strays:
         # Nothing the manifest names: dropped there by hand, or an editor's swap file of a
-        # live map. Never linked into TARGET; a new set without it is swapped in.
+        # live map. Never linked into TARGET; a pull removes it (agent.repair).
         out.strays.append(f"{cur / name}: in the live set, but no file of its manifest")
         out.stray_names.append(name)
     out.problems += out.strays

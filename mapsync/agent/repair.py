@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from mapsync import log
 from mapsync.agent.damage import LiveCheck, check_live
+from mapsync.agent.liveset import SETS
 from mapsync.agent.node import NodeChannel
 from mapsync.agent.owners import ownership, settings_differ
 from mapsync.agent.state import ChannelState
@@ -85,9 +86,9 @@ def check_and_repair(node: NodeChannel, *, full: bool = False) -> LiveOutcome:
                 node, state.pinned, [f"the live set was channel {check.manifest.channel}'s"]
             )
         return LiveOutcome(None, [])
-    if check.manifest is not None and not check.record_used and not full:
-        # No record of this very set (a run killed between its swap and saving the state):
-        # size and mtime say nothing, the hashes do.
+    if check.manifest is not None and not full and (check.recheck or not check.record_used):
+        # No record of this very set (a run killed between its swap and saving the state), or
+        # its manifest or signature touched: size and mtime say nothing, the hashes do.
         full = True
         check = check_live(target, (None, {}), True, full=True)
     if not check.damaged and check.manifest is not None and full:
@@ -139,9 +140,12 @@ def check_and_repair(node: NodeChannel, *, full: bool = False) -> LiveOutcome:
 
 def _remove_strays(directory: Path, names: list[str]) -> bool:
     """Remove the stray entries ``names`` of the live set's ``directory``; whether every one
-    went."""
+    went. Only in a set directory mapsync made (a real directory in TARGET/.mapsync, not one
+    that ``current`` reaches through a link): else nothing, and the set is rebuilt instead."""
     from mapsync.atomic import remove_tree
 
+    if directory.is_symlink() or directory.parent.name != SETS or not directory.is_dir():
+        return False
     for name in names:
         path = directory / name
         try:

@@ -50,7 +50,7 @@ def _verify(cfg: AgentConfig, ch: AgentChannel, node: NodeChannel) -> int:
     if strays:
         raise VerificationError(
             f"{found.directory / strays[0]}: in the live set, but no file of its manifest "
-            "(`mapsync verify --repair` or the next pull swaps in a set without it)"
+            "(`mapsync verify --repair` or the next pull removes it)"
         )
     for name, m in sorted(manifest.maps.items()):
         checks = m.installed_files()

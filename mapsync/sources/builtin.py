@@ -532,9 +532,10 @@ class BuiltinSource(Source):
         # Only the accounts denied a service (few): the allow_* columns of the rest stay unread.
         bad: list[tuple[int, str, Any]] = []
         denied = read_denied(conn, bad=bad)
+        names = {d.id: d.name for d in domains}  # for naming a bad row
         if bad:
-            names = {d.id: d.name for d in domains}
-            where = {a.id: a for a in accounts if a.id in {i for i, _, _ in bad}}
+            ids = {i for i, _, _ in bad}
+            where = {a.id: a for a in accounts if a.id in ids}
             for account_id, column, value in bad:
                 a = where.get(account_id)
                 key = f"{a.local_part}@{names.get(a.domain_id, '?')}" if a else str(account_id)
@@ -581,8 +582,7 @@ class BuiltinSource(Source):
             "read aliases",
         ):
             if active not in (0, 1):
-                name = next((d.name for d in domains if d.id == domain_id), "?")
-                key = f"{local_part}@{name}"
+                key = f"{local_part}@{names.get(domain_id, '?')}"
                 problems.append(_no_boolean("alias", alias_id, key, "active", active))
             elif expires_at is None or naive(expires_at) > now:
                 targets_of = targets.get(alias_id, no_targets)

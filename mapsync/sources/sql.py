@@ -601,8 +601,13 @@ class _Reader:
             if isinstance(quota, int) and not isinstance(quota, bool) and quota == 0:
                 quota = None  # 0: no limit, as most panels store it (a negative one is refused)
             address = f"{local}@{domain}"
-            written = str(row.get("address") or address)
-            first = claimed.get(address)
+            written = str(
+                row["address"]
+                if "address" in row
+                else f"{row.get('local_part')}@{row.get('domain')}"
+            )
+            # A disabled row takes no part: it is in no map, and an active one wins over it.
+            first = claimed.get(address) if status != "disabled" else None
             if first is not None and not _preferred(written, first[1]):
                 # The same address twice, differing in case: one row is used whatever order
                 # the query returns them in (the one written in lowercase), the other named.
@@ -627,7 +632,8 @@ class _Reader:
                 )
                 claimed[address] = (first[0], written)
                 return
-            claimed[address] = (len(accounts), written)
+            if status != "disabled":
+                claimed[address] = (len(accounts), written)
             accounts.append(account)
 
         claimed: dict[str, tuple[int, str]] = {}  # address → (index in accounts, as written)

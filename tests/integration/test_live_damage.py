@@ -294,6 +294,15 @@ def test_a_live_map_touched_but_unchanged_is_no_damage(node: Cluster) -> None:
     before = reloads(node)
     assert "mx: serial 1 is current" in node.pull().stdout
     assert reloads(node) == before
+    # The manifest and its signature hold no hash of themselves: a touched one makes the
+    # next pull a full check (the signature verified again), not a repair.
+    set_dir = os.readlink(node.target / ".mapsync" / "current")
+    for name in ("MANIFEST.json", "MANIFEST.json.sig"):
+        os.utime(node.target / ".mapsync" / "current" / name, (1_900_000_000, 1_900_000_000))
+    assert node.cli("status").returncode == 0
+    assert "mx: serial 1 is current" in node.pull().stdout
+    assert os.readlink(node.target / ".mapsync" / "current") == set_dir
+    assert reloads(node) == before
     flip_byte_keep_stat(cdb)  # same size, its mtime put back: the record's own check
     os.utime(cdb, (1_900_000_100, 1_900_000_100))  # and then another mtime
     st = node.cli("status")

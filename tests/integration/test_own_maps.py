@@ -416,8 +416,20 @@ def test_a_second_statement_in_an_own_query_is_refused_before_anything_runs(
     list_own_maps(cluster, ["access"], maps=maps)
     proc = cluster.cli("publish", "--dry-run")
     assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert f"[publisher.maps.access] {key}: must be one statement (no ';' inside)" in proc.stderr
+    assert f"[publisher.maps.access] {key}: must be one statement (no ';' inside" in proc.stderr
     engine = create_engine(pg_url)
     with engine.connect() as conn:
         assert conn.execute(sql("SELECT count(*) FROM victim")).scalar() == 2
     engine.dispose()
+
+
+def test_a_comment_before_an_own_query_is_no_second_statement(cluster: Cluster) -> None:
+    """A query that starts with a comment line is one SELECT (it was refused as none)."""
+    own_tables(cluster.db_url)
+    commented = OWN_MAPS.replace(
+        'query = "SELECT domain, policy FROM tls_policy"',
+        'query = """-- the TLS policy of each partner\nSELECT domain, policy FROM tls_policy"""',
+    )
+    assert commented != OWN_MAPS
+    list_own_maps(cluster, ["tls_policy"], maps=commented)
+    assert "published serial 1" in cluster.publish().stdout

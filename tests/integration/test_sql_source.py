@@ -221,6 +221,25 @@ def test_rows_of_one_address_or_domain_are_chosen_alike_whatever_the_querys_orde
         bob = [a for a in snap.accounts if a.local_part == "bob"]
         assert [a.home for a in bob] == ["/m/bob"], order
         assert [p.key for p in snap.problems] == ["Bob@Example.org"], order
+    # A disabled row takes no part (it won when first: the active one was refused); with
+    # local_part and domain columns instead of address the lowercase row is used the same.
+    split = (
+        "SELECT substr(address, 1, instr(address, '@') - 1) AS local_part, "
+        "substr(address, instr(address, '@') + 1) AS domain, status, home FROM a"
+    )
+    off = [
+        "INSERT INTO a VALUES ('Bob@Example.org', 'active', '/m/bob', '{BLF-CRYPT}$2y$b', 1)",
+        "INSERT INTO a VALUES ('bob@example.org', 'disabled', '/m/off', '{BLF-CRYPT}$2y$o', 1)",
+    ]
+    cases = [(off, {}, "/m/bob"), (off[::-1], {}, "/m/bob")]
+    cases += [(rows, {"accounts": split}, "/m/bob"), (rows[::-1], {"accounts": split}, "/m/bob")]
+    for n, (order, queries, home) in enumerate(cases):
+        (tmp_path / f"b{n}").mkdir()
+        source = sq.small_source(sq.small_db(tmp_path / f"b{n}", *order), **queries)
+        snap = source.snapshot()
+        source.close()
+        used = [a.home for a in snap.accounts if a.local_part == "bob" and a.status != "disabled"]
+        assert used == [home], (order, queries, used)
     domains = [
         "INSERT INTO d VALUES ('Other.EXAMPLE', 'hosted', NULL)",
         "INSERT INTO d VALUES ('other.example', 'hosted', NULL)",
@@ -366,7 +385,8 @@ def test_config_errors_name_the_file_and_key(tmp_path: Path) -> None:
         "[publisher.sql] forwards: must be one SELECT (or WITH ... SELECT)"
     )
     assert load("[publisher.sql]\n" + queries + 'forwards = "SELECT 1; DROP TABLE al"\n').endswith(
-        "[publisher.sql] forwards: must be one statement (no ';' inside)"
+        "[publisher.sql] forwards: must be one statement (no ';' inside, not even in a string: "
+        "write chr(59))"
     )
     assert load("[publisher.sql]\n" + queries + 'mailstore = "store-9"\n').endswith(
         "[publisher.sql] mailstore: no mailstore 'store-9' in [publisher.sql.mailstores] "

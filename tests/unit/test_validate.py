@@ -816,3 +816,14 @@ def test_a_problem_shows_at_most_200_characters_of_its_key() -> None:
     problem = Problem("account", 7, "x" * 10_000 + "@example.org", "local part longer than 64")
     assert len(str(problem)) < 300
     assert str(problem).startswith("account id=7 'xxxx") and "…" in str(problem)
+
+
+def test_a_disabled_domain_takes_no_key_a_u_label_folds_to() -> None:
+    """A disabled strasse.example answers nothing: the active straße.example is no collision
+    (it was the one refused, and dropped under --skip-invalid)."""
+    active = hosted(4, "xn--strae-oqa.example", name_unicode="straße.example")
+    off = hosted(5, "strasse.example")._replace(status="disabled")
+    assert check(snapshot(domains=[active, off], accounts=[])) == []
+    on = hosted(5, "strasse.example")
+    (problem,) = check(snapshot(domains=[active, on], accounts=[]))
+    assert problem.row == 4 and "which domain 'strasse.example' answers already" in problem.reason
