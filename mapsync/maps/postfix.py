@@ -114,6 +114,13 @@ class VirtualMap(Map):
                     # Without identity lines the catch-all would swallow real mailboxes; the
                     # U-label form of an account rewrites to its canonical A-label address.
                     yield zip(at(identity, name), at(identity, d.name), strict=True)
+                else:
+                    # With recipient_delimiter = +, Postfix looks up 'a+x@d' and then 'a@d':
+                    # an account whose own local part holds '+' needs its line, or an alias
+                    # 'a@d' would take its mail (to another customer).
+                    plus = [local for local in identity if "+" in local]
+                    if plus:
+                        yield zip(at(plus, name), at(plus, d.name), strict=True)
                 for fw in forwards:
                     yield ((f"{fw.local_part}@{name}", ",".join(fw.targets)),)
             for alias_domain in directory.alias_domains.get(d.id, ()):

@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, insert
+from sqlalchemy import create_engine, insert, select
 
 from mapsync.sources import schema as t
 from tests.conftest import Cluster
@@ -248,3 +248,26 @@ def test_a_u_label_postfix_folds_to_other_letters_is_found(cluster: Cluster) -> 
         "domain id=9100 'xn--strae-oqa.example': name_unicode 'straße.example' is looked up by "
         "Postfix as 'strasse.example'"
     ) in p.stderr
+
+
+def test_an_account_with_the_delimiter_in_its_local_part_keeps_its_mail(cluster: Cluster) -> None:
+    """With recipient_delimiter = +, Postfix looks up 'events+x@d' and then 'events@d': an
+    account 'events+x' beside an alias 'events' had its mail go to the alias's target
+    (another customer). Its identity line is found first."""
+    engine = create_engine(cluster.db_url)
+    with engine.begin() as conn:
+        domain = conn.execute(
+            select(t.domain.c.id, t.domain.c.name).where(t.domain.c.kind == "hosted").limit(1)
+        ).one()
+        conn.execute(insert(t.account).values(domain_id=domain.id, local_part="events+x"))
+        alias = conn.execute(
+            insert(t.alias).values(domain_id=domain.id, local_part="events")
+        ).inserted_primary_key[0]
+        conn.execute(insert(t.alias_target).values(alias_id=alias, target="zoe@elsewhere.test"))
+    engine.dispose()
+    cluster.publish()
+    cluster.pull()
+    virtual = f"cdb:{cluster.target / 'virtual'}"
+    assert address_lookup(f"events+x@{domain.name}", virtual) == f"events+x@{domain.name}"
+    assert address_lookup(f"events+y@{domain.name}", virtual) == "zoe@elsewhere.test"
+    assert address_lookup(f"events@{domain.name}", virtual) == "zoe@elsewhere.test"
