@@ -757,23 +757,24 @@ STRONG_SCHEMES = {
 }  # fmt: skip
 WEAK_SCHEMES = {"MD5-CRYPT", "SSHA", "SHA", "SMD5", "CRYPT", "SHA256", "SHA512", "PLAIN-MD5"}
 _CRYPT_PREFIXES = ("$6$", "$5$", "$2y$", "$2b$", "$2a$")
-_SCHEME = re.compile(r"^\{([A-Z0-9.-]+)\}")
+# Dovecot reads a scheme in any case ({sha512-crypt} is SHA512-CRYPT).
+_SCHEME = re.compile(r"^\{([A-Za-z0-9.-]+)\}")
 
 
 def _password_problems(password_hash: str | None) -> Iterator[str]:
     """The passwd-file's password field: a known, strong scheme; nothing that splits a field."""
     m = _SCHEME.match(password_hash or "")
+    scheme = m.group(1).upper() if m is not None else None
     if not password_hash:
         yield "no password hash"
-    elif m is not None and m.group(1) in ("PLAIN", "CLEARTEXT"):
-        yield f"password scheme {m.group(1)} is not allowed (a cleartext password is never published)"
+    elif scheme in ("PLAIN", "CLEARTEXT"):
+        yield f"password scheme {scheme} is not allowed (a cleartext password is never published)"
     elif not _HASH.match(password_hash):
         yield "password hash contains ':', whitespace, a control or a non-ASCII character"
     else:
-        if m is None and not password_hash.startswith(_CRYPT_PREFIXES):
+        if scheme is None and not password_hash.startswith(_CRYPT_PREFIXES):
             yield "password hash has no {SCHEME} prefix"
-        elif m is not None and m.group(1) not in STRONG_SCHEMES:
-            scheme = m.group(1)
+        elif scheme is not None and scheme not in STRONG_SCHEMES:
             # Dovecot's encoding suffix (SHA512-CRYPT.B64) changes how it is written, not the hash.
             base = scheme.removesuffix(".B64").removesuffix(".HEX").removesuffix(".BASE64")
             if base in WEAK_SCHEMES:

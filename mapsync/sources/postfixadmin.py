@@ -65,7 +65,7 @@ PSEUDO_DOMAIN = "all"  # PostfixAdmin's 'ALL' row: no mail domain
 _TRUE = {"1", "t", "true", "y", "yes", "on"}
 _DES = re.compile(r"^[./0-9A-Za-z]{13}\Z")
 _HEX32 = re.compile(r"^[0-9a-fA-F]{32}\Z")
-_PREFIXED = re.compile(r"^\{[A-Z0-9.-]+\}")
+_PREFIXED = re.compile(r"^\{[A-Za-z0-9.-]+\}")  # Dovecot reads a scheme in any case
 # Bare crypt(3) hashes as PostfixAdmin's php_crypt/md5crypt write them → Dovecot's scheme.
 _CRYPT_SCHEMES = (
     ("$2y$", "BLF-CRYPT"),

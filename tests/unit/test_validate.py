@@ -26,6 +26,7 @@ from mapsync.validate import (
     GOOD_LOCAL,
     Problem,
     _home_problems,
+    _password_problems,
     address_problem,
     check,
     is_ip,
@@ -827,3 +828,21 @@ def test_a_disabled_domain_takes_no_key_a_u_label_folds_to() -> None:
     on = hosted(5, "strasse.example")
     (problem,) = check(snapshot(domains=[active, on], accounts=[]))
     assert problem.row == 4 and "which domain 'strasse.example' answers already" in problem.reason
+
+
+@pytest.mark.parametrize(
+    ("hash_", "reason"),
+    [
+        ("{sha512-crypt}$6$salt$hash", None),  # Dovecot reads a scheme in any case
+        ("{plain}secret", "password scheme PLAIN is not allowed (a cleartext password"),
+        ("{Cleartext}secret", "password scheme CLEARTEXT is not allowed"),
+    ],
+)
+def test_a_scheme_in_lowercase_is_read_as_dovecot_reads_it(hash_: str, reason: str | None) -> None:
+    """'{sha512-crypt}' was refused as 'no {SCHEME} prefix' (and stopped every publish), and
+    '{plain}' for the same wrong reason."""
+    got = list(_password_problems(hash_))
+    if reason is None:
+        assert got == []
+    else:
+        assert len(got) == 1 and got[0].startswith(reason), got
