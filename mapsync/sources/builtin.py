@@ -551,23 +551,30 @@ class BuiltinSource(Source):
         now = datetime.now(UTC).replace(tzinfo=None)
         # Sorted here, not by ORDER BY: the database's collation (ICU, glibc) may put '@'
         # before digits, and the maps must be byte-identical whatever the database.
-        targets: dict[int, tuple[str, ...]] = {
-            alias_id: tuple(sorted(map(_second, group)))
-            for alias_id, group in groupby(
-                track(
-                    _plain_stream(
-                        conn.execute(
-                            select(t.alias_target.c.alias_id, t.alias_target.c.target).order_by(
-                                t.alias_target.c.alias_id
+
+        def read_targets(order: Callable[[Iterable[Any]], list[Any]]) -> dict[int, tuple[str, ...]]:
+            return {
+                alias_id: tuple(order(map(_second, group)))
+                for alias_id, group in groupby(
+                    track(
+                        _plain_stream(
+                            conn.execute(
+                                select(t.alias_target.c.alias_id, t.alias_target.c.target).order_by(
+                                    t.alias_target.c.alias_id
+                                )
                             )
-                        )
+                        ),
+                        "read alias targets",
+                        rows.get("alias_target"),
                     ),
-                    "read alias targets",
-                    rows.get("alias_target"),
-                ),
-                _first,
-            )
-        }
+                    _first,
+                )
+            }
+
+        try:
+            targets = read_targets(sorted)
+        except TypeError:  # a BLOB among text (SQLite): read again, for validation to name
+            targets = read_targets(_sorted_targets)
         alias = _as(Alias)
         no_targets: tuple[str, ...] = ()
         aliases = []
@@ -835,6 +842,14 @@ def _as(row_type: type[R]) -> Callable[[Iterable[Any]], R]:
     ``tuple.__new__`` runs in C, where ``row_type(*row)`` runs the NamedTuple's Python
     ``__new__`` once per row (a third of reading the accounts)."""
     return partial(tuple.__new__, row_type)
+
+
+def _sorted_targets(targets: Iterable[Any]) -> list[Any]:
+    """An alias's targets in order, a BLOB among them (SQLite keeps one in a TEXT column)
+    sorted by its text."""
+    return sorted(
+        targets, key=lambda x: x.decode("utf-8", "replace") if isinstance(x, bytes) else str(x)
+    )
 
 
 def _no_boolean(table_: str, row: int, key: str, column: str, value: Any) -> Problem:

@@ -610,3 +610,22 @@ def test_a_channel_taken_out_of_the_config_is_a_warning_while_its_directory_serv
     assert "no longer in the config, not renewed: edge (serial 1, expires " in st.stdout
     shutil.rmtree(cluster.repo / "edge")
     assert cluster.cli("status", "--publisher").returncode == 0
+
+
+def test_a_blob_in_a_text_column_is_an_invalid_row_not_a_crash(cluster: Cluster) -> None:
+    """SQLite keeps a BLOB in a TEXT column: 'unexpected error: TypeError: cannot use a
+    string pattern on a bytes-like object', naming no row. Now the row and the column."""
+    cluster.publish()
+    db = sqlite3.connect(cluster.db_url.removeprefix("sqlite:///"))
+    with db:
+        account = db.execute("SELECT id, local_part FROM account ORDER BY id LIMIT 1").fetchone()
+        db.execute(
+            "UPDATE account SET home = CAST('/var/vmail/x' AS BLOB) WHERE id = ?", (account[0],)
+        )
+        db.execute("UPDATE alias_target SET target = CAST(target AS BLOB) WHERE rowid = 1")
+    db.close()
+    p = cluster.cli("publish")
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "Traceback" not in p.stderr and "unexpected error" not in p.stderr, p.stderr
+    assert f"account id={account[0]} '{account[1]}': home is bytes (a BLOB), not text" in p.stderr
+    assert "target is bytes (a BLOB), not text" in p.stderr
