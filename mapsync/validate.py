@@ -83,6 +83,8 @@ class Problem(NamedTuple):
         if self.where is not None:
             return f"{self.where}: {self.reason}"
         key = self.key if len(self.key) <= 200 else self.key[:200] + "…"  # a 10 KB value
+        if self.table == "sender_grant":  # no id of its own: the row is its account's
+            return f"sender_grant of account id={self.row} {key!r}: {self.reason}"
         return f"{self.table} id={self.row} {key!r}: {self.reason}"
 
 
@@ -569,8 +571,9 @@ def _check(
                 "alias",
                 alias_id,
                 address,
-                f"alias in {'an' if dom.kind == 'alias' else 'a'} {dom.kind} domain (define it in "
-                "the target domain)",
+                "alias in an alias domain (define it in the target domain)"
+                if dom.kind == "alias"
+                else "alias in a relay domain (its mail is passed on, not delivered here)",
             )
             continue
         if not targets:

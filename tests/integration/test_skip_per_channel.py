@@ -218,7 +218,7 @@ def test_an_invalid_sender_grant_is_skipped_where_senders_are_published(cluster:
     senders = keys(cluster, "submission", "senders")
     assert "@example-2.org" in senders and "no address" not in senders
     (skip,) = manifest(cluster, "submission")["skipped"]
-    assert skip.startswith(f"sender_grant id={account} 'no address'")
+    assert skip.startswith(f"sender_grant of account id={account} 'no address'")
     assert manifest(cluster, "mx")["skipped"] == []
 
 
