@@ -186,6 +186,15 @@ def read_changes(
         _structural(logged, fingerprint.tables[t.deleted.name][0]),
     )
     assert mark is not None
+    # The deletion log gone backwards, or a table's newest stamp with no deletion logged to
+    # explain it (deleting the newest row lowers it too): the database is an older copy now
+    # (a backup restored, a standby promoted), whose rows no change read tells from the new.
+    if mark.deleted < since.deleted:
+        raise NotIncremental("the deletion log's newest entry is older than at the last read")
+    for name, was in since.stamps.items():
+        now_ = mark.stamps.get(name)
+        if was is not None and (now_ is None or now_ < was) and mark.deleted == since.deleted:
+            raise NotIncremental(f"table {name}'s newest change is older than at the last read")
     for name in STRUCTURAL:
         if mark.stamps.get(name) != since.stamps.get(name):
             raise NotIncremental(f"table {name} changed")

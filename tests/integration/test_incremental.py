@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import sqlite3
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -740,3 +741,34 @@ def test_a_run_that_changes_no_map_copies_no_text_and_a_renewal_still_carries_ev
             old_file = repo.release(ch, manifest.serial) / manifest.maps[name].file
             assert new_file.read_bytes() == old_file.read_bytes(), (ch, name)
     assert copied  # the unchanged maps were copied once the channel published
+
+
+def test_a_database_restored_from_an_older_copy_is_read_in_full(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A backup restored under the long-running publisher: a row changed since the backup
+    goes back to its old value, which no change read finds (nothing newer was written, no
+    deletion logged). The newest stamp gone backwards with no deletion to explain it is read
+    in full (the node kept the changed route until the full check, 15 minutes)."""
+    monkeypatch.setattr(changes, "SKEW", timedelta(0))
+    path = tmp_path / "central.db"
+    url = f"sqlite:///{path}"
+    cluster = make_cluster(tmp_path / "c", url, accounts=60, domains=3, aliases=20)
+    kept = _publisher(cluster.root, url, "inc")
+    kept.incremental = True
+    kept.run()
+    backup = tmp_path / "backup.db"
+    with sqlite3.connect(path) as live, sqlite3.connect(backup) as copy:
+        live.backup(copy)
+    time.sleep(0.01)
+    run(url, "UPDATE account SET mailstore_id = 2 WHERE id = (SELECT min(id) FROM account)")
+    kept.run()
+    assert kept.last_read == "incremental"
+    with sqlite3.connect(backup) as copy, sqlite3.connect(path) as live:
+        copy.backup(live)  # the restore, in place
+    kept.run()
+    assert kept.last_read == "full"
+    full = _publisher(cluster.root, url, "full")
+    full.run()
+    for channel in ("mx", "store", "proxy"):
+        assert bodies(cluster.root / "inc", channel) == bodies(cluster.root / "full", channel)
