@@ -11,10 +11,12 @@ turns any outcome of a signalled run into exit 128+n.
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
+from typing import Any
 
 _received: int | None = None
 # How deep the main thread is in held() blocks, and the signals that came meanwhile.
@@ -28,8 +30,22 @@ def install() -> None:
     main thread is in a :func:`held` block."""
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _on_signal)
+    # A handler's SystemExit raised inside a gc or weakref callback is "ignored" by Python,
+    # with a traceback in the log; the signal is remembered (stop_if_received), so say nothing.
+    if sys.unraisablehook is not _quiet_unraisable:
+        _unraisable.append(sys.unraisablehook)
+        sys.unraisablehook = _quiet_unraisable
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, _on_interrupt)
+
+
+_unraisable: list[Any] = []  # the hook _quiet_unraisable passes everything else to
+
+
+def _quiet_unraisable(unraisable: Any) -> None:
+    if isinstance(unraisable.exc_value, (SystemExit, KeyboardInterrupt)) and _received:
+        return
+    _unraisable[0](unraisable)
 
 
 def _on_signal(signum: int, frame: FrameType | None) -> None:

@@ -46,7 +46,10 @@ def _verify(cfg: AgentConfig, ch: AgentChannel, node: NodeChannel) -> int:
         found.directory, found.data, found.signature, trusted_keys(cfg), where, channel=ch.name
     ).manifest
     named = live_names(manifest) | {MANIFEST, SIGNATURE}
-    strays = sorted(set(os.listdir(found.directory)) - named)
+    try:
+        strays = sorted(set(os.listdir(found.directory)) - named)
+    except FileNotFoundError:  # swapped out and deleted meanwhile: see verify_installed
+        raise VerificationError(f"{found.directory}: no longer there") from None
     if strays:
         raise VerificationError(
             f"{found.directory / strays[0]}: in the live set, but no file of its manifest "

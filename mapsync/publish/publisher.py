@@ -145,6 +145,13 @@ def drop_invalid(snap: Snapshot, problems: list[Problem]) -> Snapshot:
     )
 
 
+def _described(exc: BaseException) -> str:
+    """``exc`` in words, an OSError with the path it concerns (not a bare "[Errno 28]")."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+    return str(exc)
+
+
 def _without(account: Account, login: bool, quota: bool) -> Account:
     if login:
         account = account._replace(status="login_disabled", password_hash=None)
@@ -337,11 +344,11 @@ class Publisher:
             self._public = key.public_key() if key else self._public_half()
             with self.repo.lock(self.cfg.lock_wait):
                 result = self._sourced_run(selected, key, dry_run, force, skip_invalid)
-        except MapsyncError as exc:
-            # For `mapsync status --publisher`: a signing key gone or a lock never free fails
-            # every run as surely as the database down.
+        except (MapsyncError, OSError) as exc:
+            # For `mapsync status --publisher`: a signing key gone, a lock never free or a
+            # full disk fails every run as surely as the database down.
             if not dry_run:
-                record_run(self.cfg.repository, str(exc))
+                record_run(self.cfg.repository, _described(exc))
             raise
         finally:
             self.repo.read_only = False

@@ -114,3 +114,12 @@ def test_a_channel_that_no_longer_pushes_is_not_warned_about(tmp_path: Path) -> 
     cfg = _cfg(tmp_path)
     cfg.channels["mx"] = PublisherChannel("mx", ("domains",))  # its push taken out
     assert (publisher_status(cfg).code, publisher_status(cfg).push_failed) == (EXIT_OK, None)
+
+
+def test_a_run_ended_by_an_os_error_is_noted_with_its_path() -> None:
+    """A full disk ended every run with an OSError that was never noted (status said OK)."""
+    from mapsync.publish.publisher import _described
+
+    full = OSError(28, "No space left on device", "/srv/mapsync/mx/.staging/7/virtual")
+    assert _described(full) == "/srv/mapsync/mx/.staging/7/virtual: No space left on device"
+    assert _described(OSError(5, "Input/output error")) == "Input/output error"
