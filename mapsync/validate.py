@@ -279,43 +279,21 @@ def _blob_problems(snap: Snapshot) -> Iterator[Problem]:
     def key(value: object) -> str:
         return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
-    rows: list[tuple[str, int, object, list[str]]] = []
-    for d in snap.domains:
-        rows.append(
-            (
-                "domain",
-                d.id,
-                d.name,
-                blobs(name=d.name, name_unicode=d.name_unicode, relay_nexthop=d.relay_nexthop),
-            )
-        )
-    for m in snap.mailstores:
-        rows.append(
-            (
-                "mailstore",
-                m.id,
-                m.name,
-                blobs(name=m.name, lmtp_host=m.lmtp_host, imap_host=m.imap_host),
-            )
-        )
-    for a in snap.accounts:
-        rows.append(
-            (
-                "account",
-                a.id,
-                a.local_part,
-                blobs(local_part=a.local_part, password_hash=a.password_hash, home=a.home),
-            )
-        )
-    for table, aliases in (("alias", snap.aliases), ("forward", snap.forwards)):
-        for al in aliases:
-            rows.append(
-                (table, al.id, al.local_part, blobs(local_part=al.local_part, targets=al.targets))
-            )
-    for g in snap.sender_grants:
-        rows.append(("sender_grant", g.account_id, g.address, blobs(address=g.address)))
-    for c, ext_id in snap.customers.items():
-        rows.append(("customer", c, ext_id, blobs(ext_id=ext_id)))
+    rows: list[tuple[str, int, object, list[str]]] = [
+        *(("domain", d.id, d.name, blobs(name=d.name, name_unicode=d.name_unicode,
+           relay_nexthop=d.relay_nexthop)) for d in snap.domains),
+        *(("mailstore", m.id, m.name, blobs(name=m.name, lmtp_host=m.lmtp_host,
+           imap_host=m.imap_host)) for m in snap.mailstores),
+        *(("account", a.id, a.local_part, blobs(local_part=a.local_part,
+           password_hash=a.password_hash, home=a.home)) for a in snap.accounts),
+        *(("alias", al.id, al.local_part, blobs(local_part=al.local_part, targets=al.targets))
+          for al in snap.aliases),
+        *(("forward", al.id, al.local_part, blobs(local_part=al.local_part, targets=al.targets))
+          for al in snap.forwards),
+        *(("sender_grant", g.account_id, g.address, blobs(address=g.address))
+          for g in snap.sender_grants),
+        *(("customer", c, e, blobs(ext_id=e)) for c, e in snap.customers.items()),
+    ]  # fmt: skip
     for table, row, value, columns in rows:
         for column in columns:
             yield Problem(table, row, key(value), f"{column} is bytes (a BLOB), not text", None)
