@@ -19,12 +19,13 @@ Kept free of heavy imports (no cryptography): ``status`` runs it every minute.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mapsync.agent.liveset import CURRENT, SETS, Installed, LiveSet, read_installed
+from mapsync.agent.liveset import CURRENT, SETS, Installed, LiveSet, read_installed, strays
 from mapsync.agent.state import LiveFile
 from mapsync.errors import VerificationError
 from mapsync.formats import text
@@ -46,10 +47,9 @@ class LiveCheck:
     # Files found as new inodes with their recorded size and mtime (the set copied or restored
     # with ``cp -a``) whose sha256 still matched: the record should be taken again.
     rerecord: bool = False
-    # Of ``problems``: files in the set's directory that its manifest does not name (no map
-    # is changed by them; a pull still swaps in a set without them).
+    # Names in the set's directory that its manifest does not name (each one of ``problems``,
+    # the last ones): no map is changed by them, and a pull removes them (agent.repair).
     strays: list[str] = field(default_factory=list)
-    stray_names: list[str] = field(default_factory=list)  # their names in the set's directory
     # The manifest or its signature has another mtime but its size: no hash in the manifest to
     # tell, so a pull makes this a full check (the signature verified again, every file hashed).
     recheck: bool = False
@@ -58,6 +58,11 @@ class LiveCheck:
     def damaged(self) -> bool:
         """Whether anything was found wrong."""
         return bool(self.problems)
+
+    @property
+    def only_strays(self) -> bool:
+        """Whether all that was found wrong is stray files (no map changed)."""
+        return bool(self.strays) and len(self.problems) == len(self.strays)
 
 
 def _kind(mode: int) -> str:
@@ -175,7 +180,7 @@ def check_live(
             # the same mtime with another inode or ctime (rewritten in place with its mtime
             # put back, the whole set copied with ``cp -a``): the hash tells; unchanged
             # content is no damage (verify agrees), and is recorded anew.
-            if file in expected and not full:
+            if not full:
                 digest, _ = text.sha256_file(path)
                 if digest != expected[file][2]:
                     how = (
@@ -193,16 +198,12 @@ def check_live(
             digest, _ = text.sha256_file(path)
             if digest != expected[file][2]:
                 out.problems.append(f"{target / file}: sha256 differs from the manifest{what}")
-    try:
-        strays = sorted(set(os.listdir(cur)) - set(expected) - {MANIFEST, SIGNATURE})
-    except OSError:
-        strays = []
-    for name in strays:
-        # Nothing the manifest names: dropped there by hand, or an editor's swap file of a
-        # live map. Never linked into TARGET; a pull removes it (agent.repair).
-        out.strays.append(f"{cur / name}: in the live set, but no file of its manifest")
-        out.stray_names.append(name)
-    out.problems += out.strays
+    with contextlib.suppress(OSError):
+        # Never linked into TARGET (agent.liveset); a pull removes them (agent.repair).
+        out.strays = strays(cur, out.manifest)
+    out.problems += [
+        f"{cur / name}: in the live set, but no file of its manifest" for name in out.strays
+    ]
     for file in sorted(expected):
         # What the daemons open: the link in TARGET (pull re-creates a lost one at once).
         if file in out.files and not os.path.exists(target / file):

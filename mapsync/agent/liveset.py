@@ -79,6 +79,12 @@ def live_names(manifest: Manifest) -> set[str]:
     return names
 
 
+def strays(directory: Path, manifest: Manifest) -> list[str]:
+    """The names in the set ``directory`` that are neither ``manifest``'s files nor the
+    manifest and its signature: dropped there by hand, an editor's swap file of a live map."""
+    return sorted(set(os.listdir(directory)) - live_names(manifest) - {MANIFEST, SIGNATURE})
+
+
 class LiveSet:
     """A node's live maps: the set directories under ``TARGET/.mapsync`` and the ``current`` link
     that names the installed one."""

@@ -120,16 +120,16 @@ def _pull(node: NodeChannel, pushed: bool) -> PullResult:
     node.settle()
     outcome = check_and_repair(node)
     current = node.current()
-    answer = fetch(
-        node, tried, lambda latest, where: _decide(node, current, latest, where), pushed=pushed
-    )
+
+    def decide(latest: Latest, where: str) -> PullResult | None:
+        return _decide(node, current, latest, where)
+
+    answer = fetch(node, tried, decide, pushed=pushed)
     behind = None
     if answer.decided is not None and answer.decided.action == "current" and outcome.checked_fully:
         # Once every full check: do the sources after the one that found the node current
         # serve something newer (that one a mirror that stopped following)?
-        newer = newer_elsewhere(
-            node, tried, answer.source, lambda latest, where: _decide(node, current, latest, where)
-        )
+        newer = newer_elsewhere(node, tried, answer.source, decide)
         if newer is not None:
             assert newer.release is not None
             serial = newer.release.manifest.serial

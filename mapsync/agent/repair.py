@@ -112,16 +112,16 @@ def check_and_repair(node: NodeChannel, *, full: bool = False) -> LiveOutcome:
         return LiveOutcome(check.manifest, [], checked_fully=full)
 
     if (
-        check.manifest is not None
+        check.only_strays
         and check.directory is not None
-        and (check.problems == check.strays and _remove_strays(check.directory, check.stray_names))
+        and _remove_strays(check.directory, check.strays)
     ):
         # Only files no map is made of (dropped there by hand, an editor's swap file): gone
         # from the set's directory, no map changed, no swap and no reload owed.
-        state.last_repair, state.last_damage = iso(utcnow()), "; ".join(check.strays)
-        _log.warning("stray files removed from the live set", channel=ch.name, files=check.strays)
+        state.last_repair, state.last_damage = iso(utcnow()), "; ".join(check.problems)
+        _log.warning("stray files removed from the live set", channel=ch.name, files=check.problems)
         node.saw_installed(check.installed)
-        return LiveOutcome(check.manifest, check.strays, repaired=True, checked_fully=full)
+        return LiveOutcome(check.manifest, check.problems, repaired=True, checked_fully=full)
     _log.error(
         "the live set is damaged; rebuilding it from the verified copy kept in the state",
         channel=ch.name,

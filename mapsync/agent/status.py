@@ -134,11 +134,10 @@ def channel_status(
         st.damage = live.problems
         # What Postfix reads no longer matches what was verified: the maps may fail lookups.
         # A stray file alone changes no map: a warning.
-        damage = [p for p in live.problems if p not in live.strays]
         problems.append(
             (
-                EXIT_ERROR if damage else EXIT_WARNING,
-                ("live set damaged (" if damage else "stray file(s) in the live set (")
+                EXIT_WARNING if live.only_strays else EXIT_ERROR,
+                ("stray file(s) in the live set (" if live.only_strays else "live set damaged (")
                 + "; ".join(live.problems[:3])
                 + (f"; and {len(live.problems) - 3} more" if len(live.problems) > 3 else "")
                 + "); `mapsync verify --repair` or the next pull restores it",

@@ -3,18 +3,15 @@ and rebuild it from the verified copy kept in STATE when it is damaged."""
 
 from __future__ import annotations
 
-import os
-
 from mapsync.agent.checks import trusted_keys
 from mapsync.agent.damage import check_live
 from mapsync.agent.hooks import reload_failure
-from mapsync.agent.liveset import live_names
+from mapsync.agent.liveset import strays
 from mapsync.agent.node import NodeChannel, taken
 from mapsync.agent.repair import check_and_repair
 from mapsync.config import AgentChannel, AgentConfig
 from mapsync.errors import InstallError, VerificationError
 from mapsync.formats import text
-from mapsync.release import MANIFEST, SIGNATURE
 from mapsync.release.verify import verify_manifest
 
 
@@ -45,14 +42,13 @@ def _verify(cfg: AgentConfig, ch: AgentChannel, node: NodeChannel) -> int:
     manifest = verify_manifest(
         found.directory, found.data, found.signature, trusted_keys(cfg), where, channel=ch.name
     ).manifest
-    named = live_names(manifest) | {MANIFEST, SIGNATURE}
     try:
-        strays = sorted(set(os.listdir(found.directory)) - named)
+        extra = strays(found.directory, manifest)
     except FileNotFoundError:  # swapped out and deleted meanwhile: see verify_installed
         raise VerificationError(f"{found.directory}: no longer there") from None
-    if strays:
+    if extra:
         raise VerificationError(
-            f"{found.directory / strays[0]}: in the live set, but no file of its manifest "
+            f"{found.directory / extra[0]}: in the live set, but no file of its manifest "
             "(`mapsync verify --repair` or the next pull removes it)"
         )
     for name, m in sorted(manifest.maps.items()):

@@ -10,7 +10,8 @@ Per row, the key and the value must be text (a string, an integer, or UTF-8 byte
 not empty, without a line break, CR or NUL. The key has no whitespace (a text line ends the key
 at the separator), no comma, no leading ``#``, and not the separator itself; with
 ``keys = "lower"`` its case is folded first, as Postfix folds every key (to lowercase, and
-``ß`` to ``ss``: full Unicode case folding), so two rows differing only in case are a duplicate. The value may hold spaces, but neither starts nor
+``ß`` to ``ss``: full Unicode case folding), so two rows differing only in case are a
+duplicate. The value may hold spaces, but neither starts nor
 ends with whitespace: ``postmap`` drops it, so the text and the cdb would disagree. A line is
 at most :data:`MAX_LINE` bytes.
 """

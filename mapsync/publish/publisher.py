@@ -145,13 +145,6 @@ def drop_invalid(snap: Snapshot, problems: list[Problem]) -> Snapshot:
     )
 
 
-def _described(exc: BaseException) -> str:
-    """``exc`` in words, an OSError with the path it concerns (not a bare "[Errno 28]")."""
-    if isinstance(exc, OSError) and exc.strerror:
-        return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
-    return str(exc)
-
-
 def _without(account: Account, login: bool, quota: bool) -> Account:
     if login:
         account = account._replace(status="login_disabled", password_hash=None)
@@ -348,7 +341,7 @@ class Publisher:
             # For `mapsync status --publisher`: a signing key gone, a lock never free or a
             # full disk fails every run as surely as the database down.
             if not dry_run:
-                record_run(self.cfg.repository, _described(exc))
+                record_run(self.cfg.repository, exc)
             raise
         finally:
             self.repo.read_only = False

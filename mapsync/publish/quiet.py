@@ -180,8 +180,8 @@ def quiet_run(cfg: PublisherConfig) -> PublishResult | None:
                     return None
                 plans.append(plan)
             _log.debug("database unchanged since the last releases", fingerprint=found.digest())
-    except MapsyncError as exc:  # noted as Publisher.run notes it
-        record_run(cfg.repository, str(exc))
+    except (MapsyncError, OSError) as exc:  # noted as Publisher.run notes it
+        record_run(cfg.repository, exc)
         raise
     record_run(cfg.repository, None)
     return PublishResult(plans, [], False)

@@ -38,12 +38,21 @@ def _read(repository: Path) -> dict[str, object]:
     return data if isinstance(data, dict) else {}
 
 
-def record_run(repository: Path, error: str | None) -> None:
-    """Note a finished publish run (``error`` None: it succeeded). Never fails the run: a
-    note that cannot be written is logged."""
+def described(exc: BaseException) -> str:
+    """``exc`` in words, an OSError with the path it concerns (not a bare "[Errno 28]")."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+    return str(exc)
+
+
+def record_run(repository: Path, error: BaseException | str | None) -> None:
+    """Note a finished publish run (``error`` None: it succeeded; else what ended it). Never
+    fails the run: a note that cannot be written is logged."""
     note = _read(repository)
     now = iso(utcnow())
     note["last_run"] = now
+    if isinstance(error, BaseException):
+        error = described(error)
     note["last_error"] = _first_line(error) if error is not None else None
     if error is None:
         note["last_success"] = now

@@ -276,6 +276,8 @@ def read_changes(
 
 
 ALLOW = (t.account.c.allow_imap, t.account.c.allow_pop3, t.account.c.allow_submission)
+# Read raw, with no result processor: SQLite's text 'false' stays text (see read_denied).
+ALLOW_RAW = tuple(type_coerce(c, Integer) for c in ALLOW)
 ALIAS_ACTIVE = type_coerce(t.alias.c.active, Integer)  # raw: see read_denied
 # An alias row as the readers take it: id, domain, local part, expiry, active (raw).
 ALIAS_COLUMNS = (
@@ -306,8 +308,7 @@ def read_denied(
     (account id, column, value) and denies nothing."""
     shared: dict[tuple[bool, ...], frozenset[str]] = {}  # one set per combination
     denied = {}
-    raw = [type_coerce(c, Integer) for c in ALLOW]  # no result processor: 'false' stays text
-    query = select(t.account.c.id, *raw).where(not_(and_(*(c == true() for c in ALLOW))))
+    query = select(t.account.c.id, *ALLOW_RAW).where(not_(and_(*(c == true() for c in ALLOW))))
     for chunk in [None] if ids is None else chunks(ids):
         rows = conn.execute(query if chunk is None else query.where(t.account.c.id.in_(chunk)))
         for account_id, *flags in rows:
@@ -315,8 +316,6 @@ def read_denied(
             if wrong:
                 if bad is not None:
                     bad += [(account_id, column, value) for column, value in wrong]
-                continue
-            if all(flags):
                 continue
             key = tuple(map(bool, flags))
             services = shared.get(key)
