@@ -341,13 +341,19 @@ class Publisher:
             # For `mapsync status --publisher`: a signing key gone, a lock never free or a
             # full disk fails every run as surely as the database down.
             if not dry_run:
-                record_run(self.cfg.repository, exc)
+                record_run(self.cfg.repository, exc, *self._covered(selected))
             raise
         finally:
             self.repo.read_only = False
         if not dry_run:
-            record_run(self.cfg.repository, None)
+            record_run(self.cfg.repository, None, *self._covered(selected))
         return result
+
+    def _covered(self, selected: list[PublisherChannel]) -> tuple[list[str], bool]:
+        """The channels a run covered, and whether that is every configured one (for
+        :func:`record_run`)."""
+        names = [ch.name for ch in selected]
+        return names, set(names) >= set(self.cfg.channels)
 
     def _sourced_run(
         self,

@@ -181,7 +181,7 @@ def quiet_run(cfg: PublisherConfig) -> PublishResult | None:
                 plans.append(plan)
             _log.debug("database unchanged since the last releases", fingerprint=found.digest())
     except (MapsyncError, OSError) as exc:  # noted as Publisher.run notes it
-        record_run(cfg.repository, exc)
+        record_run(cfg.repository, exc, list(cfg.channels))
         raise
-    record_run(cfg.repository, None)
+    record_run(cfg.repository, None, list(cfg.channels))
     return PublishResult(plans, [], False)

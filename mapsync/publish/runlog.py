@@ -8,6 +8,7 @@ Kept free of heavy imports (no SQLAlchemy, no cryptography): monitoring runs it 
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -45,17 +46,38 @@ def described(exc: BaseException) -> str:
     return str(exc)
 
 
-def record_run(repository: Path, error: BaseException | str | None) -> None:
-    """Note a finished publish run (``error`` None: it succeeded; else what ended it). Never
-    fails the run: a note that cannot be written is logged."""
+def record_run(
+    repository: Path,
+    error: BaseException | str | None,
+    channels: Collection[str] = (),
+    every: bool = True,
+) -> None:
+    """Note a finished publish run of ``channels`` (``error`` None: it succeeded; else what
+    ended it). ``every``: the run covered every configured channel; a run of some
+    (``publish --channel``) notes its own, and its success clears no other channel's failure.
+    Never fails the run: a note that cannot be written is logged."""
     note = _read(repository)
     now = iso(utcnow())
-    note["last_run"] = now
     if isinstance(error, BaseException):
         error = described(error)
-    note["last_error"] = _first_line(error) if error is not None else None
-    if error is None:
+    error = _first_line(error) if error is not None else None
+    # The top-level fields are the runs of every channel (what versions before the
+    # per-channel notes read): a failure of any run is noted there, a success of all only.
+    note["last_run"] = now
+    if error is not None or every:
+        note["last_error"] = error
+    if error is None and every:
         note["last_success"] = now
+    runs = note.get("channels")
+    runs = dict(runs) if isinstance(runs, dict) else {}
+    for name in channels:
+        run = runs.get(name)
+        run = dict(run) if isinstance(run, dict) else {}
+        run["last_run"], run["last_error"] = now, error
+        if error is None:
+            run["last_success"] = now
+        runs[name] = run
+    note["channels"] = runs
     _write(repository, note, "the publish run")
 
 
@@ -156,16 +178,56 @@ def _ago(then: datetime | None, now: datetime) -> str:
     return f"{seconds}s ago"
 
 
+def _runs(note: dict[str, object], names: Collection[str]) -> dict[str, _Run]:
+    """Each channel's last run, success and error: its own note, else (a note written before
+    the per-channel notes, or a channel no run has named yet) the runs of every channel."""
+    runs = note.get("channels")
+    runs = runs if isinstance(runs, dict) else {}
+    out = {}
+    for name in names:
+        run = runs.get(name)
+        run = run if isinstance(run, dict) else note
+        error = run.get("last_error")
+        out[name] = _Run(
+            _stamp(run, "last_run"),
+            _stamp(run, "last_success"),
+            error if isinstance(error, str) else None,
+        )
+    return out
+
+
+def _oldest(stamps: list[datetime | None]) -> datetime | None:
+    """The oldest of ``stamps``; None if any is None (never) or there are none."""
+    known = [s for s in stamps if s is not None]
+    return min(known) if known and len(known) == len(stamps) else None
+
+
+@dataclass(frozen=True)
+class _Run:
+    last_run: datetime | None
+    last_success: datetime | None
+    error: str | None
+
+
 def publisher_status(cfg: PublisherConfig) -> PublisherStatus:
-    """OK while publish runs succeed; WARNING when the last run failed, its pushes failed, or
-    no run finished within ``full_check``; CRITICAL when none succeeded for half of
-    ``expires`` (releases then go unrenewed and start to expire on the nodes); UNKNOWN
-    before the first run."""
+    """OK while publish runs succeed; WARNING when the last run of a channel failed, its
+    pushes failed, or no run of it finished within ``full_check``; CRITICAL when none of a
+    channel succeeded for half of ``expires`` (its releases then go unrenewed and start to
+    expire on the nodes); UNKNOWN before the first run. A run of some channels (``publish
+    --channel``) tells nothing of the others: each channel is judged by its own runs."""
     note = _read(cfg.repository)
     now = utcnow()
-    last_run, last_success = _stamp(note, "last_run"), _stamp(note, "last_success")
-    error = note.get("last_error")
-    error = error if isinstance(error, str) else None
+    runs = _runs(note, sorted(cfg.channels))
+    last_run = max(filter(None, (r.last_run for r in runs.values())), default=None)
+    last_success = _oldest([r.last_success for r in runs.values()])
+
+    def scope(names: list[str]) -> str:
+        """Which channels a finding is of: none named when it is of every one."""
+        return "" if len(names) == len(runs) else f"channel(s) {', '.join(names)}: "
+
+    def errors(names: list[str]) -> str | None:
+        return "; ".join(dict.fromkeys(filter(None, (runs[n].error for n in names)))) or None
+
     notes = note.get("push_failed")
     pushing = {name for name, ch in cfg.channels.items() if ch.push}  # as configured now
     pushes = (
@@ -173,29 +235,51 @@ def publisher_status(cfg: PublisherConfig) -> PublisherStatus:
         if isinstance(notes, dict)
         else None
     )
+    failed = [n for n, r in runs.items() if r.error]
     fields = {
         "last_run": iso(last_run) if last_run else None,
         "last_success": iso(last_success) if last_success else None,
-        "last_error": error,
+        "last_error": errors(failed)
+        if len(failed) == len(runs)
+        else ("; ".join(f"{n}: {runs[n].error}" for n in failed) or None),
         "push_failed": pushes,
     }
     if last_run is None:
         return PublisherStatus(
             EXIT_UNKNOWN, f"no publish run recorded in {cfg.repository / RUNLOG}", **fields
         )
-    success = f"last successful run {_ago(last_success, now)}"
-    if last_success is None or (now - last_success).total_seconds() > cfg.expires / 2:
+    stale = [
+        n
+        for n, r in runs.items()
+        if r.last_success is None or (now - r.last_success).total_seconds() > cfg.expires / 2
+    ]
+    if stale:
+        oldest = _oldest([runs[n].last_success for n in stale])
+        success = f"last successful run {_ago(oldest, now)}"
+        error = errors(stale)
         why = f"; last run failed: {error}" if error else ""
         return PublisherStatus(
-            EXIT_ERROR, f"{success}, releases are not being renewed{why}", **fields
+            EXIT_ERROR, f"{scope(stale)}{success}, releases are not being renewed{why}", **fields
         )
-    if error:
+    success = f"last successful run {_ago(last_success, now)}"
+    if failed:
+        when = max(filter(None, (runs[n].last_run for n in failed)), default=None)
         return PublisherStatus(
-            EXIT_WARNING, f"last run failed {_ago(last_run, now)}: {error}; {success}", **fields
+            EXIT_WARNING,
+            f"{scope(failed)}last run failed {_ago(when, now)}: {errors(failed)}; {success}",
+            **fields,
         )
-    if (now - last_run).total_seconds() > cfg.full_check:
+    idle = [
+        n
+        for n, r in runs.items()
+        if r.last_run is None or (now - r.last_run).total_seconds() > cfg.full_check
+    ]
+    if idle:
+        when = min(filter(None, (runs[n].last_run for n in idle)), default=None)
         return PublisherStatus(
-            EXIT_WARNING, f"no publish run for {_ago(last_run, now)[:-4]}; {success}", **fields
+            EXIT_WARNING,
+            f"{scope(idle)}no publish run for {_ago(when, now)[:-4]}; {success}",
+            **fields,
         )
     if pushes:
         return PublisherStatus(EXIT_WARNING, f"{pushes}; {success}", **fields)

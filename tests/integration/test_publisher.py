@@ -612,6 +612,39 @@ def test_a_channel_taken_out_of_the_config_is_a_warning_while_its_directory_serv
     assert cluster.cli("status", "--publisher").returncode == 0
 
 
+def test_a_run_of_one_channel_clears_no_other_channels_failure(cluster: Cluster) -> None:
+    """Channel edge refused in every full run, then ``publish --channel mx`` succeeding:
+    status --publisher said OK (the note was one for the whole publisher) while edge went
+    unrenewed. Each channel is judged by its own runs now."""
+    add_channels(cluster, '[publisher.channels.edge]\nmaps = ["domains", "senders"]\n')
+    cluster.publish()
+    guarded = cluster.config_path.read_text()
+    cluster.config_path.write_text(
+        guarded.replace(
+            "\n[agent]\n", "\n[publisher.guards.senders]\nmin_entries = 100000000\n\n[agent]\n", 1
+        )
+    )
+    db = sqlite3.connect(cluster.db_url.removeprefix("sqlite:///"))
+    with db:
+        db.execute(
+            "INSERT INTO sender_grant (account_id, address)"
+            " SELECT MIN(id), 'x@example.net' FROM account"
+        )
+    db.close()
+    refused = cluster.cli("publish")
+    assert refused.returncode == 4, refused.stdout + refused.stderr  # refused by a guard
+    cluster.publish("--channel", "mx")
+    st = cluster.cli("status", "--publisher", "--json")
+    assert st.returncode == 1, st.stdout
+    found = json.loads(st.stdout)
+    assert found["message"].startswith("channel(s) edge: last run failed "), found
+    assert found["last_error"].startswith("edge: publish refused by guards"), found
+    note = json.loads((cluster.repo / ".publisher.json").read_text())
+    assert note["channels"]["mx"]["last_error"] is None
+    cluster.publish("--force")  # the operator lets edge's change through: all is well again
+    assert cluster.cli("status", "--publisher").returncode == 0
+
+
 def test_a_blob_in_a_text_column_is_an_invalid_row_not_a_crash(cluster: Cluster) -> None:
     """SQLite keeps a BLOB in a TEXT column: 'unexpected error: TypeError: cannot use a
     string pattern on a bytes-like object', naming no row. Now the row and the column."""

@@ -123,3 +123,39 @@ def test_a_run_ended_by_an_os_error_is_noted_with_its_path() -> None:
     full = OSError(28, "No space left on device", "/srv/mapsync/mx/.staging/7/virtual")
     assert _described(full) == "/srv/mapsync/mx/.staging/7/virtual: No space left on device"
     assert _described(OSError(5, "Input/output error")) == "Input/output error"
+
+
+def test_each_channel_is_judged_by_its_own_runs(tmp_path: Path) -> None:
+    """A run of one channel (``publish --channel``) said the publisher was fine whatever the
+    others' last runs said."""
+    record_run(tmp_path, None, ["mx", "store"], every=True)
+    record_run(tmp_path, "refused by guards", ["mx", "store"], every=True)
+    record_run(tmp_path, None, ["mx"], every=False)
+    st = publisher_status(_cfg(tmp_path))
+    assert st.code == EXIT_WARNING
+    assert st.message.startswith("channel(s) store: last run failed "), st.message
+    assert st.last_error == "store: refused by guards"
+    # Old enough, it is CRITICAL for that channel alone.
+    note = json.loads((tmp_path / RUNLOG).read_text())
+    note["channels"]["store"]["last_success"] = iso(utcnow() - timedelta(days=4))
+    (tmp_path / RUNLOG).write_text(json.dumps(note))
+    st = publisher_status(_cfg(tmp_path))
+    assert st.code == EXIT_ERROR
+    assert st.message.startswith("channel(s) store: last successful run 4d ago, releases are")
+    record_run(tmp_path, None, ["store"], every=False)
+    assert publisher_status(_cfg(tmp_path)).code == EXIT_OK
+
+
+def test_a_channel_run_alone_never_is_critical_and_a_partial_run_leaves_the_old_fields(
+    tmp_path: Path,
+) -> None:
+    record_run(tmp_path, None, ["mx"], every=False)
+    note = json.loads((tmp_path / RUNLOG).read_text())
+    # What a version before the per-channel notes reads: no run of every channel succeeded.
+    assert note.get("last_success") is None and note["last_run"]
+    st = publisher_status(_cfg(tmp_path))
+    assert st.code == EXIT_ERROR and st.message.startswith(
+        "channel(s) store: last successful run never"
+    )
+    record_run(tmp_path, None, ["mx", "store"])
+    assert publisher_status(_cfg(tmp_path)).code == EXIT_OK
