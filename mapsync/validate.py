@@ -631,7 +631,16 @@ def _customers(snap: Snapshot) -> Iterator[Problem]:
         if customer is not None:
             used.add(customer)
     for cid in sorted(used):
-        ext_id = snap.customers.get(cid)
+        if cid not in snap.customers:
+            # A warning, as a sender grant of no account is: the userdb line loses its field
+            # (what a customer with no ext_id gives), the mailbox works.
+            _log.warning(
+                "customer_id of no customer: its accounts' userdb lines have no customer field"
+                " (the customer deleted without them?)",
+                customer_id=cid,
+            )
+            continue
+        ext_id = snap.customers[cid]
         if ext_id is not None and not _EXT_ID.match(ext_id):
             yield Problem(
                 "customer",

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine, func, select, update
+from structlog.testing import capture_logs
 
 from mapsync.config import PublisherChannel, load
 from mapsync.errors import ConfigError
@@ -136,6 +137,21 @@ def test_a_bad_ext_id_is_a_problem_only_where_carried_and_skipping_drops_only_th
     assert "userdb_customer_id" not in users["alice@example.org"]  # the field only ...
     assert users["alice@example.org"].startswith(HASH)  # ... the login stays
     assert "userdb_customer_id=C-0030" in users["frank@example.org"]
+
+
+def test_a_customer_id_of_no_customer_is_warned_not_dropped_silently() -> None:
+    """A customer deleted without its domains (SQLite keeps no foreign key unless told): the
+    userdb lines lost their customer field without a word."""
+    snap = snapshot(customers={k: v for k, v in CUSTOMERS.items() if k != 10})
+    with capture_logs() as logs:
+        assert check(snap, customers=True) == []
+    found = [e for e in logs if "customer_id of no customer" in e["event"]]
+    assert [e["customer_id"] for e in found] == [10]
+    users = render("dovecot_users", snap, customer_field="customer_id")
+    assert "userdb_customer_id" not in users["alice@example.org"]
+    with capture_logs() as logs:
+        check(snap)  # no channel carries customer ids: nothing to say
+    assert not [e for e in logs if "customer_id of no customer" in e["event"]]
 
 
 def test_customer_field_in_config(tmp_path: Path) -> None:
