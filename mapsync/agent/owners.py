@@ -138,3 +138,19 @@ def settings_differ(path: Path, own: Ownership) -> bool:
         or (own.uid != KEEP and st.st_uid != own.uid)
         or (own.gid != KEEP and st.st_gid != own.gid)
     )
+
+
+def drifted(ch: AgentChannel, manifest: Manifest, directory: Path) -> list[str]:
+    """The files of ``manifest`` in ``directory`` whose owner, group or mode are not what the
+    channel's ``files`` settings (or mapsync's defaults) give now (:func:`settings_differ`):
+    changed by hand, or a setting changed since the set was built. A missing file is not
+    one (the damage check's to find). Raises InstallError for a user or group this node
+    does not have."""
+    owners = ownership(ch, manifest, live=True)
+    found = []
+    for name, m in sorted(manifest.maps.items()):
+        for file, _, _ in m.installed_files():
+            with contextlib.suppress(OSError):
+                if settings_differ(directory / file, owners[name]):
+                    found.append(file)
+    return found

@@ -13,7 +13,6 @@ the source: the release it installs (never below the serial floor) replaces the 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -24,7 +23,7 @@ from mapsync import log
 from mapsync.agent.damage import LiveCheck, check_live
 from mapsync.agent.liveset import SETS
 from mapsync.agent.node import NodeChannel
-from mapsync.agent.owners import ownership, settings_differ
+from mapsync.agent.owners import drifted, ownership
 from mapsync.agent.state import ChannelState
 from mapsync.config import AgentChannel, AgentConfig
 from mapsync.errors import InstallError, MapsyncError
@@ -191,24 +190,19 @@ def _drifted(ch: AgentChannel, manifest: Manifest, directory: Path) -> tuple[lis
     naming this set directory (its name and inode: a name comes back) and these settings,
     for ``ownership_unmet``."""
     try:
-        owners = ownership(ch, manifest, live=True)
+        found = drifted(ch, manifest, directory)
     except InstallError as exc:  # a user or group this node does not have
         _log.warning("the files settings cannot be given to the live set", error=str(exc))
         return [], ""
-    drifted = []
-    for name, m in sorted(manifest.maps.items()):
-        for file, _, _ in m.installed_files():
-            with contextlib.suppress(OSError):  # a missing file: the damage check's to find
-                if settings_differ(directory / file, owners[name]):
-                    drifted.append(file)
-    if not drifted:
+    if not found:
         return [], ""  # every pull: nothing more to work out
     try:
         inode = directory.stat().st_ino
     except OSError:
         inode = 0
+    owners = ownership(ch, manifest, live=True)
     wanted = hashlib.sha256(repr(sorted(owners.items())).encode()).hexdigest()[:16]
-    return drifted, f"{directory.name} {inode} {wanted}"
+    return found, f"{directory.name} {inode} {wanted}"
 
 
 def _give_ownership(

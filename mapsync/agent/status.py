@@ -14,11 +14,19 @@ from pathlib import Path
 from mapsync.access import denied
 from mapsync.agent.damage import check_live
 from mapsync.agent.node import NodeChannel
+from mapsync.agent.owners import drifted
 from mapsync.agent.state import ChannelState, StateDamaged
 from mapsync.atomic import atomic_write
 from mapsync.config import AgentChannel, AgentConfig
-from mapsync.errors import EXIT_ERROR, EXIT_OK, EXIT_UNKNOWN, EXIT_WARNING, MapsyncError
-from mapsync.release import parse_iso
+from mapsync.errors import (
+    EXIT_ERROR,
+    EXIT_OK,
+    EXIT_UNKNOWN,
+    EXIT_WARNING,
+    InstallError,
+    MapsyncError,
+)
+from mapsync.release import Manifest, parse_iso
 
 LEVELS = {EXIT_OK: "OK", EXIT_WARNING: "WARNING", EXIT_ERROR: "CRITICAL", EXIT_UNKNOWN: "UNKNOWN"}
 
@@ -152,6 +160,8 @@ def channel_status(
         if not live.damaged:
             problems.append((EXIT_ERROR, "nothing installed"))
     else:
+        if not live.damaged:
+            problems += _ownership(ch, manifest, paths.target)
         st.serial = manifest.serial
         st.installed_age = _age(manifest.created, now)
         st.expires = manifest.expires
@@ -236,6 +246,26 @@ def channel_status(
         parts.append(f"repaired {ago(_age(state.last_repair, now))} ({state.last_damage})")
     st.message = ", ".join(parts) + "".join(f"; {msg}" for _, msg in problems)
     return st
+
+
+def _ownership(ch: AgentChannel, manifest: Manifest, target: Path) -> list[tuple[int, str]]:
+    """A WARNING for live files whose mode, owner or group are not what the channel's
+    ``files`` settings give (a ``chmod 600`` by hand: Postfix, not root, can no longer read
+    the map): the next pull gives them back."""
+    try:
+        found = drifted(ch, manifest, target)
+    except InstallError as exc:  # a user or group this node does not have: pull says so
+        return [(EXIT_WARNING, f"the files settings cannot be given: {exc}")]
+    if not found:
+        return []
+    return [
+        (
+            EXIT_WARNING,
+            f"live file(s) {', '.join(found[:3])}{' and more' if len(found) > 3 else ''}: "
+            "mode, owner or group not as the files settings give (changed by hand?); "
+            "the next pull restores them",
+        )
+    ]
 
 
 def summary(statuses: list[ChannelStatus]) -> str:

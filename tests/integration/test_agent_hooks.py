@@ -347,6 +347,9 @@ def test_a_pull_with_nothing_new_gives_live_files_their_configured_mode_again(
     configure(installed, files={"recipients": {"mode": "0640"}})
     live, other = installed.target / "recipients.cdb", installed.target / "domains.cdb"
     os.chmod(installed.target / "virtual", 0o666)  # by hand
+    st = installed.cli("status")  # said OK until the next pull
+    assert st.returncode == 1, st.stdout
+    assert "live file(s) recipients, recipients.cdb, virtual: mode, owner or group" in st.stdout
     before, other_before = live.stat(), other.stat()
     p = installed.cli("pull")
     assert p.returncode == 0, p.stdout + p.stderr
@@ -358,6 +361,7 @@ def test_a_pull_with_nothing_new_gives_live_files_their_configured_mode_again(
     assert stat.S_IMODE(before.st_mode) == 0o644  # that inode was never chmod-ed
     assert other.stat().st_ino == other_before.st_ino  # as configured: kept, linked
     assert installed.cli("verify").returncode == 0
+    assert installed.cli("status").returncode == 0
     repaired = live.stat().st_ino
     assert "differed" not in installed.cli("pull").stderr  # once: then as configured
     assert live.stat().st_ino == repaired
