@@ -152,6 +152,36 @@ def load_public(path: Path) -> Ed25519PublicKey:
 
 KEY_ID = re.compile(r"[0-9a-f]{16}")
 
+# The DER of an ed25519 public key in SubjectPublicKeyInfo (RFC 8410) up to its 32 raw bytes:
+# what keygen writes beside the private key.
+_SPKI_ED25519 = bytes.fromhex("302a300506032b6570032100")
+
+
+def public_key_id(path: Path) -> str:
+    """The key id of the public key in PEM file ``path``, read without cryptography when the
+    file is as :func:`keygen` writes it (``status`` runs every minute and imports none);
+    ConfigError naming the file when it cannot be read or is no ed25519 public key."""
+    try:
+        pem = path.read_bytes()
+    except PermissionError:
+        raise ConfigError(denied(path, "reading the trusted key")) from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: trusted key cannot be read ({exc.strerror})") from None
+    lines = pem.split(b"\n")
+    if (
+        len(lines) == 4
+        and lines[0] == b"-----BEGIN PUBLIC KEY-----"
+        and lines[2] == b"-----END PUBLIC KEY-----"
+        and lines[3] == b""
+    ):
+        try:
+            der = base64.b64decode(lines[1], validate=True)
+        except (binascii.Error, ValueError):
+            der = b""
+        if len(der) == len(_SPKI_ED25519) + 32 and der.startswith(_SPKI_ED25519):
+            return hashlib.sha256(der[len(_SPKI_ED25519) :]).hexdigest()[:16]
+    return key_id(load_public(path))
+
 
 def key_id(key: Ed25519PublicKey) -> str:
     """Short, stable name of a public key for logs and status (first 16 hex of its sha256)."""

@@ -22,14 +22,16 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mapsync.agent.liveset import CURRENT, SETS, Installed, LiveSet, read_installed, strays
 from mapsync.agent.state import LiveFile
-from mapsync.errors import VerificationError
+from mapsync.errors import MapsyncError, VerificationError
 from mapsync.formats import text
 from mapsync.release import MANIFEST, SIGNATURE, Manifest
+from mapsync.signing import public_key_id
 
 
 @dataclass
@@ -209,3 +211,28 @@ def check_live(
         if file in out.files and not os.path.exists(target / file):
             out.problems.append(f"{target / file}: the link to the live set is missing")
     return out
+
+
+def untrusted_signer(manifest: Manifest, trusted: Iterable[Path]) -> str | None:
+    """Why the live ``manifest`` is no longer trusted, or None: the key it names as its signer
+    (covered by the signature verified at install) is none of ``trusted`` — removed from
+    ``trusted_keys`` after a rotation, or revoked as compromised. Cheap (key ids, no
+    signature), so ``status`` and every pull see it, not only the next full check. None too
+    when it cannot tell: a manifest naming no signer, or a key file that cannot be read
+    (the pull that needs it says so)."""
+    if manifest.signer is None:
+        return None
+    ids: list[str] = []
+    unreadable = False
+    for path in trusted:
+        try:
+            ids.append(public_key_id(path))
+        except MapsyncError:
+            unreadable = True
+    if manifest.signer in ids or unreadable:
+        return None
+    return (
+        f"serial {manifest.serial} is signed by key {manifest.signer}, which trusted_keys no "
+        "longer lists; its maps keep serving until a release signed with a trusted key "
+        "replaces it"
+    )

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mapsync import log
-from mapsync.agent.damage import LiveCheck, check_live
+from mapsync.agent.damage import LiveCheck, check_live, untrusted_signer
 from mapsync.agent.liveset import SETS
 from mapsync.agent.node import NodeChannel
 from mapsync.agent.owners import drifted, ownership
@@ -85,9 +85,19 @@ def check_and_repair(node: NodeChannel, *, full: bool = False) -> LiveOutcome:
                 node, state.pinned, [f"the live set was channel {check.manifest.channel}'s"]
             )
         return LiveOutcome(None, [])
-    if check.manifest is not None and not full and (check.recheck or not check.record_used):
+    if (
+        check.manifest is not None
+        and not full
+        and (
+            check.recheck
+            or not check.record_used
+            or untrusted_signer(check.manifest, cfg.trusted_keys) is not None
+        )
+    ):
         # No record of this very set (a run killed between its swap and saving the state), or
-        # its manifest or signature touched: size and mtime say nothing, the hashes do.
+        # its manifest or signature touched: size and mtime say nothing, the hashes do. Or
+        # signed by a key trusted_keys no longer lists (rotated out, revoked): the signature
+        # is checked now, not at the next full check, and the set replaced or the run failed.
         full = True
         check = check_live(target, (None, {}), True, full=True)
     if not check.damaged and check.manifest is not None and full:

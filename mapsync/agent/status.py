@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from mapsync.access import denied
-from mapsync.agent.damage import check_live
+from mapsync.agent.damage import check_live, untrusted_signer
 from mapsync.agent.node import NodeChannel
 from mapsync.agent.owners import drifted
 from mapsync.agent.state import ChannelState, StateDamaged
@@ -168,6 +168,11 @@ def channel_status(
         st.entries = {n: m.entries for n, m in manifest.maps.items()}
         left = int((manifest.expires_at() - now).total_seconds())
         lifetime = int((manifest.expires_at() - manifest.created_at()).total_seconds())
+        untrusted = untrusted_signer(manifest, cfg.trusted_keys)
+        if untrusted is not None:
+            # A revoked key's release is what the daemons read: the operator must hear of it
+            # now, not at the next full check's failed pull.
+            problems.append((EXIT_ERROR, untrusted))
         if manifest.expired(now):
             problems.append((EXIT_ERROR, f"expired {human(-left)} ago"))
         elif left * 4 <= lifetime:

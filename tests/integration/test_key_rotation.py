@@ -87,3 +87,44 @@ def test_a_signing_key_replaced_without_its_public_half_is_warned_about_when_it_
     p = cluster.publish()
     assert "published serial 3" in p.stdout, p.stdout
     assert "not its public half" not in p.stderr, p.stderr
+
+
+def test_a_revoked_key_s_live_release_is_reported_at_once_and_replaced_by_a_trusted_one(
+    cluster: Cluster,
+) -> None:
+    """The key that signed the live release is compromised and taken out of ``trusted_keys``.
+    ``status`` says so at once (CRITICAL, naming the key), not OK until the next full check;
+    every pull refuses it (exit 5), and the first release signed with a trusted key replaces it."""
+    keys = cluster.root / "keys"
+    text = cluster.config_path.read_text()
+    cluster.publish()
+    cluster.pull()
+    revoked = key_id(load_public(keys / "signing.pub"))
+    keygen(keys / "signing-2.key")
+    text = text.replace(
+        f'trusted_keys = ["{keys / "signing.pub"}"]', f'trusted_keys = ["{keys / "signing-2.pub"}"]'
+    )
+    cluster.config_path.write_text(text)  # full_check (1h) is far off: only cheap checks
+
+    status = cluster.cli("status")
+    assert status.returncode == 2, status.stdout
+    assert (
+        f"mx CRITICAL (serial 1 is signed by key {revoked}, which trusted_keys no longer lists"
+        in status.stdout
+    )
+    assert cluster.cli("verify").returncode == 5
+    for _ in range(2):  # not a failure the next cheap pull forgets
+        proc = cluster.cli("pull")
+        assert proc.returncode == 5, proc.stdout + proc.stderr
+        assert f"the manifest names signing key {revoked}" in proc.stderr
+        assert cluster.cli("status").returncode == 2
+
+    text = text.replace(
+        f'signing_key = "{keys / "signing.key"}"', f'signing_key = "{keys / "signing-2.key"}"'
+    )
+    cluster.config_path.write_text(text)
+    assert "renewed serial 2" in cluster.publish().stdout
+    assert "installed serial 2" in cluster.pull().stdout
+    status = cluster.cli("status")
+    assert status.returncode == 0, status.stdout
+    assert cluster.cli("verify").returncode == 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, x25519
 
 from mapsync.errors import ConfigError
-from mapsync.signing import _keygen_seed, key_id, keygen, load_private
+from mapsync.signing import _keygen_seed, key_id, keygen, load_private, load_public, public_key_id
 
 
 def _write(path: Path, data: bytes) -> Path:
@@ -76,3 +77,20 @@ def test_a_damaged_key_is_refused_as_ever(tmp_path: Path) -> None:
     assert _keygen_seed(damaged) is None
     with pytest.raises(ConfigError, match="not a PEM private key"):
         load_private(_write(tmp_path / "damaged.key", damaged))
+
+
+def test_a_public_key_s_id_is_read_without_cryptography_and_is_the_same(tmp_path: Path) -> None:
+    """``status`` compares the live manifest's signer with the trusted keys' ids every minute:
+    a key file as keygen writes it gives its id without the loader; any other form (CRLF line
+    ends, a copy through Windows) the same id through it; a private key or garbage is refused
+    naming the file."""
+    public, kid = keygen(tmp_path / "signing.key")
+    assert public_key_id(public) == kid == key_id(load_public(public))
+    crlf = tmp_path / "crlf.pub"
+    crlf.write_bytes(public.read_bytes().replace(b"\n", b"\r\n"))
+    assert public_key_id(crlf) == kid
+    for bad in (tmp_path / "signing.key", _write(tmp_path / "junk.pub", b"junk\n")):
+        with pytest.raises(ConfigError, match=re.escape(str(bad))):
+            public_key_id(bad)
+    with pytest.raises(ConfigError, match=r"missing\.pub"):
+        public_key_id(tmp_path / "missing.pub")
