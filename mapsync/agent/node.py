@@ -99,12 +99,13 @@ class NodeChannel:
         self._installed, self._read = found, True
 
     def installed_serial(self) -> int | None:
-        """The installed serial; None if none or unreadable."""
+        """The installed serial of this channel; None if none, unreadable, or another
+        channel's (the channel renamed, the node moved: its serials are not this one's)."""
         try:
             manifest = self.current()
         except (MapsyncError, OSError):
             return None
-        return manifest.serial if manifest is not None else None
+        return manifest.serial if manifest is not None and manifest.channel == self.name else None
 
     def settle(self) -> None:
         """Finish what a run killed right after its swap left in the target (under the lock)."""
@@ -236,6 +237,8 @@ def rebuilt_state(node: NodeChannel) -> ChannelState:
         current = node.current()
     except MapsyncError:
         current = None
+    if current is not None and current.channel != node.name:
+        current = None  # another channel's set: its serial is no floor nor pin of this one
     serial = current.serial if current is not None else None
     candidates = [*kept, *([serial] if serial is not None else [])]
     state.highest_serial = max(candidates, default=None)

@@ -95,6 +95,14 @@ def rollback(cfg: AgentConfig, ch: AgentChannel, serial: int | None = None) -> R
         current = node.current()
         if current is None:
             raise MapsyncError(f"channel {ch.name}: nothing is installed in {node.paths.target}")
+        if current.channel != ch.name:
+            # Its serials are not this channel's: "already installed", "older than" would
+            # compare the two channels' numbers.
+            raise MapsyncError(
+                f"channel {ch.name}: the live set in {node.paths.target} is channel "
+                f"{current.channel}'s (serial {current.serial}), not this channel's; "
+                "`mapsync pull` installs this channel's release first; nothing changed"
+            )
         keys = trusted_keys(cfg)
         chosen, release = choose(node, current, serial, keys)
         src = node.paths.kept.path(chosen)

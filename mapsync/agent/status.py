@@ -136,6 +136,19 @@ def channel_status(
     except OSError as exc:
         return _unknown(ch.name, f"cannot read the live set: {exc}")
     manifest = live.manifest
+    if manifest is not None and manifest.channel != ch.name:
+        # The node's channel renamed, or the node moved to another channel, with the same
+        # target: what the daemons read is the other channel's (another mailstore's logins),
+        # and its serial, expiry and entries say nothing of this one's.
+        problems.append(
+            (
+                EXIT_ERROR,
+                f"the live set in {paths.target} is channel {manifest.channel}'s (serial "
+                f"{manifest.serial}), not this channel's; the next pull installs this channel's "
+                "release over it",
+            )
+        )
+        manifest = None
     st = ChannelStatus(ch.name, EXIT_OK, "", last_error=state.last_error, pinned=state.pinned)
     st.last_repair, st.last_damage = state.last_repair, state.last_damage
     if live.damaged:
@@ -157,7 +170,7 @@ def channel_status(
     st.last_push = state.last_push
     st.last_success_age = _age(state.last_success, now)
     if manifest is None:
-        if not live.damaged:
+        if not live.damaged and live.manifest is None:
             problems.append((EXIT_ERROR, "nothing installed"))
     else:
         if not live.damaged:

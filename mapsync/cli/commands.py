@@ -422,6 +422,8 @@ def _releases(args: argparse.Namespace, name: str) -> tuple[Path, int | None, in
         agent = cfg.need_agent()
         node = NodeChannel.look(agent, agent.channels[name])
         current = node.current()
+        if current is not None and current.channel != name:
+            current = None  # another channel's set (the channel renamed, the node moved)
         return node.paths.kept.root, None, current.serial if current else None
     from mapsync.publish.history import latest_or_none
     from mapsync.publish.repository import Repository

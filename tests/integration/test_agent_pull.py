@@ -516,6 +516,18 @@ def test_a_node_moved_to_another_channel_installs_it_over_the_other_channels_set
     v = installed.cli("verify")
     assert v.returncode == 5, v.stdout + v.stderr
     assert "is for channel 'mx', not 'edge'" in v.stderr
+    # status says so as well, and shows nothing of mx as edge's (serial 3, its perfdata);
+    # rollback compares no serials of mx with edge's.
+    s = installed.cli("status")
+    assert s.returncode == 2, s.stdout
+    assert "edge CRITICAL (the live set in" in s.stdout
+    assert (
+        f"the live set in {installed.target} is channel mx's (serial 3), not this channel's"
+        in s.stdout
+    )
+    assert "edge_serial" not in s.stdout and "serial 3 (released" not in s.stdout
+    r = installed.cli("rollback", "--channel", "edge", "3")
+    assert r.returncode == 2 and "is channel mx's (serial 3)" in r.stderr, r.stderr
     p = installed.cli("pull")
     assert p.returncode == 0, p.stdout + p.stderr
     assert "edge: installed serial 1" in p.stdout
