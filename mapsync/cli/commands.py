@@ -72,7 +72,7 @@ def publish_once(
     """One publish run, then the pushes; ``loop``: print only what changed. ``kept``: the
     loop's publisher between runs (its incremental state), made anew when the configuration
     read for this run differs from the one it was made with."""
-    pub = _config(args).need_publisher()
+    pub = _config(args).need_publisher() if kept is None else _loop_config(args, kept)
     result: PublishResult | None = None
     failure: MapsyncError | None = None
     if kept is None and not (args.dry_run or args.force or args.skip_invalid or args.channel):
@@ -151,6 +151,29 @@ def _record_pushes(
     record_pushes(pub.repository, failed)
 
 
+def _loop_config(args: argparse.Namespace, kept: dict[str, Any]) -> config.PublisherConfig:
+    """The config for a run of ``publish --interval``, read anew each run: an edit takes
+    effect at the next run. An edit that does not load (a TOML syntax error, an unknown key,
+    a wrong type) is logged, naming file and key, and the run goes on with the config last
+    read: a typo must not stop renewals and new addresses until someone reads the log."""
+    try:
+        pub = _config(args).need_publisher()
+    except ConfigError as exc:
+        last: config.PublisherConfig | None = kept.get("config")
+        if last is None:
+            raise
+        from mapsync import log
+
+        log.get("publisher").error(
+            "the config file no longer loads; this run publishes with the one last read "
+            "(fix the file; `mapsync status --publisher` fails until then)",
+            error=str(exc),
+        )
+        return last
+    kept["config"] = pub
+    return pub
+
+
 def _run_publisher(
     args: argparse.Namespace, pub: config.PublisherConfig, kept: dict[str, Any] | None
 ) -> tuple[PublishResult | None, MapsyncError | None]:
@@ -211,7 +234,8 @@ def _publish_every(args: argparse.Namespace) -> int:
             "not with --dry-run or --force (run those by hand, once)"
         )
     publisher = _config(args).need_publisher()  # a broken config at start: exit 2, systemd shows it
-    kept: dict[str, Any] = {}  # the publisher, kept between runs: see publish_once
+    # The publisher kept between runs (see publish_once), and the config last read (_loop_config).
+    kept: dict[str, Any] = {"config": publisher}
     run_every(args.interval, lambda: publish_once(args, loop=True, kept=kept), publisher.database)
 
 

@@ -245,6 +245,47 @@ def test_errors_are_logged_and_the_loop_goes_on_until_sighup(
     assert_repository_clean(cluster)
 
 
+def test_a_config_edit_takes_effect_at_the_next_run_and_a_broken_one_keeps_the_last(
+    cluster: Cluster, loops: list[Loop]
+) -> None:
+    """The loop reads the config anew each run. An edit that does not load (a TOML syntax
+    error, an unknown key) is logged naming file and line or key, and the loop publishes on
+    with the config last read: a typo must not stop new addresses and renewals. Once the
+    file loads again, its edit takes effect."""
+    text = cluster.config_path.read_text()
+    loop = Loop(cluster, "--interval", "1", log_format="json")
+    loops.append(loop)
+    loop.wait_for("first release", lambda: latest_serial(cluster) == 1)
+
+    cluster.config_path.write_text(text.replace("[publisher]\n", "[publisher]\nkeep = \n", 1))
+    loop.wait_for("the syntax error", lambda: "not valid TOML" in loop.stderr())
+    add_account(cluster, "during-the-typo")
+    loop.wait_for("serial 2", lambda: latest_serial(cluster) == 2, 5)
+    errors = [json.loads(line) for line in loop.stderr().splitlines() if '"level": "error"' in line]
+    assert any(
+        "no longer loads" in e["event"]
+        and f"{cluster.config_path}: not valid TOML" in e["error"]
+        and "line 2" in e["error"]
+        for e in errors
+    ), errors
+
+    cluster.config_path.write_text(text.replace("[publisher]\n", "[publisher]\nkep = 3\n", 1))
+    loop.wait_for("the unknown key", lambda: "[publisher] kep: unknown key" in loop.stderr())
+    add_account(cluster, "during-the-unknown-key")
+    loop.wait_for("serial 3", lambda: latest_serial(cluster) == 3, 5)
+
+    # Fixed, with a channel added: the next run publishes it.
+    cluster.config_path.write_text(
+        text.replace("[agent]", '[publisher.channels.edge]\nmaps = ["domains"]\n\n[agent]', 1)
+    )
+    loop.wait_for("the new channel", lambda: (cluster.repo / "edge" / "LATEST").exists(), 5)
+    assert loop.proc.poll() is None
+    assert "Traceback" not in loop.stderr()
+    code, _ = loop.stop(signal.SIGTERM)
+    assert code == 143
+    assert_repository_clean(cluster)
+
+
 def test_sigterm_in_the_middle_of_a_publish_leaves_no_half_written_release(
     tmp_path: Path, sqlite_url: str, loops: list[Loop]
 ) -> None:
