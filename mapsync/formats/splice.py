@@ -214,8 +214,18 @@ def splice(
         present = bool(line) and (line.startswith(change.key + bsep) or line == change.key + b"\n")
         if change.old is not None:
             if line != change.old:
+                # Keys only: a value may be a password hash (dovecot_users), and this
+                # message goes to the log.
+                if not line:
+                    found = "the end of the map"
+                elif present:
+                    found = "another value"
+                else:
+                    other = line.split(bsep, 1)[0].removesuffix(b"\n")
+                    found = f"key {other[:200]!r}"
                 raise Mismatch(
-                    f"{old}: expected {change.old[:200]!r} at {at}, found {line[:200]!r}"
+                    f"{old}: expected key {change.key[:200]!r} with the value the incremental "
+                    f"state holds at {at}, found {found}"
                 )
             emit(b"-" + line)
             pos = end

@@ -104,6 +104,29 @@ def test_a_line_the_old_file_does_not_hold_is_a_mismatch(tmp_path: Path) -> None
         )
 
 
+@pytest.mark.parametrize(
+    ("found", "said"),
+    [
+        ({"a@x": "{SHA512-CRYPT}$6$found$hash:5000:5000::/home/a::"}, "another value"),
+        ({"b@x": "{SHA512-CRYPT}$6$found$hash:5000:5000::/home/b::"}, "key b'b@x'"),
+        ({}, "the end of the map"),
+    ],
+)
+def test_a_mismatch_names_keys_never_a_value(
+    tmp_path: Path, found: dict[str, str], said: str
+) -> None:
+    # The message is logged (publish --interval): a dovecot_users line's value holds the
+    # password hash, of the line expected and of the one found.
+    _render(found, tmp_path / "m", 1, ":")
+    expected = {"a@x": "{SHA512-CRYPT}$6$expected$hash:5000:5000::/home/a::"}
+    delta = changes(expected, {}, "m", ":")
+    with pytest.raises(Mismatch) as caught:
+        splice(tmp_path / "m", len(found), "# h\n", delta, tmp_path / "out", ":", None, None)
+    message = str(caught.value)
+    assert "a@x" in message and said in message
+    assert "$6$" not in message and "/home/" not in message
+
+
 def test_a_manifest_count_the_text_cannot_hold_is_a_mismatch(tmp_path: Path) -> None:
     # The patch's copied lines come from the manifest's count less the lines counted: a count
     # the text cannot hold is refused, not written into a patch.
