@@ -58,6 +58,10 @@ class Problem(NamedTuple):
     ``where``: how the source names the row in its own tables (``alias 'sales@example.com'``),
     set by :func:`check` from :attr:`Snapshot.describe`; None prints mapsync's own
     ``table id=N 'key'``.
+    ``public``: the reason without the value it quotes, where that value is not for every
+    channel that skips the row (a bad home skips the account everywhere, but only a
+    mailstore's ``dovecot_users`` carries homes): what a manifest records (:meth:`note`).
+    The publisher's log and its errors give ``reason``, for the operator.
     """
 
     table: str
@@ -66,6 +70,7 @@ class Problem(NamedTuple):
     reason: str
     field: str | None = None
     where: str | None = None
+    public: str | None = None
 
     @property
     def login(self) -> bool:
@@ -86,6 +91,11 @@ class Problem(NamedTuple):
         if self.table == "sender_grant":  # no id of its own: the row is its account's
             return f"sender_grant of account id={self.row} {key!r}: {self.reason}"
         return f"{self.table} id={self.row} {key!r}: {self.reason}"
+
+    def note(self) -> str:
+        """The problem as every channel skipping the row may read it (a manifest's
+        ``skipped``): as :meth:`__str__`, with ``public`` for the reason where set."""
+        return str(self if self.public is None else self._replace(reason=self.public))
 
 
 @functools.lru_cache(maxsize=65536)  # alias targets and grants repeat a few thousand domains
@@ -498,8 +508,8 @@ def _check(
         ):
             pass  # what _home_problems accepts, tested in C (its per-character test is slow)
         else:
-            for column, problem in _home_problems(home, quota):
-                yield Problem("account", aid, f"{local}@{dom.name}", problem, column)
+            for column, problem, public in _home_problems(home, quota):
+                yield Problem("account", aid, f"{local}@{dom.name}", problem, column, public=public)
         if not local:
             catchall.add(dom.name.lower())  # the catch-all's claim (an account is refused)
         first = claims_of[domain_id].setdefault(local if good else local.lower(), claim)
@@ -837,9 +847,11 @@ def _password_problems(password_hash: str | None) -> Iterator[str]:
 
 def _home_problems(
     home: str | None, quota_bytes: int | None = None
-) -> Iterator[tuple[str | None, str]]:
+) -> Iterator[tuple[str | None, str, str | None]]:
     """The passwd-file's home and quota fields: an absolute home inside no '..', nothing
-    that splits a field; a quota that is a non-negative integer. Yields (field, reason).
+    that splits a field; a quota that is a non-negative integer. Yields (field, reason,
+    the reason without the value where not every channel skipping the row carries it:
+    :attr:`Problem.public`).
 
     A bad quota is the quota rule's problem alone (field ``quota_bytes``: ``--skip-invalid``
     keeps the userdb line without ``userdb_quota_rule``). A bad home is the row's (field
@@ -849,11 +861,13 @@ def _home_problems(
     """
     if quota_bytes is not None and type(quota_bytes) is not int:
         # SQLite: text in an INTEGER column
-        yield "quota_bytes", f"quota_bytes {quota_bytes!r} is not a number"
+        yield "quota_bytes", f"quota_bytes {quota_bytes!r} is not a number", None
     elif quota_bytes is not None and quota_bytes < 0:
-        yield "quota_bytes", f"quota_bytes {quota_bytes} is negative"
+        yield "quota_bytes", f"quota_bytes {quota_bytes} is negative", None
+    # A bad home skips the account in every channel (an MX's too), which must not learn it.
     if home is not None:
         if not home.startswith("/") or ":" in home or any(map(_unprintable, home)):
-            yield None, f"home {home!r} must be an absolute path without ':' or whitespace"
+            why = "must be an absolute path without ':' or whitespace"
+            yield None, f"home {home!r} {why}", f"home {why}"
         elif ".." in home.split("/"):
-            yield None, f"home {home!r} contains '..'"
+            yield None, f"home {home!r} contains '..'", "home contains '..'"

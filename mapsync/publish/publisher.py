@@ -253,7 +253,7 @@ def skipped_note(problems: list[Problem]) -> list[str]:
     no number of invalid rows makes a manifest larger than agents accept."""
     out = []
     for p in problems[:MAX_SKIPPED_LISTED]:
-        line = str(p)
+        line = p.note()  # nothing of the row that not every node pulling it may read
         out.append(line if len(line) <= MAX_SKIPPED_CHARS else line[: MAX_SKIPPED_CHARS - 1] + "…")
     if len(problems) > MAX_SKIPPED_LISTED:
         out.append(

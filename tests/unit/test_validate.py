@@ -20,6 +20,7 @@ from mapsync.config import PublisherChannel
 from mapsync.formats import text
 from mapsync.formats.mapfile import write_map
 from mapsync.maps import CATALOGUE, Directory
+from mapsync.publish.publisher import skipped_note
 from mapsync.snapshot import Account, Alias, Domain, Fingerprint, Mailstore, Snapshot
 from mapsync.validate import (
     GOOD_HOME,
@@ -671,6 +672,19 @@ def test_passwd_file_fields_are_printable(change: dict[str, object], reason: str
     p = only(check(snap))
     assert (p.table, p.row, p.key) == ("account", 2, "alice@example.org")
     assert reason in p.reason
+
+
+@pytest.mark.parametrize("home", ["relative/secret-home", "/var/vmail/a b", "/var/vmail/../x"])
+def test_a_bad_home_is_named_for_the_operator_never_in_a_manifest(home: str) -> None:
+    """A bad home skips the account in every channel, the MX's too: the note every manifest
+    records says what is wrong without the home, which only a mailstore may read."""
+    account = Account(2, 1, "alice", None, "active", HASH, home, None)
+    snap = snapshot(accounts=[POSTMASTER, account])
+    p = only(check(snap))
+    assert p.field is None and repr(home) in str(p)  # the publisher's log and its errors
+    assert p.note().startswith("account id=2 'alice@example.org': home ")
+    assert home not in p.note()
+    assert skipped_note([p]) == [p.note()]
 
 
 # --- property: a host or port that passes the rules fills exactly its own field ----------------
