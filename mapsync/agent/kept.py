@@ -20,7 +20,8 @@ from pathlib import Path
 from stat import S_ISREG
 
 from mapsync.atomic import commit_dir, copy_into, remove_tree
-from mapsync.release import MANIFEST, SIGNATURE, Manifest
+from mapsync.errors import MapsyncError
+from mapsync.release import MANIFEST, SIGNATURE, Manifest, is_secret, parse_manifest
 
 KEPT = "releases"
 
@@ -49,7 +50,8 @@ class KeptReleases:
 
     def keep(self, src: Path, manifest: Manifest, keep: int, installed: int) -> list[int]:
         """Copy release ``manifest.serial`` from ``src`` (verified text, manifest, signature),
-        then drop all but the newest ``keep`` releases (never ``installed``); return those dropped.
+        then drop all but the newest ``keep`` releases (never ``installed``), and any that
+        carries password hashes in a map ``manifest`` no longer has; return those dropped.
         """
         final = self.path(manifest.serial)
         if not final.is_dir():
@@ -68,14 +70,22 @@ class KeptReleases:
             except BaseException:
                 remove_tree(tmp, ignore_errors=True)
                 raise
-        return self.prune(keep, installed)
+        return self.prune(keep, installed, carried=set(manifest.maps))
 
-    def prune(self, keep: int, installed: int) -> list[int]:
+    def prune(self, keep: int, installed: int, *, carried: set[str] | None = None) -> list[int]:
         """Drop all but the newest ``keep`` releases (never ``installed``) and what a killed
-        copy left; close any left readable by others. Return the serials dropped."""
+        copy left; close any left readable by others. Return the serials dropped.
+
+        ``carried``: the maps of the release just installed. A kept release with a map of
+        password hashes not among them is dropped too: the channel no longer carries them
+        (a ``dovecot_users`` once published to an MX by mistake), and no rollback is to bring
+        them back."""
         serials = self.serials()
+        doomed = set(serials[:-keep] if len(serials) > keep else [])
+        if carried is not None:
+            doomed.update(s for s in serials if self._secret_beyond(s, carried))
         dropped = []
-        for serial in serials[:-keep] if len(serials) > keep else []:
+        for serial in sorted(doomed):
             if serial == installed:
                 continue
             remove_tree(self.path(serial))
@@ -86,6 +96,16 @@ class KeptReleases:
         for serial in self.serials():
             _make_private(self.path(serial))
         return dropped
+
+    def _secret_beyond(self, serial: int, carried: set[str]) -> bool:
+        """Whether kept release ``serial`` has a map with password hashes not in ``carried``
+        (one whose manifest does not read is left to the count)."""
+        path = self.path(serial) / MANIFEST
+        try:
+            manifest = parse_manifest(path.read_bytes(), str(path))
+        except (OSError, MapsyncError):
+            return False
+        return any(n not in carried and is_secret(n, m) for n, m in manifest.maps.items())
 
 
 def _copy_private(src: Path, dst: Path) -> None:

@@ -45,6 +45,7 @@ from mapsync.release import (
     Latest,
     Manifest,
     check_manifest_size,
+    is_secret,
     iso,
     manifest_sha256,
     parse_iso,
@@ -368,7 +369,7 @@ class Repository:
             self.channel(manifest.channel) / LATEST,
             Latest(manifest.serial, manifest_sha256(data)).to_bytes(),
         )
-        removed = self.collect_garbage(manifest.channel, keep)
+        removed = self.collect_garbage(manifest.channel, keep, carried=set(manifest.maps))
         _log.info(
             "renewed release" if renewal else "published release",
             channel=manifest.channel,
@@ -405,16 +406,35 @@ class Repository:
         with waiting_lock(lock, wait, busy, create=not self.read_only):
             yield
 
-    def collect_garbage(self, channel: str, keep: int) -> list[int]:
-        """Remove all but the newest ``keep`` releases; never the one LATEST names."""
+    def collect_garbage(
+        self, channel: str, keep: int, *, carried: set[str] | None = None
+    ) -> list[int]:
+        """Remove all but the newest ``keep`` releases; never the one LATEST names.
+
+        ``carried``: the maps of the release LATEST names (the channel's maps now). Any other
+        release holding a map with password hashes that is not among them is removed too,
+        however new: the channel no longer carries those hashes, yet every node it is served
+        to could still fetch them from ``releases/<serial>/`` (a ``dovecot_users`` put into
+        the MX channel by mistake, then taken out)."""
         try:
             latest = self.latest(channel)
         except MapsyncError as exc:
             _log.warning("LATEST unreadable: no release removed", channel=channel, problem=str(exc))
             return []
         serials = self.serials(channel)
+        doomed = set(serials[:-keep] if keep < len(serials) else [])
+        if carried is not None and latest is not None:
+            for serial, maps in self._secrets_left(channel, serials, latest.serial, carried):
+                _log.warning(
+                    "removed a release carrying password hashes the channel no longer "
+                    "carries (its nodes could still fetch them)",
+                    channel=channel,
+                    serial=serial,
+                    maps=",".join(maps),
+                )
+                doomed.add(serial)
         removed = []
-        for serial in serials[:-keep] if keep < len(serials) else []:
+        for serial in sorted(doomed):
             if latest and serial >= latest.serial:
                 continue
             try:
@@ -434,6 +454,22 @@ class Repository:
             removed.append(serial)
         self._prune_patches(channel)
         return removed
+
+    def _secrets_left(
+        self, channel: str, serials: list[int], latest: int, carried: set[str]
+    ) -> Iterator[tuple[int, list[str]]]:
+        """(serial, its maps with password hashes not in ``carried``) of each release before
+        ``latest`` that holds any. A manifest that does not read is left to the count."""
+        for serial in serials:
+            if serial >= latest:
+                continue
+            try:
+                old = self.manifest(channel, serial)
+            except MapsyncError:
+                continue
+            secret = sorted(n for n, m in old.maps.items() if n not in carried and is_secret(n, m))
+            if secret:
+                yield serial, secret
 
     def _prune_patches(self, channel: str) -> None:
         """Remove ``patches/<serial>`` of every release no longer kept (or never committed)."""
