@@ -163,7 +163,9 @@ def diff_releases(releases: Path, channel: str, a: int, b: int) -> list[MapDiff]
         # Which passwd-file field changed: Dovecot's maps; a map of the operator's own with
         # ':' between key and value has no fields mapsync knows.
         passwd = sep == ":" and entry.custom is None
-        secret = is_secret(name, entry)
+        # Secret in either release: a map of the operator's own whose `secret` was since
+        # turned off must not show the values it had while secret (nor the reverse).
+        secret = is_secret(name, ea) or is_secret(name, eb)
         old = text.keyed(releases / str(a) / ea.file, sep) if ea else iter(())
         new = text.keyed(releases / str(b) / eb.file, sep) if eb else iter(())
         for kind, key, old_value, new_value in merge_diff(old, new):

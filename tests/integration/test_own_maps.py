@@ -388,6 +388,23 @@ def test_diff_shows_values_except_in_a_secret_map(cluster: Cluster) -> None:
     assert "relay-pass" not in diff
 
 
+@pytest.mark.parametrize("turned", ["off", "on"])
+def test_diff_shows_no_value_of_a_release_in_which_the_map_was_secret(
+    cluster: Cluster, turned: str
+) -> None:
+    own_tables(cluster.db_url)
+    secret = OWN_MAPS.replace('FROM sasl_passwords"\nsecret = true', 'FROM sasl_passwords"')
+    first, then = (OWN_MAPS, secret) if turned == "off" else (secret, OWN_MAPS)
+    list_own_maps(cluster, ["sasl_passwords"], maps=first)
+    cluster.publish()
+    run_sql(cluster.db_url, "UPDATE sasl_passwords SET credentials = 'relayuser:n3w-relay-pass'")
+    list_own_maps(cluster, ["sasl_passwords"], maps=then)
+    cluster.publish("--force")
+    diff = cluster.cli("diff", "--keys", "1", "2", check=True).stdout
+    assert "  ~ [smtp.relay.example]:587\n" in diff
+    assert "relay-pass" not in diff
+
+
 @pytest.mark.parametrize("key", ["query", "fingerprint"])
 def test_a_second_statement_in_an_own_query_is_refused_before_anything_runs(
     cluster: Cluster, pg_url: str, key: str
