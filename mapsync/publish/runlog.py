@@ -168,14 +168,25 @@ def _stamp(note: dict[str, object], key: str) -> datetime | None:
         return None
 
 
-def _ago(then: datetime | None, now: datetime) -> str:
-    if then is None:
-        return "never"
-    seconds = max(0, int((now - then).total_seconds()))
+# How far in the future a recorded time may lie before status calls it a problem (as on a
+# node, mapsync.agent.status.CLOCK_SKEW): clocks are never exactly in step.
+CLOCK_SKEW = 60
+
+
+def _span(seconds: int) -> str:
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size:
-            return f"{seconds // size}{unit} ago"
-    return f"{seconds}s ago"
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def _ago(then: datetime | None, now: datetime) -> str:
+    """``"5m ago"``, ``"never"``, or ``"5m in the future"``: never a negative age, nor a time
+    to come shown as "0s ago"."""
+    if then is None:
+        return "never"
+    seconds = int((now - then).total_seconds())
+    return f"{_span(-seconds)} in the future" if seconds < 0 else f"{_span(seconds)} ago"
 
 
 def _runs(note: dict[str, object], names: Collection[str]) -> dict[str, _Run]:
@@ -211,7 +222,8 @@ class _Run:
 
 def publisher_status(cfg: PublisherConfig) -> PublisherStatus:
     """OK while publish runs succeed; WARNING when the last run of a channel failed, its
-    pushes failed, or no run of it finished within ``full_check``; CRITICAL when none of a
+    pushes failed, no run of it finished within ``full_check``, or a recorded time lies in
+    the future (a clock stepped back); CRITICAL when none of a
     channel succeeded for half of ``expires`` (its releases then go unrenewed and start to
     expire on the nodes); UNKNOWN before the first run. A run of some channels (``publish
     --channel``) tells nothing of the others: each channel is judged by its own runs."""
@@ -262,6 +274,24 @@ def publisher_status(cfg: PublisherConfig) -> PublisherStatus:
             EXIT_ERROR, f"{scope(stale)}{success}, releases are not being renewed{why}", **fields
         )
     success = f"last successful run {_ago(last_success, now)}"
+    newest_success = max(filter(None, (r.last_success for r in runs.values())), default=None)
+    ahead = [
+        f"the {what} is recorded {_ago(stamp, now)}"
+        for what, stamp in (("last run", last_run), ("last successful run", newest_success))
+        if stamp is not None and (stamp - now).total_seconds() > CLOCK_SKEW
+    ]
+    if ahead:
+        # This host's clock was stepped back since (or was ahead then): until a run records
+        # the time again, no age here means anything: a publisher stopped for a month would
+        # read as one that ran "0s ago".
+        error = errors(failed)
+        why = f"; last run failed: {error}" if error else ""
+        return PublisherStatus(
+            EXIT_WARNING,
+            "; ".join(ahead) + ": this host's clock was stepped back or was ahead when it "
+            f"ran; ages are known again after the next successful run{why}",
+            **fields,
+        )
     if failed:
         when = max(filter(None, (runs[n].last_run for n in failed)), default=None)
         return PublisherStatus(

@@ -67,6 +67,12 @@ def test_runs_are_recorded_and_a_success_clears_the_error(tmp_path: Path) -> Non
             EXIT_ERROR,
             "releases are not being renewed; last run failed: down",
         ),
+        # The clock stepped back since the runs (or it was ahead then): not "0s ago", OK.
+        (-365 * 86400, -365 * 86400, None, EXIT_WARNING, "run is recorded 365d in the future"),
+        (60, -3 * 3600, "down", EXIT_WARNING, "3h in the future: this host's clock was stepped"),
+        (60, -3 * 3600, "down", EXIT_WARNING, "; last run failed: down"),
+        (-2 * 3600, 60, None, EXIT_WARNING, "the last run is recorded 2h in the future"),
+        (-30, -30, None, EXIT_OK, "last successful run 30s in the future"),  # within the skew
     ],
 )
 def test_levels(
