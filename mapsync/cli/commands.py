@@ -477,7 +477,7 @@ def cmd_history(args: argparse.Namespace) -> int:
     result = {}
     for name in names:
         releases, latest, current = _releases(args, name)
-        result[name] = history_of(releases, latest, current)
+        result[name] = history_of(releases, name, latest, current)
     if args.json:
         print(json.dumps({n: [asdict(h) for h in hs] for n, hs in result.items()}, indent=2))
         return EXIT_OK

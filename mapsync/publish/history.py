@@ -11,11 +11,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mapsync import log
-from mapsync.errors import MapsyncError
+from mapsync.errors import MapsyncError, VerificationError
 from mapsync.formats import text
 from mapsync.publish.plan import merge_diff
 from mapsync.publish.repository import Repository, release_serials
-from mapsync.release import MANIFEST, Manifest, is_secret, parse_manifest, separator
+from mapsync.release import (
+    MANIFEST,
+    Manifest,
+    MapEntry,
+    is_secret,
+    parse_manifest,
+    separator,
+)
 
 _log = log.get("history")
 
@@ -41,29 +48,57 @@ def serials_in(releases: Path) -> list[int]:
     return release_serials(releases)
 
 
-def manifest_in(releases: Path, serial: int) -> Manifest:
-    """The parsed manifest of release ``serial`` under ``releases`` (MapsyncError if it is not
-    there)."""
+def manifest_in(releases: Path, serial: int, channel: str) -> Manifest:
+    """The parsed manifest of release ``serial`` of ``channel`` under ``releases``
+    (VerificationError if it cannot be read, or is another release's: a copy put there by
+    hand, another channel's)."""
     path = releases / str(serial) / MANIFEST
     try:
-        return parse_manifest(path.read_bytes(), str(path))
-    except OSError:
-        raise MapsyncError(f"{path}: release {serial} not found") from None
+        m = parse_manifest(path.read_bytes(), str(path))
+    except OSError as exc:
+        raise VerificationError(
+            f"{path}: cannot be read ({exc.strerror}): release {serial} is damaged"
+        ) from None
+    if (m.channel, m.serial) != (channel, serial):
+        raise VerificationError(
+            f"{path}: is release {m.serial} of channel {m.channel!r}, not release {serial} of "
+            f"{channel!r}"
+        )
+    return m
+
+
+def _checked(path: Path, entry: MapEntry) -> Path:
+    """``path``, the text file of map ``entry``, if it has the manifest's sha256 and size
+    (VerificationError naming it if not: a diff would show its content as the release's)."""
+    try:
+        digest, size = text.sha256_file(path)
+    except OSError as exc:
+        raise VerificationError(f"{path}: cannot be read ({exc.strerror})") from None
+    if (digest, size) != (entry.sha256, entry.size):
+        raise VerificationError(
+            f"{path}: sha256 {digest[:16]}… size {size} does not match the manifest "
+            f"({entry.sha256[:16]}… size {entry.size}); the file was altered"
+        )
+    return path
 
 
 def history_of(
-    releases: Path, latest: int | None = None, installed: int | None = None
+    releases: Path, channel: str, latest: int | None = None, installed: int | None = None
 ) -> list[HistoryEntry]:
-    """Every release under ``releases``, oldest first; ``latest`` and ``installed`` mark one.
-    One whose manifest cannot be read is left out, named in a warning: the others are still
-    worth listing (a damaged kept copy on a node, a release half-removed by hand)."""
+    """Every release of ``channel`` under ``releases``, oldest first; ``latest`` and
+    ``installed`` mark one. One whose manifest cannot be read, or is another release's, is
+    left out, named in a warning: the others are still worth listing (a damaged kept copy on
+    a node, a release half-removed or copied by hand)."""
     out = []
     previous = None
     for serial in serials_in(releases):
         try:
-            m = manifest_in(releases, serial)
+            m = manifest_in(releases, serial, channel)
         except MapsyncError as exc:
-            _log.warning("release not listed: its manifest cannot be read", problem=str(exc))
+            _log.warning(
+                "release not listed: its manifest cannot be read or is another release's",
+                problem=str(exc),
+            )
             continue
         changed = [
             name
@@ -89,7 +124,7 @@ def history_of(
 
 def history(repo: Repository, channel: str) -> list[HistoryEntry]:
     """Every kept release of ``channel`` in the publisher's repository, oldest first."""
-    return history_of(repo.releases(channel), latest_or_none(repo, channel))
+    return history_of(repo.releases(channel), channel, latest_or_none(repo, channel))
 
 
 def latest_or_none(repo: Repository, channel: str) -> int | None:
@@ -147,7 +182,7 @@ def diff_releases(releases: Path, channel: str, a: int, b: int) -> list[MapDiff]
             raise MapsyncError(
                 f"channel {channel}: release {serial} is not kept (kept: {', '.join(map(str, kept)) or 'none'})"
             )
-    ma, mb = manifest_in(releases, a), manifest_in(releases, b)
+    ma, mb = manifest_in(releases, a, channel), manifest_in(releases, b, channel)
     out = []
     for name in sorted(set(ma.maps) | set(mb.maps)):
         d = MapDiff(name)
@@ -166,8 +201,8 @@ def diff_releases(releases: Path, channel: str, a: int, b: int) -> list[MapDiff]
         # Secret in either release: a map of the operator's own whose `secret` was since
         # turned off must not show the values it had while secret (nor the reverse).
         secret = is_secret(name, ea) or is_secret(name, eb)
-        old = text.keyed(releases / str(a) / ea.file, sep) if ea else iter(())
-        new = text.keyed(releases / str(b) / eb.file, sep) if eb else iter(())
+        old = text.keyed(_checked(releases / str(a) / ea.file, ea), sep) if ea else iter(())
+        new = text.keyed(_checked(releases / str(b) / eb.file, eb), sep) if eb else iter(())
         for kind, key, old_value, new_value in merge_diff(old, new):
             getattr(d, kind).append(key)
             if kind == "changed" and passwd:

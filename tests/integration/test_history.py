@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 from sqlalchemy import create_engine, delete, insert, select, update
 
@@ -106,3 +107,32 @@ def test_history_on_a_node_lists_the_kept_releases_around_a_damaged_one(
     assert [line.split()[0] for line in p.stdout.splitlines()[1:]] == ["1", "3"]
     assert "release not listed: its manifest cannot be read" in p.stderr
     assert str(kept / "2" / "MANIFEST.json") in p.stderr
+
+
+def test_history_and_diff_never_show_a_release_as_another_or_with_altered_files(
+    cluster: Cluster,
+) -> None:
+    """A kept copy that is another release (copied by hand, another channel's) was listed as
+    the one its directory names (release 1's maps as a "renewal" numbered 2), and diff showed
+    an altered file's lines as the release's: both read the files unchecked."""
+    for local in ("", "kept.two", "kept.three"):
+        if local:
+            add_account(cluster, local)
+        cluster.publish()
+        cluster.pull()
+    kept = cluster.state / "mx" / "releases"
+    shutil.rmtree(kept / "2")
+    shutil.copytree(kept / "1", kept / "2")  # release 1, as if it were 2
+    p = cluster.cli("history", "--agent")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert [line.split()[0] for line in p.stdout.splitlines()[1:]] == ["1", "3"], p.stdout
+    assert "is release 1 of channel 'mx', not release 2 of 'mx'" in p.stderr
+    d = cluster.cli("diff", "--agent", "2", "3")
+    assert d.returncode == 5 and d.stdout == "", d.stdout + d.stderr
+    assert f"mapsync: {kept / '2' / 'MANIFEST.json'}: is release 1 of channel 'mx'" in d.stderr
+
+    recipients = cluster.repo / "mx" / "releases" / "2" / "recipients"
+    recipients.write_text(recipients.read_text() + "injected@example-1.org OK\n")
+    d = cluster.cli("diff", "--keys", "1", "2")
+    assert d.returncode == 5 and "injected" not in d.stdout, d.stdout + d.stderr
+    assert f"mapsync: {recipients}: sha256 " in d.stderr and "the file was altered" in d.stderr
