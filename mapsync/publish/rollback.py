@@ -26,7 +26,7 @@ from mapsync.config import PublisherConfig
 from mapsync.errors import ConfigError, MapsyncError, VerificationError
 from mapsync.publish.plan import ChannelPlan, MapPlan, diff_files
 from mapsync.publish.repository import Repository
-from mapsync.release import Manifest, iso, separator, utcnow
+from mapsync.release import Manifest, MapEntry, iso, separator, utcnow
 from mapsync.release.verify import check_map_files, verify_release
 from mapsync.signing import key_id, load_private
 
@@ -118,7 +118,7 @@ def republish(cfg: PublisherConfig, channel: str, serial: int) -> ChannelPlan:
                 expires=iso(now + timedelta(seconds=cfg.expires)),
                 generator=GENERATOR,
                 source={**old.source, "rollback_of": str(serial)},
-                maps={n: replace(e, forced=False) for n, e in carried.items()},
+                maps={n: _as_configured(cfg, n, e) for n, e in carried.items()},
                 skipped=list(old.skipped),
                 dropped=sorted(set(last.maps) - set(carried)),
             )
@@ -131,3 +131,15 @@ def republish(cfg: PublisherConfig, channel: str, serial: int) -> ChannelPlan:
             previous=last.serial,
         )
         return plan
+
+
+def _as_configured(cfg: PublisherConfig, name: str, entry: MapEntry) -> MapEntry:
+    """Map ``name`` of the old release as the new one carries it: its content as it was (a
+    map of the operator's own keeps the separator its lines are split at), handled as the
+    config says now. A map marked ``secret`` since that release is secret in the new one
+    too, or the nodes would install it world-readable again (0644, not 0640)."""
+    own = cfg.maps.get(name)
+    custom = entry.custom
+    if custom is not None and own is not None:
+        custom = replace(custom, secret=own.secret)
+    return replace(entry, forced=False, custom=custom)

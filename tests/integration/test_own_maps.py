@@ -405,6 +405,30 @@ def test_diff_shows_no_value_of_a_release_in_which_the_map_was_secret(
     assert "relay-pass" not in diff
 
 
+def test_rollback_publisher_handles_an_own_map_as_secret_when_it_is_secret_now(
+    cluster: Cluster,
+) -> None:
+    # The credentials were first published without `secret` (installed 0644 on the nodes);
+    # the operator marks the map secret. Re-publishing the release from before must not
+    # bring back the old handling: the new release is secret, the node installs it 0640.
+    own_tables(cluster.db_url)
+    public = OWN_MAPS.replace("secret = true\n", "")
+    list_own_maps(cluster, ["sasl_passwords"], maps=public)
+    cluster.publish()
+    cluster.pull()
+    assert stat.S_IMODE(os.stat(cluster.target / "sasl_passwords").st_mode) == 0o644
+    list_own_maps(cluster, ["sasl_passwords"])
+    cluster.publish()
+    assert manifest(cluster, "mx", 2)["maps"]["sasl_passwords"]["custom"]["secret"] is True
+
+    cluster.cli("rollback", "--publisher", "1", check=True)
+
+    assert manifest(cluster, "mx", 3)["maps"]["sasl_passwords"]["custom"]["secret"] is True
+    cluster.pull()
+    for name in ("sasl_passwords", "sasl_passwords.cdb"):
+        assert stat.S_IMODE(os.stat(cluster.target / name).st_mode) == 0o640, name
+
+
 @pytest.mark.parametrize("key", ["query", "fingerprint"])
 def test_a_second_statement_in_an_own_query_is_refused_before_anything_runs(
     cluster: Cluster, pg_url: str, key: str
