@@ -14,6 +14,8 @@ from typing import Any
 # (level, format) given to configure() and not yet applied to structlog, which is not yet
 # imported; applied by _apply() on the first log line at or above ``level``.
 _pending: tuple[int, str] | None = None
+# The format configure() was given: whether log lines are JSON (see is_json).
+_json = False
 # Method → level, for dropping a line below the pending level without importing structlog.
 _LEVELS = {
     "debug": logging.DEBUG,
@@ -29,10 +31,17 @@ _LEVELS = {
 def configure(level: int = logging.INFO, fmt: str = "console") -> None:
     """Send structured log events to stderr at ``level`` as ``console`` or ``json`` (applied
     to structlog at once if it is imported already, else with the first line logged)."""
-    global _pending
+    global _pending, _json
     _pending = (level, fmt)
+    _json = fmt == "json"
     if "structlog" in sys.modules:
         ensure()
+
+
+def is_json() -> bool:
+    """Whether log lines go out as JSON (``--log-format json``, the default under systemd):
+    then whatever a command tells on standard error must be a log line too."""
+    return _json
 
 
 def ensure() -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mapsync import config
-from mapsync.cli.output import print_plan, print_push
+from mapsync.cli.output import print_plan, print_push, report_error
 from mapsync.errors import (
     EXIT_OK,
     EXIT_WARNING,
@@ -269,7 +269,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
                 if msg.startswith((f"channel {ch.name}:", f"channel {ch.name} ("))
                 else f"channel {ch.name}: "
             )
-            print(f"mapsync: {prefix}{msg}", file=sys.stderr)
+            report_error(prefix + msg, type(exc).__name__, channel=ch.name, exit=exc.exit_code)
             worst = max(worst, exc.exit_code)
             continue
         if r.repaired:
@@ -364,7 +364,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             write_prometheus(Path(args.prometheus), statuses)
         except MetricsNotWritten as exc:
             # The metrics are a side output: the channels' own result stays what Nagios sees.
-            print(f"mapsync: {exc}; the metrics were not written", file=sys.stderr)
+            report_error(f"{exc}; the metrics were not written", type(exc).__name__)
     if args.json:
         print(
             json.dumps(
@@ -392,7 +392,7 @@ def _publisher_status(args: argparse.Namespace, pub: config.PublisherConfig) -> 
         try:
             write_textfile(Path(args.prometheus), publisher_metrics(pub, st))
         except MetricsNotWritten as exc:
-            print(f"mapsync: {exc}; the metrics were not written", file=sys.stderr)
+            report_error(f"{exc}; the metrics were not written", type(exc).__name__)
     if args.json:
         print(json.dumps({"status": LEVELS[st.code], "exit": st.code, **asdict(st)}, indent=2))
     else:
@@ -416,7 +416,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
             serial = verify_installed(agent, ch)
         except MapsyncError as exc:
             # Each channel is checked (and repaired) whatever became of the others.
-            print(f"mapsync: {exc}", file=sys.stderr)
+            report_error(str(exc), type(exc).__name__, channel=ch.name, exit=exc.exit_code)
             worst = max(worst, exc.exit_code)
             continue
         print(f"{ch.name}: serial {serial} verified (signature and every file)")

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from mapsync import __version__, log, signals
 from mapsync.access import denied, is_denied
+from mapsync.cli.output import printable, report_error
 from mapsync.errors import EXIT_CODES, EXIT_ERROR, MapsyncError
 
 _EPILOG = (
@@ -374,16 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _printable(text: str) -> str:
-    """A path's undecodable bytes (a directory name that is not UTF-8) as ``\\xff``."""
-    try:
-        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    except UnicodeEncodeError:  # a surrogate that no byte decoded to
-        return text.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
 def _unexpected(exc: Exception, fmt: str, verbose: bool) -> None:
-    lines = [line.strip() for line in _printable(str(exc)).splitlines() if line.strip()]
+    lines = [line.strip() for line in printable(str(exc)).splitlines() if line.strip()]
     what = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
     hint = "" if verbose else " (run with -v for the traceback)"
     if fmt == "json":
@@ -426,10 +419,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = exc.exit_code if isinstance(exc, MapsyncError) else EXIT_ERROR
         if isinstance(exc, OSError) and is_denied(exc) and exc.filename:
             exc = MapsyncError(denied(os.fsdecode(exc.filename)))
-        if fmt == "json":
-            log.get("cli").error(_printable(str(exc)), error=type(exc).__name__, exit=code)
-        else:
-            print(f"mapsync: {_printable(str(exc))}", file=sys.stderr)
+        report_error(str(exc), type(exc).__name__, exit=code)
         return code
     except KeyboardInterrupt:
         return 128 + signal.SIGINT

@@ -1,14 +1,36 @@
 """What publish, rollback, mirror and demo print: the plan of a run, what its pushes did, what a
-mirror copied."""
+mirror copied; and how any command tells an error on standard error."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import sys
+from typing import TYPE_CHECKING, Any
+
+from mapsync import log
 
 if TYPE_CHECKING:
     from mapsync.mirror import Mirrored
     from mapsync.publish.plan import PublishResult
     from mapsync.publish.push import Push
+
+
+def printable(text: str) -> str:
+    """A path's undecodable bytes (a directory name that is not UTF-8) as ``\\xff``."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that no byte decoded to
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def report_error(message: str, error: str, **fields: Any) -> None:
+    """An error on standard error: ``mapsync: MESSAGE`` for people, or with ``--log-format
+    json`` one JSON log line (``error``: its class; ``fields``: ``exit``, ``channel``, ...),
+    so that a reader of the journal's JSON finds no line that is not JSON: the error that
+    ends a command, and those of one channel of several that the command goes on past."""
+    if log.is_json():
+        log.get("cli").error(printable(message), error=error, **fields)
+    else:
+        print(f"mapsync: {printable(message)}", file=sys.stderr)
 
 
 def print_plan(result: PublishResult) -> None:
