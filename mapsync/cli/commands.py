@@ -277,9 +277,15 @@ def cmd_pull(args: argparse.Namespace) -> int:
         if r.action == "current":
             print(f"{ch.name}: serial {r.serial} is current")
         elif r.action == "pinned":
+            # Pinned to LATEST itself (`rollback` forward again to it): nothing is held back.
+            latest = (
+                "LATEST names it too"
+                if r.latest == r.serial
+                else f"LATEST is {r.latest}, not installed"
+            )
             print(
-                f"{ch.name}: pinned to serial {r.serial} by rollback; LATEST is {r.latest}, "
-                "not installed (`mapsync pull --unpin` follows the publisher again)"
+                f"{ch.name}: pinned to serial {r.serial} by rollback; {latest} "
+                "(`mapsync pull --unpin` follows the publisher again)"
             )
         elif r.action == "renewed":
             print(f"{ch.name}: serial {r.serial} renews {r.previous} (same maps, no swap)")

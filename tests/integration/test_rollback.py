@@ -190,6 +190,13 @@ def test_rollback_to_a_named_serial(three: Cluster) -> None:
     three.cli("rollback", "2", check=True)
     assert lookup(three, SECOND) == "OK" and lookup(three, THIRD) is None
     assert read_state(three)["pinned"] == 2
+    # And to LATEST itself: still pinned, but no pull may say LATEST is not installed.
+    three.cli("rollback", "3", check=True)
+    p = three.pull()
+    assert p.stdout == (
+        "mx: pinned to serial 3 by rollback; LATEST names it too "
+        "(`mapsync pull --unpin` follows the publisher again)\n"
+    ), p.stdout
 
 
 def test_a_reload_that_fails_after_a_rollback_is_reported_with_what_it_said(
