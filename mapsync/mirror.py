@@ -10,7 +10,7 @@ Per channel, one run:
 1. reads SOURCE's ``LATEST`` (at most 4 KiB). Lower than DEST's: refused (exit 5), DEST
    untouched. Equal: nothing is fetched (a quick local check that the release it names is
    whole, repaired from SOURCE when not).
-2. copies each wanted release DEST lacks (the one LATEST names first): its manifest and
+2. copies the release LATEST names, if DEST lacks it: its manifest and
    signature (at most 1 MiB; the manifest must be the one LATEST names, and with trusted
    keys its signature is verified), then exactly the files the manifest names, delta-encoded
    against the nearest release DEST has (``--link-dest``: unchanged maps are hard links), into
@@ -19,7 +19,10 @@ Per channel, one run:
    visible.
 3. checks the release LATEST names once more where it now lies, then writes ``LATEST``
    (temp file, fsync, rename, fsync of the directory): never one that names missing files.
-4. prunes, after that, the releases no longer wanted: those SOURCE no longer has, or with
+4. copies, the same way, the older wanted releases DEST lacks (after ``LATEST``: they must
+   not delay it, nor take the space it needs); one that fails is a warning, and leaves
+   nothing in staging.
+5. prunes, after that, the releases no longer wanted: those SOURCE no longer has, or with
    ``keep`` all but the newest ``keep``; never the one LATEST names.
 
 The whole run holds ``DEST/.lock``. An error in one channel leaves that channel's DEST as
@@ -233,21 +236,30 @@ class _Channel:
         problem = self._damage(latest)
         if problem is not None:  # never a LATEST that names what is not here, whole
             raise VerificationError(f"{problem}; {LATEST} not moved")
+        # LATEST before the older releases: it is what nodes fetch, and the older copies must
+        # neither delay it nor take the space it needs (a disk nearly full).
+        try:
+            atomic_write(self.home / LATEST, latest.to_bytes(), FILE_MODE)
+        except OSError as exc:
+            raise MapsyncError(
+                f"{self.home / LATEST}: not written ({exc.strerror}); it still names serial "
+                f"{previous}, and release {latest.serial} is here whole for the next run"
+            ) from None
+        _log.info("LATEST moved", channel=self.name, serial=latest.serial, was=previous)
         for serial in sorted(wanted - set(here), reverse=True):
             try:
                 self._copy(serial, None, here)
-            except MapsyncError as exc:
+            except (MapsyncError, OSError) as exc:
                 # Not what nodes fetch (they fetch what LATEST names): a warning, retried when
                 # LATEST next moves.
+                problem = _described(exc)
                 _log.warning(
-                    "older release not mirrored", channel=self.name, serial=serial, problem=str(exc)
+                    "older release not mirrored", channel=self.name, serial=serial, problem=problem
                 )
-                done.skipped[serial] = str(exc)
+                done.skipped[serial] = problem
                 continue
             done.copied.append(serial)
             here.append(serial)
-        atomic_write(self.home / LATEST, latest.to_bytes(), FILE_MODE)
-        _log.info("LATEST moved", channel=self.name, serial=latest.serial, was=previous)
         done.pruned = self._prune(latest.serial, wanted)
         done.bytes = self.moved
         return done
@@ -346,7 +358,16 @@ class _Channel:
     # -- copies ------------------------------------------------------------------------------
 
     def _copy(self, serial: int, latest: Latest | None, here: list[int]) -> None:
-        """Copy release ``serial`` into staging, check it, rename it into ``releases/``."""
+        """Copy release ``serial`` into staging, check it, rename it into ``releases/``. A
+        copy that fails leaves nothing in staging: what it had written would take the space
+        the next copies (and ``LATEST``) need."""
+        try:
+            self._copy_release(serial, latest, here)
+        finally:
+            for left in (self.work / str(serial), self.work / f"{serial}.patches"):
+                remove_tree(left, ignore_errors=True)
+
+    def _copy_release(self, serial: int, latest: Latest | None, here: list[int]) -> None:
         name = f"{self.name}/{release_dir(serial)}"
         where = f"{self.m.source}/{name}"
         staging = self.work / str(serial)
@@ -571,6 +592,13 @@ class _Channel:
             os.rename(path, self.work / f"old-{serial}")
 
 
+def _described(exc: BaseException) -> str:
+    """``exc`` in words, an OSError with the path it concerns (not a bare "[Errno 28]")."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+    return str(exc)
+
+
 def _extra_files(directory: Path, manifest: Manifest, where: str) -> str | None:
     """The files in ``directory`` besides the manifest's, its signature and the maps it names
     (a node refuses the release for any), said; None when there are none."""
@@ -592,7 +620,7 @@ def mirror_channels(
             except MapsyncError as exc:
                 failed.append((name, exc))
             except OSError as exc:
-                failed.append((name, MapsyncError(f"{mirror.dest / name}: {exc}")))
+                failed.append((name, MapsyncError(f"{mirror.dest / name}: {_described(exc)}")))
     return done, failed
 
 

@@ -28,6 +28,7 @@ from tests.helpers.agent import (
     set_dirs,
     tree_snapshot,
 )
+from tests.helpers.disk import fill, tmpfs_mounts
 
 MAPS = ("domains", "recipients", "virtual", "transport")
 
@@ -292,39 +293,8 @@ def test_a_killed_run_still_owes_its_reload_hook(cluster: Cluster) -> None:
 
 @pytest.fixture
 def tmpfs() -> Iterator[Callable[[Path, str], None]]:
-    """Mount a small tmpfs on a directory (needs root and mount permission; skipped otherwise)."""
-    mounted: list[Path] = []
-
-    def mount(path: Path, size: str) -> None:
-        path.mkdir(parents=True, exist_ok=True)
-        p = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(path)],
-            capture_output=True,
-            text=True,
-        )
-        if p.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here ({p.stderr.strip()}): full-disk test not run")
-        mounted.append(path)
-
-    try:
+    with tmpfs_mounts() as mount:
         yield mount
-    finally:
-        for path in mounted:
-            if subprocess.run(["umount", str(path)], check=False).returncode != 0:
-                subprocess.run(["umount", "-l", str(path)], check=False)
-
-
-def _fill(path: Path) -> int:
-    """Write ``path`` until its file system is full; return the bytes written."""
-    chunk = b"\0" * 4096
-    written = 0
-    with open(path, "wb", buffering=0) as fh:
-        try:
-            while True:
-                written += fh.write(chunk)
-        except OSError:
-            pass
-    return written
 
 
 @pytest.mark.parametrize("headroom", [0, 8, 20], ids=lambda k: f"{k}k-free")
@@ -338,7 +308,7 @@ def test_a_full_disk_keeps_the_old_set_serving(
     assert lookup(c, "postmaster@example-1.org") == "OK"
 
     filler = c.target / "filler"
-    written = _fill(filler)
+    written = fill(filler)
     os.truncate(filler, written - headroom * 1024)  # room for a few files of the new set
     print(f"\n[disk] filled the 512k tmpfs with {written:,} bytes, then freed {headroom}k")
     add_account(c, "zz-full")

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -28,6 +28,7 @@ from mapsync.release import MANIFEST, MANIFEST_PATCH, SIGNATURE
 from mapsync.signing import keygen, load_private, sign
 from tests.conftest import Cluster
 from tests.helpers.agent import add_account, lookup, tree_snapshot
+from tests.helpers.disk import fill, tmpfs_mounts
 from tests.helpers.processes import started, wait_for_children
 from tests.helpers.rsyncd import documented_rsyncd_conf, serving
 from tests.helpers.transport import RsyncDaemon, SilentListener, sshd
@@ -609,3 +610,37 @@ def test_sigterm_while_rsync_waits_on_the_source_ends_it_and_leaves_dest_as_it_w
     assert took < 5
     assert not (dest / "mx" / ".staging").exists()
     assert tree_snapshot(dest) == before
+
+
+@pytest.fixture
+def tmpfs() -> Iterator[Callable[[Path, str], None]]:
+    with tmpfs_mounts() as mount:
+        yield mount
+
+
+@pytest.mark.parametrize("headroom", [40, 64], ids=lambda k: f"{k}k-free")
+def test_a_disk_nearly_full_still_moves_latest_to_the_release_copied(
+    cluster: Cluster, tmp_path: Path, tmpfs: Callable[[Path, str], None], headroom: int
+) -> None:
+    """Room for the new release, not for the older ones SOURCE also has: the older copies
+    came before LATEST and each failed one left its partial files in staging, so LATEST
+    could not be written (ENOSPC) and the mirror never served the release it had copied,
+    run after run, each adding one more."""
+    cluster.publish()
+    dest = tmp_path / "mirror"
+    tmpfs(dest, "512k")
+    assert mirror(cluster, cluster.repo, dest).returncode == 0
+    publish_new(cluster, 5)  # serials 2..6: the mirror lacks five
+    filler = dest / "filler"
+    os.truncate(filler, fill(filler) - headroom * 1024)
+    p = mirror(cluster, cluster.repo, dest)
+    assert "mx: serial 6 mirrored (was 1)" in p.stdout, p.stdout + p.stderr
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert latest(dest / "mx")["serial"] == 6
+    assert "older release 2 not copied" in p.stdout and "No space left on device" in p.stdout
+    assert not (dest / "mx" / ".staging").exists()
+    (dest / "filler").unlink()
+    publish_new(cluster, 1)  # the older ones are copied when LATEST next moves
+    p = mirror(cluster, cluster.repo, dest)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert releases(dest / "mx") == [1, 2, 3, 4, 5, 6, 7]
