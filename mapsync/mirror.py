@@ -9,7 +9,7 @@ Per channel, one run:
 
 1. reads SOURCE's ``LATEST`` (at most 4 KiB). Lower than DEST's: refused (exit 5), DEST
    untouched. Equal: nothing is fetched (a quick local check that the release it names is
-   whole, repaired from SOURCE when not).
+   whole, its signature verified with trusted keys, repaired from SOURCE when not).
 2. copies the release LATEST names, if DEST lacks it: its manifest and
    signature (at most 1 MiB; the manifest must be the one LATEST names, and with trusted
    keys its signature is verified), then exactly the files the manifest names, delta-encoded
@@ -552,18 +552,17 @@ class _Channel:
         return self._check_files(directory, manifest, where)
 
     def _damage(self, latest: Latest) -> str | None:
-        """A quick look at the release DEST's LATEST names: its manifest is the one named,
-        every file it names is there with its size, and no other file is there (a node
+        """A quick look at the release DEST's LATEST names: its manifest is the one named
+        (with trusted keys, its signature verified: one check, and a signature damaged here
+        is refused by every node), every file it names is there with its size, and no other
+        file is there (a node
         refuses a release holding one). A map newer than the manifest (edited in place, its
         size kept? the publisher writes the maps first and the copies keep its times, but an
         unchanged map keeps its first release's time, and a clock may have been ahead then)
         has every file hashed (:meth:`_verify_here`). What is wrong, or None."""
         directory = self.home / release_dir(latest.serial)
         try:
-            data = (directory / MANIFEST).read_bytes()
-            if manifest_sha256(data) != latest.manifest_sha256:
-                return f"{directory / MANIFEST}: not the manifest {LATEST} names"
-            manifest = parse_manifest(data, str(directory / MANIFEST))
+            manifest = self._manifest(directory, latest.serial, latest, str(directory))
             signed = (directory / MANIFEST).stat().st_mtime_ns
             newer = False
             for m in manifest.maps.values():
@@ -571,7 +570,6 @@ class _Channel:
                 if st.st_size != m.size:
                     return f"{directory / m.file}: size differs from the manifest's"
                 newer = newer or st.st_mtime_ns > signed
-            (directory / SIGNATURE).stat()
             extra = _extra_files(directory, manifest, str(directory))
             if extra:
                 return extra

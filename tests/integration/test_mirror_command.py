@@ -524,6 +524,29 @@ def test_a_served_release_a_node_would_refuse_is_copied_again(
     assert mirror(cluster, cluster.repo, dest).stdout == "mx: serial 1 is current\n"
 
 
+def test_with_trusted_keys_a_signature_damaged_on_the_mirror_is_copied_again(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """The quick check of the served release only looked for the signature file: one damaged
+    on the mirror's disk kept "serial 1 is current" while every node refused the release
+    ("signature file is not base64") and went to the next source."""
+    trusted = str(cluster.root / "keys" / "signing.pub")
+    cluster.publish()
+    dest = tmp_path / "mirror"
+    assert mirror(cluster, cluster.repo, dest, "--trusted-key", trusted).returncode == 0
+    sig = dest / "mx" / "releases" / "1" / SIGNATURE
+    data = bytearray(sig.read_bytes())
+    data[10] ^= 0x01
+    sig.write_bytes(bytes(data))
+    p = mirror(cluster, cluster.repo, dest, "--trusted-key", trusted)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "mx: serial 1 mirrored (was 1), copied release 1" in p.stdout, p.stdout
+    assert "the copy here was damaged and is replaced" in p.stdout
+    assert sig.read_bytes() == (cluster.repo / "mx" / "releases" / "1" / SIGNATURE).read_bytes()
+    p = mirror(cluster, cluster.repo, dest, "--trusted-key", trusted)
+    assert p.stdout == "mx: serial 1 is current\n"
+
+
 def test_a_map_older_releases_left_newer_than_the_manifest_is_hashed_not_refused(
     cluster: Cluster, tmp_path: Path
 ) -> None:
