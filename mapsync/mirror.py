@@ -87,6 +87,10 @@ class Mirrored:
     skipped: dict[int, str] = field(default_factory=dict)  # older releases not copied: why
     bytes: int = 0  # on the wire, both ways
     repaired: str | None = None  # DEST's copy of LATEST's release was damaged: what was wrong
+    # A full check (--verify): older releases, and patches, found damaged here: what was
+    # wrong, and what was done ("copied again", "removed")
+    damaged: dict[str, str] = field(default_factory=dict)
+    checked: int = 0  # releases a full check hashed
 
 
 class Mirror:
@@ -159,8 +163,9 @@ class Mirror:
             raise MapsyncError(f"{self.source}: no channel directory to mirror")
         return names
 
-    def channel(self, name: str) -> Mirrored:
-        """Bring channel ``name`` of DEST up to SOURCE's (see the module); raise on refusal."""
+    def channel(self, name: str, *, full: bool = False) -> Mirrored:
+        """Bring channel ``name`` of DEST up to SOURCE's (see the module); raise on refusal.
+        ``full``: first hash every file of every release DEST serves (:meth:`_Channel.check`)."""
         if not CHANNEL_NAME.match(name):
             raise ConfigError(f"mirror --channel {name!r}: not a channel name")
         home = self.dest / name
@@ -169,7 +174,7 @@ class Mirror:
         remove_tree(work, ignore_errors=True)  # what a killed run left (DEST's lock is ours)
         work.mkdir(mode=0o700)
         try:
-            return _Channel(self, name, home, work).run()
+            return _Channel(self, name, home, work).run(full)
         finally:
             remove_tree(work, ignore_errors=True)
 
@@ -185,11 +190,28 @@ class _Channel:
         self.work = work
         self.where = f"{mirror.source}/{name}"
         self.moved = 0
+        self.hashed: dict[tuple[int, int], tuple[str, int]] = {}  # inode → sha256, size
 
-    def run(self) -> Mirrored:
+    def run(self, full: bool = False) -> Mirrored:
         latest = self._source_latest()
         have = self._dest_latest()
         previous = have.serial if have else None
+        damaged: dict[str, str] = {}
+        set_aside: list[int] = []
+        checked = 0
+        if full and (have is None or latest.serial >= have.serial):
+            checked, set_aside, damaged = self.check(have)
+        done = self._run(latest, have, previous)
+        if have is not None and have.serial in set_aside and done.repaired is not None:
+            # The release LATEST names, copied again as the quick check has it, and said so.
+            set_aside.remove(have.serial)
+            done.repaired = damaged.pop(f"release {have.serial}")
+        if set_aside:
+            self._copy_again(latest, set_aside, damaged, done)
+        done.damaged, done.checked = damaged, checked
+        return done
+
+    def _run(self, latest: Latest, have: Latest | None, previous: int | None) -> Mirrored:
         if have is not None and latest.serial < have.serial:
             raise VerificationError(
                 f"{self.where}/{LATEST}: serial {latest.serial} is lower than {have.serial}, "
@@ -551,6 +573,150 @@ class _Channel:
             return str(exc)
         return self._check_files(directory, manifest, where)
 
+    # -- the full check (--verify) -------------------------------------------------------------
+
+    def check(self, have: Latest | None) -> tuple[int, list[int], dict[str, str]]:
+        """Hash every file of every release here against its manifest (with trusted keys,
+        each signature verified too), and the patches beside each. A damaged release is set
+        aside (copied again from SOURCE after the run's copies: LATEST's at once, as the quick
+        check does); damaged patches are removed (nodes then fetch the text) and copied again.
+        A file hard-linked into several releases is hashed once. (releases checked, serials
+        set aside, what was damaged: release or patches → problem)."""
+        damaged: dict[str, str] = {}
+        set_aside: list[int] = []
+        serials = self._dest_serials()
+        for serial in serials:
+            directory = self.home / release_dir(serial)
+            latest = have if have is not None and have.serial == serial else None
+            try:
+                manifest = self._manifest(directory, serial, latest, str(directory))
+                problem = _extra_files(directory, manifest, str(directory)) or self._hash_files(
+                    directory, manifest
+                )
+            except (OSError, MapsyncError) as exc:
+                problem = _described(exc)
+            if problem is not None:
+                damaged[f"release {serial}"] = problem
+                set_aside.append(serial)  # LATEST's: the quick check that follows finds it gone
+                self._set_aside(serial, "full check: release damaged here", problem)
+                continue
+            problem = self._check_patches(serial, manifest)
+            if problem is not None:
+                damaged[f"patches {serial}"] = problem
+                _log.warning(
+                    "full check: patches damaged here, removed",
+                    channel=self.name,
+                    serial=serial,
+                    problem=problem,
+                )
+                remove_tree(self.home / patch_dir(serial), ignore_errors=True)
+                self._refetch_patches(serial, manifest, damaged)
+        _log.info("full check done", channel=self.name, releases=len(serials), damaged=len(damaged))
+        return len(serials), set_aside, damaged
+
+    def _hash_files(self, directory: Path, manifest: Manifest) -> str | None:
+        """What differs between the maps in ``directory`` and ``manifest`` (None: nothing)."""
+        for name, m in sorted(manifest.maps.items()):
+            path = directory / m.file
+            if not path.is_file() or path.is_symlink():
+                return f"{path}: missing or not a regular file (map {name})"
+            got = self._sha256(path)
+            if got != (m.sha256, m.size):
+                return (
+                    f"{path}: sha256 {got[0][:16]}… size {got[1]} does not match the manifest "
+                    f"({m.sha256[:16]}… size {m.size}); the file was altered"
+                )
+        return None
+
+    def _sha256(self, path: Path) -> tuple[str, int]:
+        st = path.stat()
+        key = (st.st_dev, st.st_ino)
+        if key not in self.hashed:
+            self.hashed[key] = text.sha256_file(path)
+        return self.hashed[key]
+
+    def _check_patches(self, serial: int, manifest: Manifest) -> str | None:
+        """What is wrong with ``patches/<serial>/`` here (None: nothing, or none here): each
+        patch the manifest names, if there, with its sha256 and size; nothing else but the
+        manifest's own patch."""
+        directory = self.home / patch_dir(serial)
+        try:
+            names = set(os.listdir(directory))
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            return _described(exc)
+        wanted = {p.file: p for p in manifest.patches.values()}
+        extra = sorted(names - set(wanted) - {MANIFEST_PATCH})
+        if extra:
+            return f"{directory}: file(s) the manifest does not name: {', '.join(extra)}"
+        for name in sorted(names & set(wanted)):
+            path = directory / name
+            try:
+                got = self._sha256(path) if path.is_file() and not path.is_symlink() else None
+            except OSError as exc:
+                return _described(exc)
+            if got != (wanted[name].sha256, wanted[name].size):
+                return f"{path}: sha256 or size differ from the manifest's; the patch was altered"
+        if MANIFEST_PATCH in names:
+            previous = self._previous_manifest(manifest)
+            if previous is None:
+                return None  # nothing here to prove it on; nodes check it against their own
+            from mapsync.release.manifest_patch import apply_manifest_patch
+
+            path = directory / MANIFEST_PATCH
+            try:
+                data = (self.home / release_dir(serial) / MANIFEST).read_bytes()
+                if apply_manifest_patch(previous, path.read_bytes(), str(path)) != data:
+                    return f"{path}: does not give the release's manifest"
+            except (OSError, VerificationError) as exc:
+                return _described(exc)
+        return None
+
+    def _refetch_patches(self, serial: int, manifest: Manifest, damaged: dict[str, str]) -> None:
+        key = f"patches {serial}"
+        try:
+            data = (self.home / release_dir(serial) / MANIFEST).read_bytes()
+            self._copy_patches(serial, manifest, data, self._previous_manifest(manifest))
+        except (OSError, MapsyncError) as exc:
+            damaged[key] += f"; removed, not copied again: {_described(exc)}"
+            return
+        finally:
+            remove_tree(self.work / f"{serial}.patches", ignore_errors=True)
+        if (self.home / patch_dir(serial)).is_dir():
+            damaged[key] += "; copied again"
+        else:
+            damaged[key] += "; removed (SOURCE has none whole: nodes fetch the text)"
+
+    def _copy_again(
+        self, latest: Latest, serials: list[int], damaged: dict[str, str], done: Mirrored
+    ) -> None:
+        """Copy the older releases a full check set aside again, those SOURCE still has."""
+        try:
+            offered = set(self._source_serials(latest))
+        except MapsyncError as exc:
+            offered = set()
+            why = f"not copied again: {' '.join(str(exc).split())}"
+        else:
+            why = "removed (SOURCE no longer has it)"
+        here = self._dest_serials()
+        for serial in sorted(serials, reverse=True):
+            key = f"release {serial}"
+            if serial in here:  # copied by the run (LATEST moved and wanted it)
+                damaged[key] += "; copied again"
+                continue
+            if serial not in offered:
+                damaged[key] += f"; {why}"
+                continue
+            try:
+                self._copy(serial, None, here)
+            except (MapsyncError, OSError) as exc:
+                damaged[key] += f"; removed, not copied again: {_described(exc)}"
+                continue
+            here.append(serial)
+            done.copied.append(serial)
+            damaged[key] += "; copied again"
+
     def _damage(self, latest: Latest) -> str | None:
         """A quick look at the release DEST's LATEST names: its manifest is the one named
         (with trusted keys, its signature verified: one check, and a signature damaged here
@@ -605,16 +771,17 @@ def _extra_files(directory: Path, manifest: Manifest, where: str) -> str | None:
 
 
 def mirror_channels(
-    mirror: Mirror, names: list[str] | None
+    mirror: Mirror, names: list[str] | None, *, full: bool = False
 ) -> tuple[list[Mirrored], list[tuple[str, MapsyncError]]]:
     """One pass over ``names`` (default: every channel SOURCE serves), under DEST's lock:
-    what was done per channel, and each channel's error (the others go on)."""
+    what was done per channel, and each channel's error (the others go on). ``full``: each
+    channel's releases are hashed first (``--verify``)."""
     done: list[Mirrored] = []
     failed: list[tuple[str, MapsyncError]] = []
     with mirror.locked():
         for name in names or mirror.channels():
             try:
-                done.append(mirror.channel(name))
+                done.append(mirror.channel(name, full=full))
             except MapsyncError as exc:
                 failed.append((name, exc))
             except OSError as exc:

@@ -6,6 +6,7 @@ import argparse
 import json
 import shlex
 import sys
+import time
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -332,9 +333,20 @@ def cmd_mirror(args: argparse.Namespace) -> int:
         ssh=tuple(shlex.split(args.ssh)) if args.ssh else DEFAULT_SSH,
     )
 
+    if args.full_check is not None and args.interval is None:
+        raise ConfigError("mirror --full-check: only with --interval (one run: --verify)")
+    full_check = 3600 if args.full_check is None else args.full_check
+    if full_check < 0:
+        raise ConfigError(f"mirror --full-check: must be 0 (never) or more, not {full_check}")
+    last_full: list[float] = []  # when the loop's last full check started
+
     def once(loop: bool = False) -> int:
-        done, failed = mirror_channels(m, args.channel)
-        print_mirrored([d for d in done if not loop or d.action != "current"])
+        full = args.verify
+        if loop and full_check and (not last_full or time.monotonic() - last_full[0] >= full_check):
+            full = True
+            last_full[:] = [time.monotonic()]
+        done, failed = mirror_channels(m, args.channel, full=full)
+        print_mirrored([d for d in done if not loop or d.action != "current" or d.damaged])
         sys.stdout.flush()
         if failed:
             raise MirrorFailed(failed)

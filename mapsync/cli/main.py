@@ -218,6 +218,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep running: mirror every SECONDS; errors are logged and the next run goes on; "
         "SIGTERM ends it (exit 143)",
     )
+    s.add_argument(
+        "--verify",
+        action="store_true",
+        help="this run first hashes every file of every release DEST serves against its "
+        "manifest (with --trusted-key, every signature too) and copies a damaged one again "
+        "from SOURCE (bit rot, an edit by hand, which the quick check of sizes misses)",
+    )
+    s.add_argument(
+        "--full-check",
+        type=int,
+        metavar="SECONDS",
+        help="with --interval: a run every SECONDS (and the first) is a --verify run "
+        "(default 3600; 0: never)",
+    )
 
     s = add(
         "status",

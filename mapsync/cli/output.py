@@ -83,9 +83,11 @@ def print_push(pushes: list[Push]) -> None:
 def print_mirrored(done: list[Mirrored]) -> None:
     """One line per channel a mirror run looked at: what it copied, moved and pruned."""
     for d in done:
+        checked = f"; {d.checked} release(s) checked, every file hashed" if d.checked else ""
         if d.action == "current":
             extra = f"; pruned {_serials(d.pruned)}" if d.pruned else ""
-            print(f"{d.channel}: serial {d.serial} is current{extra}")
+            print(f"{d.channel}: serial {d.serial} is current{extra}{checked}")
+            _print_damaged(d)
             continue
         was = f" (was {d.previous})" if d.previous else ""
         line = f"{d.channel}: serial {d.serial} mirrored{was}"
@@ -93,11 +95,17 @@ def print_mirrored(done: list[Mirrored]) -> None:
             line += f", copied {_serials(d.copied)}"
         if d.pruned:
             line += f", pruned {_serials(d.pruned)}"
-        print(f"{line}; {d.bytes:,} bytes on the wire")
+        print(f"{line}; {d.bytes:,} bytes on the wire{checked}")
         if d.repaired:
             print(f"  the copy here was damaged and is replaced: {d.repaired}")
         for serial, why in sorted(d.skipped.items()):
             print(f"  older release {serial} not copied: {' '.join(why.split())}")
+        _print_damaged(d)
+
+
+def _print_damaged(d: Mirrored) -> None:
+    for what, why in sorted(d.damaged.items()):
+        print(f"  {what} was damaged here: {' '.join(why.split())}")
 
 
 def _serials(serials: list[int]) -> str:

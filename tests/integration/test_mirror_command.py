@@ -667,3 +667,63 @@ def test_a_disk_nearly_full_still_moves_latest_to_the_release_copied(
     p = mirror(cluster, cluster.repo, dest)
     assert p.returncode == 0, p.stdout + p.stderr
     assert releases(dest / "mx") == [1, 2, 3, 4, 5, 6, 7]
+
+
+def _rot(path: Path) -> None:
+    """Flip one bit of ``path`` in place, its size and modification time kept (bit rot)."""
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    with open(path, "r+b") as fh:
+        fh.write(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_verify_finds_the_bit_rot_the_quick_check_misses_and_copies_it_again(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """A bit flipped on the mirror's disk (size and time kept) passed every run's quick check:
+    every node refused the release and went to the next source, and the mirror said
+    "current" for good. ``--verify`` hashes every file of every release served (a map
+    hard-linked into several releases is damaged in each) and the patches."""
+    trusted = str(cluster.root / "keys" / "signing.pub")
+    cluster.publish()
+    publish_new(cluster, 1)
+    dest = tmp_path / "mirror"
+    assert mirror(cluster, cluster.repo, dest).returncode == 0
+    mx = dest / "mx"
+    shared = mx / "releases" / "2" / "domains"  # unchanged since release 1: one inode in both
+    assert shared.stat().st_ino == (mx / "releases" / "1" / "domains").stat().st_ino
+    _rot(shared)
+    _rot(mx / "patches" / "2" / "recipients.patch")
+    assert mirror(cluster, cluster.repo, dest).stdout == "mx: serial 2 is current\n"
+
+    p = mirror(cluster, cluster.repo, dest, "--verify", "--trusted-key", trusted)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "mx: serial 2 mirrored (was 2), copied releases 2, 1;" in p.stdout, p.stdout
+    assert "2 release(s) checked, every file hashed" in p.stdout
+    assert f"the copy here was damaged and is replaced: {shared}: sha256" in p.stdout
+    assert "release 1 was damaged here: " in p.stdout and "; copied again" in p.stdout
+    for serial in ("1", "2"):
+        for f in (cluster.repo / "mx" / "releases" / serial).iterdir():
+            assert (mx / "releases" / serial / f.name).read_bytes() == f.read_bytes()
+    for f in (mx / "patches" / "2").iterdir():
+        assert f.read_bytes() == (cluster.repo / "mx" / "patches" / "2" / f.name).read_bytes()
+    assert not (mx / ".staging").exists()
+    p = mirror(cluster, cluster.repo, dest, "--verify")
+    assert p.stdout == "mx: serial 2 is current; 2 release(s) checked, every file hashed\n"
+
+    # Only the patches damaged: they are copied again, the releases left as they are.
+    _rot(mx / "patches" / "2" / "virtual.patch")
+    p = mirror(cluster, cluster.repo, dest, "--verify")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "  patches 2 was damaged here: " in p.stdout and "; copied again" in p.stdout
+    for f in (mx / "patches" / "2").iterdir():
+        assert f.read_bytes() == (cluster.repo / "mx" / "patches" / "2" / f.name).read_bytes()
+
+
+def test_full_check_is_a_loop_option(cluster: Cluster, tmp_path: Path) -> None:
+    cluster.publish()
+    p = mirror(cluster, cluster.repo, tmp_path / "mirror", "--full-check", "60")
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "mirror --full-check: only with --interval (one run: --verify)" in p.stderr
