@@ -41,7 +41,13 @@ from mapsync import log
 from mapsync.access import check_owner
 from mapsync.atomic import atomic_write, commit_dir, remove_tree
 from mapsync.config import CHANNEL_NAME
-from mapsync.errors import ConfigError, MapsyncError, TransportError, VerificationError
+from mapsync.errors import (
+    EXIT_WARNING,
+    ConfigError,
+    MapsyncError,
+    TransportError,
+    VerificationError,
+)
 from mapsync.formats import text
 from mapsync.locks import waiting_lock
 from mapsync.release import (
@@ -779,7 +785,10 @@ def mirror_channels(
     done: list[Mirrored] = []
     failed: list[tuple[str, MapsyncError]] = []
     with mirror.locked():
-        for name in names or mirror.channels():
+        offered = names or mirror.channels()
+        if not names:
+            failed.extend(_orphans(mirror, offered))
+        for name in offered:
             try:
                 done.append(mirror.channel(name, full=full))
             except MapsyncError as exc:
@@ -787,6 +796,44 @@ def mirror_channels(
             except OSError as exc:
                 failed.append((name, MapsyncError(f"{mirror.dest / name}: {_described(exc)}")))
     return done, failed
+
+
+class Orphaned(MapsyncError):
+    """DEST serves a channel SOURCE no longer has (exit 1: a warning)."""
+
+    exit_code = EXIT_WARNING
+
+
+def _orphans(mirror: Mirror, offered: list[str]) -> list[tuple[str, MapsyncError]]:
+    """The channels DEST serves (a ``LATEST`` in a directory named like one) that SOURCE no
+    longer has: each a warning. Not removed: an upstream that lost one by mistake, or a
+    SOURCE given wrong, must not empty a mirror; nodes keep pulling what it serves, and go
+    CRITICAL when it expires, unrenewed."""
+    found: list[tuple[str, MapsyncError]] = []
+    try:
+        here = sorted(p.name for p in mirror.dest.iterdir() if CHANNEL_NAME.match(p.name))
+    except OSError:
+        return []
+    for name in here:
+        if name in offered or not (mirror.dest / name / LATEST).is_file():
+            continue
+        try:
+            latest = parse_latest((mirror.dest / name / LATEST).read_bytes(), name)
+            serial = f"serial {latest.serial}"
+        except (OSError, MapsyncError):
+            serial = "a damaged LATEST"
+        _log.warning("channel no longer at the source", channel=name, dest=str(mirror.dest))
+        found.append(
+            (
+                name,
+                Orphaned(
+                    f"{mirror.source} no longer has it; {mirror.dest / name} still serves "
+                    f"{serial}, which nobody renews (nodes pulling it go CRITICAL when it "
+                    f"expires). Not removed: remove {mirror.dest / name} when no node pulls it"
+                ),
+            )
+        )
+    return found
 
 
 class MirrorFailed(MapsyncError):

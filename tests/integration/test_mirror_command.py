@@ -30,6 +30,7 @@ from tests.conftest import Cluster
 from tests.helpers.agent import add_account, lookup, tree_snapshot
 from tests.helpers.disk import fill, tmpfs_mounts
 from tests.helpers.processes import started, wait_for_children
+from tests.helpers.publisher import add_channels
 from tests.helpers.rsyncd import documented_rsyncd_conf, serving
 from tests.helpers.transport import RsyncDaemon, SilentListener, sshd
 
@@ -727,3 +728,28 @@ def test_full_check_is_a_loop_option(cluster: Cluster, tmp_path: Path) -> None:
     p = mirror(cluster, cluster.repo, tmp_path / "mirror", "--full-check", "60")
     assert p.returncode == 2, p.stdout + p.stderr
     assert "mirror --full-check: only with --interval (one run: --verify)" in p.stderr
+
+
+def test_a_channel_the_source_no_longer_has_is_a_warning_not_a_removal(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """A channel removed at the publisher (out of the config, its directory removed) was kept
+    and served by the mirror without a word, unrenewed until its nodes went CRITICAL."""
+    add_channels(cluster, '[publisher.channels.edge]\nmaps = ["domains", "transport"]\n')
+    cluster.publish()
+    dest = tmp_path / "mirror"
+    assert mirror(cluster, cluster.repo, dest).returncode == 0
+    shutil.rmtree(cluster.repo / "edge")
+    before = tree_snapshot(dest / "edge")
+    p = mirror(cluster, cluster.repo, dest)
+    assert p.returncode == 1, p.stdout + p.stderr
+    assert p.stdout == "mx: serial 1 is current\n"
+    assert (
+        f"mapsync: channel edge: {cluster.repo} no longer has it; {dest / 'edge'} still serves "
+        "serial 1, which nobody renews" in p.stderr
+    ), p.stderr
+    assert tree_snapshot(dest / "edge") == before
+    # Named with --channel, only those are looked at.
+    assert mirror(cluster, cluster.repo, dest, "--channel", "mx").returncode == 0
+    shutil.rmtree(dest / "edge")
+    assert mirror(cluster, cluster.repo, dest).returncode == 0
