@@ -222,9 +222,14 @@ class _Channel:
             raise VerificationError(
                 f"{self.where}/{LATEST}: serial {latest.serial} is lower than {have.serial}, "
                 f"which this mirror ({self.home}) serves (a stale upstream, a rollback attack "
-                "or a restored publisher); refusing to go backwards, nothing changed. If this "
-                f"mirror's serial is the wrong one (copied from a bad upstream), remove "
-                f"{self.home}/{LATEST} and run again (and give mirror --trusted-key)"
+                "or a restored publisher); refusing to go backwards, nothing changed. A "
+                "publisher restored from an older backup gets back what it had published from "
+                "this copy: on it, before it publishes again, `mapsync mirror --trusted-key KEY "
+                f"SOURCE REPOSITORY`, SOURCE this mirror's {self.m.dest} as rsync or ssh reach "
+                "it (docs/scaling.md); its nodes refuse anything lower meanwhile. If this "
+                "mirror's serial is the "
+                f"wrong one (copied from a bad upstream), remove {self.home}/{LATEST} and run "
+                "again (and give mirror --trusted-key)"
             )
         repaired = None
         if have is not None and latest.serial == have.serial:

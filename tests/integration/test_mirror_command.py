@@ -258,6 +258,37 @@ def test_a_mirror_never_goes_backwards(cluster: Cluster, tmp_path: Path) -> None
     assert tree_snapshot(dest) == before
 
 
+def test_a_publisher_restored_from_an_older_backup_gets_its_releases_back_from_a_mirror(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """The refusal said what to do only when the mirror's own serial was wrong; for a
+    publisher restored from a backup the way back (nodes refuse anything lower than what they
+    installed) is to bring its lost releases back from a mirror before it publishes again."""
+    trusted = str(cluster.root / "keys" / "signing.pub")
+    cluster.publish()
+    backup = tmp_path / "backup"
+    subprocess.run(["rsync", "-a", f"{cluster.repo}/", f"{backup}/"], check=True)
+    publish_new(cluster, 2)
+    dest = tmp_path / "mirror"
+    assert mirror(cluster, cluster.repo, dest).returncode == 0
+    shutil.rmtree(cluster.repo)
+    subprocess.run(["rsync", "-a", f"{backup}/", f"{cluster.repo}/"], check=True)
+
+    p = mirror(cluster, cluster.repo, dest)
+    assert p.returncode == 5, p.stdout + p.stderr
+    assert "A publisher restored from an older backup gets back what it had published" in (
+        " ".join(p.stderr.split())
+    )
+    p = mirror(cluster, dest, cluster.repo, "--trusted-key", trusted)  # as the message says
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert latest(cluster.repo / "mx")["serial"] == 3
+    publish_new(cluster, 1)
+    p = mirror(cluster, cluster.repo, dest)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "mx: serial 4 mirrored (was 3)" in p.stdout
+    assert "mx: installed serial 4" in cluster.pull().stdout
+
+
 def test_old_releases_are_pruned_after_latest_moves(cluster: Cluster, tmp_path: Path) -> None:
     cluster.publish()
     publish_new(cluster, 3)  # serials 1..4 at the publisher
