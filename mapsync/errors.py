@@ -43,6 +43,11 @@ class TransportError(MapsyncError):
     """rsync failed or timed out; the installed set was kept."""
 
 
+class TransferStopped(TransportError):
+    """An rsync this process ended itself (the agent stopping, or stopping a poll to install
+    a pushed release): no failure of the source, and not recorded as one."""
+
+
 class LockBusy(MapsyncError):
     """Another run holds the lock for this channel or repository."""
 

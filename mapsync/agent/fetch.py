@@ -29,7 +29,13 @@ from mapsync.agent.inbox import note_basis
 from mapsync.agent.node import NodeChannel, basis_manifest
 from mapsync.atomic import atomic_write, remove_tree
 from mapsync.config import AgentChannel, unauthenticated_rsync
-from mapsync.errors import InstallError, MapsyncError, TransportError, VerificationError
+from mapsync.errors import (
+    InstallError,
+    MapsyncError,
+    TransferStopped,
+    TransportError,
+    VerificationError,
+)
 from mapsync.release import (
     LATEST,
     MANIFEST,
@@ -117,6 +123,8 @@ def fetch(
     for i, source in enumerate(tried):
         try:
             got = _ask(node, source, decide, pushed)
+        except TransferStopped:
+            raise  # ended by this agent: no failure of the source, no reason to ask the next
         except (TransportError, VerificationError) as exc:
             if len(tried) == 1:
                 raise
@@ -150,6 +158,8 @@ def newer_elsewhere(
     for source in tried[first + 1 :]:
         try:
             got = _ask(node, source, decide, False)
+        except TransferStopped:
+            raise
         except (TransportError, VerificationError) as exc:
             _log.info("source not asked further", source=source.url, error=str(exc))
             continue

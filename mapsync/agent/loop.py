@@ -59,7 +59,7 @@ from mapsync.agent.node import NodeChannel
 from mapsync.agent.pull import PullResult, pull
 from mapsync.atomic import remove_tree
 from mapsync.config import AgentChannel, AgentConfig
-from mapsync.errors import ConfigError, LockBusy, MapsyncError
+from mapsync.errors import ConfigError, LockBusy, MapsyncError, TransferStopped
 from mapsync.release import LATEST, MAX_LATEST_BYTES, RELEASES, Latest, parse_latest
 from mapsync.transport.rsync import Transfers, stoppable
 
@@ -303,6 +303,8 @@ class Agent:
                 signals.stop_if_received()  # whatever became of the SystemExit inside
         except LockBusy:
             raise
+        except TransferStopped as exc:
+            _log.info("pull stopped", channel=ch.name, origin=origin, reason=str(exc))
         except MapsyncError as exc:
             _log.error(
                 "pull failed",

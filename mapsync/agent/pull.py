@@ -20,7 +20,7 @@ from mapsync.agent.node import NodeChannel, taken
 from mapsync.agent.repair import check_and_repair
 from mapsync.atomic import remove_tree
 from mapsync.config import AgentChannel, AgentConfig
-from mapsync.errors import InstallError, MapsyncError, VerificationError
+from mapsync.errors import InstallError, MapsyncError, TransferStopped, VerificationError
 from mapsync.release import Latest, Manifest, iso, same_maps, utcnow
 
 _log = log.get("agent")
@@ -75,6 +75,8 @@ def pull(
                 done = True
             except OSError as exc:
                 raise InstallError(f"channel {ch.name}: {exc}") from None
+        except TransferStopped:
+            raise  # this process ended the rsync (stopping, or a push preempted the poll)
         except MapsyncError as exc:
             state.last_error = str(exc)
             state.last_error_at = iso(utcnow())

@@ -32,7 +32,7 @@ from urllib.parse import unquote
 
 from mapsync import location, log, process
 from mapsync.atomic import remove_tree
-from mapsync.errors import ConfigError, TransportError
+from mapsync.errors import ConfigError, TransferStopped, TransportError
 
 _log = log.get("transport")
 MAX_FILE_SIZE = "4g"
@@ -167,7 +167,7 @@ def run(
     if done.timed_out:
         raise TransportError(f"rsync timed out after {timeout}s: rsync {' '.join(argv)}")
     if transfers is not None and transfers.stopped:
-        raise TransportError(f"rsync stopped: {transfers.reason}")
+        raise TransferStopped(f"rsync stopped: {transfers.reason}")
     err = done.stderr.strip()
     if "failed to read a password from -" in err:
         err = (

@@ -780,3 +780,8 @@ def test_a_pushed_release_installs_while_the_poll_waits_on_a_source_that_never_a
         code, took = agent.stop()
         assert code == 128 + signal.SIGTERM
         assert took < 5.0  # the second poll's rsync was ended, not waited for
+    # A poll the agent stopped (to install a push, or to exit) is no failure of the source:
+    # it was recorded as one, and status warned "last run failed: rsync stopped: the agent
+    # is stopping" after every restart until the next poll.
+    assert read_state(node).get("last_error") is None, read_state(node)
+    assert agent.logged("pull failed") == []
