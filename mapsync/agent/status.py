@@ -280,7 +280,7 @@ def _ownership(ch: AgentChannel, manifest: Manifest, target: Path) -> list[tuple
         (
             EXIT_WARNING,
             f"live file(s) {', '.join(found[:3])}{' and more' if len(found) > 3 else ''}: "
-            "mode, owner or group not as the files settings give (changed by hand?); "
+            "owner, group or mode not as configured (changed by hand?); "
             "the next pull restores them",
         )
     ]
