@@ -18,6 +18,7 @@ from sqlalchemy import create_engine, select, update
 
 from mapsync.sources import schema as t
 from tests.daemons.roles import EXIM, Nodes, entries, make_nodes
+from tests.helpers.agent import add_account
 
 pytestmark = pytest.mark.daemons
 
@@ -58,6 +59,9 @@ def _seeded_nodes(root: Path) -> Nodes:
         )
         conn.execute(update(t.account).where(t.account.c.id == first).values(status="moving"))
     engine.dispose()
+    # An account whose own local part holds a '+', housed off its domain's mailstore, beside
+    # the account the part before it names (postmaster, on the domain's default).
+    add_account(n.cluster.db_url, "postmaster+eu", "example-1.org", mailstore="store-2")
     n.publish_and_pull()
     return n
 
@@ -208,6 +212,26 @@ def test_routers_send_accounts_to_their_mailstore_over_lmtp(nodes: Nodes, conf: 
     assert own not in routes[user.split("@")[1]]
     out = bt(conf, user.replace("@", "+tag@").upper())
     assert f"transport = mapsync_lmtp\n  host {own} [{own}] port=24" in out, out
+
+
+def test_a_local_part_holding_a_plus_is_its_own_address_not_the_part_before_it(
+    nodes: Nodes, conf: Path
+) -> None:
+    """The routers stripped every +suffix before the lookups: mail to the account
+    'postmaster+eu@' went to 'postmaster@' (another mailbox, on another mailstore). As
+    Postfix does, the whole address is looked up first; a +tag of anyone else still goes to
+    the part before it."""
+    routes = entries(nodes.target("exim-mx") / "exim_routes")
+    own = routes["postmaster+eu@example-1.org"].split("]")[0].removeprefix("<+[")
+    default = routes["example-1.org"].split("]")[0].removeprefix("<+[")
+    assert own != default
+    out = bt(conf, "Postmaster+EU@example-1.org")
+    assert f"transport = mapsync_lmtp\n  host {own} [{own}] port=24" in out, out
+    out = bt(conf, "postmaster+other@example-1.org")  # a tag of postmaster's
+    assert f"transport = mapsync_lmtp\n  host {default} [{default}] port=24" in out, out
+    assert exim(conf, "-bv", "postmaster+eu@example-1.org", "postmaster+eu+x@example-1.org") == (
+        "postmaster+eu@example-1.org verified\npostmaster+eu+x@example-1.org verified\n"
+    )
 
 
 def test_routers_expand_aliases_alias_domains_and_catch_alls(nodes: Nodes, conf: Path) -> None:

@@ -349,7 +349,9 @@ def test_a_pull_with_nothing_new_gives_live_files_their_configured_mode_again(
     os.chmod(installed.target / "virtual", 0o666)  # by hand
     st = installed.cli("status")  # said OK until the next pull
     assert st.returncode == 1, st.stdout
-    assert "live file(s) recipients, recipients.cdb, virtual: owner, group or mode not as" in st.stdout
+    assert (
+        "live file(s) recipients, recipients.cdb, virtual: owner, group or mode not as" in st.stdout
+    )
     before, other_before = live.stat(), other.stat()
     p = installed.cli("pull")
     assert p.returncode == 0, p.stdout + p.stderr
