@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 from sqlalchemy import create_engine, delete, insert, select, update
 
@@ -90,17 +91,22 @@ def test_diff_names_a_changed_password_and_never_prints_a_hash(cluster: Cluster)
     assert "$6$" not in back and "aaaa" not in back and "bbbb" not in back, back
 
 
-def test_history_on_a_node_lists_the_kept_releases_around_a_damaged_one(
-    cluster: Cluster,
-) -> None:
-    """One kept manifest damaged (a disk, a hand) made `history --agent` fail whole (exit 5):
-    the others are listed, the damaged one named in a warning."""
+def _three_kept(cluster: Cluster) -> Path:
+    """Three releases published and pulled: the node's kept releases directory."""
     for local in ("", "kept.two", "kept.three"):
         if local:
             add_account(cluster, local)
         cluster.publish()
         cluster.pull()
-    kept = cluster.state / "mx" / "releases"
+    return cluster.state / "mx" / "releases"
+
+
+def test_history_on_a_node_lists_the_kept_releases_around_a_damaged_one(
+    cluster: Cluster,
+) -> None:
+    """One kept manifest damaged (a disk, a hand) made `history --agent` fail whole (exit 5):
+    the others are listed, the damaged one named in a warning."""
+    kept = _three_kept(cluster)
     (kept / "2" / "MANIFEST.json").write_text("{ damaged")
     p = cluster.cli("history", "--agent")
     assert p.returncode == 0, p.stdout + p.stderr
@@ -115,12 +121,7 @@ def test_history_and_diff_never_show_a_release_as_another_or_with_altered_files(
     """A kept copy that is another release (copied by hand, another channel's) was listed as
     the one its directory names (release 1's maps as a "renewal" numbered 2), and diff showed
     an altered file's lines as the release's: both read the files unchecked."""
-    for local in ("", "kept.two", "kept.three"):
-        if local:
-            add_account(cluster, local)
-        cluster.publish()
-        cluster.pull()
-    kept = cluster.state / "mx" / "releases"
+    kept = _three_kept(cluster)
     shutil.rmtree(kept / "2")
     shutil.copytree(kept / "1", kept / "2")  # release 1, as if it were 2
     p = cluster.cli("history", "--agent")

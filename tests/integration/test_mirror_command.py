@@ -28,6 +28,7 @@ from mapsync.release import MANIFEST, MANIFEST_PATCH, SIGNATURE
 from mapsync.signing import keygen, load_private, sign
 from tests.conftest import Cluster
 from tests.helpers.agent import add_account, lookup, tree_snapshot
+from tests.helpers.agent_damage import flip_byte_keep_stat
 from tests.helpers.disk import fill, tmpfs_mounts
 from tests.helpers.processes import started, wait_for_children
 from tests.helpers.publisher import add_channels
@@ -701,16 +702,6 @@ def test_a_disk_nearly_full_still_moves_latest_to_the_release_copied(
     assert releases(dest / "mx") == [1, 2, 3, 4, 5, 6, 7]
 
 
-def _rot(path: Path) -> None:
-    """Flip one bit of ``path`` in place, its size and modification time kept (bit rot)."""
-    st = path.stat()
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0x01
-    with open(path, "r+b") as fh:
-        fh.write(bytes(data))
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
-
-
 def test_verify_finds_the_bit_rot_the_quick_check_misses_and_copies_it_again(
     cluster: Cluster, tmp_path: Path
 ) -> None:
@@ -726,8 +717,8 @@ def test_verify_finds_the_bit_rot_the_quick_check_misses_and_copies_it_again(
     mx = dest / "mx"
     shared = mx / "releases" / "2" / "domains"  # unchanged since release 1: one inode in both
     assert shared.stat().st_ino == (mx / "releases" / "1" / "domains").stat().st_ino
-    _rot(shared)
-    _rot(mx / "patches" / "2" / "recipients.patch")
+    flip_byte_keep_stat(shared)
+    flip_byte_keep_stat(mx / "patches" / "2" / "recipients.patch")
     assert mirror(cluster, cluster.repo, dest).stdout == "mx: serial 2 is current\n"
 
     p = mirror(cluster, cluster.repo, dest, "--verify", "--trusted-key", trusted)
@@ -746,7 +737,7 @@ def test_verify_finds_the_bit_rot_the_quick_check_misses_and_copies_it_again(
     assert p.stdout == "mx: serial 2 is current; 2 release(s) checked, every file hashed\n"
 
     # Only the patches damaged: they are copied again, the releases left as they are.
-    _rot(mx / "patches" / "2" / "virtual.patch")
+    flip_byte_keep_stat(mx / "patches" / "2" / "virtual.patch")
     p = mirror(cluster, cluster.repo, dest, "--verify")
     assert p.returncode == 0, p.stdout + p.stderr
     assert "  patches 2 was damaged here: " in p.stdout and "; copied again" in p.stdout
