@@ -6,15 +6,26 @@ inside a gc or weakref callback is swallowed ("Exception ignored"), and one rais
 extension runs (cdbx) can come back as SystemError. So the signal is also remembered:
 long-running loops call :func:`stop_if_received` after each unit of work, and ``main()``
 turns any outcome of a signalled run into exit 128+n.
+
+A long-running process (``agent``, ``publish --interval``, ``mirror --interval``) calls
+:func:`on_hangup` once it has started: SIGHUP then means "restart with the config read again"
+only if that config loads. The handler does no more than write a byte to a pipe (no logging,
+no lock: it runs between two bytecodes of the main thread, perhaps inside a ``print`` to the
+same stderr); a thread of its own reads the config. If it loads, the thread sends SIGHUP
+again, to the main thread, and that one ends the process as above (exit 129, which systemd's
+``Restart=on-failure`` turns into a start with the new config). If not, the error is logged
+and the process runs on with the config it had: a typo must not leave the maps unupdated
+until someone reads the journal.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import sys
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any
 
@@ -22,6 +33,10 @@ _received: int | None = None
 # How deep the main thread is in held() blocks, and the signals that came meanwhile.
 _depth = 0
 _deferred: list[int] = []
+# on_hangup(): the pipe's end the SIGHUP handler writes to, and whether the config has been
+# found to load (then SIGHUP ends the process).
+_hangup_fd: int | None = None
+_hangup_confirmed = False
 
 
 def install() -> None:
@@ -50,6 +65,11 @@ def _quiet_unraisable(unraisable: Any) -> None:
 
 def _on_signal(signum: int, frame: FrameType | None) -> None:
     global _received
+    if signum == signal.SIGHUP and _hangup_fd is not None and not _hangup_confirmed:
+        # The checker's thread looks at the config (the pipe full: a check is due already).
+        with contextlib.suppress(OSError):
+            os.write(_hangup_fd, b"\0")
+        return
     _received = signum
     if _depth:
         _deferred.append(signum)
@@ -66,6 +86,40 @@ def _on_interrupt(signum: int, frame: FrameType | None) -> None:
     signal.default_int_handler(signum, frame)
 
 
+def on_hangup(check: Callable[[], bool]) -> None:
+    """From now on, a SIGHUP ends the process (exit 129, as :func:`install` says) only once
+    ``check()`` returns True: the config the process would start with loads. ``check`` runs on
+    a thread of its own, once per SIGHUP (several that come during a check count as one), and
+    reports itself why it returns False. Once only, in the main thread."""
+    global _hangup_fd
+    if _hangup_fd is not None or threading.current_thread() is not threading.main_thread():
+        return
+    read, write = os.pipe2(os.O_CLOEXEC)
+    os.set_blocking(write, False)  # the handler must never wait
+    main = threading.main_thread().ident
+    assert main is not None
+    threading.Thread(
+        target=_check_hangups, args=(read, check, main), name="sighup", daemon=True
+    ).start()
+    _hangup_fd = write
+
+
+def _check_hangups(read: int, check: Callable[[], bool], main: int) -> None:
+    """The thread of :func:`on_hangup`: on each SIGHUP, ``check()``; once it passes, SIGHUP
+    to the main thread again, whose handler now ends the process."""
+    global _hangup_confirmed
+    while True:
+        os.read(read, 4096)  # every SIGHUP that came meanwhile: one check
+        try:
+            ok = check()
+        except Exception:  # a bug in the check: the process runs on
+            ok = False
+        if ok:
+            _hangup_confirmed = True
+            signal.pthread_kill(main, signal.SIGHUP)  # the main thread: its sleep is cut short
+            return
+
+
 def received() -> int | None:
     """The signal that asked this process to end, if one did."""
     return _received
@@ -77,7 +131,7 @@ def stop_if_received() -> None:
         raise SystemExit(128 + _received)
 
 
-@contextmanager
+@contextlib.contextmanager
 def held() -> Iterator[None]:
     """Hold SIGINT, SIGTERM and SIGHUP (their :func:`install` handlers) while a step must not
     be cut in two (a child process starting; a tree removed; the live set's link switched and

@@ -30,7 +30,8 @@ it never ends the loop. SIGTERM and SIGHUP end it with exit 128+n, at once while
 inside a pull too (SystemExit; the signal is also remembered and checked after every pull,
 in case the exception got lost). The observer is stopped on the way out, the rsyncs of
 polls in flight are ended, and a pull cut off mid-way leaves the old set serving (``pull``'s
-own guarantees).
+own guarantees). SIGHUP does so only if the config still loads (``mapsync agent`` checks it
+first: :func:`mapsync.signals.on_hangup`); if not, it is logged and the agent runs on.
 """
 
 from __future__ import annotations
@@ -716,10 +717,16 @@ def run(
     ``interval`` overrides ``[agent] interval``. With ``watch``, every channel that has an
     ``inbox`` is watched; if none has, that is a ConfigError naming ``config_path``.
     """
+    Agent(cfg, interval or cfg.interval, watched_inboxes(cfg, config_path, watch)).run()
+
+
+def watched_inboxes(cfg: AgentConfig, config_path: Path, watch: bool) -> dict[str, AgentChannel]:
+    """The channels ``agent`` watches the inbox of: with ``watch``, every one that has an
+    ``inbox`` (a ConfigError naming ``config_path`` if none has); else none."""
     watched = {n: ch for n, ch in cfg.channels.items() if ch.inbox is not None} if watch else {}
     if watch and not watched:
         raise ConfigError(
             f"{config_path}: agent --watch needs a push inbox, but no [agent.channels.*] sets "
             "`inbox`; set one where the publisher pushes, or run without --watch"
         )
-    Agent(cfg, interval or cfg.interval, watched).run()
+    return watched

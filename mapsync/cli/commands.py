@@ -22,6 +22,9 @@ from mapsync.errors import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from mapsync.mirror import Mirror
     from mapsync.publish.history import MapDiff
     from mapsync.publish.plan import PublishResult
     from mapsync.publish.push import Push
@@ -235,6 +238,7 @@ def _publish_every(args: argparse.Namespace) -> int:
             "not with --dry-run or --force (run those by hand, once)"
         )
     publisher = _config(args).need_publisher()  # a broken config at start: exit 2, systemd shows it
+    _restart_on_hangup(lambda: _config(args).need_publisher(), "publisher")
     # The publisher kept between runs (see publish_once), and the config last read (_loop_config).
     kept: dict[str, Any] = {"config": publisher}
     run_every(args.interval, lambda: publish_once(args, loop=True, kept=kept), publisher.database)
@@ -300,19 +304,86 @@ def cmd_agent(args: argparse.Namespace) -> int:
     """``mapsync agent``: poll and install until a signal ends the process."""
     from mapsync.agent.loop import run
 
+    cfg, agent = _agent_config(args)
+    _restart_on_hangup(lambda: _agent_config(args), "agent")
+    # Runs until SIGTERM or SIGHUP ends the process with exit 128+n.
+    run(agent, cfg.path, interval=args.interval, watch=args.watch)
+
+
+def _agent_config(args: argparse.Namespace) -> tuple[config.Config, config.AgentConfig]:
+    """What ``mapsync agent`` checks of its config and options before it starts."""
+    from mapsync.agent.loop import watched_inboxes
+
     cfg = _config(args)
     agent = cfg.need_agent()
     if args.interval is not None and args.interval < 1:
         raise ConfigError(f"agent --interval: must be at least 1 second, not {args.interval}")
-    # Runs until SIGTERM or SIGHUP ends the process with exit 128+n.
-    run(agent, cfg.path, interval=args.interval, watch=args.watch)
+    watched_inboxes(agent, cfg.path, args.watch)
+    return cfg, agent
+
+
+def _restart_on_hangup(start: Callable[[], object], logger: str) -> None:
+    """SIGHUP to this long-running process: exit 129 (systemd's ``Restart=on-failure`` starts
+    it again, reading the config anew) only if ``start()``, the checks of the config and
+    options the process made when it started, pass now. If they fail (a TOML syntax error, an
+    unknown key, a wrong type), the error is logged, naming file and line or key, and the
+    process runs on with the config it has: restarted, it would fail at every start until
+    someone fixed the file, and no map would be updated meanwhile."""
+    from mapsync import log, signals
+
+    def check() -> bool:
+        _log = log.get(logger)
+        try:
+            start()
+        except MapsyncError as exc:
+            _log.error(
+                f"config not reloaded: {exc}; running on with the config loaded before",
+                error=type(exc).__name__,
+            )
+            return False
+        except Exception:
+            _log.exception(
+                "config not reloaded: checking it crashed; running on with the config loaded before"
+            )
+            return False
+        _log.info("SIGHUP: the config loads; exiting (129) to be started with it")
+        return True
+
+    signals.on_hangup(check)
 
 
 def cmd_mirror(args: argparse.Namespace) -> int:
     """``mapsync mirror SOURCE DEST``: one pass (or one every ``--interval`` seconds)."""
     from mapsync.cli.output import print_mirrored
     from mapsync.interval import run_every
-    from mapsync.mirror import Mirror, MirrorFailed, mirror_channels
+    from mapsync.mirror import MirrorFailed, mirror_channels
+
+    m, full_check = _mirror_setup(args)
+    last_full: list[float] = []  # when the loop's last full check started
+
+    def once(loop: bool = False) -> int:
+        full = args.verify
+        if loop and full_check and (not last_full or time.monotonic() - last_full[0] >= full_check):
+            full = True
+            last_full[:] = [time.monotonic()]
+        done, failed = mirror_channels(m, args.channel, full=full)
+        print_mirrored([d for d in done if not loop or d.action != "current" or d.damaged])
+        sys.stdout.flush()
+        if failed:
+            raise MirrorFailed(failed)
+        return EXIT_OK
+
+    if args.interval is None:
+        return once()
+    # The trusted keys are read again (under systemd, mirror.env too).
+    _restart_on_hangup(lambda: _mirror_setup(args), "mirror")
+    run_every(args.interval, lambda: once(loop=True), logger="mirror", what="mirror")
+
+
+def _mirror_setup(args: argparse.Namespace) -> tuple[Mirror, int]:
+    """What ``mapsync mirror`` checks of its options (and reads: the trusted keys) before it
+    starts: the mirror, and the seconds between full checks of ``--interval``."""
+    from mapsync.mirror import Mirror
     from mapsync.signing import Keyring, load_public
     from mapsync.transport.rsync import DEFAULT_SSH
 
@@ -332,31 +403,14 @@ def cmd_mirror(args: argparse.Namespace) -> int:
         password_file=Path(args.password_file) if args.password_file else None,
         ssh=tuple(shlex.split(args.ssh)) if args.ssh else DEFAULT_SSH,
     )
-
     if args.full_check is not None and args.interval is None:
         raise ConfigError("mirror --full-check: only with --interval (one run: --verify)")
     full_check = 3600 if args.full_check is None else args.full_check
     if full_check < 0:
         raise ConfigError(f"mirror --full-check: must be 0 (never) or more, not {full_check}")
-    last_full: list[float] = []  # when the loop's last full check started
-
-    def once(loop: bool = False) -> int:
-        full = args.verify
-        if loop and full_check and (not last_full or time.monotonic() - last_full[0] >= full_check):
-            full = True
-            last_full[:] = [time.monotonic()]
-        done, failed = mirror_channels(m, args.channel, full=full)
-        print_mirrored([d for d in done if not loop or d.action != "current" or d.damaged])
-        sys.stdout.flush()
-        if failed:
-            raise MirrorFailed(failed)
-        return EXIT_OK
-
-    if args.interval is None:
-        return once()
-    if args.interval < 1:
+    if args.interval is not None and args.interval < 1:
         raise ConfigError("mirror --interval: must be at least 1 (seconds)")
-    run_every(args.interval, lambda: once(loop=True), logger="mirror", what="mirror")
+    return m, full_check
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -125,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep running: publish (and push) every SECONDS (0.1 to a week), and at once "
         "after a commit to a SQLite database (its file is watched; with another engine a "
         "fraction such as 0.25 makes a commit wait less); errors are logged and the next "
-        "run goes on; SIGTERM ends it (exit 143). An unchanged database costs a fingerprint query; "
+        "run goes on; SIGTERM ends it (exit 143); SIGHUP too (129), if the config still loads "
+        "(else the error is logged and it runs on). An unchanged database costs a fingerprint query; "
         "a changed one, with mapsync's own schema, only the changed rows and the entries they "
         "reach (docs/incremental.md), with a full read every [publisher] full_check",
     )
@@ -150,7 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
         "a source that does not answer; an inbox that is replaced is watched again.\n"
         "Whichever way a release comes, it is verified exactly as by `pull`.\n\n"
         "A failed pull is logged and recorded for `mapsync status`; the agent keeps running.\n"
-        "SIGTERM or SIGHUP end it (exit 143 or 129). Run this (mapsync-agent.service) or the\n"
+        "SIGTERM ends it (exit 143). SIGHUP ends it (exit 129: systemd starts it again, with\n"
+        "the config read anew) if the config still loads; if not, the error is logged and the\n"
+        "agent runs on with the config it has. Run this (mapsync-agent.service) or the\n"
         "mapsync-pull timer, not both.",
     )
     s.add_argument(
@@ -216,7 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         metavar="SECONDS",
         help="keep running: mirror every SECONDS; errors are logged and the next run goes on; "
-        "SIGTERM ends it (exit 143)",
+        "SIGTERM ends it (exit 143); SIGHUP too (129), if the options (--trusted-key files) "
+        "still load (else the error is logged and it runs on)",
     )
     s.add_argument(
         "--verify",

@@ -529,6 +529,61 @@ def test_a_signal_ends_the_idle_agent_promptly_with_128_plus_n(
     assert lookup(node, "postmaster@example-1.org") == "OK"
 
 
+# How an operator breaks the config between two SIGHUPs, and what the log must name.
+BROKEN_EDITS = {
+    "toml syntax": (lambda t: t.replace("[agent]\n", "[agent\n", 1), "line "),
+    "unknown key": (
+        lambda t: t.replace("[agent]\n", '[agent]\nintervall = "5m"\n', 1),
+        "intervall",
+    ),
+    "wrong type": (lambda t: t.replace("[agent]\n", "[agent]\ninterval = 300\n", 1), "interval"),
+    "no inbox left for --watch": (
+        lambda t: "\n".join(line for line in t.splitlines() if not line.startswith("inbox =")),
+        "inbox",
+    ),
+}
+
+
+@pytest.mark.parametrize("edit", sorted(BROKEN_EDITS))
+def test_sighup_with_a_broken_config_logs_it_and_runs_on_and_a_fixed_one_restarts(
+    node: Cluster, start_agent: Callable[..., AgentProcess], edit: str
+) -> None:
+    """A SIGHUP (`systemctl reload`) after an edit that does not load must not end the
+    agent: restarted, it would fail at every start and no map would be updated until
+    someone fixed the file. Once the file is fixed, SIGHUP restarts it (exit 129)."""
+    agent = start_agent(node, "--watch", "--interval", "300")
+    add_account(node, "zz-after-a-broken-reload")
+    node.publish()  # (the publisher reads the same file)
+    push_release(node, 2)
+    good = node.config_path.read_text()
+    breaking, named = BROKEN_EDITS[edit]
+    node.config_path.write_text(breaking(good))
+    agent.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while not (
+        errors := [r for r in agent.problems() if "config not reloaded" in str(r.get("event"))]
+    ):
+        assert agent.proc.poll() is None, f"the agent ended: exit {agent.proc.returncode}"
+        assert time.monotonic() < deadline, agent.records
+        time.sleep(0.01)
+    error = errors[0]
+    assert error["level"] == "error"
+    assert str(node.config_path) in error["event"] and named in error["event"]
+    assert error["event"].endswith("; running on with the config loaded before")
+    # Still at work, with the config it started with: a push goes live.
+    push_latest(node, 2)
+    wait_live(node, 2, timeout=5)
+    assert agent.proc.poll() is None
+    assert not agent.logged("agent stopping")
+    # Fixed: the next SIGHUP restarts it (systemd's Restart=on-failure), as any SIGHUP did.
+    node.config_path.write_text(good)
+    exit_code, took = agent.stop(signal.SIGHUP)
+    assert exit_code == 129
+    assert took < 2.0, f"took {took:.2f}s to stop"
+    assert agent.logged("agent stopping", exit=129)
+    assert [r for r in agent.problems() if r is not error] == []
+
+
 @pytest.mark.parametrize("after", [0.2, 0.4])
 def test_sigterm_during_an_inbox_pull_leaves_a_whole_set_serving(
     node: Cluster, start_agent: Callable[..., AgentProcess], after: float

@@ -421,6 +421,51 @@ def test_mirror_interval_follows_the_publisher_and_stops_cleanly_on_sigterm(
     assert releases(dest / "mx") == [1, 2]
 
 
+def test_sighup_with_a_broken_trusted_key_logs_it_and_mirrors_on_and_a_good_one_restarts(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """The mirror has no config file, but reads its --trusted-key files at start: SIGHUP
+    (`systemctl reload`) with one that no longer loads must not end it (systemd would
+    restart it into the same error every 10 s, and DEST would go stale)."""
+    cluster.publish()
+    key = tmp_path / "trusted.pub"
+    good = (cluster.root / "keys" / "signing.pub").read_bytes()
+    key.write_bytes(good)
+    dest = tmp_path / "mirror"
+    argv = [sys.executable, "-m", "mapsync", "--log-format", "json", "mirror"]
+    argv += [str(cluster.repo), str(dest), "--trusted-key", str(key), "--interval", "1"]
+    err = tmp_path / "mirror.err"
+    with open(err, "wb") as stderr:
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=stderr)
+    try:
+        deadline = time.monotonic() + 30
+        while not (dest / "mx" / "LATEST").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, err.read_text()
+            time.sleep(0.05)
+        key.write_text("not a key\n")  # an operator's botched key rotation
+        proc.send_signal(signal.SIGHUP)
+        while "config not reloaded" not in err.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, err.read_text()
+            time.sleep(0.05)
+        refused = [json.loads(x) for x in err.read_text().splitlines() if "not reloaded" in x]
+        assert refused[0]["level"] == "error"
+        assert f"{key}: not a PEM public key" in refused[0]["event"]
+        assert refused[0]["event"].endswith("; running on with the config loaded before")
+        publish_new(cluster, 1)  # still mirroring, with the key it read at start
+        while latest(dest / "mx")["serial"] != 2:
+            assert proc.poll() is None and time.monotonic() < deadline, err.read_text()
+            time.sleep(0.05)
+        key.write_bytes(good)
+        proc.send_signal(signal.SIGHUP)
+        assert proc.wait(timeout=5) == 128 + signal.SIGHUP, err.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "Traceback" not in err.read_text()
+    assert not (dest / "mx" / ".staging").exists()
+
+
 SCALING_MD = Path(__file__).resolve().parents[2] / "docs" / "scaling.md"
 
 

@@ -286,16 +286,51 @@ def test_a_config_edit_takes_effect_at_the_next_run_and_a_broken_one_keeps_the_l
     assert_repository_clean(cluster)
 
 
-def test_sigterm_in_the_middle_of_a_publish_leaves_no_half_written_release(
-    tmp_path: Path, sqlite_url: str, loops: list[Loop]
+def test_sighup_with_a_broken_config_logs_it_and_publishes_on_and_a_fixed_one_restarts(
+    cluster: Cluster, loops: list[Loop]
 ) -> None:
+    """`systemctl reload` (SIGHUP) after an edit that does not load must not end the loop:
+    systemd would restart it into the broken file every 10 s and nothing would publish.
+    Once the file loads, SIGHUP ends it with 129 as before (systemd starts it again)."""
+    text = cluster.config_path.read_text()
+    loop = Loop(cluster, "--interval", "1", log_format="json")
+    loops.append(loop)
+    loop.wait_for("first release", lambda: latest_serial(cluster) == 1)
+
+    cluster.config_path.write_text(text.replace("[publisher]\n", "[publisher]\nkep = 3\n", 1))
+    loop.proc.send_signal(signal.SIGHUP)
+    loop.wait_for("the refused reload", lambda: "config not reloaded" in loop.stderr())
+    errors = [json.loads(line) for line in loop.stderr().splitlines() if "not reloaded" in line]
+    assert errors[0]["level"] == "error"
+    assert errors[0]["event"] == (
+        f"config not reloaded: {cluster.config_path}: [publisher] kep: unknown key "
+        "(known: " + errors[0]["event"].split("(known: ", 1)[1]
+    )
+    assert errors[0]["event"].endswith("; running on with the config loaded before")
+    add_account(cluster, "after-the-refused-reload")
+    loop.wait_for("serial 2", lambda: latest_serial(cluster) == 2, 5)
+    assert loop.proc.poll() is None
+
+    cluster.config_path.write_text(text)
+    code, took = loop.stop(signal.SIGHUP)
+    assert code == 129 and took < 3, loop.stderr()
+    assert "Traceback" not in loop.stderr()
+    assert_repository_clean(cluster)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_in_the_middle_of_a_publish_leaves_no_half_written_release(
+    tmp_path: Path, sqlite_url: str, loops: list[Loop], sig: int
+) -> None:
+    """SIGHUP too, the config loading (checked on a thread of its own, the run going on
+    meanwhile), ends the run at once: the restart need not wait for a long run to end."""
     big = make_cluster(tmp_path / "big", sqlite_url, accounts=30000, domains=50, aliases=3000)
     staging = big.repo / "mx" / ".staging"
     loop = Loop(big, "--interval", "1")
     loops.append(loop)
     loop.wait_for("the first run's staging directory", staging.exists, 20)
-    code, took = loop.stop(signal.SIGTERM)
-    assert code == 143 and took < 3, loop.stderr()
+    code, took = loop.stop(sig)
+    assert code == 128 + sig and took < 3, loop.stderr()
     assert not staging.exists()
     # Killed before LATEST was written (no release), or just after (a complete one).
     if (big.repo / "mx" / "LATEST").exists():
