@@ -472,6 +472,35 @@ def _publisher_status(args: argparse.Namespace, pub: config.PublisherConfig) -> 
     return st.code
 
 
+def cmd_check_config(args: argparse.Namespace) -> int:
+    """``mapsync check-config``: load the config file (and nothing else); say what it holds."""
+    cfg = _config(args)
+    if args.agent:
+        cfg.need_agent()
+    if args.publisher:
+        cfg.need_publisher()
+    print(f"{cfg.path}: the config loads")
+    if cfg.publisher is not None:
+        pub = cfg.publisher
+        print(
+            f"  [publisher]: {len(pub.channels)} channel(s) ({', '.join(pub.channels)}), "
+            f"repository {pub.repository}"
+        )
+    if cfg.agent is not None:
+        agent = cfg.agent
+        inboxes = [n for n, ch in agent.channels.items() if ch.inbox is not None]
+        watched = (
+            f"inbox watched by `agent --watch`: {', '.join(inboxes)}"
+            if inboxes
+            else "no inbox (`agent --watch` would not start)"
+        )
+        print(
+            f"  [agent]: {len(agent.channels)} channel(s) ({', '.join(agent.channels)}), "
+            f"state {agent.state}; {watched}"
+        )
+    return EXIT_OK
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     """``mapsync verify``: check each installed set against its signed manifest (``--repair`` rebuilds a damaged one)."""
     from mapsync.agent.verify import repair_installed, verify_installed

@@ -258,6 +258,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     s = add(
+        "check-config",
+        "check the config file without acting on it (before a restart, or systemctl reload)",
+        "Read and check the config file as every command does (TOML syntax, unknown keys,\n"
+        "types, values) and say what it holds; nothing else is read or written. Exit 0 if it\n"
+        "loads, 2 with the error (file and line or key) if not. The long-running units run it\n"
+        "as their ExecReload= before the SIGHUP: `systemctl reload` fails on a broken file and\n"
+        "the running process goes on. Run it before `systemctl restart`, which stops the\n"
+        "process first.",
+    )
+    s.add_argument(
+        "--agent",
+        action="store_true",
+        help="also require an [agent] section (what pull, agent, status and verify need)",
+    )
+    s.add_argument(
+        "--publisher",
+        action="store_true",
+        help="also require a [publisher] section (what publish needs)",
+    )
+
+    s = add(
         "verify",
         "re-check what is installed against its signed manifest",
         "Check the signature of every channel's live manifest and the sha256 of every live file "

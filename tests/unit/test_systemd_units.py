@@ -159,3 +159,21 @@ def test_the_mirror_unit_is_hardened_exactly_like_the_long_running_publisher() -
     assert service["ExecStart"].endswith(" ${MIRROR_SOURCE} /srv/mapsync")
     assert " --interval " in service["ExecStart"] and service["SuccessExitStatus"] == "143"
     assert service["EnvironmentFile"] == "/etc/mapsync/mirror.env"
+
+
+def test_reload_checks_the_config_before_the_sighup_of_each_long_running_unit() -> None:
+    """`systemctl reload` must not turn a broken config into a dead service: the config is
+    checked first (a failed ExecReload= fails the reload; the process runs on), then SIGHUP,
+    which the process checks again itself (mapsync.signals.on_hangup)."""
+    for name, section in (
+        ("mapsync-agent.service", "--agent"),
+        ("mapsync-publisher.service", "--publisher"),
+        ("mapsync-mirror.service", None),
+    ):
+        lines = [
+            line.split("=", 1)[1]
+            for line in (UNITS / name).read_text().splitlines()
+            if line.startswith("ExecReload=")
+        ]
+        check = [f"/usr/bin/mapsync --config /etc/mapsync/mapsync.toml check-config {section}"]
+        assert lines == [*(check if section else []), "/bin/kill -HUP $MAINPID"], name

@@ -1,0 +1,76 @@
+"""``mapsync check-config``: the config file loaded as every command loads it, and nothing
+else; what an operator runs after an edit (and the units' ExecReload= runs) before the
+long-running processes are told to read it again."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+AGENT = """\
+[agent]
+state = "{root}/state"
+trusted_keys = ["{root}/signing.pub"]
+
+[agent.channels.mx]
+source = "{root}/repo/mx"
+target = "{root}/live"
+"""
+
+
+def check(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "mapsync", "--config", str(config), "check-config", *args],
+        capture_output=True,
+        text=True,
+    )
+
+
+def test_a_config_that_loads_is_said_to_and_nothing_is_made(tmp_path: Path) -> None:
+    config = tmp_path / "mapsync.toml"
+    config.write_text(AGENT.format(root=tmp_path))
+    p = check(config, "--agent")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.splitlines()[0] == f"{config}: the config loads"
+    assert "[agent]: 1 channel(s) (mx)" in p.stdout
+    assert "`agent --watch` would not start" in p.stdout  # no inbox
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["mapsync.toml"]
+
+
+@pytest.mark.parametrize(
+    ("edit", "said"),
+    [
+        (lambda t: t.replace("[agent]\n", "[agent\n"), "not valid TOML"),
+        (lambda t: t.replace("[agent]\n", '[agent]\nintervall = "5m"\n'), "[agent] intervall"),
+        (lambda t: t.replace("[agent]\n", "[agent]\ninterval = 300\n"), "[agent] interval"),
+    ],
+)
+def test_a_broken_config_is_exit_2_naming_file_and_line_or_key(
+    tmp_path: Path, edit: object, said: str
+) -> None:
+    config = tmp_path / "mapsync.toml"
+    config.write_text(edit(AGENT.format(root=tmp_path)))  # type: ignore[operator]
+    p = check(config)
+    assert p.returncode == 2
+    assert p.stdout == ""
+    assert p.stderr.startswith(f"mapsync: {config}: ") and said in p.stderr, p.stderr
+    if said == "not valid TOML":
+        assert "line 1" in p.stderr
+
+
+def test_a_section_asked_for_must_be_there(tmp_path: Path) -> None:
+    config = tmp_path / "mapsync.toml"
+    config.write_text(AGENT.format(root=tmp_path))
+    p = check(config, "--publisher")
+    assert p.returncode == 2
+    assert f"{config}: this command needs a [publisher] section" in p.stderr
+
+
+def test_it_is_in_the_help() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "mapsync", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    assert "    check-config " in out
