@@ -327,7 +327,7 @@ class _Reader:
 
         # Domains: one model row per `domain` row, ids in name order (stable across reads).
         rows = {}
-        for name, transport, backupmx, active in domains:
+        for name, transport, backupmx, active in _one_per_name(domains, "domain"):
             name = (name or "").strip().lower()
             if name and name != PSEUDO_DOMAIN:
                 rows[name] = ((transport or "").strip(), _yes(backupmx), _yes(active))
@@ -368,7 +368,7 @@ class _Reader:
         no_smtp = frozenset({"submission"})
         skipped_in: dict[str, int] = defaultdict(int)
         base = self.settings.mail_base.rstrip("/")
-        for i, row in enumerate(sorted(mailboxes, key=lambda r: (r[0] or "").lower()), start=1):
+        for i, row in enumerate(_one_per_name(mailboxes, "mailbox"), start=1):
             username = (row[0] or "").strip().lower()
             local, _, domain = username.rpartition("@")
             d = model_domains.get(domain)
@@ -408,22 +408,10 @@ class _Reader:
         forwards: list[tuple[int, Account, str, list[str]]] = []
         # '@old' → ('new', the other targets): domain-wide forwards, read like alias domains.
         forward_to: dict[str, tuple[str, list[str]]] = {}
-        written_as: dict[str, str] = {}  # address → the first active row's, as written
-        for i, (written, goto, active) in enumerate(sorted(aliases, key=_lowercase_first), start=1):
+        for i, (written, goto, active) in enumerate(_one_per_name(aliases, "alias"), start=1):
             if not _yes(active):
                 continue
-            written = (written or "").strip()
-            address = written.lower()
-            if address in written_as:
-                # PostgreSQL's and SQLite's lookups find the row written in lowercase, MariaDB's
-                # both: the lowercase one (else the first) is used, never one by row order.
-                _log.warning(
-                    "alias rows whose addresses differ only in case: one is used",
-                    used=written_as[address],
-                    ignored=written,
-                )
-                continue
-            written_as[address] = written
+            address = (written or "").strip().lower()
             local, _, domain = address.rpartition("@")
             if domain not in model_domains:
                 continue  # PostfixAdmin's domains lookup refuses the address: no mail
@@ -458,7 +446,7 @@ class _Reader:
         # Alias domains and domain-wide forwards: u@A as PostfixAdmin's lookups resolve it.
         translated: dict[str, tuple[str, list[str]]] = dict(forward_to)
         forwarded = set(forward_to)  # the domains translated by an alias row, for labels
-        for alias_domain, target, active in alias_domains:
+        for alias_domain, target, active in _one_per_name(alias_domains, "alias_domain"):
             a = (alias_domain or "").strip().lower()
             if _yes(active) and a in model_domains:
                 translated[a] = ((target or "").strip().lower(), [])
@@ -548,10 +536,35 @@ class _Reader:
         )
 
 
-def _lowercase_first(row: Any) -> tuple[str, bool]:
-    """Alias rows in address order, of two differing only in case the lowercase one first."""
-    written = (row[0] or "").strip()
-    return written.lower(), written != written.lower()
+def _one_per_name(rows: list[Any], table_: str) -> list[Any]:
+    """``rows`` of PostfixAdmin table ``table_`` (the name first: a domain, username or
+    address) in name order, one per name as the reader keys it (case and surrounding
+    whitespace aside), whatever order the database returned them in.
+
+    On PostgreSQL and SQLite ``Sales@x``, ``sales@x`` and ``sales@x `` are three rows, and
+    PostfixAdmin's lookups (their key lowercased by Postfix and Dovecot) find only the row
+    written exactly so, active or not; MariaDB's collation (case-insensitive, trailing
+    spaces ignored) lets only one of them exist. That row is used, else the first as
+    written; the others are left out with a warning. (Which one was used, a domain hosted or
+    relayed to another host, an alias's targets, a mailbox's password, depended on the row
+    order, which an UPDATE changes.)"""
+    by_name: dict[str, list[Any]] = defaultdict(list)
+    for row in rows:
+        written = str(row[0] or "")
+        by_name[written.strip().lower()].append(row)
+    out = []
+    for name, found in sorted(by_name.items()):
+        found.sort(key=lambda r: (str(r[0] or "") != name, str(r[0] or "")))
+        if len(found) > 1:
+            _log.warning(
+                f"{table_} rows whose names differ only in case or surrounding whitespace: "
+                "the one written in lowercase without spaces is used, as PostfixAdmin's own "
+                "lookups on PostgreSQL find it",
+                used=repr(found[0][0]),
+                ignored=[repr(r[0]) for r in found[1:]],
+            )
+        out.append(found[0])
+    return out
 
 
 class _Resolved:

@@ -6,6 +6,7 @@ in the source's own tables, a bad password hash that costs only the login under
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 
@@ -271,3 +272,59 @@ def test_a_loop_of_alias_domains_gives_each_every_address_of_the_loop() -> None:
     recipients = render("recipients", s)
     for d in loop:
         assert {f"u{o[0]}@{d}" for o in loop} <= recipients.keys(), d
+
+
+@pytest.mark.parametrize("exact_first", [True, False])
+def test_rows_differing_in_case_or_spaces_use_the_one_the_lookups_find_whatever_the_order(
+    exact_first: bool,
+) -> None:
+    """On PostgreSQL and SQLite 'example.com' and 'Example.com', 'sales@x' and 'sales@x '
+    are different rows, and PostfixAdmin's lookups find only the one written exactly as the
+    (lowercased) key, active or not. Which one mapsync used depended on the row order (an
+    UPDATE moves a row to the end on PostgreSQL): the domain hosted or relayed to another
+    host, an alias's targets those of a row no lookup finds."""
+
+    def ordered(exact: tuple[Any, ...], *others: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        return [exact, *others] if exact_first else [*others, exact]
+
+    reader = _Reader(PostfixAdminConfig(), secrets=True)
+    s = reader.build(
+        domains=ordered(
+            ("example.com", "virtual", 0, 1),
+            ("Example.com", "smtp:[evil.example]:25", 1, 1),
+            (" example.com", "smtp:[evil.example]:25", 1, 1),
+        )
+        + ordered(("other.example", "virtual", 0, 0), ("other.example ", "virtual", 0, 1))
+        + [("alias.example", "virtual", 0, 1)],
+        alias_domains=ordered(
+            ("alias.example", "example.com", 1), ("ALIAS.example", "other.example", 1)
+        ),
+        mailboxes=[
+            *ordered(
+                ("anna@example.com", "example.com/anna/", 0, 1, "$6$good"),
+                ("Anna@example.com", "evil/", 0, 1, "$6$evil"),
+            ),
+            ("postmaster@example.com", "example.com/postmaster/", 0, 1, "$6$pm"),
+        ],
+        aliases=ordered(
+            ("sales@example.com", "anna@example.com", 1),
+            ("sales@example.com ", "evil@attacker.example", 1),
+        )
+        + ordered(
+            ("info@example.com", "anna@example.com", 0),  # the row found, inactive: no alias
+            ("INFO@example.com", "evil@attacker.example", 1),
+        ),
+        fingerprint=Fingerprint({}),
+    )
+    domains = {d.name: d for d in s.domains}
+    assert (domains["example.com"].kind, domains["example.com"].relay_nexthop) == ("hosted", None)
+    assert domains["other.example"].status == "disabled"
+    ids = {d.id: d.name for d in s.domains}
+    (anna,) = [a for a in s.accounts if a.local_part == "anna"]
+    assert anna.password_hash == "{SHA512-CRYPT}$6$good"
+    assert anna.home == "/var/vmail/example.com/anna/"
+    aliases = {(ids[a.domain_id], a.local_part): a.targets for a in s.aliases}
+    assert aliases[("example.com", "sales")] == ("anna@example.com",)
+    assert ("example.com", "info") not in aliases
+    assert aliases[("alias.example", "anna")] == ("anna@example.com",)  # → example.com
+    assert check(s) == []
