@@ -222,26 +222,45 @@ LOGGED_ID = {
 def trigger_ddl(dialect: str, table: Table) -> list[str]:
     """The statements that (re)install ``table``'s trigger: an ``UPDATE`` that leaves
     ``updated_at`` as it was gets the database's UTC time there, so the publisher's cheap
-    fingerprint sees it at once; one that sets it keeps its own value."""
+    fingerprint sees it at once; one that sets it keeps its own value, unless that is later
+    than the database's UTC time.
+
+    On PostgreSQL and MariaDB the trigger also fires on ``INSERT``, and there and on
+    ``UPDATE`` a stamp in the future becomes the current UTC time: ``CURRENT_TIMESTAMP`` or
+    ``NOW()`` in a session whose time zone is ahead of UTC stores local time in these columns
+    (they have no time zone), and one such stamp, the table's newest for hours, would hide
+    every later write from the fingerprint until the next full check. (A stamp behind, a
+    session west of UTC, is kept: it delays that one write until the full check, as a late
+    commit would.) SQLite has no session time zone: its ``CURRENT_TIMESTAMP`` is UTC."""
     name, trigger = table.name, f"{table.name}_updated_at"
     if dialect == "postgresql":
+        now = UTC_NOW["postgresql"]
         return [
             "CREATE OR REPLACE FUNCTION mapsync_updated_at() RETURNS trigger LANGUAGE plpgsql AS $$\n"
+            "DECLARE\n"
+            f"  now_utc timestamp := {now};\n"
             "BEGIN\n"
-            "  IF NEW.updated_at IS NOT DISTINCT FROM OLD.updated_at THEN\n"
-            f"    NEW.updated_at := {UTC_NOW['postgresql']};\n"
+            "  IF NEW.updated_at > now_utc OR (TG_OP = 'UPDATE'\n"
+            "      AND NEW.updated_at IS NOT DISTINCT FROM OLD.updated_at) THEN\n"
+            "    NEW.updated_at := now_utc;\n"
             "  END IF;\n"
             "  RETURN NEW;\n"
             "END $$",
             f"DROP TRIGGER IF EXISTS {trigger} ON {name}",
-            f"CREATE TRIGGER {trigger} BEFORE UPDATE ON {name} FOR EACH ROW "
+            f"CREATE TRIGGER {trigger} BEFORE INSERT OR UPDATE ON {name} FOR EACH ROW "
             "EXECUTE FUNCTION mapsync_updated_at()",
         ]
     if dialect in ("mysql", "mariadb"):
+        now = UTC_NOW["mysql"]
+        inserted = f"{table.name}_inserted_at"
         return [
             f"DROP TRIGGER IF EXISTS {trigger}",
             f"CREATE TRIGGER {trigger} BEFORE UPDATE ON {name} FOR EACH ROW SET NEW.updated_at = "
-            f"IF(NEW.updated_at <=> OLD.updated_at, {UTC_NOW['mysql']}, NEW.updated_at)",
+            f"IF(NEW.updated_at <=> OLD.updated_at OR NEW.updated_at > {now}, {now}, "
+            "NEW.updated_at)",
+            f"DROP TRIGGER IF EXISTS {inserted}",
+            f"CREATE TRIGGER {inserted} BEFORE INSERT ON {name} FOR EACH ROW SET NEW.updated_at = "
+            f"IF(NEW.updated_at > {now}, {now}, NEW.updated_at)",
         ]
     if dialect == "sqlite":
         # SQLite cannot change NEW: an AFTER trigger sets the row again (it does not fire
@@ -253,6 +272,17 @@ def trigger_ddl(dialect: str, table: Table) -> list[str]:
             f"UPDATE {name} SET updated_at = {UTC_NOW['sqlite']} WHERE rowid = NEW.rowid; END",
         ]
     return []
+
+
+def future_stamps_ddl(dialect: str, table: Table) -> list[str]:
+    """The statement that sets every ``updated_at`` of ``table`` later than the database's
+    UTC time to that time (rows a writer stamped ahead before :func:`trigger_ddl` refused
+    it; ``init-db`` runs it after installing the trigger). None on SQLite (no session time
+    zone)."""
+    if dialect not in ("postgresql", "mysql", "mariadb"):
+        return []
+    now = UTC_NOW["mysql" if dialect != "postgresql" else "postgresql"]
+    return [f"UPDATE {table.name} SET updated_at = {now} WHERE updated_at > {now}"]
 
 
 def delete_trigger_ddl(dialect: str, table: Table) -> list[str]:

@@ -10,9 +10,12 @@ it had ``row_id`` gets the column, ``ALTER TABLE ... ADD COLUMN`` on every engin
 idempotent: ``init-db`` runs it every time, on a new database too.
 
 - PostgreSQL: ``ALTER TABLE ... ALTER COLUMN ... SET DEFAULT``; the trigger function
-  ``mapsync_updated_at()`` and one trigger per table.
+  ``mapsync_updated_at()`` and one trigger per table (``INSERT`` and ``UPDATE``); then every
+  ``updated_at`` later than the database's UTC time is set to it (a writer that stamped local
+  time before the trigger refused it: :func:`~mapsync.sources.schema.future_stamps_ddl`).
 - MariaDB/MySQL: ``ALTER TABLE ... MODIFY COLUMN`` with the column's whole definition (the
-  only way to give an expression default); one trigger per table.
+  only way to give an expression default); two triggers per table (``UPDATE``, ``INSERT``),
+  and the future stamps as on PostgreSQL.
 - SQLite cannot change a column's default: a table whose columns lack one is rebuilt (the
   documented twelve-step way: a new table, the rows copied, the old one dropped, the new one
   renamed, its indexes created again), in one transaction, foreign keys off meanwhile.
@@ -45,6 +48,15 @@ def install(engine: Engine) -> None:
                 conn.exec_driver_sql(statement)
             for statement in t.moved_trigger_ddl(dialect, table):
                 conn.exec_driver_sql(statement)
+            for statement in t.future_stamps_ddl(dialect, table):
+                moved = conn.exec_driver_sql(statement).rowcount
+                if moved:
+                    _log.warning(
+                        "updated_at later than the database's UTC time set to it (a writer "
+                        "stamped local time: write UTC, or leave updated_at to the database)",
+                        table=table.name,
+                        rows=moved,
+                    )
         # An index create_all does not add to a table that exists already.
         t.alias_expires.create(conn, checkfirst=True)
         # The deletion log: a publisher reads only what came after its last id (PostgreSQL's

@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy import create_engine
 
 from mapsync.sources.seed import init_db
-from tests.conftest import Cluster
+from tests.conftest import Cluster, make_cluster
 from tests.helpers import writers
 from tests.helpers.agent import unreferenced_account
 from tests.helpers.own_maps import run_sql
@@ -98,3 +98,64 @@ def test_publish_sees_an_update_that_forgets_updated_at_at_once(cluster: Cluster
     out = cluster.publish().stdout  # not "unchanged": the trigger moved updated_at
     assert "published serial 2" in out, out
     assert address not in keys(cluster, "mx", "recipients")
+
+
+# A session east of UTC, as each engine sets it: its CURRENT_TIMESTAMP is hours ahead.
+EAST = {"postgresql": "SET TIME ZONE 'Asia/Tokyo'", "mariadb": "SET time_zone = '+09:00'"}
+
+
+@pytest.mark.parametrize("engine", sorted(EAST))
+def test_a_writer_east_of_utc_hides_no_later_write(
+    engine: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """CURRENT_TIMESTAMP in a session east of UTC is local time in these columns: the row was
+    the table's newest for hours, and every later write (the trigger's true UTC stamp) left
+    the fingerprint as it was ("unchanged" until the next full check). The trigger now puts
+    a stamp in the future at the database's UTC time, on UPDATE and INSERT, and init-db
+    does so to rows stamped ahead before it."""
+    url = request.getfixturevalue("pg_url" if engine == "postgresql" else "mariadb_url")
+    cluster = make_cluster(tmp_path / "c", url, accounts=40, domains=3, aliases=10)
+    cluster.publish()
+    db = create_engine(url)
+
+    def east(*statements: str) -> None:
+        with db.begin() as conn:
+            conn.exec_driver_sql(EAST[engine])
+            for statement in statements:
+                conn.exec_driver_sql(statement)
+
+    def unreferenced() -> tuple[int, str]:
+        with db.connect() as conn:
+            return unreferenced_account(conn)
+
+    try:
+        first, first_address = unreferenced()
+        east(
+            "UPDATE account SET status = 'disabled', updated_at = CURRENT_TIMESTAMP "
+            f"WHERE id = {first}",
+            "INSERT INTO customer (ext_id, name, created_at, updated_at) "
+            "VALUES ('EAST-1', 'east', CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)",
+        )
+        cluster.publish()
+        assert first_address not in keys(cluster, "mx", "recipients")
+        # Another writer, in UTC, forgetting updated_at: the trigger stamps the true time.
+        second, second_address = unreferenced()
+        run_sql(url, f"UPDATE account SET status = 'disabled' WHERE id = {second}")
+        out = cluster.publish().stdout
+        assert "unchanged" not in out, out
+        assert second_address not in keys(cluster, "mx", "recipients")
+        ahead = _now() + timedelta(minutes=5)
+        assert writers.updated_at(url, "account", f"id = {first}") < ahead
+        assert writers.updated_at(url, "customer", "ext_id = 'EAST-1'") < ahead
+
+        # Rows stamped ahead before the trigger refused it: init-db sets them to its time.
+        trigger = "account_updated_at" + (" ON account" if engine == "postgresql" else "")
+        run_sql(url, f"DROP TRIGGER {trigger}")
+        east(f"UPDATE account SET updated_at = CURRENT_TIMESTAMP WHERE id = {second}")
+        assert writers.updated_at(url, "account", f"id = {second}") > ahead
+        proc = cluster.cli("init-db", "--database", url)
+        assert proc.returncode == 0, proc.stderr
+        assert "rows=1 table=account" in proc.stderr, proc.stderr
+        assert writers.updated_at(url, "account", f"id = {second}") < ahead
+    finally:
+        db.dispose()
