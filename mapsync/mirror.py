@@ -23,7 +23,8 @@ Per channel, one run:
    not delay it, nor take the space it needs); one that fails is a warning, and leaves
    nothing in staging.
 5. prunes, after that, the releases no longer wanted: those SOURCE no longer has, or with
-   ``keep`` all but the newest ``keep``; never the one LATEST names.
+   ``keep`` all but the newest ``keep``, and whatever ``keep`` says those carrying a map
+   with password hashes the release LATEST names no longer has; never the one LATEST names.
 
 The whole run holds ``DEST/.lock``. An error in one channel leaves that channel's DEST as
 it was (its LATEST still names a whole release) and the other channels go on.
@@ -68,6 +69,7 @@ from mapsync.release import (
     parse_manifest,
     patch_dir,
     release_dir,
+    secrets_beyond,
     serial_names,
 )
 from mapsync.signing import Keyring
@@ -359,6 +361,7 @@ class _Channel:
         return {*here[-self.m.keep :], serial}
 
     def _prune(self, serial: int, wanted: set[int]) -> list[int]:
+        wanted = wanted - self._secret_leftovers(serial)
         pruned = []
         for old in self._dest_serials():
             if old in wanted or old == serial:
@@ -387,6 +390,37 @@ class _Channel:
             if old not in here:  # the patches of a release no longer served
                 remove_tree(self.home / patch_dir(old), ignore_errors=True)
         return pruned
+
+    def _secret_leftovers(self, serial: int) -> set[int]:
+        """The releases here before ``serial`` (the one LATEST names) holding a map with
+        password hashes that release ``serial`` no longer has: the publisher removed them with
+        the release that drops the map, and a mirror keeping them (``--keep``, or a run killed
+        before its prune) would still serve them to every node of the channel. A manifest
+        that does not read is left to the count, as the publisher leaves it."""
+        path = self.home / release_dir(serial) / MANIFEST
+        try:
+            carried = set(parse_manifest(path.read_bytes(), str(path)).maps)
+        except (OSError, MapsyncError):
+            return set()
+        found = set()
+        for old in self._dest_serials():
+            path = self.home / release_dir(old) / MANIFEST
+            if old >= serial:
+                continue
+            try:
+                secret = secrets_beyond(parse_manifest(path.read_bytes(), str(path)), carried)
+            except (OSError, MapsyncError):
+                continue
+            if secret:
+                _log.warning(
+                    "removing a release carrying password hashes the channel no longer carries "
+                    "(its nodes could still fetch them)",
+                    channel=self.name,
+                    serial=old,
+                    maps=",".join(secret),
+                )
+                found.add(old)
+        return found
 
     # -- copies ------------------------------------------------------------------------------
 

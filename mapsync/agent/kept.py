@@ -21,7 +21,7 @@ from stat import S_ISREG
 
 from mapsync.atomic import commit_dir, copy_into, remove_tree
 from mapsync.errors import MapsyncError
-from mapsync.release import MANIFEST, SIGNATURE, Manifest, is_secret, parse_manifest
+from mapsync.release import MANIFEST, SIGNATURE, Manifest, parse_manifest, secrets_beyond
 
 KEPT = "releases"
 
@@ -105,7 +105,7 @@ class KeptReleases:
             manifest = parse_manifest(path.read_bytes(), str(path))
         except (OSError, MapsyncError):
             return False
-        return any(n not in carried and is_secret(n, m) for n, m in manifest.maps.items())
+        return bool(secrets_beyond(manifest, carried))
 
 
 def _copy_private(src: Path, dst: Path) -> None:

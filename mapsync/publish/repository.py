@@ -45,12 +45,12 @@ from mapsync.release import (
     Latest,
     Manifest,
     check_manifest_size,
-    is_secret,
     iso,
     manifest_sha256,
     parse_iso,
     parse_latest,
     parse_manifest,
+    secrets_beyond,
     serial_names,
     utcnow,
 )
@@ -467,7 +467,7 @@ class Repository:
                 old = self.manifest(channel, serial)
             except MapsyncError:
                 continue
-            secret = sorted(n for n, m in old.maps.items() if n not in carried and is_secret(n, m))
+            secret = secrets_beyond(old, carried)
             if secret:
                 yield serial, secret
 

@@ -19,6 +19,7 @@ from mapsync.release.catalogue import (
     check_map_names,
     is_secret,
     map_spec,
+    secrets_beyond,
     separator,
 )
 from mapsync.release.format import (
@@ -93,6 +94,7 @@ __all__ = [
     "patch_file",
     "release_dir",
     "same_maps",
+    "secrets_beyond",
     "separator",
     "serial_names",
     "utcnow",

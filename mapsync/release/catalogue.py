@@ -11,6 +11,7 @@ read by :func:`map_spec`.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from mapsync.errors import VerificationError
@@ -84,6 +85,15 @@ def is_secret(name: str, entry: MapEntry | None) -> bool:
     return name in SECRET_MAPS or (
         entry is not None and entry.custom is not None and entry.custom.secret
     )
+
+
+def secrets_beyond(manifest: Manifest, carried: Collection[str]) -> list[str]:
+    """The maps of ``manifest`` that carry password hashes and are not among ``carried`` (the
+    maps of the release a channel's LATEST names now), sorted: a kept copy of that release
+    would still serve hashes the channel no longer carries (a ``dovecot_users`` put into the
+    MX channel by mistake, then taken out). The publisher's repository, a mirror and a node's
+    kept releases drop such a release."""
+    return sorted(n for n, m in manifest.maps.items() if n not in carried and is_secret(n, m))
 
 
 def check_map_names(manifest: Manifest, where: str) -> None:

@@ -11,7 +11,9 @@ installs the release dropping it drops its own kept copies of those releases ali
 
 from __future__ import annotations
 
+import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -81,3 +83,42 @@ def test_releases_with_hashes_the_channel_dropped_are_no_longer_served(
     assert refused.returncode == 2 and "release 2 is not kept (kept: 1, 4)" in refused.stderr
     cluster.cli("rollback", "--publisher", "--channel", "mx", "1", check=True)
     assert _tree(cluster, secret) == []
+
+
+def test_a_mirror_with_keep_drops_the_releases_with_hashes_the_channel_dropped(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """A mirror run as docs/scaling.md sets one up (``--keep 5``) keeps releases SOURCE no
+    longer has: those the publisher removed for the hashes they carry stayed fetchable from
+    the mirror by every node of the channel. The mirror drops them when LATEST moves to the
+    release that drops the map, and in a run that finds LATEST already there."""
+    dest = tmp_path / "mirror"
+
+    def mirror(*args: str) -> subprocess.CompletedProcess[str]:
+        return cluster.cli("mirror", str(cluster.repo), str(dest), "--keep", "5", *args)
+
+    cluster.publish()  # serial 1: the MX maps alone
+    _set_mx_maps(cluster, MX_MAPS.replace('"transport"]', '"transport", "dovecot_users"]'))
+    cluster.publish()  # serial 2: the mistake
+    add_account(cluster, "late", "example-2.org")
+    cluster.publish()  # serial 3
+    assert mirror().returncode == 0
+    assert sorted(p.name for p in (dest / "mx" / "releases").iterdir()) == ["1", "2", "3"]
+    for serial in ("2", "3"):
+        shutil.copytree(dest / "mx" / "releases" / serial, tmp_path / "old" / serial)
+
+    _set_mx_maps(cluster, MX_MAPS)
+    cluster.publish("--force")  # serial 4 drops dovecot_users, and releases 2 and 3 with it
+    p = mirror()
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "pruned releases 2, 3" in p.stdout, p.stdout
+    assert sorted(p.name for p in (dest / "mx" / "releases").iterdir()) == ["1", "4"]
+    assert [q for q in (dest / "mx").rglob("dovecot_users*")] == []
+
+    # A run killed after LATEST moved, before its prune: the next one, LATEST unchanged,
+    # drops them too.
+    for serial in ("2", "3"):
+        shutil.copytree(tmp_path / "old" / serial, dest / "mx" / "releases" / serial)
+    p = mirror()
+    assert p.stdout == "mx: serial 4 is current; pruned releases 2, 3\n", p.stdout + p.stderr
+    assert sorted(p.name for p in (dest / "mx" / "releases").iterdir()) == ["1", "4"]
