@@ -68,17 +68,51 @@ def record_run(
         note["last_error"] = error
     if error is None and every:
         note["last_success"] = now
-    runs = note.get("channels")
-    runs = dict(runs) if isinstance(runs, dict) else {}
+    runs = _channel_notes(note)
     for name in channels:
-        run = runs.get(name)
-        run = dict(run) if isinstance(run, dict) else {}
+        run = runs.get(name, {})
         run["last_run"], run["last_error"] = now, error
         if error is None:
             run["last_success"] = now
         runs[name] = run
     note["channels"] = runs
+    note[CHANNELS_WITH] = _top(note)
     _write(repository, note, "the publish run")
+
+
+# The top-level fields as the run that last wrote the per-channel notes left them. A version
+# before those notes keeps "channels" as it reads it but writes only the top-level fields (a
+# `publish --interval` loop not restarted since the upgrade): top-level fields that differ
+# are a run of such a version, newer than every per-channel note. (Not the time alone: two
+# runs in one second have the same.)
+CHANNELS_WITH = "channels_written_with"
+
+
+def _top(note: dict[str, object]) -> list[object]:
+    return [note.get("last_run"), note.get("last_error"), note.get("last_success")]
+
+
+def _channel_notes(note: dict[str, object]) -> dict[str, dict[str, object]]:
+    """Each channel's own note of its runs (``last_run``, ``last_success``, ``last_error``),
+    a copy. Runs an earlier version noted since (see :data:`CHANNELS_WITH`) are folded in as
+    that version noted them, as runs of every channel: its last run and error, and its last
+    success where newer. (A note written today before :data:`CHANNELS_WITH` has none: its
+    per-channel notes are taken as they are.)"""
+    found = note.get("channels")
+    runs = {
+        name: dict(run)
+        for name, run in (found.items() if isinstance(found, dict) else ())
+        if isinstance(run, dict)
+    }
+    if not runs or note.get(CHANNELS_WITH, _top(note)) == _top(note):
+        return runs
+    success = _stamp(note, "last_success")
+    for run in runs.values():
+        run["last_run"], run["last_error"] = note.get("last_run"), note.get("last_error")
+        own = _stamp(run, "last_success")
+        if success is not None and (own is None or success > own):
+            run["last_success"] = note["last_success"]
+    return runs
 
 
 def _write(repository: Path, note: dict[str, object], what: str) -> None:
@@ -190,14 +224,13 @@ def _ago(then: datetime | None, now: datetime) -> str:
 
 
 def _runs(note: dict[str, object], names: Collection[str]) -> dict[str, _Run]:
-    """Each channel's last run, success and error: its own note, else (a note written before
-    the per-channel notes, or a channel no run has named yet) the runs of every channel."""
-    runs = note.get("channels")
-    runs = runs if isinstance(runs, dict) else {}
+    """Each channel's last run, success and error: its own note (with the runs an earlier
+    version noted since, :func:`_channel_notes`), else (a note written before the
+    per-channel notes, or a channel no run has named yet) the runs of every channel."""
+    runs = _channel_notes(note)
     out = {}
     for name in names:
-        run = runs.get(name)
-        run = run if isinstance(run, dict) else note
+        run = runs.get(name, note)
         error = run.get("last_error")
         out[name] = _Run(
             _stamp(run, "last_run"),

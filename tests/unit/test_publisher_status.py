@@ -11,7 +11,7 @@ import pytest
 from mapsync.config import PublisherChannel, PublisherConfig
 from mapsync.errors import EXIT_ERROR, EXIT_OK, EXIT_UNKNOWN, EXIT_WARNING
 from mapsync.publish.runlog import RUNLOG, publisher_status, record_pushes, record_run
-from mapsync.release import iso, utcnow
+from mapsync.release import iso, parse_iso, utcnow
 
 
 def _cfg(repo: Path) -> PublisherConfig:
@@ -165,3 +165,45 @@ def test_a_channel_run_alone_never_is_critical_and_a_partial_run_leaves_the_old_
     )
     record_run(tmp_path, None, ["mx", "store"])
     assert publisher_status(_cfg(tmp_path)).code == EXIT_OK
+
+
+def _run_of_an_earlier_version(repo: Path, error: str | None) -> None:
+    """What record_run of a version before the per-channel notes writes (a ``publish
+    --interval`` loop not restarted since the upgrade): the top-level fields, the rest of the
+    note kept as read."""
+    note = json.loads((repo / RUNLOG).read_text())
+    now = iso(utcnow())
+    note["last_run"], note["last_error"] = now, error
+    if error is None:
+        note["last_success"] = now
+    (repo / RUNLOG).write_text(json.dumps(note))
+
+
+def _age_note(repo: Path, days: int) -> None:
+    """The note of one run as if written ``days`` ago (every time in it: that run's)."""
+    text = (repo / RUNLOG).read_text()
+    run = json.loads(text)["last_run"]
+    (repo / RUNLOG).write_text(text.replace(run, iso(parse_iso(run) - timedelta(days=days))))
+
+
+def test_runs_an_earlier_version_notes_after_this_one_count_for_every_channel(
+    tmp_path: Path,
+) -> None:
+    """Upgraded, one `publish` by hand, the old loop still running: its runs updated only the
+    top-level fields, and status read the per-channel notes of that one run: "no publish run
+    for 4d", then CRITICAL "releases are not being renewed", of a publisher that ran every
+    10 seconds; and its failures were not seen at all."""
+    record_run(tmp_path, None, ["mx", "store"])
+    _age_note(tmp_path, 4)
+    _run_of_an_earlier_version(tmp_path, None)
+    st = publisher_status(_cfg(tmp_path))
+    assert (st.code, st.message[:23]) == (EXIT_OK, "last successful run 0s "), st.message
+    _run_of_an_earlier_version(tmp_path, "database down")
+    st = publisher_status(_cfg(tmp_path))
+    assert st.code == EXIT_WARNING and st.message.startswith("last run failed "), st.message
+    assert st.last_error == "database down"
+    # This version runs one channel again: the other keeps what the earlier one noted.
+    _run_of_an_earlier_version(tmp_path, None)
+    record_run(tmp_path, None, ["mx"], every=False)
+    st = publisher_status(_cfg(tmp_path))
+    assert st.code == EXIT_OK, st.message
