@@ -1,5 +1,5 @@
 """A run that finds nothing changed imports only what it uses: `pull -q` (every few minutes
-on every node) neither cryptography, SQLAlchemy nor structlog; `publish -q` (SQLite) neither
+on every node) and `status` neither cryptography, SQLAlchemy nor structlog; `publish -q` (SQLite) neither
 SQLAlchemy nor structlog.
 Each costs tens of milliseconds of a run that should take a fraction of a second. (Without
 -q a pull logs "up to date" at INFO, and imports structlog to do so.)"""
@@ -42,6 +42,11 @@ def test_nothing_changed_runs_import_only_what_they_use(cluster: Cluster) -> Non
     pull = imported(cluster, "pull")
     assert "mapsync.agent.pull" in pull  # not vacuous
     assert not {"cryptography", "sqlalchemy", "structlog"} & pull
+    # `status` (Nagios, every minute) compares the live release's signer with the trusted
+    # keys' ids, read from the key files without cryptography (signing.public_key_id).
+    status = imported(cluster, "status")
+    assert "mapsync.agent.status" in status  # not vacuous
+    assert not {"cryptography", "sqlalchemy", "structlog"} & status
     publish = imported(cluster, "publish")
     assert "mapsync.publish.quiet" in publish  # not vacuous
     assert "cryptography" in publish  # our signature checked
