@@ -79,3 +79,10 @@ EXIT_CODES: list[tuple[int, str]] = [
     (UnsafePlan.exit_code, "unsafe plan refused by a guard"),
     (VerificationError.exit_code, "verification failed (signature, serial, expiry, hash)"),
 ]
+
+
+def described(exc: BaseException) -> str:
+    """``exc`` in words, an OSError with the path it concerns (not a bare "[Errno 28]")."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+    return str(exc)

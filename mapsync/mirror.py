@@ -48,6 +48,7 @@ from mapsync.errors import (
     MapsyncError,
     TransportError,
     VerificationError,
+    described,
 )
 from mapsync.formats import text
 from mapsync.locks import waiting_lock
@@ -287,7 +288,7 @@ class _Channel:
             except (MapsyncError, OSError) as exc:
                 # Not what nodes fetch (they fetch what LATEST names): a warning, retried when
                 # LATEST next moves.
-                problem = _described(exc)
+                problem = described(exc)
                 _log.warning(
                     "older release not mirrored", channel=self.name, serial=serial, problem=problem
                 )
@@ -374,7 +375,7 @@ class _Channel:
                     "old release not removed",
                     channel=self.name,
                     serial=old,
-                    problem=f"{exc.filename}: {exc.strerror}",
+                    problem=described(exc),
                 )
                 continue
             pruned.append(old)
@@ -639,7 +640,7 @@ class _Channel:
                     directory, manifest
                 )
             except (OSError, MapsyncError) as exc:
-                problem = _described(exc)
+                problem = described(exc)
             if problem is not None:
                 damaged[f"release {serial}"] = problem
                 set_aside.append(serial)  # LATEST's: the quick check that follows finds it gone
@@ -690,7 +691,7 @@ class _Channel:
         except FileNotFoundError:
             return None
         except OSError as exc:
-            return _described(exc)
+            return described(exc)
         wanted = {p.file: p for p in manifest.patches.values()}
         extra = sorted(names - set(wanted) - {MANIFEST_PATCH})
         if extra:
@@ -700,7 +701,7 @@ class _Channel:
             try:
                 got = self._sha256(path) if path.is_file() and not path.is_symlink() else None
             except OSError as exc:
-                return _described(exc)
+                return described(exc)
             if got != (wanted[name].sha256, wanted[name].size):
                 return f"{path}: sha256 or size differ from the manifest's; the patch was altered"
         if MANIFEST_PATCH in names:
@@ -715,7 +716,7 @@ class _Channel:
                 if apply_manifest_patch(previous, path.read_bytes(), str(path)) != data:
                     return f"{path}: does not give the release's manifest"
             except (OSError, VerificationError) as exc:
-                return _described(exc)
+                return described(exc)
         return None
 
     def _refetch_patches(self, serial: int, manifest: Manifest, damaged: dict[str, str]) -> None:
@@ -724,7 +725,7 @@ class _Channel:
             data = (self.home / release_dir(serial) / MANIFEST).read_bytes()
             self._copy_patches(serial, manifest, data, self._previous_manifest(manifest))
         except (OSError, MapsyncError) as exc:
-            damaged[key] += f"; removed, not copied again: {_described(exc)}"
+            damaged[key] += f"; removed, not copied again: {described(exc)}"
             return
         finally:
             remove_tree(self.work / f"{serial}.patches", ignore_errors=True)
@@ -756,7 +757,7 @@ class _Channel:
             try:
                 self._copy(serial, None, here)
             except (MapsyncError, OSError) as exc:
-                damaged[key] += f"; removed, not copied again: {_described(exc)}"
+                damaged[key] += f"; removed, not copied again: {described(exc)}"
                 continue
             here.append(serial)
             done.copied.append(serial)
@@ -787,7 +788,7 @@ class _Channel:
             if newer:
                 return self._verify_here(latest)
         except OSError as exc:
-            return f"{exc.filename}: {exc.strerror}"
+            return described(exc)
         except MapsyncError as exc:
             return str(exc)
         return None
@@ -799,13 +800,6 @@ class _Channel:
         path = self.home / release_dir(serial)
         if os.path.lexists(path):
             os.rename(path, self.work / f"old-{serial}")
-
-
-def _described(exc: BaseException) -> str:
-    """``exc`` in words, an OSError with the path it concerns (not a bare "[Errno 28]")."""
-    if isinstance(exc, OSError) and exc.strerror:
-        return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
-    return str(exc)
 
 
 def _extra_files(directory: Path, manifest: Manifest, where: str) -> str | None:
@@ -833,7 +827,7 @@ def mirror_channels(
             except MapsyncError as exc:
                 failed.append((name, exc))
             except OSError as exc:
-                failed.append((name, MapsyncError(f"{mirror.dest / name}: {_described(exc)}")))
+                failed.append((name, MapsyncError(f"{mirror.dest / name}: {described(exc)}")))
     return done, failed
 
 

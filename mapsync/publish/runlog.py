@@ -16,7 +16,14 @@ from pathlib import Path
 from mapsync import log
 from mapsync.atomic import atomic_write
 from mapsync.config import PublisherConfig
-from mapsync.errors import EXIT_ERROR, EXIT_OK, EXIT_UNKNOWN, EXIT_WARNING, MapsyncError
+from mapsync.errors import (
+    EXIT_ERROR,
+    EXIT_OK,
+    EXIT_UNKNOWN,
+    EXIT_WARNING,
+    MapsyncError,
+    described,
+)
 from mapsync.release import iso, parse_iso, utcnow
 
 RUNLOG = ".publisher.json"
@@ -37,13 +44,6 @@ def _read(repository: Path) -> dict[str, object]:
     except (FileNotFoundError, NotADirectoryError, ValueError, UnicodeDecodeError):
         return {}
     return data if isinstance(data, dict) else {}
-
-
-def described(exc: BaseException) -> str:
-    """``exc`` in words, an OSError with the path it concerns (not a bare "[Errno 28]")."""
-    if isinstance(exc, OSError) and exc.strerror:
-        return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
-    return str(exc)
 
 
 def record_run(

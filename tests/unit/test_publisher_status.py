@@ -124,7 +124,7 @@ def test_a_channel_that_no_longer_pushes_is_not_warned_about(tmp_path: Path) -> 
 
 def test_a_run_ended_by_an_os_error_is_noted_with_its_path() -> None:
     """A full disk ended every run with an OSError that was never noted (status said OK)."""
-    from mapsync.publish.runlog import described as _described
+    from mapsync.errors import described as _described
 
     full = OSError(28, "No space left on device", "/srv/mapsync/mx/.staging/7/virtual")
     assert _described(full) == "/srv/mapsync/mx/.staging/7/virtual: No space left on device"
