@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import grp
+import hashlib
 import os
 import pwd
 import stat
@@ -154,3 +155,17 @@ def drifted(ch: AgentChannel, manifest: Manifest, directory: Path) -> list[str]:
                 if settings_differ(directory / file, owners[name]):
                     found.append(file)
     return found
+
+
+def unmet_key(ch: AgentChannel, manifest: Manifest, directory: Path) -> str:
+    """How ``ownership_unmet`` names the live set in ``directory`` with the files settings
+    now: its name and inode (a name comes back) and a digest of the settings. A set built
+    again whose files could not keep them either (a filesystem that forces modes) is not
+    built again for them before the next release; ``status`` says so."""
+    try:
+        inode = directory.stat().st_ino
+    except OSError:
+        inode = 0
+    owners = ownership(ch, manifest, live=True)
+    wanted = hashlib.sha256(repr(sorted(owners.items())).encode()).hexdigest()[:16]
+    return f"{directory.name} {inode} {wanted}"

@@ -13,7 +13,6 @@ the source: the release it installs (never below the serial floor) replaces the 
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -23,7 +22,7 @@ from mapsync import log
 from mapsync.agent.damage import LiveCheck, check_live, untrusted_signer
 from mapsync.agent.liveset import SETS
 from mapsync.agent.node import NodeChannel
-from mapsync.agent.owners import drifted, ownership
+from mapsync.agent.owners import drifted, unmet_key
 from mapsync.agent.state import ChannelState
 from mapsync.config import AgentChannel, AgentConfig
 from mapsync.errors import InstallError, MapsyncError
@@ -206,13 +205,7 @@ def _drifted(ch: AgentChannel, manifest: Manifest, directory: Path) -> tuple[lis
         return [], ""
     if not found:
         return [], ""  # every pull: nothing more to work out
-    try:
-        inode = directory.stat().st_ino
-    except OSError:
-        inode = 0
-    owners = ownership(ch, manifest, live=True)
-    wanted = hashlib.sha256(repr(sorted(owners.items())).encode()).hexdigest()[:16]
-    return found, f"{directory.name} {inode} {wanted}"
+    return found, unmet_key(ch, manifest, directory)
 
 
 def _give_ownership(

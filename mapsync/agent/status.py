@@ -14,7 +14,7 @@ from pathlib import Path
 from mapsync.access import denied
 from mapsync.agent.damage import check_live, untrusted_signer
 from mapsync.agent.node import NodeChannel
-from mapsync.agent.owners import drifted
+from mapsync.agent.owners import drifted, unmet_key
 from mapsync.agent.state import ChannelState, StateDamaged
 from mapsync.atomic import atomic_write
 from mapsync.config import AgentChannel, AgentConfig
@@ -174,7 +174,7 @@ def channel_status(
             problems.append((EXIT_ERROR, "nothing installed"))
     else:
         if not live.damaged:
-            problems += _ownership(ch, manifest, paths.target)
+            problems += _ownership(ch, manifest, live.directory, state.ownership_unmet)
         st.serial = manifest.serial
         st.installed_age = _age(manifest.created, now)
         st.expires = manifest.expires
@@ -266,21 +266,35 @@ def channel_status(
     return st
 
 
-def _ownership(ch: AgentChannel, manifest: Manifest, target: Path) -> list[tuple[int, str]]:
-    """A WARNING for live files whose mode, owner or group are not what the channel's
-    ``files`` settings give (a ``chmod 600`` by hand: Postfix, not root, can no longer read
-    the map): the next pull gives them back."""
+def _ownership(
+    ch: AgentChannel, manifest: Manifest, directory: Path | None, unmet: str | None
+) -> list[tuple[int, str]]:
+    """A WARNING for live files (in the live set ``directory``) whose mode, owner or group are
+    not what the channel's ``files`` settings give (a ``chmod 600`` by hand: Postfix, not
+    root, can no longer read the map): the next pull gives them back, unless ``unmet`` (the
+    state's ``ownership_unmet``) says a set built again could not keep them either."""
+    if directory is None:
+        return []
     try:
-        found = drifted(ch, manifest, target)
+        found = drifted(ch, manifest, directory)
     except InstallError as exc:  # a user or group this node does not have: pull says so
         return [(EXIT_WARNING, f"the files settings cannot be given: {exc}")]
     if not found:
         return []
+    files = f"live file(s) {', '.join(found[:3])}{' and more' if len(found) > 3 else ''}: "
+    if unmet is not None and unmet == unmet_key(ch, manifest, directory):
+        return [
+            (
+                EXIT_WARNING,
+                f"{files}owner, group or mode not as configured, and the set "
+                "built again could not keep them either (a filesystem that forces them?); "
+                "no pull tries again before the next release (`mapsync verify --repair` does)",
+            )
+        ]
     return [
         (
             EXIT_WARNING,
-            f"live file(s) {', '.join(found[:3])}{' and more' if len(found) > 3 else ''}: "
-            "owner, group or mode not as configured (changed by hand?); "
+            f"{files}owner, group or mode not as configured (changed by hand?); "
             "the next pull restores them",
         )
     ]
