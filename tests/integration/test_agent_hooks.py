@@ -392,7 +392,7 @@ def test_settings_a_filesystem_will_not_keep_are_not_rebuilt_on_every_pull(
     # status says so, not "the next pull restores them": no pull tries before the next release.
     st = installed.cli("status")
     assert st.returncode == 1, st.stdout
-    assert "live file(s) recipients, recipients.cdb: mode, owner or group not as" in st.stdout
+    assert "live file(s) recipients, recipients.cdb: owner, group or mode not as" in st.stdout
     assert "no pull tries again before the next release" in st.stdout, st.stdout
     assert "the next pull restores them" not in st.stdout
     # Asked for (verify --repair: a full check), it is tried again all the same.
