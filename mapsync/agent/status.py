@@ -5,8 +5,6 @@ Kept free of heavy imports (no SQLAlchemy, no cryptography): monitoring runs it 
 
 from __future__ import annotations
 
-import os
-import stat
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -16,7 +14,6 @@ from mapsync.agent.damage import check_live, untrusted_signer
 from mapsync.agent.node import NodeChannel
 from mapsync.agent.owners import drifted, unmet_key
 from mapsync.agent.state import ChannelState, StateDamaged
-from mapsync.atomic import atomic_write
 from mapsync.config import AgentChannel, AgentConfig
 from mapsync.errors import (
     EXIT_ERROR,
@@ -24,11 +21,9 @@ from mapsync.errors import (
     EXIT_UNKNOWN,
     EXIT_WARNING,
     InstallError,
-    MapsyncError,
 )
+from mapsync.metrics import LEVELS, exposition, write_textfile
 from mapsync.release import Manifest, parse_iso
-
-LEVELS = {EXIT_OK: "OK", EXIT_WARNING: "WARNING", EXIT_ERROR: "CRITICAL", EXIT_UNKNOWN: "UNKNOWN"}
 
 
 @dataclass
@@ -353,45 +348,9 @@ _METRICS = (
 )
 
 
-class MetricsNotWritten(MapsyncError):
-    """``status --prometheus PATH`` could not (or would not) write PATH."""
-
-
 def write_prometheus(path: Path, statuses: list[ChannelStatus]) -> None:
     """Write the metrics of ``statuses`` to ``path``; see :func:`write_textfile`."""
     write_textfile(path, prometheus(statuses))
-
-
-def write_textfile(path: Path, metrics: str) -> None:
-    """Write ``metrics`` to ``path`` atomically, 0644. Only ever replaces a regular file (or
-    creates one): a device node, a symlink, a directory or a FIFO there is refused, not
-    replaced — the path may be mistyped, or point at something that is not ours."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        if not path.parent.is_dir():
-            raise MetricsNotWritten(
-                f"--prometheus {path}: directory {path.parent} does not exist"
-            ) from None
-    except OSError as exc:
-        raise MetricsNotWritten(f"--prometheus {path}: {exc.strerror}") from None
-    else:
-        if not stat.S_ISREG(st.st_mode):
-            kind = (
-                "a symlink"
-                if stat.S_ISLNK(st.st_mode)
-                else "a directory"
-                if stat.S_ISDIR(st.st_mode)
-                else "a device, FIFO or socket"
-            )
-            raise MetricsNotWritten(
-                f"--prometheus {path}: is {kind}, not a regular file; only a regular file is "
-                "replaced (name the textfile collector's .prom file)"
-            )
-    try:
-        atomic_write(path, metrics.encode(), mode=0o644)
-    except OSError as exc:
-        raise MetricsNotWritten(f"--prometheus {path}: {exc.strerror or exc}") from None
 
 
 def prometheus(statuses: list[ChannelStatus]) -> str:
@@ -422,14 +381,3 @@ def prometheus(statuses: list[ChannelStatus]) -> str:
         for name, n in sorted((s.entries or {}).items()):
             samples["mapsync_map_entries"].append(f'{{{label},map="{name}"}} {n}')
     return exposition(_METRICS, samples)
-
-
-def exposition(
-    metrics: tuple[tuple[str, str], ...] | list[tuple[str, str]], samples: dict[str, list[str]]
-) -> str:
-    """The text format: HELP and TYPE (gauge) of each metric, then its samples."""
-    lines = []
-    for name, help_text in metrics:
-        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge"]
-        lines += [f"{name}{sample}" for sample in samples.get(name, [])]
-    return "\n".join(lines) + "\n"

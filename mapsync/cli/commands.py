@@ -416,14 +416,13 @@ def _mirror_setup(args: argparse.Namespace) -> tuple[Mirror, int]:
 def cmd_status(args: argparse.Namespace) -> int:
     """``mapsync status``: the agent's channels (or ``--publisher``) as Nagios text, JSON or metrics; exits with the worst level."""
     from mapsync.agent.status import (
-        LEVELS,
-        MetricsNotWritten,
         channel_status,
         overall,
         perfdata,
         summary,
         write_prometheus,
     )
+    from mapsync.metrics import LEVELS, MetricsNotWritten
 
     cfg = _config(args)
     if args.publisher or (cfg.agent is None and cfg.publisher is not None):
@@ -456,7 +455,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def _publisher_status(args: argparse.Namespace, pub: config.PublisherConfig) -> int:
-    from mapsync.agent.status import LEVELS, MetricsNotWritten, write_textfile
+    from mapsync.metrics import LEVELS, MetricsNotWritten, write_textfile
     from mapsync.publish.runlog import publisher_metrics, publisher_status
 
     st = publisher_status(pub)

@@ -7,14 +7,12 @@ Kept free of heavy imports (no SQLAlchemy, no cryptography): monitoring runs it 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 from mapsync import log
-from mapsync.atomic import atomic_write
 from mapsync.config import PublisherConfig
 from mapsync.errors import (
     EXIT_ERROR,
@@ -25,25 +23,22 @@ from mapsync.errors import (
     described,
 )
 from mapsync.release import iso, parse_iso, utcnow
+from mapsync.runnote import (
+    CLOCK_SKEW,
+    read_note,
+    write_note,
+)
+from mapsync.runnote import ago as _ago
+from mapsync.runnote import first_line as _first_line
+from mapsync.runnote import stamp as _stamp
 
 RUNLOG = ".publisher.json"
 
 _log = log.get("publisher")
 
 
-def _first_line(text: str, limit: int = 300) -> str:
-    """``text`` on one line, at most ``limit`` characters: its lines joined, so a message
-    whose first line only introduces the rest (a guard's refusal) still names what and where."""
-    line = " ".join(part.strip() for part in text.strip().splitlines() if part.strip())
-    return line if len(line) <= limit else line[: limit - 1] + "…"
-
-
 def _read(repository: Path) -> dict[str, object]:
-    try:
-        data = json.loads((repository / RUNLOG).read_bytes())
-    except (FileNotFoundError, NotADirectoryError, ValueError, UnicodeDecodeError):
-        return {}
-    return data if isinstance(data, dict) else {}
+    return read_note(repository / RUNLOG)
 
 
 def record_run(
@@ -116,10 +111,7 @@ def _channel_notes(note: dict[str, object]) -> dict[str, dict[str, object]]:
 
 
 def _write(repository: Path, note: dict[str, object], what: str) -> None:
-    try:
-        atomic_write(repository / RUNLOG, (json.dumps(note, sort_keys=True) + "\n").encode())
-    except OSError as exc:
-        _log.warning(f"could not record {what}", path=str(repository / RUNLOG), error=exc)
+    write_note(repository / RUNLOG, note, what, _log)
 
 
 def record_pushes(repository: Path, failed: dict[str, str | None]) -> None:
@@ -190,37 +182,6 @@ class PublisherStatus:
     last_success: str | None = None
     last_error: str | None = None
     push_failed: str | None = None
-
-
-def _stamp(note: dict[str, object], key: str) -> datetime | None:
-    value = note.get(key)
-    if not isinstance(value, str):
-        return None
-    try:
-        return parse_iso(value)
-    except ValueError:
-        return None
-
-
-# How far in the future a recorded time may lie before status calls it a problem (as on a
-# node, mapsync.agent.status.CLOCK_SKEW): clocks are never exactly in step.
-CLOCK_SKEW = 60
-
-
-def _span(seconds: int) -> str:
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds // size}{unit}"
-    return f"{seconds}s"
-
-
-def _ago(then: datetime | None, now: datetime) -> str:
-    """``"5m ago"``, ``"never"``, or ``"5m in the future"``: never a negative age, nor a time
-    to come shown as "0s ago"."""
-    if then is None:
-        return "never"
-    seconds = int((now - then).total_seconds())
-    return f"{_span(-seconds)} in the future" if seconds < 0 else f"{_span(seconds)} ago"
 
 
 def _runs(note: dict[str, object], names: Collection[str]) -> dict[str, _Run]:

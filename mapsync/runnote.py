@@ -1,0 +1,76 @@
+"""What the run notes of long-lived commands share: ``REPO/.publisher.json``
+(:mod:`mapsync.publish.runlog`) and ``DEST/.mirror.json`` (:mod:`mapsync.mirrorlog`), each
+rewritten by every run so that ``mapsync status`` can tell a run that keeps failing.
+
+Kept free of heavy imports (no SQLAlchemy, no cryptography): monitoring reads the notes every
+minute. Neither the publisher's nor the mirror's: both stand on it.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from mapsync.atomic import atomic_write
+from mapsync.errors import described
+from mapsync.release import parse_iso
+
+# How far in the future a recorded time may lie before status calls it a problem (as on a
+# node, mapsync.agent.status.CLOCK_SKEW): clocks are never exactly in step.
+CLOCK_SKEW = 60
+
+
+def first_line(text: str, limit: int = 300) -> str:
+    """``text`` on one line, at most ``limit`` characters: its lines joined, so a message
+    whose first line only introduces the rest (a guard's refusal) still names what and where."""
+    line = " ".join(part.strip() for part in text.strip().splitlines() if part.strip())
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def read_note(path: Path) -> dict[str, object]:
+    """The note at ``path``; empty when there is none, or it is not a JSON object (damaged:
+    the next run writes a good one)."""
+    try:
+        data = json.loads(path.read_bytes())
+    except (FileNotFoundError, NotADirectoryError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def write_note(path: Path, note: dict[str, object], what: str, logger: Any) -> None:
+    """Replace the note at ``path`` atomically. Never fails the run it records: a note that
+    cannot be written is a warning in ``logger``'s log (``what``: the run, in its words)."""
+    try:
+        atomic_write(path, (json.dumps(note, sort_keys=True) + "\n").encode())
+    except OSError as exc:
+        logger.warning(f"could not record {what}", path=str(path), error=described(exc))
+
+
+def stamp(note: dict[str, object], key: str) -> datetime | None:
+    """The time recorded under ``key`` (None: none, or not one :func:`iso` wrote)."""
+    value = note.get(key)
+    if not isinstance(value, str):
+        return None
+    try:
+        return parse_iso(value)
+    except ValueError:
+        return None
+
+
+def span(seconds: int) -> str:
+    """``3d``, ``5h``, ``12m``, ``40s``."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def ago(then: datetime | None, now: datetime) -> str:
+    """``"5m ago"``, ``"never"``, or ``"5m in the future"``: never a negative age, nor a time
+    to come shown as "0s ago"."""
+    if then is None:
+        return "never"
+    seconds = int((now - then).total_seconds())
+    return f"{span(-seconds)} in the future" if seconds < 0 else f"{span(seconds)} ago"
