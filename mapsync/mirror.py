@@ -52,6 +52,7 @@ from mapsync.errors import (
 )
 from mapsync.formats import text
 from mapsync.locks import waiting_lock
+from mapsync.mirrorlog import ChannelRun, record_mirror_run
 from mapsync.release import (
     LATEST,
     MANIFEST,
@@ -100,6 +101,9 @@ class Mirrored:
     # wrong, and what was done ("copied again", "removed")
     damaged: dict[str, str] = field(default_factory=dict)
     checked: int = 0  # releases a full check hashed
+    # Older releases a full check set aside and that could not be copied again: why (as
+    # `skipped`, tried again when LATEST next moves)
+    lost: dict[int, str] = field(default_factory=dict)
 
 
 class Mirror:
@@ -130,6 +134,7 @@ class Mirror:
         self.remote = Remote(source, timeout, ssh, password_file, MODES)
         self.source = self.remote.source
         self.dest = dest
+        self.timeout = timeout
         self.keep = keep
         self.keys = keys
         local = self.remote.endpoint
@@ -741,10 +746,10 @@ class _Channel:
         try:
             offered = set(self._source_serials(latest))
         except MapsyncError as exc:
-            offered = set()
+            offered, listed = set(), False
             why = f"not copied again: {' '.join(str(exc).split())}"
         else:
-            why = "removed (SOURCE no longer has it)"
+            listed, why = True, "removed (SOURCE no longer has it)"
         here = self._dest_serials()
         for serial in sorted(serials, reverse=True):
             key = f"release {serial}"
@@ -753,11 +758,14 @@ class _Channel:
                 continue
             if serial not in offered:
                 damaged[key] += f"; {why}"
+                if not listed:
+                    done.lost[serial] = f"damaged here, {why}"
                 continue
             try:
                 self._copy(serial, None, here)
             except (MapsyncError, OSError) as exc:
                 damaged[key] += f"; removed, not copied again: {described(exc)}"
+                done.lost[serial] = f"damaged here, not copied again: {described(exc)}"
                 continue
             here.append(serial)
             done.copied.append(serial)
@@ -810,25 +818,78 @@ def _extra_files(directory: Path, manifest: Manifest, where: str) -> str | None:
 
 
 def mirror_channels(
-    mirror: Mirror, names: list[str] | None, *, full: bool = False
+    mirror: Mirror, names: list[str] | None, *, full: bool = False, interval: int | None = None
 ) -> tuple[list[Mirrored], list[tuple[str, MapsyncError]]]:
     """One pass over ``names`` (default: every channel SOURCE serves), under DEST's lock:
     what was done per channel, and each channel's error (the others go on). ``full``: each
-    channel's releases are hashed first (``--verify``)."""
+    channel's releases are hashed first (``--verify``). Every pass that gets DEST's lock,
+    failed or not, is noted in ``DEST/.mirror.json`` (``interval``: its loop's) for
+    ``mapsync status --mirror``; one that does not leaves the note to the run holding it."""
     done: list[Mirrored] = []
     failed: list[tuple[str, MapsyncError]] = []
     with mirror.locked():
-        offered = names or mirror.channels()
-        if not names:
-            failed.extend(_orphans(mirror, offered))
-        for name in offered:
-            try:
-                done.append(mirror.channel(name, full=full))
-            except MapsyncError as exc:
-                failed.append((name, exc))
-            except OSError as exc:
-                failed.append((name, MapsyncError(f"{mirror.dest / name}: {described(exc)}")))
+        try:
+            offered = names or mirror.channels()
+            if not names:
+                failed.extend(_orphans(mirror, offered))
+            for name in offered:
+                try:
+                    done.append(mirror.channel(name, full=full))
+                except MapsyncError as exc:
+                    failed.append((name, exc))
+                except OSError as exc:
+                    failed.append((name, MapsyncError(f"{mirror.dest / name}: {described(exc)}")))
+        except Exception as exc:
+            _record(mirror, exc, done, failed, full, interval)
+            raise
+        _record(mirror, None, done, failed, full, interval)
     return done, failed
+
+
+def _record(
+    mirror: Mirror,
+    error: Exception | None,
+    done: list[Mirrored],
+    failed: list[tuple[str, MapsyncError]],
+    full: bool,
+    interval: int | None,
+) -> None:
+    """Note the pass in DEST (:mod:`mapsync.mirrorlog`): per channel its error, or its
+    warning (SOURCE no longer has it; older releases not copied), and damage found here."""
+    runs: dict[str, ChannelRun] = {}
+    for d in done:
+        damaged = dict(d.damaged)
+        if d.repaired is not None:
+            damaged[f"release {d.serial}"] = f"{d.repaired}; copied again"
+        runs[d.channel] = ChannelRun(
+            mirrored=d.action == "mirrored",
+            skipped={**d.skipped, **d.lost},
+            damaged=damaged,
+        )
+    others = []
+    for name, exc in failed:
+        if not CHANNEL_NAME.match(name):
+            # `--channel` given a name no channel can have: the run's error, not a channel's
+            others.append(f"channel {name!r}: {' '.join(str(exc).split())}")
+        elif isinstance(exc, Orphaned):
+            runs[name] = ChannelRun(
+                warning=f"{mirror.source} no longer has it; what it serves is not renewed "
+                "(nodes pulling it go CRITICAL when it expires): remove "
+                f"{mirror.dest / name} when no node pulls it"
+            )
+        else:
+            runs[name] = ChannelRun(error=" ".join(str(exc).split()))
+    if error is not None:
+        others.insert(0, described(error))
+    record_mirror_run(
+        mirror.dest,
+        mirror.source,
+        "; ".join(others) or None,
+        runs,
+        interval=interval,
+        timeout=mirror.timeout,
+        full=full,
+    )
 
 
 class Orphaned(MapsyncError):

@@ -366,7 +366,9 @@ def cmd_mirror(args: argparse.Namespace) -> int:
         if loop and full_check and (not last_full or time.monotonic() - last_full[0] >= full_check):
             full = True
             last_full[:] = [time.monotonic()]
-        done, failed = mirror_channels(m, args.channel, full=full)
+        done, failed = mirror_channels(
+            m, args.channel, full=full, interval=args.interval if loop else None
+        )
         print_mirrored([d for d in done if not loop or d.action != "current" or d.damaged])
         sys.stdout.flush()
         if failed:
@@ -415,6 +417,11 @@ def _mirror_setup(args: argparse.Namespace) -> tuple[Mirror, int]:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """``mapsync status``: the agent's channels (or ``--publisher``) as Nagios text, JSON or metrics; exits with the worst level."""
+    if args.mirror is not None:
+        return _mirror_status(args)  # no config: the mirror reads none
+    cfg = _config(args)
+    if args.publisher or (cfg.agent is None and cfg.publisher is not None):
+        return _publisher_status(args, cfg.need_publisher())
     from mapsync.agent.status import (
         channel_status,
         overall,
@@ -424,9 +431,6 @@ def cmd_status(args: argparse.Namespace) -> int:
     )
     from mapsync.metrics import LEVELS, MetricsNotWritten
 
-    cfg = _config(args)
-    if args.publisher or (cfg.agent is None and cfg.publisher is not None):
-        return _publisher_status(args, cfg.need_publisher())
     agent = cfg.need_agent()
     statuses = [channel_status(agent, ch) for ch in agent.channels.values()]
     code = overall(statuses)
@@ -498,6 +502,24 @@ def cmd_check_config(args: argparse.Namespace) -> int:
             f"state {agent.state}; {watched}"
         )
     return EXIT_OK
+
+
+def _mirror_status(args: argparse.Namespace) -> int:
+    from mapsync.cli.output import printable
+    from mapsync.metrics import LEVELS, MetricsNotWritten, write_textfile
+    from mapsync.mirrorlog import mirror_metrics, mirror_status
+
+    st = mirror_status(Path(args.mirror))
+    if args.prometheus:
+        try:
+            write_textfile(Path(args.prometheus), mirror_metrics(st))
+        except MetricsNotWritten as exc:
+            report_error(f"{exc}; the metrics were not written", type(exc).__name__)
+    if args.json:
+        print(json.dumps({"status": LEVELS[st.code], "exit": st.code, **asdict(st)}, indent=2))
+    else:
+        print(printable(f"MAPSYNC MIRROR {LEVELS[st.code]} - {st.message}"))
+    return st.code
 
 
 def cmd_verify(args: argparse.Namespace) -> int:

@@ -242,19 +242,31 @@ def build_parser() -> argparse.ArgumentParser:
         "freshness of every channel on this node (Nagios exit codes)",
         "Installed serial, its age and the last good check of every channel. With "
         "--publisher (or a config without [agent]): the publisher's last run and last "
-        "successful run. Exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN.",
+        "successful run. With --mirror DEST (no config read): the last run of `mapsync "
+        "mirror` into DEST, and what DEST serves: WARNING when the last run failed, a channel "
+        "has a warning or, with --interval, no run finished for 3 intervals; CRITICAL when a "
+        "release served expires within a quarter of its lifetime. "
+        "Exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN.",
     )
     s.add_argument("--json", action="store_true", help="machine-readable output")
-    s.add_argument(
+    whose = s.add_mutually_exclusive_group()
+    whose.add_argument(
         "--publisher",
         action="store_true",
         help="the publisher's health (last run, last success, last error), not the node's",
+    )
+    whose.add_argument(
+        "--mirror",
+        metavar="DEST",
+        help="the health of the mirror in DEST (its runs, from DEST/.mirror.json; each "
+        "channel's serial and expiry as DEST serves them), not the node's",
     )
     s.add_argument(
         "--prometheus",
         metavar="FILE",
         help="also write node_exporter textfile-collector metrics to FILE (atomically); with "
-        "--publisher, the publisher's status and each channel's current serial",
+        "--publisher, the publisher's status and each channel's current serial; with "
+        "--mirror, the mirror's status and each channel's serial and expiry",
     )
 
     s = add(

@@ -62,3 +62,25 @@ def test_nothing_changed_runs_import_only_what_they_use(cluster: Cluster) -> Non
         timeout=120,
     )
     assert verbose.returncode == 0 and "component=agent" in verbose.stderr, verbose.stderr
+
+
+def test_status_of_a_mirror_or_publisher_imports_neither_the_agent_nor_the_mirror(
+    cluster: Cluster,
+) -> None:
+    """`status --mirror DEST` and `status --publisher` (monitoring, every minute) load the
+    run note's reader, not the agent, the mirror's copying, cryptography nor structlog."""
+    cluster.publish()
+    dest = cluster.root / "mirror"
+    assert cluster.cli("mirror", str(cluster.repo), str(dest)).returncode == 0
+    mirror = imported(cluster, "status", "--mirror", str(dest))
+    assert "mapsync.mirrorlog" in mirror  # not vacuous
+    heavy = {"cryptography", "sqlalchemy", "structlog"}
+    assert not heavy & mirror
+    assert not [
+        m for m in mirror if m.startswith(("mapsync.agent", "mapsync.publish", "mapsync.transport"))
+    ]
+    assert "mapsync.mirror" not in mirror
+    publisher = imported(cluster, "status", "--publisher")
+    assert "mapsync.publish.runlog" in publisher  # not vacuous
+    assert not heavy & publisher
+    assert not [m for m in publisher if m.startswith("mapsync.agent")]

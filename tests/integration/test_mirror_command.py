@@ -9,6 +9,7 @@ go only after LATEST moved, and a run with nothing new changes nothing.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -72,6 +73,15 @@ def mirrored(cluster: Cluster, upstream: RsyncDaemon, tmp_path: Path) -> Path:
     dest = tmp_path / "mirror"
     assert mirror(cluster, repo_url(upstream), dest).returncode == 0
     return dest
+
+
+def served(dest: Path) -> dict[str, tuple[object, ...]]:
+    """What DEST serves: every entry under it but the run note every run rewrites."""
+    return {k: v for k, v in tree_snapshot(dest).items() if k != ".mirror.json"}
+
+
+def status(cluster: Cluster, dest: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return cluster.cli("status", "--mirror", str(dest), *args)
 
 
 def publish_new(cluster: Cluster, n: int) -> None:
@@ -178,12 +188,12 @@ def test_a_second_run_with_nothing_new_changes_nothing(
     cluster: Cluster, upstream: RsyncDaemon, tmp_path: Path
 ) -> None:
     dest = mirrored(cluster, upstream, tmp_path)
-    before = tree_snapshot(dest)
+    before = served(dest)
     log_before = upstream.log.read_text()
     p = mirror(cluster, repo_url(upstream), dest)
     assert p.returncode == 0, p.stderr
     assert p.stdout == "mx: serial 1 is current\n"
-    assert tree_snapshot(dest) == before  # no file written, replaced or touched
+    assert served(dest) == before  # no file written, replaced or touched, but the run's note
     asked = upstream.log.read_text()[len(log_before) :]
     assert "mapsync/mx/LATEST" in asked and "releases" not in asked  # one small fetch, no more
 
@@ -239,7 +249,7 @@ def test_a_mirror_never_goes_backwards(cluster: Cluster, tmp_path: Path) -> None
     publish_new(cluster, 1)
     dest = tmp_path / "mirror"
     assert mirror(cluster, cluster.repo, dest).returncode == 0
-    before = tree_snapshot(dest)
+    before = served(dest)
 
     p = mirror(cluster, stale, dest)
     assert p.returncode == 5, p.stdout + p.stderr
@@ -247,7 +257,12 @@ def test_a_mirror_never_goes_backwards(cluster: Cluster, tmp_path: Path) -> None
     assert "refusing to go backwards, nothing changed" in p.stderr
     # The way back, where the mirror's own serial is the wrong one, is named.
     assert f"remove {dest}/mx/LATEST and run again" in p.stderr
-    assert tree_snapshot(dest) == before
+    assert served(dest) == before
+    # The refusal is the mirror's last run, for monitoring: WARNING, naming it.
+    st = status(cluster, dest)
+    assert st.returncode == 1, st.stdout
+    assert st.stdout.startswith("MAPSYNC MIRROR WARNING - last run failed "), st.stdout
+    assert "channel mx: " in st.stdout and "serial 1 is lower than 2" in st.stdout
 
     # The same serial with another manifest (a publisher restored and republished): refused too.
     forged = json.loads((stale / "mx" / "LATEST").read_bytes())
@@ -256,7 +271,7 @@ def test_a_mirror_never_goes_backwards(cluster: Cluster, tmp_path: Path) -> None
     p = mirror(cluster, stale, dest)
     assert p.returncode == 5, p.stdout + p.stderr
     assert "serial 2 names another manifest than the one this mirror serves" in p.stderr
-    assert tree_snapshot(dest) == before
+    assert served(dest) == before
 
 
 def test_a_publisher_restored_from_an_older_backup_gets_its_releases_back_from_a_mirror(
@@ -336,7 +351,7 @@ def test_channel_mirrors_only_the_channels_named(cluster: Cluster, tmp_path: Pat
     p = mirror(cluster, cluster.repo, dest)  # every channel the source has; never .private
     assert p.returncode == 0, p.stderr
     assert "mx: serial 1 mirrored" in p.stdout and "relay: serial 1 is current" in p.stdout
-    assert sorted(x.name for x in dest.iterdir()) == [".lock", "mx", "relay"]
+    assert sorted(x.name for x in dest.iterdir()) == [".lock", ".mirror.json", "mx", "relay"]
 
     p = mirror(cluster, cluster.repo / "mx", tmp_path / "wrong")  # a channel, not a repository
     assert p.returncode == 2, p.stdout + p.stderr
@@ -516,7 +531,26 @@ def test_the_documented_mirror_module_serves_the_repository_without_its_private_
         no_password = mirror(cluster, url, tmp_path / "other")
         assert no_password.returncode == 2
         assert "asks for a password" in no_password.stderr, no_password.stderr
-    assert sorted(x.name for x in dest.iterdir()) == [".lock", "mx"]
+    assert sorted(x.name for x in dest.iterdir()) == [".lock", ".mirror.json", "mx"]
+    # The mirror's own copy, served with the same module (a mirror of this mirror, or a
+    # publisher restored from it): its run note is not served either.
+    with serving(conf.replace(f"path = {cluster.repo}", f"path = {dest}"), daemon) as port:
+        url = f"rsync://mirror@127.0.0.1:{port}/mapsync-all"
+        listing = subprocess.run(
+            ["rsync", "-r", "--list-only", f"--password-file={password}", f"{url}/"],
+            capture_output=True,
+            text=True,
+        )
+        assert listing.returncode == 0, listing.stderr
+        names = [line.split()[-1] for line in listing.stdout.splitlines() if line.strip()]
+        assert "mx/LATEST" in names
+        assert [n for n in names if n != "." and n.startswith(".")] == []  # .mirror.json, .lock
+        # and a mirror of the mirror copies channels only: no note of another mirror's
+        second = tmp_path / "second"
+        p = mirror(cluster, url, second, "--password-file", str(password))
+        assert p.returncode == 0, p.stderr
+        note = json.loads((second / ".mirror.json").read_text())
+        assert note["source"] == url and list(note["channels"]) == ["mx"]
 
 
 def test_a_mirror_copies_over_ssh(cluster: Cluster, tmp_path: Path) -> None:
@@ -695,7 +729,7 @@ def test_sigterm_while_rsync_waits_on_the_source_ends_it_and_leaves_dest_as_it_w
     cluster.publish()
     dest = tmp_path / "mirror"
     assert mirror(cluster, cluster.repo, dest).returncode == 0
-    before = tree_snapshot(dest)
+    before = tree_snapshot(dest)  # the note too: a run ended by a signal did not fail
     with SilentListener() as silent:
         url = f"rsync://127.0.0.1:{silent.port}/mapsync"
         with started(cluster, "mirror", "--channel", "mx", url, str(dest)) as proc:
@@ -740,11 +774,18 @@ def test_a_disk_nearly_full_still_moves_latest_to_the_release_copied(
     assert latest(dest / "mx")["serial"] == 6
     assert "older release 2 not copied" in p.stdout and "No space left on device" in p.stdout
     assert not (dest / "mx" / ".staging").exists()
+    # Exit 0 (nodes fetch what LATEST names), but monitoring sees what is missing, also after
+    # a run that found LATEST current (it does not try again).
     (dest / "filler").unlink()
+    assert mirror(cluster, cluster.repo, dest).stdout == "mx: serial 6 is current\n"
+    st = status(cluster, dest)
+    assert st.returncode == 1, st.stdout
+    assert "channel mx: older release(s) " in st.stdout and "No space left on device" in st.stdout
     publish_new(cluster, 1)  # the older ones are copied when LATEST next moves
     p = mirror(cluster, cluster.repo, dest)
     assert p.returncode == 0, p.stdout + p.stderr
     assert releases(dest / "mx") == [1, 2, 3, 4, 5, 6, 7]
+    assert status(cluster, dest).returncode == 0
 
 
 def test_verify_finds_the_bit_rot_the_quick_check_misses_and_copies_it_again(
@@ -780,6 +821,14 @@ def test_verify_finds_the_bit_rot_the_quick_check_misses_and_copies_it_again(
     assert not (mx / ".staging").exists()
     p = mirror(cluster, cluster.repo, dest, "--verify")
     assert p.stdout == "mx: serial 2 is current; 2 release(s) checked, every file hashed\n"
+    # A full check is a run as any other: noted, with the damage it repaired (not a problem).
+    st = status(cluster, dest, "--json")
+    assert st.returncode == 0, st.stdout
+    got = json.loads(st.stdout)
+    assert got["last_full_check"] == got["last_run"]
+    (mx_status,) = got["channels"]
+    assert "release 1: " in mx_status["last_damage"] and mx_status["last_repair"]
+    assert "; channel mx: repaired " in status(cluster, dest).stdout
 
     # Only the patches damaged: they are copied again, the releases left as they are.
     flip_byte_keep_stat(mx / "patches" / "2" / "virtual.patch")
@@ -816,7 +865,105 @@ def test_a_channel_the_source_no_longer_has_is_a_warning_not_a_removal(
         "serial 1, which nobody renews" in p.stderr
     ), p.stderr
     assert tree_snapshot(dest / "edge") == before
+    st = status(cluster, dest)  # and monitoring says so, until it is removed
+    assert st.returncode == 1, st.stdout
+    assert st.stdout.startswith(
+        f"MAPSYNC MIRROR WARNING - channel edge: {cluster.repo} no longer has it; what it "
+        "serves is not renewed"
+    ), st.stdout
     # Named with --channel, only those are looked at.
     assert mirror(cluster, cluster.repo, dest, "--channel", "mx").returncode == 0
+    assert status(cluster, dest).returncode == 1  # edge not looked at: still its warning
     shutil.rmtree(dest / "edge")
+    assert status(cluster, dest).returncode == 0  # removed: no longer served, nor reported
     assert mirror(cluster, cluster.repo, dest).returncode == 0
+
+
+def test_every_run_is_noted_and_status_tells_a_mirror_that_stopped_following(
+    cluster: Cluster, upstream: RsyncDaemon, tmp_path: Path
+) -> None:
+    """`mapsync status --mirror DEST`: UNKNOWN before any run; OK while the --interval loop
+    follows; WARNING with the error when its runs fail (the upstream daemon gone), and when
+    the loop stopped (no run for 3 intervals plus its --timeout)."""
+    cluster.publish()
+    dest = tmp_path / "mirror"
+    st = status(cluster, dest)
+    assert st.returncode == 3, st.stdout
+    assert st.stdout.startswith(f"MAPSYNC MIRROR UNKNOWN - no mirror run recorded in {dest}")
+    note = dest / ".mirror.json"
+    argv = [sys.executable, "-m", "mapsync", "-q", "mirror", repo_url(upstream), str(dest)]
+    loop = subprocess.Popen(
+        [*argv, "--interval", "1", "--timeout", "1"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+
+        def noted(key: str, test: Callable[[object], bool]) -> dict[str, object]:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                try:
+                    got = json.loads(note.read_text())
+                    if test(got.get(key)):
+                        return dict(got)
+                except (FileNotFoundError, ValueError):
+                    pass
+                time.sleep(0.1)
+            raise AssertionError(f"{note}: no {key} as expected")
+
+        first = noted("last_success", bool)
+        assert first["interval"] == 1 and first["timeout"] == 1
+        assert first["source"] == repo_url(upstream)
+        assert first["last_full_check"] == first["last_success"]  # the loop's first: --verify
+        st = status(cluster, dest, "--json")
+        assert st.returncode == 0, st.stdout
+        got = json.loads(st.stdout)
+        assert got["status"] == "OK" and got["interval"] == 1
+        assert [(c["channel"], c["serial"]) for c in got["channels"]] == [("mx", 1)]
+
+        publish_new(cluster, 1)
+        noted("channels", lambda c: isinstance(c, dict) and c["mx"]["serial"] == 2)
+        assert "serving mx 2" in status(cluster, dest).stdout
+
+        upstream.stop()  # the publisher's daemon gone: every run fails
+        failed = noted("last_error", bool)
+        assert "rsync" in str(failed["last_error"])
+        st = status(cluster, dest)
+        assert st.returncode == 1, st.stdout
+        assert st.stdout.startswith("MAPSYNC MIRROR WARNING - last run failed "), st.stdout
+        assert "; last successful run " in st.stdout
+    finally:
+        loop.send_signal(signal.SIGTERM)
+        loop.wait(timeout=30)
+    assert loop.returncode == 128 + signal.SIGTERM
+    # The loop stopped: after 3 intervals and the timeout (5 s), status says so.
+    time.sleep(6)
+    st = status(cluster, dest)
+    assert st.returncode == 1, st.stdout
+    assert (
+        "no mirror run for " in st.stdout and "(it runs every 1s: stopped, or stuck?)" in st.stdout
+    )
+
+
+def test_a_run_that_never_gets_the_lock_leaves_the_note_to_the_run_holding_it(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """A run that never gets DEST's lock (another run holds it) leaves the note to that run,
+    and reads no config: status --mirror needs none either."""
+    cluster.publish()
+    dest = tmp_path / "mirror"
+    assert mirror(cluster, cluster.repo, dest).returncode == 0
+    before = (dest / ".mirror.json").read_bytes()
+    with open(dest / ".lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        p = mirror(cluster, cluster.repo, dest)
+        assert p.returncode != 0, p.stdout + p.stderr
+        assert "another mirror run holds" in p.stderr
+    assert (dest / ".mirror.json").read_bytes() == before
+    st = subprocess.run(
+        [sys.executable, "-m", "mapsync", "--config", str(tmp_path / "none.toml"), "status",
+         "--mirror", str(dest)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert st.returncode == 0, st.stdout + st.stderr
+    assert st.stdout.startswith("MAPSYNC MIRROR OK - serving mx 1; first to expire: mx, ")
