@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import stat
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -69,7 +71,7 @@ def _promtool(*args: str) -> subprocess.CompletedProcess[str]:
 def test_the_shipped_alert_rules_are_valid_and_fire_as_documented(tmp_path: Path) -> None:
     check = _promtool("check", "rules", str(RULES))
     assert check.returncode == 0, check.stdout + check.stderr
-    assert "SUCCESS: 10 rules found" in check.stdout
+    assert "SUCCESS: 13 rules found" in check.stdout
     cases = (ROOT / "tests" / "fixtures" / "prometheus" / "alerts.test.yml").read_text()
     test_file = tmp_path / "alerts.test.yml"
     test_file.write_text(cases.replace("RULES", str(RULES)))
@@ -84,7 +86,12 @@ def test_the_alert_rules_use_only_metrics_mapsync_writes(cluster: Cluster) -> No
     cluster.pull()
     cluster.cli("status", "--prometheus", str(prom))
     cluster.cli("status", "--publisher", "--prometheus", str(publisher))
+    mirror = cluster.root / "mirror.prom"
+    assert cluster.cli("mirror", str(cluster.repo), str(cluster.root / "mirror")).returncode == 0
+    cluster.cli("status", "--mirror", str(cluster.root / "mirror"), "--prometheus", str(mirror))
     written = {name for name, _, _ in _metrics(prom)} | set(_publisher_metrics(publisher))
+    written |= set(_mirror_metrics(mirror))
+    assert "mapsync_mirror_serial" in written
     assert "mapsync_last_run_failed" in written
     used = set(re.findall(r"\bmapsync_[a-z_]+\b", RULES.read_text()))
     assert used and used <= written, used - written
@@ -126,5 +133,52 @@ def test_the_publisher_writes_its_status_and_each_channels_serial(cluster: Clust
     assert metrics["mapsync_publisher_serial"] == {"mx": 1}
     last = metrics["mapsync_publisher_last_success_timestamp_seconds"][""]
     assert last == metrics["mapsync_publisher_last_run_timestamp_seconds"][""]
+    assert abs(last - time.time()) < 120
+    assert stat.S_IMODE(prom.stat().st_mode) == 0o644
+
+
+def _mirror_metrics(path: Path) -> dict[str, dict[str, int]]:
+    """metric → {channel label or "": value} of a mirror's textfile, each sample labelled
+    with its DEST."""
+    out: dict[str, dict[str, int]] = {}
+    for line in path.read_text().splitlines():
+        if line.startswith("#"):
+            assert line.split()[2].startswith("mapsync_mirror_")
+            continue
+        m = re.match(
+            r'^(mapsync_mirror_[a-z_]+)\{(?:channel="([a-z0-9_-]+)",)?dest="([^"]+)"\} (\d+)$',
+            line,
+        )
+        assert m, f"not an exposition-format sample: {line!r}"
+        out.setdefault(m.group(1), {})[m.group(2) or ""] = int(m.group(4))
+    return out
+
+
+def test_the_mirror_writes_its_status_and_each_channels_serial_and_expiry(
+    cluster: Cluster,
+) -> None:
+    """`mapsync status --mirror DEST --prometheus FILE`, after a real mirror run from a
+    repository the publisher built; no config is read."""
+    dest, prom = cluster.root / "mirror", cluster.root / "mirror.prom"
+    p = cluster.cli("status", "--mirror", str(dest), "--prometheus", str(prom))
+    assert p.returncode == 3, p.stdout  # no run yet: UNKNOWN
+    assert _mirror_metrics(prom) == {"mapsync_mirror_status": {"": 3}}
+    cluster.publish()
+    assert cluster.cli("mirror", str(cluster.repo), str(dest)).returncode == 0
+    p = subprocess.run(
+        [sys.executable, "-m", "mapsync", "status", "--mirror", str(dest), "--prometheus",
+         str(prom)],
+        capture_output=True, text=True, timeout=60, env={**os.environ, "MAPSYNC_CONFIG": "/nonexistent"},
+    )  # fmt: skip
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.stdout.startswith("MAPSYNC MIRROR OK - serving mx 1; first to expire: mx, ")
+    metrics = _mirror_metrics(prom)
+    assert metrics["mapsync_mirror_status"] == {"": 0}
+    assert metrics["mapsync_mirror_serial"] == {"mx": 1}
+    manifest = json.loads((cluster.repo / "mx" / "releases" / "1" / "MANIFEST.json").read_text())
+    expires = metrics["mapsync_mirror_expiry_timestamp_seconds"]["mx"]
+    assert time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(expires)) == manifest["expires"]
+    last = metrics["mapsync_mirror_last_success_timestamp_seconds"][""]
+    assert last == metrics["mapsync_mirror_last_run_timestamp_seconds"][""]
     assert abs(last - time.time()) < 120
     assert stat.S_IMODE(prom.stat().st_mode) == 0o644
