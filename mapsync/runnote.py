@@ -9,6 +9,8 @@ minute. Neither the publisher's nor the mirror's: both stand on it.
 from __future__ import annotations
 
 import json
+import os
+import stat
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -29,12 +31,30 @@ def first_line(text: str, limit: int = 300) -> str:
     return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
+# A note names each channel once: far less than this. A larger file is not one.
+MAX_NOTE_BYTES = 4 << 20
+
+
 def read_note(path: Path) -> dict[str, object]:
-    """The note at ``path``; empty when there is none, or it is not a JSON object (damaged:
-    the next run writes a good one)."""
+    """The note at ``path``; empty when there is none, or it is not a JSON object, or not a
+    regular file, or larger than :data:`MAX_NOTE_BYTES` (damaged: the next run writes a good
+    one). Never waits: a FIFO there would hang every status that monitoring starts."""
     try:
-        data = json.loads(path.read_bytes())
-    except (FileNotFoundError, NotADirectoryError, ValueError):
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except (FileNotFoundError, NotADirectoryError):
+        return {}
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return {}
+        with os.fdopen(fd, "rb", closefd=False) as fh:
+            raw = fh.read(MAX_NOTE_BYTES + 1)
+    finally:
+        os.close(fd)
+    if len(raw) > MAX_NOTE_BYTES:
+        return {}
+    try:
+        data = json.loads(raw)
+    except ValueError:
         return {}
     return data if isinstance(data, dict) else {}
 

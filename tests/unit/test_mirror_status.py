@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -176,6 +177,18 @@ def test_a_damaged_note_is_unknown_and_the_next_run_rewrites_it(
     (tmp_path / NOTE).write_bytes(content)
     assert mirror_status(tmp_path).code == EXIT_UNKNOWN
     run(tmp_path, mx=ChannelRun())
+    assert mirror_status(tmp_path).code == EXIT_OK
+
+
+def test_a_fifo_in_place_of_the_note_does_not_hang_status(tmp_path: Path) -> None:
+    serve(tmp_path, "mx", 4, utcnow())
+    os.mkfifo(tmp_path / NOTE)
+    got: list[int] = []
+    t = threading.Thread(target=lambda: got.append(mirror_status(tmp_path).code), daemon=True)
+    t.start()
+    t.join(10)
+    assert got == [EXIT_UNKNOWN]
+    run(tmp_path, mx=ChannelRun())  # the next run replaces it
     assert mirror_status(tmp_path).code == EXIT_OK
 
 

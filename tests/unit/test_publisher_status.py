@@ -207,3 +207,26 @@ def test_runs_an_earlier_version_notes_after_this_one_count_for_every_channel(
     record_run(tmp_path, None, ["mx"], every=False)
     st = publisher_status(_cfg(tmp_path))
     assert st.code == EXIT_OK, st.message
+
+
+def test_a_fifo_or_directory_in_place_of_the_note_is_no_note_and_never_hangs(
+    tmp_path: Path,
+) -> None:
+    """Status runs every minute as root: a FIFO where the note should be (made by the
+    repository's user) would hang each run for good, and they would pile up."""
+    import os
+    import threading
+
+    os.mkfifo(tmp_path / RUNLOG)
+    got: list[int] = []
+    t = threading.Thread(target=lambda: got.append(publisher_status(_cfg(tmp_path)).code))
+    t.daemon = True
+    t.start()
+    t.join(10)
+    assert got == [EXIT_UNKNOWN]
+    (tmp_path / RUNLOG).unlink()
+    (tmp_path / RUNLOG).mkdir()
+    assert publisher_status(_cfg(tmp_path)).code == EXIT_UNKNOWN
+    (tmp_path / RUNLOG).rmdir()
+    record_run(tmp_path, None)
+    assert publisher_status(_cfg(tmp_path)).code == EXIT_OK
