@@ -240,12 +240,14 @@ def build_parser() -> argparse.ArgumentParser:
     s = add(
         "status",
         "freshness of every channel on this node (Nagios exit codes)",
-        "Installed serial, its age and the last good check of every channel. With "
-        "--publisher (or a config without [agent]): the publisher's last run and last "
-        "successful run. With --mirror DEST (no config read): the last run of `mapsync "
-        "mirror` into DEST, and what DEST serves: WARNING when the last run failed, a channel "
-        "has a warning or, with --interval, no run finished for 3 intervals; CRITICAL when a "
-        "release served expires within a quarter of its lifetime. "
+        "Installed serial, its age and the last good check of every channel. With\n"
+        "--publisher (or a config without [agent]): the publisher's last run and last\n"
+        "successful run. With --mirror DEST (no config read): the last run of\n"
+        "`mapsync mirror` into DEST (DEST/.mirror.json) and what DEST serves: WARNING when\n"
+        "the last run failed, a channel has a warning (SOURCE no longer has it, older\n"
+        "releases not copied) or, for a mirror run with --interval, no run finished for\n"
+        "3 intervals plus its --timeout; CRITICAL when a release served expires within a\n"
+        "quarter of its lifetime, or a channel serves nothing nodes can use.\n"
         "Exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN.",
     )
     s.add_argument("--json", action="store_true", help="machine-readable output")
