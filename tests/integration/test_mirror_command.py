@@ -484,6 +484,17 @@ def test_sighup_with_a_broken_trusted_key_logs_it_and_mirrors_on_and_a_good_one_
 SCALING_MD = Path(__file__).resolve().parents[2] / "docs" / "scaling.md"
 
 
+def _listed(url: str, password: Path) -> list[str]:
+    """The names an rsync daemon module serves (``rsync -r --list-only``)."""
+    listing = subprocess.run(
+        ["rsync", "-r", "--list-only", f"--password-file={password}", f"{url}/"],
+        capture_output=True,
+        text=True,
+    )
+    assert listing.returncode == 0, listing.stderr
+    return [line.split()[-1] for line in listing.stdout.splitlines() if line.strip()]
+
+
 def test_the_documented_mirror_module_serves_the_repository_without_its_private_notes(
     cluster: Cluster, tmp_path: Path
 ) -> None:
@@ -518,13 +529,7 @@ def test_the_documented_mirror_module_serves_the_repository_without_its_private_
         p = mirror(cluster, url, dest, "--password-file", str(password))
         assert p.returncode == 0, p.stderr
         assert "mx: serial 1 mirrored, copied release 1" in p.stdout
-        listing = subprocess.run(
-            ["rsync", "-r", "--list-only", f"--password-file={password}", f"{url}/"],
-            capture_output=True,
-            text=True,
-        )
-        assert listing.returncode == 0, listing.stderr
-        names = [line.split()[-1] for line in listing.stdout.splitlines() if line.strip()]
+        names = _listed(url, password)
         assert "mx/releases/1/recipients" in names and "mx/LATEST" in names
         hidden = [n for n in names if n != "." and any(p.startswith(".") for p in n.split("/"))]
         assert hidden == [], hidden  # .private/, .lock, .publisher.json: never served
@@ -536,13 +541,7 @@ def test_the_documented_mirror_module_serves_the_repository_without_its_private_
     # publisher restored from it): its run note is not served either.
     with serving(conf.replace(f"path = {cluster.repo}", f"path = {dest}"), daemon) as port:
         url = f"rsync://mirror@127.0.0.1:{port}/mapsync-all"
-        listing = subprocess.run(
-            ["rsync", "-r", "--list-only", f"--password-file={password}", f"{url}/"],
-            capture_output=True,
-            text=True,
-        )
-        assert listing.returncode == 0, listing.stderr
-        names = [line.split()[-1] for line in listing.stdout.splitlines() if line.strip()]
+        names = _listed(url, password)
         assert "mx/LATEST" in names
         assert [n for n in names if n != "." and n.startswith(".")] == []  # .mirror.json, .lock
         # and a mirror of the mirror copies channels only: no note of another mirror's
