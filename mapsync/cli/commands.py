@@ -405,6 +405,12 @@ def _mirror_setup(args: argparse.Namespace) -> tuple[Mirror, int]:
         password_file=Path(args.password_file) if args.password_file else None,
         ssh=tuple(shlex.split(args.ssh)) if args.ssh else DEFAULT_SSH,
     )
+    if args.verify and args.interval is not None:
+        # Every pass would hash every release DEST serves (seconds at 1M accounts, each time).
+        raise ConfigError(
+            "mirror --verify: one run only; with --interval, --full-check SECONDS checks "
+            "every file every SECONDS (the first run too; 3600 by default)"
+        )
     if args.full_check is not None and args.interval is None:
         raise ConfigError("mirror --full-check: only with --interval (one run: --verify)")
     full_check = 3600 if args.full_check is None else args.full_check

@@ -227,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="this run first hashes every file of every release DEST serves against its "
         "manifest (with --trusted-key, every signature too) and copies a damaged one again "
-        "from SOURCE (bit rot, an edit by hand, which the quick check of sizes misses)",
+        "from SOURCE (bit rot, an edit by hand, which the quick check of sizes misses); one "
+        "run only (with --interval: --full-check)",
     )
     s.add_argument(
         "--full-check",

@@ -843,6 +843,10 @@ def test_full_check_is_a_loop_option(cluster: Cluster, tmp_path: Path) -> None:
     p = mirror(cluster, cluster.repo, tmp_path / "mirror", "--full-check", "60")
     assert p.returncode == 2, p.stdout + p.stderr
     assert "mirror --full-check: only with --interval (one run: --verify)" in p.stderr
+    # and --verify is one run's: in the loop it hashed every release on every pass.
+    p = mirror(cluster, cluster.repo, tmp_path / "mirror", "--interval", "10", "--verify")
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "mirror --verify: one run only; with --interval, --full-check SECONDS" in p.stderr
 
 
 def test_a_channel_the_source_no_longer_has_is_a_warning_not_a_removal(
