@@ -423,16 +423,10 @@ class Repository:
             return []
         serials = self.serials(channel)
         doomed = set(serials[:-keep] if keep < len(serials) else [])
+        secret: dict[int, list[str]] = {}
         if carried is not None and latest is not None:
-            for serial, maps in self._secrets_left(channel, serials, latest.serial, carried):
-                _log.warning(
-                    "removed a release carrying password hashes the channel no longer "
-                    "carries (its nodes could still fetch them)",
-                    channel=channel,
-                    serial=serial,
-                    maps=",".join(maps),
-                )
-                doomed.add(serial)
+            secret = dict(self._secrets_left(channel, serials, latest.serial, carried))
+            doomed.update(secret)
         removed = []
         for serial in sorted(doomed):
             if latest and serial >= latest.serial:
@@ -452,6 +446,14 @@ class Repository:
                 )
                 continue
             removed.append(serial)
+            if serial in secret:
+                _log.warning(
+                    "removed a release carrying password hashes the channel no longer "
+                    "carries (its nodes could still fetch them)",
+                    channel=channel,
+                    serial=serial,
+                    maps=",".join(secret[serial]),
+                )
         self._prune_patches(channel)
         return removed
 
