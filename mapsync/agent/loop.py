@@ -722,11 +722,45 @@ def run(
 
 def watched_inboxes(cfg: AgentConfig, config_path: Path, watch: bool) -> dict[str, AgentChannel]:
     """The channels ``agent`` watches the inbox of: with ``watch``, every one that has an
-    ``inbox`` (a ConfigError naming ``config_path`` if none has); else none."""
+    ``inbox`` (a ConfigError naming ``config_path`` if none has, or if an inbox could not be
+    watched: :func:`inbox_problem`); else none."""
     watched = {n: ch for n, ch in cfg.channels.items() if ch.inbox is not None} if watch else {}
     if watch and not watched:
         raise ConfigError(
             f"{config_path}: agent --watch needs a push inbox, but no [agent.channels.*] sets "
             "`inbox`; set one where the publisher pushes, or run without --watch"
         )
+    for name, ch in watched.items():
+        assert ch.inbox is not None
+        why = inbox_problem(ch.inbox)
+        if why is not None:
+            raise ConfigError(
+                f"{config_path}: [agent.channels.{name}] inbox {ch.inbox}: cannot be watched: {why}"
+            )
     return watched
+
+
+def inbox_problem(inbox: Path) -> str | None:
+    """Why the agent could not watch ``inbox`` (None: it can), without making anything: a
+    path there that is not a directory, or, the inbox missing (the agent makes it), a
+    nearest existing parent this process cannot make it in (a read-only filesystem, such
+    as a path outside the unit's ReadWritePaths=). Checked before the agent starts, and
+    before a SIGHUP restarts it: a restart into an inbox it cannot make would fail at every
+    start."""
+    path = inbox
+    while True:
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            if path.parent == path:
+                return f"{path} does not exist"
+            path = path.parent
+            continue
+        except OSError as exc:
+            return f"{path}: {exc.strerror or exc}"
+        break
+    if not stat.S_ISDIR(st.st_mode):
+        return f"{path} is not a directory"
+    if path != inbox and not os.access(path, os.W_OK | os.X_OK):
+        return f"it does not exist, and cannot be made in {path} (read-only, or not writable)"
+    return None
