@@ -484,8 +484,12 @@ def _publisher_status(args: argparse.Namespace, pub: config.PublisherConfig) -> 
 def cmd_check_config(args: argparse.Namespace) -> int:
     """``mapsync check-config``: load the config file (and nothing else); say what it holds."""
     cfg = _config(args)
-    if args.agent:
-        cfg.need_agent()
+    if args.agent or args.watch:
+        agent = cfg.need_agent()
+        if args.watch:
+            from mapsync.agent.loop import watched_inboxes
+
+            watched_inboxes(agent, cfg.path, True)
     if args.publisher:
         cfg.need_publisher()
     print(f"{cfg.path}: the config loads")

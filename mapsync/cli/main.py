@@ -276,11 +276,11 @@ def build_parser() -> argparse.ArgumentParser:
         "check-config",
         "check the config file without acting on it (before a restart, or systemctl reload)",
         "Read and check the config file as every command does (TOML syntax, unknown keys,\n"
-        "types, values) and say what it holds; nothing else is read or written. Exit 0 if it\n"
-        "loads, 2 with the error (file and line or key) if not. The long-running units run it\n"
-        "as their ExecReload= before the SIGHUP: `systemctl reload` fails on a broken file and\n"
-        "the running process goes on. Run it before `systemctl restart`, which stops the\n"
-        "process first.",
+        "types, values) and say what it holds; nothing else is read (with --watch, where the\n"
+        "inboxes are looked at) and nothing is written. Exit 0 if it loads, 2 with the error\n"
+        "(file and line or key) if not. The long-running units run it as their ExecReload=\n"
+        "before the SIGHUP: `systemctl reload` fails on a broken file and the running process\n"
+        "goes on. Run it before `systemctl restart`, which stops the process first.",
     )
     s.add_argument(
         "--agent",
@@ -291,6 +291,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--publisher",
         action="store_true",
         help="also require a [publisher] section (what publish needs)",
+    )
+    s.add_argument(
+        "--watch",
+        action="store_true",
+        help="also what `agent --watch` needs (mapsync-agent.service): an [agent] section "
+        "with a channel that has an inbox, each inbox a directory or one the agent can make",
     )
 
     s = add(

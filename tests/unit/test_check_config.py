@@ -74,3 +74,22 @@ def test_it_is_in_the_help() -> None:
         [sys.executable, "-m", "mapsync", "--help"], capture_output=True, text=True, check=True
     ).stdout
     assert "    check-config " in out
+
+
+def test_watch_checks_what_agent_watch_needs_as_the_agent_unit_reload_does(
+    tmp_path: Path,
+) -> None:
+    """mapsync-agent.service runs `agent --watch`: its reload must fail, on the operator's
+    terminal, for a config that agent would refuse (no inbox left), not pass and leave the
+    agent to log 'config not reloaded' where no one looks."""
+    config = tmp_path / "mapsync.toml"
+    config.write_text(AGENT.format(root=tmp_path))
+    assert check(config, "--agent").returncode == 0
+    p = check(config, "--agent", "--watch")
+    assert p.returncode == 2 and p.stdout == ""
+    assert f"{config}: agent --watch needs a push inbox" in p.stderr, p.stderr
+    config.write_text(AGENT.format(root=tmp_path) + f'inbox = "{tmp_path}/inbox/mx"\n')
+    p = check(config, "--watch")
+    assert p.returncode == 0, p.stderr
+    assert "inbox watched by `agent --watch`: mx" in p.stdout
+    assert not (tmp_path / "inbox").exists()  # looked at, not made

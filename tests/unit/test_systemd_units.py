@@ -166,7 +166,7 @@ def test_reload_checks_the_config_before_the_sighup_of_each_long_running_unit() 
     checked first (a failed ExecReload= fails the reload; the process runs on), then SIGHUP,
     which the process checks again itself (mapsync.signals.on_hangup)."""
     for name, section in (
-        ("mapsync-agent.service", "--agent"),
+        ("mapsync-agent.service", "--agent --watch"),  # as its ExecStart: `agent --watch`
         ("mapsync-publisher.service", "--publisher"),
         ("mapsync-mirror.service", None),
     ):
