@@ -20,7 +20,7 @@ from pathlib import Path
 from mapsync import log
 from mapsync.agent.node import basis_manifest
 from mapsync.atomic import remove_tree
-from mapsync.errors import TransportError, VerificationError
+from mapsync.errors import TransferStopped, TransportError, VerificationError
 from mapsync.formats import text
 from mapsync.formats.cdbpatch import Edit, NotPatchable, edits_from_changes
 from mapsync.release import Manifest, patch_dir, separator
@@ -87,6 +87,8 @@ def fetch_patched(
         for f in done.files:
             (staging / f).unlink(missing_ok=True)
         remove_tree(area, ignore_errors=True)
+        if isinstance(exc, TransferStopped):
+            raise  # this agent ended the rsync: no reason to fetch the text instead
         say = _log.info if isinstance(exc, PatchMissing) else _log.warning
         say(
             "patches not used; fetching the text with rsync",

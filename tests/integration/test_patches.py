@@ -350,3 +350,33 @@ def test_a_file_where_the_patches_belong_stops_a_publish_before_anything_is_visi
     stray.unlink()
     c.publish()
     assert sorted(os.listdir(c.repo / "mx" / "releases")) == ["1", "2"]
+
+
+def test_a_patch_fetch_the_agent_stopped_is_no_reason_to_fetch_the_text(
+    big: Cluster, tmp_path: Path
+) -> None:
+    """A patch's rsync that the agent ended itself (stopping, or a push preempting the poll)
+    was taken as a broken patch: a warning "patches not used; fetching the text with rsync",
+    and an rsync of the text that the stopped job then ended too."""
+    from structlog.testing import capture_logs
+
+    from mapsync.agent.patching import fetch_patched
+    from mapsync.errors import TransferStopped
+
+    add_account(big, "zz-stopped", "example-7.org")
+    big.publish()
+    release = _release(big, 2)
+    manifest = parse_manifest((release / MANIFEST).read_bytes(), "test")
+    assert manifest.patches
+
+    class Stopped:  # the source's rsync, ended by this agent's own job
+        source = "rsync://publisher/mx"
+
+        def fetch_files(self, *args: object, **kwargs: object) -> int:
+            raise TransferStopped("rsync stopped: the agent is stopping")
+
+    staging, area = tmp_path / "staging", tmp_path / "patches"
+    staging.mkdir()
+    with capture_logs() as logs, pytest.raises(TransferStopped):
+        fetch_patched(Stopped(), manifest, big.state / "mx" / "basis", staging, area, "mx")  # type: ignore[arg-type]
+    assert not [e for e in logs if "patches not used" in e["event"]], logs
