@@ -56,6 +56,9 @@ def record_run(
     if isinstance(error, BaseException):
         error = described(error)
     error = _first_line(error) if error is not None else None
+    # Read before this run changes the top-level fields: changed, they would read as a run
+    # of an earlier version, and every channel would take this run's time and error.
+    runs = _channel_notes(note)
     # The top-level fields are the runs of every channel (what versions before the
     # per-channel notes read): a failure of any run is noted there, a success of all only.
     note["last_run"] = now
@@ -63,7 +66,6 @@ def record_run(
         note["last_error"] = error
     if error is None and every:
         note["last_success"] = now
-    runs = _channel_notes(note)
     for name in channels:
         run = runs.get(name, {})
         run["last_run"], run["last_error"] = now, error

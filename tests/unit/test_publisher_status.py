@@ -230,3 +230,23 @@ def test_a_fifo_or_directory_in_place_of_the_note_is_no_note_and_never_hangs(
     (tmp_path / RUNLOG).rmdir()
     record_run(tmp_path, None)
     assert publisher_status(_cfg(tmp_path)).code == EXIT_OK
+
+
+def test_a_run_of_one_channel_is_noted_for_that_channel_alone(tmp_path: Path) -> None:
+    """record_run changed the top-level fields before it read the per-channel notes, took its
+    own run for one of an earlier version and noted it for every channel: a failed
+    ``publish --channel store`` marked mx failed too (status WARNING naming mx), and a run
+    of store alone said mx had run now (no 'no publish run' for an mx never run again)."""
+    record_run(tmp_path, None, ["mx", "store"])
+    _age_note(tmp_path, 1)
+    record_run(tmp_path, "refused by guards", ["store"], every=False)
+    note = json.loads((tmp_path / RUNLOG).read_text())
+    assert note["channels"]["mx"]["last_error"] is None
+    assert parse_iso(note["channels"]["mx"]["last_run"]) < utcnow() - timedelta(hours=23)
+    st = publisher_status(_cfg(tmp_path))
+    assert st.code == EXIT_WARNING and st.message.startswith("channel(s) store: "), st.message
+    assert st.last_error == "store: refused by guards"
+    # And an earlier version's run after it still counts for every channel.
+    _run_of_an_earlier_version(tmp_path, None)
+    record_run(tmp_path, None, ["mx"], every=False)
+    assert publisher_status(_cfg(tmp_path)).code == EXIT_OK
