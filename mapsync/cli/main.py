@@ -172,8 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = add(
         "mirror",
         "keep a copy of a repository in step, for an rsync daemon to serve to nodes",
-        "Copy every channel's new releases from SOURCE (a repository: path, rsync://host/module,\n"
-        "ssh://host/path) into DEST (a local directory), then LATEST, then prune. A release\n"
+        "Copy each channel's release that LATEST names from SOURCE (a repository: path,\n"
+        "rsync://host/module, ssh://host/path) into DEST (a local directory), then LATEST, then\n"
+        "the older releases SOURCE keeps (one that fails is a warning), then prune. A release\n"
         "appears whole (staging, checked against its manifest: sha256 and size of every file,\n"
         "rename) before the LATEST that names it; LATEST is written atomically and never moves\n"
         "to a lower serial (refused: exit 5, DEST unchanged). An error in one channel leaves it\n"

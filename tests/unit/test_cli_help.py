@@ -66,3 +66,11 @@ def test_help_runs_and_lists_every_command() -> None:
     for name in PUBLIC:
         assert f"    {name} " in out, name
     assert "exit codes:" in out
+
+
+def test_mirror_help_gives_the_order_of_docs_scaling_md() -> None:
+    """LATEST's release, then LATEST, then the older ones (docs/scaling.md, README): not
+    every new release before LATEST, as the help said before the order changed."""
+    text = " ".join((_commands()["mirror"].description or "").split())
+    assert "LATEST names" in text
+    assert text.index("then LATEST") < text.index("then the older releases") < text.index("prune")
