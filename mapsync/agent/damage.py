@@ -216,21 +216,32 @@ def check_live(
 def untrusted_signer(manifest: Manifest, trusted: Iterable[Path]) -> str | None:
     """Why the live ``manifest`` is no longer trusted, or None: the key it names as its signer
     (covered by the signature verified at install) is none of ``trusted`` — removed from
-    ``trusted_keys`` after a rotation, or revoked as compromised. Cheap (key ids, no
-    signature), so ``status`` and every pull see it, not only the next full check. None too
-    when it cannot tell: a manifest naming no signer, or a key file that cannot be read
-    (the pull that needs it says so)."""
+    ``trusted_keys`` after a rotation, or revoked as compromised, or a ``trusted_keys`` path
+    that names no file (a typo in the new key's path: the signer's key then is none that can
+    be read either). Cheap (key ids, no signature), so ``status`` and every pull see it, not
+    only the next full check. None when it cannot tell: a manifest naming no signer, or a key
+    file this process may not read (a monitoring user; the pull that needs it says so)."""
     if manifest.signer is None:
         return None
     ids: list[str] = []
+    missing: list[str] = []
     unreadable = False
     for path in trusted:
         try:
             ids.append(public_key_id(path))
-        except MapsyncError:
-            unreadable = True
+        except MapsyncError as exc:
+            if os.path.lexists(path):
+                unreadable = True
+            else:
+                missing.append(str(exc))
     if manifest.signer in ids or unreadable:
         return None
+    if missing:
+        return (
+            f"serial {manifest.serial} is signed by key {manifest.signer}, which no trusted key "
+            f"that exists holds ({'; '.join(missing)}); its maps keep serving, and no release "
+            "is installed until trusted_keys names the key files as they are"
+        )
     return (
         f"serial {manifest.serial} is signed by key {manifest.signer}, which trusted_keys no "
         "longer lists; its maps keep serving until a release signed with a trusted key "

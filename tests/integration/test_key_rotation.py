@@ -128,3 +128,24 @@ def test_a_revoked_key_s_live_release_is_reported_at_once_and_replaced_by_a_trus
     status = cluster.cli("status")
     assert status.returncode == 0, status.stdout
     assert cluster.cli("verify").returncode == 0
+
+
+def test_a_trusted_key_path_that_names_no_file_is_reported_not_ok(cluster: Cluster) -> None:
+    """The revoked key taken out and the new key's path mistyped: status said OK and a pull
+    "up to date" (a key file that cannot be read made the check say nothing), while the live
+    release is signed by a key no longer trusted and no release would be installed."""
+    keys = cluster.root / "keys"
+    cluster.publish()
+    cluster.pull()
+    text = cluster.config_path.read_text()
+    cluster.config_path.write_text(
+        text.replace(
+            f'trusted_keys = ["{keys / "signing.pub"}"]',
+            f'trusted_keys = ["{keys / "signin.pub"}"]',
+        )
+    )
+    status = cluster.cli("status")
+    assert status.returncode == 2, status.stdout
+    assert "which no trusted key that exists holds" in status.stdout
+    assert str(keys / "signin.pub") in status.stdout
+    assert cluster.cli("pull").returncode != 0
