@@ -94,15 +94,19 @@ def publish_once(
         result, failure = _run_publisher(args, pub, kept)
     pushes: list[Push] = []
     if any(ch.push for ch in pub.channels.values()):
-        from mapsync.publish.push import push_channels
+        from mapsync.publish.push import LOOP_GRACE, push_channels
 
         pushes = push_channels(
-            pub, args.channel, dry_run=args.dry_run, plans=result.plans if result else None
+            pub,
+            args.channel,
+            dry_run=args.dry_run,
+            plans=result.plans if result else None,
+            grace=min(LOOP_GRACE, pub.push_timeout) if loop else None,
         )
         if not args.dry_run:
             _record_pushes(pub, args.channel, pushes)
     if loop:  # every few seconds: only news, nothing about what stayed the same
-        pushes = [p for p in pushes if p.action != "current"]
+        pushes = [p for p in pushes if p.action not in ("current", "in flight")]
         if result is not None:
             result = replace(result, plans=[p for p in result.plans if p.pending])
     if result is not None and result.violations:
@@ -241,7 +245,15 @@ def _publish_every(args: argparse.Namespace) -> int:
     _restart_on_hangup(lambda: _config(args).need_publisher(), "publisher")
     # The publisher kept between runs (see publish_once), and the config last read (_loop_config).
     kept: dict[str, Any] = {"config": publisher}
-    run_every(args.interval, lambda: publish_once(args, loop=True, kept=kept), publisher.database)
+    try:
+        run_every(
+            args.interval, lambda: publish_once(args, loop=True, kept=kept), publisher.database
+        )
+    finally:
+        if "mapsync.publish.push" in sys.modules:  # deliveries still running: end their rsyncs
+            from mapsync.publish.push import stop_pushes
+
+            stop_pushes()
 
 
 def _agent_channels(

@@ -72,6 +72,8 @@ def print_push(pushes: list[Push]) -> None:
             print(f"channel {p.channel}: would push serial {p.serial} to {p.destination}")
         elif p.action == "current":
             print(f"channel {p.channel}: {p.destination} has serial {p.serial}")
+        elif p.action == "in flight":
+            print(f"channel {p.channel}: {p.destination} is still being pushed an earlier serial")
         else:
             first = (p.error or "").splitlines()[0] if p.error else "no message"
             serial = f" serial {p.serial}" if p.serial else ""
