@@ -104,7 +104,7 @@ def test_incremental_runs_publish_what_a_full_run_publishes(
     rnd = random.Random(20261130)
     reads = []
     # MariaDB is not one of the two engines and the slowest: fewer steps there.
-    steps = 30 if engine == "mariadb" else 80
+    steps = 24 if engine == "mariadb" else 60
     for number in range(steps):
         name, rows_only = step(url, rnd)
         kept.run()
