@@ -16,6 +16,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
@@ -373,29 +374,39 @@ def test_a_slow_node_delays_none_of_the_other_nodes_of_its_channel(cluster: Clus
     assert record(cluster)[str(fast)]["serial"] == 1
 
 
+@contextmanager
+def _loop_beside_a_hung_node(
+    cluster: Cluster, timeout: str
+) -> Iterator[tuple[subprocess.Popen[str], Path]]:
+    """``publish --interval 0.5`` pushing to a node that never answers (``push_timeout``
+    ``timeout``) and to a reachable inbox, once the inbox has its first LATEST."""
+    fast = cluster.root / "node" / "inbox" / "mx"
+    fast.parent.mkdir(parents=True)
+    with SilentListener() as slow:
+        remote = f"rsync://127.0.0.1:{slow.port}/inbox/mx"
+        push_to(cluster, remote, str(fast), publisher=f'push_timeout = "{timeout}"')
+        with started(cluster, "publish", "--interval", "0.5") as proc:
+            begun = time.monotonic()
+            while not (fast / "LATEST").exists():
+                assert proc.poll() is None and time.monotonic() - begun < 30
+                time.sleep(0.05)
+            yield proc, fast
+
+
 def test_a_hung_node_does_not_hold_the_next_release_back_from_the_others_in_the_loop(
     cluster: Cluster,
 ) -> None:
     """``publish --interval``: a commit made while a hung node's push is still waiting out its
     ``push_timeout`` reaches the reachable node's inbox within seconds, not after the timeout
     (and again at every retry of the hung node: 30 s, 1, 2, 4, 8 min, then every 15 min)."""
-    fast = cluster.root / "node" / "inbox" / "mx"
-    fast.parent.mkdir(parents=True)
-    with SilentListener() as slow:
-        remote = f"rsync://127.0.0.1:{slow.port}/inbox/mx"
-        push_to(cluster, remote, str(fast), publisher='push_timeout = "20s"')
-        with started(cluster, "publish", "--interval", "0.5") as proc:
-            begun = time.monotonic()
-            while not (fast / "LATEST").exists():
-                assert proc.poll() is None and time.monotonic() - begun < 30
-                time.sleep(0.05)
-            time.sleep(0.5)  # the hung node's push is under way
-            add_account(cluster, "pushed-while-hung")
-            committed = time.monotonic()
-            while serial_of(fast / "LATEST") < 2:
-                assert proc.poll() is None and time.monotonic() - committed < 60
-                time.sleep(0.05)
-            took = time.monotonic() - committed
+    with _loop_beside_a_hung_node(cluster, "20s") as (proc, fast):
+        time.sleep(0.5)  # the hung node's push is under way
+        add_account(cluster, "pushed-while-hung")
+        committed = time.monotonic()
+        while serial_of(fast / "LATEST") < 2:
+            assert proc.poll() is None and time.monotonic() - committed < 60
+            time.sleep(0.05)
+        took = time.monotonic() - committed
     print(f"\n[push] commit → the reachable node's inbox, a hung node beside it: {took:.2f}s")
     assert took < 5
 
@@ -406,24 +417,15 @@ def test_the_loop_ended_while_a_hung_node_is_pushed_leaves_no_rsync_behind(
     """``publish --interval`` goes on while a hung node's delivery runs on its own thread;
     SIGTERM then ends that delivery's rsync too, at once, and the reachable node's record and
     the hung node's lock are as they should be for the next start."""
-    fast = cluster.root / "node" / "inbox" / "mx"
-    fast.parent.mkdir(parents=True)
-    with SilentListener() as slow:
-        remote = f"rsync://127.0.0.1:{slow.port}/inbox/mx"
-        push_to(cluster, remote, str(fast), publisher='push_timeout = "60s"')
-        with started(cluster, "publish", "--interval", "0.5") as proc:
-            rsyncs = wait_for_children(proc, "rsync", 1)
-            begun = time.monotonic()
-            while not (fast / "LATEST").exists():
-                assert proc.poll() is None and time.monotonic() - begun < 30
-                time.sleep(0.05)
-            time.sleep(1.5)  # runs of the loop meanwhile: the hung node is "in flight"
-            assert proc.poll() is None
-            signalled = time.monotonic()
-            proc.send_signal(signal.SIGTERM)
-            out, err = proc.communicate(timeout=30)
-            took = time.monotonic() - signalled
-            left = [p for p in rsyncs if p.running()]
+    with _loop_beside_a_hung_node(cluster, "60s") as (proc, fast):
+        rsyncs = wait_for_children(proc, "rsync", 1)
+        time.sleep(1.5)  # runs of the loop meanwhile: the hung node is "in flight"
+        assert proc.poll() is None
+        signalled = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+        took = time.monotonic() - signalled
+        left = [p for p in rsyncs if p.running()]
     assert proc.returncode == 143, out + err
     assert took < 5, took
     assert not left, f"rsync still running after mapsync exited: {left}"
