@@ -110,3 +110,23 @@ def read_pids(path: Path, count: int, timeout: float = 10) -> list[int]:
         if time.monotonic() > deadline:
             pytest.fail(f"{path}: no {count} pids after {timeout}s")
         time.sleep(0.01)
+
+
+@dataclass
+class Ended:
+    """How a process ended on SIGTERM: its output, the seconds it took, the children of
+    ``children`` still running once it had exited."""
+
+    out: str
+    err: str
+    took: float
+    left: list[Process]
+
+
+def terminated(proc: subprocess.Popen[str], children: list[Process]) -> Ended:
+    """SIGTERM to ``proc``; wait for it (at most 30 s) and tell how it ended."""
+    signalled = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+    took = time.monotonic() - signalled
+    return Ended(out, err, took, [p for p in children if p.running()])

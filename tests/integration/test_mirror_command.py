@@ -31,7 +31,7 @@ from tests.conftest import Cluster
 from tests.helpers.agent import add_account, lookup, tree_snapshot
 from tests.helpers.agent_damage import flip_byte_keep_stat
 from tests.helpers.disk import fill, tmpfs_mounts
-from tests.helpers.processes import started, wait_for_children
+from tests.helpers.processes import started, terminated, wait_for_children
 from tests.helpers.publisher import add_channels
 from tests.helpers.rsyncd import documented_rsyncd_conf, serving
 from tests.helpers.transport import RsyncDaemon, SilentListener, sshd
@@ -732,16 +732,11 @@ def test_sigterm_while_rsync_waits_on_the_source_ends_it_and_leaves_dest_as_it_w
     with SilentListener() as silent:
         url = f"rsync://127.0.0.1:{silent.port}/mapsync"
         with started(cluster, "mirror", "--channel", "mx", url, str(dest)) as proc:
-            rsyncs = wait_for_children(proc, "rsync", 1)
-            signalled = time.monotonic()
-            proc.send_signal(signal.SIGTERM)
-            out, err = proc.communicate(timeout=20)
-            took = time.monotonic() - signalled
-            left = [p for p in rsyncs if p.running()]
-    assert proc.returncode == 143, out + err
-    assert "Traceback" not in err
-    assert not left, f"rsync still running after mapsync exited: {left}"
-    assert took < 5
+            end = terminated(proc, wait_for_children(proc, "rsync", 1))
+    assert proc.returncode == 143, end.out + end.err
+    assert "Traceback" not in end.err
+    assert not end.left, f"rsync still running after mapsync exited: {end.left}"
+    assert end.took < 5
     assert not (dest / "mx" / ".staging").exists()
     assert tree_snapshot(dest) == before
 

@@ -26,7 +26,7 @@ from mapsync.publish import push
 from mapsync.release import iso, parse_iso
 from tests.conftest import Cluster, make_cluster
 from tests.helpers.agent import add_account, lookup
-from tests.helpers.processes import processes, started, wait_for_children
+from tests.helpers.processes import processes, started, terminated, wait_for_children
 from tests.helpers.publisher import push_to, record, serial_of
 from tests.helpers.transport import RsyncDaemon, SilentListener, Sshd, free_port, spaced_ssh, sshd
 
@@ -421,16 +421,12 @@ def test_the_loop_ended_while_a_hung_node_is_pushed_leaves_no_rsync_behind(
         rsyncs = wait_for_children(proc, "rsync", 1)
         time.sleep(1.5)  # runs of the loop meanwhile: the hung node is "in flight"
         assert proc.poll() is None
-        signalled = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=30)
-        took = time.monotonic() - signalled
-        left = [p for p in rsyncs if p.running()]
-    assert proc.returncode == 143, out + err
-    assert took < 5, took
-    assert not left, f"rsync still running after mapsync exited: {left}"
-    assert "Traceback" not in err, err
-    assert "FAILED" not in out, out  # in flight is no failure
+        end = terminated(proc, rsyncs)
+    assert proc.returncode == 143, end.out + end.err
+    assert end.took < 5, end.took
+    assert not end.left, f"rsync still running after mapsync exited: {end.left}"
+    assert "Traceback" not in end.err, end.err
+    assert "FAILED" not in end.out, end.out  # in flight is no failure
     assert record(cluster)[str(fast)]["serial"] == 1
 
 
