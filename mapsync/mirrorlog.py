@@ -15,7 +15,6 @@ manifest it names), not from the note: that is what nodes get.
 from __future__ import annotations
 
 import os
-import stat
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -51,6 +50,7 @@ from mapsync.runnote import (
     ago,
     first_line,
     read_note,
+    read_small,
     span,
     stamp,
     write_note,
@@ -179,16 +179,12 @@ def _read_latest(home: Path) -> Latest:
 
 
 def _read_small(path: Path, limit: int) -> bytes:
-    """``path``'s bytes, at most ``limit`` + 1 (the parser refuses more): a regular file
-    only, never through a symlink, never waiting (a FIFO there would hang every status)."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise MapsyncError(f"{path}: not a regular file")
-        with os.fdopen(fd, "rb", closefd=False) as fh:
-            return fh.read(limit + 1)
-    finally:
-        os.close(fd)
+    """``path``'s bytes (at most ``limit`` + 1: the parser refuses more), never through a
+    symlink, never waiting; MapsyncError for anything but a regular file."""
+    data = read_small(path, limit, follow=False)
+    if data is None:
+        raise MapsyncError(f"{path}: not a regular file")
+    return data
 
 
 @dataclass

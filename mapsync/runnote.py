@@ -35,22 +35,29 @@ def first_line(text: str, limit: int = 300) -> str:
 MAX_NOTE_BYTES = 4 << 20
 
 
+def read_small(path: Path, limit: int, *, follow: bool = True) -> bytes | None:
+    """``path``'s bytes, at most ``limit`` + 1 (a caller refuses more); None when it is not a
+    regular file. Never waits: a FIFO there would hang every status that monitoring starts.
+    ``follow=False``: a symlink is refused (OSError), not read through."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | (0 if follow else os.O_NOFOLLOW))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        with os.fdopen(fd, "rb", closefd=False) as fh:
+            return fh.read(limit + 1)
+    finally:
+        os.close(fd)
+
+
 def read_note(path: Path) -> dict[str, object]:
     """The note at ``path``; empty when there is none, or it is not a JSON object, or not a
     regular file, or larger than :data:`MAX_NOTE_BYTES` (damaged: the next run writes a good
-    one). Never waits: a FIFO there would hang every status that monitoring starts."""
+    one)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        raw = read_small(path, MAX_NOTE_BYTES)
     except (FileNotFoundError, NotADirectoryError):
         return {}
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return {}
-        with os.fdopen(fd, "rb", closefd=False) as fh:
-            raw = fh.read(MAX_NOTE_BYTES + 1)
-    finally:
-        os.close(fd)
-    if len(raw) > MAX_NOTE_BYTES:
+    if raw is None or len(raw) > MAX_NOTE_BYTES:
         return {}
     try:
         data = json.loads(raw)
