@@ -1,8 +1,9 @@
 """A full disk, for real: a small tmpfs mounted on a directory (root with mount permission;
-the test is skipped elsewhere), and a file that fills it."""
+the test is skipped when not root, a failure as root, where the mount must work), and a file that fills it."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -25,7 +26,10 @@ def tmpfs_mounts() -> Iterator[Callable[[Path, str], None]]:
             text=True,
         )
         if p.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here ({p.stderr.strip()}): full-disk test not run")
+            why = f"cannot mount a tmpfs here ({p.stderr.strip()})"
+            if os.geteuid() == 0:  # scripts/test and CI run as root: a real failure there
+                pytest.fail(f"{why}: the full-disk tests need it")
+            pytest.skip(f"{why}: full-disk test not run")
         mounted.append(path)
 
     try:
