@@ -6,8 +6,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import signal
 import sys
+import textwrap
 import traceback
 from collections.abc import Sequence
 
@@ -23,13 +25,52 @@ _EPILOG = (
 )
 
 
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions and epilogs filled to the terminal (at most 88 columns): a paragraph of
+    prose (blank lines part them) is refilled whole; one of indented lines (the exit codes)
+    keeps its lines, a long one continued under its own text, not under its number."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        width = min(width, _PROSE)
+        out = []
+        for paragraph in text.split("\n\n"):
+            lines = paragraph.splitlines()
+            if not any(line[:1].isspace() for line in lines):
+                lines = [" ".join(lines)]
+            out.append(
+                "\n".join(
+                    textwrap.fill(
+                        line,
+                        width,
+                        initial_indent=indent,
+                        subsequent_indent=indent + " " * _hanging(line),
+                        break_on_hyphens=False,
+                        break_long_words=False,
+                    )
+                    for line in lines
+                )
+            )
+        return "\n\n".join(out)
+
+
+# The widest a help text's prose is filled to, however wide the terminal.
+_PROSE = 88
+
+
+def _hanging(line: str) -> int:
+    """Where a wrapped line's continuation starts: under its text, past its indentation and
+    an exit code's number ("  1  warning: ...")."""
+    lead = re.match(r"\s*(\d+\s+)?", line)
+    return lead.end() if lead else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The whole command line: every subcommand with its options and help."""
     p = argparse.ArgumentParser(
         prog="mapsync",
         description="Publish and install signed, versioned Postfix/Exim/Dovecot maps for a mail cluster.",
         epilog=_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_Formatter,
     )
     p.add_argument("--version", action="version", version=f"mapsync {__version__}")
     p.add_argument("--config", metavar="FILE", help="configuration file (TOML)")
@@ -51,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
             help=help,
             description=description or help,
             epilog=_EPILOG,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
+            formatter_class=_Formatter,
         )
 
     s = add(
