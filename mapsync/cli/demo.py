@@ -205,18 +205,20 @@ def run_demo(directory: Path | None, schema: str = "mapsync") -> int:
     for node in NODES:
         if node != "mx":
             node_cfgs[node] = config.load(node_config(d, node)).need_agent()
+    width = max(len(name) for agent in node_cfgs.values() for name in agent.channels)
     for node, agent in node_cfgs.items():
         for ch in agent.channels.values():
             r = pull(agent, ch)
             print(
-                f"== node {node:<10} pull {ch.name:<8} {r.action} serial {r.serial} → {ch.target}"
+                f"== node {node:<10} pull {ch.name:<{width}} {r.action} serial {r.serial}"
+                f" → {ch.target}"
             )
 
     print("== mapsync status, per node")
     for node, agent in node_cfgs.items():
         for ch in agent.channels.values():
             s = channel_status(agent, ch)
-            print(f"   {node:<10} {ch.name:<8} {s.level} {s.message}")
+            print(f"   {node:<10} {ch.name:<{width}} {s.level} {s.message}")
 
     mx = node_cfgs["mx"].channels["mx"].target
     print("== try lookups the way the daemons do them:")

@@ -25,8 +25,9 @@ def test_the_demo_builds_a_whole_cluster_and_a_rerun_publishes_nothing(tmp_path:
     for node, channel in (("mx", "mx"), ("exim-mx", "exim"), ("scanner", "scanner"),
                           ("imap-proxy", "imap"), ("store-1", "store-1"), ("store-2", "store-2"),
                           ("submission", "submission")):  # fmt: skip
-        assert f"node {node:<10} pull {channel:<8} installed serial 1" in first.stdout
-        assert f"   {node:<10} {channel:<8} OK serial 1" in first.stdout
+        # one column for the channels, as wide as the widest name ("submission")
+        assert f"node {node:<10} pull {channel:<10} installed serial 1" in first.stdout
+        assert f"   {node:<10} {channel:<10} OK serial 1" in first.stdout
     # the printed postmap command works, and found the seeded address
     assert "$ postmap -q postmaster@example-1.org cdb:" in first.stdout
     lines = first.stdout.splitlines()
