@@ -436,6 +436,10 @@ def _check(
     good_home = GOOD_HOME.match
     secrets = snap.secrets
     catchall: set[str] = set()  # the domains with a catch-all claim ('' in theirs)
+    # Mailstore id → home as the filesystem reads it → the first live account given it; and
+    # by that first account's id, every account given its home.
+    homes: dict[int, dict[str, Account]] = {}
+    shared: dict[int, list[Account]] = {}
 
     # The common account first, tested without a call or an attribute: in a live hosted
     # domain whose default mailstore is active (plain_claims: the domain's claims), on that
@@ -510,11 +514,19 @@ def _check(
         else:
             for column, problem, public in _home_problems(home, quota):
                 yield Problem("account", aid, f"{local}@{dom.name}", problem, column, public=public)
+                if column is None:
+                    home = None  # refused as it is: not compared with the others
+        if home is not None and store is not None:
+            first_home = homes.setdefault(store.id, {}).setdefault(_same_home(home), claim)
+            if first_home is not claim:
+                shared.setdefault(first_home.id, [first_home]).append(claim)
         if not local:
             catchall.add(dom.name.lower())  # the catch-all's claim (an account is refused)
         first = claims_of[domain_id].setdefault(local if good else local.lower(), claim)
         if first is not claim:
             yield _duplicate("account", aid, f"{local}@{dom.name}", first)
+
+    yield from _shared_homes(shared, domains)
 
     bad_targets: set[str] = set()
     # The common alias first, as the common account above: in a live hosted domain, its
@@ -685,6 +697,39 @@ def _forwards(
             if problem:
                 bad.add(target)
                 yield Problem("forward", fw.id, address, problem)
+
+
+def _same_home(home: str) -> str:
+    """``home`` as the filesystem resolves it: '//', '/./' and a trailing '/' make no other
+    directory ('..' is refused before). The string itself where it has none of them."""
+    if "//" not in home and "/./" not in home and not home.endswith(("/", "/.")):
+        return home
+    return "/" + "/".join(part for part in home.split("/") if part not in ("", "."))
+
+
+def _shared_homes(
+    shared: dict[int, list[Account]], domains: dict[int, Domain]
+) -> Iterator[Problem]:
+    """Each account given the home of another account on its mailstore (the one with the
+    lowest id keeps it, whatever the order read): Dovecot would deliver both users' mail into
+    one mailbox, and each would read the other's. Only ``dovecot_users`` carries homes (field
+    ``home``); the note a manifest records leaves the directory out."""
+    for accounts in shared.values():
+        first, *others = sorted(accounts, key=lambda a: a.id)
+        owner = f"{first.local_part}@{domains[first.domain_id].name}"
+        why = (
+            f"is {owner}'s home too (Dovecot would deliver both users' mail into one mailbox; "
+            "each user needs a home of its own)"
+        )
+        for a in others:
+            yield Problem(
+                "account",
+                a.id,
+                f"{a.local_part}@{domains[a.domain_id].name}",
+                f"home {_same_home(a.home or '')!r} {why}",
+                "home",
+                public=f"home {why}",
+            )
 
 
 def _duplicate(table: str, row: int, address: str, first: Account | Alias) -> Problem:

@@ -298,7 +298,11 @@ def test_the_full_check_compares_and_says_so(
     assert state is not None
     some = next(a for a in state.accounts.values() if a.local_part != "postmaster")
     domain = state.domains[some.domain_id].name
-    state._add_account(some._replace(id=10**6, local_part="phantom"))
+    # A home of its own: one shared with another account is an invalid row of its own.
+    phantom = some._replace(
+        id=10**6, local_part="phantom", home=some.home and f"{some.home}-phantom"
+    )
+    state._add_account(phantom)
     _sql(url, f"UPDATE account SET quota_bytes = 777 WHERE id = {some.id}")
     with capture_logs() as logs:
         kept.run()
@@ -310,7 +314,7 @@ def test_the_full_check_compares_and_says_so(
 
     state = kept._state
     assert state is not None
-    state._add_account(some._replace(id=10**6, local_part="phantom"))
+    state._add_account(phantom)
     _sql(
         url,
         f"INSERT INTO sender_grant (account_id, address) VALUES ({some.id}, 'phantom@{domain}')",

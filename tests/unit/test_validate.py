@@ -860,3 +860,25 @@ def test_a_scheme_in_lowercase_is_read_as_dovecot_reads_it(hash_: str, reason: s
         assert got == []
     else:
         assert len(got) == 1 and got[0].startswith(reason), got
+
+
+# --- two accounts, one home --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("same", ["/var/vmail/anna", "/var/vmail/anna/", "/var/vmail//./anna"])
+def test_an_account_given_another_accounts_home_on_its_mailstore_is_refused(same: str) -> None:
+    """Dovecot delivers into the home it is given: two users with one home read one mailbox.
+    The account with the lowest id keeps the home, whatever the order read; the manifest's
+    note leaves the directory out; another mailstore's disk is another directory."""
+    store2 = STORE._replace(id=2, name="store-2", lmtp_host="10.0.1.12", imap_host="10.0.1.12")
+    accounts = [
+        Account(3, 1, "bob", None, "active", HASH, same, None),
+        POSTMASTER._replace(password_hash=HASH, home="/var/vmail/pm"),
+        Account(2, 1, "anna", None, "active", HASH, "/var/vmail/anna", None),
+        Account(4, 1, "carl", 2, "active", HASH, "/var/vmail/anna", None),  # on store-2
+    ]
+    snap = snapshot(mailstores=[STORE, store2], accounts=accounts)
+    p = only(check(snap))
+    assert (p.table, p.row, p.key, p.field) == ("account", 3, "bob@example.org", "home")
+    assert "is anna@example.org's home too" in p.reason and "/var/vmail/anna" in p.reason
+    assert "/var/vmail" not in p.note()
