@@ -805,6 +805,15 @@ def alias_graph(
                         "(nothing here receives it)",
                     )
                 continue  # mail leaves the cluster: not ours to check
+            if "+" in local and local not in seen.get(tdomain, _NO_CLAIMS):
+                # user+tag@: Postfix (recipient_delimiter = +) and the Exim routers deliver
+                # what no row claims whole to the part before the first '+'.
+                base = local.partition("+")[0]
+                if base and (
+                    base in seen.get(tdomain, _NO_CLAIMS)
+                    or (claimed is not None and claimed(f"{base}@{tdomain}"))
+                ):
+                    local, resolved = base, f"{base}@{tdomain}"
             if resolved == address and table == "forward":
                 continue  # a forward keeping a copy: Postfix delivers an address to itself
             if (

@@ -635,7 +635,10 @@ class _Resolved:
             return True
         if domain not in self.hosted:
             return False  # an inactive domain of the database
-        return local in self.names(domain) or self.catchall(domain) is not None
+        names = self.names(domain)
+        # user+tag@ reaches user@ where no row has it whole (recipient_delimiter = +).
+        base = local.partition("+")[0] if "+" in local and local not in names else local
+        return base in names or self.catchall(domain) is not None
 
 
 def _quota(raw: Any) -> int | None:

@@ -242,6 +242,21 @@ def test_a_dead_extra_target_of_a_domain_wide_forward_is_left_out_not_refused() 
     assert render("virtual", s)["postmaster@old.example"] == "postmaster@example.com"
 
 
+def test_a_tagged_target_of_a_mailbox_is_kept_a_tagged_one_of_nothing_left_out() -> None:
+    """``erin+lists@`` reaches erin@ (Postfix's recipient_delimiter = +): it was left out as
+    a target that receives nothing, and erin got no mail of the alias."""
+    s = read_rows(
+        [
+            ("team@example.com", "erin+lists@example.com,gone+x@example.com", 1),
+            ("erin@example.com", "erin@example.com", 1),
+            ("postmaster@example.com", "postmaster@example.com", 1),
+        ],
+        mailboxes=("erin@example.com", "postmaster@example.com"),
+    )
+    assert check(s) == []
+    assert render("virtual", s)["team@example.com"] == "erin+lists@example.com"
+
+
 def test_the_vacation_domain_is_relayed_though_it_has_a_domain_row() -> None:
     """PostfixAdmin's docs give the vacation domain a row (transport 'vacation'): hosted, its
     user#domain targets would receive nothing and every autoreply would be left out."""

@@ -882,3 +882,24 @@ def test_an_account_given_another_accounts_home_on_its_mailstore_is_refused(same
     assert (p.table, p.row, p.key, p.field) == ("account", 3, "bob@example.org", "home")
     assert "is anna@example.org's home too" in p.reason and "/var/vmail/anna" in p.reason
     assert "/var/vmail" not in p.note()
+
+
+# --- an alias target with a +tag -----------------------------------------------------------------
+
+
+def test_an_alias_target_with_a_tag_of_an_account_is_delivered_so_not_refused() -> None:
+    """'anna+lists@' reaches anna@ (Postfix's recipient_delimiter = +, the Exim routers'
+    local_part_suffix = +*): an alias to it is no target that leads nowhere, as one to
+    'nobody+lists@' is; a +tag of the alias itself is a cycle."""
+    anna = Account(2, 1, "anna", None, "active")
+    ok = Alias(1, 1, "lists", ("anna+lists@example.org",))
+    assert check(snapshot(accounts=[POSTMASTER, anna], aliases=[ok])) == []
+    nowhere = Alias(1, 1, "lists", ("nobody+lists@example.org", "+x@example.org"))
+    problems = check(snapshot(accounts=[POSTMASTER, anna], aliases=[nowhere]))
+    assert [p.reason.split(" is ")[0] for p in problems] == [
+        "target 'nobody+lists@example.org'",
+        "target '+x@example.org'",
+    ]
+    loop = Alias(1, 1, "lists", ("lists+again@example.org",))
+    p = only(check(snapshot(accounts=[POSTMASTER, anna], aliases=[loop])))
+    assert p.reason == "alias cycle: lists@example.org → lists@example.org"
