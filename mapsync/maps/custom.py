@@ -7,7 +7,8 @@ same guarantees as the built-in maps: no row can put a second line, a second key
 into the map, and no two rows can give one key two values.
 
 Per row, the key and the value must be text (a string, an integer, or UTF-8 bytes), not NULL,
-not empty, without a line break, CR or NUL. The key has no whitespace (a text line ends the key
+not empty, without a line break, CR, NUL or other control character (a tab is allowed in a
+value). The key has no whitespace (a text line ends the key
 at the separator), no comma, no leading ``#``, and not the separator itself; with
 ``keys = "lower"`` its case is folded first, as Postfix folds every key (to lowercase, and
 ``ß`` to ``ss``: full Unicode case folding), so two rows differing only in case are a
@@ -18,6 +19,7 @@ at most :data:`MAX_LINE` bytes.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -27,6 +29,10 @@ from mapsync.maps.directory import Directory
 from mapsync.validate import Problem
 
 MAX_LINE = 4096  # bytes of one ``key SEP value`` line: more is a query gone wrong
+# C0 and C1 control characters but the tab, DEL, and Unicode's line and paragraph separators:
+# no reader splits a line at them, but an ESC sequence in a value reached the operator's
+# terminal through `mapsync diff --keys` (and a client through a reply text).
+_CONTROL = re.compile("[\x01-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 def table(name: str) -> str:
@@ -77,6 +83,12 @@ def _text(value: Any, what: str) -> tuple[str | None, str | None]:
         return None, f"{what} contains a line break (it would start another line of the map)"
     if "\0" in value:
         return None, f"{what} contains a NUL byte"
+    bad = _CONTROL.search(value)
+    if bad is not None:
+        return None, (
+            f"{what} contains the control character U+{ord(bad.group()):04X} (a terminal showing "
+            "`mapsync diff --keys`, or a client reading the reply, would act on it)"
+        )
     return value, None
 
 

@@ -63,6 +63,13 @@ def test_exact_keys_are_kept_and_differ_by_case() -> None:
         (("a@x.org", "OK\r"), "value contains a line break"),
         (("a\0@x.org", "OK"), "key contains a NUL byte"),
         (("a@x.org", "O\0K"), "value contains a NUL byte"),
+        # A terminal showing `mapsync diff --keys` acts on an ESC sequence (here: clear screen).
+        (("a@x.org", "REJECT \x1b[2J"), "value contains the control character U+001B"),
+        (("a@x.org", "REJECT a\x0bb"), "value contains the control character U+000B"),
+        (("a@x.org", "REJECT a\x85b"), "value contains the control character U+0085"),
+        (("a@x.org", "REJECT a\u2028b"), "value contains the control character U+2028"),
+        (("a\x01@x.org", "OK"), "key contains the control character U+0001"),
+        (("a\x7f@x.org", "OK"), "key contains the control character U+007F"),
         (("a @x.org", "OK"), "key contains whitespace"),
         (("a\t@x.org", "OK"), "key contains whitespace"),
         (("a\u00a0@x.org", "OK"), "key contains whitespace"),
@@ -88,6 +95,11 @@ def test_a_bad_row_is_refused_naming_map_row_key_and_reason(
     assert (p.table, p.row) == ("[publisher.maps.access]", 2)
     assert str(p).startswith("[publisher.maps.access] row 2 key ")
     assert reason in str(p)
+
+
+def test_a_tab_may_be_in_a_value() -> None:
+    entries, problems = check_rows(ACCESS, [("a@x.org", "REJECT\tno")])
+    assert (entries, problems) == ([("a@x.org", "REJECT\tno")], [])
 
 
 def test_the_separator_may_not_be_in_a_key_but_may_be_in_a_value() -> None:
