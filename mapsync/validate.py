@@ -527,6 +527,7 @@ def _check(
             yield _duplicate("account", aid, f"{local}@{dom.name}", first)
 
     yield from _shared_homes(shared, domains)
+    yield from _tagged_accounts(claims_of, domains)
 
     bad_targets: set[str] = set()
     # The common alias first, as the common account above: in a live hosted domain, its
@@ -730,6 +731,33 @@ def _shared_homes(
                 "home",
                 public=f"home {why}",
             )
+
+
+def _tagged_accounts(
+    claims_of: dict[int, dict[str, Account | Alias]], domains: dict[int, Domain]
+) -> Iterator[Problem]:
+    """Each account whose local part holds a '+' where the part before it is another
+    account on its mailstore: the MX routes its mail to it whole, but Dovecot's LMTP
+    (recipient_delimiter, '+' by default) looks up only the part before the '+' and delivers
+    it into that other account's mailbox."""
+    for domain_id, claims in claims_of.items():
+        for local in [local for local in claims if "+" in local]:  # a C loop over the keys
+            row, other = claims[local], claims.get(local.partition("+")[0])
+            if (
+                isinstance(row, Account)
+                and isinstance(other, Account)
+                and (row.mailstore_id or domains[domain_id].default_mailstore_id)
+                == (other.mailstore_id or domains[domain_id].default_mailstore_id)
+            ):
+                name = domains[domain_id].name
+                yield Problem(
+                    "account",
+                    row.id,
+                    f"{row.local_part}@{name}",
+                    "local part holds '+': Dovecot's LMTP on its mailstore (recipient_delimiter"
+                    " = +, the default) delivers its mail to the part before it, account "
+                    f"id={other.id} '{other.local_part}@{name}' (another mailbox)",
+                )
 
 
 def _duplicate(table: str, row: int, address: str, first: Account | Alias) -> Problem:

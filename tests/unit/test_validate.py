@@ -903,3 +903,26 @@ def test_an_alias_target_with_a_tag_of_an_account_is_delivered_so_not_refused() 
     loop = Alias(1, 1, "lists", ("lists+again@example.org",))
     p = only(check(snapshot(accounts=[POSTMASTER, anna], aliases=[loop])))
     assert p.reason == "alias cycle: lists@example.org → lists@example.org"
+
+
+# --- an account whose local part holds the delimiter ---------------------------------------------
+
+
+def test_an_account_with_a_plus_beside_the_account_before_it_on_its_mailstore_is_refused() -> None:
+    """Dovecot's LMTP (recipient_delimiter = +) looks 'sales+eu@' up as 'sales@': on one
+    mailstore that is another mailbox. An alias 'sales', or 'sales@' on another mailstore,
+    receives no mail of it there."""
+    store2 = STORE._replace(id=2, name="store-2", lmtp_host="10.0.1.12", imap_host="10.0.1.12")
+    sales = Account(2, 1, "sales", None, "active")
+    eu = Account(3, 1, "sales+eu", None, "active")
+    p = only(check(snapshot(accounts=[POSTMASTER, sales, eu])))
+    assert (p.table, p.row, p.key) == ("account", 3, "sales+eu@example.org")
+    assert "account id=2 'sales@example.org' (another mailbox)" in p.reason
+    elsewhere = snapshot(
+        mailstores=[STORE, store2], accounts=[POSTMASTER, sales, eu._replace(mailstore_id=2)]
+    )
+    assert check(elsewhere) == []
+    beside_alias = snapshot(
+        accounts=[POSTMASTER, eu], aliases=[Alias(1, 1, "sales", ("postmaster@example.org",))]
+    )
+    assert check(beside_alias) == []
