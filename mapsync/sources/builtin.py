@@ -22,6 +22,7 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     String,
+    Table,
     and_,
     case,
     cast,
@@ -40,7 +41,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
 from sqlalchemy.sql import ColumnElement
 
 from mapsync import log, progress
-from mapsync.errors import LockBusy, SourceError
+from mapsync.errors import InvalidData, LockBusy, SourceError
 from mapsync.progress import track
 from mapsync.snapshot import (
     Account,
@@ -60,9 +61,10 @@ from mapsync.sources import schema as t
 from mapsync.sources.base import Source
 from mapsync.sources.changes import (
     ALIAS_COLUMNS,
+    ALIAS_EXPIRES,
     alias_read,
     clock,
-    naive,
+    expiry,
     read_changes,
     read_denied,
     read_mark,
@@ -591,7 +593,14 @@ class BuiltinSource(Source):
             if active not in (0, 1):
                 key = f"{local_part}@{names.get(domain_id, '?')}"
                 problems.append(_no_boolean("alias", alias_id, key, "active", active))
-            elif expires_at is None or naive(expires_at) > now:
+                continue
+            try:
+                ends = expiry(expires_at)
+            except ValueError as exc:  # text that is no time (SQLite): an invalid row
+                key = f"{local_part}@{names.get(domain_id, '?')}"
+                problems.append(Problem("alias", alias_id, key, str(exc)))
+                continue
+            if ends is None or ends > now:
                 targets_of = targets.get(alias_id, no_targets)
                 aliases.append(alias((alias_id, domain_id, local_part, targets_of)))
         return Snapshot(
@@ -727,11 +736,11 @@ def _fingerprint(conn: Connection, now: datetime | None = None) -> Fingerprint:
         return _counted_fingerprint(conn)
     tables: dict[str, tuple[int, str | None]] = {}
     now = now or datetime.now(UTC).replace(tzinfo=None)
-    expired = select(func.max(t.alias.c.expires_at)).where(t.alias.c.expires_at <= now)
+    expired = select(func.max(ALIAS_EXPIRES)).where(t.alias.c.expires_at <= now)
     row = conn.execute(  # one round trip
         select(
             *(
-                select(func.max(table.c.updated_at)).scalar_subquery().label(table.name)
+                select(func.max(_raw(table.c.updated_at))).scalar_subquery().label(table.name)
                 for table in t.TABLES
             ),
             expired.scalar_subquery().label("alias_expired"),
@@ -739,12 +748,58 @@ def _fingerprint(conn: Connection, now: datetime | None = None) -> Fingerprint:
         )
     ).one()
     for table in t.TABLES:
-        stamp = row._mapping[table.name]
-        tables[table.name] = (0, str(stamp) if stamp is not None else None)
-    last = row._mapping["alias_expired"]
-    tables["alias_expired"] = (0, str(last) if last is not None else None)
+        newest = row._mapping[table.name]
+        if isinstance(newest, str) and not _is_time(newest):
+            raise _no_stamp(conn, table, newest)
+        tables[table.name] = (0, _stamp(newest))
+    tables["alias_expired"] = (0, _stamp(row._mapping["alias_expired"]))
     tables[t.deleted.name] = (int(row._mapping["deleted"] or 0), None)
     return Fingerprint(tables)
+
+
+def _raw(column: ColumnElement[Any]) -> ColumnElement[Any]:
+    """A timestamp column read as the driver gives it: SQLite keeps any text there ('now',
+    written by a writer as PostgreSQL would read it), which DateTime's result processor
+    refuses with a ValueError naming nothing (every publish failed)."""
+    return type_coerce(column, String)
+
+
+def _is_time(text: str) -> bool:
+    """Whether SQLite's ``text`` is a time as SQLAlchemy's DateTime reads it (ISO 8601)."""
+    try:
+        datetime.fromisoformat(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _stamp(value: Any) -> str | None:
+    """A newest stamp of the fingerprint as text, as DateTime's result gave it: a
+    datetime's str(), a SQLite text read as one where it is one, else the text as stored."""
+    if value is None:
+        return None
+    return str(
+        datetime.fromisoformat(value) if isinstance(value, str) and _is_time(value) else value
+    )
+
+
+def _no_stamp(conn: Connection, table: Table, newest: str) -> InvalidData:
+    """The rows of ``table`` whose ``updated_at`` is the text ``newest``, which is no time
+    (SQLite keeps 'now' as text; as text it sorts after every real stamp, so it would stay
+    the table's newest and hide every later change from the fingerprint)."""
+    keys = conn.execute(
+        select(*table.primary_key.columns).where(_raw(table.c.updated_at) == newest).limit(5)
+    ).all()
+    named = ", ".join(
+        " ".join(f"{c.name}={v!r}" for c, v in zip(table.primary_key.columns, k, strict=True))
+        for k in keys
+    )
+    return InvalidData(
+        [
+            f"{table.name} {named}: updated_at {newest!r} is not a date and time (write the "
+            "current UTC time, docs/howto.md, or leave updated_at to the trigger)"
+        ]
+    )
 
 
 # What validate.GOOD_HOME admits after the leading '/': printable ASCII but ':' (and space).

@@ -25,13 +25,14 @@ is not (else every run would be read in full for a minute after any change of a 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime, timedelta
 from itertools import groupby
 from operator import itemgetter
 from typing import Any
 
-from sqlalchemy import Connection, Integer, and_, not_, or_, select, true, type_coerce
+from sqlalchemy import Connection, Integer, String, and_, not_, or_, select, true, type_coerce
 from sqlalchemy.sql import ColumnElement
 
 from mapsync.snapshot import (
@@ -259,7 +260,11 @@ def read_changes(
         ):
             if active not in (0, 1):  # the full read names it (an invalid row)
                 raise NotIncremental(f"alias id={alias_id}: active {active!r} is not a boolean")
-            if expires_at is None or naive(expires_at) > now:
+            try:
+                ends = expiry(expires_at)
+            except ValueError as exc:  # the full read names it (an invalid row)
+                raise NotIncremental(f"alias id={alias_id}: {exc}") from None
+            if ends is None or ends > now:
                 out.aliases[alias_id] = Alias(
                     alias_id, domain_id, local_part, targets.get(alias_id, ())
                 )
@@ -279,14 +284,31 @@ ALLOW = (t.account.c.allow_imap, t.account.c.allow_pop3, t.account.c.allow_submi
 # Read raw, with no result processor: SQLite's text 'false' stays text (see read_denied).
 ALLOW_RAW = tuple(type_coerce(c, Integer) for c in ALLOW)
 ALIAS_ACTIVE = type_coerce(t.alias.c.active, Integer)  # raw: see read_denied
-# An alias row as the readers take it: id, domain, local part, expiry, active (raw).
+# Raw too: SQLite keeps any text ('never', '') or number in a DATETIME column, and the
+# processor's ValueError ended the read naming no row. expiry() reads it.
+ALIAS_EXPIRES = type_coerce(t.alias.c.expires_at, String)
+# An alias row as the readers take it: id, domain, local part, expiry (raw), active (raw).
 ALIAS_COLUMNS = (
     t.alias.c.id,
     t.alias.c.domain_id,
     t.alias.c.local_part,
-    t.alias.c.expires_at,
+    ALIAS_EXPIRES,
     ALIAS_ACTIVE,
 )
+
+
+def expiry(value: Any) -> datetime | None:
+    """An alias's ``expires_at`` as read raw (:data:`ALIAS_EXPIRES`), as a naive UTC
+    datetime; None: it never expires. ValueError naming the value when it is no date and time
+    (SQLite's text, as its DATETIME type reads it: ISO 8601)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            value = datetime.fromisoformat(value)
+    if not isinstance(value, datetime):
+        raise ValueError(f"expires_at {value!r} is not a date and time")
+    return naive(value)
 
 
 def alias_read(dialect: str) -> ColumnElement[bool]:

@@ -645,6 +645,40 @@ def test_a_run_of_one_channel_clears_no_other_channels_failure(cluster: Cluster)
     assert cluster.cli("status", "--publisher").returncode == 0
 
 
+@pytest.mark.parametrize("expires", ["never", "", 0])
+def test_an_expiry_that_is_no_time_is_an_invalid_row_not_a_crash(
+    cluster: Cluster, expires: object
+) -> None:
+    """SQLite keeps any text or number in alias.expires_at (a DATETIME): every publish failed
+    with 'unexpected error: ValueError: Invalid isoformat string', naming no row."""
+    cluster.publish()
+    db = sqlite3.connect(cluster.db_url.removeprefix("sqlite:///"))
+    with db:
+        alias_id = db.execute("SELECT MIN(id) FROM alias").fetchone()[0]
+        db.execute("UPDATE alias SET expires_at = ? WHERE id = ?", (expires, alias_id))
+    db.close()
+    p = cluster.cli("publish")
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "Traceback" not in p.stderr and "unexpected error" not in p.stderr, p.stderr
+    assert f"alias id={alias_id} " in p.stderr
+    assert f"expires_at {expires!r} is not a date and time" in p.stderr
+
+
+def test_an_updated_at_that_is_no_time_is_named_not_a_crash(cluster: Cluster) -> None:
+    """updated_at = 'now' (PostgreSQL reads it as the time; SQLite keeps the text, which sorts
+    after every stamp): 'unexpected error: ValueError', naming nothing. Now table and row."""
+    cluster.publish()
+    db = sqlite3.connect(cluster.db_url.removeprefix("sqlite:///"))
+    with db:
+        account_id = db.execute("SELECT MIN(id) FROM account").fetchone()[0]
+        db.execute("UPDATE account SET updated_at = 'now' WHERE id = ?", (account_id,))
+    db.close()
+    p = cluster.cli("publish")
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "Traceback" not in p.stderr and "unexpected error" not in p.stderr, p.stderr
+    assert f"account id={account_id}: updated_at 'now' is not a date and time" in p.stderr
+
+
 def test_a_blob_in_a_text_column_is_an_invalid_row_not_a_crash(cluster: Cluster) -> None:
     """SQLite keeps a BLOB in a TEXT column: 'unexpected error: TypeError: cannot use a
     string pattern on a bytes-like object', naming no row. Now the row and the column."""
