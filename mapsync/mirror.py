@@ -40,7 +40,7 @@ from pathlib import Path
 
 from mapsync import log
 from mapsync.access import check_owner
-from mapsync.atomic import atomic_write, commit_dir, remove_tree
+from mapsync.atomic import atomic_write, commit_dir, fsync_dir, remove_tree
 from mapsync.config import CHANNEL_NAME
 from mapsync.errors import (
     EXIT_WARNING,
@@ -301,6 +301,7 @@ class _Channel:
                 continue
             done.copied.append(serial)
             here.append(serial)
+        self._manifest_patches_after(done.copied, here)
         done.pruned = self._prune(latest.serial, wanted)
         done.bytes = self.moved
         return done
@@ -544,6 +545,64 @@ class _Channel:
         patches.mkdir(mode=DIR_MODE, exist_ok=True)
         remove_tree(patches / str(serial), ignore_errors=True)  # a killed run's
         commit_dir(staging, patches / str(serial))
+
+    def _manifest_patches_after(self, copied: list[int], here: list[int]) -> None:
+        """The manifest patches of the releases here that follow one ``copied`` after them:
+        a mirror catching up copies LATEST's release first, then the older ones newest first,
+        so when each was copied the manifest it follows (to prove its patch on) was not here
+        yet. A release LATEST names at once, and whose nodes hold the one before, would be
+        served without it, and every node would fetch the manifest whole. A warning when one
+        cannot be copied (its nodes fetch the manifest)."""
+        for previous in copied:
+            for serial in here:
+                if serial <= previous or (self.home / patch_dir(serial) / MANIFEST_PATCH).exists():
+                    continue
+                try:
+                    self._copy_manifest_patch(serial, previous)
+                except (MapsyncError, OSError) as exc:
+                    _log.warning(
+                        "manifest patch not mirrored",
+                        channel=self.name,
+                        serial=serial,
+                        problem=described(exc),
+                    )
+                finally:
+                    remove_tree(self.work / f"{serial}.patches", ignore_errors=True)
+
+    def _copy_manifest_patch(self, serial: int, previous: int) -> None:
+        """Copy release ``serial``'s manifest patch, if it follows release ``previous`` here,
+        proved on its manifest, into ``patches/<serial>/`` (made for it if the release has no
+        map patches: a renewal)."""
+        data = (self.home / release_dir(serial) / MANIFEST).read_bytes()
+        if parse_manifest(data, str(self.home / release_dir(serial))).previous != previous:
+            return
+        old = (self.home / release_dir(previous) / MANIFEST).read_bytes()
+        name = f"{self.name}/{patch_dir(serial)}"
+        staging = self.work / f"{serial}.patches"
+        remove_tree(staging, ignore_errors=True)
+        staging.mkdir()
+        os.chmod(staging, DIR_MODE)
+        try:
+            self.moved += self.remote.fetch_files(
+                name, [MANIFEST_PATCH], staging, None, MAX_MANIFEST_BYTES + 1
+            )
+        except TransportError as exc:
+            if not not_at_source(exc):
+                raise
+        path = staging / MANIFEST_PATCH
+        self._check_manifest_patch(path, old, data, f"{self.m.source}/{name}/{MANIFEST_PATCH}")
+        if not path.exists():
+            return
+        final = self.home / patch_dir(serial)
+        if final.is_dir():  # served: the one file added whole (nodes fetch it by name)
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.rename(path, final / MANIFEST_PATCH)
+            fsync_dir(final)
+        else:
+            patches = self.home / PATCHES
+            patches.mkdir(mode=DIR_MODE, exist_ok=True)
+            commit_dir(staging, final)
 
     def _check_manifest_patch(self, path: Path, previous: bytes, data: bytes, where: str) -> None:
         """Keep the manifest patch at ``path`` (SOURCE's ``where``) only if it makes ``data``

@@ -159,6 +159,44 @@ def test_a_manifest_patch_that_does_not_give_the_manifest_is_not_mirrored(
     assert (dest / "mx" / "patches" / "2" / "recipients.patch").is_file()  # the maps' are
 
 
+def test_a_mirror_catching_up_several_releases_serves_each_ones_manifest_patch(
+    cluster: Cluster, upstream: RsyncDaemon, tmp_path: Path
+) -> None:
+    """A mirror that was down while the publisher made serials 2-4 copies 4 first, then 3
+    and 2: when each was copied, the manifest it follows was not here to prove its patch on.
+    A node that pulled 3 from the publisher meanwhile must still get 4 from the mirror as
+    from the publisher: one connection, the manifest from its patch."""
+    dest = mirrored(cluster, upstream, tmp_path)
+    cluster.write_config(source=upstream.url())
+    publish_new(cluster, 2)
+    assert "installed serial 3" in cluster.pull().stdout
+    publish_new(cluster, 1)
+    p = mirror(cluster, repo_url(upstream), dest)
+    assert p.returncode == 0, p.stderr
+    assert "copied releases 4, 3, 2;" in p.stdout
+    assert "not mirrored" not in p.stderr
+    for serial in (2, 3, 4):
+        patches = cluster.repo / "mx" / "patches" / str(serial)
+        assert sorted(os.listdir(dest / "mx" / "patches" / str(serial))) == sorted(
+            os.listdir(patches)
+        )
+        assert (dest / "mx" / "patches" / str(serial) / MANIFEST_PATCH).read_bytes() == (
+            patches / MANIFEST_PATCH
+        ).read_bytes()
+    served = RsyncDaemon(tmp_path / "rsyncd-mirror", dest)
+    try:
+        cluster.write_config(source=served.url())
+        pulled = cluster.pull()
+        assert "installed serial 4 (was 3)" in pulled.stdout, pulled.stdout + pulled.stderr
+        assert re.findall(r"rsync on (\S+)", served.log.read_text()) == ["mapsync/mx/"]
+    finally:
+        served.stop()
+    before = tree_snapshot(dest / "mx")
+    p = mirror(cluster, repo_url(upstream), dest, "--verify")
+    assert p.returncode == 0, p.stderr
+    assert "damaged" not in p.stdout and tree_snapshot(dest / "mx") == before
+
+
 @pytest.mark.parametrize("rollback", [False, True], ids=["map-patches", "rollback"])
 def test_a_source_without_the_releases_patches_is_mirrored_without_them(
     cluster: Cluster, upstream: RsyncDaemon, tmp_path: Path, rollback: bool
