@@ -52,7 +52,7 @@ from mapsync.errors import (
 )
 from mapsync.formats import text
 from mapsync.locks import waiting_lock
-from mapsync.mirrorlog import ChannelRun, record_mirror_run
+from mapsync.mirrorlog import ChannelRun, LoopMark, loop_running, record_mirror_run
 from mapsync.release import (
     LATEST,
     MANIFEST,
@@ -137,6 +137,7 @@ class Mirror:
         self.timeout = timeout
         self.keep = keep
         self.keys = keys
+        self.mark: LoopMark | None = None  # held by a --interval process (:meth:`looping`)
         local = self.remote.endpoint
         if not local.daemon and not local.ssh and os.path.exists(local.path):
             same = os.path.realpath(local.path) == os.path.realpath(dest)
@@ -157,6 +158,20 @@ class Mirror:
         lock = self.dest / LOCK
         with waiting_lock(lock, wait, f"{self.dest}: another mirror run holds {lock}"):
             yield
+
+    @contextlib.contextmanager
+    def looping(self) -> Iterator[None]:
+        """Mark DEST as followed by this ``--interval`` process while in the block: a one-shot
+        run meanwhile keeps the loop's interval in the run note (:mod:`mapsync.mirrorlog`)."""
+        check_owner(self.dest, "the mirror's copy")
+        if self.dest.is_symlink() or (self.dest.exists() and not self.dest.is_dir()):
+            raise ConfigError(f"mirror: DEST {self.dest} is not a directory")
+        self.dest.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+        with loop_running(self.dest) as self.mark:
+            try:
+                yield
+            finally:
+                self.mark = None
 
     def channels(self) -> list[str]:
         """The channels SOURCE serves: its directories named like a channel (``.private``,
@@ -887,6 +902,11 @@ def mirror_channels(
     done: list[Mirrored] = []
     failed: list[tuple[str, MapsyncError]] = []
     with mirror.locked():
+        if mirror.mark is not None:
+            try:
+                mirror.mark.hold()  # DEST recreated by hand: marked again
+            except OSError as exc:
+                _log.warning("loop mark not taken", dest=str(mirror.dest), error=described(exc))
         try:
             offered = names or mirror.channels()
             if not names:

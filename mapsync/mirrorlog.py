@@ -14,7 +14,10 @@ manifest it names), not from the note: that is what nodes get.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -57,6 +60,9 @@ from mapsync.runnote import (
 )
 
 NOTE = ".mirror.json"
+# Held (shared) by a `mirror --interval` process for its whole life: a one-shot run beside it
+# (an operator's `mapsync mirror --verify`) notes its run, but not its own lack of an interval.
+LOOP = ".mirror.loop"
 
 # A mirror that has not finished a run for this many of its intervals (plus its rsync
 # timeout: a run waiting on a SOURCE that does not answer records only when it gives up) is
@@ -103,8 +109,11 @@ def record_mirror_run(
     failed = [f"channel {n}: {r.error}" for n, r in sorted(channels.items()) if r.error]
     summary = "; ".join(([error] if error is not None else []) + failed) or None
     note["source"] = source
-    note["interval"] = interval
-    note["timeout"] = timeout
+    if interval is not None or not looping(dest):
+        # A one-shot run while a loop runs leaves the loop's: the note describes what runs,
+        # and status judges a loop that stops or hangs by them.
+        note["interval"] = interval
+        note["timeout"] = timeout
     note["last_run"] = now
     note["last_error"] = first_line(summary) if summary is not None else None
     if summary is None:
@@ -125,6 +134,64 @@ def record_mirror_run(
         runs[name] = _channel_note(dest, name, channels[name], before, now)
     note["channels"] = runs
     write_note(dest / NOTE, note, "the mirror run", _log)
+
+
+class LoopMark:
+    """A ``mirror --interval`` process's mark in DEST: a shared lock on ``DEST/.mirror.loop``,
+    held for its life (the kernel drops it with the process, however it ends)."""
+
+    def __init__(self, dest: Path) -> None:
+        self.path = dest / LOOP
+        self.fd: int | None = None
+
+    def hold(self) -> None:
+        """Take the mark; again where the file held is no longer DEST's (DEST recreated by
+        hand while the loop runs)."""
+        if self.fd is not None:
+            try:
+                st, held = os.stat(self.path, follow_symlinks=False), os.fstat(self.fd)
+                if (st.st_dev, st.st_ino) == (held.st_dev, held.st_ino):
+                    return
+            except OSError:
+                pass
+            self.release()
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+@contextlib.contextmanager
+def loop_running(dest: Path) -> Iterator[LoopMark]:
+    """Mark a ``mirror --interval`` process running in ``dest`` while in the block
+    (:class:`LoopMark`; each pass takes it again: :meth:`LoopMark.hold`)."""
+    mark = LoopMark(dest)
+    mark.hold()
+    try:
+        yield mark
+    finally:
+        mark.release()
+
+
+def looping(dest: Path) -> bool:
+    """Whether a ``mirror --interval`` process runs in ``dest`` (:func:`loop_running`)."""
+    try:
+        fd = os.open(dest / LOOP, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return False
 
 
 def _channel_note(

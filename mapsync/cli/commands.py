@@ -391,7 +391,8 @@ def cmd_mirror(args: argparse.Namespace) -> int:
         return once()
     # The trusted keys are read again (under systemd, mirror.env too).
     _restart_on_hangup(lambda: _mirror_setup(args), "mirror")
-    run_every(args.interval, lambda: once(loop=True), logger="mirror", what="mirror")
+    with m.looping():
+        run_every(args.interval, lambda: once(loop=True), logger="mirror", what="mirror")
 
 
 def _mirror_setup(args: argparse.Namespace) -> tuple[Mirror, int]:

@@ -1007,3 +1007,38 @@ def test_a_run_that_never_gets_the_lock_leaves_the_note_to_the_run_holding_it(
     )  # fmt: skip
     assert st.returncode == 0, st.stdout + st.stderr
     assert st.stdout.startswith("MAPSYNC MIRROR OK - serving mx 1; first to expire: mx, ")
+
+
+def test_a_one_shot_run_beside_the_loop_leaves_the_loops_interval_noted(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """`mapsync mirror --verify` run by hand while the `--interval` loop runs: the note still
+    names the loop's interval (status tells when it stops); once the loop ended, a one-shot
+    run notes none."""
+    cluster.publish()
+    dest = tmp_path / "mirror"
+    note = dest / ".mirror.json"
+    argv = [sys.executable, "-m", "mapsync", "-q", "mirror", str(cluster.repo), str(dest)]
+    loop = subprocess.Popen(
+        [*argv, "--interval", "3600", "--timeout", "7"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not note.exists():
+            assert time.monotonic() < deadline and loop.poll() is None
+            time.sleep(0.1)
+        p = mirror(cluster, cluster.repo, dest, "--verify")
+        assert p.returncode == 0, p.stderr
+        got = json.loads(note.read_text())
+        assert (got["interval"], got["timeout"]) == (3600, 7)
+        assert got["last_full_check"] == got["last_run"]
+        st = json.loads(status(cluster, dest, "--json").stdout)
+        assert st["status"] == "OK" and st["interval"] == 3600
+    finally:
+        loop.send_signal(signal.SIGTERM)
+        loop.wait(timeout=30)
+    assert mirror(cluster, cluster.repo, dest).returncode == 0
+    got = json.loads(note.read_text())
+    assert (got["interval"], got["timeout"]) == (None, 300)

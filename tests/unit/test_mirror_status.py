@@ -12,7 +12,15 @@ from pathlib import Path
 import pytest
 
 from mapsync.errors import EXIT_ERROR, EXIT_OK, EXIT_UNKNOWN, EXIT_WARNING
-from mapsync.mirrorlog import NOTE, ChannelRun, mirror_metrics, mirror_status, record_mirror_run
+from mapsync.mirrorlog import (
+    NOTE,
+    ChannelRun,
+    loop_running,
+    looping,
+    mirror_metrics,
+    mirror_status,
+    record_mirror_run,
+)
 from mapsync.release import Latest, Manifest, iso, manifest_sha256, utcnow
 
 DAY = 86400
@@ -159,6 +167,31 @@ def test_no_run_for_three_intervals_and_the_timeout_is_a_warning(tmp_path: Path)
     # A one-shot run (from a timer) records no interval: only failures and expiry count.
     record_mirror_run(tmp_path, "src", None, {"mx": ChannelRun()})
     assert mirror_status(tmp_path, utcnow() + timedelta(days=1)).code == EXIT_OK
+
+
+def test_a_one_shot_run_beside_a_running_loop_keeps_the_loops_interval(tmp_path: Path) -> None:
+    """An operator's one-shot run (`mirror --verify`) while the `--interval` loop runs: the
+    note still describes the loop, so a loop that stops or hangs afterwards is still a
+    WARNING after 3 intervals and its timeout. Once no loop runs, a one-shot run notes its
+    own (no interval)."""
+    serve(tmp_path, "mx", 4, utcnow())
+    later = utcnow() + timedelta(seconds=3 * 10 + 60 + 5)
+    with loop_running(tmp_path) as mark:
+        (tmp_path / ".mirror.loop").unlink()  # DEST recreated by hand: the loop's next pass
+        assert not looping(tmp_path)
+        mark.hold()  # marks it again
+        assert looping(tmp_path)
+        run(tmp_path, mx=ChannelRun())
+        record_mirror_run(tmp_path, "src", None, {"mx": ChannelRun()}, timeout=300)
+        note = json.loads((tmp_path / NOTE).read_bytes())
+        assert (note["interval"], note["timeout"]) == (10, 60)
+        st = mirror_status(tmp_path, later)
+        assert st.code == EXIT_WARNING, st.message
+        assert "(it runs every 10s: stopped, or stuck?)" in st.message
+    record_mirror_run(tmp_path, "src", None, {"mx": ChannelRun()}, timeout=300)
+    note = json.loads((tmp_path / NOTE).read_bytes())
+    assert (note["interval"], note["timeout"]) == (None, 300)
+    assert mirror_status(tmp_path, later).code == EXIT_OK
 
 
 def test_a_time_recorded_in_the_future_is_a_warning(tmp_path: Path) -> None:
