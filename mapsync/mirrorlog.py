@@ -417,6 +417,15 @@ def mirror_status(dest: Path, now: datetime | None = None) -> MirrorStatus:
         for what, when in (("last run", last_run), ("last successful run", last_success))
         if when is not None and (when - now).total_seconds() > CLOCK_SKEW
     ]
+    warnings += [
+        # As a node's status: the expiry above is judged on this clock, which is behind the
+        # publisher's (a mirror that stopped following would look fresh).
+        f"channel {ch.channel}: serves serial {ch.serial}, created {ago(parse_iso(ch.created), now)} "
+        f"({ch.created}): this host's clock is behind the publisher's or was stepped back; "
+        "expiry is judged on it"
+        for ch in st.channels
+        if ch.created is not None and (parse_iso(ch.created) - now).total_seconds() > CLOCK_SKEW
+    ]
     if error:
         warnings.append(f"last run failed {ago(last_run, now)}: {error}")
     warnings += [f"channel {ch.channel}: {ch.warning}" for ch in st.channels if ch.warning]

@@ -202,6 +202,24 @@ def test_a_time_recorded_in_the_future_is_a_warning(tmp_path: Path) -> None:
     assert "the last run is recorded 2h in the future: this host's clock" in st.message
 
 
+def test_a_release_created_in_the_future_is_a_warning(tmp_path: Path) -> None:
+    """This host's clock behind the publisher's: the release served looks days from expiry
+    (a mirror that stopped following would look fresh); said, as a node's status does."""
+    serve(tmp_path, "mx", 4, utcnow())
+    run(tmp_path, mx=ChannelRun())
+    behind = utcnow() - timedelta(days=4)
+    with open(tmp_path / NOTE, "r+") as fh:  # the run, too, noted on the clock behind
+        note = json.load(fh)
+        note["last_run"] = note["last_success"] = iso(behind)
+        fh.seek(0), fh.truncate(), json.dump(note, fh)
+    st = mirror_status(tmp_path, behind)
+    assert st.code == EXIT_WARNING, st.message
+    assert "channel mx: serves serial 4, created 4d in the future" in st.message
+    assert "this host's clock is behind the publisher's" in st.message
+    run(tmp_path, mx=ChannelRun())  # the clock set right
+    assert mirror_status(tmp_path).code == EXIT_OK
+
+
 @pytest.mark.parametrize("content", [b"", b"[]", b"{", b"\xff\xfe", b'{"last_run": 5}'])
 def test_a_damaged_note_is_unknown_and_the_next_run_rewrites_it(
     tmp_path: Path, content: bytes
