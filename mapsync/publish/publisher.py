@@ -75,6 +75,7 @@ from mapsync.release import (
     utcnow,
 )
 from mapsync.release.patch import KeyCounts
+from mapsync.runnote import CLOCK_SKEW
 from mapsync.signing import key_id, load_private, load_public, public_path
 from mapsync.snapshot import (
     Account,
@@ -1065,6 +1066,16 @@ class Publisher:
             plan.maps.append(MapPlan(name, gone, 0, 0, gone, 0, dropped=True))
 
         now = utcnow()
+        if last is not None and (last.created_at() - now).total_seconds() > CLOCK_SKEW:
+            _log.warning(
+                "this host's clock is behind the previous release's creation (stepped back, or "
+                "ahead then): this release expires early and its renewal comes late; one "
+                "already expired is refused by every node",
+                channel=ch.name,
+                previous=last.serial,
+                previous_created=last.created,
+                now=iso(now),
+            )
         same_set = last is not None and same_maps(entries, last.maps)
         if same_set:
             assert last is not None

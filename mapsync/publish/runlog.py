@@ -309,10 +309,53 @@ def publisher_status(cfg: PublisherConfig) -> PublisherStatus:
         )
     if pushes:
         return PublisherStatus(EXIT_WARNING, f"{pushes}; {success}", **fields)
+    stepped = _clock_behind(cfg, now)
+    if stepped:
+        return PublisherStatus(EXIT_WARNING, f"{stepped}; {success}", **fields)
     left = _unconfigured(cfg)
     if left:
         return PublisherStatus(EXIT_WARNING, f"{left}; {success}", **fields)
     return PublisherStatus(EXIT_OK, success, **fields)
+
+
+def _clock_behind(cfg: PublisherConfig, now: datetime) -> str | None:
+    """The channels whose release ``LATEST`` names was created before the one it follows, or
+    lies in the future: this host's clock was stepped back (or was ahead then). Its release
+    then expires early (already expired, stepped back by ``expires`` or more: every node
+    refuses it), and its renewal comes late. None when there are none."""
+    from mapsync.publish.repository import Repository
+
+    repo = Repository(cfg.repository, read_only=True)
+    found = []
+    for name in sorted(cfg.channels):
+        try:
+            manifest = repo.latest_manifest(name)
+            if manifest is None:
+                continue
+            created = manifest.created_at()
+            if (created - now).total_seconds() > CLOCK_SKEW:
+                found.append(
+                    f"channel {name}: serial {manifest.serial} created "
+                    f"{_ago(created, now)} ({manifest.created})"
+                )
+                continue
+            if manifest.previous is None:
+                continue
+            before = repo.manifest(name, manifest.previous)
+        except (MapsyncError, OSError, ValueError):
+            continue
+        if (before.created_at() - created).total_seconds() > CLOCK_SKEW:
+            found.append(
+                f"channel {name}: serial {manifest.serial} is created {manifest.created}, "
+                f"before serial {before.serial} ({before.created}), and expires "
+                f"{manifest.expires}"
+            )
+    if not found:
+        return None
+    return (
+        "; ".join(found) + ": this host's clock was stepped back or was ahead (releases expire "
+        "early, their renewals come late; one already expired is refused by every node)"
+    )
 
 
 def _unconfigured(cfg: PublisherConfig) -> str | None:

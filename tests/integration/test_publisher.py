@@ -25,11 +25,13 @@ from sqlalchemy import create_engine, insert, update
 import mapsync.publish.publisher as publisher_mod
 import mapsync.publish.quiet as quiet_mod
 import mapsync.publish.repository as repository_mod
-from mapsync.errors import LockBusy, MapsyncError
+import mapsync.publish.runlog as runlog_mod
+from mapsync.errors import EXIT_OK, EXIT_WARNING, LockBusy, MapsyncError
 from mapsync.formats import text
 from mapsync.publish.plan import PublishResult
 from mapsync.publish.publisher import Publisher
 from mapsync.publish.repository import Repository
+from mapsync.publish.runlog import publisher_status
 from mapsync.release import MANIFEST, SIGNATURE, manifest_sha256, utcnow
 from mapsync.signing import key_id, keygen, load_public, verify
 from mapsync.sources import open_source
@@ -378,6 +380,34 @@ def test_one_publisher_at_a_time(cluster: Cluster) -> None:
 
 
 # --- renewal -------------------------------------------------------------------------------------
+
+
+def test_a_clock_stepped_back_is_said_at_publish_and_by_status(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The publisher's clock stepped back 8 days: the next release is created before the one
+    it follows and has expired already (every node refuses it). The run says so, and status
+    --publisher, judging on the same clock, warns until a release is created in order."""
+    cluster.publish()
+    add_account(cluster, "zz-clock")
+    behind = utcnow() - timedelta(days=8)
+    for module in (publisher_mod, quiet_mod, runlog_mod):
+        monkeypatch.setattr(module, "utcnow", lambda: behind)
+    warned = []
+    monkeypatch.setattr(
+        publisher_mod._log, "warning", lambda event, **kw: warned.append((event, kw))
+    )
+    (plan,) = run(cluster).plans
+    assert (plan.action, plan.serial) == ("publish", 2)
+    assert [kw["previous"] for e, kw in warned if "clock is behind" in e] == [1]
+    st = publisher_status(cluster.config().need_publisher())
+    assert st.code == EXIT_WARNING, st.message
+    assert "channel mx: serial 2 is created " in st.message
+    assert ", before serial 1 (" in st.message and "clock was stepped back" in st.message
+    monkeypatch.undo()
+    add_account(cluster, "zz-clock-set-right")
+    cluster.publish()
+    assert publisher_status(cluster.config().need_publisher()).code == EXIT_OK
 
 
 def test_renewal_past_half_expiry_makes_a_new_serial_with_the_same_maps(
