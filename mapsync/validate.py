@@ -517,7 +517,7 @@ def _check(
                 if column is None:
                     home = None  # refused as it is: not compared with the others
         if home is not None and store is not None:
-            first_home = homes.setdefault(store.id, {}).setdefault(_same_home(home), claim)
+            first_home = homes.setdefault(store.id, {}).setdefault(same_home(home), claim)
             if first_home is not claim:
                 shared.setdefault(first_home.id, [first_home]).append(claim)
         if not local:
@@ -700,7 +700,7 @@ def _forwards(
                 yield Problem("forward", fw.id, address, problem)
 
 
-def _same_home(home: str) -> str:
+def same_home(home: str) -> str:
     """``home`` as the filesystem resolves it: '//', '/./' and a trailing '/' make no other
     directory ('..' is refused before). The string itself where it has none of them."""
     if "//" not in home and "/./" not in home and not home.endswith(("/", "/.")):
@@ -727,7 +727,7 @@ def _shared_homes(
                 "account",
                 a.id,
                 f"{a.local_part}@{domains[a.domain_id].name}",
-                f"home {_same_home(a.home or '')!r} {why}",
+                f"home {same_home(a.home or '')!r} {why}",
                 "home",
                 public=f"home {why}",
             )

@@ -40,7 +40,7 @@ from mapsync.snapshot import (
     alias_domains,
     live_domains,
 )
-from mapsync.validate import Outside
+from mapsync.validate import Outside, same_home
 from mapsync.validate import check as validate
 
 Row = TypeVar("Row", Account, Alias)  # a row State indexes by its address
@@ -51,6 +51,16 @@ DENY = "dovecot_deny"  # its keys are SERVICE/user
 def _lower(s: str) -> str:
     low = s.lower()
     return s if low == s else low  # the row's own string where it is lowercase already
+
+
+def _base(address: str) -> str | None:
+    """``user@domain`` of a ``user+tag@domain`` (lowercase), which Postfix's
+    recipient_delimiter delivers it to where no row has it whole; None without a tag."""
+    local, at, domain = address.rpartition("@")
+    if not at or "+" not in local:
+        return None
+    base = local.partition("+")[0]
+    return f"{base}@{domain}" if base else None
 
 
 class State:
@@ -88,6 +98,12 @@ class State:
         # address twice (a disabled "Bob" beside "bob"): kept in accounts/aliases only.
         self.account_at: dict[int, dict[str, Account]] = defaultdict(dict)
         self.alias_at: dict[int, dict[str, Alias]] = defaultdict(dict)
+        # Per domain, the part before the '+' → the lowercase local parts of account_at that
+        # hold one ('sales' → {'sales+eu'}): Dovecot's LMTP delivers those to that part.
+        self.tagged: dict[int, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
+        # The accounts whose home is spelt other than the directory it names ('/a//b/'), by
+        # id, with that directory: few, so a home is looked for among all as stored and here.
+        self.odd_homes: dict[int, str] = {}
         for a in snap.accounts:
             self._add_account(a)
         for al in snap.aliases:
@@ -107,24 +123,42 @@ class State:
     def _add_account(self, a: Account) -> None:
         if a.status != "disabled" and a.domain_id in self.live:
             _index(self.account_at, a, "accounts")
+            if "+" in a.local_part:
+                local = _lower(a.local_part)
+                self.tagged[a.domain_id][local.partition("+")[0]].add(local)
+        if a.home is not None and same_home(a.home) != a.home:
+            self.odd_homes[a.id] = same_home(a.home)
         self.accounts[a.id] = a
 
     def _drop_account(self, a: Account) -> None:
         del self.accounts[a.id]
+        self.odd_homes.pop(a.id, None)
         _unindex(self.account_at, a)
+        if "+" in a.local_part:
+            local = _lower(a.local_part)
+            if local not in self.account_at.get(a.domain_id, {}):
+                self.tagged[a.domain_id][local.partition("+")[0]].discard(local)
 
     def _add_alias(self, al: Alias) -> None:
         if al.domain_id in self.live:
             _index(self.alias_at, al, "aliases")
         self.aliases[al.id] = al
         for target in al.targets:
-            self.targeting[_lower(target)].add(al.id)
+            target = _lower(target)
+            self.targeting[target].add(al.id)
+            base = _base(target) if "+" in target else None
+            if base is not None:  # user+tag@ leads to user@ where no row has it whole
+                self.targeting[base].add(al.id)
 
     def _drop_alias(self, al: Alias) -> None:
         del self.aliases[al.id]
         _unindex(self.alias_at, al)
         for target in al.targets:
-            self.targeting[_lower(target)].discard(al.id)
+            target = _lower(target)
+            self.targeting[target].discard(al.id)
+            base = _base(target) if "+" in target else None
+            if base is not None:
+                self.targeting[base].discard(al.id)
 
     # -- units ------------------------------------------------------------------------------
 
@@ -310,11 +344,13 @@ class State:
                     for alias_id in ids:
                         referrers[alias_id] = self.aliases[alias_id]
         seen = {al.id for al in part.aliases}
+        accounts = {a.id: a for a in part.accounts}
         part = replace(
             part,
             # All domains and mailstores: alias targets resolve through any of them.
             domains=self.snap.domains,
             aliases=part.aliases + [al for i, al in referrers.items() if i not in seen],
+            accounts=[*accounts.values(), *self._beside(accounts)],
         )
         problems = validate(
             part, proxy, customers, outside=Outside(self.claimed, self.catchall_names())
@@ -325,11 +361,47 @@ class State:
             if al is not None and al.local_part and self._cycle(al):
                 raise NotIncremental(f"alias id={alias_id} closes an alias cycle")
 
+    def _beside(self, accounts: dict[int, Account]) -> Iterator[Account]:
+        """The accounts of the state, not among ``accounts``, that a full run validates
+        ``accounts`` against beyond their addresses: the account before the '+' of a
+        tagged one and the tagged ones of an account (Dovecot's LMTP delivers 'sales+eu@'
+        to 'sales@'), and the accounts given the same home (one mailbox for two users)."""
+        found: dict[int, Account] = {}
+        homes: set[str] = set()
+        for a in accounts.values():
+            local, at = _lower(a.local_part), self.account_at.get(a.domain_id, {})
+            for other in (
+                local.partition("+")[0] if "+" in local else None,
+                *self.tagged.get(a.domain_id, {}).get(local, ()),
+            ):
+                row = at.get(other) if other is not None else None
+                if row is not None and row.id not in accounts:
+                    found[row.id] = row
+            if a.home is not None:
+                homes.add(same_home(a.home))
+        if homes:
+            # One pass over the state's accounts (only a run whose channels carry homes reads
+            # them), then the few spelt otherwise.
+            sharing = [a for a in self.accounts.values() if a.home in homes]
+            sharing += [self.accounts[i] for i, home in self.odd_homes.items() if home in homes]
+            found.update((a.id, a) for a in sharing if a.id not in accounts)
+        return iter(found.values())
+
     def _resolved(self, target: str) -> tuple[int, str] | None:
-        """The alias of this cluster ``target`` names, as (domain id, local), if any."""
+        """The alias of this cluster ``target`` names, as (domain id, local), if any: a
+        ``user+tag@`` no row has whole leads to ``user@``, as the full run follows it."""
         local, at, name = _lower(target).rpartition("@")
         domain = self.resolve.get(name) if at else None
-        if domain is None or not local or local not in self.alias_at.get(domain, {}):
+        if domain is None or not local:
+            return None
+        aliases = self.alias_at.get(domain, {})
+        if local not in aliases and "+" in local:
+            account = self.account_at.get(domain, {}).get(local)
+            if account is None or account.status == "disabled":
+                base = local.partition("+")[0]
+                if base and (base in aliases or self.claimed(f"{base}@{name}")):
+                    local = base
+        if local not in aliases:
             return None
         return (domain, local)
 

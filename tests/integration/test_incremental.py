@@ -218,11 +218,83 @@ BREAKS = {
     # A local part no map may carry.
     "bad local part": "INSERT INTO account (domain_id, local_part) SELECT min(id), 'Upper Case' "
     "FROM domain WHERE kind = 'hosted'",
+    # 'x+eu' beside the account 'x' of its mailstore: Dovecot's LMTP delivers it to 'x'.
+    "tagged beside its base": "INSERT INTO account (domain_id, local_part, mailstore_id, "
+    "password_hash) SELECT a.domain_id, a.local_part || '+eu', a.mailstore_id, a.password_hash "
+    "FROM account a "
+    "JOIN domain d ON d.id = a.domain_id WHERE d.kind = 'hosted' AND d.status = 'active' "
+    "AND a.status <> 'disabled' AND a.local_part <> 'postmaster' ORDER BY a.id LIMIT 1",
+}
+
+# The first hosted domain (the seed's are all active), for rows a test adds there.
+FIRST = "(SELECT min(id) FROM domain WHERE kind = 'hosted')"
+FIRST_NAME = f"(SELECT name FROM domain WHERE id = {FIRST})"
+HASHED = "(SELECT min(password_hash) FROM account)"  # a hash the store channel accepts
+
+# Breaks through a row an earlier, valid, incremental run published: (that run's
+# statements, the breaking ones).
+LATER_BREAKS = {
+    # The account 'zed' added after 'zed+eu' of its mailstore.
+    "base after its tagged account": (
+        [
+            "INSERT INTO account (domain_id, local_part, password_hash) "
+            f"VALUES ({FIRST}, 'zed+eu', {HASHED})"
+        ],
+        [
+            "INSERT INTO account (domain_id, local_part, password_hash) "
+            f"VALUES ({FIRST}, 'zed', {HASHED})"
+        ],
+    ),
+    # A second account given the first one's home (spelt otherwise) on their mailstore.
+    "home given twice": (
+        [
+            "INSERT INTO account (domain_id, local_part, password_hash, home) "
+            f"VALUES ({FIRST}, 'h1', {HASHED}, '/var/vmail/h1')"
+        ],
+        [
+            "INSERT INTO account (domain_id, local_part, password_hash, home) "
+            f"VALUES ({FIRST}, 'h2', {HASHED}, '/var/vmail//h1/')"
+        ],
+    ),
+    # An alias to 'tg+x@' reaches the account 'tg': deleted, the alias leads nowhere.
+    "tagged target's account gone": (
+        [
+            "INSERT INTO account (domain_id, local_part, password_hash) "
+            f"VALUES ({FIRST}, 'tg', {HASHED})",
+            f"INSERT INTO alias (domain_id, local_part) VALUES ({FIRST}, 'tgl')",
+            "INSERT INTO alias_target (alias_id, target) SELECT id, "
+            f"'tg+x@' || {FIRST_NAME} FROM alias WHERE local_part = 'tgl'",
+        ],
+        ["DELETE FROM account WHERE local_part = 'tg'"],
+    ),
+    # ring-c's new target 'ring-a+x@' is ring-a's: a cycle through ring-a and ring-b, which
+    # the change did not touch.
+    "cycle through a tag": (
+        [
+            *(
+                f"INSERT INTO alias (domain_id, local_part) VALUES ({FIRST}, 'ring-{x}')"
+                for x in "abc"
+            ),
+            *(
+                "INSERT INTO alias_target (alias_id, target) SELECT id, "
+                f"'{to}@' || {FIRST_NAME} FROM alias WHERE local_part = 'ring-{x}'"
+                for x, to in (("a", "ring-b"), ("b", "ring-c"), ("c", "postmaster"))
+            ),
+        ],
+        [
+            "INSERT INTO alias_target (alias_id, target) SELECT id, "
+            f"'ring-a+x@' || {FIRST_NAME} FROM alias WHERE local_part = 'ring-c'"
+        ],
+    ),
 }
 
 
 @pytest.mark.parametrize("what", sorted(BREAKS))
-def test_an_invalid_change_is_refused_as_a_full_run_refuses_it(tmp_path: Path, what: str) -> None:
+def test_an_invalid_change_is_refused_as_a_full_run_refuses_it(
+    tmp_path: Path, what: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No skew: with it, every row the seed wrote just before is read again, and validated.
+    monkeypatch.setattr(changes, "SKEW", timedelta(0))
     url = f"sqlite:///{tmp_path / 'central.db'}"
     kept, root = _kept(tmp_path, url)
     serial = kept.repo.latest("mx").serial
@@ -240,7 +312,31 @@ def test_an_invalid_change_is_refused_as_a_full_run_refuses_it(tmp_path: Path, w
         _publisher(root, url, "full").run()
 
 
-def test_an_alias_cycle_is_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize("what", sorted(LATER_BREAKS))
+def test_a_change_breaking_a_row_it_did_not_touch_is_refused_as_a_full_run_refuses_it(
+    tmp_path: Path, what: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rows a change is validated against reach beyond its addresses where a full run's
+    rules do: the account before a '+' and the tagged ones after it, the accounts of one
+    home, an alias to a tag of the address changed."""
+    monkeypatch.setattr(changes, "SKEW", timedelta(0))  # else every seeded row is read again
+    url = f"sqlite:///{tmp_path / 'central.db'}"
+    kept, root = _kept(tmp_path, url)
+    before, breaking = LATER_BREAKS[what]
+    _sql(url, *before)
+    kept.run()
+    assert kept.last_read == "incremental"
+    serial = kept.repo.latest("mx").serial
+    _sql(url, *breaking)
+    with pytest.raises(InvalidData):
+        kept.run()
+    assert kept.repo.latest("mx").serial == serial  # nothing published
+    with pytest.raises(InvalidData):  # as a full run of the same database
+        _publisher(root, url, "full").run()
+
+
+def test_an_alias_cycle_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(changes, "SKEW", timedelta(0))  # else every seeded row is read again
     url = f"sqlite:///{tmp_path / 'central.db'}"
     kept, _ = _kept(tmp_path, url)
     _sql(
