@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -58,9 +59,13 @@ def verify_files(release: VerifiedRelease, where: str, *, check_expiry: bool = T
     release that was live), any file its manifest does not name, and any text map whose
     sha256 or size differ from the manifest's."""
     manifest = release.manifest
-    if check_expiry and manifest.expired():
+    now = datetime.now(UTC)
+    if check_expiry and manifest.expired(now):
+        # This host's time too: a release the publisher stopped renewing and a node whose
+        # clock runs ahead read alike otherwise.
         raise VerificationError(
-            f"{where}/{MANIFEST}: expired at {manifest.expires}; not installing"
+            f"{where}/{MANIFEST}: expired at {manifest.expires} (this host's clock: "
+            f"{now:%Y-%m-%dT%H:%M:%SZ}); not installing"
         )
     expected = manifest.files() | {MANIFEST, SIGNATURE}
     present = set(os.listdir(release.path))

@@ -17,6 +17,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 
 import cdbx
@@ -341,7 +342,12 @@ def test_expired_manifest(offered: Cluster) -> None:
     m = parse_manifest((release(offered) / MANIFEST).read_bytes(), "test")
     expired = replace(m, created="2000-12-25T00:00:00Z", expires="2001-01-01T00:00:00Z")
     publish_manifest(offered, expired.to_bytes(), real_key(offered))
-    pull_refused(offered, f"releases/2/{MANIFEST}: expired at 2001-01-01T00:00:00Z")
+    # with this host's own time beside it: a stale release and a clock ahead read apart
+    pull_refused(
+        offered,
+        f"releases/2/{MANIFEST}: expired at 2001-01-01T00:00:00Z (this host's clock: "
+        f"{datetime.now(UTC):%Y-%m-%d}",
+    )
     assert_serial_1_serving(offered)
 
 
