@@ -199,6 +199,12 @@ def read_changes(
     for name in STRUCTURAL:
         if mark.stamps.get(name) != since.stamps.get(name):
             raise NotIncremental(f"table {name} changed")
+    # A table's newest stamp moved up to one below the window read below: the row that moved
+    # it (a transaction open longer than SKEW, committed since) is not among the rows read.
+    for name, now_ in mark.stamps.items():
+        was = since.stamps.get(name)
+        if now_ is not None and (was is None or now_ > was) and now_ < since.clock - SKEW:
+            raise NotIncremental(f"table {name}: a row committed with a stamp older than {SKEW}")
     if reason is not None:
         raise NotIncremental(reason)
     deletions: dict[str, set[int]] = {}

@@ -751,6 +751,35 @@ def test_a_row_committed_late_with_an_older_stamp_is_read_though_the_fingerprint
     assert f"\nlate@{domain} " in recipients, "the row committed late"
 
 
+@pytest.mark.parametrize("engine", ["sqlite", "postgresql"])
+def test_a_row_committed_after_a_transaction_open_longer_than_the_skew_is_read(
+    tmp_path: Path, engine: str, request: pytest.FixtureRequest
+) -> None:
+    # A panel's transaction adds an account, stays open past the skew while the loop runs,
+    # then commits: its row carries the stamp of its INSERT, older than the window the next
+    # run reads. It is the table's newest, so the fingerprint moves; the run must not take
+    # "no changed account" for the answer (it published nothing, noted the fingerprint as
+    # checked, and the account waited for the full check).
+    url = _url(tmp_path, engine, request)
+    kept, root = _kept(tmp_path, url)
+    aged = newest(url, "account") - timedelta(hours=2)  # the seed's rows, written long ago
+    _sql(url, f"UPDATE account SET updated_at = {literal(aged)}")
+    kept.run()
+    mark = kept._state.mark if kept._state else None
+    assert mark is not None
+    stamp = mark.clock - changes.SKEW - timedelta(seconds=5)  # when its UPDATE ran
+    _sql(
+        url,
+        "INSERT INTO account (domain_id, local_part, password_hash, updated_at) "
+        f"VALUES (1, 'late', '{HASH}', {literal(stamp)})",
+    )
+    kept.run()
+    assert kept.last_read == "full"
+    _as_full(kept, root, "the late account")
+    recipients = bodies(root / "inc", "mx")["recipients"].decode()
+    assert "\nlate@" in recipients
+
+
 def test_a_restarted_loop_reads_once_so_its_first_change_is_incremental(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'central.db'}"
     cluster = make_cluster(tmp_path / "c", url, accounts=60, domains=4, aliases=20)
