@@ -254,13 +254,19 @@ def trigger_ddl(dialect: str, table: Table) -> list[str]:
         now = UTC_NOW["mysql"]
         inserted = f"{table.name}_inserted_at"
         return [
-            f"DROP TRIGGER IF EXISTS {trigger}",
-            f"CREATE TRIGGER {trigger} BEFORE UPDATE ON {name} FOR EACH ROW SET NEW.updated_at = "
-            f"IF(NEW.updated_at <=> OLD.updated_at OR NEW.updated_at > {now}, {now}, "
-            "NEW.updated_at)",
-            f"DROP TRIGGER IF EXISTS {inserted}",
-            f"CREATE TRIGGER {inserted} BEFORE INSERT ON {name} FOR EACH ROW SET NEW.updated_at = "
-            f"IF(NEW.updated_at > {now}, {now}, NEW.updated_at)",
+            *_mysql_trigger(
+                dialect,
+                trigger,
+                f"BEFORE UPDATE ON {name} FOR EACH ROW SET NEW.updated_at = "
+                f"IF(NEW.updated_at <=> OLD.updated_at OR NEW.updated_at > {now}, {now}, "
+                "NEW.updated_at)",
+            ),
+            *_mysql_trigger(
+                dialect,
+                inserted,
+                f"BEFORE INSERT ON {name} FOR EACH ROW SET NEW.updated_at = "
+                f"IF(NEW.updated_at > {now}, {now}, NEW.updated_at)",
+            ),
         ]
     if dialect == "sqlite":
         # SQLite cannot change NEW: an AFTER trigger sets the row again (it does not fire
@@ -272,6 +278,17 @@ def trigger_ddl(dialect: str, table: Table) -> list[str]:
             f"UPDATE {name} SET updated_at = {UTC_NOW['sqlite']} WHERE rowid = NEW.rowid; END",
         ]
     return []
+
+
+def _mysql_trigger(dialect: str, trigger: str, definition: str) -> list[str]:
+    """The statements that (re)install ``trigger`` (``definition``: what follows its name) on
+    MariaDB or MySQL. MariaDB replaces it in one statement: DDL commits at once there, so
+    between a DROP and a CREATE a writer's DELETE went unlogged (its row stayed published
+    until the next full check) and its UPDATE unstamped. MySQL has no CREATE OR REPLACE
+    TRIGGER."""
+    if dialect == "mariadb":
+        return [f"CREATE OR REPLACE TRIGGER {trigger} {definition}"]
+    return [f"DROP TRIGGER IF EXISTS {trigger}", f"CREATE TRIGGER {trigger} {definition}"]
 
 
 def future_stamps_ddl(dialect: str, table: Table) -> list[str]:
@@ -312,11 +329,12 @@ def delete_trigger_ddl(dialect: str, table: Table) -> list[str]:
             f"FOR EACH STATEMENT EXECUTE FUNCTION mapsync_deleted('{column}')",
         ]
     if dialect in ("mysql", "mariadb"):
-        return [
-            f"DROP TRIGGER IF EXISTS {trigger}",
-            f"CREATE TRIGGER {trigger} AFTER DELETE ON {name} FOR EACH ROW "
+        return _mysql_trigger(
+            dialect,
+            trigger,
+            f"AFTER DELETE ON {name} FOR EACH ROW "
             f"INSERT INTO {log} (table_name, row_id) VALUES ('{name}', OLD.{column})",
-        ]
+        )
     if dialect == "sqlite":  # one writer at a time: the trigger trims the log itself
         return [
             f"DROP TRIGGER IF EXISTS {trigger}",
@@ -359,12 +377,13 @@ def moved_trigger_ddl(dialect: str, table: Table) -> list[str]:
             f"EXECUTE FUNCTION mapsync_moved('{column}')",
         ]
     if dialect in ("mysql", "mariadb"):
-        return [
-            f"DROP TRIGGER IF EXISTS {trigger}",
-            f"CREATE TRIGGER {trigger} AFTER UPDATE ON {name} FOR EACH ROW "
+        return _mysql_trigger(
+            dialect,
+            trigger,
+            f"AFTER UPDATE ON {name} FOR EACH ROW "
             f"INSERT INTO {log} (table_name, row_id) SELECT '{name}', OLD.{column} "
             f"FROM DUAL WHERE NOT (OLD.{column} <=> NEW.{column})",
-        ]
+        )
     if dialect == "sqlite":
         return [
             f"DROP TRIGGER IF EXISTS {trigger}",

@@ -38,6 +38,8 @@ def install(engine: Engine) -> None:
     if dialect == "sqlite":
         _sqlite_rebuild(engine)
     with engine.begin() as conn:
+        if getattr(conn.dialect, "is_mariadb", False):  # known once connected ("mysql" before)
+            dialect = "mariadb"
         _add_row_id(conn)  # before the triggers that write it
         for table in t.TABLES:
             if dialect != "sqlite":

@@ -3,9 +3,13 @@ its last look, and says so whenever it cannot vouch for that (not upgraded, trim
 
 from __future__ import annotations
 
-from sqlalchemy import create_engine, func, insert, inspect, select, text
+from typing import Any
+
+from sqlalchemy import create_engine, event, func, insert, inspect, select, text
 
 from mapsync.sources import schema as t
+from mapsync.sources import upgrade
+from mapsync.sources.builtin import make_engine
 from mapsync.sources.deletion_log import deletions, entries
 from mapsync.sources.seed import init_db
 from tests.helpers import writers
@@ -248,3 +252,28 @@ def test_a_log_whose_first_id_never_committed_still_vouches(any_url: str) -> Non
             assert entries(conn, 2) == (2, [])
     finally:
         engine.dispose()
+
+
+def test_init_db_again_on_mariadb_never_leaves_a_table_without_its_delete_trigger(
+    mariadb_url: str,
+) -> None:
+    # init-db runs again (an upgrade) while the panel writes. MariaDB commits each DDL
+    # statement at once: a DELETE that came between dropping a trigger and creating it anew
+    # was logged nowhere, and its row stayed published until the next full check.
+    account, _ = _bare(mariadb_url)
+    engine = make_engine(mariadb_url)
+    meanwhile: list[str] = []
+
+    def writer(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
+        if "TRIGGER account_deleted " in statement and not meanwhile:
+            meanwhile.append(statement)
+            run_sql(mariadb_url, f"DELETE FROM account WHERE id = {account}")
+
+    event.listen(engine, "before_cursor_execute", writer)
+    try:
+        upgrade.install(engine)
+    finally:
+        engine.dispose()
+    assert meanwhile and _one(mariadb_url, "SELECT count(*) FROM account") == 0
+    logged = "SELECT count(*) FROM mapsync_deleted WHERE table_name = 'account'"
+    assert _one(mariadb_url, logged) == 1, meanwhile
