@@ -345,17 +345,18 @@ def delete_trigger_ddl(dialect: str, table: Table) -> list[str]:
     return []
 
 
-# The tables keyed by their parent whose parent column an UPDATE may change (a target moved
-# to another alias, a grant to another account): the column, as LOGGED_ID names it.
-MOVABLE = (alias_target, sender_grant)
+# The tables whose logged column (LOGGED_ID) an UPDATE may change: a target moved to another
+# alias, a grant to another account, and a row of any other table given another id (a sync
+# tool renumbering rows), which is gone under its old id as if deleted.
+MOVABLE = TABLES
 
 
 def moved_trigger_ddl(dialect: str, table: Table) -> list[str]:
     """The statements that (re)install ``table``'s move trigger (none unless ``table`` is
-    one of :data:`MOVABLE`): an ``UPDATE`` that changes the parent column (``alias_id``,
-    ``account_id``) logs the **old** parent in ``mapsync_deleted`` exactly as a delete of the
-    row would (the new parent's rows carry the new ``updated_at``; the old one's lost a row,
-    which only the log can tell)."""
+    one of :data:`MOVABLE`): an ``UPDATE`` that changes the logged column (``alias_id``,
+    ``account_id``; ``id`` elsewhere) logs the **old** value in ``mapsync_deleted`` exactly
+    as a delete of the row would (the new parent's rows, or the row under its new id, carry
+    the new ``updated_at``; the old one's lost a row, which only the log can tell)."""
     if table.name not in {m.name for m in MOVABLE}:
         return []
     name, trigger, log = table.name, f"{table.name}_moved", deleted.name

@@ -780,6 +780,28 @@ def test_a_row_committed_after_a_transaction_open_longer_than_the_skew_is_read(
     assert "\nlate@" in recipients
 
 
+@pytest.mark.parametrize("engine", ["sqlite", "postgresql", "mariadb"])
+def test_a_row_whose_id_an_update_changes_leaves_nothing_behind(
+    tmp_path: Path, engine: str, request: pytest.FixtureRequest
+) -> None:
+    # A sync tool renumbers an account (and renames it): the row under its old id is gone as
+    # if deleted, though no DELETE ran; its old address must leave the maps.
+    url = _url(tmp_path, engine, request)
+    kept, root = _kept(tmp_path, url)
+    _sql(
+        url,
+        f"INSERT INTO account (domain_id, local_part, password_hash) VALUES (1, 'old', '{HASH}')",
+    )
+    kept.run()
+    assert kept.last_read == "incremental"
+    assert "\nold@" in bodies(root / "inc", "mx")["recipients"].decode()
+    _sql(url, "UPDATE account SET id = id + 100000, local_part = 'new' WHERE local_part = 'old'")
+    kept.run()
+    recipients = bodies(root / "inc", "mx")["recipients"].decode()
+    assert "\nnew@" in recipients and "\nold@" not in recipients
+    _as_full(kept, root, "the renumbered account")
+
+
 def test_a_restarted_loop_reads_once_so_its_first_change_is_incremental(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'central.db'}"
     cluster = make_cluster(tmp_path / "c", url, accounts=60, domains=4, aliases=20)
