@@ -139,7 +139,7 @@ def fetch(
             continue
         if failed:
             _log.warning(
-                "served by a mirror", channel=ch.name, source=source.url, failed=list(failed)
+                "served by a later source", channel=ch.name, source=source.url, failed=list(failed)
             )
         got.failed = failed
         return got

@@ -223,12 +223,13 @@ def channel_status(
     if state.reload_pending:
         problems.append((EXIT_WARNING, "reload hook failed; retried on the next run"))
     if state.failed_sources and not state.last_error:
-        # Served by a mirror: the maps are fresh, but a source before it is broken, and a
-        # mirror that stops following the publisher would otherwise go unnoticed until expiry.
+        # Served by a later source (a mirror, or the publisher listed after a mirror): the maps
+        # are fresh, but a source before it is broken, and a mirror that stops following the
+        # publisher would otherwise go unnoticed until expiry.
         problems.append(
             (
                 EXIT_WARNING,
-                f"served by mirror {state.last_source}; "
+                f"served by a later source, {state.last_source}; "
                 + "; ".join(
                     f"{src} failed: {_first_line(err)}" for src, err in state.failed_sources.items()
                 ),

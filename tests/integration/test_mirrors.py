@@ -120,7 +120,7 @@ def test_a_missing_first_source_fails_over_and_status_names_the_serving_mirror(
     assert code == 1, text  # fresh maps, but the first source is broken: someone should look
     # 0s, or 1s on a busy machine: the status process starts after the pull's second ended
     assert re.search(rf"last good check [01]s ago from {re.escape(str(repo))}\b", text), text
-    assert f"served by mirror {repo}; {gone} failed: rsync failed" in text
+    assert f"served by a later source, {repo}; {gone} failed: rsync failed" in text
     assert channel["source"] == str(repo)
     assert channel["failed_sources"] == failed
     assert channel["serial"] == 1 and channel["last_error"] is None
@@ -293,7 +293,7 @@ def test_when_every_source_fails_the_error_names_each_and_the_old_set_serves(
     code, text, channel = status(published)
     assert code == 1, text
     assert f"last run failed: {head}the installed set keeps serving" in text
-    assert "served by mirror" not in text  # the failure is reported once, as the last error
+    assert "served by a later source" not in text  # the failure is reported once, as the last error
     assert channel["serial"] == 2
 
     # Only unreachable sources: a transport error (exit 2), not a verification failure.
@@ -343,7 +343,7 @@ def test_a_first_source_with_an_unusable_latest_fails_over_to_the_mirror(
     assert state["failed_sources"] == {str(hostile): f"{hostile}/{LATEST_REFUSED}"}
     code, text, _ = status(published)
     assert code == 1, text
-    assert f"served by mirror {repo}; {hostile} failed: {hostile}/{LATEST_REFUSED}" in text
+    assert f"served by a later source, {repo}; {hostile} failed: {hostile}/{LATEST_REFUSED}" in text
     assert "incoming" not in text  # the message names the source, not the node's staging
 
 
