@@ -35,6 +35,9 @@ _LOCAL = re.compile(r"^[a-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[a-z0-9!#$%&'*+/=?^_`{|}
 GOOD_LOCAL = re.compile(
     r"(?!#)(?=.{1,64}\Z)[a-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[a-z0-9!#$%&'*+/=?^_`{|}~-]+)*\Z", re.S
 )
+# GOOD_LOCAL without '+': the accounts' short way below, so that an account whose local part
+# holds one goes the long way, which notes it for _tagged_accounts.
+_PLAIN_LOCAL = re.compile(GOOD_LOCAL.pattern.replace("*+/", "*/"), re.S)
 # [0-9], not \d: Python's \d and int() accept other scripts' digits, which no daemon reads.
 _NEXTHOP = re.compile(r"^(?:\[([^\[\]\s]+)\]|([^\[\]\s:]+))(?::([0-9]{1,5}))?\Z")
 # The grammar of a host a daemon is given (Postfix nexthop, Exim host list, Dovecot host=):
@@ -433,9 +436,11 @@ def _check(
     for d in snap.domains:
         claims_of[d.id] = seen.setdefault(d.name.lower(), {})
     good_local = GOOD_LOCAL.match
+    plain_local = _PLAIN_LOCAL.match
     good_home = GOOD_HOME.match
     secrets = snap.secrets
     catchall: set[str] = set()  # the domains with a catch-all claim ('' in theirs)
+    tagged: list[tuple[str, Account]] = []  # the accounts claiming a local part with a '+'
     # Mailstore id → home as the filesystem reads it → the first live account given it; and
     # by that first account's id, every account given its home.
     homes: dict[int, dict[str, Account]] = {}
@@ -465,7 +470,7 @@ def _check(
             and quota is None
             and not secrets
             and status != "disabled"
-            and good_local(local)
+            and plain_local(local)
         ):
             first = claims.setdefault(local, claim)
             if first is not claim:
@@ -522,12 +527,15 @@ def _check(
                 shared.setdefault(first_home.id, [first_home]).append(claim)
         if not local:
             catchall.add(dom.name.lower())  # the catch-all's claim (an account is refused)
-        first = claims_of[domain_id].setdefault(local if good else local.lower(), claim)
+        key = local if good else local.lower()
+        first = claims_of[domain_id].setdefault(key, claim)
         if first is not claim:
             yield _duplicate("account", aid, f"{local}@{dom.name}", first)
+        elif "+" in key:
+            tagged.append((key, claim))
 
     yield from _shared_homes(shared, domains)
-    yield from _tagged_accounts(claims_of, domains)
+    yield from _tagged_accounts(tagged, claims_of, domains)
 
     bad_targets: set[str] = set()
     # The common alias first, as the common account above: in a live hosted domain, its
@@ -734,30 +742,29 @@ def _shared_homes(
 
 
 def _tagged_accounts(
-    claims_of: dict[int, dict[str, Account | Alias]], domains: dict[int, Domain]
+    tagged: list[tuple[str, Account]],
+    claims_of: dict[int, dict[str, Account | Alias]],
+    domains: dict[int, Domain],
 ) -> Iterator[Problem]:
-    """Each account whose local part holds a '+' where the part before it is another
-    account on its mailstore: the MX routes its mail to it whole, but Dovecot's LMTP
-    (recipient_delimiter, '+' by default) looks up only the part before the '+' and delivers
-    it into that other account's mailbox."""
-    for domain_id, claims in claims_of.items():
-        for local in [local for local in claims if "+" in local]:  # a C loop over the keys
-            row, other = claims[local], claims.get(local.partition("+")[0])
-            if (
-                isinstance(row, Account)
-                and isinstance(other, Account)
-                and (row.mailstore_id or domains[domain_id].default_mailstore_id)
-                == (other.mailstore_id or domains[domain_id].default_mailstore_id)
-            ):
-                name = domains[domain_id].name
-                yield Problem(
-                    "account",
-                    row.id,
-                    f"{row.local_part}@{name}",
-                    "local part holds '+': Dovecot's LMTP on its mailstore (recipient_delimiter"
-                    " = +, the default) delivers its mail to the part before it, account "
-                    f"id={other.id} '{other.local_part}@{name}' (another mailbox)",
-                )
+    """Each account of ``tagged`` (its claim's key, the account) where the part before the
+    '+' is another account on its mailstore: the MX routes its mail to it whole, but
+    Dovecot's LMTP (recipient_delimiter, '+' by default) looks up only the part before the
+    '+' and delivers it into that other account's mailbox."""
+    for key, row in tagged:
+        other = claims_of[row.domain_id].get(key.partition("+")[0])
+        default = domains[row.domain_id].default_mailstore_id
+        if isinstance(other, Account) and (row.mailstore_id or default) == (
+            other.mailstore_id or default
+        ):
+            name = domains[row.domain_id].name
+            yield Problem(
+                "account",
+                row.id,
+                f"{row.local_part}@{name}",
+                "local part holds '+': Dovecot's LMTP on its mailstore (recipient_delimiter"
+                " = +, the default) delivers its mail to the part before it, account "
+                f"id={other.id} '{other.local_part}@{name}' (another mailbox)",
+            )
 
 
 def _duplicate(table: str, row: int, address: str, first: Account | Alias) -> Problem:
