@@ -441,9 +441,11 @@ def _check(
     secrets = snap.secrets
     catchall: set[str] = set()  # the domains with a catch-all claim ('' in theirs)
     tagged: list[tuple[str, Account]] = []  # the accounts claiming a local part with a '+'
-    # Mailstore id → home as the filesystem reads it → the first live account given it; and
-    # by that first account's id, every account given its home.
-    homes: dict[int, dict[str, Account]] = {}
+    # Home as the filesystem reads it → the first live account given it (the same home on
+    # another mailstore is another directory: those by (mailstore id, home)); and by that
+    # first account's id, every account given its home on its mailstore.
+    homes: dict[str, Account] = {}
+    elsewhere: dict[tuple[int, str], Account] = {}
     shared: dict[int, list[Account]] = {}
 
     # The common account first, tested without a call or an attribute: in a live hosted
@@ -522,9 +524,17 @@ def _check(
                 if column is None:
                     home = None  # refused as it is: not compared with the others
         if home is not None and store is not None:
-            first_home = homes.setdefault(store.id, {}).setdefault(same_home(home), claim)
+            if "//" in home or "/./" in home or home.endswith(("/", "/.")):
+                home = same_home(home)  # the common home is spelt as its directory
+            first_home = homes.setdefault(home, claim)
             if first_home is not claim:
-                shared.setdefault(first_home.id, [first_home]).append(claim)
+                first_store = (
+                    first_home.mailstore_id or domains[first_home.domain_id].default_mailstore_id
+                )
+                if first_store != store.id:
+                    first_home = elsewhere.setdefault((store.id, home), claim)
+                if first_home is not claim:
+                    shared.setdefault(first_home.id, [first_home]).append(claim)
         if not local:
             catchall.add(dom.name.lower())  # the catch-all's claim (an account is refused)
         key = local if good else local.lower()

@@ -885,6 +885,10 @@ def test_an_account_given_another_accounts_home_on_its_mailstore_is_refused(same
     assert (p.table, p.row, p.key, p.field) == ("account", 3, "bob@example.org", "home")
     assert "is anna@example.org's home too" in p.reason and "/var/vmail/anna" in p.reason
     assert "/var/vmail" not in p.note()
+    # A second account on store-2 given the home carl has there: carl keeps it.
+    dave = Account(5, 1, "dave", 2, "active", HASH, "/var/vmail/anna/", None)
+    p, q = check(snapshot(mailstores=[STORE, store2], accounts=[*accounts, dave]))
+    assert (p.row, q.row) == (3, 5) and "is carl@example.org's home too" in q.reason
 
 
 # --- an alias target with a +tag -----------------------------------------------------------------
