@@ -130,6 +130,26 @@ def test_an_allowed_account_authenticates_and_sends_only_as_itself(relay: Relay)
         assert b"not owned by user postmaster@example-1.org" in text
 
 
+def test_a_login_sends_as_a_tag_of_its_own_address_but_not_of_anothers(relay: Relay) -> None:
+    """``user+tag@domain`` belongs to the owner of ``user@domain`` (the role's
+    ``recipient_delimiter = +``, as on the MX): without it every +tag sender was refused
+    ("not owned by user")."""
+    user = "postmaster@example-1.org"
+    with relay.session() as s:
+        assert auth_plain(s, user, PASSWORD)[0] == 235
+        replies = {}
+        for sender in ("postmaster+news@example-1.org", "postmaster+news@example-2.org"):
+            code, _ = s.mail(sender)
+            if code == 250:
+                code, _ = s.rcpt("someone@elsewhere.test.invalid")
+            replies[sender] = code
+            s.rset()
+    assert replies == {
+        "postmaster+news@example-1.org": 250,
+        "postmaster+news@example-2.org": 553,
+    }, (replies, relay.postfix.tail())
+
+
 def test_a_wrong_password_is_refused(relay: Relay) -> None:
     with relay.session() as s:
         code, text = auth_plain(s, "postmaster@example-3.org", "not the password")
