@@ -19,6 +19,8 @@ from sqlalchemy import create_engine, select, update
 from mapsync.sources import schema as t
 from tests.daemons.roles import EXIM, Nodes, entries, make_nodes
 from tests.helpers.agent import add_account
+from tests.helpers.mailstore import STORE_ROLE, LmtpMailstore, set_lmtp
+from tests.helpers.publisher import account_on
 
 pytestmark = pytest.mark.daemons
 
@@ -68,8 +70,12 @@ def _seeded_nodes(root: Path) -> Nodes:
 
 @pytest.fixture(scope="module")
 def conf(nodes: Nodes) -> Path:
-    """A minimal Exim configuration around the exim-mx snippet's three files."""
-    work = nodes.cluster.root / "exim-run"
+    return exim_conf(nodes, nodes.cluster.root / "exim-run")
+
+
+def exim_conf(nodes: Nodes, work: Path, main: str = "") -> Path:
+    """A minimal Exim configuration around the exim-mx snippet's three files; ``main``: more
+    main-section lines of the test's own."""
     (work / "spool").mkdir(parents=True)
     exim_user = pwd.getpwnam("Debian-exim")  # the user Exim's own processes run as
     for d in (work, work / "spool"):
@@ -82,6 +88,7 @@ def conf(nodes: Nodes) -> Path:
         f"log_file_path = {work}/%slog\n"
         "primary_hostname = test.invalid\n"
         "acl_smtp_rcpt = check_rcpt\n"
+        + main
         + role.snippet("main.conf", target)
         + "\nbegin acl\n"
         + RCPT_ACL
@@ -324,3 +331,43 @@ def test_a_moving_account_is_accepted_at_rcpt_and_its_mail_waits_in_our_queue(
         conf, "-Mvl", queued
     )
     exim(conf, "-Mrm", queued)  # the module's other tests route only
+
+
+def test_the_lmtp_transport_delivers_to_the_mailstore_on_the_port_of_its_route() -> None:
+    """A message received for real (-bs) and delivered (-M) through mapsync_route and
+    mapsync_lmtp into a real Dovecot LMTP service (the dovecot-store role). Without a
+    ``port`` of its own the LMTP transport's default port is the service name "lmtp", which
+    Debian 12's /etc/services lacks: every delivery to a mailstore deferred with 'TCP port
+    "lmtp" is not defined for mapsync_lmtp transport', whatever port the route named."""
+    root = Path(tempfile.mkdtemp(prefix="mapsync-exim-lmtp-"))
+    root.chmod(0o755)
+    try:
+        nodes = make_nodes(root / "c", ("exim-mx", STORE_ROLE), accounts=12, domains=2, aliases=2)
+        store = LmtpMailstore(nodes, root / "store")
+        try:
+            assert store.lmtp_port is not None and store.lmtp_port != 24
+            set_lmtp(nodes.cluster.db_url, "store-1", "127.0.0.1", store.lmtp_port)
+            nodes.cluster.publish("--force")  # every route of store-1 changes: the guards
+            nodes.cluster.pull()
+            _, address = account_on(nodes.cluster, "store-1")
+            # Exim routes to none of its own interfaces (self = defer): the mailstore on
+            # 127.0.0.1 is another host as far as this MX is concerned.
+            conf = exim_conf(nodes, root / "exim", main="local_interfaces = 192.0.2.1\n")
+            replies = smtp_session(
+                conf,
+                "MAIL FROM:<probe@client.test.invalid>",
+                f"RCPT TO:<{address}>",
+                "DATA",
+                "Subject: over lmtp\r\n\r\nhello\r\n.",
+                mode="-bs",
+            )
+            m = re.fullmatch(r"250 OK id=(\S+)", replies[-2])
+            assert m, replies
+            out = exim(conf, "-M", m.group(1))
+            log = (root / "exim" / "mainlog").read_text()
+            assert f"=> {address} R=mapsync_route T=mapsync_lmtp" in log, out + log
+            assert store.subjects(address) == ["over lmtp"]
+        finally:
+            store.stop()
+    finally:
+        shutil.rmtree(root)
