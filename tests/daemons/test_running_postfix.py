@@ -259,3 +259,22 @@ def test_a_new_domain_is_refused_until_the_reload_hook_runs(mx: Mx) -> None:
     while (got := pf.rcpt(first, second)) != want and time.monotonic() < deadline:
         time.sleep(0.1)
     assert got == want, pf.log(mark)
+
+
+def test_a_u_label_address_is_refused_at_rcpt_not_accepted_and_bounced(mx: Mx) -> None:
+    """The shipped main.cf offers no SMTPUTF8 (Dovecot 2.3's LMTP does not): mail to the
+    U-label form of an IDN domain's address is refused at RCPT (the sender's own bounce),
+    where accepting it meant a bounce from the MX after 250 (5.6.7 SMTPUTF8 is required);
+    the A-label form of the same address is accepted."""
+    entries_ = entries(mx.target / "recipients")
+    a_label = next(key for key in entries_ if key.endswith("@xn--bcher-1-n2a.example"))
+    local = a_label.partition("@")[0]
+    with mx.postfix.smtp() as s:
+        s.command_encoding = "utf-8"
+        code, _ = s.ehlo()
+        assert code == 250 and not s.has_extn("smtputf8"), s.esmtp_features
+        assert s.mail("sender@example.net")[0] == 250
+        code, text = s.rcpt(f"{local}@bücher-1.example")
+        assert code >= 500, (code, text)
+        assert s.rcpt(a_label) == (250, b"2.1.5 Ok")
+        s.rset()
