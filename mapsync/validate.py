@@ -545,7 +545,7 @@ def _check(
             tagged.append((key, claim))
 
     yield from _shared_homes(shared, domains)
-    yield from _tagged_accounts(tagged, claims_of, domains)
+    yield from _tagged_accounts(tagged, claims_of, domains, warn=outside is None)
 
     bad_targets: set[str] = set()
     # The common alias first, as the common account above: in a live hosted domain, its
@@ -755,26 +755,39 @@ def _tagged_accounts(
     tagged: list[tuple[str, Account]],
     claims_of: dict[int, dict[str, Account | Alias]],
     domains: dict[int, Domain],
+    warn: bool = True,
 ) -> Iterator[Problem]:
     """Each account of ``tagged`` (its claim's key, the account) where the part before the
     '+' is another account on its mailstore: the MX routes its mail to it whole, but
     Dovecot's LMTP (recipient_delimiter, '+' by default) looks up only the part before the
-    '+' and delivers it into that other account's mailbox."""
+    '+' and delivers it into that other account's mailbox. The others are a warning (``warn``:
+    a whole run's): with the shipped Dovecot configuration their mail bounces at the
+    mailstore ("User doesn't exist") and their login is refused, but a mailstore without a
+    recipient_delimiter, and with '+' in auth_username_chars, serves them."""
     for key, row in tagged:
         other = claims_of[row.domain_id].get(key.partition("+")[0])
         default = domains[row.domain_id].default_mailstore_id
-        if isinstance(other, Account) and (row.mailstore_id or default) == (
+        if not isinstance(other, Account) or (row.mailstore_id or default) != (
             other.mailstore_id or default
         ):
-            name = domains[row.domain_id].name
-            yield Problem(
-                "account",
-                row.id,
-                f"{row.local_part}@{name}",
-                "local part holds '+': Dovecot's LMTP on its mailstore (recipient_delimiter"
-                " = +, the default) delivers its mail to the part before it, account "
-                f"id={other.id} '{other.local_part}@{name}' (another mailbox)",
-            )
+            if warn:
+                _log.warning(
+                    "account's local part holds '+': a mailstore's Dovecot with "
+                    "recipient_delimiter = + (the shipped configuration) delivers none of its "
+                    "mail and refuses its login (docs/maps.md)",
+                    address=f"{row.local_part}@{domains[row.domain_id].name}",
+                    row=row.id,
+                )
+            continue
+        name = domains[row.domain_id].name
+        yield Problem(
+            "account",
+            row.id,
+            f"{row.local_part}@{name}",
+            "local part holds '+': Dovecot's LMTP on its mailstore (recipient_delimiter"
+            " = +, the default) delivers its mail to the part before it, account "
+            f"id={other.id} '{other.local_part}@{name}' (another mailbox)",
+        )
 
 
 def _duplicate(table: str, row: int, address: str, first: Account | Alias) -> Problem:
