@@ -331,6 +331,9 @@ class State:
         # The aliases that name an address of the units: one that lost its account or alias
         # now leads nowhere. With the whole domains, the other way round too.
         referrers: dict[int, Alias] = {}
+        # Those that name a +tag of the units: one whose account or alias went now leads to
+        # the part before the '+', which may lead back to them (a cycle no changed alias is on).
+        retargeted: dict[int, Alias] = {}
         targeting = self.targeting
         for domain, local in units:
             if domain < 0 or not local:
@@ -338,6 +341,8 @@ class State:
             for name in self.names.get(domain, ()):
                 for alias_id in targeting.get(f"{local}@{name}", ()):
                     referrers[alias_id] = self.aliases[alias_id]
+                    if "+" in local:
+                        retargeted[alias_id] = self.aliases[alias_id]
         if whole:
             for target, ids in targeting.items():
                 if self.resolve.get(target.rpartition("@")[2]) in whole:
@@ -357,7 +362,7 @@ class State:
         )
         if problems:
             raise NotIncremental(f"an invalid row: {problems[0]}")
-        for alias_id, al in change.aliases.items():
+        for alias_id, al in [*change.aliases.items(), *retargeted.items()]:
             if al is not None and al.local_part and self._cycle(al):
                 raise NotIncremental(f"alias id={alias_id} closes an alias cycle")
 

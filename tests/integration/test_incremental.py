@@ -286,6 +286,42 @@ LATER_BREAKS = {
             f"'ring-a+x@' || {FIRST_NAME} FROM alias WHERE local_part = 'ring-c'"
         ],
     ),
+    # lq's target 'lp+x@' is the account 'lp+x'; deleted, it is the alias lp's, which leads
+    # back to lq: a cycle through two aliases the change did not touch.
+    "cycle once a tag's account goes": (
+        [
+            "INSERT INTO account (domain_id, local_part, password_hash) "
+            f"VALUES ({FIRST}, 'lp+x', {HASHED})",
+            *(
+                f"INSERT INTO alias (domain_id, local_part) VALUES ({FIRST}, '{x}')"
+                for x in ("lp", "lq")
+            ),
+            *(
+                "INSERT INTO alias_target (alias_id, target) SELECT id, "
+                f"'{to}@' || {FIRST_NAME} FROM alias WHERE local_part = '{x}'"
+                for x, to in (("lp", "lq"), ("lq", "lp+x"))
+            ),
+        ],
+        ["DELETE FROM account WHERE local_part = 'lp+x'"],
+    ),
+    # As above, 'lp+x' an alias (to postmaster@) that is deleted.
+    "cycle once a tag's alias goes": (
+        [
+            f"INSERT INTO alias (domain_id, local_part) VALUES ({FIRST}, 'lp+x')",
+            "INSERT INTO alias_target (alias_id, target) SELECT id, "
+            f"'postmaster@' || {FIRST_NAME} FROM alias WHERE local_part = 'lp+x'",
+            *(
+                f"INSERT INTO alias (domain_id, local_part) VALUES ({FIRST}, '{x}')"
+                for x in ("lp", "lq")
+            ),
+            *(
+                "INSERT INTO alias_target (alias_id, target) SELECT id, "
+                f"'{to}@' || {FIRST_NAME} FROM alias WHERE local_part = '{x}'"
+                for x, to in (("lp", "lq"), ("lq", "lp+x"))
+            ),
+        ],
+        ["DELETE FROM alias WHERE local_part = 'lp+x'"],
+    ),
 }
 
 
