@@ -749,7 +749,9 @@ def _fingerprint(conn: Connection, now: datetime | None = None) -> Fingerprint:
     ).one()
     for table in t.TABLES:
         newest = row._mapping[table.name]
-        if isinstance(newest, str) and not _is_time(newest):
+        if newest is not None and not (
+            isinstance(newest, datetime) or (isinstance(newest, str) and _is_time(newest))
+        ):  # SQLite's text or number (a writer's Unix time): every change read would fail
             raise _no_stamp(conn, table, newest)
         tables[table.name] = (0, _stamp(newest))
     tables["alias_expired"] = (0, _stamp(row._mapping["alias_expired"]))
@@ -783,10 +785,11 @@ def _stamp(value: Any) -> str | None:
     )
 
 
-def _no_stamp(conn: Connection, table: Table, newest: str) -> InvalidData:
-    """The rows of ``table`` whose ``updated_at`` is the text ``newest``, which is no time
-    (SQLite keeps 'now' as text; as text it sorts after every real stamp, so it would stay
-    the table's newest and hide every later change from the fingerprint)."""
+def _no_stamp(conn: Connection, table: Table, newest: str | float) -> InvalidData:
+    """The rows of ``table`` whose ``updated_at`` is ``newest``, which is no time (SQLite
+    keeps 'now' as text; as text it sorts after every real stamp, so it would stay the
+    table's newest and hide every later change from the fingerprint; a number, newest where
+    every row has one, is no stamp a change read can start from)."""
     keys = conn.execute(
         select(*table.primary_key.columns).where(_raw(table.c.updated_at) == newest).limit(5)
     ).all()

@@ -709,6 +709,24 @@ def test_an_updated_at_that_is_no_time_is_named_not_a_crash(cluster: Cluster) ->
     assert f"account id={account_id}: updated_at 'now' is not a date and time" in p.stderr
 
 
+def test_an_updated_at_that_is_a_number_in_every_row_is_named_not_a_crash(
+    cluster: Cluster,
+) -> None:
+    """A writer stamping Unix time (SQLite keeps the number): a table whose every row has
+    one gave 'unexpected error: ValueError: Invalid isoformat string', naming nothing."""
+    cluster.publish()
+    db = sqlite3.connect(cluster.db_url.removeprefix("sqlite:///"))
+    with db:
+        customer_id = db.execute("SELECT MIN(id) FROM customer").fetchone()[0]
+        db.execute("UPDATE customer SET updated_at = 1764641000")
+    db.close()
+    p = cluster.cli("publish")
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "Traceback" not in p.stderr and "unexpected error" not in p.stderr, p.stderr
+    assert f"customer id={customer_id}" in p.stderr
+    assert "updated_at 1764641000 is not a date and time" in p.stderr
+
+
 def test_a_blob_in_a_text_column_is_an_invalid_row_not_a_crash(cluster: Cluster) -> None:
     """SQLite keeps a BLOB in a TEXT column: 'unexpected error: TypeError: cannot use a
     string pattern on a bytes-like object', naming no row. Now the row and the column."""
