@@ -863,7 +863,11 @@ def alias_graph(
                         "(nothing here receives it)",
                     )
                 continue  # mail leaves the cluster: not ours to check
-            if "+" in local and local not in seen.get(tdomain, _NO_CLAIMS):
+            if (
+                "+" in local
+                and local not in seen.get(tdomain, _NO_CLAIMS)
+                and (claimed is None or not claimed(resolved))
+            ):
                 # user+tag@: Postfix (recipient_delimiter = +) and the Exim routers deliver
                 # what no row claims whole to the part before the first '+'.
                 base = local.partition("+")[0]
