@@ -217,8 +217,9 @@ def untrusted_signer(manifest: Manifest, trusted: Iterable[Path]) -> str | None:
     """Why the live ``manifest`` is no longer trusted, or None: the key it names as its signer
     (covered by the signature verified at install) is none of ``trusted`` — removed from
     ``trusted_keys`` after a rotation, or revoked as compromised, or a ``trusted_keys`` path
-    that names no file (a typo in the new key's path: the signer's key then is none that can
-    be read either). Cheap (key ids, no signature), so ``status`` and every pull see it, not
+    that names no file or no ed25519 public key (a typo in the new key's path, an empty copy,
+    the private key or an RSA key copied instead: the signer's key then is none that can be
+    read either). Cheap (key ids, no signature), so ``status`` and every pull see it, not
     only the next full check. None when it cannot tell: a manifest naming no signer, or a key
     file this process may not read (a monitoring user; the pull that needs it says so)."""
     if manifest.signer is None:
@@ -230,9 +231,9 @@ def untrusted_signer(manifest: Manifest, trusted: Iterable[Path]) -> str | None:
         try:
             ids.append(public_key_id(path))
         except MapsyncError as exc:
-            if os.path.lexists(path):
+            if os.path.lexists(path) and not os.access(path, os.R_OK):
                 unreadable = True
-            else:
+            else:  # gone, or read and no ed25519 public key: it holds no key either way
                 missing.append(str(exc))
     if manifest.signer in ids or unreadable:
         return None

@@ -269,10 +269,11 @@ def _verify_signature(cfg: AgentConfig, check: LiveCheck) -> None:
 
     found = check.installed
     assert found is not None
+    # A trusted_keys file that holds no key is this node's config, not damage of the live set:
+    # the run fails naming the file, rather than "rebuilding" a set nothing is wrong with.
+    keys = trusted_keys(cfg)
     try:
-        verify_manifest(
-            found.directory, found.data, found.signature, trusted_keys(cfg), str(found.directory)
-        )
+        verify_manifest(found.directory, found.data, found.signature, keys, str(found.directory))
     except MapsyncError as exc:
         check.problems.append(f"live manifest: {exc}")
 

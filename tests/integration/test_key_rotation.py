@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from sqlalchemy import create_engine, insert
 
 from mapsync.signing import key_id, keygen, load_public
@@ -149,3 +150,46 @@ def test_a_trusted_key_path_that_names_no_file_is_reported_not_ok(cluster: Clust
     assert "which no trusted key that exists holds" in status.stdout
     assert str(keys / "signin.pub") in status.stdout
     assert cluster.cli("pull").returncode != 0
+
+
+@pytest.mark.parametrize("content", ["empty", "private key", "rsa"])
+def test_a_revoked_key_with_a_trusted_key_file_that_holds_no_key_is_reported_not_ok(
+    cluster: Cluster, content: str
+) -> None:
+    """The revoked key taken out and the new key's file on the node an empty copy (a failed
+    scp), the private key copied by mistake, or another algorithm's key: status said OK and
+    every pull "up to date" (exit 0), as if the file could not be read by a monitoring user,
+    while the live release is signed by a key no longer trusted. And the pull that checked the
+    signature called the live set damaged and "rebuilt" it, for a fault of the config."""
+    keys = cluster.root / "keys"
+    cluster.publish()
+    cluster.pull()
+    new = keys / "signing-2.pub"
+    if content == "empty":
+        new.write_bytes(b"")
+    elif content == "private key":
+        new.write_bytes((keys / "signing.key").read_bytes())
+    else:
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import rsa
+
+        rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        new.write_bytes(
+            rsa_key.public_key().public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+        )
+    text = cluster.config_path.read_text()
+    cluster.config_path.write_text(
+        text.replace(f'trusted_keys = ["{keys / "signing.pub"}"]', f'trusted_keys = ["{new}"]')
+    )
+    status = cluster.cli("status")
+    assert status.returncode == 2, status.stdout
+    assert "which no trusted key that exists holds" in status.stdout
+    assert str(new) in status.stdout
+    for _ in range(2):
+        proc = cluster.cli("pull")
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        assert str(new) in proc.stderr
+        assert "live set is damaged" not in proc.stderr
+    assert cluster.cli("status").returncode == 2
