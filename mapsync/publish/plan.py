@@ -60,6 +60,8 @@ class Violation:
     message: str
 
     def __str__(self) -> str:
+        if not self.map:  # the whole release (a rival publisher's renewal)
+            return f"channel {self.channel}: {self.message}"
         return f"channel {self.channel}, map {self.map}: {self.message}"
 
 

@@ -104,6 +104,7 @@ class _Staged:
     manifest: Manifest | None = None
     dropped: list[str] = field(default_factory=list)  # maps of the previous release not kept
     entries: dict[str, MapEntry] = field(default_factory=dict)  # as rendered, released or not
+    rival: str | None = None  # another publisher's key renewed our release (_rival_renewal)
 
 
 # The maps of an MX: every domain, address and route of the cluster (not ``senders``, which
@@ -1077,6 +1078,7 @@ class Publisher:
                 now=iso(now),
             )
         same_set = last is not None and same_maps(entries, last.maps)
+        rival = None
         if same_set:
             assert last is not None
             if (
@@ -1087,6 +1089,7 @@ class Publisher:
                 plan.serial = None
                 return _Staged(plan, staging, entries=entries)
             plan.action = "renew"  # also rewrites a damaged LATEST
+            rival = self._rival_renewal(ch.name, last) if damaged is None else None
         else:
             plan.action = "publish"
         if last is not None and last_dir is not None:
@@ -1111,7 +1114,34 @@ class Publisher:
             skipped=skipped_note(skipped),
             patches=patches,
         )
-        return _Staged(plan, staging, manifest, dropped, entries)
+        return _Staged(plan, staging, manifest, dropped, entries, rival)
+
+    def _rival_renewal(self, channel: str, last: Manifest) -> str | None:
+        """Why renewing ``last`` would fight another publisher, or None: ``last`` renews (the
+        same maps) a release our key signed, with a key that is not ours. A rotation renews
+        the old key's release once; two publishers with different keys writing one
+        repository (a standby promoted while this one runs) would renew each other's release
+        on every run, a new serial each time, every node trusting only one of them refusing
+        half."""
+        if last.previous is None or self._public is None:
+            return None
+        try:
+            previous = self.repo.manifest(channel, last.previous)
+        except MapsyncError:
+            return None  # pruned or unreadable: nothing to tell from
+        if not same_maps(last.maps, previous.maps):
+            return None
+        if self._signed_by_us(channel, last.serial) or not self._signed_by_us(
+            channel, previous.serial
+        ):
+            return None
+        return (
+            f"serial {last.serial} renews serial {previous.serial}, which this publisher's key "
+            f"{key_id(self._public)} signed, with key {last.signer or '(not named)'}: another "
+            "publisher with another signing_key writes this repository (a standby promoted "
+            "while this one runs?), and each would renew the other's release on every run; "
+            "stop one of them (switching signing_key back on purpose: --force)"
+        )
 
     def _render(
         self,
@@ -1192,6 +1222,11 @@ class Publisher:
         return diff_files(name, old_path, staging / name, before, entry.entries, separator)
 
     def _guard(self, staged: _Staged, force: bool) -> list[Violation]:
+        if staged.rival is not None:
+            if not force:
+                staged.plan.violations = [staged.rival]
+                return [Violation(staged.plan.channel, "", staged.rival)]
+            _log.warning("renewal overridden by --force", channel=staged.plan.channel)
         if staged.plan.action != "publish":
             return []
         violations = []

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 from sqlalchemy import create_engine, insert
 
@@ -193,3 +197,50 @@ def test_a_revoked_key_with_a_trusted_key_file_that_holds_no_key_is_reported_not
         assert str(new) in proc.stderr
         assert "live set is damaged" not in proc.stderr
     assert cluster.cli("status").returncode == 2
+
+
+def test_two_publishers_with_different_keys_on_one_repository_do_not_renew_each_other(
+    cluster: Cluster,
+) -> None:
+    """A standby promoted (its own signing key) while the primary still runs, both writing
+    the shared repository: each run of each renewed the other's release as if after a key
+    rotation, a new serial of every channel every run, logged as info only, and a node
+    trusting one of the keys refused every other release. The publisher that finds its own
+    release renewed with another key refuses (exit 4, naming both keys); --force renews
+    (switching signing_key back on purpose)."""
+    keys = cluster.root / "keys"
+    cluster.publish()
+    _, standby_id = keygen(keys / "standby.key")
+    primary_id = key_id(load_public(keys / "signing.pub"))
+    standby = cluster.root / "standby.toml"
+    standby.write_text(
+        cluster.config_path.read_text().replace(
+            f'signing_key = "{keys / "signing.key"}"', f'signing_key = "{keys / "standby.key"}"'
+        )
+    )
+
+    def run(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "mapsync", "--config", str(config), "publish", *args],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    assert "renewed serial 2" in run(standby).stdout  # a promotion renews once
+    for _ in range(2):
+        primary = run(cluster.config_path)
+        assert primary.returncode == 4, primary.stdout + primary.stderr
+        assert (
+            f"serial 2 renews serial 1, which this publisher's key {primary_id} signed, with "
+            f"key {standby_id}: another publisher with another signing_key writes this "
+            "repository"
+        ) in primary.stderr
+        assert "unchanged (serial 2)" in run(standby).stdout
+    dry = run(cluster.config_path, "--dry-run")
+    assert dry.returncode == 4 and "another publisher" in dry.stdout + dry.stderr
+    assert sorted(p.name for p in (cluster.repo / "mx" / "releases").iterdir()) == ["1", "2"]
+
+    forced = run(cluster.config_path, "--force")
+    assert forced.returncode == 0 and "renewed serial 3" in forced.stdout, forced.stderr
+    assert run(standby).returncode == 4  # the standby, in turn, is told
