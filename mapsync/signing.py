@@ -47,8 +47,15 @@ def keygen(private: Path) -> tuple[Path, str]:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+    if private.suffix == ".pub":
+        # signing.pub is the file every node is given: a private key there is one copy away
+        # from every node (and the public half would be signing.pub.pub).
+        raise MapsyncError(
+            f"{private}: PATH is the private key's file, and .pub names the public half "
+            f"written beside it (mapsync keygen {private.with_suffix('.key')})"
+        )
     for p in (private, public):
-        if p.exists():
+        if os.path.lexists(p):  # a symlink too, even one to a key not there now (a mount)
             raise MapsyncError(f"{p}: already exists; refusing to overwrite a key")
     key = Ed25519PrivateKey.generate()
     pem = key.private_bytes(

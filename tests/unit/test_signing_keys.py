@@ -13,7 +13,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, x25519
 
-from mapsync.errors import ConfigError
+from mapsync.errors import ConfigError, MapsyncError
 from mapsync.signing import _keygen_seed, key_id, keygen, load_private, load_public, public_key_id
 
 
@@ -94,3 +94,22 @@ def test_a_public_key_s_id_is_read_without_cryptography_and_is_the_same(tmp_path
             public_key_id(bad)
     with pytest.raises(ConfigError, match=r"missing\.pub"):
         public_key_id(tmp_path / "missing.pub")
+
+
+def test_keygen_refuses_a_dangling_symlink_where_a_key_would_go(tmp_path: Path) -> None:
+    """/etc/mapsync/signing.key a link to a key on a volume not mounted: keygen replaced the
+    link with a new key, and once the volume came back the publisher signed with a key no
+    node trusts (`exists()` follows the link and found nothing)."""
+    (tmp_path / "signing.key").symlink_to(tmp_path / "vault" / "signing.key")
+    with pytest.raises(MapsyncError, match="already exists; refusing to overwrite a key"):
+        keygen(tmp_path / "signing.key")
+    assert (tmp_path / "signing.key").is_symlink()
+    assert not (tmp_path / "signing.pub").exists()
+
+
+def test_keygen_refuses_a_private_key_named_pub(tmp_path: Path) -> None:
+    """`mapsync keygen /etc/mapsync/signing.pub` wrote the private key to signing.pub, the
+    file the docs say to copy to every node, and its public half to signing.pub.pub."""
+    with pytest.raises(MapsyncError, match=r"mapsync keygen .*/signing\.key\)"):
+        keygen(tmp_path / "signing.pub")
+    assert list(tmp_path.iterdir()) == []
