@@ -147,9 +147,20 @@ def load_public(path: Path) -> Ed25519PublicKey:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
     try:
-        key = serialization.load_pem_public_key(path.read_bytes())
+        with open(path, "rb") as fh:
+            mode = stat.S_IMODE(os.fstat(fh.fileno()).st_mode)
+            data = fh.read()
     except FileNotFoundError:
         raise ConfigError(f"{path}: trusted key not found") from None
+    if mode & 0o022:
+        # docs/security.md: writable by root only. Whoever may write the file may replace
+        # it with a key of their own and sign maps every node installs.
+        raise ConfigError(
+            f"{path}: trusted key has mode {mode:04o}, so others may replace it with their own "
+            f"key and sign maps this node installs; chmod go-w {path}"
+        )
+    try:
+        key = serialization.load_pem_public_key(data)
     except ValueError as exc:
         raise ConfigError(f"{path}: not a PEM public key: {exc}") from None
     if not isinstance(key, Ed25519PublicKey):

@@ -113,3 +113,17 @@ def test_keygen_refuses_a_private_key_named_pub(tmp_path: Path) -> None:
     with pytest.raises(MapsyncError, match=r"mapsync keygen .*/signing\.key\)"):
         keygen(tmp_path / "signing.pub")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("mode", [0o666, 0o664, 0o646])
+def test_a_trusted_key_others_may_write_is_refused(tmp_path: Path, mode: int) -> None:
+    """docs/security.md: a trusted key is writable by root only; whoever may write it may put
+    a key of their own there and sign maps the node installs. 0644 and 0444 are fine."""
+    keygen(tmp_path / "signing.key")
+    public = tmp_path / "signing.pub"
+    for fine in (0o644, 0o444):
+        public.chmod(fine)
+        load_public(public)
+    public.chmod(mode)
+    with pytest.raises(ConfigError, match=rf"mode {mode:04o}, so others may replace it"):
+        load_public(public)
