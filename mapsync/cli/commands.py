@@ -498,13 +498,18 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     """``mapsync check-config``: load the config file (and nothing else); say what it holds."""
     cfg = _config(args)
     if args.agent or args.watch:
+        from mapsync.agent.checks import trusted_keys
+
         agent = cfg.need_agent()
+        trusted_keys(agent)  # each file read as a pull reads it: a key, not writable by others
         if args.watch:
             from mapsync.agent.loop import watched_inboxes
 
             watched_inboxes(agent, cfg.path, True)
     if args.publisher:
-        cfg.need_publisher()
+        from mapsync.signing import load_private
+
+        load_private(cfg.need_publisher().signing_key)  # its mode and owner, as a publish
     print(f"{cfg.path}: the config loads")
     if cfg.publisher is not None:
         pub = cfg.publisher

@@ -318,8 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
         "check-config",
         "check the config file without acting on it (before a restart, or systemctl reload)",
         "Read and check the config file as every command does (TOML syntax, unknown keys,\n"
-        "types, values) and say what it holds; nothing else is read (with --watch, where the\n"
-        "inboxes are looked at) and nothing is written. Exit 0 if it loads, 2 with the error\n"
+        "types, values) and say what it holds; nothing else is read (with --agent the trusted\n"
+        "keys, with --publisher the signing key, with --watch where the inboxes are) and\n"
+        "nothing is written. Exit 0 if it loads, 2 with the error\n"
         "(file and line or key) if not. The long-running units run it as their ExecReload=\n"
         "before the SIGHUP: `systemctl reload` fails on a broken file and the running process\n"
         "goes on. Run it before `systemctl restart`, which stops the process first.",
@@ -327,12 +328,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--agent",
         action="store_true",
-        help="also require an [agent] section (what pull, agent, status and verify need)",
+        help="also require an [agent] section (what pull, agent, status and verify need) "
+        "and read its trusted_keys files as a pull does",
     )
     s.add_argument(
         "--publisher",
         action="store_true",
-        help="also require a [publisher] section (what publish needs)",
+        help="also require a [publisher] section (what publish needs) and read its "
+        "signing key as a publish does (its mode and owner)",
     )
     s.add_argument(
         "--watch",

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from mapsync.signing import keygen
+
 AGENT = """\
 [agent]
 state = "{root}/state"
@@ -21,6 +23,14 @@ target = "{root}/live"
 """
 
 
+def agent_config(root: Path, extra: str = "") -> Path:
+    """``root/mapsync.toml`` of :data:`AGENT` (and ``extra``), with its trusted key made."""
+    keygen(root / "signing.key")
+    config = root / "mapsync.toml"
+    config.write_text(AGENT.format(root=root) + extra)
+    return config
+
+
 def check(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "mapsync", "--config", str(config), "check-config", *args],
@@ -30,14 +40,44 @@ def check(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_a_config_that_loads_is_said_to_and_nothing_is_made(tmp_path: Path) -> None:
-    config = tmp_path / "mapsync.toml"
-    config.write_text(AGENT.format(root=tmp_path))
+    config = agent_config(tmp_path)
     p = check(config, "--agent")
     assert p.returncode == 0, p.stderr
     assert p.stdout.splitlines()[0] == f"{config}: the config loads"
     assert "[agent]: 1 channel(s) (mx)" in p.stdout
     assert "`agent --watch` would not start" in p.stdout  # no inbox
-    assert sorted(x.name for x in tmp_path.iterdir()) == ["mapsync.toml"]
+    made = ["mapsync.toml", "signing.key", "signing.pub"]
+    assert sorted(x.name for x in tmp_path.iterdir()) == made
+
+
+@pytest.mark.parametrize("fault", ["missing", "writable by others", "not a key"])
+def test_the_agent_s_trusted_keys_are_read_as_a_pull_reads_them(tmp_path: Path, fault: str) -> None:
+    """A trusted key a pull would refuse (a failed copy, a file others may replace) fails
+    the check, naming the file: before, only the next release's pull said so."""
+    config = agent_config(tmp_path)
+    public = tmp_path / "signing.pub"
+    if fault == "missing":
+        public.unlink()
+    elif fault == "writable by others":
+        public.chmod(0o666)
+    else:
+        public.write_text("")
+    p = check(config, "--agent")
+    assert p.returncode == 2 and p.stdout == "", p.stdout
+    assert p.stderr.startswith(f"mapsync: {public}: "), p.stderr
+
+
+def test_the_publisher_s_signing_key_is_read_as_a_publish_reads_it(tmp_path: Path) -> None:
+    keygen(tmp_path / "signing.key")
+    config = tmp_path / "mapsync.toml"
+    config.write_text(
+        f'[publisher]\ndatabase = "sqlite:///{tmp_path}/db"\nrepository = "{tmp_path}/repo"\n'
+        f'signing_key = "{tmp_path}/signing.key"\n[publisher.channels.mx]\nmaps = ["domains"]\n'
+    )
+    assert check(config, "--publisher").returncode == 0
+    (tmp_path / "signing.key").chmod(0o644)
+    p = check(config, "--publisher")
+    assert p.returncode == 2 and "signing key has mode 0644" in p.stderr, p.stderr
 
 
 @pytest.mark.parametrize(
@@ -82,8 +122,7 @@ def test_watch_checks_what_agent_watch_needs_as_the_agent_unit_reload_does(
     """mapsync-agent.service runs `agent --watch`: its reload must fail, on the operator's
     terminal, for a config that agent would refuse (no inbox left), not pass and leave the
     agent to log 'config not reloaded' where no one looks."""
-    config = tmp_path / "mapsync.toml"
-    config.write_text(AGENT.format(root=tmp_path))
+    config = agent_config(tmp_path)
     assert check(config, "--agent").returncode == 0
     p = check(config, "--agent", "--watch")
     assert p.returncode == 2 and p.stdout == ""
