@@ -847,9 +847,13 @@ def _counted_fingerprint(conn: Connection) -> Fingerprint:
     tables: dict[str, tuple[int, str | None]] = {}
     for table in t.TABLES:
         count, newest = conn.execute(
-            select(func.count(), func.max(table.c.updated_at)).select_from(table)
+            select(func.count(), func.max(_raw(table.c.updated_at))).select_from(table)
         ).one()
-        tables[table.name] = (int(count), str(newest) if newest is not None else None)
+        if newest is not None and not (
+            isinstance(newest, datetime) or (isinstance(newest, str) and _is_time(newest))
+        ):  # as _fingerprint: named, not a ValueError naming nothing
+            raise _no_stamp(conn, table, newest)
+        tables[table.name] = (int(count), _stamp(newest))
     now = datetime.now(UTC).replace(tzinfo=None)
     expired = conn.execute(
         select(func.count()).select_from(t.alias).where(t.alias.c.expires_at <= now)

@@ -694,12 +694,18 @@ def test_an_expiry_that_is_no_time_is_an_invalid_row_not_a_crash(
     assert f"expires_at {expires!r} is not a date and time" in p.stderr
 
 
-def test_an_updated_at_that_is_no_time_is_named_not_a_crash(cluster: Cluster) -> None:
+@pytest.mark.parametrize("log", ["deletion log", "no deletion log"])
+def test_an_updated_at_that_is_no_time_is_named_not_a_crash(cluster: Cluster, log: str) -> None:
     """updated_at = 'now' (PostgreSQL reads it as the time; SQLite keeps the text, which sorts
-    after every stamp): 'unexpected error: ValueError', naming nothing. Now table and row."""
+    after every stamp): 'unexpected error: ValueError', naming nothing. Now table and row;
+    also in a database whose init-db predates the deletion log (a row count per table)."""
     cluster.publish()
     db = sqlite3.connect(cluster.db_url.removeprefix("sqlite:///"))
     with db:
+        if log == "no deletion log":
+            for (trigger,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'"):
+                db.execute(f'DROP TRIGGER "{trigger}"')
+            db.execute("DROP TABLE mapsync_deleted")
         account_id = db.execute("SELECT MIN(id) FROM account").fetchone()[0]
         db.execute("UPDATE account SET updated_at = 'now' WHERE id = ?", (account_id,))
     db.close()
