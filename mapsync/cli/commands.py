@@ -499,9 +499,14 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     cfg = _config(args)
     if args.agent or args.watch:
         from mapsync.agent.checks import trusted_keys
+        from mapsync.transport.rsync import check_password_file
 
         agent = cfg.need_agent()
         trusted_keys(agent)  # each file read as a pull reads it: a key, not writable by others
+        for ch in agent.channels.values():
+            if ch.password_file is not None:  # as a pull checks it: a file rsync would take
+                daemon = next(s for s in ch.sources if s.startswith("rsync://"))
+                check_password_file(ch.password_file, daemon)
         if args.watch:
             from mapsync.agent.loop import watched_inboxes
 

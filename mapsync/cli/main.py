@@ -319,7 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
         "check the config file without acting on it (before a restart, or systemctl reload)",
         "Read and check the config file as every command does (TOML syntax, unknown keys,\n"
         "types, values) and say what it holds; nothing else is read (with --agent the trusted\n"
-        "keys, with --publisher the signing key, with --watch where the inboxes are) and\n"
+        "keys and password files, with --publisher the signing key, with --watch where the\n"
+        "inboxes are) and\n"
         "nothing is written. Exit 0 if it loads, 2 with the error\n"
         "(file and line or key) if not. The long-running units run it as their ExecReload=\n"
         "before the SIGHUP: `systemctl reload` fails on a broken file and the running process\n"
@@ -329,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--agent",
         action="store_true",
         help="also require an [agent] section (what pull, agent, status and verify need) "
-        "and read its trusted_keys files as a pull does",
+        "and read its trusted_keys and password_file files as a pull does",
     )
     s.add_argument(
         "--publisher",

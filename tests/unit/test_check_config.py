@@ -67,6 +67,32 @@ def test_the_agent_s_trusted_keys_are_read_as_a_pull_reads_them(tmp_path: Path, 
     assert p.stderr.startswith(f"mapsync: {public}: "), p.stderr
 
 
+@pytest.mark.parametrize("fault", ["missing", "readable by others"])
+def test_the_agent_s_password_file_is_checked_as_a_pull_checks_it(
+    tmp_path: Path, fault: str
+) -> None:
+    """A password_file every pull would refuse (0644 after a copy, not there yet) fails the
+    check, naming the file: before, the check and the reload passed and every pull failed."""
+    password = tmp_path / "mx.password"
+    config = agent_config(tmp_path)
+    config.write_text(
+        config.read_text().replace(
+            f'source = "{tmp_path}/repo/mx"',
+            f'source = "rsync://mx-agent@127.0.0.1/mx"\npassword_file = "{password}"',
+        )
+    )
+    assert check(config).returncode == 0  # loading alone reads no file
+    if fault == "readable by others":
+        password.write_text("mx-Secret-1\n")
+        password.chmod(0o644)
+    p = check(config, "--agent")
+    assert p.returncode == 2 and p.stdout == "", p.stdout
+    assert p.stderr.startswith(f"mapsync: password_file {password}: "), p.stderr
+    password.write_text("mx-Secret-1\n")
+    password.chmod(0o600)
+    assert check(config, "--agent").returncode == 0
+
+
 def test_the_publisher_s_signing_key_is_read_as_a_publish_reads_it(tmp_path: Path) -> None:
     keygen(tmp_path / "signing.key")
     config = tmp_path / "mapsync.toml"
