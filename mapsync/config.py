@@ -860,7 +860,7 @@ def _files(path: Path, where: str, data: dict[str, Any]) -> dict[str, FileMode]:
             )
         if mode is not None and int(mode, 8) & 0o7133:
             raise ConfigError(
-                f"{fs.where('mode')}: {mode} makes a map executable or writable by others; "
+                f"{fs.where('mode')}: {mode} makes a map executable or writable by its group or others; "
                 'maps are read-only data (e.g. "0644" or "0640")'
             )
         files[name] = FileMode(

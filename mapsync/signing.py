@@ -156,7 +156,7 @@ def load_public(path: Path) -> Ed25519PublicKey:
         # docs/security.md: writable by root only. Whoever may write the file may replace
         # it with a key of their own and sign maps every node installs.
         raise ConfigError(
-            f"{path}: trusted key has mode {mode:04o}, so others may replace it with their own "
+            f"{path}: trusted key has mode {mode:04o}, so its group or others may replace it with their own "
             f"key and sign maps this node installs; chmod go-w {path}"
         )
     try:

@@ -396,7 +396,7 @@ def test_source_list_gives_mirrors_in_order(tmp_path: Path) -> None:
         ),
         (
             'source = "/a"\n[agent.channels.mx.files.recipients]\nmode = "0666"',
-            "makes a map executable or writable by others",
+            "makes a map executable or writable by its group or others",
         ),
         (
             'source = "/a"\n[agent.channels.mx.files.recipients]\nuser = "root"',

@@ -125,5 +125,7 @@ def test_a_trusted_key_others_may_write_is_refused(tmp_path: Path, mode: int) ->
         public.chmod(fine)
         load_public(public)
     public.chmod(mode)
-    with pytest.raises(ConfigError, match=rf"mode {mode:04o}, so others may replace it"):
+    with pytest.raises(
+        ConfigError, match=rf"mode {mode:04o}, so its group or others may replace it"
+    ):
         load_public(public)
