@@ -471,7 +471,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             )
         )
         return code
-    print(f"MAPSYNC {LEVELS[code]} - {summary(statuses)} | {perfdata(statuses)}")
+    perf = perfdata(statuses)  # none before a first pull: no "|" (Nagios' empty perfdata)
+    print(f"MAPSYNC {LEVELS[code]} - {summary(statuses)}" + (f" | {perf}" if perf else ""))
     for s in statuses:
         print(f"{s.channel}: {s.level} {s.message}")
     return code

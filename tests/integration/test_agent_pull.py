@@ -189,6 +189,8 @@ def test_status_is_critical_when_nothing_is_installed(published: Cluster) -> Non
     assert p.returncode == 2, p.stdout + p.stderr
     assert p.stdout.startswith("MAPSYNC CRITICAL")
     assert "nothing installed" in p.stdout
+    # No performance data yet: no '|' with nothing after it.
+    assert "|" not in p.stdout.splitlines()[0], p.stdout
     j = published.cli("status", "--json")
     assert j.returncode == 2
     data = json.loads(j.stdout)
