@@ -61,10 +61,10 @@ from mapsync.sources import schema as t
 from mapsync.sources.base import Source
 from mapsync.sources.changes import (
     ALIAS_COLUMNS,
-    ALIAS_EXPIRES,
     alias_read,
     clock,
     expiry,
+    naive,
     read_changes,
     read_denied,
     read_mark,
@@ -736,11 +736,11 @@ def _fingerprint(conn: Connection, now: datetime | None = None) -> Fingerprint:
         return _counted_fingerprint(conn)
     tables: dict[str, tuple[int, str | None]] = {}
     now = now or datetime.now(UTC).replace(tzinfo=None)
-    expired = select(func.max(ALIAS_EXPIRES)).where(t.alias.c.expires_at <= now)
+    expired = select(t.finite(func.max(t.alias.c.expires_at))).where(t.alias.c.expires_at <= now)
     row = conn.execute(  # one round trip
         select(
             *(
-                select(func.max(_raw(table.c.updated_at))).scalar_subquery().label(table.name)
+                select(t.finite(func.max(table.c.updated_at))).scalar_subquery().label(table.name)
                 for table in t.TABLES
             ),
             expired.scalar_subquery().label("alias_expired"),
@@ -753,6 +753,8 @@ def _fingerprint(conn: Connection, now: datetime | None = None) -> Fingerprint:
             isinstance(newest, datetime) or (isinstance(newest, str) and _is_time(newest))
         ):  # SQLite's text or number (a writer's Unix time): every change read would fail
             raise _no_stamp(conn, table, newest)
+        if isinstance(newest, datetime) and naive(newest) >= t.LATEST:
+            raise _no_stamp(conn, table, newest)  # PostgreSQL's 'infinity': no later change shows
         tables[table.name] = (0, _stamp(newest))
     tables["alias_expired"] = (0, _stamp(row._mapping["alias_expired"]))
     tables[t.deleted.name] = (int(row._mapping["deleted"] or 0), None)
@@ -785,14 +787,20 @@ def _stamp(value: Any) -> str | None:
     )
 
 
-def _no_stamp(conn: Connection, table: Table, newest: str | float) -> InvalidData:
+def _no_stamp(conn: Connection, table: Table, newest: str | float | datetime) -> InvalidData:
     """The rows of ``table`` whose ``updated_at`` is ``newest``, which is no time (SQLite
     keeps 'now' as text; as text it sorts after every real stamp, so it would stay the
     table's newest and hide every later change from the fingerprint; a number, newest where
-    every row has one, is no stamp a change read can start from)."""
+    every row has one, is no stamp a change read can start from; PostgreSQL's 'infinity',
+    held to t.LATEST, would stay the newest too)."""
+    infinite = isinstance(newest, datetime)
     keys = conn.execute(
-        select(*table.primary_key.columns).where(_raw(table.c.updated_at) == newest).limit(5)
+        select(*table.primary_key.columns)
+        .where(table.c.updated_at >= t.LATEST if infinite else _raw(table.c.updated_at) == newest)
+        .limit(5)
     ).all()
+    if infinite:
+        newest = "infinity"
     named = ", ".join(
         " ".join(f"{c.name}={v!r}" for c, v in zip(table.primary_key.columns, k, strict=True))
         for k in keys

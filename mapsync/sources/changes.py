@@ -32,7 +32,7 @@ from itertools import groupby
 from operator import itemgetter
 from typing import Any
 
-from sqlalchemy import Connection, Integer, String, and_, not_, or_, select, true, type_coerce
+from sqlalchemy import Connection, Integer, and_, not_, or_, select, true, type_coerce
 from sqlalchemy.sql import ColumnElement
 
 from mapsync.snapshot import (
@@ -291,8 +291,9 @@ ALLOW = (t.account.c.allow_imap, t.account.c.allow_pop3, t.account.c.allow_submi
 ALLOW_RAW = tuple(type_coerce(c, Integer) for c in ALLOW)
 ALIAS_ACTIVE = type_coerce(t.alias.c.active, Integer)  # raw: see read_denied
 # Raw too: SQLite keeps any text ('never', '') or number in a DATETIME column, and the
-# processor's ValueError ended the read naming no row. expiry() reads it.
-ALIAS_EXPIRES = type_coerce(t.alias.c.expires_at, String)
+# processor's ValueError ended the read naming no row. expiry() reads it. PostgreSQL's
+# 'infinity' reads as t.LATEST (never expires), '-infinity' as t.EARLIEST (expired).
+ALIAS_EXPIRES = t.finite(t.alias.c.expires_at)
 # An alias row as the readers take it: id, domain, local part, expiry (raw), active (raw).
 ALIAS_COLUMNS = (
     t.alias.c.id,

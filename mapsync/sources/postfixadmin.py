@@ -50,6 +50,7 @@ from mapsync.config import PostfixAdminConfig
 from mapsync.errors import SourceError
 from mapsync.snapshot import Account, Alias, Domain, Fingerprint, Mailstore, Snapshot, paused_gc
 from mapsync.sources.builtin import BuiltinSource
+from mapsync.sources.schema import finite
 
 _log = log.get("postfixadmin")
 
@@ -150,7 +151,9 @@ class PostfixAdminSource(BuiltinSource):
         for name, real in self.tables.items():
             self._need(conn, name)
             t = table(real, column("modified"))
-            count, newest = conn.execute(select(func.count(), func.max(t.c.modified))).one()
+            # finite: PostgreSQL's 'infinity' there failed every read naming nothing; as the
+            # latest time, an edit under it waits for the full check (docs/postfixadmin.md).
+            count, newest = conn.execute(select(func.count(), finite(func.max(t.c.modified)))).one()
             tables[name] = (int(count), str(newest) if newest is not None else None)
         blob = json.dumps(asdict(self.settings), sort_keys=True, default=str).encode()
         tables["settings"] = (0, hashlib.sha256(blob).hexdigest())

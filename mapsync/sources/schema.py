@@ -13,6 +13,7 @@ upgrades a database an earlier version made (:mod:`mapsync.sources.upgrade`).
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import (
     BigInteger,
@@ -68,6 +69,40 @@ UTC_NOW = {
 @compiles(utc_now)
 def _utc_now(element: utc_now, compiler: SQLCompiler, **kw: object) -> str:
     return UTC_NOW.get(compiler.dialect.name, "CURRENT_TIMESTAMP")
+
+
+# What a timestamp of PostgreSQL reads as where Python's datetime cannot hold it: 'infinity'
+# and years after 9999 as the first, '-infinity' and years before 1 (BC) as the second, a day
+# inside each end so a timestamptz moved to UTC stays inside too.
+LATEST = datetime(9999, 12, 30)
+EARLIEST = datetime(1, 1, 2)
+
+
+class finite(FunctionElement[Any]):
+    """A timestamp expression read as the driver gives it (no result processor: SQLite's
+    text stays text), on PostgreSQL held to :data:`EARLIEST` .. :data:`LATEST`: psycopg
+    refuses 'infinity', '-infinity' and years outside 1..9999 ("timestamp too large (after
+    year 10K)"), which failed the whole read naming no row. Compared as timestamps in SQL,
+    whatever the server's DateStyle; around an aggregate (``finite(max(column))``), the
+    aggregate stays an index lookup."""
+
+    type = String()
+    inherit_cache = True
+
+
+@compiles(finite)
+def _finite(element: finite, compiler: SQLCompiler, **kw: Any) -> str:
+    return compiler.process(element.clauses, **kw)
+
+
+@compiles(finite, "postgresql")
+def _finite_pg(element: finite, compiler: SQLCompiler, **kw: Any) -> str:
+    value = compiler.process(element.clauses, **kw)
+    latest, earliest = f"'{LATEST.isoformat(sep=' ')}'", f"'{EARLIEST.isoformat(sep=' ')}'"
+    return (
+        f"CASE WHEN {value} > {latest} THEN {latest} WHEN {value} < {earliest} THEN {earliest} "
+        f"ELSE {value} END"
+    )
 
 
 def _updated_at() -> Column[datetime]:

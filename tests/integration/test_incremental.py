@@ -959,3 +959,64 @@ def test_a_database_restored_from_an_older_copy_is_read_in_full(
     full.run()
     for channel in ("mx", "store", "proxy"):
         assert bodies(cluster.root / "inc", channel) == bodies(cluster.root / "full", channel)
+
+
+@pytest.mark.postgresql
+def test_postgresqls_infinite_expiries_read_as_never_and_expired_alike_in_both_reads(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """PostgreSQL's 'infinity' (its usual "never") and '-infinity' in alias.expires_at, and
+    years psycopg cannot read (BC, after 9999): every publish failed with "timestamp too large
+    (after year 10K): 'infinity'", naming no row, the fingerprint's newest expired one too.
+    Now the far ends never expire, the near ones have, in the incremental read as in the full
+    one, whatever the server's DateStyle."""
+    kept, root = _kept(tmp_path, pg_url)
+    _sql(pg_url, "ALTER DATABASE " + pg_url.rsplit("/", 1)[1] + " SET DateStyle = 'SQL, DMY'")
+    targeted = {target for (target,) in _rows(pg_url, "SELECT target FROM alias_target")}
+    aliases = [
+        (alias_id, f"{local}@{name}")
+        for alias_id, local, name in _rows(
+            pg_url,
+            "SELECT a.id, a.local_part, d.name FROM alias a JOIN domain d ON d.id = a.domain_id "
+            "WHERE a.active AND a.local_part <> '' AND d.kind = 'hosted' "
+            "AND d.status = 'active' ORDER BY a.id",
+        )
+        if f"{local}@{name}" not in targeted
+    ][:4]
+    assert len(aliases) == 4
+    ends = ["infinity", "20000-01-01", "-infinity", "0100-01-01 BC"]
+    statements = ["UPDATE alias SET expires_at = NULL"]  # '-infinity' the newest expired one
+    statements += [
+        f"UPDATE alias SET expires_at = '{end}' WHERE id = {alias_id}"
+        for end, (alias_id, _) in zip(ends, aliases, strict=True)
+    ]
+    _sql(pg_url, *statements)
+    kept.run()
+    assert kept.last_read == "incremental"
+    recipients = bodies(root / "inc", "mx")["recipients"].decode()
+    for end, (_, address) in zip(ends, aliases, strict=True):
+        assert (f"\n{address} " in recipients) == (not end.startswith(("-", "0100"))), end
+    _as_full(kept, root, "infinite expiries")
+    _sql(pg_url, f"UPDATE alias SET expires_at = 'infinity' WHERE id = {aliases[2][0]}")
+    kept.run()
+    assert kept.last_read == "incremental"
+    assert f"\n{aliases[2][1]} " in bodies(root / "inc", "mx")["recipients"].decode()
+    _as_full(kept, root, "-infinity made infinity")
+
+
+@pytest.mark.postgresql
+def test_an_infinite_updated_at_is_named_not_a_crash(tmp_path: Path, pg_url: str) -> None:
+    """updated_at = 'infinity' (written past the trigger: disabled, or a restore with
+    session_replication_role = replica) would stay the table's newest and hide every later
+    change from the fingerprint; psycopg's "timestamp too large" named nothing. Now table and
+    row; '-infinity', below every stamp, hides nothing and publishes."""
+    kept, _ = _kept(tmp_path, pg_url)
+    _sql(
+        pg_url,
+        "ALTER TABLE customer DISABLE TRIGGER customer_updated_at",
+        "UPDATE customer SET updated_at = '-infinity'",
+    )
+    kept.run()  # every customer '-infinity': the table's newest too
+    _sql(pg_url, "UPDATE customer SET updated_at = 'infinity' WHERE id = 1")
+    with pytest.raises(InvalidData, match=r"customer id=1: updated_at 'infinity' is not a date"):
+        kept.run()
