@@ -61,6 +61,11 @@ COLUMNS = {
     "alias": ("address", "goto", "active", "modified"),
     "alias_domain": ("alias_domain", "target_domain", "active", "modified"),
 }
+# The columns read that PostfixAdmin's schema makes varchar or text.
+_TEXT = frozenset(
+    {"domain", "transport", "alias_domain", "target_domain", "username", "password", "maildir"}
+    | {"address", "goto"}
+)
 PSEUDO_DOMAIN = "all"  # PostfixAdmin's 'ALL' row: no mail domain
 
 _TRUE = {"1", "t", "true", "y", "yes", "on"}
@@ -236,14 +241,43 @@ class PostfixAdminSource(BuiltinSource):
         smtp = "smtp_active" in self._need(conn, "mailbox")
         if smtp:
             mailbox_columns.append("smtp_active")
+        read = {
+            "domain": COLUMNS["domain"][:4],
+            "alias_domain": COLUMNS["alias_domain"][:3],
+            "mailbox": tuple(mailbox_columns),
+            "alias": COLUMNS["alias"][:3],
+        }
+        rows = {name: self._rows(conn, name, *columns) for name, columns in read.items()}
         with paused_gc():
-            return _Reader(self.settings, secrets, smtp).build(
-                domains=self._rows(conn, "domain", *COLUMNS["domain"][:4]),
-                alias_domains=self._rows(conn, "alias_domain", *COLUMNS["alias_domain"][:3]),
-                mailboxes=self._rows(conn, "mailbox", *mailbox_columns),
-                aliases=self._rows(conn, "alias", *COLUMNS["alias"][:3]),
-                fingerprint=fingerprint,
-            )
+            try:
+                return _Reader(self.settings, secrets, smtp).build(
+                    domains=rows["domain"],
+                    alias_domains=rows["alias_domain"],
+                    mailboxes=rows["mailbox"],
+                    aliases=rows["alias"],
+                    fingerprint=fingerprint,
+                )
+            except TypeError:
+                # Looked for only now: the rows of a sound database cost no check.
+                self._refuse_not_text(read, rows)
+                raise
+
+    def _refuse_not_text(
+        self, read: dict[str, tuple[str, ...]], rows: dict[str, list[Any]]
+    ) -> None:
+        """SourceError naming the first value of a text column of ``rows`` that is no text
+        (a bytea or BLOB column, an array, JSON that is no string), which the reader fails on
+        with a TypeError naming nothing. Its value is not shown: it may be a password hash."""
+        for name, columns in read.items():
+            for row in rows[name]:
+                for column_, value in zip(columns, row, strict=False):
+                    if column_ in _TEXT and value is not None and not isinstance(value, str):
+                        raise SourceError(
+                            f"database {self.safe_url}: PostfixAdmin table "
+                            f"{self.tables[name]!r}, row {str(row[0])!r}: {column_} is "
+                            f"{type(value).__name__}, not text (PostfixAdmin's schema has "
+                            "varchar or text there: docs/postfixadmin.md)"
+                        )
 
 
 class _Reader:
@@ -391,7 +425,9 @@ class _Reader:
                 None,
                 "active" if active else "disabled",
                 dovecot_password(row[4]) if self.secrets else None,
-                f"{base}/{row[1] or ''}",  # validated in every run, as a bad home fails the row
+                # Validated in every run, as a bad home fails the row; not formatted: a bytes
+                # maildir (a BLOB) raises, for _refuse_not_text, instead of "/b'x.org/u/'".
+                base + "/" + (row[1] or ""),
                 quota if self.secrets else None,
             )
             accounts.append(account)

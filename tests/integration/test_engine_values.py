@@ -3,9 +3,12 @@ as the engine means it, or refused naming its table and row, never a failure nam
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from sqlalchemy import create_engine, text
 
+from mapsync.errors import SourceError
 from mapsync.sources.postfixadmin import PostfixAdminSource
 from tests.helpers import postfixadmin as pfa
 
@@ -35,5 +38,48 @@ def test_postfixadmins_infinite_modified_on_postgresql_is_read(pg_url: str, modi
             "UPDATE alias SET modified = now() WHERE address = (SELECT min(address) FROM alias)",
         )
         assert (source.fingerprint().tables["alias"] != before) == (modified == "-infinity")
+    finally:
+        source.close()
+
+
+NOT_TEXT = {
+    # engine: (the column made another type, the table and column the refusal names)
+    "postgresql-array": (
+        "ALTER TABLE alias ALTER goto TYPE text[] USING string_to_array(goto, ',')",
+        "'alias', row 'postmaster@example.com': goto is list",
+    ),
+    "postgresql-bytea": (
+        "ALTER TABLE domain ALTER transport TYPE bytea USING convert_to(transport, 'UTF8')",
+        "'domain', row 'ALL': transport is bytes",
+    ),
+    "mariadb-blob": (
+        "ALTER TABLE mailbox MODIFY maildir BLOB NOT NULL",
+        "'mailbox', row 'alice@example.com': maildir is bytes",
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        pytest.param(case, marks=getattr(pytest.mark, case.partition("-")[0]))
+        for case in sorted(NOT_TEXT)
+    ],
+)
+def test_a_postfixadmin_text_column_of_another_type_is_named(
+    case: str, request: pytest.FixtureRequest
+) -> None:
+    """A text column of PostfixAdmin's made an array, bytea or BLOB: every publish failed with
+    'unexpected error: TypeError', naming nothing, and a BLOB maildir published the home
+    "/var/vmail/b'example.com/alice/'" (mail delivered to a directory nobody reads). Now the
+    table, the row and the column are named, and nothing is published."""
+    url = request.getfixturevalue("pg_url" if case.startswith("postgresql") else "mariadb_url")
+    alter, named = NOT_TEXT[case]
+    pfa.build(url, "", 1847 if case.startswith("postgresql") else 1856)
+    _sql(url, alter)
+    source = PostfixAdminSource(url)
+    try:
+        with pytest.raises(SourceError, match=re.escape(f"PostfixAdmin table {named}, not text")):
+            source.snapshot()
     finally:
         source.close()
