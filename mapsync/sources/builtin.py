@@ -230,6 +230,23 @@ def _begin(conn: Connection) -> None:
         conn.exec_driver_sql("BEGIN")
 
 
+def _refuse_lossy_charset(conn: Connection, shown: str) -> None:
+    """SourceError unless MariaDB/MySQL sends this session's results as utf8mb4: in any
+    other character set (``?charset=utf8``, or ``default-character-set = utf8`` in the file
+    of ``read_default_file``, both utf8mb3) a character outside it is read as '?', and a row
+    validation refuses ('pizza\U0001f355@') was published as another address ('pizza?@')."""
+    if conn.dialect.name not in ("mysql", "mariadb"):
+        return
+    charset = conn.exec_driver_sql("SELECT @@character_set_results").scalar()
+    if charset != "utf8mb4":
+        raise SourceError(
+            f"database {shown}: the session's character set is {charset or 'binary'}, in "
+            "which characters outside it read as '?' (another address): add "
+            "charset=utf8mb4 to the URL's query, which wins over default-character-set in "
+            "a read_default_file (docs/database.md)"
+        )
+
+
 def _bound(conn: Connection, lock_wait: float, statement_timeout: float) -> None:
     """Bound every wait of the transaction ``conn`` is in (or about to start): for a lock
     another session holds, ``lock_wait``; for one statement, ``statement_timeout``. Without
@@ -399,6 +416,7 @@ class BuiltinSource(Source):
                 with conn.begin():
                     _bound(conn, self.lock_wait, self.statement_timeout)
                     _begin(conn)
+                    _refuse_lossy_charset(conn, self.safe_url)
                     yield conn
         except SQLAlchemyError as exc:
             raise self._fail(what, exc) from None

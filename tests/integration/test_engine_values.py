@@ -4,12 +4,14 @@ as the engine means it, or refused naming its table and row, never a failure nam
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine, text
 
 from mapsync.errors import SourceError
 from mapsync.sources.postfixadmin import PostfixAdminSource
+from tests.conftest import make_cluster
 from tests.helpers import postfixadmin as pfa
 
 
@@ -83,3 +85,34 @@ def test_a_postfixadmin_text_column_of_another_type_is_named(
             source.snapshot()
     finally:
         source.close()
+
+
+@pytest.mark.mariadb
+@pytest.mark.parametrize("how", ["?charset=utf8", "?read_default_file={cnf}", "?charset=latin1"])
+def test_a_mariadb_session_not_in_utf8mb4_is_refused(
+    tmp_path: Path, mariadb_url: str, how: str
+) -> None:
+    """A session in utf8mb3 (`?charset=utf8`, or `default-character-set = utf8` in the
+    read_default_file docs/database.md suggests) reads a 4-byte character as '?': an alias
+    target 'pizza🍕@example.net', refused in utf8mb4, was published as 'pizza?@example.net'
+    (another address's mail). Now refused, naming the character set; utf8mb4 wins."""
+    cnf = tmp_path / "my.cnf"
+    cnf.write_text("[client]\ndefault-character-set = utf8\n")
+    c = make_cluster(tmp_path / "c", mariadb_url, accounts=20, domains=3, aliases=5)
+    _sql(
+        mariadb_url,
+        "INSERT INTO alias (domain_id, local_part) VALUES (1, 'pasta')",
+        "INSERT INTO alias_target (alias_id, target) "
+        "SELECT id, 'pizza🍕@example.net' FROM alias WHERE local_part = 'pasta'",
+    )
+    c.db_url = mariadb_url + how.format(cnf=cnf)
+    c.write_config()
+    p = c.cli("publish")
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "the session's character set is " in p.stderr and "charset=utf8mb4" in p.stderr
+    assert not (c.repo / "mx" / "LATEST").exists()
+    wins = "&charset=utf8mb4" if "read_default_file" in how else ""
+    c.db_url = mariadb_url + (how.format(cnf=cnf) + wins if wins else "?charset=utf8mb4")
+    c.write_config()
+    p = c.cli("publish")
+    assert p.returncode == 2 and "target 'pizza🍕@example.net' has non-ASCII" in p.stderr, p.stderr
