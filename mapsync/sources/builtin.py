@@ -247,11 +247,12 @@ def _refuse_lossy_charset(conn: Connection, shown: str) -> None:
         )
 
 
-def _bound(conn: Connection, lock_wait: float, statement_timeout: float) -> None:
+def _bound(conn: Connection, lock_wait: float, statement_timeout: float, utc: bool = False) -> None:
     """Bound every wait of the transaction ``conn`` is in (or about to start): for a lock
     another session holds, ``lock_wait``; for one statement, ``statement_timeout``. Without
     this a table lock on the central database stalls the publisher silently (a day on
-    MariaDB's defaults) while every node still reports OK."""
+    MariaDB's defaults) while every node still reports OK. ``utc``: PostgreSQL's session
+    zone is UTC (see :attr:`BuiltinSource.utc`)."""
     dialect = conn.dialect.name
     if dialect == "postgresql":
         # SET LOCAL: ends with the transaction, so a pooler (pgbouncer) never hands the
@@ -260,6 +261,8 @@ def _bound(conn: Connection, lock_wait: float, statement_timeout: float) -> None
         conn.exec_driver_sql(
             f"SET LOCAL statement_timeout = {max(1, int(statement_timeout * 1000))}"
         )
+        if utc:
+            conn.exec_driver_sql("SET LOCAL TimeZone = 'UTC'")
     elif dialect in ("mysql", "mariadb"):
         # Metadata locks (LOCK TABLES, DDL) and InnoDB row locks have separate bounds.
         wait = max(1, int(lock_wait))
@@ -331,6 +334,11 @@ class BuiltinSource(Source):
     """The tables of :mod:`mapsync.sources.schema`."""
 
     schema = "mapsync"
+    # PostgreSQL reads in UTC: the publisher's times are naive UTC, and compared with a
+    # timestamptz column (an expires_at an operator made one) they were taken for the
+    # server's zone: east of UTC an expired alias went unseen by the fingerprint for that
+    # many hours. Not for the operator's queries (schema "sql"), which run as their lookups.
+    utc = True
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -391,7 +399,7 @@ class BuiltinSource(Source):
                 self.engine.connect() as conn,
                 conn.begin(),
             ):
-                _bound(conn, self.lock_wait, self.statement_timeout)
+                _bound(conn, self.lock_wait, self.statement_timeout, self.utc)
                 return _fingerprint(conn)
         except SQLAlchemyError as exc:
             raise self._fail(what, exc) from None
@@ -414,7 +422,7 @@ class BuiltinSource(Source):
             ):
                 conn = _read_only(raw)
                 with conn.begin():
-                    _bound(conn, self.lock_wait, self.statement_timeout)
+                    _bound(conn, self.lock_wait, self.statement_timeout, self.utc)
                     _begin(conn)
                     _refuse_lossy_charset(conn, self.safe_url)
                     yield conn

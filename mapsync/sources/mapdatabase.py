@@ -20,6 +20,7 @@ class MapDatabase(BuiltinSource):
     the read-only transaction, the bounds and the redaction of :class:`BuiltinSource`."""
 
     schema = "maps"
+    utc = False  # the operator's queries run in the server's zone
 
     def __init__(self, url: str, maps: tuple[MapConfig, ...]) -> None:
         # Not BuiltinSource.__init__: its message for a missing SQLite file is about init-db.

@@ -49,7 +49,7 @@ from mapsync import log
 from mapsync.config import PostfixAdminConfig
 from mapsync.errors import SourceError
 from mapsync.snapshot import Account, Alias, Domain, Fingerprint, Mailstore, Snapshot, paused_gc
-from mapsync.sources.builtin import BuiltinSource
+from mapsync.sources.builtin import BuiltinSource, _bound
 from mapsync.sources.schema import finite
 
 _log = log.get("postfixadmin")
@@ -144,7 +144,11 @@ class PostfixAdminSource(BuiltinSource):
     def fingerprint(self, secrets: bool = False) -> Fingerprint:
         """Row count and newest ``modified`` per PostfixAdmin table, and the settings' digest."""
         try:
-            with self.engine.connect() as conn:
+            # Bounded and in UTC as the snapshot's read (_bound): a timestamptz `modified`
+            # read in the server's zone here and in UTC there never matched, and every run
+            # read everything.
+            with self.engine.connect() as conn, conn.begin():
+                _bound(conn, self.lock_wait, self.statement_timeout, self.utc)
                 return self._fingerprint(conn)
         except SQLAlchemyError as exc:
             raise self._fail("reading the change fingerprint", exc) from None

@@ -25,6 +25,7 @@ Config example::
     [publisher]
     database = "postgresql+psycopg://mapsync_ro@db.example.net/billing"
     schema = "sql"
+    utc = False  # the queries run in the server's zone, as the live lookups they stand for
 
     [publisher.sql]
     domains = "SELECT name, 'hosted' AS kind FROM mail_domains WHERE enabled"

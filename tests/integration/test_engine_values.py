@@ -116,3 +116,18 @@ def test_a_mariadb_session_not_in_utf8mb4_is_refused(
     c.write_config()
     p = c.cli("publish")
     assert p.returncode == 2 and "target 'pizza🍕@example.net' has non-ASCII" in p.stderr, p.stderr
+
+
+@pytest.mark.postgresql
+def test_postfixadmins_cheap_fingerprint_is_the_snapshots_on_a_server_east_of_utc(
+    pg_url: str,
+) -> None:
+    """The snapshot's read is in UTC; the cheap fingerprint read `modified` (a timestamptz)
+    in the server's zone, never matched it, and every run read everything."""
+    pfa.build(pg_url, "", 1847)
+    _sql(pg_url, "ALTER DATABASE " + pg_url.rsplit("/", 1)[1] + " SET TimeZone = 'Asia/Tokyo'")
+    source = PostfixAdminSource(pg_url)
+    try:
+        assert source.fingerprint() == source.snapshot().fingerprint
+    finally:
+        source.close()

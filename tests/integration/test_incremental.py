@@ -1020,3 +1020,49 @@ def test_an_infinite_updated_at_is_named_not_a_crash(tmp_path: Path, pg_url: str
     _sql(pg_url, "UPDATE customer SET updated_at = 'infinity' WHERE id = 1")
     with pytest.raises(InvalidData, match=r"customer id=1: updated_at 'infinity' is not a date"):
         kept.run()
+
+
+@pytest.mark.postgresql
+def test_a_timestamptz_expiry_expires_on_time_whatever_the_sessions_zone(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """alias.expires_at made a timestamptz (PostgreSQL users' habit) on a server east of UTC:
+    the publisher's naive UTC 'now' was taken for Tokyo time, so the fingerprint saw no
+    alias expire for nine hours, and neither the quiet check nor the incremental read removed
+    it until the next full check. Now read in UTC: the run after it expires removes it."""
+    kept, root = _kept(tmp_path, pg_url)
+    _sql(
+        pg_url,
+        "ALTER TABLE alias ALTER expires_at TYPE timestamptz USING expires_at AT TIME ZONE 'UTC'",
+        "ALTER DATABASE " + pg_url.rsplit("/", 1)[1] + " SET TimeZone = 'Asia/Tokyo'",
+    )
+    kept.run()
+    targeted = {target for (target,) in _rows(pg_url, "SELECT target FROM alias_target")}
+    alias_id, address = next(
+        (alias_id, f"{local}@{name}")
+        for alias_id, local, name in _rows(
+            pg_url,
+            "SELECT a.id, a.local_part, d.name FROM alias a JOIN domain d ON d.id = a.domain_id "
+            "WHERE a.active AND a.expires_at IS NULL AND a.local_part <> '' "
+            "AND d.kind = 'hosted' AND d.status = 'active' ORDER BY a.id",
+        )
+        if f"{local}@{name}" not in targeted
+    )
+    source = builtin.BuiltinSource(pg_url)
+    try:
+        before = source.fingerprint()
+        _sql(
+            pg_url,
+            f"UPDATE alias SET expires_at = now() + interval '1 second' WHERE id = {alias_id}",
+        )
+        kept.run()
+        assert f"\n{address} " in bodies(root / "inc", "mx")["recipients"].decode()
+        time.sleep(1.5)
+        after = source.fingerprint()
+        assert after.tables["alias_expired"] != before.tables["alias_expired"]
+    finally:
+        source.close()
+    kept.run()
+    assert kept.last_read == "incremental"
+    assert f"\n{address} " not in bodies(root / "inc", "mx")["recipients"].decode()
+    _as_full(kept, root, "a timestamptz expiry")
