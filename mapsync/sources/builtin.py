@@ -337,7 +337,8 @@ class BuiltinSource(Source):
     # PostgreSQL reads in UTC: the publisher's times are naive UTC, and compared with a
     # timestamptz column (an expires_at an operator made one) they were taken for the
     # server's zone: east of UTC an expired alias went unseen by the fingerprint for that
-    # many hours. Not for the operator's queries (schema "sql"), which run as their lookups.
+    # many hours. Not for the operator's queries (schema "sql", [publisher.maps]: see
+    # _server_zone), which run as their lookups.
     utc = True
 
     def __init__(self, url: str) -> None:
@@ -434,6 +435,7 @@ class BuiltinSource(Source):
         with paused_gc(), self.reading("reading the snapshot") as conn:
             snap = self._read(conn)
             if self.maps:  # the operator's own maps: the same instant
+                self._server_zone(conn)
                 maps.read_all(conn, self, snap)
             if since is not None:
                 if snap.mark is None:
@@ -471,7 +473,15 @@ class BuiltinSource(Source):
         if not self.maps:
             return {}
         with self.reading("reading the change fingerprint of [publisher.maps]") as conn:
+            self._server_zone(conn)
             return maps.fingerprints(conn, self)
+
+    def _server_zone(self, conn: Connection) -> None:
+        """Back to the session's own zone (the server's, the role's, the URL's) for the
+        operator's queries of [publisher.maps], which ran in it before :attr:`utc` and may
+        rely on it (``current_date``, ``localtimestamp``, a timestamptz shown as text)."""
+        if self.utc and conn.dialect.name == "postgresql":
+            conn.exec_driver_sql("SET LOCAL TimeZone TO DEFAULT")
 
     def _account_columns(self, conn: Connection) -> list[ColumnElement[Any]]:
         """The columns of :class:`Account`, in its order, as this run reads them."""

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 
+from mapsync.config import MapConfig
 from mapsync.errors import SourceError
 from mapsync.sources.postfixadmin import PostfixAdminSource
 from tests.conftest import make_cluster
@@ -129,5 +130,26 @@ def test_postfixadmins_cheap_fingerprint_is_the_snapshots_on_a_server_east_of_ut
     source = PostfixAdminSource(pg_url)
     try:
         assert source.fingerprint() == source.snapshot().fingerprint
+    finally:
+        source.close()
+
+
+@pytest.mark.postgresql
+def test_the_operators_own_maps_on_the_main_database_keep_the_servers_zone(pg_url: str) -> None:
+    """The publisher's own reads are in UTC (SET LOCAL TimeZone); a [publisher.maps] query
+    on the main database ran in UTC with them, so one relying on the session's zone
+    (current_date, localtimestamp: a list valid until a local time) changed its rows on
+    upgrade, hours early or late. It runs in the server's zone, as it did, in the snapshot
+    and in its fingerprint alike."""
+    pfa.build(pg_url, "", 1847)
+    _sql(pg_url, "ALTER DATABASE " + pg_url.rsplit("/", 1)[1] + " SET TimeZone = 'Asia/Tokyo'")
+    source = PostfixAdminSource(pg_url)
+    source.maps = (MapConfig("zone", "SELECT 'zone', current_setting('TimeZone')"),)
+    try:
+        snap = source.snapshot()
+        assert snap.map_rows["zone"] == [("zone", "Asia/Tokyo")]
+        assert source.maps_fingerprint()["map:zone"] == snap.fingerprint.tables["map:zone"]
+        built_in = {k: v for k, v in snap.fingerprint.tables.items() if k != "map:zone"}
+        assert source.fingerprint().tables == built_in  # the built-in reads still in UTC
     finally:
         source.close()
