@@ -59,6 +59,16 @@ NOT_TEXT = {
         "ALTER TABLE mailbox MODIFY maildir BLOB NOT NULL",
         "'mailbox', row 'alice@example.com': maildir is bytes",
     ),
+    # Read without a TypeError (bytes have lower() and strip()): the alias domains translated
+    # nothing (their mail refused), the domains none of the mailboxes, and no error.
+    "mariadb-varbinary-alias-domain": (
+        "ALTER TABLE alias_domain MODIFY alias_domain VARBINARY(255) NOT NULL",
+        "'alias_domain', row \"b'alias.example'\": alias_domain is bytes",
+    ),
+    "mariadb-varbinary-domain": (
+        "ALTER TABLE domain MODIFY domain VARBINARY(255) NOT NULL",
+        "'domain', row \"b'ALL'\": domain is bytes",
+    ),
 }
 
 
