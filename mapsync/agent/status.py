@@ -46,6 +46,7 @@ class ChannelStatus:
     failed_sources: dict[str, str] | None = None  # tried before it on that run: source → error
     last_push: str | None = None  # the last good pull from the push inbox (not a source check)
     damage: list[str] | None = None  # what no longer matches the manifest in the live set
+    only_strays: bool = False  # the damage is stray files alone: no map changed (a warning)
     last_repair: str | None = None  # when a damaged live set (or state file) was last rebuilt
     last_damage: str | None = None  # what was damaged then
     reason: str | None = None  # the first of the worst problems, for the one-line summary
@@ -147,7 +148,7 @@ def channel_status(
     st = ChannelStatus(ch.name, EXIT_OK, "", last_error=state.last_error, pinned=state.pinned)
     st.last_repair, st.last_damage = state.last_repair, state.last_damage
     if live.damaged:
-        st.damage = live.problems
+        st.damage, st.only_strays = live.problems, live.only_strays
         # What Postfix reads no longer matches what was verified: the maps may fail lookups.
         # A stray file alone changes no map: a warning.
         problems.append(
@@ -341,7 +342,10 @@ _METRICS = (
     ("mapsync_pinned", "1 while a rollback pins the channel to an older release."),
     ("mapsync_last_run_failed", "1 while the last run of the channel failed (see status)."),
     ("mapsync_map_entries", "Entries of each installed map."),
-    ("mapsync_live_damaged", "1 while the live set no longer matches its manifest."),
+    (
+        "mapsync_live_damaged",
+        "1 while a live map no longer matches its manifest (stray files alone: 0).",
+    ),
     (
         "mapsync_last_repair_timestamp_seconds",
         "Unix time at which a damaged live set (or state file) was last rebuilt.",
@@ -361,7 +365,8 @@ def prometheus(statuses: list[ChannelStatus]) -> str:
         label = f'channel="{s.channel}"'
         samples["mapsync_status"].append(f"{{{label}}} {s.code}")
         samples["mapsync_pinned"].append(f"{{{label}}} {1 if s.pinned is not None else 0}")
-        samples["mapsync_live_damaged"].append(f"{{{label}}} {1 if s.damage else 0}")
+        damaged = s.damage and not s.only_strays  # strays change no map: status WARNING
+        samples["mapsync_live_damaged"].append(f"{{{label}}} {1 if damaged else 0}")
         samples["mapsync_last_run_failed"].append(f"{{{label}}} {1 if s.last_error else 0}")
         if s.last_repair:
             stamp = int(parse_iso(s.last_repair).timestamp())

@@ -107,6 +107,24 @@ def test_last_run_failed_is_a_metric(cluster: Cluster) -> None:
     assert _metrics(prom)[("mapsync_last_run_failed", "mx", None)] == 1
 
 
+def test_a_stray_file_is_no_live_damage_for_the_alert_rules(cluster: Cluster) -> None:
+    """An editor's swap file in the live set is a WARNING in status (no map changed; the next
+    pull removes it), but mapsync_live_damaged said 1, and MapsyncLiveSetDamaged paged at once
+    as critical. Only a changed or missing map is damage there."""
+    cluster.publish()
+    cluster.pull()
+    prom = cluster.root / "mapsync.prom"
+    live = cluster.target / ".mapsync" / "current"
+    (live / ".virtual.swp").write_text("swap\n")
+    assert cluster.cli("status", "--prometheus", str(prom)).returncode == 1
+    metrics = _metrics(prom)
+    assert metrics[("mapsync_status", "mx", None)] == 1
+    assert metrics[("mapsync_live_damaged", "mx", None)] == 0
+    (live / "transport.cdb").unlink()
+    assert cluster.cli("status", "--prometheus", str(prom)).returncode == 2
+    assert _metrics(prom)[("mapsync_live_damaged", "mx", None)] == 1
+
+
 def _publisher_metrics(path: Path) -> dict[str, dict[str, int]]:
     """metric → {channel label or "": value} of a publisher's textfile."""
     out: dict[str, dict[str, int]] = {}
