@@ -118,8 +118,8 @@ def postfix_expand(
         c = m.group(1)
         if c == "%":
             return "%"
-        # Upper case: the input key, in result_format; the same as lower case in a query.
-        source = key if c.isupper() else subject
+        # Upper case and %1..%9: the input key, in result_format; in a query, the key anyway.
+        source = key if c.isupper() or c.isdigit() else subject
         local, domain = parts(source)
         lc = c.lower()
         if lc == "s":
@@ -129,12 +129,12 @@ def postfix_expand(
                 suppressed = True
             value = local
         elif lc == "d":
-            if domain is None:
+            if not domain:  # no domain, or an empty one ("user@")
                 suppressed = True
             value = domain or ""
         elif c in "123456789":
             labels = _labels(domain or "")
-            if domain is None or int(c) > len(labels):
+            if not domain or int(c) > len(labels):
                 suppressed = True
                 return ""
             value = labels[int(c) - 1]

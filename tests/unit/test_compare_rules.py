@@ -43,6 +43,21 @@ def test_result_format_expands_the_result_and_upper_case_the_key() -> None:
     assert got == "smtp:[host.net] for bob"
 
 
+def test_result_format_digits_are_the_key_s_labels_as_in_postfix() -> None:
+    # mysql_table(5): "%[SUD1-9] ... interpolate the parts of the input key rather than the
+    # result" (db_common_expand splits the key's domain); the result needs no domain at all.
+    got = postfix_expand("smtp:[%s.%2.%1]", "bob@mail.ex.org", "mysql", result="relay")
+    assert got == "smtp:[relay.ex.org]"
+    assert postfix_expand("%3", "bob@ex.org", "mysql", result="relay@a.b.c") is None
+
+
+def test_an_empty_domain_suppresses_like_a_missing_one() -> None:
+    # db_common_expand: "!vdomain || !*vdomain" with %d: a key or result "user@" is skipped.
+    assert postfix_expand("SELECT '%d'", "bob@", "mysql") is None
+    assert postfix_expand("SELECT '%1'", "bob@", "mysql") is None
+    assert postfix_expand("smtp:%d", "bob@ex.org", "mysql", result="relay@") is None
+
+
 def test_an_unknown_expansion_is_refused_naming_where() -> None:
     with pytest.raises(ConfigError, match=r"x\.cf: query: unsupported expansion %x"):
         postfix_expand("'%x'", "a@b", "mysql", where="x.cf: query")
