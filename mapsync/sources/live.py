@@ -365,8 +365,9 @@ _DOVECOT_KEYS = {
     "iterate_query",
 }
 _DOVECOT_DRIVERS = {"mysql": "mysql", "pgsql": "pgsql", "sqlite": "sqlite"}
-# %u %n %d %s with an optional L (lower case) modifier, and the 2.4 %{...} names.
-_DOVECOT_VAR = re.compile(r"%(%|L?[unds]|\{[^}]*\})")
+# %u %n %d %s with an optional L (lower case) modifier, and the 2.4 %{...} names; anything
+# else after a % (%r, %Un, %1Mu, ...) is matched too, to be refused rather than sent as is.
+_DOVECOT_VAR = re.compile(r"%(%|L?[unds]|\{[^}]*\}|[-.0-9A-Z]*[A-Za-z]|.?)", re.DOTALL)
 _DOVECOT_LONG = {
     "user": "u",
     "username": "n",
@@ -452,13 +453,15 @@ class DovecotSql:
 
         def one(m: re.Match[str]) -> str:
             token = m.group(1)
-            if token == "%":
+            if token in ("%", ""):  # %% and a % that ends the template
                 return "%"
             if token.startswith("{"):
                 name = token[1:-1].strip()
                 if name not in _DOVECOT_LONG:
                     raise ConfigError(f"{where}: unsupported variable %{token}")
                 value = values[_DOVECOT_LONG[name]]
+            elif token[-1:] not in values or token[:-1] not in ("", "L"):
+                raise ConfigError(f"{where}: unsupported variable %{token}")
             else:
                 value = values[token[-1]]
                 if token.startswith("L"):

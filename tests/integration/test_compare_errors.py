@@ -122,6 +122,26 @@ def test_an_unsupported_dovecot_key_is_named(
     )
 
 
+@pytest.mark.parametrize("variable", ["%r", "%Un", "%1Mu", "%w"])
+def test_a_dovecot_variable_compare_does_not_expand_is_named_not_sent_as_is(
+    setup: tuple[Path, Path, Path], tmp_path: Path, variable: str
+) -> None:
+    # Dovecot expands %r (the client's IP), %Un (upper case), %w (the password): a query
+    # holding one ran with the literal text and compared another query than Dovecot runs.
+    config, main_cf, dovecot = setup
+    edited = tmp_path / "dovecot-sql.conf.ext"
+    edited.write_text(
+        dovecot.read_text().replace(
+            "WHERE username = '%u'", f"WHERE username = '%u' AND '{variable}' <> ''", 1
+        )
+    )
+    assert variable in edited.read_text()
+    refused(
+        run(config, "--postfix", str(main_cf), "--dovecot", str(edited)),
+        f"{edited}: password_query: unsupported variable {variable}",
+    )
+
+
 def test_an_unreachable_database_names_the_table_file_and_hides_the_password(
     setup: tuple[Path, Path, Path], tmp_path: Path
 ) -> None:
