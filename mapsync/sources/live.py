@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import URL, Engine, event
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy import URL, Engine, event, make_url
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from mapsync.errors import ConfigError, SourceError
 from mapsync.sources.builtin import make_engine, redact, safe_url
@@ -154,13 +154,22 @@ def _connection_url(kind: str, settings: dict[str, str], where: Path) -> URL:
         if "dbpath" not in settings:
             raise ConfigError(f"{where}: no 'dbpath' (sqlite_table(5) needs the database file)")
         return URL.create("sqlite", database=settings["dbpath"])
-    for key in ("dbname",):
-        if key not in settings:
-            raise ConfigError(f"{where}: no '{key}'")
     hosts = settings.get("hosts", "localhost").replace(",", " ").split()
     if not hosts:
         raise ConfigError(f"{where}: 'hosts' is empty")
     host = hosts[0]
+    if kind == "pgsql" and re.match(r"postgres(ql)?://", host):
+        # pgsql_table(5): a connection URI, given to libpq as is (user, password and dbname
+        # of the file are not used with it).
+        try:
+            url = make_url("postgresql+psycopg" + host[host.index("://") :])
+            url.port  # noqa: B018 -- parsed here, not at the first lookup
+            return url
+        except (ArgumentError, ValueError):
+            raise ConfigError(f"{where}: hosts: not a valid postgresql:// URI") from None
+    for key in ("dbname",):
+        if key not in settings:
+            raise ConfigError(f"{where}: no '{key}'")
     query: dict[str, str] = {}
     port: int | None = None
     name: str | None = host

@@ -8,6 +8,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+from sqlalchemy import make_url
 
 from mapsync.errors import ConfigError
 from mapsync.publish.compare import password_key
@@ -134,3 +135,22 @@ def test_compare_only_reads_the_database_whatever_a_query_says(tmp_path: Path) -
         connections.close()
     with sqlite3.connect(db) as conn:
         assert conn.execute("SELECT COUNT(*) FROM alias").fetchone() == (0,)
+
+
+def test_a_pgsql_table_whose_hosts_is_a_connection_uri_is_read(tmp_path: Path, pg_url: str) -> None:
+    # pgsql_table(5): hosts may be a postgresql:// URI, given to libpq whole (no dbname key);
+    # compare made the URI a host name and failed with "invalid literal for int()".
+    url = make_url(pg_url)
+    cf = tmp_path / "uri.cf"
+    cf.write_text(
+        f"hosts = postgresql://{url.username}@{url.host}:{url.port}/{url.database}\n"
+        "query = SELECT 'ok:' || '%s'\n"
+    )
+    connections = Connections()
+    try:
+        assert sql_table("pgsql", cf).lookup("o'neil@x.org", connections) == "ok:o'neil@x.org"
+    finally:
+        connections.close()
+    cf.write_text("hosts = postgresql://db.example:notaport/mail\nquery = SELECT 1\n")
+    with pytest.raises(ConfigError, match=rf"{cf}: hosts: not a valid postgresql:// URI"):
+        sql_table("pgsql", cf)
