@@ -390,14 +390,39 @@ _DOVECOT_LONG = {
 SERVICE = "imap"  # the service a compared login is for (%s): an IMAP login
 
 
+def _dovecot_uncomment(line: str) -> str:
+    """A line of a Dovecot settings file without its comment: ``#`` outside '...' and "..."
+    (inside, a backslash escapes the next character) starts one, as Dovecot reads it."""
+    quote = ""
+    escaped = False
+    for i, c in enumerate(line):
+        if escaped:
+            escaped = False
+        elif quote:
+            if c == "\\":
+                escaped = True
+            elif c == quote:
+                quote = ""
+        elif c in "'\"":
+            quote = c
+        elif c == "#":
+            return line[:i].rstrip()
+    return line
+
+
+def _dovecot_unescape(value: str) -> str:
+    """Dovecot's str_unescape() of a quoted value: a backslash takes the next character as is."""
+    return re.sub(r"\\(.)", r"\1", value, flags=re.DOTALL)
+
+
 def _dovecot_settings(path: Path) -> dict[str, str]:
     text = _read_text(path)
     settings: dict[str, str] = {}
     pending = ""
     start = 0
     for number, raw in enumerate(text.splitlines(), 1):
-        line = raw.strip()
-        if not pending and (not line or line.startswith("#")):
+        line = _dovecot_uncomment(raw.strip())
+        if not line:
             continue
         if not pending:
             start = number
@@ -418,7 +443,9 @@ def _dovecot_settings(path: Path) -> dict[str, str]:
                 f"(supported: {', '.join(sorted(_DOVECOT_KEYS))})"
             )
         value = value.strip()
-        if value.startswith("<"):
+        if len(value) > 1 and value[0] == value[-1] and value[0] in "'\"":
+            value = _dovecot_unescape(value[1:-1])  # Dovecot unquotes a value quoted whole
+        elif value.startswith("<"):
             raise ConfigError(f"{path}: {name}: reading the value from a file is not supported")
         settings[name] = value
     return settings

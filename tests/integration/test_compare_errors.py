@@ -3,6 +3,7 @@ line naming the file and key (or the database, without its password), exit 2, no
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -140,6 +141,36 @@ def test_a_dovecot_variable_compare_does_not_expand_is_named_not_sent_as_is(
         run(config, "--postfix", str(main_cf), "--dovecot", str(edited)),
         f"{edited}: password_query: unsupported variable {variable}",
     )
+
+
+def test_dovecot_comments_and_quoted_values_are_read_as_dovecot_reads_them(
+    setup: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    # Dovecot's settings reader ends a line at a '#' outside quotes (also inside a
+    # continuation), skips comment lines between continued ones, and unquotes a value quoted
+    # whole: compare sent the comment with the query and took the quotes for part of it.
+    config, main_cf, dovecot = setup
+    settings = dict(
+        line.split(" = ", 1) for line in dovecot.read_text().splitlines() if " = " in line
+    )
+    user_query = settings["user_query"].replace("'%u'", "'%u' AND '#' = '#'")
+    assert "\\" not in user_query and '"' not in user_query
+    iterate_query = settings["iterate_query"].replace("'", "\\'")  # \' inside '...'
+    edited = tmp_path / "dovecot-sql.conf.ext"
+    edited.write_text(
+        f"driver = {settings['driver']}  # the PostfixAdmin database\n"
+        f'connect = "{settings["connect"]}"\n'
+        f"password_query = {settings['password_query']} \\\n"
+        "  # a comment line between continued ones\n"
+        "  AND 1 = 1 # AND no_such_column = 1\n"
+        f'user_query = "{user_query}"\n'
+        f"iterate_query = '{iterate_query}'\n"
+    )
+    p = run(config, "--postfix", str(main_cf), "--dovecot", str(edited), "--json")
+    assert p.returncode == 0, p.stdout + p.stderr
+    same = run(config, "--postfix", str(main_cf), "--dovecot", str(dovecot), "--json")
+    assert json.loads(p.stdout)["differences"] == json.loads(same.stdout)["differences"]
+    assert json.loads(p.stdout)["users"] == json.loads(same.stdout)["users"] > 0
 
 
 def test_an_unreachable_database_names_the_table_file_and_hides_the_password(
