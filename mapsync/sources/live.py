@@ -85,9 +85,12 @@ def read_settings(path: Path) -> dict[str, str]:
 
 
 def _sql_quote(value: str, kind: str) -> str:
-    """``value`` escaped for inside '...', as the daemon's driver escapes it."""
+    """``value`` escaped for inside '...', as the daemon's driver escapes it (for MySQL the
+    quote doubled, not backslashed: the same value, and under sql_mode NO_BACKSLASH_ESCAPES,
+    where mysql_real_escape_string doubles it too, a quote still cannot end the string)."""
     if kind == "mysql":  # mysql_real_escape_string
-        for a, b in (("\\", "\\\\"), ("'", "\\'"), ('"', '\\"'), ("\0", "\\0"), ("\n", "\\n")):
+        # '"' left as it is: inside '...' it is itself in every sql_mode.
+        for a, b in (("\\", "\\\\"), ("'", "''"), ("\0", "\\0"), ("\n", "\\n")):
             value = value.replace(a, b)
         return value
     return value.replace("'", "''")

@@ -204,3 +204,25 @@ def test_compare_needs_the_live_configuration(setup: tuple[Path, Path, Path]) ->
     config, _, _ = setup
     refused(run(config), "--postfix MAIN_CF or --table")
     refused(run(config, "--postfix", "/nonexistent/main.cf"), "/nonexistent/main.cf", "cannot read")
+
+
+@pytest.mark.mariadb
+@pytest.mark.parametrize("sql_mode", ["", "NO_BACKSLASH_ESCAPES", "ANSI_QUOTES"])
+def test_a_key_quoted_for_mysql_is_itself_in_every_sql_mode(sql_mode: str) -> None:
+    """compare puts each key into the table's query as Postfix does ('%s' quoted): with a
+    backslashed quote, a server in NO_BACKSLASH_ESCAPES ended the string at it, and the rest
+    of the key ran as SQL. A doubled quote is one quote in every mode."""
+    from sqlalchemy import create_engine, text
+
+    from mapsync.sources.live import _sql_quote
+    from tests.conftest import MARIADB_URL
+
+    engine = create_engine(MARIADB_URL.format(db="test"))
+    key = "x' OR '1'='1\" -- ;"
+    try:
+        with engine.connect() as conn:
+            conn.execute(text(f"SET SESSION sql_mode = '{sql_mode}'"))
+            got = conn.exec_driver_sql(f"SELECT '{_sql_quote(key, 'mysql')}'").scalar_one()
+    finally:
+        engine.dispose()
+    assert got == key
