@@ -147,14 +147,18 @@ class Mirror:
                     "directory"
                 )
 
-    @contextlib.contextmanager
-    def locked(self, wait: float = 10.0) -> Iterator[None]:
-        """Hold ``DEST/.lock`` (one mirror run, or publisher, at a time in DEST). DEST must be
-        this user's: a copy written as root could not be pruned by the ``mapsync`` user."""
+    def _own_dest(self) -> None:
+        """DEST, this user's directory (made if missing): ConfigError for anything else."""
         check_owner(self.dest, "the mirror's copy")
         if self.dest.is_symlink() or (self.dest.exists() and not self.dest.is_dir()):
             raise ConfigError(f"mirror: DEST {self.dest} is not a directory")
         self.dest.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+
+    @contextlib.contextmanager
+    def locked(self, wait: float = 10.0) -> Iterator[None]:
+        """Hold ``DEST/.lock`` (one mirror run, or publisher, at a time in DEST). DEST must be
+        this user's: a copy written as root could not be pruned by the ``mapsync`` user."""
+        self._own_dest()
         lock = self.dest / LOCK
         with waiting_lock(lock, wait, f"{self.dest}: another mirror run holds {lock}"):
             yield
@@ -163,10 +167,7 @@ class Mirror:
     def looping(self) -> Iterator[None]:
         """Mark DEST as followed by this ``--interval`` process while in the block: a one-shot
         run meanwhile keeps the loop's interval in the run note (:mod:`mapsync.mirrorlog`)."""
-        check_owner(self.dest, "the mirror's copy")
-        if self.dest.is_symlink() or (self.dest.exists() and not self.dest.is_dir()):
-            raise ConfigError(f"mirror: DEST {self.dest} is not a directory")
-        self.dest.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+        self._own_dest()
         with loop_running(self.dest) as self.mark:
             try:
                 yield

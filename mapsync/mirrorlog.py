@@ -49,9 +49,9 @@ from mapsync.release import (
     utcnow,
 )
 from mapsync.runnote import (
-    CLOCK_SKEW,
     ago,
     first_line,
+    in_future,
     read_note,
     read_small,
     span,
@@ -415,7 +415,7 @@ def mirror_status(dest: Path, now: datetime | None = None) -> MirrorStatus:
         f"the {what} is recorded {ago(when, now)}: this host's clock was stepped back or was "
         "ahead when it ran"
         for what, when in (("last run", last_run), ("last successful run", last_success))
-        if when is not None and (when - now).total_seconds() > CLOCK_SKEW
+        if when is not None and in_future(when, now)
     ]
     warnings += [
         # As a node's status: the expiry above is judged on this clock, which is behind the
@@ -424,7 +424,7 @@ def mirror_status(dest: Path, now: datetime | None = None) -> MirrorStatus:
         f"({ch.created}): this host's clock is behind the publisher's or was stepped back; "
         "expiry is judged on it"
         for ch in st.channels
-        if ch.created is not None and (parse_iso(ch.created) - now).total_seconds() > CLOCK_SKEW
+        if ch.created is not None and in_future(parse_iso(ch.created), now)
     ]
     if error:
         warnings.append(f"last run failed {ago(last_run, now)}: {error}")

@@ -19,9 +19,14 @@ from mapsync.atomic import atomic_write
 from mapsync.errors import described
 from mapsync.release import parse_iso
 
-# How far in the future a recorded time may lie before status calls it a problem (as on a
-# node, mapsync.agent.status.CLOCK_SKEW): clocks are never exactly in step.
+# How far in the future a recorded time may lie before status calls it a problem (on a
+# node, a publisher and a mirror alike): clocks are never exactly in step.
 CLOCK_SKEW = 60
+
+
+def in_future(when: datetime, now: datetime) -> bool:
+    """Whether ``when`` lies further after ``now`` than clocks out of step explain."""
+    return (when - now).total_seconds() > CLOCK_SKEW
 
 
 def first_line(text: str, limit: int = 300) -> str:

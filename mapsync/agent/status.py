@@ -24,6 +24,7 @@ from mapsync.errors import (
 )
 from mapsync.metrics import LEVELS, exposition, write_textfile
 from mapsync.release import Manifest, parse_iso
+from mapsync.runnote import CLOCK_SKEW
 
 
 @dataclass
@@ -72,9 +73,6 @@ def human(seconds: int | None) -> str:
     return f"{seconds}s"
 
 
-# How far in the future a time may lie before status calls it a problem: the publisher's
-# clock and this node's are never exactly in step.
-CLOCK_SKEW = 60
 REPAIR_SHOWN = 86400  # a repair is mentioned (not a problem: it worked) for a day
 
 

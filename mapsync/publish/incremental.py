@@ -126,8 +126,9 @@ class State:
             if "+" in a.local_part:
                 local = _lower(a.local_part)
                 self.tagged[a.domain_id][local.partition("+")[0]].add(local)
-        if a.home is not None and same_home(a.home) != a.home:
-            self.odd_homes[a.id] = same_home(a.home)
+        home = same_home(a.home) if a.home is not None else None
+        if home is not None and home != a.home:
+            self.odd_homes[a.id] = home
         self.accounts[a.id] = a
 
     def _drop_account(self, a: Account) -> None:
@@ -399,14 +400,11 @@ class State:
         domain = self.resolve.get(name) if at else None
         if domain is None or not local:
             return None
-        aliases = self.alias_at.get(domain, {})
-        if local not in aliases and "+" in local:
-            account = self.account_at.get(domain, {}).get(local)
-            if account is None or account.status == "disabled":
-                base = local.partition("+")[0]
-                if base and (base in aliases or self.claimed(f"{base}@{name}")):
-                    local = base
-        if local not in aliases:
+        if "+" in local and not self.claimed(f"{local}@{name}"):
+            base = local.partition("+")[0]
+            if base and self.claimed(f"{base}@{name}"):
+                local = base
+        if local not in self.alias_at.get(domain, {}):
             return None
         return (domain, local)
 

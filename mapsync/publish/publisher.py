@@ -75,7 +75,7 @@ from mapsync.release import (
     utcnow,
 )
 from mapsync.release.patch import KeyCounts
-from mapsync.runnote import CLOCK_SKEW
+from mapsync.runnote import in_future
 from mapsync.signing import key_id, load_private, load_public, public_path
 from mapsync.snapshot import (
     Account,
@@ -1067,7 +1067,7 @@ class Publisher:
             plan.maps.append(MapPlan(name, gone, 0, 0, gone, 0, dropped=True))
 
         now = utcnow()
-        if last is not None and (last.created_at() - now).total_seconds() > CLOCK_SKEW:
+        if last is not None and in_future(last.created_at(), now):
             _log.warning(
                 "this host's clock is behind the previous release's creation (stepped back, or "
                 "ahead then): this release expires early and its renewal comes late; one "

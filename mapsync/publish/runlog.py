@@ -23,13 +23,13 @@ from mapsync.errors import (
     described,
 )
 from mapsync.release import iso, parse_iso, utcnow
+from mapsync.runnote import ago as _ago
+from mapsync.runnote import first_line as _first_line
 from mapsync.runnote import (
-    CLOCK_SKEW,
+    in_future,
     read_note,
     write_note,
 )
-from mapsync.runnote import ago as _ago
-from mapsync.runnote import first_line as _first_line
 from mapsync.runnote import stamp as _stamp
 
 RUNLOG = ".publisher.json"
@@ -274,7 +274,7 @@ def publisher_status(cfg: PublisherConfig) -> PublisherStatus:
     ahead = [
         f"the {what} is recorded {_ago(stamp, now)}"
         for what, stamp in (("last run", last_run), ("last successful run", newest_success))
-        if stamp is not None and (stamp - now).total_seconds() > CLOCK_SKEW
+        if stamp is not None and in_future(stamp, now)
     ]
     if ahead:
         # This host's clock was stepped back since (or was ahead then): until a run records
@@ -333,7 +333,7 @@ def _clock_behind(cfg: PublisherConfig, now: datetime) -> str | None:
             if manifest is None:
                 continue
             created = manifest.created_at()
-            if (created - now).total_seconds() > CLOCK_SKEW:
+            if in_future(created, now):
                 found.append(
                     f"channel {name}: serial {manifest.serial} created "
                     f"{_ago(created, now)} ({manifest.created})"
@@ -344,7 +344,7 @@ def _clock_behind(cfg: PublisherConfig, now: datetime) -> str | None:
             before = repo.manifest(name, manifest.previous)
         except (MapsyncError, OSError, ValueError):
             continue
-        if (before.created_at() - created).total_seconds() > CLOCK_SKEW:
+        if in_future(before.created_at(), created):
             found.append(
                 f"channel {name}: serial {manifest.serial} is created {manifest.created}, "
                 f"before serial {before.serial} ({before.created}), and expires "

@@ -784,14 +784,7 @@ def _fingerprint(conn: Connection, now: datetime | None = None) -> Fingerprint:
         )
     ).one()
     for table in t.TABLES:
-        newest = row._mapping[table.name]
-        if newest is not None and not (
-            isinstance(newest, datetime) or (isinstance(newest, str) and _is_time(newest))
-        ):  # SQLite's text or number (a writer's Unix time): every change read would fail
-            raise _no_stamp(conn, table, newest)
-        if isinstance(newest, datetime) and naive(newest) >= t.LATEST:
-            raise _no_stamp(conn, table, newest)  # PostgreSQL's 'infinity': no later change shows
-        tables[table.name] = (0, _stamp(newest))
+        tables[table.name] = (0, _newest(conn, table, row._mapping[table.name]))
     tables["alias_expired"] = (0, _stamp(row._mapping["alias_expired"]))
     tables[t.deleted.name] = (int(row._mapping["deleted"] or 0), None)
     return Fingerprint(tables)
@@ -811,6 +804,20 @@ def _is_time(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _newest(conn: Connection, table: Table, newest: Any) -> str | None:
+    """``table``'s newest ``updated_at`` as read raw, as the fingerprint's text; InvalidData
+    naming the rows where it is no time: SQLite's text or number (a writer's Unix time),
+    which every change read would fail on, or PostgreSQL's 'infinity' (held to t.LATEST),
+    after which no later change shows."""
+    if newest is not None and not (
+        isinstance(newest, datetime) or (isinstance(newest, str) and _is_time(newest))
+    ):
+        raise _no_stamp(conn, table, newest)
+    if isinstance(newest, datetime) and naive(newest) >= t.LATEST:
+        raise _no_stamp(conn, table, newest)
+    return _stamp(newest)
 
 
 def _stamp(value: Any) -> str | None:
@@ -893,11 +900,7 @@ def _counted_fingerprint(conn: Connection) -> Fingerprint:
         count, newest = conn.execute(
             select(func.count(), func.max(_raw(table.c.updated_at))).select_from(table)
         ).one()
-        if newest is not None and not (
-            isinstance(newest, datetime) or (isinstance(newest, str) and _is_time(newest))
-        ):  # as _fingerprint: named, not a ValueError naming nothing
-            raise _no_stamp(conn, table, newest)
-        tables[table.name] = (int(count), _stamp(newest))
+        tables[table.name] = (int(count), _newest(conn, table, newest))
     now = datetime.now(UTC).replace(tzinfo=None)
     expired = conn.execute(
         select(func.count()).select_from(t.alias).where(t.alias.c.expires_at <= now)
