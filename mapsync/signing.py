@@ -141,24 +141,38 @@ def _check_private_mode(path: Path, st: os.stat_result) -> None:
         )
 
 
-def load_public(path: Path) -> Ed25519PublicKey:
-    """The ed25519 public key in PEM file ``path``; ConfigError naming the file otherwise."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
+def _read_trusted(path: Path) -> bytes:
+    """A trusted key file's bytes, for :func:`load_public` and :func:`public_key_id` alike:
+    ConfigError naming the file when it cannot be read, or when its group or others may write
+    it (docs/security.md: writable by root only; whoever may write the file may replace it
+    with a key of their own and sign maps every node installs)."""
     try:
         with open(path, "rb") as fh:
             mode = stat.S_IMODE(os.fstat(fh.fileno()).st_mode)
             data = fh.read()
     except FileNotFoundError:
         raise ConfigError(f"{path}: trusted key not found") from None
+    except PermissionError:
+        raise ConfigError(denied(path, "reading the trusted key")) from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: trusted key cannot be read ({exc.strerror})") from None
     if mode & 0o022:
-        # docs/security.md: writable by root only. Whoever may write the file may replace
-        # it with a key of their own and sign maps every node installs.
         raise ConfigError(
-            f"{path}: trusted key has mode {mode:04o}, so its group or others may replace it with their own "
-            f"key and sign maps this node installs; chmod go-w {path}"
+            f"{path}: trusted key has mode {mode:04o}, so its group or others may replace it "
+            f"with their own key and sign maps this node installs; chmod go-w {path}"
         )
+    return data
+
+
+def load_public(path: Path) -> Ed25519PublicKey:
+    """The ed25519 public key in PEM file ``path``; ConfigError naming the file otherwise."""
+    return _public(_read_trusted(path), path)
+
+
+def _public(data: bytes, path: Path) -> Ed25519PublicKey:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
     try:
         key = serialization.load_pem_public_key(data)
     except ValueError as exc:
@@ -179,12 +193,7 @@ def public_key_id(path: Path) -> str:
     """The key id of the public key in PEM file ``path``, read without cryptography when the
     file is as :func:`keygen` writes it (``status`` runs every minute and imports none);
     ConfigError naming the file when it cannot be read or is no ed25519 public key."""
-    try:
-        pem = path.read_bytes()
-    except PermissionError:
-        raise ConfigError(denied(path, "reading the trusted key")) from None
-    except OSError as exc:
-        raise ConfigError(f"{path}: trusted key cannot be read ({exc.strerror})") from None
+    pem = _read_trusted(path)
     lines = pem.split(b"\n")
     if (
         len(lines) == 4
@@ -198,7 +207,7 @@ def public_key_id(path: Path) -> str:
             der = b""
         if len(der) == len(_SPKI_ED25519) + 32 and der.startswith(_SPKI_ED25519):
             return hashlib.sha256(der[len(_SPKI_ED25519) :]).hexdigest()[:16]
-    return key_id(load_public(path))
+    return key_id(_public(pem, path))
 
 
 def key_id(key: Ed25519PublicKey) -> str:

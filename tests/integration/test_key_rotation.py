@@ -156,6 +156,25 @@ def test_a_trusted_key_path_that_names_no_file_is_reported_not_ok(cluster: Clust
     assert cluster.cli("pull").returncode != 0
 
 
+def test_a_trusted_key_its_group_may_write_is_reported_by_status_and_every_pull(
+    cluster: Cluster,
+) -> None:
+    """A trusted key others may replace is refused when a key is loaded (a new release), but
+    the cheap key-id read of status and of a nothing-changed pull skipped that check: status
+    OK, pull "up to date", until the next release failed."""
+    public = cluster.root / "keys" / "signing.pub"
+    cluster.publish()
+    cluster.pull()
+    public.chmod(0o664)
+    status = cluster.cli("status")
+    assert status.returncode == 2, status.stdout
+    assert f"{public}: trusted key has mode 0664" in status.stdout
+    assert cluster.cli("pull").returncode != 0
+    public.chmod(0o644)
+    assert cluster.cli("pull").returncode == 0  # the failed pull's note cleared
+    assert cluster.cli("status").returncode == 0
+
+
 @pytest.mark.parametrize("content", ["empty", "private key", "rsa"])
 def test_a_revoked_key_with_a_trusted_key_file_that_holds_no_key_is_reported_not_ok(
     cluster: Cluster, content: str
